@@ -1,0 +1,31 @@
+# The two commands a newcomer needs: `make demo` and `make test`. See README.md.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+export PYTHONSAFEPATH := 1
+
+.PHONY: help setup demo demo-down test lint unit crds
+
+help:
+	@echo "make demo   set everything up and run the tiny fine-tuning job end to end"
+	@echo "make test   install what the tests need, then lint, type-check and run every test"
+	@echo "make crds   regenerate crds/ from the API models"
+
+setup:
+	@bash hack/setup.sh
+
+demo: setup
+	@bash hack/demo.sh
+
+demo-down:
+	@.venv/bin/kubetune local down
+
+lint: setup
+	@bash hack/lint.sh
+
+test: setup
+	@bash hack/lint.sh
+	@bash hack/pytest.sh
+
+crds: setup
+	@.venv/bin/kubetune crd --write crds
+	@cp crds/finetunejobs.kubetune.io.yaml charts/kubetune/crds/

@@ -1,0 +1,198 @@
+"""Generate the FineTuneJob CustomResourceDefinition from the pydantic models.
+
+``kubetune crd`` (or ``python -m kubetune.api.crd``) prints it; ``--write`` updates ``crds/``.
+A test fails when the committed YAML drifts from what this writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kubetune.api.models import (
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    FineTuneJobSpec,
+    FineTuneJobStatus,
+)
+
+CRD_NAME = f"{PLURAL}.{GROUP}"
+CRD_FILENAME = f"{CRD_NAME}.yaml"
+_RULES = "x-kubernetes-validations"
+
+# Keys of a JSON schema that a Kubernetes structural schema keeps as they are.
+_KEPT = {
+    "type", "description", "default", "enum", "format", "pattern", "minimum", "maximum",
+    "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "minItems", "maxItems",
+    "minProperties", "maxProperties", "required", "x-kubernetes-validations",
+    "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string",
+    "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
+}  # fmt: skip
+
+
+def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Turn one pydantic JSON-schema node into a structural OpenAPI v3 node."""
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node["$ref"].split("/")[-1]])
+        merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        rules = target.get(_RULES, []) + node.get(_RULES, [])
+        if rules:
+            merged[_RULES] = rules
+        return _structural(merged, defs)
+    if "anyOf" in node and not node.get("x-kubernetes-int-or-string"):
+        branches = [b for b in node["anyOf"] if b.get("type") != "null"]
+        if len(branches) != 1:
+            raise ValueError(f"cannot express a union in a structural schema: {node}")
+        rest = {k: v for k, v in node.items() if k != "anyOf"}
+        merged = {**branches[0], **rest}
+        rules = branches[0].get(_RULES, []) + rest.get(_RULES, [])
+        if rules:
+            merged[_RULES] = rules
+        return _structural(merged, defs)
+    if "const" in node:
+        node = {**node, "enum": [node["const"]], "type": "string"}
+    out: dict[str, Any] = {k: v for k, v in node.items() if k in _KEPT}
+    # JSON Schema 2020 writes exclusive bounds as numbers, OpenAPI v3.0 as flags on min/max.
+    for bound, flag in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+        if isinstance(out.get(flag), (int, float)) and not isinstance(out[flag], bool):
+            out[bound] = out[flag]
+            out[flag] = True
+    if out.get("default", 0) is None:
+        del out["default"]
+    if node.get("x-kubernetes-int-or-string"):
+        out["anyOf"] = node["anyOf"]
+    if "properties" in node:
+        required = set(node.get("required", []))
+        props: dict[str, Any] = {}
+        for key, child in node["properties"].items():
+            converted = _structural(child, defs)
+            # An omitted section whose fields all have defaults defaults to {} so that the
+            # apiserver fills in those fields: `kubectl get -o yaml` shows what will run.
+            if (
+                key not in required
+                and converted.get("type") == "object"
+                and "properties" in converted
+                and not converted.get("required")
+                and "default" not in converted
+                and "anyOf" not in child  # optional sections (X | None) stay absent
+            ):
+                converted["default"] = {}
+            props[key] = converted
+        out["properties"] = props
+        out["type"] = "object"
+    if node.get("type") == "object" and "additionalProperties" in node:
+        extra = node["additionalProperties"]
+        if isinstance(extra, dict):
+            out["additionalProperties"] = _structural(extra, defs)
+    if "items" in node:
+        out["items"] = _structural(node["items"], defs)
+    if not out.get("required"):
+        out.pop("required", None)
+    return out
+
+
+def _schema_for(model: type[Any]) -> dict[str, Any]:
+    schema = model.model_json_schema(by_alias=True, mode="validation")
+    return _structural(schema, schema.get("$defs", {}))
+
+
+def build_crd() -> dict[str, Any]:
+    spec_schema = _schema_for(FineTuneJobSpec)
+    status_schema = _schema_for(FineTuneJobStatus)
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": CRD_NAME,
+            "labels": {
+                "app.kubernetes.io/name": "kubetune",
+                "app.kubernetes.io/part-of": "kubetune",
+            },
+        },
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": KIND.lower(),
+                "shortNames": ["ftj"],
+                "categories": ["kubetune", "ml"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        {
+                            "name": "Progress",
+                            "type": "string",
+                            "jsonPath": ".status.progress.percent",
+                            "description": "Percent of training steps done.",
+                        },
+                        {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
+                        {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri"},
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                        {
+                            "name": "Adapter",
+                            "type": "string",
+                            "priority": 1,
+                            "jsonPath": ".status.result.adapter.uri",
+                        },
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "A QLoRA fine-tuning run of a language model.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema,
+                                "status": status_schema,
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def render_crd() -> str:
+    return "---\n" + yaml.safe_dump(build_crd(), sort_keys=False, width=100)
+
+
+def default_crd_path() -> Path:
+    return Path("crds") / CRD_FILENAME
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubetune crd", description=__doc__)
+    parser.add_argument("--write", metavar="DIR", nargs="?", const="crds", help="write into DIR")
+    args = parser.parse_args(argv)
+    text = render_crd()
+    if args.write:
+        path = Path(args.write) / CRD_FILENAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,717 @@
+"""The FineTuneJob API (kubetune.io/v1alpha1): spec and status models.
+
+These pydantic models are the one source of truth: the CRD in ``crds/`` is generated from them,
+the operator renders Jobs from them and the trainer reads them from its resolved config. Field
+descriptions become the CRD's documentation (``kubectl explain finetunejob.spec``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+GROUP: Final = "kubetune.io"
+VERSION: Final = "v1alpha1"
+API_VERSION: Final = "kubetune.io/v1alpha1"
+KIND: Final = "FineTuneJob"
+PLURAL: Final = "finetunejobs"
+
+DatasetFormat = Literal["auto", "text", "messages", "prompt-completion", "alpaca"]
+Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
+
+# A URI is a scheme (hf, s3, gs, pvc, https, file) or a plain hub id / local path.
+_PVC_URI = re.compile(r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$")
+_MODEL_SCHEMES = ("hf", "s3", "gs", "pvc", "file")
+_DATASET_SCHEMES = (*_MODEL_SCHEMES, "https", "http")
+_OUTPUT_SCHEMES = ("s3", "gs", "pvc", "file")
+_K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
+
+
+def _check_uri(value: str, allowed: tuple[str, ...], what: str) -> str:
+    scheme, sep, _ = value.partition("://")
+    if sep and scheme not in allowed:
+        raise ValueError(
+            f"{what} URI scheme {scheme!r} is not supported; use one of "
+            + ", ".join(f"{s}://" for s in allowed)
+            + (" or a hub id / local path" if "hf" in allowed else " or a local path")
+        )
+    if scheme == "pvc" and not _PVC_URI.match(value):
+        raise ValueError(
+            f"{what} URI {value!r} is not of the form pvc://<claim-name>/<path> "
+            "(claim names are lowercase DNS labels)"
+        )
+    return value
+
+
+def _quantity_as_string(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        value = str(value)
+    if isinstance(value, str) and not _QUANTITY.match(value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 8, 500m, 16Gi)")
+    return value
+
+
+Quantity = Annotated[
+    str,
+    BeforeValidator(_quantity_as_string),
+    WithJsonSchema(
+        {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}
+    ),
+]
+
+FreeForm = Annotated[
+    dict[str, Any],
+    WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
+]
+
+
+def _immutable(field: str) -> dict[str, Any]:
+    return {
+        "x-kubernetes-validations": [
+            {"rule": "self == oldSelf", "message": f"spec.{field} is immutable once the job exists"}
+        ]
+    }
+
+
+class ApiModel(BaseModel):
+    """Frozen, camelCase on the wire, and no unknown field passes silently."""
+
+    model_config = ConfigDict(
+        frozen=True,
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        validate_default=True,
+    )
+
+
+# --- spec ------------------------------------------------------------------------------------
+
+
+class SecretKeyRef(ApiModel):
+    """A key of a Secret in the job's namespace."""
+
+    name: str = Field(description="Name of the Secret.", max_length=253, pattern=_K8S_NAME)
+    key: str = Field(default="token", description="Key within the Secret.", max_length=253)
+
+
+class ModelSpec(ApiModel):
+    """The base model to fine-tune."""
+
+    uri: str = Field(
+        description=(
+            "Base model: a hub id (meta-llama/Llama-2-7b-hf), hf://id, s3://bucket/prefix, "
+            "gs://bucket/prefix, pvc://claim/path, or a local path (kubetune train only)."
+        ),
+        min_length=1,
+        max_length=1024,
+    )
+    revision: str = Field(
+        default="main",
+        description="Hub revision (branch, tag or commit sha) to pin the model to.",
+        max_length=256,
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret holding a hub token, for gated or private models. Never logged.",
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Run model code shipped with the checkpoint. Off unless you trust its source.",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return _check_uri(value, _MODEL_SCHEMES, "model")
+
+
+class ColumnMapping(ApiModel):
+    """Names of the dataset's columns, where they differ from the format's defaults."""
+
+    text: str | None = Field(
+        default=None, description="Column with plain text (text).", max_length=128
+    )
+    messages: str | None = Field(
+        default=None, description="Column with chat messages (messages).", max_length=128
+    )
+    prompt: str | None = Field(
+        default=None, description="Prompt column (prompt-completion).", max_length=128
+    )
+    completion: str | None = Field(
+        default=None, description="Completion column (prompt-completion).", max_length=128
+    )
+    instruction: str | None = Field(
+        default=None, description="Instruction column (alpaca).", max_length=128
+    )
+    input: str | None = Field(default=None, description="Input column (alpaca).", max_length=128)
+    output: str | None = Field(default=None, description="Output column (alpaca).", max_length=128)
+
+
+class DatasetSpec(ApiModel):
+    """The training data."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(has(self.evalSplit) && has(self.evalFraction))",
+                    "message": "set either dataset.evalSplit or dataset.evalFraction, not both",
+                }
+            ]
+        }
+    )
+
+    uri: str = Field(
+        description=(
+            "Dataset: a hub id, hf://id, https://..., s3://, gs://, pvc://claim/path or a local "
+            "path. Files may be jsonl, json, csv or parquet."
+        ),
+        min_length=1,
+        max_length=1024,
+    )
+    format: DatasetFormat = Field(
+        default="auto",
+        description=(
+            "Record format: text, messages (chat), prompt-completion, alpaca "
+            "(instruction/input/output), or auto to detect it from the columns."
+        ),
+    )
+    split: str = Field(default="train", description="Split to train on.", max_length=128)
+    revision: str | None = Field(
+        default=None, description="Hub revision of a hub dataset.", max_length=256
+    )
+    columns: ColumnMapping = Field(
+        default_factory=ColumnMapping, description="Column names, where not the defaults."
+    )
+    chat_template: str | None = Field(
+        default=None,
+        description="Jinja chat template for messages; the tokenizer's own when unset.",
+        max_length=16384,
+    )
+    completion_only_loss: bool = Field(
+        default=True,
+        description=(
+            "Train on completions/assistant turns only (prompt tokens are masked), where the "
+            "format has them."
+        ),
+    )
+    eval_split: str | None = Field(
+        default=None, description="Split to evaluate on.", max_length=128
+    )
+    eval_fraction: float | None = Field(
+        default=None,
+        description="Fraction of the training data held out for evaluation (0 < f <= 0.5).",
+        gt=0,
+        le=0.5,
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return _check_uri(value, _DATASET_SCHEMES, "dataset")
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DatasetSpec:
+        if self.eval_split is not None and self.eval_fraction is not None:
+            raise ValueError("set either dataset.evalSplit or dataset.evalFraction, not both")
+        return self
+
+
+class QuantizationSpec(ApiModel):
+    """4-bit quantization of the frozen base model (bitsandbytes)."""
+
+    type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
+    double_quant: bool = Field(
+        default=True, description="Quantize the quantization constants too (saves ~0.4 bit/param)."
+    )
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16", description="Dtype of the matmuls on dequantized weights."
+    )
+
+
+class LoraSpec(ApiModel):
+    """The LoRA adapter (PEFT)."""
+
+    r: int = Field(default=16, ge=1, le=1024, description="Rank of the update matrices.")
+    alpha: float = Field(
+        default=32, gt=0, description="Scaling numerator: the update is scaled by alpha / r."
+    )
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        max_length=64,
+        description="Modules to adapt: names or suffixes, or all-linear.",
+    )
+    modules_to_save: list[Annotated[str, Field(max_length=256)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Modules trained in full and saved with the adapter (e.g. lm_head).",
+    )
+
+
+class TrainingSpec(ApiModel):
+    """Hyperparameters of the SFT run."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(has(self.epochs) && has(self.maxSteps))",
+                    "message": "set either training.epochs or training.maxSteps, not both",
+                },
+                {
+                    "rule": (
+                        "!has(self.microBatchSize) || self.batchSize % self.microBatchSize == 0"
+                    ),
+                    "message": "training.batchSize must be a multiple of training.microBatchSize",
+                },
+            ]
+        }
+    )
+
+    epochs: float | None = Field(
+        default=None, gt=0, le=1000, description="Passes over the data (3 when maxSteps is unset)."
+    )
+    max_steps: int | None = Field(
+        default=None, ge=1, description="Optimizer steps to run, instead of epochs."
+    )
+    learning_rate: float = Field(default=2e-4, gt=0, le=1, description="Peak learning rate.")
+    batch_size: int = Field(
+        default=16,
+        ge=1,
+        le=4096,
+        description="Effective batch size: sequences per optimizer step, across accumulation.",
+    )
+    micro_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Sequences per forward pass per GPU; chosen for you when unset.",
+    )
+    gradient_accumulation_steps: int | None = Field(
+        default=None, ge=1, description="Derived from batchSize / microBatchSize when unset."
+    )
+    max_length: int = Field(
+        default=2048, ge=16, le=131072, description="Maximum sequence length in tokens."
+    )
+    packing: bool = Field(
+        default=True,
+        description="Pack sequences padding-free (no compute spent on padding).",
+    )
+    lr_scheduler: Literal[
+        "cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts"
+    ] = Field(default="cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(
+        default=0.03, ge=0, le=1, description="Fraction of steps spent warming up."
+    )
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=0.3, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(default=42, ge=0, description="Random seed (data order, LoRA init).")
+    checkpoint_steps: int = Field(
+        default=100,
+        ge=1,
+        description="Checkpoint every N optimizer steps (and always on SIGTERM).",
+    )
+    logging_steps: int = Field(default=10, ge=1, description="Log metrics every N steps.")
+    gradient_checkpointing: bool = Field(
+        default=True, description="Recompute activations in backward: much less memory."
+    )
+    attention: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
+        default="auto",
+        description="Attention kernel; auto picks the fastest that works on the node.",
+    )
+    liger_kernel: Literal["auto", "on", "off"] = Field(
+        default="auto", description="Liger fused kernels; auto uses them on CUDA when installed."
+    )
+    optimizer: str = Field(
+        default="auto",
+        max_length=64,
+        description=(
+            "transformers optimizer name; auto = paged_adamw_8bit on GPU, adamw_torch on CPU."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingSpec:
+        if self.epochs is not None and self.max_steps is not None:
+            raise ValueError("set either training.epochs or training.maxSteps, not both")
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"training.batchSize ({self.batch_size}) must be a multiple of "
+                f"training.microBatchSize ({self.micro_batch_size})"
+            )
+        return self
+
+
+class HubPushSpec(ApiModel):
+    """Push the adapter to a model hub after training."""
+
+    repo_id: str = Field(
+        description="Hub repository, e.g. my-org/llama2-support-lora.", max_length=256
+    )
+    private: bool = Field(default=True, description="Create the repository as private.")
+    token_secret_ref: SecretKeyRef = Field(description="Secret with a token that may write.")
+
+
+class OutputSpec(ApiModel):
+    """Where the adapter goes."""
+
+    uri: str = Field(
+        description="pvc://claim/path, s3://bucket/prefix, gs://bucket/prefix, or a local path.",
+        min_length=1,
+        max_length=1024,
+    )
+    push_to_hub: HubPushSpec | None = Field(default=None, description="Also push to a hub.")
+    merge: bool = Field(
+        default=False, description="Also write the base model with the adapter merged in."
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return _check_uri(value, _OUTPUT_SCHEMES, "output")
+
+
+class ResourcesSpec(ApiModel):
+    """What the trainer pod asks for."""
+
+    gpus: int = Field(
+        default=1, ge=0, le=1, description="GPUs (0 runs on the CPU; 1 at most in v1alpha1)."
+    )
+    gpu_resource_name: str = Field(
+        default="nvidia.com/gpu", max_length=253, description="Extended resource name of a GPU."
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU request and limit.")
+    memory: Quantity | None = Field(default=None, description="Memory request and limit.")
+    shm_size: Quantity = Field(
+        default="8Gi", description="Size of /dev/shm (memory-backed) for data loader workers."
+    )
+
+
+class Toleration(ApiModel):
+    """A toleration, as in a Pod spec."""
+
+    key: str | None = Field(default=None, max_length=316, description="Taint key.")
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
+    value: str | None = Field(default=None, max_length=63, description="Taint value.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; all when unset."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, description="How long a NoExecute taint is tolerated."
+    )
+
+
+class SchedulingSpec(ApiModel):
+    """Where the trainer pod may run."""
+
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, max_length=32, description="Node labels the pod requires."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Taints the pod tolerates."
+    )
+    affinity: FreeForm | None = Field(
+        default=None, description="Pod affinity, as in a Pod spec (checked by the Job's API)."
+    )
+    priority_class_name: str | None = Field(
+        default=None, max_length=253, description="PriorityClass of the pod."
+    )
+    queue_name: str | None = Field(
+        default=None,
+        max_length=253,
+        description="Kueue LocalQueue; the Job is created suspended and Kueue admits it.",
+    )
+
+
+class RunPolicySpec(ApiModel):
+    """Lifecycle of the run."""
+
+    suspend: bool = Field(default=False, description="Suspend the run (resumes from a checkpoint).")
+    backoff_limit: int = Field(
+        default=3, ge=0, le=100, description="Retries after unexpected failures."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=1, description="Fail the run after this many seconds."
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None, ge=0, description="Delete the finished FineTuneJob after this many seconds."
+    )
+
+
+class PodTemplateMetadata(ApiModel):
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64, description="Extra labels.")
+    annotations: dict[str, str] = Field(
+        default_factory=dict, max_length=64, description="Extra annotations."
+    )
+
+
+class PodTemplateOverrides(ApiModel):
+    """Escape hatch: merged into the trainer pod as given."""
+
+    metadata: PodTemplateMetadata = Field(
+        default_factory=PodTemplateMetadata, description="Labels and annotations for the pod."
+    )
+    spec: FreeForm = Field(
+        default_factory=dict,
+        description="Pod spec fields merged over kubetune's (containers merge by name).",
+    )
+
+
+class EvaluationSpec(ApiModel):
+    """What to show about the adapter after training."""
+
+    prompts: list[Annotated[str, Field(max_length=2048)]] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Prompts answered by the base model and by base + adapter, in the result.",
+    )
+    max_new_tokens: int = Field(default=32, ge=1, le=1024, description="Tokens to generate.")
+
+
+class FineTuneJobSpec(ApiModel):
+    """A QLoRA supervised fine-tuning run."""
+
+    model: ModelSpec = Field(description="The base model.", json_schema_extra=_immutable("model"))
+    dataset: DatasetSpec = Field(
+        description="The training data.", json_schema_extra=_immutable("dataset")
+    )
+    quantization: QuantizationSpec = Field(
+        default_factory=QuantizationSpec,
+        description="4-bit quantization of the base.",
+        json_schema_extra=_immutable("quantization"),
+    )
+    lora: LoraSpec = Field(
+        default_factory=LoraSpec,
+        description="The LoRA adapter.",
+        json_schema_extra=_immutable("lora"),
+    )
+    training: TrainingSpec = Field(
+        default_factory=TrainingSpec,
+        description="Hyperparameters.",
+        json_schema_extra=_immutable("training"),
+    )
+    output: OutputSpec = Field(
+        description="Where the adapter goes.", json_schema_extra=_immutable("output")
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec,
+        description="What the trainer pod asks for.",
+        json_schema_extra=_immutable("resources"),
+    )
+    scheduling: SchedulingSpec = Field(
+        default_factory=SchedulingSpec, description="Where the trainer pod may run."
+    )
+    run_policy: RunPolicySpec = Field(
+        default_factory=RunPolicySpec, description="Suspension, retries, deadlines, cleanup."
+    )
+    image: str | None = Field(
+        default=None,
+        max_length=512,
+        description="Trainer image; the operator's default when unset.",
+        json_schema_extra=_immutable("image"),
+    )
+    pod_template: PodTemplateOverrides | None = Field(
+        default=None, description="Escape hatch: fields merged into the trainer pod."
+    )
+    evaluation: EvaluationSpec | None = Field(
+        default=None,
+        description="Prompts to compare base and adapter on after training.",
+        json_schema_extra=_immutable("evaluation"),
+    )
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> FineTuneJobSpec:
+        plan_training(self.training, self.resources.gpus)  # raises with a field-named message
+        return self
+
+
+class FineTuneJob(ApiModel):
+    """A FineTuneJob manifest (status is read separately, see FineTuneJobStatus)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["kubetune.io/v1alpha1"] = Field(default=API_VERSION)
+    kind: Literal["FineTuneJob"] = Field(default=KIND)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: FineTuneJobSpec
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name", "finetunejob"))
+
+
+class TrainingPlan(BaseModel):
+    """How a TrainingSpec is carried out on a given number of GPUs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    epochs: float | None
+    max_steps: int | None
+    micro_batch_size: int
+    gradient_accumulation_steps: int
+
+
+def plan_training(training: TrainingSpec, gpus: int) -> TrainingPlan:
+    """Resolve epochs and split the effective batch into micro-batches and accumulation steps."""
+    devices = max(gpus, 1)
+    if training.batch_size % devices:
+        raise ValueError(
+            f"training.batchSize ({training.batch_size}) must divide over {devices} GPUs"
+        )
+    per_device = training.batch_size // devices
+    micro = training.micro_batch_size
+    accumulation = training.gradient_accumulation_steps
+    if micro is None and accumulation is None:
+        # Up to 4 sequences per pass: the measured sweet spot with gradient checkpointing on.
+        micro = max(d for d in range(1, min(per_device, 4) + 1) if per_device % d == 0)
+    if micro is None:
+        assert accumulation is not None
+        if per_device % accumulation:
+            raise ValueError(
+                f"training.batchSize ({training.batch_size}) is not divisible by "
+                f"training.gradientAccumulationSteps ({accumulation}) x {devices} GPU(s)"
+            )
+        micro = per_device // accumulation
+    if accumulation is None:
+        if per_device % micro:
+            raise ValueError(
+                f"training.batchSize ({training.batch_size}) is not divisible by "
+                f"training.microBatchSize ({micro}) x {devices} GPU(s)"
+            )
+        accumulation = per_device // micro
+    if micro * accumulation != per_device:
+        raise ValueError(
+            f"training.microBatchSize ({micro}) x training.gradientAccumulationSteps "
+            f"({accumulation}) x {devices} GPU(s) must equal training.batchSize "
+            f"({training.batch_size})"
+        )
+    epochs = training.epochs
+    if epochs is None and training.max_steps is None:
+        epochs = 3.0
+    return TrainingPlan(
+        epochs=epochs,
+        max_steps=training.max_steps,
+        micro_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+    )
+
+
+# --- status ----------------------------------------------------------------------------------
+
+
+class StatusModel(BaseModel):
+    """Status is written by kubetune; read it leniently so older fields never break a reader."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="ignore", alias_generator=to_camel, populate_by_name=True
+    )
+
+
+class Condition(StatusModel):
+    """A condition, shaped like metav1.Condition."""
+
+    type: str = Field(description="Condition type, PascalCase.", max_length=316)
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="One-word CamelCase reason.", max_length=1024)
+    message: str = Field(default="", description="Human-readable details.", max_length=32768)
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(
+        default=None, description="The .metadata.generation this condition was set for."
+    )
+
+
+class Progress(StatusModel):
+    """Live training progress, written by the trainer (rate-limited)."""
+
+    step: int = Field(default=0, description="Optimizer steps done.")
+    total_steps: int | None = Field(default=None, description="Optimizer steps in the run.")
+    epoch: float | None = Field(default=None, description="Epochs done (fractional).")
+    percent: float | None = Field(default=None, description="Percent complete.")
+    loss: float | None = Field(default=None, description="Latest training loss.")
+    learning_rate: float | None = Field(default=None, description="Current learning rate.")
+    tokens_per_second: float | None = Field(
+        default=None, description="Throughput in real (non-padding) tokens per second."
+    )
+    eta_seconds: float | None = Field(default=None, description="Estimated seconds to finish.")
+    updated_at: str | None = Field(default=None, description="When this was written (RFC 3339).")
+
+
+class AdapterRef(StatusModel):
+    """The trained adapter."""
+
+    uri: str = Field(description="Where the adapter is.")
+    sha256: str = Field(description="sha256 of the adapter weights file.")
+    size_bytes: int = Field(description="Size of the adapter weights file in bytes.")
+
+
+class BaseModelRef(StatusModel):
+    uri: str = Field(description="Base model URI.")
+    revision: str | None = Field(default=None, description="Base model revision.")
+
+
+class EvaluationSample(StatusModel):
+    prompt: str = Field(description="Prompt.")
+    base: str = Field(description="Answer of the base model.")
+    adapter: str = Field(description="Answer of the base model with the adapter.")
+
+
+class EvaluationResult(StatusModel):
+    samples: list[EvaluationSample] = Field(
+        default_factory=list, description="Prompts and answers."
+    )
+    metrics: dict[str, float] = Field(default_factory=dict, description="Held-out metrics.")
+
+
+class TrainerResult(StatusModel):
+    """What the trainer reports on exit (its termination message)."""
+
+    outcome: Literal["Succeeded", "Failed"] = Field(description="Succeeded or Failed.")
+    reason: str = Field(description="One-word CamelCase reason.")
+    message: str = Field(default="", description="Human-readable details.")
+    adapter: AdapterRef | None = Field(default=None, description="The adapter, on success.")
+    base_model: BaseModelRef | None = Field(default=None, description="The base model used.")
+    dataset_fingerprint: str | None = Field(
+        default=None, description="Hash of the resolved dataset source and content."
+    )
+    metrics: dict[str, float] = Field(default_factory=dict, description="Final metrics.")
+    evaluation: EvaluationResult | None = Field(
+        default=None, description="Base vs adapter answers and held-out metrics."
+    )
+
+
+class FineTuneJobStatus(StatusModel):
+    """Observed state of a FineTuneJob."""
+
+    phase: Phase | None = Field(default=None, description="Summary for people.")
+    observed_generation: int | None = Field(
+        default=None, description="The .metadata.generation last acted on."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Ready, Running, Succeeded, Failed, Suspended.",
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    start_time: str | None = Field(default=None, description="When training started.")
+    completion_time: str | None = Field(default=None, description="When the job finished.")
+    attempts: int | None = Field(default=None, description="Trainer pods started so far.")
+    job_name: str | None = Field(default=None, description="The batch/v1 Job running the trainer.")
+    progress: Progress | None = Field(default=None, description="Live progress.")
+    result: TrainerResult | None = Field(default=None, description="The trainer's result.")

