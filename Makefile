@@ -27,5 +27,5 @@ test: setup
 	@bash hack/pytest.sh
 
 crds: setup
-	@.venv/bin/kubetune crd --write crds
+	@.venv/bin/kubetune crd --write crds --reference docs/reference.md
 	@cp crds/finetunejobs.kubetune.io.yaml charts/kubetune/crds/

@@ -182,8 +182,14 @@ def default_crd_path() -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kubetune crd", description=__doc__)
     parser.add_argument("--write", metavar="DIR", nargs="?", const="crds", help="write into DIR")
+    parser.add_argument("--reference", metavar="FILE", help="also write the field reference")
     args = parser.parse_args(argv)
     text = render_crd()
+    if args.reference:
+        from kubetune.api.reference import render_reference
+
+        Path(args.reference).write_text(render_reference())
+        print(f"wrote {args.reference}")
     if args.write:
         path = Path(args.write) / CRD_FILENAME
         path.parent.mkdir(parents=True, exist_ok=True)

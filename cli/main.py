@@ -38,7 +38,8 @@ def _validate(args: argparse.Namespace) -> int:
 def _crd(args: argparse.Namespace) -> int:
     from kubetune.api import crd
 
-    return crd.main(["--write", args.write] if args.write else [])
+    argv = ["--write", args.write] if args.write else []
+    return crd.main(argv + (["--reference", args.reference] if args.reference else []))
 
 
 def _missing_extra(extra: str, error: ImportError) -> argparse.Namespace:
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     crd = subparsers.add_parser("crd", help="print (or --write DIR) the FineTuneJob CRD")
     crd.add_argument("--write", metavar="DIR", nargs="?", const="crds")
+    crd.add_argument("--reference", metavar="FILE", help="also write the field reference")
     crd.set_defaults(func=_crd)
 
     for name, (module_name, extra) in _PLUGINS.items():

@@ -67,3 +67,11 @@ def test_immutable_fields_carry_cel_rules() -> None:
 def test_crd_yaml_parses_as_one_document() -> None:
     documents = list(yaml.safe_load_all((ROOT / "crds" / CRD_FILENAME).read_text()))
     assert [d["kind"] for d in documents if d] == ["CustomResourceDefinition"]
+
+
+def test_field_reference_is_current() -> None:
+    from kubetune.api.reference import render_reference
+
+    assert (ROOT / "docs" / "reference.md").read_text() == render_reference(), (
+        "docs/reference.md drifted from api/: run `make crds` and commit"
+    )

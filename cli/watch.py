@@ -1,0 +1,169 @@
+"""``kubetune watch NAME``: a live view of one FineTuneJob on any cluster the kubeconfig reaches.
+
+Phase, a progress bar with ETA, a loss sparkline, recent events; ends with the result (adapter,
+sha256, final loss, base vs adapter answers) and exits 0 on success, 1 on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from kubetune.api.models import GROUP, PLURAL, VERSION, FineTuneJobStatus
+
+_SPARKS = "▁▂▃▄▅▆▇█"
+_TERMINAL = {"Succeeded", "Failed"}
+
+
+def sparkline(values: Sequence[float], width: int = 40) -> str:
+    """Loss history as a one-line chart, newest on the right."""
+    recent = list(values)[-width:]
+    if not recent:
+        return ""
+    low, high = min(recent), max(recent)
+    span = (high - low) or 1.0
+    return "".join(_SPARKS[int((v - low) / span * (len(_SPARKS) - 1))] for v in recent)
+
+
+def progress_bar(percent: float | None, width: int = 30) -> str:
+    filled = round((percent or 0.0) / 100 * width)
+    return "█" * filled + "░" * (width - filled)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+def render_view(name: str, status: FineTuneJobStatus, losses: Sequence[float]) -> str:
+    """The lines shown while a job runs (pure: the unit tests pin it)."""
+    phase = status.phase or "Pending"
+    lines = [f"{name}: {phase}"]
+    progress = status.progress
+    if progress is not None and progress.total_steps:
+        lines.append(
+            f"  {progress_bar(progress.percent)} {progress.percent or 0:5.1f}%  "
+            f"step {progress.step}/{progress.total_steps}  ETA {_duration(progress.eta_seconds)}"
+        )
+        details = []
+        if progress.loss is not None:
+            details.append(f"loss {progress.loss:.4f}")
+        if progress.tokens_per_second:
+            details.append(f"{progress.tokens_per_second:,.0f} tok/s")
+        if progress.learning_rate is not None:
+            details.append(f"lr {progress.learning_rate:.2e}")
+        if details:
+            lines.append("  " + "  ".join(details))
+        if len(losses) > 1:
+            lines.append(f"  loss {sparkline(losses)}")
+    for condition in status.conditions:
+        if condition.status == "True" and condition.type in ("Failed", "Suspended"):
+            lines.append(f"  {condition.type}: {condition.reason}: {condition.message}")
+        if condition.type == "Ready" and condition.status == "False" and phase == "Pending":
+            lines.append(f"  waiting: {condition.reason}: {condition.message}")
+    return "\n".join(lines)
+
+
+def render_result(status: FineTuneJobStatus) -> str:
+    result = status.result
+    if result is None:
+        return ""
+    lines = [f"result: {result.outcome} ({result.reason}) {result.message}".rstrip()]
+    if result.adapter is not None:
+        lines.append(f"  adapter  {result.adapter.uri}")
+        lines.append(f"  sha256   {result.adapter.sha256}  ({result.adapter.size_bytes:,} bytes)")
+    for key in sorted(result.metrics):
+        lines.append(f"  {key:<8} {result.metrics[key]:.4f}")
+    if result.evaluation is not None and result.evaluation.samples:
+        lines.append("  prompt → base | adapter")
+        for sample in result.evaluation.samples:
+            lines.append(f"    {sample.prompt!r} → {sample.base!r} | {sample.adapter!r}")
+    return "\n".join(lines)
+
+
+def _event_lines(core: Any, namespace: str, name: str, seen: set[str]) -> list[str]:
+    events = core.list_namespaced_event(
+        namespace, field_selector=f"involvedObject.kind=FineTuneJob,involvedObject.name={name}"
+    )
+    lines = []
+    for event in sorted(events.items, key=lambda e: str(e.last_timestamp or e.event_time or "")):
+        key = f"{event.metadata.uid}/{event.count}"
+        if key not in seen:
+            seen.add(key)
+            lines.append(f"  event {event.type} {event.reason}: {event.message}")
+    return lines
+
+
+def watch(
+    name: str,
+    namespace: str,
+    kubeconfig: str | None,
+    *,
+    interval: float = 2.0,
+    timeout: float | None = None,
+    out: Callable[[str], None] = print,
+) -> int:
+    from kubernetes import client, config  # the operator extra; imported when used
+
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig)
+    else:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+    custom = client.CustomObjectsApi()
+    core = client.CoreV1Api()
+    losses: list[float] = []
+    seen_events: set[str] = set()
+    last_view = ""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                out(f"FineTuneJob {namespace}/{name} not found")
+                return 1
+            raise
+        status = FineTuneJobStatus.model_validate(obj.get("status") or {})
+        progress = status.progress
+        new_loss = progress is not None and progress.loss is not None
+        if new_loss and progress is not None and (not losses or losses[-1] != progress.loss):
+            losses.append(float(progress.loss or 0.0))
+        for line in _event_lines(core, namespace, name, seen_events):
+            out(line)
+        view = render_view(name, status, losses)
+        if view != last_view:
+            out(view)
+            last_view = view
+        if status.phase in _TERMINAL:
+            summary = render_result(status)
+            if summary:
+                out(summary)
+            return 0 if status.phase == "Succeeded" else 1
+        if deadline is not None and time.monotonic() > deadline:
+            out(f"timed out after {timeout:.0f}s; the job goes on (phase {status.phase})")
+            return 2
+        time.sleep(interval)
+
+
+def _run(args: argparse.Namespace) -> int:
+    return watch(
+        args.name, args.namespace, args.kubeconfig, interval=args.interval, timeout=args.timeout
+    )
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("watch", help="follow one FineTuneJob until it finishes")
+    parser.add_argument("name", help="FineTuneJob name")
+    parser.add_argument("-n", "--namespace", default="default")
+    parser.add_argument("--kubeconfig", help="kubeconfig (default: in-cluster, then ~/.kube)")
+    parser.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
+    parser.add_argument("--timeout", type=float, help="give up watching after this many seconds")
+    parser.set_defaults(func=_run)

@@ -1,0 +1,81 @@
+"""What `kubetune watch` shows a person while a job runs and when it ends."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubetune.api.models import FineTuneJobStatus
+from kubetune.cli.watch import render_result, render_view, sparkline
+
+pytestmark = pytest.mark.unit
+
+
+def test_running_job_shows_bar_step_eta_loss_and_sparkline() -> None:
+    status = FineTuneJobStatus.model_validate(
+        {
+            "phase": "Running",
+            "progress": {
+                "step": 30,
+                "totalSteps": 60,
+                "percent": 50.0,
+                "loss": 1.2345,
+                "etaSeconds": 95,
+                "tokensPerSecond": 1234.0,
+                "learningRate": 0.001,
+            },
+        }
+    )
+    view = render_view("tiny", status, [3.0, 2.0, 1.2345])
+    assert "tiny: Running" in view
+    assert " 50.0%" in view and "step 30/60" in view and "ETA 01:35" in view
+    assert "loss 1.2345" in view and "1,234 tok/s" in view
+    assert "loss █▄▁" in view
+
+
+def test_pending_job_says_why_it_waits() -> None:
+    status = FineTuneJobStatus.model_validate(
+        {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/1 nodes are available: 1 Insufficient nvidia.com/gpu.",
+                    "lastTransitionTime": "2026-11-28T00:00:00Z",
+                }
+            ],
+        }
+    )
+    assert "waiting: Unschedulable: 0/1 nodes are available" in render_view("j", status, [])
+
+
+def test_result_names_adapter_digest_metrics_and_answers() -> None:
+    status = FineTuneJobStatus.model_validate(
+        {
+            "phase": "Succeeded",
+            "result": {
+                "outcome": "Succeeded",
+                "reason": "Completed",
+                "adapter": {
+                    "uri": "pvc://demo/adapters/tiny",
+                    "sha256": "ab" * 32,
+                    "sizeBytes": 4096,
+                },
+                "metrics": {"train_loss": 0.5},
+                "evaluation": {
+                    "samples": [{"prompt": "reverse: kube", "base": "kkk", "adapter": "ebuk"}]
+                },
+            },
+        }
+    )
+    text = render_result(status)
+    assert "adapter  pvc://demo/adapters/tiny" in text
+    assert "sha256   " + "ab" * 32 in text
+    assert "train_loss 0.5000" in text
+    assert "'reverse: kube' → 'kkk' | 'ebuk'" in text
+
+
+def test_sparkline_is_flat_for_constant_loss() -> None:
+    assert sparkline([1.0, 1.0, 1.0]) == "▁▁▁"
+    assert sparkline([]) == ""
