@@ -4,6 +4,8 @@
 # control-plane binaries built from Go modules into a cache keyed by their go.sum.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The folder operator/ would shadow the standard library module if the cwd were on sys.path.
+export PYTHONSAFEPATH=1
 
 python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null || python=python3
