@@ -15,4 +15,4 @@ for pkg in api operator trainer cli local; do ln -s "../../../$pkg" "$tree/kubet
 MYPYPATH=$tree .venv/bin/mypy -p kubetune.api -p kubetune.operator -p kubetune.trainer \
   -p kubetune.cli -p kubetune.local
 echo "==> import layers"
-.venv/bin/lint-imports
+PYTHONPATH=$tree .venv/bin/lint-imports
