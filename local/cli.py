@@ -1,0 +1,104 @@
+"""``kubetune local up|down|status|kubeconfig``: the local cluster from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from kubetune.local.binaries import BinariesError
+from kubetune.local.controlplane import (
+    DEFAULT_NODE_NAME,
+    ClusterError,
+    ClusterInfo,
+    LocalCluster,
+    NodeOptions,
+)
+from kubetune.local.layout import default_home
+
+
+def _cluster(args: argparse.Namespace) -> LocalCluster:
+    return LocalCluster(args.home)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    was_running = cluster.ready() if cluster.layout.cluster_file.exists() else False
+    started = time.monotonic()
+    try:
+        info = cluster.up(NodeOptions(name=args.node_name, gpus=args.gpus,
+                                      labels=args.label, taints=args.taint))  # fmt: skip
+    except (ClusterError, BinariesError) as error:
+        print(f"kubetune local up: {error}", file=sys.stderr)
+        return 1
+    verb = "already running" if was_running else f"started in {time.monotonic() - started:.1f}s"
+    kubeconfig = cluster.layout.kubeconfig
+    print(f"local cluster {verb}: {info.server} (state in {info.home})")
+    print("use it with:")
+    print(f"  export KUBECONFIG={kubeconfig}")
+    print(f"  export PATH={info.bin_dir}:$PATH   # the matching kubectl")
+    print("  kubectl get nodes")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    stopped = cluster.down()
+    print("stopped " + ", ".join(stopped) if stopped else "no local cluster was running")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    processes = cluster.running()
+    for name, pid in processes.items():
+        print(f"{name:28} {'running (pid %d)' % pid if pid else 'stopped'}")
+    if not cluster.layout.cluster_file.exists():
+        print(f"no local cluster in {cluster.layout.home}")
+        return 1
+    info = ClusterInfo.load(cluster.layout)
+    ready = cluster.ready()
+    print(f"apiserver {info.server}: {'ready' if ready else 'not ready'}")
+    print(f"kubeconfig: {cluster.layout.kubeconfig}")
+    return 0 if ready else 1
+
+
+def cmd_kubeconfig(args: argparse.Namespace) -> int:
+    print(_cluster(args).layout.kubeconfig)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``local`` and its sub-commands to the ``kubetune`` command line."""
+    local = subparsers.add_parser(
+        "local", help="run a local Kubernetes cluster (real control plane, process-based node)"
+    )
+    local.add_argument("--home", type=Path, default=None,
+                       help=f"state directory (default: $KUBETUNE_HOME or {default_home()})")  # fmt: skip
+    commands = local.add_subparsers(dest="local_command", required=True)
+
+    up = commands.add_parser("up", help="start the cluster (reuses a running one)")
+    up.add_argument("--gpus", type=int, default=1, help="nvidia.com/gpu capacity of the node")
+    up.add_argument("--node-name", default=DEFAULT_NODE_NAME)
+    up.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                    help="node label (repeatable)")  # fmt: skip
+    up.add_argument("--taint", action="append", default=[], metavar="KEY[=VALUE]:EFFECT",
+                    help="node taint (repeatable)")  # fmt: skip
+    up.set_defaults(func=cmd_up)
+    commands.add_parser("down", help="stop the cluster").set_defaults(func=cmd_down)
+    commands.add_parser("status", help="show what runs").set_defaults(func=cmd_status)
+    commands.add_parser("kubeconfig", help="print the kubeconfig's path").set_defaults(
+        func=cmd_kubeconfig
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kubetune")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
