@@ -1,0 +1,334 @@
+"""kopf handlers: thin glue between the API server and the pure ``render`` and ``derive_status``.
+
+Importing this module registers the handlers with kopf's default registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from kubetune.api.manifest import format_validation_error
+from kubetune.api.models import GROUP, PLURAL, VERSION, FineTuneJobSpec
+from kubetune.operator.errors import api_errors
+from kubetune.operator.kube import Kube, collection_path, finetunejob_path, load_config
+from kubetune.operator.render import (
+    FINETUNEJOB_ANNOTATION,
+    JOB_LABEL,
+    MANAGED_BY,
+    child_names,
+    policy_problems,
+    pvc_claims,
+    render,
+    secret_refs,
+    short_name,
+)
+from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.status import (
+    FAILED,
+    READY,
+    derive_status,
+    set_condition,
+    transition,
+    ttl_remaining,
+)
+
+SETTINGS = OperatorSettings()
+_FINISHED = ("Succeeded", "Failed")
+_MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
+
+_kube: Kube | None = None
+_locks: dict[tuple[str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def kube() -> Kube:
+    global _kube  # noqa: PLW0603 - one API client per process, made at startup
+    if _kube is None:
+        _kube = Kube(load_config())
+    return _kube
+
+
+@contextmanager
+def _serialized(namespace: str, name: str) -> Iterator[None]:
+    """Job and Pod events of one FineTuneJob arrive on different workers: derive one at a time."""
+    with _locks_guard:
+        lock = _locks.setdefault((namespace, name), threading.Lock())
+    with lock:
+        yield
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- startup -----------------------------------------------------------------------------------
+
+
+@kopf.on.startup()  # type: ignore[untyped-decorator]
+def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) -> None:
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    # Events are posted on purpose (one per transition); handler logs stay logs.
+    settings.posting.level = logging.WARNING
+    settings.peering.standalone = True
+    settings.watching.server_timeout = SETTINGS.watch_timeout_seconds
+    settings.watching.client_timeout = SETTINGS.watch_timeout_seconds + 30
+    settings.watching.connect_timeout = 30
+    settings.networking.request_timeout = 60
+    settings.execution.max_workers = SETTINGS.max_workers
+    settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
+    kube()
+    logger.info(
+        "kubetune operator: watching %s",
+        ", ".join(SETTINGS.namespaces) if SETTINGS.namespaces else "all namespaces",
+    )
+
+
+# --- the FineTuneJob ---------------------------------------------------------------------------
+
+
+def _patch_status(namespace: str, name: str, status: dict[str, Any]) -> None:
+    with api_errors(f"patching the status of {namespace}/{name}"):
+        kube().merge_patch(finetunejob_path(namespace, name, "status"), {"status": status})
+
+
+def _reject(body: kopf.Body, reason: str, problems: list[str]) -> kopf.PermanentError:
+    """Mark the FineTuneJob Failed for a problem no retry can fix; the error to raise."""
+    message = "; ".join(problems)
+    now = _now()
+    conditions = body.get("status", {}).get("conditions") or []
+    generation = body["metadata"].get("generation")
+    for type_, value in ((READY, False), (FAILED, True)):
+        conditions = set_condition(
+            conditions, type_, value, reason=reason, message=message, now=now, generation=generation
+        )
+    _patch_status(
+        body["metadata"]["namespace"],
+        body["metadata"]["name"],
+        {
+            "phase": "Failed",
+            "observedGeneration": generation,
+            "conditions": conditions,
+            "completionTime": body.get("status", {}).get("completionTime") or _iso(now),
+            "result": {"outcome": "Failed", "reason": reason, "message": message[:1024]},
+        },
+    )
+    kopf.event(body, type="Warning", reason=reason, message=message[:1024])
+    return kopf.PermanentError(f"{reason}: {message}")
+
+
+def _iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def missing_references(namespace: str, spec: FineTuneJobSpec) -> list[str]:
+    """Secrets (and keys) and PVCs the spec names that don't exist in ``namespace``."""
+    missing: list[str] = []
+    api = kube()
+    for secret, key in secret_refs(spec):
+        with api_errors(f"reading Secret {namespace}/{secret}"):
+            found = api.get_or_none(f"{collection_path('v1', 'Secret', namespace)}/{secret}")
+        if found is None:
+            missing.append(f"Secret {secret!r} not found")
+        elif key not in (found.get("data") or {}) and key not in (found.get("stringData") or {}):
+            missing.append(f"Secret {secret!r} has no key {key!r}")
+    for claim in pvc_claims(spec):
+        path = f"{collection_path('v1', 'PersistentVolumeClaim', namespace)}/{claim}"
+        with api_errors(f"reading PersistentVolumeClaim {namespace}/{claim}"):
+            if api.get_or_none(path) is None:
+                missing.append(f"PersistentVolumeClaim {claim!r} not found")
+    return missing
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)  # type: ignore[untyped-decorator]
+@kopf.on.create(GROUP, VERSION, PLURAL)  # type: ignore[untyped-decorator]
+def reconcile(
+    *,
+    body: kopf.Body,
+    spec: kopf.Spec,
+    name: str,
+    namespace: str,
+    status: kopf.Status,
+    logger: kopf.Logger,
+    **_: Any,
+) -> None:
+    """Validate beyond the schema, then create the children (each at most once)."""
+    if status.get("phase") in _FINISHED:
+        return  # A finished run is never started again, whatever happened to its Job.
+    try:
+        parsed = FineTuneJobSpec.model_validate(dict(spec))
+    except ValidationError as exc:
+        raise _reject(body, "InvalidSpec", format_validation_error(exc, FineTuneJobSpec)) from exc
+    denied = policy_problems(parsed, SETTINGS)
+    if denied:
+        raise _reject(body, "Denied", denied)
+
+    missing = missing_references(namespace, parsed)
+    if missing:
+        message = "; ".join(missing) + " (checked again every "
+        message += f"{SETTINGS.reference_recheck_seconds:g}s)"
+        ready: dict[str, Any] = next(
+            (c for c in status.get("conditions") or [] if c.get("type") == READY), {}
+        )
+        if ready.get("message") != message:
+            generation = body["metadata"].get("generation")
+            conditions = set_condition(
+                status.get("conditions") or [],
+                READY,
+                False,
+                reason="MissingReference",
+                message=message,
+                now=_now(),
+                generation=generation,
+            )
+            _patch_status(
+                namespace,
+                name,
+                {"phase": "Pending", "observedGeneration": generation, "conditions": conditions},
+            )
+            kopf.event(body, type="Warning", reason="MissingReference", message=message)
+        raise kopf.TemporaryError(message, delay=SETTINGS.reference_recheck_seconds)
+
+    metadata = {"name": name, "namespace": namespace, "uid": body["metadata"]["uid"]}
+    for manifest in render(parsed, metadata, SETTINGS):
+        what = f"creating {manifest['kind']} {namespace}/{manifest['metadata']['name']}"
+        with api_errors(what):
+            existing = kube().create(manifest)
+        owners = existing.get("metadata", {}).get("ownerReferences") or []
+        if not any(owner.get("uid") == metadata["uid"] for owner in owners):
+            # A same-named object that isn't ours: never take it over silently.
+            raise _reject(
+                body,
+                "NameConflict",
+                [f"{manifest['kind']} {manifest['metadata']['name']} exists and is not owned"],
+            )
+    logger.info("children of %s/%s are in place", namespace, name)
+    refresh(namespace, name)
+
+
+@kopf.on.field(GROUP, VERSION, PLURAL, field="spec.runPolicy.suspend")  # type: ignore[untyped-decorator]
+def suspend_or_resume(
+    old: Any, new: Any, name: str, namespace: str, body: kopf.Body, **_: Any
+) -> None:
+    """spec.runPolicy.suspend → the Job's spec.suspend (a queued Job stays with Kueue)."""
+    if old is None and not new:
+        return
+    suspend = bool(new)
+    if not suspend and body.get("spec", {}).get("scheduling", {}).get("queueName"):
+        return  # Kueue admits the Job by unsuspending it.
+    job = collection_path("batch/v1", "Job", namespace) + "/" + child_names(name).job
+    with api_errors(f"{'suspending' if suspend else 'resuming'} Job {namespace}/{name}"):
+        try:
+            kube().merge_patch(job, {"spec": {"suspend": suspend}})
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            return
+    refresh(namespace, name)
+
+
+@kopf.on.field(  # type: ignore[untyped-decorator]
+    GROUP, VERSION, PLURAL, field="spec.runPolicy.activeDeadlineSeconds"
+)
+def change_deadline(old: Any, new: Any, name: str, namespace: str, **_: Any) -> None:
+    if old is None or new is None:
+        return
+    job = collection_path("batch/v1", "Job", namespace) + "/" + child_names(name).job
+    with api_errors(f"changing the deadline of Job {namespace}/{name}"):
+        try:
+            kube().merge_patch(job, {"spec": {"activeDeadlineSeconds": int(new)}})
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+
+@kopf.timer(  # type: ignore[untyped-decorator]
+    GROUP, VERSION, PLURAL, interval=SETTINGS.status_recheck_seconds, initial_delay=5
+)
+def housekeeping(
+    spec: kopf.Spec, status: kopf.Status, name: str, namespace: str, logger: kopf.Logger, **_: Any
+) -> None:
+    """Catch up on missed events while running; delete finished jobs after their TTL."""
+    if status.get("phase") not in _FINISHED:
+        if status.get("jobName"):
+            refresh(namespace, name)
+        return
+    ttl = spec.get("runPolicy", {}).get("ttlSecondsAfterFinished")
+    remaining = ttl_remaining(status, ttl, _now())
+    if remaining is not None and remaining <= 0:
+        logger.info("ttlSecondsAfterFinished (%ss) passed: deleting %s/%s", ttl, namespace, name)
+        with api_errors(f"deleting {namespace}/{name} after its TTL"):
+            kube().delete(finetunejob_path(namespace, name))
+
+
+# --- the Job and its Pods → status -------------------------------------------------------------
+
+
+def refresh(namespace: str, name: str) -> None:
+    """Derive the FineTuneJob's status from its Job and Pods and write it when it changed."""
+    api = kube()
+    with _serialized(namespace, name), api_errors(f"refreshing the status of {namespace}/{name}"):
+        ftj = api.get_or_none(finetunejob_path(namespace, name))
+        if ftj is None or ftj["metadata"].get("deletionTimestamp"):
+            return
+        job_name = child_names(name).job
+        job = api.get_or_none(f"{collection_path('batch/v1', 'Job', namespace)}/{job_name}")
+        if job is None:
+            return
+        owners = job["metadata"].get("ownerReferences") or []
+        if not any(owner.get("uid") == ftj["metadata"]["uid"] for owner in owners):
+            return
+        pods = api.get(
+            collection_path("v1", "Pod", namespace),
+            query={"labelSelector": f"{JOB_LABEL}={short_name(name)},job-name={job_name}"},
+        ).get("items", [])
+        old = ftj.get("status") or {}
+        new = derive_status(ftj, job, pods, _now())
+        if all(old.get(key) == value for key, value in new.items()):
+            return
+        api.merge_patch(finetunejob_path(namespace, name, "status"), {"status": new})
+    change = transition(old, new)
+    if change is not None:
+        kind, reason, message = change
+        kopf.event(ftj, type=kind, reason=reason, message=message[:1024])
+
+
+def _owner_name(annotations: kopf.Annotations) -> str | None:
+    value = annotations.get(FINETUNEJOB_ANNOTATION)
+    return str(value) if value else None
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=_MANAGED)  # type: ignore[untyped-decorator]
+def job_changed(
+    type: str | None,
+    annotations: kopf.Annotations,
+    namespace: str,
+    **_: Any,
+) -> None:
+    name = _owner_name(annotations)
+    if name is not None and type != "DELETED":
+        refresh(namespace, name)
+
+
+@kopf.on.event("", "v1", "pods", labels=_MANAGED)  # type: ignore[untyped-decorator]
+def pod_changed(
+    type: str | None,
+    annotations: kopf.Annotations,
+    namespace: str,
+    **_: Any,
+) -> None:
+    name = _owner_name(annotations)
+    if name is not None:
+        refresh(namespace, name)

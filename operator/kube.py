@@ -1,0 +1,131 @@
+"""A thin JSON client over the kubernetes package's ApiClient: manifests stay plain dicts.
+
+The generated typed client would turn every manifest into models and back; the operator renders
+and derives plain data, so it speaks JSON paths instead (auth and TLS come from ApiClient).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+from urllib.parse import quote, urlencode
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from kubetune.api.models import GROUP, PLURAL, VERSION
+
+Obj = dict[str, Any]
+
+MERGE_PATCH: Final = "application/merge-patch+json"
+_PLURALS: Final = {
+    "ConfigMap": "configmaps",
+    "ServiceAccount": "serviceaccounts",
+    "Secret": "secrets",
+    "PersistentVolumeClaim": "persistentvolumeclaims",
+    "Pod": "pods",
+    "Event": "events",
+    "Role": "roles",
+    "RoleBinding": "rolebindings",
+    "Job": "jobs",
+}
+_TIMEOUT: Final = 30.0
+
+
+def load_config() -> client.ApiClient:
+    """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG)."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+def collection_path(api_version: str, kind: str, namespace: str) -> str:
+    prefix = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    return f"{prefix}/namespaces/{quote(namespace)}/{_PLURALS[kind]}"
+
+
+def finetunejob_path(namespace: str, name: str, subresource: str = "") -> str:
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace)}/{PLURAL}/{quote(name)}"
+    return f"{path}/{subresource}" if subresource else path
+
+
+class Kube:
+    """GET, POST, PATCH and DELETE of JSON objects; failures raise ApiException."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.api = api
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Obj | None = None,
+        query: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> Obj:
+        url = self.api.configuration.host + path
+        if query:
+            url += "?" + urlencode(query)
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        headers.update(self._auth_headers())
+        response = self.api.rest_client.request(
+            method,
+            url,
+            headers=headers,
+            body=body,
+            _request_timeout=_TIMEOUT,
+        )
+        response.read()
+        text = response.data.decode() if response.data else ""
+        if not 200 <= response.status < 300:
+            raise ApiException.from_response(http_resp=response, body=text, data=None)
+        return json.loads(text) if text else {}
+
+    def _auth_headers(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for setting in self.api.configuration.auth_settings().values():
+            if setting.get("in") == "header" and setting.get("value"):
+                headers[str(setting["key"])] = str(setting["value"])
+        return headers
+
+    def get(self, path: str, query: dict[str, str] | None = None) -> Obj:
+        return self.request("GET", path, query=query)
+
+    def get_or_none(self, path: str) -> Obj | None:
+        try:
+            return self.get(path)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def create(self, manifest: Obj) -> Obj:
+        """Create ``manifest``; if it exists already (409), the existing object."""
+        meta = manifest["metadata"]
+        path = collection_path(manifest["apiVersion"], manifest["kind"], meta["namespace"])
+        try:
+            return self.request("POST", path, body=manifest)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        return self.get(f"{path}/{quote(meta['name'])}")
+
+    def merge_patch(self, path: str, patch: Obj) -> Obj:
+        return self.request("PATCH", path, body=patch, content_type=MERGE_PATCH)
+
+    def delete(self, path: str, propagation: str = "Background") -> None:
+        try:
+            self.request(
+                "DELETE",
+                path,
+                body={
+                    "kind": "DeleteOptions",
+                    "apiVersion": "v1",
+                    "propagationPolicy": propagation,
+                },
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise

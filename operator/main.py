@@ -1,0 +1,56 @@
+"""``kubetune-operator``: run the kopf operator with kubetune's handlers and settings."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import kopf
+from pydantic import ValidationError
+
+from kubetune.operator.settings import OperatorSettings
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="kubetune-operator",
+        description=(
+            "Run the kubetune operator: FineTuneJobs in, trainer Jobs out. Configured by "
+            "KUBETUNE_* environment variables (see docs/operator.md); credentials come from the "
+            "pod's service account or from KUBECONFIG."
+        ),
+    )
+    parser.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        help="watch this namespace (repeatable; overrides KUBETUNE_NAMESPACES)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parse_args(argv)
+    try:
+        settings = OperatorSettings()
+    except ValidationError as exc:
+        sys.exit(f"kubetune-operator: invalid settings:\n{exc}")
+    namespaces = args.namespace or settings.namespaces
+    kopf.configure(
+        verbose=settings.verbose,
+        log_format=kopf.LogFormat.JSON if settings.json_logs else kopf.LogFormat.FULL,
+        log_refkey="k8s" if settings.json_logs else None,
+    )
+    # Importing the handlers registers them with kopf's default registry.
+    from kubetune.operator import handlers  # noqa: F401
+
+    kopf.run(
+        standalone=True,
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        liveness_endpoint=settings.liveness_endpoint,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,371 @@
+"""FineTuneJob → the child objects that run it. Pure: data in, manifests out.
+
+``render`` returns, in the order they must be created: the ConfigMap with the resolved trainer
+config, the per-job ServiceAccount, Role and RoleBinding (the trainer may patch only its own
+FineTuneJob's status), and the batch/v1 Job that runs ``kubetune-trainer``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Final
+
+from kubetune.api.config import JobRef, ProgressSettings, TrainerConfig
+from kubetune.api.errors import NON_RETRIABLE_EXIT_CODES
+from kubetune.api.models import API_VERSION, GROUP, KIND, PLURAL, FineTuneJobSpec
+from kubetune.operator.settings import OperatorSettings
+
+Manifest = dict[str, Any]
+
+TRAINER_CONTAINER: Final = "trainer"
+CONFIG_FILE: Final = "config.yaml"
+JOB_LABEL: Final = "kubetune.io/job"
+#: The full FineTuneJob name (labels are capped at 63 characters, names are not).
+FINETUNEJOB_ANNOTATION: Final = "kubetune.io/finetunejob"
+KUEUE_QUEUE_LABEL: Final = "kueue.x-k8s.io/queue-name"
+MANAGED_BY: Final = "kubetune-operator"
+_LABEL_MAX: Final = 63
+
+
+@dataclass(frozen=True)
+class ChildNames:
+    """Names of a FineTuneJob's children; stable, so a replayed create finds the same objects."""
+
+    job: str
+    config_map: str
+    service_account: str
+    role: str
+    role_binding: str
+
+
+def short_name(name: str, limit: int = _LABEL_MAX) -> str:
+    """``name`` if it fits ``limit``, else a prefix and a hash (still a valid DNS label)."""
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - 9].rstrip('-.')}-{digest}"
+
+
+def child_names(name: str) -> ChildNames:
+    # The Job's name becomes a pod label value (batch.kubernetes.io/job-name): at most 63 chars.
+    job = short_name(name)
+    sa = short_name(f"{name}-trainer", 253)
+    return ChildNames(
+        job=job,
+        config_map=short_name(f"{name}-trainer-config", 253),
+        service_account=sa,
+        role=sa,
+        role_binding=sa,
+    )
+
+
+def labels_for(name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "kubetune",
+        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/instance": short_name(name),
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        JOB_LABEL: short_name(name),
+    }
+
+
+def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
+    """Claims named by pvc:// URIs → whether the trainer writes to them (the output's claim)."""
+    claims: dict[str, bool] = {}
+    for uri, writable in (
+        (spec.model.uri, False),
+        (spec.dataset.uri, False),
+        (spec.output.uri, True),
+    ):
+        if uri.startswith("pvc://"):
+            claim = uri.removeprefix("pvc://").split("/", 1)[0]
+            claims[claim] = claims.get(claim, False) or writable
+    return claims
+
+
+def secret_refs(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
+    """(secret, key) pairs the trainer pod reads."""
+    refs: list[tuple[str, str]] = []
+    if spec.model.token_secret_ref is not None:
+        refs.append((spec.model.token_secret_ref.name, spec.model.token_secret_ref.key))
+    if spec.output.push_to_hub is not None:
+        ref = spec.output.push_to_hub.token_secret_ref
+        if (ref.name, ref.key) not in refs:
+            refs.append((ref.name, ref.key))
+    return refs
+
+
+def policy_problems(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
+    """Spec options this cluster's operator settings deny, one ``field: why`` line each."""
+    denied = {option.lower() for option in settings.denied_options}
+    used = {
+        "trustremotecode": ("spec.model.trustRemoteCode", spec.model.trust_remote_code),
+        "pushtohub": ("spec.output.pushToHub", spec.output.push_to_hub is not None),
+        "merge": ("spec.output.merge", spec.output.merge),
+        "podtemplate": ("spec.podTemplate", spec.pod_template is not None),
+    }
+    return [
+        f"{field}: denied by the operator's settings (KUBETUNE_DENIED_OPTIONS)"
+        for option, (field, is_used) in used.items()
+        if option in denied and is_used
+    ]
+
+
+def owner_reference(metadata: dict[str, Any]) -> Manifest:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": metadata["name"],
+        "uid": metadata["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def trainer_config(
+    spec: FineTuneJobSpec, name: str, namespace: str, uid: str | None, settings: OperatorSettings
+) -> TrainerConfig:
+    return TrainerConfig(
+        job=JobRef(name=name, namespace=namespace, uid=uid),
+        spec=spec,
+        progress=ProgressSettings(
+            interval_seconds=settings.progress_interval_seconds, reporter="kubernetes"
+        ),
+    )
+
+
+def render(
+    spec: FineTuneJobSpec, metadata: dict[str, Any], settings: OperatorSettings
+) -> list[Manifest]:
+    """The children of the FineTuneJob with this ``spec`` and ``metadata`` (name, namespace, uid).
+
+    Every child carries an ownerReference to the FineTuneJob when ``metadata`` has a uid, so
+    deleting the FineTuneJob removes them (background propagation by the garbage collector).
+    """
+    name = str(metadata["name"])
+    namespace = str(metadata["namespace"])
+    uid = metadata.get("uid")
+    names = child_names(name)
+    labels = labels_for(name)
+    annotations = {FINETUNEJOB_ANNOTATION: name}
+
+    def meta(object_name: str, extra_labels: dict[str, str] | None = None) -> Manifest:
+        result: Manifest = {
+            "name": object_name,
+            "namespace": namespace,
+            "labels": {**labels, **(extra_labels or {})},
+            "annotations": dict(annotations),
+        }
+        if uid:
+            result["ownerReferences"] = [owner_reference(metadata)]
+        return result
+
+    config = trainer_config(spec, name, namespace, uid, settings)
+    config_map: Manifest = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta(names.config_map),
+        "data": {CONFIG_FILE: config.to_yaml()},
+    }
+    service_account: Manifest = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": meta(names.service_account),
+    }
+    role: Manifest = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": meta(names.role),
+        "rules": [
+            {
+                "apiGroups": [GROUP],
+                "resources": [f"{PLURAL}/status"],
+                "resourceNames": [name],
+                "verbs": ["get", "patch"],
+            }
+        ],
+    }
+    role_binding: Manifest = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": meta(names.role_binding),
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": names.role,
+        },
+        "subjects": [
+            {"kind": "ServiceAccount", "name": names.service_account, "namespace": namespace}
+        ],
+    }
+    job = render_job(spec, name, names, meta, settings)
+    return [config_map, service_account, role, role_binding, job]
+
+
+def render_job(
+    spec: FineTuneJobSpec,
+    name: str,
+    names: ChildNames,
+    meta: Any,
+    settings: OperatorSettings,
+) -> Manifest:
+    queue = spec.scheduling.queue_name
+    job_labels = {KUEUE_QUEUE_LABEL: queue} if queue else {}
+    pod_spec = _pod_spec(spec, names, settings)
+    pod_labels = dict(labels_for(name))
+    pod_annotations = {FINETUNEJOB_ANNOTATION: name}
+    if spec.pod_template is not None:
+        pod_labels.update(spec.pod_template.metadata.labels)
+        pod_annotations.update(spec.pod_template.metadata.annotations)
+        pod_spec = merge_pod_spec(pod_spec, spec.pod_template.spec)
+    job_spec: Manifest = {
+        # Kueue admits a queued Job by unsuspending it; without a queue, suspend follows the spec.
+        "suspend": spec.run_policy.suspend or bool(queue),
+        "backoffLimit": spec.run_policy.backoff_limit,
+        "completions": 1,
+        "parallelism": 1,
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": TRAINER_CONTAINER,
+                        "operator": "In",
+                        "values": sorted(int(code) for code in NON_RETRIABLE_EXIT_CODES),
+                    },
+                },
+                # Preemption, eviction and node drains don't count against backoffLimit: the
+                # next pod resumes from the latest checkpoint.
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]
+        },
+        "template": {
+            "metadata": {"labels": pod_labels, "annotations": pod_annotations},
+            "spec": pod_spec,
+        },
+    }
+    if spec.run_policy.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta(names.job, job_labels),
+        "spec": job_spec,
+    }
+
+
+def _pod_spec(spec: FineTuneJobSpec, names: ChildNames, settings: OperatorSettings) -> Manifest:
+    resources = spec.resources
+    amounts: dict[str, str] = {}
+    if resources.cpu is not None:
+        amounts["cpu"] = resources.cpu
+    if resources.memory is not None:
+        amounts["memory"] = resources.memory
+    if resources.gpus > 0:
+        amounts[resources.gpu_resource_name] = str(resources.gpus)
+
+    env: list[Manifest] = [{"name": "KUBETUNE_PVC_ROOT", "value": settings.pvc_root}]
+    tokens = secret_refs(spec)
+    if tokens:
+        # The model's token reads, a push token writes; one HF_TOKEN serves both, the read
+        # token first (a hub token that may write may also read).
+        secret, key = tokens[0]
+        env.append(
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+        )
+    mounts: list[Manifest] = [
+        {"name": "config", "mountPath": settings.config_mount_path, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    volumes: list[Manifest] = [
+        {"name": "config", "configMap": {"name": names.config_map}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": resources.shm_size}},
+    ]
+    for claim, writable in pvc_claims(spec).items():
+        volume = short_name(f"pvc-{claim}")
+        mounts.append(
+            {"name": volume, "mountPath": f"{settings.pvc_root}/{claim}", "readOnly": not writable}
+        )
+        volumes.append({"name": volume, "persistentVolumeClaim": {"claimName": claim}})
+
+    container_security: Manifest = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "runAsNonRoot": settings.run_as_non_root,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    pod_security: Manifest = {
+        "runAsNonRoot": settings.run_as_non_root,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if settings.run_as_user is not None:
+        pod_security["runAsUser"] = settings.run_as_user
+        pod_security["runAsGroup"] = settings.run_as_user
+    if settings.fs_group is not None:
+        pod_security["fsGroup"] = settings.fs_group
+
+    container: Manifest = {
+        "name": TRAINER_CONTAINER,
+        "image": spec.image or settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        # Explicit, not the image's entrypoint: the local cluster's node runs commands.
+        "command": [
+            "kubetune-trainer",
+            "--config",
+            f"{settings.config_mount_path}/{CONFIG_FILE}",
+        ],
+        "env": env,
+        "resources": {"requests": dict(amounts), "limits": dict(amounts)},
+        "volumeMounts": mounts,
+        "securityContext": container_security,
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    pod: Manifest = {
+        "restartPolicy": "Never",
+        "serviceAccountName": names.service_account,
+        "automountServiceAccountToken": True,
+        "securityContext": pod_security,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    scheduling = spec.scheduling
+    if scheduling.node_selector:
+        pod["nodeSelector"] = dict(scheduling.node_selector)
+    if scheduling.tolerations:
+        pod["tolerations"] = [
+            t.model_dump(by_alias=True, exclude_none=True) for t in scheduling.tolerations
+        ]
+    if scheduling.affinity:
+        pod["affinity"] = copy.deepcopy(scheduling.affinity)
+    if scheduling.priority_class_name:
+        pod["priorityClassName"] = scheduling.priority_class_name
+    return pod
+
+
+def merge_pod_spec(base: Manifest, overrides: Manifest) -> Manifest:
+    """``overrides`` merged over ``base``: maps merge deeply, lists of named items (containers,
+    volumes, env, ...) merge by name, other lists and scalars are replaced."""
+    merged: Manifest = _merge(copy.deepcopy(base), copy.deepcopy(overrides))
+    return merged
+
+
+def _merge(base: Any, override: Any) -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        for key, value in override.items():
+            base[key] = _merge(base[key], value) if key in base else value
+        return base
+    if isinstance(base, list) and isinstance(override, list) and _named(base) and _named(override):
+        merged = {item["name"]: item for item in base}
+        for item in override:
+            merged[item["name"]] = (
+                _merge(merged[item["name"]], item) if item["name"] in merged else item
+            )
+        return list(merged.values())
+    return override
+
+
+def _named(items: list[Any]) -> bool:
+    return bool(items) and all(isinstance(item, dict) and "name" in item for item in items)

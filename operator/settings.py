@@ -1,0 +1,87 @@
+"""Operator configuration from the environment (prefix ``KUBETUNE_``)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BeforeValidator, Field
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+def _empty_is_none(value: object) -> object:
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+CsvList = Annotated[list[str], NoDecode, BeforeValidator(_split_csv)]
+OptionalInt = Annotated[int | None, BeforeValidator(_empty_is_none)]
+OptionalStr = Annotated[str | None, BeforeValidator(_empty_is_none)]
+
+
+class OperatorSettings(BaseSettings):
+    """Everything a deployment may tune; every field maps to ``KUBETUNE_<FIELD_NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="KUBETUNE_", frozen=True, extra="ignore")
+
+    namespaces: CsvList = Field(
+        default_factory=list,
+        description="Namespaces to watch, comma-separated; empty watches the whole cluster.",
+    )
+    max_workers: int = Field(
+        default=20, ge=1, description="Handlers that may run at once (kopf's max_workers)."
+    )
+    trainer_image: str = Field(
+        default="kubetune/trainer:0.1.0",
+        description="Trainer image for jobs that set no spec.image.",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="Pull policy of the trainer container."
+    )
+    denied_options: CsvList = Field(
+        default_factory=lambda: ["trustRemoteCode"],
+        description=(
+            "Spec options this cluster refuses, comma-separated: trustRemoteCode, pushToHub, "
+            "merge, podTemplate."
+        ),
+    )
+    progress_interval_seconds: float = Field(
+        default=10.0, gt=0, description="Least seconds between the trainer's progress patches."
+    )
+    liveness_endpoint: OptionalStr = Field(
+        default="http://0.0.0.0:8080/healthz",
+        description="kopf's liveness probe endpoint; empty turns it off.",
+    )
+    json_logs: bool = Field(default=False, description="Log as JSON lines (kopf's JSON format).")
+    verbose: bool = Field(default=False, description="Debug logging.")
+    # The restricted Pod Security profile by default. The local cluster runs pod commands as the
+    # host user and can't honour runAsNonRoot for processes that aren't images, so it turns these
+    # down explicitly (KUBETUNE_RUN_AS_NON_ROOT=false).
+    run_as_non_root: bool = Field(default=True, description="Set runAsNonRoot on the trainer pod.")
+    run_as_user: OptionalInt = Field(
+        default=1000, ge=0, description="runAsUser of the trainer pod; empty leaves it unset."
+    )
+    fs_group: OptionalInt = Field(
+        default=1000, ge=0, description="fsGroup of the trainer pod; empty leaves it unset."
+    )
+    config_mount_path: str = Field(
+        default="/etc/kubetune", description="Where the trainer config ConfigMap is mounted."
+    )
+    pvc_root: str = Field(
+        default="/mnt/pvc", description="Where claims named by pvc:// URIs are mounted."
+    )
+    watch_timeout_seconds: int = Field(
+        default=300, ge=10, description="Server-side timeout of each watch request."
+    )
+    status_recheck_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How often unfinished jobs are re-derived even without events.",
+    )
+    reference_recheck_seconds: float = Field(
+        default=15.0, gt=0, description="How soon missing Secrets and PVCs are looked for again."
+    )

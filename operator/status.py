@@ -1,0 +1,346 @@
+"""The batch/v1 Job and its Pods → the FineTuneJob's status. Pure: data in, a status patch out."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from kubetune.api.errors import EXIT_CODE_REASONS, ExitCode
+from kubetune.api.models import TrainerResult
+from kubetune.operator.render import TRAINER_CONTAINER
+
+Obj = Mapping[str, Any]
+
+READY: Final = "Ready"
+RUNNING: Final = "Running"
+SUCCEEDED: Final = "Succeeded"
+FAILED: Final = "Failed"
+SUSPENDED: Final = "Suspended"
+CONDITION_TYPES: Final = (READY, RUNNING, SUCCEEDED, FAILED, SUSPENDED)
+
+#: Waiting reasons of the trainer container that a person has to fix (image, config, secret).
+_WAITING_PROBLEMS: Final = {
+    "ImagePullBackOff": "ImagePullBackOff",
+    "ErrImagePull": "ImagePullBackOff",
+    "InvalidImageName": "ImagePullBackOff",
+    "CreateContainerConfigError": "CreateContainerConfigError",
+    "CreateContainerError": "CreateContainerError",
+}
+_MESSAGE_LIMIT: Final = 1024
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(
+    conditions: Sequence[Mapping[str, Any]],
+    type_: str,
+    status: bool,
+    *,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None = None,
+) -> list[dict[str, Any]]:
+    """``conditions`` with ``type_`` set; its lastTransitionTime moves only when status flips."""
+    value = "True" if status else "False"
+    result = [dict(c) for c in conditions if c.get("type") != type_]
+    previous = next((c for c in conditions if c.get("type") == type_), None)
+    since = (
+        previous["lastTransitionTime"]
+        if previous is not None
+        and previous.get("status") == value
+        and previous.get("lastTransitionTime")
+        else rfc3339(now)
+    )
+    condition: dict[str, Any] = {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message[:_MESSAGE_LIMIT],
+        "lastTransitionTime": since,
+    }
+    if generation is not None:
+        condition["observedGeneration"] = generation
+    result.append(condition)
+    order = {t: i for i, t in enumerate(CONDITION_TYPES)}
+    return sorted(result, key=lambda c: order.get(str(c.get("type")), len(order)))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the Job and Pods say, before it is spelled as conditions."""
+
+    phase: str
+    reason: str
+    message: str
+    running: bool = False
+
+
+def parse_termination_message(message: str | None) -> tuple[dict[str, Any] | None, str]:
+    """The trainer's result (camelCase) from a termination message, and a text for people.
+
+    With FallbackToLogsOnError the message may be the tail of the log instead of JSON; then the
+    result is None and the text is the log's last lines.
+    """
+    if not message:
+        return None, ""
+    try:
+        data = json.loads(message)
+        result = TrainerResult.model_validate(data)
+    except (ValueError, ValidationError):
+        tail = "\n".join(message.strip().splitlines()[-5:])
+        return None, tail[-_MESSAGE_LIMIT:]
+    dumped = result.model_dump(by_alias=True, exclude_none=True, mode="json")
+    return dumped, result.message
+
+
+def _trainer_status(pod: Obj) -> Obj | None:
+    statuses = pod.get("status", {}).get("containerStatuses") or []
+    return next((s for s in statuses if s.get("name") == TRAINER_CONTAINER), None)
+
+
+def _terminated(pod: Obj) -> Obj | None:
+    status = _trainer_status(pod)
+    if status is None:
+        return None
+    state = status.get("state", {}).get("terminated")
+    return state if state else status.get("lastState", {}).get("terminated") or None
+
+
+def _pod_time(pod: Obj) -> str:
+    return str(pod.get("metadata", {}).get("creationTimestamp") or "")
+
+
+def _job_condition(job: Obj, *types: str) -> Obj | None:
+    for condition in job.get("status", {}).get("conditions") or []:
+        if condition.get("type") in types and condition.get("status") == "True":
+            return dict(condition)
+    return None
+
+
+def _failure_reason(exit_code: int | None, terminated: Obj | None) -> str | None:
+    if terminated is not None and terminated.get("reason") == "OOMKilled":
+        return "OOMKilled"
+    if exit_code is None:
+        return None
+    try:
+        return EXIT_CODE_REASONS.get(ExitCode(exit_code))
+    except ValueError:
+        return None
+
+
+def _pending_problem(pods: Sequence[Obj]) -> tuple[str, str] | None:
+    for pod in pods:
+        for condition in pod.get("status", {}).get("conditions") or []:
+            if (
+                condition.get("type") == "PodScheduled"
+                and condition.get("status") == "False"
+                and condition.get("reason") == "Unschedulable"
+            ):
+                return "Unschedulable", str(condition.get("message") or "no node fits the pod")
+        status = _trainer_status(pod)
+        waiting = (status or {}).get("state", {}).get("waiting") or {}
+        reason = _WAITING_PROBLEMS.get(str(waiting.get("reason")))
+        if reason is not None:
+            return reason, str(waiting.get("message") or waiting.get("reason"))
+    return None
+
+
+def _outcome(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> tuple[Outcome, Obj | None]:
+    """The outcome, and the pod whose termination message tells the result (if any)."""
+    if job is None:
+        return Outcome("Pending", "Creating", "creating the trainer Job"), None
+    by_age = sorted(pods, key=_pod_time)
+    done = _job_condition(job, "Complete", "SuccessCriteriaMet")
+    if done is not None:
+        winner = next(
+            (p for p in reversed(by_age) if p.get("status", {}).get("phase") == "Succeeded"), None
+        )
+        return Outcome("Succeeded", "Succeeded", "the trainer finished"), winner
+    failed = _job_condition(job, "Failed", "FailureTarget")
+    if failed is not None:
+        last = next(
+            (p for p in reversed(by_age) if p.get("status", {}).get("phase") == "Failed"), None
+        )
+        job_reason = str(failed.get("reason") or "Failed")
+        job_message = str(failed.get("message") or "")
+        terminated = _terminated(last) if last is not None else None
+        exit_code = terminated.get("exitCode") if terminated else None
+        reason = job_reason
+        if job_reason not in ("DeadlineExceeded",):
+            reason = _failure_reason(exit_code, terminated) or job_reason
+        if reason == "PodFailurePolicy":
+            reason = "TrainerError"
+        message = job_message
+        if exit_code is not None and reason != job_reason:
+            message = f"the trainer exited with code {exit_code}"
+        return Outcome("Failed", reason, message), last
+    spec = job.get("spec", {})
+    if spec.get("suspend"):
+        queue = ftj.get("spec", {}).get("scheduling", {}).get("queueName")
+        user_suspended = ftj.get("spec", {}).get("runPolicy", {}).get("suspend", False)
+        if queue and not user_suspended:
+            return Outcome("Queued", "Queued", f"waiting for admission by queue {queue}"), None
+        return Outcome("Suspended", "Suspended", "suspended by spec.runPolicy.suspend"), None
+    running = [
+        p
+        for p in pods
+        if p.get("status", {}).get("phase") == "Running"
+        and not p.get("metadata", {}).get("deletionTimestamp")
+        and ((_trainer_status(p) or {}).get("state", {}).get("running") is not None)
+    ]
+    if running:
+        return Outcome("Running", "Running", "the trainer is running", running=True), None
+    problem = _pending_problem([p for p in pods if p.get("status", {}).get("phase") == "Pending"])
+    if problem is not None:
+        return Outcome("Pending", problem[0], problem[1]), None
+    failed_pods = [p for p in by_age if p.get("status", {}).get("phase") == "Failed"]
+    if failed_pods:
+        terminated = _terminated(failed_pods[-1])
+        code = terminated.get("exitCode") if terminated else None
+        reason = _failure_reason(code, terminated) or "TrainerError"
+        return (
+            Outcome("Pending", "Retrying", f"attempt {len(failed_pods)} failed ({reason})"),
+            None,
+        )
+    return Outcome("Pending", "Starting", "waiting for the trainer pod to start"), None
+
+
+def _started_at(pods: Sequence[Obj]) -> str | None:
+    times: list[str] = []
+    for pod in pods:
+        state = (_trainer_status(pod) or {}).get("state", {})
+        for key in ("running", "terminated"):
+            started = (state.get(key) or {}).get("startedAt")
+            if started:
+                times.append(str(started))
+    return min(times) if times else None
+
+
+def derive_status(ftj: Obj, job: Obj | None, pods: Sequence[Obj], now: datetime) -> dict[str, Any]:
+    """The FineTuneJob's status (without ``progress``, which the trainer writes) from its Job
+    and that Job's Pods."""
+    current = ftj.get("status") or {}
+    generation = ftj.get("metadata", {}).get("generation")
+    outcome, reporting_pod = _outcome(ftj, job, pods)
+
+    result = None
+    message = outcome.message
+    if reporting_pod is not None:
+        terminated = _terminated(reporting_pod)
+        result, text = parse_termination_message(
+            str(terminated.get("message") or "") if terminated else None
+        )
+        if text and outcome.phase == "Failed":
+            message = f"{message}: {text}" if message else text
+        if result is not None and outcome.phase == "Failed":
+            # The trainer names its own failure best, unless the Job's deadline ended it.
+            reason = str(result.get("reason") or "")
+            if reason and outcome.reason not in ("DeadlineExceeded", "OOMKilled"):
+                outcome = Outcome(outcome.phase, reason, outcome.message)
+
+    phase = outcome.phase
+    conditions: Sequence[Mapping[str, Any]] = current.get("conditions") or []
+
+    def put(type_: str, status: bool, reason: str, text: str) -> None:
+        nonlocal conditions
+        conditions = set_condition(
+            conditions, type_, status, reason=reason, message=text, now=now, generation=generation
+        )
+
+    finished = phase in ("Succeeded", "Failed")
+    put(
+        READY,
+        outcome.running or phase == "Succeeded",
+        outcome.reason,
+        message,
+    )
+    put(RUNNING, outcome.running, outcome.reason if not outcome.running else "Running", message)
+    put(
+        SUCCEEDED,
+        phase == "Succeeded",
+        "Succeeded" if phase == "Succeeded" else ("NotSucceeded" if finished else "InProgress"),
+        message if phase == "Succeeded" else "",
+    )
+    put(FAILED, phase == "Failed", outcome.reason if phase == "Failed" else "NoFailure", message)
+    put(
+        SUSPENDED,
+        phase in ("Suspended", "Queued"),
+        outcome.reason if phase in ("Suspended", "Queued") else "NotSuspended",
+        message if phase in ("Suspended", "Queued") else "",
+    )
+
+    status: dict[str, Any] = {
+        "phase": phase,
+        "observedGeneration": generation,
+        "conditions": list(conditions),
+    }
+    if job is not None:
+        status["jobName"] = job.get("metadata", {}).get("name")
+        job_status = job.get("status", {})
+        counted = int(job_status.get("succeeded") or 0) + int(job_status.get("failed") or 0)
+        started = sum(1 for p in pods if p.get("status", {}).get("startTime"))
+        attempts = max(counted, started, int(current.get("attempts") or 0))
+        status["attempts"] = attempts
+    start = current.get("startTime") or _started_at(pods)
+    if start:
+        status["startTime"] = start
+    if finished:
+        status["completionTime"] = (
+            current.get("completionTime")
+            or (job or {}).get("status", {}).get("completionTime")
+            or rfc3339(now)
+        )
+    if result is not None:
+        status["result"] = result
+    elif finished and phase == "Failed":
+        status["result"] = {"outcome": "Failed", "reason": outcome.reason, "message": message}
+    return status
+
+
+def ttl_remaining(status: Obj, ttl_seconds: int | None, now: datetime) -> float | None:
+    """Seconds until a finished FineTuneJob is due for deletion (<= 0: now); None: never."""
+    if ttl_seconds is None or status.get("phase") not in ("Succeeded", "Failed"):
+        return None
+    completed = status.get("completionTime")
+    if not completed:
+        return None
+    finished_at = datetime.fromisoformat(str(completed).replace("Z", "+00:00"))
+    return ttl_seconds - (now - finished_at).total_seconds()
+
+
+def transition(old: Obj, new: Obj) -> tuple[str, str, str] | None:
+    """(event type, reason, message) when phase or its reason changed, else None."""
+    old_phase, new_phase = old.get("phase"), new.get("phase")
+    old_ready = _condition(old, READY)
+    new_ready = _condition(new, READY)
+    if old_phase == new_phase and old_ready.get("reason") == new_ready.get("reason"):
+        return None
+    reason = str(new_ready.get("reason") or new_phase)
+    message = str(new_ready.get("message") or "")
+    kind = "Warning" if new_phase == "Failed" or reason in _PROBLEM_REASONS else "Normal"
+    text = f"{old_phase or 'New'} → {new_phase}" + (f": {message}" if message else "")
+    return kind, reason, text
+
+
+_PROBLEM_REASONS: Final = {
+    "Unschedulable",
+    "ImagePullBackOff",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "Retrying",
+}
+
+
+def _condition(status: Obj, type_: str) -> Obj:
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == type_:
+            return dict(condition)
+    return {}
