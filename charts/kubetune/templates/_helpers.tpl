@@ -1,0 +1,143 @@
+{{/* Chart name, cut to the 63 characters a label value allows. */}}
+{{- define "kubetune.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Fully qualified app name: the release name, unless it already contains the chart name. */}}
+{{- define "kubetune.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "kubetune.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every object: app.kubernetes.io/* as the Kubernetes recommended labels. */}}
+{{- define "kubetune.labels" -}}
+helm.sh/chart: {{ include "kubetune.chart" . }}
+{{ include "kubetune.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubetune
+{{- end }}
+
+{{/* Labels that select the operator's pods; they never change after install. */}}
+{{- define "kubetune.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubetune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "kubetune.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kubetune.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+An image reference from {repository, tag, digest} and the registry: a digest wins over a tag, and
+an empty tag means the chart's appVersion. Call with (dict "image" .Values.image "root" $).
+*/}}
+{{- define "kubetune.image" -}}
+{{- $repository := .image.repository }}
+{{- with .root.Values.imageRegistry }}
+{{- $repository = printf "%s/%s" (trimSuffix "/" .) $repository }}
+{{- end }}
+{{- if .image.digest }}
+{{- printf "%s@%s" $repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repository (default .root.Chart.AppVersion .image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The operator's rules inside a namespace it watches: exactly what its handlers and kopf use.
+The same list goes into the ClusterRole (all namespaces) or one Role per watched namespace.
+*/}}
+{{- define "kubetune.namespacedRules" -}}
+# kopf: watch the custom resource, store its finalizer and progress annotations, post events.
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs]
+  verbs: [get, list, watch, patch]
+# Status (phase, conditions, result). Holding get/patch here also lets the operator grant the
+# per-job Role below without the RBAC `escalate` or `bind` verbs.
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs/status]
+  verbs: [get, patch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+# Children of each FineTuneJob: the resolved trainer config and the trainer's identity.
+- apiGroups: [""]
+  resources: [configmaps, serviceaccounts]
+  verbs: [get, create]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, create]
+# The trainer Job: created, suspended/resumed by patch, followed for status.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, patch, delete]
+# Pods of the Job (scheduling failures, exit codes, termination messages).
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+# Referenced objects are checked for existence only; their content is never read into status.
+- apiGroups: [""]
+  resources: [secrets, persistentvolumeclaims]
+  verbs: [get]
+{{- end }}
+
+{{/* The operator's settings (kubetune.operator.settings.OperatorSettings) as KUBETUNE_* env. */}}
+{{- define "kubetune.operatorEnv" -}}
+- name: KUBETUNE_NAMESPACES
+  value: {{ join "," .Values.watchNamespaces | quote }}
+- name: KUBETUNE_MAX_WORKERS
+  value: {{ .Values.operator.maxWorkers | quote }}
+- name: KUBETUNE_DENIED_OPTIONS
+  value: {{ join "," .Values.operator.deniedOptions | quote }}
+- name: KUBETUNE_PROGRESS_INTERVAL_SECONDS
+  value: {{ .Values.operator.progressIntervalSeconds | quote }}
+- name: KUBETUNE_WATCH_TIMEOUT_SECONDS
+  value: {{ .Values.operator.watchTimeoutSeconds | quote }}
+- name: KUBETUNE_STATUS_RECHECK_SECONDS
+  value: {{ .Values.operator.statusRecheckSeconds | quote }}
+- name: KUBETUNE_REFERENCE_RECHECK_SECONDS
+  value: {{ .Values.operator.referenceRecheckSeconds | quote }}
+- name: KUBETUNE_LIVENESS_ENDPOINT
+  value: {{ printf "http://0.0.0.0:%d/healthz" (int .Values.operator.healthPort) | quote }}
+- name: KUBETUNE_JSON_LOGS
+  value: {{ .Values.operator.jsonLogs | quote }}
+- name: KUBETUNE_VERBOSE
+  value: {{ .Values.operator.verbose | quote }}
+- name: KUBETUNE_TRAINER_IMAGE
+  value: {{ include "kubetune.image" (dict "image" .Values.trainer.image "root" $) | quote }}
+- name: KUBETUNE_IMAGE_PULL_POLICY
+  value: {{ .Values.trainer.image.pullPolicy | quote }}
+- name: KUBETUNE_RUN_AS_NON_ROOT
+  value: {{ .Values.trainer.runAsNonRoot | quote }}
+- name: KUBETUNE_RUN_AS_USER
+  value: {{ include "kubetune.optionalInt" .Values.trainer.runAsUser }}
+- name: KUBETUNE_FS_GROUP
+  value: {{ include "kubetune.optionalInt" .Values.trainer.fsGroup }}
+- name: KUBETUNE_CONFIG_MOUNT_PATH
+  value: {{ .Values.trainer.configMountPath | quote }}
+- name: KUBETUNE_PVC_ROOT
+  value: {{ .Values.trainer.pvcRoot | quote }}
+{{- end }}
+
+{{/* A quoted integer, or "" for null (the operator then leaves the field unset). */}}
+{{- define "kubetune.optionalInt" -}}
+{{- if kindIs "invalid" . }}""{{ else }}{{ int64 . | toString | quote }}{{ end }}
+{{- end }}
