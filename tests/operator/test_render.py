@@ -1,0 +1,339 @@
+"""render: a FineTuneJob's spec → the ConfigMap, RBAC and batch/v1 Job that run it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune.api.config import TrainerConfig
+from kubetune.api.models import FineTuneJobSpec
+from kubetune.operator.render import (
+    child_names,
+    merge_pod_spec,
+    policy_problems,
+    render,
+    short_name,
+)
+from kubetune.operator.settings import OperatorSettings
+
+pytestmark = pytest.mark.unit
+
+METADATA = {"name": "llama2-support", "namespace": "team-a", "uid": "uid-1234"}
+
+
+def spec_of(**overrides: Any) -> FineTuneJobSpec:
+    data: dict[str, Any] = {
+        "model": {
+            "uri": "meta-llama/Llama-2-7b-hf",
+            "tokenSecretRef": {"name": "hf-token", "key": "token"},
+        },
+        "dataset": {"uri": "pvc://data/support.jsonl"},
+        "training": {"epochs": 3, "learningRate": 5e-4, "batchSize": 16},
+        "output": {"uri": "pvc://adapters/llama2-support"},
+        "resources": {"gpus": 1},
+    }
+    data.update(overrides)
+    return FineTuneJobSpec.model_validate(data)
+
+
+def rendered(spec: FineTuneJobSpec | None = None, **settings: Any) -> dict[str, dict[str, Any]]:
+    objects = render(spec or spec_of(), METADATA, OperatorSettings(**settings))
+    return {obj["kind"]: obj for obj in objects}
+
+
+def pod_spec(objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    spec: dict[str, Any] = objects["Job"]["spec"]["template"]["spec"]
+    return spec
+
+
+def trainer(objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    (container,) = [c for c in pod_spec(objects)["containers"] if c["name"] == "trainer"]
+    return container
+
+
+def test_children_come_in_creation_order() -> None:
+    kinds = [obj["kind"] for obj in render(spec_of(), METADATA, OperatorSettings())]
+    assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job"]
+
+
+def test_every_child_is_owned_by_the_finetunejob_and_labelled() -> None:
+    for obj in render(spec_of(), METADATA, OperatorSettings()):
+        meta = obj["metadata"]
+        assert meta["namespace"] == "team-a"
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": "kubetune.io/v1alpha1",
+                "kind": "FineTuneJob",
+                "name": "llama2-support",
+                "uid": "uid-1234",
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+        assert meta["labels"]["kubetune.io/job"] == "llama2-support"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "kubetune-operator"
+        assert meta["labels"]["app.kubernetes.io/name"] == "kubetune"
+
+
+def test_config_map_holds_the_resolved_trainer_config() -> None:
+    objects = rendered(progress_interval_seconds=3)
+    config = TrainerConfig.model_validate(
+        yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])
+    )
+    assert config.job is not None
+    assert (config.job.name, config.job.namespace, config.job.uid) == (
+        "llama2-support",
+        "team-a",
+        "uid-1234",
+    )
+    assert config.spec == spec_of()
+    assert config.progress.reporter == "kubernetes"
+    assert config.progress.interval_seconds == 3
+
+
+def test_config_map_never_holds_a_secret_value() -> None:
+    text = rendered()["ConfigMap"]["data"]["config.yaml"]
+    assert "hf-token" in text  # the reference, by name
+    assert "HF_TOKEN" not in text
+
+
+def test_role_allows_only_get_and_patch_of_its_own_status() -> None:
+    objects = rendered()
+    assert objects["Role"]["rules"] == [
+        {
+            "apiGroups": ["kubetune.io"],
+            "resources": ["finetunejobs/status"],
+            "resourceNames": ["llama2-support"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    binding = objects["RoleBinding"]
+    assert binding["roleRef"]["name"] == objects["Role"]["metadata"]["name"]
+    assert binding["subjects"] == [
+        {
+            "kind": "ServiceAccount",
+            "name": objects["ServiceAccount"]["metadata"]["name"],
+            "namespace": "team-a",
+        }
+    ]
+    assert pod_spec(objects)["serviceAccountName"] == objects["ServiceAccount"]["metadata"]["name"]
+
+
+def test_gpu_is_requested_and_limited_by_its_resource_name() -> None:
+    spec = spec_of(
+        resources={"gpus": 1, "gpuResourceName": "amd.com/gpu", "cpu": 8, "memory": "32Gi"}
+    )
+    resources = trainer(rendered(spec))["resources"]
+    expected = {"amd.com/gpu": "1", "cpu": "8", "memory": "32Gi"}
+    assert resources == {"requests": expected, "limits": expected}
+
+
+def test_cpu_only_job_requests_no_gpu() -> None:
+    resources = trainer(rendered(spec_of(resources={"gpus": 0})))["resources"]
+    assert resources == {"requests": {}, "limits": {}}
+
+
+def test_trainer_runs_an_explicit_command_on_the_mounted_config() -> None:
+    objects = rendered()
+    container = trainer(objects)
+    assert container["command"] == ["kubetune-trainer", "--config", "/etc/kubetune/config.yaml"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    config_volume = mounts["/etc/kubetune"]["name"]
+    volumes = {v["name"]: v for v in pod_spec(objects)["volumes"]}
+    assert volumes[config_volume]["configMap"]["name"] == objects["ConfigMap"]["metadata"]["name"]
+
+
+def test_default_image_comes_from_settings_and_spec_image_wins() -> None:
+    assert trainer(rendered(trainer_image="registry.local/t:1"))["image"] == "registry.local/t:1"
+    assert trainer(rendered(spec_of(image="mine:2")))["image"] == "mine:2"
+
+
+def test_hub_token_comes_from_the_secret_by_reference() -> None:
+    env = {e["name"]: e for e in trainer(rendered())["env"]}
+    assert env["HF_TOKEN"] == {
+        "name": "HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}},
+    }
+    assert "value" not in env["HF_TOKEN"]
+
+
+def test_no_token_env_without_a_secret_ref() -> None:
+    spec = spec_of(model={"uri": "hf://tiny/model"})
+    assert "HF_TOKEN" not in {e["name"] for e in trainer(rendered(spec))["env"]}
+
+
+def test_each_pvc_claim_is_mounted_once_under_the_pvc_root() -> None:
+    spec = spec_of(
+        model={"uri": "pvc://store/models/tiny"},
+        dataset={"uri": "pvc://store/data/train.jsonl"},
+        output={"uri": "pvc://adapters/run-1"},
+    )
+    objects = rendered(spec)
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]: v["name"]
+        for v in pod_spec(objects)["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert sorted(claims) == ["adapters", "store"]
+    mounts = {m["name"]: m for m in trainer(objects)["volumeMounts"]}
+    assert mounts[claims["store"]]["mountPath"] == "/mnt/pvc/store"
+    assert mounts[claims["store"]]["readOnly"] is True
+    assert mounts[claims["adapters"]]["mountPath"] == "/mnt/pvc/adapters"
+    assert mounts[claims["adapters"]]["readOnly"] is False
+    env = {e["name"]: e.get("value") for e in trainer(objects)["env"]}
+    assert env["KUBETUNE_PVC_ROOT"] == "/mnt/pvc"
+
+
+def test_claim_used_for_input_and_output_is_writable() -> None:
+    spec = spec_of(dataset={"uri": "pvc://work/data.jsonl"}, output={"uri": "pvc://work/out"})
+    mounts = [
+        m for m in trainer(rendered(spec))["volumeMounts"] if m["mountPath"].startswith("/mnt")
+    ]
+    assert mounts == [{"name": "pvc-work", "mountPath": "/mnt/pvc/work", "readOnly": False}]
+
+
+def test_dev_shm_is_a_memory_backed_empty_dir() -> None:
+    objects = rendered(spec_of(resources={"gpus": 1, "shmSize": "2Gi"}))
+    shm = next(m for m in trainer(objects)["volumeMounts"] if m["mountPath"] == "/dev/shm")
+    volume = next(v for v in pod_spec(objects)["volumes"] if v["name"] == shm["name"])
+    assert volume["emptyDir"] == {"medium": "Memory", "sizeLimit": "2Gi"}
+
+
+def test_pod_is_restricted_by_default() -> None:
+    objects = rendered()
+    pod_security = pod_spec(objects)["securityContext"]
+    assert pod_security["runAsNonRoot"] is True
+    assert pod_security["runAsUser"] == 1000
+    assert pod_security["seccompProfile"] == {"type": "RuntimeDefault"}
+    container_security = trainer(objects)["securityContext"]
+    assert container_security["allowPrivilegeEscalation"] is False
+    assert container_security["capabilities"] == {"drop": ["ALL"]}
+    assert container_security["runAsNonRoot"] is True
+
+
+def test_pod_identity_can_be_relaxed_by_settings_for_the_local_cluster() -> None:
+    objects = rendered(run_as_non_root=False, run_as_user=None, fs_group=None)
+    pod_security = pod_spec(objects)["securityContext"]
+    assert pod_security["runAsNonRoot"] is False
+    assert "runAsUser" not in pod_security
+    assert "fsGroup" not in pod_security
+    assert trainer(objects)["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_job_fails_fast_on_non_retriable_exit_codes_and_ignores_disruptions() -> None:
+    job = rendered()["Job"]["spec"]
+    assert job["podFailurePolicy"]["rules"] == [
+        {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 4, 5]},
+        },
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+    ]
+    assert job["template"]["spec"]["restartPolicy"] == "Never"
+    assert trainer(rendered())["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_run_policy_sets_backoff_deadline_and_suspend() -> None:
+    spec = spec_of(runPolicy={"backoffLimit": 1, "activeDeadlineSeconds": 600, "suspend": True})
+    job = rendered(spec)["Job"]["spec"]
+    assert (job["backoffLimit"], job["activeDeadlineSeconds"], job["suspend"]) == (1, 600, True)
+    default = rendered()["Job"]["spec"]
+    assert default["backoffLimit"] == 3
+    assert default["suspend"] is False
+    assert "activeDeadlineSeconds" not in default
+
+
+def test_queued_job_is_created_suspended_with_the_kueue_label() -> None:
+    job = rendered(spec_of(scheduling={"queueName": "gpu-queue"}))["Job"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert job["spec"]["suspend"] is True
+
+
+def test_scheduling_reaches_the_pod() -> None:
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {}}}
+    spec = spec_of(
+        scheduling={
+            "nodeSelector": {"gpu": "a100"},
+            "tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            ],
+            "affinity": affinity,
+            "priorityClassName": "training",
+        }
+    )
+    pod = pod_spec(rendered(spec))
+    assert pod["nodeSelector"] == {"gpu": "a100"}
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert pod["affinity"] == affinity
+    assert pod["priorityClassName"] == "training"
+
+
+def test_pod_template_overrides_merge_containers_by_name() -> None:
+    spec = spec_of(
+        podTemplate={
+            "metadata": {"labels": {"team": "a"}, "annotations": {"note": "x"}},
+            "spec": {
+                "containers": [
+                    {"name": "trainer", "env": [{"name": "EXTRA", "value": "1"}]},
+                    {"name": "sidecar", "image": "busybox"},
+                ],
+                "hostIPC": False,
+            },
+        }
+    )
+    template = rendered(spec)["Job"]["spec"]["template"]
+    containers = {c["name"]: c for c in template["spec"]["containers"]}
+    assert sorted(containers) == ["sidecar", "trainer"]
+    env = {e["name"] for e in containers["trainer"]["env"]}
+    assert {"EXTRA", "HF_TOKEN", "KUBETUNE_PVC_ROOT"} <= env
+    assert containers["trainer"]["command"][0] == "kubetune-trainer"
+    assert template["spec"]["hostIPC"] is False
+    assert template["metadata"]["labels"]["team"] == "a"
+    assert template["metadata"]["labels"]["kubetune.io/job"] == "llama2-support"
+    assert template["metadata"]["annotations"]["note"] == "x"
+
+
+def test_merge_replaces_unnamed_lists_and_scalars() -> None:
+    merged = merge_pod_spec({"a": [1, 2], "b": {"c": 1, "d": 2}}, {"a": [3], "b": {"c": 5}})
+    assert merged == {"a": [3], "b": {"c": 5, "d": 2}}
+
+
+def test_long_names_are_shortened_to_valid_labels_and_stay_stable() -> None:
+    name = "x" * 100
+    assert len(short_name(name)) == 63
+    assert short_name(name) == short_name(name)
+    assert short_name(name) != short_name("x" * 99 + "y")
+    assert child_names(name).job == short_name(name)
+    objects = render(spec_of(), {**METADATA, "name": name}, OperatorSettings())
+    job = next(o for o in objects if o["kind"] == "Job")
+    assert len(job["metadata"]["labels"]["kubetune.io/job"]) <= 63
+    assert job["metadata"]["annotations"]["kubetune.io/finetunejob"] == name
+
+
+def test_rendering_is_deterministic() -> None:
+    assert render(spec_of(), METADATA, OperatorSettings()) == render(
+        spec_of(), METADATA, OperatorSettings()
+    )
+
+
+def test_denied_options_name_the_field() -> None:
+    spec = spec_of(model={"uri": "org/model", "trustRemoteCode": True})
+    assert policy_problems(spec, OperatorSettings()) == [
+        "spec.model.trustRemoteCode: denied by the operator's settings (KUBETUNE_DENIED_OPTIONS)"
+    ]
+    assert policy_problems(spec, OperatorSettings(denied_options=[])) == []
+    assert policy_problems(spec_of(), OperatorSettings()) == []
+
+
+def test_settings_read_lists_from_comma_separated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KUBETUNE_NAMESPACES", "team-a, team-b")
+    monkeypatch.setenv("KUBETUNE_DENIED_OPTIONS", "trustRemoteCode,pushToHub")
+    monkeypatch.setenv("KUBETUNE_RUN_AS_USER", "")
+    settings = OperatorSettings()
+    assert settings.namespaces == ["team-a", "team-b"]
+    assert settings.denied_options == ["trustRemoteCode", "pushToHub"]
+    assert settings.run_as_user is None

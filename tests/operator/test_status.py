@@ -1,0 +1,335 @@
+"""derive_status: what the Job and its Pods say → the FineTuneJob's phase, conditions and result."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from kubetune.operator.status import (
+    derive_status,
+    parse_termination_message,
+    set_condition,
+    transition,
+    ttl_remaining,
+)
+
+pytestmark = pytest.mark.unit
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+EARLIER = "2026-01-02T02:00:00Z"
+
+RESULT = {
+    "outcome": "Succeeded",
+    "reason": "Succeeded",
+    "message": "trained 10 steps",
+    "adapter": {"uri": "pvc://adapters/run-1", "sha256": "ab" * 32, "sizeBytes": 12345},
+    "baseModel": {"uri": "pvc://models/tiny", "revision": "main"},
+    "metrics": {"train_loss": 1.25},
+}
+
+
+def ftj(status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "run-1", "namespace": "ns", "generation": 2, "uid": "u"},
+        "spec": spec,
+        "status": status or {},
+    }
+
+
+def job(*conditions: tuple[str, str, str], suspend: bool = False, **status: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "run-1"},
+        "spec": {"suspend": suspend},
+        "status": {
+            **status,
+            "conditions": [
+                {"type": t, "status": "True", "reason": r, "message": m} for t, r, m in conditions
+            ],
+        },
+    }
+
+
+def pod(
+    phase: str,
+    *,
+    created: str = EARLIER,
+    state: dict[str, Any] | None = None,
+    conditions: list[dict[str, Any]] | None = None,
+    started: bool = True,
+) -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": phase, "conditions": conditions or []}
+    if state is not None:
+        status["containerStatuses"] = [{"name": "trainer", "state": state}]
+    if started:
+        status["startTime"] = created
+    return {
+        "metadata": {"name": f"run-1-{created[-9:-1]}", "creationTimestamp": created},
+        "status": status,
+    }
+
+
+def terminated(code: int, message: str = "", reason: str = "Error") -> dict[str, Any]:
+    return {
+        "terminated": {
+            "exitCode": code,
+            "reason": reason,
+            "message": message,
+            "startedAt": EARLIER,
+            "finishedAt": "2026-01-02T02:10:00Z",
+        }
+    }
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(c for c in status["conditions"] if c["type"] == type_)
+    return found
+
+
+def failed_job(reason: str, message: str = "") -> dict[str, Any]:
+    return job(("Failed", reason, message), failed=1)
+
+
+def test_job_without_pods_yet_is_pending_starting() -> None:
+    status = derive_status(ftj(), job(), [], NOW)
+    assert status["phase"] == "Pending"
+    assert condition(status, "Ready")["status"] == "False"
+    assert condition(status, "Ready")["reason"] == "Starting"
+    assert status["jobName"] == "run-1"
+    assert status["observedGeneration"] == 2
+    assert status["attempts"] == 0
+
+
+def test_running_trainer_is_running_and_ready() -> None:
+    running = pod("Running", state={"running": {"startedAt": "2026-01-02T02:01:00Z"}})
+    status = derive_status(ftj(), job(active=1), [running], NOW)
+    assert status["phase"] == "Running"
+    assert condition(status, "Running")["status"] == "True"
+    assert condition(status, "Ready")["status"] == "True"
+    assert condition(status, "Succeeded")["status"] == "False"
+    assert condition(status, "Failed")["status"] == "False"
+    assert status["startTime"] == "2026-01-02T02:01:00Z"
+    assert status["attempts"] == 1
+
+
+def test_unschedulable_pod_says_why_with_the_schedulers_message() -> None:
+    message = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
+    unschedulable = pod(
+        "Pending",
+        started=False,
+        conditions=[
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": message,
+            }
+        ],
+    )
+    status = derive_status(ftj(), job(active=1), [unschedulable], NOW)
+    assert status["phase"] == "Pending"
+    ready = condition(status, "Ready")
+    assert (ready["status"], ready["reason"], ready["message"]) == (
+        "False",
+        "Unschedulable",
+        message,
+    )
+    assert status["attempts"] == 0
+
+
+@pytest.mark.parametrize("waiting", ["ImagePullBackOff", "ErrImagePull"])
+def test_image_that_cannot_be_pulled_is_named(waiting: str) -> None:
+    stuck = pod(
+        "Pending", state={"waiting": {"reason": waiting, "message": 'pull "nope:1" failed'}}
+    )
+    status = derive_status(ftj(), job(active=1), [stuck], NOW)
+    assert status["phase"] == "Pending"
+    assert condition(status, "Ready")["reason"] == "ImagePullBackOff"
+    assert "nope:1" in condition(status, "Ready")["message"]
+
+
+def test_completed_job_succeeds_with_the_trainers_result() -> None:
+    done = pod("Succeeded", state=terminated(0, json.dumps(RESULT), reason="Completed"))
+    status = derive_status(
+        ftj(),
+        job(("Complete", "", ""), succeeded=1, completionTime="2026-01-02T02:10:00Z"),
+        [done],
+        NOW,
+    )
+    assert status["phase"] == "Succeeded"
+    assert condition(status, "Succeeded")["status"] == "True"
+    assert condition(status, "Ready")["status"] == "True"
+    assert condition(status, "Running")["status"] == "False"
+    assert status["result"]["adapter"] == RESULT["adapter"]
+    assert status["result"]["metrics"] == {"train_loss": 1.25}
+    assert status["completionTime"] == "2026-01-02T02:10:00Z"
+    assert status["startTime"] == EARLIER
+    assert status["attempts"] == 1
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "reason"),
+    [(2, "InvalidConfig"), (3, "DatasetError"), (4, "ModelError"), (5, "OutOfMemory")],
+)
+def test_non_retriable_exit_codes_fail_with_their_reason(exit_code: int, reason: str) -> None:
+    failed = pod("Failed", state=terminated(exit_code, "plain log line\nlast line of the log"))
+    status = derive_status(
+        ftj(), failed_job("PodFailurePolicy", "Container trainer ..."), [failed], NOW
+    )
+    assert status["phase"] == "Failed"
+    failure = condition(status, "Failed")
+    assert (failure["status"], failure["reason"]) == ("True", reason)
+    assert "last line of the log" in failure["message"]
+    assert status["result"]["reason"] == reason
+    assert status["completionTime"] == "2026-01-02T03:04:05Z"
+
+
+def test_trainer_message_names_the_failure_when_it_wrote_one() -> None:
+    message = json.dumps(
+        {"outcome": "Failed", "reason": "DatasetError", "message": "pvc://data/x.jsonl: not found"}
+    )
+    failed = pod("Failed", state=terminated(3, message))
+    status = derive_status(ftj(), failed_job("PodFailurePolicy"), [failed], NOW)
+    assert condition(status, "Failed")["reason"] == "DatasetError"
+    assert "pvc://data/x.jsonl: not found" in condition(status, "Failed")["message"]
+    assert status["result"] == {
+        "outcome": "Failed",
+        "reason": "DatasetError",
+        "message": "pvc://data/x.jsonl: not found",
+        "metrics": {},
+    }
+
+
+def test_oom_killed_container_is_named() -> None:
+    killed = pod("Failed", state=terminated(137, "", reason="OOMKilled"))
+    status = derive_status(ftj(), failed_job("BackoffLimitExceeded"), [killed], NOW)
+    assert condition(status, "Failed")["reason"] == "OOMKilled"
+
+
+def test_deadline_exceeded_is_named_even_if_the_trainer_wrote_a_message() -> None:
+    message = json.dumps({"outcome": "Failed", "reason": "Interrupted", "message": "SIGTERM"})
+    killed = pod("Failed", state=terminated(143, message))
+    status = derive_status(
+        ftj(),
+        failed_job("DeadlineExceeded", "Job was active longer than specified deadline"),
+        [killed],
+        NOW,
+    )
+    assert condition(status, "Failed")["reason"] == "DeadlineExceeded"
+
+
+def test_backoff_limit_exceeded_after_unexpected_failures() -> None:
+    first = pod("Failed", created="2026-01-02T02:00:00Z", state=terminated(1, "Traceback ..."))
+    second = pod("Failed", created="2026-01-02T02:05:00Z", state=terminated(1, "Traceback ..."))
+    status = derive_status(
+        ftj(),
+        job(
+            ("Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"),
+            failed=2,
+        ),
+        [first, second],
+        NOW,
+    )
+    assert condition(status, "Failed")["reason"] == "TrainerError"
+    assert status["attempts"] == 2
+
+
+def test_backoff_limit_exceeded_without_exit_code_keeps_the_jobs_reason() -> None:
+    status = derive_status(ftj(), failed_job("BackoffLimitExceeded", "limit"), [], NOW)
+    assert condition(status, "Failed")["reason"] == "BackoffLimitExceeded"
+
+
+def test_failed_attempt_that_will_be_retried_is_pending_retrying() -> None:
+    failed = pod("Failed", state=terminated(1, "boom"))
+    status = derive_status(ftj(), job(failed=1), [failed], NOW)
+    assert status["phase"] == "Pending"
+    assert condition(status, "Ready")["reason"] == "Retrying"
+    assert status["attempts"] == 1
+
+
+def test_suspended_job_is_suspended() -> None:
+    status = derive_status(ftj(runPolicy={"suspend": True}), job(suspend=True), [], NOW)
+    assert status["phase"] == "Suspended"
+    assert condition(status, "Suspended")["status"] == "True"
+    assert condition(status, "Ready")["status"] == "False"
+
+
+def test_job_waiting_for_kueue_is_queued() -> None:
+    status = derive_status(ftj(scheduling={"queueName": "gpus"}), job(suspend=True), [], NOW)
+    assert status["phase"] == "Queued"
+    assert "gpus" in condition(status, "Suspended")["message"]
+
+
+def test_deleted_running_pod_is_not_counted_as_running() -> None:
+    leaving = pod("Running", state={"running": {"startedAt": EARLIER}})
+    leaving["metadata"]["deletionTimestamp"] = EARLIER
+    status = derive_status(ftj(), job(), [leaving], NOW)
+    assert status["phase"] == "Pending"
+
+
+def test_start_time_is_kept_across_attempts() -> None:
+    running = pod("Running", state={"running": {"startedAt": "2026-01-02T03:00:00Z"}})
+    status = derive_status(ftj({"startTime": EARLIER}), job(), [running], NOW)
+    assert status["startTime"] == EARLIER
+
+
+def test_last_transition_time_moves_only_when_status_flips() -> None:
+    first = set_condition([], "Ready", False, reason="Starting", message="", now=NOW)
+    later = NOW + timedelta(minutes=5)
+    same = set_condition(first, "Ready", False, reason="Unschedulable", message="x", now=later)
+    assert same[0]["lastTransitionTime"] == "2026-01-02T03:04:05Z"
+    assert same[0]["reason"] == "Unschedulable"
+    flipped = set_condition(same, "Ready", True, reason="Running", message="", now=later)
+    assert flipped[0]["lastTransitionTime"] == "2026-01-02T03:09:05Z"
+
+
+def test_conditions_keep_their_transition_time_through_derive() -> None:
+    running = pod("Running", state={"running": {"startedAt": EARLIER}})
+    first = derive_status(ftj(), job(), [running], NOW)
+    second = derive_status(ftj(first), job(), [running], NOW + timedelta(hours=1))
+    assert second["conditions"] == first["conditions"]
+
+
+def test_every_condition_type_is_always_present_once() -> None:
+    status = derive_status(ftj(), job(), [], NOW)
+    assert [c["type"] for c in status["conditions"]] == [
+        "Ready",
+        "Running",
+        "Succeeded",
+        "Failed",
+        "Suspended",
+    ]
+    assert all(c["observedGeneration"] == 2 for c in status["conditions"])
+
+
+def test_log_tail_instead_of_json_is_a_message_not_a_result() -> None:
+    result, text = parse_termination_message("line 1\n" * 20 + "CUDA error: out of memory")
+    assert result is None
+    assert text.endswith("CUDA error: out of memory")
+    assert text.count("\n") <= 4
+
+
+def test_ttl_counts_from_completion() -> None:
+    status = {"phase": "Succeeded", "completionTime": "2026-01-02T03:00:00Z"}
+    assert ttl_remaining(status, 600, NOW) == 600 - 245
+    assert ttl_remaining(status, 60, NOW) == 60 - 245
+    assert ttl_remaining(status, None, NOW) is None
+    assert ttl_remaining({"phase": "Running"}, 60, NOW) is None
+
+
+def test_transition_is_an_event_only_when_phase_or_reason_changes() -> None:
+    pending = derive_status(ftj(), job(), [], NOW)
+    running = derive_status(
+        ftj(pending), job(), [pod("Running", state={"running": {"startedAt": EARLIER}})], NOW
+    )
+    assert transition(pending, pending) is None
+    assert transition(pending, running) == (
+        "Normal",
+        "Running",
+        "Pending → Running: the trainer is running",
+    )
+    failed = derive_status(ftj(running), failed_job("DeadlineExceeded", "too long"), [], NOW)
+    change = transition(running, failed)
+    assert change is not None and change[0] == "Warning" and change[1] == "DeadlineExceeded"
