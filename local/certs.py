@@ -79,7 +79,9 @@ def _openssl(*args: str) -> None:
 def _new_key(path: Path) -> None:
     # P-256 rather than RSA: key generation is instant, and every component
     # (including service-account token signing, ES256) accepts it.
-    _openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(path))
+    _openssl(
+        "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", str(path)
+    )
     path.chmod(0o600)
 
 
@@ -106,9 +108,23 @@ def _signed_cert(
         ext.write_text("\n".join(extensions) + "\n")
         _openssl("req", "-new", "-key", str(key), "-subj", subject, "-out", str(csr))
         _openssl(
-            "x509", "-req", "-in", str(csr), "-CA", str(pki.ca_cert), "-CAkey", str(pki.ca_key),
-            "-CAcreateserial", "-days", _DAYS, "-sha256", "-extfile", str(ext), "-out", str(cert),
-        )  # fmt: skip
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(pki.ca_cert),
+            "-CAkey",
+            str(pki.ca_key),
+            "-CAcreateserial",
+            "-days",
+            _DAYS,
+            "-sha256",
+            "-extfile",
+            str(ext),
+            "-out",
+            str(cert),
+        )
 
 
 def ensure_pki(directory: Path) -> Pki:
@@ -120,31 +136,61 @@ def ensure_pki(directory: Path) -> Pki:
     directory.chmod(0o700)
     _new_key(pki.ca_key)
     _openssl(
-        "req", "-x509", "-new", "-key", str(pki.ca_key), "-subj", "/CN=kubetune-local-ca",
-        "-days", _DAYS, "-sha256", "-out", str(pki.ca_cert),
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
-    )  # fmt: skip
+        "req",
+        "-x509",
+        "-new",
+        "-key",
+        str(pki.ca_key),
+        "-subj",
+        "/CN=kubetune-local-ca",
+        "-days",
+        _DAYS,
+        "-sha256",
+        "-out",
+        str(pki.ca_cert),
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
+    )
     _signed_cert(
-        pki, pki.apiserver_cert, pki.apiserver_key, "/CN=kube-apiserver", usage="serverAuth",
+        pki,
+        pki.apiserver_cert,
+        pki.apiserver_key,
+        "/CN=kube-apiserver",
+        usage="serverAuth",
         alt_names=[
-            "IP:127.0.0.1", "IP:10.0.0.1", "DNS:localhost", "DNS:kubernetes",
-            "DNS:kubernetes.default", "DNS:kubernetes.default.svc",
+            "IP:127.0.0.1",
+            "IP:10.0.0.1",
+            "DNS:localhost",
+            "DNS:kubernetes",
+            "DNS:kubernetes.default",
+            "DNS:kubernetes.default.svc",
             "DNS:kubernetes.default.svc.cluster.local",
         ],
-    )  # fmt: skip
+    )
     _signed_cert(
-        pki, pki.admin_cert, pki.admin_key, "/O=system:masters/CN=kubetune-admin",
+        pki,
+        pki.admin_cert,
+        pki.admin_key,
+        "/O=system:masters/CN=kubetune-admin",
         usage="clientAuth",
     )
     _signed_cert(
-        pki, pki.kubelet_client_cert, pki.kubelet_client_key,
-        "/O=system:masters/CN=kube-apiserver-kubelet-client", usage="clientAuth",
-    )  # fmt: skip
+        pki,
+        pki.kubelet_client_cert,
+        pki.kubelet_client_key,
+        "/O=system:masters/CN=kube-apiserver-kubelet-client",
+        usage="clientAuth",
+    )
     _signed_cert(
-        pki, pki.node_serving_cert, pki.node_serving_key, "/CN=kubetune-node",
-        usage="serverAuth", alt_names=["IP:127.0.0.1", "DNS:localhost"],
-    )  # fmt: skip
+        pki,
+        pki.node_serving_cert,
+        pki.node_serving_key,
+        "/CN=kubetune-node",
+        usage="serverAuth",
+        alt_names=["IP:127.0.0.1", "DNS:localhost"],
+    )
     _new_key(pki.service_account_key)
     _openssl(
         "pkey", "-in", str(pki.service_account_key), "-pubout", "-out", str(pki.service_account_pub)

@@ -27,8 +27,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     was_running = cluster.ready() if cluster.layout.cluster_file.exists() else False
     started = time.monotonic()
     try:
-        info = cluster.up(NodeOptions(name=args.node_name, gpus=args.gpus,
-                                      labels=args.label, taints=args.taint))  # fmt: skip
+        info = cluster.up(
+            NodeOptions(name=args.node_name, gpus=args.gpus, labels=args.label, taints=args.taint)
+        )
     except (ClusterError, BinariesError) as error:
         print(f"kubetune local up: {error}", file=sys.stderr)
         return 1
@@ -53,7 +54,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
     processes = cluster.running()
     for name, pid in processes.items():
-        print(f"{name:28} {'running (pid %d)' % pid if pid else 'stopped'}")
+        print(f"{name:28} {f'running (pid {pid})' if pid else 'stopped'}")
     if not cluster.layout.cluster_file.exists():
         print(f"no local cluster in {cluster.layout.home}")
         return 1
@@ -74,17 +75,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     local = subparsers.add_parser(
         "local", help="run a local Kubernetes cluster (real control plane, process-based node)"
     )
-    local.add_argument("--home", type=Path, default=None,
-                       help=f"state directory (default: $KUBETUNE_HOME or {default_home()})")  # fmt: skip
+    local.add_argument(
+        "--home",
+        type=Path,
+        default=None,
+        help=f"state directory (default: $KUBETUNE_HOME or {default_home()})",
+    )
     commands = local.add_subparsers(dest="local_command", required=True)
 
     up = commands.add_parser("up", help="start the cluster (reuses a running one)")
     up.add_argument("--gpus", type=int, default=1, help="nvidia.com/gpu capacity of the node")
     up.add_argument("--node-name", default=DEFAULT_NODE_NAME)
-    up.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
-                    help="node label (repeatable)")  # fmt: skip
-    up.add_argument("--taint", action="append", default=[], metavar="KEY[=VALUE]:EFFECT",
-                    help="node taint (repeatable)")  # fmt: skip
+    up.add_argument(
+        "--label", action="append", default=[], metavar="KEY=VALUE", help="node label (repeatable)"
+    )
+    up.add_argument(
+        "--taint",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]:EFFECT",
+        help="node taint (repeatable)",
+    )
     up.set_defaults(func=cmd_up)
     commands.add_parser("down", help="stop the cluster").set_defaults(func=cmd_down)
     commands.add_parser("status", help="show what runs").set_defaults(func=cmd_status)

@@ -154,15 +154,18 @@ class LocalCluster:
 
     def start_node_agent(self, node: NodeOptions) -> Supervised:
         argv = [
-            "--home", str(self.layout.home), "--name", node.name, "--gpus", str(node.gpus),
-        ]  # fmt: skip
+            "--home",
+            str(self.layout.home),
+            "--name",
+            node.name,
+            "--gpus",
+            str(node.gpus),
+        ]
         for label in node.labels:
             argv += ["--label", label]
         for taint in node.taints:
             argv += ["--taint", taint]
-        return self._start_python(
-            f"node-agent-{node.name}", "kubetune.local.node_agent", *argv
-        )
+        return self._start_python(f"node-agent-{node.name}", "kubetune.local.node_agent", *argv)
 
     # -- readiness ------------------------------------------------------------
 
@@ -175,7 +178,7 @@ class LocalCluster:
         """GET ``path`` from the apiserver as admin."""
         info = ClusterInfo.load(self.layout)
         try:
-            with urllib.request.urlopen(
+            with urllib.request.urlopen(  # noqa: S310 (an https URL we built)
                 info.server + path, context=self._ssl_context(), timeout=5
             ) as response:
                 return int(response.status), bytes(response.read())
@@ -216,8 +219,9 @@ class LocalCluster:
         return ready and not tainted
 
     def wait_node_ready(self, name: str, timeout: float = 120.0) -> None:
-        self._wait(lambda: self.node_ready(name), f"node {name} Ready", timeout,
-                   f"node-agent-{name}")  # fmt: skip
+        self._wait(
+            lambda: self.node_ready(name), f"node {name} Ready", timeout, f"node-agent-{name}"
+        )
 
     def _wait(self, check: object, what: str, timeout: float, process: str) -> None:
         assert callable(check)
@@ -243,14 +247,33 @@ class LocalCluster:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "kubetune-local", "cluster": {
-                "server": info.server, "certificate-authority": str(pki.ca_cert)}}],
-            "users": [{"name": "kubetune-admin", "user": {
-                "client-certificate": str(pki.admin_cert), "client-key": str(pki.admin_key)}}],
-            "contexts": [{"name": "kubetune-local", "context": {
-                "cluster": "kubetune-local", "user": "kubetune-admin", "namespace": "default"}}],
+            "clusters": [
+                {
+                    "name": "kubetune-local",
+                    "cluster": {"server": info.server, "certificate-authority": str(pki.ca_cert)},
+                }
+            ],
+            "users": [
+                {
+                    "name": "kubetune-admin",
+                    "user": {
+                        "client-certificate": str(pki.admin_cert),
+                        "client-key": str(pki.admin_key),
+                    },
+                }
+            ],
+            "contexts": [
+                {
+                    "name": "kubetune-local",
+                    "context": {
+                        "cluster": "kubetune-local",
+                        "user": "kubetune-admin",
+                        "namespace": "default",
+                    },
+                }
+            ],
             "current-context": "kubetune-local",
-        }  # fmt: skip
+        }
         # JSON is valid YAML, and keeps this module free of a YAML dependency.
         self.layout.kubeconfig.write_text(json.dumps(config, indent=2) + "\n")
         self.layout.kubeconfig.chmod(0o600)
@@ -271,79 +294,93 @@ class LocalCluster:
     def _start_etcd(self, info: ClusterInfo) -> None:
         client = f"http://127.0.0.1:{info.etcd_port}"
         peer = f"http://127.0.0.1:{info.etcd_peer_port}"
-        self._start("etcd", [
-            self._binary(info, "etcd"),
-            "--name=kubetune",
-            f"--data-dir={self.layout.etcd_data}",
-            f"--listen-client-urls={client}",
-            f"--advertise-client-urls={client}",
-            f"--listen-peer-urls={peer}",
-            f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster=kubetune={peer}",
-            # A throwaway development cluster: durability is not worth the fsync latency.
-            "--unsafe-no-fsync",
-            "--log-level=warn",
-        ])  # fmt: skip
+        self._start(
+            "etcd",
+            [
+                self._binary(info, "etcd"),
+                "--name=kubetune",
+                f"--data-dir={self.layout.etcd_data}",
+                f"--listen-client-urls={client}",
+                f"--advertise-client-urls={client}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=kubetune={peer}",
+                # A throwaway development cluster: durability is not worth the fsync latency.
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+        )
 
     def _start_apiserver(self, info: ClusterInfo, pki: Pki) -> None:
-        self._start("kube-apiserver", [
-            self._binary(info, "kube-apiserver"),
-            f"--etcd-servers=http://127.0.0.1:{info.etcd_port}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={info.apiserver_port}",
-            f"--cert-dir={self.layout.pki}",
-            f"--tls-cert-file={pki.apiserver_cert}",
-            f"--tls-private-key-file={pki.apiserver_key}",
-            f"--client-ca-file={pki.ca_cert}",
-            f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
-            f"--service-account-key-file={pki.service_account_pub}",
-            f"--service-account-signing-key-file={pki.service_account_key}",
-            "--service-cluster-ip-range=10.0.0.0/24",
-            "--authorization-mode=Node,RBAC",
-            "--allow-privileged=true",
-            # The 'kubernetes' Service would get a loopback endpoint, which validation
-            # rejects; pods reach the apiserver through KUBERNETES_SERVICE_HOST instead.
-            "--endpoint-reconciler-type=none",
-            # `kubectl logs` is proxied to the node agent's HTTPS server on its InternalIP.
-            f"--kubelet-client-certificate={pki.kubelet_client_cert}",
-            f"--kubelet-client-key={pki.kubelet_client_key}",
-            "--kubelet-preferred-address-types=InternalIP",
-            "--profiling=false",
-            "--v=1",
-        ])  # fmt: skip
+        self._start(
+            "kube-apiserver",
+            [
+                self._binary(info, "kube-apiserver"),
+                f"--etcd-servers=http://127.0.0.1:{info.etcd_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={info.apiserver_port}",
+                f"--cert-dir={self.layout.pki}",
+                f"--tls-cert-file={pki.apiserver_cert}",
+                f"--tls-private-key-file={pki.apiserver_key}",
+                f"--client-ca-file={pki.ca_cert}",
+                f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+                f"--service-account-key-file={pki.service_account_pub}",
+                f"--service-account-signing-key-file={pki.service_account_key}",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                "--authorization-mode=Node,RBAC",
+                "--allow-privileged=true",
+                # The 'kubernetes' Service would get a loopback endpoint, which validation
+                # rejects; pods reach the apiserver through KUBERNETES_SERVICE_HOST instead.
+                "--endpoint-reconciler-type=none",
+                # `kubectl logs` is proxied to the node agent's HTTPS server on its InternalIP.
+                f"--kubelet-client-certificate={pki.kubelet_client_cert}",
+                f"--kubelet-client-key={pki.kubelet_client_key}",
+                # Node agents serve with a certificate from the same CA (SAN 127.0.0.1).
+                f"--kubelet-certificate-authority={pki.ca_cert}",
+                "--kubelet-preferred-address-types=InternalIP",
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
 
     def _start_controller_manager(self, info: ClusterInfo, pki: Pki) -> None:
         kubeconfig = str(self.layout.kubeconfig)
-        self._start("kube-controller-manager", [
-            self._binary(info, "kube-controller-manager"),
-            f"--kubeconfig={kubeconfig}",
-            f"--authentication-kubeconfig={kubeconfig}",
-            f"--authorization-kubeconfig={kubeconfig}",
-            # The defaults ('*') include job, garbage-collector, namespace, serviceaccount,
-            # serviceaccount-token, root-ca-cert-publisher, persistentvolume-binder,
-            # ttl-after-finished, node-lifecycle and pod-garbage-collector.
-            "--controllers=*",
-            f"--service-account-private-key-file={pki.service_account_key}",
-            f"--root-ca-file={pki.ca_cert}",
-            f"--cluster-signing-cert-file={pki.ca_cert}",
-            f"--cluster-signing-key-file={pki.ca_key}",
-            "--use-service-account-credentials=true",
-            "--leader-elect=false",
-            "--bind-address=127.0.0.1",
-            "--secure-port=0",
-            "--v=1",
-        ])  # fmt: skip
+        self._start(
+            "kube-controller-manager",
+            [
+                self._binary(info, "kube-controller-manager"),
+                f"--kubeconfig={kubeconfig}",
+                f"--authentication-kubeconfig={kubeconfig}",
+                f"--authorization-kubeconfig={kubeconfig}",
+                # The defaults ('*') include job, garbage-collector, namespace, serviceaccount,
+                # serviceaccount-token, root-ca-cert-publisher, persistentvolume-binder,
+                # ttl-after-finished, node-lifecycle and pod-garbage-collector.
+                "--controllers=*",
+                f"--service-account-private-key-file={pki.service_account_key}",
+                f"--root-ca-file={pki.ca_cert}",
+                f"--cluster-signing-cert-file={pki.ca_cert}",
+                f"--cluster-signing-key-file={pki.ca_key}",
+                "--use-service-account-credentials=false",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                "--secure-port=0",
+                "--v=1",
+            ],
+        )
 
     def _start_scheduler(self, info: ClusterInfo) -> None:
         kubeconfig = str(self.layout.kubeconfig)
-        self._start("kube-scheduler", [
-            self._binary(info, "kube-scheduler"),
-            f"--kubeconfig={kubeconfig}",
-            f"--authentication-kubeconfig={kubeconfig}",
-            f"--authorization-kubeconfig={kubeconfig}",
-            "--leader-elect=false",
-            "--bind-address=127.0.0.1",
-            "--secure-port=0",
-            "--v=1",
-        ])  # fmt: skip
+        self._start(
+            "kube-scheduler",
+            [
+                self._binary(info, "kube-scheduler"),
+                f"--kubeconfig={kubeconfig}",
+                f"--authentication-kubeconfig={kubeconfig}",
+                f"--authorization-kubeconfig={kubeconfig}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                "--secure-port=0",
+                "--v=1",
+            ],
+        )

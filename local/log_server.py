@@ -21,10 +21,10 @@ FindWorker = Callable[[str, str], PodWorker | None]
 class _Handler(BaseHTTPRequestHandler):
     server: LogServer
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         """Quiet: the apiserver polls these endpoints."""
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         url = urlparse(self.path)
         parts = [unquote(p) for p in url.path.strip("/").split("/")]
         if parts == ["healthz"]:
@@ -40,10 +40,11 @@ class _Handler(BaseHTTPRequestHandler):
         path = worker.log_path(container, previous)
         if path is None:
             return self._text(
-                400, f'container "{container}" in pod "{pod}" is waiting to start'
+                400,
+                f'container "{container}" in pod "{pod}" is waiting to start'
                 if container in worker.containers
                 else f'container "{container}" is not valid for pod "{pod}"',
-            )  # fmt: skip
+            )
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.end_headers()
@@ -89,8 +90,9 @@ def _tail(path: Path, tail_lines: str | None, limit_bytes: str | None) -> bytes:
 class LogServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, host: str, port: int, cert: Path, key: Path,
-                 find_worker: FindWorker) -> None:  # fmt: skip
+    def __init__(
+        self, host: str, port: int, cert: Path, key: Path, find_worker: FindWorker
+    ) -> None:
         super().__init__((host, port), _Handler)
         self.find_worker = find_worker
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

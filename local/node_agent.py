@@ -57,7 +57,9 @@ def parse_taint(text: str) -> JSON:
     """``key[=value]:Effect`` as in ``kubectl taint``."""
     key_value, _, effect = text.rpartition(":")
     if not key_value or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
-        raise ValueError(f"taint {text!r}: expected key[=value]:NoSchedule|PreferNoSchedule|NoExecute")
+        raise ValueError(
+            f"taint {text!r}: expected key[=value]:NoSchedule|PreferNoSchedule|NoExecute"
+        )
     key, _, value = key_value.partition("=")
     taint: JSON = {"key": key, "effect": effect}
     if value:
@@ -88,8 +90,13 @@ class NodeAgent:
         self._gpus_held: dict[str, list[int]] = {}
         self._stopping = threading.Event()
         self._deleting: set[str] = set()  # uids whose deletion the agent must finish
-        self.log_server = LogServer(HOST_IP, free_port(), self.pki.node_serving_cert,
-                                    self.pki.node_serving_key, self.find_worker)  # fmt: skip
+        self.log_server = LogServer(
+            HOST_IP,
+            free_port(),
+            self.pki.node_serving_cert,
+            self.pki.node_serving_key,
+            self.find_worker,
+        )
 
     # -- node registration and heartbeats ----------------------------------------
 
@@ -106,9 +113,10 @@ class NodeAgent:
             "kubernetes.io/hostname": self.config.name,
             "kubernetes.io/os": "linux",
             "kubernetes.io/arch": {"x86_64": "amd64", "aarch64": "arm64"}.get(
-                platform.machine(), platform.machine()),
+                platform.machine(), platform.machine()
+            ),
             **self.config.labels,
-        }  # fmt: skip
+        }
         return {
             "apiVersion": "v1",
             "kind": "Node",
@@ -118,8 +126,10 @@ class NodeAgent:
                 "capacity": capacity,
                 "allocatable": dict(capacity),
                 "conditions": self._conditions(),
-                "addresses": [{"type": "InternalIP", "address": HOST_IP},
-                              {"type": "Hostname", "address": self.config.name}],
+                "addresses": [
+                    {"type": "InternalIP", "address": HOST_IP},
+                    {"type": "Hostname", "address": self.config.name},
+                ],
                 "daemonEndpoints": {"kubeletEndpoint": {"Port": self.log_server.port}},
                 "nodeInfo": {
                     "machineID": uuid.uuid5(uuid.NAMESPACE_DNS, self.config.name).hex,
@@ -134,21 +144,36 @@ class NodeAgent:
                     "architecture": labels["kubernetes.io/arch"],
                 },
             },
-        }  # fmt: skip
+        }
 
     def _conditions(self) -> list[JSON]:
         stamp = now()
-        healthy = [("MemoryPressure", "KubeletHasSufficientMemory"),
-                   ("DiskPressure", "KubeletHasNoDiskPressure"),
-                   ("PIDPressure", "KubeletHasSufficientPID")]  # fmt: skip
+        healthy = [
+            ("MemoryPressure", "KubeletHasSufficientMemory"),
+            ("DiskPressure", "KubeletHasNoDiskPressure"),
+            ("PIDPressure", "KubeletHasSufficientPID"),
+        ]
         conditions = [
-            {"type": kind, "status": "False", "reason": reason, "message": reason,
-             "lastHeartbeatTime": stamp, "lastTransitionTime": stamp}
+            {
+                "type": kind,
+                "status": "False",
+                "reason": reason,
+                "message": reason,
+                "lastHeartbeatTime": stamp,
+                "lastTransitionTime": stamp,
+            }
             for kind, reason in healthy
-        ]  # fmt: skip
-        conditions.append({"type": "Ready", "status": "True", "reason": "KubeletReady",
-                           "message": "kubetune node agent is posting ready status",
-                           "lastHeartbeatTime": stamp, "lastTransitionTime": stamp})  # fmt: skip
+        ]
+        conditions.append(
+            {
+                "type": "Ready",
+                "status": "True",
+                "reason": "KubeletReady",
+                "message": "kubetune node agent is posting ready status",
+                "lastHeartbeatTime": stamp,
+                "lastTransitionTime": stamp,
+            }
+        )
         return conditions
 
     def register(self) -> None:
@@ -159,30 +184,53 @@ class NodeAgent:
             if error.status != 409:
                 raise
             # Re-registration after a restart: take over labels, taints and status.
-            self.rest.patch(path_for(None, "nodes", self.config.name),
-                            {"metadata": {"labels": node["metadata"]["labels"]},
-                             "spec": {"taints": self.config.taints or None}})  # fmt: skip
-        self.rest.patch(path_for(None, "nodes", self.config.name, "status"),
-                        {"status": node["status"]}, STRATEGIC_MERGE_PATCH)  # fmt: skip
+            self.rest.patch(
+                path_for(None, "nodes", self.config.name),
+                {
+                    "metadata": {"labels": node["metadata"]["labels"]},
+                    "spec": {"taints": self.config.taints or None},
+                },
+            )
+        self.rest.patch(
+            path_for(None, "nodes", self.config.name, "status"),
+            {"status": node["status"]},
+            STRATEGIC_MERGE_PATCH,
+        )
 
     def _renew_lease(self) -> None:
         name = self.config.name
         renew = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         group = "coordination.k8s.io/v1"
         try:
-            self.rest.patch(path_for("kube-node-lease", "leases", name, group=group),
-                            {"spec": {"renewTime": renew, "holderIdentity": name}})  # fmt: skip
+            self.rest.patch(
+                path_for("kube-node-lease", "leases", name, group=group),
+                {"spec": {"renewTime": renew, "holderIdentity": name}},
+            )
         except ApiError as error:
             if error.status != 404:
                 raise
             node = self.rest.get(path_for(None, "nodes", name))
-            self.rest.post(path_for("kube-node-lease", "leases", group=group), {
-                "metadata": {"name": name, "ownerReferences": [{
-                    "apiVersion": "v1", "kind": "Node", "name": name,
-                    "uid": node["metadata"]["uid"]}]},
-                "spec": {"holderIdentity": name, "renewTime": renew,
-                         "leaseDurationSeconds": LEASE_DURATION_SECONDS},
-            })  # fmt: skip
+            self.rest.post(
+                path_for("kube-node-lease", "leases", group=group),
+                {
+                    "metadata": {
+                        "name": name,
+                        "ownerReferences": [
+                            {
+                                "apiVersion": "v1",
+                                "kind": "Node",
+                                "name": name,
+                                "uid": node["metadata"]["uid"],
+                            }
+                        ],
+                    },
+                    "spec": {
+                        "holderIdentity": name,
+                        "renewTime": renew,
+                        "leaseDurationSeconds": LEASE_DURATION_SECONDS,
+                    },
+                },
+            )
 
     def _heartbeat_loop(self) -> None:
         last_status = 0.0
@@ -190,10 +238,15 @@ class NodeAgent:
             try:
                 self._renew_lease()
                 if time.monotonic() - last_status >= STATUS_REPORT_SECONDS:
-                    status = {"conditions": self._conditions(),
-                              "daemonEndpoints": {"kubeletEndpoint": {"Port": self.log_server.port}}}
-                    self.rest.patch(path_for(None, "nodes", self.config.name, "status"),
-                                    {"status": status}, STRATEGIC_MERGE_PATCH)  # fmt: skip
+                    status = {
+                        "conditions": self._conditions(),
+                        "daemonEndpoints": {"kubeletEndpoint": {"Port": self.log_server.port}},
+                    }
+                    self.rest.patch(
+                        path_for(None, "nodes", self.config.name, "status"),
+                        {"status": status},
+                        STRATEGIC_MERGE_PATCH,
+                    )
                     last_status = time.monotonic()
             except Exception as error:  # keep beating through apiserver hiccups
                 if isinstance(error, ApiError) and error.status == 404:
@@ -238,7 +291,8 @@ class NodeAgent:
         for container in pod["spec"].get("containers", []):
             resources = container.get("resources", {})
             value = resources.get("limits", {}).get(GPU_RESOURCE) or resources.get(
-                "requests", {}).get(GPU_RESOURCE)  # fmt: skip
+                "requests", {}
+            ).get(GPU_RESOURCE)
             total += int(value or 0)
         return total
 
@@ -251,7 +305,8 @@ class NodeAgent:
             held, self._gpus_free = self._gpus_free[:wanted], self._gpus_free[wanted:]
             self._gpus_held[uid] = held
             env_extra["CUDA_VISIBLE_DEVICES"] = env_extra["NVIDIA_VISIBLE_DEVICES"] = ",".join(
-                map(str, held))  # fmt: skip
+                map(str, held)
+            )
         context = NodeContext(
             node_name=self.config.name,
             host_ip=HOST_IP,
@@ -275,8 +330,10 @@ class NodeAgent:
     def _remove(self, namespace: str, name: str, uid: str) -> None:
         """Final deletion (grace 0) once nothing of the pod runs, as a kubelet does."""
         try:
-            self.rest.delete(path_for(namespace, "pods", name),
-                             {"gracePeriodSeconds": 0, "preconditions": {"uid": uid}})  # fmt: skip
+            self.rest.delete(
+                path_for(namespace, "pods", name),
+                {"gracePeriodSeconds": 0, "preconditions": {"uid": uid}},
+            )
         except ApiError as error:
             if error.status not in (404, 409):
                 log.warning("deleting pod %s/%s: %s", namespace, name, error)
@@ -324,11 +381,19 @@ class NodeAgent:
         if phase == "Running":
             # Left over from an earlier agent, whose processes died with it
             # (--die-with-parent): report that rather than run it a second time.
-            self._try(lambda: self.rest.patch(
-                path_for(namespace, "pods", name, "status"),
-                {"status": {"phase": "Failed", "reason": "NodeAgentRestarted",
-                            "message": "the node agent restarted while the pod ran"}},
-                STRATEGIC_MERGE_PATCH))  # fmt: skip
+            self._try(
+                lambda: self.rest.patch(
+                    path_for(namespace, "pods", name, "status"),
+                    {
+                        "status": {
+                            "phase": "Failed",
+                            "reason": "NodeAgentRestarted",
+                            "message": "the node agent restarted while the pod ran",
+                        }
+                    },
+                    STRATEGIC_MERGE_PATCH,
+                )
+            )
             return
         with self._lock:
             self._start(pod)
@@ -366,8 +431,12 @@ class NodeAgent:
         self.node_dir.mkdir(parents=True, exist_ok=True)
         self.log_server.start()
         self.register()
-        log.info("node %s registered (kubelet port %d, %d GPUs)", self.config.name,
-                 self.log_server.port, self.config.gpus)  # fmt: skip
+        log.info(
+            "node %s registered (kubelet port %d, %d GPUs)",
+            self.config.name,
+            self.log_server.port,
+            self.config.gpus,
+        )
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         threading.Thread(target=self._watch_loop, name="pod-watch", daemon=True).start()
         self._stopping.wait()
@@ -382,8 +451,9 @@ class NodeAgent:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kubetune.local.node_agent",
-                                     description=__doc__.splitlines()[0])  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m kubetune.local.node_agent", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--home", type=Path, default=default_home(), help="cluster state dir")
     parser.add_argument("--name", required=True, help="Node name")
     parser.add_argument("--gpus", type=int, default=1, help=f"{GPU_RESOURCE} capacity")
@@ -391,16 +461,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--memory", default="", help="memory capacity (default: host memory)")
     parser.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--taint", action="append", default=[], metavar="KEY[=VALUE]:EFFECT")
-    parser.add_argument("--pass-env", action="append", default=[], metavar="NAME",
-                        help="host environment variable pods inherit (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--pass-env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="host environment variable pods inherit (repeatable)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    pass_env = [*args.pass_env, *filter(None, os.environ.get("KUBETUNE_NODE_PASS_ENV", "").split(","))]
+    pass_env = [
+        *args.pass_env,
+        *filter(None, os.environ.get("KUBETUNE_NODE_PASS_ENV", "").split(",")),
+    ]
     config = NodeConfig(
-        name=args.name, gpus=args.gpus, cpu=args.cpu, memory=args.memory,
+        name=args.name,
+        gpus=args.gpus,
+        cpu=args.cpu,
+        memory=args.memory,
         labels=dict(label.split("=", 1) for label in args.label),
-        taints=[parse_taint(t) for t in args.taint], pass_env=pass_env,
-    )  # fmt: skip
+        taints=[parse_taint(t) for t in args.taint],
+        pass_env=pass_env,
+    )
     agent = NodeAgent(args.home.resolve(), config)
 
     def on_signal(signum: int, _: object) -> None:

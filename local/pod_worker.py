@@ -161,11 +161,16 @@ class PodWorker(threading.Thread):
         self.pod_dir.mkdir(parents=True, exist_ok=True)
         with self._lock:
             for record in self.containers.values():
-                reason = "PodInitializing" if record.init or self._has_init() else "ContainerCreating"
+                reason = (
+                    "PodInitializing" if record.init or self._has_init() else "ContainerCreating"
+                )
                 record.status = self._container_status(record, _state("waiting", reason=reason))
             self._set_condition("PodReadyToStartContainers", "False")
-            self._set_condition("Initialized", "False" if self._has_init() else "True",
-                                "ContainersNotInitialized" if self._has_init() else None)  # fmt: skip
+            self._set_condition(
+                "Initialized",
+                "False" if self._has_init() else "True",
+                "ContainersNotInitialized" if self._has_init() else None,
+            )
             self._set_condition("ContainersReady", "False", "ContainersNotReady")
             self._set_condition("Ready", "False", "ContainersNotReady")
             self._publish()
@@ -212,12 +217,15 @@ class PodWorker(threading.Thread):
         seconds = self.pod["spec"].get("activeDeadlineSeconds")
         self.request_stop(
             float(self.pod["spec"].get("terminationGracePeriodSeconds", 30)),
-            ("DeadlineExceeded", f"Pod was active on the node longer than the specified "
-                                 f"deadline ({seconds}s)"),
-        )  # fmt: skip
+            (
+                "DeadlineExceeded",
+                f"Pod was active on the node longer than the specified deadline ({seconds}s)",
+            ),
+        )
 
-    def _retry_until_ready(self, attempt: Callable[[], Any], reason: str,
-                           record: ContainerRecord | None = None) -> Any:  # fmt: skip
+    def _retry_until_ready(
+        self, attempt: Callable[[], Any], reason: str, record: ContainerRecord | None = None
+    ) -> Any:
         """Retry ``attempt`` while what it needs is missing, as a kubelet does."""
         delay = 0.5
         while not self._stop_requested.is_set():
@@ -227,15 +235,17 @@ class PodWorker(threading.Thread):
                 with self._lock:
                     targets = [record] if record else list(self.containers.values())
                     for target in targets:
-                        target.status["state"] = _state("waiting", reason=reason,
-                                                        message=str(error))  # fmt: skip
+                        target.status["state"] = _state(
+                            "waiting", reason=reason, message=str(error)
+                        )
                     self._publish()
                 self._stop_requested.wait(delay)
                 delay = min(delay * 2, 5.0)
         return None
 
-    def _run_with_restarts(self, record: ContainerRecord, volumes: dict[str, HostVolume],
-                           env: EnvResolver) -> bool:  # fmt: skip
+    def _run_with_restarts(
+        self, record: ContainerRecord, volumes: dict[str, HostVolume], env: EnvResolver
+    ) -> bool:
         """Run a container until it needs no restart; True when it (finally) succeeded."""
         backoff = 1.0
         while True:
@@ -250,9 +260,10 @@ class PodWorker(threading.Thread):
             with self._lock:
                 record.status["lastState"] = record.status["state"]
                 record.status["state"] = _state(
-                    "waiting", reason="CrashLoopBackOff",
+                    "waiting",
+                    reason="CrashLoopBackOff",
                     message=f"back-off {backoff:.0f}s restarting failed container",
-                )  # fmt: skip
+                )
                 record.restart_count += 1
                 record.status["restartCount"] = record.restart_count
                 self._publish()
@@ -260,14 +271,17 @@ class PodWorker(threading.Thread):
                 return False
             backoff = min(backoff * 2, MAX_RESTART_BACKOFF)
 
-    def _run_container(self, record: ContainerRecord, volumes: dict[str, HostVolume],
-                       env_resolver: EnvResolver) -> int | None:  # fmt: skip
+    def _run_container(
+        self, record: ContainerRecord, volumes: dict[str, HostVolume], env_resolver: EnvResolver
+    ) -> int | None:
         spec = record.spec
         environment = self._retry_until_ready(
-            lambda: env_resolver.resolve(spec, {**self.node.base_env, **self.env_extra,
-                                                "HOSTNAME": self.pod_name}),
-            "CreateContainerConfigError", record,
-        )  # fmt: skip
+            lambda: env_resolver.resolve(
+                spec, {**self.node.base_env, **self.env_extra, "HOSTNAME": self.pod_name}
+            ),
+            "CreateContainerConfigError",
+            record,
+        )
         if environment is None:
             return None
         container_dir = self.pod_dir / "containers" / record.name
@@ -286,9 +300,13 @@ class PodWorker(threading.Thread):
         except (ValueError, KeyError) as error:
             with self._lock:
                 record.status["state"] = _state(
-                    "terminated", exitCode=128, reason="StartError", message=str(error),
-                    startedAt=started, finishedAt=now(),
-                )  # fmt: skip
+                    "terminated",
+                    exitCode=128,
+                    reason="StartError",
+                    message=str(error),
+                    startedAt=started,
+                    finishedAt=now(),
+                )
                 self._publish()
             return 128
         with log_path.open("ab") as log_file:
@@ -304,7 +322,9 @@ class PodWorker(threading.Thread):
         with self._lock:
             record.status["state"] = _state("running", startedAt=started)
             record.status["started"] = True
-            record.status["containerID"] = f"kubetune://{self.uid}/{record.name}/{record.restart_count}"
+            record.status["containerID"] = (
+                f"kubetune://{self.uid}/{record.name}/{record.restart_count}"
+            )
             if not record.init:
                 self.status["phase"] = "Running"
             self._publish()
@@ -314,9 +334,13 @@ class PodWorker(threading.Thread):
         message = self._termination_message(spec, termination_file, log_path, exit_code)
         reason = "Completed" if exit_code == 0 else "Error"
         with self._lock:
-            terminated: JSON = {"exitCode": exit_code, "reason": reason, "startedAt": started,
-                                "finishedAt": now(),
-                                "containerID": record.status["containerID"]}  # fmt: skip
+            terminated: JSON = {
+                "exitCode": exit_code,
+                "reason": reason,
+                "startedAt": started,
+                "finishedAt": now(),
+                "containerID": record.status["containerID"],
+            }
             if message:
                 terminated["message"] = message
             record.status["state"] = _state("terminated", **terminated)
@@ -336,21 +360,33 @@ class PodWorker(threading.Thread):
         return 128 - code if code < 0 else code
 
     def _terminate(self, process: subprocess.Popen[bytes]) -> int:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+        # SIGTERM goes to the container's processes but not to bwrap itself: bwrap
+        # would die at once and, through --die-with-parent, SIGKILL the container
+        # before it could act on SIGTERM (e.g. the trainer's checkpoint).
+        _signal_group(process.pid, signal.SIGTERM, spare=process.pid)
         deadline = time.monotonic() + self._grace
         while time.monotonic() < deadline:
             try:
                 return process.wait(timeout=0.2)
             except subprocess.TimeoutExpired:
                 pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        _signal_group(process.pid, signal.SIGKILL)
         return process.wait()
 
-    def _sandbox_argv(self, spec: JSON, volumes: dict[str, HostVolume],
-                      termination_file: Path) -> list[str]:  # fmt: skip
-        argv = ["bwrap", "--die-with-parent", "--bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+    def _sandbox_argv(
+        self, spec: JSON, volumes: dict[str, HostVolume], termination_file: Path
+    ) -> list[str]:
+        argv = [
+            "bwrap",
+            "--die-with-parent",
+            "--bind",
+            "/",
+            "/",
+            "--dev",
+            "/dev",
+            "--proc",
+            "/proc",
+        ]
         # --dev gives a minimal /dev; GPUs and friends are bound back in.
         for device in self.node.device_paths:
             argv += ["--dev-bind", device, device]
@@ -362,22 +398,28 @@ class PodWorker(threading.Thread):
             if mount.get("subPath"):
                 source.mkdir(parents=True, exist_ok=True)
             read_only = volume.read_only or bool(mount.get("readOnly", False))
-            argv += ["--ro-bind" if read_only else "--bind", str(source),
-                     _host_resolved(mount["mountPath"])]  # fmt: skip
+            argv += [
+                "--ro-bind" if read_only else "--bind",
+                str(source),
+                _host_resolved(mount["mountPath"]),
+            ]
         message_path = spec.get("terminationMessagePath") or DEFAULT_TERMINATION_MESSAGE_PATH
         argv += ["--bind", str(termination_file), _host_resolved(message_path)]
         argv += ["--chdir", spec.get("workingDir") or "/", "--"]
         return argv
 
-    def _termination_message(self, spec: JSON, termination_file: Path, log_path: Path,
-                             exit_code: int) -> str:  # fmt: skip
+    def _termination_message(
+        self, spec: JSON, termination_file: Path, log_path: Path, exit_code: int
+    ) -> str:
         try:
             with termination_file.open("rb") as handle:
                 message = handle.read(MAX_TERMINATION_MESSAGE)
         except OSError:
             message = b""
-        if not message and exit_code != 0 and (
-            spec.get("terminationMessagePolicy") == "FallbackToLogsOnError"
+        if (
+            not message
+            and exit_code != 0
+            and (spec.get("terminationMessagePolicy") == "FallbackToLogsOnError")
         ):
             with contextlib.suppress(OSError):
                 lines = log_path.read_bytes().splitlines()[-FALLBACK_LOG_LINES:]
@@ -423,8 +465,15 @@ class PodWorker(threading.Thread):
                     condition["lastTransitionTime"] = now()
                 condition.update(status=status, reason=reason)
                 return
-        conditions.append({"type": kind, "status": status, "reason": reason,
-                           "lastProbeTime": None, "lastTransitionTime": now()})  # fmt: skip
+        conditions.append(
+            {
+                "type": kind,
+                "status": status,
+                "reason": reason,
+                "lastProbeTime": None,
+                "lastTransitionTime": now(),
+            }
+        )
 
     def _publish(self) -> None:
         """Patch the pod's status; a vanished pod stops the worker."""
@@ -433,10 +482,14 @@ class PodWorker(threading.Thread):
             record.status["ready"] = (not record.init) and record.running()
         if self.status["phase"] == "Running":
             ready = all(r.running() for r in main)
-            self._set_condition("ContainersReady", "True" if ready else "False",
-                                None if ready else "ContainersNotReady")  # fmt: skip
-            self._set_condition("Ready", "True" if ready else "False",
-                                None if ready else "ContainersNotReady")  # fmt: skip
+            self._set_condition(
+                "ContainersReady",
+                "True" if ready else "False",
+                None if ready else "ContainersNotReady",
+            )
+            self._set_condition(
+                "Ready", "True" if ready else "False", None if ready else "ContainersNotReady"
+            )
         status = {
             **self.status,
             "initContainerStatuses": [dict(r.status) for r in self.containers.values() if r.init],
@@ -453,6 +506,24 @@ class PodWorker(threading.Thread):
                 self.request_stop(0)
             else:
                 log.warning("status of %s/%s: %s", self.namespace, self.pod_name, error)
+
+
+def _signal_group(pgid: int, sig: signal.Signals, spare: int | None = None) -> None:
+    """Signal every process of group ``pgid`` (but ``spare``)."""
+    if spare is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, sig)
+        return
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == spare:
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:  # fields: state, ppid, pgrp, ...
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), sig)
 
 
 def _host_resolved(path: str) -> str:

@@ -60,7 +60,11 @@ class Provisioner:
     def provision(self, claim: JSON) -> None:
         """Create a PV pre-bound to ``claim``; the binder controller completes the binding."""
         meta = claim["metadata"]
-        if claim["spec"].get("volumeName") or not self._ours(claim) or meta.get("deletionTimestamp"):
+        if (
+            claim["spec"].get("volumeName")
+            or not self._ours(claim)
+            or meta.get("deletionTimestamp")
+        ):
             return
         name = f"pvc-{meta['uid']}"
         directory = self.layout.volumes / f"{meta['namespace']}-{meta['name']}-{meta['uid'][:8]}"
@@ -69,8 +73,10 @@ class Provisioner:
         volume = {
             "apiVersion": "v1",
             "kind": "PersistentVolume",
-            "metadata": {"name": name,
-                         "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER}},
+            "metadata": {
+                "name": name,
+                "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER},
+            },
             "spec": {
                 "capacity": {"storage": claim["spec"]["resources"]["requests"]["storage"]},
                 "accessModes": claim["spec"].get("accessModes") or ["ReadWriteOnce"],
@@ -78,15 +84,20 @@ class Provisioner:
                 "storageClassName": claim["spec"].get("storageClassName") or STORAGE_CLASS,
                 "volumeMode": claim["spec"].get("volumeMode", "Filesystem"),
                 "hostPath": {"path": str(directory), "type": "DirectoryOrCreate"},
-                "claimRef": {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
-                             "namespace": meta["namespace"], "name": meta["name"],
-                             "uid": meta["uid"]},
+                "claimRef": {
+                    "apiVersion": "v1",
+                    "kind": "PersistentVolumeClaim",
+                    "namespace": meta["namespace"],
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                },
             },
-        }  # fmt: skip
+        }
         try:
             self.rest.post("/api/v1/persistentvolumes", volume)
-            log.info("provisioned %s for %s/%s at %s", name, meta["namespace"], meta["name"],
-                     directory)  # fmt: skip
+            log.info(
+                "provisioned %s for %s/%s at %s", name, meta["namespace"], meta["name"], directory
+            )
         except ApiError as error:
             if error.status != 409:
                 raise
@@ -129,8 +140,9 @@ class Provisioner:
 
     def run(self) -> None:
         self.ensure_storage_class()
-        threading.Thread(target=self._loop, args=("persistentvolumes", self.reclaim),
-                         daemon=True).start()  # fmt: skip
+        threading.Thread(
+            target=self._loop, args=("persistentvolumes", self.reclaim), daemon=True
+        ).start()
         self._loop("persistentvolumeclaims", self.provision)
 
 

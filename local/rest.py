@@ -123,8 +123,13 @@ class Rest:
             response.release_conn()
 
 
-def path_for(namespace: str | None, resource: str, name: str | None = None,
-             subresource: str | None = None, group: str = "") -> str:  # fmt: skip
+def path_for(
+    namespace: str | None,
+    resource: str,
+    name: str | None = None,
+    subresource: str | None = None,
+    group: str = "",
+) -> str:
     """REST path of a (namespaced) resource; ``group`` is e.g. "coordination.k8s.io/v1"."""
     prefix = f"/apis/{group}" if group else "/api/v1"
     parts = [prefix]

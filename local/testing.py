@@ -45,7 +45,7 @@ class Kubectl(Protocol):
     def __call__(
         self,
         *args: str,
-        input: str | None = None,  # noqa: A002 (as subprocess.run names it)
+        input: str | None = None,
         check: bool = True,
         timeout: float = 60,
     ) -> subprocess.CompletedProcess[str]: ...
@@ -64,8 +64,9 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterH
         cluster = LocalCluster(tmp_path_factory.mktemp("kubetune-home"))
         info = cluster.up(NodeOptions(name=TEST_NODE, gpus=0))
         owned = True
-    handle = ClusterHandle(cluster, info, cluster.layout.kubeconfig,
-                           Path(info.bin_dir) / "kubectl", owned)  # fmt: skip
+    handle = ClusterHandle(
+        cluster, info, cluster.layout.kubeconfig, Path(info.bin_dir) / "kubectl", owned
+    )
     yield handle
     if owned:
         cluster.down()
@@ -86,12 +87,21 @@ def kube_api(kubeconfig_path: Path) -> Iterator[Any]:
     client.close()
 
 
-def _run_kubectl(handle: ClusterHandle, args: Sequence[str], input: str | None,  # noqa: A002
-                 check: bool, timeout: float) -> subprocess.CompletedProcess[str]:  # fmt: skip
+def _run_kubectl(
+    handle: ClusterHandle,
+    args: Sequence[str],
+    input: str | None,
+    check: bool,
+    timeout: float,
+) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [str(handle.kubectl_binary), "--kubeconfig", str(handle.kubeconfig), *args],
-        input=input, capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     if check and result.returncode != 0:
         raise AssertionError(
             f"kubectl {' '.join(args)} exited {result.returncode}:\n{result.stderr}{result.stdout}"
@@ -103,8 +113,12 @@ def _run_kubectl(handle: ClusterHandle, args: Sequence[str], input: str | None, 
 def kubectl(local_cluster: ClusterHandle) -> Kubectl:
     """Run the built kubectl against the cluster: ``kubectl("get", "pods", "-n", ns)``."""
 
-    def run(*args: str, input: str | None = None, check: bool = True,  # noqa: A002
-            timeout: float = 60) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    def run(
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
         return _run_kubectl(local_cluster, args, input, check, timeout)
 
     return run
@@ -117,8 +131,13 @@ def namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]
     name = f"{base}-{uuid.uuid4().hex[:5]}"
     kubectl("create", "namespace", name)
     # Pods are rejected until the serviceaccount controller has made "default".
-    wait_for(lambda: kubectl("get", "serviceaccount", "default", "-n", name,
-                             check=False).returncode == 0, 30, "default serviceaccount")  # fmt: skip
+    wait_for(
+        lambda: (
+            kubectl("get", "serviceaccount", "default", "-n", name, check=False).returncode == 0
+        ),
+        30,
+        "default serviceaccount",
+    )
     yield name
     kubectl("delete", "namespace", name, "--wait=false", check=False)
 
@@ -134,8 +153,9 @@ def add_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[AddNode
     """
     started: list[str] = []
 
-    def add(name: str, gpus: int = 0, labels: Sequence[str] = (),
-            taints: Sequence[str] = ()) -> str:  # fmt: skip
+    def add(
+        name: str, gpus: int = 0, labels: Sequence[str] = (), taints: Sequence[str] = ()
+    ) -> str:
         node = NodeOptions(name=name, gpus=gpus, labels=labels, taints=taints)
         local_cluster.cluster.start_node_agent(node)
         started.append(name)
@@ -159,8 +179,9 @@ def gpu_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[str]:
     kubectl("delete", "node", name, "--wait=false", check=False)
 
 
-def wait_for(condition: Callable[[], object], timeout: float, what: str,
-             interval: float = 0.5) -> Any:  # fmt: skip
+def wait_for(
+    condition: Callable[[], object], timeout: float, what: str, interval: float = 0.5
+) -> Any:
     """Poll until ``condition()`` is truthy and return it; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:

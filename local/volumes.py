@@ -60,7 +60,7 @@ def resource_value(pod: JSON, container_name: str | None, ref: JSON) -> str:
     """The value of a downward-API ``resourceFieldRef`` (limits fall back to requests)."""
     containers = pod["spec"].get("containers", []) + pod["spec"].get("initContainers", [])
     name = ref.get("containerName") or container_name
-    container = next((c for c in containers if c["name"] == name), {})
+    container: JSON = next((c for c in containers if c["name"] == name), {})
     section, _, resource = ref["resource"].partition(".")
     resources = container.get("resources", {})
     value = resources.get(section, {}).get(resource) or resources.get("requests", {}).get(resource)
@@ -122,8 +122,9 @@ class VolumeBuilder:
         return HostVolume(target, read_only=True)
 
     def _downward_api(self, spec: JSON, target: Path) -> HostVolume:
-        _write_files(target, self._downward_files(spec.get("items", [])),
-                     spec.get("defaultMode", 0o644))  # fmt: skip
+        _write_files(
+            target, self._downward_files(spec.get("items", [])), spec.get("defaultMode", 0o644)
+        )
         return HostVolume(target, read_only=True)
 
     def _projected(self, spec: JSON, target: Path) -> HostVolume:
@@ -196,10 +197,14 @@ class VolumeBuilder:
             "spec": {
                 "audiences": [spec["audience"]] if spec.get("audience") else [],
                 "expirationSeconds": spec.get("expirationSeconds", 3607),
-                "boundObjectRef": {"apiVersion": "v1", "kind": "Pod",
-                                   "name": meta["name"], "uid": meta["uid"]},
+                "boundObjectRef": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                },
             },
-        }  # fmt: skip
+        }
         path = path_for(self.namespace, "serviceaccounts", account, "token")
         try:
             response = self.rest.post(path, request)

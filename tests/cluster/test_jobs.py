@@ -1,0 +1,166 @@
+"""batch/v1 Jobs run by the real Job controller on the process-based node."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from kubetune.local.testing import Kubectl, get_json, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def job(name: str, script: str, **spec: Any) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": name},
+            "spec": {
+                "backoffLimit": spec.pop("backoffLimit", 0),
+                **spec,
+                "template": {
+                    "spec": {
+                        "restartPolicy": "Never",
+                        "containers": [
+                            {"name": "main", "image": "busybox", "command": ["sh", "-c", script]}
+                        ],
+                    }
+                },
+            },
+        }
+    )
+
+
+def finished_condition(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any] | None:
+    conditions = get_json(kubectl, "job", name, "-n", namespace)["status"].get("conditions", [])
+    for condition in conditions:
+        if condition["type"] in ("Complete", "Failed") and condition["status"] == "True":
+            return dict(condition)
+    return None
+
+
+def job_pods(kubectl: Kubectl, namespace: str, name: str) -> list[dict[str, Any]]:
+    pods = get_json(kubectl, "pods", "-n", namespace, "-l", f"batch.kubernetes.io/job-name={name}")
+    return list(pods["items"])
+
+
+def test_job_runs_its_command_to_success(kubectl: Kubectl, namespace: str) -> None:
+    kubectl("apply", "-n", namespace, "-f", "-", input=job("ok", "echo hello; exit 0"))
+
+    condition = wait_for(lambda: finished_condition(kubectl, namespace, "ok"), 60, "job ok")
+
+    assert condition["type"] == "Complete"
+    [pod] = job_pods(kubectl, namespace, "ok")
+    assert pod["status"]["phase"] == "Succeeded"
+    terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == 0
+    assert terminated["reason"] == "Completed"
+    assert terminated["startedAt"] <= terminated["finishedAt"]
+
+
+def test_failing_job_is_retried_up_to_its_backoff_limit(kubectl: Kubectl, namespace: str) -> None:
+    kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=job("flaky", "echo trying; exit 3", backoffLimit=1),
+    )
+
+    condition = wait_for(lambda: finished_condition(kubectl, namespace, "flaky"), 90, "job flaky")
+
+    assert condition["type"] == "Failed"
+    assert condition["reason"] == "BackoffLimitExceeded"
+    pods = job_pods(kubectl, namespace, "flaky")
+    assert len(pods) == 2  # the first try and one retry
+    for pod in pods:
+        assert pod["status"]["phase"] == "Failed"
+        terminated = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+        assert (terminated["exitCode"], terminated["reason"]) == (3, "Error")
+
+
+def test_pod_failure_policy_fails_the_job_fast_on_an_exit_code(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    policy = {
+        "rules": [
+            {
+                "action": "FailJob",
+                "onExitCodes": {"containerName": "main", "operator": "In", "values": [2]},
+            }
+        ]
+    }
+    kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=job("invalid-config", "exit 2", backoffLimit=6, podFailurePolicy=policy),
+    )
+
+    condition = wait_for(
+        lambda: finished_condition(kubectl, namespace, "invalid-config"), 60, "job invalid-config"
+    )
+
+    assert condition["type"] == "Failed"
+    assert condition["reason"] == "PodFailurePolicy"
+    assert len(job_pods(kubectl, namespace, "invalid-config")) == 1  # no retry
+
+
+def test_kubectl_logs_shows_the_container_output(kubectl: Kubectl, namespace: str) -> None:
+    kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=job("talker", "echo first line; echo second line >&2"),
+    )
+    wait_for(lambda: finished_condition(kubectl, namespace, "talker"), 60, "job talker")
+
+    logs = kubectl("logs", "-n", namespace, "job/talker").stdout
+
+    assert logs.splitlines() == ["first line", "second line"]
+    tail = kubectl("logs", "-n", namespace, "job/talker", "--tail=1").stdout
+    assert tail.splitlines() == ["second line"]
+
+
+def test_deleting_the_owner_garbage_collects_the_job_and_its_pods(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    kubectl("create", "configmap", "owner", "-n", namespace)
+    owner_uid = kubectl(
+        "get", "configmap", "owner", "-n", namespace, "-o", "jsonpath={.metadata.uid}"
+    ).stdout
+    manifest = json.loads(job("owned", "sleep 300"))
+    manifest["metadata"]["ownerReferences"] = [
+        {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner_uid}
+    ]
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+    wait_for(
+        lambda: [
+            p
+            for p in job_pods(kubectl, namespace, "owned")
+            if p["status"].get("phase") == "Running"
+        ],
+        60,
+        "running pod",
+    )
+
+    kubectl("delete", "configmap", "owner", "-n", namespace)
+
+    wait_for(
+        lambda: kubectl("get", "job", "owned", "-n", namespace, check=False).returncode != 0,
+        60,
+        "the job to be collected",
+    )
+    wait_for(
+        lambda: not get_json(kubectl, "pods", "-n", namespace)["items"],
+        60,
+        "the pods to be collected",
+    )
