@@ -1,0 +1,473 @@
+"""The operator as a process against the real local control plane (kubetune.local).
+
+The operator runs as ``kubetune-operator`` with the cluster's kubeconfig; FineTuneJobs go in
+through kubectl, and every assertion is on what a user sees: status, children, files on the PVC.
+Trainer pods run as local processes on the node agent. Jobs that need no training override the
+trainer's command through ``spec.podTemplate`` (``sleep``), so lifecycle tests cost seconds.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune.local.testing import Kubectl, get_json, wait_for
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
+CLAIM = "work"
+#: A GPU resource no node of the test cluster offers: the scheduler's answer is deterministic.
+MISSING_GPU = "kubetune.io/test-gpu"
+
+
+class OperatorProcess:
+    """``kubetune-operator`` in a subprocess, logging to a file; it can be killed and restarted."""
+
+    def __init__(self, kubeconfig: Path, log_path: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            # The local node runs pods as the host user and can't honour runAsNonRoot.
+            "KUBETUNE_RUN_AS_NON_ROOT": "false",
+            "KUBETUNE_RUN_AS_USER": "",
+            "KUBETUNE_FS_GROUP": "",
+            "KUBETUNE_LIVENESS_ENDPOINT": "",
+            "KUBETUNE_PROGRESS_INTERVAL_SECONDS": "1",
+            "KUBETUNE_STATUS_RECHECK_SECONDS": "5",
+            "KUBETUNE_REFERENCE_RECHECK_SECONDS": "2",
+            "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:test",
+            "PYTHONUNBUFFERED": "1",
+        }
+        operator = Path(sys.executable).with_name("kubetune-operator")
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [str(operator)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, as when a node dies under the operator."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.process = None
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@pytest.fixture(scope="module")
+def crd(kubectl: Kubectl) -> None:
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+
+
+@pytest.fixture(scope="module")
+def operator(
+    crd: None, kubeconfig_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(kubeconfig_path, tmp_path_factory.mktemp("operator") / "log")
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(autouse=True)
+def _operator_log(operator: OperatorProcess) -> Iterator[None]:
+    """The operator's log tail, in the captured output pytest shows for a failing test."""
+    yield
+    print(f"--- operator log (tail) ---\n{operator.log_tail()}")
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model and the toy dataset, built once (nothing is downloaded)."""
+    from kubetune.trainer.tiny import write_tiny_model, write_toy_datasets
+
+    root = tmp_path_factory.mktemp("tiny")
+    write_tiny_model(root / "model")
+    write_toy_datasets(root / "data", count=64)
+    return root
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def apply(kubectl: Kubectl, namespace: str, manifest: dict[str, Any]) -> None:
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+
+
+def finetunejob(name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def ftj_status(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
+    result = kubectl("get", "ftj", name, "-n", namespace, "-o", "json", check=False)
+    if result.returncode != 0:
+        return {}
+    status: dict[str, Any] = json.loads(result.stdout).get("status") or {}
+    return status
+
+
+def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions") or [] if c["type"] == type_), {})
+
+
+def wait_status(
+    kubectl: Kubectl,
+    namespace: str,
+    name: str,
+    accept: Callable[[dict[str, Any]], bool],
+    timeout: float,
+    what: str,
+) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        status = ftj_status(kubectl, namespace, name)
+        return status if status and accept(status) else None
+
+    status: dict[str, Any] = wait_for(check, timeout, f"FineTuneJob {name}: {what}")
+    return status
+
+
+def wait_phase(
+    kubectl: Kubectl, namespace: str, name: str, phases: set[str], timeout: float
+) -> dict[str, Any]:
+    return wait_status(
+        kubectl, namespace, name, lambda s: s.get("phase") in phases, timeout, f"{sorted(phases)}"
+    )
+
+
+def wait_ready_reason(
+    kubectl: Kubectl, namespace: str, name: str, reason: str, timeout: float
+) -> dict[str, Any]:
+    return wait_status(
+        kubectl,
+        namespace,
+        name,
+        lambda s: condition(s, "Ready").get("reason") == reason,
+        timeout,
+        f"Ready=False/{reason}",
+    )
+
+
+def jobs_of(kubectl: Kubectl, namespace: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = get_json(kubectl, "jobs", "-n", namespace)["items"]
+    return items
+
+
+def pods_of(kubectl: Kubectl, namespace: str, name: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = get_json(
+        kubectl, "pods", "-n", namespace, "-l", f"kubetune.io/job={name}"
+    )["items"]
+    return items
+
+
+def work_claim(kubectl: Kubectl, namespace: str) -> Path:
+    """A bound PVC named ``work``; the directory behind it on this machine."""
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": CLAIM},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    apply(kubectl, namespace, claim)
+    volume = wait_for(
+        lambda: get_json(kubectl, "pvc", CLAIM, "-n", namespace)["spec"].get("volumeName"),
+        60,
+        "the work claim to bind",
+    )
+    pv = get_json(kubectl, "pv", volume)
+    return Path(pv["spec"]["hostPath"]["path"])
+
+
+def tiny_training_spec(dataset: str, **training: Any) -> dict[str, Any]:
+    return {
+        "model": {"uri": f"pvc://{CLAIM}/model"},
+        "dataset": {"uri": dataset, "format": "prompt-completion"},
+        "quantization": {"type": "nf4", "computeDtype": "float32"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "training": {
+            "maxSteps": 10,
+            "learningRate": 1.0e-2,
+            "batchSize": 4,
+            "maxLength": 64,
+            "packing": False,
+            "warmupRatio": 0.0,
+            "lrScheduler": "constant",
+            "checkpointSteps": 5,
+            "loggingSteps": 1,
+            "gradientCheckpointing": False,
+            **training,
+        },
+        "output": {"uri": f"pvc://{CLAIM}/adapter"},
+        "resources": {"gpus": 0, "shmSize": "64Mi"},
+        "runPolicy": {"backoffLimit": 2},
+    }
+
+
+def sleeper_spec(seconds: int, **extra: Any) -> dict[str, Any]:
+    """A job whose trainer container just sleeps (podTemplate override): lifecycle without ML."""
+    return {
+        "model": {"uri": "org/model"},
+        "dataset": {"uri": "https://datasets.invalid/train.jsonl"},
+        "output": {"uri": "s3://bucket/adapter"},
+        "resources": {"gpus": 0, "shmSize": "64Mi"},
+        "podTemplate": {
+            "spec": {"containers": [{"name": "trainer", "command": ["sleep", str(seconds)]}]}
+        },
+        **extra,
+    }
+
+
+def unschedulable_spec(**extra: Any) -> dict[str, Any]:
+    return {
+        "model": {"uri": "org/model"},
+        "dataset": {"uri": "https://datasets.invalid/train.jsonl"},
+        "output": {"uri": "s3://bucket/adapter"},
+        "resources": {"gpus": 1, "gpuResourceName": MISSING_GPU},
+        **extra,
+    }
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- scenarios ---------------------------------------------------------------------------------
+
+
+def test_tiny_job_succeeds_with_an_adapter_whose_digest_matches_the_pvc_file(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str, tiny_assets: Path
+) -> None:
+    volume = work_claim(kubectl, namespace)
+    shutil.copytree(tiny_assets / "model", volume / "model")
+    shutil.copytree(tiny_assets / "data", volume / "data")
+    spec = tiny_training_spec(f"pvc://{CLAIM}/data/reverse-prompt-completion.jsonl")
+    apply(kubectl, namespace, finetunejob("tiny", spec))
+
+    progress_while_running: list[dict[str, Any]] = []
+
+    def finished() -> dict[str, Any] | None:
+        status = ftj_status(kubectl, namespace, "tiny")
+        if status.get("phase") == "Running" and status.get("progress"):
+            progress_while_running.append(status["progress"])
+        return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+    status: dict[str, Any] = wait_for(finished, 600, "the tiny job to finish", interval=0.3)
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=2)
+    assert condition(status, "Succeeded")["status"] == "True"
+    assert progress_while_running, "status.progress was never seen while the job ran"
+    assert progress_while_running[0]["step"] >= 0
+    assert status["progress"]["step"] >= 1
+
+    adapter = status["result"]["adapter"]
+    assert adapter["uri"].startswith(f"pvc://{CLAIM}/adapter")
+    local = volume / adapter["uri"].removeprefix(f"pvc://{CLAIM}/")
+    weights = local / "adapter_model.safetensors" if local.is_dir() else local
+    assert weights.is_file()
+    assert adapter["sha256"] == sha256_of(weights)
+    assert adapter["sizeBytes"] == weights.stat().st_size
+    assert status["attempts"] == 1
+    assert status["startTime"] and status["completionTime"]
+    assert status["observedGeneration"] == 1
+
+
+def test_missing_dataset_fails_with_dataset_error_after_one_attempt(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str, tiny_assets: Path
+) -> None:
+    volume = work_claim(kubectl, namespace)
+    shutil.copytree(tiny_assets / "model", volume / "model")
+    spec = tiny_training_spec(f"pvc://{CLAIM}/data/no-such-file.jsonl")
+    apply(kubectl, namespace, finetunejob("no-data", spec))
+
+    status = wait_phase(kubectl, namespace, "no-data", {"Succeeded", "Failed"}, 300)
+    assert status["phase"] == "Failed"
+    failed = condition(status, "Failed")
+    assert (failed["status"], failed["reason"]) == ("True", "DatasetError"), failed
+    assert status["attempts"] == 1
+    assert len(pods_of(kubectl, namespace, "no-data")) == 1  # no retry of what a retry can't fix
+
+
+def test_job_without_a_schedulable_gpu_node_is_pending_unschedulable(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    apply(kubectl, namespace, finetunejob("no-gpu", unschedulable_spec()))
+
+    status = wait_ready_reason(kubectl, namespace, "no-gpu", "Unschedulable", 90)
+    assert status["phase"] == "Pending"
+    assert f"Insufficient {MISSING_GPU}" in condition(status, "Ready")["message"]
+
+
+def test_missing_pvc_is_reported_and_the_job_starts_once_it_exists(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    spec = sleeper_spec(1, output={"uri": f"pvc://{CLAIM}/adapter"})
+    apply(kubectl, namespace, finetunejob("waits-for-pvc", spec))
+    status = wait_ready_reason(kubectl, namespace, "waits-for-pvc", "MissingReference", 60)
+    assert f"PersistentVolumeClaim '{CLAIM}' not found" in condition(status, "Ready")["message"]
+    assert jobs_of(kubectl, namespace) == []
+
+    work_claim(kubectl, namespace)
+    status = wait_phase(kubectl, namespace, "waits-for-pvc", {"Succeeded", "Failed"}, 120)
+    assert status["phase"] == "Succeeded"
+
+
+def test_suspend_and_resume(operator: OperatorProcess, kubectl: Kubectl, namespace: str) -> None:
+    apply(kubectl, namespace, finetunejob("pause", sleeper_spec(300, runPolicy={"suspend": True})))
+    status = wait_phase(kubectl, namespace, "pause", {"Suspended"}, 60)
+    assert condition(status, "Suspended")["status"] == "True"
+    (job,) = jobs_of(kubectl, namespace)
+    assert job["spec"]["suspend"] is True
+    assert pods_of(kubectl, namespace, "pause") == []
+
+    kubectl(
+        "patch", "ftj", "pause", "-n", namespace, "--type=merge",
+        "-p", '{"spec":{"runPolicy":{"suspend":false}}}',
+    )  # fmt: skip
+    status = wait_phase(kubectl, namespace, "pause", {"Running"}, 90)
+    assert condition(status, "Suspended")["status"] == "False"
+    assert condition(status, "Running")["status"] == "True"
+
+    kubectl(
+        "patch", "ftj", "pause", "-n", namespace, "--type=merge",
+        "-p", '{"spec":{"runPolicy":{"suspend":true}}}',
+    )  # fmt: skip
+    wait_phase(kubectl, namespace, "pause", {"Suspended"}, 60)
+    wait_for(lambda: not pods_of(kubectl, namespace, "pause"), 60, "the pod to go away")
+    assert [j["metadata"]["uid"] for j in jobs_of(kubectl, namespace)] == [job["metadata"]["uid"]]
+
+
+def test_deleting_a_running_job_removes_its_job_and_pods(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    apply(kubectl, namespace, finetunejob("doomed", sleeper_spec(300)))
+    wait_phase(kubectl, namespace, "doomed", {"Running"}, 90)
+    assert len(jobs_of(kubectl, namespace)) == 1
+
+    kubectl("delete", "ftj", "doomed", "-n", namespace, "--wait=true", timeout=60)
+    wait_for(lambda: not jobs_of(kubectl, namespace), 60, "the Job to be collected")
+    wait_for(lambda: not pods_of(kubectl, namespace, "doomed"), 60, "the pods to be collected")
+    for kind in ("configmap", "serviceaccount", "role", "rolebinding"):
+        wait_for(
+            lambda kind=kind: (
+                not get_json(kubectl, kind, "-n", namespace, "-l", "kubetune.io/job=doomed")[
+                    "items"
+                ]
+            ),
+            60,
+            f"the {kind} to be collected",
+        )
+
+
+def test_operator_killed_mid_run_and_restarted_keeps_the_job_and_completes(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    apply(kubectl, namespace, finetunejob("survivor", sleeper_spec(12)))
+    wait_phase(kubectl, namespace, "survivor", {"Running"}, 90)
+    (job,) = jobs_of(kubectl, namespace)
+
+    operator.kill()
+    time.sleep(2)
+    operator.start()
+
+    status = wait_phase(kubectl, namespace, "survivor", {"Succeeded", "Failed"}, 120)
+    assert status["phase"] == "Succeeded"
+    assert [j["metadata"]["uid"] for j in jobs_of(kubectl, namespace)] == [job["metadata"]["uid"]]
+    assert status["jobName"] == job["metadata"]["name"]
+
+
+def _cluster_endpoint(kubectl: Kubectl) -> tuple[str, ssl.SSLContext]:
+    config = json.loads(kubectl("config", "view", "--raw", "--minify", "-o", "json").stdout)
+    cluster = config["clusters"][0]["cluster"]
+    context = ssl.create_default_context()
+    if "certificate-authority-data" in cluster:
+        context.load_verify_locations(
+            cadata=base64.b64decode(cluster["certificate-authority-data"]).decode()
+        )
+    else:
+        context.load_verify_locations(cafile=cluster["certificate-authority"])
+    return cluster["server"], context
+
+
+def _patch_status_as(
+    server: str, context: ssl.SSLContext, token: str, namespace: str, name: str
+) -> int:
+    body = json.dumps({"status": {"progress": {"step": 1, "totalSteps": 10}}}).encode()
+    request = urllib.request.Request(
+        f"{server}/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs/{name}/status",
+        data=body,
+        method="PATCH",
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/merge-patch+json",
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+def test_trainer_token_may_patch_only_its_own_jobs_status(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    for name in ("mine", "theirs"):
+        apply(
+            kubectl, namespace, finetunejob(name, unschedulable_spec(runPolicy={"suspend": True}))
+        )
+    for name in ("mine", "theirs"):
+        wait_phase(kubectl, namespace, name, {"Suspended"}, 60)
+    job = get_json(kubectl, "job", "mine", "-n", namespace)
+    account = job["spec"]["template"]["spec"]["serviceAccountName"]
+    token = kubectl("create", "token", account, "-n", namespace).stdout.strip()
+    server, context = _cluster_endpoint(kubectl)
+
+    assert _patch_status_as(server, context, token, namespace, "mine") == 200
+    assert ftj_status(kubectl, namespace, "mine")["progress"]["step"] == 1
+    assert _patch_status_as(server, context, token, namespace, "theirs") == 403
