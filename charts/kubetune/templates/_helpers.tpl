@@ -62,38 +62,43 @@ an empty tag means the chart's appVersion. Call with (dict "image" .Values.image
 {{- end }}
 
 {{/*
-The operator's rules inside a namespace it watches: exactly what its handlers and kopf use.
-The same list goes into the ClusterRole (all namespaces) or one Role per watched namespace.
+The operator's rules inside a namespace it watches: exactly what kubetune.operator.handlers and
+kopf use (docs/install.md lists each call). The same list goes into the ClusterRole (all
+namespaces) or into one Role per watched namespace.
 */}}
 {{- define "kubetune.namespacedRules" -}}
-# kopf: watch the custom resource, store its finalizer and progress annotations, post events.
+# kopf watches FineTuneJobs and patches its finalizer and progress annotations onto them; the
+# operator reads one to refresh its status and deletes it after ttlSecondsAfterFinished.
 - apiGroups: [kubetune.io]
   resources: [finetunejobs]
-  verbs: [get, list, watch, patch]
-# Status (phase, conditions, result). Holding get/patch here also lets the operator grant the
-# per-job Role below without the RBAC `escalate` or `bind` verbs.
+  verbs: [get, list, watch, patch, delete]
+# Phase, conditions, result. Holding get/patch here is also what lets the operator create the
+# per-job Role that grants them to the trainer, without the RBAC `escalate` or `bind` verbs.
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/status]
   verbs: [get, patch]
+# kopf.event(): one Event per transition.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
-# Children of each FineTuneJob: the resolved trainer config and the trainer's identity.
+# Children of each FineTuneJob, created once (create; get when it exists already): the resolved
+# trainer config, the trainer's identity and its Role, and the trainer Job.
 - apiGroups: [""]
   resources: [configmaps, serviceaccounts]
   verbs: [get, create]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
   verbs: [get, create]
-# The trainer Job: created, suspended/resumed by patch, followed for status.
+# The Job is also watched for status, and patched to suspend/resume it or change its deadline.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, patch, delete]
-# Pods of the Job (scheduling failures, exit codes, termination messages).
+  verbs: [get, list, watch, create, patch]
+# Pods of the Job: scheduling failures, exit codes, termination messages.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
-# Referenced objects are checked for existence only; their content is never read into status.
+  verbs: [list, watch]
+# Referenced objects are checked for existence (and a Secret for its key); nothing of their
+# content goes into status, events or logs.
 - apiGroups: [""]
   resources: [secrets, persistentvolumeclaims]
   verbs: [get]

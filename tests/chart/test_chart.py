@@ -1,0 +1,305 @@
+"""The Helm chart, rendered by the real helm: lint, modes, least-privilege RBAC, values schema."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import CHART, CI_VALUES, Helm, Render, of_kind
+
+from kubetune.api.models import FineTuneJobSpec
+from kubetune.operator.render import render as render_children
+from kubetune.operator.settings import OperatorSettings
+
+pytestmark = pytest.mark.unit
+
+# Everything the operator may ever do, per (apiGroup, resource). A rule that grants anything else,
+# or a wildcard, fails the test: widening the operator's rights is a reviewed change here.
+OPERATOR_ALLOW_LIST: dict[tuple[str, str], set[str]] = {
+    ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "patch", "delete"},
+    ("kubetune.io", "finetunejobs/status"): {"get", "patch"},
+    ("", "events"): {"create"},
+    ("", "configmaps"): {"get", "create"},
+    ("", "serviceaccounts"): {"get", "create"},
+    ("rbac.authorization.k8s.io", "roles"): {"get", "create"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "patch"},
+    ("", "pods"): {"list", "watch"},
+    ("", "secrets"): {"get"},
+    ("", "persistentvolumeclaims"): {"get"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+}
+# What namespace users get through the built-in view/edit/admin roles.
+USER_ALLOW_LIST: dict[tuple[str, str], set[str]] = {
+    ("kubetune.io", "finetunejobs"): {
+        "get", "list", "watch", "create", "update", "patch", "delete", "deletecollection",
+    },
+    ("kubetune.io", "finetunejobs/status"): {"get", "list", "watch"},
+}  # fmt: skip
+AGGREGATION = "rbac.authorization.k8s.io/aggregate-to-"
+
+
+def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) triples a list of PolicyRules grants."""
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule.get("apiGroups", [])
+        for resource in rule.get("resources", [])
+        for verb in rule.get("verbs", [])
+    }
+
+
+def outside(rules: list[dict[str, Any]], allow: dict[tuple[str, str], set[str]]) -> set[Any]:
+    return {g for g in grants(rules) if g[2] not in allow.get((g[0], g[1]), set())}
+
+
+def wildcards(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    fields = ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs")
+    return [r for r in rules if any("*" in str(v) for f in fields for v in r.get(f, []))]
+
+
+def operator_roles(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        o for o in objects
+        if o["kind"] in ("ClusterRole", "Role")
+        and not any(k.startswith(AGGREGATION) for k in o["metadata"].get("labels", {}))
+    ]  # fmt: skip
+
+
+def deployment_env(objects: list[dict[str, Any]]) -> dict[str, str]:
+    [deployment] = of_kind(objects, "Deployment")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+@pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda v: v.stem if v else "defaults")
+def test_helm_lint_is_clean(helm: Helm, values: Path | None) -> None:
+    args = ["-f", str(values)] if values else []
+    result = helm("lint", "--strict", str(CHART), *args)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[WARNING]" not in result.stdout and "[ERROR]" not in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda v: v.stem)
+def test_every_values_file_renders_labelled_objects(render: Render, values: Path) -> None:
+    objects = render("-f", str(values))
+
+    assert {"Deployment", "ServiceAccount", "ClusterRole"} <= {o["kind"] for o in objects}
+    for obj in objects:
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "kubetune", obj["metadata"]["name"]
+        assert labels["app.kubernetes.io/instance"] == "kt"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["app.kubernetes.io/part-of"] == "kubetune"
+
+
+def test_all_namespaces_mode_binds_a_cluster_role_and_creates_no_roles(render: Render) -> None:
+    objects = render("-f", str(CHART / "ci" / "all-namespaces-values.yaml"))
+
+    bindings = {b["roleRef"]["name"] for b in of_kind(objects, "ClusterRoleBinding")}
+    assert bindings == {"kt-kubetune-operator", "kt-kubetune-crd-watch"}
+    assert of_kind(objects, "Role") == [] and of_kind(objects, "RoleBinding") == []
+    assert deployment_env(objects)["KUBETUNE_NAMESPACES"] == ""
+
+
+def test_watched_namespaces_get_one_role_each_and_nothing_cluster_wide_but_crd_watch(
+    render: Render,
+) -> None:
+    objects = render("--set", "watchNamespaces={team-a,team-b}")
+
+    roles = of_kind(objects, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in of_kind(objects, "RoleBinding")) == [
+        "team-a",
+        "team-b",
+    ]
+    [binding] = of_kind(objects, "ClusterRoleBinding")
+    [crd_watch] = [
+        r
+        for r in of_kind(objects, "ClusterRole")
+        if r["metadata"]["name"] == binding["roleRef"]["name"]
+    ]
+    assert grants(crd_watch["rules"]) == {
+        ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+        ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    }
+    assert deployment_env(objects)["KUBETUNE_NAMESPACES"] == "team-a,team-b"
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda v: v.stem)
+def test_operator_roles_grant_nothing_outside_the_allow_list(render: Render, values: Path) -> None:
+    roles = operator_roles(render("-f", str(values)))
+
+    assert roles
+    for role in roles:
+        assert wildcards(role["rules"]) == [], role["metadata"]["name"]
+        assert outside(role["rules"], OPERATOR_ALLOW_LIST) == set(), role["metadata"]["name"]
+        assert all("nonResourceURLs" not in rule for rule in role["rules"])
+        # No RBAC escalation shortcuts: the operator holds what it grants instead.
+        verbs = {verb for _, _, verb in grants(role["rules"])}
+        assert not verbs & {"bind", "escalate", "impersonate"}
+
+
+def test_aggregated_roles_give_users_view_and_edit_of_finetunejobs_only(render: Render) -> None:
+    objects = render()
+    aggregated = {
+        o["metadata"]["name"]: o for o in of_kind(objects, "ClusterRole")
+        if any(k.startswith(AGGREGATION) for k in o["metadata"]["labels"])
+    }  # fmt: skip
+
+    view, edit = aggregated["kt-kubetune-view"], aggregated["kt-kubetune-edit"]
+    for level in ("view", "edit", "admin"):
+        assert view["metadata"]["labels"][AGGREGATION + level] == "true"
+    for level in ("edit", "admin"):
+        assert edit["metadata"]["labels"][AGGREGATION + level] == "true"
+    assert AGGREGATION + "view" not in edit["metadata"]["labels"]
+    for role in (view, edit):
+        assert wildcards(role["rules"]) == []
+        assert outside(role["rules"], USER_ALLOW_LIST) == set()
+    assert ("kubetune.io", "finetunejobs", "create") in grants(edit["rules"])
+    assert not any(v in {"create", "patch", "delete"} for _, _, v in grants(view["rules"]))
+    # Status is the operator's and the trainer's: no user role may write it.
+    assert not any(r == "finetunejobs/status" and v != "get" and v not in {"list", "watch"}
+                   for _, r, v in grants(edit["rules"] + view["rules"]))  # fmt: skip
+
+
+def test_aggregation_can_be_turned_off(render: Render) -> None:
+    objects = render("--set", "rbac.aggregateToDefaultRoles=false")
+
+    assert not any(
+        k.startswith(AGGREGATION) for o in objects for k in o["metadata"].get("labels", {})
+    )
+
+
+def test_operator_holds_everything_the_per_job_role_grants(render: Render) -> None:
+    """The apiserver lets the operator create a Role only with rights it holds itself."""
+    spec = FineTuneJobSpec.model_validate(
+        yaml.safe_load((Path(__file__).parents[2] / "examples" / "tiny-cpu.yaml").read_text())[
+            "spec"
+        ]
+    )
+    children = render_children(spec, {"name": "tiny", "namespace": "ns", "uid": "u-1"},
+                               OperatorSettings())  # fmt: skip
+    [operator_role] = [
+        r for r in operator_roles(render()) if r["metadata"]["name"].endswith("-operator")
+    ]
+    held = grants(operator_role["rules"])
+
+    for role in of_kind(children, "Role"):
+        assert grants(role["rules"]) <= held
+    for child in children:
+        group = child["apiVersion"].rpartition("/")[0]
+        plural = {"ConfigMap": "configmaps", "ServiceAccount": "serviceaccounts", "Role": "roles",
+                  "RoleBinding": "rolebindings", "Job": "jobs"}[child["kind"]]  # fmt: skip
+        assert {(group, plural, "create"), (group, plural, "get")} <= held, child["kind"]
+
+
+def test_operator_env_is_exactly_the_operator_settings(
+    render: Render, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = deployment_env(render("-f", str(CHART / "ci" / "watched-namespaces-values.yaml")))
+    fields = {f"KUBETUNE_{name.upper()}" for name in OperatorSettings.model_fields}
+
+    assert set(env) <= fields, set(env) - fields
+    for key in list(os.environ):
+        if key.startswith("KUBETUNE_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = OperatorSettings()
+
+    assert settings.namespaces == ["team-a", "team-b"]
+    assert settings.max_workers == 4
+    assert settings.denied_options == ["trustRemoteCode", "pushToHub"]
+    assert settings.progress_interval_seconds == 5
+    assert settings.trainer_image == (
+        "kubetune/trainer@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    )
+    assert settings.run_as_user is None and settings.fs_group is None
+    assert settings.liveness_endpoint == "http://0.0.0.0:8080/healthz"
+    assert settings.json_logs is True
+
+
+def test_deployment_runs_restricted_with_probes_on_kopf_liveness(render: Render) -> None:
+    [deployment] = of_kind(render(), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert container["command"] == ["kubetune-operator"]
+    assert container["image"] == "kubetune/operator:0.1.0"
+
+
+def test_an_image_digest_wins_over_the_tag(render: Render) -> None:
+    digest = "sha256:" + "ab" * 32
+    objects = render("--set", f"image.digest={digest}", "--set", "image.tag=9.9.9",
+                     "--set", "imageRegistry=registry.example.com/ml")  # fmt: skip
+    [deployment] = of_kind(objects, "Deployment")
+
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == (
+        f"registry.example.com/ml/kubetune/operator@{digest}"
+    )
+    assert deployment_env(objects)["KUBETUNE_TRAINER_IMAGE"] == (
+        "registry.example.com/ml/kubetune/trainer:0.1.0"
+    )
+
+
+def test_networkpolicy_and_servicemonitor_render_only_when_enabled(render: Render) -> None:
+    default = render()
+    enabled = render("-f", str(CHART / "ci" / "networkpolicy-servicemonitor-values.yaml"))
+
+    assert of_kind(default, "NetworkPolicy") == [] and of_kind(default, "ServiceMonitor") == []
+    [policy] = of_kind(enabled, "NetworkPolicy")
+    [monitor] = of_kind(enabled, "ServiceMonitor")
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["spec"]["ingress"][0]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    assert {"ipBlock": {"cidr": "10.0.0.1/32"}} in policy["spec"]["egress"][1]["to"]
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    [service] = of_kind(enabled, "Service")
+    assert service["spec"]["selector"] == monitor["spec"]["selector"]["matchLabels"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "complaint"),
+    [
+        ("replicaCount=2", "/replicaCount"),
+        ("operator.maxWorkers=0", "/operator/maxWorkers"),
+        ("operator.deniedOptions={runAsRoot}", "/operator/deniedOptions/0"),
+        ("operator.progressIntervalSeconds=0", "/operator/progressIntervalSeconds"),
+        ("operator.jsonLogs=yes-please", "/operator/jsonLogs"),
+        ("watchNamespaces={Not_A_Namespace}", "/watchNamespaces/0"),
+        ("image.digest=latest", "/image/digest"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("trainer.runAsUser=-1", "/trainer/runAsUser"),
+        ("metrics.serviceMonitor.interval=often", "/metrics/serviceMonitor/interval"),
+        ("networkPolicy.apiServer.ports={0}", "/networkPolicy/apiServer/ports/0"),
+        ("operatr.maxWorkers=3", "operatr"),
+    ],
+)
+def test_values_schema_rejects_a_wrong_value_at_template_time(
+    helm: Helm, setting: str, complaint: str
+) -> None:
+    result = helm("template", "kt", str(CHART), "--set", setting)
+
+    assert result.returncode != 0, f"{setting} was accepted"
+    assert complaint in result.stderr, result.stderr
