@@ -1,0 +1,251 @@
+"""The chart on the real local cluster: server-side dry-run of its manifests, then the whole
+platform-team journey with the chart's own RBAC and nothing else:
+
+helm install → the operator Deployment's pod runs as a process on the local node, under the
+chart's ServiceAccount (its projected token, in-cluster config) → a namespace user who holds only
+the built-in `edit` role (FineTuneJobs reach it through the chart's aggregated ClusterRole)
+creates a tiny FineTuneJob → Succeeded → helm uninstall leaves none of the operator's objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import CHART, CI_VALUES, Helm
+
+from kubetune.local.testing import Kubectl, get_json, wait_for
+
+pytestmark = pytest.mark.integration
+
+RELEASE = "kt"
+FULLNAME = "kt-kubetune"
+CLAIM = "work"
+
+
+@pytest.fixture
+def helm_env(kubeconfig_path: Path, tmp_path: Path) -> dict[str, str]:
+    """helm against the local cluster, with its own config/cache/data directories."""
+    return {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig_path),
+        "HELM_CONFIG_HOME": str(tmp_path / "helm-config"),
+        "HELM_CACHE_HOME": str(tmp_path / "helm-cache"),
+        "HELM_DATA_HOME": str(tmp_path / "helm-data"),
+    }
+
+
+@pytest.fixture
+def team_namespace(kubectl: Kubectl, namespace: str) -> Iterator[str]:
+    """A second namespace: the operator lives in ``namespace``, the users' jobs in this one."""
+    name = f"team-{uuid.uuid4().hex[:6]}"
+    kubectl("create", "namespace", name)
+    wait_for(lambda: kubectl("get", "serviceaccount", "default", "-n", name,
+                             check=False).returncode == 0, 30, "default serviceaccount")  # fmt: skip
+    yield name
+    kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model and the toy dataset, built here (nothing is downloaded)."""
+    from kubetune.trainer.tiny import write_tiny_model, write_toy_datasets
+
+    root = tmp_path_factory.mktemp("tiny")
+    write_tiny_model(root / "model")
+    write_toy_datasets(root / "data", count=64)
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_helm(helm: Helm, env: dict[str, str], *args: str, timeout: float = 300) -> str:
+    result = helm(*args, env=env, timeout=timeout)
+    assert result.returncode == 0, f"helm {' '.join(args)}:\n{result.stderr}{result.stdout}"
+    return result.stdout
+
+
+def can_i(kubectl: Kubectl, user: str, *args: str) -> bool:
+    result = kubectl("auth", "can-i", *args, "--as", user, check=False)
+    return result.stdout.strip() == "yes"
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=lambda v: v.stem)
+def test_rendered_manifests_pass_a_server_side_dry_run(
+    helm: Helm, kubectl: Kubectl, namespace: str, values: Path
+) -> None:
+    watched = yaml.safe_load(values.read_text()).get("watchNamespaces")
+    extra = ["--set", f"watchNamespaces={{{namespace}}}"] if watched else []
+    rendered = helm("template", RELEASE, str(CHART), "--namespace", namespace, "--include-crds",
+                    "-f", str(values), *extra)  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    # The ServiceMonitor's CRD (Prometheus Operator) isn't part of a bare cluster.
+    objects = [
+        o for o in yaml.safe_load_all(rendered.stdout) if o and o["kind"] != "ServiceMonitor"
+    ]
+
+    result = kubectl("apply", "--server-side", "--dry-run=server", "--force-conflicts",
+                     "--field-manager=helm-dry-run", "-n", namespace, "-f", "-",
+                     input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))  # fmt: skip
+
+    assert len(result.stdout.strip().splitlines()) == len(objects), result.stdout
+    assert "(server dry run)" in result.stdout
+
+
+def test_install_then_a_user_with_only_edit_trains_a_tiny_job_then_uninstall_leaves_nothing(
+    helm: Helm,
+    helm_env: dict[str, str],
+    kubectl: Kubectl,
+    namespace: str,
+    team_namespace: str,
+    tiny_assets: Path,
+) -> None:
+    operator_sa = f"system:serviceaccount:{namespace}:{FULLNAME}"
+    user = f"system:serviceaccount:{team_namespace}:alice"
+    settings = [
+        f"watchNamespaces={{{team_namespace}}}",
+        f"operator.healthPort={free_port()}",  # the local node's pods share the host network
+        "operator.jsonLogs=false",
+        "operator.progressIntervalSeconds=1",
+        "operator.statusRecheckSeconds=5",
+        # The local node runs pods as the host user, not as images: no runAsNonRoot for trainers.
+        "trainer.runAsNonRoot=false",
+        "trainer.runAsUser=null",
+        "trainer.fsGroup=null",
+    ]
+    install = run_helm(helm, helm_env, "install", RELEASE, str(CHART), "--namespace", namespace,
+                       *[a for s in settings for a in ("--set", s)], "--wait", "--timeout", "3m")  # fmt: skip
+    assert f"kubectl -n {namespace} rollout status deployment/{FULLNAME}" in install
+    assert f"kubectl apply -n {team_namespace} -f examples/tiny-cpu.yaml" in install
+
+    # An upgrade changes a setting; the Deployment (Recreate) comes back with it.
+    run_helm(helm, helm_env, "upgrade", RELEASE, str(CHART), "--namespace", namespace,
+             "--reuse-values", "--set", "operator.maxWorkers=4", "--wait", "--timeout", "3m")  # fmt: skip
+    deployment = get_json(kubectl, "deployment", FULLNAME, "-n", namespace)
+    env = {
+        e["name"]: e.get("value")
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["KUBETUNE_MAX_WORKERS"] == "4"
+
+    def operator_pod() -> dict[str, Any] | None:
+        pods = get_json(kubectl, "pods", "-n", namespace, "-l",
+                        f"app.kubernetes.io/instance={RELEASE}")["items"]  # fmt: skip
+        running = [p for p in pods if p["status"].get("phase") == "Running"
+                   and not p["metadata"].get("deletionTimestamp")]  # fmt: skip
+        return running[0] if len(running) == 1 else None
+
+    pod = wait_for(operator_pod, 120, "the operator pod to run")
+    assert pod["spec"]["serviceAccountName"] == FULLNAME
+
+    # The chart's RBAC, as the apiserver sees it: the watched namespace only, no cluster-wide
+    # Secrets, and status only through finetunejobs/status.
+    assert can_i(kubectl, operator_sa, "create", "jobs.batch", "-n", team_namespace)
+    assert can_i(
+        kubectl,
+        operator_sa,
+        "patch",
+        "finetunejobs.kubetune.io",
+        "--subresource=status",
+        "-n",
+        team_namespace,
+    )
+    assert not can_i(kubectl, operator_sa, "get", "secrets", "-n", "default")
+    assert not can_i(kubectl, operator_sa, "create", "jobs.batch", "-n", "default")
+    assert not can_i(kubectl, operator_sa, "list", "secrets", "-n", team_namespace)
+    assert not can_i(kubectl, operator_sa, "delete", "jobs.batch", "-n", team_namespace)
+
+    # A namespace user with nothing but the built-in `edit` role.
+    kubectl("create", "serviceaccount", "alice", "-n", team_namespace)
+    kubectl("create", "rolebinding", "alice-edit", "--clusterrole=edit",
+            f"--serviceaccount={team_namespace}:alice", "-n", team_namespace)  # fmt: skip
+    wait_for(lambda: can_i(kubectl, user, "create", "finetunejobs.kubetune.io", "-n", team_namespace),
+             60, "the aggregated edit role to cover FineTuneJobs")  # fmt: skip
+    assert not can_i(
+        kubectl,
+        user,
+        "patch",
+        "finetunejobs.kubetune.io",
+        "--subresource=status",
+        "-n",
+        team_namespace,
+    )
+
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": CLAIM},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    kubectl("apply", "-n", team_namespace, "--as", user, "-f", "-", input=json.dumps(claim))
+    volume_name = wait_for(
+        lambda: get_json(kubectl, "pvc", CLAIM, "-n", team_namespace)["spec"].get("volumeName"),
+        60, "the claim to bind",
+    )  # fmt: skip
+    volume = Path(get_json(kubectl, "pv", volume_name)["spec"]["hostPath"]["path"])
+    shutil.copytree(tiny_assets / "model", volume / "model")
+    shutil.copytree(tiny_assets / "data", volume / "data")
+    job = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "tiny"},
+        "spec": {
+            "model": {"uri": f"pvc://{CLAIM}/model"},
+            "dataset": {"uri": f"pvc://{CLAIM}/data/reverse-prompt-completion.jsonl",
+                        "format": "prompt-completion"},
+            "quantization": {"type": "nf4", "computeDtype": "float32"},
+            "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+            "training": {"maxSteps": 6, "learningRate": 1.0e-2, "batchSize": 4, "maxLength": 64,
+                         "packing": False, "warmupRatio": 0.0, "checkpointSteps": 3,
+                         "loggingSteps": 1, "gradientCheckpointing": False},
+            "output": {"uri": f"pvc://{CLAIM}/adapter"},
+            "resources": {"gpus": 0, "shmSize": "64Mi"},
+            "runPolicy": {"backoffLimit": 1},
+        },
+    }  # fmt: skip
+    kubectl("apply", "-n", team_namespace, "--as", user, "-f", "-", input=json.dumps(job))
+
+    def finished() -> dict[str, Any] | None:
+        status = get_json(kubectl, "ftj", "tiny", "-n", team_namespace).get("status") or {}
+        return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+    status = wait_for(finished, 600, "the tiny job to finish", interval=1)
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=2)
+    assert status["result"]["adapter"]["uri"].startswith(f"pvc://{CLAIM}/adapter")
+    # The user reads the outcome with the same ordinary role.
+    seen = kubectl("get", "ftj", "tiny", "-n", team_namespace, "--as", user, "-o", "json").stdout
+    assert json.loads(seen)["status"]["phase"] == "Succeeded"
+
+    run_helm(helm, helm_env, "uninstall", RELEASE, "--namespace", namespace, "--wait",
+             "--timeout", "2m")  # fmt: skip
+
+    selector = f"app.kubernetes.io/instance={RELEASE}"
+    for kinds, where in (
+        ("deployments,replicasets,services,serviceaccounts,roles,rolebindings", ["-n", namespace]),
+        ("roles,rolebindings", ["-n", team_namespace]),
+        ("clusterroles,clusterrolebindings", []),
+    ):
+        left = wait_for(
+            lambda k=kinds, w=where: not get_json(kubectl, k, *w, "-l", selector)["items"],  # type: ignore[misc]
+            60, f"{kinds} of the release to go",
+        )  # fmt: skip
+        assert left
+    wait_for(lambda: not get_json(kubectl, "pods", "-n", namespace, "-l", selector)["items"],
+             120, "the operator pod to go")  # fmt: skip
+    assert run_helm(helm, helm_env, "list", "--namespace", namespace, "-q").strip() == ""
+    # CRDs stay on purpose (Helm never deletes them: that would delete every FineTuneJob).
+    assert kubectl("get", "crd", "finetunejobs.kubetune.io", check=False).returncode == 0
+    # Users' jobs outlive the operator.
+    assert get_json(kubectl, "ftj", "tiny", "-n", team_namespace)["status"]["phase"] == "Succeeded"
