@@ -270,6 +270,18 @@ def unschedulable_spec(**extra: Any) -> dict[str, Any]:
     }
 
 
+def event_reasons(kubectl: Kubectl, namespace: str, name: str) -> list[str]:
+    events = get_json(
+        kubectl,
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        f"involvedObject.kind=FineTuneJob,involvedObject.name={name}",
+    )["items"]
+    return [str(event.get("reason")) for event in events]
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -341,6 +353,11 @@ def test_job_without_a_schedulable_gpu_node_is_pending_unschedulable(
     status = wait_ready_reason(kubectl, namespace, "no-gpu", "Unschedulable", 90)
     assert status["phase"] == "Pending"
     assert f"Insufficient {MISSING_GPU}" in condition(status, "Ready")["message"]
+    wait_for(
+        lambda: "Unschedulable" in event_reasons(kubectl, namespace, "no-gpu"),
+        30,
+        "an Unschedulable event on the FineTuneJob",
+    )
 
 
 def test_missing_pvc_is_reported_and_the_job_starts_once_it_exists(
