@@ -1,0 +1,48 @@
+"""``kubetune-trainer --config FILE``: the entry point of every trainer pod."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from kubetune.api.errors import EXIT_CODE_REASONS, ConfigError, ExitCode
+from kubetune.trainer import outputs
+from kubetune.trainer.runner import configure_logging, failure, run
+
+log = logging.getLogger("kubetune.trainer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kubetune-trainer",
+        description=(
+            "Run one QLoRA SFT training from a resolved trainer config (the ConfigMap the "
+            "kubetune operator writes). Exit codes: 0 succeeded, 2 invalid config, 3 dataset "
+            "unusable, 4 model unusable, 5 out of GPU memory, 1 unexpected."
+        ),
+    )
+    parser.add_argument("--config", required=True, help="path of the TrainerConfig YAML")
+    parser.add_argument(
+        "--progress-bar", action="store_true", help="show a progress bar instead of log lines"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    from kubetune.api.config import load_trainer_config
+
+    try:
+        config = load_trainer_config(args.config)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        reason = EXIT_CODE_REASONS[ExitCode.INVALID_CONFIG]
+        outputs.write_termination_message(failure(reason, str(exc)))
+        return int(ExitCode.INVALID_CONFIG)
+    name = config.job.name if config.job else "adapter"
+    return run(config, name=name, progress_bar=args.progress_bar).exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

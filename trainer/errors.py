@@ -1,0 +1,32 @@
+"""Failures the trainer knows how to name: each carries the exit code DESIGN.md gives it."""
+
+from __future__ import annotations
+
+from kubetune.api.errors import EXIT_CODE_REASONS, ExitCode
+
+
+class TrainerFailure(Exception):
+    """A failure with a cause a person can act on; the CLI turns it into an exit code."""
+
+    exit_code: ExitCode = ExitCode.UNEXPECTED
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or EXIT_CODE_REASONS[self.exit_code]
+
+
+class InvalidConfig(TrainerFailure):
+    exit_code = ExitCode.INVALID_CONFIG
+
+
+class DatasetUnusable(TrainerFailure):
+    exit_code = ExitCode.DATASET
+
+
+class ModelUnusable(TrainerFailure):
+    exit_code = ExitCode.MODEL
+
+
+class OutOfMemory(TrainerFailure):
+    exit_code = ExitCode.OUT_OF_MEMORY

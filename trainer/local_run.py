@@ -1,0 +1,73 @@
+"""``kubetune train JOB.yaml [--output DIR]``: a FineTuneJob run on this machine, no cluster.
+
+The manifest goes through the same defaulting as in the cluster (``load_finetunejob``) and the
+same trainer; only the progress goes to a progress bar instead of the job's status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from kubetune.api.errors import ExitCode, SpecError
+
+log = logging.getLogger("kubetune.trainer")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="run a FineTuneJob manifest locally (CPU or local GPU)",
+        description=(
+            "Train a FineTuneJob manifest on this machine with the same defaults and trainer as "
+            "in the cluster. Writes the adapter, result.json, metrics.jsonl and loss_curve.png "
+            "to the output location."
+        ),
+    )
+    parser.add_argument("manifest", type=Path, help="FineTuneJob YAML file")
+    parser.add_argument(
+        "--output", type=Path, help="write the adapter here instead of spec.output.uri"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="log lines, no progress bar")
+    parser.set_defaults(func=train_command)
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from kubetune.api.config import TrainerConfig
+    from kubetune.api.manifest import load_finetunejob
+    from kubetune.trainer.runner import configure_logging, run
+
+    configure_logging()
+    try:
+        job = load_finetunejob(args.manifest)
+    except SpecError as exc:
+        print(f"error: {args.manifest} is not a valid FineTuneJob:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return int(ExitCode.INVALID_CONFIG)
+    spec = job.spec
+    if args.output is not None:
+        spec = spec.model_copy(
+            update={"output": spec.output.model_copy(update={"uri": str(args.output.resolve())})}
+        )
+    config = TrainerConfig(spec=spec)
+    outcome = run(config, name=job.name, progress_bar=not args.no_progress)
+    if outcome.exit_code == ExitCode.SUCCEEDED:
+        adapter = outcome.result.adapter
+        print(f"adapter: {outcome.output_dir}")
+        if adapter is not None:
+            print(f"sha256:  {adapter.sha256} ({adapter.size_bytes} bytes)")
+        print(f"result:  {Path(outcome.output_dir or '.') / 'result.json'}")
+    else:
+        print(f"error ({outcome.result.reason}): {outcome.result.message}", file=sys.stderr)
+    return outcome.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone ``kubetune train`` for before the main CLI wires it in."""
+    parser = argparse.ArgumentParser(prog="kubetune")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))

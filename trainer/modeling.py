@@ -1,0 +1,200 @@
+"""The base model in 4-bit, its tokenizer, the LoRA config, and the speed settings they run with."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kubetune.api.models import LoraSpec, ModelSpec, QuantizationSpec, TrainingSpec
+from kubetune.trainer import locations
+from kubetune.trainer.errors import InvalidConfig, ModelUnusable
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """The speed seams, resolved for this node (``auto`` becomes a concrete choice)."""
+
+    attention: str
+    liger_kernel: bool
+    gradient_checkpointing: bool
+    packing: bool
+    optimizer: str
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def flex_attention_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+def resolve_speed(training: TrainingSpec, cuda: bool) -> SpeedSettings:
+    """Turn the spec's ``auto`` settings into what this node can run; refuse what it can't."""
+    if training.attention == "flex_attention" and not cuda:
+        raise InvalidConfig("training.attention: flex_attention needs a CUDA GPU; use sdpa")
+    if training.attention == "auto":
+        attention = "flex_attention" if cuda and flex_attention_available() else "sdpa"
+    else:
+        attention = training.attention
+    if training.liger_kernel == "on" and not (cuda and liger_available()):
+        raise InvalidConfig(
+            "training.ligerKernel: on needs a CUDA GPU and the liger-kernel package; "
+            "use auto or off"
+        )
+    liger = training.liger_kernel == "on" or (
+        training.liger_kernel == "auto" and cuda and liger_available()
+    )
+    optimizer = training.optimizer
+    if optimizer == "auto":
+        # The paged 8-bit optimizer is bitsandbytes' CUDA kernel; the CPU gets plain AdamW.
+        optimizer = "paged_adamw_8bit" if cuda else "adamw_torch"
+    return SpeedSettings(
+        attention=attention,
+        liger_kernel=liger,
+        gradient_checkpointing=training.gradient_checkpointing,
+        packing=training.packing,
+        optimizer=optimizer,
+    )
+
+
+def locate_model(spec: ModelSpec) -> tuple[str, bool]:
+    """(what ``from_pretrained`` takes, whether it is a hub id) for the spec's model URI."""
+    try:
+        where = locations.resolve(spec.uri)
+    except ValueError as exc:
+        raise InvalidConfig(f"model.uri: {exc}") from None
+    if where.kind == "hub":
+        assert where.remote is not None
+        return where.remote, True
+    if where.kind == "object-store":
+        try:
+            return str(locations.fetch_object_store(spec.uri, "models")), False
+        except ImportError as exc:
+            raise ModelUnusable(
+                f"cannot read {spec.uri}: {exc.name} is not installed (s3fs for s3://, gcsfs "
+                "for gs://)"
+            ) from None
+        except Exception as exc:
+            raise ModelUnusable(f"cannot download model {spec.uri}: {exc}") from None
+    if where.kind == "http":
+        raise InvalidConfig("model.uri: https is not a supported model location")
+    assert where.path is not None
+    if not where.path.is_dir() or not (where.path / "config.json").is_file():
+        what = "does not exist" if not where.path.exists() else "holds no config.json"
+        raise ModelUnusable(f"model path {where.path} {what} (model.uri {spec.uri})")
+    return str(where.path), False
+
+
+def _load_kwargs(spec: ModelSpec, is_hub: bool, token: str | None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if is_hub:
+        kwargs.update(revision=spec.revision, token=token)
+    return kwargs
+
+
+def load_tokenizer(
+    source: str, spec: ModelSpec, is_hub: bool, token: str | None, chat_template: str | None
+) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **_load_kwargs(spec, is_hub, token))
+    except Exception as exc:
+        raise ModelUnusable(f"cannot load the tokenizer of {spec.uri}: {_first_line(exc)}") from None
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    if tokenizer.pad_token is None:
+        # Llama-2 ships without a pad token; padding is masked out, so any token will do.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def load_quantized_model(
+    source: str,
+    spec: ModelSpec,
+    quantization: QuantizationSpec,
+    speed: SpeedSettings,
+    is_hub: bool,
+    token: str | None,
+    cuda: bool,
+) -> PreTrainedModel:
+    """The base model with its Linear layers in bitsandbytes 4-bit, ready for k-bit training."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = torch_dtype(quantization.compute_dtype)
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization.type,
+        bnb_4bit_use_double_quant=quantization.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            quantization_config=bnb,
+            dtype=dtype,
+            attn_implementation=speed.attention,
+            device_map={"": torch.cuda.current_device()} if cuda else {"": "cpu"},
+            **_load_kwargs(spec, is_hub, token),
+        )
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        raise ModelUnusable(f"cannot load model {spec.uri}: {_first_line(exc)}") from None
+    model.config.use_cache = False  # the KV cache only costs memory while training
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=speed.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+
+
+def lora_config(spec: LoraSpec) -> LoraConfig:
+    from peft import LoraConfig
+
+    targets: str | list[str] = (
+        "all-linear" if spec.target_modules == ["all-linear"] else list(spec.target_modules)
+    )
+    return LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+        modules_to_save=list(spec.modules_to_save) or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def count_4bit_linear_layers(model: Any) -> int:
+    import bitsandbytes as bnb
+
+    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:400]
+
+
+def is_local_model_dir(path: str) -> bool:
+    return Path(path).is_dir()

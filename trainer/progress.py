@@ -1,0 +1,219 @@
+"""Live progress: a small reporter interface, its three reporters, and the rate limit they share.
+
+The training loop calls :class:`ProgressCallback` (a transformers ``TrainerCallback``) which builds
+a :class:`~kubetune.api.models.Progress` and hands it to a reporter. A reporter must never stop
+training: an unreachable API server costs a warning, not the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from kubetune.api.config import JobRef, ProgressSettings
+from kubetune.api.models import GROUP, PLURAL, VERSION, Progress
+
+log = logging.getLogger(__name__)
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def progress_json(progress: Progress) -> dict[str, Any]:
+    return progress.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class ProgressReporter(Protocol):
+    def report(self, progress: Progress) -> None: ...
+
+
+class NoopReporter:
+    """For runs nobody watches."""
+
+    def report(self, progress: Progress) -> None:
+        return None
+
+
+class FileReporter:
+    """Writes the latest progress as one JSON object, atomically (a reader never sees half)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def report(self, progress: Progress) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_name(self.path.name + ".partial")
+            partial.write_text(json.dumps(progress_json(progress)) + "\n", encoding="utf-8")
+            partial.replace(self.path)
+        except OSError as exc:
+            log.warning("could not write progress to %s: %s", self.path, exc.strerror)
+
+
+class KubernetesStatusReporter:
+    """Merge-patches ``status.progress`` of the trainer's own FineTuneJob, and nothing else.
+
+    The pod's service account may only ``patch`` ``finetunejobs/status`` of that one object, so
+    the credentials come from the projected service-account token (in-cluster config).
+    """
+
+    def __init__(self, job: JobRef, api: Any | None = None) -> None:
+        self.job = job
+        self._api = api
+
+    def _client(self) -> Any:
+        if self._api is None:
+            from kubernetes import client, config
+
+            config.load_incluster_config()
+            self._api = client.CustomObjectsApi()
+        return self._api
+
+    def report(self, progress: Progress) -> None:
+        body = {"status": {"progress": progress_json(progress)}}
+        try:
+            self._client().patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                self.job.namespace,
+                PLURAL,
+                self.job.name,
+                body,
+                _content_type="application/merge-patch+json",
+            )
+        except Exception as exc:  # any API or config failure: warn and keep training
+            status = getattr(exc, "status", None)
+            detail = f"HTTP {status}" if status else type(exc).__name__
+            log.warning(
+                "could not report progress to FineTuneJob %s/%s (%s); training continues",
+                self.job.namespace,
+                self.job.name,
+                detail,
+            )
+
+
+class RateLimitedReporter:
+    """Passes at most one report per ``interval_seconds`` through; a forced one always passes."""
+
+    def __init__(
+        self, inner: ProgressReporter, interval_seconds: float, clock: Any = time.monotonic
+    ) -> None:
+        self.inner = inner
+        self.interval = interval_seconds
+        self.clock = clock
+        self._last: float | None = None
+
+    def report(self, progress: Progress, force: bool = False) -> bool:
+        now = self.clock()
+        if not force and self._last is not None and now - self._last < self.interval:
+            return False
+        self._last = now
+        self.inner.report(progress)
+        return True
+
+
+def reporter_from_settings(settings: ProgressSettings, job: JobRef | None) -> ProgressReporter:
+    if settings.reporter == "file":
+        return FileReporter(settings.file or "progress.json")
+    if settings.reporter == "kubernetes":
+        if job is None:
+            log.warning("progress.reporter is kubernetes but the config names no job; not reporting")
+            return NoopReporter()
+        return KubernetesStatusReporter(job)
+    return NoopReporter()
+
+
+class ProgressTracker:
+    """Turns the trainer's step and log events into Progress, metrics lines and throughput."""
+
+    def __init__(self, reporter: RateLimitedReporter, metrics_file: Path | None) -> None:
+        self.reporter = reporter
+        self.metrics_file = metrics_file
+        self.total_steps: int | None = None
+        self.loss: float | None = None
+        self.learning_rate: float | None = None
+        self.tokens_per_second: float | None = None
+        self._started = time.monotonic()
+        self._start_step = 0
+        self._last_tokens: tuple[float, float] | None = None  # (num_tokens, time)
+
+    def begin(self, step: int, total_steps: int | None) -> None:
+        self._started = time.monotonic()
+        self._start_step = step
+        self.total_steps = total_steps
+
+    def progress(self, step: int, epoch: float | None) -> Progress:
+        percent = eta = None
+        if self.total_steps:
+            percent = round(100.0 * step / self.total_steps, 1)
+            done = step - self._start_step
+            if done > 0:
+                per_step = (time.monotonic() - self._started) / done
+                eta = round(per_step * (self.total_steps - step), 1)
+        return Progress(
+            step=step,
+            total_steps=self.total_steps,
+            epoch=round(epoch, 4) if epoch is not None else None,
+            percent=percent,
+            loss=self.loss,
+            learning_rate=self.learning_rate,
+            tokens_per_second=self.tokens_per_second,
+            eta_seconds=eta,
+            updated_at=now_rfc3339(),
+        )
+
+    def logged(self, step: int, epoch: float | None, logs: dict[str, Any]) -> None:
+        if "loss" in logs:
+            self.loss = round(float(logs["loss"]), 6)
+        if "learning_rate" in logs:
+            self.learning_rate = float(logs["learning_rate"])
+        if "num_tokens" in logs:
+            tokens, now = float(logs["num_tokens"]), time.monotonic()
+            if self._last_tokens is not None and now > self._last_tokens[1]:
+                rate = (tokens - self._last_tokens[0]) / (now - self._last_tokens[1])
+                self.tokens_per_second = round(rate, 1)
+            self._last_tokens = (tokens, now)
+        if self.metrics_file is not None and ("loss" in logs or "eval_loss" in logs):
+            line: dict[str, Any] = {"step": step, "epoch": epoch}
+            for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy"):
+                if key in logs:
+                    line[key] = float(logs[key])
+            line["tokens_per_second"] = self.tokens_per_second
+            line["time"] = now_rfc3339()
+            with self.metrics_file.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(line) + "\n")
+        self.reporter.report(self.progress(step, epoch))
+
+    def stepped(self, step: int, epoch: float | None) -> None:
+        self.reporter.report(self.progress(step, epoch))
+
+    def finished(self, step: int, epoch: float | None) -> None:
+        self.reporter.report(self.progress(step, epoch), force=True)
+
+
+def make_progress_callback(tracker: ProgressTracker) -> Any:
+    """The TrainerCallback that feeds ``tracker`` (built late: transformers is a heavy import)."""
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            tracker.begin(state.global_step, state.max_steps or None)
+            tracker.finished(state.global_step, state.epoch)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            tracker.stepped(state.global_step, state.epoch)
+
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any
+        ) -> None:
+            tracker.logged(state.global_step, state.epoch, logs or {})
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            tracker.finished(state.global_step, state.epoch)
+
+    return ProgressCallback()
