@@ -1,0 +1,124 @@
+"""Session fixtures for the trainer tests: a tiny model, the toy task, and one real training run.
+
+Everything is built here (nothing is downloaded); the expensive parts are session-scoped so the
+whole trainer suite stays within a few minutes on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from trainer_helpers import FAKE_TOKEN, TinyAssets, TrainedRun, job_manifest, write_manifest
+
+# One thread per process: these models are tiny, and on a small shared machine more threads
+# only contend. Set before torch is imported by any test.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
+    from kubetune.trainer import tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    model = tiny.write_tiny_model(root / "model")
+    datasets = tiny.write_toy_datasets(root / "data")
+    return TinyAssets(root=root, model=model, datasets=datasets)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Caches and termination messages in temp dirs; never a real hub token in the tests."""
+    import torch
+
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("env")
+    saved = {k: os.environ.get(k) for k in ("KUBETUNE_CACHE_DIR", "HF_TOKEN", "HF_HUB_OFFLINE")}
+    os.environ["KUBETUNE_CACHE_DIR"] = str(base / "cache")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.pop("HF_TOKEN", None)
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(autouse=True)
+def termination_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "termination-log"
+    monkeypatch.setenv("KUBETUNE_TERMINATION_LOG", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def trained(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> TrainedRun:
+    """`kubetune train` on the toy task, with a (fake) hub token in the environment."""
+    import contextlib
+
+    from kubetune.trainer.local_run import main
+    from kubetune.trainer.tiny import toy_eval_prompts
+
+    work = tmp_path_factory.mktemp("trained")
+    output = work / "adapter"
+    prompts = [p for p, _ in toy_eval_prompts(3)]
+    manifest = job_manifest(
+        tiny.model,
+        tiny.datasets["prompt-completion"],
+        output,
+        training={"checkpointSteps": 100},
+        evaluation={"prompts": prompts, "maxNewTokens": 8},
+    )
+    path = write_manifest(work / "job.yaml", manifest)
+    termination = work / "termination-log"
+    captured = io.StringIO()
+    handler = logging.StreamHandler(captured)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    stdout = io.StringIO()
+    env = {"HF_TOKEN": FAKE_TOKEN, "KUBETUNE_TERMINATION_LOG": str(termination)}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with contextlib.redirect_stdout(stdout):
+            code = main(["train", str(path), "--no-progress"])
+    finally:
+        root.removeHandler(handler)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    message = json.loads(termination.read_text()) if termination.exists() else {}
+    return TrainedRun(code, output, captured.getvalue(), stdout.getvalue(), message)
+
+
+@pytest.fixture(scope="session")
+def adapted_model(tiny: TinyAssets, trained: TrainedRun) -> Any:
+    """The 4-bit base with the saved adapter loaded onto it through PEFT."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    assert trained.exit_code == 0, trained.logs[-3000:]
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    base = AutoModelForCausalLM.from_pretrained(
+        tiny.model, quantization_config=quantization, dtype=torch.float32
+    )
+    model = PeftModel.from_pretrained(base, str(trained.output))
+    model.eval()
+    return model

@@ -1,0 +1,59 @@
+"""Helpers shared by the trainer tests (the fixtures themselves live in conftest.py)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FAKE_TOKEN = "hf_FAKEtok3n_do_not_leak_9f8e7d6c5b4a"
+
+
+@dataclass(frozen=True)
+class TinyAssets:
+    root: Path
+    model: Path
+    datasets: dict[str, Path]
+
+
+def job_manifest(
+    model: Path,
+    dataset: Path | str,
+    output: Path | str,
+    *,
+    training: dict[str, Any] | None = None,
+    dataset_extra: dict[str, Any] | None = None,
+    evaluation: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A FineTuneJob for the tiny model, with settings that train in seconds on a CPU."""
+    from kubetune.trainer.tiny import demo_manifest
+
+    manifest = copy.deepcopy(demo_manifest(model, Path(str(dataset))))
+    manifest["spec"]["dataset"]["uri"] = str(dataset)
+    manifest["spec"]["dataset"].update(dataset_extra or {})
+    manifest["spec"]["output"]["uri"] = str(output)
+    manifest["spec"]["training"].update(training or {})
+    if evaluation is None:
+        manifest["spec"].pop("evaluation", None)
+    else:
+        manifest["spec"]["evaluation"] = evaluation
+    return manifest
+
+
+def write_manifest(path: Path, manifest: dict[str, Any]) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    exit_code: int
+    output: Path
+    logs: str
+    stdout: str
+    termination_message: dict[str, Any]
+
+
