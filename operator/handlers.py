@@ -254,6 +254,13 @@ def change_deadline(old: Any, new: Any, name: str, namespace: str, **_: Any) -> 
                 raise
 
 
+@kopf.on.update(GROUP, VERSION, PLURAL)  # type: ignore[untyped-decorator]
+def spec_changed(name: str, namespace: str, status: kopf.Status, **_: Any) -> None:
+    """Allowed edits (scheduling, runPolicy) are acted on above; record the generation seen."""
+    if status.get("jobName"):
+        refresh(namespace, name)
+
+
 @kopf.timer(  # type: ignore[untyped-decorator]
     GROUP, VERSION, PLURAL, interval=SETTINGS.status_recheck_seconds, initial_delay=5
 )

@@ -95,7 +95,15 @@ class OperatorProcess:
 @pytest.fixture(scope="module")
 def crd(kubectl: Kubectl) -> None:
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+
+    def established() -> bool:
+        crd = get_json(kubectl, "crd", "finetunejobs.kubetune.io")
+        return any(
+            c["type"] == "Established" and c["status"] == "True"
+            for c in crd.get("status", {}).get("conditions") or []
+        )
+
+    wait_for(established, 60, "the FineTuneJob CRD to be established")
 
 
 @pytest.fixture(scope="module")
@@ -436,6 +444,31 @@ def test_operator_killed_mid_run_and_restarted_keeps_the_job_and_completes(
     assert status["phase"] == "Succeeded"
     assert [j["metadata"]["uid"] for j in jobs_of(kubectl, namespace)] == [job["metadata"]["uid"]]
     assert status["jobName"] == job["metadata"]["name"]
+
+
+def test_finished_job_is_deleted_after_its_ttl(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    spec = sleeper_spec(1, runPolicy={"ttlSecondsAfterFinished": 2})
+    apply(kubectl, namespace, finetunejob("short-lived", spec))
+    wait_phase(kubectl, namespace, "short-lived", {"Succeeded"}, 90)
+    wait_for(
+        lambda: kubectl("get", "ftj", "short-lived", "-n", namespace, check=False).returncode,
+        60,
+        "the FineTuneJob to be deleted after its TTL",
+    )  # its children go as in test_deleting_a_running_job_removes_its_job_and_pods
+
+
+def test_denied_option_fails_the_job_without_creating_children(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    spec = unschedulable_spec(model={"uri": "org/model", "trustRemoteCode": True})
+    apply(kubectl, namespace, finetunejob("remote-code", spec))
+    status = wait_phase(kubectl, namespace, "remote-code", {"Failed"}, 60)
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "Denied"
+    assert "spec.model.trustRemoteCode" in failed["message"]
+    assert jobs_of(kubectl, namespace) == []
 
 
 def _cluster_endpoint(kubectl: Kubectl) -> tuple[str, ssl.SSLContext]:
