@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -310,3 +311,46 @@ def test_env_and_volumes_reach_the_container(kubectl: Kubectl, namespace: str) -
         "s3cr3t",
         "env",
     ]
+
+
+def test_deleting_a_pod_sends_sigterm_then_removes_it(
+    kubectl: Kubectl, namespace: str, tmp_path: Path
+) -> None:
+    marker = tmp_path / "terminated"
+    script = f"trap 'echo got SIGTERM > {marker}; exit 0' TERM; while true; do sleep 0.1; done"
+    apply(kubectl, namespace, pod("graceful", script, terminationGracePeriodSeconds=10))
+    wait_for(lambda: phase(kubectl, namespace, "graceful") == "Running", 60, "pod to run")
+    time.sleep(0.5)  # let the shell install its trap
+
+    kubectl("delete", "pod", "graceful", "-n", namespace, "--timeout=30s")
+
+    assert marker.read_text() == "got SIGTERM\n"
+    assert kubectl("get", "pod", "graceful", "-n", namespace, check=False).returncode != 0
+
+
+def test_init_containers_run_first_and_in_order(kubectl: Kubectl, namespace: str) -> None:
+    mount = {"volumeMounts": [{"name": "work", "mountPath": "/work"}]}
+    spec = pod(
+        "ordered", "cat /work/order", container=mount, volumes=[{"name": "work", "emptyDir": {}}]
+    )
+    spec["spec"]["initContainers"] = [
+        {
+            "name": f"init-{i}",
+            "image": "busybox",
+            **mount,
+            "command": ["sh", "-c", f"echo init-{i} >> /work/order"],
+        }
+        for i in (1, 2)
+    ]
+    apply(kubectl, namespace, spec)
+
+    done = finished(kubectl, namespace, "ordered")
+
+    assert done["status"]["phase"] == "Succeeded"
+    assert kubectl("logs", "ordered", "-n", namespace, "-c", "main").stdout.split() == [
+        "init-1",
+        "init-2",
+    ]
+    init_states = [s["state"]["terminated"] for s in done["status"]["initContainerStatuses"]]
+    assert [s["exitCode"] for s in init_states] == [0, 0]
+    assert init_states[0]["finishedAt"] <= init_states[1]["startedAt"]
