@@ -28,7 +28,7 @@ from kubetune.api.models import (
     plan_training,
 )
 from kubetune.trainer import locations, outputs
-from kubetune.trainer.errors import InvalidConfig, OutOfMemory
+from kubetune.trainer.errors import DatasetUnusable, InvalidConfig, OutOfMemory
 from kubetune.trainer.progress import (
     ProgressReporter,
     ProgressTracker,
@@ -212,6 +212,12 @@ class QLoRASFTRecipe:
             peft_config=lora_config(self.spec.lora),
             callbacks=[make_progress_callback(self.tracker), self._preemption_callback()],
         )
+        if len(self._trainer.train_dataset) == 0:
+            # TRL drops examples whose completion was truncated away; none left is a data problem.
+            raise DatasetUnusable(
+                f"no training example keeps a completion token within training.maxLength "
+                f"({self.spec.training.max_length}); raise it or shorten the prompts"
+            )
 
     def _sft_config(self) -> Any:
         from trl import SFTConfig
