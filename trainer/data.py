@@ -138,8 +138,11 @@ def _load_files(files: dict[str, list[str]], cache_dir: Path) -> dict[str, Datas
             f"dataset mixes file types ({', '.join(sorted(suffixes))}); use one type"
         )
     for path in (Path(f) for fs in files.values() for f in fs):
+        records: int | None = None
         if path.suffix == ".jsonl" or (path.suffix == ".json" and _looks_like_json_lines(path)):
-            _validate_jsonl(path)
+            records = _validate_jsonl(path)
+        if records == 0 or path.stat().st_size == 0:
+            raise DatasetUnusable(f"dataset {path} is empty: no records to train on")
     try:
         loaded = load_dataset(builders.pop(), data_files=files, cache_dir=str(cache_dir))
     except DatasetUnusable:

@@ -1,0 +1,136 @@
+"""Bad input: each fails with its exit code and a message naming the cause, and leaves nothing
+behind that looks like a success."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from trainer_helpers import TinyAssets, job_manifest, write_manifest
+
+from kubetune.trainer.local_run import main as kubetune
+from kubetune.trainer.tiny import toy_records, write_jsonl
+
+
+def _assert_failed_without_success_traces(
+    output: Path, termination_log: Path, exit_code: int, reason: str, message: str
+) -> None:
+    assert not (output / "result.json").exists()
+    assert not (output / "adapter_model.safetensors").exists()
+    written = json.loads(termination_log.read_text())
+    assert written["outcome"] == "Failed"
+    assert written["reason"] == reason
+    assert message in written["message"]
+
+
+Setup = Callable[[TinyAssets, Path], dict[str, Any]]
+
+
+def _missing_dataset(tiny: TinyAssets, tmp: Path) -> dict[str, Any]:
+    return job_manifest(tiny.model, tmp / "nope.jsonl", tmp / "out")
+
+
+def _empty_dataset(tiny: TinyAssets, tmp: Path) -> dict[str, Any]:
+    (tmp / "empty.jsonl").write_text("")
+    return job_manifest(tiny.model, tmp / "empty.jsonl", tmp / "out")
+
+
+def _malformed_line(tiny: TinyAssets, tmp: Path) -> dict[str, Any]:
+    path = write_jsonl(tmp / "broken.jsonl", toy_records("text", 2))
+    with path.open("a") as f:
+        f.write('{"text": "reverse: a b =>" b a}\n')
+    return job_manifest(tiny.model, path, tmp / "out")
+
+
+def _missing_columns(tiny: TinyAssets, tmp: Path) -> dict[str, Any]:
+    path = write_jsonl(tmp / "qa.jsonl", [{"question": "q", "answer": "a"}])
+    return job_manifest(
+        tiny.model, path, tmp / "out", dataset_extra={"format": "prompt-completion"}
+    )
+
+
+def _unreadable_model(tiny: TinyAssets, tmp: Path) -> dict[str, Any]:
+    return job_manifest(tmp / "no-such-model", tiny.datasets["text"], tmp / "out")
+
+
+def _unwritable_output(tiny: TinyAssets, tmp: Path) -> dict[str, Any]:
+    # A path below a regular file can't be created, whoever runs the test (root included).
+    (tmp / "a-file").write_text("")
+    return job_manifest(tiny.model, tiny.datasets["text"], tmp / "a-file" / "out")
+
+
+CASES: list[tuple[str, Setup, int, str, str]] = [
+    ("missing dataset", _missing_dataset, 3, "DatasetError", "dataset not found"),
+    ("empty dataset", _empty_dataset, 3, "DatasetError", "is empty"),
+    ("malformed jsonl", _malformed_line, 3, "DatasetError", "line 3 is not valid JSON"),
+    ("missing columns", _missing_columns, 3, "DatasetError", "needs column(s) prompt, completion"),
+    ("unreadable model", _unreadable_model, 4, "ModelError", "no-such-model does not exist"),
+    ("unwritable output", _unwritable_output, 2, "InvalidConfig", "is not writable"),
+]
+
+
+@pytest.mark.parametrize(
+    ("setup", "exit_code", "reason", "message"),
+    [case[1:] for case in CASES],
+    ids=[case[0] for case in CASES],
+)
+def test_bad_input_exits_with_its_code_and_names_the_cause(
+    tiny: TinyAssets,
+    tmp_path: Path,
+    termination_log: Path,
+    capsys: pytest.CaptureFixture[str],
+    setup: Setup,
+    exit_code: int,
+    reason: str,
+    message: str,
+) -> None:
+    manifest = setup(tiny, tmp_path)
+    path = write_manifest(tmp_path / "job.yaml", manifest)
+    assert kubetune(["train", str(path), "--no-progress"]) == exit_code
+    assert message in capsys.readouterr().err
+    output = Path(manifest["spec"]["output"]["uri"])
+    _assert_failed_without_success_traces(output, termination_log, exit_code, reason, message)
+
+
+def test_unknown_format_is_an_invalid_manifest(
+    tiny: TinyAssets, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = job_manifest(
+        tiny.model, tiny.datasets["text"], tmp_path / "out", dataset_extra={"format": "sharegpt"}
+    )
+    path = write_manifest(tmp_path / "job.yaml", manifest)
+    assert kubetune(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "spec.dataset.format" in err and "text" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_invalid_manifest_names_each_bad_field(
+    tiny: TinyAssets, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = job_manifest(
+        tiny.model, tiny.datasets["text"], tmp_path / "out", training={"learningRate": -1}
+    )
+    manifest["spec"]["lora"]["r"] = 0
+    path = write_manifest(tmp_path / "job.yaml", manifest)
+    assert kubetune(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "spec.training.learningRate" in err
+    assert "spec.lora.r" in err
+
+
+def test_invalid_trainer_config_exits_2_and_says_so_in_the_termination_message(
+    tmp_path: Path, termination_log: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from kubetune.trainer.cli import main as trainer
+
+    config = tmp_path / "config.yaml"
+    config.write_text("apiVersion: kubetune.io/v1alpha1\nkind: TrainerConfig\nspec: {model: {}}\n")
+    assert trainer(["--config", str(config)]) == 2
+    written = json.loads(termination_log.read_text())
+    assert written["outcome"] == "Failed"
+    assert written["reason"] == "InvalidConfig"
+    assert "spec.model.uri" in written["message"]
