@@ -4,19 +4,13 @@ hack/helm/build.sh, cached) and ``helm template`` rendered into parsed objects."
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "kubetune"
-CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
-
-Render = Callable[..., list[dict[str, Any]]]
-Helm = Callable[..., subprocess.CompletedProcess[str]]
+from chartkit import CHART, REPO, Helm, Render
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -65,12 +59,3 @@ def render(helm: Helm) -> Render:
         return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
     return run
-
-
-def of_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [o for o in objects if o["kind"] == kind]
-
-
-@pytest.fixture
-def objects_of_kind() -> Callable[[list[dict[str, Any]], str], list[dict[str, Any]]]:
-    return of_kind

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import CHART, CI_VALUES, Helm, Render, of_kind
+from chartkit import CHART, CI_VALUES, Helm, Render, of_kind
 
 from kubetune.api.models import FineTuneJobSpec
 from kubetune.operator.render import render as render_children

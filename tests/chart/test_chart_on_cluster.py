@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import CHART, CI_VALUES, Helm
+from chartkit import CHART, CI_VALUES, Helm
 
 from kubetune.local.testing import Kubectl, get_json, wait_for
 
@@ -124,6 +124,10 @@ def test_install_then_a_user_with_only_edit_trains_a_tiny_job_then_uninstall_lea
         "trainer.runAsNonRoot=false",
         "trainer.runAsUser=null",
         "trainer.fsGroup=null",
+        # No way back to an admin kubeconfig: in-cluster config (the pod's projected token for
+        # the chart's ServiceAccount) is the operator's only credential.
+        "operator.extraEnv[0].name=KUBECONFIG",
+        "operator.extraEnv[0].value=/nonexistent/kubeconfig",
     ]
     install = run_helm(helm, helm_env, "install", RELEASE, str(CHART), "--namespace", namespace,
                        *[a for s in settings for a in ("--set", s)], "--wait", "--timeout", "3m")  # fmt: skip
@@ -149,6 +153,9 @@ def test_install_then_a_user_with_only_edit_trains_a_tiny_job_then_uninstall_lea
 
     pod = wait_for(operator_pod, 120, "the operator pod to run")
     assert pod["spec"]["serviceAccountName"] == FULLNAME
+    token_volumes = [v for v in pod["spec"]["volumes"] if "projected" in v]
+    assert any("serviceAccountToken" in source for v in token_volumes
+               for source in v["projected"]["sources"])  # fmt: skip
 
     # The chart's RBAC, as the apiserver sees it: the watched namespace only, no cluster-wide
     # Secrets, and status only through finetunejobs/status.
