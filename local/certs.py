@@ -9,6 +9,7 @@ and verifies projected tokens.
 
 from __future__ import annotations
 
+import secrets
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -62,6 +63,16 @@ class Pki:
     @property
     def node_serving_key(self) -> Path:
         return self.directory / "node-serving.key"
+
+    @property
+    def admin_token(self) -> Path:
+        """A bearer token for the admin (group system:masters), for curl and friends."""
+        return self.directory / "admin.token"
+
+    @property
+    def token_auth_file(self) -> Path:
+        """The apiserver's --token-auth-file (CSV: token,user,uid,"groups")."""
+        return self.directory / "tokens.csv"
 
     @property
     def service_account_key(self) -> Path:
@@ -130,7 +141,7 @@ def _signed_cert(
 def ensure_pki(directory: Path) -> Pki:
     """Create the PKI under ``directory`` unless it is already there (idempotent)."""
     pki = Pki(directory)
-    if pki.service_account_pub.exists():
+    if pki.token_auth_file.exists():
         return pki
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
@@ -195,4 +206,10 @@ def ensure_pki(directory: Path) -> Pki:
     _openssl(
         "pkey", "-in", str(pki.service_account_key), "-pubout", "-out", str(pki.service_account_pub)
     )
+    token = secrets.token_hex(32)
+    pki.admin_token.write_text(token + "\n")
+    pki.admin_token.chmod(0o600)
+    # Written last: its presence says the whole PKI is complete.
+    pki.token_auth_file.write_text(f'{token},kubetune-admin,kubetune-admin,"system:masters"\n')
+    pki.token_auth_file.chmod(0o600)
     return pki

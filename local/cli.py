@@ -40,6 +40,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"  export KUBECONFIG={kubeconfig}")
     print(f"  export PATH={info.bin_dir}:$PATH   # the matching kubectl")
     print("  kubectl get nodes")
+    print(f"admin bearer token (for curl): {cluster.pki.admin_token}")
     return 0
 
 

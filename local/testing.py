@@ -3,8 +3,9 @@
 Load with ``pytest_plugins = ["kubetune.local.testing"]``. One cluster per test
 session, in a temporary ``KUBETUNE_HOME`` (binaries come from the shared build
 cache, so only the first session on a machine pays for the build); set
-``KUBETUNE_TEST_HOME`` to the state dir of a running cluster
-(``kubetune local up``) to reuse it instead. Its first node has no GPUs; tests
+``KUBETUNE_TEST_KUBECONFIG`` to reuse a running cluster instead (that of
+``kubetune local up`` -- ``$(kubetune local kubeconfig)`` -- or any other, where
+the tests that add nodes are skipped). A cluster started here has no GPU node; tests
 that need one take ``gpu_node`` or start nodes with ``add_node``.
 """
 
@@ -17,7 +18,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,14 +32,18 @@ TEST_NODE = "kubetune-test"
 
 @dataclass
 class ClusterHandle:
-    """A running local cluster, as tests see it."""
+    """A running cluster, as tests see it."""
 
-    cluster: LocalCluster
-    info: ClusterInfo
     kubeconfig: Path
     kubectl_binary: Path
+    cluster: LocalCluster | None  # None: a foreign cluster, nodes can't be added
     owned: bool  # started by this session, so it stops it
-    extra_nodes: list[str] = field(default_factory=list)
+
+    def local(self) -> LocalCluster:
+        """The local cluster, to add nodes to; skips the test on a foreign cluster."""
+        if self.cluster is None:
+            pytest.skip("needs a kubetune local cluster (KUBETUNE_TEST_KUBECONFIG is foreign)")
+        return self.cluster
 
 
 class Kubectl(Protocol):
@@ -53,22 +58,25 @@ class Kubectl(Protocol):
 
 @pytest.fixture(scope="session")
 def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHandle]:
-    reuse = os.environ.get("KUBETUNE_TEST_HOME")
+    """The session's cluster: started here, or the one ``KUBETUNE_TEST_KUBECONFIG`` names."""
+    reuse = os.environ.get("KUBETUNE_TEST_KUBECONFIG")
     if reuse:
-        cluster = LocalCluster(Path(reuse))
-        if not cluster.ready():
-            pytest.fail(f"KUBETUNE_TEST_HOME={reuse}: no ready cluster there")
-        info = ClusterInfo.load(cluster.layout)
-        owned = False
-    else:
-        cluster = LocalCluster(tmp_path_factory.mktemp("kubetune-home"))
-        info = cluster.up(NodeOptions(name=TEST_NODE, gpus=0))
-        owned = True
-    handle = ClusterHandle(
-        cluster, info, cluster.layout.kubeconfig, Path(info.bin_dir) / "kubectl", owned
-    )
-    yield handle
-    if owned:
+        kubeconfig = Path(reuse).resolve()
+        # A kubeconfig written by `kubetune local up` sits in its state dir.
+        home = kubeconfig.parent
+        cluster = LocalCluster(home) if (home / "cluster.json").exists() else None
+        if cluster is not None and not cluster.ready():
+            pytest.fail(f"KUBETUNE_TEST_KUBECONFIG={reuse}: the cluster in {home} is not ready")
+        bin_dir = Path(ClusterInfo.load(cluster.layout).bin_dir) if cluster else binaries_dir()
+        yield ClusterHandle(kubeconfig, bin_dir / "kubectl", cluster, owned=False)
+        return
+    cluster = LocalCluster(tmp_path_factory.mktemp("kubetune-home"))
+    info = cluster.up(NodeOptions(name=TEST_NODE, gpus=0))
+    try:
+        yield ClusterHandle(
+            cluster.layout.kubeconfig, Path(info.bin_dir) / "kubectl", cluster, owned=True
+        )
+    finally:
         cluster.down()
 
 
@@ -157,14 +165,15 @@ def add_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[AddNode
         name: str, gpus: int = 0, labels: Sequence[str] = (), taints: Sequence[str] = ()
     ) -> str:
         node = NodeOptions(name=name, gpus=gpus, labels=labels, taints=taints)
-        local_cluster.cluster.start_node_agent(node)
+        local = local_cluster.local()
+        local.start_node_agent(node)
         started.append(name)
-        local_cluster.cluster.wait_node_ready(name, timeout=60)
+        local.wait_node_ready(name, timeout=60)
         return name
 
     yield add
     for name in started:
-        local_cluster.cluster.node_agent_process(name).stop()
+        local_cluster.local().node_agent_process(name).stop()
         kubectl("delete", "node", name, "--wait=false", check=False)
 
 
@@ -172,10 +181,11 @@ def add_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[AddNode
 def gpu_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[str]:
     """A node with one ``nvidia.com/gpu``, for the rest of the session."""
     name = "kubetune-test-gpu"
-    local_cluster.cluster.start_node_agent(NodeOptions(name=name, gpus=1))
-    local_cluster.cluster.wait_node_ready(name, timeout=60)
+    local = local_cluster.local()
+    local.start_node_agent(NodeOptions(name=name, gpus=1))
+    local.wait_node_ready(name, timeout=60)
     yield name
-    local_cluster.cluster.node_agent_process(name).stop()
+    local.node_agent_process(name).stop()
     kubectl("delete", "node", name, "--wait=false", check=False)
 
 
