@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from kubetune.local.controlplane import free_port
 from kubetune.local.testing import Kubectl, get_json, wait_for
 
 pytestmark = pytest.mark.integration
@@ -43,6 +44,7 @@ class OperatorProcess:
     def __init__(self, kubeconfig: Path, log_path: Path) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
+        self.liveness_url = f"http://127.0.0.1:{free_port()}/healthz"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -53,7 +55,7 @@ class OperatorProcess:
             "KUBETUNE_RUN_AS_NON_ROOT": "false",
             "KUBETUNE_RUN_AS_USER": "",
             "KUBETUNE_FS_GROUP": "",
-            "KUBETUNE_LIVENESS_ENDPOINT": "",
+            "KUBETUNE_LIVENESS_ENDPOINT": self.liveness_url,
             "KUBETUNE_PROGRESS_INTERVAL_SECONDS": "1",
             "KUBETUNE_STATUS_RECHECK_SECONDS": "5",
             "KUBETUNE_REFERENCE_RECHECK_SECONDS": "2",
@@ -299,6 +301,17 @@ def sha256_of(path: Path) -> str:
 
 
 # --- scenarios ---------------------------------------------------------------------------------
+
+
+def test_operator_answers_its_liveness_probe(operator: OperatorProcess) -> None:
+    def alive() -> bool:
+        try:
+            with urllib.request.urlopen(operator.liveness_url, timeout=5) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    wait_for(alive, 30, "the liveness endpoint to answer 200")
 
 
 def test_tiny_job_succeeds_with_an_adapter_whose_digest_matches_the_pvc_file(
