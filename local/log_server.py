@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import parse_qs, unquote, urlparse
 
 from kubetune.local.pod_worker import PodWorker
@@ -48,24 +49,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
         self.end_headers()
-        data = _tail(path, query.get("tailLines"), query.get("limitBytes"))
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            self.wfile.write(data)
-            if query.get("follow") == "true" and not previous:
-                self._follow(path, len(data), worker, container)
+        follow = query.get("follow") == "true" and not previous
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError), path.open("rb") as handle:
+            # One handle for the backlog and what follows, so no line falls in between.
+            self.wfile.write(_tail(handle.read(), query.get("tailLines"), query.get("limitBytes")))
+            if follow and query.get("limitBytes") is None:
+                self._follow(handle, path, worker, container)
 
-    def _follow(self, path: Path, _: int, worker: PodWorker, container: str) -> None:
-        with path.open("rb") as handle:
-            handle.seek(0, 2)
-            while True:
-                chunk = handle.read(65536)
-                if chunk:
-                    self.wfile.write(chunk)
-                    self.wfile.flush()
-                    continue
-                if not worker.container_running(container) or worker.log_path(container) != path:
-                    return
-                time.sleep(0.2)
+    def _follow(self, handle: BinaryIO, path: Path, worker: PodWorker, container: str) -> None:
+        while True:
+            chunk = handle.read(65536)
+            if chunk:
+                self.wfile.write(chunk)
+                self.wfile.flush()
+                continue
+            if not worker.container_running(container) or worker.log_path(container) != path:
+                return
+            time.sleep(0.2)
 
     def _text(self, code: int, text: str) -> None:
         body = text.encode()
@@ -76,8 +76,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def _tail(path: Path, tail_lines: str | None, limit_bytes: str | None) -> bytes:
-    data = path.read_bytes()
+def _tail(data: bytes, tail_lines: str | None, limit_bytes: str | None) -> bytes:
     if tail_lines is not None:
         count = int(tail_lines)
         lines = data.splitlines(keepends=True)
