@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,13 @@ def cmd_down(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
     stopped = cluster.down()
     print("stopped " + ", ".join(stopped) if stopped else "no local cluster was running")
+    if args.purge and cluster.layout.home.exists():
+        # Only a directory that holds a cluster's state is removed, never an arbitrary path.
+        if not cluster.layout.cluster_file.exists():
+            print(f"not removing {cluster.layout.home}: it holds no cluster.json", file=sys.stderr)
+            return 1
+        shutil.rmtree(cluster.layout.home)
+        print(f"removed {cluster.layout.home}")
     return 0
 
 
@@ -98,7 +106,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="node taint (repeatable)",
     )
     up.set_defaults(func=cmd_up)
-    commands.add_parser("down", help="stop the cluster").set_defaults(func=cmd_down)
+    down = commands.add_parser("down", help="stop the cluster")
+    down.add_argument("--purge", action="store_true", help="also delete its state (etcd, volumes)")
+    down.set_defaults(func=cmd_down)
     commands.add_parser("status", help="show what runs").set_defaults(func=cmd_status)
     commands.add_parser("kubeconfig", help="print the kubeconfig's path").set_defaults(
         func=cmd_kubeconfig

@@ -428,6 +428,9 @@ class NodeAgent:
     # -- lifecycle ------------------------------------------------------------------
 
     def run(self) -> None:
+        if shutil.which("bwrap") is None:
+            # Refuse to register a node that could only fail every pod.
+            raise SystemExit("bwrap not found: install bubblewrap (hack/cluster/build.sh does)")
         self.node_dir.mkdir(parents=True, exist_ok=True)
         self.log_server.start()
         self.register()
