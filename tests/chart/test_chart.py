@@ -21,6 +21,7 @@ pytestmark = pytest.mark.unit
 OPERATOR_ALLOW_LIST: dict[tuple[str, str], set[str]] = {
     ("kubetune.io", "finetunejobs"): {"get", "list", "watch", "patch", "delete"},
     ("kubetune.io", "finetunejobs/status"): {"get", "patch"},
+    ("kubetune.io", "finetunejobs/finalizers"): {"update"},
     ("", "events"): {"create"},
     ("", "configmaps"): {"get", "create"},
     ("", "serviceaccounts"): {"get", "create"},

@@ -77,6 +77,12 @@ namespaces) or into one Role per watched namespace.
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/status]
   verbs: [get, patch]
+# Children set blockOwnerDeletion on their ownerReference to the FineTuneJob; where the
+# OwnerReferencesPermissionEnforcement admission plugin is on (OpenShift), that takes update on
+# finalizers. It adds nothing real: patch on finetunejobs can edit finalizers anyway.
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs/finalizers]
+  verbs: [update]
 # kopf.event(): one Event per transition.
 - apiGroups: [""]
   resources: [events]
