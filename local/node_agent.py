@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import logging
 import os
 import platform
@@ -83,6 +84,10 @@ class NodeAgent:
         self.rest = Rest(self.info.server, self.pki)
         self.config = config
         self.node_dir = self.layout.nodes / config.name
+        # One tmpfs directory per node agent (keyed by its state dir, as several
+        # clusters may share the host), removed whole when the agent stops.
+        node_key = hashlib.sha256(str(self.node_dir).encode()).hexdigest()[:12]
+        self.memory_dir = Path("/dev/shm") / f"kubetune-{config.name}-{node_key}"
         self.workers: dict[str, PodWorker] = {}  # by pod uid
         self._by_name: dict[tuple[str, str], PodWorker] = {}
         self._lock = threading.Lock()
@@ -312,6 +317,7 @@ class NodeAgent:
             host_ip=HOST_IP,
             pods_dir=self.node_dir / "pods",
             base_env=self._base_env(),
+            memory_dir=self.memory_dir,
             device_paths=tuple(sorted(glob.glob("/dev/nvidia*") + glob.glob("/dev/dri"))),
         )
         worker = PodWorker(self.rest, context, pod, env_extra, on_finished=self._finished)
@@ -347,7 +353,7 @@ class NodeAgent:
                     del self._by_name[key]
             self._deleting.discard(uid)
         shutil.rmtree(self.node_dir / "pods" / uid, ignore_errors=True)
-        shutil.rmtree(Path("/dev/shm/kubetune") / uid, ignore_errors=True)
+        shutil.rmtree(self.memory_dir / uid, ignore_errors=True)
 
     def sync(self, event_type: str, pod: JSON) -> None:
         meta = pod["metadata"]
@@ -451,6 +457,7 @@ class NodeAgent:
             worker.request_stop(5)
         for worker in list(self.workers.values()):
             worker.finished.wait(10)
+        shutil.rmtree(self.memory_dir, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

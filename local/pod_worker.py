@@ -55,6 +55,7 @@ class NodeContext:
     host_ip: str
     pods_dir: Path
     base_env: Mapping[str, str]
+    memory_dir: Path  # on a host tmpfs, for emptyDir volumes with medium Memory
     device_paths: tuple[str, ...] = ()
 
 
@@ -182,7 +183,13 @@ class PodWorker(threading.Thread):
             timer.start()
 
         volumes = self._retry_until_ready(
-            lambda: VolumeBuilder(self.rest, self.pod, self.pod_dir, self.node.host_ip).build_all(),
+            lambda: VolumeBuilder(
+                self.rest,
+                self.pod,
+                self.pod_dir,
+                self.node.host_ip,
+                self.node.memory_dir / self.uid,
+            ).build_all(),
             "ContainerCreating",
         )
         if volumes is None:

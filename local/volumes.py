@@ -70,8 +70,11 @@ def resource_value(pod: JSON, container_name: str | None, ref: JSON) -> str:
 class VolumeBuilder:
     """Builds the host side of each volume of one pod under ``pod_dir/volumes``."""
 
-    def __init__(self, rest: Rest, pod: JSON, pod_dir: Path, host_ip: str) -> None:
+    def __init__(
+        self, rest: Rest, pod: JSON, pod_dir: Path, host_ip: str, memory_dir: Path
+    ) -> None:
         self.rest = rest
+        self.memory_dir = memory_dir
         self.pod = pod
         self.namespace: str = pod["metadata"]["namespace"]
         self.pod_dir = pod_dir
@@ -105,7 +108,7 @@ class VolumeBuilder:
             # A directory on the host's /dev/shm tmpfs: memory-backed like the real
             # thing, and shared by all containers of the pod (a per-container tmpfs
             # mount would not be).
-            target = Path("/dev/shm/kubetune") / self.pod["metadata"]["uid"] / target.name
+            target = self.memory_dir / target.name
         target.mkdir(parents=True, exist_ok=True)
         return HostVolume(target, read_only=False)
 
