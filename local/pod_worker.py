@@ -446,6 +446,7 @@ class PodWorker(threading.Thread):
                 self.status["reason"], self.status["message"] = self._stop_reason
                 succeeded = False
             self.status["phase"] = "Succeeded" if succeeded else "Failed"
+            log.info("pod %s/%s %s", self.namespace, self.pod_name, self.status["phase"])
             self._set_condition("ContainersReady", "False", "PodCompleted")
             self._set_condition("Ready", "False", "PodCompleted")
             self._set_condition("PodReadyToStartContainers", "False")
