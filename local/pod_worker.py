@@ -182,16 +182,17 @@ class PodWorker(threading.Thread):
             timer.daemon = True
             timer.start()
 
-        volumes = self._retry_until_ready(
-            lambda: VolumeBuilder(
-                self.rest,
-                self.pod,
-                self.pod_dir,
-                self.node.host_ip,
-                self.node.memory_dir / self.uid,
-            ).build_all(),
-            "ContainerCreating",
+        builder = VolumeBuilder(
+            self.rest, self.pod, self.pod_dir, self.node.host_ip, self.node.memory_dir / self.uid
         )
+        volumes = self._retry_until_ready(builder.build_all, "ContainerCreating")
+        if builder.tokens:
+            threading.Thread(
+                target=self._refresh_tokens,
+                args=(builder,),
+                name=f"{self.name}-tokens",
+                daemon=True,
+            ).start()
         if volumes is None:
             return self._finish()
         with self._lock:
@@ -216,6 +217,13 @@ class PodWorker(threading.Thread):
         for thread in threads:
             thread.join()
         return self._finish()
+
+    def _refresh_tokens(self, builder: VolumeBuilder) -> None:
+        while not self._stop_requested.wait(builder.token_lifetime()):
+            try:
+                builder.refresh_tokens()
+            except (ApiError, OSError) as error:
+                log.warning("refreshing tokens of %s/%s: %s", self.namespace, self.pod_name, error)
 
     def _has_init(self) -> bool:
         return any(r.init for r in self.containers.values())

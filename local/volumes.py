@@ -79,8 +79,11 @@ class VolumeBuilder:
         self.namespace: str = pod["metadata"]["namespace"]
         self.pod_dir = pod_dir
         self.host_ip = host_ip
+        # Token files written so far, with their projection, for refresh_tokens().
+        self.tokens: list[tuple[Path, JSON]] = []
 
     def build_all(self) -> dict[str, HostVolume]:
+        self.tokens = []
         return {v["name"]: self.build(v) for v in self.pod["spec"].get("volumes", [])}
 
     def build(self, volume: JSON) -> HostVolume:
@@ -136,6 +139,7 @@ class VolumeBuilder:
             if "serviceAccountToken" in source:
                 token = source["serviceAccountToken"]
                 files[token["path"]] = (self._token(token).encode(), None)
+                self.tokens.append((target / token["path"], token))
             elif "configMap" in source:
                 ref = source["configMap"]
                 data = self._object_data("configmaps", ref["name"], ref.get("optional", False))
@@ -189,6 +193,20 @@ class VolumeBuilder:
                 return {}
             raise VolumeNotReady(f"{resource[:-1]} {name!r} not found")
         return object_data(obj)
+
+    def token_lifetime(self) -> float:
+        """Seconds until the first token needs renewing (80% of its life, as a kubelet)."""
+        return min(
+            (0.8 * spec.get("expirationSeconds", 3607) for _, spec in self.tokens), default=0.0
+        )
+
+    def refresh_tokens(self) -> None:
+        """Write fresh tokens in place: the volume's directory stays bind-mounted."""
+        for path, spec in self.tokens:
+            fresh = path.with_name(f".{path.name}.new")
+            fresh.write_text(self._token(spec))
+            fresh.chmod(path.stat().st_mode & 0o777)
+            os.replace(fresh, path)
 
     def _token(self, spec: JSON) -> str:
         """A TokenRequest bound to this pod, so it dies with the pod."""
