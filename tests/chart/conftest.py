@@ -1,5 +1,6 @@
 """Fixtures for the chart, image and GitOps tests: the helm CLI (built from its Go module by
-hack/helm/build.sh, cached) and ``helm template`` rendered into parsed objects."""
+hack/helm/build.sh, cached) and ``helm template`` rendered into parsed objects. The cluster
+fixtures (local_cluster, kubectl, namespace, ...) come from tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -11,13 +12,6 @@ from typing import Any
 import pytest
 import yaml
 from chartkit import CHART, REPO, Helm, Render
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    # The cluster fixtures (local_cluster, kubectl, namespace, ...) of the integration tests here;
-    # registered once, whether or not a conftest above already names the plugin.
-    if not config.pluginmanager.has_plugin("kubetune.local.testing"):
-        config.pluginmanager.import_plugin("kubetune.local.testing")
 
 
 @pytest.fixture(scope="session")
