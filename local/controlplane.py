@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -223,8 +223,7 @@ class LocalCluster:
             lambda: self.node_ready(name), f"node {name} Ready", timeout, f"node-agent-{name}"
         )
 
-    def _wait(self, check: object, what: str, timeout: float, process: str) -> None:
-        assert callable(check)
+    def _wait(self, check: Callable[[], bool], what: str, timeout: float, process: str) -> None:
         deadline = time.monotonic() + timeout
         supervised = self.process(process)
         while time.monotonic() < deadline:

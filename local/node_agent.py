@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -261,9 +261,8 @@ class NodeAgent:
                     log.warning("heartbeat failed: %s", error)
             self._stopping.wait(LEASE_RENEW_SECONDS)
 
-    def _try(self, action: object) -> None:
+    def _try(self, action: Callable[[], object]) -> None:
         try:
-            assert callable(action)
             action()
         except Exception as error:
             log.warning("%s", error)

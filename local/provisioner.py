@@ -12,7 +12,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kubetune.local.layout import Layout, default_home
@@ -121,8 +121,7 @@ class Provisioner:
             if error.status != 404:
                 raise
 
-    def _loop(self, resource: str, handle: object) -> None:
-        assert callable(handle)
+    def _loop(self, resource: str, handle: Callable[[JSON], None]) -> None:
         path = f"/api/v1/{resource}"
         while True:
             try:
