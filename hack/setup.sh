@@ -23,6 +23,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 
-if [ -x hack/cluster/build.sh ]; then
-  bash hack/cluster/build.sh >/dev/null
-fi
+echo "==> control plane and helm from Go modules (cached after the first build)"
+bash hack/cluster/build.sh >/dev/null
+bash hack/helm/build.sh >/dev/null
