@@ -89,7 +89,9 @@ def configure(settings: kopf.OperatorSettings, logger: kopf.Logger, **_: Any) ->
     settings.networking.request_timeout = 60
     settings.execution.max_workers = SETTINGS.max_workers
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
-    kube()
+    # Deletion waits for a running timer to exit; the TTL timer deletes its own FineTuneJob, so
+    # look again soon rather than after kopf's default of a minute.
+    settings.background.cancellation_polling = 2
     logger.info(
         "kubetune operator: watching %s",
         ", ".join(SETTINGS.namespaces) if SETTINGS.namespaces else "all namespaces",

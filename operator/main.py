@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import kopf
@@ -31,18 +32,28 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
+    if args.namespace:
+        # One source of truth for the handlers, which read the settings when imported.
+        os.environ["KUBETUNE_NAMESPACES"] = ",".join(args.namespace)
     try:
         settings = OperatorSettings()
     except ValidationError as exc:
         sys.exit(f"kubetune-operator: invalid settings:\n{exc}")
-    namespaces = args.namespace or settings.namespaces
+    namespaces = settings.namespaces
     kopf.configure(
         verbose=settings.verbose,
         log_format=kopf.LogFormat.JSON if settings.json_logs else kopf.LogFormat.FULL,
         log_refkey="k8s" if settings.json_logs else None,
     )
     # Importing the handlers registers them with kopf's default registry.
-    from kubetune.operator import handlers  # noqa: F401
+    from kubernetes.config import ConfigException
+
+    from kubetune.operator import handlers
+
+    try:
+        handlers.kube()
+    except ConfigException as exc:
+        sys.exit(f"kubetune-operator: no Kubernetes credentials (in-cluster or KUBECONFIG): {exc}")
 
     kopf.run(
         standalone=True,

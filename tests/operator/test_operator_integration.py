@@ -4,6 +4,8 @@ The operator runs as ``kubetune-operator`` with the cluster's kubeconfig; FineTu
 through kubectl, and every assertion is on what a user sees: status, children, files on the PVC.
 Trainer pods run as local processes on the node agent. Jobs that need no training override the
 trainer's command through ``spec.podTemplate`` (``sleep``), so lifecycle tests cost seconds.
+A failing test prints the operator's log tail; ``KUBETUNE_TEST_OPERATOR_VERBOSE=true`` and
+``KUBETUNE_TEST_OPERATOR_LOG_LINES=N`` make it say more.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class OperatorProcess:
             "KUBETUNE_REFERENCE_RECHECK_SECONDS": "2",
             "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:test",
             "PYTHONUNBUFFERED": "1",
+            "KUBETUNE_VERBOSE": os.environ.get("KUBETUNE_TEST_OPERATOR_VERBOSE", "false"),
         }
         operator = Path(sys.executable).with_name("kubetune-operator")
         log = self.log_path.open("ab")
@@ -90,6 +93,7 @@ class OperatorProcess:
         self.process = None
 
     def log_tail(self, lines: int = 60) -> str:
+        lines = int(os.environ.get("KUBETUNE_TEST_OPERATOR_LOG_LINES", lines))
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
@@ -465,11 +469,15 @@ def test_finished_job_is_deleted_after_its_ttl(
     spec = sleeper_spec(1, runPolicy={"ttlSecondsAfterFinished": 2})
     apply(kubectl, namespace, finetunejob("short-lived", spec))
     wait_phase(kubectl, namespace, "short-lived", {"Succeeded"}, 90)
-    wait_for(
-        lambda: kubectl("get", "ftj", "short-lived", "-n", namespace, check=False).returncode,
-        60,
-        "the FineTuneJob to be deleted after its TTL",
-    )  # its children go as in test_deleting_a_running_job_removes_its_job_and_pods
+    try:
+        wait_for(
+            lambda: kubectl("get", "ftj", "short-lived", "-n", namespace, check=False).returncode,
+            60,
+            "the FineTuneJob to be deleted after its TTL",
+        )
+    except AssertionError:
+        print(kubectl("get", "ftj", "short-lived", "-n", namespace, "-o", "yaml").stdout)
+        raise
 
 
 def test_denied_option_fails_the_job_without_creating_children(
