@@ -328,11 +328,14 @@ def test_tiny_job_succeeds_with_an_adapter_whose_digest_matches_the_pvc_file(
     apply(kubectl, namespace, finetunejob("tiny", spec))
 
     progress_while_running: list[dict[str, Any]] = []
+    table_while_running: list[str] = []
 
     def finished() -> dict[str, Any] | None:
         status = ftj_status(kubectl, namespace, "tiny")
         if status.get("phase") == "Running" and status.get("progress"):
             progress_while_running.append(status["progress"])
+            if not table_while_running:
+                table_while_running.append(kubectl("get", "ftj", "tiny", "-n", namespace).stdout)
         return status if status.get("phase") in ("Succeeded", "Failed") else None
 
     status: dict[str, Any] = wait_for(finished, 600, "the tiny job to finish", interval=0.3)
@@ -340,6 +343,9 @@ def test_tiny_job_succeeds_with_an_adapter_whose_digest_matches_the_pvc_file(
     assert condition(status, "Succeeded")["status"] == "True"
     assert progress_while_running, "status.progress was never seen while the job ran"
     assert progress_while_running[0]["step"] >= 0
+    header, row = table_while_running[0].splitlines()[:2]
+    assert header.split()[:4] == ["NAME", "PHASE", "PROGRESS", "LOSS"]
+    assert row.split()[:2] == ["tiny", "Running"]
     assert status["progress"]["step"] >= 1
 
     adapter = status["result"]["adapter"]
