@@ -166,7 +166,12 @@ def _outcome(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> tuple[Outcome, O
         return Outcome("Succeeded", "Succeeded", "the trainer finished"), winner
     failed = _job_condition(job, "Failed", "FailureTarget")
     if failed is not None:
+        # The pod that failed: its trainer has terminated, though the pod may not be Failed yet
+        # when the Job's FailureTarget condition comes first.
         last = next(
+            (p for p in reversed(by_age) if (_terminated(p) or {}).get("exitCode", 0) != 0),
+            None,
+        ) or next(
             (p for p in reversed(by_age) if p.get("status", {}).get("phase") == "Failed"), None
         )
         job_reason = str(failed.get("reason") or "Failed")

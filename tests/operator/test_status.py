@@ -333,3 +333,12 @@ def test_transition_is_an_event_only_when_phase_or_reason_changes() -> None:
     failed = derive_status(ftj(running), failed_job("DeadlineExceeded", "too long"), [], NOW)
     change = transition(running, failed)
     assert change is not None and change[0] == "Warning" and change[1] == "DeadlineExceeded"
+
+
+def test_failure_target_names_the_exit_code_before_the_pod_is_marked_failed() -> None:
+    terminating = pod("Running", state=terminated(3, "no such file"))
+    status = derive_status(
+        ftj(), job(("FailureTarget", "PodFailurePolicy", "")), [terminating], NOW
+    )
+    assert status["phase"] == "Failed"
+    assert condition(status, "Failed")["reason"] == "DatasetError"
