@@ -87,7 +87,7 @@ def build_model(shape: str, directory: Path) -> None:
 def synthetic_dataset(count: int, max_length: int, vocab: int, seed: int = 0) -> Any:
     from datasets import Dataset
 
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 -- synthetic data, not secrets
     rows = []
     for _ in range(count):
         length = int(min(max_length, max(16, rng.lognormvariate(math.log(380), 0.7))))
@@ -187,9 +187,12 @@ def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, A
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=LoraConfig(
-            r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.05,
+            target_modules="all-linear",
             task_type="CAUSAL_LM",
-        ),  # fmt: skip
+        ),
         callbacks=[throughput_callback(args.warmup, record)],
     )
     trainer.train()

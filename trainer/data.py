@@ -202,9 +202,7 @@ def _file_digest(paths: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def read_splits(
-    spec: DatasetSpec, token: str | None = None
-) -> tuple[dict[str, Dataset], str]:
+def read_splits(spec: DatasetSpec, token: str | None = None) -> tuple[dict[str, Dataset], str]:
     """The raw splits of the dataset, and a fingerprint of its resolved source and content."""
     try:
         where = locations.resolve(spec.uri)
@@ -250,7 +248,7 @@ def _fingerprint(source: str, content: str) -> str:
 
 
 def apply_column_mapping(dataset: Dataset, spec: DatasetSpec) -> Dataset:
-    """Rename mapped columns to their canonical names; a mapped column that is absent is an error."""
+    """Rename mapped columns to their canonical names; an absent mapped column is an error."""
     mapping = {
         column: canonical
         for canonical, column in spec.columns.model_dump().items()
@@ -350,8 +348,10 @@ def shape_for_trl(
 def _check_messages(dataset: Dataset) -> None:
     for index, row in enumerate(dataset.select(range(min(len(dataset), 1000)))):
         messages = row["messages"]
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in messages
+        ok = (
+            isinstance(messages, list)
+            and messages
+            and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
         )
         if not ok:
             raise DatasetUnusable(

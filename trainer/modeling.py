@@ -110,7 +110,9 @@ def load_tokenizer(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **_load_kwargs(spec, is_hub, token))
     except Exception as exc:
-        raise ModelUnusable(f"cannot load the tokenizer of {spec.uri}: {_first_line(exc)}") from None
+        raise ModelUnusable(
+            f"cannot load the tokenizer of {spec.uri}: {_first_line(exc)}"
+        ) from None
     if chat_template:
         tokenizer.chat_template = chat_template
     if tokenizer.pad_token is None:
@@ -127,6 +129,7 @@ def torch_dtype(name: str) -> Any:
 
 def load_quantized_model(
     source: str,
+    *,
     spec: ModelSpec,
     quantization: QuantizationSpec,
     speed: SpeedSettings,

@@ -122,7 +122,9 @@ def reporter_from_settings(settings: ProgressSettings, job: JobRef | None) -> Pr
         return FileReporter(settings.file or "progress.json")
     if settings.reporter == "kubernetes":
         if job is None:
-            log.warning("progress.reporter is kubernetes but the config names no job; not reporting")
+            log.warning(
+                "progress.reporter is kubernetes but the config names no job; not reporting"
+            )
             return NoopReporter()
         return KubernetesStatusReporter(job)
     return NoopReporter()

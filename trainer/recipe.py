@@ -195,12 +195,12 @@ class QLoRASFTRecipe:
         source, is_hub = located
         model = load_quantized_model(
             source,
-            self.spec.model,
-            self.spec.quantization,
-            self.speed,
-            is_hub,
-            self.token,
-            self.cuda,
+            spec=self.spec.model,
+            quantization=self.spec.quantization,
+            speed=self.speed,
+            is_hub=is_hub,
+            token=self.token,
+            cuda=self.cuda,
         )
         self.tracker = ProgressTracker(self.reporter, self.metrics_file)
         self._trainer = SFTTrainer(

@@ -118,7 +118,9 @@ def _run(
         return RunOutcome(
             int(ExitCode.UNEXPECTED), failure(EXIT_CODE_REASONS[ExitCode.UNEXPECTED], message)
         )
-    log.info("adapter: %s (sha256 %s)", config.spec.output.uri, result.adapter and result.adapter.sha256)
+    log.info(
+        "adapter: %s (sha256 %s)", config.spec.output.uri, result.adapter and result.adapter.sha256
+    )
     return RunOutcome(int(ExitCode.SUCCEEDED), result, str(recipe.output_dir))
 
 

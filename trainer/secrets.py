@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kubetune.trainer.errors import InvalidConfig
 
-TOKEN_ENV = "HF_TOKEN"
+TOKEN_ENV = "HF_TOKEN"  # noqa: S105 -- the variable's name, not its value
 REDACTED = "***"
 
 

@@ -50,7 +50,7 @@ LM_HEAD_SCALE = 25.0
 
 def toy_words(count: int, seed: int = 0, min_len: int = 3, max_len: int = 4) -> list[str]:
     """Random letter runs, spaced (``"c a f"``) so the tokenizer gives one token per letter."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 -- toy data, not secrets
     return [
         " ".join(rng.choice(TOY_LETTERS) for _ in range(rng.randint(min_len, max_len)))
         for _ in range(count)
@@ -66,7 +66,7 @@ def toy_answer(word: str) -> str:
 
 
 def toy_records(fmt: str, count: int, seed: int = 0) -> list[dict[str, Any]]:
-    """The reversal task as rows of one dataset format: text, messages, prompt-completion, alpaca."""
+    """The reversal task in one dataset format: text, messages, prompt-completion or alpaca."""
     rows: list[dict[str, Any]] = []
     for word in toy_words(count, seed):
         prompt, answer = toy_prompt(word), toy_answer(word)
@@ -130,9 +130,9 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token="<|begin_of_text|>",
-        eos_token="<|im_end|>",
-        pad_token="<|pad|>",
+        bos_token="<|begin_of_text|>",  # noqa: S106 -- a vocabulary token, not a password
+        eos_token="<|im_end|>",  # noqa: S106
+        pad_token="<|pad|>",  # noqa: S106
         additional_special_tokens=["<|im_start|>", "<|end_of_text|>"],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -142,7 +142,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 def build_model(
     tokenizer: PreTrainedTokenizerFast, hidden_size: int = 64, layers: int = 2, seed: int = 0
 ) -> LlamaForCausalLM:
-    """A randomly initialised Llama with Linear dims in multiples of 64 (bitsandbytes' block size)."""
+    """A randomly initialised Llama, Linear dims in multiples of 64 (bitsandbytes' block size)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -96,7 +96,7 @@ def test_completion_only_loss_can_be_turned_off(tiny: TinyAssets) -> None:
 
 
 def test_messages_need_a_chat_template(tiny: TinyAssets) -> None:
-    with pytest.raises(InvalidConfig, match="dataset.chatTemplate"):
+    with pytest.raises(InvalidConfig, match=r"dataset\.chatTemplate"):
         prepare(DatasetSpec(uri=str(tiny.datasets["messages"])), None, seed=0)
 
 

@@ -42,11 +42,15 @@ def test_sigterm_checkpoints_and_a_restart_continues_from_that_step(
         tiny.model,
         tiny.datasets["prompt-completion"],
         output,
-        training={"maxSteps": 400, "checkpointSteps": 10, "loggingSteps": 5},
+        training={"maxSteps": 200, "checkpointSteps": 10, "loggingSteps": 5},
     )
     config = TrainerConfig(
         spec=load_finetunejob(manifest).spec,
-        progress={"reporter": "file", "file": str(tmp_path / "progress.json"), "intervalSeconds": 0.1},
+        progress={
+            "reporter": "file",
+            "file": str(tmp_path / "progress.json"),
+            "intervalSeconds": 0.1,
+        },
     )
     config_path = tmp_path / "config.yaml"
     config_path.write_text(config.to_yaml())
@@ -78,7 +82,7 @@ def test_sigterm_checkpoints_and_a_restart_continues_from_that_step(
     assert preempted["reason"] == "Preempted"
     assert "resume" in preempted["message"]
     stopped_at = max(_checkpoint_steps(output / "checkpoints"))
-    assert 10 <= stopped_at < 400
+    assert 10 <= stopped_at < 200
     assert not (output / "result.json").exists()
 
     from kubetune.trainer.cli import main as trainer
@@ -92,7 +96,7 @@ def test_sigterm_checkpoints_and_a_restart_continues_from_that_step(
     assert steps_after_restart and min(steps_after_restart) > stopped_at
     result = json.loads((output / "result.json").read_text())
     assert result["outcome"] == "Succeeded"
-    assert result["metrics"]["steps"] == 400
+    assert result["metrics"]["steps"] == 200
     progress = json.loads((tmp_path / "progress.json").read_text())
-    assert progress["step"] == 400 and progress["totalSteps"] == 400
+    assert progress["step"] == 200 and progress["totalSteps"] == 200
     assert progress["percent"] == 100.0

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from trainer_helpers import FAKE_TOKEN, TinyAssets, TrainedRun
 
 
@@ -25,7 +24,9 @@ def _exact_match(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], adapt
             output = model.generate(
                 **inputs, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id
             )
-        answer = tokenizer.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        answer = tokenizer.decode(
+            output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )
         hits += answer.strip() == expected
     return hits / len(pairs)
 
@@ -39,9 +40,9 @@ def test_base_model_linear_layers_are_bitsandbytes_4bit(tiny: TinyAssets) -> Non
     speed = resolve_speed(TrainingSpec(gradient_checkpointing=False), cuda=False)
     model = load_quantized_model(
         str(tiny.model),
-        ModelSpec(uri=str(tiny.model)),
-        QuantizationSpec(compute_dtype="float32"),
-        speed,
+        spec=ModelSpec(uri=str(tiny.model)),
+        quantization=QuantizationSpec(compute_dtype="float32"),
+        speed=speed,
         is_hub=False,
         token=None,
         cuda=False,
@@ -91,7 +92,7 @@ def test_model_card_states_base_model_fingerprint_hyperparameters_and_metrics(
 ) -> None:
     card = (trained.output / "README.md").read_text()
     result = json.loads((trained.output / "result.json").read_text())
-    assert f"base_model: \"{tiny.model}\"" in card
+    assert f'base_model: "{tiny.model}"' in card
     assert result["datasetFingerprint"] in card
     assert "| learning rate | 0.005 |" in card
     assert "final_loss" in card

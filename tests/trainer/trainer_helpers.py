@@ -55,5 +55,3 @@ class TrainedRun:
     logs: str
     stdout: str
     termination_message: dict[str, Any]
-
-

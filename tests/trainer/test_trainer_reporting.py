@@ -1,0 +1,182 @@
+"""Progress reporters, the termination message, and a CLI that starts without importing torch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune.api.config import JobRef, ProgressSettings
+from kubetune.api.models import EvaluationResult, EvaluationSample, Progress, TrainerResult
+from kubetune.trainer.outputs import (
+    TERMINATION_MESSAGE_LIMIT,
+    termination_message,
+    write_termination_message,
+)
+from kubetune.trainer.progress import (
+    FileReporter,
+    KubernetesStatusReporter,
+    NoopReporter,
+    RateLimitedReporter,
+    reporter_from_settings,
+)
+
+pytestmark = pytest.mark.unit
+
+PROGRESS = Progress(
+    step=30,
+    total_steps=120,
+    epoch=0.75,
+    percent=25.0,
+    loss=1.25,
+    learning_rate=2e-4,
+    tokens_per_second=5000.0,
+    eta_seconds=90.0,
+    updated_at="2026-11-28T04:00:00Z",
+)
+
+
+class FakeCustomObjectsApi:
+    def __init__(self, error: Exception | None = None) -> None:
+        self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+        self.error = error
+
+    def patch_namespaced_custom_object_status(self, *args: Any, **kwargs: Any) -> None:
+        self.calls.append((args, kwargs))
+        if self.error is not None:
+            raise self.error
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.reports: list[Progress] = []
+
+    def report(self, progress: Progress) -> None:
+        self.reports.append(progress)
+
+
+def test_kubernetes_reporter_merge_patches_camelcase_progress_of_its_own_job() -> None:
+    api = FakeCustomObjectsApi()
+    KubernetesStatusReporter(JobRef(name="llama", namespace="team-a"), api=api).report(PROGRESS)
+    ((args, kwargs),) = api.calls
+    assert args[:5] == ("kubetune.io", "v1alpha1", "team-a", "finetunejobs", "llama")
+    assert kwargs["_content_type"] == "application/merge-patch+json"
+    assert args[5] == {
+        "status": {
+            "progress": {
+                "step": 30,
+                "totalSteps": 120,
+                "epoch": 0.75,
+                "percent": 25.0,
+                "loss": 1.25,
+                "learningRate": 2e-4,
+                "tokensPerSecond": 5000.0,
+                "etaSeconds": 90.0,
+                "updatedAt": "2026-11-28T04:00:00Z",
+            }
+        }
+    }
+
+
+def test_kubernetes_reporter_warns_and_carries_on_when_the_api_fails(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    api = FakeCustomObjectsApi(error=ApiException(status=403, reason="Forbidden"))
+    reporter = KubernetesStatusReporter(JobRef(name="llama", namespace="team-a"), api=api)
+    with caplog.at_level(logging.WARNING):
+        reporter.report(PROGRESS)
+    assert "could not report progress to FineTuneJob team-a/llama (HTTP 403)" in caplog.text
+
+
+def test_kubernetes_reporter_outside_a_cluster_warns_instead_of_crashing(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    reporter = KubernetesStatusReporter(JobRef(name="llama", namespace="team-a"))
+    with caplog.at_level(logging.WARNING):
+        reporter.report(PROGRESS)
+    assert "training continues" in caplog.text
+
+
+def test_rate_limit_passes_one_report_per_interval_and_every_forced_one() -> None:
+    now = [0.0]
+    recorder = Recorder()
+    limited = RateLimitedReporter(recorder, interval_seconds=10, clock=lambda: now[0])
+    passed = []
+    for t in (0.0, 3.0, 9.9, 10.0, 15.0, 21.0):
+        now[0] = t
+        passed.append(limited.report(PROGRESS))
+    now[0] = 21.5
+    passed.append(limited.report(PROGRESS, force=True))
+    assert passed == [True, False, False, True, False, True, True]
+    assert len(recorder.reports) == 4
+
+
+def test_file_reporter_writes_the_latest_progress_as_json(tmp_path: Path) -> None:
+    path = tmp_path / "progress.json"
+    FileReporter(path).report(PROGRESS)
+    FileReporter(path).report(PROGRESS.model_copy(update={"step": 31}))
+    assert json.loads(path.read_text())["step"] == 31
+    assert json.loads(path.read_text())["totalSteps"] == 120
+
+
+def test_reporter_follows_the_settings(tmp_path: Path) -> None:
+    job = JobRef(name="j", namespace="n")
+    file_settings = ProgressSettings(reporter="file", file=str(tmp_path / "p.json"))
+    assert isinstance(reporter_from_settings(file_settings, None), FileReporter)
+    assert isinstance(
+        reporter_from_settings(ProgressSettings(reporter="kubernetes"), job),
+        KubernetesStatusReporter,
+    )
+    assert isinstance(reporter_from_settings(ProgressSettings(), job), NoopReporter)
+
+
+def test_termination_message_stays_within_4kib_and_keeps_the_adapter_digest() -> None:
+    samples = [EvaluationSample(prompt="p" * 1000, base="b" * 1000, adapter="a" * 1000)] * 8
+    result = TrainerResult.model_validate(
+        {
+            "outcome": "Succeeded",
+            "reason": "Succeeded",
+            "message": "m" * 6000,
+            "adapter": {"uri": "s3://b/a", "sha256": "f" * 64, "sizeBytes": 10},
+            "evaluation": EvaluationResult(samples=samples).model_dump(),
+        }
+    )
+    text = termination_message(result)
+    assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT
+    assert json.loads(text)["adapter"]["sha256"] == "f" * 64
+
+
+def test_termination_message_goes_to_the_configured_path(termination_log: Path) -> None:
+    result = TrainerResult(outcome="Failed", reason="DatasetError", message="dataset not found")
+    assert write_termination_message(result) == termination_log
+    assert json.loads(termination_log.read_text())["reason"] == "DatasetError"
+
+
+def test_cli_help_and_config_validation_do_not_import_torch(tmp_path: Path) -> None:
+    bad = tmp_path / "config.yaml"
+    bad.write_text("kind: TrainerConfig\nspec: {}\n")
+    probe = (
+        "import sys\n"
+        "from kubetune.trainer import cli, local_run\n"
+        f"code = cli.main(['--config', {str(bad)!r}])\n"
+        "heavy = [m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules]\n"
+        "print(code, heavy)\n"
+    )
+    env = {"KUBETUNE_TERMINATION_LOG": str(tmp_path / "t"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.stdout.strip() == "2 []", done.stderr
