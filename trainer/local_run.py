@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +38,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def train_command(args: argparse.Namespace) -> int:
     from kubetune.api.config import TrainerConfig
     from kubetune.api.manifest import load_finetunejob
+    from kubetune.trainer import outputs
     from kubetune.trainer.runner import configure_logging, run
 
     configure_logging()
@@ -53,7 +55,12 @@ def train_command(args: argparse.Namespace) -> int:
             update={"output": spec.output.model_copy(update={"uri": str(args.output.resolve())})}
         )
     config = TrainerConfig(spec=spec)
-    outcome = run(config, name=job.name, progress_bar=not args.no_progress)
+    outcome = run(
+        config,
+        name=job.name,
+        progress_bar=not args.no_progress,
+        write_termination=outputs.TERMINATION_LOG_ENV in os.environ,
+    )
     if outcome.exit_code == ExitCode.SUCCEEDED:
         adapter = outcome.result.adapter
         print(f"adapter: {outcome.output_dir}")

@@ -60,8 +60,13 @@ def run(
     name: str = "adapter",
     progress_bar: bool = False,
     reporter: ProgressReporter | None = None,
+    write_termination: bool = True,
 ) -> RunOutcome:
-    """Train, save, and say how it went. Never raises for a failure it can name."""
+    """Train, save, and say how it went. Never raises for a failure it can name.
+
+    ``write_termination`` is off for laptop runs that named no termination-log path: there is
+    no kubelet to read it, and /dev is no place to leave files.
+    """
     from kubetune.trainer.secrets import resolve_hub_token
 
     secrets: list[str] = []
@@ -81,7 +86,8 @@ def run(
             outcome.result.model_copy(update={"message": redact(outcome.result.message, secrets)}),
             outcome.output_dir,
         )
-    outputs.write_termination_message(outcome.result)
+    if write_termination:
+        outputs.write_termination_message(outcome.result)
     return outcome
 
 

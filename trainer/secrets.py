@@ -39,6 +39,12 @@ class RedactSecrets(logging.Filter):
         redacted = redact(message, self.secrets)
         if redacted != message:
             record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            # A traceback can quote a token (a URL, an argument); render it now, redacted, and
+            # formatters reuse this text instead of rendering the raw one.
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self.secrets)
         return True
 
 

@@ -180,3 +180,47 @@ def test_cli_help_and_config_validation_do_not_import_torch(tmp_path: Path) -> N
         check=False,
     )
     assert done.stdout.strip() == "2 []", done.stderr
+
+
+def test_a_traceback_that_quotes_a_secret_is_redacted() -> None:
+    import io
+
+    from kubetune.trainer.secrets import install_redaction, uninstall_redaction
+
+    secret = "hf_TRACEBACKsecret_123456"
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger().addHandler(handler)
+    guard = install_redaction([secret])
+    try:
+        try:
+            raise RuntimeError(f"401 for https://example.invalid/?token={secret}")
+        except RuntimeError:
+            logging.getLogger("kubetune.trainer").exception("training failed unexpectedly")
+    finally:
+        uninstall_redaction(guard)
+        logging.getLogger().removeHandler(handler)
+    assert "RuntimeError: 401" in stream.getvalue()
+    assert secret not in stream.getvalue()
+
+
+def test_object_store_files_and_prefixes_are_fetched_and_uploaded_through_fsspec(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fsspec
+
+    from kubetune.trainer import locations
+
+    monkeypatch.setenv("KUBETUNE_CACHE_DIR", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket/data/train.jsonl", b'{"text": "a"}\n')
+    fs.pipe("/bucket/model/config.json", b"{}")
+    local_file = locations.fetch_object_store("memory://bucket/data/train.jsonl", "datasets")
+    assert local_file.read_text() == '{"text": "a"}\n'
+    local_dir = locations.fetch_object_store("memory://bucket/model", "models")
+    assert (local_dir / "config.json").read_text() == "{}"
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    locations.upload_directory(tmp_path / "adapter", "memory://bucket/out/run-1")
+    assert fs.cat("/bucket/out/run-1/adapter_model.safetensors") == b"weights"
