@@ -236,7 +236,8 @@ class QLoRASFTRecipe:
             gradient_accumulation_steps=self.plan.gradient_accumulation_steps,
             learning_rate=training.learning_rate,
             lr_scheduler_type=training.lr_scheduler,
-            warmup_steps=training.warmup_ratio,
+            # transformers reads a float below 1 as a fraction of the run and 1.0 as one step.
+            warmup_steps=min(training.warmup_ratio, 0.999),
             weight_decay=training.weight_decay,
             max_grad_norm=training.max_grad_norm,
             seed=training.seed,

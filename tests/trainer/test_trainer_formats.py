@@ -93,6 +93,7 @@ def test_each_format_trains_end_to_end_with_packing(
         tiny.model,
         tiny.datasets[fmt],
         tmp_path / "out",
+        dataset_extra={"evalFraction": 0.1},
         training={
             "maxSteps": 6,
             "packing": True,
@@ -101,7 +102,14 @@ def test_each_format_trains_end_to_end_with_packing(
             "loggingSteps": 2,
         },
     )
+    manifest["spec"]["output"]["merge"] = fmt == "alpaca"
     outcome = run(TrainerConfig(spec=load_finetunejob(manifest).spec))
     assert outcome.exit_code == 0, outcome.result.message
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     assert outcome.result.metrics["steps"] == 6
+    assert outcome.result.metrics["eval_loss"] > 0  # evalFraction held some records out
+    if fmt == "alpaca":
+        from transformers import AutoModelForCausalLM
+
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged")
+        assert not any("lora" in name for name, _ in merged.named_parameters())
