@@ -134,3 +134,46 @@ def test_invalid_trainer_config_exits_2_and_says_so_in_the_termination_message(
     assert written["outcome"] == "Failed"
     assert written["reason"] == "InvalidConfig"
     assert "spec.model.uri" in written["message"]
+
+
+def test_hub_model_that_cannot_be_fetched_is_a_model_error(
+    tiny: TinyAssets, tmp_path: Path, termination_log: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The session runs with HF_HUB_OFFLINE=1: the hub is as unreachable as a gated repo.
+    manifest = job_manifest(tiny.model, tiny.datasets["text"], tmp_path / "out")
+    manifest["spec"]["model"]["uri"] = "example-org/no-such-model"
+    path = write_manifest(tmp_path / "job.yaml", manifest)
+    assert kubetune(["train", str(path)]) == 4
+    assert "example-org/no-such-model" in capsys.readouterr().err
+    assert json.loads(termination_log.read_text())["reason"] == "ModelError"
+
+
+def test_hub_dataset_that_cannot_be_fetched_is_a_dataset_error(
+    tiny: TinyAssets, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest = job_manifest(tiny.model, "hf://example-org/no-such-dataset", tmp_path / "out")
+    path = write_manifest(tmp_path / "job.yaml", manifest)
+    assert kubetune(["train", str(path)]) == 3
+    assert "cannot load hub dataset example-org/no-such-dataset" in capsys.readouterr().err
+
+
+def test_out_of_gpu_memory_exits_5_and_names_the_knobs_to_turn(
+    tiny: TinyAssets,
+    tmp_path: Path,
+    termination_log: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch
+    from trl import SFTTrainer
+
+    def out_of_memory(*_: Any, **__: Any) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(SFTTrainer, "train", out_of_memory)
+    manifest = job_manifest(tiny.model, tiny.datasets["text"], tmp_path / "out")
+    path = write_manifest(tmp_path / "job.yaml", manifest)
+    assert kubetune(["train", str(path)]) == 5
+    written = json.loads(termination_log.read_text())
+    assert written["reason"] == "OutOfMemory"
+    assert "training.microBatchSize (now 16" in written["message"]
+    assert "training.gradientCheckpointing: true" in written["message"]
