@@ -36,7 +36,7 @@ from kubetune.trainer.progress import (
     make_progress_callback,
     reporter_from_settings,
 )
-from kubetune.trainer.secrets import resolve_hub_token
+from kubetune.trainer.secrets import PUSH_TOKEN_ENV, resolve_hub_token
 
 if TYPE_CHECKING:
     from kubetune.trainer.data import PreparedData
@@ -476,8 +476,7 @@ class QLoRASFTRecipe:
 
         push = self.spec.output.push_to_hub
         assert push is not None
-        # The operator mounts the push Secret as HF_PUSH_TOKEN; the read token is the fallback.
-        token = os.environ.get("HF_PUSH_TOKEN") or self.token
+        token = os.environ.get(PUSH_TOKEN_ENV) or self.token
         api = HfApi(token=token)
         api.create_repo(push.repo_id, private=push.private, exist_ok=True)
         api.upload_folder(

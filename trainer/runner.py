@@ -4,6 +4,7 @@ and every outcome becomes the termination message the operator reads."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass
 
@@ -13,7 +14,12 @@ from kubetune.api.models import TrainerResult
 from kubetune.trainer import outputs
 from kubetune.trainer.errors import InvalidConfig, TrainerFailure
 from kubetune.trainer.progress import ProgressReporter
-from kubetune.trainer.secrets import install_redaction, redact, uninstall_redaction
+from kubetune.trainer.secrets import (
+    PUSH_TOKEN_ENV,
+    install_redaction,
+    redact,
+    uninstall_redaction,
+)
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -75,6 +81,9 @@ def run(
         secrets = [token] if token else []
     except InvalidConfig:
         pass  # the recipe reports it below, with its exit code
+    push_token = os.environ.get(PUSH_TOKEN_ENV)
+    if push_token:
+        secrets.append(push_token)
     guard = install_redaction(secrets)
     try:
         outcome = _run(config, name, progress_bar, reporter)

@@ -9,6 +9,8 @@ from pathlib import Path
 from kubetune.trainer.errors import InvalidConfig
 
 TOKEN_ENV = "HF_TOKEN"  # noqa: S105 -- the variable's name, not its value
+#: The operator mounts output.pushToHub.tokenSecretRef here; the read token is the fallback.
+PUSH_TOKEN_ENV = "HF_PUSH_TOKEN"  # noqa: S105 -- the variable's name, not its value
 REDACTED = "***"
 
 

@@ -113,3 +113,43 @@ def test_each_format_trains_end_to_end_with_packing(
 
         merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged")
         assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_push_to_hub_uploads_the_adapter_folder_without_checkpoints(
+    tiny: TinyAssets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    from kubetune.trainer.runner import run
+
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    class RecordingHubApi:
+        def __init__(self, token: str | None = None) -> None:
+            calls.append(("init", {"token": token}))
+
+        def create_repo(self, repo_id: str, **kwargs: Any) -> None:
+            calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+
+        def upload_folder(self, **kwargs: Any) -> None:
+            calls.append(("upload_folder", kwargs))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingHubApi)
+    monkeypatch.setenv("HF_PUSH_TOKEN", "hf_push_token_for_tests_only")
+    manifest = job_manifest(
+        tiny.model, tiny.datasets["text"], tmp_path / "out", training={"maxSteps": 2}
+    )
+    manifest["spec"]["output"]["pushToHub"] = {
+        "repoId": "my-org/tiny-reverse",
+        "tokenSecretRef": {"name": "hub-write"},
+    }
+    outcome = run(TrainerConfig(spec=load_finetunejob(manifest).spec))
+    assert outcome.exit_code == 0, outcome.result.message
+    assert calls[0] == ("init", {"token": "hf_push_token_for_tests_only"})
+    assert calls[1] == (
+        "create_repo",
+        {"repo_id": "my-org/tiny-reverse", "private": True, "exist_ok": True},
+    )
+    upload = calls[2][1]
+    assert upload["folder_path"] == str(tmp_path / "out")
+    assert "checkpoints/*" in upload["ignore_patterns"]
