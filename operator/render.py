@@ -267,14 +267,19 @@ def _pod_spec(spec: FineTuneJobSpec, names: ChildNames, settings: OperatorSettin
         amounts[resources.gpu_resource_name] = str(resources.gpus)
 
     env: list[Manifest] = [{"name": "KUBETUNE_PVC_ROOT", "value": settings.pvc_root}]
-    tokens = secret_refs(spec)
-    if tokens:
-        # The model's token reads, a push token writes; one HF_TOKEN serves both, the read
-        # token first (a hub token that may write may also read).
-        secret, key = tokens[0]
-        env.append(
-            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
-        )
+    # The model's token reads (HF_TOKEN); a push token writes (HF_PUSH_TOKEN, the trainer falls
+    # back to HF_TOKEN). Both by reference: the values never pass through the operator.
+    token_refs = [("HF_TOKEN", spec.model.token_secret_ref)]
+    if spec.output.push_to_hub is not None:
+        token_refs.append(("HF_PUSH_TOKEN", spec.output.push_to_hub.token_secret_ref))
+    for variable, ref in token_refs:
+        if ref is not None:
+            env.append(
+                {
+                    "name": variable,
+                    "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+                }
+            )
     mounts: list[Manifest] = [
         {"name": "config", "mountPath": settings.config_mount_path, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},

@@ -215,6 +215,10 @@ def _outcome(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> tuple[Outcome, O
             Outcome("Pending", "Retrying", f"attempt {len(failed_pods)} failed ({reason})"),
             None,
         )
+    if any(p.get("status", {}).get("phase") == "Succeeded" for p in pods):
+        # The trainer is done but the Job controller hasn't marked the Job Complete yet: still
+        # Running, not back to Pending (that flap would post two misleading events).
+        return Outcome("Running", "Finishing", "the trainer finished; completing the Job"), None
     return Outcome("Pending", "Starting", "waiting for the trainer pod to start"), None
 
 

@@ -1,4 +1,41 @@
-"""Shared test set-up: the real local cluster's fixtures (kubetune.local.testing) for the
-integration and e2e suites; each suite's own fixtures live in its folder's conftest."""
+"""Shared test set-up: the real local cluster's fixtures (kubetune.local.testing) and the helm
+CLI for the chart and e2e suites; each suite's own fixtures live in its folder's conftest."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 
 pytest_plugins = ["kubetune.local.testing"]
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def helm_binary() -> Path:
+    """The helm CLI, built from hack/helm's go.mod on the first use on a machine."""
+    result = subprocess.run(
+        ["bash", str(REPO / "hack" / "helm" / "build.sh")],
+        capture_output=True, text=True, timeout=1800, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, f"hack/helm/build.sh failed:\n{result.stderr}"
+    binary = Path(result.stdout.strip().splitlines()[-1])
+    assert binary.is_file(), binary
+    return binary
+
+
+@pytest.fixture(scope="session")
+def helm(helm_binary: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run helm: ``helm("lint", str(CHART))``; returns the completed process, never raises."""
+
+    def run(*args: str, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        return subprocess.run(
+            [str(helm_binary), *args], capture_output=True, text=True, timeout=timeout,
+            check=False, env=env,
+        )  # fmt: skip
+
+    return run

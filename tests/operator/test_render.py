@@ -164,6 +164,18 @@ def test_no_token_env_without_a_secret_ref() -> None:
     assert "HF_TOKEN" not in {e["name"] for e in trainer(rendered(spec))["env"]}
 
 
+def test_push_token_is_its_own_variable_beside_the_read_token() -> None:
+    spec = spec_of(
+        output={
+            "uri": "pvc://adapters/run",
+            "pushToHub": {"repoId": "me/run", "tokenSecretRef": {"name": "hub-write", "key": "t"}},
+        }
+    )
+    env = {e["name"]: e for e in trainer(rendered(spec))["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+    assert env["HF_PUSH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hub-write", "key": "t"}
+
+
 def test_each_pvc_claim_is_mounted_once_under_the_pvc_root() -> None:
     spec = spec_of(
         model={"uri": "pvc://store/models/tiny"},

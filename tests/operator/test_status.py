@@ -114,6 +114,13 @@ def test_running_trainer_is_running_and_ready() -> None:
     assert status["attempts"] == 1
 
 
+def test_finished_trainer_before_the_job_completes_stays_running() -> None:
+    done = pod("Succeeded", state=terminated(0, reason="Completed"))
+    status = derive_status(ftj(), job(), [done], NOW)
+    assert status["phase"] == "Running"
+    assert condition(status, "Running")["reason"] == "Finishing"
+
+
 def test_unschedulable_pod_says_why_with_the_schedulers_message() -> None:
     message = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
     unschedulable = pod(
