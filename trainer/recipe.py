@@ -403,6 +403,9 @@ class QLoRASFTRecipe:
 
     def _final_metrics(self, outcome: TrainOutcome) -> dict[str, float]:
         metrics = {"steps": float(outcome.global_step)}
+        if outcome.resumed_from_step is not None:
+            # A preempted run says where it picked up, so a retried pod is seen to continue.
+            metrics["resumed_from_step"] = float(outcome.resumed_from_step)
         for key in ("train_loss", "train_runtime", "train_samples_per_second"):
             if key in outcome.metrics:
                 metrics[key] = round(outcome.metrics[key], 6)

@@ -97,6 +97,7 @@ def test_sigterm_checkpoints_and_a_restart_continues_from_that_step(
     result = json.loads((output / "result.json").read_text())
     assert result["outcome"] == "Succeeded"
     assert result["metrics"]["steps"] == 200
+    assert result["metrics"]["resumed_from_step"] == stopped_at
     progress = json.loads((tmp_path / "progress.json").read_text())
     assert progress["step"] == 200 and progress["totalSteps"] == 200
     assert progress["percent"] == 100.0
