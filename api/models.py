@@ -713,5 +713,8 @@ class FineTuneJobStatus(StatusModel):
     completion_time: str | None = Field(default=None, description="When the job finished.")
     attempts: int | None = Field(default=None, description="Trainer pods started so far.")
     job_name: str | None = Field(default=None, description="The batch/v1 Job running the trainer.")
+    pod_name: str | None = Field(
+        default=None, description="The trainer pod of the latest attempt (for kubectl logs)."
+    )
     progress: Progress | None = Field(default=None, description="Live progress.")
     result: TrainerResult | None = Field(default=None, description="The trainer's result.")

@@ -295,8 +295,20 @@ def derive_status(ftj: Obj, job: Obj | None, pods: Sequence[Obj], now: datetime)
         status["jobName"] = job.get("metadata", {}).get("name")
         job_status = job.get("status", {})
         counted = int(job_status.get("succeeded") or 0) + int(job_status.get("failed") or 0)
-        started = sum(1 for p in pods if p.get("status", {}).get("startTime"))
-        attempts = max(counted, started, int(current.get("attempts") or 0))
+        started_pods = sorted(
+            (p for p in pods if p.get("status", {}).get("startTime")), key=_pod_time
+        )
+        attempts = max(counted, len(started_pods), int(current.get("attempts") or 0))
+        previous_pod = current.get("podName")
+        if started_pods:
+            newest = str(started_pods[-1].get("metadata", {}).get("name"))
+            # An evicted pod is gone before its replacement starts, and the Job doesn't count
+            # ignored disruptions: a pod name we haven't seen is what tells a new attempt.
+            if previous_pod and newest != previous_pod:
+                attempts = max(attempts, int(current.get("attempts") or 0) + 1)
+            status["podName"] = newest
+        elif previous_pod:
+            status["podName"] = previous_pod
         status["attempts"] = attempts
     start = current.get("startTime") or _started_at(pods)
     if start:

@@ -121,6 +121,20 @@ def test_finished_trainer_before_the_job_completes_stays_running() -> None:
     assert condition(status, "Running")["reason"] == "Finishing"
 
 
+def test_replacement_of_an_evicted_pod_counts_as_another_attempt() -> None:
+    first = derive_status(ftj(), job(active=1), [pod("Running", created=EARLIER,
+                          state={"running": {"startedAt": EARLIER}})], NOW)  # fmt: skip
+    assert (first["attempts"], first["podName"]) == (1, "run-1-02:00:00")
+    # The evicted pod is gone; the Job (whose podFailurePolicy ignored it) runs a new one.
+    later = "2026-01-02T02:05:00Z"
+    replacement = pod("Running", created=later, state={"running": {"startedAt": later}})
+    second = derive_status(ftj(status=first), job(active=1), [replacement], NOW)
+    assert second["attempts"] == 2
+    assert second["podName"] == "run-1-02:05:00"
+    again = derive_status(ftj(status=second), job(active=1), [replacement], NOW)
+    assert again["attempts"] == 2
+
+
 def test_unschedulable_pod_says_why_with_the_schedulers_message() -> None:
     message = "0/1 nodes are available: 1 Insufficient nvidia.com/gpu."
     unschedulable = pod(

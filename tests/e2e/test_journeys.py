@@ -1,0 +1,196 @@
+"""The main job end to end, as a user meets it: kubetune installed with helm on the real local
+cluster, FineTuneJobs applied with kubectl, real QLoRA on the CPU, and what comes back on the
+resource. Lifecycle paths the operator suite already drives with its own process (missing
+dataset, suspend, operator restart) are driven here through the chart-installed operator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from e2ekit import (
+    CLAIM,
+    apply,
+    ftj_status,
+    operator_pods,
+    run_pod,
+    seed_demo_claim,
+    tiny_job,
+    wait_phase,
+)
+
+from kubetune.local.testing import Kubectl, get_json, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("kubetune_release")]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def trainer_jobs(kubectl: Kubectl, namespace: str, name: str) -> list[dict[str, object]]:
+    items: list[dict[str, object]] = get_json(
+        kubectl, "jobs", "-n", namespace, "-l", f"kubetune.io/job={name}"
+    )["items"]
+    return items
+
+
+def test_tiny_job_trains_and_reports_its_adapter_and_digest(
+    kubectl: Kubectl, namespace: str, kubeconfig_path: Path
+) -> None:
+    seed_demo_claim(kubectl, namespace)
+    apply(kubectl, namespace, tiny_job())
+
+    watch = subprocess.run(
+        [str(REPO / ".venv" / "bin" / "kubetune"), "watch", "tiny-reverse", "-n", namespace,
+         "--kubeconfig", str(kubeconfig_path), "--interval", "1", "--timeout", "400"],
+        capture_output=True, text=True, timeout=450, check=False,
+    )  # fmt: skip
+    assert watch.returncode == 0, watch.stdout + watch.stderr
+    assert "tiny-reverse: Running" in watch.stdout
+    assert "step 300/300" in watch.stdout
+
+    status = ftj_status(kubectl, namespace, "tiny-reverse")
+    assert status["phase"] == "Succeeded"
+    adapter = status["result"]["adapter"]
+    assert adapter["uri"] == f"pvc://{CLAIM}/adapters/tiny-reverse"
+    assert f"sha256   {adapter['sha256']}" in watch.stdout
+    on_disk = run_pod(kubectl, namespace, "check-digest",
+                      ["sha256sum", f"/mnt/pvc/{CLAIM}/adapters/tiny-reverse/adapter_model.safetensors"])  # fmt: skip
+    assert on_disk.split()[0] == adapter["sha256"]
+    assert status["result"]["metrics"]["final_loss"] < 0.5
+    assert status["attempts"] == 1
+
+    # The adapter learnt what the base model can't do: reverse the letters.
+    samples = status["result"]["evaluation"]["samples"]
+    expected = {s["prompt"]: " ".join(reversed(s["prompt"].split()[1:-1])) for s in samples}
+    adapter_right = sum(s["adapter"].strip() == expected[s["prompt"]] for s in samples)
+    base_right = sum(s["base"].strip() == expected[s["prompt"]] for s in samples)
+    assert adapter_right >= 3 > base_right
+    columns = kubectl("get", "ftj", "tiny-reverse", "-n", namespace, "-o", "wide").stdout
+    assert "Succeeded" in columns and adapter["uri"] in columns
+
+
+def test_evicted_trainer_resumes_from_its_checkpoint_and_succeeds(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    seed_demo_claim(kubectl, namespace)
+    apply(kubectl, namespace, tiny_job("preempted", maxSteps=1200, checkpointSteps=100))
+
+    def far_enough() -> int | None:
+        step = (ftj_status(kubectl, namespace, "preempted").get("progress") or {}).get("step", 0)
+        return step if step >= 250 else None
+
+    step_at_eviction = wait_for(far_enough, 300, "training past step 250", 1)
+    pods = get_json(kubectl, "pods", "-n", namespace, "-l", "kubetune.io/job=preempted")["items"]
+    (pod,) = [p for p in pods if p["status"].get("phase") == "Running"]
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction",
+                "metadata": {"name": pod["metadata"]["name"], "namespace": namespace}}  # fmt: skip
+    kubectl("create", "--raw", f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}/eviction",
+            "-f", "-", input=json.dumps(eviction))  # fmt: skip
+
+    status = wait_phase(kubectl, namespace, "preempted", {"Succeeded", "Failed"}, 420)
+    assert status["phase"] == "Succeeded", status
+    assert status["attempts"] == 2
+    resumed = status["result"]["metrics"]["resumed_from_step"]
+    assert resumed >= 200, "the second pod started over instead of resuming"
+    assert resumed >= (step_at_eviction // 100) * 100
+    assert status["result"]["metrics"]["steps"] == 1200
+    (job,) = trainer_jobs(kubectl, namespace, "preempted")
+    assert job["status"].get("failed", 0) == 0, "an eviction must not count against backoffLimit"
+
+
+def test_malformed_dataset_fails_once_naming_the_line(kubectl: Kubectl, namespace: str) -> None:
+    seed_demo_claim(kubectl, namespace)
+    run_pod(kubectl, namespace, "break-data", ["sh", "-c",
+            f"head -n 4 /mnt/pvc/{CLAIM}/data/reverse-prompt-completion.jsonl > /mnt/pvc/{CLAIM}/bad.jsonl"
+            f" && echo '{{\"prompt\": \"cut off' >> /mnt/pvc/{CLAIM}/bad.jsonl"])  # fmt: skip
+    job = tiny_job("bad-data")
+    job["spec"]["dataset"]["uri"] = f"pvc://{CLAIM}/bad.jsonl"
+    apply(kubectl, namespace, job)
+
+    status = wait_phase(kubectl, namespace, "bad-data", {"Failed", "Succeeded"}, 240)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert (status["phase"], failed["status"], failed["reason"]) == (
+        "Failed",
+        "True",
+        "DatasetError",
+    )
+    assert "line 5" in failed["message"] + status.get("result", {}).get("message", "")
+    assert status["attempts"] == 1
+
+
+def test_job_suspended_while_queued_runs_once_resumed(kubectl: Kubectl, namespace: str) -> None:
+    seed_demo_claim(kubectl, namespace)
+    job = tiny_job("held", maxSteps=60)
+    job["spec"]["runPolicy"] = {"suspend": True}
+    apply(kubectl, namespace, job)
+
+    wait_phase(kubectl, namespace, "held", {"Suspended"}, 60)
+    time.sleep(3)
+    assert get_json(kubectl, "pods", "-n", namespace, "-l", "kubetune.io/job=held")["items"] == []
+
+    kubectl("patch", "ftj", "held", "-n", namespace, "--type=merge",
+            "-p", '{"spec": {"runPolicy": {"suspend": false}}}')  # fmt: skip
+    status = wait_phase(kubectl, namespace, "held", {"Succeeded", "Failed"}, 300)
+    assert status["phase"] == "Succeeded"
+    suspended = next(c for c in status["conditions"] if c["type"] == "Suspended")
+    assert suspended["status"] == "False"
+
+
+def test_operator_killed_mid_run_comes_back_to_the_same_job(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    seed_demo_claim(kubectl, namespace)
+    apply(kubectl, namespace, tiny_job("survivor", maxSteps=600))
+    wait_phase(kubectl, namespace, "survivor", {"Running"}, 240)
+    (job_before,) = trainer_jobs(kubectl, namespace, "survivor")
+
+    (operator,) = operator_pods(kubectl)
+    kubectl("delete", "pod", operator["metadata"]["name"], "-n", operator["metadata"]["namespace"],
+            "--grace-period=0", "--force")  # fmt: skip
+    wait_for(lambda: [p for p in operator_pods(kubectl)
+                      if p["metadata"]["uid"] != operator["metadata"]["uid"]], 120,
+             "the Deployment to start a new operator pod")  # fmt: skip
+
+    status = wait_phase(kubectl, namespace, "survivor", {"Succeeded", "Failed"}, 400)
+    assert status["phase"] == "Succeeded"
+    (job_after,) = trainer_jobs(kubectl, namespace, "survivor")
+    assert job_after["metadata"]["uid"] == job_before["metadata"]["uid"]  # type: ignore[index]
+
+
+def test_two_teams_train_at_once_each_seeing_only_their_own(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    other = f"{namespace[:50]}-b"
+    kubectl("create", "namespace", other)
+    teams = {namespace: "team-a", other: "team-b"}
+    try:
+        wait_for(lambda: kubectl("get", "sa", "default", "-n", other, check=False).returncode == 0,
+                 30, "default serviceaccount")  # fmt: skip
+        for ns, name in teams.items():
+            seed_demo_claim(kubectl, ns)
+            apply(kubectl, ns, tiny_job(name, maxSteps=120))
+        finished = {ns: wait_phase(kubectl, ns, name, {"Succeeded", "Failed"}, 480)
+                    for ns, name in teams.items()}  # fmt: skip
+        assert {s["phase"] for s in finished.values()} == {"Succeeded"}
+        for ns, name in teams.items():
+            listing = run_pod(kubectl, ns, "list-adapters", ["ls", f"/mnt/pvc/{CLAIM}/adapters"])
+            assert listing.split() == [name]
+
+        # Team A's trainer identity may patch its own job's status and nothing of team B's.
+        (job_a,) = trainer_jobs(kubectl, namespace, "team-a")
+        trainer_sa = job_a["spec"]["template"]["spec"]["serviceAccountName"]  # type: ignore[index]
+        who = f"system:serviceaccount:{namespace}:{trainer_sa}"
+
+        def can_i(*args: str) -> str:
+            return kubectl("auth", "can-i", *args, "--as", who, check=False).stdout.strip()
+
+        own, theirs = "finetunejobs.kubetune.io/team-a", "finetunejobs.kubetune.io/team-b"
+        assert can_i("patch", own, "--subresource=status", "-n", namespace) == "yes"
+        assert can_i("patch", theirs, "--subresource=status", "-n", other) == "no"
+        assert can_i("patch", own, "-n", namespace) == "no"
+        assert can_i("get", "secrets", "-n", namespace) == "no"
+    finally:
+        kubectl("delete", "namespace", other, "--wait=false", check=False)
