@@ -20,6 +20,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 BINARIES=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl)
 
 log() { echo "build.sh: $*" >&2; }
+# shellcheck source=../lib/build-once.sh
+source "${HERE}/../lib/build-once.sh"
 
 ensure_bwrap() {
   if command -v bwrap >/dev/null 2>&1; then
@@ -70,24 +72,8 @@ build() {
 main() {
   ensure_bwrap
   local root="${KUBETUNE_CACHE_DIR:-${HOME}/.cache/kubetune}/cluster/$(cache_key)"
-  local bin="${root}/bin"
-  mkdir -p "${root}"
-  if ! all_present "${bin}"; then
-    # One builder at a time; a second caller waits and then finds the result.
-    exec 9>"${root}/.lock"
-    flock 9
-    if ! all_present "${bin}"; then
-      local tmp="${root}/bin.tmp.$$"
-      rm -rf "${tmp}"
-      mkdir -p "${tmp}"
-      build "${tmp}"
-      rm -rf "${bin}"
-      mv "${tmp}" "${bin}"
-    fi
-  else
-    log "reusing ${bin}"
-  fi
-  echo "${bin}"
+  build_once "${root}" all_present build
+  echo "${root}/bin"
 }
 
 main "$@"

@@ -11,6 +11,8 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 log() { echo "build.sh: $*" >&2; }
+# shellcheck source=../lib/build-once.sh
+source "${HERE}/../lib/build-once.sh"
 
 cache_key() {
   cat "${HERE}/go.mod" "${HERE}/go.sum" | sha256sum | cut -c1-16
@@ -40,26 +42,12 @@ build() {
   log "built in $((SECONDS - start))s"
 }
 
+helm_present() { [[ -x "$1/helm" ]]; }
+
 main() {
   local root="${KUBETUNE_CACHE_DIR:-${HOME}/.cache/kubetune}/helm/$(cache_key)"
-  local bin="${root}/bin"
-  mkdir -p "${root}"
-  if [[ ! -x "${bin}/helm" ]]; then
-    # One builder at a time; a second caller waits and then finds the result.
-    exec 9>"${root}/.lock"
-    flock 9
-    if [[ ! -x "${bin}/helm" ]]; then
-      local tmp="${root}/bin.tmp.$$"
-      rm -rf "${tmp}"
-      mkdir -p "${tmp}"
-      build "${tmp}"
-      rm -rf "${bin}"
-      mv "${tmp}" "${bin}"
-    fi
-  else
-    log "reusing ${bin}"
-  fi
-  echo "${bin}/helm"
+  build_once "${root}" helm_present build
+  echo "${root}/bin/helm"
 }
 
 main "$@"
