@@ -54,6 +54,9 @@ SHAPES: dict[str, dict[str, int]] = {
     },
 }
 MODES = ("kubetune", "trl-defaults")
+#: Variants for comparisons: kubetune with another optimizer; TRL with the hand-set best flags of
+#: ../shared/gpu/README.md (packing + Liger + flex attention, gradient checkpointing on).
+EXTRA_MODES = ("kubetune-adamw", "trl-best")
 
 
 def build_model(shape: str, directory: Path) -> None:
@@ -129,8 +132,9 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
                 "maxLength": args.max_length,
                 "loggingSteps": 1,
                 "checkpointSteps": 1_000_000,
+                **({"optimizer": "adamw_torch"} if args.mode == "kubetune-adamw" else {}),
             },
-            "output": {"uri": str(Path(args.work) / "kubetune-out")},
+            "output": {"uri": str(Path(args.work) / f"{args.mode}-out")},
         }
     )
     recipe = QLoRASFTRecipe(TrainerConfig(spec=spec))
@@ -153,7 +157,9 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
 
 
 def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, Any]) -> Any:
-    """What the TRL documentation's QLoRA example does: SFTConfig defaults, padded batches."""
+    """What the TRL documentation's QLoRA example does: SFTConfig defaults, padded batches
+    (``trl-best``: with the hand-set flags packing, Liger and flex attention)."""
+    best = args.mode == "trl-best"
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -170,8 +176,10 @@ def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, A
         ),
         dtype=torch.bfloat16,
         device_map={"": 0 if torch.cuda.is_available() else "cpu"},
+        **({"attn_implementation": "flex_attention"} if best else {}),
     )
-    record["settings"] = {"attention": model.config._attn_implementation, "packing": False}
+    record["settings"] = {"attention": model.config._attn_implementation, "packing": best,
+                          "liger_kernel": best}  # fmt: skip
     trainer = SFTTrainer(
         model=model,
         args=SFTConfig(
@@ -183,6 +191,9 @@ def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, A
             logging_steps=1,
             save_strategy="no",
             report_to=[],
+            packing=best,
+            use_liger_kernel=best,
+            gradient_checkpointing=True,
         ),
         train_dataset=dataset,
         processing_class=tokenizer,
@@ -208,7 +219,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     record: dict[str, Any] = {"mode": args.mode, "shape": args.shape}
     started = time.perf_counter()
     try:
-        (run_kubetune if args.mode == "kubetune" else run_trl_defaults)(args, dataset, record)
+        (run_kubetune if args.mode.startswith("kubetune") else run_trl_defaults)(
+            args, dataset, record
+        )
     except torch.cuda.OutOfMemoryError:
         record["error"] = "out of memory"
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -238,7 +251,9 @@ def _versions() -> dict[str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
-    parser.add_argument("--mode", choices=MODES, help="run one configuration (internal)")
+    parser.add_argument(
+        "--mode", choices=MODES + EXTRA_MODES, help="run one configuration (internal)"
+    )
     parser.add_argument("--modes", default=",".join(MODES), help="configurations, in order")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)

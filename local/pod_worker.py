@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -418,6 +419,15 @@ class PodWorker(threading.Thread):
                 str(source),
                 _host_resolved(mount["mountPath"]),
             ]
+        # A volume mounted over a folder that holds the host's Python (an emptyDir at /tmp while
+        # the checkout lives under /tmp, say) would hide the commands the pod runs: bind those
+        # folders back on top.
+        mount_points = [_host_resolved(m["mountPath"]) for m in spec.get("volumeMounts", [])]
+        for path in _host_software_paths():
+            if any(
+                path == point or path.startswith(point.rstrip("/") + "/") for point in mount_points
+            ):
+                argv += ["--bind", path, path]
         message_path = spec.get("terminationMessagePath") or DEFAULT_TERMINATION_MESSAGE_PATH
         argv += ["--bind", str(termination_file), _host_resolved(message_path)]
         argv += ["--chdir", spec.get("workingDir") or "/", "--"]
@@ -540,6 +550,14 @@ def _signal_group(pgid: int, sig: signal.Signals, spare: int | None = None) -> N
         if int(fields[2]) == pgid:  # fields: state, ppid, pgrp, ...
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(entry.name), sig)
+
+
+def _host_software_paths() -> list[str]:
+    """Where the commands pods run come from: this Python's environment, its base install, and
+    kubetune's source folders (an editable install points there)."""
+    source_root = Path(__file__).resolve().parents[1]
+    paths = {str(Path(p).resolve()) for p in (sys.prefix, sys.base_prefix)} | {str(source_root)}
+    return sorted(paths)
 
 
 def _host_resolved(path: str) -> str:

@@ -164,11 +164,30 @@ def load_quantized_model(
     except Exception as exc:
         raise ModelUnusable(f"cannot load model {spec.uri}: {_first_line(exc)}") from None
     model.config.use_cache = False  # the KV cache only costs memory while training
-    return prepare_model_for_kbit_training(
+    model = prepare_model_for_kbit_training(
         model,
         use_gradient_checkpointing=speed.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
     )
+    if dtype == torch.bfloat16:
+        _embeddings_back_to_bf16(model)
+    return model
+
+
+def _embeddings_back_to_bf16(model: PreTrainedModel) -> None:
+    """Undo prepare_model_for_kbit_training's fp32 upcast of the embeddings and the LM head.
+
+    In fp32 they make the whole residual stream fp32: every attention and every 4-bit matmul's
+    output then runs in fp32, which cost 30% of the tokens/s and 3.5 GiB on the 7B benchmark
+    (docs/trainer.md). bf16 has fp32's range, so only fp16 needs the upcast; norms stay fp32,
+    as TRL's own QLoRA path keeps them.
+    """
+    import torch
+
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        weight = getattr(module, "weight", None) if module is not None else None
+        if weight is not None and weight.dtype == torch.float32:
+            module.to(torch.bfloat16)
 
 
 def lora_config(spec: LoraSpec) -> LoraConfig:
