@@ -3,12 +3,12 @@ name the field, say what was wrong and what is allowed."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from api_cases import INVALID, MINIMAL, with_spec
 
 from kubetune.api.config import TrainerConfig, load_trainer_config
 from kubetune.api.errors import ConfigError, SpecError
@@ -19,29 +19,6 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = ROOT / "examples" / "llama2-qlora.yaml"
-
-MINIMAL: dict[str, Any] = {
-    "apiVersion": "kubetune.io/v1alpha1",
-    "kind": "FineTuneJob",
-    "metadata": {"name": "minimal"},
-    "spec": {
-        "model": {"uri": "meta-llama/Llama-2-7b-hf"},
-        "dataset": {"uri": "pvc://data/train.jsonl"},
-        "output": {"uri": "pvc://adapters/minimal"},
-    },
-}
-
-
-def with_spec(**changes: Any) -> dict[str, Any]:
-    """The minimal manifest with spec sections replaced or merged in."""
-    manifest = copy.deepcopy(MINIMAL)
-    for key, value in changes.items():
-        current = manifest["spec"].get(key)
-        if isinstance(current, dict) and isinstance(value, dict):
-            current.update(value)
-        else:
-            manifest["spec"][key] = value
-    return manifest
 
 
 def test_seed_example_maps_one_to_one() -> None:
@@ -122,121 +99,6 @@ def test_training_plan_honours_explicit_micro_batch() -> None:
 def test_quantities_accept_numbers_and_strings() -> None:
     spec = load_finetunejob(with_spec(resources={"cpu": 4, "memory": "16Gi"})).spec
     assert (spec.resources.cpu, spec.resources.memory) == ("4", "16Gi")
-
-
-# Each invalid manifest, and the words its error must contain: the field and what is allowed.
-INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
-    (
-        "missing model",
-        {"spec": {"dataset": {"uri": "x"}, "output": {"uri": "y"}}},
-        ["spec.model", "required"],
-    ),
-    (
-        "missing output",
-        {"spec": {"model": {"uri": "m"}, "dataset": {"uri": "x"}}},
-        ["spec.output", "required"],
-    ),
-    ("unknown top-level field", with_spec(epochs=3), ["spec.epochs", "unknown field", "training"]),
-    (
-        "unknown nested field",
-        with_spec(lora={"rank": 8}),
-        ["spec.lora.rank", "unknown field", "r, alpha"],
-    ),
-    (
-        "bad quantization type",
-        with_spec(quantization={"type": "int8"}),
-        ["spec.quantization.type", "'nf4'", "'fp4'"],
-    ),
-    (
-        "bad compute dtype",
-        with_spec(quantization={"computeDtype": "bf16"}),
-        ["spec.quantization.computeDtype", "'bfloat16'"],
-    ),
-    (
-        "unknown dataset format",
-        with_spec(dataset={"uri": "d.jsonl", "format": "sharegpt"}),
-        ["spec.dataset.format", "'messages'", "'alpaca'"],
-    ),
-    (
-        "epochs and maxSteps",
-        with_spec(training={"epochs": 1, "maxSteps": 10}),
-        ["spec.training", "either training.epochs or training.maxSteps"],
-    ),
-    ("zero lora alpha", with_spec(lora={"alpha": 0}), ["spec.lora.alpha", "greater than 0"]),
-    ("zero rank", with_spec(lora={"r": 0}), ["spec.lora.r", "greater than or equal to 1"]),
-    ("dropout of one", with_spec(lora={"dropout": 1.0}), ["spec.lora.dropout", "less than 1"]),
-    (
-        "negative learning rate",
-        with_spec(training={"learningRate": -1e-4}),
-        ["spec.training.learningRate", "greater than 0"],
-    ),
-    (
-        "batch not a multiple of micro batch",
-        with_spec(training={"batchSize": 10, "microBatchSize": 4}),
-        ["training.batchSize (10)", "training.microBatchSize (4)"],
-    ),
-    (
-        "inconsistent accumulation",
-        with_spec(training={"batchSize": 16, "microBatchSize": 4, "gradientAccumulationSteps": 2}),
-        ["training.microBatchSize (4)", "gradientAccumulationSteps (2)", "training.batchSize (16)"],
-    ),
-    (
-        "unsupported model scheme",
-        with_spec(model={"uri": "ftp://host/model"}),
-        ["spec.model.uri", "'ftp'", "pvc://"],
-    ),
-    (
-        "pvc uri without claim",
-        with_spec(dataset={"uri": "pvc:///train.jsonl"}),
-        ["spec.dataset.uri", "pvc://<claim-name>/<path>"],
-    ),
-    (
-        "output to https",
-        with_spec(output={"uri": "https://example.org/out"}),
-        ["spec.output.uri", "'https'"],
-    ),
-    (
-        "eval split and fraction",
-        with_spec(dataset={"uri": "d", "evalSplit": "test", "evalFraction": 0.1}),
-        ["spec.dataset", "evalSplit or dataset.evalFraction"],
-    ),
-    (
-        "eval fraction too large",
-        with_spec(dataset={"uri": "d", "evalFraction": 0.9}),
-        ["spec.dataset.evalFraction", "less than or equal to 0.5"],
-    ),
-    (
-        "too many gpus",
-        with_spec(resources={"gpus": 8}),
-        ["spec.resources.gpus", "less than or equal to 1"],
-    ),
-    (
-        "memory not a quantity",
-        with_spec(resources={"memory": "lots"}),
-        ["spec.resources.memory", "not a Kubernetes quantity"],
-    ),
-    (
-        "bad toleration operator",
-        with_spec(scheduling={"tolerations": [{"key": "k", "operator": "In"}]}),
-        ["spec.scheduling.tolerations[0].operator", "'Exists'"],
-    ),
-    (
-        "secret name not a k8s name",
-        with_spec(model={"uri": "m", "tokenSecretRef": {"name": "HF Token"}}),
-        ["spec.model.tokenSecretRef.name", "pattern"],
-    ),
-    (
-        "hub push without token",
-        with_spec(output={"uri": "pvc://a/b", "pushToHub": {"repoId": "me/x"}}),
-        ["spec.output.pushToHub.tokenSecretRef", "required"],
-    ),
-    ("wrong kind", {**MINIMAL, "kind": "TrainJob"}, ["kind: must be FineTuneJob"]),
-    (
-        "wrong apiVersion",
-        {**MINIMAL, "apiVersion": "kubetune.io/v1"},
-        ["apiVersion: must be kubetune.io/v1alpha1"],
-    ),
-]
 
 
 @pytest.mark.parametrize(

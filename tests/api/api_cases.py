@@ -1,0 +1,172 @@
+"""FineTuneJob manifests shared by the model tests and the CRD-on-apiserver tests (a module name
+of its own: each test folder has a conftest.py)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+MINIMAL: dict[str, Any] = {
+    "apiVersion": "kubetune.io/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "minimal"},
+    "spec": {
+        "model": {"uri": "meta-llama/Llama-2-7b-hf"},
+        "dataset": {"uri": "pvc://data/train.jsonl"},
+        "output": {"uri": "pvc://adapters/minimal"},
+    },
+}
+
+
+def with_spec(**changes: Any) -> dict[str, Any]:
+    """The minimal manifest with spec sections replaced or merged in."""
+    manifest = copy.deepcopy(MINIMAL)
+    for key, value in changes.items():
+        current = manifest["spec"].get(key)
+        if isinstance(current, dict) and isinstance(value, dict):
+            current.update(value)
+        else:
+            manifest["spec"][key] = value
+    return manifest
+
+
+# Each invalid manifest, and the words its error must contain: the field and what is allowed.
+INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
+    (
+        "missing model",
+        {"spec": {"dataset": {"uri": "x"}, "output": {"uri": "y"}}},
+        ["spec.model", "required"],
+    ),
+    (
+        "missing output",
+        {"spec": {"model": {"uri": "m"}, "dataset": {"uri": "x"}}},
+        ["spec.output", "required"],
+    ),
+    ("unknown top-level field", with_spec(epochs=3), ["spec.epochs", "unknown field", "training"]),
+    (
+        "unknown nested field",
+        with_spec(lora={"rank": 8}),
+        ["spec.lora.rank", "unknown field", "r, alpha"],
+    ),
+    (
+        "bad quantization type",
+        with_spec(quantization={"type": "int8"}),
+        ["spec.quantization.type", "'nf4'", "'fp4'"],
+    ),
+    (
+        "bad compute dtype",
+        with_spec(quantization={"computeDtype": "bf16"}),
+        ["spec.quantization.computeDtype", "'bfloat16'"],
+    ),
+    (
+        "unknown dataset format",
+        with_spec(dataset={"uri": "d.jsonl", "format": "sharegpt"}),
+        ["spec.dataset.format", "'messages'", "'alpaca'"],
+    ),
+    (
+        "epochs and maxSteps",
+        with_spec(training={"epochs": 1, "maxSteps": 10}),
+        ["spec.training", "either training.epochs or training.maxSteps"],
+    ),
+    ("zero lora alpha", with_spec(lora={"alpha": 0}), ["spec.lora.alpha", "greater than 0"]),
+    ("zero rank", with_spec(lora={"r": 0}), ["spec.lora.r", "greater than or equal to 1"]),
+    ("dropout of one", with_spec(lora={"dropout": 1.0}), ["spec.lora.dropout", "less than 1"]),
+    (
+        "negative learning rate",
+        with_spec(training={"learningRate": -1e-4}),
+        ["spec.training.learningRate", "greater than 0"],
+    ),
+    (
+        "batch not a multiple of micro batch",
+        with_spec(training={"batchSize": 10, "microBatchSize": 4}),
+        ["training.batchSize (10)", "training.microBatchSize (4)"],
+    ),
+    (
+        "inconsistent accumulation",
+        with_spec(training={"batchSize": 16, "microBatchSize": 4, "gradientAccumulationSteps": 2}),
+        ["training.microBatchSize (4)", "gradientAccumulationSteps (2)", "training.batchSize (16)"],
+    ),
+    (
+        "unsupported model scheme",
+        with_spec(model={"uri": "ftp://host/model"}),
+        ["spec.model.uri", "'ftp'", "pvc://"],
+    ),
+    (
+        "pvc uri without claim",
+        with_spec(dataset={"uri": "pvc:///train.jsonl"}),
+        ["spec.dataset.uri", "pvc://<claim-name>/<path>"],
+    ),
+    (
+        "output to https",
+        with_spec(output={"uri": "https://example.org/out"}),
+        ["spec.output.uri", "'https'"],
+    ),
+    (
+        "eval split and fraction",
+        with_spec(dataset={"uri": "d", "evalSplit": "test", "evalFraction": 0.1}),
+        ["spec.dataset", "evalSplit or dataset.evalFraction"],
+    ),
+    (
+        "eval fraction too large",
+        with_spec(dataset={"uri": "d", "evalFraction": 0.9}),
+        ["spec.dataset.evalFraction", "less than or equal to 0.5"],
+    ),
+    (
+        "too many gpus",
+        with_spec(resources={"gpus": 8}),
+        ["spec.resources.gpus", "less than or equal to 1"],
+    ),
+    (
+        "memory not a quantity",
+        with_spec(resources={"memory": "lots"}),
+        ["spec.resources.memory", "not a Kubernetes quantity"],
+    ),
+    (
+        "bad toleration operator",
+        with_spec(scheduling={"tolerations": [{"key": "k", "operator": "In"}]}),
+        ["spec.scheduling.tolerations[0].operator", "'Exists'"],
+    ),
+    (
+        "secret name not a k8s name",
+        with_spec(model={"uri": "m", "tokenSecretRef": {"name": "HF Token"}}),
+        ["spec.model.tokenSecretRef.name", "pattern"],
+    ),
+    (
+        "hub push without token",
+        with_spec(output={"uri": "pvc://a/b", "pushToHub": {"repoId": "me/x"}}),
+        ["spec.output.pushToHub.tokenSecretRef", "required"],
+    ),
+    ("wrong kind", {**MINIMAL, "kind": "TrainJob"}, ["kind: must be FineTuneJob"]),
+    (
+        "wrong apiVersion",
+        {**MINIMAL, "apiVersion": "kubetune.io/v1"},
+        ["apiVersion: must be kubetune.io/v1alpha1"],
+    ),
+]
+
+
+#: The cases the CRD itself rejects on the real apiserver (schema, CEL, strict field validation),
+#: and the field its message must name. The others (URI schemes, accumulation arithmetic,
+#: quantity syntax) pass the schema and are caught by the same models in the operator, which
+#: fails the job with reason InvalidSpec naming the field.
+APISERVER_FIELD: dict[str, str] = {
+    "missing model": "spec.model",
+    "missing output": "spec.output",
+    "unknown top-level field": "spec.epochs",
+    "unknown nested field": "spec.lora.rank",
+    "bad quantization type": "spec.quantization.type",
+    "bad compute dtype": "spec.quantization.computeDtype",
+    "unknown dataset format": "spec.dataset.format",
+    "epochs and maxSteps": "either training.epochs or training.maxSteps",
+    "zero lora alpha": "spec.lora.alpha",
+    "zero rank": "spec.lora.r",
+    "dropout of one": "spec.lora.dropout",
+    "negative learning rate": "spec.training.learningRate",
+    "batch not a multiple of micro batch": "training.batchSize must be a multiple",
+    "eval split and fraction": "either dataset.evalSplit or dataset.evalFraction",
+    "eval fraction too large": "spec.dataset.evalFraction",
+    "too many gpus": "spec.resources.gpus",
+    "bad toleration operator": "spec.scheduling.tolerations[0].operator",
+    "secret name not a k8s name": "spec.model.tokenSecretRef.name",
+    "hub push without token": "spec.output.pushToHub.tokenSecretRef",
+}
