@@ -86,9 +86,13 @@ def render_result(status: FineTuneJobStatus) -> str:
     return "\n".join(lines)
 
 
-def _event_lines(core: Any, namespace: str, name: str, seen: set[str]) -> list[str]:
+def _event_lines(core: Any, namespace: str, name: str, uid: str, seen: set[str]) -> list[str]:
+    # By uid too: events of an earlier FineTuneJob of the same name are not this one's.
     events = core.list_namespaced_event(
-        namespace, field_selector=f"involvedObject.kind=FineTuneJob,involvedObject.name={name}"
+        namespace,
+        field_selector=(
+            f"involvedObject.kind=FineTuneJob,involvedObject.name={name},involvedObject.uid={uid}"
+        ),
     )
     lines = []
     for event in sorted(events.items, key=lambda e: str(e.last_timestamp or e.event_time or "")):
@@ -136,7 +140,8 @@ def watch(
         new_loss = progress is not None and progress.loss is not None
         if new_loss and progress is not None and (not losses or losses[-1] != progress.loss):
             losses.append(float(progress.loss or 0.0))
-        for line in _event_lines(core, namespace, name, seen_events):
+        uid = str(obj.get("metadata", {}).get("uid", ""))
+        for line in _event_lines(core, namespace, name, uid, seen_events):
             out(line)
         view = render_view(name, status, losses)
         if view != last_view:

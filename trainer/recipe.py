@@ -9,6 +9,9 @@ that describes it.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import shutil
 import signal
@@ -47,6 +50,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "checkpoint-"
 #: The newest checkpoint may be half-written when the pod was killed; keep the one before it.
 CHECKPOINTS_KEPT = 2
+#: Names the run that owns a checkpoints folder (see _claim_checkpoints).
+RUN_MARKER = "run.json"
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,7 @@ class QLoRASFTRecipe:
         self.output_dir = self._local_output_dir()
         self._check_output_writable()
         self.checkpoint_dir = self.output_dir / outputs.CHECKPOINTS_DIR
+        self._claim_checkpoints()
         self.metrics_file = self.output_dir / outputs.METRICS_FILE
         inner = reporter or reporter_from_settings(config.progress, config.job)
         self.reporter = RateLimitedReporter(inner, config.progress.interval_seconds)
@@ -152,6 +158,32 @@ class QLoRASFTRecipe:
                 f"output location {self.output_dir} is not writable (output.uri "
                 f"{self.output_uri}): {exc.strerror}"
             ) from None
+
+    def _run_identity(self) -> str:
+        """Who may resume these checkpoints: the FineTuneJob (its uid survives pod retries), or
+        for local runs the resolved spec itself."""
+        if self.config.job is not None and self.config.job.uid:
+            return f"finetunejob/{self.config.job.uid}"
+        spec = self.spec.model_dump_json(by_alias=True, exclude_none=True)
+        return "spec/" + hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+    def _claim_checkpoints(self) -> None:
+        """Resume only our own checkpoints: a new job pointed at an old job's output would
+        otherwise continue someone else's run, and then overwrite their adapter."""
+        if not self.output.is_local:
+            return
+        marker = self.checkpoint_dir / RUN_MARKER
+        identity = self._run_identity()
+        owner = None
+        with contextlib.suppress(OSError, ValueError):
+            owner = json.loads(marker.read_text(encoding="utf-8")).get("run")
+        if owner is not None and owner != identity and newest_checkpoint(self.checkpoint_dir):
+            raise InvalidConfig(
+                f"output.uri {self.output_uri} already holds the checkpoints of another run "
+                f"({owner}); use another output.uri, or remove {self.checkpoint_dir} to start over"
+            )
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"run": identity}) + "\n", encoding="utf-8")
 
     # --- setup -------------------------------------------------------------------------------
 

@@ -62,6 +62,15 @@ def _unwritable_output(tiny: TinyAssets, tmp: Path) -> dict[str, Any]:
     return job_manifest(tiny.model, tiny.datasets["text"], tmp / "a-file" / "out")
 
 
+def _another_runs_checkpoints(tiny: TinyAssets, tmp: Path) -> dict[str, Any]:
+    # A finished or interrupted run left its checkpoints in the output location.
+    checkpoint = tmp / "out" / "checkpoints" / "checkpoint-20"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (tmp / "out" / "checkpoints" / "run.json").write_text('{"run": "finetunejob/another-uid"}')
+    return job_manifest(tiny.model, tiny.datasets["text"], tmp / "out")
+
+
 CASES: list[tuple[str, Setup, int, str, str]] = [
     ("missing dataset", _missing_dataset, 3, "DatasetError", "dataset not found"),
     ("empty dataset", _empty_dataset, 3, "DatasetError", "is empty"),
@@ -69,6 +78,13 @@ CASES: list[tuple[str, Setup, int, str, str]] = [
     ("missing columns", _missing_columns, 3, "DatasetError", "needs column(s) prompt, completion"),
     ("unreadable model", _unreadable_model, 4, "ModelError", "no-such-model does not exist"),
     ("unwritable output", _unwritable_output, 2, "InvalidConfig", "is not writable"),
+    (
+        "another run's checkpoints",
+        _another_runs_checkpoints,
+        2,
+        "InvalidConfig",
+        "already holds the checkpoints of another run (finetunejob/another-uid)",
+    ),
 ]
 
 
