@@ -39,3 +39,14 @@ def helm(helm_binary: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
         )  # fmt: skip
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model and the toy datasets, built once per session (nothing is downloaded)."""
+    from kubetune.trainer.tiny import write_tiny_model, write_toy_datasets
+
+    root = tmp_path_factory.mktemp("tiny")
+    write_tiny_model(root / "model")
+    write_toy_datasets(root / "data", count=64)
+    return root

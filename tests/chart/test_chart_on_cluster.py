@@ -54,17 +54,6 @@ def team_namespace(kubectl: Kubectl, namespace: str) -> Iterator[str]:
     kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
-@pytest.fixture(scope="module")
-def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model and the toy dataset, built here (nothing is downloaded)."""
-    from kubetune.trainer.tiny import write_tiny_model, write_toy_datasets
-
-    root = tmp_path_factory.mktemp("tiny")
-    write_tiny_model(root / "model")
-    write_toy_datasets(root / "data", count=64)
-    return root
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -129,17 +129,6 @@ def _operator_log(operator: OperatorProcess) -> Iterator[None]:
     print(f"--- operator log (tail) ---\n{operator.log_tail()}")
 
 
-@pytest.fixture(scope="module")
-def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model and the toy dataset, built once (nothing is downloaded)."""
-    from kubetune.trainer.tiny import write_tiny_model, write_toy_datasets
-
-    root = tmp_path_factory.mktemp("tiny")
-    write_tiny_model(root / "model")
-    write_toy_datasets(root / "data", count=64)
-    return root
-
-
 # --- helpers -----------------------------------------------------------------------------------
 
 
