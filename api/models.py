@@ -21,6 +21,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from kubetune.api.uris import DATASET_SCHEMES, MODEL_SCHEMES, OUTPUT_SCHEMES, parse_uri
+
 GROUP: Final = "kubetune.io"
 VERSION: Final = "v1alpha1"
 API_VERSION: Final = "kubetune.io/v1alpha1"
@@ -30,29 +32,27 @@ PLURAL: Final = "finetunejobs"
 DatasetFormat = Literal["auto", "text", "messages", "prompt-completion", "alpaca"]
 Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 
-# A URI is a scheme (hf, s3, gs, pvc, https, file) or a plain hub id / local path.
-_PVC_URI = re.compile(r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$")
-_MODEL_SCHEMES = ("hf", "s3", "gs", "pvc", "file")
-_DATASET_SCHEMES = (*_MODEL_SCHEMES, "https", "http")
-_OUTPUT_SCHEMES = ("s3", "gs", "pvc", "file")
 _K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
 
 
-def _check_uri(value: str, allowed: tuple[str, ...], what: str) -> str:
-    scheme, sep, _ = value.partition("://")
-    if sep and scheme not in allowed:
-        raise ValueError(
-            f"{what} URI scheme {scheme!r} is not supported; use one of "
-            + ", ".join(f"{s}://" for s in allowed)
-            + (" or a hub id / local path" if "hf" in allowed else " or a local path")
-        )
-    if scheme == "pvc" and not _PVC_URI.match(value):
-        raise ValueError(
-            f"{what} URI {value!r} is not of the form pvc://<claim-name>/<path> "
-            "(claim names are lowercase DNS labels)"
-        )
-    return value
+def _uri_rules(what: str) -> dict[str, Any]:
+    """The CEL half of ``parse_uri``: what the apiserver can refuse before the operator sees it."""
+    return {
+        "x-kubernetes-validations": [
+            {
+                "rule": "!self.matches('(^|/)[.][.](/|$)')",
+                "message": f"{what} URI must not contain '..' segments",
+            },
+            {
+                "rule": (
+                    "!self.startsWith('pvc://') || "
+                    "self.matches('^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$')"
+                ),
+                "message": f"{what} URI must be of the form pvc://<claim-name>/<path>",
+            },
+        ]
+    }
 
 
 def _quantity_as_string(value: Any) -> Any:
@@ -119,6 +119,7 @@ class ModelSpec(ApiModel):
         ),
         min_length=1,
         max_length=1024,
+        json_schema_extra=_uri_rules("model"),
     )
     revision: str = Field(
         default="main",
@@ -137,7 +138,8 @@ class ModelSpec(ApiModel):
     @field_validator("uri")
     @classmethod
     def _uri(cls, value: str) -> str:
-        return _check_uri(value, _MODEL_SCHEMES, "model")
+        parse_uri(value, MODEL_SCHEMES, "model")
+        return value
 
 
 class ColumnMapping(ApiModel):
@@ -183,6 +185,7 @@ class DatasetSpec(ApiModel):
         ),
         min_length=1,
         max_length=1024,
+        json_schema_extra=_uri_rules("dataset"),
     )
     format: DatasetFormat = Field(
         default="auto",
@@ -223,7 +226,8 @@ class DatasetSpec(ApiModel):
     @field_validator("uri")
     @classmethod
     def _uri(cls, value: str) -> str:
-        return _check_uri(value, _DATASET_SCHEMES, "dataset")
+        parse_uri(value, DATASET_SCHEMES, "dataset")
+        return value
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> DatasetSpec:
@@ -376,6 +380,7 @@ class OutputSpec(ApiModel):
         description="pvc://claim/path, s3://bucket/prefix, gs://bucket/prefix, or a local path.",
         min_length=1,
         max_length=1024,
+        json_schema_extra=_uri_rules("output"),
     )
     push_to_hub: HubPushSpec | None = Field(default=None, description="Also push to a hub.")
     merge: bool = Field(
@@ -385,7 +390,8 @@ class OutputSpec(ApiModel):
     @field_validator("uri")
     @classmethod
     def _uri(cls, value: str) -> str:
-        return _check_uri(value, _OUTPUT_SCHEMES, "output")
+        parse_uri(value, OUTPUT_SCHEMES, "output")
+        return value
 
 
 class ResourcesSpec(ApiModel):

@@ -66,7 +66,7 @@ def build_model(shape: str, directory: Path) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kubetune.trainer.tiny import build_tokenizer
+    from kubetune_devtools.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(

@@ -7,7 +7,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from kubetune.api.errors import ExitCode, SpecError
+from kubetune.api.contract import ExitCode
+from kubetune.api.errors import SpecError
 
 # Sub-commands that live with their capability; each module exposes register(subparsers).
 # They are imported at start-up, so none may import torch or the kubernetes client at top level.

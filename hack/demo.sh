@@ -57,7 +57,7 @@ spec:
           image: kubetune/trainer
           # A fresh model and data, and no adapter or checkpoints of an earlier demo run (a new
           # FineTuneJob refuses to resume another job's checkpoints).
-          command: [sh, -c, "rm -rf /mnt/pvc/kubetune-demo/adapters/tiny-reverse && exec python -m kubetune.trainer.tiny /mnt/pvc/kubetune-demo"]
+          command: [sh, -c, "rm -rf /mnt/pvc/kubetune-demo/adapters/tiny-reverse && exec python -m kubetune_devtools.tiny /mnt/pvc/kubetune-demo"]
           volumeMounts: [{name: demo, mountPath: /mnt/pvc/kubetune-demo}]
       volumes: [{name: demo, persistentVolumeClaim: {claimName: kubetune-demo}}]
 YAML

@@ -12,7 +12,8 @@ echo "==> mypy"
 tree=build/typecheck
 rm -rf "$tree" && mkdir -p "$tree/kubetune"
 for pkg in api operator trainer cli local; do ln -s "../../../$pkg" "$tree/kubetune/$pkg"; done
+ln -s ../../hack/devtools/kubetune_devtools "$tree/kubetune_devtools"
 MYPYPATH=$tree .venv/bin/mypy -p kubetune.api -p kubetune.operator -p kubetune.trainer \
-  -p kubetune.cli -p kubetune.local
+  -p kubetune.cli -p kubetune.local -p kubetune_devtools
 echo "==> import layers"
 PYTHONPATH=$tree .venv/bin/lint-imports

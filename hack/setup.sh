@@ -17,9 +17,9 @@ if [ ! -x .venv/bin/uv ]; then
   .venv/bin/python -m pip install -q uv
 fi
 stamp=.venv/.kubetune-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "==> installing kubetune[operator,trainer,dev] into .venv"
-  .venv/bin/uv pip install -q --python .venv/bin/python -e '.[operator,trainer,dev]'
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ hack/devtools/pyproject.toml -nt "$stamp" ]; then
+  echo "==> installing kubetune[operator,trainer,dev] and kubetune-devtools into .venv"
+  .venv/bin/uv pip install -q --python .venv/bin/python -e '.[operator,trainer,dev]' -e hack/devtools
   touch "$stamp"
 fi
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from kubetune.api.config import JobRef, ProgressSettings, TrainerConfig
-from kubetune.api.errors import NON_RETRIABLE_EXIT_CODES
+from kubetune.api.contract import NON_RETRIABLE_EXIT_CODES
 from kubetune.api.models import API_VERSION, GROUP, KIND, PLURAL, FineTuneJobSpec
 from kubetune.operator.settings import OperatorSettings
 

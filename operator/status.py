@@ -10,7 +10,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from kubetune.api.errors import EXIT_CODE_REASONS, ExitCode
+from kubetune.api.contract import EXIT_CODE_REASONS, ExitCode
 from kubetune.api.models import TrainerResult
 from kubetune.operator.render import TRAINER_CONTAINER
 

@@ -1,4 +1,4 @@
-"""Shared test set-up: the real local cluster's fixtures (kubetune.local.testing) and the helm
+"""Shared test set-up: the real local cluster's fixtures (kubetune_devtools.pytest_plugin) and the helm
 CLI for the chart and e2e suites; each suite's own fixtures live in its folder's conftest."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["kubetune.local.testing"]
+pytest_plugins = ["kubetune_devtools.pytest_plugin"]
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def helm(helm_binary: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model and the toy datasets, built once per session (nothing is downloaded)."""
-    from kubetune.trainer.tiny import write_tiny_model, write_toy_datasets
+    from kubetune_devtools.tiny import write_tiny_model, write_toy_datasets
 
     root = tmp_path_factory.mktemp("tiny")
     write_tiny_model(root / "model")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from kubetune.api.errors import EXIT_CODE_REASONS, ConfigError, ExitCode
+from kubetune.api.contract import EXIT_CODE_REASONS, ExitCode
+from kubetune.api.errors import ConfigError
 from kubetune.trainer import outputs
 from kubetune.trainer.runner import configure_logging, failure, run
 

@@ -1,8 +1,8 @@
-"""Failures the trainer knows how to name: each carries the exit code DESIGN.md gives it."""
+"""Failures the trainer knows how to name: each carries its exit code (``api.contract``)."""
 
 from __future__ import annotations
 
-from kubetune.api.errors import EXIT_CODE_REASONS, ExitCode
+from kubetune.api.contract import EXIT_CODE_REASONS, ExitCode
 
 
 class TrainerFailure(Exception):

@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from kubetune.api.errors import ExitCode, SpecError
+from kubetune.api.contract import ExitCode
+from kubetune.api.errors import SpecError
 
 log = logging.getLogger("kubetune.trainer")
 

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 
 from kubetune.api.config import TrainerConfig
-from kubetune.api.errors import EXIT_CODE_REASONS, ExitCode
+from kubetune.api.contract import EXIT_CODE_REASONS, ExitCode
 from kubetune.api.models import TrainerResult
 from kubetune.trainer import outputs
 from kubetune.trainer.errors import InvalidConfig, TrainerFailure

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from api_cases import APISERVER_FIELD, INVALID, MINIMAL
 
-from kubetune.local.testing import Kubectl, get_json, wait_for
+from kubetune_devtools.pytest_plugin import Kubectl, get_json, wait_for
 
 pytestmark = pytest.mark.integration
 

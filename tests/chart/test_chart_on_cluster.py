@@ -22,7 +22,7 @@ import pytest
 import yaml
 from chartkit import CHART, CI_VALUES, Helm
 
-from kubetune.local.testing import Kubectl, get_json, wait_for
+from kubetune_devtools.pytest_plugin import Kubectl, get_json, wait_for
 
 pytestmark = pytest.mark.integration
 

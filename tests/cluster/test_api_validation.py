@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from kubetune.local.testing import Kubectl
+from kubetune_devtools.pytest_plugin import Kubectl
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.local.testing import Kubectl, get_json, wait_for
+from kubetune_devtools.pytest_plugin import Kubectl, get_json, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from e2ekit import REPO, SYSTEM_NAMESPACE, free_port, operator_pods
 
-from kubetune.local.testing import Kubectl, wait_for
+from kubetune_devtools.pytest_plugin import Kubectl, wait_for
 
 Helm = Callable[..., subprocess.CompletedProcess[str]]
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from kubetune.local.testing import Kubectl, get_json, wait_for
+from kubetune_devtools.pytest_plugin import Kubectl, get_json, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_EXAMPLE = REPO / "examples" / "tiny-cpu.yaml"
@@ -40,7 +40,7 @@ def seed_demo_claim(kubectl: Kubectl, namespace: str) -> None:
     }  # fmt: skip
     kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(claim))
     run_pod(kubectl, namespace, "seed-data",
-            ["python", "-m", "kubetune.trainer.tiny", f"/mnt/pvc/{CLAIM}"], timeout=180)  # fmt: skip
+            ["python", "-m", "kubetune_devtools.tiny", f"/mnt/pvc/{CLAIM}"], timeout=180)  # fmt: skip
 
 
 def run_pod(

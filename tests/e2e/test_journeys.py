@@ -22,7 +22,7 @@ from e2ekit import (
     wait_phase,
 )
 
-from kubetune.local.testing import Kubectl, get_json, wait_for
+from kubetune_devtools.pytest_plugin import Kubectl, get_json, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("kubetune_release")]
 

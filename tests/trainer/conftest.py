@@ -25,7 +25,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
-    from kubetune.trainer import tiny
+    from kubetune_devtools import tiny
 
     root = tmp_path_factory.mktemp("tiny")
     model = tiny.write_tiny_model(root / "model")
@@ -65,7 +65,7 @@ def trained(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> Train
     import contextlib
 
     from kubetune.trainer.local_run import main
-    from kubetune.trainer.tiny import toy_eval_prompts
+    from kubetune_devtools.tiny import toy_eval_prompts
 
     work = tmp_path_factory.mktemp("trained")
     output = work / "adapter"

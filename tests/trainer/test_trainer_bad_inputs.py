@@ -12,7 +12,7 @@ import pytest
 from trainer_helpers import TinyAssets, job_manifest, write_manifest
 
 from kubetune.trainer.local_run import main as kubetune
-from kubetune.trainer.tiny import toy_records, write_jsonl
+from kubetune_devtools.tiny import toy_records, write_jsonl
 
 
 def _assert_failed_without_success_traces(

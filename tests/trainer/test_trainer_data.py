@@ -11,7 +11,7 @@ from trainer_helpers import TinyAssets
 from kubetune.api.models import DatasetSpec
 from kubetune.trainer.data import prepare
 from kubetune.trainer.errors import DatasetUnusable, InvalidConfig
-from kubetune.trainer.tiny import CHAT_TEMPLATE, toy_records, write_jsonl
+from kubetune_devtools.tiny import CHAT_TEMPLATE, toy_records, write_jsonl
 
 pytestmark = pytest.mark.unit
 

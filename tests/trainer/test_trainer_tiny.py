@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.api.manifest import load_finetunejob
-from kubetune.trainer import tiny
+from kubetune_devtools import tiny
 
 pytestmark = pytest.mark.unit
 

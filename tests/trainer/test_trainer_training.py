@@ -118,7 +118,7 @@ def test_adapter_beats_base_on_the_toy_task_by_a_wide_margin(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from kubetune.trainer.tiny import toy_eval_prompts
+    from kubetune_devtools.tiny import toy_eval_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(tiny.model)
     held_out = toy_eval_prompts(24)
@@ -129,7 +129,7 @@ def test_adapter_beats_base_on_the_toy_task_by_a_wide_margin(
 
 
 def test_evaluation_compares_base_and_adapter_answers(trained: TrainedRun) -> None:
-    from kubetune.trainer.tiny import toy_eval_prompts
+    from kubetune_devtools.tiny import toy_eval_prompts
 
     result = json.loads((trained.output / "result.json").read_text())
     samples = result["evaluation"]["samples"]

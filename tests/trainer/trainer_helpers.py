@@ -27,7 +27,7 @@ def job_manifest(
     evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A FineTuneJob for the tiny model, with settings that train in seconds on a CPU."""
-    from kubetune.trainer.tiny import demo_manifest
+    from kubetune_devtools.tiny import demo_manifest
 
     manifest = copy.deepcopy(demo_manifest(model, Path(str(dataset))))
     manifest["spec"]["dataset"]["uri"] = str(dataset)

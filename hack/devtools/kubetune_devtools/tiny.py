@@ -6,7 +6,7 @@ so that bitsandbytes quantizes it exactly as it would a 7B model. The toy task, 
 run of letters, is learnable by such a model in a few hundred steps, and a random base model gets
 it right almost never: an adapter that learned anything shows up as a wide accuracy gap.
 
-Run ``python -m kubetune.trainer.tiny OUTDIR`` to write a model, a tokenizer, the task in every
+Run ``python -m kubetune_devtools.tiny OUTDIR`` to write a model, a tokenizer, the task in every
 dataset format and a FineTuneJob manifest that trains on them.
 """
 
@@ -227,7 +227,7 @@ def demo_manifest(model_dir: Path, dataset: Path, name: str = "tiny-reverse") ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kubetune.trainer.tiny",
+        prog="python -m kubetune_devtools.tiny",
         description="Write a tiny model, tokenizer, toy datasets and a FineTuneJob that uses them.",
     )
     parser.add_argument("outdir", type=Path)

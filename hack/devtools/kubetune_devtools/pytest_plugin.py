@@ -1,6 +1,6 @@
 """Pytest fixtures for tests against the real local cluster.
 
-Load with ``pytest_plugins = ["kubetune.local.testing"]``. One cluster per test
+Load with ``pytest_plugins = ["kubetune_devtools.pytest_plugin"]``. One cluster per test
 session, in a temporary ``KUBETUNE_HOME`` (binaries come from the shared build
 cache, so only the first session on a machine pays for the build); set
 ``KUBETUNE_TEST_KUBECONFIG`` to reuse a running cluster instead (that of

@@ -1,0 +1,135 @@
+"""The operator↔trainer pod contract, in one place.
+
+Everything both sides of a trainer pod must agree on: the container's name, where its config and
+claims are mounted, the environment variables that carry them, where the termination message
+goes, the exit codes and the condition types and reasons the operator reports from them. The
+operator renders pods from these names, the trainer reads them, the local node agent honours
+them; nothing else spells them out.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+# --- the pod -----------------------------------------------------------------------------------
+
+TRAINER_CONTAINER: Final = "trainer"
+TRAINER_COMMAND: Final = "kubetune-trainer"
+#: The resolved TrainerConfig, as a key of the job's ConfigMap and a file in its mount.
+CONFIG_FILE: Final = "config.yaml"
+CONFIG_MOUNT_PATH: Final = "/etc/kubetune"
+#: Claims named by pvc:// URIs are mounted at ``$KUBETUNE_PVC_ROOT/<claim>``.
+PVC_ROOT_ENV: Final = "KUBETUNE_PVC_ROOT"
+DEFAULT_PVC_ROOT: Final = "/mnt/pvc"
+#: The model's read token, from ``spec.model.tokenSecretRef``.
+TOKEN_ENV: Final = "HF_TOKEN"  # noqa: S105 -- the variable's name, not its value
+#: The hub push token, from ``spec.output.pushToHub.tokenSecretRef``.
+PUSH_TOKEN_ENV: Final = "HF_PUSH_TOKEN"  # noqa: S105 -- the variable's name, not its value
+#: Where the trainer writes its result; a laptop run may point it elsewhere.
+TERMINATION_LOG_ENV: Final = "KUBETUNE_TERMINATION_LOG"
+TERMINATION_MESSAGE_PATH: Final = "/dev/termination-log"
+#: Kubernetes keeps at most 4096 bytes of a termination message.
+TERMINATION_MESSAGE_LIMIT: Final = 4096
+
+# --- labels and annotations on every child ------------------------------------------------------
+
+JOB_LABEL: Final = "kubetune.io/job"
+#: The full FineTuneJob name (labels are capped at 63 characters, names are not).
+FINETUNEJOB_ANNOTATION: Final = "kubetune.io/finetunejob"
+MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
+MANAGED_BY: Final = "kubetune-operator"
+KUEUE_QUEUE_LABEL: Final = "kueue.x-k8s.io/queue-name"
+
+# --- exit codes --------------------------------------------------------------------------------
+
+
+class ExitCode(enum.IntEnum):
+    """The trainer's exit codes: they tell the Job which failures a retry can't fix."""
+
+    SUCCEEDED = 0
+    UNEXPECTED = 1
+    INVALID_CONFIG = 2
+    DATASET = 3
+    MODEL = 4
+    OUT_OF_MEMORY = 5
+    #: SIGTERM (128 + 15): a checkpoint was written and the next pod resumes from it.
+    PREEMPTED = 143
+
+
+#: Exit codes a retry can't fix: the operator's podFailurePolicy fails the Job on these at once.
+NON_RETRIABLE_EXIT_CODES: Final[tuple[int, ...]] = (
+    ExitCode.INVALID_CONFIG,
+    ExitCode.DATASET,
+    ExitCode.MODEL,
+    ExitCode.OUT_OF_MEMORY,
+)
+
+# --- conditions --------------------------------------------------------------------------------
+
+
+class ConditionType:
+    READY: Final = "Ready"
+    RUNNING: Final = "Running"
+    SUCCEEDED: Final = "Succeeded"
+    FAILED: Final = "Failed"
+    SUSPENDED: Final = "Suspended"
+
+
+#: In the order they are listed in status.
+CONDITION_TYPES: Final = (
+    ConditionType.READY,
+    ConditionType.RUNNING,
+    ConditionType.SUCCEEDED,
+    ConditionType.FAILED,
+    ConditionType.SUSPENDED,
+)
+
+
+class Reason:
+    """Every reason kubetune puts on a condition, an Event or ``status.result``."""
+
+    # The trainer's outcomes (its termination message and exit code).
+    SUCCEEDED: Final = "Succeeded"
+    TRAINER_ERROR: Final = "TrainerError"
+    INVALID_CONFIG: Final = "InvalidConfig"
+    DATASET_ERROR: Final = "DatasetError"
+    MODEL_ERROR: Final = "ModelError"
+    OUT_OF_MEMORY: Final = "OutOfMemory"
+    PREEMPTED: Final = "Preempted"
+    # The operator's, before any pod runs.
+    INVALID_SPEC: Final = "InvalidSpec"
+    DENIED: Final = "Denied"
+    NAME_CONFLICT: Final = "NameConflict"
+    MISSING_REFERENCE: Final = "MissingReference"
+    # From the Job and its pods.
+    CREATING: Final = "Creating"
+    STARTING: Final = "Starting"
+    RUNNING: Final = "Running"
+    FINISHING: Final = "Finishing"
+    RETRYING: Final = "Retrying"
+    QUEUED: Final = "Queued"
+    SUSPENDED: Final = "Suspended"
+    UNSCHEDULABLE: Final = "Unschedulable"
+    IMAGE_PULL_BACK_OFF: Final = "ImagePullBackOff"
+    CREATE_CONTAINER_CONFIG_ERROR: Final = "CreateContainerConfigError"
+    CREATE_CONTAINER_ERROR: Final = "CreateContainerError"
+    DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
+    OOM_KILLED: Final = "OOMKilled"
+    BACKOFF_LIMIT_EXCEEDED: Final = "BackoffLimitExceeded"
+    # The False side of conditions that didn't happen.
+    IN_PROGRESS: Final = "InProgress"
+    NOT_SUCCEEDED: Final = "NotSucceeded"
+    NO_FAILURE: Final = "NoFailure"
+    NOT_SUSPENDED: Final = "NotSuspended"
+
+
+#: Failure reasons by exit code, as they appear in the termination message and in conditions.
+EXIT_CODE_REASONS: Final[dict[ExitCode, str]] = {
+    ExitCode.UNEXPECTED: Reason.TRAINER_ERROR,
+    ExitCode.INVALID_CONFIG: Reason.INVALID_CONFIG,
+    ExitCode.DATASET: Reason.DATASET_ERROR,
+    ExitCode.MODEL: Reason.MODEL_ERROR,
+    ExitCode.OUT_OF_MEMORY: Reason.OUT_OF_MEMORY,
+    ExitCode.PREEMPTED: Reason.PREEMPTED,
+}
