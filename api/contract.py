@@ -68,64 +68,58 @@ NON_RETRIABLE_EXIT_CODES: Final[tuple[int, ...]] = (
 # --- conditions --------------------------------------------------------------------------------
 
 
-class ConditionType:
-    READY: Final = "Ready"
-    RUNNING: Final = "Running"
-    SUCCEEDED: Final = "Succeeded"
-    FAILED: Final = "Failed"
-    SUSPENDED: Final = "Suspended"
+class ConditionType(enum.StrEnum):
+    READY = "Ready"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
 
 
 #: In the order they are listed in status.
-CONDITION_TYPES: Final = (
-    ConditionType.READY,
-    ConditionType.RUNNING,
-    ConditionType.SUCCEEDED,
-    ConditionType.FAILED,
-    ConditionType.SUSPENDED,
-)
+CONDITION_TYPES: Final = tuple(ConditionType)
 
 
-class Reason:
+class Reason(enum.StrEnum):
     """Every reason kubetune puts on a condition, an Event or ``status.result``."""
 
     # The trainer's outcomes (its termination message and exit code).
-    SUCCEEDED: Final = "Succeeded"
-    TRAINER_ERROR: Final = "TrainerError"
-    INVALID_CONFIG: Final = "InvalidConfig"
-    DATASET_ERROR: Final = "DatasetError"
-    MODEL_ERROR: Final = "ModelError"
-    OUT_OF_MEMORY: Final = "OutOfMemory"
-    PREEMPTED: Final = "Preempted"
+    SUCCEEDED = "Succeeded"
+    TRAINER_ERROR = "TrainerError"
+    INVALID_CONFIG = "InvalidConfig"
+    DATASET_ERROR = "DatasetError"
+    MODEL_ERROR = "ModelError"
+    OUT_OF_MEMORY = "OutOfMemory"
+    PREEMPTED = "Preempted"
     # The operator's, before any pod runs.
-    INVALID_SPEC: Final = "InvalidSpec"
-    DENIED: Final = "Denied"
-    NAME_CONFLICT: Final = "NameConflict"
-    MISSING_REFERENCE: Final = "MissingReference"
+    INVALID_SPEC = "InvalidSpec"
+    DENIED = "Denied"
+    NAME_CONFLICT = "NameConflict"
+    MISSING_REFERENCE = "MissingReference"
     # From the Job and its pods.
-    CREATING: Final = "Creating"
-    STARTING: Final = "Starting"
-    RUNNING: Final = "Running"
-    FINISHING: Final = "Finishing"
-    RETRYING: Final = "Retrying"
-    QUEUED: Final = "Queued"
-    SUSPENDED: Final = "Suspended"
-    UNSCHEDULABLE: Final = "Unschedulable"
-    IMAGE_PULL_BACK_OFF: Final = "ImagePullBackOff"
-    CREATE_CONTAINER_CONFIG_ERROR: Final = "CreateContainerConfigError"
-    CREATE_CONTAINER_ERROR: Final = "CreateContainerError"
-    DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
-    OOM_KILLED: Final = "OOMKilled"
-    BACKOFF_LIMIT_EXCEEDED: Final = "BackoffLimitExceeded"
+    CREATING = "Creating"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    FINISHING = "Finishing"
+    RETRYING = "Retrying"
+    QUEUED = "Queued"
+    SUSPENDED = "Suspended"
+    UNSCHEDULABLE = "Unschedulable"
+    IMAGE_PULL_BACK_OFF = "ImagePullBackOff"
+    CREATE_CONTAINER_CONFIG_ERROR = "CreateContainerConfigError"
+    CREATE_CONTAINER_ERROR = "CreateContainerError"
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    OOM_KILLED = "OOMKilled"
+    BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
     # The False side of conditions that didn't happen.
-    IN_PROGRESS: Final = "InProgress"
-    NOT_SUCCEEDED: Final = "NotSucceeded"
-    NO_FAILURE: Final = "NoFailure"
-    NOT_SUSPENDED: Final = "NotSuspended"
+    IN_PROGRESS = "InProgress"
+    NOT_SUCCEEDED = "NotSucceeded"
+    NO_FAILURE = "NoFailure"
+    NOT_SUSPENDED = "NotSuspended"
 
 
 #: Failure reasons by exit code, as they appear in the termination message and in conditions.
-EXIT_CODE_REASONS: Final[dict[ExitCode, str]] = {
+EXIT_CODE_REASONS: Final[dict[ExitCode, Reason]] = {
     ExitCode.UNEXPECTED: Reason.TRAINER_ERROR,
     ExitCode.INVALID_CONFIG: Reason.INVALID_CONFIG,
     ExitCode.DATASET: Reason.DATASET_ERROR,

@@ -82,6 +82,8 @@ def load_finetunejob(source: str | Path | dict[str, Any]) -> FineTuneJob:
         except yaml.YAMLError as exc:
             raise SpecError([f"{path} is not valid YAML: {exc}"]) from exc
         jobs = [d for d in documents if isinstance(d, dict) and d.get("kind") == KIND]
+        if len(documents) == 1:
+            jobs = documents  # one document: say what is wrong with it, its kind included
         if len(jobs) != 1:
             raise SpecError(
                 [f"{path}: expected exactly one FineTuneJob document, found {len(jobs)}"]

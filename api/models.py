@@ -357,8 +357,8 @@ class TrainingSpec(ApiModel):
             raise ValueError("set either training.epochs or training.maxSteps, not both")
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             raise ValueError(
-                f"training.batchSize ({self.batch_size}) must be a multiple of "
-                f"training.microBatchSize ({self.micro_batch_size})"
+                "training.batchSize must be a multiple of training.microBatchSize "
+                f"({self.batch_size} is not a multiple of {self.micro_batch_size})"
             )
         return self
 

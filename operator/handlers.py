@@ -16,19 +16,23 @@ import kopf
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from kubetune.api.manifest import format_validation_error
-from kubetune.api.models import GROUP, PLURAL, VERSION, FineTuneJobSpec
-from kubetune.operator.errors import api_errors
-from kubetune.operator.kube import Kube, collection_path, finetunejob_path, load_config
-from kubetune.operator.render import (
+from kubetune.api.contract import (
     FINETUNEJOB_ANNOTATION,
     JOB_LABEL,
     MANAGED_BY,
+    MANAGED_BY_LABEL,
+    Reason,
+)
+from kubetune.api.manifest import format_validation_error
+from kubetune.api.models import GROUP, PLURAL, VERSION, FineTuneJobSpec
+from kubetune.api.timestamps import rfc3339
+from kubetune.operator.errors import api_errors
+from kubetune.operator.kube import Kube, collection_path, finetunejob_path, load_config
+from kubetune.operator.render import (
     child_names,
     policy_problems,
     pvc_claims,
     render,
-    secret_refs,
     short_name,
 )
 from kubetune.operator.settings import OperatorSettings
@@ -43,7 +47,7 @@ from kubetune.operator.status import (
 
 SETTINGS = OperatorSettings()
 _FINISHED = ("Succeeded", "Failed")
-_MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
+_MANAGED = {MANAGED_BY_LABEL: MANAGED_BY}
 
 _kube: Kube | None = None
 _locks: dict[tuple[str, str], threading.Lock] = {}
@@ -123,7 +127,7 @@ def _reject(body: kopf.Body, reason: str, problems: list[str]) -> kopf.Permanent
             "phase": "Failed",
             "observedGeneration": generation,
             "conditions": conditions,
-            "completionTime": body.get("status", {}).get("completionTime") or _iso(now),
+            "completionTime": body.get("status", {}).get("completionTime") or rfc3339(now),
             "result": {"outcome": "Failed", "reason": reason, "message": message[:1024]},
         },
     )
@@ -131,21 +135,11 @@ def _reject(body: kopf.Body, reason: str, problems: list[str]) -> kopf.Permanent
     return kopf.PermanentError(f"{reason}: {message}")
 
 
-def _iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def missing_references(namespace: str, spec: FineTuneJobSpec) -> list[str]:
-    """Secrets (and keys) and PVCs the spec names that don't exist in ``namespace``."""
+    """PVCs the spec names that don't exist in ``namespace``. Secrets are not looked at: the
+    operator may not read them, and a missing one shows on the trainer pod instead."""
     missing: list[str] = []
     api = kube()
-    for secret, key in secret_refs(spec):
-        with api_errors(f"reading Secret {namespace}/{secret}"):
-            found = api.get_or_none(f"{collection_path('v1', 'Secret', namespace)}/{secret}")
-        if found is None:
-            missing.append(f"Secret {secret!r} not found")
-        elif key not in (found.get("data") or {}) and key not in (found.get("stringData") or {}):
-            missing.append(f"Secret {secret!r} has no key {key!r}")
     for claim in pvc_claims(spec):
         path = f"{collection_path('v1', 'PersistentVolumeClaim', namespace)}/{claim}"
         with api_errors(f"reading PersistentVolumeClaim {namespace}/{claim}"):
@@ -172,10 +166,12 @@ def reconcile(
     try:
         parsed = FineTuneJobSpec.model_validate(dict(spec))
     except ValidationError as exc:
-        raise _reject(body, "InvalidSpec", format_validation_error(exc, FineTuneJobSpec)) from exc
+        raise _reject(
+            body, Reason.INVALID_SPEC, format_validation_error(exc, FineTuneJobSpec)
+        ) from exc
     denied = policy_problems(parsed, SETTINGS)
     if denied:
-        raise _reject(body, "Denied", denied)
+        raise _reject(body, Reason.DENIED, denied)
 
     missing = missing_references(namespace, parsed)
     if missing:
@@ -190,7 +186,7 @@ def reconcile(
                 status.get("conditions") or [],
                 READY,
                 False,
-                reason="MissingReference",
+                reason=Reason.MISSING_REFERENCE,
                 message=message,
                 now=_now(),
                 generation=generation,
@@ -200,7 +196,7 @@ def reconcile(
                 name,
                 {"phase": "Pending", "observedGeneration": generation, "conditions": conditions},
             )
-            kopf.event(body, type="Warning", reason="MissingReference", message=message)
+            kopf.event(body, type="Warning", reason=Reason.MISSING_REFERENCE, message=message)
         raise kopf.TemporaryError(message, delay=SETTINGS.reference_recheck_seconds)
 
     metadata = {"name": name, "namespace": namespace, "uid": body["metadata"]["uid"]}
@@ -213,7 +209,7 @@ def reconcile(
             # A same-named object that isn't ours: never take it over silently.
             raise _reject(
                 body,
-                "NameConflict",
+                Reason.NAME_CONFLICT,
                 [f"{manifest['kind']} {manifest['metadata']['name']} exists and is not owned"],
             )
     logger.info("children of %s/%s are in place", namespace, name)

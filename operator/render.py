@@ -13,19 +13,27 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from kubetune.api.config import JobRef, ProgressSettings, TrainerConfig
-from kubetune.api.contract import NON_RETRIABLE_EXIT_CODES
+from kubetune.api.contract import (
+    CONFIG_FILE,
+    FINETUNEJOB_ANNOTATION,
+    JOB_LABEL,
+    KUEUE_QUEUE_LABEL,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    NON_RETRIABLE_EXIT_CODES,
+    PUSH_TOKEN_ENV,
+    PVC_ROOT_ENV,
+    TERMINATION_MESSAGE_PATH,
+    TOKEN_ENV,
+    TRAINER_COMMAND,
+    TRAINER_CONTAINER,
+)
 from kubetune.api.models import API_VERSION, GROUP, KIND, PLURAL, FineTuneJobSpec
+from kubetune.api.uris import parse_uri
 from kubetune.operator.settings import OperatorSettings
 
 Manifest = dict[str, Any]
 
-TRAINER_CONTAINER: Final = "trainer"
-CONFIG_FILE: Final = "config.yaml"
-JOB_LABEL: Final = "kubetune.io/job"
-#: The full FineTuneJob name (labels are capped at 63 characters, names are not).
-FINETUNEJOB_ANNOTATION: Final = "kubetune.io/finetunejob"
-KUEUE_QUEUE_LABEL: Final = "kueue.x-k8s.io/queue-name"
-MANAGED_BY: Final = "kubetune-operator"
 _LABEL_MAX: Final = 63
 
 
@@ -66,7 +74,7 @@ def labels_for(name: str) -> dict[str, str]:
         "app.kubernetes.io/name": "kubetune",
         "app.kubernetes.io/component": "trainer",
         "app.kubernetes.io/instance": short_name(name),
-        "app.kubernetes.io/managed-by": MANAGED_BY,
+        MANAGED_BY_LABEL: MANAGED_BY,
         JOB_LABEL: short_name(name),
     }
 
@@ -79,22 +87,10 @@ def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
         (spec.dataset.uri, False),
         (spec.output.uri, True),
     ):
-        if uri.startswith("pvc://"):
-            claim = uri.removeprefix("pvc://").split("/", 1)[0]
+        claim = parse_uri(uri, ("pvc",), "a").claim if uri.startswith("pvc://") else None
+        if claim is not None:
             claims[claim] = claims.get(claim, False) or writable
     return claims
-
-
-def secret_refs(spec: FineTuneJobSpec) -> list[tuple[str, str]]:
-    """(secret, key) pairs the trainer pod reads."""
-    refs: list[tuple[str, str]] = []
-    if spec.model.token_secret_ref is not None:
-        refs.append((spec.model.token_secret_ref.name, spec.model.token_secret_ref.key))
-    if spec.output.push_to_hub is not None:
-        ref = spec.output.push_to_hub.token_secret_ref
-        if (ref.name, ref.key) not in refs:
-            refs.append((ref.name, ref.key))
-    return refs
 
 
 def policy_problems(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
@@ -266,12 +262,12 @@ def _pod_spec(spec: FineTuneJobSpec, names: ChildNames, settings: OperatorSettin
     if resources.gpus > 0:
         amounts[resources.gpu_resource_name] = str(resources.gpus)
 
-    env: list[Manifest] = [{"name": "KUBETUNE_PVC_ROOT", "value": settings.pvc_root}]
-    # The model's token reads (HF_TOKEN); a push token writes (HF_PUSH_TOKEN, the trainer falls
-    # back to HF_TOKEN). Both by reference: the values never pass through the operator.
-    token_refs = [("HF_TOKEN", spec.model.token_secret_ref)]
+    env: list[Manifest] = [{"name": PVC_ROOT_ENV, "value": settings.pvc_root}]
+    # The model's token reads; a push token writes (the trainer falls back to the read token).
+    # Both by reference: the values never pass through the operator.
+    token_refs = [(TOKEN_ENV, spec.model.token_secret_ref)]
     if spec.output.push_to_hub is not None:
-        token_refs.append(("HF_PUSH_TOKEN", spec.output.push_to_hub.token_secret_ref))
+        token_refs.append((PUSH_TOKEN_ENV, spec.output.push_to_hub.token_secret_ref))
     for variable, ref in token_refs:
         if ref is not None:
             env.append(
@@ -317,7 +313,7 @@ def _pod_spec(spec: FineTuneJobSpec, names: ChildNames, settings: OperatorSettin
         "imagePullPolicy": settings.image_pull_policy,
         # Explicit, not the image's entrypoint: the local cluster's node runs commands.
         "command": [
-            "kubetune-trainer",
+            TRAINER_COMMAND,
             "--config",
             f"{settings.config_mount_path}/{CONFIG_FILE}",
         ],
@@ -325,7 +321,7 @@ def _pod_spec(spec: FineTuneJobSpec, names: ChildNames, settings: OperatorSettin
         "resources": {"requests": dict(amounts), "limits": dict(amounts)},
         "volumeMounts": mounts,
         "securityContext": container_security,
-        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     pod: Manifest = {

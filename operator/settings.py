@@ -7,6 +7,8 @@ from typing import Annotated, Literal
 from pydantic import BeforeValidator, Field
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from kubetune.api.contract import CONFIG_MOUNT_PATH, DEFAULT_PVC_ROOT
+
 
 def _split_csv(value: object) -> object:
     if isinstance(value, str):
@@ -69,10 +71,10 @@ class OperatorSettings(BaseSettings):
         default=1000, ge=0, description="fsGroup of the trainer pod; empty leaves it unset."
     )
     config_mount_path: str = Field(
-        default="/etc/kubetune", description="Where the trainer config ConfigMap is mounted."
+        default=CONFIG_MOUNT_PATH, description="Where the trainer config ConfigMap is mounted."
     )
     pvc_root: str = Field(
-        default="/mnt/pvc", description="Where claims named by pvc:// URIs are mounted."
+        default=DEFAULT_PVC_ROOT, description="Where claims named by pvc:// URIs are mounted."
     )
     watch_timeout_seconds: int = Field(
         default=300, ge=10, description="Server-side timeout of each watch request."

@@ -5,37 +5,39 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
 from pydantic import ValidationError
 
-from kubetune.api.contract import EXIT_CODE_REASONS, ExitCode
+from kubetune.api.contract import (
+    CONDITION_TYPES,
+    EXIT_CODE_REASONS,
+    TRAINER_CONTAINER,
+    ConditionType,
+    ExitCode,
+    Reason,
+)
 from kubetune.api.models import TrainerResult
-from kubetune.operator.render import TRAINER_CONTAINER
+from kubetune.api.timestamps import parse_rfc3339, rfc3339
 
 Obj = Mapping[str, Any]
 
-READY: Final = "Ready"
-RUNNING: Final = "Running"
-SUCCEEDED: Final = "Succeeded"
-FAILED: Final = "Failed"
-SUSPENDED: Final = "Suspended"
-CONDITION_TYPES: Final = (READY, RUNNING, SUCCEEDED, FAILED, SUSPENDED)
+READY: Final = ConditionType.READY
+RUNNING: Final = ConditionType.RUNNING
+SUCCEEDED: Final = ConditionType.SUCCEEDED
+FAILED: Final = ConditionType.FAILED
+SUSPENDED: Final = ConditionType.SUSPENDED
 
 #: Waiting reasons of the trainer container that a person has to fix (image, config, secret).
 _WAITING_PROBLEMS: Final = {
-    "ImagePullBackOff": "ImagePullBackOff",
-    "ErrImagePull": "ImagePullBackOff",
-    "InvalidImageName": "ImagePullBackOff",
-    "CreateContainerConfigError": "CreateContainerConfigError",
-    "CreateContainerError": "CreateContainerError",
+    "ImagePullBackOff": Reason.IMAGE_PULL_BACK_OFF,
+    "ErrImagePull": Reason.IMAGE_PULL_BACK_OFF,
+    "InvalidImageName": Reason.IMAGE_PULL_BACK_OFF,
+    "CreateContainerConfigError": Reason.CREATE_CONTAINER_CONFIG_ERROR,
+    "CreateContainerError": Reason.CREATE_CONTAINER_ERROR,
 }
 _MESSAGE_LIMIT: Final = 1024
-
-
-def rfc3339(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def set_condition(
@@ -126,8 +128,8 @@ def _job_condition(job: Obj, *types: str) -> Obj | None:
 
 
 def _failure_reason(exit_code: int | None, terminated: Obj | None) -> str | None:
-    if terminated is not None and terminated.get("reason") == "OOMKilled":
-        return "OOMKilled"
+    if terminated is not None and terminated.get("reason") == Reason.OOM_KILLED:
+        return Reason.OOM_KILLED
     if exit_code is None:
         return None
     try:
@@ -144,26 +146,31 @@ def _pending_problem(pods: Sequence[Obj]) -> tuple[str, str] | None:
                 and condition.get("status") == "False"
                 and condition.get("reason") == "Unschedulable"
             ):
-                return "Unschedulable", str(condition.get("message") or "no node fits the pod")
+                return Reason.UNSCHEDULABLE, str(condition.get("message") or "no node fits the pod")
         status = _trainer_status(pod)
         waiting = (status or {}).get("state", {}).get("waiting") or {}
         reason = _WAITING_PROBLEMS.get(str(waiting.get("reason")))
         if reason is not None:
-            return reason, str(waiting.get("message") or waiting.get("reason"))
+            message = str(waiting.get("message") or waiting.get("reason"))
+            if reason == Reason.CREATE_CONTAINER_CONFIG_ERROR and "not found" in message:
+                # A Secret (or its key) the spec names is missing: the kubelet retries, and the
+                # pod starts once it exists.
+                return Reason.MISSING_REFERENCE, message
+            return reason, message
     return None
 
 
 def _outcome(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> tuple[Outcome, Obj | None]:
     """The outcome, and the pod whose termination message tells the result (if any)."""
     if job is None:
-        return Outcome("Pending", "Creating", "creating the trainer Job"), None
+        return Outcome("Pending", Reason.CREATING, "creating the trainer Job"), None
     by_age = sorted(pods, key=_pod_time)
     done = _job_condition(job, "Complete", "SuccessCriteriaMet")
     if done is not None:
         winner = next(
             (p for p in reversed(by_age) if p.get("status", {}).get("phase") == "Succeeded"), None
         )
-        return Outcome("Succeeded", "Succeeded", "the trainer finished"), winner
+        return Outcome("Succeeded", Reason.SUCCEEDED, "the trainer finished"), winner
     failed = _job_condition(job, "Failed", "FailureTarget")
     if failed is not None:
         # The pod that failed: its trainer has terminated, though the pod may not be Failed yet
@@ -179,10 +186,10 @@ def _outcome(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> tuple[Outcome, O
         terminated = _terminated(last) if last is not None else None
         exit_code = terminated.get("exitCode") if terminated else None
         reason = job_reason
-        if job_reason not in ("DeadlineExceeded",):
+        if job_reason not in (Reason.DEADLINE_EXCEEDED,):
             reason = _failure_reason(exit_code, terminated) or job_reason
         if reason == "PodFailurePolicy":
-            reason = "TrainerError"
+            reason = Reason.TRAINER_ERROR
         message = job_message
         if exit_code is not None and reason != job_reason:
             message = f"the trainer exited with code {exit_code}"
@@ -192,8 +199,8 @@ def _outcome(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> tuple[Outcome, O
         queue = ftj.get("spec", {}).get("scheduling", {}).get("queueName")
         user_suspended = ftj.get("spec", {}).get("runPolicy", {}).get("suspend", False)
         if queue and not user_suspended:
-            return Outcome("Queued", "Queued", f"waiting for admission by queue {queue}"), None
-        return Outcome("Suspended", "Suspended", "suspended by spec.runPolicy.suspend"), None
+            return Outcome("Queued", Reason.QUEUED, f"waiting for admission by queue {queue}"), None
+        return Outcome("Suspended", Reason.SUSPENDED, "suspended by spec.runPolicy.suspend"), None
     running = [
         p
         for p in pods
@@ -202,7 +209,7 @@ def _outcome(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> tuple[Outcome, O
         and ((_trainer_status(p) or {}).get("state", {}).get("running") is not None)
     ]
     if running:
-        return Outcome("Running", "Running", "the trainer is running", running=True), None
+        return Outcome("Running", Reason.RUNNING, "the trainer is running", running=True), None
     problem = _pending_problem([p for p in pods if p.get("status", {}).get("phase") == "Pending"])
     if problem is not None:
         return Outcome("Pending", problem[0], problem[1]), None
@@ -210,16 +217,18 @@ def _outcome(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> tuple[Outcome, O
     if failed_pods:
         terminated = _terminated(failed_pods[-1])
         code = terminated.get("exitCode") if terminated else None
-        reason = _failure_reason(code, terminated) or "TrainerError"
+        reason = _failure_reason(code, terminated) or Reason.TRAINER_ERROR
         return (
-            Outcome("Pending", "Retrying", f"attempt {len(failed_pods)} failed ({reason})"),
+            Outcome("Pending", Reason.RETRYING, f"attempt {len(failed_pods)} failed ({reason})"),
             None,
         )
     if any(p.get("status", {}).get("phase") == "Succeeded" for p in pods):
         # The trainer is done but the Job controller hasn't marked the Job Complete yet: still
         # Running, not back to Pending (that flap would post two misleading events).
-        return Outcome("Running", "Finishing", "the trainer finished; completing the Job"), None
-    return Outcome("Pending", "Starting", "waiting for the trainer pod to start"), None
+        return Outcome(
+            "Running", Reason.FINISHING, "the trainer finished; completing the Job"
+        ), None
+    return Outcome("Pending", Reason.STARTING, "waiting for the trainer pod to start"), None
 
 
 def _started_at(pods: Sequence[Obj]) -> str | None:
@@ -252,7 +261,7 @@ def derive_status(ftj: Obj, job: Obj | None, pods: Sequence[Obj], now: datetime)
         if result is not None and outcome.phase == "Failed":
             # The trainer names its own failure best, unless the Job's deadline ended it.
             reason = str(result.get("reason") or "")
-            if reason and outcome.reason not in ("DeadlineExceeded", "OOMKilled"):
+            if reason and outcome.reason not in (Reason.DEADLINE_EXCEEDED, Reason.OOM_KILLED):
                 outcome = Outcome(outcome.phase, reason, outcome.message)
 
     phase = outcome.phase
@@ -271,18 +280,27 @@ def derive_status(ftj: Obj, job: Obj | None, pods: Sequence[Obj], now: datetime)
         outcome.reason,
         message,
     )
-    put(RUNNING, outcome.running, outcome.reason if not outcome.running else "Running", message)
+    put(
+        RUNNING, outcome.running, outcome.reason if not outcome.running else Reason.RUNNING, message
+    )
     put(
         SUCCEEDED,
         phase == "Succeeded",
-        "Succeeded" if phase == "Succeeded" else ("NotSucceeded" if finished else "InProgress"),
+        Reason.SUCCEEDED
+        if phase == "Succeeded"
+        else (Reason.NOT_SUCCEEDED if finished else Reason.IN_PROGRESS),
         message if phase == "Succeeded" else "",
     )
-    put(FAILED, phase == "Failed", outcome.reason if phase == "Failed" else "NoFailure", message)
+    put(
+        FAILED,
+        phase == "Failed",
+        outcome.reason if phase == "Failed" else Reason.NO_FAILURE,
+        message,
+    )
     put(
         SUSPENDED,
         phase in ("Suspended", "Queued"),
-        outcome.reason if phase in ("Suspended", "Queued") else "NotSuspended",
+        outcome.reason if phase in ("Suspended", "Queued") else Reason.NOT_SUSPENDED,
         message if phase in ("Suspended", "Queued") else "",
     )
 
@@ -333,7 +351,7 @@ def ttl_remaining(status: Obj, ttl_seconds: int | None, now: datetime) -> float 
     completed = status.get("completionTime")
     if not completed:
         return None
-    finished_at = datetime.fromisoformat(str(completed).replace("Z", "+00:00"))
+    finished_at = parse_rfc3339(str(completed))
     return ttl_seconds - (now - finished_at).total_seconds()
 
 
@@ -352,11 +370,12 @@ def transition(old: Obj, new: Obj) -> tuple[str, str, str] | None:
 
 
 _PROBLEM_REASONS: Final = {
-    "Unschedulable",
-    "ImagePullBackOff",
-    "CreateContainerConfigError",
-    "CreateContainerError",
-    "Retrying",
+    Reason.UNSCHEDULABLE,
+    Reason.IMAGE_PULL_BACK_OFF,
+    Reason.CREATE_CONTAINER_CONFIG_ERROR,
+    Reason.CREATE_CONTAINER_ERROR,
+    Reason.RETRYING,
+    Reason.MISSING_REFERENCE,
 }
 
 

@@ -79,7 +79,10 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
     (
         "batch not a multiple of micro batch",
         with_spec(training={"batchSize": 10, "microBatchSize": 4}),
-        ["training.batchSize (10)", "training.microBatchSize (4)"],
+        [
+            "training.batchSize must be a multiple of training.microBatchSize",
+            "(10 is not a multiple of 4)",
+        ],
     ),
     (
         "inconsistent accumulation",

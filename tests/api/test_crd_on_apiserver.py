@@ -4,13 +4,17 @@ field wrong, the defaults it fills in, and the fields it refuses to change."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from api_cases import APISERVER_FIELD, INVALID, MINIMAL
+from api_cases import APISERVER_FIELD, INVALID, MINIMAL, with_spec
 
+from kubetune.api.errors import SpecError
+from kubetune.api.manifest import load_finetunejob
 from kubetune_devtools.pytest_plugin import Kubectl, get_json, wait_for
 
 pytestmark = pytest.mark.integration
@@ -31,15 +35,53 @@ def manifest_named(manifest: dict[str, Any], name: str) -> dict[str, Any]:
     return {**full, "metadata": {"name": name}}
 
 
+def kubetune_validate(manifest: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    kubetune = Path(sys.executable).with_name("kubetune")
+    return subprocess.run([str(kubetune), "validate", str(path)], capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+
+
 @pytest.mark.parametrize("case", sorted(APISERVER_FIELD))
-def test_apiserver_rejects_the_invalid_manifest_naming_the_field(
-    crd: None, kubectl: Kubectl, namespace: str, case: str
+def test_apiserver_and_kubetune_validate_reject_the_invalid_manifest_naming_the_field(
+    crd: None, kubectl: Kubectl, namespace: str, tmp_path: Path, case: str
 ) -> None:
     manifest = manifest_named(CASES[case], "invalid")
     result = kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-",
                      input=json.dumps(manifest), check=False)  # fmt: skip
     assert result.returncode != 0, f"{case}: accepted by the apiserver"
     assert APISERVER_FIELD[case] in result.stderr, result.stderr
+
+    offline = kubetune_validate(manifest, tmp_path)
+    assert offline.returncode == 2, offline.stdout
+    assert APISERVER_FIELD[case] in offline.stderr, offline.stderr
+
+
+@pytest.mark.parametrize("case", sorted(set(CASES) - set(APISERVER_FIELD)))
+def test_what_the_schema_lets_through_kubetune_validate_refuses_like_the_operator(
+    tmp_path: Path, case: str
+) -> None:
+    """These reach the operator, which fails the job InvalidSpec with the models' message; the
+    operator test of InvalidSpec shows that message on the job."""
+    offline = kubetune_validate(manifest_named(CASES[case], "invalid"), tmp_path)
+    assert offline.returncode == 2, offline.stdout
+    expected = next(words for name, _, words in INVALID if name == case)
+    for words in expected:
+        assert words in offline.stderr, offline.stderr
+
+
+def test_kubetune_validate_accepts_every_example_job() -> None:
+    jobs = [
+        p
+        for p in sorted((REPO / "examples").glob("*.yaml"))
+        if "kind: FineTuneJob" in p.read_text()
+    ]
+    kubetune = Path(sys.executable).with_name("kubetune")
+    result = subprocess.run([str(kubetune), "validate", *map(str, jobs)],
+                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(" is valid") == len(jobs) >= 4
 
 
 def test_seed_example_is_accepted_and_defaulted(
@@ -71,3 +113,82 @@ def test_fixed_fields_refuse_changes_and_run_policy_accepts_them(
     suspended = kubectl("patch", "ftj", "fixed", "-n", namespace, "--type=merge",
                         "-p", '{"spec": {"runPolicy": {"suspend": true}}}', check=False)  # fmt: skip
     assert suspended.returncode == 0, suspended.stderr
+
+
+# --- the CEL rules and the pydantic rules refuse the same manifests -----------------------------
+
+
+def cel_rules(node: Any) -> list[dict[str, str]]:
+    """Every x-kubernetes-validations rule in a schema, but the immutability ones."""
+    found: list[dict[str, str]] = []
+    if isinstance(node, dict):
+        for rule in node.get("x-kubernetes-validations", []):
+            if rule["rule"] != "self == oldSelf":
+                found.append(rule)
+        for value in node.values():
+            found.extend(cel_rules(value))
+    elif isinstance(node, list):
+        for value in node:
+            found.extend(cel_rules(value))
+    return found
+
+
+#: For each CEL rule's message: a manifest that breaks it and a close one that keeps it. Both
+#: layers must refuse the first and accept the second.
+CEL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "set either dataset.evalSplit or dataset.evalFraction, not both": (
+        with_spec(dataset={"uri": "pvc://data/d", "evalSplit": "test", "evalFraction": 0.1}),
+        with_spec(dataset={"uri": "pvc://data/d", "evalFraction": 0.1}),
+    ),
+    "set either training.epochs or training.maxSteps, not both": (
+        with_spec(training={"epochs": 1, "maxSteps": 10}),
+        with_spec(training={"maxSteps": 10}),
+    ),
+    "training.batchSize must be a multiple of training.microBatchSize": (
+        with_spec(training={"batchSize": 10, "microBatchSize": 4}),
+        with_spec(training={"batchSize": 12, "microBatchSize": 4}),
+    ),
+    **{
+        f"{what} URI must not contain '..' segments": (
+            with_spec(**{what: {"uri": f"pvc://claim/dir/../../{what}"}}),
+            with_spec(**{what: {"uri": f"pvc://claim/dir/..{what}"}}),
+        )
+        for what in ("model", "dataset", "output")
+    },
+    **{
+        f"{what} URI must be of the form pvc://<claim-name>/<path>": (
+            with_spec(**{what: {"uri": f"pvc://Claim_1/{what}"}}),
+            with_spec(**{what: {"uri": f"pvc://claim-1/{what}"}}),
+        )
+        for what in ("model", "dataset", "output")
+    },
+}
+
+
+def test_every_cel_rule_has_an_agreement_case() -> None:
+    crd = yaml.safe_load(CRD.read_text())
+    messages = {rule["message"] for rule in cel_rules(crd)}
+    assert messages == set(CEL_CASES), "add a CEL_CASES entry for each new CEL rule"
+
+
+@pytest.mark.parametrize("message", sorted(CEL_CASES))
+def test_cel_and_the_models_refuse_the_same_manifest(
+    crd: None, kubectl: Kubectl, namespace: str, message: str
+) -> None:
+    broken, kept = CEL_CASES[message]
+
+    def apiserver(manifest: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        return kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-",
+                       input=json.dumps(manifest_named(manifest, "cel")), check=False)  # fmt: skip
+
+    refused = apiserver(broken)
+    assert refused.returncode != 0 and message in refused.stderr, refused.stderr
+    with pytest.raises(SpecError) as offline:
+        load_finetunejob(broken)
+    assert any(
+        message.split(" must ", maxsplit=1)[0] in p or message in p for p in offline.value.problems
+    ), offline.value.problems
+
+    accepted = apiserver(kept)
+    assert accepted.returncode == 0, accepted.stderr
+    load_finetunejob(kept)

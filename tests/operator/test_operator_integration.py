@@ -286,11 +286,8 @@ def event_reasons(kubectl: Kubectl, namespace: str, name: str) -> list[str]:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 # --- scenarios ---------------------------------------------------------------------------------
@@ -537,3 +534,66 @@ def test_trainer_token_may_patch_only_its_own_jobs_status(
     assert _patch_status_as(server, context, token, namespace, "mine") == 200
     assert ftj_status(kubectl, namespace, "mine")["progress"]["step"] == 1
     assert _patch_status_as(server, context, token, namespace, "theirs") == 403
+
+
+# --- every row of the README's reason table that the local cluster can reach -------------------
+
+
+def test_spec_the_schema_accepts_but_the_models_refuse_fails_invalid_spec(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    spec = unschedulable_spec(model={"uri": "ftp://mirror.invalid/llama"})
+    apply(kubectl, namespace, finetunejob("ftp-model", spec))
+    status = wait_phase(kubectl, namespace, "ftp-model", {"Failed"}, 60)
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert "spec.model.uri" in failed["message"] and "'ftp'" in failed["message"]
+    assert status["result"]["reason"] == "InvalidSpec"
+    assert jobs_of(kubectl, namespace) == []
+    assert "InvalidSpec" in event_reasons(kubectl, namespace, "ftp-model")
+
+
+@pytest.mark.parametrize("secret_data", [None, {"other": "dmFsdWU="}], ids=["no-secret", "no-key"])
+def test_missing_secret_or_key_is_reported_and_the_job_starts_once_it_exists(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str, secret_data: dict[str, str] | None
+) -> None:
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hub"}}
+    if secret_data is not None:
+        apply(kubectl, namespace, {**secret, "data": secret_data})
+    spec = sleeper_spec(1, model={"uri": "org/model", "tokenSecretRef": {"name": "hub"}})
+    apply(kubectl, namespace, finetunejob("needs-token", spec))
+
+    status = wait_ready_reason(kubectl, namespace, "needs-token", "MissingReference", 90)
+    assert status["phase"] == "Pending"
+    assert "hub" in condition(status, "Ready")["message"]
+
+    apply(kubectl, namespace, {**secret, "data": {"token": "c2VjcmV0LXZhbHVlLTEyMzQ="}})
+    status = wait_phase(kubectl, namespace, "needs-token", {"Succeeded", "Failed"}, 120)
+    assert status["phase"] == "Succeeded"
+    assert "secret-value-1234" not in json.dumps(status)
+
+
+def test_run_past_its_active_deadline_fails_deadline_exceeded(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    spec = sleeper_spec(300, runPolicy={"activeDeadlineSeconds": 5})
+    apply(kubectl, namespace, finetunejob("too-slow", spec))
+    status = wait_phase(kubectl, namespace, "too-slow", {"Succeeded", "Failed"}, 120)
+    assert status["phase"] == "Failed"
+    assert condition(status, "Failed")["reason"] == "DeadlineExceeded"
+    wait_for(lambda: not [p for p in pods_of(kubectl, namespace, "too-slow")
+                          if p["status"].get("phase") == "Running"], 60, "the pod to stop")  # fmt: skip
+
+
+def test_unexpected_exit_is_retried_up_to_the_backoff_limit_then_fails(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    spec = sleeper_spec(0, runPolicy={"backoffLimit": 1})
+    spec["podTemplate"]["spec"]["containers"][0]["command"] = ["sh", "-c", "exit 1"]
+    apply(kubectl, namespace, finetunejob("flaky", spec))
+    status = wait_phase(kubectl, namespace, "flaky", {"Succeeded", "Failed"}, 180)
+    assert status["phase"] == "Failed"
+    assert condition(status, "Failed")["reason"] == "TrainerError"
+    assert "exited with code 1" in condition(status, "Failed")["message"]
+    assert status["attempts"] == 2
+    assert len(pods_of(kubectl, namespace, "flaky")) == 2

@@ -103,10 +103,10 @@ namespaces) or into one Role per watched namespace.
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
-# Referenced objects are checked for existence (and a Secret for its key); nothing of their
-# content goes into status, events or logs.
+# Referenced claims are checked for existence. Secrets are never read: a missing Secret or key
+# shows on the trainer pod (CreateContainerConfigError), which the operator reports.
 - apiGroups: [""]
-  resources: [secrets, persistentvolumeclaims]
+  resources: [persistentvolumeclaims]
   verbs: [get]
 {{- end }}
 
