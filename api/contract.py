@@ -95,6 +95,8 @@ class Reason(enum.StrEnum):
     INVALID_SPEC = "InvalidSpec"
     DENIED = "Denied"
     NAME_CONFLICT = "NameConflict"
+    #: The API refused a child for another reason than an invalid value (quota, admission).
+    REJECTED = "Rejected"
     MISSING_REFERENCE = "MissingReference"
     # From the Job and its pods.
     CREATING = "Creating"

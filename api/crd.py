@@ -87,6 +87,10 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             props[key] = converted
         out["properties"] = props
         out["type"] = "object"
+    if node.get("type") == "object" and len(node.get("patternProperties", {})) == 1:
+        # A map whose keys have a syntax: the values' schema here, the keys' rule in CEL.
+        (values,) = node["patternProperties"].values()
+        node = {**node, "additionalProperties": values}
     if node.get("type") == "object" and "additionalProperties" in node:
         extra = node["additionalProperties"]
         if isinstance(extra, dict):

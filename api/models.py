@@ -11,6 +11,7 @@ import re
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -34,6 +35,15 @@ Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspende
 
 _K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
+# Kubernetes' own name syntax (k8s.io/apimachinery/pkg/util/validation), written so that both
+# Python's re and the apiserver's RE2 read them: the models and the CRD refuse the same names.
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_QUALIFIED_NAME = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+_QUALIFIED_HINT = "an optional DNS-subdomain prefix and '/', then at most 63 of [A-Za-z0-9-_.]"
 
 
 def _uri_rules(what: str) -> dict[str, Any]:
@@ -79,6 +89,46 @@ FreeForm = Annotated[
 ]
 
 
+def _matching(pattern: str, what: str, hint: str, max_length: int) -> Any:
+    compiled = re.compile(pattern)
+
+    def check(value: str) -> str:
+        if len(value) > max_length or not compiled.match(value):
+            raise ValueError(f"{value[:80]!r} is not a valid {what} ({hint})")
+        return value
+
+    return AfterValidator(check)
+
+
+QualifiedName = Annotated[
+    str,
+    _matching(_QUALIFIED_NAME, "qualified name", _QUALIFIED_HINT, 317),
+    WithJsonSchema({"type": "string", "maxLength": 317, "pattern": _QUALIFIED_NAME}),
+]
+LabelValue = Annotated[
+    str,
+    _matching(_LABEL_VALUE, "label value", "at most 63 of [A-Za-z0-9-_.], alphanumeric ends", 63),
+    WithJsonSchema({"type": "string", "maxLength": 63, "pattern": _LABEL_VALUE}),
+]
+DnsSubdomain = Annotated[
+    str,
+    _matching(_DNS_SUBDOMAIN, "name", "a lowercase DNS subdomain, at most 253 characters", 253),
+    WithJsonSchema({"type": "string", "maxLength": 253, "pattern": _DNS_SUBDOMAIN}),
+]
+
+
+def _qualified_keys(field: str) -> dict[str, Any]:
+    """CEL for a map's keys (a structural schema can't constrain property names)."""
+    return {
+        "x-kubernetes-validations": [
+            {
+                "rule": f"self.all(k, size(k) <= 317 && k.matches('{_QUALIFIED_NAME}'))",
+                "message": f"{field} keys must be qualified names ({_QUALIFIED_HINT})",
+            }
+        ]
+    }
+
+
 def _immutable(field: str) -> dict[str, Any]:
     return {
         "x-kubernetes-validations": [
@@ -96,6 +146,7 @@ class ApiModel(BaseModel):
         alias_generator=to_camel,
         populate_by_name=True,
         validate_default=True,
+        allow_inf_nan=False,
     )
 
 
@@ -326,7 +377,9 @@ class TrainingSpec(ApiModel):
     )
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(default=0.3, gt=0, description="Gradient clipping norm.")
-    seed: int = Field(default=42, ge=0, description="Random seed (data order, LoRA init).")
+    seed: int = Field(
+        default=42, ge=0, le=2**32 - 1, description="Random seed (data order, LoRA init)."
+    )
     checkpoint_steps: int = Field(
         default=100,
         ge=1,
@@ -400,8 +453,9 @@ class ResourcesSpec(ApiModel):
     gpus: int = Field(
         default=1, ge=0, le=1, description="GPUs (0 runs on the CPU; 1 at most in v1alpha1)."
     )
-    gpu_resource_name: str = Field(
-        default="nvidia.com/gpu", max_length=253, description="Extended resource name of a GPU."
+    gpu_resource_name: QualifiedName = Field(
+        default="nvidia.com/gpu",
+        description="Extended resource name of a GPU (domain/name, e.g. nvidia.com/gpu).",
     )
     cpu: Quantity | None = Field(default=None, description="CPU request and limit.")
     memory: Quantity | None = Field(default=None, description="Memory request and limit.")
@@ -413,9 +467,24 @@ class ResourcesSpec(ApiModel):
 class Toleration(ApiModel):
     """A toleration, as in a Pod spec."""
 
-    key: str | None = Field(default=None, max_length=316, description="Taint key.")
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(self.operator == 'Exists' && has(self.value) && self.value != '')",
+                    "message": "a toleration with operator Exists takes no value",
+                },
+                {
+                    "rule": "!has(self.tolerationSeconds) || self.effect == 'NoExecute'",
+                    "message": "tolerationSeconds needs effect NoExecute",
+                },
+            ]
+        }
+    )
+
+    key: QualifiedName | None = Field(default=None, description="Taint key.")
     operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
-    value: str | None = Field(default=None, max_length=63, description="Taint value.")
+    value: LabelValue | None = Field(default=None, description="Taint value.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         default=None, description="Taint effect to tolerate; all when unset."
     )
@@ -423,12 +492,23 @@ class Toleration(ApiModel):
         default=None, description="How long a NoExecute taint is tolerated."
     )
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists takes no value")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect NoExecute")
+        return self
+
 
 class SchedulingSpec(ApiModel):
     """Where the trainer pod may run."""
 
-    node_selector: dict[str, str] = Field(
-        default_factory=dict, max_length=32, description="Node labels the pod requires."
+    node_selector: dict[QualifiedName, LabelValue] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Node labels the pod requires.",
+        json_schema_extra=_qualified_keys("scheduling.nodeSelector"),
     )
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=32, description="Taints the pod tolerates."
@@ -436,12 +516,11 @@ class SchedulingSpec(ApiModel):
     affinity: FreeForm | None = Field(
         default=None, description="Pod affinity, as in a Pod spec (checked by the Job's API)."
     )
-    priority_class_name: str | None = Field(
-        default=None, max_length=253, description="PriorityClass of the pod."
+    priority_class_name: DnsSubdomain | None = Field(
+        default=None, description="PriorityClass of the pod."
     )
-    queue_name: str | None = Field(
+    queue_name: LabelValue | None = Field(
         default=None,
-        max_length=253,
         description="Kueue LocalQueue; the Job is created suspended and Kueue admits it.",
     )
 
@@ -462,14 +541,23 @@ class RunPolicySpec(ApiModel):
 
 
 class PodTemplateMetadata(ApiModel):
-    labels: dict[str, str] = Field(default_factory=dict, max_length=64, description="Extra labels.")
-    annotations: dict[str, str] = Field(
-        default_factory=dict, max_length=64, description="Extra annotations."
+    labels: dict[QualifiedName, LabelValue] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Extra labels (kubetune's own always win).",
+        json_schema_extra=_qualified_keys("podTemplate.metadata.labels"),
+    )
+    annotations: dict[QualifiedName, Annotated[str, Field(max_length=4096)]] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Extra annotations (kubetune's own always win).",
+        json_schema_extra=_qualified_keys("podTemplate.metadata.annotations"),
     )
 
 
 class PodTemplateOverrides(ApiModel):
-    """Escape hatch: merged into the trainer pod as given."""
+    """Escape hatch, refused unless the operator's settings allow the fields it sets: merged
+    into the trainer pod, under kubetune's service account, security context and command."""
 
     metadata: PodTemplateMetadata = Field(
         default_factory=PodTemplateMetadata, description="Labels and annotations for the pod."

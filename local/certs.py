@@ -10,6 +10,7 @@ and verifies projected tokens.
 from __future__ import annotations
 
 import secrets
+import ssl
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -19,68 +20,42 @@ _DAYS = "3650"
 
 
 @dataclass(frozen=True)
+class KeyPair:
+    """A certificate and its private key, as PEM files."""
+
+    cert: Path
+    key: Path
+
+    @classmethod
+    def named(cls, directory: Path, name: str) -> KeyPair:
+        return cls(directory / f"{name}.crt", directory / f"{name}.key")
+
+
 class Pki:
-    """Paths of every key and certificate the control plane uses."""
+    """Paths of every key and certificate the control plane uses, under one directory."""
 
-    directory: Path
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.ca = KeyPair.named(directory, "ca")
+        self.apiserver = KeyPair.named(directory, "apiserver")
+        #: Group system:masters.
+        self.admin = KeyPair.named(directory, "admin")
+        #: What the apiserver presents to node agents (``kubectl logs``).
+        self.kubelet_client = KeyPair.named(directory, "apiserver-kubelet-client")
+        #: What node agents serve their kubelet port with.
+        self.node_serving = KeyPair.named(directory, "node-serving")
+        self.service_account_key = directory / "sa.key"
+        self.service_account_pub = directory / "sa.pub"
+        #: A bearer token for the admin (group system:masters), for curl and friends.
+        self.admin_token = directory / "admin.token"
+        #: The apiserver's --token-auth-file (CSV: token,user,uid,"groups").
+        self.token_auth_file = directory / "tokens.csv"
 
-    @property
-    def ca_cert(self) -> Path:
-        return self.directory / "ca.crt"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.directory / "ca.key"
-
-    @property
-    def apiserver_cert(self) -> Path:
-        return self.directory / "apiserver.crt"
-
-    @property
-    def apiserver_key(self) -> Path:
-        return self.directory / "apiserver.key"
-
-    @property
-    def admin_cert(self) -> Path:
-        return self.directory / "admin.crt"
-
-    @property
-    def admin_key(self) -> Path:
-        return self.directory / "admin.key"
-
-    @property
-    def kubelet_client_cert(self) -> Path:
-        return self.directory / "apiserver-kubelet-client.crt"
-
-    @property
-    def kubelet_client_key(self) -> Path:
-        return self.directory / "apiserver-kubelet-client.key"
-
-    @property
-    def node_serving_cert(self) -> Path:
-        return self.directory / "node-serving.crt"
-
-    @property
-    def node_serving_key(self) -> Path:
-        return self.directory / "node-serving.key"
-
-    @property
-    def admin_token(self) -> Path:
-        """A bearer token for the admin (group system:masters), for curl and friends."""
-        return self.directory / "admin.token"
-
-    @property
-    def token_auth_file(self) -> Path:
-        """The apiserver's --token-auth-file (CSV: token,user,uid,"groups")."""
-        return self.directory / "tokens.csv"
-
-    @property
-    def service_account_key(self) -> Path:
-        return self.directory / "sa.key"
-
-    @property
-    def service_account_pub(self) -> Path:
-        return self.directory / "sa.pub"
+    def admin_context(self) -> ssl.SSLContext:
+        """TLS as the admin: trusts the cluster's CA, presents the admin certificate."""
+        context = ssl.create_default_context(cafile=str(self.ca.cert))
+        context.load_cert_chain(str(self.admin.cert), str(self.admin.key))
+        return context
 
 
 def _openssl(*args: str) -> None:
@@ -97,15 +72,14 @@ def _new_key(path: Path) -> None:
 
 
 def _signed_cert(
-    pki: Pki,
-    cert: Path,
-    key: Path,
+    ca: KeyPair,
+    pair: KeyPair,
     subject: str,
     *,
     usage: str,
     alt_names: list[str] | None = None,
 ) -> None:
-    _new_key(key)
+    _new_key(pair.key)
     extensions = [
         "basicConstraints=critical,CA:FALSE",
         "keyUsage=critical,digitalSignature,keyEncipherment",
@@ -117,16 +91,16 @@ def _signed_cert(
         csr = Path(tmp) / "req.csr"
         ext = Path(tmp) / "ext.cnf"
         ext.write_text("\n".join(extensions) + "\n")
-        _openssl("req", "-new", "-key", str(key), "-subj", subject, "-out", str(csr))
+        _openssl("req", "-new", "-key", str(pair.key), "-subj", subject, "-out", str(csr))
         _openssl(
             "x509",
             "-req",
             "-in",
             str(csr),
             "-CA",
-            str(pki.ca_cert),
+            str(ca.cert),
             "-CAkey",
-            str(pki.ca_key),
+            str(ca.key),
             "-CAcreateserial",
             "-days",
             _DAYS,
@@ -134,7 +108,7 @@ def _signed_cert(
             "-extfile",
             str(ext),
             "-out",
-            str(cert),
+            str(pair.cert),
         )
 
 
@@ -145,29 +119,28 @@ def ensure_pki(directory: Path) -> Pki:
         return pki
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
-    _new_key(pki.ca_key)
+    _new_key(pki.ca.key)
     _openssl(
         "req",
         "-x509",
         "-new",
         "-key",
-        str(pki.ca_key),
+        str(pki.ca.key),
         "-subj",
         "/CN=kubetune-local-ca",
         "-days",
         _DAYS,
         "-sha256",
         "-out",
-        str(pki.ca_cert),
+        str(pki.ca.cert),
         "-addext",
         "basicConstraints=critical,CA:TRUE",
         "-addext",
         "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
     )
     _signed_cert(
-        pki,
-        pki.apiserver_cert,
-        pki.apiserver_key,
+        pki.ca,
+        pki.apiserver,
         "/CN=kube-apiserver",
         usage="serverAuth",
         alt_names=[
@@ -181,23 +154,20 @@ def ensure_pki(directory: Path) -> Pki:
         ],
     )
     _signed_cert(
-        pki,
-        pki.admin_cert,
-        pki.admin_key,
+        pki.ca,
+        pki.admin,
         "/O=system:masters/CN=kubetune-admin",
         usage="clientAuth",
     )
     _signed_cert(
-        pki,
-        pki.kubelet_client_cert,
-        pki.kubelet_client_key,
+        pki.ca,
+        pki.kubelet_client,
         "/O=system:masters/CN=kube-apiserver-kubelet-client",
         usage="clientAuth",
     )
     _signed_cert(
-        pki,
-        pki.node_serving_cert,
-        pki.node_serving_key,
+        pki.ca,
+        pki.node_serving,
         "/CN=kubetune-node",
         usage="serverAuth",
         alt_names=["IP:127.0.0.1", "DNS:localhost"],

@@ -9,13 +9,8 @@ import time
 from pathlib import Path
 
 from kubetune.local.binaries import BinariesError
-from kubetune.local.controlplane import (
-    DEFAULT_NODE_NAME,
-    ClusterError,
-    ClusterInfo,
-    LocalCluster,
-    NodeOptions,
-)
+from kubetune.local.cluster_info import ClusterInfo
+from kubetune.local.controlplane import DEFAULT_NODE_NAME, ClusterError, LocalCluster, NodeOptions
 from kubetune.local.layout import default_home
 
 

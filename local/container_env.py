@@ -47,7 +47,7 @@ class EnvResolver:
             except ApiError as error:
                 if error.status != 404:
                     raise
-                self._cache[key] = None
+                return None  # not cached: the kubelet sees it once it is created
         return self._cache[key]
 
     def _key(self, resource: str, ref: JSON) -> str | None:
@@ -60,6 +60,7 @@ class EnvResolver:
         if ref["key"] not in data:
             if optional:
                 return None
+            self._cache.pop((resource, ref["name"]), None)  # read it again on the next try
             raise VolumeNotReady(f"key {ref['key']!r} not found in {resource[:-1]} {ref['name']!r}")
         return data[ref["key"]]
 

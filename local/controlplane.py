@@ -7,22 +7,22 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import ssl
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from kubetune.local import components
 from kubetune.local.binaries import binaries_dir
 from kubetune.local.certs import Pki, ensure_pki
+from kubetune.local.cluster_info import ClusterInfo
 from kubetune.local.layout import Layout, default_home
+from kubetune.local.ports import free_port
 from kubetune.local.supervisor import Supervised
 
-SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 DEFAULT_NODE_NAME = "kubetune-local"
 
 # Start order; ``down`` stops them in reverse.
@@ -33,29 +33,6 @@ class ClusterError(RuntimeError):
     """The cluster could not be started, or is in a state ``up`` must not touch."""
 
 
-@dataclass
-class ClusterInfo:
-    """What ``up`` chose, persisted as cluster.json for ``status``, node agents and tests."""
-
-    home: str
-    bin_dir: str
-    etcd_port: int
-    etcd_peer_port: int
-    apiserver_port: int
-    node_names: list[str] = field(default_factory=list)
-
-    @property
-    def server(self) -> str:
-        return f"https://127.0.0.1:{self.apiserver_port}"
-
-    @classmethod
-    def load(cls, layout: Layout) -> ClusterInfo:
-        return cls(**json.loads(layout.cluster_file.read_text()))
-
-    def save(self, layout: Layout) -> None:
-        layout.cluster_file.write_text(json.dumps(asdict(self), indent=2) + "\n")
-
-
 @dataclass(frozen=True)
 class NodeOptions:
     """The first node agent ``up`` starts."""
@@ -64,12 +41,6 @@ class NodeOptions:
     gpus: int = 1
     labels: Sequence[str] = ()  # key=value
     taints: Sequence[str] = ()  # key=value:Effect
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class LocalCluster:
@@ -121,12 +92,15 @@ class LocalCluster:
         info.save(self.layout)
         self._write_kubeconfig(info, pki)
         try:
-            self._start_etcd(info)
+            self._start("etcd", components.etcd_argv(info, self.layout))
             self._wait(lambda: self._etcd_healthy(info), "etcd", timeout, "etcd")
-            self._start_apiserver(info, pki)
+            self._start("kube-apiserver", components.apiserver_argv(info, self.layout, pki))
             self._wait(self.ready, "kube-apiserver /readyz", timeout, "kube-apiserver")
-            self._start_controller_manager(info, pki)
-            self._start_scheduler(info)
+            self._start(
+                "kube-controller-manager",
+                components.controller_manager_argv(info, self.layout, pki),
+            )
+            self._start("kube-scheduler", components.scheduler_argv(info, self.layout))
             self._start_python(
                 "provisioner", "kubetune.local.provisioner", "--home", str(self.layout.home)
             )
@@ -169,17 +143,12 @@ class LocalCluster:
 
     # -- readiness ------------------------------------------------------------
 
-    def _ssl_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=str(self.pki.ca_cert))
-        context.load_cert_chain(str(self.pki.admin_cert), str(self.pki.admin_key))
-        return context
-
     def get(self, path: str) -> tuple[int, bytes]:
         """GET ``path`` from the apiserver as admin."""
         info = ClusterInfo.load(self.layout)
         try:
             with urllib.request.urlopen(  # noqa: S310 (an https URL we built)
-                info.server + path, context=self._ssl_context(), timeout=5
+                info.server + path, context=self.pki.admin_context(), timeout=5
             ) as response:
                 return int(response.status), bytes(response.read())
         except urllib.error.HTTPError as error:
@@ -240,147 +209,19 @@ class LocalCluster:
             + supervised.log_tail()
         )
 
-    # -- components -----------------------------------------------------------
+    # -- starting processes ---------------------------------------------------
 
     def _write_kubeconfig(self, info: ClusterInfo, pki: Pki) -> None:
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [
-                {
-                    "name": "kubetune-local",
-                    "cluster": {"server": info.server, "certificate-authority": str(pki.ca_cert)},
-                }
-            ],
-            "users": [
-                {
-                    "name": "kubetune-admin",
-                    "user": {
-                        "client-certificate": str(pki.admin_cert),
-                        "client-key": str(pki.admin_key),
-                    },
-                }
-            ],
-            "contexts": [
-                {
-                    "name": "kubetune-local",
-                    "context": {
-                        "cluster": "kubetune-local",
-                        "user": "kubetune-admin",
-                        "namespace": "default",
-                    },
-                }
-            ],
-            "current-context": "kubetune-local",
-        }
         # JSON is valid YAML, and keeps this module free of a YAML dependency.
+        config = components.admin_kubeconfig(info, pki)
         self.layout.kubeconfig.write_text(json.dumps(config, indent=2) + "\n")
         self.layout.kubeconfig.chmod(0o600)
 
-    def _binary(self, info: ClusterInfo, name: str) -> str:
-        return str(Path(info.bin_dir) / name)
-
-    def _start(self, name: str, argv: list[str]) -> None:
-        env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
-        self.process(name).start(argv, env)
-
-    def _start_python(self, name: str, module: str, *args: str) -> Supervised:
+    def _start(self, name: str, argv: list[str]) -> Supervised:
         env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
         process = self.process(name)
-        process.start([sys.executable, "-m", module, *args], env)
+        process.start(argv, env)
         return process
 
-    def _start_etcd(self, info: ClusterInfo) -> None:
-        client = f"http://127.0.0.1:{info.etcd_port}"
-        peer = f"http://127.0.0.1:{info.etcd_peer_port}"
-        self._start(
-            "etcd",
-            [
-                self._binary(info, "etcd"),
-                "--name=kubetune",
-                f"--data-dir={self.layout.etcd_data}",
-                f"--listen-client-urls={client}",
-                f"--advertise-client-urls={client}",
-                f"--listen-peer-urls={peer}",
-                f"--initial-advertise-peer-urls={peer}",
-                f"--initial-cluster=kubetune={peer}",
-                # A throwaway development cluster: durability is not worth the fsync latency.
-                "--unsafe-no-fsync",
-                "--log-level=warn",
-            ],
-        )
-
-    def _start_apiserver(self, info: ClusterInfo, pki: Pki) -> None:
-        self._start(
-            "kube-apiserver",
-            [
-                self._binary(info, "kube-apiserver"),
-                f"--etcd-servers=http://127.0.0.1:{info.etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                f"--secure-port={info.apiserver_port}",
-                f"--cert-dir={self.layout.pki}",
-                f"--tls-cert-file={pki.apiserver_cert}",
-                f"--tls-private-key-file={pki.apiserver_key}",
-                f"--client-ca-file={pki.ca_cert}",
-                f"--token-auth-file={pki.token_auth_file}",
-                f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
-                f"--service-account-key-file={pki.service_account_pub}",
-                f"--service-account-signing-key-file={pki.service_account_key}",
-                "--service-cluster-ip-range=10.0.0.0/24",
-                "--authorization-mode=Node,RBAC",
-                "--allow-privileged=true",
-                # The 'kubernetes' Service would get a loopback endpoint, which validation
-                # rejects; pods reach the apiserver through KUBERNETES_SERVICE_HOST instead.
-                "--endpoint-reconciler-type=none",
-                # `kubectl logs` is proxied to the node agent's HTTPS server on its InternalIP.
-                f"--kubelet-client-certificate={pki.kubelet_client_cert}",
-                f"--kubelet-client-key={pki.kubelet_client_key}",
-                # Node agents serve with a certificate from the same CA (SAN 127.0.0.1).
-                f"--kubelet-certificate-authority={pki.ca_cert}",
-                "--kubelet-preferred-address-types=InternalIP",
-                "--profiling=false",
-                "--v=1",
-            ],
-        )
-
-    def _start_controller_manager(self, info: ClusterInfo, pki: Pki) -> None:
-        kubeconfig = str(self.layout.kubeconfig)
-        self._start(
-            "kube-controller-manager",
-            [
-                self._binary(info, "kube-controller-manager"),
-                f"--kubeconfig={kubeconfig}",
-                f"--authentication-kubeconfig={kubeconfig}",
-                f"--authorization-kubeconfig={kubeconfig}",
-                # The defaults ('*') include job, garbage-collector, namespace, serviceaccount,
-                # serviceaccount-token, root-ca-cert-publisher, persistentvolume-binder,
-                # ttl-after-finished, node-lifecycle and pod-garbage-collector.
-                "--controllers=*",
-                f"--service-account-private-key-file={pki.service_account_key}",
-                f"--root-ca-file={pki.ca_cert}",
-                f"--cluster-signing-cert-file={pki.ca_cert}",
-                f"--cluster-signing-key-file={pki.ca_key}",
-                "--use-service-account-credentials=false",
-                "--leader-elect=false",
-                "--bind-address=127.0.0.1",
-                "--secure-port=0",
-                "--v=1",
-            ],
-        )
-
-    def _start_scheduler(self, info: ClusterInfo) -> None:
-        kubeconfig = str(self.layout.kubeconfig)
-        self._start(
-            "kube-scheduler",
-            [
-                self._binary(info, "kube-scheduler"),
-                f"--kubeconfig={kubeconfig}",
-                f"--authentication-kubeconfig={kubeconfig}",
-                f"--authorization-kubeconfig={kubeconfig}",
-                "--leader-elect=false",
-                "--bind-address=127.0.0.1",
-                "--secure-port=0",
-                "--v=1",
-            ],
-        )
+    def _start_python(self, name: str, module: str, *args: str) -> Supervised:
+        return self._start(name, [sys.executable, "-m", module, *args])

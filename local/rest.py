@@ -9,7 +9,6 @@ would make the agent's handling of every pod depend on a client version.
 from __future__ import annotations
 
 import json
-import ssl
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -19,6 +18,8 @@ from urllib.parse import quote, urlencode
 import urllib3
 
 from kubetune.local.certs import Pki
+from kubetune.local.cluster_info import ClusterInfo
+from kubetune.local.layout import Layout
 
 JSON = dict[str, Any]
 
@@ -44,15 +45,13 @@ class Rest:
 
     def __init__(self, server: str, pki: Pki) -> None:
         self.server = server.rstrip("/")
-        context = ssl.create_default_context(cafile=str(pki.ca_cert))
-        context.load_cert_chain(str(pki.admin_cert), str(pki.admin_key))
-        self._pool = urllib3.PoolManager(ssl_context=context, maxsize=16, retries=False)
+        self._pool = urllib3.PoolManager(ssl_context=pki.admin_context(), maxsize=16, retries=False)
         self._lock = threading.Lock()
 
     @classmethod
     def for_home(cls, home: Path) -> Rest:
-        cluster = json.loads((home / "cluster.json").read_text())
-        return cls(f"https://127.0.0.1:{cluster['apiserver_port']}", Pki(home / "pki"))
+        layout = Layout(home)
+        return cls(ClusterInfo.load(layout).server, Pki(layout.pki))
 
     def _url(self, path: str, params: Mapping[str, Any] | None) -> str:
         query = {k: v for k, v in (params or {}).items() if v is not None}

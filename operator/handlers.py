@@ -5,6 +5,7 @@ Importing this module registers the handlers with kopf's default registry.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Iterator
@@ -28,9 +29,9 @@ from kubetune.api.models import GROUP, PLURAL, VERSION, FineTuneJobSpec
 from kubetune.api.timestamps import rfc3339
 from kubetune.operator.errors import api_errors
 from kubetune.operator.kube import Kube, collection_path, finetunejob_path, load_config
+from kubetune.operator.policy import policy_problems
 from kubetune.operator.render import (
     child_names,
-    policy_problems,
     pvc_claims,
     render,
     short_name,
@@ -200,20 +201,68 @@ def reconcile(
         raise kopf.TemporaryError(message, delay=SETTINGS.reference_recheck_seconds)
 
     metadata = {"name": name, "namespace": namespace, "uid": body["metadata"]["uid"]}
+    created: list[str] = []
     for manifest in render(parsed, metadata, SETTINGS):
-        what = f"creating {manifest['kind']} {namespace}/{manifest['metadata']['name']}"
-        with api_errors(what):
-            existing = kube().create(manifest)
-        owners = existing.get("metadata", {}).get("ownerReferences") or []
-        if not any(owner.get("uid") == metadata["uid"] for owner in owners):
+        kind, child = manifest["kind"], manifest["metadata"]["name"]
+        path = f"{collection_path(manifest['apiVersion'], kind, namespace)}/{child}"
+        try:
+            with api_errors(f"creating {kind} {namespace}/{child}"):
+                existing = kube().create(manifest)
+        except kopf.PermanentError as exc:
+            # The API refused what the spec asked for (an invalid value, a quota, an admission
+            # policy): say so on the job, and leave nothing half-made behind.
+            _delete_children(created)
+            refusal = exc.__cause__
+            reason = Reason.INVALID_SPEC if _status_of(refusal) == 422 else Reason.REJECTED
+            raise _reject(body, reason, [f"{kind} {child}: {_api_message(refusal)}"]) from exc
+        if not _owned_by(existing, metadata["uid"]):
             # A same-named object that isn't ours: never take it over silently.
-            raise _reject(
-                body,
-                Reason.NAME_CONFLICT,
-                [f"{manifest['kind']} {manifest['metadata']['name']} exists and is not owned"],
-            )
+            _delete_children(created)
+            raise _reject(body, Reason.NAME_CONFLICT, [f"{kind} {child} exists and is not owned"])
+        created.append(path)
     logger.info("children of %s/%s are in place", namespace, name)
     refresh(namespace, name)
+
+
+def _status_of(error: BaseException | None) -> int | None:
+    return error.status if isinstance(error, ApiException) else None
+
+
+def _api_message(error: BaseException | None) -> str:
+    """The apiserver's own words for a refusal (its Status message), else the HTTP reason."""
+    if isinstance(error, ApiException):
+        try:
+            return str(json.loads(error.body or "{}").get("message") or error.reason)
+        except ValueError:
+            return str(error.reason)
+    return str(error)
+
+
+def _owned_by(obj: dict[str, Any], uid: str) -> bool:
+    """Whether ``uid`` is the controller owner of ``obj``: the only objects kubetune touches."""
+    owners = obj.get("metadata", {}).get("ownerReferences") or []
+    return any(o.get("uid") == uid and o.get("controller") for o in owners)
+
+
+def _delete_children(paths: list[str]) -> None:
+    for path in reversed(paths):
+        with api_errors(f"cleaning up {path}"):
+            kube().delete(path)
+
+
+def _patch_owned_job(namespace: str, name: str, uid: str, patch: dict[str, Any], what: str) -> bool:
+    """Patch the job's Job if, and only if, this FineTuneJob owns it; False if it has none.
+
+    The patch carries the resourceVersion that was checked, so an object replaced in between
+    is a conflict (retried), never a write to someone else's Job."""
+    path = collection_path("batch/v1", "Job", namespace) + "/" + child_names(name).job
+    with api_errors(what):
+        job = kube().get_or_none(path)
+        if job is None or not _owned_by(job, uid):
+            return False
+        version = job["metadata"]["resourceVersion"]
+        kube().merge_patch(path, {"metadata": {"resourceVersion": version}, **patch})
+    return True
 
 
 @kopf.on.field(GROUP, VERSION, PLURAL, field="spec.runPolicy.suspend")  # type: ignore[untyped-decorator]
@@ -226,30 +275,23 @@ def suspend_or_resume(
     suspend = bool(new)
     if not suspend and body.get("spec", {}).get("scheduling", {}).get("queueName"):
         return  # Kueue admits the Job by unsuspending it.
-    job = collection_path("batch/v1", "Job", namespace) + "/" + child_names(name).job
-    with api_errors(f"{'suspending' if suspend else 'resuming'} Job {namespace}/{name}"):
-        try:
-            kube().merge_patch(job, {"spec": {"suspend": suspend}})
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-            return
-    refresh(namespace, name)
+    what = f"{'suspending' if suspend else 'resuming'} the Job of {namespace}/{name}"
+    patch = {"spec": {"suspend": suspend}}
+    if _patch_owned_job(namespace, name, body["metadata"]["uid"], patch, what):
+        refresh(namespace, name)
 
 
 @kopf.on.field(  # type: ignore[untyped-decorator]
     GROUP, VERSION, PLURAL, field="spec.runPolicy.activeDeadlineSeconds"
 )
-def change_deadline(old: Any, new: Any, name: str, namespace: str, **_: Any) -> None:
+def change_deadline(
+    old: Any, new: Any, name: str, namespace: str, body: kopf.Body, **_: Any
+) -> None:
     if old is None or new is None:
         return
-    job = collection_path("batch/v1", "Job", namespace) + "/" + child_names(name).job
-    with api_errors(f"changing the deadline of Job {namespace}/{name}"):
-        try:
-            kube().merge_patch(job, {"spec": {"activeDeadlineSeconds": int(new)}})
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+    patch = {"spec": {"activeDeadlineSeconds": int(new)}}
+    what = f"changing the deadline of the Job of {namespace}/{name}"
+    _patch_owned_job(namespace, name, body["metadata"]["uid"], patch, what)
 
 
 @kopf.on.update(GROUP, VERSION, PLURAL)  # type: ignore[untyped-decorator]
@@ -292,8 +334,7 @@ def refresh(namespace: str, name: str) -> None:
         job = api.get_or_none(f"{collection_path('batch/v1', 'Job', namespace)}/{job_name}")
         if job is None:
             return
-        owners = job["metadata"].get("ownerReferences") or []
-        if not any(owner.get("uid") == ftj["metadata"]["uid"] for owner in owners):
+        if not _owned_by(job, ftj["metadata"]["uid"]):
             return
         pods = api.get(
             collection_path("v1", "Pod", namespace),

@@ -25,11 +25,11 @@ from kubetune.api.contract import (
     PVC_ROOT_ENV,
     TERMINATION_MESSAGE_PATH,
     TOKEN_ENV,
-    TRAINER_COMMAND,
     TRAINER_CONTAINER,
 )
 from kubetune.api.models import API_VERSION, GROUP, KIND, PLURAL, FineTuneJobSpec
 from kubetune.api.uris import parse_uri
+from kubetune.operator.policy import apply_pod_template
 from kubetune.operator.settings import OperatorSettings
 
 Manifest = dict[str, Any]
@@ -91,22 +91,6 @@ def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
         if claim is not None:
             claims[claim] = claims.get(claim, False) or writable
     return claims
-
-
-def policy_problems(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
-    """Spec options this cluster's operator settings deny, one ``field: why`` line each."""
-    denied = {option.lower() for option in settings.denied_options}
-    used = {
-        "trustremotecode": ("spec.model.trustRemoteCode", spec.model.trust_remote_code),
-        "pushtohub": ("spec.output.pushToHub", spec.output.push_to_hub is not None),
-        "merge": ("spec.output.merge", spec.output.merge),
-        "podtemplate": ("spec.podTemplate", spec.pod_template is not None),
-    }
-    return [
-        f"{field}: denied by the operator's settings (KUBETUNE_DENIED_OPTIONS)"
-        for option, (field, is_used) in used.items()
-        if option in denied and is_used
-    ]
 
 
 def owner_reference(metadata: dict[str, Any]) -> Manifest:
@@ -213,9 +197,9 @@ def render_job(
     pod_labels = dict(labels_for(name))
     pod_annotations = {FINETUNEJOB_ANNOTATION: name}
     if spec.pod_template is not None:
-        pod_labels.update(spec.pod_template.metadata.labels)
-        pod_annotations.update(spec.pod_template.metadata.annotations)
-        pod_spec = merge_pod_spec(pod_spec, spec.pod_template.spec)
+        pod_spec, pod_labels, pod_annotations = apply_pod_template(
+            pod_spec, pod_labels, pod_annotations, spec.pod_template
+        )
     job_spec: Manifest = {
         # Kueue admits a queued Job by unsuspending it; without a queue, suspend follows the spec.
         "suspend": spec.run_policy.suspend or bool(queue),
@@ -313,7 +297,7 @@ def _pod_spec(spec: FineTuneJobSpec, names: ChildNames, settings: OperatorSettin
         "imagePullPolicy": settings.image_pull_policy,
         # Explicit, not the image's entrypoint: the local cluster's node runs commands.
         "command": [
-            TRAINER_COMMAND,
+            settings.trainer_command,
             "--config",
             f"{settings.config_mount_path}/{CONFIG_FILE}",
         ],
@@ -344,29 +328,3 @@ def _pod_spec(spec: FineTuneJobSpec, names: ChildNames, settings: OperatorSettin
     if scheduling.priority_class_name:
         pod["priorityClassName"] = scheduling.priority_class_name
     return pod
-
-
-def merge_pod_spec(base: Manifest, overrides: Manifest) -> Manifest:
-    """``overrides`` merged over ``base``: maps merge deeply, lists of named items (containers,
-    volumes, env, ...) merge by name, other lists and scalars are replaced."""
-    merged: Manifest = _merge(copy.deepcopy(base), copy.deepcopy(overrides))
-    return merged
-
-
-def _merge(base: Any, override: Any) -> Any:
-    if isinstance(base, dict) and isinstance(override, dict):
-        for key, value in override.items():
-            base[key] = _merge(base[key], value) if key in base else value
-        return base
-    if isinstance(base, list) and isinstance(override, list) and _named(base) and _named(override):
-        merged = {item["name"]: item for item in base}
-        for item in override:
-            merged[item["name"]] = (
-                _merge(merged[item["name"]], item) if item["name"] in merged else item
-            )
-        return list(merged.values())
-    return override
-
-
-def _named(items: list[Any]) -> bool:
-    return bool(items) and all(isinstance(item, dict) and "name" in item for item in items)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from kubetune.api.contract import CONFIG_MOUNT_PATH, DEFAULT_PVC_ROOT
+from kubetune.api.contract import CONFIG_MOUNT_PATH, DEFAULT_PVC_ROOT, TRAINER_COMMAND
 
 
 def _split_csv(value: object) -> object:
@@ -21,6 +21,21 @@ def _empty_is_none(value: object) -> object:
 
 
 CsvList = Annotated[list[str], NoDecode, BeforeValidator(_split_csv)]
+
+#: Pod-spec fields of spec.podTemplate no setting can allow: each would let a job's creator run
+#: as another identity, reach the node, or run a command of their own beside the trainer.
+NEVER_POD_FIELDS: Final = frozenset(
+    {"hostNetwork", "hostPID", "hostIPC", "hostUsers", "nodeName", "serviceAccountName",
+     "serviceAccount", "automountServiceAccountToken", "securityContext", "initContainers",
+     "ephemeralContainers", "restartPolicy", "shareProcessNamespace", "os", "overhead"}
+)  # fmt: skip
+#: Fields of the trainer container no setting can allow (kubetune sets them, or they run
+#: commands of their own: probes and lifecycle hooks exec in the container).
+NEVER_CONTAINER_FIELDS: Final = frozenset(
+    {"image", "imagePullPolicy", "command", "args", "securityContext", "lifecycle",
+     "livenessProbe", "readinessProbe", "startupProbe", "volumeDevices", "workingDir",
+     "terminationMessagePath", "terminationMessagePolicy", "resizePolicy", "restartPolicy"}
+)  # fmt: skip
 OptionalInt = Annotated[int | None, BeforeValidator(_empty_is_none)]
 OptionalStr = Annotated[str | None, BeforeValidator(_empty_is_none)]
 
@@ -47,9 +62,29 @@ class OperatorSettings(BaseSettings):
     denied_options: CsvList = Field(
         default_factory=lambda: ["trustRemoteCode"],
         description=(
-            "Spec options this cluster refuses, comma-separated: trustRemoteCode, pushToHub, "
-            "merge, podTemplate."
+            "Spec options this cluster refuses, comma-separated: trustRemoteCode, pushToHub, merge."
         ),
+    )
+    allowed_images: CsvList = Field(
+        default_factory=list,
+        description=(
+            "Patterns (shell-style, e.g. registry.example.com/ml/trainer:*) a job's spec.image "
+            "may match; empty refuses spec.image."
+        ),
+    )
+    allowed_pod_template_fields: CsvList = Field(
+        default_factory=list,
+        description=(
+            "spec.podTemplate fields a job may set, comma-separated: pod-spec fields "
+            "(tolerations, runtimeClassName, volumes, ...), trainer-container fields as "
+            "containers.<field> (containers.env, containers.volumeMounts, ...), and "
+            "metadata.labels / metadata.annotations; empty refuses spec.podTemplate."
+        ),
+    )
+    trainer_command: str = Field(
+        default=TRAINER_COMMAND,
+        min_length=1,
+        description="The trainer's executable in the trainer image (given --config FILE).",
     )
     progress_interval_seconds: float = Field(
         default=10.0, gt=0, description="Least seconds between the trainer's progress patches."
@@ -85,5 +120,21 @@ class OperatorSettings(BaseSettings):
         description="How often unfinished jobs are re-derived even without events.",
     )
     reference_recheck_seconds: float = Field(
-        default=15.0, gt=0, description="How soon missing Secrets and PVCs are looked for again."
+        default=15.0, gt=0, description="How soon missing PVCs are looked for again."
     )
+
+    @field_validator("allowed_pod_template_fields")
+    @classmethod
+    def _never(cls, fields: list[str]) -> list[str]:
+        never = [
+            f
+            for f in fields
+            if f in NEVER_POD_FIELDS
+            or (
+                f.startswith("containers.")
+                and f.removeprefix("containers.") in NEVER_CONTAINER_FIELDS
+            )
+        ]
+        if never:
+            raise ValueError(f"these pod fields can never be allowed: {', '.join(never)}")
+        return fields

@@ -71,7 +71,7 @@ def set_condition(
     if generation is not None:
         condition["observedGeneration"] = generation
     result.append(condition)
-    order = {t: i for i, t in enumerate(CONDITION_TYPES)}
+    order: dict[str, int] = {t: i for i, t in enumerate(CONDITION_TYPES)}
     return sorted(result, key=lambda c: order.get(str(c.get("type")), len(order)))
 
 

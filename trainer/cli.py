@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from kubetune.api.contract import EXIT_CODE_REASONS, ExitCode
+from kubetune.api.contract import ExitCode
 from kubetune.api.errors import ConfigError
 from kubetune.trainer import outputs
 from kubetune.trainer.runner import configure_logging, failure, run
@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_trainer_config(args.config)
     except ConfigError as exc:
         log.error("%s", exc)
-        reason = EXIT_CODE_REASONS[ExitCode.INVALID_CONFIG]
-        outputs.write_termination_message(failure(reason, str(exc)))
+        outputs.write_termination_message(failure(ExitCode.INVALID_CONFIG, str(exc)))
         return int(ExitCode.INVALID_CONFIG)
     name = config.job.name if config.job else "adapter"
     return run(config, name=name, progress_bar=args.progress_bar).exit_code

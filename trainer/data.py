@@ -1,4 +1,4 @@
-"""Training data: find it, read it, detect its format, and shape it the way TRL's SFTTrainer wants.
+"""Training data: detect its format and shape it the way TRL's SFTTrainer wants.
 
 TRL trains on three shapes: language modeling (``text``), prompt-completion (``prompt`` and
 ``completion``, loss on the completion only) and conversational (``messages``). Every format the
@@ -9,25 +9,19 @@ the column.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetune.api.models import DatasetSpec
-from kubetune.trainer import locations
+from kubetune.trainer.data_sources import read_splits
 from kubetune.trainer.errors import DatasetUnusable, InvalidConfig
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
 log = logging.getLogger(__name__)
-
-#: File suffix → the datasets builder that reads it.
-BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 #: The columns each format needs, under their canonical names.
 FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -73,178 +67,6 @@ def has_generation_markers(chat_template: str | None) -> bool:
     return bool(chat_template) and "{% generation %}" in (chat_template or "").replace(
         "{%- generation %}", "{% generation %}"
     )
-
-
-# --- reading ---------------------------------------------------------------------------------
-
-
-def _validate_jsonl(path: Path) -> int:
-    """Parse each line, so a broken one is reported by number rather than by an arrow trace."""
-    records = 0
-    try:
-        with path.open("r", encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DatasetUnusable(
-                        f"dataset {path}: line {number} is not valid JSON ({exc.msg}, "
-                        f"column {exc.colno})"
-                    ) from None
-                if not isinstance(value, dict):
-                    raise DatasetUnusable(
-                        f"dataset {path}: line {number} is a JSON {type(value).__name__}, "
-                        "not an object with one field per column"
-                    )
-                records += 1
-    except UnicodeDecodeError as exc:
-        raise DatasetUnusable(f"dataset {path} is not UTF-8 text: {exc.reason}") from None
-    except OSError as exc:
-        raise DatasetUnusable(f"cannot read dataset {path}: {exc.strerror}") from None
-    return records
-
-
-def _data_files(root: Path, split: str, eval_split: str | None) -> dict[str, list[str]]:
-    """Files of each split: a file is its split; a directory's files are split by name."""
-    if root.is_file():
-        if root.suffix not in BUILDERS:
-            raise DatasetUnusable(
-                f"dataset {root}: unsupported file type {root.suffix or '(none)'}; "
-                "use .jsonl, .json, .csv or .parquet"
-            )
-        return {split: [str(root)]}
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in BUILDERS)
-    if not files:
-        raise DatasetUnusable(
-            f"dataset directory {root} holds no .jsonl, .json, .csv or .parquet files"
-        )
-    by_split: dict[str, list[str]] = {}
-    for file in files:
-        named = file.stem.split("-")[0].split(".")[0]
-        key = named if named in {split, eval_split} else split
-        by_split.setdefault(key, []).append(str(file))
-    return by_split
-
-
-def _load_files(files: dict[str, list[str]], cache_dir: Path) -> dict[str, Dataset]:
-    from datasets import load_dataset
-
-    suffixes = {Path(f).suffix for fs in files.values() for f in fs}
-    builders = {BUILDERS[s] for s in suffixes}
-    if len(builders) != 1:
-        raise DatasetUnusable(
-            f"dataset mixes file types ({', '.join(sorted(suffixes))}); use one type"
-        )
-    for path in (Path(f) for fs in files.values() for f in fs):
-        records: int | None = None
-        if path.suffix == ".jsonl" or (path.suffix == ".json" and _looks_like_json_lines(path)):
-            records = _validate_jsonl(path)
-        if records == 0 or path.stat().st_size == 0:
-            raise DatasetUnusable(f"dataset {path} is empty: no records to train on")
-    try:
-        loaded = load_dataset(builders.pop(), data_files=files, cache_dir=str(cache_dir))
-    except DatasetUnusable:
-        raise
-    except Exception as exc:  # datasets raises many types; all of them mean "can't read it"
-        raise DatasetUnusable(f"cannot read dataset {_names(files)}: {_short(exc)}") from None
-    return dict(loaded)
-
-
-def _looks_like_json_lines(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            head = f.read(1).strip()
-    except OSError:
-        return False
-    return head == b"{"
-
-
-def _names(files: dict[str, list[str]]) -> str:
-    return ", ".join(f for fs in files.values() for f in fs)
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:400]
-
-
-def _load_hub(
-    spec: DatasetSpec, repo_id: str, token: str | None, cache_dir: Path
-) -> dict[str, Dataset]:
-    from datasets import load_dataset
-
-    splits = [spec.split] + ([spec.eval_split] if spec.eval_split else [])
-    loaded: dict[str, Dataset] = {}
-    for split in splits:
-        try:
-            loaded[split] = load_dataset(
-                repo_id,
-                split=split,
-                revision=spec.revision,
-                token=token,
-                cache_dir=str(cache_dir),
-            )
-        except Exception as exc:
-            raise DatasetUnusable(
-                f"cannot load hub dataset {repo_id} split {split!r}: {_short(exc)}"
-            ) from None
-    return loaded
-
-
-def _file_digest(paths: Iterable[str]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(paths):
-        with open(name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def read_splits(spec: DatasetSpec, token: str | None = None) -> tuple[dict[str, Dataset], str]:
-    """The raw splits of the dataset, and a fingerprint of its resolved source and content."""
-    try:
-        where = locations.resolve(spec.uri)
-    except ValueError as exc:
-        raise InvalidConfig(f"dataset.uri: {exc}") from None
-    cache_dir = locations.cache_root() / "datasets"
-    if where.kind == "hub":
-        assert where.remote is not None
-        splits = _load_hub(spec, where.remote, token, cache_dir)
-        content = "|".join(d._fingerprint for d in splits.values())
-        source = f"hub:{where.remote}@{spec.revision or 'main'}"
-        return splits, _fingerprint(source, content)
-    if where.kind == "local":
-        assert where.path is not None
-        root = where.path
-        if not root.exists():
-            raise DatasetUnusable(f"dataset not found: {root} (dataset.uri {spec.uri})")
-    else:
-        try:
-            root = (
-                locations.fetch_http(spec.uri, "datasets-src")
-                if where.kind == "http"
-                else locations.fetch_object_store(spec.uri, "datasets-src")
-            )
-        except ImportError as exc:
-            raise DatasetUnusable(
-                f"cannot read {spec.uri}: {exc.name} is not installed (s3fs for s3://, gcsfs "
-                "for gs://)"
-            ) from None
-        except Exception as exc:
-            raise DatasetUnusable(f"cannot download dataset {spec.uri}: {_short(exc)}") from None
-    files = _data_files(root, spec.split, spec.eval_split)
-    splits = _load_files(files, cache_dir)
-    content = _file_digest(f for fs in files.values() for f in fs)
-    return splits, _fingerprint(spec.uri, content)
-
-
-def _fingerprint(source: str, content: str) -> str:
-    return "sha256:" + hashlib.sha256(f"{source}\n{content}".encode()).hexdigest()
-
-
-# --- shaping ---------------------------------------------------------------------------------
 
 
 def apply_column_mapping(dataset: Dataset, spec: DatasetSpec) -> Dataset:

@@ -30,3 +30,10 @@ class ModelUnusable(TrainerFailure):
 
 class OutOfMemory(TrainerFailure):
     exit_code = ExitCode.OUT_OF_MEMORY
+
+
+def first_line(exc: BaseException, limit: int = 400) -> str:
+    """The first line of an exception's message (its type when it has none), for a one-line
+    reason in a log, a message or the result; the traceback goes to the log, not here."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:limit]

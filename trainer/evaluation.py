@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from kubetune.api.models import EvaluationSample
@@ -44,20 +47,27 @@ def compare_base_and_adapter(
     tokenizer: Any,
     prompts: list[str],
     dataset_format: str,
+    *,
     max_new_tokens: int,
+    precision: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> list[EvaluationSample]:
+    """Each prompt answered greedily by the base model and by the adapter. ``precision`` is the
+    autocast that training ran under: a 4-bit model prepared for bf16 training keeps its norms in
+    fp32 and its LM head in bf16, and only autocast makes the two meet (on a GPU, Liger's fused
+    norm hides this; on the CPU, generating without it fails in the LM head)."""
     was_training = peft_model.training
     use_cache = peft_model.config.use_cache
     peft_model.eval()
     peft_model.config.use_cache = True
     samples = []
     try:
-        for prompt in prompts:
-            text = render_prompt(tokenizer, prompt, dataset_format)
-            with peft_model.disable_adapter():
-                base = _generate(peft_model, tokenizer, text, max_new_tokens)
-            adapted = _generate(peft_model, tokenizer, text, max_new_tokens)
-            samples.append(EvaluationSample(prompt=prompt, base=base, adapter=adapted))
+        with precision():
+            for prompt in prompts:
+                text = render_prompt(tokenizer, prompt, dataset_format)
+                with peft_model.disable_adapter():
+                    base = _generate(peft_model, tokenizer, text, max_new_tokens)
+                adapted = _generate(peft_model, tokenizer, text, max_new_tokens)
+                samples.append(EvaluationSample(prompt=prompt, base=base, adapter=adapted))
     finally:
         peft_model.config.use_cache = use_cache
         if was_training:

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from kubetune.api.contract import ExitCode
+from kubetune.api.contract import TERMINATION_LOG_ENV, ExitCode
 from kubetune.api.errors import SpecError
 
 log = logging.getLogger("kubetune.trainer")
@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def train_command(args: argparse.Namespace) -> int:
     from kubetune.api.config import TrainerConfig
     from kubetune.api.manifest import load_finetunejob
-    from kubetune.trainer import outputs
+    from kubetune.trainer.outputs import RESULT_FILE
     from kubetune.trainer.runner import configure_logging, run
 
     configure_logging()
@@ -60,15 +60,15 @@ def train_command(args: argparse.Namespace) -> int:
         config,
         name=job.name,
         progress_bar=not args.no_progress,
-        write_termination=outputs.TERMINATION_LOG_ENV in os.environ,
+        write_termination=TERMINATION_LOG_ENV in os.environ,
     )
-    if outcome.exit_code == ExitCode.SUCCEEDED:
-        adapter = outcome.result.adapter
+    adapter = outcome.result.adapter
+    if adapter is not None:
+        # Also when a step after saving failed: the adapter is there, and the result says so.
         print(f"adapter: {outcome.output_dir}")
-        if adapter is not None:
-            print(f"sha256:  {adapter.sha256} ({adapter.size_bytes} bytes)")
-        print(f"result:  {Path(outcome.output_dir or '.') / 'result.json'}")
-    else:
+        print(f"sha256:  {adapter.sha256} ({adapter.size_bytes} bytes)")
+        print(f"result:  {Path(outcome.output_dir or '.') / RESULT_FILE}")
+    if outcome.exit_code != ExitCode.SUCCEEDED:
         print(f"error ({outcome.result.reason}): {outcome.result.message}", file=sys.stderr)
     return outcome.exit_code
 

@@ -1,27 +1,36 @@
-"""Where things live: model, dataset and output URIs resolved to local paths, or to object stores.
+"""Where things live: model, dataset and output URIs resolved to local paths, or to remotes.
 
+A URI is taken apart by :func:`kubetune.api.uris.parse_uri` (the one parser, shared with the API
+models and the operator); this module says where each kind lives on this node:
 ``pvc://claim/path`` is the claim mounted at ``$KUBETUNE_PVC_ROOT/claim`` (the operator mounts each
-claim there), ``file://`` and plain paths are local, ``s3://`` and ``gs://`` go through fsspec
-(install s3fs or gcsfs for them), and a bare ``org/name`` or ``hf://org/name`` is a hub id.
+claim there) and may not lead out of it, not even through a symlink; ``file://`` and plain paths
+are local; ``s3://`` and ``gs://`` go through fsspec (install s3fs or gcsfs for them); a bare
+``org/name`` or ``hf://org/name`` is a hub id.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"
-DEFAULT_PVC_ROOT = "/mnt/pvc"
+from kubetune.api.contract import DEFAULT_PVC_ROOT, PVC_ROOT_ENV
+from kubetune.api.uris import ParsedUri, display_uri, parse_uri
+
 CACHE_ENV = "KUBETUNE_CACHE_DIR"
-OBJECT_STORE_SCHEMES = ("s3", "gs")
 
 Kind = Literal["local", "hub", "object-store", "http"]
+
+#: A name ending like ``.jsonl`` or ``.csv`` is a file, even where no such file exists yet: hub
+#: ids have dots too (``Llama-3.1-8B``), but not a purely alphabetic suffix.
+_FILE_SUFFIX = re.compile(r"\.[A-Za-z]{1,8}$")
 
 
 @dataclass(frozen=True)
@@ -32,6 +41,8 @@ class Location:
     kind: Kind
     path: Path | None = None
     remote: str | None = None
+    #: For a claim: its mount, resolved; nothing read through this location may lead out of it.
+    confined_to: Path | None = None
 
     @property
     def is_local(self) -> bool:
@@ -46,32 +57,48 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "kubetune"))
 
 
-def resolve(uri: str, *, hub_allowed: bool = True) -> Location:
-    scheme, sep, rest = uri.partition("://")
-    if not sep:
-        path = Path(uri).expanduser()
-        looks_like_hub_id = (
-            hub_allowed
-            and not path.exists()
-            and not uri.startswith((".", "/", "~"))
-            and uri.count("/") <= 1
-            and not path.suffix
-        )
-        if looks_like_hub_id:
-            return Location(uri, "hub", remote=uri)
-        return Location(uri, "local", path=path.resolve())
-    if scheme == "file":
-        return Location(uri, "local", path=Path(rest))
-    if scheme == "pvc":
-        claim, _, sub = rest.partition("/")
-        return Location(uri, "local", path=pvc_root() / claim / sub)
-    if scheme == "hf" and hub_allowed:
-        return Location(uri, "hub", remote=rest)
-    if scheme in OBJECT_STORE_SCHEMES:
+def resolve(uri: str, allowed: Iterable[str], what: str) -> Location:
+    """Where the ``what`` URI (model, dataset, output) lives, given the schemes it may use; a
+    hub id is possible where ``hf`` is among them. ValueError says what is wrong."""
+    allowed = tuple(allowed)
+    parsed = parse_uri(uri, allowed, what)
+    if parsed.kind == "hub-or-path":
+        return _hub_or_path(parsed, hub_allowed="hf" in allowed)
+    if parsed.kind == "file":
+        return Location(uri, "local", path=Path(parsed.path))
+    if parsed.kind == "pvc":
+        assert parsed.claim is not None
+        mount = (pvc_root() / parsed.claim).resolve()
+        return Location(uri, "local", path=_inside(mount, parsed, what), confined_to=mount)
+    if parsed.kind == "hub":
+        return Location(uri, "hub", remote=parsed.path)
+    if parsed.kind == "object-store":
         return Location(uri, "object-store", remote=uri)
-    if scheme in ("http", "https"):
-        return Location(uri, "http", remote=uri)
-    raise ValueError(f"unsupported URI scheme {scheme!r} in {uri}")
+    return Location(uri, "http", remote=uri)
+
+
+def _hub_or_path(parsed: ParsedUri, hub_allowed: bool) -> Location:
+    path = Path(parsed.uri).expanduser()
+    looks_like_hub_id = (
+        hub_allowed
+        and parsed.could_be_hub_id
+        and not _FILE_SUFFIX.search(parsed.uri)
+        and not path.exists()
+    )
+    if looks_like_hub_id:
+        return Location(parsed.uri, "hub", remote=parsed.uri)
+    return Location(parsed.uri, "local", path=path.resolve())
+
+
+def _inside(mount: Path, parsed: ParsedUri, what: str) -> Path:
+    """The path under the claim's mount, symlinks followed; refused if it leads out of it."""
+    resolved = (mount / parsed.path).resolve()
+    if not resolved.is_relative_to(mount):
+        raise ValueError(
+            f"{what} URI {display_uri(parsed.uri)} leads out of its claim {parsed.claim!r} "
+            f"(it resolves to {resolved}, outside {mount})"
+        )
+    return resolved
 
 
 def _cache_dir_for(uri: str, what: str) -> Path:

@@ -1,16 +1,15 @@
-"""The base model in 4-bit, its tokenizer, the LoRA config, and the speed settings they run with."""
+"""The base model in 4-bit, its tokenizer, and the LoRA config."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune.api.models import LoraSpec, ModelSpec, QuantizationSpec, TrainingSpec
+from kubetune.api.models import LoraSpec, ModelSpec, QuantizationSpec
+from kubetune.api.uris import MODEL_SCHEMES, display_uri
 from kubetune.trainer import locations
-from kubetune.trainer.errors import InvalidConfig, ModelUnusable
+from kubetune.trainer.errors import InvalidConfig, ModelUnusable, first_line
+from kubetune.trainer.speed import SpeedSettings
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -19,58 +18,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SpeedSettings:
-    """The speed seams, resolved for this node (``auto`` becomes a concrete choice)."""
-
-    attention: str
-    liger_kernel: bool
-    gradient_checkpointing: bool
-    packing: bool
-    optimizer: str
-
-
-def liger_available() -> bool:
-    return importlib.util.find_spec("liger_kernel") is not None
-
-
-def flex_attention_available() -> bool:
-    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
-
-
-def resolve_speed(training: TrainingSpec, cuda: bool) -> SpeedSettings:
-    """Turn the spec's ``auto`` settings into what this node can run; refuse what it can't."""
-    if training.attention == "flex_attention" and not cuda:
-        raise InvalidConfig("training.attention: flex_attention needs a CUDA GPU; use sdpa")
-    if training.attention == "auto":
-        attention = "flex_attention" if cuda and flex_attention_available() else "sdpa"
-    else:
-        attention = training.attention
-    if training.liger_kernel == "on" and not (cuda and liger_available()):
-        raise InvalidConfig(
-            "training.ligerKernel: on needs a CUDA GPU and the liger-kernel package; "
-            "use auto or off"
-        )
-    liger = training.liger_kernel == "on" or (
-        training.liger_kernel == "auto" and cuda and liger_available()
-    )
-    optimizer = training.optimizer
-    if optimizer == "auto":
-        # The paged 8-bit optimizer is bitsandbytes' CUDA kernel; the CPU gets plain AdamW.
-        optimizer = "paged_adamw_8bit" if cuda else "adamw_torch"
-    return SpeedSettings(
-        attention=attention,
-        liger_kernel=liger,
-        gradient_checkpointing=training.gradient_checkpointing,
-        packing=training.packing,
-        optimizer=optimizer,
-    )
-
-
 def locate_model(spec: ModelSpec) -> tuple[str, bool]:
     """(what ``from_pretrained`` takes, whether it is a hub id) for the spec's model URI."""
     try:
-        where = locations.resolve(spec.uri)
+        where = locations.resolve(spec.uri, MODEL_SCHEMES, "model")
     except ValueError as exc:
         raise InvalidConfig(f"model.uri: {exc}") from None
     if where.kind == "hub":
@@ -85,9 +36,9 @@ def locate_model(spec: ModelSpec) -> tuple[str, bool]:
                 "for gs://)"
             ) from None
         except Exception as exc:
-            raise ModelUnusable(f"cannot download model {spec.uri}: {exc}") from None
-    if where.kind == "http":
-        raise InvalidConfig("model.uri: https is not a supported model location")
+            raise ModelUnusable(
+                f"cannot download model {display_uri(spec.uri)}: {first_line(exc)}"
+            ) from None
     assert where.path is not None
     if not where.path.is_dir() or not (where.path / "config.json").is_file():
         what = "does not exist" if not where.path.exists() else "holds no config.json"
@@ -110,9 +61,7 @@ def load_tokenizer(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **_load_kwargs(spec, is_hub, token))
     except Exception as exc:
-        raise ModelUnusable(
-            f"cannot load the tokenizer of {spec.uri}: {_first_line(exc)}"
-        ) from None
+        raise ModelUnusable(f"cannot load the tokenizer of {spec.uri}: {first_line(exc)}") from None
     if chat_template:
         tokenizer.chat_template = chat_template
     if tokenizer.pad_token is None:
@@ -162,7 +111,7 @@ def load_quantized_model(
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as exc:
-        raise ModelUnusable(f"cannot load model {spec.uri}: {_first_line(exc)}") from None
+        raise ModelUnusable(f"cannot load model {spec.uri}: {first_line(exc)}") from None
     model.config.use_cache = False  # the KV cache only costs memory while training
     model = prepare_model_for_kbit_training(
         model,
@@ -205,18 +154,3 @@ def lora_config(spec: LoraSpec) -> LoraConfig:
         bias="none",
         task_type="CAUSAL_LM",
     )
-
-
-def count_4bit_linear_layers(model: Any) -> int:
-    import bitsandbytes as bnb
-
-    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:400]
-
-
-def is_local_model_dir(path: str) -> bool:
-    return Path(path).is_dir()

@@ -3,35 +3,29 @@ termination message the operator copies into ``status.result``."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.contract import (
+    TERMINATION_LOG_ENV,
+    TERMINATION_MESSAGE_LIMIT,
+    TERMINATION_MESSAGE_PATH,
+)
 from kubetune.api.models import FineTuneJobSpec, TrainerResult
+from kubetune.api.uris import display_uri
 
 log = logging.getLogger(__name__)
 
-TERMINATION_LOG_ENV = "KUBETUNE_TERMINATION_LOG"
-DEFAULT_TERMINATION_LOG = "/dev/termination-log"
-#: Kubernetes keeps at most 4096 bytes of a termination message.
-TERMINATION_MESSAGE_LIMIT = 4096
-
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+MODEL_CARD_FILE = "README.md"
 RESULT_FILE = "result.json"
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
-CHECKPOINTS_DIR = "checkpoints"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+MERGED_DIR = "merged"
 
 
 def result_json(result: TrainerResult) -> dict[str, Any]:
@@ -56,7 +50,7 @@ def termination_message(result: TrainerResult) -> str:
 
 def write_termination_message(result: TrainerResult) -> Path | None:
     """Write where Kubernetes reads it; on a laptop there is no such file, and that is fine."""
-    path = Path(os.environ.get(TERMINATION_LOG_ENV, DEFAULT_TERMINATION_LOG))
+    path = Path(os.environ.get(TERMINATION_LOG_ENV, TERMINATION_MESSAGE_PATH))
     try:
         with path.open("w", encoding="utf-8") as f:
             f.write(termination_message(result))
@@ -77,6 +71,27 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         return []
     lines = path.read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
+
+
+def forget_metrics_after(path: Path, step: int) -> int:
+    """Drop the metrics lines logged after ``step``: a run resumed from the checkpoint of that
+    step logs those steps again, and only the lines of the steps that count should stay.
+    Returns how many were dropped."""
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        if json.loads(line).get("step", 0) > step:
+            dropped += 1
+        else:
+            kept.append(line + "\n")
+    if dropped:
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(kept), encoding="utf-8")
+        partial.replace(path)
+    return dropped
 
 
 def plot_loss_curve(metrics: list[dict[str, Any]], path: Path, title: str) -> Path | None:
@@ -129,7 +144,7 @@ def model_card(
     rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
     metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(result.metrics.items()))
     front = {
-        "base_model": spec.model.uri,
+        "base_model": display_uri(spec.model.uri),
         "library_name": "peft",
         "tags": ["kubetune", "qlora", "lora", "sft", "trl"],
     }
@@ -145,8 +160,9 @@ def model_card(
         + "\n---\n\n"
         + f"# {name}\n\n"
         + "A QLoRA adapter trained by kubetune (TRL SFTTrainer, PEFT LoRA, bitsandbytes 4-bit).\n\n"
-        + f"- base model: `{spec.model.uri}` at revision `{spec.model.revision}`\n"
-        + f"- dataset: `{spec.dataset.uri}` (format {spec.dataset.format}), fingerprint "
+        + f"- base model: `{display_uri(spec.model.uri)}` at revision `{spec.model.revision}`\n"
+        + f"- dataset: `{display_uri(spec.dataset.uri)}` (format {spec.dataset.format}), "
+        + "fingerprint "
         + f"`{result.dataset_fingerprint}`\n"
         + (f"- adapter sha256: `{result.adapter.sha256}`\n" if result.adapter else "")
         + "\n## Hyperparameters\n\n| setting | value |\n|---|---|\n"

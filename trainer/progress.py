@@ -10,18 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from datetime import UTC, datetime
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from kubetune.api.config import JobRef, ProgressSettings
 from kubetune.api.models import GROUP, PLURAL, VERSION, Progress
+from kubetune.api.timestamps import rfc3339
 
 log = logging.getLogger(__name__)
-
-
-def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def progress_json(progress: Progress) -> dict[str, Any]:
@@ -144,10 +141,22 @@ class ProgressTracker:
         self._start_step = 0
         self._last_tokens: tuple[float, float] | None = None  # (num_tokens, time)
 
-    def begin(self, step: int, total_steps: int | None) -> None:
+    def begin(
+        self, step: int, total_steps: int | None, history: Sequence[dict[str, Any]] = ()
+    ) -> None:
+        """Start (or, after a resume, continue) at ``step``; ``history`` is the run's log so far,
+        so a resumed run reports the loss it had reached until it logs a new one."""
         self._started = time.monotonic()
         self._start_step = step
         self.total_steps = total_steps
+        # TRL counts the tokens of each attempt from zero: the first log has a rate too.
+        self._last_tokens = (0.0, self._started)
+        for entry in reversed(history):
+            if "loss" in entry:
+                self.loss = round(float(entry["loss"]), 6)
+                if "learning_rate" in entry:
+                    self.learning_rate = float(entry["learning_rate"])
+                break
 
     def progress(self, step: int, epoch: float | None) -> Progress:
         percent = eta = None
@@ -166,7 +175,7 @@ class ProgressTracker:
             learning_rate=self.learning_rate,
             tokens_per_second=self.tokens_per_second,
             eta_seconds=eta,
-            updated_at=now_rfc3339(),
+            updated_at=rfc3339(),
         )
 
     def logged(self, step: int, epoch: float | None, logs: dict[str, Any]) -> None:
@@ -186,7 +195,7 @@ class ProgressTracker:
                 if key in logs:
                     line[key] = float(logs[key])
             line["tokens_per_second"] = self.tokens_per_second
-            line["time"] = now_rfc3339()
+            line["time"] = rfc3339()
             with self.metrics_file.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")
         self.reporter.report(self.progress(step, epoch))
@@ -204,7 +213,7 @@ def make_progress_callback(tracker: ProgressTracker) -> Any:
 
     class ProgressCallback(TrainerCallback):  # type: ignore[misc]
         def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-            tracker.begin(state.global_step, state.max_steps or None)
+            tracker.begin(state.global_step, state.max_steps or None, state.log_history)
             tracker.finished(state.global_step, state.epoch)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:

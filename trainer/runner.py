@@ -4,27 +4,25 @@ and every outcome becomes the termination message the operator reads."""
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import dataclass
 
 from kubetune.api.config import TrainerConfig
 from kubetune.api.contract import EXIT_CODE_REASONS, ExitCode
 from kubetune.api.models import TrainerResult
+from kubetune.api.uris import display_uri
 from kubetune.trainer import outputs
-from kubetune.trainer.errors import InvalidConfig, TrainerFailure
+from kubetune.trainer.errors import TrainerFailure, first_line
 from kubetune.trainer.progress import ProgressReporter
 from kubetune.trainer.secrets import (
-    PUSH_TOKEN_ENV,
+    HubTokens,
     install_redaction,
     redact,
+    resolve_hub_tokens,
     uninstall_redaction,
 )
 
 log = logging.getLogger("kubetune.trainer")
-
-#: A preempted run exits as SIGTERM would have it (128 + 15): retried, and it resumes.
-PREEMPTED_EXIT_CODE = 143
 
 
 @dataclass(frozen=True)
@@ -56,8 +54,8 @@ def _route_library_logs_through_root() -> None:
     datasets_logger.propagate = True
 
 
-def failure(reason: str, message: str) -> TrainerResult:
-    return TrainerResult(outcome="Failed", reason=reason, message=message)
+def failure(code: ExitCode, message: str) -> TrainerResult:
+    return TrainerResult(outcome="Failed", reason=EXIT_CODE_REASONS[code], message=message)
 
 
 def run(
@@ -73,70 +71,68 @@ def run(
     ``write_termination`` is off for laptop runs that named no termination-log path: there is
     no kubelet to read it, and /dev is no place to leave files.
     """
-    from kubetune.trainer.secrets import resolve_hub_token
-
-    secrets: list[str] = []
     try:
-        token = resolve_hub_token(config.token_file)
-        secrets = [token] if token else []
-    except InvalidConfig:
-        pass  # the recipe reports it below, with its exit code
-    push_token = os.environ.get(PUSH_TOKEN_ENV)
-    if push_token:
-        secrets.append(push_token)
-    guard = install_redaction(secrets)
-    try:
-        outcome = _run(config, name, progress_bar, reporter)
-    finally:
-        uninstall_redaction(guard)
-    if secrets:
-        outcome = RunOutcome(
-            outcome.exit_code,
-            outcome.result.model_copy(update={"message": redact(outcome.result.message, secrets)}),
-            outcome.output_dir,
-        )
+        tokens = resolve_hub_tokens(config.token_file)
+    except TrainerFailure as exc:
+        log.error("%s: %s", exc.reason, exc.message)
+        outcome = RunOutcome(int(exc.exit_code), failure(exc.exit_code, exc.message))
+    else:
+        guard = install_redaction(tokens.secrets)
+        try:
+            outcome = _run(config, tokens, name, progress_bar, reporter)
+        finally:
+            uninstall_redaction(guard)
+        if tokens.secrets:
+            message = redact(outcome.result.message, tokens.secrets)
+            result = outcome.result.model_copy(update={"message": message})
+            outcome = RunOutcome(outcome.exit_code, result, outcome.output_dir)
     if write_termination:
         outputs.write_termination_message(outcome.result)
     return outcome
 
 
 def _run(
-    config: TrainerConfig, name: str, progress_bar: bool, reporter: ProgressReporter | None
+    config: TrainerConfig,
+    tokens: HubTokens,
+    name: str,
+    progress_bar: bool,
+    reporter: ProgressReporter | None,
 ) -> RunOutcome:
     from kubetune.trainer.recipe import QLoRASFTRecipe
 
     try:
-        recipe = QLoRASFTRecipe(config, name=name, progress_bar=progress_bar, reporter=reporter)
+        recipe = QLoRASFTRecipe(
+            config, tokens=tokens, name=name, progress_bar=progress_bar, reporter=reporter
+        )
         _route_library_logs_through_root()
         recipe.setup()
         trained = recipe.train()
         if trained.preempted:
             message = (
                 f"stopped by SIGTERM at step {trained.global_step}; the checkpoint under "
-                f"{config.spec.output.uri}/checkpoints lets the next attempt resume"
+                f"{display_uri(config.spec.output.uri)}/checkpoints lets the next attempt resume"
             )
             log.warning(message)
-            return RunOutcome(PREEMPTED_EXIT_CODE, failure("Preempted", message))
-        result = recipe.save(trained)
+            return RunOutcome(int(ExitCode.PREEMPTED), failure(ExitCode.PREEMPTED, message))
+        published = recipe.save(trained)
     except TrainerFailure as exc:
         log.error("%s: %s", exc.reason, exc.message)
-        return RunOutcome(int(exc.exit_code), failure(exc.reason, exc.message))
+        result = TrainerResult(outcome="Failed", reason=exc.reason, message=exc.message)
+        return RunOutcome(int(exc.exit_code), result)
     except Exception as exc:
         if _is_out_of_memory(exc):
             message = f"out of GPU memory: {exc}"[:1000]
             log.error(message)
-            reason = EXIT_CODE_REASONS[ExitCode.OUT_OF_MEMORY]
-            return RunOutcome(int(ExitCode.OUT_OF_MEMORY), failure(reason, message))
+            return RunOutcome(int(ExitCode.OUT_OF_MEMORY), failure(ExitCode.OUT_OF_MEMORY, message))
         log.exception("training failed unexpectedly")
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        message = f"{type(exc).__name__}: {first_line}"[:1000]
-        return RunOutcome(
-            int(ExitCode.UNEXPECTED), failure(EXIT_CODE_REASONS[ExitCode.UNEXPECTED], message)
-        )
-    log.info(
-        "adapter: %s (sha256 %s)", config.spec.output.uri, result.adapter and result.adapter.sha256
-    )
-    return RunOutcome(int(ExitCode.SUCCEEDED), result, str(recipe.output_dir))
+        message = f"{type(exc).__name__}: {first_line(exc, 1000)}"[:1000]
+        return RunOutcome(int(ExitCode.UNEXPECTED), failure(ExitCode.UNEXPECTED, message))
+    result = published.result
+    if published.exit_code != ExitCode.SUCCEEDED:
+        log.error("%s: %s", result.reason, result.message)
+    elif result.adapter is not None:
+        log.info("adapter: %s (sha256 %s)", result.adapter.uri, result.adapter.sha256)
+    return RunOutcome(int(published.exit_code), result, str(recipe.output_dir))
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

@@ -1,17 +1,41 @@
-"""The hub token: where it comes from, and the guard that keeps it out of every log line."""
+"""The hub tokens: where they come from, and the guard that keeps them out of every log line."""
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+from kubetune.api.contract import PUSH_TOKEN_ENV, TOKEN_ENV
 from kubetune.trainer.errors import InvalidConfig
 
-TOKEN_ENV = "HF_TOKEN"  # noqa: S105 -- the variable's name, not its value
-#: The operator mounts output.pushToHub.tokenSecretRef here; the read token is the fallback.
-PUSH_TOKEN_ENV = "HF_PUSH_TOKEN"  # noqa: S105 -- the variable's name, not its value
 REDACTED = "***"
+
+
+@dataclass(frozen=True)
+class HubTokens:
+    """The tokens of one run, read once: ``read`` for the model and dataset, ``push`` for
+    ``output.pushToHub`` (the read token where no push token is given)."""
+
+    read: str | None = None
+    push: str | None = None
+
+    @property
+    def for_push(self) -> str | None:
+        return self.push or self.read
+
+    @property
+    def secrets(self) -> list[str]:
+        return [t for t in (self.read, self.push) if t]
+
+
+def resolve_hub_tokens(token_file: str | None) -> HubTokens:
+    """The read token from ``token_file`` (a mounted Secret) if given, else from ``$HF_TOKEN``;
+    the push token from ``$HF_PUSH_TOKEN``."""
+    return HubTokens(
+        read=resolve_hub_token(token_file), push=os.environ.get(PUSH_TOKEN_ENV) or None
+    )
 
 
 def resolve_hub_token(token_file: str | None) -> str | None:

@@ -139,6 +139,41 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         with_spec(output={"uri": "pvc://a/b", "pushToHub": {"repoId": "me/x"}}),
         ["spec.output.pushToHub.tokenSecretRef", "required"],
     ),
+    (
+        "queue name too long for a label",
+        with_spec(scheduling={"queueName": "q" * 64}),
+        ["spec.scheduling.queueName", "not a valid label value"],
+    ),
+    (
+        "gpu resource name with a space",
+        with_spec(resources={"gpuResourceName": "nvidia.com/my gpu"}),
+        ["spec.resources.gpuResourceName", "not a valid qualified name"],
+    ),
+    (
+        "priority class not a DNS name",
+        with_spec(scheduling={"priorityClassName": "High_Priority"}),
+        ["spec.scheduling.priorityClassName", "not a valid name"],
+    ),
+    (
+        "infinite lora alpha",
+        with_spec(lora={"alpha": float("inf")}),
+        ["spec.lora.alpha", "finite number"],
+    ),
+    (
+        "seed beyond 32 bits",
+        with_spec(training={"seed": 2**40}),
+        ["spec.training.seed", "less than or equal to 4294967295"],
+    ),
+    (
+        "output path leaving its claim",
+        with_spec(output={"uri": "pvc://scratch/../../x"}),
+        ["spec.output.uri", "must not contain '..' segments"],
+    ),
+    (
+        "dataset uri with a NUL byte",
+        with_spec(dataset={"uri": "pvc://data/train\u0000.jsonl"}),
+        ["spec.dataset.uri", "control characters or NUL"],
+    ),
     ("wrong kind", {**MINIMAL, "kind": "TrainJob"}, ["kind: must be FineTuneJob"]),
     (
         "wrong apiVersion",
@@ -172,4 +207,9 @@ APISERVER_FIELD: dict[str, str] = {
     "bad toleration operator": "spec.scheduling.tolerations[0].operator",
     "secret name not a k8s name": "spec.model.tokenSecretRef.name",
     "hub push without token": "spec.output.pushToHub.tokenSecretRef",
+    "queue name too long for a label": "spec.scheduling.queueName",
+    "gpu resource name with a space": "spec.resources.gpuResourceName",
+    "priority class not a DNS name": "spec.scheduling.priorityClassName",
+    "seed beyond 32 bits": "spec.training.seed",
+    "output path leaving its claim": "output URI must not contain '..' segments",
 }

@@ -15,6 +15,7 @@ from api_cases import APISERVER_FIELD, INVALID, MINIMAL, with_spec
 
 from kubetune.api.errors import SpecError
 from kubetune.api.manifest import load_finetunejob
+from kubetune.api.models import _QUALIFIED_HINT as QUALIFIED_HINT
 from kubetune_devtools.pytest_plugin import Kubectl, get_json, wait_for
 
 pytestmark = pytest.mark.integration
@@ -118,6 +119,14 @@ def test_fixed_fields_refuse_changes_and_run_policy_accepts_them(
 # --- the CEL rules and the pydantic rules refuse the same manifests -----------------------------
 
 
+def nested(path: str, value: Any) -> dict[str, Any]:
+    """``scheduling.nodeSelector`` = v → {"scheduling": {"nodeSelector": v}}, for with_spec."""
+    head, *rest = path.split(".")
+    for key in reversed(rest):
+        value = {key: value}
+    return {head: value}
+
+
 def cel_rules(node: Any) -> list[dict[str, str]]:
     """Every x-kubernetes-validations rule in a schema, but the immutability ones."""
     found: list[dict[str, str]] = []
@@ -133,25 +142,29 @@ def cel_rules(node: Any) -> list[dict[str, str]]:
     return found
 
 
-#: For each CEL rule's message: a manifest that breaks it and a close one that keeps it. Both
-#: layers must refuse the first and accept the second.
-CEL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+#: For each CEL rule's message: a manifest that breaks it, a close one that keeps it, and what
+#: the models' offline message says. Both layers must refuse the first and accept the second.
+CEL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "set either dataset.evalSplit or dataset.evalFraction, not both": (
         with_spec(dataset={"uri": "pvc://data/d", "evalSplit": "test", "evalFraction": 0.1}),
         with_spec(dataset={"uri": "pvc://data/d", "evalFraction": 0.1}),
+        "spec.dataset: set either dataset.evalSplit or dataset.evalFraction, not both",
     ),
     "set either training.epochs or training.maxSteps, not both": (
         with_spec(training={"epochs": 1, "maxSteps": 10}),
         with_spec(training={"maxSteps": 10}),
+        "spec.training: set either training.epochs or training.maxSteps, not both",
     ),
     "training.batchSize must be a multiple of training.microBatchSize": (
         with_spec(training={"batchSize": 10, "microBatchSize": 4}),
         with_spec(training={"batchSize": 12, "microBatchSize": 4}),
+        "spec.training: training.batchSize must be a multiple of training.microBatchSize",
     ),
     **{
         f"{what} URI must not contain '..' segments": (
             with_spec(**{what: {"uri": f"pvc://claim/dir/../../{what}"}}),
             with_spec(**{what: {"uri": f"pvc://claim/dir/..{what}"}}),
+            f"spec.{what}.uri: {what} URI 'pvc://claim/dir/../../{what}' must not contain '..'",
         )
         for what in ("model", "dataset", "output")
     },
@@ -159,8 +172,35 @@ CEL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         f"{what} URI must be of the form pvc://<claim-name>/<path>": (
             with_spec(**{what: {"uri": f"pvc://Claim_1/{what}"}}),
             with_spec(**{what: {"uri": f"pvc://claim-1/{what}"}}),
+            f"spec.{what}.uri: {what} URI 'pvc://Claim_1/{what}' is not of the form pvc://",
         )
         for what in ("model", "dataset", "output")
+    },
+    "a toleration with operator Exists takes no value": (
+        with_spec(scheduling={"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}),
+        with_spec(scheduling={"tolerations": [{"key": "k", "operator": "Exists"}]}),
+        "spec.scheduling.tolerations[0]: a toleration with operator Exists takes no value",
+    ),
+    "tolerationSeconds needs effect NoExecute": (
+        with_spec(scheduling={"tolerations": [{"key": "k", "tolerationSeconds": 5}]}),
+        with_spec(
+            scheduling={
+                "tolerations": [{"key": "k", "tolerationSeconds": 5, "effect": "NoExecute"}]
+            }
+        ),
+        "spec.scheduling.tolerations[0]: tolerationSeconds needs effect NoExecute",
+    ),
+    **{
+        f"{field} keys must be qualified names ({QUALIFIED_HINT})": (
+            with_spec(**nested(field, {"team a/b c": "x"})),
+            with_spec(**nested(field, {"example.com/team-a": "x"})),
+            f"spec.{field}.team a/b c[key]: 'team a/b c' is not a valid qualified name",
+        )
+        for field in (
+            "scheduling.nodeSelector",
+            "podTemplate.metadata.labels",
+            "podTemplate.metadata.annotations",
+        )
     },
 }
 
@@ -175,7 +215,7 @@ def test_every_cel_rule_has_an_agreement_case() -> None:
 def test_cel_and_the_models_refuse_the_same_manifest(
     crd: None, kubectl: Kubectl, namespace: str, message: str
 ) -> None:
-    broken, kept = CEL_CASES[message]
+    broken, kept, offline_message = CEL_CASES[message]
 
     def apiserver(manifest: dict[str, Any]) -> subprocess.CompletedProcess[str]:
         return kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-",
@@ -185,9 +225,9 @@ def test_cel_and_the_models_refuse_the_same_manifest(
     assert refused.returncode != 0 and message in refused.stderr, refused.stderr
     with pytest.raises(SpecError) as offline:
         load_finetunejob(broken)
-    assert any(
-        message.split(" must ", maxsplit=1)[0] in p or message in p for p in offline.value.problems
-    ), offline.value.problems
+    assert any(p.startswith(offline_message) for p in offline.value.problems), (
+        offline.value.problems
+    )
 
     accepted = apiserver(kept)
     assert accepted.returncode == 0, accepted.stderr

@@ -29,7 +29,6 @@ OPERATOR_ALLOW_LIST: dict[tuple[str, str], set[str]] = {
     ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch"},
     ("", "pods"): {"list", "watch"},
-    ("", "secrets"): {"get"},
     ("", "persistentvolumeclaims"): {"get"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
 }

@@ -10,9 +10,7 @@ creates a tiny FineTuneJob → Succeeded → helm uninstall leaves none of the o
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +20,16 @@ import pytest
 import yaml
 from chartkit import CHART, CI_VALUES, Helm
 
-from kubetune_devtools.pytest_plugin import Kubectl, get_json, wait_for
+from kubetune_devtools.pytest_plugin import (
+    Kubectl,
+    apply,
+    create_namespace,
+    get_json,
+    helm_env,
+    helm_set_args,
+    local_node_chart_settings,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -32,32 +39,11 @@ CLAIM = "work"
 
 
 @pytest.fixture
-def helm_env(kubeconfig_path: Path, tmp_path: Path) -> dict[str, str]:
-    """helm against the local cluster, with its own config/cache/data directories."""
-    return {
-        **os.environ,
-        "KUBECONFIG": str(kubeconfig_path),
-        "HELM_CONFIG_HOME": str(tmp_path / "helm-config"),
-        "HELM_CACHE_HOME": str(tmp_path / "helm-cache"),
-        "HELM_DATA_HOME": str(tmp_path / "helm-data"),
-    }
-
-
-@pytest.fixture
 def team_namespace(kubectl: Kubectl, namespace: str) -> Iterator[str]:
     """A second namespace: the operator lives in ``namespace``, the users' jobs in this one."""
-    name = f"team-{uuid.uuid4().hex[:6]}"
-    kubectl("create", "namespace", name)
-    wait_for(lambda: kubectl("get", "serviceaccount", "default", "-n", name,
-                             check=False).returncode == 0, 30, "default serviceaccount")  # fmt: skip
+    name = create_namespace(kubectl, f"team-{uuid.uuid4().hex[:6]}")
     yield name
     kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def run_helm(helm: Helm, env: dict[str, str], *args: str, timeout: float = 300) -> str:
@@ -95,36 +81,31 @@ def test_rendered_manifests_pass_a_server_side_dry_run(
 
 def test_install_then_a_user_with_only_edit_trains_a_tiny_job_then_uninstall_leaves_nothing(
     helm: Helm,
-    helm_env: dict[str, str],
+    kubeconfig_path: Path,
     kubectl: Kubectl,
     namespace: str,
     team_namespace: str,
     tiny_assets: Path,
+    tmp_path: Path,
 ) -> None:
     operator_sa = f"system:serviceaccount:{namespace}:{FULLNAME}"
     user = f"system:serviceaccount:{team_namespace}:alice"
+    helm_environ = helm_env(kubeconfig_path, tmp_path)
     settings = [
         f"watchNamespaces={{{team_namespace}}}",
-        f"operator.healthPort={free_port()}",  # the local node's pods share the host network
-        "operator.jsonLogs=false",
-        "operator.progressIntervalSeconds=1",
-        "operator.statusRecheckSeconds=5",
-        # The local node runs pods as the host user, not as images: no runAsNonRoot for trainers.
-        "trainer.runAsNonRoot=false",
-        "trainer.runAsUser=null",
-        "trainer.fsGroup=null",
+        *local_node_chart_settings(),
         # No way back to an admin kubeconfig: in-cluster config (the pod's projected token for
         # the chart's ServiceAccount) is the operator's only credential.
         "operator.extraEnv[0].name=KUBECONFIG",
         "operator.extraEnv[0].value=/nonexistent/kubeconfig",
     ]
-    install = run_helm(helm, helm_env, "install", RELEASE, str(CHART), "--namespace", namespace,
-                       *[a for s in settings for a in ("--set", s)], "--wait", "--timeout", "3m")  # fmt: skip
+    install = run_helm(helm, helm_environ, "install", RELEASE, str(CHART), "--namespace", namespace,
+                       *helm_set_args(settings), "--wait", "--timeout", "3m")  # fmt: skip
     assert f"kubectl -n {namespace} rollout status deployment/{FULLNAME}" in install
     assert f"kubectl apply -n {team_namespace} -f examples/tiny-cpu.yaml" in install
 
     # An upgrade changes a setting; the Deployment (Recreate) comes back with it.
-    run_helm(helm, helm_env, "upgrade", RELEASE, str(CHART), "--namespace", namespace,
+    run_helm(helm, helm_environ, "upgrade", RELEASE, str(CHART), "--namespace", namespace,
              "--reuse-values", "--set", "operator.maxWorkers=4", "--wait", "--timeout", "3m")  # fmt: skip
     deployment = get_json(kubectl, "deployment", FULLNAME, "-n", namespace)
     env = {
@@ -185,7 +166,7 @@ def test_install_then_a_user_with_only_edit_trains_a_tiny_job_then_uninstall_lea
         "metadata": {"name": CLAIM},
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
     }
-    kubectl("apply", "-n", team_namespace, "--as", user, "-f", "-", input=json.dumps(claim))
+    apply(kubectl, team_namespace, claim, as_user=user)
     volume_name = wait_for(
         lambda: get_json(kubectl, "pvc", CLAIM, "-n", team_namespace)["spec"].get("volumeName"),
         60, "the claim to bind",
@@ -211,7 +192,7 @@ def test_install_then_a_user_with_only_edit_trains_a_tiny_job_then_uninstall_lea
             "runPolicy": {"backoffLimit": 1},
         },
     }  # fmt: skip
-    kubectl("apply", "-n", team_namespace, "--as", user, "-f", "-", input=json.dumps(job))
+    apply(kubectl, team_namespace, job, as_user=user)
 
     def finished() -> dict[str, Any] | None:
         status = get_json(kubectl, "ftj", "tiny", "-n", team_namespace).get("status") or {}
@@ -224,7 +205,7 @@ def test_install_then_a_user_with_only_edit_trains_a_tiny_job_then_uninstall_lea
     seen = kubectl("get", "ftj", "tiny", "-n", team_namespace, "--as", user, "-o", "json").stdout
     assert json.loads(seen)["status"]["phase"] == "Succeeded"
 
-    run_helm(helm, helm_env, "uninstall", RELEASE, "--namespace", namespace, "--wait",
+    run_helm(helm, helm_environ, "uninstall", RELEASE, "--namespace", namespace, "--wait",
              "--timeout", "2m")  # fmt: skip
 
     selector = f"app.kubernetes.io/instance={RELEASE}"
@@ -240,7 +221,7 @@ def test_install_then_a_user_with_only_edit_trains_a_tiny_job_then_uninstall_lea
         assert left
     wait_for(lambda: not get_json(kubectl, "pods", "-n", namespace, "-l", selector)["items"],
              120, "the operator pod to go")  # fmt: skip
-    assert run_helm(helm, helm_env, "list", "--namespace", namespace, "-q").strip() == ""
+    assert run_helm(helm, helm_environ, "list", "--namespace", namespace, "-q").strip() == ""
     # CRDs stay on purpose (Helm never deletes them: that would delete every FineTuneJob).
     assert kubectl("get", "crd", "finetunejobs.kubetune.io", check=False).returncode == 0
     # Users' jobs outlive the operator, with its finalizer (released here, as docs/install.md

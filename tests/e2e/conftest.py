@@ -4,15 +4,20 @@ and dataset written onto a PVC by a pod, FineTuneJobs applied with kubectl."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from e2ekit import REPO, SYSTEM_NAMESPACE, free_port, operator_pods
+from e2ekit import REPO, SYSTEM_NAMESPACE, operator_pods
 
-from kubetune_devtools.pytest_plugin import Kubectl, wait_for
+from kubetune_devtools.pytest_plugin import (
+    Kubectl,
+    helm_env,
+    helm_set_args,
+    local_node_chart_settings,
+    wait_for,
+)
 
 Helm = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -22,22 +27,10 @@ def kubetune_release(
     helm: Helm, kubectl: Kubectl, kubeconfig_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """`helm install kubetune charts/kubetune`, watching every namespace, for this module."""
-    home = tmp_path_factory.mktemp("helm")
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig_path), "HELM_CONFIG_HOME": str(home / "c"),
-           "HELM_CACHE_HOME": str(home / "k"), "HELM_DATA_HOME": str(home / "d")}  # fmt: skip
-    settings = [
-        f"operator.healthPort={free_port()}",  # the local node's pods share the host network
-        "operator.jsonLogs=false",
-        "operator.progressIntervalSeconds=1",
-        "operator.statusRecheckSeconds=5",
-        # The local node runs commands as the host user instead of images.
-        "trainer.runAsNonRoot=false",
-        "trainer.runAsUser=null",
-        "trainer.fsGroup=null",
-    ]
+    env = helm_env(kubeconfig_path, tmp_path_factory.mktemp("helm"))
     install = helm("upgrade", "--install", "kubetune", str(REPO / "charts" / "kubetune"),
                    "--namespace", SYSTEM_NAMESPACE, "--create-namespace",
-                   *[a for s in settings for a in ("--set", s)], "--wait", "--timeout", "3m",
+                   *helm_set_args(local_node_chart_settings()), "--wait", "--timeout", "3m",
                    env=env, timeout=240)  # fmt: skip
     assert install.returncode == 0, install.stderr
     wait_for(lambda: len(operator_pods(kubectl)) == 1, 120, "the operator pod to run")

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import socket
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kubetune_devtools.pytest_plugin import Kubectl, get_json, wait_for
+from kubetune_devtools.pytest_plugin import Kubectl, apply, get_json, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_EXAMPLE = REPO / "examples" / "tiny-cpu.yaml"
 SYSTEM_NAMESPACE = "kubetune-e2e"
 CLAIM = "kubetune-demo"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def operator_pods(kubectl: Kubectl) -> list[dict[str, Any]]:
@@ -38,7 +30,7 @@ def seed_demo_claim(kubectl: Kubectl, namespace: str) -> None:
         "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": CLAIM},
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
     }  # fmt: skip
-    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(claim))
+    apply(kubectl, namespace, claim)
     run_pod(kubectl, namespace, "seed-data",
             ["python", "-m", "kubetune_devtools.tiny", f"/mnt/pvc/{CLAIM}"], timeout=180)  # fmt: skip
 
@@ -56,7 +48,7 @@ def run_pod(
             "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": CLAIM}}],
         },
     }  # fmt: skip
-    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
+    apply(kubectl, namespace, pod)
 
     def finished() -> str | None:
         phase = get_json(kubectl, "pod", name, "-n", namespace)["status"].get("phase")
@@ -76,10 +68,6 @@ def tiny_job(name: str = "tiny-reverse", **training: Any) -> dict[str, Any]:
     manifest["spec"]["training"].update(training)
     manifest["spec"]["output"]["uri"] = f"pvc://{CLAIM}/adapters/{name}"
     return manifest
-
-
-def apply(kubectl: Kubectl, namespace: str, manifest: dict[str, Any]) -> None:
-    kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest))
 
 
 def ftj_status(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:

@@ -2,36 +2,33 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
 
-from kubetune_devtools.pytest_plugin import Kubectl, get_json, wait_for
+from kubetune_devtools.pytest_plugin import Kubectl, apply, get_json, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def job(name: str, script: str, **spec: Any) -> str:
-    return json.dumps(
-        {
-            "apiVersion": "batch/v1",
-            "kind": "Job",
-            "metadata": {"name": name},
-            "spec": {
-                "backoffLimit": spec.pop("backoffLimit", 0),
-                **spec,
-                "template": {
-                    "spec": {
-                        "restartPolicy": "Never",
-                        "containers": [
-                            {"name": "main", "image": "busybox", "command": ["sh", "-c", script]}
-                        ],
-                    }
-                },
+def job(name: str, script: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "backoffLimit": spec.pop("backoffLimit", 0),
+            **spec,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {"name": "main", "image": "busybox", "command": ["sh", "-c", script]}
+                    ],
+                }
             },
-        }
-    )
+        },
+    }
 
 
 def finished_condition(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any] | None:
@@ -48,7 +45,7 @@ def job_pods(kubectl: Kubectl, namespace: str, name: str) -> list[dict[str, Any]
 
 
 def test_job_runs_its_command_to_success(kubectl: Kubectl, namespace: str) -> None:
-    kubectl("apply", "-n", namespace, "-f", "-", input=job("ok", "echo hello; exit 0"))
+    apply(kubectl, namespace, job("ok", "echo hello; exit 0"))
 
     condition = wait_for(lambda: finished_condition(kubectl, namespace, "ok"), 60, "job ok")
 
@@ -62,14 +59,7 @@ def test_job_runs_its_command_to_success(kubectl: Kubectl, namespace: str) -> No
 
 
 def test_failing_job_is_retried_up_to_its_backoff_limit(kubectl: Kubectl, namespace: str) -> None:
-    kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=job("flaky", "echo trying; exit 3", backoffLimit=1),
-    )
+    apply(kubectl, namespace, job("flaky", "echo trying; exit 3", backoffLimit=1))
 
     condition = wait_for(lambda: finished_condition(kubectl, namespace, "flaky"), 90, "job flaky")
 
@@ -94,13 +84,8 @@ def test_pod_failure_policy_fails_the_job_fast_on_an_exit_code(
             }
         ]
     }
-    kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=job("invalid-config", "exit 2", backoffLimit=6, podFailurePolicy=policy),
+    apply(
+        kubectl, namespace, job("invalid-config", "exit 2", backoffLimit=6, podFailurePolicy=policy)
     )
 
     condition = wait_for(
@@ -113,14 +98,7 @@ def test_pod_failure_policy_fails_the_job_fast_on_an_exit_code(
 
 
 def test_kubectl_logs_shows_the_container_output(kubectl: Kubectl, namespace: str) -> None:
-    kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=job("talker", "echo first line; echo second line >&2"),
-    )
+    apply(kubectl, namespace, job("talker", "echo first line; echo second line >&2"))
     wait_for(lambda: finished_condition(kubectl, namespace, "talker"), 60, "job talker")
 
     logs = kubectl("logs", "-n", namespace, "job/talker").stdout
@@ -137,11 +115,11 @@ def test_deleting_the_owner_garbage_collects_the_job_and_its_pods(
     owner_uid = kubectl(
         "get", "configmap", "owner", "-n", namespace, "-o", "jsonpath={.metadata.uid}"
     ).stdout
-    manifest = json.loads(job("owned", "sleep 300"))
+    manifest = job("owned", "sleep 300")
     manifest["metadata"]["ownerReferences"] = [
         {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner_uid}
     ]
-    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+    apply(kubectl, namespace, manifest)
     wait_for(
         lambda: [
             p

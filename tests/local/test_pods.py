@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from kubetune_devtools.pytest_plugin import AddNode, Kubectl, get_json, wait_for
+from kubetune_devtools.pytest_plugin import AddNode, Kubectl, apply, get_json, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -29,17 +29,6 @@ def pod(name: str, script: str, **spec: Any) -> dict[str, Any]:
         "metadata": {"name": name},
         "spec": {"restartPolicy": "Never", "containers": [container], **spec},
     }
-
-
-def apply(kubectl: Kubectl, namespace: str, *objects: dict[str, Any]) -> None:
-    kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)}),
-    )
 
 
 def phase(kubectl: Kubectl, namespace: str, name: str) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.local.controlplane import free_port
+from kubetune.local.ports import free_port
 from kubetune_devtools.pytest_plugin import Kubectl, get_json, wait_for
 
 pytestmark = pytest.mark.integration
@@ -62,6 +62,10 @@ class OperatorProcess:
             "KUBETUNE_STATUS_RECHECK_SECONDS": "5",
             "KUBETUNE_REFERENCE_RECHECK_SECONDS": "2",
             "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:test",
+            # Lifecycle jobs name a stand-in plan in their trainer's env (sleeper_spec); the
+            # rest run the real trainer through the same command.
+            "KUBETUNE_TRAINER_COMMAND": "kubetune-stand-in-trainer",
+            "KUBETUNE_ALLOWED_POD_TEMPLATE_FIELDS": "containers.env",
             "PYTHONUNBUFFERED": "1",
             "KUBETUNE_VERBOSE": os.environ.get("KUBETUNE_TEST_OPERATOR_VERBOSE", "false"),
         }
@@ -249,15 +253,21 @@ def tiny_training_spec(dataset: str, **training: Any) -> dict[str, Any]:
     }
 
 
-def sleeper_spec(seconds: int, **extra: Any) -> dict[str, Any]:
-    """A job whose trainer container just sleeps (podTemplate override): lifecycle without ML."""
+def sleeper_spec(seconds: int, exit_code: int = 0, **extra: Any) -> dict[str, Any]:
+    """A job whose trainer sleeps, then exits with ``exit_code`` (the stand-in trainer, told so
+    through its env): the lifecycle without ML."""
+    plan = f"sleep:{seconds},exit:{exit_code}"
     return {
         "model": {"uri": "org/model"},
         "dataset": {"uri": "https://datasets.invalid/train.jsonl"},
         "output": {"uri": "s3://bucket/adapter"},
         "resources": {"gpus": 0, "shmSize": "64Mi"},
         "podTemplate": {
-            "spec": {"containers": [{"name": "trainer", "command": ["sleep", str(seconds)]}]}
+            "spec": {
+                "containers": [
+                    {"name": "trainer", "env": [{"name": "KUBETUNE_STAND_IN", "value": plan}]}
+                ]
+            }
         },
         **extra,
     }
@@ -497,10 +507,28 @@ def _cluster_endpoint(kubectl: Kubectl) -> tuple[str, ssl.SSLContext]:
     return cluster["server"], context
 
 
+@pytest.fixture(scope="module")
+def trainer_status_policy(helm: Callable[..., Any], kubectl: Kubectl) -> Iterator[None]:
+    """The chart's ValidatingAdmissionPolicy for trainer identities, for this module only (it
+    names the chart's operator, which other suites install)."""
+    rendered = helm("template", "kt", str(REPO / "charts" / "kubetune"), "-n", "kubetune-system",
+                    "-s", "templates/trainer-status-policy.yaml")  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    kubectl("apply", "-f", "-", input=rendered.stdout)
+    yield
+    kubectl("delete", "-f", "-", "--ignore-not-found", input=rendered.stdout)
+
+
 def _patch_status_as(
-    server: str, context: ssl.SSLContext, token: str, namespace: str, name: str
+    server: str,
+    context: ssl.SSLContext,
+    token: str,
+    namespace: str,
+    name: str,
+    status: dict[str, Any] | None = None,
 ) -> int:
-    body = json.dumps({"status": {"progress": {"step": 1, "totalSteps": 10}}}).encode()
+    status = status or {"progress": {"step": 1, "totalSteps": 10}}
+    body = json.dumps({"status": status}).encode()
     request = urllib.request.Request(
         f"{server}/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs/{name}/status",
         data=body,
@@ -534,6 +562,40 @@ def test_trainer_token_may_patch_only_its_own_jobs_status(
     assert _patch_status_as(server, context, token, namespace, "mine") == 200
     assert ftj_status(kubectl, namespace, "mine")["progress"]["step"] == 1
     assert _patch_status_as(server, context, token, namespace, "theirs") == 403
+
+
+def test_a_trainer_identity_may_change_progress_and_nothing_else(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str, trainer_status_policy: None
+) -> None:
+    apply(
+        kubectl, namespace, finetunejob("honest", unschedulable_spec(runPolicy={"suspend": True}))
+    )
+    before = wait_phase(kubectl, namespace, "honest", {"Suspended"}, 60)
+    job = get_json(kubectl, "job", "honest", "-n", namespace)
+    account = job["spec"]["template"]["spec"]["serviceAccountName"]
+    token = kubectl("create", "token", account, "-n", namespace).stdout.strip()
+    server, context = _cluster_endpoint(kubectl)
+    forged_result = {
+        "outcome": "Succeeded", "reason": "Succeeded",
+        "adapter": {"uri": "s3://attacker/adapter", "sha256": "0" * 64, "sizeBytes": 1},
+    }  # fmt: skip
+
+    for forged in (
+        {"phase": "Succeeded"},
+        {"result": forged_result},
+        {"conditions": [{"type": "Succeeded", "status": "True", "reason": "Succeeded",
+                         "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
+        {"attempts": 7},
+        {"progress": {"step": 2}, "phase": "Failed"},
+    ):  # fmt: skip
+        assert _patch_status_as(server, context, token, namespace, "honest", forged) == 403, forged
+
+    assert _patch_status_as(server, context, token, namespace, "honest") == 200
+    after = ftj_status(kubectl, namespace, "honest")
+    assert after["progress"]["step"] == 1
+    assert {k: v for k, v in after.items() if k != "progress"} == {
+        k: v for k, v in before.items() if k != "progress"
+    }
 
 
 # --- every row of the README's reason table that the local cluster can reach -------------------
@@ -588,8 +650,7 @@ def test_run_past_its_active_deadline_fails_deadline_exceeded(
 def test_unexpected_exit_is_retried_up_to_the_backoff_limit_then_fails(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str
 ) -> None:
-    spec = sleeper_spec(0, runPolicy={"backoffLimit": 1})
-    spec["podTemplate"]["spec"]["containers"][0]["command"] = ["sh", "-c", "exit 1"]
+    spec = sleeper_spec(0, exit_code=1, runPolicy={"backoffLimit": 1})
     apply(kubectl, namespace, finetunejob("flaky", spec))
     status = wait_phase(kubectl, namespace, "flaky", {"Succeeded", "Failed"}, 180)
     assert status["phase"] == "Failed"

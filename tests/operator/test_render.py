@@ -11,8 +11,6 @@ from kubetune.api.config import TrainerConfig
 from kubetune.api.models import FineTuneJobSpec
 from kubetune.operator.render import (
     child_names,
-    merge_pod_spec,
-    policy_problems,
     render,
     short_name,
 )
@@ -284,36 +282,6 @@ def test_scheduling_reaches_the_pod() -> None:
     assert pod["priorityClassName"] == "training"
 
 
-def test_pod_template_overrides_merge_containers_by_name() -> None:
-    spec = spec_of(
-        podTemplate={
-            "metadata": {"labels": {"team": "a"}, "annotations": {"note": "x"}},
-            "spec": {
-                "containers": [
-                    {"name": "trainer", "env": [{"name": "EXTRA", "value": "1"}]},
-                    {"name": "sidecar", "image": "busybox"},
-                ],
-                "hostIPC": False,
-            },
-        }
-    )
-    template = rendered(spec)["Job"]["spec"]["template"]
-    containers = {c["name"]: c for c in template["spec"]["containers"]}
-    assert sorted(containers) == ["sidecar", "trainer"]
-    env = {e["name"] for e in containers["trainer"]["env"]}
-    assert {"EXTRA", "HF_TOKEN", "KUBETUNE_PVC_ROOT"} <= env
-    assert containers["trainer"]["command"][0] == "kubetune-trainer"
-    assert template["spec"]["hostIPC"] is False
-    assert template["metadata"]["labels"]["team"] == "a"
-    assert template["metadata"]["labels"]["kubetune.io/job"] == "llama2-support"
-    assert template["metadata"]["annotations"]["note"] == "x"
-
-
-def test_merge_replaces_unnamed_lists_and_scalars() -> None:
-    merged = merge_pod_spec({"a": [1, 2], "b": {"c": 1, "d": 2}}, {"a": [3], "b": {"c": 5}})
-    assert merged == {"a": [3], "b": {"c": 5, "d": 2}}
-
-
 def test_long_names_are_shortened_to_valid_labels_and_stay_stable() -> None:
     name = "x" * 100
     assert len(short_name(name)) == 63
@@ -330,15 +298,6 @@ def test_rendering_is_deterministic() -> None:
     assert render(spec_of(), METADATA, OperatorSettings()) == render(
         spec_of(), METADATA, OperatorSettings()
     )
-
-
-def test_denied_options_name_the_field() -> None:
-    spec = spec_of(model={"uri": "org/model", "trustRemoteCode": True})
-    assert policy_problems(spec, OperatorSettings()) == [
-        "spec.model.trustRemoteCode: denied by the operator's settings (KUBETUNE_DENIED_OPTIONS)"
-    ]
-    assert policy_problems(spec, OperatorSettings(denied_options=[])) == []
-    assert policy_problems(spec_of(), OperatorSettings()) == []
 
 
 def test_settings_read_lists_from_comma_separated_env(monkeypatch: pytest.MonkeyPatch) -> None:

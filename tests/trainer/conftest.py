@@ -25,8 +25,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
+    import torch
+
     from kubetune_devtools import tiny
 
+    # Here rather than for every test: the unit tests of pure functions never import torch.
+    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("tiny")
     model = tiny.write_tiny_model(root / "model")
     datasets = tiny.write_toy_datasets(root / "data")
@@ -36,9 +40,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Caches and termination messages in temp dirs; never a real hub token in the tests."""
-    import torch
-
-    torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("env")
     saved = {k: os.environ.get(k) for k in ("KUBETUNE_CACHE_DIR", "HF_TOKEN", "HF_HUB_OFFLINE")}
     os.environ["KUBETUNE_CACHE_DIR"] = str(base / "cache")

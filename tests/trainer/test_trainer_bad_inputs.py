@@ -14,6 +14,8 @@ from trainer_helpers import TinyAssets, job_manifest, write_manifest
 from kubetune.trainer.local_run import main as kubetune
 from kubetune_devtools.tiny import toy_records, write_jsonl
 
+pytestmark = pytest.mark.trainer
+
 
 def _assert_failed_without_success_traces(
     output: Path, termination_log: Path, exit_code: int, reason: str, message: str
@@ -71,6 +73,13 @@ def _another_runs_checkpoints(tiny: TinyAssets, tmp: Path) -> dict[str, Any]:
     return job_manifest(tiny.model, tiny.datasets["text"], tmp / "out")
 
 
+def _unreadable_marker(tiny: TinyAssets, tmp: Path) -> dict[str, Any]:
+    # Checkpoints whose owner can't be told: continuing them could be continuing anyone's.
+    _another_runs_checkpoints(tiny, tmp)
+    (tmp / "out" / "checkpoints" / "run.json").write_text("[]")
+    return job_manifest(tiny.model, tiny.datasets["text"], tmp / "out")
+
+
 CASES: list[tuple[str, Setup, int, str, str]] = [
     ("missing dataset", _missing_dataset, 3, "DatasetError", "dataset not found"),
     ("empty dataset", _empty_dataset, 3, "DatasetError", "is empty"),
@@ -84,6 +93,13 @@ CASES: list[tuple[str, Setup, int, str, str]] = [
         2,
         "InvalidConfig",
         "already holds the checkpoints of another run (finetunejob/another-uid)",
+    ),
+    (
+        "checkpoints with an unreadable marker",
+        _unreadable_marker,
+        2,
+        "InvalidConfig",
+        "already holds the checkpoints of a run it can't identify",
     ),
 ]
 
@@ -109,6 +125,21 @@ def test_bad_input_exits_with_its_code_and_names_the_cause(
     assert message in capsys.readouterr().err
     output = Path(manifest["spec"]["output"]["uri"])
     _assert_failed_without_success_traces(output, termination_log, exit_code, reason, message)
+
+
+def test_an_output_holding_another_runs_adapter_is_left_alone(
+    tiny: TinyAssets, tmp_path: Path, termination_log: Path
+) -> None:
+    output = tmp_path / "out"
+    (output / "checkpoints").mkdir(parents=True)
+    (output / "adapter_model.safetensors").write_bytes(b"their weights")
+    (output / "checkpoints" / "run.json").write_text('{"run": "finetunejob/another-uid"}')
+    manifest = job_manifest(tiny.model, tiny.datasets["text"], output)
+    assert kubetune(["train", str(write_manifest(tmp_path / "job.yaml", manifest))]) == 2
+    written = json.loads(termination_log.read_text())
+    assert written["reason"] == "InvalidConfig"
+    assert "finished adapter of another run (finetunejob/another-uid)" in written["message"]
+    assert (output / "adapter_model.safetensors").read_bytes() == b"their weights"
 
 
 def test_unknown_format_is_an_invalid_manifest(

@@ -12,6 +12,8 @@ from kubetune.api.config import TrainerConfig
 from kubetune.api.manifest import load_finetunejob
 from kubetune.trainer.recipe import QLoRASFTRecipe
 
+pytestmark = pytest.mark.trainer
+
 
 def _first_batch(
     tiny: TinyAssets, tmp_path: Path, fmt: str, **overrides: Any
@@ -115,7 +117,7 @@ def test_each_format_trains_end_to_end_with_packing(
         assert not any("lora" in name for name, _ in merged.named_parameters())
 
 
-def test_push_to_hub_uploads_the_adapter_folder_without_checkpoints(
+def test_push_to_hub_uploads_the_adapter_and_its_description_only(
     tiny: TinyAssets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import huggingface_hub
@@ -152,4 +154,11 @@ def test_push_to_hub_uploads_the_adapter_folder_without_checkpoints(
     )
     upload = calls[2][1]
     assert upload["folder_path"] == str(tmp_path / "out")
-    assert "checkpoints/*" in upload["ignore_patterns"]
+    # The adapter's own files and its description, nothing else of the output folder.
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= set(
+        upload["allow_patterns"]
+    )
+    assert "README.md" in upload["allow_patterns"]
+    assert not {"result.json", "metrics.jsonl", "checkpoints", "merged"} & set(
+        upload["allow_patterns"]
+    )

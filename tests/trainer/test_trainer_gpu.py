@@ -53,8 +53,8 @@ def test_qlora_on_cuda_puts_4bit_modules_on_the_gpu_and_lowers_the_loss(
     assert len(quantized) == 14
     assert all(m.weight.device.type == "cuda" for m in quantized)
     outcome = recipe.train()
-    result = recipe.save(outcome)
-    assert result.outcome == "Succeeded"
+    published = recipe.save(outcome)
+    assert published.result.outcome == "Succeeded", published.result.message
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     losses = [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
     assert losses[-1] < losses[0] / 2, losses

@@ -12,16 +12,14 @@ from typing import Any
 import pytest
 
 from kubetune.api.config import JobRef, ProgressSettings
+from kubetune.api.contract import TERMINATION_MESSAGE_LIMIT
 from kubetune.api.models import EvaluationResult, EvaluationSample, Progress, TrainerResult
-from kubetune.trainer.outputs import (
-    TERMINATION_MESSAGE_LIMIT,
-    termination_message,
-    write_termination_message,
-)
+from kubetune.trainer.outputs import termination_message, write_termination_message
 from kubetune.trainer.progress import (
     FileReporter,
     KubernetesStatusReporter,
     NoopReporter,
+    ProgressTracker,
     RateLimitedReporter,
     reporter_from_settings,
 )
@@ -138,6 +136,24 @@ def test_reporter_follows_the_settings(tmp_path: Path) -> None:
     assert isinstance(reporter_from_settings(ProgressSettings(), job), NoopReporter)
 
 
+def test_a_tracker_resumed_mid_run_reports_the_runs_loss_a_rate_and_an_eta(
+    tmp_path: Path,
+) -> None:
+    recorder = Recorder()
+    tracker = ProgressTracker(RateLimitedReporter(recorder, 0.001), tmp_path / "metrics.jsonl")
+    history = [{"step": 15, "loss": 2.5, "learning_rate": 1e-4}, {"step": 15, "eval_loss": 3.0}]
+    tracker.begin(step=19, total_steps=40, history=history)
+    tracker.stepped(20, epoch=0.5)
+    assert (recorder.reports[-1].loss, recorder.reports[-1].learning_rate) == (2.5, 1e-4)
+    tracker.logged(20, epoch=0.5, logs={"loss": 2.0, "learning_rate": 1e-4, "num_tokens": 500})
+    # TRL counts an attempt's tokens from zero: the first log after the restart has a rate.
+    assert tracker.tokens_per_second is not None and tracker.tokens_per_second > 0
+    line = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert line["step"] == 20 and line["tokens_per_second"] == tracker.tokens_per_second
+    latest = recorder.reports[-1]
+    assert latest.percent == 50.0 and latest.eta_seconds is not None
+
+
 def test_termination_message_stays_within_4kib_and_keeps_the_adapter_digest() -> None:
     samples = [EvaluationSample(prompt="p" * 1000, base="b" * 1000, adapter="a" * 1000)] * 8
     result = TrainerResult.model_validate(
@@ -224,3 +240,24 @@ def test_object_store_files_and_prefixes_are_fetched_and_uploaded_through_fsspec
     (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
     locations.upload_directory(tmp_path / "adapter", "memory://bucket/out/run-1")
     assert fs.cat("/bucket/out/run-1/adapter_model.safetensors") == b"weights"
+
+
+SECRET = "hf_LOGGEDbyMISTAKE_0123456789"
+
+
+def test_a_secret_logged_by_mistake_is_redacted() -> None:
+    import io
+
+    from kubetune.trainer.secrets import install_redaction, uninstall_redaction
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger().addHandler(handler)
+    guard = install_redaction([SECRET])
+    try:
+        logging.getLogger("some.library").warning("calling the hub with token %s", SECRET)
+    finally:
+        uninstall_redaction(guard)
+        logging.getLogger().removeHandler(handler)
+    assert SECRET not in stream.getvalue()
+    assert "token ***" in stream.getvalue()

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from trainer_helpers import FAKE_TOKEN, TinyAssets, TrainedRun
 
+pytestmark = pytest.mark.trainer
+
 
 def _exact_match(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], adapter: bool) -> float:
     import contextlib
@@ -35,7 +37,8 @@ def test_base_model_linear_layers_are_bitsandbytes_4bit(tiny: TinyAssets) -> Non
     import bitsandbytes as bnb
 
     from kubetune.api.models import ModelSpec, QuantizationSpec, TrainingSpec
-    from kubetune.trainer.modeling import load_quantized_model, resolve_speed
+    from kubetune.trainer.modeling import load_quantized_model
+    from kubetune.trainer.speed import resolve_speed
 
     speed = resolve_speed(TrainingSpec(gradient_checkpointing=False), cuda=False)
     model = load_quantized_model(
@@ -152,23 +155,3 @@ def test_hub_token_appears_in_no_log_line_result_or_file(trained: TrainedRun) ->
     for path in Path(trained.output).rglob("*"):
         if path.is_file():
             assert FAKE_TOKEN.encode() not in path.read_bytes(), path
-
-
-@pytest.mark.unit
-def test_a_secret_logged_by_mistake_is_redacted(caplog: pytest.LogCaptureFixture) -> None:
-    import io
-    import logging
-
-    from kubetune.trainer.secrets import install_redaction, uninstall_redaction
-
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    logging.getLogger().addHandler(handler)
-    guard = install_redaction([FAKE_TOKEN])
-    try:
-        logging.getLogger("some.library").warning("calling the hub with token %s", FAKE_TOKEN)
-    finally:
-        uninstall_redaction(guard)
-        logging.getLogger().removeHandler(handler)
-    assert FAKE_TOKEN not in stream.getvalue()
-    assert "token ***" in stream.getvalue()

@@ -146,6 +146,10 @@ namespaces) or into one Role per watched namespace.
   value: {{ .Values.trainer.configMountPath | quote }}
 - name: KUBETUNE_PVC_ROOT
   value: {{ .Values.trainer.pvcRoot | quote }}
+- name: KUBETUNE_ALLOWED_IMAGES
+  value: {{ join "," .Values.trainer.allowedImages | quote }}
+- name: KUBETUNE_ALLOWED_POD_TEMPLATE_FIELDS
+  value: {{ join "," .Values.trainer.allowedPodTemplateFields | quote }}
 {{- end }}
 
 {{/* A quoted integer, or "" for null (the operator then leaves the field unset). */}}

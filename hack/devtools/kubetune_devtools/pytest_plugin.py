@@ -6,7 +6,9 @@ cache, so only the first session on a machine pays for the build); set
 ``KUBETUNE_TEST_KUBECONFIG`` to reuse a running cluster instead (that of
 ``kubetune local up`` -- ``$(kubetune local kubeconfig)`` -- or any other, where
 the tests that add nodes are skipped). A cluster started here has no GPU node; tests
-that need one take ``gpu_node`` or start nodes with ``add_node``.
+that need one take ``gpu_node`` or start nodes with ``add_node``. Beside the fixtures, the
+helpers the suites share: ``apply``, ``wait_for``, ``get_json``, and helm's environment and
+settings for installing the chart on the local cluster.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import re
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,7 +27,9 @@ from typing import Any, Protocol
 import pytest
 
 from kubetune.local.binaries import binaries_dir
-from kubetune.local.controlplane import ClusterInfo, LocalCluster, NodeOptions
+from kubetune.local.cluster_info import ClusterInfo
+from kubetune.local.controlplane import LocalCluster, NodeOptions
+from kubetune.local.ports import free_port
 
 TEST_NODE = "kubetune-test"
 
@@ -136,7 +140,13 @@ def kubectl(local_cluster: ClusterHandle) -> Kubectl:
 def namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace for one test, deleted (without waiting) afterwards."""
     base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
-    name = f"{base}-{uuid.uuid4().hex[:5]}"
+    name = create_namespace(kubectl, f"{base}-{uuid.uuid4().hex[:5]}")
+    yield name
+    kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def create_namespace(kubectl: Kubectl, name: str) -> str:
+    """Create namespace ``name`` and wait until pods can be created in it."""
     kubectl("create", "namespace", name)
     # Pods are rejected until the serviceaccount controller has made "default".
     wait_for(
@@ -146,8 +156,7 @@ def namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]
         30,
         "default serviceaccount",
     )
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false", check=False)
+    return name
 
 
 AddNode = Callable[..., str]
@@ -208,17 +217,66 @@ def get_json(kubectl: Kubectl, *args: str) -> Any:
     return json.loads(kubectl("get", *args, "-o", "json").stdout)
 
 
+def apply(
+    kubectl: Kubectl, namespace: str, *objects: Mapping[str, Any], as_user: str | None = None
+) -> None:
+    """``kubectl apply -n namespace`` the objects (several go as one List), as ``as_user``."""
+    manifest = (
+        objects[0]
+        if len(objects) == 1
+        else {"apiVersion": "v1", "kind": "List", "items": list(objects)}
+    )
+    impersonate = ["--as", as_user] if as_user else []
+    kubectl("apply", "-n", namespace, *impersonate, "-f", "-", input=json.dumps(manifest))
+
+
+def helm_env(kubeconfig: Path, home: Path) -> dict[str, str]:
+    """helm's environment against the cluster of ``kubeconfig``, with its config, cache and data
+    directories under ``home``."""
+    return {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "HELM_CONFIG_HOME": str(home / "helm-config"),
+        "HELM_CACHE_HOME": str(home / "helm-cache"),
+        "HELM_DATA_HOME": str(home / "helm-data"),
+    }
+
+
+def local_node_chart_settings() -> list[str]:
+    """The chart's values (``--set`` form) that the local node needs, plus quick status."""
+    return [
+        f"operator.healthPort={free_port()}",  # the local node's pods share the host network
+        "operator.jsonLogs=false",
+        "operator.progressIntervalSeconds=1",
+        "operator.statusRecheckSeconds=5",
+        # The local node runs pods as the host user, not as images: no runAsNonRoot for trainers.
+        "trainer.runAsNonRoot=false",
+        "trainer.runAsUser=null",
+        "trainer.fsGroup=null",
+    ]
+
+
+def helm_set_args(settings: Sequence[str]) -> list[str]:
+    """``["--set", s1, "--set", s2, ...]``."""
+    return [arg for setting in settings for arg in ("--set", setting)]
+
+
 __all__ = [
     "ClusterHandle",
     "Kubectl",
     "add_node",
+    "apply",
     "binaries_dir",
+    "create_namespace",
     "get_json",
     "gpu_node",
+    "helm_env",
+    "helm_set_args",
     "kube_api",
     "kubeconfig_path",
     "kubectl",
     "local_cluster",
+    "local_node_chart_settings",
     "namespace",
     "wait_for",
 ]

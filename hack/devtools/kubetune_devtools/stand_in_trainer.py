@@ -1,0 +1,42 @@
+"""``kubetune-stand-in-trainer``: the trainer's command for operator tests of the job lifecycle.
+
+Operator tests that need a trainer which sleeps, or exits with a given code, set the operator's
+``KUBETUNE_TRAINER_COMMAND`` to this and give the job ``KUBETUNE_STAND_IN`` in its trainer's
+env (through spec.podTemplate, allowed by that test operator's settings): ``sleep:SECONDS``,
+``exit:CODE`` or ``sleep:SECONDS,exit:CODE``. Without it, the real ``kubetune-trainer`` runs
+with the same arguments, so the same operator also runs real training jobs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+
+STAND_IN_ENV = "KUBETUNE_STAND_IN"
+
+
+def main() -> int:
+    plan = os.environ.get(STAND_IN_ENV, "")
+    if not plan:
+        trainer = shutil.which("kubetune-trainer")
+        if trainer is None:
+            print("kubetune-trainer is not on PATH", file=sys.stderr)
+            return 1
+        os.execv(trainer, [trainer, *sys.argv[1:]])  # noqa: S606 -- the real trainer, same args
+    code = 0
+    for step in plan.split(","):
+        action, _, value = step.partition(":")
+        if action == "sleep":
+            time.sleep(float(value))
+        elif action == "exit":
+            code = int(value)
+        else:
+            print(f"{STAND_IN_ENV}: unknown step {step!r}", file=sys.stderr)
+            return 1
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""What ``kubetune local up`` chose for one cluster (ports, binaries, nodes), persisted as
+``cluster.json`` in its state directory for ``status``, node agents and tests."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from kubetune.local.layout import Layout
+
+
+@dataclass
+class ClusterInfo:
+    """The running cluster's ports and binaries."""
+
+    home: str
+    bin_dir: str
+    etcd_port: int
+    etcd_peer_port: int
+    apiserver_port: int
+    node_names: list[str] = field(default_factory=list)
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.apiserver_port}"
+
+    @classmethod
+    def load(cls, layout: Layout) -> ClusterInfo:
+        return cls(**json.loads(layout.cluster_file.read_text()))
+
+    def save(self, layout: Layout) -> None:
+        layout.cluster_file.write_text(json.dumps(asdict(self), indent=2) + "\n")

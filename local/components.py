@@ -1,0 +1,139 @@
+"""The control plane's components as command lines, and the admin kubeconfig they share: pure
+functions of the cluster's ports, state directory and PKI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kubetune.local.certs import Pki
+from kubetune.local.cluster_info import ClusterInfo
+from kubetune.local.layout import Layout
+
+SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+
+
+def _binary(info: ClusterInfo, name: str) -> str:
+    return str(Path(info.bin_dir) / name)
+
+
+def etcd_argv(info: ClusterInfo, layout: Layout) -> list[str]:
+    client = f"http://127.0.0.1:{info.etcd_port}"
+    peer = f"http://127.0.0.1:{info.etcd_peer_port}"
+    return [
+        _binary(info, "etcd"),
+        "--name=kubetune",
+        f"--data-dir={layout.etcd_data}",
+        f"--listen-client-urls={client}",
+        f"--advertise-client-urls={client}",
+        f"--listen-peer-urls={peer}",
+        f"--initial-advertise-peer-urls={peer}",
+        f"--initial-cluster=kubetune={peer}",
+        # A throwaway development cluster: durability is not worth the fsync latency.
+        "--unsafe-no-fsync",
+        "--log-level=warn",
+    ]
+
+
+def apiserver_argv(info: ClusterInfo, layout: Layout, pki: Pki) -> list[str]:
+    return [
+        _binary(info, "kube-apiserver"),
+        f"--etcd-servers=http://127.0.0.1:{info.etcd_port}",
+        "--bind-address=127.0.0.1",
+        "--advertise-address=127.0.0.1",
+        f"--secure-port={info.apiserver_port}",
+        f"--cert-dir={layout.pki}",
+        f"--tls-cert-file={pki.apiserver.cert}",
+        f"--tls-private-key-file={pki.apiserver.key}",
+        f"--client-ca-file={pki.ca.cert}",
+        f"--token-auth-file={pki.token_auth_file}",
+        f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+        f"--service-account-key-file={pki.service_account_pub}",
+        f"--service-account-signing-key-file={pki.service_account_key}",
+        "--service-cluster-ip-range=10.0.0.0/24",
+        "--authorization-mode=Node,RBAC",
+        "--allow-privileged=true",
+        # The 'kubernetes' Service would get a loopback endpoint, which validation
+        # rejects; pods reach the apiserver through KUBERNETES_SERVICE_HOST instead.
+        "--endpoint-reconciler-type=none",
+        # `kubectl logs` is proxied to the node agent's HTTPS server on its InternalIP.
+        f"--kubelet-client-certificate={pki.kubelet_client.cert}",
+        f"--kubelet-client-key={pki.kubelet_client.key}",
+        # Node agents serve with a certificate from the same CA (SAN 127.0.0.1).
+        f"--kubelet-certificate-authority={pki.ca.cert}",
+        "--kubelet-preferred-address-types=InternalIP",
+        "--profiling=false",
+        "--v=1",
+    ]
+
+
+def _apiserver_client_argv(info: ClusterInfo, layout: Layout, name: str, *flags: str) -> list[str]:
+    """A component that talks to the apiserver as admin, alone (no leader election) and with its
+    own HTTPS endpoint switched off."""
+    kubeconfig = str(layout.kubeconfig)
+    return [
+        _binary(info, name),
+        f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}",
+        f"--authorization-kubeconfig={kubeconfig}",
+        *flags,
+        "--leader-elect=false",
+        "--bind-address=127.0.0.1",
+        "--secure-port=0",
+        "--v=1",
+    ]
+
+
+def controller_manager_argv(info: ClusterInfo, layout: Layout, pki: Pki) -> list[str]:
+    return _apiserver_client_argv(
+        info,
+        layout,
+        "kube-controller-manager",
+        # The defaults ('*') include job, garbage-collector, namespace, serviceaccount,
+        # serviceaccount-token, root-ca-cert-publisher, persistentvolume-binder,
+        # ttl-after-finished, node-lifecycle and pod-garbage-collector.
+        "--controllers=*",
+        f"--service-account-private-key-file={pki.service_account_key}",
+        f"--root-ca-file={pki.ca.cert}",
+        f"--cluster-signing-cert-file={pki.ca.cert}",
+        f"--cluster-signing-key-file={pki.ca.key}",
+        "--use-service-account-credentials=false",
+    )
+
+
+def scheduler_argv(info: ClusterInfo, layout: Layout) -> list[str]:
+    return _apiserver_client_argv(info, layout, "kube-scheduler")
+
+
+def admin_kubeconfig(info: ClusterInfo, pki: Pki) -> dict[str, Any]:
+    """The admin's kubeconfig (context ``kubetune-local``, namespace ``default``)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "kubetune-local",
+                "cluster": {"server": info.server, "certificate-authority": str(pki.ca.cert)},
+            }
+        ],
+        "users": [
+            {
+                "name": "kubetune-admin",
+                "user": {
+                    "client-certificate": str(pki.admin.cert),
+                    "client-key": str(pki.admin.key),
+                },
+            }
+        ],
+        "contexts": [
+            {
+                "name": "kubetune-local",
+                "context": {
+                    "cluster": "kubetune-local",
+                    "user": "kubetune-admin",
+                    "namespace": "default",
+                },
+            }
+        ],
+        "current-context": "kubetune-local",
+    }

@@ -1,0 +1,219 @@
+"""What a FineTuneJob may ask of this cluster: the operator's settings decide, the spec proposes.
+
+Whoever may create a FineTuneJob gets a trainer pod with kubetune's service account, command and
+restricted security context, reading what the spec names in its namespace and nothing more. So
+``spec.image`` and ``spec.podTemplate`` are refused unless the settings allow them (an image
+pattern, a list of pod-spec fields), some fields are refused whatever the settings say, and what
+is merged is merged under kubetune's own fields, which are applied last.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from typing import Any, Final
+
+from kubetune.api.models import FineTuneJobSpec, PodTemplateOverrides
+from kubetune.api.uris import CLUSTER_SCHEMES, parse_uri
+from kubetune.operator.settings import NEVER_CONTAINER_FIELDS, NEVER_POD_FIELDS, OperatorSettings
+
+Manifest = dict[str, Any]
+
+#: Volume sources that stay inside the pod's namespace; any other (hostPath, nfs, csi, ...)
+#: reaches the node or storage the job's creator was never given.
+SAFE_VOLUME_SOURCES: Final = frozenset(
+    {"emptyDir", "configMap", "secret", "persistentVolumeClaim", "projected", "downwardAPI",
+     "ephemeral"}
+)  # fmt: skip
+#: Pod fields kubetune sets and nothing overrides.
+_OWN_POD_FIELDS: Final = (
+    "serviceAccountName",
+    "automountServiceAccountToken",
+    "securityContext",
+    "restartPolicy",
+)
+_OWN_CONTAINER_FIELDS: Final = (
+    "name",
+    "image",
+    "imagePullPolicy",
+    "command",
+    "args",
+    "securityContext",
+    "terminationMessagePath",
+    "terminationMessagePolicy",
+)
+_SETTING: Final = "the operator's settings"
+
+
+def policy_problems(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
+    """What the spec asks that this cluster refuses, one ``field: why`` line each."""
+    return [
+        *_denied_options(spec, settings),
+        *_cluster_uris(spec),
+        *_image(spec, settings),
+        *(_pod_template(spec.pod_template, settings) if spec.pod_template is not None else []),
+    ]
+
+
+def _denied_options(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
+    denied = {option.lower() for option in settings.denied_options}
+    used = {
+        "trustremotecode": ("spec.model.trustRemoteCode", spec.model.trust_remote_code),
+        "pushtohub": ("spec.output.pushToHub", spec.output.push_to_hub is not None),
+        "merge": ("spec.output.merge", spec.output.merge),
+    }
+    return [
+        f"{field}: denied by {_SETTING} (KUBETUNE_DENIED_OPTIONS)"
+        for option, (field, is_used) in used.items()
+        if option in denied and is_used
+    ]
+
+
+def _cluster_uris(spec: FineTuneJobSpec) -> list[str]:
+    """Local paths and file:// mean a path on the node: only `kubetune train` may use them."""
+    problems = []
+    for field, uri in (
+        ("spec.model.uri", spec.model.uri),
+        ("spec.dataset.uri", spec.dataset.uri),
+        ("spec.output.uri", spec.output.uri),
+    ):
+        parsed = parse_uri(uri, CLUSTER_SCHEMES | {"file"}, field)
+        hub_id = parsed.could_be_hub_id and field != "spec.output.uri"
+        if parsed.scheme not in CLUSTER_SCHEMES and not hub_id:
+            problems.append(
+                f"{field}: {uri!r} is a path on the node; in a cluster use pvc://<claim>/<path> "
+                "(local paths and file:// are for `kubetune train`)"
+            )
+    return problems
+
+
+def _image(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
+    if spec.image is None or any(
+        fnmatch.fnmatchcase(spec.image, p) for p in settings.allowed_images
+    ):
+        return []
+    allowed = ", ".join(settings.allowed_images) or "none: the default trainer image only"
+    return [f"spec.image: {spec.image!r} is not allowed by {_SETTING} (allowed: {allowed})"]
+
+
+def _pod_template(template: PodTemplateOverrides, settings: OperatorSettings) -> list[str]:
+    allowed = set(settings.allowed_pod_template_fields)
+    problems = []
+    for part in ("labels", "annotations"):
+        if getattr(template.metadata, part) and f"metadata.{part}" not in allowed:
+            problems.append(_not_allowed(f"spec.podTemplate.metadata.{part}"))
+    for key, value in template.spec.items():
+        field = f"spec.podTemplate.spec.{key}"
+        if key in NEVER_POD_FIELDS:
+            problems.append(f"{field}: never allowed (it would give the pod more than the job)")
+        elif key == "containers":
+            problems.extend(_containers(value, allowed))
+        elif key not in allowed:
+            problems.append(_not_allowed(field))
+        elif key == "volumes":
+            problems.extend(_volumes(value))
+    return problems
+
+
+def _not_allowed(field: str) -> str:
+    return f"{field}: not allowed by {_SETTING} (KUBETUNE_ALLOWED_POD_TEMPLATE_FIELDS)"
+
+
+def _containers(containers: Any, allowed: set[str]) -> list[str]:
+    if not isinstance(containers, list):
+        return ["spec.podTemplate.spec.containers: must be a list"]
+    problems = []
+    for index, container in enumerate(containers):
+        where = f"spec.podTemplate.spec.containers[{index}]"
+        if not isinstance(container, dict) or container.get("name") != "trainer":
+            problems.append(f"{where}: only the trainer container (name: trainer) may be changed")
+            continue
+        for key in container:
+            if key == "name":
+                continue
+            if key in NEVER_CONTAINER_FIELDS:
+                problems.append(f"{where}.{key}: never allowed (kubetune sets it)")
+            elif f"containers.{key}" not in allowed:
+                problems.append(_not_allowed(f"{where}.{key}"))
+    return problems
+
+
+def _volumes(volumes: Any) -> list[str]:
+    if not isinstance(volumes, list):
+        return ["spec.podTemplate.spec.volumes: must be a list"]
+    problems = []
+    for index, volume in enumerate(volumes):
+        sources = set(volume) - {"name"} if isinstance(volume, dict) else {"?"}
+        unsafe = sorted(sources - SAFE_VOLUME_SOURCES)
+        if unsafe:
+            problems.append(
+                f"spec.podTemplate.spec.volumes[{index}]: {', '.join(unsafe)} volumes are never "
+                f"allowed (allowed: {', '.join(sorted(SAFE_VOLUME_SOURCES))})"
+            )
+    return problems
+
+
+# --- merging ---------------------------------------------------------------------------------
+
+
+def apply_pod_template(
+    pod: Manifest,
+    labels: dict[str, str],
+    annotations: dict[str, str],
+    template: PodTemplateOverrides,
+) -> tuple[Manifest, dict[str, str], dict[str, str]]:
+    """The template merged under kubetune's pod: its service account, security context, the
+    trainer's command, image, mounts and contract env, and its labels and annotations win."""
+    merged = merge_pod_spec(pod, template.spec)
+    for key in _OWN_POD_FIELDS:
+        if key in pod:
+            merged[key] = copy.deepcopy(pod[key])
+        else:
+            merged.pop(key, None)
+    merged["volumes"] = _ours_win(merged.get("volumes", []), pod.get("volumes", []))
+    ours = next(c for c in pod["containers"] if c["name"] == "trainer")
+    for container in merged["containers"]:
+        if container["name"] != "trainer":
+            continue
+        for key in _OWN_CONTAINER_FIELDS:
+            if key in ours:
+                container[key] = copy.deepcopy(ours[key])
+            else:
+                container.pop(key, None)
+        for key in ("env", "volumeMounts"):
+            container[key] = _ours_win(container.get(key, []), ours.get(key, []))
+    merged_labels = {**template.metadata.labels, **labels}
+    merged_annotations = {**template.metadata.annotations, **annotations}
+    return merged, merged_labels, merged_annotations
+
+
+def _ours_win(merged: list[Manifest], ours: list[Manifest]) -> list[Manifest]:
+    by_name = {item["name"]: item for item in merged}
+    by_name.update({item["name"]: copy.deepcopy(item) for item in ours})
+    return list(by_name.values())
+
+
+def merge_pod_spec(base: Manifest, overrides: Manifest) -> Manifest:
+    """``overrides`` merged over ``base``: maps merge deeply, lists of named items (containers,
+    volumes, env, ...) merge by name, other lists and scalars are replaced."""
+    merged: Manifest = _merge(copy.deepcopy(base), copy.deepcopy(overrides))
+    return merged
+
+
+def _merge(base: Any, override: Any) -> Any:
+    if isinstance(base, dict) and isinstance(override, dict):
+        for key, value in override.items():
+            base[key] = _merge(base[key], value) if key in base else value
+        return base
+    if isinstance(base, list) and isinstance(override, list) and _named(base) and _named(override):
+        merged = {item["name"]: item for item in base}
+        for item in override:
+            merged[item["name"]] = (
+                _merge(merged[item["name"]], item) if item["name"] in merged else item
+            )
+        return list(merged.values())
+    return override
+
+
+def _named(items: list[Any]) -> bool:
+    return bool(items) and all(isinstance(item, dict) and "name" in item for item in items)

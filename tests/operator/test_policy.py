@@ -1,0 +1,172 @@
+"""policy: what a FineTuneJob may ask of the cluster. Refused by default, allowed field by field
+by the operator's settings, and whatever is merged stays under kubetune's own pod fields."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from kubetune.api.models import FineTuneJobSpec
+from kubetune.operator.policy import merge_pod_spec, policy_problems
+from kubetune.operator.render import render
+from kubetune.operator.settings import OperatorSettings
+
+pytestmark = pytest.mark.unit
+
+METADATA = {"name": "victim-job", "namespace": "team-a", "uid": "uid-1"}
+#: Everything a platform team may allow, all at once: hostile specs must still be refused.
+PERMISSIVE = OperatorSettings(
+    allowed_images=["registry.example.com/ml/*"],
+    allowed_pod_template_fields=[
+        "metadata.labels", "metadata.annotations", "tolerations", "volumes", "runtimeClassName",
+        "containers.env", "containers.volumeMounts", "containers.resources",
+    ],
+)  # fmt: skip
+
+
+def spec_of(**overrides: Any) -> FineTuneJobSpec:
+    data: dict[str, Any] = {
+        "model": {"uri": "meta-llama/Llama-2-7b-hf", "tokenSecretRef": {"name": "hf-token"}},
+        "dataset": {"uri": "pvc://data/support.jsonl"},
+        "output": {"uri": "pvc://adapters/run"},
+    }
+    data.update(overrides)
+    return FineTuneJobSpec.model_validate(data)
+
+
+def template(**pod: Any) -> dict[str, Any]:
+    return {"spec": pod}
+
+
+def test_pod_template_and_image_are_refused_by_default_naming_the_field() -> None:
+    spec = spec_of(
+        image="attacker/trainer:latest",
+        podTemplate={"metadata": {"labels": {"team": "a"}}, "spec": {"tolerations": []}},
+    )
+    assert policy_problems(spec, OperatorSettings()) == [
+        "spec.image: 'attacker/trainer:latest' is not allowed by the operator's settings "
+        "(allowed: none: the default trainer image only)",
+        "spec.podTemplate.metadata.labels: not allowed by the operator's settings "
+        "(KUBETUNE_ALLOWED_POD_TEMPLATE_FIELDS)",
+        "spec.podTemplate.spec.tolerations: not allowed by the operator's settings "
+        "(KUBETUNE_ALLOWED_POD_TEMPLATE_FIELDS)",
+    ]
+
+
+def test_an_image_matching_an_allowed_pattern_passes() -> None:
+    assert policy_problems(spec_of(image="registry.example.com/ml/trainer:1.2"), PERMISSIVE) == []
+    assert policy_problems(spec_of(image="registry.example.com/other:1"), PERMISSIVE)
+
+
+@pytest.mark.parametrize(
+    ("pod", "field"),
+    [
+        ({"hostPID": True}, "spec.podTemplate.spec.hostPID: never allowed"),
+        ({"hostNetwork": True}, "spec.podTemplate.spec.hostNetwork: never allowed"),
+        ({"hostIPC": True}, "spec.podTemplate.spec.hostIPC: never allowed"),
+        ({"nodeName": "gpu-node-1"}, "spec.podTemplate.spec.nodeName: never allowed"),
+        ({"serviceAccountName": "other-trainer"}, "spec.podTemplate.spec.serviceAccountName"),
+        ({"securityContext": {"runAsUser": 0}}, "spec.podTemplate.spec.securityContext"),
+        ({"initContainers": [{"name": "x", "image": "busybox"}]}, "spec.podTemplate.spec.initContainers"),
+        ({"volumes": [{"name": "root", "hostPath": {"path": "/"}}]},
+         "spec.podTemplate.spec.volumes[0]: hostPath volumes are never allowed"),
+        ({"containers": [{"name": "trainer", "securityContext": {"privileged": True}}]},
+         "spec.podTemplate.spec.containers[0].securityContext: never allowed"),
+        ({"containers": [{"name": "trainer", "command": ["sh", "-c", "cat /var/run/secrets/*"]}]},
+         "spec.podTemplate.spec.containers[0].command: never allowed"),
+        ({"containers": [{"name": "trainer", "lifecycle": {"postStart": {"exec": {}}}}]},
+         "spec.podTemplate.spec.containers[0].lifecycle: never allowed"),
+        ({"containers": [{"name": "sidecar", "image": "busybox"}]},
+         "spec.podTemplate.spec.containers[0]: only the trainer container"),
+    ],
+)  # fmt: skip
+def test_what_would_escape_the_pod_is_refused_whatever_the_settings(
+    pod: dict[str, Any], field: str
+) -> None:
+    problems = policy_problems(spec_of(podTemplate=template(**pod)), PERMISSIVE)
+    assert any(p.startswith(field) for p in problems), problems
+
+
+def test_settings_cannot_allow_what_is_never_allowed() -> None:
+    with pytest.raises(
+        ValidationError, match=r"can never be allowed: hostPID, containers\.command"
+    ):
+        OperatorSettings(allowed_pod_template_fields=["hostPID", "containers.command", "volumes"])
+
+
+def test_allowed_fields_merge_under_kubetunes_identity_command_labels_and_contract_env() -> None:
+    spec = spec_of(
+        podTemplate={
+            "metadata": {
+                "labels": {"team": "a", "kubetune.io/job": "other-job",
+                           "app.kubernetes.io/managed-by": "me"},
+                "annotations": {"note": "x", "kubetune.io/finetunejob": "other-job"},
+            },
+            "spec": {
+                "runtimeClassName": "nvidia",
+                "volumes": [{"name": "config", "configMap": {"name": "my-own-config"}},
+                            {"name": "scratch", "emptyDir": {}}],
+                "containers": [{"name": "trainer", "env": [
+                    {"name": "EXTRA", "value": "1"},
+                    {"name": "KUBETUNE_PVC_ROOT", "value": "/"},
+                    {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "x", "key": "y"}}},
+                ], "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}],
+            },
+        }
+    )  # fmt: skip
+    assert policy_problems(spec, PERMISSIVE) == []
+    job = next(o for o in render(spec, METADATA, PERMISSIVE) if o["kind"] == "Job")
+    pod_template = job["spec"]["template"]
+    pod = pod_template["spec"]
+    (trainer,) = pod["containers"]
+    env = {e["name"]: e for e in trainer["env"]}
+    assert env["EXTRA"]["value"] == "1"
+    assert env["KUBETUNE_PVC_ROOT"]["value"] == "/mnt/pvc"
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token"
+    assert {m["mountPath"] for m in trainer["volumeMounts"]} >= {"/scratch", "/etc/kubetune"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == "victim-job-trainer-config"
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["serviceAccountName"] == "victim-job-trainer"
+    assert trainer["command"][0] == "kubetune-trainer"
+    assert trainer["securityContext"]["allowPrivilegeEscalation"] is False
+    labels, annotations = (
+        pod_template["metadata"]["labels"],
+        pod_template["metadata"]["annotations"],
+    )
+    assert labels["team"] == "a"
+    assert labels["kubetune.io/job"] == "victim-job"
+    assert labels["app.kubernetes.io/managed-by"] == "kubetune-operator"
+    assert annotations == {"note": "x", "kubetune.io/finetunejob": "victim-job"}
+
+
+@pytest.mark.parametrize(
+    ("field", "uri"),
+    [("model", "/models/llama"), ("dataset", "file:///etc/passwd"), ("output", "out/adapter")],
+)
+def test_node_paths_are_refused_in_the_cluster(field: str, uri: str) -> None:
+    problems = policy_problems(spec_of(**{field: {"uri": uri}}), OperatorSettings())
+    assert problems == [
+        f"spec.{field}.uri: {uri!r} is a path on the node; in a cluster use pvc://<claim>/<path> "
+        "(local paths and file:// are for `kubetune train`)"
+    ]
+
+
+def test_hub_ids_and_remote_uris_are_fine_in_the_cluster() -> None:
+    spec = spec_of(model={"uri": "org/model"}, dataset={"uri": "https://example.org/d.jsonl"})
+    assert policy_problems(spec, OperatorSettings()) == []
+
+
+def test_denied_options_name_the_field() -> None:
+    spec = spec_of(model={"uri": "org/model", "trustRemoteCode": True})
+    assert policy_problems(spec, OperatorSettings()) == [
+        "spec.model.trustRemoteCode: denied by the operator's settings (KUBETUNE_DENIED_OPTIONS)"
+    ]
+    assert policy_problems(spec, OperatorSettings(denied_options=[])) == []
+
+
+def test_merge_replaces_unnamed_lists_and_scalars() -> None:
+    merged = merge_pod_spec({"a": [1, 2], "b": {"c": 1, "d": 2}}, {"a": [3], "b": {"c": 5}})
+    assert merged == {"a": [3], "b": {"c": 5, "d": 2}}

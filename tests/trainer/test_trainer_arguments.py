@@ -1,0 +1,134 @@
+"""The spec → SFTConfig mapping, a pure function: every knob lands where TRL reads it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from kubetune.api.models import FineTuneJobSpec, plan_training
+from kubetune.trainer.arguments import LossMasking, sft_arguments
+from kubetune.trainer.speed import SpeedSettings
+
+pytestmark = pytest.mark.unit
+
+PLAIN = SpeedSettings(
+    attention="sdpa",
+    liger_kernel=False,
+    gradient_checkpointing=True,
+    packing=True,
+    optimizer="adamw_torch",
+)
+NO_EVAL = LossMasking(completion_only=True, assistant_only=False, has_eval=False)
+
+
+def _spec(**overrides: Any) -> FineTuneJobSpec:
+    training = {"batchSize": 16, "maxSteps": 40, **overrides.pop("training", {})}
+    return FineTuneJobSpec.model_validate(
+        {
+            "model": {"uri": "meta-llama/Llama-2-7b-hf"},
+            "dataset": {"uri": "pvc://data/support.jsonl"},
+            "output": {"uri": "pvc://adapters/llama2-support"},
+            "training": training,
+            **overrides,
+        }
+    )
+
+
+def _arguments(
+    spec: FineTuneJobSpec,
+    *,
+    cuda: bool = False,
+    speed: SpeedSettings = PLAIN,
+    masking: LossMasking = NO_EVAL,
+) -> dict[str, Any]:
+    plan = plan_training(spec.training, spec.resources.gpus)
+    return sft_arguments(
+        spec, plan, speed, cuda=cuda, checkpoint_dir="/out/checkpoints", masking=masking
+    )
+
+
+def test_the_effective_batch_is_micro_batches_times_accumulation() -> None:
+    arguments = _arguments(_spec(training={"batchSize": 16, "microBatchSize": 4}))
+    assert arguments["per_device_train_batch_size"] == 4
+    assert arguments["gradient_accumulation_steps"] == 4
+
+
+def test_max_steps_or_epochs_bound_the_run() -> None:
+    by_steps = _arguments(_spec(training={"maxSteps": 40}))
+    assert by_steps["max_steps"] == 40
+    by_epochs = _arguments(_spec(training={"maxSteps": None, "epochs": 2}))
+    assert by_epochs["max_steps"] == -1
+    assert by_epochs["num_train_epochs"] == 2
+
+
+@pytest.mark.parametrize(
+    ("compute_dtype", "cuda", "bf16", "fp16"),
+    [
+        ("bfloat16", True, True, False),
+        ("bfloat16", False, True, False),  # bf16 autocast runs on the CPU too
+        ("float16", True, False, True),
+        ("float16", False, False, False),  # fp16 autocast needs CUDA
+        ("float32", True, False, False),
+    ],
+)
+def test_mixed_precision_follows_the_compute_dtype_and_the_device(
+    compute_dtype: str, cuda: bool, bf16: bool, fp16: bool
+) -> None:
+    spec = _spec(quantization={"computeDtype": compute_dtype})
+    arguments = _arguments(spec, cuda=cuda)
+    assert (arguments["bf16"], arguments["fp16"], arguments["use_cpu"]) == (bf16, fp16, not cuda)
+
+
+def test_checkpoints_every_checkpoint_steps_keeping_the_two_newest() -> None:
+    arguments = _arguments(_spec(training={"checkpointSteps": 25}))
+    assert arguments["output_dir"] == "/out/checkpoints"
+    assert (arguments["save_strategy"], arguments["save_steps"]) == ("steps", 25)
+    assert arguments["save_total_limit"] == 2
+
+
+def test_evaluation_runs_at_each_checkpoint_only_when_there_is_an_eval_split() -> None:
+    spec = _spec(training={"checkpointSteps": 25})
+    assert _arguments(spec)["eval_strategy"] == "no"
+    with_eval = _arguments(spec, masking=LossMasking(True, False, has_eval=True))
+    assert (with_eval["eval_strategy"], with_eval["eval_steps"]) == ("steps", 25)
+
+
+def test_speed_settings_become_trl_flags() -> None:
+    fast = SpeedSettings("flex_attention", True, False, True, "paged_adamw_8bit")
+    arguments = _arguments(_spec(), cuda=True, speed=fast)
+    assert arguments["optim"] == "paged_adamw_8bit"
+    assert arguments["use_liger_kernel"] is True
+    assert arguments["packing"] is arguments["padding_free"] is True
+    assert arguments["gradient_checkpointing"] is False
+
+
+def test_loss_masking_comes_from_the_prepared_data() -> None:
+    masking = LossMasking(completion_only=False, assistant_only=True, has_eval=False)
+    arguments = _arguments(_spec(), masking=masking)
+    assert arguments["completion_only_loss"] is False
+    assert arguments["assistant_only_loss"] is True
+
+
+def test_hyperparameters_pass_through_and_warmup_stays_a_fraction() -> None:
+    training = {"learningRate": 5e-4, "warmupRatio": 1.0, "seed": 7, "lrScheduler": "cosine"}
+    arguments = _arguments(_spec(training=training))
+    assert arguments["learning_rate"] == 5e-4
+    assert arguments["lr_scheduler_type"] == "cosine"
+    assert arguments["seed"] == arguments["data_seed"] == 7
+    assert arguments["warmup_steps"] < 1  # transformers reads 1.0 as one step, not the whole run
+
+
+def test_the_mapping_imports_no_training_stack() -> None:
+    probe = (
+        "import sys\n"
+        "import kubetune.trainer.arguments\n"
+        "heavy = [m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=False
+    )
+    assert done.stdout.strip() == "[]", done.stderr

@@ -1,0 +1,84 @@
+"""The spec → trainer arguments mapping: one pure function, as TRL's ``sft.py`` maps its config.
+
+``sft_arguments`` takes the spec, the training plan, the speed settings resolved for this node
+and the device, and returns the keyword arguments of TRL's ``SFTConfig`` as plain data. Nothing
+here imports torch or touches a file, so every knob's mapping is tested in milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from kubetune.api.models import FineTuneJobSpec, TrainingPlan
+from kubetune.trainer.checkpoints import CHECKPOINTS_KEPT
+from kubetune.trainer.speed import SpeedSettings
+
+#: transformers reads a warmup below 1 as a fraction of the run, and 1.0 as one step.
+_LAST_WARMUP_FRACTION = 0.999
+
+
+@dataclass(frozen=True)
+class LossMasking:
+    """What the prepared data says about which tokens count in the loss, and whether an
+    evaluation split exists (``PreparedData`` without the datasets)."""
+
+    completion_only: bool
+    assistant_only: bool
+    has_eval: bool
+
+
+def sft_arguments(
+    spec: FineTuneJobSpec,
+    plan: TrainingPlan,
+    speed: SpeedSettings,
+    *,
+    cuda: bool,
+    checkpoint_dir: str,
+    masking: LossMasking,
+    progress_bar: bool = False,
+) -> dict[str, Any]:
+    """The keyword arguments of ``trl.SFTConfig`` for one run."""
+    training = spec.training
+    compute = spec.quantization.compute_dtype
+    every = training.checkpoint_steps
+    return {
+        "output_dir": checkpoint_dir,
+        "num_train_epochs": plan.epochs if plan.epochs is not None else 1.0,
+        "max_steps": plan.max_steps if plan.max_steps is not None else -1,
+        "per_device_train_batch_size": plan.micro_batch_size,
+        "per_device_eval_batch_size": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "learning_rate": training.learning_rate,
+        "lr_scheduler_type": training.lr_scheduler,
+        "warmup_steps": min(training.warmup_ratio, _LAST_WARMUP_FRACTION),
+        "weight_decay": training.weight_decay,
+        "max_grad_norm": training.max_grad_norm,
+        "seed": training.seed,
+        "data_seed": training.seed,
+        "optim": speed.optimizer,
+        # bf16 autocast runs on the CPU too; fp16 autocast needs CUDA (a CPU run keeps fp32
+        # activations around the fp16 4-bit matmuls).
+        "bf16": compute == "bfloat16",
+        "fp16": compute == "float16" and cuda,
+        "use_cpu": not cuda,
+        "max_length": training.max_length,
+        "packing": speed.packing,
+        "padding_free": speed.packing,
+        "use_liger_kernel": speed.liger_kernel,
+        "gradient_checkpointing": speed.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "completion_only_loss": masking.completion_only,
+        "assistant_only_loss": masking.assistant_only,
+        "logging_steps": training.logging_steps,
+        "logging_first_step": True,
+        "save_strategy": "steps",
+        "save_steps": every,
+        "save_total_limit": CHECKPOINTS_KEPT,
+        "eval_strategy": "steps" if masking.has_eval else "no",
+        "eval_steps": every if masking.has_eval else None,
+        "report_to": [],
+        "disable_tqdm": not progress_bar,
+        "dataloader_num_workers": 0,
+        "dataset_num_proc": None,
+    }

@@ -1,0 +1,193 @@
+"""Publishing a trained adapter: its files, what describes it, result.json, and its delivery.
+
+Once the adapter's weights are on disk nothing that follows may lose them. Each later step runs
+on its own; a failure is logged with its traceback and recorded, and the result says what was
+done and what wasn't. A report that fails (held-out loss, evaluation prompts, loss curve, model
+card) leaves the run Succeeded, with a note. A delivery the spec asked for (merge, push to the
+hub, upload to the object store) that fails makes it Failed with exit 1, the adapter still in the
+result: the Job retries, and the retry resumes from the final checkpoint straight to publishing.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kubetune.api.contract import ExitCode, Reason
+from kubetune.api.models import AdapterRef, FineTuneJobSpec, TrainerResult
+from kubetune.api.uris import display_uri
+from kubetune.trainer import locations, outputs
+from kubetune.trainer.checkpoints import CHECKPOINTS_DIR
+from kubetune.trainer.digests import sha256_file
+from kubetune.trainer.errors import first_line
+from kubetune.trainer.secrets import HubTokens
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Publication:
+    result: TrainerResult
+    exit_code: ExitCode
+
+
+class Publisher:
+    """Writes one run's adapter into its output location and delivers it where the spec says."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        spec: FineTuneJobSpec,
+        output: locations.Location,
+        output_dir: Path,
+        tokens: HubTokens,
+    ) -> None:
+        self.name = name
+        self.spec = spec
+        self.output = output
+        self.output_dir = output_dir
+        self.tokens = tokens
+        #: One line per step that failed after the adapter was saved.
+        self.failures: list[str] = []
+        self.delivery_failed = False
+        #: The adapter's own files: what goes to the hub.
+        self.adapter_files: list[str] = []
+        self._tokenizer: Any = None
+
+    def save_adapter(self, model: Any, tokenizer: Any) -> AdapterRef:
+        """The adapter and its tokenizer; a failure here is the run's (nothing is saved yet)."""
+        model.save_pretrained(self.output_dir)
+        written = tokenizer.save_pretrained(self.output_dir)
+        self._tokenizer = tokenizer
+        self.adapter_files = [outputs.ADAPTER_WEIGHTS, outputs.ADAPTER_CONFIG]
+        self.adapter_files += sorted({Path(f).name for f in written} - set(self.adapter_files))
+        weights = self.output_dir / outputs.ADAPTER_WEIGHTS
+        return AdapterRef(
+            uri=display_uri(self.spec.output.uri),
+            sha256=sha256_file(weights),
+            size_bytes=weights.stat().st_size,
+        )
+
+    def attempt(self, what: str, action: Callable[[], T], *, delivery: bool = False) -> T | None:
+        """``action()``, or None with the failure recorded: the adapter is saved, and stays."""
+        try:
+            return action()
+        except Exception as exc:
+            log.error("%s failed after the adapter was saved", what, exc_info=True)
+            self.failures.append(f"{what} failed ({type(exc).__name__}: {first_line(exc, 300)})")
+            self.delivery_failed = self.delivery_failed or delivery
+            return None
+
+    def publish(
+        self, result: TrainerResult, effective: dict[str, Any], metrics_file: Path
+    ) -> Publication:
+        """Loss curve, model card, merge, hub push, result.json and the upload, in that order
+        (the object store gets the result.json that says how the rest went)."""
+        curve = self.output_dir / outputs.LOSS_CURVE_FILE
+        self.attempt(
+            "loss curve",
+            lambda: outputs.plot_loss_curve(outputs.read_metrics(metrics_file), curve, self.name),
+        )
+        card = self.output_dir / outputs.MODEL_CARD_FILE
+        self.attempt(
+            "model card",
+            lambda: card.write_text(
+                outputs.model_card(self.name, self.spec, result, effective), encoding="utf-8"
+            ),
+        )
+        if self.spec.output.merge:
+            self.attempt("merge", self._merge, delivery=True)
+        if self.spec.output.push_to_hub is not None:
+            self.attempt("push to hub", self._push_to_hub, delivery=True)
+        concluded = self.concluded(result)
+        outputs.write_result(self.output_dir, concluded)
+        if not self.output.is_local:
+            where = display_uri(self.spec.output.uri)
+            failed_before = len(self.failures)
+            self.attempt(f"upload to {where}", self._upload, delivery=True)
+            if len(self.failures) > failed_before:
+                concluded = self.concluded(result)
+                outputs.write_result(self.output_dir, concluded)
+        exit_code = ExitCode.UNEXPECTED if self.delivery_failed else ExitCode.SUCCEEDED
+        return Publication(concluded, exit_code)
+
+    def concluded(self, result: TrainerResult) -> TrainerResult:
+        """``result`` with what failed after the adapter was saved, if anything did."""
+        if not self.failures:
+            return result
+        failed = "; ".join(self.failures)
+        if not self.delivery_failed:
+            return result.model_copy(update={"message": f"{result.message}; not done: {failed}"})
+        return result.model_copy(
+            update={
+                "outcome": "Failed",
+                "reason": Reason.TRAINER_ERROR,
+                "message": (
+                    f"{result.message}, but {failed}; the adapter is saved, and a retry "
+                    "resumes from the final checkpoint to publish it again"
+                ),
+            }
+        )
+
+    # --- deliveries ----------------------------------------------------------------------------
+
+    def _merge(self) -> None:
+        """Base + adapter as one model in the compute dtype (not 4-bit: it is for serving)."""
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from kubetune.trainer.modeling import locate_model, torch_dtype
+
+        model = self.spec.model
+        source, is_hub = locate_model(model)
+        kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+        if is_hub:
+            kwargs.update(revision=model.revision, token=self.tokens.read)
+        base = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype(self.spec.quantization.compute_dtype), **kwargs
+        )
+        merged = PeftModel.from_pretrained(base, str(self.output_dir)).merge_and_unload()
+        target = self.output_dir / outputs.MERGED_DIR
+        merged.save_pretrained(target)
+        self._tokenizer.save_pretrained(target)
+        del base, merged
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _push_to_hub(self) -> None:
+        """The adapter's own files and its description; never checkpoints, result or logs."""
+        from huggingface_hub import HfApi
+
+        push = self.spec.output.push_to_hub
+        assert push is not None
+        api = HfApi(token=self.tokens.for_push)
+        api.create_repo(push.repo_id, private=push.private, exist_ok=True)
+        described = [outputs.MODEL_CARD_FILE, outputs.LOSS_CURVE_FILE]
+        api.upload_folder(
+            repo_id=push.repo_id,
+            folder_path=str(self.output_dir),
+            allow_patterns=[*self.adapter_files, *described],
+        )
+
+    def _upload(self) -> None:
+        staging = Path(tempfile.mkdtemp(prefix="kubetune-upload-"))
+        try:
+            for item in self.output_dir.iterdir():
+                if item.name == CHECKPOINTS_DIR:
+                    continue
+                if item.is_dir():
+                    shutil.copytree(item, staging / item.name)
+                else:
+                    shutil.copy2(item, staging / item.name)
+            locations.upload_directory(staging, self.spec.output.uri)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,175 @@
+"""A resumed run continues the interrupted one, in its weights and in its numbers.
+
+Two things transformers' Trainer does not carry over a restart, and this module does:
+
+- **The adapter's dtype.** TRL keeps a QLoRA adapter's trainable weights in bf16 (the QLoRA
+  paper's recommendation), and checkpoints save them so. On resume the Trainer reloads them with
+  PEFT's ``load_adapter``, whose ``autocast_adapter_dtype=True`` default upcasts bf16 and fp16
+  adapter weights to fp32: the resumed run trained in another precision than the one it stopped
+  in and saved an adapter twice the size. :class:`ResumableSFTTrainer` puts every parameter back
+  into the dtype it had before the load (bf16 → fp32 → bf16 is exact), before the optimizer is
+  built, so its state is restored in the same dtype as well.
+- **The running loss.** Between logs the Trainer sums the step losses in memory, and the
+  run's ``train_loss`` is the sum of every step's loss over the steps. A restart began both at
+  zero, so the first log after a resume averaged only the new steps and ``train_loss`` divided
+  this attempt's losses by all the run's steps. Each checkpoint now stores those totals
+  (:data:`RUNNING_TOTALS`), and a resumed run starts from them.
+
+And one it gets wrong: resumed from the checkpoint of its last step (a retry after a failure in
+publishing), the Trainer trains one step past ``max_steps``, since it checks for the end only
+after a step. A finished checkpoint is loaded instead, and nothing is trained.
+
+Optimizer, scheduler, RNG state and the position in the data are the Trainer's own checkpoint
+contents, and are restored by it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune.trainer.checkpoints import CHECKPOINT_PREFIX, TRAINER_STATE
+
+log = logging.getLogger(__name__)
+
+RUNNING_TOTALS = "kubetune_running_totals.json"
+
+
+@dataclass(frozen=True)
+class RunningTotals:
+    """What the Trainer holds in memory about the run's loss and time, at a checkpoint."""
+
+    #: Sum of the step losses up to the last log.
+    logged_loss: float
+    #: Sum of the step losses since the last log.
+    pending_loss: float
+    last_logged_step: int
+    #: Seconds spent training the steps up to this checkpoint, over all attempts.
+    train_seconds: float
+
+    def write(self, checkpoint: Path) -> None:
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        (checkpoint / RUNNING_TOTALS).write_text(json.dumps(asdict(self)) + "\n", "utf-8")
+
+    @classmethod
+    def read(cls, checkpoint: Path) -> RunningTotals | None:
+        try:
+            data = json.loads((checkpoint / RUNNING_TOTALS).read_text("utf-8"))
+            return cls(
+                logged_loss=float(data["logged_loss"]),
+                pending_loss=float(data["pending_loss"]),
+                last_logged_step=int(data["last_logged_step"]),
+                train_seconds=float(data["train_seconds"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+def finished_at(checkpoint: Path) -> int | None:
+    """The step of a checkpoint written at the end of its run (None for one in the middle)."""
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE).read_text("utf-8"))
+        step, last = int(state["global_step"]), int(state["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return step if 0 < last <= step else None
+
+
+def resumable_sft_trainer(**kwargs: Any) -> Any:
+    """``trl.SFTTrainer(**kwargs)`` that resumes as described above (built late: TRL is heavy)."""
+    import torch
+    from transformers import TrainerCallback, TrainerState
+    from transformers.trainer_utils import TrainOutput
+    from trl import SFTTrainer
+
+    class ContinueRunningTotals(TrainerCallback):  # type: ignore[misc]
+        """Starts the Trainer's loss sums from the checkpoint's (after it reset them to 0)."""
+
+        def __init__(self, trainer: Any) -> None:
+            self.trainer = trainer
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            trainer = self.trainer
+            trainer.attempt_started = time.monotonic()
+            if state.global_step == 0:
+                return
+            checkpoint = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+            totals = RunningTotals.read(checkpoint)
+            if totals is None:
+                log.warning(
+                    "%s holds no running totals: train_loss counts this attempt's steps only",
+                    checkpoint.name,
+                )
+                return
+            trainer._total_loss_scalar = totals.logged_loss
+            trainer._tr_loss += totals.pending_loss
+            trainer._globalstep_last_logged = totals.last_logged_step
+            trainer.resumed_totals = totals
+
+    class ResumableSFTTrainer(SFTTrainer):  # type: ignore[misc]
+        control: Any  # the Trainer's TrainerControl
+
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.resumed_totals: RunningTotals | None = None
+            self.attempt_started = time.monotonic()
+            self.add_callback(ContinueRunningTotals(self))
+
+        @property
+        def earlier_train_seconds(self) -> float:
+            return self.resumed_totals.train_seconds if self.resumed_totals else 0.0
+
+        def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
+            if resume_from_checkpoint is None:
+                return super().train(**kwargs)
+            step = finished_at(Path(resume_from_checkpoint))
+            if step is None:
+                return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            log.info("%s is the run's last step: nothing left to train", resume_from_checkpoint)
+            self._load_from_checkpoint(resume_from_checkpoint)
+            self.state = TrainerState.load_from_json(
+                str(Path(resume_from_checkpoint) / TRAINER_STATE)
+            )
+            # What the training loop sets up before it tells the callbacks it begins.
+            self._tr_loss = torch.tensor(0.0, device=self.args.device)
+            self._total_loss_scalar = 0.0
+            self._globalstep_last_logged = step
+            handler = self.callback_handler
+            self.control = handler.on_train_begin(self.args, self.state, self.control)
+            loss = (self._total_loss_scalar + float(self._tr_loss.item())) / step
+            self.control = handler.on_train_end(self.args, self.state, self.control)
+            return TrainOutput(step, loss, {"train_loss": loss, "train_runtime": 0.0})
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+            target = model if model is not None else self.model
+            trained_in = {name: p.dtype for name, p in target.named_parameters()}
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            restored = 0
+            for name, param in target.named_parameters():
+                dtype = trained_in.get(name)
+                if dtype is not None and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
+                    restored += 1
+            if restored:
+                log.info("%d parameters back in the dtype they were trained in", restored)
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            # Written before the Trainer's own files: a checkpoint is complete when its
+            # trainer_state.json is there, and then its totals are there too.
+            checkpoint = Path(self._get_output_dir(trial)) / (
+                f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+            )
+            RunningTotals(
+                logged_loss=float(self._total_loss_scalar),
+                pending_loss=float(self._tr_loss.item()),
+                last_logged_step=int(self._globalstep_last_logged),
+                train_seconds=self.earlier_train_seconds
+                + (time.monotonic() - self.attempt_started),
+            ).write(checkpoint)
+            super()._save_checkpoint(model, trial)
+
+    return ResumableSFTTrainer(**kwargs)

@@ -1,0 +1,56 @@
+"""The speed seams, resolved for this node: ``auto`` becomes a concrete choice, and what the node
+can't run is refused before anything heavy is loaded."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+from kubetune.api.models import TrainingSpec
+from kubetune.trainer.errors import InvalidConfig
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    attention: str
+    liger_kernel: bool
+    gradient_checkpointing: bool
+    packing: bool
+    optimizer: str
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def flex_attention_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+def resolve_speed(training: TrainingSpec, cuda: bool) -> SpeedSettings:
+    """Turn the spec's ``auto`` settings into what this node can run; refuse what it can't."""
+    if training.attention == "flex_attention" and not cuda:
+        raise InvalidConfig("training.attention: flex_attention needs a CUDA GPU; use sdpa")
+    if training.attention == "auto":
+        attention = "flex_attention" if cuda and flex_attention_available() else "sdpa"
+    else:
+        attention = training.attention
+    if training.liger_kernel == "on" and not (cuda and liger_available()):
+        raise InvalidConfig(
+            "training.ligerKernel: on needs a CUDA GPU and the liger-kernel package; "
+            "use auto or off"
+        )
+    liger = training.liger_kernel == "on" or (
+        training.liger_kernel == "auto" and cuda and liger_available()
+    )
+    optimizer = training.optimizer
+    if optimizer == "auto":
+        # The paged 8-bit optimizer is bitsandbytes' CUDA kernel; the CPU gets plain AdamW.
+        optimizer = "paged_adamw_8bit" if cuda else "adamw_torch"
+    return SpeedSettings(
+        attention=attention,
+        liger_kernel=liger,
+        gradient_checkpointing=training.gradient_checkpointing,
+        packing=training.packing,
+        optimizer=optimizer,
+    )
