@@ -8,6 +8,7 @@ from typing import Final, Literal
 import yaml
 from pydantic import Field, ValidationError
 
+from kubetune.api.documents import DocumentTooLarge, load_yaml_documents
 from kubetune.api.errors import ConfigError
 from kubetune.api.manifest import format_validation_error
 from kubetune.api.models import API_VERSION, ApiModel, FineTuneJobSpec
@@ -49,9 +50,14 @@ def load_trainer_config(path: str | Path) -> TrainerConfig:
     except OSError as exc:
         raise ConfigError(f"cannot read trainer config {path}: {exc.strerror}") from exc
     try:
-        data = yaml.safe_load(text)
+        documents = load_yaml_documents(text, f"trainer config {path}")
     except yaml.YAMLError as exc:
         raise ConfigError(f"trainer config {path} is not valid YAML: {exc}") from exc
+    except DocumentTooLarge as exc:
+        raise ConfigError(str(exc)) from exc
+    if len(documents) != 1:
+        raise ConfigError(f"trainer config {path} must hold one document, not {len(documents)}")
+    data = documents[0]
     if not isinstance(data, dict):
         raise ConfigError(f"trainer config {path} must be a mapping, not {type(data).__name__}")
     try:

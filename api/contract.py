@@ -53,6 +53,8 @@ class ExitCode(enum.IntEnum):
     DATASET = 3
     MODEL = 4
     OUT_OF_MEMORY = 5
+    #: The loss became NaN or infinite: the same data and settings would diverge again.
+    DIVERGED = 6
     #: SIGTERM (128 + 15): a checkpoint was written and the next pod resumes from it.
     PREEMPTED = 143
 
@@ -63,6 +65,7 @@ NON_RETRIABLE_EXIT_CODES: Final[tuple[int, ...]] = (
     ExitCode.DATASET,
     ExitCode.MODEL,
     ExitCode.OUT_OF_MEMORY,
+    ExitCode.DIVERGED,
 )
 
 # --- conditions --------------------------------------------------------------------------------
@@ -90,6 +93,7 @@ class Reason(enum.StrEnum):
     DATASET_ERROR = "DatasetError"
     MODEL_ERROR = "ModelError"
     OUT_OF_MEMORY = "OutOfMemory"
+    DIVERGED = "Diverged"
     PREEMPTED = "Preempted"
     # The operator's, before any pod runs.
     INVALID_SPEC = "InvalidSpec"
@@ -127,5 +131,6 @@ EXIT_CODE_REASONS: Final[dict[ExitCode, Reason]] = {
     ExitCode.DATASET: Reason.DATASET_ERROR,
     ExitCode.MODEL: Reason.MODEL_ERROR,
     ExitCode.OUT_OF_MEMORY: Reason.OUT_OF_MEMORY,
+    ExitCode.DIVERGED: Reason.DIVERGED,
     ExitCode.PREEMPTED: Reason.PREEMPTED,
 }

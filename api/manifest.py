@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from kubetune.api.documents import DocumentTooLarge, check_limits, load_yaml_documents
 from kubetune.api.errors import SpecError
 from kubetune.api.models import API_VERSION, KIND, FineTuneJob
 
@@ -73,14 +74,20 @@ def load_finetunejob(source: str | Path | dict[str, Any]) -> FineTuneJob:
     """Parse and default a FineTuneJob from a YAML file or a mapping; SpecError if invalid."""
     if isinstance(source, dict):
         data: Any = source
+        try:
+            check_limits(data, "the manifest")
+        except DocumentTooLarge as exc:
+            raise SpecError([str(exc)]) from exc
     else:
         path = Path(source)
         try:
-            documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+            documents = load_yaml_documents(path.read_text(), str(path))
         except OSError as exc:
             raise SpecError([f"cannot read {path}: {exc.strerror}"]) from exc
         except yaml.YAMLError as exc:
             raise SpecError([f"{path} is not valid YAML: {exc}"]) from exc
+        except DocumentTooLarge as exc:
+            raise SpecError([str(exc)]) from exc
         jobs = [d for d in documents if isinstance(d, dict) and d.get("kind") == KIND]
         if len(documents) == 1:
             jobs = documents  # one document: say what is wrong with it, its kind included

@@ -28,6 +28,7 @@ _PLURALS: Final = {
     "Role": "roles",
     "RoleBinding": "rolebindings",
     "Job": "jobs",
+    "NetworkPolicy": "networkpolicies",
 }
 _TIMEOUT: Final = 30.0
 

@@ -46,6 +46,7 @@ class ChildNames:
     service_account: str
     role: str
     role_binding: str
+    network_policy: str
 
 
 def short_name(name: str, limit: int = _LABEL_MAX) -> str:
@@ -66,6 +67,7 @@ def child_names(name: str) -> ChildNames:
         service_account=sa,
         role=sa,
         role_binding=sa,
+        network_policy=sa,
     )
 
 
@@ -181,7 +183,36 @@ def render(
         ],
     }
     job = render_job(spec, name, names, meta, settings)
-    return [config_map, service_account, role, role_binding, job]
+    children = [config_map, service_account, role, role_binding]
+    if settings.trainer_network_policy:
+        children.append(network_policy(name, names, meta, settings))
+    return [*children, job]
+
+
+def network_policy(name: str, names: ChildNames, meta: Any, settings: OperatorSettings) -> Manifest:
+    """No ingress; egress to DNS and the allowed CIDRs, less the excepted (metadata) addresses."""
+    egress: list[Manifest] = [
+        {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    ]
+    blocks = []
+    for cidr in settings.trainer_egress_cidrs:
+        family = ":" in cidr
+        excepted = [e for e in settings.trainer_egress_except if (":" in e) == family]
+        blocks.append({"ipBlock": {"cidr": cidr, **({"except": excepted} if excepted else {})}})
+    if blocks:
+        egress.append({"to": blocks})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": meta(names.network_policy),
+        "spec": {
+            "podSelector": {
+                "matchLabels": {JOB_LABEL: short_name(name), MANAGED_BY_LABEL: MANAGED_BY}
+            },
+            "policyTypes": ["Ingress", "Egress"],
+            "egress": egress,
+        },
+    }
 
 
 def render_job(

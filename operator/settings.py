@@ -81,6 +81,18 @@ class OperatorSettings(BaseSettings):
             "metadata.labels / metadata.annotations; empty refuses spec.podTemplate."
         ),
     )
+    trainer_network_policy: bool = Field(
+        default=True,
+        description="Give each trainer pod a NetworkPolicy: no ingress, egress to DNS and the CIDRs.",
+    )
+    trainer_egress_cidrs: CsvList = Field(
+        default_factory=lambda: ["0.0.0.0/0", "::/0"],
+        description="Where trainer pods may connect (besides DNS), comma-separated CIDRs.",
+    )
+    trainer_egress_except: CsvList = Field(
+        default_factory=lambda: ["169.254.169.254/32", "fd00:ec2::254/128"],
+        description="Addresses blocked within those CIDRs (default: cloud metadata endpoints).",
+    )
     trainer_command: str = Field(
         default=TRAINER_COMMAND,
         min_length=1,

@@ -137,3 +137,49 @@ def test_invalid_trainer_config_names_the_field(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"spec": {**MINIMAL["spec"], "lora": {"r": -1}}}))
     with pytest.raises(ConfigError, match=r"spec\.lora\.r"):
         load_trainer_config(path)
+
+
+# --- hostile documents -------------------------------------------------------------------------
+
+ALIAS_BOMB = """\
+apiVersion: kubetune.io/v1alpha1
+kind: FineTuneJob
+metadata: {name: bomb}
+a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]
+g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]
+spec:
+  model: {uri: org/model}
+  dataset: {uri: pvc://data/d.jsonl}
+  output: {uri: pvc://out/a}
+  podTemplate: {spec: {affinity: *g}}
+"""
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.yaml"
+    path.write_text(ALIAS_BOMB)
+    with pytest.raises(SpecError, match="more than 100000 values"):
+        load_finetunejob(path)
+
+
+def test_a_deeply_nested_manifest_is_refused(tmp_path: Path) -> None:
+    deep: dict[str, object] = {}
+    node = deep
+    for _ in range(100):
+        node["x"] = {}
+        node = node["x"]  # type: ignore[assignment]
+    manifest = {**MINIMAL, "spec": {**MINIMAL["spec"], "podTemplate": {"spec": deep}}}
+    with pytest.raises(SpecError, match="nested more than 64 levels"):
+        load_finetunejob(manifest)
+
+
+def test_a_trainer_config_alias_bomb_is_an_invalid_config(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(ALIAS_BOMB.replace("kind: FineTuneJob", "kind: TrainerConfig"))
+    with pytest.raises(ConfigError, match="more than 100000 values"):
+        load_trainer_config(path)

@@ -23,11 +23,12 @@ OPERATOR_ALLOW_LIST: dict[tuple[str, str], set[str]] = {
     ("kubetune.io", "finetunejobs/status"): {"get", "patch"},
     ("kubetune.io", "finetunejobs/finalizers"): {"update"},
     ("", "events"): {"create"},
-    ("", "configmaps"): {"get", "create"},
-    ("", "serviceaccounts"): {"get", "create"},
-    ("rbac.authorization.k8s.io", "roles"): {"get", "create"},
-    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create"},
-    ("batch", "jobs"): {"get", "list", "watch", "create", "patch"},
+    ("", "configmaps"): {"get", "create", "delete"},
+    ("", "serviceaccounts"): {"get", "create", "delete"},
+    ("rbac.authorization.k8s.io", "roles"): {"get", "create", "delete"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create", "delete"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "create", "delete"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods"): {"list", "watch"},
     ("", "persistentvolumeclaims"): {"get"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
@@ -195,7 +196,8 @@ def test_operator_holds_everything_the_per_job_role_grants(render: Render) -> No
     for child in children:
         group = child["apiVersion"].rpartition("/")[0]
         plural = {"ConfigMap": "configmaps", "ServiceAccount": "serviceaccounts", "Role": "roles",
-                  "RoleBinding": "rolebindings", "Job": "jobs"}[child["kind"]]  # fmt: skip
+                  "RoleBinding": "rolebindings", "Job": "jobs",
+                  "NetworkPolicy": "networkpolicies"}[child["kind"]]  # fmt: skip
         assert {(group, plural, "create"), (group, plural, "get")} <= held, child["kind"]
 
 

@@ -658,3 +658,195 @@ def test_unexpected_exit_is_retried_up_to_the_backoff_limit_then_fails(
     assert "exited with code 1" in condition(status, "Failed")["message"]
     assert status["attempts"] == 2
     assert len(pods_of(kubectl, namespace, "flaky")) == 2
+
+
+# --- a tenant who may only create FineTuneJobs ---------------------------------------------------
+
+TENANT = "tenant@example.com"
+TOKEN_VALUE = "hf_tenant-must-never-see-this-0123456789"
+
+
+class RecordingDatasetServer:
+    """An http server on loopback that serves one dataset file and records every request."""
+
+    def __init__(self, payload: bytes) -> None:
+        import http.server
+        import threading
+
+        self.requests: list[dict[str, Any]] = []
+        recorder = self.requests
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                recorder.append({"path": self.path, "headers": dict(self.headers.items())})
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *_: Any) -> None:
+                return
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def tenant(kubectl: Kubectl, namespace: str) -> str:
+    """A user whose only right in ``namespace`` is to create and read FineTuneJobs."""
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": "finetunejob-creator"},
+        "rules": [
+            {
+                "apiGroups": ["kubetune.io"],
+                "resources": ["finetunejobs"],
+                "verbs": ["create", "get", "list", "watch"],
+            }
+        ],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "finetunejob-creator"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                    "name": "finetunejob-creator"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": TENANT}],
+    }  # fmt: skip
+    apply(kubectl, namespace, role)
+    apply(kubectl, namespace, binding)
+    return TENANT
+
+
+def as_tenant(kubectl: Kubectl, *args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return kubectl("--as", TENANT, *args, **kwargs)
+
+
+def test_a_tenant_who_may_only_create_finetunejobs_gets_no_more_than_a_trainer_pod(
+    operator: OperatorProcess,
+    kubectl: Kubectl,
+    namespace: str,
+    tenant: str,
+    tiny_assets: Path,
+    trainer_status_policy: None,
+) -> None:
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf-token"},
+              "stringData": {"token": TOKEN_VALUE + "\n"}}  # fmt: skip
+    apply(kubectl, namespace, secret)
+    for verb, resource in (("get", "secrets"), ("create", "pods"), ("create", "jobs"),
+                           ("patch", "finetunejobs/status"), ("get", "pods/log")):  # fmt: skip
+        allowed = as_tenant(kubectl, "auth", "can-i", verb, resource, "-n", namespace, check=False)
+        assert allowed.stdout.strip() == "no", (verb, resource)
+
+    # A hostile spec: host access, another identity, its own command and image.
+    hostile = sleeper_spec(1)
+    hostile["image"] = "attacker.example/trainer:latest"
+    hostile["podTemplate"]["spec"].update(
+        hostPID=True,
+        hostNetwork=True,
+        nodeName="kubetune-test",
+        serviceAccountName="victim-trainer",
+        securityContext={"runAsUser": 0},
+        volumes=[{"name": "host", "hostPath": {"path": "/"}}],
+    )
+    hostile["podTemplate"]["spec"]["containers"][0].update(
+        command=["sh", "-c", "cat /var/run/secrets/kubernetes.io/serviceaccount/token"],
+        securityContext={"privileged": True},
+        volumeMounts=[{"name": "host", "mountPath": "/host"}],
+    )
+    as_tenant(kubectl, "apply", "-n", namespace, "-f", "-",
+              input=json.dumps(finetunejob("escape", hostile)))  # fmt: skip
+    status = wait_phase(kubectl, namespace, "escape", {"Failed"}, 60)
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "Denied"
+    for field in ("spec.image", "spec.podTemplate.spec.hostPID", "spec.podTemplate.spec.hostNetwork",
+                  "spec.podTemplate.spec.nodeName", "spec.podTemplate.spec.serviceAccountName",
+                  "spec.podTemplate.spec.securityContext", "spec.podTemplate.spec.volumes",
+                  "spec.podTemplate.spec.containers[0].command",
+                  "spec.podTemplate.spec.containers[0].securityContext"):  # fmt: skip
+        assert field in failed["message"], field
+    assert jobs_of(kubectl, namespace) == []
+    assert get_json(kubectl, "pods", "-n", namespace)["items"] == []
+
+    # A forged result: the tenant can't write status at all.
+    forged = as_tenant(kubectl, "patch", "ftj", "escape", "-n", namespace, "--subresource=status",
+                       "--type=merge", "-p", '{"status": {"phase": "Succeeded"}}', check=False)  # fmt: skip
+    assert forged.returncode != 0 and "forbidden" in forged.stderr.lower()
+
+    # A real run, reading a dataset from a host the tenant controls, with the hub token mounted.
+    volume = work_claim(kubectl, namespace)
+    shutil.copytree(tiny_assets / "model", volume / "model")
+    dataset = (tiny_assets / "data" / "reverse-prompt-completion.jsonl").read_bytes()
+    server = RecordingDatasetServer(dataset)
+    try:
+        spec = tiny_training_spec(f"{server.url}/train.jsonl?sig=tenant-chosen")
+        spec["model"]["tokenSecretRef"] = {"name": "hf-token", "key": "token"}
+        as_tenant(kubectl, "apply", "-n", namespace, "-f", "-",
+                  input=json.dumps(finetunejob("honest-run", spec)))  # fmt: skip
+        status = wait_phase(kubectl, namespace, "honest-run", {"Succeeded", "Failed"}, 600)
+    finally:
+        server.close()
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=2)
+    assert server.requests, "the dataset was never fetched from the tenant's host"
+    assert TOKEN_VALUE not in json.dumps(server.requests)
+    assert not any("authorization" in {h.lower() for h in r["headers"]} for r in server.requests)
+
+    (pod,) = pods_of(kubectl, namespace, "honest-run")
+    pod_spec = pod["spec"]
+    assert pod_spec["serviceAccountName"] == "honest-run-trainer"
+    assert not pod_spec.get("hostPID") and not pod_spec.get("hostNetwork")
+    assert all("hostPath" not in v for v in pod_spec["volumes"])
+    (trainer,) = pod_spec["containers"]
+    assert trainer["command"][0] == "kubetune-stand-in-trainer"
+    assert trainer["securityContext"]["allowPrivilegeEscalation"] is False
+
+    # The token is nowhere the tenant (or anyone reading status, events, logs, output) can read.
+    seen_by_tenant = as_tenant(kubectl, "get", "ftj", "-n", namespace, "-o", "json").stdout
+    events = kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+    logs = kubectl("logs", pod["metadata"]["name"], "-n", namespace).stdout
+    outputs = "".join(
+        p.read_text(errors="replace") for p in (volume / "adapter").rglob("*")
+        if p.is_file() and p.suffix in (".json", ".jsonl", ".md", ".txt", "")
+    )  # fmt: skip
+    for where, text in (("status", seen_by_tenant), ("events", events), ("logs", logs),
+                        ("output", outputs)):  # fmt: skip
+        assert TOKEN_VALUE not in text, where
+    # A query string may carry credentials (presigned URLs): it stays out of what kubetune writes.
+    assert "tenant-chosen" not in json.dumps(status["result"]) + outputs
+
+
+def test_a_job_named_like_someone_elses_job_fails_and_never_touches_it(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    foreign = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "taken"},
+        "spec": {
+            "suspend": True,
+            "template": {"spec": {"restartPolicy": "Never",
+                                  "containers": [{"name": "c", "command": ["true"], "image": "x"}]}},
+        },
+    }  # fmt: skip
+    apply(kubectl, namespace, foreign)
+    apply(kubectl, namespace, finetunejob("taken", sleeper_spec(1, runPolicy={"suspend": True})))
+    status = wait_phase(kubectl, namespace, "taken", {"Failed"}, 60)
+    assert condition(status, "Failed")["reason"] == "NameConflict"
+    assert "Job taken exists and is not owned" in condition(status, "Failed")["message"]
+
+    kubectl("patch", "ftj", "taken", "-n", namespace, "--type=merge",
+            "-p", '{"spec": {"runPolicy": {"suspend": false, "activeDeadlineSeconds": 5}}}')  # fmt: skip
+    time.sleep(5)  # what a wrongly acting operator would have done by now, it would have done
+    job = get_json(kubectl, "job", "taken", "-n", namespace)
+    assert job["spec"]["suspend"] is True
+    assert "activeDeadlineSeconds" not in job["spec"]
+    assert not job["metadata"].get("ownerReferences")
+    for kind in ("configmap", "serviceaccount", "role", "rolebinding", "networkpolicy"):
+        left = get_json(kubectl, kind, "-n", namespace, "-l", "kubetune.io/job=taken")["items"]
+        assert left == [], f"a {kind} of the refused job was left behind"

@@ -53,7 +53,24 @@ def trainer(objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def test_children_come_in_creation_order() -> None:
     kinds = [obj["kind"] for obj in render(spec_of(), METADATA, OperatorSettings())]
-    assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "Job"]
+    assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy", "Job"]
+    without = render(spec_of(), METADATA, OperatorSettings(trainer_network_policy=False))
+    assert "NetworkPolicy" not in [obj["kind"] for obj in without]
+
+
+def test_trainer_network_policy_allows_dns_and_egress_but_the_metadata_address() -> None:
+    policy = rendered()["NetworkPolicy"]
+    assert policy["spec"]["podSelector"]["matchLabels"]["kubetune.io/job"] == "llama2-support"
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert "ingress" not in policy["spec"]
+    dns, reach = policy["spec"]["egress"]
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert reach["to"] == [
+        {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32"]}},
+        {"ipBlock": {"cidr": "::/0", "except": ["fd00:ec2::254/128"]}},
+    ]
+    only_dns = rendered(trainer_egress_cidrs=[])["NetworkPolicy"]
+    assert only_dns["spec"]["egress"] == [dns]
 
 
 def test_every_child_is_owned_by_the_finetunejob_and_labelled() -> None:
@@ -237,7 +254,11 @@ def test_job_fails_fast_on_non_retriable_exit_codes_and_ignores_disruptions() ->
     assert job["podFailurePolicy"]["rules"] == [
         {
             "action": "FailJob",
-            "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 4, 5]},
+            "onExitCodes": {
+                "containerName": "trainer",
+                "operator": "In",
+                "values": [2, 3, 4, 5, 6],
+            },
         },
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
     ]

@@ -88,17 +88,21 @@ namespaces) or into one Role per watched namespace.
   resources: [events]
   verbs: [create]
 # Children of each FineTuneJob, created once (create; get when it exists already): the resolved
-# trainer config, the trainer's identity and its Role, and the trainer Job.
+# trainer config, the trainer's identity and its Role, the trainer's NetworkPolicy and the Job.
+# Deleted only when the API refused a later child of the same job (nothing half-made stays).
 - apiGroups: [""]
   resources: [configmaps, serviceaccounts]
-  verbs: [get, create]
+  verbs: [get, create, delete]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [get, create]
+  verbs: [get, create, delete]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, delete]
 # The Job is also watched for status, and patched to suspend/resume it or change its deadline.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, list, watch, create, patch, delete]
 # Pods of the Job: scheduling failures, exit codes, termination messages.
 - apiGroups: [""]
   resources: [pods]
@@ -150,6 +154,12 @@ namespaces) or into one Role per watched namespace.
   value: {{ join "," .Values.trainer.allowedImages | quote }}
 - name: KUBETUNE_ALLOWED_POD_TEMPLATE_FIELDS
   value: {{ join "," .Values.trainer.allowedPodTemplateFields | quote }}
+- name: KUBETUNE_TRAINER_NETWORK_POLICY
+  value: {{ .Values.trainer.networkPolicy.enabled | quote }}
+- name: KUBETUNE_TRAINER_EGRESS_CIDRS
+  value: {{ join "," .Values.trainer.networkPolicy.egressCIDRs | quote }}
+- name: KUBETUNE_TRAINER_EGRESS_EXCEPT
+  value: {{ join "," .Values.trainer.networkPolicy.egressExcept | quote }}
 {{- end }}
 
 {{/* A quoted integer, or "" for null (the operator then leaves the field unset). */}}
