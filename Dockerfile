@@ -2,21 +2,30 @@
 # kubetune's two images, from one source tree:
 #
 #   docker build --target operator -t kubetune/operator:0.1.0 .   # slim Python, kopf, no torch
-#   docker build --target trainer  -t kubetune/trainer:0.1.0  .   # CUDA runtime, torch, TRL, PEFT
+#   docker build --target trainer  -t kubetune/trainer:0.1.0  .   # slim Python, torch (its wheels
+#                                                                  # carry the CUDA libraries), TRL
 #
-# Base images are pinned by tag here. For reproducible production builds pin them by digest too,
-# e.g. --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest> (docs/install.md shows
-# how to look the digest up). tests/chart/test_dockerfile.py parses this file and runs the same
-# `pip install .[operator]` / `.[trainer]` in a clean virtual environment.
+# Both install exactly what uv.lock pins (`uv sync --locked`: the build fails if pyproject.toml and
+# the lock disagree). The trainer needs no CUDA base image: torch's Linux wheels bring the CUDA
+# runtime, cuBLAS, cuDNN and NCCL as Python packages; the node brings only the NVIDIA driver
+# (minimum version in docs/install.md). Base images are pinned by tag; pin them by digest for
+# production builds: --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest>.
+#
+# Behind a TLS-intercepting proxy, pass its CA bundle as a build secret; it is mounted only into
+# the steps that download and never lands in a layer:
+#   docker build --secret id=ca-bundle,src=/etc/ssl/certs/ca-certificates.crt ...
+# `make images` (hack/images/build.sh) builds both targets with buildah, daemonless.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+ARG UV_VERSION=0.13.9
 
 # ---------------------------------------------------------------------------------------------
 # The source: only what the distribution is built from (.dockerignore keeps the rest out).
 FROM ${PYTHON_IMAGE} AS source
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml uv.lock README.md ./
+# The lock covers the workspace; uv checks it against every member's pyproject.toml.
+COPY hack/devtools/pyproject.toml hack/devtools/
 COPY api/ api/
 COPY operator/ operator/
 COPY trainer/ trainer/
@@ -24,11 +33,28 @@ COPY cli/ cli/
 COPY local/ local/
 
 # ---------------------------------------------------------------------------------------------
+# uv, pinned, in a virtual environment of its own (the base's Python may be externally managed).
+FROM ${PYTHON_IMAGE} AS uv
+ARG UV_VERSION
+RUN --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
+ && python3 -m venv /opt/uv \
+ && /opt/uv/bin/pip install --no-cache-dir --disable-pip-version-check "uv==${UV_VERSION}"
+ENV UV_PROJECT_ENVIRONMENT=/opt/kubetune \
+    UV_PYTHON_DOWNLOADS=never \
+    UV_LINK_MODE=copy \
+    UV_NO_PROGRESS=1
+
+# ---------------------------------------------------------------------------------------------
 # Operator: kopf + kubernetes client in a virtual environment, copied into a clean slim image.
-FROM ${PYTHON_IMAGE} AS operator-build
-RUN python -m venv /opt/kubetune
+FROM uv AS operator-build
 COPY --from=source /src /src
-RUN /opt/kubetune/bin/pip install --no-cache-dir "/src[operator]"
+WORKDIR /src
+RUN --mount=type=cache,id=kubetune-uv,target=/root/.cache/uv,sharing=locked \
+    --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export SSL_CERT_FILE=/run/secrets/ca-bundle; fi \
+ && /opt/uv/bin/uv sync --locked --no-dev --no-editable --compile-bytecode --extra operator \
+ && /opt/kubetune/bin/python -P -c "import importlib.metadata as m; print('kubetune-operator', m.version('kubetune'))" > /opt/kubetune/IMAGE-VERSION
 
 FROM ${PYTHON_IMAGE} AS operator
 LABEL org.opencontainers.image.title="kubetune-operator" \
@@ -47,29 +73,26 @@ EXPOSE 8080
 ENTRYPOINT ["kubetune-operator"]
 
 # ---------------------------------------------------------------------------------------------
-# Trainer: CUDA runtime base (its Python is 3.12), torch + the trainer extra in a venv.
-FROM ${CUDA_IMAGE} AS trainer-base
-ENV DEBIAN_FRONTEND=noninteractive
-RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
- && rm -rf /var/lib/apt/lists/*
-
-FROM trainer-base AS trainer-build
-RUN python3 -m venv /opt/kubetune
+# Trainer: torch + the trainer extra in a virtual environment on the same slim Python.
+FROM uv AS trainer-build
 COPY --from=source /src /src
-RUN /opt/kubetune/bin/pip install --no-cache-dir "/src[trainer]"
+WORKDIR /src
+RUN --mount=type=cache,id=kubetune-uv,target=/root/.cache/uv,sharing=locked \
+    --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export SSL_CERT_FILE=/run/secrets/ca-bundle; fi \
+ && /opt/uv/bin/uv sync --locked --no-dev --no-editable --extra trainer \
+ && /opt/kubetune/bin/python -P -c "import importlib.metadata as m; print('kubetune-trainer', m.version('kubetune'))" > /opt/kubetune/IMAGE-VERSION
 
-FROM trainer-base AS trainer
+FROM ${PYTHON_IMAGE} AS trainer
 LABEL org.opencontainers.image.title="kubetune-trainer" \
       org.opencontainers.image.description="kubetune's QLoRA SFT trainer (TRL, PEFT, bitsandbytes)" \
       org.opencontainers.image.licenses="Apache-2.0"
-# uid/gid 1000 is what the operator sets as runAsUser/fsGroup; the base image's own uid-1000
-# user ("ubuntu") gives way to ours.
-RUN (userdel --remove ubuntu 2>/dev/null || true) \
- && groupadd --gid 1000 kubetune \
+# uid/gid 1000 is what the operator sets as runAsUser/fsGroup.
+RUN groupadd --gid 1000 kubetune \
  && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/kubetune kubetune
 COPY --from=trainer-build /opt/kubetune /opt/kubetune
 ENV PATH=/opt/kubetune/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/home/kubetune/.cache/huggingface
 USER 1000:1000

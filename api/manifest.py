@@ -47,12 +47,16 @@ def _model_at(root: type[BaseModel], loc: tuple[int | str, ...]) -> type[BaseMod
     return model
 
 
-def format_validation_error(exc: ValidationError, root: type[BaseModel]) -> list[str]:
-    """One ``field.path: what is wrong (what is allowed)`` line per problem."""
+def format_validation_error(
+    exc: ValidationError, root: type[BaseModel], prefix: str = ""
+) -> list[str]:
+    """One ``field.path: what is wrong (what is allowed)`` line per problem; ``prefix`` (e.g.
+    ``spec``) is where ``root`` sits in the manifest, so paths read as in `kubectl explain`."""
     lines: list[str] = []
     for error in exc.errors():
         loc = tuple(error["loc"])
-        path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in loc)
+        parts = (prefix, *loc) if prefix else loc
+        path = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in parts)
         path = path.replace(".[", "[")
         kind = error["type"]
         message = str(error["msg"])

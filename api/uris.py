@@ -79,6 +79,10 @@ def parse_uri(value: str, allowed: Iterable[str], what: str) -> ParsedUri:
         )
     if scheme in ("http", "https"):
         parsed = urllib.parse.urlsplit(value)
+        try:
+            parsed.port  # noqa: B018 -- urllib checks the port when it is read
+        except ValueError:
+            raise ValueError(f"{what} URI has an invalid port") from None
         if not parsed.hostname:
             raise ValueError(f"{what} URI {display_uri(value)!r} has no host")
         _check_segments(parsed.path.lstrip("/"), what, value)
@@ -114,8 +118,12 @@ def display_uri(uri: str) -> str:
         return uri
     parts = urllib.parse.urlsplit(uri)
     host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    try:
+        port = parts.port
+    except ValueError:
+        port = None  # an invalid port is no secret, but no number either: left out
+    if port is not None:
+        host = f"{host}:{port}"
     if scheme == "pvc" or scheme in ("s3", "gs", "hf"):
         # Bucket, claim and repo names are the "host" here; keep their case as written.
         netloc = parts.netloc.rpartition("@")[2]

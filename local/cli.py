@@ -18,13 +18,27 @@ def _cluster(args: argparse.Namespace) -> LocalCluster:
     return LocalCluster(args.home)
 
 
+def _host_images(args: argparse.Namespace) -> tuple[str, ...]:
+    """The node's host images: those given, '*' (the demo's fast mode) when none are, none at
+    all with --images-only."""
+    if args.images_only:
+        return ()
+    return tuple(args.host_image) if args.host_image else ("*",)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
     was_running = cluster.ready() if cluster.layout.cluster_file.exists() else False
     started = time.monotonic()
     try:
         info = cluster.up(
-            NodeOptions(name=args.node_name, gpus=args.gpus, labels=args.label, taints=args.taint)
+            NodeOptions(
+                name=args.node_name,
+                gpus=args.gpus,
+                labels=args.label,
+                taints=args.taint,
+                host_images=_host_images(args),
+            )
         )
     except (ClusterError, BinariesError) as error:
         print(f"kubetune local up: {error}", file=sys.stderr)
@@ -32,6 +46,16 @@ def cmd_up(args: argparse.Namespace) -> int:
     verb = "already running" if was_running else f"started in {time.monotonic() - started:.1f}s"
     kubeconfig = cluster.layout.kubeconfig
     print(f"local cluster {verb}: {info.server} (state in {info.home})")
+    hosted = _host_images(args)
+    if not was_running:
+        print(
+            "pods run from the image store (make images)"
+            + (
+                f", except images matching {', '.join(hosted)}: on this host's Python"
+                if hosted
+                else ""
+            )
+        )
     print("use it with:")
     print(f"  export KUBECONFIG={kubeconfig}")
     print(f"  export PATH={info.bin_dir}:$PATH   # the matching kubectl")
@@ -99,6 +123,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         default=[],
         metavar="KEY[=VALUE]:EFFECT",
         help="node taint (repeatable)",
+    )
+    up.add_argument(
+        "--host-image",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="images whose containers run on this host's Python and PATH instead of in the "
+        "image (shell-style, repeatable; default '*': every image, the fast mode)",
+    )
+    up.add_argument(
+        "--images-only",
+        action="store_true",
+        help="run every container in its image from the image store (make images)",
     )
     up.set_defaults(func=cmd_up)
     down = commands.add_parser("down", help="stop the cluster")

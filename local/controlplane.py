@@ -41,6 +41,8 @@ class NodeOptions:
     gpus: int = 1
     labels: Sequence[str] = ()  # key=value
     taints: Sequence[str] = ()  # key=value:Effect
+    # Images run on the host, not from the image store (docs/local-cluster.md).
+    host_images: Sequence[str] = ()
 
 
 class LocalCluster:
@@ -139,6 +141,8 @@ class LocalCluster:
             argv += ["--label", label]
         for taint in node.taints:
             argv += ["--taint", taint]
+        for pattern in node.host_images:
+            argv += ["--host-image", pattern]
         return self._start_python(f"node-agent-{node.name}", "kubetune.local.node_agent", *argv)
 
     # -- readiness ------------------------------------------------------------

@@ -21,6 +21,7 @@ from pathlib import Path
 from kubetune.local.certs import Pki
 from kubetune.local.cluster_info import ClusterInfo
 from kubetune.local.gpus import GPU_RESOURCE, GpuAllocator
+from kubetune.local.images import ImageStore, default_store
 from kubetune.local.layout import Layout, default_home
 from kubetune.local.log_server import LogServer
 from kubetune.local.node_config import NodeConfig, parse_taint
@@ -36,19 +37,23 @@ HOST_IP = "127.0.0.1"
 DEFAULT_PASS_ENV = ("LANG", "LC_ALL", "TZ", "TMPDIR", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE")
 
 
-def pod_base_env(apiserver_port: int, pass_env: Sequence[str] = ()) -> dict[str, str]:
-    """The environment every pod starts from: this Python's bin first on PATH, the in-cluster
-    apiserver address, and the host variables the node passes through."""
-    # The venv's bin first, so `kubetune-trainer` and this Python are what pods find.
-    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+def service_env(apiserver_port: int) -> dict[str, str]:
+    """The in-cluster apiserver address, as every container gets it (image or host)."""
     port = str(apiserver_port)
-    env = {
-        "PATH": path,
+    return {
         "KUBERNETES_SERVICE_HOST": HOST_IP,
         "KUBERNETES_SERVICE_PORT": port,
         "KUBERNETES_SERVICE_PORT_HTTPS": port,
         "KUBERNETES_PORT": f"tcp://{HOST_IP}:{port}",
     }
+
+
+def pod_base_env(apiserver_port: int, pass_env: Sequence[str] = ()) -> dict[str, str]:
+    """The environment a host-image container starts from: this Python's bin first on PATH, the
+    in-cluster apiserver address, and the host variables the node passes through."""
+    # The venv's bin first, so `kubetune-trainer` and this Python are what pods find.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {"PATH": path, **service_env(apiserver_port)}
     for name in (*DEFAULT_PASS_ENV, *pass_env):
         if name in os.environ:
             env[name] = os.environ[name]
@@ -79,6 +84,8 @@ class NodeAgent:
             memory_dir=self.memory_dir,
             gpus=GpuAllocator(config.gpus),
             base_env=lambda: pod_base_env(self.info.apiserver_port, config.pass_env),
+            images=ImageStore(config.image_store or default_store(), config.host_images),
+            image_env=lambda: service_env(self.info.apiserver_port),
         )
         self.log_server = LogServer(
             HOST_IP,
@@ -137,6 +144,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="NAME",
         help="host environment variable pods inherit (repeatable)",
     )
+    parser.add_argument(
+        "--host-image",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="images (shell-style patterns, '*' for all) whose containers run on the host's "
+        "Python and PATH instead of in the image (the fast mode; repeatable)",
+    )
+    parser.add_argument(
+        "--image-store", type=Path, default=None, help="unpacked images (default: make images')"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     pass_env = [
@@ -151,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         labels=dict(label.split("=", 1) for label in args.label),
         taints=[parse_taint(t) for t in args.taint],
         pass_env=pass_env,
+        host_images=args.host_image,
+        image_store=args.image_store,
     )
     agent = NodeAgent(args.home.resolve(), config)
 

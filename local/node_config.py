@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kubetune.local.rest import JSON
 
@@ -19,6 +20,9 @@ class NodeConfig:
     labels: dict[str, str] = field(default_factory=dict)
     taints: list[JSON] = field(default_factory=list)
     pass_env: Sequence[str] = ()
+    # Images run on the host's Python and PATH instead of from the image store (fast mode).
+    host_images: Sequence[str] = ()
+    image_store: Path | None = None  # None: images.default_store()
 
 
 def parse_taint(text: str) -> JSON:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from kubetune.local.gpus import GpuAllocator, gpu_device_paths
+from kubetune.local.images import ImageStore
 from kubetune.local.pod_worker import NodeContext, PodWorker
 from kubetune.local.rest import JSON, STRATEGIC_MERGE_PATCH, ApiError, Rest, path_for
 
@@ -31,6 +32,8 @@ class PodDispatcher:
         memory_dir: Path,
         gpus: GpuAllocator,
         base_env: Callable[[], Mapping[str, str]],
+        images: ImageStore,
+        image_env: Callable[[], Mapping[str, str]],
     ) -> None:
         self.rest = rest
         self.node_name = node_name
@@ -39,6 +42,8 @@ class PodDispatcher:
         self.memory_dir = memory_dir
         self.gpus = gpus
         self.base_env = base_env
+        self.images = images
+        self.image_env = image_env
         self.workers: dict[str, PodWorker] = {}  # by pod uid
         self._by_name: dict[tuple[str, str], PodWorker] = {}
         self._lock = threading.Lock()
@@ -57,6 +62,8 @@ class PodDispatcher:
             pods_dir=self.pods_dir,
             base_env=self.base_env(),
             memory_dir=self.memory_dir,
+            images=self.images,
+            image_env=self.image_env(),
             device_paths=gpu_device_paths(),
         )
         worker = PodWorker(self.rest, context, pod, env_extra, on_finished=self._finished)

@@ -7,6 +7,7 @@ apiserver as a kubelet reports it (see pod_status).
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import threading
 from collections.abc import Callable, Mapping
@@ -15,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.timestamps import rfc3339
-from kubetune.local.container_env import EnvResolver, command_line
+from kubetune.local.container_env import EnvResolver, command_line, expand
+from kubetune.local.images import Image, ImageStore, home_of, image_argv, image_user
 from kubetune.local.pod_status import (
     ContainerRecord,
     PodStatus,
@@ -24,7 +26,7 @@ from kubetune.local.pod_status import (
 )
 from kubetune.local.process_group import terminate_group
 from kubetune.local.rest import JSON, STRATEGIC_MERGE_PATCH, ApiError, Rest, path_for
-from kubetune.local.sandbox import sandbox_argv
+from kubetune.local.sandbox import image_sandbox_argv, sandbox_argv
 from kubetune.local.volumes import HostVolume, VolumeBuilder, VolumeNotReady
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,8 @@ class NodeContext:
     pods_dir: Path
     base_env: Mapping[str, str]
     memory_dir: Path  # on a host tmpfs, for emptyDir volumes with medium Memory
+    images: ImageStore
+    image_env: Mapping[str, str]  # what a container of an image gets from the node (no host PATH)
     device_paths: tuple[str, ...] = ()
 
 
@@ -229,17 +233,74 @@ class PodWorker(threading.Thread):
                 return False
             backoff = min(backoff * 2, MAX_RESTART_BACKOFF)
 
+    def _image(self, record: ContainerRecord) -> Image | bool | None:
+        """The container's image from the store; True for a host image; None when stopped.
+
+        An image that isn't present waits as a kubelet's does (it can't be pulled here):
+        ``ErrImageNeverPull`` under ``imagePullPolicy: Never``, otherwise ``ErrImagePull``, then
+        ``ImagePullBackOff``; the node looks again with a growing back-off.
+        """
+        reference = str(record.spec.get("image", ""))
+        if self.node.images.runs_on_host(reference):
+            return True
+        never = record.spec.get("imagePullPolicy") == "Never"
+        delay, attempts = 1.0, 0
+        while not self._stop_requested.is_set():
+            image = self.node.images.find(reference)
+            if image is not None:
+                record.status["image"] = image.reference
+                record.status["imageID"] = image.image_id
+                return image
+            if never:
+                reason = "ErrImageNeverPull"
+                message = f'Container image "{reference}" is not present with pull policy of Never'
+            else:
+                reason = "ErrImagePull" if attempts == 0 else "ImagePullBackOff"
+                message = (
+                    f'Back-off pulling image "{reference}": the local node pulls no images; '
+                    "build it into its image store (make images)"
+                )
+            attempts += 1
+            with self._lock:
+                state = (record.status.get("state") or {}).get("waiting") or {}
+                if state.get("reason") != reason:
+                    record.status["state"] = container_state(
+                        "waiting", reason=reason, message=message
+                    )
+                    self._publish()
+            self._stop_requested.wait(delay)
+            delay = min(delay * 2, 10.0)
+        return None
+
     def _run_container(
         self, record: ContainerRecord, volumes: dict[str, HostVolume], env_resolver: EnvResolver
     ) -> int | None:
         spec = record.spec
-        environment = self._retry_until_ready(
-            lambda: env_resolver.resolve(
-                spec, {**self.node.base_env, **self.env_extra, "HOSTNAME": self.pod_name}
-            ),
-            "CreateContainerConfigError",
-            record,
-        )
+        image = self._image(record)
+        if image is None:
+            return None
+        if isinstance(image, Image):
+            environment = self._retry_until_ready(
+                lambda: env_resolver.resolve(
+                    spec,
+                    {
+                        **dict(image.config.env),
+                        **self.node.image_env,
+                        **self.env_extra,
+                        "HOSTNAME": self.pod_name,
+                    },
+                ),
+                "CreateContainerConfigError",
+                record,
+            )
+        else:
+            environment = self._retry_until_ready(
+                lambda: env_resolver.resolve(
+                    spec, {**self.node.base_env, **self.env_extra, "HOSTNAME": self.pod_name}
+                ),
+                "CreateContainerConfigError",
+                record,
+            )
         if environment is None:
             return None
         container_dir = self.pod_dir / "containers" / record.name
@@ -247,14 +308,25 @@ class PodWorker(threading.Thread):
         log_path = container_dir / f"{record.restart_count}.log"
         termination_file = container_dir / f"{record.restart_count}.termination-log"
         termination_file.write_bytes(b"")
-        home = self.pod_dir / "home"
-        home.mkdir(exist_ok=True)
-        environment.setdefault("HOME", str(home))
+        layer_dir = container_dir / f"{record.restart_count}.layer"
         started = rfc3339()
         try:
-            argv = sandbox_argv(
-                spec, volumes, termination_file, self.node.device_paths
-            ) + command_line(spec, environment)
+            if isinstance(image, Image):
+                argv = self._image_argv(
+                    spec,
+                    image=image,
+                    layer_dir=layer_dir,
+                    volumes=volumes,
+                    termination_file=termination_file,
+                    environment=environment,
+                )
+            else:
+                home = self.pod_dir / "home"
+                home.mkdir(exist_ok=True)
+                environment.setdefault("HOME", str(home))
+                argv = sandbox_argv(
+                    spec, volumes, termination_file, self.node.device_paths
+                ) + command_line(spec, environment)
         except (ValueError, KeyError) as error:
             with self._lock:
                 record.status["state"] = container_state(
@@ -288,6 +360,7 @@ class PodWorker(threading.Thread):
             self._publish()
 
         exit_code = self._wait(record.process)
+        shutil.rmtree(layer_dir, ignore_errors=True)
         record.status["started"] = False
         message = termination_message(spec, termination_file, log_path, exit_code)
         reason = "Completed" if exit_code == 0 else "Error"
@@ -304,6 +377,45 @@ class PodWorker(threading.Thread):
             record.status["state"] = container_state("terminated", **terminated)
             self._publish()
         return exit_code
+
+    def _image_argv(
+        self,
+        spec: JSON,
+        *,
+        image: Image,
+        layer_dir: Path,
+        volumes: dict[str, HostVolume],
+        termination_file: Path,
+        environment: dict[str, str],
+    ) -> list[str]:
+        """bwrap in the image's root with its ENTRYPOINT/CMD/WORKDIR/USER under the pod's
+        overrides; ``environment`` gets the image user's HOME. ValueError: can't be started."""
+        security = self.pod["spec"].get("securityContext") or {}
+        uid, gid = image_user(spec, security, image)
+        non_root = (spec.get("securityContext") or {}).get(
+            "runAsNonRoot", security.get("runAsNonRoot")
+        )
+        if non_root and uid == 0:
+            raise ValueError("container has runAsNonRoot and image will run as root")
+        process = [expand(part, environment) for part in image_argv(spec, image.config)]
+        if not process:
+            raise ValueError(f"no command specified: image {image.reference} has no ENTRYPOINT")
+        environment.setdefault("HOME", home_of(uid, image.rootfs))
+        working_dir = spec.get("workingDir") or image.config.working_dir or "/"
+        return (
+            image_sandbox_argv(
+                spec,
+                image,
+                layer_dir,
+                volumes,
+                termination_file,
+                uid=uid,
+                gid=gid,
+                working_dir=working_dir,
+                device_paths=self.node.device_paths,
+            )
+            + process
+        )
 
     def _wait(self, process: subprocess.Popen[bytes]) -> int:
         while True:

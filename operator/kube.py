@@ -14,6 +14,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
+from kubetune.operator.metrics import API_ERRORS, API_REQUESTS
 
 Obj = dict[str, Any]
 
@@ -71,14 +72,22 @@ class Kube:
             url += "?" + urlencode(query)
         headers = {"Accept": "application/json", "Content-Type": content_type}
         headers.update(self._auth_headers())
-        response = self.api.rest_client.request(
-            method,
-            url,
-            headers=headers,
-            body=body,
-            _request_timeout=_TIMEOUT,
-        )
+        try:
+            response = self.api.rest_client.request(
+                method,
+                url,
+                headers=headers,
+                body=body,
+                _request_timeout=_TIMEOUT,
+            )
+        except Exception:
+            API_REQUESTS.labels(method, "0").inc()
+            API_ERRORS.labels(method, "0").inc()
+            raise
         response.read()
+        API_REQUESTS.labels(method, str(response.status)).inc()
+        if response.status >= 400:
+            API_ERRORS.labels(method, str(response.status)).inc()
         text = response.data.decode() if response.data else ""
         if not 200 <= response.status < 300:
             raise ApiException.from_response(http_resp=response, body=text, data=None)

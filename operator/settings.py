@@ -83,7 +83,9 @@ class OperatorSettings(BaseSettings):
     )
     trainer_network_policy: bool = Field(
         default=True,
-        description="Give each trainer pod a NetworkPolicy: no ingress, egress to DNS and the CIDRs.",
+        description=(
+            "Give each trainer pod a NetworkPolicy: no ingress, egress to DNS and the CIDRs."
+        ),
     )
     trainer_egress_cidrs: CsvList = Field(
         default_factory=lambda: ["0.0.0.0/0", "::/0"],
@@ -133,6 +135,31 @@ class OperatorSettings(BaseSettings):
     )
     reference_recheck_seconds: float = Field(
         default=15.0, gt=0, description="How soon missing PVCs are looked for again."
+    )
+    metrics_port: OptionalInt = Field(
+        default=9090, ge=1, le=65535, description="Port of the Prometheus /metrics; empty: none."
+    )
+    leader_election: bool = Field(
+        default=True,
+        description="Act only while holding the Lease (run two replicas, one acts at a time).",
+    )
+    lease_name: str = Field(default="kubetune-operator", min_length=1, description="The Lease.")
+    lease_namespace: OptionalStr = Field(
+        default=None,
+        description="The Lease's namespace; empty: the operator pod's own (POD_NAMESPACE), "
+        "else default.",
+    )
+    lease_duration_seconds: int = Field(
+        default=10,
+        ge=2,
+        description="A Lease not renewed for this long is taken over (the takeover time).",
+    )
+    lease_renew_seconds: float = Field(
+        default=2.0, gt=0, description="How often the holder renews (and others look)."
+    )
+    identity: OptionalStr = Field(
+        default=None,
+        description="This replica's name in the Lease; empty: the pod's name (POD_NAME) or host.",
     )
 
     @field_validator("allowed_pod_template_fields")

@@ -152,7 +152,9 @@ def _pending_problem(pods: Sequence[Obj]) -> tuple[str, str] | None:
         reason = _WAITING_PROBLEMS.get(str(waiting.get("reason")))
         if reason is not None:
             message = str(waiting.get("message") or waiting.get("reason"))
-            if reason == Reason.CREATE_CONTAINER_CONFIG_ERROR and "not found" in message:
+            if reason == Reason.CREATE_CONTAINER_CONFIG_ERROR and (
+                "not found" in message or "couldn't find key" in message
+            ):
                 # A Secret (or its key) the spec names is missing: the kubelet retries, and the
                 # pod starts once it exists.
                 return Reason.MISSING_REFERENCE, message
@@ -222,7 +224,12 @@ def _outcome(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> tuple[Outcome, O
             Outcome("Pending", Reason.RETRYING, f"attempt {len(failed_pods)} failed ({reason})"),
             None,
         )
-    if any(p.get("status", {}).get("phase") == "Succeeded" for p in pods):
+    if any(
+        p.get("status", {}).get("phase") == "Succeeded"
+        or ((_trainer_status(p) or {}).get("state", {}).get("terminated") or {}).get("exitCode")
+        == 0
+        for p in pods
+    ):
         # The trainer is done but the Job controller hasn't marked the Job Complete yet: still
         # Running, not back to Pending (that flap would post two misleading events).
         return Outcome(

@@ -71,6 +71,9 @@ def sft_arguments(
         "completion_only_loss": masking.completion_only,
         "assistant_only_loss": masking.assistant_only,
         "logging_steps": training.logging_steps,
+        # The Trainer would log a NaN or inf step loss as the interval's average so far, hiding
+        # the divergence that the recipe stops the run for.
+        "logging_nan_inf_filter": False,
         "logging_first_step": True,
         "save_strategy": "steps",
         "save_steps": every,

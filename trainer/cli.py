@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run one QLoRA SFT training from a resolved trainer config (the ConfigMap the "
             "kubetune operator writes). Exit codes: 0 succeeded, 2 invalid config, 3 dataset "
-            "unusable, 4 model unusable, 5 out of GPU memory, 1 unexpected."
+            "unusable, 4 model unusable, 5 out of GPU memory, 6 diverged (NaN or inf loss), "
+            "143 preempted (a checkpoint was saved), 1 unexpected."
         ),
     )
     parser.add_argument("--config", required=True, help="path of the TrainerConfig YAML")

@@ -10,12 +10,13 @@ the column.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kubetune.api.models import DatasetSpec
-from kubetune.trainer.data_sources import read_splits
+from kubetune.api.uris import display_uri
+from kubetune.trainer.data_sources import RecordOrigins, read_splits
 from kubetune.trainer.errors import DatasetUnusable, InvalidConfig
 
 if TYPE_CHECKING:
@@ -112,14 +113,59 @@ def _require_columns(dataset: Dataset, fmt: str) -> None:
         )
 
 
-def _require_strings(dataset: Dataset, columns: Iterable[str], fmt: str) -> None:
-    for column in columns:
-        feature = dataset.features[column]
-        dtype = getattr(feature, "dtype", None)
-        if dtype not in ("string", "large_string"):
-            raise DatasetUnusable(
-                f"dataset column {column!r} must hold text for format {fmt}, not {feature}"
-            )
+def _check_text(
+    dataset: Dataset,
+    columns: Iterable[str],
+    fmt: str,
+    spec: DatasetSpec,
+    origins: RecordOrigins,
+    *,
+    optional: Iterable[str] = (),
+) -> None:
+    """Every value of ``columns`` is text (and of ``optional`` ones, text or null); the first
+    that isn't is named by file and line."""
+    nullable = set(optional)
+    for column in [*columns, *nullable]:
+        if _all_text(dataset, column, allow_null=column in nullable):
+            continue
+        for index, value in enumerate(_values(dataset, column)):
+            if not isinstance(value, str) and not (value is None and column in nullable):
+                raise DatasetUnusable(
+                    f"{origins.where(index)}: {_column_name(column, spec)} is "
+                    f"{_describe(value)}; format {fmt} needs text there"
+                )
+
+
+def _all_text(dataset: Dataset, column: str, allow_null: bool) -> bool:
+    """The cheap answer from arrow: a string column with no null (or nulls allowed)."""
+    feature = dataset.features[column]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        return False
+    return allow_null or dataset.data.column(column).null_count == 0
+
+
+def _values(dataset: Dataset, column: str, batch_size: int = 1000) -> Iterator[Any]:
+    for batch in dataset.select_columns([column]).iter(batch_size=batch_size):
+        yield from batch[column]
+
+
+def _column_name(column: str, spec: DatasetSpec) -> str:
+    mapped = getattr(spec.columns, column, None)
+    return f"{mapped!r} (dataset.columns.{column})" if mapped else repr(column)
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"{str(value).lower()} (a boolean)"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
 
 
 def _split_last_assistant_turn(row: dict[str, Any]) -> dict[str, Any]:
@@ -128,20 +174,27 @@ def _split_last_assistant_turn(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def shape_for_trl(
-    dataset: Dataset, fmt: str, spec: DatasetSpec, chat_template: str | None
+    dataset: Dataset,
+    fmt: str,
+    spec: DatasetSpec,
+    chat_template: str | None,
+    origins: RecordOrigins | None = None,
 ) -> tuple[Dataset, bool, bool]:
-    """(dataset, assistant_only_loss, completion_only_loss) for a dataset in canonical columns."""
+    """(dataset, assistant_only_loss, completion_only_loss) for a dataset in canonical columns;
+    a record that can't be trained on is a DatasetUnusable naming its file and line."""
+    origins = origins or RecordOrigins(spec.split)
     _require_columns(dataset, fmt)
     if fmt == "text":
-        _require_strings(dataset, ["text"], fmt)
+        _check_text(dataset, ["text"], fmt, spec, origins)
         return dataset.select_columns(["text"]), False, False
     if fmt == "prompt-completion":
-        _require_strings(dataset, ["prompt", "completion"], fmt)
+        _check_text(dataset, ["prompt", "completion"], fmt, spec, origins)
         shaped = dataset.select_columns(["prompt", "completion"])
         return shaped, False, spec.completion_only_loss
     if fmt == "alpaca":
         has_input = "input" in dataset.column_names
-        _require_strings(dataset, ["instruction", "output"] + (["input"] if has_input else []), fmt)
+        optional = ["input"] if has_input else []
+        _check_text(dataset, ["instruction", "output"], fmt, spec, origins, optional=optional)
 
         def to_prompt_completion(row: dict[str, Any]) -> dict[str, str]:
             prompt = alpaca_prompt(row["instruction"], row.get("input") if has_input else None)
@@ -155,7 +208,7 @@ def shape_for_trl(
             "dataset format messages needs a chat template: the tokenizer has none; set "
             "dataset.chatTemplate"
         )
-    _check_messages(dataset)
+    _check_messages(dataset, spec, origins)
     messages = dataset.select_columns(["messages"])
     if not spec.completion_only_loss:
         return messages, False, False
@@ -167,23 +220,32 @@ def shape_for_trl(
     return shaped, False, True
 
 
-def _check_messages(dataset: Dataset) -> None:
-    for index, row in enumerate(dataset.select(range(min(len(dataset), 1000)))):
-        messages = row["messages"]
-        ok = (
-            isinstance(messages, list)
-            and messages
-            and all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
-        )
-        if not ok:
+def _check_messages(dataset: Dataset, spec: DatasetSpec, origins: RecordOrigins) -> None:
+    """Every record: a non-empty list of {role, content} with text in both, the assistant's
+    last. The first record that breaks this is named by file and line."""
+    column = _column_name("messages", spec)
+    for index, messages in enumerate(_values(dataset, "messages")):
+        where = origins.where(index)
+        if not isinstance(messages, list) or not messages:
             raise DatasetUnusable(
-                f"dataset record {index + 1}: messages must be a non-empty list of "
+                f"{where}: {column} is {_describe(messages)}; it must be a non-empty list of "
                 "{role, content} objects"
             )
+        for number, message in enumerate(messages, start=1):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise DatasetUnusable(
+                    f"{where}: message {number} of {column} is not a {{role, content}} object"
+                )
+            for key in ("role", "content"):
+                if not isinstance(message[key], str):
+                    raise DatasetUnusable(
+                        f"{where}: the {key} of message {number} of {column} is "
+                        f"{_describe(message[key])}; it must be text"
+                    )
         if messages[-1]["role"] != "assistant":
             raise DatasetUnusable(
-                f"dataset record {index + 1}: the last message must be the assistant's "
-                f"(it is {messages[-1]['role']!r}), or there is nothing to learn"
+                f"{where}: the last message must be the assistant's (it is "
+                f"{messages[-1]['role']!r}), or there is nothing to learn"
             )
 
 
@@ -191,7 +253,8 @@ def prepare(
     spec: DatasetSpec, chat_template: str | None, seed: int, token: str | None = None
 ) -> PreparedData:
     """Read, check, shape and split the data the spec names."""
-    splits, fingerprint = read_splits(spec, token)
+    raw = read_splits(spec, token)
+    splits, fingerprint = raw.splits, raw.fingerprint
     if spec.split not in splits:
         raise DatasetUnusable(
             f"dataset has no split {spec.split!r} (dataset.split); it has: "
@@ -199,10 +262,12 @@ def prepare(
         )
     train = splits[spec.split]
     if len(train) == 0:
-        raise DatasetUnusable(f"dataset {spec.uri} is empty: no records to train on")
+        raise DatasetUnusable(f"dataset {display_uri(spec.uri)} is empty: no records to train on")
     train = apply_column_mapping(train, spec)
     fmt = detect_format(train.column_names) if spec.format == "auto" else spec.format
-    train, assistant_only, completion_only = shape_for_trl(train, fmt, spec, chat_template)
+    train, assistant_only, completion_only = shape_for_trl(
+        train, fmt, spec, chat_template, raw.origins.get(spec.split)
+    )
 
     evaluation: Dataset | None = None
     if spec.eval_split:
@@ -212,7 +277,9 @@ def prepare(
                 + ", ".join(sorted(splits))
             )
         raw_eval = apply_column_mapping(splits[spec.eval_split], spec)
-        evaluation, _, _ = shape_for_trl(raw_eval, fmt, spec, chat_template)
+        evaluation, _, _ = shape_for_trl(
+            raw_eval, fmt, spec, chat_template, raw.origins.get(spec.eval_split)
+        )
     elif spec.eval_fraction:
         if len(train) < 2:
             raise DatasetUnusable("dataset is too small to hold out dataset.evalFraction of it")

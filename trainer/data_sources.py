@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from kubetune.api.models import DatasetSpec
 from kubetune.api.uris import DATASET_SCHEMES, display_uri
@@ -19,26 +21,91 @@ if TYPE_CHECKING:
 
 #: File suffix → the datasets builder that reads it.
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+#: Deepest nesting of arrays and objects a JSON line may have. A chat record is 3 deep, one with
+#: multimodal parts or tool calls a few more; thousands deep is an attack on the parser.
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
-def _validate_jsonl(path: Path) -> int:
+@dataclass(frozen=True)
+class FileRecords:
+    """One data file of a split: how many records it holds and, for JSON lines, the blank lines
+    between them (so a record's index gives back its line number)."""
+
+    path: str
+    records: int | None
+    blank_lines: tuple[int, ...] | None = None
+
+    def where(self, index: int) -> str:
+        """The record at ``index`` (0-based, within this file) as a person finds it."""
+        if self.blank_lines is None:
+            return f"{self.path} record {index + 1}"
+        line = index + 1
+        for blank in self.blank_lines:
+            if blank <= line:
+                line += 1
+            else:
+                break
+        return f"{self.path} line {line}"
+
+
+@dataclass(frozen=True)
+class RecordOrigins:
+    """Where the records of one split came from, in the order they were loaded."""
+
+    split: str
+    files: tuple[FileRecords, ...] = ()
+
+    def where(self, index: int) -> str:
+        """``dataset FILE line N`` for the record at ``index`` of the split (0-based)."""
+        offset = 0
+        for file in self.files:
+            if file.records is None:
+                break
+            if index < offset + file.records:
+                return "dataset " + file.where(index - offset)
+            offset += file.records
+        if len(self.files) == 1:
+            return "dataset " + self.files[0].where(index)
+        return f"dataset split {self.split!r} record {index + 1}"
+
+
+@dataclass(frozen=True)
+class RawSplits:
+    """The dataset as read: its splits, where each record came from, and its fingerprint."""
+
+    splits: dict[str, Dataset]
+    origins: dict[str, RecordOrigins]
+    fingerprint: str
+
+
+def json_depth(line: str) -> int:
+    """How deeply arrays and objects nest in one line of JSON (strings are skipped)."""
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_JSON_STRING.sub('""', line)):
+        if bracket in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def _validate_jsonl(path: Path) -> FileRecords:
     """Parse each line, so a broken one is reported by number rather than by an arrow trace."""
     records = 0
+    blanks: list[int] = []
     try:
         with path.open("r", encoding="utf-8") as lines:
             for number, line in enumerate(lines, start=1):
                 if not line.strip():
+                    blanks.append(number)
                     continue
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DatasetUnusable(
-                        f"dataset {path}: line {number} is not valid JSON ({exc.msg}, "
-                        f"column {exc.colno})"
-                    ) from None
+                value = _parse_line(path, number, line)
                 if not isinstance(value, dict):
                     raise DatasetUnusable(
-                        f"dataset {path}: line {number} is a JSON {type(value).__name__}, "
+                        f"dataset {path}: line {number} is a JSON {_json_type(value)}, "
                         "not an object with one field per column"
                     )
                 records += 1
@@ -46,7 +113,36 @@ def _validate_jsonl(path: Path) -> int:
         raise DatasetUnusable(f"dataset {path} is not UTF-8 text: {exc.reason}") from None
     except OSError as exc:
         raise DatasetUnusable(f"cannot read dataset {path}: {exc.strerror}") from None
-    return records
+    return FileRecords(str(path), records, tuple(blanks))
+
+
+def _parse_line(path: Path, number: int, line: str) -> Any:
+    # Counting brackets is cheap; only a line with many of them is measured exactly.
+    if line.count("[") + line.count("{") > MAX_JSON_DEPTH and json_depth(line) > MAX_JSON_DEPTH:
+        raise DatasetUnusable(
+            f"dataset {path}: line {number} nests arrays and objects more than "
+            f"{MAX_JSON_DEPTH} deep"
+        )
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DatasetUnusable(
+            f"dataset {path}: line {number} is not valid JSON ({exc.msg}, column {exc.colno})"
+        ) from None
+    except RecursionError:
+        raise DatasetUnusable(
+            f"dataset {path}: line {number} nests arrays and objects too deeply"
+        ) from None
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    return {list: "array", str: "string", int: "number", float: "number"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def _data_files(root: Path, split: str, eval_split: str | None) -> dict[str, list[str]]:
@@ -71,7 +167,9 @@ def _data_files(root: Path, split: str, eval_split: str | None) -> dict[str, lis
     return by_split
 
 
-def _load_files(files: dict[str, list[str]], cache_dir: Path) -> dict[str, Dataset]:
+def _load_files(
+    files: dict[str, list[str]], cache_dir: Path
+) -> tuple[dict[str, Dataset], dict[str, RecordOrigins]]:
     from datasets import load_dataset
 
     suffixes = {Path(f).suffix for fs in files.values() for f in fs}
@@ -80,19 +178,27 @@ def _load_files(files: dict[str, list[str]], cache_dir: Path) -> dict[str, Datas
         raise DatasetUnusable(
             f"dataset mixes file types ({', '.join(sorted(suffixes))}); use one type"
         )
-    for path in (Path(f) for fs in files.values() for f in fs):
-        records: int | None = None
-        if path.suffix == ".jsonl" or (path.suffix == ".json" and _looks_like_json_lines(path)):
-            records = _validate_jsonl(path)
-        if records == 0 or path.stat().st_size == 0:
-            raise DatasetUnusable(f"dataset {path} is empty: no records to train on")
+    origins: dict[str, RecordOrigins] = {}
+    for split, names in files.items():
+        described = []
+        for path in map(Path, names):
+            described.append(_describe_file(path))
+            if described[-1].records == 0 or path.stat().st_size == 0:
+                raise DatasetUnusable(f"dataset {path} is empty: no records to train on")
+        origins[split] = RecordOrigins(split, tuple(described))
     try:
         loaded = load_dataset(builders.pop(), data_files=files, cache_dir=str(cache_dir))
     except DatasetUnusable:
         raise
     except Exception as exc:  # datasets raises many types; all of them mean "can't read it"
         raise DatasetUnusable(f"cannot read dataset {_names(files)}: {first_line(exc)}") from None
-    return dict(loaded)
+    return dict(loaded), origins
+
+
+def _describe_file(path: Path) -> FileRecords:
+    if path.suffix == ".jsonl" or (path.suffix == ".json" and _looks_like_json_lines(path)):
+        return _validate_jsonl(path)
+    return FileRecords(str(path), None)
 
 
 def _looks_like_json_lines(path: Path) -> bool:
@@ -131,46 +237,53 @@ def _load_hub(
     return loaded
 
 
-def read_splits(spec: DatasetSpec, token: str | None = None) -> tuple[dict[str, Dataset], str]:
-    """The raw splits of the dataset, and a fingerprint of its resolved source and content."""
+def read_splits(spec: DatasetSpec, token: str | None = None) -> RawSplits:
+    """The raw splits of the dataset, where their records came from, and a fingerprint of its
+    resolved source (credentials and query string left out) and content."""
     try:
         where = locations.resolve(spec.uri, DATASET_SCHEMES, "dataset")
     except ValueError as exc:
         raise InvalidConfig(f"dataset.uri: {exc}") from None
     cache_dir = locations.cache_root() / "datasets"
+    shown = display_uri(spec.uri)
     if where.kind == "hub":
         assert where.remote is not None
         splits = _load_hub(spec, where.remote, token, cache_dir)
         content = "|".join(d._fingerprint for d in splits.values())
         source = f"hub:{where.remote}@{spec.revision or 'main'}"
-        return splits, _fingerprint(source, content)
+        origins = {name: RecordOrigins(name) for name in splits}
+        return RawSplits(splits, origins, _fingerprint(source, content))
     if where.kind == "local":
         assert where.path is not None
         root = where.path
         if not root.exists():
-            raise DatasetUnusable(f"dataset not found: {root} (dataset.uri {spec.uri})")
+            raise DatasetUnusable(f"dataset not found: {root} (dataset.uri {shown})")
     else:
-        try:
-            root = (
-                locations.fetch_http(spec.uri, "datasets-src")
-                if where.kind == "http"
-                else locations.fetch_object_store(spec.uri, "datasets-src")
-            )
-        except ImportError as exc:
-            raise DatasetUnusable(
-                f"cannot read {display_uri(spec.uri)}: {exc.name} is not installed (s3fs for "
-                "s3://, gcsfs for gs://)"
-            ) from None
-        except Exception as exc:
-            raise DatasetUnusable(
-                f"cannot download dataset {display_uri(spec.uri)}: {first_line(exc)}"
-            ) from None
+        root = _download(spec.uri, where.kind)
     files = _data_files(root, spec.split, spec.eval_split)
     if where.confined_to is not None:
         _refuse_escapes(files, where.confined_to)
-    splits = _load_files(files, cache_dir)
+    splits, origins = _load_files(files, cache_dir)
     content = sha256_files(f for fs in files.values() for f in fs)
-    return splits, _fingerprint(spec.uri, content)
+    return RawSplits(splits, origins, _fingerprint(shown, content))
+
+
+def _download(uri: str, kind: str) -> Path:
+    shown = display_uri(uri)
+    try:
+        if kind == "http":
+            return locations.fetch_http(uri, "datasets-src")
+        return locations.fetch_object_store(uri, "datasets-src")
+    except locations.DownloadFailed as exc:
+        raise DatasetUnusable(f"cannot download dataset {shown}: {exc}") from None
+    except ImportError as exc:
+        raise DatasetUnusable(
+            f"cannot read {shown}: {exc.name} is not installed (s3fs for s3://, gcsfs for gs://)"
+        ) from None
+    except InvalidConfig:
+        raise
+    except Exception as exc:
+        raise DatasetUnusable(f"cannot download dataset {shown}: {first_line(exc)}") from None
 
 
 def _refuse_escapes(files: dict[str, list[str]], mount: Path) -> None:

@@ -32,6 +32,12 @@ class OutOfMemory(TrainerFailure):
     exit_code = ExitCode.OUT_OF_MEMORY
 
 
+class Diverged(TrainerFailure):
+    """The loss became NaN or infinite: the same data and settings would diverge again."""
+
+    exit_code = ExitCode.DIVERGED
+
+
 def first_line(exc: BaseException, limit: int = 400) -> str:
     """The first line of an exception's message (its type when it has none), for a one-line
     reason in a log, a message or the result; the traceback goes to the log, not here."""

@@ -10,21 +10,30 @@ are local; ``s3://`` and ``gs://`` go through fsspec (install s3fs or gcsfs for 
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import re
-import shutil
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from kubetune.api.contract import DEFAULT_PVC_ROOT, PVC_ROOT_ENV
 from kubetune.api.uris import ParsedUri, display_uri, parse_uri
+from kubetune.trainer.errors import InvalidConfig
 
 CACHE_ENV = "KUBETUNE_CACHE_DIR"
+#: The most bytes an https dataset download may bring (a hostile or mistaken URI could stream
+#: without end); 10 GiB unless this says otherwise.
+MAX_DOWNLOAD_ENV = "KUBETUNE_MAX_DOWNLOAD_BYTES"
+DEFAULT_MAX_DOWNLOAD_BYTES = 10 * 1024**3
+#: Per socket operation: connecting, and each read of the body.
+HTTP_TIMEOUT_SECONDS = 60
+_CHUNK = 1024 * 1024
 
 Kind = Literal["local", "hub", "object-store", "http"]
 
@@ -122,18 +131,107 @@ def fetch_object_store(uri: str, what: str) -> Path:
     return local
 
 
+class DownloadFailed(Exception):
+    """An https download that could not be completed; the message names no credential."""
+
+
+def max_download_bytes() -> int:
+    """The most an https dataset download may weigh: ``$KUBETUNE_MAX_DOWNLOAD_BYTES``, 10 GiB
+    when unset."""
+    value = os.environ.get(MAX_DOWNLOAD_ENV)
+    if value is None or not value.strip():
+        return DEFAULT_MAX_DOWNLOAD_BYTES
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise InvalidConfig(f"{MAX_DOWNLOAD_ENV} must be a positive number of bytes, not {value!r}")
+    return limit
+
+
 def fetch_http(uri: str, what: str) -> Path:
-    """Download an https file into the local cache, keeping its name (its suffix says its type)."""
-    name = Path(urllib.parse.urlparse(uri).path).name or "data"
+    """Download an http(s) file into the local cache, keeping its name (its suffix says its type).
+
+    Nothing but the URI's own credentials goes to the host: no hub token, no netrc, no headers
+    from a process-wide opener. Userinfo in the URI becomes HTTP Basic auth for that host only
+    (a redirect elsewhere does not carry it); a presigned URL's query string is sent as it is.
+    The download stops at :func:`max_download_bytes`, and fails with :class:`DownloadFailed`.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.hostname or ""
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    if ":" in host:  # an IPv6 literal goes back in brackets
+        netloc = f"[{host}]" if parts.port is None else f"[{host}]:{parts.port}"
+    url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+    request = urllib.request.Request(url, headers={"User-Agent": "kubetune-trainer"})  # noqa: S310
+    if parts.username is not None:
+        user, password = parts.username, parts.password or ""
+        pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+        basic = base64.b64encode(pair.encode()).decode()
+        request.add_unredirected_header("Authorization", f"Basic {basic}")
+    limit = max_download_bytes()
+    name = Path(urllib.parse.unquote(parts.path)).name or "data"
     target = _cache_dir_for(uri, what) / name
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
-    # resolve() sent only http(s) URIs here, so no file:// or custom scheme reaches urlopen.
-    response = urllib.request.urlopen(uri, timeout=60)  # noqa: S310
-    with response, partial.open("wb") as out:
-        shutil.copyfileobj(response, out)
+    # A fresh opener: never one a library installed globally (with its own auth handlers).
+    opener = urllib.request.build_opener(_HttpOnlyRedirects)
+    try:
+        with opener.open(request, timeout=HTTP_TIMEOUT_SECONDS) as response:
+            length = response.headers.get("Content-Length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                raise DownloadFailed(
+                    f"it is {int(length)} bytes, more than the download limit of {limit} bytes "
+                    f"({MAX_DOWNLOAD_ENV})"
+                )
+            _copy_at_most(response, partial, limit)
+    except DownloadFailed:
+        partial.unlink(missing_ok=True)
+        raise
+    except urllib.error.HTTPError as exc:
+        partial.unlink(missing_ok=True)
+        raise DownloadFailed(f"the server answered HTTP {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        partial.unlink(missing_ok=True)
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, TimeoutError):
+            why = f"no answer within {HTTP_TIMEOUT_SECONDS} seconds"
+        else:
+            why = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+        raise DownloadFailed(f"cannot reach {netloc}: {why}") from None
     partial.replace(target)
     return target
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows redirects to http(s) only (urllib would also follow one to ftp://)."""
+
+    def redirect_request(  # noqa: PLR0917 -- urllib's signature
+        self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> Any:
+        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
+            raise DownloadFailed(f"the server redirected to a {newurl.partition(':')[0]} URL")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _copy_at_most(response: Any, path: Path, limit: int) -> None:
+    copied = 0
+    try:
+        out = path.open("wb")
+    except OSError as exc:
+        raise DownloadFailed(f"cannot write to {path.parent}: {exc.strerror}") from None
+    with out:
+        while chunk := response.read(_CHUNK):
+            copied += len(chunk)
+            if copied > limit:
+                raise DownloadFailed(
+                    f"it is more than the download limit of {limit} bytes ({MAX_DOWNLOAD_ENV})"
+                )
+            try:
+                out.write(chunk)
+            except OSError as exc:
+                raise DownloadFailed(f"cannot write to {path.parent}: {exc.strerror}") from None
 
 
 def upload_directory(local: Path, uri: str) -> None:

@@ -32,8 +32,8 @@ def locate_model(spec: ModelSpec) -> tuple[str, bool]:
             return str(locations.fetch_object_store(spec.uri, "models")), False
         except ImportError as exc:
             raise ModelUnusable(
-                f"cannot read {spec.uri}: {exc.name} is not installed (s3fs for s3://, gcsfs "
-                "for gs://)"
+                f"cannot read {display_uri(spec.uri)}: {exc.name} is not installed (s3fs for "
+                "s3://, gcsfs for gs://)"
             ) from None
         except Exception as exc:
             raise ModelUnusable(
@@ -42,7 +42,7 @@ def locate_model(spec: ModelSpec) -> tuple[str, bool]:
     assert where.path is not None
     if not where.path.is_dir() or not (where.path / "config.json").is_file():
         what = "does not exist" if not where.path.exists() else "holds no config.json"
-        raise ModelUnusable(f"model path {where.path} {what} (model.uri {spec.uri})")
+        raise ModelUnusable(f"model path {where.path} {what} (model.uri {display_uri(spec.uri)})")
     return str(where.path), False
 
 
@@ -61,7 +61,9 @@ def load_tokenizer(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **_load_kwargs(spec, is_hub, token))
     except Exception as exc:
-        raise ModelUnusable(f"cannot load the tokenizer of {spec.uri}: {first_line(exc)}") from None
+        raise ModelUnusable(
+            f"cannot load the tokenizer of {display_uri(spec.uri)}: {first_line(exc)}"
+        ) from None
     if chat_template:
         tokenizer.chat_template = chat_template
     if tokenizer.pad_token is None:
@@ -111,7 +113,9 @@ def load_quantized_model(
     except torch.cuda.OutOfMemoryError:
         raise
     except Exception as exc:
-        raise ModelUnusable(f"cannot load model {spec.uri}: {first_line(exc)}") from None
+        raise ModelUnusable(
+            f"cannot load model {display_uri(spec.uri)}: {first_line(exc)}"
+        ) from None
     model.config.use_cache = False  # the KV cache only costs memory while training
     model = prepare_model_for_kbit_training(
         model,
@@ -137,6 +141,51 @@ def _embeddings_back_to_bf16(model: PreTrainedModel) -> None:
         weight = getattr(module, "weight", None) if module is not None else None
         if weight is not None and weight.dtype == torch.float32:
             module.to(torch.bfloat16)
+
+
+def check_lora_targets(model: Any, spec: LoraSpec) -> None:
+    """Refuse ``targetModules`` and ``modulesToSave`` names that match no module of the model
+    (PEFT would fail deep inside the trainer's construction, or save nothing), naming the field,
+    the names, and the layer names the model has."""
+    import torch
+
+    modules = dict(model.named_modules())
+    leaves = {name for name, m in modules.items() if name and not any(True for _ in m.children())}
+    layers = sorted(
+        {
+            name.rsplit(".", 1)[-1]
+            for name in leaves
+            if isinstance(modules[name], (torch.nn.Linear, torch.nn.Embedding))
+        }
+    )
+
+    def matches(target: str, suffix_only: bool) -> list[str]:
+        if suffix_only:  # PEFT's rule for modules_to_save
+            return [n for n in modules if n and n.endswith(target)]
+        return [n for n in modules if n == target or n.endswith(f".{target}")]
+
+    def refuse(field: str, names: list[str], why: str) -> None:
+        raise InvalidConfig(
+            f"{field}: {', '.join(map(repr, names))} {why}; the model's layers are named "
+            + ", ".join(layers)
+        )
+
+    if spec.target_modules != ["all-linear"]:
+        unknown = [t for t in spec.target_modules if not matches(t, suffix_only=False)]
+        if unknown:
+            refuse("spec.lora.targetModules", unknown, "match no module of the model")
+        containers = [
+            t for t in spec.target_modules if not set(matches(t, suffix_only=False)) & leaves
+        ]
+        if containers:
+            refuse(
+                "spec.lora.targetModules",
+                containers,
+                "name blocks of layers, not layers LoRA can adapt",
+            )
+    unknown = [t for t in spec.modules_to_save if not matches(t, suffix_only=True)]
+    if unknown:
+        refuse("spec.lora.modulesToSave", unknown, "match no module of the model")
 
 
 def lora_config(spec: LoraSpec) -> LoraConfig:

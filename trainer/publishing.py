@@ -25,7 +25,7 @@ from kubetune.trainer import locations, outputs
 from kubetune.trainer.checkpoints import CHECKPOINTS_DIR
 from kubetune.trainer.digests import sha256_file
 from kubetune.trainer.errors import first_line
-from kubetune.trainer.secrets import HubTokens
+from kubetune.trainer.secrets import HubTokens, redact, redact_result
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class Publisher:
         self.output = output
         self.output_dir = output_dir
         self.tokens = tokens
+        #: Every form of every secret of the run: none of them reaches a file written here.
+        self.secrets = tokens.secrets
         #: One line per step that failed after the adapter was saved.
         self.failures: list[str] = []
         self.delivery_failed = False
@@ -100,7 +102,8 @@ class Publisher:
         self.attempt(
             "model card",
             lambda: card.write_text(
-                outputs.model_card(self.name, self.spec, result, effective), encoding="utf-8"
+                redact(outputs.model_card(self.name, self.spec, result, effective), self.secrets),
+                encoding="utf-8",
             ),
         )
         if self.spec.output.merge:
@@ -120,7 +123,11 @@ class Publisher:
         return Publication(concluded, exit_code)
 
     def concluded(self, result: TrainerResult) -> TrainerResult:
-        """``result`` with what failed after the adapter was saved, if anything did."""
+        """``result`` with what failed after the adapter was saved, if anything did, and no
+        secret in it (a failure's message may quote one)."""
+        return redact_result(self._with_failures(result), self.secrets)
+
+    def _with_failures(self, result: TrainerResult) -> TrainerResult:
         if not self.failures:
             return result
         failed = "; ".join(self.failures)

@@ -33,7 +33,7 @@ from kubetune.trainer.checkpoints import (
     newest_checkpoint,
     run_identity,
 )
-from kubetune.trainer.errors import DatasetUnusable, InvalidConfig, OutOfMemory
+from kubetune.trainer.errors import DatasetUnusable, InvalidConfig, OutOfMemory, first_line
 from kubetune.trainer.progress import (
     ProgressReporter,
     ProgressTracker,
@@ -89,8 +89,9 @@ class QLoRASFTRecipe:
             self.output_dir = self.output.path
             self.remote: RemoteCheckpoints | None = None
         else:
-            # Object stores are written through a local staging copy, uploaded as it changes.
-            staging = self.spec.output.uri.replace("://", "/")
+            # Object stores are written through a local staging copy, uploaded as it changes;
+            # its path shows in messages, so it is named without the URI's credentials.
+            staging = display_uri(self.spec.output.uri).replace("://", "/")
             self.output_dir = locations.cache_root() / "output" / staging
             self.remote = RemoteCheckpoints(self.spec.output.uri, self.output_dir / CHECKPOINTS_DIR)
         self.checkpoint_dir = self.output_dir / CHECKPOINTS_DIR
@@ -158,7 +159,8 @@ class QLoRASFTRecipe:
     def _setup_model(self, located: tuple[str, bool]) -> None:
         from trl import SFTConfig
 
-        from kubetune.trainer.modeling import load_quantized_model, lora_config
+        from kubetune.trainer.divergence import divergence_callback
+        from kubetune.trainer.modeling import check_lora_targets, load_quantized_model, lora_config
         from kubetune.trainer.resume import resumable_sft_trainer
 
         assert self.data is not None and self.speed is not None
@@ -172,6 +174,7 @@ class QLoRASFTRecipe:
             token=self.tokens.read,
             cuda=self.cuda,
         )
+        check_lora_targets(model, self.spec.lora)
         masking = LossMasking(
             completion_only=self.data.completion_only_loss,
             assistant_only=self.data.assistant_only_loss,
@@ -187,9 +190,11 @@ class QLoRASFTRecipe:
             progress_bar=self.progress_bar,
         )
         after_save = self.remote.push_newest if self.remote is not None else lambda: None
+        sft_config = SFTConfig(**arguments)
+        self._check_optimizer_runs_here(sft_config, model)
         self._trainer = resumable_sft_trainer(
             model=model,
-            args=SFTConfig(**arguments),
+            args=sft_config,
             train_dataset=self.data.train,
             eval_dataset=self.data.eval,
             processing_class=self._tokenizer,
@@ -199,12 +204,30 @@ class QLoRASFTRecipe:
                 checkpoint_callback(self.preemption, after_save),
             ],
         )
+        trainer = self._trainer
+        trainer.add_callback(
+            divergence_callback(self.spec, lambda: getattr(trainer, "_tr_loss", None))
+        )
         if len(self._trainer.train_dataset) == 0:
             # TRL drops examples whose completion was truncated away; none left is a data problem.
             raise DatasetUnusable(
                 f"no training example keeps a completion token within training.maxLength "
                 f"({self.spec.training.max_length}); raise it or shorten the prompts"
             )
+
+    def _check_optimizer_runs_here(self, sft_config: Any, model: Any) -> None:
+        """A known optimizer whose package is missing (or that needs settings kubetune doesn't
+        pass) is a config problem, found before the first step rather than at it."""
+        from trl import SFTTrainer
+
+        try:
+            SFTTrainer.get_optimizer_cls_and_kwargs(sft_config, model)
+        except (ImportError, ValueError, RuntimeError) as exc:
+            assert self.speed is not None
+            raise InvalidConfig(
+                f"spec.training.optimizer: {self.speed.optimizer} can't be used here: "
+                f"{first_line(exc)}"
+            ) from None
 
     # --- train -------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from kubetune.trainer.progress import ProgressReporter
 from kubetune.trainer.secrets import (
     HubTokens,
     install_redaction,
-    redact,
+    redact_result,
     resolve_hub_tokens,
     uninstall_redaction,
 )
@@ -71,8 +71,11 @@ def run(
     ``write_termination`` is off for laptop runs that named no termination-log path: there is
     no kubelet to read it, and /dev is no place to leave files.
     """
+    spec = config.spec
     try:
-        tokens = resolve_hub_tokens(config.token_file)
+        tokens = resolve_hub_tokens(config.token_file).with_uri_credentials(
+            [spec.model.uri, spec.dataset.uri, spec.output.uri]
+        )
     except TrainerFailure as exc:
         log.error("%s: %s", exc.reason, exc.message)
         outcome = RunOutcome(int(exc.exit_code), failure(exc.exit_code, exc.message))
@@ -82,10 +85,9 @@ def run(
             outcome = _run(config, tokens, name, progress_bar, reporter)
         finally:
             uninstall_redaction(guard)
-        if tokens.secrets:
-            message = redact(outcome.result.message, tokens.secrets)
-            result = outcome.result.model_copy(update={"message": message})
-            outcome = RunOutcome(outcome.exit_code, result, outcome.output_dir)
+        # The last line of defence: whatever a failure quoted, no secret leaves in the result.
+        result = redact_result(outcome.result, tokens.secrets)
+        outcome = RunOutcome(outcome.exit_code, result, outcome.output_dir)
     if write_termination:
         outputs.write_termination_message(outcome.result)
     return outcome

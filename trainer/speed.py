@@ -47,6 +47,8 @@ def resolve_speed(training: TrainingSpec, cuda: bool) -> SpeedSettings:
     if optimizer == "auto":
         # The paged 8-bit optimizer is bitsandbytes' CUDA kernel; the CPU gets plain AdamW.
         optimizer = "paged_adamw_8bit" if cuda else "adamw_torch"
+    else:
+        check_optimizer(optimizer)
     return SpeedSettings(
         attention=attention,
         liger_kernel=liger,
@@ -54,3 +56,20 @@ def resolve_speed(training: TrainingSpec, cuda: bool) -> SpeedSettings:
         packing=training.packing,
         optimizer=optimizer,
     )
+
+
+def optimizer_names() -> list[str]:
+    """The optimizer names transformers knows (imported here, when the node is set up)."""
+    from transformers.training_args import OptimizerNames
+
+    return sorted(str(o.value) for o in OptimizerNames)
+
+
+def check_optimizer(name: str) -> None:
+    """Refuse an optimizer name transformers doesn't know, naming the field and the choices."""
+    known = optimizer_names()
+    if name not in known:
+        raise InvalidConfig(
+            f"spec.training.optimizer: unknown optimizer {name!r}; use auto or one of "
+            + ", ".join(known)
+        )

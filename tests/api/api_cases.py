@@ -174,6 +174,11 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         with_spec(dataset={"uri": "pvc://data/train\u0000.jsonl"}),
         ["spec.dataset.uri", "control characters or NUL"],
     ),
+    (
+        "dataset host with a bad port",
+        with_spec(dataset={"uri": "https://example.org:abc/d.jsonl"}),
+        ["spec.dataset.uri", "invalid port"],
+    ),
     ("wrong kind", {**MINIMAL, "kind": "TrainJob"}, ["kind: must be FineTuneJob"]),
     (
         "wrong apiVersion",
@@ -211,5 +216,5 @@ APISERVER_FIELD: dict[str, str] = {
     "gpu resource name with a space": "spec.resources.gpuResourceName",
     "priority class not a DNS name": "spec.scheduling.priorityClassName",
     "seed beyond 32 bits": "spec.training.seed",
-    "output path leaving its claim": "output URI must not contain '..' segments",
+    "output path leaving its claim": "spec.output.uri",
 }

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +30,12 @@ OPERATOR_ALLOW_LIST: dict[tuple[str, str], set[str]] = {
     ("rbac.authorization.k8s.io", "roles"): {"get", "create", "delete"},
     ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create", "delete"},
     ("networking.k8s.io", "networkpolicies"): {"get", "create", "delete"},
-    ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "patch"},
     ("", "pods"): {"list", "watch"},
     ("", "persistentvolumeclaims"): {"get"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+    # Leader election between replicas (a Role in the release namespace only).
+    ("coordination.k8s.io", "leases"): {"get", "create", "update"},
 }
 # What namespace users get through the built-in view/edit/admin roles.
 USER_ALLOW_LIST: dict[tuple[str, str], set[str]] = {
@@ -104,7 +108,13 @@ def test_all_namespaces_mode_binds_a_cluster_role_and_creates_no_roles(render: R
 
     bindings = {b["roleRef"]["name"] for b in of_kind(objects, "ClusterRoleBinding")}
     assert bindings == {"kt-kubetune-operator", "kt-kubetune-crd-watch"}
-    assert of_kind(objects, "Role") == [] and of_kind(objects, "RoleBinding") == []
+    # Only the leader-election Role (its Lease, in the release namespace).
+    assert [r["metadata"]["name"] for r in of_kind(objects, "Role")] == [
+        "kt-kubetune-leader-election"
+    ]
+    assert [b["metadata"]["name"] for b in of_kind(objects, "RoleBinding")] == [
+        "kt-kubetune-leader-election"
+    ]
     assert deployment_env(objects)["KUBETUNE_NAMESPACES"] == ""
 
 
@@ -113,12 +123,12 @@ def test_watched_namespaces_get_one_role_each_and_nothing_cluster_wide_but_crd_w
 ) -> None:
     objects = render("--set", "watchNamespaces={team-a,team-b}")
 
-    roles = of_kind(objects, "Role")
+    roles = [r for r in of_kind(objects, "Role") if r["metadata"]["name"].endswith("-operator")]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
-    assert sorted(b["metadata"]["namespace"] for b in of_kind(objects, "RoleBinding")) == [
-        "team-a",
-        "team-b",
+    bindings = [
+        b for b in of_kind(objects, "RoleBinding") if b["metadata"]["name"].endswith("-operator")
     ]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
     [binding] = of_kind(objects, "ClusterRoleBinding")
     [crd_watch] = [
         r
@@ -232,8 +242,9 @@ def test_deployment_runs_restricted_with_probes_on_kopf_liveness(render: Render)
     pod = deployment["spec"]["template"]["spec"]
     [container] = pod["containers"]
 
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    # Two replicas, one active through the Lease; a rollout never leaves none.
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert container["securityContext"] == {
@@ -276,7 +287,7 @@ def test_networkpolicy_and_servicemonitor_render_only_when_enabled(render: Rende
     ]
     assert {"ipBlock": {"cidr": "10.0.0.1/32"}} in policy["spec"]["egress"][1]["to"]
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
-    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
     [service] = of_kind(enabled, "Service")
     assert service["spec"]["selector"] == monitor["spec"]["selector"]["matchLabels"]
 
@@ -284,7 +295,8 @@ def test_networkpolicy_and_servicemonitor_render_only_when_enabled(render: Rende
 @pytest.mark.parametrize(
     ("setting", "complaint"),
     [
-        ("replicaCount=2", "/replicaCount"),
+        ("replicaCount=-1", "/replicaCount"),
+        ("operator.leaderElection.leaseDurationSeconds=1", "/operator/leaderElection"),
         ("operator.maxWorkers=0", "/operator/maxWorkers"),
         ("operator.deniedOptions={runAsRoot}", "/operator/deniedOptions/0"),
         ("operator.progressIntervalSeconds=0", "/operator/progressIntervalSeconds"),
@@ -305,3 +317,67 @@ def test_values_schema_rejects_a_wrong_value_at_template_time(
 
     assert result.returncode != 0, f"{setting} was accepted"
     assert complaint in result.stderr, result.stderr
+
+
+def test_two_replicas_elect_a_leader_on_a_lease_in_the_release_namespace_with_a_pdb(
+    render: Render,
+) -> None:
+    objects = render()
+    env = deployment_env(objects)
+    [pdb] = of_kind(objects, "PodDisruptionBudget")
+    [deployment] = of_kind(objects, "Deployment")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    [lease_role] = [
+        r for r in of_kind(objects, "Role") if "leader-election" in r["metadata"]["name"]
+    ]
+
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+    assert env["KUBETUNE_LEADER_ELECTION"] == "true"
+    assert env["KUBETUNE_LEASE_NAMESPACE"] == lease_role["metadata"]["namespace"]
+    assert grants(lease_role["rules"]) == {
+        ("coordination.k8s.io", "leases", verb) for verb in ("get", "create", "update")
+    }
+    pod_name = next(e for e in container["env"] if e["name"] == "POD_NAME")
+    assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    single = render("--set", "replicaCount=1")
+    assert of_kind(single, "PodDisruptionBudget") == []
+
+
+def test_the_metrics_service_scrapes_the_metrics_port_and_the_dashboard_uses_real_metrics(
+    render: Render,
+) -> None:
+    objects = render("--set", "metrics.grafanaDashboard.enabled=true")
+    [service] = [
+        s for s in of_kind(objects, "Service") if s["metadata"]["name"].endswith("metrics")
+    ]
+    [deployment] = of_kind(objects, "Deployment")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    [dashboard] = of_kind(objects, "ConfigMap")
+
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert str(ports["metrics"]) == deployment_env(objects)["KUBETUNE_METRICS_PORT"]
+    board = json.loads(dashboard["data"]["kubetune.json"])
+    exprs = " ".join(t["expr"] for panel in board["panels"] for t in panel["targets"])
+    for metric in (
+        "kubetune_finetunejobs",
+        "kubetune_phase_transitions_total",
+        "kubetune_reconcile_duration_seconds_bucket",
+        "kubetune_api_errors_total",
+        "kubetune_finetunejob_progress_loss",
+        "kubetune_finetunejob_progress_tokens_per_second",
+        "kubetune_finetunejob_progress_eta_seconds",
+    ):
+        assert metric in exprs
+    names = re.findall(r"\b(kubetune_[a-z_]+?)(?:_bucket|_count|_sum)?\b", exprs)
+    served = {
+        "kubetune_finetunejobs", "kubetune_phase_transitions_total",
+        "kubetune_reconcile_duration_seconds", "kubetune_api_requests_total",
+        "kubetune_api_errors_total", "kubetune_reconcile_retries_total",
+        "kubetune_workqueue_depth", "kubetune_leader", "kubetune_create_to_job_seconds",
+        "kubetune_finetunejob_progress_percent", "kubetune_finetunejob_progress_loss",
+        "kubetune_finetunejob_progress_tokens_per_second",
+        "kubetune_finetunejob_progress_eta_seconds",
+    }  # fmt: skip
+    assert set(names) <= served, set(names) - served

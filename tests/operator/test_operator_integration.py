@@ -13,12 +13,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 import shutil
-import signal
 import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from operatorkit import OperatorProcess
 
-from kubetune.local.ports import free_port
 from kubetune_devtools.pytest_plugin import Kubectl, get_json, wait_for
 
 pytestmark = pytest.mark.integration
@@ -38,68 +35,6 @@ CRD = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
 CLAIM = "work"
 #: A GPU resource no node of the test cluster offers: the scheduler's answer is deterministic.
 MISSING_GPU = "kubetune.io/test-gpu"
-
-
-class OperatorProcess:
-    """``kubetune-operator`` in a subprocess, logging to a file; it can be killed and restarted."""
-
-    def __init__(self, kubeconfig: Path, log_path: Path) -> None:
-        self.kubeconfig = kubeconfig
-        self.log_path = log_path
-        self.liveness_url = f"http://127.0.0.1:{free_port()}/healthz"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            "KUBECONFIG": str(self.kubeconfig),
-            # The local node runs pods as the host user and can't honour runAsNonRoot.
-            "KUBETUNE_RUN_AS_NON_ROOT": "false",
-            "KUBETUNE_RUN_AS_USER": "",
-            "KUBETUNE_FS_GROUP": "",
-            "KUBETUNE_LIVENESS_ENDPOINT": self.liveness_url,
-            "KUBETUNE_PROGRESS_INTERVAL_SECONDS": "1",
-            "KUBETUNE_STATUS_RECHECK_SECONDS": "5",
-            "KUBETUNE_REFERENCE_RECHECK_SECONDS": "2",
-            "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:test",
-            # Lifecycle jobs name a stand-in plan in their trainer's env (sleeper_spec); the
-            # rest run the real trainer through the same command.
-            "KUBETUNE_TRAINER_COMMAND": "kubetune-stand-in-trainer",
-            "KUBETUNE_ALLOWED_POD_TEMPLATE_FIELDS": "containers.env",
-            "PYTHONUNBUFFERED": "1",
-            "KUBETUNE_VERBOSE": os.environ.get("KUBETUNE_TEST_OPERATOR_VERBOSE", "false"),
-        }
-        operator = Path(sys.executable).with_name("kubetune-operator")
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [str(operator)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
-
-    def kill(self) -> None:
-        """SIGKILL: no chance to clean up, as when a node dies under the operator."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout=10)
-        self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.process = None
-
-    def log_tail(self, lines: int = 60) -> str:
-        lines = int(os.environ.get("KUBETUNE_TEST_OPERATOR_LOG_LINES", lines))
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
 
 
 @pytest.fixture(scope="module")
@@ -526,11 +461,13 @@ def _patch_status_as(
     namespace: str,
     name: str,
     status: dict[str, Any] | None = None,
+    dry_run: bool = False,
 ) -> int:
     status = status or {"progress": {"step": 1, "totalSteps": 10}}
     body = json.dumps({"status": status}).encode()
+    query = "?dryRun=All" if dry_run else ""
     request = urllib.request.Request(
-        f"{server}/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs/{name}/status",
+        f"{server}/apis/kubetune.io/v1alpha1/namespaces/{namespace}/finetunejobs/{name}/status{query}",
         data=body,
         method="PATCH",
         headers={
@@ -580,6 +517,15 @@ def test_a_trainer_identity_may_change_progress_and_nothing_else(
         "adapter": {"uri": "s3://attacker/adapter", "sha256": "0" * 64, "sizeBytes": 1},
     }  # fmt: skip
 
+    # An admission policy takes effect once the apiserver has loaded it: wait for that, without
+    # side effects (a dry run is admitted like a real request).
+    wait_for(
+        lambda: _patch_status_as(
+            server, context, token, namespace, "honest", {"phase": "Succeeded"}, dry_run=True
+        ) == 403,
+        60,
+        "the trainer-status policy to take effect",
+    )  # fmt: skip
     for forged in (
         {"phase": "Succeeded"},
         {"result": forged_result},

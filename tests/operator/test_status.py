@@ -363,3 +363,23 @@ def test_failure_target_names_the_exit_code_before_the_pod_is_marked_failed() ->
     )
     assert status["phase"] == "Failed"
     assert condition(status, "Failed")["reason"] == "DatasetError"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        'secret "hf-token" not found',
+        "couldn't find key token in Secret team-a/hf-token",
+    ],
+)
+def test_a_missing_secret_or_key_shows_as_missing_reference_as_a_kubelet_words_it(
+    message: str,
+) -> None:
+    stuck = pod(
+        "Pending",
+        state={"waiting": {"reason": "CreateContainerConfigError", "message": message}},
+    )
+    status = derive_status(ftj(), job(active=1), [stuck], NOW)
+    assert status["phase"] == "Pending"
+    assert condition(status, "Ready")["reason"] == "MissingReference"
+    assert condition(status, "Ready")["message"] == message

@@ -80,6 +80,54 @@ def _unreadable_marker(tiny: TinyAssets, tmp: Path) -> dict[str, Any]:
     return job_manifest(tiny.model, tiny.datasets["text"], tmp / "out")
 
 
+def _records_with(tmp: Path, fmt: str, line: int, change: dict[str, Any]) -> Path:
+    """Toy records of ``fmt`` in a file, the one on ``line`` changed."""
+    records: list[Any] = toy_records(fmt, 3)
+    records[line - 1] = {**records[line - 1], **change}
+    return write_jsonl(tmp / "bad.jsonl", records)
+
+
+def _dataset_case(fmt: str, line: int, change: dict[str, Any], **extra: Any) -> Setup:
+    def setup(tiny: TinyAssets, tmp: Path) -> dict[str, Any]:
+        path = _records_with(tmp, fmt, line, change)
+        return job_manifest(tiny.model, path, tmp / "out", dataset_extra=extra)
+
+    return setup
+
+
+def _mapped_null(tiny: TinyAssets, tmp: Path) -> dict[str, Any]:
+    records = [{"question": "q", "answer": "a"}, {"question": None, "answer": "a"}]
+    path = write_jsonl(tmp / "bad.jsonl", records)
+    columns = {"prompt": "question", "completion": "answer"}
+    return job_manifest(tiny.model, path, tmp / "out", dataset_extra={"columns": columns})
+
+
+def _chat(*contents: Any) -> dict[str, Any]:
+    roles = ["user", "assistant"] * len(contents)
+    return {"messages": [{"role": r, "content": c} for r, c in zip(roles, contents, strict=False)]}
+
+
+def _raw_lines(*lines: str) -> Setup:
+    def setup(tiny: TinyAssets, tmp: Path) -> dict[str, Any]:
+        path = write_jsonl(tmp / "bad.jsonl", toy_records("text", 1))
+        with path.open("a") as f:
+            f.writelines(line + "\n" for line in lines)
+        return job_manifest(tiny.model, path, tmp / "out")
+
+    return setup
+
+
+def _with_setting(section: str, key: str, value: Any) -> Setup:
+    def setup(tiny: TinyAssets, tmp: Path) -> dict[str, Any]:
+        manifest = job_manifest(tiny.model, tiny.datasets["text"], tmp / "out")
+        manifest["spec"][section][key] = value
+        return manifest
+
+    return setup
+
+
+LAYERS = "the model's layers are named down_proj, embed_tokens, gate_proj, k_proj, lm_head"
+
 CASES: list[tuple[str, Setup, int, str, str]] = [
     ("missing dataset", _missing_dataset, 3, "DatasetError", "dataset not found"),
     ("empty dataset", _empty_dataset, 3, "DatasetError", "is empty"),
@@ -100,6 +148,99 @@ CASES: list[tuple[str, Setup, int, str, str]] = [
         2,
         "InvalidConfig",
         "already holds the checkpoints of a run it can't identify",
+    ),
+    # Records that would end in a traceback deep inside tokenization: named by file and line.
+    (
+        "null prompt",
+        _dataset_case("prompt-completion", 2, {"prompt": None}),
+        3,
+        "DatasetError",
+        "bad.jsonl line 2: 'prompt' is null; format prompt-completion needs text there",
+    ),
+    (
+        "null completion",
+        _dataset_case("prompt-completion", 3, {"completion": None}),
+        3,
+        "DatasetError",
+        "bad.jsonl line 3: 'completion' is null",
+    ),
+    (
+        "null in a mapped column",
+        _mapped_null,
+        3,
+        "DatasetError",
+        "bad.jsonl line 2: 'question' (dataset.columns.prompt) is null",
+    ),
+    (
+        "a number where text belongs",
+        _dataset_case("alpaca", 2, {"output": 42}),
+        3,
+        "DatasetError",
+        "bad.jsonl line 2: 'output' is the number 42; format alpaca needs text there",
+    ),
+    (
+        "null message content",
+        _dataset_case("messages", 2, _chat("hi", None)),
+        3,
+        "DatasetError",
+        "bad.jsonl line 2: the content of message 2 of 'messages' is null; it must be text",
+    ),
+    (
+        "list message content",
+        _dataset_case("messages", 3, _chat([{"type": "text", "text": "hi"}], "ho")),
+        3,
+        "DatasetError",
+        "bad.jsonl line 3: the content of message 1 of 'messages' is a list; it must be text",
+    ),
+    (
+        "a JSON line that is no object",
+        _raw_lines('["reverse: a b =>", " b a"]'),
+        3,
+        "DatasetError",
+        "bad.jsonl: line 2 is a JSON array, not an object with one field per column",
+    ),
+    (
+        "deeply nested JSON",
+        _raw_lines('{"text": ' + "[" * 65 + "]" * 65 + "}"),
+        3,
+        "DatasetError",
+        "bad.jsonl: line 2 nests arrays and objects more than 64 deep",
+    ),
+    (
+        "JSON nested deeper than the parser goes",
+        _raw_lines('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+        3,
+        "DatasetError",
+        "bad.jsonl: line 2 nests arrays and objects more than 64 deep",
+    ),
+    # Settings that would fail inside the trainer's construction: named by field.
+    (
+        "unknown optimizer",
+        _with_setting("training", "optimizer", "adamw_turbo"),
+        2,
+        "InvalidConfig",
+        "spec.training.optimizer: unknown optimizer 'adamw_turbo'; use auto or one of ",
+    ),
+    (
+        "unknown target modules",
+        _with_setting("lora", "targetModules", ["q_proj", "attention.query"]),
+        2,
+        "InvalidConfig",
+        "spec.lora.targetModules: 'attention.query' match no module of the model; " + LAYERS,
+    ),
+    (
+        "target modules naming blocks of layers",
+        _with_setting("lora", "targetModules", ["self_attn"]),
+        2,
+        "InvalidConfig",
+        "spec.lora.targetModules: 'self_attn' name blocks of layers, not layers LoRA can adapt",
+    ),
+    (
+        "unknown modules to save",
+        _with_setting("lora", "modulesToSave", ["score"]),
+        2,
+        "InvalidConfig",
+        "spec.lora.modulesToSave: 'score' match no module of the model",
     ),
 ]
 

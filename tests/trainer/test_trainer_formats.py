@@ -121,12 +121,17 @@ def test_push_to_hub_uploads_the_adapter_and_its_description_only(
     tiny: TinyAssets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
 
     from kubetune.trainer.runner import run
 
     calls: list[tuple[str, dict[str, Any]]] = []
+    uploaded: list[str] = []
 
     class RecordingHubApi:
+        """The hub client, short of the network: it picks the files of the folder to upload
+        the way ``HfApi.upload_folder`` does, and records them."""
+
         def __init__(self, token: str | None = None) -> None:
             calls.append(("init", {"token": token}))
 
@@ -135,16 +140,29 @@ def test_push_to_hub_uploads_the_adapter_and_its_description_only(
 
         def upload_folder(self, **kwargs: Any) -> None:
             calls.append(("upload_folder", kwargs))
+            folder = Path(kwargs["folder_path"])
+            files = [p.relative_to(folder).as_posix() for p in folder.glob("**/*") if p.is_file()]
+            uploaded.extend(
+                filter_repo_objects(
+                    files,
+                    allow_patterns=kwargs.get("allow_patterns"),
+                    ignore_patterns=kwargs.get("ignore_patterns"),
+                )
+            )
 
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingHubApi)
-    monkeypatch.setenv("HF_PUSH_TOKEN", "hf_push_token_for_tests_only")
+    # As a Secret made with `echo` holds it: the hub gets it stripped.
+    monkeypatch.setenv("HF_PUSH_TOKEN", "hf_push_token_for_tests_only\n")
+    output = tmp_path / "out"
     manifest = job_manifest(
-        tiny.model, tiny.datasets["text"], tmp_path / "out", training={"maxSteps": 2}
+        tiny.model, tiny.datasets["text"], output, training={"maxSteps": 2, "checkpointSteps": 1}
     )
     manifest["spec"]["output"]["pushToHub"] = {
         "repoId": "my-org/tiny-reverse",
         "tokenSecretRef": {"name": "hub-write"},
     }
+    # A merged model beside the adapter: its files have the same names as some of the adapter's.
+    manifest["spec"]["output"]["merge"] = True
     outcome = run(TrainerConfig(spec=load_finetunejob(manifest).spec))
     assert outcome.exit_code == 0, outcome.result.message
     assert calls[0] == ("init", {"token": "hf_push_token_for_tests_only"})
@@ -152,13 +170,18 @@ def test_push_to_hub_uploads_the_adapter_and_its_description_only(
         "create_repo",
         {"repo_id": "my-org/tiny-reverse", "private": True, "exist_ok": True},
     )
-    upload = calls[2][1]
-    assert upload["folder_path"] == str(tmp_path / "out")
-    # The adapter's own files and its description, nothing else of the output folder.
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= set(
-        upload["allow_patterns"]
-    )
-    assert "README.md" in upload["allow_patterns"]
-    assert not {"result.json", "metrics.jsonl", "checkpoints", "merged"} & set(
-        upload["allow_patterns"]
-    )
+    assert calls[2][1]["folder_path"] == str(output)
+    # The output folder holds much more than the adapter...
+    written = {p.relative_to(output).as_posix() for p in output.glob("**/*") if p.is_file()}
+    assert {"result.json", "metrics.jsonl", "merged/config.json"} <= written
+    assert any(name.startswith("checkpoints/checkpoint-2/") for name in written)
+    # ...and only the adapter's own files (weights, config, tokenizer) and its description go.
+    assert sorted(uploaded) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "chat_template.jinja",
+        "loss_curve.png",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]

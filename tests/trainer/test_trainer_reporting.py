@@ -261,3 +261,31 @@ def test_a_secret_logged_by_mistake_is_redacted() -> None:
         logging.getLogger().removeHandler(handler)
     assert SECRET not in stream.getvalue()
     assert "token ***" in stream.getvalue()
+
+
+def test_a_token_is_redacted_as_read_stripped_url_encoded_and_escaped() -> None:
+    from kubetune.trainer.secrets import redact, secret_forms
+
+    token = "hf_ab/cd+ef=gh_0123"
+    forms = secret_forms([f"{token}\n"])
+    text = (
+        f"raw {token}\n stripped {token} query ?t=hf_ab%2Fcd%2Bef%3Dgh_0123 "
+        "lower hf_ab%2fcd%2bef%3dgh_0123 repr 'hf_ab/cd+ef=gh_0123\\n'"
+    )
+    # The raw form goes first, newline and all.
+    assert redact(text, forms) == "raw *** stripped *** query ?t=*** lower *** repr '***'"
+
+
+def test_credentials_of_a_uri_are_secrets_and_a_result_stays_valid_without_them() -> None:
+    from kubetune.api.models import TrainerResult
+    from kubetune.trainer.secrets import HubTokens, redact_result
+
+    uri = "https://user:pa55word-x@host/d.jsonl?X-Amz-Signature=abcdef123456&state=Succeeded"
+    secrets = HubTokens().with_uri_credentials([uri]).secrets
+    assert {"pa55word-x", "abcdef123456", "Succeeded"} <= set(secrets)
+    result = TrainerResult(
+        outcome="Succeeded", reason="Succeeded", message="read Succeeded from pa55word-x"
+    )
+    redacted = redact_result(result, secrets)
+    assert (redacted.outcome, redacted.reason) == ("Succeeded", "Succeeded")
+    assert redacted.message == "read *** from ***"

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,3 +59,29 @@ class TrainedRun:
     logs: str
     stdout: str
     termination_message: dict[str, Any]
+
+
+@contextlib.contextmanager
+def captured_logs() -> Iterator[io.StringIO]:
+    """Every log line of the block, as a handler on the root logger renders it (tracebacks
+    included): what a pod's log would show."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+
+
+def secret_spellings(secret: str) -> list[str]:
+    """The ways a secret could show up in text, as the tests look for them (independently of
+    the trainer's own list): as given, stripped, URL-encoded."""
+    from urllib.parse import quote, quote_plus
+
+    forms = set()
+    for form in (secret, secret.strip()):
+        forms |= {form, quote(form, safe=""), quote(form), quote_plus(form)}
+    return sorted(forms)

@@ -83,7 +83,7 @@ namespaces) or into one Role per watched namespace.
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/finalizers]
   verbs: [update]
-# kopf.event(): one Event per transition.
+# One Event per phase change.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
@@ -102,7 +102,7 @@ namespaces) or into one Role per watched namespace.
 # The Job is also watched for status, and patched to suspend/resume it or change its deadline.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [get, list, watch, create, patch]
 # Pods of the Job: scheduling failures, exit codes, termination messages.
 - apiGroups: [""]
   resources: [pods]
@@ -132,6 +132,18 @@ namespaces) or into one Role per watched namespace.
   value: {{ .Values.operator.referenceRecheckSeconds | quote }}
 - name: KUBETUNE_LIVENESS_ENDPOINT
   value: {{ printf "http://0.0.0.0:%d/healthz" (int .Values.operator.healthPort) | quote }}
+- name: KUBETUNE_METRICS_PORT
+  value: {{ .Values.operator.metricsPort | quote }}
+- name: KUBETUNE_LEADER_ELECTION
+  value: {{ .Values.operator.leaderElection.enabled | quote }}
+- name: KUBETUNE_LEASE_NAME
+  value: {{ include "kubetune.fullname" . | quote }}
+- name: KUBETUNE_LEASE_NAMESPACE
+  value: {{ .Release.Namespace | quote }}
+- name: KUBETUNE_LEASE_DURATION_SECONDS
+  value: {{ .Values.operator.leaderElection.leaseDurationSeconds | quote }}
+- name: KUBETUNE_LEASE_RENEW_SECONDS
+  value: {{ .Values.operator.leaderElection.renewSeconds | quote }}
 - name: KUBETUNE_JSON_LOGS
   value: {{ .Values.operator.jsonLogs | quote }}
 - name: KUBETUNE_VERBOSE

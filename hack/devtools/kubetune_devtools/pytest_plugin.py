@@ -32,6 +32,10 @@ from kubetune.local.controlplane import LocalCluster, NodeOptions
 from kubetune.local.ports import free_port
 
 TEST_NODE = "kubetune-test"
+# The session's nodes run every container on the host's Python (the local node's explicit fast
+# mode, docs/local-cluster.md): most suites test the control plane and the operator, not images.
+# Tests that run images start a node with ``add_node(..., host_images=())``.
+HOST_IMAGES = ("*",)
 
 
 @dataclass
@@ -75,7 +79,7 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterH
         yield ClusterHandle(kubeconfig, bin_dir / "kubectl", cluster, owned=False)
         return
     cluster = LocalCluster(tmp_path_factory.mktemp("kubetune-home"))
-    info = cluster.up(NodeOptions(name=TEST_NODE, gpus=0))
+    info = cluster.up(NodeOptions(name=TEST_NODE, gpus=0, host_images=HOST_IMAGES))
     try:
         yield ClusterHandle(
             cluster.layout.kubeconfig, Path(info.bin_dir) / "kubectl", cluster, owned=True
@@ -171,9 +175,15 @@ def add_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[AddNode
     started: list[str] = []
 
     def add(
-        name: str, gpus: int = 0, labels: Sequence[str] = (), taints: Sequence[str] = ()
+        name: str,
+        gpus: int = 0,
+        labels: Sequence[str] = (),
+        taints: Sequence[str] = (),
+        host_images: Sequence[str] = HOST_IMAGES,
     ) -> str:
-        node = NodeOptions(name=name, gpus=gpus, labels=labels, taints=taints)
+        node = NodeOptions(
+            name=name, gpus=gpus, labels=labels, taints=taints, host_images=host_images
+        )
         local = local_cluster.local()
         local.start_node_agent(node)
         started.append(name)
@@ -191,7 +201,7 @@ def gpu_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[str]:
     """A node with one ``nvidia.com/gpu``, for the rest of the session."""
     name = "kubetune-test-gpu"
     local = local_cluster.local()
-    local.start_node_agent(NodeOptions(name=name, gpus=1))
+    local.start_node_agent(NodeOptions(name=name, gpus=1, host_images=HOST_IMAGES))
     local.wait_node_ready(name, timeout=60)
     yield name
     local.node_agent_process(name).stop()
@@ -246,6 +256,10 @@ def local_node_chart_settings() -> list[str]:
     """The chart's values (``--set`` form) that the local node needs, plus quick status."""
     return [
         f"operator.healthPort={free_port()}",  # the local node's pods share the host network
+        f"operator.metricsPort={free_port()}",
+        # Replicas on one host-network node would share those ports: one (tests/operator covers
+        # two replicas as processes, each with its own ports).
+        "replicaCount=1",
         "operator.jsonLogs=false",
         "operator.progressIntervalSeconds=1",
         "operator.statusRecheckSeconds=5",
@@ -254,6 +268,23 @@ def local_node_chart_settings() -> list[str]:
         "trainer.runAsUser=null",
         "trainer.fsGroup=null",
     ]
+
+
+def built_images(*targets: str) -> Path:
+    """``hack/images/build.sh`` for ``targets`` (cached by content: at once when built); the store."""
+    repo = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "KUBETUNE_IMAGE_TARGETS": " ".join(targets)}
+    result = subprocess.run(
+        ["bash", str(repo / "hack" / "images" / "build.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3000,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"building the images {targets} failed:\n{result.stderr[-4000:]}")
+    return Path(result.stdout.strip().splitlines()[-1])
 
 
 def helm_set_args(settings: Sequence[str]) -> list[str]:
@@ -267,6 +298,7 @@ __all__ = [
     "add_node",
     "apply",
     "binaries_dir",
+    "built_images",
     "create_namespace",
     "get_json",
     "gpu_node",

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# Builds kubetune's two images from the Dockerfile with buildah (no daemon, no registry) and puts
+# them where the local node runs images from. `make images` calls it; so do the tests that need
+# the images (through kubetune_devtools.pytest_plugin). It prints the image store on its last line.
+#
+#   base   python:3.11-slim-bookworm, which can't be pulled here, is stood in for by an image made
+#          from Debian's packages with mmdebstrap (bookworm's Python is 3.11 too), tagged with the
+#          name the Dockerfile uses; buildah then builds with --pull=never.
+#   build  buildah bud --target operator / --target trainer, uv's download cache mounted (torch is
+#          GBs: the first build shares the wheels `make setup` already downloaded), the host's CA
+#          bundle passed as the build secret `ca-bundle` (a TLS-intercepting proxy's CA), never
+#          written into a layer.
+#   store  each image pushed as an OCI layout and unpacked with umoci into
+#          ${KUBETUNE_CACHE_DIR:-~/.cache/kubetune}/images/store/<escaped name:tag>/{oci,bundle}.
+#
+# Everything is keyed by content: the base by its recipe (this file's base section), each image by
+# the Dockerfile, .dockerignore, the files the build context admits and the base's key. A build
+# whose key is already in the store is skipped; buildah's layer cache makes a partly changed
+# build cheap (a source change rebuilds the install step, not the downloads).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "${HERE}/../.." && pwd)"
+CACHE="${KUBETUNE_CACHE_DIR:-${HOME}/.cache/kubetune}/images"
+STORE="${CACHE}/store"
+VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' "${REPO}/pyproject.toml" | head -n1)"
+TARGETS=(${KUBETUNE_IMAGE_TARGETS:-operator trainer})
+PYTHON_IMAGE=python:3.11-slim-bookworm
+# Debian packages of the stand-in base: what python:3.11-slim-bookworm offers the Dockerfile.
+BASE_PACKAGES=python3,python3-venv,python-is-python3,ca-certificates,passwd
+CA_BUNDLE="${KUBETUNE_BUILD_CA_BUNDLE:-${SSL_CERT_FILE:-/etc/ssl/certs/ca-certificates.crt}}"
+
+log() { echo "images: $*" >&2; }
+
+ensure_tools() {
+  local missing=() tool
+  for tool in buildah mmdebstrap umoci; do
+    command -v "${tool}" >/dev/null 2>&1 || missing+=("${tool}")
+  done
+  [[ ${#missing[@]} -eq 0 ]] && return
+  if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+    log "missing ${missing[*]}: install the Debian packages buildah, mmdebstrap and umoci"
+    exit 1
+  fi
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! apt-get install -y -q buildah mmdebstrap umoci >&2; then
+    apt-get update -q >&2
+    apt-get install -y -q buildah mmdebstrap umoci >&2
+  fi
+}
+
+bah() {
+  buildah --root "${CACHE}/buildah/root" --runroot "${CACHE}/buildah/run" \
+    --storage-driver overlay "$@"
+}
+
+sources_list() {
+  # The host's own Debian sources: mmdebstrap fetches from wherever this machine's apt does.
+  local f
+  for f in /etc/apt/sources.list.d/debian.sources /etc/apt/sources.list; do
+    [[ -s "${f}" ]] && { echo "${f}"; return; }
+  done
+  log "no Debian sources list found under /etc/apt"
+  exit 1
+}
+
+base_key() {
+  { echo "bookworm minbase ${BASE_PACKAGES}"; sed -n '/^base_image()/,/^}/p' "${BASH_SOURCE[0]}"; } \
+    | sha256sum | cut -c1-16
+}
+
+base_image() {
+  local key="$1" tar ctr
+  if [[ "$(bah inspect --type image --format '{{index .ImageAnnotations "io.kubetune.base-key"}}' \
+        "${PYTHON_IMAGE}" 2>/dev/null)" == "${key}" ]]; then
+    log "reusing the stand-in ${PYTHON_IMAGE} (${key})"
+    return
+  fi
+  log "making the stand-in ${PYTHON_IMAGE} from Debian packages (mmdebstrap)"
+  tar="${CACHE}/tmp/base-${key}.tar"
+  mkdir -p "${CACHE}/tmp"
+  SOURCE_DATE_EPOCH=1700000000 mmdebstrap --quiet --variant=minbase \
+    --include="${BASE_PACKAGES}" --dpkgopt=path-exclude=/usr/share/doc/* \
+    --dpkgopt=path-exclude=/usr/share/man/* --dpkgopt=path-exclude=/usr/share/locale/* \
+    bookworm "${tar}" "$(sources_list)" >&2
+  ctr="$(bah from scratch)"
+  bah add --quiet "${ctr}" "${tar}" / >&2
+  bah config --env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    --env LANG=C.UTF-8 --cmd '["python3"]' --annotation "io.kubetune.base-key=${key}" "${ctr}"
+  bah commit --quiet --rm "${ctr}" "${PYTHON_IMAGE}" >/dev/null
+  rm -f "${tar}"
+}
+
+context_key() {
+  local base="$1"
+  cd "${REPO}"
+  {
+    echo "${base}"
+    sha256sum Dockerfile .dockerignore
+    find pyproject.toml uv.lock README.md hack/devtools/pyproject.toml api operator trainer cli \
+      local -type f ! -path '*/__pycache__/*' ! -name '*.py[co]' -print0 \
+      | LC_ALL=C sort -z | xargs -0 sha256sum
+  } | sha256sum | cut -c1-16
+}
+
+uv_cache_mount() {
+  # buildah keeps `RUN --mount=type=cache,id=ID` under $TMPDIR/buildah-cache-<uid>/ID: point the
+  # Dockerfile's kubetune-uv cache at uv's own cache, so wheels setup.sh fetched aren't fetched again.
+  local uv_cache="${UV_CACHE_DIR:-${HOME}/.cache/uv}" parent="${CACHE}/tmp/buildah-cache-$(id -u)"
+  mkdir -p "${uv_cache}" "${parent}"
+  ln -sfn "${uv_cache}" "${parent}/kubetune-uv"
+}
+
+build_target() {
+  local target="$1" key="$2" ref="kubetune/$1:${VERSION}" dir
+  dir="${STORE}/$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "${ref}")"
+  if [[ "$(cat "${dir}/key" 2>/dev/null)" == "${key}" ]]; then
+    log "reusing ${ref} (${key})"
+    return
+  fi
+  local start=${SECONDS} secret=()
+  [[ -s "${CA_BUNDLE}" ]] && secret=(--secret "id=ca-bundle,src=${CA_BUNDLE}")
+  log "building ${ref}"
+  TMPDIR="${CACHE}/tmp" bah bud --quiet --isolation chroot --pull=never --layers \
+    --target "${target}" "${secret[@]}" --tag "${ref}" --file "${REPO}/Dockerfile" "${REPO}" >&2
+  log "storing ${ref}"
+  local tmp="${dir}.tmp.$$"
+  rm -rf "${tmp}"
+  mkdir -p "${tmp}"
+  TMPDIR="${CACHE}/tmp" bah push --quiet --disable-compression "${ref}" "oci:${tmp}/oci:${VERSION}" >&2
+  umoci unpack --image "${tmp}/oci:${VERSION}" "${tmp}/bundle" >/dev/null
+  echo "${ref}" >"${tmp}/name"
+  echo "${key}" >"${tmp}/key"
+  rm -rf "${dir}"
+  mv "${tmp}" "${dir}"
+  log "${ref}: $(du -sh --apparent-size "${dir}/bundle/rootfs" | cut -f1) unpacked, $((SECONDS - start))s"
+}
+
+main() {
+  ensure_tools
+  mkdir -p "${STORE}" "${CACHE}/tmp"
+  exec 9>"${CACHE}/.lock"
+  flock 9
+  uv_cache_mount
+  local base target
+  base="$(base_key)"
+  base_image "${base}"
+  for target in "${TARGETS[@]}"; do
+    build_target "${target}" "$(context_key "${base}")"
+  done
+  echo "${STORE}"
+}
+
+main "$@"

@@ -1,0 +1,211 @@
+"""What one reconcile of a FineTuneJob should do, decided from what exists. Pure: data in, plan out.
+
+The operator is level-triggered: whatever the event (the FineTuneJob, its Job or one of its
+Pods changed, a periodic resync, a replica taking over), it looks at the FineTuneJob and the
+children it owns, as the watch caches hold them, and ``plan`` says what to change. The handlers
+carry the plan out; nothing here calls the API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from kubetune.api.contract import ConditionType, Reason
+from kubetune.api.manifest import format_validation_error
+from kubetune.api.models import FineTuneJobSpec, FineTuneJobStatus
+from kubetune.api.timestamps import rfc3339
+from kubetune.operator.policy import policy_problems
+from kubetune.operator.render import child_names
+from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.status import derive_status, set_condition, ttl_remaining
+
+Obj = Mapping[str, Any]
+
+FINISHED: Final = ("Succeeded", "Failed")
+#: Status fields the operator owns. ``progress`` is the trainer's: never written here.
+OPERATOR_FIELDS: Final = frozenset(FineTuneJobStatus.model_fields) - {"progress"}
+_ALIASES: Final = {
+    name: info.alias or name for name, info in FineTuneJobStatus.model_fields.items()
+}
+OWNED_STATUS_KEYS: Final = frozenset(_ALIASES[name] for name in OPERATOR_FIELDS)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A problem no retry can fix: the job fails with this reason before anything is made."""
+
+    reason: str
+    problems: tuple[str, ...]
+
+    @property
+    def message(self) -> str:
+        return "; ".join(self.problems)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One reconcile's work, in the order the handlers carry it out."""
+
+    #: Fail the job now (InvalidSpec, Denied, NameConflict): the status to write, no children.
+    reject: Rejection | None = None
+    #: The validated spec, when the children are missing and must be created.
+    create: FineTuneJobSpec | None = None
+    #: A merge patch for the owned Job (suspend, deadline), made with its resourceVersion.
+    job_patch: dict[str, Any] | None = None
+    #: Only the status fields that changed (never ``progress``); None when nothing did.
+    status_patch: dict[str, Any] | None = None
+    #: The finished job's TTL ran out: delete the FineTuneJob.
+    delete: bool = False
+    #: Look again after this many seconds even without an event (TTL due, missing reference).
+    requeue_after: float | None = None
+    #: Why, for the log.
+    notes: tuple[str, ...] = field(default=())
+
+
+def owned_by(obj: Obj, uid: str) -> bool:
+    """Whether ``uid`` is the controller owner of ``obj``: the only objects kubetune touches."""
+    owners = obj.get("metadata", {}).get("ownerReferences") or []
+    return any(o.get("uid") == uid and o.get("controller") for o in owners)
+
+
+def owned_job(ftj: Obj, jobs: Sequence[Obj]) -> Obj | None:
+    uid = str(ftj.get("metadata", {}).get("uid"))
+    return next((job for job in jobs if owned_by(job, uid)), None)
+
+
+def pods_of(job: Obj | None, pods: Sequence[Obj]) -> list[Obj]:
+    """The Job's own pods (controller-owned by it), whatever their labels say."""
+    if job is None:
+        return []
+    uid = str(job.get("metadata", {}).get("uid"))
+    return [pod for pod in pods if owned_by(pod, uid)]
+
+
+def status_changes(current: Obj, desired: Obj) -> dict[str, Any] | None:
+    """The fields of ``desired`` that differ from ``current`` (only fields the operator owns)."""
+    changed = {
+        key: value
+        for key, value in desired.items()
+        if key in OWNED_STATUS_KEYS and current.get(key) != value
+    }
+    return changed or None
+
+
+def rejected_status(ftj: Obj, rejection: Rejection, now: datetime) -> dict[str, Any]:
+    """The status of a FineTuneJob failed for ``rejection``, built through the status model."""
+    current = ftj.get("status") or {}
+    generation = ftj.get("metadata", {}).get("generation")
+    conditions: Sequence[Mapping[str, Any]] = current.get("conditions") or []
+    for type_, value in ((ConditionType.READY, False), (ConditionType.FAILED, True)):
+        conditions = set_condition(
+            conditions,
+            type_,
+            value,
+            reason=rejection.reason,
+            message=rejection.message,
+            now=now,
+            generation=generation,
+        )
+    status = FineTuneJobStatus.model_validate(
+        {
+            "phase": "Failed",
+            "observedGeneration": generation,
+            "conditions": conditions,
+            "completionTime": current.get("completionTime") or rfc3339(now),
+            "result": {
+                "outcome": "Failed",
+                "reason": rejection.reason,
+                "message": rejection.message[:1024],
+            },
+        }
+    )
+    return status.model_dump(by_alias=True, exclude_none=True, exclude_unset=True, mode="json")
+
+
+def validate(spec: Obj, settings: OperatorSettings) -> FineTuneJobSpec | Rejection:
+    """The parsed spec, or why it can never run (InvalidSpec, Denied)."""
+    try:
+        parsed = FineTuneJobSpec.model_validate(dict(spec))
+    except ValidationError as exc:
+        problems = format_validation_error(exc, FineTuneJobSpec, prefix="spec")
+        return Rejection(Reason.INVALID_SPEC, tuple(f"spec.{problem}" for problem in problems))
+    denied = policy_problems(parsed, settings)
+    if denied:
+        return Rejection(Reason.DENIED, tuple(denied))
+    return parsed
+
+
+def desired_job_patch(ftj: Obj, job: Obj) -> dict[str, Any] | None:
+    """What of the Job's spec must follow the FineTuneJob's runPolicy (suspend, deadline)."""
+    run_policy = ftj.get("spec", {}).get("runPolicy") or {}
+    queued = bool((ftj.get("spec", {}).get("scheduling") or {}).get("queueName"))
+    job_spec = job.get("spec", {})
+    patch: dict[str, Any] = {}
+    suspend = bool(run_policy.get("suspend", False))
+    if suspend and not job_spec.get("suspend"):
+        patch["suspend"] = True
+    elif not suspend and job_spec.get("suspend") and not queued:
+        # A queued Job stays suspended until Kueue admits it by unsuspending it.
+        patch["suspend"] = False
+    deadline = run_policy.get("activeDeadlineSeconds")
+    if deadline is not None and job_spec.get("activeDeadlineSeconds") != int(deadline):
+        patch["activeDeadlineSeconds"] = int(deadline)
+    return {"spec": patch} if patch else None
+
+
+def plan(
+    ftj: Obj,
+    jobs: Sequence[Obj],
+    pods: Sequence[Obj],
+    settings: OperatorSettings,
+    now: datetime,
+) -> Plan:
+    """What to do for ``ftj`` given the Jobs and Pods the caches hold for it.
+
+    ``jobs`` are the Jobs named for it (owned or not), ``pods`` the Pods that name it; ``ftj``'s
+    status is the latest the operator knows (its own writes included).
+    """
+    metadata = ftj.get("metadata", {})
+    if metadata.get("deletionTimestamp"):
+        return Plan(notes=("being deleted",))
+    status = ftj.get("status") or {}
+    phase = status.get("phase")
+    job = owned_job(ftj, jobs)
+
+    if phase in FINISHED:
+        # A finished run is never started again, whatever happened to its Job.
+        changes = None
+        if job is not None:
+            changes = status_changes(status, derive_status(ftj, job, pods_of(job, pods), now))
+            if changes is not None and changes.get("phase") not in (None, *FINISHED):
+                changes = None  # never back from a finished phase
+        ttl = (ftj.get("spec", {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+        remaining = ttl_remaining(status, ttl, now)
+        if remaining is not None and remaining <= 0:
+            return Plan(status_patch=changes, delete=True, notes=("ttl passed",))
+        return Plan(status_patch=changes, requeue_after=remaining)
+
+    if job is None:
+        name = str(metadata.get("name"))
+        job_name = child_names(name).job
+        foreign = [j for j in jobs if j.get("metadata", {}).get("name") == job_name]
+        checked = validate(ftj.get("spec") or {}, settings)
+        if isinstance(checked, Rejection):
+            return Plan(reject=checked)
+        if foreign:
+            # A same-named Job that isn't ours: never take it over, never touch it.
+            return Plan(
+                reject=Rejection(Reason.NAME_CONFLICT, (f"Job {job_name} exists and is not owned",))
+            )
+        return Plan(create=checked)
+
+    desired = derive_status(ftj, job, pods_of(job, pods), now)
+    return Plan(
+        job_patch=desired_job_patch(ftj, job),
+        status_patch=status_changes(status, desired),
+    )

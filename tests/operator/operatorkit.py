@@ -1,0 +1,104 @@
+"""The operator as a process for the integration tests: started, killed, restarted, scraped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from kubetune.local.ports import free_port
+
+
+class OperatorProcess:
+    """``kubetune-operator`` in a subprocess, logging to a file; it can be killed and restarted."""
+
+    def __init__(
+        self,
+        kubeconfig: Path,
+        log_path: Path,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.kubeconfig = kubeconfig
+        self.log_path = log_path
+        self.args = list(args)
+        self.extra_env = dict(env or {})
+        self.liveness_url = f"http://127.0.0.1:{free_port()}/healthz"
+        self.metrics_port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(self.kubeconfig),
+            # The local node runs pods as the host user and can't honour runAsNonRoot.
+            "KUBETUNE_RUN_AS_NON_ROOT": "false",
+            "KUBETUNE_RUN_AS_USER": "",
+            "KUBETUNE_FS_GROUP": "",
+            "KUBETUNE_LIVENESS_ENDPOINT": self.liveness_url,
+            "KUBETUNE_METRICS_PORT": str(self.metrics_port),
+            # A replica killed without notice holds the Lease this long: keep restarts quick.
+            "KUBETUNE_LEASE_DURATION_SECONDS": "4",
+            "KUBETUNE_LEASE_RENEW_SECONDS": "1",
+            "KUBETUNE_PROGRESS_INTERVAL_SECONDS": "1",
+            "KUBETUNE_STATUS_RECHECK_SECONDS": "5",
+            "KUBETUNE_REFERENCE_RECHECK_SECONDS": "2",
+            "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:test",
+            # Lifecycle jobs name a stand-in plan in their trainer's env (sleeper_spec); the
+            # rest run the real trainer through the same command.
+            "KUBETUNE_TRAINER_COMMAND": "kubetune-stand-in-trainer",
+            "KUBETUNE_ALLOWED_POD_TEMPLATE_FIELDS": "containers.env",
+            "PYTHONUNBUFFERED": "1",
+            "KUBETUNE_VERBOSE": os.environ.get("KUBETUNE_TEST_OPERATOR_VERBOSE", "false"),
+            **self.extra_env,
+        }
+        operator = Path(sys.executable).with_name("kubetune-operator")
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [str(operator), *self.args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to clean up, as when a node dies under the operator."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.process = None
+
+    def log_tail(self, lines: int = 60) -> str:
+        lines = int(os.environ.get("KUBETUNE_TEST_OPERATOR_LOG_LINES", lines))
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def metrics(self) -> dict[str, float]:
+        """The operator's /metrics as ``{'name{labels}': value}``."""
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            text = response.read().decode()
+        samples: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                series, _, value = line.rpartition(" ")
+                samples[series] = float(value)
+        return samples

@@ -1,0 +1,166 @@
+"""reconcile.plan: what one level-triggered reconcile does, from the FineTuneJob and what exists."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from kubetune.api.timestamps import rfc3339
+from kubetune.operator.reconcile import plan, status_changes
+from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.status import derive_status
+
+pytestmark = pytest.mark.unit
+
+NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+SETTINGS = OperatorSettings(trainer_network_policy=True)
+UID = "ftj-uid"
+
+SPEC: dict[str, Any] = {
+    "model": {"uri": "org/model"},
+    "dataset": {"uri": "https://datasets.example/train.jsonl"},
+    "output": {"uri": "s3://bucket/adapter"},
+}
+
+
+def ftj(
+    status: dict[str, Any] | None = None, run_policy: dict[str, Any] | None = None, **spec: Any
+) -> dict[str, Any]:
+    body_spec = {**SPEC, **spec}
+    if run_policy is not None:
+        body_spec["runPolicy"] = run_policy
+    return {
+        "metadata": {
+            "name": "run-1",
+            "namespace": "ns",
+            "uid": UID,
+            "generation": 1,
+            "creationTimestamp": rfc3339(NOW - timedelta(seconds=5)),
+        },
+        "spec": body_spec,
+        "status": status or {},
+    }
+
+
+def job(owner: str = UID, suspend: bool = False, **spec: Any) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": "run-1",
+            "uid": "job-uid",
+            "resourceVersion": "7",
+            "ownerReferences": [{"uid": owner, "controller": True}],
+        },
+        "spec": {"suspend": suspend, **spec},
+        "status": {},
+    }
+
+
+def running_pod(owner: str = "job-uid") -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": "run-1-abc",
+            "creationTimestamp": "2026-01-02T03:00:00Z",
+            "ownerReferences": [{"uid": owner, "controller": True}],
+        },
+        "status": {
+            "phase": "Running",
+            "startTime": "2026-01-02T03:00:01Z",
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "state": {"running": {"startedAt": "2026-01-02T03:00:02Z"}},
+                }
+            ],
+        },
+    }
+
+
+def test_a_new_job_without_children_creates_them() -> None:
+    work = plan(ftj(), [], [], SETTINGS, NOW)
+    assert work.create is not None and work.create.model.uri == "org/model"
+    assert work.reject is None and work.status_patch is None
+
+
+def test_a_denied_option_fails_before_anything_is_created() -> None:
+    work = plan(ftj(model={"uri": "org/model", "trustRemoteCode": True}), [], [], SETTINGS, NOW)
+    assert work.create is None
+    assert work.reject is not None and work.reject.reason == "Denied"
+    assert "spec.model.trustRemoteCode" in work.reject.message
+
+
+def test_a_spec_the_models_refuse_fails_invalid_spec_naming_the_field() -> None:
+    work = plan(ftj(model={"uri": "ftp://mirror.invalid/m"}), [], [], SETTINGS, NOW)
+    assert work.reject is not None and work.reject.reason == "InvalidSpec"
+    assert work.reject.message.startswith("spec.model.uri")
+
+
+def test_a_same_named_job_of_someone_else_is_a_name_conflict_and_never_touched() -> None:
+    work = plan(ftj(), [job(owner="someone-else")], [], SETTINGS, NOW)
+    assert work.reject is not None and work.reject.reason == "NameConflict"
+    assert work.create is None and work.job_patch is None
+
+
+def test_pods_of_a_foreign_job_are_not_read() -> None:
+    work = plan(ftj(), [job()], [running_pod(owner="other-job")], SETTINGS, NOW)
+    assert work.status_patch is not None and work.status_patch["phase"] == "Pending"
+
+
+def test_status_is_derived_from_the_owned_job_and_its_pods() -> None:
+    work = plan(ftj(), [job()], [running_pod()], SETTINGS, NOW)
+    assert work.create is None
+    assert work.status_patch is not None and work.status_patch["phase"] == "Running"
+
+
+def test_nothing_changed_means_no_patch() -> None:
+    body = ftj()
+    body["status"] = derive_status(body, job(), [running_pod()], NOW)
+    later = NOW + timedelta(minutes=5)
+    assert plan(body, [job()], [running_pod()], SETTINGS, later).status_patch is None
+
+
+def test_the_status_patch_never_carries_progress() -> None:
+    body = ftj(status={"phase": "Running", "progress": {"step": 3}})
+    derived = {**derive_status(body, job(), [running_pod()], NOW), "progress": {"step": 1}}
+    changes = status_changes(body["status"], derived)
+    assert changes is not None and "progress" not in changes
+
+
+def test_suspend_in_the_spec_suspends_the_owned_job() -> None:
+    work = plan(ftj(run_policy={"suspend": True}), [job()], [], SETTINGS, NOW)
+    assert work.job_patch == {"spec": {"suspend": True}}
+
+
+def test_resume_unsuspends_the_job_unless_a_queue_admits_it() -> None:
+    resumed = plan(ftj(run_policy={"suspend": False}), [job(suspend=True)], [], SETTINGS, NOW)
+    assert resumed.job_patch == {"spec": {"suspend": False}}
+    queued = ftj(run_policy={"suspend": False}, scheduling={"queueName": "gpus"})
+    assert plan(queued, [job(suspend=True)], [], SETTINGS, NOW).job_patch is None
+
+
+def test_a_new_deadline_follows_to_the_job() -> None:
+    body = ftj(run_policy={"activeDeadlineSeconds": 600})
+    work = plan(body, [job(activeDeadlineSeconds=300)], [], SETTINGS, NOW)
+    assert work.job_patch == {"spec": {"activeDeadlineSeconds": 600}}
+
+
+def test_a_finished_job_is_never_started_again() -> None:
+    body = ftj(status={"phase": "Failed", "completionTime": rfc3339(NOW)})
+    work = plan(body, [], [], SETTINGS, NOW)
+    assert work.create is None and work.reject is None and not work.delete
+
+
+def test_a_finished_job_is_deleted_once_its_ttl_passes_and_looked_at_again_before() -> None:
+    finished = {"phase": "Succeeded", "completionTime": rfc3339(NOW - timedelta(seconds=30))}
+    body = ftj(status=finished, run_policy={"ttlSecondsAfterFinished": 60})
+    waiting = plan(body, [], [], SETTINGS, NOW)
+    assert not waiting.delete and waiting.requeue_after == pytest.approx(30)
+    assert plan(body, [], [], SETTINGS, NOW + timedelta(seconds=31)).delete
+
+
+def test_a_job_being_deleted_is_left_alone() -> None:
+    body = ftj()
+    body["metadata"]["deletionTimestamp"] = rfc3339(NOW)
+    work = plan(body, [], [], SETTINGS, NOW)
+    assert work.create is None and work.status_patch is None and work.reject is None

@@ -1,0 +1,59 @@
+"""The work queue: one entry per FineTuneJob, one worker at a time per key, retries back off."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kubetune.operator.workqueue import BACKOFF, WorkQueue
+
+pytestmark = pytest.mark.unit
+
+
+def test_a_key_queued_many_times_is_handled_once() -> None:
+    async def scenario() -> list[str]:
+        queue: WorkQueue[str] = WorkQueue()
+        for _ in range(5):
+            queue.add("a")
+        queue.add("b")
+        got = [await queue.get(), await queue.get()]
+        assert len(queue) == 0
+        return got
+
+    assert asyncio.run(scenario()) == ["a", "b"]
+
+
+def test_a_key_changed_while_handled_is_handled_again_after() -> None:
+    async def scenario() -> None:
+        queue: WorkQueue[str] = WorkQueue()
+        queue.add("a")
+        key = await queue.get()
+        queue.add("a")  # an event while a worker has it: not a second worker
+        assert len(queue) == 0
+        queue.done(key)
+        assert len(queue) == 1 and await queue.get() == "a"
+
+    asyncio.run(scenario())
+
+
+def test_retries_back_off_and_forget_starts_over() -> None:
+    async def scenario() -> None:
+        queue: WorkQueue[str] = WorkQueue()
+        assert [queue.retry("a") for _ in range(3)] == list(BACKOFF[:3])
+        queue.forget("a")
+        assert queue.retry("a") == BACKOFF[0]
+        assert queue.retry("a", delay=0.01) == 0.01
+        queue.drop("a")
+
+    asyncio.run(scenario())
+
+
+def test_a_delayed_key_comes_at_its_time() -> None:
+    async def scenario() -> None:
+        queue: WorkQueue[str] = WorkQueue()
+        queue.add_after("a", 0.05)
+        assert len(queue) == 0
+        assert await asyncio.wait_for(queue.get(), 2) == "a"
+
+    asyncio.run(scenario())
