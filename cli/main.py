@@ -6,6 +6,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from kubetune.api.contract import ExitCode
 from kubetune.api.errors import SpecError
@@ -16,6 +17,7 @@ _PLUGINS = {
     "train": ("kubetune.trainer.local_run", "trainer"),
     "local": ("kubetune.local.cli", "operator"),
     "watch": ("kubetune.cli.watch", "operator"),
+    "logs": ("kubetune.cli.logs", "operator"),
 }
 
 
@@ -54,9 +56,9 @@ def _missing_extra(extra: str, error: ImportError) -> argparse.Namespace:
     return argparse.Namespace(func=run)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "kubetune") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kubetune",
+        prog=prog,
         description="Kubernetes-native QLoRA fine-tuning. See README.md for a first run.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -83,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    # Installed as kubectl-kubetune too, kubectl runs it as a plugin: `kubectl kubetune ...`.
+    plugin = Path(sys.argv[0]).name == "kubectl-kubetune"
+    args = build_parser("kubectl kubetune" if plugin else "kubetune").parse_args(argv)
     return int(args.func(args))
 
 

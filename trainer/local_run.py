@@ -11,9 +11,13 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from kubetune.api.contract import TERMINATION_LOG_ENV, ExitCode
 from kubetune.api.errors import SpecError
+from kubetune.api.models import KIND
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -44,18 +48,13 @@ def train_command(args: argparse.Namespace) -> int:
 
     configure_logging()
     try:
-        job = load_finetunejob(args.manifest)
+        job = load_finetunejob(_with_output(args.manifest, args.output))
     except SpecError as exc:
         print(f"error: {args.manifest} is not a valid FineTuneJob:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return int(ExitCode.INVALID_CONFIG)
-    spec = job.spec
-    if args.output is not None:
-        spec = spec.model_copy(
-            update={"output": spec.output.model_copy(update={"uri": str(args.output.resolve())})}
-        )
-    config = TrainerConfig(spec=spec)
+    config = TrainerConfig(spec=job.spec)
     outcome = run(
         config,
         name=job.name,
@@ -71,6 +70,29 @@ def train_command(args: argparse.Namespace) -> int:
     if outcome.exit_code != ExitCode.SUCCEEDED:
         print(f"error ({outcome.result.reason}): {outcome.result.message}", file=sys.stderr)
     return outcome.exit_code
+
+
+def _with_output(manifest: Path, output: Path | None) -> Path | dict[str, Any]:
+    """The manifest, with ``--output`` as its ``spec.output.uri`` (which it then needn't have).
+
+    Anything unreadable goes to ``load_finetunejob`` as the path, which names the problem."""
+    if output is None:
+        return manifest
+    from kubetune.api.documents import DocumentTooLarge, load_yaml_documents
+
+    try:
+        documents = load_yaml_documents(manifest.read_text(), str(manifest))
+    except (OSError, ValueError, DocumentTooLarge, yaml.YAMLError):
+        return manifest
+    jobs = [d for d in documents if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(jobs) != 1 or not isinstance(jobs[0].get("spec"), dict):
+        return manifest
+    job = dict(jobs[0])
+    spec = dict(job["spec"])
+    current = spec.get("output") if isinstance(spec.get("output"), dict) else {}
+    spec["output"] = {**current, "uri": str(output.resolve())}
+    job["spec"] = spec
+    return job
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,121 @@
+"""``kubetune logs NAME``: the trainer's log, across attempts.
+
+A FineTuneJob's trainer may run in several pods over its life (a retry, an eviction that
+resumes from a checkpoint). This follows whichever pod ``status.podName`` names, announces each
+new attempt, and stops when the job has finished and its last pod's log is read to the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from kubetune.api.contract import TRAINER_CONTAINER
+from kubetune.api.models import GROUP, PLURAL, VERSION
+
+_TERMINAL = {"Succeeded", "Failed"}
+
+
+def _status(custom: Any, namespace: str, name: str) -> dict[str, Any] | None:
+    from kubernetes import client
+
+    try:
+        obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+    status: dict[str, Any] = obj.get("status") or {}
+    return status
+
+
+def _lines(core: Any, namespace: str, pod: str, follow: bool) -> Iterator[str]:
+    """The pod's trainer log, line by line; ends when the container does (or at once when the
+    pod has no log yet)."""
+    from kubernetes import client
+
+    try:
+        response = core.read_namespaced_pod_log(
+            pod, namespace, container=TRAINER_CONTAINER, follow=follow, _preload_content=False
+        )
+    except client.ApiException as exc:
+        if exc.status in (400, 404):  # not started yet, or already gone
+            return
+        raise
+    pending = b""
+    for chunk in response.stream(1024):
+        pending += chunk
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            yield line.decode(errors="replace")
+    if pending:
+        yield pending.decode(errors="replace")
+
+
+def follow_logs(
+    name: str,
+    namespace: str,
+    kubeconfig: str | None,
+    *,
+    follow: bool = True,
+    interval: float = 2.0,
+    out: Callable[[str], None] = functools.partial(print, flush=True),
+) -> int:
+    """Print the trainer's log (line by line, also into a pipe); 0 when the job succeeded, 1 when it failed or isn't there."""
+    from kubernetes import client, config
+
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig)
+    else:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+    custom, core = client.CustomObjectsApi(), client.CoreV1Api()
+    shown: str | None = None  # the pod whose log has been printed to its end
+    announced: str | None = None
+    while True:
+        status = _status(custom, namespace, name)
+        if status is None:
+            out(f"FineTuneJob {namespace}/{name} not found")
+            return 1
+        pod = status.get("podName")
+        finished = status.get("phase") in _TERMINAL
+        if pod and pod != shown:
+            if pod != announced:
+                attempt = status.get("attempts")
+                suffix = f" (attempt {attempt})" if attempt else ""
+                out(f"--- {name}: pod {pod}{suffix} ---")
+                announced = pod
+            printed = False
+            for line in _lines(core, namespace, pod, follow and not finished):
+                out(line)
+                printed = True
+            if printed or finished or not follow:
+                shown = pod
+                continue  # look again at once: a newer attempt may have started
+        elif finished or not follow:
+            if not pod:
+                out(f"{name} has no trainer pod yet ({status.get('phase') or 'Pending'})")
+            return 1 if status.get("phase") == "Failed" else 0
+        time.sleep(interval)
+
+
+def _run(args: argparse.Namespace) -> int:
+    return follow_logs(args.name, args.namespace, args.kubeconfig, follow=args.follow)
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "logs", help="the trainer's log of one FineTuneJob, following it across attempts"
+    )
+    parser.add_argument("name", help="FineTuneJob name")
+    parser.add_argument("-n", "--namespace", default="default")
+    parser.add_argument("--kubeconfig", help="kubeconfig (default: in-cluster, then ~/.kube)")
+    parser.add_argument(
+        "-f", "--follow", action="store_true", help="keep following until the job finishes"
+    )
+    parser.set_defaults(func=_run)

@@ -1,0 +1,112 @@
+"""The `kubetune` command against a real cluster: `kubetune logs` across attempts, and the same
+command as a kubectl plugin. The FineTuneJob's status is written here as the operator would."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune_devtools.pytest_plugin import ClusterHandle, Kubectl, apply, get_json, wait_for
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+JOB = {
+    "apiVersion": "kubetune.io/v1alpha1",
+    "kind": "FineTuneJob",
+    "metadata": {"name": "logged"},
+    "spec": {
+        "model": {"uri": "org/model"},
+        "dataset": {"uri": "pvc://data/train.jsonl"},
+        "output": {"uri": "pvc://out/adapter"},
+        "runPolicy": {"suspend": True},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def crd(kubectl: Kubectl) -> None:
+    kubectl("apply", "--server-side", "--force-conflicts", "-f",
+            str(REPO / "crds" / "finetunejobs.kubetune.io.yaml"))  # fmt: skip
+    kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+
+
+def trainer_pod(name: str, script: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [
+                {"name": "trainer", "image": "busybox", "command": ["sh", "-c", script]}
+            ],
+        },
+    }
+
+
+def set_status(kubectl: Kubectl, namespace: str, **status: Any) -> None:
+    kubectl("patch", "ftj", "logged", "-n", namespace, "--subresource=status", "--type=merge",
+            "-p", json.dumps({"status": status}))  # fmt: skip
+
+
+def pod_phase(kubectl: Kubectl, namespace: str, name: str) -> str:
+    return str(get_json(kubectl, "pod", name, "-n", namespace)["status"].get("phase"))
+
+
+def test_kubetune_logs_follows_the_trainer_across_attempts_until_the_job_ends(
+    crd: None, kubectl: Kubectl, namespace: str, kubeconfig_path: Path
+) -> None:
+    apply(kubectl, namespace, JOB)
+    apply(kubectl, namespace, trainer_pod("logged-a", "echo from-attempt-one; exit 1"))
+    wait_for(lambda: pod_phase(kubectl, namespace, "logged-a") == "Failed", 60, "attempt one")
+    set_status(kubectl, namespace, phase="Running", podName="logged-a", attempts=1)
+
+    follower = subprocess.Popen(
+        [str(BIN / "kubetune"), "logs", "logged", "-n", namespace, "-f",
+         "--kubeconfig", str(kubeconfig_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(follower.stdout.readline, "")))  # type: ignore[union-attr]
+    reader.start()
+    try:
+        wait_for(lambda: "from-attempt-one\n" in lines, 60, "the first attempt's log")
+        apply(kubectl, namespace, trainer_pod("logged-b", "sleep 2; echo from-attempt-two"))
+        set_status(kubectl, namespace, phase="Running", podName="logged-b", attempts=2)
+        wait_for(lambda: pod_phase(kubectl, namespace, "logged-b") == "Succeeded", 60, "attempt 2")
+        set_status(kubectl, namespace, phase="Succeeded")
+        follower.wait(timeout=60)
+    finally:
+        follower.kill()
+        reader.join(timeout=10)
+    assert follower.returncode == 0, follower.stderr.read() if follower.stderr else ""
+    shown = [line.rstrip("\n") for line in lines]
+    assert shown == [
+        "--- logged: pod logged-a (attempt 1) ---",
+        "from-attempt-one",
+        "--- logged: pod logged-b (attempt 2) ---",
+        "from-attempt-two",
+    ]
+
+
+def test_kubetune_is_a_kubectl_plugin(local_cluster: ClusterHandle) -> None:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+    def kubectl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(local_cluster.kubectl_binary), *args], env=env,
+                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+
+    assert str(BIN / "kubectl-kubetune") in kubectl("plugin", "list").stdout
+    validated = kubectl("kubetune", "validate", str(REPO / "examples" / "tiny-cpu.yaml"))
+    assert validated.returncode == 0, validated.stderr
+    assert "is valid" in validated.stdout
+    assert kubectl("kubetune", "--help").stdout.startswith("usage: kubectl kubetune")
