@@ -8,13 +8,13 @@ new attempt, and stops when the job has finished and its last pod's log is read 
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from kubetune.api.contract import TRAINER_CONTAINER
 from kubetune.api.models import GROUP, PLURAL, VERSION
+from kubetune.cli.watch import connect
 
 _TERMINAL = {"Succeeded", "Failed"}
 
@@ -55,6 +55,10 @@ def _lines(core: Any, namespace: str, pod: str, follow: bool) -> Iterator[str]:
         yield pending.decode(errors="replace")
 
 
+def _print_line(line: str) -> None:
+    print(line, flush=True)  # line by line, also into a pipe
+
+
 def follow_logs(
     name: str,
     namespace: str,
@@ -62,19 +66,10 @@ def follow_logs(
     *,
     follow: bool = True,
     interval: float = 2.0,
-    out: Callable[[str], None] = functools.partial(print, flush=True),
+    out: Callable[[str], None] = _print_line,
 ) -> int:
-    """Print the trainer's log (line by line, also into a pipe); 0 when the job succeeded, 1 when it failed or isn't there."""
-    from kubernetes import client, config
-
-    if kubeconfig:
-        config.load_kube_config(config_file=kubeconfig)
-    else:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-    custom, core = client.CustomObjectsApi(), client.CoreV1Api()
+    """Print the trainer's log; 0 when the job succeeded, 1 when it failed or isn't there."""
+    custom, core = connect(kubeconfig)
     shown: str | None = None  # the pod whose log has been printed to its end
     announced: str | None = None
     while True:

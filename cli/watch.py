@@ -103,6 +103,21 @@ def _event_lines(core: Any, namespace: str, name: str, uid: str, seen: set[str])
     return lines
 
 
+def connect(kubeconfig: str | None) -> tuple[Any, Any]:
+    """The custom-objects and core clients for ``kubeconfig`` (else in-cluster, then the
+    default kubeconfig); the kubernetes package is the operator extra, imported when used."""
+    from kubernetes import client, config
+
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig)
+    else:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+    return client.CustomObjectsApi(), client.CoreV1Api()
+
+
 def watch(
     name: str,
     namespace: str,
@@ -112,17 +127,9 @@ def watch(
     timeout: float | None = None,
     out: Callable[[str], None] = print,
 ) -> int:
-    from kubernetes import client, config  # the operator extra; imported when used
+    from kubernetes import client
 
-    if kubeconfig:
-        config.load_kube_config(config_file=kubeconfig)
-    else:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-    custom = client.CustomObjectsApi()
-    core = client.CoreV1Api()
+    custom, core = connect(kubeconfig)
     losses: list[float] = []
     seen_events: set[str] = set()
     last_view = ""
