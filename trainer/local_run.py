@@ -89,8 +89,11 @@ def _with_output(manifest: Path, output: Path | None) -> Path | dict[str, Any]:
         return manifest
     job = dict(jobs[0])
     spec = dict(job["spec"])
-    current = spec.get("output") if isinstance(spec.get("output"), dict) else {}
-    spec["output"] = {**current, "uri": str(output.resolve())}
+    current = spec.get("output")
+    spec["output"] = {
+        **(current if isinstance(current, dict) else {}),
+        "uri": str(output.resolve()),
+    }
     job["spec"] = spec
     return job
 
