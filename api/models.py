@@ -306,7 +306,15 @@ class LoraSpec(ApiModel):
     alpha: float = Field(
         default=32, gt=0, description="Scaling numerator: the update is scaled by alpha / r."
     )
-    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    dropout: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description=(
+            "Dropout on the LoRA input. 0 by default: 0.05 cost 5% of the tokens/s and 16 GiB "
+            "on a 7B run, with no measured quality gain (docs/trainer.md)."
+        ),
+    )
     target_modules: list[Annotated[str, Field(max_length=256)]] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
@@ -386,8 +394,13 @@ class TrainingSpec(ApiModel):
         description="Checkpoint every N optimizer steps (and always on SIGTERM).",
     )
     logging_steps: int = Field(default=10, ge=1, description="Log metrics every N steps.")
-    gradient_checkpointing: bool = Field(
-        default=True, description="Recompute activations in backward: much less memory."
+    gradient_checkpointing: bool | None = Field(
+        default=None,
+        description=(
+            "Recompute activations in backward: much less memory, about a third slower. Unset "
+            "(auto): the memory plan checkpoints as few decoder layers as the GPU's free memory "
+            "needs (none, some spread evenly, or all); true: all layers; false: none."
+        ),
     )
     attention: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
         default="auto",
@@ -773,6 +786,25 @@ class EvaluationResult(StatusModel):
     metrics: dict[str, float] = Field(default_factory=dict, description="Held-out metrics.")
 
 
+class MemoryPlanReport(StatusModel):
+    """What the trainer's memory plan chose for the GPU it ran on."""
+
+    gradient_checkpointing: str = Field(
+        description="off, all layers, or N of M layers (spread evenly)."
+    )
+    micro_batch_size: int = Field(description="Packed rows of maxLength per forward pass.")
+    tokens_per_micro_step: int = Field(description="Tokens per forward pass.")
+    gradient_accumulation_steps: int = Field(description="Micro-steps per optimizer step.")
+    optimizer: str = Field(description="The optimizer used.")
+    estimated_peak_gib: float | None = Field(
+        default=None, description="Peak GPU memory the plan expected (GiB)."
+    )
+    free_gib: float | None = Field(
+        default=None, description="Free GPU memory when the plan was made (GiB)."
+    )
+    peak_gib: float | None = Field(default=None, description="Peak GPU memory measured (GiB).")
+
+
 class TrainerResult(StatusModel):
     """What the trainer reports on exit (its termination message)."""
 
@@ -787,6 +819,9 @@ class TrainerResult(StatusModel):
     metrics: dict[str, float] = Field(default_factory=dict, description="Final metrics.")
     evaluation: EvaluationResult | None = Field(
         default=None, description="Base vs adapter answers and held-out metrics."
+    )
+    plan: MemoryPlanReport | None = Field(
+        default=None, description="What the memory plan chose (checkpointing, micro-steps)."
     )
 
 

@@ -1,4 +1,4 @@
-"""Real tokens/s and peak GPU memory: kubetune's trainer path vs plain TRL defaults.
+"""Real tokens/s, peak memory, MFU and time to first step: kubetune's defaults vs plain TRL.
 
 Run on a GPU machine (see ../shared/gpu/README.md for the setup; nothing is downloaded):
 
@@ -9,8 +9,21 @@ to ``--model-dir`` and then loaded by each configuration through its own 4-bit p
 pre-tokenised and synthetic, with a realistic length mix (log-normal, median ~380 tokens, capped
 at the max length), so padding waste is part of what is measured. Each configuration runs in its
 own process, so peak memory and compiled kernels don't leak from one into the next. Tokens/s
-counts real tokens (TRL's ``num_tokens``: attention-mask sums, or packed lengths without padding)
-over the steps after the warm-up; peak memory is ``torch.cuda.max_memory_allocated()``.
+counts real tokens (TRL's ``num_tokens``: attention-mask sums, or packed lengths without padding;
+kubetune takes its bucket padding back out) over the steps after the warm-up; peak memory is
+``torch.cuda.max_memory_allocated()``; MFU is model FLOPs (the count in :func:`flops_per_token`,
+no recompute) per second over the card's dense bf16 peak; time to first step runs from the start
+of ``train()`` (model loaded) to the end of the first optimizer step, and ``startup_seconds``
+from the process start. The modes:
+
+- ``kubetune``: a FineTuneJob with no speed knob set, through kubetune's own trainer;
+- ``trl-defaults``: the TRL documentation's QLoRA example (padded batches of 4, checkpointing
+  on, SDPA, LoRA dropout 0.05);
+- ``trl-best``: plain TRL with the best hand-set flags (packing, Liger, flex attention,
+  checkpointing off, LoRA dropout 0, batch 4);
+- ``kubetune-micro8``, ``kubetune-unpadded``, ``kubetune-checkpointed``, ``kubetune-adamw``:
+  the defaults with one lever changed (8 rows, 16,384 tokens, a micro-step; no padding to one
+  shape; every layer checkpointed; paged 8-bit AdamW), to measure what each gives.
 """
 
 from __future__ import annotations
@@ -53,10 +66,16 @@ SHAPES: dict[str, dict[str, int]] = {
         "vocab_size": 32000,
     },
 }
-MODES = ("kubetune", "trl-defaults")
-#: Variants for comparisons: kubetune with another optimizer; TRL with the hand-set best flags of
-#: ../shared/gpu/README.md (packing + Liger + flex attention, gradient checkpointing on).
-EXTRA_MODES = ("kubetune-adamw", "trl-best")
+MODES = ("kubetune", "trl-best", "trl-defaults")
+EXTRA_MODES = (
+    "kubetune-micro8",
+    "kubetune-unpadded",
+    "kubetune-checkpointed",
+    "kubetune-adamw",
+)
+#: Dense bf16 peak of the cards this is run on (FLOP/s), for MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+PROCESS_STARTED = time.perf_counter()
 
 
 def build_model(shape: str, directory: Path) -> None:
@@ -84,6 +103,9 @@ def build_model(shape: str, directory: Path) -> None:
         model = LlamaForCausalLM(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    # The measured configurations run in child processes: leave them the whole card.
+    del model
+    torch.cuda.empty_cache()
     print(f"built {shape} in {time.perf_counter() - started:.0f}s at {directory}", flush=True)
 
 
@@ -98,10 +120,45 @@ def synthetic_dataset(count: int, max_length: int, vocab: int, seed: int = 0) ->
     return Dataset.from_dict({"input_ids": rows})
 
 
+def flops_per_token(shape: str, lengths: list[int], lora_rank: int = 16) -> float:
+    """Model FLOPs per real token of one training step of a frozen 4-bit base with LoRA.
+
+    The base's Linear layers and the LM head run forward (2 FLOPs a weight) and backward for
+    the input gradients only (2 more; the base gets no weight gradients); the adapters run
+    forward and both backward products (6 a weight); causal attention over each document costs
+    2·h·n² forward per layer and twice that backward. Recompute is not counted.
+    """
+    s = SHAPES[shape]
+    h, i, layers, vocab = (
+        s["hidden_size"],
+        s["intermediate_size"],
+        s["num_hidden_layers"],
+        (s["vocab_size"]),
+    )
+    kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
+    linears = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+    base = layers * sum(a * b for a, b in linears) + vocab * h
+    lora = layers * sum(lora_rank * (a + b) for a, b in linears)
+    attention = 6 * h * layers * sum(n * n for n in lengths) / sum(lengths)
+    return 4 * base + 6 * lora + attention
+
+
 def throughput_callback(warmup: int, record: dict[str, Any]) -> Any:
     from transformers import TrainerCallback
 
     class Throughput(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            record["_train_begin"] = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            now = time.perf_counter()
+            last = record.get("_last_step", record.get("_train_begin", now))
+            record.setdefault("step_seconds", []).append(round(now - last, 2))
+            record["_last_step"] = now
+            if state.global_step == 1 and "_train_begin" in record:
+                record["first_step_seconds"] = round(now - record.pop("_train_begin"), 1)
+                record["startup_seconds"] = round(now - PROCESS_STARTED, 1)
+
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
             if not logs or "num_tokens" not in logs:
                 return
@@ -109,6 +166,8 @@ def throughput_callback(warmup: int, record: dict[str, Any]) -> Any:
             if state.global_step == warmup:
                 record["start"] = point
             record["end"] = point
+            if "loss" in logs:
+                record.setdefault("losses", []).append(round(float(logs["loss"]), 4))
 
     return Throughput()
 
@@ -120,23 +179,32 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
     from kubetune.trainer.data import PreparedData
     from kubetune.trainer.recipe import QLoRASFTRecipe
 
+    lever = {
+        "kubetune-micro8": {"microBatchSize": 8},
+        "kubetune-checkpointed": {"gradientCheckpointing": True},
+        "kubetune-adamw": {"optimizer": "paged_adamw_8bit"},
+    }.get(args.mode, {})
     spec = FineTuneJobSpec.model_validate(
         {
             "model": {"uri": str(args.model_dir)},
             "dataset": {"uri": "synthetic.jsonl"},
-            "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["all-linear"]},
             "training": {
                 "maxSteps": args.steps,
-                "batchSize": args.batch,
-                "microBatchSize": args.batch,
                 "maxLength": args.max_length,
                 "loggingSteps": 1,
                 "checkpointSteps": 1_000_000,
-                **({"optimizer": "adamw_torch"} if args.mode == "kubetune-adamw" else {}),
+                **lever,
             },
-            "output": {"uri": str(Path(args.work) / f"{args.mode}-out")},
+            "output": {"uri": str(Path(args.work) / f"{args.shape}-{args.mode}-out")},
         }
     )
+    if args.mode == "kubetune-unpadded":
+        from dataclasses import replace
+
+        from kubetune.trainer import speed
+
+        apply_plan = speed.apply_plan
+        speed.apply_plan = lambda s, p: replace(apply_plan(s, p), pad_to_tokens=None)  # type: ignore[assignment]
     recipe = QLoRASFTRecipe(TrainerConfig(spec=spec))
 
     def synthetic_data() -> None:
@@ -154,6 +222,8 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
     record["settings"] = recipe.speed.__dict__ if recipe.speed else {}
     recipe._trainer.add_callback(throughput_callback(args.warmup, record))
     recipe.train()
+    report = recipe.plan_report()
+    record["plan"] = report.model_dump(by_alias=True) if report else None
 
 
 def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, Any]) -> Any:
@@ -179,7 +249,8 @@ def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, A
         **({"attn_implementation": "flex_attention"} if best else {}),
     )
     record["settings"] = {"attention": model.config._attn_implementation, "packing": best,
-                          "liger_kernel": best}  # fmt: skip
+                          "liger_kernel": best, "gradient_checkpointing": not best,
+                          "lora_dropout": 0.0 if best else 0.05}  # fmt: skip
     trainer = SFTTrainer(
         model=model,
         args=SFTConfig(
@@ -193,14 +264,15 @@ def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, A
             report_to=[],
             packing=best,
             use_liger_kernel=best,
-            gradient_checkpointing=True,
+            # The expert turns checkpointing off on a card with memory to spare.
+            gradient_checkpointing=not best,
         ),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=LoraConfig(
             r=16,
             lora_alpha=32,
-            lora_dropout=0.05,
+            lora_dropout=0.0 if best else 0.05,
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         ),
@@ -226,11 +298,19 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         record["error"] = "out of memory"
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
     if "start" in record and "end" in record and record["end"][2] > record["start"][2]:
+        record.pop("_last_step", None)
         (t0, n0, s0), (t1, n1, s1) = record.pop("start"), record.pop("end")
         record["tokens_per_second"] = round((n1 - n0) / (t1 - t0), 1)
         record["timed_steps"] = s1 - s0
     record["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
     record["card"] = torch.cuda.get_device_name() if cuda else "cpu"
+    lengths = [len(row) for row in dataset["input_ids"]]
+    record["gflop_per_token"] = round(flops_per_token(args.shape, lengths) / 1e9, 2)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in record["card"]), None)
+    if peak and record.get("tokens_per_second"):
+        record["mfu"] = round(
+            record["tokens_per_second"] * record["gflop_per_token"] * 1e9 / peak, 3
+        )
     record["versions"] = _versions()
     return record
 
@@ -255,9 +335,9 @@ def main() -> int:
         "--mode", choices=MODES + EXTRA_MODES, help="run one configuration (internal)"
     )
     parser.add_argument("--modes", default=",".join(MODES), help="configurations, in order")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=4, help="sequences per device per step")
+    parser.add_argument("--batch", type=int, default=4, help="TRL's sequences per device per step")
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--work", default="/tmp/kubetune-bench")
@@ -274,19 +354,24 @@ def main() -> int:
         return 0
 
     build_model(args.shape, args.model_dir)
-    results = {}
+    results: dict[str, dict[str, Any]] = {}
     for mode in args.modes.split(","):
         command = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
         subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         lines = args.out.read_text().splitlines() if args.out.exists() else []
         for line in lines:
             record = json.loads(line)
-            results[record["mode"]] = record
-    if {"kubetune", "trl-defaults"} <= set(results):
-        fast = results["kubetune"].get("tokens_per_second")
-        base = results["trl-defaults"].get("tokens_per_second")
-        if fast and base:
-            print(f"kubetune / TRL defaults: {fast / base:.2f}x real tokens/s", flush=True)
+            if record.get("shape") == args.shape and "mode" in record:
+                results[record["mode"]] = record
+    ours = results.get("kubetune", {}).get("tokens_per_second")
+    for mode, record in results.items():
+        theirs = record.get("tokens_per_second")
+        if ours and theirs and mode != "kubetune":
+            ratio = {"ratio": f"kubetune / {mode}", "shape": args.shape,
+                     "tokens_per_second": round(ours / theirs, 3)}  # fmt: skip
+            print(json.dumps(ratio), flush=True)
+            with args.out.open("a") as f:
+                f.write(json.dumps(ratio) + "\n")
     return 0
 
 

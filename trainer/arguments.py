@@ -67,7 +67,10 @@ def sft_arguments(
         "padding_free": speed.packing,
         "use_liger_kernel": speed.liger_kernel,
         "gradient_checkpointing": speed.gradient_checkpointing,
+        # A plan that checkpoints some layers only turns the rest off when training begins
+        # (modeling.partial_checkpointing_callback).
         "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "pad_to_multiple_of": speed.pad_to_tokens,
         "completion_only_loss": masking.completion_only,
         "assistant_only_loss": masking.assistant_only,
         "logging_steps": training.logging_steps,

@@ -9,6 +9,7 @@ from kubetune.api.models import LoraSpec, ModelSpec, QuantizationSpec
 from kubetune.api.uris import MODEL_SCHEMES, display_uri
 from kubetune.trainer import locations
 from kubetune.trainer.errors import InvalidConfig, ModelUnusable, first_line
+from kubetune.trainer.memory import ModelShape, checkpointed_layer_indices
 from kubetune.trainer.speed import SpeedSettings
 
 if TYPE_CHECKING:
@@ -70,6 +71,19 @@ def load_tokenizer(
         # Llama-2 ships without a pad token; padding is masked out, so any token will do.
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def model_shape(source: str, spec: ModelSpec, is_hub: bool, token: str | None) -> ModelShape | None:
+    """The shape the memory plan needs, from the model's config (None: not a decoder shape it
+    knows; the plan then checkpoints every layer)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, **_load_kwargs(spec, is_hub, token))
+        return ModelShape.from_config(config.to_dict())
+    except Exception as exc:
+        log.warning("no memory plan for %s: %s", display_uri(spec.uri), first_line(exc))
+        return None
 
 
 def torch_dtype(name: str) -> Any:
@@ -203,3 +217,21 @@ def lora_config(spec: LoraSpec) -> LoraConfig:
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def partial_checkpointing_callback(checkpointed: int) -> Any:
+    """A callback that, once the Trainer has turned checkpointing on for every decoder layer,
+    leaves it on for ``checkpointed`` of them (spread evenly) and turns it off for the rest."""
+    from transformers import TrainerCallback
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    class PartialCheckpointing(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            model = kwargs["model"]
+            layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+            keep = set(checkpointed_layer_indices(checkpointed, len(layers)))
+            for index, layer in enumerate(layers):
+                layer.gradient_checkpointing = index in keep
+            log.info("checkpointing %d of %d decoder layers", len(keep), len(layers))
+
+    return PartialCheckpointing()

@@ -13,13 +13,21 @@ leaves behind are :mod:`~kubetune.trainer.publishing`'s.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kubetune.api.config import TrainerConfig
 from kubetune.api.contract import Reason
-from kubetune.api.models import BaseModelRef, EvaluationResult, TrainerResult, plan_training
+from kubetune.api.models import (
+    BaseModelRef,
+    EvaluationResult,
+    MemoryPlanReport,
+    TrainerResult,
+    plan_training,
+)
 from kubetune.api.uris import OUTPUT_SCHEMES, display_uri
 from kubetune.trainer import locations, outputs
 from kubetune.trainer.arguments import LossMasking, sft_arguments
@@ -46,6 +54,7 @@ from kubetune.trainer.secrets import HubTokens
 
 if TYPE_CHECKING:
     from kubetune.trainer.data import PreparedData
+    from kubetune.trainer.memory import MemoryPlan
     from kubetune.trainer.speed import SpeedSettings
 
 log = logging.getLogger(__name__)
@@ -57,6 +66,14 @@ class TrainOutcome:
     resumed_from_step: int | None
     global_step: int
     metrics: dict[str, float]
+
+
+def _keep_compiled_kernels(directory: Path) -> None:
+    """Compiled kernels (flex attention's, Liger's) under kubetune's cache, where the next run on
+    the node, or the next attempt, finds them (on an H200 the first step took 67 s with cold
+    caches and 14 s with warm ones, docs/trainer.md). Settings already in the environment win."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(directory / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(directory / "triton"))
 
 
 class QLoRASFTRecipe:
@@ -102,6 +119,7 @@ class QLoRASFTRecipe:
         self.preemption = PreemptionGuard()
         self.data: PreparedData | None = None
         self.speed: SpeedSettings | None = None
+        self.memory: MemoryPlan | None = None
         self.cuda = False
         self._trainer: Any = None
         self._tokenizer: Any = None
@@ -109,6 +127,7 @@ class QLoRASFTRecipe:
     # --- setup -------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        _keep_compiled_kernels(locations.cache_root() / "compiled")
         import torch
 
         from kubetune.trainer.speed import resolve_speed
@@ -119,6 +138,7 @@ class QLoRASFTRecipe:
         if self.remote is not None:
             self.remote.pull()
         located = self._setup_tokenizer()
+        self._setup_memory_plan(located)
         self._setup_data()
         self._setup_model(located)
 
@@ -146,6 +166,92 @@ class QLoRASFTRecipe:
         )
         return source, is_hub
 
+    def _setup_memory_plan(self, located: tuple[str, bool]) -> None:
+        """Checkpointing, tokens per micro-step and optimizer for this model on this card's free
+        memory (kubetune.trainer.memory), printed now and reported in result.json."""
+        import torch
+
+        from kubetune.trainer.memory import GIB, MemoryPlan, RunSettings, plan_memory
+        from kubetune.trainer.modeling import model_shape
+        from kubetune.trainer.speed import apply_plan
+
+        assert self.speed is not None
+        training = self.spec.training
+        per_device = self.plan.micro_batch_size * self.plan.gradient_accumulation_steps
+        chosen = (
+            training.micro_batch_size is not None
+            or training.gradient_accumulation_steps is not None
+        )
+        run = RunSettings(
+            max_length=training.max_length,
+            per_device_batch=per_device,
+            lora_rank=self.spec.lora.r,
+            lora_dropout=self.spec.lora.dropout,
+            liger_kernel=self.speed.liger_kernel,
+            micro_batch_size=self.plan.micro_batch_size if chosen else None,
+            gradient_checkpointing=training.gradient_checkpointing,
+            optimizer=training.optimizer,
+        )
+        source, is_hub = located
+        shape = model_shape(source, self.spec.model, is_hub, self.tokens.read)
+        free = int(torch.cuda.mem_get_info()[0]) if self.cuda else None
+        if shape is not None:
+            memory = plan_memory(shape, run, free, cuda=self.cuda)
+        else:  # an unknown shape: what the spec says; on a GPU, checkpointing when unset
+            checkpointing = training.gradient_checkpointing
+            if checkpointing is None:
+                checkpointing = self.cuda
+            micro = self.plan.micro_batch_size
+            memory = MemoryPlan(
+                checkpointed_layers=1 if checkpointing else 0,
+                layers=1,
+                micro_batch_size=micro,
+                tokens_per_micro_step=micro * training.max_length,
+                optimizer=self.speed.optimizer,
+                estimated_peak_bytes=None,
+                free_bytes=free,
+            )
+        if not memory.fits and memory.estimated_peak_bytes and free:
+            message = (
+                f"this run needs about {memory.estimated_peak_bytes / GIB:.1f} GiB of GPU memory "
+                f"at its leanest ({memory.summary()}); the GPU has {free / GIB:.1f} GiB free"
+            )
+            if memory.estimated_peak_bytes > free:
+                knob = f"training.maxLength (now {training.max_length})"
+                raise OutOfMemory(f"{message}; lower {knob} or use a larger GPU")
+            log.warning("%s: it may not fit", message)
+        self.memory = memory
+        self.speed = apply_plan(self.speed, memory)
+        self.plan = self.plan.model_copy(
+            update={
+                "micro_batch_size": memory.micro_batch_size,
+                "gradient_accumulation_steps": per_device // memory.micro_batch_size,
+            }
+        )
+        log.info("memory plan: %s", memory.summary())
+
+    def plan_report(self) -> MemoryPlanReport | None:
+        """The memory plan as result.json and the status show it."""
+        if self.memory is None:
+            return None
+        memory = self.memory
+        peak = None
+        if self.cuda:
+            import torch
+
+            peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        estimated, free = memory.estimated_peak_bytes, memory.free_bytes
+        return MemoryPlanReport(
+            gradient_checkpointing=memory.describe_checkpointing(),
+            micro_batch_size=self.plan.micro_batch_size,
+            tokens_per_micro_step=memory.tokens_per_micro_step,
+            gradient_accumulation_steps=self.plan.gradient_accumulation_steps,
+            optimizer=memory.optimizer,
+            estimated_peak_gib=round(estimated / 2**30, 2) if estimated is not None else None,
+            free_gib=round(free / 2**30, 2) if free is not None else None,
+            peak_gib=peak,
+        )
+
     def _setup_data(self) -> None:
         from kubetune.trainer.data import prepare
 
@@ -160,7 +266,12 @@ class QLoRASFTRecipe:
         from trl import SFTConfig
 
         from kubetune.trainer.divergence import divergence_callback
-        from kubetune.trainer.modeling import check_lora_targets, load_quantized_model, lora_config
+        from kubetune.trainer.modeling import (
+            check_lora_targets,
+            load_quantized_model,
+            lora_config,
+            partial_checkpointing_callback,
+        )
         from kubetune.trainer.resume import resumable_sft_trainer
 
         assert self.data is not None and self.speed is not None
@@ -205,6 +316,8 @@ class QLoRASFTRecipe:
             ],
         )
         trainer = self._trainer
+        if self.speed.gradient_checkpointing and self.speed.checkpointed_layers is not None:
+            trainer.add_callback(partial_checkpointing_callback(self.speed.checkpointed_layers))
         trainer.add_callback(
             divergence_callback(self.spec, lambda: getattr(trainer, "_tr_loss", None))
         )
@@ -264,7 +377,8 @@ class QLoRASFTRecipe:
             "accumulation)",
             f"training.maxLength (now {training.max_length})",
         ]
-        if not training.gradient_checkpointing:
+        speed = self.speed
+        if speed is None or not speed.gradient_checkpointing or speed.checkpointed_layers:
             knobs.insert(0, "training.gradientCheckpointing: true")
         return "out of GPU memory; lower " + ", or ".join(knobs)
 
@@ -304,6 +418,7 @@ class QLoRASFTRecipe:
             dataset_fingerprint=self.data.fingerprint,
             metrics=metrics,
             evaluation=evaluation,
+            plan=self.plan_report(),
         )
         return publisher.publish(result, self._effective_settings(outcome), self.metrics_file)
 
@@ -360,6 +475,12 @@ class QLoRASFTRecipe:
             "attention": self.speed.attention,
             "packing (padding-free)": self.speed.packing,
             "liger kernel": self.speed.liger_kernel,
-            "gradient checkpointing": self.speed.gradient_checkpointing,
+            "gradient checkpointing": (
+                self.memory.describe_checkpointing()
+                if self.memory is not None
+                else self.speed.gradient_checkpointing
+            ),
+            "tokens per micro-step": self.memory.tokens_per_micro_step if self.memory else None,
+            "padded to one shape": self.speed.pad_to_tokens is not None,
             "optimizer": self.speed.optimizer,
         }

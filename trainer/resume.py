@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune.trainer.bucketing import counting_padding, take_padding
 from kubetune.trainer.checkpoints import CHECKPOINT_PREFIX, TRAINER_STATE
 
 log = logging.getLogger(__name__)
@@ -112,12 +113,28 @@ def resumable_sft_trainer(**kwargs: Any) -> Any:
 
     class ResumableSFTTrainer(SFTTrainer):  # type: ignore[misc]
         control: Any  # the Trainer's TrainerControl
+        data_collator: Any
 
         def __init__(self, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.resumed_totals: RunningTotals | None = None
             self.attempt_started = time.monotonic()
             self.add_callback(ContinueRunningTotals(self))
+            if self.args.pad_to_multiple_of and self.padding_free:
+                self.data_collator = counting_padding(self.data_collator)
+
+        def training_step(self, model: Any, inputs: dict[str, Any], *args: Any) -> Any:
+            padding = take_padding(inputs)
+            loss = super().training_step(model, inputs, *args)
+            if padding:
+                # TRL counted the bucket's padding as trained tokens; num_tokens is real ones.
+                self._total_train_tokens -= padding
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+        def prediction_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kw: Any) -> Any:
+            take_padding(inputs)
+            return super().prediction_step(model, inputs, *args, **kw)
 
         @property
         def earlier_train_seconds(self) -> float:

@@ -4,10 +4,11 @@ can't run is refused before anything heavy is loaded."""
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kubetune.api.models import TrainingSpec
 from kubetune.trainer.errors import InvalidConfig
+from kubetune.trainer.memory import MemoryPlan
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,11 @@ class SpeedSettings:
     gradient_checkpointing: bool
     packing: bool
     optimizer: str
+    #: How many decoder layers to checkpoint when gradient_checkpointing is on (None: all).
+    checkpointed_layers: int | None = None
+    #: Pad each packed micro-step to exactly this many tokens, so that its shape never changes
+    #: and flex attention compiles once (None: no padding).
+    pad_to_tokens: int | None = None
 
 
 def liger_available() -> bool:
@@ -52,9 +58,32 @@ def resolve_speed(training: TrainingSpec, cuda: bool) -> SpeedSettings:
     return SpeedSettings(
         attention=attention,
         liger_kernel=liger,
-        gradient_checkpointing=training.gradient_checkpointing,
+        # Unset (auto) is decided by the memory plan (apply_plan); until then, no checkpointing.
+        gradient_checkpointing=bool(training.gradient_checkpointing),
         packing=training.packing,
         optimizer=optimizer,
+    )
+
+
+def apply_plan(speed: SpeedSettings, plan: MemoryPlan) -> SpeedSettings:
+    """The speed settings with the memory plan's checkpointing, optimizer and micro-step shape.
+
+    Packed micro-steps under flex attention are padded to the plan's tokens per micro-step: one
+    shape for the whole run, so flex attention (and Liger's kernels) compile once instead of
+    again for every new length (46 s + 12 s over the first two steps, and 180 s for one
+    16k-token step, before).
+    """
+    bucket = speed.packing and speed.attention == "flex_attention"
+    return replace(
+        speed,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        checkpointed_layers=(
+            plan.checkpointed_layers
+            if plan.gradient_checkpointing and not plan.all_layers
+            else None
+        ),
+        optimizer=plan.optimizer,
+        pad_to_tokens=plan.tokens_per_micro_step if bucket else None,
     )
 
 

@@ -132,3 +132,9 @@ def test_the_mapping_imports_no_training_stack() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=False
     )
     assert done.stdout.strip() == "[]", done.stderr
+
+
+def test_micro_steps_are_padded_to_the_plans_bucket() -> None:
+    bucketed = SpeedSettings("flex_attention", True, False, True, "adamw_torch", pad_to_tokens=8192)
+    assert _arguments(_spec(), cuda=True, speed=bucketed)["pad_to_multiple_of"] == 8192
+    assert _arguments(_spec())["pad_to_multiple_of"] is None

@@ -37,7 +37,8 @@ def test_qlora_on_cuda_puts_4bit_modules_on_the_gpu_and_lowers_the_loss(
             "maxSteps": 60,
             "checkpointSteps": 30,
             "loggingSteps": 5,
-            # The defaults on a GPU: automatic attention, Liger, packing, paged 8-bit AdamW.
+            # The defaults on a GPU (automatic attention, Liger, packing, the memory plan's
+            # optimizer), with every layer checkpointed to cover that path too.
             "packing": True,
             "gradientCheckpointing": True,
         },
@@ -48,17 +49,24 @@ def test_qlora_on_cuda_puts_4bit_modules_on_the_gpu_and_lowers_the_loss(
         manifest["spec"]["training"].update(attention="sdpa", ligerKernel="off")
     recipe = QLoRASFTRecipe(TrainerConfig(spec=load_finetunejob(manifest).spec))
     recipe.setup()
-    assert recipe.speed is not None and recipe.speed.optimizer == "paged_adamw_8bit"
+    assert recipe.speed is not None and recipe.memory is not None
+    # A tiny model on a big card: room for the fused AdamW's fp32 states.
+    assert recipe.speed.optimizer == "adamw_torch_fused"
+    assert recipe.speed.gradient_checkpointing
+    assert recipe.speed.checkpointed_layers is None  # all of them
     quantized = [m for m in recipe._trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 14
     assert all(m.weight.device.type == "cuda" for m in quantized)
     outcome = recipe.train()
     published = recipe.save(outcome)
     assert published.result.outcome == "Succeeded", published.result.message
+    plan = published.result.plan
+    assert plan is not None and plan.gradient_checkpointing == "all layers"
+    assert plan.peak_gib is not None and plan.estimated_peak_gib is not None
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     losses = [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
     assert losses[-1] < losses[0] / 2, losses
     print(
-        f"GPU smoke: {json.dumps({'speed': recipe.speed.__dict__, 'losses': losses})}",
+        f"GPU smoke: {json.dumps({'speed': recipe.speed.__dict__, 'plan': plan.model_dump(), 'losses': losses})}",
         flush=True,
     )

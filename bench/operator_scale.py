@@ -1,0 +1,458 @@
+"""Scale benchmark of the operator on the local cluster (not a test: it prints figures).
+
+Two runs against one ``kubetune-operator`` process (leader election on, as in the chart):
+
+* **burst**: ``--jobs`` FineTuneJobs created at ``--rate`` per second, suspended (nothing runs).
+  Measures create → Job created (p50/p99, from the client's create to the Job's ADDED event on a
+  watch), create → status Suspended, API requests per job (the operator's own, from its
+  /metrics, Lease renewals excluded), the operator's RSS and CPU, and that every FineTuneJob has
+  exactly one Job (none lost, none doubled).
+* **progress**: ``--progress-jobs`` jobs whose stand-in trainers run ``--progress-seconds``, while
+  this script patches each running job's ``status.progress`` every second, as the trainer would.
+  Measures the lag from a Job's Complete to the FineTuneJob's Succeeded, and API requests per job
+  from creation to Succeeded (progress writes are the trainer's, not counted).
+
+    .venv/bin/python bench/operator_scale.py --jobs 5000 --rate 50 --progress-jobs 100
+
+Starts its own local cluster in a temporary home (``--kubeconfig`` reuses one) and writes a JSON
+summary with ``--out``. Figures and the machine they came from: docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config, watch
+
+from kubetune.local.controlplane import LocalCluster, NodeOptions
+from kubetune.local.ports import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+CRD = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
+GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def spec(suspend: bool, seconds: int) -> dict[str, Any]:
+    return {
+        "model": {"uri": "org/model"},
+        "dataset": {"uri": "https://datasets.invalid/train.jsonl"},
+        "output": {"uri": "s3://bucket/adapter"},
+        "resources": {"gpus": 0, "shmSize": "16Mi"},
+        "runPolicy": {"suspend": suspend, "backoffLimit": 0},
+        "podTemplate": {
+            "spec": {
+                "containers": [
+                    {
+                        "name": "trainer",
+                        "env": [{"name": "KUBETUNE_STAND_IN", "value": f"sleep:{seconds}"}],
+                    }
+                ]
+            }
+        },
+    }
+
+
+class Operator:
+    def __init__(self, kubeconfig: Path, log: Path) -> None:
+        self.metrics_port = free_port()
+        env = {
+            **os.environ,
+            "KUBECONFIG": str(kubeconfig),
+            "KUBETUNE_RUN_AS_NON_ROOT": "false",
+            "KUBETUNE_RUN_AS_USER": "",
+            "KUBETUNE_FS_GROUP": "",
+            "KUBETUNE_LIVENESS_ENDPOINT": f"http://127.0.0.1:{free_port()}/healthz",
+            "KUBETUNE_METRICS_PORT": str(self.metrics_port),
+            "KUBETUNE_TRAINER_COMMAND": "kubetune-stand-in-trainer",
+            "KUBETUNE_ALLOWED_POD_TEMPLATE_FIELDS": "containers.env",
+            "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:bench",
+        }
+        with log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [str(Path(sys.executable).with_name("kubetune-operator"))],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.peak_rss = 0
+        self._sampling = True
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while self._sampling:
+            self.peak_rss = max(self.peak_rss, self.rss())
+            time.sleep(0.5)
+
+    def rss(self) -> int:
+        try:
+            for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def metrics(self) -> dict[str, float]:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        samples: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                series, _, value = line.rpartition(" ")
+                samples[series] = float(value)
+        return samples
+
+    def requests(self) -> float:
+        """The operator's API requests so far, Lease renewals aside."""
+        return sum(
+            value
+            for series, value in self.metrics().items()
+            if series.startswith("kubetune_api_requests_total{")
+            and 'resource="leases"' not in series
+        )
+
+    def wait_leader(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.metrics().get("kubetune_leader") == 1.0:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise SystemExit("the operator never took its Lease")
+
+    def stop(self) -> None:
+        self._sampling = False
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+class Observer:
+    """Watches Jobs and FineTuneJobs of one namespace; records when each is first seen."""
+
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        self.namespace = namespace
+        self.jobs_seen: dict[str, float] = {}
+        self.jobs_complete: dict[str, float] = {}
+        self.phases: dict[str, dict[str, float]] = {}
+        self._stop = threading.Event()
+        self.batch = client.BatchV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        for target in (self._watch_jobs, self._watch_finetunejobs):
+            threading.Thread(target=target, daemon=True).start()
+
+    def _watch_jobs(self) -> None:
+        while not self._stop.is_set():
+            stream = watch.Watch()
+            try:
+                for event in stream.stream(
+                    self.batch.list_namespaced_job, self.namespace, timeout_seconds=60
+                ):
+                    now = time.monotonic()
+                    job = event["object"]
+                    self.jobs_seen.setdefault(job.metadata.name, now)
+                    for c in (job.status.conditions or []) if job.status else []:
+                        if c.type == "Complete" and c.status == "True":
+                            self.jobs_complete.setdefault(job.metadata.name, now)
+            except Exception:  # a dropped watch is started again
+                time.sleep(0.5)
+
+    def _watch_finetunejobs(self) -> None:
+        while not self._stop.is_set():
+            stream = watch.Watch()
+            try:
+                for event in stream.stream(
+                    self.custom.list_namespaced_custom_object,
+                    GROUP, VERSION, self.namespace, PLURAL, timeout_seconds=60,
+                ):  # fmt: skip
+                    now = time.monotonic()
+                    body = event["object"]
+                    phase = (body.get("status") or {}).get("phase")
+                    if phase:
+                        self.phases.setdefault(body["metadata"]["name"], {}).setdefault(phase, now)
+            except Exception:  # as above
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def create_namespace(api: client.ApiClient, name: str) -> None:
+    client.CoreV1Api(api).create_namespace({"metadata": {"name": name}})
+
+
+def create_at_rate(
+    api: client.ApiClient, namespace: str, names: list[str], rate: float, body_spec: dict[str, Any]
+) -> dict[str, float]:
+    """Create one FineTuneJob per name, ``rate`` per second; when each create returned."""
+    custom = client.CustomObjectsApi(api)
+    created: dict[str, float] = {}
+    start = time.monotonic()
+
+    def one(index: int, name: str) -> None:
+        delay = start + index / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "FineTuneJob",
+            "metadata": {"name": name},
+            "spec": body_spec,
+        }
+        custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+        created[name] = time.monotonic()
+
+    pool = ThreadPoolExecutor(16)
+    try:
+        for future in [pool.submit(one, i, n) for i, n in enumerate(names)]:
+            future.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    achieved = len(names) / (max(created.values()) - start)
+    print(f"  created {len(names)} in {max(created.values()) - start:.1f}s ({achieved:.1f}/s)")
+    return created
+
+
+def wait_until(check: Any, timeout: float, what: str) -> None:
+    started = time.monotonic()
+    deadline = started + timeout
+    shown = started
+    while not check():
+        now = time.monotonic()
+        if now > deadline:
+            print(f"  ! timed out waiting for {what}", flush=True)
+            return
+        if now - shown > 15:
+            print(f"  ... {now - started:.0f}s waiting for {what}", flush=True)
+            shown = now
+        time.sleep(1)
+
+
+def lost_or_doubled(api: client.ApiClient, namespace: str) -> tuple[int, int]:
+    """(FineTuneJobs without a Job, FineTuneJobs with more than one)."""
+    custom = client.CustomObjectsApi(api)
+    owners = {
+        f["metadata"]["uid"]
+        for f in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+    }
+    counts = dict.fromkeys(owners, 0)
+    for job in client.BatchV1Api(api).list_namespaced_job(namespace).items:
+        for ref in job.metadata.owner_references or []:
+            if ref.controller and ref.uid in counts:
+                counts[ref.uid] += 1
+    return sum(1 for c in counts.values() if c == 0), sum(1 for c in counts.values() if c > 1)
+
+
+def burst(api: client.ApiClient, operator: Operator, jobs: int, rate: float) -> dict[str, Any]:
+    namespace = "bench-burst"
+    create_namespace(api, namespace)
+    observer = Observer(api, namespace)
+    time.sleep(2)
+    names = [f"burst-{i:05d}" for i in range(jobs)]
+    requests_before, cpu_before = operator.requests(), operator.cpu_seconds()
+    started = time.monotonic()
+    created = create_at_rate(api, namespace, names, rate, spec(suspend=True, seconds=1))
+    wait_until(lambda: len(observer.jobs_seen) >= jobs, 600, "every Job")
+    wait_until(
+        lambda: sum(1 for p in observer.phases.values() if "Suspended" in p) >= jobs,
+        600,
+        "every FineTuneJob Suspended",
+    )
+    elapsed = time.monotonic() - started
+    time.sleep(3)  # let the last status writes land in the count
+    to_job = [observer.jobs_seen[n] - created[n] for n in names if n in observer.jobs_seen]
+    to_status = [
+        observer.phases[n]["Suspended"] - created[n]
+        for n in names
+        if "Suspended" in observer.phases.get(n, {})
+    ]
+    lost, doubled = lost_or_doubled(api, namespace)
+    observer.stop()
+    return {
+        "jobs": jobs,
+        "rate_per_second": rate,
+        "create_to_job_p50_s": percentile(to_job, 50),
+        "create_to_job_p99_s": percentile(to_job, 99),
+        "create_to_job_max_s": max(to_job, default=float("nan")),
+        "create_to_suspended_p50_s": percentile(to_status, 50),
+        "create_to_suspended_p99_s": percentile(to_status, 99),
+        "api_requests_per_job": (operator.requests() - requests_before) / jobs,
+        "operator_cpu_seconds": operator.cpu_seconds() - cpu_before,
+        "wall_seconds": elapsed,
+        "operator_rss_mb_after": operator.rss() / 2**20,
+        "operator_rss_mb_peak": operator.peak_rss / 2**20,
+        "jobs_seen": len(to_job),
+        "lost": lost,
+        "doubled": doubled,
+    }
+
+
+def with_progress(
+    api: client.ApiClient, operator: Operator, jobs: int, seconds: int
+) -> dict[str, Any]:
+    namespace = "bench-progress"
+    create_namespace(api, namespace)
+    observer = Observer(api, namespace)
+    custom = client.CustomObjectsApi(api)
+    time.sleep(2)
+    names = [f"progress-{i:03d}" for i in range(jobs)]
+    requests_before, cpu_before = operator.requests(), operator.cpu_seconds()
+    stop = threading.Event()
+    writes = [0]
+
+    def report() -> None:
+        step = 0
+        while not stop.is_set():
+            tick = time.monotonic()
+            step += 1
+            for name in names:
+                phases = observer.phases.get(name, {})
+                if "Running" in phases and "Succeeded" not in phases:
+                    patch = {"status": {"progress": {"step": step, "loss": 2.0 / step,
+                                                     "tokensPerSecond": 1000.0}}}  # fmt: skip
+                    try:
+                        custom.patch_namespaced_custom_object_status(
+                            GROUP, VERSION, namespace, PLURAL, name, patch
+                        )
+                        writes[0] += 1
+                    except Exception:  # noqa: S112 - a job that finished meanwhile
+                        continue
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
+
+    reporter = threading.Thread(target=report, daemon=True)
+    reporter.start()
+    created = create_at_rate(api, namespace, names, 20, spec(suspend=False, seconds=seconds))
+    wait_until(
+        lambda: sum(1 for p in observer.phases.values() if "Succeeded" in p) >= jobs,
+        seconds + 900,
+        "every FineTuneJob Succeeded",
+    )
+    stop.set()
+    time.sleep(3)
+    lag = [
+        observer.phases[n]["Succeeded"] - observer.jobs_complete[n]
+        for n in names
+        if "Succeeded" in observer.phases.get(n, {}) and n in observer.jobs_complete
+    ]
+    to_running = [
+        observer.phases[n]["Running"] - created[n]
+        for n in names
+        if "Running" in observer.phases.get(n, {})
+    ]
+    lost, doubled = lost_or_doubled(api, namespace)
+    observer.stop()
+    return {
+        "jobs": jobs,
+        "trainer_seconds": seconds,
+        "progress_writes": writes[0],
+        "succeeded": sum(1 for p in observer.phases.values() if "Succeeded" in p),
+        "job_complete_to_succeeded_p50_s": percentile(lag, 50),
+        "job_complete_to_succeeded_p99_s": percentile(lag, 99),
+        "create_to_running_p50_s": percentile(to_running, 50),
+        "create_to_running_p99_s": percentile(to_running, 99),
+        "api_requests_per_job": (operator.requests() - requests_before) / jobs,
+        "operator_cpu_seconds": operator.cpu_seconds() - cpu_before,
+        "operator_rss_mb_peak": operator.peak_rss / 2**20,
+        "lost": lost,
+        "doubled": doubled,
+    }
+
+
+def main() -> None:
+    # A SIGTERM (timeout, CI) still stops the operator and the cluster (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=5000)
+    parser.add_argument("--rate", type=float, default=50)
+    parser.add_argument("--progress-jobs", type=int, default=100)
+    parser.add_argument("--progress-seconds", type=int, default=60)
+    parser.add_argument("--kubeconfig", type=Path)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    cluster = None
+    home = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
+    kubeconfig = args.kubeconfig
+    if kubeconfig is None:
+        cluster = LocalCluster(home)
+        print(f"starting a local cluster in {home}")
+        cluster.up(NodeOptions(name="bench", gpus=0, host_images=("*",)))
+        kubeconfig = cluster.layout.kubeconfig
+    api = config.new_client_from_config(str(kubeconfig))
+    subprocess.run(
+        [*kubectl(cluster), "--kubeconfig", str(kubeconfig), "apply", "--server-side", "-f",
+         str(CRD)],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    time.sleep(3)
+    operator = Operator(kubeconfig, home / "operator.log")
+    summary: dict[str, Any] = {"machine": machine()}
+    try:
+        operator.wait_leader()
+        if args.jobs:
+            print(f"burst: {args.jobs} suspended FineTuneJobs at {args.rate}/s", flush=True)
+            summary["burst"] = burst(api, operator, args.jobs, args.rate)
+            print(json.dumps(summary["burst"], indent=2))
+        if args.progress_jobs:
+            print(f"progress: {args.progress_jobs} jobs, progress every second", flush=True)
+            summary["progress"] = with_progress(
+                api, operator, args.progress_jobs, args.progress_seconds
+            )
+            print(json.dumps(summary["progress"], indent=2))
+    finally:
+        operator.stop()
+        if cluster is not None:
+            cluster.down()
+    print(f"operator log: {home / 'operator.log'}")
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def kubectl(cluster: LocalCluster | None) -> list[str]:
+    if cluster is not None:
+        from kubetune.local.cluster_info import ClusterInfo
+
+        return [str(Path(ClusterInfo.load(cluster.layout).bin_dir) / "kubectl")]
+    return ["kubectl"]
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
+        "python": sys.version.split()[0],
+    }
+
+
+if __name__ == "__main__":
+    main()

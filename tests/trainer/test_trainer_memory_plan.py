@@ -1,0 +1,153 @@
+"""The memory plan, a pure function of the model's shape, the run and the card's free memory.
+
+The free memory is a number here (what ``torch.cuda.mem_get_info`` would return on each card).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from kubetune.trainer.memory import (
+    GIB,
+    ModelShape,
+    RunSettings,
+    budget_bytes,
+    checkpointed_layer_indices,
+    estimate_peak_bytes,
+    plan_memory,
+)
+from kubetune.trainer.speed import SpeedSettings, apply_plan
+
+pytestmark = pytest.mark.unit
+
+LLAMA2_7B = ModelShape.from_config(
+    {
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+    }
+)
+LLAMA3_8B = ModelShape(4096, 14336, 32, 32, 8, 128256)
+DEFAULTS = RunSettings(
+    max_length=2048, per_device_batch=16, lora_rank=16, lora_dropout=0.0, liger_kernel=True
+)
+#: Free memory of a 24 GB, an 80 GB and a 141 GB card with a CUDA context on it.
+CARD_24, CARD_80, CARD_141 = int(22.0 * GIB), int(78.5 * GIB), int(139.0 * GIB)
+
+
+@pytest.mark.parametrize(
+    ("checkpointed", "tokens", "dropout", "measured_gib"),
+    [(0, 8192, 0.0, 36.5), (32, 8192, 0.0, 7.2), (0, 8192, 0.05, 53.1)],
+)
+def test_the_memory_model_matches_the_measured_7b_peaks_within_a_gib(
+    checkpointed: int, tokens: int, dropout: float, measured_gib: float
+) -> None:
+    run = RunSettings(2048, 4, 16, dropout, liger_kernel=True)
+    estimate = estimate_peak_bytes(
+        LLAMA2_7B,
+        run,
+        checkpointed_layers=checkpointed,
+        tokens=tokens,
+        optimizer="paged_adamw_8bit",
+    )
+    assert abs(estimate / GIB - measured_gib) < 1.0
+
+
+@pytest.mark.parametrize("shape", [LLAMA2_7B, LLAMA3_8B])
+@pytest.mark.parametrize("free", [CARD_24, CARD_80, CARD_141])
+def test_the_default_plan_fits_the_card(shape: ModelShape, free: int) -> None:
+    plan = plan_memory(shape, DEFAULTS, free, cuda=True)
+    assert plan.fits
+    assert plan.estimated_peak_bytes is not None
+    assert plan.estimated_peak_bytes <= budget_bytes(free)
+
+
+def test_a_big_card_runs_without_checkpointing_and_with_bigger_micro_steps() -> None:
+    plan = plan_memory(LLAMA2_7B, DEFAULTS, CARD_141, cuda=True)
+    assert plan.checkpointed_layers == 0
+    assert plan.tokens_per_micro_step >= 8192
+    assert plan.optimizer == "adamw_torch_fused"
+    assert plan.estimated_peak_bytes is not None and plan.estimated_peak_bytes > 30 * GIB
+
+
+def test_a_24gb_card_checkpoints_or_shrinks_the_micro_step_to_fit() -> None:
+    roomy = plan_memory(LLAMA2_7B, DEFAULTS, CARD_141, cuda=True)
+    small = plan_memory(LLAMA2_7B, DEFAULTS, CARD_24, cuda=True)
+    assert small.tokens_per_micro_step < roomy.tokens_per_micro_step or small.checkpointed_layers
+    assert small.estimated_peak_bytes is not None
+    assert small.estimated_peak_bytes < 20 * GIB
+
+
+def test_when_memory_is_short_only_some_layers_are_checkpointed() -> None:
+    run = RunSettings(2048, 16, 16, 0.0, liger_kernel=True, micro_batch_size=4)
+    plan = plan_memory(LLAMA2_7B, run, CARD_24, cuda=True)
+    assert 0 < plan.checkpointed_layers < plan.layers
+    assert plan.describe_checkpointing() == f"{plan.checkpointed_layers} of 32 layers"
+
+
+def test_a_card_too_small_for_the_leanest_plan_is_said_not_to_fit() -> None:
+    plan = plan_memory(LLAMA2_7B, DEFAULTS, int(3 * GIB), cuda=True)
+    assert not plan.fits
+    assert plan.all_layers and plan.micro_batch_size == 1
+
+
+def test_the_users_choices_are_kept() -> None:
+    run = RunSettings(
+        2048, 16, 16, 0.0, True, micro_batch_size=2, gradient_checkpointing=True, optimizer="sgd"
+    )
+    plan = plan_memory(LLAMA2_7B, run, CARD_141, cuda=True)
+    assert (plan.micro_batch_size, plan.all_layers, plan.optimizer) == (2, True, "sgd")
+    off = plan_memory(LLAMA2_7B, RunSettings(2048, 16, 16, 0.0, True, gradient_checkpointing=False),
+                      CARD_24, cuda=True)  # fmt: skip
+    assert off.checkpointed_layers == 0
+
+
+def test_lora_dropout_makes_the_plan_leaner() -> None:
+    with_dropout = RunSettings(2048, 16, 16, 0.05, liger_kernel=True)
+    lean = plan_memory(LLAMA2_7B, DEFAULTS, CARD_80, cuda=True)
+    heavy = plan_memory(LLAMA2_7B, with_dropout, CARD_80, cuda=True)
+    assert heavy.tokens_per_micro_step <= lean.tokens_per_micro_step
+
+
+def test_the_cpu_keeps_up_to_4_sequences_a_pass_and_no_checkpointing() -> None:
+    plan = plan_memory(LLAMA2_7B, DEFAULTS, None, cuda=False)
+    assert (plan.micro_batch_size, plan.checkpointed_layers, plan.optimizer) == (
+        4,
+        0,
+        "adamw_torch",
+    )
+    assert plan.estimated_peak_bytes is None
+
+
+def test_the_shape_comes_from_a_multimodal_models_text_config() -> None:
+    config = {"text_config": {"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 512}}
+    shape = ModelShape.from_config(config)
+    assert (shape.hidden, shape.intermediate, shape.layers, shape.vocab) == (64, 256, 2, 512)
+
+
+def test_packed_flex_attention_micro_steps_are_padded_to_one_shape() -> None:
+    plan = plan_memory(LLAMA2_7B, DEFAULTS, CARD_141, cuda=True)
+    flex = SpeedSettings("flex_attention", True, False, True, "paged_adamw_8bit")
+    assert apply_plan(flex, plan).pad_to_tokens == plan.tokens_per_micro_step
+    sdpa = SpeedSettings("sdpa", True, False, True, "paged_adamw_8bit")
+    assert apply_plan(sdpa, plan).pad_to_tokens is None
+
+
+def test_partly_checkpointed_layers_are_spread_over_the_network() -> None:
+    assert checkpointed_layer_indices(4, 32) == [0, 8, 16, 24]
+    assert checkpointed_layer_indices(32, 32) == list(range(32))
+    assert len(checkpointed_layer_indices(20, 32)) == 20
+    assert checkpointed_layer_indices(0, 32) == []
+
+
+def test_only_a_partial_plan_names_the_layers_to_checkpoint() -> None:
+    flex = SpeedSettings("flex_attention", True, False, True, "paged_adamw_8bit")
+    partial = RunSettings(2048, 16, 16, 0.0, liger_kernel=True, micro_batch_size=4)
+    plan = plan_memory(LLAMA2_7B, partial, CARD_24, cuda=True)
+    assert apply_plan(flex, plan).checkpointed_layers == plan.checkpointed_layers
+    for full in (plan_memory(LLAMA2_7B, DEFAULTS, CARD_141, cuda=True),
+                 plan_memory(LLAMA2_7B, DEFAULTS, int(3 * GIB), cuda=True)):  # fmt: skip
+        assert apply_plan(flex, full).checkpointed_layers is None

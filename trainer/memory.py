@@ -1,0 +1,292 @@
+"""The memory-aware plan: how much of the card a run may fill, and what it buys with it.
+
+``plan_memory`` is a pure function of the model's shape, the run's settings and the card's free
+memory (a number: the recipe reads it from CUDA, the tests pass one in). It picks the fastest
+combination that its memory model says fits:
+
+- **activation checkpointing**: off, some of the decoder layers (as few as fit, spread evenly),
+  or all of them; each checkpointed layer costs its forward again in the backward pass;
+- **tokens per micro-step**: packed rows of ``maxLength`` per forward pass (``batchSize`` is kept
+  by gradient accumulation); bigger micro-steps spread the per-pass costs (dequantising the 4-bit
+  weights, launching kernels) over more tokens;
+- **the optimizer**: fused AdamW when the card has room for its fp32-sized states, the paged
+  8-bit AdamW when memory is tight.
+
+The memory model counts the 4-bit base, the bf16 embeddings, the adapter with its gradients and
+optimizer state, and the activations a decoder layer keeps per token (fitted to peaks measured
+on an H200 with a Llama-2-7B shape, docs/trainer.md: 36.5 GiB at 8,192 tokens without
+checkpointing, 7.2 GiB with it, +16.6 GiB for LoRA dropout). Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+GIB = 2**30
+
+#: NF4 with double quantisation: 4 bits a weight, an 8-bit absmax per 64 weights, and an fp32
+#: constant per 256 absmax values.
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+#: Activation bytes a decoder layer keeps per token without checkpointing, as multiples of the
+#: hidden size, the key/value width and the MLP width (bf16, Liger's fused norm/SwiGLU/RoPE,
+#: flex attention), fitted to the measured 7B peaks.
+ACT_PER_HIDDEN = 14.0
+ACT_PER_KV = 2.0
+ACT_PER_INTERMEDIATE = 6.0
+#: What LoRA dropout adds per token and layer (each adapted Linear keeps its dropped input).
+DROPOUT_PER_HIDDEN = 10.0
+DROPOUT_PER_INTERMEDIATE = 2.5
+#: A checkpointed layer keeps only its bf16 input.
+CHECKPOINTED_PER_HIDDEN = 2.0
+#: The loss head per token: Liger's fused linear cross-entropy never builds the logits; without
+#: it the logits are kept in bf16 and upcast to fp32, with an fp32 gradient.
+LOSS_PER_HIDDEN_FUSED = 4.0
+LOSS_PER_VOCAB_UNFUSED = 10.0
+#: The adapter: bf16 weights and gradients (TRL keeps QLoRA adapters in bf16), plus the states.
+ADAPTER_BYTES = 4.0
+OPTIMIZER_STATE_BYTES = {"adamw_torch_fused": 8.0, "adamw_torch": 8.0, "paged_adamw_8bit": 2.0}
+#: Kept free of the plan: the allocator's fragmentation and what other libraries allocate.
+RESERVE_FRACTION = 0.08
+RESERVE_BYTES = 1.5 * GIB
+#: A checkpointed layer's recompute, as a fraction of a layer's forward + backward (forward is
+#: about a third: the frozen base computes input gradients only, so a bit more).
+RECOMPUTE_COST = 0.4
+#: The per-micro-step cost that does not grow with tokens (dequantising the 4-bit weights,
+#: launches), in tokens' worth of compute.
+FIXED_COST_TOKENS = 350
+#: Micro-steps stop here: on an H200 (7B) 16,384 tokens a micro-step gave 16,413 tokens/s but
+#: spent 237 s compiling flex attention before the first step; 8,192 compile in a fraction of it.
+MAX_TOKENS_PER_MICRO_STEP = 8192
+#: Headroom the fused (fp32-state) optimizer needs beyond the plan before it is chosen.
+FUSED_OPTIMIZER_HEADROOM = 2 * GIB
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory model needs from a decoder-only model's config."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ModelShape:
+        """From a ``config.json`` as a dict (a multimodal model's ``text_config`` if it has one)."""
+        text = config.get("text_config") or config
+        hidden = int(text["hidden_size"])
+        heads = int(text.get("num_attention_heads") or 1)
+        return cls(
+            hidden=hidden,
+            intermediate=int(text.get("intermediate_size") or 4 * hidden),
+            layers=int(text["num_hidden_layers"]),
+            heads=heads,
+            kv_heads=int(text.get("num_key_value_heads") or heads),
+            vocab=int(text.get("vocab_size") or config.get("vocab_size") or 32000),
+            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        )
+
+    @property
+    def kv_width(self) -> int:
+        return self.hidden // self.heads * self.kv_heads
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of one decoder layer's Linear modules (attention and gated MLP)."""
+        h, kv, i = self.hidden, self.kv_width, self.intermediate
+        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linear_shapes())
+
+    def lora_params(self, rank: int) -> int:
+        return self.layers * sum(rank * (a + b) for a, b in self.linear_shapes())
+
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the run fixes before the plan: the spec's choices and what the node resolved."""
+
+    max_length: int
+    per_device_batch: int
+    lora_rank: int
+    lora_dropout: float
+    liger_kernel: bool
+    micro_batch_size: int | None = None  # set by the user: kept
+    gradient_checkpointing: bool | None = None  # None: the plan decides
+    optimizer: str = "auto"  # "auto": the plan decides
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The plan: what runs, and what the memory model expects of it."""
+
+    checkpointed_layers: int  # 0: no checkpointing
+    layers: int
+    micro_batch_size: int
+    tokens_per_micro_step: int
+    optimizer: str
+    estimated_peak_bytes: int | None
+    free_bytes: int | None
+    fits: bool = True
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.checkpointed_layers > 0
+
+    @property
+    def all_layers(self) -> bool:
+        return self.checkpointed_layers >= self.layers
+
+    def describe_checkpointing(self) -> str:
+        if self.checkpointed_layers == 0:
+            return "off"
+        if self.all_layers:
+            return "all layers"
+        return f"{self.checkpointed_layers} of {self.layers} layers"
+
+    def summary(self) -> str:
+        parts = [
+            f"gradient checkpointing {self.describe_checkpointing()}",
+            f"{self.micro_batch_size} x {self.tokens_per_micro_step // self.micro_batch_size} "
+            f"tokens per micro-step",
+            f"optimizer {self.optimizer}",
+        ]
+        if self.estimated_peak_bytes is not None and self.free_bytes is not None:
+            parts.append(
+                f"estimated peak {self.estimated_peak_bytes / GIB:.1f} GiB of "
+                f"{self.free_bytes / GIB:.1f} GiB free"
+            )
+        return ", ".join(parts)
+
+
+def static_bytes(shape: ModelShape, run: RunSettings, optimizer: str) -> float:
+    """Memory held for the whole run: the 4-bit base, the embeddings, the adapter's training."""
+    adapter = shape.lora_params(run.lora_rank)
+    state = OPTIMIZER_STATE_BYTES.get(optimizer, 8.0)
+    return (
+        shape.linear_params() * NF4_BYTES_PER_PARAM
+        + shape.embedding_params() * 2
+        + adapter * (ADAPTER_BYTES + state)
+    )
+
+
+def layer_activation_bytes(shape: ModelShape, run: RunSettings) -> float:
+    """Bytes one decoder layer keeps per token for its backward pass, without checkpointing."""
+    h, i = shape.hidden, shape.intermediate
+    kept = ACT_PER_HIDDEN * h + ACT_PER_KV * shape.kv_width + ACT_PER_INTERMEDIATE * i
+    if run.lora_dropout > 0:
+        kept += DROPOUT_PER_HIDDEN * h + DROPOUT_PER_INTERMEDIATE * i
+    return kept
+
+
+def estimate_peak_bytes(
+    shape: ModelShape, run: RunSettings, *, checkpointed_layers: int, tokens: int, optimizer: str
+) -> float:
+    """The memory model: peak bytes of one training step."""
+    per_layer = layer_activation_bytes(shape, run)
+    kept = shape.layers - checkpointed_layers
+    activations = tokens * (
+        kept * per_layer + checkpointed_layers * CHECKPOINTED_PER_HIDDEN * shape.hidden
+    )
+    if checkpointed_layers:
+        activations += tokens * per_layer  # the layer being recomputed
+    if run.liger_kernel:
+        loss = tokens * LOSS_PER_HIDDEN_FUSED * shape.hidden
+    else:
+        loss = tokens * LOSS_PER_VOCAB_UNFUSED * shape.vocab
+    return static_bytes(shape, run, optimizer) + activations + loss
+
+
+def budget_bytes(free_bytes: int) -> float:
+    return free_bytes * (1 - RESERVE_FRACTION) - RESERVE_BYTES
+
+
+def relative_step_cost(checkpointed_layers: int, layers: int, tokens: int) -> float:
+    """Time per token relative to the ideal (no recompute, no per-pass cost)."""
+    return (1 + RECOMPUTE_COST * checkpointed_layers / layers) * (1 + FIXED_COST_TOKENS / tokens)
+
+
+def _checkpoint_choices(layers: int, forced: bool | None) -> range:
+    """How many layers may be checkpointed: none or all when the spec says, else any count."""
+    if forced is False:
+        return range(0, 1)
+    if forced is True:
+        return range(layers, layers + 1)
+    return range(0, layers + 1)
+
+
+def _micro_choices(run: RunSettings) -> list[int]:
+    if run.micro_batch_size is not None:
+        return [run.micro_batch_size]
+    divisors = [d for d in range(1, run.per_device_batch + 1) if run.per_device_batch % d == 0]
+    capped = [d for d in divisors if d * run.max_length <= MAX_TOKENS_PER_MICRO_STEP]
+    return capped or [1]
+
+
+def plan_memory(
+    shape: ModelShape, run: RunSettings, free_bytes: int | None, *, cuda: bool
+) -> MemoryPlan:
+    """The fastest checkpointing, micro-step and optimizer that fit ``free_bytes`` (None: no
+    accelerator to fill; the CPU keeps everything and runs up to 4 sequences a pass)."""
+    if not cuda or free_bytes is None:
+        micro = run.micro_batch_size or max(
+            d for d in range(1, min(run.per_device_batch, 4) + 1) if run.per_device_batch % d == 0
+        )
+        return MemoryPlan(
+            checkpointed_layers=shape.layers if run.gradient_checkpointing else 0,
+            layers=shape.layers,
+            micro_batch_size=micro,
+            tokens_per_micro_step=micro * run.max_length,
+            optimizer="adamw_torch" if run.optimizer == "auto" else run.optimizer,
+            estimated_peak_bytes=None,
+            free_bytes=None,
+        )
+    budget = budget_bytes(free_bytes)
+    lean = "paged_adamw_8bit" if run.optimizer == "auto" else run.optimizer
+    candidates = []
+    for micro in _micro_choices(run):
+        tokens = micro * run.max_length
+        for layers in _checkpoint_choices(shape.layers, run.gradient_checkpointing):
+            peak = estimate_peak_bytes(
+                shape, run, checkpointed_layers=layers, tokens=tokens, optimizer=lean
+            )
+            cost = relative_step_cost(layers, shape.layers, tokens)
+            candidates.append((peak <= budget, cost, peak, micro, layers))
+    fitting = [c for c in candidates if c[0]]
+    if fitting:
+        _, _, peak, micro, checkpointed = min(fitting, key=lambda c: (c[1], c[2]))
+    else:
+        _, _, peak, micro, checkpointed = min(candidates, key=lambda c: (c[2], c[1]))
+    optimizer = lean
+    if run.optimizer == "auto" and fitting:
+        extra = shape.lora_params(run.lora_rank) * (
+            OPTIMIZER_STATE_BYTES["adamw_torch_fused"] - OPTIMIZER_STATE_BYTES[lean]
+        )
+        if peak + extra + FUSED_OPTIMIZER_HEADROOM <= budget:
+            optimizer, peak = "adamw_torch_fused", peak + extra
+    return MemoryPlan(
+        checkpointed_layers=checkpointed,
+        layers=shape.layers,
+        micro_batch_size=micro,
+        tokens_per_micro_step=micro * run.max_length,
+        optimizer=optimizer,
+        estimated_peak_bytes=int(peak),
+        free_bytes=free_bytes,
+        fits=bool(fitting),
+    )
+
+
+def checkpointed_layer_indices(checkpointed: int, layers: int) -> list[int]:
+    """Which of ``layers`` decoder layers to checkpoint when ``checkpointed`` of them are: spread
+    evenly, so every stretch of the network keeps some of its activations."""
+    if checkpointed <= 0:
+        return []
+    return sorted({min(layers - 1, (i * layers) // checkpointed) for i in range(checkpointed)})
