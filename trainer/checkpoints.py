@@ -3,7 +3,8 @@
 The trainer checkpoints under ``<output>/checkpoints`` every ``training.checkpointSteps`` and when
 the pod is asked to stop, and a restarted pod resumes from the newest complete one. Only the run
 that wrote them may resume them: a marker file names it, created exclusively, and a folder with
-checkpoints but no readable marker of this run is refused rather than continued or overwritten.
+checkpoints but no readable marker of this run is refused rather than continued or overwritten;
+the same rule holds the object-store copy of an s3:// or gs:// output.
 """
 
 from __future__ import annotations
@@ -71,58 +72,88 @@ def run_identity(config: TrainerConfig) -> str:
     return "spec/" + hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
-def _owner(marker: Path) -> str | None:
+def _owner(fs: Any, marker: str) -> str | None:
     """The run a marker names; None for a marker that is unreadable or not ours to parse."""
     with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):
-        content = json.loads(marker.read_text(encoding="utf-8"))
+        content = json.loads(fs.cat_file(marker).decode("utf-8"))
         if isinstance(content, dict) and isinstance(content.get("run"), str):
             return str(content["run"])
     return None
 
 
-def claim(checkpoint_dir: Path, identity: str, output_uri: str, finished: bool = False) -> None:
-    """Make ``identity`` the owner of ``checkpoint_dir``, or refuse (InvalidConfig) where another
-    run's work is there: its checkpoints, or (``finished``) the adapter it published. A new job
-    pointed at an old job's output would otherwise continue someone else's run, or overwrite
-    their adapter."""
-    marker = checkpoint_dir / RUN_MARKER
+def _has_checkpoints(fs: Any, root: str) -> bool:
+    with contextlib.suppress(FileNotFoundError):
+        for entry in fs.ls(root, detail=False):
+            name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith(CHECKPOINT_PREFIX) and name[len(CHECKPOINT_PREFIX) :].isdigit():
+                return True
+    return False
+
+
+def claim(
+    checkpoint_dir: Path | str,
+    identity: str,
+    output_uri: str,
+    finished: bool = False,
+    fs: Any = None,
+) -> None:
+    """Make ``identity`` the owner of ``checkpoint_dir`` (a local folder, or with ``fs`` a
+    prefix in an fsspec store), or refuse (InvalidConfig) where another run's work is there: its
+    checkpoints, or (``finished``) the adapter it published. A new job pointed at an old job's
+    output would otherwise continue someone else's run, or overwrite their adapter.
+
+    The marker is created exclusively (``xb``), so of two runs claiming at once one wins; a store
+    that can't create exclusively is written after a look, with a short race (docs/trainer.md)."""
+    import fsspec
+
+    fs = fs or fsspec.filesystem("file")
+    root = str(checkpoint_dir).rstrip("/")
+    marker = f"{root}/{RUN_MARKER}"
     where = display_uri(output_uri)
+    start_over = f"use another output.uri, or remove {where} to start over"
     for _ in range(2):
-        if marker.exists():
-            owner = _owner(marker)
+        theirs = _has_checkpoints(fs, root)
+        what = "checkpoints" if theirs else "finished adapter"
+        if fs.exists(marker):
+            owner = _owner(fs, marker)
             if owner == identity:
                 return
-            if checkpoint_dirs(checkpoint_dir) or finished:
+            if theirs or finished:
                 whose = f"another run ({owner})" if owner else "a run it can't identify"
-                what = "checkpoints" if checkpoint_dirs(checkpoint_dir) else "finished adapter"
-                raise InvalidConfig(
-                    f"output.uri {where} already holds the {what} of {whose}; use another "
-                    f"output.uri, or remove {checkpoint_dir.parent} to start over"
-                )
-            # A marker with nothing left behind it (its checkpoints removed): take the folder over.
-            _write_atomically(marker, identity)
+                raise InvalidConfig(f"output.uri {where} already holds the {what} of {whose}; "
+                                    + start_over)  # fmt: skip
+            # A marker with nothing left behind it (its checkpoints removed): take it over.
+            _write_marker(fs, marker, identity)
             return
-        if checkpoint_dirs(checkpoint_dir) or finished:
-            what = "checkpoints" if checkpoint_dirs(checkpoint_dir) else "a finished adapter"
+        if theirs or finished:
+            held = "checkpoints" if theirs else "a finished adapter"
             raise InvalidConfig(
-                f"output.uri {where} already holds {what} but no marker ({RUN_MARKER}) says "
-                f"of which run; use another output.uri, or remove {checkpoint_dir.parent} to "
-                "start over"
+                f"output.uri {where} already holds {held} but no marker ({RUN_MARKER}) says of "
+                "which run; " + start_over
             )
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        fs.makedirs(root, exist_ok=True)
         try:
-            with marker.open("x", encoding="utf-8") as f:
-                f.write(json.dumps({"run": identity}) + "\n")
+            with fs.open(marker, "xb") as f:
+                f.write(_marker_bytes(identity))
             return
         except FileExistsError:
             continue  # another pod claimed it a moment ago: look again at whose it is
+        except (ValueError, NotImplementedError):
+            _write_marker(fs, marker, identity)  # the store has no exclusive create
+            return
     raise InvalidConfig(f"output.uri {where} is being claimed by another run at the same time")
 
 
-def _write_atomically(path: Path, identity: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps({"run": identity}) + "\n", encoding="utf-8")
-    partial.replace(path)
+def _marker_bytes(identity: str) -> bytes:
+    return (json.dumps({"run": identity}) + "\n").encode()
+
+
+def _write_marker(fs: Any, marker: str, identity: str) -> None:
+    """Replace the marker whole: an object is replaced atomically by a put; a local file
+    through a rename."""
+    partial = marker + ".partial"
+    fs.pipe_file(partial, _marker_bytes(identity))
+    fs.mv(partial, marker)
 
 
 # --- object stores -----------------------------------------------------------------------------
@@ -134,9 +165,18 @@ class RemoteCheckpoints:
     the run goes on, and only resuming after a preemption needs them."""
 
     def __init__(self, output_uri: str, local_dir: Path) -> None:
+        self.output_uri = output_uri
         self.remote = f"{output_uri.rstrip('/')}/{CHECKPOINTS_DIR}"
         self.local_dir = local_dir
         self.shown = display_uri(output_uri)
+
+    def claim(self, identity: str, finished_file: str) -> None:
+        """The ownership rule of ``claim``, held by the store's copy (the one every pod sees)."""
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(self.remote)
+        finished = fs.exists(f"{root.rstrip('/').rsplit('/', 1)[0]}/{finished_file}")
+        claim(root, identity, self.output_uri, finished, fs=fs)
 
     def pull(self) -> None:
         import fsspec

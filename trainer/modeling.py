@@ -235,3 +235,16 @@ def partial_checkpointing_callback(checkpointed: int) -> Any:
             log.info("checkpointing %d of %d decoder layers", len(keep), len(layers))
 
     return PartialCheckpointing()
+
+
+def check_optimizer_runs_here(sft_config: Any, model: Any, optimizer: str) -> None:
+    """A known optimizer whose package is missing (or that needs settings kubetune doesn't
+    pass) is a config problem, found before the first step rather than at it."""
+    from trl import SFTTrainer
+
+    try:
+        SFTTrainer.get_optimizer_cls_and_kwargs(sft_config, model)
+    except (ImportError, ValueError, RuntimeError) as exc:
+        raise InvalidConfig(
+            f"spec.training.optimizer: {optimizer} can't be used here: {first_line(exc)}"
+        ) from None

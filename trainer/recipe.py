@@ -41,7 +41,7 @@ from kubetune.trainer.checkpoints import (
     newest_checkpoint,
     run_identity,
 )
-from kubetune.trainer.errors import DatasetUnusable, InvalidConfig, OutOfMemory, first_line
+from kubetune.trainer.errors import DatasetUnusable, InvalidConfig, OutOfMemory
 from kubetune.trainer.progress import (
     ProgressReporter,
     ProgressTracker,
@@ -50,6 +50,7 @@ from kubetune.trainer.progress import (
     reporter_from_settings,
 )
 from kubetune.trainer.publishing import Publication, Publisher
+from kubetune.trainer.reporting import effective_settings, run_metrics
 from kubetune.trainer.secrets import HubTokens
 
 if TYPE_CHECKING:
@@ -153,7 +154,9 @@ class QLoRASFTRecipe:
                 f"output location {self.output_dir} is not writable (output.uri "
                 f"{display_uri(self.spec.output.uri)}): {exc.strerror}"
             ) from None
-        if self.output.is_local:
+        if self.remote is not None:
+            self.remote.claim(run_identity(self.config), outputs.ADAPTER_WEIGHTS)
+        else:
             finished = (self.output_dir / outputs.ADAPTER_WEIGHTS).exists()
             claim(self.checkpoint_dir, run_identity(self.config), self.spec.output.uri, finished)
 
@@ -168,89 +171,32 @@ class QLoRASFTRecipe:
 
     def _setup_memory_plan(self, located: tuple[str, bool]) -> None:
         """Checkpointing, tokens per micro-step and optimizer for this model on this card's free
-        memory (kubetune.trainer.memory), printed now and reported in result.json."""
-        import torch
-
-        from kubetune.trainer.memory import GIB, MemoryPlan, RunSettings, plan_memory
+        memory (kubetune.trainer.planning), printed now and reported in result.json."""
         from kubetune.trainer.modeling import model_shape
+        from kubetune.trainer.planning import plan_for_this_card
         from kubetune.trainer.speed import apply_plan
 
         assert self.speed is not None
-        training = self.spec.training
-        per_device = self.plan.micro_batch_size * self.plan.gradient_accumulation_steps
-        chosen = (
-            training.micro_batch_size is not None
-            or training.gradient_accumulation_steps is not None
-        )
-        run = RunSettings(
-            max_length=training.max_length,
-            per_device_batch=per_device,
-            lora_rank=self.spec.lora.r,
-            lora_dropout=self.spec.lora.dropout,
-            liger_kernel=self.speed.liger_kernel,
-            micro_batch_size=self.plan.micro_batch_size if chosen else None,
-            gradient_checkpointing=training.gradient_checkpointing,
-            optimizer=training.optimizer,
-        )
         source, is_hub = located
         shape = model_shape(source, self.spec.model, is_hub, self.tokens.read)
-        free = int(torch.cuda.mem_get_info()[0]) if self.cuda else None
-        if shape is not None:
-            memory = plan_memory(shape, run, free, cuda=self.cuda)
-        else:  # an unknown shape: what the spec says; on a GPU, checkpointing when unset
-            checkpointing = training.gradient_checkpointing
-            if checkpointing is None:
-                checkpointing = self.cuda
-            micro = self.plan.micro_batch_size
-            memory = MemoryPlan(
-                checkpointed_layers=1 if checkpointing else 0,
-                layers=1,
-                micro_batch_size=micro,
-                tokens_per_micro_step=micro * training.max_length,
-                optimizer=self.speed.optimizer,
-                estimated_peak_bytes=None,
-                free_bytes=free,
-            )
-        if not memory.fits and memory.estimated_peak_bytes and free:
-            message = (
-                f"this run needs about {memory.estimated_peak_bytes / GIB:.1f} GiB of GPU memory "
-                f"at its leanest ({memory.summary()}); the GPU has {free / GIB:.1f} GiB free"
-            )
-            if memory.estimated_peak_bytes > free:
-                knob = f"training.maxLength (now {training.max_length})"
-                raise OutOfMemory(f"{message}; lower {knob} or use a larger GPU")
-            log.warning("%s: it may not fit", message)
-        self.memory = memory
-        self.speed = apply_plan(self.speed, memory)
+        self.memory = plan_for_this_card(self.spec, self.plan, self.speed, shape, self.cuda)
+        self.speed = apply_plan(self.speed, self.memory)
+        per_device = self.plan.micro_batch_size * self.plan.gradient_accumulation_steps
         self.plan = self.plan.model_copy(
             update={
-                "micro_batch_size": memory.micro_batch_size,
-                "gradient_accumulation_steps": per_device // memory.micro_batch_size,
+                "micro_batch_size": self.memory.micro_batch_size,
+                "gradient_accumulation_steps": per_device // self.memory.micro_batch_size,
             }
         )
-        log.info("memory plan: %s", memory.summary())
+        log.info("memory plan: %s", self.memory.summary())
 
     def plan_report(self) -> MemoryPlanReport | None:
         """The memory plan as result.json and the status show it."""
+        from kubetune.trainer.planning import plan_report
+
         if self.memory is None:
             return None
-        memory = self.memory
-        peak = None
-        if self.cuda:
-            import torch
-
-            peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        estimated, free = memory.estimated_peak_bytes, memory.free_bytes
-        return MemoryPlanReport(
-            gradient_checkpointing=memory.describe_checkpointing(),
-            micro_batch_size=self.plan.micro_batch_size,
-            tokens_per_micro_step=memory.tokens_per_micro_step,
-            gradient_accumulation_steps=self.plan.gradient_accumulation_steps,
-            optimizer=memory.optimizer,
-            estimated_peak_gib=round(estimated / 2**30, 2) if estimated is not None else None,
-            free_gib=round(free / 2**30, 2) if free is not None else None,
-            peak_gib=peak,
-        )
+        return plan_report(self.memory, self.plan, self.cuda)
 
     def _setup_data(self) -> None:
         from kubetune.trainer.data import prepare
@@ -268,6 +214,7 @@ class QLoRASFTRecipe:
         from kubetune.trainer.divergence import divergence_callback
         from kubetune.trainer.modeling import (
             check_lora_targets,
+            check_optimizer_runs_here,
             load_quantized_model,
             lora_config,
             partial_checkpointing_callback,
@@ -302,7 +249,7 @@ class QLoRASFTRecipe:
         )
         after_save = self.remote.push_newest if self.remote is not None else lambda: None
         sft_config = SFTConfig(**arguments)
-        self._check_optimizer_runs_here(sft_config, model)
+        check_optimizer_runs_here(sft_config, model, self.speed.optimizer)
         self._trainer = resumable_sft_trainer(
             model=model,
             args=sft_config,
@@ -327,20 +274,6 @@ class QLoRASFTRecipe:
                 f"no training example keeps a completion token within training.maxLength "
                 f"({self.spec.training.max_length}); raise it or shorten the prompts"
             )
-
-    def _check_optimizer_runs_here(self, sft_config: Any, model: Any) -> None:
-        """A known optimizer whose package is missing (or that needs settings kubetune doesn't
-        pass) is a config problem, found before the first step rather than at it."""
-        from trl import SFTTrainer
-
-        try:
-            SFTTrainer.get_optimizer_cls_and_kwargs(sft_config, model)
-        except (ImportError, ValueError, RuntimeError) as exc:
-            assert self.speed is not None
-            raise InvalidConfig(
-                f"spec.training.optimizer: {self.speed.optimizer} can't be used here: "
-                f"{first_line(exc)}"
-            ) from None
 
     # --- train -------------------------------------------------------------------------------
 
@@ -423,28 +356,12 @@ class QLoRASFTRecipe:
         return publisher.publish(result, self._effective_settings(outcome), self.metrics_file)
 
     def _final_metrics(self, outcome: TrainOutcome) -> dict[str, float]:
-        """The run's metrics, over every attempt: the Trainer's train_loss already is (resume
-        restores its running totals); its runtime and throughput are this attempt's, and are
-        extended here by the training time the checkpoint carries."""
-        metrics = {"steps": float(outcome.global_step)}
-        if outcome.resumed_from_step is not None:
-            # A preempted run says where it picked up, so a retried pod is seen to continue.
-            metrics["resumed_from_step"] = float(outcome.resumed_from_step)
-        trained = outcome.metrics
-        if "train_loss" in trained:
-            metrics["train_loss"] = round(trained["train_loss"], 6)
-        if "train_runtime" in trained:
-            attempt = trained["train_runtime"]
-            runtime = self._trainer.earlier_train_seconds + attempt
-            metrics["train_runtime"] = round(runtime, 6)
-            if "train_samples_per_second" in trained and runtime > 0:
-                samples = trained["train_samples_per_second"] * attempt
-                metrics["train_samples_per_second"] = round(samples / runtime, 6)
-        if self.tracker.loss is not None:
-            metrics["final_loss"] = self.tracker.loss
-        if self.tracker.tokens_per_second is not None:
-            metrics["tokens_per_second"] = self.tracker.tokens_per_second
-        return metrics
+        tracker, earlier = self.tracker, self._trainer.earlier_train_seconds
+        return run_metrics(
+            outcome.global_step, resumed_from_step=outcome.resumed_from_step,
+            trained=outcome.metrics, earlier_train_seconds=earlier,
+            final_loss=tracker.loss, tokens_per_second=tracker.tokens_per_second,
+        )  # fmt: skip
 
     def _eval_loss(self) -> float:
         return round(float(self._trainer.evaluate()["eval_loss"]), 6)
@@ -467,20 +384,4 @@ class QLoRASFTRecipe:
 
     def _effective_settings(self, outcome: TrainOutcome) -> dict[str, Any]:
         assert self.speed is not None
-        return {
-            "steps": outcome.global_step,
-            "micro batch x accumulation": (
-                f"{self.plan.micro_batch_size} x {self.plan.gradient_accumulation_steps}"
-            ),
-            "attention": self.speed.attention,
-            "packing (padding-free)": self.speed.packing,
-            "liger kernel": self.speed.liger_kernel,
-            "gradient checkpointing": (
-                self.memory.describe_checkpointing()
-                if self.memory is not None
-                else self.speed.gradient_checkpointing
-            ),
-            "tokens per micro-step": self.memory.tokens_per_micro_step if self.memory else None,
-            "padded to one shape": self.speed.pad_to_tokens is not None,
-            "optimizer": self.speed.optimizer,
-        }
+        return effective_settings(outcome.global_step, self.plan, self.speed, self.memory)

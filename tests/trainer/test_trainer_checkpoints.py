@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kubetune.api.config import JobRef, TrainerConfig
 from kubetune.api.models import FineTuneJobSpec
-from kubetune.trainer.checkpoints import claim, newest_checkpoint, run_identity
+from kubetune.trainer.checkpoints import (
+    RemoteCheckpoints,
+    claim,
+    newest_checkpoint,
+    run_identity,
+)
 from kubetune.trainer.errors import InvalidConfig
 from kubetune.trainer.outputs import forget_metrics_after
 from kubetune.trainer.resume import RunningTotals
@@ -110,3 +116,49 @@ def test_running_totals_travel_with_the_checkpoint(tmp_path: Path) -> None:
     assert RunningTotals.read(tmp_path / "checkpoint-13") == totals
     (tmp_path / "checkpoint-13" / "kubetune_running_totals.json").write_text("[]")
     assert RunningTotals.read(tmp_path / "checkpoint-13") is None
+
+
+# --- the same rule in an object store (fsspec's in-memory store: a real fsspec filesystem) -----
+
+
+@pytest.fixture
+def store(request: pytest.FixtureRequest) -> Iterator[str]:
+    import fsspec
+
+    prefix = f"memory://bucket/{request.node.name}"
+    yield prefix
+    fs, root = fsspec.core.url_to_fs(prefix)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def _put(uri: str, data: bytes = b"{}") -> None:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.pipe_file(path, data)
+
+
+def test_an_object_store_output_is_claimed_by_its_first_run(store: str, tmp_path: Path) -> None:
+    RemoteCheckpoints(store, tmp_path).claim(ME, "adapter_model.safetensors")
+    _put(f"{store}/checkpoints/checkpoint-5/trainer_state.json")
+    RemoteCheckpoints(store, tmp_path).claim(ME, "adapter_model.safetensors")  # a retried pod
+    with pytest.raises(InvalidConfig, match=r"already holds the checkpoints of another run"):
+        RemoteCheckpoints(store, tmp_path).claim("finetunejob/theirs", "adapter_model.safetensors")
+
+
+def test_an_object_store_with_checkpoints_and_no_marker_is_refused(
+    store: str, tmp_path: Path
+) -> None:
+    _put(f"{store}/checkpoints/checkpoint-5/trainer_state.json")
+    with pytest.raises(InvalidConfig, match=r"holds checkpoints but no marker \(run.json\)"):
+        RemoteCheckpoints(store, tmp_path).claim(ME, "adapter_model.safetensors")
+
+
+def test_an_object_store_holding_another_runs_adapter_is_refused(
+    store: str, tmp_path: Path
+) -> None:
+    _put(f"{store}/checkpoints/run.json", json.dumps({"run": "finetunejob/theirs"}).encode())
+    _put(f"{store}/adapter_model.safetensors", b"weights")
+    with pytest.raises(InvalidConfig, match=r"finished adapter of another run"):
+        RemoteCheckpoints(store, tmp_path).claim(ME, "adapter_model.safetensors")

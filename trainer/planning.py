@@ -1,0 +1,92 @@
+"""The memory plan for this run on this card: the pure ``plan_memory`` fed with what only the
+node knows (the card's free memory), the refusal of a run that can't fit, and the plan as the
+result reports it."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from kubetune.api.models import FineTuneJobSpec, MemoryPlanReport, TrainingPlan
+from kubetune.trainer.errors import OutOfMemory
+from kubetune.trainer.memory import GIB, MemoryPlan, ModelShape, RunSettings, plan_memory
+
+if TYPE_CHECKING:
+    from kubetune.trainer.speed import SpeedSettings
+
+log = logging.getLogger(__name__)
+
+
+def plan_for_this_card(
+    spec: FineTuneJobSpec,
+    plan: TrainingPlan,
+    speed: SpeedSettings,
+    shape: ModelShape | None,
+    cuda: bool,
+) -> MemoryPlan:
+    """The plan for ``shape`` on this node's GPU (or the CPU); OutOfMemory, naming the knob,
+    for a run whose leanest plan needs more than the card has free."""
+    import torch
+
+    training = spec.training
+    per_device = plan.micro_batch_size * plan.gradient_accumulation_steps
+    chosen = (
+        training.micro_batch_size is not None or training.gradient_accumulation_steps is not None
+    )
+    run = RunSettings(
+        max_length=training.max_length,
+        per_device_batch=per_device,
+        lora_rank=spec.lora.r,
+        lora_dropout=spec.lora.dropout,
+        liger_kernel=speed.liger_kernel,
+        micro_batch_size=plan.micro_batch_size if chosen else None,
+        gradient_checkpointing=training.gradient_checkpointing,
+        optimizer=training.optimizer,
+    )
+    free = int(torch.cuda.mem_get_info()[0]) if cuda else None
+    if shape is not None:
+        memory = plan_memory(shape, run, free, cuda=cuda)
+    else:  # an unknown shape: what the spec says; on a GPU, checkpointing when unset
+        checkpointing = training.gradient_checkpointing
+        if checkpointing is None:
+            checkpointing = cuda
+        micro = plan.micro_batch_size
+        memory = MemoryPlan(
+            checkpointed_layers=1 if checkpointing else 0,
+            layers=1,
+            micro_batch_size=micro,
+            tokens_per_micro_step=micro * training.max_length,
+            optimizer=speed.optimizer,
+            estimated_peak_bytes=None,
+            free_bytes=free,
+        )
+    if not memory.fits and memory.estimated_peak_bytes and free:
+        message = (
+            f"this run needs about {memory.estimated_peak_bytes / GIB:.1f} GiB of GPU memory "
+            f"at its leanest ({memory.summary()}); the GPU has {free / GIB:.1f} GiB free"
+        )
+        if memory.estimated_peak_bytes > free:
+            knob = f"training.maxLength (now {training.max_length})"
+            raise OutOfMemory(f"{message}; lower {knob} or use a larger GPU")
+        log.warning("%s: it may not fit", message)
+    return memory
+
+
+def plan_report(memory: MemoryPlan, plan: TrainingPlan, cuda: bool) -> MemoryPlanReport:
+    """The memory plan as result.json and the status show it, with the peak measured so far."""
+    peak = None
+    if cuda:
+        import torch
+
+        peak = round(torch.cuda.max_memory_allocated() / GIB, 2)
+    estimated, free = memory.estimated_peak_bytes, memory.free_bytes
+    return MemoryPlanReport(
+        gradient_checkpointing=memory.describe_checkpointing(),
+        micro_batch_size=plan.micro_batch_size,
+        tokens_per_micro_step=memory.tokens_per_micro_step,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        optimizer=memory.optimizer,
+        estimated_peak_gib=round(estimated / GIB, 2) if estimated is not None else None,
+        free_gib=round(free / GIB, 2) if free is not None else None,
+        peak_gib=peak,
+    )
