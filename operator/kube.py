@@ -14,7 +14,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
-from kubetune.operator.metrics import API_ERRORS, API_REQUESTS
+from kubetune.operator.metrics import API_ERRORS, API_REQUESTS, resource_of
 
 Obj = dict[str, Any]
 
@@ -34,13 +34,17 @@ _PLURALS: Final = {
 _TIMEOUT: Final = 30.0
 
 
-def load_config() -> client.ApiClient:
+def load_config(pool_size: int = 32) -> client.ApiClient:
     """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG)."""
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    return client.ApiClient()
+    configuration = client.Configuration.get_default_copy()
+    # One kept-alive connection per worker thread: a smaller pool discards connections and
+    # pays a TLS handshake per request under load.
+    configuration.connection_pool_maxsize = pool_size
+    return client.ApiClient(configuration)
 
 
 def collection_path(api_version: str, kind: str, namespace: str) -> str:
@@ -81,11 +85,11 @@ class Kube:
                 _request_timeout=_TIMEOUT,
             )
         except Exception:
-            API_REQUESTS.labels(method, "0").inc()
+            API_REQUESTS.labels(method, resource_of(path), "0").inc()
             API_ERRORS.labels(method, "0").inc()
             raise
         response.read()
-        API_REQUESTS.labels(method, str(response.status)).inc()
+        API_REQUESTS.labels(method, resource_of(path), str(response.status)).inc()
         if response.status >= 400:
             API_ERRORS.labels(method, str(response.status)).inc()
         text = response.data.decode() if response.data else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -43,19 +44,28 @@ def main(argv: list[str] | None = None) -> None:
     kopf.configure(
         verbose=settings.verbose,
         log_format=kopf.LogFormat.JSON if settings.json_logs else kopf.LogFormat.FULL,
+        # Every line about a FineTuneJob names it: under "k8s" in JSON, as a [ns/name] prefix
+        # in text.
+        log_prefix=not settings.json_logs,
         log_refkey="k8s" if settings.json_logs else None,
     )
+    if not settings.verbose:
+        # kopf logs every handled event ("Handler ... succeeded"): thousands a minute at scale.
+        # The operator's own lines say what happened; kopf's warnings and errors stay.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     # Importing the handlers registers them with kopf's default registry.
     from kubernetes.config import ConfigException
 
-    from kubetune.operator import handlers
+    from kubetune.operator import handlers  # noqa: F401
+    from kubetune.operator.controller import kube
 
     try:
-        handlers.kube()
+        kube()
     except ConfigException as exc:
         sys.exit(f"kubetune-operator: no Kubernetes credentials (in-cluster or KUBECONFIG): {exc}")
 
     kopf.run(
+        # Replicas elect the active one through a Lease (handlers.py), not kopf's peering.
         standalone=True,
         clusterwide=not namespaces,
         namespaces=namespaces,

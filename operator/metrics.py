@@ -32,8 +32,9 @@ TRANSITIONS: Final = Counter(
 )
 API_REQUESTS: Final = Counter(
     "kubetune_api_requests_total",
-    "Requests to the Kubernetes API by verb and HTTP status (0: no answer).",
-    ["verb", "code"],
+    "Requests of the operator's own (watches aside) to the Kubernetes API by verb, resource and "
+    "HTTP status (0: no answer).",
+    ["verb", "resource", "code"],
 )
 API_ERRORS: Final = Counter(
     "kubetune_api_errors_total",
@@ -50,6 +51,20 @@ CREATE_TO_JOB_SECONDS: Final = Histogram(
     "From a FineTuneJob's creationTimestamp to its Job created by this replica.",
     buckets=(0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0),
 )
+
+
+def resource_of(path: str) -> str:
+    """``pods``, ``finetunejobs/status``, ``leases``: the resource an API path names."""
+    parts = path.split("?", 1)[0].strip("/").split("/")
+    if "namespaces" in parts:
+        index = parts.index("namespaces") + 2
+        rest = parts[index:] if len(parts) > index else parts[index - 2 : index - 1]
+    else:
+        rest = parts[3:] if parts[:1] == ["apis"] else parts[2:]
+    if len(rest) >= 3:
+        return f"{rest[0]}/{rest[2]}"
+    return rest[0] if rest else "unknown"
+
 
 _PROGRESS_FIELDS: Final = {
     "step": "kubetune_finetunejob_progress_step",

@@ -133,7 +133,7 @@ def validate(spec: Obj, settings: OperatorSettings) -> FineTuneJobSpec | Rejecti
         parsed = FineTuneJobSpec.model_validate(dict(spec))
     except ValidationError as exc:
         problems = format_validation_error(exc, FineTuneJobSpec, prefix="spec")
-        return Rejection(Reason.INVALID_SPEC, tuple(f"spec.{problem}" for problem in problems))
+        return Rejection(Reason.INVALID_SPEC, tuple(problems))
     denied = policy_problems(parsed, settings)
     if denied:
         return Rejection(Reason.DENIED, tuple(denied))

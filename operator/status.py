@@ -184,7 +184,8 @@ def _outcome(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> tuple[Outcome, O
             (p for p in reversed(by_age) if p.get("status", {}).get("phase") == "Failed"), None
         )
         job_reason = str(failed.get("reason") or "Failed")
-        job_message = str(failed.get("message") or "")
+        # A Job condition without a message still fails with words a person can read.
+        job_message = str(failed.get("message") or f"the trainer Job failed ({job_reason})")
         terminated = _terminated(last) if last is not None else None
         exit_code = terminated.get("exitCode") if terminated else None
         reason = job_reason

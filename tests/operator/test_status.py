@@ -383,3 +383,17 @@ def test_a_missing_secret_or_key_shows_as_missing_reference_as_a_kubelet_words_i
     assert status["phase"] == "Pending"
     assert condition(status, "Ready")["reason"] == "MissingReference"
     assert condition(status, "Ready")["message"] == message
+
+
+def test_trainer_exited_zero_while_the_pod_still_reads_running_is_finishing_not_pending() -> None:
+    # The kubelet reports the container's end before the pod's phase: no Running → Pending flap.
+    ending = pod("Running", state=terminated(0, reason="Completed"))
+    status = derive_status(ftj(), job(active=1), [ending], NOW)
+    assert status["phase"] == "Running"
+    assert condition(status, "Running")["reason"] == "Finishing"
+
+
+def test_a_failed_job_without_a_message_still_says_why() -> None:
+    status = derive_status(ftj(), failed_job("BackoffLimitExceeded"), [], NOW)
+    assert status["phase"] == "Failed"
+    assert "BackoffLimitExceeded" in condition(status, "Failed")["message"]

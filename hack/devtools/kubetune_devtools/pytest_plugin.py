@@ -196,6 +196,39 @@ def add_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[AddNode
         kubectl("delete", "node", name, "--wait=false", check=False)
 
 
+IMAGE_NODE = "kubetune-test-images"
+# The image node's label and taint: only pods that select and tolerate it run there.
+IMAGES_ONLY = "kubetune.io/images-only"
+
+
+@pytest.fixture(scope="session")
+def image_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[str]:
+    """A node that runs every container from its image (no host images), for the session;
+    tainted and labelled ``kubetune.io/images-only=only`` (see ``on_image_node``)."""
+    local = local_cluster.local()
+    local.start_node_agent(
+        NodeOptions(
+            name=IMAGE_NODE,
+            gpus=0,
+            labels=[f"{IMAGES_ONLY}=only"],
+            taints=[f"{IMAGES_ONLY}=only:NoSchedule"],
+            host_images=(),
+        )
+    )
+    local.wait_node_ready(IMAGE_NODE, timeout=60)
+    yield IMAGE_NODE
+    local.node_agent_process(IMAGE_NODE).stop()
+    kubectl("delete", "node", IMAGE_NODE, "--wait=false", check=False)
+
+
+def on_image_node() -> dict[str, Any]:
+    """The pod-spec fields (nodeSelector, tolerations) that put a pod on ``image_node``."""
+    return {
+        "nodeSelector": {IMAGES_ONLY: "only"},
+        "tolerations": [{"key": IMAGES_ONLY, "operator": "Exists", "effect": "NoSchedule"}],
+    }
+
+
 @pytest.fixture(scope="session")
 def gpu_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[str]:
     """A node with one ``nvidia.com/gpu``, for the rest of the session."""
@@ -271,7 +304,7 @@ def local_node_chart_settings() -> list[str]:
 
 
 def built_images(*targets: str) -> Path:
-    """``hack/images/build.sh`` for ``targets`` (cached by content: at once when built); the store."""
+    """Build ``targets`` with hack/images/build.sh (at once when cached); the image store."""
     repo = Path(__file__).resolve().parents[3]
     env = {**os.environ, "KUBETUNE_IMAGE_TARGETS": " ".join(targets)}
     result = subprocess.run(
@@ -285,6 +318,22 @@ def built_images(*targets: str) -> Path:
     if result.returncode != 0:
         pytest.fail(f"building the images {targets} failed:\n{result.stderr[-4000:]}")
     return Path(result.stdout.strip().splitlines()[-1])
+
+
+def image_node_chart_settings() -> list[str]:
+    """The chart's values (``--set`` form) for an operator running from its image on
+    ``image_node``, with quick status; the trainer keeps the chart's security context."""
+    key = IMAGES_ONLY.replace(".", "\\.")
+    return [
+        f"operator.healthPort={free_port()}",  # the local node's pods share the host network
+        "operator.jsonLogs=false",
+        "operator.progressIntervalSeconds=1",
+        "operator.statusRecheckSeconds=5",
+        f"nodeSelector.{key}=only",
+        f"tolerations[0].key={IMAGES_ONLY}",
+        "tolerations[0].operator=Exists",
+        "tolerations[0].effect=NoSchedule",
+    ]
 
 
 def helm_set_args(settings: Sequence[str]) -> list[str]:
@@ -304,11 +353,14 @@ __all__ = [
     "gpu_node",
     "helm_env",
     "helm_set_args",
+    "image_node",
+    "image_node_chart_settings",
     "kube_api",
     "kubeconfig_path",
     "kubectl",
     "local_cluster",
     "local_node_chart_settings",
     "namespace",
+    "on_image_node",
     "wait_for",
 ]

@@ -1,0 +1,306 @@
+"""One reconcile of one FineTuneJob, in a worker thread: carry out what ``reconcile.plan`` says
+(create the children, patch the owned Job, patch the status fields that changed, post Events,
+delete after the TTL), and nothing else."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+from kubetune.api.contract import (
+    MANAGED_BY,
+    ConditionType,
+    Reason,
+)
+from kubetune.api.models import API_VERSION, KIND, FineTuneJobSpec
+from kubetune.api.timestamps import parse_rfc3339, rfc3339
+from kubetune.operator import metrics
+from kubetune.operator.controller import (
+    JOB_SPEC_KEPT,
+    LOGGER,
+    SETTINGS,
+    Controller,
+    Created,
+    Key,
+    Obj,
+    job_logger,
+    kube,
+    now,
+    slim,
+)
+from kubetune.operator.errors import api_errors
+from kubetune.operator.kube import collection_path, finetunejob_path
+from kubetune.operator.reconcile import (
+    Plan,
+    Rejection,
+    owned_by,
+    plan,
+    rejected_status,
+)
+from kubetune.operator.render import pvc_claims, render
+from kubetune.operator.status import set_condition, transition
+
+# --- one reconcile (in a worker thread) ----------------------------------------------------------
+
+
+def reconcile(ctl: Controller, key: Key, ftj: Obj, jobs: list[Obj], pods: list[Obj]) -> Plan:
+    """Carry out the plan for one FineTuneJob; what was done, for the caller's requeue."""
+    namespace, name = key
+    log = job_logger(key)
+    work = plan(ftj, jobs, pods, SETTINGS, now())
+    if work.reject is not None:
+        _reject(ctl, key, ftj, work.reject)
+        return work
+    if work.create is not None:
+        job = _create_children(ctl, key, ftj, work.create)
+        if job is None:
+            return Plan(requeue_after=SETTINGS.reference_recheck_seconds)
+        log.info("children of %s/%s are in place", namespace, name)
+        work = plan(ftj, [*jobs, job], pods, SETTINGS, now())
+    if work.job_patch is not None:
+        job = next(j for j in jobs if owned_by(j, str(ftj["metadata"]["uid"])))
+        _patch_owned_job(ftj, job, work.job_patch)
+    if work.status_patch is not None:
+        _write_status(ctl, key, ftj, work.status_patch)
+    if work.delete:
+        log.info("ttlSecondsAfterFinished passed: deleting %s/%s", namespace, name)
+        with api_errors(f"deleting {namespace}/{name} after its TTL"):
+            kube().delete(finetunejob_path(namespace, name))
+    return work
+
+
+def _write_status(ctl: Controller, key: Key, ftj: Obj, changes: Obj) -> None:
+    """Merge-patch only ``changes`` (never progress); post an Event when the phase moves."""
+    namespace, name = key
+    old = ftj.get("status") or {}
+    with api_errors(f"patching the status of {namespace}/{name}"):
+        kube().merge_patch(finetunejob_path(namespace, name, "status"), {"status": changes})
+    assert ctl.written is not None
+    ctl.written[key] = {**ctl.written.get(key, {}), **changes}
+    new = {**old, **changes}
+    change = transition(old, new)
+    if change is not None:
+        kind, reason, message = change
+        if old.get("phase") != new.get("phase"):
+            metrics.TRANSITIONS.labels(str(old.get("phase") or "New"), str(new["phase"])).inc()
+        post_event(ftj, kind, reason, message)
+        job_logger(key).info("%s: %s", reason, message)
+
+
+def post_event(ftj: Obj, kind: str, reason: str, message: str) -> None:
+    """A core/v1 Event on the FineTuneJob (best effort: a lost Event never fails a reconcile)."""
+    metadata = ftj["metadata"]
+    stamp = rfc3339(now())
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {
+            "generateName": f"{metadata['name'][:200]}.",
+            "namespace": metadata["namespace"],
+        },
+        "involvedObject": {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": metadata["name"],
+            "namespace": metadata["namespace"],
+            "uid": metadata.get("uid"),
+        },
+        "type": kind,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": MANAGED_BY},
+        "reportingComponent": MANAGED_BY,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }
+    # Off the reconcile's path: its timestamps keep the order, a slow POST holds no worker.
+    _EVENTS.submit(_post, event)
+
+
+#: Posts Events in the background.
+_EVENTS = ThreadPoolExecutor(4, thread_name_prefix="event")
+
+
+def _post(event: Obj) -> None:
+    namespace = event["metadata"]["namespace"]
+    try:
+        kube().request("POST", collection_path("v1", "Event", namespace), body=event)
+    except Exception as exc:  # an Event is best effort
+        name = event["involvedObject"]["name"]
+        LOGGER.warning("posting the event %s on %s: %s", event["reason"], name, exc)
+
+
+def _reject(ctl: Controller, key: Key, ftj: Obj, rejection: Rejection) -> None:
+    """Fail the FineTuneJob for a problem no retry can fix (no children are made)."""
+    status = rejected_status(ftj, rejection, now())
+    _write_status(ctl, key, ftj, status)
+    job_logger(key).warning("%s: %s", rejection.reason, rejection.message)
+
+
+def missing_references(namespace: str, spec: FineTuneJobSpec) -> list[str]:
+    """PVCs the spec names that don't exist in ``namespace``. Secrets are not looked at: the
+    operator may not read them, and a missing one shows on the trainer pod instead."""
+    missing: list[str] = []
+    for claim in pvc_claims(spec):
+        path = f"{collection_path('v1', 'PersistentVolumeClaim', namespace)}/{claim}"
+        with api_errors(f"reading PersistentVolumeClaim {namespace}/{claim}"):
+            if kube().get_or_none(path) is None:
+                missing.append(f"PersistentVolumeClaim {claim!r} not found")
+    return missing
+
+
+def _missing_reference(ctl: Controller, key: Key, ftj: Obj, missing: list[str]) -> None:
+    message = "; ".join(missing) + f" (checked again every {SETTINGS.reference_recheck_seconds:g}s)"
+    status = ftj.get("status") or {}
+    conditions_now = status.get("conditions") or []
+    ready: Obj = next((c for c in conditions_now if c.get("type") == ConditionType.READY), {})
+    if ready.get("message") == message:
+        return
+    generation = ftj["metadata"].get("generation")
+    conditions = set_condition(
+        status.get("conditions") or [],
+        ConditionType.READY,
+        False,
+        reason=Reason.MISSING_REFERENCE,
+        message=message,
+        now=now(),
+        generation=generation,
+    )
+    _write_status(
+        ctl,
+        key,
+        ftj,
+        {"phase": "Pending", "observedGeneration": generation, "conditions": conditions},
+    )
+
+
+def _create_children(ctl: Controller, key: Key, ftj: Obj, spec: FineTuneJobSpec) -> Obj | None:
+    """Create every child, each at most once (409 → the existing one, if it is ours); the Job,
+    or None when a reference is missing. Refused creates fail the job and remove what this pass
+    made."""
+    namespace, name = key
+    missing = missing_references(namespace, spec)
+    if missing:
+        _missing_reference(ctl, key, ftj, missing)
+        return None
+    metadata = {"name": name, "namespace": namespace, "uid": ftj["metadata"]["uid"]}
+    *first, job_manifest = render(spec, metadata, SETTINGS)
+    created: list[str] = []
+    # Companions that don't depend on each other are created side by side; a RoleBinding only
+    # after its Role (the apiserver checks the binder holds what the Role grants, so the Role
+    # must exist); the Job last (its pod needs them all). Three round trips per job, not six.
+    bindings = [m for m in first if m["kind"] == "RoleBinding"]
+    independent = [m for m in first if m["kind"] != "RoleBinding"]
+    for wave in (independent, bindings):
+        _check_created(ctl, key, ftj, list(_CHILDREN.map(_create_child, wave)), created)
+    # Only when every companion is ours and in place: a Job whose pod could mount someone
+    # else's ConfigMap or run as someone else's ServiceAccount is never made, not even briefly.
+    results = [_create_child(job_manifest)]
+    _check_created(ctl, key, ftj, results, created)
+    _, _, job = results[0]
+    assert isinstance(job, dict) and ctl.created is not None
+    ctl.created[key] = slim(job, JOB_SPEC_KEPT)
+    stamp = ftj["metadata"].get("creationTimestamp")
+    if stamp and job["metadata"].get("uid"):
+        delay = (now() - parse_rfc3339(str(stamp))).total_seconds()
+        metrics.CREATE_TO_JOB_SECONDS.observe(max(delay, 0.0))
+    return job
+
+
+def _check_created(
+    ctl: Controller,
+    key: Key,
+    ftj: Obj,
+    results: list[Created],
+    created: list[str],
+) -> None:
+    """Add what was created to ``created``; on a refusal or a foreign object, fail the job and
+    delete everything this pass made; on a temporary error, raise it (retried)."""
+    uid = str(ftj["metadata"]["uid"])
+    temporary: kopf.TemporaryError | None = None
+    refused: tuple[Obj, kopf.PermanentError] | None = None
+    foreign: Obj | None = None
+    for manifest, path, outcome in results:
+        if isinstance(outcome, kopf.TemporaryError):
+            temporary = temporary or outcome
+        elif isinstance(outcome, kopf.PermanentError):
+            refused = refused or (manifest, outcome)
+        elif not owned_by(outcome, uid):
+            foreign = foreign or manifest
+        else:
+            created.append(path)
+    if refused is not None:
+        # The API refused what the spec asked for (an invalid value, a quota, an admission
+        # policy): say so on the job, and leave nothing half-made behind.
+        _delete_children(created)
+        manifest, exc = refused
+        refusal = exc.__cause__
+        reason = Reason.INVALID_SPEC if _status_of(refusal) == 422 else Reason.REJECTED
+        what = f"{manifest['kind']} {manifest['metadata']['name']}: {_api_message(refusal)}"
+        _reject(ctl, key, ftj, Rejection(reason, (what,)))
+        raise exc
+    if foreign is not None:
+        # A same-named object that isn't ours: never take it over silently.
+        _delete_children(created)
+        problem = f"{foreign['kind']} {foreign['metadata']['name']} exists and is not owned"
+        rejection = Rejection(Reason.NAME_CONFLICT, (problem,))
+        _reject(ctl, key, ftj, rejection)
+        raise kopf.PermanentError(f"{rejection.reason}: {rejection.message}")
+    if temporary is not None:
+        raise temporary  # what was made stays, and is found (409, ours) on the retry
+
+
+#: Creates the companions of a Job side by side (shared by all workers).
+_CHILDREN = ThreadPoolExecutor(32, thread_name_prefix="create")
+
+
+def _create_child(
+    manifest: Obj,
+) -> tuple[Obj, str, Obj | kopf.TemporaryError | kopf.PermanentError]:
+    """Create one child (409: the existing object, whoever owns it)."""
+    kind, child = manifest["kind"], manifest["metadata"]["name"]
+    namespace = manifest["metadata"]["namespace"]
+    path = f"{collection_path(manifest['apiVersion'], kind, namespace)}/{child}"
+    try:
+        with api_errors(f"creating {kind} {namespace}/{child}"):
+            return manifest, path, kube().create(manifest)
+    except (kopf.TemporaryError, kopf.PermanentError) as exc:
+        return manifest, path, exc
+
+
+def _status_of(error: BaseException | None) -> int | None:
+    return error.status if isinstance(error, ApiException) else None
+
+
+def _api_message(error: BaseException | None) -> str:
+    """The apiserver's own words for a refusal (its Status message), else the HTTP reason."""
+    if isinstance(error, ApiException):
+        try:
+            return str(json.loads(error.body or "{}").get("message") or error.reason)
+        except ValueError:
+            return str(error.reason)
+    return str(error)
+
+
+def _delete_children(paths: Iterable[str]) -> None:
+    for path in reversed(list(paths)):
+        with api_errors(f"cleaning up {path}"):
+            kube().delete(path)
+
+
+def _patch_owned_job(ftj: Obj, job: Obj, patch: Obj) -> None:
+    """Patch the Job the FineTuneJob owns, with the resourceVersion that was checked, so an
+    object replaced in between is a conflict (retried), never a write to someone else's Job."""
+    if not owned_by(job, str(ftj["metadata"]["uid"])):
+        return
+    namespace = ftj["metadata"]["namespace"]
+    path = collection_path("batch/v1", "Job", namespace) + "/" + job["metadata"]["name"]
+    version = job["metadata"]["resourceVersion"]
+    what = f"updating the Job of {namespace}/{ftj['metadata']['name']}"
+    with api_errors(what):
+        kube().merge_patch(path, {"metadata": {"resourceVersion": version}, **patch})

@@ -1,0 +1,145 @@
+"""What the operator's handlers and its reconcile share: the settings, the API client, the
+per-job logger, and the Controller with its in-memory indexes of FineTuneJobs, Jobs and Pods."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import kopf
+
+from kubetune.api.contract import (
+    FINETUNEJOB_ANNOTATION,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+)
+from kubetune.api.models import API_VERSION, KIND
+from kubetune.operator.kube import Kube, load_config
+from kubetune.operator.leader import LeaseLock
+from kubetune.operator.reconcile import (
+    owned_by,
+)
+from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.workqueue import WorkQueue
+
+SETTINGS = OperatorSettings()
+MANAGED: Final = {MANAGED_BY_LABEL: MANAGED_BY}
+LOGGER: Final = logging.getLogger("kubetune.operator")
+
+Key = tuple[str, str]
+Obj = dict[str, Any]
+#: A create's manifest, the object's path, and the object or the kopf error it ended in.
+Created = tuple[Obj, str, Obj | kopf.TemporaryError | kopf.PermanentError]
+
+_kube: Kube | None = None
+
+
+def kube() -> Kube:
+    global _kube  # noqa: PLW0603 - one API client per process, made at startup
+    if _kube is None:
+        _kube = Kube(load_config(SETTINGS.max_workers + 4))
+    return _kube
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobLogger(logging.LoggerAdapter[logging.Logger]):
+    """Every line about a FineTuneJob names it (kopf's JSON formatter puts it under ``k8s``)."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        kwargs.setdefault("extra", {}).update(self.extra or {})
+        return msg, kwargs
+
+
+def job_logger(key: Key) -> JobLogger:
+    namespace, name = key
+    ref = {"apiVersion": API_VERSION, "kind": KIND, "namespace": namespace, "name": name}
+    return JobLogger(LOGGER, {"k8s_ref": ref})
+
+
+# --- the watch caches --------------------------------------------------------------------------
+
+
+def owner_name(annotations: Mapping[str, str]) -> str | None:
+    value = annotations.get(FINETUNEJOB_ANNOTATION)
+    return str(value) if value else None
+
+
+METADATA_KEPT: Final = (
+    "name", "namespace", "uid", "resourceVersion", "generation", "creationTimestamp",
+    "deletionTimestamp", "ownerReferences",
+)  # fmt: skip
+JOB_SPEC_KEPT: Final = ("suspend", "activeDeadlineSeconds")
+
+
+def slim(body: Mapping[str, Any], spec: Iterable[str] | None = None) -> Obj:
+    """What a reconcile reads of an object, for the in-memory index: no managedFields, no
+    last-applied annotation, no pod template (at 5,000 jobs, most of the operator's memory)."""
+    metadata = body.get("metadata") or {}
+    kept: Obj = {
+        "metadata": {key: metadata[key] for key in METADATA_KEPT if key in metadata},
+        "status": body.get("status") or {},
+    }
+    source = body.get("spec") or {}
+    kept["spec"] = dict(source) if spec is None else {k: source[k] for k in spec if k in source}
+    return kept
+
+
+@dataclass
+class Controller:
+    """What the handlers share: the indexes, the queue, what this replica wrote recently."""
+
+    finetunejobs: kopf.Index[Key, Obj]
+    jobs: kopf.Index[Key, Obj]
+    pods: kopf.Index[Key, Obj]
+    queue: WorkQueue[Key]
+    executor: ThreadPoolExecutor
+    lease: LeaseLock | None
+    leader: bool = False
+    #: Status this replica wrote that the cache may not show yet: read over the cached one.
+    written: dict[Key, Obj] | None = None
+    #: Jobs this replica created that the cache may not show yet.
+    created: dict[Key, Obj] | None = None
+
+    def __post_init__(self) -> None:
+        self.written = {}
+        self.created = {}
+
+
+def index_values(index: kopf.Index[Key, Obj], key: Key) -> list[Obj]:
+    store = index.get(key)
+    return list(store) if store is not None else []
+
+
+def snapshot(ctl: Controller, key: Key) -> tuple[Obj | None, list[Obj], list[Obj]]:
+    """The FineTuneJob, its Jobs and Pods as this replica knows them (runs on the event loop,
+    where kopf changes the indexes, so the copy is consistent)."""
+    assert ctl.written is not None and ctl.created is not None
+    found = index_values(ctl.finetunejobs, key)
+    if not found:
+        ctl.written.pop(key, None)
+        ctl.created.pop(key, None)
+        return None, [], []
+    ftj = dict(found[0])
+    status = dict(ftj.get("status") or {})
+    written = ctl.written.get(key)
+    if written is not None:
+        if all(status.get(k) == v for k, v in written.items()):
+            del ctl.written[key]  # the cache has caught up with our write
+        else:
+            ftj["status"] = {**status, **written}
+    jobs = index_values(ctl.jobs, key)
+    uid = str(ftj["metadata"].get("uid"))
+    created = ctl.created.get(key)
+    if created is not None:
+        if any(owned_by(job, uid) for job in jobs) or not owned_by(created, uid):
+            del ctl.created[key]
+        else:
+            jobs.append(created)
+    return ftj, jobs, index_values(ctl.pods, key)

@@ -1,0 +1,176 @@
+"""Faults the operator survives, on the real local control plane: the apiserver or etcd
+restarted mid-run, the operator SIGKILLed while it creates children, a FineTuneJob deleted while
+its Job is made, the node agent stopped under a running pod.
+
+Jobs run the stand-in trainer (seconds) or stay suspended (nothing runs), so each test costs
+seconds plus the restart it provokes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from operatorkit import OperatorProcess
+from test_operator_integration import (
+    apply,
+    finetunejob,
+    jobs_of,
+    sleeper_spec,
+    wait_phase,
+)
+
+from kubetune.local import components
+from kubetune.local.certs import ensure_pki
+from kubetune.local.cluster_info import ClusterInfo
+from kubetune.local.controlplane import LocalCluster, NodeOptions
+from kubetune_devtools.pytest_plugin import (
+    HOST_IMAGES,
+    TEST_NODE,
+    ClusterHandle,
+    Kubectl,
+    get_json,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+CRD = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
+CHILD_KINDS = ("configmaps", "serviceaccounts", "roles", "rolebindings", "networkpolicies", "jobs")
+
+
+@pytest.fixture(scope="module")
+def operator(
+    kubectl: Kubectl, kubeconfig_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    process = OperatorProcess(
+        kubeconfig_path,
+        tmp_path_factory.mktemp("operator") / "log",
+        env={"KUBETUNE_LEASE_DURATION_SECONDS": "4", "KUBETUNE_LEASE_RENEW_SECONDS": "1"},
+    )
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(autouse=True)
+def _operator_log(operator: OperatorProcess) -> Iterator[None]:
+    yield
+    print(f"--- operator log (tail) ---\n{operator.log_tail()}")
+
+
+@pytest.fixture
+def cluster(local_cluster: ClusterHandle) -> LocalCluster:
+    return local_cluster.local()
+
+
+def restart(cluster: LocalCluster, name: str, down_seconds: float = 2.0) -> None:
+    """Stop one control-plane process, leave it down a moment, start it again, wait till ready."""
+    info = ClusterInfo.load(cluster.layout)
+    if name == "etcd":
+        argv = components.etcd_argv(info, cluster.layout)
+    else:
+        argv = components.apiserver_argv(info, cluster.layout, ensure_pki(cluster.layout.pki))
+    process = cluster.process(name)
+    process.stop()
+    time.sleep(down_seconds)
+    process.start(argv)
+    wait_for(cluster.ready, 120, f"the cluster to be ready after restarting {name}")
+
+
+def children(kubectl: Kubectl, namespace: str, kind: str) -> list[dict[str, object]]:
+    items: list[dict[str, object]] = get_json(
+        kubectl, kind, "-n", namespace, "-l", "app.kubernetes.io/managed-by=kubetune-operator"
+    )["items"]
+    return items
+
+
+@pytest.mark.parametrize("component", ["kube-apiserver", "etcd"])
+def test_a_running_job_completes_though_the_control_plane_restarts_mid_run(
+    operator: OperatorProcess,
+    cluster: LocalCluster,
+    kubectl: Kubectl,
+    namespace: str,
+    component: str,
+) -> None:
+    # The trainer outlives the restart: the local node agent reports a pod's end once, so an end
+    # while the apiserver is down would be lost there (not in the operator).
+    apply(kubectl, namespace, finetunejob("steady", sleeper_spec(20)))
+    wait_phase(kubectl, namespace, "steady", {"Running"}, 90)
+    (job,) = jobs_of(kubectl, namespace)
+
+    restart(cluster, component)
+
+    status = wait_phase(kubectl, namespace, "steady", {"Succeeded", "Failed"}, 120)
+    assert status["phase"] == "Succeeded"
+    assert [j["metadata"]["uid"] for j in jobs_of(kubectl, namespace)] == [job["metadata"]["uid"]]
+
+
+def test_operator_killed_while_creating_children_leaves_no_orphan_and_no_duplicate(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    count = 12
+    for i in range(count):
+        apply(
+            kubectl,
+            namespace,
+            finetunejob(f"burst-{i}", sleeper_spec(1, runPolicy={"suspend": True})),
+        )
+    # Kill it as soon as the first children exist: the others are mid-creation or not started.
+    wait_for(lambda: children(kubectl, namespace, "configmaps"), 60, "the first child")
+    operator.kill()
+    operator.start()
+
+    for i in range(count):
+        wait_phase(kubectl, namespace, f"burst-{i}", {"Suspended"}, 120)
+    owners = {f["metadata"]["uid"] for f in get_json(kubectl, "ftj", "-n", namespace)["items"]}
+    for kind in CHILD_KINDS:
+        items = children(kubectl, namespace, kind)
+        assert len(items) == count, kind
+        for item in items:
+            refs = item["metadata"]["ownerReferences"]  # type: ignore[index]
+            assert [r["uid"] for r in refs if r.get("controller")] in [[uid] for uid in owners]
+
+
+def test_a_finetunejob_deleted_while_its_job_is_created_leaves_nothing_behind(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    count = 8
+    for i in range(count):
+        apply(
+            kubectl,
+            namespace,
+            finetunejob(f"gone-{i}", sleeper_spec(1, runPolicy={"suspend": True})),
+        )
+        kubectl("delete", "ftj", f"gone-{i}", "-n", namespace, "--wait=false")
+    for kind in CHILD_KINDS:
+        wait_for(
+            lambda kind=kind: not children(kubectl, namespace, kind),
+            90,
+            f"every {kind} of the deleted jobs to be collected",
+        )
+    # The operator is still well: a new job still gets its Job.
+    apply(kubectl, namespace, finetunejob("after", sleeper_spec(1, runPolicy={"suspend": True})))
+    wait_phase(kubectl, namespace, "after", {"Suspended"}, 60)
+
+
+def test_a_pod_lost_with_the_node_agent_is_replaced_and_the_job_completes(
+    operator: OperatorProcess, cluster: LocalCluster, kubectl: Kubectl, namespace: str
+) -> None:
+    apply(kubectl, namespace, finetunejob("node-lost", sleeper_spec(5)))
+    first = wait_phase(kubectl, namespace, "node-lost", {"Running"}, 90)
+
+    agent = cluster.node_agent_process(TEST_NODE)
+    agent.stop()
+    cluster.start_node_agent(NodeOptions(name=TEST_NODE, gpus=0, host_images=HOST_IMAGES))
+    cluster.wait_node_ready(TEST_NODE, 120)
+
+    status = wait_phase(kubectl, namespace, "node-lost", {"Succeeded", "Failed"}, 180)
+    assert status["phase"] == "Succeeded"
+    assert status["attempts"] >= 2
+    assert status["podName"] != first["podName"]
+    assert len(jobs_of(kubectl, namespace)) == 1
