@@ -288,6 +288,8 @@ def test_networkpolicy_and_servicemonitor_render_only_when_enabled(render: Rende
     assert {"ipBlock": {"cidr": "10.0.0.1/32"}} in policy["spec"]["egress"][1]["to"]
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    # What the ServiceMonitor scrapes, the policy lets in.
+    assert {"port": "metrics", "protocol": "TCP"} in policy["spec"]["ingress"][0]["ports"]
     [service] = of_kind(enabled, "Service")
     assert service["spec"]["selector"] == monitor["spec"]["selector"]["matchLabels"]
 

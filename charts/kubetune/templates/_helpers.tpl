@@ -67,8 +67,8 @@ kopf use (docs/install.md lists each call). The same list goes into the ClusterR
 namespaces) or into one Role per watched namespace.
 */}}
 {{- define "kubetune.namespacedRules" -}}
-# kopf watches FineTuneJobs and patches its finalizer and progress annotations onto them; the
-# operator reads one to refresh its status and deletes it after ttlSecondsAfterFinished.
+# The operator watches FineTuneJobs (its in-memory index), deletes one after
+# ttlSecondsAfterFinished, and removes the finalizer an older kubetune version left (patch).
 - apiGroups: [kubetune.io]
   resources: [finetunejobs]
   verbs: [get, list, watch, patch, delete]
