@@ -153,7 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Python and PATH instead of in the image (the fast mode; repeatable)",
     )
     parser.add_argument(
-        "--image-store", type=Path, default=None, help="unpacked images (default: make images')"
+        "--image-store",
+        type=Path,
+        default=None,
+        help="the image store (default: where make images puts it)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

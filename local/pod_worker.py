@@ -7,7 +7,9 @@ apiserver as a kubelet reports it (see pod_status).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import stat
 import subprocess
 import threading
 from collections.abc import Callable, Mapping
@@ -26,7 +28,7 @@ from kubetune.local.pod_status import (
 )
 from kubetune.local.process_group import terminate_group
 from kubetune.local.rest import JSON, STRATEGIC_MERGE_PATCH, ApiError, Rest, path_for
-from kubetune.local.sandbox import image_sandbox_argv, sandbox_argv
+from kubetune.local.sandbox import image_sandbox_argv, sandbox_argv, user_helper
 from kubetune.local.volumes import HostVolume, VolumeBuilder, VolumeNotReady
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,24 @@ class NodeContext:
     images: ImageStore
     image_env: Mapping[str, str]  # what a container of an image gets from the node (no host PATH)
     device_paths: tuple[str, ...] = ()
+
+
+def give_to_group(volume: HostVolume, gid: int) -> None:
+    """A kubelet's ``fsGroup``: the volume's files belong to the group, which may read them (and
+    write them, unless the volume is read-only); new files in its folders inherit the group."""
+    paths = [volume.path, *volume.path.rglob("*")] if volume.path.is_dir() else [volume.path]
+    for path in paths:
+        if path.is_symlink():
+            continue
+        try:
+            os.chown(path, -1, gid)
+            mode = path.stat().st_mode
+            extra = stat.S_IRGRP | (0 if volume.read_only else stat.S_IWGRP)
+            if path.is_dir():
+                extra |= stat.S_IXGRP | stat.S_ISGID
+            os.chmod(path, mode | extra)
+        except OSError as error:
+            log.warning("fsGroup %d on %s: %s", gid, path, error)
 
 
 class PodWorker(threading.Thread):
@@ -145,6 +165,10 @@ class PodWorker(threading.Thread):
             ).start()
         if volumes is None:
             return self._finish()
+        fs_group = (self.pod["spec"].get("securityContext") or {}).get("fsGroup")
+        if fs_group is not None:
+            for volume in volumes.values():
+                give_to_group(volume, int(fs_group))
         with self._lock:
             self.status.set_condition("PodReadyToStartContainers", "True")
             self._publish()
@@ -308,6 +332,7 @@ class PodWorker(threading.Thread):
         log_path = container_dir / f"{record.restart_count}.log"
         termination_file = container_dir / f"{record.restart_count}.termination-log"
         termination_file.write_bytes(b"")
+        termination_file.chmod(0o666)  # whatever user the container runs as writes it
         layer_dir = container_dir / f"{record.restart_count}.layer"
         started = rfc3339()
         try:
@@ -392,6 +417,9 @@ class PodWorker(threading.Thread):
         overrides; ``environment`` gets the image user's HOME. ValueError: can't be started."""
         security = self.pod["spec"].get("securityContext") or {}
         uid, gid = image_user(spec, security, image)
+        groups = [int(g) for g in security.get("supplementalGroups", [])]
+        if security.get("fsGroup") is not None:
+            groups.append(int(security["fsGroup"]))
         non_root = (spec.get("securityContext") or {}).get(
             "runAsNonRoot", security.get("runAsNonRoot")
         )
@@ -409,8 +437,10 @@ class PodWorker(threading.Thread):
                 layer_dir,
                 volumes,
                 termination_file,
+                helper=user_helper(self.node.pods_dir.parent / "user-helper"),
                 uid=uid,
                 gid=gid,
+                groups=groups,
                 working_dir=working_dir,
                 device_paths=self.node.device_paths,
             )

@@ -9,7 +9,12 @@ fast mode, see images), the host's root (``sandbox_argv``).
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,6 +22,10 @@ from kubetune.api.contract import TERMINATION_MESSAGE_PATH
 from kubetune.local.images import Image
 from kubetune.local.rest import JSON
 from kubetune.local.volumes import HostVolume
+
+# Where the node's user-switching helper (setpriv with its own loader and libraries, so it runs
+# in any image) is bound inside image containers.
+HELPER_MOUNT = "/.kubetune-node"
 
 # Mounts the container's overlay (image below, its own layer above) in a private mount namespace,
 # then runs bwrap there: the overlay goes away with the namespace when the container exits.
@@ -80,16 +89,19 @@ def image_sandbox_argv(
     volumes: Mapping[str, HostVolume],
     termination_file: Path,
     *,
+    helper: Path,
     uid: int,
     gid: int,
+    groups: Sequence[int] = (),
     working_dir: str,
     device_paths: Sequence[str] = (),
 ) -> list[str]:
     """The command line that runs a container of ``image``; its process's argv follows.
 
     ``layer_dir`` (empty, on the same file system as the pod) holds the container's writable
-    layer. The process runs as ``uid``:``gid`` in a user namespace (the node's own user outside,
-    as bubblewrap maps it). Raises ValueError when a volumeMount names no volume of the pod.
+    layer. The process runs as ``uid``:``gid`` (plus ``groups``) with no capabilities and no new
+    privileges, switched to by ``helper`` (see ``user_helper``). Raises ValueError when a
+    volumeMount names no volume of the pod.
     """
     upper, work, merged = (layer_dir / part for part in ("upper", "work", "merged"))
     for part in (upper, work, merged):
@@ -98,8 +110,9 @@ def image_sandbox_argv(
     argv = [
         "unshare", "--mount", "--propagation", "private",
         "sh", "-c", _OVERLAY_THEN_EXEC, "overlay", overlay, str(merged),
-        "bwrap", "--die-with-parent", "--unshare-user", "--uid", str(uid), "--gid", str(gid),
+        "bwrap", "--die-with-parent",
         "--bind", str(merged), "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/dev/shm",
+        "--ro-bind", str(helper), HELPER_MOUNT,
     ]  # fmt: skip
     for device in device_paths:
         argv += ["--dev-bind", device, device]
@@ -113,13 +126,97 @@ def image_sandbox_argv(
         if mount.get("subPath"):
             source.mkdir(parents=True, exist_ok=True)
         read_only = volume.read_only or bool(mount.get("readOnly", False))
-        argv += ["--ro-bind" if read_only else "--bind", str(source), mount["mountPath"]]
+        target = _resolved_in(image.rootfs, mount["mountPath"])
+        argv += ["--ro-bind" if read_only else "--bind", str(source), target]
     message_path = spec.get("terminationMessagePath") or TERMINATION_MESSAGE_PATH
-    argv += ["--bind", str(termination_file), message_path]
+    argv += ["--bind", str(termination_file), _resolved_in(image.rootfs, message_path)]
+    # bubblewrap creates missing mount-point folders with the node's umask; make their parents
+    # here, in the container's layer, listable by any user as a runtime does.
+    targets = [argv[i + 2] for i, word in enumerate(argv) if word in ("--bind", "--ro-bind")]
+    for target in targets[1:]:
+        _make_parents(image.rootfs, upper, target)
     if (spec.get("securityContext") or {}).get("readOnlyRootFilesystem"):
         argv += ["--remount-ro", "/"]
-    argv += ["--chdir", working_dir, "--"]
+    supplementary = ",".join(str(g) for g in dict.fromkeys([gid, *groups]))
+    argv += ["--chdir", working_dir, "--",
+             f"{HELPER_MOUNT}/lib/{_LOADER}", "--library-path", f"{HELPER_MOUNT}/lib",
+             f"{HELPER_MOUNT}/setpriv", f"--reuid={uid}", f"--regid={gid}",
+             f"--groups={supplementary}", "--inh-caps=-all", "--bounding-set=-all",
+             "--no-new-privs", "--"]  # fmt: skip
     return argv
+
+
+def _make_parents(rootfs: Path, upper: Path, target: str) -> None:
+    parts = [p for p in target.split("/") if p][:-1]
+    for depth in range(1, len(parts) + 1):
+        relative = "/".join(parts[:depth])
+        layer, image = upper / relative, rootfs / relative
+        if layer.exists():
+            continue
+        if image.is_symlink() or (image.exists() and not image.is_dir()):
+            return
+        layer.mkdir()
+        if image.is_dir():
+            info = image.stat()
+            os.chmod(layer, info.st_mode & 0o7777)
+            os.chown(layer, info.st_uid, info.st_gid)
+        else:
+            layer.chmod(0o755)
+
+
+def _resolved_in(root: Path, path: str) -> str:
+    """``path`` inside the image ``root`` with the image's symlinks resolved (e.g. /var/run ->
+    /run), as bubblewrap can't create mount points through a symlinked folder."""
+    parts = [p for p in path.split("/") if p]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        if part == ".":
+            continue
+        candidate = root.joinpath(*resolved, part)
+        if candidate.is_symlink() and hops < 40:
+            hops += 1
+            link = str(candidate.readlink())
+            if link.startswith("/"):
+                resolved = []
+            parts = [p for p in link.split("/") if p] + parts
+            continue
+        resolved.append(part)
+    return "/" + "/".join(resolved)
+
+
+_LOADER = "ld-linux-x86-64.so.2"
+_helper_lock = threading.Lock()
+
+
+def user_helper(directory: Path) -> Path:
+    """The host's ``setpriv`` with its dynamic loader and libraries, copied into ``directory``
+    once: run through that loader it works inside any image, whatever libc the image has."""
+    with _helper_lock:
+        if (directory / "setpriv").exists():
+            return directory
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            raise ValueError("setpriv not found on the node (Debian package util-linux)")
+        linked = subprocess.run(["ldd", setpriv], capture_output=True, text=True, check=True)
+        libraries = re.findall(r"(/\S+)", linked.stdout)
+        staging = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / "lib").mkdir(parents=True)
+        for library in libraries:
+            target = staging / "lib" / Path(library).name
+            shutil.copy(Path(library).resolve(), target)
+        loader = staging / "lib" / _LOADER
+        if not loader.exists():
+            raise ValueError(f"no {_LOADER} among setpriv's libraries: {libraries}")
+        shutil.copy(setpriv, staging / "setpriv")
+        staging.rename(directory)
+        return directory
 
 
 def _host_software_paths() -> list[str]:

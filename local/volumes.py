@@ -113,6 +113,7 @@ class VolumeBuilder:
             # mount would not be).
             target = self.memory_dir / target.name
         target.mkdir(parents=True, exist_ok=True)
+        target.chmod(0o777)  # as a kubelet makes it: whatever user the containers run as
         return HostVolume(target, read_only=False)
 
     def _config_map(self, spec: JSON, target: Path) -> HostVolume:
@@ -276,10 +277,11 @@ def _write_files(target: Path, files: dict[str, tuple[bytes, int | None]], mode:
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
+    target.chmod(0o755)  # as a kubelet's: any container user may list it; files keep their mode
     for relative, (content, file_mode) in files.items():
         path = target / relative
         if not path.resolve().is_relative_to(target.resolve()):
             raise ValueError(f"volume path {relative!r} escapes the volume")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         path.write_bytes(content)
         os.chmod(path, file_mode if file_mode is not None else mode)

@@ -6,14 +6,17 @@
 #   base   python:3.11-slim-bookworm, which can't be pulled here, is stood in for by an image made
 #          from Debian's packages with mmdebstrap (bookworm's Python is 3.11 too), tagged with the
 #          name the Dockerfile uses; buildah then builds with --pull=never.
-#   build  buildah bud --target operator / --target trainer, uv's download cache mounted (torch is
-#          GBs: the first build shares the wheels `make setup` already downloaded), the host's CA
-#          bundle passed as the build secret `ca-bundle` (a TLS-intercepting proxy's CA), never
-#          written into a layer.
+#   build  buildah bud --target operator / --target trainer; the Dockerfile's uv cache mount is
+#          uv's own cache (torch and its CUDA wheels are GBs: the first build reuses what
+#          `make setup` downloaded, as uv.lock pins the same versions); the host's CA bundle is passed as the build secret `ca-bundle` (a
+#          TLS-intercepting proxy's CA), never written into a layer. Intermediate layers are
+#          pruned after each build (the trainer's are GBs each).
 #   store  each image pushed as an OCI layout and unpacked with umoci into
-#          ${KUBETUNE_CACHE_DIR:-~/.cache/kubetune}/images/store/<escaped name:tag>/{oci,bundle}.
+#          ${KUBETUNE_CACHE_DIR:-~/.cache/kubetune}/images/store/<escaped name:tag>/{oci,bundle/rootfs}
+#          (local/images.py reads it).
 #
-# Everything is keyed by content: the base by its recipe (this file's base section), each image by
+# KUBETUNE_IMAGES_REUSE=1 uses what the store holds, stale or not (for iterating on tests while
+# the sources change; never in CI). Everything else is keyed by content: the base by its recipe (this file's base section), each image by
 # the Dockerfile, .dockerignore, the files the build context admits and the base's key. A build
 # whose key is already in the store is skipped; buildah's layer cache makes a partly changed
 # build cheap (a source change rebuilds the install step, not the downloads).
@@ -66,7 +69,7 @@ sources_list() {
 }
 
 base_key() {
-  { echo "bookworm minbase ${BASE_PACKAGES}"; sed -n '/^base_image()/,/^}/p' "${BASH_SOURCE[0]}"; } \
+  { echo "bookworm minbase ${BASE_PACKAGES}"; sed -n '/^base_image()/,/^}/p' "${HERE}/build.sh"; } \
     | sha256sum | cut -c1-16
 }
 
@@ -97,6 +100,7 @@ context_key() {
   cd "${REPO}"
   {
     echo "${base}"
+    sed -n '/^build_target()/,/^}/p' "${HERE}/build.sh"
     sha256sum Dockerfile .dockerignore
     find pyproject.toml uv.lock README.md hack/devtools/pyproject.toml api operator trainer cli \
       local -type f ! -path '*/__pycache__/*' ! -name '*.py[co]' -print0 \
@@ -105,17 +109,27 @@ context_key() {
 }
 
 uv_cache_mount() {
-  # buildah keeps `RUN --mount=type=cache,id=ID` under $TMPDIR/buildah-cache-<uid>/ID: point the
-  # Dockerfile's kubetune-uv cache at uv's own cache, so wheels setup.sh fetched aren't fetched again.
-  local uv_cache="${UV_CACHE_DIR:-${HOME}/.cache/uv}" parent="${CACHE}/tmp/buildah-cache-$(id -u)"
+  # buildah (1.28) keeps `RUN --mount=type=cache,id=ID` under $TMPDIR/buildah-cache/ID: point the
+  # Dockerfile's kubetune-uv cache at uv's own, so the wheels `make setup` fetched (torch and its
+  # CUDA libraries: GBs) aren't fetched again.
+  local uv_cache="${UV_CACHE_DIR:-${HOME}/.cache/uv}" parent="${CACHE}/tmp/buildah-cache"
   mkdir -p "${uv_cache}" "${parent}"
+  [[ -L "${parent}/kubetune-uv" ]] || rm -rf "${parent}/kubetune-uv"
   ln -sfn "${uv_cache}" "${parent}/kubetune-uv"
+}
+
+store_dir() {
+  echo "${STORE}/$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "$1")"
+}
+
+stored() {
+  [[ "$(cat "$(store_dir "kubetune/$1:${VERSION}")/key" 2>/dev/null)" == "$2" ]]
 }
 
 build_target() {
   local target="$1" key="$2" ref="kubetune/$1:${VERSION}" dir
-  dir="${STORE}/$(python3 -c 'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1], safe=""))' "${ref}")"
-  if [[ "$(cat "${dir}/key" 2>/dev/null)" == "${key}" ]]; then
+  dir="$(store_dir "${ref}")"
+  if stored "${target}" "${key}"; then
     log "reusing ${ref} (${key})"
     return
   fi
@@ -129,7 +143,9 @@ build_target() {
   rm -rf "${tmp}"
   mkdir -p "${tmp}"
   TMPDIR="${CACHE}/tmp" bah push --quiet --disable-compression "${ref}" "oci:${tmp}/oci:${VERSION}" >&2
-  umoci unpack --image "${tmp}/oci:${VERSION}" "${tmp}/bundle" >/dev/null
+  # raw: the root filesystem alone, without umoci's mtree of every file (minutes for the trainer).
+  mkdir -p "${tmp}/bundle"
+  umoci raw unpack --image "${tmp}/oci:${VERSION}" "${tmp}/bundle/rootfs" >/dev/null
   echo "${ref}" >"${tmp}/name"
   echo "${key}" >"${tmp}/key"
   rm -rf "${dir}"
@@ -138,17 +154,29 @@ build_target() {
 }
 
 main() {
+  local base target key
+  base="$(base_key)"
+  key="$(context_key "${base}")"
+  # Already built: no tools, no lock, at once.
+  for target in "${TARGETS[@]}"; do
+    if [[ "${KUBETUNE_IMAGES_REUSE:-}" == 1 && -f "$(store_dir "kubetune/${target}:${VERSION}")/key" ]]; then
+      log "KUBETUNE_IMAGES_REUSE=1: using the stored kubetune/${target}:${VERSION} as it is"
+    else
+      stored "${target}" "${key}" || break
+    fi
+    [[ "${target}" == "${TARGETS[-1]}" ]] && { echo "${STORE}"; return; }
+  done
   ensure_tools
   mkdir -p "${STORE}" "${CACHE}/tmp"
   exec 9>"${CACHE}/.lock"
   flock 9
   uv_cache_mount
-  local base target
-  base="$(base_key)"
   base_image "${base}"
   for target in "${TARGETS[@]}"; do
-    build_target "${target}" "$(context_key "${base}")"
+    build_target "${target}" "${key}"
   done
+  bah rm --all >/dev/null 2>&1 || true
+  bah rmi --prune >/dev/null 2>&1 || true
   echo "${STORE}"
 }
 
