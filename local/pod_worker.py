@@ -7,9 +7,7 @@ apiserver as a kubelet reports it (see pod_status).
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-import stat
 import subprocess
 import threading
 from collections.abc import Callable, Mapping
@@ -18,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.timestamps import rfc3339
-from kubetune.local.container_env import EnvResolver, command_line, expand
-from kubetune.local.images import Image, ImageStore, home_of, image_argv, image_user
+from kubetune.local.container_env import EnvResolver, command_line
+from kubetune.local.image_runtime import image_container_argv, wait_for_image
+from kubetune.local.images import Image, ImageStore
 from kubetune.local.pod_status import (
     ContainerRecord,
     PodStatus,
@@ -28,8 +27,8 @@ from kubetune.local.pod_status import (
 )
 from kubetune.local.process_group import terminate_group
 from kubetune.local.rest import JSON, STRATEGIC_MERGE_PATCH, ApiError, Rest, path_for
-from kubetune.local.sandbox import image_sandbox_argv, sandbox_argv, user_helper
-from kubetune.local.volumes import HostVolume, VolumeBuilder, VolumeNotReady
+from kubetune.local.sandbox import sandbox_argv, user_helper
+from kubetune.local.volumes import HostVolume, VolumeBuilder, VolumeNotReady, give_to_group
 
 log = logging.getLogger(__name__)
 
@@ -48,24 +47,6 @@ class NodeContext:
     images: ImageStore
     image_env: Mapping[str, str]  # what a container of an image gets from the node (no host PATH)
     device_paths: tuple[str, ...] = ()
-
-
-def give_to_group(volume: HostVolume, gid: int) -> None:
-    """A kubelet's ``fsGroup``: the volume's files belong to the group, which may read them (and
-    write them, unless the volume is read-only); new files in its folders inherit the group."""
-    paths = [volume.path, *volume.path.rglob("*")] if volume.path.is_dir() else [volume.path]
-    for path in paths:
-        if path.is_symlink():
-            continue
-        try:
-            os.chown(path, -1, gid)
-            mode = path.stat().st_mode
-            extra = stat.S_IRGRP | (0 if volume.read_only else stat.S_IWGRP)
-            if path.is_dir():
-                extra |= stat.S_IXGRP | stat.S_ISGID
-            os.chmod(path, mode | extra)
-        except OSError as error:
-            log.warning("fsGroup %d on %s: %s", gid, path, error)
 
 
 class PodWorker(threading.Thread):
@@ -258,33 +239,9 @@ class PodWorker(threading.Thread):
             backoff = min(backoff * 2, MAX_RESTART_BACKOFF)
 
     def _image(self, record: ContainerRecord) -> Image | bool | None:
-        """The container's image from the store; True for a host image; None when stopped.
+        """The container's image from the store; True for a host image; None when stopped."""
 
-        An image that isn't present waits as a kubelet's does (it can't be pulled here):
-        ``ErrImageNeverPull`` under ``imagePullPolicy: Never``, otherwise ``ErrImagePull``, then
-        ``ImagePullBackOff``; the node looks again with a growing back-off.
-        """
-        reference = str(record.spec.get("image", ""))
-        if self.node.images.runs_on_host(reference):
-            return True
-        never = record.spec.get("imagePullPolicy") == "Never"
-        delay, attempts = 1.0, 0
-        while not self._stop_requested.is_set():
-            image = self.node.images.find(reference)
-            if image is not None:
-                record.status["image"] = image.reference
-                record.status["imageID"] = image.image_id
-                return image
-            if never:
-                reason = "ErrImageNeverPull"
-                message = f'Container image "{reference}" is not present with pull policy of Never'
-            else:
-                reason = "ErrImagePull" if attempts == 0 else "ImagePullBackOff"
-                message = (
-                    f'Back-off pulling image "{reference}": the local node pulls no images; '
-                    "build it into its image store (make images)"
-                )
-            attempts += 1
+        def waiting(reason: str, message: str) -> None:
             with self._lock:
                 state = (record.status.get("state") or {}).get("waiting") or {}
                 if state.get("reason") != reason:
@@ -292,9 +249,12 @@ class PodWorker(threading.Thread):
                         "waiting", reason=reason, message=message
                     )
                     self._publish()
-            self._stop_requested.wait(delay)
-            delay = min(delay * 2, 10.0)
-        return None
+
+        image = wait_for_image(self.node.images, record.spec, self._stop_requested, waiting)
+        if isinstance(image, Image):
+            record.status["image"] = image.reference
+            record.status["imageID"] = image.image_id
+        return image
 
     def _run_container(
         self, record: ContainerRecord, volumes: dict[str, HostVolume], env_resolver: EnvResolver
@@ -303,28 +263,18 @@ class PodWorker(threading.Thread):
         image = self._image(record)
         if image is None:
             return None
-        if isinstance(image, Image):
-            environment = self._retry_until_ready(
-                lambda: env_resolver.resolve(
-                    spec,
-                    {
-                        **dict(image.config.env),
-                        **self.node.image_env,
-                        **self.env_extra,
-                        "HOSTNAME": self.pod_name,
-                    },
-                ),
-                "CreateContainerConfigError",
-                record,
-            )
-        else:
-            environment = self._retry_until_ready(
-                lambda: env_resolver.resolve(
-                    spec, {**self.node.base_env, **self.env_extra, "HOSTNAME": self.pod_name}
-                ),
-                "CreateContainerConfigError",
-                record,
-            )
+        base = (
+            {**dict(image.config.env), **self.node.image_env}
+            if isinstance(image, Image)
+            else dict(self.node.base_env)
+        )
+        environment = self._retry_until_ready(
+            lambda: env_resolver.resolve(
+                spec, {**base, **self.env_extra, "HOSTNAME": self.pod_name}
+            ),
+            "CreateContainerConfigError",
+            record,
+        )
         if environment is None:
             return None
         container_dir = self.pod_dir / "containers" / record.name
@@ -337,13 +287,16 @@ class PodWorker(threading.Thread):
         started = rfc3339()
         try:
             if isinstance(image, Image):
-                argv = self._image_argv(
+                argv = image_container_argv(
+                    self.pod,
                     spec,
                     image=image,
                     layer_dir=layer_dir,
                     volumes=volumes,
                     termination_file=termination_file,
                     environment=environment,
+                    helper=user_helper(self.node.pods_dir.parent / "user-helper"),
+                    device_paths=self.node.device_paths,
                 )
             else:
                 home = self.pod_dir / "home"
@@ -402,50 +355,6 @@ class PodWorker(threading.Thread):
             record.status["state"] = container_state("terminated", **terminated)
             self._publish()
         return exit_code
-
-    def _image_argv(
-        self,
-        spec: JSON,
-        *,
-        image: Image,
-        layer_dir: Path,
-        volumes: dict[str, HostVolume],
-        termination_file: Path,
-        environment: dict[str, str],
-    ) -> list[str]:
-        """bwrap in the image's root with its ENTRYPOINT/CMD/WORKDIR/USER under the pod's
-        overrides; ``environment`` gets the image user's HOME. ValueError: can't be started."""
-        security = self.pod["spec"].get("securityContext") or {}
-        uid, gid = image_user(spec, security, image)
-        groups = [int(g) for g in security.get("supplementalGroups", [])]
-        if security.get("fsGroup") is not None:
-            groups.append(int(security["fsGroup"]))
-        non_root = (spec.get("securityContext") or {}).get(
-            "runAsNonRoot", security.get("runAsNonRoot")
-        )
-        if non_root and uid == 0:
-            raise ValueError("container has runAsNonRoot and image will run as root")
-        process = [expand(part, environment) for part in image_argv(spec, image.config)]
-        if not process:
-            raise ValueError(f"no command specified: image {image.reference} has no ENTRYPOINT")
-        environment.setdefault("HOME", home_of(uid, image.rootfs))
-        working_dir = spec.get("workingDir") or image.config.working_dir or "/"
-        return (
-            image_sandbox_argv(
-                spec,
-                image,
-                layer_dir,
-                volumes,
-                termination_file,
-                helper=user_helper(self.node.pods_dir.parent / "user-helper"),
-                uid=uid,
-                gid=gid,
-                groups=groups,
-                working_dir=working_dir,
-                device_paths=self.node.device_paths,
-            )
-            + process
-        )
 
     def _wait(self, process: subprocess.Popen[bytes]) -> int:
         while True:

@@ -5,14 +5,18 @@ their mount paths, the way a kubelet's volume manager does.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from kubetune.local.rest import JSON, ApiError, Rest, path_for
+
+log = logging.getLogger(__name__)
 
 # The files of configMap/secret/projected volumes are written read-only, as a
 # kubelet does, so mounts of them are read-only whatever the volumeMount says.
@@ -285,3 +289,21 @@ def _write_files(target: Path, files: dict[str, tuple[bytes, int | None]], mode:
         path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
         path.write_bytes(content)
         os.chmod(path, file_mode if file_mode is not None else mode)
+
+
+def give_to_group(volume: HostVolume, gid: int) -> None:
+    """A kubelet's ``fsGroup``: the volume's files belong to the group, which may read them (and
+    write them, unless the volume is read-only); new files in its folders inherit the group."""
+    paths = [volume.path, *volume.path.rglob("*")] if volume.path.is_dir() else [volume.path]
+    for path in paths:
+        if path.is_symlink():
+            continue
+        try:
+            os.chown(path, -1, gid)
+            mode = path.stat().st_mode
+            extra = stat.S_IRGRP | (0 if volume.read_only else stat.S_IWGRP)
+            if path.is_dir():
+                extra |= stat.S_IXGRP | stat.S_ISGID
+            os.chmod(path, mode | extra)
+        except OSError as error:
+            log.warning("fsGroup %d on %s: %s", gid, path, error)
