@@ -44,6 +44,16 @@ CRD = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 
 
+def delays(later: dict[str, float], earlier: dict[str, float], names: list[str]) -> list[float]:
+    """For each name seen at both moments, the seconds from ``earlier`` to ``later``."""
+    return [later[n] - earlier[n] for n in names if n in later and n in earlier]
+
+
+def reached(observer: Any, phase: str) -> dict[str, float]:
+    """When each FineTuneJob the observer saw was first seen in ``phase``."""
+    return {n: seen[phase] for n, seen in observer.phases.items() if phase in seen}
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -289,12 +299,8 @@ def burst(api: client.ApiClient, operator: Operator, jobs: int, rate: float) -> 
     )
     elapsed = time.monotonic() - started
     time.sleep(3)  # let the last status writes land in the count
-    to_job = [observer.jobs_seen[n] - created[n] for n in names if n in observer.jobs_seen]
-    to_status = [
-        observer.phases[n]["Suspended"] - created[n]
-        for n in names
-        if "Suspended" in observer.phases.get(n, {})
-    ]
+    to_job = delays(observer.jobs_seen, created, names)
+    to_status = delays(reached(observer, "Suspended"), created, names)
     lost, doubled = lost_or_doubled(api, namespace)
     observer.stop()
     return {
@@ -358,16 +364,8 @@ def with_progress(
     )
     stop.set()
     time.sleep(3)
-    lag = [
-        observer.phases[n]["Succeeded"] - observer.jobs_complete[n]
-        for n in names
-        if "Succeeded" in observer.phases.get(n, {}) and n in observer.jobs_complete
-    ]
-    to_running = [
-        observer.phases[n]["Running"] - created[n]
-        for n in names
-        if "Running" in observer.phases.get(n, {})
-    ]
+    lag = delays(reached(observer, "Succeeded"), observer.jobs_complete, names)
+    to_running = delays(reached(observer, "Running"), created, names)
     lost, doubled = lost_or_doubled(api, namespace)
     observer.stop()
     return {

@@ -20,16 +20,8 @@ from kubetune.trainer.speed import SpeedSettings, apply_plan
 
 pytestmark = pytest.mark.unit
 
-LLAMA2_7B = ModelShape.from_config(
-    {
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 32,
-        "vocab_size": 32000,
-    }
-)
+#: hidden, intermediate, layers, attention heads, key/value heads, vocabulary.
+LLAMA2_7B = ModelShape(4096, 11008, 32, 32, 32, 32000)
 LLAMA3_8B = ModelShape(4096, 14336, 32, 32, 8, 128256)
 DEFAULTS = RunSettings(
     max_length=2048, per_device_batch=16, lora_rank=16, lora_dropout=0.0, liger_kernel=True
