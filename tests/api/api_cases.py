@@ -6,16 +6,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-MINIMAL: dict[str, Any] = {
-    "apiVersion": "kubetune.io/v1alpha1",
-    "kind": "FineTuneJob",
-    "metadata": {"name": "minimal"},
-    "spec": {
-        "model": {"uri": "meta-llama/Llama-2-7b-hf"},
-        "dataset": {"uri": "pvc://data/train.jsonl"},
-        "output": {"uri": "pvc://adapters/minimal"},
-    },
-}
+from kubetune_devtools.pytest_plugin import minimal_finetunejob
+
+MINIMAL: dict[str, Any] = minimal_finetunejob()
 
 
 def with_spec(**changes: Any) -> dict[str, Any]:

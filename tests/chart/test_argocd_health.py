@@ -72,15 +72,6 @@ def test_a_running_job_reports_its_progress() -> None:
     assert health(ftj(status)) == ("Progressing", "42% done (step 21/50)")
 
 
-def test_an_unschedulable_job_says_why_it_waits() -> None:
-    status = {
-        "phase": "Pending",
-        "conditions": [condition("Ready", "False", "Unschedulable", "no node has nvidia.com/gpu")],
-    }
-
-    assert health(ftj(status)) == ("Progressing", "Unschedulable: no node has nvidia.com/gpu")
-
-
 def test_a_succeeded_job_is_healthy_and_names_its_adapter() -> None:
     status = {
         "phase": "Succeeded",
@@ -92,28 +83,41 @@ def test_a_succeeded_job_is_healthy_and_names_its_adapter() -> None:
     assert health(ftj(status)) == ("Healthy", "Adapter at pvc://adapters/tiny")
 
 
-def test_a_failed_job_is_degraded_with_the_reason() -> None:
-    status = {
-        "phase": "Failed",
-        "conditions": [condition("Failed", "True", "DatasetError", "data.jsonl not found")],
-    }
-
-    assert health(ftj(status)) == ("Degraded", "DatasetError: data.jsonl not found")
-
-
 def test_a_true_failed_condition_is_degraded_whatever_the_phase() -> None:
     status = {"phase": "Running", "conditions": [condition("Failed", "True", "OOMKilled")]}
 
     assert health(ftj(status))[0] == "Degraded"
 
 
-def test_a_suspended_job_is_suspended() -> None:
-    status = {
-        "phase": "Suspended",
-        "conditions": [condition("Suspended", "True", "Suspended", "suspended by spec")],
-    }
+@pytest.mark.parametrize(
+    ("phase", "reported", "expected"),
+    [
+        pytest.param(
+            "Pending",
+            condition("Ready", "False", "Unschedulable", "no node has nvidia.com/gpu"),
+            ("Progressing", "Unschedulable: no node has nvidia.com/gpu"),
+            id="an-unschedulable-job-says-why-it-waits",
+        ),
+        pytest.param(
+            "Failed",
+            condition("Failed", "True", "DatasetError", "data.jsonl not found"),
+            ("Degraded", "DatasetError: data.jsonl not found"),
+            id="a-failed-job-is-degraded-with-the-reason",
+        ),
+        pytest.param(
+            "Suspended",
+            condition("Suspended", "True", "Suspended", "suspended by spec"),
+            ("Suspended", "suspended by spec"),
+            id="a-suspended-job-is-suspended",
+        ),
+    ],
+)
+def test_a_job_with_a_condition_shows_its_health_and_why(
+    phase: str, reported: dict[str, str], expected: tuple[str, str]
+) -> None:
+    status = {"phase": phase, "conditions": [reported]}
 
-    assert health(ftj(status)) == ("Suspended", "suspended by spec")
+    assert health(ftj(status)) == expected
 
 
 def test_a_spec_change_not_yet_observed_is_progressing() -> None:

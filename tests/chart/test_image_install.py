@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_devtools.pytest_plugin import built_images
+from kubetune_devtools.pytest_plugin import built_images, project_version
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-VERSION = re.search(r'^version = "(.+)"', (REPO / "pyproject.toml").read_text(), re.M)[1]  # type: ignore[index]
+VERSION = project_version()
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 PEM = re.compile(rb"-----BEGIN CERTIFICATE-----(.*?)-----END CERTIFICATE-----", re.S)
 

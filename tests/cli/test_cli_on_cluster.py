@@ -13,23 +13,21 @@ from typing import Any
 
 import pytest
 
-from kubetune_devtools.pytest_plugin import ClusterHandle, Kubectl, apply, get_json, wait_for
+from kubetune_devtools.pytest_plugin import (
+    ClusterHandle,
+    Kubectl,
+    apply,
+    get_json,
+    minimal_finetunejob,
+    pod_manifest,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-JOB = {
-    "apiVersion": "kubetune.io/v1alpha1",
-    "kind": "FineTuneJob",
-    "metadata": {"name": "logged"},
-    "spec": {
-        "model": {"uri": "org/model"},
-        "dataset": {"uri": "pvc://data/train.jsonl"},
-        "output": {"uri": "pvc://out/adapter"},
-        "runPolicy": {"suspend": True},
-    },
-}
+JOB = minimal_finetunejob("logged", runPolicy={"suspend": True})
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +38,9 @@ def crd(kubectl: Kubectl) -> None:
 
 
 def trainer_pod(name: str, script: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {
-            "restartPolicy": "Never",
-            "containers": [
-                {"name": "trainer", "image": "busybox", "command": ["sh", "-c", script]}
-            ],
-        },
-    }
+    return pod_manifest(
+        name, {"name": "trainer", "image": "busybox", "command": ["sh", "-c", script]}
+    )
 
 
 def set_status(kubectl: Kubectl, namespace: str, **status: Any) -> None:

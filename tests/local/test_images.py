@@ -5,8 +5,6 @@ node. These pods run on the session's node without host images (docs/local-clust
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,13 +15,14 @@ from kubetune_devtools.pytest_plugin import (
     built_images,
     get_json,
     on_image_node,
+    pod_manifest,
+    project_version,
     wait_for,
 )
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-VERSION = re.search(r'^version = "(.+)"', (REPO / "pyproject.toml").read_text(), re.M)[1]  # type: ignore[index]
+VERSION = project_version()
 OPERATOR_IMAGE = f"kubetune/operator:{VERSION}"
 
 
@@ -34,20 +33,19 @@ def operator_image() -> None:
 
 def image_pod(name: str, image: str, **container: Any) -> dict[str, Any]:
     pod_security = container.pop("pod_security", {})
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {
-            "restartPolicy": "Never",
-            **on_image_node(),
-            "securityContext": pod_security,
-            "containers": [{"name": "main", "image": image, **container}],
-        },
-    }
+    return pod_manifest(
+        name,
+        {"name": "main", "image": image, **container},
+        **on_image_node(),
+        securityContext=pod_security,
+    )
 
 
-def finished(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
+def run_to_end(kubectl: Kubectl, namespace: str, pod: dict[str, Any]) -> dict[str, Any]:
+    """Apply ``pod`` and wait till it succeeds or fails; the pod as it ended."""
+    apply(kubectl, namespace, pod)
+    name = pod["metadata"]["name"]
+
     def done() -> dict[str, Any] | None:
         current = get_json(kubectl, "pod", name, "-n", namespace)
         return current if current["status"].get("phase") in ("Succeeded", "Failed") else None
@@ -65,9 +63,7 @@ def waiting_reason(kubectl: Kubectl, namespace: str, name: str) -> str | None:
 def test_image_entrypoint_runs_with_the_pods_args_as_the_images_user(
     kubectl: Kubectl, namespace: str, image_node: str
 ) -> None:
-    apply(kubectl, namespace, image_pod("entrypoint", OPERATOR_IMAGE, args=["--help"]))
-
-    pod = finished(kubectl, namespace, "entrypoint")
+    pod = run_to_end(kubectl, namespace, image_pod("entrypoint", OPERATOR_IMAGE, args=["--help"]))
     assert pod["status"]["phase"] == "Succeeded", kubectl("logs", "entrypoint", "-n", namespace)
     assert "usage: kubetune-operator" in kubectl("logs", "entrypoint", "-n", namespace).stdout
     status = pod["status"]["containerStatuses"][0]
@@ -91,9 +87,8 @@ def test_container_root_is_the_images_read_only_root_with_its_env_user_and_volum
         volumeMounts=[{"name": "scratch", "mountPath": "/scratch"}],
     )
     pod["spec"]["volumes"] = [{"name": "scratch", "emptyDir": {}}]
-    apply(kubectl, namespace, pod)
 
-    status = finished(kubectl, namespace, "rootfs")["status"]
+    status = run_to_end(kubectl, namespace, pod)["status"]
     log = kubectl("logs", "rootfs", "-n", namespace).stdout.splitlines()
     assert status["phase"] == "Succeeded", log
     assert log[0] == f"kubetune-operator {VERSION}"  # the image's file, not the host's
@@ -115,9 +110,8 @@ def test_pod_overrides_user_env_and_working_dir_of_the_image(
         workingDir="/opt/kubetune",
         pod_security={"runAsUser": 4242, "runAsGroup": 4343},
     )
-    apply(kubectl, namespace, pod)
 
-    assert finished(kubectl, namespace, "overrides")["status"]["phase"] == "Succeeded"
+    assert run_to_end(kubectl, namespace, pod)["status"]["phase"] == "Succeeded"
     log = kubectl("logs", "overrides", "-n", namespace).stdout.splitlines()
     assert log == ["4242", "4343", "no", "/opt/kubetune"]
 
@@ -125,15 +119,10 @@ def test_pod_overrides_user_env_and_working_dir_of_the_image(
 def test_run_as_non_root_refuses_an_image_user_of_root(
     kubectl: Kubectl, namespace: str, image_node: str
 ) -> None:
-    pod = image_pod(
-        "as-root",
-        OPERATOR_IMAGE,
-        command=["true"],
-        securityContext={"runAsNonRoot": True, "runAsUser": 0},
-    )
-    apply(kubectl, namespace, pod)
+    as_root = {"runAsNonRoot": True, "runAsUser": 0}
+    pod = image_pod("as-root", OPERATOR_IMAGE, command=["true"], securityContext=as_root)
 
-    status = finished(kubectl, namespace, "as-root")["status"]
+    status = run_to_end(kubectl, namespace, pod)["status"]
     assert status["phase"] == "Failed"
     assert "runAsNonRoot" in status["containerStatuses"][0]["state"]["terminated"]["message"]
 

@@ -7,10 +7,14 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from kubetune.local.ports import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+#: The FineTuneJob CRD, applied by each suite before it starts the operator.
+CRD = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
 
 
 class OperatorProcess:
@@ -102,3 +106,18 @@ class OperatorProcess:
                 series, _, value = line.rpartition(" ")
                 samples[series] = float(value)
         return samples
+
+
+def started(process: OperatorProcess) -> Iterator[OperatorProcess]:
+    """The body of an ``operator`` fixture (``yield from started(...)``): ``process`` runs for
+    the fixture's tests and is stopped after them."""
+    process.start()
+    yield process
+    process.stop()
+
+
+def log_tail_after(process: OperatorProcess) -> Iterator[None]:
+    """The body of an autouse fixture (``yield from log_tail_after(operator)``): after each test,
+    ``process``'s log tail, in the captured output pytest shows for a failing test."""
+    yield
+    print(f"--- operator log (tail) ---\n{process.log_tail()}")

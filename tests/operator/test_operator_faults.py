@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from operatorkit import OperatorProcess
+from operatorkit import CRD, OperatorProcess, log_tail_after, started
 from test_operator_integration import (
     apply,
     finetunejob,
@@ -37,8 +37,6 @@ from kubetune_devtools.pytest_plugin import (
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-CRD = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
 CHILD_KINDS = ("configmaps", "serviceaccounts", "roles", "rolebindings", "networkpolicies", "jobs")
 
 
@@ -47,20 +45,18 @@ def operator(
     kubectl: Kubectl, kubeconfig_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
     kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    process = OperatorProcess(
-        kubeconfig_path,
-        tmp_path_factory.mktemp("operator") / "log",
-        env={"KUBETUNE_LEASE_DURATION_SECONDS": "4", "KUBETUNE_LEASE_RENEW_SECONDS": "1"},
+    yield from started(
+        OperatorProcess(
+            kubeconfig_path,
+            tmp_path_factory.mktemp("operator") / "log",
+            env={"KUBETUNE_LEASE_DURATION_SECONDS": "4", "KUBETUNE_LEASE_RENEW_SECONDS": "1"},
+        )
     )
-    process.start()
-    yield process
-    process.stop()
 
 
 @pytest.fixture(autouse=True)
 def _operator_log(operator: OperatorProcess) -> Iterator[None]:
-    yield
-    print(f"--- operator log (tail) ---\n{operator.log_tail()}")
+    yield from log_tail_after(operator)
 
 
 @pytest.fixture
@@ -89,6 +85,12 @@ def children(kubectl: Kubectl, namespace: str, kind: str) -> list[dict[str, obje
     return items
 
 
+def apply_suspended(kubectl: Kubectl, namespace: str, name: str) -> None:
+    """Apply a suspended stand-in FineTuneJob ``name``: the operator makes its children, and
+    nothing runs."""
+    apply(kubectl, namespace, finetunejob(name, sleeper_spec(1, runPolicy={"suspend": True})))
+
+
 @pytest.mark.parametrize("component", ["kube-apiserver", "etcd"])
 def test_a_running_job_completes_though_the_control_plane_restarts_mid_run(
     operator: OperatorProcess,
@@ -113,24 +115,20 @@ def test_a_running_job_completes_though_the_control_plane_restarts_mid_run(
 def test_operator_killed_while_creating_children_leaves_no_orphan_and_no_duplicate(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str
 ) -> None:
-    count = 12
-    for i in range(count):
-        apply(
-            kubectl,
-            namespace,
-            finetunejob(f"burst-{i}", sleeper_spec(1, runPolicy={"suspend": True})),
-        )
+    names = [f"burst-{i}" for i in range(12)]
+    for name in names:
+        apply_suspended(kubectl, namespace, name)
     # Kill it as soon as the first children exist: the others are mid-creation or not started.
     wait_for(lambda: children(kubectl, namespace, "configmaps"), 60, "the first child")
     operator.kill()
     operator.start()
 
-    for i in range(count):
-        wait_phase(kubectl, namespace, f"burst-{i}", {"Suspended"}, 120)
+    for name in names:
+        wait_phase(kubectl, namespace, name, {"Suspended"}, 120)
     owners = {f["metadata"]["uid"] for f in get_json(kubectl, "ftj", "-n", namespace)["items"]}
     for kind in CHILD_KINDS:
         items = children(kubectl, namespace, kind)
-        assert len(items) == count, kind
+        assert len(items) == len(names), kind
         for item in items:
             refs = item["metadata"]["ownerReferences"]  # type: ignore[index]
             assert [r["uid"] for r in refs if r.get("controller")] in [[uid] for uid in owners]
@@ -141,11 +139,7 @@ def test_a_finetunejob_deleted_while_its_job_is_created_leaves_nothing_behind(
 ) -> None:
     count = 8
     for i in range(count):
-        apply(
-            kubectl,
-            namespace,
-            finetunejob(f"gone-{i}", sleeper_spec(1, runPolicy={"suspend": True})),
-        )
+        apply_suspended(kubectl, namespace, f"gone-{i}")
         kubectl("delete", "ftj", f"gone-{i}", "-n", namespace, "--wait=false")
     for kind in CHILD_KINDS:
         wait_for(
@@ -154,7 +148,7 @@ def test_a_finetunejob_deleted_while_its_job_is_created_leaves_nothing_behind(
             f"every {kind} of the deleted jobs to be collected",
         )
     # The operator is still well: a new job still gets its Job.
-    apply(kubectl, namespace, finetunejob("after", sleeper_spec(1, runPolicy={"suspend": True})))
+    apply_suspended(kubectl, namespace, "after")
     wait_phase(kubectl, namespace, "after", {"Suspended"}, 60)
 
 

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from operatorkit import OperatorProcess
+from operatorkit import CRD, OperatorProcess
 from test_operator_integration import (
     apply,
     event_reasons,
@@ -28,8 +28,6 @@ from kubetune_devtools.pytest_plugin import Kubectl, get_json, wait_for
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-CRD = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
 #: Short, so the suite stays quick; KUBETUNE_TEST_LEASE_SECONDS=10 KUBETUNE_TEST_RENEW_SECONDS=2
 #: measures the chart's defaults (docs/performance.md).
 LEASE_SECONDS = int(os.environ.get("KUBETUNE_TEST_LEASE_SECONDS", "4"))
@@ -79,14 +77,22 @@ def lease_holder(kubectl: Kubectl, namespace: str) -> str:
     return str(lease["spec"].get("holderIdentity") or "")
 
 
-def test_one_replica_acts_and_the_other_takes_over_when_it_is_killed(
-    replicas: list[OperatorProcess], kubectl: Kubectl, namespace: str
-) -> None:
+def start_leader_and_standby(
+    replicas: list[OperatorProcess],
+) -> tuple[OperatorProcess, OperatorProcess]:
+    """Start the first replica, wait till it leads, then the second, till it stands by; both."""
     first, second = replicas
     first.start()
     wait_for(lambda: leader_of(first), 60, "the first replica to take the Lease")
     second.start()
     wait_for(lambda: leader_gauge(second) == 0.0, 60, "the second to stand by")
+    return first, second
+
+
+def test_one_replica_acts_and_the_other_takes_over_when_it_is_killed(
+    replicas: list[OperatorProcess], kubectl: Kubectl, namespace: str
+) -> None:
+    first, second = start_leader_and_standby(replicas)
 
     apply(kubectl, namespace, finetunejob("ha", sleeper_spec(8)))
     wait_phase(kubectl, namespace, "ha", {"Running"}, 90)
@@ -112,11 +118,7 @@ def test_one_replica_acts_and_the_other_takes_over_when_it_is_killed(
 def test_a_replica_stopped_cleanly_hands_over_at_once(
     replicas: list[OperatorProcess], kubectl: Kubectl, namespace: str
 ) -> None:
-    first, second = replicas
-    first.start()
-    wait_for(lambda: leader_of(first), 60, "the first replica to take the Lease")
-    second.start()
-    wait_for(lambda: leader_gauge(second) == 0.0, 60, "the second to stand by")
+    first, second = start_leader_and_standby(replicas)
     first.stop()  # SIGTERM: the Lease is given up
     stopped = time.monotonic()
     wait_for(lambda: leader_of(second), TAKEOVER_DEADLINE, "the second replica to take over")

@@ -24,14 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operatorkit import OperatorProcess
+from operatorkit import CRD, REPO, OperatorProcess, log_tail_after, started
 
 from kubetune_devtools.pytest_plugin import Kubectl, get_json, wait_for
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
-CRD = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
 CLAIM = "work"
 #: A GPU resource no node of the test cluster offers: the scheduler's answer is deterministic.
 MISSING_GPU = "kubetune.io/test-gpu"
@@ -55,17 +53,14 @@ def crd(kubectl: Kubectl) -> None:
 def operator(
     crd: None, kubeconfig_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(kubeconfig_path, tmp_path_factory.mktemp("operator") / "log")
-    process.start()
-    yield process
-    process.stop()
+    yield from started(
+        OperatorProcess(kubeconfig_path, tmp_path_factory.mktemp("operator") / "log")
+    )
 
 
 @pytest.fixture(autouse=True)
 def _operator_log(operator: OperatorProcess) -> Iterator[None]:
-    """The operator's log tail, in the captured output pytest shows for a failing test."""
-    yield
-    print(f"--- operator log (tail) ---\n{operator.log_tail()}")
+    yield from log_tail_after(operator)
 
 
 # --- helpers -----------------------------------------------------------------------------------

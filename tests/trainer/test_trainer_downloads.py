@@ -15,16 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_helpers import (
-    FAKE_TOKEN,
-    TinyAssets,
-    captured_logs,
-    job_manifest,
-    secret_spellings,
-    write_manifest,
-)
-
-from kubetune.trainer.local_run import main as kubetune
+from trainer_helpers import FAKE_TOKEN, TinyAssets, assert_hidden, job_manifest, train_job
 
 pytestmark = pytest.mark.trainer
 
@@ -80,10 +71,8 @@ def _train(
 ) -> tuple[int, str, Path]:
     output = tmp_path / "out"
     manifest = job_manifest(tiny.model, dataset_uri, output, training={"maxSteps": 2, **training})
-    path = write_manifest(tmp_path / "job.yaml", manifest)
-    with captured_logs() as logs:
-        code = kubetune(["train", str(path), "--no-progress"])
-    return code, logs.getvalue(), output
+    code, logs = train_job(tmp_path / "job.yaml", manifest)
+    return code, logs, output
 
 
 @pytest.fixture(autouse=True)
@@ -147,10 +136,7 @@ def test_credentials_in_a_dataset_uri_reach_its_host_and_nothing_that_is_shown(
         "model_card": card,
         "metrics": (output / "metrics.jsonl").read_text(),
     }
-    for secret in (password, signature, credential, "AKIAEXAMPLEKEY99"):
-        for spelling in secret_spellings(secret):
-            for name, text in shown.items():
-                assert spelling not in text, f"{spelling!r} shows in {name}"
+    assert_hidden([password, signature, credential, "AKIAEXAMPLEKEY99"], **shown)
     # The same file behind another signature (or none) is the same dataset.
     plain = prepare(DatasetSpec(uri=dataset_host.url("/data/train.jsonl")), None, seed=0)
     assert json.loads(result)["datasetFingerprint"] == plain.fingerprint

@@ -43,20 +43,38 @@ def test_prompt_completion_masks_the_prompt(tiny: TinyAssets, tmp_path: Path) ->
     assert len(trained.split()) <= 5
 
 
-def test_alpaca_masks_the_instruction(tiny: TinyAssets, tmp_path: Path) -> None:
-    batch, tokenizer = _first_batch(tiny, tmp_path, "alpaca", training={"maxLength": 256})
+@pytest.mark.parametrize(
+    ("fmt", "training", "in_inputs", "untrained"),
+    [
+        pytest.param(
+            "alpaca",
+            {"maxLength": 256},
+            "### Instruction:",
+            "###",
+            id="alpaca-masks-the-instruction",
+        ),
+        pytest.param(
+            "messages",
+            {},
+            "<|im_start|>user",
+            "user",
+            id="messages-train-on-the-assistant-turn-only",
+        ),
+    ],
+)
+def test_the_prompt_is_in_the_inputs_but_not_trained_on(
+    tiny: TinyAssets,
+    tmp_path: Path,
+    fmt: str,
+    training: dict[str, Any],
+    in_inputs: str,
+    untrained: str,
+) -> None:
+    batch, tokenizer = _first_batch(tiny, tmp_path, fmt, training=training)
     inputs = tokenizer.decode(batch["input_ids"][0])
-    assert "### Instruction:" in inputs
+    assert in_inputs in inputs
     trained = _trained_text(batch, tokenizer)
-    assert "###" not in trained and "reverse:" not in trained
-
-
-def test_messages_train_on_the_assistant_turn_only(tiny: TinyAssets, tmp_path: Path) -> None:
-    batch, tokenizer = _first_batch(tiny, tmp_path, "messages")
-    inputs = tokenizer.decode(batch["input_ids"][0])
-    assert "<|im_start|>user" in inputs
-    trained = _trained_text(batch, tokenizer)
-    assert "user" not in trained and "reverse:" not in trained
+    assert untrained not in trained and "reverse:" not in trained
 
 
 def test_text_trains_on_every_token(tiny: TinyAssets, tmp_path: Path) -> None:

@@ -11,28 +11,13 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-from trainer_helpers import (
-    TinyAssets,
-    captured_logs,
-    job_manifest,
-    secret_spellings,
-    write_manifest,
-)
-
-from kubetune.trainer.local_run import main as kubetune
+from trainer_helpers import TinyAssets, assert_hidden, captured_logs, job_manifest, train_job
 
 pytestmark = pytest.mark.trainer
 
 #: Characters that URL-encoding changes, so its form differs from the raw one.
 READ_TOKEN = "hf_READ/t0ken+with=odd&chars_1234"
 PUSH_TOKEN = "hf_PUSH/t0ken+secret=value_5678"
-
-
-def _assert_nowhere(secrets: list[str], **places: str) -> None:
-    for secret in secrets:
-        for spelling in secret_spellings(secret):
-            for name, text in places.items():
-                assert spelling not in text, f"{spelling!r} shows in {name}"
 
 
 def test_tokens_are_used_stripped_and_no_form_of_them_reaches_logs_results_or_files(
@@ -77,14 +62,12 @@ def test_tokens_are_used_stripped_and_no_form_of_them_reaches_logs_results_or_fi
         "repoId": "my-org/tiny-reverse",
         "tokenSecretRef": {"name": "hub-write"},
     }
-    path = write_manifest(tmp_path / "job.yaml", manifest)
 
-    with captured_logs() as logs:
-        code = kubetune(["train", str(path), "--no-progress"])
+    code, logs = train_job(tmp_path / "job.yaml", manifest)
 
     printed = capsys.readouterr()
     # The push failed after the adapter was saved: exit 1, the adapter kept.
-    assert code == 1, logs.getvalue()[-3000:]
+    assert code == 1, logs[-3000:]
     assert used == [PUSH_TOKEN]  # stripped before use: the hub would refuse "...\n"
     result = (output / "result.json").read_text()
     card = (output / "README.md").read_text()
@@ -92,10 +75,10 @@ def test_tokens_are_used_stripped_and_no_form_of_them_reaches_logs_results_or_fi
     assert "push to hub failed (RuntimeError: 401 Client Error" in json.loads(result)["message"]
     assert "token=***" in json.loads(termination)["message"]
     assert "***" in card  # the dataset's path, with the token cut out of it
-    assert "Traceback" in logs.getvalue() and "token=***" in logs.getvalue()
-    _assert_nowhere(
+    assert "Traceback" in logs and "token=***" in logs
+    assert_hidden(
         [READ_TOKEN, PUSH_TOKEN],
-        logs=logs.getvalue(),
+        logs=logs,
         stdout=printed.out,
         stderr=printed.err,
         result=result,
@@ -140,6 +123,6 @@ def test_a_token_quoted_in_a_failure_is_cut_from_the_message_and_the_logs(
     assert written["reason"] == "ModelError"
     assert "/***/model does not exist" in written["message"]
     assert "/***/model does not exist" in logs.getvalue()
-    _assert_nowhere(
+    assert_hidden(
         [READ_TOKEN], logs=logs.getvalue(), termination_message=termination_log.read_text()
     )

@@ -85,3 +85,23 @@ def secret_spellings(secret: str) -> list[str]:
     for form in (secret, secret.strip()):
         forms |= {form, quote(form, safe=""), quote(form), quote_plus(form)}
     return sorted(forms)
+
+
+def assert_hidden(secrets: list[str], **places: str) -> None:
+    """Fail if any spelling (``secret_spellings``) of any of ``secrets`` shows in the text of a
+    place (``logs=...``, ``model_card=...``), naming the place."""
+    for secret in secrets:
+        for spelling in secret_spellings(secret):
+            for name, text in places.items():
+                assert spelling not in text, f"{spelling!r} shows in {name}"
+
+
+def train_job(path: Path, manifest: dict[str, Any]) -> tuple[int, str]:
+    """Write ``manifest`` to ``path`` and run ``kubetune train`` on it (no progress bars): its
+    exit code and every line it logged."""
+    from kubetune.trainer.local_run import main as kubetune
+
+    path = write_manifest(path, manifest)
+    with captured_logs() as logs:
+        code = kubetune(["train", str(path), "--no-progress"])
+    return code, logs.getvalue()

@@ -7,7 +7,8 @@ cache, so only the first session on a machine pays for the build); set
 ``kubetune local up`` -- ``$(kubetune local kubeconfig)`` -- or any other, where
 the tests that add nodes are skipped). A cluster started here has no GPU node; tests
 that need one take ``gpu_node`` or start nodes with ``add_node``. Beside the fixtures, the
-helpers the suites share: ``apply``, ``wait_for``, ``get_json``, and helm's environment and
+helpers the suites share: ``apply``, ``wait_for``, ``get_json``, ``pod_manifest``,
+``minimal_finetunejob``, and helm's environment and
 settings for installing the chart on the local cluster.
 """
 
@@ -273,6 +274,33 @@ def apply(
     kubectl("apply", "-n", namespace, *impersonate, "-f", "-", input=json.dumps(manifest))
 
 
+def pod_manifest(name: str, *containers: Mapping[str, Any], **spec: Any) -> dict[str, Any]:
+    """A Pod ``name`` that runs ``containers`` once (restartPolicy Never), with ``spec``'s other
+    pod-spec fields."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"restartPolicy": "Never", **spec, "containers": list(containers)},
+    }
+
+
+def minimal_finetunejob(name: str = "minimal", **spec: Any) -> dict[str, Any]:
+    """A FineTuneJob ``name`` with only the required fields (model, dataset, output), plus
+    ``spec``'s sections: a new dict on every call."""
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"uri": "meta-llama/Llama-2-7b-hf"},
+            "dataset": {"uri": "pvc://data/train.jsonl"},
+            "output": {"uri": f"pvc://adapters/{name}"},
+            **spec,
+        },
+    }
+
+
 def helm_env(kubeconfig: Path, home: Path) -> dict[str, str]:
     """helm's environment against the cluster of ``kubeconfig``, with its config, cache and data
     directories under ``home``."""
@@ -301,6 +329,15 @@ def local_node_chart_settings() -> list[str]:
         "trainer.runAsUser=null",
         "trainer.fsGroup=null",
     ]
+
+
+def project_version() -> str:
+    """kubetune's version as pyproject.toml names it: the tag of the images ``built_images``
+    builds, and what the operator image's IMAGE-VERSION file says."""
+    pyproject = (Path(__file__).resolve().parents[3] / "pyproject.toml").read_text()
+    found = re.search(r'^version = "(.+)"', pyproject, re.M)
+    assert found, "pyproject.toml names no version"
+    return found[1]
 
 
 def built_images(*targets: str) -> Path:
@@ -360,7 +397,10 @@ __all__ = [
     "kubectl",
     "local_cluster",
     "local_node_chart_settings",
+    "minimal_finetunejob",
     "namespace",
     "on_image_node",
+    "pod_manifest",
+    "project_version",
     "wait_for",
 ]
