@@ -29,7 +29,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from kubernetes import client, config, watch
 
 from kubetune.local.controlplane import LocalCluster, NodeOptions
 from kubetune.local.ports import free_port
+from kubetune_devtools.pytest_plugin import scrape_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CRD = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
@@ -127,15 +127,7 @@ class Operator:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def metrics(self) -> dict[str, float]:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            text = response.read().decode()
-        samples: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                series, _, value = line.rpartition(" ")
-                samples[series] = float(value)
-        return samples
+        return scrape_metrics(f"http://127.0.0.1:{self.metrics_port}/metrics")
 
     def requests(self) -> float:
         """The operator's API requests so far, Lease renewals aside."""

@@ -6,11 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from kubetune.local.ports import free_port
+from kubetune_devtools.pytest_plugin import scrape_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 #: The FineTuneJob CRD, applied by each suite before it starts the operator.
@@ -98,14 +98,7 @@ class OperatorProcess:
 
     def metrics(self) -> dict[str, float]:
         """The operator's /metrics as ``{'name{labels}': value}``."""
-        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
-            text = response.read().decode()
-        samples: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                series, _, value = line.rpartition(" ")
-                samples[series] = float(value)
-        return samples
+        return scrape_metrics(self.metrics_url, timeout=5)
 
 
 def started(process: OperatorProcess) -> Iterator[OperatorProcess]:

@@ -19,6 +19,7 @@ import os
 import re
 import subprocess
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -404,3 +405,16 @@ __all__ = [
     "project_version",
     "wait_for",
 ]
+
+
+def scrape_metrics(url: str, timeout: float = 10) -> dict[str, float]:
+    """A Prometheus text endpoint as ``{'name{labels}': value}`` (tests and bench read the
+    operator's /metrics through it)."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 -- loopback
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            samples[series] = float(value)
+    return samples
