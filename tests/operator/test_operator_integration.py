@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from operatorkit import CRD, REPO, OperatorProcess, log_tail_after, started
 
-from kubetune_devtools.pytest_plugin import Kubectl, get_json, wait_for
+from kubetune_devtools.pytest_plugin import Kubectl, get_json, on_image_node, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -791,3 +791,23 @@ def test_a_job_named_like_someone_elses_job_fails_and_never_touches_it(
     for kind in ("configmap", "serviceaccount", "role", "rolebinding", "networkpolicy"):
         left = get_json(kubectl, kind, "-n", namespace, "-l", "kubetune.io/job=taken")["items"]
         assert left == [], f"a {kind} of the refused job was left behind"
+
+
+def test_a_trainer_image_the_node_does_not_have_keeps_the_job_pending_image_pull_back_off(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str, image_node: str
+) -> None:
+    """The images-only node runs containers from its image store and pulls nothing: the test
+    operator's trainer image isn't there, so the kubelet-style node reports a failed pull."""
+    placement = on_image_node()
+    spec = sleeper_spec(1, scheduling={
+        "nodeSelector": placement["nodeSelector"], "tolerations": placement["tolerations"],
+    })  # fmt: skip
+    apply(kubectl, namespace, finetunejob("no-image", spec))
+    status = wait_ready_reason(kubectl, namespace, "no-image", "ImagePullBackOff", 120)
+    assert status["phase"] == "Pending"
+    assert "kubetune/trainer:test" in condition(status, "Ready")["message"]
+    wait_for(
+        lambda: "ImagePullBackOff" in event_reasons(kubectl, namespace, "no-image"),
+        30,
+        "an ImagePullBackOff event on the FineTuneJob",
+    )
