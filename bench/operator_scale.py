@@ -37,7 +37,7 @@ from kubernetes import client, config, watch
 
 from kubetune.local.controlplane import LocalCluster, NodeOptions
 from kubetune.local.ports import free_port
-from kubetune_devtools.pytest_plugin import scrape_metrics
+from kubetune_devtools.installs import scrape_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CRD = REPO / "crds" / "finetunejobs.kubetune.io.yaml"

@@ -20,16 +20,8 @@ import pytest
 import yaml
 from chartkit import CHART, CI_VALUES, Helm
 
-from kubetune_devtools.pytest_plugin import (
-    Kubectl,
-    apply,
-    create_namespace,
-    get_json,
-    helm_env,
-    helm_set_args,
-    local_node_chart_settings,
-    wait_for,
-)
+from kubetune_devtools.installs import helm_env, helm_set_args, local_node_chart_settings
+from kubetune_devtools.pytest_plugin import Kubectl, apply, create_namespace, get_json, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune_devtools.pytest_plugin import built_images, project_version
+from kubetune_devtools.installs import built_images, project_version
 
 pytestmark = pytest.mark.integration
 

@@ -11,13 +11,8 @@ from pathlib import Path
 import pytest
 from e2ekit import REPO, SYSTEM_NAMESPACE, operator_pods
 
-from kubetune_devtools.pytest_plugin import (
-    Kubectl,
-    helm_env,
-    helm_set_args,
-    local_node_chart_settings,
-    wait_for,
-)
+from kubetune_devtools.installs import helm_env, helm_set_args, local_node_chart_settings
+from kubetune_devtools.pytest_plugin import Kubectl, wait_for
 
 Helm = Callable[..., subprocess.CompletedProcess[str]]
 

@@ -9,14 +9,13 @@ from typing import Any
 
 import pytest
 
+from kubetune_devtools.installs import built_images, project_version
 from kubetune_devtools.pytest_plugin import (
     Kubectl,
     apply,
-    built_images,
     get_json,
     on_image_node,
     pod_manifest,
-    project_version,
     wait_for,
 )
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from kubetune.local.ports import free_port
-from kubetune_devtools.pytest_plugin import scrape_metrics
+from kubetune_devtools.installs import scrape_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 #: The FineTuneJob CRD, applied by each suite before it starts the operator.

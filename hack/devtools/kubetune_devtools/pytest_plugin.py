@@ -19,7 +19,6 @@ import os
 import re
 import subprocess
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ import pytest
 from kubetune.local.binaries import binaries_dir
 from kubetune.local.cluster_info import ClusterInfo
 from kubetune.local.controlplane import LocalCluster, NodeOptions
-from kubetune.local.ports import free_port
 
 TEST_NODE = "kubetune-test"
 # The session's nodes run every container on the host's Python (the local node's explicit fast
@@ -302,119 +300,23 @@ def minimal_finetunejob(name: str = "minimal", **spec: Any) -> dict[str, Any]:
     }
 
 
-def helm_env(kubeconfig: Path, home: Path) -> dict[str, str]:
-    """helm's environment against the cluster of ``kubeconfig``, with its config, cache and data
-    directories under ``home``."""
-    return {
-        **os.environ,
-        "KUBECONFIG": str(kubeconfig),
-        "HELM_CONFIG_HOME": str(home / "helm-config"),
-        "HELM_CACHE_HOME": str(home / "helm-cache"),
-        "HELM_DATA_HOME": str(home / "helm-data"),
-    }
-
-
-def local_node_chart_settings() -> list[str]:
-    """The chart's values (``--set`` form) that the local node needs, plus quick status."""
-    return [
-        f"operator.healthPort={free_port()}",  # the local node's pods share the host network
-        f"operator.metricsPort={free_port()}",
-        # Replicas on one host-network node would share those ports: one (tests/operator covers
-        # two replicas as processes, each with its own ports).
-        "replicaCount=1",
-        "operator.jsonLogs=false",
-        "operator.progressIntervalSeconds=1",
-        "operator.statusRecheckSeconds=5",
-        # The local node runs pods as the host user, not as images: no runAsNonRoot for trainers.
-        "trainer.runAsNonRoot=false",
-        "trainer.runAsUser=null",
-        "trainer.fsGroup=null",
-    ]
-
-
-def project_version() -> str:
-    """kubetune's version as pyproject.toml names it: the tag of the images ``built_images``
-    builds, and what the operator image's IMAGE-VERSION file says."""
-    pyproject = (Path(__file__).resolve().parents[3] / "pyproject.toml").read_text()
-    found = re.search(r'^version = "(.+)"', pyproject, re.M)
-    assert found, "pyproject.toml names no version"
-    return found[1]
-
-
-def built_images(*targets: str) -> Path:
-    """Build ``targets`` with hack/images/build.sh (at once when cached); the image store."""
-    repo = Path(__file__).resolve().parents[3]
-    env = {**os.environ, "KUBETUNE_IMAGE_TARGETS": " ".join(targets)}
-    result = subprocess.run(
-        ["bash", str(repo / "hack" / "images" / "build.sh")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=3000,
-        check=False,
-    )
-    if result.returncode != 0:
-        pytest.fail(f"building the images {targets} failed:\n{result.stderr[-4000:]}")
-    return Path(result.stdout.strip().splitlines()[-1])
-
-
-def image_node_chart_settings() -> list[str]:
-    """The chart's values (``--set`` form) for an operator running from its image on
-    ``image_node``, with quick status; the trainer keeps the chart's security context."""
-    key = IMAGES_ONLY.replace(".", "\\.")
-    return [
-        f"operator.healthPort={free_port()}",  # the local node's pods share the host network
-        "operator.jsonLogs=false",
-        "operator.progressIntervalSeconds=1",
-        "operator.statusRecheckSeconds=5",
-        f"nodeSelector.{key}=only",
-        f"tolerations[0].key={IMAGES_ONLY}",
-        "tolerations[0].operator=Exists",
-        "tolerations[0].effect=NoSchedule",
-    ]
-
-
-def helm_set_args(settings: Sequence[str]) -> list[str]:
-    """``["--set", s1, "--set", s2, ...]``."""
-    return [arg for setting in settings for arg in ("--set", setting)]
-
-
 __all__ = [
     "ClusterHandle",
     "Kubectl",
     "add_node",
     "apply",
     "binaries_dir",
-    "built_images",
     "create_namespace",
     "get_json",
     "gpu_node",
-    "helm_env",
-    "helm_set_args",
     "image_node",
-    "image_node_chart_settings",
     "kube_api",
     "kubeconfig_path",
     "kubectl",
     "local_cluster",
-    "local_node_chart_settings",
     "minimal_finetunejob",
     "namespace",
     "on_image_node",
     "pod_manifest",
-    "project_version",
     "wait_for",
 ]
-
-
-def scrape_metrics(url: str, timeout: float = 10) -> dict[str, float]:
-    """A Prometheus text endpoint as ``{'name{labels}': value}`` (tests and bench read the
-    operator's /metrics through it)."""
-    with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 -- loopback
-        text = response.read().decode()
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            series, _, value = line.rpartition(" ")
-            samples[series] = float(value)
-    return samples
