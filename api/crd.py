@@ -1,12 +1,12 @@
 """Generate the FineTuneJob CustomResourceDefinition from the pydantic models.
 
-``kubetune crd`` (or ``python -m kubetune.api.crd``) prints it; ``--write`` updates ``crds/``.
+``kubetune crd`` (or ``python -m kubetune.api.crd``) prints it; ``kubetune crd --write`` updates
+``crds/`` (and ``--reference`` the field reference, ``kubetune.api.reference``, built from it).
 A test fails when the committed YAML drifts from what this writes.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
@@ -183,26 +183,13 @@ def default_crd_path() -> Path:
     return Path("crds") / CRD_FILENAME
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kubetune crd", description=__doc__)
-    parser.add_argument("--write", metavar="DIR", nargs="?", const="crds", help="write into DIR")
-    parser.add_argument("--reference", metavar="FILE", help="also write the field reference")
-    args = parser.parse_args(argv)
-    text = render_crd()
-    if args.reference:
-        from kubetune.api.reference import render_reference
-
-        Path(args.reference).write_text(render_reference())
-        print(f"wrote {args.reference}")
-    if args.write:
-        path = Path(args.write) / CRD_FILENAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        print(f"wrote {path}")
-    else:
-        sys.stdout.write(text)
-    return 0
+def write_crd(directory: str | Path) -> Path:
+    """Write the CRD into ``directory`` (``crds/``); its path."""
+    path = Path(directory) / CRD_FILENAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_crd())
+    return path
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.stdout.write(render_crd())

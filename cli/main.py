@@ -39,10 +39,17 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _crd(args: argparse.Namespace) -> int:
-    from kubetune.api import crd
+    from kubetune.api.crd import render_crd, write_crd
+    from kubetune.api.reference import render_reference
 
-    argv = ["--write", args.write] if args.write else []
-    return crd.main(argv + (["--reference", args.reference] if args.reference else []))
+    if args.reference:
+        Path(args.reference).write_text(render_reference())
+        print(f"wrote {args.reference}")
+    if args.write:
+        print(f"wrote {write_crd(args.write)}")
+    else:
+        sys.stdout.write(render_crd())
+    return 0
 
 
 def _missing_extra(extra: str, error: ImportError) -> argparse.Namespace:
