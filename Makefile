@@ -3,14 +3,13 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 export PYTHONSAFEPATH := 1
 
-.PHONY: help setup demo demo-down test lint unit crds images lock
+.PHONY: help setup demo demo-down test lint unit crds images
 
 help:
 	@echo "make demo   set everything up and run the tiny fine-tuning job end to end"
 	@echo "make test   install what the tests need, then lint, type-check and run every test"
 	@echo "make crds   regenerate crds/ from the API models"
 	@echo "make images build the operator and trainer images from the Dockerfile (buildah, cached)"
-	@echo "make lock   re-pin uv.lock after changing dependencies in pyproject.toml"
 
 setup:
 	@bash hack/setup.sh
@@ -34,6 +33,3 @@ crds: setup
 
 images: setup
 	@bash hack/images/build.sh
-
-lock: setup
-	@.venv/bin/uv lock

@@ -8,7 +8,7 @@
 #          name the Dockerfile uses; buildah then builds with --pull=never.
 #   build  buildah bud --target operator / --target trainer; the Dockerfile's uv cache mount is
 #          uv's own cache (torch and its CUDA wheels are GBs: the first build reuses what
-#          `make setup` downloaded, as uv.lock pins the same versions); the host's CA bundle is passed as the build secret `ca-bundle` (a
+#          `make setup` downloaded); the host's CA bundle is passed as the build secret `ca-bundle` (a
 #          TLS-intercepting proxy's CA), never written into a layer. Intermediate layers are
 #          pruned after each build (the trainer's are GBs each).
 #   store  each image pushed as an OCI layout and unpacked with umoci into
@@ -102,7 +102,7 @@ context_key() {
     echo "${base}"
     sed -n '/^build_target()/,/^}/p' "${HERE}/build.sh"
     sha256sum Dockerfile .dockerignore
-    find pyproject.toml uv.lock README.md hack/devtools/pyproject.toml api operator trainer cli \
+    find pyproject.toml README.md api operator trainer cli \
       local -type f ! -path '*/__pycache__/*' ! -name '*.py[co]' -print0 \
       | LC_ALL=C sort -z | xargs -0 sha256sum
   } | sha256sum | cut -c1-16
