@@ -147,6 +147,13 @@ def build_crd() -> dict[str, Any]:
                         },
                         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
                         {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri"},
+                        {
+                            "name": "Ranks",
+                            "type": "integer",
+                            "priority": 1,
+                            "jsonPath": ".status.worldSize",
+                            "description": "Training ranks (GPUs per pod x pods).",
+                        },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                         {
                             "name": "Adapter",

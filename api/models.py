@@ -464,7 +464,16 @@ class ResourcesSpec(ApiModel):
     """What the trainer pod asks for."""
 
     gpus: int = Field(
-        default=1, ge=0, le=1, description="GPUs (0 runs on the CPU; 1 at most in v1alpha1)."
+        default=1,
+        ge=0,
+        le=16,
+        description="GPUs per pod, one training rank each (0 runs one rank on the CPU).",
+    )
+    nodes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Pods (usually one per node); the effective batch divides over all ranks.",
     )
     gpu_resource_name: QualifiedName = Field(
         default="nvidia.com/gpu",
@@ -475,6 +484,11 @@ class ResourcesSpec(ApiModel):
     shm_size: Quantity = Field(
         default="8Gi", description="Size of /dev/shm (memory-backed) for data loader workers."
     )
+
+    @property
+    def world_size(self) -> int:
+        """Training ranks in all: one per GPU, or one per pod on the CPU."""
+        return max(self.gpus, 1) * self.nodes
 
 
 class Toleration(ApiModel):
@@ -645,7 +659,7 @@ class FineTuneJobSpec(ApiModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> FineTuneJobSpec:
-        plan_training(self.training, self.resources.gpus)  # raises with a field-named message
+        plan_training(self.training, self.resources.world_size)  # raises naming the field
         return self
 
 
@@ -675,12 +689,17 @@ class TrainingPlan(BaseModel):
     gradient_accumulation_steps: int
 
 
-def plan_training(training: TrainingSpec, gpus: int) -> TrainingPlan:
-    """Resolve epochs and split the effective batch into micro-batches and accumulation steps."""
-    devices = max(gpus, 1)
+def plan_training(training: TrainingSpec, ranks: int) -> TrainingPlan:
+    """Resolve epochs and split the effective batch over ranks, micro-batches and accumulation.
+
+    ``ranks`` is the world size (``ResourcesSpec.world_size``): each rank takes
+    ``batchSize / ranks`` sequences per optimizer step.
+    """
+    devices = max(ranks, 1)
     if training.batch_size % devices:
         raise ValueError(
-            f"training.batchSize ({training.batch_size}) must divide over {devices} GPUs"
+            f"training.batchSize ({training.batch_size}) must divide over {devices} ranks "
+            "(resources.gpus x resources.nodes)"
         )
     per_device = training.batch_size // devices
     micro = training.micro_batch_size
@@ -841,6 +860,9 @@ class FineTuneJobStatus(StatusModel):
     start_time: str | None = Field(default=None, description="When training started.")
     completion_time: str | None = Field(default=None, description="When the job finished.")
     attempts: int | None = Field(default=None, description="Trainer pods started so far.")
+    world_size: int | None = Field(
+        default=None, description="Training ranks (GPUs per pod x pods, or pods on the CPU)."
+    )
     job_name: str | None = Field(default=None, description="The batch/v1 Job running the trainer.")
     pod_name: str | None = Field(
         default=None, description="The trainer pod of the latest attempt (for kubectl logs)."

@@ -95,7 +95,7 @@ class QLoRASFTRecipe:
         self.progress_bar = progress_bar
         self.tokens = tokens or HubTokens()
         try:
-            self.plan = plan_training(self.spec.training, self.spec.resources.gpus)
+            self.plan = plan_training(self.spec.training, self.spec.resources.world_size)
         except ValueError as exc:
             raise InvalidConfig(str(exc)) from None
         try:

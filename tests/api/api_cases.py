@@ -109,8 +109,18 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
     ),
     (
         "too many gpus",
-        with_spec(resources={"gpus": 8}),
-        ["spec.resources.gpus", "less than or equal to 1"],
+        with_spec(resources={"gpus": 17}),
+        ["spec.resources.gpus", "less than or equal to 16"],
+    ),
+    (
+        "zero nodes",
+        with_spec(resources={"nodes": 0}),
+        ["spec.resources.nodes", "greater than or equal to 1"],
+    ),
+    (
+        "batch does not divide over the ranks",
+        with_spec(resources={"gpus": 2, "nodes": 3}, training={"batchSize": 16}),
+        ["training.batchSize (16) must divide over 6 ranks"],
     ),
     (
         "memory not a quantity",
@@ -202,6 +212,7 @@ APISERVER_FIELD: dict[str, str] = {
     "eval split and fraction": "either dataset.evalSplit or dataset.evalFraction",
     "eval fraction too large": "spec.dataset.evalFraction",
     "too many gpus": "spec.resources.gpus",
+    "zero nodes": "spec.resources.nodes",
     "bad toleration operator": "spec.scheduling.tolerations[0].operator",
     "secret name not a k8s name": "spec.model.tokenSecretRef.name",
     "hub push without token": "spec.output.pushToHub.tokenSecretRef",

@@ -50,8 +50,8 @@ def test_printer_columns_and_names() -> None:
     names = crd["spec"]["names"]
     assert names["shortNames"] == ["ftj"]
     columns = {c["name"]: c for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]}
-    assert list(columns) == ["Phase", "Progress", "Loss", "Model", "Age", "Adapter"]
-    assert columns["Adapter"]["priority"] == 1
+    assert list(columns) == ["Phase", "Progress", "Loss", "Model", "Ranks", "Age", "Adapter"]
+    assert columns["Adapter"]["priority"] == columns["Ranks"]["priority"] == 1
     assert crd["spec"]["versions"][0]["subresources"] == {"status": {}}
 
 

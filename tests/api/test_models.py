@@ -84,7 +84,7 @@ def test_minimal_job_gets_qlora_defaults() -> None:
 
 
 def test_training_plan_defaults_to_three_epochs_and_splits_the_batch() -> None:
-    plan = plan_training(load_finetunejob(MINIMAL).spec.training, gpus=1)
+    plan = plan_training(load_finetunejob(MINIMAL).spec.training, ranks=1)
     assert plan.epochs == 3
     assert plan.max_steps is None
     assert (plan.micro_batch_size, plan.gradient_accumulation_steps) == (4, 4)
@@ -92,7 +92,7 @@ def test_training_plan_defaults_to_three_epochs_and_splits_the_batch() -> None:
 
 def test_training_plan_honours_explicit_micro_batch() -> None:
     spec = load_finetunejob(with_spec(training={"batchSize": 16, "microBatchSize": 2})).spec
-    plan = plan_training(spec.training, gpus=1)
+    plan = plan_training(spec.training, ranks=1)
     assert (plan.micro_batch_size, plan.gradient_accumulation_steps) == (2, 8)
 
 

@@ -44,7 +44,7 @@ def _arguments(
     speed: SpeedSettings = PLAIN,
     masking: LossMasking = NO_EVAL,
 ) -> dict[str, Any]:
-    plan = plan_training(spec.training, spec.resources.gpus)
+    plan = plan_training(spec.training, spec.resources.world_size)
     return sft_arguments(
         spec, plan, speed, cuda=cuda, checkpoint_dir="/out/checkpoints", masking=masking
     )
