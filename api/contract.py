@@ -27,6 +27,16 @@ TOKEN_ENV: Final = "HF_TOKEN"  # noqa: S105 -- the variable's name, not its valu
 #: The hub push token, from ``spec.output.pushToHub.tokenSecretRef``.
 PUSH_TOKEN_ENV: Final = "HF_PUSH_TOKEN"  # noqa: S105 -- the variable's name, not its value
 #: Where the trainer writes its result; a laptop run may point it elsewhere.
+# Distributed training (resources.gpus > 1 or resources.nodes > 1). The pod's command stays
+# TRAINER_COMMAND; the trainer starts its ranks through torch.distributed.run from these.
+#: host:port of the c10d rendezvous (rank 0's pod, through the job's headless Service).
+RENDEZVOUS_ENDPOINT_ENV: Final = "KUBETUNE_RENDEZVOUS_ENDPOINT"
+#: One id per group attempt, so a restarted group never joins a stale rendezvous.
+RENDEZVOUS_ID_ENV: Final = "KUBETUNE_RENDEZVOUS_ID"
+RENDEZVOUS_PORT: Final = 29400
+#: This pod's place in the group: set by Kubernetes on the pods of an Indexed Job.
+NODE_RANK_ENV: Final = "JOB_COMPLETION_INDEX"
+
 TERMINATION_LOG_ENV: Final = "KUBETUNE_TERMINATION_LOG"
 TERMINATION_MESSAGE_PATH: Final = "/dev/termination-log"
 #: Kubernetes keeps at most 4096 bytes of a termination message.
