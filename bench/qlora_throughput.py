@@ -23,7 +23,19 @@ from the process start. The modes:
   checkpointing off, LoRA dropout 0, batch 4);
 - ``kubetune-micro8``, ``kubetune-unpadded``, ``kubetune-checkpointed``, ``kubetune-adamw``:
   the defaults with one lever changed (8 rows, 16,384 tokens, a micro-step; no padding to one
-  shape; every layer checkpointed; paged 8-bit AdamW), to measure what each gives.
+  shape; every layer checkpointed; paged 8-bit AdamW), to measure what each gives;
+- ``kubetune-memory``: ``training.profile: memory`` (every layer checkpointed and offloaded to
+  CPU memory, one row of ``--max-length`` a micro-step, paged 8-bit AdamW);
+- loss parity: ``kubetune-parity`` (the defaults with ``batchSize: --batch``) against
+  ``trl-parity`` (plain TRL: packing, SDPA, no Liger, no checkpointing, its own QLoRA
+  preparation, and kubetune's default hyperparameters: cosine schedule, 3% warm-up, gradient
+  clipping at 0.3, fused AdamW), on the same packed rows in the same order (same packing, seed
+  and tokens per step). Both losses per step and the largest relative difference are printed;
+  ``--token-range`` draws the synthetic tokens from a small range so that the loss has
+  something to learn.
+
+``--profile-step N`` records a torch.profiler table of optimizer step N (top kernels by GPU
+time) in the record and in ``--profile-out``.
 """
 
 from __future__ import annotations
@@ -72,6 +84,9 @@ EXTRA_MODES = (
     "kubetune-unpadded",
     "kubetune-checkpointed",
     "kubetune-adamw",
+    "kubetune-memory",
+    "kubetune-parity",
+    "trl-parity",
 )
 #: Dense bf16 peak of the cards this is run on (FLOP/s), for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -109,14 +124,17 @@ def build_model(shape: str, directory: Path) -> None:
     print(f"built {shape} in {time.perf_counter() - started:.0f}s at {directory}", flush=True)
 
 
-def synthetic_dataset(count: int, max_length: int, vocab: int, seed: int = 0) -> Any:
+def synthetic_dataset(
+    count: int, max_length: int, vocab: int, seed: int = 0, token_range: int | None = None
+) -> Any:
     from datasets import Dataset
 
     rng = random.Random(seed)  # noqa: S311 -- synthetic data, not secrets
+    top = min(vocab, 400 + token_range) if token_range else vocab
     rows = []
     for _ in range(count):
         length = int(min(max_length, max(16, rng.lognormvariate(math.log(380), 0.7))))
-        rows.append([rng.randrange(400, vocab) for _ in range(length)])
+        rows.append([rng.randrange(400, top) for _ in range(length)])
     return Dataset.from_dict({"input_ids": rows})
 
 
@@ -143,8 +161,39 @@ def flops_per_token(shape: str, lengths: list[int], lora_rank: int = 16) -> floa
     return 4 * base + 6 * lora + attention
 
 
-def throughput_callback(warmup: int, record: dict[str, Any]) -> Any:
+def _profile_summary(profiler: Any, out: Path | None, rows: int = 25) -> list[dict[str, Any]]:
+    """The profiled step's top operators and kernels by their own GPU time."""
+    events = profiler.key_averages()
+
+    def device_us(event: Any) -> float:
+        for name in ("self_device_time_total", "self_cuda_time_total"):
+            if hasattr(event, name):
+                return float(getattr(event, name))
+        return 0.0
+
+    total = sum(device_us(e) for e in events) or 1.0
+    top = sorted(events, key=device_us, reverse=True)[:rows]
+    if out is not None:
+        out.write_text(
+            events.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90)
+        )
+    return [
+        {
+            "name": e.key[:120],
+            "calls": e.count,
+            "self_gpu_ms": round(device_us(e) / 1e3, 2),
+            "share": round(device_us(e) / total, 4),
+        }
+        for e in top
+    ]
+
+
+def throughput_callback(
+    warmup: int, record: dict[str, Any], profile_step: int = 0, profile_out: Path | None = None
+) -> Any:
     from transformers import TrainerCallback
+
+    profiling: list[Any] = []
 
     class Throughput(TrainerCallback):  # type: ignore[misc]
         def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
@@ -158,6 +207,23 @@ def throughput_callback(warmup: int, record: dict[str, Any]) -> Any:
             if state.global_step == 1 and "_train_begin" in record:
                 record["first_step_seconds"] = round(now - record.pop("_train_begin"), 1)
                 record["startup_seconds"] = round(now - PROCESS_STARTED, 1)
+            if profile_step and state.global_step == profile_step and profiling:
+                import torch
+
+                torch.cuda.synchronize()
+                profiler = profiling.pop()
+                profiler.stop()
+                record["profile_step_seconds"] = round(time.perf_counter() - last, 2)
+                record["profile"] = _profile_summary(profiler, profile_out)
+            elif profile_step and state.global_step == profile_step - 1:
+                import torch
+                from torch.profiler import ProfilerActivity, profile
+
+                torch.cuda.synchronize()
+                profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                profiler.start()
+                profiling.append(profiler)
+                record["_last_step"] = time.perf_counter()
 
         def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **_: Any) -> None:
             if not logs or "num_tokens" not in logs:
@@ -179,11 +245,15 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
     from kubetune.trainer.data import PreparedData
     from kubetune.trainer.recipe import QLoRASFTRecipe
 
-    lever = {
+    lever: dict[str, Any] = {
         "kubetune-micro8": {"microBatchSize": 8},
         "kubetune-checkpointed": {"gradientCheckpointing": True},
         "kubetune-adamw": {"optimizer": "paged_adamw_8bit"},
+        "kubetune-memory": {"profile": "memory"},
+        "kubetune-parity": {"batchSize": args.batch},
     }.get(args.mode, {})
+    if args.kubetune_batch:
+        lever = {"batchSize": args.kubetune_batch, **lever}
     spec = FineTuneJobSpec.model_validate(
         {
             "model": {"uri": str(args.model_dir)},
@@ -220,7 +290,9 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
     recipe._setup_data = synthetic_data  # type: ignore[method-assign]
     recipe.setup()
     record["settings"] = recipe.speed.__dict__ if recipe.speed else {}
-    recipe._trainer.add_callback(throughput_callback(args.warmup, record))
+    recipe._trainer.add_callback(
+        throughput_callback(args.warmup, record, args.profile_step, args.profile_out)
+    )
     recipe.train()
     report = recipe.plan_report()
     record["plan"] = report.model_dump(by_alias=True) if report else None
@@ -230,6 +302,7 @@ def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, A
     """What the TRL documentation's QLoRA example does: SFTConfig defaults, padded batches
     (``trl-best``: with the hand-set flags packing, Liger and flex attention)."""
     best = args.mode == "trl-best"
+    parity = args.mode == "trl-parity"
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -248,9 +321,13 @@ def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, A
         device_map={"": 0 if torch.cuda.is_available() else "cpu"},
         **({"attn_implementation": "flex_attention"} if best else {}),
     )
-    record["settings"] = {"attention": model.config._attn_implementation, "packing": best,
-                          "liger_kernel": best, "gradient_checkpointing": not best,
-                          "lora_dropout": 0.0 if best else 0.05}  # fmt: skip
+    record["settings"] = {"attention": model.config._attn_implementation, "packing": best or parity,
+                          "liger_kernel": best, "gradient_checkpointing": not (best or parity),
+                          "lora_dropout": 0.0 if best or parity else 0.05}  # fmt: skip
+    # kubetune's default hyperparameters, for the loss-parity comparison only.
+    same_recipe: dict[str, Any] = {"lr_scheduler_type": "cosine", "warmup_steps": 0.03,
+                                   "max_grad_norm": 0.3, "optim": "adamw_torch_fused",
+                                   "padding_free": True} if parity else {}  # fmt: skip
     trainer = SFTTrainer(
         model=model,
         args=SFTConfig(
@@ -262,21 +339,22 @@ def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, A
             logging_steps=1,
             save_strategy="no",
             report_to=[],
-            packing=best,
+            packing=best or parity,
             use_liger_kernel=best,
             # The expert turns checkpointing off on a card with memory to spare.
-            gradient_checkpointing=not best,
+            gradient_checkpointing=not (best or parity),
+            **same_recipe,
         ),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=LoraConfig(
             r=16,
             lora_alpha=32,
-            lora_dropout=0.0 if best else 0.05,
+            lora_dropout=0.0 if best or parity else 0.05,
             target_modules="all-linear",
             task_type="CAUSAL_LM",
         ),
-        callbacks=[throughput_callback(args.warmup, record)],
+        callbacks=[throughput_callback(args.warmup, record, args.profile_step, args.profile_out)],
     )
     trainer.train()
 
@@ -287,7 +365,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    dataset = synthetic_dataset(args.examples, args.max_length, SHAPES[args.shape]["vocab_size"])
+    dataset = synthetic_dataset(
+        args.examples, args.max_length, SHAPES[args.shape]["vocab_size"],
+        token_range=args.token_range,
+    )  # fmt: skip
     record: dict[str, Any] = {"mode": args.mode, "shape": args.shape}
     started = time.perf_counter()
     try:
@@ -343,6 +424,14 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/kubetune-bench")
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--out", type=Path, default=Path("bench-results.jsonl"))
+    parser.add_argument(
+        "--kubetune-batch", type=int, help="batchSize of the kubetune modes (default: the spec's)"
+    )
+    parser.add_argument(
+        "--token-range", type=int, help="draw the synthetic tokens from this many ids only"
+    )
+    parser.add_argument("--profile-step", type=int, default=0, help="profile this optimizer step")
+    parser.add_argument("--profile-out", type=Path, help="where the profile's table goes")
     args = parser.parse_args()
     args.model_dir = args.model_dir or Path(args.work) / f"model-{args.shape}"
 
@@ -372,7 +461,32 @@ def main() -> int:
             print(json.dumps(ratio), flush=True)
             with args.out.open("a") as f:
                 f.write(json.dumps(ratio) + "\n")
+    if "kubetune-parity" in results and "trl-parity" in results:
+        parity = loss_parity(results["kubetune-parity"], results["trl-parity"], args.shape)
+        print(json.dumps(parity), flush=True)
+        with args.out.open("a") as f:
+            f.write(json.dumps(parity) + "\n")
     return 0
+
+
+def loss_parity(ours: dict[str, Any], theirs: dict[str, Any], shape: str) -> dict[str, Any]:
+    """Both loss curves step by step, the largest relative difference of a step's loss, and the
+    relative difference of how far each fell (first step to the mean of the last three)."""
+    a, b = ours.get("losses", []), theirs.get("losses", [])
+    steps = min(len(a), len(b))
+    result: dict[str, Any] = {"parity": "kubetune-parity vs trl-parity", "shape": shape,
+                              "kubetune_losses": a[:steps], "trl_losses": b[:steps]}  # fmt: skip
+    if steps:
+        result["max_relative_difference"] = round(
+            max(abs(x - y) / abs(y) for x, y in zip(a[:steps], b[:steps], strict=True)), 5
+        )
+    if steps >= 4:
+        fell_a = a[0] - sum(a[steps - 3 : steps]) / 3
+        fell_b = b[0] - sum(b[steps - 3 : steps]) / 3
+        result["loss_fell"] = {"kubetune": round(fell_a, 4), "trl": round(fell_b, 4)}
+        if fell_b:
+            result["fall_relative_difference"] = round(abs(fell_a - fell_b) / abs(fell_b), 4)
+    return result
 
 
 if __name__ == "__main__":

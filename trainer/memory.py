@@ -12,6 +12,10 @@ combination that its memory model says fits:
 - **the optimizer**: fused AdamW when the card has room for its fp32-sized states, the paged
   8-bit AdamW when memory is tight.
 
+``training.profile: memory`` asks for the least memory instead of the most speed: every layer
+checkpointed, the checkpoints themselves kept in (pinned) CPU memory on a GPU, one packed row of
+``maxLength`` a micro-step and the paged 8-bit AdamW; what the spec sets explicitly is kept.
+
 The memory model counts the 4-bit base, the bf16 embeddings, the adapter with its gradients and
 optimizer state, and the activations a decoder layer keeps per token (fitted to peaks measured
 on an H200 with a Llama-2-7B shape, docs/trainer.md: 36.5 GiB at 8,192 tokens without
@@ -38,8 +42,9 @@ ACT_PER_INTERMEDIATE = 6.0
 #: What LoRA dropout adds per token and layer (each adapted Linear keeps its dropped input).
 DROPOUT_PER_HIDDEN = 10.0
 DROPOUT_PER_INTERMEDIATE = 2.5
-#: A checkpointed layer keeps only its bf16 input.
+#: A checkpointed layer keeps only its bf16 input (nothing on the GPU when it is offloaded).
 CHECKPOINTED_PER_HIDDEN = 2.0
+OFFLOADED_PER_HIDDEN = 0.0
 #: The loss head per token: Liger's fused linear cross-entropy never builds the logits; without
 #: it the logits are kept in bf16 and upcast to fp32, with an fp32 gradient.
 LOSS_PER_HIDDEN_FUSED = 4.0
@@ -122,6 +127,7 @@ class RunSettings:
     micro_batch_size: int | None = None  # set by the user: kept
     gradient_checkpointing: bool | None = None  # None: the plan decides
     optimizer: str = "auto"  # "auto": the plan decides
+    profile: str = "speed"  # "speed" or "memory" (training.profile)
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,9 @@ class MemoryPlan:
     estimated_peak_bytes: int | None
     free_bytes: int | None
     fits: bool = True
+    profile: str = "speed"
+    #: The checkpointed layers' inputs wait for the backward pass in CPU memory.
+    offload_checkpoints: bool = False
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -149,7 +158,7 @@ class MemoryPlan:
         if self.checkpointed_layers == 0:
             return "off"
         if self.all_layers:
-            return "all layers"
+            return "all layers, offloaded to CPU" if self.offload_checkpoints else "all layers"
         return f"{self.checkpointed_layers} of {self.layers} layers"
 
     def summary(self) -> str:
@@ -188,14 +197,19 @@ def layer_activation_bytes(shape: ModelShape, run: RunSettings) -> float:
 
 
 def estimate_peak_bytes(
-    shape: ModelShape, run: RunSettings, *, checkpointed_layers: int, tokens: int, optimizer: str
+    shape: ModelShape,
+    run: RunSettings,
+    *,
+    checkpointed_layers: int,
+    tokens: int,
+    optimizer: str,
+    offload: bool = False,
 ) -> float:
     """The memory model: peak bytes of one training step."""
     per_layer = layer_activation_bytes(shape, run)
     kept = shape.layers - checkpointed_layers
-    activations = tokens * (
-        kept * per_layer + checkpointed_layers * CHECKPOINTED_PER_HIDDEN * shape.hidden
-    )
+    checkpoint = OFFLOADED_PER_HIDDEN if offload else CHECKPOINTED_PER_HIDDEN
+    activations = tokens * (kept * per_layer + checkpointed_layers * checkpoint * shape.hidden)
     if checkpointed_layers:
         activations += tokens * per_layer  # the layer being recomputed
     if run.liger_kernel:
@@ -236,6 +250,8 @@ def plan_memory(
 ) -> MemoryPlan:
     """The fastest checkpointing, micro-step and optimizer that fit ``free_bytes`` (None: no
     accelerator to fill; the CPU keeps everything and runs up to 4 sequences a pass)."""
+    if run.profile == "memory":
+        return _least_memory_plan(shape, run, free_bytes if cuda else None)
     if not cuda or free_bytes is None:
         micro = run.micro_batch_size or max(
             d for d in range(1, min(run.per_device_batch, 4) + 1) if run.per_device_batch % d == 0
@@ -281,6 +297,42 @@ def plan_memory(
         estimated_peak_bytes=int(peak),
         free_bytes=free_bytes,
         fits=bool(fitting),
+    )
+
+
+def _least_memory_plan(shape: ModelShape, run: RunSettings, free_bytes: int | None) -> MemoryPlan:
+    """``training.profile: memory``: every layer checkpointed (unless the spec turns it off), its
+    checkpoints offloaded to CPU memory on a GPU, one row a micro-step, paged 8-bit AdamW."""
+    micro = run.micro_batch_size or 1
+    checkpointed = 0 if run.gradient_checkpointing is False else shape.layers
+    offload = free_bytes is not None and checkpointed == shape.layers
+    if run.optimizer != "auto":
+        optimizer = run.optimizer
+    else:
+        optimizer = "paged_adamw_8bit" if free_bytes is not None else "adamw_torch"
+    peak = None
+    if free_bytes is not None:
+        peak = int(
+            estimate_peak_bytes(
+                shape,
+                run,
+                checkpointed_layers=checkpointed,
+                tokens=micro * run.max_length,
+                optimizer=optimizer,
+                offload=offload,
+            )
+        )
+    return MemoryPlan(
+        checkpointed_layers=checkpointed,
+        layers=shape.layers,
+        micro_batch_size=micro,
+        tokens_per_micro_step=micro * run.max_length,
+        optimizer=optimizer,
+        estimated_peak_bytes=peak,
+        free_bytes=free_bytes,
+        fits=peak is None or peak <= budget_bytes(free_bytes or 0),
+        profile="memory",
+        offload_checkpoints=offload,
     )
 
 

@@ -248,3 +248,31 @@ def check_optimizer_runs_here(sft_config: Any, model: Any, optimizer: str) -> No
         raise InvalidConfig(
             f"spec.training.optimizer: {optimizer} can't be used here: {first_line(exc)}"
         ) from None
+
+
+def offload_checkpoints_to_cpu(model: Any, *, pin_memory: bool) -> None:
+    """Keep what the decoder saves for the backward pass in CPU memory (``training.profile:
+    memory``).
+
+    With every layer checkpointed (non-reentrant), what the decoder saves is each layer's inputs
+    (torch saves them outside the checkpoint's own hooks); torch's ``save_on_cpu`` hooks, active
+    while the decoder runs forward, move them to (pinned) CPU memory and bring each back when
+    its layer is recomputed. The loss head runs outside, on the GPU as before.
+    """
+    import torch
+
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    active: list[Any] = []
+
+    def enter(module: Any, args: Any) -> None:
+        if torch.is_grad_enabled() and module.training:
+            context = torch.autograd.graph.save_on_cpu(pin_memory=pin_memory)
+            context.__enter__()
+            active.append(context)
+
+    def leave(module: Any, args: Any, output: Any) -> None:
+        if active:
+            active.pop().__exit__(None, None, None)
+
+    decoder.register_forward_pre_hook(enter)
+    decoder.register_forward_hook(leave, always_call=True)

@@ -5,6 +5,7 @@ result reports it."""
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from kubetune.api.models import FineTuneJobSpec, MemoryPlanReport, TrainingPlan
@@ -42,6 +43,7 @@ def plan_for_this_card(
         micro_batch_size=plan.micro_batch_size if chosen else None,
         gradient_checkpointing=training.gradient_checkpointing,
         optimizer=training.optimizer,
+        profile=training.profile,
     )
     free = int(torch.cuda.mem_get_info()[0]) if cuda else None
     if shape is not None:
@@ -49,8 +51,10 @@ def plan_for_this_card(
     else:  # an unknown shape: what the spec says; on a GPU, checkpointing when unset
         checkpointing = training.gradient_checkpointing
         if checkpointing is None:
-            checkpointing = cuda
+            checkpointing = cuda or training.profile == "memory"
         micro = plan.micro_batch_size
+        if training.profile == "memory" and not chosen:
+            micro = 1
         memory = MemoryPlan(
             checkpointed_layers=1 if checkpointing else 0,
             layers=1,
@@ -59,7 +63,19 @@ def plan_for_this_card(
             optimizer=speed.optimizer,
             estimated_peak_bytes=None,
             free_bytes=free,
+            profile=training.profile,
         )
+    if not memory.fits and shape is not None and training.profile == "speed":
+        # The speed plan's leanest choice doesn't fit; the memory profile's might.
+        lean = plan_memory(shape, replace(run, profile="memory"), free, cuda=cuda)
+        if lean.fits:
+            assert lean.estimated_peak_bytes is not None and free is not None
+            raise OutOfMemory(
+                f"this run needs about {(memory.estimated_peak_bytes or 0) / GIB:.1f} GiB of GPU "
+                f"memory at its fastest ({memory.summary()}); the GPU has {free / GIB:.1f} GiB "
+                f"free; set training.profile: memory (about "
+                f"{lean.estimated_peak_bytes / GIB:.1f} GiB, slower)"
+            )
     if not memory.fits and memory.estimated_peak_bytes and free:
         message = (
             f"this run needs about {memory.estimated_peak_bytes / GIB:.1f} GiB of GPU memory "
@@ -86,6 +102,8 @@ def plan_report(memory: MemoryPlan, plan: TrainingPlan, cuda: bool) -> MemoryPla
         tokens_per_micro_step=memory.tokens_per_micro_step,
         gradient_accumulation_steps=plan.gradient_accumulation_steps,
         optimizer=memory.optimizer,
+        profile=memory.profile,
+        checkpoints_offloaded=memory.offload_checkpoints,
         estimated_peak_gib=round(estimated / GIB, 2) if estimated is not None else None,
         free_gib=round(free / GIB, 2) if free is not None else None,
         peak_gib=peak,

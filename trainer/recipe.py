@@ -217,6 +217,7 @@ class QLoRASFTRecipe:
             check_optimizer_runs_here,
             load_quantized_model,
             lora_config,
+            offload_checkpoints_to_cpu,
             partial_checkpointing_callback,
         )
         from kubetune.trainer.resume import resumable_sft_trainer
@@ -233,6 +234,8 @@ class QLoRASFTRecipe:
             cuda=self.cuda,
         )
         check_lora_targets(model, self.spec.lora)
+        if self.speed.offload_checkpoints:
+            offload_checkpoints_to_cpu(model, pin_memory=self.cuda)
         masking = LossMasking(
             completion_only=self.data.completion_only_loss,
             assistant_only=self.data.assistant_only_loss,

@@ -61,4 +61,6 @@ def effective_settings(
         "tokens per micro-step": memory.tokens_per_micro_step if memory else None,
         "padded to one shape": speed.pad_to_tokens is not None,
         "optimizer": speed.optimizer,
+        "profile": memory.profile if memory is not None else "speed",
+        "checkpoints offloaded to CPU": speed.offload_checkpoints,
     }

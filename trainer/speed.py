@@ -23,6 +23,8 @@ class SpeedSettings:
     #: Pad each packed micro-step to exactly this many tokens, so that its shape never changes
     #: and flex attention compiles once (None: no padding).
     pad_to_tokens: int | None = None
+    #: Keep the checkpointed layers' inputs in CPU memory until the backward pass needs them.
+    offload_checkpoints: bool = False
 
 
 def liger_available() -> bool:
@@ -84,6 +86,7 @@ def apply_plan(speed: SpeedSettings, plan: MemoryPlan) -> SpeedSettings:
         ),
         optimizer=plan.optimizer,
         pad_to_tokens=plan.tokens_per_micro_step if bucket else None,
+        offload_checkpoints=plan.offload_checkpoints,
     )
 
 

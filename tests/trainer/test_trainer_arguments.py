@@ -138,3 +138,36 @@ def test_micro_steps_are_padded_to_the_plans_bucket() -> None:
     bucketed = SpeedSettings("flex_attention", True, False, True, "adamw_torch", pad_to_tokens=8192)
     assert _arguments(_spec(), cuda=True, speed=bucketed)["pad_to_multiple_of"] == 8192
     assert _arguments(_spec())["pad_to_multiple_of"] is None
+
+
+def test_the_memory_profile_becomes_one_row_per_pass_all_checkpointed_and_8bit_adamw() -> None:
+    from kubetune.trainer.memory import GIB, ModelShape, RunSettings, plan_memory
+    from kubetune.trainer.speed import apply_plan
+
+    spec = _spec(training={"profile": "memory", "batchSize": 16})
+    assert spec.training.profile == "memory"
+    assert _spec().training.profile == "speed"
+    plan = plan_training(spec.training, spec.resources.world_size)
+    run = RunSettings(2048, 16, 16, 0.0, True, profile=spec.training.profile)
+    memory = plan_memory(ModelShape(4096, 11008, 32, 32, 32, 32000), run, 22 * GIB, cuda=True)
+    fast = SpeedSettings("flex_attention", True, False, True, "paged_adamw_8bit")
+    arguments = sft_arguments(
+        spec,
+        plan.model_copy(update={"micro_batch_size": 1, "gradient_accumulation_steps": 16}),
+        apply_plan(fast, memory),
+        cuda=True,
+        checkpoint_dir="/out/checkpoints",
+        masking=NO_EVAL,
+    )
+    assert arguments["per_device_train_batch_size"] == 1
+    assert arguments["gradient_accumulation_steps"] == 16
+    assert arguments["gradient_checkpointing"] is True
+    assert arguments["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    assert arguments["optim"] == "paged_adamw_8bit"
+    assert arguments["use_liger_kernel"] is True  # the fused linear cross-entropy: no logits
+    assert arguments["pad_to_multiple_of"] == 2048
+
+
+def test_an_unknown_profile_is_refused_naming_the_field() -> None:
+    with pytest.raises(ValueError, match="profile"):
+        _spec(training={"profile": "tiny"})

@@ -143,3 +143,62 @@ def test_only_a_partial_plan_names_the_layers_to_checkpoint() -> None:
     for full in (plan_memory(LLAMA2_7B, DEFAULTS, CARD_141, cuda=True),
                  plan_memory(LLAMA2_7B, DEFAULTS, int(3 * GIB), cuda=True)):  # fmt: skip
         assert apply_plan(flex, full).checkpointed_layers is None
+
+
+MEMORY = RunSettings(2048, 16, 16, 0.0, liger_kernel=True, profile="memory")
+
+
+@pytest.mark.parametrize("free", [CARD_24, CARD_80, CARD_141])
+def test_the_memory_profile_fits_7b_at_2048_tokens_in_under_6_gib_on_any_card(free: int) -> None:
+    plan = plan_memory(LLAMA2_7B, MEMORY, free, cuda=True)
+    assert plan.fits and plan.profile == "memory"
+    assert (plan.micro_batch_size, plan.tokens_per_micro_step) == (1, 2048)
+    assert plan.all_layers and plan.offload_checkpoints
+    assert plan.optimizer == "paged_adamw_8bit"
+    assert plan.estimated_peak_bytes is not None
+    assert plan.estimated_peak_bytes <= 4.5 * GIB
+    assert plan.describe_checkpointing() == "all layers, offloaded to CPU"
+
+
+def test_the_memory_profile_is_leaner_than_the_speed_plans_leanest_choice() -> None:
+    lean = estimate_peak_bytes(
+        LLAMA2_7B, DEFAULTS, checkpointed_layers=32, tokens=2048, optimizer="paged_adamw_8bit"
+    )
+    plan = plan_memory(LLAMA2_7B, MEMORY, CARD_24, cuda=True)
+    assert plan.estimated_peak_bytes is not None
+    # Offloading the 32 checkpoints of 2,048 x 4,096 bf16 values saves 0.5 GiB.
+    assert lean - plan.estimated_peak_bytes == pytest.approx(0.5 * GIB, rel=0.01)
+    speed = plan_memory(LLAMA2_7B, DEFAULTS, CARD_141, cuda=True)
+    assert speed.estimated_peak_bytes is not None
+    assert speed.estimated_peak_bytes > 5 * plan.estimated_peak_bytes
+
+
+def test_the_memory_profile_keeps_what_the_spec_sets() -> None:
+    chosen = RunSettings(2048, 16, 16, 0.0, True, micro_batch_size=2, optimizer="adamw_torch",
+                         profile="memory")  # fmt: skip
+    plan = plan_memory(LLAMA2_7B, chosen, CARD_24, cuda=True)
+    assert (plan.micro_batch_size, plan.optimizer, plan.all_layers) == (2, "adamw_torch", True)
+    off = RunSettings(2048, 16, 16, 0.0, True, gradient_checkpointing=False, profile="memory")
+    unchecked = plan_memory(LLAMA2_7B, off, CARD_141, cuda=True)
+    assert unchecked.checkpointed_layers == 0 and not unchecked.offload_checkpoints
+
+
+def test_the_memory_profile_on_the_cpu_checkpoints_but_offloads_nothing() -> None:
+    plan = plan_memory(LLAMA2_7B, MEMORY, None, cuda=False)
+    assert plan.all_layers and not plan.offload_checkpoints
+    assert (plan.micro_batch_size, plan.optimizer) == (1, "adamw_torch")
+    assert plan.estimated_peak_bytes is None
+
+
+def test_the_memory_profile_says_when_even_it_does_not_fit() -> None:
+    plan = plan_memory(LLAMA3_8B, MEMORY, int(4 * GIB), cuda=True)
+    assert not plan.fits
+
+
+def test_the_memory_profile_offloads_through_the_speed_settings() -> None:
+    flex = SpeedSettings("flex_attention", True, False, True, "paged_adamw_8bit")
+    settings = apply_plan(flex, plan_memory(LLAMA2_7B, MEMORY, CARD_24, cuda=True))
+    assert settings.gradient_checkpointing and settings.checkpointed_layers is None
+    assert settings.offload_checkpoints and settings.pad_to_tokens == 2048
+    speed = apply_plan(flex, plan_memory(LLAMA2_7B, DEFAULTS, CARD_24, cuda=True))
+    assert not speed.offload_checkpoints
