@@ -35,13 +35,11 @@ def packed_run(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> Pa
     from kubetune.trainer.recipe import QLoRASFTRecipe
 
     output = tmp_path_factory.mktemp("packed") / "adapter"
+    training = {"maxSteps": 6, "batchSize": 4, "maxLength": 128, "packing": True,
+                "gradientCheckpointing": None, "profile": "memory", "checkpointSteps": 100,
+                "loggingSteps": 1}  # fmt: skip
     manifest = job_manifest(
-        tiny.model,
-        tiny.datasets["prompt-completion"],
-        output,
-        training={"maxSteps": 6, "batchSize": 4, "maxLength": 128,
-                  "packing": True, "gradientCheckpointing": None, "profile": "memory",
-                  "checkpointSteps": 100, "loggingSteps": 1},  # fmt: skip
+        tiny.model, tiny.datasets["prompt-completion"], output, training=training
     )
     manifest["spec"]["quantization"].pop("computeDtype")  # the default: bfloat16
     manifest["spec"]["training"].pop("microBatchSize")  # the profile's choice: one row a pass
