@@ -24,11 +24,12 @@ def plan_for_this_card(
     speed: SpeedSettings,
     shape: ModelShape | None,
     cuda: bool,
+    *,
+    free_bytes: int | None = None,
 ) -> MemoryPlan:
     """The plan for ``shape`` on this node's GPU (or the CPU); OutOfMemory, naming the knob,
-    for a run whose leanest plan needs more than the card has free."""
-    import torch
-
+    for a run whose leanest plan needs more than the card has free. ``free_bytes``: the card's
+    free memory (read from CUDA when not given)."""
     training = spec.training
     per_device = plan.micro_batch_size * plan.gradient_accumulation_steps
     chosen = (
@@ -45,7 +46,11 @@ def plan_for_this_card(
         optimizer=training.optimizer,
         profile=training.profile,
     )
-    free = int(torch.cuda.mem_get_info()[0]) if cuda else None
+    free = free_bytes
+    if cuda and free is None:
+        import torch
+
+        free = int(torch.cuda.mem_get_info()[0])
     if shape is not None:
         memory = plan_memory(shape, run, free, cuda=cuda)
     else:  # an unknown shape: what the spec says; on a GPU, checkpointing when unset

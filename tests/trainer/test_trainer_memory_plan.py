@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from kubetune.api.models import FineTuneJobSpec, TrainingPlan, plan_training
 from kubetune.trainer.memory import (
     GIB,
     ModelShape,
@@ -204,3 +205,31 @@ def test_the_memory_profile_offloads_through_the_speed_settings() -> None:
     assert settings.offload_checkpoints and settings.pad_to_tokens == 2048
     speed = apply_plan(flex, plan_memory(LLAMA2_7B, DEFAULTS, CARD_24, cuda=True))
     assert not speed.offload_checkpoints
+
+
+def _job(**training: object) -> tuple[FineTuneJobSpec, TrainingPlan]:
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "model": {"uri": "meta-llama/Llama-2-7b-hf"},
+            "dataset": {"uri": "pvc://data/support.jsonl"},
+            "output": {"uri": "pvc://adapters/llama2-support"},
+            "training": {"maxSteps": 10, **training},
+        }
+    )
+    return spec, plan_training(spec.training, spec.resources.world_size)
+
+
+def test_a_card_only_the_memory_profile_fits_is_refused_naming_the_profile() -> None:
+    from kubetune.trainer.errors import OutOfMemory
+    from kubetune.trainer.planning import plan_for_this_card
+
+    flex = SpeedSettings("flex_attention", True, False, True, "paged_adamw_8bit")
+    spec, plan = _job()
+    small, tiny = int(6.5 * GIB), int(3.5 * GIB)
+    with pytest.raises(OutOfMemory, match=r"set training.profile: memory \(about 4.1 GiB"):
+        plan_for_this_card(spec, plan, flex, LLAMA2_7B, cuda=True, free_bytes=small)
+    spec, plan = _job(profile="memory")
+    memory = plan_for_this_card(spec, plan, flex, LLAMA2_7B, cuda=True, free_bytes=small)
+    assert memory.fits and memory.offload_checkpoints and memory.micro_batch_size == 1
+    with pytest.raises(OutOfMemory, match=r"lower training.maxLength \(now 2048\)"):
+        plan_for_this_card(spec, plan, flex, LLAMA2_7B, cuda=True, free_bytes=tiny)
