@@ -308,15 +308,19 @@ class QLoRASFTRecipe:
 
     def _oom_advice(self) -> str:
         training = self.spec.training
-        knobs = [
+        lower = [
             f"training.microBatchSize (now {self.plan.micro_batch_size}; batchSize is kept by "
             "accumulation)",
             f"training.maxLength (now {training.max_length})",
         ]
+        turn = []
+        if training.profile == "speed":
+            turn.append("training.profile: memory")
         speed = self.speed
         if speed is None or not speed.gradient_checkpointing or speed.checkpointed_layers:
-            knobs.insert(0, "training.gradientCheckpointing: true")
-        return "out of GPU memory; lower " + ", or ".join(knobs)
+            turn.append("training.gradientCheckpointing: true")
+        advice = f"set {' or '.join(turn)}, or " if turn else ""
+        return f"out of GPU memory; {advice}lower " + ", or ".join(lower)
 
     # --- save --------------------------------------------------------------------------------
 

@@ -365,3 +365,4 @@ def test_out_of_gpu_memory_exits_5_and_names_the_knobs_to_turn(
     assert written["reason"] == "OutOfMemory"
     assert "training.microBatchSize (now 16" in written["message"]
     assert "training.gradientCheckpointing: true" in written["message"]
+    assert "set training.profile: memory" in written["message"]
