@@ -125,6 +125,10 @@ def resumable_sft_trainer(**kwargs: Any) -> Any:
 
         def training_step(self, model: Any, inputs: dict[str, Any], *args: Any) -> Any:
             padding = take_padding(inputs)
+            if self.args.pad_to_multiple_of and self.padding_free and self.args.world_size > 1:
+                # TRL counts the tokens of every rank (gathered); so is their padding.
+                local = torch.tensor(padding, device=self.args.device)
+                padding = int(self.accelerator.gather_for_metrics(local).sum().item())
             loss = super().training_step(model, inputs, *args)
             if padding:
                 # TRL counted the bucket's padding as trained tokens; num_tokens is real ones.
@@ -180,13 +184,18 @@ def resumable_sft_trainer(**kwargs: Any) -> Any:
             checkpoint = Path(self._get_output_dir(trial)) / (
                 f"{CHECKPOINT_PREFIX}{self.state.global_step}"
             )
-            RunningTotals(
-                logged_loss=float(self._total_loss_scalar),
-                pending_loss=float(self._tr_loss.item()),
-                last_logged_step=int(self._globalstep_last_logged),
-                train_seconds=self.earlier_train_seconds
-                + (time.monotonic() - self.attempt_started),
-            ).write(checkpoint)
+            # The loss since the last log is each rank's own; the log will average the ranks'.
+            pending = self._tr_loss.detach().clone()
+            if self.args.world_size > 1:
+                pending = self.accelerator.gather(pending.reshape(1)).mean()
+            if self.args.should_save:  # rank 0 of a group: the others leave the output alone
+                RunningTotals(
+                    logged_loss=float(self._total_loss_scalar),
+                    pending_loss=float(pending.item()),
+                    last_logged_step=int(self._globalstep_last_logged),
+                    train_seconds=self.earlier_train_seconds
+                    + (time.monotonic() - self.attempt_started),
+                ).write(checkpoint)
             super()._save_checkpoint(model, trial)
 
     return ResumableSFTTrainer(**kwargs)
