@@ -116,7 +116,9 @@ def plan_topology(
     try:
         node_rank = int(environ[NODE_RANK_ENV])
     except ValueError:
-        raise InvalidConfig(f"{NODE_RANK_ENV} must be a number, not {environ[NODE_RANK_ENV]!r}")
+        raise InvalidConfig(
+            f"{NODE_RANK_ENV} must be a number, not {environ[NODE_RANK_ENV]!r}"
+        ) from None
     if not 0 <= node_rank < nodes:
         raise InvalidConfig(f"{NODE_RANK_ENV} is {node_rank}, outside 0..{nodes - 1}")
     run_id = environ.get(RENDEZVOUS_ID_ENV) or "kubetune"
@@ -294,7 +296,9 @@ def group_outcome(
             ExitCode.UNEXPECTED, f"local rank {local} {how} without saying why (see its log)"
         )
     if not outcomes:
-        return int(ExitCode.UNEXPECTED), _failure(ExitCode.UNEXPECTED, "no rank reported an outcome")
+        return int(ExitCode.UNEXPECTED), _failure(
+            ExitCode.UNEXPECTED, "no rank reported an outcome"
+        )
     return int(ExitCode.SUCCEEDED), min(outcomes, key=lambda o: o.rank).result
 
 
@@ -363,7 +367,8 @@ def launch(
             topology.backend,
             "standalone" if topology.nnodes == 1 else f"c10d at {topology.rdzv_endpoint}",
         )
-        died, stopped, error = _run_agent(topology, config_path, extra_args, directory)
+        args = ["-m", "kubetune.trainer.cli", "--config", config_path, *extra_args]
+        died, stopped, error = run_ranks(topology, args, directory)
         code, result = group_outcome(read_outcomes(directory), died, stopped)
         if error is not None and code == ExitCode.UNEXPECTED:
             result = _failure(ExitCode.UNEXPECTED, error)
@@ -374,12 +379,13 @@ def launch(
     return code, result
 
 
-def _run_agent(
-    topology: Topology, config_path: str, extra_args: list[str], directory: Path
+def run_ranks(
+    topology: Topology, args: list[str], directory: Path
 ) -> tuple[dict[int, int], bool, str | None]:
-    """Run the elastic agent until the ranks end: the local ranks that died without an outcome
-    (with their exit codes), whether the pod was asked to stop, and what kept the ranks from
-    starting (a rendezvous that never completed), if anything did."""
+    """Run ``python ARGS`` as this pod's ranks (each with ``$KUBETUNE_RANK_OUTCOMES`` set to
+    ``directory``) through the elastic agent, until they end: the local ranks that died without
+    an outcome (with their exit codes), whether the pod was asked to stop, and what kept the
+    ranks from starting (a rendezvous that never completed), if anything did."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -402,7 +408,6 @@ def _run_agent(
         signals_to_handle="SIGINT,SIGHUP,SIGQUIT",
     )
     os.environ[RANK_OUTCOMES_ENV] = str(directory)
-    args = ["-m", "kubetune.trainer.cli", "--config", config_path, *extra_args]
     died: dict[int, int] = {}
     error = None
     with _Forwarder(directory) as forwarder:

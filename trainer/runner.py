@@ -86,7 +86,7 @@ def run(
     else:
         guard = install_redaction(tokens.secrets)
         try:
-            outcome = _run(config, tokens, name, progress_bar, reporter, rank)
+            outcome = _run(config, tokens, name, progress_bar, reporter, rank=rank)
         finally:
             uninstall_redaction(guard)
         # The last line of defence: whatever a failure quoted, no secret leaves in the result.
@@ -103,6 +103,7 @@ def _run(
     name: str,
     progress_bar: bool,
     reporter: ProgressReporter | None,
+    *,
     rank: Rank,
 ) -> RunOutcome:
     from kubetune.trainer.recipe import QLoRASFTRecipe
