@@ -280,6 +280,10 @@ def group_outcome(
         (o for o in outcomes if o.exit_code not in (ExitCode.SUCCEEDED, ExitCode.PREEMPTED)),
         key=lambda o: o.time,
     )
+    if stopped:
+        # A rank stopped before it could checkpoint leaves its peers failing in a collective:
+        # the stop is the cause. A failure a retry can't fix is still reported as itself.
+        failures = [o for o in failures if o.exit_code != ExitCode.UNEXPECTED]
     if failures:
         return failures[0].exit_code, failures[0].result
     preempted = [o for o in outcomes if o.exit_code == ExitCode.PREEMPTED]
@@ -436,5 +440,8 @@ def run_rank(rank: Rank, config: TrainerConfig, *, name: str) -> int:
     else:
         outcome = run(config, name=name, write_termination=False, rank=rank)
     write_outcome(rank, outcome.exit_code, outcome.result)
-    end_group()
+    if outcome.exit_code in (ExitCode.SUCCEEDED, ExitCode.PREEMPTED):
+        # Every rank got here together. After a failure a peer may be gone, and tearing the
+        # group down could wait on it: the process just exits.
+        end_group()
     return outcome.exit_code

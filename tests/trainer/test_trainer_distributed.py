@@ -34,7 +34,7 @@ from trainer_helpers import TinyAssets, job_manifest
 from kubetune.api.config import TrainerConfig
 from kubetune.api.manifest import load_finetunejob
 
-#: Twelve trainer processes start here (three launchers with two ranks each, two one-rank
+#: Thirteen trainer processes start here (three launchers with two ranks each, two one-rank
 #: pods, and the launchers' own); on a loaded 2-core machine each takes minutes to import torch.
 pytestmark = [pytest.mark.trainer, pytest.mark.timeout(2400)]
 

@@ -103,3 +103,13 @@ def test_a_group_that_succeeded_reports_rank_0s_result() -> None:
         stopped=False,
     )
     assert (code, result.message) == (0, "a")
+
+
+def test_a_stopped_pod_whose_ranks_failed_in_a_collective_is_preempted() -> None:
+    # Rank 1 was stopped during setup; rank 0 then failed waiting for it.
+    code, _ = group_outcome(
+        [_outcome(0, ExitCode.UNEXPECTED, 2.0, "connection closed by peer")],
+        died={1: -15},
+        stopped=True,
+    )
+    assert code == ExitCode.PREEMPTED
