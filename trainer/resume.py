@@ -178,6 +178,23 @@ def resumable_sft_trainer(**kwargs: Any) -> Any:
             if restored:
                 log.info("%d parameters back in the dtype they were trained in", restored)
 
+        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            if checkpoint is None or self.args.world_size == 1 or self.args.device.type != "cpu":
+                return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[no-any-return]
+            # CPU ranks: accelerate names each one's device "cpu:0", and the Trainer loads the
+            # optimizer with that as torch.load's map_location, which torch can't map to.
+            from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+            folder = Path(checkpoint)
+            if (folder / OPTIMIZER_NAME).is_file() and (folder / SCHEDULER_NAME).is_file():
+                optimizer = torch.load(
+                    folder / OPTIMIZER_NAME, map_location="cpu", weights_only=True
+                )
+                self.optimizer.load_state_dict(optimizer)
+                scheduler = torch.load(folder / SCHEDULER_NAME, weights_only=True)
+                self.lr_scheduler.load_state_dict(scheduler)
+            return None
+
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             # Written before the Trainer's own files: a checkpoint is complete when its
             # trainer_state.json is there, and then its totals are there too.

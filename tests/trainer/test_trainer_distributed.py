@@ -60,6 +60,8 @@ class Run:
 class Runs:
     preempted: Run
     stopped_at: int
+    #: The files of each rank's random state in the checkpoint of that step.
+    random_states_at_stop: list[str]
     resumed: Run
     one_rank: Run
     pods: list[Run]
@@ -193,6 +195,8 @@ def runs(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         process.send_signal(signal.SIGTERM)
         preempted = _finish(process, work, "preempted")
         stopped_at = max(_checkpoint_steps(work / "two-ranks"), default=0)
+        stopped = work / "two-ranks" / "checkpoints" / f"checkpoint-{stopped_at}"
+        random_states = sorted(p.name for p in stopped.glob("rng_state*"))
         resumed = _finish(_start(two_ranks, work, "resumed"), work, "resumed")
 
         one_rank = _config(tiny, work, "one-rank", {"gpus": 1}, 16)
@@ -208,6 +212,7 @@ def runs(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     yield Runs(
         preempted=preempted,
         stopped_at=stopped_at,
+        random_states_at_stop=random_states,
         resumed=resumed,
         one_rank=Run(code, work / "one-rank", termination, ""),
         pods=[finished["pod-0"], finished["pod-1"]],
@@ -235,11 +240,7 @@ def test_sigterm_to_the_pod_stops_both_ranks_at_one_checkpoint_and_exits_143(run
     assert STOP_AFTER <= runs.stopped_at < MAX_STEPS
     assert runs.stopped_at % CHECKPOINT_STEPS != 0  # saved because of SIGTERM, not the interval
     # One checkpoint of that step, with the random state of each of the two ranks.
-    stopped = run.output / "checkpoints" / f"checkpoint-{runs.stopped_at}"
-    assert sorted(p.name for p in stopped.glob("rng_state*")) == [
-        "rng_state_0.pth",
-        "rng_state_1.pth",
-    ]
+    assert runs.random_states_at_stop == ["rng_state_0.pth", "rng_state_1.pth"]
 
 
 def test_two_ranks_in_one_pod_resume_and_publish_one_adapter(runs: Runs) -> None:
