@@ -36,6 +36,16 @@ from the process start. The modes:
 
 ``--profile-step N`` records a torch.profiler table of optimizer step N (top kernels by GPU
 time) in the record and in ``--profile-out``.
+
+``--gpus N`` (kubetune modes only) trains data-parallel on N GPUs of this machine, as a pod with
+``resources.gpus: N`` does: the same launcher (``kubetune.trainer.distributed``, torch's elastic
+agent, NCCL) starts N ranks, each with its own 4-bit base on its own GPU, and the batch of the
+spec (``--kubetune-batch``, kubetune's default when unset) divides over them. Tokens/s is then the
+real tokens of all ranks (TRL gathers them) per second; peak memory is rank 0's. To compare
+with one GPU:
+
+    python bench/qlora_throughput.py --modes kubetune --gpus 1 --out results.jsonl
+    python bench/qlora_throughput.py --modes kubetune --gpus 2 --out results.jsonl
 """
 
 from __future__ import annotations
@@ -265,7 +275,8 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
                 "checkpointSteps": 1_000_000,
                 **lever,
             },
-            "output": {"uri": str(Path(args.work) / f"{args.shape}-{args.mode}-out")},
+            "output": {"uri": str(Path(args.work) / f"{args.shape}-{args.mode}-x{args.gpus}")},
+            "resources": {"gpus": args.gpus},
         }
     )
     if args.mode == "kubetune-unpadded":
@@ -275,7 +286,9 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
 
         apply_plan = speed.apply_plan
         speed.apply_plan = lambda s, p: replace(apply_plan(s, p), pad_to_tokens=None)  # type: ignore[assignment]
-    recipe = QLoRASFTRecipe(TrainerConfig(spec=spec))
+    from kubetune.trainer.distributed import this_rank
+
+    recipe = QLoRASFTRecipe(TrainerConfig(spec=spec), rank=this_rank())
 
     def synthetic_data() -> None:
         recipe.data = PreparedData(
@@ -362,14 +375,18 @@ def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, A
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from kubetune.trainer.distributed import this_rank
+
     cuda = torch.cuda.is_available()
     if cuda:
+        # Each rank on its own GPU from the start (no context of every rank on GPU 0).
+        torch.cuda.set_device(this_rank().local_rank)
         torch.cuda.reset_peak_memory_stats()
     dataset = synthetic_dataset(
         args.examples, args.max_length, SHAPES[args.shape]["vocab_size"],
         token_range=args.token_range,
     )  # fmt: skip
-    record: dict[str, Any] = {"mode": args.mode, "shape": args.shape}
+    record: dict[str, Any] = {"mode": args.mode, "shape": args.shape, "gpus": args.gpus}
     started = time.perf_counter()
     try:
         (run_kubetune if args.mode.startswith("kubetune") else run_trl_defaults)(
@@ -390,7 +407,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     peak = next((v for k, v in PEAK_FLOPS.items() if k in record["card"]), None)
     if peak and record.get("tokens_per_second"):
         record["mfu"] = round(
-            record["tokens_per_second"] * record["gflop_per_token"] * 1e9 / peak, 3
+            record["tokens_per_second"] * record["gflop_per_token"] * 1e9 / (peak * args.gpus), 3
         )
     record["versions"] = _versions()
     return record
@@ -409,6 +426,23 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def launch_ranks(args: argparse.Namespace) -> int:
+    """This configuration on ``--gpus`` ranks, through the launcher a pod uses."""
+    import tempfile
+
+    import torch
+
+    from kubetune.trainer.distributed import plan_topology, run_ranks
+
+    topology = plan_topology(args.gpus, 1, {}, torch.cuda.device_count())
+    with tempfile.TemporaryDirectory(prefix="bench-ranks-") as directory:
+        died, _, error = run_ranks(topology, [__file__, *sys.argv[1:]], Path(directory))
+    if died or error:
+        print(json.dumps({"mode": args.mode, "gpus": args.gpus, "error": error or died}))
+        return 1
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
@@ -419,6 +453,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4, help="TRL's sequences per device per step")
+    parser.add_argument(
+        "--gpus", type=int, default=1, help="GPUs to train on data-parallel (kubetune modes)"
+    )
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--work", default="/tmp/kubetune-bench")
@@ -436,10 +473,18 @@ def main() -> int:
     args.model_dir = args.model_dir or Path(args.work) / f"model-{args.shape}"
 
     if args.mode:
+        from kubetune.trainer.distributed import this_rank
+
+        rank = this_rank()
+        if args.gpus > 1 and rank.outcomes is None:
+            if not args.mode.startswith("kubetune"):
+                raise SystemExit(f"--gpus {args.gpus} runs the kubetune modes only")
+            return launch_ranks(args)
         record = measure(args)
-        with args.out.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(json.dumps(record), flush=True)
+        if rank.is_main:
+            with args.out.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            print(json.dumps(record), flush=True)
         return 0
 
     build_model(args.shape, args.model_dir)
@@ -450,7 +495,11 @@ def main() -> int:
         lines = args.out.read_text().splitlines() if args.out.exists() else []
         for line in lines:
             record = json.loads(line)
-            if record.get("shape") == args.shape and "mode" in record:
+            if (
+                record.get("shape") == args.shape
+                and "mode" in record
+                and record.get("gpus", 1) == args.gpus
+            ):
                 results[record["mode"]] = record
     ours = results.get("kubetune", {}).get("tokens_per_second")
     for mode, record in results.items():

@@ -37,8 +37,10 @@ def sft_arguments(
     checkpoint_dir: str,
     masking: LossMasking,
     progress_bar: bool = False,
+    distributed: bool = False,
 ) -> dict[str, Any]:
-    """The keyword arguments of ``trl.SFTConfig`` for one run."""
+    """The keyword arguments of ``trl.SFTConfig`` for one run (of one rank, ``distributed``:
+    one of a group training data-parallel; the plan's batch is already per rank)."""
     training = spec.training
     compute = spec.quantization.compute_dtype
     every = training.checkpoint_steps
@@ -87,4 +89,7 @@ def sft_arguments(
         "disable_tqdm": not progress_bar,
         "dataloader_num_workers": 0,
         "dataset_num_proc": None,
+        # LoRA trains every adapter on every step: DDP need not search the graph for unused
+        # parameters (a pass over it per step, and incompatible with checkpointing's re-entry).
+        **({"ddp_find_unused_parameters": False} if distributed else {}),
     }

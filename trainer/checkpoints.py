@@ -222,14 +222,24 @@ class PreemptionGuard:
             self._previous = None
 
 
-def checkpoint_callback(guard: PreemptionGuard, saved: Callable[[], None]) -> Any:
+def checkpoint_callback(
+    guard: PreemptionGuard,
+    saved: Callable[[], None],
+    stop_requested: Callable[[Any], bool] | None = None,
+) -> Any:
     """The TrainerCallback that saves and stops after the step in which SIGTERM came, and calls
-    ``saved`` after every checkpoint (built late: transformers is a heavy import)."""
+    ``saved`` after every checkpoint (built late: transformers is a heavy import).
+
+    ``stop_requested(device)`` says whether SIGTERM came to any rank of the group (every rank
+    calls it after every step): the ranks of a group must save the same step, together."""
     from transformers import TrainerCallback
+
+    def requested(device: Any) -> bool:
+        return stop_requested(device) if stop_requested is not None else guard.requested
 
     class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
         def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-            if guard.requested:
+            if requested(args.device):
                 control.should_save = True
                 control.should_training_stop = True
 

@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--progress-bar", action="store_true", help="show a progress bar instead of log lines"
     )
+    parser.add_argument(
+        "--name", help="the adapter's name in its model card (default: the config's job name)"
+    )
     return parser
 
 
@@ -41,7 +44,16 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         outputs.write_termination_message(failure(ExitCode.INVALID_CONFIG, str(exc)))
         return int(ExitCode.INVALID_CONFIG)
-    name = config.job.name if config.job else "adapter"
+    name = args.name or (config.job.name if config.job else "adapter")
+    from kubetune.trainer import distributed
+
+    rank = distributed.this_rank()
+    if rank.outcomes is not None:
+        # One rank of a group this pod's launcher started: its outcome goes to the launcher.
+        return distributed.run_rank(rank, config, name=name)
+    if config.spec.resources.world_size > 1:
+        extra = ["--name", name] + (["--progress-bar"] if args.progress_bar else [])
+        return distributed.launch(config, args.config, extra)[0]
     return run(config, name=name, progress_bar=args.progress_bar).exit_code
 
 

@@ -44,7 +44,7 @@ def train_command(args: argparse.Namespace) -> int:
     from kubetune.api.config import TrainerConfig
     from kubetune.api.manifest import load_finetunejob
     from kubetune.trainer.outputs import RESULT_FILE
-    from kubetune.trainer.runner import configure_logging, run
+    from kubetune.trainer.runner import RunOutcome, configure_logging, run
 
     configure_logging()
     try:
@@ -55,12 +55,24 @@ def train_command(args: argparse.Namespace) -> int:
             print(f"  {problem}", file=sys.stderr)
         return int(ExitCode.INVALID_CONFIG)
     config = TrainerConfig(spec=job.spec)
-    outcome = run(
-        config,
-        name=job.name,
-        progress_bar=not args.no_progress,
-        write_termination=TERMINATION_LOG_ENV in os.environ,
-    )
+    write_termination = TERMINATION_LOG_ENV in os.environ
+    if job.spec.resources.world_size > 1:
+        # Several ranks on this machine (resources.gpus > 1), through the pod's own launcher.
+        from kubetune.api.uris import OUTPUT_SCHEMES
+        from kubetune.trainer.distributed import launch
+        from kubetune.trainer.locations import resolve
+
+        extra = ["--name", job.name] + ([] if args.no_progress else ["--progress-bar"])
+        code, result = launch(config, None, extra, write_termination=write_termination)
+        where = resolve(job.spec.output.uri, OUTPUT_SCHEMES, "output")
+        outcome = RunOutcome(code, result, str(where.path) if where.is_local else None)
+    else:
+        outcome = run(
+            config,
+            name=job.name,
+            progress_bar=not args.no_progress,
+            write_termination=write_termination,
+        )
     adapter = outcome.result.adapter
     if adapter is not None:
         # Also when a step after saving failed: the adapter is there, and the result says so.

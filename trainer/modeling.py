@@ -121,6 +121,8 @@ def load_quantized_model(
             quantization_config=bnb,
             dtype=dtype,
             attn_implementation=speed.attention,
+            # The whole model on this rank's GPU: distributed.start_group made LOCAL_RANK's
+            # the current one (device 0 outside a group).
             device_map={"": torch.cuda.current_device()} if cuda else {"": "cpu"},
             **_load_kwargs(spec, is_hub, token),
         )

@@ -41,8 +41,10 @@ from kubetune.trainer.checkpoints import (
     newest_checkpoint,
     run_identity,
 )
+from kubetune.trainer.distributed import Rank, any_rank, barrier, start_group
 from kubetune.trainer.errors import DatasetUnusable, InvalidConfig, OutOfMemory
 from kubetune.trainer.progress import (
+    NoopReporter,
     ProgressReporter,
     ProgressTracker,
     RateLimitedReporter,
@@ -88,8 +90,11 @@ class QLoRASFTRecipe:
         name: str = "adapter",
         progress_bar: bool = False,
         reporter: ProgressReporter | None = None,
+        rank: Rank | None = None,
     ) -> None:
         self.config = config
+        #: Of a group of ranks, rank 0 alone writes the output, the progress and the result.
+        self.rank = rank or Rank()
         self.spec = config.spec
         self.name = name
         self.progress_bar = progress_bar
@@ -114,9 +119,14 @@ class QLoRASFTRecipe:
             self.remote = RemoteCheckpoints(self.spec.output.uri, self.output_dir / CHECKPOINTS_DIR)
         self.checkpoint_dir = self.output_dir / CHECKPOINTS_DIR
         self.metrics_file = self.output_dir / outputs.METRICS_FILE
-        inner = reporter or reporter_from_settings(config.progress, config.job)
+        if self.rank.is_main:
+            inner = reporter or reporter_from_settings(config.progress, config.job)
+        else:
+            inner = NoopReporter()
         self.reporter = RateLimitedReporter(inner, config.progress.interval_seconds)
-        self.tracker = ProgressTracker(self.reporter, self.metrics_file)
+        self.tracker = ProgressTracker(
+            self.reporter, self.metrics_file if self.rank.is_main else None
+        )
         self.preemption = PreemptionGuard()
         self.data: PreparedData | None = None
         self.speed: SpeedSettings | None = None
@@ -133,11 +143,16 @@ class QLoRASFTRecipe:
 
         from kubetune.trainer.speed import resolve_speed
 
-        self.cuda = torch.cuda.is_available()
+        # A pod that asks for no GPU, or a host that has none, trains on the CPU.
+        self.cuda = torch.cuda.is_available() and self.spec.resources.gpus > 0
+        start_group(self.rank, self.cuda)
         self.speed = resolve_speed(self.spec.training, self.cuda)
-        self._setup_output()
-        if self.remote is not None:
+        if self.rank.is_main:
+            self._setup_output()
+        if self.remote is not None and self.rank.is_local_main:
             self.remote.pull()
+        # The other ranks read the checkpoints rank 0 claimed (and each pod's first rank pulled).
+        barrier(self.rank)
         located = self._setup_tokenizer()
         self._setup_memory_plan(located)
         self._setup_data()
@@ -249,8 +264,13 @@ class QLoRASFTRecipe:
             checkpoint_dir=str(self.checkpoint_dir),
             masking=masking,
             progress_bar=self.progress_bar,
+            distributed=self.rank.distributed,
         )
-        after_save = self.remote.push_newest if self.remote is not None else lambda: None
+        after_save = (
+            self.remote.push_newest
+            if self.remote is not None and self.rank.is_main
+            else lambda: None
+        )
         sft_config = SFTConfig(**arguments)
         check_optimizer_runs_here(sft_config, model, self.speed.optimizer)
         self._trainer = resumable_sft_trainer(
@@ -262,7 +282,7 @@ class QLoRASFTRecipe:
             peft_config=lora_config(self.spec.lora),
             callbacks=[
                 make_progress_callback(self.tracker),
-                checkpoint_callback(self.preemption, after_save),
+                checkpoint_callback(self.preemption, after_save, self._stop_requested),
             ],
         )
         trainer = self._trainer
@@ -280,6 +300,10 @@ class QLoRASFTRecipe:
 
     # --- train -------------------------------------------------------------------------------
 
+    def _stop_requested(self, device: Any = None) -> bool:
+        """Whether any rank of the group got SIGTERM: all of them then checkpoint this step."""
+        return any_rank(self.rank, self.preemption.requested, device)
+
     def train(self) -> TrainOutcome:
         import torch
 
@@ -287,11 +311,12 @@ class QLoRASFTRecipe:
         resume = newest_checkpoint(self.checkpoint_dir)
         if resume is not None:
             log.info("resuming from %s (step %d)", resume, checkpoint_step(resume))
-            # Steps logged after that checkpoint by the attempt that stopped are logged again.
-            outputs.forget_metrics_after(self.metrics_file, checkpoint_step(resume))
+            if self.rank.is_main:
+                # Steps logged after that checkpoint by the attempt that stopped are logged again.
+                outputs.forget_metrics_after(self.metrics_file, checkpoint_step(resume))
         self.preemption.install()
         try:
-            if self.preemption.requested:
+            if self._stop_requested(self._trainer.args.device):
                 return TrainOutcome(True, None, 0, {})
             output = self._trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except torch.cuda.OutOfMemoryError:
@@ -300,7 +325,7 @@ class QLoRASFTRecipe:
             self.preemption.uninstall()
         metrics = {k: float(v) for k, v in output.metrics.items() if isinstance(v, (int, float))}
         return TrainOutcome(
-            preempted=self.preemption.requested,
+            preempted=self._stop_requested(self._trainer.args.device),
             resumed_from_step=checkpoint_step(resume) if resume else None,
             global_step=self._trainer.state.global_step,
             metrics=metrics,
@@ -324,9 +349,10 @@ class QLoRASFTRecipe:
 
     # --- save --------------------------------------------------------------------------------
 
-    def save(self, outcome: TrainOutcome) -> Publication:
-        """The adapter, then (each on its own: a failure there keeps the adapter) the held-out
-        loss, the evaluation prompts, the files that describe it and its delivery."""
+    def save(self, outcome: TrainOutcome) -> Publication | None:
+        """The held-out loss (every rank of a group takes part), then on rank 0 alone the
+        adapter, and (each on its own: a failure there keeps the adapter) the evaluation
+        prompts, the files that describe it and its delivery. None on the other ranks."""
         assert self._trainer is not None and self.data is not None
         publisher = Publisher(
             name=self.name,
@@ -335,12 +361,15 @@ class QLoRASFTRecipe:
             output_dir=self.output_dir,
             tokens=self.tokens,
         )
-        adapter = publisher.save_adapter(self._trainer.model, self._tokenizer)
-        metrics = self._final_metrics(outcome)
+        eval_loss = None
         if self.data.eval is not None:
             eval_loss = publisher.attempt("held-out evaluation", self._eval_loss)
-            if eval_loss is not None:
-                metrics["eval_loss"] = eval_loss
+        if not self.rank.is_main:
+            return None
+        adapter = publisher.save_adapter(self._trainer.model, self._tokenizer)
+        metrics = self._final_metrics(outcome)
+        if eval_loss is not None:
+            metrics["eval_loss"] = eval_loss
         evaluation = None
         if self.spec.evaluation is not None and self.spec.evaluation.prompts:
             evaluation = publisher.attempt("evaluation prompts", self._evaluate)

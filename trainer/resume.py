@@ -125,6 +125,10 @@ def resumable_sft_trainer(**kwargs: Any) -> Any:
 
         def training_step(self, model: Any, inputs: dict[str, Any], *args: Any) -> Any:
             padding = take_padding(inputs)
+            if self.args.pad_to_multiple_of and self.padding_free and self.args.world_size > 1:
+                # TRL counts the tokens of every rank (gathered); so is their padding.
+                local = torch.tensor(padding, device=self.args.device)
+                padding = int(self.accelerator.gather_for_metrics(local).sum().item())
             loss = super().training_step(model, inputs, *args)
             if padding:
                 # TRL counted the bucket's padding as trained tokens; num_tokens is real ones.
@@ -174,19 +178,41 @@ def resumable_sft_trainer(**kwargs: Any) -> Any:
             if restored:
                 log.info("%d parameters back in the dtype they were trained in", restored)
 
+        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+            if checkpoint is None or self.args.world_size == 1 or self.args.device.type != "cpu":
+                return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[no-any-return]
+            # CPU ranks: accelerate names each one's device "cpu:0", and the Trainer loads the
+            # optimizer with that as torch.load's map_location, which torch can't map to.
+            from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+            folder = Path(checkpoint)
+            if (folder / OPTIMIZER_NAME).is_file() and (folder / SCHEDULER_NAME).is_file():
+                optimizer = torch.load(
+                    folder / OPTIMIZER_NAME, map_location="cpu", weights_only=True
+                )
+                self.optimizer.load_state_dict(optimizer)
+                scheduler = torch.load(folder / SCHEDULER_NAME, weights_only=True)
+                self.lr_scheduler.load_state_dict(scheduler)
+            return None
+
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             # Written before the Trainer's own files: a checkpoint is complete when its
             # trainer_state.json is there, and then its totals are there too.
             checkpoint = Path(self._get_output_dir(trial)) / (
                 f"{CHECKPOINT_PREFIX}{self.state.global_step}"
             )
-            RunningTotals(
-                logged_loss=float(self._total_loss_scalar),
-                pending_loss=float(self._tr_loss.item()),
-                last_logged_step=int(self._globalstep_last_logged),
-                train_seconds=self.earlier_train_seconds
-                + (time.monotonic() - self.attempt_started),
-            ).write(checkpoint)
+            # The loss since the last log is each rank's own; the log will average the ranks'.
+            pending = self._tr_loss.detach().clone()
+            if self.args.world_size > 1:
+                pending = self.accelerator.gather(pending.reshape(1)).mean()
+            if self.args.should_save:  # rank 0 of a group: the others leave the output alone
+                RunningTotals(
+                    logged_loss=float(self._total_loss_scalar),
+                    pending_loss=float(pending.item()),
+                    last_logged_step=int(self._globalstep_last_logged),
+                    train_seconds=self.earlier_train_seconds
+                    + (time.monotonic() - self.attempt_started),
+                ).write(checkpoint)
             super()._save_checkpoint(model, trial)
 
     return ResumableSFTTrainer(**kwargs)

@@ -8,10 +8,11 @@ import sys
 from dataclasses import dataclass
 
 from kubetune.api.config import TrainerConfig
-from kubetune.api.contract import EXIT_CODE_REASONS, ExitCode
+from kubetune.api.contract import EXIT_CODE_REASONS, ExitCode, Reason
 from kubetune.api.models import TrainerResult
 from kubetune.api.uris import display_uri
 from kubetune.trainer import outputs
+from kubetune.trainer.distributed import Rank, share_from_main
 from kubetune.trainer.errors import TrainerFailure, first_line
 from kubetune.trainer.progress import ProgressReporter
 from kubetune.trainer.secrets import (
@@ -65,12 +66,15 @@ def run(
     progress_bar: bool = False,
     reporter: ProgressReporter | None = None,
     write_termination: bool = True,
+    rank: Rank | None = None,
 ) -> RunOutcome:
     """Train, save, and say how it went. Never raises for a failure it can name.
 
     ``write_termination`` is off for laptop runs that named no termination-log path: there is
-    no kubelet to read it, and /dev is no place to leave files.
+    no kubelet to read it, and /dev is no place to leave files, and for the ranks of a group
+    (their launcher writes it). ``rank`` is this process's place in a group of ranks.
     """
+    rank = rank or Rank()
     spec = config.spec
     try:
         tokens = resolve_hub_tokens(config.token_file).with_uri_credentials(
@@ -82,7 +86,7 @@ def run(
     else:
         guard = install_redaction(tokens.secrets)
         try:
-            outcome = _run(config, tokens, name, progress_bar, reporter)
+            outcome = _run(config, tokens, name, progress_bar, reporter, rank=rank)
         finally:
             uninstall_redaction(guard)
         # The last line of defence: whatever a failure quoted, no secret leaves in the result.
@@ -99,12 +103,21 @@ def _run(
     name: str,
     progress_bar: bool,
     reporter: ProgressReporter | None,
+    *,
+    rank: Rank,
 ) -> RunOutcome:
     from kubetune.trainer.recipe import QLoRASFTRecipe
 
+    recipe: QLoRASFTRecipe | None = None
+    publishing = False
     try:
         recipe = QLoRASFTRecipe(
-            config, tokens=tokens, name=name, progress_bar=progress_bar, reporter=reporter
+            config,
+            tokens=tokens,
+            name=name,
+            progress_bar=progress_bar,
+            reporter=reporter,
+            rank=rank,
         )
         _route_library_logs_through_root()
         recipe.setup()
@@ -116,25 +129,49 @@ def _run(
             )
             log.warning(message)
             return RunOutcome(int(ExitCode.PREEMPTED), failure(ExitCode.PREEMPTED, message))
+        publishing = True
         published = recipe.save(trained)
     except TrainerFailure as exc:
         log.error("%s: %s", exc.reason, exc.message)
         result = TrainerResult(outcome="Failed", reason=exc.reason, message=exc.message)
-        return RunOutcome(int(exc.exit_code), result)
+        outcome = RunOutcome(int(exc.exit_code), result)
     except Exception as exc:
         if _is_out_of_memory(exc):
             message = f"out of GPU memory: {exc}"[:1000]
             log.error(message)
-            return RunOutcome(int(ExitCode.OUT_OF_MEMORY), failure(ExitCode.OUT_OF_MEMORY, message))
-        log.exception("training failed unexpectedly")
-        message = f"{type(exc).__name__}: {first_line(exc, 1000)}"[:1000]
-        return RunOutcome(int(ExitCode.UNEXPECTED), failure(ExitCode.UNEXPECTED, message))
-    result = published.result
-    if published.exit_code != ExitCode.SUCCEEDED:
-        log.error("%s: %s", result.reason, result.message)
-    elif result.adapter is not None:
-        log.info("adapter: %s (sha256 %s)", result.adapter.uri, result.adapter.sha256)
-    return RunOutcome(int(published.exit_code), result, str(recipe.output_dir))
+            outcome = RunOutcome(
+                int(ExitCode.OUT_OF_MEMORY), failure(ExitCode.OUT_OF_MEMORY, message)
+            )
+        else:
+            log.exception("training failed unexpectedly")
+            message = f"{type(exc).__name__}: {first_line(exc, 1000)}"[:1000]
+            outcome = RunOutcome(int(ExitCode.UNEXPECTED), failure(ExitCode.UNEXPECTED, message))
+    else:
+        if published is None:  # a rank other than 0: rank 0 publishes, and says how it went
+            waiting = TrainerResult(
+                outcome="Succeeded",
+                reason=Reason.SUCCEEDED,
+                message=f"rank {rank.rank} trained; rank 0 publishes the adapter",
+            )
+            outcome = RunOutcome(int(ExitCode.SUCCEEDED), waiting)
+        else:
+            result = published.result
+            if published.exit_code != ExitCode.SUCCEEDED:
+                log.error("%s: %s", result.reason, result.message)
+            elif result.adapter is not None:
+                log.info("adapter: %s (sha256 %s)", result.adapter.uri, result.adapter.sha256)
+            outcome = RunOutcome(int(published.exit_code), result, str(recipe.output_dir))
+    if publishing and rank.distributed:
+        # Every rank ends as rank 0 ended: the pods of a group exit alike and report one result.
+        shared = share_from_main(
+            rank, {"exitCode": outcome.exit_code, "result": outputs.result_json(outcome.result)}
+        )
+        outcome = RunOutcome(
+            int(shared["exitCode"]),
+            TrainerResult.model_validate(shared["result"]),
+            outcome.output_dir,
+        )
+    return outcome
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
