@@ -10,8 +10,8 @@ from pathlib import Path
 
 from kubetune.local.container_env import expand
 from kubetune.local.images import Image, ImageStore, home_of, image_argv, image_user
-from kubetune.local.rest import JSON
 from kubetune.local.pod_dns import PodNetwork
+from kubetune.local.rest import JSON
 from kubetune.local.sandbox import image_sandbox_argv
 from kubetune.local.volumes import HostVolume
 

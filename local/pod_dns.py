@@ -78,7 +78,7 @@ def _selects(service: JSON, pod: JSON) -> bool:
 
 
 def _headless(service: JSON) -> bool:
-    return service.get("spec", {}).get("clusterIP") == "None"
+    return bool(service.get("spec", {}).get("clusterIP") == "None")
 
 
 def _alive(pod: JSON) -> bool:

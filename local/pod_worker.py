@@ -149,7 +149,7 @@ class PodWorker(threading.Thread):
             self.pod_dir,
             self.node.host_ip,
             self.node.memory_dir / self.uid,
-            self.address,
+            pod_ip=self.address,
         )
         volumes = self._retry_until_ready(builder.build_all, "ContainerCreating")
         if builder.tokens:

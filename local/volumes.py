@@ -82,6 +82,7 @@ class VolumeBuilder:
         pod_dir: Path,
         host_ip: str,
         memory_dir: Path,
+        *,
         pod_ip: str | None = None,
     ) -> None:
         self.rest = rest

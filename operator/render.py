@@ -203,7 +203,7 @@ def render(
             {"kind": "ServiceAccount", "name": names.service_account, "namespace": namespace}
         ],
     }
-    job = render_job(spec, name, names, meta, settings, attempt)
+    job = render_job(spec, name, names, meta, settings, attempt=attempt)
     children = [config_map, service_account, role, role_binding]
     group = spec.resources.nodes > 1
     if settings.trainer_network_policy:
@@ -277,6 +277,7 @@ def render_job(
     names: ChildNames,
     meta: Any,
     settings: OperatorSettings,
+    *,
     attempt: int = 1,
 ) -> Manifest:
     queue = spec.scheduling.queue_name

@@ -248,9 +248,9 @@ def _outcome(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> tuple[Outcome, O
             )
         )
         return Outcome("Succeeded", Reason.SUCCEEDED, "the trainer finished"), winner
-    if group and (job.get("metadata", {}).get("deletionTimestamp") or group_restart_due(
-        ftj, job, pods
-    )):
+    if group and (
+        job.get("metadata", {}).get("deletionTimestamp") or group_restart_due(ftj, job, pods)
+    ):
         pod = _failing_pod(pods, group=True)
         terminated = _terminated(pod) if pod is not None else None
         code = terminated.get("exitCode") if terminated else None
