@@ -194,3 +194,53 @@ def test_two_teams_train_at_once_each_seeing_only_their_own(
         assert can_i("get", "secrets", "-n", namespace) == "no"
     finally:
         kubectl("delete", "namespace", other, "--wait=false", check=False)
+
+
+def test_two_pod_group_trains_through_one_rendezvous_and_resumes_whole_after_a_lost_pod(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    """`nodes: 2`: an Indexed Job of two pods that find rank 0 by name (the headless Service,
+    on the local node's pod DNS) and train as two gloo ranks; one pod lost mid-run restarts the
+    group, which resumes from its checkpoint; one adapter, written by rank 0."""
+    seed_demo_claim(kubectl, namespace)
+    job = tiny_job("two-pods", maxSteps=200, checkpointSteps=40, microBatchSize=8)
+    # Half a core each: both pods fit the two-core node beside the operator.
+    job["spec"]["resources"].update(nodes=2, cpu="500m")
+    apply(kubectl, namespace, job)
+
+    def past_a_checkpoint() -> int | None:
+        step = (ftj_status(kubectl, namespace, "two-pods").get("progress") or {}).get("step", 0)
+        return step if step >= 50 else None
+
+    step_at_loss = wait_for(past_a_checkpoint, 400, "the group training past step 50", 1)
+    running = get_json(kubectl, "pods", "-n", namespace, "-l", "kubetune.io/job=two-pods")["items"]
+    (rank_one,) = [
+        p for p in running
+        if p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == "1"
+        and p["status"].get("phase") == "Running"
+    ]  # fmt: skip
+    kubectl("delete", "pod", rank_one["metadata"]["name"], "-n", namespace, "--wait=false")
+
+    status = wait_phase(kubectl, namespace, "two-pods", {"Succeeded", "Failed"}, 600)
+    assert status["phase"] == "Succeeded", status
+    assert (status["attempts"], status["worldSize"]) == (2, 2)
+    metrics = status["result"]["metrics"]
+    assert metrics["resumed_from_step"] >= 40, "the group started over instead of resuming"
+    assert metrics["resumed_from_step"] >= (step_at_loss // 40) * 40
+    assert metrics["steps"] == 200
+    # One adapter, its digest the file's; reported from rank 0's pod of the last attempt.
+    adapter = status["result"]["adapter"]
+    folder = f"/mnt/pvc/{CLAIM}/adapters/two-pods"
+    listing = run_pod(kubectl, namespace, "check-group-adapter",
+                      ["sh", "-c", f"ls {folder}; sha256sum {folder}/adapter_model.safetensors"])  # fmt: skip
+    assert listing.split().count("adapter_model.safetensors") == 1
+    assert adapter["sha256"] in listing
+    (group_job,) = trainer_jobs(kubectl, namespace, "two-pods")
+    assert group_job["metadata"]["annotations"]["kubetune.io/attempt"] == "2"
+    pods = get_json(kubectl, "pods", "-n", namespace, "-l",
+                    f"batch.kubernetes.io/controller-uid={group_job['metadata']['uid']}")["items"]  # fmt: skip
+    ranks = {p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"]:
+             p["metadata"]["name"] for p in pods}  # fmt: skip
+    assert status["podName"] == ranks["0"] and len(ranks) == 2
+    wide = kubectl("get", "ftj", "two-pods", "-n", namespace, "-o", "wide").stdout.splitlines()
+    assert wide[1][wide[0].index("RANKS") :].split()[0] == "2"
