@@ -231,6 +231,41 @@ def group_restart_due(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> bool:
     return group_attempt(job) <= limit
 
 
+def _group_member_lost(ftj: Obj, job: Obj, pods: Sequence[Obj]) -> bool:
+    """A rank of a running group stopped for a reason a retry may fix (or its pod is being
+    deleted), before the Job has said it failed: the attempt is ending, the next one follows."""
+    if _job_condition(job, "Failed", "FailureTarget", "Complete", "SuccessCriteriaMet"):
+        return False
+    limit = int((ftj.get("spec", {}).get("runPolicy") or {}).get("backoffLimit", 3))
+    if group_attempt(job) > limit:
+        return False
+    for pod in pods:
+        code = _exit_code(pod)
+        if code in NON_RETRIABLE_EXIT_CODES:
+            return False
+    return any(
+        pod.get("metadata", {}).get("deletionTimestamp") or (_exit_code(pod) or 0) != 0
+        for pod in pods
+    )
+
+
+def _group_retrying(ftj: Obj, job: Obj, pods: Sequence[Obj]) -> Outcome:
+    pod = _failing_pod(pods, group=True) or next(
+        (p for p in pods if p.get("metadata", {}).get("deletionTimestamp")), None
+    )
+    terminated = _terminated(pod) if pod is not None else None
+    code = terminated.get("exitCode") if terminated else None
+    why = _failure_reason(code, terminated) or "a pod was lost"
+    rank = node_rank(pod) if pod is not None else None
+    where = f" on node rank {rank}" if rank is not None else ""
+    return Outcome(
+        "Pending",
+        Reason.RETRYING,
+        f"group attempt {group_attempt(job)} failed ({why}{where}): restarting all "
+        f"{nodes_of(ftj)} pods from the newest checkpoint",
+    )
+
+
 def _outcome(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> tuple[Outcome, Obj | None]:
     """The outcome, and the pod whose termination message tells the result (if any)."""
     if job is None:
@@ -249,23 +284,11 @@ def _outcome(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> tuple[Outcome, O
         )
         return Outcome("Succeeded", Reason.SUCCEEDED, "the trainer finished"), winner
     if group and (
-        job.get("metadata", {}).get("deletionTimestamp") or group_restart_due(ftj, job, pods)
+        job.get("metadata", {}).get("deletionTimestamp")
+        or group_restart_due(ftj, job, pods)
+        or _group_member_lost(ftj, job, pods)
     ):
-        pod = _failing_pod(pods, group=True)
-        terminated = _terminated(pod) if pod is not None else None
-        code = terminated.get("exitCode") if terminated else None
-        why = _failure_reason(code, terminated) or "a pod was lost"
-        rank = node_rank(pod) if pod is not None else None
-        where = f" on node rank {rank}" if rank is not None else ""
-        return (
-            Outcome(
-                "Pending",
-                Reason.RETRYING,
-                f"group attempt {group_attempt(job)} failed ({why}{where}): restarting all "
-                f"{nodes_of(ftj)} pods from the newest checkpoint",
-            ),
-            None,
-        )
+        return _group_retrying(ftj, job, pods), None
     failed = _job_condition(job, "Failed", "FailureTarget")
     if failed is not None:
         # The pod that failed: its trainer has terminated, though the pod may not be Failed yet

@@ -479,3 +479,17 @@ def test_a_group_runs_while_its_pods_run() -> None:
     status = derive_status(ftj(**GROUP), group_job(), pods, NOW)
     assert status["phase"] == "Running"
     assert "1 of 2 pods" in condition(status, "Ready")["message"]
+
+
+def test_a_group_is_retrying_from_the_moment_one_of_its_pods_goes() -> None:
+    going = rank_pod(1, "Running", {"running": {"startedAt": EARLIER}})
+    going["metadata"]["deletionTimestamp"] = EARLIER
+    pods = [rank_pod(0, "Running", {"running": {"startedAt": EARLIER}}), going]
+    status = derive_status(ftj(**GROUP), group_job(), pods, NOW)
+    assert condition(status, "Ready")["reason"] == "Retrying"
+    assert "node rank 1" in condition(status, "Ready")["message"]
+    # A rank that exits with a code no retry fixes is not a restart in the making.
+    bad = rank_pod(1, "Failed", terminated(3))
+    running = rank_pod(0, "Running", {"running": {"startedAt": EARLIER}})
+    status = derive_status(ftj(**GROUP), group_job(), [running, bad], NOW)
+    assert condition(status, "Ready")["reason"] == "Running"
