@@ -227,6 +227,12 @@ def group_restart_due(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> bool:
         return False  # a non-retriable exit on a rank, or the run's deadline: final
     if _exit_code(_failing_pod(pods, group=True)) in NON_RETRIABLE_EXIT_CODES:
         return False
+    return _attempts_left(ftj, job)
+
+
+def _attempts_left(ftj: Obj, job: Obj) -> bool:
+    """Whether another group attempt follows this Job's: ``runPolicy.backoffLimit`` more after
+    the first."""
     limit = int((ftj.get("spec", {}).get("runPolicy") or {}).get("backoffLimit", 3))
     return group_attempt(job) <= limit
 
@@ -236,13 +242,10 @@ def _group_member_lost(ftj: Obj, job: Obj, pods: Sequence[Obj]) -> bool:
     deleted), before the Job has said it failed: the attempt is ending, the next one follows."""
     if _job_condition(job, "Failed", "FailureTarget", "Complete", "SuccessCriteriaMet"):
         return False
-    limit = int((ftj.get("spec", {}).get("runPolicy") or {}).get("backoffLimit", 3))
-    if group_attempt(job) > limit:
+    if job.get("spec", {}).get("suspend") or not _attempts_left(ftj, job):
+        return False  # suspending stops the pods too; or no attempt follows
+    if any(_exit_code(pod) in NON_RETRIABLE_EXIT_CODES for pod in pods):
         return False
-    for pod in pods:
-        code = _exit_code(pod)
-        if code in NON_RETRIABLE_EXIT_CODES:
-            return False
     return any(
         pod.get("metadata", {}).get("deletionTimestamp") or (_exit_code(pod) or 0) != 0
         for pod in pods
