@@ -167,12 +167,12 @@ class PodDns:
         subdomain; what its sandbox needs."""
         tracked = _Tracked(pod, address, hosts_file)
         hosts_file.parent.mkdir(parents=True, exist_ok=True)
+        # The pod itself at once (the sandbox binds the file); its peers as they are found.
+        write_in_place(hosts_file, hosts_file_text(pod, address))
         if pod["spec"].get("subdomain"):
             with self._lock:
                 self._pods[pod["metadata"]["uid"]] = tracked
             self._refresh([tracked])
-        else:
-            write_in_place(hosts_file, hosts_file_text(pod, address))
         return PodNetwork(hostname_of(pod), hosts_file)
 
     def remove(self, uid: str) -> None:
