@@ -26,7 +26,6 @@ DEFAULT_PVC_ROOT: Final = "/mnt/pvc"
 TOKEN_ENV: Final = "HF_TOKEN"  # noqa: S105 -- the variable's name, not its value
 #: The hub push token, from ``spec.output.pushToHub.tokenSecretRef``.
 PUSH_TOKEN_ENV: Final = "HF_PUSH_TOKEN"  # noqa: S105 -- the variable's name, not its value
-#: Where the trainer writes its result; a laptop run may point it elsewhere.
 # Distributed training (resources.gpus > 1 or resources.nodes > 1). The pod's command stays
 # TRAINER_COMMAND; the trainer starts its ranks through torch.distributed.run from these.
 #: host:port of the c10d rendezvous (rank 0's pod, through the job's headless Service).
@@ -36,7 +35,12 @@ RENDEZVOUS_ID_ENV: Final = "KUBETUNE_RENDEZVOUS_ID"
 RENDEZVOUS_PORT: Final = 29400
 #: This pod's place in the group: set by Kubernetes on the pods of an Indexed Job.
 NODE_RANK_ENV: Final = "JOB_COMPLETION_INDEX"
+#: Kubernetes' label on an Indexed Job's pods with their index (rank 0's pod carries the result).
+COMPLETION_INDEX_LABEL: Final = "batch.kubernetes.io/job-completion-index"
+#: Kubernetes' label on a Job's pods with the Job's uid: the rendezvous id (one Job per attempt).
+CONTROLLER_UID_LABEL: Final = "batch.kubernetes.io/controller-uid"
 
+#: Where the trainer writes its result; a laptop run may point it elsewhere.
 TERMINATION_LOG_ENV: Final = "KUBETUNE_TERMINATION_LOG"
 TERMINATION_MESSAGE_PATH: Final = "/dev/termination-log"
 #: Kubernetes keeps at most 4096 bytes of a termination message.
@@ -47,6 +51,8 @@ TERMINATION_MESSAGE_LIMIT: Final = 4096
 JOB_LABEL: Final = "kubetune.io/job"
 #: The full FineTuneJob name (labels are capped at 63 characters, names are not).
 FINETUNEJOB_ANNOTATION: Final = "kubetune.io/finetunejob"
+#: On a multi-pod group's Job: which group attempt it runs (1, 2, ...); one Job per attempt.
+ATTEMPT_ANNOTATION: Final = "kubetune.io/attempt"
 MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"
 MANAGED_BY: Final = "kubetune-operator"
 KUEUE_QUEUE_LABEL: Final = "kueue.x-k8s.io/queue-name"

@@ -29,11 +29,12 @@ def expand(value: str, variables: Mapping[str, str]) -> str:
 class EnvResolver:
     """Resolves env for the containers of one pod, caching ConfigMaps and Secrets it reads."""
 
-    def __init__(self, rest: Rest, pod: JSON, host_ip: str) -> None:
+    def __init__(self, rest: Rest, pod: JSON, host_ip: str, pod_ip: str | None = None) -> None:
         self.rest = rest
         self.pod = pod
         self.namespace: str = pod["metadata"]["namespace"]
         self.host_ip = host_ip
+        self.pod_ip = pod_ip or host_ip
         self._cache: dict[tuple[str, str], dict[str, str] | None] = {}
 
     def _data(self, resource: str, name: str) -> dict[str, str] | None:
@@ -87,7 +88,9 @@ class EnvResolver:
             source = variable["valueFrom"]
             value: str | None
             if "fieldRef" in source:
-                value = field_value(self.pod, source["fieldRef"]["fieldPath"], self.host_ip)
+                value = field_value(
+                    self.pod, source["fieldRef"]["fieldPath"], self.host_ip, self.pod_ip
+                )
             elif "resourceFieldRef" in source:
                 value = resource_value(self.pod, container["name"], source["resourceFieldRef"])
             elif "configMapKeyRef" in source:

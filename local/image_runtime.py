@@ -10,6 +10,7 @@ from pathlib import Path
 
 from kubetune.local.container_env import expand
 from kubetune.local.images import Image, ImageStore, home_of, image_argv, image_user
+from kubetune.local.pod_dns import PodNetwork
 from kubetune.local.rest import JSON
 from kubetune.local.sandbox import image_sandbox_argv
 from kubetune.local.volumes import HostVolume
@@ -62,6 +63,7 @@ def image_container_argv(
     environment: dict[str, str],
     helper: Path,
     device_paths: Sequence[str],
+    network: PodNetwork | None = None,
 ) -> list[str]:
     """bwrap in the image's root with its ENTRYPOINT/CMD/WORKDIR/USER under the pod's
     overrides; ``environment`` gets the image user's HOME. ValueError: can't be started."""
@@ -91,6 +93,7 @@ def image_container_argv(
             groups=groups,
             working_dir=working_dir,
             device_paths=device_paths,
+            network=network,
         )
         + process
     )

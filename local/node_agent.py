@@ -117,6 +117,12 @@ class NodeAgent:
         threading.Thread(
             target=self.pods.watch_until, args=(self._stopping,), name="pod-watch", daemon=True
         ).start()
+        threading.Thread(
+            target=self.pods.dns.refresh_until,
+            args=(self._stopping,),
+            name="pod-dns",
+            daemon=True,
+        ).start()
         self._stopping.wait()
 
     def stop(self) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from kubetune.local.gpus import GpuAllocator, gpu_device_paths
 from kubetune.local.images import ImageStore
+from kubetune.local.pod_dns import PodDns, pod_address
 from kubetune.local.pod_worker import NodeContext, PodWorker
 from kubetune.local.rest import JSON, STRATEGIC_MERGE_PATCH, ApiError, Rest, path_for
 
@@ -45,6 +46,8 @@ class PodDispatcher:
         self.images = images
         self.image_env = image_env
         self.workers: dict[str, PodWorker] = {}  # by pod uid
+        self.dns = PodDns(rest)
+        self._addresses: dict[str, str] = {}  # pod uid -> its address (status.podIP)
         self._by_name: dict[tuple[str, str], PodWorker] = {}
         self._lock = threading.Lock()
         self._deleting: set[str] = set()  # uids whose deletion the node must finish
@@ -66,7 +69,17 @@ class PodDispatcher:
             image_env=self.image_env(),
             device_paths=gpu_device_paths(),
         )
-        worker = PodWorker(self.rest, context, pod, env_extra, on_finished=self._finished)
+        address = pod_address(uid, self._addresses.values())
+        self._addresses[uid] = address
+        worker = PodWorker(
+            self.rest,
+            context,
+            pod,
+            env_extra,
+            on_finished=self._finished,
+            address=address,
+            dns=self.dns,
+        )
         self.workers[uid] = worker
         self._by_name[(pod["metadata"]["namespace"], pod["metadata"]["name"])] = worker
         log.info("starting pod %s/%s", pod["metadata"]["namespace"], pod["metadata"]["name"])
@@ -74,6 +87,7 @@ class PodDispatcher:
 
     def _finished(self, worker: PodWorker) -> None:
         self.gpus.release(worker.uid)
+        self.dns.remove(worker.uid)
         with self._lock:
             deleting = worker.uid in self._deleting
         if deleting:
@@ -98,6 +112,8 @@ class PodDispatcher:
                 if self._by_name.get(key) is worker:
                     del self._by_name[key]
             self._deleting.discard(uid)
+            self._addresses.pop(uid, None)
+        self.dns.remove(uid)
         shutil.rmtree(self.pods_dir / uid, ignore_errors=True)
         shutil.rmtree(self.memory_dir / uid, ignore_errors=True)
 

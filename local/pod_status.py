@@ -66,13 +66,14 @@ class ContainerRecord:
 class PodStatus:
     """The ``status`` of one pod, kept as the node reports it."""
 
-    def __init__(self, host_ip: str) -> None:
+    def __init__(self, host_ip: str, pod_ip: str | None = None) -> None:
+        pod_ip = pod_ip or host_ip
         self.fields: JSON = {
             "phase": "Pending",
             "hostIP": host_ip,
             "hostIPs": [{"ip": host_ip}],
-            "podIP": host_ip,
-            "podIPs": [{"ip": host_ip}],
+            "podIP": pod_ip,
+            "podIPs": [{"ip": pod_ip}],
             "startTime": rfc3339(),
             "conditions": [],
         }

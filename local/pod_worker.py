@@ -19,6 +19,7 @@ from kubetune.api.timestamps import rfc3339
 from kubetune.local.container_env import EnvResolver, command_line
 from kubetune.local.image_runtime import image_container_argv, wait_for_image
 from kubetune.local.images import Image, ImageStore
+from kubetune.local.pod_dns import PodDns, PodNetwork
 from kubetune.local.pod_status import (
     ContainerRecord,
     PodStatus,
@@ -59,6 +60,9 @@ class PodWorker(threading.Thread):
         pod: JSON,
         env_extra: Mapping[str, str] | None = None,
         on_finished: Callable[[PodWorker], None] | None = None,
+        *,
+        address: str | None = None,
+        dns: PodDns | None = None,
     ) -> None:
         meta = pod["metadata"]
         super().__init__(name=f"pod-{meta['namespace']}/{meta['name']}", daemon=True)
@@ -80,7 +84,11 @@ class PodWorker(threading.Thread):
         self._grace = 30.0
         self._stop_reason: tuple[str, str] | None = None  # pod reason, message
         self.finished = threading.Event()
-        self.status = PodStatus(node.host_ip)
+        #: The pod's own address on the loopback network (status.podIP), its names (pod_dns).
+        self.address = address or node.host_ip
+        self.dns = dns
+        self.network: PodNetwork | None = None
+        self.status = PodStatus(node.host_ip, self.address)
 
     # -- control from the node agent --------------------------------------------
 
@@ -126,6 +134,8 @@ class PodWorker(threading.Thread):
         with self._lock:
             self.status.mark_pending(self.containers.values())
             self._publish()
+        if self.dns is not None:
+            self.network = self.dns.add(self.pod, self.address, self.pod_dir / "etc-hosts")
 
         deadline = self.pod["spec"].get("activeDeadlineSeconds")
         if deadline is not None:
@@ -134,7 +144,12 @@ class PodWorker(threading.Thread):
             timer.start()
 
         builder = VolumeBuilder(
-            self.rest, self.pod, self.pod_dir, self.node.host_ip, self.node.memory_dir / self.uid
+            self.rest,
+            self.pod,
+            self.pod_dir,
+            self.node.host_ip,
+            self.node.memory_dir / self.uid,
+            pod_ip=self.address,
         )
         volumes = self._retry_until_ready(builder.build_all, "ContainerCreating")
         if builder.tokens:
@@ -153,7 +168,7 @@ class PodWorker(threading.Thread):
         with self._lock:
             self.status.set_condition("PodReadyToStartContainers", "True")
             self._publish()
-        env = EnvResolver(self.rest, self.pod, self.node.host_ip)
+        env = EnvResolver(self.rest, self.pod, self.node.host_ip, self.address)
 
         for record in (r for r in self.containers.values() if r.init):
             if not self._run_with_restarts(record, volumes, env):
@@ -270,7 +285,12 @@ class PodWorker(threading.Thread):
         )
         environment = self._retry_until_ready(
             lambda: env_resolver.resolve(
-                spec, {**base, **self.env_extra, "HOSTNAME": self.pod_name}
+                spec,
+                {
+                    **base,
+                    **self.env_extra,
+                    "HOSTNAME": self.network.hostname if self.network else self.pod_name,
+                },
             ),
             "CreateContainerConfigError",
             record,
@@ -297,13 +317,14 @@ class PodWorker(threading.Thread):
                     environment=environment,
                     helper=user_helper(self.node.pods_dir.parent / "user-helper"),
                     device_paths=self.node.device_paths,
+                    network=self.network,
                 )
             else:
                 home = self.pod_dir / "home"
                 home.mkdir(exist_ok=True)
                 environment.setdefault("HOME", str(home))
                 argv = sandbox_argv(
-                    spec, volumes, termination_file, self.node.device_paths
+                    spec, volumes, termination_file, self.node.device_paths, self.network
                 ) + command_line(spec, environment)
         except (ValueError, KeyError) as error:
             with self._lock:

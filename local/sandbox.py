@@ -20,6 +20,7 @@ from pathlib import Path
 
 from kubetune.api.contract import TERMINATION_MESSAGE_PATH
 from kubetune.local.images import Image
+from kubetune.local.pod_dns import PodNetwork
 from kubetune.local.rest import JSON
 from kubetune.local.volumes import HostVolume
 
@@ -37,6 +38,7 @@ def sandbox_argv(
     volumes: Mapping[str, HostVolume],
     termination_file: Path,
     device_paths: Sequence[str] = (),
+    network: PodNetwork | None = None,
 ) -> list[str]:
     """``bwrap ... --`` for the container ``spec``; its command line follows.
 
@@ -52,6 +54,7 @@ def sandbox_argv(
         "/dev",
         "--proc",
         "/proc",
+        *_network_args(network),
     ]
     # --dev gives a minimal /dev; GPUs and friends are bound back in.
     for device in device_paths:
@@ -95,6 +98,7 @@ def image_sandbox_argv(
     groups: Sequence[int] = (),
     working_dir: str,
     device_paths: Sequence[str] = (),
+    network: PodNetwork | None = None,
 ) -> list[str]:
     """The command line that runs a container of ``image``; its process's argv follows.
 
@@ -118,6 +122,7 @@ def image_sandbox_argv(
         argv += ["--dev-bind", device, device]
     if Path("/etc/resolv.conf").exists():
         argv += ["--ro-bind", "/etc/resolv.conf", "/etc/resolv.conf"]
+    argv += _network_args(network)
     for mount in spec.get("volumeMounts", []):
         volume = volumes.get(mount["name"])
         if volume is None:
@@ -144,6 +149,15 @@ def image_sandbox_argv(
              f"--groups={supplementary}", "--inh-caps=-all", "--bounding-set=-all",
              "--no-new-privs", "--"]  # fmt: skip
     return argv
+
+
+def _network_args(network: PodNetwork | None) -> list[str]:
+    """The pod's host name (a UTS namespace of its own) and its hosts file, which the node keeps
+    current: bound, not copied, so the container sees each update."""
+    if network is None:
+        return []
+    return ["--unshare-uts", "--hostname", network.hostname,
+            "--ro-bind", str(network.hosts_file), "/etc/hosts"]  # fmt: skip
 
 
 def _make_parents(rootfs: Path, upper: Path, target: str) -> None:

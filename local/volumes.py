@@ -35,9 +35,10 @@ class HostVolume:
     read_only: bool
 
 
-def field_value(pod: JSON, field_path: str, host_ip: str) -> str:
+def field_value(pod: JSON, field_path: str, host_ip: str, pod_ip: str | None = None) -> str:
     """The value of a downward-API ``fieldRef`` on ``pod``."""
     meta = pod["metadata"]
+    pod_ip = pod_ip or host_ip
     simple = {
         "metadata.name": meta["name"],
         "metadata.namespace": meta["namespace"],
@@ -45,9 +46,9 @@ def field_value(pod: JSON, field_path: str, host_ip: str) -> str:
         "spec.nodeName": pod["spec"].get("nodeName", ""),
         "spec.serviceAccountName": pod["spec"].get("serviceAccountName", ""),
         "status.hostIP": host_ip,
-        "status.podIP": host_ip,
+        "status.podIP": pod_ip,
         "status.hostIPs": host_ip,
-        "status.podIPs": host_ip,
+        "status.podIPs": pod_ip,
     }
     if field_path in simple:
         return str(simple[field_path])
@@ -75,7 +76,14 @@ class VolumeBuilder:
     """Builds the host side of each volume of one pod under ``pod_dir/volumes``."""
 
     def __init__(
-        self, rest: Rest, pod: JSON, pod_dir: Path, host_ip: str, memory_dir: Path
+        self,
+        rest: Rest,
+        pod: JSON,
+        pod_dir: Path,
+        host_ip: str,
+        memory_dir: Path,
+        *,
+        pod_ip: str | None = None,
     ) -> None:
         self.rest = rest
         self.memory_dir = memory_dir
@@ -83,6 +91,7 @@ class VolumeBuilder:
         self.namespace: str = pod["metadata"]["namespace"]
         self.pod_dir = pod_dir
         self.host_ip = host_ip
+        self.pod_ip = pod_ip or host_ip
         # Token files written so far, with their projection, for refresh_tokens().
         self.tokens: list[tuple[Path, JSON]] = []
 
@@ -244,7 +253,9 @@ class VolumeBuilder:
         files: dict[str, tuple[bytes, int | None]] = {}
         for item in items:
             if "fieldRef" in item:
-                value = field_value(self.pod, item["fieldRef"]["fieldPath"], self.host_ip)
+                value = field_value(
+                    self.pod, item["fieldRef"]["fieldPath"], self.host_ip, self.pod_ip
+                )
             else:
                 value = resource_value(self.pod, None, item["resourceFieldRef"])
             files[item["path"]] = (value.encode(), item.get("mode"))

@@ -56,7 +56,7 @@ def reconcile(ctl: Controller, key: Key, ftj: Obj, jobs: list[Obj], pods: list[O
         _reject(ctl, key, ftj, work.reject)
         return work
     if work.create is not None:
-        job = _create_children(ctl, key, ftj, work.create)
+        job = _create_children(ctl, key, ftj, work.create, work.attempt)
         if job is None:
             return Plan(requeue_after=SETTINGS.reference_recheck_seconds)
         log.info("children of %s/%s are in place", namespace, name)
@@ -66,6 +66,10 @@ def reconcile(ctl: Controller, key: Key, ftj: Obj, jobs: list[Obj], pods: list[O
         _patch_owned_job(ftj, job, work.job_patch)
     if work.status_patch is not None:
         _write_status(ctl, key, ftj, work.status_patch)
+    if work.delete_job:
+        job = next(j for j in jobs if owned_by(j, str(ftj["metadata"]["uid"])))
+        log.info("group attempt of %s/%s failed: deleting its Job for the next", namespace, name)
+        _delete_owned_job(job)
     if work.delete:
         log.info("ttlSecondsAfterFinished passed: deleting %s/%s", namespace, name)
         with api_errors(f"deleting {namespace}/{name} after its TTL"):
@@ -179,7 +183,9 @@ def _missing_reference(ctl: Controller, key: Key, ftj: Obj, missing: list[str]) 
     )
 
 
-def _create_children(ctl: Controller, key: Key, ftj: Obj, spec: FineTuneJobSpec) -> Obj | None:
+def _create_children(
+    ctl: Controller, key: Key, ftj: Obj, spec: FineTuneJobSpec, attempt: int = 1
+) -> Obj | None:
     """Create every child, each at most once (409 → the existing one, if it is ours); the Job,
     or None when a reference is missing. Refused creates fail the job and remove what this pass
     made."""
@@ -189,7 +195,7 @@ def _create_children(ctl: Controller, key: Key, ftj: Obj, spec: FineTuneJobSpec)
         _missing_reference(ctl, key, ftj, missing)
         return None
     metadata = {"name": name, "namespace": namespace, "uid": ftj["metadata"]["uid"]}
-    *first, job_manifest = render(spec, metadata, SETTINGS)
+    *first, job_manifest = render(spec, metadata, SETTINGS, attempt)
     created: list[str] = []
     # Companions that don't depend on each other are created side by side; a RoleBinding only
     # after its Role (the apiserver checks the binder holds what the Role grants, so the Role
@@ -291,6 +297,25 @@ def _delete_children(paths: Iterable[str]) -> None:
     for path in reversed(list(paths)):
         with api_errors(f"cleaning up {path}"):
             kube().delete(path)
+
+
+def _delete_owned_job(job: Obj) -> None:
+    """Delete this Job (by uid: never a same-named successor), its pods first (foreground)."""
+    meta = job["metadata"]
+    path = collection_path("batch/v1", "Job", meta["namespace"]) + "/" + meta["name"]
+    body = {
+        "kind": "DeleteOptions",
+        "apiVersion": "v1",
+        "propagationPolicy": "Foreground",
+        "preconditions": {"uid": meta["uid"]},
+    }
+    try:
+        with api_errors(f"deleting the failed Job {meta['namespace']}/{meta['name']}"):
+            kube().request("DELETE", path, body=body)
+    except (kopf.TemporaryError, kopf.PermanentError) as exc:
+        # Gone already, or replaced (a uid precondition that fails is a 409): nothing to do.
+        if _status_of(exc.__cause__) not in (404, 409):
+            raise
 
 
 def _patch_owned_job(ftj: Obj, job: Obj, patch: Obj) -> None:

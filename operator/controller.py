@@ -13,6 +13,8 @@ from typing import Any, Final
 import kopf
 
 from kubetune.api.contract import (
+    ATTEMPT_ANNOTATION,
+    COMPLETION_INDEX_LABEL,
     FINETUNEJOB_ANNOTATION,
     MANAGED_BY,
     MANAGED_BY_LABEL,
@@ -76,6 +78,9 @@ METADATA_KEPT: Final = (
     "deletionTimestamp", "ownerReferences",
 )  # fmt: skip
 JOB_SPEC_KEPT: Final = ("suspend", "activeDeadlineSeconds")
+#: The few labels and annotations a reconcile reads: a pod's rank, a group Job's attempt.
+LABELS_KEPT: Final = (COMPLETION_INDEX_LABEL,)
+ANNOTATIONS_KEPT: Final = (ATTEMPT_ANNOTATION,)
 
 
 def slim(body: Mapping[str, Any], spec: Iterable[str] | None = None) -> Obj:
@@ -86,6 +91,11 @@ def slim(body: Mapping[str, Any], spec: Iterable[str] | None = None) -> Obj:
         "metadata": {key: metadata[key] for key in METADATA_KEPT if key in metadata},
         "status": body.get("status") or {},
     }
+    for field, names in (("labels", LABELS_KEPT), ("annotations", ANNOTATIONS_KEPT)):
+        values = metadata.get(field) or {}
+        picked = {name: values[name] for name in names if name in values}
+        if picked:
+            kept["metadata"][field] = picked
     source = body.get("spec") or {}
     kept["spec"] = dict(source) if spec is None else {k: source[k] for k in spec if k in source}
     return kept

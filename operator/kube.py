@@ -22,6 +22,7 @@ MERGE_PATCH: Final = "application/merge-patch+json"
 _PLURALS: Final = {
     "ConfigMap": "configmaps",
     "ServiceAccount": "serviceaccounts",
+    "Service": "services",
     "Secret": "secrets",
     "PersistentVolumeClaim": "persistentvolumeclaims",
     "Pod": "pods",

@@ -22,7 +22,13 @@ from kubetune.api.timestamps import rfc3339
 from kubetune.operator.policy import policy_problems
 from kubetune.operator.render import child_names
 from kubetune.operator.settings import OperatorSettings
-from kubetune.operator.status import derive_status, set_condition, ttl_remaining
+from kubetune.operator.status import (
+    derive_status,
+    group_restart_due,
+    nodes_of,
+    set_condition,
+    ttl_remaining,
+)
 
 Obj = Mapping[str, Any]
 
@@ -55,6 +61,11 @@ class Plan:
     reject: Rejection | None = None
     #: The validated spec, when the children are missing and must be created.
     create: FineTuneJobSpec | None = None
+    #: The group attempt the created Job runs (a multi-pod group: one Job per attempt).
+    attempt: int = 1
+    #: A multi-pod group's attempt failed and may be retried: delete its Job (foreground, so the
+    #: next attempt's Job is made only once every pod of this one is gone).
+    delete_job: bool = False
     #: A merge patch for the owned Job (suspend, deadline), made with its resourceVersion.
     job_patch: dict[str, Any] | None = None
     #: Only the status fields that changed (never ``progress``); None when nothing did.
@@ -192,20 +203,29 @@ def plan(
 
     if job is None:
         name = str(metadata.get("name"))
-        job_name = child_names(name).job
-        foreign = [j for j in jobs if j.get("metadata", {}).get("name") == job_name]
         checked = validate(ftj.get("spec") or {}, settings)
         if isinstance(checked, Rejection):
             return Plan(reject=checked)
+        job_name = child_names(name, checked.resources.nodes).job
+        foreign = [j for j in jobs if j.get("metadata", {}).get("name") == job_name]
         if foreign:
             # A same-named Job that isn't ours: never take it over, never touch it.
             return Plan(
                 reject=Rejection(Reason.NAME_CONFLICT, (f"Job {job_name} exists and is not owned",))
             )
-        return Plan(create=checked)
+        # A group's next attempt follows the last one the status counted.
+        return Plan(create=checked, attempt=int(status.get("attempts") or 0) + 1)
 
-    desired = derive_status(ftj, job, pods_of(job, pods), now)
+    own_pods = pods_of(job, pods)
+    desired = derive_status(ftj, job, own_pods, now)
+    restart = (
+        nodes_of(ftj) > 1
+        and not job.get("metadata", {}).get("deletionTimestamp")
+        and group_restart_due(ftj, job, own_pods)
+    )
     return Plan(
-        job_patch=desired_job_patch(ftj, job),
+        job_patch=None if restart else desired_job_patch(ftj, job),
         status_patch=status_changes(status, desired),
+        delete_job=restart,
+        notes=("group attempt failed: replacing its Job",) if restart else (),
     )

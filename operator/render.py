@@ -14,7 +14,9 @@ from typing import Any, Final
 
 from kubetune.api.config import JobRef, ProgressSettings, TrainerConfig
 from kubetune.api.contract import (
+    ATTEMPT_ANNOTATION,
     CONFIG_FILE,
+    CONTROLLER_UID_LABEL,
     FINETUNEJOB_ANNOTATION,
     JOB_LABEL,
     KUEUE_QUEUE_LABEL,
@@ -23,6 +25,9 @@ from kubetune.api.contract import (
     NON_RETRIABLE_EXIT_CODES,
     PUSH_TOKEN_ENV,
     PVC_ROOT_ENV,
+    RENDEZVOUS_ENDPOINT_ENV,
+    RENDEZVOUS_ID_ENV,
+    RENDEZVOUS_PORT,
     TERMINATION_MESSAGE_PATH,
     TOKEN_ENV,
     TRAINER_CONTAINER,
@@ -47,6 +52,8 @@ class ChildNames:
     role: str
     role_binding: str
     network_policy: str
+    #: The headless Service of a multi-pod group (pod subdomain): ``<job>-<index>.<service>``.
+    service: str
 
 
 def short_name(name: str, limit: int = _LABEL_MAX) -> str:
@@ -57,10 +64,13 @@ def short_name(name: str, limit: int = _LABEL_MAX) -> str:
     return f"{name[: limit - 9].rstrip('-.')}-{digest}"
 
 
-def child_names(name: str) -> ChildNames:
+def child_names(name: str, nodes: int = 1) -> ChildNames:
     # The Job's name becomes a pod label value (batch.kubernetes.io/job-name): at most 63 chars.
-    job = short_name(name)
+    # A group's pods are named by host ``<job>-<index>``, also a DNS label: room for the index.
+    job = short_name(name) if nodes <= 1 else short_name(name, _LABEL_MAX - len(f"-{nodes - 1}"))
     sa = short_name(f"{name}-trainer", 253)
+    # A Service's name must start with a letter (RFC 1035); a FineTuneJob's need not.
+    service = job if job[:1].isalpha() else short_name(f"g-{job}")
     return ChildNames(
         job=job,
         config_map=short_name(f"{name}-trainer-config", 253),
@@ -68,7 +78,13 @@ def child_names(name: str) -> ChildNames:
         role=sa,
         role_binding=sa,
         network_policy=sa,
+        service=service,
     )
+
+
+def rendezvous_endpoint(names: ChildNames) -> str:
+    """host:port of rank 0's pod: the Job controller names it ``<job>-0`` in the subdomain."""
+    return f"{names.job}-0.{names.service}:{RENDEZVOUS_PORT}"
 
 
 def labels_for(name: str) -> dict[str, str]:
@@ -119,17 +135,22 @@ def trainer_config(
 
 
 def render(
-    spec: FineTuneJobSpec, metadata: dict[str, Any], settings: OperatorSettings
+    spec: FineTuneJobSpec,
+    metadata: dict[str, Any],
+    settings: OperatorSettings,
+    attempt: int = 1,
 ) -> list[Manifest]:
     """The children of the FineTuneJob with this ``spec`` and ``metadata`` (name, namespace, uid).
 
     Every child carries an ownerReference to the FineTuneJob when ``metadata`` has a uid, so
     deleting the FineTuneJob removes them (background propagation by the garbage collector).
+    With ``resources.nodes`` > 1 the Job is Indexed, one pod per node, beside a headless Service
+    that names the pods; ``attempt`` is the group attempt that Job runs (one Job per attempt).
     """
     name = str(metadata["name"])
     namespace = str(metadata["namespace"])
     uid = metadata.get("uid")
-    names = child_names(name)
+    names = child_names(name, spec.resources.nodes)
     labels = labels_for(name)
     annotations = {FINETUNEJOB_ANNOTATION: name}
 
@@ -182,18 +203,52 @@ def render(
             {"kind": "ServiceAccount", "name": names.service_account, "namespace": namespace}
         ],
     }
-    job = render_job(spec, name, names, meta, settings)
+    job = render_job(spec, name, names, meta, settings, attempt=attempt)
     children = [config_map, service_account, role, role_binding]
+    group = spec.resources.nodes > 1
     if settings.trainer_network_policy:
-        children.append(network_policy(name, names, meta, settings))
+        children.append(network_policy(name, names, meta, settings, group=group))
+    if group:
+        children.append(headless_service(name, names, meta))
     return [*children, job]
 
 
-def network_policy(name: str, names: ChildNames, meta: Any, settings: OperatorSettings) -> Manifest:
-    """No ingress; egress to DNS and the allowed CIDRs, less the excepted (metadata) addresses."""
+def group_selector(name: str) -> Manifest:
+    """The labels every pod of one FineTuneJob carries, and no other pod kubetune makes."""
+    return {JOB_LABEL: short_name(name), MANAGED_BY_LABEL: MANAGED_BY}
+
+
+def headless_service(name: str, names: ChildNames, meta: Any) -> Manifest:
+    """The Service whose name is the group's pods' subdomain: ``<job>-<index>.<service>``
+    resolves to that pod, ready or not (ranks must find rank 0 before any of them is Ready)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta(names.service),
+        "spec": {
+            "clusterIP": "None",
+            "selector": group_selector(name),
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def network_policy(
+    name: str, names: ChildNames, meta: Any, settings: OperatorSettings, *, group: bool = False
+) -> Manifest:
+    """No ingress; egress to DNS and the allowed CIDRs, less the excepted (metadata) addresses.
+
+    A group's pods also reach each other, and only each other: the rendezvous (rank 0's
+    port) and the collectives, whose gloo and NCCL sockets take ephemeral ports on each side, so
+    the rule between them names the pods, not ports.
+    """
     egress: list[Manifest] = [
         {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
     ]
+    peers: list[Manifest] = [{"podSelector": {"matchLabels": group_selector(name)}}]
+    if group:
+        egress.append({"to": peers})
     blocks = []
     for cidr in settings.trainer_egress_cidrs:
         family = ":" in cidr
@@ -201,17 +256,18 @@ def network_policy(name: str, names: ChildNames, meta: Any, settings: OperatorSe
         blocks.append({"ipBlock": {"cidr": cidr, **({"except": excepted} if excepted else {})}})
     if blocks:
         egress.append({"to": blocks})
+    policy: Manifest = {
+        "podSelector": {"matchLabels": group_selector(name)},
+        "policyTypes": ["Ingress", "Egress"],
+        "egress": egress,
+    }
+    if group:
+        policy["ingress"] = [{"from": peers}]
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": meta(names.network_policy),
-        "spec": {
-            "podSelector": {
-                "matchLabels": {JOB_LABEL: short_name(name), MANAGED_BY_LABEL: MANAGED_BY}
-            },
-            "policyTypes": ["Ingress", "Egress"],
-            "egress": egress,
-        },
+        "spec": policy,
     }
 
 
@@ -221,48 +277,75 @@ def render_job(
     names: ChildNames,
     meta: Any,
     settings: OperatorSettings,
+    *,
+    attempt: int = 1,
 ) -> Manifest:
     queue = spec.scheduling.queue_name
     job_labels = {KUEUE_QUEUE_LABEL: queue} if queue else {}
+    nodes = spec.resources.nodes
     pod_spec = _pod_spec(spec, names, settings)
+    if nodes > 1:
+        # The Job controller names each pod's host <job>-<index>; in the Service's subdomain
+        # that is a DNS name. The rendezvous id is the Job's uid: one Job per group attempt, so
+        # a restarted group never meets a stale rendezvous.
+        pod_spec["subdomain"] = names.service
+        (container,) = pod_spec["containers"]
+        container["env"] += [
+            {"name": RENDEZVOUS_ENDPOINT_ENV, "value": rendezvous_endpoint(names)},
+            {
+                "name": RENDEZVOUS_ID_ENV,
+                "valueFrom": {
+                    "fieldRef": {"fieldPath": f"metadata.labels['{CONTROLLER_UID_LABEL}']"}
+                },
+            },
+        ]
     pod_labels = dict(labels_for(name))
     pod_annotations = {FINETUNEJOB_ANNOTATION: name}
     if spec.pod_template is not None:
         pod_spec, pod_labels, pod_annotations = apply_pod_template(
             pod_spec, pod_labels, pod_annotations, spec.pod_template
         )
+    rules: list[Manifest] = [
+        {
+            "action": "FailJob",
+            "onExitCodes": {
+                "containerName": TRAINER_CONTAINER,
+                "operator": "In",
+                "values": sorted(int(code) for code in NON_RETRIABLE_EXIT_CODES),
+            },
+        },
+    ]
+    if nodes == 1:
+        # Preemption, eviction and node drains don't count against backoffLimit: the next pod
+        # resumes from the latest checkpoint. (A group can't replace one rank in place: see
+        # below.)
+        rules.append({"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]})
     job_spec: Manifest = {
         # Kueue admits a queued Job by unsuspending it; without a queue, suspend follows the spec.
         "suspend": spec.run_policy.suspend or bool(queue),
-        "backoffLimit": spec.run_policy.backoff_limit,
-        "completions": 1,
-        "parallelism": 1,
-        "podFailurePolicy": {
-            "rules": [
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {
-                        "containerName": TRAINER_CONTAINER,
-                        "operator": "In",
-                        "values": sorted(int(code) for code in NON_RETRIABLE_EXIT_CODES),
-                    },
-                },
-                # Preemption, eviction and node drains don't count against backoffLimit: the
-                # next pod resumes from the latest checkpoint.
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-            ]
-        },
+        # A group's ranks live and die together: the first pod lost fails this Job (the Job
+        # controller stops the other ranks, which checkpoint on SIGTERM), and the operator
+        # starts the next attempt as a new Job, up to runPolicy.backoffLimit attempts more.
+        "backoffLimit": spec.run_policy.backoff_limit if nodes == 1 else 0,
+        "completions": nodes,
+        "parallelism": nodes,
+        "podFailurePolicy": {"rules": rules},
         "template": {
             "metadata": {"labels": pod_labels, "annotations": pod_annotations},
             "spec": pod_spec,
         },
     }
+    if nodes > 1:
+        job_spec["completionMode"] = "Indexed"
     if spec.run_policy.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = spec.run_policy.active_deadline_seconds
+    job_meta = meta(names.job, job_labels)
+    if nodes > 1:
+        job_meta["annotations"][ATTEMPT_ANNOTATION] = str(attempt)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": meta(names.job, job_labels),
+        "metadata": job_meta,
         "spec": job_spec,
     }
 

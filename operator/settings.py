@@ -27,7 +27,8 @@ CsvList = Annotated[list[str], NoDecode, BeforeValidator(_split_csv)]
 NEVER_POD_FIELDS: Final = frozenset(
     {"hostNetwork", "hostPID", "hostIPC", "hostUsers", "nodeName", "serviceAccountName",
      "serviceAccount", "automountServiceAccountToken", "securityContext", "initContainers",
-     "ephemeralContainers", "restartPolicy", "shareProcessNamespace", "os", "overhead"}
+     "ephemeralContainers", "restartPolicy", "shareProcessNamespace", "os", "overhead",
+     "hostname", "subdomain", "setHostnameAsFQDN"}
 )  # fmt: skip
 #: Fields of the trainer container no setting can allow (kubetune sets them, or they run
 #: commands of their own: probes and lifecycle hooks exec in the container).

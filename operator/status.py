@@ -11,8 +11,11 @@ from typing import Any, Final
 from pydantic import ValidationError
 
 from kubetune.api.contract import (
+    ATTEMPT_ANNOTATION,
+    COMPLETION_INDEX_LABEL,
     CONDITION_TYPES,
     EXIT_CODE_REASONS,
+    NON_RETRIABLE_EXIT_CODES,
     TRAINER_CONTAINER,
     ConditionType,
     ExitCode,
@@ -116,6 +119,11 @@ def _terminated(pod: Obj) -> Obj | None:
     return state if state else status.get("lastState", {}).get("terminated") or None
 
 
+def _exit_code(pod: Obj | None) -> int | None:
+    code = (_terminated(pod) or {}).get("exitCode") if pod is not None else None
+    return None if code is None else int(code)
+
+
 def _pod_time(pod: Obj) -> str:
     return str(pod.get("metadata", {}).get("creationTimestamp") or "")
 
@@ -162,27 +170,133 @@ def _pending_problem(pods: Sequence[Obj]) -> tuple[str, str] | None:
     return None
 
 
+def nodes_of(ftj: Obj) -> int:
+    """Pods in the FineTuneJob's group (``spec.resources.nodes``)."""
+    return int((ftj.get("spec", {}).get("resources") or {}).get("nodes") or 1)
+
+
+def world_size_of(ftj: Obj) -> int:
+    """Training ranks: GPUs per pod (one rank on the CPU) times pods."""
+    gpus = int((ftj.get("spec", {}).get("resources") or {}).get("gpus") or 0)
+    return max(gpus, 1) * nodes_of(ftj)
+
+
+def group_attempt(job: Obj) -> int:
+    """Which group attempt a multi-pod group's Job runs (its annotation; 1 when unset)."""
+    value = (job.get("metadata", {}).get("annotations") or {}).get(ATTEMPT_ANNOTATION)
+    return int(value) if value and str(value).isdigit() else 1
+
+
+def node_rank(pod: Obj) -> int | None:
+    value = (pod.get("metadata", {}).get("labels") or {}).get(COMPLETION_INDEX_LABEL)
+    return int(value) if value is not None and str(value).isdigit() else None
+
+
+def _rank_zero(pods: Sequence[Obj]) -> Obj | None:
+    """Rank 0's pod, the newest if the Job replaced it: it carries the group's result."""
+    zeros = [p for p in pods if node_rank(p) == 0]
+    return max(zeros, key=_pod_time) if zeros else None
+
+
+def _failing_pod(pods: Sequence[Obj], group: bool) -> Obj | None:
+    """The pod whose failure tells why the Job failed.
+
+    One pod (retried): the newest that failed. A group: a rank that exited with a code no retry
+    fixes, else the rank that failed first (the others were stopped because of it).
+    """
+    failed = [p for p in pods if (_terminated(p) or {}).get("exitCode", 0) != 0]
+    if group and failed:
+        fatal = [p for p in failed if _exit_code(p) in NON_RETRIABLE_EXIT_CODES]
+        return min(fatal or failed, key=lambda p: str((_terminated(p) or {}).get("finishedAt")))
+    by_age = sorted(pods, key=_pod_time)
+    return next(
+        (p for p in reversed(by_age) if (_terminated(p) or {}).get("exitCode", 0) != 0),
+        None,
+    ) or next((p for p in reversed(by_age) if p.get("status", {}).get("phase") == "Failed"), None)
+
+
+def group_restart_due(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> bool:
+    """Whether a multi-pod group's Job failed in a way the next attempt may fix, with attempts
+    left: then the operator replaces the Job (the whole group restarts from its checkpoint)."""
+    if job is None or nodes_of(ftj) <= 1:
+        return False
+    failed = _job_condition(job, "Failed", "FailureTarget")
+    if failed is None or _job_condition(job, "Complete", "SuccessCriteriaMet") is not None:
+        return False
+    if str(failed.get("reason")) in ("PodFailurePolicy", Reason.DEADLINE_EXCEEDED):
+        return False  # a non-retriable exit on a rank, or the run's deadline: final
+    if _exit_code(_failing_pod(pods, group=True)) in NON_RETRIABLE_EXIT_CODES:
+        return False
+    return _attempts_left(ftj, job)
+
+
+def _attempts_left(ftj: Obj, job: Obj) -> bool:
+    """Whether another group attempt follows this Job's: ``runPolicy.backoffLimit`` more after
+    the first."""
+    limit = int((ftj.get("spec", {}).get("runPolicy") or {}).get("backoffLimit", 3))
+    return group_attempt(job) <= limit
+
+
+def _group_member_lost(ftj: Obj, job: Obj, pods: Sequence[Obj]) -> bool:
+    """A rank of a running group stopped for a reason a retry may fix (or its pod is being
+    deleted), before the Job has said it failed: the attempt is ending, the next one follows."""
+    if _job_condition(job, "Failed", "FailureTarget", "Complete", "SuccessCriteriaMet"):
+        return False
+    if job.get("spec", {}).get("suspend") or not _attempts_left(ftj, job):
+        return False  # suspending stops the pods too; or no attempt follows
+    if any(_exit_code(pod) in NON_RETRIABLE_EXIT_CODES for pod in pods):
+        return False
+    return any(
+        pod.get("metadata", {}).get("deletionTimestamp") or (_exit_code(pod) or 0) != 0
+        for pod in pods
+    )
+
+
+def _group_retrying(ftj: Obj, job: Obj, pods: Sequence[Obj]) -> Outcome:
+    pod = _failing_pod(pods, group=True) or next(
+        (p for p in pods if p.get("metadata", {}).get("deletionTimestamp")), None
+    )
+    terminated = _terminated(pod) if pod is not None else None
+    code = terminated.get("exitCode") if terminated else None
+    why = _failure_reason(code, terminated) or "a pod was lost"
+    rank = node_rank(pod) if pod is not None else None
+    where = f" on node rank {rank}" if rank is not None else ""
+    return Outcome(
+        "Pending",
+        Reason.RETRYING,
+        f"group attempt {group_attempt(job)} failed ({why}{where}): restarting all "
+        f"{nodes_of(ftj)} pods from the newest checkpoint",
+    )
+
+
 def _outcome(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> tuple[Outcome, Obj | None]:
     """The outcome, and the pod whose termination message tells the result (if any)."""
     if job is None:
         return Outcome("Pending", Reason.CREATING, "creating the trainer Job"), None
+    group = nodes_of(ftj) > 1
     by_age = sorted(pods, key=_pod_time)
     done = _job_condition(job, "Complete", "SuccessCriteriaMet")
     if done is not None:
-        winner = next(
-            (p for p in reversed(by_age) if p.get("status", {}).get("phase") == "Succeeded"), None
+        winner = (
+            _rank_zero(pods)
+            if group
+            else next(
+                (p for p in reversed(by_age) if p.get("status", {}).get("phase") == "Succeeded"),
+                None,
+            )
         )
         return Outcome("Succeeded", Reason.SUCCEEDED, "the trainer finished"), winner
+    if group and (
+        job.get("metadata", {}).get("deletionTimestamp")
+        or group_restart_due(ftj, job, pods)
+        or _group_member_lost(ftj, job, pods)
+    ):
+        return _group_retrying(ftj, job, pods), None
     failed = _job_condition(job, "Failed", "FailureTarget")
     if failed is not None:
         # The pod that failed: its trainer has terminated, though the pod may not be Failed yet
         # when the Job's FailureTarget condition comes first.
-        last = next(
-            (p for p in reversed(by_age) if (_terminated(p) or {}).get("exitCode", 0) != 0),
-            None,
-        ) or next(
-            (p for p in reversed(by_age) if p.get("status", {}).get("phase") == "Failed"), None
-        )
+        last = _failing_pod(pods, group)
         job_reason = str(failed.get("reason") or "Failed")
         # A Job condition without a message still fails with words a person can read.
         job_message = str(failed.get("message") or f"the trainer Job failed ({job_reason})")
@@ -212,7 +326,10 @@ def _outcome(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> tuple[Outcome, O
         and ((_trainer_status(p) or {}).get("state", {}).get("running") is not None)
     ]
     if running:
-        return Outcome("Running", Reason.RUNNING, "the trainer is running", running=True), None
+        text = "the trainer is running"
+        if group:
+            text = f"the trainer is running ({len(running)} of {nodes_of(ftj)} pods)"
+        return Outcome("Running", Reason.RUNNING, text, running=True), None
     problem = _pending_problem([p for p in pods if p.get("status", {}).get("phase") == "Pending"])
     if problem is not None:
         return Outcome("Pending", problem[0], problem[1]), None
@@ -266,6 +383,9 @@ def derive_status(ftj: Obj, job: Obj | None, pods: Sequence[Obj], now: datetime)
         )
         if text and outcome.phase == "Failed":
             message = f"{message}: {text}" if message else text
+        rank = node_rank(reporting_pod)
+        if outcome.phase == "Failed" and nodes_of(ftj) > 1 and rank is not None:
+            message = f"node rank {rank}: {message}"
         if result is not None and outcome.phase == "Failed":
             # The trainer names its own failure best, unless the Job's deadline ended it.
             reason = str(result.get("reason") or "")
@@ -317,7 +437,17 @@ def derive_status(ftj: Obj, job: Obj | None, pods: Sequence[Obj], now: datetime)
         "observedGeneration": generation,
         "conditions": list(conditions),
     }
-    if job is not None:
+    status["worldSize"] = world_size_of(ftj)
+    if job is not None and nodes_of(ftj) > 1:
+        # One Job per group attempt; the pod to read (kubectl logs) is rank 0's.
+        status["jobName"] = job.get("metadata", {}).get("name")
+        status["attempts"] = max(group_attempt(job), int(current.get("attempts") or 0))
+        rank_zero = _rank_zero(pods)
+        if rank_zero is not None:
+            status["podName"] = rank_zero.get("metadata", {}).get("name")
+        elif current.get("podName"):
+            status["podName"] = current.get("podName")
+    elif job is not None:
         status["jobName"] = job.get("metadata", {}).get("name")
         job_status = job.get("status", {})
         counted = int(job_status.get("succeeded") or 0) + int(job_status.get("failed") or 0)

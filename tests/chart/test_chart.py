@@ -27,10 +27,13 @@ OPERATOR_ALLOW_LIST: dict[tuple[str, str], set[str]] = {
     ("", "events"): {"create"},
     ("", "configmaps"): {"get", "create", "delete"},
     ("", "serviceaccounts"): {"get", "create", "delete"},
+    # A multi-pod group's headless Service (its pods' DNS subdomain).
+    ("", "services"): {"get", "create", "delete"},
     ("rbac.authorization.k8s.io", "roles"): {"get", "create", "delete"},
     ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create", "delete"},
     ("networking.k8s.io", "networkpolicies"): {"get", "create", "delete"},
-    ("batch", "jobs"): {"get", "list", "watch", "create", "patch"},
+    # delete: a multi-pod group's failed attempt is replaced by a new Job.
+    ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods"): {"list", "watch"},
     ("", "persistentvolumeclaims"): {"get"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
@@ -189,11 +192,13 @@ def test_aggregation_can_be_turned_off(render: Render) -> None:
 
 def test_operator_holds_everything_the_per_job_role_grants(render: Render) -> None:
     """The apiserver lets the operator create a Role only with rights it holds itself."""
-    spec = FineTuneJobSpec.model_validate(
-        yaml.safe_load((Path(__file__).parents[2] / "examples" / "tiny-cpu.yaml").read_text())[
-            "spec"
-        ]
+    manifest = yaml.safe_load(
+        (Path(__file__).parents[2] / "examples" / "tiny-cpu.yaml").read_text()
     )
+    # Two pods: every child kind, the group's Service included.
+    manifest["spec"]["resources"]["nodes"] = 2
+    manifest["spec"]["training"]["microBatchSize"] = 8
+    spec = FineTuneJobSpec.model_validate(manifest["spec"])
     children = render_children(spec, {"name": "tiny", "namespace": "ns", "uid": "u-1"},
                                OperatorSettings())  # fmt: skip
     [operator_role] = [
@@ -206,7 +211,7 @@ def test_operator_holds_everything_the_per_job_role_grants(render: Render) -> No
     for child in children:
         group = child["apiVersion"].rpartition("/")[0]
         plural = {"ConfigMap": "configmaps", "ServiceAccount": "serviceaccounts", "Role": "roles",
-                  "RoleBinding": "rolebindings", "Job": "jobs",
+                  "RoleBinding": "rolebindings", "Job": "jobs", "Service": "services",
                   "NetworkPolicy": "networkpolicies"}[child["kind"]]  # fmt: skip
         assert {(group, plural, "create"), (group, plural, "get")} <= held, child["kind"]
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from e2ekit import (
@@ -194,3 +196,89 @@ def test_two_teams_train_at_once_each_seeing_only_their_own(
         assert can_i("get", "secrets", "-n", namespace) == "no"
     finally:
         kubectl("delete", "namespace", other, "--wait=false", check=False)
+
+
+def while_progressing(
+    kubectl: Kubectl,
+    namespace: str,
+    name: str,
+    reached: Callable[[dict[str, Any]], Any],
+    what: str,
+    stall: float = 300,
+) -> Any:
+    """Poll the FineTuneJob's status until ``reached`` says so; fail only when neither its phase,
+    its reason nor its progress moved for ``stall`` seconds (a loaded machine trains slowly,
+    a stuck one doesn't train at all)."""
+    last: tuple[Any, ...] = ()
+    moved = time.monotonic()
+    while True:
+        status = ftj_status(kubectl, namespace, name)
+        value = reached(status) if status else None
+        if value:
+            return value
+        ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+        seen = (
+            status.get("phase"),
+            ready.get("reason"),
+            (status.get("progress") or {}).get("step"),
+        )
+        if seen != last:
+            last, moved = seen, time.monotonic()
+        if time.monotonic() - moved > stall:
+            raise AssertionError(f"{name} stalled for {stall:.0f}s at {last} waiting for {what}")
+        time.sleep(1)
+
+
+def test_two_pod_group_trains_through_one_rendezvous_and_resumes_whole_after_a_lost_pod(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    """`nodes: 2`: an Indexed Job of two pods that find rank 0 by name (the headless Service,
+    on the local node's pod DNS) and train as two gloo ranks; one pod lost mid-run restarts the
+    group, which resumes from its checkpoint; one adapter, written by rank 0."""
+    seed_demo_claim(kubectl, namespace)
+    job = tiny_job("two-pods", maxSteps=40, checkpointSteps=10, microBatchSize=8)
+    # Half a core each: both pods fit the two-core node beside the operator.
+    job["spec"]["resources"].update(nodes=2, cpu="500m")
+    apply(kubectl, namespace, job)
+
+    step_at_loss = int(
+        while_progressing(
+            kubectl, namespace, "two-pods",
+            lambda s: ((s.get("progress") or {}).get("step", 0) >= 15) and s["progress"]["step"],
+            "the group training past step 15",
+        )
+    )  # fmt: skip
+    running = get_json(kubectl, "pods", "-n", namespace, "-l", "kubetune.io/job=two-pods")["items"]
+    (rank_one,) = [
+        p for p in running
+        if p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == "1"
+        and p["status"].get("phase") == "Running"
+    ]  # fmt: skip
+    kubectl("delete", "pod", rank_one["metadata"]["name"], "-n", namespace, "--wait=false")
+
+    status = while_progressing(
+        kubectl, namespace, "two-pods",
+        lambda s: s.get("phase") in ("Succeeded", "Failed") and s, "the group to finish",
+    )  # fmt: skip
+    assert status["phase"] == "Succeeded", status
+    assert (status["attempts"], status["worldSize"]) == (2, 2)
+    metrics = status["result"]["metrics"]
+    assert metrics["resumed_from_step"] >= 10, "the group started over instead of resuming"
+    assert metrics["resumed_from_step"] >= (step_at_loss // 10) * 10
+    assert metrics["steps"] == 40
+    # One adapter, its digest the file's; reported from rank 0's pod of the last attempt.
+    adapter = status["result"]["adapter"]
+    folder = f"/mnt/pvc/{CLAIM}/adapters/two-pods"
+    listing = run_pod(kubectl, namespace, "check-group-adapter",
+                      ["sh", "-c", f"ls {folder}; sha256sum {folder}/adapter_model.safetensors"])  # fmt: skip
+    assert listing.split().count("adapter_model.safetensors") == 1
+    assert adapter["sha256"] in listing
+    (group_job,) = trainer_jobs(kubectl, namespace, "two-pods")
+    assert group_job["metadata"]["annotations"]["kubetune.io/attempt"] == "2"
+    pods = get_json(kubectl, "pods", "-n", namespace, "-l",
+                    f"batch.kubernetes.io/controller-uid={group_job['metadata']['uid']}")["items"]  # fmt: skip
+    ranks = {p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"]:
+             p["metadata"]["name"] for p in pods}  # fmt: skip
+    assert status["podName"] == ranks["0"] and len(ranks) == 2
+    wide = kubectl("get", "ftj", "two-pods", "-n", namespace, "-o", "wide").stdout.splitlines()
+    assert wide[1][wide[0].index("RANKS") :].split()[0] == "2"

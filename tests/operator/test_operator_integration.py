@@ -811,3 +811,79 @@ def test_a_trainer_image_the_node_does_not_have_keeps_the_job_pending_image_pull
         30,
         "an ImagePullBackOff event on the FineTuneJob",
     )
+
+
+# --- multi-pod groups (resources.nodes > 1) ------------------------------------------------------
+
+
+def group_spec(plan: str, backoff_limit: int) -> dict[str, Any]:
+    spec = sleeper_spec(0, resources={"gpus": 0, "nodes": 2, "shmSize": "64Mi"},
+                        runPolicy={"backoffLimit": backoff_limit})  # fmt: skip
+    spec["podTemplate"]["spec"]["containers"][0]["env"][0]["value"] = plan
+    return spec
+
+
+def live_ranks(kubectl: Kubectl, namespace: str, name: str) -> dict[int, dict[str, Any]]:
+    return {
+        int(p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"]): p
+        for p in pods_of(kubectl, namespace, name)
+        if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+    }
+
+
+def test_a_two_pod_group_restarts_whole_when_one_pod_is_lost_counting_one_attempt(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    apply(kubectl, namespace, finetunejob("group", group_spec("sleep:600", backoff_limit=1)))
+    both = "2 of 2 pods"
+    first = wait_status(kubectl, namespace, "group",
+                        lambda s: both in condition(s, "Ready").get("message", ""), 120,
+                        "both pods running")  # fmt: skip
+    (job,) = jobs_of(kubectl, namespace)
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["parallelism"] == 2
+    service = get_json(kubectl, "service", job["spec"]["template"]["spec"]["subdomain"],
+                       "-n", namespace)  # fmt: skip
+    assert service["spec"]["clusterIP"] == "None"
+    ranks = wait_for(lambda: (r := live_ranks(kubectl, namespace, "group")) and len(r) == 2 and r,
+                     60, "both ranks running")  # fmt: skip
+    assert (first["attempts"], first["worldSize"]) == (1, 2)
+    assert first["podName"] == ranks[0]["metadata"]["name"]
+    wide = kubectl("get", "ftj", "group", "-n", namespace, "-o", "wide").stdout.splitlines()
+    at = wide[0].index("RANKS")  # empty columns (no loss yet) leave blanks: read by position
+    assert wide[1][at:].split()[0] == "2"
+
+    # Rank 1's pod is lost: the whole group starts again, as the next attempt's Job.
+    kubectl("delete", "pod", ranks[1]["metadata"]["name"], "-n", namespace, "--wait=false")
+    wait_ready_reason(kubectl, namespace, "group", "Retrying", 60)
+    second = wait_status(kubectl, namespace, "group",
+                         lambda s: s.get("attempts") == 2 and both in condition(s, "Ready").get(
+                             "message", ""), 120, "the second attempt running")  # fmt: skip
+    (again,) = jobs_of(kubectl, namespace)
+    assert again["metadata"]["uid"] != job["metadata"]["uid"]
+    assert again["metadata"]["annotations"]["kubetune.io/attempt"] == "2"
+    new_ranks = wait_for(
+        lambda: (r := live_ranks(kubectl, namespace, "group")) and len(r) == 2 and r, 60,
+        "both ranks of the second attempt running")  # fmt: skip
+    assert {p["metadata"]["name"] for p in new_ranks.values()}.isdisjoint(
+        p["metadata"]["name"] for p in ranks.values()
+    ), "the surviving rank must restart with the group"
+    assert second["phase"] == "Running"
+
+    # backoffLimit 1: the second lost pod fails the job, after two attempts in all.
+    kubectl("delete", "pod", new_ranks[0]["metadata"]["name"], "-n", namespace, "--wait=false")
+    final = wait_phase(kubectl, namespace, "group", {"Failed"}, 120)
+    assert final["attempts"] == 2
+    assert "Retrying" in event_reasons(kubectl, namespace, "group")
+
+
+def test_a_non_retriable_exit_on_one_rank_fails_the_group_at_once_naming_that_rank(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    plan = "sleep:600@0,sleep:2@1,exit:3@1"
+    apply(kubectl, namespace, finetunejob("bad-rank", group_spec(plan, backoff_limit=3)))
+    status = wait_phase(kubectl, namespace, "bad-rank", {"Failed", "Succeeded"}, 120)
+    failed = condition(status, "Failed")
+    assert (status["phase"], failed["reason"], status["attempts"]) == ("Failed", "DatasetError", 1)
+    assert failed["message"].startswith("node rank 1: ")
+    (job,) = jobs_of(kubectl, namespace)
+    assert job["metadata"]["annotations"]["kubetune.io/attempt"] == "1"

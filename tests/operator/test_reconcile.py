@@ -164,3 +164,25 @@ def test_a_job_being_deleted_is_left_alone() -> None:
     body["metadata"]["deletionTimestamp"] = rfc3339(NOW)
     work = plan(body, [], [], SETTINGS, NOW)
     assert work.create is None and work.status_patch is None and work.reject is None
+
+
+def test_a_failed_group_attempt_replaces_its_job_and_the_next_job_is_the_next_attempt() -> None:
+    group = {"resources": {"nodes": 2}, "runPolicy": {"backoffLimit": 1}}
+    lost = job()
+    lost["metadata"]["annotations"] = {"kubetune.io/attempt": "1"}
+    lost["status"] = {"conditions": [
+        {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}  # fmt: skip
+    work = plan(ftj(**group), [lost], [], SETTINGS, NOW)
+    assert work.delete_job and work.job_patch is None
+    assert work.status_patch is not None and work.status_patch["attempts"] == 1
+    # While its pods go, the Job waits (foreground deletion); nothing else is done.
+    going = {**lost, "metadata": {**lost["metadata"], "deletionTimestamp": rfc3339(NOW)}}
+    assert not plan(ftj({"attempts": 1}, **group), [going], [], SETTINGS, NOW).delete_job
+    # Once it is gone, the next attempt's Job is made.
+    again = plan(ftj({"attempts": 1, "phase": "Pending"}, **group), [], [], SETTINGS, NOW)
+    assert again.create is not None and again.attempt == 2
+    # No attempts left: the Job stays, and the FineTuneJob fails.
+    last = {**lost, "metadata": {**lost["metadata"], "annotations": {"kubetune.io/attempt": "2"}}}
+    final = plan(ftj({"attempts": 2}, **group), [last], [], SETTINGS, NOW)
+    assert not final.delete_job
+    assert final.status_patch is not None and final.status_patch["phase"] == "Failed"

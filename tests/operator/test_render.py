@@ -329,3 +329,83 @@ def test_settings_read_lists_from_comma_separated_env(monkeypatch: pytest.Monkey
     assert settings.namespaces == ["team-a", "team-b"]
     assert settings.denied_options == ["trustRemoteCode", "pushToHub"]
     assert settings.run_as_user is None
+
+
+def group_spec(nodes: int = 2, **resources: Any) -> FineTuneJobSpec:
+    return spec_of(resources={"gpus": 1, "nodes": nodes, **resources})
+
+
+def test_two_nodes_render_an_indexed_job_of_two_pods_named_by_a_headless_service() -> None:
+    objects = render(group_spec(), METADATA, OperatorSettings(), attempt=3)
+    kinds = [obj["kind"] for obj in objects]
+    assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy",
+                     "Service", "Job"]  # fmt: skip
+    by_kind = {obj["kind"]: obj for obj in objects}
+    job, service = by_kind["Job"], by_kind["Service"]
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (2, 2)
+    # The first pod lost fails this attempt's Job; the operator starts the next as a new Job.
+    assert job["spec"]["backoffLimit"] == 0
+    assert job["metadata"]["annotations"]["kubetune.io/attempt"] == "3"
+    (rule,) = job["spec"]["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob"
+    assert rule["onExitCodes"]["values"] == [2, 3, 4, 5, 6]
+
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == {
+        "kubetune.io/job": "llama2-support",
+        "app.kubernetes.io/managed-by": "kubetune-operator",
+    }
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert service["metadata"]["ownerReferences"][0]["uid"] == "uid-1234"
+    assert pod_spec(by_kind)["subdomain"] == service["metadata"]["name"] == "llama2-support"
+
+    env = {e["name"]: e for e in trainer(by_kind)["env"]}
+    assert env["KUBETUNE_RENDEZVOUS_ENDPOINT"]["value"] == "llama2-support-0.llama2-support:29400"
+    assert env["KUBETUNE_RENDEZVOUS_ID"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.labels['batch.kubernetes.io/controller-uid']"}
+    }
+    # Four GPUs per pod: every pod asks for its own four.
+    four = render(group_spec(gpus=4), METADATA, OperatorSettings())
+    limits = trainer({o["kind"]: o for o in four})["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "4"
+
+
+def test_one_node_stays_a_single_pod_job_without_a_service_or_rendezvous() -> None:
+    objects = rendered(spec_of(resources={"gpus": 2}))
+    job = objects["Job"]
+    assert "Service" not in objects
+    assert "completionMode" not in job["spec"]
+    assert (job["spec"]["completions"], job["spec"]["backoffLimit"]) == (1, 3)
+    assert "subdomain" not in pod_spec(objects)
+    names = {e["name"] for e in trainer(objects)["env"]}
+    assert not names & {"KUBETUNE_RENDEZVOUS_ENDPOINT", "KUBETUNE_RENDEZVOUS_ID"}
+    assert trainer(objects)["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert "ingress" not in objects["NetworkPolicy"]["spec"]
+
+
+def test_a_groups_pods_reach_each_other_and_no_other_pod() -> None:
+    policy = rendered(group_spec())["NetworkPolicy"]["spec"]
+    peers = [{"podSelector": {"matchLabels": {
+        "kubetune.io/job": "llama2-support", "app.kubernetes.io/managed-by": "kubetune-operator"}}}]  # fmt: skip
+    assert policy["ingress"] == [{"from": peers}]
+    assert {"to": peers} in policy["egress"]
+    # With egress limited to DNS, the group still reaches its own pods.
+    only_dns = rendered(group_spec(), trainer_egress_cidrs=[])["NetworkPolicy"]["spec"]
+    assert only_dns["egress"][1:] == [{"to": peers}]
+
+
+def test_a_groups_host_names_stay_dns_labels_for_long_names() -> None:
+    long_name = "a" * 63
+    names = child_names(long_name, nodes=64)
+    assert len(f"{names.job}-63") <= 63
+    assert child_names("7b-run", nodes=2).service == "g-7b-run"
+    objects = render(group_spec(), {**METADATA, "name": long_name}, OperatorSettings())
+    job = next(o for o in objects if o["kind"] == "Job")
+    assert len(f"{job['metadata']['name']}-1") <= 63
+    # The Role stays what it was: the trainer may patch its own FineTuneJob's status, no more.
+    role = next(o for o in objects if o["kind"] == "Role")
+    assert role["rules"] == [{"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"],
+                              "resourceNames": [long_name], "verbs": ["get", "patch"]}]  # fmt: skip

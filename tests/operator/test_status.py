@@ -397,3 +397,99 @@ def test_a_failed_job_without_a_message_still_says_why() -> None:
     status = derive_status(ftj(), failed_job("BackoffLimitExceeded"), [], NOW)
     assert status["phase"] == "Failed"
     assert "BackoffLimitExceeded" in condition(status, "Failed")["message"]
+
+
+# --- a multi-pod group (resources.nodes > 1): one Indexed Job per group attempt ---------------
+
+
+def group_job(*conditions: tuple[str, str, str], attempt: int = 1, **status: Any) -> dict[str, Any]:
+    found = job(*conditions, **status)
+    found["metadata"]["annotations"] = {"kubetune.io/attempt": str(attempt)}
+    return found
+
+
+def rank_pod(rank: int, phase: str, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    found = pod(phase, created=f"2026-01-02T02:0{rank}:00Z", state=state)
+    found["metadata"]["name"] = f"run-1-{rank}-abcde"
+    found["metadata"]["labels"] = {"batch.kubernetes.io/job-completion-index": str(rank)}
+    return found
+
+
+GROUP = {"resources": {"gpus": 2, "nodes": 2}, "runPolicy": {"backoffLimit": 2}}
+
+
+def test_a_group_that_finished_reports_rank_zeros_result_and_its_world_size() -> None:
+    worker_result = {**RESULT, "message": "a worker's message"}
+    pods = [
+        rank_pod(1, "Succeeded", terminated(0, json.dumps(worker_result), "Completed")),
+        rank_pod(0, "Succeeded", terminated(0, json.dumps(RESULT), "Completed")),
+    ]
+    status = derive_status(
+        ftj(**GROUP), group_job(("Complete", "", ""), attempt=2, succeeded=2), pods, NOW
+    )
+    assert status["phase"] == "Succeeded"
+    assert status["result"]["message"] == "trained 10 steps"
+    assert (status["podName"], status["attempts"], status["worldSize"]) == ("run-1-0-abcde", 2, 4)
+
+
+def test_one_lost_pod_fails_the_group_attempt_and_the_group_restarts_as_one_attempt() -> None:
+    pods = [
+        rank_pod(0, "Failed", terminated(143)),
+        rank_pod(1, "Failed", terminated(137, reason="Error")),
+    ]
+    pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = (
+        "2026-01-02T02:11:00Z"
+    )
+    lost = group_job(("FailureTarget", "BackoffLimitExceeded", "Job has reached the specified "
+                      "backoff limit"), attempt=1, failed=2)  # fmt: skip
+    status = derive_status(ftj(**GROUP), lost, pods, NOW)
+    assert status["phase"] == "Pending"
+    ready = condition(status, "Ready")
+    assert ready["reason"] == "Retrying"
+    assert "group attempt 1 failed" in ready["message"] and "node rank 1" in ready["message"]
+    assert condition(status, "Failed")["status"] == "False"
+    assert status["attempts"] == 1
+    # The last attempt the backoffLimit allows fails the job for good.
+    last = group_job(("Failed", "BackoffLimitExceeded", "backoff"), attempt=3, failed=2)
+    final = derive_status(ftj(**GROUP), last, pods, NOW)
+    assert final["phase"] == "Failed"
+    assert condition(final, "Failed")["reason"] == "BackoffLimitExceeded"
+    assert final["attempts"] == 3
+
+
+def test_a_non_retriable_exit_on_any_rank_fails_the_group_at_once_with_that_ranks_reason() -> None:
+    dataset_error = {"outcome": "Failed", "reason": "DatasetError", "message": "line 5: bad JSON"}
+    pods = [
+        rank_pod(0, "Failed", terminated(143)),
+        rank_pod(1, "Failed", terminated(3, json.dumps(dataset_error))),
+    ]
+    failed = group_job(("Failed", "PodFailurePolicy", "Container trainer for pod ns/run-1-1 "
+                        "failed with exit code 3"), attempt=1, failed=2)  # fmt: skip
+    status = derive_status(ftj(**GROUP), failed, pods, NOW)
+    assert status["phase"] == "Failed"
+    reason = condition(status, "Failed")
+    assert reason["reason"] == "DatasetError"
+    assert reason["message"].startswith("node rank 1: ") and "line 5: bad JSON" in reason["message"]
+    assert status["result"]["reason"] == "DatasetError"
+    assert status["podName"] == "run-1-0-abcde"
+
+
+def test_a_group_runs_while_its_pods_run() -> None:
+    pods = [rank_pod(0, "Running", {"running": {"startedAt": EARLIER}}), rank_pod(1, "Pending")]
+    status = derive_status(ftj(**GROUP), group_job(), pods, NOW)
+    assert status["phase"] == "Running"
+    assert "1 of 2 pods" in condition(status, "Ready")["message"]
+
+
+def test_a_group_is_retrying_from_the_moment_one_of_its_pods_goes() -> None:
+    going = rank_pod(1, "Running", {"running": {"startedAt": EARLIER}})
+    going["metadata"]["deletionTimestamp"] = EARLIER
+    pods = [rank_pod(0, "Running", {"running": {"startedAt": EARLIER}}), going]
+    status = derive_status(ftj(**GROUP), group_job(), pods, NOW)
+    assert condition(status, "Ready")["reason"] == "Retrying"
+    assert "node rank 1" in condition(status, "Ready")["message"]
+    # A rank that exits with a code no retry fixes is not a restart in the making.
+    bad = rank_pod(1, "Failed", terminated(3))
+    running = rank_pod(0, "Running", {"running": {"startedAt": EARLIER}})
+    status = derive_status(ftj(**GROUP), group_job(), [running, bad], NOW)
+    assert condition(status, "Ready")["reason"] == "Running"

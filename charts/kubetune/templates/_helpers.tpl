@@ -88,10 +88,11 @@ namespaces) or into one Role per watched namespace.
   resources: [events]
   verbs: [create]
 # Children of each FineTuneJob, created once (create; get when it exists already): the resolved
-# trainer config, the trainer's identity and its Role, the trainer's NetworkPolicy and the Job.
+# trainer config, the trainer's identity and its Role, the trainer's NetworkPolicy, a multi-pod
+# group's headless Service, and the Job.
 # Deleted only when the API refused a later child of the same job (nothing half-made stays).
 - apiGroups: [""]
-  resources: [configmaps, serviceaccounts]
+  resources: [configmaps, serviceaccounts, services]
   verbs: [get, create, delete]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
@@ -100,9 +101,10 @@ namespaces) or into one Role per watched namespace.
   resources: [networkpolicies]
   verbs: [get, create, delete]
 # The Job is also watched for status, and patched to suspend/resume it or change its deadline.
+# A multi-pod group's failed Job is deleted to start the group's next attempt as a new Job.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, list, watch, create, patch, delete]
 # Pods of the Job: scheduling failures, exit codes, termination messages.
 - apiGroups: [""]
   resources: [pods]

@@ -3,8 +3,10 @@
 Operator tests that need a trainer which sleeps, or exits with a given code, set the operator's
 ``KUBETUNE_TRAINER_COMMAND`` to this and give the job ``KUBETUNE_STAND_IN`` in its trainer's
 env (through spec.podTemplate, allowed by that test operator's settings): ``sleep:SECONDS``,
-``exit:CODE`` or ``sleep:SECONDS,exit:CODE``. Without it, the real ``kubetune-trainer`` runs
-with the same arguments, so the same operator also runs real training jobs.
+``exit:CODE`` or ``sleep:SECONDS,exit:CODE``; a step ending in ``@N`` runs only in the pod of
+node rank N of a multi-pod group (``exit:3@1,sleep:600@0``). Without it, the real
+``kubetune-trainer`` runs with the same arguments, so the same operator also runs real training
+jobs.
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ def main() -> int:
             return 1
         os.execv(trainer, [trainer, *sys.argv[1:]])  # noqa: S606 -- the real trainer, same args
     code = 0
-    for step in plan.split(","):
+    node_rank = os.environ.get("JOB_COMPLETION_INDEX", "0")
+    for planned in plan.split(","):
+        step, _, rank = planned.partition("@")
+        if rank and rank != node_rank:
+            continue
         action, _, value = step.partition(":")
         if action == "sleep":
             time.sleep(float(value))

@@ -1,0 +1,110 @@
+"""Pods of one Indexed Job find each other by name on the local node, as under cluster DNS:
+``<hostname>.<subdomain>`` of a headless Service resolves inside the pods."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+import pytest
+
+from kubetune.local.pod_dns import hosts_file_text
+from kubetune.local.ports import free_port
+from kubetune_devtools.pytest_plugin import Kubectl, apply, get_json, wait_for
+
+# Rank 0 listens; rank 1 finds it by name and connects from its own address (found by its own
+# host name, as gloo does); rank 0 checks that address is what rank 1's name resolves to.
+SCRIPT = textwrap.dedent("""
+    import os, socket, sys, time
+    rank, namespace, port = int(os.environ["JOB_COMPLETION_INDEX"]), sys.argv[1], int(sys.argv[2])
+    other = f"dns-{1 - rank}.peers"
+    assert socket.gethostname() == f"dns-{rank}", socket.gethostname()
+
+    def resolve(name):
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return socket.gethostbyname(name)
+            except socket.gaierror:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    mine = socket.gethostbyname(socket.gethostname())
+    theirs = resolve(other)
+    assert resolve(f"{other}.{namespace}.svc.cluster.local") == theirs
+    print(f"rank {rank} is {mine}; {other} is {theirs}", flush=True)
+    if rank == 0:
+        server = socket.create_server(("", port))
+        server.settimeout(90)
+        connection, (source, _) = server.accept()
+        print(f"hello from {source}: {connection.recv(100).decode()}", flush=True)
+        assert source == theirs, (source, theirs)
+    else:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with socket.create_connection((other, port), 5, source_address=(mine, 0)) as s:
+                    s.sendall(socket.gethostname().encode())
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+""")
+
+
+@pytest.mark.unit
+def test_a_pod_outside_a_subdomain_knows_only_itself_and_localhost() -> None:
+    pod = {"metadata": {"name": "solo", "namespace": "ns", "uid": "1"}, "spec": {}}
+    text = hosts_file_text(pod, "127.9.9.9")
+    assert "127.0.0.1\tlocalhost" in text
+    assert text.splitlines()[-1] == "127.9.9.9\tsolo"
+
+
+@pytest.mark.integration
+def test_two_pods_of_an_indexed_job_resolve_each_other_through_a_headless_service(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    labels = {"app": "peers"}
+    service = {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "peers"},
+        "spec": {"clusterIP": "None", "selector": labels, "publishNotReadyAddresses": True},
+    }  # fmt: skip
+    port = free_port()
+    job: dict[str, Any] = {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "dns"},
+        "spec": {
+            "completionMode": "Indexed", "completions": 2, "parallelism": 2, "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never", "subdomain": "peers",
+                    "containers": [{"name": "main", "image": "busybox",
+                                    "command": ["python", "-c", SCRIPT, namespace, str(port)]}],
+                },
+            },
+        },
+    }  # fmt: skip
+    apply(kubectl, namespace, service)
+    apply(kubectl, namespace, job)
+
+    def finished() -> str | None:
+        status = get_json(kubectl, "job", "dns", "-n", namespace)["status"]
+        done = [c["type"] for c in status.get("conditions", []) if c["status"] == "True"]
+        return next((c for c in done if c in ("Complete", "Failed")), None)
+
+    outcome = wait_for(finished, 120, "the Indexed Job to finish")
+    pods = get_json(kubectl, "pods", "-n", namespace, "-l", "batch.kubernetes.io/job-name=dns")
+    by_rank = {
+        int(p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"]): p
+        for p in pods["items"]
+    }
+    logs = {r: kubectl("logs", p["metadata"]["name"], "-n", namespace).stdout
+            for r, p in by_rank.items()}  # fmt: skip
+    assert outcome == "Complete", logs
+    addresses = {r: p["status"]["podIP"] for r, p in by_rank.items()}
+    assert len(set(addresses.values())) == 2 and "127.0.0.1" not in addresses.values()
+    assert f"dns-1.peers is {addresses[1]}" in logs[0]
+    assert f"dns-0.peers is {addresses[0]}" in logs[1]
+    assert f"hello from {addresses[1]}: dns-1" in logs[0]
