@@ -104,6 +104,7 @@ class Operator:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        (log.parent / "operator.pid").write_text(f"{self.process.pid}\n")
         self.peak_rss = 0
         self._sampling = True
         threading.Thread(target=self._sample, daemon=True).start()
@@ -129,14 +130,25 @@ class Operator:
     def metrics(self) -> dict[str, float]:
         return scrape_metrics(f"http://127.0.0.1:{self.metrics_port}/metrics")
 
+    def requests_by_kind(self) -> dict[str, float]:
+        """The operator's API requests so far by method and resource, Lease renewals aside."""
+        counts: dict[str, float] = {}
+        for series, value in self.metrics().items():
+            if not series.startswith("kubetune_api_requests_total{"):
+                continue
+            labels = dict(
+                part.split("=", 1) for part in series[series.index("{") + 1 : -1].split(",")
+            )
+            resource = labels.get("resource", "").strip('"')
+            if resource == "leases":
+                continue
+            kind = f"{labels.get('verb', '').strip(chr(34))} {resource}"
+            counts[kind] = counts.get(kind, 0.0) + value
+        return counts
+
     def requests(self) -> float:
         """The operator's API requests so far, Lease renewals aside."""
-        return sum(
-            value
-            for series, value in self.metrics().items()
-            if series.startswith("kubetune_api_requests_total{")
-            and 'resource="leases"' not in series
-        )
+        return sum(self.requests_by_kind().values())
 
     def wait_leader(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -206,6 +218,39 @@ class Observer:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+def per_job_requests(operator: Operator, before: dict[str, float], jobs: int) -> dict[str, Any]:
+    """API requests per job since ``before``: in all, and by method and resource."""
+    after = operator.requests_by_kind()
+    by_kind = {
+        kind: round((count - before.get(kind, 0.0)) / jobs, 3)
+        for kind, count in sorted(after.items())
+        if count > before.get(kind, 0.0)
+    }
+    return {"api_requests_per_job": sum(by_kind.values()), "api_requests_per_job_by_kind": by_kind}
+
+
+class LoadSampler:
+    """The machine's 1-minute load average, sampled every 5 s while a run lasts."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(5):
+            self.samples.append(os.getloadavg()[0])
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        samples = self.samples or [os.getloadavg()[0]]
+        return {
+            "min": min(samples),
+            "mean": round(sum(samples) / len(samples), 2),
+            "max": max(samples),
+        }
 
 
 def create_namespace(api: client.ApiClient, name: str) -> None:
@@ -280,7 +325,8 @@ def burst(api: client.ApiClient, operator: Operator, jobs: int, rate: float) -> 
     observer = Observer(api, namespace)
     time.sleep(2)
     names = [f"burst-{i:05d}" for i in range(jobs)]
-    requests_before, cpu_before = operator.requests(), operator.cpu_seconds()
+    requests_before, cpu_before = operator.requests_by_kind(), operator.cpu_seconds()
+    load = LoadSampler()
     started = time.monotonic()
     created = create_at_rate(api, namespace, names, rate, spec(suspend=True, seconds=1))
     wait_until(lambda: len(observer.jobs_seen) >= jobs, 600, "every Job")
@@ -303,9 +349,10 @@ def burst(api: client.ApiClient, operator: Operator, jobs: int, rate: float) -> 
         "create_to_job_max_s": max(to_job, default=float("nan")),
         "create_to_suspended_p50_s": percentile(to_status, 50),
         "create_to_suspended_p99_s": percentile(to_status, 99),
-        "api_requests_per_job": (operator.requests() - requests_before) / jobs,
+        **per_job_requests(operator, requests_before, jobs),
         "operator_cpu_seconds": operator.cpu_seconds() - cpu_before,
         "wall_seconds": elapsed,
+        "load_average": load.stop(),
         "operator_rss_mb_after": operator.rss() / 2**20,
         "operator_rss_mb_peak": operator.peak_rss / 2**20,
         "jobs_seen": len(to_job),
@@ -323,7 +370,8 @@ def with_progress(
     custom = client.CustomObjectsApi(api)
     time.sleep(2)
     names = [f"progress-{i:03d}" for i in range(jobs)]
-    requests_before, cpu_before = operator.requests(), operator.cpu_seconds()
+    requests_before, cpu_before = operator.requests_by_kind(), operator.cpu_seconds()
+    load = LoadSampler()
     stop = threading.Event()
     writes = [0]
 
@@ -369,17 +417,19 @@ def with_progress(
         "job_complete_to_succeeded_p99_s": percentile(lag, 99),
         "create_to_running_p50_s": percentile(to_running, 50),
         "create_to_running_p99_s": percentile(to_running, 99),
-        "api_requests_per_job": (operator.requests() - requests_before) / jobs,
+        **per_job_requests(operator, requests_before, jobs),
         "operator_cpu_seconds": operator.cpu_seconds() - cpu_before,
         "operator_rss_mb_peak": operator.peak_rss / 2**20,
+        "load_average": load.stop(),
         "lost": lost,
         "doubled": doubled,
     }
 
 
 def main() -> None:
-    # A SIGTERM (timeout, CI) still stops the operator and the cluster (the finally below).
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # SIGTERM, SIGHUP (a closed terminal) and SIGINT all unwind through the finally below.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=5000)
     parser.add_argument("--rate", type=float, default=50)
@@ -391,41 +441,84 @@ def main() -> None:
 
     cluster = None
     home = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
-    kubeconfig = args.kubeconfig
-    if kubeconfig is None:
-        cluster = LocalCluster(home)
-        print(f"starting a local cluster in {home}")
-        cluster.up(NodeOptions(name="bench", gpus=0, host_images=("*",)))
-        kubeconfig = cluster.layout.kubeconfig
-    api = config.new_client_from_config(str(kubeconfig))
-    subprocess.run(
-        [*kubectl(cluster), "--kubeconfig", str(kubeconfig), "apply", "--server-side", "-f",
-         str(CRD)],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    time.sleep(3)
-    operator = Operator(kubeconfig, home / "operator.log")
+    # What SIGKILL leaves (no finally runs): a reaper that tears everything down once this
+    # process's end closes its pipe.
+    reaper = start_reaper(home, own_cluster=args.kubeconfig is None)
+    operator: Operator | None = None
     summary: dict[str, Any] = {"machine": machine()}
     try:
+        kubeconfig = args.kubeconfig
+        if kubeconfig is None:
+            cluster = LocalCluster(home)
+            print(f"starting a local cluster in {home}", flush=True)
+            cluster.up(NodeOptions(name="bench", gpus=0, host_images=("*",)))
+            kubeconfig = cluster.layout.kubeconfig
+        api = config.new_client_from_config(str(kubeconfig))
+        subprocess.run(
+            [*kubectl(cluster), "--kubeconfig", str(kubeconfig), "apply", "--server-side", "-f",
+             str(CRD)],
+            check=True,
+            capture_output=True,
+        )  # fmt: skip
+        time.sleep(3)
+        operator = Operator(kubeconfig, home / "operator.log")
         operator.wait_leader()
         if args.jobs:
             print(f"burst: {args.jobs} suspended FineTuneJobs at {args.rate}/s", flush=True)
             summary["burst"] = burst(api, operator, args.jobs, args.rate)
-            print(json.dumps(summary["burst"], indent=2))
+            print(json.dumps(summary["burst"], indent=2), flush=True)
         if args.progress_jobs:
             print(f"progress: {args.progress_jobs} jobs, progress every second", flush=True)
             summary["progress"] = with_progress(
                 api, operator, args.progress_jobs, args.progress_seconds
             )
-            print(json.dumps(summary["progress"], indent=2))
+            print(json.dumps(summary["progress"], indent=2), flush=True)
     finally:
-        operator.stop()
+        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(signum, signal.SIG_IGN)  # a second signal must not cut the teardown
+        if operator is not None:
+            operator.stop()
         if cluster is not None:
             cluster.down()
+        reaper.stdin.close()  # type: ignore[union-attr]  # nothing left: the reaper just exits
+        reaper.wait(60)
     print(f"operator log: {home / 'operator.log'}")
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+_REAPER = """
+import os, signal, sys
+from pathlib import Path
+home, own_cluster = Path(sys.argv[1]), sys.argv[2] == "1"
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C to the group is the bench's to handle
+sys.stdin.buffer.read()  # returns when the bench's end of the pipe closes, however it ended
+pid_file = home / "operator.pid"
+if pid_file.exists():
+    try:
+        os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+    except (ProcessLookupError, ValueError):
+        pass
+if own_cluster:
+    from kubetune.local.controlplane import LocalCluster
+    stopped = LocalCluster(home).down()
+    if stopped:
+        print("bench reaper: stopped " + ", ".join(stopped), file=sys.stderr)
+"""
+
+
+def start_reaper(home: Path, own_cluster: bool) -> subprocess.Popen[bytes]:
+    """A process that stops the operator and the cluster when this one ends, even by SIGKILL
+    (its stdin is a pipe only this process writes to: the kernel closes it at exit)."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _REAPER, str(home), "1" if own_cluster else "0"],
+        stdin=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def kubectl(cluster: LocalCluster | None) -> list[str]:
