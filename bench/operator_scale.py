@@ -231,6 +231,31 @@ def per_job_requests(operator: Operator, before: dict[str, float], jobs: int) ->
     return {"api_requests_per_job": sum(by_kind.values()), "api_requests_per_job_by_kind": by_kind}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` and its reaped children so far (0 when gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds of the operator and of each control-plane process over one run: where the
+    machine's time went."""
+
+    def __init__(self, operator: Operator, cluster: LocalCluster | None) -> None:
+        self.pids = {"kubetune-operator": operator.process.pid}
+        if cluster is not None:
+            self.pids.update({n: p for n, p in cluster.running().items() if p is not None})
+        self.before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        return {
+            name: round(cpu_seconds(pid) - self.before[name], 1) for name, pid in self.pids.items()
+        }
+
+
 class LoadSampler:
     """The machine's 1-minute load average, sampled every 5 s while a run lasts."""
 
@@ -319,14 +344,20 @@ def lost_or_doubled(api: client.ApiClient, namespace: str) -> tuple[int, int]:
     return sum(1 for c in counts.values() if c == 0), sum(1 for c in counts.values() if c > 1)
 
 
-def burst(api: client.ApiClient, operator: Operator, jobs: int, rate: float) -> dict[str, Any]:
+def burst(
+    api: client.ApiClient,
+    operator: Operator,
+    cluster: LocalCluster | None,
+    jobs: int,
+    rate: float,
+) -> dict[str, Any]:
     namespace = "bench-burst"
     create_namespace(api, namespace)
     observer = Observer(api, namespace)
     time.sleep(2)
     names = [f"burst-{i:05d}" for i in range(jobs)]
     requests_before, cpu_before = operator.requests_by_kind(), operator.cpu_seconds()
-    load = LoadSampler()
+    load, meter = LoadSampler(), CpuMeter(operator, cluster)
     started = time.monotonic()
     created = create_at_rate(api, namespace, names, rate, spec(suspend=True, seconds=1))
     wait_until(lambda: len(observer.jobs_seen) >= jobs, 600, "every Job")
@@ -352,6 +383,7 @@ def burst(api: client.ApiClient, operator: Operator, jobs: int, rate: float) -> 
         **per_job_requests(operator, requests_before, jobs),
         "operator_cpu_seconds": operator.cpu_seconds() - cpu_before,
         "wall_seconds": elapsed,
+        "cpu_seconds_by_process": meter.stop(),
         "load_average": load.stop(),
         "operator_rss_mb_after": operator.rss() / 2**20,
         "operator_rss_mb_peak": operator.peak_rss / 2**20,
@@ -362,7 +394,11 @@ def burst(api: client.ApiClient, operator: Operator, jobs: int, rate: float) -> 
 
 
 def with_progress(
-    api: client.ApiClient, operator: Operator, jobs: int, seconds: int
+    api: client.ApiClient,
+    operator: Operator,
+    cluster: LocalCluster | None,
+    jobs: int,
+    seconds: int,
 ) -> dict[str, Any]:
     namespace = "bench-progress"
     create_namespace(api, namespace)
@@ -371,7 +407,7 @@ def with_progress(
     time.sleep(2)
     names = [f"progress-{i:03d}" for i in range(jobs)]
     requests_before, cpu_before = operator.requests_by_kind(), operator.cpu_seconds()
-    load = LoadSampler()
+    load, meter = LoadSampler(), CpuMeter(operator, cluster)
     stop = threading.Event()
     writes = [0]
 
@@ -420,6 +456,7 @@ def with_progress(
         **per_job_requests(operator, requests_before, jobs),
         "operator_cpu_seconds": operator.cpu_seconds() - cpu_before,
         "operator_rss_mb_peak": operator.peak_rss / 2**20,
+        "cpu_seconds_by_process": meter.stop(),
         "load_average": load.stop(),
         "lost": lost,
         "doubled": doubled,
@@ -465,12 +502,12 @@ def main() -> None:
         operator.wait_leader()
         if args.jobs:
             print(f"burst: {args.jobs} suspended FineTuneJobs at {args.rate}/s", flush=True)
-            summary["burst"] = burst(api, operator, args.jobs, args.rate)
+            summary["burst"] = burst(api, operator, cluster, args.jobs, args.rate)
             print(json.dumps(summary["burst"], indent=2), flush=True)
         if args.progress_jobs:
             print(f"progress: {args.progress_jobs} jobs, progress every second", flush=True)
             summary["progress"] = with_progress(
-                api, operator, args.progress_jobs, args.progress_seconds
+                api, operator, cluster, args.progress_jobs, args.progress_seconds
             )
             print(json.dumps(summary["progress"], indent=2), flush=True)
     finally:

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from kubetune.api.contract import ConditionType, Reason
 from kubetune.api.manifest import format_validation_error
 from kubetune.api.models import FineTuneJobSpec, FineTuneJobStatus
-from kubetune.api.timestamps import rfc3339
+from kubetune.api.timestamps import parse_rfc3339, rfc3339
 from kubetune.operator.policy import policy_problems
 from kubetune.operator.render import child_names
 from kubetune.operator.settings import OperatorSettings
@@ -218,7 +218,7 @@ def plan(
     own_pods = pods_of(job, pods)
     desired = derive_status(ftj, job, own_pods, now)
     changes = status_changes(status, desired)
-    hold = _hold(status, desired, changes, own_pods, now)
+    hold = _hold(status, desired, changes, job=job, pods=own_pods, now=now)
     if hold is not None:
         # What changed is on its way to the next phase (the pod is starting, the Job's Complete
         # is due): it is written with that phase, in one patch, unless it takes long. The next
@@ -236,21 +236,31 @@ def _hold(
     status: Obj,
     desired: Obj,
     changes: Mapping[str, Any] | None,
+    *,
+    job: Obj,
     pods: Sequence[Obj],
     now: datetime,
 ) -> float | None:
     """Seconds to wait before writing ``changes`` that only mark a step on the way (None: write
-    them now). Two steps are held, each for at most ``STEP_HOLD_SECONDS``:
+    them now). Three steps are held, each for at most ``STEP_HOLD_SECONDS``:
 
-    - ``Finishing``: the trainer exited 0 and the Job isn't marked Complete yet (the Job
-      controller takes well under a second): Running → Succeeded is one write, not two;
+    - the first ``Pending`` (``Starting``) of a job whose Job was just made: its pod usually
+      runs within seconds, and New → Running is one write (and one Event), not two;
     - a pod that started but whose trainer doesn't run yet (only ``podName``, ``attempts``,
-      ``startTime`` change, phase and reason stay): written with ``Running`` a moment later.
+      ``startTime`` change, phase and reason stay): written with ``Running`` a moment later;
+    - ``Finishing``: the trainer exited 0 and the Job isn't marked Complete yet (the Job
+      controller takes well under a second): Running → Succeeded is one write, not two.
+
+    A problem (Unschedulable, ImagePullBackOff, a failed attempt) is never held: its reason
+    differs, and it is written at once.
     """
     if changes is None:
         return None
     reason = _ready_reason(desired)
-    if reason == Reason.FINISHING and _ready_reason(status) != Reason.FINISHING:
+    if not status.get("phase") and reason == Reason.STARTING:
+        created = (job.get("metadata") or {}).get("creationTimestamp")
+        since = parse_rfc3339(str(created)) if created else None
+    elif reason == Reason.FINISHING and _ready_reason(status) != Reason.FINISHING:
         since = trainer_finished_at(pods)
     elif (
         set(changes) <= _BOOKKEEPING

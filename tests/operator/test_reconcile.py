@@ -230,3 +230,23 @@ def test_a_problem_while_starting_is_written_at_once() -> None:
     stuck = plan(ftj(pending), [job()], [pod_at(1, pulling, "Pending")], SETTINGS, NOW)
     assert stuck.status_patch is not None
     assert reason_of(stuck.status_patch) == "ImagePullBackOff"
+
+
+def test_a_new_job_goes_from_new_to_running_in_one_write_when_its_pod_runs_soon() -> None:
+    made = job()
+    made["metadata"]["creationTimestamp"] = rfc3339(NOW - timedelta(seconds=2))
+    # The Job was made two seconds ago, no pod yet: Pending isn't written yet.
+    held = plan(ftj(), [made], [], SETTINGS, NOW)
+    assert held.status_patch is None and held.requeue_after == pytest.approx(8.0)
+    # The pod runs: the first write says Running.
+    started = {"running": {"startedAt": rfc3339(NOW)}}
+    run = plan(ftj(), [made], [pod_at(1, started)], SETTINGS, NOW)
+    assert run.status_patch is not None and run.status_patch["phase"] == "Running"
+    # No pod after the hold: Pending is written, naming the Job.
+    late = plan(ftj(), [made], [], SETTINGS, NOW + timedelta(seconds=9))
+    assert late.status_patch is not None
+    assert (late.status_patch["phase"], late.status_patch["jobName"]) == ("Pending", "run-1")
+    # Suspended is what the job will stay: written at once.
+    suspended = plan(ftj(run_policy={"suspend": True}), [job(suspend=True)], [], SETTINGS, NOW)
+    assert suspended.status_patch is not None
+    assert suspended.status_patch["phase"] == "Suspended"
