@@ -35,6 +35,7 @@ from typing import Any
 
 from kubernetes import client, config, watch
 
+from kubetune.api.timestamps import parse_rfc3339
 from kubetune.local.controlplane import LocalCluster, NodeOptions
 from kubetune.local.ports import free_port
 from kubetune_devtools.installs import scrape_metrics
@@ -171,7 +172,12 @@ class Operator:
 
 
 class Observer:
-    """Watches Jobs and FineTuneJobs of one namespace; records when each is first seen."""
+    """Watches Jobs and FineTuneJobs of one namespace; records when each is first seen.
+
+    Plain dicts (no typed models: decoding thousands of V1Jobs would make this process, not the
+    operator, the bottleneck), and a dropped watch resumes from its last resourceVersion instead
+    of listing everything again.
+    """
 
     def __init__(self, api: client.ApiClient, namespace: str) -> None:
         self.namespace = namespace
@@ -179,42 +185,44 @@ class Observer:
         self.jobs_complete: dict[str, float] = {}
         self.phases: dict[str, dict[str, float]] = {}
         self._stop = threading.Event()
-        self.batch = client.BatchV1Api(api)
         self.custom = client.CustomObjectsApi(api)
-        for target in (self._watch_jobs, self._watch_finetunejobs):
+        for target in (
+            lambda: self._watch("batch", "v1", "jobs", self._on_job),
+            lambda: self._watch(GROUP, VERSION, PLURAL, self._on_finetunejob),
+        ):
             threading.Thread(target=target, daemon=True).start()
 
-    def _watch_jobs(self) -> None:
+    def _watch(self, group: str, version: str, plural: str, handle: Any) -> None:
+        version_seen: str | None = None
         while not self._stop.is_set():
             stream = watch.Watch()
             try:
                 for event in stream.stream(
-                    self.batch.list_namespaced_job, self.namespace, timeout_seconds=60
-                ):
-                    now = time.monotonic()
-                    job = event["object"]
-                    self.jobs_seen.setdefault(job.metadata.name, now)
-                    for c in (job.status.conditions or []) if job.status else []:
-                        if c.type == "Complete" and c.status == "True":
-                            self.jobs_complete.setdefault(job.metadata.name, now)
+                    self.custom.list_namespaced_custom_object, group, version, self.namespace,
+                    plural, timeout_seconds=60, resource_version=version_seen,
+                    allow_watch_bookmarks=True,
+                ):  # fmt: skip
+                    body = event["object"]
+                    if event["type"] == "ERROR":
+                        version_seen = None  # 410 Gone: from a fresh list
+                        break
+                    version_seen = body["metadata"].get("resourceVersion", version_seen)
+                    if event["type"] != "BOOKMARK":
+                        handle(body, time.monotonic())
             except Exception:  # a dropped watch is started again
                 time.sleep(0.5)
 
-    def _watch_finetunejobs(self) -> None:
-        while not self._stop.is_set():
-            stream = watch.Watch()
-            try:
-                for event in stream.stream(
-                    self.custom.list_namespaced_custom_object,
-                    GROUP, VERSION, self.namespace, PLURAL, timeout_seconds=60,
-                ):  # fmt: skip
-                    now = time.monotonic()
-                    body = event["object"]
-                    phase = (body.get("status") or {}).get("phase")
-                    if phase:
-                        self.phases.setdefault(body["metadata"]["name"], {}).setdefault(phase, now)
-            except Exception:  # as above
-                time.sleep(0.5)
+    def _on_job(self, job: dict[str, Any], now: float) -> None:
+        name = job["metadata"]["name"]
+        self.jobs_seen.setdefault(name, now)
+        for c in (job.get("status") or {}).get("conditions") or []:
+            if c.get("type") == "Complete" and c.get("status") == "True":
+                self.jobs_complete.setdefault(name, now)
+
+    def _on_finetunejob(self, body: dict[str, Any], now: float) -> None:
+        phase = (body.get("status") or {}).get("phase")
+        if phase:
+            self.phases.setdefault(body["metadata"]["name"], {}).setdefault(phase, now)
 
     def stop(self) -> None:
         self._stop.set()
@@ -332,19 +340,30 @@ def wait_until(count: Any, target: int, stall: float, what: str) -> None:
             shown = now
 
 
-def lost_or_doubled(api: client.ApiClient, namespace: str) -> tuple[int, int]:
-    """(FineTuneJobs without a Job, FineTuneJobs with more than one)."""
+def census(api: client.ApiClient, namespace: str) -> dict[str, Any]:
+    """FineTuneJobs without a Job (lost) or with more than one (doubled), and create → Job by
+    the apiserver's own creationTimestamps (whole seconds: each side is truncated, so a delay
+    reads up to 1 s off), which no client-side lag can inflate."""
     custom = client.CustomObjectsApi(api)
-    owners = {
-        f["metadata"]["uid"]
+    created = {
+        f["metadata"]["uid"]: parse_rfc3339(f["metadata"]["creationTimestamp"])
         for f in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
     }
-    counts = dict.fromkeys(owners, 0)
-    for job in client.BatchV1Api(api).list_namespaced_job(namespace).items:
-        for ref in job.metadata.owner_references or []:
-            if ref.controller and ref.uid in counts:
-                counts[ref.uid] += 1
-    return sum(1 for c in counts.values() if c == 0), sum(1 for c in counts.values() if c > 1)
+    counts = dict.fromkeys(created, 0)
+    delays: list[float] = []
+    for job in custom.list_namespaced_custom_object("batch", "v1", namespace, "jobs")["items"]:
+        for ref in job["metadata"].get("ownerReferences") or []:
+            if ref.get("controller") and ref["uid"] in counts:
+                counts[ref["uid"]] += 1
+                made = parse_rfc3339(job["metadata"]["creationTimestamp"])
+                delays.append((made - created[ref["uid"]]).total_seconds())
+    return {
+        "lost": sum(1 for c in counts.values() if c == 0),
+        "doubled": sum(1 for c in counts.values() if c > 1),
+        "create_to_job_by_server_timestamps_p50_s": percentile(delays, 50),
+        "create_to_job_by_server_timestamps_p99_s": percentile(delays, 99),
+        "create_to_job_by_server_timestamps_max_s": max(delays, default=float("nan")),
+    }
 
 
 def burst(
@@ -374,11 +393,12 @@ def burst(
     time.sleep(3)  # let the last status writes land in the count
     to_job = delays(observer.jobs_seen, created, names)
     to_status = delays(reached(observer, "Suspended"), created, names)
-    lost, doubled = lost_or_doubled(api, namespace)
+    counted = census(api, namespace)
     observer.stop()
     return {
         "jobs": jobs,
         "rate_per_second": rate,
+        "achieved_rate_per_second": len(names) / (max(created.values()) - started),
         "create_to_job_p50_s": percentile(to_job, 50),
         "create_to_job_p99_s": percentile(to_job, 99),
         "create_to_job_max_s": max(to_job, default=float("nan")),
@@ -392,8 +412,7 @@ def burst(
         "operator_rss_mb_after": operator.rss() / 2**20,
         "operator_rss_mb_peak": operator.peak_rss / 2**20,
         "jobs_seen": len(to_job),
-        "lost": lost,
-        "doubled": doubled,
+        **counted,
     }
 
 
@@ -447,7 +466,7 @@ def with_progress(
     time.sleep(3)
     lag = delays(reached(observer, "Succeeded"), observer.jobs_complete, names)
     to_running = delays(reached(observer, "Running"), created, names)
-    lost, doubled = lost_or_doubled(api, namespace)
+    counted = census(api, namespace)
     observer.stop()
     return {
         "jobs": jobs,
@@ -463,8 +482,7 @@ def with_progress(
         "operator_rss_mb_peak": operator.peak_rss / 2**20,
         "cpu_seconds_by_process": meter.stop(),
         "load_average": load.stop(),
-        "lost": lost,
-        "doubled": doubled,
+        **counted,
     }
 
 
