@@ -15,7 +15,9 @@ Two runs against one ``kubetune-operator`` process (leader election on, as in th
     .venv/bin/python bench/operator_scale.py --jobs 5000 --rate 50 --progress-jobs 100
 
 Starts its own local cluster in a temporary home (``--kubeconfig`` reuses one) and writes a JSON
-summary with ``--out``. Figures and the machine they came from: docs/performance.md.
+summary with ``--out``. However it ends (exit, Ctrl-C, SIGTERM, SIGHUP or SIGKILL), its operator
+and cluster are stopped: a reaper process does it when this one's pipe to it closes.
+Figures and the machine they came from: docs/performance.md.
 """
 
 from __future__ import annotations
