@@ -43,7 +43,7 @@ _kube: Kube | None = None
 def kube() -> Kube:
     global _kube  # noqa: PLW0603 - one API client per process, made at startup
     if _kube is None:
-        _kube = Kube(load_config(SETTINGS.max_workers + 4))
+        _kube = Kube(load_config(SETTINGS.max_workers + 4), SETTINGS.api_timeout_seconds)
     return _kube
 
 

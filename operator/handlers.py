@@ -121,12 +121,15 @@ async def configure(
     settings.posting.level = logging.WARNING
     # Replicas coordinate through the Lease (operator/leader.py), not kopf's peering.
     settings.peering.standalone = True
+    # A watch ends on the server's timeout; the client's is a backstop for a connection that
+    # broke without a word. Watches ask for bookmarks, which the apiserver sends about once a
+    # minute, so one silent for longer than the inactivity timeout is dead (a dropped NAT entry,
+    # a stuck proxy) and is started again from its last resourceVersion.
     settings.watching.server_timeout = SETTINGS.watch_timeout_seconds
     settings.watching.client_timeout = SETTINGS.watch_timeout_seconds + 30
-    # kopf's inactivity_timeout (70 s) stays: watches ask for bookmarks, which the apiserver
-    # sends about once a minute, so a watch silent for longer is dead and is started again.
+    settings.watching.inactivity_timeout = SETTINGS.watch_inactivity_seconds
     settings.watching.connect_timeout = 30
-    settings.networking.request_timeout = 60
+    settings.networking.request_timeout = SETTINGS.api_timeout_seconds
     settings.execution.max_workers = SETTINGS.max_workers
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
 

@@ -32,7 +32,6 @@ _PLURALS: Final = {
     "Job": "jobs",
     "NetworkPolicy": "networkpolicies",
 }
-_TIMEOUT: Final = 30.0
 
 
 def load_config(pool_size: int = 32) -> client.ApiClient:
@@ -61,8 +60,11 @@ def finetunejob_path(namespace: str, name: str, subresource: str = "") -> str:
 class Kube:
     """GET, POST, PATCH and DELETE of JSON objects; failures raise ApiException."""
 
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, timeout: float = 30.0) -> None:
         self.api = api
+        #: Seconds a request may take: a connection that went silent fails it (and a retry
+        #: opens a new one) instead of holding a worker.
+        self.timeout = timeout
 
     def request(
         self,
@@ -83,7 +85,7 @@ class Kube:
                 url,
                 headers=headers,
                 body=body,
-                _request_timeout=_TIMEOUT,
+                _request_timeout=self.timeout,
             )
         except Exception:
             API_REQUESTS.labels(method, resource_of(path), "0").inc()

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from kubetune.api.contract import ConditionType, Reason
 from kubetune.api.manifest import format_validation_error
 from kubetune.api.models import FineTuneJobSpec, FineTuneJobStatus
-from kubetune.api.timestamps import rfc3339
+from kubetune.api.timestamps import parse_rfc3339, rfc3339
 from kubetune.operator.policy import policy_problems
 from kubetune.operator.render import child_names
 from kubetune.operator.settings import OperatorSettings
@@ -26,13 +26,20 @@ from kubetune.operator.status import (
     derive_status,
     group_restart_due,
     nodes_of,
+    pod_started_at,
     set_condition,
+    trainer_finished_at,
     ttl_remaining,
 )
 
 Obj = Mapping[str, Any]
 
 FINISHED: Final = ("Succeeded", "Failed")
+#: The longest a status change that only marks a step on the way (``_hold``) waits to be written
+#: with the next phase: each such write is a patch per job, plus the watch events it causes.
+STEP_HOLD_SECONDS: Final = 10.0
+#: Status fields that change as a pod starts, without a change of phase or reason.
+_BOOKKEEPING: Final = frozenset({"podName", "attempts", "startTime", "conditions"})
 #: Status fields the operator owns. ``progress`` is the trainer's: never written here.
 OPERATOR_FIELDS: Final = frozenset(FineTuneJobStatus.model_fields) - {"progress"}
 _ALIASES: Final = {
@@ -223,9 +230,66 @@ def plan(
         and not job.get("metadata", {}).get("deletionTimestamp")
         and group_restart_due(ftj, job, own_pods)
     )
-    return Plan(
-        job_patch=None if restart else desired_job_patch(ftj, job),
-        status_patch=status_changes(status, desired),
-        delete_job=restart,
-        notes=("group attempt failed: replacing its Job",) if restart else (),
-    )
+    if restart:
+        return Plan(
+            status_patch=status_changes(status, desired),
+            delete_job=True,
+            notes=("group attempt failed: replacing its Job",),
+        )
+    changes = status_changes(status, desired)
+    hold = _hold(status, desired, changes, job=job, pods=own_pods, now=now)
+    if hold is not None:
+        # What changed is on its way to the next phase (the pod is starting, the Job's Complete
+        # is due): it is written with that phase, in one patch, unless it takes long. The next
+        # event of the pod or Job queues this job again at once.
+        return Plan(job_patch=desired_job_patch(ftj, job), requeue_after=hold)
+    return Plan(job_patch=desired_job_patch(ftj, job), status_patch=changes)
+
+
+def _ready_reason(status: Obj) -> str | None:
+    ready = [c for c in status.get("conditions") or [] if c.get("type") == ConditionType.READY]
+    return str(ready[0].get("reason")) if ready else None
+
+
+def _hold(
+    status: Obj,
+    desired: Obj,
+    changes: Mapping[str, Any] | None,
+    *,
+    job: Obj,
+    pods: Sequence[Obj],
+    now: datetime,
+) -> float | None:
+    """Seconds to wait before writing ``changes`` that only mark a step on the way (None: write
+    them now). Three steps are held, each for at most ``STEP_HOLD_SECONDS``:
+
+    - the first ``Pending`` (``Starting``) of a job whose Job was just made: its pod usually
+      runs within seconds, and New → Running is one write (and one Event), not two;
+    - a pod that started but whose trainer doesn't run yet (only ``podName``, ``attempts``,
+      ``startTime`` change, phase and reason stay): written with ``Running`` a moment later;
+    - ``Finishing``: the trainer exited 0 and the Job isn't marked Complete yet (the Job
+      controller takes well under a second): Running → Succeeded is one write, not two.
+
+    A problem (Unschedulable, ImagePullBackOff, a failed attempt) is never held: its reason
+    differs, and it is written at once.
+    """
+    if changes is None:
+        return None
+    reason = _ready_reason(desired)
+    if not status.get("phase") and reason == Reason.STARTING:
+        created = (job.get("metadata") or {}).get("creationTimestamp")
+        since = parse_rfc3339(str(created)) if created else None
+    elif reason == Reason.FINISHING and _ready_reason(status) != Reason.FINISHING:
+        since = trainer_finished_at(pods)
+    elif (
+        set(changes) <= _BOOKKEEPING
+        and desired.get("phase") == status.get("phase")
+        and reason == _ready_reason(status)
+    ):
+        since = pod_started_at(pods)
+    else:
+        return None
+    if since is None:
+        return None
+    left = STEP_HOLD_SECONDS - (now - since).total_seconds()
+    return left if left > 0 else None

@@ -129,6 +129,19 @@ class OperatorSettings(BaseSettings):
     watch_timeout_seconds: int = Field(
         default=300, ge=10, description="Server-side timeout of each watch request."
     )
+    watch_inactivity_seconds: float = Field(
+        default=70.0,
+        ge=1,
+        description=(
+            "A watch that brings no event, not even a bookmark (the apiserver sends one about "
+            "every minute), for this long is taken for dead and started again."
+        ),
+    )
+    api_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="Timeout of each of the operator's own API requests (not the watches).",
+    )
     status_recheck_seconds: float = Field(
         default=30.0,
         gt=0,

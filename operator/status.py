@@ -356,6 +356,26 @@ def _outcome(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> tuple[Outcome, O
     return Outcome("Pending", Reason.STARTING, "waiting for the trainer pod to start"), None
 
 
+def pod_started_at(pods: Sequence[Obj]) -> datetime | None:
+    """When the newest pod was started on its node (its ``status.startTime``)."""
+    times = [
+        parse_rfc3339(str(pod["status"]["startTime"]))
+        for pod in pods
+        if (pod.get("status") or {}).get("startTime")
+    ]
+    return max(times) if times else None
+
+
+def trainer_finished_at(pods: Sequence[Obj]) -> datetime | None:
+    """When the last trainer that exited 0 finished (None: none did, or it gave no time)."""
+    times = [
+        parse_rfc3339(str(state["finishedAt"]))
+        for state in (_terminated(pod) for pod in pods)
+        if state and state.get("exitCode") == 0 and state.get("finishedAt")
+    ]
+    return max(times) if times else None
+
+
 def _started_at(pods: Sequence[Obj]) -> str | None:
     times: list[str] = []
     for pod in pods:
@@ -494,13 +514,18 @@ def ttl_remaining(status: Obj, ttl_seconds: int | None, now: datetime) -> float 
 
 
 def transition(old: Obj, new: Obj) -> tuple[str, str, str] | None:
-    """(event type, reason, message) when phase or its reason changed, else None."""
+    """(event type, reason, message) when the phase changed, or when a problem a person has to
+    see (Unschedulable, ImagePullBackOff, a retried attempt, ...) appeared within one phase;
+    else None. A reason that changes within a phase on the way (Starting, Finishing) is in the
+    status conditions but gets no Event: one Event per phase change, not per reason."""
     old_phase, new_phase = old.get("phase"), new.get("phase")
     old_ready = _condition(old, READY)
     new_ready = _condition(new, READY)
-    if old_phase == new_phase and old_ready.get("reason") == new_ready.get("reason"):
-        return None
     reason = str(new_ready.get("reason") or new_phase)
+    if old_phase == new_phase and (
+        old_ready.get("reason") == new_ready.get("reason") or reason not in _PROBLEM_REASONS
+    ):
+        return None
     message = str(new_ready.get("message") or "")
     kind = "Warning" if new_phase == "Failed" or reason in _PROBLEM_REASONS else "Normal"
     text = f"{old_phase or 'New'} → {new_phase}" + (f": {message}" if message else "")

@@ -4,7 +4,9 @@ and dataset written onto a PVC by a pod, FineTuneJobs applied with kubectl."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,3 +34,20 @@ def kubetune_release(
     yield SYSTEM_NAMESPACE
     helm("uninstall", "kubetune", "--namespace", SYSTEM_NAMESPACE, "--wait", env=env)
     kubectl("delete", "namespace", SYSTEM_NAMESPACE, "--wait=false", check=False)
+
+
+@pytest.fixture
+def cpu_hog() -> Iterator[int]:
+    """One busy loop per core, at normal priority, for the test's duration: the machine as busy
+    as it gets when other work shares it. Yields how many loops run."""
+    count = os.cpu_count() or 1
+    loops = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+        for _ in range(count)
+    ]
+    try:
+        yield count
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -13,6 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 TINY_EXAMPLE = REPO / "examples" / "tiny-cpu.yaml"
 SYSTEM_NAMESPACE = "kubetune-e2e"
 CLAIM = "kubetune-demo"
+T = TypeVar("T")
 
 
 def operator_pods(kubectl: Kubectl) -> list[dict[str, Any]]:
@@ -76,11 +80,76 @@ def ftj_status(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
 
 
 def wait_phase(
-    kubectl: Kubectl, namespace: str, name: str, phases: set[str], timeout: float
+    kubectl: Kubectl, namespace: str, name: str, phases: set[str], patience: float
 ) -> dict[str, Any]:
-    def reached() -> dict[str, Any] | None:
-        status = ftj_status(kubectl, namespace, name)
-        return status if status.get("phase") in phases else None
-
-    found: dict[str, Any] = wait_for(reached, timeout, f"{name} to reach {sorted(phases)}", 1)
+    """The status once the job reaches one of ``phases``; fails only when the job stops moving
+    (see ``wait_observing``), however long a busy machine makes the whole run."""
+    found: dict[str, Any] = wait_observing(
+        kubectl,
+        namespace,
+        name,
+        lambda status: status if status.get("phase") in phases else None,
+        patience,
+        f"{name} to reach {sorted(phases)}",
+    )
     return found
+
+
+#: The next change may take this many times the longest gap between changes seen so far.
+PACE_FACTOR = 4.0
+
+
+def wait_observing(
+    kubectl: Kubectl,
+    namespace: str,
+    name: str,
+    done: Callable[[dict[str, Any]], T | None],
+    patience: float,
+    what: str,
+) -> T:
+    """Poll the job's status until ``done(status)`` returns something, and return it.
+
+    The deadline is not a constant: it moves with what the job shows. Each change of phase,
+    Ready reason, attempt or progress step starts a new wait for the next change, of
+    ``PACE_FACTOR`` × the longest gap between changes seen so far (loading the model, a stretch of
+    steps, a pod restarting), and never less than ``patience`` (the allowance for the first
+    change, before anything was measured). A slow machine makes every gap longer and the waits
+    with them; a job that stops moving fails in about ``PACE_FACTOR`` of its own slowest pace.
+    """
+    last_seen: tuple[Any, ...] | None = None
+    changed_at = time.monotonic()
+    longest_gap = 0.0
+    while True:
+        status = ftj_status_or_empty(kubectl, namespace, name)
+        result = done(status)
+        if result is not None:
+            return result
+        now = time.monotonic()
+        ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+        seen = (
+            status.get("phase"),
+            ready.get("reason"),
+            status.get("attempts"),
+            (status.get("progress") or {}).get("step"),
+        )
+        if seen != last_seen:
+            if last_seen is not None:
+                longest_gap = max(longest_gap, now - changed_at)
+            last_seen, changed_at = seen, now
+        allowed = max(patience, PACE_FACTOR * longest_gap)
+        if now - changed_at > allowed:
+            raise AssertionError(
+                f"{what}: nothing moved for {now - changed_at:.0f}s (allowed {allowed:.0f}s: "
+                f"{PACE_FACTOR:g} x the longest gap seen, {longest_gap:.0f}s); last seen "
+                f"phase/reason/attempts/step {seen}"
+            )
+        time.sleep(1)
+
+
+def ftj_status_or_empty(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
+    """The status, or {} while the FineTuneJob can't be read (not there yet, a blip)."""
+    result = kubectl("get", "ftj", name, "-n", namespace, "-o", "json", check=False)
+    if result.returncode != 0:
+        return {}
+    status: dict[str, Any] = json.loads(result.stdout).get("status") or {}
+    return status

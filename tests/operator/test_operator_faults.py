@@ -1,6 +1,6 @@
 """Faults the operator survives, on the real local control plane: the apiserver or etcd
 restarted mid-run, the operator SIGKILLed while it creates children, a FineTuneJob deleted while
-its Job is made, the node agent stopped under a running pod.
+its Job is made, the node agent stopped under a running pod, every watch gone quiet at once.
 
 Jobs run the stand-in trainer (seconds) or stay suspended (nothing runs), so each test costs
 seconds plus the restart it provokes.
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from operatorkit import CRD, OperatorProcess, log_tail_after, started
+from stallproxy import StallingProxy
+from test_operator_ha import leader_of
 from test_operator_integration import (
     apply,
     finetunejob,
@@ -168,3 +170,67 @@ def test_a_pod_lost_with_the_node_agent_is_replaced_and_the_job_completes(
     assert status["attempts"] >= 2
     assert status["podName"] != first["podName"]
     assert len(jobs_of(kubectl, namespace)) == 1
+
+
+#: What the quiet-watch test sets: a watch silent this long is dead; a request this slow fails.
+QUIET_INACTIVITY_SECONDS = 6
+QUIET_API_TIMEOUT_SECONDS = 5
+
+
+def test_watches_that_go_quiet_are_started_again_and_a_new_job_still_gets_its_job(
+    operator: OperatorProcess,
+    local_cluster: ClusterHandle,
+    kubectl: Kubectl,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
+    """Every connection between the operator and the apiserver goes silent at once, without
+    being closed (a dropped NAT entry, a stuck proxy): the operator must notice its watches bring
+    nothing (kopf's inactivity timeout, bookmarks), start them again and act on what was created
+    meanwhile."""
+    info = ClusterInfo.load(local_cluster.local().layout)
+    operator.stop()  # this test's operator, behind the proxy, is the only one acting
+    try:
+        with StallingProxy(("127.0.0.1", info.apiserver_port)) as proxy:
+            quiet = OperatorProcess(
+                proxy.kubeconfig(local_cluster.kubeconfig, tmp_path / "kubeconfig"),
+                tmp_path / "operator.log",
+                env={
+                    "KUBETUNE_WATCH_INACTIVITY_SECONDS": str(QUIET_INACTIVITY_SECONDS),
+                    "KUBETUNE_API_TIMEOUT_SECONDS": str(QUIET_API_TIMEOUT_SECONDS),
+                    "KUBETUNE_LEASE_NAME": "kubetune-quiet-watch",
+                },
+            )
+            quiet.start()
+            try:
+                wait_for(lambda: leader_of(quiet), 120, "the operator to take its Lease")
+                started_at = time.monotonic()
+                apply_suspended(kubectl, namespace, "before")
+                wait_phase(kubectl, namespace, "before", {"Suspended"}, 120)
+                # How long a new job takes to get its Job on this machine, now.
+                observed = time.monotonic() - started_at
+
+                stalled = proxy.stall()
+                assert stalled >= 3  # at least the FineTuneJob, Job and Pod watches
+                stalled_at = time.monotonic()
+                apply_suspended(kubectl, namespace, "during")
+                # The silence noticed, a request or two on dead kept-alive connections timed out
+                # and retried (5 s), then as fast as before. Well under kopf's default 70 s.
+                retry = QUIET_API_TIMEOUT_SECONDS + 5
+                deadline = QUIET_INACTIVITY_SECONDS + 2 * retry + 3 * observed
+                status = wait_phase(kubectl, namespace, "during", {"Suspended"}, deadline)
+                took = time.monotonic() - stalled_at
+                print(f"a job created in the silence got its Job after {took:.1f}s")
+                assert status["jobName"]
+                # The operator hung up on its silent watches itself (the server never closed
+                # them: its watch timeout is minutes away, and the proxy drops its bytes).
+                assert proxy.closed_by_client_while_stalled >= 3
+                owners = [
+                    j["metadata"]["ownerReferences"][0]["name"] for j in jobs_of(kubectl, namespace)
+                ]
+                assert sorted(owners) == ["before", "during"]
+            finally:
+                print(f"--- quiet-watch operator log (tail) ---\n{quiet.log_tail()}")
+                quiet.stop()
+    finally:
+        operator.start()

@@ -186,3 +186,89 @@ def test_a_failed_group_attempt_replaces_its_job_and_the_next_job_is_the_next_at
     final = plan(ftj({"attempts": 2}, **group), [last], [], SETTINGS, NOW)
     assert not final.delete_job
     assert final.status_patch is not None and final.status_patch["phase"] == "Failed"
+
+
+def pod_at(
+    seconds_ago: float, state: dict[str, Any] | None, phase: str = "Running"
+) -> dict[str, Any]:
+    """A pod of the owned Job, started ``seconds_ago``, its trainer in ``state``."""
+    started = rfc3339(NOW - timedelta(seconds=seconds_ago))
+    statuses = [{"name": "trainer", "state": state}] if state is not None else []
+    return {
+        "metadata": {
+            "name": "run-1-abc",
+            "creationTimestamp": started,
+            "ownerReferences": [{"uid": "job-uid", "controller": True}],
+        },
+        "status": {"phase": phase, "startTime": started, "containerStatuses": statuses},
+    }
+
+
+def reason_of(status: dict[str, Any]) -> str:
+    return next(c["reason"] for c in status["conditions"] if c["type"] == "Ready")
+
+
+def test_running_to_succeeded_is_one_write_when_the_job_completes_soon_after_the_trainer() -> None:
+    running = derive_status(ftj(), job(), [running_pod()], NOW)
+    exited = {"terminated": {"exitCode": 0, "finishedAt": rfc3339(NOW - timedelta(seconds=2))}}
+    # The trainer exited 0 two seconds ago; the Job isn't Complete yet: nothing written, a look
+    # again when the hold ends (the Job's event comes sooner).
+    held = plan(ftj(running), [job()], [pod_at(30, exited, "Succeeded")], SETTINGS, NOW)
+    assert held.status_patch is None
+    assert held.requeue_after == pytest.approx(8.0)
+    # The Job controller is slow: after the hold the status says Finishing.
+    late = NOW + timedelta(seconds=11)
+    slow = plan(ftj(running), [job()], [pod_at(30, exited, "Succeeded")], SETTINGS, late)
+    assert slow.status_patch is not None and reason_of(slow.status_patch) == "Finishing"
+    assert "phase" not in slow.status_patch  # still Running
+    # Complete: one write from Running straight to Succeeded.
+    complete = job()
+    complete["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+    done = plan(ftj(running), [complete], [pod_at(30, exited, "Succeeded")], SETTINGS, NOW)
+    assert done.status_patch is not None and done.status_patch["phase"] == "Succeeded"
+
+
+def test_a_starting_pod_is_written_with_running_unless_it_takes_long() -> None:
+    pending = derive_status(ftj(), job(), [], NOW)
+    assert pending["phase"] == "Pending" and "podName" not in pending
+    creating = {"waiting": {"reason": "ContainerCreating"}}
+    # The pod has a start time but its trainer doesn't run yet: the pod's name alone waits.
+    held = plan(ftj(pending), [job()], [pod_at(3, creating, "Pending")], SETTINGS, NOW)
+    assert held.status_patch is None and held.requeue_after == pytest.approx(7.0)
+    # Still not running after the hold: the pod's name is written (a person looks for it).
+    slow = plan(ftj(pending), [job()], [pod_at(12, creating, "Pending")], SETTINGS, NOW)
+    assert slow.status_patch is not None and slow.status_patch["podName"] == "run-1-abc"
+    # Running: phase, pod name and attempts in one write.
+    started = {"running": {"startedAt": rfc3339(NOW)}}
+    run = plan(ftj(pending), [job()], [pod_at(3, started)], SETTINGS, NOW)
+    assert run.status_patch is not None
+    assert (run.status_patch["phase"], run.status_patch["podName"]) == ("Running", "run-1-abc")
+    assert run.status_patch["attempts"] == 1
+
+
+def test_a_problem_while_starting_is_written_at_once() -> None:
+    pending = derive_status(ftj(), job(), [], NOW)
+    pulling = {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}}
+    stuck = plan(ftj(pending), [job()], [pod_at(1, pulling, "Pending")], SETTINGS, NOW)
+    assert stuck.status_patch is not None
+    assert reason_of(stuck.status_patch) == "ImagePullBackOff"
+
+
+def test_a_new_job_goes_from_new_to_running_in_one_write_when_its_pod_runs_soon() -> None:
+    made = job()
+    made["metadata"]["creationTimestamp"] = rfc3339(NOW - timedelta(seconds=2))
+    # The Job was made two seconds ago, no pod yet: Pending isn't written yet.
+    held = plan(ftj(), [made], [], SETTINGS, NOW)
+    assert held.status_patch is None and held.requeue_after == pytest.approx(8.0)
+    # The pod runs: the first write says Running.
+    started = {"running": {"startedAt": rfc3339(NOW)}}
+    run = plan(ftj(), [made], [pod_at(1, started)], SETTINGS, NOW)
+    assert run.status_patch is not None and run.status_patch["phase"] == "Running"
+    # No pod after the hold: Pending is written, naming the Job.
+    late = plan(ftj(), [made], [], SETTINGS, NOW + timedelta(seconds=9))
+    assert late.status_patch is not None
+    assert (late.status_patch["phase"], late.status_patch["jobName"]) == ("Pending", "run-1")
+    # Suspended is what the job will stay: written at once.
+    suspended = plan(ftj(run_policy={"suspend": True}), [job(suspend=True)], [], SETTINGS, NOW)
+    assert suspended.status_patch is not None
+    assert suspended.status_patch["phase"] == "Suspended"

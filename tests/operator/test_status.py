@@ -493,3 +493,23 @@ def test_a_group_is_retrying_from_the_moment_one_of_its_pods_goes() -> None:
     running = rank_pod(0, "Running", {"running": {"startedAt": EARLIER}})
     status = derive_status(ftj(**GROUP), group_job(), [running, bad], NOW)
     assert condition(status, "Ready")["reason"] == "Running"
+
+
+def test_an_event_per_phase_change_and_per_problem_not_per_step_on_the_way() -> None:
+    running = derive_status(
+        ftj(), job(), [pod("Running", state={"running": {"startedAt": EARLIER}})], NOW
+    )
+    finishing = derive_status(ftj(running), job(), [pod("Succeeded", state=terminated(0))], NOW)
+    assert condition(finishing, "Ready")["reason"] == "Finishing"
+    assert transition(running, finishing) is None  # a step within Running: no Event
+    pending = derive_status(ftj(), job(), [], NOW)
+    unschedulable = derive_status(
+        ftj(pending),
+        job(),
+        [pod("Pending", started=False, conditions=[{"type": "PodScheduled", "status": "False",
+              "reason": "Unschedulable", "message": "0/1 nodes are available"}])],
+        NOW,
+    )  # fmt: skip
+    change = transition(pending, unschedulable)
+    assert change is not None and change[:2] == ("Warning", "Unschedulable")
+    assert transition(unschedulable, pending) is None  # back to Starting: no Event

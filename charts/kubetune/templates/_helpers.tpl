@@ -128,6 +128,10 @@ namespaces) or into one Role per watched namespace.
   value: {{ .Values.operator.progressIntervalSeconds | quote }}
 - name: KUBETUNE_WATCH_TIMEOUT_SECONDS
   value: {{ .Values.operator.watchTimeoutSeconds | quote }}
+- name: KUBETUNE_WATCH_INACTIVITY_SECONDS
+  value: {{ .Values.operator.watchInactivitySeconds | quote }}
+- name: KUBETUNE_API_TIMEOUT_SECONDS
+  value: {{ .Values.operator.apiTimeoutSeconds | quote }}
 - name: KUBETUNE_STATUS_RECHECK_SECONDS
   value: {{ .Values.operator.statusRecheckSeconds | quote }}
 - name: KUBETUNE_REFERENCE_RECHECK_SECONDS
