@@ -58,7 +58,7 @@ ensure_tools() {
 
 bah() {
   buildah --root "${CACHE}/buildah/root" --runroot "${CACHE}/buildah/run" \
-    --storage-driver overlay "$@"
+    --storage-driver overlay --storage-opt overlay.skip_mount_home=true "$@"
 }
 
 sources_list() {

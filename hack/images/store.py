@@ -6,14 +6,16 @@ container's imageID; the layers stay in buildah's storage, listed in ``layers``)
 
     python3 store.py STORAGE_ROOT IMAGE_ID TAG DEST
 
-hack/images/build.sh runs it under its lock, with buildah idle. A hard link costs a directory
-entry: the trainer's 5 GB root filesystem takes seconds instead of two full copies (an OCI
-layout of uncompressed layers, then umoci's unpack of them).
+hack/images/build.sh runs it under its lock, with buildah idle (its storage runs with
+overlay.skip_mount_home, so the layers are on the store's mount; elsewhere each file is copied).
+A hard link costs a directory entry: the trainer's 5 GB root filesystem takes seconds instead of
+two full copies (an OCI layout of uncompressed layers, then umoci's unpack of them).
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -71,8 +73,26 @@ def remove(path: Path) -> None:
 def same_metadata(source: Path, target: Path) -> None:
     info = os.lstat(source)
     os.chown(target, info.st_uid, info.st_gid, follow_symlinks=False)
-    os.chmod(target, stat.S_IMODE(info.st_mode))
+    if not stat.S_ISLNK(info.st_mode):
+        os.chmod(target, stat.S_IMODE(info.st_mode))
     os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns), follow_symlinks=False)
+
+
+def place(source: Path, target: Path, info: os.stat_result) -> None:
+    """A hard link to ``source``; a copy where the two are on different mounts."""
+    try:
+        os.link(source, target, follow_symlinks=False)
+        return
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+    if stat.S_ISLNK(info.st_mode):
+        os.symlink(os.readlink(source), target)
+    elif stat.S_ISREG(info.st_mode):
+        shutil.copy2(source, target)
+    else:
+        os.mknod(target, info.st_mode, info.st_rdev)
+    same_metadata(source, target)
 
 
 def apply_layer(diff: Path, rootfs: Path) -> None:
@@ -103,7 +123,7 @@ def apply_layer(diff: Path, rootfs: Path) -> None:
                 continue
             if target.exists() or target.is_symlink():
                 remove(target)
-            os.link(source, target, follow_symlinks=False)
+            place(source, target, info)
     # Directories last, deepest first: adding their entries changed their times.
     for source_dir, target_dir in reversed(directories):
         same_metadata(source_dir, target_dir)

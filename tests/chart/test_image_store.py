@@ -4,6 +4,7 @@ directories hide what was below, and nothing is copied."""
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import stat
@@ -31,10 +32,17 @@ def write(path: Path, text: str, mode: int = 0o644) -> None:
     path.chmod(mode)
 
 
+@pytest.mark.parametrize("mounts", ["one mount", "layers on another mount"])
 def test_layers_become_one_root_of_hard_links_with_whiteouts_and_opaque_directories(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mounts: str
 ) -> None:
     store = load_store()
+    if mounts != "one mount":
+
+        def cross_device(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(store.os, "link", cross_device)
     lower, upper, rootfs = tmp_path / "lower", tmp_path / "upper", tmp_path / "rootfs"
     write(lower / "etc" / "passwd", "root\n")
     write(lower / "opt" / "app" / "old.py", "old\n")
@@ -60,6 +68,11 @@ def test_layers_become_one_root_of_hard_links_with_whiteouts_and_opaque_director
     assert stat.S_IMODE((rootfs / "var" / "cache").stat().st_mode) == 0o700
     assert sorted(p.name for p in (rootfs / "usr" / "bin").iterdir()) == ["tool"]
     assert os.access(rootfs / "usr" / "bin" / "tool", os.X_OK)
+    if mounts != "one mount":  # copied, with the layer's mode
+        assert (rootfs / "usr" / "bin" / "tool").stat().st_ino != (
+            lower / "usr" / "bin" / "tool"
+        ).stat().st_ino
+        return
     # Hard links to the layers' own files: no byte was copied.
     assert (rootfs / "opt" / "app" / "new.py").stat().st_ino == (
         upper / "opt" / "app" / "new.py"
