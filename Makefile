@@ -7,7 +7,7 @@ export PYTHONSAFEPATH := 1
 
 help:
 	@echo "make demo   set everything up and run the tiny fine-tuning job end to end"
-	@echo "make test   install what the tests need, then lint, type-check and run every test"
+	@echo "make test   install what the tests need, build the images, then lint, type-check and run every test"
 	@echo "make crds   regenerate crds/ from the API models"
 	@echo "make images build the operator and trainer images from the Dockerfile (buildah, cached)"
 	@echo "make lock   re-pin requirements/*.txt after a change to pyproject.toml's dependencies"
@@ -24,8 +24,10 @@ demo-down:
 lint: setup
 	@bash hack/lint.sh
 
+# The images first, outside pytest's per-test timeout (the trainer's is minutes when cold).
 test: setup
 	@bash hack/lint.sh
+	@bash hack/images/build.sh >/dev/null
 	@bash hack/pytest.sh
 
 crds: setup

@@ -3,8 +3,8 @@
 # its extras at the versions pinned in requirements/dev.txt (`make lock`; through uv, with its
 # download cache and the pinned hashes), Debian's
 # bubblewrap, and the Kubernetes control-plane binaries built from Go modules into a cache keyed
-# by their go.sum. The images (`make images`, hack/images/build.sh) are built by the tests that
-# run them, on first use, and cached by content.
+# by their go.sum. The images (`make images`, hack/images/build.sh) are built by `make test`
+# before pytest (and by the tests that run them, on first use), cached by content.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The folder operator/ would shadow the standard library module if the cwd were on sys.path.
