@@ -5,9 +5,12 @@
 #   docker build --target trainer  -t kubetune/trainer:0.1.0  .   # slim Python, torch (its wheels
 #                                                                  # carry the CUDA libraries), TRL
 #
-# Both install the distribution with one extra into a clean virtual environment. The trainer needs no CUDA base image: torch's Linux wheels bring the CUDA
-# runtime, cuBLAS, cuDNN and NCCL as Python packages; the node brings only the NVIDIA driver
-# (minimum version in docs/install.md). Base images are pinned by tag; pin them by digest for
+# Each installs its pinned third-party dependencies first (requirements/<target>.txt, with hashes;
+# `make lock` writes them from pyproject.toml), in a layer of their own, then the project itself
+# without dependencies: a source change rebuilds only the last, small layer. uv (pinned by
+# UV_VERSION) lives in a cache mount of its own, like its download cache: neither is in the image. The trainer
+# needs no CUDA base image: torch's Linux wheels bring the CUDA runtime, cuBLAS, cuDNN and NCCL as
+# Python packages; the node brings only the NVIDIA driver (minimum version in docs/install.md). Base images are pinned by tag; pin them by digest for
 # production builds: --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest>.
 #
 # Behind a TLS-intercepting proxy, pass its CA bundle as a build secret; it is mounted only into
@@ -30,37 +33,35 @@ COPY cli/ cli/
 COPY local/ local/
 
 # ---------------------------------------------------------------------------------------------
-# uv, pinned, in a virtual environment of its own (the base's Python may be externally managed).
-FROM ${PYTHON_IMAGE} AS uv
-ARG UV_VERSION
-RUN --mount=type=secret,id=ca-bundle \
-    if [ -s /run/secrets/ca-bundle ]; then export PIP_CERT=/run/secrets/ca-bundle; fi \
- && python3 -m venv /opt/uv \
- && /opt/uv/bin/pip install --no-cache-dir --disable-pip-version-check "uv==${UV_VERSION}"
-ENV UV_PROJECT_ENVIRONMENT=/opt/kubetune \
-    UV_PYTHON_DOWNLOADS=never \
-    UV_LINK_MODE=copy \
-    UV_NO_PROGRESS=1
-
-# ---------------------------------------------------------------------------------------------
-# Operator: kopf + kubernetes client in a virtual environment, copied into a clean slim image.
-FROM uv AS operator-build
-COPY --from=source /src /src
-WORKDIR /src
-RUN --mount=type=cache,id=kubetune-uv,target=/root/.cache/uv,sharing=locked \
-    --mount=type=secret,id=ca-bundle \
-    if [ -s /run/secrets/ca-bundle ]; then export SSL_CERT_FILE=/run/secrets/ca-bundle; fi \
- && /opt/uv/bin/uv venv /opt/kubetune \
- && /opt/uv/bin/uv pip install --python /opt/kubetune/bin/python --compile-bytecode "/src[operator]" \
- && /opt/kubetune/bin/python -P -c "import importlib.metadata as m; print('kubetune-operator', m.version('kubetune'))" > /opt/kubetune/IMAGE-VERSION
-
+# Operator: kopf + kubernetes client, no torch.
 FROM ${PYTHON_IMAGE} AS operator
+ARG UV_VERSION
 LABEL org.opencontainers.image.title="kubetune-operator" \
       org.opencontainers.image.description="kubetune's kopf operator for FineTuneJobs" \
       org.opencontainers.image.licenses="Apache-2.0"
 RUN groupadd --system --gid 10001 kubetune \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent kubetune
-COPY --from=operator-build /opt/kubetune /opt/kubetune
+COPY requirements/operator.txt /opt/kubetune-requirements/
+RUN --mount=type=cache,id=kubetune-uv-bin,target=/opt/uv \
+    --mount=type=cache,id=kubetune-uv,target=/root/.cache/uv \
+    --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export SSL_CERT_FILE=/run/secrets/ca-bundle PIP_CERT=/run/secrets/ca-bundle; fi \
+ && export UV_PYTHON_DOWNLOADS=never UV_LINK_MODE=copy UV_NO_PROGRESS=1 uv=/opt/uv/${UV_VERSION}/bin/uv \
+ && { [ -x "$uv" ] || { python3 -m venv /opt/uv/${UV_VERSION} && /opt/uv/${UV_VERSION}/bin/pip install -q --no-cache-dir --disable-pip-version-check "uv==${UV_VERSION}"; }; } \
+ && "$uv" venv /opt/kubetune \
+ && "$uv" pip install --python /opt/kubetune/bin/python --compile-bytecode \
+      --require-hashes -r /opt/kubetune-requirements/operator.txt
+COPY requirements/build.txt /opt/kubetune-requirements/
+COPY --from=source /src /opt/kubetune-src
+RUN --mount=type=cache,id=kubetune-uv-bin,target=/opt/uv \
+    --mount=type=cache,id=kubetune-uv,target=/root/.cache/uv \
+    --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export SSL_CERT_FILE=/run/secrets/ca-bundle PIP_CERT=/run/secrets/ca-bundle; fi \
+ && export UV_PYTHON_DOWNLOADS=never UV_LINK_MODE=copy UV_NO_PROGRESS=1 uv=/opt/uv/${UV_VERSION}/bin/uv \
+ && { [ -x "$uv" ] || { python3 -m venv /opt/uv/${UV_VERSION} && /opt/uv/${UV_VERSION}/bin/pip install -q --no-cache-dir --disable-pip-version-check "uv==${UV_VERSION}"; }; } \
+ && "$uv" pip install --python /opt/kubetune/bin/python --compile-bytecode --no-deps \
+      --build-constraint /opt/kubetune-requirements/build.txt /opt/kubetune-src \
+ && /opt/kubetune/bin/python -P -c "import importlib.metadata as m; print('kubetune-operator', m.version('kubetune'))" > /opt/kubetune/IMAGE-VERSION
 # Nothing writes bytecode at run time: the root filesystem is read-only in the chart.
 ENV PATH=/opt/kubetune/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -71,25 +72,38 @@ EXPOSE 8080
 ENTRYPOINT ["kubetune-operator"]
 
 # ---------------------------------------------------------------------------------------------
-# Trainer: torch + the trainer extra in a virtual environment on the same slim Python.
-FROM uv AS trainer-build
-COPY --from=source /src /src
-WORKDIR /src
-RUN --mount=type=cache,id=kubetune-uv,target=/root/.cache/uv,sharing=locked \
-    --mount=type=secret,id=ca-bundle \
-    if [ -s /run/secrets/ca-bundle ]; then export SSL_CERT_FILE=/run/secrets/ca-bundle; fi \
- && /opt/uv/bin/uv venv /opt/kubetune \
- && /opt/uv/bin/uv pip install --python /opt/kubetune/bin/python "/src[trainer]" \
- && /opt/kubetune/bin/python -P -c "import importlib.metadata as m; print('kubetune-trainer', m.version('kubetune'))" > /opt/kubetune/IMAGE-VERSION
-
+# Trainer: torch + the trainer extra on the same slim Python.
 FROM ${PYTHON_IMAGE} AS trainer
+ARG UV_VERSION
 LABEL org.opencontainers.image.title="kubetune-trainer" \
       org.opencontainers.image.description="kubetune's QLoRA SFT trainer (TRL, PEFT, bitsandbytes)" \
       org.opencontainers.image.licenses="Apache-2.0"
 # uid/gid 1000 is what the operator sets as runAsUser/fsGroup.
 RUN groupadd --gid 1000 kubetune \
  && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/kubetune kubetune
-COPY --from=trainer-build /opt/kubetune /opt/kubetune
+COPY requirements/trainer.txt /opt/kubetune-requirements/
+# Bytecode compiled here: the root is read-only at run time and torch's import is thousands of
+# modules.
+RUN --mount=type=cache,id=kubetune-uv-bin,target=/opt/uv \
+    --mount=type=cache,id=kubetune-uv,target=/root/.cache/uv \
+    --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export SSL_CERT_FILE=/run/secrets/ca-bundle PIP_CERT=/run/secrets/ca-bundle; fi \
+ && export UV_PYTHON_DOWNLOADS=never UV_LINK_MODE=copy UV_NO_PROGRESS=1 uv=/opt/uv/${UV_VERSION}/bin/uv \
+ && { [ -x "$uv" ] || { python3 -m venv /opt/uv/${UV_VERSION} && /opt/uv/${UV_VERSION}/bin/pip install -q --no-cache-dir --disable-pip-version-check "uv==${UV_VERSION}"; }; } \
+ && "$uv" venv /opt/kubetune \
+ && "$uv" pip install --python /opt/kubetune/bin/python --compile-bytecode \
+      --require-hashes -r /opt/kubetune-requirements/trainer.txt
+COPY requirements/build.txt /opt/kubetune-requirements/
+COPY --from=source /src /opt/kubetune-src
+RUN --mount=type=cache,id=kubetune-uv-bin,target=/opt/uv \
+    --mount=type=cache,id=kubetune-uv,target=/root/.cache/uv \
+    --mount=type=secret,id=ca-bundle \
+    if [ -s /run/secrets/ca-bundle ]; then export SSL_CERT_FILE=/run/secrets/ca-bundle PIP_CERT=/run/secrets/ca-bundle; fi \
+ && export UV_PYTHON_DOWNLOADS=never UV_LINK_MODE=copy UV_NO_PROGRESS=1 uv=/opt/uv/${UV_VERSION}/bin/uv \
+ && { [ -x "$uv" ] || { python3 -m venv /opt/uv/${UV_VERSION} && /opt/uv/${UV_VERSION}/bin/pip install -q --no-cache-dir --disable-pip-version-check "uv==${UV_VERSION}"; }; } \
+ && "$uv" pip install --python /opt/kubetune/bin/python --compile-bytecode --no-deps \
+      --build-constraint /opt/kubetune-requirements/build.txt /opt/kubetune-src \
+ && /opt/kubetune/bin/python -P -c "import importlib.metadata as m; print('kubetune-trainer', m.version('kubetune'))" > /opt/kubetune/IMAGE-VERSION
 ENV PATH=/opt/kubetune/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \

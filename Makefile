@@ -3,13 +3,14 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 export PYTHONSAFEPATH := 1
 
-.PHONY: help setup demo demo-down test lint unit crds images
+.PHONY: help setup demo demo-down test lint unit crds images lock
 
 help:
 	@echo "make demo   set everything up and run the tiny fine-tuning job end to end"
-	@echo "make test   install what the tests need, then lint, type-check and run every test"
+	@echo "make test   install what the tests need, build the images, then lint, type-check and run every test"
 	@echo "make crds   regenerate crds/ from the API models"
 	@echo "make images build the operator and trainer images from the Dockerfile (buildah, cached)"
+	@echo "make lock   re-pin requirements/*.txt after a change to pyproject.toml's dependencies"
 
 setup:
 	@bash hack/setup.sh
@@ -23,8 +24,10 @@ demo-down:
 lint: setup
 	@bash hack/lint.sh
 
+# The images first, outside pytest's per-test timeout (the trainer's is minutes when cold).
 test: setup
 	@bash hack/lint.sh
+	@bash hack/images/build.sh >/dev/null
 	@bash hack/pytest.sh
 
 crds: setup
@@ -33,3 +36,6 @@ crds: setup
 
 images: setup
 	@bash hack/images/build.sh
+
+lock: setup
+	@bash hack/lock.sh

@@ -1,7 +1,8 @@
 """The images a local node runs, and which images it runs on the host instead.
 
-The store holds OCI image layouts, each unpacked with umoci beside it (``hack/images/build.sh``
-puts kubetune's two images there)::
+The store holds each image's OCI index, manifest and config beside its root filesystem
+(``hack/images/build.sh`` puts kubetune's two images there, the root filesystem as hard links to
+buildah's layers)::
 
     <store>/<reference, URL-escaped>/oci/      the OCI layout (index.json, blobs/)
     <store>/<reference, URL-escaped>/bundle/rootfs/

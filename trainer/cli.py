@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
+import platform
+import sys
+from pathlib import Path
 
 from kubetune.api.contract import ExitCode
 from kubetune.api.errors import ConfigError
@@ -33,9 +37,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def runtime_description() -> str:
+    """kubetune's version and the Python environment this runs from, with the image's own
+    version file (``IMAGE-VERSION``, which the Dockerfile writes beside the environment) when
+    there is one: the first line of every trainer pod's log."""
+    text = (
+        f"kubetune-trainer {importlib.metadata.version('kubetune')}, "
+        f"Python {platform.python_version()} in {sys.prefix}"
+    )
+    image_version = Path(sys.prefix, "IMAGE-VERSION")
+    if image_version.is_file():
+        text += f", image {image_version.read_text().strip()}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging()
+    log.info("%s", runtime_description())
     from kubetune.api.config import load_trainer_config
 
     try:

@@ -1,6 +1,8 @@
-"""The e2e suite's set-up, as a newcomer's `make demo` does it: kubetune installed through its
-Helm chart (the operator runs as the chart's pod under the chart's ServiceAccount), a tiny model
-and dataset written onto a PVC by a pod, FineTuneJobs applied with kubectl."""
+"""The e2e suite's set-up, as a platform team does it: the two images built from the Dockerfile,
+kubetune installed through its Helm chart (the operator runs from its image as the chart's pod
+under the chart's ServiceAccount and security context, on a node that runs every container from
+its image), a tiny model and dataset written onto a PVC by a pod, FineTuneJobs applied with kubectl
+(their trainer pods run from the trainer image on that node: e2ekit.tiny_job)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,12 @@ from pathlib import Path
 import pytest
 from e2ekit import REPO, SYSTEM_NAMESPACE, operator_pods
 
-from kubetune_devtools.installs import helm_env, helm_set_args, local_node_chart_settings
+from kubetune_devtools.installs import (
+    built_images,
+    helm_env,
+    helm_set_args,
+    image_node_chart_settings,
+)
 from kubetune_devtools.pytest_plugin import Kubectl, wait_for
 
 Helm = Callable[..., subprocess.CompletedProcess[str]]
@@ -21,13 +28,19 @@ Helm = Callable[..., subprocess.CompletedProcess[str]]
 
 @pytest.fixture(scope="module")
 def kubetune_release(
-    helm: Helm, kubectl: Kubectl, kubeconfig_path: Path, tmp_path_factory: pytest.TempPathFactory
+    helm: Helm,
+    kubectl: Kubectl,
+    kubeconfig_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    image_node: str,
 ) -> Iterator[str]:
-    """`helm install kubetune charts/kubetune`, watching every namespace, for this module."""
+    """`helm install kubetune charts/kubetune`, watching every namespace, for this module, with
+    the chart's images (kubetune/operator and kubetune/trainer at the chart's appVersion)."""
+    built_images("operator", "trainer")
     env = helm_env(kubeconfig_path, tmp_path_factory.mktemp("helm"))
     install = helm("upgrade", "--install", "kubetune", str(REPO / "charts" / "kubetune"),
                    "--namespace", SYSTEM_NAMESPACE, "--create-namespace",
-                   *helm_set_args(local_node_chart_settings()), "--wait", "--timeout", "3m",
+                   *helm_set_args(image_node_chart_settings()), "--wait", "--timeout", "3m",
                    env=env, timeout=240)  # fmt: skip
     assert install.returncode == 0, install.stderr
     wait_for(lambda: len(operator_pods(kubectl)) == 1, 120, "the operator pod to run")

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from kubetune_devtools.pytest_plugin import Kubectl, apply, get_json, wait_for
+from kubetune_devtools.pytest_plugin import Kubectl, apply, get_json, on_image_node, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_EXAMPLE = REPO / "examples" / "tiny-cpu.yaml"
@@ -66,9 +66,11 @@ def run_pod(
 
 
 def tiny_job(name: str = "tiny-reverse", **training: Any) -> dict[str, Any]:
-    """examples/tiny-cpu.yaml, renamed, with its training section adjusted."""
+    """examples/tiny-cpu.yaml, renamed, with its training section adjusted, scheduled onto the
+    node that runs containers from their images (the trainer image, not the host's Python)."""
     manifest: dict[str, Any] = yaml.safe_load(TINY_EXAMPLE.read_text())
     manifest["metadata"]["name"] = name
+    manifest["spec"]["scheduling"] = on_image_node()
     manifest["spec"]["training"].update(training)
     manifest["spec"]["output"]["uri"] = f"pvc://{CLAIM}/adapters/{name}"
     return manifest

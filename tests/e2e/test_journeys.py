@@ -25,6 +25,7 @@ from e2ekit import (
     wait_phase,
 )
 
+from kubetune_devtools.installs import project_version
 from kubetune_devtools.pytest_plugin import Kubectl, get_json, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("kubetune_release")]
@@ -39,8 +40,8 @@ def trainer_jobs(kubectl: Kubectl, namespace: str, name: str) -> list[dict[str, 
     return items
 
 
-def test_tiny_job_trains_and_reports_its_adapter_and_digest(
-    kubectl: Kubectl, namespace: str, kubeconfig_path: Path
+def test_tiny_job_trains_from_the_images_and_reports_its_adapter_and_digest(
+    kubectl: Kubectl, namespace: str, kubeconfig_path: Path, image_node: str
 ) -> None:
     seed_demo_claim(kubectl, namespace)
     apply(kubectl, namespace, tiny_job())
@@ -81,6 +82,22 @@ def test_tiny_job_trains_and_reports_its_adapter_and_digest(
     assert adapter_right >= 3 > base_right
     columns = kubectl("get", "ftj", "tiny-reverse", "-n", namespace, "-o", "wide").stdout
     assert "Succeeded" in columns and adapter["uri"] in columns
+
+    # The operator and the trainer ran from the images built from the Dockerfile, on the node
+    # that runs nothing from the host: the trainer's root was the image's (it read the image's
+    # own version file beside its Python environment).
+    version = project_version()
+    (operator,) = operator_pods(kubectl)
+    (trainer,) = get_json(kubectl, "pods", "-n", namespace, "-l", "kubetune.io/job=tiny-reverse")[
+        "items"
+    ]
+    for pod, image in ((operator, "operator"), (trainer, "trainer")):
+        assert pod["spec"]["nodeName"] == image_node
+        (container,) = pod["status"]["containerStatuses"]
+        assert container["image"] == f"kubetune/{image}:{version}"
+        assert container["imageID"].startswith(f"kubetune/{image}@sha256:")
+    trainer_log = kubectl("logs", trainer["metadata"]["name"], "-n", namespace).stdout
+    assert f"in /opt/kubetune, image kubetune-trainer {version}" in trainer_log
 
 
 def test_evicted_trainer_resumes_from_its_checkpoint_and_succeeds(

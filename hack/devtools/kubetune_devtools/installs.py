@@ -78,6 +78,8 @@ def image_node_chart_settings() -> list[str]:
     key = IMAGES_ONLY.replace(".", "\\.")
     return [
         f"operator.healthPort={free_port()}",  # the local node's pods share the host network
+        f"operator.metricsPort={free_port()}",
+        "replicaCount=1",  # replicas on one host-network node would share those ports
         "operator.jsonLogs=false",
         "operator.progressIntervalSeconds=1",
         "operator.statusRecheckSeconds=5",
