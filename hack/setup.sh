@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the demo and the tests need, idempotently: a virtualenv with kubetune and
 # its extras (through uv, with its download cache), Debian's
-# bubblewrap, and the Kubernetes control-plane binaries built from Go modules into a cache keyed
-# by their go.sum. The images (`make images`, hack/images/build.sh) are built by the tests that
-# run them, on first use, and cached by content.
+# bubblewrap, and the Kubernetes control-plane binaries (and Kueue's manager, for queued jobs)
+# built from Go modules into a cache keyed by their go.sum. The images (`make images`,
+# hack/images/build.sh) are built by the tests that run them, on first use, and cached by content.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The folder operator/ would shadow the standard library module if the cwd were on sys.path.
@@ -30,6 +30,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ hack/devtools/pypro
   touch "$stamp"
 fi
 
-echo "==> control plane and helm from Go modules (cached after the first build)"
+echo "==> control plane, helm and Kueue from Go modules (cached after the first build)"
 bash hack/cluster/build.sh >/dev/null
 bash hack/helm/build.sh >/dev/null
+bash hack/kueue/build.sh >/dev/null
