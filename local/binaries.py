@@ -1,4 +1,5 @@
-"""Finds (building on first use) the control plane binaries made by hack/cluster/build.sh."""
+"""Finds (building on first use) the control plane binaries made by hack/cluster/build.sh, and
+Kueue's manager and CRDs made by hack/kueue/build.sh."""
 
 from __future__ import annotations
 
@@ -8,32 +9,31 @@ import sys
 from pathlib import Path
 
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+#: What hack/kueue/build.sh leaves in its directory: the manager, and the module's CRDs.
+KUEUE_FILES = ("kueue", "crds")
 
 
 class BinariesError(RuntimeError):
     """The binaries are neither configured nor buildable here."""
 
 
-def build_script() -> Path:
-    """hack/cluster/build.sh of the source tree this package is installed from."""
-    return Path(__file__).resolve().parent.parent / "hack" / "cluster" / "build.sh"
+def build_script(component: str = "cluster") -> Path:
+    """hack/<component>/build.sh of the source tree this package is installed from."""
+    return Path(__file__).resolve().parent.parent / "hack" / component / "build.sh"
 
 
-def binaries_dir() -> Path:
-    """Directory holding all of ``BINARIES``.
-
-    ``$KUBETUNE_CLUSTER_BIN_DIR`` wins (for prebuilt binaries); otherwise the build
-    script runs, which returns at once when its cache already holds this pin.
-    """
-    configured = os.environ.get("KUBETUNE_CLUSTER_BIN_DIR")
+def _built(component: str, variable: str, names: tuple[str, ...]) -> Path:
+    """The directory holding ``names``: ``$variable`` when set (prebuilt), otherwise what
+    hack/<component>/build.sh prints, which returns at once when its cache holds this pin."""
+    configured = os.environ.get(variable)
     if configured:
         directory = Path(configured)
     else:
-        script = build_script()
+        script = build_script(component)
         if not script.exists():
             raise BinariesError(
                 f"{script} not found: install kubetune from its source tree, or set "
-                "KUBETUNE_CLUSTER_BIN_DIR to a directory with " + ", ".join(BINARIES)
+                f"{variable} to a directory with " + ", ".join(names)
             )
         # Build progress goes to our stderr so a first, long build is visible.
         result = subprocess.run(
@@ -42,7 +42,25 @@ def binaries_dir() -> Path:
         if result.returncode != 0:
             raise BinariesError(f"{script} failed with exit code {result.returncode}")
         directory = Path(result.stdout.strip().splitlines()[-1])
-    missing = [name for name in BINARIES if not (directory / name).exists()]
+    missing = [name for name in names if not (directory / name).exists()]
     if missing:
         raise BinariesError(f"{directory} lacks {', '.join(missing)}")
     return directory
+
+
+def binaries_dir() -> Path:
+    """Directory holding all of ``BINARIES``.
+
+    ``$KUBETUNE_CLUSTER_BIN_DIR`` wins (for prebuilt binaries); otherwise hack/cluster/build.sh
+    runs.
+    """
+    return _built("cluster", "KUBETUNE_CLUSTER_BIN_DIR", BINARIES)
+
+
+def kueue_dir() -> Path:
+    """Directory holding Kueue's manager (``kueue``) and its CRDs (``crds/*.yaml``), both from
+    the Go module hack/kueue pins.
+
+    ``$KUBETUNE_KUEUE_DIR`` wins (prebuilt); otherwise hack/kueue/build.sh runs.
+    """
+    return _built("kueue", "KUBETUNE_KUEUE_DIR", KUEUE_FILES)

@@ -3,8 +3,8 @@
 The cluster only ever listens on loopback, so one CA signs everything: the
 apiserver's serving certificate, the admin client certificate (group
 system:masters), the client certificate the apiserver presents to node agents,
-and the node agents' serving certificates. The service-account key pair signs
-and verifies projected tokens.
+the node agents' serving certificates, and Kueue's (its webhook and metrics servers, where it
+runs). The service-account key pair signs and verifies projected tokens.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ class Pki:
         self.kubelet_client = KeyPair.named(directory, "apiserver-kubelet-client")
         #: What node agents serve their kubelet port with.
         self.node_serving = KeyPair.named(directory, "node-serving")
+        #: What Kueue's webhook and metrics servers serve with (``ensure_kueue_serving``).
+        self.kueue_serving = KeyPair.named(directory, "kueue-serving")
         self.service_account_key = directory / "sa.key"
         self.service_account_pub = directory / "sa.pub"
         #: A bearer token for the admin (group system:masters), for curl and friends.
@@ -183,3 +185,18 @@ def ensure_pki(directory: Path) -> Pki:
     pki.token_auth_file.write_text(f'{token},kubetune-admin,kubetune-admin,"system:masters"\n')
     pki.token_auth_file.chmod(0o600)
     return pki
+
+
+def ensure_kueue_serving(pki: Pki) -> KeyPair:
+    """Kueue's serving certificate, signed by the cluster's CA, made on first use: a cluster
+    started without Kueue gets it when Kueue first starts."""
+    pair = pki.kueue_serving
+    if not pair.cert.exists():
+        _signed_cert(
+            pki.ca,
+            pair,
+            "/CN=kueue",
+            usage="serverAuth",
+            alt_names=["IP:127.0.0.1", "DNS:localhost"],
+        )
+    return pair

@@ -38,7 +38,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 labels=args.label,
                 taints=args.taint,
                 host_images=_host_images(args),
-            )
+            ),
+            kueue=args.kueue,
         )
     except (ClusterError, BinariesError) as error:
         print(f"kubetune local up: {error}", file=sys.stderr)
@@ -55,6 +56,11 @@ def cmd_up(args: argparse.Namespace) -> int:
                 if hosted
                 else ""
             )
+        )
+    if args.kueue:
+        print(
+            f"Kueue runs beside it ({info.kueue_dir}): Jobs labelled kueue.x-k8s.io/queue-name "
+            "wait for their LocalQueue's quota"
         )
     print("use it with:")
     print(f"  export KUBECONFIG={kubeconfig}")
@@ -136,6 +142,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--images-only",
         action="store_true",
         help="run every container in its image from the image store (make images)",
+    )
+    up.add_argument(
+        "--kueue",
+        action="store_true",
+        help="also run Kueue (built from its Go module) and install its CRDs; on a running "
+        "cluster, start it there",
     )
     up.set_defaults(func=cmd_up)
     down = commands.add_parser("down", help="stop the cluster")

@@ -19,6 +19,10 @@ class ClusterInfo:
     etcd_peer_port: int
     apiserver_port: int
     node_names: list[str] = field(default_factory=list)
+    #: Where Kueue runs beside the control plane (``start_kueue``): its build directory and the
+    #: port of its health probes; empty and 0 without Kueue.
+    kueue_dir: str = ""
+    kueue_health_port: int = 0
 
     @property
     def server(self) -> str:

@@ -137,3 +137,58 @@ def admin_kubeconfig(info: ClusterInfo, pki: Pki) -> dict[str, Any]:
         ],
         "current-context": "kubetune-local",
     }
+
+
+# Where Kueue's manager finds its files inside its sandbox (``kueue_argv``). With
+# internalCertManagement off it reads its metrics certificate from this fixed path, so it runs in
+# a bubblewrap sandbox whose root is an empty tmpfs: the files are bound in there, and nothing is
+# written to the host's /etc.
+KUEUE_CONFIG_PATH = "/etc/kueue/config.yaml"
+KUEUE_METRICS_CERT_DIR = "/etc/kueue/metrics/certs"  # fixed in Kueue's cmd/kueue/main.go
+KUEUE_WEBHOOK_CERT_DIR = "/etc/kueue/webhook/certs"
+
+
+def kueue_config(health_port: int, webhook_port: int) -> dict[str, Any]:
+    """Kueue's Configuration for the local cluster: batch/v1 Jobs that name a LocalQueue
+    (``kueue.x-k8s.io/queue-name``) are admitted by quota, every other Job is left alone.
+
+    One replica, so no leader election; certificates come from the cluster's CA (no internal
+    certificate management, which would want webhook configurations to patch). The webhook server
+    listens on loopback but is registered with no apiserver: the operator creates queued Jobs
+    suspended and labelled, which is all Kueue's Job webhook would have done for them. The metrics
+    server and the on-demand visibility API server are off (fixed ports clash between clusters).
+    """
+    return {
+        "apiVersion": "config.kueue.x-k8s.io/v1beta2",
+        "kind": "Configuration",
+        "namespace": "kueue-system",
+        "manageJobsWithoutQueueName": False,
+        "leaderElection": {"leaderElect": False},
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{health_port}"},
+        "metrics": {"bindAddress": "0"},
+        "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": KUEUE_WEBHOOK_CERT_DIR},
+        "internalCertManagement": {"enable": False},
+        "integrations": {"frameworks": ["batch/job"]},
+        "featureGates": {"VisibilityOnDemand": False},
+    }
+
+
+def kueue_argv(kueue: Path, layout: Layout, pki: Pki) -> list[str]:
+    """Kueue's manager in its sandbox: an empty root with the binary, its configuration, the
+    admin kubeconfig and the PKI bound in read-only (it talks to the apiserver as admin, so
+    Kueue's own RBAC is not needed here)."""
+    serving = pki.kueue_serving
+    argv = ["bwrap", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    for path in (kueue, layout.kubeconfig, pki.directory):
+        argv += ["--ro-bind", str(path), str(path)]
+    argv += ["--ro-bind", str(layout.kueue_config), KUEUE_CONFIG_PATH]
+    for directory in (KUEUE_METRICS_CERT_DIR, KUEUE_WEBHOOK_CERT_DIR):
+        argv += ["--ro-bind", str(serving.cert), f"{directory}/tls.crt"]
+        argv += ["--ro-bind", str(serving.key), f"{directory}/tls.key"]
+    return [
+        *argv,
+        "--",
+        str(kueue),
+        f"--config={KUEUE_CONFIG_PATH}",
+        f"--kubeconfig={layout.kubeconfig}",
+    ]

@@ -1,12 +1,13 @@
 """Runs a real Kubernetes control plane on loopback: etcd, kube-apiserver,
 kube-controller-manager, kube-scheduler, plus the local volume provisioner and
-one node agent, all supervised under one state directory.
+one node agent, all supervised under one state directory; and, when asked, Kueue beside them.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 import urllib.error
@@ -16,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubetune.local import components
-from kubetune.local.binaries import binaries_dir
-from kubetune.local.certs import Pki, ensure_pki
+from kubetune.local.binaries import binaries_dir, kueue_dir
+from kubetune.local.certs import Pki, ensure_kueue_serving, ensure_pki
 from kubetune.local.cluster_info import ClusterInfo
 from kubetune.local.layout import Layout, default_home
 from kubetune.local.ports import free_port
@@ -27,6 +28,7 @@ DEFAULT_NODE_NAME = "kubetune-local"
 
 # Start order; ``down`` stops them in reverse.
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
+KUEUE = "kueue"
 
 
 class ClusterError(RuntimeError):
@@ -62,7 +64,8 @@ class LocalCluster:
 
     def _all_processes(self) -> list[Supervised]:
         agents = sorted(p.stem for p in self.layout.run.glob("node-agent-*.pid"))
-        return [self.process(n) for n in (*CONTROL_PLANE, "provisioner", *agents)]
+        kueue = [KUEUE] if self.process(KUEUE).pid_file.exists() else []
+        return [self.process(n) for n in (*CONTROL_PLANE, "provisioner", *kueue, *agents)]
 
     def running(self) -> dict[str, int | None]:
         """Pid (or None) of every process this cluster supervises."""
@@ -70,13 +73,18 @@ class LocalCluster:
 
     # -- lifecycle ------------------------------------------------------------
 
-    def up(self, node: NodeOptions | None = None, timeout: float = 120.0) -> ClusterInfo:
-        """Start the cluster, or return the running one. Idempotent."""
+    def up(
+        self, node: NodeOptions | None = None, timeout: float = 120.0, *, kueue: bool = False
+    ) -> ClusterInfo:
+        """Start the cluster (with Kueue when ``kueue``), or return the running one, starting
+        Kueue in it when asked. Idempotent."""
         self.layout.create()
         state = self.running()
         alive = [name for name, pid in state.items() if pid is not None]
         if alive:
             if all(state[name] is not None for name in CONTROL_PLANE) and self.ready():
+                if kueue:
+                    self.start_kueue(timeout)
                 return ClusterInfo.load(self.layout)
             raise ClusterError(
                 f"a partly running cluster is in {self.layout.home} ({', '.join(alive)}); "
@@ -111,6 +119,9 @@ class LocalCluster:
             info.node_names = [node.name]
             info.save(self.layout)
             self.wait_node_ready(node.name, timeout)
+            if kueue:
+                self.start_kueue(timeout)
+                info = ClusterInfo.load(self.layout)
         except BaseException:
             self.down()
             raise
@@ -145,7 +156,54 @@ class LocalCluster:
             argv += ["--host-image", pattern]
         return self._start_python(f"node-agent-{node.name}", "kubetune.local.node_agent", *argv)
 
+    def start_kueue(self, timeout: float = 120.0) -> None:
+        """Install Kueue's CRDs and start its manager beside the running control plane, unless
+        it runs already. Both come from the Go module hack/kueue pins (built on first use)."""
+        process = self.process(KUEUE)
+        if process.pid() is not None:
+            return
+        directory = kueue_dir()
+        crds = str(directory / "crds")
+        # Server-side: the CRDs are too large for client-side apply's annotation.
+        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", crds)
+        self.kubectl("wait", "--for=condition=Established", f"--timeout={timeout:.0f}s", "-f", crds)
+        ensure_kueue_serving(self.pki)
+        info = ClusterInfo.load(self.layout)
+        info.kueue_dir = str(directory)
+        info.kueue_health_port = free_port()
+        config = components.kueue_config(info.kueue_health_port, webhook_port=free_port())
+        # JSON is valid YAML.
+        self.layout.kueue_config.write_text(json.dumps(config, indent=2) + "\n")
+        info.save(self.layout)
+        self._start(KUEUE, components.kueue_argv(directory / "kueue", self.layout, self.pki))
+        self._wait(lambda: self.kueue_ready(info), "Kueue /readyz", timeout, KUEUE)
+
+    def kubectl(self, *args: str) -> str:
+        """Run the cluster's kubectl as admin; its stdout."""
+        info = ClusterInfo.load(self.layout)
+        result = subprocess.run(
+            [str(Path(info.bin_dir) / "kubectl"), f"--kubeconfig={self.layout.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise ClusterError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
+        return result.stdout
+
     # -- readiness ------------------------------------------------------------
+
+    def kueue_ready(self, info: ClusterInfo | None = None) -> bool:
+        """Kueue's manager answers its readiness probe (caches synced, webhook server up)."""
+        info = info or ClusterInfo.load(self.layout)
+        if not info.kueue_health_port:
+            return False
+        url = f"http://127.0.0.1:{info.kueue_health_port}/readyz"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return bool(response.status == 200)
+        except (OSError, ValueError):
+            return False
 
     def get(self, path: str) -> tuple[int, bytes]:
         """GET ``path`` from the apiserver as admin."""

@@ -29,6 +29,8 @@ class Layout:
         self.nodes = home / "nodes"
         #: Directories backing the provisioner's PersistentVolumes.
         self.volumes = home / "volumes"
+        #: Kueue's Configuration file, where Kueue runs.
+        self.kueue_config = home / "kueue-config.yaml"
 
     def create(self) -> None:
         for directory in (self.home, self.logs, self.run, self.nodes, self.volumes):

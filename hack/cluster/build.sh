@@ -39,9 +39,12 @@ ensure_bwrap() {
   fi
 }
 
+# Bump when the build itself changes (flags, stamps), so caches built the old way are not reused.
+RECIPE=2  # 2: Kubernetes binaries stamped with their version
+
 cache_key() {
-  cat "${HERE}"/kubernetes/go.mod "${HERE}"/kubernetes/go.sum \
-    "${HERE}"/etcd/go.mod "${HERE}"/etcd/go.sum | sha256sum | cut -c1-16
+  { echo "recipe ${RECIPE}"; cat "${HERE}"/kubernetes/go.mod "${HERE}"/kubernetes/go.sum \
+    "${HERE}"/etcd/go.mod "${HERE}"/etcd/go.sum; } | sha256sum | cut -c1-16
 }
 
 all_present() {
@@ -60,8 +63,19 @@ build() {
   local start=${SECONDS}
   log "building etcd"
   (cd "${HERE}/etcd" && go build "${flags[@]}" -o "${out}/etcd" go.etcd.io/etcd/server/v3)
-  log "building kubernetes components (the slow part; cold on 2 cores takes a while)"
-  (cd "${HERE}/kubernetes" && go build "${flags[@]}" -o "${out}/" \
+  # The version stamps Kubernetes' own build sets (hack/lib/version.sh): without them the
+  # apiserver's /version says v0.0.0-master, which clients that check it (Kueue) can't parse.
+  local version major minor
+  version=$(cd "${HERE}/kubernetes" && go list -m -f '{{.Version}}' k8s.io/kubernetes)
+  IFS=. read -r major minor _ <<<"${version#v}"
+  local stamp="" pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    stamp+=" -X ${pkg}.gitVersion=${version} -X ${pkg}.gitMajor=${major}"
+    stamp+=" -X ${pkg}.gitMinor=${minor} -X ${pkg}.gitTreeState=clean"
+  done
+  log "building kubernetes ${version} components (the slow part; cold on 2 cores takes a while)"
+  (cd "${HERE}/kubernetes" && go build -trimpath -ldflags="-s -w${stamp}" -buildvcs=false \
+    -o "${out}/" \
     k8s.io/kubernetes/cmd/kube-apiserver \
     k8s.io/kubernetes/cmd/kube-controller-manager \
     k8s.io/kubernetes/cmd/kube-scheduler \

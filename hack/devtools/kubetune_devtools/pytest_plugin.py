@@ -6,7 +6,8 @@ cache, so only the first session on a machine pays for the build); set
 ``KUBETUNE_TEST_KUBECONFIG`` to reuse a running cluster instead (that of
 ``kubetune local up`` -- ``$(kubetune local kubeconfig)`` -- or any other, where
 the tests that add nodes are skipped). A cluster started here has no GPU node; tests
-that need one take ``gpu_node`` or start nodes with ``add_node``. Beside the fixtures, the
+that need one take ``gpu_node`` or start nodes with ``add_node``; tests of queueing take
+``kueue``. Beside the fixtures, the
 helpers the suites share: ``apply``, ``wait_for``, ``get_json``, ``pod_manifest``,
 ``minimal_finetunejob``, and helm's environment and
 settings for installing the chart on the local cluster.
@@ -230,6 +231,20 @@ def on_image_node() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def kueue(local_cluster: ClusterHandle) -> Iterator[None]:
+    """Kueue (built from its Go module, hack/kueue) running beside the session's cluster, with
+    its CRDs installed, for the rest of the session. A reused cluster keeps a Kueue it already
+    ran (``kubetune local up --kueue``); one started here is stopped after the session. It
+    admits only Jobs that name a LocalQueue, so suites without queues don't notice it."""
+    local = local_cluster.local()
+    already_running = local.process("kueue").pid() is not None
+    local.start_kueue()
+    yield
+    if not already_running:
+        local.process("kueue").stop()
+
+
+@pytest.fixture(scope="session")
 def gpu_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[str]:
     """A node with one ``nvidia.com/gpu``, for the rest of the session."""
     name = "kubetune-test-gpu"
@@ -313,6 +328,7 @@ __all__ = [
     "kube_api",
     "kubeconfig_path",
     "kubectl",
+    "kueue",
     "local_cluster",
     "minimal_finetunejob",
     "namespace",
