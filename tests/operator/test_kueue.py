@@ -202,12 +202,8 @@ def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
             2,
             FIRST_QUOTA,
             id="two-pods",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="resources.nodes > 1 renders one pod until the multi-pod rendering lands",
-            ),
         ),
-        # The same admission with the one pod that every job has today.
+        # The same admission for a one-pod job.
         pytest.param(1, 2 * FIRST_QUOTA, id="one-pod"),
     ],
 )
