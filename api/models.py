@@ -31,9 +31,7 @@ KIND: Final = "FineTuneJob"
 PLURAL: Final = "finetunejobs"
 
 DatasetFormat = Literal["auto", "text", "messages", "prompt-completion", "alpaca"]
-Phase = Literal[
-    "Pending", "Validating", "Queued", "Running", "Succeeded", "Failed", "Suspended"
-]
+Phase = Literal["Pending", "Validating", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 #: GPU kinds the preflight knows (memory for the plan; a measured speed where there is one).
 GpuKind = Literal["H200", "H100-80GB", "A100-80GB", "A100-40GB", "L40S", "L4"]
 

@@ -41,7 +41,7 @@ from kubetune.operator.reconcile import (
     plan,
     rejected_status,
 )
-from kubetune.operator.render import pvc_claims, render
+from kubetune.operator.render import pvc_claims, render, render_validation
 from kubetune.operator.status import set_condition, transition
 
 # --- one reconcile (in a worker thread) ----------------------------------------------------------
@@ -52,17 +52,35 @@ def reconcile(ctl: Controller, key: Key, ftj: Obj, jobs: list[Obj], pods: list[O
     namespace, name = key
     log = job_logger(key)
     work = plan(ftj, jobs, pods, SETTINGS, now())
+    jobs = list(jobs)  # and the Jobs this pass creates
     if work.reject is not None:
         _reject(ctl, key, ftj, work.reject)
         return work
+    if work.validate is not None:
+        job = _create_children(ctl, key, ftj, work.validate, validation=True)
+        if job is None:
+            return Plan(requeue_after=SETTINGS.reference_recheck_seconds)
+        log.info("validating %s/%s in Job %s", namespace, name, job["metadata"]["name"])
+        jobs.append(job)
+        work = plan(ftj, jobs, pods, SETTINGS, now())
     if work.create is not None:
+        if work.status_patch is not None:
+            # The Validating phase's estimate is on the status before the trainer Job exists.
+            _write_status(ctl, key, ftj, work.status_patch)
+            ftj = {**ftj, "status": {**(ftj.get("status") or {}), **work.status_patch}}
         job = _create_children(ctl, key, ftj, work.create)
         if job is None:
             return Plan(requeue_after=SETTINGS.reference_recheck_seconds)
         log.info("children of %s/%s are in place", namespace, name)
-        work = plan(ftj, [*jobs, job], pods, SETTINGS, now())
+        jobs.append(job)
+        work = plan(ftj, jobs, pods, SETTINGS, now())
     if work.job_patch is not None:
-        job = next(j for j in jobs if owned_by(j, str(ftj["metadata"]["uid"])))
+        job = next(
+            j
+            for j in jobs
+            if owned_by(j, str(ftj["metadata"]["uid"]))
+            and j["metadata"]["name"] == work.patched_job
+        )
         _patch_owned_job(ftj, job, work.job_patch)
     if work.status_patch is not None:
         _write_status(ctl, key, ftj, work.status_patch)
@@ -179,17 +197,20 @@ def _missing_reference(ctl: Controller, key: Key, ftj: Obj, missing: list[str]) 
     )
 
 
-def _create_children(ctl: Controller, key: Key, ftj: Obj, spec: FineTuneJobSpec) -> Obj | None:
-    """Create every child, each at most once (409 → the existing one, if it is ours); the Job,
-    or None when a reference is missing. Refused creates fail the job and remove what this pass
-    made."""
+def _create_children(
+    ctl: Controller, key: Key, ftj: Obj, spec: FineTuneJobSpec, *, validation: bool = False
+) -> Obj | None:
+    """Create every child, each at most once (409 → the existing one, if it is ours); the Job
+    (the trainer's, or with ``validation`` the Validating phase's), or None when a reference is
+    missing. Refused creates fail the job and remove what this pass made."""
     namespace, name = key
     missing = missing_references(namespace, spec)
     if missing:
         _missing_reference(ctl, key, ftj, missing)
         return None
     metadata = {"name": name, "namespace": namespace, "uid": ftj["metadata"]["uid"]}
-    *first, job_manifest = render(spec, metadata, SETTINGS)
+    children = (render_validation if validation else render)(spec, metadata, SETTINGS)
+    *first, job_manifest = children
     created: list[str] = []
     # Companions that don't depend on each other are created side by side; a RoleBinding only
     # after its Role (the apiserver checks the binder holds what the Role grants, so the Role

@@ -22,7 +22,13 @@ from kubetune.api.timestamps import rfc3339
 from kubetune.operator.policy import policy_problems
 from kubetune.operator.render import child_names
 from kubetune.operator.settings import OperatorSettings
-from kubetune.operator.status import derive_status, set_condition, ttl_remaining
+from kubetune.operator.status import (
+    derive_status,
+    set_condition,
+    ttl_remaining,
+    validation_estimate,
+    validation_succeeded,
+)
 
 Obj = Mapping[str, Any]
 
@@ -55,8 +61,12 @@ class Plan:
     reject: Rejection | None = None
     #: The validated spec, when the children are missing and must be created.
     create: FineTuneJobSpec | None = None
+    #: The validated spec, when the Validating phase's Job (and the companions) must be created.
+    validate: FineTuneJobSpec | None = None
     #: A merge patch for the owned Job (suspend, deadline), made with its resourceVersion.
     job_patch: dict[str, Any] | None = None
+    #: The name of the Job ``job_patch`` is for (the trainer's, or the validation Job).
+    patched_job: str | None = None
     #: Only the status fields that changed (never ``progress``); None when nothing did.
     status_patch: dict[str, Any] | None = None
     #: The finished job's TTL ran out: delete the FineTuneJob.
@@ -73,9 +83,35 @@ def owned_by(obj: Obj, uid: str) -> bool:
     return any(o.get("uid") == uid and o.get("controller") for o in owners)
 
 
+def _validation_job_name(ftj: Obj) -> str:
+    return child_names(str(ftj.get("metadata", {}).get("name"))).validation_job
+
+
 def owned_job(ftj: Obj, jobs: Sequence[Obj]) -> Obj | None:
+    """The trainer Job (not the Validating phase's)."""
     uid = str(ftj.get("metadata", {}).get("uid"))
-    return next((job for job in jobs if owned_by(job, uid)), None)
+    validation = _validation_job_name(ftj)
+    return next(
+        (
+            job
+            for job in jobs
+            if owned_by(job, uid) and job.get("metadata", {}).get("name") != validation
+        ),
+        None,
+    )
+
+
+def owned_validation_job(ftj: Obj, jobs: Sequence[Obj]) -> Obj | None:
+    uid = str(ftj.get("metadata", {}).get("uid"))
+    validation = _validation_job_name(ftj)
+    return next(
+        (
+            job
+            for job in jobs
+            if owned_by(job, uid) and job.get("metadata", {}).get("name") == validation
+        ),
+        None,
+    )
 
 
 def pods_of(job: Obj | None, pods: Sequence[Obj]) -> list[Obj]:
@@ -202,10 +238,40 @@ def plan(
             return Plan(
                 reject=Rejection(Reason.NAME_CONFLICT, (f"Job {job_name} exists and is not owned",))
             )
+        if checked.validation.enabled:
+            return _validation_plan(ftj, checked, jobs, pods, now)
         return Plan(create=checked)
 
     desired = derive_status(ftj, job, pods_of(job, pods), now)
     return Plan(
         job_patch=desired_job_patch(ftj, job),
+        patched_job=str(job.get("metadata", {}).get("name")),
+        status_patch=status_changes(status, desired),
+    )
+
+
+def _validation_plan(
+    ftj: Obj, spec: FineTuneJobSpec, jobs: Sequence[Obj], pods: Sequence[Obj], now: datetime
+) -> Plan:
+    """The Validating phase: create its Job; while it runs (or fails), the status from it; once
+    it has succeeded, its estimate into the status and the trainer Job created."""
+    validation = owned_validation_job(ftj, jobs)
+    if validation is None:
+        name = _validation_job_name(ftj)
+        if any(j.get("metadata", {}).get("name") == name for j in jobs):
+            return Plan(
+                reject=Rejection(Reason.NAME_CONFLICT, (f"Job {name} exists and is not owned",))
+            )
+        return Plan(validate=spec)
+    own_pods = pods_of(validation, pods)
+    status = ftj.get("status") or {}
+    if validation_succeeded(validation):
+        estimate = validation_estimate(validation, own_pods)
+        patch = {"estimate": estimate} if estimate and status.get("estimate") != estimate else None
+        return Plan(create=spec, status_patch=patch, notes=("validated",))
+    desired = derive_status(ftj, validation, own_pods, now, validating=True)
+    return Plan(
+        job_patch=desired_job_patch(ftj, validation),
+        patched_job=str(validation.get("metadata", {}).get("name")),
         status_patch=status_changes(status, desired),
     )

@@ -4,7 +4,9 @@ Operator tests that need a trainer which sleeps, or exits with a given code, set
 ``KUBETUNE_TRAINER_COMMAND`` to this and give the job ``KUBETUNE_STAND_IN`` in its trainer's
 env (through spec.podTemplate, allowed by that test operator's settings): ``sleep:SECONDS``,
 ``exit:CODE`` or ``sleep:SECONDS,exit:CODE``. Without it, the real ``kubetune-trainer`` runs
-with the same arguments, so the same operator also runs real training jobs.
+with the same arguments, so the same operator also runs real training jobs. The Validating
+phase's ``preflight`` of a job with a plan passes at once (the plan is the training run's, and
+such jobs name no real data), so lifecycle tests see their trainer Job as before.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def main() -> int:
             print("kubetune-trainer is not on PATH", file=sys.stderr)
             return 1
         os.execv(trainer, [trainer, *sys.argv[1:]])  # noqa: S606 -- the real trainer, same args
+    if sys.argv[1:2] == ["preflight"]:
+        return 0
     code = 0
     for step in plan.split(","):
         action, _, value = step.partition(":")
