@@ -256,11 +256,12 @@ _VALIDATION_KEEPS: Final = ("Failed", "Suspended")
 
 def _validating(outcome: Outcome, job: Obj) -> Outcome:
     """The validation Job's outcome as the FineTuneJob's: Validating until it fails (or is
-    suspended); a problem with its pod (unschedulable, image, secret) keeps its reason."""
+    suspended); a problem with its pod (unschedulable, image, secret) is Pending with its
+    reason, as for the trainer's pod."""
     if outcome.phase in _VALIDATION_KEEPS:
         return outcome
     if outcome.phase == "Pending" and outcome.reason in _PROBLEM_REASONS - {Reason.RETRYING}:
-        return Outcome("Validating", outcome.reason, outcome.message)
+        return outcome  # Pending, as for the trainer's pod: a person has something to fix
     name = job.get("metadata", {}).get("name")
     message = f"checking the data and estimating the run (Job {name}, no GPU)"
     return Outcome("Validating", Reason.VALIDATING, message)
