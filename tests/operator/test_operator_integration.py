@@ -350,9 +350,11 @@ def test_suspend_and_resume(operator: OperatorProcess, kubectl: Kubectl, namespa
     apply(kubectl, namespace, finetunejob("pause", sleeper_spec(300, runPolicy={"suspend": True})))
     status = wait_phase(kubectl, namespace, "pause", {"Suspended"}, 60)
     assert condition(status, "Suspended")["status"] == "True"
-    (job,) = jobs_of(kubectl, namespace)
-    assert job["spec"]["suspend"] is True
-    assert pods_of(kubectl, namespace, "pause") == []
+    # Suspended before it started: its Validating phase waits, suspended, and nothing runs.
+    (validation,) = jobs_of(kubectl, namespace, component="validator")
+    assert validation["spec"]["suspend"] is True
+    assert jobs_of(kubectl, namespace) == []
+    assert pods_of(kubectl, namespace, "pause", component="validator") == []
 
     kubectl(
         "patch", "ftj", "pause", "-n", namespace, "--type=merge",
@@ -361,6 +363,7 @@ def test_suspend_and_resume(operator: OperatorProcess, kubectl: Kubectl, namespa
     status = wait_phase(kubectl, namespace, "pause", {"Running"}, 90)
     assert condition(status, "Suspended")["status"] == "False"
     assert condition(status, "Running")["status"] == "True"
+    (job,) = jobs_of(kubectl, namespace)
 
     kubectl(
         "patch", "ftj", "pause", "-n", namespace, "--type=merge",
