@@ -16,6 +16,9 @@ from typing import Final
 
 TRAINER_CONTAINER: Final = "trainer"
 TRAINER_COMMAND: Final = "kubetune-trainer"
+#: ``kubetune-trainer preflight --config FILE``: the Validating phase's CPU pod (same image,
+#: same config); its termination message is a TrainerResult with ``estimate``.
+PREFLIGHT_SUBCOMMAND: Final = "preflight"
 #: The resolved TrainerConfig, as a key of the job's ConfigMap and a file in its mount.
 CONFIG_FILE: Final = "config.yaml"
 CONFIG_MOUNT_PATH: Final = "/etc/kubetune"
@@ -118,6 +121,9 @@ class Reason(enum.StrEnum):
     #: The API refused a child for another reason than an invalid value (quota, admission).
     REJECTED = "Rejected"
     MISSING_REFERENCE = "MissingReference"
+    # The Validating phase (kubetune-trainer preflight in a CPU Job).
+    VALIDATING = "Validating"
+    VALIDATED = "Validated"
     # From the Job and its pods.
     CREATING = "Creating"
     STARTING = "Starting"

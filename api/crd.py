@@ -148,6 +148,26 @@ def build_crd() -> dict[str, Any]:
                         {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
                         {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri"},
                         {
+                            "name": "Steps",
+                            "type": "integer",
+                            "jsonPath": ".status.estimate.steps",
+                            "description": "Optimizer steps the Validating phase estimated.",
+                        },
+                        {
+                            "name": "Est-Seconds",
+                            "type": "number",
+                            "priority": 1,
+                            "jsonPath": ".status.estimate.seconds",
+                            "description": "Estimated training seconds on validation.gpuKind.",
+                        },
+                        {
+                            "name": "Est-GiB",
+                            "type": "number",
+                            "priority": 1,
+                            "jsonPath": ".status.estimate.peakGiB",
+                            "description": "Estimated peak GPU memory (GiB).",
+                        },
+                        {
                             "name": "Ranks",
                             "type": "integer",
                             "priority": 1,

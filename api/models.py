@@ -31,7 +31,9 @@ KIND: Final = "FineTuneJob"
 PLURAL: Final = "finetunejobs"
 
 DatasetFormat = Literal["auto", "text", "messages", "prompt-completion", "alpaca"]
-Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
+Phase = Literal["Pending", "Validating", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
+#: GPU kinds the preflight knows (memory for the plan; a measured speed where there is one).
+GpuKind = Literal["H200", "H100-80GB", "A100-80GB", "A100-40GB", "L40S", "L4"]
 
 _K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
@@ -616,6 +618,35 @@ class EvaluationSpec(ApiModel):
     max_new_tokens: int = Field(default=32, ge=1, le=1024, description="Tokens to generate.")
 
 
+class ValidationSpec(ApiModel):
+    """The Validating phase: a CPU pod checks the data and estimates the run before any GPU pod."""
+
+    enabled: bool = Field(
+        default=True,
+        description=(
+            "Before the GPU Job, run the trainer's preflight in a small CPU Job: read and "
+            "tokenize the dataset, count examples, tokens and steps, plan memory, and fail the "
+            "job on a dataset or model problem before a GPU is requested."
+        ),
+    )
+    gpu_kind: GpuKind | None = Field(
+        default=None,
+        description=(
+            "The GPU the trainer will get, for the memory plan and the time estimate (the "
+            "operator can't know which card a node has). Unset: no peak memory or seconds."
+        ),
+    )
+    max_sample_records: int = Field(
+        default=100_000,
+        ge=100,
+        le=10_000_000,
+        description=(
+            "Datasets with more records are checked in full but tokenized on a sample of this "
+            "many, and the counts extrapolated (status.estimate.sampled)."
+        ),
+    )
+
+
 class FineTuneJobSpec(ApiModel):
     """A QLoRA supervised fine-tuning run."""
 
@@ -665,6 +696,11 @@ class FineTuneJobSpec(ApiModel):
         default=None,
         description="Prompts to compare base and adapter on after training.",
         json_schema_extra=_immutable("evaluation"),
+    )
+    validation: ValidationSpec = Field(
+        default_factory=ValidationSpec,
+        description="The Validating phase before the GPU Job (on by default).",
+        json_schema_extra=_immutable("validation"),
     )
 
     @model_validator(mode="after")
@@ -838,6 +874,40 @@ class MemoryPlanReport(StatusModel):
     peak_gib: float | None = Field(default=None, description="Peak GPU memory measured (GiB).")
 
 
+class EstimatePlan(StatusModel):
+    """The memory plan the estimate assumes."""
+
+    micro_batch_size: int = Field(description="Packed rows of maxLength per forward pass.")
+    gradient_accumulation_steps: int = Field(description="Micro-steps per optimizer step.")
+    gradient_checkpointing: str = Field(
+        description="off, all layers, or N of M layers (spread evenly)."
+    )
+    optimizer: str = Field(description="The optimizer the plan picks.")
+
+
+class Estimate(StatusModel):
+    """What the Validating phase found and expects of the run."""
+
+    examples: int = Field(description="Training examples after shaping (before packing).")
+    tokens: int = Field(description="Tokens in one epoch of the training examples.")
+    sequences: int = Field(description="Rows the trainer iterates per epoch (packed or not).")
+    steps: int = Field(description="Optimizer steps the run will take.")
+    plan: EstimatePlan | None = Field(default=None, description="The memory plan it assumes.")
+    gpu_kind: str | None = Field(default=None, description="The GPU the estimate is for.")
+    peak_gib: float | None = Field(
+        default=None,
+        alias="peakGiB",
+        description="Estimated peak GPU memory (GiB) on validation.gpuKind.",
+    )
+    seconds: float | None = Field(
+        default=None,
+        description="Estimated training seconds on validation.gpuKind (from measured speed).",
+    )
+    sampled: bool = Field(
+        default=False, description="Counts extrapolated from a tokenized sample of the data."
+    )
+
+
 class TrainerResult(StatusModel):
     """What the trainer reports on exit (its termination message)."""
 
@@ -855,6 +925,9 @@ class TrainerResult(StatusModel):
     )
     plan: MemoryPlanReport | None = Field(
         default=None, description="What the memory plan chose (checkpointing, micro-steps)."
+    )
+    estimate: Estimate | None = Field(
+        default=None, description="The preflight's estimate (kubetune-trainer preflight)."
     )
 
 
@@ -882,4 +955,9 @@ class FineTuneJobStatus(StatusModel):
         default=None, description="The trainer pod of the latest attempt (for kubectl logs)."
     )
     progress: Progress | None = Field(default=None, description="Live progress.")
+    estimate: Estimate | None = Field(
+        default=None,
+        description="Written by the Validating phase before the GPU Job: examples, tokens, "
+        "steps, the plan, peak memory and seconds.",
+    )
     result: TrainerResult | None = Field(default=None, description="The trainer's result.")

@@ -61,6 +61,16 @@ def render_view(name: str, status: FineTuneJobStatus, losses: Sequence[float]) -
             lines.append("  " + "  ".join(details))
         if len(losses) > 1:
             lines.append(f"  loss {sparkline(losses)}")
+    estimate = status.estimate
+    if estimate is not None:
+        about = "about " if estimate.sampled else ""
+        parts = [f"{estimate.examples:,} examples", f"{about}{estimate.tokens:,} tokens/epoch",
+                 f"{estimate.steps:,} steps"]  # fmt: skip
+        if estimate.peak_gib is not None:
+            parts.append(f"peak {estimate.peak_gib} GiB on {estimate.gpu_kind}")
+        if estimate.seconds is not None:
+            parts.append(f"about {_duration(estimate.seconds)} of training")
+        lines.append("  estimate: " + ", ".join(parts))
     for condition in status.conditions:
         if condition.status == "True" and condition.type in ("Failed", "Suspended"):
             lines.append(f"  {condition.type}: {condition.reason}: {condition.message}")

@@ -38,10 +38,11 @@ from kubetune.operator.reconcile import (
     Plan,
     Rejection,
     owned_by,
+    owned_job,
     plan,
     rejected_status,
 )
-from kubetune.operator.render import pvc_claims, render
+from kubetune.operator.render import pvc_claims, render, render_validation
 from kubetune.operator.status import set_condition, transition
 
 # --- one reconcile (in a worker thread) ----------------------------------------------------------
@@ -52,24 +53,43 @@ def reconcile(ctl: Controller, key: Key, ftj: Obj, jobs: list[Obj], pods: list[O
     namespace, name = key
     log = job_logger(key)
     work = plan(ftj, jobs, pods, SETTINGS, now())
+    jobs = list(jobs)  # and the Jobs this pass creates
     if work.reject is not None:
         _reject(ctl, key, ftj, work.reject)
         return work
+    if work.validate is not None:
+        job = _create_children(ctl, key, ftj, work.validate, validation=True)
+        if job is None:
+            return Plan(requeue_after=SETTINGS.reference_recheck_seconds)
+        log.info("validating %s/%s in Job %s", namespace, name, job["metadata"]["name"])
+        jobs.append(job)
+        work = plan(ftj, jobs, pods, SETTINGS, now())
     if work.create is not None:
+        if work.status_patch is not None:
+            # The Validating phase's estimate is on the status before the trainer Job exists.
+            _write_status(ctl, key, ftj, work.status_patch)
+            ftj = {**ftj, "status": {**(ftj.get("status") or {}), **work.status_patch}}
         job = _create_children(ctl, key, ftj, work.create, work.attempt)
         if job is None:
             return Plan(requeue_after=SETTINGS.reference_recheck_seconds)
         log.info("children of %s/%s are in place", namespace, name)
-        work = plan(ftj, [*jobs, job], pods, SETTINGS, now())
+        jobs.append(job)
+        work = plan(ftj, jobs, pods, SETTINGS, now())
     if work.job_patch is not None:
-        job = next(j for j in jobs if owned_by(j, str(ftj["metadata"]["uid"])))
+        job = next(
+            j
+            for j in jobs
+            if owned_by(j, str(ftj["metadata"]["uid"]))
+            and j["metadata"]["name"] == work.patched_job
+        )
         _patch_owned_job(ftj, job, work.job_patch)
     if work.status_patch is not None:
         _write_status(ctl, key, ftj, work.status_patch)
     if work.delete_job:
-        job = next(j for j in jobs if owned_by(j, str(ftj["metadata"]["uid"])))
+        failed = owned_job(ftj, jobs)
+        assert failed is not None  # the plan deletes the trainer Job it saw
         log.info("group attempt of %s/%s failed: deleting its Job for the next", namespace, name)
-        _delete_owned_job(job)
+        _delete_owned_job(dict(failed))
     if work.delete:
         log.info("ttlSecondsAfterFinished passed: deleting %s/%s", namespace, name)
         with api_errors(f"deleting {namespace}/{name} after its TTL"):
@@ -184,18 +204,28 @@ def _missing_reference(ctl: Controller, key: Key, ftj: Obj, missing: list[str]) 
 
 
 def _create_children(
-    ctl: Controller, key: Key, ftj: Obj, spec: FineTuneJobSpec, attempt: int = 1
+    ctl: Controller,
+    key: Key,
+    ftj: Obj,
+    spec: FineTuneJobSpec,
+    attempt: int = 1,
+    *,
+    validation: bool = False,
 ) -> Obj | None:
-    """Create every child, each at most once (409 → the existing one, if it is ours); the Job,
-    or None when a reference is missing. Refused creates fail the job and remove what this pass
-    made."""
+    """Create every child, each at most once (409 → the existing one, if it is ours); the Job
+    (the trainer's, or with ``validation`` the Validating phase's), or None when a reference is
+    missing. Refused creates fail the job and remove what this pass made."""
     namespace, name = key
     missing = missing_references(namespace, spec)
     if missing:
         _missing_reference(ctl, key, ftj, missing)
         return None
     metadata = {"name": name, "namespace": namespace, "uid": ftj["metadata"]["uid"]}
-    *first, job_manifest = render(spec, metadata, SETTINGS, attempt)
+    if validation:
+        children = render_validation(spec, metadata, SETTINGS)
+    else:
+        children = render(spec, metadata, SETTINGS, attempt)
+    *first, job_manifest = children
     created: list[str] = []
     # Companions that don't depend on each other are created side by side; a RoleBinding only
     # after its Role (the apiserver checks the binder holds what the Role grants, so the Role

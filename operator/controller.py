@@ -148,7 +148,10 @@ def snapshot(ctl: Controller, key: Key) -> tuple[Obj | None, list[Obj], list[Obj
     uid = str(ftj["metadata"].get("uid"))
     created = ctl.created.get(key)
     if created is not None:
-        if any(owned_by(job, uid) for job in jobs) or not owned_by(created, uid):
+        name = created["metadata"].get("name")
+        if any(
+            owned_by(job, uid) and job["metadata"].get("name") == name for job in jobs
+        ) or not owned_by(created, uid):
             del ctl.created[key]
         else:
             jobs.append(created)

@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 
 Key = tuple[str, str]
 
-PHASES: Final = ("Pending", "Queued", "Running", "Suspended", "Succeeded", "Failed")
+PHASES: Final = ("Pending", "Validating", "Queued", "Running", "Suspended", "Succeeded", "Failed")
 
 RECONCILE_SECONDS: Final = Histogram(
     "kubetune_reconcile_duration_seconds",

@@ -30,6 +30,8 @@ from kubetune.operator.status import (
     set_condition,
     trainer_finished_at,
     ttl_remaining,
+    validation_estimate,
+    validation_succeeded,
 )
 
 Obj = Mapping[str, Any]
@@ -73,8 +75,12 @@ class Plan:
     #: A multi-pod group's attempt failed and may be retried: delete its Job (foreground, so the
     #: next attempt's Job is made only once every pod of this one is gone).
     delete_job: bool = False
+    #: The validated spec, when the Validating phase's Job (and the companions) must be created.
+    validate: FineTuneJobSpec | None = None
     #: A merge patch for the owned Job (suspend, deadline), made with its resourceVersion.
     job_patch: dict[str, Any] | None = None
+    #: The name of the Job ``job_patch`` is for (the trainer's, or the validation Job).
+    patched_job: str | None = None
     #: Only the status fields that changed (never ``progress``); None when nothing did.
     status_patch: dict[str, Any] | None = None
     #: The finished job's TTL ran out: delete the FineTuneJob.
@@ -91,9 +97,35 @@ def owned_by(obj: Obj, uid: str) -> bool:
     return any(o.get("uid") == uid and o.get("controller") for o in owners)
 
 
+def _validation_job_name(ftj: Obj) -> str:
+    return child_names(str(ftj.get("metadata", {}).get("name"))).validation_job
+
+
 def owned_job(ftj: Obj, jobs: Sequence[Obj]) -> Obj | None:
+    """The trainer Job (not the Validating phase's)."""
     uid = str(ftj.get("metadata", {}).get("uid"))
-    return next((job for job in jobs if owned_by(job, uid)), None)
+    validation = _validation_job_name(ftj)
+    return next(
+        (
+            job
+            for job in jobs
+            if owned_by(job, uid) and job.get("metadata", {}).get("name") != validation
+        ),
+        None,
+    )
+
+
+def owned_validation_job(ftj: Obj, jobs: Sequence[Obj]) -> Obj | None:
+    uid = str(ftj.get("metadata", {}).get("uid"))
+    validation = _validation_job_name(ftj)
+    return next(
+        (
+            job
+            for job in jobs
+            if owned_by(job, uid) and job.get("metadata", {}).get("name") == validation
+        ),
+        None,
+    )
 
 
 def pods_of(job: Obj | None, pods: Sequence[Obj]) -> list[Obj]:
@@ -220,8 +252,9 @@ def plan(
             return Plan(
                 reject=Rejection(Reason.NAME_CONFLICT, (f"Job {job_name} exists and is not owned",))
             )
-        # A group's next attempt follows the last one the status counted.
-        return Plan(create=checked, attempt=int(status.get("attempts") or 0) + 1)
+        if checked.validation.enabled:
+            return _validation_plan(ftj, checked, jobs, pods, now)
+        return Plan(create=checked, attempt=_next_attempt(status))
 
     own_pods = pods_of(job, pods)
     desired = derive_status(ftj, job, own_pods, now)
@@ -237,13 +270,48 @@ def plan(
             notes=("group attempt failed: replacing its Job",),
         )
     changes = status_changes(status, desired)
+    patched = str(job.get("metadata", {}).get("name"))
     hold = _hold(status, desired, changes, job=job, pods=own_pods, now=now)
     if hold is not None:
         # What changed is on its way to the next phase (the pod is starting, the Job's Complete
         # is due): it is written with that phase, in one patch, unless it takes long. The next
         # event of the pod or Job queues this job again at once.
-        return Plan(job_patch=desired_job_patch(ftj, job), requeue_after=hold)
-    return Plan(job_patch=desired_job_patch(ftj, job), status_patch=changes)
+        return Plan(job_patch=desired_job_patch(ftj, job), patched_job=patched, requeue_after=hold)
+    return Plan(job_patch=desired_job_patch(ftj, job), patched_job=patched, status_patch=changes)
+
+
+def _next_attempt(status: Obj) -> int:
+    """A group's next attempt follows the last one the status counted (one pod: always 1)."""
+    return int(status.get("attempts") or 0) + 1
+
+
+def _validation_plan(
+    ftj: Obj, spec: FineTuneJobSpec, jobs: Sequence[Obj], pods: Sequence[Obj], now: datetime
+) -> Plan:
+    """The Validating phase: create its Job; while it runs (or fails), the status from it; once
+    it has succeeded, its estimate into the status and the trainer Job created."""
+    validation = owned_validation_job(ftj, jobs)
+    if validation is None:
+        name = _validation_job_name(ftj)
+        if any(j.get("metadata", {}).get("name") == name for j in jobs):
+            return Plan(
+                reject=Rejection(Reason.NAME_CONFLICT, (f"Job {name} exists and is not owned",))
+            )
+        return Plan(validate=spec)
+    own_pods = pods_of(validation, pods)
+    status = ftj.get("status") or {}
+    if validation_succeeded(validation):
+        estimate = validation_estimate(validation, own_pods)
+        patch = {"estimate": estimate} if estimate and status.get("estimate") != estimate else None
+        return Plan(
+            create=spec, attempt=_next_attempt(status), status_patch=patch, notes=("validated",)
+        )
+    desired = derive_status(ftj, validation, own_pods, now, validating=True)
+    return Plan(
+        job_patch=desired_job_patch(ftj, validation),
+        patched_job=str(validation.get("metadata", {}).get("name")),
+        status_patch=status_changes(status, desired),
+    )
 
 
 def _ready_reason(status: Obj) -> str | None:

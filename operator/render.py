@@ -22,7 +22,9 @@ from kubetune.api.contract import (
     KUEUE_QUEUE_LABEL,
     MANAGED_BY,
     MANAGED_BY_LABEL,
+    NODE_RANK_ENV,
     NON_RETRIABLE_EXIT_CODES,
+    PREFLIGHT_SUBCOMMAND,
     PUSH_TOKEN_ENV,
     PVC_ROOT_ENV,
     RENDEZVOUS_ENDPOINT_ENV,
@@ -54,6 +56,8 @@ class ChildNames:
     network_policy: str
     #: The headless Service of a multi-pod group (pod subdomain): ``<job>-<index>.<service>``.
     service: str
+    #: The Validating phase's CPU Job (kubetune-trainer preflight).
+    validation_job: str = ""
 
 
 def short_name(name: str, limit: int = _LABEL_MAX) -> str:
@@ -79,6 +83,7 @@ def child_names(name: str, nodes: int = 1) -> ChildNames:
         role_binding=sa,
         network_policy=sa,
         service=service,
+        validation_job=short_name(f"{name}-validate"),
     )
 
 
@@ -232,6 +237,58 @@ def headless_service(name: str, names: ChildNames, meta: Any) -> Manifest:
             "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "protocol": "TCP"}],
         },
     }
+
+
+#: The validation pod's component label (the trainer's pods say ``trainer``).
+VALIDATOR_COMPONENT: Final = "validator"
+_DISTRIBUTED_ENV: Final = frozenset({RENDEZVOUS_ENDPOINT_ENV, RENDEZVOUS_ID_ENV, NODE_RANK_ENV})
+
+
+def render_validation(
+    spec: FineTuneJobSpec, metadata: dict[str, Any], settings: OperatorSettings
+) -> list[Manifest]:
+    """The children of the Validating phase: the same companions as ``render`` (config, identity,
+    network policy), then the validation Job instead of the trainer Job."""
+    *companions, job = render(spec, metadata, settings)
+    names = child_names(str(metadata["name"]))
+    return [*companions, validation_job(job, spec, names.validation_job)]
+
+
+def validation_job(job: Manifest, spec: FineTuneJobSpec, name: str) -> Manifest:
+    """The trainer Job made into the Validating phase's: one pod, ``kubetune-trainer
+    preflight`` on the same config, image, security context, scheduling and pod template, with
+    no GPU, no API token (the preflight reports through its termination message) and every
+    claim read-only. Not queued (it asks for no GPU quota); suspended with the run."""
+    manifest = copy.deepcopy(job)
+    metadata = manifest["metadata"]
+    metadata["name"] = name
+    metadata["labels"].pop(KUEUE_QUEUE_LABEL, None)
+    metadata["labels"]["app.kubernetes.io/component"] = VALIDATOR_COMPONENT
+    job_spec = manifest["spec"]
+    for key in ("completionMode", "successPolicy", "backoffLimitPerIndex", "maxFailedIndexes"):
+        job_spec.pop(key, None)
+    job_spec.update(suspend=spec.run_policy.suspend, completions=1, parallelism=1)
+    template = job_spec["template"]
+    template["metadata"]["labels"]["app.kubernetes.io/component"] = VALIDATOR_COMPONENT
+    template["metadata"]["labels"].pop(KUEUE_QUEUE_LABEL, None)
+    pod = template["spec"]
+    pod.pop("subdomain", None)
+    pod["automountServiceAccountToken"] = False
+    gpu = spec.resources.gpu_resource_name
+    for container in pod["containers"]:
+        for amounts in (container.get("resources") or {}).values():
+            amounts.pop(gpu, None)
+        for mount in container.get("volumeMounts") or []:
+            if mount["name"].startswith("pvc-"):
+                mount["readOnly"] = True
+        container["env"] = [
+            e for e in container.get("env") or [] if e["name"] not in _DISTRIBUTED_ENV
+        ]
+        if container["name"] == TRAINER_CONTAINER:
+            command = container["command"]
+            container["command"] = [command[0], PREFLIGHT_SUBCOMMAND, *command[1:]]
+        container.pop("ports", None)
+    return manifest
 
 
 def network_policy(

@@ -387,12 +387,52 @@ def _started_at(pods: Sequence[Obj]) -> str | None:
     return min(times) if times else None
 
 
-def derive_status(ftj: Obj, job: Obj | None, pods: Sequence[Obj], now: datetime) -> dict[str, Any]:
+#: What the validation Job's pods may say that the Validating phase reports as it is.
+_VALIDATION_KEEPS: Final = ("Failed", "Suspended")
+
+
+def _validating(outcome: Outcome, job: Obj) -> Outcome:
+    """The validation Job's outcome as the FineTuneJob's: Validating until it fails (or is
+    suspended); a problem with its pod (unschedulable, image, secret) is Pending with its
+    reason, as for the trainer's pod."""
+    if outcome.phase in _VALIDATION_KEEPS:
+        return outcome
+    if outcome.phase == "Pending" and outcome.reason in _PROBLEM_REASONS - {Reason.RETRYING}:
+        return outcome  # Pending, as for the trainer's pod: a person has something to fix
+    name = job.get("metadata", {}).get("name")
+    message = f"checking the data and estimating the run (Job {name}, no GPU)"
+    return Outcome("Validating", Reason.VALIDATING, message)
+
+
+def validation_estimate(job: Obj, pods: Sequence[Obj]) -> dict[str, Any] | None:
+    """``status.estimate`` from the finished validation Job's termination message (None when
+    the Job hasn't succeeded, or its trainer wrote no estimate)."""
+    outcome, pod = _outcome({}, job, pods)
+    if outcome.phase != "Succeeded" or pod is None:
+        return None
+    terminated = _terminated(pod)
+    result, _ = parse_termination_message(
+        str(terminated.get("message") or "") if terminated else None
+    )
+    estimate = (result or {}).get("estimate")
+    return dict(estimate) if isinstance(estimate, dict) else None
+
+
+def validation_succeeded(job: Obj) -> bool:
+    return _job_condition(job, "Complete", "SuccessCriteriaMet") is not None
+
+
+def derive_status(
+    ftj: Obj, job: Obj | None, pods: Sequence[Obj], now: datetime, *, validating: bool = False
+) -> dict[str, Any]:
     """The FineTuneJob's status (without ``progress``, which the trainer writes) from its Job
-    and that Job's Pods."""
+    and that Job's Pods; ``validating``: from the Validating phase's Job (which has not
+    succeeded) and its Pods, before any trainer Job exists."""
     current = ftj.get("status") or {}
     generation = ftj.get("metadata", {}).get("generation")
     outcome, reporting_pod = _outcome(ftj, job, pods)
+    if validating and job is not None:
+        outcome = _validating(outcome, job)
 
     result = None
     message = outcome.message
@@ -458,7 +498,9 @@ def derive_status(ftj: Obj, job: Obj | None, pods: Sequence[Obj], now: datetime)
         "conditions": list(conditions),
     }
     status["worldSize"] = world_size_of(ftj)
-    if job is not None and nodes_of(ftj) > 1:
+    if job is not None and validating:
+        pass  # the Validating phase's Job is not an attempt: no jobName, podName or attempts
+    elif job is not None and nodes_of(ftj) > 1:
         # One Job per group attempt; the pod to read (kubectl logs) is rank 0's.
         status["jobName"] = job.get("metadata", {}).get("name")
         status["attempts"] = max(group_attempt(job), int(current.get("attempts") or 0))
@@ -486,7 +528,7 @@ def derive_status(ftj: Obj, job: Obj | None, pods: Sequence[Obj], now: datetime)
         elif previous_pod:
             status["podName"] = previous_pod
         status["attempts"] = attempts
-    start = current.get("startTime") or _started_at(pods)
+    start = current.get("startTime") or (None if validating else _started_at(pods))
     if start:
         status["startTime"] = start
     if finished:

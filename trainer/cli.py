@@ -9,10 +9,10 @@ import platform
 import sys
 from pathlib import Path
 
-from kubetune.api.contract import ExitCode
+from kubetune.api.contract import PREFLIGHT_SUBCOMMAND, ExitCode
 from kubetune.api.errors import ConfigError
 from kubetune.trainer import outputs
-from kubetune.trainer.runner import configure_logging, failure, run
+from kubetune.trainer.runner import configure_logging, failure, preflight, run
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Run one QLoRA SFT training from a resolved trainer config (the ConfigMap the "
             "kubetune operator writes). Exit codes: 0 succeeded, 2 invalid config, 3 dataset "
             "unusable, 4 model unusable, 5 out of GPU memory, 6 diverged (NaN or inf loss), "
-            "143 preempted (a checkpoint was saved), 1 unexpected."
+            "143 preempted (a checkpoint was saved), 1 unexpected. "
+            f"'kubetune-trainer {PREFLIGHT_SUBCOMMAND} --config FILE' checks and estimates "
+            "the run without loading the model."
         ),
     )
     parser.add_argument("--config", required=True, help="path of the TrainerConfig YAML")
@@ -51,8 +53,29 @@ def runtime_description() -> str:
     return text
 
 
+def build_preflight_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"kubetune-trainer {PREFLIGHT_SUBCOMMAND}",
+        description=(
+            "Check a run before it asks for a GPU: read, check and tokenize the dataset (a "
+            "sample, extrapolated, for very large ones), count examples, tokens and optimizer "
+            "steps as the run will, read the model's config and tokenizer (not its weights), "
+            "plan memory for spec.validation.gpuKind and estimate the seconds. The estimate, "
+            "or the failure the run would end in, is the termination message; the exit codes "
+            "are the run's."
+        ),
+    )
+    parser.add_argument("--config", required=True, help="path of the TrainerConfig YAML")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    checking = bool(argv) and argv[0] == PREFLIGHT_SUBCOMMAND
+    if checking:
+        args = build_preflight_parser().parse_args(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     configure_logging()
     log.info("%s", runtime_description())
     from kubetune.api.config import load_trainer_config
@@ -63,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", exc)
         outputs.write_termination_message(failure(ExitCode.INVALID_CONFIG, str(exc)))
         return int(ExitCode.INVALID_CONFIG)
+    if checking:
+        return preflight(config).exit_code
     name = args.name or (config.job.name if config.job else "adapter")
     from kubetune.trainer import distributed
 

@@ -58,6 +58,15 @@ class PreparedData:
     completion_only_loss: bool
 
 
+def no_examples_left(max_length: int) -> str:
+    """Why a dataset whose every example TRL dropped can't be trained on."""
+    # TRL drops examples whose completion was truncated away; none left is a data problem.
+    return (
+        f"no training example keeps a completion token within training.maxLength "
+        f"({max_length}); raise it or shorten the prompts"
+    )
+
+
 def alpaca_prompt(instruction: str, input_text: str | None = None) -> str:
     if input_text:
         return ALPACA_WITH_INPUT.format(instruction=instruction, input=input_text)

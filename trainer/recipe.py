@@ -292,11 +292,9 @@ class QLoRASFTRecipe:
             divergence_callback(self.spec, lambda: getattr(trainer, "_tr_loss", None))
         )
         if len(self._trainer.train_dataset) == 0:
-            # TRL drops examples whose completion was truncated away; none left is a data problem.
-            raise DatasetUnusable(
-                f"no training example keeps a completion token within training.maxLength "
-                f"({self.spec.training.max_length}); raise it or shorten the prompts"
-            )
+            from kubetune.trainer.data import no_examples_left
+
+            raise DatasetUnusable(no_examples_left(self.spec.training.max_length))
 
     # --- train -------------------------------------------------------------------------------
 

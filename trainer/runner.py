@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from kubetune.api.config import TrainerConfig
@@ -75,6 +76,23 @@ def run(
     (their launcher writes it). ``rank`` is this process's place in a group of ranks.
     """
     rank = rank or Rank()
+    return _guarded(
+        config,
+        lambda tokens: _run(config, tokens, name, progress_bar, reporter, rank=rank),
+        write_termination,
+    )
+
+
+def preflight(config: TrainerConfig, *, write_termination: bool = True) -> RunOutcome:
+    """``kubetune-trainer preflight``: check the data and estimate the run (no weights loaded);
+    the estimate, or the failure the run would end in, goes to the termination message."""
+    return _guarded(config, lambda tokens: _preflight(config, tokens), write_termination)
+
+
+def _guarded(
+    config: TrainerConfig, body: Callable[[HubTokens], RunOutcome], write_termination: bool
+) -> RunOutcome:
+    """``body`` with the run's tokens, behind secret redaction; its outcome as the result."""
     spec = config.spec
     try:
         tokens = resolve_hub_tokens(config.token_file).with_uri_credentials(
@@ -86,7 +104,7 @@ def run(
     else:
         guard = install_redaction(tokens.secrets)
         try:
-            outcome = _run(config, tokens, name, progress_bar, reporter, rank=rank)
+            outcome = body(tokens)
         finally:
             uninstall_redaction(guard)
         # The last line of defence: whatever a failure quoted, no secret leaves in the result.
@@ -95,6 +113,23 @@ def run(
     if write_termination:
         outputs.write_termination_message(outcome.result)
     return outcome
+
+
+def _preflight(config: TrainerConfig, tokens: HubTokens) -> RunOutcome:
+    from kubetune.trainer import preflight as checks
+
+    try:
+        _route_library_logs_through_root()
+        result = checks.preflight(config, tokens.read)
+    except TrainerFailure as exc:
+        log.error("%s: %s", exc.reason, exc.message)
+        result = TrainerResult(outcome="Failed", reason=exc.reason, message=exc.message)
+        return RunOutcome(int(exc.exit_code), result)
+    except Exception as exc:
+        log.exception("preflight failed unexpectedly")
+        message = f"{type(exc).__name__}: {first_line(exc, 1000)}"[:1000]
+        return RunOutcome(int(ExitCode.UNEXPECTED), failure(ExitCode.UNEXPECTED, message))
+    return RunOutcome(int(ExitCode.SUCCEEDED), result)
 
 
 def _run(

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 from kubetune.api.models import TrainingSpec
 from kubetune.trainer.errors import InvalidConfig
-from kubetune.trainer.memory import MemoryPlan
+from kubetune.trainer.memory import MemoryPlan, ModelShape, relative_step_cost
 
 
 @dataclass(frozen=True)
@@ -105,3 +105,65 @@ def check_optimizer(name: str) -> None:
             f"spec.training.optimizer: unknown optimizer {name!r}; use auto or one of "
             + ", ".join(known)
         )
+
+
+# --- the measured speed table (the preflight's estimate) -----------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuKind:
+    """What the preflight knows of a GPU kind: its memory, and, where measured, its speed."""
+
+    #: Total memory as the driver reports it (MiB, the cards' specifications).
+    memory_mib: int
+    #: Dense bf16 tensor-core peak (TFLOP/s, the vendor's figure).
+    bf16_tflops: float
+    #: Model FLOPs utilisation kubetune measured on it with the default plan (None: never
+    #: measured; the estimate then gives no seconds rather than a guess).
+    measured_mfu: float | None = None
+    source: str = ""
+
+
+#: The card's memory that the CUDA context and the libraries hold before the plan's share.
+CONTEXT_BYTES = 512 * 2**20
+
+GPU_KINDS: dict[str, GpuKind] = {
+    # docs/trainer.md "Speed settings" (bench/results/h200-2026-11-28-default-plan.jsonl): the
+    # kubetune defaults on a Llama-2-7B shape, no checkpointing, 4 x 2,048 tokens a micro-step:
+    # 15,342 real tokens/s = 42.3% MFU (8B shape: 13,837 tokens/s, 43.2%).
+    "H200": GpuKind(143771, 989.0, 0.423, "docs/trainer.md, H200 2026-11-28, 7B default plan"),
+    "H100-80GB": GpuKind(81559, 989.0),
+    "A100-80GB": GpuKind(81920, 312.0),
+    "A100-40GB": GpuKind(40960, 312.0),
+    "L40S": GpuKind(46068, 362.0),
+    "L4": GpuKind(23034, 121.0),
+}
+#: The plan the MFU above was measured with: no checkpointing, 8,192 tokens a micro-step.
+MEASURED_TOKENS_PER_MICRO_STEP = 8192
+
+
+def gpu_free_bytes(kind: str) -> int:
+    return GPU_KINDS[kind].memory_mib * 2**20 - CONTEXT_BYTES
+
+
+def flops_per_token(shape: ModelShape, lora_rank: int) -> float:
+    """Training FLOPs per real token, as docs/trainer.md counts them for MFU: 4 per frozen base
+    weight (forward, and the input gradients only), 6 per adapter weight (attention left out:
+    a few percent at the measured lengths)."""
+    return 4.0 * shape.linear_params() + 6.0 * shape.lora_params(lora_rank)
+
+
+def estimated_seconds(
+    kind: str, shape: ModelShape, *, lora_rank: int, plan: MemoryPlan, tokens: int, ranks: int
+) -> float | None:
+    """Seconds to train ``tokens`` real tokens on ``ranks`` GPUs of ``kind``: the measured MFU,
+    corrected by the memory model's cost of this plan's recompute and micro-step size relative
+    to the measured plan (ranks assumed to scale linearly). None where the kind was never
+    measured."""
+    gpu = GPU_KINDS.get(kind)
+    if gpu is None or gpu.measured_mfu is None or tokens <= 0:
+        return None
+    per_second = gpu.bf16_tflops * 1e12 * gpu.measured_mfu / flops_per_token(shape, lora_rank)
+    cost = relative_step_cost(plan.checkpointed_layers, plan.layers, plan.tokens_per_micro_step)
+    measured = relative_step_cost(0, plan.layers, MEASURED_TOKENS_PER_MICRO_STEP)
+    return tokens / (per_second * max(ranks, 1)) * cost / measured

@@ -50,8 +50,14 @@ def test_printer_columns_and_names() -> None:
     names = crd["spec"]["names"]
     assert names["shortNames"] == ["ftj"]
     columns = {c["name"]: c for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]}
-    assert list(columns) == ["Phase", "Progress", "Loss", "Model", "Ranks", "Age", "Adapter"]
+    assert list(columns) == [
+        "Phase", "Progress", "Loss", "Model", "Steps", "Est-Seconds", "Est-GiB", "Ranks", "Age",
+        "Adapter",
+    ]  # fmt: skip
     assert columns["Adapter"]["priority"] == columns["Ranks"]["priority"] == 1
+    assert columns["Est-Seconds"]["priority"] == columns["Est-GiB"]["priority"] == 1
+    assert "priority" not in columns["Steps"]
+    assert columns["Steps"]["jsonPath"] == ".status.estimate.steps"
     assert crd["spec"]["versions"][0]["subresources"] == {"status": {}}
 
 

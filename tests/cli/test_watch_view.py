@@ -79,3 +79,18 @@ def test_result_names_adapter_digest_metrics_and_answers() -> None:
 def test_sparkline_is_flat_for_constant_loss() -> None:
     assert sparkline([1.0, 1.0, 1.0]) == "▁▁▁"
     assert sparkline([]) == ""
+
+
+def test_validated_job_shows_its_estimate() -> None:
+    status = FineTuneJobStatus.model_validate(
+        {
+            "phase": "Pending",
+            "estimate": {"examples": 512, "tokens": 6170, "sequences": 103, "steps": 7,
+                         "gpuKind": "H200", "peakGiB": 36.7, "seconds": 3725, "sampled": True},
+        }
+    )  # fmt: skip
+    view = render_view("held", status, [])
+    assert (
+        "estimate: 512 examples, about 6,170 tokens/epoch, 7 steps, peak 36.7 GiB on H200, "
+        "about 1:02:05 of training"
+    ) in view

@@ -34,10 +34,28 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def trainer_jobs(kubectl: Kubectl, namespace: str, name: str) -> list[dict[str, object]]:
-    items: list[dict[str, object]] = get_json(
-        kubectl, "jobs", "-n", namespace, "-l", f"kubetune.io/job={name}"
-    )["items"]
+    """``name``'s trainer Jobs (not its Validating phase's)."""
+    selector = f"kubetune.io/job={name},app.kubernetes.io/component=trainer"
+    items: list[dict[str, object]] = get_json(kubectl, "jobs", "-n", namespace, "-l", selector)[
+        "items"
+    ]
     return items
+
+
+def gpu_requests(pod: dict[str, Any]) -> list[str]:
+    """The GPU amounts a pod's containers ask for."""
+    return [
+        str(amounts["nvidia.com/gpu"])
+        for container in pod["spec"]["containers"]
+        for amounts in (container.get("resources") or {}).values()
+        if "nvidia.com/gpu" in amounts
+    ]
+
+
+def event_reasons(kubectl: Kubectl, namespace: str, name: str) -> list[str]:
+    selector = f"involvedObject.kind=FineTuneJob,involvedObject.name={name}"
+    events = get_json(kubectl, "events", "-n", namespace, "--field-selector", selector)["items"]
+    return [str(e.get("reason")) for e in sorted(events, key=lambda e: e["lastTimestamp"])]
 
 
 def test_tiny_job_trains_from_the_images_and_reports_its_adapter_and_digest(
@@ -131,32 +149,57 @@ def test_evicted_trainer_resumes_from_its_checkpoint_and_succeeds(
     assert job["status"].get("failed", 0) == 0, "an eviction must not count against backoffLimit"
 
 
-def test_malformed_dataset_fails_once_naming_the_line(kubectl: Kubectl, namespace: str) -> None:
+def test_malformed_dataset_fails_in_validating_naming_the_line_before_any_gpu_pod(
+    kubectl: Kubectl, namespace: str
+) -> None:
     seed_demo_claim(kubectl, namespace)
     run_pod(kubectl, namespace, "break-data", ["sh", "-c",
             f"head -n 4 /mnt/pvc/{CLAIM}/data/reverse-prompt-completion.jsonl > /mnt/pvc/{CLAIM}/bad.jsonl"
             f" && echo '{{\"prompt\": \"cut off' >> /mnt/pvc/{CLAIM}/bad.jsonl"])  # fmt: skip
     job = tiny_job("bad-data")
     job["spec"]["dataset"]["uri"] = f"pvc://{CLAIM}/bad.jsonl"
+    job["spec"]["resources"]["gpus"] = 1  # the local node has one: only validation keeps it free
     apply(kubectl, namespace, job)
 
-    status = wait_phase(kubectl, namespace, "bad-data", {"Failed", "Succeeded"}, 240)
+    phases: list[str] = []
+
+    def finished() -> dict[str, Any] | None:
+        status = ftj_status(kubectl, namespace, "bad-data")
+        if status.get("phase") and status["phase"] not in phases[-1:]:
+            phases.append(status["phase"])
+        return status if status.get("phase") in ("Failed", "Succeeded") else None
+
+    status = wait_for(finished, 240, "bad-data to finish", 0.5)
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert (status["phase"], failed["status"], failed["reason"]) == (
         "Failed",
         "True",
         "DatasetError",
     )
-    assert "line 5" in failed["message"] + status.get("result", {}).get("message", "")
-    assert status["attempts"] == 1
+    assert "bad.jsonl" in failed["message"] and "line 5" in failed["message"]
+    assert status["result"]["reason"] == "DatasetError"
+    assert "Validating" in phases and "Running" not in phases, phases
+    assert "attempts" not in status and "estimate" not in status
+    # Only the Validating phase's Job and its one CPU pod ever existed: no GPU was asked for.
+    jobs = get_json(kubectl, "jobs", "-n", namespace, "-l", "kubetune.io/job=bad-data")["items"]
+    assert [j["metadata"]["name"] for j in jobs] == ["bad-data-validate"]
+    pods = get_json(kubectl, "pods", "-n", namespace, "-l", "kubetune.io/job=bad-data")["items"]
+    assert len(pods) == 1 and gpu_requests(pods[0]) == []
+    assert pods[0]["spec"]["containers"][0]["command"][:2] == ["kubetune-trainer", "preflight"]
+    reasons = event_reasons(kubectl, namespace, "bad-data")
+    assert reasons[-2:] == ["Validating", "DatasetError"], reasons
 
 
 @pytest.mark.usefixtures("cpu_hog")
-def test_job_suspended_while_queued_runs_once_resumed(kubectl: Kubectl, namespace: str) -> None:
+def test_job_suspended_before_it_starts_is_validated_once_resumed_and_runs_the_steps_estimated(
+    kubectl: Kubectl, namespace: str
+) -> None:
     # Runs while busy loops hold every core (the cpu_hog fixture): the waits follow the job's
     # own pace, so a slower machine means a longer run, not a failure.
     seed_demo_claim(kubectl, namespace)
-    job = tiny_job("held", maxSteps=60)
+    # Epochs of packed rows: the step count is the data's, not a number the spec gives.
+    job = tiny_job("held", epochs=1, packing=True)
+    del job["spec"]["training"]["maxSteps"]
     job["spec"]["runPolicy"] = {"suspend": True}
     apply(kubectl, namespace, job)
 
@@ -166,8 +209,33 @@ def test_job_suspended_while_queued_runs_once_resumed(kubectl: Kubectl, namespac
 
     kubectl("patch", "ftj", "held", "-n", namespace, "--type=merge",
             "-p", '{"spec": {"runPolicy": {"suspend": false}}}')  # fmt: skip
-    status = wait_phase(kubectl, namespace, "held", {"Succeeded", "Failed"}, 240)
-    assert status["phase"] == "Succeeded"
+    seen: dict[str, Any] = {}
+
+    def trainer_job_made() -> bool:
+        # The status read after the trainer Job is seen: the estimate must be there already.
+        jobs = trainer_jobs(kubectl, namespace, "held")
+        seen.update(status=ftj_status(kubectl, namespace, "held"))
+        seen.setdefault("phases", []).append(seen["status"].get("phase"))
+        return bool(jobs)
+
+    # Validation runs first (a CPU pod); past the phase, the trainer Job follows at once.
+    wait_phase(kubectl, namespace, "held", {"Pending", "Running", "Succeeded", "Failed"}, 240)
+    wait_for(trainer_job_made, 60, "the trainer Job of held", 0.5)
+    estimate = seen["status"].get("estimate")
+    assert estimate, f"no status.estimate when the trainer Job appeared: {seen['status']}"
+    assert "Validating" in event_reasons(kubectl, namespace, "held")
+    assert estimate["examples"] == 512 and estimate["sampled"] is False
+    assert 0 < estimate["sequences"] < estimate["examples"]  # packed
+    table = kubectl("get", "ftj", "held", "-n", namespace).stdout
+    header, row = table.splitlines()[:2]
+    # Columns start where their header does (empty ones, like LOSS before training, are blank).
+    assert row[header.index("STEPS") :].split()[0] == str(estimate["steps"])
+
+    status = wait_phase(kubectl, namespace, "held", {"Succeeded", "Failed"}, 300)
+    assert status["phase"] == "Succeeded", status
+    assert status["estimate"] == estimate
+    assert status["result"]["metrics"]["steps"] == estimate["steps"]
+    assert status["progress"]["totalSteps"] == estimate["steps"]
     suspended = next(c for c in status["conditions"] if c["type"] == "Suspended")
     assert suspended["status"] == "False"
 

@@ -128,15 +128,24 @@ def wait_ready_reason(
     )
 
 
-def jobs_of(kubectl: Kubectl, namespace: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = get_json(kubectl, "jobs", "-n", namespace)["items"]
+def jobs_of(
+    kubectl: Kubectl, namespace: str, component: str | None = "trainer"
+) -> list[dict[str, Any]]:
+    """The trainer Jobs in ``namespace`` (``component=None``: every Job, the Validating phase's
+    and any other)."""
+    selector = ["-l", f"app.kubernetes.io/component={component}"] if component else []
+    items: list[dict[str, Any]] = get_json(kubectl, "jobs", "-n", namespace, *selector)["items"]
     return items
 
 
-def pods_of(kubectl: Kubectl, namespace: str, name: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = get_json(
-        kubectl, "pods", "-n", namespace, "-l", f"kubetune.io/job={name}"
-    )["items"]
+def pods_of(
+    kubectl: Kubectl, namespace: str, name: str, component: str = "trainer"
+) -> list[dict[str, Any]]:
+    """The pods of ``name``'s trainer Job (``component="validator"``: of its Validating phase)."""
+    selector = f"kubetune.io/job={name},app.kubernetes.io/component={component}"
+    items: list[dict[str, Any]] = get_json(kubectl, "pods", "-n", namespace, "-l", selector)[
+        "items"
+    ]
     return items
 
 
@@ -204,11 +213,14 @@ def sleeper_spec(seconds: int, exit_code: int = 0, **extra: Any) -> dict[str, An
 
 
 def unschedulable_spec(**extra: Any) -> dict[str, Any]:
+    """A GPU job no node can take (its data isn't real: the Validating phase is off, so the
+    trainer Job is made at once)."""
     return {
         "model": {"uri": "org/model"},
         "dataset": {"uri": "https://datasets.invalid/train.jsonl"},
         "output": {"uri": "s3://bucket/adapter"},
         "resources": {"gpus": 1, "gpuResourceName": MISSING_GPU},
+        "validation": {"enabled": False},
         **extra,
     }
 
@@ -298,8 +310,11 @@ def test_missing_dataset_fails_with_dataset_error_after_one_attempt(
     assert status["phase"] == "Failed"
     failed = condition(status, "Failed")
     assert (failed["status"], failed["reason"]) == ("True", "DatasetError"), failed
-    assert status["attempts"] == 1
-    assert len(pods_of(kubectl, namespace, "no-data")) == 1  # no retry of what a retry can't fix
+    assert "no-such-file.jsonl" in failed["message"]
+    # Found by the Validating phase's one pod (not retried); no trainer pod was ever made.
+    assert len(pods_of(kubectl, namespace, "no-data", component="validator")) == 1
+    assert pods_of(kubectl, namespace, "no-data") == []
+    assert "attempts" not in status
 
 
 def test_job_without_a_schedulable_gpu_node_is_pending_unschedulable(
@@ -324,7 +339,7 @@ def test_missing_pvc_is_reported_and_the_job_starts_once_it_exists(
     apply(kubectl, namespace, finetunejob("waits-for-pvc", spec))
     status = wait_ready_reason(kubectl, namespace, "waits-for-pvc", "MissingReference", 60)
     assert f"PersistentVolumeClaim '{CLAIM}' not found" in condition(status, "Ready")["message"]
-    assert jobs_of(kubectl, namespace) == []
+    assert jobs_of(kubectl, namespace, component=None) == []
 
     work_claim(kubectl, namespace)
     status = wait_phase(kubectl, namespace, "waits-for-pvc", {"Succeeded", "Failed"}, 120)
@@ -335,9 +350,11 @@ def test_suspend_and_resume(operator: OperatorProcess, kubectl: Kubectl, namespa
     apply(kubectl, namespace, finetunejob("pause", sleeper_spec(300, runPolicy={"suspend": True})))
     status = wait_phase(kubectl, namespace, "pause", {"Suspended"}, 60)
     assert condition(status, "Suspended")["status"] == "True"
-    (job,) = jobs_of(kubectl, namespace)
-    assert job["spec"]["suspend"] is True
-    assert pods_of(kubectl, namespace, "pause") == []
+    # Suspended before it started: its Validating phase waits, suspended, and nothing runs.
+    (validation,) = jobs_of(kubectl, namespace, component="validator")
+    assert validation["spec"]["suspend"] is True
+    assert jobs_of(kubectl, namespace) == []
+    assert pods_of(kubectl, namespace, "pause", component="validator") == []
 
     kubectl(
         "patch", "ftj", "pause", "-n", namespace, "--type=merge",
@@ -346,6 +363,7 @@ def test_suspend_and_resume(operator: OperatorProcess, kubectl: Kubectl, namespa
     status = wait_phase(kubectl, namespace, "pause", {"Running"}, 90)
     assert condition(status, "Suspended")["status"] == "False"
     assert condition(status, "Running")["status"] == "True"
+    (job,) = jobs_of(kubectl, namespace)
 
     kubectl(
         "patch", "ftj", "pause", "-n", namespace, "--type=merge",
@@ -421,7 +439,7 @@ def test_denied_option_fails_the_job_without_creating_children(
     failed = condition(status, "Failed")
     assert failed["reason"] == "Denied"
     assert "spec.model.trustRemoteCode" in failed["message"]
-    assert jobs_of(kubectl, namespace) == []
+    assert jobs_of(kubectl, namespace, component=None) == []
 
 
 def _cluster_endpoint(kubectl: Kubectl) -> tuple[str, ssl.SSLContext]:
@@ -552,7 +570,7 @@ def test_spec_the_schema_accepts_but_the_models_refuse_fails_invalid_spec(
     assert failed["reason"] == "InvalidSpec"
     assert "spec.model.uri" in failed["message"] and "'ftp'" in failed["message"]
     assert status["result"]["reason"] == "InvalidSpec"
-    assert jobs_of(kubectl, namespace) == []
+    assert jobs_of(kubectl, namespace, component=None) == []
     assert "InvalidSpec" in event_reasons(kubectl, namespace, "ftp-model")
 
 
@@ -712,7 +730,7 @@ def test_a_tenant_who_may_only_create_finetunejobs_gets_no_more_than_a_trainer_p
                   "spec.podTemplate.spec.containers[0].command",
                   "spec.podTemplate.spec.containers[0].securityContext"):  # fmt: skip
         assert field in failed["message"], field
-    assert jobs_of(kubectl, namespace) == []
+    assert jobs_of(kubectl, namespace, component=None) == []
     assert get_json(kubectl, "pods", "-n", namespace)["items"] == []
 
     # A forged result: the tenant can't write status at all.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -77,10 +78,110 @@ def running_pod(owner: str = "job-uid") -> dict[str, Any]:
     }
 
 
-def test_a_new_job_without_children_creates_them() -> None:
+def test_a_new_job_without_children_is_validated_first() -> None:
     work = plan(ftj(), [], [], SETTINGS, NOW)
-    assert work.create is not None and work.create.model.uri == "org/model"
-    assert work.reject is None and work.status_patch is None
+    assert work.validate is not None and work.validate.model.uri == "org/model"
+    assert work.create is None and work.reject is None and work.status_patch is None
+
+
+def test_a_new_job_with_validation_off_creates_the_trainer_job_at_once() -> None:
+    work = plan(ftj(validation={"enabled": False}), [], [], SETTINGS, NOW)
+    assert work.create is not None and work.validate is None
+
+
+def validation_job(*conditions: str, suspend: bool = False) -> dict[str, Any]:
+    status = {"conditions": [{"type": c, "status": "True"} for c in conditions]}
+    if "Failed" in conditions:
+        status["failed"] = 1
+    return {
+        "metadata": {
+            "name": "run-1-validate",
+            "uid": "validation-uid",
+            "resourceVersion": "3",
+            "ownerReferences": [{"uid": UID, "controller": True}],
+        },
+        "spec": {"suspend": suspend},
+        "status": status,
+    }
+
+
+def validation_pod(code: int | None, message: str = "") -> dict[str, Any]:
+    if code is None:
+        return running_pod(owner="validation-uid")
+    state = {
+        "terminated": {"exitCode": code, "message": message, "startedAt": "2026-01-02T03:00:02Z"}
+    }
+    return {
+        "metadata": {
+            "name": "run-1-validate-x",
+            "creationTimestamp": "2026-01-02T03:00:00Z",
+            "ownerReferences": [{"uid": "validation-uid", "controller": True}],
+        },
+        "status": {
+            "phase": "Succeeded" if code == 0 else "Failed",
+            "startTime": "2026-01-02T03:00:01Z",
+            "containerStatuses": [{"name": "trainer", "state": state}],
+        },
+    }
+
+
+ESTIMATE = {"examples": 512, "tokens": 6170, "sequences": 103, "steps": 7, "sampled": False}
+
+
+def test_while_the_validation_job_runs_the_job_is_validating_and_no_trainer_job_is_made() -> None:
+    work = plan(ftj(), [validation_job()], [validation_pod(None)], SETTINGS, NOW)
+    assert work.create is None and work.validate is None
+    assert work.status_patch is not None and work.status_patch["phase"] == "Validating"
+    ready = next(c for c in work.status_patch["conditions"] if c["type"] == "Ready")
+    running = next(c for c in work.status_patch["conditions"] if c["type"] == "Running")
+    assert (ready["reason"], running["status"]) == ("Validating", "False")
+    assert "run-1-validate" in ready["message"]
+    assert "attempts" not in work.status_patch and "podName" not in work.status_patch
+
+
+def test_a_failed_validation_fails_the_job_with_the_trainers_reason_and_no_trainer_job() -> None:
+    message = (
+        '{"outcome": "Failed", "reason": "DatasetError", '
+        '"message": "data/train.jsonl line 5: not valid JSON"}'
+    )
+    failed = validation_job("FailureTarget", "Failed")
+    work = plan(ftj(), [failed], [validation_pod(3, message)], SETTINGS, NOW)
+    assert work.create is None and work.validate is None
+    assert work.status_patch is not None and work.status_patch["phase"] == "Failed"
+    condition = next(c for c in work.status_patch["conditions"] if c["type"] == "Failed")
+    assert condition["reason"] == "DatasetError" and "line 5" in condition["message"]
+    assert work.status_patch["result"]["reason"] == "DatasetError"
+
+
+def test_a_passed_validation_writes_the_estimate_and_creates_the_trainer_job() -> None:
+    message = json.dumps(
+        {"outcome": "Succeeded", "reason": "Validated", "message": "ok", "estimate": ESTIMATE}
+    )
+    passed = validation_job("SuccessCriteriaMet", "Complete")
+    work = plan(ftj(), [passed], [validation_pod(0, message)], SETTINGS, NOW)
+    assert work.create is not None
+    assert work.status_patch == {"estimate": ESTIMATE}
+    # Written once: the next pass creates (or finds) the trainer Job without writing it again.
+    again = plan(ftj(status={"estimate": ESTIMATE}), [passed], [], SETTINGS, NOW)
+    assert again.create is not None and again.status_patch is None
+
+
+def test_once_the_trainer_job_exists_the_validation_job_is_not_read() -> None:
+    passed = validation_job("SuccessCriteriaMet", "Complete")
+    work = plan(ftj(), [passed, job()], [running_pod()], SETTINGS, NOW)
+    assert work.create is None and work.validate is None
+    assert work.status_patch is not None and work.status_patch["phase"] == "Running"
+    assert work.status_patch["jobName"] == "run-1"
+
+
+def test_a_suspended_run_suspends_its_validation_and_resumes_it() -> None:
+    suspended = plan(
+        ftj(run_policy={"suspend": True}), [validation_job(suspend=True)], [], SETTINGS, NOW
+    )
+    assert suspended.status_patch is not None and suspended.status_patch["phase"] == "Suspended"
+    resumed = plan(ftj(), [validation_job(suspend=True)], [], SETTINGS, NOW)
+    assert resumed.job_patch == {"spec": {"suspend": False}}
+    assert resumed.patched_job == "run-1-validate"
 
 
 def test_a_denied_option_fails_before_anything_is_created() -> None:
@@ -167,7 +268,11 @@ def test_a_job_being_deleted_is_left_alone() -> None:
 
 
 def test_a_failed_group_attempt_replaces_its_job_and_the_next_job_is_the_next_attempt() -> None:
-    group = {"resources": {"nodes": 2}, "runPolicy": {"backoffLimit": 1}}
+    group = {
+        "resources": {"nodes": 2},
+        "runPolicy": {"backoffLimit": 1},
+        "validation": {"enabled": False},
+    }
     lost = job()
     lost["metadata"]["annotations"] = {"kubetune.io/attempt": "1"}
     lost["status"] = {"conditions": [

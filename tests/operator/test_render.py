@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ from kubetune.api.models import FineTuneJobSpec
 from kubetune.operator.render import (
     child_names,
     render,
+    render_validation,
     short_name,
 )
 from kubetune.operator.settings import OperatorSettings
@@ -409,3 +411,42 @@ def test_a_groups_host_names_stay_dns_labels_for_long_names() -> None:
     role = next(o for o in objects if o["kind"] == "Role")
     assert role["rules"] == [{"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"],
                               "resourceNames": [long_name], "verbs": ["get", "patch"]}]  # fmt: skip
+
+
+def validation_children(spec: FineTuneJobSpec | None = None) -> list[dict[str, Any]]:
+    settings = OperatorSettings(trainer_network_policy=True)
+    return render_validation(spec or spec_of(resources={"gpus": 2}), METADATA, settings)
+
+
+def test_validation_job_runs_the_preflight_without_a_gpu_under_the_same_pod_policy() -> None:
+    *companions, validation = validation_children()
+    trainer_job = rendered(spec_of(resources={"gpus": 2}), trainer_network_policy=True)["Job"]
+    assert [c["kind"] for c in companions] == [
+        "ConfigMap", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy"
+    ]  # fmt: skip
+    assert validation["metadata"]["name"] == "llama2-support-validate"
+    pod = validation["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"][:2] == ["kubetune-trainer", "preflight"]
+    assert (
+        container["command"][2:]
+        == trainer_job["spec"]["template"]["spec"]["containers"][0]["command"][1:]
+    )
+    assert "nvidia.com/gpu" not in json.dumps(container["resources"])
+    trainer_pod = trainer_job["spec"]["template"]["spec"]
+    assert pod["securityContext"] == trainer_pod["securityContext"]
+    assert container["securityContext"] == trainer_pod["containers"][0]["securityContext"]
+    assert pod["serviceAccountName"] == trainer_pod["serviceAccountName"]
+    assert pod["automountServiceAccountToken"] is False
+    assert container["image"] == trainer_pod["containers"][0]["image"]
+    assert all(m["readOnly"] for m in container["volumeMounts"] if m["name"].startswith("pvc-"))
+    labels = validation["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/component"] == "validator"
+    assert validation["spec"]["completions"] == 1
+
+
+def test_validation_job_is_not_queued_and_suspends_with_the_run() -> None:
+    spec = spec_of(scheduling={"queueName": "gpus"}, runPolicy={"suspend": True})
+    validation = validation_children(spec)[-1]
+    assert "kueue.x-k8s.io/queue-name" not in validation["metadata"]["labels"]
+    assert validation["spec"]["suspend"] is True
