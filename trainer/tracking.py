@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from kubetune.api.contract import MLFLOW_PASSWORD_ENV, MLFLOW_TOKEN_ENV
 from kubetune.api.models import FineTuneJobSpec, TrackingSpec, TrainerResult
 from kubetune.api.uris import display_uri
 from kubetune.trainer.errors import TrainerFailure, first_line
@@ -32,13 +33,8 @@ log = logging.getLogger(__name__)
 TENSORBOARD_DIR: Final = "runs"
 #: The tag that finds a run again when a retried pod resumes from a checkpoint.
 RUN_TAG: Final = "kubetune.run"
-#: The variables MLflow reads its credentials from; the pod sets them from Secret references.
-CREDENTIAL_ENV: Final = (
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-)
-_SECRET_ENV: Final = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+#: The variables holding MLflow's secrets; the pod sets them from Secret references.
+_SECRET_ENV: Final = (MLFLOW_PASSWORD_ENV, MLFLOW_TOKEN_ENV)
 
 
 class TrackingUnavailable(TrainerFailure):
