@@ -111,8 +111,9 @@ def test_tracked_run_lands_params_metrics_and_adapter_tags_in_mlflow(
     assert {step for step, _ in scalars["train/loss"]} == set(steps)
     # The password reached the server (basic auth let the run in) and nothing the run wrote.
     written = "".join(
-        p.read_text(errors="replace") for p in output.rglob("*") if p.is_file() and p.suffix in
-        {".json", ".jsonl", ".md", ".txt", ""}
+        p.read_text(errors="replace")
+        for p in output.rglob("*")
+        if p.is_file() and p.suffix in {".json", ".jsonl", ".md", ".txt", ""}
     )
     assert_hidden([mlflow.password], logs=logs, output_files=written)
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == mlflow.password
