@@ -78,6 +78,8 @@ def mlflow_server(root: Path, *, startup_seconds: float = 180) -> Iterator[Mlflo
         **os.environ,
         "MLFLOW_AUTH_CONFIG_PATH": str(config),
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        # Its background job runner starts a pool of workers the tests never use.
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         env.pop(name, None)
