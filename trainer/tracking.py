@@ -143,10 +143,11 @@ class MlflowRun:
             experiment = mlflow.set_experiment(self.settings.experiment_name)
             previous = self._previous_run(experiment.experiment_id) if resuming else None
             if previous is not None:
-                run = mlflow.start_run(run_id=previous)
+                self.run_id = mlflow.start_run(run_id=previous).info.run_id
                 log.info("MLflow: continuing run %s at %s", previous, self.where)
             else:
                 run = mlflow.start_run(run_name=self.name, tags={RUN_TAG: self.identity})
+                self.run_id = run.info.run_id  # ended by end(), whatever happens next
                 mlflow.log_params(spec_parameters(self.spec))
                 log.info(
                     "MLflow: run %s in experiment %r at %s",
@@ -159,7 +160,6 @@ class MlflowRun:
                 f"MLflow tracking server {self.where} (tracking.mlflow.trackingUri): "
                 f"{first_line(exc, 500)}"
             ) from None
-        self.run_id = run.info.run_id
 
     def _previous_run(self, experiment_id: str) -> str | None:
         from mlflow.tracking import MlflowClient
