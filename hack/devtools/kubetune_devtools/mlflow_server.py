@@ -57,8 +57,12 @@ def _answers(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path, *, startup_seconds: float = 180) -> Iterator[MlflowServer]:
-    """``mlflow server`` with basic auth, until the block ends; its process group is stopped."""
+def mlflow_server(root: Path, *, startup_seconds: float = 600) -> Iterator[MlflowServer]:
+    """``mlflow server`` with basic auth, until the block ends; its process group is stopped.
+
+    It is waited for while it lives: about 15 s on an idle machine, but its imports (the CLI's,
+    then uvicorn's worker's) took over 5 minutes on a 2-core machine under a load of 25; the cap
+    only stops a server that hangs."""
     root.mkdir(parents=True, exist_ok=True)
     password = "pw-" + secrets.token_hex(16)
     config = root / "basic_auth.ini"
