@@ -29,6 +29,11 @@ DEFAULT_PVC_ROOT: Final = "/mnt/pvc"
 TOKEN_ENV: Final = "HF_TOKEN"  # noqa: S105 -- the variable's name, not its value
 #: The hub push token, from ``spec.output.pushToHub.tokenSecretRef``.
 PUSH_TOKEN_ENV: Final = "HF_PUSH_TOKEN"  # noqa: S105 -- the variable's name, not its value
+#: MLflow's credentials, from ``spec.tracking.mlflow``'s secret references (the names MLflow's
+#: client reads).
+MLFLOW_USERNAME_ENV: Final = "MLFLOW_TRACKING_USERNAME"
+MLFLOW_PASSWORD_ENV: Final = "MLFLOW_TRACKING_PASSWORD"  # noqa: S105 -- a name, not a value
+MLFLOW_TOKEN_ENV: Final = "MLFLOW_TRACKING_TOKEN"  # noqa: S105 -- a name, not a value
 # Distributed training (resources.gpus > 1 or resources.nodes > 1). The pod's command stays
 # TRAINER_COMMAND; the trainer starts its ranks through torch.distributed.run from these.
 #: host:port of the c10d rendezvous (rank 0's pod, through the job's headless Service).

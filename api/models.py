@@ -8,6 +8,7 @@ descriptions become the CRD's documentation (``kubectl explain finetunejob.spec`
 from __future__ import annotations
 
 import re
+import urllib.parse
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
@@ -647,6 +648,109 @@ class ValidationSpec(ApiModel):
     )
 
 
+def _tracking_uri(value: str) -> str:
+    """An http(s) URL with a host and no credentials in it: they come from Secrets only."""
+    parsed = parse_uri(value, ("http", "https"), "tracking.mlflow.trackingUri")
+    if parsed.scheme not in ("http", "https"):
+        raise ValueError("tracking.mlflow.trackingUri must be an http:// or https:// URL")
+    parts = urllib.parse.urlsplit(value)
+    if "@" in parts.netloc or parts.query or parts.fragment:
+        raise ValueError(
+            "tracking.mlflow.trackingUri must not carry credentials, a query or a fragment; "
+            "give credentials through tracking.mlflow.usernameSecretRef/passwordSecretRef or "
+            "tokenSecretRef"
+        )
+    return value
+
+
+class MlflowTrackingSpec(ApiModel):
+    """Log the run to an MLflow tracking server: parameters, metrics per logging step, and the
+    adapter's location and sha256, base model and dataset fingerprint as tags."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.usernameSecretRef) == has(self.passwordSecretRef)",
+                    "message": (
+                        "set tracking.mlflow.usernameSecretRef and passwordSecretRef together"
+                    ),
+                }
+            ]
+        }
+    )
+
+    tracking_uri: str = Field(
+        description=(
+            "The tracking server, http(s)://host[:port][/path]. No credentials in it: use the "
+            "secret references."
+        ),
+        min_length=1,
+        max_length=1024,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.matches('^https?://[^/@?#]+(/[^?#]*)?$')",
+                    "message": (
+                        "tracking.mlflow.trackingUri must be an http(s) URL without "
+                        "credentials, query or fragment"
+                    ),
+                }
+            ]
+        },
+    )
+    experiment_name: str = Field(
+        description="Experiment to log the run under (created when it does not exist).",
+        min_length=1,
+        max_length=256,
+    )
+    run_name: str | None = Field(
+        default=None,
+        description="Name of the MLflow run; the FineTuneJob's name when unset.",
+        max_length=256,
+    )
+    username_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding the HTTP basic-auth user (MLFLOW_TRACKING_USERNAME).",
+    )
+    password_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding the HTTP basic-auth password (MLFLOW_TRACKING_PASSWORD).",
+    )
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding a bearer token (MLFLOW_TRACKING_TOKEN).",
+    )
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        return _tracking_uri(value)
+
+    @model_validator(mode="after")
+    def _basic_auth_pair(self) -> MlflowTrackingSpec:
+        if (self.username_secret_ref is None) != (self.password_secret_ref is None):
+            raise ValueError("set tracking.mlflow.usernameSecretRef and passwordSecretRef together")
+        return self
+
+
+class TensorBoardSpec(ApiModel):
+    """TensorBoard event files, written beside the adapter (``<output>/runs/``)."""
+
+    enabled: bool = Field(default=True, description="Write TensorBoard event files.")
+
+
+class TrackingSpec(ApiModel):
+    """Experiment tracking: where the run's parameters and metrics go besides the status."""
+
+    mlflow: MlflowTrackingSpec | None = Field(
+        default=None, description="Log to an MLflow tracking server."
+    )
+    tensorboard: TensorBoardSpec | None = Field(
+        default=None, description="Write TensorBoard event files beside the adapter."
+    )
+
+
 class FineTuneJobSpec(ApiModel):
     """A QLoRA supervised fine-tuning run."""
 
@@ -701,6 +805,11 @@ class FineTuneJobSpec(ApiModel):
         default_factory=ValidationSpec,
         description="The Validating phase before the GPU Job (on by default).",
         json_schema_extra=_immutable("validation"),
+    )
+    tracking: TrackingSpec | None = Field(
+        default=None,
+        description="Experiment tracking: MLflow and TensorBoard.",
+        json_schema_extra=_immutable("tracking"),
     )
 
     @model_validator(mode="after")

@@ -22,6 +22,9 @@ from kubetune.api.contract import (
     KUEUE_QUEUE_LABEL,
     MANAGED_BY,
     MANAGED_BY_LABEL,
+    MLFLOW_PASSWORD_ENV,
+    MLFLOW_TOKEN_ENV,
+    MLFLOW_USERNAME_ENV,
     NODE_RANK_ENV,
     NON_RETRIABLE_EXIT_CODES,
     PREFLIGHT_SUBCOMMAND,
@@ -423,6 +426,14 @@ def _pod_spec(spec: FineTuneJobSpec, names: ChildNames, settings: OperatorSettin
     token_refs = [(TOKEN_ENV, spec.model.token_secret_ref)]
     if spec.output.push_to_hub is not None:
         token_refs.append((PUSH_TOKEN_ENV, spec.output.push_to_hub.token_secret_ref))
+    mlflow = spec.tracking.mlflow if spec.tracking is not None else None
+    if mlflow is not None:
+        # MLflow's own variables, so its client authenticates without the trainer handling them.
+        token_refs += [
+            (MLFLOW_USERNAME_ENV, mlflow.username_secret_ref),
+            (MLFLOW_PASSWORD_ENV, mlflow.password_secret_ref),
+            (MLFLOW_TOKEN_ENV, mlflow.token_secret_ref),
+        ]
     for variable, ref in token_refs:
         if ref is not None:
             env.append(

@@ -13,6 +13,7 @@ from typing import Any
 from kubetune.api.models import FineTuneJobSpec, TrainingPlan
 from kubetune.trainer.checkpoints import CHECKPOINTS_KEPT
 from kubetune.trainer.speed import SpeedSettings
+from kubetune.trainer.tracking import report_to
 
 #: transformers reads a warmup below 1 as a fraction of the run, and 1.0 as one step.
 _LAST_WARMUP_FRACTION = 0.999
@@ -38,6 +39,7 @@ def sft_arguments(
     masking: LossMasking,
     progress_bar: bool = False,
     distributed: bool = False,
+    run_name: str | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments of ``trl.SFTConfig`` for one run (of one rank, ``distributed``:
     one of a group training data-parallel; the plan's batch is already per rank)."""
@@ -85,7 +87,10 @@ def sft_arguments(
         "save_total_limit": CHECKPOINTS_KEPT,
         "eval_strategy": "steps" if masking.has_eval else "no",
         "eval_steps": every if masking.has_eval else None,
-        "report_to": [],
+        # spec.tracking through transformers' own MLflow and TensorBoard callbacks (configured
+        # by the environment, kubetune.trainer.tracking); nothing else installed reports.
+        "report_to": report_to(spec.tracking),
+        "run_name": run_name,
         "disable_tqdm": not progress_bar,
         "dataloader_num_workers": 0,
         "dataset_num_proc": None,

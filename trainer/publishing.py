@@ -26,6 +26,7 @@ from kubetune.trainer.checkpoints import CHECKPOINTS_DIR
 from kubetune.trainer.digests import sha256_file
 from kubetune.trainer.errors import first_line
 from kubetune.trainer.secrets import HubTokens, redact, redact_result
+from kubetune.trainer.tracking import MlflowRun
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,10 @@ class Publisher:
         output: locations.Location,
         output_dir: Path,
         tokens: HubTokens,
+        mlflow_run: MlflowRun | None = None,
     ) -> None:
         self.name = name
+        self.mlflow_run = mlflow_run
         self.spec = spec
         self.output = output
         self.output_dir = output_dir
@@ -91,8 +94,9 @@ class Publisher:
     def publish(
         self, result: TrainerResult, effective: dict[str, Any], metrics_file: Path
     ) -> Publication:
-        """Loss curve, model card, merge, hub push, result.json and the upload, in that order
-        (the object store gets the result.json that says how the rest went)."""
+        """Loss curve, model card, merge, hub push, the MLflow run's tags, result.json and the
+        upload, in that order (the object store gets the result.json that says how the rest
+        went)."""
         curve = self.output_dir / outputs.LOSS_CURVE_FILE
         self.attempt(
             "loss curve",
@@ -110,6 +114,9 @@ class Publisher:
             self.attempt("merge", self._merge, delivery=True)
         if self.spec.output.push_to_hub is not None:
             self.attempt("push to hub", self._push_to_hub, delivery=True)
+        if self.mlflow_run is not None:
+            tracked = self.mlflow_run
+            self.attempt("MLflow tags", lambda: tracked.tag_result(self.concluded(result)))
         concluded = self.concluded(result)
         outputs.write_result(self.output_dir, concluded)
         if not self.output.is_local:

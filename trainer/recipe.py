@@ -17,7 +17,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from kubetune.api.config import TrainerConfig
 from kubetune.api.contract import Reason
@@ -54,6 +54,7 @@ from kubetune.trainer.progress import (
 from kubetune.trainer.publishing import Publication, Publisher
 from kubetune.trainer.reporting import effective_settings, run_metrics
 from kubetune.trainer.secrets import HubTokens
+from kubetune.trainer.tracking import MlflowRun, run_name, tracking_environment
 
 if TYPE_CHECKING:
     from kubetune.trainer.data import PreparedData
@@ -134,6 +135,7 @@ class QLoRASFTRecipe:
         self.cuda = False
         self._trainer: Any = None
         self._tokenizer: Any = None
+        self.mlflow_run: MlflowRun | None = None
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -153,6 +155,7 @@ class QLoRASFTRecipe:
             self.remote.pull()
         # The other ranks read the checkpoints rank 0 claimed (and each pod's first rank pulled).
         barrier(self.rank)
+        self._setup_tracking()
         located = self._setup_tokenizer()
         self._setup_memory_plan(located)
         self._setup_data()
@@ -174,6 +177,24 @@ class QLoRASFTRecipe:
         else:
             finished = (self.output_dir / outputs.ADAPTER_WEIGHTS).exists()
             claim(self.checkpoint_dir, run_identity(self.config), self.spec.output.uri, finished)
+
+    def _setup_tracking(self) -> None:
+        """spec.tracking: the environment transformers' callbacks read, and (rank 0) the MLflow
+        run, started now so that an unreachable server fails the run before the model loads."""
+        os.environ.update(tracking_environment(self.spec, self.output_dir))
+        tracking = self.spec.tracking
+        if tracking is None or tracking.mlflow is None or not self.rank.is_main:
+            return
+        self.mlflow_run = MlflowRun(
+            self.spec,
+            identity=run_identity(self.config),
+            name=run_name(self.spec, self.name) or self.name,
+        )
+        self.mlflow_run.start(resuming=newest_checkpoint(self.checkpoint_dir) is not None)
+
+    def end_tracking(self, status: Literal["FINISHED", "FAILED", "KILLED"]) -> None:
+        if self.mlflow_run is not None:
+            self.mlflow_run.end(status)
 
     def _setup_tokenizer(self) -> tuple[str, bool]:
         from kubetune.trainer.modeling import load_tokenizer, locate_model
@@ -265,6 +286,7 @@ class QLoRASFTRecipe:
             masking=masking,
             progress_bar=self.progress_bar,
             distributed=self.rank.distributed,
+            run_name=run_name(self.spec, self.name),
         )
         after_save = (
             self.remote.push_newest
@@ -358,6 +380,7 @@ class QLoRASFTRecipe:
             output=self.output,
             output_dir=self.output_dir,
             tokens=self.tokens,
+            mlflow_run=self.mlflow_run,
         )
         eval_loss = None
         if self.data.eval is not None:

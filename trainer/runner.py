@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from kubetune.api.config import TrainerConfig
 from kubetune.api.contract import EXIT_CODE_REASONS, ExitCode, Reason
@@ -23,6 +24,7 @@ from kubetune.trainer.secrets import (
     resolve_hub_tokens,
     uninstall_redaction,
 )
+from kubetune.trainer.tracking import tracking_secrets
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -95,8 +97,10 @@ def _guarded(
     """``body`` with the run's tokens, behind secret redaction; its outcome as the result."""
     spec = config.spec
     try:
-        tokens = resolve_hub_tokens(config.token_file).with_uri_credentials(
-            [spec.model.uri, spec.dataset.uri, spec.output.uri]
+        tokens = (
+            resolve_hub_tokens(config.token_file)
+            .with_uri_credentials([spec.model.uri, spec.dataset.uri, spec.output.uri])
+            .with_secrets(tracking_secrets())
         )
     except TrainerFailure as exc:
         log.error("%s: %s", exc.reason, exc.message)
@@ -145,6 +149,8 @@ def _run(
 
     recipe: QLoRASFTRecipe | None = None
     publishing = False
+    #: How the MLflow run (if any) ends: a preempted one is continued by the next attempt.
+    tracked: Literal["FINISHED", "FAILED", "KILLED"] = "FAILED"
     try:
         recipe = QLoRASFTRecipe(
             config,
@@ -158,6 +164,7 @@ def _run(
         recipe.setup()
         trained = recipe.train()
         if trained.preempted:
+            tracked = "KILLED"
             message = (
                 f"stopped by SIGTERM at step {trained.global_step}; the checkpoint under "
                 f"{display_uri(config.spec.output.uri)}/checkpoints lets the next attempt resume"
@@ -166,6 +173,8 @@ def _run(
             return RunOutcome(int(ExitCode.PREEMPTED), failure(ExitCode.PREEMPTED, message))
         publishing = True
         published = recipe.save(trained)
+        if published is not None and published.exit_code == ExitCode.SUCCEEDED:
+            tracked = "FINISHED"
     except TrainerFailure as exc:
         log.error("%s: %s", exc.reason, exc.message)
         result = TrainerResult(outcome="Failed", reason=exc.reason, message=exc.message)
@@ -196,6 +205,9 @@ def _run(
             elif result.adapter is not None:
                 log.info("adapter: %s (sha256 %s)", result.adapter.uri, result.adapter.sha256)
             outcome = RunOutcome(int(published.exit_code), result, str(recipe.output_dir))
+    finally:
+        if recipe is not None:
+            recipe.end_tracking(tracked)
     if publishing and rank.distributed:
         # Every rank ends as rank 0 ended: the pods of a group exit alike and report one result.
         shared = share_from_main(

@@ -54,6 +54,10 @@ class HubTokens:
         values = [t for t in (self.read, self.push, *self.also_secret) if t]
         return secret_forms(values)
 
+    def with_secrets(self, values: Iterable[str]) -> HubTokens:
+        """These tokens, and ``values`` to keep out of everything too (tracking credentials)."""
+        return HubTokens(self.read, self.push, self.also_secret + tuple(v for v in values if v))
+
     def with_uri_credentials(self, uris: Iterable[str]) -> HubTokens:
         found = tuple(c for uri in uris for c in uri_credentials(uri))
         return HubTokens(self.read, self.push, self.also_secret + found)

@@ -188,6 +188,31 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         {**MINIMAL, "apiVersion": "kubetune.io/v1"},
         ["apiVersion: must be kubetune.io/v1alpha1"],
     ),
+    (
+        "tracking uri with credentials",
+        with_spec(
+            tracking={
+                "mlflow": {
+                    "trackingUri": "https://bob:hunter2hunter2@mlflow.example.com",
+                    "experimentName": "e",
+                }
+            }
+        ),
+        ["spec.tracking.mlflow.trackingUri", "credentials"],
+    ),
+    (
+        "tracking username without password",
+        with_spec(
+            tracking={
+                "mlflow": {
+                    "trackingUri": "https://mlflow.example.com",
+                    "experimentName": "e",
+                    "usernameSecretRef": {"name": "mlflow-auth", "key": "user"},
+                }
+            }
+        ),
+        ["usernameSecretRef and passwordSecretRef together"],
+    ),
 ]
 
 
@@ -221,4 +246,6 @@ APISERVER_FIELD: dict[str, str] = {
     "priority class not a DNS name": "spec.scheduling.priorityClassName",
     "seed beyond 32 bits": "spec.training.seed",
     "output path leaving its claim": "spec.output.uri",
+    "tracking uri with credentials": "tracking.mlflow.trackingUri",
+    "tracking username without password": "usernameSecretRef and passwordSecretRef together",
 }

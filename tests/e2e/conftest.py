@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from e2ekit import REPO, SYSTEM_NAMESPACE, operator_pods
@@ -64,3 +65,13 @@ def cpu_hog() -> Iterator[int]:
         for loop in loops:
             loop.kill()
             loop.wait()
+
+
+@pytest.fixture(scope="module")
+def mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real `mlflow server` (basic auth on) on the host's loopback: the local node runs pods
+    on the host's network, so the trainer reaches it at 127.0.0.1."""
+    from kubetune_devtools.mlflow_server import mlflow_server
+
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server

@@ -58,11 +58,25 @@ def event_reasons(kubectl: Kubectl, namespace: str, name: str) -> list[str]:
     return [str(e.get("reason")) for e in sorted(events, key=lambda e: e["lastTimestamp"])]
 
 
-def test_tiny_job_trains_from_the_images_and_reports_its_adapter_and_digest(
-    kubectl: Kubectl, namespace: str, kubeconfig_path: Path, image_node: str
+def test_tiny_job_trains_from_the_images_reports_its_adapter_and_tracks_it_in_mlflow(
+    kubectl: Kubectl, namespace: str, kubeconfig_path: Path, image_node: str, mlflow: Any
 ) -> None:
     seed_demo_claim(kubectl, namespace)
-    apply(kubectl, namespace, tiny_job())
+    # The MLflow credentials come from a Secret; the server (basic auth) takes the run only
+    # with them, so a run there shows they reached the trainer.
+    kubectl("create", "secret", "generic", "mlflow-auth", "-n", namespace,
+            f"--from-literal=username={mlflow.username}",
+            f"--from-literal=password={mlflow.password}")  # fmt: skip
+    job = tiny_job()
+    job["spec"]["tracking"] = {
+        "mlflow": {
+            "trackingUri": mlflow.url,
+            "experimentName": f"e2e-{namespace}",
+            "usernameSecretRef": {"name": "mlflow-auth", "key": "username"},
+            "passwordSecretRef": {"name": "mlflow-auth", "key": "password"},
+        }
+    }
+    apply(kubectl, namespace, job)
 
     # `kubetune watch` follows the job to its end; the test's own wait bounds it by the job's
     # observed pace (e2ekit.wait_observing), not by a constant.
@@ -116,6 +130,32 @@ def test_tiny_job_trains_from_the_images_and_reports_its_adapter_and_digest(
         assert container["imageID"].startswith(f"kubetune/{image}@sha256:")
     trainer_log = kubectl("logs", trainer["metadata"]["name"], "-n", namespace).stdout
     assert f"in /opt/kubetune, image kubetune-trainer {version}" in trainer_log
+
+    # MLflow: the run's parameters, its loss at every logging step, the adapter as tags.
+    client = mlflow.client()
+    experiment = client.get_experiment_by_name(f"e2e-{namespace}")
+    assert experiment is not None, "no run reached the MLflow server"
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert (run.info.run_name, run.info.status) == ("tiny-reverse", "FINISHED")
+    assert run.data.params["max_steps"] == "300"
+    assert run.data.params["kubetune.lora.r"] == str(job["spec"]["lora"]["r"])
+    logged = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
+    every = job["spec"]["training"]["loggingSteps"]
+    assert logged == {1, *range(every, 301, every)}
+    assert run.data.tags["kubetune.adapter.uri"] == adapter["uri"]
+    assert run.data.tags["kubetune.adapter.sha256"] == adapter["sha256"]
+    assert run.data.tags["kubetune.dataset.fingerprint"] == status["result"]["datasetFingerprint"]
+    # The password is in no status, Event, child object or trainer log.
+    shown = {
+        "FineTuneJob": kubectl("get", "ftj", "tiny-reverse", "-n", namespace, "-o", "json").stdout,
+        "Events": kubectl("get", "events", "-n", namespace, "-o", "json").stdout,
+        "ConfigMaps": kubectl("get", "configmaps", "-n", namespace, "-o", "json").stdout,
+        "Jobs": kubectl("get", "jobs", "-n", namespace, "-o", "json").stdout,
+        "trainer log": kubectl("logs", "-n", namespace, "-l", "kubetune.io/job=tiny-reverse",
+                               "--tail=-1", check=False).stdout,
+    }  # fmt: skip
+    for where, text in shown.items():
+        assert mlflow.password not in text, f"the MLflow password shows in {where}"
 
 
 def test_evicted_trainer_resumes_from_its_checkpoint_and_succeeds(

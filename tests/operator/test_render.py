@@ -450,3 +450,44 @@ def test_validation_job_is_not_queued_and_suspends_with_the_run() -> None:
     validation = validation_children(spec)[-1]
     assert "kueue.x-k8s.io/queue-name" not in validation["metadata"]["labels"]
     assert validation["spec"]["suspend"] is True
+
+
+def test_mlflow_credentials_come_from_secrets_by_reference_and_never_sit_in_the_config() -> None:
+    spec = spec_of(
+        tracking={
+            "mlflow": {
+                "trackingUri": "https://mlflow.example.com/team-a",
+                "experimentName": "support",
+                "usernameSecretRef": {"name": "mlflow-auth", "key": "user"},
+                "passwordSecretRef": {"name": "mlflow-auth", "key": "password"},
+            },
+            "tensorboard": {"enabled": True},
+        }
+    )
+    objects = rendered(spec)
+    env = {e["name"]: e for e in trainer(objects)["env"]}
+    assert env["MLFLOW_TRACKING_USERNAME"] == {
+        "name": "MLFLOW_TRACKING_USERNAME",
+        "valueFrom": {"secretKeyRef": {"name": "mlflow-auth", "key": "user"}},
+    }
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "mlflow-auth",
+        "key": "password",
+    }
+    assert "MLFLOW_TRACKING_TOKEN" not in env
+    config = TrainerConfig.model_validate(
+        yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])
+    )
+    assert config.spec.tracking == spec.tracking  # the references, by name
+    bearer = spec_of(
+        tracking={
+            "mlflow": {
+                "trackingUri": "http://mlflow.mlops:5000",
+                "experimentName": "support",
+                "tokenSecretRef": {"name": "mlflow-token", "key": "token"},
+            }
+        }
+    )
+    env = {e["name"]: e for e in trainer(rendered(bearer))["env"]}
+    assert env["MLFLOW_TRACKING_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-token"
+    assert "MLFLOW_TRACKING_PASSWORD" not in env

@@ -171,3 +171,39 @@ def test_the_memory_profile_becomes_one_row_per_pass_all_checkpointed_and_8bit_a
 def test_an_unknown_profile_is_refused_naming_the_field() -> None:
     with pytest.raises(ValueError, match="profile"):
         _spec(training={"profile": "tiny"})
+
+
+def test_tracking_reports_through_transformers_callbacks_configured_by_the_environment() -> None:
+    from pathlib import Path
+
+    from kubetune.trainer.tracking import tracking_environment
+
+    assert _arguments(_spec())["report_to"] == []
+    tracked = _spec(
+        tracking={
+            "mlflow": {"trackingUri": "https://mlflow.example.com", "experimentName": "bots"},
+            "tensorboard": {"enabled": True},
+        }
+    )
+    assert _arguments(tracked)["report_to"] == ["mlflow", "tensorboard"]
+    environment = tracking_environment(tracked, Path("/out/run"))
+    assert environment["MLFLOW_TRACKING_URI"] == "https://mlflow.example.com"
+    assert environment["MLFLOW_EXPERIMENT_NAME"] == "bots"
+    assert environment["TENSORBOARD_LOGGING_DIR"] == "/out/run/runs"
+    off = _spec(tracking={"tensorboard": {"enabled": False}})
+    assert _arguments(off)["report_to"] == []
+    assert tracking_environment(off, Path("/out/run")) == {}
+
+
+def test_mlflow_secrets_from_the_environment_are_redacted_like_the_hub_tokens() -> None:
+    from kubetune.trainer.secrets import HubTokens, redact
+    from kubetune.trainer.tracking import tracking_secrets
+
+    environ = {
+        "MLFLOW_TRACKING_USERNAME": "alice",
+        "MLFLOW_TRACKING_PASSWORD": "p@ss word 1234",
+        "MLFLOW_TRACKING_TOKEN": "mlflow-bearer-abcdef",
+    }
+    secrets = HubTokens().with_secrets(tracking_secrets(environ)).secrets
+    line = "auth p@ss word 1234 / p%40ss%20word%201234 / mlflow-bearer-abcdef for alice"
+    assert redact(line, secrets) == "auth *** / *** / *** for alice"

@@ -1,0 +1,151 @@
+"""spec.tracking against a real MLflow tracking server (``mlflow server``, basic auth on): the
+run's parameters, metrics per logging step and the adapter's tags land there, TensorBoard event
+files land beside the adapter, and the MLflow password shows nowhere the run writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from trainer_helpers import TinyAssets, assert_hidden, job_manifest, train_job
+
+from kubetune.trainer.digests import sha256_file
+
+pytestmark = pytest.mark.trainer
+
+STEPS = 20
+LOGGING_STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from kubetune_devtools.mlflow_server import mlflow_server
+
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
+
+
+def _scalars(event_file: Path) -> dict[str, list[tuple[int, float]]]:
+    """TensorBoard's TFRecord event file, read with tensorboardX's protobufs."""
+    from tensorboardX.proto import event_pb2
+
+    found: dict[str, list[tuple[int, float]]] = {}
+    data = event_file.read_bytes()
+    offset = 0
+    while offset < len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        record = data[offset + 12 : offset + 12 + length]
+        offset += 12 + length + 4
+        event = event_pb2.Event.FromString(record)
+        for value in event.summary.value:
+            found.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return found
+
+
+def test_tracked_run_lands_params_metrics_and_adapter_tags_in_mlflow(
+    tiny: TinyAssets, mlflow: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pod gets these from Secret references; here, from the environment as the pod would.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", mlflow.username)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", mlflow.password)
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "TENSORBOARD_LOGGING_DIR"):
+        monkeypatch.delenv(variable, raising=False)
+    output = tmp_path / "adapter"
+    manifest = job_manifest(
+        tiny.model,
+        tiny.datasets["prompt-completion"],
+        output,
+        training={"maxSteps": STEPS, "loggingSteps": LOGGING_STEPS, "checkpointSteps": 10},
+    )
+    manifest["metadata"]["name"] = "tracked-tiny"
+    manifest["spec"]["tracking"] = {
+        "mlflow": {"trackingUri": mlflow.url, "experimentName": "kubetune-tests"},
+        "tensorboard": {"enabled": True},
+    }
+
+    code, logs = train_job(tmp_path / "job.yaml", manifest)
+
+    assert code == 0, logs[-3000:]
+    result = json.loads((output / "result.json").read_text())
+    client = mlflow.client()
+    experiment = client.get_experiment_by_name("kubetune-tests")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "tracked-tiny"
+    assert run.info.status == "FINISHED"
+    # Parameters: the Trainer's arguments (through transformers' MLflowCallback) and the spec's.
+    params = run.data.params
+    assert float(params["learning_rate"]) == pytest.approx(5.0e-3)
+    assert params["max_steps"] == str(STEPS)
+    assert params["kubetune.lora.r"] == "16"
+    assert params["kubetune.quantization"] == "nf4"
+    # Metrics at every logging step (and the first), the loss falling.
+    history = client.get_metric_history(run.info.run_id, "loss")
+    steps = sorted({m.step for m in history})
+    assert steps == [1, *range(LOGGING_STEPS, STEPS + 1, LOGGING_STEPS)]
+    by_step = {m.step: m.value for m in history}
+    assert by_step[STEPS] < by_step[1]
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "learning_rate")} >= {
+        LOGGING_STEPS
+    }
+    # The published adapter, as tags on the same run.
+    tags = run.data.tags
+    weights = output / "adapter_model.safetensors"
+    assert tags["kubetune.adapter.sha256"] == sha256_file(weights) == result["adapter"]["sha256"]
+    assert tags["kubetune.adapter.uri"] == result["adapter"]["uri"] == str(output)
+    assert tags["kubetune.base_model.uri"] == str(tiny.model)
+    assert tags["kubetune.dataset.fingerprint"] == result["datasetFingerprint"]
+    assert tags["kubetune.outcome"] == "Succeeded"
+    # TensorBoard: event files beside the adapter, with the loss at the logged steps.
+    event_files = list((output / "runs").rglob("events.out.tfevents.*"))
+    assert event_files, sorted(p.name for p in output.iterdir())
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for event_file in event_files:
+        for tag, points in _scalars(event_file).items():
+            scalars.setdefault(tag, []).extend(points)
+    assert {step for step, _ in scalars["train/loss"]} == set(steps)
+    # The password reached the server (basic auth let the run in) and nothing the run wrote.
+    written = "".join(
+        p.read_text(errors="replace")
+        for p in output.rglob("*")
+        if p.is_file() and p.suffix in {".json", ".jsonl", ".md", ".txt", ""}
+    )
+    assert_hidden([mlflow.password], logs=logs, output_files=written)
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == mlflow.password
+
+
+def test_unreachable_tracking_server_fails_before_the_model_loads(
+    tiny: TinyAssets, tmp_path: Path
+) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    manifest = job_manifest(
+        tiny.model, tiny.datasets["prompt-completion"], tmp_path / "adapter",
+        training={"maxSteps": 2},
+    )  # fmt: skip
+    manifest["spec"]["tracking"] = {
+        "mlflow": {"trackingUri": f"http://127.0.0.1:{port}", "experimentName": "nowhere"}
+    }
+    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        code, logs = train_job(tmp_path / "job.yaml", manifest)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    assert code == 1, logs[-2000:]
+    assert f"MLflow tracking server http://127.0.0.1:{port}" in logs
+    assert "tracking.mlflow.trackingUri" in logs
+    assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
