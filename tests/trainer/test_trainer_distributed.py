@@ -128,7 +128,7 @@ def _start(config: Path, work: Path, name: str, **env: str) -> subprocess.Popen[
     )
 
 
-def _finish(process: subprocess.Popen[str], work: Path, name: str) -> Run:
+def _finish(process: subprocess.Popen[str], work: Path, name: str, output: str) -> Run:
     try:
         _, stderr = process.communicate(timeout=DEADLINE)
     finally:
@@ -136,7 +136,7 @@ def _finish(process: subprocess.Popen[str], work: Path, name: str) -> Run:
             process.kill()
     termination = work / f"{name}.termination"
     message = json.loads(termination.read_text()) if termination.exists() else {}
-    return Run(process.returncode, work / name, message, stderr)
+    return Run(process.returncode, work / output, message, stderr)
 
 
 def _reported_step(progress: Path) -> int:
@@ -193,18 +193,21 @@ def runs(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> Iterator
                 break
             time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
-        preempted = _finish(process, work, "preempted")
+        preempted = _finish(process, work, "preempted", "two-ranks")
         stopped_at = max(_checkpoint_steps(work / "two-ranks"), default=0)
         stopped = work / "two-ranks" / "checkpoints" / f"checkpoint-{stopped_at}"
         random_states = sorted(p.name for p in stopped.glob("rng_state*"))
-        resumed = _finish(_start(two_ranks, work, "resumed"), work, "resumed")
+        resumed = _finish(_start(two_ranks, work, "resumed"), work, "resumed", "two-ranks")
 
         one_rank = _config(tiny, work, "one-rank", {"gpus": 1}, 16)
         with pytest.MonkeyPatch.context() as env:
             env.setenv("KUBETUNE_TERMINATION_LOG", str(work / "one-rank.termination"))
             code = trainer(["--config", str(one_rank)])
         termination = json.loads((work / "one-rank.termination").read_text())
-        finished = {name: _finish(p, work, name) for name, p in background.items()}
+        finished = {
+            name: _finish(p, work, name, "pods" if name.startswith("pod") else name)
+            for name, p in background.items()
+        }
     finally:
         for leftover in background.values():
             if leftover.poll() is None:
