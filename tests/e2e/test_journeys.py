@@ -120,9 +120,8 @@ def test_tiny_job_trains_from_the_images_reports_its_adapter_and_tracks_it_in_ml
     # own version file beside its Python environment).
     version = project_version()
     (operator,) = operator_pods(kubectl)
-    (trainer,) = get_json(kubectl, "pods", "-n", namespace, "-l", "kubetune.io/job=tiny-reverse")[
-        "items"
-    ]
+    trainer_pods = "kubetune.io/job=tiny-reverse,app.kubernetes.io/component=trainer"
+    (trainer,) = get_json(kubectl, "pods", "-n", namespace, "-l", trainer_pods)["items"]
     for pod, image in ((operator, "operator"), (trainer, "trainer")):
         assert pod["spec"]["nodeName"] == image_node
         (container,) = pod["status"]["containerStatuses"]
@@ -387,7 +386,8 @@ def test_two_pod_group_trains_through_one_rendezvous_and_resumes_whole_after_a_l
             "the group training past step 15",
         )
     )  # fmt: skip
-    running = get_json(kubectl, "pods", "-n", namespace, "-l", "kubetune.io/job=two-pods")["items"]
+    group_pods = "kubetune.io/job=two-pods,app.kubernetes.io/component=trainer"
+    running = get_json(kubectl, "pods", "-n", namespace, "-l", group_pods)["items"]
     (rank_one,) = [
         p for p in running
         if p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"] == "1"
