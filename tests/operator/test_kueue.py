@@ -234,6 +234,9 @@ def test_a_queued_job_starts_whole_only_when_its_queue_has_quota_for_all_its_pod
                     "shmSize": "64Mi",
                 },
                 "scheduling": {"queueName": queue},
+                # The Validating phase's small CPU pod is not queued (it asks for no GPU quota);
+                # this test is about the trainer's pods, so it is left out.
+                "validation": {"enabled": False},
                 # Long enough that both pods are seen running at once.
                 "podTemplate": {
                     "spec": {

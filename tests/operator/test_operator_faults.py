@@ -87,10 +87,13 @@ def children(kubectl: Kubectl, namespace: str, kind: str) -> list[dict[str, obje
     return items
 
 
-def apply_suspended(kubectl: Kubectl, namespace: str, name: str) -> None:
+def apply_suspended(
+    kubectl: Kubectl, namespace: str, name: str, *, validation: bool = True
+) -> None:
     """Apply a suspended stand-in FineTuneJob ``name``: the operator makes its children, and
-    nothing runs."""
-    apply(kubectl, namespace, finetunejob(name, sleeper_spec(1, runPolicy={"suspend": True})))
+    nothing runs (``validation=False``: the trainer's Job at once, no Validating phase)."""
+    spec = sleeper_spec(1, runPolicy={"suspend": True}, validation={"enabled": validation})
+    apply(kubectl, namespace, finetunejob(name, spec))
 
 
 @pytest.mark.parametrize("component", ["kube-apiserver", "etcd"])
@@ -205,7 +208,7 @@ def test_watches_that_go_quiet_are_started_again_and_a_new_job_still_gets_its_jo
             try:
                 wait_for(lambda: leader_of(quiet), 120, "the operator to take its Lease")
                 started_at = time.monotonic()
-                apply_suspended(kubectl, namespace, "before")
+                apply_suspended(kubectl, namespace, "before", validation=False)
                 wait_phase(kubectl, namespace, "before", {"Suspended"}, 120)
                 # How long a new job takes to get its Job on this machine, now.
                 observed = time.monotonic() - started_at
@@ -213,7 +216,7 @@ def test_watches_that_go_quiet_are_started_again_and_a_new_job_still_gets_its_jo
                 stalled = proxy.stall()
                 assert stalled >= 3  # at least the FineTuneJob, Job and Pod watches
                 stalled_at = time.monotonic()
-                apply_suspended(kubectl, namespace, "during")
+                apply_suspended(kubectl, namespace, "during", validation=False)
                 # The silence noticed, a request or two on dead kept-alive connections timed out
                 # and retried (5 s), then as fast as before. Well under kopf's default 70 s.
                 retry = QUIET_API_TIMEOUT_SECONDS + 5
