@@ -145,6 +145,41 @@ def cel_rules(node: Any) -> list[dict[str, str]]:
 #: For each CEL rule's message: a manifest that breaks it, a close one that keeps it, and what
 #: the models' offline message says. Both layers must refuse the first and accept the second.
 CEL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
+    "tracking.mlflow.trackingUri must be an http(s) URL without credentials, query or fragment": (
+        with_spec(
+            tracking={
+                "mlflow": {"trackingUri": "https://u:p@mlflow.example.com", "experimentName": "e"}
+            }
+        ),
+        with_spec(
+            tracking={
+                "mlflow": {"trackingUri": "https://mlflow.example.com/team", "experimentName": "e"}
+            }
+        ),
+        "spec.tracking.mlflow.trackingUri: tracking.mlflow.trackingUri must not carry credentials",
+    ),
+    "set tracking.mlflow.usernameSecretRef and passwordSecretRef together": (
+        with_spec(
+            tracking={
+                "mlflow": {
+                    "trackingUri": "https://mlflow.example.com",
+                    "experimentName": "e",
+                    "usernameSecretRef": {"name": "s", "key": "u"},
+                }
+            }
+        ),
+        with_spec(
+            tracking={
+                "mlflow": {
+                    "trackingUri": "https://mlflow.example.com",
+                    "experimentName": "e",
+                    "usernameSecretRef": {"name": "s", "key": "u"},
+                    "passwordSecretRef": {"name": "s", "key": "p"},
+                }
+            }
+        ),
+        "spec.tracking.mlflow: set tracking.mlflow.usernameSecretRef and passwordSecretRef",
+    ),
     "set either dataset.evalSplit or dataset.evalFraction, not both": (
         with_spec(dataset={"uri": "pvc://data/d", "evalSplit": "test", "evalFraction": 0.1}),
         with_spec(dataset={"uri": "pvc://data/d", "evalFraction": 0.1}),

@@ -794,7 +794,10 @@ def test_a_job_named_like_someone_elses_job_fails_and_never_touches_it(
         },
     }  # fmt: skip
     apply(kubectl, namespace, foreign)
-    apply(kubectl, namespace, finetunejob("taken", sleeper_spec(1, runPolicy={"suspend": True})))
+    # Without the Validating phase the trainer Job is created at once, and the clash shows then.
+    # (With it, the clash shows when the trainer Job is created, after validation.)
+    spec = sleeper_spec(1, runPolicy={"suspend": True}, validation={"enabled": False})
+    apply(kubectl, namespace, finetunejob("taken", spec))
     status = wait_phase(kubectl, namespace, "taken", {"Failed"}, 60)
     assert condition(status, "Failed")["reason"] == "NameConflict"
     assert "Job taken exists and is not owned" in condition(status, "Failed")["message"]
