@@ -405,9 +405,13 @@ class TrainingSpec(ApiModel):
             "needs (none, some spread evenly, or all); true: all layers; false: none."
         ),
     )
-    attention: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
+    attention: Literal["auto", "varlen", "flex_attention", "sdpa", "eager"] = Field(
         default="auto",
-        description="Attention kernel; auto picks the fastest that works on the node.",
+        description=(
+            "Attention kernel; auto picks the fastest that works on the node: varlen "
+            "(FlashAttention's variable-length kernel, packed sequences on a GPU of compute "
+            "capability 8.0 or newer), else flex_attention on a GPU, else sdpa."
+        ),
     )
     liger_kernel: Literal["auto", "on", "off"] = Field(
         default="auto", description="Liger fused kernels; auto uses them on CUDA when installed."

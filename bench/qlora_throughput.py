@@ -24,6 +24,9 @@ from the process start. The modes:
 - ``kubetune-micro8``, ``kubetune-unpadded``, ``kubetune-checkpointed``, ``kubetune-adamw``:
   the defaults with one lever changed (8 rows, 16,384 tokens, a micro-step; no padding to one
   shape; every layer checkpointed; paged 8-bit AdamW), to measure what each gives;
+- ``kubetune-flex``, ``kubetune-unfused``, ``kubetune-before``: the defaults with flex attention
+  (micro-steps padded to one shape) instead of varlen; with PEFT's own LoRA forward instead of
+  the fused one; with both (the defaults before either lever);
 - ``kubetune-memory``: ``training.profile: memory`` (every layer checkpointed and offloaded to
   CPU memory, one row of ``--max-length`` a micro-step, paged 8-bit AdamW);
 - loss parity: ``kubetune-parity`` (the defaults with ``batchSize: --batch``) against
@@ -97,6 +100,9 @@ EXTRA_MODES = (
     "kubetune-memory",
     "kubetune-parity",
     "trl-parity",
+    "kubetune-flex",
+    "kubetune-unfused",
+    "kubetune-before",
 )
 #: Dense bf16 peak of the cards this is run on (FLOP/s), for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -239,7 +245,7 @@ def throughput_callback(
             if not logs or "num_tokens" not in logs:
                 return
             point = (time.perf_counter(), float(logs["num_tokens"]), state.global_step)
-            if state.global_step == warmup:
+            if state.global_step >= warmup and "start" not in record:
                 record["start"] = point
             record["end"] = point
             if "loss" in logs:
@@ -261,6 +267,8 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
         "kubetune-adamw": {"optimizer": "paged_adamw_8bit"},
         "kubetune-memory": {"profile": "memory"},
         "kubetune-parity": {"batchSize": args.batch},
+        "kubetune-flex": {"attention": "flex_attention"},
+        "kubetune-before": {"attention": "flex_attention"},
     }.get(args.mode, {})
     if args.kubetune_batch:
         lever = {"batchSize": args.kubetune_batch, **lever}
@@ -271,7 +279,7 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
             "training": {
                 "maxSteps": args.steps,
                 "maxLength": args.max_length,
-                "loggingSteps": 1,
+                "loggingSteps": args.logging_steps,
                 "checkpointSteps": 1_000_000,
                 **lever,
             },
@@ -286,6 +294,10 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
 
         apply_plan = speed.apply_plan
         speed.apply_plan = lambda s, p: replace(apply_plan(s, p), pad_to_tokens=None)  # type: ignore[assignment]
+    if args.mode in ("kubetune-unfused", "kubetune-before"):
+        from kubetune.trainer import fused_lora
+
+        fused_lora.fuse_lora_layers = lambda model: 0  # PEFT's own LoRA forward
     from kubetune.trainer.distributed import this_rank
 
     recipe = QLoRASFTRecipe(TrainerConfig(spec=spec), rank=this_rank())
@@ -349,7 +361,7 @@ def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, A
             per_device_train_batch_size=args.batch,
             max_length=args.max_length,
             learning_rate=2e-4,
-            logging_steps=1,
+            logging_steps=args.logging_steps,
             save_strategy="no",
             report_to=[],
             packing=best or parity,
@@ -452,6 +464,13 @@ def main() -> int:
     parser.add_argument("--modes", default=",".join(MODES), help="configurations, in order")
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--logging-steps",
+        type=int,
+        default=10,
+        help="log every N steps (every configuration; 10 is the spec's default). Tokens/s runs "
+        "from the first log at or after --warmup to the last; 1 for per-step losses",
+    )
     parser.add_argument("--batch", type=int, default=4, help="TRL's sequences per device per step")
     parser.add_argument(
         "--gpus", type=int, default=1, help="GPUs to train on data-parallel (kubetune modes)"

@@ -225,21 +225,21 @@ class PreemptionGuard:
 def checkpoint_callback(
     guard: PreemptionGuard,
     saved: Callable[[], None],
-    stop_requested: Callable[[Any], bool] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> Any:
     """The TrainerCallback that saves and stops after the step in which SIGTERM came, and calls
     ``saved`` after every checkpoint (built late: transformers is a heavy import).
 
-    ``stop_requested(device)`` says whether SIGTERM came to any rank of the group (every rank
+    ``stop_requested()`` says whether SIGTERM came to any rank of the group (every rank
     calls it after every step): the ranks of a group must save the same step, together."""
     from transformers import TrainerCallback
 
-    def requested(device: Any) -> bool:
-        return stop_requested(device) if stop_requested is not None else guard.requested
+    def requested() -> bool:
+        return stop_requested() if stop_requested is not None else guard.requested
 
     class CheckpointCallback(TrainerCallback):  # type: ignore[misc]
         def on_step_end(self, args: Any, state: Any, control: Any, **_: Any) -> None:
-            if requested(args.device):
+            if requested():
                 control.should_save = True
                 control.should_training_stop = True
 

@@ -174,6 +174,8 @@ def start_group(rank: Rank, cuda: bool) -> None:
     if cuda:
         torch.cuda.set_device(rank.local_rank)
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    global _host_group  # noqa: PLW0603 (one group per process, made once, collectively)
+    _host_group = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT) if cuda else None
 
 
 def barrier(rank: Rank) -> None:
@@ -183,15 +185,21 @@ def barrier(rank: Rank) -> None:
         dist.barrier()
 
 
-def any_rank(rank: Rank, flag: bool, device: Any = None) -> bool:
-    """Whether ``flag`` holds on any rank (one small all-reduce; every rank must call it)."""
+#: A gloo group over the same ranks, for the small host-side collectives of every step: on
+#: NCCL, a flag's all-reduce would wait for the GPU to finish all queued work first.
+_host_group: Any = None
+
+
+def any_rank(rank: Rank, flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (one small all-reduce between the hosts, never waiting
+    on a GPU; every rank must call it)."""
     if not rank.distributed:
         return flag
     import torch
     import torch.distributed as dist
 
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_host_group)
     return bool(value.item())
 
 

@@ -61,8 +61,9 @@ RECOMPUTE_COST = 0.4
 #: The per-micro-step cost that does not grow with tokens (dequantising the 4-bit weights,
 #: launches), in tokens' worth of compute.
 FIXED_COST_TOKENS = 350
-#: Micro-steps stop here: on an H200 (7B) 16,384 tokens a micro-step gave 16,413 tokens/s but
-#: spent 237 s compiling flex attention before the first step; 8,192 compile in a fraction of it.
+#: Micro-steps stop here. On an H200 (7B) 16,384 tokens a micro-step ran 7% faster than 8,192
+#: under flex attention (after 237 s of compiling); with varlen attention and the fused LoRA
+#: layers, not at all (16,747 vs 16,839 tokens/s) for twice the memory (69 vs 37 GiB).
 MAX_TOKENS_PER_MICRO_STEP = 8192
 #: Headroom the fused (fp32-state) optimizer needs beyond the plan before it is chosen.
 FUSED_OPTIMIZER_HEADROOM = 2 * GIB

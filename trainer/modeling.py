@@ -108,6 +108,11 @@ def load_quantized_model(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = torch_dtype(quantization.compute_dtype)
+    attention = speed.attention
+    if attention == "varlen":
+        from kubetune.trainer import varlen_attention
+
+        attention = varlen_attention.register()
     bnb = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quantization.type,
@@ -120,7 +125,7 @@ def load_quantized_model(
             source,
             quantization_config=bnb,
             dtype=dtype,
-            attn_implementation=speed.attention,
+            attn_implementation=attention,
             # The whole model on this rank's GPU: distributed.start_group made LOCAL_RANK's
             # the current one (device 0 outside a group).
             device_map={"": torch.cuda.current_device()} if cuda else {"": "cpu"},

@@ -106,6 +106,7 @@ def count(prepared: Dataset, examples: int) -> Counts:
 
 def preflight(config: TrainerConfig, read_token: str | None = None) -> TrainerResult:
     """Check and estimate the run ``config`` describes; raises the run's own failures."""
+    from kubetune.trainer import varlen_attention
     from kubetune.trainer.arguments import LossMasking, sft_arguments
     from kubetune.trainer.data import no_examples_left, prepare
     from kubetune.trainer.modeling import load_tokenizer, locate_model, model_shape
@@ -126,7 +127,8 @@ def preflight(config: TrainerConfig, read_token: str | None = None) -> TrainerRe
     kind = spec.validation.gpu_kind
     # The run's node: a GPU when the spec asks for one (the speed settings it will resolve).
     cuda = spec.resources.gpus > 0
-    speed = resolve_speed(spec.training, cuda)
+    # The GPU kinds kubetune plans for all run FlashAttention-2 (compute capability >= 8.0).
+    speed = resolve_speed(spec.training, cuda, varlen_runs=cuda and varlen_attention.available())
 
     source, is_hub = locate_model(spec.model)
     tokenizer = load_tokenizer(source, spec.model, is_hub, read_token, spec.dataset.chat_template)

@@ -248,6 +248,7 @@ class QLoRASFTRecipe:
         from trl import SFTConfig
 
         from kubetune.trainer.divergence import divergence_callback
+        from kubetune.trainer.fused_lora import fuse_lora_layers
         from kubetune.trainer.modeling import (
             check_lora_targets,
             check_optimizer_runs_here,
@@ -308,6 +309,9 @@ class QLoRASFTRecipe:
             ],
         )
         trainer = self._trainer
+        fused = fuse_lora_layers(trainer.model)
+        if fused:
+            log.info("%d adapted 4-bit layers compute base and LoRA in one function", fused)
         if self.speed.gradient_checkpointing and self.speed.checkpointed_layers is not None:
             trainer.add_callback(partial_checkpointing_callback(self.speed.checkpointed_layers))
         trainer.add_callback(
@@ -320,9 +324,9 @@ class QLoRASFTRecipe:
 
     # --- train -------------------------------------------------------------------------------
 
-    def _stop_requested(self, device: Any = None) -> bool:
+    def _stop_requested(self) -> bool:
         """Whether any rank of the group got SIGTERM: all of them then checkpoint this step."""
-        return any_rank(self.rank, self.preemption.requested, device)
+        return any_rank(self.rank, self.preemption.requested)
 
     def train(self) -> TrainOutcome:
         import torch
@@ -336,7 +340,7 @@ class QLoRASFTRecipe:
                 outputs.forget_metrics_after(self.metrics_file, checkpoint_step(resume))
         self.preemption.install()
         try:
-            if self._stop_requested(self._trainer.args.device):
+            if self._stop_requested():
                 return TrainOutcome(True, None, 0, {})
             output = self._trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except torch.cuda.OutOfMemoryError:
@@ -345,7 +349,7 @@ class QLoRASFTRecipe:
             self.preemption.uninstall()
         metrics = {k: float(v) for k, v in output.metrics.items() if isinstance(v, (int, float))}
         return TrainOutcome(
-            preempted=self._stop_requested(self._trainer.args.device),
+            preempted=self._stop_requested(),
             resumed_from_step=checkpoint_step(resume) if resume else None,
             global_step=self._trainer.state.global_step,
             metrics=metrics,

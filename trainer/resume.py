@@ -34,6 +34,7 @@ from typing import Any
 
 from kubetune.trainer.bucketing import counting_padding, take_padding
 from kubetune.trainer.checkpoints import CHECKPOINT_PREFIX, TRAINER_STATE
+from kubetune.trainer.step_metrics import DeferredStepMetrics
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def resumable_sft_trainer(**kwargs: Any) -> Any:
             trainer._globalstep_last_logged = totals.last_logged_step
             trainer.resumed_totals = totals
 
-    class ResumableSFTTrainer(SFTTrainer):  # type: ignore[misc]
+    class ResumableSFTTrainer(DeferredStepMetrics, SFTTrainer):  # type: ignore[misc]
         control: Any  # the Trainer's TrainerControl
         data_collator: Any
 
@@ -125,6 +126,9 @@ def resumable_sft_trainer(**kwargs: Any) -> Any:
 
         def training_step(self, model: Any, inputs: dict[str, Any], *args: Any) -> Any:
             padding = take_padding(inputs)
+            if self.defers_metrics:  # tokens counted here, real ones only (step_metrics)
+                self.count_tokens(inputs, padding)
+                return super().training_step(model, inputs, *args)
             if self.args.pad_to_multiple_of and self.padding_free and self.args.world_size > 1:
                 # TRL counts the tokens of every rank (gathered); so is their padding.
                 local = torch.tensor(padding, device=self.args.device)

@@ -35,12 +35,42 @@ def flex_attention_available() -> bool:
     return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
-def resolve_speed(training: TrainingSpec, cuda: bool) -> SpeedSettings:
-    """Turn the spec's ``auto`` settings into what this node can run; refuse what it can't."""
-    if training.attention == "flex_attention" and not cuda:
-        raise InvalidConfig("training.attention: flex_attention needs a CUDA GPU; use sdpa")
+def auto_attention(packing: bool, cuda: bool, varlen_runs: bool) -> str:
+    """``training.attention: auto``: on a GPU, packed sequences through FlashAttention's varlen
+    kernel where it runs (no compilation, any length), else flex attention; SDPA elsewhere."""
+    if not cuda:
+        return "sdpa"
+    if packing and varlen_runs:
+        return "varlen"
+    return "flex_attention" if flex_attention_available() else "sdpa"
+
+
+def resolve_speed(
+    training: TrainingSpec, cuda: bool, *, varlen_runs: bool | None = None
+) -> SpeedSettings:
+    """Turn the spec's ``auto`` settings into what this node can run; refuse what it can't.
+    ``varlen_runs``: whether the GPU runs varlen attention (None: ask this node's GPU; the
+    preflight, on a CPU, answers for the GPU the run will get)."""
+    from kubetune.trainer import varlen_attention
+
+    if varlen_runs is None:
+        varlen_runs = cuda and varlen_attention.supported_on_this_gpu()
+    for kernel in ("flex_attention", "varlen"):
+        if training.attention == kernel and not cuda:
+            raise InvalidConfig(f"training.attention: {kernel} needs a CUDA GPU; use sdpa")
+    if training.attention == "varlen":
+        if not training.packing:
+            raise InvalidConfig(
+                "training.attention: varlen attends within packed sequences; set "
+                "training.packing: true, or use sdpa"
+            )
+        if not varlen_runs:
+            raise InvalidConfig(
+                "training.attention: varlen needs torch >= 2.10 and a GPU of compute capability "
+                "8.0 or newer; use auto"
+            )
     if training.attention == "auto":
-        attention = "flex_attention" if cuda and flex_attention_available() else "sdpa"
+        attention = auto_attention(training.packing, cuda, varlen_runs)
     else:
         attention = training.attention
     if training.liger_kernel == "on" and not (cuda and liger_available()):
@@ -128,10 +158,11 @@ class GpuKind:
 CONTEXT_BYTES = 512 * 2**20
 
 GPU_KINDS: dict[str, GpuKind] = {
-    # docs/trainer.md "Speed settings" (bench/results/h200-2026-11-28-default-plan.jsonl): the
-    # kubetune defaults on a Llama-2-7B shape, no checkpointing, 4 x 2,048 tokens a micro-step:
-    # 15,342 real tokens/s = 42.3% MFU (8B shape: 13,837 tokens/s, 43.2%).
-    "H200": GpuKind(143771, 989.0, 0.423, "docs/trainer.md, H200 2026-11-28, 7B default plan"),
+    # docs/trainer.md "Second round" (bench/results/h200-2026-11-28-s3-7b-final.jsonl): the
+    # kubetune defaults on a Llama-2-7B shape (varlen attention, fused LoRA layers, no
+    # checkpointing, 4 x 2,048 tokens a micro-step): 16,450 real tokens/s = 45.4% MFU (the lowest
+    # of three commands: 16,450-16,885).
+    "H200": GpuKind(143771, 989.0, 0.454, "docs/trainer.md, H200 2026-11-28, 7B defaults"),
     "H100-80GB": GpuKind(81559, 989.0),
     "A100-80GB": GpuKind(81920, 312.0),
     "A100-40GB": GpuKind(40960, 312.0),

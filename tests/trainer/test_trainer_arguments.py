@@ -207,3 +207,54 @@ def test_mlflow_secrets_from_the_environment_are_redacted_like_the_hub_tokens() 
     secrets = HubTokens().with_secrets(tracking_secrets(environ)).secrets
     line = "auth p@ss word 1234 / p%40ss%20word%201234 / mlflow-bearer-abcdef for alice"
     assert redact(line, secrets) == "auth *** / *** / *** for alice"
+
+
+@pytest.mark.parametrize(
+    ("packing", "cuda", "varlen_runs", "chosen"),
+    [
+        (True, True, True, "varlen"),  # packed on an Ampere-or-newer GPU: nothing to compile
+        (True, True, False, "flex_attention"),  # an older GPU or torch < 2.10
+        (False, True, True, "flex_attention"),  # padded batches have no sequence boundaries
+        (True, False, False, "sdpa"),  # the CPU
+    ],
+)
+def test_auto_attention_is_varlen_for_packed_sequences_where_the_gpu_runs_it(
+    packing: bool, cuda: bool, varlen_runs: bool, chosen: str
+) -> None:
+    from kubetune.api.models import TrainingSpec
+    from kubetune.trainer.speed import resolve_speed
+
+    training = TrainingSpec(packing=packing)
+    assert resolve_speed(training, cuda, varlen_runs=varlen_runs).attention == chosen
+
+
+@pytest.mark.parametrize(
+    ("training", "cuda", "varlen_runs", "message"),
+    [
+        ({"attention": "varlen"}, False, False, "training.attention: varlen needs a CUDA GPU"),
+        ({"attention": "varlen", "packing": False}, True, True, "set training.packing: true"),
+        ({"attention": "varlen"}, True, False, "compute capability 8.0 or newer"),
+    ],
+)
+def test_varlen_attention_where_it_cant_run_is_refused_naming_the_field(
+    training: dict[str, Any], cuda: bool, varlen_runs: bool, message: str
+) -> None:
+    from kubetune.api.models import TrainingSpec
+    from kubetune.trainer.errors import InvalidConfig
+    from kubetune.trainer.speed import resolve_speed
+
+    with pytest.raises(InvalidConfig, match=message):
+        resolve_speed(TrainingSpec.model_validate(training), cuda, varlen_runs=varlen_runs)
+
+
+def test_varlen_packed_micro_steps_are_not_padded_flex_ones_are() -> None:
+    from kubetune.trainer.memory import MemoryPlan
+    from kubetune.trainer.speed import apply_plan
+
+    plan = MemoryPlan(checkpointed_layers=0, layers=32, micro_batch_size=4,
+                      tokens_per_micro_step=8192, optimizer="adamw_torch_fused",
+                      estimated_peak_bytes=None, free_bytes=None)  # fmt: skip
+    varlen = SpeedSettings("varlen", True, False, True, "adamw_torch_fused")
+    flex = SpeedSettings("flex_attention", True, False, True, "adamw_torch_fused")
+    assert apply_plan(varlen, plan).pad_to_tokens is None
+    assert apply_plan(flex, plan).pad_to_tokens == 8192

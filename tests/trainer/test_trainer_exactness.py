@@ -133,8 +133,14 @@ def test_the_saved_adapter_in_plain_peft_reproduces_the_training_time_logits(
     assert learned > 0.5  # the adapter changed the answers
     # What plain PEFT gives differs from training time by bf16 rounding only (the trainer keeps
     # the norms in fp32): far less than what the adapter changed, and the same top tokens.
-    assert (loaded - trained).abs().max() < 0.05 * learned
-    assert torch.equal(loaded.argmax(-1), trained.argmax(-1))
+    rounding = (loaded - trained).abs().max()
+    assert rounding < 0.05 * learned
+    # The same top token wherever training time's top token leads by more than that rounding
+    # (a near tie may flip either way), and at most positions.
+    top2 = trained.topk(2, dim=-1).values
+    decided = (top2[..., 0] - top2[..., 1]) > 2 * rounding
+    assert int(decided.sum()) >= decided.numel() // 2
+    assert torch.equal(loaded.argmax(-1)[decided], trained.argmax(-1)[decided])
 
 
 def test_offloading_checkpoints_to_cpu_gives_the_same_gradients(tiny: TinyAssets) -> None:

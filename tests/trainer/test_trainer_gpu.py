@@ -70,3 +70,45 @@ def test_qlora_on_cuda_puts_4bit_modules_on_the_gpu_and_lowers_the_loss(
         f"GPU smoke: {json.dumps({'speed': recipe.speed.__dict__, 'plan': plan.model_dump(), 'losses': losses})}",
         flush=True,
     )
+
+
+@pytest.mark.parametrize("kv_heads", [4, 1], ids=["same-heads", "grouped-query"])
+def test_varlen_attention_keeps_packed_sequences_apart_like_a_block_mask(kv_heads: int) -> None:
+    """kubetune's varlen attention on three packed sequences equals SDPA with a block-diagonal
+    causal mask, forward and backward, with as many or fewer key/value heads."""
+    import torch
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from kubetune.trainer import varlen_attention
+
+    varlen_attention.register()
+    from transformers import AttentionInterface
+
+    attend = AttentionInterface()[varlen_attention.NAME]
+    torch.manual_seed(0)
+    lengths = [5, 300, 211]
+    total, heads, dim = sum(lengths), 4, 64
+    q = torch.randn(1, heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(
+        1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True
+    )
+    v = torch.randn(
+        1, kv_heads, total, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True
+    )
+    cu = torch.tensor([0, 5, 305, 516], dtype=torch.int32)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = heads // kv_heads, True
+    out, _ = attend(module, q, k, v, None, scaling=dim**-0.5, cu_seq_lens_q=cu,
+                    cu_seq_lens_k=cu, max_length_q=300, max_length_k=300)  # fmt: skip
+    doc = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths)).cuda()
+    mask = (doc[:, None] == doc[None, :]) & torch.ones(total, total, device="cuda").tril().bool()
+    reps = heads // kv_heads
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, repeat_kv(k, reps), repeat_kv(v, reps), attn_mask=mask, scale=dim**-0.5
+    ).transpose(1, 2)
+    assert out.shape == expected.shape == (1, total, heads, dim)
+    assert float((out.float() - expected.float()).abs().max()) < 2e-2
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    expected_grads = torch.autograd.grad(expected.float().square().sum(), (q, k, v))
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert float((got - want).norm() / want.norm()) < 2e-2
