@@ -45,7 +45,7 @@ def test_qlora_on_cuda_puts_4bit_modules_on_the_gpu_and_lowers_the_loss(
     )
     manifest["spec"]["quantization"]["computeDtype"] = "bfloat16"
     if os.environ.get("KUBETUNE_GPU_SMOKE_PLAIN"):
-        # For telling a broken fast path (flex attention, Liger) from a broken trainer.
+        # For telling a broken fast path (varlen attention, Liger) from a broken trainer.
         manifest["spec"]["training"].update(attention="sdpa", ligerKernel="off")
     recipe = QLoRASFTRecipe(TrainerConfig(spec=load_finetunejob(manifest).spec))
     recipe.setup()
@@ -54,6 +54,9 @@ def test_qlora_on_cuda_puts_4bit_modules_on_the_gpu_and_lowers_the_loss(
     assert recipe.speed.optimizer == "adamw_torch_fused"
     assert recipe.speed.gradient_checkpointing
     assert recipe.speed.checkpointed_layers is None  # all of them
+    if not os.environ.get("KUBETUNE_GPU_SMOKE_PLAIN"):
+        # Packed sequences on an Ampere-or-newer GPU: FlashAttention's varlen kernel.
+        assert recipe.speed.attention == "varlen"
     quantized = [m for m in recipe._trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(quantized) == 14
     assert all(m.weight.device.type == "cuda" for m in quantized)
