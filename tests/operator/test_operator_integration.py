@@ -26,7 +26,13 @@ from typing import Any
 import pytest
 from operatorkit import CRD, REPO, OperatorProcess, log_tail_after, started
 
-from kubetune_devtools.pytest_plugin import Kubectl, get_json, on_image_node, wait_for
+from kubetune_devtools.pytest_plugin import (
+    Kubectl,
+    create_namespace,
+    get_json,
+    on_image_node,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -555,6 +561,74 @@ def test_a_trainer_identity_may_change_progress_and_nothing_else(
     assert {k: v for k, v in after.items() if k != "progress"} == {
         k: v for k, v in before.items() if k != "progress"
     }
+
+
+@pytest.fixture
+def other_release_namespace(kubectl: Kubectl, namespace: str) -> Iterator[str]:
+    """Where a second release of the chart would run its operator (one release per team)."""
+    name = create_namespace(kubectl, f"{namespace}-other")
+    yield name
+    kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def test_another_releases_operator_may_write_status_while_the_trainer_may_not(
+    operator: OperatorProcess,
+    kubectl: Kubectl,
+    namespace: str,
+    other_release_namespace: str,
+    trainer_status_policy: None,
+) -> None:
+    """Two releases of the chart, one per team: this release's policy must not deny the other
+    release's operator (a ServiceAccount of its own namespace) the status writes RBAC grants it,
+    and must still hold the job's own trainer to status.progress."""
+    apply(
+        kubectl, namespace, finetunejob("shared", unschedulable_spec(runPolicy={"suspend": True}))
+    )
+    wait_phase(kubectl, namespace, "shared", {"Suspended"}, 60)
+    job = get_json(kubectl, "job", "shared", "-n", namespace)
+    trainer = job["spec"]["template"]["spec"]["serviceAccountName"]
+    trainer_token = kubectl("create", "token", trainer, "-n", namespace).stdout.strip()
+    # Release B's operator: a ServiceAccount of its own namespace, granted status writes here.
+    kubectl("create", "serviceaccount", "kubetune", "-n", other_release_namespace)
+    apply(kubectl, namespace, {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": {"name": "other-release-status"},
+        "rules": [{"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"],
+                   "verbs": ["get", "patch"]}],
+    })  # fmt: skip
+    apply(kubectl, namespace, {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "other-release-status"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                    "name": "other-release-status"},
+        "subjects": [{"kind": "ServiceAccount", "name": "kubetune",
+                      "namespace": other_release_namespace}],
+    })  # fmt: skip
+    other_operator = f"system:serviceaccount:{other_release_namespace}:kubetune"
+    other_token = kubectl(
+        "create", "token", "kubetune", "-n", other_release_namespace
+    ).stdout.strip()
+    server, context = _cluster_endpoint(kubectl)
+    wait_for(
+        lambda: kubectl("auth", "can-i", "patch", "finetunejobs", "--subresource=status",
+                        "-n", namespace, "--as", other_operator,
+                        check=False).stdout.strip() == "yes",
+        30,
+        "the other release's RoleBinding to take effect",
+    )  # fmt: skip
+    wait_for(
+        lambda: _patch_status_as(
+            server, context, trainer_token, namespace, "shared", {"phase": "Succeeded"},
+            dry_run=True,
+        ) == 403,
+        60,
+        "the trainer-status policy to take effect",
+    )  # fmt: skip
+
+    assert _patch_status_as(server, context, other_token, namespace, "shared",
+                            {"phase": "Running"}) == 200  # fmt: skip
+    assert _patch_status_as(server, context, trainer_token, namespace, "shared",
+                            {"phase": "Succeeded"}) == 403  # fmt: skip
 
 
 # --- every row of the README's reason table that the local cluster can reach -------------------
