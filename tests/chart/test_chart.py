@@ -388,3 +388,15 @@ def test_the_metrics_service_scrapes_the_metrics_port_and_the_dashboard_uses_rea
         "kubetune_finetunejob_progress_eta_seconds",
     }  # fmt: skip
     assert set(names) <= served, set(names) - served
+
+
+def test_the_trainer_status_policy_guards_every_status_field_but_progress(render: Render) -> None:
+    """A status field the policy doesn't name is one a trainer could forge (status.estimate and
+    status.worldSize were once missing): the policy's list is the model's, less progress."""
+    from kubetune.api.models import FineTuneJobStatus
+
+    [policy] = of_kind(render(), "ValidatingAdmissionPolicy")
+    [validation] = policy["spec"]["validations"]
+    guarded = set(re.findall(r"has\(object\.status\.(\w+)\)", validation["expression"]))
+    fields = {field.alias or name for name, field in FineTuneJobStatus.model_fields.items()}
+    assert guarded == fields - {"progress"}
