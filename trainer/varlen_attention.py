@@ -60,8 +60,8 @@ def _attention(  # noqa: PLR0917 (transformers calls it with these by position)
         q,
         k,
         v,
-        cu_q.to(dtype=_int32(), device=q.device),
-        cu_k.to(dtype=_int32(), device=q.device),
+        cu_q.to(dtype=torch.int32, device=q.device),
+        cu_k.to(dtype=torch.int32, device=q.device),
         int(kwargs["max_length_q"]),
         int(kwargs["max_length_k"]),
         scale=scaling,
@@ -69,12 +69,6 @@ def _attention(  # noqa: PLR0917 (transformers calls it with these by position)
     )
     assert isinstance(out, torch.Tensor)  # no auxiliary outputs asked for
     return out.unsqueeze(0), None  # (1, tokens, heads, dim), as transformers' kernels return it
-
-
-def _int32() -> Any:
-    import torch
-
-    return torch.int32
 
 
 def _mask(*args: Any, attention_mask: Any = None, **kwargs: Any) -> Any:

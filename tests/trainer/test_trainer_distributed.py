@@ -21,7 +21,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_helpers import TinyAssets, job_manifest
+from trainer_helpers import TinyAssets, checkpoint_steps, job_manifest, trainer_command
 
 from kubetune.api.config import TrainerConfig
 from kubetune.api.manifest import load_finetunejob
@@ -66,13 +65,6 @@ class Runs:
     one_rank: Run
     pods: list[Run]
     bad_dataset: Run
-
-
-def _trainer_command(config: Path) -> list[str]:
-    script = Path(sys.executable).with_name("kubetune-trainer")
-    if script.exists():
-        return [str(script), "--config", str(config)]
-    return [sys.executable, "-m", "kubetune.trainer.cli", "--config", str(config)]
 
 
 def _free_port() -> int:
@@ -114,7 +106,7 @@ def _config(
 
 def _start(config: Path, work: Path, name: str, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        _trainer_command(config),
+        trainer_command(config),
         cwd=work,
         env={
             **os.environ,
@@ -144,17 +136,6 @@ def _reported_step(progress: Path) -> int:
         return int(json.loads(progress.read_text())["step"])
     except (OSError, ValueError, KeyError):
         return 0
-
-
-def _checkpoint_steps(output: Path) -> list[int]:
-    directory = output / "checkpoints"
-    if not directory.is_dir():
-        return []
-    return sorted(
-        int(p.name.split("-")[1])
-        for p in directory.iterdir()
-        if p.name.startswith("checkpoint-") and (p / "trainer_state.json").exists()
-    )
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +175,7 @@ def runs(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         preempted = _finish(process, work, "preempted", "two-ranks")
-        stopped_at = max(_checkpoint_steps(work / "two-ranks"), default=0)
+        stopped_at = max(checkpoint_steps(work / "two-ranks" / "checkpoints"), default=0)
         stopped = work / "two-ranks" / "checkpoints" / f"checkpoint-{stopped_at}"
         random_states = sorted(p.name for p in stopped.glob("rng_state*"))
         resumed = _finish(_start(two_ranks, work, "resumed"), work, "resumed", "two-ranks")

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_helpers import TinyAssets, job_manifest, write_manifest
+from trainer_helpers import (
+    TinyAssets,
+    checkpoint_steps,
+    job_manifest,
+    trainer_command,
+    write_manifest,
+)
 
 from kubetune.api.config import TrainerConfig
 from kubetune.api.manifest import load_finetunejob
@@ -51,23 +56,6 @@ class Runs:
     straight_stdout: str
 
 
-def _trainer_command(config: Path) -> list[str]:
-    script = Path(sys.executable).with_name("kubetune-trainer")
-    if script.exists():
-        return [str(script), "--config", str(config)]
-    return [sys.executable, "-m", "kubetune.trainer.cli", "--config", str(config)]
-
-
-def _checkpoint_steps(directory: Path) -> list[int]:
-    if not directory.is_dir():
-        return []
-    return sorted(
-        int(p.name.split("-")[1])
-        for p in directory.iterdir()
-        if p.name.startswith("checkpoint-") and (p / "trainer_state.json").exists()
-    )
-
-
 def _reported_step(progress: Path) -> int:
     try:
         return int(json.loads(progress.read_text())["step"])
@@ -82,7 +70,7 @@ def _stop_with_sigterm_mid_interval(config: Path, work: Path, progress: Path) ->
         "OMP_NUM_THREADS": "1",
     }
     process = subprocess.Popen(
-        _trainer_command(config),
+        trainer_command(config),
         cwd=work,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -139,7 +127,7 @@ def runs(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     exit_code, stderr = _stop_with_sigterm_mid_interval(config_path, work, progress)
     assert exit_code == 143, stderr[-3000:]
     preempted = json.loads((work / "termination-preempted").read_text())
-    stopped_at = max(_checkpoint_steps(work / "resumed" / "checkpoints"))
+    stopped_at = max(checkpoint_steps(work / "resumed" / "checkpoints"))
     before = len((work / "resumed" / "metrics.jsonl").read_text().splitlines())
 
     logs = io.StringIO()

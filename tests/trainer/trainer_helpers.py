@@ -6,6 +6,7 @@ import contextlib
 import copy
 import io
 import logging
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,3 +106,22 @@ def train_job(path: Path, manifest: dict[str, Any]) -> tuple[int, str]:
     with captured_logs() as logs:
         code = kubetune(["train", str(path), "--no-progress"])
     return code, logs.getvalue()
+
+
+def trainer_command(config: Path) -> list[str]:
+    """The pod's command for ``config``: the installed ``kubetune-trainer``, else the module."""
+    script = Path(sys.executable).with_name("kubetune-trainer")
+    if script.exists():
+        return [str(script), "--config", str(config)]
+    return [sys.executable, "-m", "kubetune.trainer.cli", "--config", str(config)]
+
+
+def checkpoint_steps(directory: Path) -> list[int]:
+    """The steps of the complete checkpoints in ``directory`` (those with a trainer state)."""
+    if not directory.is_dir():
+        return []
+    return sorted(
+        int(p.name.split("-")[1])
+        for p in directory.iterdir()
+        if p.name.startswith("checkpoint-") and (p / "trainer_state.json").exists()
+    )
