@@ -59,12 +59,13 @@ RESERVE_BYTES = 1.5 * GIB
 #: about a third: the frozen base computes input gradients only, so a bit more).
 RECOMPUTE_COST = 0.4
 #: The per-micro-step cost that does not grow with tokens (dequantising the 4-bit weights,
-#: launches), in tokens' worth of compute.
-FIXED_COST_TOKENS = 350
-#: Micro-steps stop here. On an H200 (7B) 16,384 tokens a micro-step ran 7% faster than 8,192
-#: under flex attention (after 237 s of compiling); with varlen attention and the fused LoRA
-#: layers, not at all (16,747 vs 16,839 tokens/s) for twice the memory (69 vs 37 GiB).
-MAX_TOKENS_PER_MICRO_STEP = 8192
+#: launches), in tokens' worth of compute: fitted to 16,384- vs 8,192-token micro-steps on an
+#: H200 (varlen attention, fused LoRA layers, one command): 7B 17,925 vs 17,227 tokens/s (F ~ 690),
+#: 8B 16,081 vs 15,177 (F ~ 1,040); an earlier command saw no difference on 7B (F ~ 0).
+FIXED_COST_TOKENS = 700
+#: Micro-steps stop here: beyond 16,384 tokens the fixed cost is < 5% and memory grows linearly
+#: (7B: 37 GiB at 8,192 tokens, 69 GiB at 16,384).
+MAX_TOKENS_PER_MICRO_STEP = 16384
 #: Headroom the fused (fp32-state) optimizer needs beyond the plan before it is chosen.
 FUSED_OPTIMIZER_HEADROOM = 2 * GIB
 
