@@ -22,9 +22,9 @@ from the process start. The modes:
 - ``trl-best``: plain TRL with the best hand-set flags (packing, Liger, flex attention,
   checkpointing off, LoRA dropout 0, batch 4);
 - ``kubetune-micro8``, ``kubetune-unpadded``, ``kubetune-checkpointed``, ``kubetune-adamw``:
-  the defaults with one lever changed (8 rows, 16,384 tokens, a micro-step (the plan's own choice
-  where it fits, since 2026-11-29); no padding to one
-  shape; every layer checkpointed; paged 8-bit AdamW), to measure what each gives;
+  the defaults with one lever changed (8 rows, 16,384 tokens, a micro-step, which the plan
+  picks itself where it fits since 2026-11-29; no padding to one shape; every layer
+  checkpointed; paged 8-bit AdamW), to measure what each gives;
 - ``kubetune-flex``, ``kubetune-unfused``, ``kubetune-before``: the defaults with flex attention
   (micro-steps padded to one shape) instead of varlen; with PEFT's own LoRA forward instead of
   the fused one; with both (the defaults before either lever);
