@@ -946,6 +946,17 @@ class AdapterRef(StatusModel):
     size_bytes: int = Field(description="Size of the adapter weights file in bytes.")
 
 
+class TrackingRef(StatusModel):
+    """Where the run was tracked (spec.tracking), to find it from the job."""
+
+    mlflow_experiment_id: str | None = Field(
+        default=None, description="The MLflow experiment of the run (tracking.mlflow)."
+    )
+    mlflow_run_id: str | None = Field(
+        default=None, description="The MLflow run that holds the parameters, metrics and tags."
+    )
+
+
 class BaseModelRef(StatusModel):
     uri: str = Field(description="Base model URI.")
     revision: str | None = Field(default=None, description="Base model revision.")
@@ -1041,6 +1052,9 @@ class TrainerResult(StatusModel):
     )
     estimate: Estimate | None = Field(
         default=None, description="The preflight's estimate (kubetune-trainer preflight)."
+    )
+    tracking: TrackingRef | None = Field(
+        default=None, description="The MLflow run of this training, when spec.tracking has one."
     )
 
 

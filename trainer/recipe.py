@@ -413,6 +413,7 @@ class QLoRASFTRecipe:
             metrics=metrics,
             evaluation=evaluation,
             plan=self.plan_report(),
+            tracking=self.mlflow_run.reference() if self.mlflow_run is not None else None,
         )
         return publisher.publish(result, self._effective_settings(outcome), self.metrics_file)
 

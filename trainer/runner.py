@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from kubetune.api.config import TrainerConfig
@@ -208,6 +208,10 @@ def _run(
     finally:
         if recipe is not None:
             recipe.end_tracking(tracked)
+    if recipe is not None and recipe.mlflow_run is not None and outcome.result.tracking is None:
+        # A failed run is worth finding too: what it logged before it failed is on the server.
+        tracking = recipe.mlflow_run.reference()
+        outcome = replace(outcome, result=outcome.result.model_copy(update={"tracking": tracking}))
     if publishing and rank.distributed:
         # Every rank ends as rank 0 ended: the pods of a group exit alike and report one result.
         shared = share_from_main(

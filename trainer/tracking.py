@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from kubetune.api.contract import MLFLOW_PASSWORD_ENV, MLFLOW_TOKEN_ENV
-from kubetune.api.models import FineTuneJobSpec, TrackingSpec, TrainerResult
+from kubetune.api.models import FineTuneJobSpec, TrackingRef, TrackingSpec, TrainerResult
 from kubetune.api.uris import display_uri
 from kubetune.trainer.errors import TrainerFailure, first_line
 
@@ -131,6 +131,13 @@ class MlflowRun:
         self.name = name
         self.where = display_uri(self.settings.tracking_uri)
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
+
+    def reference(self) -> TrackingRef | None:
+        """The run, for the result (None before the run started)."""
+        if self.run_id is None:
+            return None
+        return TrackingRef(mlflow_experiment_id=self.experiment_id, mlflow_run_id=self.run_id)
 
     def start(self, *, resuming: bool) -> None:
         """Attach to this job's run when resuming from a checkpoint, else start a new one. A
@@ -141,6 +148,7 @@ class MlflowRun:
         mlflow.set_tracking_uri(self.settings.tracking_uri)
         try:
             experiment = mlflow.set_experiment(self.settings.experiment_name)
+            self.experiment_id = str(experiment.experiment_id)
             previous = self._previous_run(experiment.experiment_id) if resuming else None
             if previous is not None:
                 self.run_id = mlflow.start_run(run_id=previous).info.run_id

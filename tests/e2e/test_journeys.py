@@ -144,6 +144,10 @@ def test_tiny_job_trains_from_the_images_reports_its_adapter_and_tracks_it_in_ml
     assert run.data.tags["kubetune.adapter.uri"] == adapter["uri"]
     assert run.data.tags["kubetune.adapter.sha256"] == adapter["sha256"]
     assert run.data.tags["kubetune.dataset.fingerprint"] == status["result"]["datasetFingerprint"]
+    assert status["result"]["tracking"] == {
+        "mlflowExperimentId": experiment.experiment_id,
+        "mlflowRunId": run.info.run_id,
+    }
     # The password is in no status, Event, child object or trainer log.
     shown = {
         "FineTuneJob": kubectl("get", "ftj", "tiny-reverse", "-n", namespace, "-o", "json").stdout,

@@ -48,7 +48,11 @@ def _scalars(event_file: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_tracked_run_lands_params_metrics_and_adapter_tags_in_mlflow(
-    tiny: TinyAssets, mlflow: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny: TinyAssets,
+    mlflow: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    termination_log: Path,
 ) -> None:
     # The pod gets these from Secret references; here, from the environment as the pod would.
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", mlflow.username)
@@ -101,6 +105,10 @@ def test_tracked_run_lands_params_metrics_and_adapter_tags_in_mlflow(
     assert tags["kubetune.base_model.uri"] == str(tiny.model)
     assert tags["kubetune.dataset.fingerprint"] == result["datasetFingerprint"]
     assert tags["kubetune.outcome"] == "Succeeded"
+    # The run, from the result (the operator copies it into status.result).
+    expected = {"mlflowExperimentId": experiment.experiment_id, "mlflowRunId": run.info.run_id}
+    assert result["tracking"] == expected
+    assert json.loads(termination_log.read_text())["tracking"] == expected
     # TensorBoard: event files beside the adapter, with the loss at the logged steps.
     event_files = list((output / "runs").rglob("events.out.tfevents.*"))
     assert event_files, sorted(p.name for p in output.iterdir())
@@ -119,8 +127,45 @@ def test_tracked_run_lands_params_metrics_and_adapter_tags_in_mlflow(
     assert os.environ["MLFLOW_TRACKING_PASSWORD"] == mlflow.password
 
 
+def test_a_run_that_fails_after_its_mlflow_run_started_names_that_run(
+    tiny: TinyAssets,
+    mlflow: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    termination_log: Path,
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", mlflow.username)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", mlflow.password)
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(variable, raising=False)
+    data = tmp_path / "wrong-columns.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": f"q{i}", "answer": "a"}) + "\n" for i in range(8))
+    )
+    manifest = job_manifest(tiny.model, data, tmp_path / "adapter", training={"maxSteps": 2})
+    manifest["metadata"]["name"] = "tracked-bad-data"
+    manifest["spec"]["tracking"] = {
+        "mlflow": {"trackingUri": mlflow.url, "experimentName": "kubetune-failing"}
+    }
+
+    code, logs = train_job(tmp_path / "job.yaml", manifest)
+
+    assert code == 3, logs[-2000:]  # DatasetError: the data is read after the run started
+    reported = json.loads(termination_log.read_text())
+    assert reported["reason"] == "DatasetError"
+    client = mlflow.client()
+    experiment = client.get_experiment_by_name("kubetune-failing")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FAILED"
+    assert reported["tracking"] == {
+        "mlflowExperimentId": experiment.experiment_id,
+        "mlflowRunId": run.info.run_id,
+    }
+
+
 def test_unreachable_tracking_server_fails_before_the_model_loads(
-    tiny: TinyAssets, tmp_path: Path
+    tiny: TinyAssets, tmp_path: Path, termination_log: Path
 ) -> None:
     import socket
 
@@ -149,3 +194,4 @@ def test_unreachable_tracking_server_fails_before_the_model_loads(
     assert f"MLflow tracking server http://127.0.0.1:{port}" in logs
     assert "tracking.mlflow.trackingUri" in logs
     assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert "tracking" not in json.loads(termination_log.read_text())  # no run was started
