@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Final
 
 import kopf
 from kubernetes.client.exceptions import ApiException
@@ -83,6 +84,10 @@ def reconcile(ctl: Controller, key: Key, ftj: Obj, jobs: list[Obj], pods: list[O
             and j["metadata"]["name"] == work.patched_job
         )
         _patch_owned_job(ftj, job, work.job_patch)
+    if work.workload_active is not None:
+        trainer_job = owned_job(ftj, jobs)
+        if trainer_job is not None:
+            _set_workload_active(ftj, dict(trainer_job), work.workload_active)
     if work.status_patch is not None:
         _write_status(ctl, key, ftj, work.status_patch)
     if work.delete_job:
@@ -346,6 +351,40 @@ def _delete_owned_job(job: Obj) -> None:
         # Gone already, or replaced (a uid precondition that fails is a 409): nothing to do.
         if _status_of(exc.__cause__) not in (404, 409):
             raise
+
+
+#: Kueue's Workload API, and the label it puts on the Workload of a Job (the Job's uid).
+KUEUE_WORKLOADS: Final = "kueue.x-k8s.io/v1beta2"
+KUEUE_JOB_UID_LABEL: Final = "kueue.x-k8s.io/job-uid"
+
+
+def _set_workload_active(ftj: Obj, job: Obj, active: bool) -> None:
+    """Set ``spec.active`` of the Workload Kueue made for the FineTuneJob's ``job`` (Kueue's way
+    to stop an admitted Job and to queue it again); nothing while Kueue hasn't made one yet."""
+    if not owned_by(job, str(ftj["metadata"]["uid"])):
+        return
+    namespace, name = ftj["metadata"]["namespace"], ftj["metadata"]["name"]
+    uid = str(job["metadata"]["uid"])
+    path = collection_path(KUEUE_WORKLOADS, "Workload", namespace)
+    with api_errors(f"reading the Kueue Workload of {namespace}/{name}"):
+        found = kube().get(path, {"labelSelector": f"{KUEUE_JOB_UID_LABEL}={uid}"})
+    for workload in found.get("items") or []:
+        if not owned_by(workload, uid) or workload.get("spec", {}).get("active", True) == active:
+            continue
+        meta = workload["metadata"]
+        with api_errors(f"{'activating' if active else 'deactivating'} {meta['name']} of {name}"):
+            kube().merge_patch(
+                f"{path}/{meta['name']}",
+                {
+                    "metadata": {"resourceVersion": meta["resourceVersion"]},
+                    "spec": {"active": active},
+                },
+            )
+        job_logger((namespace, name)).info(
+            "Kueue Workload %s %s (runPolicy.suspend)",
+            meta["name"],
+            "activated" if active else "deactivated",
+        )
 
 
 def _patch_owned_job(ftj: Obj, job: Obj, patch: Obj) -> None:

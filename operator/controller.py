@@ -16,6 +16,7 @@ from kubetune.api.contract import (
     ATTEMPT_ANNOTATION,
     COMPLETION_INDEX_LABEL,
     FINETUNEJOB_ANNOTATION,
+    KUEUE_QUEUE_LABEL,
     MANAGED_BY,
     MANAGED_BY_LABEL,
 )
@@ -78,8 +79,9 @@ METADATA_KEPT: Final = (
     "deletionTimestamp", "ownerReferences",
 )  # fmt: skip
 JOB_SPEC_KEPT: Final = ("suspend", "activeDeadlineSeconds")
-#: The few labels and annotations a reconcile reads: a pod's rank, a group Job's attempt.
-LABELS_KEPT: Final = (COMPLETION_INDEX_LABEL,)
+#: The few labels and annotations a reconcile reads: a pod's rank, whether Kueue manages a Job,
+#: a group Job's attempt.
+LABELS_KEPT: Final = (COMPLETION_INDEX_LABEL, KUEUE_QUEUE_LABEL)
 ANNOTATIONS_KEPT: Final = (ATTEMPT_ANNOTATION,)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from kubetune.api.contract import ConditionType, Reason
+from kubetune.api.contract import KUEUE_QUEUE_LABEL, ConditionType, Reason
 from kubetune.api.manifest import format_validation_error
 from kubetune.api.models import FineTuneJobSpec, FineTuneJobStatus
 from kubetune.api.timestamps import parse_rfc3339, rfc3339
@@ -81,6 +81,9 @@ class Plan:
     job_patch: dict[str, Any] | None = None
     #: The name of the Job ``job_patch`` is for (the trainer's, or the validation Job).
     patched_job: str | None = None
+    #: A Job Kueue manages: whether its Workload should be active (runPolicy.suspend on a queued
+    #: job: Kueue owns the Job's spec.suspend and would unsuspend an admitted Job).
+    workload_active: bool | None = None
     #: Only the status fields that changed (never ``progress``); None when nothing did.
     status_patch: dict[str, Any] | None = None
     #: The finished job's TTL ran out: delete the FineTuneJob.
@@ -190,22 +193,49 @@ def validate(spec: Obj, settings: OperatorSettings) -> FineTuneJobSpec | Rejecti
     return parsed
 
 
-def desired_job_patch(ftj: Obj, job: Obj) -> dict[str, Any] | None:
-    """What of the Job's spec must follow the FineTuneJob's runPolicy (suspend, deadline)."""
+def kueue_managed(job: Obj) -> bool:
+    """Whether Kueue manages ``job`` (it carries the queue label): Kueue then owns its suspend."""
+    return KUEUE_QUEUE_LABEL in (job.get("metadata", {}).get("labels") or {})
+
+
+def desired_job_patch(ftj: Obj, job: Obj, *, queue: str | None = None) -> dict[str, Any] | None:
+    """What of the Job must follow the FineTuneJob's runPolicy (suspend, deadline). ``queue``:
+    the LocalQueue the Job goes to once it may run (the trainer Job of a queued job)."""
     run_policy = ftj.get("spec", {}).get("runPolicy") or {}
-    queued = bool((ftj.get("spec", {}).get("scheduling") or {}).get("queueName"))
     job_spec = job.get("spec", {})
+    spec: dict[str, Any] = {}
     patch: dict[str, Any] = {}
     suspend = bool(run_policy.get("suspend", False))
-    if suspend and not job_spec.get("suspend"):
-        patch["suspend"] = True
-    elif not suspend and job_spec.get("suspend") and not queued:
-        # A queued Job stays suspended until Kueue admits it by unsuspending it.
-        patch["suspend"] = False
+    if kueue_managed(job):
+        pass  # Kueue admits by unsuspending and evicts by suspending: see desired_workload_active
+    elif suspend and not job_spec.get("suspend"):
+        spec["suspend"] = True
+    elif not suspend and job_spec.get("suspend"):
+        if queue:
+            # Made suspended, now resumed: Kueue queues it, and unsuspends it once admitted.
+            patch["metadata"] = {"labels": {KUEUE_QUEUE_LABEL: queue}}
+        else:
+            spec["suspend"] = False
     deadline = run_policy.get("activeDeadlineSeconds")
     if deadline is not None and job_spec.get("activeDeadlineSeconds") != int(deadline):
-        patch["activeDeadlineSeconds"] = int(deadline)
-    return {"spec": patch} if patch else None
+        spec["activeDeadlineSeconds"] = int(deadline)
+    if spec:
+        patch["spec"] = spec
+    return patch or None
+
+
+def desired_workload_active(ftj: Obj, job: Obj) -> bool | None:
+    """For a Job Kueue manages, whether its Workload should be active: not while runPolicy.suspend
+    is set (deactivating is how Kueue stops an admitted Job: it evicts it and releases its
+    quota), and again once it is cleared after a suspension. None: nothing to check."""
+    if not kueue_managed(job):
+        return None
+    suspend = bool((ftj.get("spec", {}).get("runPolicy") or {}).get("suspend", False))
+    if suspend:
+        return False
+    if job.get("spec", {}).get("suspend") and (ftj.get("status") or {}).get("phase") == "Suspended":
+        return True
+    return None
 
 
 def plan(
@@ -276,8 +306,23 @@ def plan(
         # What changed is on its way to the next phase (the pod is starting, the Job's Complete
         # is due): it is written with that phase, in one patch, unless it takes long. The next
         # event of the pod or Job queues this job again at once.
-        return Plan(job_patch=desired_job_patch(ftj, job), patched_job=patched, requeue_after=hold)
-    return Plan(job_patch=desired_job_patch(ftj, job), patched_job=patched, status_patch=changes)
+        return Plan(
+            job_patch=desired_job_patch(ftj, job, queue=_queue(ftj)),
+            patched_job=patched,
+            workload_active=desired_workload_active(ftj, job),
+            requeue_after=hold,
+        )
+    return Plan(
+        job_patch=desired_job_patch(ftj, job, queue=_queue(ftj)),
+        patched_job=patched,
+        workload_active=desired_workload_active(ftj, job),
+        status_patch=changes,
+    )
+
+
+def _queue(ftj: Obj) -> str | None:
+    queue = (ftj.get("spec", {}).get("scheduling") or {}).get("queueName")
+    return str(queue) if queue else None
 
 
 def _next_attempt(status: Obj) -> int:

@@ -341,7 +341,9 @@ def render_job(
     attempt: int = 1,
 ) -> Manifest:
     queue = spec.scheduling.queue_name
-    job_labels = {KUEUE_QUEUE_LABEL: queue} if queue else {}
+    # A job created suspended is handed to Kueue (labelled) only when resumed: Kueue would
+    # admit and unsuspend it at once (the operator then labels it, desired_job_patch).
+    job_labels = {KUEUE_QUEUE_LABEL: queue} if queue and not spec.run_policy.suspend else {}
     nodes = spec.resources.nodes
     pod_spec = _pod_spec(spec, names, settings)
     if nodes > 1:

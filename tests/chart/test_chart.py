@@ -36,6 +36,8 @@ OPERATOR_ALLOW_LIST: dict[tuple[str, str], set[str]] = {
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     ("", "pods"): {"list", "watch"},
     ("", "persistentvolumeclaims"): {"get"},
+    # A queued job's runPolicy.suspend deactivates its Job's Workload (Kueue's way to stop a Job).
+    ("kueue.x-k8s.io", "workloads"): {"list", "patch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
     # Leader election between replicas (a Role in the release namespace only).
     ("coordination.k8s.io", "leases"): {"get", "create", "update"},

@@ -309,3 +309,113 @@ def test_a_queued_job_starts_whole_only_when_its_queue_has_quota_for_all_its_pod
     assert pods.first_time_all_running(nodes) is not None, (
         f"the {nodes} pods never ran at the same time: {pods.events}"
     )
+
+
+def test_suspending_a_queued_running_job_stops_it_through_kueue_until_resumed(
+    operator: OperatorProcess,
+    kubectl: Kubectl,
+    kube_api: Any,
+    namespace: str,
+    cluster_scoped_cleanup: None,
+) -> None:
+    """Kueue owns a queued Job's suspend (it unsuspends an admitted Job suspended by anyone
+    else): runPolicy.suspend deactivates the Workload, so Kueue itself stops the Job, releases
+    the quota and keeps it stopped; clearing it queues the job again and it runs again."""
+    queue = make_queue(kubectl, namespace, FIRST_QUOTA)
+    pods = PodWatch(kube_api, namespace)
+    try:
+        job = {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "queued"},
+            "spec": {
+                "model": {"uri": "org/model"},
+                "dataset": {"uri": "https://datasets.invalid/train.jsonl"},
+                "output": {"uri": "s3://bucket/adapter"},
+                "resources": {"gpus": 0, "cpu": f"{FIRST_QUOTA}m", "shmSize": "64Mi"},
+                "scheduling": {"queueName": queue},
+                "validation": {"enabled": False},
+                "podTemplate": {
+                    "spec": {
+                        "containers": [
+                            {
+                                "name": "trainer",
+                                "env": [{"name": "KUBETUNE_STAND_IN", "value": "sleep:600"}],
+                            }
+                        ]
+                    }
+                },
+            },
+        }
+        apply(kubectl, namespace, job)
+        wait_for(
+            lambda: ftj_status(kubectl, namespace, "queued").get("phase") == "Running",
+            120,
+            "the admitted job to run",
+        )
+        (first_pod,) = pods.names()
+
+        def set_suspend(value: bool) -> None:
+            patch = {"spec": {"runPolicy": {"suspend": value}}}
+            kubectl("patch", "ftj", "queued", "-n", namespace, "--type=merge", "-p",
+                    json.dumps(patch))  # fmt: skip
+
+        set_suspend(True)
+        evicted = wait_for(
+            lambda: (
+                condition(w := workload(kubectl, namespace), "Evicted").get("reason")
+                == "Deactivated"
+                and w
+            ),
+            60,
+            "Kueue to evict the deactivated Workload",
+        )
+        assert evicted["spec"]["active"] is False
+        # Kueue stopped the Job and gave the quota back; the pod is gone and nothing restarts it.
+        wait_for(
+            lambda: (
+                condition(workload(kubectl, namespace), "QuotaReserved").get("status") == "False"
+            ),
+            60,
+            "Kueue to release the quota",
+        )
+        wait_for(
+            lambda: any(e.type == "DELETED" and e.name == first_pod for e in pods.events),
+            120,
+            "the running pod to be deleted",
+        )
+        status = wait_for(
+            lambda: (
+                (s := ftj_status(kubectl, namespace, "queued")).get("phase") == "Suspended" and s
+            ),
+            60,
+            "the FineTuneJob to show Suspended",
+        )
+        assert condition({"status": status}, "Ready")["reason"] == "Suspended"
+        (trainer_job,) = get_json(kubectl, "jobs", "-n", namespace)["items"]
+        assert trainer_job["spec"]["suspend"] is True
+        assert pods.names() == {first_pod}, f"a pod started while suspended: {pods.events}"
+
+        # Resumed: the Workload is active again, Kueue admits it and a new pod runs.
+        set_suspend(False)
+        readmitted = wait_for(
+            lambda: (
+                condition(w := workload(kubectl, namespace), "Admitted").get("status") == "True"
+                and w.get("spec", {}).get("active", True)
+                and w
+            ),
+            90,
+            "Kueue to admit the reactivated Workload",
+        )
+        assert readmitted["spec"]["active"] is True
+        wait_for(
+            lambda: (
+                ftj_status(kubectl, namespace, "queued").get("phase") == "Running"
+                and len(pods.names()) == 2
+            ),
+            120,
+            "the resumed job to run a new pod",
+        )
+    finally:
+        pods.stop()
+    assert pods.error is None, pods.error

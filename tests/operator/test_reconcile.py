@@ -233,11 +233,38 @@ def test_suspend_in_the_spec_suspends_the_owned_job() -> None:
     assert work.job_patch == {"spec": {"suspend": True}}
 
 
+def queued_job(suspend: bool) -> dict[str, Any]:
+    labelled = job(suspend=suspend)
+    labelled["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpus"}
+    return labelled
+
+
 def test_resume_unsuspends_the_job_unless_a_queue_admits_it() -> None:
     resumed = plan(ftj(run_policy={"suspend": False}), [job(suspend=True)], [], SETTINGS, NOW)
     assert resumed.job_patch == {"spec": {"suspend": False}}
+    assert resumed.workload_active is None
     queued = ftj(run_policy={"suspend": False}, scheduling={"queueName": "gpus"})
-    assert plan(queued, [job(suspend=True)], [], SETTINGS, NOW).job_patch is None
+    # A Job Kueue manages: Kueue unsuspends it once admitted.
+    assert plan(queued, [queued_job(suspend=True)], [], SETTINGS, NOW).job_patch is None
+    # Made suspended (so not labelled yet): resuming hands it to its queue, still suspended.
+    handed = plan(queued, [job(suspend=True)], [], SETTINGS, NOW)
+    assert handed.job_patch == {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "gpus"}}}
+
+
+def test_suspending_a_queued_job_deactivates_its_workload_and_resuming_activates_it() -> None:
+    scheduling = {"queueName": "gpus"}
+    suspended = ftj(run_policy={"suspend": True}, scheduling=scheduling)
+    # Admitted and running: Kueue owns the Job's suspend, the Workload is deactivated instead.
+    work = plan(suspended, [queued_job(suspend=False)], [running_pod()], SETTINGS, NOW)
+    assert work.job_patch is None
+    assert work.workload_active is False
+    resumed = ftj(
+        run_policy={"suspend": False}, scheduling=scheduling, status={"phase": "Suspended"}
+    )
+    assert plan(resumed, [queued_job(suspend=True)], [], SETTINGS, NOW).workload_active is True
+    # Waiting in the queue (not after a suspension): the Workload is left as Kueue has it.
+    waiting = ftj(run_policy={"suspend": False}, scheduling=scheduling, status={"phase": "Queued"})
+    assert plan(waiting, [queued_job(suspend=True)], [], SETTINGS, NOW).workload_active is None
 
 
 def test_a_new_deadline_follows_to_the_job() -> None:

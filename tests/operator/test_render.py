@@ -284,6 +284,13 @@ def test_queued_job_is_created_suspended_with_the_kueue_label() -> None:
     assert job["spec"]["suspend"] is True
 
 
+def test_a_queued_job_created_suspended_is_not_handed_to_its_queue_yet() -> None:
+    spec = spec_of(scheduling={"queueName": "gpu-queue"}, runPolicy={"suspend": True})
+    job = rendered(spec)["Job"]
+    assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]  # Kueue would admit it
+    assert job["spec"]["suspend"] is True
+
+
 def test_scheduling_reaches_the_pod() -> None:
     affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {}}}
     spec = spec_of(

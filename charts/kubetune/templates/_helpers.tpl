@@ -105,6 +105,12 @@ namespaces) or into one Role per watched namespace.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch, delete]
+# Kueue's Workload of a queued job's Job: runPolicy.suspend deactivates it (Kueue's way to stop
+# an admitted Job; it would unsuspend a Job suspended directly) and resuming activates it again.
+# Harmless where Kueue is not installed (nothing is read unless a job names a queue).
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list, patch]
 # Pods of the Job: scheduling failures, exit codes, termination messages.
 - apiGroups: [""]
   resources: [pods]
