@@ -404,3 +404,11 @@ def test_a_new_job_goes_from_new_to_running_in_one_write_when_its_pod_runs_soon(
     suspended = plan(ftj(run_policy={"suspend": True}), [job(suspend=True)], [], SETTINGS, NOW)
     assert suspended.status_patch is not None
     assert suspended.status_patch["phase"] == "Suspended"
+
+
+def test_a_queued_jobs_suspended_validation_job_resumes_with_the_run() -> None:
+    # The validation Job is never queued: resuming the run unsuspends it, queue or not.
+    resumed = ftj(run_policy={"suspend": False}, scheduling={"queueName": "gpus"})
+    work = plan(resumed, [validation_job(suspend=True)], [], SETTINGS, NOW)
+    assert work.job_patch == {"spec": {"suspend": False}}
+    assert work.workload_active is None
