@@ -59,6 +59,9 @@ TERMINATION_MESSAGE_LIMIT: Final = 4096
 JOB_LABEL: Final = "kubetune.io/job"
 #: The full FineTuneJob name (labels are capped at 63 characters, names are not).
 FINETUNEJOB_ANNOTATION: Final = "kubetune.io/finetunejob"
+#: Which part of a job a pod is: ``trainer``, or ``validator`` (the Validating phase's pod).
+COMPONENT_LABEL: Final = "app.kubernetes.io/component"
+VALIDATOR_COMPONENT: Final = "validator"
 #: On a multi-pod group's Job: which group attempt it runs (1, 2, ...); one Job per attempt.
 ATTEMPT_ANNOTATION: Final = "kubetune.io/attempt"
 MANAGED_BY_LABEL: Final = "app.kubernetes.io/managed-by"

@@ -1,8 +1,9 @@
 """``kubetune logs NAME``: the trainer's log, across attempts.
 
 A FineTuneJob's trainer may run in several pods over its life (a retry, an eviction that
-resumes from a checkpoint). This follows whichever pod ``status.podName`` names, announces each
-new attempt, and stops when the job has finished and its last pod's log is read to the end.
+resumes from a checkpoint). This follows whichever pod ``status.podName`` names (during the
+Validating phase, the validation pod), announces each new attempt, and stops when the job has
+finished and its last pod's log is read to the end.
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from kubetune.api.contract import TRAINER_CONTAINER
+from kubetune.api.contract import (
+    COMPONENT_LABEL,
+    FINETUNEJOB_ANNOTATION,
+    TRAINER_CONTAINER,
+    VALIDATOR_COMPONENT,
+)
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.cli.watch import connect
 
@@ -30,6 +36,20 @@ def _status(custom: Any, namespace: str, name: str) -> dict[str, Any] | None:
         raise
     status: dict[str, Any] = obj.get("status") or {}
     return status
+
+
+def _validation_pod(core: Any, namespace: str, name: str) -> str | None:
+    """The newest pod of the Validating phase of ``name`` (``status.podName`` names trainers)."""
+    selector = f"{COMPONENT_LABEL}={VALIDATOR_COMPONENT}"
+    pods = [
+        pod
+        for pod in core.list_namespaced_pod(namespace, label_selector=selector).items
+        if (pod.metadata.annotations or {}).get(FINETUNEJOB_ANNOTATION) == name
+    ]
+    if not pods:
+        return None
+    newest = max(pods, key=lambda pod: pod.metadata.creation_timestamp)
+    return str(newest.metadata.name)
 
 
 def _lines(core: Any, namespace: str, pod: str, follow: bool) -> Iterator[str]:
@@ -78,12 +98,16 @@ def follow_logs(
             out(f"FineTuneJob {namespace}/{name} not found")
             return 1
         pod = status.get("podName")
+        validating = not pod and status.get("phase") == "Validating"
+        if validating:
+            pod = _validation_pod(core, namespace, name)
         finished = status.get("phase") in _TERMINAL
         if pod and pod != shown:
             if pod != announced:
                 attempt = status.get("attempts")
                 suffix = f" (attempt {attempt})" if attempt else ""
-                out(f"--- {name}: pod {pod}{suffix} ---")
+                what = "validation pod" if validating else "pod"
+                out(f"--- {name}: {what} {pod}{suffix} ---")
                 announced = pod
             printed = False
             for line in _lines(core, namespace, pod, follow and not finished):

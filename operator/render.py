@@ -15,6 +15,7 @@ from typing import Any, Final
 from kubetune.api.config import JobRef, ProgressSettings, TrainerConfig
 from kubetune.api.contract import (
     ATTEMPT_ANNOTATION,
+    COMPONENT_LABEL,
     CONFIG_FILE,
     CONTROLLER_UID_LABEL,
     FINETUNEJOB_ANNOTATION,
@@ -36,6 +37,7 @@ from kubetune.api.contract import (
     TERMINATION_MESSAGE_PATH,
     TOKEN_ENV,
     TRAINER_CONTAINER,
+    VALIDATOR_COMPONENT,
 )
 from kubetune.api.models import API_VERSION, GROUP, KIND, PLURAL, FineTuneJobSpec
 from kubetune.api.uris import parse_uri
@@ -98,7 +100,7 @@ def rendezvous_endpoint(names: ChildNames) -> str:
 def labels_for(name: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "kubetune",
-        "app.kubernetes.io/component": "trainer",
+        COMPONENT_LABEL: "trainer",
         "app.kubernetes.io/instance": short_name(name),
         MANAGED_BY_LABEL: MANAGED_BY,
         JOB_LABEL: short_name(name),
@@ -242,8 +244,6 @@ def headless_service(name: str, names: ChildNames, meta: Any) -> Manifest:
     }
 
 
-#: The validation pod's component label (the trainer's pods say ``trainer``).
-VALIDATOR_COMPONENT: Final = "validator"
 _DISTRIBUTED_ENV: Final = frozenset({RENDEZVOUS_ENDPOINT_ENV, RENDEZVOUS_ID_ENV, NODE_RANK_ENV})
 
 
@@ -266,13 +266,13 @@ def validation_job(job: Manifest, spec: FineTuneJobSpec, name: str) -> Manifest:
     metadata = manifest["metadata"]
     metadata["name"] = name
     metadata["labels"].pop(KUEUE_QUEUE_LABEL, None)
-    metadata["labels"]["app.kubernetes.io/component"] = VALIDATOR_COMPONENT
+    metadata["labels"][COMPONENT_LABEL] = VALIDATOR_COMPONENT
     job_spec = manifest["spec"]
     for key in ("completionMode", "successPolicy", "backoffLimitPerIndex", "maxFailedIndexes"):
         job_spec.pop(key, None)
     job_spec.update(suspend=spec.run_policy.suspend, completions=1, parallelism=1)
     template = job_spec["template"]
-    template["metadata"]["labels"]["app.kubernetes.io/component"] = VALIDATOR_COMPONENT
+    template["metadata"]["labels"][COMPONENT_LABEL] = VALIDATOR_COMPONENT
     template["metadata"]["labels"].pop(KUEUE_QUEUE_LABEL, None)
     pod = template["spec"]
     pod.pop("subdomain", None)

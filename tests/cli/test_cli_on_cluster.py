@@ -52,13 +52,24 @@ def pod_phase(kubectl: Kubectl, namespace: str, name: str) -> str:
     return str(get_json(kubectl, "pod", name, "-n", namespace)["status"].get("phase"))
 
 
-def test_kubetune_logs_follows_the_trainer_across_attempts_until_the_job_ends(
+def validation_pod(name: str, script: str) -> dict[str, Any]:
+    """A pod as the operator labels the Validating phase's (status.podName never names it)."""
+    pod = trainer_pod(name, script)
+    pod["metadata"]["labels"] = {"app.kubernetes.io/component": "validator"}
+    pod["metadata"]["annotations"] = {"kubetune.io/finetunejob": "logged"}
+    return pod
+
+
+def test_kubetune_logs_follows_the_validation_then_the_trainer_across_attempts_until_the_end(
     crd: None, kubectl: Kubectl, namespace: str, kubeconfig_path: Path
 ) -> None:
     apply(kubectl, namespace, JOB)
-    apply(kubectl, namespace, trainer_pod("logged-a", "echo from-attempt-one; exit 1"))
-    wait_for(lambda: pod_phase(kubectl, namespace, "logged-a") == "Failed", 60, "attempt one")
-    set_status(kubectl, namespace, phase="Running", podName="logged-a", attempts=1)
+    apply(kubectl, namespace, validation_pod("logged-validation", "sleep 2; echo preflight-ok"))
+    # Another job's validation pod in the same namespace, newer (or listed first), is not followed.
+    other = validation_pod("a-other-validation", "echo not-this-one")
+    other["metadata"]["annotations"] = {"kubetune.io/finetunejob": "other"}
+    apply(kubectl, namespace, other)
+    set_status(kubectl, namespace, phase="Validating")
 
     follower = subprocess.Popen(
         [str(BIN / "kubetune"), "logs", "logged", "-n", namespace, "-f",
@@ -69,6 +80,10 @@ def test_kubetune_logs_follows_the_trainer_across_attempts_until_the_job_ends(
     reader = threading.Thread(target=lambda: lines.extend(iter(follower.stdout.readline, "")))  # type: ignore[union-attr]
     reader.start()
     try:
+        wait_for(lambda: "preflight-ok\n" in lines, 60, "the validation pod's log")
+        apply(kubectl, namespace, trainer_pod("logged-a", "echo from-attempt-one; exit 1"))
+        wait_for(lambda: pod_phase(kubectl, namespace, "logged-a") == "Failed", 60, "attempt one")
+        set_status(kubectl, namespace, phase="Running", podName="logged-a", attempts=1)
         wait_for(lambda: "from-attempt-one\n" in lines, 60, "the first attempt's log")
         apply(kubectl, namespace, trainer_pod("logged-b", "sleep 2; echo from-attempt-two"))
         set_status(kubectl, namespace, phase="Running", podName="logged-b", attempts=2)
@@ -81,6 +96,8 @@ def test_kubetune_logs_follows_the_trainer_across_attempts_until_the_job_ends(
     assert follower.returncode == 0, follower.stderr.read() if follower.stderr else ""
     shown = [line.rstrip("\n") for line in lines]
     assert shown == [
+        "--- logged: validation pod logged-validation ---",
+        "preflight-ok",
         "--- logged: pod logged-a (attempt 1) ---",
         "from-attempt-one",
         "--- logged: pod logged-b (attempt 2) ---",
