@@ -31,6 +31,7 @@ _PLURALS: Final = {
     "RoleBinding": "rolebindings",
     "Job": "jobs",
     "NetworkPolicy": "networkpolicies",
+    "JobSet": "jobsets",
 }
 
 

@@ -19,6 +19,7 @@ from kubetune.api.contract import ConditionType, Reason
 from kubetune.api.manifest import format_validation_error
 from kubetune.api.models import FineTuneJobSpec, FineTuneJobStatus
 from kubetune.api.timestamps import parse_rfc3339, rfc3339
+from kubetune.operator import jobset as js
 from kubetune.operator.policy import policy_problems
 from kubetune.operator.render import child_names
 from kubetune.operator.settings import OperatorSettings
@@ -81,6 +82,8 @@ class Plan:
     job_patch: dict[str, Any] | None = None
     #: The name of the Job ``job_patch`` is for (the trainer's, or the validation Job).
     patched_job: str | None = None
+    #: ``patched_job`` names the group's JobSet (``job_patch``: its suspend), not a Job.
+    patched_jobset: bool = False
     #: Only the status fields that changed (never ``progress``); None when nothing did.
     status_patch: dict[str, Any] | None = None
     #: The finished job's TTL ran out: delete the FineTuneJob.
@@ -126,6 +129,12 @@ def owned_validation_job(ftj: Obj, jobs: Sequence[Obj]) -> Obj | None:
         ),
         None,
     )
+
+
+def owned_jobset(ftj: Obj, jobsets: Sequence[Obj]) -> Obj | None:
+    """The group's JobSet (``KUBETUNE_GROUP_WORKLOAD=jobset``), if the FineTuneJob owns one."""
+    uid = str(ftj.get("metadata", {}).get("uid"))
+    return next((j for j in jobsets if owned_by(j, uid)), None)
 
 
 def pods_of(job: Obj | None, pods: Sequence[Obj]) -> list[Obj]:
@@ -190,8 +199,9 @@ def validate(spec: Obj, settings: OperatorSettings) -> FineTuneJobSpec | Rejecti
     return parsed
 
 
-def desired_job_patch(ftj: Obj, job: Obj) -> dict[str, Any] | None:
-    """What of the Job's spec must follow the FineTuneJob's runPolicy (suspend, deadline)."""
+def desired_job_patch(ftj: Obj, job: Obj, *, deadline: bool = True) -> dict[str, Any] | None:
+    """What of the Job's spec must follow the FineTuneJob's runPolicy (suspend, deadline; a
+    JobSet's, without ``deadline``: only suspend, its Job's deadline is in its template)."""
     run_policy = ftj.get("spec", {}).get("runPolicy") or {}
     queued = bool((ftj.get("spec", {}).get("scheduling") or {}).get("queueName"))
     job_spec = job.get("spec", {})
@@ -202,9 +212,9 @@ def desired_job_patch(ftj: Obj, job: Obj) -> dict[str, Any] | None:
     elif not suspend and job_spec.get("suspend") and not queued:
         # A queued Job stays suspended until Kueue admits it by unsuspending it.
         patch["suspend"] = False
-    deadline = run_policy.get("activeDeadlineSeconds")
-    if deadline is not None and job_spec.get("activeDeadlineSeconds") != int(deadline):
-        patch["activeDeadlineSeconds"] = int(deadline)
+    seconds = run_policy.get("activeDeadlineSeconds")
+    if deadline and seconds is not None and job_spec.get("activeDeadlineSeconds") != int(seconds):
+        patch["activeDeadlineSeconds"] = int(seconds)
     return {"spec": patch} if patch else None
 
 
@@ -214,17 +224,23 @@ def plan(
     pods: Sequence[Obj],
     settings: OperatorSettings,
     now: datetime,
+    *,
+    jobsets: Sequence[Obj] = (),
 ) -> Plan:
-    """What to do for ``ftj`` given the Jobs and Pods the caches hold for it.
+    """What to do for ``ftj`` given the Jobs, Pods and JobSets the caches hold for it.
 
-    ``jobs`` are the Jobs named for it (owned or not), ``pods`` the Pods that name it; ``ftj``'s
-    status is the latest the operator knows (its own writes included).
+    ``jobs`` are the Jobs named for it (owned or not, its JobSet's too), ``pods`` the Pods that
+    name it, ``jobsets`` the JobSets; ``ftj``'s status is the latest the operator knows (its own
+    writes included).
     """
     metadata = ftj.get("metadata", {})
     if metadata.get("deletionTimestamp"):
         return Plan(notes=("being deleted",))
     status = ftj.get("status") or {}
     phase = status.get("phase")
+    jobset = owned_jobset(ftj, jobsets)
+    if jobset is not None:
+        return _jobset_plan(ftj, jobset, jobs, pods, now)
     job = owned_job(ftj, jobs)
 
     if phase in FINISHED:
@@ -278,6 +294,37 @@ def plan(
         # event of the pod or Job queues this job again at once.
         return Plan(job_patch=desired_job_patch(ftj, job), patched_job=patched, requeue_after=hold)
     return Plan(job_patch=desired_job_patch(ftj, job), patched_job=patched, status_patch=changes)
+
+
+def _jobset_plan(
+    ftj: Obj, jobset: Obj, jobs: Sequence[Obj], pods: Sequence[Obj], now: datetime
+) -> Plan:
+    """A group run by its JobSet: the status from the JobSet and its current Job's pods, and
+    the JobSet's suspend following the runPolicy. JobSet restarts the group; nothing else is
+    made, replaced or deleted here."""
+    status = ftj.get("status") or {}
+    view = js.group_view(jobset, jobs)
+    own_pods = pods_of(view, pods)
+    desired = derive_status(ftj, view, own_pods, now)
+    changes = status_changes(status, desired)
+    if status.get("phase") in FINISHED:
+        if changes is not None and changes.get("phase") not in (None, *FINISHED):
+            changes = None  # never back from a finished phase
+        ttl = (ftj.get("spec", {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+        remaining = ttl_remaining(status, ttl, now)
+        if remaining is not None and remaining <= 0:
+            return Plan(status_patch=changes, delete=True, notes=("ttl passed",))
+        return Plan(status_patch=changes, requeue_after=remaining)
+    patch = desired_job_patch(ftj, jobset, deadline=False)
+    name = str(jobset.get("metadata", {}).get("name"))
+    if js.restarting(jobset, jobs) and js.current_job(jobset, jobs) is None:
+        # Between the failed attempt's Job (gone) and the next one (not made yet): the status
+        # says Retrying already, and says more once the next Job's pods are there.
+        return Plan(job_patch=patch, patched_job=name, patched_jobset=True, requeue_after=1.0)
+    hold = _hold(status, desired, changes, job=view, pods=own_pods, now=now)
+    if hold is not None:
+        return Plan(job_patch=patch, patched_job=name, patched_jobset=True, requeue_after=hold)
+    return Plan(job_patch=patch, patched_job=name, patched_jobset=True, status_patch=changes)
 
 
 def _next_attempt(status: Obj) -> int:
