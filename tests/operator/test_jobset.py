@@ -19,6 +19,14 @@ from typing import Any
 
 import pytest
 from operatorkit import CRD, OperatorProcess, log_tail_after, started
+from test_kueue import (
+    FIRST_QUOTA,
+    PodWatch,
+    cluster_scoped_cleanup,  # noqa: F401 - a fixture, used here too
+    make_queue,
+    workload,
+)
+from test_kueue import condition as kueue_condition
 from test_operator_integration import (
     CLAIM,
     apply,
@@ -303,3 +311,43 @@ def test_a_suspended_group_suspends_its_jobset_and_resumes_it(
     final = wait_phase(kubectl, namespace, "paused", {"Succeeded", "Failed"}, 120)
     assert final["phase"] == "Succeeded", final
     assert the_jobset(kubectl, namespace)["spec"]["suspend"] is False
+
+
+@pytest.mark.usefixtures("_operator_log", "kueue", "cluster_scoped_cleanup")
+def test_kueue_admits_a_queued_jobset_whole_only_when_its_queue_has_quota_for_both_pods(
+    operator: OperatorProcess, kubectl: Kubectl, kube_api: Any, namespace: str
+) -> None:
+    queue = make_queue(kubectl, namespace, FIRST_QUOTA)
+    pods = PodWatch(kube_api, namespace)
+    try:
+        spec = group_spec("sleep:5,exit:0", 0)
+        spec["resources"]["cpu"] = f"{FIRST_QUOTA}m"
+        spec["scheduling"] = {"queueName": queue}
+        apply(kubectl, namespace, finetunejob("queued", spec))
+
+        # Kueue looked at the JobSet's two pods and said no: the quota holds one.
+        def refused() -> dict[str, Any] | None:
+            found = workload(kubectl, namespace)
+            reserved = kueue_condition(found, "QuotaReserved")
+            return found if reserved.get("status") == "False" and reserved.get("message") else None
+
+        pending = wait_for(refused, 90, "Kueue to refuse the JobSet's Workload for lack of quota")
+        assert pending["metadata"]["ownerReferences"][0]["kind"] == "JobSet"
+        assert pending["spec"]["podSets"][0]["count"] == 2
+        wait_phase(kubectl, namespace, "queued", {"Queued"}, 60)
+        assert the_jobset(kubectl, namespace)["spec"]["suspend"] is True
+        assert pods.names() == set(), f"a pod of the queued job exists: {pods.events}"
+
+        kubectl("patch", "clusterqueue", namespace, "--type=json", "-p", json.dumps([{
+            "op": "replace", "path": "/spec/resourceGroups/0/flavors/0/resources/0/nominalQuota",
+            "value": f"{2 * FIRST_QUOTA}m"}]))  # fmt: skip
+        done = wait_phase(kubectl, namespace, "queued", {"Succeeded", "Failed"}, 120)
+        assert done["phase"] == "Succeeded", done
+        admitted = workload(kubectl, namespace)
+        assert kueue_condition(admitted, "Admitted")["status"] == "True"
+        assert admitted["status"]["admission"]["podSetAssignments"][0]["count"] == 2
+    finally:
+        pods.stop()
+    assert pods.error is None, pods.error
+    assert len(pods.names()) == 2, pods.events
+    assert pods.first_time_all_running(2) is not None, f"never both running: {pods.events}"
