@@ -297,7 +297,7 @@ def test_a_non_retriable_exit_on_one_rank_fails_the_jobset_at_once_naming_that_r
 
 
 @pytest.mark.usefixtures("_operator_log")
-def test_a_suspended_group_suspends_its_jobset_and_resumes_it(
+def test_a_suspended_group_suspends_its_jobset_resumes_it_and_goes_with_its_finetunejob(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str
 ) -> None:
     spec = group_spec("sleep:1,exit:0", 0, suspend=True)
@@ -311,6 +311,16 @@ def test_a_suspended_group_suspends_its_jobset_and_resumes_it(
     final = wait_phase(kubectl, namespace, "paused", {"Succeeded", "Failed"}, 120)
     assert final["phase"] == "Succeeded", final
     assert the_jobset(kubectl, namespace)["spec"]["suspend"] is False
+
+    # Deleting the FineTuneJob deletes its JobSet, and JobSet's controller the rest.
+    kubectl("delete", "ftj", "paused", "-n", namespace, "--wait=false")
+
+    def gone() -> bool:
+        kinds = "jobsets.jobset.x-k8s.io,jobs,services,pods,configmaps"
+        left = get_json(kubectl, kinds, "-n", namespace)["items"]
+        return not [o for o in left if o["metadata"]["name"] != "kube-root-ca.crt"]
+
+    wait_for(gone, 60, "the JobSet, its Job, Service and pods, and the ConfigMap to go")
 
 
 @pytest.mark.usefixtures("_operator_log", "kueue", "cluster_scoped_cleanup")
