@@ -147,6 +147,8 @@ class Reason(enum.StrEnum):
     DEADLINE_EXCEEDED = "DeadlineExceeded"
     OOM_KILLED = "OOMKilled"
     BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+    #: An Event: the settings ask for JobSet, whose CRD is not installed (an Indexed Job runs).
+    JOBSET_UNAVAILABLE = "JobSetUnavailable"
     # The False side of conditions that didn't happen.
     IN_PROGRESS = "InProgress"
     NOT_SUCCEEDED = "NotSucceeded"

@@ -1,5 +1,5 @@
-"""Finds (building on first use) the control plane binaries made by hack/cluster/build.sh, and
-Kueue's manager and CRDs made by hack/kueue/build.sh."""
+"""Finds (building on first use) the control plane binaries made by hack/cluster/build.sh,
+Kueue's manager and CRDs made by hack/kueue/build.sh, and JobSet's by hack/jobset/build.sh."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
 #: What hack/kueue/build.sh leaves in its directory: the manager, and the module's CRDs.
 KUEUE_FILES = ("kueue", "crds")
+#: What hack/jobset/build.sh leaves in its directory: the manager, and the module's CRD.
+JOBSET_FILES = ("jobset", "crds")
 
 
 class BinariesError(RuntimeError):
@@ -64,3 +66,12 @@ def kueue_dir() -> Path:
     ``$KUBETUNE_KUEUE_DIR`` wins (prebuilt); otherwise hack/kueue/build.sh runs.
     """
     return _built("kueue", "KUBETUNE_KUEUE_DIR", KUEUE_FILES)
+
+
+def jobset_dir() -> Path:
+    """Directory holding JobSet's controller manager (``jobset``) and its CRD
+    (``crds/*.yaml``), both from the Go module hack/jobset pins.
+
+    ``$KUBETUNE_JOBSET_DIR`` wins (prebuilt); otherwise hack/jobset/build.sh runs.
+    """
+    return _built("jobset", "KUBETUNE_JOBSET_DIR", JOBSET_FILES)

@@ -46,6 +46,8 @@ class Pki:
         self.node_serving = KeyPair.named(directory, "node-serving")
         #: What Kueue's webhook and metrics servers serve with (``ensure_kueue_serving``).
         self.kueue_serving = KeyPair.named(directory, "kueue-serving")
+        #: What JobSet's webhook server serves with (``ensure_jobset_serving``).
+        self.jobset_serving = KeyPair.named(directory, "jobset-serving")
         self.service_account_key = directory / "sa.key"
         self.service_account_pub = directory / "sa.pub"
         #: A bearer token for the admin (group system:masters), for curl and friends.
@@ -190,12 +192,21 @@ def ensure_pki(directory: Path) -> Pki:
 def ensure_kueue_serving(pki: Pki) -> KeyPair:
     """Kueue's serving certificate, signed by the cluster's CA, made on first use: a cluster
     started without Kueue gets it when Kueue first starts."""
-    pair = pki.kueue_serving
+    return _ensure_serving(pki, pki.kueue_serving, "kueue")
+
+
+def ensure_jobset_serving(pki: Pki) -> KeyPair:
+    """JobSet's serving certificate (its webhook server, which no apiserver calls here, still
+    starts and serves), made on first use like Kueue's."""
+    return _ensure_serving(pki, pki.jobset_serving, "jobset")
+
+
+def _ensure_serving(pki: Pki, pair: KeyPair, name: str) -> KeyPair:
     if not pair.cert.exists():
         _signed_cert(
             pki.ca,
             pair,
-            "/CN=kueue",
+            f"/CN={name}",
             usage="serverAuth",
             alt_names=["IP:127.0.0.1", "DNS:localhost"],
         )

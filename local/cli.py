@@ -40,6 +40,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 host_images=_host_images(args),
             ),
             kueue=args.kueue,
+            jobset=args.jobset,
         )
     except (ClusterError, BinariesError) as error:
         print(f"kubetune local up: {error}", file=sys.stderr)
@@ -61,6 +62,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(
             f"Kueue runs beside it ({info.kueue_dir}): Jobs labelled kueue.x-k8s.io/queue-name "
             "wait for their LocalQueue's quota"
+        )
+    if args.jobset:
+        print(
+            f"JobSet's controller runs beside it ({info.jobset_dir}): run the operator with "
+            "KUBETUNE_GROUP_WORKLOAD=jobset for multi-pod groups as JobSets"
         )
     print("use it with:")
     print(f"  export KUBECONFIG={kubeconfig}")
@@ -148,6 +154,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         action="store_true",
         help="also run Kueue (built from its Go module) and install its CRDs; on a running "
         "cluster, start it there",
+    )
+    up.add_argument(
+        "--jobset",
+        action="store_true",
+        help="also run JobSet's controller (built from its Go module) and install its CRD; on a "
+        "running cluster, start it there (with --kueue, Kueue admits JobSets too)",
     )
     up.set_defaults(func=cmd_up)
     down = commands.add_parser("down", help="stop the cluster")

@@ -23,6 +23,9 @@ class ClusterInfo:
     #: port of its health probes; empty and 0 without Kueue.
     kueue_dir: str = ""
     kueue_health_port: int = 0
+    #: The same for JobSet's controller (``start_jobset``).
+    jobset_dir: str = ""
+    jobset_health_port: int = 0
 
     @property
     def server(self) -> str:

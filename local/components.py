@@ -148,9 +148,10 @@ KUEUE_METRICS_CERT_DIR = "/etc/kueue/metrics/certs"  # fixed in Kueue's cmd/kueu
 KUEUE_WEBHOOK_CERT_DIR = "/etc/kueue/webhook/certs"
 
 
-def kueue_config(health_port: int, webhook_port: int) -> dict[str, Any]:
+def kueue_config(health_port: int, webhook_port: int, *, jobset: bool = False) -> dict[str, Any]:
     """Kueue's Configuration for the local cluster: batch/v1 Jobs that name a LocalQueue
-    (``kueue.x-k8s.io/queue-name``) are admitted by quota, every other Job is left alone.
+    (``kueue.x-k8s.io/queue-name``) are admitted by quota, every other Job is left alone; with
+    ``jobset`` (JobSet's CRD is installed) JobSets too, all their Jobs' pods as one Workload.
 
     One replica, so no leader election; certificates come from the cluster's CA (no internal
     certificate management, which would want webhook configurations to patch). The webhook server
@@ -168,9 +169,14 @@ def kueue_config(health_port: int, webhook_port: int) -> dict[str, Any]:
         "metrics": {"bindAddress": "0"},
         "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": KUEUE_WEBHOOK_CERT_DIR},
         "internalCertManagement": {"enable": False},
-        "integrations": {"frameworks": ["batch/job"]},
+        "integrations": {"frameworks": kueue_frameworks(jobset=jobset)},
         "featureGates": {"VisibilityOnDemand": False},
     }
+
+
+def kueue_frameworks(*, jobset: bool) -> list[str]:
+    """The job kinds Kueue admits: Jobs, and JobSets where JobSet's CRD is installed."""
+    return ["batch/job", *(["jobset.x-k8s.io/jobset"] if jobset else [])]
 
 
 def kueue_argv(kueue: Path, layout: Layout, pki: Pki) -> list[str]:
@@ -191,4 +197,47 @@ def kueue_argv(kueue: Path, layout: Layout, pki: Pki) -> list[str]:
         str(kueue),
         f"--config={KUEUE_CONFIG_PATH}",
         f"--kubeconfig={layout.kubeconfig}",
+    ]
+
+
+# Where JobSet's manager finds its files inside its sandbox (``jobset_argv``).
+JOBSET_CONFIG_PATH = "/etc/jobset/config.yaml"
+JOBSET_WEBHOOK_CERT_DIR = "/etc/jobset/webhook/certs"
+
+
+def jobset_config(health_port: int, webhook_port: int) -> dict[str, Any]:
+    """JobSet's Configuration for the local cluster, the way Kueue's is: one replica (no leader
+    election), no internal certificate management (it would want webhook configurations and a
+    Secret to patch), the webhook server on loopback with a certificate from the cluster's CA
+    but registered with no apiserver, no metrics server. Without its webhooks nothing defaults
+    or validates a JobSet: kubetune renders every field the defaulting webhook would set and
+    keeps the names within what the validating one checks (``operator/render.py``)."""
+    return {
+        "apiVersion": "config.jobset.x-k8s.io/v1alpha1",
+        "kind": "Configuration",
+        "leaderElection": {"leaderElect": False},
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{health_port}"},
+        "metrics": {"bindAddress": "0"},
+        "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": JOBSET_WEBHOOK_CERT_DIR},
+        "internalCertManagement": {"enable": False},
+    }
+
+
+def jobset_argv(jobset: Path, layout: Layout, pki: Pki) -> list[str]:
+    """JobSet's manager in its sandbox, as Kueue's: an empty root with the binary, its
+    configuration, the admin kubeconfig and the PKI bound in read-only."""
+    serving = pki.jobset_serving
+    argv = ["bwrap", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+    for path in (jobset, layout.kubeconfig, pki.directory):
+        argv += ["--ro-bind", str(path), str(path)]
+    argv += ["--ro-bind", str(layout.jobset_config), JOBSET_CONFIG_PATH]
+    argv += ["--ro-bind", str(serving.cert), f"{JOBSET_WEBHOOK_CERT_DIR}/tls.crt"]
+    argv += ["--ro-bind", str(serving.key), f"{JOBSET_WEBHOOK_CERT_DIR}/tls.key"]
+    return [
+        *argv,
+        "--",
+        str(jobset),
+        f"--config={JOBSET_CONFIG_PATH}",
+        f"--kubeconfig={layout.kubeconfig}",
+        "--zap-devel=false",
     ]

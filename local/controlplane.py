@@ -1,6 +1,7 @@
 """Runs a real Kubernetes control plane on loopback: etcd, kube-apiserver,
 kube-controller-manager, kube-scheduler, plus the local volume provisioner and
-one node agent, all supervised under one state directory; and, when asked, Kueue beside them.
+one node agent, all supervised under one state directory; and, when asked, Kueue and JobSet's
+controller beside them.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubetune.local import components
-from kubetune.local.binaries import binaries_dir, kueue_dir
-from kubetune.local.certs import Pki, ensure_kueue_serving, ensure_pki
+from kubetune.local.binaries import binaries_dir, jobset_dir, kueue_dir
+from kubetune.local.certs import Pki, ensure_jobset_serving, ensure_kueue_serving, ensure_pki
 from kubetune.local.cluster_info import ClusterInfo
 from kubetune.local.layout import Layout, default_home
 from kubetune.local.ports import free_port
@@ -29,6 +30,9 @@ DEFAULT_NODE_NAME = "kubetune-local"
 # Start order; ``down`` stops them in reverse.
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 KUEUE = "kueue"
+JOBSET = "jobset"
+#: JobSet's CRD, as the apiserver serves it.
+JOBSET_CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/jobsets.jobset.x-k8s.io"
 
 
 class ClusterError(RuntimeError):
@@ -64,8 +68,8 @@ class LocalCluster:
 
     def _all_processes(self) -> list[Supervised]:
         agents = sorted(p.stem for p in self.layout.run.glob("node-agent-*.pid"))
-        kueue = [KUEUE] if self.process(KUEUE).pid_file.exists() else []
-        return [self.process(n) for n in (*CONTROL_PLANE, "provisioner", *kueue, *agents)]
+        extra = [n for n in (JOBSET, KUEUE) if self.process(n).pid_file.exists()]
+        return [self.process(n) for n in (*CONTROL_PLANE, "provisioner", *extra, *agents)]
 
     def running(self) -> dict[str, int | None]:
         """Pid (or None) of every process this cluster supervises."""
@@ -74,15 +78,22 @@ class LocalCluster:
     # -- lifecycle ------------------------------------------------------------
 
     def up(
-        self, node: NodeOptions | None = None, timeout: float = 120.0, *, kueue: bool = False
+        self,
+        node: NodeOptions | None = None,
+        timeout: float = 120.0,
+        *,
+        kueue: bool = False,
+        jobset: bool = False,
     ) -> ClusterInfo:
-        """Start the cluster (with Kueue when ``kueue``), or return the running one, starting
-        Kueue in it when asked. Idempotent."""
+        """Start the cluster (with JobSet's controller when ``jobset``, Kueue when ``kueue``), or
+        return the running one, starting them in it when asked. Idempotent."""
         self.layout.create()
         state = self.running()
         alive = [name for name, pid in state.items() if pid is not None]
         if alive:
             if all(state[name] is not None for name in CONTROL_PLANE) and self.ready():
+                if jobset:
+                    self.start_jobset(timeout)
                 if kueue:
                     self.start_kueue(timeout)
                 return ClusterInfo.load(self.layout)
@@ -119,9 +130,12 @@ class LocalCluster:
             info.node_names = [node.name]
             info.save(self.layout)
             self.wait_node_ready(node.name, timeout)
+            # JobSet first: Kueue admits JobSets only if their CRD is there when it starts.
+            if jobset:
+                self.start_jobset(timeout)
             if kueue:
                 self.start_kueue(timeout)
-                info = ClusterInfo.load(self.layout)
+            info = ClusterInfo.load(self.layout)
         except BaseException:
             self.down()
             raise
@@ -158,10 +172,16 @@ class LocalCluster:
 
     def start_kueue(self, timeout: float = 120.0) -> None:
         """Install Kueue's CRDs and start its manager beside the running control plane, unless
-        it runs already. Both come from the Go module hack/kueue pins (built on first use)."""
+        it runs already. Both come from the Go module hack/kueue pins (built on first use).
+        Where JobSet's CRD is installed Kueue admits JobSets too; a Kueue started before it was
+        is started again to take them on."""
         process = self.process(KUEUE)
+        jobset = self.get(JOBSET_CRD_PATH)[0] == 200
+        frameworks = components.kueue_frameworks(jobset=jobset)
         if process.pid() is not None:
-            return
+            if self._kueue_frameworks() == frameworks:
+                return
+            process.stop()
         directory = kueue_dir()
         crds = str(directory / "crds")
         # Server-side: the CRDs are too large for client-side apply's annotation.
@@ -171,12 +191,52 @@ class LocalCluster:
         info = ClusterInfo.load(self.layout)
         info.kueue_dir = str(directory)
         info.kueue_health_port = free_port()
-        config = components.kueue_config(info.kueue_health_port, webhook_port=free_port())
+        config = components.kueue_config(
+            info.kueue_health_port, webhook_port=free_port(), jobset=jobset
+        )
         # JSON is valid YAML.
         self.layout.kueue_config.write_text(json.dumps(config, indent=2) + "\n")
         info.save(self.layout)
         self._start(KUEUE, components.kueue_argv(directory / "kueue", self.layout, self.pki))
         self._wait(lambda: self.kueue_ready(info), "Kueue /readyz", timeout, KUEUE)
+
+    def _kueue_frameworks(self) -> list[str] | None:
+        """The integrations the running Kueue was started with."""
+        try:
+            config = json.loads(self.layout.kueue_config.read_text())
+        except (OSError, ValueError):
+            return None
+        frameworks = config.get("integrations", {}).get("frameworks")
+        return list(frameworks) if isinstance(frameworks, list) else None
+
+    def start_jobset(self, timeout: float = 120.0) -> None:
+        """Install JobSet's CRD and start its controller beside the running control plane,
+        unless it runs already. Both come from the Go module hack/jobset pins (built on first
+        use). Its webhooks are registered with no apiserver (``components.jobset_config``). A
+        Kueue running already is started again to admit JobSets."""
+        process = self.process(JOBSET)
+        if process.pid() is None:
+            directory = jobset_dir()
+            crds = str(directory / "crds")
+            # Server-side: the CRD is too large for client-side apply's annotation.
+            self.kubectl("apply", "--server-side", "--force-conflicts", "-f", crds)
+            # Polled, not `kubectl wait`: that fails on a CRD whose conditions aren't set yet.
+            deadline = time.monotonic() + timeout
+            while not self._jobset_crd_established():
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"JobSet's CRD not Established after {timeout:.0f}s")
+                time.sleep(0.25)
+            ensure_jobset_serving(self.pki)
+            info = ClusterInfo.load(self.layout)
+            info.jobset_dir = str(directory)
+            info.jobset_health_port = free_port()
+            config = components.jobset_config(info.jobset_health_port, webhook_port=free_port())
+            self.layout.jobset_config.write_text(json.dumps(config, indent=2) + "\n")
+            info.save(self.layout)
+            self._start(JOBSET, components.jobset_argv(directory / "jobset", self.layout, self.pki))
+            self._wait(lambda: self.jobset_ready(info), "JobSet /readyz", timeout, JOBSET)
+        if self.process(KUEUE).pid() is not None:
+            self.start_kueue(timeout)
 
     def kubectl(self, *args: str) -> str:
         """Run the cluster's kubectl as admin; its stdout."""
@@ -199,6 +259,25 @@ class LocalCluster:
         if not info.kueue_health_port:
             return False
         url = f"http://127.0.0.1:{info.kueue_health_port}/readyz"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return bool(response.status == 200)
+        except (OSError, ValueError):
+            return False
+
+    def _jobset_crd_established(self) -> bool:
+        status, body = self.get(JOBSET_CRD_PATH)
+        if status != 200:
+            return False
+        conditions = json.loads(body).get("status", {}).get("conditions") or []
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+    def jobset_ready(self, info: ClusterInfo | None = None) -> bool:
+        """JobSet's manager answers its readiness probe (its webhook server is up)."""
+        info = info or ClusterInfo.load(self.layout)
+        if not info.jobset_health_port:
+            return False
+        url = f"http://127.0.0.1:{info.jobset_health_port}/readyz"
         try:
             with urllib.request.urlopen(url, timeout=2) as response:
                 return bool(response.status == 200)

@@ -31,6 +31,8 @@ class Layout:
         self.volumes = home / "volumes"
         #: Kueue's Configuration file, where Kueue runs.
         self.kueue_config = home / "kueue-config.yaml"
+        #: JobSet's Configuration file, where JobSet runs.
+        self.jobset_config = home / "jobset-config.yaml"
 
     def create(self) -> None:
         for directory in (self.home, self.logs, self.run, self.nodes, self.volumes):

@@ -19,6 +19,7 @@ from kubetune.api.contract import (
 )
 from kubetune.api.models import API_VERSION, KIND, FineTuneJobSpec
 from kubetune.api.timestamps import parse_rfc3339, rfc3339
+from kubetune.operator import jobset as js
 from kubetune.operator import metrics
 from kubetune.operator.controller import (
     JOB_SPEC_KEPT,
@@ -40,6 +41,7 @@ from kubetune.operator.reconcile import (
     Rejection,
     owned_by,
     owned_job,
+    owned_jobset,
     plan,
     rejected_status,
 )
@@ -49,11 +51,20 @@ from kubetune.operator.status import set_condition, transition
 # --- one reconcile (in a worker thread) ----------------------------------------------------------
 
 
-def reconcile(ctl: Controller, key: Key, ftj: Obj, jobs: list[Obj], pods: list[Obj]) -> Plan:
+def reconcile(
+    ctl: Controller,
+    key: Key,
+    ftj: Obj,
+    jobs: list[Obj],
+    pods: list[Obj],
+    *,
+    jobsets: list[Obj] | None = None,
+) -> Plan:
     """Carry out the plan for one FineTuneJob; what was done, for the caller's requeue."""
     namespace, name = key
     log = job_logger(key)
-    work = plan(ftj, jobs, pods, SETTINGS, now())
+    jobsets = list(jobsets or [])  # and the JobSet this pass creates
+    work = plan(ftj, jobs, pods, SETTINGS, now(), jobsets=jobsets)
     jobs = list(jobs)  # and the Jobs this pass creates
     if work.reject is not None:
         _reject(ctl, key, ftj, work.reject)
@@ -64,7 +75,7 @@ def reconcile(ctl: Controller, key: Key, ftj: Obj, jobs: list[Obj], pods: list[O
             return Plan(requeue_after=SETTINGS.reference_recheck_seconds)
         log.info("validating %s/%s in Job %s", namespace, name, job["metadata"]["name"])
         jobs.append(job)
-        work = plan(ftj, jobs, pods, SETTINGS, now())
+        work = plan(ftj, jobs, pods, SETTINGS, now(), jobsets=jobsets)
     if work.create is not None:
         if work.status_patch is not None:
             # The Validating phase's estimate is on the status before the trainer Job exists.
@@ -74,20 +85,21 @@ def reconcile(ctl: Controller, key: Key, ftj: Obj, jobs: list[Obj], pods: list[O
         if job is None:
             return Plan(requeue_after=SETTINGS.reference_recheck_seconds)
         log.info("children of %s/%s are in place", namespace, name)
-        jobs.append(job)
-        work = plan(ftj, jobs, pods, SETTINGS, now())
+        (jobsets if job.get("kind") == js.KIND else jobs).append(job)
+        work = plan(ftj, jobs, pods, SETTINGS, now(), jobsets=jobsets)
     if work.job_patch is not None:
         job = next(
             j
-            for j in jobs
+            for j in (jobsets if work.patched_jobset else jobs)
             if owned_by(j, str(ftj["metadata"]["uid"]))
             and j["metadata"]["name"] == work.patched_job
         )
-        _patch_owned_job(ftj, job, work.job_patch)
+        _patch_owned_job(ftj, job, work.job_patch, kind=js.KIND if work.patched_jobset else "Job")
     if work.workload_active is not None:
-        trainer_job = owned_job(ftj, jobs)
-        if trainer_job is not None:
-            _set_workload_active(ftj, dict(trainer_job), work.workload_active)
+        # The Workload is Kueue's for the object it queues: the trainer Job, or the JobSet.
+        queued = owned_jobset(ftj, jobsets) if work.patched_jobset else owned_job(ftj, jobs)
+        if queued is not None:
+            _set_workload_active(ftj, dict(queued), work.workload_active)
     if work.status_patch is not None:
         _write_status(ctl, key, ftj, work.status_patch)
     if work.delete_job:
@@ -227,9 +239,11 @@ def _create_children(
         return None
     metadata = {"name": name, "namespace": namespace, "uid": ftj["metadata"]["uid"]}
     if validation:
-        children = render_validation(spec, metadata, SETTINGS)
+        children = render_validation(spec, metadata, SETTINGS, jobset=ctl.use_jobset)
     else:
-        children = render(spec, metadata, SETTINGS, attempt)
+        children = render(spec, metadata, SETTINGS, attempt, jobset=ctl.use_jobset)
+        if spec.resources.nodes > 1 and attempt == 1 and _jobset_unavailable(ctl):
+            post_event(ftj, "Warning", Reason.JOBSET_UNAVAILABLE, JOBSET_FALLBACK)
     *first, job_manifest = children
     created: list[str] = []
     # Companions that don't depend on each other are created side by side; a RoleBinding only
@@ -387,14 +401,28 @@ def _set_workload_active(ftj: Obj, job: Obj, active: bool) -> None:
         )
 
 
-def _patch_owned_job(ftj: Obj, job: Obj, patch: Obj) -> None:
-    """Patch the Job the FineTuneJob owns, with the resourceVersion that was checked, so an
-    object replaced in between is a conflict (retried), never a write to someone else's Job."""
+#: Why a group runs as an Indexed Job though the settings ask for JobSet (startup log, Event).
+JOBSET_FALLBACK = (
+    f"KUBETUNE_GROUP_WORKLOAD=jobset, but JobSet's CRD ({js.CRD_NAME}) is not installed: "
+    "multi-pod groups run as Indexed Jobs with a headless Service, restarted by the operator "
+    "(install JobSet, then restart the operator)"
+)
+
+
+def _jobset_unavailable(ctl: Controller) -> bool:
+    return SETTINGS.group_workload == "jobset" and not ctl.use_jobset
+
+
+def _patch_owned_job(ftj: Obj, job: Obj, patch: Obj, kind: str = "Job") -> None:
+    """Patch the Job (or the group's JobSet) the FineTuneJob owns, with the resourceVersion that
+    was checked, so an object replaced in between is a conflict (retried), never a write to
+    someone else's."""
     if not owned_by(job, str(ftj["metadata"]["uid"])):
         return
     namespace = ftj["metadata"]["namespace"]
-    path = collection_path("batch/v1", "Job", namespace) + "/" + job["metadata"]["name"]
+    api_version = js.API_VERSION if kind == js.KIND else "batch/v1"
+    path = collection_path(api_version, kind, namespace) + "/" + job["metadata"]["name"]
     version = job["metadata"]["resourceVersion"]
-    what = f"updating the Job of {namespace}/{ftj['metadata']['name']}"
+    what = f"updating the {kind} of {namespace}/{ftj['metadata']['name']}"
     with api_errors(what):
         kube().merge_patch(path, {"metadata": {"resourceVersion": version}, **patch})

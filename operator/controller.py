@@ -1,5 +1,6 @@
 """What the operator's handlers and its reconcile share: the settings, the API client, the
-per-job logger, and the Controller with its in-memory indexes of FineTuneJobs, Jobs and Pods."""
+per-job logger, and the Controller with its in-memory indexes of FineTuneJobs, Jobs, Pods and
+(with ``KUBETUNE_GROUP_WORKLOAD=jobset``) JobSets."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from kubetune.api.contract import (
     MANAGED_BY_LABEL,
 )
 from kubetune.api.models import API_VERSION, KIND
+from kubetune.operator import jobset as js
 from kubetune.operator.kube import Kube, load_config
 from kubetune.operator.leader import LeaseLock
 from kubetune.operator.reconcile import (
@@ -79,9 +81,9 @@ METADATA_KEPT: Final = (
     "deletionTimestamp", "ownerReferences",
 )  # fmt: skip
 JOB_SPEC_KEPT: Final = ("suspend", "activeDeadlineSeconds")
-#: The few labels and annotations a reconcile reads: a pod's rank, whether Kueue manages a Job,
-#: a group Job's attempt.
-LABELS_KEPT: Final = (COMPLETION_INDEX_LABEL, KUEUE_QUEUE_LABEL)
+#: The few labels and annotations a reconcile reads: a pod's rank, whether Kueue manages a Job
+#: (or JobSet), a group Job's attempt (a JobSet's child Job: its restart).
+LABELS_KEPT: Final = (COMPLETION_INDEX_LABEL, KUEUE_QUEUE_LABEL, js.RESTART_LABEL)
 ANNOTATIONS_KEPT: Final = (ATTEMPT_ANNOTATION,)
 
 
@@ -93,6 +95,8 @@ def slim(body: Mapping[str, Any], spec: Iterable[str] | None = None) -> Obj:
         "metadata": {key: metadata[key] for key in METADATA_KEPT if key in metadata},
         "status": body.get("status") or {},
     }
+    if body.get("kind"):
+        kept["kind"] = body["kind"]
     for field, names in (("labels", LABELS_KEPT), ("annotations", ANNOTATIONS_KEPT)):
         values = metadata.get(field) or {}
         picked = {name: values[name] for name in names if name in values}
@@ -116,8 +120,12 @@ class Controller:
     leader: bool = False
     #: Status this replica wrote that the cache may not show yet: read over the cached one.
     written: dict[Key, Obj] | None = None
-    #: Jobs this replica created that the cache may not show yet.
+    #: Jobs (or JobSets) this replica created that the cache may not show yet.
     created: dict[Key, Obj] | None = None
+    #: The JobSets' index: only where the settings ask for JobSet.
+    jobsets: kopf.Index[Key, Obj] | None = None
+    #: Groups are made as JobSets: the settings ask for it and its CRD was there at start.
+    use_jobset: bool = False
 
     def __post_init__(self) -> None:
         self.written = {}
@@ -129,15 +137,15 @@ def index_values(index: kopf.Index[Key, Obj], key: Key) -> list[Obj]:
     return list(store) if store is not None else []
 
 
-def snapshot(ctl: Controller, key: Key) -> tuple[Obj | None, list[Obj], list[Obj]]:
-    """The FineTuneJob, its Jobs and Pods as this replica knows them (runs on the event loop,
-    where kopf changes the indexes, so the copy is consistent)."""
+def snapshot(ctl: Controller, key: Key) -> tuple[Obj | None, list[Obj], list[Obj], list[Obj]]:
+    """The FineTuneJob, its Jobs, Pods and JobSets as this replica knows them (runs on the event
+    loop, where kopf changes the indexes, so the copy is consistent)."""
     assert ctl.written is not None and ctl.created is not None
     found = index_values(ctl.finetunejobs, key)
     if not found:
         ctl.written.pop(key, None)
         ctl.created.pop(key, None)
-        return None, [], []
+        return None, [], [], []
     ftj = dict(found[0])
     status = dict(ftj.get("status") or {})
     written = ctl.written.get(key)
@@ -147,14 +155,16 @@ def snapshot(ctl: Controller, key: Key) -> tuple[Obj | None, list[Obj], list[Obj
         else:
             ftj["status"] = {**status, **written}
     jobs = index_values(ctl.jobs, key)
+    jobsets = index_values(ctl.jobsets, key) if ctl.jobsets is not None else []
     uid = str(ftj["metadata"].get("uid"))
     created = ctl.created.get(key)
     if created is not None:
         name = created["metadata"].get("name")
+        cached = jobsets if created.get("kind") == js.KIND else jobs
         if any(
-            owned_by(job, uid) and job["metadata"].get("name") == name for job in jobs
+            owned_by(obj, uid) and obj["metadata"].get("name") == name for obj in cached
         ) or not owned_by(created, uid):
             del ctl.created[key]
         else:
-            jobs.append(created)
-    return ftj, jobs, index_values(ctl.pods, key)
+            cached.append(created)
+    return ftj, jobs, index_values(ctl.pods, key), jobsets

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import os
 import socket
@@ -24,8 +25,9 @@ import kopf
 from prometheus_client import start_http_server
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
+from kubetune.operator import jobset as js
 from kubetune.operator import metrics
-from kubetune.operator.actions import reconcile
+from kubetune.operator.actions import JOBSET_FALLBACK, reconcile
 from kubetune.operator.controller import (
     JOB_SPEC_KEPT,
     MANAGED,
@@ -64,6 +66,25 @@ def pods_index(
 ) -> dict[Key, Obj] | None:
     owner = owner_name(annotations)
     return {(namespace, owner): slim(body, ())} if owner else None
+
+
+def jobsets_index(
+    namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any
+) -> dict[Key, Obj] | None:
+    owner = owner_name(annotations)
+    return {(namespace, owner): slim(body, ("suspend",))} if owner else None
+
+
+async def jobset_event(annotations: kopf.Annotations, namespace: str, **_: Any) -> None:
+    owner = owner_name(annotations)
+    if owner is not None:
+        _enqueue((namespace, owner))
+
+
+if SETTINGS.group_workload == "jobset":
+    # Watched only where the settings ask for JobSet (the operator's RBAC grants jobsets then).
+    kopf.index(js.GROUP, js.VERSION, js.PLURAL, labels=MANAGED)(jobsets_index)
+    kopf.on.event(js.GROUP, js.VERSION, js.PLURAL, labels=MANAGED)(jobset_event)
 
 
 # --- events → the queue ------------------------------------------------------------------------
@@ -108,7 +129,7 @@ async def configure(
     finetunejobs_index: kopf.Index[Key, Obj],
     jobs_index: kopf.Index[Key, Obj],
     pods_index: kopf.Index[Key, Obj],
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
     global _controller  # noqa: PLW0603 - one controller per process
     # Only indexes and event handlers: kopf stores nothing on a FineTuneJob (no finalizer, no
@@ -152,7 +173,15 @@ async def configure(
         executor=ThreadPoolExecutor(SETTINGS.max_workers, thread_name_prefix="reconcile"),
         lease=lease,
         leader=lease is None,
+        jobsets=kwargs.get("jobsets_index"),
     )
+    if SETTINGS.group_workload == "jobset":
+        present = await asyncio.get_running_loop().run_in_executor(None, jobset_served)
+        _controller.use_jobset = present
+        if present:
+            logger.info("multi-pod groups run as JobSets (%s)", js.API_VERSION)
+        else:
+            logger.warning("%s", JOBSET_FALLBACK)
     if SETTINGS.metrics_port:
         start_http_server(SETTINGS.metrics_port)
     _start(_controller, logger)
@@ -164,6 +193,13 @@ async def configure(
         if lease
         else "no leader election",
     )
+
+
+def jobset_served() -> bool:
+    """Whether the apiserver serves JobSets (``jobset.x-k8s.io/v1alpha2``, from JobSet's CRD):
+    API discovery, which every authenticated identity may read."""
+    found = kube().get_or_none(f"/apis/{js.API_VERSION}")
+    return any(r.get("name") == js.PLURAL for r in (found or {}).get("resources") or [])
 
 
 @kopf.on.cleanup()  # type: ignore[untyped-decorator]
@@ -233,14 +269,13 @@ async def _worker(ctl: Controller) -> None:
         try:
             if not ctl.leader:
                 continue  # the new leader resyncs everything when it takes over
-            ftj, jobs, pods = snapshot(ctl, key)
+            ftj, jobs, pods, jobsets = snapshot(ctl, key)
             if ftj is None:
                 ctl.queue.drop(key)
                 continue
             context = contextvars.copy_context()
-            done = await loop.run_in_executor(
-                ctl.executor, context.run, reconcile, ctl, key, ftj, jobs, pods
-            )
+            work = functools.partial(reconcile, ctl, key, ftj, jobs, pods, jobsets=jobsets)
+            done = await loop.run_in_executor(ctl.executor, context.run, work)
             ctl.queue.forget(key)
             metrics.RECONCILES.labels("ok").inc()
             if done.requeue_after is not None:

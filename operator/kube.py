@@ -32,6 +32,7 @@ _PLURALS: Final = {
     "Job": "jobs",
     "NetworkPolicy": "networkpolicies",
     "Workload": "workloads",
+    "JobSet": "jobsets",
 }
 
 

@@ -19,6 +19,7 @@ from kubetune.api.contract import KUEUE_QUEUE_LABEL, ConditionType, Reason
 from kubetune.api.manifest import format_validation_error
 from kubetune.api.models import FineTuneJobSpec, FineTuneJobStatus
 from kubetune.api.timestamps import parse_rfc3339, rfc3339
+from kubetune.operator import jobset as js
 from kubetune.operator.policy import policy_problems
 from kubetune.operator.render import child_names
 from kubetune.operator.settings import OperatorSettings
@@ -81,8 +82,10 @@ class Plan:
     job_patch: dict[str, Any] | None = None
     #: The name of the Job ``job_patch`` is for (the trainer's, or the validation Job).
     patched_job: str | None = None
-    #: A Job Kueue manages: whether its Workload should be active (runPolicy.suspend on a queued
-    #: job: Kueue owns the Job's spec.suspend and would unsuspend an admitted Job).
+    #: ``patched_job`` names the group's JobSet (``job_patch``: its suspend), not a Job.
+    patched_jobset: bool = False
+    #: A Job (or JobSet) Kueue manages: whether its Workload should be active (runPolicy.suspend
+    #: on a queued job: Kueue owns its spec.suspend and would unsuspend an admitted one).
     workload_active: bool | None = None
     #: Only the status fields that changed (never ``progress``); None when nothing did.
     status_patch: dict[str, Any] | None = None
@@ -129,6 +132,12 @@ def owned_validation_job(ftj: Obj, jobs: Sequence[Obj]) -> Obj | None:
         ),
         None,
     )
+
+
+def owned_jobset(ftj: Obj, jobsets: Sequence[Obj]) -> Obj | None:
+    """The group's JobSet (``KUBETUNE_GROUP_WORKLOAD=jobset``), if the FineTuneJob owns one."""
+    uid = str(ftj.get("metadata", {}).get("uid"))
+    return next((j for j in jobsets if owned_by(j, uid)), None)
 
 
 def pods_of(job: Obj | None, pods: Sequence[Obj]) -> list[Obj]:
@@ -198,9 +207,12 @@ def kueue_managed(job: Obj) -> bool:
     return KUEUE_QUEUE_LABEL in (job.get("metadata", {}).get("labels") or {})
 
 
-def desired_job_patch(ftj: Obj, job: Obj, *, queue: str | None = None) -> dict[str, Any] | None:
-    """What of the Job must follow the FineTuneJob's runPolicy (suspend, deadline). ``queue``:
-    the LocalQueue the Job goes to once it may run (the trainer Job of a queued job)."""
+def desired_job_patch(
+    ftj: Obj, job: Obj, *, queue: str | None = None, deadline: bool = True
+) -> dict[str, Any] | None:
+    """What of the Job must follow the FineTuneJob's runPolicy (suspend, deadline; a JobSet's,
+    without ``deadline``: only suspend, its Job's deadline is in its template). ``queue``: the
+    LocalQueue the Job (or JobSet) goes to once it may run (the trainer's, of a queued job)."""
     run_policy = ftj.get("spec", {}).get("runPolicy") or {}
     job_spec = job.get("spec", {})
     spec: dict[str, Any] = {}
@@ -216,9 +228,9 @@ def desired_job_patch(ftj: Obj, job: Obj, *, queue: str | None = None) -> dict[s
             patch["metadata"] = {"labels": {KUEUE_QUEUE_LABEL: queue}}
         else:
             spec["suspend"] = False
-    deadline = run_policy.get("activeDeadlineSeconds")
-    if deadline is not None and job_spec.get("activeDeadlineSeconds") != int(deadline):
-        spec["activeDeadlineSeconds"] = int(deadline)
+    seconds = run_policy.get("activeDeadlineSeconds")
+    if deadline and seconds is not None and job_spec.get("activeDeadlineSeconds") != int(seconds):
+        spec["activeDeadlineSeconds"] = int(seconds)
     if spec:
         patch["spec"] = spec
     return patch or None
@@ -244,17 +256,23 @@ def plan(
     pods: Sequence[Obj],
     settings: OperatorSettings,
     now: datetime,
+    *,
+    jobsets: Sequence[Obj] = (),
 ) -> Plan:
-    """What to do for ``ftj`` given the Jobs and Pods the caches hold for it.
+    """What to do for ``ftj`` given the Jobs, Pods and JobSets the caches hold for it.
 
-    ``jobs`` are the Jobs named for it (owned or not), ``pods`` the Pods that name it; ``ftj``'s
-    status is the latest the operator knows (its own writes included).
+    ``jobs`` are the Jobs named for it (owned or not, its JobSet's too), ``pods`` the Pods that
+    name it, ``jobsets`` the JobSets; ``ftj``'s status is the latest the operator knows (its own
+    writes included).
     """
     metadata = ftj.get("metadata", {})
     if metadata.get("deletionTimestamp"):
         return Plan(notes=("being deleted",))
     status = ftj.get("status") or {}
     phase = status.get("phase")
+    jobset = owned_jobset(ftj, jobsets)
+    if jobset is not None:
+        return _jobset_plan(ftj, jobset, jobs, pods, now)
     job = owned_job(ftj, jobs)
 
     if phase in FINISHED:
@@ -323,6 +341,56 @@ def plan(
 def _queue(ftj: Obj) -> str | None:
     queue = (ftj.get("spec", {}).get("scheduling") or {}).get("queueName")
     return str(queue) if queue else None
+
+
+def _jobset_plan(
+    ftj: Obj, jobset: Obj, jobs: Sequence[Obj], pods: Sequence[Obj], now: datetime
+) -> Plan:
+    """A group run by its JobSet: the status from the JobSet and its current Job's pods, and
+    the JobSet's suspend following the runPolicy. JobSet restarts the group; nothing else is
+    made, replaced or deleted here."""
+    status = ftj.get("status") or {}
+    view = js.group_view(jobset, jobs)
+    own_pods = pods_of(view, pods)
+    desired = derive_status(ftj, view, own_pods, now)
+    changes = status_changes(status, desired)
+    if status.get("phase") in FINISHED:
+        if changes is not None and changes.get("phase") not in (None, *FINISHED):
+            changes = None  # never back from a finished phase
+        ttl = (ftj.get("spec", {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+        remaining = ttl_remaining(status, ttl, now)
+        if remaining is not None and remaining <= 0:
+            return Plan(status_patch=changes, delete=True, notes=("ttl passed",))
+        return Plan(status_patch=changes, requeue_after=remaining)
+    patch = desired_job_patch(ftj, jobset, queue=_queue(ftj), deadline=False)
+    active = desired_workload_active(ftj, jobset)
+    name = str(jobset.get("metadata", {}).get("name"))
+    if js.restarting(jobset, jobs) and js.current_job(jobset, jobs) is None:
+        # Between the failed attempt's Job (gone) and the next one (not made yet): the status
+        # says Retrying already, and says more once the next Job's pods are there.
+        return Plan(
+            job_patch=patch,
+            patched_job=name,
+            patched_jobset=True,
+            workload_active=active,
+            requeue_after=1.0,
+        )
+    hold = _hold(status, desired, changes, job=view, pods=own_pods, now=now)
+    if hold is not None:
+        return Plan(
+            job_patch=patch,
+            patched_job=name,
+            patched_jobset=True,
+            workload_active=active,
+            requeue_after=hold,
+        )
+    return Plan(
+        job_patch=patch,
+        patched_job=name,
+        patched_jobset=True,
+        workload_active=active,
+        status_patch=changes,
+    )
 
 
 def _next_attempt(status: Obj) -> int:

@@ -2,7 +2,8 @@
 
 ``render`` returns, in the order they must be created: the ConfigMap with the resolved trainer
 config, the per-job ServiceAccount, Role and RoleBinding (the trainer may patch only its own
-FineTuneJob's status), and the batch/v1 Job that runs ``kubetune-trainer``.
+FineTuneJob's status), and the batch/v1 Job that runs ``kubetune-trainer`` (for a multi-pod
+group run by JobSet, the JobSet whose Job template that Job is).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from kubetune.api.contract import (
 )
 from kubetune.api.models import API_VERSION, GROUP, KIND, PLURAL, FineTuneJobSpec
 from kubetune.api.uris import parse_uri
+from kubetune.operator import jobset as js
 from kubetune.operator.policy import apply_pod_template
 from kubetune.operator.settings import OperatorSettings
 
@@ -63,6 +65,9 @@ class ChildNames:
     service: str
     #: The Validating phase's CPU Job (kubetune-trainer preflight).
     validation_job: str = ""
+    #: A group's JobSet (``KUBETUNE_GROUP_WORKLOAD=jobset``), also its pods' subdomain (the
+    #: JobSet controller's headless Service): ``<jobset>-node-0-<index>.<jobset>``.
+    jobset: str = ""
 
 
 def short_name(name: str, limit: int = _LABEL_MAX) -> str:
@@ -80,6 +85,12 @@ def child_names(name: str, nodes: int = 1) -> ChildNames:
     sa = short_name(f"{name}-trainer", 253)
     # A Service's name must start with a letter (RFC 1035); a FineTuneJob's need not.
     service = job if job[:1].isalpha() else short_name(f"g-{job}")
+    # JobSet's own limit (its webhook's, which the operator keeps without it): the longest pod
+    # name, ``<jobset>-node-0-<index>-<5 random>``, is an RFC 1035 label; so is the JobSet's name,
+    # the Service's. The pods' host names (``<jobset>-node-0-<index>``) are shorter still.
+    room = _LABEL_MAX - len(f"-{js.REPLICATED_JOB}-0-{max(nodes - 1, 0)}-abcde")
+    group = name if name[:1].isalpha() else f"g-{name}"
+    jobset = short_name(group, room)
     return ChildNames(
         job=job,
         config_map=short_name(f"{name}-trainer-config", 253),
@@ -89,11 +100,15 @@ def child_names(name: str, nodes: int = 1) -> ChildNames:
         network_policy=sa,
         service=service,
         validation_job=short_name(f"{name}-validate"),
+        jobset=jobset,
     )
 
 
-def rendezvous_endpoint(names: ChildNames) -> str:
-    """host:port of rank 0's pod: the Job controller names it ``<job>-0`` in the subdomain."""
+def rendezvous_endpoint(names: ChildNames, *, jobset: bool = False) -> str:
+    """host:port of rank 0's pod: the Job controller names it ``<job>-0`` in the subdomain (under
+    a JobSet, the Job is ``<jobset>-node-0`` and the subdomain the JobSet's name)."""
+    if jobset:
+        return f"{js.pod_host(names.jobset, 0)}.{names.jobset}:{RENDEZVOUS_PORT}"
     return f"{names.job}-0.{names.service}:{RENDEZVOUS_PORT}"
 
 
@@ -149,6 +164,8 @@ def render(
     metadata: dict[str, Any],
     settings: OperatorSettings,
     attempt: int = 1,
+    *,
+    jobset: bool = False,
 ) -> list[Manifest]:
     """The children of the FineTuneJob with this ``spec`` and ``metadata`` (name, namespace, uid).
 
@@ -156,6 +173,8 @@ def render(
     deleting the FineTuneJob removes them (background propagation by the garbage collector).
     With ``resources.nodes`` > 1 the Job is Indexed, one pod per node, beside a headless Service
     that names the pods; ``attempt`` is the group attempt that Job runs (one Job per attempt).
+    With ``jobset`` (JobSet's CRD is there and the settings ask for it) such a group is a JobSet
+    instead, which makes the Service and restarts the group itself; one pod is a Job either way.
     """
     name = str(metadata["name"])
     namespace = str(metadata["namespace"])
@@ -213,14 +232,83 @@ def render(
             {"kind": "ServiceAccount", "name": names.service_account, "namespace": namespace}
         ],
     }
-    job = render_job(spec, name, names, meta, settings, attempt=attempt)
-    children = [config_map, service_account, role, role_binding]
     group = spec.resources.nodes > 1
+    by_jobset = group and jobset
+    job = render_job(spec, name, names, meta, settings, attempt=attempt, jobset=by_jobset)
+    children = [config_map, service_account, role, role_binding]
     if settings.trainer_network_policy:
         children.append(network_policy(name, names, meta, settings, group=group))
+    if by_jobset:
+        return [*children, render_jobset(spec, name, names, meta, job)]
     if group:
         children.append(headless_service(name, names, meta))
     return [*children, job]
+
+
+def render_jobset(
+    spec: FineTuneJobSpec, name: str, names: ChildNames, meta: Any, job: Manifest
+) -> Manifest:
+    """The group's JobSet: one replicatedJob whose Job template is the group's Indexed Job.
+
+    JobSet does what the operator does for its own Indexed Jobs: the headless Service
+    (``network``), the group restart (``failurePolicy``: the child Job is made again, every pod
+    with it, up to ``runPolicy.backoffLimit`` times), except where a restart can't help (a rank's
+    non-retriable exit, the deadline). Every field JobSet's defaulting webhook would set is set
+    here, so the JobSet is the same whether or not that webhook runs.
+    """
+    queue = spec.scheduling.queue_name
+    # As for a Job: created suspended, it is handed to Kueue (labelled) only when resumed.
+    queued = queue and not spec.run_policy.suspend
+    metadata = meta(names.jobset, {KUEUE_QUEUE_LABEL: queue} if queued else {})
+    job_spec = dict(job["spec"])
+    # The JobSet's suspend is the child Job's (its controller sets it there).
+    suspend = job_spec.pop("suspend")
+    job_labels = {k: v for k, v in job["metadata"]["labels"].items() if k != KUEUE_QUEUE_LABEL}
+    return {
+        "apiVersion": js.API_VERSION,
+        "kind": js.KIND,
+        "metadata": metadata,
+        "spec": {
+            # Kueue admits a queued JobSet by unsuspending it, all its pods as one Workload.
+            "suspend": suspend,
+            "network": {
+                "enableDNSHostnames": True,
+                "subdomain": names.jobset,
+                # Ranks find rank 0 before any of them is Ready.
+                "publishNotReadyAddresses": True,
+            },
+            "successPolicy": {"operator": "All", "targetReplicatedJobs": [js.REPLICATED_JOB]},
+            "startupPolicy": {"startupPolicyOrder": "AnyOrder"},
+            "failurePolicy": {
+                "maxRestarts": spec.run_policy.backoff_limit,
+                "restartStrategy": "Recreate",
+                "rules": [
+                    {
+                        "name": "non-retriable",
+                        "action": "FailJobSet",
+                        "onJobFailureReasons": list(js.FINAL_JOB_FAILURES),
+                        "targetReplicatedJobs": [js.REPLICATED_JOB],
+                    }
+                ],
+            },
+            "replicatedJobs": [
+                {
+                    "name": js.REPLICATED_JOB,
+                    "replicas": 1,
+                    "template": {
+                        # The child Job's labels and annotations: the operator's Job index
+                        # finds it by them (and the queue label stays on the JobSet alone, so
+                        # Kueue admits the JobSet, not its Job).
+                        "metadata": {
+                            "labels": job_labels,
+                            "annotations": {FINETUNEJOB_ANNOTATION: name},
+                        },
+                        "spec": job_spec,
+                    },
+                }
+            ],
+        },
+    }
 
 
 def group_selector(name: str) -> Manifest:
@@ -248,11 +336,16 @@ _DISTRIBUTED_ENV: Final = frozenset({RENDEZVOUS_ENDPOINT_ENV, RENDEZVOUS_ID_ENV,
 
 
 def render_validation(
-    spec: FineTuneJobSpec, metadata: dict[str, Any], settings: OperatorSettings
+    spec: FineTuneJobSpec,
+    metadata: dict[str, Any],
+    settings: OperatorSettings,
+    *,
+    jobset: bool = False,
 ) -> list[Manifest]:
     """The children of the Validating phase: the same companions as ``render`` (config, identity,
-    network policy), then the validation Job instead of the trainer Job."""
-    *companions, job = render(spec, metadata, settings)
+    network policy), then the validation Job instead of the trainer Job (or JobSet)."""
+    *companions, _ = render(spec, metadata, settings, jobset=jobset)
+    job = render(spec, metadata, settings)[-1]
     names = child_names(str(metadata["name"]))
     return [*companions, validation_job(job, spec, names.validation_job)]
 
@@ -339,6 +432,7 @@ def render_job(
     settings: OperatorSettings,
     *,
     attempt: int = 1,
+    jobset: bool = False,
 ) -> Manifest:
     queue = spec.scheduling.queue_name
     # A job created suspended is handed to Kueue (labelled) only when resumed: Kueue would
@@ -349,11 +443,12 @@ def render_job(
     if nodes > 1:
         # The Job controller names each pod's host <job>-<index>; in the Service's subdomain
         # that is a DNS name. The rendezvous id is the Job's uid: one Job per group attempt, so
-        # a restarted group never meets a stale rendezvous.
-        pod_spec["subdomain"] = names.service
+        # a restarted group never meets a stale rendezvous (JobSet, too, makes its Job again
+        # for each restart).
+        pod_spec["subdomain"] = names.jobset if jobset else names.service
         (container,) = pod_spec["containers"]
         container["env"] += [
-            {"name": RENDEZVOUS_ENDPOINT_ENV, "value": rendezvous_endpoint(names)},
+            {"name": RENDEZVOUS_ENDPOINT_ENV, "value": rendezvous_endpoint(names, jobset=jobset)},
             {
                 "name": RENDEZVOUS_ID_ENV,
                 "valueFrom": {

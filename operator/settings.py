@@ -101,6 +101,15 @@ class OperatorSettings(BaseSettings):
         min_length=1,
         description="The trainer's executable in the trainer image (given --config FILE).",
     )
+    group_workload: Literal["job", "jobset"] = Field(
+        default="job",
+        description=(
+            "What runs a multi-pod group (resources.nodes > 1): job, an Indexed Job beside a "
+            "headless Service with the operator restarting the group; jobset, a JobSet "
+            "(jobset.x-k8s.io/v1alpha2) that restarts it, where its CRD is installed (else the "
+            "Indexed Job, with a warning)."
+        ),
+    )
     progress_interval_seconds: float = Field(
         default=10.0, gt=0, description="Least seconds between the trainer's progress patches."
     )

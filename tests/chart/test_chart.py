@@ -34,6 +34,8 @@ OPERATOR_ALLOW_LIST: dict[tuple[str, str], set[str]] = {
     ("networking.k8s.io", "networkpolicies"): {"get", "create", "delete"},
     # delete: a multi-pod group's failed attempt is replaced by a new Job.
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
+    # operator.groupWorkload: jobset only; never deleted (JobSet restarts the group itself).
+    ("jobset.x-k8s.io", "jobsets"): {"get", "list", "watch", "create", "patch"},
     ("", "pods"): {"list", "watch"},
     ("", "persistentvolumeclaims"): {"get"},
     # A queued job's runPolicy.suspend deactivates its Job's Workload (Kueue's way to stop a Job).
@@ -402,3 +404,34 @@ def test_the_trainer_status_policy_guards_every_status_field_but_progress(render
     guarded = set(re.findall(r"has\(object\.status\.(\w+)\)", validation["expression"]))
     fields = {field.alias or name for name, field in FineTuneJobStatus.model_fields.items()}
     assert guarded == fields - {"progress"}
+
+
+def test_only_a_jobset_workload_grants_jobsets_and_then_every_child_is_held(render: Render) -> None:
+    jobsets = {
+        ("jobset.x-k8s.io", "jobsets", v) for v in ("get", "list", "watch", "create", "patch")
+    }
+    [default_role] = [
+        r for r in operator_roles(render()) if r["metadata"]["name"].endswith("-operator")
+    ]
+    assert not {g for g in grants(default_role["rules"]) if g[0] == "jobset.x-k8s.io"}
+
+    objects = render("-f", str(CHART / "ci" / "jobset-values.yaml"))
+    assert deployment_env(objects)["KUBETUNE_GROUP_WORKLOAD"] == "jobset"
+    [role] = [r for r in operator_roles(objects) if r["metadata"]["name"].endswith("-operator")]
+    held = grants(role["rules"])
+    assert {g for g in held if g[0] == "jobset.x-k8s.io"} == jobsets
+    manifest = yaml.safe_load(
+        (Path(__file__).parents[2] / "examples" / "tiny-cpu.yaml").read_text()
+    )
+    manifest["spec"]["resources"]["nodes"] = 2
+    manifest["spec"]["training"]["microBatchSize"] = 8
+    children = render_children(FineTuneJobSpec.model_validate(manifest["spec"]),
+                               {"name": "tiny", "namespace": "ns", "uid": "u-1"},
+                               OperatorSettings(), jobset=True)  # fmt: skip
+    assert children[-1]["kind"] == "JobSet"
+    for child in children:
+        group = child["apiVersion"].rpartition("/")[0]
+        plural = {"ConfigMap": "configmaps", "ServiceAccount": "serviceaccounts", "Role": "roles",
+                  "RoleBinding": "rolebindings", "JobSet": "jobsets",
+                  "NetworkPolicy": "networkpolicies"}[child["kind"]]  # fmt: skip
+        assert {(group, plural, "create"), (group, plural, "get")} <= held, child["kind"]

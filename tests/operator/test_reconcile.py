@@ -412,3 +412,147 @@ def test_a_queued_jobs_suspended_validation_job_resumes_with_the_run() -> None:
     work = plan(resumed, [validation_job(suspend=True)], [], SETTINGS, NOW)
     assert work.job_patch == {"spec": {"suspend": False}}
     assert work.workload_active is None
+
+
+# --- a group run by its JobSet (KUBETUNE_GROUP_WORKLOAD=jobset) ----------------------------------
+
+JOBSET_GROUP = {"resources": {"nodes": 2}, "runPolicy": {"backoffLimit": 1},
+                "validation": {"enabled": False}}  # fmt: skip
+
+
+def jobset_obj(restarts: int = 0, *conditions: tuple[str, str], suspend: bool = False) -> Any:
+    return {
+        "kind": "JobSet",
+        "metadata": {
+            "name": "run-1",
+            "uid": "jobset-uid",
+            "resourceVersion": "9",
+            "creationTimestamp": rfc3339(NOW - timedelta(minutes=5)),
+            "ownerReferences": [{"uid": UID, "controller": True}],
+        },
+        "spec": {"suspend": suspend},
+        "status": {
+            "restarts": restarts,
+            "conditions": [{"type": t, "status": "True", "reason": r} for t, r in conditions],
+        },
+    }
+
+
+def child_job(restart: int, *failed: str, deleting: bool = False) -> dict[str, Any]:
+    """The JobSet's Job of restart ``restart`` (``failed``: its Failed condition's reason)."""
+    found = job(owner="jobset-uid")
+    found["metadata"].update(name="run-1-node-0", uid=f"job-uid-{restart}")
+    found["metadata"]["labels"] = {"jobset.sigs.k8s.io/restart-attempt": str(restart)}
+    if deleting:
+        found["metadata"]["deletionTimestamp"] = rfc3339(NOW)
+    found["status"] = {
+        "conditions": [{"type": "Failed", "status": "True", "reason": r} for r in failed]
+    }
+    return found
+
+
+def rank(index: int, restart: int, state: dict[str, Any]) -> dict[str, Any]:
+    found = running_pod(owner=f"job-uid-{restart}")
+    found["metadata"]["name"] = f"run-1-node-0-{index}-abcde"
+    found["metadata"]["labels"] = {"batch.kubernetes.io/job-completion-index": str(index)}
+    found["status"]["containerStatuses"][0]["state"] = state
+    if "terminated" in state:
+        found["status"]["phase"] = "Failed" if state["terminated"]["exitCode"] else "Succeeded"
+    return found
+
+
+RUNNING = {"running": {"startedAt": "2026-01-02T03:00:02Z"}}
+
+
+def test_a_jobset_groups_status_is_its_current_jobs_and_nothing_else_is_made() -> None:
+    pods = [rank(0, 1, RUNNING), rank(1, 1, RUNNING), rank(0, 0, RUNNING)]
+    work = plan(ftj(**JOBSET_GROUP), [child_job(1)], pods, SETTINGS, NOW,
+                jobsets=[jobset_obj(1)])  # fmt: skip
+    assert work.create is None and not work.delete_job
+    assert work.status_patch is not None
+    assert work.status_patch["phase"] == "Running"
+    # attempts: the JobSet's restarts + 1; the pods and the Job are the current restart's.
+    assert work.status_patch["attempts"] == 2
+    assert (work.status_patch["jobName"], work.status_patch["podName"]) == (
+        "run-1-node-0", "run-1-node-0-0-abcde")  # fmt: skip
+    assert "2 of 2 pods" in reason_message(work.status_patch)
+
+
+def reason_message(status: dict[str, Any]) -> str:
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    return f"{ready['reason']}: {ready['message']}"
+
+
+def test_a_jobset_restarting_after_a_lost_pod_is_retrying_and_the_operator_deletes_nothing() -> (
+    None
+):
+    lost = [rank(0, 0, {"terminated": {"exitCode": 143, "finishedAt": "2026-01-02T03:01:00Z"}}),
+            rank(1, 0, {"terminated": {"exitCode": 137, "finishedAt": "2026-01-02T03:00:59Z"}})]  # fmt: skip
+    failed = child_job(0, "BackoffLimitExceeded")
+    # The Job failed; JobSet has not counted the restart yet, or is deleting the old Job.
+    for jobset, old in ((jobset_obj(0), failed), (jobset_obj(1), child_job(0, "BackoffLimitExceeded", deleting=True))):  # fmt: skip
+        work = plan(ftj(**JOBSET_GROUP), [old], lost, SETTINGS, NOW, jobsets=[jobset])
+        assert not work.delete_job and work.create is None
+        assert work.status_patch is not None and work.status_patch["phase"] == "Pending"
+        message = reason_message(work.status_patch)
+        assert message.startswith("Retrying: group attempt 1 failed") and "node rank 1" in message
+    # Between the old Job gone and the next made: nothing to write yet, a look again soon.
+    gap = plan(ftj({"phase": "Pending"}, **JOBSET_GROUP), [], [], SETTINGS, NOW,
+               jobsets=[jobset_obj(1)])  # fmt: skip
+    assert gap.status_patch is None and gap.requeue_after is not None
+
+
+def test_a_jobset_out_of_restarts_or_failed_by_a_non_retriable_exit_fails_the_job() -> None:
+    last = [rank(0, 1, {"terminated": {"exitCode": 143}})]
+    out = plan(ftj({"attempts": 2}, **JOBSET_GROUP), [child_job(1, "BackoffLimitExceeded")], last,
+               SETTINGS, NOW, jobsets=[jobset_obj(1, ("Failed", "ReachedMaxRestarts"))])  # fmt: skip
+    assert out.status_patch is not None and out.status_patch["phase"] == "Failed"
+    error = {"outcome": "Failed", "reason": "DatasetError", "message": "line 5: bad JSON"}
+    bad = [rank(0, 0, {"terminated": {"exitCode": 143, "finishedAt": "2026-01-02T03:01:00Z"}}),
+           rank(1, 0, {"terminated": {"exitCode": 3, "message": json.dumps(error),
+                                      "finishedAt": "2026-01-02T03:00:59Z"}})]  # fmt: skip
+    fatal = plan(ftj(**JOBSET_GROUP), [child_job(0, "PodFailurePolicy")], bad, SETTINGS, NOW,
+                 jobsets=[jobset_obj(0, ("Failed", "FailJobSetFailurePolicyAction"))])  # fmt: skip
+    assert fatal.status_patch is not None
+    assert fatal.status_patch["phase"] == "Failed" and fatal.status_patch["attempts"] == 1
+    assert reason_message(fatal.status_patch).startswith("DatasetError: node rank 1: ")
+
+
+def test_a_completed_jobset_succeeds_with_rank_zeros_result() -> None:
+    result = {"outcome": "Succeeded", "reason": "Succeeded", "message": "trained 10 steps"}
+    done = {"terminated": {"exitCode": 0, "message": json.dumps(result)}}
+    child = child_job(0)
+    child["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+    work = plan(ftj(**JOBSET_GROUP), [child], [rank(1, 0, done), rank(0, 0, done)], SETTINGS,
+                NOW, jobsets=[jobset_obj(0, ("Completed", "AllJobsCompleted"))])  # fmt: skip
+    assert work.status_patch is not None and work.status_patch["phase"] == "Succeeded"
+    assert work.status_patch["result"]["message"] == "trained 10 steps"
+    assert work.status_patch["podName"] == "run-1-node-0-0-abcde"
+
+
+def test_suspend_and_resume_go_to_the_jobset_and_never_to_its_job() -> None:
+    suspended = plan(ftj(run_policy={"suspend": True, "activeDeadlineSeconds": 60},
+                         **{k: v for k, v in JOBSET_GROUP.items() if k != "runPolicy"}),
+                     [child_job(0)], [], SETTINGS, NOW, jobsets=[jobset_obj(0)])  # fmt: skip
+    assert (suspended.job_patch, suspended.patched_job, suspended.patched_jobset) == (
+        {"spec": {"suspend": True}}, "run-1", True)  # fmt: skip
+    resumed = plan(ftj(**JOBSET_GROUP), [child_job(0)], [], SETTINGS, NOW,
+                   jobsets=[jobset_obj(0, suspend=True)])  # fmt: skip
+    assert resumed.job_patch == {"spec": {"suspend": False}}
+    labelled = jobset_obj(0, suspend=True)
+    labelled["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "q"}
+    queued = plan(ftj(scheduling={"queueName": "q"}, **JOBSET_GROUP), [child_job(0)], [],
+                  SETTINGS, NOW, jobsets=[labelled])  # fmt: skip
+    assert queued.job_patch is None  # Kueue unsuspends it once admitted
+    assert queued.status_patch is not None and queued.status_patch["phase"] == "Queued"
+    # Suspended while queued: Kueue's Workload of the JobSet is deactivated, the JobSet untouched.
+    held = plan(ftj(scheduling={"queueName": "q"}, runPolicy={"suspend": True},
+                    **{k: v for k, v in JOBSET_GROUP.items() if k != "runPolicy"}),
+                [child_job(0)], [], SETTINGS, NOW, jobsets=[labelled])  # fmt: skip
+    assert (held.job_patch, held.workload_active, held.patched_jobset) == (None, False, True)
+
+
+def test_a_completed_jobset_succeeds_even_when_its_job_is_gone() -> None:
+    work = plan(ftj({"phase": "Running"}, **JOBSET_GROUP), [], [], SETTINGS, NOW,
+                jobsets=[jobset_obj(0, ("Completed", "AllJobsCompleted"))])  # fmt: skip
+    assert work.status_patch is not None and work.status_patch["phase"] == "Succeeded"

@@ -498,3 +498,98 @@ def test_mlflow_credentials_come_from_secrets_by_reference_and_never_sit_in_the_
     env = {e["name"]: e for e in trainer(rendered(bearer))["env"]}
     assert env["MLFLOW_TRACKING_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-token"
     assert "MLFLOW_TRACKING_PASSWORD" not in env
+
+
+# --- a group as a JobSet (KUBETUNE_GROUP_WORKLOAD=jobset, JobSet's CRD served) -------------------
+
+
+def jobset_children(spec: FineTuneJobSpec | None = None, **settings: Any) -> list[dict[str, Any]]:
+    return render(spec or group_spec(), METADATA, OperatorSettings(**settings), jobset=True)
+
+
+def test_a_group_as_a_jobset_is_one_replicated_job_whose_template_is_the_indexed_job() -> None:
+    objects = jobset_children(group_spec(), trainer_network_policy=True)
+    kinds = [obj["kind"] for obj in objects]
+    # JobSet makes the headless Service: kubetune makes none.
+    assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy",
+                     "JobSet"]  # fmt: skip
+    jobset = objects[-1]
+    assert jobset["apiVersion"] == "jobset.x-k8s.io/v1alpha2"
+    assert jobset["metadata"]["name"] == "llama2-support"
+    assert jobset["metadata"]["ownerReferences"][0]["uid"] == "uid-1234"
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    assert (replicated["name"], replicated["replicas"]) == ("node", 1)
+    indexed = next(
+        o for o in render(group_spec(), METADATA, OperatorSettings()) if o["kind"] == "Job"
+    )
+    template = replicated["template"]
+    expected = {k: v for k, v in indexed["spec"].items() if k != "suspend"}
+    expected["template"]["spec"]["subdomain"] = "llama2-support"
+    env = expected["template"]["spec"]["containers"][0]["env"]
+    endpoint = next(e for e in env if e["name"] == "KUBETUNE_RENDEZVOUS_ENDPOINT")
+    endpoint["value"] = "llama2-support-node-0-0.llama2-support:29400"
+    assert template["spec"] == expected
+    # The child Job is found by the operator's labels and annotation; it counts no attempts.
+    assert template["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "kubetune-operator"
+    assert template["metadata"]["annotations"] == {"kubetune.io/finetunejob": "llama2-support"}
+
+
+def test_a_jobsets_defaults_are_explicit_and_its_failure_policy_is_the_groups() -> None:
+    spec = spec_of(resources={"gpus": 1, "nodes": 2}, runPolicy={"backoffLimit": 5})
+    jobset = jobset_children(spec)[-1]["spec"]
+    # What JobSet's defaulting webhook would set, set here (the local cluster runs none).
+    assert jobset["network"] == {"enableDNSHostnames": True, "subdomain": "llama2-support",
+                                 "publishNotReadyAddresses": True}  # fmt: skip
+    assert jobset["successPolicy"] == {"operator": "All", "targetReplicatedJobs": ["node"]}
+    assert jobset["startupPolicy"] == {"startupPolicyOrder": "AnyOrder"}
+    job = jobset["replicatedJobs"][0]["template"]["spec"]
+    assert job["completionMode"] == "Indexed"
+    assert job["template"]["spec"]["restartPolicy"] == "Never"
+    # The whole group restarts up to backoffLimit times; a non-retriable exit or the deadline
+    # fails the JobSet at once.
+    assert jobset["failurePolicy"] == {
+        "maxRestarts": 5,
+        "restartStrategy": "Recreate",
+        "rules": [{"name": "non-retriable", "action": "FailJobSet",
+                   "onJobFailureReasons": ["PodFailurePolicy", "DeadlineExceeded"],
+                   "targetReplicatedJobs": ["node"]}],
+    }  # fmt: skip
+    assert job["backoffLimit"] == 0
+    assert jobset["suspend"] is False
+
+
+def test_a_queued_jobset_is_created_suspended_and_only_the_jobset_names_the_queue() -> None:
+    spec = spec_of(resources={"gpus": 1, "nodes": 2}, scheduling={"queueName": "gpu-queue"})
+    jobset = jobset_children(spec)[-1]
+    assert jobset["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert jobset["spec"]["suspend"] is True
+    template = jobset["spec"]["replicatedJobs"][0]["template"]
+    assert "kueue.x-k8s.io/queue-name" not in template["metadata"]["labels"]
+    assert "kueue.x-k8s.io/queue-name" not in template["spec"]["template"]["metadata"]["labels"]
+    suspended = jobset_children(spec_of(resources={"gpus": 1, "nodes": 2},
+                                        runPolicy={"suspend": True}))[-1]  # fmt: skip
+    assert suspended["spec"]["suspend"] is True
+
+
+def test_one_pod_stays_a_job_and_validation_makes_no_service_when_jobset_runs_the_group() -> None:
+    assert jobset_children(spec_of())[-1]["kind"] == "Job"
+    validating = render_validation(group_spec(), METADATA, OperatorSettings(), jobset=True)
+    assert [o["kind"] for o in validating] == ["ConfigMap", "ServiceAccount", "Role",
+                                               "RoleBinding", "NetworkPolicy", "Job"]  # fmt: skip
+    assert "subdomain" not in validating[-1]["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("nodes", [2, 16])
+def test_a_jobsets_names_stay_within_what_its_webhook_checks_for_long_names(nodes: int) -> None:
+    for name in ("a" * 63, "7b-" + "x" * 60):
+        jobset = render(group_spec(nodes), {**METADATA, "name": name}, OperatorSettings(),
+                        jobset=True)[-1]  # fmt: skip
+        js_name = jobset["metadata"]["name"]
+        assert js_name[0].isalpha() and jobset["spec"]["network"]["subdomain"] == js_name
+        # JobSet's own check: the longest pod name, <jobset>-node-0-<last index>-<5>, is a DNS
+        # label (so are the pods' host names, shorter by the suffix).
+        assert len(f"{js_name}-node-0-{nodes - 1}-abcde") <= 63
+        env = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"][
+            "containers"][0]["env"]  # fmt: skip
+        endpoint = next(e["value"] for e in env if e["name"] == "KUBETUNE_RENDEZVOUS_ENDPOINT")
+        assert endpoint == f"{js_name}-node-0-0.{js_name}:29400"

@@ -111,6 +111,14 @@ namespaces) or into one Role per watched namespace.
 - apiGroups: [kueue.x-k8s.io]
   resources: [workloads]
   verbs: [list, patch]
+{{- if eq .Values.operator.groupWorkload "jobset" }}
+# A multi-pod group's JobSet (operator.groupWorkload: jobset): created once (get when it exists
+# already), watched for status, patched to suspend/resume it. Never deleted by the operator:
+# JobSet restarts the group, and the garbage collector removes it with its FineTuneJob.
+- apiGroups: [jobset.x-k8s.io]
+  resources: [jobsets]
+  verbs: [get, list, watch, create, patch]
+{{- end }}
 # Pods of the Job: scheduling failures, exit codes, termination messages.
 - apiGroups: [""]
   resources: [pods]
@@ -156,6 +164,8 @@ namespaces) or into one Role per watched namespace.
   value: {{ .Values.operator.leaderElection.leaseDurationSeconds | quote }}
 - name: KUBETUNE_LEASE_RENEW_SECONDS
   value: {{ .Values.operator.leaderElection.renewSeconds | quote }}
+- name: KUBETUNE_GROUP_WORKLOAD
+  value: {{ .Values.operator.groupWorkload | quote }}
 - name: KUBETUNE_JSON_LOGS
   value: {{ .Values.operator.jsonLogs | quote }}
 - name: KUBETUNE_VERBOSE

@@ -7,7 +7,7 @@ cache, so only the first session on a machine pays for the build); set
 ``kubetune local up`` -- ``$(kubetune local kubeconfig)`` -- or any other, where
 the tests that add nodes are skipped). A cluster started here has no GPU node; tests
 that need one take ``gpu_node`` or start nodes with ``add_node``; tests of queueing take
-``kueue``. Beside the fixtures, the
+``kueue``, tests of JobSet groups ``jobset``. Beside the fixtures, the
 helpers the suites share: ``apply``, ``wait_for``, ``get_json``, ``pod_manifest``,
 ``minimal_finetunejob``, and helm's environment and
 settings for installing the chart on the local cluster.
@@ -245,6 +245,21 @@ def kueue(local_cluster: ClusterHandle) -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+def jobset(local_cluster: ClusterHandle) -> Iterator[None]:
+    """JobSet's controller (built from its Go module, hack/jobset) running beside the session's
+    cluster, with its CRD installed, for the rest of the session (a Kueue running already is
+    started again to admit JobSets). A reused cluster keeps a controller it already ran
+    (``kubetune local up --jobset``); one started here is stopped after the session (its CRD
+    stays)."""
+    local = local_cluster.local()
+    already_running = local.process("jobset").pid() is not None
+    local.start_jobset()
+    yield
+    if not already_running:
+        local.process("jobset").stop()
+
+
+@pytest.fixture(scope="session")
 def gpu_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[str]:
     """A node with one ``nvidia.com/gpu``, for the rest of the session."""
     name = "kubetune-test-gpu"
@@ -325,6 +340,7 @@ __all__ = [
     "get_json",
     "gpu_node",
     "image_node",
+    "jobset",
     "kube_api",
     "kubeconfig_path",
     "kubectl",
