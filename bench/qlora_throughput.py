@@ -251,6 +251,7 @@ def throughput_callback(
             record["end"] = point
             if "loss" in logs:
                 record.setdefault("losses", []).append(round(float(logs["loss"]), 4))
+                record.setdefault("loss_steps", []).append(state.global_step)
 
     return Throughput()
 
@@ -539,12 +540,16 @@ def main() -> int:
 
 
 def loss_parity(ours: dict[str, Any], theirs: dict[str, Any], shape: str) -> dict[str, Any]:
-    """Both loss curves step by step, the largest relative difference of a step's loss, and the
-    relative difference of how far each fell (first step to the mean of the last three)."""
-    a, b = ours.get("losses", []), theirs.get("losses", [])
-    steps = min(len(a), len(b))
+    """Both loss curves at the steps both logged, the largest relative difference of a step's
+    loss, and the relative difference of how far each fell (first step to the mean of the last
+    three). Steps are matched by number: kubetune also logs the first step, TRL doesn't."""
+    mine = dict(zip(ours.get("loss_steps", []), ours.get("losses", []), strict=True))
+    other = dict(zip(theirs.get("loss_steps", []), theirs.get("losses", []), strict=True))
+    common = sorted(set(mine) & set(other))
+    a, b = [mine[s] for s in common], [other[s] for s in common]
+    steps = len(common)
     result: dict[str, Any] = {"parity": "kubetune-parity vs trl-parity", "shape": shape,
-                              "kubetune_losses": a[:steps], "trl_losses": b[:steps]}  # fmt: skip
+                              "steps": common, "kubetune_losses": a, "trl_losses": b}  # fmt: skip
     if steps:
         result["max_relative_difference"] = round(
             max(abs(x - y) / abs(y) for x, y in zip(a[:steps], b[:steps], strict=True)), 5
