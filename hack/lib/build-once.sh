@@ -1,5 +1,5 @@
-# Sourced by hack/cluster/build.sh and hack/helm/build.sh: build binaries once into a cache
-# directory, safely when several callers race.
+# Sourced by hack/cluster/build.sh, hack/helm/build.sh and hack/lib/go-controller.sh: build
+# binaries once into a cache directory, safely when several callers race.
 #
 #   build_once ROOT PRESENT_FN BUILD_FN
 #
