@@ -16,7 +16,7 @@ from api_cases import APISERVER_FIELD, INVALID, MINIMAL, with_spec
 from kubetune.api.errors import SpecError
 from kubetune.api.manifest import load_finetunejob
 from kubetune.api.models import _QUALIFIED_HINT as QUALIFIED_HINT
-from kubetune_devtools.pytest_plugin import Kubectl, get_json, wait_for
+from kubetune_devtools.pytest_plugin import Kubectl, get_json, install_crd, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -27,8 +27,7 @@ CASES = {name: manifest for name, manifest, _ in INVALID}
 
 @pytest.fixture(scope="module")
 def crd(kubectl: Kubectl) -> None:
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+    install_crd(kubectl, CRD)
 
 
 def manifest_named(manifest: dict[str, Any], name: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from kubetune_devtools.pytest_plugin import (
     Kubectl,
     apply,
     get_json,
+    install_crd,
     minimal_finetunejob,
     pod_manifest,
     wait_for,
@@ -32,9 +33,7 @@ JOB = minimal_finetunejob("logged", runPolicy={"suspend": True})
 
 @pytest.fixture(scope="module")
 def crd(kubectl: Kubectl) -> None:
-    kubectl("apply", "--server-side", "--force-conflicts", "-f",
-            str(REPO / "crds" / "finetunejobs.kubetune.io.yaml"))  # fmt: skip
-    kubectl("wait", "--for=condition=Established", "crd/finetunejobs.kubetune.io", "--timeout=60s")
+    install_crd(kubectl, REPO / "crds" / "finetunejobs.kubetune.io.yaml")
 
 
 def trainer_pod(name: str, script: str) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from test_operator_integration import (
     work_claim,
 )
 
-from kubetune_devtools.pytest_plugin import ClusterHandle, Kubectl, get_json, wait_for
+from kubetune_devtools.pytest_plugin import ClusterHandle, Kubectl, get_json, install_crd, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -54,12 +54,7 @@ RANK = "batch.kubernetes.io/job-completion-index"
 
 @pytest.fixture(scope="module")
 def crd(kubectl: Kubectl) -> None:
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    wait_for(
-        lambda: kubectl("get", "ftj", "-A", check=False).returncode == 0,
-        60,
-        "the FineTuneJob CRD to be served",
-    )
+    install_crd(kubectl, CRD)
 
 
 def jobset_operator(kubeconfig: Path, log: Path, *args: str, **env: str) -> OperatorProcess:

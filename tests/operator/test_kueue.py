@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from operatorkit import CRD, OperatorProcess, log_tail_after, started
 
-from kubetune_devtools.pytest_plugin import Kubectl, apply, get_json, wait_for
+from kubetune_devtools.pytest_plugin import Kubectl, apply, get_json, install_crd, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -30,8 +30,7 @@ FIRST_QUOTA = 100
 
 @pytest.fixture(scope="module")
 def crd(kubectl: Kubectl) -> None:
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", "-f", str(CRD))
+    install_crd(kubectl, CRD)
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from kubetune_devtools.pytest_plugin import (
     Kubectl,
     create_namespace,
     get_json,
+    install_crd,
     on_image_node,
     wait_for,
 )
@@ -43,16 +44,7 @@ MISSING_GPU = "kubetune.io/test-gpu"
 
 @pytest.fixture(scope="module")
 def crd(kubectl: Kubectl) -> None:
-    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-
-    def established() -> bool:
-        crd = get_json(kubectl, "crd", "finetunejobs.kubetune.io")
-        return any(
-            c["type"] == "Established" and c["status"] == "True"
-            for c in crd.get("status", {}).get("conditions") or []
-        )
-
-    wait_for(established, 60, "the FineTuneJob CRD to be established")
+    install_crd(kubectl, CRD)
 
 
 @pytest.fixture(scope="module")

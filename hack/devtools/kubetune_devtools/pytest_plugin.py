@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+import yaml
 
 from kubetune.local.binaries import binaries_dir
 from kubetune.local.cluster_info import ClusterInfo
@@ -283,6 +284,20 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def install_crd(kubectl: Kubectl, path: Path) -> None:
+    """Apply the CRD at ``path`` (server-side) and wait until the apiserver serves it. Polls the
+    CRD's Established condition: ``kubectl wait`` right after the apply can fail on a CRD that
+    has no status.conditions yet."""
+    kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+    name = yaml.safe_load(path.read_text())["metadata"]["name"]
+
+    def established() -> bool:
+        conditions = get_json(kubectl, "crd", name).get("status", {}).get("conditions") or []
+        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
+
+    wait_for(established, 60, f"the CRD {name} to be established")
 
 
 def get_json(kubectl: Kubectl, *args: str) -> Any:
