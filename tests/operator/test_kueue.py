@@ -194,6 +194,28 @@ def condition(obj: dict[str, Any] | None, type_: str) -> dict[str, Any]:
     return next((c for c in conditions if c["type"] == type_), {})
 
 
+def queued_job(queue: str, *, nodes: int, cpu: str, stand_in: str) -> dict[str, Any]:
+    """FineTuneJob ``queued`` on ``queue``: ``nodes`` CPU pods of ``cpu`` each, running the
+    stand-in trainer's ``stand_in`` plan (the test operator allows the env through podTemplate).
+    The Validating phase's small CPU pod is not queued (it asks for no GPU quota); these tests
+    are about the trainer's pods, so it is left out."""
+    container = {"name": "trainer", "env": [{"name": "KUBETUNE_STAND_IN", "value": stand_in}]}
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "queued"},
+        "spec": {
+            "model": {"uri": "org/model"},
+            "dataset": {"uri": "https://datasets.invalid/train.jsonl"},
+            "output": {"uri": "s3://bucket/adapter"},
+            "resources": {"gpus": 0, "nodes": nodes, "cpu": cpu, "shmSize": "64Mi"},
+            "scheduling": {"queueName": queue},
+            "validation": {"enabled": False},
+            "podTemplate": {"spec": {"containers": [container]}},
+        },
+    }
+
+
 @pytest.mark.parametrize(
     ("nodes", "cpu_per_pod"),
     [
@@ -218,37 +240,8 @@ def test_a_queued_job_starts_whole_only_when_its_queue_has_quota_for_all_its_pod
     queue = make_queue(kubectl, namespace, FIRST_QUOTA)
     pods = PodWatch(kube_api, namespace)
     try:
-        job = {
-            "apiVersion": "kubetune.io/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": "queued"},
-            "spec": {
-                "model": {"uri": "org/model"},
-                "dataset": {"uri": "https://datasets.invalid/train.jsonl"},
-                "output": {"uri": "s3://bucket/adapter"},
-                "resources": {
-                    "gpus": 0,
-                    "nodes": nodes,
-                    "cpu": f"{cpu_per_pod}m",
-                    "shmSize": "64Mi",
-                },
-                "scheduling": {"queueName": queue},
-                # The Validating phase's small CPU pod is not queued (it asks for no GPU quota);
-                # this test is about the trainer's pods, so it is left out.
-                "validation": {"enabled": False},
-                # Long enough that both pods are seen running at once.
-                "podTemplate": {
-                    "spec": {
-                        "containers": [
-                            {
-                                "name": "trainer",
-                                "env": [{"name": "KUBETUNE_STAND_IN", "value": "sleep:8,exit:0"}],
-                            }
-                        ]
-                    }
-                },
-            },
-        }
+        # Long enough that both pods are seen running at once.
+        job = queued_job(queue, nodes=nodes, cpu=f"{cpu_per_pod}m", stand_in="sleep:8,exit:0")
         apply(kubectl, namespace, job)
 
         # Kueue looked at the whole group and said no: the quota is short of all its pods.
@@ -323,29 +316,7 @@ def test_suspending_a_queued_running_job_stops_it_through_kueue_until_resumed(
     queue = make_queue(kubectl, namespace, FIRST_QUOTA)
     pods = PodWatch(kube_api, namespace)
     try:
-        job = {
-            "apiVersion": "kubetune.io/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {"name": "queued"},
-            "spec": {
-                "model": {"uri": "org/model"},
-                "dataset": {"uri": "https://datasets.invalid/train.jsonl"},
-                "output": {"uri": "s3://bucket/adapter"},
-                "resources": {"gpus": 0, "cpu": f"{FIRST_QUOTA}m", "shmSize": "64Mi"},
-                "scheduling": {"queueName": queue},
-                "validation": {"enabled": False},
-                "podTemplate": {
-                    "spec": {
-                        "containers": [
-                            {
-                                "name": "trainer",
-                                "env": [{"name": "KUBETUNE_STAND_IN", "value": "sleep:600"}],
-                            }
-                        ]
-                    }
-                },
-            },
-        }
+        job = queued_job(queue, nodes=1, cpu=f"{FIRST_QUOTA}m", stand_in="sleep:600")
         apply(kubectl, namespace, job)
         wait_for(
             lambda: ftj_status(kubectl, namespace, "queued").get("phase") == "Running",

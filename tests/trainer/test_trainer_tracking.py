@@ -47,6 +47,15 @@ def _scalars(event_file: Path) -> dict[str, list[tuple[int, float]]]:
     return found
 
 
+def as_the_pod(monkeypatch: pytest.MonkeyPatch, mlflow: Any) -> None:
+    """The credentials in the environment, as the pod gets them from Secret references; nothing
+    else of MLflow's or TensorBoard's from the host."""
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", mlflow.username)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", mlflow.password)
+    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "TENSORBOARD_LOGGING_DIR"):
+        monkeypatch.delenv(variable, raising=False)
+
+
 def test_tracked_run_lands_params_metrics_and_adapter_tags_in_mlflow(
     tiny: TinyAssets,
     mlflow: Any,
@@ -54,11 +63,7 @@ def test_tracked_run_lands_params_metrics_and_adapter_tags_in_mlflow(
     monkeypatch: pytest.MonkeyPatch,
     termination_log: Path,
 ) -> None:
-    # The pod gets these from Secret references; here, from the environment as the pod would.
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", mlflow.username)
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", mlflow.password)
-    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "TENSORBOARD_LOGGING_DIR"):
-        monkeypatch.delenv(variable, raising=False)
+    as_the_pod(monkeypatch, mlflow)
     output = tmp_path / "adapter"
     manifest = job_manifest(
         tiny.model,
@@ -134,10 +139,7 @@ def test_a_run_that_fails_after_its_mlflow_run_started_names_that_run(
     monkeypatch: pytest.MonkeyPatch,
     termination_log: Path,
 ) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", mlflow.username)
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", mlflow.password)
-    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.delenv(variable, raising=False)
+    as_the_pod(monkeypatch, mlflow)
     data = tmp_path / "wrong-columns.jsonl"
     data.write_text(
         "".join(json.dumps({"question": f"q{i}", "answer": "a"}) + "\n" for i in range(8))
