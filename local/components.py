@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kubetune.local.certs import Pki
+from kubetune.local.certs import KeyPair, Pki
 from kubetune.local.cluster_info import ClusterInfo
 from kubetune.local.layout import Layout
 
@@ -180,23 +180,45 @@ def kueue_frameworks(*, jobset: bool) -> list[str]:
 
 
 def kueue_argv(kueue: Path, layout: Layout, pki: Pki) -> list[str]:
-    """Kueue's manager in its sandbox: an empty root with the binary, its configuration, the
-    admin kubeconfig and the PKI bound in read-only (it talks to the apiserver as admin, so
-    Kueue's own RBAC is not needed here)."""
-    serving = pki.kueue_serving
+    """Kueue's manager in its sandbox (``_manager_argv``); its serving certificate serves both
+    its metrics and its webhook server."""
+    config = (layout.kueue_config, KUEUE_CONFIG_PATH)
+    cert_dirs = (KUEUE_METRICS_CERT_DIR, KUEUE_WEBHOOK_CERT_DIR)
+    return _manager_argv(
+        kueue, config=config, cert_dirs=cert_dirs, layout=layout, serving=pki.kueue_serving, pki=pki
+    )
+
+
+def _manager_argv(
+    binary: Path,
+    *,
+    config: tuple[Path, str],
+    cert_dirs: tuple[str, ...],
+    layout: Layout,
+    serving: KeyPair,
+    pki: Pki,
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    """A controller manager (Kueue's, JobSet's) in its sandbox: an empty root with the binary, its
+    configuration (``config``: the file, and where the manager reads it), the admin kubeconfig
+    and the PKI bound in read-only, and ``serving``'s certificate and key as ``tls.crt`` and
+    ``tls.key`` in each of ``cert_dirs``. It talks to the apiserver as admin, so the project's
+    own RBAC is not needed here."""
     argv = ["bwrap", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-    for path in (kueue, layout.kubeconfig, pki.directory):
+    for path in (binary, layout.kubeconfig, pki.directory):
         argv += ["--ro-bind", str(path), str(path)]
-    argv += ["--ro-bind", str(layout.kueue_config), KUEUE_CONFIG_PATH]
-    for directory in (KUEUE_METRICS_CERT_DIR, KUEUE_WEBHOOK_CERT_DIR):
+    config_file, config_path = config
+    argv += ["--ro-bind", str(config_file), config_path]
+    for directory in cert_dirs:
         argv += ["--ro-bind", str(serving.cert), f"{directory}/tls.crt"]
         argv += ["--ro-bind", str(serving.key), f"{directory}/tls.key"]
     return [
         *argv,
         "--",
-        str(kueue),
-        f"--config={KUEUE_CONFIG_PATH}",
+        str(binary),
+        f"--config={config_path}",
         f"--kubeconfig={layout.kubeconfig}",
+        *extra,
     ]
 
 
@@ -224,20 +246,15 @@ def jobset_config(health_port: int, webhook_port: int) -> dict[str, Any]:
 
 
 def jobset_argv(jobset: Path, layout: Layout, pki: Pki) -> list[str]:
-    """JobSet's manager in its sandbox, as Kueue's: an empty root with the binary, its
-    configuration, the admin kubeconfig and the PKI bound in read-only."""
-    serving = pki.jobset_serving
-    argv = ["bwrap", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-    for path in (jobset, layout.kubeconfig, pki.directory):
-        argv += ["--ro-bind", str(path), str(path)]
-    argv += ["--ro-bind", str(layout.jobset_config), JOBSET_CONFIG_PATH]
-    argv += ["--ro-bind", str(serving.cert), f"{JOBSET_WEBHOOK_CERT_DIR}/tls.crt"]
-    argv += ["--ro-bind", str(serving.key), f"{JOBSET_WEBHOOK_CERT_DIR}/tls.key"]
-    return [
-        *argv,
-        "--",
-        str(jobset),
-        f"--config={JOBSET_CONFIG_PATH}",
-        f"--kubeconfig={layout.kubeconfig}",
-        "--zap-devel=false",
-    ]
+    """JobSet's manager in its sandbox, as Kueue's (``_manager_argv``)."""
+    config = (layout.jobset_config, JOBSET_CONFIG_PATH)
+    cert_dirs = (JOBSET_WEBHOOK_CERT_DIR,)
+    return _manager_argv(
+        jobset,
+        config=config,
+        cert_dirs=cert_dirs,
+        layout=layout,
+        serving=pki.jobset_serving,
+        pki=pki,
+        extra=("--zap-devel=false",),
+    )

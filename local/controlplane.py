@@ -255,15 +255,7 @@ class LocalCluster:
 
     def kueue_ready(self, info: ClusterInfo | None = None) -> bool:
         """Kueue's manager answers its readiness probe (caches synced, webhook server up)."""
-        info = info or ClusterInfo.load(self.layout)
-        if not info.kueue_health_port:
-            return False
-        url = f"http://127.0.0.1:{info.kueue_health_port}/readyz"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return bool(response.status == 200)
-        except (OSError, ValueError):
-            return False
+        return _probe_ready((info or ClusterInfo.load(self.layout)).kueue_health_port)
 
     def _jobset_crd_established(self) -> bool:
         status, body = self.get(JOBSET_CRD_PATH)
@@ -274,15 +266,7 @@ class LocalCluster:
 
     def jobset_ready(self, info: ClusterInfo | None = None) -> bool:
         """JobSet's manager answers its readiness probe (its webhook server is up)."""
-        info = info or ClusterInfo.load(self.layout)
-        if not info.jobset_health_port:
-            return False
-        url = f"http://127.0.0.1:{info.jobset_health_port}/readyz"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                return bool(response.status == 200)
-        except (OSError, ValueError):
-            return False
+        return _probe_ready((info or ClusterInfo.load(self.layout)).jobset_health_port)
 
     def get(self, path: str) -> tuple[int, bytes]:
         """GET ``path`` from the apiserver as admin."""
@@ -366,3 +350,14 @@ class LocalCluster:
 
     def _start_python(self, name: str, module: str, *args: str) -> Supervised:
         return self._start(name, [sys.executable, "-m", module, *args])
+
+
+def _probe_ready(port: int | None) -> bool:
+    """A controller manager's health server on loopback ``port`` answers /readyz with 200."""
+    if not port:
+        return False
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+            return bool(response.status == 200)
+    except (OSError, ValueError):
+        return False

@@ -9,7 +9,7 @@ carry the plan out; nothing here calls the API.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Final
 
@@ -280,13 +280,7 @@ def plan(
         changes = None
         if job is not None:
             changes = status_changes(status, derive_status(ftj, job, pods_of(job, pods), now))
-            if changes is not None and changes.get("phase") not in (None, *FINISHED):
-                changes = None  # never back from a finished phase
-        ttl = (ftj.get("spec", {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-        remaining = ttl_remaining(status, ttl, now)
-        if remaining is not None and remaining <= 0:
-            return Plan(status_patch=changes, delete=True, notes=("ttl passed",))
-        return Plan(status_patch=changes, requeue_after=remaining)
+        return _finished_plan(ftj, changes, now)
 
     if job is None:
         name = str(metadata.get("name"))
@@ -318,24 +312,18 @@ def plan(
             notes=("group attempt failed: replacing its Job",),
         )
     changes = status_changes(status, desired)
-    patched = str(job.get("metadata", {}).get("name"))
+    follow = Plan(
+        job_patch=desired_job_patch(ftj, job, queue=_queue(ftj)),
+        patched_job=str(job.get("metadata", {}).get("name")),
+        workload_active=desired_workload_active(ftj, job),
+    )
     hold = _hold(status, desired, changes, job=job, pods=own_pods, now=now)
     if hold is not None:
         # What changed is on its way to the next phase (the pod is starting, the Job's Complete
         # is due): it is written with that phase, in one patch, unless it takes long. The next
         # event of the pod or Job queues this job again at once.
-        return Plan(
-            job_patch=desired_job_patch(ftj, job, queue=_queue(ftj)),
-            patched_job=patched,
-            workload_active=desired_workload_active(ftj, job),
-            requeue_after=hold,
-        )
-    return Plan(
-        job_patch=desired_job_patch(ftj, job, queue=_queue(ftj)),
-        patched_job=patched,
-        workload_active=desired_workload_active(ftj, job),
-        status_patch=changes,
-    )
+        return replace(follow, requeue_after=hold)
+    return replace(follow, status_patch=changes)
 
 
 def _queue(ftj: Obj) -> str | None:
@@ -355,42 +343,33 @@ def _jobset_plan(
     desired = derive_status(ftj, view, own_pods, now)
     changes = status_changes(status, desired)
     if status.get("phase") in FINISHED:
-        if changes is not None and changes.get("phase") not in (None, *FINISHED):
-            changes = None  # never back from a finished phase
-        ttl = (ftj.get("spec", {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-        remaining = ttl_remaining(status, ttl, now)
-        if remaining is not None and remaining <= 0:
-            return Plan(status_patch=changes, delete=True, notes=("ttl passed",))
-        return Plan(status_patch=changes, requeue_after=remaining)
-    patch = desired_job_patch(ftj, jobset, queue=_queue(ftj), deadline=False)
-    active = desired_workload_active(ftj, jobset)
-    name = str(jobset.get("metadata", {}).get("name"))
+        return _finished_plan(ftj, changes, now)
+    follow = Plan(
+        job_patch=desired_job_patch(ftj, jobset, queue=_queue(ftj), deadline=False),
+        patched_job=str(jobset.get("metadata", {}).get("name")),
+        patched_jobset=True,
+        workload_active=desired_workload_active(ftj, jobset),
+    )
     if js.restarting(jobset, jobs) and js.current_job(jobset, jobs) is None:
         # Between the failed attempt's Job (gone) and the next one (not made yet): the status
         # says Retrying already, and says more once the next Job's pods are there.
-        return Plan(
-            job_patch=patch,
-            patched_job=name,
-            patched_jobset=True,
-            workload_active=active,
-            requeue_after=1.0,
-        )
+        return replace(follow, requeue_after=1.0)
     hold = _hold(status, desired, changes, job=view, pods=own_pods, now=now)
     if hold is not None:
-        return Plan(
-            job_patch=patch,
-            patched_job=name,
-            patched_jobset=True,
-            workload_active=active,
-            requeue_after=hold,
-        )
-    return Plan(
-        job_patch=patch,
-        patched_job=name,
-        patched_jobset=True,
-        workload_active=active,
-        status_patch=changes,
-    )
+        return replace(follow, requeue_after=hold)
+    return replace(follow, status_patch=changes)
+
+
+def _finished_plan(ftj: Obj, changes: dict[str, Any] | None, now: datetime) -> Plan:
+    """A finished job: only what its Job still changes in its status (never back from a finished
+    phase), and its deletion once ``ttlSecondsAfterFinished`` has passed."""
+    if changes is not None and changes.get("phase") not in (None, *FINISHED):
+        changes = None
+    ttl = (ftj.get("spec", {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+    remaining = ttl_remaining(ftj.get("status") or {}, ttl, now)
+    if remaining is not None and remaining <= 0:
+        return Plan(status_patch=changes, delete=True, notes=("ttl passed",))
+    return Plan(status_patch=changes, requeue_after=remaining)
 
 
 def _next_attempt(status: Obj) -> int:
