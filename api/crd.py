@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from kubetune.api.bounded import SHAPE
 from kubetune.api.models import (
     GROUP,
     KIND,
@@ -82,6 +83,7 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
                 and not converted.get("required")
                 and "default" not in converted
                 and "anyOf" not in child  # optional sections (X | None) stay absent
+                and not child.get(SHAPE)  # a Kubernetes shape: what isn't given stays absent
             ):
                 converted["default"] = {}
             props[key] = converted

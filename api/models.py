@@ -7,6 +7,7 @@ descriptions become the CRD's documentation (``kubectl explain finetunejob.spec`
 
 from __future__ import annotations
 
+import json
 import re
 import urllib.parse
 from typing import Annotated, Any, Final, Literal
@@ -23,6 +24,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from kubetune.api.bounded import AFFINITY, POD_SPEC, conforms
 from kubetune.api.uris import DATASET_SCHEMES, MODEL_SCHEMES, OUTPUT_SCHEMES, parse_uri
 
 GROUP: Final = "kubetune.io"
@@ -73,7 +75,7 @@ def _quantity_as_string(value: Any) -> Any:
         return value
     if isinstance(value, (int, float)):
         value = str(value)
-    if isinstance(value, str) and not _QUANTITY.match(value):
+    if isinstance(value, str) and (len(value) > 64 or not _QUANTITY.match(value)):
         raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 8, 500m, 16Gi)")
     return value
 
@@ -82,14 +84,28 @@ Quantity = Annotated[
     str,
     BeforeValidator(_quantity_as_string),
     WithJsonSchema(
-        {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "x-kubernetes-int-or-string": True,
+            "maxLength": 64,
+        }
     ),
 ]
 
-FreeForm = Annotated[
+#: core/v1 Affinity, each list and string bounded (api/bounded.py).
+Affinity = Annotated[dict[str, Any], AfterValidator(conforms(AFFINITY)), WithJsonSchema(AFFINITY)]
+#: The pod spec fields a pod template may carry, bounded; fields it doesn't know are left to the
+#: operator's policy, which refuses them by name.
+PodSpecOverrides = Annotated[
     dict[str, Any],
-    WithJsonSchema({"type": "object", "x-kubernetes-preserve-unknown-fields": True}),
+    AfterValidator(conforms(POD_SPEC, unknown_fields=True)),
+    WithJsonSchema(POD_SPEC),
 ]
+
+#: The largest spec the models accept, as compact JSON. The CRD bounds each field (the apiserver
+#: refuses what is over); this bounds them all together, and the fields the policy refuses by
+#: name, which the CRD lets through to be refused with a message.
+MAX_SPEC_BYTES: Final = 128 * 1024
 
 
 def _matching(pattern: str, what: str, hint: str, max_length: int) -> Any:
@@ -557,8 +573,12 @@ class SchedulingSpec(ApiModel):
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=32, description="Taints the pod tolerates."
     )
-    affinity: FreeForm | None = Field(
-        default=None, description="Pod affinity, as in a Pod spec (checked by the Job's API)."
+    affinity: Affinity | None = Field(
+        default=None,
+        description=(
+            "Pod affinity, as in a Pod spec: node affinity, pod affinity and anti-affinity, each "
+            "list and string bounded (checked again by the Job's API)."
+        ),
     )
     priority_class_name: DnsSubdomain | None = Field(
         default=None, description="PriorityClass of the pod."
@@ -591,9 +611,9 @@ class PodTemplateMetadata(ApiModel):
         description="Extra labels (kubetune's own always win).",
         json_schema_extra=_qualified_keys("podTemplate.metadata.labels"),
     )
-    annotations: dict[QualifiedName, Annotated[str, Field(max_length=4096)]] = Field(
+    annotations: dict[QualifiedName, Annotated[str, Field(max_length=1024)]] = Field(
         default_factory=dict,
-        max_length=64,
+        max_length=16,
         description="Extra annotations (kubetune's own always win).",
         json_schema_extra=_qualified_keys("podTemplate.metadata.annotations"),
     )
@@ -606,9 +626,12 @@ class PodTemplateOverrides(ApiModel):
     metadata: PodTemplateMetadata = Field(
         default_factory=PodTemplateMetadata, description="Labels and annotations for the pod."
     )
-    spec: FreeForm = Field(
+    spec: PodSpecOverrides = Field(
         default_factory=dict,
-        description="Pod spec fields merged over kubetune's (containers merge by name).",
+        description=(
+            "Pod spec fields merged over kubetune's (containers merge by name), each list and "
+            "string bounded. Fields the operator's settings don't allow are refused."
+        ),
     )
 
 
@@ -818,8 +841,20 @@ class FineTuneJobSpec(ApiModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> FineTuneJobSpec:
+        given = self.model_dump(mode="json", by_alias=True, exclude_unset=True)
+        size = _json_size(given)
+        if size > MAX_SPEC_BYTES:
+            largest = sorted(given, key=lambda k: _json_size(given[k]), reverse=True)[:2]
+            raise ValueError(
+                f"spec is {size} bytes of JSON, more than {MAX_SPEC_BYTES}; the largest "
+                f"fields: {', '.join(f'spec.{k}' for k in largest)}"
+            )
         plan_training(self.training, self.resources.world_size)  # raises naming the field
         return self
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), default=str).encode())
 
 
 class FineTuneJob(ApiModel):

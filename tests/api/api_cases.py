@@ -6,9 +6,26 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from kubetune.api.bounded import AFFINITY, largest
+from kubetune.api.models import MAX_SPEC_BYTES
 from kubetune_devtools.pytest_plugin import minimal_finetunejob
 
 MINIMAL: dict[str, Any] = minimal_finetunejob()
+HUGE_AFFINITY: dict[str, Any] = {
+    "nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [
+                {"matchExpressions": [
+                    {"key": "zone", "operator": "In", "values": [f"{i:063d}" for i in range(20_000)]}
+                ]}
+            ]
+        }
+    }
+}  # fmt: skip
+TOO_MANY_ENV: dict[str, Any] = {
+    "name": "trainer",
+    "env": [{"name": f"VAR_{i}", "value": "x"} for i in range(33)],
+}
 
 
 def with_spec(**changes: Any) -> dict[str, Any]:
@@ -213,6 +230,33 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         ),
         ["usernameSecretRef and passwordSecretRef together"],
     ),
+    (
+        # The 1.4 MB affinity: one expression with 20,000 values.
+        "affinity over its bounds",
+        with_spec(scheduling={"affinity": HUGE_AFFINITY}),
+        ["spec.scheduling.affinity", "matchExpressions[0].values", "at most 8 items"],
+    ),
+    (
+        "pod template over its bounds",
+        with_spec(podTemplate={"spec": {"containers": [TOO_MANY_ENV]}}),
+        ["spec.podTemplate.spec", "containers[0].env", "at most 32 items"],
+    ),
+    (
+        "pod template string over its bound",
+        with_spec(podTemplate={"spec": {"runtimeClassName": "r" * 254}}),
+        ["spec.podTemplate.spec", "runtimeClassName", "longer than 253"],
+    ),
+    (
+        "target modules over their bound",
+        with_spec(lora={"targetModules": ["q_proj"] * 65}),
+        ["spec.lora.targetModules", "at most 64 items"],
+    ),
+    (
+        # Every field within its bound, all together over the whole-spec limit.
+        "spec over the whole-spec limit",
+        with_spec(scheduling={"affinity": largest(AFFINITY)}),
+        [f"more than {MAX_SPEC_BYTES}", "spec.scheduling"],
+    ),
 ]
 
 
@@ -248,4 +292,8 @@ APISERVER_FIELD: dict[str, str] = {
     "output path leaving its claim": "spec.output.uri",
     "tracking uri with credentials": "tracking.mlflow.trackingUri",
     "tracking username without password": "usernameSecretRef and passwordSecretRef together",
+    "affinity over its bounds": "matchExpressions[0].values",
+    "pod template over its bounds": "containers[0].env",
+    "pod template string over its bound": "runtimeClassName",
+    "target modules over their bound": "spec.lora.targetModules",
 }

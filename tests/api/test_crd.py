@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+from kubetune.api.bounded import max_characters
 from kubetune.api.crd import CRD_FILENAME, build_crd, render_crd
+from kubetune.api.models import MAX_SPEC_BYTES
 
 pytestmark = pytest.mark.unit
 
@@ -36,13 +39,46 @@ def _walk(node: object, path: str = "") -> list[tuple[str, dict[str, object]]]:
     return found
 
 
-def test_schema_is_structural_and_prunes_nothing_silently() -> None:
-    version = build_crd()["spec"]["versions"][0]
-    schema = version["schema"]["openAPIV3Schema"]
-    for path, node in _walk(schema["properties"]["spec"]):
+def _spec_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return dict(schema["properties"]["spec"])
+
+
+def test_schema_is_structural_and_free_form_nowhere() -> None:
+    for path, node in _walk(_spec_schema()):
         assert "$ref" not in node and "title" not in node, path
-        if node.get("x-kubernetes-preserve-unknown-fields"):
-            assert path.endswith(("affinity", "podTemplate.properties.spec")), path
+        # A free-form field has no bound the apiserver can check (and CEL can't see into it).
+        assert not node.get("x-kubernetes-preserve-unknown-fields"), path
+        assert not any(str(key).startswith("x-kubetune-") for key in node), path
+
+
+def test_every_list_map_and_string_of_the_spec_has_a_size_bound() -> None:
+    unbounded = []
+    for path, node in _walk(_spec_schema()):
+        kind = node.get("type")
+        if ".anyOf[" in path:
+            continue  # int-or-string's two branches: bounded on the node itself
+        if kind == "string" and "maxLength" not in node and "enum" not in node:
+            unbounded.append(path)
+        elif node.get("x-kubernetes-int-or-string") and "maxLength" not in node:
+            unbounded.append(path)
+        elif kind == "array" and "maxItems" not in node:
+            unbounded.append(path)
+        elif kind == "object" and "additionalProperties" in node:
+            rules = node.get("x-kubernetes-validations", [])
+            keys = [r for r in rules if "size(k) <=" in r["rule"]]
+            if "maxProperties" not in node or not keys:
+                unbounded.append(path)
+    assert unbounded == []
+
+
+def test_the_largest_spec_the_apiserver_admits_is_bounded() -> None:
+    """The sum of every bound: what one tenant's object may cost at most (the operator's cache
+    holds only the few fields it reconciles on, tests/operator's memory test)."""
+    largest = max_characters(_spec_schema())
+
+    assert largest < 800_000
+    assert MAX_SPEC_BYTES < largest  # the models' whole-spec limit is the tighter one
 
 
 def test_printer_columns_and_names() -> None:

@@ -1,0 +1,519 @@
+"""Bounded shapes for the spec's Kubernetes-typed fields (``scheduling.affinity``,
+``podTemplate.spec``): every list, map and string has a size limit, in the CRD and in the models.
+
+A free-form field (``x-kubernetes-preserve-unknown-fields``) can't be bounded by the apiserver:
+its schema stops at the field, and CEL can't see into it. So these fields carry the Kubernetes
+shapes they stand for, written once here as OpenAPI schemas: the CRD embeds them (the apiserver
+refuses what is over a bound, and unknown fields are refused by a strict client and dropped
+otherwise), and the models check the same bounds (``conforms``). Only what kubetune can merge into
+a trainer pod is spelled out, plus the fields that the operator's policy refuses by name (host
+namespaces, identities, security contexts, commands, hostPath): those must reach it to be
+refused with a message. No CEL here: plain OpenAPI bounds cost nothing of the apiserver's CEL
+budget.
+
+``max_characters`` says how large the JSON of a value its schema admits can be: tests pin it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+Schema = dict[str, Any]
+
+#: Kubernetes' own limits: qualified names (a 253-character prefix, '/', 63), label values,
+#: DNS names.
+KEY: Final = 317
+LABEL: Final = 63
+NAME: Final = 253
+#: A path in a container or on a volume.
+PATH: Final = 512
+MAX_KEY: Final = "x-kubetune-max-key-length"
+
+
+def string(max_length: int, enum: list[str] | None = None) -> Schema:
+    node: Schema = {"type": "string", "maxLength": max_length}
+    if enum is not None:
+        node["enum"] = enum
+    return node
+
+
+def integer() -> Schema:
+    return {"type": "integer"}
+
+
+def boolean() -> Schema:
+    return {"type": "boolean"}
+
+
+def quantity() -> Schema:
+    return {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "maxLength": 64}  # fmt: skip
+
+
+def array(items: Schema, max_items: int) -> Schema:
+    return {"type": "array", "maxItems": max_items, "items": items}
+
+
+#: Marks the nodes built here: the CRD generator gives them no ``default: {}`` (an empty
+#: ``securityContext`` filled in by the apiserver would be a field the policy refuses).
+SHAPE: Final = "x-kubetune-shape"
+
+
+def obj(required: tuple[str, ...] = (), **properties: Schema) -> Schema:
+    node: Schema = {"type": "object", "properties": properties, SHAPE: True}
+    if required:
+        node["required"] = list(required)
+    return node
+
+
+def one_of(required: tuple[str, ...] = (), **properties: Schema) -> Schema:
+    """An object that sets one of ``properties`` (and the ``required`` ones): a volume's
+    source, an env var's ``valueFrom``."""
+    return {**obj(required, **properties), "maxProperties": len(required) + 1}
+
+
+def mapping(values: Schema, max_properties: int, key_length: int = KEY) -> Schema:
+    """A map of at most ``max_properties`` keys of at most ``key_length`` characters (the
+    schema can't bound a key: a CEL rule does, cheap as it is only a size)."""
+    return {
+        "type": "object",
+        "maxProperties": max_properties,
+        "additionalProperties": values,
+        "x-kubernetes-validations": [
+            {
+                "rule": f"self.all(k, size(k) <= {key_length})",
+                "message": f"keys may not be longer than {key_length} characters",
+            }
+        ],
+        SHAPE: True,
+        MAX_KEY: key_length,
+    }
+
+
+# --- scheduling --------------------------------------------------------------------------------
+
+_OPERATORS: Final = ["In", "NotIn", "Exists", "DoesNotExist"]
+_NODE_REQUIREMENT: Final = obj(
+    ("key", "operator"),
+    key=string(KEY),
+    operator=string(16, [*_OPERATORS, "Gt", "Lt"]),
+    values=array(string(LABEL), 8),
+)
+_NODE_FIELD: Final = obj(
+    ("key", "operator"),
+    key=string(64),
+    operator=string(16, _OPERATORS),
+    values=array(string(NAME), 8),
+)
+_NODE_TERM: Final = obj(
+    matchExpressions=array(_NODE_REQUIREMENT, 4), matchFields=array(_NODE_FIELD, 1)
+)
+_LABEL_SELECTOR: Final = obj(
+    matchLabels=mapping(string(LABEL), 8),
+    matchExpressions=array(
+        obj(("key", "operator"), key=string(KEY), operator=string(16, _OPERATORS),
+            values=array(string(LABEL), 8)),
+        4,
+    ),
+)  # fmt: skip
+_POD_TERM: Final = obj(
+    ("topologyKey",),
+    labelSelector=_LABEL_SELECTOR,
+    namespaceSelector=_LABEL_SELECTOR,
+    namespaces=array(string(LABEL), 8),
+    topologyKey=string(KEY),
+    matchLabelKeys=array(string(KEY), 4),
+    mismatchLabelKeys=array(string(KEY), 4),
+)
+_WEIGHT: Final = {"type": "integer", "minimum": 1, "maximum": 100}
+
+
+def _pod_affinity() -> Schema:
+    return obj(
+        requiredDuringSchedulingIgnoredDuringExecution=array(_POD_TERM, 2),
+        preferredDuringSchedulingIgnoredDuringExecution=array(
+            obj(("weight", "podAffinityTerm"), weight=_WEIGHT, podAffinityTerm=_POD_TERM), 2
+        ),
+    )
+
+
+#: core/v1 Affinity, bounded.
+AFFINITY: Final = obj(
+    nodeAffinity=obj(
+        requiredDuringSchedulingIgnoredDuringExecution=obj(
+            ("nodeSelectorTerms",), nodeSelectorTerms=array(_NODE_TERM, 4)
+        ),
+        preferredDuringSchedulingIgnoredDuringExecution=array(
+            obj(("weight", "preference"), weight=_WEIGHT, preference=_NODE_TERM), 4
+        ),
+    ),
+    podAffinity=_pod_affinity(),
+    podAntiAffinity=_pod_affinity(),
+)
+
+_TOLERATION: Final = obj(
+    key=string(KEY),
+    operator=string(16, ["Exists", "Equal"]),
+    value=string(LABEL),
+    effect=string(16, ["NoSchedule", "PreferNoSchedule", "NoExecute"]),
+    tolerationSeconds=integer(),
+)
+
+# --- the pod template ----------------------------------------------------------------------------
+
+_SE_LINUX: Final = obj(user=string(NAME), role=string(NAME), type=string(NAME), level=string(NAME))
+_PROFILE: Final = obj(type=string(32), localhostProfile=string(PATH))
+_WINDOWS: Final = obj(gmsaCredentialSpecName=string(NAME), gmsaCredentialSpec=string(4096),
+                      runAsUserName=string(NAME), hostProcess=boolean())  # fmt: skip
+_CONTAINER_SECURITY: Final = obj(
+    capabilities=obj(add=array(string(64), 16), drop=array(string(64), 16)),
+    privileged=boolean(),
+    seLinuxOptions=_SE_LINUX,
+    windowsOptions=_WINDOWS,
+    runAsUser=integer(),
+    runAsGroup=integer(),
+    runAsNonRoot=boolean(),
+    readOnlyRootFilesystem=boolean(),
+    allowPrivilegeEscalation=boolean(),
+    procMount=string(32),
+    seccompProfile=_PROFILE,
+    appArmorProfile=_PROFILE,
+)
+_POD_SECURITY: Final = obj(
+    seLinuxOptions=_SE_LINUX,
+    windowsOptions=_WINDOWS,
+    runAsUser=integer(),
+    runAsGroup=integer(),
+    runAsNonRoot=boolean(),
+    supplementalGroups=array(integer(), 32),
+    supplementalGroupsPolicy=string(32),
+    fsGroup=integer(),
+    fsGroupChangePolicy=string(32),
+    sysctls=array(obj(("name", "value"), name=string(NAME), value=string(NAME)), 8),
+    seccompProfile=_PROFILE,
+    appArmorProfile=_PROFILE,
+    seLinuxChangePolicy=string(32),
+)
+_KEY_REF: Final = obj(("key",), name=string(NAME), key=string(NAME), optional=boolean())
+_FIELD_REF: Final = obj(("fieldPath",), apiVersion=string(64), fieldPath=string(256))
+_RESOURCE_REF: Final = obj(
+    ("resource",), containerName=string(LABEL), resource=string(64), divisor=quantity()
+)
+_ENV: Final = obj(
+    ("name",),
+    name=string(256),
+    value=string(1024),
+    valueFrom=one_of(
+        fieldRef=_FIELD_REF,
+        resourceFieldRef=_RESOURCE_REF,
+        configMapKeyRef=_KEY_REF,
+        secretKeyRef=_KEY_REF,
+    ),
+)
+_SOURCE_REF: Final = obj(name=string(NAME), optional=boolean())
+_RESOURCES: Final = obj(
+    limits=mapping(quantity(), 16, NAME),
+    requests=mapping(quantity(), 16, NAME),
+    claims=array(obj(("name",), name=string(LABEL), request=string(LABEL)), 8),
+)
+_CONTAINER: Final = obj(
+    ("name",),
+    name=string(LABEL),
+    env=array(_ENV, 32),
+    envFrom=array(
+        obj(prefix=string(256), configMapRef=_SOURCE_REF, secretRef=_SOURCE_REF), 8
+    ),
+    resources=_RESOURCES,
+    volumeMounts=array(
+        obj(
+            ("name", "mountPath"),
+            name=string(LABEL),
+            mountPath=string(PATH),
+            subPath=string(PATH),
+            subPathExpr=string(PATH),
+            readOnly=boolean(),
+            recursiveReadOnly=string(32),
+            mountPropagation=string(32),
+        ),
+        16,
+    ),
+    ports=array(
+        obj(("containerPort",), name=string(15), containerPort=integer(), hostPort=integer(),
+            hostIP=string(64), protocol=string(8)),
+        8,
+    ),
+    # Refused by the operator's policy whatever the settings say: here so that it can say so.
+    image=string(512),
+    imagePullPolicy=string(16),
+    command=array(string(PATH), 8),
+    args=array(string(PATH), 8),
+    workingDir=string(PATH),
+    securityContext=_CONTAINER_SECURITY,
+)  # fmt: skip
+_ITEMS: Final = array(obj(("key", "path"), key=string(NAME), path=string(PATH), mode=integer()), 8)
+_DOWNWARD_ITEMS: Final = array(
+    obj(("path",), path=string(PATH), fieldRef=_FIELD_REF, resourceFieldRef=_RESOURCE_REF,
+        mode=integer()),
+    4,
+)  # fmt: skip
+_VOLUME: Final = one_of(
+    ("name",),
+    name=string(LABEL),
+    emptyDir=obj(medium=string(16), sizeLimit=quantity()),
+    configMap=obj(name=string(NAME), items=_ITEMS, defaultMode=integer(), optional=boolean()),
+    secret=obj(secretName=string(NAME), items=_ITEMS, defaultMode=integer(), optional=boolean()),
+    persistentVolumeClaim=obj(("claimName",), claimName=string(NAME), readOnly=boolean()),
+    downwardAPI=obj(items=_DOWNWARD_ITEMS, defaultMode=integer()),
+    projected=obj(
+        defaultMode=integer(),
+        sources=array(
+            one_of(
+                configMap=obj(name=string(NAME), items=_ITEMS, optional=boolean()),
+                secret=obj(name=string(NAME), items=_ITEMS, optional=boolean()),
+                downwardAPI=obj(items=_DOWNWARD_ITEMS),
+                serviceAccountToken=obj(("path",), audience=string(NAME),
+                                        expirationSeconds=integer(), path=string(PATH)),
+            ),
+            2,
+        ),
+    ),
+    ephemeral=obj(
+        volumeClaimTemplate=obj(
+            ("spec",),
+            metadata=obj(labels=mapping(string(LABEL), 8), annotations=mapping(string(512), 8)),
+            spec=obj(
+                accessModes=array(string(32), 4),
+                storageClassName=string(NAME),
+                volumeMode=string(16),
+                resources=obj(requests=mapping(quantity(), 4, NAME),
+                              limits=mapping(quantity(), 4, NAME)),
+            ),
+        )
+    ),
+    # Refused by the operator's policy (it reaches the node): here so that it can say so.
+    hostPath=obj(("path",), path=string(PATH), type=string(32)),
+)  # fmt: skip
+
+#: The part of core/v1 PodSpec that ``spec.podTemplate.spec`` may carry, bounded. Fields kubetune
+#: never merges (init or ephemeral containers, overhead, ...) are not here: the apiserver refuses
+#: them (strict clients, kubectl's default) or drops them, and the operator's policy refuses them
+#: by name where they reach it.
+POD_SPEC: Final = {
+    **obj(
+        containers=array(_CONTAINER, 1),
+        volumes=array(_VOLUME, 8),
+        tolerations=array(_TOLERATION, 32),
+        nodeSelector=mapping(string(LABEL), 32),
+        topologySpreadConstraints=array(
+            obj(
+                ("maxSkew", "topologyKey", "whenUnsatisfiable"),
+                maxSkew=integer(),
+                topologyKey=string(KEY),
+                whenUnsatisfiable=string(32),
+                labelSelector=_LABEL_SELECTOR,
+                minDomains=integer(),
+                nodeAffinityPolicy=string(16),
+                nodeTaintsPolicy=string(16),
+                matchLabelKeys=array(string(KEY), 4),
+            ),
+            4,
+        ),
+        runtimeClassName=string(NAME),
+        priorityClassName=string(NAME),
+        schedulerName=string(NAME),
+        schedulingGates=array(obj(("name",), name=string(KEY)), 8),
+        imagePullSecrets=array(obj(name=string(NAME)), 8),
+        dnsPolicy=string(32),
+        dnsConfig=obj(
+            nameservers=array(string(64), 3),
+            searches=array(string(NAME), 6),
+            options=array(obj(name=string(NAME), value=string(NAME)), 8),
+        ),
+        terminationGracePeriodSeconds=integer(),
+        activeDeadlineSeconds=integer(),
+        enableServiceLinks=boolean(),
+        preemptionPolicy=string(32),
+        # Refused by the operator's policy whatever the settings say: here so that it can say so.
+        hostNetwork=boolean(),
+        hostPID=boolean(),
+        hostIPC=boolean(),
+        hostUsers=boolean(),
+        shareProcessNamespace=boolean(),
+        nodeName=string(NAME),
+        serviceAccountName=string(NAME),
+        serviceAccount=string(NAME),
+        automountServiceAccountToken=boolean(),
+        restartPolicy=string(16),
+        hostname=string(LABEL),
+        subdomain=string(LABEL),
+        setHostnameAsFQDN=boolean(),
+        securityContext=_POD_SECURITY,
+    ),
+    "maxProperties": 32,
+}
+
+
+# --- checking a value against a schema (the models' half) ---------------------------------------
+
+
+def problems(
+    value: Any, schema: Mapping[str, Any], path: str, *, unknown_fields: bool = False
+) -> list[str]:
+    """Where ``value`` breaks ``schema``'s types and bounds, as the apiserver would say it.
+    ``unknown_fields``: let fields the schema doesn't know pass (the operator's policy refuses
+    the pod fields it may not merge, by name)."""
+    found: list[str] = []
+    _check(value, schema, path, found, unknown_fields)
+    return [problem.removeprefix(": ") for problem in found]
+
+
+def _check(
+    value: Any, schema: Mapping[str, Any], path: str, found: list[str], unknown: bool
+) -> None:
+    if len(found) >= 8:
+        return
+    if schema.get("x-kubernetes-int-or-string"):
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            found.append(f"{path}: must be an integer or a string")
+        elif isinstance(value, str) and len(value) > schema["maxLength"]:
+            found.append(f"{path}: may not be longer than {schema['maxLength']}")
+        return
+    kind = schema.get("type")
+    if kind == "string":
+        if not isinstance(value, str):
+            found.append(f"{path}: must be a string")
+        elif len(value) > schema["maxLength"]:
+            found.append(f"{path}: may not be longer than {schema['maxLength']}")
+        elif "enum" in schema and value not in schema["enum"]:
+            found.append(f"{path}: must be one of {', '.join(schema['enum'])}")
+    elif kind == "integer":
+        if isinstance(value, bool) or not isinstance(value, int):
+            found.append(f"{path}: must be an integer")
+        elif not schema.get("minimum", -math.inf) <= value <= schema.get("maximum", math.inf):
+            found.append(f"{path}: must be between {schema['minimum']} and {schema['maximum']}")
+    elif kind == "boolean":
+        if not isinstance(value, bool):
+            found.append(f"{path}: must be a boolean")
+    elif kind == "array":
+        if not isinstance(value, list):
+            found.append(f"{path}: must be a list")
+        elif len(value) > schema["maxItems"]:
+            found.append(f"{path}: must have at most {schema['maxItems']} items")
+        else:
+            for index, item in enumerate(value):
+                _check(item, schema["items"], f"{path}[{index}]", found, unknown)
+    elif kind == "object":
+        _check_object(value, schema, path, found, unknown)
+
+
+def _check_object(
+    value: Any, schema: Mapping[str, Any], path: str, found: list[str], unknown: bool
+) -> None:
+    if not isinstance(value, dict):
+        found.append(f"{path}: must be an object")
+        return
+    if len(value) > schema.get("maxProperties", math.inf):
+        found.append(f"{path}: must have at most {schema['maxProperties']} properties")
+        return
+    missing = [key for key in schema.get("required", ()) if key not in value]
+    if missing:
+        found.append(f"{path}: {', '.join(missing)} required")
+    if "additionalProperties" in schema:
+        limit = schema[MAX_KEY]
+        for key, item in value.items():
+            if len(str(key)) > limit:
+                found.append(f"{path}: keys may not be longer than {limit}")
+            _check(item, schema["additionalProperties"], f"{path}[{key!r:.40}]", found, unknown)
+        return
+    properties = schema.get("properties", {})
+    for key, item in value.items():
+        if key in properties:
+            _check(item, properties[key], _join(path, key), found, unknown)
+        elif not unknown:
+            # The apiserver refuses (strict clients) or drops a field its schema doesn't know.
+            found.append(f"{_join(path, key)}: unknown field")
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def conforms(
+    schema: Schema, *, unknown_fields: bool = False
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A pydantic after-validator: the value keeps to ``schema``'s types and bounds (messages
+    name the part of the field that doesn't)."""
+
+    def check(value: dict[str, Any]) -> dict[str, Any]:
+        found = problems(value, schema, "", unknown_fields=unknown_fields)
+        if found:
+            raise ValueError("; ".join(found))
+        return value
+
+    return check
+
+
+def max_characters(schema: Mapping[str, Any]) -> int:
+    """An upper bound of the characters in the JSON of any value ``schema`` admits (keys and
+    punctuation counted, a number as 20)."""
+    if schema.get("x-kubernetes-int-or-string"):
+        return int(schema["maxLength"]) + 2
+    kind = schema.get("type")
+    if kind == "string":
+        if "maxLength" not in schema and "enum" in schema:
+            return 2 + max(len(value) for value in schema["enum"])
+        return 2 + int(schema["maxLength"])
+    if kind in ("integer", "number", "boolean"):
+        return 20
+    if kind == "array":
+        return 2 + int(schema["maxItems"]) * (max_characters(schema["items"]) + 1)
+    if kind == "object":
+        if "additionalProperties" in schema:
+            key = 2 + _key_length(schema)
+            value = max_characters(schema["additionalProperties"])
+            return 2 + int(schema["maxProperties"]) * (key + value + 2)
+        sizes = sorted(
+            (len(name) + 4 + max_characters(child) for name, child in schema["properties"].items()),
+            reverse=True,
+        )
+        return 2 + sum(sizes[: schema.get("maxProperties", len(sizes))])
+    raise ValueError(f"unbounded schema: {schema}")
+
+
+def _key_length(schema: Mapping[str, Any]) -> int:
+    """A map's key bound: its CEL rule's (the CRD keeps no other trace of it)."""
+    for rule in schema.get("x-kubernetes-validations", ()):
+        found = re.search(r"size\(k\) <= (\d+)", rule["rule"])
+        if found:
+            return int(found.group(1))
+    raise ValueError(f"a map without a bound on its keys: {schema}")
+
+
+def largest(schema: Mapping[str, Any]) -> Any:
+    """The largest value ``schema`` admits: every field set, every list and map full, every
+    string as long as allowed (what the tests give the apiserver and the operator)."""
+    if schema.get("x-kubernetes-int-or-string"):
+        return "9" * int(schema["maxLength"])
+    kind = schema.get("type")
+    if kind == "string":
+        return schema["enum"][0] if "enum" in schema else "a" * int(schema["maxLength"])
+    if kind == "integer":
+        return int(schema.get("maximum", 2**31 - 1))
+    if kind == "boolean":
+        return False
+    if kind == "array":
+        return [largest(schema["items"]) for _ in range(int(schema["maxItems"]))]
+    if "additionalProperties" in schema:
+        length = _key_length(schema)
+        return {
+            f"{index:0{length}d}": largest(schema["additionalProperties"])
+            for index in range(int(schema["maxProperties"]))
+        }
+    properties = schema["properties"]
+    names = sorted(properties, key=lambda name: max_characters(properties[name]), reverse=True)
+    required = list(schema.get("required", ()))
+    kept = required + [n for n in names if n not in required]
+    return {name: largest(properties[name]) for name in kept[: schema.get("maxProperties")]}
