@@ -37,6 +37,7 @@ from kubetune.operator.controller import (
 from kubetune.operator.errors import api_errors
 from kubetune.operator.kube import collection_path, finetunejob_path
 from kubetune.operator.reconcile import (
+    PARTIAL_SPEC,
     Plan,
     Rejection,
     owned_by,
@@ -65,6 +66,12 @@ def reconcile(
     log = job_logger(key)
     jobsets = list(jobsets or [])  # and the JobSet this pass creates
     work = plan(ftj, jobs, pods, SETTINGS, now(), jobsets=jobsets)
+    if work.fetch_spec:
+        whole = _whole(ftj)
+        if whole is None:
+            return Plan(notes=("gone or replaced",))  # its own events queue the new one
+        ftj = whole
+        work = plan(ftj, jobs, pods, SETTINGS, now(), jobsets=jobsets)
     jobs = list(jobs)  # and the Jobs this pass creates
     if work.reject is not None:
         _reject(ctl, key, ftj, work.reject)
@@ -112,6 +119,26 @@ def reconcile(
         with api_errors(f"deleting {namespace}/{name} after its TTL"):
             kube().delete(finetunejob_path(namespace, name))
     return work
+
+
+def _whole(ftj: Obj) -> Obj | None:
+    """``ftj`` with its whole spec, read from the API (the cache keeps only part of it); None
+    when it is gone, or is another object of the same name now."""
+    metadata = ftj["metadata"]
+    namespace, name = metadata["namespace"], metadata["name"]
+    with api_errors(f"reading {namespace}/{name}"):
+        found = kube().get_or_none(finetunejob_path(namespace, name))
+    if found is None or found["metadata"].get("uid") != metadata.get("uid"):
+        return None
+    fresh = found["metadata"]
+    whole = {key: value for key, value in ftj.items() if key != PARTIAL_SPEC}
+    whole["metadata"] = {
+        **metadata,
+        "generation": fresh.get("generation"),
+        "resourceVersion": fresh.get("resourceVersion"),
+    }
+    whole["spec"] = found.get("spec") or {}
+    return whole
 
 
 def _write_status(ctl: Controller, key: Key, ftj: Obj, changes: Obj) -> None:

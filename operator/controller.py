@@ -25,9 +25,7 @@ from kubetune.api.models import API_VERSION, KIND
 from kubetune.operator import jobset as js
 from kubetune.operator.kube import Kube, load_config
 from kubetune.operator.leader import LeaseLock
-from kubetune.operator.reconcile import (
-    owned_by,
-)
+from kubetune.operator.reconcile import PARTIAL_SPEC, owned_by
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.workqueue import WorkQueue
 
@@ -104,6 +102,34 @@ def slim(body: Mapping[str, Any], spec: Iterable[str] | None = None) -> Obj:
             kept["metadata"][field] = picked
     source = body.get("spec") or {}
     kept["spec"] = dict(source) if spec is None else {k: source[k] for k in spec if k in source}
+    return kept
+
+
+#: What a reconcile reads of a FineTuneJob's spec, outside the moment it makes children: how
+#: many pods and GPUs (status, group restarts), the run policy (suspend, deadline, retries,
+#: TTL), the Kueue queue, whether there is a Validating phase. The rest (affinity, the pod
+#: template, prompts, ...) is read from the API when children are made: a tenant's large spec
+#: never sits in the operator's memory.
+FINETUNEJOB_SPEC_KEPT: Final[Mapping[str, tuple[str, ...] | None]] = {
+    "resources": ("nodes", "gpus"),
+    "runPolicy": None,
+    "scheduling": ("queueName",),
+    "validation": ("enabled",),
+}
+
+
+def slim_finetunejob(body: Mapping[str, Any]) -> Obj:
+    """A FineTuneJob for the index: ``slim`` with only ``FINETUNEJOB_SPEC_KEPT`` of its spec,
+    marked ``PARTIAL_SPEC`` (``reconcile.plan`` asks for the whole spec when it needs it)."""
+    kept = slim(body, ())
+    spec = body.get("spec") or {}
+    for section, fields in FINETUNEJOB_SPEC_KEPT.items():
+        value = spec.get(section)
+        if isinstance(value, Mapping):
+            kept["spec"][section] = (
+                dict(value) if fields is None else {f: value[f] for f in fields if f in value}
+            )
+    kept[PARTIAL_SPEC] = True
     return kept
 
 

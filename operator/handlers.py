@@ -39,6 +39,7 @@ from kubetune.operator.controller import (
     kube,
     owner_name,
     slim,
+    slim_finetunejob,
     snapshot,
 )
 from kubetune.operator.leader import LeaseLock
@@ -49,7 +50,7 @@ _controller: Controller | None = None
 
 @kopf.index(GROUP, VERSION, PLURAL)  # type: ignore[untyped-decorator]
 def finetunejobs_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, Obj]:
-    return {(namespace, name): slim(body)}
+    return {(namespace, name): slim_finetunejob(body)}
 
 
 @kopf.index("batch", "v1", "jobs", labels=MANAGED)  # type: ignore[untyped-decorator]
@@ -150,6 +151,9 @@ async def configure(
     settings.watching.client_timeout = SETTINGS.watch_timeout_seconds + 30
     settings.watching.inactivity_timeout = SETTINGS.watch_inactivity_seconds
     settings.watching.connect_timeout = 30
+    # The first list of each watch comes in pages: a page of the largest FineTuneJobs the CRD
+    # admits is what the operator holds at once, not every object of the cluster.
+    settings.watching.chunk_size = SETTINGS.list_chunk_size
     settings.networking.request_timeout = SETTINGS.api_timeout_seconds
     settings.execution.max_workers = SETTINGS.max_workers
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]

@@ -51,6 +51,12 @@ _ALIASES: Final = {
 OWNED_STATUS_KEYS: Final = frozenset(_ALIASES[name] for name in OPERATOR_FIELDS)
 
 
+#: Marks a FineTuneJob whose spec holds only what the watch cache keeps
+#: (``controller.FINETUNEJOB_SPEC_KEPT``): ``plan`` asks for the whole one (``Plan.fetch_spec``)
+#: before it validates the spec or makes children from it.
+PARTIAL_SPEC: Final = "kubetune.io/partial-spec"
+
+
 @dataclass(frozen=True)
 class Rejection:
     """A problem no retry can fix: the job fails with this reason before anything is made."""
@@ -93,6 +99,9 @@ class Plan:
     delete: bool = False
     #: Look again after this many seconds even without an event (TTL due, missing reference).
     requeue_after: float | None = None
+    #: The FineTuneJob came from the cache with part of its spec (``PARTIAL_SPEC``), and this
+    #: reconcile needs all of it: read it from the API and plan again.
+    fetch_spec: bool = False
     #: Why, for the log.
     notes: tuple[str, ...] = field(default=())
 
@@ -283,6 +292,12 @@ def plan(
         return _finished_plan(ftj, changes, now)
 
     if job is None:
+        validation = owned_validation_job(ftj, jobs)
+        if validation is not None and not validation_succeeded(validation):
+            # The Validating phase runs (or failed): its status needs no more of the spec.
+            return _validating_plan(ftj, validation, pods, now)
+        if ftj.get(PARTIAL_SPEC):
+            return Plan(fetch_spec=True, notes=("the whole spec is needed",))
         name = str(metadata.get("name"))
         checked = validate(ftj.get("spec") or {}, settings)
         if isinstance(checked, Rejection):
@@ -390,15 +405,19 @@ def _validation_plan(
                 reject=Rejection(Reason.NAME_CONFLICT, (f"Job {name} exists and is not owned",))
             )
         return Plan(validate=spec)
-    own_pods = pods_of(validation, pods)
+    if not validation_succeeded(validation):
+        return _validating_plan(ftj, validation, pods, now)
     status = ftj.get("status") or {}
-    if validation_succeeded(validation):
-        estimate = validation_estimate(validation, own_pods)
-        patch = {"estimate": estimate} if estimate and status.get("estimate") != estimate else None
-        return Plan(
-            create=spec, attempt=_next_attempt(status), status_patch=patch, notes=("validated",)
-        )
-    desired = derive_status(ftj, validation, own_pods, now, validating=True)
+    estimate = validation_estimate(validation, pods_of(validation, pods))
+    patch = {"estimate": estimate} if estimate and status.get("estimate") != estimate else None
+    return Plan(create=spec, attempt=_next_attempt(status), status_patch=patch, notes=("validated",))
+
+
+def _validating_plan(ftj: Obj, validation: Obj, pods: Sequence[Obj], now: datetime) -> Plan:
+    """While the Validating phase's Job runs (or once it failed): the status from it, and its
+    suspend following the run policy."""
+    status = ftj.get("status") or {}
+    desired = derive_status(ftj, validation, pods_of(validation, pods), now, validating=True)
     return Plan(
         job_patch=desired_job_patch(ftj, validation),
         patched_job=str(validation.get("metadata", {}).get("name")),

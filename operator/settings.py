@@ -146,6 +146,14 @@ class OperatorSettings(BaseSettings):
             "every minute), for this long is taken for dead and started again."
         ),
     )
+    list_chunk_size: int = Field(
+        default=50,
+        ge=1,
+        description=(
+            "Objects per page of the watches' first list (and after each watch restart): the "
+            "most the operator parses at once."
+        ),
+    )
     api_timeout_seconds: float = Field(
         default=30.0,
         gt=0,

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
+from kubetune.api.bounded import AFFINITY, POD_SPEC, largest
 from kubetune.api.timestamps import rfc3339
+from kubetune.operator.controller import slim_finetunejob
 from kubetune.operator.reconcile import plan, status_changes
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.status import derive_status
@@ -556,3 +558,45 @@ def test_a_completed_jobset_succeeds_even_when_its_job_is_gone() -> None:
     work = plan(ftj({"phase": "Running"}, **JOBSET_GROUP), [], [], SETTINGS, NOW,
                 jobsets=[jobset_obj(0, ("Completed", "AllJobsCompleted"))])  # fmt: skip
     assert work.status_patch is not None and work.status_patch["phase"] == "Succeeded"
+
+
+# --- the watch cache keeps a few fields of the spec; the rest is read when children are made ----
+
+
+def test_the_cached_finetunejob_keeps_none_of_a_large_spec() -> None:
+    """A tenant's spec at every bound (affinity, pod template) costs the operator's cache a few
+    hundred bytes: only what a reconcile reads between creates is kept."""
+    large = ftj(
+        scheduling={"affinity": largest(AFFINITY), "queueName": "team-a"},
+        podTemplate={"spec": largest(POD_SPEC)},
+        resources={"gpus": 2, "nodes": 2, "cpu": "4"},
+        run_policy={"suspend": True, "backoffLimit": 1},
+    )
+    cached = slim_finetunejob(large)
+
+    assert len(json.dumps(large)) > 400_000
+    assert len(json.dumps(cached)) < 1_000
+    assert cached["spec"] == {
+        "resources": {"gpus": 2, "nodes": 2},
+        "runPolicy": {"suspend": True, "backoffLimit": 1},
+        "scheduling": {"queueName": "team-a"},
+    }
+
+
+def test_a_cached_job_that_needs_its_children_asks_for_its_whole_spec() -> None:
+    cached = slim_finetunejob(ftj())
+
+    assert plan(cached, [], [], SETTINGS, NOW).fetch_spec
+    passed = validation_job("SuccessCriteriaMet", "Complete")
+    assert plan(cached, [passed], [], SETTINGS, NOW).fetch_spec
+
+
+def test_a_cached_job_in_validation_or_running_needs_no_more_of_its_spec() -> None:
+    cached = slim_finetunejob(ftj())
+
+    validating = plan(cached, [validation_job()], [validation_pod(None)], SETTINGS, NOW)
+    assert not validating.fetch_spec
+    assert validating.status_patch is not None and validating.status_patch["phase"] == "Validating"
+    running = plan(cached, [job()], [running_pod()], SETTINGS, NOW)
+    assert not running.fetch_spec
+    assert running.status_patch is not None and running.status_patch["phase"] == "Running"
