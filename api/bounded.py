@@ -143,9 +143,7 @@ def _pod_affinity() -> Schema:
 #: core/v1 Affinity, bounded.
 AFFINITY: Final = obj(
     nodeAffinity=obj(
-        requiredDuringSchedulingIgnoredDuringExecution=obj(
-            ("nodeSelectorTerms",), nodeSelectorTerms=array(_NODE_TERM, 4)
-        ),
+        requiredDuringSchedulingIgnoredDuringExecution=obj(nodeSelectorTerms=array(_NODE_TERM, 4)),
         preferredDuringSchedulingIgnoredDuringExecution=array(
             obj(("weight", "preference"), weight=_WEIGHT, preference=_NODE_TERM), 4
         ),

@@ -95,6 +95,7 @@ class Operator:
             "KUBETUNE_FS_GROUP": "",
             "KUBETUNE_LIVENESS_ENDPOINT": f"http://127.0.0.1:{free_port()}/healthz",
             "KUBETUNE_METRICS_PORT": str(self.metrics_port),
+            "KUBETUNE_METRICS_AUTH": "false",  # read without a token
             "KUBETUNE_TRAINER_COMMAND": "kubetune-stand-in-trainer",
             "KUBETUNE_ALLOWED_POD_TEMPLATE_FIELDS": "containers.env",
             "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:bench",

@@ -22,11 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
-from prometheus_client import start_http_server
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.operator import jobset as js
-from kubetune.operator import metrics
+from kubetune.operator import metrics, metrics_server
 from kubetune.operator.actions import JOBSET_FALLBACK, reconcile
 from kubetune.operator.controller import (
     JOB_SPEC_KEPT,
@@ -187,7 +186,10 @@ async def configure(
         else:
             logger.warning("%s", JOBSET_FALLBACK)
     if SETTINGS.metrics_port:
-        start_http_server(SETTINGS.metrics_port)
+        metrics_server.serve(
+            SETTINGS.metrics_port,
+            metrics_server.Authorizer(kube()) if SETTINGS.metrics_auth else None,
+        )
     _start(_controller, logger)
     metrics.LEADER.set(1 if lease is None else 0)
     logger.info(

@@ -410,7 +410,9 @@ def _validation_plan(
     status = ftj.get("status") or {}
     estimate = validation_estimate(validation, pods_of(validation, pods))
     patch = {"estimate": estimate} if estimate and status.get("estimate") != estimate else None
-    return Plan(create=spec, attempt=_next_attempt(status), status_patch=patch, notes=("validated",))
+    return Plan(
+        create=spec, attempt=_next_attempt(status), status_patch=patch, notes=("validated",)
+    )
 
 
 def _validating_plan(ftj: Obj, validation: Obj, pods: Sequence[Obj], now: datetime) -> Plan:
@@ -419,7 +421,9 @@ def _validating_plan(ftj: Obj, validation: Obj, pods: Sequence[Obj], now: dateti
     status = ftj.get("status") or {}
     desired = derive_status(ftj, validation, pods_of(validation, pods), now, validating=True)
     return Plan(
-        job_patch=desired_job_patch(ftj, validation),
+        # Its deadline is the operator's (KUBETUNE_VALIDATION_ACTIVE_DEADLINE_SECONDS), set at
+        # create; only suspend follows the run policy.
+        job_patch=desired_job_patch(ftj, validation, deadline=False),
         patched_job=str(validation.get("metadata", {}).get("name")),
         status_patch=status_changes(status, desired),
     )

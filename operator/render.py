@@ -347,14 +347,25 @@ def render_validation(
     *companions, _ = render(spec, metadata, settings, jobset=jobset)
     job = render(spec, metadata, settings)[-1]
     names = child_names(str(metadata["name"]))
-    return [*companions, validation_job(job, spec, names.validation_job)]
+    return [*companions, validation_job(job, spec, names.validation_job, settings)]
 
 
-def validation_job(job: Manifest, spec: FineTuneJobSpec, name: str) -> Manifest:
+#: Credentials the preflight never uses: it reads the model (``HF_TOKEN``) and the data, and
+#: neither pushes nor tracks.
+_UNUSED_BY_PREFLIGHT: Final = frozenset(
+    {PUSH_TOKEN_ENV, MLFLOW_USERNAME_ENV, MLFLOW_PASSWORD_ENV, MLFLOW_TOKEN_ENV}
+)
+
+
+def validation_job(
+    job: Manifest, spec: FineTuneJobSpec, name: str, settings: OperatorSettings
+) -> Manifest:
     """The trainer Job made into the Validating phase's: one pod, ``kubetune-trainer
     preflight`` on the same config, image, security context, scheduling and pod template, with
-    no GPU, no API token (the preflight reports through its termination message) and every
-    claim read-only. Not queued (it asks for no GPU quota); suspended with the run."""
+    no GPU, no API token (the preflight reports through its termination message), no push or
+    tracking credentials, every claim read-only, and the operator's CPU, memory,
+    ephemeral-storage and deadline (``KUBETUNE_VALIDATION_*``), whatever the spec asks of the
+    trainer. Not queued (it asks for no GPU quota); suspended with the run."""
     manifest = copy.deepcopy(job)
     metadata = manifest["metadata"]
     metadata["name"] = name
@@ -363,22 +374,35 @@ def validation_job(job: Manifest, spec: FineTuneJobSpec, name: str) -> Manifest:
     job_spec = manifest["spec"]
     for key in ("completionMode", "successPolicy", "backoffLimitPerIndex", "maxFailedIndexes"):
         job_spec.pop(key, None)
-    job_spec.update(suspend=spec.run_policy.suspend, completions=1, parallelism=1)
+    job_spec.update(
+        suspend=spec.run_policy.suspend,
+        completions=1,
+        parallelism=1,
+        activeDeadlineSeconds=settings.validation_active_deadline_seconds,
+    )
     template = job_spec["template"]
     template["metadata"]["labels"][COMPONENT_LABEL] = VALIDATOR_COMPONENT
     template["metadata"]["labels"].pop(KUEUE_QUEUE_LABEL, None)
     pod = template["spec"]
     pod.pop("subdomain", None)
     pod["automountServiceAccountToken"] = False
-    gpu = spec.resources.gpu_resource_name
+    fixed = {
+        "cpu": settings.validation_cpu_request,
+        "memory": settings.validation_memory,
+        "ephemeral-storage": settings.validation_ephemeral_storage,
+    }
     for container in pod["containers"]:
-        for amounts in (container.get("resources") or {}).values():
-            amounts.pop(gpu, None)
+        container["resources"] = {
+            "requests": dict(fixed),
+            "limits": {**fixed, "cpu": settings.validation_cpu_limit},
+        }
         for mount in container.get("volumeMounts") or []:
             if mount["name"].startswith("pvc-"):
                 mount["readOnly"] = True
         container["env"] = [
-            e for e in container.get("env") or [] if e["name"] not in _DISTRIBUTED_ENV
+            e
+            for e in container.get("env") or []
+            if e["name"] not in _DISTRIBUTED_ENV | _UNUSED_BY_PREFLIGHT
         ]
         if container["name"] == TRAINER_CONTAINER:
             command = container["command"]

@@ -8,6 +8,7 @@ from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kubetune.api.contract import CONFIG_MOUNT_PATH, DEFAULT_PVC_ROOT, TRAINER_COMMAND
+from kubetune.api.models import Quantity
 
 
 def _split_csv(value: object) -> object:
@@ -110,6 +111,28 @@ class OperatorSettings(BaseSettings):
             "Indexed Job, with a warning)."
         ),
     )
+    validation_cpu_request: Quantity = Field(
+        default="250m", description="CPU request of the Validating phase's pod."
+    )
+    validation_cpu_limit: Quantity = Field(
+        default="2", description="CPU limit of the Validating phase's pod."
+    )
+    validation_memory: Quantity = Field(
+        default="4Gi",
+        description="Memory request and limit of the Validating phase's pod (tokenizer, sample).",
+    )
+    validation_ephemeral_storage: Quantity = Field(
+        default="10Gi",
+        description=(
+            "Ephemeral-storage request and limit of the Validating phase's pod (downloaded "
+            "tokenizer and dataset, logs); past it the kubelet evicts the pod."
+        ),
+    )
+    validation_active_deadline_seconds: int = Field(
+        default=1800,
+        ge=1,
+        description="The Validating phase fails after this many seconds (its Job's deadline).",
+    )
     progress_interval_seconds: float = Field(
         default=10.0, gt=0, description="Least seconds between the trainer's progress patches."
     )
@@ -169,6 +192,14 @@ class OperatorSettings(BaseSettings):
     )
     metrics_port: OptionalInt = Field(
         default=9090, ge=1, le=65535, description="Port of the Prometheus /metrics; empty: none."
+    )
+    metrics_auth: bool = Field(
+        default=True,
+        description=(
+            "Serve /metrics only to bearer tokens of identities that may get the non-resource "
+            "URL /metrics (TokenReview and SubjectAccessReview, as kube-rbac-proxy does); "
+            "false serves anyone who reaches the port."
+        ),
     )
     leader_election: bool = Field(
         default=True,

@@ -43,6 +43,9 @@ OPERATOR_ALLOW_LIST: dict[tuple[str, str], set[str]] = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
     # Leader election between replicas (a Role in the release namespace only).
     ("coordination.k8s.io", "leases"): {"get", "create", "update"},
+    # /metrics for callers the API vouches for: whose a token is, and whether it may read them.
+    ("authentication.k8s.io", "tokenreviews"): {"create"},
+    ("authorization.k8s.io", "subjectaccessreviews"): {"create"},
 }
 # What namespace users get through the built-in view/edit/admin roles.
 USER_ALLOW_LIST: dict[tuple[str, str], set[str]] = {
@@ -75,11 +78,13 @@ def wildcards(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def operator_roles(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        o for o in objects
-        if o["kind"] in ("ClusterRole", "Role")
-        and not any(k.startswith(AGGREGATION) for k in o["metadata"].get("labels", {}))
-    ]  # fmt: skip
+    """The (Cluster)Roles bound to a ServiceAccount of the chart's: the operator's rights."""
+    bound = {
+        (b["roleRef"]["kind"], b["roleRef"]["name"]) for b in objects
+        if b["kind"] in ("ClusterRoleBinding", "RoleBinding")
+        and any(s["kind"] == "ServiceAccount" for s in b["subjects"])
+    }  # fmt: skip
+    return [o for o in objects if (o["kind"], o["metadata"]["name"]) in bound]
 
 
 def deployment_env(objects: list[dict[str, Any]]) -> dict[str, str]:
@@ -318,6 +323,9 @@ def test_networkpolicy_and_servicemonitor_render_only_when_enabled(render: Rende
         ("trainer.runAsUser=-1", "/trainer/runAsUser"),
         ("metrics.serviceMonitor.interval=often", "/metrics/serviceMonitor/interval"),
         ("networkPolicy.apiServer.ports={0}", "/networkPolicy/apiServer/ports/0"),
+        ("trainer.validation.memory=lots", "/trainer/validation/memory"),
+        ("trainer.validation.activeDeadlineSeconds=0", "/trainer/validation"),
+        ("metrics.auth=maybe", "/metrics/auth"),
         ("operatr.maxWorkers=3", "operatr"),
     ],
 )
@@ -435,3 +443,57 @@ def test_only_a_jobset_workload_grants_jobsets_and_then_every_child_is_held(rend
                   "RoleBinding": "rolebindings", "JobSet": "jobsets",
                   "NetworkPolicy": "networkpolicies"}[child["kind"]]  # fmt: skip
         assert {(group, plural, "create"), (group, plural, "get")} <= held, child["kind"]
+
+
+def test_metrics_are_served_to_authorized_readers_by_default(render: Render) -> None:
+    """The operator reviews each scraper's token and its right to get /metrics (tested against
+    the real apiserver in tests/operator/test_metrics_auth.py); the chart grants the two reviews,
+    a reader role to bind to Prometheus, and the ServiceMonitor sends Prometheus' token."""
+    objects = render("--set", "metrics.serviceMonitor.enabled=true")
+    [operator_auth] = [
+        r for r in operator_roles(objects) if r["metadata"]["name"].endswith("-metrics-auth")
+    ]
+    [reader] = [
+        r
+        for r in of_kind(objects, "ClusterRole")
+        if r["metadata"]["name"].endswith("-metrics-reader")
+    ]
+    [monitor] = of_kind(objects, "ServiceMonitor")
+
+    assert deployment_env(objects)["KUBETUNE_METRICS_AUTH"] == "true"
+    assert grants(operator_auth["rules"]) == {
+        ("authentication.k8s.io", "tokenreviews", "create"),
+        ("authorization.k8s.io", "subjectaccessreviews", "create"),
+    }
+    assert reader["rules"] == [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]
+    assert reader not in operator_roles(objects)  # bound by the admin, to the scraper
+    assert monitor["spec"]["endpoints"][0]["bearerTokenFile"].endswith("serviceaccount/token")
+
+    open_metrics = render(
+        "--set", "metrics.auth=false", "--set", "metrics.serviceMonitor.enabled=true"
+    )
+    assert deployment_env(open_metrics)["KUBETUNE_METRICS_AUTH"] == "false"
+    assert not [
+        r for r in of_kind(open_metrics, "ClusterRole") if "metrics" in r["metadata"]["name"]
+    ]
+    assert (
+        "bearerTokenFile" not in of_kind(open_metrics, "ServiceMonitor")[0]["spec"]["endpoints"][0]
+    )
+
+
+def test_validation_pod_values_reach_the_operator(
+    render: Render, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = deployment_env(render("--set", "trainer.validation.memory=2Gi",
+                                "--set", "trainer.validation.activeDeadlineSeconds=600"))  # fmt: skip
+    for key in list(os.environ):
+        if key.startswith("KUBETUNE_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = OperatorSettings()
+
+    assert settings.validation_memory == "2Gi"
+    assert settings.validation_active_deadline_seconds == 600
+    assert settings.validation_cpu_request == "250m" and settings.validation_cpu_limit == "2"
+    assert settings.validation_ephemeral_storage == "10Gi"

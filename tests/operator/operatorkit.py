@@ -45,6 +45,8 @@ class OperatorProcess:
             "KUBETUNE_FS_GROUP": "",
             "KUBETUNE_LIVENESS_ENDPOINT": self.liveness_url,
             "KUBETUNE_METRICS_PORT": str(self.metrics_port),
+            # The suites read /metrics without a token; test_metrics_auth.py turns it on.
+            "KUBETUNE_METRICS_AUTH": "false",
             # A replica killed without notice holds the Lease this long: keep restarts quick.
             "KUBETUNE_LEASE_DURATION_SECONDS": "4",
             "KUBETUNE_LEASE_RENEW_SECONDS": "1",

@@ -593,3 +593,59 @@ def test_a_jobsets_names_stay_within_what_its_webhook_checks_for_long_names(node
             "containers"][0]["env"]  # fmt: skip
         endpoint = next(e["value"] for e in env if e["name"] == "KUBETUNE_RENDEZVOUS_ENDPOINT")
         assert endpoint == f"{js_name}-node-0-0.{js_name}:29400"
+
+
+def test_validation_pod_gets_the_operators_resources_and_deadline_whatever_the_spec_asks() -> None:
+    spec = spec_of(
+        resources={"gpus": 2, "cpu": "32", "memory": "256Gi"},
+        runPolicy={"activeDeadlineSeconds": 86400},
+        podTemplate={"spec": {"containers": [{"name": "trainer", "resources": {
+            "requests": {"cpu": "64"}, "limits": {"ephemeral-storage": "1Ti"}}}]}},
+    )  # fmt: skip
+    settings = OperatorSettings(
+        allowed_pod_template_fields=["containers.resources"],
+        validation_cpu_request="500m",
+        validation_cpu_limit="1",
+        validation_memory="2Gi",
+        validation_ephemeral_storage="5Gi",
+        validation_active_deadline_seconds=600,
+    )
+    validation = render_validation(spec, METADATA, settings)[-1]
+
+    (container,) = validation["spec"]["template"]["spec"]["containers"]
+    assert container["resources"] == {
+        "requests": {"cpu": "500m", "memory": "2Gi", "ephemeral-storage": "5Gi"},
+        "limits": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "5Gi"},
+    }
+    assert validation["spec"]["activeDeadlineSeconds"] == 600
+
+
+def test_validation_pod_has_sensible_limits_by_default() -> None:
+    validation = validation_children()[-1]
+
+    (container,) = validation["spec"]["template"]["spec"]["containers"]
+    for amounts in (container["resources"]["requests"], container["resources"]["limits"]):
+        assert set(amounts) == {"cpu", "memory", "ephemeral-storage"}  # never BestEffort
+    assert validation["spec"]["activeDeadlineSeconds"] > 0
+
+
+def test_validation_pod_carries_the_model_token_but_no_push_or_tracking_credentials() -> None:
+    spec = spec_of(
+        output={"uri": "pvc://adapters/x", "pushToHub": {
+            "repoId": "org/x", "tokenSecretRef": {"name": "hub-write", "key": "token"}}},
+        tracking={"mlflow": {
+            "trackingUri": "https://mlflow.example.com", "experimentName": "e",
+            "usernameSecretRef": {"name": "mlflow-auth", "key": "user"},
+            "passwordSecretRef": {"name": "mlflow-auth", "key": "password"},
+            "tokenSecretRef": {"name": "mlflow-auth", "key": "token"}}},
+    )  # fmt: skip
+    trainer_env = {e["name"] for e in trainer(rendered(spec))["env"]}
+    validation = validation_children(spec)[-1]
+
+    (container,) = validation["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert {"HF_PUSH_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+            "MLFLOW_TRACKING_TOKEN"} <= trainer_env  # fmt: skip
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+    secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in env.values() if "valueFrom" in e}
+    assert secrets == {"hf-token"}

@@ -194,6 +194,18 @@ namespaces) or into one Role per watched namespace.
   value: {{ join "," .Values.trainer.networkPolicy.egressCIDRs | quote }}
 - name: KUBETUNE_TRAINER_EGRESS_EXCEPT
   value: {{ join "," .Values.trainer.networkPolicy.egressExcept | quote }}
+- name: KUBETUNE_VALIDATION_CPU_REQUEST
+  value: {{ .Values.trainer.validation.cpuRequest | quote }}
+- name: KUBETUNE_VALIDATION_CPU_LIMIT
+  value: {{ .Values.trainer.validation.cpuLimit | quote }}
+- name: KUBETUNE_VALIDATION_MEMORY
+  value: {{ .Values.trainer.validation.memory | quote }}
+- name: KUBETUNE_VALIDATION_EPHEMERAL_STORAGE
+  value: {{ .Values.trainer.validation.ephemeralStorage | quote }}
+- name: KUBETUNE_VALIDATION_ACTIVE_DEADLINE_SECONDS
+  value: {{ .Values.trainer.validation.activeDeadlineSeconds | quote }}
+- name: KUBETUNE_METRICS_AUTH
+  value: {{ .Values.metrics.auth | quote }}
 {{- end }}
 
 {{/* A quoted integer, or "" for null (the operator then leaves the field unset). */}}
