@@ -16,7 +16,7 @@ HUGE_AFFINITY: dict[str, Any] = {
         "requiredDuringSchedulingIgnoredDuringExecution": {
             "nodeSelectorTerms": [
                 {"matchExpressions": [
-                    {"key": "zone", "operator": "In", "values": [f"{i:063d}" for i in range(20_000)]}
+                    {"key": "zone", "operator": "In", "values": [f"{i:063d}" for i in range(2_000)]}
                 ]}
             ]
         }
@@ -231,7 +231,8 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         ["usernameSecretRef and passwordSecretRef together"],
     ),
     (
-        # The 1.4 MB affinity: one expression with 20,000 values.
+        # The 1.4 MB affinity in small: one expression with 2,000 values (the memory test
+        # in tests/operator sends the whole 20,000).
         "affinity over its bounds",
         with_spec(scheduling={"affinity": HUGE_AFFINITY}),
         ["spec.scheduling.affinity", "matchExpressions[0].values", "at most 8 items"],

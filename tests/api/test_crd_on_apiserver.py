@@ -236,6 +236,30 @@ CEL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
             "podTemplate.metadata.annotations",
         )
     },
+    # Maps inside the bounded Kubernetes shapes (api/bounded.py): the schema bounds their size,
+    # CEL the length of their keys.
+    "keys may not be longer than 317 characters": (
+        with_spec(podTemplate={"spec": {"nodeSelector": {"k" * 318: "v"}}}),
+        with_spec(podTemplate={"spec": {"nodeSelector": {"k" * 317: "v"}}}),
+        "spec.podTemplate.spec: nodeSelector: keys may not be longer than 317",
+    ),
+    "keys may not be longer than 253 characters": (
+        with_spec(
+            podTemplate={
+                "spec": {
+                    "containers": [{"name": "trainer", "resources": {"limits": {"r" * 254: "1"}}}]
+                }
+            }
+        ),
+        with_spec(
+            podTemplate={
+                "spec": {
+                    "containers": [{"name": "trainer", "resources": {"limits": {"r" * 253: "1"}}}]
+                }
+            }
+        ),
+        "spec.podTemplate.spec: containers[0].resources.limits: keys may not be longer than 253",
+    ),
 }
 
 
