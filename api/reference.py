@@ -15,6 +15,11 @@ documented in the cluster: `kubectl explain finetunejob.spec.training`.
 
 Only `model.uri`, `dataset.uri` and `output.uri` are required. Sections marked *immutable*
 can't change once the job exists; edit `runPolicy` (e.g. `suspend`) and `scheduling` freely.
+
+Every list, map and string of the spec has a bound, shown as (≤ N): items, keys or characters
+(a map's keys are at most 317 characters, 253 for resource names). The apiserver refuses a
+value over its bound, naming the field. The spec as a whole may be at most 128 KiB of JSON
+(`kubetune validate`, and the operator, which fails a larger one `InvalidSpec`).
 """
 
 
@@ -23,12 +28,18 @@ def _type_of(node: dict[str, Any]) -> str:
         return "quantity"
     kind = str(node.get("type", "object"))
     if kind == "array":
-        return f"list of {_type_of(node.get('items', {}))}"
+        return f"list{_bound(node, 'maxItems')} of {_type_of(node.get('items', {}))}"
     if "enum" in node:
         return " \\| ".join(f"`{v}`" for v in node["enum"])
     if kind == "object" and isinstance(node.get("additionalProperties"), dict):
-        return f"map of {_type_of(node['additionalProperties'])}"
+        return f"map{_bound(node, 'maxProperties')} of {_type_of(node['additionalProperties'])}"
+    if kind == "string":
+        return f"string{_bound(node, 'maxLength')}"
     return kind
+
+
+def _bound(node: dict[str, Any], key: str) -> str:
+    return f" (≤ {node[key]})" if key in node else ""
 
 
 def _rows(node: dict[str, Any], prefix: str, required: set[str]) -> list[str]:
