@@ -386,16 +386,18 @@ def validation_job(
     pod = template["spec"]
     pod.pop("subdomain", None)
     pod["automountServiceAccountToken"] = False
-    fixed = {
+    requests = {
         "cpu": settings.validation_cpu_request,
-        "memory": settings.validation_memory,
-        "ephemeral-storage": settings.validation_ephemeral_storage,
+        "memory": settings.validation_memory_request,
+        "ephemeral-storage": settings.validation_ephemeral_storage_request,
+    }
+    limits = {
+        "cpu": settings.validation_cpu_limit,
+        "memory": settings.validation_memory_limit,
+        "ephemeral-storage": settings.validation_ephemeral_storage_limit,
     }
     for container in pod["containers"]:
-        container["resources"] = {
-            "requests": dict(fixed),
-            "limits": {**fixed, "cpu": settings.validation_cpu_limit},
-        }
+        container["resources"] = {"requests": dict(requests), "limits": dict(limits)}
         for mount in container.get("volumeMounts") or []:
             if mount["name"].startswith("pvc-"):
                 mount["readOnly"] = True

@@ -112,20 +112,26 @@ class OperatorSettings(BaseSettings):
         ),
     )
     validation_cpu_request: Quantity = Field(
-        default="250m", description="CPU request of the Validating phase's pod."
+        default="100m", description="CPU request of the Validating phase's pod."
     )
     validation_cpu_limit: Quantity = Field(
         default="2", description="CPU limit of the Validating phase's pod."
     )
-    validation_memory: Quantity = Field(
-        default="4Gi",
-        description="Memory request and limit of the Validating phase's pod (tokenizer, sample).",
+    validation_memory_request: Quantity = Field(
+        default="256Mi", description="Memory request of the Validating phase's pod."
     )
-    validation_ephemeral_storage: Quantity = Field(
+    validation_memory_limit: Quantity = Field(
+        default="4Gi",
+        description="Memory limit of the Validating phase's pod (tokenizer, tokenized sample).",
+    )
+    validation_ephemeral_storage_request: Quantity = Field(
+        default="512Mi", description="Ephemeral-storage request of the Validating phase's pod."
+    )
+    validation_ephemeral_storage_limit: Quantity = Field(
         default="10Gi",
         description=(
-            "Ephemeral-storage request and limit of the Validating phase's pod (downloaded "
-            "tokenizer and dataset, logs); past it the kubelet evicts the pod."
+            "Ephemeral-storage limit of the Validating phase's pod (downloaded tokenizer and "
+            "dataset, logs); past it the kubelet evicts the pod."
         ),
     )
     validation_active_deadline_seconds: int = Field(

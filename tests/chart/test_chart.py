@@ -119,7 +119,8 @@ def test_all_namespaces_mode_binds_a_cluster_role_and_creates_no_roles(render: R
     objects = render("-f", str(CHART / "ci" / "all-namespaces-values.yaml"))
 
     bindings = {b["roleRef"]["name"] for b in of_kind(objects, "ClusterRoleBinding")}
-    assert bindings == {"kt-kubetune-operator", "kt-kubetune-crd-watch"}
+    # metrics-auth: the TokenReviews and SubjectAccessReviews of /metrics callers (metrics.auth).
+    assert bindings == {"kt-kubetune-operator", "kt-kubetune-crd-watch", "kt-kubetune-metrics-auth"}
     # Only the leader-election Role (its Lease, in the release namespace).
     assert [r["metadata"]["name"] for r in of_kind(objects, "Role")] == [
         "kt-kubetune-leader-election"
@@ -130,7 +131,7 @@ def test_all_namespaces_mode_binds_a_cluster_role_and_creates_no_roles(render: R
     assert deployment_env(objects)["KUBETUNE_NAMESPACES"] == ""
 
 
-def test_watched_namespaces_get_one_role_each_and_nothing_cluster_wide_but_crd_watch(
+def test_watched_namespaces_get_one_role_each_and_nothing_cluster_wide_but_crd_watch_and_reviews(
     render: Render,
 ) -> None:
     objects = render("--set", "watchNamespaces={team-a,team-b}")
@@ -141,7 +142,11 @@ def test_watched_namespaces_get_one_role_each_and_nothing_cluster_wide_but_crd_w
         b for b in of_kind(objects, "RoleBinding") if b["metadata"]["name"].endswith("-operator")
     ]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
-    [binding] = of_kind(objects, "ClusterRoleBinding")
+    # Besides the CRD watch, only the reviews of /metrics callers, which read no object.
+    [binding] = [
+        b for b in of_kind(objects, "ClusterRoleBinding") if not b["metadata"]["name"].endswith(
+            "-metrics-auth")
+    ]  # fmt: skip
     [crd_watch] = [
         r
         for r in of_kind(objects, "ClusterRole")
@@ -323,7 +328,7 @@ def test_networkpolicy_and_servicemonitor_render_only_when_enabled(render: Rende
         ("trainer.runAsUser=-1", "/trainer/runAsUser"),
         ("metrics.serviceMonitor.interval=often", "/metrics/serviceMonitor/interval"),
         ("networkPolicy.apiServer.ports={0}", "/networkPolicy/apiServer/ports/0"),
-        ("trainer.validation.memory=lots", "/trainer/validation/memory"),
+        ("trainer.validation.resources.limits.memory=lots", "/trainer/validation/resources"),
         ("trainer.validation.activeDeadlineSeconds=0", "/trainer/validation"),
         ("metrics.auth=maybe", "/metrics/auth"),
         ("operatr.maxWorkers=3", "operatr"),
@@ -484,7 +489,7 @@ def test_metrics_are_served_to_authorized_readers_by_default(render: Render) -> 
 def test_validation_pod_values_reach_the_operator(
     render: Render, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    env = deployment_env(render("--set", "trainer.validation.memory=2Gi",
+    env = deployment_env(render("--set", "trainer.validation.resources.limits.memory=2Gi",
                                 "--set", "trainer.validation.activeDeadlineSeconds=600"))  # fmt: skip
     for key in list(os.environ):
         if key.startswith("KUBETUNE_"):
@@ -493,7 +498,9 @@ def test_validation_pod_values_reach_the_operator(
         monkeypatch.setenv(key, value)
     settings = OperatorSettings()
 
-    assert settings.validation_memory == "2Gi"
+    assert settings.validation_memory_limit == "2Gi"
     assert settings.validation_active_deadline_seconds == 600
-    assert settings.validation_cpu_request == "250m" and settings.validation_cpu_limit == "2"
-    assert settings.validation_ephemeral_storage == "10Gi"
+    assert settings.validation_cpu_request == "100m" and settings.validation_cpu_limit == "2"
+    assert settings.validation_memory_request == "256Mi"
+    assert settings.validation_ephemeral_storage_request == "512Mi"
+    assert settings.validation_ephemeral_storage_limit == "10Gi"

@@ -606,15 +606,17 @@ def test_validation_pod_gets_the_operators_resources_and_deadline_whatever_the_s
         allowed_pod_template_fields=["containers.resources"],
         validation_cpu_request="500m",
         validation_cpu_limit="1",
-        validation_memory="2Gi",
-        validation_ephemeral_storage="5Gi",
+        validation_memory_request="1Gi",
+        validation_memory_limit="2Gi",
+        validation_ephemeral_storage_request="1Gi",
+        validation_ephemeral_storage_limit="5Gi",
         validation_active_deadline_seconds=600,
     )
     validation = render_validation(spec, METADATA, settings)[-1]
 
     (container,) = validation["spec"]["template"]["spec"]["containers"]
     assert container["resources"] == {
-        "requests": {"cpu": "500m", "memory": "2Gi", "ephemeral-storage": "5Gi"},
+        "requests": {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "1Gi"},
         "limits": {"cpu": "1", "memory": "2Gi", "ephemeral-storage": "5Gi"},
     }
     assert validation["spec"]["activeDeadlineSeconds"] == 600

@@ -195,13 +195,17 @@ namespaces) or into one Role per watched namespace.
 - name: KUBETUNE_TRAINER_EGRESS_EXCEPT
   value: {{ join "," .Values.trainer.networkPolicy.egressExcept | quote }}
 - name: KUBETUNE_VALIDATION_CPU_REQUEST
-  value: {{ .Values.trainer.validation.cpuRequest | quote }}
+  value: {{ .Values.trainer.validation.resources.requests.cpu | quote }}
 - name: KUBETUNE_VALIDATION_CPU_LIMIT
-  value: {{ .Values.trainer.validation.cpuLimit | quote }}
-- name: KUBETUNE_VALIDATION_MEMORY
-  value: {{ .Values.trainer.validation.memory | quote }}
-- name: KUBETUNE_VALIDATION_EPHEMERAL_STORAGE
-  value: {{ .Values.trainer.validation.ephemeralStorage | quote }}
+  value: {{ .Values.trainer.validation.resources.limits.cpu | quote }}
+- name: KUBETUNE_VALIDATION_MEMORY_REQUEST
+  value: {{ .Values.trainer.validation.resources.requests.memory | quote }}
+- name: KUBETUNE_VALIDATION_MEMORY_LIMIT
+  value: {{ .Values.trainer.validation.resources.limits.memory | quote }}
+- name: KUBETUNE_VALIDATION_EPHEMERAL_STORAGE_REQUEST
+  value: {{ index .Values.trainer.validation.resources.requests "ephemeral-storage" | quote }}
+- name: KUBETUNE_VALIDATION_EPHEMERAL_STORAGE_LIMIT
+  value: {{ index .Values.trainer.validation.resources.limits "ephemeral-storage" | quote }}
 - name: KUBETUNE_VALIDATION_ACTIVE_DEADLINE_SECONDS
   value: {{ .Values.trainer.validation.activeDeadlineSeconds | quote }}
 - name: KUBETUNE_METRICS_AUTH
