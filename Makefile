@@ -3,12 +3,13 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 export PYTHONSAFEPATH := 1
 
-.PHONY: help setup demo demo-down test lint unit crds images lock
+.PHONY: help setup demo demo-down test lint unit crds docs images lock
 
 help:
 	@echo "make demo   set everything up and run the tiny fine-tuning job end to end"
 	@echo "make test   install what the tests need, build the images, then lint, type-check and run every test"
 	@echo "make crds   regenerate crds/ from the API models"
+	@echo "make docs   regenerate the module tables in docs/ from the modules' docstrings"
 	@echo "make images build the operator and trainer images from the Dockerfile (buildah, cached)"
 	@echo "make lock   re-pin requirements/*.txt after a change to pyproject.toml's dependencies"
 
@@ -33,6 +34,9 @@ test: setup
 crds: setup
 	@.venv/bin/kubetune crd --write crds --reference docs/reference.md
 	@cp crds/finetunejobs.kubetune.io.yaml charts/kubetune/crds/
+
+docs: setup
+	@.venv/bin/python -m kubetune_devtools.module_maps --write
 
 images: setup
 	@bash hack/images/build.sh
