@@ -41,9 +41,7 @@ def table(folder: Path) -> str:
 
 def regenerate(text: str, repo: Path = REPO) -> str:
     """``text`` with every module map in it rebuilt from the folder it names."""
-    return MAP.sub(
-        lambda m: m.group(1) + table(repo / m.group("folder")) + m.group(4), text
-    )
+    return MAP.sub(lambda m: m.group(1) + table(repo / m.group("folder")) + m.group(4), text)
 
 
 def stale(repo: Path = REPO) -> list[str]:
