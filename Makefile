@@ -25,9 +25,13 @@ demo-down:
 lint: setup
 	@bash hack/lint.sh
 
-# The images first, outside pytest's per-test timeout (the trainer's is minutes when cold).
+# Kueue's and JobSet's managers (which the demo doesn't start) and the images first, outside
+# pytest's per-test timeout (each is minutes when cold).
 test: setup
 	@bash hack/lint.sh
+	@echo "==> Kueue and JobSet from Go modules (cached after the first build)"
+	@bash hack/kueue/build.sh >/dev/null
+	@bash hack/jobset/build.sh >/dev/null
 	@bash hack/images/build.sh >/dev/null
 	@bash hack/pytest.sh
 
