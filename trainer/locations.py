@@ -113,6 +113,35 @@ def _inside(mount: Path, parsed: ParsedUri, what: str) -> Path:
     return resolved
 
 
+def refuse_escapes(folder: Path, mount: Path) -> None:
+    """Every entry of ``folder`` (a model folder on a claim), followed through its symlinks, is
+    a file or folder inside ``mount``: ValueError names the first that isn't.
+
+    Libraries read whatever a model folder holds (a ``chat_template.jinja``, a tokenizer file)
+    and copy some of it into the adapter they save and publish; one linked to
+    ``/proc/self/environ`` or another claim would carry the pod's tokens or another tenant's
+    files out with it.
+    """
+    seen: set[Path] = set()
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        try:
+            entries = sorted(current.iterdir())
+        except OSError as exc:
+            raise ValueError(f"cannot list {current}: {exc.strerror}") from None
+        for entry in entries:
+            target = entry.resolve()
+            if not target.is_relative_to(mount):
+                raise ValueError(f"{entry} leads out of its claim (to {target})")
+            if target.is_dir():
+                if target not in seen:
+                    seen.add(target)
+                    pending.append(entry)
+            elif not target.is_file():
+                raise ValueError(f"{entry} is not a regular file")
+
+
 def _cache_dir_for(uri: str, what: str) -> Path:
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     return cache_root() / what / digest

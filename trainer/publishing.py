@@ -25,7 +25,7 @@ from kubetune.trainer import locations, outputs
 from kubetune.trainer.checkpoints import CHECKPOINTS_DIR
 from kubetune.trainer.digests import sha256_file
 from kubetune.trainer.errors import first_line
-from kubetune.trainer.secrets import HubTokens, redact, redact_result
+from kubetune.trainer.secrets import HubTokens, redact, redact_result, redact_text_files
 from kubetune.trainer.tracking import MlflowRun, tracking_failure
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class Publisher:
         """The adapter and its tokenizer; a failure here is the run's (nothing is saved yet)."""
         model.save_pretrained(self.output_dir)
         written = tokenizer.save_pretrained(self.output_dir)
+        redact_text_files(self.output_dir, self.secrets)
         self._tokenizer = tokenizer
         self.adapter_files = [outputs.ADAPTER_WEIGHTS, outputs.ADAPTER_CONFIG]
         self.adapter_files += sorted({Path(f).name for f in written} - set(self.adapter_files))
@@ -186,6 +187,7 @@ class Publisher:
         target = self.output_dir / outputs.MERGED_DIR
         merged.save_pretrained(target)
         self._tokenizer.save_pretrained(target)
+        redact_text_files(target, self.secrets)
         del base, merged
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
