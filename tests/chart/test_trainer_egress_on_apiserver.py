@@ -79,6 +79,7 @@ def policies(settings: OperatorSettings, name: str) -> list[dict[str, Any]]:
     found = []
     for suffix, nodes in (("one", 1), ("group", 2)):
         spec = {**example["spec"], "resources": {**example["spec"]["resources"], "nodes": nodes}}
+        spec["training"] = {**spec["training"], "microBatchSize": 8}
         meta = {"name": f"{name}-{suffix}", "namespace": "ns", "uid": "uid-1"}
         objects = render_children(FineTuneJobSpec.model_validate(spec), meta, settings)
         [policy] = [o for o in objects if o["kind"] == "NetworkPolicy"]
