@@ -146,6 +146,11 @@ def test_the_trainer_downloads_only_from_public_addresses_unless_the_settings_al
     allowed = rendered(trainer_download_allowed_cidrs=["10.1.0.0/16", "fd00::/8"])
     env = {e["name"]: e.get("value") for e in trainer(allowed)["env"]}
     assert env["KUBETUNE_DOWNLOAD_ALLOWED_CIDRS"] == "10.1.0.0/16,fd00::/8"
+    # Where a pod template may set env, it can't widen what the platform allows.
+    widened = spec_of(podTemplate={"spec": {"containers": [{"name": "trainer", "env": [
+        {"name": "KUBETUNE_DOWNLOAD_ALLOWED_CIDRS", "value": "0.0.0.0/0,::/0"}]}]}})  # fmt: skip
+    env_of = trainer(rendered(widened, allowed_pod_template_fields=["containers.env"]))["env"]
+    assert {e["name"]: e.get("value") for e in env_of}["KUBETUNE_DOWNLOAD_ALLOWED_CIDRS"] == ""
 
 
 def test_every_child_is_owned_by_the_finetunejob_and_labelled() -> None:
