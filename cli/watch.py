@@ -49,8 +49,12 @@ def printable(text: str, *, newlines: bool = False) -> str:
 
 
 def sparkline(values: Sequence[float], width: int = 40) -> str:
-    """Loss history as a one-line chart, newest on the right."""
-    recent = list(values)[-width:]
+    """Loss history as a one-line chart, newest on the right: the whole curve, evenly thinned to
+    ``width`` points."""
+    values = list(values)
+    if len(values) > width:
+        values = [values[round(i * (len(values) - 1) / (width - 1))] for i in range(width)]
+    recent = values
     if not recent:
         return ""
     low, high = min(recent), max(recent)
@@ -90,8 +94,13 @@ def render_view(name: str, status: FineTuneJobStatus, losses: Sequence[float]) -
             details.append(f"lr {progress.learning_rate:.2e}")
         if details:
             lines.append("  " + "  ".join(details))
-        if len(losses) > 1:
-            lines.append(f"  loss {sparkline(losses)}")
+        # The run's own curve (status.progress.history) from its first step, else what this
+        # watch has seen.
+        curve = [point.loss for point in progress.history or () if point.loss is not None]
+        if len(curve) < 2:
+            curve = list(losses)
+        if len(curve) > 1:
+            lines.append(f"  loss {sparkline(curve)}")
     estimate = status.estimate
     if estimate is not None:
         about = "about " if estimate.sampled else ""

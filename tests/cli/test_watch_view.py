@@ -32,6 +32,21 @@ def test_running_job_shows_bar_step_eta_loss_and_sparkline() -> None:
     assert "loss █▄▁" in view
 
 
+def test_a_watch_started_late_draws_the_runs_whole_curve_from_its_status() -> None:
+    history = [{"step": 10 * i, "loss": 4.0 - 0.03 * i} for i in range(1, 101)]
+    status = FineTuneJobStatus.model_validate(
+        {
+            "phase": "Running",
+            "progress": {"step": 1000, "totalSteps": 2000, "percent": 50.0, "loss": 1.0,
+                         "history": history},
+        }
+    )  # fmt: skip
+    *_, line = (x for x in render_view("late", status, []).splitlines() if x.startswith("  loss "))
+    chart = line.removeprefix("  loss ")
+    assert len(chart) == 40 and chart[0] == "█" and chart[-1] == "▁", chart
+    assert list(chart) == sorted(chart, reverse=True), "a falling loss draws a falling line"
+
+
 def test_pending_job_says_why_it_waits() -> None:
     status = FineTuneJobStatus.model_validate(
         {
