@@ -3,12 +3,13 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 export PYTHONSAFEPATH := 1
 
-.PHONY: help setup demo demo-down test lint unit crds images lock
+.PHONY: help setup demo demo-down test lint unit crds docs images lock
 
 help:
 	@echo "make demo   set everything up and run the tiny fine-tuning job end to end"
 	@echo "make test   install what the tests need, build the images, then lint, type-check and run every test"
 	@echo "make crds   regenerate crds/ from the API models"
+	@echo "make docs   regenerate the module tables in docs/ from the modules' docstrings"
 	@echo "make images build the operator and trainer images from the Dockerfile (buildah, cached)"
 	@echo "make lock   re-pin requirements/*.txt after a change to pyproject.toml's dependencies"
 
@@ -24,15 +25,22 @@ demo-down:
 lint: setup
 	@bash hack/lint.sh
 
-# The images first, outside pytest's per-test timeout (the trainer's is minutes when cold).
+# Kueue's and JobSet's managers (which the demo doesn't start) and the images first, outside
+# pytest's per-test timeout (each is minutes when cold).
 test: setup
 	@bash hack/lint.sh
+	@echo "==> Kueue and JobSet from Go modules (cached after the first build)"
+	@bash hack/kueue/build.sh >/dev/null
+	@bash hack/jobset/build.sh >/dev/null
 	@bash hack/images/build.sh >/dev/null
 	@bash hack/pytest.sh
 
 crds: setup
 	@.venv/bin/kubetune crd --write crds --reference docs/reference.md
 	@cp crds/finetunejobs.kubetune.io.yaml charts/kubetune/crds/
+
+docs: setup
+	@.venv/bin/python -m kubetune_devtools.module_maps --write
 
 images: setup
 	@bash hack/images/build.sh

@@ -25,6 +25,10 @@ CONFIG_MOUNT_PATH: Final = "/etc/kubetune"
 #: Claims named by pvc:// URIs are mounted at ``$KUBETUNE_PVC_ROOT/<claim>``.
 PVC_ROOT_ENV: Final = "KUBETUNE_PVC_ROOT"
 DEFAULT_PVC_ROOT: Final = "/mnt/pvc"
+#: The private, loopback or link-local networks (comma-separated CIDRs) the trainer may download
+#: from; every other address that isn't public is refused (the operator's
+#: ``trainer_download_allowed_cidrs``; always set, so a pod template can't widen it).
+DOWNLOAD_ALLOWED_CIDRS_ENV: Final = "KUBETUNE_DOWNLOAD_ALLOWED_CIDRS"
 #: The model's read token, from ``spec.model.tokenSecretRef``.
 TOKEN_ENV: Final = "HF_TOKEN"  # noqa: S105 -- the variable's name, not its value
 #: The hub push token, from ``spec.output.pushToHub.tokenSecretRef``.

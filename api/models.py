@@ -957,6 +957,21 @@ class Condition(StatusModel):
     )
 
 
+CURVE_POINTS = 200
+"""The most points ``status.progress.history`` holds; older points are thinned evenly."""
+
+
+class CurvePoint(StatusModel):
+    """One logged step of the training curves."""
+
+    step: int = Field(description="Optimizer step of this point.")
+    loss: float | None = Field(default=None, description="Training loss logged at this step.")
+    learning_rate: float | None = Field(default=None, description="Learning rate at this step.")
+    tokens_per_second: float | None = Field(
+        default=None, description="Throughput in real tokens per second up to this step."
+    )
+
+
 class Progress(StatusModel):
     """Live training progress, written by the trainer (rate-limited)."""
 
@@ -971,6 +986,14 @@ class Progress(StatusModel):
     )
     eta_seconds: float | None = Field(default=None, description="Estimated seconds to finish.")
     updated_at: str | None = Field(default=None, description="When this was written (RFC 3339).")
+    history: list[CurvePoint] | None = Field(
+        default=None,
+        max_length=CURVE_POINTS,
+        description=(
+            f"The loss, learning-rate and throughput curves so far, at most {CURVE_POINTS} points"
+            " spread evenly over the run (thinned as it grows), oldest first."
+        ),
+    )
 
 
 class AdapterRef(StatusModel):

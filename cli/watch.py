@@ -7,7 +7,9 @@ sha256, final loss, base vs adapter answers) and exits 0 on success, 1 on failur
 from __future__ import annotations
 
 import argparse
+import re
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,10 +18,43 @@ from kubetune.api.models import GROUP, PLURAL, VERSION, FineTuneJobStatus
 _SPARKS = "▁▂▃▄▅▆▇█"
 _TERMINAL = {"Succeeded", "Failed"}
 
+#: Terminal escape sequences: CSI (colours, cursor moves, screen clears), OSC (window titles,
+#: hyperlinks, clipboard writes), DCS/SOS/PM/APC strings, and any other two-character escape.
+_ESCAPES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"
+    r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"
+    r"|\x1b[\s\S]?"
+)
+
+
+def printable(text: str, *, newlines: bool = False) -> str:
+    """``text`` with every terminal escape sequence and control character removed (tabs and,
+    where ``newlines`` allows, line breaks kept; other line breaks become spaces): what a job's
+    status says comes from its trainer, its dataset and the hosts it reads, and a watcher's
+    terminal must not take it for commands (colours, a cleared screen, a forged line, a link
+    that isn't what it shows, a clipboard write)."""
+    text = _ESCAPES.sub("", text)
+    kept = []
+    for char in text:
+        if char == "\n" and newlines:
+            kept.append(char)
+        elif char in "\n\r\t":
+            kept.append(" " if char != "\t" else char)
+        elif unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Zl", "Zp"):
+            continue  # C0/C1 controls, bidi overrides and other invisible formatting
+        else:
+            kept.append(char)
+    return "".join(kept)
+
 
 def sparkline(values: Sequence[float], width: int = 40) -> str:
-    """Loss history as a one-line chart, newest on the right."""
-    recent = list(values)[-width:]
+    """Loss history as a one-line chart, newest on the right: the whole curve, evenly thinned to
+    ``width`` points."""
+    values = list(values)
+    if len(values) > width:
+        values = [values[round(i * (len(values) - 1) / (width - 1))] for i in range(width)]
+    recent = values
     if not recent:
         return ""
     low, high = min(recent), max(recent)
@@ -43,7 +78,7 @@ def _duration(seconds: float | None) -> str:
 def render_view(name: str, status: FineTuneJobStatus, losses: Sequence[float]) -> str:
     """The lines shown while a job runs (pure: the unit tests pin it)."""
     phase = status.phase or "Pending"
-    lines = [f"{name}: {phase}"]
+    lines = [printable(f"{name}: {phase}")]
     progress = status.progress
     if progress is not None and progress.total_steps:
         lines.append(
@@ -59,23 +94,29 @@ def render_view(name: str, status: FineTuneJobStatus, losses: Sequence[float]) -
             details.append(f"lr {progress.learning_rate:.2e}")
         if details:
             lines.append("  " + "  ".join(details))
-        if len(losses) > 1:
-            lines.append(f"  loss {sparkline(losses)}")
+        # The run's own curve (status.progress.history) from its first step, else what this
+        # watch has seen.
+        curve = [point.loss for point in progress.history or () if point.loss is not None]
+        if len(curve) < 2:
+            curve = list(losses)
+        if len(curve) > 1:
+            lines.append(f"  loss {sparkline(curve)}")
     estimate = status.estimate
     if estimate is not None:
         about = "about " if estimate.sampled else ""
         parts = [f"{estimate.examples:,} examples", f"{about}{estimate.tokens:,} tokens/epoch",
                  f"{estimate.steps:,} steps"]  # fmt: skip
         if estimate.peak_gib is not None:
-            parts.append(f"peak {estimate.peak_gib} GiB on {estimate.gpu_kind}")
+            parts.append(f"peak {estimate.peak_gib} GiB on {printable(str(estimate.gpu_kind))}")
         if estimate.seconds is not None:
             parts.append(f"about {_duration(estimate.seconds)} of training")
         lines.append("  estimate: " + ", ".join(parts))
     for condition in status.conditions:
+        said = printable(f"{condition.reason}: {condition.message}")
         if condition.status == "True" and condition.type in ("Failed", "Suspended"):
-            lines.append(f"  {condition.type}: {condition.reason}: {condition.message}")
+            lines.append(f"  {printable(condition.type)}: {said}")
         if condition.type == "Ready" and condition.status == "False" and phase == "Pending":
-            lines.append(f"  waiting: {condition.reason}: {condition.message}")
+            lines.append(f"  waiting: {said}")
     return "\n".join(lines)
 
 
@@ -83,12 +124,14 @@ def render_result(status: FineTuneJobStatus) -> str:
     result = status.result
     if result is None:
         return ""
-    lines = [f"result: {result.outcome} ({result.reason}) {result.message}".rstrip()]
+    said = printable(f"{result.outcome} ({result.reason}) {result.message}")
+    lines = [f"result: {said}".rstrip()]
     if result.adapter is not None:
-        lines.append(f"  adapter  {result.adapter.uri}")
-        lines.append(f"  sha256   {result.adapter.sha256}  ({result.adapter.size_bytes:,} bytes)")
+        adapter = result.adapter
+        lines.append(f"  adapter  {printable(adapter.uri)}")
+        lines.append(f"  sha256   {printable(adapter.sha256)}  ({adapter.size_bytes:,} bytes)")
     for key in sorted(result.metrics):
-        lines.append(f"  {key:<8} {result.metrics[key]:.4f}")
+        lines.append(f"  {printable(key):<8} {result.metrics[key]:.4f}")
     if result.evaluation is not None and result.evaluation.samples:
         lines.append("  prompt → base | adapter")
         for sample in result.evaluation.samples:
@@ -109,8 +152,13 @@ def _event_lines(core: Any, namespace: str, name: str, uid: str, seen: set[str])
         key = f"{event.metadata.uid}/{event.count}"
         if key not in seen:
             seen.add(key)
-            lines.append(f"  event {event.type} {event.reason}: {event.message}")
+            lines.append(event_line(event.type, event.reason, event.message))
     return lines
+
+
+def event_line(kind: str | None, reason: str | None, message: str | None) -> str:
+    """One Event, as the watch prints it."""
+    return "  event " + printable(f"{kind} {reason}: {message}")
 
 
 def connect(kubeconfig: str | None) -> tuple[Any, Any]:
@@ -140,6 +188,10 @@ def watch(
     from kubernetes import client
 
     custom, core = connect(kubeconfig)
+
+    def emit(text: str) -> None:  # every line, whatever built it, goes through printable
+        out(printable(text, newlines=True))
+
     losses: list[float] = []
     seen_events: set[str] = set()
     last_view = ""
@@ -149,7 +201,7 @@ def watch(
             obj = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
         except client.ApiException as exc:
             if exc.status == 404:
-                out(f"FineTuneJob {namespace}/{name} not found")
+                emit(f"FineTuneJob {namespace}/{name} not found")
                 return 1
             raise
         status = FineTuneJobStatus.model_validate(obj.get("status") or {})
@@ -159,18 +211,18 @@ def watch(
             losses.append(float(progress.loss or 0.0))
         uid = str(obj.get("metadata", {}).get("uid", ""))
         for line in _event_lines(core, namespace, name, uid, seen_events):
-            out(line)
+            emit(line)
         view = render_view(name, status, losses)
         if view != last_view:
-            out(view)
+            emit(view)
             last_view = view
         if status.phase in _TERMINAL:
             summary = render_result(status)
             if summary:
-                out(summary)
+                emit(summary)
             return 0 if status.phase == "Succeeded" else 1
         if deadline is not None and time.monotonic() > deadline:
-            out(f"timed out after {timeout:.0f}s; the job goes on (phase {status.phase})")
+            emit(f"timed out after {timeout:.0f}s; the job goes on (phase {status.phase})")
             return 2
         time.sleep(interval)
 

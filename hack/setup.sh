@@ -2,9 +2,10 @@
 # Installs everything the demo and the tests need, idempotently: a virtualenv with kubetune and
 # its extras at the versions pinned in requirements/dev.txt (`make lock`; through uv, with its
 # download cache and the pinned hashes), Debian's bubblewrap, and the Kubernetes control-plane
-# binaries (and the Kueue and JobSet managers, for queued jobs and JobSet groups) built from Go
-# modules into a cache keyed by their go.sum. The images (`make images`, hack/images/build.sh) are built by `make test` before pytest
-# (and by the tests that run them, on first use), cached by content.
+# binaries and helm built from Go modules into a cache keyed by their go.sum: what `make demo`
+# starts. `make test` builds Kueue's and JobSet's managers beside them (queued jobs, JobSet
+# groups) and the images (`make images`, hack/images/build.sh) before pytest (the tests that run
+# them build them on first use too), cached by content.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The folder operator/ would shadow the standard library module if the cwd were on sys.path.
@@ -34,8 +35,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/dev.tx
   touch "$stamp"
 fi
 
-echo "==> control plane, helm, Kueue and JobSet from Go modules (cached after the first build)"
+echo "==> control plane and helm from Go modules (cached after the first build)"
 bash hack/cluster/build.sh >/dev/null
 bash hack/helm/build.sh >/dev/null
-bash hack/kueue/build.sh >/dev/null
-bash hack/jobset/build.sh >/dev/null

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import ipaddress
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -19,6 +20,7 @@ from kubetune.api.contract import (
     COMPONENT_LABEL,
     CONFIG_FILE,
     CONTROLLER_UID_LABEL,
+    DOWNLOAD_ALLOWED_CIDRS_ENV,
     FINETUNEJOB_ANNOTATION,
     JOB_LABEL,
     KUEUE_QUEUE_LABEL,
@@ -416,25 +418,36 @@ def validation_job(
 def network_policy(
     name: str, names: ChildNames, meta: Any, settings: OperatorSettings, *, group: bool = False
 ) -> Manifest:
-    """No ingress; egress to DNS and the allowed CIDRs, less the excepted (metadata) addresses.
+    """No ingress; egress to the cluster's DNS and the allowed CIDRs, less what lies inside them
+    of the excepted addresses (private ranges, the cluster's pod and service CIDRs, metadata).
 
-    A group's pods also reach each other, and only each other: the rendezvous (rank 0's
-    port) and the collectives, whose gloo and NCCL sockets take ephemeral ports on each side, so
-    the rule between them names the pods, not ports.
+    DNS goes only to the cluster's DNS pods (and the DNS CIDRs the settings add), never port 53
+    anywhere: an open port 53 is a way out to any host. A group's pods also reach each other,
+    and only each other: the rendezvous (rank 0's port) and the collectives, whose gloo and NCCL
+    sockets take ephemeral ports on each side, so the rule between them names the pods, not
+    ports.
     """
-    egress: list[Manifest] = [
-        {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]}
+    dns_ports = [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
+    dns_peers: list[Manifest] = [
+        {
+            "namespaceSelector": {"matchLabels": dict(settings.trainer_dns_namespace_selector)},
+            "podSelector": {"matchLabels": dict(settings.trainer_dns_pod_selector)},
+        }
     ]
+    dns_peers += [{"ipBlock": block} for block in egress_blocks(settings.trainer_dns_cidrs, [])]
+    egress: list[Manifest] = [{"to": dns_peers, "ports": dns_ports}]
     peers: list[Manifest] = [{"podSelector": {"matchLabels": group_selector(name)}}]
     if group:
         egress.append({"to": peers})
-    blocks = []
-    for cidr in settings.trainer_egress_cidrs:
-        family = ":" in cidr
-        excepted = [e for e in settings.trainer_egress_except if (":" in e) == family]
-        blocks.append({"ipBlock": {"cidr": cidr, **({"except": excepted} if excepted else {})}})
+    if settings.trainer_apiserver_cidrs:
+        # Progress goes to the API server, whose endpoints often lie in an excepted range.
+        api_peers = egress_blocks(settings.trainer_apiserver_cidrs, [])
+        api_ports = [{"port": port, "protocol": "TCP"} for port in settings.trainer_apiserver_ports]
+        egress.append({"to": [{"ipBlock": block} for block in api_peers], "ports": api_ports})
+    excepted = [*settings.trainer_egress_except, *settings.trainer_cluster_cidrs]
+    blocks = egress_blocks(settings.trainer_egress_cidrs, excepted)
     if blocks:
-        egress.append({"to": blocks})
+        egress.append({"to": [{"ipBlock": block} for block in blocks]})
     policy: Manifest = {
         "podSelector": {"matchLabels": group_selector(name)},
         "policyTypes": ["Ingress", "Egress"],
@@ -448,6 +461,40 @@ def network_policy(
         "metadata": meta(names.network_policy),
         "spec": policy,
     }
+
+
+def egress_blocks(cidrs: list[str], excepted: list[str]) -> list[Manifest]:
+    """An ipBlock per CIDR, with the excepted networks that lie strictly inside it.
+
+    The apiserver refuses an ``except`` that isn't a strict subset of its ``cidr``, and one such
+    entry would fail every job: an excepted range that holds the whole CIDR (a platform that
+    allows its pods' CIDR while the private ranges are excepted) leaves the CIDR as it is, the
+    platform's explicit choice; one of the other address family or outside it is left out.
+    """
+    blocks: list[Manifest] = []
+    for cidr in cidrs:
+        network = ipaddress.ip_network(cidr)
+        inside: list[str] = []
+        for entry in excepted:
+            other = ipaddress.ip_network(entry)
+            if _strictly_inside(other, network) and str(other) not in inside:
+                inside.append(str(other))
+        block: Manifest = {"cidr": str(network)}
+        if inside:
+            block["except"] = inside
+        blocks.append(block)
+    return blocks
+
+
+def _strictly_inside(
+    inner: ipaddress.IPv4Network | ipaddress.IPv6Network,
+    outer: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> bool:
+    if isinstance(inner, ipaddress.IPv4Network) and isinstance(outer, ipaddress.IPv4Network):
+        return inner.prefixlen > outer.prefixlen and inner.subnet_of(outer)
+    if isinstance(inner, ipaddress.IPv6Network) and isinstance(outer, ipaddress.IPv6Network):
+        return inner.prefixlen > outer.prefixlen and inner.subnet_of(outer)
+    return False
 
 
 def render_job(
@@ -543,7 +590,13 @@ def _pod_spec(spec: FineTuneJobSpec, names: ChildNames, settings: OperatorSettin
     if resources.gpus > 0:
         amounts[resources.gpu_resource_name] = str(resources.gpus)
 
-    env: list[Manifest] = [{"name": PVC_ROOT_ENV, "value": settings.pvc_root}]
+    env: list[Manifest] = [
+        {"name": PVC_ROOT_ENV, "value": settings.pvc_root},
+        {
+            "name": DOWNLOAD_ALLOWED_CIDRS_ENV,
+            "value": ",".join(settings.trainer_download_allowed_cidrs),
+        },
+    ]
     # The model's token reads; a push token writes (the trainer falls back to the read token).
     # Both by reference: the values never pass through the operator.
     token_refs = [(TOKEN_ENV, spec.model.token_secret_ref)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Final, Literal
 
 from pydantic import BeforeValidator, Field, field_validator
@@ -37,6 +38,20 @@ NEVER_CONTAINER_FIELDS: Final = frozenset(
     {"image", "imagePullPolicy", "command", "args", "securityContext", "lifecycle",
      "livenessProbe", "readinessProbe", "startupProbe", "volumeDevices", "workingDir",
      "terminationMessagePath", "terminationMessagePolicy", "resizePolicy", "restartPolicy"}
+)  # fmt: skip
+#: Blocked within the egress CIDRs unless a platform says otherwise: addresses that are not the
+#: internet (private, shared, loopback, link-local, unique-local) and every cloud metadata address
+#: (most lie inside those ranges; they are listed for a platform that narrows the ranges).
+DEFAULT_EGRESS_EXCEPT: Final = (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # RFC 1918
+    "100.64.0.0/10",  # shared address space (RFC 6598), pods on some clouds
+    "127.0.0.0/8", "169.254.0.0/16",  # loopback, link-local
+    "169.254.169.254/32",  # AWS, GCP, Azure, OpenStack metadata
+    "100.100.100.200/32",  # Alibaba Cloud metadata
+    "192.0.0.192/32",  # Oracle Cloud metadata
+    "::1/128", "fe80::/10", "fc00::/7",  # IPv6 loopback, link-local, unique-local
+    "fd00:ec2::254/128",  # AWS metadata (IPv6)
+    "fd20:ce::254/128",  # GCP metadata (IPv6)
 )  # fmt: skip
 OptionalInt = Annotated[int | None, BeforeValidator(_empty_is_none)]
 OptionalStr = Annotated[str | None, BeforeValidator(_empty_is_none)]
@@ -86,7 +101,8 @@ class OperatorSettings(BaseSettings):
     trainer_network_policy: bool = Field(
         default=True,
         description=(
-            "Give each trainer pod a NetworkPolicy: no ingress, egress to DNS and the CIDRs."
+            "Give each trainer pod a NetworkPolicy: no ingress, egress to the cluster's DNS and "
+            "the CIDRs."
         ),
     )
     trainer_egress_cidrs: CsvList = Field(
@@ -94,8 +110,53 @@ class OperatorSettings(BaseSettings):
         description="Where trainer pods may connect (besides DNS), comma-separated CIDRs.",
     )
     trainer_egress_except: CsvList = Field(
-        default_factory=lambda: ["169.254.169.254/32", "fd00:ec2::254/128"],
-        description="Addresses blocked within those CIDRs (default: cloud metadata endpoints).",
+        default_factory=lambda: list(DEFAULT_EGRESS_EXCEPT),
+        description=(
+            "Addresses blocked within those CIDRs (default: private, shared, loopback and "
+            "link-local ranges and every known cloud metadata address); only those inside a "
+            "CIDR are applied to it."
+        ),
+    )
+    trainer_cluster_cidrs: CsvList = Field(
+        default_factory=list,
+        description=(
+            "The cluster's pod and service CIDRs, blocked within the egress CIDRs like "
+            "trainer_egress_except (name them where they lie outside the private ranges)."
+        ),
+    )
+    trainer_dns_namespace_selector: dict[str, str] = Field(
+        default_factory=lambda: {"kubernetes.io/metadata.name": "kube-system"},
+        description="Labels of the namespace of the cluster's DNS pods (JSON object).",
+    )
+    trainer_dns_pod_selector: dict[str, str] = Field(
+        default_factory=lambda: {"k8s-app": "kube-dns"},
+        description="Labels of the cluster's DNS pods (JSON object; CoreDNS keeps kube-dns's).",
+    )
+    trainer_dns_cidrs: CsvList = Field(
+        default_factory=list,
+        description=(
+            "More DNS servers trainer pods may ask on port 53, as CIDRs (a node-local DNS "
+            "cache's address, such as 169.254.20.10/32)."
+        ),
+    )
+    trainer_apiserver_cidrs: CsvList = Field(
+        default_factory=list,
+        description=(
+            "The API server's endpoint addresses (kubectl get endpoints kubernetes), as CIDRs "
+            "trainer pods may reach on trainer_apiserver_ports to report progress where they "
+            "lie inside an excepted range; empty: no such rule."
+        ),
+    )
+    trainer_apiserver_ports: Annotated[list[int], NoDecode, BeforeValidator(_split_csv)] = Field(
+        default_factory=lambda: [443, 6443],
+        description="The API server's ports, for trainer_apiserver_cidrs (comma-separated).",
+    )
+    trainer_download_allowed_cidrs: CsvList = Field(
+        default_factory=list,
+        description=(
+            "Private, loopback or link-local addresses the trainer may download datasets from "
+            "(comma-separated CIDRs); every other non-public address is refused."
+        ),
     )
     trainer_command: str = Field(
         default=TRAINER_COMMAND,
@@ -229,6 +290,22 @@ class OperatorSettings(BaseSettings):
         default=None,
         description="This replica's name in the Lease; empty: the pod's name (POD_NAME) or host.",
     )
+
+    @field_validator(
+        "trainer_egress_cidrs", "trainer_egress_except", "trainer_cluster_cidrs",
+        "trainer_dns_cidrs", "trainer_apiserver_cidrs", "trainer_download_allowed_cidrs",
+    )  # fmt: skip
+    @classmethod
+    def _cidrs(cls, cidrs: list[str]) -> list[str]:
+        wrong = []
+        for cidr in cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=True)
+            except ValueError:
+                wrong.append(cidr)
+        if wrong:
+            raise ValueError(f"not CIDRs (address/prefix, host bits zero): {', '.join(wrong)}")
+        return cidrs
 
     @field_validator("allowed_pod_template_fields")
     @classmethod

@@ -90,13 +90,22 @@ def apply_column_mapping(dataset: Dataset, spec: DatasetSpec) -> Dataset:
         if column is not None and column not in dataset.column_names:
             alias = "dataset.columns." + canonical
             raise DatasetUnusable(
-                f"dataset has no column {column!r} ({alias}); its columns are: "
-                + ", ".join(dataset.column_names)
+                f"dataset has no column {column!r} ({alias}); {_COLUMNS_IN_LOG}",
+                detail=_columns_of(dataset.column_names),
             )
     clashes = [c for c in mapping.values() if c in dataset.column_names and c not in mapping]
     if clashes:
         dataset = dataset.remove_columns(clashes)
     return dataset.rename_columns(mapping) if mapping else dataset
+
+
+#: Column names are the data's words (a CSV's header line is its first line): they go to the
+#: trainer's log, never to the termination message the job's status shows.
+_COLUMNS_IN_LOG = "the trainer's log lists the dataset's columns"
+
+
+def _columns_of(columns: Iterable[str]) -> str:
+    return "the dataset's columns: " + ", ".join(repr(c) for c in columns)
 
 
 def detect_format(columns: list[str]) -> str:
@@ -105,10 +114,10 @@ def detect_format(columns: list[str]) -> str:
         if all(c in columns for c in FORMAT_COLUMNS[fmt]):
             return fmt
     raise DatasetUnusable(
-        "cannot detect the dataset format from its columns ("
-        + ", ".join(columns)
-        + "): expected messages, prompt+completion, instruction+output, or text; set "
-        "dataset.format and dataset.columns"
+        "cannot detect the dataset format from its columns: expected messages, "
+        "prompt+completion, instruction+output, or text; set dataset.format and dataset.columns "
+        f"({_COLUMNS_IN_LOG})",
+        detail=_columns_of(columns),
     )
 
 
@@ -116,9 +125,9 @@ def _require_columns(dataset: Dataset, fmt: str) -> None:
     missing = [c for c in FORMAT_COLUMNS[fmt] if c not in dataset.column_names]
     if missing:
         raise DatasetUnusable(
-            f"dataset format {fmt} needs column(s) {', '.join(missing)}, but the dataset has: "
-            + ", ".join(dataset.column_names)
-            + " (map yours with dataset.columns)"
+            f"dataset format {fmt} needs column(s) {', '.join(missing)}; map yours with "
+            f"dataset.columns ({_COLUMNS_IN_LOG})",
+            detail=_columns_of(dataset.column_names),
         )
 
 
@@ -169,7 +178,7 @@ def _describe(value: Any) -> str:
     if isinstance(value, bool):
         return f"{str(value).lower()} (a boolean)"
     if isinstance(value, (int, float)):
-        return f"the number {value}"
+        return "a number"
     if isinstance(value, (list, tuple)):
         return "a list"
     if isinstance(value, dict):
@@ -253,8 +262,8 @@ def _check_messages(dataset: Dataset, spec: DatasetSpec, origins: RecordOrigins)
                     )
         if messages[-1]["role"] != "assistant":
             raise DatasetUnusable(
-                f"{where}: the last message must be the assistant's (it is "
-                f"{messages[-1]['role']!r}), or there is nothing to learn"
+                f"{where}: the last message must be the assistant's, or there is nothing to learn",
+                detail=f"its role is {messages[-1]['role']!r}",
             )
 
 
@@ -266,8 +275,9 @@ def prepare(
     splits, fingerprint = raw.splits, raw.fingerprint
     if spec.split not in splits:
         raise DatasetUnusable(
-            f"dataset has no split {spec.split!r} (dataset.split); it has: "
-            + ", ".join(sorted(splits))
+            f"dataset has no split {spec.split!r} (dataset.split); the trainer's log lists "
+            "the splits it has",
+            detail="its splits: " + ", ".join(repr(s) for s in sorted(splits)),
         )
     train = splits[spec.split]
     if len(train) == 0:

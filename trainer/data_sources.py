@@ -186,12 +186,18 @@ def _load_files(
             if described[-1].records == 0 or path.stat().st_size == 0:
                 raise DatasetUnusable(f"dataset {path} is empty: no records to train on")
         origins[split] = RecordOrigins(split, tuple(described))
+    builder = builders.pop()
     try:
-        loaded = load_dataset(builders.pop(), data_files=files, cache_dir=str(cache_dir))
+        loaded = load_dataset(builder, data_files=files, cache_dir=str(cache_dir))
     except DatasetUnusable:
         raise
     except Exception as exc:  # datasets raises many types; all of them mean "can't read it"
-        raise DatasetUnusable(f"cannot read dataset {_names(files)}: {first_line(exc)}") from None
+        # Its words quote the data (a header, a line): the log gets them, the status doesn't.
+        raise DatasetUnusable(
+            f"cannot read dataset {_names(files)}: not valid {builder} data "
+            f"({type(exc).__name__}; the trainer's log says why)",
+            detail=first_line(exc),
+        ) from None
     return dict(loaded), origins
 
 

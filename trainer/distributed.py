@@ -364,7 +364,7 @@ def launch(
                 spec.resources.gpus, spec.resources.nodes, os.environ, torch.cuda.device_count()
             )
         except InvalidConfig as exc:
-            log.error("%s: %s", exc.reason, exc.message)
+            log.error("%s", exc.log_line())
             result = _failure(ExitCode.INVALID_CONFIG, exc.message)
             if write_termination:
                 outputs.write_termination_message(result)

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
+import ipaddress
 import os
 import re
+import socket
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from kubetune.api.contract import DEFAULT_PVC_ROOT, PVC_ROOT_ENV
+from kubetune.api.contract import DEFAULT_PVC_ROOT, DOWNLOAD_ALLOWED_CIDRS_ENV, PVC_ROOT_ENV
 from kubetune.api.uris import ParsedUri, display_uri, parse_uri
 from kubetune.trainer.errors import InvalidConfig
 
@@ -110,6 +113,35 @@ def _inside(mount: Path, parsed: ParsedUri, what: str) -> Path:
     return resolved
 
 
+def refuse_escapes(folder: Path, mount: Path) -> None:
+    """Every entry of ``folder`` (a model folder on a claim), followed through its symlinks, is
+    a file or folder inside ``mount``: ValueError names the first that isn't.
+
+    Libraries read whatever a model folder holds (a ``chat_template.jinja``, a tokenizer file)
+    and copy some of it into the adapter they save and publish; one linked to
+    ``/proc/self/environ`` or another claim would carry the pod's tokens or another tenant's
+    files out with it.
+    """
+    seen: set[Path] = set()
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        try:
+            entries = sorted(current.iterdir())
+        except OSError as exc:
+            raise ValueError(f"cannot list {current}: {exc.strerror}") from None
+        for entry in entries:
+            target = entry.resolve()
+            if not target.is_relative_to(mount):
+                raise ValueError(f"{entry} leads out of its claim (to {target})")
+            if target.is_dir():
+                if target not in seen:
+                    seen.add(target)
+                    pending.append(entry)
+            elif not target.is_file():
+                raise ValueError(f"{entry} is not a regular file")
+
+
 def _cache_dir_for(uri: str, what: str) -> Path:
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     return cache_root() / what / digest
@@ -154,9 +186,13 @@ def fetch_http(uri: str, what: str) -> Path:
     """Download an http(s) file into the local cache, keeping its name (its suffix says its type).
 
     Nothing but the URI's own credentials goes to the host: no hub token, no netrc, no headers
-    from a process-wide opener. Userinfo in the URI becomes HTTP Basic auth for that host only
-    (a redirect elsewhere does not carry it); a presigned URL's query string is sent as it is.
-    The download stops at :func:`max_download_bytes`, and fails with :class:`DownloadFailed`.
+    from a process-wide opener. Userinfo in the URI becomes HTTP Basic auth for that host only; a
+    presigned URL's query string is sent as it is. The host must resolve to public addresses
+    only (or to networks ``$KUBETUNE_DOWNLOAD_ALLOWED_CIDRS`` allows), checked on every
+    connection, and a redirect is refused: a tenant's URI may not lead the trainer to the
+    cluster's or the cloud's private services. The download stops at :func:`max_download_bytes`.
+    Every failure is a :class:`DownloadFailed` whose message holds nothing the host sent back
+    but its status code.
     """
     parts = urllib.parse.urlsplit(uri)
     host = parts.hostname or ""
@@ -171,12 +207,19 @@ def fetch_http(uri: str, what: str) -> Path:
         basic = base64.b64encode(pair.encode()).decode()
         request.add_unredirected_header("Authorization", f"Basic {basic}")
     limit = max_download_bytes()
+    allowed = download_allowed_networks()
     name = Path(urllib.parse.unquote(parts.path)).name or "data"
     target = _cache_dir_for(uri, what) / name
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
-    # A fresh opener: never one a library installed globally (with its own auth handlers).
-    opener = urllib.request.build_opener(_HttpOnlyRedirects)
+    # A fresh opener: never one a library installed globally (with its own auth handlers), no
+    # proxy from the environment (the address checked must be the one connected to).
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}),
+        _NoRedirects(),
+        _CheckedHTTPHandler(allowed),
+        _CheckedHTTPSHandler(allowed),
+    )
     try:
         with opener.open(request, timeout=HTTP_TIMEOUT_SECONDS) as response:
             length = response.headers.get("Content-Length")
@@ -191,28 +234,142 @@ def fetch_http(uri: str, what: str) -> Path:
         raise
     except urllib.error.HTTPError as exc:
         partial.unlink(missing_ok=True)
-        raise DownloadFailed(f"the server answered HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
+        # The code only: the reason phrase and the body are the host's words.
+        raise DownloadFailed(f"the server answered HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         partial.unlink(missing_ok=True)
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if isinstance(reason, DownloadFailed):
+            raise reason from None
         if isinstance(reason, TimeoutError):
             why = f"no answer within {HTTP_TIMEOUT_SECONDS} seconds"
-        else:
-            why = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+        elif isinstance(reason, OSError) and reason.strerror:
+            why = reason.strerror
+        else:  # an answer that isn't HTTP: its text stays out of the message
+            why = type(reason).__name__
         raise DownloadFailed(f"cannot reach {netloc}: {why}") from None
     partial.replace(target)
     return target
 
 
-class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """Follows redirects to http(s) only (urllib would also follow one to ftp://)."""
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def download_allowed_networks() -> tuple[Network, ...]:
+    """The non-public networks downloads may reach: ``$KUBETUNE_DOWNLOAD_ALLOWED_CIDRS``."""
+    value = os.environ.get(DOWNLOAD_ALLOWED_CIDRS_ENV, "")
+    networks = []
+    for item in (v.strip() for v in value.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise InvalidConfig(
+                f"{DOWNLOAD_ALLOWED_CIDRS_ENV} must be comma-separated CIDRs, not {item!r}"
+            ) from None
+    return tuple(networks)
+
+
+def is_public(address: Address) -> bool:
+    """Whether ``address`` is on the internet: not private, shared, loopback, link-local,
+    unique-local, multicast or reserved, nor an IPv6 form of such an IPv4 address."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if embedded is None and address in _NAT64:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+        if embedded is None and address.teredo is not None:
+            embedded = address.teredo[1]
+        if embedded is not None and not is_public(embedded):
+            return False
+    if any(address in network for network in _NOT_PUBLIC):
+        return False
+    return address.is_global and not address.is_multicast
+
+
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+#: Beside what Python calls not global: the IETF block that holds Oracle's metadata address
+#: (192.0.0.192), which Python's table leaves global, and the shared range (Alibaba's
+#: 100.100.100.200) on versions that differ.
+_NOT_PUBLIC = (ipaddress.IPv4Network("192.0.0.0/24"), ipaddress.IPv4Network("100.64.0.0/10"))
+
+
+def _checked_connection(allowed: tuple[Network, ...]) -> Any:
+    """``socket.create_connection`` that connects only to addresses :func:`is_public` or
+    ``allowed`` holds, resolving once and connecting to what it checked (no second lookup a
+    rebinding DNS server could answer differently)."""
+
+    def connect(
+        address: tuple[str, int], timeout: Any = None, source_address: Any = None, **_: Any
+    ) -> socket.socket:
+        host, port = address
+        try:
+            found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise OSError(exc.errno, exc.strerror or "name not resolved") from None
+        last: OSError | None = None
+        for family, kind, proto, _name, sockaddr in found:
+            ip = ipaddress.ip_address(str(sockaddr[0]).partition("%")[0])
+            if not is_public(ip) and not any(ip in net for net in allowed):
+                raise DownloadFailed(
+                    f"{host} resolves to {ip}, an address that isn't public (private, loopback, "
+                    f"link-local or metadata); {DOWNLOAD_ALLOWED_CIDRS_ENV} may allow it"
+                )
+            sock = socket.socket(family, kind, proto)
+            try:
+                if timeout is not None and timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:  # type: ignore[attr-defined]
+                    sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+            except OSError as exc:
+                sock.close()
+                last = exc
+                continue
+            return sock
+        raise last or OSError(f"{host} has no address")
+
+    return connect
+
+
+class _CheckedHTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, allowed: tuple[Network, ...]) -> None:
+        super().__init__()
+        self.allowed = allowed
+
+    def http_open(self, req: Any) -> Any:
+        def connection(host: str, **kwargs: Any) -> http.client.HTTPConnection:
+            made = http.client.HTTPConnection(host, **kwargs)
+            # http.client connects through this attribute: the checked connect instead.
+            setattr(made, "_create_connection", _checked_connection(self.allowed))  # noqa: B010
+            return made
+
+        return self.do_open(connection, req)
+
+
+class _CheckedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, allowed: tuple[Network, ...]) -> None:
+        super().__init__()
+        self.allowed = allowed
+
+    def https_open(self, req: Any) -> Any:
+        def connection(host: str, **kwargs: Any) -> http.client.HTTPSConnection:
+            made = http.client.HTTPSConnection(host, **kwargs)
+            setattr(made, "_create_connection", _checked_connection(self.allowed))  # noqa: B010
+            return made
+
+        context = getattr(self, "_context", None)
+        return self.do_open(connection, req, context=context)
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Refuses every redirect: where it leads is the host's choice, and it may be anywhere."""
 
     def redirect_request(  # noqa: PLR0917 -- urllib's signature
         self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
     ) -> Any:
-        if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
-            raise DownloadFailed(f"the server redirected to a {newurl.partition(':')[0]} URL")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+        raise DownloadFailed(f"the server answered HTTP {code}, a redirect; downloads follow none")
 
 
 def _copy_at_most(response: Any, path: Path, limit: int) -> None:

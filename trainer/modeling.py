@@ -44,6 +44,11 @@ def locate_model(spec: ModelSpec) -> tuple[str, bool]:
     if not where.path.is_dir() or not (where.path / "config.json").is_file():
         what = "does not exist" if not where.path.exists() else "holds no config.json"
         raise ModelUnusable(f"model path {where.path} {what} (model.uri {display_uri(spec.uri)})")
+    if where.confined_to is not None:
+        try:
+            locations.refuse_escapes(where.path, where.confined_to)
+        except ValueError as exc:
+            raise InvalidConfig(f"model.uri: {exc}") from None
     return str(where.path), False
 
 

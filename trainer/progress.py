@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kubetune.api.config import JobRef, ProgressSettings
-from kubetune.api.models import GROUP, PLURAL, VERSION, Progress
+from kubetune.api.models import CURVE_POINTS, GROUP, PLURAL, VERSION, CurvePoint, Progress
 from kubetune.api.timestamps import rfc3339
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,33 @@ def reporter_from_settings(settings: ProgressSettings, job: JobRef | None) -> Pr
     return NoopReporter()
 
 
+class CurveHistory:
+    """At most ``limit`` points of the run's curves, spread evenly over the logging steps so far.
+
+    Every ``stride``-th logged step becomes a point; when the points outgrow ``limit``, every
+    other one goes and the stride doubles, so the kept points stay evenly spaced whatever the
+    run's length, and the status that carries them stays small.
+    """
+
+    def __init__(self, limit: int = CURVE_POINTS) -> None:
+        self.limit = limit
+        self.stride = 1
+        self.points: list[CurvePoint] = []
+        self._logged = 0
+
+    def add(self, point: CurvePoint) -> None:
+        if self._logged % self.stride == 0:
+            self.points.append(point)
+            if len(self.points) > self.limit:
+                self.points = self.points[::2]
+                self.stride *= 2
+        self._logged += 1
+
+
+def _rounded(value: float | None, digits: int = 6) -> float | None:
+    return None if value is None else float(f"{value:.{digits}g}")
+
+
 class ProgressTracker:
     """Turns the trainer's step and log events into Progress, metrics lines and throughput."""
 
@@ -140,6 +167,7 @@ class ProgressTracker:
         self._started = time.monotonic()
         self._start_step = 0
         self._last_tokens: tuple[float, float] | None = None  # (num_tokens, time)
+        self.curves = CurveHistory()
 
     def begin(
         self, step: int, total_steps: int | None, history: Sequence[dict[str, Any]] = ()
@@ -151,12 +179,22 @@ class ProgressTracker:
         self.total_steps = total_steps
         # TRL counts the tokens of each attempt from zero: the first log has a rate too.
         self._last_tokens = (0.0, self._started)
-        for entry in reversed(history):
+        # The curves so far come back from the run's log (throughput isn't in it).
+        self.curves = CurveHistory(self.curves.limit)
+        for entry in history:
             if "loss" in entry:
                 self.loss = round(float(entry["loss"]), 6)
                 if "learning_rate" in entry:
                     self.learning_rate = float(entry["learning_rate"])
-                break
+                self.curves.add(self._point(int(entry.get("step", 0)), None))
+
+    def _point(self, step: int, tokens_per_second: float | None) -> CurvePoint:
+        return CurvePoint(
+            step=step,
+            loss=self.loss,
+            learning_rate=_rounded(self.learning_rate),
+            tokens_per_second=_rounded(tokens_per_second),
+        )
 
     def progress(self, step: int, epoch: float | None) -> Progress:
         percent = eta = None
@@ -176,6 +214,7 @@ class ProgressTracker:
             tokens_per_second=self.tokens_per_second,
             eta_seconds=eta,
             updated_at=rfc3339(),
+            history=list(self.curves.points) or None,
         )
 
     def logged(self, step: int, epoch: float | None, logs: dict[str, Any]) -> None:
@@ -189,6 +228,8 @@ class ProgressTracker:
                 rate = (tokens - self._last_tokens[0]) / (now - self._last_tokens[1])
                 self.tokens_per_second = round(rate, 1)
             self._last_tokens = (tokens, now)
+        if "loss" in logs:
+            self.curves.add(self._point(step, self.tokens_per_second))
         if self.metrics_file is not None and ("loss" in logs or "eval_loss" in logs):
             line: dict[str, Any] = {"step": step, "epoch": epoch}
             for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy"):

@@ -25,8 +25,8 @@ from kubetune.trainer import locations, outputs
 from kubetune.trainer.checkpoints import CHECKPOINTS_DIR
 from kubetune.trainer.digests import sha256_file
 from kubetune.trainer.errors import first_line
-from kubetune.trainer.secrets import HubTokens, redact, redact_result
-from kubetune.trainer.tracking import MlflowRun
+from kubetune.trainer.secrets import HubTokens, redact, redact_result, redact_text_files
+from kubetune.trainer.tracking import MlflowRun, tracking_failure
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class Publisher:
         """The adapter and its tokenizer; a failure here is the run's (nothing is saved yet)."""
         model.save_pretrained(self.output_dir)
         written = tokenizer.save_pretrained(self.output_dir)
+        redact_text_files(self.output_dir, self.secrets)
         self._tokenizer = tokenizer
         self.adapter_files = [outputs.ADAPTER_WEIGHTS, outputs.ADAPTER_CONFIG]
         self.adapter_files += sorted({Path(f).name for f in written} - set(self.adapter_files))
@@ -81,13 +82,21 @@ class Publisher:
             size_bytes=weights.stat().st_size,
         )
 
-    def attempt(self, what: str, action: Callable[[], T], *, delivery: bool = False) -> T | None:
+    def attempt(
+        self,
+        what: str,
+        action: Callable[[], T],
+        *,
+        delivery: bool = False,
+        describe: Callable[[BaseException], str] | None = None,
+    ) -> T | None:
         """``action()``, or None with the failure recorded: the adapter is saved, and stays."""
         try:
             return action()
         except Exception as exc:
             log.error("%s failed after the adapter was saved", what, exc_info=True)
-            self.failures.append(f"{what} failed ({type(exc).__name__}: {first_line(exc, 300)})")
+            why = describe(exc) if describe else f"{type(exc).__name__}: {first_line(exc, 300)}"
+            self.failures.append(f"{what} failed ({why})")
             self.delivery_failed = self.delivery_failed or delivery
             return None
 
@@ -116,7 +125,12 @@ class Publisher:
             self.attempt("push to hub", self._push_to_hub, delivery=True)
         if self.mlflow_run is not None:
             tracked = self.mlflow_run
-            self.attempt("MLflow tags", lambda: tracked.tag_result(self.concluded(result)))
+            # A tenant names the tracking server: what it answers stays in the log (describe).
+            self.attempt(
+                "MLflow tags",
+                lambda: tracked.tag_result(self.concluded(result)),
+                describe=tracking_failure,
+            )
         concluded = self.concluded(result)
         outputs.write_result(self.output_dir, concluded)
         if not self.output.is_local:
@@ -173,6 +187,7 @@ class Publisher:
         target = self.output_dir / outputs.MERGED_DIR
         merged.save_pretrained(target)
         self._tokenizer.save_pretrained(target)
+        redact_text_files(target, self.secrets)
         del base, merged
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

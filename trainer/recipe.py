@@ -53,7 +53,7 @@ from kubetune.trainer.progress import (
 )
 from kubetune.trainer.publishing import Publication, Publisher
 from kubetune.trainer.reporting import effective_settings, run_metrics
-from kubetune.trainer.secrets import HubTokens
+from kubetune.trainer.secrets import HubTokens, redact_text_files
 from kubetune.trainer.tracking import MlflowRun, run_name, tracking_environment
 
 if TYPE_CHECKING:
@@ -289,11 +289,19 @@ class QLoRASFTRecipe:
             distributed=self.rank.distributed,
             run_name=run_name(self.spec, self.name),
         )
-        after_save = (
+        push = (
             self.remote.push_newest
             if self.remote is not None and self.rank.is_main
             else lambda: None
         )
+
+        def after_save() -> None:
+            # A checkpoint holds the tokenizer's files too: no secret they quote stays there.
+            newest = newest_checkpoint(self.checkpoint_dir)
+            if newest is not None and self.rank.is_main:
+                redact_text_files(newest, self.tokens.secrets)
+            push()
+
         sft_config = SFTConfig(**arguments)
         check_optimizer_runs_here(sft_config, model, self.speed.optimizer)
         self._trainer = resumable_sft_trainer(

@@ -103,7 +103,7 @@ def _guarded(
             .with_secrets(tracking_secrets())
         )
     except TrainerFailure as exc:
-        log.error("%s: %s", exc.reason, exc.message)
+        log.error("%s", exc.log_line())
         outcome = RunOutcome(int(exc.exit_code), failure(exc.exit_code, exc.message))
     else:
         guard = install_redaction(tokens.secrets)
@@ -126,7 +126,7 @@ def _preflight(config: TrainerConfig, tokens: HubTokens) -> RunOutcome:
         _route_library_logs_through_root()
         result = checks.preflight(config, tokens.read)
     except TrainerFailure as exc:
-        log.error("%s: %s", exc.reason, exc.message)
+        log.error("%s", exc.log_line())
         result = TrainerResult(outcome="Failed", reason=exc.reason, message=exc.message)
         return RunOutcome(int(exc.exit_code), result)
     except Exception as exc:
@@ -176,7 +176,7 @@ def _run(
         if published is not None and published.exit_code == ExitCode.SUCCEEDED:
             tracked = "FINISHED"
     except TrainerFailure as exc:
-        log.error("%s: %s", exc.reason, exc.message)
+        log.error("%s", exc.log_line())
         result = TrainerResult(outcome="Failed", reason=exc.reason, message=exc.message)
         outcome = RunOutcome(int(exc.exit_code), result)
     except Exception as exc:

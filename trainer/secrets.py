@@ -166,6 +166,28 @@ def redact(text: str, secrets: list[str]) -> str:
     return text
 
 
+_BINARY_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".model", ".gguf"})
+
+
+def redact_text_files(folder: Path, secrets: list[str]) -> None:
+    """Redact every text file directly in ``folder`` (what a save wrote: tokenizer files, chat
+    template, configs), in place. The tokenizer copies what the model folder held, and that is
+    published: a secret that reached it (a template that quotes a token) must not go along.
+    Binary files (weights, a SentencePiece model) are left as they are."""
+    if not secrets:
+        return
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.is_symlink()):
+        if path.suffix in _BINARY_SUFFIXES:
+            continue
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        cleaned = redact(text, secrets)
+        if cleaned != text:
+            path.write_text(cleaned, encoding="utf-8")
+
+
 def redact_result(result: TrainerResult, secrets: list[str]) -> TrainerResult:
     """``result`` with every secret removed from every string in it (message, URIs, samples)."""
     if not secrets:

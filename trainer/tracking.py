@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -40,6 +41,31 @@ _SECRET_ENV: Final = (MLFLOW_PASSWORD_ENV, MLFLOW_TOKEN_ENV)
 class TrackingUnavailable(TrainerFailure):
     """The tracking server can't be reached or refuses us: retried (it may come back), and
     found before the model is loaded."""
+
+
+#: MLflow's own words before the body it quotes, when a server answers with an error.
+_MLFLOW_STATUS = re.compile(r"^API request to endpoint \S+ failed with error code (\d{3}) ")
+
+
+def tracking_failure(exc: BaseException) -> str:
+    """Why talking to the tracking server failed, in fixed words and its status code: never its
+    answer (a tenant names the server, and whatever it answers would land in the job's status)."""
+    from mlflow.exceptions import MlflowException, RestException
+
+    if isinstance(exc, RestException):
+        return f"the server answered an MLflow error (HTTP {exc.get_http_status_code()})"
+    if isinstance(exc, MlflowException):
+        status = _MLFLOW_STATUS.match(str(exc))
+        if status:
+            return f"the server answered HTTP {status.group(1)}"
+        if str(exc).startswith("API request to ") and " failed with exception " in str(exc):
+            return "cannot connect to it"
+        if "response body was not in a valid JSON format" in str(exc):
+            return "its answer is not MLflow's (not JSON)"
+        return f"MLflow failed ({type(exc).__name__}; the trainer's log says why)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot connect to it: {exc.strerror}"
+    return f"{type(exc).__name__} (the trainer's log says why)"
 
 
 def report_to(tracking: TrackingSpec | None) -> list[str]:
@@ -166,7 +192,8 @@ class MlflowRun:
         except (MlflowException, OSError) as exc:
             raise TrackingUnavailable(
                 f"MLflow tracking server {self.where} (tracking.mlflow.trackingUri): "
-                f"{first_line(exc, 500)}"
+                f"{tracking_failure(exc)}",
+                detail=first_line(exc, 500),
             ) from None
 
     def _previous_run(self, experiment_id: str) -> str | None:

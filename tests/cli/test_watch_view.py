@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kubetune.api.models import FineTuneJobStatus
-from kubetune.cli.watch import render_result, render_view, sparkline
+from kubetune.cli.watch import event_line, printable, render_result, render_view, sparkline
 
 pytestmark = pytest.mark.unit
 
@@ -30,6 +30,21 @@ def test_running_job_shows_bar_step_eta_loss_and_sparkline() -> None:
     assert " 50.0%" in view and "step 30/60" in view and "ETA 01:35" in view
     assert "loss 1.2345" in view and "1,234 tok/s" in view
     assert "loss █▄▁" in view
+
+
+def test_a_watch_started_late_draws_the_runs_whole_curve_from_its_status() -> None:
+    history = [{"step": 10 * i, "loss": 4.0 - 0.03 * i} for i in range(1, 101)]
+    status = FineTuneJobStatus.model_validate(
+        {
+            "phase": "Running",
+            "progress": {"step": 1000, "totalSteps": 2000, "percent": 50.0, "loss": 1.0,
+                         "history": history},
+        }
+    )  # fmt: skip
+    *_, line = (x for x in render_view("late", status, []).splitlines() if x.startswith("  loss "))
+    chart = line.removeprefix("  loss ")
+    assert len(chart) == 40 and chart[0] == "█" and chart[-1] == "▁", chart
+    assert list(chart) == sorted(chart, reverse=True), "a falling loss draws a falling line"
 
 
 def test_pending_job_says_why_it_waits() -> None:
@@ -94,3 +109,52 @@ def test_validated_job_shows_its_estimate() -> None:
         "estimate: 512 examples, about 6,170 tokens/epoch, 7 steps, peak 36.7 GiB on H200, "
         "about 1:02:05 of training"
     ) in view
+
+
+#: What a hostile dataset's column name or host could put in a message: a cleared screen,
+#: colours, a window title, a hyperlink that shows one thing and opens another, a clipboard
+#: write (OSC 52), a one-byte CSI, a bell, a carriage return that hides the line before it, a
+#: right-to-left override and a line that forges another.
+HOSTILE = (
+    "col\x1b[2J\x1b[31mred\x1b[0m \x1b]0;owned\x07\x1b]8;;https://evil.example\x1b\\"
+    "click\x1b]8;;\x1b\\ \x1b]52;c;ZXZpbA==\x07\x9b31m\x07\rnext\u202eabc\nresult: Succeeded"
+)
+CONTROLS = [chr(c) for c in (*range(0x00, 0x20), *range(0x7F, 0xA0))] + ["\u202e"]
+
+
+def assert_printable(text: str) -> None:
+    for char in CONTROLS:
+        if char != "\n":
+            assert char not in text, f"{char!r} reaches the terminal in {text!r}"
+
+
+def test_control_characters_and_escapes_never_reach_the_terminal() -> None:
+    failed = FineTuneJobStatus.model_validate(
+        {
+            "phase": "Failed",
+            "conditions": [
+                {"type": "Failed", "status": "True", "reason": "DatasetError",
+                 "message": HOSTILE, "lastTransitionTime": "2026-11-28T00:00:00Z"},
+            ],
+            "result": {"outcome": "Failed", "reason": "DatasetError", "message": HOSTILE,
+                       "metrics": {HOSTILE: 1.0}},
+        }
+    )  # fmt: skip
+    view, summary = render_view("j", failed, []), render_result(failed)
+    event = event_line("Warning", "DatasetError", HOSTILE)
+    for text in (view, summary, event):
+        assert_printable(text)
+        assert "colred click" in text  # the words stay, the escapes go
+        assert "owned" not in text and "evil.example" not in text and "ZXZpbA" not in text
+    # One field stays on its line: no forged "result: Succeeded" of its own.
+    assert not any(line.startswith("result: Succeeded") for line in view.splitlines())
+    assert [line for line in summary.splitlines() if line.startswith("result:")] == [
+        summary.splitlines()[0]
+    ]
+    assert event.count("\n") == 0
+
+
+def test_printable_keeps_text_tabs_and_wanted_line_breaks() -> None:
+    assert printable("loss 0.5\tstep 3 → ünïcode ✓") == "loss 0.5\tstep 3 → ünïcode ✓"
+    assert printable("a\nb", newlines=True) == "a\nb"
+    assert printable("a\nb") == "a b"

@@ -188,6 +188,11 @@ def test_evicted_trainer_resumes_from_its_checkpoint_and_succeeds(
     assert resumed >= 200, "the second pod started over instead of resuming"
     assert resumed >= (step_at_eviction // 100) * 100
     assert status["result"]["metrics"]["steps"] == 1200
+    # The loss curve on the resource spans the whole run, across the eviction, once per step.
+    curve = [point["step"] for point in status["progress"]["history"]]
+    assert curve == sorted(set(curve)) and len(curve) <= 200, curve
+    assert curve[0] <= 100 and curve[-1] >= 1100, curve
+    assert [p for p in curve if p < step_at_eviction] and [p for p in curve if p > resumed]
     (job,) = trainer_jobs(kubectl, namespace, "preempted")
     assert job["status"].get("failed", 0) == 0, "an eviction must not count against backoffLimit"
 

@@ -58,6 +58,8 @@ class OperatorProcess:
             # rest run the real trainer through the same command.
             "KUBETUNE_TRAINER_COMMAND": "kubetune-stand-in-trainer",
             "KUBETUNE_ALLOWED_POD_TEMPLATE_FIELDS": "containers.env",
+            # The tests' dataset hosts serve on the loopback, which trainers refuse by default.
+            "KUBETUNE_TRAINER_DOWNLOAD_ALLOWED_CIDRS": "127.0.0.0/8",
             "PYTHONUNBUFFERED": "1",
             "KUBETUNE_VERBOSE": os.environ.get("KUBETUNE_TEST_OPERATOR_VERBOSE", "false"),
             **self.extra_env,

@@ -60,19 +60,97 @@ def test_children_come_in_creation_order() -> None:
     assert "NetworkPolicy" not in [obj["kind"] for obj in without]
 
 
+CLUSTER_DNS = {
+    "to": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+    "ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}],
+}  # fmt: skip
+
+
 def test_trainer_network_policy_allows_dns_and_egress_but_the_metadata_address() -> None:
     policy = rendered()["NetworkPolicy"]
     assert policy["spec"]["podSelector"]["matchLabels"]["kubetune.io/job"] == "llama2-support"
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
     assert "ingress" not in policy["spec"]
     dns, reach = policy["spec"]["egress"]
-    assert {p["port"] for p in dns["ports"]} == {53}
-    assert reach["to"] == [
-        {"ipBlock": {"cidr": "0.0.0.0/0", "except": ["169.254.169.254/32"]}},
-        {"ipBlock": {"cidr": "::/0", "except": ["fd00:ec2::254/128"]}},
-    ]
+    assert dns == CLUSTER_DNS
+    v4, v6 = reach["to"]
+    assert v4["ipBlock"]["cidr"] == "0.0.0.0/0" and v6["ipBlock"]["cidr"] == "::/0"
+    for metadata in ("169.254.169.254/32", "100.100.100.200/32", "192.0.0.192/32"):
+        assert metadata in v4["ipBlock"]["except"]
+    for metadata in ("fd00:ec2::254/128", "fd20:ce::254/128"):
+        assert metadata in v6["ipBlock"]["except"]
     only_dns = rendered(trainer_egress_cidrs=[])["NetworkPolicy"]
     assert only_dns["spec"]["egress"] == [dns]
+
+
+def test_dns_goes_only_to_the_clusters_dns_pods_not_port_53_anywhere() -> None:
+    for rule in rendered()["NetworkPolicy"]["spec"]["egress"]:
+        assert rule.get("to"), f"a rule with no destination opens its ports to any address: {rule}"
+    custom = rendered(
+        trainer_dns_namespace_selector={"dns": "here"},
+        trainer_dns_pod_selector={"app": "coredns"},
+        trainer_dns_cidrs=["169.254.20.10/32"],
+    )["NetworkPolicy"]["spec"]["egress"][0]
+    assert custom["to"] == [
+        {"namespaceSelector": {"matchLabels": {"dns": "here"}},
+         "podSelector": {"matchLabels": {"app": "coredns"}}},
+        {"ipBlock": {"cidr": "169.254.20.10/32"}},
+    ]  # fmt: skip
+    assert {p["port"] for p in custom["ports"]} == {53}
+
+
+def test_default_egress_excepts_private_cluster_loopback_and_link_local_ranges() -> None:
+    (v4, v6) = rendered(trainer_cluster_cidrs=["198.18.0.0/16", "fd99::/108"])["NetworkPolicy"][
+        "spec"
+    ]["egress"][1]["to"]
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8",
+            "169.254.0.0/16", "198.18.0.0/16"} <= set(v4["ipBlock"]["except"])  # fmt: skip
+    assert {"::1/128", "fe80::/10", "fc00::/7", "fd99::/108"} <= set(v6["ipBlock"]["except"])
+    # Each family's excepts stay in their own block.
+    assert all(":" not in e for e in v4["ipBlock"]["except"])
+    assert all(":" in e for e in v6["ipBlock"]["except"])
+
+
+def test_only_the_excepts_inside_each_cidr_are_emitted() -> None:
+    # The tracking guide's narrowed example: the pods' CIDR and one outside address.
+    blocks = rendered(trainer_egress_cidrs=["10.244.0.0/16", "203.0.113.10/32"])["NetworkPolicy"][
+        "spec"
+    ]["egress"][1]["to"]
+    assert blocks == [{"ipBlock": {"cidr": "10.244.0.0/16"}},
+                      {"ipBlock": {"cidr": "203.0.113.10/32"}}]  # fmt: skip
+    inside = rendered(trainer_egress_cidrs=["169.254.0.0/16"], trainer_egress_except=[
+        "169.254.169.254/32", "169.254.0.0/16", "10.0.0.0/8", "fd00:ec2::254/128"])  # fmt: skip
+    (block,) = inside["NetworkPolicy"]["spec"]["egress"][1]["to"]
+    assert block == {"ipBlock": {"cidr": "169.254.0.0/16", "except": ["169.254.169.254/32"]}}
+
+
+def test_the_api_server_is_reached_on_its_ports_where_the_platform_names_it() -> None:
+    egress = rendered(trainer_apiserver_cidrs=["10.0.0.1/32"])["NetworkPolicy"]["spec"]["egress"]
+    assert {"to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}],
+            "ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}]} in egress  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "setting", ["trainer_egress_cidrs", "trainer_egress_except", "trainer_cluster_cidrs",
+                "trainer_dns_cidrs", "trainer_download_allowed_cidrs"]
+)  # fmt: skip
+def test_a_setting_that_is_not_a_cidr_fails_the_operators_start(setting: str) -> None:
+    with pytest.raises(ValueError, match="not CIDRs"):
+        OperatorSettings(**{setting: ["10.0.0.1/8"]})  # host bits set: the apiserver refuses it
+
+
+def test_the_trainer_downloads_only_from_public_addresses_unless_the_settings_allow_more() -> None:
+    env = {e["name"]: e.get("value") for e in trainer(rendered())["env"]}
+    assert env["KUBETUNE_DOWNLOAD_ALLOWED_CIDRS"] == ""
+    allowed = rendered(trainer_download_allowed_cidrs=["10.1.0.0/16", "fd00::/8"])
+    env = {e["name"]: e.get("value") for e in trainer(allowed)["env"]}
+    assert env["KUBETUNE_DOWNLOAD_ALLOWED_CIDRS"] == "10.1.0.0/16,fd00::/8"
+    # Where a pod template may set env, it can't widen what the platform allows.
+    widened = spec_of(podTemplate={"spec": {"containers": [{"name": "trainer", "env": [
+        {"name": "KUBETUNE_DOWNLOAD_ALLOWED_CIDRS", "value": "0.0.0.0/0,::/0"}]}]}})  # fmt: skip
+    env_of = trainer(rendered(widened, allowed_pod_template_fields=["containers.env"]))["env"]
+    assert {e["name"]: e.get("value") for e in env_of}["KUBETUNE_DOWNLOAD_ALLOWED_CIDRS"] == ""
 
 
 def test_every_child_is_owned_by_the_finetunejob_and_labelled() -> None:

@@ -176,7 +176,7 @@ CASES: list[tuple[str, Setup, int, str, str]] = [
         _dataset_case("alpaca", 2, {"output": 42}),
         3,
         "DatasetError",
-        "bad.jsonl line 2: 'output' is the number 42; format alpaca needs text there",
+        "bad.jsonl line 2: 'output' is a number; format alpaca needs text there",
     ),
     (
         "null message content",

@@ -154,5 +154,9 @@ def test_fingerprint_is_stable_and_follows_the_content(tmp_path: Path) -> None:
 
 def test_undetectable_columns_ask_for_a_format_and_mapping(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"foo": "x", "bar": "y"}])
-    with pytest.raises(DatasetUnusable, match=r"cannot detect .*\(foo, bar\).*dataset.columns"):
+    with pytest.raises(DatasetUnusable, match=r"cannot detect .*dataset.columns") as raised:
         prepare(DatasetSpec(uri=str(path)), None, seed=0)
+    # The columns are the data's words: for the trainer's log, not the job's status.
+    assert "foo" not in raised.value.message
+    assert raised.value.detail == "the dataset's columns: 'foo', 'bar'"
+    assert "'foo', 'bar'" in raised.value.log_line()

@@ -42,6 +42,19 @@ def dataset_host(tiny: TinyAssets) -> Iterator[DatasetHost]:
         def do_GET(self) -> None:
             path, _, query = self.path.partition("?")
             host.requests.append({"path": path, "query": query, "headers": dict(self.headers)})
+            if path.startswith("/moved"):
+                self.send_response(302)
+                self.send_header("Location", path.removeprefix("/moved"))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            if path == "/refused":
+                body = HOST_WORDS.encode()
+                self.send_response(403, HOST_REASON)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
             body = host.files.get(path.removeprefix("/no-length"))
             if body is None:
                 self.send_error(404, "Not Found")
@@ -73,6 +86,17 @@ def _train(
     manifest = job_manifest(tiny.model, dataset_uri, output, training={"maxSteps": 2, **training})
     code, logs = train_job(tmp_path / "job.yaml", manifest)
     return code, logs, output
+
+
+#: What a tenant's host says back: none of it may reach the termination message.
+HOST_REASON = "Forbidden-by-internal-service-7f3a"
+HOST_WORDS = "db_password=internal-secret-1c2d\nsecond line of the body"
+
+
+@pytest.fixture(autouse=True)
+def _loopback_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test hosts serve on the loopback, which downloads refuse unless the settings allow it."""
+    monkeypatch.setenv("KUBETUNE_DOWNLOAD_ALLOWED_CIDRS", "127.0.0.0/8,::1/128")
 
 
 @pytest.fixture(autouse=True)
@@ -174,8 +198,91 @@ def test_an_http_error_is_a_dataset_error_naming_the_status(
     assert written["reason"] == "DatasetError"
     assert written["message"] == (
         f"cannot download dataset http://127.0.0.1:{dataset_host.port}/data/missing.jsonl: "
-        "the server answered HTTP 404 Not Found"
+        "the server answered HTTP 404"
     )
+
+
+def test_an_http_error_carries_the_status_code_and_nothing_the_host_said(
+    tiny: TinyAssets, tmp_path: Path, termination_log: Path, dataset_host: DatasetHost
+) -> None:
+    code, _, _ = _train(tiny, tmp_path, dataset_host.url("/refused"))
+    assert code == 3
+    written = termination_log.read_text()
+    assert json.loads(written)["message"] == (
+        f"cannot download dataset http://127.0.0.1:{dataset_host.port}/refused: "
+        "the server answered HTTP 403"
+    )
+    for said in (HOST_REASON, "internal-secret-1c2d", "second line"):
+        assert said not in written
+
+
+def test_a_loopback_dataset_host_is_refused_unless_the_settings_allow_it(
+    tiny: TinyAssets,
+    tmp_path: Path,
+    termination_log: Path,
+    dataset_host: DatasetHost,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("KUBETUNE_DOWNLOAD_ALLOWED_CIDRS")
+    uri = f"http://localhost:{dataset_host.port}/data/train.jsonl"  # a name, resolved
+    code, _, output = _train(tiny, tmp_path, uri)
+    assert code == 3
+    written = json.loads(termination_log.read_text())
+    assert written["reason"] == "DatasetError"
+    assert written["message"].startswith(f"cannot download dataset {uri}: localhost resolves to ")
+    assert "an address that isn't public" in written["message"]
+    assert "KUBETUNE_DOWNLOAD_ALLOWED_CIDRS" in written["message"]
+    assert dataset_host.requests == []  # refused before a byte was sent
+    assert not (output / "adapter_model.safetensors").exists()
+
+
+def test_a_redirect_is_refused_not_followed(
+    tiny: TinyAssets, tmp_path: Path, termination_log: Path, dataset_host: DatasetHost
+) -> None:
+    # Even to the same host: where a redirect leads is the host's choice.
+    code, _, _ = _train(tiny, tmp_path, dataset_host.url("/moved/data/train.jsonl"))
+    assert code == 3
+    written = json.loads(termination_log.read_text())
+    assert written["message"] == (
+        f"cannot download dataset http://127.0.0.1:{dataset_host.port}/moved/data/train.jsonl: "
+        "the server answered HTTP 302, a redirect; downloads follow none"
+    )
+    assert [r["path"] for r in dataset_host.requests] == ["/moved/data/train.jsonl"]
+
+
+def test_a_hosts_header_line_and_column_names_stay_out_of_the_termination_message(
+    tiny: TinyAssets, tmp_path: Path, termination_log: Path, dataset_host: DatasetHost
+) -> None:
+    # A URI that points at a service the tenant can't reach: its first line becomes a CSV
+    # header, its words column names; the job's status must not carry them back.
+    dataset_host.files["/leak.csv"] = f"{HOST_WORDS.splitlines()[0]}\nvalue\n".encode()
+    code, logs, _ = _train(tiny, tmp_path, dataset_host.url("/leak.csv"))
+    assert code == 3
+    written = termination_log.read_text()
+    assert json.loads(written)["message"] == (
+        "cannot detect the dataset format from its columns: expected messages, "
+        "prompt+completion, instruction+output, or text; set dataset.format and "
+        "dataset.columns (the trainer's log lists the dataset's columns)"
+    )
+    assert "internal-secret-1c2d" not in written
+    # The trainer's own log keeps the detail for whoever runs it.
+    assert "internal-secret-1c2d" in logs
+
+
+@pytest.mark.parametrize(
+    "address",
+    ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "100.64.0.1", "169.254.169.254",
+     "100.100.100.200", "192.0.0.192", "0.0.0.0", "::1", "fe80::1", "fd00:ec2::254",
+     "fd20:ce::254", "::ffff:10.0.0.1", "64:ff9b::a9fe:a9fe", "2002:0a00:0001::1"],
+)  # fmt: skip
+def test_addresses_that_are_not_public_are_refused(address: str) -> None:
+    import ipaddress
+
+    from kubetune.trainer.locations import is_public
+
+    assert not is_public(ipaddress.ip_address(address))
+    assert is_public(ipaddress.ip_address("8.8.8.8"))
+    assert is_public(ipaddress.ip_address("2001:4860:4860::8888"))
 
 
 @pytest.mark.parametrize("path", ["/data/train.jsonl", "/no-length/data/train.jsonl"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import subprocess
@@ -13,7 +14,13 @@ import pytest
 
 from kubetune.api.config import JobRef, ProgressSettings
 from kubetune.api.contract import TERMINATION_MESSAGE_LIMIT
-from kubetune.api.models import EvaluationResult, EvaluationSample, Progress, TrainerResult
+from kubetune.api.models import (
+    CURVE_POINTS,
+    EvaluationResult,
+    EvaluationSample,
+    Progress,
+    TrainerResult,
+)
 from kubetune.trainer.outputs import termination_message, write_termination_message
 from kubetune.trainer.progress import (
     FileReporter,
@@ -21,6 +28,7 @@ from kubetune.trainer.progress import (
     NoopReporter,
     ProgressTracker,
     RateLimitedReporter,
+    progress_json,
     reporter_from_settings,
 )
 
@@ -289,3 +297,61 @@ def test_credentials_of_a_uri_are_secrets_and_a_result_stays_valid_without_them(
     redacted = redact_result(result, secrets)
     assert (redacted.outcome, redacted.reason) == ("Succeeded", "Succeeded")
     assert redacted.message == "read *** from ***"
+
+
+def test_the_curves_stay_within_their_points_evenly_spread_over_a_long_run(
+    tmp_path: Path,
+) -> None:
+    recorder = Recorder()
+    tracker = ProgressTracker(RateLimitedReporter(recorder, 0.0), None)
+    tracker.begin(step=0, total_steps=50_000)
+    for step in range(10, 50_001, 10):  # 5,000 logging steps
+        tracker.logged(step, None, {"loss": 10_000 / step, "learning_rate": 1e-4})
+    history = recorder.reports[-1].history
+    assert history is not None and 100 < len(history) <= CURVE_POINTS
+    steps = [point.step for point in history]
+    assert steps[0] == 10, "the start of the curve is kept"
+    gaps = {b - a for a, b in itertools.pairwise(steps)}
+    assert len(gaps) == 1, f"the points are not evenly spread: gaps {sorted(gaps)}"
+    assert steps[-1] > 50_000 - gaps.pop() - 10, "the curve reaches the latest steps"
+    assert all(point.loss == round(10_000 / point.step, 6) for point in history)
+    # What status carries stays small however long the run.
+    assert len(json.dumps(progress_json(recorder.reports[-1]))) < 24_000
+
+
+def test_a_resumed_tracker_carries_the_curve_it_had_before_the_restart(tmp_path: Path) -> None:
+    def logs(step: int) -> dict[str, Any]:
+        return {"loss": 5.0 - step / 100, "learning_rate": 2e-4, "num_tokens": 64 * step}
+
+    whole = Recorder()
+    uninterrupted = ProgressTracker(RateLimitedReporter(whole, 0.0), None)
+    uninterrupted.begin(step=0, total_steps=400)
+    for step in range(10, 401, 10):
+        uninterrupted.logged(step, None, logs(step))
+
+    again = Recorder()
+    resumed = ProgressTracker(RateLimitedReporter(again, 0.0), None)
+    log_history = [{"step": step, **logs(step)} for step in range(10, 201, 10)]
+    resumed.begin(step=200, total_steps=400, history=log_history)
+    for step in range(210, 401, 10):
+        resumed.logged(step, None, logs(step))
+
+    def curve(progress: Progress) -> list[tuple[int, float | None]]:
+        return [(point.step, point.loss) for point in progress.history or []]
+
+    assert curve(again.reports[-1]) == curve(whole.reports[-1])
+    assert len(curve(whole.reports[-1])) == 40
+
+
+def test_the_curves_reach_status_in_camelcase() -> None:
+    api = FakeCustomObjectsApi()
+    tracker = ProgressTracker(
+        RateLimitedReporter(KubernetesStatusReporter(JobRef(name="j", namespace="n"), api), 0.0),
+        None,
+    )
+    tracker.begin(step=0, total_steps=20)
+    tracker.logged(10, 0.5, {"loss": 1.5, "learning_rate": 2e-4, "num_tokens": 640})
+    ((args, _),) = api.calls
+    (point,) = args[5]["status"]["progress"]["history"]
+    assert point["step"] == 10 and point["loss"] == 1.5 and point["learningRate"] == 2e-4
+    assert point["tokensPerSecond"] > 0

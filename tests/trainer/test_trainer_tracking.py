@@ -197,3 +197,60 @@ def test_unreachable_tracking_server_fails_before_the_model_loads(
     assert "tracking.mlflow.trackingUri" in logs
     assert not (tmp_path / "adapter" / "adapter_model.safetensors").exists()
     assert "tracking" not in json.loads(termination_log.read_text())  # no run was started
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["db_password=internal-secret-1c2d\nsecond line",
+     json.dumps({"error_code": "PERMISSION_DENIED", "message": "db_password=internal-secret-1c2d"})],
+    ids=["text", "mlflow-json"],
+)  # fmt: skip
+def test_what_a_tracking_server_answers_stays_out_of_the_termination_message(
+    tiny: TinyAssets,
+    tmp_path: Path,
+    termination_log: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    body: str,
+) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Refusing(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            payload = body.encode()
+            self.send_response(403, "internal-reason-9e8d")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_POST = do_GET
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    manifest = job_manifest(
+        tiny.model, tiny.datasets["prompt-completion"], tmp_path / "adapter",
+        training={"maxSteps": 2},
+    )  # fmt: skip
+    manifest["spec"]["tracking"] = {
+        "mlflow": {"trackingUri": f"http://127.0.0.1:{port}", "experimentName": "refused"}
+    }
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    try:
+        code, logs = train_job(tmp_path / "job.yaml", manifest)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 1, logs[-2000:]
+    written = termination_log.read_text()
+    message = json.loads(written)["message"]
+    assert message.startswith(
+        f"MLflow tracking server http://127.0.0.1:{port} (tracking.mlflow.trackingUri): "
+        "the server answered "
+    )
+    assert "HTTP 403" in message
+    for said in ("internal-secret-1c2d", "internal-reason-9e8d", "second line", "PERMISSION"):
+        assert said not in written, said

@@ -210,6 +210,20 @@ namespaces) or into one Role per watched namespace.
   value: {{ .Values.trainer.validation.activeDeadlineSeconds | quote }}
 - name: KUBETUNE_METRICS_AUTH
   value: {{ .Values.metrics.auth | quote }}
+- name: KUBETUNE_TRAINER_CLUSTER_CIDRS
+  value: {{ join "," .Values.trainer.networkPolicy.clusterCIDRs | quote }}
+- name: KUBETUNE_TRAINER_DNS_NAMESPACE_SELECTOR
+  value: {{ toJson .Values.trainer.networkPolicy.dns.namespaceSelector | quote }}
+- name: KUBETUNE_TRAINER_DNS_POD_SELECTOR
+  value: {{ toJson .Values.trainer.networkPolicy.dns.podSelector | quote }}
+- name: KUBETUNE_TRAINER_DNS_CIDRS
+  value: {{ join "," .Values.trainer.networkPolicy.dns.cidrs | quote }}
+- name: KUBETUNE_TRAINER_APISERVER_CIDRS
+  value: {{ join "," .Values.trainer.networkPolicy.apiServer.cidrs | quote }}
+- name: KUBETUNE_TRAINER_APISERVER_PORTS
+  value: {{ join "," .Values.trainer.networkPolicy.apiServer.ports | quote }}
+- name: KUBETUNE_TRAINER_DOWNLOAD_ALLOWED_CIDRS
+  value: {{ join "," .Values.trainer.downloadAllowedCIDRs | quote }}
 {{- end }}
 
 {{/* A quoted integer, or "" for null (the operator then leaves the field unset). */}}
