@@ -119,9 +119,13 @@ FINETUNEJOB_SPEC_KEPT: Final[Mapping[str, tuple[str, ...] | None]] = {
 
 
 def slim_finetunejob(body: Mapping[str, Any]) -> Obj:
-    """A FineTuneJob for the index: ``slim`` with only ``FINETUNEJOB_SPEC_KEPT`` of its spec,
-    marked ``PARTIAL_SPEC`` (``reconcile.plan`` asks for the whole spec when it needs it)."""
+    """A FineTuneJob for the index: ``slim`` with only ``FINETUNEJOB_SPEC_KEPT`` of its spec and
+    no ``status.progress``, marked ``PARTIAL_SPEC`` (``reconcile.plan`` asks for the whole spec
+    when it needs it)."""
     kept = slim(body, ())
+    # The trainer's progress (its curve history too) is for people and /metrics (read from the
+    # events), never for a reconcile.
+    kept["status"] = {k: v for k, v in kept["status"].items() if k != "progress"}
     spec = body.get("spec") or {}
     for section, fields in FINETUNEJOB_SPEC_KEPT.items():
         value = spec.get(section)

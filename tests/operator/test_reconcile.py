@@ -566,7 +566,9 @@ def test_a_completed_jobset_succeeds_even_when_its_job_is_gone() -> None:
 def test_the_cached_finetunejob_keeps_none_of_a_large_spec() -> None:
     """A tenant's spec at every bound (affinity, pod template) costs the operator's cache a few
     hundred bytes: only what a reconcile reads between creates is kept."""
+    history = [{"step": i, "loss": 1.0, "learningRate": 1e-4} for i in range(200)]
     large = ftj(
+        status={"phase": "Running", "progress": {"step": 200, "history": history}},
         scheduling={"affinity": largest(AFFINITY), "queueName": "team-a"},
         podTemplate={"spec": largest(POD_SPEC)},
         resources={"gpus": 2, "nodes": 2, "cpu": "4"},
@@ -576,6 +578,7 @@ def test_the_cached_finetunejob_keeps_none_of_a_large_spec() -> None:
 
     assert len(json.dumps(large)) > 400_000
     assert len(json.dumps(cached)) < 1_000
+    assert cached["status"] == {"phase": "Running"}  # progress is the trainer's, never reconciled
     assert cached["spec"] == {
         "resources": {"gpus": 2, "nodes": 2},
         "runPolicy": {"suspend": True, "backoffLimit": 1},
