@@ -1,4 +1,4 @@
-"""The operator's Prometheus metrics (served by prometheus_client on its own port).
+"""The operator's Prometheus metrics (served on their own port by ``metrics_server``).
 
 FineTuneJobs by phase and the per-job progress gauges follow the watch cache, so every replica
 reports them; transitions, reconciles and API requests count what this replica did.
