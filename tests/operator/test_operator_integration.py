@@ -652,7 +652,12 @@ def test_missing_secret_or_key_is_reported_and_the_job_starts_once_it_exists(
 
     status = wait_ready_reason(kubectl, namespace, "needs-token", "MissingReference", 90)
     assert status["phase"] == "Pending"
-    assert "hub" in condition(status, "Ready")["message"]
+    # The same words whether the Secret or only its key is missing: a creator who may not read
+    # Secrets learns neither.
+    assert condition(status, "Ready")["message"] == (
+        "spec.model.tokenSecretRef: the Secret or its key is not available to the trainer pod "
+        "(the pod starts once it is)"
+    )
 
     apply(kubectl, namespace, {**secret, "data": {"token": "c2VjcmV0LXZhbHVlLTEyMzQ="}})
     status = wait_phase(kubectl, namespace, "needs-token", {"Succeeded", "Failed"}, 120)
