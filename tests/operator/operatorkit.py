@@ -56,6 +56,7 @@ class OperatorProcess:
             # rest run the real trainer through the same command.
             "KUBETUNE_TRAINER_COMMAND": "kubetune-stand-in-trainer",
             "KUBETUNE_ALLOWED_POD_TEMPLATE_FIELDS": "containers.env",
+            "KUBETUNE_ALLOWED_POD_TEMPLATE_ENV": "KUBETUNE_STAND_IN",
             "PYTHONUNBUFFERED": "1",
             "KUBETUNE_VERBOSE": os.environ.get("KUBETUNE_TEST_OPERATOR_VERBOSE", "false"),
             **self.extra_env,
