@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from operatorkit import CRD, REPO, OperatorProcess, log_tail_after, started
 
 from kubetune_devtools.pytest_plugin import (
@@ -342,6 +343,56 @@ def test_missing_pvc_is_reported_and_the_job_starts_once_it_exists(
     work_claim(kubectl, namespace)
     status = wait_phase(kubectl, namespace, "waits-for-pvc", {"Succeeded", "Failed"}, 120)
     assert status["phase"] == "Succeeded"
+
+
+EDITOR = "editor@example.com"
+
+
+def test_companions_made_first_by_an_edit_user_carry_the_rendered_content(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    """While a job waits on a missing claim, a user with the ordinary `edit` role makes its
+    ConfigMap and NetworkPolicy first, with the job's uid as their owner: the operator must not
+    adopt what they say, but write the rendered content over them."""
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "editor"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": EDITOR}],
+    }  # fmt: skip
+    apply(kubectl, namespace, binding)
+    spec = sleeper_spec(1, output={"uri": f"pvc://{CLAIM}/adapter"})
+    apply(kubectl, namespace, finetunejob("pre-made", spec))
+    wait_ready_reason(kubectl, namespace, "pre-made", "MissingReference", 60)
+    uid = get_json(kubectl, "ftj", "pre-made", "-n", namespace)["metadata"]["uid"]
+    owner = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "name": "pre-made",
+             "uid": uid, "controller": True}  # fmt: skip
+    forged_config = {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "pre-made-trainer-config", "ownerReferences": [owner]},
+        "data": {"config.yaml": "forged: by-the-editor\n", "extra.yaml": "x: 1\n"},
+    }  # fmt: skip
+    open_policy = {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "pre-made-trainer", "ownerReferences": [owner]},
+        "spec": {"podSelector": {}, "policyTypes": ["Egress"], "egress": [{}]},
+    }  # fmt: skip
+    for forged in (forged_config, open_policy):
+        kubectl("--as", EDITOR, "create", "-n", namespace, "-f", "-", input=json.dumps(forged))
+
+    work_claim(kubectl, namespace)
+    status = wait_phase(kubectl, namespace, "pre-made", {"Succeeded", "Failed"}, 120)
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=2)
+    config = get_json(kubectl, "configmap", "pre-made-trainer-config", "-n", namespace)
+    assert set(config["data"]) == {"config.yaml"}
+    assert "by-the-editor" not in config["data"]["config.yaml"]
+    assert "kubetune.io/job-uid" in config["metadata"]["labels"]
+    rendered = yaml.safe_load(config["data"]["config.yaml"])
+    assert rendered["job"]["name"] == "pre-made" and rendered["job"]["uid"] == uid
+    policy = get_json(kubectl, "networkpolicy", "pre-made-trainer", "-n", namespace)["spec"]
+    assert policy["podSelector"] == {"matchLabels": {
+        "kubetune.io/job-uid": uid, "app.kubernetes.io/managed-by": "kubetune-operator"}}  # fmt: skip
+    assert {} not in policy["egress"]
 
 
 def test_suspend_and_resume(operator: OperatorProcess, kubectl: Kubectl, namespace: str) -> None:
