@@ -238,9 +238,7 @@ def render(
     }
     group = spec.resources.nodes > 1
     by_jobset = group and jobset
-    job = render_job(
-        spec, name, names, meta, settings, attempt=attempt, jobset=by_jobset, uid=uid
-    )
+    job = render_job(spec, name, names, meta, settings, attempt=attempt, jobset=by_jobset, uid=uid)
     children = [config_map, service_account, role, role_binding]
     if settings.trainer_network_policy:
         children.append(network_policy(name, names, meta, settings, group=group, uid=uid))
