@@ -287,7 +287,21 @@ def _volumes(volumes: Any) -> list[str]:
                 f"spec.podTemplate.spec.volumes[{index}]: {', '.join(unsafe)} volumes are never "
                 f"allowed (allowed: {', '.join(sorted(SAFE_VOLUME_SOURCES))})"
             )
+        elif "projected" in sources and _projects_a_secret(volume["projected"]):
+            # Admission checks the creator may read a secret volume's Secret; a projected
+            # volume's Secret sources it doesn't (CEL allows few authorization checks).
+            problems.append(
+                f"spec.podTemplate.spec.volumes[{index}]: projected Secret sources are never "
+                "allowed (use a secret volume: its Secret must be one the job's creator may read)"
+            )
     return problems
+
+
+def _projects_a_secret(projected: Any) -> bool:
+    sources = projected.get("sources") if isinstance(projected, dict) else None
+    return not isinstance(sources, list) or any(
+        not isinstance(source, dict) or "secret" in source for source in sources
+    )
 
 
 # --- merging ---------------------------------------------------------------------------------

@@ -308,3 +308,16 @@ def test_mlflow_tracking_hosts_from_the_settings_allowlist() -> None:
         "spec.tracking.mlflow.trackingUri: host 'attacker.example' is not allowed by the "
         "operator's settings (KUBETUNE_ALLOWED_TRACKING_HOSTS: mlflow.example, *.ml.example:443)"
     ]
+
+
+def test_projected_secret_sources_are_refused_secret_volumes_go_to_admission() -> None:
+    volumes = [
+        {"name": "mine", "secret": {"secretName": "team-a-creds"}},
+        {"name": "info", "projected": {"sources": [{"downwardAPI": {"items": []}}]}},
+        {"name": "theirs", "projected": {"sources": [{"secret": {"name": "other-team"}}]}},
+    ]
+    problems = policy_problems(spec_of(podTemplate=template(volumes=volumes)), PERMISSIVE)
+    assert problems == [
+        "spec.podTemplate.spec.volumes[2]: projected Secret sources are never allowed (use a "
+        "secret volume: its Secret must be one the job's creator may read)"
+    ]

@@ -370,6 +370,8 @@ def test_failure_target_names_the_exit_code_before_the_pod_is_marked_failed() ->
     [
         'secret "hf-token" not found',
         "couldn't find key token in Secret team-a/hf-token",
+        "secret 'hf-token' not found",
+        "key 'token' not found in secret 'hf-token'",
     ],
 )
 def test_a_missing_secret_or_key_shows_as_missing_reference_naming_the_field_not_which(
