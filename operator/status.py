@@ -150,9 +150,7 @@ def _failure_reason(exit_code: int | None, terminated: Obj | None) -> str | None
 #: Where the kubelet names the Secret it could not read: ``secret "x" not found`` or
 #: ``couldn't find key k in Secret ns/x`` (the local node agent: ``secret 'x' not found``,
 #: ``key 'k' not found in secret 'x'``).
-_SECRET_IN_MESSAGE: Final = re.compile(
-    r"""secret ["']([^"']+)["']|in Secret [^/\s]+/(\S+)""", re.I
-)
+_SECRET_IN_MESSAGE: Final = re.compile(r"""secret ["']([^"']+)["']|in Secret [^/\s]+/(\S+)""", re.I)
 
 
 def secret_reference_fields(spec: Obj) -> list[tuple[str, str]]:
