@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from kubetune.api.timestamps import rfc3339
-from kubetune.operator.reconcile import plan, status_changes
+from kubetune.operator.reconcile import companion_differs, plan, status_changes
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.status import derive_status
 
@@ -556,3 +556,20 @@ def test_a_completed_jobset_succeeds_even_when_its_job_is_gone() -> None:
     work = plan(ftj({"phase": "Running"}, **JOBSET_GROUP), [], [], SETTINGS, NOW,
                 jobsets=[jobset_obj(0, ("Completed", "AllJobsCompleted"))])  # fmt: skip
     assert work.status_patch is not None and work.status_patch["phase"] == "Succeeded"
+
+
+def test_a_companion_with_other_content_than_rendered_differs_and_defaults_do_not() -> None:
+    config = {"kind": "ConfigMap", "data": {"config.yaml": "a: 1\n"}}
+    assert not companion_differs(config, {**config, "metadata": {"resourceVersion": "7"}})
+    assert companion_differs(config, {"kind": "ConfigMap", "data": {"config.yaml": "b: 2\n"}})
+    assert companion_differs(
+        config, {"kind": "ConfigMap", "data": {"config.yaml": "a: 1\n", "extra": "x"}}
+    )
+    policy = {"kind": "NetworkPolicy", "spec": {"podSelector": {"matchLabels": {"a": "b"}},
+              "egress": [{"ports": [{"port": 53, "protocol": "UDP"}]}]}}  # fmt: skip
+    defaulted = {"spec": {**policy["spec"], "policyTypes": ["Egress"]}}
+    assert not companion_differs(policy, defaulted)
+    opened = {"spec": {**policy["spec"], "egress": [*policy["spec"]["egress"], {}]}}
+    assert companion_differs(policy, opened)
+    account = {"kind": "ServiceAccount"}
+    assert companion_differs(account, {"imagePullSecrets": [{"name": "other-teams-registry"}]})
