@@ -61,6 +61,9 @@ TERMINATION_MESSAGE_LIMIT: Final = 4096
 # --- labels and annotations on every child ------------------------------------------------------
 
 JOB_LABEL: Final = "kubetune.io/job"
+#: The FineTuneJob's uid: what a group's NetworkPolicy and Service select by (``JOB_LABEL`` is a
+#: shortened name, which another job of the namespace could share).
+JOB_UID_LABEL: Final = "kubetune.io/job-uid"
 #: The full FineTuneJob name (labels are capped at 63 characters, names are not).
 FINETUNEJOB_ANNOTATION: Final = "kubetune.io/finetunejob"
 #: Which part of a job a pod is: ``trainer``, or ``validator`` (the Validating phase's pod).

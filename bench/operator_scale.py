@@ -98,6 +98,7 @@ class Operator:
             "KUBETUNE_METRICS_AUTH": "false",  # read without a token
             "KUBETUNE_TRAINER_COMMAND": "kubetune-stand-in-trainer",
             "KUBETUNE_ALLOWED_POD_TEMPLATE_FIELDS": "containers.env",
+            "KUBETUNE_ALLOWED_POD_TEMPLATE_ENV": "KUBETUNE_STAND_IN",
             "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:bench",
         }
         with log.open("ab") as out:

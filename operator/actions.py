@@ -40,6 +40,7 @@ from kubetune.operator.reconcile import (
     PARTIAL_SPEC,
     Plan,
     Rejection,
+    companion_differs,
     owned_by,
     owned_job,
     owned_jobset,
@@ -344,13 +345,26 @@ _CHILDREN = ThreadPoolExecutor(32, thread_name_prefix="create")
 def _create_child(
     manifest: Obj,
 ) -> tuple[Obj, str, Obj | kopf.TemporaryError | kopf.PermanentError]:
-    """Create one child (409: the existing object, whoever owns it)."""
+    """Create one child (409: the existing object, whoever owns it). A companion that existed
+    already, owned by this job, gets the rendered content written over it: anyone who may create
+    ConfigMaps or NetworkPolicies in the namespace could have made it first, with the job's uid
+    as its owner, and the pod must never run on content kubetune didn't render."""
     kind, child = manifest["kind"], manifest["metadata"]["name"]
     namespace = manifest["metadata"]["namespace"]
     path = f"{collection_path(manifest['apiVersion'], kind, namespace)}/{child}"
     try:
         with api_errors(f"creating {kind} {namespace}/{child}"):
-            return manifest, path, kube().create(manifest)
+            found, created = kube().create_or_existing(manifest)
+        owners = manifest["metadata"].get("ownerReferences") or [{}]
+        uid = str(owners[0].get("uid"))
+        if not created and owned_by(found, uid) and companion_differs(manifest, found):
+            LOGGER.warning(
+                "%s %s/%s was not as rendered: writing the rendered content over it",
+                kind, namespace, child,
+            )  # fmt: skip
+            with api_errors(f"replacing {kind} {namespace}/{child}"):
+                found = kube().replace(manifest, str(found["metadata"]["resourceVersion"]))
+        return manifest, path, found
     except (kopf.TemporaryError, kopf.PermanentError) as exc:
         return manifest, path, exc
 

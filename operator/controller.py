@@ -4,6 +4,7 @@ per-job logger, and the Controller with its in-memory indexes of FineTuneJobs, J
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from kubetune.operator.kube import Kube, load_config
 from kubetune.operator.leader import LeaseLock
 from kubetune.operator.reconcile import PARTIAL_SPEC, owned_by
 from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.status import SECRET_REFERENCE_PATHS
 from kubetune.operator.workqueue import WorkQueue
 
 SETTINGS = OperatorSettings()
@@ -107,15 +109,18 @@ def slim(body: Mapping[str, Any], spec: Iterable[str] | None = None) -> Obj:
 
 #: What a reconcile reads of a FineTuneJob's spec, outside the moment it makes children: how
 #: many pods and GPUs (status, group restarts), the run policy (suspend, deadline, retries,
-#: TTL), the Kueue queue, whether there is a Validating phase. The rest (affinity, the pod
-#: template, prompts, ...) is read from the API when children are made: a tenant's large spec
-#: never sits in the operator's memory.
-FINETUNEJOB_SPEC_KEPT: Final[Mapping[str, tuple[str, ...] | None]] = {
-    "resources": ("nodes", "gpus"),
-    "runPolicy": None,
-    "scheduling": ("queueName",),
-    "validation": ("enabled",),
-}
+#: TTL), the Kueue queue, whether there is a Validating phase, and the Secret references (to
+#: name the field whose Secret a pod can't read). The rest (affinity, the pod template,
+#: prompts, ...) is read from the API when children are made: a tenant's large spec never sits
+#: in the operator's memory.
+FINETUNEJOB_SPEC_KEPT: Final[tuple[tuple[str, ...], ...]] = (
+    ("resources", "nodes"),
+    ("resources", "gpus"),
+    ("runPolicy",),
+    ("scheduling", "queueName"),
+    ("validation", "enabled"),
+    *SECRET_REFERENCE_PATHS,
+)
 
 
 def slim_finetunejob(body: Mapping[str, Any]) -> Obj:
@@ -126,13 +131,16 @@ def slim_finetunejob(body: Mapping[str, Any]) -> Obj:
     # The trainer's progress (its curve history too) is for people and /metrics (read from the
     # events), never for a reconcile.
     kept["status"] = {k: v for k, v in kept["status"].items() if k != "progress"}
-    spec = body.get("spec") or {}
-    for section, fields in FINETUNEJOB_SPEC_KEPT.items():
-        value = spec.get(section)
-        if isinstance(value, Mapping):
-            kept["spec"][section] = (
-                dict(value) if fields is None else {f: value[f] for f in fields if f in value}
-            )
+    for path in FINETUNEJOB_SPEC_KEPT:
+        value: Any = body.get("spec")
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        if value is None:
+            continue
+        target = kept["spec"]
+        for key in path[:-1]:
+            target = target.setdefault(key, {})
+        target[path[-1]] = copy.deepcopy(value)
     kept[PARTIAL_SPEC] = True
     return kept
 

@@ -122,14 +122,27 @@ class Kube:
 
     def create(self, manifest: Obj) -> Obj:
         """Create ``manifest``; if it exists already (409), the existing object."""
+        return self.create_or_existing(manifest)[0]
+
+    def create_or_existing(self, manifest: Obj) -> tuple[Obj, bool]:
+        """Create ``manifest``: (the object, True); if it exists already (409), (the existing
+        object, False)."""
         meta = manifest["metadata"]
         path = collection_path(manifest["apiVersion"], manifest["kind"], meta["namespace"])
         try:
-            return self.request("POST", path, body=manifest)
+            return self.request("POST", path, body=manifest), True
         except ApiException as exc:
             if exc.status != 409:
                 raise
-        return self.get(f"{path}/{quote(meta['name'])}")
+        return self.get(f"{path}/{quote(meta['name'])}"), False
+
+    def replace(self, manifest: Obj, resource_version: str) -> Obj:
+        """PUT ``manifest`` over the object of its name, if it is still at ``resource_version``
+        (else 409)."""
+        meta = manifest["metadata"]
+        path = collection_path(manifest["apiVersion"], manifest["kind"], meta["namespace"])
+        body = {**manifest, "metadata": {**meta, "resourceVersion": resource_version}}
+        return self.request("PUT", f"{path}/{quote(meta['name'])}", body=body)
 
     def merge_patch(self, path: str, patch: Obj) -> Obj:
         return self.request("PATCH", path, body=patch, content_type=MERGE_PATCH)

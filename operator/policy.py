@@ -11,11 +11,20 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import posixpath
+import urllib.parse
 from typing import Any, Final
 
+from kubetune.api.contract import TERMINATION_MESSAGE_PATH
 from kubetune.api.models import FineTuneJobSpec, PodTemplateOverrides
 from kubetune.api.uris import CLUSTER_SCHEMES, parse_uri
-from kubetune.operator.settings import NEVER_CONTAINER_FIELDS, NEVER_POD_FIELDS, OperatorSettings
+from kubetune.operator.settings import (
+    ENDPOINT_ENV,
+    NEVER_CONTAINER_FIELDS,
+    NEVER_ENV,
+    NEVER_POD_FIELDS,
+    OperatorSettings,
+)
 
 Manifest = dict[str, Any]
 
@@ -43,6 +52,11 @@ _OWN_CONTAINER_FIELDS: Final = (
     "terminationMessagePolicy",
 )
 _SETTING: Final = "the operator's settings"
+#: ``valueFrom`` sources a pod template's env may use: the pod's own fields, never a Secret's or
+#: a ConfigMap's content (those would bypass the creator's admission check).
+_ENV_VALUE_SOURCES: Final = frozenset({"fieldRef", "resourceFieldRef"})
+#: Where the trainer's service account token is mounted (its progress reports use it).
+_TOKEN_MOUNT: Final = "/var/run/secrets/kubernetes.io/serviceaccount"  # noqa: S105 -- a path
 
 
 def policy_problems(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
@@ -50,9 +64,50 @@ def policy_problems(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[s
     return [
         *_denied_options(spec, settings),
         *_cluster_uris(spec),
+        *_tracking(spec, settings),
         *_image(spec, settings),
         *(_pod_template(spec.pod_template, settings) if spec.pod_template is not None else []),
     ]
+
+
+def _host_matches(host: str, port: int | None, patterns: list[str]) -> bool:
+    names = {host.lower(), f"{host.lower()}:{port}" if port is not None else host.lower()}
+    return any(fnmatch.fnmatchcase(name, p.lower()) for p in patterns for name in names)
+
+
+def _tracking(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
+    """The MLflow server gets the run's credentials: only a host the settings allow, and only
+    over https (unless the settings name the host for plain http)."""
+    mlflow = spec.tracking.mlflow if spec.tracking is not None else None
+    if mlflow is None:
+        return []
+    field = "spec.tracking.mlflow.trackingUri"
+    parts = urllib.parse.urlsplit(mlflow.tracking_uri)
+    host, port = parts.hostname or "", parts.port
+    shown = f"{host}:{port}" if port is not None else host
+    problems = []
+    allowed = settings.allowed_tracking_hosts
+    if allowed and not _host_matches(host, port, allowed):
+        problems.append(
+            f"{field}: host {shown!r} is not allowed by {_SETTING} "
+            f"(KUBETUNE_ALLOWED_TRACKING_HOSTS: {', '.join(allowed)})"
+        )
+    credentials = [
+        ref
+        for ref in (mlflow.username_secret_ref, mlflow.password_secret_ref, mlflow.token_secret_ref)
+        if ref is not None
+    ]
+    if (
+        credentials
+        and parts.scheme != "https"
+        and not _host_matches(host, port, settings.tracking_http_credentials_hosts)
+    ):
+        problems.append(
+            f"{field}: credentials (usernameSecretRef, passwordSecretRef, tokenSecretRef) go "
+            f"only over https; {shown!r} is plain http (denied by {_SETTING}, "
+            "KUBETUNE_TRACKING_HTTP_CREDENTIALS_HOSTS)"
+        )
+    return problems
 
 
 def _denied_options(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
@@ -107,7 +162,7 @@ def _pod_template(template: PodTemplateOverrides, settings: OperatorSettings) ->
         if key in NEVER_POD_FIELDS:
             problems.append(f"{field}: never allowed (it would give the pod more than the job)")
         elif key == "containers":
-            problems.extend(_containers(value, allowed))
+            problems.extend(_containers(value, allowed, settings))
         elif key not in allowed:
             problems.append(_not_allowed(field))
         elif key == "volumes":
@@ -119,7 +174,7 @@ def _not_allowed(field: str) -> str:
     return f"{field}: not allowed by {_SETTING} (KUBETUNE_ALLOWED_POD_TEMPLATE_FIELDS)"
 
 
-def _containers(containers: Any, allowed: set[str]) -> list[str]:
+def _containers(containers: Any, allowed: set[str], settings: OperatorSettings) -> list[str]:
     if not isinstance(containers, list):
         return ["spec.podTemplate.spec.containers: must be a list"]
     problems = []
@@ -135,7 +190,89 @@ def _containers(containers: Any, allowed: set[str]) -> list[str]:
                 problems.append(f"{where}.{key}: never allowed (kubetune sets it)")
             elif f"containers.{key}" not in allowed:
                 problems.append(_not_allowed(f"{where}.{key}"))
+            elif key == "env":
+                problems.extend(_env(container[key], f"{where}.env", settings))
+            elif key == "volumeMounts":
+                problems.extend(_mounts(container[key], f"{where}.volumeMounts", settings))
     return problems
+
+
+def _env(env: Any, where: str, settings: OperatorSettings) -> list[str]:
+    """Plain values of allowed names only: an allowlist, since a variable the trainer's libraries
+    read can send its tokens elsewhere (proxies, endpoints), let TLS be intercepted (CA bundles)
+    or run the tenant's code (PYTHONPATH, LD_PRELOAD)."""
+    if not isinstance(env, list):
+        return [f"{where}: must be a list"]
+    allowed = {name.upper() for name in settings.allowed_pod_template_env}
+    problems = []
+    for index, item in enumerate(env):
+        field = f"{where}[{index}]"
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            problems.append(f"{field}: must have a name")
+            continue
+        name = item["name"]
+        source = item.get("valueFrom")
+        if source is not None:
+            kinds = set(source) if isinstance(source, dict) else {"?"}
+            if not kinds <= _ENV_VALUE_SOURCES:
+                problems.append(
+                    f"{field}.valueFrom: {', '.join(sorted(kinds - _ENV_VALUE_SOURCES))} never "
+                    "allowed (Secrets reach the trainer only through the spec's secret "
+                    "references)"
+                )
+        if name.upper() in ENDPOINT_ENV:
+            problems.extend(_endpoint(field, name, item.get("value"), settings))
+        elif name.upper() in NEVER_ENV:
+            problems.append(f"{field}: {name} is never allowed (it would redirect or run code)")
+        elif name.upper() not in allowed:
+            problems.append(
+                f"{field}: {name} is not allowed by {_SETTING} (KUBETUNE_ALLOWED_POD_TEMPLATE_ENV)"
+            )
+    return problems
+
+
+def _endpoint(field: str, name: str, value: Any, settings: OperatorSettings) -> list[str]:
+    setting = ENDPOINT_ENV[name.upper()]
+    endpoints = [e.rstrip("/") for e in getattr(settings, setting)]
+    if isinstance(value, str) and value.rstrip("/") in endpoints:
+        return []
+    listed = ", ".join(endpoints) or "none"
+    return [
+        f"{field}: {name} must be one of the endpoints {_SETTING} allow "
+        f"(KUBETUNE_{setting.upper()}: {listed})"
+    ]
+
+
+def _mounts(mounts: Any, where: str, settings: OperatorSettings) -> list[str]:
+    """No mount over or inside what kubetune mounts: the claims (the trainer reads, and
+    publishes, what lies there), its config, /dev/shm, the termination message and the token."""
+    if not isinstance(mounts, list):
+        return [f"{where}: must be a list"]
+    protected = [settings.pvc_root, settings.config_mount_path, "/dev/shm",
+                 TERMINATION_MESSAGE_PATH, _TOKEN_MOUNT]  # fmt: skip
+    problems = []
+    for index, mount in enumerate(mounts):
+        path = mount.get("mountPath") if isinstance(mount, dict) else None
+        if not isinstance(path, str) or not path.startswith("/"):
+            problems.append(f"{where}[{index}].mountPath: must be an absolute path")
+            continue
+        path = posixpath.normpath(path)
+        clash = next((p for p in protected if _overlaps(path, posixpath.normpath(p))), None)
+        if clash is not None:
+            problems.append(
+                f"{where}[{index}].mountPath: {path} is never allowed (it overlaps {clash}, "
+                "which kubetune mounts)"
+            )
+    return problems
+
+
+def _overlaps(path: str, protected: str) -> bool:
+    """``path`` is ``protected``, inside it, or one of its parents (which would hide it)."""
+    return (
+        path == protected
+        or path.startswith(protected.rstrip("/") + "/")
+        or (protected.startswith(path.rstrip("/") + "/"))
+    )
 
 
 def _volumes(volumes: Any) -> list[str]:
@@ -150,7 +287,21 @@ def _volumes(volumes: Any) -> list[str]:
                 f"spec.podTemplate.spec.volumes[{index}]: {', '.join(unsafe)} volumes are never "
                 f"allowed (allowed: {', '.join(sorted(SAFE_VOLUME_SOURCES))})"
             )
+        elif "projected" in sources and _projects_a_secret(volume["projected"]):
+            # Admission checks the creator may read a secret volume's Secret; a projected
+            # volume's Secret sources it doesn't (CEL allows few authorization checks).
+            problems.append(
+                f"spec.podTemplate.spec.volumes[{index}]: projected Secret sources are never "
+                "allowed (use a secret volume: its Secret must be one the job's creator may read)"
+            )
     return problems
+
+
+def _projects_a_secret(projected: Any) -> bool:
+    sources = projected.get("sources") if isinstance(projected, dict) else None
+    return not isinstance(sources, list) or any(
+        not isinstance(source, dict) or "secret" in source for source in sources
+    )
 
 
 # --- merging ---------------------------------------------------------------------------------

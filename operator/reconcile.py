@@ -112,6 +112,45 @@ def owned_by(obj: Obj, uid: str) -> bool:
     return any(o.get("uid") == uid and o.get("controller") for o in owners)
 
 
+#: What of each companion kubetune renders and the pod relies on: compared with a companion that
+#: existed before kubetune created it (whoever made it, with the job's uid as its owner). Keys
+#: compared whole: what is there and kubetune doesn't render (extra data, Secrets of a service
+#: account) counts as a difference too.
+_COMPANION_CONTENT: Final = {
+    "ConfigMap": ("data", "binaryData"),
+    "ServiceAccount": ("automountServiceAccountToken", "secrets", "imagePullSecrets"),
+    "Role": ("rules",),
+    "RoleBinding": ("roleRef", "subjects"),
+}
+#: Kinds whose ``spec`` the apiserver defaults: kubetune's must be contained in the existing one.
+_SPEC_KINDS: Final = frozenset({"NetworkPolicy", "Service"})
+
+
+def companion_differs(rendered: Obj, existing: Obj) -> bool:
+    """Whether ``existing`` (a companion found in place of ``rendered``) carries other content
+    than kubetune rendered: then the rendered content must be written over it."""
+    kind = str(rendered.get("kind"))
+    if kind in _SPEC_KINDS:
+        return not _contains(existing.get("spec"), rendered.get("spec"))
+    return any(rendered.get(key) != existing.get(key) for key in _COMPANION_CONTENT.get(kind, ()))
+
+
+def _contains(have: Any, want: Any) -> bool:
+    """``want`` within ``have``: maps may have more keys (the apiserver's defaults), lists match
+    item by item and in length, other values are equal."""
+    if isinstance(want, Mapping):
+        return isinstance(have, Mapping) and all(
+            key in have and _contains(have[key], value) for key, value in want.items()
+        )
+    if isinstance(want, list):
+        return (
+            isinstance(have, list)
+            and len(have) == len(want)
+            and all(_contains(h, w) for h, w in zip(have, want, strict=True))
+        )
+    return bool(have == want)
+
+
 def _validation_job_name(ftj: Obj) -> str:
     return child_names(str(ftj.get("metadata", {}).get("name"))).validation_job
 

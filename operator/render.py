@@ -23,6 +23,7 @@ from kubetune.api.contract import (
     DOWNLOAD_ALLOWED_CIDRS_ENV,
     FINETUNEJOB_ANNOTATION,
     JOB_LABEL,
+    JOB_UID_LABEL,
     KUEUE_QUEUE_LABEL,
     MANAGED_BY,
     MANAGED_BY_LABEL,
@@ -114,14 +115,17 @@ def rendezvous_endpoint(names: ChildNames, *, jobset: bool = False) -> str:
     return f"{names.job}-0.{names.service}:{RENDEZVOUS_PORT}"
 
 
-def labels_for(name: str) -> dict[str, str]:
-    return {
+def labels_for(name: str, uid: str | None = None) -> dict[str, str]:
+    labels = {
         "app.kubernetes.io/name": "kubetune",
         COMPONENT_LABEL: "trainer",
         "app.kubernetes.io/instance": short_name(name),
         MANAGED_BY_LABEL: MANAGED_BY,
         JOB_LABEL: short_name(name),
     }
+    if uid:
+        labels[JOB_UID_LABEL] = uid
+    return labels
 
 
 def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
@@ -182,7 +186,7 @@ def render(
     namespace = str(metadata["namespace"])
     uid = metadata.get("uid")
     names = child_names(name, spec.resources.nodes)
-    labels = labels_for(name)
+    labels = labels_for(name, uid)
     annotations = {FINETUNEJOB_ANNOTATION: name}
 
     def meta(object_name: str, extra_labels: dict[str, str] | None = None) -> Manifest:
@@ -236,14 +240,14 @@ def render(
     }
     group = spec.resources.nodes > 1
     by_jobset = group and jobset
-    job = render_job(spec, name, names, meta, settings, attempt=attempt, jobset=by_jobset)
+    job = render_job(spec, name, names, meta, settings, attempt=attempt, jobset=by_jobset, uid=uid)
     children = [config_map, service_account, role, role_binding]
     if settings.trainer_network_policy:
-        children.append(network_policy(name, names, meta, settings, group=group))
+        children.append(network_policy(name, names, meta, settings, group=group, uid=uid))
     if by_jobset:
         return [*children, render_jobset(spec, name, names, meta, job)]
     if group:
-        children.append(headless_service(name, names, meta))
+        children.append(headless_service(name, names, meta, uid))
     return [*children, job]
 
 
@@ -313,12 +317,16 @@ def render_jobset(
     }
 
 
-def group_selector(name: str) -> Manifest:
-    """The labels every pod of one FineTuneJob carries, and no other pod kubetune makes."""
+def group_selector(name: str, uid: str | None = None) -> Manifest:
+    """The labels every pod of one FineTuneJob carries, and no other pod kubetune makes: its uid
+    (two jobs whose names shorten alike never share it); the shortened name only where no uid is
+    known yet (a render without one)."""
+    if uid:
+        return {JOB_UID_LABEL: uid, MANAGED_BY_LABEL: MANAGED_BY}
     return {JOB_LABEL: short_name(name), MANAGED_BY_LABEL: MANAGED_BY}
 
 
-def headless_service(name: str, names: ChildNames, meta: Any) -> Manifest:
+def headless_service(name: str, names: ChildNames, meta: Any, uid: str | None = None) -> Manifest:
     """The Service whose name is the group's pods' subdomain: ``<job>-<index>.<service>``
     resolves to that pod, ready or not (ranks must find rank 0 before any of them is Ready)."""
     return {
@@ -327,7 +335,7 @@ def headless_service(name: str, names: ChildNames, meta: Any) -> Manifest:
         "metadata": meta(names.service),
         "spec": {
             "clusterIP": "None",
-            "selector": group_selector(name),
+            "selector": group_selector(name, uid),
             "publishNotReadyAddresses": True,
             "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "protocol": "TCP"}],
         },
@@ -416,7 +424,13 @@ def validation_job(
 
 
 def network_policy(
-    name: str, names: ChildNames, meta: Any, settings: OperatorSettings, *, group: bool = False
+    name: str,
+    names: ChildNames,
+    meta: Any,
+    settings: OperatorSettings,
+    *,
+    group: bool = False,
+    uid: str | None = None,
 ) -> Manifest:
     """No ingress; egress to the cluster's DNS and the allowed CIDRs, less what lies inside them
     of the excepted addresses (private ranges, the cluster's pod and service CIDRs, metadata).
@@ -436,7 +450,7 @@ def network_policy(
     ]
     dns_peers += [{"ipBlock": block} for block in egress_blocks(settings.trainer_dns_cidrs, [])]
     egress: list[Manifest] = [{"to": dns_peers, "ports": dns_ports}]
-    peers: list[Manifest] = [{"podSelector": {"matchLabels": group_selector(name)}}]
+    peers: list[Manifest] = [{"podSelector": {"matchLabels": group_selector(name, uid)}}]
     if group:
         egress.append({"to": peers})
     if settings.trainer_apiserver_cidrs:
@@ -449,7 +463,7 @@ def network_policy(
     if blocks:
         egress.append({"to": [{"ipBlock": block} for block in blocks]})
     policy: Manifest = {
-        "podSelector": {"matchLabels": group_selector(name)},
+        "podSelector": {"matchLabels": group_selector(name, uid)},
         "policyTypes": ["Ingress", "Egress"],
         "egress": egress,
     }
@@ -506,6 +520,7 @@ def render_job(
     *,
     attempt: int = 1,
     jobset: bool = False,
+    uid: str | None = None,
 ) -> Manifest:
     queue = spec.scheduling.queue_name
     # A job created suspended is handed to Kueue (labelled) only when resumed: Kueue would
@@ -529,7 +544,7 @@ def render_job(
                 },
             },
         ]
-    pod_labels = dict(labels_for(name))
+    pod_labels = dict(labels_for(name, uid))
     pod_annotations = {FINETUNEJOB_ANNOTATION: name}
     if spec.pod_template is not None:
         pod_spec, pod_labels, pod_annotations = apply_pod_template(

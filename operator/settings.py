@@ -8,7 +8,21 @@ from typing import Annotated, Final, Literal
 from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from kubetune.api.contract import CONFIG_MOUNT_PATH, DEFAULT_PVC_ROOT, TRAINER_COMMAND
+from kubetune.api.contract import (
+    CONFIG_MOUNT_PATH,
+    DEFAULT_PVC_ROOT,
+    MLFLOW_PASSWORD_ENV,
+    MLFLOW_TOKEN_ENV,
+    MLFLOW_USERNAME_ENV,
+    NODE_RANK_ENV,
+    PUSH_TOKEN_ENV,
+    PVC_ROOT_ENV,
+    RENDEZVOUS_ENDPOINT_ENV,
+    RENDEZVOUS_ID_ENV,
+    TERMINATION_LOG_ENV,
+    TOKEN_ENV,
+    TRAINER_COMMAND,
+)
 from kubetune.api.models import Quantity
 
 
@@ -37,7 +51,30 @@ NEVER_POD_FIELDS: Final = frozenset(
 NEVER_CONTAINER_FIELDS: Final = frozenset(
     {"image", "imagePullPolicy", "command", "args", "securityContext", "lifecycle",
      "livenessProbe", "readinessProbe", "startupProbe", "volumeDevices", "workingDir",
-     "terminationMessagePath", "terminationMessagePolicy", "resizePolicy", "restartPolicy"}
+     "terminationMessagePath", "terminationMessagePolicy", "resizePolicy", "restartPolicy",
+     "envFrom"}
+)  # fmt: skip
+#: Environment variables of the trainer container that name where tokens go: allowed only with a
+#: value the platform team lists (KUBETUNE_ALLOWED_HUB_ENDPOINTS, _OBJECT_STORE_ENDPOINTS).
+ENDPOINT_ENV: Final = {
+    "HF_ENDPOINT": "allowed_hub_endpoints",
+    "AWS_ENDPOINT_URL": "allowed_object_store_endpoints",
+    "AWS_ENDPOINT_URL_S3": "allowed_object_store_endpoints",
+}
+#: Environment variables no setting can allow in spec.podTemplate (compared without case): they
+#: send the pod's tokens elsewhere (proxies, endpoints), let its TLS be intercepted (CA bundles),
+#: run the tenant's code in the trainer (PYTHONPATH, LD_PRELOAD, plugins), or are kubetune's own
+#: contract (tokens, mounts, rendezvous).
+NEVER_ENV: Final = frozenset(
+    {"HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "ALL_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR",
+     "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP",
+     "PYTHONUSERBASE", "PYTHONSAFEPATH", "PYTHONNOUSERSITE", "LD_PRELOAD", "LD_LIBRARY_PATH",
+     "LD_AUDIT", "NCCL_NET_PLUGIN", "NCCL_TUNER_PLUGIN", "HF_HOME", "HF_HUB_CACHE",
+     "TRANSFORMERS_CACHE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
+     "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
+     TOKEN_ENV, PUSH_TOKEN_ENV, MLFLOW_USERNAME_ENV, MLFLOW_PASSWORD_ENV, MLFLOW_TOKEN_ENV,
+     PVC_ROOT_ENV, RENDEZVOUS_ENDPOINT_ENV, RENDEZVOUS_ID_ENV, NODE_RANK_ENV,
+     TERMINATION_LOG_ENV, *ENDPOINT_ENV}
 )  # fmt: skip
 #: Blocked within the egress CIDRs unless a platform says otherwise: addresses that are not the
 #: internet (private, shared, loopback, link-local, unique-local) and every cloud metadata address
@@ -96,6 +133,50 @@ class OperatorSettings(BaseSettings):
             "(tolerations, runtimeClassName, volumes, ...), trainer-container fields as "
             "containers.<field> (containers.env, containers.volumeMounts, ...), and "
             "metadata.labels / metadata.annotations; empty refuses spec.podTemplate."
+        ),
+    )
+    allowed_pod_template_env: CsvList = Field(
+        default_factory=lambda: [
+            "TOKENIZERS_PARALLELISM",
+            "OMP_NUM_THREADS",
+            "NCCL_DEBUG",
+            "PYTORCH_CUDA_ALLOC_CONF",
+        ],
+        description=(
+            "Names of environment variables spec.podTemplate may give the trainer container "
+            "(with containers.env allowed), comma-separated; plain values only (no valueFrom "
+            "but fieldRef/resourceFieldRef). Proxies, CA bundles, PYTHONPATH, LD_PRELOAD, "
+            "kubetune's own variables and the like can never be listed; HF_ENDPOINT and "
+            "AWS_ENDPOINT_URL(_S3) are allowed with a value the endpoint settings list."
+        ),
+    )
+    allowed_tracking_hosts: CsvList = Field(
+        default_factory=list,
+        description=(
+            "Hosts (host or host:port, shell-style patterns) spec.tracking.mlflow.trackingUri "
+            "may name, comma-separated; empty allows any host."
+        ),
+    )
+    tracking_http_credentials_hosts: CsvList = Field(
+        default_factory=list,
+        description=(
+            "Hosts (host or host:port, shell-style patterns) to which MLflow credentials may go "
+            "over plain http; elsewhere a tracking URI with credentials must be https. Empty: "
+            "https only."
+        ),
+    )
+    allowed_hub_endpoints: CsvList = Field(
+        default_factory=list,
+        description=(
+            "Hub endpoints (https://host[:port]) a job may set as HF_ENDPOINT through "
+            "spec.podTemplate; empty: the default hub only."
+        ),
+    )
+    allowed_object_store_endpoints: CsvList = Field(
+        default_factory=list,
+        description=(
+            "Object-store endpoints (https://host[:port]) a job may set as AWS_ENDPOINT_URL or "
+            "AWS_ENDPOINT_URL_S3 through spec.podTemplate; empty: the store's default only."
         ),
     )
     trainer_network_policy: bool = Field(
@@ -322,3 +403,13 @@ class OperatorSettings(BaseSettings):
         if never:
             raise ValueError(f"these pod fields can never be allowed: {', '.join(never)}")
         return fields
+
+    @field_validator("allowed_pod_template_env")
+    @classmethod
+    def _never_env(cls, names: list[str]) -> list[str]:
+        never = [n for n in names if n.upper() in NEVER_ENV]
+        if never:
+            raise ValueError(
+                f"these environment variables can never be allowed: {', '.join(never)}"
+            )
+        return names

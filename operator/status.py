@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -146,7 +147,54 @@ def _failure_reason(exit_code: int | None, terminated: Obj | None) -> str | None
         return None
 
 
-def _pending_problem(pods: Sequence[Obj]) -> tuple[str, str] | None:
+#: Where the kubelet names the Secret it could not read: ``secret "x" not found`` or
+#: ``couldn't find key k in Secret ns/x`` (the local node agent: ``secret 'x' not found``,
+#: ``key 'k' not found in secret 'x'``).
+_SECRET_IN_MESSAGE: Final = re.compile(r"""secret ["']([^"']+)["']|in Secret [^/\s]+/(\S+)""", re.I)
+
+
+#: Where a FineTuneJob's spec names Secrets (the watch cache keeps these, controller.py).
+SECRET_REFERENCE_PATHS: Final = (
+    ("model", "tokenSecretRef"),
+    ("output", "pushToHub", "tokenSecretRef"),
+    ("tracking", "mlflow", "usernameSecretRef"),
+    ("tracking", "mlflow", "passwordSecretRef"),
+    ("tracking", "mlflow", "tokenSecretRef"),
+)
+
+
+def secret_reference_fields(spec: Obj) -> list[tuple[str, str]]:
+    """(field, Secret name) of every Secret reference in a FineTuneJob's spec, as written."""
+
+    def at(*path: str) -> Any:
+        value: Any = spec
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        return value
+
+    found: list[tuple[str, str]] = []
+    for path in SECRET_REFERENCE_PATHS:
+        name = at(*path, "name")
+        if isinstance(name, str):
+            found.append(("spec." + ".".join(path), name))
+    return found
+
+
+def _missing_secret_message(kubelet_message: str, spec: Obj) -> str:
+    """A fixed message naming the fields whose Secret the pod can't read. The kubelet's own words
+    say whether the Secret or only its key is missing, which a creator who may not read Secrets
+    must not learn (the reference is the creator's; its target's existence is not)."""
+    match = _SECRET_IN_MESSAGE.search(kubelet_message)
+    name = (match.group(1) or match.group(2)) if match else None
+    fields = [field for field, ref in secret_reference_fields(spec) if ref == name]
+    where = ", ".join(fields) if fields else "a Secret reference of the spec"
+    return (
+        f"{where}: the Secret or its key is not available to the trainer pod "
+        "(the pod starts once it is)"
+    )
+
+
+def _pending_problem(pods: Sequence[Obj], spec: Obj | None = None) -> tuple[str, str] | None:
     for pod in pods:
         for condition in pod.get("status", {}).get("conditions") or []:
             if (
@@ -165,7 +213,7 @@ def _pending_problem(pods: Sequence[Obj]) -> tuple[str, str] | None:
             ):
                 # A Secret (or its key) the spec names is missing: the kubelet retries, and the
                 # pod starts once it exists.
-                return Reason.MISSING_REFERENCE, message
+                return Reason.MISSING_REFERENCE, _missing_secret_message(message, spec or {})
             return reason, message
     return None
 
@@ -330,7 +378,9 @@ def _outcome(ftj: Obj, job: Obj | None, pods: Sequence[Obj]) -> tuple[Outcome, O
         if group:
             text = f"the trainer is running ({len(running)} of {nodes_of(ftj)} pods)"
         return Outcome("Running", Reason.RUNNING, text, running=True), None
-    problem = _pending_problem([p for p in pods if p.get("status", {}).get("phase") == "Pending"])
+    problem = _pending_problem(
+        [p for p in pods if p.get("status", {}).get("phase") == "Pending"], ftj.get("spec") or {}
+    )
     if problem is not None:
         return Outcome("Pending", problem[0], problem[1]), None
     failed_pods = [p for p in by_age if p.get("status", {}).get("phase") == "Failed"]

@@ -10,14 +10,21 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kubetune.api.contract import TERMINATION_LOG_ENV, ExitCode
+from kubetune.api.contract import (
+    MLFLOW_PASSWORD_ENV,
+    MLFLOW_TOKEN_ENV,
+    MLFLOW_USERNAME_ENV,
+    TERMINATION_LOG_ENV,
+    ExitCode,
+)
 from kubetune.api.errors import SpecError
-from kubetune.api.models import KIND
+from kubetune.api.models import KIND, FineTuneJobSpec
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -37,7 +44,50 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--output", type=Path, help="write the adapter here instead of spec.output.uri"
     )
     parser.add_argument("--no-progress", action="store_true", help="log lines, no progress bar")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow spec.model.trustRemoteCode: run code shipped with the model on this machine",
+    )
+    parser.add_argument(
+        "--push",
+        action="store_true",
+        help="allow spec.output.pushToHub: push the adapter with this machine's hub credentials",
+    )
     parser.set_defaults(func=train_command)
+
+
+#: The MLflow credentials a shell may hold (the names MLflow's client reads).
+_MLFLOW_CREDENTIALS = (MLFLOW_USERNAME_ENV, MLFLOW_PASSWORD_ENV, MLFLOW_TOKEN_ENV)
+
+
+def local_policy_problems(
+    spec: FineTuneJobSpec, *, trust_remote_code: bool, push: bool
+) -> list[str]:
+    """What a manifest asks of this machine that needs the user's say-so: a manifest from
+    elsewhere is input, as a FineTuneJob is to the operator."""
+    problems = []
+    if spec.model.trust_remote_code and not trust_remote_code:
+        problems.append(
+            "spec.model.trustRemoteCode: runs code shipped with the model on this machine; "
+            "pass --trust-remote-code to allow it"
+        )
+    if spec.output.push_to_hub is not None and not push:
+        problems.append(
+            "spec.output.pushToHub: pushes with this machine's hub credentials; pass --push to "
+            "allow it"
+        )
+    return problems
+
+
+def ambient_credentials_to_drop(spec: FineTuneJobSpec, environ: Mapping[str, str]) -> list[str]:
+    """The shell's MLflow credentials that must not reach the manifest's tracking server: all of
+    them, unless the manifest tracks to the shell's own MLFLOW_TRACKING_URI."""
+    mlflow = spec.tracking.mlflow if spec.tracking is not None else None
+    shell_uri = environ.get("MLFLOW_TRACKING_URI", "").rstrip("/")
+    if mlflow is not None and shell_uri and mlflow.tracking_uri.rstrip("/") == shell_uri:
+        return []
+    return [name for name in _MLFLOW_CREDENTIALS if name in environ]
 
 
 def train_command(args: argparse.Namespace) -> int:
@@ -54,6 +104,19 @@ def train_command(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return int(ExitCode.INVALID_CONFIG)
+    problems = local_policy_problems(
+        job.spec, trust_remote_code=args.trust_remote_code, push=args.push
+    )
+    if problems:
+        print(
+            f"error: {args.manifest} asks for what this command needs a flag for:", file=sys.stderr
+        )
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return int(ExitCode.INVALID_CONFIG)
+    for name in ambient_credentials_to_drop(job.spec, os.environ):
+        # The manifest names its own tracking server: the shell's credentials are for another.
+        del os.environ[name]
     config = TrainerConfig(spec=job.spec)
     write_termination = TERMINATION_LOG_ENV in os.environ
     if job.spec.resources.world_size > 1:

@@ -25,13 +25,14 @@ OPERATOR_ALLOW_LIST: dict[tuple[str, str], set[str]] = {
     ("kubetune.io", "finetunejobs/status"): {"get", "patch"},
     ("kubetune.io", "finetunejobs/finalizers"): {"update"},
     ("", "events"): {"create"},
-    ("", "configmaps"): {"get", "create", "delete"},
-    ("", "serviceaccounts"): {"get", "create", "delete"},
+    # update: a companion made first by someone else gets the rendered content written over it.
+    ("", "configmaps"): {"get", "create", "update", "delete"},
+    ("", "serviceaccounts"): {"get", "create", "update", "delete"},
     # A multi-pod group's headless Service (its pods' DNS subdomain).
-    ("", "services"): {"get", "create", "delete"},
-    ("rbac.authorization.k8s.io", "roles"): {"get", "create", "delete"},
-    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create", "delete"},
-    ("networking.k8s.io", "networkpolicies"): {"get", "create", "delete"},
+    ("", "services"): {"get", "create", "update", "delete"},
+    ("rbac.authorization.k8s.io", "roles"): {"get", "create", "update", "delete"},
+    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create", "update", "delete"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "create", "update", "delete"},
     # delete: a multi-pod group's failed attempt is replaced by a new Job.
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     # operator.groupWorkload: jobset only; never deleted (JobSet restarts the group itself).
@@ -412,11 +413,70 @@ def test_the_trainer_status_policy_guards_every_status_field_but_progress(render
     status.worldSize were once missing): the policy's list is the model's, less progress."""
     from kubetune.api.models import FineTuneJobStatus
 
-    [policy] = of_kind(render(), "ValidatingAdmissionPolicy")
+    [policy] = [
+        p for p in of_kind(render(), "ValidatingAdmissionPolicy")
+        if p["metadata"]["name"].endswith("-trainer-status")
+    ]  # fmt: skip
     [validation] = policy["spec"]["validations"]
     guarded = set(re.findall(r"has\(object\.status\.(\w+)\)", validation["expression"]))
     fields = {field.alias or name for name, field in FineTuneJobStatus.model_fields.items()}
     assert guarded == fields - {"progress"}
+
+
+def _secret_ref_paths(model: Any, prefix: str = "") -> set[str]:
+    """Dotted camelCase paths of every SecretKeyRef field under ``model``."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from kubetune.api.models import SecretKeyRef
+
+    found: set[str] = set()
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{field.alias or name}"
+        for kind in (field.annotation, *typing.get_args(field.annotation)):
+            if kind is SecretKeyRef:
+                found.add(path)
+            elif isinstance(kind, type) and issubclass(kind, BaseModel):
+                found |= _secret_ref_paths(kind, f"{path}.")
+    return found
+
+
+def test_the_references_policy_checks_every_secret_reference_and_claim_of_the_spec(
+    render: Render,
+) -> None:
+    """A Secret reference the policy doesn't name is one a creator could use without being
+    allowed to read it: the policy's list is the model's."""
+    from kubetune.api.models import FineTuneJobSpec
+
+    [policy] = [
+        p for p in of_kind(render(), "ValidatingAdmissionPolicy")
+        if p["metadata"]["name"].endswith("-references")
+    ]  # fmt: skip
+    variables = {v["name"]: v["expression"] for v in policy["spec"]["variables"]}
+
+    def named(prefix: str) -> set[str]:
+        return {
+            field
+            for name, expression in variables.items()
+            if re.fullmatch(rf"{prefix}\d+", name)
+            for field in re.findall(r"\['spec\.([\w.]+)'", expression)
+        }
+
+    assert named("secret") == _secret_ref_paths(FineTuneJobSpec)
+    assert named("claim") == {"model.uri", "dataset.uri", "output.uri"}
+    # CEL allows two authorization checks per expression: one check per variable, none in the
+    # validation itself.
+    for name, expression in variables.items():
+        assert expression.count(".check(") <= 1, name
+    for validation in policy["spec"]["validations"]:
+        assert ".check(" not in validation["expression"] + validation.get("messageExpression", "")
+        # Message expressions can't call the authorizer: nor may the variables they read.
+        for name in re.findall(r"variables\.(\w+)", validation.get("messageExpression", "")):
+            assert ".check(" not in variables[name], name
+    assert "referencesPolicy" in CHART.joinpath("values.yaml").read_text()
+    off = of_kind(render("--set", "referencesPolicy.enabled=false"), "ValidatingAdmissionPolicy")
+    assert [p["metadata"]["name"].endswith("-trainer-status") for p in off] == [True]
 
 
 def test_only_a_jobset_workload_grants_jobsets_and_then_every_child_is_held(render: Render) -> None:

@@ -41,7 +41,10 @@ def kubetune_release(
     env = helm_env(kubeconfig_path, tmp_path_factory.mktemp("helm"))
     install = helm("upgrade", "--install", "kubetune", str(REPO / "charts" / "kubetune"),
                    "--namespace", SYSTEM_NAMESPACE, "--create-namespace",
-                   *helm_set_args(image_node_chart_settings()), "--wait", "--timeout", "3m",
+                   *helm_set_args(image_node_chart_settings()),
+                   # The journeys' MLflow server takes basic auth over plain http on loopback.
+                   "--set", "trainer.tracking.httpCredentialsHosts={127.0.0.1}",
+                   "--wait", "--timeout", "3m",
                    env=env, timeout=240)  # fmt: skip
     assert install.returncode == 0, install.stderr
     wait_for(lambda: len(operator_pods(kubectl)) == 1, 120, "the operator pod to run")

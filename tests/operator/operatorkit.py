@@ -60,6 +60,7 @@ class OperatorProcess:
             "KUBETUNE_ALLOWED_POD_TEMPLATE_FIELDS": "containers.env",
             # The tests' dataset hosts serve on the loopback, which trainers refuse by default.
             "KUBETUNE_TRAINER_DOWNLOAD_ALLOWED_CIDRS": "127.0.0.0/8",
+            "KUBETUNE_ALLOWED_POD_TEMPLATE_ENV": "KUBETUNE_STAND_IN",
             "PYTHONUNBUFFERED": "1",
             "KUBETUNE_VERBOSE": os.environ.get("KUBETUNE_TEST_OPERATOR_VERBOSE", "false"),
             **self.extra_env,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from operatorkit import CRD, REPO, OperatorProcess, log_tail_after, started
 
 from kubetune_devtools.pytest_plugin import (
@@ -344,6 +345,56 @@ def test_missing_pvc_is_reported_and_the_job_starts_once_it_exists(
     assert status["phase"] == "Succeeded"
 
 
+EDITOR = "editor@example.com"
+
+
+def test_companions_made_first_by_an_edit_user_carry_the_rendered_content(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    """While a job waits on a missing claim, a user with the ordinary `edit` role makes its
+    ConfigMap and NetworkPolicy first, with the job's uid as their owner: the operator must not
+    adopt what they say, but write the rendered content over them."""
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "editor"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": EDITOR}],
+    }  # fmt: skip
+    apply(kubectl, namespace, binding)
+    spec = sleeper_spec(1, output={"uri": f"pvc://{CLAIM}/adapter"})
+    apply(kubectl, namespace, finetunejob("pre-made", spec))
+    wait_ready_reason(kubectl, namespace, "pre-made", "MissingReference", 60)
+    uid = get_json(kubectl, "ftj", "pre-made", "-n", namespace)["metadata"]["uid"]
+    owner = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "name": "pre-made",
+             "uid": uid, "controller": True}  # fmt: skip
+    forged_config = {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "pre-made-trainer-config", "ownerReferences": [owner]},
+        "data": {"config.yaml": "forged: by-the-editor\n", "extra.yaml": "x: 1\n"},
+    }  # fmt: skip
+    open_policy = {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "pre-made-trainer", "ownerReferences": [owner]},
+        "spec": {"podSelector": {}, "policyTypes": ["Egress"], "egress": [{}]},
+    }  # fmt: skip
+    for forged in (forged_config, open_policy):
+        kubectl("--as", EDITOR, "create", "-n", namespace, "-f", "-", input=json.dumps(forged))
+
+    work_claim(kubectl, namespace)
+    status = wait_phase(kubectl, namespace, "pre-made", {"Succeeded", "Failed"}, 120)
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=2)
+    config = get_json(kubectl, "configmap", "pre-made-trainer-config", "-n", namespace)
+    assert set(config["data"]) == {"config.yaml"}
+    assert "by-the-editor" not in config["data"]["config.yaml"]
+    assert "kubetune.io/job-uid" in config["metadata"]["labels"]
+    rendered = yaml.safe_load(config["data"]["config.yaml"])
+    assert rendered["job"]["name"] == "pre-made" and rendered["job"]["uid"] == uid
+    policy = get_json(kubectl, "networkpolicy", "pre-made-trainer", "-n", namespace)["spec"]
+    assert policy["podSelector"] == {"matchLabels": {
+        "kubetune.io/job-uid": uid, "app.kubernetes.io/managed-by": "kubetune-operator"}}  # fmt: skip
+    assert {} not in policy["egress"]
+
+
 def test_suspend_and_resume(operator: OperatorProcess, kubectl: Kubectl, namespace: str) -> None:
     apply(kubectl, namespace, finetunejob("pause", sleeper_spec(300, runPolicy={"suspend": True})))
     status = wait_phase(kubectl, namespace, "pause", {"Suspended"}, 60)
@@ -428,6 +479,23 @@ def test_finished_job_is_deleted_after_its_ttl(
         raise
 
 
+def test_mlflow_credentials_to_a_plain_http_host_fail_the_job_denied_naming_the_field(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    spec = sleeper_spec(1, tracking={"mlflow": {
+        "trackingUri": "http://attacker.example:53", "experimentName": "e",
+        "tokenSecretRef": {"name": "mlflow", "key": "token"}}})  # fmt: skip
+    apply(kubectl, namespace, finetunejob("plain-http", spec))
+    status = wait_phase(kubectl, namespace, "plain-http", {"Failed"}, 60)
+    failed = condition(status, "Failed")
+    assert failed["reason"] == "Denied"
+    assert failed["message"].startswith(
+        "spec.tracking.mlflow.trackingUri: credentials (usernameSecretRef, passwordSecretRef, "
+        "tokenSecretRef) go only over https; 'attacker.example:53' is plain http"
+    )
+    assert jobs_of(kubectl, namespace, component=None) == []
+
+
 def test_denied_option_fails_the_job_without_creating_children(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str
 ) -> None:
@@ -459,6 +527,17 @@ def trainer_status_policy(helm: Callable[..., Any], kubectl: Kubectl) -> Iterato
     names the chart's operator, which other suites install)."""
     rendered = helm("template", "kt", str(REPO / "charts" / "kubetune"), "-n", "kubetune-system",
                     "-s", "templates/trainer-status-policy.yaml")  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    kubectl("apply", "-f", "-", input=rendered.stdout)
+    yield
+    kubectl("delete", "-f", "-", "--ignore-not-found", input=rendered.stdout)
+
+
+@pytest.fixture(scope="module")
+def references_policy(helm: Callable[..., Any], kubectl: Kubectl) -> Iterator[None]:
+    """The chart's ValidatingAdmissionPolicy that refuses references the creator can't read."""
+    rendered = helm("template", "kt", str(REPO / "charts" / "kubetune"), "-n", "kubetune-system",
+                    "-s", "templates/references-policy.yaml")  # fmt: skip
     assert rendered.returncode == 0, rendered.stderr
     kubectl("apply", "-f", "-", input=rendered.stdout)
     yield
@@ -652,7 +731,12 @@ def test_missing_secret_or_key_is_reported_and_the_job_starts_once_it_exists(
 
     status = wait_ready_reason(kubectl, namespace, "needs-token", "MissingReference", 90)
     assert status["phase"] == "Pending"
-    assert "hub" in condition(status, "Ready")["message"]
+    # The same words whether the Secret or only its key is missing: a creator who may not read
+    # Secrets learns neither.
+    assert condition(status, "Ready")["message"] == (
+        "spec.model.tokenSecretRef: the Secret or its key is not available to the trainer pod "
+        "(the pod starts once it is)"
+    )
 
     apply(kubectl, namespace, {**secret, "data": {"token": "c2VjcmV0LXZhbHVlLTEyMzQ="}})
     status = wait_phase(kubectl, namespace, "needs-token", {"Succeeded", "Failed"}, 120)
@@ -760,6 +844,7 @@ def test_a_tenant_who_may_only_create_finetunejobs_gets_no_more_than_a_trainer_p
     tenant: str,
     tiny_assets: Path,
     trainer_status_policy: None,
+    references_policy: None,
 ) -> None:
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf-token"},
               "stringData": {"token": TOKEN_VALUE + "\n"}}  # fmt: skip
@@ -804,7 +889,8 @@ def test_a_tenant_who_may_only_create_finetunejobs_gets_no_more_than_a_trainer_p
                        "--type=merge", "-p", '{"status": {"phase": "Succeeded"}}', check=False)  # fmt: skip
     assert forged.returncode != 0 and "forbidden" in forged.stderr.lower()
 
-    # A real run, reading a dataset from a host the tenant controls, with the hub token mounted.
+    # What the job would read, the tenant must be allowed to read: the hub Secret and the claim
+    # are refused at create by the apiserver (the chart's admission policy), naming the field.
     volume = work_claim(kubectl, namespace)
     shutil.copytree(tiny_assets / "model", volume / "model")
     dataset = (tiny_assets / "data" / "reverse-prompt-completion.jsonl").read_bytes()
@@ -812,8 +898,52 @@ def test_a_tenant_who_may_only_create_finetunejobs_gets_no_more_than_a_trainer_p
     try:
         spec = tiny_training_spec(f"{server.url}/train.jsonl?sig=tenant-chosen")
         spec["model"]["tokenSecretRef"] = {"name": "hf-token", "key": "token"}
-        as_tenant(kubectl, "apply", "-n", namespace, "-f", "-",
-                  input=json.dumps(finetunejob("honest-run", spec)))  # fmt: skip
+        honest = json.dumps(finetunejob("honest-run", spec))
+
+        def create_as_tenant(dry_run: bool = False) -> subprocess.CompletedProcess[str]:
+            extra = ["--dry-run=server"] if dry_run else []
+            return as_tenant(kubectl, "create", "-n", namespace, *extra, "-f", "-",
+                             input=honest, check=False)  # fmt: skip
+
+        # An admission policy takes effect once the apiserver has loaded it (a dry run is
+        # admitted like a real request, without side effects).
+        wait_for(lambda: create_as_tenant(dry_run=True).returncode != 0, 60,
+                 "the references policy to take effect")  # fmt: skip
+        refused = create_as_tenant()
+        assert refused.returncode != 0
+        assert "spec.model.tokenSecretRef: you may not get Secret hf-token" in refused.stderr
+        # The apiserver names the first reference refused: without the Secret, the claim.
+        without_token = json.loads(honest)
+        del without_token["spec"]["model"]["tokenSecretRef"]
+        refused = as_tenant(kubectl, "create", "-n", namespace, "-f", "-",
+                            input=json.dumps(without_token), check=False)  # fmt: skip
+        assert refused.returncode != 0
+        assert f"spec.model.uri: you may not get PersistentVolumeClaim {CLAIM}" in refused.stderr
+        assert as_tenant(kubectl, "get", "ftj", "honest-run", "-n", namespace,
+                         check=False).returncode != 0  # fmt: skip
+
+        # Allowed to read that Secret and that claim, the same job is accepted.
+        reader = {
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "tenant-reads-its-own"},
+            "rules": [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["hf-token"],
+                       "verbs": ["get"]},
+                      {"apiGroups": [""], "resources": ["persistentvolumeclaims"],
+                       "resourceNames": [CLAIM], "verbs": ["get"]}],
+        }  # fmt: skip
+        apply(kubectl, namespace, reader)
+        apply(kubectl, namespace, {
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": "tenant-reads-its-own"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                        "name": "tenant-reads-its-own"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": TENANT}],
+        })  # fmt: skip
+        # RBAC changes reach the authorizer through its informer: wait for the dry run to pass.
+        wait_for(lambda: create_as_tenant(dry_run=True).returncode == 0, 60,
+                 "the tenant's read rights to take effect")  # fmt: skip
+        created = create_as_tenant()
+        assert created.returncode == 0, created.stderr
         status = wait_phase(kubectl, namespace, "honest-run", {"Succeeded", "Failed"}, 600)
     finally:
         server.close()

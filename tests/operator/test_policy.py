@@ -23,6 +23,7 @@ PERMISSIVE = OperatorSettings(
         "metadata.labels", "metadata.annotations", "tolerations", "volumes", "runtimeClassName",
         "containers.env", "containers.volumeMounts", "containers.resources",
     ],
+    allowed_pod_template_env=["EXTRA", "TOKENIZERS_PARALLELISM"],
 )  # fmt: skip
 
 
@@ -116,7 +117,15 @@ def test_allowed_fields_merge_under_kubetunes_identity_command_labels_and_contra
             },
         }
     )  # fmt: skip
-    assert policy_problems(spec, PERMISSIVE) == []
+    # The policy refuses kubetune's own variables and Secret sources; were they let through, the
+    # merge still keeps kubetune's.
+    env_field = "spec.podTemplate.spec.containers[0].env"
+    assert policy_problems(spec, PERMISSIVE) == [
+        f"{env_field}[1]: KUBETUNE_PVC_ROOT is never allowed (it would redirect or run code)",
+        f"{env_field}[2].valueFrom: secretKeyRef never allowed (Secrets reach the trainer only "
+        "through the spec's secret references)",
+        f"{env_field}[2]: HF_TOKEN is never allowed (it would redirect or run code)",
+    ]
     job = next(o for o in render(spec, METADATA, PERMISSIVE) if o["kind"] == "Job")
     pod_template = job["spec"]["template"]
     pod = pod_template["spec"]
@@ -170,3 +179,145 @@ def test_denied_options_name_the_field() -> None:
 def test_merge_replaces_unnamed_lists_and_scalars() -> None:
     merged = merge_pod_spec({"a": [1, 2], "b": {"c": 1, "d": 2}}, {"a": [3], "b": {"c": 5}})
     assert merged == {"a": [3], "b": {"c": 5, "d": 2}}
+
+
+def trainer_template(**container: Any) -> dict[str, Any]:
+    return template(containers=[{"name": "trainer", **container}])
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "NO_PROXY", "ALL_PROXY",
+     "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "PYTHONPATH", "LD_PRELOAD",
+     "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "HF_PUSH_TOKEN"],
+)  # fmt: skip
+def test_env_that_redirects_tokens_or_runs_code_is_refused_with_containers_env_allowed(
+    name: str,
+) -> None:
+    spec = spec_of(podTemplate=trainer_template(env=[{"name": name, "value": "http://evil:1"}]))
+    (problem,) = policy_problems(spec, PERMISSIVE)
+    assert problem.startswith(f"spec.podTemplate.spec.containers[0].env[0]: {name} ")
+
+
+def test_env_names_come_from_the_settings_allowlist_with_plain_values_only() -> None:
+    env = [
+        {"name": "TOKENIZERS_PARALLELISM", "value": "false"},
+        {"name": "NOT_LISTED", "value": "1"},
+        {"name": "EXTRA", "valueFrom": {"secretKeyRef": {"name": "other-team", "key": "k"}}},
+        {"name": "EXTRA", "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "k"}}},
+        {"name": "EXTRA", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    ]
+    problems = policy_problems(spec_of(podTemplate=trainer_template(env=env)), PERMISSIVE)
+    field = "spec.podTemplate.spec.containers[0].env"
+    assert problems == [
+        f"{field}[1]: NOT_LISTED is not allowed by the operator's settings "
+        "(KUBETUNE_ALLOWED_POD_TEMPLATE_ENV)",
+        f"{field}[2].valueFrom: secretKeyRef never allowed (Secrets reach the trainer only "
+        "through the spec's secret references)",
+        f"{field}[3].valueFrom: configMapKeyRef never allowed (Secrets reach the trainer only "
+        "through the spec's secret references)",
+    ]
+
+
+def test_env_from_is_never_allowed_and_no_setting_can_allow_it_or_a_redirecting_variable() -> None:
+    spec = spec_of(podTemplate=trainer_template(envFrom=[{"secretRef": {"name": "s3-creds"}}]))
+    assert policy_problems(spec, PERMISSIVE) == [
+        "spec.podTemplate.spec.containers[0].envFrom: never allowed (kubetune sets it)"
+    ]
+    with pytest.raises(ValidationError, match=r"can never be allowed: containers\.envFrom"):
+        OperatorSettings(allowed_pod_template_fields=["containers.envFrom"])
+    with pytest.raises(ValidationError, match=r"can never be allowed: https_proxy, LD_PRELOAD"):
+        OperatorSettings(allowed_pod_template_env=["https_proxy", "LD_PRELOAD", "OK"])
+
+
+@pytest.mark.parametrize(
+    ("name", "setting"),
+    [("HF_ENDPOINT", "allowed_hub_endpoints"),
+     ("AWS_ENDPOINT_URL", "allowed_object_store_endpoints"),
+     ("AWS_ENDPOINT_URL_S3", "allowed_object_store_endpoints")],
+)  # fmt: skip
+def test_hub_and_object_store_endpoints_only_from_the_settings_allowlist(
+    name: str, setting: str
+) -> None:
+    def problems(value: str, endpoints: list[str]) -> list[str]:
+        settings = PERMISSIVE.model_copy(update={setting: endpoints})
+        env = [{"name": name, "value": value}]
+        return policy_problems(spec_of(podTemplate=trainer_template(env=env)), settings)
+
+    assert problems("https://store.internal.example", ["https://store.internal.example/"]) == []
+    (denied,) = problems("https://attacker.example", ["https://store.internal.example"])
+    assert denied == (
+        f"spec.podTemplate.spec.containers[0].env[0]: {name} must be one of the endpoints the "
+        f"operator's settings allow (KUBETUNE_{setting.upper()}: https://store.internal.example)"
+    )
+    assert problems("https://store.internal.example", [])
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/mnt/pvc", "/mnt/pvc/data", "/mnt/pvc/adapters/run/secret", "/mnt", "/", "/etc/kubetune",
+     "/etc/kubetune/config.yaml", "/dev/shm", "/dev", "/mnt/pvc/../pvc/data",
+     "/var/run/secrets/kubernetes.io/serviceaccount"],
+)  # fmt: skip
+def test_no_mount_over_or_inside_the_claims_the_config_or_shared_memory(path: str) -> None:
+    mounts = [{"name": "scratch", "mountPath": "/scratch"}, {"name": "x", "mountPath": path}]
+    spec = spec_of(podTemplate=trainer_template(volumeMounts=mounts))
+    (problem,) = policy_problems(spec, PERMISSIVE)
+    assert problem.startswith("spec.podTemplate.spec.containers[0].volumeMounts[1].mountPath: ")
+    assert "never allowed" in problem
+
+
+def tracked(uri: str, **credentials: Any) -> FineTuneJobSpec:
+    return spec_of(tracking={"mlflow": {"trackingUri": uri, "experimentName": "e", **credentials}})
+
+
+TOKEN_REF = {"tokenSecretRef": {"name": "mlflow", "key": "token"}}
+BASIC = {"usernameSecretRef": {"name": "m", "key": "u"}, "passwordSecretRef": {"name": "m", "key": "p"}}  # fmt: skip
+
+
+@pytest.mark.parametrize("credentials", [TOKEN_REF, BASIC], ids=["token", "basic"])
+def test_mlflow_credentials_go_only_over_https_by_default(credentials: dict[str, Any]) -> None:
+    assert (
+        policy_problems(tracked("https://mlflow.example", **credentials), OperatorSettings()) == []
+    )
+    assert (
+        policy_problems(
+            tracked(
+                "http://mlflow.example",
+            ),
+            OperatorSettings(),
+        )
+        == []
+    )
+    assert policy_problems(
+        tracked("http://attacker.example:53", **credentials), OperatorSettings()
+    ) == [
+        "spec.tracking.mlflow.trackingUri: credentials (usernameSecretRef, passwordSecretRef, "
+        "tokenSecretRef) go only over https; 'attacker.example:53' is plain http (denied by the "
+        "operator's settings, KUBETUNE_TRACKING_HTTP_CREDENTIALS_HOSTS)"
+    ]
+    in_cluster = OperatorSettings(tracking_http_credentials_hosts=["*.svc.cluster.local"])
+    assert policy_problems(tracked("http://mlflow.ml.svc.cluster.local:5000", **credentials), in_cluster) == []  # fmt: skip
+
+
+def test_mlflow_tracking_hosts_from_the_settings_allowlist() -> None:
+    settings = OperatorSettings(allowed_tracking_hosts=["mlflow.example", "*.ml.example:443"])
+    assert policy_problems(tracked("https://mlflow.example/x", **TOKEN_REF), settings) == []
+    assert policy_problems(tracked("https://a.ml.example:443", **TOKEN_REF), settings) == []
+    assert policy_problems(tracked("https://attacker.example"), settings) == [
+        "spec.tracking.mlflow.trackingUri: host 'attacker.example' is not allowed by the "
+        "operator's settings (KUBETUNE_ALLOWED_TRACKING_HOSTS: mlflow.example, *.ml.example:443)"
+    ]
+
+
+def test_projected_secret_sources_are_refused_secret_volumes_go_to_admission() -> None:
+    volumes = [
+        {"name": "mine", "secret": {"secretName": "team-a-creds"}},
+        {"name": "info", "projected": {"sources": [{"downwardAPI": {"items": []}}]}},
+        {"name": "theirs", "projected": {"sources": [{"secret": {"name": "other-team"}}]}},
+    ]
+    problems = policy_problems(spec_of(podTemplate=template(volumes=volumes)), PERMISSIVE)
+    assert problems == [
+        "spec.podTemplate.spec.volumes[2]: projected Secret sources are never allowed (use a "
+        "secret volume: its Secret must be one the job's creator may read)"
+    ]

@@ -11,7 +11,7 @@ import pytest
 from kubetune.api.bounded import AFFINITY, POD_SPEC, largest
 from kubetune.api.timestamps import rfc3339
 from kubetune.operator.controller import slim_finetunejob
-from kubetune.operator.reconcile import plan, status_changes
+from kubetune.operator.reconcile import companion_differs, plan, status_changes
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.status import derive_status
 
@@ -573,6 +573,7 @@ def test_the_cached_finetunejob_keeps_none_of_a_large_spec() -> None:
         podTemplate={"spec": largest(POD_SPEC)},
         resources={"gpus": 2, "nodes": 2, "cpu": "4"},
         run_policy={"suspend": True, "backoffLimit": 1},
+        model={"uri": "org/model", "tokenSecretRef": {"name": "hf", "key": "token"}},
     )
     cached = slim_finetunejob(large)
 
@@ -583,6 +584,8 @@ def test_the_cached_finetunejob_keeps_none_of_a_large_spec() -> None:
         "resources": {"gpus": 2, "nodes": 2},
         "runPolicy": {"suspend": True, "backoffLimit": 1},
         "scheduling": {"queueName": "team-a"},
+        # Named in a MissingReference message when the pod can't read it.
+        "model": {"tokenSecretRef": {"name": "hf", "key": "token"}},
     }
 
 
@@ -603,3 +606,20 @@ def test_a_cached_job_in_validation_or_running_needs_no_more_of_its_spec() -> No
     running = plan(cached, [job()], [running_pod()], SETTINGS, NOW)
     assert not running.fetch_spec
     assert running.status_patch is not None and running.status_patch["phase"] == "Running"
+
+
+def test_a_companion_with_other_content_than_rendered_differs_and_defaults_do_not() -> None:
+    config = {"kind": "ConfigMap", "data": {"config.yaml": "a: 1\n"}}
+    assert not companion_differs(config, {**config, "metadata": {"resourceVersion": "7"}})
+    assert companion_differs(config, {"kind": "ConfigMap", "data": {"config.yaml": "b: 2\n"}})
+    assert companion_differs(
+        config, {"kind": "ConfigMap", "data": {"config.yaml": "a: 1\n", "extra": "x"}}
+    )
+    policy = {"kind": "NetworkPolicy", "spec": {"podSelector": {"matchLabels": {"a": "b"}},
+              "egress": [{"ports": [{"port": 53, "protocol": "UDP"}]}]}}  # fmt: skip
+    defaulted = {"spec": {**policy["spec"], "policyTypes": ["Egress"]}}
+    assert not companion_differs(policy, defaulted)
+    opened = {"spec": {**policy["spec"], "egress": [*policy["spec"]["egress"], {}]}}
+    assert companion_differs(policy, opened)
+    account = {"kind": "ServiceAccount"}
+    assert companion_differs(account, {"imagePullSecrets": [{"name": "other-teams-registry"}]})

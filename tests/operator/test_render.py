@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from kubetune.api.config import TrainerConfig
-from kubetune.api.models import FineTuneJobSpec
+from kubetune.api.models import FineTuneJobSpec, PodTemplateOverrides
 from kubetune.operator.render import (
     child_names,
     render,
@@ -69,7 +69,7 @@ CLUSTER_DNS = {
 
 def test_trainer_network_policy_allows_dns_and_egress_but_the_metadata_address() -> None:
     policy = rendered()["NetworkPolicy"]
-    assert policy["spec"]["podSelector"]["matchLabels"]["kubetune.io/job"] == "llama2-support"
+    assert policy["spec"]["podSelector"]["matchLabels"]["kubetune.io/job-uid"] == "uid-1234"
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
     assert "ingress" not in policy["spec"]
     dns, reach = policy["spec"]["egress"]
@@ -441,7 +441,7 @@ def test_two_nodes_render_an_indexed_job_of_two_pods_named_by_a_headless_service
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["publishNotReadyAddresses"] is True
     assert service["spec"]["selector"] == {
-        "kubetune.io/job": "llama2-support",
+        "kubetune.io/job-uid": "uid-1234",
         "app.kubernetes.io/managed-by": "kubetune-operator",
     }
     pod_labels = job["spec"]["template"]["metadata"]["labels"]
@@ -476,12 +476,48 @@ def test_one_node_stays_a_single_pod_job_without_a_service_or_rendezvous() -> No
 def test_a_groups_pods_reach_each_other_and_no_other_pod() -> None:
     policy = rendered(group_spec())["NetworkPolicy"]["spec"]
     peers = [{"podSelector": {"matchLabels": {
-        "kubetune.io/job": "llama2-support", "app.kubernetes.io/managed-by": "kubetune-operator"}}}]  # fmt: skip
+        "kubetune.io/job-uid": "uid-1234", "app.kubernetes.io/managed-by": "kubetune-operator"}}}]  # fmt: skip
     assert policy["ingress"] == [{"from": peers}]
     assert {"to": peers} in policy["egress"]
     # With egress limited to DNS, the group still reaches its own pods.
     only_dns = rendered(group_spec(), trainer_egress_cidrs=[])["NetworkPolicy"]["spec"]
     assert only_dns["egress"][1:] == [{"to": peers}]
+
+
+def test_two_jobs_whose_names_shorten_alike_never_select_each_others_pods() -> None:
+    """``kubetune.io/job`` is the name shortened to 63 characters: a second job of the namespace
+    named so that it shortens alike must not join the first one's NetworkPolicy peers or
+    Service. Groups select by the FineTuneJob's uid."""
+    long_name = "a" * 80
+    twin = {**METADATA, "name": long_name, "uid": "uid-victim"}
+    other = {**METADATA, "name": long_name, "uid": "uid-intruder"}
+    victim = {o["kind"]: o for o in render(group_spec(), twin, OperatorSettings())}
+    intruder = {o["kind"]: o for o in render(group_spec(), other, OperatorSettings())}
+    intruder_pod_labels = intruder["Job"]["spec"]["template"]["metadata"]["labels"]
+    victim_pod_labels = victim["Job"]["spec"]["template"]["metadata"]["labels"]
+    assert intruder_pod_labels["kubetune.io/job"] == victim_pod_labels["kubetune.io/job"]
+
+    def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+        return selector.items() <= labels.items()
+
+    policy = victim["NetworkPolicy"]["spec"]
+    for selector in (
+        policy["podSelector"]["matchLabels"],
+        policy["ingress"][0]["from"][0]["podSelector"]["matchLabels"],
+        victim["Service"]["spec"]["selector"],
+    ):
+        assert selects(selector, victim_pod_labels)
+        assert not selects(selector, intruder_pod_labels)
+    # A pod template's labels can't claim another job's uid: kubetune's labels win.
+    forged = group_spec().model_copy(
+        update={"pod_template": PodTemplateOverrides.model_validate(
+            {"metadata": {"labels": {"kubetune.io/job-uid": "uid-victim"}}})}
+    )  # fmt: skip
+    forged_job = render(forged, other, OperatorSettings(
+        allowed_pod_template_fields=["metadata.labels"]))[-1]  # fmt: skip
+    assert forged_job["spec"]["template"]["metadata"]["labels"]["kubetune.io/job-uid"] == (
+        "uid-intruder"
+    )
 
 
 def test_a_groups_host_names_stay_dns_labels_for_long_names() -> None:

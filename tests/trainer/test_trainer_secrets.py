@@ -63,7 +63,7 @@ def test_tokens_are_used_stripped_and_no_form_of_them_reaches_logs_results_or_fi
         "tokenSecretRef": {"name": "hub-write"},
     }
 
-    code, logs = train_job(tmp_path / "job.yaml", manifest)
+    code, logs = train_job(tmp_path / "job.yaml", manifest, "--push")
 
     printed = capsys.readouterr()
     # The push failed after the adapter was saved: exit 1, the adapter kept.

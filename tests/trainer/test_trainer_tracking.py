@@ -52,7 +52,9 @@ def as_the_pod(monkeypatch: pytest.MonkeyPatch, mlflow: Any) -> None:
     else of MLflow's or TensorBoard's from the host."""
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", mlflow.username)
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", mlflow.password)
-    for variable in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "TENSORBOARD_LOGGING_DIR"):
+    # `kubetune train` lets a shell's credentials reach only that shell's own tracking server.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow.url)
+    for variable in ("MLFLOW_EXPERIMENT_NAME", "TENSORBOARD_LOGGING_DIR"):
         monkeypatch.delenv(variable, raising=False)
 
 

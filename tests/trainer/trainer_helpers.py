@@ -97,14 +97,14 @@ def assert_hidden(secrets: list[str], **places: str) -> None:
                 assert spelling not in text, f"{spelling!r} shows in {name}"
 
 
-def train_job(path: Path, manifest: dict[str, Any]) -> tuple[int, str]:
-    """Write ``manifest`` to ``path`` and run ``kubetune train`` on it (no progress bars): its
-    exit code and every line it logged."""
+def train_job(path: Path, manifest: dict[str, Any], *flags: str) -> tuple[int, str]:
+    """Write ``manifest`` to ``path`` and run ``kubetune train`` on it (no progress bars, and
+    ``flags``): its exit code and every line it logged."""
     from kubetune.trainer.local_run import main as kubetune
 
     path = write_manifest(path, manifest)
     with captured_logs() as logs:
-        code = kubetune(["train", str(path), "--no-progress"])
+        code = kubetune(["train", str(path), "--no-progress", *flags])
     return code, logs.getvalue()
 
 

@@ -89,17 +89,19 @@ namespaces) or into one Role per watched namespace.
   verbs: [create]
 # Children of each FineTuneJob, created once (create; get when it exists already): the resolved
 # trainer config, the trainer's identity and its Role, the trainer's NetworkPolicy, a multi-pod
-# group's headless Service, and the Job.
-# Deleted only when the API refused a later child of the same job (nothing half-made stays).
+# group's headless Service, and the Job. A companion found in place already (made first by
+# someone else, with the job's uid as its owner) gets the rendered content written over it
+# (update). Deleted only when the API refused a later child of the same job (nothing half-made
+# stays).
 - apiGroups: [""]
   resources: [configmaps, serviceaccounts, services]
-  verbs: [get, create, delete]
+  verbs: [get, create, update, delete]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [get, create, delete]
+  verbs: [get, create, update, delete]
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [get, create, delete]
+  verbs: [get, create, update, delete]
 # The Job is also watched for status, and patched to suspend/resume it or change its deadline.
 # A multi-pod group's failed Job is deleted to start the group's next attempt as a new Job.
 - apiGroups: [batch]
@@ -188,6 +190,16 @@ namespaces) or into one Role per watched namespace.
   value: {{ join "," .Values.trainer.allowedImages | quote }}
 - name: KUBETUNE_ALLOWED_POD_TEMPLATE_FIELDS
   value: {{ join "," .Values.trainer.allowedPodTemplateFields | quote }}
+- name: KUBETUNE_ALLOWED_POD_TEMPLATE_ENV
+  value: {{ join "," .Values.trainer.allowedPodTemplateEnv | quote }}
+- name: KUBETUNE_ALLOWED_HUB_ENDPOINTS
+  value: {{ join "," .Values.trainer.allowedHubEndpoints | quote }}
+- name: KUBETUNE_ALLOWED_OBJECT_STORE_ENDPOINTS
+  value: {{ join "," .Values.trainer.allowedObjectStoreEndpoints | quote }}
+- name: KUBETUNE_ALLOWED_TRACKING_HOSTS
+  value: {{ join "," .Values.trainer.tracking.allowedHosts | quote }}
+- name: KUBETUNE_TRACKING_HTTP_CREDENTIALS_HOSTS
+  value: {{ join "," .Values.trainer.tracking.httpCredentialsHosts | quote }}
 - name: KUBETUNE_TRAINER_NETWORK_POLICY
   value: {{ .Values.trainer.networkPolicy.enabled | quote }}
 - name: KUBETUNE_TRAINER_EGRESS_CIDRS
