@@ -2,7 +2,8 @@
 # Installs everything the demo and the tests need, idempotently: a virtualenv with kubetune and
 # its extras at the versions pinned in requirements/dev.txt (`make lock`; through uv, with its
 # download cache and the pinned hashes), Debian's bubblewrap, and the Kubernetes control-plane
-# binaries (and the Kueue and JobSet managers, for queued jobs and JobSet groups) built from Go
+# binaries, the real node's (kubelet, containerd, runc, CNI plugins; hack/node/build.sh, which
+# installs libseccomp-dev and iptables) (and the Kueue and JobSet managers, for queued jobs and JobSet groups) built from Go
 # modules into a cache keyed by their go.sum. The images (`make images`, hack/images/build.sh) are built by `make test` before pytest
 # (and by the tests that run them, on first use), cached by content.
 set -euo pipefail
@@ -34,8 +35,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ requirements/dev.tx
   touch "$stamp"
 fi
 
-echo "==> control plane, helm, Kueue and JobSet from Go modules (cached after the first build)"
+echo "==> control plane, the real node, helm, Kueue and JobSet from Go modules (cached after the first build)"
 bash hack/cluster/build.sh >/dev/null
+# After the control plane: kubelet shares most of its packages, found in Go's build cache.
+bash hack/node/build.sh >/dev/null
 bash hack/helm/build.sh >/dev/null
 bash hack/kueue/build.sh >/dev/null
 bash hack/jobset/build.sh >/dev/null
