@@ -1,0 +1,135 @@
+"""Pods on a real node: the upstream kubelet with containerd and runc (``real_node``), where what
+kubetune promises about containers is enforced, not just accepted: the chart's security context
+(non-root uid, read-only root filesystem, no capabilities, no new privileges, the runtime's
+seccomp profile) as the pod's own process sees it, and memory limits (``OOMKilled``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune_devtools.installs import project_version
+from kubetune_devtools.pytest_plugin import (
+    Kubectl,
+    apply,
+    get_json,
+    on_real_node,
+    pod_manifest,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+OPERATOR_IMAGE = f"kubetune/operator:{project_version()}"
+CHART_VALUES = Path(__file__).resolve().parents[2] / "charts" / "kubetune" / "values.yaml"
+
+# Run by the pod's own process: what it is, as the kernel sees it, written as its termination
+# message (the kubelet reads it from the container, so the test needs no logs).
+SELF_REPORT = """
+import errno, json, os
+status = dict(line.split(":\\t", 1) for line in open("/proc/self/status").read().splitlines())
+try:
+    open("/written-by-the-pod", "w").close()
+    root_write = "ok"
+except OSError as error:
+    root_write = errno.errorcode[error.errno]
+open("/tmp/scratch", "w").write("fine")
+report = {
+    "uid": os.getuid(), "gid": os.getgid(), "groups": sorted(os.getgroups()),
+    "CapEff": status["CapEff"].strip(), "CapPrm": status["CapPrm"].strip(),
+    "NoNewPrivs": status["NoNewPrivs"].strip(), "Seccomp": status["Seccomp"].strip(),
+    "root_write": root_write,
+}
+open("/dev/termination-log", "w").write(json.dumps(report))
+"""
+
+# Allocates (and touches) memory well past a 64 MiB limit.
+EAT_MEMORY = "blocks = []\nwhile True:\n    blocks.append(bytearray(16 * 1024 * 1024))\n"
+
+
+def run_to_end(kubectl: Kubectl, namespace: str, pod: dict[str, Any]) -> dict[str, Any]:
+    """Apply ``pod`` and wait till it succeeds or fails; the pod as it ended."""
+    apply(kubectl, namespace, pod)
+    name = pod["metadata"]["name"]
+
+    def done() -> dict[str, Any] | None:
+        current = get_json(kubectl, "pod", name, "-n", namespace)
+        return current if current["status"].get("phase") in ("Succeeded", "Failed") else None
+
+    return dict(wait_for(done, 120, f"pod {name} to finish"))
+
+
+def terminated(pod: dict[str, Any]) -> dict[str, Any]:
+    (status,) = pod["status"]["containerStatuses"]
+    return dict(status["state"]["terminated"])
+
+
+def test_the_real_node_is_an_upstream_kubelet_with_containerd_and_a_gpu(
+    kubectl: Kubectl, real_node: str
+) -> None:
+    node = get_json(kubectl, "node", real_node)
+    info = node["status"]["nodeInfo"]
+    assert info["kubeletVersion"].startswith("v1.34.")
+    assert info["containerRuntimeVersion"].startswith("containerd://2.")
+    assert node["status"]["capacity"]["nvidia.com/gpu"] == "1"
+    assert node["metadata"]["labels"]["kubetune.io/real-node"] == "only"
+
+
+def test_a_pod_with_the_charts_security_context_runs_non_root_read_only_without_capabilities(
+    kubectl: Kubectl, namespace: str, real_node: str
+) -> None:
+    values = yaml.safe_load(CHART_VALUES.read_text())
+    pod = pod_manifest(
+        "self-report",
+        {
+            "name": "main",
+            "image": OPERATOR_IMAGE,
+            "imagePullPolicy": "Never",
+            "command": ["python", "-c", SELF_REPORT],
+            "securityContext": values["securityContext"],
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        },
+        **on_real_node(),
+        securityContext=values["podSecurityContext"],
+        volumes=[{"name": "tmp", "emptyDir": {}}],
+    )
+
+    ended = run_to_end(kubectl, namespace, pod)
+
+    state = terminated(ended)
+    assert ended["status"]["phase"] == "Succeeded", state
+    report = json.loads(state["message"])
+    uid = values["podSecurityContext"]["runAsUser"]
+    assert (report["uid"], report["gid"]) == (uid, values["podSecurityContext"]["runAsGroup"])
+    assert values["podSecurityContext"]["fsGroup"] in report["groups"]
+    assert uid != 0
+    assert report["CapEff"] == report["CapPrm"] == "0000000000000000"
+    assert report["NoNewPrivs"] == "1"
+    assert report["Seccomp"] == "2"  # a filter: the runtime's default profile
+    assert report["root_write"] == "EROFS"
+
+
+def test_a_container_over_its_memory_limit_ends_oom_killed(
+    kubectl: Kubectl, namespace: str, real_node: str
+) -> None:
+    pod = pod_manifest(
+        "eats-memory",
+        {
+            "name": "main",
+            "image": OPERATOR_IMAGE,
+            "imagePullPolicy": "Never",
+            "command": ["python", "-c", EAT_MEMORY],
+            "resources": {"limits": {"memory": "64Mi", "cpu": "500m"}},
+        },
+        **on_real_node(),
+    )
+
+    ended = run_to_end(kubectl, namespace, pod)
+
+    assert ended["status"]["phase"] == "Failed"
+    state = terminated(ended)
+    assert (state["reason"], state["exitCode"]) == ("OOMKilled", 137)
