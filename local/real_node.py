@@ -201,6 +201,8 @@ def _make_network(node: NodeState, host_netns: int) -> None:
     host = f"{node.host_address}/{node.prefix_length}"
     own = f"{node.node_address}/{node.prefix_length}"
     _run("ip", "link", "set", "lo", "up")
+    # The kubernetes Service's address is the node's own: _forward_apiserver listens there.
+    _run("ip", "addr", "add", f"{config.KUBERNETES_SERVICE[0]}/32", "dev", "lo")
     _in_host_netns(
         host_netns,
         "ip",
@@ -222,9 +224,16 @@ def _make_network(node: NodeState, host_netns: int) -> None:
 
 
 def _forward_apiserver(port: int, host_netns: int) -> None:
-    """Listen on 127.0.0.1:``port`` in the node's namespace and relay each connection to the
-    apiserver on the host's 127.0.0.1:``port``: the kubelet's kubeconfig is the host's."""
-    listener = socket.create_server(("127.0.0.1", port))
+    """Relay connections to the apiserver on the host's 127.0.0.1:``port`` from the node's
+    namespace: from its 127.0.0.1:``port`` (the kubelet's kubeconfig is the host's) and from the
+    ``kubernetes`` Service's address (in-cluster clients in pods; the apiserver's certificate
+    names that address)."""
+    for address in (("127.0.0.1", port), config.KUBERNETES_SERVICE):
+        _relay_from(socket.create_server(address), port, host_netns)
+
+
+def _relay_from(listener: socket.socket, port: int, host_netns: int) -> None:
+    """Accept on ``listener`` (in the node's namespace), each connection relayed in a thread."""
 
     def relay(client: socket.socket) -> None:
         # A thread's network namespace is its own: this one connects from the host's.

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune.local.components import SERVICE_CLUSTER_IP_RANGE
+
 #: The pause image, built from the Kubernetes module's static pause.c (hack/node/build.sh).
 PAUSE_IMAGE = "kubetune.local/pause:local"
 #: Where containerd listens inside the node's mount namespace (its default, on the /run overlay).
@@ -31,6 +33,12 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 LINK_NETWORK = ipaddress.IPv4Network("10.200.0.0/16")
 #: The pods' addresses, inside the node's network namespace only.
 POD_NETWORK = ipaddress.IPv4Network("10.88.0.0/24")
+#: The Services' range (the apiserver's ``--service-cluster-ip-range``): the pods' only route
+#: off their bridge, through the node.
+SERVICE_NETWORK = ipaddress.IPv4Network(SERVICE_CLUSTER_IP_RANGE)
+#: The ``kubernetes`` Service (KUBERNETES_SERVICE_HOST/PORT in every pod): the node holds this
+#: address and relays its port 443 to the apiserver on the host's loopback.
+KUBERNETES_SERVICE = (str(SERVICE_NETWORK.network_address + 1), 443)
 
 
 @dataclass(frozen=True)
@@ -108,8 +116,9 @@ state = "/run/containerd"
 
 def cni_conflist() -> dict[str, Any]:
     """The pods' network inside the node's network namespace: a bridge with the node's side as
-    the gateway and host-local addresses. No masquerading and no route off the node: a pod
-    reaches other pods and the node, nothing of the host's networks."""
+    the gateway and host-local addresses. No masquerading and no default route: a pod reaches
+    other pods, and the Services' range through the node (where the ``kubernetes`` Service's
+    address is the node's own), nothing of the host's networks."""
     gateway = POD_NETWORK.network_address + 1
     return {
         "cniVersion": "1.0.0",
@@ -124,6 +133,7 @@ def cni_conflist() -> dict[str, Any]:
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": str(POD_NETWORK), "gateway": str(gateway)}]],
+                    "routes": [{"dst": str(SERVICE_NETWORK)}],
                 },
             },
             {"type": "portmap", "capabilities": {"portMappings": True}},

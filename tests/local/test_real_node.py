@@ -133,3 +133,35 @@ def test_a_container_over_its_memory_limit_ends_oom_killed(
     assert ended["status"]["phase"] == "Failed"
     state = terminated(ended)
     assert (state["reason"], state["exitCode"]) == ("OOMKilled", 137)
+
+
+# In-cluster configuration as every client library does it: KUBERNETES_SERVICE_HOST/PORT and the
+# projected service-account token.
+WHO_AM_I = """
+import json
+from kubernetes import client, config
+config.load_incluster_config()
+review = client.AuthenticationV1Api().create_self_subject_review({})
+open("/dev/termination-log", "w").write(json.dumps({"user": review.status.user_info.username}))
+"""
+
+
+def test_a_pod_reaches_the_apiserver_through_the_kubernetes_service_with_its_token(
+    kubectl: Kubectl, namespace: str, real_node: str
+) -> None:
+    pod = pod_manifest(
+        "who-am-i",
+        {
+            "name": "main",
+            "image": OPERATOR_IMAGE,
+            "imagePullPolicy": "Never",
+            "command": ["python", "-c", WHO_AM_I],
+        },
+        **on_real_node(),
+    )
+
+    ended = run_to_end(kubectl, namespace, pod)
+
+    state = terminated(ended)
+    assert ended["status"]["phase"] == "Succeeded", state
+    assert json.loads(state["message"]) == {"user": f"system:serviceaccount:{namespace}:default"}
