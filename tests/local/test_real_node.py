@@ -6,14 +6,22 @@ seccomp profile) as the pod's own process sees it, and memory limits (``OOMKille
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from kubetune.local.controlplane import NodeOptions
+from kubetune.local.real_node import RealNode
+from kubetune.local.real_node_config import PAUSE_IMAGE, cgroup_name, host_link_name
 from kubetune_devtools.installs import project_version
 from kubetune_devtools.pytest_plugin import (
+    REAL_NODE_ONLY,
+    ClusterHandle,
     Kubectl,
     apply,
     get_json,
@@ -165,3 +173,64 @@ def test_a_pod_reaches_the_apiserver_through_the_kubernetes_service_with_its_tok
     state = terminated(ended)
     assert ended["status"]["phase"] == "Succeeded", state
     assert json.loads(state["message"]) == {"user": f"system:serviceaccount:{namespace}:default"}
+
+
+def alive(pid: int) -> bool:
+    """``pid`` runs (a zombie, dead but not yet reaped by its parent, doesn't)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_crashed_real_node_leaves_nothing_on_the_host_once_stopped(
+    local_cluster: ClusterHandle, kubectl: Kubectl, namespace: str
+) -> None:
+    """What ``kubetune local down`` does for each real node of its cluster, after the node's
+    supervisor died without cleaning up (SIGKILL): its kubelet, containerd, shims and pods are
+    killed, and its cgroups, host link and mounts are gone."""
+    local = local_cluster.local()
+    name = "kubetune-test-crash"
+    only = f"{REAL_NODE_ONLY}-crash"
+    local.start_real_node(
+        NodeOptions(
+            name=name, kind="kubelet", labels=[f"{only}=only"], taints=[f"{only}=only:NoSchedule"]
+        )
+    )
+    try:
+        pause = pod_manifest(
+            "sleeps",
+            {"name": "main", "image": PAUSE_IMAGE, "imagePullPolicy": "Never"},
+            nodeSelector={only: "only"},
+            tolerations=[{"key": only, "operator": "Exists", "effect": "NoSchedule"}],
+        )
+        apply(kubectl, namespace, pause)
+        wait_for(
+            lambda: (
+                get_json(kubectl, "pod", "sleeps", "-n", namespace)["status"].get("phase")
+                == "Running"
+            ),
+            120,
+            "the pod to run",
+        )
+        real = RealNode(local.layout.home, name)
+        cgroups = sorted(Path("/sys/fs/cgroup").glob(f"*/{cgroup_name(real.ident)}"))
+        assert cgroups
+        pids = {
+            int(p) for c in cgroups for f in c.rglob("cgroup.procs") for p in f.read_text().split()
+        }
+        supervisor = local.process(real.process_name).pid()
+        assert supervisor is not None
+
+        os.kill(supervisor, signal.SIGKILL)
+        local.stop_real_node(name)
+
+        assert not [c for c in cgroups if c.exists()]
+        assert not [pid for pid in pids if alive(pid)]
+        links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True, check=True)
+        assert host_link_name(real.ident) not in links.stdout
+        assert str(real.state_dir) not in Path("/proc/self/mountinfo").read_text()
+    finally:
+        local.stop_real_node(name)
+        kubectl("delete", "node", name, "--wait=false", check=False)
