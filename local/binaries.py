@@ -87,6 +87,7 @@ NODE_FILES = (
     "ctr",
     "runc",
     "pause",
+    "coredns",
     "cni/bridge",
     "cni/host-local",
     "cni/loopback",
@@ -96,7 +97,7 @@ NODE_FILES = (
 
 def node_dir() -> Path:
     """Directory holding a real node's binaries (``NODE_FILES``): kubelet and kube-proxy,
-    containerd, runc, the CNI plugins and pause, each from the Go module hack/node pins.
+    containerd, runc, the CNI plugins, pause and CoreDNS, each from the Go module hack/node pins.
 
     ``$KUBETUNE_NODE_BIN_DIR`` wins (prebuilt); otherwise hack/node/build.sh runs.
     """

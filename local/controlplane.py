@@ -204,6 +204,7 @@ class LocalCluster:
             bin_dir=node_dir(),
             pki=self.pki,
             apiserver_port=info.apiserver_port,
+            admin_kubeconfig=self.layout.kubeconfig,
         )
         self._start(real.process_name, real.argv())
         self._wait(

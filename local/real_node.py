@@ -334,9 +334,20 @@ def run_node(state_dir: Path) -> int:
             stdout=subprocess.DEVNULL,
         )
         kubelet = start("kubelet", kubelet_argv(node, state_dir))
-        print(f"node {node.name}: containerd and kubelet running", flush=True)
+        proxy = start(
+            "kube-proxy",
+            [str(bin_dir / "kube-proxy"), f"--config={state_dir / 'kube-proxy.yaml'}", "--v=1"],
+        )
+        dns = start("coredns", [str(bin_dir / "coredns"), "-conf", str(state_dir / "Corefile")])
+        print(f"node {node.name}: containerd, kubelet, kube-proxy and CoreDNS running", flush=True)
+        watched = {
+            "containerd": containerd,
+            "kubelet": kubelet,
+            "kube-proxy": proxy,
+            "coredns": dns,
+        }
         while not stopping.is_set():
-            for what, child in (("containerd", containerd), ("kubelet", kubelet)):
+            for what, child in watched.items():
                 if child.poll() is not None:
                     print(f"node {node.name}: {what} exited with {child.returncode}", flush=True)
                     return 1
@@ -402,7 +413,13 @@ class RealNode:
         return f"kubelet-{self.name}"
 
     def prepare(
-        self, spec: config.RealNodeSpec, *, bin_dir: Path, pki: Pki, apiserver_port: int
+        self,
+        spec: config.RealNodeSpec,
+        *,
+        bin_dir: Path,
+        pki: Pki,
+        apiserver_port: int,
+        admin_kubeconfig: Path,
     ) -> NodeState:
         """Write the node's configuration, certificates and pause image under its state."""
         state = self.state_dir
@@ -444,6 +461,17 @@ class RealNode:
             f"https://127.0.0.1:{apiserver_port}", ca, client.cert, client.key
         )
         (state / "kubelet.kubeconfig").write_text(json.dumps(kubeconfig, indent=2) + "\n")
+        # kube-proxy as the user the default RBAC binds to system:node-proxier.
+        proxy = KeyPair.named(state, "kube-proxy-client")
+        signed_cert(pki.ca, proxy, "/CN=system:kube-proxy", usage="clientAuth")
+        proxy_kubeconfig = config.node_kubeconfig(
+            f"https://127.0.0.1:{apiserver_port}", ca, proxy.cert, proxy.key
+        )
+        (state / "kube-proxy.kubeconfig").write_text(json.dumps(proxy_kubeconfig, indent=2) + "\n")
+        proxy_config = config.kube_proxy_config(self.name, state / "kube-proxy.kubeconfig")
+        (state / "kube-proxy.yaml").write_text(json.dumps(proxy_config, indent=2) + "\n")
+        # CoreDNS reads Services, EndpointSlices, pods and namespaces cluster-wide: as admin.
+        (state / "Corefile").write_text(config.coredns_corefile(admin_kubeconfig))
         (state / "pause.tar").write_bytes(
             config.pause_image_archive((bin_dir / "pause").read_bytes())
         )

@@ -39,6 +39,10 @@ SERVICE_NETWORK = ipaddress.IPv4Network(SERVICE_CLUSTER_IP_RANGE)
 #: The ``kubernetes`` Service (KUBERNETES_SERVICE_HOST/PORT in every pod): the node holds this
 #: address and relays its port 443 to the apiserver on the host's loopback.
 KUBERNETES_SERVICE = (str(SERVICE_NETWORK.network_address + 1), 443)
+#: Cluster DNS: the node's CoreDNS answers on the pods' gateway, the node's side of their bridge
+#: (an address outside the Services' range, so no Service can be given it).
+CLUSTER_DNS = POD_NETWORK.network_address + 1
+CLUSTER_DOMAIN = "cluster.local"
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,7 @@ def cni_conflist() -> dict[str, Any]:
     the gateway and host-local addresses. No masquerading and no default route: a pod reaches
     other pods, and the Services' range through the node (where the ``kubernetes`` Service's
     address is the node's own), nothing of the host's networks."""
-    gateway = POD_NETWORK.network_address + 1
+    gateway = CLUSTER_DNS
     return {
         "cniVersion": "1.0.0",
         "name": "kubetune",
@@ -178,6 +182,9 @@ def kubelet_config(
         # The apiserver (its kubelet client certificate, from the same CA) is the only client.
         "authorization": {"mode": "AlwaysAllow"},
         "podLogsDir": str(pod_logs),
+        # Cluster DNS is the node's CoreDNS, on the pods' gateway (coredns_corefile).
+        "clusterDNS": [str(CLUSTER_DNS)],
+        "clusterDomain": CLUSTER_DOMAIN,
         "resolvConf": "/etc/resolv.conf",
         "serializeImagePulls": False,
         "evictionHard": {
@@ -192,6 +199,45 @@ def kubelet_config(
         "registerNode": True,
         "nodeStatusReportFrequency": "10s",
     }
+
+
+def kube_proxy_config(name: str, kubeconfig: Path) -> dict[str, Any]:
+    """kube-proxy in iptables mode in the node's network namespace. Every Service connection is
+    masqueraded (pods share one bridge, and the node has no br_netfilter to see replies that
+    go pod to pod); conntrack's host-wide limits are left alone."""
+    return {
+        "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+        "kind": "KubeProxyConfiguration",
+        "clientConnection": {"kubeconfig": str(kubeconfig)},
+        "hostnameOverride": name,
+        "mode": "iptables",
+        "clusterCIDR": str(POD_NETWORK),
+        "iptables": {"masqueradeAll": True},
+        "conntrack": {
+            "maxPerCore": 0,
+            "min": 0,
+            "tcpEstablishedTimeout": "0s",
+            "tcpCloseWaitTimeout": "0s",
+        },
+        # In the node's network namespace: these ports are its own.
+        "healthzBindAddress": "127.0.0.1:10256",
+        "metricsBindAddress": "127.0.0.1:10249",
+    }
+
+
+def coredns_corefile(kubeconfig: Path) -> str:
+    """CoreDNS as the node's cluster DNS: Services and pods of ``cluster.local`` from the
+    apiserver; nothing is forwarded (the host's resolvers are none of the cluster's business)."""
+    return f"""{CLUSTER_DOMAIN}:53 in-addr.arpa:53 ip6.arpa:53 {{
+    errors
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        kubeconfig {kubeconfig}
+        pods insecure
+        ttl 5
+    }}
+    cache 5
+}}
+"""
 
 
 def node_kubeconfig(server: str, ca_file: Path, cert: Path, key: Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@
 #   cni/bridge, cni/host-local, cni/loopback, cni/portmap
 #                             github.com/containernetworking/plugins (hack/node/cni)
 #   pause                     build/pause/linux/pause.c of k8s.io/kubernetes, static
+#   coredns                   github.com/coredns/coredns           (hack/node/coredns)
 #
 # Each part lives under ${KUBETUNE_CACHE_DIR:-$HOME/.cache/kubetune}/node-<part>/<key>/bin, where
 # <key> hashes that part's go.mod/go.sum (and the recipe): the same pins reuse the same binaries,
@@ -110,6 +111,17 @@ runc_build() {
   log "runc built in $((SECONDS - start))s"
 }
 
+# --- CoreDNS (cluster DNS) --------------------------------------------------------------------
+coredns_present() { [[ -x "$1/coredns" ]]; }
+coredns_build() {
+  local out="$1" start=${SECONDS} version module=github.com/coredns/coredns
+  version=$(module_version coredns "${module}")
+  log "building CoreDNS ${version} (its default plugin set)"
+  (cd "${HERE}/coredns" && CGO_ENABLED=0 go build -trimpath -buildvcs=false -ldflags="-s -w" \
+    -o "${out}/coredns" "${module}")
+  log "CoreDNS built in $((SECONDS - start))s"
+}
+
 # --- CNI plugins -----------------------------------------------------------------------------
 CNI_PLUGINS=(main/bridge ipam/host-local main/loopback meta/portmap)
 cni_present() {
@@ -131,7 +143,7 @@ cni_build() {
 
 main() {
   ensure_packages
-  local parts=(containerd runc cni kubernetes) part root links
+  local parts=(containerd runc cni kubernetes coredns) part root links
   links="${CACHE}/node"
   mkdir -p "${links}"
   local dirs=()

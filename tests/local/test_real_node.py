@@ -5,6 +5,7 @@ seccomp profile) as the pod's own process sees it, and memory limits (``OOMKille
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import signal
@@ -14,10 +15,16 @@ from typing import Any
 
 import pytest
 import yaml
+from test_pod_dns import SCRIPT as PEERS_SCRIPT
 
 from kubetune.local.controlplane import NodeOptions
 from kubetune.local.real_node import RealNode
-from kubetune.local.real_node_config import PAUSE_IMAGE, cgroup_name, host_link_name
+from kubetune.local.real_node_config import (
+    PAUSE_IMAGE,
+    POD_NETWORK,
+    cgroup_name,
+    host_link_name,
+)
 from kubetune_devtools.installs import project_version
 from kubetune_devtools.pytest_plugin import (
     REAL_NODE_ONLY,
@@ -53,6 +60,35 @@ report = {
     "root_write": root_write,
 }
 open("/dev/termination-log", "w").write(json.dumps(report))
+"""
+
+#: A multi-pod group's rank 0 listens here (the operator's rendezvous port).
+RENDEZVOUS_PORT = 29400
+
+ECHO_SERVER = """
+import socket
+server = socket.create_server(("", 8080))
+while True:
+    connection, _ = server.accept()
+    with connection:
+        connection.sendall(b"echo")
+"""
+
+# Resolves the Service's name (retrying until CoreDNS has it), connects, writes what it got.
+ECHO_CLIENT = """
+import json, socket, sys, time
+deadline = time.monotonic() + 60
+while True:
+    try:
+        address = socket.gethostbyname(sys.argv[1])
+        with socket.create_connection((sys.argv[1], 80), 5) as connection:
+            answer = connection.recv(100).decode()
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.2)
+open("/dev/termination-log", "w").write(json.dumps({"address": address, "answer": answer}))
 """
 
 # Allocates (and touches) memory well past a 64 MiB limit.
@@ -234,3 +270,88 @@ def test_a_crashed_real_node_leaves_nothing_on_the_host_once_stopped(
     finally:
         local.stop_real_node(name)
         kubectl("delete", "node", name, "--wait=false", check=False)
+
+
+def test_two_pods_of_an_indexed_job_find_each_other_through_cluster_dns(
+    kubectl: Kubectl, namespace: str, real_node: str
+) -> None:
+    """A multi-pod group's rendezvous as the operator renders it (an Indexed Job whose pods'
+    subdomain is a headless Service), on the real node: the names come from CoreDNS, each pod
+    has its own network namespace and address, and rank 0 listens on the group's port."""
+    labels = {"app": "peers"}
+    service = {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "peers"},
+        "spec": {"clusterIP": "None", "selector": labels, "publishNotReadyAddresses": True},
+    }  # fmt: skip
+    job: dict[str, Any] = {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "dns"},
+        "spec": {
+            "completionMode": "Indexed", "completions": 2, "parallelism": 2, "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never", "subdomain": "peers", **on_real_node(),
+                    "containers": [{"name": "main", "image": OPERATOR_IMAGE,
+                                    "imagePullPolicy": "Never",
+                                    "command": ["python", "-c", PEERS_SCRIPT, namespace,
+                                                str(RENDEZVOUS_PORT)]}],
+                },
+            },
+        },
+    }  # fmt: skip
+    apply(kubectl, namespace, service)
+    apply(kubectl, namespace, job)
+
+    def finished() -> str | None:
+        status = get_json(kubectl, "job", "dns", "-n", namespace)["status"]
+        done = [c["type"] for c in status.get("conditions", []) if c["status"] == "True"]
+        return next((c for c in done if c in ("Complete", "Failed")), None)
+
+    outcome = wait_for(finished, 120, "the Indexed Job to finish")
+    pods = get_json(kubectl, "pods", "-n", namespace, "-l", "batch.kubernetes.io/job-name=dns")
+    by_rank = {
+        int(p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"]): p
+        for p in pods["items"]
+    }
+    logs = {r: kubectl("logs", p["metadata"]["name"], "-n", namespace).stdout
+            for r, p in by_rank.items()}  # fmt: skip
+    assert outcome == "Complete", logs
+    addresses = {r: p["status"]["podIP"] for r, p in by_rank.items()}
+    assert all(ipaddress.ip_address(a) in POD_NETWORK for a in addresses.values())
+    assert len(set(addresses.values())) == 2
+    assert f"dns-1.peers is {addresses[1]}" in logs[0]
+    assert f"dns-0.peers is {addresses[0]}" in logs[1]
+    assert f"hello from {addresses[1]}: dns-1" in logs[0]
+
+
+def test_a_service_name_resolves_and_balances_to_its_pod(
+    kubectl: Kubectl, namespace: str, real_node: str
+) -> None:
+    """kube-proxy and CoreDNS on the real node: a ClusterIP Service's name resolves to its
+    ClusterIP, and a connection to it reaches the pod behind it."""
+    labels = {"app": "echo"}
+    server = pod_manifest(
+        "echo",
+        {"name": "main", "image": OPERATOR_IMAGE, "imagePullPolicy": "Never",
+         "command": ["python", "-c", ECHO_SERVER]},
+        **on_real_node(),
+    )  # fmt: skip
+    server["metadata"]["labels"] = labels
+    service = {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
+        "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": 8080}]},
+    }  # fmt: skip
+    apply(kubectl, namespace, server, service)
+    cluster_ip = get_json(kubectl, "service", "echo", "-n", namespace)["spec"]["clusterIP"]
+    client = pod_manifest(
+        "asks",
+        {"name": "main", "image": OPERATOR_IMAGE, "imagePullPolicy": "Never",
+         "command": ["python", "-c", ECHO_CLIENT, f"echo.{namespace}.svc.cluster.local"]},
+        **on_real_node(),
+    )  # fmt: skip
+
+    ended = run_to_end(kubectl, namespace, client)
+
+    state = terminated(ended)
+    assert ended["status"]["phase"] == "Succeeded", state
+    assert json.loads(state["message"]) == {"address": cluster_ip, "answer": "echo"}
