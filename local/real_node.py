@@ -65,6 +65,7 @@ class NodeState:
     host_address: str  # the host's side of the veth
     node_address: str  # the node's InternalIP
     prefix_length: int
+    pod_network: str
     labels: list[str]
     taints: list[str]
 
@@ -427,6 +428,12 @@ class RealNode:
             directory.mkdir(parents=True, exist_ok=True)
         link = config.link_addresses(self.ident, _host_routes())
         host_address, node_address = (str(a) for a in list(link.hosts())[:2])
+        others = {
+            ipaddress.IPv4Network(NodeState.load(other.state_dir).pod_network)
+            for other in RealNode.all_in(self.home)
+            if other.name != self.name and (other.state_dir / "node.json").exists()
+        }
+        pods = config.pod_network(self.ident, others)
         ca = pki.ca.cert
         client = KeyPair.named(state, "kubelet-client")
         serving = KeyPair.named(state, "kubelet-serving")
@@ -444,7 +451,7 @@ class RealNode:
             config.containerd_config(bin_dir, state / "containerd", state / "cni")
         )
         (state / "cni" / "10-kubetune.conflist").write_text(
-            json.dumps(config.cni_conflist(), indent=2) + "\n"
+            json.dumps(config.cni_conflist(pods), indent=2) + "\n"
         )
         kubelet = config.kubelet_config(
             node_ip=node_address,
@@ -455,6 +462,7 @@ class RealNode:
             serving_cert=serving.cert,
             serving_key=serving.key,
             pod_logs=state / "pod-logs",
+            pods=pods,
         )
         (state / "kubelet.yaml").write_text(json.dumps(kubelet, indent=2) + "\n")
         kubeconfig = config.node_kubeconfig(
@@ -484,6 +492,7 @@ class RealNode:
             host_address=host_address,
             node_address=node_address,
             prefix_length=link.prefixlen,
+            pod_network=str(pods),
             labels=list(spec.labels),
             taints=list(spec.taints),
         )

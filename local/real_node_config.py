@@ -31,17 +31,15 @@ OVERLAID = ("/run", "/var/lib", "/var/log")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 #: The veth's host side gets ``.1`` of a /30 in this range, the node ``.2``.
 LINK_NETWORK = ipaddress.IPv4Network("10.200.0.0/16")
-#: The pods' addresses, inside the node's network namespace only.
-POD_NETWORK = ipaddress.IPv4Network("10.88.0.0/24")
+#: The pods' addresses: each real node of a cluster gets its own /24 of it (``pod_network``), on
+#: its own bridge inside its network namespace.
+POD_NETWORKS = ipaddress.IPv4Network("10.88.0.0/16")
 #: The Services' range (the apiserver's ``--service-cluster-ip-range``): the pods' only route
 #: off their bridge, through the node.
 SERVICE_NETWORK = ipaddress.IPv4Network(SERVICE_CLUSTER_IP_RANGE)
 #: The ``kubernetes`` Service (KUBERNETES_SERVICE_HOST/PORT in every pod): the node holds this
 #: address and relays its port 443 to the apiserver on the host's loopback.
 KUBERNETES_SERVICE = (str(SERVICE_NETWORK.network_address + 1), 443)
-#: Cluster DNS: the node's CoreDNS answers on the pods' gateway, the node's side of their bridge
-#: (an address outside the Services' range, so no Service can be given it).
-CLUSTER_DNS = POD_NETWORK.network_address + 1
 CLUSTER_DOMAIN = "cluster.local"
 
 
@@ -68,6 +66,24 @@ def host_link_name(ident: str) -> str:
 def cgroup_name(ident: str) -> str:
     """The node's cgroup subtree (the kubelet's ``cgroupRoot``), in every controller."""
     return f"kubetune-{ident}"
+
+
+def pod_network(ident: str, taken: set[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
+    """A /24 of ``POD_NETWORKS`` for the node's pods, derived from its id and outside ``taken``
+    (the other real nodes' of the cluster)."""
+    subnets = list(POD_NETWORKS.subnets(new_prefix=24))
+    start = int(ident, 16) % len(subnets)
+    for offset in range(len(subnets)):
+        candidate = subnets[(start + offset) % len(subnets)]
+        if candidate not in taken:
+            return candidate
+    raise RuntimeError(f"no free /24 left in {POD_NETWORKS}")
+
+
+def cluster_dns(pods: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+    """Cluster DNS: the node's CoreDNS answers on the pods' gateway, the node's side of their
+    bridge (an address outside the Services' range, so no Service can be given it)."""
+    return pods.network_address + 1
 
 
 def link_addresses(ident: str, taken: set[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
@@ -118,12 +134,12 @@ state = "/run/containerd"
 """
 
 
-def cni_conflist() -> dict[str, Any]:
+def cni_conflist(pods: ipaddress.IPv4Network) -> dict[str, Any]:
     """The pods' network inside the node's network namespace: a bridge with the node's side as
     the gateway and host-local addresses. No masquerading and no default route: a pod reaches
     other pods, and the Services' range through the node (where the ``kubernetes`` Service's
     address is the node's own), nothing of the host's networks."""
-    gateway = CLUSTER_DNS
+    gateway = cluster_dns(pods)
     return {
         "cniVersion": "1.0.0",
         "name": "kubetune",
@@ -136,7 +152,7 @@ def cni_conflist() -> dict[str, Any]:
                 "hairpinMode": True,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": str(POD_NETWORK), "gateway": str(gateway)}]],
+                    "ranges": [[{"subnet": str(pods), "gateway": str(gateway)}]],
                     "routes": [{"dst": str(SERVICE_NETWORK)}],
                 },
             },
@@ -155,6 +171,7 @@ def kubelet_config(
     serving_cert: Path,
     serving_key: Path,
     pod_logs: Path,
+    pods: ipaddress.IPv4Network,
 ) -> dict[str, Any]:
     """The KubeletConfiguration: cgroupfs on cgroup v1 under the node's own ``cgroupRoot``,
     serving on the node's address with a certificate from the cluster's CA, clients
@@ -183,7 +200,7 @@ def kubelet_config(
         "authorization": {"mode": "AlwaysAllow"},
         "podLogsDir": str(pod_logs),
         # Cluster DNS is the node's CoreDNS, on the pods' gateway (coredns_corefile).
-        "clusterDNS": [str(CLUSTER_DNS)],
+        "clusterDNS": [str(cluster_dns(pods))],
         "clusterDomain": CLUSTER_DOMAIN,
         "resolvConf": "/etc/resolv.conf",
         "serializeImagePulls": False,
@@ -211,7 +228,7 @@ def kube_proxy_config(name: str, kubeconfig: Path) -> dict[str, Any]:
         "clientConnection": {"kubeconfig": str(kubeconfig)},
         "hostnameOverride": name,
         "mode": "iptables",
-        "clusterCIDR": str(POD_NETWORK),
+        "clusterCIDR": str(POD_NETWORKS),
         "iptables": {"masqueradeAll": True},
         "conntrack": {
             "maxPerCore": 0,

@@ -21,7 +21,7 @@ from kubetune.local.controlplane import NodeOptions
 from kubetune.local.real_node import RealNode
 from kubetune.local.real_node_config import (
     PAUSE_IMAGE,
-    POD_NETWORK,
+    POD_NETWORKS,
     cgroup_name,
     host_link_name,
 )
@@ -317,7 +317,7 @@ def test_two_pods_of_an_indexed_job_find_each_other_through_cluster_dns(
             for r, p in by_rank.items()}  # fmt: skip
     assert outcome == "Complete", logs
     addresses = {r: p["status"]["podIP"] for r, p in by_rank.items()}
-    assert all(ipaddress.ip_address(a) in POD_NETWORK for a in addresses.values())
+    assert all(ipaddress.ip_address(a) in POD_NETWORKS for a in addresses.values())
     assert len(set(addresses.values())) == 2
     assert f"dns-1.peers is {addresses[1]}" in logs[0]
     assert f"dns-0.peers is {addresses[0]}" in logs[1]
