@@ -88,6 +88,7 @@ NODE_FILES = (
     "runc",
     "pause",
     "coredns",
+    "kube-router",
     "cni/bridge",
     "cni/host-local",
     "cni/loopback",
@@ -97,7 +98,8 @@ NODE_FILES = (
 
 def node_dir() -> Path:
     """Directory holding a real node's binaries (``NODE_FILES``): kubelet and kube-proxy,
-    containerd, runc, the CNI plugins, pause and CoreDNS, each from the Go module hack/node pins.
+    containerd, runc, the CNI plugins, pause, CoreDNS and kube-router, each from the Go module
+    hack/node pins.
 
     ``$KUBETUNE_NODE_BIN_DIR`` wins (prebuilt); otherwise hack/node/build.sh runs.
     """

@@ -206,6 +206,8 @@ class LocalCluster:
             apiserver_port=info.apiserver_port,
             admin_kubeconfig=self.layout.kubeconfig,
         )
+        # A Node object left from an earlier run would look registered and Ready at once.
+        self.kubectl("delete", "node", node.name, "--ignore-not-found", "--wait=false")
         self._start(real.process_name, real.argv())
         self._wait(
             lambda: self.get(f"/api/v1/nodes/{node.name}")[0] == 200,

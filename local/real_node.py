@@ -340,19 +340,29 @@ def run_node(state_dir: Path) -> int:
             [str(bin_dir / "kube-proxy"), f"--config={state_dir / 'kube-proxy.yaml'}", "--v=1"],
         )
         dns = start("coredns", [str(bin_dir / "coredns"), "-conf", str(state_dir / "Corefile")])
-        print(f"node {node.name}: containerd, kubelet, kube-proxy and CoreDNS running", flush=True)
+        policies = start("kube-router", kube_router_argv(node, state_dir))
+        print(
+            f"node {node.name}: containerd, kubelet, kube-proxy, CoreDNS, kube-router running",
+            flush=True,
+        )
         watched = {
             "containerd": containerd,
             "kubelet": kubelet,
             "kube-proxy": proxy,
             "coredns": dns,
+            "kube-router": policies,
         }
         while not stopping.is_set():
             for what, child in watched.items():
-                if child.poll() is not None:
-                    print(f"node {node.name}: {what} exited with {child.returncode}", flush=True)
+                if child.poll() is None:
+                    continue
+                print(f"node {node.name}: {what} exited with {child.returncode}", flush=True)
+                if what != "kube-router":
                     return 1
-            stopping.wait(0.5)
+                # kube-router exits until the kubelet has registered the Node; it is
+                # started again, as a DaemonSet's pod would be.
+                watched[what] = start(what, kube_router_argv(node, state_dir))
+            stopping.wait(1.0)
         return 0
     finally:
         for child in reversed(children):
@@ -362,6 +372,23 @@ def run_node(state_dir: Path) -> int:
                 child.wait(timeout=15)
             with contextlib.suppress(ProcessLookupError):
                 child.kill()
+
+
+def kube_router_argv(node: NodeState, state_dir: Path) -> list[str]:
+    """kube-router as the node's NetworkPolicy enforcer only (iptables and ipsets in the node's
+    network namespace): no routing, no service proxy (kube-proxy's), no CNI configuration."""
+    return [
+        str(Path(node.bin_dir) / "kube-router"),
+        f"--kubeconfig={state_dir / 'kube-router.kubeconfig'}",
+        f"--hostname-override={node.name}",
+        "--run-firewall=true",
+        "--run-router=false",
+        "--run-service-proxy=false",
+        "--enable-cni=false",
+        f"--service-cluster-ip-range={config.SERVICE_NETWORK}",
+        "--health-port=0",
+        "--v=1",
+    ]
 
 
 def kubelet_argv(node: NodeState, state_dir: Path) -> list[str]:
@@ -478,8 +505,10 @@ class RealNode:
         (state / "kube-proxy.kubeconfig").write_text(json.dumps(proxy_kubeconfig, indent=2) + "\n")
         proxy_config = config.kube_proxy_config(self.name, state / "kube-proxy.kubeconfig")
         (state / "kube-proxy.yaml").write_text(json.dumps(proxy_config, indent=2) + "\n")
-        # CoreDNS reads Services, EndpointSlices, pods and namespaces cluster-wide: as admin.
+        # CoreDNS reads Services, EndpointSlices, pods and namespaces cluster-wide, kube-router
+        # pods, namespaces and NetworkPolicies: as admin.
         (state / "Corefile").write_text(config.coredns_corefile(admin_kubeconfig))
+        (state / "kube-router.kubeconfig").write_text(admin_kubeconfig.read_text())
         (state / "pause.tar").write_bytes(
             config.pause_image_archive((bin_dir / "pause").read_bytes())
         )

@@ -10,6 +10,8 @@
 #                             github.com/containernetworking/plugins (hack/node/cni)
 #   pause                     build/pause/linux/pause.c of k8s.io/kubernetes, static
 #   coredns                   github.com/coredns/coredns           (hack/node/coredns)
+#   kube-router               github.com/cloudnativelabs/kube-router/v2 (hack/node/kube-router;
+#                             its NetworkPolicy controller only)
 #
 # Each part lives under ${KUBETUNE_CACHE_DIR:-$HOME/.cache/kubetune}/node-<part>/<key>/bin, where
 # <key> hashes that part's go.mod/go.sum (and the recipe): the same pins reuse the same binaries,
@@ -18,12 +20,13 @@
 # printed directory holds links to every part's binaries.
 #
 # As root on Debian it installs what the node needs from apt: libseccomp-dev (runc's seccomp
-# support; without it every sandbox fails to start) and iptables (the CNI plugins, kube-proxy).
+# support; without it every sandbox fails to start), iptables (the CNI plugins, kube-proxy) and
+# ipset (kube-router's policies).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${KUBETUNE_CACHE_DIR:-${HOME}/.cache/kubetune}"
-DEBIAN_PACKAGES=(libseccomp-dev iptables)
+DEBIAN_PACKAGES=(libseccomp-dev iptables ipset)
 
 log() { echo "node/build.sh: $*" >&2; }
 # shellcheck source=../lib/build-once.sh
@@ -122,6 +125,18 @@ coredns_build() {
   log "CoreDNS built in $((SECONDS - start))s"
 }
 
+# --- kube-router (the NetworkPolicy enforcer only) --------------------------------------------
+kube-router_present() { [[ -x "$1/kube-router" ]]; }
+kube-router_build() {
+  local out="$1" start=${SECONDS} version module=github.com/cloudnativelabs/kube-router/v2
+  version=$(module_version kube-router "${module}")
+  log "building kube-router ${version}"
+  (cd "${HERE}/kube-router" && CGO_ENABLED=0 go build -trimpath -buildvcs=false \
+    -ldflags="-s -w -X ${module}/pkg/version.Version=${version}" \
+    -o "${out}/kube-router" "${module}/cmd/kube-router")
+  log "kube-router built in $((SECONDS - start))s"
+}
+
 # --- CNI plugins -----------------------------------------------------------------------------
 CNI_PLUGINS=(main/bridge ipam/host-local main/loopback meta/portmap)
 cni_present() {
@@ -143,7 +158,7 @@ cni_build() {
 
 main() {
   ensure_packages
-  local parts=(containerd runc cni kubernetes coredns) part root links
+  local parts=(containerd runc cni kubernetes coredns kube-router) part root links
   links="${CACHE}/node"
   mkdir -p "${links}"
   local dirs=()
