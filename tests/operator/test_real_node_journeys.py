@@ -2,7 +2,8 @@
 containerd and runc), where its memory limit and security context are enforced: its progress
 reaches ``status.progress`` from inside the container (in-cluster config, the pod's projected
 token, through the ``kubernetes`` Service), and when it outgrows its memory limit the job ends
-``Failed`` with reason ``OOMKilled``.
+``Failed`` with reason ``OOMKilled``; the NetworkPolicy the operator gives it keeps it from an
+address its settings exclude.
 
 The operator runs as a process beside the cluster (``OperatorProcess``) with the trainer's
 security context at the chart's defaults. The trainer image is the operator image (``make images``
@@ -21,8 +22,11 @@ from typing import Any
 import pytest
 from operatorkit import CRD, OperatorProcess, log_tail_after, started
 
+from kubetune.local.real_node import NodeState, RealNode
 from kubetune_devtools.installs import project_version
 from kubetune_devtools.pytest_plugin import (
+    REAL_NODE,
+    ClusterHandle,
     Kubectl,
     apply,
     get_json,
@@ -38,6 +42,10 @@ STAND_IN = "stand-in-trainer"
 #: Written by the test once it has seen the stand-in's progress: the stand-in then outgrows its
 #: memory limit.
 GO = "outgrow-the-limit"
+#: In the stand-in's env (spec.podTemplate): an address to connect to instead of training; what
+#: answered goes to PROBED on the claim.
+PROBE_ENV = "STAND_IN_PROBE"
+PROBED = "probed.json"
 STAND_IN_SOURCE = f"""#!/usr/bin/env python3
 import os, sys, time
 from kubetune.api.config import load_trainer_config
@@ -45,10 +53,29 @@ from kubetune.api.models import Progress
 from kubetune.api.timestamps import rfc3339
 from kubetune.trainer.progress import reporter_from_settings
 
+here = os.path.dirname(os.path.abspath(__file__))
+probe = os.environ.get("{PROBE_ENV}")
+if probe:
+    # Until the pod's policy holds (within a deadline), then once more: what answered.
+    import json, socket
+
+    def ask(address):
+        try:
+            with socket.create_connection((address, 8080), 3) as connection:
+                return connection.recv(100).decode()
+        except OSError as error:
+            return type(error).__name__
+
+    deadline = time.monotonic() + 60
+    while (answer := ask(probe)) == "echo" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    with open(os.path.join(here, "{PROBED}"), "w") as out:
+        json.dump({{"answer": answer}}, out)
+    sys.exit(0)
 config = load_trainer_config(sys.argv[sys.argv.index("--config") + 1])
 reporter = reporter_from_settings(config.progress, config.job)
 reporter.report(Progress(step=3, total_steps=12, percent=25.0, loss=1.25, updated_at=rfc3339()))
-go = os.path.join(os.path.dirname(os.path.abspath(__file__)), "{GO}")
+go = os.path.join(here, "{GO}")
 while not os.path.exists(go):
     time.sleep(0.2)
 blocks = []
@@ -57,9 +84,27 @@ while True:
 """
 
 
+ECHO_SERVER = """
+import socket
+server = socket.create_server(("", 8080))
+while True:
+    connection, _ = server.accept()
+    with connection:
+        connection.sendall(b"echo")
+"""
+
+
+ASK = """
+import socket, sys
+with socket.create_connection((sys.argv[1], 8080), 10) as connection:
+    open("/dev/termination-log", "w").write(connection.recv(100).decode())
+"""
+
+
 @pytest.fixture(scope="module")
 def operator(
     kubectl: Kubectl,
+    local_cluster: ClusterHandle,
     kubeconfig_path: Path,
     real_node: str,
     tmp_path_factory: pytest.TempPathFactory,
@@ -74,9 +119,19 @@ def operator(
         "KUBETUNE_TRAINER_IMAGE": f"kubetune/operator:{project_version()}",
         "KUBETUNE_IMAGE_PULL_POLICY": "Never",
         "KUBETUNE_TRAINER_COMMAND": f"/mnt/pvc/{CLAIM}/{STAND_IN}",
+        # The trainers' NetworkPolicy (on by default) excludes, beside the cloud metadata
+        # address, the real node's pods: the apiserver (through the kubernetes Service) and DNS
+        # stay reachable.
+        "KUBETUNE_TRAINER_EGRESS_EXCEPT": f"169.254.169.254/32,{real_node_pods(local_cluster)}",
     }
     log = tmp_path_factory.mktemp("operator") / "log"
     yield from started(OperatorProcess(kubeconfig_path, log, env=env))
+
+
+def real_node_pods(cluster: ClusterHandle) -> str:
+    """The real node's pods' /24 (one per real node: see docs/local-cluster.md)."""
+    state = RealNode(cluster.local().layout.home, REAL_NODE).state_dir
+    return NodeState.load(state).pod_network
 
 
 @pytest.fixture(autouse=True)
@@ -158,3 +213,77 @@ def test_a_trainer_over_its_memory_limit_fails_the_job_oom_killed_after_reportin
     assert pod["spec"]["nodeName"] == real_node
     (trainer,) = pod["status"]["containerStatuses"]
     assert trainer["state"]["terminated"]["reason"] == "OOMKilled"
+
+
+def test_a_trainer_never_reaches_an_address_its_network_policy_excludes(
+    kubectl: Kubectl, namespace: str, operator: OperatorProcess, real_node: str
+) -> None:
+    """The trainer's NetworkPolicy, rendered by the operator, enforced on the real node: the
+    trainer connects to a pod of the excluded range and gets no answer, where a pod without
+    that policy gets one."""
+    directory = work_claim(kubectl, namespace)
+    placement = on_real_node()
+    server = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "echo"},
+        "spec": {**placement, "containers": [{
+            "name": "main", "image": f"kubetune/operator:{project_version()}",
+            "imagePullPolicy": "Never", "command": ["python", "-c", ECHO_SERVER]}]},
+    }  # fmt: skip
+    apply(kubectl, namespace, server)
+    address = wait_for(
+        lambda: (
+            (pod := get_json(kubectl, "pod", "echo", "-n", namespace))["status"].get("phase")
+            == "Running"
+            and pod["status"].get("podIP")
+        ),
+        120,
+        "the echo server to run",
+    )
+    job = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "probes"},
+        "spec": {
+            "model": {"uri": "org/model"},
+            "dataset": {"uri": "https://datasets.invalid/train.jsonl"},
+            "output": {"uri": f"pvc://{CLAIM}/adapter"},
+            "resources": {"gpus": 1, "memory": "256Mi", "cpu": "500m"},
+            "scheduling": {
+                "nodeSelector": placement["nodeSelector"],
+                "tolerations": placement["tolerations"],
+            },
+            "validation": {"enabled": False},
+            "runPolicy": {"backoffLimit": 0},
+            "podTemplate": {"spec": {"containers": [
+                {"name": "trainer", "env": [{"name": PROBE_ENV, "value": address}]}]}},
+        },
+    }  # fmt: skip
+    apply(kubectl, namespace, job)
+
+    probed = wait_for(
+        lambda: (directory / PROBED).is_file() and json.loads((directory / PROBED).read_text()),
+        180,
+        "the trainer's probe",
+    )
+    # Dropped or rejected, as the enforcer chooses; never answered.
+    assert probed["answer"] in ("TimeoutError", "ConnectionRefusedError"), probed
+    # The server answers a pod that no policy holds.
+    asks = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "asks"},
+        "spec": {**placement, "restartPolicy": "Never", "containers": [{
+            "name": "main", "image": f"kubetune/operator:{project_version()}",
+            "imagePullPolicy": "Never", "command": ["python", "-c", ASK, address]}]},
+    }  # fmt: skip
+    apply(kubectl, namespace, asks)
+    ended = wait_for(
+        lambda: (
+            pod
+            if (pod := get_json(kubectl, "pod", "asks", "-n", namespace))["status"].get("phase")
+            in ("Succeeded", "Failed")
+            else None
+        ),
+        120,
+        "the unconfined pod's answer",
+    )
+    (state,) = ended["status"]["containerStatuses"]
+    assert state["state"]["terminated"].get("message") == "echo", state
