@@ -192,6 +192,10 @@ class LocalCluster:
         """Start a real node (kubelet + containerd + runc + CNI, built from their Go modules by
         hack/node/build.sh), wait until it is Ready, give it ``node.gpus`` of
         ``nvidia.com/gpu`` capacity and import ``node.images`` from the image store."""
+        if os.geteuid() != 0:
+            raise ClusterError(
+                "a real node (--node kubelet) needs root: namespaces, cgroups, mounts"
+            )
         real = RealNode(self.layout.home, node.name)
         process = self.process(real.process_name)
         if process.pid() is not None:

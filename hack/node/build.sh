@@ -19,14 +19,15 @@
 # (hack/cluster/build.sh) is a different one, so adding the node rebuilds nothing there. The
 # printed directory holds links to every part's binaries.
 #
-# As root on Debian it installs what the node needs from apt: libseccomp-dev (runc's seccomp
-# support; without it every sandbox fails to start), iptables (the CNI plugins, kube-proxy) and
-# ipset (kube-router's policies).
+# As root on Debian it installs what the node needs from apt: gcc, libc6-dev and pkg-config (runc
+# is built with cgo, pause statically), libseccomp-dev (runc's seccomp support; without it every
+# sandbox fails to start), iptables (the CNI plugins, kube-proxy), ipset (kube-router's
+# policies), iproute2 and util-linux (ip, nsenter, mount: the node's namespaces).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CACHE="${KUBETUNE_CACHE_DIR:-${HOME}/.cache/kubetune}"
-DEBIAN_PACKAGES=(libseccomp-dev iptables ipset)
+DEBIAN_PACKAGES=(gcc libc6-dev pkg-config libseccomp-dev iptables ipset iproute2 util-linux)
 
 log() { echo "node/build.sh: $*" >&2; }
 # shellcheck source=../lib/build-once.sh
