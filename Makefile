@@ -25,11 +25,14 @@ demo-down:
 lint: setup
 	@bash hack/lint.sh
 
-# Kueue's and JobSet's managers (which the demo doesn't start) and the images first, outside
+# The real node's binaries (kubelet, containerd, runc, CNI, kube-proxy, CoreDNS, kube-router;
+# hack/node/build.sh installs their Debian packages), Kueue's and JobSet's managers (none of which
+# the demo starts) and the images first, outside
 # pytest's per-test timeout (each is minutes when cold).
 test: setup
 	@bash hack/lint.sh
-	@echo "==> Kueue and JobSet from Go modules (cached after the first build)"
+	@echo "==> the real node, Kueue and JobSet from Go modules (cached after the first build)"
+	@bash hack/node/build.sh >/dev/null
 	@bash hack/kueue/build.sh >/dev/null
 	@bash hack/jobset/build.sh >/dev/null
 	@bash hack/images/build.sh >/dev/null

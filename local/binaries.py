@@ -1,4 +1,5 @@
-"""Finds (building on first use) the control plane binaries made by hack/cluster/build.sh,
+"""Finds (building on first use) the control plane binaries made by hack/cluster/build.sh, a real
+node's by hack/node/build.sh,
 Kueue's manager and CRDs made by hack/kueue/build.sh, and JobSet's by hack/jobset/build.sh."""
 
 from __future__ import annotations
@@ -75,3 +76,31 @@ def jobset_dir() -> Path:
     ``$KUBETUNE_JOBSET_DIR`` wins (prebuilt); otherwise hack/jobset/build.sh runs.
     """
     return _built("jobset", "KUBETUNE_JOBSET_DIR", JOBSET_FILES)
+
+
+#: What hack/node/build.sh leaves in its directory: a real node's binaries.
+NODE_FILES = (
+    "kubelet",
+    "kube-proxy",
+    "containerd",
+    "containerd-shim-runc-v2",
+    "ctr",
+    "runc",
+    "pause",
+    "coredns",
+    "kube-router",
+    "cni/bridge",
+    "cni/host-local",
+    "cni/loopback",
+    "cni/portmap",
+)
+
+
+def node_dir() -> Path:
+    """Directory holding a real node's binaries (``NODE_FILES``): kubelet and kube-proxy,
+    containerd, runc, the CNI plugins, pause, CoreDNS and kube-router, each from the Go module
+    hack/node pins.
+
+    ``$KUBETUNE_NODE_BIN_DIR`` wins (prebuilt); otherwise hack/node/build.sh runs.
+    """
+    return _built("node", "KUBETUNE_NODE_BIN_DIR", NODE_FILES)

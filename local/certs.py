@@ -75,7 +75,7 @@ def _new_key(path: Path) -> None:
     path.chmod(0o600)
 
 
-def _signed_cert(
+def signed_cert(
     ca: KeyPair,
     pair: KeyPair,
     subject: str,
@@ -142,7 +142,7 @@ def ensure_pki(directory: Path) -> Pki:
         "-addext",
         "keyUsage=critical,keyCertSign,cRLSign,digitalSignature",
     )
-    _signed_cert(
+    signed_cert(
         pki.ca,
         pki.apiserver,
         "/CN=kube-apiserver",
@@ -157,19 +157,19 @@ def ensure_pki(directory: Path) -> Pki:
             "DNS:kubernetes.default.svc.cluster.local",
         ],
     )
-    _signed_cert(
+    signed_cert(
         pki.ca,
         pki.admin,
         "/O=system:masters/CN=kubetune-admin",
         usage="clientAuth",
     )
-    _signed_cert(
+    signed_cert(
         pki.ca,
         pki.kubelet_client,
         "/O=system:masters/CN=kube-apiserver-kubelet-client",
         usage="clientAuth",
     )
-    _signed_cert(
+    signed_cert(
         pki.ca,
         pki.node_serving,
         "/CN=kubetune-node",
@@ -203,7 +203,7 @@ def ensure_jobset_serving(pki: Pki) -> KeyPair:
 
 def _ensure_serving(pki: Pki, pair: KeyPair, name: str) -> KeyPair:
     if not pair.cert.exists():
-        _signed_cert(
+        signed_cert(
             pki.ca,
             pair,
             f"/CN={name}",

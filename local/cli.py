@@ -38,6 +38,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 labels=args.label,
                 taints=args.taint,
                 host_images=_host_images(args),
+                kind=args.node,
+                images=tuple(args.image),
             ),
             kueue=args.kueue,
             jobset=args.jobset,
@@ -49,7 +51,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     kubeconfig = cluster.layout.kubeconfig
     print(f"local cluster {verb}: {info.server} (state in {info.home})")
     hosted = _host_images(args)
-    if not was_running:
+    if not was_running and args.node == "kubelet":
+        print(
+            "the node is a real kubelet with containerd and runc; images: "
+            + (", ".join(args.image) or "none imported")
+        )
+    elif not was_running:
         print(
             "pods run from the image store (make images)"
             + (
@@ -148,6 +155,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         "--images-only",
         action="store_true",
         help="run every container in its image from the image store (make images)",
+    )
+    up.add_argument(
+        "--node",
+        choices=("agent", "kubelet"),
+        default="agent",
+        help="the first node: the Python node agent (default), or a real node: the upstream "
+        "kubelet with containerd, runc and CNI plugins built from their Go modules (root, "
+        "cgroup v1 or v2; see docs/local-cluster.md)",
+    )
+    up.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="REFERENCE",
+        help="with --node kubelet: an image of the image store (make images) to import into the "
+        "node's containerd (repeatable)",
     )
     up.add_argument(
         "--kueue",

@@ -11,6 +11,8 @@ from kubetune.local.cluster_info import ClusterInfo
 from kubetune.local.layout import Layout
 
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+#: The Services' ClusterIPs; the apiserver's own Service, ``kubernetes``, gets the first.
+SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 
 
 def _binary(info: ClusterInfo, name: str) -> str:
@@ -50,7 +52,7 @@ def apiserver_argv(info: ClusterInfo, layout: Layout, pki: Pki) -> list[str]:
         f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
         f"--service-account-key-file={pki.service_account_pub}",
         f"--service-account-signing-key-file={pki.service_account_key}",
-        "--service-cluster-ip-range=10.0.0.0/24",
+        f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
         "--authorization-mode=Node,RBAC",
         "--allow-privileged=true",
         # The 'kubernetes' Service would get a loopback endpoint, which validation

@@ -18,11 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubetune.local import components
-from kubetune.local.binaries import binaries_dir, jobset_dir, kueue_dir
+from kubetune.local.binaries import binaries_dir, jobset_dir, kueue_dir, node_dir
 from kubetune.local.certs import Pki, ensure_jobset_serving, ensure_kueue_serving, ensure_pki
 from kubetune.local.cluster_info import ClusterInfo
+from kubetune.local.images import default_store
 from kubetune.local.layout import Layout, default_home
 from kubetune.local.ports import free_port
+from kubetune.local.real_node import RealNode
+from kubetune.local.real_node_config import RealNodeSpec
 from kubetune.local.supervisor import Supervised
 
 DEFAULT_NODE_NAME = "kubetune-local"
@@ -49,6 +52,10 @@ class NodeOptions:
     taints: Sequence[str] = ()  # key=value:Effect
     # Images run on the host, not from the image store (docs/local-cluster.md).
     host_images: Sequence[str] = ()
+    #: ``agent``: the Python node agent; ``kubelet``: a real node (kubelet, containerd, runc).
+    kind: str = "agent"
+    #: Images of the image store a real node imports into its containerd when it starts.
+    images: Sequence[str] = ()
 
 
 class LocalCluster:
@@ -67,7 +74,11 @@ class LocalCluster:
         return self.process(f"node-agent-{node_name}")
 
     def _all_processes(self) -> list[Supervised]:
-        agents = sorted(p.stem for p in self.layout.run.glob("node-agent-*.pid"))
+        agents = sorted(
+            p.stem
+            for pattern in ("node-agent-*.pid", "kubelet-*.pid")
+            for p in self.layout.run.glob(pattern)
+        )
         extra = [n for n in (JOBSET, KUEUE) if self.process(n).pid_file.exists()]
         return [self.process(n) for n in (*CONTROL_PLANE, "provisioner", *extra, *agents)]
 
@@ -126,10 +137,14 @@ class LocalCluster:
                 "provisioner", "kubetune.local.provisioner", "--home", str(self.layout.home)
             )
             node = node or NodeOptions()
-            self.start_node_agent(node)
+            if node.kind == "kubelet":
+                self.start_real_node(node, timeout)
+            else:
+                self.start_node_agent(node)
             info.node_names = [node.name]
             info.save(self.layout)
-            self.wait_node_ready(node.name, timeout)
+            if node.kind != "kubelet":
+                self.wait_node_ready(node.name, timeout)
             # JobSet first: Kueue admits JobSets only if their CRD is there when it starts.
             if jobset:
                 self.start_jobset(timeout)
@@ -145,10 +160,13 @@ class LocalCluster:
         """Stop every supervised process (node agents first); returns what was running."""
         processes = self._all_processes()
         stopped = [p.name for p in processes if p.pid() is not None]
-        agents = [p for p in processes if p.name.startswith("node-agent-")]
-        # Node agents first, so they can still terminate their pods' processes.
+        agents = [p for p in processes if p.name.startswith(("node-agent-", "kubelet-"))]
+        # Nodes first, so they can still terminate their pods' processes.
         for process in agents:
             process.stop()
+        # Real nodes' pods, cgroups and namespaces: also what a crashed run left.
+        for real in RealNode.all_in(self.layout.home):
+            real.clean_up()
         for process in reversed([p for p in processes if p not in agents]):
             process.stop()
         return stopped
@@ -169,6 +187,66 @@ class LocalCluster:
         for pattern in node.host_images:
             argv += ["--host-image", pattern]
         return self._start_python(f"node-agent-{node.name}", "kubetune.local.node_agent", *argv)
+
+    def start_real_node(self, node: NodeOptions, timeout: float = 120.0) -> RealNode:
+        """Start a real node (kubelet + containerd + runc + CNI, built from their Go modules by
+        hack/node/build.sh), wait until it is Ready, give it ``node.gpus`` of
+        ``nvidia.com/gpu`` capacity and import ``node.images`` from the image store."""
+        if os.geteuid() != 0:
+            raise ClusterError(
+                "a real node (--node kubelet) needs root: namespaces, cgroups, mounts"
+            )
+        real = RealNode(self.layout.home, node.name)
+        process = self.process(real.process_name)
+        if process.pid() is not None:
+            raise ClusterError(f"real node {node.name} runs already")
+        # What an earlier run of this node left (a crash) goes first.
+        real.clean_up()
+        info = ClusterInfo.load(self.layout)
+        real.prepare(
+            RealNodeSpec(node.name, node.gpus, tuple(node.labels), tuple(node.taints)),
+            bin_dir=node_dir(),
+            pki=self.pki,
+            apiserver_port=info.apiserver_port,
+            admin_kubeconfig=self.layout.kubeconfig,
+        )
+        # A Node object left from an earlier run would look registered and Ready at once.
+        self.kubectl("delete", "node", node.name, "--ignore-not-found", "--wait=false")
+        self._start(real.process_name, real.argv())
+        self._wait(
+            lambda: self.get(f"/api/v1/nodes/{node.name}")[0] == 200,
+            f"node {node.name} registered",
+            timeout,
+            real.process_name,
+        )
+        if node.gpus:
+            # An extended resource no device plugin manages: the kubelet keeps what is patched in.
+            patch = {"status": {"capacity": {"nvidia.com/gpu": str(node.gpus)}}}
+            self.kubectl(
+                "patch",
+                "node",
+                node.name,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                json.dumps(patch),
+            )
+        self._wait(
+            lambda: self.node_ready(node.name),
+            f"node {node.name} Ready",
+            timeout,
+            real.process_name,
+        )
+        pid = process.pid()
+        if node.images and pid is not None:
+            real.import_images(pid, node.images, default_store())
+        return real
+
+    def stop_real_node(self, name: str) -> None:
+        """Stop a real node: its kubelet and containerd, then every pod left in its cgroups."""
+        real = RealNode(self.layout.home, name)
+        self.process(real.process_name).stop()
+        real.clean_up()
 
     def start_kueue(self, timeout: float = 120.0) -> None:
         """Install Kueue's CRDs and start its manager beside the running control plane, unless

@@ -231,6 +231,46 @@ def on_image_node() -> dict[str, Any]:
     }
 
 
+REAL_NODE = "kubetune-test-kubelet"
+# The real node's label and taint: only pods that select and tolerate it run there.
+REAL_NODE_ONLY = "kubetune.io/real-node"
+
+
+@pytest.fixture(scope="session")
+def real_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[str]:
+    """A real node for the session: the upstream kubelet with containerd, runc and CNI plugins
+    built from their Go modules (hack/node/build.sh), one ``nvidia.com/gpu``, the operator image
+    of ``make images`` imported into its containerd; tainted and labelled
+    ``kubetune.io/real-node=only`` (see ``on_real_node``). It needs root."""
+    if os.geteuid() != 0:
+        pytest.skip("a real node (kubelet, containerd, runc) needs root")
+    from kubetune_devtools.installs import built_images, project_version
+
+    built_images("operator")
+    local = local_cluster.local()
+    local.start_real_node(
+        NodeOptions(
+            name=REAL_NODE,
+            gpus=1,
+            labels=[f"{REAL_NODE_ONLY}=only"],
+            taints=[f"{REAL_NODE_ONLY}=only:NoSchedule"],
+            kind="kubelet",
+            images=(f"kubetune/operator:{project_version()}",),
+        )
+    )
+    yield REAL_NODE
+    local.stop_real_node(REAL_NODE)
+    kubectl("delete", "node", REAL_NODE, "--wait=false", check=False)
+
+
+def on_real_node() -> dict[str, Any]:
+    """The pod-spec fields (nodeSelector, tolerations) that put a pod on ``real_node``."""
+    return {
+        "nodeSelector": {REAL_NODE_ONLY: "only"},
+        "tolerations": [{"key": REAL_NODE_ONLY, "operator": "Exists", "effect": "NoSchedule"}],
+    }
+
+
 @pytest.fixture(scope="session")
 def kueue(local_cluster: ClusterHandle) -> Iterator[None]:
     """Kueue (built from its Go module, hack/kueue) running beside the session's cluster, with
@@ -364,6 +404,8 @@ __all__ = [
     "minimal_finetunejob",
     "namespace",
     "on_image_node",
+    "on_real_node",
     "pod_manifest",
+    "real_node",
     "wait_for",
 ]

@@ -1,0 +1,289 @@
+"""A FineTuneJob whose trainer pod runs on a real node (``real_node``: the upstream kubelet with
+containerd and runc), where its memory limit and security context are enforced: its progress
+reaches ``status.progress`` from inside the container (in-cluster config, the pod's projected
+token, through the ``kubernetes`` Service), and when it outgrows its memory limit the job ends
+``Failed`` with reason ``OOMKilled``; the NetworkPolicy the operator gives it keeps it from an
+address its settings exclude.
+
+The operator runs as a process beside the cluster (``OperatorProcess``) with the trainer's
+security context at the chart's defaults. The trainer image is the operator image (``make images``
+builds it in minutes; the trainer's is GBs of CUDA): the trainer's command is a stand-in put on
+the job's claim, which reports progress through kubetune's own reporter, waits for the test to
+see it, then allocates until the kernel kills it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from operatorkit import CRD, OperatorProcess, log_tail_after, started
+
+from kubetune.local.real_node import NodeState, RealNode
+from kubetune_devtools.installs import project_version
+from kubetune_devtools.pytest_plugin import (
+    REAL_NODE,
+    ClusterHandle,
+    Kubectl,
+    apply,
+    get_json,
+    install_crd,
+    on_real_node,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+CLAIM = "work"
+STAND_IN = "stand-in-trainer"
+#: Written by the test once it has seen the stand-in's progress: the stand-in then outgrows its
+#: memory limit.
+GO = "outgrow-the-limit"
+#: In the stand-in's env (spec.podTemplate): an address to connect to instead of training; what
+#: answered goes to PROBED on the claim.
+PROBE_ENV = "STAND_IN_PROBE"
+PROBED = "probed.json"
+STAND_IN_SOURCE = f"""#!/usr/bin/env python3
+import os, sys, time
+from kubetune.api.config import load_trainer_config
+from kubetune.api.models import Progress
+from kubetune.api.timestamps import rfc3339
+from kubetune.trainer.progress import reporter_from_settings
+
+here = os.path.dirname(os.path.abspath(__file__))
+probe = os.environ.get("{PROBE_ENV}")
+if probe:
+    # Until the pod's policy holds (within a deadline), then once more: what answered.
+    import json, socket
+
+    def ask(address):
+        try:
+            with socket.create_connection((address, 8080), 3) as connection:
+                return connection.recv(100).decode()
+        except OSError as error:
+            return type(error).__name__
+
+    deadline = time.monotonic() + 60
+    while (answer := ask(probe)) == "echo" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    with open(os.path.join(here, "{PROBED}"), "w") as out:
+        json.dump({{"answer": answer}}, out)
+    sys.exit(0)
+config = load_trainer_config(sys.argv[sys.argv.index("--config") + 1])
+reporter = reporter_from_settings(config.progress, config.job)
+reporter.report(Progress(step=3, total_steps=12, percent=25.0, loss=1.25, updated_at=rfc3339()))
+go = os.path.join(here, "{GO}")
+while not os.path.exists(go):
+    time.sleep(0.2)
+blocks = []
+while True:
+    blocks.append(bytearray(16 * 1024 * 1024))
+"""
+
+
+ECHO_SERVER = """
+import socket
+server = socket.create_server(("", 8080))
+while True:
+    connection, _ = server.accept()
+    with connection:
+        connection.sendall(b"echo")
+"""
+
+
+ASK = """
+import socket, sys
+with socket.create_connection((sys.argv[1], 8080), 10) as connection:
+    open("/dev/termination-log", "w").write(connection.recv(100).decode())
+"""
+
+
+@pytest.fixture(scope="module")
+def operator(
+    kubectl: Kubectl,
+    local_cluster: ClusterHandle,
+    kubeconfig_path: Path,
+    real_node: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[OperatorProcess]:
+    install_crd(kubectl, CRD)
+    env = {
+        # The chart's trainer security context (non-root uid/fsGroup 1000): the real node
+        # enforces it.
+        "KUBETUNE_RUN_AS_NON_ROOT": "true",
+        "KUBETUNE_RUN_AS_USER": "1000",
+        "KUBETUNE_FS_GROUP": "1000",
+        "KUBETUNE_TRAINER_IMAGE": f"kubetune/operator:{project_version()}",
+        "KUBETUNE_IMAGE_PULL_POLICY": "Never",
+        "KUBETUNE_TRAINER_COMMAND": f"/mnt/pvc/{CLAIM}/{STAND_IN}",
+        # The trainers' NetworkPolicy (on by default) excludes, beside the cloud metadata
+        # address, the real node's pods: the apiserver (through the kubernetes Service) and DNS
+        # stay reachable.
+        "KUBETUNE_TRAINER_EGRESS_EXCEPT": f"169.254.169.254/32,{real_node_pods(local_cluster)}",
+    }
+    log = tmp_path_factory.mktemp("operator") / "log"
+    yield from started(OperatorProcess(kubeconfig_path, log, env=env))
+
+
+def real_node_pods(cluster: ClusterHandle) -> str:
+    """The real node's pods' /24 (one per real node: see docs/local-cluster.md)."""
+    state = RealNode(cluster.local().layout.home, REAL_NODE).state_dir
+    return NodeState.load(state).pod_network
+
+
+@pytest.fixture(autouse=True)
+def _operator_log(operator: OperatorProcess) -> Iterator[None]:
+    yield from log_tail_after(operator)
+
+
+def work_claim(kubectl: Kubectl, namespace: str) -> Path:
+    """A bound claim ``work`` holding the stand-in trainer; the directory behind it."""
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": CLAIM},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    apply(kubectl, namespace, claim)
+    volume = wait_for(
+        lambda: get_json(kubectl, "pvc", CLAIM, "-n", namespace)["spec"].get("volumeName"),
+        60,
+        "the work claim to bind",
+    )
+    directory = Path(get_json(kubectl, "pv", volume)["spec"]["hostPath"]["path"])
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o777)  # the trainer's uid 1000 writes its output there
+    script = directory / STAND_IN
+    script.write_text(STAND_IN_SOURCE)
+    script.chmod(0o755)
+    return directory
+
+
+def status_of(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
+    return dict(get_json(kubectl, "ftj", name, "-n", namespace).get("status") or {})
+
+
+def test_a_trainer_over_its_memory_limit_fails_the_job_oom_killed_after_reporting_progress(
+    kubectl: Kubectl, namespace: str, operator: OperatorProcess, real_node: str
+) -> None:
+    directory = work_claim(kubectl, namespace)
+    placement = on_real_node()
+    job = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "outgrows-memory"},
+        "spec": {
+            "model": {"uri": "org/model"},
+            "dataset": {"uri": "https://datasets.invalid/train.jsonl"},
+            "output": {"uri": f"pvc://{CLAIM}/adapter"},
+            "resources": {"gpus": 1, "memory": "128Mi", "cpu": "500m"},
+            "scheduling": {
+                "nodeSelector": placement["nodeSelector"],
+                "tolerations": placement["tolerations"],
+            },
+            "validation": {"enabled": False},
+            "runPolicy": {"backoffLimit": 0},
+        },
+    }
+    apply(kubectl, namespace, job)
+
+    progress = wait_for(
+        lambda: status_of(kubectl, namespace, "outgrows-memory").get("progress"),
+        120,
+        "the trainer's progress in status.progress",
+    )
+    assert (progress["step"], progress["totalSteps"], progress["loss"]) == (3, 12, 1.25)
+
+    (directory / GO).touch()
+    status = wait_for(
+        lambda: (
+            s
+            if (s := status_of(kubectl, namespace, "outgrows-memory")).get("phase") == "Failed"
+            else None
+        ),
+        120,
+        "the job to fail",
+    )
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert (failed["status"], failed["reason"]) == ("True", "OOMKilled"), json.dumps(status)
+    pod = get_json(kubectl, "pod", status["podName"], "-n", namespace)
+    assert pod["spec"]["nodeName"] == real_node
+    (trainer,) = pod["status"]["containerStatuses"]
+    assert trainer["state"]["terminated"]["reason"] == "OOMKilled"
+
+
+def test_a_trainer_never_reaches_an_address_its_network_policy_excludes(
+    kubectl: Kubectl, namespace: str, operator: OperatorProcess, real_node: str
+) -> None:
+    """The trainer's NetworkPolicy, rendered by the operator, enforced on the real node: the
+    trainer connects to a pod of the excluded range and gets no answer, where a pod without
+    that policy gets one."""
+    directory = work_claim(kubectl, namespace)
+    placement = on_real_node()
+    server = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "echo"},
+        "spec": {**placement, "containers": [{
+            "name": "main", "image": f"kubetune/operator:{project_version()}",
+            "imagePullPolicy": "Never", "command": ["python", "-c", ECHO_SERVER]}]},
+    }  # fmt: skip
+    apply(kubectl, namespace, server)
+    address = wait_for(
+        lambda: (
+            (pod := get_json(kubectl, "pod", "echo", "-n", namespace))["status"].get("phase")
+            == "Running"
+            and pod["status"].get("podIP")
+        ),
+        120,
+        "the echo server to run",
+    )
+    job = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "probes"},
+        "spec": {
+            "model": {"uri": "org/model"},
+            "dataset": {"uri": "https://datasets.invalid/train.jsonl"},
+            "output": {"uri": f"pvc://{CLAIM}/adapter"},
+            "resources": {"gpus": 1, "memory": "256Mi", "cpu": "500m"},
+            "scheduling": {
+                "nodeSelector": placement["nodeSelector"],
+                "tolerations": placement["tolerations"],
+            },
+            "validation": {"enabled": False},
+            "runPolicy": {"backoffLimit": 0},
+            "podTemplate": {"spec": {"containers": [
+                {"name": "trainer", "env": [{"name": PROBE_ENV, "value": address}]}]}},
+        },
+    }  # fmt: skip
+    apply(kubectl, namespace, job)
+
+    probed = wait_for(
+        lambda: (directory / PROBED).is_file() and json.loads((directory / PROBED).read_text()),
+        180,
+        "the trainer's probe",
+    )
+    # Dropped or rejected, as the enforcer chooses; never answered.
+    assert probed["answer"] in ("TimeoutError", "ConnectionRefusedError"), probed
+    # The server answers a pod that no policy holds.
+    asks = {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "asks"},
+        "spec": {**placement, "restartPolicy": "Never", "containers": [{
+            "name": "main", "image": f"kubetune/operator:{project_version()}",
+            "imagePullPolicy": "Never", "command": ["python", "-c", ASK, address]}]},
+    }  # fmt: skip
+    apply(kubectl, namespace, asks)
+    ended = wait_for(
+        lambda: (
+            pod
+            if (pod := get_json(kubectl, "pod", "asks", "-n", namespace))["status"].get("phase")
+            in ("Succeeded", "Failed")
+            else None
+        ),
+        120,
+        "the unconfined pod's answer",
+    )
+    (state,) = ended["status"]["containerStatuses"]
+    assert state["state"]["terminated"].get("message") == "echo", state
