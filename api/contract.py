@@ -38,6 +38,13 @@ PUSH_TOKEN_ENV: Final = "HF_PUSH_TOKEN"  # noqa: S105 -- the variable's name, no
 MLFLOW_USERNAME_ENV: Final = "MLFLOW_TRACKING_USERNAME"
 MLFLOW_PASSWORD_ENV: Final = "MLFLOW_TRACKING_PASSWORD"  # noqa: S105 -- a name, not a value
 MLFLOW_TOKEN_ENV: Final = "MLFLOW_TRACKING_TOKEN"  # noqa: S105 -- a name, not a value
+#: The object store's credentials and endpoint, from ``spec.objectStore`` (the names the AWS
+#: SDKs, s3fs and boto3 read).
+AWS_ACCESS_KEY_ID_ENV: Final = "AWS_ACCESS_KEY_ID"
+AWS_SECRET_ACCESS_KEY_ENV: Final = "AWS_SECRET_ACCESS_KEY"  # noqa: S105 -- a name, not a value
+AWS_SESSION_TOKEN_ENV: Final = "AWS_SESSION_TOKEN"  # noqa: S105 -- a name, not a value
+AWS_ENDPOINT_URL_ENV: Final = "AWS_ENDPOINT_URL"
+AWS_REGION_ENV: Final = "AWS_DEFAULT_REGION"
 # Distributed training (resources.gpus > 1 or resources.nodes > 1). The pod's command stays
 # TRAINER_COMMAND; the trainer starts its ranks through torch.distributed.run from these.
 #: host:port of the c10d rendezvous (rank 0's pod, through the job's headless Service).

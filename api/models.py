@@ -778,6 +778,65 @@ class TrackingSpec(ApiModel):
     )
 
 
+class ObjectStoreSpec(ApiModel):
+    """How the trainer reaches the object store of the spec's s3:// URIs: credentials from a
+    Secret of the job's namespace (which its creator must be allowed to read), and another
+    S3-compatible endpoint where the platform allows it. Unset: the standard AWS credential chain
+    of the trainer pod (e.g. workload identity)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": (
+                        "has(self.accessKeyIdSecretRef) == has(self.secretAccessKeySecretRef)"
+                    ),
+                    "message": (
+                        "set objectStore.accessKeyIdSecretRef and secretAccessKeySecretRef together"
+                    ),
+                }
+            ]
+        }
+    )
+
+    endpoint: str | None = Field(
+        default=None,
+        description=(
+            "An S3-compatible endpoint, https://host[:port] (AWS_ENDPOINT_URL); one of the "
+            "endpoints the platform allows (the chart's trainer.allowedObjectStoreEndpoints). "
+            "Unset: AWS's own."
+        ),
+        max_length=512,
+        pattern=r"^https?://[^/@?#\s]+/?$",
+    )
+    region: str | None = Field(
+        default=None,
+        description="The store's region (AWS_DEFAULT_REGION).",
+        max_length=64,
+        pattern=r"^[a-z0-9-]+$",
+    )
+    access_key_id_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding the access key id (AWS_ACCESS_KEY_ID).",
+    )
+    secret_access_key_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding the secret access key (AWS_SECRET_ACCESS_KEY).",
+    )
+    session_token_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding a session token (AWS_SESSION_TOKEN), for temporary keys.",
+    )
+
+    @model_validator(mode="after")
+    def _key_pair(self) -> ObjectStoreSpec:
+        if (self.access_key_id_secret_ref is None) != (self.secret_access_key_secret_ref is None):
+            raise ValueError(
+                "set objectStore.accessKeyIdSecretRef and secretAccessKeySecretRef together"
+            )
+        return self
+
+
 class FineTuneJobSpec(ApiModel):
     """A QLoRA supervised fine-tuning run."""
 
@@ -837,6 +896,11 @@ class FineTuneJobSpec(ApiModel):
         default=None,
         description="Experiment tracking: MLflow and TensorBoard.",
         json_schema_extra=_immutable("tracking"),
+    )
+    object_store: ObjectStoreSpec | None = Field(
+        default=None,
+        description="Credentials and endpoint for the spec's s3:// URIs.",
+        json_schema_extra=_immutable("objectStore"),
     )
 
     @model_validator(mode="after")

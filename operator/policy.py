@@ -65,6 +65,7 @@ def policy_problems(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[s
         *_denied_options(spec, settings),
         *_cluster_uris(spec),
         *_tracking(spec, settings),
+        *_object_store(spec, settings),
         *_image(spec, settings),
         *(_pod_template(spec.pod_template, settings) if spec.pod_template is not None else []),
     ]
@@ -108,6 +109,14 @@ def _tracking(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
             "KUBETUNE_TRACKING_HTTP_CREDENTIALS_HOSTS)"
         )
     return problems
+
+
+def _object_store(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
+    """The store's credentials go to its endpoint: only one the settings allow."""
+    store = spec.object_store
+    if store is None or store.endpoint is None:
+        return []
+    return _endpoint("spec.objectStore.endpoint", "AWS_ENDPOINT_URL", store.endpoint, settings)
 
 
 def _denied_options(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:

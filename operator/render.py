@@ -17,6 +17,11 @@ from typing import Any, Final
 from kubetune.api.config import JobRef, ProgressSettings, TrainerConfig
 from kubetune.api.contract import (
     ATTEMPT_ANNOTATION,
+    AWS_ACCESS_KEY_ID_ENV,
+    AWS_ENDPOINT_URL_ENV,
+    AWS_REGION_ENV,
+    AWS_SECRET_ACCESS_KEY_ENV,
+    AWS_SESSION_TOKEN_ENV,
     COMPONENT_LABEL,
     CONFIG_FILE,
     CONTROLLER_UID_LABEL,
@@ -625,6 +630,18 @@ def _pod_spec(spec: FineTuneJobSpec, names: ChildNames, settings: OperatorSettin
             (MLFLOW_PASSWORD_ENV, mlflow.password_secret_ref),
             (MLFLOW_TOKEN_ENV, mlflow.token_secret_ref),
         ]
+    store = spec.object_store
+    if store is not None:
+        # The object store's keys, read by the AWS SDKs the trainer's s3:// client uses.
+        token_refs += [
+            (AWS_ACCESS_KEY_ID_ENV, store.access_key_id_secret_ref),
+            (AWS_SECRET_ACCESS_KEY_ENV, store.secret_access_key_secret_ref),
+            (AWS_SESSION_TOKEN_ENV, store.session_token_secret_ref),
+        ]
+        for variable, value in ((AWS_ENDPOINT_URL_ENV, store.endpoint),
+                                (AWS_REGION_ENV, store.region)):  # fmt: skip
+            if value is not None:
+                env.append({"name": variable, "value": value})
     for variable, ref in token_refs:
         if ref is not None:
             env.append(

@@ -175,8 +175,9 @@ class OperatorSettings(BaseSettings):
     allowed_object_store_endpoints: CsvList = Field(
         default_factory=list,
         description=(
-            "Object-store endpoints (https://host[:port]) a job may set as AWS_ENDPOINT_URL or "
-            "AWS_ENDPOINT_URL_S3 through spec.podTemplate; empty: the store's default only."
+            "Object-store endpoints (https://host[:port]) a job may name in "
+            "spec.objectStore.endpoint, or set as AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3 "
+            "through spec.podTemplate; empty: the store's default only."
         ),
     )
     trainer_network_policy: bool = Field(

@@ -160,6 +160,9 @@ SECRET_REFERENCE_PATHS: Final = (
     ("tracking", "mlflow", "usernameSecretRef"),
     ("tracking", "mlflow", "passwordSecretRef"),
     ("tracking", "mlflow", "tokenSecretRef"),
+    ("objectStore", "accessKeyIdSecretRef"),
+    ("objectStore", "secretAccessKeySecretRef"),
+    ("objectStore", "sessionTokenSecretRef"),
 )
 
 

@@ -20,6 +20,7 @@ from kubetune.trainer.progress import ProgressReporter
 from kubetune.trainer.secrets import (
     HubTokens,
     install_redaction,
+    object_store_secrets,
     redact_result,
     resolve_hub_tokens,
     uninstall_redaction,
@@ -101,6 +102,7 @@ def _guarded(
             resolve_hub_tokens(config.token_file)
             .with_uri_credentials([spec.model.uri, spec.dataset.uri, spec.output.uri])
             .with_secrets(tracking_secrets())
+            .with_secrets(object_store_secrets())
         )
     except TrainerFailure as exc:
         log.error("%s", exc.log_line())

@@ -20,7 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetune.api.contract import PUSH_TOKEN_ENV, TOKEN_ENV
+from kubetune.api.contract import (
+    AWS_SECRET_ACCESS_KEY_ENV,
+    AWS_SESSION_TOKEN_ENV,
+    PUSH_TOKEN_ENV,
+    TOKEN_ENV,
+)
 from kubetune.api.models import TrainerResult
 from kubetune.trainer.errors import InvalidConfig
 
@@ -75,6 +80,17 @@ def resolve_hub_tokens(token_file: str | None) -> HubTokens:
     raw_push = os.environ.get(PUSH_TOKEN_ENV)
     raw = tuple(t for t in (raw_read, raw_push) if t and t != t.strip())
     return HubTokens(read=_stripped(raw_read), push=_stripped(raw_push), also_secret=raw)
+
+
+#: The object store's secrets, set from ``spec.objectStore``'s Secret references: the trainer
+#: never handles them (the S3 client reads them), but a library could quote them.
+_STORE_SECRET_ENV = (AWS_SECRET_ACCESS_KEY_ENV, AWS_SESSION_TOKEN_ENV)
+
+
+def object_store_secrets(environ: Any = None) -> list[str]:
+    """The object store's secret key and session token in the environment, never to be shown."""
+    environ = os.environ if environ is None else environ
+    return [environ[name] for name in _STORE_SECRET_ENV if environ.get(name)]
 
 
 def _read_token_file(token_file: str) -> str:

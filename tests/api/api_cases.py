@@ -231,6 +231,16 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         ["usernameSecretRef and passwordSecretRef together"],
     ),
     (
+        "object store key id without the secret key",
+        with_spec(objectStore={"accessKeyIdSecretRef": {"name": "s3-creds", "key": "id"}}),
+        ["accessKeyIdSecretRef and secretAccessKeySecretRef together"],
+    ),
+    (
+        "object store endpoint with a path",
+        with_spec(objectStore={"endpoint": "https://minio.example:9000/bucket"}),
+        ["spec.objectStore.endpoint"],
+    ),
+    (
         # The issue's 1.4 MB affinity in small: one expression with 2,000 values (the memory test
         # in tests/operator sends the whole 20,000).
         "affinity over its bounds",

@@ -157,6 +157,16 @@ CEL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
         ),
         "spec.tracking.mlflow.trackingUri: tracking.mlflow.trackingUri must not carry credentials",
     ),
+    "set objectStore.accessKeyIdSecretRef and secretAccessKeySecretRef together": (
+        with_spec(objectStore={"secretAccessKeySecretRef": {"name": "s3", "key": "secret"}}),
+        with_spec(
+            objectStore={
+                "accessKeyIdSecretRef": {"name": "s3", "key": "id"},
+                "secretAccessKeySecretRef": {"name": "s3", "key": "secret"},
+            }
+        ),
+        "spec.objectStore: set objectStore.accessKeyIdSecretRef and secretAccessKeySecretRef",
+    ),
     "set tracking.mlflow.usernameSecretRef and passwordSecretRef together": (
         with_spec(
             tracking={

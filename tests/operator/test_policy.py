@@ -321,3 +321,27 @@ def test_projected_secret_sources_are_refused_secret_volumes_go_to_admission() -
         "spec.podTemplate.spec.volumes[2]: projected Secret sources are never allowed (use a "
         "secret volume: its Secret must be one the job's creator may read)"
     ]
+
+
+def test_the_object_stores_keys_go_only_to_an_endpoint_the_settings_allow() -> None:
+    store = {
+        "endpoint": "https://attacker.example",
+        "accessKeyIdSecretRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"},
+        "secretAccessKeySecretRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"},
+    }
+    spec = spec_of(objectStore=store)
+    assert policy_problems(spec, OperatorSettings()) == [
+        "spec.objectStore.endpoint: AWS_ENDPOINT_URL must be one of the endpoints the operator's "
+        "settings allow (KUBETUNE_ALLOWED_OBJECT_STORE_ENDPOINTS: none)"
+    ]
+    allowed = OperatorSettings(allowed_object_store_endpoints=["https://attacker.example"])
+    assert policy_problems(spec, allowed) == []
+    # AWS's own endpoint needs no allowance.
+    assert (
+        policy_problems(spec_of(objectStore={**store, "endpoint": None}), OperatorSettings()) == []
+    )
+
+
+def test_the_object_stores_key_id_and_secret_key_come_together() -> None:
+    with pytest.raises(ValidationError, match="accessKeyIdSecretRef and secretAccessKeySecretRef"):
+        spec_of(objectStore={"accessKeyIdSecretRef": {"name": "s3-creds", "key": "id"}})

@@ -765,3 +765,28 @@ def test_validation_pod_carries_the_model_token_but_no_push_or_tracking_credenti
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
     secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in env.values() if "valueFrom" in e}
     assert secrets == {"hf-token"}
+
+
+def test_object_store_keys_come_from_secrets_by_reference_to_trainer_and_validation_pods() -> None:
+    spec = spec_of(
+        dataset={"uri": "s3://team-a/data/support.jsonl"},
+        output={"uri": "s3://team-a/adapters/support"},
+        objectStore={
+            "endpoint": "https://minio.storage.example:9000",
+            "region": "eu-west-1",
+            "accessKeyIdSecretRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"},
+            "secretAccessKeySecretRef": {"name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"},
+        },
+    )
+    objects = rendered(spec)
+    (validation,) = validation_children(spec)[-1]["spec"]["template"]["spec"]["containers"]
+    for container in (trainer(objects), validation):  # the preflight reads the dataset too
+        env = {e["name"]: e for e in container["env"]}
+        assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {
+            "name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}  # fmt: skip
+        assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+            "name": "s3-creds", "key": "AWS_SECRET_ACCESS_KEY"}  # fmt: skip
+        assert env["AWS_ENDPOINT_URL"]["value"] == "https://minio.storage.example:9000"
+        assert env["AWS_DEFAULT_REGION"]["value"] == "eu-west-1"
+        assert "AWS_SESSION_TOKEN" not in env
+    assert "AWS_ACCESS_KEY_ID" not in {e["name"] for e in trainer(rendered(spec_of()))["env"]}

@@ -258,3 +258,16 @@ def test_varlen_packed_micro_steps_are_not_padded_flex_ones_are() -> None:
     flex = SpeedSettings("flex_attention", True, False, True, "adamw_torch_fused")
     assert apply_plan(varlen, plan).pad_to_tokens is None
     assert apply_plan(flex, plan).pad_to_tokens == 8192
+
+
+def test_the_object_stores_secret_key_and_session_token_are_redacted_like_the_hub_tokens() -> None:
+    from kubetune.trainer.secrets import HubTokens, object_store_secrets, redact
+
+    environ = {
+        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEYID",
+        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCY",
+        "AWS_SESSION_TOKEN": "FwoGZXIvYXdzEXAMPLEsessiontoken",
+    }
+    secrets = HubTokens().with_secrets(object_store_secrets(environ)).secrets
+    line = "s3 error: key wJalrXUtnFEMI/K7MDENG/bPxRfiCY token FwoGZXIvYXdzEXAMPLEsessiontoken"
+    assert redact(line, secrets) == "s3 error: key *** token ***"
