@@ -417,8 +417,13 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         args.examples, args.max_length, SHAPES[args.shape]["vocab_size"],
         token_range=args.token_range,
     )  # fmt: skip
-    record: dict[str, Any] = {"mode": args.mode, "shape": args.shape, "gpus": args.gpus,
-                              "batch": args.batch, "memory_cap_gib": args.memory_cap_gib}  # fmt: skip
+    record: dict[str, Any] = {
+        "mode": args.mode,
+        "shape": args.shape,
+        "gpus": args.gpus,
+        "batch": args.batch,
+        "memory_cap_gib": args.memory_cap_gib,
+    }
     started = time.perf_counter()
     try:
         (run_kubetune if args.mode.startswith("kubetune") else run_trl_defaults)(

@@ -50,8 +50,8 @@ def plan_for_this_card(
 ) -> MemoryPlan:
     """The plan for ``shape`` on this node's GPU (or the CPU); OutOfMemory, naming the knob,
     for a run whose leanest plan needs more than the card has free. ``free_bytes``: the card's
-    free memory (read from CUDA when not given, within this process's memory cap if it has one:
-:func:`usable_gpu_bytes`)."""
+    free memory (read from CUDA when not given, within this process's memory cap if it has
+    one: :func:`usable_gpu_bytes`)."""
     training = spec.training
     per_device = plan.micro_batch_size * plan.gradient_accumulation_steps
     chosen = (
