@@ -67,6 +67,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -270,6 +271,7 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
     from kubetune.api.config import TrainerConfig
     from kubetune.api.models import FineTuneJobSpec
     from kubetune.trainer.data import PreparedData
+    from kubetune.trainer.distributed import this_rank
     from kubetune.trainer.recipe import QLoRASFTRecipe
 
     lever: dict[str, Any] = {
@@ -283,6 +285,13 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
     }.get(args.mode, {})
     if args.kubetune_batch:
         lever = {"batchSize": args.kubetune_batch, **lever}
+    # A fresh output folder for every run: the trainer resumes from (or finds finished) what an
+    # earlier run of the same mode left there, and would then train no step at all (seen on
+    # 2026-12-05: the capped runs found the uncapped run's finished adapter).
+    cap = f"-cap{args.memory_cap_gib:g}" if args.memory_cap_gib else ""
+    output = Path(args.work) / f"{args.shape}-{args.mode}-x{args.gpus}{cap}"
+    if this_rank().is_main:
+        shutil.rmtree(output, ignore_errors=True)
     spec = FineTuneJobSpec.model_validate(
         {
             "model": {"uri": str(args.model_dir)},
@@ -294,7 +303,7 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
                 "checkpointSteps": 1_000_000,
                 **lever,
             },
-            "output": {"uri": str(Path(args.work) / f"{args.shape}-{args.mode}-x{args.gpus}")},
+            "output": {"uri": str(output)},
             "resources": {"gpus": args.gpus},
         }
     )
@@ -309,7 +318,6 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
         from kubetune.trainer import fused_lora
 
         fused_lora.fuse_lora_layers = lambda model: 0  # PEFT's own LoRA forward
-    from kubetune.trainer.distributed import this_rank
 
     recipe = QLoRASFTRecipe(TrainerConfig(spec=spec), rank=this_rank())
 
