@@ -20,7 +20,8 @@ from the process start. The modes:
 - ``trl-defaults``: the TRL documentation's QLoRA example (padded batches of 4, checkpointing
   on, SDPA, LoRA dropout 0.05);
 - ``trl-best``: plain TRL with the best hand-set flags (packing, Liger, flex attention,
-  checkpointing off, LoRA dropout 0, batch 4);
+  checkpointing off, LoRA dropout 0, batch 4); ``trl-best-checkpointed``: the same with
+  gradient checkpointing on (what fits a small card);
 - ``kubetune-micro8``, ``kubetune-unpadded``, ``kubetune-checkpointed``, ``kubetune-adamw``:
   the defaults with one lever changed (8 rows, 16,384 tokens, a micro-step, which the plan
   picks itself where it fits since 2026-11-29; no padding to one shape; every layer
@@ -37,6 +38,13 @@ from the process start. The modes:
   and tokens per step). Both losses per step and the largest relative difference are printed;
   ``--token-range`` draws the synthetic tokens from a small range so that the loss has
   something to learn.
+
+``--memory-cap-gib G`` caps every configuration's GPU memory to G GiB, as a 24 GB card would
+(``torch.cuda.set_per_process_memory_fraction`` before anything is allocated): kubetune's memory
+plan reads the cap and plans for it; TRL's flags are the bench's (``--batch``, the mode), and a
+configuration that runs out of memory is recorded as such. To compare on a 24 GiB cap:
+
+    python bench/qlora_throughput.py --modes kubetune,trl-best --batch 2 --memory-cap-gib 24
 
 ``--profile-step N`` records a torch.profiler table of optimizer step N (top kernels by GPU
 time) in the record and in ``--profile-out``.
@@ -59,6 +67,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -104,6 +113,7 @@ EXTRA_MODES = (
     "kubetune-flex",
     "kubetune-unfused",
     "kubetune-before",
+    "trl-best-checkpointed",
 )
 #: Dense bf16 peak of the cards this is run on (FLOP/s), for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -261,6 +271,7 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
     from kubetune.api.config import TrainerConfig
     from kubetune.api.models import FineTuneJobSpec
     from kubetune.trainer.data import PreparedData
+    from kubetune.trainer.distributed import this_rank
     from kubetune.trainer.recipe import QLoRASFTRecipe
 
     lever: dict[str, Any] = {
@@ -274,6 +285,13 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
     }.get(args.mode, {})
     if args.kubetune_batch:
         lever = {"batchSize": args.kubetune_batch, **lever}
+    # A fresh output folder for every run: the trainer resumes from (or finds finished) what an
+    # earlier run of the same mode left there, and would then train no step at all (seen on
+    # 2026-12-05: the capped runs found the uncapped run's finished adapter).
+    cap = f"-cap{args.memory_cap_gib:g}" if args.memory_cap_gib else ""
+    output = Path(args.work) / f"{args.shape}-{args.mode}-x{args.gpus}{cap}"
+    if this_rank().is_main:
+        shutil.rmtree(output, ignore_errors=True)
     spec = FineTuneJobSpec.model_validate(
         {
             "model": {"uri": str(args.model_dir)},
@@ -285,7 +303,7 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
                 "checkpointSteps": 1_000_000,
                 **lever,
             },
-            "output": {"uri": str(Path(args.work) / f"{args.shape}-{args.mode}-x{args.gpus}")},
+            "output": {"uri": str(output)},
             "resources": {"gpus": args.gpus},
         }
     )
@@ -300,7 +318,6 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
         from kubetune.trainer import fused_lora
 
         fused_lora.fuse_lora_layers = lambda model: 0  # PEFT's own LoRA forward
-    from kubetune.trainer.distributed import this_rank
 
     recipe = QLoRASFTRecipe(TrainerConfig(spec=spec), rank=this_rank())
 
@@ -328,7 +345,8 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
 def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, Any]) -> Any:
     """What the TRL documentation's QLoRA example does: SFTConfig defaults, padded batches
     (``trl-best``: with the hand-set flags packing, Liger and flex attention)."""
-    best = args.mode == "trl-best"
+    best = args.mode in ("trl-best", "trl-best-checkpointed")
+    checkpointed = args.mode == "trl-best-checkpointed"
     parity = args.mode == "trl-parity"
     import torch
     from peft import LoraConfig
@@ -349,7 +367,8 @@ def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, A
         **({"attn_implementation": "flex_attention"} if best else {}),
     )
     record["settings"] = {"attention": model.config._attn_implementation, "packing": best or parity,
-                          "liger_kernel": best, "gradient_checkpointing": not (best or parity),
+                          "liger_kernel": best,
+                          "gradient_checkpointing": checkpointed or not (best or parity),
                           "lora_dropout": 0.0 if best or parity else 0.05}  # fmt: skip
     # kubetune's default hyperparameters, for the loss-parity comparison only.
     same_recipe: dict[str, Any] = {"lr_scheduler_type": "cosine", "warmup_steps": 0.03,
@@ -369,7 +388,7 @@ def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, A
             packing=best or parity,
             use_liger_kernel=best,
             # The expert turns checkpointing off on a card with memory to spare.
-            gradient_checkpointing=not (best or parity),
+            gradient_checkpointing=checkpointed or not (best or parity),
             **same_recipe,
         ),
         train_dataset=dataset,
@@ -396,11 +415,23 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         # Each rank on its own GPU from the start (no context of every rank on GPU 0).
         torch.cuda.set_device(this_rank().local_rank)
         torch.cuda.reset_peak_memory_stats()
+        if args.memory_cap_gib:
+            # A smaller card: the caching allocator may hold no more than the cap (the CUDA
+            # context is outside it, as on a real card of that size it is outside the free
+            # memory the plan sees).
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(args.memory_cap_gib * 2**30 / total)
     dataset = synthetic_dataset(
         args.examples, args.max_length, SHAPES[args.shape]["vocab_size"],
         token_range=args.token_range,
     )  # fmt: skip
-    record: dict[str, Any] = {"mode": args.mode, "shape": args.shape, "gpus": args.gpus}
+    record: dict[str, Any] = {
+        "mode": args.mode,
+        "shape": args.shape,
+        "gpus": args.gpus,
+        "batch": args.batch,
+        "memory_cap_gib": args.memory_cap_gib,
+    }
     started = time.perf_counter()
     try:
         (run_kubetune if args.mode.startswith("kubetune") else run_trl_defaults)(
@@ -408,6 +439,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         )
     except torch.cuda.OutOfMemoryError:
         record["error"] = "out of memory"
+    except Exception as error:  # kubetune's own OutOfMemory: the plan refused before loading
+        from kubetune.trainer.errors import OutOfMemory
+
+        if not isinstance(error, OutOfMemory):
+            raise
+        record["error"] = f"out of memory (plan): {error}"
     record["wall_seconds"] = round(time.perf_counter() - started, 1)
     if "start" in record and "end" in record and record["end"][2] > record["start"][2]:
         record.pop("_last_step", None)
@@ -488,6 +525,9 @@ def main() -> int:
     parser.add_argument(
         "--token-range", type=int, help="draw the synthetic tokens from this many ids only"
     )
+    parser.add_argument(
+        "--memory-cap-gib", type=float, help="cap each configuration's GPU memory (GiB)"
+    )
     parser.add_argument("--profile-step", type=int, default=0, help="profile this optimizer step")
     parser.add_argument("--profile-out", type=Path, help="where the profile's table goes")
     args = parser.parse_args()
@@ -520,6 +560,7 @@ def main() -> int:
                 record.get("shape") == args.shape
                 and "mode" in record
                 and record.get("gpus", 1) == args.gpus
+                and record.get("memory_cap_gib") == args.memory_cap_gib
             ):
                 results[record["mode"]] = record
     ours = results.get("kubetune", {}).get("tokens_per_second")

@@ -18,6 +18,27 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def capped_free_bytes(free: int, total: int, fraction: float, reserved: int) -> int:
+    """What this process may still allocate on a card with ``free`` bytes free of ``total``, when
+    its allocator is capped to ``fraction`` of the card (``set_per_process_memory_fraction``:
+    a GPU shared by several pods, or a benchmark standing in for a smaller card) and already
+    holds ``reserved`` bytes."""
+    if fraction >= 1.0:
+        return free
+    return max(0, min(free, int(total * fraction) - reserved))
+
+
+def usable_gpu_bytes() -> int:
+    """This card's free memory as the plan may fill it: CUDA's free memory, or less where this
+    process's allocator is capped."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = float(getter()) if getter is not None else 1.0
+    return capped_free_bytes(int(free), int(total), fraction, int(torch.cuda.memory_reserved()))
+
+
 def plan_for_this_card(
     spec: FineTuneJobSpec,
     plan: TrainingPlan,
@@ -29,7 +50,8 @@ def plan_for_this_card(
 ) -> MemoryPlan:
     """The plan for ``shape`` on this node's GPU (or the CPU); OutOfMemory, naming the knob,
     for a run whose leanest plan needs more than the card has free. ``free_bytes``: the card's
-    free memory (read from CUDA when not given)."""
+    free memory (read from CUDA when not given, within this process's memory cap if it has
+    one: :func:`usable_gpu_bytes`)."""
     training = spec.training
     per_device = plan.micro_batch_size * plan.gradient_accumulation_steps
     chosen = (
@@ -48,9 +70,7 @@ def plan_for_this_card(
     )
     free = free_bytes
     if cuda and free is None:
-        import torch
-
-        free = int(torch.cuda.mem_get_info()[0])
+        free = usable_gpu_bytes()
     if shape is not None:
         memory = plan_memory(shape, run, free, cuda=cuda)
     else:  # an unknown shape: what the spec says; on a GPU, checkpointing when unset

@@ -163,7 +163,10 @@ GPU_KINDS: dict[str, GpuKind] = {
     # 8 x 2,048 tokens a micro-step): 17,925 real tokens/s = 49.4% MFU (the lower of two
     # commands: 17,925 and 17,947).
     "H200": GpuKind(143771, 989.0, 0.494, "docs/trainer.md, H200 2026-11-29, 7B defaults"),
-    "H100-80GB": GpuKind(81559, 989.0),
+    # H100 80GB HBM3 (bench/results/h100-2026-12-05-table-7b.jsonl, docs/trainer.md "H100"):
+    # the same defaults on the 7B shape (the plan takes 16,384 tokens a micro-step there too,
+    # with paged 8-bit AdamW): 16,269 real tokens/s = 44.9% MFU (16,255 in an earlier command).
+    "H100-80GB": GpuKind(81559, 989.0, 0.449, "docs/trainer.md, H100 2026-12-05, 7B defaults"),
     "A100-80GB": GpuKind(81920, 312.0),
     "A100-40GB": GpuKind(40960, 312.0),
     "L40S": GpuKind(46068, 362.0),

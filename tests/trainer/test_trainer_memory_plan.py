@@ -233,3 +233,22 @@ def test_a_card_only_the_memory_profile_fits_is_refused_naming_the_profile() -> 
     assert memory.fits and memory.offload_checkpoints and memory.micro_batch_size == 1
     with pytest.raises(OutOfMemory, match=r"lower training.maxLength \(now 2048\)"):
         plan_for_this_card(spec, plan, flex, LLAMA2_7B, cuda=True, free_bytes=tiny)
+
+
+def test_a_capped_allocator_is_planned_for_as_a_smaller_card() -> None:
+    """``set_per_process_memory_fraction`` (a GPU shared by pods, or the bench standing in for a
+    24 GB card): the plan fills the cap, not the card's free memory."""
+    from kubetune.trainer.planning import capped_free_bytes
+
+    total = int(139.6 * GIB)
+    assert capped_free_bytes(int(139.0 * GIB), total, 1.0, 0) == int(139.0 * GIB)
+    cap = capped_free_bytes(int(139.0 * GIB), total, 24 * GIB / total, 0)
+    assert abs(cap - 24 * GIB) < 2
+    assert capped_free_bytes(int(139.0 * GIB), total, 24 * GIB / total, 4 * GIB) == cap - 4 * GIB
+    # A card with less free than the cap: the free memory still bounds it.
+    assert capped_free_bytes(int(10.0 * GIB), total, 24 * GIB / total, 0) == int(10.0 * GIB)
+    assert capped_free_bytes(int(10.0 * GIB), total, 0.01, int(3 * GIB)) == 0
+    planned = plan_memory(LLAMA2_7B, DEFAULTS, cap, cuda=True)
+    assert planned.fits and planned.estimated_peak_bytes is not None
+    assert planned.estimated_peak_bytes <= budget_bytes(cap) < 24 * GIB
+    assert planned.tokens_per_micro_step < 16384
