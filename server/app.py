@@ -120,6 +120,31 @@ class Server:
     limiter: RateLimiter
 
 
+def caller(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+    openai_project: Annotated[str | None, Header()] = None,
+) -> Caller:
+    """Who asks, and in which namespace: the bearer token (their Kubernetes credential, kept for
+    this request only) and the OpenAI-Project header, else the configured default."""
+    server: Server = request.app.state.server
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise unauthorized()
+    if not server.limiter.allow(token):
+        raise ApiError(429, "too many requests; slow down", code="rate_limit_exceeded")
+    namespace = openai_project or server.settings.default_namespace
+    if not namespace:
+        raise bad_request("no project: send the OpenAI-Project header (the namespace)")
+    if not NAMESPACE.match(namespace):
+        raise bad_request("the project must be a namespace name", code="invalid_project")
+    return Caller(token, namespace)
+
+
+CallerDep = Annotated[Caller, Depends(caller)]
+
+
 def create_app(settings: ServerSettings, kube: Kube | None = None) -> FastAPI:
     if kube is None:
         endpoint = (
@@ -144,6 +169,7 @@ def create_app(settings: ServerSettings, kube: Kube | None = None) -> FastAPI:
         await server.kube.close()
 
     app = FastAPI(title="kubetune-server", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
     app.add_middleware(
         BodyLimit,
         upload_limit=settings.max_file_bytes + MULTIPART_OVERHEAD,
@@ -176,25 +202,6 @@ def create_app(settings: ServerSettings, kube: Kube | None = None) -> FastAPI:
         param = ".".join(loc) or None
         error = bad_request(f"{param or 'request'}: {first.get('msg', 'invalid')}", param)
         return JSONResponse(error.body(), status_code=400)
-
-    def caller(
-        authorization: Annotated[str | None, Header()] = None,
-        openai_project: Annotated[str | None, Header()] = None,
-    ) -> Caller:
-        scheme, _, token = (authorization or "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
-            raise unauthorized()
-        if not server.limiter.allow(token):
-            raise ApiError(429, "too many requests; slow down", code="rate_limit_exceeded")
-        namespace = openai_project or settings.default_namespace
-        if not namespace:
-            raise bad_request("no project: send the OpenAI-Project header (the namespace)")
-        if not NAMESPACE.match(namespace):
-            raise bad_request("the project must be a namespace name", code="invalid_project")
-        return Caller(token, namespace)
-
-    CallerDep = Annotated[Caller, Depends(caller)]
 
     async def require(who: Caller, verb: str) -> None:
         if not await server.kube.may(who.token, who.namespace, verb):

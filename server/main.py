@@ -13,6 +13,8 @@ from kubetune.server.settings import ServerSettings
 def main() -> None:
     settings = ServerSettings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # httpx logs each request's URL (namespaces, job names) at INFO: the app's own line is enough.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     app = create_app(settings)
     # uvicorn's access log would print query strings (signed dataset URLs): the app logs each
     # request by its route template instead.

@@ -27,7 +27,8 @@ CANCELLED = ANNOTATION + "cancelled-at"
 JOB_ID = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
 #: What an OpenAI job's status is for each FineTuneJob phase (cancelled comes from the
-#: annotation the cancel call sets; a suspended job is "paused", as OpenAI's pause makes it).
+#: annotation the cancel call sets; a suspended job is "paused", as OpenAI's pause makes it, and
+#: runPolicy.suspend decides that before the phase follows).
 PHASE_STATUS: Mapping[str | None, str] = {
     None: "validating_files",
     "Pending": "validating_files",
@@ -191,6 +192,13 @@ def openai_status(job: Mapping[str, Any]) -> str:
         return mapped
     if CANCELLED in _annotations(job):
         return "cancelled"
+    # What the caller asked for shows at once: paused as soon as runPolicy.suspend is set, and
+    # queued again as soon as it is cleared, before the operator has acted on either.
+    suspend = bool(((job.get("spec") or {}).get("runPolicy") or {}).get("suspend", False))
+    if suspend:
+        return "paused"
+    if mapped == "paused":
+        return "queued"
     return mapped
 
 
@@ -332,14 +340,15 @@ def job_events(job: Mapping[str, Any], kube_events: Sequence[Mapping[str, Any]])
     meta = job["metadata"]
     name = meta["name"]
     status = job.get("status") or {}
-    events: list[dict[str, Any]] = []
+    events: list[tuple[int, dict[str, Any]]] = []
 
     def add(
         ident: str, at: int | None, level: str, message: str, *, kind: str = "message",
         data: Any = None,
     ) -> None:  # fmt: skip
-        events.append(
-            {
+        # Timestamps have whole seconds: within one, the order they are added in is the order
+        # they happened in (creation, the operator's Events, progress, the end).
+        events.append((len(events), {
                 "id": ident,
                 "object": "fine_tuning.job.event",
                 "created_at": at or 0,
@@ -347,8 +356,8 @@ def job_events(job: Mapping[str, Any], kube_events: Sequence[Mapping[str, Any]])
                 "message": message,
                 "type": kind,
                 "data": data,
-            }
-        )
+            })
+        )  # fmt: skip
 
     add(f"ftevent-{name}-created", unix(meta.get("creationTimestamp")), "info",
         "Created fine-tuning job")  # fmt: skip
@@ -380,7 +389,8 @@ def job_events(job: Mapping[str, Any], kube_events: Sequence[Mapping[str, Any]])
             f"The job failed: {error.get('code')}: {error.get('message')}")  # fmt: skip
     elif state == "cancelled":
         add(f"ftevent-{name}-cancelled", finished, "info", "The job was cancelled")
-    return sorted(events, key=lambda e: (e["created_at"], e["id"]), reverse=True)
+    ordered = sorted(events, key=lambda e: (e[1]["created_at"], e[0]), reverse=True)
+    return [event for _, event in ordered]
 
 
 def job_checkpoints(job: Mapping[str, Any]) -> list[dict[str, Any]]:
