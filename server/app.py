@@ -150,7 +150,7 @@ def create_app(settings: ServerSettings, kube: Kube | None = None) -> FastAPI:
         endpoint = (
             endpoint_from_kubeconfig(settings.kubeconfig)
             if settings.kubeconfig
-            else endpoint_in_cluster()
+            else endpoint_in_cluster(settings.ca_file)
         )
         kube = Kube(endpoint, settings.kube_timeout_seconds)
     key = (

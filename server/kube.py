@@ -52,12 +52,14 @@ def endpoint_from_kubeconfig(path: Path) -> Endpoint:
     return Endpoint(cluster["server"], context_ssl)
 
 
-def endpoint_in_cluster() -> Endpoint:
+def endpoint_in_cluster(ca_file: Path | None = None) -> Endpoint:
     host = os.environ["KUBERNETES_SERVICE_HOST"]
     port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
     if ":" in host:
         host = f"[{host}]"
-    return Endpoint(f"https://{host}:{port}", ssl.create_default_context(cafile=str(IN_CLUSTER_CA)))
+    return Endpoint(
+        f"https://{host}:{port}", ssl.create_default_context(cafile=str(ca_file or IN_CLUSTER_CA))
+    )
 
 
 def _api_error(response: httpx.Response, verb: str, what: str) -> ApiError:

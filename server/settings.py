@@ -28,6 +28,12 @@ class ServerSettings(BaseSettings):
         "a kubeconfig's credentials); unset: in-cluster (KUBERNETES_SERVICE_HOST and the "
         "service account's CA).",
     )
+    ca_file: Path | None = Field(
+        default=None,
+        description="The API server's CA in the cluster (the chart mounts the namespace's "
+        "kube-root-ca.crt: the server's own service account token is never mounted); unset: "
+        "the service account mount's ca.crt.",
+    )
     models: dict[str, str] = Field(
         default_factory=dict,
         description="The base models callers may tune: OpenAI model name -> spec.model.uri.",
