@@ -208,7 +208,8 @@ def test_cancel_pause_and_resume(
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
     assert ftj(kubectl, alice.namespace, job.id)["spec"]["runPolicy"]["suspend"] is True
     events = client.fine_tuning.jobs.list_events(job.id).data
-    assert events[0].message == "The job was cancelled", [(e.created_at, e.message) for e in events]
+    # The operator's own Event of the suspension may come in the same second or after.
+    assert "The job was cancelled" in [e.message for e in events]
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.resume(job.id)
     with pytest.raises(openai.BadRequestError):
