@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from kubetune.api.models import FineTuneJobSpec, TrainingSpec
+from kubetune.api.uris import display_uri
 from kubetune.server.errors import bad_request
 
 ANNOTATION = "openai.kubetune.io/"
@@ -301,7 +302,9 @@ def openai_job(job: Mapping[str, Any], template: Mapping[str, Any]) -> dict[str,
         "seed": (job["spec"].get("training") or {}).get("seed", 42),
         "status": state,
         "trained_tokens": _trained_tokens(job),
-        "training_file": annotations.get(TRAINING_FILE) or job["spec"]["dataset"]["uri"],
+        # A job made with kubectl names its data by URI: shown without credentials or query.
+        "training_file": annotations.get(TRAINING_FILE)
+        or display_uri(str(job["spec"]["dataset"]["uri"])),
         "validation_file": annotations.get(VALIDATION_FILE),
         "estimated_finish": _estimated_finish(job),
         "integrations": [],

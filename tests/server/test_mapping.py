@@ -184,3 +184,11 @@ def test_pages_follow_after_and_say_whether_more_follow() -> None:
         mapping.page(items, "missing", 4, str)
     with pytest.raises(ApiError):
         mapping.page(items, None, 0, str)
+
+
+def test_a_kubectl_jobs_dataset_uri_is_shown_without_its_credentials() -> None:
+    made = job("Running")
+    del made["metadata"]["annotations"][mapping.TRAINING_FILE]
+    made["spec"]["dataset"]["uri"] = "https://user:secret@data.example/train.jsonl?sig=abc"
+    shown = mapping.openai_job(made, TEMPLATE)["training_file"]
+    assert "secret" not in shown and "sig" not in shown
