@@ -7,11 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from e2ekit import CLAIM, seed_demo_claim
+from e2ekit import CLAIM, SYSTEM_NAMESPACE, seed_demo_claim
 from openai import OpenAI
 
 from kubetune.local.ports import free_port
@@ -52,6 +53,15 @@ TENANT_RULES = [
      "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list"]},
 ]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _server_log(kubectl: Kubectl) -> Iterator[None]:
+    """After the test, the server pod's log tail (shown for a failing test)."""
+    yield
+    log = kubectl("logs", "deploy/kubetune-server", "-n", SYSTEM_NAMESPACE, "--tail", "60",
+                  check=False)  # fmt: skip
+    print(f"--- kubetune-server log (tail) ---\n{log.stdout}{log.stderr}")
 
 
 def tenant_token(kubectl: Kubectl, namespace: str) -> str:
