@@ -3,8 +3,8 @@
 ``--jobs`` suspended FineTuneJobs in one namespace (nothing trains), one ``kubetune-server``
 process, a tenant ServiceAccount's token, and ``--clients`` concurrent openai SDK clients, each
 making ``--requests`` calls alternating between ``fine_tuning.jobs.retrieve`` (a random job) and
-``fine_tuning.jobs.list`` (a page of 20 after a random job). Prints p50/p99/max of each, from the
-client's side, and the throughput.
+``fine_tuning.jobs.list`` (a page of 20 after a random job), then each alone (``--mix``). Prints
+p50/p99/max of each, from the client's side, and the throughput.
 
     .venv/bin/python bench/server_latency.py --jobs 500 --clients 50 --requests 40
 
@@ -119,7 +119,9 @@ def start_server(kubeconfig: Path, home: Path) -> tuple[subprocess.Popen[bytes],
     raise RuntimeError("kubetune-server did not start")
 
 
-def measure(url: str, token: str, jobs: int, clients: int, requests: int) -> dict[str, Any]:
+def measure(
+    url: str, token: str, jobs: int, clients: int, requests: int, *, mix: str = "both"
+) -> dict[str, Any]:
     names = [f"bench-{i:05d}" for i in range(jobs)]
     timings: dict[str, list[float]] = {"retrieve": [], "list": []}
     lock = threading.Lock()
@@ -128,7 +130,7 @@ def measure(url: str, token: str, jobs: int, clients: int, requests: int) -> dic
         client = OpenAI(api_key=token, base_url=f"{url}/v1", project=NAMESPACE, max_retries=0)
         rng = random.Random(seed)  # noqa: S311 -- which job to ask for, not a secret
         for i in range(requests):
-            kind = "retrieve" if i % 2 == 0 else "list"
+            kind = mix if mix != "both" else ("retrieve" if i % 2 == 0 else "list")
             started = time.perf_counter()
             if kind == "retrieve":
                 client.fine_tuning.jobs.retrieve(rng.choice(names))
@@ -144,6 +146,8 @@ def measure(url: str, token: str, jobs: int, clients: int, requests: int) -> dic
     wall = time.perf_counter() - started
     summary: dict[str, Any] = {"requests_per_second": round(clients * requests / wall, 1)}
     for kind, values in timings.items():
+        if not values:
+            continue
         summary[kind] = {
             "count": len(values),
             "p50_ms": round(1000 * percentile(values, 50), 1),
@@ -158,6 +162,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=500)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--requests", type=int, default=40, help="per client")
+    parser.add_argument(
+        "--mix", nargs="+", default=["both", "retrieve", "list"],
+        help="runs, one after the other: retrieve and list alternating (both), or one alone",
+    )  # fmt: skip
     parser.add_argument("--kubeconfig", type=Path)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -178,11 +186,16 @@ def main() -> None:
         token = setup(binary, kubeconfig, args.jobs)
         server, url = start_server(kubeconfig, home)
         measure(url, token, args.jobs, 5, 4)  # warm the connection pools
-        summary = {
+        summary: dict[str, Any] = {
             "jobs": args.jobs, "clients": args.clients, "requests_per_client": args.requests,
-            "cpus": os.cpu_count(), "load_average_at_start": os.getloadavg(),
-            **measure(url, token, args.jobs, args.clients, args.requests),
+            "cpus": os.cpu_count(),
         }  # fmt: skip
+        for mix in args.mix:
+            summary[mix] = {
+                "load_average_at_start": os.getloadavg(),
+                **measure(url, token, args.jobs, args.clients, args.requests, mix=mix),
+            }
+            print(json.dumps({mix: summary[mix]}), flush=True)
         print(json.dumps(summary, indent=2), flush=True)
         if args.out:
             args.out.write_text(json.dumps(summary, indent=2) + "\n")
