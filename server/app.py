@@ -220,6 +220,9 @@ def create_app(settings: ServerSettings, kube: Kube | None = None) -> FastAPI:
     ) -> dict[str, Any]:
         if purpose != "fine-tune":
             raise bad_request("purpose must be 'fine-tune'", "purpose")
+        limit = settings.max_file_bytes
+        if file.size is not None and file.size > limit:
+            raise ApiError(413, f"the file is over {limit} bytes", code="too_large", param="file")
         await require(who, "create")
         stored = await run_in_threadpool(_store_upload, server, who.namespace, file)
         return stored.to_openai()
