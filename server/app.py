@@ -251,12 +251,31 @@ def create_app(settings: ServerSettings, kube: Kube | None = None) -> FastAPI:
             raise not_found("file", file_id, "file_id")
         return found
 
+    async def _result(who: Caller, file_id: str) -> tuple[dict[str, Any], str]:
+        """A job's result file, read through the job with the caller's token."""
+        job = await _job(who, file_id.removeprefix(mapping.RESULT_FILE))
+        csv = mapping.result_csv(job)
+        if csv is None:
+            raise not_found("file", file_id, "file_id")
+        return job, csv
+
     @app.get("/v1/files/{file_id}")
     async def retrieve_file(who: CallerDep, file_id: str) -> dict[str, Any]:
+        if file_id.startswith(mapping.RESULT_FILE):
+            job, csv = await _result(who, file_id)
+            return {
+                "id": file_id, "object": "file", "bytes": len(csv.encode()),
+                "created_at": mapping.unix((job.get("status") or {}).get("completionTime")) or 0,
+                "filename": f"{job['metadata']['name']}-results.csv",
+                "purpose": "fine-tune-results", "status": "processed", "status_details": None,
+            }  # fmt: skip
         return (await _file(who, file_id)).to_openai()
 
     @app.get("/v1/files/{file_id}/content")
     async def file_content(who: CallerDep, file_id: str) -> Response:
+        if file_id.startswith(mapping.RESULT_FILE):
+            _, csv = await _result(who, file_id)
+            return Response(csv, media_type="text/csv")
         found = await _file(who, file_id)
         path = server.files.content_path(who.namespace, found.id)
         if path is None:

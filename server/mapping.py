@@ -46,6 +46,12 @@ REASON_PARAM: Mapping[str, str] = {
     "ModelError": "model",
 }
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
+#: A succeeded job's result file (its curves as CSV) is named for the job: nothing is stored.
+RESULT_FILE = "file-result-"
+RESULT_COLUMNS = (
+    ("step", "step"), ("train_loss", "loss"), ("learning_rate", "learningRate"),
+    ("tokens_per_second", "tokensPerSecond"),
+)  # fmt: skip
 T = TypeVar("T")
 
 
@@ -298,7 +304,7 @@ def openai_job(job: Mapping[str, Any], template: Mapping[str, Any]) -> dict[str,
         "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
         "model": base_model_name(job),
         "organization_id": meta.get("namespace", ""),
-        "result_files": [],
+        "result_files": [result_file_id(job)] if result_csv(job) is not None else [],
         "seed": (job["spec"].get("training") or {}).get("seed", 42),
         "status": state,
         "trained_tokens": _trained_tokens(job),
@@ -310,6 +316,26 @@ def openai_job(job: Mapping[str, Any], template: Mapping[str, Any]) -> dict[str,
         "integrations": [],
         "metadata": metadata,
     }
+
+
+def result_file_id(job: Mapping[str, Any]) -> str:
+    return f"{RESULT_FILE}{job['metadata']['name']}"
+
+
+def result_csv(job: Mapping[str, Any]) -> str | None:
+    """OpenAI's result file of a succeeded job: one CSV row per point of the curves the trainer
+    kept (``status.progress.history``); None when there is none."""
+    if openai_status(job) != "succeeded":
+        return None
+    history = ((job.get("status") or {}).get("progress") or {}).get("history") or []
+    if not history:
+        return None
+    rows = [",".join(name for name, _ in RESULT_COLUMNS)]
+    for point in history:
+        rows.append(
+            ",".join("" if point.get(key) is None else str(point[key]) for _, key in RESULT_COLUMNS)
+        )
+    return "\n".join(rows) + "\n"
 
 
 def job_sort_key(job: Mapping[str, Any]) -> tuple[str, str]:

@@ -192,3 +192,18 @@ def test_a_kubectl_jobs_dataset_uri_is_shown_without_its_credentials() -> None:
     made["spec"]["dataset"]["uri"] = "https://user:secret@data.example/train.jsonl?sig=abc"
     shown = mapping.openai_job(made, TEMPLATE)["training_file"]
     assert "secret" not in shown and "sig" not in shown
+
+
+def test_a_succeeded_jobs_curves_are_its_result_file() -> None:
+    done = job(
+        "Succeeded",
+        progress={"step": 2, "history": [
+            {"step": 1, "loss": 2.5, "learningRate": 0.01},
+            {"step": 2, "loss": 1.5, "learningRate": 0.01, "tokensPerSecond": 100.0},
+        ]},
+    )  # fmt: skip
+    assert mapping.openai_job(done, TEMPLATE)["result_files"] == ["file-result-ftjob-1"]
+    assert mapping.result_csv(done) == (
+        "step,train_loss,learning_rate,tokens_per_second\n1,2.5,0.01,\n2,1.5,0.01,100.0\n"
+    )
+    assert mapping.openai_job(job("Running"), TEMPLATE)["result_files"] == []

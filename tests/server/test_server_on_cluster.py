@@ -100,6 +100,11 @@ def test_a_jsonl_upload_trains_to_an_adapter_named_by_fine_tuned_model(
     assert messages[0] == "The job has successfully completed"
     assert messages[-1] == "Created fine-tuning job"
     assert any(e.type == "metrics" and e.data["train_loss"] is not None for e in events)
+    [results] = finished.result_files
+    assert client.files.retrieve(results).purpose == "fine-tune-results"
+    curves = client.files.content(results).text.splitlines()
+    assert curves[0] == "step,train_loss,learning_rate,tokens_per_second"
+    assert len(curves) > 1
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.fine_tuned_model_checkpoint for c in checkpoints] == [finished.fine_tuned_model]
 
