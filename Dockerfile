@@ -31,9 +31,10 @@ COPY operator/ operator/
 COPY trainer/ trainer/
 COPY cli/ cli/
 COPY local/ local/
+COPY server/ server/
 
 # ---------------------------------------------------------------------------------------------
-# Operator: kopf + kubernetes client, no torch.
+# Operator: kopf + kubernetes client, no torch; also kubetune-server (the chart's server.enabled).
 FROM ${PYTHON_IMAGE} AS operator
 ARG UV_VERSION
 LABEL org.opencontainers.image.title="kubetune-operator" \

@@ -106,7 +106,7 @@ context_key() {
     sed -n '/^build_target()/,/^}/p' "${HERE}/build.sh"
     sha256sum Dockerfile .dockerignore
     find pyproject.toml README.md requirements api operator trainer cli \
-      local -type f ! -path '*/__pycache__/*' ! -name '*.py[co]' -print0 \
+      local server -type f ! -path '*/__pycache__/*' ! -name '*.py[co]' -print0 \
       | LC_ALL=C sort -z | xargs -0 sha256sum
   } | sha256sum | cut -c1-16
 }

@@ -35,9 +35,9 @@ PLATFORM = {
 }
 # Each file and what it is the lock of: the project's extras, or the build system's requirements.
 TARGETS = {
-    "operator.txt": ("operator",),
+    "operator.txt": ("operator", "server"),
     "trainer.txt": ("trainer",),
-    "dev.txt": ("operator", "trainer", "dev"),
+    "dev.txt": ("operator", "server", "trainer", "dev"),
 }
 PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[^\s;\\]+)")
 

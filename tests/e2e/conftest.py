@@ -34,17 +34,20 @@ def kubetune_release(
     kubeconfig_path: Path,
     tmp_path_factory: pytest.TempPathFactory,
     image_node: str,
+    request: pytest.FixtureRequest,
 ) -> Iterator[str]:
     """`helm install kubetune charts/kubetune`, watching every namespace, for this module, with
-    the chart's images (kubetune/operator and kubetune/trainer at the chart's appVersion)."""
+    the chart's images (kubetune/operator and kubetune/trainer at the chart's appVersion) and
+    the module's own ``CHART_ARGS`` (helm arguments) where it has them."""
     built_images("operator", "trainer")
+    module_args = list(getattr(request.module, "CHART_ARGS", ()))
     env = helm_env(kubeconfig_path, tmp_path_factory.mktemp("helm"))
     install = helm("upgrade", "--install", "kubetune", str(REPO / "charts" / "kubetune"),
                    "--namespace", SYSTEM_NAMESPACE, "--create-namespace",
                    *helm_set_args(image_node_chart_settings()),
                    # The journeys' MLflow server takes basic auth over plain http on loopback.
                    "--set", "trainer.tracking.httpCredentialsHosts={127.0.0.1}",
-                   "--wait", "--timeout", "3m",
+                   *module_args, "--wait", "--timeout", "3m",
                    env=env, timeout=240)  # fmt: skip
     assert install.returncode == 0, install.stderr
     wait_for(lambda: len(operator_pods(kubectl)) == 1, 120, "the operator pod to run")

@@ -19,9 +19,12 @@ CLAIM = "kubetune-demo"
 T = TypeVar("T")
 
 
+#: The operator's pods (the release's kubetune-server pod, with server.enabled, is not one).
+OPERATOR_PODS = "app.kubernetes.io/instance=kubetune,app.kubernetes.io/component=operator"
+
+
 def operator_pods(kubectl: Kubectl) -> list[dict[str, Any]]:
-    pods = get_json(kubectl, "pods", "-n", SYSTEM_NAMESPACE, "-l",
-                    "app.kubernetes.io/instance=kubetune")["items"]  # fmt: skip
+    pods = get_json(kubectl, "pods", "-n", SYSTEM_NAMESPACE, "-l", OPERATOR_PODS)["items"]
     return [
         p for p in pods
         if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")

@@ -1,0 +1,135 @@
+"""Pure checks of a JSON Lines dataset: the format detected from its fields and the first bad line
+named, as the Validating phase names it, without the training stack (kubetune-server checks each
+upload with it before a job can name the file).
+
+The trainer's own checks (``kubetune.trainer.data``) go further (tokenizing, chat templates); what
+is refused here is what the trainer refuses too: a line that isn't a JSON object, a record without
+the fields of the detected format, a field that must be text and isn't, a chat whose last turn
+isn't the assistant's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+#: The fields each record format needs, most specific first (the trainer detects in this order).
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "messages": ("messages",),
+    "prompt-completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
+
+
+class DatasetInvalid(ValueError):
+    """A dataset that can't be trained on; ``line`` is the 1-based line at fault (None: the whole
+    file)."""
+
+    def __init__(self, message: str, line: int | None = None) -> None:
+        super().__init__(f"line {line}: {message}" if line is not None else message)
+        self.line = line
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """What a valid JSON Lines dataset holds."""
+
+    format: str
+    examples: int
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return "text"
+
+
+def detect_format(fields: Iterable[str]) -> str | None:
+    """The format a record's fields imply, most specific first; None when none fits."""
+    present = set(fields)
+    for fmt, needed in FORMAT_FIELDS.items():
+        if all(name in present for name in needed):
+            return fmt
+    return None
+
+
+def _check_record(record: dict[str, Any], fmt: str, line: int) -> None:
+    if fmt == "messages":
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DatasetInvalid(
+                f"messages is {_describe(messages)}; it must be a non-empty list of "
+                "{role, content} objects",
+                line,
+            )
+        for number, message in enumerate(messages, start=1):
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise DatasetInvalid(f"message {number} is not a {{role, content}} object", line)
+            for key in ("role", "content"):
+                if not isinstance(message[key], str):
+                    raise DatasetInvalid(
+                        f"the {key} of message {number} is {_describe(message[key])}; "
+                        "it must be text",
+                        line,
+                    )
+        if messages[-1]["role"] != "assistant":
+            raise DatasetInvalid(
+                "the last message must be the assistant's, or there is nothing to learn", line
+            )
+        return
+    for name in FORMAT_FIELDS[fmt]:
+        if name not in record:
+            raise DatasetInvalid(
+                f"no {name!r} field; the file's first record is {fmt} "
+                f"({', '.join(FORMAT_FIELDS[fmt])})",
+                line,
+            )
+        if not isinstance(record[name], str):
+            raise DatasetInvalid(f"{name} is {_describe(record[name])}; it must be text", line)
+    if fmt == "alpaca" and record.get("input") is not None and not isinstance(record["input"], str):
+        raise DatasetInvalid(f"input is {_describe(record['input'])}; it must be text", line)
+
+
+def check_jsonl(lines: Iterable[bytes]) -> DatasetSummary:
+    """Check a JSON Lines file line by line: every non-blank line one JSON object of the format
+    its first record implies. Raises :class:`DatasetInvalid` naming the first bad line; the
+    message quotes nothing of the data but field names kubetune defines."""
+    fmt: str | None = None
+    examples = 0
+    for number, raw in enumerate(lines, start=1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DatasetInvalid("not UTF-8 text", number) from None
+        if not text.strip():
+            continue
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DatasetInvalid(f"not valid JSON ({exc.msg})", number) from None
+        if not isinstance(record, dict):
+            raise DatasetInvalid(f"a JSON object is expected, found {_describe(record)}", number)
+        if fmt is None:
+            fmt = detect_format(record)
+            if fmt is None:
+                raise DatasetInvalid(
+                    "cannot detect the record format: expected messages, prompt+completion, "
+                    "instruction+output, or text",
+                    number,
+                )
+        _check_record(record, fmt, number)
+        examples += 1
+    if fmt is None:
+        raise DatasetInvalid("the file holds no records")
+    return DatasetSummary(format=fmt, examples=examples)

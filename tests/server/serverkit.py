@@ -1,0 +1,195 @@
+"""kubetune-server as a process for the server's tests: started with the settings the chart gives
+it, on the loopback, against the local cluster; each test's users get real ServiceAccount tokens
+and talk to it through the real openai SDK."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from openai import OpenAI
+
+from kubetune.local.ports import free_port
+from kubetune_devtools.pytest_plugin import Kubectl, apply, wait_for
+
+#: The claim each test namespace gets, holding the tiny model (and, after a run, adapters).
+CLAIM = "work"
+BASE_MODEL = "tiny-llama"
+#: What the platform puts under every job created through the API: the tiny model's settings on
+#: the CPU, as tests/operator's tiny job has them.
+JOB_TEMPLATE: dict[str, Any] = {
+    "quantization": {"type": "nf4", "computeDtype": "float32"},
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+    "training": {
+        "maxSteps": 10,
+        "learningRate": 1.0e-2,
+        "batchSize": 4,
+        "maxLength": 64,
+        "packing": False,
+        "warmupRatio": 0.0,
+        "lrScheduler": "constant",
+        "checkpointSteps": 5,
+        "loggingSteps": 1,
+        "gradientCheckpointing": False,
+    },
+    "resources": {"gpus": 0, "shmSize": "64Mi"},
+    "runPolicy": {"backoffLimit": 2},
+}
+#: A tenant's rights: FineTuneJobs and their Events in their own namespace, as the chart's
+#: aggregated `edit` role gives them.
+TENANT_RULES = [
+    {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"],
+     "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"]},
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list", "watch"]},
+]  # fmt: skip
+
+
+class ServerProcess:
+    """``kubetune-server`` in a subprocess, logging to a file."""
+
+    def __init__(self, kubeconfig: Path, files_dir: Path, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.env = {
+            **os.environ,
+            "KUBETUNE_SERVER_HOST": "127.0.0.1",
+            "KUBETUNE_SERVER_PORT": str(self.port),
+            "KUBETUNE_SERVER_KUBECONFIG": str(kubeconfig),
+            "KUBETUNE_SERVER_FILES_DIR": str(files_dir),
+            "KUBETUNE_SERVER_DATASET_BASE_URL": self.url,
+            "KUBETUNE_SERVER_MODELS": json.dumps({BASE_MODEL: f"pvc://{CLAIM}/model"}),
+            "KUBETUNE_SERVER_JOB_TEMPLATE": json.dumps(JOB_TEMPLATE),
+            "KUBETUNE_SERVER_OUTPUT_URI": f"pvc://{CLAIM}/adapters/{{job}}",
+            "KUBETUNE_SERVER_MAX_FILE_BYTES": str(4 * 1024 * 1024),
+            "KUBETUNE_SERVER_RATE_LIMIT_PER_SECOND": "0",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = Path(sys.executable).with_name("kubetune-server")
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(binary)], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+
+        def healthy() -> bool:
+            assert self.process is not None and self.process.poll() is None, self.log_tail()
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=5) as answer:
+                    return bool(answer.status == 200)
+            except (urllib.error.URLError, OSError):
+                return False
+
+        wait_for(healthy, 60, "kubetune-server to answer /healthz")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def log_tail(self, lines: int = 40) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def client(self, token: str, project: str | None) -> OpenAI:
+        return OpenAI(
+            api_key=token, base_url=f"{self.url}/v1", project=project, max_retries=0, timeout=60
+        )
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """A ServiceAccount with a tenant's rights in ``namespace``, and its token."""
+
+    namespace: str
+    name: str
+    token: str = field(repr=False)  # never in a test's output
+
+
+def make_tenant(kubectl: Kubectl, namespace: str, name: str) -> Tenant:
+    apply(
+        kubectl, namespace,
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": f"{name}-tenant"}, "rules": TENANT_RULES},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": f"{name}-tenant"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                     "name": f"{name}-tenant"},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]},
+    )  # fmt: skip
+    token = kubectl("create", "token", name, "-n", namespace, "--duration", "2h").stdout.strip()
+    return Tenant(namespace, name, token)
+
+
+def work_claim(kubectl: Kubectl, namespace: str) -> Path:
+    """A bound PVC named ``work``; the directory behind it on this machine."""
+    claim = {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": CLAIM},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }  # fmt: skip
+    apply(kubectl, namespace, claim)
+    volume = wait_for(
+        lambda: json.loads(kubectl("get", "pvc", CLAIM, "-n", namespace, "-o", "json").stdout)[
+            "spec"
+        ].get("volumeName"),
+        60,
+        "the work claim to bind",
+    )
+    pv = json.loads(kubectl("get", "pv", volume, "-o", "json").stdout)
+    return Path(pv["spec"]["hostPath"]["path"])
+
+
+#: The next change may take this many times the longest gap between changes seen so far.
+PACE_FACTOR = 4.0
+
+
+def poll_until(
+    observe: Callable[[], tuple[Any, ...]],
+    done: Callable[[tuple[Any, ...]], bool],
+    patience: float,
+    what: str,
+) -> tuple[Any, ...]:
+    """Observe until ``done``: the deadline moves with what is seen (each change starts a new
+    wait of ``PACE_FACTOR`` × the longest gap so far, never less than ``patience``), so a busy
+    machine makes the wait longer and a stuck job still fails."""
+    last: tuple[Any, ...] | None = None
+    changed_at = time.monotonic()
+    longest = 0.0
+    while True:
+        seen = observe()
+        if done(seen):
+            return seen
+        now = time.monotonic()
+        if seen != last:
+            if last is not None:
+                longest = max(longest, now - changed_at)
+            last, changed_at = seen, now
+        allowed = max(patience, PACE_FACTOR * longest)
+        if now - changed_at > allowed:
+            raise AssertionError(f"{what}: nothing moved for {now - changed_at:.0f}s; last {seen}")
+        time.sleep(1)
+
+
+def ftj(kubectl: Kubectl, namespace: str, name: str) -> Mapping[str, Any]:
+    found: Mapping[str, Any] = json.loads(
+        kubectl("get", "ftj", name, "-n", namespace, "-o", "json").stdout
+    )
+    return found
