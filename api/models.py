@@ -33,7 +33,39 @@ API_VERSION: Final = "kubetune.io/v1alpha1"
 KIND: Final = "FineTuneJob"
 PLURAL: Final = "finetunejobs"
 
-DatasetFormat = Literal["auto", "text", "messages", "prompt-completion", "alpaca"]
+DatasetFormat = Literal[
+    "auto",
+    "text",
+    "messages",
+    "prompt-completion",
+    "alpaca",
+    "preference",
+    "unpaired-preference",
+]
+#: The formats each training method reads (``auto`` detects one of them from the columns).
+METHOD_FORMATS: Final = {
+    "sft": ("text", "messages", "prompt-completion", "alpaca"),
+    "dpo": ("preference",),
+    "kto": ("unpaired-preference", "preference"),
+}
+#: TRL's DPO losses (``DPOConfig.loss_type``).
+DpoLossType = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+]
 Phase = Literal["Pending", "Validating", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 #: GPU kinds the preflight knows (memory for the plan; a measured speed where there is one).
 GpuKind = Literal["H200", "H100-80GB", "A100-80GB", "A100-40GB", "L40S", "L4"]
@@ -232,6 +264,17 @@ class ColumnMapping(ApiModel):
     )
     input: str | None = Field(default=None, description="Input column (alpaca).", max_length=128)
     output: str | None = Field(default=None, description="Output column (alpaca).", max_length=128)
+    chosen: str | None = Field(
+        default=None, description="Preferred answer column (preference).", max_length=128
+    )
+    rejected: str | None = Field(
+        default=None, description="Dispreferred answer column (preference).", max_length=128
+    )
+    label: str | None = Field(
+        default=None,
+        description="Desirable (true) or not (false) column (unpaired-preference).",
+        max_length=128,
+    )
 
 
 class DatasetSpec(ApiModel):
@@ -261,7 +304,9 @@ class DatasetSpec(ApiModel):
         default="auto",
         description=(
             "Record format: text, messages (chat), prompt-completion, alpaca "
-            "(instruction/input/output), or auto to detect it from the columns."
+            "(instruction/input/output); for method dpo and kto preference (prompt/chosen/"
+            "rejected) and for kto unpaired-preference (prompt/completion/label), each as text "
+            "or chat messages; or auto to detect it from the columns."
         ),
     )
     split: str = Field(default="train", description="Split to train on.", max_length=128)
@@ -635,6 +680,121 @@ class PodTemplateOverrides(ApiModel):
     )
 
 
+class DpoSpec(ApiModel):
+    """Direct Preference Optimization (TRL's DPOTrainer); TRL's defaults."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.lossType != 'exo_pair' || self.labelSmoothing > 0.0",
+                    "message": "method.dpo.lossType exo_pair needs method.dpo.labelSmoothing > 0",
+                }
+            ]
+        }
+    )
+
+    beta: float = Field(
+        default=0.1,
+        gt=0,
+        le=100,
+        description=(
+            "How far the adapter may move from the reference (the base, adapter disabled): "
+            "higher stays closer. For ipo, the regularization parameter tau."
+        ),
+    )
+    loss_type: DpoLossType = Field(
+        default="sigmoid", description="The preference loss (TRL's DPOConfig.loss_type)."
+    )
+    label_smoothing: float = Field(
+        default=0.0,
+        ge=0,
+        lt=0.5,
+        description=(
+            "Probability that a pair's preference is flipped (robust), or EXO's epsilon "
+            "(exo_pair)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DpoSpec:
+        if self.loss_type == "exo_pair" and self.label_smoothing == 0:
+            raise ValueError("method.dpo.lossType exo_pair needs method.dpo.labelSmoothing > 0")
+        return self
+
+
+class KtoSpec(ApiModel):
+    """Kahneman-Tversky Optimization (TRL's KTOTrainer); TRL's defaults."""
+
+    beta: float = Field(
+        default=0.1,
+        gt=0,
+        le=100,
+        description="How far the adapter may move from the reference: higher stays closer.",
+    )
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
+        default="kto", description="The loss (TRL's KTOConfig.loss_type)."
+    )
+    desirable_weight: float = Field(
+        default=1.0, gt=0, le=100, description="Weight of the desirable examples' loss."
+    )
+    undesirable_weight: float = Field(
+        default=1.0, gt=0, le=100, description="Weight of the undesirable examples' loss."
+    )
+
+
+class MethodSpec(ApiModel):
+    """What the run trains the adapter for: supervised answers, or preferences."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.dpo) || self.type == 'dpo'",
+                    "message": "method.dpo is for method.type dpo",
+                },
+                {
+                    "rule": "!has(self.kto) || self.type == 'kto'",
+                    "message": "method.kto is for method.type kto",
+                },
+            ]
+        }
+    )
+
+    type: Literal["sft", "dpo", "kto"] = Field(
+        default="sft",
+        description=(
+            "sft: supervised fine-tuning (TRL's SFTTrainer). dpo: preference pairs (prompt, "
+            "chosen, rejected) with TRL's DPOTrainer. kto: desirable and undesirable answers "
+            "(prompt, completion, label; or pairs) with TRL's KTOTrainer. The reference model "
+            "of dpo and kto is the 4-bit base with the adapter disabled (no second copy)."
+        ),
+    )
+    dpo: DpoSpec | None = Field(default=None, description="DPO settings (type dpo).")
+    kto: KtoSpec | None = Field(default=None, description="KTO settings (type kto).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MethodSpec:
+        if self.dpo is not None and self.type != "dpo":
+            raise ValueError("method.dpo is for method.type dpo")
+        if self.kto is not None and self.type != "kto":
+            raise ValueError("method.kto is for method.type kto")
+        return self
+
+    @property
+    def preference(self) -> bool:
+        """Whether the run learns from preferences (a reference pass per example)."""
+        return self.type != "sft"
+
+    @property
+    def dpo_settings(self) -> DpoSpec:
+        return self.dpo or DpoSpec()
+
+    @property
+    def kto_settings(self) -> KtoSpec:
+        return self.kto or KtoSpec()
+
+
 class EvaluationSpec(ApiModel):
     """What to show about the adapter after training."""
 
@@ -838,7 +998,28 @@ class ObjectStoreSpec(ApiModel):
 
 
 class FineTuneJobSpec(ApiModel):
-    """A QLoRA supervised fine-tuning run."""
+    """A QLoRA fine-tuning run: supervised, or on preferences."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": (
+                        "!has(self.dataset.format) || self.dataset.format == 'auto' || "
+                        "((!has(self.method) || !has(self.method.type) || "
+                        "self.method.type == 'sft') ? "
+                        "self.dataset.format in ['text', 'messages', 'prompt-completion', "
+                        "'alpaca'] : (self.method.type == 'dpo' ? "
+                        "self.dataset.format == 'preference' : "
+                        "self.dataset.format in ['preference', 'unpaired-preference']))"
+                    ),
+                    "message": "dataset.format must be one method.type trains on "
+                    "(sft: text, messages, prompt-completion, alpaca; dpo: preference; "
+                    "kto: preference, unpaired-preference) or auto",
+                }
+            ]
+        }
+    )
 
     model: ModelSpec = Field(description="The base model.", json_schema_extra=_immutable("model"))
     dataset: DatasetSpec = Field(
@@ -853,6 +1034,11 @@ class FineTuneJobSpec(ApiModel):
         default_factory=LoraSpec,
         description="The LoRA adapter.",
         json_schema_extra=_immutable("lora"),
+    )
+    method: MethodSpec = Field(
+        default_factory=MethodSpec,
+        description="Supervised fine-tuning (the default) or preference tuning (dpo, kto).",
+        json_schema_extra=_immutable("method"),
     )
     training: TrainingSpec = Field(
         default_factory=TrainingSpec,
@@ -913,7 +1099,21 @@ class FineTuneJobSpec(ApiModel):
                 f"spec is {size} bytes of JSON, more than {MAX_SPEC_BYTES}; the largest "
                 f"fields: {', '.join(f'spec.{k}' for k in largest)}"
             )
-        plan_training(self.training, self.resources.world_size)  # raises naming the field
+        plan = plan_training(self.training, self.resources.world_size)  # raises naming the field
+        method, fmt = self.method.type, self.dataset.format
+        if fmt != "auto" and fmt not in METHOD_FORMATS[method]:
+            raise ValueError(
+                f"dataset.format {fmt} is not a format method.type {method} trains on; use "
+                + ", ".join(("auto", *METHOD_FORMATS[method]))
+            )
+        if method == "kto" and self.method.kto_settings.loss_type == "kto":
+            per_rank = plan.micro_batch_size * plan.gradient_accumulation_steps
+            if per_rank < 2 or (self.training.micro_batch_size or 2) < 2:
+                raise ValueError(
+                    "method.type kto estimates its KL term within a micro-batch: it needs at "
+                    "least 2 examples a micro-batch (training.batchSize a rank and "
+                    "training.microBatchSize of at least 2)"
+                )
         return self
 
 
