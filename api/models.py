@@ -711,8 +711,7 @@ class DpoSpec(ApiModel):
         ge=0,
         lt=0.5,
         description=(
-            "Probability that a pair's preference is flipped (robust), or EXO's epsilon "
-            "(exo_pair)."
+            "Probability that a pair's preference is flipped (robust), or EXO's epsilon (exo_pair)."
         ),
     )
 
@@ -997,6 +996,12 @@ class ObjectStoreSpec(ApiModel):
         return self
 
 
+_FORMAT_RULE = (
+    "dataset.format must be one method.type trains on (sft: text, messages, prompt-completion, "
+    "alpaca; dpo: preference; kto: preference, unpaired-preference) or auto"
+)
+
+
 class FineTuneJobSpec(ApiModel):
     """A QLoRA fine-tuning run: supervised, or on preferences."""
 
@@ -1013,9 +1018,7 @@ class FineTuneJobSpec(ApiModel):
                         "self.dataset.format == 'preference' : "
                         "self.dataset.format in ['preference', 'unpaired-preference']))"
                     ),
-                    "message": "dataset.format must be one method.type trains on "
-                    "(sft: text, messages, prompt-completion, alpaca; dpo: preference; "
-                    "kto: preference, unpaired-preference) or auto",
+                    "message": _FORMAT_RULE,
                 }
             ]
         }
@@ -1103,8 +1106,7 @@ class FineTuneJobSpec(ApiModel):
         method, fmt = self.method.type, self.dataset.format
         if fmt != "auto" and fmt not in METHOD_FORMATS[method]:
             raise ValueError(
-                f"dataset.format {fmt} is not a format method.type {method} trains on; use "
-                + ", ".join(("auto", *METHOD_FORMATS[method]))
+                f"{_FORMAT_RULE}: method.type {method} doesn't train on dataset.format {fmt}"
             )
         if method == "kto" and self.method.kto_settings.loss_type == "kto":
             per_rank = plan.micro_batch_size * plan.gradient_accumulation_steps
@@ -1249,6 +1251,28 @@ class Progress(StatusModel):
         default=None, description="Throughput in real (non-padding) tokens per second."
     )
     eta_seconds: float | None = Field(default=None, description="Estimated seconds to finish.")
+    reward_accuracy: float | None = Field(
+        default=None,
+        description=(
+            "Preference tuning (dpo): the latest fraction of pairs whose chosen answer the "
+            "adapter rewards above the rejected one."
+        ),
+    )
+    reward_margin: float | None = Field(
+        default=None,
+        description="Preference tuning: the latest mean chosen reward minus rejected reward.",
+    )
+    chosen_reward: float | None = Field(
+        default=None,
+        description=(
+            "Preference tuning: the latest mean reward of the chosen (desirable) answers: "
+            "beta x log-probability ratio of adapter and reference."
+        ),
+    )
+    rejected_reward: float | None = Field(
+        default=None,
+        description="Preference tuning: the latest mean reward of the rejected (undesirable) ones.",
+    )
     updated_at: str | None = Field(default=None, description="When this was written (RFC 3339).")
     history: list[CurvePoint] | None = Field(
         default=None,

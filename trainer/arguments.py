@@ -1,4 +1,4 @@
-"""The spec → trainer arguments mapping: one pure function, as TRL's ``sft.py`` maps its config.
+"""The spec → trainer arguments mapping: pure functions, as TRL's ``sft.py`` maps its config.
 
 ``sft_arguments`` takes the spec, the training plan, the speed settings resolved for this node
 and the device, and returns the keyword arguments of TRL's ``SFTConfig`` as plain data. Nothing
@@ -98,3 +98,55 @@ def sft_arguments(
         # parameters (a pass over it per step, and incompatible with checkpointing's re-entry).
         **({"ddp_find_unused_parameters": False} if distributed else {}),
     }
+
+
+#: SFTConfig settings that TRL's preference configs don't have, or that kubetune doesn't use
+#: there (their collators pad; Liger is deprecated in them).
+_SFT_ONLY = ("packing", "padding_free", "completion_only_loss", "assistant_only_loss")
+
+
+def preference_arguments(
+    spec: FineTuneJobSpec,
+    plan: TrainingPlan,
+    speed: SpeedSettings,
+    *,
+    cuda: bool,
+    checkpoint_dir: str,
+    has_eval: bool,
+    progress_bar: bool = False,
+    distributed: bool = False,
+    run_name: str | None = None,
+) -> dict[str, Any]:
+    """The keyword arguments of ``trl.DPOConfig`` (``spec.method.type`` dpo) or
+    ``trl.KTOConfig`` (kto): the same training settings as SFT, and the method's own."""
+    arguments = sft_arguments(
+        spec,
+        plan,
+        speed,
+        cuda=cuda,
+        checkpoint_dir=checkpoint_dir,
+        masking=LossMasking(completion_only=False, assistant_only=False, has_eval=has_eval),
+        progress_bar=progress_bar,
+        distributed=distributed,
+        run_name=run_name,
+    )
+    for key in _SFT_ONLY:
+        arguments.pop(key)
+    arguments.update(use_liger_kernel=False, pad_to_multiple_of=None)
+    method = spec.method
+    if method.type == "dpo":
+        dpo = method.dpo_settings
+        arguments.update(
+            beta=dpo.beta, loss_type=[dpo.loss_type], label_smoothing=dpo.label_smoothing
+        )
+    elif method.type == "kto":
+        kto = method.kto_settings
+        arguments.update(
+            beta=kto.beta,
+            loss_type=kto.loss_type,
+            desirable_weight=kto.desirable_weight,
+            undesirable_weight=kto.undesirable_weight,
+        )
+    else:
+        raise ValueError(f"method.type {method.type} is not preference tuning")
+    return arguments

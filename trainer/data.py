@@ -1,10 +1,13 @@
-"""Training data: detect its format and shape it the way TRL's SFTTrainer wants.
+"""Training data: detect its format and shape it the way TRL's SFTTrainer, DPOTrainer or
+KTOTrainer wants.
 
-TRL trains on three shapes: language modeling (``text``), prompt-completion (``prompt`` and
-``completion``, loss on the completion only) and conversational (``messages``). Every format the
-spec accepts is mapped onto one of them here, so the training code has a single path. Every
-problem a person can fix in their data is a :class:`DatasetUnusable` naming the file, the line or
-the column.
+TRL's SFTTrainer trains on three shapes: language modeling (``text``), prompt-completion
+(``prompt`` and ``completion``, loss on the completion only) and conversational (``messages``).
+Every SFT format the spec accepts is mapped onto one of them here, so the training code has a
+single path. Preference tuning reads pairs (``prompt``, ``chosen``, ``rejected``) or, for KTO,
+unpaired answers (``prompt``, ``completion``, ``label``), each as text or as chat messages, as
+TRL's DPOTrainer and KTOTrainer take them. Every problem a person can fix in their data is a
+:class:`DatasetUnusable` naming the file, the line or the column.
 """
 
 from __future__ import annotations
@@ -30,6 +33,19 @@ FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "prompt-completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
+    "unpaired-preference": ("prompt", "completion", "label"),
+}
+#: The formats ``auto`` tries for each method, most specific first.
+DETECTED_FORMATS: dict[str, tuple[str, ...]] = {
+    "sft": ("messages", "prompt-completion", "alpaca", "text"),
+    "dpo": ("preference",),
+    "kto": ("preference", "unpaired-preference"),
+}
+_EXPECTED_COLUMNS = {
+    "sft": "messages, prompt+completion, instruction+output, or text",
+    "dpo": "prompt+chosen+rejected",
+    "kto": "prompt+chosen+rejected or prompt+completion+label",
 }
 
 # The Stanford Alpaca prompt, so an alpaca dataset trains the way it was meant to be prompted.
@@ -56,6 +72,15 @@ class PreparedData:
     assistant_only_loss: bool
     #: Prompt tokens are masked from the loss (prompt-completion shapes).
     completion_only_loss: bool
+    #: spec.method.type: sft, dpo or kto.
+    method: str = "sft"
+
+    @property
+    def prompt_format(self) -> str:
+        """The SFT format whose prompts look like this data's (for the evaluation prompts)."""
+        if self.format not in ("preference", "unpaired-preference"):
+            return self.format
+        return "messages" if isinstance(self.train[0]["prompt"], list) else "prompt-completion"
 
 
 def no_examples_left(max_length: int) -> str:
@@ -108,15 +133,15 @@ def _columns_of(columns: Iterable[str]) -> str:
     return "the dataset's columns: " + ", ".join(repr(c) for c in columns)
 
 
-def detect_format(columns: list[str]) -> str:
-    """The format a set of (canonical) columns implies, most specific first."""
-    for fmt in ("messages", "prompt-completion", "alpaca", "text"):
+def detect_format(columns: list[str], method: str = "sft") -> str:
+    """The format a set of (canonical) columns implies for ``method``, most specific first."""
+    for fmt in DETECTED_FORMATS[method]:
         if all(c in columns for c in FORMAT_COLUMNS[fmt]):
             return fmt
     raise DatasetUnusable(
-        "cannot detect the dataset format from its columns: expected messages, "
-        "prompt+completion, instruction+output, or text; set dataset.format and dataset.columns "
-        f"({_COLUMNS_IN_LOG})",
+        "cannot detect the dataset format from its columns: expected "
+        f"{_EXPECTED_COLUMNS[method]} for method.type {method}; set dataset.format and "
+        f"dataset.columns ({_COLUMNS_IN_LOG})",
         detail=_columns_of(columns),
     )
 
@@ -202,6 +227,14 @@ def shape_for_trl(
     a record that can't be trained on is a DatasetUnusable naming its file and line."""
     origins = origins or RecordOrigins(spec.split)
     _require_columns(dataset, fmt)
+    if fmt in ("preference", "unpaired-preference"):
+        conversational = _check_preference(dataset, fmt, spec, origins)
+        if conversational and not chat_template:
+            raise InvalidConfig(
+                f"dataset format {fmt} with chat messages needs a chat template: the tokenizer "
+                "has none; set dataset.chatTemplate"
+            )
+        return dataset.select_columns(list(FORMAT_COLUMNS[fmt])), False, False
     if fmt == "text":
         _check_text(dataset, ["text"], fmt, spec, origins)
         return dataset.select_columns(["text"]), False, False
@@ -267,10 +300,81 @@ def _check_messages(dataset: Dataset, spec: DatasetSpec, origins: RecordOrigins)
             )
 
 
+def _kind(value: Any) -> str | None:
+    """``text`` or ``messages`` for a value a preference record may hold there, else None."""
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list) and value:
+        for message in value:
+            if not isinstance(message, dict) or not all(
+                isinstance(message.get(key), str) for key in ("role", "content")
+            ):
+                return None
+        return "messages"
+    return None
+
+
+def _check_preference(
+    dataset: Dataset, fmt: str, spec: DatasetSpec, origins: RecordOrigins
+) -> bool:
+    """Every record of a preference format: its prompt and answers all text, or all non-empty
+    lists of {role, content} with text in both (the answers ending with the assistant's), the
+    same in every record; for unpaired-preference a true or false label. The first record that
+    breaks this is named by file and line. Whether the records are chat messages."""
+    answers = [c for c in FORMAT_COLUMNS[fmt] if c not in ("prompt", "label")]
+    texts = ["prompt", *answers]
+    first: str | None = None
+    columns = [*texts, *(["label"] if fmt == "unpaired-preference" else [])]
+    rows = dataset.select_columns(columns).iter(batch_size=1000)
+    index = 0
+    for batch in rows:
+        for offset in range(len(batch["prompt"])):
+            where = origins.where(index + offset)
+            for column in texts:
+                value = batch[column][offset]
+                kind = _kind(value)
+                if kind is None:
+                    raise DatasetUnusable(
+                        f"{where}: {_column_name(column, spec)} is {_describe(value)}; format "
+                        f"{fmt} needs text or a non-empty list of {{role, content}} objects "
+                        "with text in both there"
+                    )
+                if first is None:
+                    first = kind
+                elif kind != first:
+                    raise DatasetUnusable(
+                        f"{where}: {_column_name(column, spec)} is {_kind_name(kind)} where "
+                        f"the first record has {_kind_name(first)}; a dataset of format {fmt} "
+                        "is all text or all chat messages"
+                    )
+                if kind == "messages" and column != "prompt" and value[-1]["role"] != "assistant":
+                    raise DatasetUnusable(
+                        f"{where}: the last message of {_column_name(column, spec)} must be the "
+                        "assistant's"
+                    )
+            if fmt == "unpaired-preference":
+                label = batch["label"][offset]
+                if not isinstance(label, bool):
+                    raise DatasetUnusable(
+                        f"{where}: {_column_name('label', spec)} is {_describe(label)}; format "
+                        f"{fmt} needs true (desirable) or false (undesirable) there"
+                    )
+        index += len(batch["prompt"])
+    return first == "messages"
+
+
+def _kind_name(kind: str) -> str:
+    return "text" if kind == "text" else "chat messages"
+
+
 def prepare(
-    spec: DatasetSpec, chat_template: str | None, seed: int, token: str | None = None
+    spec: DatasetSpec,
+    chat_template: str | None,
+    seed: int,
+    token: str | None = None,
+    method: str = "sft",
 ) -> PreparedData:
-    """Read, check, shape and split the data the spec names."""
+    """Read, check, shape and split the data the spec names, for ``method`` (spec.method.type)."""
     raw = read_splits(spec, token)
     splits, fingerprint = raw.splits, raw.fingerprint
     if spec.split not in splits:
@@ -283,7 +387,7 @@ def prepare(
     if len(train) == 0:
         raise DatasetUnusable(f"dataset {display_uri(spec.uri)} is empty: no records to train on")
     train = apply_column_mapping(train, spec)
-    fmt = detect_format(train.column_names) if spec.format == "auto" else spec.format
+    fmt = detect_format(train.column_names, method) if spec.format == "auto" else spec.format
     train, assistant_only, completion_only = shape_for_trl(
         train, fmt, spec, chat_template, raw.origins.get(spec.split)
     )
@@ -318,4 +422,5 @@ def prepare(
         fingerprint=fingerprint,
         assistant_only_loss=assistant_only,
         completion_only_loss=completion_only,
+        method=method,
     )

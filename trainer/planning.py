@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from kubetune.api.models import FineTuneJobSpec, MemoryPlanReport, TrainingPlan
 from kubetune.trainer.errors import OutOfMemory
 from kubetune.trainer.memory import GIB, MemoryPlan, ModelShape, RunSettings, plan_memory
+from kubetune.trainer.preference import sequences_per_example
 
 if TYPE_CHECKING:
     from kubetune.trainer.speed import SpeedSettings
@@ -57,8 +58,11 @@ def plan_for_this_card(
     chosen = (
         training.micro_batch_size is not None or training.gradient_accumulation_steps is not None
     )
+    # A DPO pair is two sequences in the same micro-batch: the plan sees it as one of twice the
+    # length (activations grow with the tokens); the reference pass keeps nothing for backward.
+    sequences = sequences_per_example(spec.method)
     run = RunSettings(
-        max_length=training.max_length,
+        max_length=training.max_length * sequences,
         per_device_batch=per_device,
         lora_rank=spec.lora.r,
         lora_dropout=spec.lora.dropout,
@@ -84,7 +88,7 @@ def plan_for_this_card(
             checkpointed_layers=1 if checkpointing else 0,
             layers=1,
             micro_batch_size=micro,
-            tokens_per_micro_step=micro * training.max_length,
+            tokens_per_micro_step=micro * training.max_length * sequences,
             optimizer=speed.optimizer,
             estimated_peak_bytes=None,
             free_bytes=free,

@@ -33,6 +33,11 @@ from kubetune.api.models import (
 from kubetune.api.uris import display_uri
 from kubetune.trainer.errors import DatasetUnusable, InvalidConfig
 from kubetune.trainer.memory import GIB, MemoryPlan
+from kubetune.trainer.preference import (
+    extra_forward_passes,
+    preference_speed,
+    work_per_token,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -97,6 +102,53 @@ def trl_prepared(dataset: Dataset, tokenizer: Any, arguments: dict[str, Any]) ->
     return prepared
 
 
+def trl_preference_prepared(
+    method: str, dataset: Dataset, tokenizer: Any, arguments: dict[str, Any]
+) -> Dataset:
+    """``dataset`` as DPOTrainer (``method`` dpo) or KTOTrainer (kto) prepares it (prompt and
+    answers tokenized, examples whose prompt fills maxLength dropped; for KTO pairs unpaired and
+    the KL completions added), through TRL's own ``_prepare_dataset``, without a model: the
+    attributes it reads are set the way the trainers' ``__init__`` sets them."""
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+
+    if method == "dpo":
+        dpo_args = DPOConfig(**arguments)
+
+        class _DpoDatasetOnly(DPOTrainer):  # type: ignore[misc]
+            def __init__(self) -> None:  # no model, no accelerator: only what preparation reads
+                self._tokenizer = tokenizer
+
+        prepared: Dataset = _DpoDatasetOnly()._prepare_dataset(
+            dataset, tokenizer, dpo_args, "train"
+        )
+        return prepared
+    kto_args = KTOConfig(**arguments)
+
+    class _KtoDatasetOnly(KTOTrainer):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self._tokenizer = tokenizer
+            self.calculate_KL = kto_args.loss_type != "apo_zero_unpaired"
+            self.desirable_weight = kto_args.desirable_weight
+            self.undesirable_weight = kto_args.undesirable_weight
+
+    prepared = _KtoDatasetOnly()._prepare_dataset(dataset, tokenizer, kto_args, "train")
+    return prepared
+
+
+def count_preference(prepared: Dataset, examples: int, max_length: int) -> Counts:
+    """Counts of preference data as the trainer sees it: a DPO pair's tokens are those of
+    prompt + chosen and prompt + rejected, each cut to ``max_length`` (the collator's
+    truncation); a KTO example's, prompt + completion cut the same way."""
+    answers = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in prepared.column_names]
+
+    def tokens(row: dict[str, Any]) -> dict[str, int]:
+        prompt = len(row["prompt_ids"])
+        return {"n": sum(min(prompt + len(row[a]), max_length) for a in answers)}
+
+    lengths = prepared.map(tokens, remove_columns=prepared.column_names)["n"]
+    return Counts(examples=examples, sequences=len(prepared), tokens=int(sum(lengths)))
+
+
 def count(prepared: Dataset, examples: int) -> Counts:
     lengths = prepared.map(
         lambda row: {"n": len(row["input_ids"])}, remove_columns=prepared.column_names
@@ -107,7 +159,6 @@ def count(prepared: Dataset, examples: int) -> Counts:
 def preflight(config: TrainerConfig, read_token: str | None = None) -> TrainerResult:
     """Check and estimate the run ``config`` describes; raises the run's own failures."""
     from kubetune.trainer import varlen_attention
-    from kubetune.trainer.arguments import LossMasking, sft_arguments
     from kubetune.trainer.data import no_examples_left, prepare
     from kubetune.trainer.modeling import load_tokenizer, locate_model, model_shape
     from kubetune.trainer.planning import plan_for_this_card
@@ -129,6 +180,9 @@ def preflight(config: TrainerConfig, read_token: str | None = None) -> TrainerRe
     cuda = spec.resources.gpus > 0
     # The GPU kinds kubetune plans for all run FlashAttention-2 (compute capability >= 8.0).
     speed = resolve_speed(spec.training, cuda, varlen_runs=cuda and varlen_attention.available())
+    method = spec.method
+    if method.preference:
+        speed = preference_speed(speed)
 
     source, is_hub = locate_model(spec.model)
     tokenizer = load_tokenizer(source, spec.model, is_hub, read_token, spec.dataset.chat_template)
@@ -153,6 +207,7 @@ def preflight(config: TrainerConfig, read_token: str | None = None) -> TrainerRe
         chat_template=tokenizer.chat_template,
         seed=spec.training.seed,
         token=read_token,
+        method=method.type,
     )
     examples = len(data.train)
     limit = spec.validation.max_sample_records
@@ -161,35 +216,28 @@ def preflight(config: TrainerConfig, read_token: str | None = None) -> TrainerRe
         log.info("tokenizing a sample of %d of the %d examples", limit, examples)
         train = train.shuffle(seed=spec.training.seed).select(range(limit))
     with tempfile.TemporaryDirectory(prefix="kubetune-preflight-") as scratch:
-        arguments = sft_arguments(
-            spec,
-            plan,
-            speed,
-            cuda=False,  # this pod's device; what prepares the data doesn't depend on it
-            checkpoint_dir=scratch,
-            masking=LossMasking(
-                completion_only=data.completion_only_loss,
-                assistant_only=data.assistant_only_loss,
-                has_eval=data.eval is not None,
-            ),
-        )
-        # Settings only the training loop reads, set so this CPU pod can build the config.
-        arguments.update(
-            bf16=False, fp16=False, use_liger_kernel=False, optim="adamw_torch",
-            gradient_checkpointing=False, pad_to_multiple_of=None,
-        )  # fmt: skip
-        prepared = trl_prepared(train, tokenizer, arguments)
+        if method.preference:
+            prepared = _preference_prepared(spec, plan, speed, scratch, train, tokenizer, data)
+        else:
+            prepared = _sft_prepared(spec, plan, speed, scratch, train, tokenizer, data)
     if len(prepared) == 0:
         raise DatasetUnusable(no_examples_left(spec.training.max_length))
-    counts = count(prepared, len(train))
+    if method.preference:
+        counts = count_preference(prepared, len(train), spec.training.max_length)
+    else:
+        counts = count(prepared, len(train))
     if len(train) < examples:
         counts = extrapolate(counts, examples)
     steps, per_epoch = optimizer_steps(counts.sequences, plan, ranks)
     trained_tokens = round(counts.tokens * steps / per_epoch)
     seconds = None
     if kind is not None and shape is not None and cuda:
+        # The reference pass (and KTO's KL passes) cost forward FLOPs on top of the trained ones.
+        tokens_of_work = round(
+            trained_tokens * work_per_token(shape, spec.lora.r, extra_forward_passes(method))
+        )
         seconds = estimated_seconds(
-            kind, shape, lora_rank=spec.lora.r, plan=memory, tokens=trained_tokens, ranks=ranks
+            kind, shape, lora_rank=spec.lora.r, plan=memory, tokens=tokens_of_work, ranks=ranks
         )
     estimate = Estimate(
         examples=counts.examples,
@@ -206,7 +254,7 @@ def preflight(config: TrainerConfig, read_token: str | None = None) -> TrainerRe
         seconds=round(seconds) if seconds is not None else None,
         sampled=counts.sampled,
     )
-    message = _describe(estimate)
+    message = _describe(estimate, method.type)
     log.info("preflight: %s", message)
     return TrainerResult(
         outcome="Succeeded",
@@ -218,6 +266,52 @@ def preflight(config: TrainerConfig, read_token: str | None = None) -> TrainerRe
     )
 
 
+#: Settings only the training loop reads, set so this CPU pod can build the config.
+_LOOP_ONLY = {
+    "bf16": False,
+    "fp16": False,
+    "use_liger_kernel": False,
+    "optim": "adamw_torch",
+    "gradient_checkpointing": False,
+    "pad_to_multiple_of": None,
+}
+
+
+def _sft_prepared(
+    spec: Any, plan: TrainingPlan, speed: Any, scratch: str, train: Dataset, tokenizer: Any,
+    data: Any,
+) -> Dataset:  # fmt: skip
+    from kubetune.trainer.arguments import LossMasking, sft_arguments
+
+    arguments = sft_arguments(
+        spec,
+        plan,
+        speed,
+        cuda=False,  # this pod's device; what prepares the data doesn't depend on it
+        checkpoint_dir=scratch,
+        masking=LossMasking(
+            completion_only=data.completion_only_loss,
+            assistant_only=data.assistant_only_loss,
+            has_eval=data.eval is not None,
+        ),
+    )
+    arguments.update(_LOOP_ONLY)
+    return trl_prepared(train, tokenizer, arguments)
+
+
+def _preference_prepared(
+    spec: Any, plan: TrainingPlan, speed: Any, scratch: str, train: Dataset, tokenizer: Any,
+    data: Any,
+) -> Dataset:  # fmt: skip
+    from kubetune.trainer.arguments import preference_arguments
+
+    arguments = preference_arguments(
+        spec, plan, speed, cuda=False, checkpoint_dir=scratch, has_eval=data.eval is not None
+    )
+    arguments.update(_LOOP_ONLY)
+    return trl_preference_prepared(spec.method.type, train, tokenizer, arguments)
+
+
 def _plan_of(memory: MemoryPlan, plan: TrainingPlan) -> EstimatePlan:
     return EstimatePlan(
         micro_batch_size=plan.micro_batch_size,
@@ -227,11 +321,13 @@ def _plan_of(memory: MemoryPlan, plan: TrainingPlan) -> EstimatePlan:
     )
 
 
-def _describe(estimate: Estimate) -> str:
+def _describe(estimate: Estimate, method: str = "sft") -> str:
     about = "about " if estimate.sampled else ""
+    examples = "pairs" if method == "dpo" else "examples"
     parts = [
-        f"{estimate.examples} examples, {about}{estimate.tokens} tokens an epoch in "
-        f"{about}{estimate.sequences} sequences, {estimate.steps} optimizer steps"
+        f"{estimate.examples} {examples}, {about}{estimate.tokens} tokens an epoch in "
+        f"{about}{estimate.sequences} {'pairs' if method == 'dpo' else 'sequences'}, "
+        f"{estimate.steps} optimizer steps"
     ]
     if estimate.sampled:
         parts.append("counts extrapolated from a tokenized sample")

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from kubetune.api.config import JobRef, ProgressSettings
 from kubetune.api.models import CURVE_POINTS, GROUP, PLURAL, VERSION, CurvePoint, Progress
 from kubetune.api.timestamps import rfc3339
+from kubetune.trainer.preference import reward_metrics
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,8 @@ class ProgressTracker:
         self._start_step = 0
         self._last_tokens: tuple[float, float] | None = None  # (num_tokens, time)
         self.curves = CurveHistory()
+        #: Preference tuning's latest reward metrics (reward_accuracy, reward_margin, ...).
+        self.rewards: dict[str, float] = {}
 
     def begin(
         self, step: int, total_steps: int | None, history: Sequence[dict[str, Any]] = ()
@@ -182,6 +185,7 @@ class ProgressTracker:
         # The curves so far come back from the run's log (throughput isn't in it).
         self.curves = CurveHistory(self.curves.limit)
         for entry in history:
+            self.rewards.update(reward_metrics(entry))
             if "loss" in entry:
                 self.loss = round(float(entry["loss"]), 6)
                 if "learning_rate" in entry:
@@ -213,6 +217,7 @@ class ProgressTracker:
             learning_rate=self.learning_rate,
             tokens_per_second=self.tokens_per_second,
             eta_seconds=eta,
+            **self.rewards,
             updated_at=rfc3339(),
             history=list(self.curves.points) or None,
         )
@@ -228,6 +233,7 @@ class ProgressTracker:
                 rate = (tokens - self._last_tokens[0]) / (now - self._last_tokens[1])
                 self.tokens_per_second = round(rate, 1)
             self._last_tokens = (tokens, now)
+        self.rewards.update(reward_metrics(logs))
         if "loss" in logs:
             self.curves.add(self._point(step, self.tokens_per_second))
         if self.metrics_file is not None and ("loss" in logs or "eval_loss" in logs):
@@ -235,6 +241,8 @@ class ProgressTracker:
             for key in ("loss", "eval_loss", "learning_rate", "grad_norm", "mean_token_accuracy"):
                 if key in logs:
                     line[key] = float(logs[key])
+            line.update(reward_metrics(logs))
+            line.update(reward_metrics(logs, prefix="eval_"))
             line["tokens_per_second"] = self.tokens_per_second
             line["time"] = rfc3339()
             with self.metrics_file.open("a", encoding="utf-8") as f:

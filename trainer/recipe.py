@@ -30,7 +30,7 @@ from kubetune.api.models import (
 )
 from kubetune.api.uris import OUTPUT_SCHEMES, display_uri
 from kubetune.trainer import locations, outputs
-from kubetune.trainer.arguments import LossMasking, sft_arguments
+from kubetune.trainer.arguments import LossMasking, preference_arguments, sft_arguments
 from kubetune.trainer.checkpoints import (
     CHECKPOINTS_DIR,
     PreemptionGuard,
@@ -149,6 +149,10 @@ class QLoRASFTRecipe:
         self.cuda = torch.cuda.is_available() and self.spec.resources.gpus > 0
         start_group(self.rank, self.cuda)
         self.speed = resolve_speed(self.spec.training, self.cuda)
+        if self.spec.method.preference:
+            from kubetune.trainer.preference import preference_speed
+
+            self.speed = preference_speed(self.speed)
         if self.rank.is_main:
             self._setup_output()
         if self.remote is not None and self.rank.is_local_main:
@@ -242,6 +246,7 @@ class QLoRASFTRecipe:
             chat_template=self._tokenizer.chat_template,
             seed=self.spec.training.seed,
             token=self.tokens.read,
+            method=self.spec.method.type,
         )
 
     def _setup_model(self, located: tuple[str, bool]) -> None:
@@ -273,22 +278,6 @@ class QLoRASFTRecipe:
         check_lora_targets(model, self.spec.lora)
         if self.speed.offload_checkpoints:
             offload_checkpoints_to_cpu(model, pin_memory=self.cuda)
-        masking = LossMasking(
-            completion_only=self.data.completion_only_loss,
-            assistant_only=self.data.assistant_only_loss,
-            has_eval=self.data.eval is not None,
-        )
-        arguments = sft_arguments(
-            self.spec,
-            self.plan,
-            self.speed,
-            cuda=self.cuda,
-            checkpoint_dir=str(self.checkpoint_dir),
-            masking=masking,
-            progress_bar=self.progress_bar,
-            distributed=self.rank.distributed,
-            run_name=run_name(self.spec, self.name),
-        )
         push = (
             self.remote.push_newest
             if self.remote is not None and self.rank.is_main
@@ -302,20 +291,39 @@ class QLoRASFTRecipe:
                 redact_text_files(newest, self.tokens.secrets)
             push()
 
-        sft_config = SFTConfig(**arguments)
-        check_optimizer_runs_here(sft_config, model, self.speed.optimizer)
-        self._trainer = resumable_sft_trainer(
-            model=model,
-            args=sft_config,
-            train_dataset=self.data.train,
-            eval_dataset=self.data.eval,
-            processing_class=self._tokenizer,
-            peft_config=lora_config(self.spec.lora),
-            callbacks=[
+        common: dict[str, Any] = {
+            "model": model,
+            "train_dataset": self.data.train,
+            "eval_dataset": self.data.eval,
+            "processing_class": self._tokenizer,
+            "peft_config": lora_config(self.spec.lora),
+            "callbacks": [
                 make_progress_callback(self.tracker),
                 checkpoint_callback(self.preemption, after_save, self._stop_requested),
             ],
-        )
+        }
+        if self.spec.method.preference:
+            self._trainer = self._preference_trainer(model, common)
+        else:
+            masking = LossMasking(
+                completion_only=self.data.completion_only_loss,
+                assistant_only=self.data.assistant_only_loss,
+                has_eval=self.data.eval is not None,
+            )
+            arguments = sft_arguments(
+                self.spec,
+                self.plan,
+                self.speed,
+                cuda=self.cuda,
+                checkpoint_dir=str(self.checkpoint_dir),
+                masking=masking,
+                progress_bar=self.progress_bar,
+                distributed=self.rank.distributed,
+                run_name=run_name(self.spec, self.name),
+            )
+            sft_config = SFTConfig(**arguments)
+            check_optimizer_runs_here(sft_config, model, self.speed.optimizer)
+            self._trainer = resumable_sft_trainer(args=sft_config, **common)
         trainer = self._trainer
         fused = fuse_lora_layers(trainer.model)
         if fused:
@@ -329,6 +337,35 @@ class QLoRASFTRecipe:
             from kubetune.trainer.data import no_examples_left
 
             raise DatasetUnusable(no_examples_left(self.spec.training.max_length))
+
+    def _preference_trainer(self, model: Any, common: dict[str, Any]) -> Any:
+        """TRL's DPOTrainer or KTOTrainer, resumable, its reference the base with the adapter
+        disabled (kubetune.trainer.preference)."""
+        from trl import DPOConfig, KTOConfig
+
+        from kubetune.trainer.modeling import check_optimizer_runs_here
+        from kubetune.trainer.resume import resumable_preference_trainer
+
+        assert self.data is not None and self.speed is not None
+        arguments = preference_arguments(
+            self.spec,
+            self.plan,
+            self.speed,
+            cuda=self.cuda,
+            checkpoint_dir=str(self.checkpoint_dir),
+            has_eval=self.data.eval is not None,
+            progress_bar=self.progress_bar,
+            distributed=self.rank.distributed,
+            run_name=run_name(self.spec, self.name),
+        )
+        method = self.spec.method.type
+        config = DPOConfig(**arguments) if method == "dpo" else KTOConfig(**arguments)
+        check_optimizer_runs_here(config, model, self.speed.optimizer)
+        try:
+            return resumable_preference_trainer(method, args=config, **common)
+        except ValueError as exc:
+            # TRL's refusals of a setting (an lm_head adapter, KTO's micro-batch of one).
+            raise InvalidConfig(f"spec.method: {exc}") from None
 
     # --- train -------------------------------------------------------------------------------
 
@@ -394,15 +431,15 @@ class QLoRASFTRecipe:
             tokens=self.tokens,
             mlflow_run=self.mlflow_run,
         )
-        eval_loss = None
+        held_out = None
         if self.data.eval is not None:
-            eval_loss = publisher.attempt("held-out evaluation", self._eval_loss)
+            held_out = publisher.attempt("held-out evaluation", self._held_out_metrics)
         if not self.rank.is_main:
             return None
         adapter = publisher.save_adapter(self._trainer.model, self._tokenizer)
         metrics = self._final_metrics(outcome)
-        if eval_loss is not None:
-            metrics["eval_loss"] = eval_loss
+        if held_out is not None:
+            metrics.update(held_out)
         evaluation = None
         if self.spec.evaluation is not None and self.spec.evaluation.prompts:
             evaluation = publisher.attempt("evaluation prompts", self._evaluate)
@@ -427,14 +464,23 @@ class QLoRASFTRecipe:
 
     def _final_metrics(self, outcome: TrainOutcome) -> dict[str, float]:
         tracker, earlier = self.tracker, self._trainer.earlier_train_seconds
-        return run_metrics(
+        metrics = run_metrics(
             outcome.global_step, resumed_from_step=outcome.resumed_from_step,
             trained=outcome.metrics, earlier_train_seconds=earlier,
             final_loss=tracker.loss, tokens_per_second=tracker.tokens_per_second,
         )  # fmt: skip
+        return {**metrics, **tracker.rewards}
 
-    def _eval_loss(self) -> float:
-        return round(float(self._trainer.evaluate()["eval_loss"]), 6)
+    def _held_out_metrics(self) -> dict[str, float]:
+        """The held-out loss, and for preference tuning the held-out reward metrics (the
+        adapter's reward accuracy among them)."""
+        from kubetune.trainer.preference import reward_metrics
+
+        evaluated = self._trainer.evaluate()
+        return {
+            "eval_loss": round(float(evaluated["eval_loss"]), 6),
+            **reward_metrics(evaluated, prefix="eval_"),
+        }
 
     def _evaluate(self) -> EvaluationResult:
         from kubetune.trainer.evaluation import compare_base_and_adapter
@@ -445,7 +491,7 @@ class QLoRASFTRecipe:
             self._trainer.model,
             self._tokenizer,
             list(evaluation.prompts),
-            self.data.format,
+            self.data.prompt_format,
             max_new_tokens=evaluation.max_new_tokens,
             # Generation runs in the precision training ran in.
             precision=self._trainer.accelerator.autocast,

@@ -144,6 +144,27 @@ def cel_rules(node: Any) -> list[dict[str, str]]:
 #: For each CEL rule's message: a manifest that breaks it, a close one that keeps it, and what
 #: the models' offline message says. Both layers must refuse the first and accept the second.
 CEL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
+    "dataset.format must be one method.type trains on (sft: text, messages, prompt-completion, "
+    "alpaca; dpo: preference; kto: preference, unpaired-preference) or auto": (
+        with_spec(method={"type": "dpo"}, dataset={"uri": "pvc://data/d", "format": "text"}),
+        with_spec(method={"type": "dpo"}, dataset={"uri": "pvc://data/d", "format": "preference"}),
+        "spec: dataset.format must be one method.type trains on",
+    ),
+    "method.dpo is for method.type dpo": (
+        with_spec(method={"type": "kto", "dpo": {"beta": 0.2}}),
+        with_spec(method={"type": "dpo", "dpo": {"beta": 0.2}}),
+        "spec.method: method.dpo is for method.type dpo",
+    ),
+    "method.kto is for method.type kto": (
+        with_spec(method={"kto": {"beta": 0.2}}),
+        with_spec(method={"type": "kto", "kto": {"beta": 0.2}}),
+        "spec.method: method.kto is for method.type kto",
+    ),
+    "method.dpo.lossType exo_pair needs method.dpo.labelSmoothing > 0": (
+        with_spec(method={"type": "dpo", "dpo": {"lossType": "exo_pair"}}),
+        with_spec(method={"type": "dpo", "dpo": {"lossType": "exo_pair", "labelSmoothing": 0.001}}),
+        "spec.method.dpo: method.dpo.lossType exo_pair needs method.dpo.labelSmoothing > 0",
+    ),
     "tracking.mlflow.trackingUri must be an http(s) URL without credentials, query or fragment": (
         with_spec(
             tracking={

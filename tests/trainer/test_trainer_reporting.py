@@ -162,6 +162,35 @@ def test_a_tracker_resumed_mid_run_reports_the_runs_loss_a_rate_and_an_eta(
     assert latest.percent == 50.0 and latest.eta_seconds is not None
 
 
+def test_a_preference_runs_progress_carries_the_reward_metrics_beside_the_loss(
+    tmp_path: Path,
+) -> None:
+    recorder = Recorder()
+    tracker = ProgressTracker(RateLimitedReporter(recorder, 0), tmp_path / "metrics.jsonl")
+    # A resumed run reports the rewards it had reached until it logs new ones.
+    tracker.begin(step=10, total_steps=40, history=[{"step": 10, "loss": 0.6,
+                  "rewards/accuracies": 0.5, "rewards/margins": 0.1}])  # fmt: skip
+    tracker.stepped(11, epoch=0.3)
+    assert (recorder.reports[-1].reward_accuracy, recorder.reports[-1].reward_margin) == (0.5, 0.1)
+    logs = {"loss": 0.4, "rewards/accuracies": 0.875, "rewards/margins": 0.75,
+            "rewards/chosen": 0.25, "rewards/rejected": -0.5}  # fmt: skip
+    tracker.logged(20, epoch=0.5, logs=logs)
+    status = progress_json(recorder.reports[-1])
+    assert status["loss"] == 0.4
+    assert (status["rewardAccuracy"], status["rewardMargin"]) == (0.875, 0.75)
+    assert (status["chosenReward"], status["rejectedReward"]) == (0.25, -0.5)
+    line = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert line["reward_accuracy"] == 0.875 and line["chosen_reward"] == 0.25
+
+
+def test_an_sft_runs_progress_has_no_reward_metrics(tmp_path: Path) -> None:
+    recorder = Recorder()
+    tracker = ProgressTracker(RateLimitedReporter(recorder, 0), None)
+    tracker.begin(step=0, total_steps=10)
+    tracker.logged(5, epoch=0.5, logs={"loss": 1.0, "mean_token_accuracy": 0.5})
+    assert "rewardAccuracy" not in progress_json(recorder.reports[-1])
+
+
 def test_termination_message_stays_within_4kib_and_keeps_the_adapter_digest() -> None:
     samples = [EvaluationSample(prompt="p" * 1000, base="b" * 1000, adapter="a" * 1000)] * 8
     result = TrainerResult.model_validate(

@@ -90,6 +90,33 @@ def toy_records(fmt: str, count: int, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
+def toy_preference_records(fmt: str, count: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Preferences on the reversal task: the reversed letters preferred to the letters as given
+    (palindromes, where the two agree, left out). ``fmt``: ``preference`` (text),
+    ``preference-messages`` (chat) or ``unpaired-preference`` (KTO: each pair as a desirable and
+    an undesirable answer)."""
+    rows: list[dict[str, Any]] = []
+    words = [w for w in toy_words(count * 2, seed) if w.split() != w.split()[::-1]][:count]
+    for word in words:
+        prompt, good, bad = toy_prompt(word), toy_answer(word), " " + word
+        if fmt == "preference":
+            rows.append({"prompt": prompt, "chosen": good, "rejected": bad})
+        elif fmt == "preference-messages":
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "chosen": [{"role": "assistant", "content": good.strip()}],
+                    "rejected": [{"role": "assistant", "content": bad.strip()}],
+                }
+            )
+        elif fmt == "unpaired-preference":
+            rows.append({"prompt": prompt, "completion": good, "label": True})
+            rows.append({"prompt": prompt, "completion": bad, "label": False})
+        else:
+            raise ValueError(f"unknown toy preference format {fmt!r}")
+    return rows
+
+
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
