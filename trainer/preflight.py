@@ -42,6 +42,10 @@ from kubetune.trainer.preference import (
 if TYPE_CHECKING:
     from datasets import Dataset
 
+    from kubetune.api.models import FineTuneJobSpec
+    from kubetune.trainer.data import PreparedData
+    from kubetune.trainer.speed import SpeedSettings
+
 log = logging.getLogger(__name__)
 
 
@@ -139,7 +143,9 @@ def count_preference(prepared: Dataset, examples: int, max_length: int) -> Count
     """Counts of preference data as the trainer sees it: a DPO pair's tokens are those of
     prompt + chosen and prompt + rejected, each cut to ``max_length`` (the collator's
     truncation); a KTO example's, prompt + completion cut the same way."""
-    answers = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in prepared.column_names]
+    answers = [
+        c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in prepared.column_names
+    ]
 
     def tokens(row: dict[str, Any]) -> dict[str, int]:
         prompt = len(row["prompt_ids"])
@@ -217,9 +223,13 @@ def preflight(config: TrainerConfig, read_token: str | None = None) -> TrainerRe
         train = train.shuffle(seed=spec.training.seed).select(range(limit))
     with tempfile.TemporaryDirectory(prefix="kubetune-preflight-") as scratch:
         if method.preference:
-            prepared = _preference_prepared(spec, plan, speed, scratch, train, tokenizer, data)
+            prepared = _preference_prepared(
+                spec, train, tokenizer, plan=plan, speed=speed, scratch=scratch, data=data
+            )
         else:
-            prepared = _sft_prepared(spec, plan, speed, scratch, train, tokenizer, data)
+            prepared = _sft_prepared(
+                spec, train, tokenizer, plan=plan, speed=speed, scratch=scratch, data=data
+            )
     if len(prepared) == 0:
         raise DatasetUnusable(no_examples_left(spec.training.max_length))
     if method.preference:
@@ -278,9 +288,15 @@ _LOOP_ONLY = {
 
 
 def _sft_prepared(
-    spec: Any, plan: TrainingPlan, speed: Any, scratch: str, train: Dataset, tokenizer: Any,
-    data: Any,
-) -> Dataset:  # fmt: skip
+    spec: FineTuneJobSpec,
+    train: Dataset,
+    tokenizer: Any,
+    *,
+    plan: TrainingPlan,
+    speed: SpeedSettings,
+    scratch: str,
+    data: PreparedData,
+) -> Dataset:
     from kubetune.trainer.arguments import LossMasking, sft_arguments
 
     arguments = sft_arguments(
@@ -300,9 +316,15 @@ def _sft_prepared(
 
 
 def _preference_prepared(
-    spec: Any, plan: TrainingPlan, speed: Any, scratch: str, train: Dataset, tokenizer: Any,
-    data: Any,
-) -> Dataset:  # fmt: skip
+    spec: FineTuneJobSpec,
+    train: Dataset,
+    tokenizer: Any,
+    *,
+    plan: TrainingPlan,
+    speed: SpeedSettings,
+    scratch: str,
+    data: PreparedData,
+) -> Dataset:
     from kubetune.trainer.arguments import preference_arguments
 
     arguments = preference_arguments(

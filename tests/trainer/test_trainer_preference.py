@@ -16,7 +16,13 @@ from typing import Any
 
 import pytest
 import yaml
-from trainer_helpers import TinyAssets, job_manifest, train_job
+from trainer_helpers import (
+    TinyAssets,
+    checkpoint_steps,
+    job_manifest,
+    stop_with_sigterm_at,
+    train_job,
+)
 
 from kubetune.api.config import TrainerConfig
 from kubetune.trainer.cli import main as trainer_cli
@@ -38,15 +44,9 @@ DPO_TRAINING = {
 @pytest.fixture(scope="module")
 def preference_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Each preference format as a folder with a train split and a held-out test split."""
-    from kubetune_devtools.tiny import toy_preference_records, write_jsonl
+    from kubetune_devtools.tiny import write_toy_preference_datasets
 
-    root = tmp_path_factory.mktemp("preference")
-    folders = {}
-    for fmt in ("preference", "preference-messages", "unpaired-preference"):
-        write_jsonl(root / fmt / "train.jsonl", toy_preference_records(fmt, 256, seed=0))
-        write_jsonl(root / fmt / "test.jsonl", toy_preference_records(fmt, 64, seed=7))
-        folders[fmt] = root / fmt
-    return folders
+    return write_toy_preference_datasets(tmp_path_factory.mktemp("preference"))
 
 
 def preference_job(
@@ -255,9 +255,7 @@ def test_the_estimate_counts_the_pairs_tokens_and_steps_the_run_will_train(
     assert estimate["sequences"] == len(rows)
     limit = recipe.spec.training.max_length
     answers = ["chosen_ids", "rejected_ids"] if method["type"] == "dpo" else ["completion_ids"]
-    seen = sum(
-        min(len(row["prompt_ids"]) + len(row[a]), limit) for row in rows for a in answers
-    )
+    seen = sum(min(len(row["prompt_ids"]) + len(row[a]), limit) for row in rows for a in answers)
     assert estimate["tokens"] == seen
     assert estimate["plan"]["microBatchSize"] == recipe.plan.micro_batch_size
     if fmt == "preference" and method["type"] == "kto":
@@ -274,8 +272,11 @@ MALFORMED = [
         '"chosen": [{"role": "assistant", "content": "b a"}], "rejected": [{"role": "assistant"}]}',
         "a list",
     ),
-    ("unpaired-preference", '{"prompt": "reverse: a b =>", "completion": " b a", "label": null}',
-     "null"),
+    (
+        "unpaired-preference",
+        '{"prompt": "reverse: a b =>", "completion": " b a", "label": null}',
+        "null",
+    ),
 ]
 
 
@@ -305,3 +306,63 @@ def test_a_malformed_pair_fails_the_preflight_naming_the_line_and_no_data(
     assert described in message
     for value in ("reverse", " b a"):  # the data's words stay in the log
         assert value not in message
+
+
+#: The resume scenario (as tests/trainer/test_trainer_resume.py runs it for SFT): SIGTERM once
+#: progress reports STOP_AFTER, past the first checkpoint and before the next.
+RESUME_STEPS, RESUME_CHECKPOINTS, STOP_AFTER = 24, 10, 13
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_sigterm_then_resume_gives_the_uninterrupted_runs_adapter(
+    tiny: TinyAssets, preference_data: dict[str, Path], tmp_path: Path, method: str
+) -> None:
+    """Stopped by SIGTERM between checkpoints and started again (a retried pod), a preference
+    run saves the adapter a run that was never stopped saves: weight by weight, within one
+    bf16 rounding step (on the CPU measured bit for bit, as for SFT)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from kubetune.api.manifest import load_finetunejob
+    from kubetune_devtools.tiny import toy_eval_prompts
+
+    fmt = "preference" if method == "dpo" else "unpaired-preference"
+    training = {**DPO_TRAINING, "maxSteps": RESUME_STEPS, "checkpointSteps": RESUME_CHECKPOINTS,
+                "loggingSteps": 4}  # fmt: skip
+    manifest = preference_job(tiny, preference_data[fmt], tmp_path / "resumed",
+                              {"type": method}, training)  # fmt: skip
+    del manifest["spec"]["quantization"]["computeDtype"]  # the default: bfloat16
+    manifest["spec"]["evaluation"] = {"prompts": [p for p, _ in toy_eval_prompts(1)],
+                                      "maxNewTokens": 4}  # fmt: skip
+    progress = tmp_path / "progress.json"
+    config = TrainerConfig(
+        spec=load_finetunejob(manifest).spec,
+        progress={"reporter": "file", "file": str(progress), "intervalSeconds": 0.01},
+    )
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(config.to_yaml())
+
+    code, stderr, preempted = stop_with_sigterm_at(config_path, tmp_path, progress, STOP_AFTER)
+    assert code == 143, stderr[-3000:]
+    assert preempted["reason"] == "Preempted"
+    stopped_at = max(checkpoint_steps(tmp_path / "resumed" / "checkpoints"))
+    assert RESUME_CHECKPOINTS < stopped_at < RESUME_STEPS
+
+    assert trainer_cli(["--config", str(config_path)]) == 0
+    resumed = result_of(tmp_path / "resumed")
+    assert resumed["metrics"]["resumed_from_step"] == stopped_at
+    assert resumed["metrics"]["steps"] == RESUME_STEPS
+    code, logs = train_job(tmp_path / "job.yaml", {**manifest, "spec": {
+        **manifest["spec"], "output": {"uri": str(tmp_path / "straight")}}})  # fmt: skip
+    assert code == 0, logs[-3000:]
+    straight = result_of(tmp_path / "straight")
+    assert resumed["metrics"]["train_loss"] == pytest.approx(
+        straight["metrics"]["train_loss"], rel=0.01
+    )
+
+    ours = load_file(tmp_path / "resumed" / "adapter_model.safetensors")
+    theirs = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name, weight in theirs.items():
+        assert ours[name].dtype == weight.dtype == torch.bfloat16, name
+        torch.testing.assert_close(ours[name], weight, rtol=2.0**-7, atol=1e-6)

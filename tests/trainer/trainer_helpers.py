@@ -125,3 +125,38 @@ def checkpoint_steps(directory: Path) -> list[int]:
         for p in directory.iterdir()
         if p.name.startswith("checkpoint-") and (p / "trainer_state.json").exists()
     )
+
+
+def stop_with_sigterm_at(
+    config: Path, work: Path, progress: Path, step: int
+) -> tuple[int, str, dict[str, Any]]:
+    """Run ``kubetune-trainer --config config`` in ``work`` until its progress file reports
+    ``step``, then send it SIGTERM as a preempted pod gets it: its exit code, its stderr and its
+    termination message."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    def reported() -> int:
+        try:
+            return int(json.loads(progress.read_text())["step"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    termination = work / "termination-preempted"
+    env = {**os.environ, "KUBETUNE_TERMINATION_LOG": str(termination), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(trainer_command(config), cwd=work, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        while reported() < step:
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    message = json.loads(termination.read_text()) if termination.exists() else {}
+    return process.returncode, stderr, message

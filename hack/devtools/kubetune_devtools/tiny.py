@@ -216,6 +216,17 @@ def write_toy_datasets(directory: Path, count: int = 512, seed: int = 0) -> dict
     }
 
 
+def write_toy_preference_datasets(directory: Path) -> dict[str, Path]:
+    """Preferences on the toy task, one folder per format, each with a ``train`` split and a
+    held-out ``test`` split (other seeds)."""
+    folders = {}
+    for fmt in ("preference", "preference-messages", "unpaired-preference"):
+        write_jsonl(directory / fmt / "train.jsonl", toy_preference_records(fmt, 256, seed=0))
+        write_jsonl(directory / fmt / "test.jsonl", toy_preference_records(fmt, 64, seed=7))
+        folders[fmt] = directory / fmt
+    return folders
+
+
 def toy_eval_prompts(count: int, seed: int = 1234) -> list[tuple[str, str]]:
     """Held-out (prompt, expected answer) pairs for exact-match scoring."""
     return [(toy_prompt(w), toy_answer(w).strip()) for w in toy_words(count, seed)]
@@ -262,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     outdir: Path = args.outdir.resolve()
     model_dir = write_tiny_model(outdir / "model")
     datasets = write_toy_datasets(outdir / "data")
+    datasets.update(write_toy_preference_datasets(outdir / "data"))
     import yaml
 
     manifest_path = outdir / "tiny-reverse.yaml"
