@@ -176,6 +176,20 @@ def build_crd() -> dict[str, Any]:
                             "jsonPath": ".status.worldSize",
                             "description": "Training ranks (GPUs per pod x pods).",
                         },
+                        {
+                            "name": "Method",
+                            "type": "string",
+                            "priority": 1,
+                            "jsonPath": ".spec.method.type",
+                            "description": "sft, dpo or kto.",
+                        },
+                        {
+                            "name": "Reward-Acc",
+                            "type": "number",
+                            "priority": 1,
+                            "jsonPath": ".status.progress.rewardAccuracy",
+                            "description": "Preference tuning: the latest reward accuracy.",
+                        },
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                         {
                             "name": "Adapter",

@@ -94,6 +94,17 @@ def render_view(name: str, status: FineTuneJobStatus, losses: Sequence[float]) -
             details.append(f"lr {progress.learning_rate:.2e}")
         if details:
             lines.append("  " + "  ".join(details))
+        rewards = []
+        if progress.reward_accuracy is not None:
+            rewards.append(f"reward accuracy {progress.reward_accuracy:.3f}")
+        if progress.reward_margin is not None:
+            rewards.append(f"margin {progress.reward_margin:+.3f}")
+        if progress.chosen_reward is not None and progress.rejected_reward is not None:
+            rewards.append(
+                f"chosen {progress.chosen_reward:+.3f} / rejected {progress.rejected_reward:+.3f}"
+            )
+        if rewards:
+            lines.append("  " + "  ".join(rewards))
         # The run's own curve (status.progress.history) from its first step, else what this
         # watch has seen.
         curve = [point.loss for point in progress.history or () if point.loss is not None]

@@ -86,9 +86,10 @@ def test_printer_columns_and_names() -> None:
     assert names["shortNames"] == ["ftj"]
     columns = {c["name"]: c for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]}
     assert list(columns) == [
-        "Phase", "Progress", "Loss", "Model", "Steps", "Est-Seconds", "Est-GiB", "Ranks", "Age",
-        "Adapter",
+        "Phase", "Progress", "Loss", "Model", "Steps", "Est-Seconds", "Est-GiB", "Ranks", "Method",
+        "Reward-Acc", "Age", "Adapter",
     ]  # fmt: skip
+    assert columns["Method"]["priority"] == columns["Reward-Acc"]["priority"] == 1
     assert columns["Adapter"]["priority"] == columns["Ranks"]["priority"] == 1
     assert columns["Est-Seconds"]["priority"] == columns["Est-GiB"]["priority"] == 1
     assert "priority" not in columns["Steps"]

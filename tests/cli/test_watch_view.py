@@ -47,6 +47,21 @@ def test_a_watch_started_late_draws_the_runs_whole_curve_from_its_status() -> No
     assert list(chart) == sorted(chart, reverse=True), "a falling loss draws a falling line"
 
 
+def test_preference_job_shows_its_reward_metrics_beside_the_loss() -> None:
+    progress = {"step": 3, "totalSteps": 6, "percent": 50.0, "loss": 0.5, "rewardAccuracy": 0.875,
+                "rewardMargin": 0.75, "chosenReward": 0.25, "rejectedReward": -0.5}  # fmt: skip
+    status = FineTuneJobStatus.model_validate({"phase": "Running", "progress": progress})
+    view = render_view("dpo", status, [])
+    assert "loss 0.5000" in view
+    assert "reward accuracy 0.875  margin +0.750  chosen +0.250 / rejected -0.500" in view
+
+
+def test_an_sft_job_shows_no_reward_line() -> None:
+    progress = {"step": 3, "totalSteps": 6, "percent": 50.0, "loss": 0.5}
+    status = FineTuneJobStatus.model_validate({"phase": "Running", "progress": progress})
+    assert "reward" not in render_view("sft", status, [])
+
+
 def test_pending_job_says_why_it_waits() -> None:
     status = FineTuneJobStatus.model_validate(
         {
