@@ -706,12 +706,15 @@ class DpoSpec(ApiModel):
     loss_type: DpoLossType = Field(
         default="sigmoid", description="The preference loss (TRL's DPOConfig.loss_type)."
     )
+    # At most 0.49 rather than below 0.5: the apiserver compares a whole-number default (0)
+    # with an exclusive fractional maximum as integers (0 < 0), and refuses the CRD.
     label_smoothing: float = Field(
         default=0.0,
         ge=0,
-        lt=0.5,
+        le=0.49,
         description=(
-            "Probability that a pair's preference is flipped (robust), or EXO's epsilon (exo_pair)."
+            "Probability that a pair's preference is flipped (robust; below 0.5), or EXO's "
+            "epsilon (exo_pair)."
         ),
     )
 
