@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from kubetune.api.models import FineTuneJobSpec, MemoryPlanReport, TrainingPlan
 from kubetune.trainer.errors import OutOfMemory
 from kubetune.trainer.memory import GIB, MemoryPlan, ModelShape, RunSettings, plan_memory
-from kubetune.trainer.preference import sequences_per_example
+from kubetune.trainer.preference import fewest_per_micro_batch, sequences_per_example
 
 if TYPE_CHECKING:
     from kubetune.trainer.speed import SpeedSettings
@@ -75,15 +75,18 @@ def plan_for_this_card(
     free = free_bytes
     if cuda and free is None:
         free = usable_gpu_bytes()
+    fewest = fewest_per_micro_batch(spec.method)
     if shape is not None:
         memory = plan_memory(shape, run, free, cuda=cuda)
+        if memory.micro_batch_size < fewest <= per_device:
+            memory = plan_memory(shape, replace(run, micro_batch_size=fewest), free, cuda=cuda)
     else:  # an unknown shape: what the spec says; on a GPU, checkpointing when unset
         checkpointing = training.gradient_checkpointing
         if checkpointing is None:
             checkpointing = cuda or training.profile == "memory"
         micro = plan.micro_batch_size
         if training.profile == "memory" and not chosen:
-            micro = 1
+            micro = min(fewest, per_device)
         memory = MemoryPlan(
             checkpointed_layers=1 if checkpointing else 0,
             layers=1,

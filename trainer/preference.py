@@ -36,6 +36,12 @@ def sequences_per_example(method: MethodSpec) -> int:
     return 2 if method.type == "dpo" else 1
 
 
+def fewest_per_micro_batch(method: MethodSpec) -> int:
+    """The smallest micro-batch the method trains on: KTO's ``kto`` loss estimates its KL term
+    from the other examples of the micro-batch, so it needs two (TRL refuses one)."""
+    return 2 if method.type == "kto" and method.kto_settings.loss_type == "kto" else 1
+
+
 def extra_forward_passes(method: MethodSpec) -> int:
     """Forward passes without gradients per trained sequence: the reference pass; KTO's KL term
     adds the policy's and the reference's over the mismatched completion."""

@@ -366,3 +366,30 @@ def test_sigterm_then_resume_gives_the_uninterrupted_runs_adapter(
     for name, weight in theirs.items():
         assert ours[name].dtype == weight.dtype == torch.bfloat16, name
         torch.testing.assert_close(ours[name], weight, rtol=2.0**-7, atol=1e-6)
+
+
+@pytest.mark.unit
+def test_the_memory_plan_gives_kto_two_examples_a_micro_batch_and_dpo_twice_the_tokens() -> None:
+    """The memory profile plans one row a micro-step; KTO's KL term needs two, and a DPO pair
+    puts two sequences through each micro-step."""
+    from kubetune.api.models import FineTuneJobSpec, plan_training
+    from kubetune.trainer.memory import ModelShape
+    from kubetune.trainer.planning import plan_for_this_card
+    from kubetune.trainer.speed import resolve_speed
+
+    shape = ModelShape.from_config({"hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "vocab_size": 32000})  # fmt: skip
+    plans = {}
+    for method in ("sft", "dpo", "kto"):
+        spec = FineTuneJobSpec.model_validate({
+            "model": {"uri": "m"}, "dataset": {"uri": "d"}, "output": {"uri": "o"},
+            "method": {"type": method}, "training": {"profile": "memory", "maxLength": 1024},
+        })  # fmt: skip
+        plan = plan_training(spec.training, 1)
+        speed = resolve_speed(spec.training, cuda=True, varlen_runs=False)
+        plans[method] = plan_for_this_card(spec, plan, speed, shape, True, free_bytes=80 * 2**30)
+    assert plans["sft"].micro_batch_size == plans["dpo"].micro_batch_size == 1
+    assert plans["kto"].micro_batch_size == 2
+    assert plans["dpo"].tokens_per_micro_step == 2 * plans["sft"].tokens_per_micro_step
+    assert plans["dpo"].estimated_peak_bytes > plans["sft"].estimated_peak_bytes
