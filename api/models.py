@@ -393,7 +393,7 @@ class LoraSpec(ApiModel):
 
 
 class TrainingSpec(ApiModel):
-    """Hyperparameters of the SFT run."""
+    """Hyperparameters of the run (SFT, DPO or KTO)."""
 
     model_config = ConfigDict(
         json_schema_extra={
