@@ -113,6 +113,9 @@ def operator(
         "KUBETUNE_TRAINER_IMAGE": f"kubetune/operator:{project_version()}",
         "KUBETUNE_IMAGE_PULL_POLICY": "Never",
         "KUBETUNE_TRAINER_COMMAND": f"/mnt/pvc/{CLAIM}/{STAND_IN}",
+        # The probe's address reaches the stand-in through spec.podTemplate's env, which the
+        # operator admits by name only.
+        "KUBETUNE_ALLOWED_POD_TEMPLATE_ENV": f"KUBETUNE_STAND_IN,{PROBE_ENV}",
         # The trainers' NetworkPolicy (on by default) excludes, beside the cloud metadata
         # address, the real node's pods: the apiserver (through the kubernetes Service) and DNS
         # stay reachable.
