@@ -27,6 +27,7 @@ import pytest
 import yaml
 from operatorkit import CLAIM, CRD, REPO, OperatorProcess, log_tail_after, started, work_claim
 
+from kubetune_devtools.loopback import LoopbackServer
 from kubetune_devtools.pytest_plugin import (
     Kubectl,
     get_json,
@@ -757,12 +758,11 @@ TENANT = "tenant@example.com"
 TOKEN_VALUE = "hf_tenant-must-never-see-this-0123456789"
 
 
-class RecordingDatasetServer:
+class RecordingDatasetServer(LoopbackServer):
     """An http server on loopback that serves one dataset file and records every request."""
 
     def __init__(self, payload: bytes) -> None:
         import http.server
-        import threading
 
         self.requests: list[dict[str, Any]] = []
         recorder = self.requests
@@ -778,13 +778,7 @@ class RecordingDatasetServer:
             def log_message(self, *_: Any) -> None:
                 return
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture

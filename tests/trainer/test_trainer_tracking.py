@@ -15,6 +15,7 @@ import pytest
 from trainer_helpers import TinyAssets, assert_hidden, job_manifest, train_job
 
 from kubetune.trainer.digests import sha256_file
+from kubetune_devtools.loopback import LoopbackServer
 
 pytestmark = pytest.mark.trainer
 
@@ -214,8 +215,7 @@ def test_what_a_tracking_server_answers_stays_out_of_the_termination_message(
     monkeypatch: pytest.MonkeyPatch,
     body: str,
 ) -> None:
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     class Refusing(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -230,16 +230,14 @@ def test_what_a_tracking_server_answers_stays_out_of_the_termination_message(
         def log_message(self, format: str, *args: Any) -> None:
             return None
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
+    server = LoopbackServer(Refusing)
+    port = server.port
     manifest = two_steps_tracked_at(tiny, tmp_path / "adapter", port, "refused")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     try:
         code, logs = train_job(tmp_path / "job.yaml", manifest)
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
     assert code == 1, logs[-2000:]
     written = termination_log.read_text()
     message = json.loads(written)["message"]
