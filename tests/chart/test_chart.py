@@ -94,6 +94,16 @@ def deployment_env(objects: list[dict[str, Any]]) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container["env"] if "value" in e}
 
 
+def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> OperatorSettings:
+    """The operator's settings as it reads them from ``env`` alone (no other ``KUBETUNE_*``)."""
+    for key in list(os.environ):
+        if key.startswith("KUBETUNE_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return OperatorSettings()
+
+
 @pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda v: v.stem if v else "defaults")
 def test_helm_lint_is_clean(helm: Helm, values: Path | None) -> None:
     args = ["-f", str(values)] if values else []
@@ -238,12 +248,7 @@ def test_operator_env_is_exactly_the_operator_settings(
     fields = {f"KUBETUNE_{name.upper()}" for name in OperatorSettings.model_fields}
 
     assert set(env) <= fields, set(env) - fields
-    for key in list(os.environ):
-        if key.startswith("KUBETUNE_"):
-            monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    settings = OperatorSettings()
+    settings = settings_from(env, monkeypatch)
 
     assert settings.namespaces == ["team-a", "team-b"]
     assert settings.max_workers == 4
@@ -551,12 +556,7 @@ def test_validation_pod_values_reach_the_operator(
 ) -> None:
     env = deployment_env(render("--set", "trainer.validation.resources.limits.memory=2Gi",
                                 "--set", "trainer.validation.activeDeadlineSeconds=600"))  # fmt: skip
-    for key in list(os.environ):
-        if key.startswith("KUBETUNE_"):
-            monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    settings = OperatorSettings()
+    settings = settings_from(env, monkeypatch)
 
     assert settings.validation_memory_limit == "2Gi"
     assert settings.validation_active_deadline_seconds == 600

@@ -16,6 +16,7 @@ from kubetune_devtools.pytest_plugin import (
     get_json,
     on_image_node,
     pod_manifest,
+    run_to_end,
     wait_for,
 )
 
@@ -40,18 +41,6 @@ def image_pod(name: str, image: str, **container: Any) -> dict[str, Any]:
     )
 
 
-def run_to_end(kubectl: Kubectl, namespace: str, pod: dict[str, Any]) -> dict[str, Any]:
-    """Apply ``pod`` and wait till it succeeds or fails; the pod as it ended."""
-    apply(kubectl, namespace, pod)
-    name = pod["metadata"]["name"]
-
-    def done() -> dict[str, Any] | None:
-        current = get_json(kubectl, "pod", name, "-n", namespace)
-        return current if current["status"].get("phase") in ("Succeeded", "Failed") else None
-
-    return dict(wait_for(done, 60, f"pod {name} to finish"))
-
-
 def waiting_reason(kubectl: Kubectl, namespace: str, name: str) -> str | None:
     statuses = get_json(kubectl, "pod", name, "-n", namespace)["status"].get(
         "containerStatuses"
@@ -62,7 +51,9 @@ def waiting_reason(kubectl: Kubectl, namespace: str, name: str) -> str | None:
 def test_image_entrypoint_runs_with_the_pods_args_as_the_images_user(
     kubectl: Kubectl, namespace: str, image_node: str
 ) -> None:
-    pod = run_to_end(kubectl, namespace, image_pod("entrypoint", OPERATOR_IMAGE, args=["--help"]))
+    pod = run_to_end(
+        kubectl, namespace, image_pod("entrypoint", OPERATOR_IMAGE, args=["--help"]), 60
+    )
     assert pod["status"]["phase"] == "Succeeded", kubectl("logs", "entrypoint", "-n", namespace)
     assert "usage: kubetune-operator" in kubectl("logs", "entrypoint", "-n", namespace).stdout
     status = pod["status"]["containerStatuses"][0]
@@ -87,7 +78,7 @@ def test_container_root_is_the_images_read_only_root_with_its_env_user_and_volum
     )
     pod["spec"]["volumes"] = [{"name": "scratch", "emptyDir": {}}]
 
-    status = run_to_end(kubectl, namespace, pod)["status"]
+    status = run_to_end(kubectl, namespace, pod, 60)["status"]
     log = kubectl("logs", "rootfs", "-n", namespace).stdout.splitlines()
     assert status["phase"] == "Succeeded", log
     assert log[0] == f"kubetune-operator {VERSION}"  # the image's file, not the host's
@@ -110,7 +101,7 @@ def test_pod_overrides_user_env_and_working_dir_of_the_image(
         pod_security={"runAsUser": 4242, "runAsGroup": 4343},
     )
 
-    assert run_to_end(kubectl, namespace, pod)["status"]["phase"] == "Succeeded"
+    assert run_to_end(kubectl, namespace, pod, 60)["status"]["phase"] == "Succeeded"
     log = kubectl("logs", "overrides", "-n", namespace).stdout.splitlines()
     assert log == ["4242", "4343", "no", "/opt/kubetune"]
 
@@ -121,7 +112,7 @@ def test_run_as_non_root_refuses_an_image_user_of_root(
     as_root = {"runAsNonRoot": True, "runAsUser": 0}
     pod = image_pod("as-root", OPERATOR_IMAGE, command=["true"], securityContext=as_root)
 
-    status = run_to_end(kubectl, namespace, pod)["status"]
+    status = run_to_end(kubectl, namespace, pod, 60)["status"]
     assert status["phase"] == "Failed"
     assert "runAsNonRoot" in status["containerStatuses"][0]["state"]["terminated"]["message"]
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -54,24 +55,21 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.unit
-def test_a_pod_outside_a_subdomain_knows_only_itself_and_localhost() -> None:
-    pod = {"metadata": {"name": "solo", "namespace": "ns", "uid": "1"}, "spec": {}}
-    text = hosts_file_text(pod, "127.9.9.9")
-    assert "127.0.0.1\tlocalhost" in text
-    assert text.splitlines()[-1] == "127.9.9.9\tsolo"
-
-
-@pytest.mark.integration
-def test_two_pods_of_an_indexed_job_resolve_each_other_through_a_headless_service(
-    kubectl: Kubectl, namespace: str
-) -> None:
+def peers_find_each_other(
+    kubectl: Kubectl,
+    namespace: str,
+    port: int,
+    container: Mapping[str, Any],
+    **pod_spec: Any,
+) -> dict[int, str]:
+    """Run ``SCRIPT`` as Indexed Job ``dns`` of two pods (``container``'s image and pull policy,
+    ``pod_spec``'s placement), rank 0 listening on ``port``, under headless Service ``peers``;
+    assert both pods found and reached each other by name; each rank's pod address."""
     labels = {"app": "peers"}
     service = {
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": "peers"},
         "spec": {"clusterIP": "None", "selector": labels, "publishNotReadyAddresses": True},
     }  # fmt: skip
-    port = free_port()
     job: dict[str, Any] = {
         "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "dns"},
         "spec": {
@@ -79,8 +77,8 @@ def test_two_pods_of_an_indexed_job_resolve_each_other_through_a_headless_servic
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
-                    "restartPolicy": "Never", "subdomain": "peers",
-                    "containers": [{"name": "main", "image": "busybox",
+                    "restartPolicy": "Never", "subdomain": "peers", **pod_spec,
+                    "containers": [{"name": "main", **container,
                                     "command": ["python", "-c", SCRIPT, namespace, str(port)]}],
                 },
             },
@@ -103,8 +101,25 @@ def test_two_pods_of_an_indexed_job_resolve_each_other_through_a_headless_servic
     logs = {r: kubectl("logs", p["metadata"]["name"], "-n", namespace).stdout
             for r, p in by_rank.items()}  # fmt: skip
     assert outcome == "Complete", logs
-    addresses = {r: p["status"]["podIP"] for r, p in by_rank.items()}
-    assert len(set(addresses.values())) == 2 and "127.0.0.1" not in addresses.values()
+    addresses = {r: str(p["status"]["podIP"]) for r, p in by_rank.items()}
+    assert len(set(addresses.values())) == 2
     assert f"dns-1.peers is {addresses[1]}" in logs[0]
     assert f"dns-0.peers is {addresses[0]}" in logs[1]
     assert f"hello from {addresses[1]}: dns-1" in logs[0]
+    return addresses
+
+
+@pytest.mark.unit
+def test_a_pod_outside_a_subdomain_knows_only_itself_and_localhost() -> None:
+    pod = {"metadata": {"name": "solo", "namespace": "ns", "uid": "1"}, "spec": {}}
+    text = hosts_file_text(pod, "127.9.9.9")
+    assert "127.0.0.1\tlocalhost" in text
+    assert text.splitlines()[-1] == "127.9.9.9\tsolo"
+
+
+@pytest.mark.integration
+def test_two_pods_of_an_indexed_job_resolve_each_other_through_a_headless_service(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    addresses = peers_find_each_other(kubectl, namespace, free_port(), {"image": "busybox"})
+    assert "127.0.0.1" not in addresses.values()

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_pod_dns import SCRIPT as PEERS_SCRIPT
+from test_pod_dns import peers_find_each_other
 
 from kubetune.local.controlplane import NodeOptions
 from kubetune.local.real_node import RealNode
@@ -27,13 +27,19 @@ from kubetune.local.real_node_config import (
 )
 from kubetune_devtools.installs import project_version
 from kubetune_devtools.pytest_plugin import (
+    ECHO_SERVER,
     REAL_NODE_ONLY,
     ClusterHandle,
     Kubectl,
     apply,
+    dedicated_to,
     get_json,
     on_real_node,
+    placed_on,
+    pod_ip_once_running,
     pod_manifest,
+    python_pod_on_real_node,
+    run_to_end,
     wait_for,
 )
 
@@ -65,15 +71,6 @@ open("/dev/termination-log", "w").write(json.dumps(report))
 #: A multi-pod group's rank 0 listens here (the operator's rendezvous port).
 RENDEZVOUS_PORT = 29400
 
-ECHO_SERVER = """
-import socket
-server = socket.create_server(("", 8080))
-while True:
-    connection, _ = server.accept()
-    with connection:
-        connection.sendall(b"echo")
-"""
-
 # Resolves the Service's name (retrying until CoreDNS has it), connects, writes what it got.
 ECHO_CLIENT = """
 import json, socket, sys, time
@@ -93,18 +90,6 @@ open("/dev/termination-log", "w").write(json.dumps({"address": address, "answer"
 
 # Allocates (and touches) memory well past a 64 MiB limit.
 EAT_MEMORY = "blocks = []\nwhile True:\n    blocks.append(bytearray(16 * 1024 * 1024))\n"
-
-
-def run_to_end(kubectl: Kubectl, namespace: str, pod: dict[str, Any]) -> dict[str, Any]:
-    """Apply ``pod`` and wait till it succeeds or fails; the pod as it ended."""
-    apply(kubectl, namespace, pod)
-    name = pod["metadata"]["name"]
-
-    def done() -> dict[str, Any] | None:
-        current = get_json(kubectl, "pod", name, "-n", namespace)
-        return current if current["status"].get("phase") in ("Succeeded", "Failed") else None
-
-    return dict(wait_for(done, 120, f"pod {name} to finish"))
 
 
 def terminated(pod: dict[str, Any]) -> dict[str, Any]:
@@ -127,22 +112,18 @@ def test_a_pod_with_the_charts_security_context_runs_non_root_read_only_without_
     kubectl: Kubectl, namespace: str, real_node: str
 ) -> None:
     values = yaml.safe_load(CHART_VALUES.read_text())
-    pod = pod_manifest(
+    pod = python_pod_on_real_node(
         "self-report",
-        {
-            "name": "main",
-            "image": OPERATOR_IMAGE,
-            "imagePullPolicy": "Never",
-            "command": ["python", "-c", SELF_REPORT],
+        SELF_REPORT,
+        container={
             "securityContext": values["securityContext"],
             "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
         },
-        **on_real_node(),
         securityContext=values["podSecurityContext"],
         volumes=[{"name": "tmp", "emptyDir": {}}],
     )
 
-    ended = run_to_end(kubectl, namespace, pod)
+    ended = run_to_end(kubectl, namespace, pod, 120)
 
     state = terminated(ended)
     assert ended["status"]["phase"] == "Succeeded", state
@@ -160,19 +141,13 @@ def test_a_pod_with_the_charts_security_context_runs_non_root_read_only_without_
 def test_a_container_over_its_memory_limit_ends_oom_killed(
     kubectl: Kubectl, namespace: str, real_node: str
 ) -> None:
-    pod = pod_manifest(
+    pod = python_pod_on_real_node(
         "eats-memory",
-        {
-            "name": "main",
-            "image": OPERATOR_IMAGE,
-            "imagePullPolicy": "Never",
-            "command": ["python", "-c", EAT_MEMORY],
-            "resources": {"limits": {"memory": "64Mi", "cpu": "500m"}},
-        },
-        **on_real_node(),
+        EAT_MEMORY,
+        container={"resources": {"limits": {"memory": "64Mi", "cpu": "500m"}}},
     )
 
-    ended = run_to_end(kubectl, namespace, pod)
+    ended = run_to_end(kubectl, namespace, pod, 120)
 
     assert ended["status"]["phase"] == "Failed"
     state = terminated(ended)
@@ -193,18 +168,9 @@ open("/dev/termination-log", "w").write(json.dumps({"user": review.status.user_i
 def test_a_pod_reaches_the_apiserver_through_the_kubernetes_service_with_its_token(
     kubectl: Kubectl, namespace: str, real_node: str
 ) -> None:
-    pod = pod_manifest(
-        "who-am-i",
-        {
-            "name": "main",
-            "image": OPERATOR_IMAGE,
-            "imagePullPolicy": "Never",
-            "command": ["python", "-c", WHO_AM_I],
-        },
-        **on_real_node(),
-    )
+    pod = python_pod_on_real_node("who-am-i", WHO_AM_I)
 
-    ended = run_to_end(kubectl, namespace, pod)
+    ended = run_to_end(kubectl, namespace, pod, 120)
 
     state = terminated(ended)
     assert ended["status"]["phase"] == "Succeeded", state
@@ -229,17 +195,12 @@ def test_a_crashed_real_node_leaves_nothing_on_the_host_once_stopped(
     local = local_cluster.local()
     name = "kubetune-test-crash"
     only = f"{REAL_NODE_ONLY}-crash"
-    local.start_real_node(
-        NodeOptions(
-            name=name, kind="kubelet", labels=[f"{only}=only"], taints=[f"{only}=only:NoSchedule"]
-        )
-    )
+    local.start_real_node(NodeOptions(name=name, kind="kubelet", **dedicated_to(only)))
     try:
         pause = pod_manifest(
             "sleeps",
             {"name": "main", "image": PAUSE_IMAGE, "imagePullPolicy": "Never"},
-            nodeSelector={only: "only"},
-            tolerations=[{"key": only, "operator": "Exists", "effect": "NoSchedule"}],
+            **placed_on(only),
         )
         apply(kubectl, namespace, pause)
         wait_for(
@@ -278,50 +239,14 @@ def test_two_pods_of_an_indexed_job_find_each_other_through_cluster_dns(
     """A multi-pod group's rendezvous as the operator renders it (an Indexed Job whose pods'
     subdomain is a headless Service), on the real node: the names come from CoreDNS, each pod
     has its own network namespace and address, and rank 0 listens on the group's port."""
-    labels = {"app": "peers"}
-    service = {
-        "apiVersion": "v1", "kind": "Service", "metadata": {"name": "peers"},
-        "spec": {"clusterIP": "None", "selector": labels, "publishNotReadyAddresses": True},
-    }  # fmt: skip
-    job: dict[str, Any] = {
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "dns"},
-        "spec": {
-            "completionMode": "Indexed", "completions": 2, "parallelism": 2, "backoffLimit": 0,
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "Never", "subdomain": "peers", **on_real_node(),
-                    "containers": [{"name": "main", "image": OPERATOR_IMAGE,
-                                    "imagePullPolicy": "Never",
-                                    "command": ["python", "-c", PEERS_SCRIPT, namespace,
-                                                str(RENDEZVOUS_PORT)]}],
-                },
-            },
-        },
-    }  # fmt: skip
-    apply(kubectl, namespace, service)
-    apply(kubectl, namespace, job)
-
-    def finished() -> str | None:
-        status = get_json(kubectl, "job", "dns", "-n", namespace)["status"]
-        done = [c["type"] for c in status.get("conditions", []) if c["status"] == "True"]
-        return next((c for c in done if c in ("Complete", "Failed")), None)
-
-    outcome = wait_for(finished, 120, "the Indexed Job to finish")
-    pods = get_json(kubectl, "pods", "-n", namespace, "-l", "batch.kubernetes.io/job-name=dns")
-    by_rank = {
-        int(p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"]): p
-        for p in pods["items"]
-    }
-    logs = {r: kubectl("logs", p["metadata"]["name"], "-n", namespace).stdout
-            for r, p in by_rank.items()}  # fmt: skip
-    assert outcome == "Complete", logs
-    addresses = {r: p["status"]["podIP"] for r, p in by_rank.items()}
+    addresses = peers_find_each_other(
+        kubectl,
+        namespace,
+        RENDEZVOUS_PORT,
+        {"image": OPERATOR_IMAGE, "imagePullPolicy": "Never"},
+        **on_real_node(),
+    )
     assert all(ipaddress.ip_address(a) in POD_NETWORKS for a in addresses.values())
-    assert len(set(addresses.values())) == 2
-    assert f"dns-1.peers is {addresses[1]}" in logs[0]
-    assert f"dns-0.peers is {addresses[0]}" in logs[1]
-    assert f"hello from {addresses[1]}: dns-1" in logs[0]
 
 
 def test_a_service_name_resolves_and_balances_to_its_pod(
@@ -330,12 +255,7 @@ def test_a_service_name_resolves_and_balances_to_its_pod(
     """kube-proxy and CoreDNS on the real node: a ClusterIP Service's name resolves to its
     ClusterIP, and a connection to it reaches the pod behind it."""
     labels = {"app": "echo"}
-    server = pod_manifest(
-        "echo",
-        {"name": "main", "image": OPERATOR_IMAGE, "imagePullPolicy": "Never",
-         "command": ["python", "-c", ECHO_SERVER]},
-        **on_real_node(),
-    )  # fmt: skip
+    server = python_pod_on_real_node("echo", ECHO_SERVER)
     server["metadata"]["labels"] = labels
     service = {
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": "echo"},
@@ -343,14 +263,9 @@ def test_a_service_name_resolves_and_balances_to_its_pod(
     }  # fmt: skip
     apply(kubectl, namespace, server, service)
     cluster_ip = get_json(kubectl, "service", "echo", "-n", namespace)["spec"]["clusterIP"]
-    client = pod_manifest(
-        "asks",
-        {"name": "main", "image": OPERATOR_IMAGE, "imagePullPolicy": "Never",
-         "command": ["python", "-c", ECHO_CLIENT, f"echo.{namespace}.svc.cluster.local"]},
-        **on_real_node(),
-    )  # fmt: skip
+    client = python_pod_on_real_node("asks", ECHO_CLIENT, f"echo.{namespace}.svc.cluster.local")
 
-    ended = run_to_end(kubectl, namespace, client)
+    ended = run_to_end(kubectl, namespace, client, 120)
 
     state = terminated(ended)
     assert ended["status"]["phase"] == "Succeeded", state
@@ -385,22 +300,10 @@ def test_a_network_policy_keeps_a_pod_from_an_address_it_excludes(
     pods' range except one address reaches another pod there, not the excluded one."""
     servers = {}
     for name in ("allowed", "excluded"):
-        server = pod_manifest(
-            name,
-            {"name": "main", "image": OPERATOR_IMAGE, "imagePullPolicy": "Never",
-             "command": ["python", "-c", ECHO_SERVER]},
-            **on_real_node(),
-        )  # fmt: skip
-        apply(kubectl, namespace, server)
+        apply(kubectl, namespace, python_pod_on_real_node(name, ECHO_SERVER))
     for name in ("allowed", "excluded"):
-        servers[name] = wait_for(
-            lambda name=name: (
-                (pod := get_json(kubectl, "pod", name, "-n", namespace))["status"].get("phase")
-                == "Running"
-                and pod["status"].get("podIP")
-            ),
-            120,
-            f"the {name} server to run",
+        servers[name] = pod_ip_once_running(
+            kubectl, namespace, name, 120, f"the {name} server to run"
         )
     policy = {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -413,15 +316,10 @@ def test_a_network_policy_keeps_a_pod_from_an_address_it_excludes(
         },
     }  # fmt: skip
     apply(kubectl, namespace, policy)
-    client = pod_manifest(
-        "client",
-        {"name": "main", "image": OPERATOR_IMAGE, "imagePullPolicy": "Never",
-         "command": ["python", "-c", REACH, servers["allowed"], servers["excluded"]]},
-        **on_real_node(),
-    )  # fmt: skip
+    client = python_pod_on_real_node("client", REACH, servers["allowed"], servers["excluded"])
     client["metadata"]["labels"] = {"app": "client"}
 
-    ended = run_to_end(kubectl, namespace, client)
+    ended = run_to_end(kubectl, namespace, client, 120)
 
     result = json.loads(terminated(ended)["message"])
     # Dropped or rejected, as the enforcer chooses; never answered.

@@ -11,10 +11,13 @@ from pathlib import Path
 
 from kubetune.local.ports import free_port
 from kubetune_devtools.installs import scrape_metrics
+from kubetune_devtools.pytest_plugin import Kubectl, apply, get_json, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 #: The FineTuneJob CRD, applied by each suite before it starts the operator.
 CRD = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
+#: The PersistentVolumeClaim of ``work_claim``.
+CLAIM = "work"
 
 
 class OperatorProcess:
@@ -119,3 +122,21 @@ def log_tail_after(process: OperatorProcess) -> Iterator[None]:
     ``process``'s log tail, in the captured output pytest shows for a failing test."""
     yield
     print(f"--- operator log (tail) ---\n{process.log_tail()}")
+
+
+def work_claim(kubectl: Kubectl, namespace: str) -> Path:
+    """A bound PVC named ``work`` (``CLAIM``); the directory behind it on this machine."""
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": CLAIM},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }
+    apply(kubectl, namespace, claim)
+    volume = wait_for(
+        lambda: get_json(kubectl, "pvc", CLAIM, "-n", namespace)["spec"].get("volumeName"),
+        60,
+        "the work claim to bind",
+    )
+    pv = get_json(kubectl, "pv", volume)
+    return Path(pv["spec"]["hostPath"]["path"])

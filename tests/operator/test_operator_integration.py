@@ -25,20 +25,20 @@ from typing import Any
 
 import pytest
 import yaml
-from operatorkit import CRD, REPO, OperatorProcess, log_tail_after, started
+from operatorkit import CLAIM, CRD, REPO, OperatorProcess, log_tail_after, started, work_claim
 
+from kubetune_devtools.loopback import LoopbackServer
 from kubetune_devtools.pytest_plugin import (
     Kubectl,
-    create_namespace,
     get_json,
     install_crd,
     on_image_node,
+    temporary_namespace,
     wait_for,
 )
 
 pytestmark = pytest.mark.integration
 
-CLAIM = "work"
 #: A GPU resource no node of the test cluster offers: the scheduler's answer is deterministic.
 MISSING_GPU = "kubetune.io/test-gpu"
 
@@ -146,24 +146,6 @@ def pods_of(
         "items"
     ]
     return items
-
-
-def work_claim(kubectl: Kubectl, namespace: str) -> Path:
-    """A bound PVC named ``work``; the directory behind it on this machine."""
-    claim = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {"name": CLAIM},
-        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
-    }
-    apply(kubectl, namespace, claim)
-    volume = wait_for(
-        lambda: get_json(kubectl, "pvc", CLAIM, "-n", namespace)["spec"].get("volumeName"),
-        60,
-        "the work claim to bind",
-    )
-    pv = get_json(kubectl, "pv", volume)
-    return Path(pv["spec"]["hostPath"]["path"])
 
 
 def tiny_training_spec(dataset: str, **training: Any) -> dict[str, Any]:
@@ -521,27 +503,30 @@ def _cluster_endpoint(kubectl: Kubectl) -> tuple[str, ssl.SSLContext]:
     return cluster["server"], context
 
 
-@pytest.fixture(scope="module")
-def trainer_status_policy(helm: Callable[..., Any], kubectl: Kubectl) -> Iterator[None]:
-    """The chart's ValidatingAdmissionPolicy for trainer identities, for this module only (it
-    names the chart's operator, which other suites install)."""
+def chart_template_applied(
+    helm: Callable[..., Any], kubectl: Kubectl, template: str
+) -> Iterator[None]:
+    """For a fixture to ``yield from``: the chart's ``templates/<template>`` (release ``kt`` in
+    ``kubetune-system``) applied to the cluster, then deleted."""
     rendered = helm("template", "kt", str(REPO / "charts" / "kubetune"), "-n", "kubetune-system",
-                    "-s", "templates/trainer-status-policy.yaml")  # fmt: skip
+                    "-s", f"templates/{template}")  # fmt: skip
     assert rendered.returncode == 0, rendered.stderr
     kubectl("apply", "-f", "-", input=rendered.stdout)
     yield
     kubectl("delete", "-f", "-", "--ignore-not-found", input=rendered.stdout)
+
+
+@pytest.fixture(scope="module")
+def trainer_status_policy(helm: Callable[..., Any], kubectl: Kubectl) -> Iterator[None]:
+    """The chart's ValidatingAdmissionPolicy for trainer identities, for this module only (it
+    names the chart's operator, which other suites install)."""
+    yield from chart_template_applied(helm, kubectl, "trainer-status-policy.yaml")
 
 
 @pytest.fixture(scope="module")
 def references_policy(helm: Callable[..., Any], kubectl: Kubectl) -> Iterator[None]:
     """The chart's ValidatingAdmissionPolicy that refuses references the creator can't read."""
-    rendered = helm("template", "kt", str(REPO / "charts" / "kubetune"), "-n", "kubetune-system",
-                    "-s", "templates/references-policy.yaml")  # fmt: skip
-    assert rendered.returncode == 0, rendered.stderr
-    kubectl("apply", "-f", "-", input=rendered.stdout)
-    yield
-    kubectl("delete", "-f", "-", "--ignore-not-found", input=rendered.stdout)
+    yield from chart_template_applied(helm, kubectl, "references-policy.yaml")
 
 
 def _patch_status_as(
@@ -637,9 +622,7 @@ def test_a_trainer_identity_may_change_progress_and_nothing_else(
 @pytest.fixture
 def other_release_namespace(kubectl: Kubectl, namespace: str) -> Iterator[str]:
     """Where a second release of the chart would run its operator (one release per team)."""
-    name = create_namespace(kubectl, f"{namespace}-other")
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false", check=False)
+    yield from temporary_namespace(kubectl, f"{namespace}-other")
 
 
 def test_another_releases_operator_may_write_status_while_the_trainer_may_not(
@@ -775,12 +758,11 @@ TENANT = "tenant@example.com"
 TOKEN_VALUE = "hf_tenant-must-never-see-this-0123456789"
 
 
-class RecordingDatasetServer:
+class RecordingDatasetServer(LoopbackServer):
     """An http server on loopback that serves one dataset file and records every request."""
 
     def __init__(self, payload: bytes) -> None:
         import http.server
-        import threading
 
         self.requests: list[dict[str, Any]] = []
         recorder = self.requests
@@ -796,13 +778,7 @@ class RecordingDatasetServer:
             def log_message(self, *_: Any) -> None:
                 return
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from operatorkit import CRD, REPO, OperatorProcess, started
 from test_operator_integration import apply, finetunejob, sleeper_spec, wait_phase
 
 from kubetune.api.bounded import AFFINITY, POD_SPEC, largest
-from kubetune_devtools.pytest_plugin import Kubectl, create_namespace, install_crd, wait_for
+from kubetune_devtools.pytest_plugin import Kubectl, install_crd, temporary_namespace, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -82,9 +82,7 @@ def issue_affinity() -> dict[str, Any]:
 
 @pytest.fixture
 def tenant(kubectl: Kubectl, namespace: str) -> Iterator[str]:
-    name = create_namespace(kubectl, f"{namespace[:50]}-tenant")
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false", check=False)
+    yield from temporary_namespace(kubectl, f"{namespace[:50]}-tenant")
 
 
 def test_fifty_specs_at_the_admitted_maximum_keep_the_operator_under_its_memory_limit(

@@ -20,24 +20,28 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operatorkit import CRD, OperatorProcess, log_tail_after, started
+from operatorkit import CLAIM, CRD, OperatorProcess, log_tail_after, started, work_claim
 
 from kubetune.local.real_node import NodeState, RealNode
 from kubetune_devtools.installs import project_version
 from kubetune_devtools.pytest_plugin import (
+    ECHO_SERVER,
     REAL_NODE,
     ClusterHandle,
     Kubectl,
     apply,
     get_json,
     install_crd,
+    minimal_finetunejob,
     on_real_node,
+    pod_ip_once_running,
+    python_pod_on_real_node,
+    run_to_end,
     wait_for,
 )
 
 pytestmark = pytest.mark.integration
 
-CLAIM = "work"
 STAND_IN = "stand-in-trainer"
 #: Written by the test once it has seen the stand-in's progress: the stand-in then outgrows its
 #: memory limit.
@@ -84,16 +88,6 @@ while True:
 """
 
 
-ECHO_SERVER = """
-import socket
-server = socket.create_server(("", 8080))
-while True:
-    connection, _ = server.accept()
-    with connection:
-        connection.sendall(b"echo")
-"""
-
-
 ASK = """
 import socket, sys
 with socket.create_connection((sys.argv[1], 8080), 10) as connection:
@@ -119,6 +113,9 @@ def operator(
         "KUBETUNE_TRAINER_IMAGE": f"kubetune/operator:{project_version()}",
         "KUBETUNE_IMAGE_PULL_POLICY": "Never",
         "KUBETUNE_TRAINER_COMMAND": f"/mnt/pvc/{CLAIM}/{STAND_IN}",
+        # The probe's address reaches the stand-in through spec.podTemplate's env, which the
+        # operator admits by name only.
+        "KUBETUNE_ALLOWED_POD_TEMPLATE_ENV": f"KUBETUNE_STAND_IN,{PROBE_ENV}",
         # The trainers' NetworkPolicy (on by default) excludes, beside the cloud metadata
         # address, the real node's pods: the apiserver (through the kubernetes Service) and DNS
         # stay reachable.
@@ -139,27 +136,32 @@ def _operator_log(operator: OperatorProcess) -> Iterator[None]:
     yield from log_tail_after(operator)
 
 
-def work_claim(kubectl: Kubectl, namespace: str) -> Path:
+def stand_in_claim(kubectl: Kubectl, namespace: str) -> Path:
     """A bound claim ``work`` holding the stand-in trainer; the directory behind it."""
-    claim = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {"name": CLAIM},
-        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
-    }
-    apply(kubectl, namespace, claim)
-    volume = wait_for(
-        lambda: get_json(kubectl, "pvc", CLAIM, "-n", namespace)["spec"].get("volumeName"),
-        60,
-        "the work claim to bind",
-    )
-    directory = Path(get_json(kubectl, "pv", volume)["spec"]["hostPath"]["path"])
+    directory = work_claim(kubectl, namespace)
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o777)  # the trainer's uid 1000 writes its output there
     script = directory / STAND_IN
     script.write_text(STAND_IN_SOURCE)
     script.chmod(0o755)
     return directory
+
+
+def stand_in_job(name: str, memory: str, **spec: Any) -> dict[str, Any]:
+    """FineTuneJob ``name`` whose one trainer pod (``memory`` its limit; ``spec``'s other
+    fields) runs the stand-in from the work claim on the real node, with no Validating phase
+    and no retry."""
+    return minimal_finetunejob(
+        name,
+        model={"uri": "org/model"},
+        dataset={"uri": "https://datasets.invalid/train.jsonl"},
+        output={"uri": f"pvc://{CLAIM}/adapter"},
+        resources={"gpus": 1, "memory": memory, "cpu": "500m"},
+        scheduling=on_real_node(),
+        validation={"enabled": False},
+        runPolicy={"backoffLimit": 0},
+        **spec,
+    )
 
 
 def status_of(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
@@ -169,25 +171,8 @@ def status_of(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
 def test_a_trainer_over_its_memory_limit_fails_the_job_oom_killed_after_reporting_progress(
     kubectl: Kubectl, namespace: str, operator: OperatorProcess, real_node: str
 ) -> None:
-    directory = work_claim(kubectl, namespace)
-    placement = on_real_node()
-    job = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "outgrows-memory"},
-        "spec": {
-            "model": {"uri": "org/model"},
-            "dataset": {"uri": "https://datasets.invalid/train.jsonl"},
-            "output": {"uri": f"pvc://{CLAIM}/adapter"},
-            "resources": {"gpus": 1, "memory": "128Mi", "cpu": "500m"},
-            "scheduling": {
-                "nodeSelector": placement["nodeSelector"],
-                "tolerations": placement["tolerations"],
-            },
-            "validation": {"enabled": False},
-            "runPolicy": {"backoffLimit": 0},
-        },
-    }
+    directory = stand_in_claim(kubectl, namespace)
+    job = stand_in_job("outgrows-memory", "128Mi")
     apply(kubectl, namespace, job)
 
     progress = wait_for(
@@ -221,43 +206,15 @@ def test_a_trainer_never_reaches_an_address_its_network_policy_excludes(
     """The trainer's NetworkPolicy, rendered by the operator, enforced on the real node: the
     trainer connects to a pod of the excluded range and gets no answer, where a pod without
     that policy gets one."""
-    directory = work_claim(kubectl, namespace)
-    placement = on_real_node()
-    server = {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "echo"},
-        "spec": {**placement, "containers": [{
-            "name": "main", "image": f"kubetune/operator:{project_version()}",
-            "imagePullPolicy": "Never", "command": ["python", "-c", ECHO_SERVER]}]},
-    }  # fmt: skip
-    apply(kubectl, namespace, server)
-    address = wait_for(
-        lambda: (
-            (pod := get_json(kubectl, "pod", "echo", "-n", namespace))["status"].get("phase")
-            == "Running"
-            and pod["status"].get("podIP")
-        ),
-        120,
-        "the echo server to run",
+    directory = stand_in_claim(kubectl, namespace)
+    apply(kubectl, namespace, python_pod_on_real_node("echo", ECHO_SERVER))
+    address = pod_ip_once_running(kubectl, namespace, "echo", 120, "the echo server to run")
+    trainer_env = [{"name": PROBE_ENV, "value": address}]
+    job = stand_in_job(
+        "probes",
+        "256Mi",
+        podTemplate={"spec": {"containers": [{"name": "trainer", "env": trainer_env}]}},
     )
-    job = {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": "probes"},
-        "spec": {
-            "model": {"uri": "org/model"},
-            "dataset": {"uri": "https://datasets.invalid/train.jsonl"},
-            "output": {"uri": f"pvc://{CLAIM}/adapter"},
-            "resources": {"gpus": 1, "memory": "256Mi", "cpu": "500m"},
-            "scheduling": {
-                "nodeSelector": placement["nodeSelector"],
-                "tolerations": placement["tolerations"],
-            },
-            "validation": {"enabled": False},
-            "runPolicy": {"backoffLimit": 0},
-            "podTemplate": {"spec": {"containers": [
-                {"name": "trainer", "env": [{"name": PROBE_ENV, "value": address}]}]}},
-        },
-    }  # fmt: skip
     apply(kubectl, namespace, job)
 
     probed = wait_for(
@@ -268,22 +225,6 @@ def test_a_trainer_never_reaches_an_address_its_network_policy_excludes(
     # Dropped or rejected, as the enforcer chooses; never answered.
     assert probed["answer"] in ("TimeoutError", "ConnectionRefusedError"), probed
     # The server answers a pod that no policy holds.
-    asks = {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "asks"},
-        "spec": {**placement, "restartPolicy": "Never", "containers": [{
-            "name": "main", "image": f"kubetune/operator:{project_version()}",
-            "imagePullPolicy": "Never", "command": ["python", "-c", ASK, address]}]},
-    }  # fmt: skip
-    apply(kubectl, namespace, asks)
-    ended = wait_for(
-        lambda: (
-            pod
-            if (pod := get_json(kubectl, "pod", "asks", "-n", namespace))["status"].get("phase")
-            in ("Succeeded", "Failed")
-            else None
-        ),
-        120,
-        "the unconfined pod's answer",
-    )
+    ended = run_to_end(kubectl, namespace, python_pod_on_real_node("asks", ASK, address), 120)
     (state,) = ended["status"]["containerStatuses"]
     assert state["state"]["terminated"].get("message") == "echo", state

@@ -10,6 +10,7 @@ import pytest
 from trainer_helpers import TinyAssets, job_manifest, write_manifest
 
 from kubetune.trainer.local_run import main as kubetune
+from kubetune_devtools.loopback import LoopbackServer
 
 pytestmark = pytest.mark.trainer
 
@@ -62,12 +63,11 @@ def test_trust_remote_code_and_push_to_hub_need_their_flags(
     assert "trustRemoteCode" not in err and "spec.output.pushToHub" in err
 
 
-class RecordingTrackingServer:
+class RecordingTrackingServer(LoopbackServer):
     """An http server on loopback that answers every request 503 and records its headers."""
 
     def __init__(self) -> None:
         import http.server
-        import threading
 
         self.headers: list[dict[str, str]] = []
         recorder = self.headers
@@ -84,13 +84,7 @@ class RecordingTrackingServer:
             def log_message(self, *_: object) -> None:
                 return
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(Handler)
 
 
 SHELL_PASSWORD = "shell-mlflow-password-0123456789"

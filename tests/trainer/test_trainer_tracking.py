@@ -15,6 +15,7 @@ import pytest
 from trainer_helpers import TinyAssets, assert_hidden, job_manifest, train_job
 
 from kubetune.trainer.digests import sha256_file
+from kubetune_devtools.loopback import LoopbackServer
 
 pytestmark = pytest.mark.trainer
 
@@ -168,32 +169,32 @@ def test_a_run_that_fails_after_its_mlflow_run_started_names_that_run(
     }
 
 
+def two_steps_tracked_at(
+    tiny: TinyAssets, output: Path, port: int, experiment: str
+) -> dict[str, Any]:
+    """A two-step job of the tiny model whose MLflow tracking server is at ``port`` on this
+    machine."""
+    manifest = job_manifest(
+        tiny.model, tiny.datasets["prompt-completion"], output, training={"maxSteps": 2}
+    )
+    manifest["spec"]["tracking"] = {
+        "mlflow": {"trackingUri": f"http://127.0.0.1:{port}", "experimentName": experiment}
+    }
+    return manifest
+
+
 def test_unreachable_tracking_server_fails_before_the_model_loads(
-    tiny: TinyAssets, tmp_path: Path, termination_log: Path
+    tiny: TinyAssets, tmp_path: Path, termination_log: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import socket
 
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    manifest = job_manifest(
-        tiny.model, tiny.datasets["prompt-completion"], tmp_path / "adapter",
-        training={"maxSteps": 2},
-    )  # fmt: skip
-    manifest["spec"]["tracking"] = {
-        "mlflow": {"trackingUri": f"http://127.0.0.1:{port}", "experimentName": "nowhere"}
-    }
-    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        code, logs = train_job(tmp_path / "job.yaml", manifest)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    manifest = two_steps_tracked_at(tiny, tmp_path / "adapter", port, "nowhere")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    code, logs = train_job(tmp_path / "job.yaml", manifest)
     assert code == 1, logs[-2000:]
     assert f"MLflow tracking server http://127.0.0.1:{port}" in logs
     assert "tracking.mlflow.trackingUri" in logs
@@ -214,8 +215,7 @@ def test_what_a_tracking_server_answers_stays_out_of_the_termination_message(
     monkeypatch: pytest.MonkeyPatch,
     body: str,
 ) -> None:
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     class Refusing(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -230,22 +230,14 @@ def test_what_a_tracking_server_answers_stays_out_of_the_termination_message(
         def log_message(self, format: str, *args: Any) -> None:
             return None
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    manifest = job_manifest(
-        tiny.model, tiny.datasets["prompt-completion"], tmp_path / "adapter",
-        training={"maxSteps": 2},
-    )  # fmt: skip
-    manifest["spec"]["tracking"] = {
-        "mlflow": {"trackingUri": f"http://127.0.0.1:{port}", "experimentName": "refused"}
-    }
+    server = LoopbackServer(Refusing)
+    port = server.port
+    manifest = two_steps_tracked_at(tiny, tmp_path / "adapter", port, "refused")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     try:
         code, logs = train_job(tmp_path / "job.yaml", manifest)
     finally:
-        server.shutdown()
-        server.server_close()
+        server.close()
     assert code == 1, logs[-2000:]
     written = termination_log.read_text()
     message = json.loads(written)["message"]

@@ -9,7 +9,7 @@ the tests that add nodes are skipped). A cluster started here has no GPU node; t
 that need one take ``gpu_node`` or start nodes with ``add_node``; tests of queueing take
 ``kueue``, tests of JobSet groups ``jobset``. Beside the fixtures, the
 helpers the suites share: ``apply``, ``wait_for``, ``get_json``, ``pod_manifest``,
-``minimal_finetunejob``, and helm's environment and
+``run_to_end``, ``minimal_finetunejob``, and helm's environment and
 settings for installing the chart on the local cluster.
 """
 
@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 import pytest
 import yaml
@@ -146,9 +146,7 @@ def kubectl(local_cluster: ClusterHandle) -> Kubectl:
 def namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace for one test, deleted (without waiting) afterwards."""
     base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
-    name = create_namespace(kubectl, f"{base}-{uuid.uuid4().hex[:5]}")
-    yield name
-    kubectl("delete", "namespace", name, "--wait=false", check=False)
+    yield from temporary_namespace(kubectl, f"{base}-{uuid.uuid4().hex[:5]}")
 
 
 def create_namespace(kubectl: Kubectl, name: str) -> str:
@@ -163,6 +161,14 @@ def create_namespace(kubectl: Kubectl, name: str) -> str:
         "default serviceaccount",
     )
     return name
+
+
+def temporary_namespace(kubectl: Kubectl, name: str) -> Iterator[str]:
+    """For a fixture to ``yield from``: namespace ``name``, created, then deleted (without
+    waiting) once the fixture is torn down."""
+    create_namespace(kubectl, name)
+    yield name
+    kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
 AddNode = Callable[..., str]
@@ -198,6 +204,26 @@ def add_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[AddNode
         kubectl("delete", "node", name, "--wait=false", check=False)
 
 
+class Dedication(TypedDict):
+    labels: list[str]
+    taints: list[str]
+
+
+def dedicated_to(key: str) -> Dedication:
+    """A node's labels and taints (NodeOptions fields) that keep it for pods ``placed_on(key)``:
+    labelled and tainted ``key=only``."""
+    return Dedication(labels=[f"{key}=only"], taints=[f"{key}=only:NoSchedule"])
+
+
+def placed_on(key: str) -> dict[str, Any]:
+    """The pod-spec fields (nodeSelector, tolerations) that put a pod on a node
+    ``dedicated_to(key)``."""
+    return {
+        "nodeSelector": {key: "only"},
+        "tolerations": [{"key": key, "operator": "Exists", "effect": "NoSchedule"}],
+    }
+
+
 IMAGE_NODE = "kubetune-test-images"
 # The image node's label and taint: only pods that select and tolerate it run there.
 IMAGES_ONLY = "kubetune.io/images-only"
@@ -212,8 +238,7 @@ def image_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[str]:
         NodeOptions(
             name=IMAGE_NODE,
             gpus=0,
-            labels=[f"{IMAGES_ONLY}=only"],
-            taints=[f"{IMAGES_ONLY}=only:NoSchedule"],
+            **dedicated_to(IMAGES_ONLY),
             host_images=(),
         )
     )
@@ -225,10 +250,7 @@ def image_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[str]:
 
 def on_image_node() -> dict[str, Any]:
     """The pod-spec fields (nodeSelector, tolerations) that put a pod on ``image_node``."""
-    return {
-        "nodeSelector": {IMAGES_ONLY: "only"},
-        "tolerations": [{"key": IMAGES_ONLY, "operator": "Exists", "effect": "NoSchedule"}],
-    }
+    return placed_on(IMAGES_ONLY)
 
 
 REAL_NODE = "kubetune-test-kubelet"
@@ -252,8 +274,7 @@ def real_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[str]:
         NodeOptions(
             name=REAL_NODE,
             gpus=1,
-            labels=[f"{REAL_NODE_ONLY}=only"],
-            taints=[f"{REAL_NODE_ONLY}=only:NoSchedule"],
+            **dedicated_to(REAL_NODE_ONLY),
             kind="kubelet",
             images=(f"kubetune/operator:{project_version()}",),
         )
@@ -265,10 +286,18 @@ def real_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[str]:
 
 def on_real_node() -> dict[str, Any]:
     """The pod-spec fields (nodeSelector, tolerations) that put a pod on ``real_node``."""
-    return {
-        "nodeSelector": {REAL_NODE_ONLY: "only"},
-        "tolerations": [{"key": REAL_NODE_ONLY, "operator": "Exists", "effect": "NoSchedule"}],
-    }
+    return placed_on(REAL_NODE_ONLY)
+
+
+#: A pod's program (``python -c``): answers ``echo`` to every connection on port 8080.
+ECHO_SERVER = """
+import socket
+server = socket.create_server(("", 8080))
+while True:
+    connection, _ = server.accept()
+    with connection:
+        connection.sendall(b"echo")
+"""
 
 
 @pytest.fixture(scope="session")
@@ -358,6 +387,21 @@ def apply(
     kubectl("apply", "-n", namespace, *impersonate, "-f", "-", input=json.dumps(manifest))
 
 
+def run_to_end(
+    kubectl: Kubectl, namespace: str, pod: dict[str, Any], timeout: float
+) -> dict[str, Any]:
+    """Apply ``pod`` and wait (up to ``timeout`` seconds) till it succeeds or fails; the pod as
+    it ended."""
+    apply(kubectl, namespace, pod)
+    name = pod["metadata"]["name"]
+
+    def done() -> dict[str, Any] | None:
+        current = get_json(kubectl, "pod", name, "-n", namespace)
+        return current if current["status"].get("phase") in ("Succeeded", "Failed") else None
+
+    return dict(wait_for(done, timeout, f"pod {name} to finish"))
+
+
 def pod_manifest(name: str, *containers: Mapping[str, Any], **spec: Any) -> dict[str, Any]:
     """A Pod ``name`` that runs ``containers`` once (restartPolicy Never), with ``spec``'s other
     pod-spec fields."""
@@ -367,6 +411,45 @@ def pod_manifest(name: str, *containers: Mapping[str, Any], **spec: Any) -> dict
         "metadata": {"name": name},
         "spec": {"restartPolicy": "Never", **spec, "containers": list(containers)},
     }
+
+
+def python_pod_on_real_node(
+    name: str,
+    program: str,
+    *args: str,
+    container: Mapping[str, Any] | None = None,
+    **spec: Any,
+) -> dict[str, Any]:
+    """A Pod ``name`` on ``real_node`` that runs ``python -c program args`` once in the operator
+    image (which the real node has in its containerd), with ``container``'s other container
+    fields and ``spec``'s other pod-spec fields."""
+    from kubetune_devtools.installs import project_version
+
+    main = {
+        "name": "main",
+        "image": f"kubetune/operator:{project_version()}",
+        "imagePullPolicy": "Never",
+        "command": ["python", "-c", program, *args],
+        **(container or {}),
+    }
+    return pod_manifest(name, main, **on_real_node(), **spec)
+
+
+def pod_ip_once_running(
+    kubectl: Kubectl, namespace: str, name: str, timeout: float, what: str
+) -> str:
+    """Wait (up to ``timeout`` seconds, for ``what``) till pod ``name`` runs; its address."""
+    return str(
+        wait_for(
+            lambda: (
+                (pod := get_json(kubectl, "pod", name, "-n", namespace))["status"].get("phase")
+                == "Running"
+                and pod["status"].get("podIP")
+            ),
+            timeout,
+            what,
+        )
+    )
 
 
 def minimal_finetunejob(name: str = "minimal", **spec: Any) -> dict[str, Any]:
@@ -386,12 +469,15 @@ def minimal_finetunejob(name: str = "minimal", **spec: Any) -> dict[str, Any]:
 
 
 __all__ = [
+    "ECHO_SERVER",
     "ClusterHandle",
+    "Dedication",
     "Kubectl",
     "add_node",
     "apply",
     "binaries_dir",
     "create_namespace",
+    "dedicated_to",
     "get_json",
     "gpu_node",
     "image_node",
@@ -405,7 +491,12 @@ __all__ = [
     "namespace",
     "on_image_node",
     "on_real_node",
+    "placed_on",
+    "pod_ip_once_running",
     "pod_manifest",
+    "python_pod_on_real_node",
     "real_node",
+    "run_to_end",
+    "temporary_namespace",
     "wait_for",
 ]
