@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from chartkit import CHART, CI_VALUES, Helm, Render, of_kind
+from chartkit import CHART, CI_VALUES, Helm, Render, of_kind, settings_from
 
 from kubetune.api.models import FineTuneJobSpec
 from kubetune.operator.render import render as render_children
@@ -92,16 +91,6 @@ def deployment_env(objects: list[dict[str, Any]]) -> dict[str, str]:
     [deployment] = of_kind(objects, "Deployment")
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     return {e["name"]: e["value"] for e in container["env"] if "value" in e}
-
-
-def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> OperatorSettings:
-    """The operator's settings as it reads them from ``env`` alone (no other ``KUBETUNE_*``)."""
-    for key in list(os.environ):
-        if key.startswith("KUBETUNE_"):
-            monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    return OperatorSettings()
 
 
 @pytest.mark.parametrize("values", [None, *CI_VALUES], ids=lambda v: v.stem if v else "defaults")

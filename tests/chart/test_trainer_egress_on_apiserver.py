@@ -9,14 +9,13 @@ job of a cluster configured as the documentation says.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from chartkit import Render, of_kind
+from chartkit import Render, of_kind, settings_from
 
 from kubetune.api.models import FineTuneJobSpec
 from kubetune.operator.render import render as render_children
@@ -62,14 +61,15 @@ def settings_from_chart(render_chart: Render, values: dict[str, Any] | None,
         path = tmp_path / "values.yaml"
         path.write_text(yaml.safe_dump(values))
         args = ["-f", str(path)]
-    [deployment] = of_kind(render_chart(*args), "Deployment")
+    # The operator's Deployment (an example may turn kubetune-server on beside it).
+    [deployment] = [
+        d for d in of_kind(render_chart(*args), "Deployment")
+        if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") != "server"
+    ]  # fmt: skip
     [container] = deployment["spec"]["template"]["spec"]["containers"]
-    for key in [k for k in os.environ if k.startswith("KUBETUNE_")]:
-        monkeypatch.delenv(key)
-    for item in container["env"]:
-        if item["name"].startswith("KUBETUNE_") and "value" in item:
-            monkeypatch.setenv(item["name"], item["value"])
-    return OperatorSettings()
+    env = {item["name"]: item["value"] for item in container["env"]
+           if item["name"].startswith("KUBETUNE_") and "value" in item}  # fmt: skip
+    return settings_from(env, monkeypatch)
 
 
 def policies(settings: OperatorSettings, name: str) -> list[dict[str, Any]]:
