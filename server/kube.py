@@ -71,7 +71,12 @@ def _api_error(response: httpx.Response, verb: str, what: str) -> ApiError:
     if status == 401:
         return unauthorized()
     if status == 403:
-        # The API server's message names the caller; say what was refused, not who asked.
+        denied = message.partition("denied request: ")[2]
+        if denied:
+            # An admission policy's own words (the references policy: "spec.model.uri: you may
+            # not get PersistentVolumeClaim ..."): they name the field, not the caller.
+            return ApiError(403, denied, code="forbidden")
+        # RBAC's message names the caller; say what was refused, not who asked.
         return ApiError(403, f"forbidden: the caller may not {verb} {what}", code="forbidden")
     if status == 404:
         return ApiError(404, f"{what} not found", code="not_found")

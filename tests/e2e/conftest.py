@@ -41,6 +41,14 @@ def kubetune_release(
     the module's own ``CHART_ARGS`` (helm arguments) where it has them."""
     built_images("operator", "trainer")
     module_args = list(getattr(request.module, "CHART_ARGS", ()))
+
+    def not_terminating() -> bool:
+        found = kubectl("get", "namespace", SYSTEM_NAMESPACE, "-o", "jsonpath={.status.phase}",
+                        check=False)  # fmt: skip
+        return found.returncode != 0 or found.stdout.strip() != "Terminating"
+
+    # An earlier module's release leaves its namespace terminating: nothing can be made in it.
+    wait_for(not_terminating, 300, f"namespace {SYSTEM_NAMESPACE} of the last release to go")
     env = helm_env(kubeconfig_path, tmp_path_factory.mktemp("helm"))
     install = helm("upgrade", "--install", "kubetune", str(REPO / "charts" / "kubetune"),
                    "--namespace", SYSTEM_NAMESPACE, "--create-namespace",

@@ -52,6 +52,9 @@ TENANT_RULES = [
     {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"],
      "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["get", "list"]},
+    # The references policy: whoever creates a job must be allowed to read the claims it names
+    # (the platform's model and output claim here).
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]},
 ]  # fmt: skip
 
 

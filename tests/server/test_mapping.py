@@ -207,3 +207,26 @@ def test_a_succeeded_jobs_curves_are_its_result_file() -> None:
         "step,train_loss,learning_rate,tokens_per_second\n1,2.5,0.01,\n2,1.5,0.01,100.0\n"
     )
     assert mapping.openai_job(job("Running"), TEMPLATE)["result_files"] == []
+
+
+def test_a_refusal_by_an_admission_policy_says_which_field_and_rbacs_never_names_the_caller() -> (
+    None
+):
+    import httpx
+
+    from kubetune.server.kube import _api_error
+
+    policy = httpx.Response(403, json={"message": (
+        'finetunejobs.kubetune.io "ftjob-1" is forbidden: ValidatingAdmissionPolicy '
+        "'kubetune-references' with binding 'kubetune-references' denied request: "
+        "spec.model.uri: you may not get PersistentVolumeClaim models in namespace team-a"
+    )})  # fmt: skip
+    refused = _api_error(policy, "create", "fine-tuning jobs")
+    assert (refused.status, refused.message) == (
+        403, "spec.model.uri: you may not get PersistentVolumeClaim models in namespace team-a")  # fmt: skip
+    rbac = httpx.Response(403, json={"message": (
+        'finetunejobs.kubetune.io is forbidden: User "system:serviceaccount:team-a:bob" cannot '
+        'create resource "finetunejobs" in API group "kubetune.io" in the namespace "team-a"'
+    )})  # fmt: skip
+    hidden = _api_error(rbac, "create", "fine-tuning jobs")
+    assert hidden.status == 403 and "bob" not in hidden.message

@@ -261,7 +261,7 @@ def test_a_hosts_header_line_and_column_names_stay_out_of_the_termination_messag
     written = termination_log.read_text()
     assert json.loads(written)["message"] == (
         "cannot detect the dataset format from its columns: expected messages, "
-        "prompt+completion, instruction+output, or text; set dataset.format and "
+        "prompt+completion, instruction+output, or text for method.type sft; set dataset.format and "
         "dataset.columns (the trainer's log lists the dataset's columns)"
     )
     assert "internal-secret-1c2d" not in written
