@@ -284,8 +284,14 @@ class DatasetSpec(ApiModel):
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "!(has(self.evalSplit) && has(self.evalFraction))",
-                    "message": "set either dataset.evalSplit or dataset.evalFraction, not both",
+                    "rule": (
+                        "(has(self.evalSplit) ? 1 : 0) + (has(self.evalFraction) ? 1 : 0)"
+                        " + (has(self.evalUri) ? 1 : 0) <= 1"
+                    ),
+                    "message": (
+                        "set at most one of dataset.evalSplit, dataset.evalFraction and "
+                        "dataset.evalUri"
+                    ),
                 }
             ]
         }
@@ -337,6 +343,16 @@ class DatasetSpec(ApiModel):
         gt=0,
         le=0.5,
     )
+    eval_uri: str | None = Field(
+        default=None,
+        description=(
+            "Evaluation data from elsewhere: a URI of the same kinds as uri (its records in the "
+            "same format, read with the same columns)."
+        ),
+        min_length=1,
+        max_length=1024,
+        json_schema_extra=_uri_rules("dataset.evalUri"),
+    )
 
     @field_validator("uri")
     @classmethod
@@ -344,10 +360,20 @@ class DatasetSpec(ApiModel):
         parse_uri(value, DATASET_SCHEMES, "dataset")
         return value
 
+    @field_validator("eval_uri")
+    @classmethod
+    def _eval_uri(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_uri(value, DATASET_SCHEMES, "dataset.evalUri")
+        return value
+
     @model_validator(mode="after")
     def _one_eval_source(self) -> DatasetSpec:
-        if self.eval_split is not None and self.eval_fraction is not None:
-            raise ValueError("set either dataset.evalSplit or dataset.evalFraction, not both")
+        sources = (self.eval_split, self.eval_fraction, self.eval_uri)
+        if sum(source is not None for source in sources) > 1:
+            raise ValueError(
+                "set at most one of dataset.evalSplit, dataset.evalFraction and dataset.evalUri"
+            )
         return self
 
 
@@ -1094,6 +1120,18 @@ class FineTuneJobSpec(ApiModel):
         description="Credentials and endpoint for the spec's s3:// URIs.",
         json_schema_extra=_immutable("objectStore"),
     )
+
+    def uris(self) -> list[tuple[str, str, bool]]:
+        """Every URI the spec names, as (field, uri, whether the trainer writes there): what
+        the operator mounts, the policy checks and the trainer redacts."""
+        named = [
+            ("spec.model.uri", self.model.uri, False),
+            ("spec.dataset.uri", self.dataset.uri, False),
+        ]
+        if self.dataset.eval_uri is not None:
+            named.append(("spec.dataset.evalUri", self.dataset.eval_uri, False))
+        named.append(("spec.output.uri", self.output.uri, True))
+        return named
 
     @model_validator(mode="after")
     def _cross_field(self) -> FineTuneJobSpec:

@@ -136,11 +136,7 @@ def _denied_options(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[s
 def _cluster_uris(spec: FineTuneJobSpec) -> list[str]:
     """Local paths and file:// mean a path on the node: only `kubetune train` may use them."""
     problems = []
-    for field, uri in (
-        ("spec.model.uri", spec.model.uri),
-        ("spec.dataset.uri", spec.dataset.uri),
-        ("spec.output.uri", spec.output.uri),
-    ):
+    for field, uri, _ in spec.uris():
         parsed = parse_uri(uri, CLUSTER_SCHEMES | {"file"}, field)
         hub_id = parsed.could_be_hub_id and field != "spec.output.uri"
         if parsed.scheme not in CLUSTER_SCHEMES and not hub_id:

@@ -136,11 +136,7 @@ def labels_for(name: str, uid: str | None = None) -> dict[str, str]:
 def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
     """Claims named by pvc:// URIs → whether the trainer writes to them (the output's claim)."""
     claims: dict[str, bool] = {}
-    for uri, writable in (
-        (spec.model.uri, False),
-        (spec.dataset.uri, False),
-        (spec.output.uri, True),
-    ):
+    for _, uri, writable in spec.uris():
         claim = parse_uri(uri, ("pvc",), "a").claim if uri.startswith("pvc://") else None
         if claim is not None:
             claims[claim] = claims.get(claim, False) or writable

@@ -100,7 +100,7 @@ def _guarded(
     try:
         tokens = (
             resolve_hub_tokens(config.token_file)
-            .with_uri_credentials([spec.model.uri, spec.dataset.uri, spec.output.uri])
+            .with_uri_credentials([uri for _, uri, _ in spec.uris()])
             .with_secrets(tracking_secrets())
             .with_secrets(object_store_secrets())
         )

@@ -210,10 +210,11 @@ CEL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
         ),
         "spec.tracking.mlflow: set tracking.mlflow.usernameSecretRef and passwordSecretRef",
     ),
-    "set either dataset.evalSplit or dataset.evalFraction, not both": (
-        with_spec(dataset={"uri": "pvc://data/d", "evalSplit": "test", "evalFraction": 0.1}),
-        with_spec(dataset={"uri": "pvc://data/d", "evalFraction": 0.1}),
-        "spec.dataset: set either dataset.evalSplit or dataset.evalFraction, not both",
+    "set at most one of dataset.evalSplit, dataset.evalFraction and dataset.evalUri": (
+        with_spec(dataset={"uri": "pvc://data/d", "evalSplit": "test", "evalUri": "pvc://d/e"}),
+        with_spec(dataset={"uri": "pvc://data/d", "evalUri": "pvc://d/e"}),
+        "spec.dataset: set at most one of dataset.evalSplit, dataset.evalFraction and "
+        "dataset.evalUri",
     ),
     "set either training.epochs or training.maxSteps, not both": (
         with_spec(training={"epochs": 1, "maxSteps": 10}),

@@ -458,7 +458,15 @@ def test_the_references_policy_checks_every_secret_reference_and_claim_of_the_sp
         }
 
     assert named("secret") == _secret_ref_paths(FineTuneJobSpec)
-    assert named("claim") == {"model.uri", "dataset.uri", "output.uri"}
+    # Every URI the spec can name (FineTuneJobSpec.uris, all optional ones set) may name a claim.
+    every_uri = FineTuneJobSpec.model_validate(
+        {
+            "model": {"uri": "pvc://work/model"},
+            "dataset": {"uri": "pvc://work/data", "evalUri": "pvc://work/eval"},
+            "output": {"uri": "pvc://work/out"},
+        }
+    )
+    assert named("claim") == {field.removeprefix("spec.") for field, _, _ in every_uri.uris()}
     # CEL allows two authorization checks per expression: one check per variable, none in the
     # validation itself.
     for name, expression in variables.items():
