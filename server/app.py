@@ -1,6 +1,7 @@
-"""The HTTP API: OpenAI's fine-tuning routes under ``/v1`` (files, fine_tuning/jobs, models) and
-the signed dataset downloads trainer pods make. Every Kubernetes request is the caller's
-(``kube.Kube`` with their bearer token); the server adds no right of its own."""
+"""The HTTP API: OpenAI's fine-tuning routes under ``/v1`` (files, fine_tuning/jobs, models),
+the signed dataset downloads trainer pods make, and the web console under ``/ui`` (console.py).
+Every Kubernetes request is the caller's (``kube.Kube`` with their bearer token); the server adds
+no right of its own."""
 
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kubetune.api.datasets import DatasetInvalid, check_jsonl
-from kubetune.server import mapping
+from kubetune.server import console, mapping
 from kubetune.server.errors import ApiError, bad_request, not_found, unauthorized
 from kubetune.server.files import NAMESPACE, FileStore, StoredFile, UrlSigner, clean_filename
 from kubetune.server.kube import Kube, endpoint_from_kubeconfig, endpoint_in_cluster
@@ -464,6 +465,19 @@ def create_app(settings: ServerSettings, kube: Kube | None = None) -> FastAPI:
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    if settings.console:
+        app.state.console = console.new_console(
+            kube,
+            token_header=settings.console_token_header,
+            default_namespace=settings.default_namespace,
+            namespaces=tuple(settings.console_namespaces),
+        )
+        app.include_router(console.make_router(app.state.console))
+
+        @app.get("/ui", include_in_schema=False)
+        async def console_root() -> RedirectResponse:
+            return RedirectResponse("/ui/", 308)
 
     return app
 
