@@ -9,6 +9,7 @@ curve and answer is pinned exactly. The operator's own tests pin what it writes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -156,6 +157,18 @@ def row_of(browser: WebDriver, namespace: str, name: str) -> Any:
     return browser.find_element(By.CSS_SELECTOR, f'tr[data-job="{namespace}/{name}"]')
 
 
+def screenshot(browser: WebDriver, name: str, height: int = 900) -> None:
+    """With ``KUBETUNE_CONSOLE_SCREENSHOTS=DIR``, keep what the page looks like now as
+    ``DIR/name.png`` (docs/console.md's pictures come from here)."""
+    folder = os.environ.get("KUBETUNE_CONSOLE_SCREENSHOTS")
+    if not folder:
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    browser.set_window_size(1366, height)
+    browser.save_screenshot(str(Path(folder) / f"{name}.png"))
+    browser.set_window_size(1366, 900)
+
+
 def mark_page(browser: WebDriver) -> None:
     """Leave a mark in the page's window: it is gone if the page reloads."""
     browser.execute_script("window.kubetuneTestMark = 'still here';")
@@ -255,6 +268,7 @@ def test_a_running_jobs_phase_and_loss_curve_advance_without_a_reload(
     assert "H100-80GB" in shown and "9.5 GiB" in shown and "5m 00s" in shown  # the estimate
     assert "3m 30s" in shown  # ETA
     assert page_not_reloaded(browser)
+    screenshot(browser, "console-jobs", 560)
 
     # The job page, reached from the keyboard: its curves grow as the trainer reports.
     link = browser.find_element(By.CSS_SELECTOR, f'{row} a[href="/ui/jobs/{ns}/support-bot"]')
@@ -274,6 +288,7 @@ def test_a_running_jobs_phase_and_loss_curve_advance_without_a_reload(
         lambda: "Training loss: 1.1 at step 6" in text_of(browser, '#loss-chart[data-points="6"]'),
     )  # fmt: skip
     assert text_of(browser, "#step") == "6"
+    screenshot(browser, "console-job-running", 640)
     assert page_not_reloaded(browser)
 
     # It succeeds: the answers, the adapter's digest and the estimate against the actual appear.
@@ -290,6 +305,7 @@ def test_a_running_jobs_phase_and_loss_curve_advance_without_a_reload(
     assert "Succeeded=True" in text_of(browser, "#timeline")
     assert page_not_reloaded(browser)
     assert count(browser, "#yaml") == 1
+    screenshot(browser, "console-job-succeeded", 1500)
 
 
 def test_a_tenant_sees_only_the_namespaces_they_may_list(
