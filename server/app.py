@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, Upload
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile as FormFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kubetune.api.datasets import DatasetInvalid, check_jsonl
@@ -29,8 +30,10 @@ from kubetune.server.kube import Kube, endpoint_from_kubeconfig, endpoint_in_clu
 from kubetune.server.settings import ServerSettings
 
 log = logging.getLogger("kubetune.server")
-#: Multipart framing and the purpose field, on top of the file itself.
+#: Multipart framing and the purpose field (the console's form fields), on top of the file.
 MULTIPART_OVERHEAD = 64 * 1024
+#: Where a request body may bring a whole dataset: the API's upload and the console's form.
+UPLOAD_PATHS = frozenset({"/v1/files", "/ui/new"})
 
 
 class BodyLimit:
@@ -46,7 +49,8 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.upload_limit if scope["path"] == "/v1/files" else self.other_limit
+        uploads = scope["path"] in UPLOAD_PATHS
+        limit = self.upload_limit if uploads else self.other_limit
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
@@ -467,8 +471,18 @@ def create_app(settings: ServerSettings, kube: Kube | None = None) -> FastAPI:
         return {"status": "ok"}
 
     if settings.console:
+
+        async def keep_dataset(namespace: str, upload: FormFile) -> str:
+            """The console form's dataset file: checked and kept as an API upload is; the
+            signed URL its job downloads it through."""
+            stored = await run_in_threadpool(_store_upload, server, namespace, upload)
+            return server.signer.url(
+                settings.dataset_base_url, namespace, stored.id, settings.dataset_url_seconds
+            )
+
         app.state.console = console.new_console(
             kube,
+            keep_dataset=keep_dataset,
             token_header=settings.console_token_header,
             default_namespace=settings.default_namespace,
             namespaces=tuple(settings.console_namespaces),
@@ -502,7 +516,7 @@ async def _json(request: Request) -> dict[str, Any]:
     return body
 
 
-def _store_upload(server: Server, namespace: str, upload: UploadFile) -> StoredFile:
+def _store_upload(server: Server, namespace: str, upload: FormFile) -> StoredFile:
     """Copy the upload into the namespace's folder, check it as the Validating phase checks a
     dataset (400 naming the first bad line), and keep it."""
     limit = server.settings.max_file_bytes

@@ -22,9 +22,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from starlette.datastructures import UploadFile
 
 from kubetune.api.contract import TRAINER_CONTAINER
 from kubetune.server import console_form
+from kubetune.server.console_form import NAME
 from kubetune.server.console_html import (
     FINAL_PHASES,
     PHASES,
@@ -58,6 +60,9 @@ LOG_LINES = 200
 SA_PREFIX = "system:serviceaccount:"
 
 
+KeepDataset = Callable[[str, UploadFile], Awaitable[str]]
+
+
 class LoginNeeded(Exception):
     """No credential, or one the API server refuses: off to the login page."""
 
@@ -77,6 +82,8 @@ class Console:
     namespaces: tuple[str, ...]
     #: One-time codes ``kubetune ui`` opens the browser with (code → token).
     launch_codes: dict[str, str]
+    #: Keeps a dataset file sent with the form in a namespace; the URI a job reads it from.
+    keep_dataset: KeepDataset
 
     def csrf_for(self, token: str) -> str:
         return hmac.new(self.key, b"csrf:" + token.encode(), hashlib.sha256).hexdigest()
@@ -489,9 +496,22 @@ def make_router(console: Console) -> APIRouter:
             console.check_form(request, viewer, str(form.get("csrf") or ""))
             values = {key: str(value) for key, value in form.items() if isinstance(value, str)}
             namespace = values.get("metadata.namespace", "")
+            upload = form.get("datasetFile")
+            if isinstance(upload, UploadFile) and upload.filename and NAME.match(namespace):
+                # Kept before the rest is checked: the form comes back with its URI filled in,
+                # so a refused spec doesn't ask for the file again.
+                if not await console.kube.may(viewer.token, namespace, "create"):
+                    raise ApiError(403, "forbidden: you may not create FineTuneJobs there")
+                try:
+                    values["spec.dataset.uri"] = await console.keep_dataset(namespace, upload)
+                except ApiError as exc:
+                    if exc.status not in (400, 413):
+                        raise
+                    problems = [f"datasetFile: {exc.message}"]
+                    return await form_page(viewer, values, namespace, problems, None, status=400)
             manifest = console_form.manifest_of(values, namespace)
             problems = console_form.problems_of(manifest)
-            if not console_form.NAME.match(namespace):
+            if not NAME.match(namespace):
                 problems.insert(0, "metadata.namespace: pick a namespace")
             text = console_form.manifest_yaml(manifest)
             if problems:
@@ -517,12 +537,14 @@ def make_router(console: Console) -> APIRouter:
 def new_console(
     kube: Kube,
     *,
+    keep_dataset: KeepDataset,
     token_header: str | None,
     default_namespace: str | None,
     namespaces: tuple[str, ...],
 ) -> Console:
     return Console(
-        kube, secrets.token_bytes(32), token_header, default_namespace, namespaces, {}
+        kube, secrets.token_bytes(32), token_header, default_namespace, namespaces, {},
+        keep_dataset,
     )  # fmt: skip
 
 

@@ -83,7 +83,7 @@ def default_of(path: str) -> str:
         info = by_alias.get(part)
         if info is None:
             return ""
-        value = info.get_default(call_default_factory=True)
+        value = None if info.is_required() else info.get_default(call_default_factory=True)
         model = _model_of(info.annotation)
     return "" if value is None or isinstance(value, BaseModel) else str(value)
 
@@ -215,11 +215,17 @@ def render_form(
             items=join(tag("<li>{p}</li>", p=p) for p in problems),
         )
     return tag(
-        '{summary}<form method="post" action="/ui/new" class="new-job" novalidate>'
+        '{summary}<form method="post" action="/ui/new" class="new-job" novalidate '
+        'enctype="multipart/form-data">'
         '<input type="hidden" name="csrf" value="{csrf}">'
         '<div class="field"><label for="f-namespace">Namespace *</label>'
         '<select id="f-namespace" name="metadata.namespace">{ns}</select></div>'
         "{rows}"
+        '<div class="field"><label for="f-datasetFile">Or upload the dataset</label>'
+        '<input type="file" id="f-datasetFile" name="datasetFile" accept=".jsonl,application/jsonl"'
+        ' aria-describedby="f-datasetFile-hint"><p class="hint" id="f-datasetFile-hint">JSON Lines'
+        "; checked as the Validating phase checks a dataset, then the job reads it from this "
+        "server (its dataset URI is filled in)</p>{file_error}</div>"
         '<div class="actions"><button type="submit" name="action" value="preview">Check and show '
         'YAML</button> <button type="submit" name="action" value="create">Create job</button>'
         "</div></form>",
@@ -227,6 +233,11 @@ def render_form(
         csrf=csrf,
         ns=ns_options,
         rows=join(rows),
+        file_error=(
+            tag('<p class="field-error">{text}</p>', text="; ".join(file_problems))
+            if (file_problems := _field_problems("datasetFile", problems))
+            else Html("")
+        ),
     )
 
 

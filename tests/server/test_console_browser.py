@@ -472,3 +472,36 @@ def test_kubetune_ui_opens_the_console_as_the_kubeconfig_user(
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_a_dataset_file_sent_with_the_form_is_kept_and_the_job_reads_it_from_the_server(
+    console: ServerProcess, browser: WebDriver, kubectl: Kubectl, alice: Tenant, tmp_path: Path
+) -> None:
+    ns = alice.namespace
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
+    good = tmp_path / "reverse.jsonl"
+    good.write_text("".join(
+        json.dumps({"prompt": f"Reverse: {w}", "completion": w[::-1]}) + "\n"
+        for w in ("abc", "kube", "tune")
+    ))  # fmt: skip
+    sign_in(browser, console, alice.token, "/ui/new")
+    for ident, value in {
+        "f-metadata-name": "uploaded",
+        "f-spec-model-uri": "pvc://work/model",
+        "f-spec-output-uri": "pvc://work/adapters/uploaded",
+    }.items():
+        wait_until(browser, ident, lambda i=ident: browser.find_element(By.ID, i)).send_keys(value)
+    browser.find_element(By.ID, "f-datasetFile").send_keys(str(bad))
+    browser.find_element(By.CSS_SELECTOR, 'button[value="create"]').click()
+    wait_until(browser, "the refusal", lambda: "line 2" in text_of(browser, "#problems"))
+    assert "datasetFile: invalid training file" in text_of(browser, "#problems")
+
+    browser.find_element(By.ID, "f-datasetFile").send_keys(str(good))
+    browser.find_element(By.CSS_SELECTOR, 'button[value="create"]').click()
+    wait_until(browser, "the job's page", lambda: text_of(browser, "h1") == "uploaded")
+    spec = json.loads(kubectl("get", "ftj", "uploaded", "-n", ns, "-o", "json").stdout)["spec"]
+    uri = spec["dataset"]["uri"]
+    assert uri.startswith(f"{console.url}/datasets/{ns}/file-"), uri
+    with urllib.request.urlopen(uri) as answer:  # what the trainer pod downloads
+        assert answer.read() == good.read_bytes()
