@@ -84,6 +84,8 @@ class Console:
     launch_codes: dict[str, str]
     #: Keeps a dataset file sent with the form in a namespace; the URI a job reads it from.
     keep_dataset: KeepDataset
+    #: The spec every job made through the server starts from (``server.jobTemplate``).
+    job_template: dict[str, Any]
 
     def csrf_for(self, token: str) -> str:
         return hmac.new(self.key, b"csrf:" + token.encode(), hashlib.sha256).hexdigest()
@@ -478,7 +480,17 @@ def make_router(console: Console) -> APIRouter:
             yaml=preview,
         ) if preview else Html("")  # fmt: skip
         body = join(
-            [console_form.render_form(values, choices, namespace, problems, viewer.csrf), shown]
+            [
+                console_form.render_form(
+                    values,
+                    choices,
+                    namespace,
+                    problems,
+                    csrf=viewer.csrf,
+                    template=console.job_template,
+                ),
+                shown,
+            ]
         )
         return html_response(page("New fine-tuning job", body, csrf=viewer.csrf), status)
 
@@ -509,7 +521,7 @@ def make_router(console: Console) -> APIRouter:
                         raise
                     problems = [f"datasetFile: {exc.message}"]
                     return await form_page(viewer, values, namespace, problems, None, status=400)
-            manifest = console_form.manifest_of(values, namespace)
+            manifest = console_form.manifest_of(values, namespace, console.job_template)
             problems = console_form.problems_of(manifest)
             if not NAME.match(namespace):
                 problems.insert(0, "metadata.namespace: pick a namespace")
@@ -538,13 +550,14 @@ def new_console(
     kube: Kube,
     *,
     keep_dataset: KeepDataset,
+    job_template: dict[str, Any],
     token_header: str | None,
     default_namespace: str | None,
     namespaces: tuple[str, ...],
 ) -> Console:
     return Console(
         kube, secrets.token_bytes(32), token_header, default_namespace, namespaces, {},
-        keep_dataset,
+        keep_dataset, job_template,
     )  # fmt: skip
 
 

@@ -5,6 +5,7 @@ no I/O."""
 
 from __future__ import annotations
 
+import copy
 import re
 import types
 import typing
@@ -69,11 +70,17 @@ def _model_of(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def default_of(path: str) -> str:
-    """The default the API models give a ``spec.`` field (shown as the input's placeholder)."""
+def default_of(path: str, template: Mapping[str, Any] | None = None) -> str:
+    """What a ``spec.`` field is when the form leaves it empty (the input's placeholder): the
+    platform's job template's value, else the API models' default."""
     parts = path.split(".")
     if parts[0] != "spec":
         return ""
+    node: Any = template or {}
+    for part in parts[1:]:
+        node = node.get(part) if isinstance(node, Mapping) else None
+    if node is not None and not isinstance(node, Mapping | list):
+        return str(node)
     model: type[BaseModel] | None = FineTuneJobSpec
     value: Any = None
     for part in parts[1:]:
@@ -99,10 +106,16 @@ def _typed(text: str, kind: str) -> Any:
     return text  # the models say what is wrong with it, naming the field
 
 
-def manifest_of(values: Mapping[str, str], namespace: str) -> dict[str, Any]:
-    """The FineTuneJob a submission describes: the filled fields only (the API server defaults
-    the rest, as for ``kubectl apply``)."""
-    manifest: dict[str, Any] = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {}}
+def manifest_of(
+    values: Mapping[str, str], namespace: str, template: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The FineTuneJob a submission describes: the platform's job template (the spec every job
+    made through the server starts from, as the API's), the filled fields over it; the API
+    server defaults the rest, as for ``kubectl apply``."""
+    manifest: dict[str, Any] = {
+        "apiVersion": API_VERSION, "kind": KIND, "metadata": {},
+        "spec": copy.deepcopy(dict(template or {})),
+    }  # fmt: skip
     for field in FIELDS:
         text = (values.get(field.path) or "").strip()
         if not text:
@@ -113,7 +126,6 @@ def manifest_of(values: Mapping[str, str], namespace: str) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[leaf] = _typed(text, field.kind)
     manifest["metadata"]["namespace"] = namespace
-    manifest.setdefault("spec", {})
     return manifest
 
 
@@ -149,7 +161,9 @@ def render_form(
     namespaces: list[str],
     namespace: str,
     problems: list[str],
+    *,
     csrf: str,
+    template: Mapping[str, Any] | None = None,
 ) -> Html:
     """The form, filled with what was sent; each field's problems under it."""
     rows = []
@@ -172,7 +186,7 @@ def render_form(
             invalid=Html(' aria-invalid="true"') if mine else Html(""),
             required=Html(" required") if field.required else Html(""),
         )
-        default = default_of(field.path)
+        default = default_of(field.path, template)
         if field.kind == "select":
             chosen = value or default
             options = join(

@@ -101,3 +101,13 @@ def test_the_form_shows_the_models_defaults() -> None:
     assert console_form.default_of("spec.training.batchSize") == "16"
     assert console_form.default_of("spec.dataset.format") == "auto"
     assert console_form.default_of("spec.lora.r") == "16"
+
+
+def test_the_form_starts_from_the_platforms_job_template_and_shows_its_values() -> None:
+    template = {"training": {"maxSteps": 10, "learningRate": 0.01}, "resources": {"gpus": 0}}
+    manifest = console_form.manifest_of(valid_form(), "team-a", template)
+    assert manifest["spec"]["training"] == {"maxSteps": 10, "learningRate": 0.0005}
+    assert manifest["spec"]["resources"] == {"gpus": 0}
+    assert template["training"]["learningRate"] == 0.01  # the template itself is untouched
+    assert console_form.default_of("spec.resources.gpus", template) == "0"
+    assert console_form.default_of("spec.training.batchSize", template) == "16"
