@@ -29,7 +29,7 @@ NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 class FormField:
     path: str  # the manifest path, e.g. spec.training.learningRate
     label: str
-    kind: str = "text"  # text | number | select
+    kind: str = "text"  # text | number | select | lines
     choices: tuple[str, ...] = ()
     required: bool = False
     hint: str = ""
@@ -56,6 +56,8 @@ FIELDS: tuple[FormField, ...] = (
     FormField("spec.resources.gpus", "GPUs per pod", "number"),
     FormField("spec.output.uri", "Adapter output", required=True,
               hint="pvc://claim/path, s3:// or gs://"),
+    FormField("spec.evaluation.prompts", "Evaluation prompts", "lines",
+              hint="one per line: answered by the base model and with the adapter"),
 )  # fmt: skip
 
 
@@ -96,6 +98,8 @@ def default_of(path: str, template: Mapping[str, Any] | None = None) -> str:
 
 
 def _typed(text: str, kind: str) -> Any:
+    if kind == "lines":
+        return [line.strip() for line in text.splitlines() if line.strip()]
     if kind != "number":
         return text
     for convert in (int, float):
@@ -195,6 +199,8 @@ def render_form(
                 for choice in field.choices
             )  # fmt: skip
             control = tag("<select {attrs}>{options}</select>", attrs=attrs, options=options)
+        elif field.kind == "lines":
+            control = tag('<textarea {attrs} rows="3">{value}</textarea>', attrs=attrs, value=value)
         else:
             control = tag(
                 '<input type="text" {attrs} value="{value}" placeholder="{placeholder}"'

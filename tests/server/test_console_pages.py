@@ -78,6 +78,7 @@ def valid_form() -> dict[str, str]:
         "spec.output.uri": "pvc://adapters/from-form",
         "spec.training.learningRate": "5e-4",
         "spec.lora.r": "16",
+        "spec.evaluation.prompts": "Reverse: abc\n\n  Reverse: kube  \n",
     }
 
 
@@ -87,6 +88,7 @@ def test_a_filled_form_makes_the_manifest_with_typed_numbers_and_only_the_filled
     assert manifest["metadata"] == {"name": "from-form", "namespace": "team-a"}
     assert manifest["spec"]["training"] == {"learningRate": 0.0005}
     assert manifest["spec"]["lora"] == {"r": 16}
+    assert manifest["spec"]["evaluation"] == {"prompts": ["Reverse: abc", "Reverse: kube"]}
     assert "resources" not in manifest["spec"]
 
 
