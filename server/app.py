@@ -484,6 +484,7 @@ def create_app(settings: ServerSettings, kube: Kube | None = None) -> FastAPI:
             kube,
             keep_dataset=keep_dataset,
             job_template=settings.job_template,
+            allow=server.limiter.allow,
             token_header=settings.console_token_header,
             default_namespace=settings.default_namespace,
             namespaces=tuple(settings.console_namespaces),

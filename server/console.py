@@ -86,6 +86,8 @@ class Console:
     keep_dataset: KeepDataset
     #: The spec every job made through the server starts from (``server.jobTemplate``).
     job_template: dict[str, Any]
+    #: The server's rate limit per caller (the API's bucket: the console's requests count).
+    allow: Callable[[str], bool]
 
     def csrf_for(self, token: str) -> str:
         return hmac.new(self.key, b"csrf:" + token.encode(), hashlib.sha256).hexdigest()
@@ -128,6 +130,18 @@ class Console:
             *(self.kube.may(viewer.token, namespace, "list") for namespace in ordered)
         )
         return [n for n, ok in zip(ordered, allowed, strict=True) if ok]
+
+    async def all_jobs(self, viewer: Viewer) -> list[dict[str, Any]] | None:
+        """Every namespace's FineTuneJobs, or None when the caller may not list them
+        cluster-wide."""
+        try:
+            return await self.kube.list_all_jobs(viewer.token)
+        except ApiError as exc:
+            if exc.status == 401:
+                raise LoginNeeded from None
+            if exc.status == 403:
+                return None
+            raise
 
     async def _username(self, viewer: Viewer) -> str:
         try:
@@ -210,6 +224,8 @@ def make_router(console: Console) -> APIRouter:
             viewer = console.viewer(request)
         except LoginNeeded:
             return _login_redirect(request)
+        if not console.allow(viewer.token):
+            return error_page(viewer, ApiError(429, "too many requests; slow down"))
         try:
             return await handler(request, viewer)
         except LoginNeeded:
@@ -304,13 +320,20 @@ def make_router(console: Console) -> APIRouter:
     ) -> tuple[list[str], list[dict[str, Any]], str | None]:
         query = request.query_params
         wanted = query.get("namespace") or None
-        namespaces = await console.namespaces_of(viewer, wanted)
-        chosen = [wanted] if wanted else namespaces
         refused = None
-        if wanted and wanted not in namespaces:
-            chosen, refused = [], wanted
-        found = await asyncio.gather(*(console.kube.list_jobs(viewer.token, n) for n in chosen))
-        jobs = [job for batch in found for job in batch]
+        everything = await console.all_jobs(viewer)
+        if everything is not None:
+            # One request for whoever may list FineTuneJobs cluster-wide (no review per
+            # namespace on every poll).
+            namespaces = sorted({str(j["metadata"]["namespace"]) for j in everything})
+            jobs = [j for j in everything if not wanted or j["metadata"]["namespace"] == wanted]
+        else:
+            namespaces = await console.namespaces_of(viewer, wanted)
+            chosen = [wanted] if wanted else namespaces
+            if wanted and wanted not in namespaces:
+                chosen, refused = [], wanted
+            found = await asyncio.gather(*(console.kube.list_jobs(viewer.token, n) for n in chosen))
+            jobs = [job for batch in found for job in batch]
         phase = query.get("phase")
         if phase:
             jobs = [j for j in jobs if ((j.get("status") or {}).get("phase") or "Pending") == phase]
@@ -551,13 +574,14 @@ def new_console(
     *,
     keep_dataset: KeepDataset,
     job_template: dict[str, Any],
+    allow: Callable[[str], bool],
     token_header: str | None,
     default_namespace: str | None,
     namespaces: tuple[str, ...],
 ) -> Console:
     return Console(
         kube, secrets.token_bytes(32), token_header, default_namespace, namespaces, {},
-        keep_dataset, job_template,
+        keep_dataset, job_template, allow,
     )  # fmt: skip
 
 
