@@ -373,6 +373,16 @@ def adapter(job: Mapping[str, Any]) -> Html:
     )
 
 
+def preference_line(progress: Mapping[str, Any]) -> Html:
+    """Preference tuning's latest rewards (dpo, kto), where the trainer reports them."""
+    names = (("rewardAccuracy", "reward accuracy"), ("rewardMargin", "reward margin"),
+             ("chosenReward", "chosen reward"), ("rejectedReward", "rejected reward"))  # fmt: skip
+    shown = [f"{label} {number(progress[key])}" for key, label in names if key in progress]
+    if not shown:
+        return Html("")
+    return tag('<p id="preference">{text}</p>', text=" · ".join(shown))
+
+
 def job_live(job: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> Html:
     """The part of the job page that follows the job (the page polls it until the job ends)."""
     status = _status(job)
@@ -388,6 +398,7 @@ def job_live(job: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> Htm
         '<section aria-labelledby="h-progress"><h2 id="h-progress">Progress</h2>'
         '<p>Phase <span id="phase">{phase}</span> {bar} step <span id="step">{step}</span>'
         ' of {total} · loss <span id="loss">{loss}</span> · ETA {eta} · {tps} tokens/s</p>'
+        "{preference}"
         '<p class="failure" id="failure">{failure}</p>'
         '<div class="charts">{loss_chart}{lr_chart}</div></section>'
         '<section aria-labelledby="h-estimate"><h2 id="h-estimate">Estimate vs actual</h2>'
@@ -408,6 +419,7 @@ def job_live(job: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> Htm
         eta=duration(progress.get("etaSeconds")) if phase == "Running" else "—",
         tps=number(progress.get("tokensPerSecond"), 3),
         failure=failure,
+        preference=preference_line(progress),
         loss_chart=chart(curve_values(history, "loss"), "Training loss", "loss-chart"),
         lr_chart=chart(curve_values(history, "learningRate"), "Learning rate", "lr-chart"),
         estimate=estimate_vs_actual(job),

@@ -404,3 +404,27 @@ def test_a_dataset_file_sent_with_the_form_is_kept_and_the_job_reads_it_from_the
     assert uri.startswith(f"{console.url}/datasets/{ns}/file-"), uri
     with urllib.request.urlopen(uri) as answer:  # what the trainer pod downloads
         assert answer.read() == good.read_bytes()
+
+
+def test_behind_an_auth_proxy_the_console_takes_the_callers_token_from_its_header(
+    kubectl: Kubectl, kubeconfig_path: Path, tmp_path: Path, alice: Tenant, console: ServerProcess
+) -> None:
+    apply(kubectl, alice.namespace, minimal_finetunejob("through-the-proxy"))
+    proxied = ServerProcess(kubeconfig_path, tmp_path / "files", tmp_path / "log")
+    proxied.env["KUBETUNE_SERVER_CONSOLE_TOKEN_HEADER"] = "X-Forwarded-Access-Token"
+    proxied.start()
+    try:
+
+        def get(path: str, headers: dict[str, str]) -> tuple[str, str]:
+            request = urllib.request.Request(f"{proxied.url}{path}", headers=headers)
+            with urllib.request.urlopen(request) as answer:
+                return answer.url, answer.read().decode()
+
+        url, page = get("/ui/", {"X-Forwarded-Access-Token": alice.token})
+        assert url == f"{proxied.url}/ui/" and 'data-job="' in page
+        assert f'data-job="{alice.namespace}/through-the-proxy"' in page
+        # Without the header (a request that didn't pass the proxy): the login page.
+        url, page = get("/ui/", {})
+        assert url.startswith(f"{proxied.url}/ui/login") and 'id="token"' in page
+    finally:
+        proxied.stop()

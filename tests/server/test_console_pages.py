@@ -113,3 +113,11 @@ def test_the_form_starts_from_the_platforms_job_template_and_shows_its_values() 
     assert template["training"]["learningRate"] == 0.01  # the template itself is untouched
     assert console_form.default_of("spec.resources.gpus", template) == "0"
     assert console_form.default_of("spec.training.batchSize", template) == "16"
+
+
+def test_preference_tuning_shows_its_latest_rewards() -> None:
+    rendered = job_live(
+        job(phase="Running", progress={"rewardAccuracy": 0.75, "rewardMargin": 1.5}), []
+    )
+    assert '<p id="preference">reward accuracy 0.75 · reward margin 1.5</p>' in rendered
+    assert 'id="preference"' not in job_live(job(phase="Running", progress={"loss": 1.0}), [])
