@@ -121,3 +121,35 @@ def test_preference_tuning_shows_its_latest_rewards() -> None:
     )
     assert '<p id="preference">reward accuracy 0.75 · reward margin 1.5</p>' in rendered
     assert 'id="preference"' not in job_live(job(phase="Running", progress={"loss": 1.0}), [])
+
+
+@pytest.mark.parametrize(
+    ("target", "kept"),
+    [
+        ("/ui/jobs/a/b", "/ui/jobs/a/b"),
+        ("/ui/?namespace=a", "/ui/?namespace=a"),
+        ("//evil.example/ui/", "/ui/"),
+        ("https://evil.example/ui/", "/ui/"),
+        ("/ui/\\evil", "/ui/"),
+        ("/v1/files", "/ui/"),
+        (None, "/ui/"),
+    ],
+)
+def test_after_sign_in_the_console_goes_only_to_its_own_pages(
+    target: str | None, kept: str
+) -> None:
+    from kubetune.server.console import _safe_next
+
+    assert _safe_next(target) == kept
+
+
+def test_the_local_console_refuses_every_token_but_its_session() -> None:
+    from kubetune.cli.ui import KubeconfigKube
+    from kubetune.server.errors import ApiError
+    from kubetune.server.kube import Endpoint
+
+    kube = KubeconfigKube(Endpoint("https://127.0.0.1:1", False), 1, "session", {"X": "y"})
+    assert kube.credentials("session") == {"X": "y"}
+    with pytest.raises(ApiError) as refused:
+        kube.credentials("someone-else")
+    assert refused.value.status == 401
