@@ -25,6 +25,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from starlette.datastructures import UploadFile
 
 from kubetune.api.contract import TRAINER_CONTAINER
+from kubetune.api.uris import display_uri
 from kubetune.server import console_form
 from kubetune.server.console_form import NAME
 from kubetune.server.console_html import (
@@ -462,8 +463,8 @@ def make_router(console: Console) -> APIRouter:
                 "</details></section>",
                 ns=namespace,
                 name=name,
-                model=(spec.get("model") or {}).get("uri", ""),
-                data=dataset.get("uri", ""),
+                model=display_uri(str((spec.get("model") or {}).get("uri", ""))),
+                data=display_uri(str(dataset.get("uri", ""))),
                 format=dataset.get("format", "auto"),
                 columns=join(
                     tag(', {k} column <code class="column">{v}</code>', k=k, v=v)

@@ -5,6 +5,7 @@ only this module makes it."""
 
 from __future__ import annotations
 
+import copy
 import html
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -12,6 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import yaml
+
+from kubetune.api.uris import display_uri
 
 #: Phases after which nothing changes (the pages stop polling).
 FINAL_PHASES = frozenset({"Succeeded", "Failed"})
@@ -429,12 +432,21 @@ def job_live(job: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> Htm
     )
 
 
+#: Spec fields that may hold a URI with credentials in it (a signed URL's query string, a
+#: user:password@): the page shows them as ``display_uri`` does, as status and Events do.
+URI_FIELDS = (("model", "uri"), ("dataset", "uri"), ("output", "uri"))
+
+
 def job_yaml(job: Mapping[str, Any]) -> str:
-    """The object as ``kubectl get -o yaml`` shows it, less managedFields."""
-    shown = dict(job)
-    meta = dict(shown.get("metadata") or {})
-    meta.pop("managedFields", None)
-    shown["metadata"] = meta
+    """The object as ``kubectl get -o yaml`` shows it, less managedFields, its URIs without
+    credentials."""
+    shown = copy.deepcopy(dict(job))
+    shown.get("metadata", {}).pop("managedFields", None)
+    spec = shown.get("spec") or {}
+    for section, key in URI_FIELDS:
+        part = spec.get(section)
+        if isinstance(part, dict) and isinstance(part.get(key), str):
+            part[key] = display_uri(part[key])
     return yaml.safe_dump(shown, sort_keys=False, allow_unicode=True)
 
 

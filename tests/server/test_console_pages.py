@@ -153,3 +153,16 @@ def test_the_local_console_refuses_every_token_but_its_session() -> None:
     with pytest.raises(ApiError) as refused:
         kube.credentials("someone-else")
     assert refused.value.status == 401
+
+
+def test_the_yaml_shows_uris_without_their_credentials() -> None:
+    from kubetune.server.console_html import job_yaml
+
+    signed = "http://server:8080/datasets/team-a/file-1.jsonl?expires=1&signature=abc123"
+    shown = job_yaml(
+        {"metadata": {"name": "x", "managedFields": [{"manager": "kubectl"}]},
+         "spec": {"dataset": {"uri": signed}, "model": {"uri": "s3://u:p@bucket/m"}}}
+    )  # fmt: skip
+    assert "signature" not in shown and "abc123" not in shown and "u:p@" not in shown
+    assert "uri: http://server:8080/datasets/team-a/file-1.jsonl" in shown
+    assert "managedFields" not in shown

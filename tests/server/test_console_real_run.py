@@ -16,6 +16,7 @@ from consolekit import (
     count,
     mark_page,
     page_not_reloaded,
+    screenshot,
     sign_in,
     text_of,
     wait_until,
@@ -103,6 +104,8 @@ def test_a_job_from_the_form_runs_and_its_page_follows_it_to_the_adapter(
     answers = text_of(browser, "#answers")
     assert all(prompt in answers for prompt in PROMPTS)
     assert "Succeeded=True" in text_of(browser, "#timeline")
+    assert "signature=" not in browser.page_source  # the dataset URL's, never on the page
+    screenshot(browser, "console-job-real-run", 1500)
     # The log tail is read once, with the page: reload to see the finished trainer's.
     browser.refresh()
     log = wait_until(browser, "the trainer's log", lambda: text_of(browser, "#log").strip())
