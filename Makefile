@@ -27,7 +27,8 @@ lint: setup
 
 # The real node's binaries (kubelet, containerd, runc, CNI, kube-proxy, CoreDNS, kube-router;
 # hack/node/build.sh installs their Debian packages), Kueue's and JobSet's managers (none of which
-# the demo starts) and the images first, outside
+# the demo starts), Debian's chromium and chromedriver for the console's browser tests
+# (hack/browser/install.sh) and the images first, outside
 # pytest's per-test timeout (each is minutes when cold).
 test: setup
 	@bash hack/lint.sh
@@ -35,6 +36,7 @@ test: setup
 	@bash hack/node/build.sh >/dev/null
 	@bash hack/kueue/build.sh >/dev/null
 	@bash hack/jobset/build.sh >/dev/null
+	@bash hack/browser/install.sh >/dev/null
 	@bash hack/images/build.sh >/dev/null
 	@bash hack/pytest.sh
 

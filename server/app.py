@@ -1,6 +1,7 @@
-"""The HTTP API: OpenAI's fine-tuning routes under ``/v1`` (files, fine_tuning/jobs, models) and
-the signed dataset downloads trainer pods make. Every Kubernetes request is the caller's
-(``kube.Kube`` with their bearer token); the server adds no right of its own."""
+"""The HTTP API: OpenAI's fine-tuning routes under ``/v1`` (files, fine_tuning/jobs, models),
+the signed dataset downloads trainer pods make, and the web console under ``/ui`` (console.py).
+Every Kubernetes request is the caller's (``kube.Kube`` with their bearer token); the server adds
+no right of its own."""
 
 from __future__ import annotations
 
@@ -18,20 +19,29 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile as FormFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kubetune.api.datasets import SUPERVISED_FORMATS, DatasetInvalid, check_jsonl, openai_pair
-from kubetune.server import mapping
+from kubetune.server import console, mapping
 from kubetune.server.errors import ApiError, bad_request, not_found, unauthorized
 from kubetune.server.files import NAMESPACE, FileStore, StoredFile, UrlSigner, clean_filename
 from kubetune.server.kube import Kube, endpoint_from_kubeconfig, endpoint_in_cluster
 from kubetune.server.settings import ServerSettings
 
 log = logging.getLogger("kubetune.server")
-#: Multipart framing and the purpose field, on top of the file itself.
+#: Multipart framing and the purpose field (the console's form fields), on top of the file.
 MULTIPART_OVERHEAD = 64 * 1024
+#: Where a request body may bring a whole dataset: the API's upload and the console's form.
+UPLOAD_PATHS = frozenset({"/v1/files", "/ui/new"})
 
 
 class BodyLimit:
@@ -47,7 +57,8 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.upload_limit if scope["path"] == "/v1/files" else self.other_limit
+        uploads = scope["path"] in UPLOAD_PATHS
+        limit = self.upload_limit if uploads else self.other_limit
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
@@ -485,6 +496,31 @@ def create_app(settings: ServerSettings, kube: Kube | None = None) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    if settings.console:
+
+        async def keep_dataset(namespace: str, upload: FormFile) -> str:
+            """The console form's dataset file: checked and kept as an API upload is; the
+            signed URL its job downloads it through."""
+            stored = await run_in_threadpool(_store_upload, server, namespace, upload)
+            return server.signer.url(
+                settings.dataset_base_url, namespace, stored.id, settings.dataset_url_seconds
+            )
+
+        app.state.console = console.new_console(
+            kube,
+            keep_dataset=keep_dataset,
+            job_template=settings.job_template,
+            allow=server.limiter.allow,
+            token_header=settings.console_token_header,
+            default_namespace=settings.default_namespace,
+            namespaces=tuple(settings.console_namespaces),
+        )
+        app.include_router(console.make_router(app.state.console))
+
+        @app.get("/ui", include_in_schema=False)
+        async def console_root() -> RedirectResponse:
+            return RedirectResponse("/ui/", 308)
+
     return app
 
 
@@ -516,7 +552,7 @@ async def _json(request: Request) -> dict[str, Any]:
     return body
 
 
-def _store_upload(server: Server, namespace: str, upload: UploadFile) -> StoredFile:
+def _store_upload(server: Server, namespace: str, upload: FormFile) -> StoredFile:
     """Copy the upload into the namespace's folder, check it as the Validating phase checks a
     dataset (400 naming the first bad line), and keep it."""
     limit = server.settings.max_file_bytes
