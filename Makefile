@@ -26,15 +26,16 @@ lint: setup
 	@bash hack/lint.sh
 
 # The real node's binaries (kubelet, containerd, runc, CNI, kube-proxy, CoreDNS, kube-router;
-# hack/node/build.sh installs their Debian packages), Kueue's and JobSet's managers (none of which
-# the demo starts) and the images first, outside
+# hack/node/build.sh installs their Debian packages), Kueue's and JobSet's managers, the OCI
+# registry and oras (none of which the demo starts) and the images first, outside
 # pytest's per-test timeout (each is minutes when cold).
 test: setup
 	@bash hack/lint.sh
-	@echo "==> the real node, Kueue and JobSet from Go modules (cached after the first build)"
+	@echo "==> the real node, Kueue, JobSet, the registry and oras from Go modules (cached after the first build)"
 	@bash hack/node/build.sh >/dev/null
 	@bash hack/kueue/build.sh >/dev/null
 	@bash hack/jobset/build.sh >/dev/null
+	@bash hack/registry/build.sh >/dev/null
 	@bash hack/images/build.sh >/dev/null
 	@bash hack/pytest.sh
 
