@@ -25,7 +25,14 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from kubetune.api.bounded import AFFINITY, POD_SPEC, conforms
-from kubetune.api.uris import DATASET_SCHEMES, MODEL_SCHEMES, OUTPUT_SCHEMES, parse_uri
+from kubetune.api.uris import (
+    CHECKPOINT_SCHEMES,
+    DATASET_SCHEMES,
+    MODEL_SCHEMES,
+    OCI_REFERENCE,
+    OUTPUT_SCHEMES,
+    parse_uri,
+)
 
 GROUP: Final = "kubetune.io"
 VERSION: Final = "v1alpha1"
@@ -83,23 +90,39 @@ _LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 _QUALIFIED_HINT = "an optional DNS-subdomain prefix and '/', then at most 63 of [A-Za-z0-9-_.]"
 
 
-def _uri_rules(what: str) -> dict[str, Any]:
+def _uri_rules(what: str, *, oci: bool = False) -> dict[str, Any]:
     """The CEL half of ``parse_uri``: what the apiserver can refuse before the operator sees it."""
-    return {
-        "x-kubernetes-validations": [
+    rules: list[dict[str, str]] = [
+        {
+            "rule": "!self.matches('(^|/)[.][.](/|$)')",
+            "message": f"{what} URI must not contain '..' segments",
+        },
+        {
+            "rule": (
+                "!self.startsWith('pvc://') || "
+                "self.matches('^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$')"
+            ),
+            "message": f"{what} URI must be of the form pvc://<claim-name>/<path>",
+        },
+    ]
+    if oci:
+        rules.append(
             {
-                "rule": "!self.matches('(^|/)[.][.](/|$)')",
-                "message": f"{what} URI must not contain '..' segments",
-            },
-            {
-                "rule": (
-                    "!self.startsWith('pvc://') || "
-                    "self.matches('^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$')"
+                "rule": f"!self.startsWith('oci://') || self.matches('{OCI_REFERENCE}')",
+                "message": (
+                    f"{what} URI must be of the form oci://<registry>[:<port>]/<repository>"
+                    "[:<tag>] with a lowercase repository"
                 ),
-                "message": f"{what} URI must be of the form pvc://<claim-name>/<path>",
-            },
-        ]
-    }
+            }
+        )
+    return {"x-kubernetes-validations": rules}
+
+
+_CHECKPOINT_RULE = (
+    "output.checkpointUri is required with an oci:// output.uri, and only there: a registry holds "
+    "the finished adapter, so the run's checkpoints need a pvc://, s3://, gs:// or local location "
+    "for a retried pod to resume from"
+)
 
 
 def _quantity_as_string(value: Any) -> Any:
@@ -517,14 +540,73 @@ class HubPushSpec(ApiModel):
     token_secret_ref: SecretKeyRef = Field(description="Secret with a token that may write.")
 
 
+class RegistryCredentialsRef(ApiModel):
+    """A ``kubernetes.io/dockerconfigjson`` Secret in the job's namespace (what ``kubectl create
+    secret docker-registry`` makes): its ``.dockerconfigjson`` key holds the registry's login."""
+
+    name: str = Field(description="Name of the Secret.", max_length=253, pattern=_K8S_NAME)
+
+
+class RegistrySpec(ApiModel):
+    """How the trainer reaches the registry of an oci:// output."""
+
+    credentials_secret_ref: RegistryCredentialsRef | None = Field(
+        default=None,
+        description=(
+            "A kubernetes.io/dockerconfigjson Secret of the job's namespace with a login for the "
+            "registry (its creator must be allowed to read it). Unset: anonymous push."
+        ),
+    )
+    plain_http: bool = Field(
+        default=False,
+        description=(
+            "Talk to the registry over plain http (no TLS); only for a registry the platform "
+            "names (the chart's trainer.plainHttpRegistries), such as the local cluster's."
+        ),
+    )
+
+
 class OutputSpec(ApiModel):
     """Where the adapter goes."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.registry) || self.uri.startsWith('oci://')",
+                    "message": "output.registry applies only to an oci:// output.uri",
+                },
+                {
+                    "rule": "self.uri.startsWith('oci://') == has(self.checkpointUri)",
+                    "message": _CHECKPOINT_RULE,
+                },
+            ]
+        }
+    )
+
     uri: str = Field(
-        description="pvc://claim/path, s3://bucket/prefix, gs://bucket/prefix, or a local path.",
+        description=(
+            "pvc://claim/path, s3://bucket/prefix, gs://bucket/prefix, "
+            "oci://registry/repository[:tag] (pushed as one OCI artifact; the tag defaults to "
+            "latest), or a local path."
+        ),
         min_length=1,
         max_length=1024,
-        json_schema_extra=_uri_rules("output"),
+        json_schema_extra=_uri_rules("output", oci=True),
+    )
+    checkpoint_uri: str | None = Field(
+        default=None,
+        description=(
+            "For an oci:// output, and required with it: where the run keeps its checkpoints and "
+            "working files (pvc://claim/path, s3://, gs:// or a local path), so that a retried "
+            "pod resumes. A registry holds the finished adapter, not checkpoints."
+        ),
+        min_length=1,
+        max_length=1024,
+        json_schema_extra=_uri_rules("output.checkpointUri"),
+    )
+    registry: RegistrySpec | None = Field(
+        default=None, description="Credentials and transport for an oci:// output."
     )
     push_to_hub: HubPushSpec | None = Field(default=None, description="Also push to a hub.")
     merge: bool = Field(
@@ -536,6 +618,32 @@ class OutputSpec(ApiModel):
     def _uri(cls, value: str) -> str:
         parse_uri(value, OUTPUT_SCHEMES, "output")
         return value
+
+    @field_validator("checkpoint_uri")
+    @classmethod
+    def _checkpoint_uri(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_uri(value, CHECKPOINT_SCHEMES, "output.checkpointUri")
+        return value
+
+    @model_validator(mode="after")
+    def _oci(self) -> OutputSpec:
+        is_oci = self.uri.startswith("oci://")
+        if self.registry is not None and not is_oci:
+            raise ValueError("output.registry applies only to an oci:// output.uri")
+        if is_oci != (self.checkpoint_uri is not None):
+            raise ValueError(_CHECKPOINT_RULE)
+        return self
+
+    @property
+    def is_oci(self) -> bool:
+        return self.uri.startswith("oci://")
+
+    @property
+    def working_uri(self) -> str:
+        """Where the run writes its adapter files, checkpoints and metrics: the output itself,
+        or for an oci:// output its checkpointUri (the artifact is pushed from there)."""
+        return self.checkpoint_uri if self.checkpoint_uri is not None else self.uri
 
 
 class ResourcesSpec(ApiModel):

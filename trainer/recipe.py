@@ -28,7 +28,7 @@ from kubetune.api.models import (
     TrainerResult,
     plan_training,
 )
-from kubetune.api.uris import OUTPUT_SCHEMES, display_uri
+from kubetune.api.uris import CHECKPOINT_SCHEMES, OUTPUT_SCHEMES, display_uri
 from kubetune.trainer import locations, outputs
 from kubetune.trainer.arguments import LossMasking, preference_arguments, sft_arguments
 from kubetune.trainer.checkpoints import (
@@ -104,10 +104,18 @@ class QLoRASFTRecipe:
             self.plan = plan_training(self.spec.training, self.spec.resources.world_size)
         except ValueError as exc:
             raise InvalidConfig(str(exc)) from None
+        # Where the run writes: the output, or for an oci:// output its checkpointUri (the
+        # artifact is pushed from there once the adapter is saved).
+        working = self.spec.output.working_uri
+        field = "output.checkpointUri" if self.spec.output.is_oci else "output.uri"
         try:
-            self.output = locations.resolve(self.spec.output.uri, OUTPUT_SCHEMES, "output")
+            self.output = locations.resolve(
+                working,
+                CHECKPOINT_SCHEMES if self.spec.output.is_oci else OUTPUT_SCHEMES,
+                "output",
+            )
         except ValueError as exc:
-            raise InvalidConfig(f"output.uri: {exc}") from None
+            raise InvalidConfig(f"{field}: {exc}") from None
         if self.output.is_local:
             assert self.output.path is not None
             self.output_dir = self.output.path
@@ -115,9 +123,9 @@ class QLoRASFTRecipe:
         else:
             # Object stores are written through a local staging copy, uploaded as it changes;
             # its path shows in messages, so it is named without the URI's credentials.
-            staging = display_uri(self.spec.output.uri).replace("://", "/")
+            staging = display_uri(working).replace("://", "/")
             self.output_dir = locations.cache_root() / "output" / staging
-            self.remote = RemoteCheckpoints(self.spec.output.uri, self.output_dir / CHECKPOINTS_DIR)
+            self.remote = RemoteCheckpoints(working, self.output_dir / CHECKPOINTS_DIR)
         self.checkpoint_dir = self.output_dir / CHECKPOINTS_DIR
         self.metrics_file = self.output_dir / outputs.METRICS_FILE
         if self.rank.is_main:
@@ -172,15 +180,19 @@ class QLoRASFTRecipe:
             with tempfile.NamedTemporaryFile(dir=self.output_dir, prefix=".write-check-"):
                 pass
         except OSError as exc:
+            field = "output.checkpointUri" if self.spec.output.is_oci else "output.uri"
             raise InvalidConfig(
-                f"output location {self.output_dir} is not writable (output.uri "
-                f"{display_uri(self.spec.output.uri)}): {exc.strerror}"
+                f"output location {self.output_dir} is not writable ({field} "
+                f"{display_uri(self.spec.output.working_uri)}): {exc.strerror}"
             ) from None
         if self.remote is not None:
             self.remote.claim(run_identity(self.config), outputs.ADAPTER_WEIGHTS)
         else:
             finished = (self.output_dir / outputs.ADAPTER_WEIGHTS).exists()
-            claim(self.checkpoint_dir, run_identity(self.config), self.spec.output.uri, finished)
+            claim(
+                self.checkpoint_dir, run_identity(self.config), self.spec.output.working_uri,
+                finished,
+            )  # fmt: skip
 
     def _setup_tracking(self) -> None:
         """spec.tracking: the environment transformers' callbacks read, and (rank 0) the MLflow

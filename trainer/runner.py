@@ -17,6 +17,7 @@ from kubetune.trainer import outputs
 from kubetune.trainer.distributed import Rank, share_from_main
 from kubetune.trainer.errors import TrainerFailure, first_line
 from kubetune.trainer.progress import ProgressReporter
+from kubetune.trainer.registry import registry_secrets
 from kubetune.trainer.secrets import (
     HubTokens,
     install_redaction,
@@ -100,9 +101,12 @@ def _guarded(
     try:
         tokens = (
             resolve_hub_tokens(config.token_file)
-            .with_uri_credentials([spec.model.uri, spec.dataset.uri, spec.output.uri])
+            .with_uri_credentials(
+                [spec.model.uri, spec.dataset.uri, spec.output.uri, spec.output.working_uri]
+            )
             .with_secrets(tracking_secrets())
             .with_secrets(object_store_secrets())
+            .with_secrets(registry_secrets() if spec.output.is_oci else [])
         )
     except TrainerFailure as exc:
         log.error("%s", exc.log_line())
@@ -169,7 +173,8 @@ def _run(
             tracked = "KILLED"
             message = (
                 f"stopped by SIGTERM at step {trained.global_step}; the checkpoint under "
-                f"{display_uri(config.spec.output.uri)}/checkpoints lets the next attempt resume"
+                f"{display_uri(config.spec.output.working_uri)}/checkpoints lets the next attempt "
+                "resume"
             )
             log.warning(message)
             return RunOutcome(int(ExitCode.PREEMPTED), failure(ExitCode.PREEMPTED, message))
