@@ -40,6 +40,9 @@ from kubetune.api.contract import (
     PREFLIGHT_SUBCOMMAND,
     PUSH_TOKEN_ENV,
     PVC_ROOT_ENV,
+    REGISTRY_AUTH_ENV,
+    REGISTRY_AUTH_KEY,
+    REGISTRY_AUTH_MOUNT_PATH,
     RENDEZVOUS_ENDPOINT_ENV,
     RENDEZVOUS_ID_ENV,
     RENDEZVOUS_PORT,
@@ -140,6 +143,7 @@ def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
         (spec.model.uri, False),
         (spec.dataset.uri, False),
         (spec.output.uri, True),
+        (spec.output.checkpoint_uri or "", True),
     ):
         claim = parse_uri(uri, ("pvc",), "a").claim if uri.startswith("pvc://") else None
         if claim is not None:
@@ -658,6 +662,24 @@ def _pod_spec(spec: FineTuneJobSpec, names: ChildNames, settings: OperatorSettin
         {"name": "config", "configMap": {"name": names.config_map}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": resources.shm_size}},
     ]
+    registry = spec.output.registry
+    if registry is not None and registry.credentials_secret_ref is not None:
+        # The registry's login as a file (a docker config), read by the trainer alone.
+        mounts.append(
+            {"name": "registry-auth", "mountPath": REGISTRY_AUTH_MOUNT_PATH, "readOnly": True}
+        )
+        volumes.append(
+            {
+                "name": "registry-auth",
+                "secret": {
+                    "secretName": registry.credentials_secret_ref.name,
+                    "items": [{"key": REGISTRY_AUTH_KEY, "path": REGISTRY_AUTH_KEY}],
+                },
+            }
+        )
+        env.append(
+            {"name": REGISTRY_AUTH_ENV, "value": f"{REGISTRY_AUTH_MOUNT_PATH}/{REGISTRY_AUTH_KEY}"}
+        )
     for claim, writable in pvc_claims(spec).items():
         volume = short_name(f"pvc-{claim}")
         mounts.append(
