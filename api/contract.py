@@ -51,6 +51,10 @@ AWS_REGION_ENV: Final = "AWS_DEFAULT_REGION"
 REGISTRY_AUTH_ENV: Final = "REGISTRY_AUTH_FILE"
 REGISTRY_AUTH_MOUNT_PATH: Final = "/var/run/kubetune/registry"
 REGISTRY_AUTH_KEY: Final = ".dockerconfigjson"
+#: The same for ``spec.model.adapter.registry.credentialsSecretRef`` (the registry an oci://
+#: starting adapter is pulled from).
+ADAPTER_REGISTRY_AUTH_ENV: Final = "KUBETUNE_ADAPTER_REGISTRY_AUTH_FILE"
+ADAPTER_REGISTRY_AUTH_MOUNT_PATH: Final = "/var/run/kubetune/adapter-registry"
 # Distributed training (resources.gpus > 1 or resources.nodes > 1). The pod's command stays
 # TRAINER_COMMAND; the trainer starts its ranks through torch.distributed.run from these.
 #: host:port of the c10d rendezvous (rank 0's pod, through the job's headless Service).

@@ -26,9 +26,11 @@ from pydantic.alias_generators import to_camel
 
 from kubetune.api.bounded import AFFINITY, POD_SPEC, conforms
 from kubetune.api.uris import (
+    ADAPTER_SCHEMES,
     CHECKPOINT_SCHEMES,
     DATASET_SCHEMES,
     MODEL_SCHEMES,
+    OCI_PULL_REFERENCE,
     OCI_REFERENCE,
     OUTPUT_SCHEMES,
     parse_uri,
@@ -90,7 +92,7 @@ _LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 _QUALIFIED_HINT = "an optional DNS-subdomain prefix and '/', then at most 63 of [A-Za-z0-9-_.]"
 
 
-def _uri_rules(what: str, *, oci: bool = False) -> dict[str, Any]:
+def _uri_rules(what: str, *, oci: bool = False, oci_pull: bool = False) -> dict[str, Any]:
     """The CEL half of ``parse_uri``: what the apiserver can refuse before the operator sees it."""
     rules: list[dict[str, str]] = [
         {
@@ -112,6 +114,16 @@ def _uri_rules(what: str, *, oci: bool = False) -> dict[str, Any]:
                 "message": (
                     f"{what} URI must be of the form oci://<registry>[:<port>]/<repository>"
                     "[:<tag>] with a lowercase repository"
+                ),
+            }
+        )
+    if oci_pull:
+        rules.append(
+            {
+                "rule": f"!self.startsWith('oci://') || self.matches('{OCI_PULL_REFERENCE}')",
+                "message": (
+                    f"{what} URI must be of the form oci://<registry>[:<port>]/<repository>"
+                    "[:<tag>|@sha256:<digest>] with a lowercase repository"
                 ),
             }
         )
@@ -234,6 +246,66 @@ class SecretKeyRef(ApiModel):
     key: str = Field(default="token", description="Key within the Secret.", max_length=253)
 
 
+class RegistryCredentialsRef(ApiModel):
+    """A ``kubernetes.io/dockerconfigjson`` Secret in the job's namespace (what ``kubectl create
+    secret docker-registry`` makes): its ``.dockerconfigjson`` key holds the registry's login."""
+
+    name: str = Field(description="Name of the Secret.", max_length=253, pattern=_K8S_NAME)
+
+
+class RegistrySpec(ApiModel):
+    """How the trainer reaches the registry of an oci:// output."""
+
+    credentials_secret_ref: RegistryCredentialsRef | None = Field(
+        default=None,
+        description=(
+            "A kubernetes.io/dockerconfigjson Secret of the job's namespace with a login for the "
+            "registry (its creator must be allowed to read it). Unset: anonymous push."
+        ),
+    )
+    plain_http: bool = Field(
+        default=False,
+        description=(
+            "Talk to the registry over plain http (no TLS); only for a registry the platform "
+            "names (the chart's trainer.plainHttpRegistries), such as the local cluster's."
+        ),
+    )
+
+
+class StartingAdapterSpec(ApiModel):
+    """A LoRA adapter to continue training from, instead of a fresh one."""
+
+    uri: str = Field(
+        description=(
+            "The adapter: oci://registry/repository[:tag|@sha256:digest] (as a kubetune output "
+            "pushed it), a hub id or hf://id, s3://, gs://, pvc://claim/path, or a local path "
+            "(kubetune train only). Its rank and alpha must be lora.r and lora.alpha, and it must "
+            "fit the base model; checked before any GPU is asked for."
+        ),
+        min_length=1,
+        max_length=1024,
+        json_schema_extra=_uri_rules("model.adapter", oci_pull=True),
+    )
+    revision: str = Field(
+        default="main", description="Hub revision, for a hub adapter.", max_length=256
+    )
+    registry: RegistrySpec | None = Field(
+        default=None, description="Credentials and transport for an oci:// adapter."
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        parse_uri(value, ADAPTER_SCHEMES, "model.adapter", oci_digest=True)
+        return value
+
+    @model_validator(mode="after")
+    def _registry(self) -> StartingAdapterSpec:
+        if self.registry is not None and not self.uri.startswith("oci://"):
+            raise ValueError("model.adapter.registry applies only to an oci:// model.adapter.uri")
+        return self
+
+
 class ModelSpec(ApiModel):
     """The base model to fine-tune."""
 
@@ -258,6 +330,10 @@ class ModelSpec(ApiModel):
     trust_remote_code: bool = Field(
         default=False,
         description="Run model code shipped with the checkpoint. Off unless you trust its source.",
+    )
+    adapter: StartingAdapterSpec | None = Field(
+        default=None,
+        description="Continue training this LoRA adapter (SFT) instead of starting a fresh one.",
     )
 
     @field_validator("uri")
@@ -538,32 +614,6 @@ class HubPushSpec(ApiModel):
     )
     private: bool = Field(default=True, description="Create the repository as private.")
     token_secret_ref: SecretKeyRef = Field(description="Secret with a token that may write.")
-
-
-class RegistryCredentialsRef(ApiModel):
-    """A ``kubernetes.io/dockerconfigjson`` Secret in the job's namespace (what ``kubectl create
-    secret docker-registry`` makes): its ``.dockerconfigjson`` key holds the registry's login."""
-
-    name: str = Field(description="Name of the Secret.", max_length=253, pattern=_K8S_NAME)
-
-
-class RegistrySpec(ApiModel):
-    """How the trainer reaches the registry of an oci:// output."""
-
-    credentials_secret_ref: RegistryCredentialsRef | None = Field(
-        default=None,
-        description=(
-            "A kubernetes.io/dockerconfigjson Secret of the job's namespace with a login for the "
-            "registry (its creator must be allowed to read it). Unset: anonymous push."
-        ),
-    )
-    plain_http: bool = Field(
-        default=False,
-        description=(
-            "Talk to the registry over plain http (no TLS); only for a registry the platform "
-            "names (the chart's trainer.plainHttpRegistries), such as the local cluster's."
-        ),
-    )
 
 
 class OutputSpec(ApiModel):
@@ -1215,6 +1265,11 @@ class FineTuneJobSpec(ApiModel):
             )
         plan = plan_training(self.training, self.resources.world_size)  # raises naming the field
         method, fmt = self.method.type, self.dataset.format
+        if self.model.adapter is not None and method != "sft":
+            raise ValueError(
+                f"model.adapter: continuing an adapter is for method.type sft, not {method} (its "
+                "reference model would be the base without the adapter)"
+            )
         if fmt != "auto" and fmt not in METHOD_FORMATS[method]:
             raise ValueError(
                 f"{_FORMAT_RULE}: method.type {method} doesn't train on dataset.format {fmt}"
@@ -1417,6 +1472,12 @@ class TrackingRef(StatusModel):
 class BaseModelRef(StatusModel):
     uri: str = Field(description="Base model URI.")
     revision: str | None = Field(default=None, description="Base model revision.")
+    adapter: str | None = Field(
+        default=None,
+        description=(
+            "The adapter training continued from (spec.model.adapter; an oci:// one by digest)."
+        ),
+    )
 
 
 class EvaluationSample(StatusModel):

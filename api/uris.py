@@ -24,6 +24,8 @@ Kind = Literal["hub-or-path", "hub", "object-store", "pvc", "http", "file", "reg
 MODEL_SCHEMES: Final[tuple[Scheme, ...]] = ("hf", "s3", "gs", "pvc", "file")
 DATASET_SCHEMES: Final[tuple[Scheme, ...]] = (*MODEL_SCHEMES, "https", "http")
 OUTPUT_SCHEMES: Final[tuple[Scheme, ...]] = ("s3", "gs", "pvc", "file", "oci")
+#: Where a run may start from an adapter (model.adapter): a pushed one by its digest, too.
+ADAPTER_SCHEMES: Final[tuple[Scheme, ...]] = ("hf", "s3", "gs", "pvc", "file", "oci")
 #: Where an oci:// output keeps its checkpoints (a registry holds the finished adapter only).
 CHECKPOINT_SCHEMES: Final[tuple[Scheme, ...]] = ("s3", "gs", "pvc", "file")
 #: The schemes a pod in a cluster may use; file:// and plain paths are for `kubetune train`.
@@ -52,9 +54,14 @@ _OCI_COMPONENT = r"[a-z0-9]+(([.]|_|__|-+)[a-z0-9]+)*"
 _OCI_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
 #: The whole reference, in a form both Python's re and the apiserver's RE2 read (the CRD's rule).
 OCI_REFERENCE = rf"^oci://{_OCI_HOST}/{_OCI_COMPONENT}(/{_OCI_COMPONENT})*(:{_OCI_TAG})?$"
+_OCI_DIGEST = r"sha256:[a-f0-9]{64}"
+#: A reference to pull: a tag or a digest.
+OCI_PULL_REFERENCE = (
+    rf"^oci://{_OCI_HOST}/{_OCI_COMPONENT}(/{_OCI_COMPONENT})*(:{_OCI_TAG}|@{_OCI_DIGEST})?$"
+)
 _OCI = re.compile(
     rf"^oci://(?P<host>{_OCI_HOST})/(?P<repository>{_OCI_COMPONENT}(/{_OCI_COMPONENT})*)"
-    rf"(:(?P<tag>{_OCI_TAG}))?$"
+    rf"(:(?P<tag>{_OCI_TAG})|@(?P<digest>{_OCI_DIGEST}))?$"
 )
 #: The longest repository name distribution accepts (host excluded).
 _OCI_MAX_NAME = 255
@@ -84,9 +91,12 @@ class ParsedUri:
         return self.scheme == "" and bool(_HUB_ID.match(self.uri)) and "." not in self.uri[:1]
 
 
-def parse_uri(value: str, allowed: Iterable[str], what: str) -> ParsedUri:
+def parse_uri(
+    value: str, allowed: Iterable[str], what: str, *, oci_digest: bool = False
+) -> ParsedUri:
     """Parse ``value`` as a ``what`` URI (model, dataset, output) with one of ``allowed``
-    schemes or none; ValueError with a message that names the rule it breaks."""
+    schemes or none (``oci_digest``: an oci:// reference may name a digest, as one to pull
+    does); ValueError with a message that names the rule it breaks."""
     allowed = tuple(allowed)
     if _CONTROL.search(value):
         raise ValueError(f"{what} URI must not contain control characters or NUL bytes")
@@ -111,7 +121,7 @@ def parse_uri(value: str, allowed: Iterable[str], what: str) -> ParsedUri:
         _check_segments(parsed.path.lstrip("/"), what, value)
         return ParsedUri(value, scheme, rest)  # type: ignore[arg-type]
     if scheme == "oci":
-        oci_reference(value, what)
+        oci_reference(value, what, pull=oci_digest)
         return ParsedUri(value, "oci", rest)
     if scheme == "pvc":
         claim, _, sub = rest.partition("/")
@@ -135,6 +145,13 @@ class OciReference:
     host: str
     repository: str
     tag: str
+    #: For a reference pulled by digest (``oci://host/repository@sha256:...``).
+    digest: str | None = None
+
+    @property
+    def reference(self) -> str:
+        """What the registry's manifest endpoint takes: the digest, else the tag."""
+        return self.digest or self.tag
 
     def pinned(self, digest: str) -> str:
         """The reference by digest, as status shows it: ``oci://host/repository@sha256:...``."""
@@ -145,10 +162,20 @@ class OciReference:
         return f"oci://{self.host}/{self.repository}:{self.tag}"
 
 
-def oci_reference(value: str, what: str) -> OciReference:
-    """Parse an ``oci://`` URI; ValueError with a message that names the rule it breaks."""
+def oci_reference(value: str, what: str, *, pull: bool = False) -> OciReference:
+    """Parse an ``oci://`` URI (``pull``: a tag or a digest, else a tag to push to); ValueError
+    with a message that names the rule it breaks."""
     found = _OCI.match(value)
+    if found is not None and found["digest"] and not pull:
+        found = None
     if found is None:
+        if pull:
+            raise ValueError(
+                f"{what} URI {display_uri(value)!r} is not of the form "
+                "oci://<registry>[:<port>]/<repository>[:<tag>|@sha256:<digest>] (repository "
+                "path components are lowercase letters and digits joined by '.', '_', '__' or "
+                "'-'; no credentials)"
+            )
         raise ValueError(
             f"{what} URI {display_uri(value)!r} is not of the form "
             "oci://<registry>[:<port>]/<repository>[:<tag>] (repository path components are "
@@ -158,7 +185,9 @@ def oci_reference(value: str, what: str) -> OciReference:
     repository = found["repository"]
     if len(repository) > _OCI_MAX_NAME:
         raise ValueError(f"{what} URI's repository name is longer than {_OCI_MAX_NAME} characters")
-    return OciReference(found["host"].lower(), repository, found["tag"] or DEFAULT_TAG)
+    return OciReference(
+        found["host"].lower(), repository, found["tag"] or DEFAULT_TAG, found["digest"]
+    )
 
 
 def _check_segments(path: str, what: str, uri: str) -> None:

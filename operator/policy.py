@@ -15,8 +15,12 @@ import posixpath
 import urllib.parse
 from typing import Any, Final
 
-from kubetune.api.contract import REGISTRY_AUTH_MOUNT_PATH, TERMINATION_MESSAGE_PATH
-from kubetune.api.models import FineTuneJobSpec, PodTemplateOverrides
+from kubetune.api.contract import (
+    ADAPTER_REGISTRY_AUTH_MOUNT_PATH,
+    REGISTRY_AUTH_MOUNT_PATH,
+    TERMINATION_MESSAGE_PATH,
+)
+from kubetune.api.models import FineTuneJobSpec, PodTemplateOverrides, RegistrySpec
 from kubetune.api.uris import CLUSTER_SCHEMES, oci_reference, parse_uri
 from kubetune.operator.settings import (
     ENDPOINT_ENV,
@@ -121,11 +125,25 @@ def _object_store(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str
 
 
 def _registry(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
-    """An oci:// output gets the registry's login: only a registry the settings allow, and
-    plain http only to one they name for it."""
-    if not spec.output.is_oci:
-        return []
-    host = oci_reference(spec.output.uri, "spec.output.uri").host
+    """An oci:// output or starting adapter gets the registry's login: only a registry the
+    settings allow, and plain http only to one they name for it."""
+    problems = []
+    if spec.output.is_oci:
+        problems += _one_registry(
+            "spec.output", spec.output.uri, spec.output.registry, settings, pull=False
+        )
+    adapter = spec.model.adapter
+    if adapter is not None and adapter.uri.startswith("oci://"):
+        problems += _one_registry(
+            "spec.model.adapter", adapter.uri, adapter.registry, settings, pull=True
+        )
+    return problems
+
+
+def _one_registry(
+    where: str, uri: str, registry: RegistrySpec | None, settings: OperatorSettings, *, pull: bool
+) -> list[str]:
+    host = oci_reference(uri, f"{where}.uri", pull=pull).host
     name, _, port = host.partition(":")
     port_number = int(port) if port else None
     problems = []
@@ -133,14 +151,13 @@ def _registry(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
     if not _host_matches(name, port_number, allowed):
         listed = ", ".join(allowed) or "none"
         problems.append(
-            f"spec.output.uri: registry {host!r} is not allowed by {_SETTING} "
+            f"{where}.uri: registry {host!r} is not allowed by {_SETTING} "
             f"(KUBETUNE_ALLOWED_REGISTRIES: {listed})"
         )
-    registry = spec.output.registry
     plain = settings.plain_http_registries
     if registry is not None and registry.plain_http and not _host_matches(name, port_number, plain):
         problems.append(
-            f"spec.output.registry.plainHttp: registry {host!r} may be reached only over https "
+            f"{where}.registry.plainHttp: registry {host!r} may be reached only over https "
             f"(plain http denied by {_SETTING}, KUBETUNE_PLAIN_HTTP_REGISTRIES: "
             f"{', '.join(plain) or 'none'})"
         )
@@ -170,8 +187,10 @@ def _cluster_uris(spec: FineTuneJobSpec) -> list[str]:
         ("spec.output.uri", spec.output.uri),
         *([("spec.output.checkpointUri", spec.output.checkpoint_uri)]
           if spec.output.checkpoint_uri is not None else []),
+        *([("spec.model.adapter.uri", spec.model.adapter.uri)]
+          if spec.model.adapter is not None else []),
     ):  # fmt: skip
-        parsed = parse_uri(uri, CLUSTER_SCHEMES | {"file"}, field)
+        parsed = parse_uri(uri, CLUSTER_SCHEMES | {"file"}, field, oci_digest=True)
         hub_id = parsed.could_be_hub_id and not field.startswith("spec.output.")
         if parsed.scheme not in CLUSTER_SCHEMES and not hub_id:
             problems.append(
@@ -288,7 +307,8 @@ def _mounts(mounts: Any, where: str, settings: OperatorSettings) -> list[str]:
     if not isinstance(mounts, list):
         return [f"{where}: must be a list"]
     protected = [settings.pvc_root, settings.config_mount_path, "/dev/shm",
-                 TERMINATION_MESSAGE_PATH, _TOKEN_MOUNT, REGISTRY_AUTH_MOUNT_PATH]  # fmt: skip
+                 TERMINATION_MESSAGE_PATH, _TOKEN_MOUNT, REGISTRY_AUTH_MOUNT_PATH,
+                 ADAPTER_REGISTRY_AUTH_MOUNT_PATH]  # fmt: skip
     problems = []
     for index, mount in enumerate(mounts):
         path = mount.get("mountPath") if isinstance(mount, dict) else None

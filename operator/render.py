@@ -16,6 +16,8 @@ from typing import Any, Final
 
 from kubetune.api.config import JobRef, ProgressSettings, TrainerConfig
 from kubetune.api.contract import (
+    ADAPTER_REGISTRY_AUTH_ENV,
+    ADAPTER_REGISTRY_AUTH_MOUNT_PATH,
     ATTEMPT_ANNOTATION,
     AWS_ACCESS_KEY_ID_ENV,
     AWS_ENDPOINT_URL_ENV,
@@ -141,6 +143,7 @@ def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
     claims: dict[str, bool] = {}
     for uri, writable in (
         (spec.model.uri, False),
+        (spec.model.adapter.uri if spec.model.adapter else "", False),
         (spec.dataset.uri, False),
         (spec.output.uri, True),
         (spec.output.checkpoint_uri or "", True),
@@ -662,24 +665,27 @@ def _pod_spec(spec: FineTuneJobSpec, names: ChildNames, settings: OperatorSettin
         {"name": "config", "configMap": {"name": names.config_map}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": resources.shm_size}},
     ]
-    registry = spec.output.registry
-    if registry is not None and registry.credentials_secret_ref is not None:
-        # The registry's login as a file (a docker config), read by the trainer alone.
-        mounts.append(
-            {"name": "registry-auth", "mountPath": REGISTRY_AUTH_MOUNT_PATH, "readOnly": True}
-        )
+    # The registry logins as files (docker configs), read by the trainer alone: the output's,
+    # and the starting adapter's.
+    logins = [
+        ("registry-auth", spec.output.registry, REGISTRY_AUTH_MOUNT_PATH, REGISTRY_AUTH_ENV),
+        ("adapter-registry-auth", spec.model.adapter.registry if spec.model.adapter else None,
+         ADAPTER_REGISTRY_AUTH_MOUNT_PATH, ADAPTER_REGISTRY_AUTH_ENV),
+    ]  # fmt: skip
+    for volume_name, registry, mount_path, variable in logins:
+        if registry is None or registry.credentials_secret_ref is None:
+            continue
+        mounts.append({"name": volume_name, "mountPath": mount_path, "readOnly": True})
         volumes.append(
             {
-                "name": "registry-auth",
+                "name": volume_name,
                 "secret": {
                     "secretName": registry.credentials_secret_ref.name,
                     "items": [{"key": REGISTRY_AUTH_KEY, "path": REGISTRY_AUTH_KEY}],
                 },
             }
         )
-        env.append(
-            {"name": REGISTRY_AUTH_ENV, "value": f"{REGISTRY_AUTH_MOUNT_PATH}/{REGISTRY_AUTH_KEY}"}
-        )
+        env.append({"name": variable, "value": f"{mount_path}/{REGISTRY_AUTH_KEY}"})
     for claim, writable in pvc_claims(spec).items():
         volume = short_name(f"pvc-{claim}")
         mounts.append(

@@ -193,6 +193,13 @@ def preflight(config: TrainerConfig, read_token: str | None = None) -> TrainerRe
     source, is_hub = locate_model(spec.model)
     tokenizer = load_tokenizer(source, spec.model, is_hub, read_token, spec.dataset.chat_template)
     shape = model_shape(source, spec.model, is_hub, read_token)
+    if spec.model.adapter is not None:
+        # A starting adapter that doesn't fit fails here, before a GPU is asked for.
+        from kubetune.trainer.modeling import base_config
+        from kubetune.trainer.starting_adapter import check_adapter, locate_adapter
+
+        adapter = locate_adapter(spec.model.adapter, read_token)
+        check_adapter(adapter, spec, base_config(source, spec.model, is_hub, read_token))
     free = gpu_free_bytes(kind) if cuda and kind is not None else None
     # Without a card to plan for, the plan a node with unknown free memory makes (this pod has
     # no CUDA to ask).

@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from kubetune.trainer.data import PreparedData
     from kubetune.trainer.memory import MemoryPlan
     from kubetune.trainer.speed import SpeedSettings
+    from kubetune.trainer.starting_adapter import StartingAdapter
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ class QLoRASFTRecipe:
         self._trainer: Any = None
         self._tokenizer: Any = None
         self.mlflow_run: MlflowRun | None = None
+        #: spec.model.adapter, fetched and checked (setup).
+        self.starting_adapter: StartingAdapter | None = None
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -212,6 +215,16 @@ class QLoRASFTRecipe:
         if self.mlflow_run is not None:
             self.mlflow_run.end(status)
 
+    def _setup_starting_adapter(self, source: str, is_hub: bool) -> StartingAdapter:
+        from kubetune.trainer.modeling import base_config
+        from kubetune.trainer.starting_adapter import check_adapter, locate_adapter
+
+        assert self.spec.model.adapter is not None
+        adapter = locate_adapter(self.spec.model.adapter, self.tokens.read)
+        config = base_config(source, self.spec.model, is_hub, self.tokens.read)
+        check_adapter(adapter, self.spec, config)
+        return adapter
+
     def _setup_tokenizer(self) -> tuple[str, bool]:
         from kubetune.trainer.modeling import load_tokenizer, locate_model
 
@@ -278,6 +291,9 @@ class QLoRASFTRecipe:
 
         assert self.data is not None and self.speed is not None
         source, is_hub = located
+        if self.spec.model.adapter is not None:
+            # Fetched and checked before the weights load: a wrong adapter costs no model load.
+            self.starting_adapter = self._setup_starting_adapter(source, is_hub)
         model = load_quantized_model(
             source,
             spec=self.spec.model,
@@ -288,6 +304,15 @@ class QLoRASFTRecipe:
             cuda=self.cuda,
         )
         check_lora_targets(model, self.spec.lora)
+        peft_config: Any = lora_config(self.spec.lora)
+        if self.starting_adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(
+                model, str(self.starting_adapter.path), is_trainable=True
+            )
+            peft_config = None
+            log.info("continuing the adapter %s", self.starting_adapter.shown)
         if self.speed.offload_checkpoints:
             offload_checkpoints_to_cpu(model, pin_memory=self.cuda)
         push = (
@@ -308,7 +333,7 @@ class QLoRASFTRecipe:
             "train_dataset": self.data.train,
             "eval_dataset": self.data.eval,
             "processing_class": self._tokenizer,
-            "peft_config": lora_config(self.spec.lora),
+            "peft_config": peft_config,
             "callbacks": [
                 make_progress_callback(self.tracker),
                 checkpoint_callback(self.preemption, after_save, self._stop_requested),
@@ -464,7 +489,9 @@ class QLoRASFTRecipe:
             ),
             adapter=adapter,
             base_model=BaseModelRef(
-                uri=display_uri(self.spec.model.uri), revision=self.spec.model.revision
+                uri=display_uri(self.spec.model.uri),
+                revision=self.spec.model.revision,
+                adapter=self.starting_adapter.shown if self.starting_adapter else None,
             ),
             dataset_fingerprint=self.data.fingerprint,
             metrics=metrics,

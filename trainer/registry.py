@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -274,6 +275,35 @@ def push_adapter(
     return Pushed(digest, layers)
 
 
+def pull_artifact(
+    reference: OciReference, target: Path, *, plain_http: bool, credentials: Path | None = None
+) -> str:
+    """Pull an artifact's layers into ``target``, each as the file its title names (digests and
+    sizes checked); the manifest's digest."""
+    client = RegistryClient(
+        reference, plain_http=plain_http, login=login_for(reference.host, credentials)
+    )
+    body = client.get_manifest()
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    if reference.digest is not None and digest != reference.digest:
+        raise RegistryError(f"{client.shown}: the registry sent a manifest of another digest")
+    try:
+        document = json.loads(body)
+        layers = list(document["layers"])
+    except (ValueError, KeyError, TypeError):
+        raise RegistryError(f"{client.shown}: the manifest is not an OCI image manifest") from None
+    target.mkdir(parents=True, exist_ok=True)
+    for layer in layers:
+        title = (layer.get("annotations") or {}).get(TITLE_ANNOTATION, "")
+        if not isinstance(title, str) or not _SAFE_NAME.match(title):
+            raise RegistryError(f"{client.shown}: a layer names no plain file name ({title!r})")
+        client.get_blob(str(layer["digest"]), int(layer["size"]), target / title)
+    return digest
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")
+
+
 # --- the distribution API ----------------------------------------------------------------------
 
 
@@ -316,6 +346,24 @@ class RegistryClient:
             self._request(
                 "PUT", url, f"upload {content.name}", ok=(201,), data=handle, headers=headers
             )
+
+    def get_manifest(self) -> bytes:
+        path = f"/v2/{self.reference.repository}/manifests/{self.reference.reference}"
+        answer = self._request(
+            "GET", path, "get the manifest", ok=(200,), headers={"Accept": MANIFEST_MEDIA_TYPE}
+        )
+        return answer.body
+
+    def get_blob(self, digest: str, size: int, path: Path) -> None:
+        answer = self._request(
+            "GET", f"/v2/{self.reference.repository}/blobs/{digest}", f"get {path.name}", ok=(200,)
+        )
+        if (
+            len(answer.body) != size
+            or "sha256:" + hashlib.sha256(answer.body).hexdigest() != digest
+        ):
+            raise RegistryError(f"{self.shown}: {path.name} does not match its digest")
+        path.write_bytes(answer.body)
 
     def put_manifest(self, body: bytes) -> str:
         digest = "sha256:" + hashlib.sha256(body).hexdigest()

@@ -264,6 +264,34 @@ CEL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
             ),
         )
     },
+    **{
+        f"model.adapter URI {rule}": (
+            with_spec(model={"uri": "org/model", "adapter": {"uri": broken}}),
+            with_spec(model={"uri": "org/model", "adapter": {"uri": kept}}),
+            f"spec.model.adapter.uri: model.adapter URI {broken!r} {offline}",
+        )
+        for rule, broken, kept, offline in (
+            (
+                "must not contain '..' segments",
+                "pvc://claim/x/../../y",
+                "pvc://claim/x/..y",
+                "must not contain '..'",
+            ),
+            (
+                "must be of the form pvc://<claim-name>/<path>",
+                "pvc://Claim_1/x",
+                "pvc://claim-1/x",
+                "is not of the form pvc://",
+            ),
+            (
+                "must be of the form oci://<registry>[:<port>]/<repository>[:<tag>|@sha256:<digest>] "
+                "with a lowercase repository",
+                "oci://registry.example.com/team/a@sha256:1234",
+                "oci://registry.example.com/team/a@sha256:" + "0" * 64,
+                "is not of the form oci://",
+            ),
+        )
+    },
     "output URI must be of the form oci://<registry>[:<port>]/<repository>[:<tag>] with a "
     "lowercase repository": (
         with_spec(

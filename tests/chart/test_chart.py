@@ -459,7 +459,9 @@ def test_the_references_policy_checks_every_secret_reference_and_claim_of_the_sp
         }
 
     assert named("secret") == _secret_ref_paths(FineTuneJobSpec)
-    assert named("claim") == {"model.uri", "dataset.uri", "output.uri", "output.checkpointUri"}
+    assert named("claim") == {
+        "model.uri", "model.adapter.uri", "dataset.uri", "output.uri", "output.checkpointUri"
+    }  # fmt: skip
     # CEL allows two authorization checks per expression: one check per variable, none in the
     # validation itself.
     for name, expression in variables.items():

@@ -404,3 +404,30 @@ def test_no_pod_template_points_the_trainer_at_another_registry_login(name: str)
     env = [{"name": name, "value": "/scratch/config.json"}]
     (problem,) = policy_problems(spec_of(podTemplate=trainer_template(env=env)), PERMISSIVE)
     assert problem.startswith("spec.podTemplate.spec.containers[0].env[0]")
+
+
+def test_a_starting_adapter_is_pulled_only_from_an_allowed_registry_with_its_own_login() -> None:
+    digest = "sha256:" + "0" * 64
+    model = {"uri": "pvc://models/base", "adapter": {
+        "uri": f"oci://registry.example.com/team/adapter@{digest}",
+        "registry": {"credentialsSecretRef": {"name": "pull-cred"}, "plainHttp": True}}}  # fmt: skip
+    spec = spec_of(model=model)
+    (denied_host, denied_http) = policy_problems(spec, PERMISSIVE)
+    assert denied_host.startswith("spec.model.adapter.uri: registry 'registry.example.com' is not")
+    assert denied_http.startswith("spec.model.adapter.registry.plainHttp: registry 'registry.")
+    job = next(o for o in render(spec, METADATA, OperatorSettings()) if o["kind"] == "Job")
+    pod = job["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["adapter-registry-auth"]["secret"]["secretName"] == "pull-cred"
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["KUBETUNE_ADAPTER_REGISTRY_AUTH_FILE"].endswith("/.dockerconfigjson")
+    assert "REGISTRY_AUTH_FILE" not in env  # the output's login: none asked for
+
+
+def test_a_starting_adapter_on_a_claim_is_mounted_read_only() -> None:
+    spec = spec_of(model={"uri": "org/model", "adapter": {"uri": "pvc://previous/run"}})
+    job = next(o for o in render(spec, METADATA, OperatorSettings()) if o["kind"] == "Job")
+    mounts = {
+        m["name"]: m for m in job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    }
+    assert mounts["pvc-previous"]["readOnly"] is True

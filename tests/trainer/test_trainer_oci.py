@@ -188,3 +188,96 @@ def test_a_push_the_registry_refuses_fails_the_run_naming_it_and_keeps_the_adapt
     assert (run.work / "adapter_model.safetensors").is_file()
     listed = registry.oras("repo", "tags", f"{registry.host}/team/refused", check=False)
     assert TAG not in listed.stdout
+
+
+# --- continuing an adapter (spec.model.adapter) ---------------------------------------------------
+
+
+def _continue(
+    tiny: TinyAssets, work: Path, adapter: str, auth_file: Path, *, model: Path | None = None,
+    lora: dict[str, Any] | None = None, **training: Any,
+) -> tuple[int, str, dict[str, Any]]:  # fmt: skip
+    """`kubetune train` of the tiny job into ``work/out``, starting from ``adapter``."""
+    from kubetune.trainer.local_run import main as kubetune
+    from kubetune_devtools.tiny import demo_manifest
+
+    manifest = demo_manifest(model or tiny.model, tiny.datasets["prompt-completion"])
+    manifest["spec"].pop("evaluation")
+    manifest["spec"]["lora"].update(lora or {})
+    manifest["spec"]["training"].update(
+        {"maxSteps": 2, "checkpointSteps": 2, "loggingSteps": 1, **training}
+    )
+    manifest["spec"]["output"]["uri"] = str(work / "out")
+    manifest["spec"]["model"]["adapter"] = {"uri": adapter, "registry": {"plainHttp": True}}
+    path = work / "job.yaml"
+    path.write_text(json.dumps(manifest))
+    logs = io.StringIO()
+    handler = logging.StreamHandler(logs)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("KUBETUNE_TERMINATION_LOG", str(work / "termination-log"))
+        env.setenv("REGISTRY_AUTH_FILE", str(auth_file))
+        logging.getLogger().addHandler(handler)
+        try:
+            code = kubetune(["train", str(path), "--no-progress"])
+        finally:
+            logging.getLogger().removeHandler(handler)
+    termination = json.loads((work / "termination-log").read_text())
+    return code, logs.getvalue(), termination
+
+
+def test_a_run_continues_the_adapter_it_pulls_by_digest_and_says_so(
+    tiny: TinyAssets, pushed: Run, registry: LoginRegistry, tmp_path: Path
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    pinned = pushed.termination["adapter"]["uri"]
+    code, logs, termination = _continue(
+        tiny, tmp_path, pinned, registry.auth_file, learningRate=1.0e-7
+    )
+
+    assert code == 0, logs[-3000:]
+    assert termination["baseModel"]["adapter"] == pinned
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"- continued from the adapter `{pinned}`" in card
+    # Two steps at a learning rate of 1e-7 barely move the weights: the run's adapter is the
+    # pulled one (a fresh adapter's B matrices would start at zero).
+    started = load_file(pushed.work / "adapter_model.safetensors")
+    continued = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert started.keys() == continued.keys()
+    lora_b = [k for k in started if "lora_B" in k]
+    assert lora_b and all(started[k].abs().max() > 1e-3 for k in lora_b)
+    for key, tensor in started.items():
+        torch.testing.assert_close(continued[key].float(), tensor.float(), rtol=0, atol=1e-4)
+
+
+def test_an_adapter_of_another_lora_shape_is_refused_before_the_model_loads(
+    tiny: TinyAssets, pushed: Run, registry: LoginRegistry, tmp_path: Path
+) -> None:
+    pinned = pushed.termination["adapter"]["uri"]
+    code, _, refused = _continue(
+        tiny, tmp_path, pinned, registry.auth_file, lora={"r": 8, "alpha": 16}
+    )
+    assert code == 2
+    assert refused["reason"] == "InvalidConfig"
+    assert refused["message"] == (
+        f"model.adapter: {pinned} has r=16 and lora_alpha=32; continuing it needs lora.r: 16 and "
+        "lora.alpha: 32 (the spec has 8 and 16)"
+    )
+
+
+def test_an_adapter_trained_on_another_base_model_is_refused_naming_the_module(
+    tiny: TinyAssets, pushed: Run, registry: LoginRegistry, tmp_path: Path
+) -> None:
+    from kubetune_devtools.tiny import write_tiny_model
+
+    wider = write_tiny_model(tmp_path / "wider", hidden_size=128)
+    pinned = pushed.termination["adapter"]["uri"]
+    code, _, termination = _continue(tiny, tmp_path, pinned, registry.auth_file, model=wider)
+    assert code == 4
+    assert termination["reason"] == "ModelError"
+    assert termination["message"].startswith(f"model.adapter: {pinned} doesn't fit the base model")
+    # The first module in order whose sizes differ: the MLP's, twice as wide in the wider model.
+    assert termination["message"].endswith(
+        "model.layers.0.mlp.down_proj maps 128→64 in the adapter, 256→128 in the base"
+    )
