@@ -102,7 +102,7 @@ def registry_secret(kubectl: Kubectl, namespace: str, registry: LoginRegistry) -
     kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(secret))
 
 
-def test_the_adapter_is_pushed_and_status_pins_the_digest_oras_pulls_back(
+def test_the_adapter_is_pushed_and_status_pins_the_digest_oras_pulls_back_and_a_job_continues(
     operator: OperatorProcess,
     kubectl: Kubectl,
     namespace: str,
@@ -135,6 +135,21 @@ def test_the_adapter_is_pushed_and_status_pins_the_digest_oras_pulls_back(
         "checkpoint-3",
         "checkpoint-6",
     ]
+
+    # A second job continues that adapter, pulled by the digest status names, with the same
+    # Secret's login; its result says what it started from.
+    second = oci_spec(f"oci://{registry.host}/{namespace}/tiny:v2")
+    second["model"]["adapter"] = {
+        "uri": adapter["uri"],
+        "registry": {"plainHttp": True, "credentialsSecretRef": {"name": "regcred"}},
+    }
+    second["output"] = {"uri": f"pvc://{CLAIM}/continued"}
+    apply(kubectl, namespace, "continued", second)
+    status = finished(kubectl, namespace, "continued", 600)
+    assert status["phase"] == "Succeeded", json.dumps(status, indent=2)
+    assert status["result"]["baseModel"]["adapter"] == adapter["uri"]
+    card = (volume / "continued" / "README.md").read_text()
+    assert f"- continued from the adapter `{adapter['uri']}`" in card
 
     shown = kubectl("get", "ftj", "pushed", "-n", namespace, "-o", "yaml").stdout
     events = kubectl("get", "events", "-n", namespace, "-o", "yaml").stdout
