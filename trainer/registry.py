@@ -1,4 +1,5 @@
-"""Pushing an adapter to an OCI registry as one artifact (``output.uri: oci://...``).
+"""An adapter in an OCI registry: pushed as one artifact (``output.uri: oci://...``), pulled back
+by tag or digest (``model.adapter``).
 
 The artifact follows the CNCF ModelPack specification (github.com/modelpack/model-spec,
 ``specs-go/v1``): an OCI image manifest whose ``artifactType`` is the model manifest type, a
