@@ -384,8 +384,9 @@ def validation_job(
 ) -> Manifest:
     """The trainer Job made into the Validating phase's: one pod, ``kubetune-trainer
     preflight`` on the same config, image, security context, scheduling and pod template, with
-    no GPU, no API token (the preflight reports through its termination message), no push or
-    tracking credentials, every claim read-only, and the operator's CPU, memory,
+    no GPU, no API token (the preflight reports through its termination message), no hub push or
+    tracking credentials (registry logins stay: the preflight checks that the output's may push
+    and pulls a starting adapter), every claim read-only, and the operator's CPU, memory,
     ephemeral-storage and deadline (``KUBETUNE_VALIDATION_*``), whatever the spec asks of the
     trainer. Not queued (it asks for no GPU quota); suspended with the run."""
     manifest = copy.deepcopy(job)

@@ -276,6 +276,17 @@ def push_adapter(
     return Pushed(digest, layers)
 
 
+def check_push_access(
+    reference: OciReference, *, plain_http: bool, credentials: Path | None = None
+) -> None:
+    """The registry lets this login push to the repository: an upload is started, then
+    cancelled (nothing is written). RegistryError says what it answered."""
+    client = RegistryClient(
+        reference, plain_http=plain_http, login=login_for(reference.host, credentials)
+    )
+    client.start_and_cancel_upload()
+
+
 def pull_artifact(
     reference: OciReference, target: Path, *, plain_http: bool, credentials: Path | None = None
 ) -> str:
@@ -347,6 +358,18 @@ class RegistryClient:
             self._request(
                 "PUT", url, f"upload {content.name}", ok=(201,), data=handle, headers=headers
             )
+
+    def start_and_cancel_upload(self) -> None:
+        started = self._request(
+            "POST", f"/v2/{self.reference.repository}/blobs/uploads/", "start an upload", ok=(202,)
+        )
+        location = started.headers.get("Location")
+        if location:
+            target = urllib.parse.urljoin(self.base + "/", location)
+            if urllib.parse.urlsplit(target).netloc == urllib.parse.urlsplit(self.base).netloc:
+                # Best effort: a registry that keeps the empty upload expires it.
+                with contextlib.suppress(RegistryError):
+                    self._request("DELETE", target, "cancel the upload", ok=(204, 404, 405))
 
     def get_manifest(self) -> bytes:
         path = f"/v2/{self.reference.repository}/manifests/{self.reference.reference}"

@@ -281,3 +281,40 @@ def test_an_adapter_trained_on_another_base_model_is_refused_naming_the_module(
     assert termination["message"].endswith(
         "model.layers.0.mlp.down_proj maps 128→64 in the adapter, 256→128 in the base"
     )
+
+
+def test_the_preflight_fails_a_registry_login_that_cant_push_before_any_training(
+    tiny: TinyAssets, registry: LoginRegistry, tmp_path: Path
+) -> None:
+    from kubetune.api.config import TrainerConfig
+    from kubetune.api.manifest import load_finetunejob
+    from kubetune.trainer.cli import main as trainer
+
+    output = f"oci://{registry.host}/team/preflighted:v1"
+    manifest = job_manifest(tiny.model, tiny.datasets["prompt-completion"], output)
+    manifest["spec"]["output"].update(
+        checkpointUri=str(tmp_path / "work"), registry={"plainHttp": True}
+    )
+    config = tmp_path / "config.yaml"
+    config.write_text(TrainerConfig(spec=load_finetunejob(manifest).spec).to_yaml())
+    wrong = docker_config(tmp_path / "wrong.json", registry.host, registry.username, "not-it-1234")
+
+    def preflight(auth_file: Path) -> tuple[int, dict[str, Any]]:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("KUBETUNE_TERMINATION_LOG", str(tmp_path / "termination-log"))
+            env.setenv("REGISTRY_AUTH_FILE", str(auth_file))
+            code = trainer(["preflight", "--config", str(config)])
+        return code, json.loads((tmp_path / "termination-log").read_text())
+
+    code, refused = preflight(wrong)
+    assert code == 2
+    assert refused["reason"] == "InvalidConfig"
+    assert refused["message"] == (
+        f"output.uri: {output} can't be pushed to: {registry.host}/team/preflighted: the registry "
+        "refused the login to start an upload (HTTP 401); check the Secret "
+        "output.registry.credentialsSecretRef names"
+    )
+    assert preflight(registry.auth_file)[0] == 0
+    # The check wrote nothing: the repository has no tag.
+    listed = registry.oras("repo", "tags", f"{registry.host}/team/preflighted", check=False)
+    assert listed.stdout.strip() == ""
