@@ -107,6 +107,7 @@ def _guarded(
             .with_secrets(tracking_secrets())
             .with_secrets(object_store_secrets())
             .with_secrets(registry_secrets() if spec.output.is_oci else [])
+            .with_secrets(_adapter_registry_secrets(config))
         )
     except TrainerFailure as exc:
         log.error("%s", exc.log_line())
@@ -123,6 +124,16 @@ def _guarded(
     if write_termination:
         outputs.write_termination_message(outcome.result)
     return outcome
+
+
+def _adapter_registry_secrets(config: TrainerConfig) -> list[str]:
+    """The login of an oci:// starting adapter's registry, never to be shown either."""
+    adapter = config.spec.model.adapter
+    if adapter is None or not adapter.uri.startswith("oci://"):
+        return []
+    from kubetune.trainer.starting_adapter import adapter_auth_file
+
+    return registry_secrets(adapter_auth_file())
 
 
 def _preflight(config: TrainerConfig, tokens: HubTokens) -> RunOutcome:

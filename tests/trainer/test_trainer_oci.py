@@ -240,6 +240,7 @@ def test_a_run_continues_the_adapter_it_pulls_by_digest_and_says_so(
     assert termination["baseModel"]["adapter"] == pinned
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"- continued from the adapter `{pinned}`" in card
+    assert_hidden([registry.password], logs=logs, model_card=card)
     # Two steps at a learning rate of 1e-7 barely move the weights: the run's adapter is the
     # pulled one (a fresh adapter's B matrices would start at zero).
     started = load_file(pushed.work / "adapter_model.safetensors")
