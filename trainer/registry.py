@@ -379,15 +379,31 @@ class RegistryClient:
         return answer.body
 
     def get_blob(self, digest: str, size: int, path: Path) -> None:
+        """The blob into ``path``, its size and digest checked. A registry may send the download
+        elsewhere (a 307 to its storage, as GHCR and S3-backed registries do): followed once,
+        without the registry's login (the storage URL carries its own signature)."""
         answer = self._request(
-            "GET", f"/v2/{self.reference.repository}/blobs/{digest}", f"get {path.name}", ok=(200,)
-        )
-        if (
-            len(answer.body) != size
-            or "sha256:" + hashlib.sha256(answer.body).hexdigest() != digest
-        ):
+            "GET", f"/v2/{self.reference.repository}/blobs/{digest}", f"get {path.name}",
+            ok=(200, 301, 302, 303, 307, 308),
+        )  # fmt: skip
+        body = answer.body
+        if answer.status != 200:
+            location = answer.headers.get("Location", "")
+            target = urllib.parse.urljoin(self.base + "/", location)
+            if urllib.parse.urlsplit(target).scheme not in ("https", "http") or not location:
+                raise RegistryError(f"{self.shown}: {path.name} was redirected nowhere usable")
+            request = urllib.request.Request(target, headers={"User-Agent": "kubetune-trainer"})  # noqa: S310
+            try:
+                with self._opener.open(request, timeout=TIMEOUT_SECONDS) as redirected:
+                    body = redirected.read(size + 1)
+            except (urllib.error.URLError, OSError) as exc:
+                why = exc.code if isinstance(exc, urllib.error.HTTPError) else type(exc).__name__
+                raise RegistryError(
+                    f"{self.shown}: the storage the registry sent {path.name} to answered {why}"
+                ) from None
+        if len(body) != size or "sha256:" + hashlib.sha256(body).hexdigest() != digest:
             raise RegistryError(f"{self.shown}: {path.name} does not match its digest")
-        path.write_bytes(answer.body)
+        path.write_bytes(body)
 
     def put_manifest(self, body: bytes) -> str:
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
