@@ -45,6 +45,16 @@ AWS_SECRET_ACCESS_KEY_ENV: Final = "AWS_SECRET_ACCESS_KEY"  # noqa: S105 -- a na
 AWS_SESSION_TOKEN_ENV: Final = "AWS_SESSION_TOKEN"  # noqa: S105 -- a name, not a value
 AWS_ENDPOINT_URL_ENV: Final = "AWS_ENDPOINT_URL"
 AWS_REGION_ENV: Final = "AWS_DEFAULT_REGION"
+#: The registry login of an oci:// output: the ``.dockerconfigjson`` key of
+#: ``spec.output.registry.credentialsSecretRef``, mounted read-only at REGISTRY_AUTH_MOUNT_PATH,
+#: its file named by REGISTRY_AUTH_ENV (the variable podman and skopeo read too).
+REGISTRY_AUTH_ENV: Final = "REGISTRY_AUTH_FILE"
+REGISTRY_AUTH_MOUNT_PATH: Final = "/var/run/kubetune/registry"
+REGISTRY_AUTH_KEY: Final = ".dockerconfigjson"
+#: The same for ``spec.model.adapter.registry.credentialsSecretRef`` (the registry an oci://
+#: starting adapter is pulled from).
+ADAPTER_REGISTRY_AUTH_ENV: Final = "KUBETUNE_ADAPTER_REGISTRY_AUTH_FILE"
+ADAPTER_REGISTRY_AUTH_MOUNT_PATH: Final = "/var/run/kubetune/adapter-registry"
 # Distributed training (resources.gpus > 1 or resources.nodes > 1). The pod's command stays
 # TRAINER_COMMAND; the trainer starts its ranks through torch.distributed.run from these.
 #: host:port of the c10d rendezvous (rank 0's pod, through the job's headless Service).

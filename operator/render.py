@@ -16,6 +16,8 @@ from typing import Any, Final
 
 from kubetune.api.config import JobRef, ProgressSettings, TrainerConfig
 from kubetune.api.contract import (
+    ADAPTER_REGISTRY_AUTH_ENV,
+    ADAPTER_REGISTRY_AUTH_MOUNT_PATH,
     ATTEMPT_ANNOTATION,
     AWS_ACCESS_KEY_ID_ENV,
     AWS_ENDPOINT_URL_ENV,
@@ -40,6 +42,9 @@ from kubetune.api.contract import (
     PREFLIGHT_SUBCOMMAND,
     PUSH_TOKEN_ENV,
     PVC_ROOT_ENV,
+    REGISTRY_AUTH_ENV,
+    REGISTRY_AUTH_KEY,
+    REGISTRY_AUTH_MOUNT_PATH,
     RENDEZVOUS_ENDPOINT_ENV,
     RENDEZVOUS_ID_ENV,
     RENDEZVOUS_PORT,
@@ -373,8 +378,9 @@ def validation_job(
 ) -> Manifest:
     """The trainer Job made into the Validating phase's: one pod, ``kubetune-trainer
     preflight`` on the same config, image, security context, scheduling and pod template, with
-    no GPU, no API token (the preflight reports through its termination message), no push or
-    tracking credentials, every claim read-only, and the operator's CPU, memory,
+    no GPU, no API token (the preflight reports through its termination message), no hub push or
+    tracking credentials (registry logins stay: the preflight checks that the output's may push
+    and pulls a starting adapter), every claim read-only, and the operator's CPU, memory,
     ephemeral-storage and deadline (``KUBETUNE_VALIDATION_*``), whatever the spec asks of the
     trainer. Not queued (it asks for no GPU quota); suspended with the run."""
     manifest = copy.deepcopy(job)
@@ -654,6 +660,27 @@ def _pod_spec(spec: FineTuneJobSpec, names: ChildNames, settings: OperatorSettin
         {"name": "config", "configMap": {"name": names.config_map}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": resources.shm_size}},
     ]
+    # The registry logins as files (docker configs), read by the trainer alone: the output's,
+    # and the starting adapter's.
+    logins = [
+        ("registry-auth", spec.output.registry, REGISTRY_AUTH_MOUNT_PATH, REGISTRY_AUTH_ENV),
+        ("adapter-registry-auth", spec.model.adapter.registry if spec.model.adapter else None,
+         ADAPTER_REGISTRY_AUTH_MOUNT_PATH, ADAPTER_REGISTRY_AUTH_ENV),
+    ]  # fmt: skip
+    for volume_name, registry, mount_path, variable in logins:
+        if registry is None or registry.credentials_secret_ref is None:
+            continue
+        mounts.append({"name": volume_name, "mountPath": mount_path, "readOnly": True})
+        volumes.append(
+            {
+                "name": volume_name,
+                "secret": {
+                    "secretName": registry.credentials_secret_ref.name,
+                    "items": [{"key": REGISTRY_AUTH_KEY, "path": REGISTRY_AUTH_KEY}],
+                },
+            }
+        )
+        env.append({"name": variable, "value": f"{mount_path}/{REGISTRY_AUTH_KEY}"})
     for claim, writable in pvc_claims(spec).items():
         volume = short_name(f"pvc-{claim}")
         mounts.append(

@@ -9,6 +9,7 @@ from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kubetune.api.contract import (
+    ADAPTER_REGISTRY_AUTH_ENV,
     CONFIG_MOUNT_PATH,
     DEFAULT_PVC_ROOT,
     MLFLOW_PASSWORD_ENV,
@@ -17,6 +18,7 @@ from kubetune.api.contract import (
     NODE_RANK_ENV,
     PUSH_TOKEN_ENV,
     PVC_ROOT_ENV,
+    REGISTRY_AUTH_ENV,
     RENDEZVOUS_ENDPOINT_ENV,
     RENDEZVOUS_ID_ENV,
     TERMINATION_LOG_ENV,
@@ -72,6 +74,7 @@ NEVER_ENV: Final = frozenset(
      "LD_AUDIT", "NCCL_NET_PLUGIN", "NCCL_TUNER_PLUGIN", "HF_HOME", "HF_HUB_CACHE",
      "TRANSFORMERS_CACHE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
      "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
+     "DOCKER_CONFIG", REGISTRY_AUTH_ENV, ADAPTER_REGISTRY_AUTH_ENV,
      TOKEN_ENV, PUSH_TOKEN_ENV, MLFLOW_USERNAME_ENV, MLFLOW_PASSWORD_ENV, MLFLOW_TOKEN_ENV,
      PVC_ROOT_ENV, RENDEZVOUS_ENDPOINT_ENV, RENDEZVOUS_ID_ENV, NODE_RANK_ENV,
      TERMINATION_LOG_ENV, *ENDPOINT_ENV}
@@ -178,6 +181,21 @@ class OperatorSettings(BaseSettings):
             "Object-store endpoints (https://host[:port]) a job may name in "
             "spec.objectStore.endpoint, or set as AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3 "
             "through spec.podTemplate; empty: the store's default only."
+        ),
+    )
+    allowed_registries: CsvList = Field(
+        default_factory=list,
+        description=(
+            "OCI registries (host or host:port, shell-style patterns) an oci:// spec.output.uri "
+            "may name, comma-separated; empty refuses oci:// outputs."
+        ),
+    )
+    plain_http_registries: CsvList = Field(
+        default_factory=list,
+        description=(
+            "Registries (host or host:port, shell-style patterns) a job may reach over plain "
+            "http (spec.output.registry.plainHttp), such as the local cluster's; empty: https "
+            "only."
         ),
     )
     trainer_network_policy: bool = Field(

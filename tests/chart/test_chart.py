@@ -418,18 +418,19 @@ def test_the_trainer_status_policy_guards_every_status_field_but_progress(render
 
 
 def _secret_ref_paths(model: Any, prefix: str = "") -> set[str]:
-    """Dotted camelCase paths of every SecretKeyRef field under ``model``."""
+    """Dotted camelCase paths of every Secret reference (a key of one, or a whole docker config
+    Secret) under ``model``."""
     import typing
 
     from pydantic import BaseModel
 
-    from kubetune.api.models import SecretKeyRef
+    from kubetune.api.models import RegistryCredentialsRef, SecretKeyRef
 
     found: set[str] = set()
     for name, field in model.model_fields.items():
         path = f"{prefix}{field.alias or name}"
         for kind in (field.annotation, *typing.get_args(field.annotation)):
-            if kind is SecretKeyRef:
+            if kind is SecretKeyRef or kind is RegistryCredentialsRef:
                 found.add(path)
             elif isinstance(kind, type) and issubclass(kind, BaseModel):
                 found |= _secret_ref_paths(kind, f"{path}.")
@@ -461,9 +462,9 @@ def test_the_references_policy_checks_every_secret_reference_and_claim_of_the_sp
     # Every URI the spec can name (FineTuneJobSpec.uris, all optional ones set) may name a claim.
     every_uri = FineTuneJobSpec.model_validate(
         {
-            "model": {"uri": "pvc://work/model"},
+            "model": {"uri": "pvc://work/model", "adapter": {"uri": "pvc://work/adapter"}},
             "dataset": {"uri": "pvc://work/data", "evalUri": "pvc://work/eval"},
-            "output": {"uri": "pvc://work/out"},
+            "output": {"uri": "oci://registry.example/adapters", "checkpointUri": "pvc://work/ck"},
         }
     )
     assert named("claim") == {field.removeprefix("spec.") for field, _, _ in every_uri.uris()}

@@ -196,6 +196,10 @@ namespaces) or into one Role per watched namespace.
   value: {{ join "," .Values.trainer.allowedHubEndpoints | quote }}
 - name: KUBETUNE_ALLOWED_OBJECT_STORE_ENDPOINTS
   value: {{ join "," .Values.trainer.allowedObjectStoreEndpoints | quote }}
+- name: KUBETUNE_ALLOWED_REGISTRIES
+  value: {{ join "," .Values.trainer.allowedRegistries | quote }}
+- name: KUBETUNE_PLAIN_HTTP_REGISTRIES
+  value: {{ join "," .Values.trainer.plainHttpRegistries | quote }}
 - name: KUBETUNE_ALLOWED_TRACKING_HOSTS
   value: {{ join "," .Values.trainer.tracking.allowedHosts | quote }}
 - name: KUBETUNE_TRACKING_HTTP_CREDENTIALS_HOSTS
