@@ -345,6 +345,10 @@ def test_trainers_report_to_the_progress_service_over_tls_with_the_charts_ca(
     ca = next(e for e in container["env"] if e["name"] == "KUBETUNE_PROGRESS_CA_BUNDLE")
     assert ca["valueFrom"]["secretKeyRef"] == {"name": "kt-kubetune-progress-tls", "key": "ca.crt"}
     assert env["KUBETUNE_TRAINER_SERVICE_ACCOUNT"] == "default"
+    # A host-network node (the local cluster's) reaches the operator on loopback instead.
+    url = "https://127.0.0.1:9443/v1/progress"
+    local = render("--set", f"progress.url={url}", "--set", "progress.tls.ipAddresses={127.0.0.1}")
+    assert deployment_env(local)["KUBETUNE_PROGRESS_URL"] == url
 
 
 @pytest.mark.parametrize(

@@ -240,7 +240,7 @@ namespaces) or into one Role per watched namespace.
 - name: KUBETUNE_PROGRESS_PORT
   value: {{ .Values.progress.port | quote }}
 - name: KUBETUNE_PROGRESS_URL
-  value: {{ printf "https://%s.%s.svc:%d/v1/progress" (include "kubetune.progressService" .) .Release.Namespace (int .Values.progress.port) | quote }}
+  value: {{ .Values.progress.url | default (printf "https://%s.%s.svc:%d/v1/progress" (include "kubetune.progressService" .) .Release.Namespace (int .Values.progress.port)) | quote }}
 - name: KUBETUNE_PROGRESS_AUDIENCE
   value: {{ .Values.progress.audience | quote }}
 - name: KUBETUNE_PROGRESS_TLS_CERT_FILE
