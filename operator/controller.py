@@ -5,6 +5,7 @@ per-job logger, and the Controller with its in-memory indexes of FineTuneJobs, J
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -125,8 +126,10 @@ FINETUNEJOB_SPEC_KEPT: Final[tuple[tuple[str, ...], ...]] = (
 
 
 #: Phases of a FineTuneJob whose children are still to be made (no phase: a new one): the index
-#: keeps its whole spec until then, so making them reads nothing more from the API.
+#: keeps its whole spec until then, if it is small (nearly every one is: about a KiB), so making
+#: them reads nothing more from the API. A large one is read when its children are made.
 UNSTARTED_PHASES: Final = (None, "Validating")
+WHOLE_SPEC_KEPT_BYTES: Final = 16 * 1024
 
 
 def slim_finetunejob(body: Mapping[str, Any]) -> Obj:
@@ -138,8 +141,10 @@ def slim_finetunejob(body: Mapping[str, Any]) -> Obj:
     # events), never for a reconcile.
     kept["status"] = {k: v for k, v in kept["status"].items() if k != "progress"}
     if kept["status"].get("phase") in UNSTARTED_PHASES:
-        kept["spec"] = copy.deepcopy(dict(body.get("spec") or {}))
-        return kept
+        spec = body.get("spec") or {}
+        if len(json.dumps(spec, separators=(",", ":"))) <= WHOLE_SPEC_KEPT_BYTES:
+            kept["spec"] = copy.deepcopy(dict(spec))
+            return kept
     for path in FINETUNEJOB_SPEC_KEPT:
         value: Any = body.get("spec")
         for key in path:

@@ -616,6 +616,13 @@ def test_a_cached_new_job_keeps_its_whole_spec_until_its_children_are_made() -> 
     assert plan(new, [passed], [], SETTINGS, NOW).create is not None
 
 
+def test_a_cached_new_job_with_a_large_spec_keeps_none_of_it_and_asks_for_it() -> None:
+    large = ftj(podTemplate={"spec": largest(POD_SPEC)})
+    cached = slim_finetunejob(large)
+    assert len(json.dumps(cached)) < 1_000
+    assert plan(cached, [], [], SETTINGS, NOW).fetch_spec
+
+
 def test_a_cached_job_that_needs_its_children_again_asks_for_its_whole_spec() -> None:
     waiting = slim_finetunejob(ftj(status={"phase": "Pending"}))  # a missing reference
     assert plan(waiting, [], [], SETTINGS, NOW).fetch_spec
