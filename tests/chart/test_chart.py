@@ -25,12 +25,10 @@ OPERATOR_ALLOW_LIST: dict[tuple[str, str], set[str]] = {
     ("kubetune.io", "finetunejobs/finalizers"): {"update"},
     ("", "events"): {"create"},
     # update: a companion made first by someone else gets the rendered content written over it.
+    # No serviceaccounts, roles or rolebindings: nothing is made per job for the trainer.
     ("", "configmaps"): {"get", "create", "update", "delete"},
-    ("", "serviceaccounts"): {"get", "create", "update", "delete"},
     # A multi-pod group's headless Service (its pods' DNS subdomain).
     ("", "services"): {"get", "create", "update", "delete"},
-    ("rbac.authorization.k8s.io", "roles"): {"get", "create", "update", "delete"},
-    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create", "update", "delete"},
     ("networking.k8s.io", "networkpolicies"): {"get", "create", "update", "delete"},
     # delete: a multi-pod group's failed attempt is replaced by a new Job.
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
