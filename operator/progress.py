@@ -220,6 +220,27 @@ class ProgressInbox:
         self._written_at.pop(key, None)
 
 
+class PerPodLimit:
+    """At most ``rate`` reports a second from one pod (a burst of ``burst``): a trainer reports
+    every few seconds, so more is a pod flooding the operator's event loop."""
+
+    def __init__(self, rate: float = 2.0, burst: float = 5.0, size: int = 10_000) -> None:
+        self.rate, self.burst, self.size = rate, burst, size
+        self._buckets: dict[str, tuple[float, float]] = {}  # pod uid → (allowance, when)
+
+    def allow(self, pod_uid: str) -> bool:
+        now = time.monotonic()
+        allowance, then = self._buckets.get(pod_uid, (self.burst, now))
+        allowance = min(self.burst, allowance + (now - then) * self.rate)
+        if len(self._buckets) >= self.size and pod_uid not in self._buckets:
+            self._buckets.clear()
+        if allowance < 1.0:
+            self._buckets[pod_uid] = (allowance, now)
+            return False
+        self._buckets[pod_uid] = (allowance - 1.0, now)
+        return True
+
+
 class ProgressEndpoint:
     """The HTTP side: review, check, keep, schedule the write."""
 
@@ -239,6 +260,9 @@ class ProgressEndpoint:
         self.service_account = service_account
         self.is_leader = is_leader
         self.schedule = schedule
+        self.per_pod = PerPodLimit()
+        #: (pod uid, job) refusals logged in the last minute: a pod that keeps trying is one line.
+        self._logged: dict[tuple[str, Key], float] = {}
 
     async def handle(self, request: web.Request) -> web.Response:
         if not self.is_leader():
@@ -265,6 +289,8 @@ class ProgressEndpoint:
             self.reviewer.remember(token, identity)
         if identity is None:
             return _answer(401, f"not a live pod-bound token of audience {self.reviewer.audience}")
+        if not self.per_pod.allow(identity.pod_uid):
+            return _answer(429, "too many reports from this pod; try again", retry_after=1)
         try:
             body = json.loads(await request.read())
             job = body["job"]
@@ -279,14 +305,24 @@ class ProgressEndpoint:
             identity, job, self.service_account, ftj=ftj, jobs=jobs, pods=pods, jobsets=jobsets
         )
         if refused is not None:
-            LOGGER.warning(
-                "progress for %s/%s from pod %s/%s refused: %s",
-                key[0], key[1], identity.namespace, identity.pod_name, refused,
-            )  # fmt: skip
+            if self._first_in_a_minute((identity.pod_uid, key)):
+                LOGGER.warning(
+                    "progress for %s/%s from pod %s/%s refused: %s",
+                    key[0], key[1], identity.namespace, identity.pod_name, refused,
+                )  # fmt: skip
             return _answer(403, refused)
         value = progress.model_dump(by_alias=True, exclude_none=True, mode="json")
         self.schedule(key, self.inbox.put(key, value))
         return _answer(202, "accepted")
+
+    def _first_in_a_minute(self, what: tuple[str, Key]) -> bool:
+        now = time.monotonic()
+        if len(self._logged) >= _MAX_REVIEWS:
+            self._logged = {k: t for k, t in self._logged.items() if t > now}
+        if self._logged.get(what, 0.0) > now:
+            return False
+        self._logged[what] = now + 60.0
+        return True
 
 
 def _answer(code: int, message: str, retry_after: int | None = None) -> web.Response:

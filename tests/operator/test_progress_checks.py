@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator.progress import PodIdentity, ProgressInbox, identity_of, reporting_job
+from kubetune.operator.progress import (
+    PerPodLimit,
+    PodIdentity,
+    ProgressInbox,
+    identity_of,
+    reporting_job,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -106,3 +112,9 @@ def test_the_inbox_keeps_the_newest_report_and_writes_it_once_per_interval() -> 
     assert inbox.put(key, {"step": 3}) > 0  # not before the interval is up
     assert inbox.take(key) is None
     assert inbox.due_in(key) is not None
+
+
+def test_a_pod_that_floods_the_endpoint_is_held_to_its_rate_and_others_are_not() -> None:
+    limit = PerPodLimit(rate=0.001, burst=3)
+    assert [limit.allow("flooding-pod") for _ in range(5)] == [True, True, True, False, False]
+    assert limit.allow("another-pod")
