@@ -29,6 +29,7 @@ from kubetune.operator import metrics, metrics_server, progress
 from kubetune.operator.actions import JOBSET_FALLBACK, reconcile
 from kubetune.operator.controller import (
     JOB_SPEC_KEPT,
+    LOGGER,
     MANAGED,
     SETTINGS,
     Controller,
@@ -223,15 +224,20 @@ async def _serve_progress(ctl: Controller) -> None:
         is_leader=lambda: ctl.leader,
         schedule=schedule,
     )
-    _RUNNERS.append(
-        await progress.serve(
+    try:
+        runner = await progress.serve(
             endpoint,
             SETTINGS.progress_port,
             SETTINGS.progress_tls_cert_file,
             SETTINGS.progress_tls_key_file,
             reuse_port=SETTINGS.progress_reuse_port,
         )
-    )
+    except OSError as exc:
+        # The port is taken (replicas sharing one host's network): this replica reconciles all
+        # the same; trainers' reports reach the one that listens.
+        LOGGER.error("progress endpoint: cannot listen on port %s: %s", SETTINGS.progress_port, exc)
+        return
+    _RUNNERS.append(runner)
 
 
 _RUNNERS: list[Any] = []
