@@ -174,6 +174,11 @@ def reporting_job(
     return None
 
 
+def _final(progress: Mapping[str, Any]) -> bool:
+    total, step = progress.get("totalSteps"), progress.get("step")
+    return isinstance(total, int) and isinstance(step, int) and total > 0 and step >= total
+
+
 #: (FineTuneJob, Jobs, Pods, JobSets) of a key, as the operator's indexes hold them.
 Lookup = Callable[[Key], tuple[Obj | None, list[Obj], list[Obj], list[Obj]]]
 
@@ -187,8 +192,12 @@ class ProgressInbox:
         self._written_at: dict[Key, float] = {}
 
     def put(self, key: Key, progress: Obj) -> float:
-        """Keep ``progress`` for ``key``; seconds until it may be written."""
+        """Keep ``progress`` for ``key``; seconds until it may be written. The run's last step
+        is written at once: the trainer exits after it, and an operator that stopped before
+        writing it would leave the status a step short."""
         self._pending[key] = progress
+        if _final(progress):
+            self._written_at.pop(key, None)
         last = self._written_at.get(key)
         return 0.0 if last is None else max(0.0, last + self.interval - time.monotonic())
 

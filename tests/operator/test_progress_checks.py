@@ -118,3 +118,12 @@ def test_a_pod_that_floods_the_endpoint_is_held_to_its_rate_and_others_are_not()
     limit = PerPodLimit(rate=0.001, burst=3)
     assert [limit.allow("flooding-pod") for _ in range(5)] == [True, True, True, False, False]
     assert limit.allow("another-pod")
+
+
+def test_the_runs_last_step_is_written_at_once_whatever_the_interval() -> None:
+    inbox = ProgressInbox(interval_seconds=3600)
+    key = ("team-a", "run-1")
+    inbox.put(key, {"step": 5, "totalSteps": 10})
+    assert inbox.take(key) is not None
+    assert inbox.put(key, {"step": 10, "totalSteps": 10}) == 0.0
+    assert inbox.take(key) == {"step": 10, "totalSteps": 10}
