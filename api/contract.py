@@ -69,6 +69,21 @@ COMPLETION_INDEX_LABEL: Final = "batch.kubernetes.io/job-completion-index"
 #: Kubernetes' label on a Job's pods with the Job's uid: the rendezvous id (one Job per attempt).
 CONTROLLER_UID_LABEL: Final = "batch.kubernetes.io/controller-uid"
 
+#: The trainer's progress goes to the operator (``POST`` of a Progress object over HTTPS), with a
+#: projected ServiceAccount token of kubetune's own audience, bound to the pod: the apiserver
+#: accepts no such token, so the pod has no Kubernetes API identity at all.
+PROGRESS_PATH: Final = "/v1/progress"
+#: The token's audience (the operator's ``progress_audience`` by default).
+PROGRESS_AUDIENCE: Final = "kubetune.io/progress"
+#: Where the pod's progress token is mounted (a projected volume; the kubelet renews it).
+PROGRESS_TOKEN_DIR: Final = "/var/run/secrets/kubetune.io/progress"  # noqa: S105 -- a path
+PROGRESS_TOKEN_FILE: Final = "token"  # noqa: S105 -- a file's name, not a token
+#: The volume that holds it.
+PROGRESS_TOKEN_VOLUME: Final = "progress-token"  # noqa: S105 -- a volume's name
+#: The largest progress body the operator reads (a Progress with its whole curve history is
+#: well under it).
+PROGRESS_BODY_LIMIT: Final = 64 * 1024
+
 #: Where the trainer writes its result; a laptop run may point it elsewhere.
 TERMINATION_LOG_ENV: Final = "KUBETUNE_TERMINATION_LOG"
 TERMINATION_MESSAGE_PATH: Final = "/dev/termination-log"

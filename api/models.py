@@ -1445,7 +1445,8 @@ class CurvePoint(StatusModel):
 
 
 class Progress(StatusModel):
-    """Live training progress, written by the trainer (rate-limited)."""
+    """Live training progress: the trainer reports it to the operator, which writes it
+    (rate-limited)."""
 
     step: int = Field(default=0, description="Optimizer steps done.")
     total_steps: int | None = Field(default=None, description="Optimizer steps in the run.")
@@ -1639,7 +1640,13 @@ class FineTuneJobStatus(StatusModel):
     pod_name: str | None = Field(
         default=None, description="The trainer pod of the latest attempt (for kubectl logs)."
     )
-    progress: Progress | None = Field(default=None, description="Live progress.")
+    progress: Progress | None = Field(
+        default=None,
+        description=(
+            "Live progress: the trainer reports it to the operator, which writes it (at most "
+            "once per its progress interval)."
+        ),
+    )
     estimate: Estimate | None = Field(
         default=None,
         description="Written by the Validating phase before the GPU Job: examples, tokens, "

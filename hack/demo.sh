@@ -25,11 +25,15 @@ export KUBECONFIG
 
 step "Installing kubetune (CRD, operator, RBAC) with helm"
 # The local node runs each pod's command on this machine instead of pulling its image, so the
-# operator "image" is the kubetune installed in .venv, and pods run as the current user.
+# operator "image" is the kubetune installed in .venv, and pods run as the current user; they
+# share this machine's network, so trainers reach the operator's progress port on loopback (and
+# one replica: two would share its ports).
 "$helm" upgrade --install kubetune charts/kubetune \
   --namespace kubetune-system --create-namespace \
   --set trainer.runAsNonRoot=false --set trainer.runAsUser=0 --set trainer.fsGroup=0 \
   --set operator.jsonLogs=false --set operator.progressIntervalSeconds=2 \
+  --set progress.url=https://127.0.0.1:8443/v1/progress --set 'progress.tls.ipAddresses={127.0.0.1}' \
+  --set replicaCount=1 \
   --wait --timeout 5m
 kubectl -n kubetune-system rollout status deploy/kubetune --timeout=120s
 

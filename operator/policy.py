@@ -338,6 +338,12 @@ def _volumes(volumes: Any) -> list[str]:
                 f"spec.podTemplate.spec.volumes[{index}]: {', '.join(unsafe)} volumes are never "
                 f"allowed (allowed: {', '.join(sorted(SAFE_VOLUME_SOURCES))})"
             )
+        elif "projected" in sources and _projects_a_token(volume["projected"]):
+            # The pod has no Kubernetes API identity: a token of any audience would give it one.
+            problems.append(
+                f"spec.podTemplate.spec.volumes[{index}]: projected serviceAccountToken sources "
+                "are never allowed (a trainer pod has no Kubernetes API identity)"
+            )
         elif "projected" in sources and _projects_a_secret(volume["projected"]):
             # Admission checks the creator may read a secret volume's Secret; a projected
             # volume's Secret sources it doesn't (CEL allows few authorization checks).
@@ -346,6 +352,13 @@ def _volumes(volumes: Any) -> list[str]:
                 "allowed (use a secret volume: its Secret must be one the job's creator may read)"
             )
     return problems
+
+
+def _projects_a_token(projected: Any) -> bool:
+    sources = projected.get("sources") if isinstance(projected, dict) else None
+    return isinstance(sources, list) and any(
+        isinstance(source, dict) and "serviceAccountToken" in source for source in sources
+    )
 
 
 def _projects_a_secret(projected: Any) -> bool:

@@ -1,9 +1,11 @@
 """FineTuneJob → the child objects that run it. Pure: data in, manifests out.
 
 ``render`` returns, in the order they must be created: the ConfigMap with the resolved trainer
-config, the per-job ServiceAccount, Role and RoleBinding (the trainer may patch only its own
-FineTuneJob's status), and the batch/v1 Job that runs ``kubetune-trainer`` (for a multi-pod
-group run by JobSet, the JobSet whose Job template that Job is).
+config, the NetworkPolicy, a group's headless Service, and the batch/v1 Job that runs
+``kubetune-trainer`` (for a multi-pod group run by JobSet, the JobSet whose Job template that
+Job is). No ServiceAccount, Role or RoleBinding: the pod runs as the namespace's trainer
+ServiceAccount with no API token mounted, and reports progress to the operator with a
+projected token of kubetune's own audience.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ from kubetune.api.contract import (
     NODE_RANK_ENV,
     NON_RETRIABLE_EXIT_CODES,
     PREFLIGHT_SUBCOMMAND,
+    PROGRESS_TOKEN_DIR,
+    PROGRESS_TOKEN_FILE,
+    PROGRESS_TOKEN_VOLUME,
     PUSH_TOKEN_ENV,
     PVC_ROOT_ENV,
     REGISTRY_AUTH_ENV,
@@ -53,7 +58,7 @@ from kubetune.api.contract import (
     TRAINER_CONTAINER,
     VALIDATOR_COMPONENT,
 )
-from kubetune.api.models import API_VERSION, GROUP, KIND, PLURAL, FineTuneJobSpec
+from kubetune.api.models import API_VERSION, KIND, FineTuneJobSpec
 from kubetune.api.uris import parse_uri
 from kubetune.operator import jobset as js
 from kubetune.operator.policy import apply_pod_template
@@ -70,9 +75,6 @@ class ChildNames:
 
     job: str
     config_map: str
-    service_account: str
-    role: str
-    role_binding: str
     network_policy: str
     #: The headless Service of a multi-pod group (pod subdomain): ``<job>-<index>.<service>``.
     service: str
@@ -95,7 +97,6 @@ def child_names(name: str, nodes: int = 1) -> ChildNames:
     # The Job's name becomes a pod label value (batch.kubernetes.io/job-name): at most 63 chars.
     # A group's pods are named by host ``<job>-<index>``, also a DNS label: room for the index.
     job = short_name(name) if nodes <= 1 else short_name(name, _LABEL_MAX - len(f"-{nodes - 1}"))
-    sa = short_name(f"{name}-trainer", 253)
     # A Service's name must start with a letter (RFC 1035); a FineTuneJob's need not.
     service = job if job[:1].isalpha() else short_name(f"g-{job}")
     # JobSet's own limit (its webhook's, which the operator keeps without it): the longest pod
@@ -107,10 +108,7 @@ def child_names(name: str, nodes: int = 1) -> ChildNames:
     return ChildNames(
         job=job,
         config_map=short_name(f"{name}-trainer-config", 253),
-        service_account=sa,
-        role=sa,
-        role_binding=sa,
-        network_policy=sa,
+        network_policy=short_name(f"{name}-trainer", 253),
         service=service,
         validation_job=short_name(f"{name}-validate"),
         jobset=jobset,
@@ -165,9 +163,21 @@ def trainer_config(
     return TrainerConfig(
         job=JobRef(name=name, namespace=namespace, uid=uid),
         spec=spec,
-        progress=ProgressSettings(
-            interval_seconds=settings.progress_interval_seconds, reporter="kubernetes"
-        ),
+        progress=progress_settings(settings),
+    )
+
+
+def progress_settings(settings: OperatorSettings) -> ProgressSettings:
+    """Where the trainer reports: the operator's progress endpoint, with the pod's projected
+    token and the operator's CA (nowhere when the operator serves no such endpoint)."""
+    if not settings.progress_url:
+        return ProgressSettings(interval_seconds=settings.progress_interval_seconds)
+    return ProgressSettings(
+        interval_seconds=settings.progress_interval_seconds,
+        reporter="operator",
+        url=settings.progress_url,
+        ca_bundle=settings.progress_ca_bundle,
+        token_file=f"{PROGRESS_TOKEN_DIR}/{PROGRESS_TOKEN_FILE}",
     )
 
 
@@ -213,41 +223,10 @@ def render(
         "metadata": meta(names.config_map),
         "data": {CONFIG_FILE: config.to_yaml()},
     }
-    service_account: Manifest = {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": meta(names.service_account),
-    }
-    role: Manifest = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": meta(names.role),
-        "rules": [
-            {
-                "apiGroups": [GROUP],
-                "resources": [f"{PLURAL}/status"],
-                "resourceNames": [name],
-                "verbs": ["get", "patch"],
-            }
-        ],
-    }
-    role_binding: Manifest = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": meta(names.role_binding),
-        "roleRef": {
-            "apiGroup": "rbac.authorization.k8s.io",
-            "kind": "Role",
-            "name": names.role,
-        },
-        "subjects": [
-            {"kind": "ServiceAccount", "name": names.service_account, "namespace": namespace}
-        ],
-    }
     group = spec.resources.nodes > 1
     by_jobset = group and jobset
     job = render_job(spec, name, names, meta, settings, attempt=attempt, jobset=by_jobset, uid=uid)
-    children = [config_map, service_account, role, role_binding]
+    children = [config_map]
     if settings.trainer_network_policy:
         children.append(network_policy(name, names, meta, settings, group=group, uid=uid))
     if by_jobset:
@@ -358,8 +337,8 @@ def render_validation(
     *,
     jobset: bool = False,
 ) -> list[Manifest]:
-    """The children of the Validating phase: the same companions as ``render`` (config, identity,
-    network policy), then the validation Job instead of the trainer Job (or JobSet)."""
+    """The children of the Validating phase: the same companions as ``render`` (config, network
+    policy, a group's Service), then the validation Job instead of the trainer Job (or JobSet)."""
     *companions, _ = render(spec, metadata, settings, jobset=jobset)
     job = render(spec, metadata, settings)[-1]
     names = child_names(str(metadata["name"]))
@@ -403,6 +382,8 @@ def validation_job(
     pod = template["spec"]
     pod.pop("subdomain", None)
     pod["automountServiceAccountToken"] = False
+    # The preflight reports through its termination message: no progress token either.
+    pod["volumes"] = [v for v in pod["volumes"] if v["name"] != PROGRESS_TOKEN_VOLUME]
     requests = {
         "cpu": settings.validation_cpu_request,
         "memory": settings.validation_memory_request,
@@ -415,6 +396,9 @@ def validation_job(
     }
     for container in pod["containers"]:
         container["resources"] = {"requests": dict(requests), "limits": dict(limits)}
+        container["volumeMounts"] = [
+            m for m in container.get("volumeMounts") or [] if m["name"] != PROGRESS_TOKEN_VOLUME
+        ]
         for mount in container.get("volumeMounts") or []:
             if mount["name"].startswith("pvc-"):
                 mount["readOnly"] = True
@@ -460,6 +444,18 @@ def network_policy(
     peers: list[Manifest] = [{"podSelector": {"matchLabels": group_selector(name, uid)}}]
     if group:
         egress.append({"to": peers})
+    if settings.progress_url and settings.progress_peer_pod_selector and settings.progress_port:
+        # Progress goes to the operator's pods, on the progress port and nothing else.
+        operator: Manifest = {
+            "podSelector": {"matchLabels": dict(settings.progress_peer_pod_selector)}
+        }
+        if settings.progress_peer_namespace_selector:
+            operator["namespaceSelector"] = {
+                "matchLabels": dict(settings.progress_peer_namespace_selector)
+            }
+        egress.append(
+            {"to": [operator], "ports": [{"port": settings.progress_port, "protocol": "TCP"}]}
+        )
     if settings.trainer_apiserver_cidrs:
         # Progress goes to the API server, whose endpoints often lie in an excepted range.
         api_peers = egress_blocks(settings.trainer_apiserver_cidrs, [])
@@ -721,10 +717,33 @@ def _pod_spec(spec: FineTuneJobSpec, names: ChildNames, settings: OperatorSettin
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if settings.progress_url:
+        # The pod's only credential: a token for the operator's progress endpoint, of an
+        # audience the apiserver refuses, bound to this pod (it dies with it), renewed by the
+        # kubelet. No API token is mounted.
+        mounts.append(
+            {"name": PROGRESS_TOKEN_VOLUME, "mountPath": PROGRESS_TOKEN_DIR, "readOnly": True}
+        )
+        volumes.append(
+            {
+                "name": PROGRESS_TOKEN_VOLUME,
+                "projected": {
+                    "sources": [
+                        {
+                            "serviceAccountToken": {
+                                "audience": settings.progress_audience,
+                                "expirationSeconds": settings.progress_token_expiration_seconds,
+                                "path": PROGRESS_TOKEN_FILE,
+                            }
+                        }
+                    ]
+                },
+            }
+        )
     pod: Manifest = {
         "restartPolicy": "Never",
-        "serviceAccountName": names.service_account,
-        "automountServiceAccountToken": True,
+        "serviceAccountName": settings.trainer_service_account,
+        "automountServiceAccountToken": False,
         "securityContext": pod_security,
         "containers": [container],
         "volumes": volumes,

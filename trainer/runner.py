@@ -224,6 +224,8 @@ def _run(
     finally:
         if recipe is not None:
             recipe.end_tracking(tracked)
+            # The final progress reaches the operator before the pod ends (or a minute passes).
+            recipe.reporter.close()
     if recipe is not None and recipe.mlflow_run is not None and outcome.result.tracking is None:
         # A failed run is worth finding too: what it logged before it failed is on the server.
         tracking = recipe.mlflow_run.reference()

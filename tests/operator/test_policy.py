@@ -138,7 +138,7 @@ def test_allowed_fields_merge_under_kubetunes_identity_command_labels_and_contra
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["config"]["configMap"]["name"] == "victim-job-trainer-config"
     assert pod["runtimeClassName"] == "nvidia"
-    assert pod["serviceAccountName"] == "victim-job-trainer"
+    assert pod["serviceAccountName"] == "default"
     assert trainer["command"][0] == "kubetune-trainer"
     assert trainer["securityContext"]["allowPrivilegeEscalation"] is False
     labels, annotations = (
@@ -321,6 +321,29 @@ def test_projected_secret_sources_are_refused_secret_volumes_go_to_admission() -
         "spec.podTemplate.spec.volumes[2]: projected Secret sources are never allowed (use a "
         "secret volume: its Secret must be one the job's creator may read)"
     ]
+
+
+def test_a_pod_template_may_not_project_a_service_account_token_of_any_audience() -> None:
+    volumes = [
+        {
+            "name": "api",
+            "projected": {
+                "sources": [
+                    {
+                        "serviceAccountToken": {
+                            "audience": "https://kubernetes.default.svc",
+                            "path": "t",
+                        }
+                    }
+                ]
+            },
+        }
+    ]
+    problems = policy_problems(spec_of(podTemplate=template(volumes=volumes)), PERMISSIVE)
+    assert problems == [
+        "spec.podTemplate.spec.volumes[0]: projected serviceAccountToken sources are never "
+        "allowed (a trainer pod has no Kubernetes API identity)"
+    ]  # fmt: skip
 
 
 def test_the_object_stores_keys_go_only_to_an_endpoint_the_settings_allow() -> None:

@@ -33,6 +33,9 @@ def local_node_chart_settings() -> list[str]:
     return [
         f"operator.healthPort={free_port()}",  # the local node's pods share the host network
         f"operator.metricsPort={free_port()}",
+        # Trainers on the host-network node reach the operator's progress port on loopback (no
+        # Service routing there), so the chart's certificate names that address.
+        *progress_settings(free_port()),
         # Replicas on one host-network node would share those ports: one (tests/operator covers
         # two replicas as processes, each with its own ports).
         "replicaCount=1",
@@ -79,6 +82,9 @@ def image_node_chart_settings() -> list[str]:
     return [
         f"operator.healthPort={free_port()}",  # the local node's pods share the host network
         f"operator.metricsPort={free_port()}",
+        # Trainers on the host-network node reach the operator's progress port on loopback (no
+        # Service routing there), so the chart's certificate names that address.
+        *progress_settings(free_port()),
         "replicaCount=1",  # replicas on one host-network node would share those ports
         "operator.jsonLogs=false",
         "operator.progressIntervalSeconds=1",
@@ -87,6 +93,15 @@ def image_node_chart_settings() -> list[str]:
         f"tolerations[0].key={IMAGES_ONLY}",
         "tolerations[0].operator=Exists",
         "tolerations[0].effect=NoSchedule",
+    ]
+
+
+def progress_settings(port: int) -> list[str]:
+    """The chart's progress values (``--set`` form) for an operator on a host-network node."""
+    return [
+        f"progress.port={port}",
+        f"progress.url=https://127.0.0.1:{port}/v1/progress",
+        "progress.tls.ipAddresses={127.0.0.1}",
     ]
 
 
