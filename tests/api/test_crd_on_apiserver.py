@@ -245,6 +245,27 @@ CEL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
         for what in ("model", "dataset", "output")
     },
     **{
+        f"dataset.evalUri URI {rule}": (
+            with_spec(dataset={"uri": "pvc://claim/d", "evalUri": broken}),
+            with_spec(dataset={"uri": "pvc://claim/d", "evalUri": kept}),
+            f"spec.dataset.evalUri: dataset.evalUri URI {broken!r} {offline}",
+        )
+        for rule, broken, kept, offline in (
+            (
+                "must not contain '..' segments",
+                "pvc://claim/x/../../y",
+                "pvc://claim/x/..y",
+                "must not contain '..'",
+            ),
+            (
+                "must be of the form pvc://<claim-name>/<path>",
+                "pvc://Claim_1/x",
+                "pvc://claim-1/x",
+                "is not of the form pvc://",
+            ),
+        )
+    },
+    **{
         f"output.checkpointUri URI {rule}": (
             with_spec(output={"uri": OCI_OUTPUT, "checkpointUri": broken}),
             with_spec(output={"uri": OCI_OUTPUT, "checkpointUri": kept}),
