@@ -142,3 +142,34 @@ def test_the_dequantized_merge_is_the_closer_to_the_model_that_was_trained(
     assert gaps["dequantized"] < gaps["original"]
     dequantized = _logits(_plain(merged["dequantized"]), batch)
     assert torch.equal(dequantized.argmax(-1), trained_logits.argmax(-1))
+
+
+def test_merged_in_bfloat16_stays_within_two_bfloat16_steps_of_base_plus_adapter(
+    tiny: TinyAssets, trained: TrainedRun, tmp_path: Path, batch: Any
+) -> None:
+    """With computeDtype bfloat16 (the default) the merged weights are rounded to bfloat16's
+    8-bit mantissa, so merged and unmerged agree only to bfloat16 rounding: within two steps of
+    bfloat16 at the largest logit's magnitude (measured: one step)."""
+    import math
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.trainer.merging import merge_adapter
+
+    spec = _spec(trained)
+    bf16 = spec.quantization.model_copy(update={"compute_dtype": "bfloat16"})
+    merge_adapter(
+        spec.model_copy(update={"quantization": bf16}),
+        trained.output,
+        tmp_path / "merged",
+        into="original",
+        token=None,
+    )
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(tiny.model, dtype=torch.bfloat16)
+    expected = _logits(PeftModel.from_pretrained(base, str(trained.output)), batch)
+    actual = _logits(merged, batch)
+    step = 2.0 ** (math.floor(math.log2(float(expected.abs().max()))) - 7)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=2 * step)
