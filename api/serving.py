@@ -160,8 +160,8 @@ def vllm(what: Served, *, image: str) -> list[dict[str, Any]]:
     pod: dict[str, Any] = {"containers": [container], "volumes": volumes}
     if init:
         pod["initContainers"] = init
-    meta = {"name": name, "namespace": what.namespace, "labels": what.labels}
     selector = {"app.kubernetes.io/name": name}
+    meta = {"name": name, "namespace": what.namespace, "labels": {**what.labels, **selector}}
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -169,7 +169,7 @@ def vllm(what: Served, *, image: str) -> list[dict[str, Any]]:
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": selector},
-            "template": {"metadata": {"labels": {**what.labels, **selector}}, "spec": pod},
+            "template": {"metadata": {"labels": meta["labels"]}, "spec": pod},
         },
     }
     service = {
