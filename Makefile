@@ -38,6 +38,8 @@ test: setup
 	@bash hack/kueue/build.sh >/dev/null
 	@bash hack/jobset/build.sh >/dev/null
 	@bash hack/registry/build.sh >/dev/null
+	@echo "==> KServe's and KAITO's CRDs for the serving manifests' tests (cached by content)"
+	@bash hack/serving-crds/fetch.sh >/dev/null
 	@bash hack/browser/install.sh >/dev/null
 	@bash hack/images/build.sh >/dev/null
 	@bash hack/pytest.sh

@@ -688,6 +688,14 @@ class OutputSpec(ApiModel):
     merge: bool = Field(
         default=False, description="Also write the base model with the adapter merged in."
     )
+    merge_base: Literal["original", "dequantized"] = Field(
+        default="original",
+        description=(
+            "What output.merge merges the adapter into: the original weights in the compute "
+            "dtype (answers like the base with the adapter served beside it), or the dequantized "
+            "4-bit weights the adapter was trained against (answers like the trained model)."
+        ),
+    )
 
     @field_validator("uri")
     @classmethod

@@ -182,29 +182,20 @@ class Publisher:
     # --- deliveries ----------------------------------------------------------------------------
 
     def _merge(self) -> None:
-        """Base + adapter as one model in the compute dtype (not 4-bit: it is for serving)."""
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
+        """Base + adapter as one model in the compute dtype (not 4-bit: it is for serving), into
+        the base output.mergeBase names (merging.py says why there are two)."""
+        from kubetune.trainer.merging import merge_adapter
 
-        from kubetune.trainer.modeling import locate_model, torch_dtype
-
-        model = self.spec.model
-        source, is_hub = locate_model(model)
-        kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
-        if is_hub:
-            kwargs.update(revision=model.revision, token=self.tokens.read)
-        base = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype(self.spec.quantization.compute_dtype), **kwargs
-        )
-        merged = PeftModel.from_pretrained(base, str(self.output_dir)).merge_and_unload()
         target = self.output_dir / outputs.MERGED_DIR
-        merged.save_pretrained(target)
-        self._tokenizer.save_pretrained(target)
+        merge_adapter(
+            self.spec,
+            self.output_dir,
+            target,
+            into=self.spec.output.merge_base,
+            token=self.tokens.read,
+            tokenizer=self._tokenizer,
+        )
         redact_text_files(target, self.secrets)
-        del base, merged
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
     def _push_to_hub(self) -> None:
         """The adapter's own files and its description; never checkpoints, result or logs."""
