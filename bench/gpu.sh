@@ -9,7 +9,7 @@ if [ ! -e "$site/.kubetune-ready" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$site" .whl/*.whl
   for mod in pydantic:pydantic pandas:pandas xxhash:xxhash fsspec:fsspec dateutil:python_dateutil \
-    annotated_types:annotated_types typing_inspection:typing_inspection tzdata:tzdata; do
+    annotated_types:annotated_types typing_inspection:typing_inspection; do
     if ! python3 -c "import ${mod%%:*}" 2>/dev/null; then
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$site" .whl/extra/"${mod##*:}"-*.whl

@@ -25,7 +25,9 @@ from the process start. The modes:
 - ``kubetune-micro8``, ``kubetune-unpadded``, ``kubetune-checkpointed``, ``kubetune-adamw``:
   the defaults with one lever changed (8 rows, 16,384 tokens, a micro-step, which the plan
   picks itself where it fits since 2026-11-29; no padding to one shape; every layer
-  checkpointed; paged 8-bit AdamW), to measure what each gives;
+  checkpointed; paged 8-bit AdamW), to measure what each gives; ``kubetune-micro4``,
+  ``-micro2``, ``-micro1``: 4, 2 or 1 rows a micro-step (the plan then checkpoints as few
+  layers as fit), to measure the plan's alternatives under a memory cap;
 - ``kubetune-flex``, ``kubetune-unfused``, ``kubetune-before``: the defaults with flex attention
   (micro-steps padded to one shape) instead of varlen; with PEFT's own LoRA forward instead of
   the fused one; with both (the defaults before either lever);
@@ -104,6 +106,9 @@ SHAPES: dict[str, dict[str, int]] = {
 MODES = ("kubetune", "trl-best", "trl-defaults")
 EXTRA_MODES = (
     "kubetune-micro8",
+    "kubetune-micro4",
+    "kubetune-micro2",
+    "kubetune-micro1",
     "kubetune-unpadded",
     "kubetune-checkpointed",
     "kubetune-adamw",
@@ -276,6 +281,9 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
 
     lever: dict[str, Any] = {
         "kubetune-micro8": {"microBatchSize": 8},
+        "kubetune-micro4": {"microBatchSize": 4},
+        "kubetune-micro2": {"microBatchSize": 2},
+        "kubetune-micro1": {"microBatchSize": 1},
         "kubetune-checkpointed": {"gradientCheckpointing": True},
         "kubetune-adamw": {"optimizer": "paged_adamw_8bit"},
         "kubetune-memory": {"profile": "memory"},

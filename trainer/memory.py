@@ -63,6 +63,13 @@ RECOMPUTE_COST = 0.4
 #: H200 (varlen attention, fused LoRA layers, one command): 7B 17,925 vs 17,227 tokens/s (F ~ 690),
 #: 8B 16,081 vs 15,177 (F ~ 1,040); an earlier command saw no difference on 7B (F ~ 0).
 FIXED_COST_TOKENS = 700
+#: The least time a micro-step takes, in tokens' worth of compute: below it the GPU waits on the
+#: host launching the micro-step's kernels (~7,000: PEFT, bitsandbytes, autograd). Measured on an
+#: H100 80GB with the 7B shape under memory caps (bench/results/h100-2026-12-05-s2-*): a micro-step
+#: of 2,048 tokens took 0.31 s and one of 4,096 tokens 0.32 s, against 1.0 s for 16,384 tokens,
+#: so the 2,048-token micro-step the plan chose for a 16 GiB card ran at 6,637 tokens/s where
+#: the 16,384-token one ran 16,357 (floor ≈ 4,700 tokens).
+HOST_FLOOR_TOKENS = 4700
 #: Micro-steps stop here: beyond 16,384 tokens the fixed cost is < 5% and memory grows linearly
 #: (7B: 37 GiB at 8,192 tokens, 69 GiB at 16,384).
 MAX_TOKENS_PER_MICRO_STEP = 16384
@@ -226,8 +233,11 @@ def budget_bytes(free_bytes: int) -> float:
 
 
 def relative_step_cost(checkpointed_layers: int, layers: int, tokens: int) -> float:
-    """Time per token relative to the ideal (no recompute, no per-pass cost)."""
-    return (1 + RECOMPUTE_COST * checkpointed_layers / layers) * (1 + FIXED_COST_TOKENS / tokens)
+    """Time per token relative to the ideal (no recompute, no per-pass cost): a micro-step costs
+    its tokens, at least the host's floor, plus the fixed per-pass cost; recompute scales both
+    (a checkpointed layer's forward runs, and is launched, twice)."""
+    recompute = 1 + RECOMPUTE_COST * checkpointed_layers / layers
+    return recompute * (max(tokens, HOST_FLOOR_TOKENS) + FIXED_COST_TOKENS) / tokens
 
 
 def _checkpoint_choices(layers: int, forced: bool | None) -> range:
