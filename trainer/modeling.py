@@ -162,6 +162,8 @@ def load_quantized_model(
     )
     if dtype == torch.bfloat16:
         _embeddings_back_to_bf16(model)
+        if not speed.liger_kernel:
+            _norms_back_to_bf16(model)
     return model
 
 
@@ -171,13 +173,32 @@ def _embeddings_back_to_bf16(model: PreTrainedModel) -> None:
     In fp32 they make the whole residual stream fp32: every attention and every 4-bit matmul's
     output then runs in fp32, which cost 30% of the tokens/s and 3.5 GiB on the 7B benchmark
     (docs/trainer.md). bf16 has fp32's range, so only fp16 needs the upcast; norms stay fp32,
-    as TRL's own QLoRA path keeps them.
+    as TRL's own QLoRA path keeps them (where Liger's norm kernel runs; without it,
+    _norms_back_to_bf16).
     """
     import torch
 
     for module in (model.get_input_embeddings(), model.get_output_embeddings()):
         weight = getattr(module, "weight", None) if module is not None else None
         if weight is not None and weight.dtype == torch.float32:
+            module.to(torch.bfloat16)
+
+
+def _norms_back_to_bf16(model: PreTrainedModel) -> None:
+    """Without Liger's norm kernel (the preference trainers run without it), undo the fp32
+    upcast of the norms too: transformers' RMSNorm multiplies its fp32 weight into its output,
+    so every layer's output, and with it the whole residual stream, would be fp32 (each matmul
+    and attention of the run in fp32, and the memory that costs). The norms are frozen and
+    were bf16 in the checkpoint; their statistics are still computed in fp32 by the module."""
+    import torch
+
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if (
+            "norm" in type(module).__name__.lower()
+            and isinstance(weight, torch.nn.Parameter)
+            and weight.dtype == torch.float32
+        ):
             module.to(torch.bfloat16)
 
 

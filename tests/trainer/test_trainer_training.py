@@ -56,6 +56,43 @@ def test_base_model_linear_layers_are_bitsandbytes_4bit(tiny: TinyAssets) -> Non
     assert layers[0].self_attn.q_proj.weight.quant_type == "nf4"
 
 
+def test_a_bf16_runs_residual_stream_stays_bf16_without_ligers_norms(tiny: TinyAssets) -> None:
+    """prepare_model_for_kbit_training upcasts every non-4-bit weight to fp32; left so, the
+    norms' and embeddings' fp32 outputs would carry the whole run in fp32 (the preference
+    trainers run without Liger, whose norm kernel would otherwise cast back)."""
+    import dataclasses
+
+    import torch
+
+    from kubetune.api.models import ModelSpec, QuantizationSpec, TrainingSpec
+    from kubetune.trainer.modeling import load_quantized_model
+    from kubetune.trainer.speed import resolve_speed
+
+    speed = resolve_speed(TrainingSpec(gradient_checkpointing=False), cuda=False)
+    model = load_quantized_model(
+        str(tiny.model),
+        spec=ModelSpec(uri=str(tiny.model)),
+        quantization=QuantizationSpec(compute_dtype="bfloat16"),
+        speed=dataclasses.replace(speed, liger_kernel=False),
+        is_hub=False,
+        token=None,
+        cuda=False,
+    )
+    seen: dict[str, torch.dtype] = {}
+
+    def layer_output(_module: Any, _inputs: Any, output: Any) -> None:
+        seen["layer"] = (output[0] if isinstance(output, tuple) else output).dtype
+
+    def projection_input(_module: Any, inputs: Any, _output: Any) -> None:
+        seen["down_proj input"] = inputs[0].dtype
+
+    model.model.layers[-1].register_forward_hook(layer_output)
+    model.model.layers[-1].mlp.down_proj.register_forward_hook(projection_input)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    assert seen == {"layer": torch.bfloat16, "down_proj input": torch.bfloat16}
+
+
 def test_training_succeeds_and_says_where_the_adapter_is(trained: TrainedRun) -> None:
     assert trained.exit_code == 0, trained.logs[-3000:]
     assert f"adapter: {trained.output}" in trained.stdout
