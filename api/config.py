@@ -26,8 +26,15 @@ class JobRef(ApiModel):
 
 class ProgressSettings(ApiModel):
     interval_seconds: float = Field(default=10.0, gt=0)
-    reporter: Literal["none", "file", "kubernetes"] = "none"
+    #: ``operator``: POST to ``url`` with the pod's projected progress token.
+    reporter: Literal["none", "file", "operator"] = "none"
     file: str | None = None
+    #: The operator's progress endpoint (https://...).
+    url: str | None = None
+    #: PEM certificates the trainer trusts for ``url`` (the operator's CA); empty: the system's.
+    ca_bundle: str | None = None
+    #: The projected token file (re-read for every report: the kubelet renews it).
+    token_file: str | None = None
 
 
 class TrainerConfig(ApiModel):

@@ -45,6 +45,16 @@ AWS_SECRET_ACCESS_KEY_ENV: Final = "AWS_SECRET_ACCESS_KEY"  # noqa: S105 -- a na
 AWS_SESSION_TOKEN_ENV: Final = "AWS_SESSION_TOKEN"  # noqa: S105 -- a name, not a value
 AWS_ENDPOINT_URL_ENV: Final = "AWS_ENDPOINT_URL"
 AWS_REGION_ENV: Final = "AWS_DEFAULT_REGION"
+#: The registry login of an oci:// output: the ``.dockerconfigjson`` key of
+#: ``spec.output.registry.credentialsSecretRef``, mounted read-only at REGISTRY_AUTH_MOUNT_PATH,
+#: its file named by REGISTRY_AUTH_ENV (the variable podman and skopeo read too).
+REGISTRY_AUTH_ENV: Final = "REGISTRY_AUTH_FILE"
+REGISTRY_AUTH_MOUNT_PATH: Final = "/var/run/kubetune/registry"
+REGISTRY_AUTH_KEY: Final = ".dockerconfigjson"
+#: The same for ``spec.model.adapter.registry.credentialsSecretRef`` (the registry an oci://
+#: starting adapter is pulled from).
+ADAPTER_REGISTRY_AUTH_ENV: Final = "KUBETUNE_ADAPTER_REGISTRY_AUTH_FILE"
+ADAPTER_REGISTRY_AUTH_MOUNT_PATH: Final = "/var/run/kubetune/adapter-registry"
 # Distributed training (resources.gpus > 1 or resources.nodes > 1). The pod's command stays
 # TRAINER_COMMAND; the trainer starts its ranks through torch.distributed.run from these.
 #: host:port of the c10d rendezvous (rank 0's pod, through the job's headless Service).
@@ -58,6 +68,21 @@ NODE_RANK_ENV: Final = "JOB_COMPLETION_INDEX"
 COMPLETION_INDEX_LABEL: Final = "batch.kubernetes.io/job-completion-index"
 #: Kubernetes' label on a Job's pods with the Job's uid: the rendezvous id (one Job per attempt).
 CONTROLLER_UID_LABEL: Final = "batch.kubernetes.io/controller-uid"
+
+#: The trainer's progress goes to the operator (``POST`` of a Progress object over HTTPS), with a
+#: projected ServiceAccount token of kubetune's own audience, bound to the pod: the apiserver
+#: accepts no such token, so the pod has no Kubernetes API identity at all.
+PROGRESS_PATH: Final = "/v1/progress"
+#: The token's audience (the operator's ``progress_audience`` by default).
+PROGRESS_AUDIENCE: Final = "kubetune.io/progress"
+#: Where the pod's progress token is mounted (a projected volume; the kubelet renews it).
+PROGRESS_TOKEN_DIR: Final = "/var/run/secrets/kubetune.io/progress"  # noqa: S105 -- a path
+PROGRESS_TOKEN_FILE: Final = "token"  # noqa: S105 -- a file's name, not a token
+#: The volume that holds it.
+PROGRESS_TOKEN_VOLUME: Final = "progress-token"  # noqa: S105 -- a volume's name
+#: The largest progress body the operator reads (a Progress with its whole curve history is
+#: well under it).
+PROGRESS_BODY_LIMIT: Final = 64 * 1024
 
 #: Where the trainer writes its result; a laptop run may point it elsewhere.
 TERMINATION_LOG_ENV: Final = "KUBETUNE_TERMINATION_LOG"

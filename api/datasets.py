@@ -21,7 +21,13 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "prompt-completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "text": ("text",),
+    # Preference pairs (DPO): the trainer's own, text or chat, and OpenAI's DPO file format
+    # (kubetune-server hands the trainer OpenAI's as the trainer's chat pairs: openai_pair).
+    "preference": ("prompt", "chosen", "rejected"),
+    "openai-preference": ("input", "preferred_output", "non_preferred_output"),
 }
+#: The formats supervised training takes; the rest are preference pairs.
+SUPERVISED_FORMATS = frozenset({"messages", "prompt-completion", "alpaca", "text"})
 
 
 class DatasetInvalid(ValueError):
@@ -64,30 +70,64 @@ def detect_format(fields: Iterable[str]) -> str | None:
     return None
 
 
-def _check_record(record: dict[str, Any], fmt: str, line: int) -> None:
-    if fmt == "messages":
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
+def _check_messages(messages: Any, name: str, line: int) -> None:
+    """A non-empty list of {role, content} objects with text in both."""
+    if not isinstance(messages, list) or not messages:
+        raise DatasetInvalid(
+            f"{name} is {_describe(messages)}; it must be a non-empty list of "
+            "{role, content} objects",
+            line,
+        )
+    where = "" if name == "messages" else f"{name}: "
+    for number, message in enumerate(messages, start=1):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DatasetInvalid(f"{where}message {number} is not a {{role, content}} object", line)
+        for key in ("role", "content"):
+            if not isinstance(message[key], str):
+                raise DatasetInvalid(
+                    f"{where}the {key} of message {number} is {_describe(message[key])}; "
+                    "it must be text",
+                    line,
+                )
+
+
+def _check_assistant_answer(messages: list[dict[str, Any]], name: str, line: int) -> None:
+    if messages[-1]["role"] != "assistant":
+        where = "" if name == "messages" else f"{name}: "
+        raise DatasetInvalid(
+            f"{where}the last message must be the assistant's, or there is nothing to learn", line
+        )
+
+
+def _check_pair(record: dict[str, Any], fmt: str, line: int) -> None:
+    """A preference pair: the prompt (text or chat) and two answers of the same kind."""
+    if fmt == "openai-preference":
+        prompt = record["input"]
+        if not isinstance(prompt, dict) or "messages" not in prompt:
+            raise DatasetInvalid(f"input is {_describe(prompt)}; it must be {{messages}}", line)
+        _check_messages(prompt["messages"], "input.messages", line)
+        chosen, rejected = "preferred_output", "non_preferred_output"
+    else:
+        chosen, rejected = "chosen", "rejected"
+        if isinstance(record["prompt"], list):
+            _check_messages(record["prompt"], "prompt", line)
+        elif not isinstance(record["prompt"], str):
             raise DatasetInvalid(
-                f"messages is {_describe(messages)}; it must be a non-empty list of "
+                f"prompt is {_describe(record['prompt'])}; it must be text or a list of "
                 "{role, content} objects",
                 line,
             )
-        for number, message in enumerate(messages, start=1):
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise DatasetInvalid(f"message {number} is not a {{role, content}} object", line)
-            for key in ("role", "content"):
-                if not isinstance(message[key], str):
-                    raise DatasetInvalid(
-                        f"the {key} of message {number} is {_describe(message[key])}; "
-                        "it must be text",
-                        line,
-                    )
-        if messages[-1]["role"] != "assistant":
-            raise DatasetInvalid(
-                "the last message must be the assistant's, or there is nothing to learn", line
-            )
-        return
+    as_chat = fmt == "openai-preference" or isinstance(record["prompt"], list)
+    for name in (chosen, rejected):
+        answer = record[name]
+        if as_chat:
+            _check_messages(answer, name, line)
+            _check_assistant_answer(answer, name, line)
+        elif not isinstance(answer, str):
+            raise DatasetInvalid(f"{name} is {_describe(answer)}; it must be text", line)
+
+
+def _check_record(record: dict[str, Any], fmt: str, line: int) -> None:
     for name in FORMAT_FIELDS[fmt]:
         if name not in record:
             raise DatasetInvalid(
@@ -95,6 +135,14 @@ def _check_record(record: dict[str, Any], fmt: str, line: int) -> None:
                 f"({', '.join(FORMAT_FIELDS[fmt])})",
                 line,
             )
+    if fmt == "messages":
+        _check_messages(record["messages"], "messages", line)
+        _check_assistant_answer(record["messages"], "messages", line)
+        return
+    if fmt not in SUPERVISED_FORMATS:
+        _check_pair(record, fmt, line)
+        return
+    for name in FORMAT_FIELDS[fmt]:
         if not isinstance(record[name], str):
             raise DatasetInvalid(f"{name} is {_describe(record[name])}; it must be text", line)
     if fmt == "alpaca" and record.get("input") is not None and not isinstance(record["input"], str):
@@ -125,7 +173,8 @@ def check_jsonl(lines: Iterable[bytes]) -> DatasetSummary:
             if fmt is None:
                 raise DatasetInvalid(
                     "cannot detect the record format: expected messages, prompt+completion, "
-                    "instruction+output, or text",
+                    "instruction+output, text, or preference pairs (prompt+chosen+rejected, or "
+                    "input+preferred_output+non_preferred_output)",
                     number,
                 )
         _check_record(record, fmt, number)
@@ -133,3 +182,12 @@ def check_jsonl(lines: Iterable[bytes]) -> DatasetSummary:
     if fmt is None:
         raise DatasetInvalid("the file holds no records")
     return DatasetSummary(format=fmt, examples=examples)
+
+
+def openai_pair(record: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's DPO record as the trainer's chat preference pair (prompt, chosen, rejected)."""
+    return {
+        "prompt": record["input"]["messages"],
+        "chosen": record["preferred_output"],
+        "rejected": record["non_preferred_output"],
+    }

@@ -25,7 +25,16 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from kubetune.api.bounded import AFFINITY, POD_SPEC, conforms
-from kubetune.api.uris import DATASET_SCHEMES, MODEL_SCHEMES, OUTPUT_SCHEMES, parse_uri
+from kubetune.api.uris import (
+    ADAPTER_SCHEMES,
+    CHECKPOINT_SCHEMES,
+    DATASET_SCHEMES,
+    MODEL_SCHEMES,
+    OCI_PULL_REFERENCE,
+    OCI_REFERENCE,
+    OUTPUT_SCHEMES,
+    parse_uri,
+)
 
 GROUP: Final = "kubetune.io"
 VERSION: Final = "v1alpha1"
@@ -83,23 +92,49 @@ _LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 _QUALIFIED_HINT = "an optional DNS-subdomain prefix and '/', then at most 63 of [A-Za-z0-9-_.]"
 
 
-def _uri_rules(what: str) -> dict[str, Any]:
+def _uri_rules(what: str, *, oci: bool = False, oci_pull: bool = False) -> dict[str, Any]:
     """The CEL half of ``parse_uri``: what the apiserver can refuse before the operator sees it."""
-    return {
-        "x-kubernetes-validations": [
+    rules: list[dict[str, str]] = [
+        {
+            "rule": "!self.matches('(^|/)[.][.](/|$)')",
+            "message": f"{what} URI must not contain '..' segments",
+        },
+        {
+            "rule": (
+                "!self.startsWith('pvc://') || "
+                "self.matches('^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$')"
+            ),
+            "message": f"{what} URI must be of the form pvc://<claim-name>/<path>",
+        },
+    ]
+    if oci:
+        rules.append(
             {
-                "rule": "!self.matches('(^|/)[.][.](/|$)')",
-                "message": f"{what} URI must not contain '..' segments",
-            },
-            {
-                "rule": (
-                    "!self.startsWith('pvc://') || "
-                    "self.matches('^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?$')"
+                "rule": f"!self.startsWith('oci://') || self.matches('{OCI_REFERENCE}')",
+                "message": (
+                    f"{what} URI must be of the form oci://<registry>[:<port>]/<repository>"
+                    "[:<tag>] with a lowercase repository"
                 ),
-                "message": f"{what} URI must be of the form pvc://<claim-name>/<path>",
-            },
-        ]
-    }
+            }
+        )
+    if oci_pull:
+        rules.append(
+            {
+                "rule": f"!self.startsWith('oci://') || self.matches('{OCI_PULL_REFERENCE}')",
+                "message": (
+                    f"{what} URI must be of the form oci://<registry>[:<port>]/<repository>"
+                    "[:<tag>|@sha256:<digest>] with a lowercase repository"
+                ),
+            }
+        )
+    return {"x-kubernetes-validations": rules}
+
+
+_CHECKPOINT_RULE = (
+    "output.checkpointUri is required with an oci:// output.uri, and only there: a registry holds "
+    "the finished adapter, so the run's checkpoints need a pvc://, s3://, gs:// or local location "
+    "for a retried pod to resume from"
+)
 
 
 def _quantity_as_string(value: Any) -> Any:
@@ -211,6 +246,66 @@ class SecretKeyRef(ApiModel):
     key: str = Field(default="token", description="Key within the Secret.", max_length=253)
 
 
+class RegistryCredentialsRef(ApiModel):
+    """A ``kubernetes.io/dockerconfigjson`` Secret in the job's namespace (what ``kubectl create
+    secret docker-registry`` makes): its ``.dockerconfigjson`` key holds the registry's login."""
+
+    name: str = Field(description="Name of the Secret.", max_length=253, pattern=_K8S_NAME)
+
+
+class RegistrySpec(ApiModel):
+    """How the trainer reaches the registry of an oci:// output."""
+
+    credentials_secret_ref: RegistryCredentialsRef | None = Field(
+        default=None,
+        description=(
+            "A kubernetes.io/dockerconfigjson Secret of the job's namespace with a login for the "
+            "registry (its creator must be allowed to read it). Unset: anonymous push."
+        ),
+    )
+    plain_http: bool = Field(
+        default=False,
+        description=(
+            "Talk to the registry over plain http (no TLS); only for a registry the platform "
+            "names (the chart's trainer.plainHttpRegistries), such as the local cluster's."
+        ),
+    )
+
+
+class StartingAdapterSpec(ApiModel):
+    """A LoRA adapter to continue training from, instead of a fresh one."""
+
+    uri: str = Field(
+        description=(
+            "The adapter: oci://registry/repository[:tag|@sha256:digest] (as a kubetune output "
+            "pushed it), a hub id or hf://id, s3://, gs://, pvc://claim/path, or a local path "
+            "(kubetune train only). Its rank and alpha must be lora.r and lora.alpha, and it must "
+            "fit the base model; checked before any GPU is asked for."
+        ),
+        min_length=1,
+        max_length=1024,
+        json_schema_extra=_uri_rules("model.adapter", oci_pull=True),
+    )
+    revision: str = Field(
+        default="main", description="Hub revision, for a hub adapter.", max_length=256
+    )
+    registry: RegistrySpec | None = Field(
+        default=None, description="Credentials and transport for an oci:// adapter."
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        parse_uri(value, ADAPTER_SCHEMES, "model.adapter", oci_digest=True)
+        return value
+
+    @model_validator(mode="after")
+    def _registry(self) -> StartingAdapterSpec:
+        if self.registry is not None and not self.uri.startswith("oci://"):
+            raise ValueError("model.adapter.registry applies only to an oci:// model.adapter.uri")
+        return self
+
+
 class ModelSpec(ApiModel):
     """The base model to fine-tune."""
 
@@ -235,6 +330,10 @@ class ModelSpec(ApiModel):
     trust_remote_code: bool = Field(
         default=False,
         description="Run model code shipped with the checkpoint. Off unless you trust its source.",
+    )
+    adapter: StartingAdapterSpec | None = Field(
+        default=None,
+        description="Continue training this LoRA adapter (SFT) instead of starting a fresh one.",
     )
 
     @field_validator("uri")
@@ -284,8 +383,14 @@ class DatasetSpec(ApiModel):
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "!(has(self.evalSplit) && has(self.evalFraction))",
-                    "message": "set either dataset.evalSplit or dataset.evalFraction, not both",
+                    "rule": (
+                        "(has(self.evalSplit) ? 1 : 0) + (has(self.evalFraction) ? 1 : 0)"
+                        " + (has(self.evalUri) ? 1 : 0) <= 1"
+                    ),
+                    "message": (
+                        "set at most one of dataset.evalSplit, dataset.evalFraction and "
+                        "dataset.evalUri"
+                    ),
                 }
             ]
         }
@@ -337,6 +442,16 @@ class DatasetSpec(ApiModel):
         gt=0,
         le=0.5,
     )
+    eval_uri: str | None = Field(
+        default=None,
+        description=(
+            "Evaluation data from elsewhere: a URI of the same kinds as uri (its records in the "
+            "same format, read with the same columns)."
+        ),
+        min_length=1,
+        max_length=1024,
+        json_schema_extra=_uri_rules("dataset.evalUri"),
+    )
 
     @field_validator("uri")
     @classmethod
@@ -344,10 +459,20 @@ class DatasetSpec(ApiModel):
         parse_uri(value, DATASET_SCHEMES, "dataset")
         return value
 
+    @field_validator("eval_uri")
+    @classmethod
+    def _eval_uri(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_uri(value, DATASET_SCHEMES, "dataset.evalUri")
+        return value
+
     @model_validator(mode="after")
     def _one_eval_source(self) -> DatasetSpec:
-        if self.eval_split is not None and self.eval_fraction is not None:
-            raise ValueError("set either dataset.evalSplit or dataset.evalFraction, not both")
+        sources = (self.eval_split, self.eval_fraction, self.eval_uri)
+        if sum(source is not None for source in sources) > 1:
+            raise ValueError(
+                "set at most one of dataset.evalSplit, dataset.evalFraction and dataset.evalUri"
+            )
         return self
 
 
@@ -520,15 +645,56 @@ class HubPushSpec(ApiModel):
 class OutputSpec(ApiModel):
     """Where the adapter goes."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.registry) || self.uri.startsWith('oci://')",
+                    "message": "output.registry applies only to an oci:// output.uri",
+                },
+                {
+                    "rule": "self.uri.startsWith('oci://') == has(self.checkpointUri)",
+                    "message": _CHECKPOINT_RULE,
+                },
+            ]
+        }
+    )
+
     uri: str = Field(
-        description="pvc://claim/path, s3://bucket/prefix, gs://bucket/prefix, or a local path.",
+        description=(
+            "pvc://claim/path, s3://bucket/prefix, gs://bucket/prefix, "
+            "oci://registry/repository[:tag] (pushed as one OCI artifact; the tag defaults to "
+            "latest), or a local path."
+        ),
         min_length=1,
         max_length=1024,
-        json_schema_extra=_uri_rules("output"),
+        json_schema_extra=_uri_rules("output", oci=True),
+    )
+    checkpoint_uri: str | None = Field(
+        default=None,
+        description=(
+            "For an oci:// output, and required with it: where the run keeps its checkpoints and "
+            "working files (pvc://claim/path, s3://, gs:// or a local path), so that a retried "
+            "pod resumes. A registry holds the finished adapter, not checkpoints."
+        ),
+        min_length=1,
+        max_length=1024,
+        json_schema_extra=_uri_rules("output.checkpointUri"),
+    )
+    registry: RegistrySpec | None = Field(
+        default=None, description="Credentials and transport for an oci:// output."
     )
     push_to_hub: HubPushSpec | None = Field(default=None, description="Also push to a hub.")
     merge: bool = Field(
         default=False, description="Also write the base model with the adapter merged in."
+    )
+    merge_base: Literal["original", "dequantized"] = Field(
+        default="original",
+        description=(
+            "What output.merge merges the adapter into: the original weights in the compute "
+            "dtype (answers like the base with the adapter served beside it), or the dequantized "
+            "4-bit weights the adapter was trained against (answers like the trained model)."
+        ),
     )
 
     @field_validator("uri")
@@ -536,6 +702,32 @@ class OutputSpec(ApiModel):
     def _uri(cls, value: str) -> str:
         parse_uri(value, OUTPUT_SCHEMES, "output")
         return value
+
+    @field_validator("checkpoint_uri")
+    @classmethod
+    def _checkpoint_uri(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_uri(value, CHECKPOINT_SCHEMES, "output.checkpointUri")
+        return value
+
+    @model_validator(mode="after")
+    def _oci(self) -> OutputSpec:
+        is_oci = self.uri.startswith("oci://")
+        if self.registry is not None and not is_oci:
+            raise ValueError("output.registry applies only to an oci:// output.uri")
+        if is_oci != (self.checkpoint_uri is not None):
+            raise ValueError(_CHECKPOINT_RULE)
+        return self
+
+    @property
+    def is_oci(self) -> bool:
+        return self.uri.startswith("oci://")
+
+    @property
+    def working_uri(self) -> str:
+        """Where the run writes its adapter files, checkpoints and metrics: the output itself,
+        or for an oci:// output its checkpointUri (the artifact is pushed from there)."""
+        return self.checkpoint_uri if self.checkpoint_uri is not None else self.uri
 
 
 class ResourcesSpec(ApiModel):
@@ -1095,6 +1287,20 @@ class FineTuneJobSpec(ApiModel):
         json_schema_extra=_immutable("objectStore"),
     )
 
+    def uris(self) -> list[tuple[str, str, bool]]:
+        """Every URI the spec names, as (field, uri, whether the trainer writes there): what
+        the operator mounts, the policy checks and the trainer redacts."""
+        named = [("spec.model.uri", self.model.uri, False)]
+        if self.model.adapter is not None:
+            named.append(("spec.model.adapter.uri", self.model.adapter.uri, False))
+        named.append(("spec.dataset.uri", self.dataset.uri, False))
+        if self.dataset.eval_uri is not None:
+            named.append(("spec.dataset.evalUri", self.dataset.eval_uri, False))
+        named.append(("spec.output.uri", self.output.uri, True))
+        if self.output.checkpoint_uri is not None:
+            named.append(("spec.output.checkpointUri", self.output.checkpoint_uri, True))
+        return named
+
     @model_validator(mode="after")
     def _cross_field(self) -> FineTuneJobSpec:
         given = self.model_dump(mode="json", by_alias=True, exclude_unset=True)
@@ -1107,6 +1313,11 @@ class FineTuneJobSpec(ApiModel):
             )
         plan = plan_training(self.training, self.resources.world_size)  # raises naming the field
         method, fmt = self.method.type, self.dataset.format
+        if self.model.adapter is not None and method != "sft":
+            raise ValueError(
+                f"model.adapter: continuing an adapter is for method.type sft, not {method} (its "
+                "reference model would be the base without the adapter)"
+            )
         if fmt != "auto" and fmt not in METHOD_FORMATS[method]:
             raise ValueError(
                 f"{_FORMAT_RULE}: method.type {method} doesn't train on dataset.format {fmt}"
@@ -1242,7 +1453,8 @@ class CurvePoint(StatusModel):
 
 
 class Progress(StatusModel):
-    """Live training progress, written by the trainer (rate-limited)."""
+    """Live training progress: the trainer reports it to the operator, which writes it
+    (rate-limited)."""
 
     step: int = Field(default=0, description="Optimizer steps done.")
     total_steps: int | None = Field(default=None, description="Optimizer steps in the run.")
@@ -1309,6 +1521,12 @@ class TrackingRef(StatusModel):
 class BaseModelRef(StatusModel):
     uri: str = Field(description="Base model URI.")
     revision: str | None = Field(default=None, description="Base model revision.")
+    adapter: str | None = Field(
+        default=None,
+        description=(
+            "The adapter training continued from (spec.model.adapter; an oci:// one by digest)."
+        ),
+    )
 
 
 class EvaluationSample(StatusModel):
@@ -1430,7 +1648,13 @@ class FineTuneJobStatus(StatusModel):
     pod_name: str | None = Field(
         default=None, description="The trainer pod of the latest attempt (for kubectl logs)."
     )
-    progress: Progress | None = Field(default=None, description="Live progress.")
+    progress: Progress | None = Field(
+        default=None,
+        description=(
+            "Live progress: the trainer reports it to the operator, which writes it (at most "
+            "once per its progress interval)."
+        ),
+    )
     estimate: Estimate | None = Field(
         default=None,
         description="Written by the Validating phase before the GPU Job: examples, tokens, "

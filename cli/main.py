@@ -18,6 +18,8 @@ _PLUGINS = {
     "local": ("kubetune.local.cli", "operator"),
     "watch": ("kubetune.cli.watch", "operator"),
     "logs": ("kubetune.cli.logs", "operator"),
+    "serve-manifest": ("kubetune.cli.serve_manifest", "operator"),
+    "ui": ("kubetune.cli.ui", "server"),
 }
 
 

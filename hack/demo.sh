@@ -28,14 +28,24 @@ if [ "$(id -u)" = 0 ]; then
     --image "kubetune/operator:$version" --image "kubetune/trainer:$version"
   # The chart unchanged: the operator and the trainer run as its non-root users, read-only root,
   # no capabilities, under their limits. The trainers' NetworkPolicy is told where this
-  # cluster's API server is (docs/install.md, "Trainer egress"): their progress goes there.
-  chart_args=(--set 'trainer.networkPolicy.apiServer.cidrs={10.0.0.1/32}')
+  # cluster's DNS is (the node's CoreDNS, on its pods' gateway; docs/install.md, "Trainer
+  # egress"): they find the operator's progress Service by name.
+  dns=$(python -c 'import ipaddress
+from kubetune.local.layout import default_home
+from kubetune.local.real_node import NodeState, RealNode
+node = NodeState.load(RealNode(default_home(), "kubetune-local").state_dir)
+print(ipaddress.IPv4Network(node.pod_network).network_address + 1)')
+  chart_args=(--set "trainer.networkPolicy.dns.cidrs={$dns/32}")
 else
   step "Starting the local cluster (not root: a node agent that runs pods as processes)"
   kubetune local up
   # The node agent runs each pod's command on this machine instead of pulling its image, so the
-  # operator "image" is the kubetune installed in .venv, and pods run as the current user.
-  chart_args=(--set trainer.runAsNonRoot=false --set trainer.runAsUser=0 --set trainer.fsGroup=0)
+  # operator "image" is the kubetune installed in .venv, and pods run as the current user; they
+  # share this machine's network, so trainers reach the operator's progress port on loopback (and
+  # one replica: two would share its ports).
+  chart_args=(--set trainer.runAsNonRoot=false --set trainer.runAsUser=0 --set trainer.fsGroup=0
+    --set progress.url=https://127.0.0.1:8443/v1/progress --set 'progress.tls.ipAddresses={127.0.0.1}'
+    --set replicaCount=1)
 fi
 KUBECONFIG=$(kubetune local kubeconfig)
 export KUBECONFIG

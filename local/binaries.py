@@ -1,6 +1,7 @@
 """Finds (building on first use) the control plane binaries made by hack/cluster/build.sh, a real
 node's by hack/node/build.sh,
-Kueue's manager and CRDs made by hack/kueue/build.sh, and JobSet's by hack/jobset/build.sh."""
+Kueue's manager and CRDs made by hack/kueue/build.sh, JobSet's by hack/jobset/build.sh, and the
+OCI registry and oras CLI by hack/registry/build.sh."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler
 KUEUE_FILES = ("kueue", "crds")
 #: What hack/jobset/build.sh leaves in its directory: the manager, and the module's CRD.
 JOBSET_FILES = ("jobset", "crds")
+#: What hack/registry/build.sh leaves in its directory: distribution's registry and oras.
+REGISTRY_FILES = ("registry", "oras")
 
 
 class BinariesError(RuntimeError):
@@ -76,6 +79,15 @@ def jobset_dir() -> Path:
     ``$KUBETUNE_JOBSET_DIR`` wins (prebuilt); otherwise hack/jobset/build.sh runs.
     """
     return _built("jobset", "KUBETUNE_JOBSET_DIR", JOBSET_FILES)
+
+
+def registry_dir() -> Path:
+    """Directory holding an OCI registry (``registry``, distribution's) and the ``oras`` CLI,
+    both from the Go modules hack/registry pins.
+
+    ``$KUBETUNE_REGISTRY_DIR`` wins (prebuilt); otherwise hack/registry/build.sh runs.
+    """
+    return _built("registry", "KUBETUNE_REGISTRY_DIR", REGISTRY_FILES)
 
 
 #: What hack/node/build.sh leaves in its directory: a real node's binaries.

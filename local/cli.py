@@ -43,6 +43,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             ),
             kueue=args.kueue,
             jobset=args.jobset,
+            registry=args.registry,
         )
     except (ClusterError, BinariesError) as error:
         print(f"kubetune local up: {error}", file=sys.stderr)
@@ -74,6 +75,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(
             f"JobSet's controller runs beside it ({info.jobset_dir}): run the operator with "
             "KUBETUNE_GROUP_WORKLOAD=jobset for multi-pod groups as JobSets"
+        )
+    if args.registry:
+        print(
+            f"an OCI registry runs beside it at {info.registry_host} (plain http, no login): "
+            f"output.uri: oci://{info.registry_host}/<repository>[:<tag>] with "
+            "output.registry.plainHttp, where the chart's trainer.allowedRegistries and "
+            "trainer.plainHttpRegistries name it"
         )
     print("use it with:")
     print(f"  export KUBECONFIG={kubeconfig}")
@@ -183,6 +191,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         action="store_true",
         help="also run JobSet's controller (built from its Go module) and install its CRD; on a "
         "running cluster, start it there (with --kueue, Kueue admits JobSets too)",
+    )
+    up.add_argument(
+        "--registry",
+        action="store_true",
+        help="also run an OCI registry on 127.0.0.1 (distribution's, built from its Go module) "
+        "for oci:// outputs; on a running cluster, start it there",
     )
     up.set_defaults(func=cmd_up)
     down = commands.add_parser("down", help="stop the cluster")

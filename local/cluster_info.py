@@ -26,6 +26,13 @@ class ClusterInfo:
     #: The same for JobSet's controller (``start_jobset``).
     jobset_dir: str = ""
     jobset_health_port: int = 0
+    #: The OCI registry's port on 127.0.0.1 (``start_registry``); 0 without one.
+    registry_port: int = 0
+
+    @property
+    def registry_host(self) -> str:
+        """What an ``oci://`` URI names for the local registry (empty without one)."""
+        return f"127.0.0.1:{self.registry_port}" if self.registry_port else ""
 
     @property
     def server(self) -> str:

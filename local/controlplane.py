@@ -1,7 +1,7 @@
 """Runs a real Kubernetes control plane on loopback: etcd, kube-apiserver,
 kube-controller-manager, kube-scheduler, plus the local volume provisioner and
-one node agent, all supervised under one state directory; and, when asked, Kueue and JobSet's
-controller beside them.
+one node agent, all supervised under one state directory; and, when asked, Kueue, JobSet's
+controller and an OCI registry beside them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubetune.local import components
-from kubetune.local.binaries import binaries_dir, jobset_dir, kueue_dir, node_dir
+from kubetune.local.binaries import binaries_dir, jobset_dir, kueue_dir, node_dir, registry_dir
 from kubetune.local.certs import Pki, ensure_jobset_serving, ensure_kueue_serving, ensure_pki
 from kubetune.local.cluster_info import ClusterInfo
 from kubetune.local.images import default_store
@@ -34,6 +34,7 @@ DEFAULT_NODE_NAME = "kubetune-local"
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 KUEUE = "kueue"
 JOBSET = "jobset"
+REGISTRY = "registry"
 #: JobSet's CRD, as the apiserver serves it.
 JOBSET_CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/jobsets.jobset.x-k8s.io"
 
@@ -79,7 +80,7 @@ class LocalCluster:
             for pattern in ("node-agent-*.pid", "kubelet-*.pid")
             for p in self.layout.run.glob(pattern)
         )
-        extra = [n for n in (JOBSET, KUEUE) if self.process(n).pid_file.exists()]
+        extra = [n for n in (REGISTRY, JOBSET, KUEUE) if self.process(n).pid_file.exists()]
         return [self.process(n) for n in (*CONTROL_PLANE, "provisioner", *extra, *agents)]
 
     def running(self) -> dict[str, int | None]:
@@ -95,14 +96,18 @@ class LocalCluster:
         *,
         kueue: bool = False,
         jobset: bool = False,
+        registry: bool = False,
     ) -> ClusterInfo:
-        """Start the cluster (with JobSet's controller when ``jobset``, Kueue when ``kueue``), or
-        return the running one, starting them in it when asked. Idempotent."""
+        """Start the cluster (with JobSet's controller when ``jobset``, Kueue when ``kueue``, an
+        OCI registry when ``registry``), or return the running one, starting them in it when
+        asked. Idempotent."""
         self.layout.create()
         state = self.running()
         alive = [name for name, pid in state.items() if pid is not None]
         if alive:
             if all(state[name] is not None for name in CONTROL_PLANE) and self.ready():
+                if registry:
+                    self.start_registry(timeout)
                 if jobset:
                     self.start_jobset(timeout)
                 if kueue:
@@ -145,6 +150,8 @@ class LocalCluster:
             info.save(self.layout)
             if node.kind != "kubelet":
                 self.wait_node_ready(node.name, timeout)
+            if registry:
+                self.start_registry(timeout)
             # JobSet first: Kueue admits JobSets only if their CRD is there when it starts.
             if jobset:
                 self.start_jobset(timeout)
@@ -323,6 +330,29 @@ class LocalCluster:
             self._wait(lambda: self.jobset_ready(info), "JobSet /readyz", timeout, JOBSET)
         if self.process(KUEUE).pid() is not None:
             self.start_kueue(timeout)
+
+    def start_registry(self, timeout: float = 120.0) -> None:
+        """Start an OCI registry (distribution's, from the Go module hack/registry pins) on
+        127.0.0.1 beside the cluster, unless it runs already: plain http, no login, its blobs
+        under the state directory (kept by ``down``, removed by ``down --purge``)."""
+        from kubetune.local.registry import registry_config, wait_until_answering
+
+        process = self.process(REGISTRY)
+        if process.pid() is not None:
+            return
+        directory = registry_dir()
+        info = ClusterInfo.load(self.layout)
+        info.registry_port = info.registry_port or free_port()
+        config = registry_config(info.registry_port, self.layout.registry_storage)
+        self.layout.registry_config.write_text(json.dumps(config, indent=2) + "\n")
+        info.save(self.layout)
+        self._start(
+            REGISTRY, [str(directory / "registry"), "serve", str(self.layout.registry_config)]
+        )
+        try:
+            wait_until_answering(info.registry_port, timeout, process.exited_early)
+        except RuntimeError as exc:
+            raise ClusterError(f"{exc}; see {process.log_file}") from None
 
     def kubectl(self, *args: str) -> str:
         """Run the cluster's kubectl as admin; its stdout."""

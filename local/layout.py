@@ -33,6 +33,9 @@ class Layout:
         self.kueue_config = home / "kueue-config.yaml"
         #: JobSet's Configuration file, where JobSet runs.
         self.jobset_config = home / "jobset-config.yaml"
+        #: The OCI registry's configuration and storage (``kubetune local up --registry``).
+        self.registry_config = home / "registry-config.yml"
+        self.registry_storage = home / "registry"
 
     def create(self) -> None:
         for directory in (self.home, self.logs, self.run, self.nodes, self.volumes):

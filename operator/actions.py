@@ -44,6 +44,7 @@ from kubetune.operator.reconcile import (
     owned_by,
     owned_job,
     owned_jobset,
+    owned_validation_job,
     plan,
     rejected_status,
 )
@@ -61,8 +62,11 @@ def reconcile(
     pods: list[Obj],
     *,
     jobsets: list[Obj] | None = None,
+    progress: Obj | None = None,
 ) -> Plan:
-    """Carry out the plan for one FineTuneJob; what was done, for the caller's requeue."""
+    """Carry out the plan for one FineTuneJob; what was done, for the caller's requeue.
+    ``progress``: what its trainer reported last (``operator/progress.py``), written with this
+    pass's status changes, in the same patch."""
     namespace, name = key
     log = job_logger(key)
     jobsets = list(jobsets or [])  # and the JobSet this pass creates
@@ -85,11 +89,10 @@ def reconcile(
         jobs.append(job)
         work = plan(ftj, jobs, pods, SETTINGS, now(), jobsets=jobsets)
     if work.create is not None:
-        if work.status_patch is not None:
-            # The Validating phase's estimate is on the status before the trainer Job exists.
-            _write_status(ctl, key, ftj, work.status_patch)
-            ftj = {**ftj, "status": {**(ftj.get("status") or {}), **work.status_patch}}
-        job = _create_children(ctl, key, ftj, work.create, work.attempt)
+        # After the Validating phase the companions are in place: its Job was made only once
+        # every one of them was.
+        made = owned_validation_job(ftj, jobs) is not None
+        job = _create_children(ctl, key, ftj, work.create, work.attempt, companions=not made)
         if job is None:
             return Plan(requeue_after=SETTINGS.reference_recheck_seconds)
         log.info("children of %s/%s are in place", namespace, name)
@@ -108,8 +111,11 @@ def reconcile(
         queued = owned_jobset(ftj, jobsets) if work.patched_jobset else owned_job(ftj, jobs)
         if queued is not None:
             _set_workload_active(ftj, dict(queued), work.workload_active)
-    if work.status_patch is not None:
-        _write_status(ctl, key, ftj, work.status_patch)
+    patch = work.status_patch
+    if progress is not None and not work.delete:
+        patch = {**(patch or {}), "progress": progress}
+    if patch is not None:
+        _write_status(ctl, key, ftj, patch)
     if work.delete_job:
         failed = owned_job(ftj, jobs)
         assert failed is not None  # the plan deletes the trainer Job it saw
@@ -149,7 +155,10 @@ def _write_status(ctl: Controller, key: Key, ftj: Obj, changes: Obj) -> None:
     with api_errors(f"patching the status of {namespace}/{name}"):
         kube().merge_patch(finetunejob_path(namespace, name, "status"), {"status": changes})
     assert ctl.written is not None
-    ctl.written[key] = {**ctl.written.get(key, {}), **changes}
+    # Progress is not in the index (nor read by a plan): only the operator's own fields.
+    owned = {k: v for k, v in changes.items() if k != "progress"}
+    if owned:
+        ctl.written[key] = {**ctl.written.get(key, {}), **owned}
     new = {**old, **changes}
     change = transition(old, new)
     if change is not None:
@@ -256,15 +265,18 @@ def _create_children(
     attempt: int = 1,
     *,
     validation: bool = False,
+    companions: bool = True,
 ) -> Obj | None:
     """Create every child, each at most once (409 → the existing one, if it is ours); the Job
     (the trainer's, or with ``validation`` the Validating phase's), or None when a reference is
-    missing. Refused creates fail the job and remove what this pass made."""
+    missing. Refused creates fail the job and remove what this pass made. Without
+    ``companions``, only the Job: the rest was made (and checked) with an earlier one."""
     namespace, name = key
-    missing = missing_references(namespace, spec)
-    if missing:
-        _missing_reference(ctl, key, ftj, missing)
-        return None
+    if companions:
+        missing = missing_references(namespace, spec)
+        if missing:
+            _missing_reference(ctl, key, ftj, missing)
+            return None
     metadata = {"name": name, "namespace": namespace, "uid": ftj["metadata"]["uid"]}
     if validation:
         children = render_validation(spec, metadata, SETTINGS, jobset=ctl.use_jobset)
@@ -274,13 +286,10 @@ def _create_children(
             post_event(ftj, "Warning", Reason.JOBSET_UNAVAILABLE, JOBSET_FALLBACK)
     *first, job_manifest = children
     created: list[str] = []
-    # Companions that don't depend on each other are created side by side; a RoleBinding only
-    # after its Role (the apiserver checks the binder holds what the Role grants, so the Role
-    # must exist); the Job last (its pod needs them all). Three round trips per job, not six.
-    bindings = [m for m in first if m["kind"] == "RoleBinding"]
-    independent = [m for m in first if m["kind"] != "RoleBinding"]
-    for wave in (independent, bindings):
-        _check_created(ctl, key, ftj, list(_CHILDREN.map(_create_child, wave)), created)
+    if companions:
+        # The companions don't depend on each other: created side by side; the Job last (its
+        # pod needs them all). Two round trips per job.
+        _check_created(ctl, key, ftj, list(_CHILDREN.map(_create_child, first)), created)
     # Only when every companion is ours and in place: a Job whose pod could mount someone
     # else's ConfigMap or run as someone else's ServiceAccount is never made, not even briefly.
     results = [_create_child(job_manifest)]

@@ -5,6 +5,7 @@ per-job logger, and the Controller with its in-memory indexes of FineTuneJobs, J
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from kubetune.api.models import API_VERSION, KIND
 from kubetune.operator import jobset as js
 from kubetune.operator.kube import Kube, load_config
 from kubetune.operator.leader import LeaseLock
+from kubetune.operator.progress import ProgressInbox
 from kubetune.operator.reconcile import PARTIAL_SPEC, owned_by
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.status import SECRET_REFERENCE_PATHS
@@ -123,14 +125,26 @@ FINETUNEJOB_SPEC_KEPT: Final[tuple[tuple[str, ...], ...]] = (
 )
 
 
+#: Phases of a FineTuneJob whose children are still to be made (no phase: a new one): the index
+#: keeps its whole spec until then, if it is small (nearly every one is: about a KiB), so making
+#: them reads nothing more from the API. A large one is read when its children are made.
+UNSTARTED_PHASES: Final = (None, "Validating")
+WHOLE_SPEC_KEPT_BYTES: Final = 16 * 1024
+
+
 def slim_finetunejob(body: Mapping[str, Any]) -> Obj:
-    """A FineTuneJob for the index: ``slim`` with only ``FINETUNEJOB_SPEC_KEPT`` of its spec and
-    no ``status.progress``, marked ``PARTIAL_SPEC`` (``reconcile.plan`` asks for the whole spec
-    when it needs it)."""
+    """A FineTuneJob for the index: ``slim`` with no ``status.progress``, and (once its children
+    are made) only ``FINETUNEJOB_SPEC_KEPT`` of its spec, marked ``PARTIAL_SPEC``
+    (``reconcile.plan`` asks for the whole spec when it needs it)."""
     kept = slim(body, ())
     # The trainer's progress (its curve history too) is for people and /metrics (read from the
     # events), never for a reconcile.
     kept["status"] = {k: v for k, v in kept["status"].items() if k != "progress"}
+    if kept["status"].get("phase") in UNSTARTED_PHASES:
+        spec = body.get("spec") or {}
+        if len(json.dumps(spec, separators=(",", ":"))) <= WHOLE_SPEC_KEPT_BYTES:
+            kept["spec"] = copy.deepcopy(dict(spec))
+            return kept
     for path in FINETUNEJOB_SPEC_KEPT:
         value: Any = body.get("spec")
         for key in path:
@@ -164,6 +178,8 @@ class Controller:
     jobsets: kopf.Index[Key, Obj] | None = None
     #: Groups are made as JobSets: the settings ask for it and its CRD was there at start.
     use_jobset: bool = False
+    #: Progress the trainers reported, waiting for a status write (None: no endpoint).
+    progress: ProgressInbox | None = None
 
     def __post_init__(self) -> None:
         self.written = {}

@@ -25,10 +25,11 @@ import kopf
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.operator import jobset as js
-from kubetune.operator import metrics, metrics_server
+from kubetune.operator import metrics, metrics_server, progress
 from kubetune.operator.actions import JOBSET_FALLBACK, reconcile
 from kubetune.operator.controller import (
     JOB_SPEC_KEPT,
+    LOGGER,
     MANAGED,
     SETTINGS,
     Controller,
@@ -42,6 +43,7 @@ from kubetune.operator.controller import (
     snapshot,
 )
 from kubetune.operator.leader import LeaseLock
+from kubetune.operator.progress import ProgressEndpoint, ProgressInbox, TokenReviewer
 from kubetune.operator.workqueue import WorkQueue
 
 _controller: Controller | None = None
@@ -190,6 +192,8 @@ async def configure(
             SETTINGS.metrics_port,
             metrics_server.Authorizer(kube()) if SETTINGS.metrics_auth else None,
         )
+    if SETTINGS.progress_port:
+        await _serve_progress(_controller)
     _start(_controller, logger)
     metrics.LEADER.set(1 if lease is None else 0)
     logger.info(
@@ -199,6 +203,44 @@ async def configure(
         if lease
         else "no leader election",
     )
+
+
+async def _serve_progress(ctl: Controller) -> None:
+    """The trainers' progress endpoint, on this loop (it reads the indexes kopf keeps here)."""
+    assert SETTINGS.progress_port is not None
+    ctl.progress = ProgressInbox(SETTINGS.progress_interval_seconds)
+
+    def schedule(key: Key, delay: float) -> None:
+        if delay > 0:
+            ctl.queue.add_after(key, delay)
+        else:
+            _enqueue(key)
+
+    endpoint = ProgressEndpoint(
+        TokenReviewer(kube(), SETTINGS.progress_audience, SETTINGS.progress_reviews_per_second),
+        inbox=ctl.progress,
+        lookup=lambda key: snapshot(ctl, key),
+        service_account=SETTINGS.trainer_service_account,
+        is_leader=lambda: ctl.leader,
+        schedule=schedule,
+    )
+    try:
+        runner = await progress.serve(
+            endpoint,
+            SETTINGS.progress_port,
+            SETTINGS.progress_tls_cert_file,
+            SETTINGS.progress_tls_key_file,
+            reuse_port=SETTINGS.progress_reuse_port,
+        )
+    except OSError as exc:
+        # The port is taken (replicas sharing one host's network): this replica reconciles all
+        # the same; trainers' reports reach the one that listens.
+        LOGGER.error("progress endpoint: cannot listen on port %s: %s", SETTINGS.progress_port, exc)
+        return
+    _RUNNERS.append(runner)
+
+
+_RUNNERS: list[Any] = []
 
 
 def jobset_served() -> bool:
@@ -278,14 +320,27 @@ async def _worker(ctl: Controller) -> None:
             ftj, jobs, pods, jobsets = snapshot(ctl, key)
             if ftj is None:
                 ctl.queue.drop(key)
+                if ctl.progress is not None:
+                    ctl.progress.forget(key)
                 continue
+            reported = ctl.progress.take(key) if ctl.progress is not None else None
             context = contextvars.copy_context()
-            work = functools.partial(reconcile, ctl, key, ftj, jobs, pods, jobsets=jobsets)
-            done = await loop.run_in_executor(ctl.executor, context.run, work)
+            work = functools.partial(
+                reconcile, ctl, key, ftj, jobs, pods, jobsets=jobsets, progress=reported
+            )
+            try:
+                done = await loop.run_in_executor(ctl.executor, context.run, work)
+            except BaseException:
+                if reported is not None and ctl.progress is not None:
+                    ctl.progress.give_back(key, reported)
+                raise
             ctl.queue.forget(key)
             metrics.RECONCILES.labels("ok").inc()
             if done.requeue_after is not None:
                 ctl.queue.add_after(key, max(done.requeue_after, 0.5))
+            due = ctl.progress.due_in(key) if ctl.progress is not None else None
+            if due is not None:
+                ctl.queue.add_after(key, max(due, 0.1))
         except kopf.TemporaryError as exc:
             wait = ctl.queue.retry(key, exc.delay if isinstance(exc.delay, int | float) else None)
             metrics.RECONCILES.labels("retry").inc()

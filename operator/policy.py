@@ -15,9 +15,13 @@ import posixpath
 import urllib.parse
 from typing import Any, Final
 
-from kubetune.api.contract import TERMINATION_MESSAGE_PATH
-from kubetune.api.models import FineTuneJobSpec, PodTemplateOverrides
-from kubetune.api.uris import CLUSTER_SCHEMES, parse_uri
+from kubetune.api.contract import (
+    ADAPTER_REGISTRY_AUTH_MOUNT_PATH,
+    REGISTRY_AUTH_MOUNT_PATH,
+    TERMINATION_MESSAGE_PATH,
+)
+from kubetune.api.models import FineTuneJobSpec, PodTemplateOverrides, RegistrySpec
+from kubetune.api.uris import CLUSTER_SCHEMES, oci_reference, parse_uri
 from kubetune.operator.settings import (
     ENDPOINT_ENV,
     NEVER_CONTAINER_FIELDS,
@@ -66,6 +70,7 @@ def policy_problems(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[s
         *_cluster_uris(spec),
         *_tracking(spec, settings),
         *_object_store(spec, settings),
+        *_registry(spec, settings),
         *_image(spec, settings),
         *(_pod_template(spec.pod_template, settings) if spec.pod_template is not None else []),
     ]
@@ -119,6 +124,46 @@ def _object_store(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str
     return _endpoint("spec.objectStore.endpoint", "AWS_ENDPOINT_URL", store.endpoint, settings)
 
 
+def _registry(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
+    """An oci:// output or starting adapter gets the registry's login: only a registry the
+    settings allow, and plain http only to one they name for it."""
+    problems = []
+    if spec.output.is_oci:
+        problems += _one_registry(
+            "spec.output", spec.output.uri, spec.output.registry, settings, pull=False
+        )
+    adapter = spec.model.adapter
+    if adapter is not None and adapter.uri.startswith("oci://"):
+        problems += _one_registry(
+            "spec.model.adapter", adapter.uri, adapter.registry, settings, pull=True
+        )
+    return problems
+
+
+def _one_registry(
+    where: str, uri: str, registry: RegistrySpec | None, settings: OperatorSettings, *, pull: bool
+) -> list[str]:
+    host = oci_reference(uri, f"{where}.uri", pull=pull).host
+    name, _, port = host.partition(":")
+    port_number = int(port) if port else None
+    problems = []
+    allowed = settings.allowed_registries
+    if not _host_matches(name, port_number, allowed):
+        listed = ", ".join(allowed) or "none"
+        problems.append(
+            f"{where}.uri: registry {host!r} is not allowed by {_SETTING} "
+            f"(KUBETUNE_ALLOWED_REGISTRIES: {listed})"
+        )
+    plain = settings.plain_http_registries
+    if registry is not None and registry.plain_http and not _host_matches(name, port_number, plain):
+        problems.append(
+            f"{where}.registry.plainHttp: registry {host!r} may be reached only over https "
+            f"(plain http denied by {_SETTING}, KUBETUNE_PLAIN_HTTP_REGISTRIES: "
+            f"{', '.join(plain) or 'none'})"
+        )
+    return problems
+
+
 def _denied_options(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:
     denied = {option.lower() for option in settings.denied_options}
     used = {
@@ -136,13 +181,9 @@ def _denied_options(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[s
 def _cluster_uris(spec: FineTuneJobSpec) -> list[str]:
     """Local paths and file:// mean a path on the node: only `kubetune train` may use them."""
     problems = []
-    for field, uri in (
-        ("spec.model.uri", spec.model.uri),
-        ("spec.dataset.uri", spec.dataset.uri),
-        ("spec.output.uri", spec.output.uri),
-    ):
-        parsed = parse_uri(uri, CLUSTER_SCHEMES | {"file"}, field)
-        hub_id = parsed.could_be_hub_id and field != "spec.output.uri"
+    for field, uri, _ in spec.uris():
+        parsed = parse_uri(uri, CLUSTER_SCHEMES | {"file"}, field, oci_digest=True)
+        hub_id = parsed.could_be_hub_id and not field.startswith("spec.output.")
         if parsed.scheme not in CLUSTER_SCHEMES and not hub_id:
             problems.append(
                 f"{field}: {uri!r} is a path on the node; in a cluster use pvc://<claim>/<path> "
@@ -258,7 +299,8 @@ def _mounts(mounts: Any, where: str, settings: OperatorSettings) -> list[str]:
     if not isinstance(mounts, list):
         return [f"{where}: must be a list"]
     protected = [settings.pvc_root, settings.config_mount_path, "/dev/shm",
-                 TERMINATION_MESSAGE_PATH, _TOKEN_MOUNT]  # fmt: skip
+                 TERMINATION_MESSAGE_PATH, _TOKEN_MOUNT, REGISTRY_AUTH_MOUNT_PATH,
+                 ADAPTER_REGISTRY_AUTH_MOUNT_PATH]  # fmt: skip
     problems = []
     for index, mount in enumerate(mounts):
         path = mount.get("mountPath") if isinstance(mount, dict) else None
@@ -296,6 +338,12 @@ def _volumes(volumes: Any) -> list[str]:
                 f"spec.podTemplate.spec.volumes[{index}]: {', '.join(unsafe)} volumes are never "
                 f"allowed (allowed: {', '.join(sorted(SAFE_VOLUME_SOURCES))})"
             )
+        elif "projected" in sources and _projects_a_token(volume["projected"]):
+            # The pod has no Kubernetes API identity: a token of any audience would give it one.
+            problems.append(
+                f"spec.podTemplate.spec.volumes[{index}]: projected serviceAccountToken sources "
+                "are never allowed (a trainer pod has no Kubernetes API identity)"
+            )
         elif "projected" in sources and _projects_a_secret(volume["projected"]):
             # Admission checks the creator may read a secret volume's Secret; a projected
             # volume's Secret sources it doesn't (CEL allows few authorization checks).
@@ -304,6 +352,13 @@ def _volumes(volumes: Any) -> list[str]:
                 "allowed (use a secret volume: its Secret must be one the job's creator may read)"
             )
     return problems
+
+
+def _projects_a_token(projected: Any) -> bool:
+    sources = projected.get("sources") if isinstance(projected, dict) else None
+    return isinstance(sources, list) and any(
+        isinstance(source, dict) and "serviceAccountToken" in source for source in sources
+    )
 
 
 def _projects_a_secret(projected: Any) -> bool:

@@ -41,6 +41,8 @@ FINISHED: Final = ("Succeeded", "Failed")
 #: The longest a status change that only marks a step on the way (``_hold``) waits to be written
 #: with the next phase: each such write is a patch per job, plus the watch events it causes.
 STEP_HOLD_SECONDS: Final = 10.0
+#: Ready reasons of a job's first steps, held (``_hold``) until the next one or a while passes.
+_FIRST_STEPS: Final = frozenset({Reason.STARTING, Reason.VALIDATING})
 #: Status fields that change as a pod starts, without a change of phase or reason.
 _BOOKKEEPING: Final = frozenset({"podName", "attempts", "startTime", "conditions"})
 #: Status fields the operator owns. ``progress`` is the trainer's: never written here.
@@ -354,6 +356,13 @@ def plan(
 
     own_pods = pods_of(job, pods)
     desired = derive_status(ftj, job, own_pods, now)
+    if "estimate" not in status:
+        # The Validating phase's estimate goes with the trainer Job's first status write.
+        validation = owned_validation_job(ftj, jobs)
+        if validation is not None and validation_succeeded(validation):
+            estimate = validation_estimate(validation, pods_of(validation, pods))
+            if estimate:
+                desired["estimate"] = estimate
     restart = (
         nodes_of(ftj) > 1
         and not job.get("metadata", {}).get("deletionTimestamp")
@@ -446,26 +455,28 @@ def _validation_plan(
         return Plan(validate=spec)
     if not validation_succeeded(validation):
         return _validating_plan(ftj, validation, pods, now)
+    # Its estimate is written with the trainer Job's first status (see plan).
     status = ftj.get("status") or {}
-    estimate = validation_estimate(validation, pods_of(validation, pods))
-    patch = {"estimate": estimate} if estimate and status.get("estimate") != estimate else None
-    return Plan(
-        create=spec, attempt=_next_attempt(status), status_patch=patch, notes=("validated",)
-    )
+    return Plan(create=spec, attempt=_next_attempt(status), notes=("validated",))
 
 
 def _validating_plan(ftj: Obj, validation: Obj, pods: Sequence[Obj], now: datetime) -> Plan:
     """While the Validating phase's Job runs (or once it failed): the status from it, and its
     suspend following the run policy."""
     status = ftj.get("status") or {}
-    desired = derive_status(ftj, validation, pods_of(validation, pods), now, validating=True)
-    return Plan(
+    own_pods = pods_of(validation, pods)
+    desired = derive_status(ftj, validation, own_pods, now, validating=True)
+    changes = status_changes(status, desired)
+    follow = Plan(
         # Its deadline is the operator's (KUBETUNE_VALIDATION_ACTIVE_DEADLINE_SECONDS), set at
         # create; only suspend follows the run policy.
         job_patch=desired_job_patch(ftj, validation, deadline=False),
         patched_job=str(validation.get("metadata", {}).get("name")),
-        status_patch=status_changes(status, desired),
     )
+    hold = _hold(status, desired, changes, job=validation, pods=own_pods, now=now)
+    if hold is not None:
+        return replace(follow, requeue_after=hold)
+    return replace(follow, status_patch=changes)
 
 
 def _ready_reason(status: Obj) -> str | None:
@@ -485,8 +496,10 @@ def _hold(
     """Seconds to wait before writing ``changes`` that only mark a step on the way (None: write
     them now). Three steps are held, each for at most ``STEP_HOLD_SECONDS``:
 
-    - the first ``Pending`` (``Starting``) of a job whose Job was just made: its pod usually
-      runs within seconds, and New → Running is one write (and one Event), not two;
+    - the first ``Validating`` of a new job, and the first ``Pending`` (``Starting``) of a job
+      whose (validation or trainer) Job was just made: the validation pod usually passes, and
+      the trainer's runs, within seconds, so New → Running is one write (and one Event), not
+      three;
     - a pod that started but whose trainer doesn't run yet (only ``podName``, ``attempts``,
       ``startTime`` change, phase and reason stay): written with ``Running`` a moment later;
     - ``Finishing``: the trainer exited 0 and the Job isn't marked Complete yet (the Job
@@ -498,7 +511,7 @@ def _hold(
     if changes is None:
         return None
     reason = _ready_reason(desired)
-    if not status.get("phase") and reason == Reason.STARTING:
+    if status.get("phase") in (None, "Validating") and reason in _FIRST_STEPS:
         created = (job.get("metadata") or {}).get("creationTimestamp")
         since = parse_rfc3339(str(created)) if created else None
     elif reason == Reason.FINISHING and _ready_reason(status) != Reason.FINISHING:

@@ -1,9 +1,11 @@
 """FineTuneJob → the child objects that run it. Pure: data in, manifests out.
 
 ``render`` returns, in the order they must be created: the ConfigMap with the resolved trainer
-config, the per-job ServiceAccount, Role and RoleBinding (the trainer may patch only its own
-FineTuneJob's status), and the batch/v1 Job that runs ``kubetune-trainer`` (for a multi-pod
-group run by JobSet, the JobSet whose Job template that Job is).
+config, the NetworkPolicy, a group's headless Service, and the batch/v1 Job that runs
+``kubetune-trainer`` (for a multi-pod group run by JobSet, the JobSet whose Job template that
+Job is). No ServiceAccount, Role or RoleBinding: the pod runs as the namespace's trainer
+ServiceAccount with no API token mounted, and reports progress to the operator with a
+projected token of kubetune's own audience.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any, Final
 
 from kubetune.api.config import JobRef, ProgressSettings, TrainerConfig
 from kubetune.api.contract import (
+    ADAPTER_REGISTRY_AUTH_ENV,
+    ADAPTER_REGISTRY_AUTH_MOUNT_PATH,
     ATTEMPT_ANNOTATION,
     AWS_ACCESS_KEY_ID_ENV,
     AWS_ENDPOINT_URL_ENV,
@@ -38,8 +42,14 @@ from kubetune.api.contract import (
     NODE_RANK_ENV,
     NON_RETRIABLE_EXIT_CODES,
     PREFLIGHT_SUBCOMMAND,
+    PROGRESS_TOKEN_DIR,
+    PROGRESS_TOKEN_FILE,
+    PROGRESS_TOKEN_VOLUME,
     PUSH_TOKEN_ENV,
     PVC_ROOT_ENV,
+    REGISTRY_AUTH_ENV,
+    REGISTRY_AUTH_KEY,
+    REGISTRY_AUTH_MOUNT_PATH,
     RENDEZVOUS_ENDPOINT_ENV,
     RENDEZVOUS_ID_ENV,
     RENDEZVOUS_PORT,
@@ -48,7 +58,7 @@ from kubetune.api.contract import (
     TRAINER_CONTAINER,
     VALIDATOR_COMPONENT,
 )
-from kubetune.api.models import API_VERSION, GROUP, KIND, PLURAL, FineTuneJobSpec
+from kubetune.api.models import API_VERSION, KIND, FineTuneJobSpec
 from kubetune.api.uris import parse_uri
 from kubetune.operator import jobset as js
 from kubetune.operator.policy import apply_pod_template
@@ -65,9 +75,6 @@ class ChildNames:
 
     job: str
     config_map: str
-    service_account: str
-    role: str
-    role_binding: str
     network_policy: str
     #: The headless Service of a multi-pod group (pod subdomain): ``<job>-<index>.<service>``.
     service: str
@@ -90,7 +97,6 @@ def child_names(name: str, nodes: int = 1) -> ChildNames:
     # The Job's name becomes a pod label value (batch.kubernetes.io/job-name): at most 63 chars.
     # A group's pods are named by host ``<job>-<index>``, also a DNS label: room for the index.
     job = short_name(name) if nodes <= 1 else short_name(name, _LABEL_MAX - len(f"-{nodes - 1}"))
-    sa = short_name(f"{name}-trainer", 253)
     # A Service's name must start with a letter (RFC 1035); a FineTuneJob's need not.
     service = job if job[:1].isalpha() else short_name(f"g-{job}")
     # JobSet's own limit (its webhook's, which the operator keeps without it): the longest pod
@@ -102,10 +108,7 @@ def child_names(name: str, nodes: int = 1) -> ChildNames:
     return ChildNames(
         job=job,
         config_map=short_name(f"{name}-trainer-config", 253),
-        service_account=sa,
-        role=sa,
-        role_binding=sa,
-        network_policy=sa,
+        network_policy=short_name(f"{name}-trainer", 253),
         service=service,
         validation_job=short_name(f"{name}-validate"),
         jobset=jobset,
@@ -136,11 +139,7 @@ def labels_for(name: str, uid: str | None = None) -> dict[str, str]:
 def pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
     """Claims named by pvc:// URIs → whether the trainer writes to them (the output's claim)."""
     claims: dict[str, bool] = {}
-    for uri, writable in (
-        (spec.model.uri, False),
-        (spec.dataset.uri, False),
-        (spec.output.uri, True),
-    ):
+    for _, uri, writable in spec.uris():
         claim = parse_uri(uri, ("pvc",), "a").claim if uri.startswith("pvc://") else None
         if claim is not None:
             claims[claim] = claims.get(claim, False) or writable
@@ -164,9 +163,21 @@ def trainer_config(
     return TrainerConfig(
         job=JobRef(name=name, namespace=namespace, uid=uid),
         spec=spec,
-        progress=ProgressSettings(
-            interval_seconds=settings.progress_interval_seconds, reporter="kubernetes"
-        ),
+        progress=progress_settings(settings),
+    )
+
+
+def progress_settings(settings: OperatorSettings) -> ProgressSettings:
+    """Where the trainer reports: the operator's progress endpoint, with the pod's projected
+    token and the operator's CA (nowhere when the operator serves no such endpoint)."""
+    if not settings.progress_url:
+        return ProgressSettings(interval_seconds=settings.progress_interval_seconds)
+    return ProgressSettings(
+        interval_seconds=settings.progress_interval_seconds,
+        reporter="operator",
+        url=settings.progress_url,
+        ca_bundle=settings.progress_ca_bundle,
+        token_file=f"{PROGRESS_TOKEN_DIR}/{PROGRESS_TOKEN_FILE}",
     )
 
 
@@ -212,41 +223,10 @@ def render(
         "metadata": meta(names.config_map),
         "data": {CONFIG_FILE: config.to_yaml()},
     }
-    service_account: Manifest = {
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": meta(names.service_account),
-    }
-    role: Manifest = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
-        "metadata": meta(names.role),
-        "rules": [
-            {
-                "apiGroups": [GROUP],
-                "resources": [f"{PLURAL}/status"],
-                "resourceNames": [name],
-                "verbs": ["get", "patch"],
-            }
-        ],
-    }
-    role_binding: Manifest = {
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": meta(names.role_binding),
-        "roleRef": {
-            "apiGroup": "rbac.authorization.k8s.io",
-            "kind": "Role",
-            "name": names.role,
-        },
-        "subjects": [
-            {"kind": "ServiceAccount", "name": names.service_account, "namespace": namespace}
-        ],
-    }
     group = spec.resources.nodes > 1
     by_jobset = group and jobset
     job = render_job(spec, name, names, meta, settings, attempt=attempt, jobset=by_jobset, uid=uid)
-    children = [config_map, service_account, role, role_binding]
+    children = [config_map]
     if settings.trainer_network_policy:
         children.append(network_policy(name, names, meta, settings, group=group, uid=uid))
     if by_jobset:
@@ -357,8 +337,8 @@ def render_validation(
     *,
     jobset: bool = False,
 ) -> list[Manifest]:
-    """The children of the Validating phase: the same companions as ``render`` (config, identity,
-    network policy), then the validation Job instead of the trainer Job (or JobSet)."""
+    """The children of the Validating phase: the same companions as ``render`` (config, network
+    policy, a group's Service), then the validation Job instead of the trainer Job (or JobSet)."""
     *companions, _ = render(spec, metadata, settings, jobset=jobset)
     job = render(spec, metadata, settings)[-1]
     names = child_names(str(metadata["name"]))
@@ -377,8 +357,9 @@ def validation_job(
 ) -> Manifest:
     """The trainer Job made into the Validating phase's: one pod, ``kubetune-trainer
     preflight`` on the same config, image, security context, scheduling and pod template, with
-    no GPU, no API token (the preflight reports through its termination message), no push or
-    tracking credentials, every claim read-only, and the operator's CPU, memory,
+    no GPU, no API token (the preflight reports through its termination message), no hub push or
+    tracking credentials (registry logins stay: the preflight checks that the output's may push
+    and pulls a starting adapter), every claim read-only, and the operator's CPU, memory,
     ephemeral-storage and deadline (``KUBETUNE_VALIDATION_*``), whatever the spec asks of the
     trainer. Not queued (it asks for no GPU quota); suspended with the run."""
     manifest = copy.deepcopy(job)
@@ -401,6 +382,8 @@ def validation_job(
     pod = template["spec"]
     pod.pop("subdomain", None)
     pod["automountServiceAccountToken"] = False
+    # The preflight reports through its termination message: no progress token either.
+    pod["volumes"] = [v for v in pod["volumes"] if v["name"] != PROGRESS_TOKEN_VOLUME]
     requests = {
         "cpu": settings.validation_cpu_request,
         "memory": settings.validation_memory_request,
@@ -413,6 +396,9 @@ def validation_job(
     }
     for container in pod["containers"]:
         container["resources"] = {"requests": dict(requests), "limits": dict(limits)}
+        container["volumeMounts"] = [
+            m for m in container.get("volumeMounts") or [] if m["name"] != PROGRESS_TOKEN_VOLUME
+        ]
         for mount in container.get("volumeMounts") or []:
             if mount["name"].startswith("pvc-"):
                 mount["readOnly"] = True
@@ -458,6 +444,18 @@ def network_policy(
     peers: list[Manifest] = [{"podSelector": {"matchLabels": group_selector(name, uid)}}]
     if group:
         egress.append({"to": peers})
+    if settings.progress_url and settings.progress_peer_pod_selector and settings.progress_port:
+        # Progress goes to the operator's pods, on the progress port and nothing else.
+        operator: Manifest = {
+            "podSelector": {"matchLabels": dict(settings.progress_peer_pod_selector)}
+        }
+        if settings.progress_peer_namespace_selector:
+            operator["namespaceSelector"] = {
+                "matchLabels": dict(settings.progress_peer_namespace_selector)
+            }
+        egress.append(
+            {"to": [operator], "ports": [{"port": settings.progress_port, "protocol": "TCP"}]}
+        )
     if settings.trainer_apiserver_cidrs:
         # Progress goes to the API server, whose endpoints often lie in an excepted range.
         api_peers = egress_blocks(settings.trainer_apiserver_cidrs, [])
@@ -658,6 +656,27 @@ def _pod_spec(spec: FineTuneJobSpec, names: ChildNames, settings: OperatorSettin
         {"name": "config", "configMap": {"name": names.config_map}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": resources.shm_size}},
     ]
+    # The registry logins as files (docker configs), read by the trainer alone: the output's,
+    # and the starting adapter's.
+    logins = [
+        ("registry-auth", spec.output.registry, REGISTRY_AUTH_MOUNT_PATH, REGISTRY_AUTH_ENV),
+        ("adapter-registry-auth", spec.model.adapter.registry if spec.model.adapter else None,
+         ADAPTER_REGISTRY_AUTH_MOUNT_PATH, ADAPTER_REGISTRY_AUTH_ENV),
+    ]  # fmt: skip
+    for volume_name, registry, mount_path, variable in logins:
+        if registry is None or registry.credentials_secret_ref is None:
+            continue
+        mounts.append({"name": volume_name, "mountPath": mount_path, "readOnly": True})
+        volumes.append(
+            {
+                "name": volume_name,
+                "secret": {
+                    "secretName": registry.credentials_secret_ref.name,
+                    "items": [{"key": REGISTRY_AUTH_KEY, "path": REGISTRY_AUTH_KEY}],
+                },
+            }
+        )
+        env.append({"name": variable, "value": f"{mount_path}/{REGISTRY_AUTH_KEY}"})
     for claim, writable in pvc_claims(spec).items():
         volume = short_name(f"pvc-{claim}")
         mounts.append(
@@ -698,10 +717,33 @@ def _pod_spec(spec: FineTuneJobSpec, names: ChildNames, settings: OperatorSettin
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
+    if settings.progress_url:
+        # The pod's only credential: a token for the operator's progress endpoint, of an
+        # audience the apiserver refuses, bound to this pod (it dies with it), renewed by the
+        # kubelet. No API token is mounted.
+        mounts.append(
+            {"name": PROGRESS_TOKEN_VOLUME, "mountPath": PROGRESS_TOKEN_DIR, "readOnly": True}
+        )
+        volumes.append(
+            {
+                "name": PROGRESS_TOKEN_VOLUME,
+                "projected": {
+                    "sources": [
+                        {
+                            "serviceAccountToken": {
+                                "audience": settings.progress_audience,
+                                "expirationSeconds": settings.progress_token_expiration_seconds,
+                                "path": PROGRESS_TOKEN_FILE,
+                            }
+                        }
+                    ]
+                },
+            }
+        )
     pod: Manifest = {
         "restartPolicy": "Never",
-        "serviceAccountName": names.service_account,
-        "automountServiceAccountToken": True,
+        "serviceAccountName": settings.trainer_service_account,
+        "automountServiceAccountToken": False,
         "securityContext": pod_security,
         "containers": [container],
         "volumes": volumes,

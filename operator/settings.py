@@ -9,14 +9,17 @@ from pydantic import BeforeValidator, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kubetune.api.contract import (
+    ADAPTER_REGISTRY_AUTH_ENV,
     CONFIG_MOUNT_PATH,
     DEFAULT_PVC_ROOT,
     MLFLOW_PASSWORD_ENV,
     MLFLOW_TOKEN_ENV,
     MLFLOW_USERNAME_ENV,
     NODE_RANK_ENV,
+    PROGRESS_AUDIENCE,
     PUSH_TOKEN_ENV,
     PVC_ROOT_ENV,
+    REGISTRY_AUTH_ENV,
     RENDEZVOUS_ENDPOINT_ENV,
     RENDEZVOUS_ID_ENV,
     TERMINATION_LOG_ENV,
@@ -72,6 +75,7 @@ NEVER_ENV: Final = frozenset(
      "LD_AUDIT", "NCCL_NET_PLUGIN", "NCCL_TUNER_PLUGIN", "HF_HOME", "HF_HUB_CACHE",
      "TRANSFORMERS_CACHE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE",
      "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
+     "DOCKER_CONFIG", REGISTRY_AUTH_ENV, ADAPTER_REGISTRY_AUTH_ENV,
      TOKEN_ENV, PUSH_TOKEN_ENV, MLFLOW_USERNAME_ENV, MLFLOW_PASSWORD_ENV, MLFLOW_TOKEN_ENV,
      PVC_ROOT_ENV, RENDEZVOUS_ENDPOINT_ENV, RENDEZVOUS_ID_ENV, NODE_RANK_ENV,
      TERMINATION_LOG_ENV, *ENDPOINT_ENV}
@@ -180,6 +184,21 @@ class OperatorSettings(BaseSettings):
             "through spec.podTemplate; empty: the store's default only."
         ),
     )
+    allowed_registries: CsvList = Field(
+        default_factory=list,
+        description=(
+            "OCI registries (host or host:port, shell-style patterns) an oci:// spec.output.uri "
+            "may name, comma-separated; empty refuses oci:// outputs."
+        ),
+    )
+    plain_http_registries: CsvList = Field(
+        default_factory=list,
+        description=(
+            "Registries (host or host:port, shell-style patterns) a job may reach over plain "
+            "http (spec.output.registry.plainHttp), such as the local cluster's; empty: https "
+            "only."
+        ),
+    )
     trainer_network_policy: bool = Field(
         default=True,
         description=(
@@ -283,7 +302,92 @@ class OperatorSettings(BaseSettings):
         description="The Validating phase fails after this many seconds (its Job's deadline).",
     )
     progress_interval_seconds: float = Field(
-        default=10.0, gt=0, description="Least seconds between the trainer's progress patches."
+        default=10.0,
+        gt=0,
+        description=(
+            "Least seconds between a trainer's progress reports, and between the operator's "
+            "writes of one job's status.progress."
+        ),
+    )
+    progress_port: OptionalInt = Field(
+        default=8443,
+        ge=1,
+        le=65535,
+        description=(
+            "Port of the progress endpoint (HTTPS, POST /v1/progress) trainers report to; "
+            "empty: none (trainers then report nothing)."
+        ),
+    )
+    progress_reuse_port: bool = Field(
+        default=False,
+        description=(
+            "Bind the progress port with SO_REUSEPORT, so replicas on one host share it as a "
+            "Service shares them (the local cluster's tests; a pod has its own port)."
+        ),
+    )
+    progress_url: OptionalStr = Field(
+        default=None,
+        description=(
+            "The progress endpoint's URL as trainer pods reach it (the chart's Service: "
+            "https://<release>-progress.<namespace>.svc:8443/v1/progress); empty: trainers "
+            "report no progress."
+        ),
+    )
+    progress_tls_cert_file: OptionalStr = Field(
+        default=None,
+        description="The progress endpoint's serving certificate (PEM); empty: plain HTTP.",
+    )
+    progress_tls_key_file: OptionalStr = Field(
+        default=None, description="The serving certificate's private key (PEM)."
+    )
+    progress_ca_bundle: OptionalStr = Field(
+        default=None,
+        description=(
+            "The CA certificate (PEM text) that signed the serving certificate: written into "
+            "each trainer's config, the only one it trusts for the progress URL; empty: the "
+            "trainer trusts its system's CAs."
+        ),
+    )
+    progress_peer_namespace_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Labels of the operator's namespace, for the trainer NetworkPolicy's rule to the "
+            "progress port (JSON object; with progress_peer_pod_selector; empty: no rule)."
+        ),
+    )
+    progress_peer_pod_selector: dict[str, str] = Field(
+        default_factory=dict,
+        description="Labels of the operator's pods, for that rule (JSON object).",
+    )
+    progress_audience: str = Field(
+        default=PROGRESS_AUDIENCE,
+        min_length=1,
+        description=(
+            "Audience of the trainer's projected progress token (TokenReview checks it; the "
+            "apiserver accepts no token of this audience)."
+        ),
+    )
+    progress_token_expiration_seconds: int = Field(
+        default=600,
+        ge=600,
+        description="Lifetime of the progress token (the kubelet renews it at 80%).",
+    )
+    progress_reviews_per_second: float = Field(
+        default=20.0,
+        gt=0,
+        description=(
+            "TokenReviews the progress endpoint may ask for per second, all callers together "
+            "(a known token is answered from a cache): beyond it, 429."
+        ),
+    )
+    trainer_service_account: str = Field(
+        default="default",
+        min_length=1,
+        description=(
+            "The ServiceAccount of trainer pods (one per namespace, never made per job; the "
+            "namespace's default by default). Its token is not mounted: the pod gets only a "
+            "progress token of progress_audience, which the apiserver refuses."
+        ),
     )
     liveness_endpoint: OptionalStr = Field(
         default="http://0.0.0.0:8080/healthz",

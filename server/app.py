@@ -1,35 +1,47 @@
-"""The HTTP API: OpenAI's fine-tuning routes under ``/v1`` (files, fine_tuning/jobs, models) and
-the signed dataset downloads trainer pods make. Every Kubernetes request is the caller's
-(``kube.Kube`` with their bearer token); the server adds no right of its own."""
+"""The HTTP API: OpenAI's fine-tuning routes under ``/v1`` (files, fine_tuning/jobs, models),
+the signed dataset downloads trainer pods make, and the web console under ``/ui`` (console.py).
+Every Kubernetes request is the caller's (``kube.Kube`` with their bearer token); the server adds
+no right of its own."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, File, Form, Header, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile as FormFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kubetune.api.datasets import DatasetInvalid, check_jsonl
-from kubetune.server import mapping
+from kubetune.api.datasets import SUPERVISED_FORMATS, DatasetInvalid, check_jsonl, openai_pair
+from kubetune.server import console, mapping
 from kubetune.server.errors import ApiError, bad_request, not_found, unauthorized
 from kubetune.server.files import NAMESPACE, FileStore, StoredFile, UrlSigner, clean_filename
 from kubetune.server.kube import Kube, endpoint_from_kubeconfig, endpoint_in_cluster
 from kubetune.server.settings import ServerSettings
 
 log = logging.getLogger("kubetune.server")
-#: Multipart framing and the purpose field, on top of the file itself.
+#: Multipart framing and the purpose field (the console's form fields), on top of the file.
 MULTIPART_OVERHEAD = 64 * 1024
+#: Where a request body may bring a whole dataset: the API's upload and the console's form.
+UPLOAD_PATHS = frozenset({"/v1/files", "/ui/new"})
 
 
 class BodyLimit:
@@ -45,7 +57,8 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.upload_limit if scope["path"] == "/v1/files" else self.other_limit
+        uploads = scope["path"] in UPLOAD_PATHS
+        limit = self.upload_limit if uploads else self.other_limit
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
@@ -301,8 +314,12 @@ def create_app(settings: ServerSettings, kube: Kube | None = None) -> FastAPI:
         ):
             raise ApiError(403, "the URL's signature is invalid or expired", code="forbidden")
         path = server.files.content_path(namespace, file_id)
-        if path is None:
+        stored = server.files.get(namespace, file_id)
+        if path is None or stored is None:
             raise not_found("file", file_id)
+        if stored.format == "openai-preference":
+            # OpenAI's DPO records, as the trainer's chat preference pairs.
+            return StreamingResponse(_as_trainer_pairs(path), media_type="application/jsonl")
         return FileResponse(path, media_type="application/jsonl")
 
     # --- fine-tuning jobs ----------------------------------------------------------------
@@ -320,23 +337,37 @@ def create_app(settings: ServerSettings, kube: Kube | None = None) -> FastAPI:
         training_file = body.get("training_file")
         if not isinstance(training_file, str):
             raise bad_request("training_file is required", "training_file")
-        if body.get("validation_file"):
-            raise bad_request(
-                "validation_file is not supported yet: hold out a fraction of the training file "
-                "through the platform's job template (dataset.evalFraction)",
-                "validation_file",
-            )
+        validation_file = body.get("validation_file")
+        if validation_file is not None and not isinstance(validation_file, str):
+            raise bad_request("validation_file must be a file id", "validation_file")
+        kind = mapping.method_of(body)
         await require(who, "create")
-        if server.files.get(who.namespace, training_file) is None:
-            raise not_found("file", training_file, "training_file")
+        files = {"training_file": training_file}
+        if validation_file:
+            files["validation_file"] = validation_file
+        for param, file_id in files.items():
+            stored = server.files.get(who.namespace, file_id)
+            if stored is None:
+                raise not_found("file", file_id, param)
+            if (kind == "supervised") != (stored.format in SUPERVISED_FORMATS):
+                wants = "supervised records" if kind == "supervised" else "preference pairs"
+                raise bad_request(
+                    f"{param} {file_id} holds {stored.format} records; method {kind} trains on "
+                    f"{wants}",
+                    param,
+                )
         name = mapping.new_job_name()
-        url = server.signer.url(
-            settings.dataset_base_url, who.namespace, training_file, settings.dataset_url_seconds
-        )
+        urls = {
+            param: server.signer.url(
+                settings.dataset_base_url, who.namespace, file_id, settings.dataset_url_seconds
+            )
+            for param, file_id in files.items()
+        }
         manifest = mapping.job_manifest(
             name, who.namespace, body,
-            model_uri=settings.models[model], dataset_uri=url, template=settings.job_template,
-            output_uri=settings.output_uri.format(job=name),
+            model_uri=settings.models[model], dataset_uri=urls["training_file"],
+            template=settings.job_template, output_uri=settings.output_uri.format(job=name),
+            eval_uri=urls.get("validation_file"),
         )  # fmt: skip
         created = await server.kube.create_job(who.token, who.namespace, manifest)
         return render(created)
@@ -465,6 +496,31 @@ def create_app(settings: ServerSettings, kube: Kube | None = None) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
+    if settings.console:
+
+        async def keep_dataset(namespace: str, upload: FormFile) -> str:
+            """The console form's dataset file: checked and kept as an API upload is; the
+            signed URL its job downloads it through."""
+            stored = await run_in_threadpool(_store_upload, server, namespace, upload)
+            return server.signer.url(
+                settings.dataset_base_url, namespace, stored.id, settings.dataset_url_seconds
+            )
+
+        app.state.console = console.new_console(
+            kube,
+            keep_dataset=keep_dataset,
+            job_template=settings.job_template,
+            allow=server.limiter.allow,
+            token_header=settings.console_token_header,
+            default_namespace=settings.default_namespace,
+            namespaces=tuple(settings.console_namespaces),
+        )
+        app.include_router(console.make_router(app.state.console))
+
+        @app.get("/ui", include_in_schema=False)
+        async def console_root() -> RedirectResponse:
+            return RedirectResponse("/ui/", 308)
+
     return app
 
 
@@ -478,6 +534,14 @@ def _list_of(data: list[Any], has_more: bool) -> dict[str, Any]:
     }
 
 
+def _as_trainer_pairs(path: Path) -> Iterator[bytes]:
+    """An uploaded OpenAI DPO file (checked at upload), line by line as the trainer's pairs."""
+    with path.open("rb") as lines:
+        for line in lines:
+            if line.strip():
+                yield (json.dumps(openai_pair(json.loads(line))) + "\n").encode()
+
+
 async def _json(request: Request) -> dict[str, Any]:
     try:
         body = await request.json()
@@ -488,7 +552,7 @@ async def _json(request: Request) -> dict[str, Any]:
     return body
 
 
-def _store_upload(server: Server, namespace: str, upload: UploadFile) -> StoredFile:
+def _store_upload(server: Server, namespace: str, upload: FormFile) -> StoredFile:
     """Copy the upload into the namespace's folder, check it as the Validating phase checks a
     dataset (400 naming the first bad line), and keep it."""
     limit = server.settings.max_file_bytes

@@ -102,6 +102,10 @@ class Kube:
     async def close(self) -> None:
         await self.client.aclose()
 
+    def credentials(self, token: str) -> dict[str, str]:
+        """The headers that carry the caller's identity to the API server."""
+        return {"Authorization": f"Bearer {token}"}
+
     async def request(
         self,
         token: str,
@@ -114,7 +118,7 @@ class Kube:
         params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
     ) -> Any:
-        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        headers = {**self.credentials(token), "Accept": "application/json"}
         if json is not None:
             headers["Content-Type"] = content_type
         try:
@@ -127,6 +131,8 @@ class Kube:
             raise ApiError(502, "the API server can't be reached", "upstream") from None
         if response.status_code >= 300:
             raise _api_error(response, verb, what)
+        if response.headers.get("content-type", "").startswith("text/plain"):
+            return response.text
         return response.json()
 
     # --- FineTuneJobs ---------------------------------------------------------------------
@@ -175,6 +181,41 @@ class Kube:
         )
         items: list[Any] = body.get("items") or []
         return items
+
+    async def list_all_jobs(self, token: str) -> list[dict[str, Any]]:
+        """Every namespace's FineTuneJobs (403 unless the caller may list them cluster-wide)."""
+        body = await self.request(
+            token, "GET", f"/apis/{GROUP}/{VERSION}/{PLURAL}", verb="list", what="finetunejobs"
+        )
+        items: list[dict[str, Any]] = body.get("items") or []
+        return items
+
+    async def list_namespaces(self, token: str) -> list[str]:
+        body = await self.request(
+            token, "GET", "/api/v1/namespaces", verb="list", what="namespaces"
+        )
+        return [str(n["metadata"]["name"]) for n in body.get("items") or []]
+
+    async def pod_log(
+        self, token: str, namespace: str, pod: str, container: str, lines: int
+    ) -> str:
+        """The last ``lines`` lines of a container's log (``pods/log``, as ``kubectl logs``)."""
+        text = await self.request(
+            token, "GET", f"/api/v1/namespaces/{namespace}/pods/{pod}/log", verb="get",
+            what="the trainer's log", params={"container": container, "tailLines": str(lines)},
+        )  # fmt: skip
+        return str(text)
+
+    async def username(self, token: str) -> str:
+        """Who the token is (a SelfSubjectReview: any authenticated caller may make one; 401
+        for a token the API server refuses)."""
+        review = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+        body = await self.request(
+            token, "POST", "/apis/authentication.k8s.io/v1/selfsubjectreviews", verb="review",
+            what="identity", json=review,
+        )  # fmt: skip
+        user = ((body.get("status") or {}).get("userInfo") or {}).get("username")
+        return str(user or "")
 
     # --- authorization of what isn't a Kubernetes object (uploaded files) -----------------
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
-from kubetune.api.models import FineTuneJobSpec, TrainingSpec
+from kubetune.api.models import DpoSpec, FineTuneJobSpec, TrainingSpec
 from kubetune.api.uris import display_uri
 from kubetune.server.errors import bad_request
 
@@ -69,17 +69,39 @@ def unix(timestamp: str | None) -> int | None:
 # --- create ------------------------------------------------------------------------------------
 
 
-def _hyperparameters(request: Mapping[str, Any]) -> dict[str, Any]:
-    """The hyperparameters of the request (top level, or method.supervised's)."""
+#: OpenAI's method types → spec.method.type.
+METHODS: Mapping[str, str] = {"supervised": "sft", "dpo": "dpo"}
+#: The hyperparameters each method takes.
+HYPERPARAMETERS: Mapping[str, frozenset[str]] = {
+    "supervised": frozenset({"n_epochs", "batch_size", "learning_rate_multiplier"}),
+    "dpo": frozenset({"n_epochs", "batch_size", "learning_rate_multiplier", "beta"}),
+}
+
+
+def method_of(request: Mapping[str, Any]) -> str:
+    """The OpenAI method type a create request asks for (supervised when it names none)."""
     method = request.get("method") or {}
-    if method:
-        kind = method.get("type", "supervised")
-        if kind != "supervised":
-            raise bad_request(f"method {kind!r} is not offered here; use supervised", "method")
-        nested = (method.get("supervised") or {}).get("hyperparameters")
-        if nested:
-            return dict(nested)
-    return dict(request.get("hyperparameters") or {})
+    if not isinstance(method, dict):
+        raise bad_request("method must be an object with a type", "method")
+    kind = method.get("type", "supervised")
+    if kind not in METHODS:
+        raise bad_request(
+            f"method {kind!r} is not offered here; use {' or '.join(METHODS)}", "method.type"
+        )
+    return str(kind)
+
+
+def _hyperparameters(request: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """The hyperparameters of the request (top level, or its method's)."""
+    nested = ((request.get("method") or {}).get(kind) or {}).get("hyperparameters")
+    hyper = dict(nested or request.get("hyperparameters") or {})
+    unknown = set(hyper) - HYPERPARAMETERS[kind]
+    if unknown:
+        raise bad_request(
+            f"unknown hyperparameters for {kind}: {', '.join(sorted(unknown))}",
+            "hyperparameters",
+        )
+    return hyper
 
 
 def _positive(value: Any, name: str, kind: Callable[[Any], T]) -> T | None:
@@ -115,20 +137,29 @@ def job_manifest(
     dataset_uri: str,
     template: Mapping[str, Any],
     output_uri: str,
+    eval_uri: str | None = None,
 ) -> dict[str, Any]:
     """The FineTuneJob a create request asks for: the platform's template, the request's model,
-    data, hyperparameters and seed over it. Checked with the API models (400 naming the field)."""
+    data (and validation data: ``eval_uri``), method, hyperparameters and seed over it. Checked
+    with the API models (400 naming the field)."""
     spec: dict[str, Any] = copy.deepcopy(dict(template))
     spec["model"] = {**(spec.get("model") or {}), "uri": model_uri}
-    spec["dataset"] = {**(spec.get("dataset") or {}), "uri": dataset_uri, "format": "auto"}
+    dataset = {**(spec.get("dataset") or {}), "uri": dataset_uri, "format": "auto"}
+    if eval_uri is not None:
+        for other in ("evalSplit", "evalFraction"):
+            dataset.pop(other, None)
+        dataset["evalUri"] = eval_uri
+    spec["dataset"] = dataset
     spec["output"] = {**(spec.get("output") or {}), "uri": output_uri}
     training = dict(spec.get("training") or {})
-    hyper = _hyperparameters(request)
-    unknown = set(hyper) - {"n_epochs", "batch_size", "learning_rate_multiplier"}
-    if unknown:
-        raise bad_request(
-            f"unknown hyperparameters: {', '.join(sorted(unknown))}", "hyperparameters"
-        )
+    kind = method_of(request)
+    hyper = _hyperparameters(request, kind)
+    if kind == "dpo":
+        method: dict[str, Any] = {"type": "dpo"}
+        beta = _positive(hyper.get("beta"), "beta", float)
+        if beta is not None:
+            method["dpo"] = {"beta": beta}
+        spec["method"] = method
     epochs = _positive(hyper.get("n_epochs"), "n_epochs", int)
     if epochs is not None:
         training.pop("maxSteps", None)
@@ -153,6 +184,8 @@ def job_manifest(
         where = ".".join(str(p) for p in first["loc"])
         raise bad_request(f"the job this asks for is invalid: {where}: {first['msg']}") from None
     annotations = {MODEL: str(request["model"]), TRAINING_FILE: str(request["training_file"])}
+    if request.get("validation_file"):
+        annotations[VALIDATION_FILE] = str(request["validation_file"])
     suffix = request.get("suffix")
     if suffix is not None:
         if not isinstance(suffix, str) or not SUFFIX_PATTERN.match(suffix):
@@ -277,11 +310,25 @@ def hyperparameters_of(job: Mapping[str, Any], template: Mapping[str, Any]) -> d
     defaults = TrainingSpec.model_fields
     lr = float(training.get("learningRate", defaults["learning_rate"].default))
     epochs = training.get("epochs")
-    return {
+    hyper: dict[str, Any] = {
         "batch_size": training.get("batchSize", defaults["batch_size"].default),
         "learning_rate_multiplier": round(lr / base_learning_rate(template), 6),
         "n_epochs": int(epochs) if epochs is not None and float(epochs).is_integer() else epochs,
     }
+    if _method_type(job) == "dpo":
+        dpo = (job["spec"].get("method") or {}).get("dpo") or {}
+        hyper["beta"] = dpo.get("beta", DpoSpec.model_fields["beta"].default)
+    return hyper
+
+
+def _method_type(job: Mapping[str, Any]) -> str:
+    return str((job["spec"].get("method") or {}).get("type", "sft"))
+
+
+def openai_method(job: Mapping[str, Any], hyper: Mapping[str, Any]) -> dict[str, Any]:
+    """OpenAI's ``method`` of a job: supervised, dpo, or (made with kubectl) the spec's type."""
+    kind = {"sft": "supervised"}.get(_method_type(job), _method_type(job))
+    return {"type": kind, kind: {"hyperparameters": dict(hyper)}}
 
 
 def openai_job(job: Mapping[str, Any], template: Mapping[str, Any]) -> dict[str, Any]:
@@ -301,7 +348,7 @@ def openai_job(job: Mapping[str, Any], template: Mapping[str, Any]) -> dict[str,
         "fine_tuned_model": fine_tuned_model(job) if state == "succeeded" else None,
         "finished_at": finished if state in FINISHED else None,
         "hyperparameters": hyper,
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        "method": openai_method(job, hyper),
         "model": base_model_name(job),
         "organization_id": meta.get("namespace", ""),
         "result_files": [result_file_id(job)] if result_csv(job) is not None else [],

@@ -82,3 +82,19 @@ class ServerSettings(BaseSettings):
         ge=0,
         description="Requests per second per caller (a token bucket of twice that); 0: off.",
     )
+    console: bool = Field(
+        default=True,
+        description="Serve the web console under /ui (docs/console.md), with each caller's own "
+        "identity, as the API.",
+    )
+    console_token_header: str | None = Field(
+        default=None,
+        description="A header an authenticating proxy in front sets to the caller's Kubernetes "
+        "bearer token (e.g. X-Forwarded-Access-Token); unset: the console's login page only. Set "
+        "it only where every request passes that proxy.",
+    )
+    console_namespaces: list[str] = Field(
+        default_factory=list,
+        description="Namespaces the console offers to callers who may not list namespaces (each "
+        "still checked with the caller's own access review).",
+    )

@@ -3,15 +3,20 @@ CLI for the chart and e2e suites; each suite's own fixtures live in its folder's
 
 from __future__ import annotations
 
+import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytest_plugins = ["kubetune_devtools.pytest_plugin"]
 
 REPO = Path(__file__).resolve().parents[1]
+#: The environment the builds run in, as the session started (the trainer suite later points
+#: KUBETUNE_CACHE_DIR at a temporary folder for its own caches).
+_BUILD_ENV = dict(os.environ)
 
 
 @pytest.fixture(scope="session")
@@ -39,6 +44,33 @@ def helm(helm_binary: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
         )  # fmt: skip
 
     return run
+
+
+@pytest.fixture(scope="session")
+def registry_tools() -> Path:
+    """distribution's registry and the oras CLI, built from hack/registry's go.mod on the first
+    use on a machine."""
+    result = subprocess.run(
+        ["bash", str(REPO / "hack" / "registry" / "build.sh")],
+        capture_output=True, text=True, timeout=1800, check=False, env=_BUILD_ENV,
+    )  # fmt: skip
+    assert result.returncode == 0, f"hack/registry/build.sh failed:\n{result.stderr}"
+    directory = Path(result.stdout.strip().splitlines()[-1])
+    assert (directory / "registry").is_file() and (directory / "oras").is_file(), directory
+    return directory
+
+
+@pytest.fixture
+def oci_registry(registry_tools: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A registry of its own on loopback that asks for a login (TestRegistry: host, auth_file,
+    oras)."""
+    from kubetune_devtools.oci import start_test_registry
+
+    registry = start_test_registry(tmp_path_factory.mktemp("oci"), registry_tools)
+    try:
+        yield registry
+    finally:
+        registry.process.close()
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ TRL's DPOTrainer and KTOTrainer take them. Every problem a person can fix in the
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -367,6 +368,10 @@ def _kind_name(kind: str) -> str:
     return "text" if kind == "text" else "chat messages"
 
 
+def _combined(*fingerprints: str) -> str:
+    return "sha256:" + hashlib.sha256("\n".join(fingerprints).encode()).hexdigest()
+
+
 def prepare(
     spec: DatasetSpec,
     chat_template: str | None,
@@ -403,6 +408,17 @@ def prepare(
         evaluation, _, _ = shape_for_trl(
             raw_eval, fmt, spec, chat_template, raw.origins.get(spec.eval_split)
         )
+    elif spec.eval_uri:
+        held = read_splits(spec, token, field="dataset.evalUri")
+        if spec.split not in held.splits or len(held.splits[spec.split]) == 0:
+            raise DatasetUnusable(
+                f"dataset.evalUri {display_uri(spec.eval_uri)} holds no records to evaluate on"
+            )
+        raw_eval = apply_column_mapping(held.splits[spec.split], spec)
+        evaluation, _, _ = shape_for_trl(
+            raw_eval, fmt, spec, chat_template, held.origins.get(spec.split)
+        )
+        fingerprint = _combined(fingerprint, held.fingerprint)
     elif spec.eval_fraction:
         if len(train) < 2:
             raise DatasetUnusable("dataset is too small to hold out dataset.evalFraction of it")

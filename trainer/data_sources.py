@@ -221,11 +221,11 @@ def _names(files: dict[str, list[str]]) -> str:
 
 
 def _load_hub(
-    spec: DatasetSpec, repo_id: str, token: str | None, cache_dir: Path
+    spec: DatasetSpec, repo_id: str, token: str | None, cache_dir: Path, eval_split: str | None
 ) -> dict[str, Dataset]:
     from datasets import load_dataset
 
-    splits = [spec.split] + ([spec.eval_split] if spec.eval_split else [])
+    splits = [spec.split] + ([eval_split] if eval_split else [])
     loaded: dict[str, Dataset] = {}
     for split in splits:
         try:
@@ -243,18 +243,23 @@ def _load_hub(
     return loaded
 
 
-def read_splits(spec: DatasetSpec, token: str | None = None) -> RawSplits:
+def read_splits(
+    spec: DatasetSpec, token: str | None = None, *, field: str = "dataset.uri"
+) -> RawSplits:
     """The raw splits of the dataset, where their records came from, and a fingerprint of its
-    resolved source (credentials and query string left out) and content."""
+    resolved source (credentials and query string left out) and content. ``field`` names the
+    spec's URI to read (``dataset.evalUri`` reads the evaluation data, all of it one split)."""
+    uri = spec.eval_uri if field == "dataset.evalUri" and spec.eval_uri else spec.uri
     try:
-        where = locations.resolve(spec.uri, DATASET_SCHEMES, "dataset")
+        where = locations.resolve(uri, DATASET_SCHEMES, field)
     except ValueError as exc:
-        raise InvalidConfig(f"dataset.uri: {exc}") from None
+        raise InvalidConfig(f"{field}: {exc}") from None
     cache_dir = locations.cache_root() / "datasets"
-    shown = display_uri(spec.uri)
+    shown = display_uri(uri)
+    eval_split = spec.eval_split if field == "dataset.uri" else None
     if where.kind == "hub":
         assert where.remote is not None
-        splits = _load_hub(spec, where.remote, token, cache_dir)
+        splits = _load_hub(spec, where.remote, token, cache_dir, eval_split)
         content = "|".join(d._fingerprint for d in splits.values())
         source = f"hub:{where.remote}@{spec.revision or 'main'}"
         origins = {name: RecordOrigins(name) for name in splits}
@@ -263,12 +268,12 @@ def read_splits(spec: DatasetSpec, token: str | None = None) -> RawSplits:
         assert where.path is not None
         root = where.path
         if not root.exists():
-            raise DatasetUnusable(f"dataset not found: {root} (dataset.uri {shown})")
+            raise DatasetUnusable(f"dataset not found: {root} ({field} {shown})")
     else:
-        root = _download(spec.uri, where.kind)
-    files = _data_files(root, spec.split, spec.eval_split)
+        root = _download(uri, where.kind)
+    files = _data_files(root, spec.split, eval_split)
     if where.confined_to is not None:
-        _refuse_escapes(files, where.confined_to)
+        _refuse_escapes(files, where.confined_to, field)
     splits, origins = _load_files(files, cache_dir)
     content = sha256_files(f for fs in files.values() for f in fs)
     return RawSplits(splits, origins, _fingerprint(shown, content))
@@ -292,12 +297,12 @@ def _download(uri: str, kind: str) -> Path:
         raise DatasetUnusable(f"cannot download dataset {shown}: {first_line(exc)}") from None
 
 
-def _refuse_escapes(files: dict[str, list[str]], mount: Path) -> None:
+def _refuse_escapes(files: dict[str, list[str]], mount: Path, field: str) -> None:
     """A file of a claim's dataset folder may be a symlink, but not to outside the claim."""
     for name in (f for fs in files.values() for f in fs):
         target = Path(name).resolve()
         if not target.is_relative_to(mount):
-            raise InvalidConfig(f"dataset.uri: {name} leads out of its claim (to {target})")
+            raise InvalidConfig(f"{field}: {name} leads out of its claim (to {target})")
 
 
 def _fingerprint(source: str, content: str) -> str:

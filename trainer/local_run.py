@@ -121,13 +121,14 @@ def train_command(args: argparse.Namespace) -> int:
     write_termination = TERMINATION_LOG_ENV in os.environ
     if job.spec.resources.world_size > 1:
         # Several ranks on this machine (resources.gpus > 1), through the pod's own launcher.
-        from kubetune.api.uris import OUTPUT_SCHEMES
+        from kubetune.api.uris import CHECKPOINT_SCHEMES, OUTPUT_SCHEMES
         from kubetune.trainer.distributed import launch
         from kubetune.trainer.locations import resolve
 
         extra = ["--name", job.name] + ([] if args.no_progress else ["--progress-bar"])
         code, result = launch(config, None, extra, write_termination=write_termination)
-        where = resolve(job.spec.output.uri, OUTPUT_SCHEMES, "output")
+        schemes = CHECKPOINT_SCHEMES if job.spec.output.is_oci else OUTPUT_SCHEMES
+        where = resolve(job.spec.output.working_uri, schemes, "output")
         outcome = RunOutcome(code, result, str(where.path) if where.is_local else None)
     else:
         outcome = run(
@@ -165,10 +166,13 @@ def _with_output(manifest: Path, output: Path | None) -> Path | dict[str, Any]:
     job = dict(jobs[0])
     spec = dict(job["spec"])
     current = spec.get("output")
-    spec["output"] = {
-        **(current if isinstance(current, dict) else {}),
-        "uri": str(output.resolve()),
+    # A folder instead of a registry: the oci:// output's own fields go with it.
+    kept = {
+        k: v
+        for k, v in (current if isinstance(current, dict) else {}).items()
+        if k not in ("checkpointUri", "registry")
     }
+    spec["output"] = {**kept, "uri": str(output.resolve())}
     job["spec"] = spec
     return job
 

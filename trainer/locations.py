@@ -86,6 +86,8 @@ def resolve(uri: str, allowed: Iterable[str], what: str) -> Location:
         return Location(uri, "hub", remote=parsed.path)
     if parsed.kind == "object-store":
         return Location(uri, "object-store", remote=uri)
+    if parsed.kind == "registry":
+        raise ValueError(f"{what} URI {display_uri(uri)} names a registry, not a place for files")
     return Location(uri, "http", remote=uri)
 
 

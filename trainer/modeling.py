@@ -91,6 +91,18 @@ def model_shape(source: str, spec: ModelSpec, is_hub: bool, token: str | None) -
         return None
 
 
+def base_config(source: str, spec: ModelSpec, is_hub: bool, token: str | None) -> Any:
+    """The base model's transformers config (for checks that need no weights)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, **_load_kwargs(spec, is_hub, token))
+    except Exception as exc:
+        raise ModelUnusable(
+            f"cannot read the config of {display_uri(spec.uri)}: {first_line(exc)}"
+        ) from None
+
+
 def torch_dtype(name: str) -> Any:
     import torch
 

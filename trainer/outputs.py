@@ -161,6 +161,11 @@ def model_card(
         + f"# {name}\n\n"
         + "A QLoRA adapter trained by kubetune (TRL SFTTrainer, PEFT LoRA, bitsandbytes 4-bit).\n\n"
         + f"- base model: `{display_uri(spec.model.uri)}` at revision `{spec.model.revision}`\n"
+        + (
+            f"- continued from the adapter `{result.base_model.adapter}`\n"
+            if result.base_model is not None and result.base_model.adapter
+            else ""
+        )
         + f"- dataset: `{display_uri(spec.dataset.uri)}` (format {spec.dataset.format}), "
         + "fingerprint "
         + f"`{result.dataset_fingerprint}`\n"

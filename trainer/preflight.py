@@ -193,6 +193,15 @@ def preflight(config: TrainerConfig, read_token: str | None = None) -> TrainerRe
     source, is_hub = locate_model(spec.model)
     tokenizer = load_tokenizer(source, spec.model, is_hub, read_token, spec.dataset.chat_template)
     shape = model_shape(source, spec.model, is_hub, read_token)
+    if spec.output.is_oci:
+        _check_registry_push(spec)
+    if spec.model.adapter is not None:
+        # A starting adapter that doesn't fit fails here, before a GPU is asked for.
+        from kubetune.trainer.modeling import base_config
+        from kubetune.trainer.starting_adapter import check_adapter, locate_adapter
+
+        adapter = locate_adapter(spec.model.adapter, read_token)
+        check_adapter(adapter, spec, base_config(source, spec.model, is_hub, read_token))
     free = gpu_free_bytes(kind) if cuda and kind is not None else None
     # Without a card to plan for, the plan a node with unknown free memory makes (this pod has
     # no CUDA to ask).
@@ -332,6 +341,25 @@ def _preference_prepared(
     )
     arguments.update(_LOOP_ONLY)
     return trl_preference_prepared(spec.method.type, train, tokenizer, arguments)
+
+
+def _check_registry_push(spec: FineTuneJobSpec) -> None:
+    """The output's registry takes this run's login for a push: a refused login or an
+    unreachable registry fails here, not after the training it would have published."""
+    from kubetune.api.uris import display_uri, oci_reference
+    from kubetune.trainer.registry import RegistryError, auth_file, check_push_access
+
+    registry = spec.output.registry
+    try:
+        check_push_access(
+            oci_reference(spec.output.uri, "output"),
+            plain_http=registry is not None and registry.plain_http,
+            credentials=auth_file(),
+        )
+    except RegistryError as exc:
+        raise InvalidConfig(
+            f"output.uri: {display_uri(spec.output.uri)} can't be pushed to: {exc}"
+        ) from None
 
 
 def _plan_of(memory: MemoryPlan, plan: TrainingPlan) -> EstimatePlan:

@@ -2,20 +2,24 @@
 
 The training loop calls :class:`ProgressCallback` (a transformers ``TrainerCallback``) which builds
 a :class:`~kubetune.api.models.Progress` and hands it to a reporter. A reporter must never stop
-training: an unreachable API server costs a warning, not the run.
+training: an unreachable operator costs a warning, not the run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import ssl
+import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from kubetune.api.config import JobRef, ProgressSettings
-from kubetune.api.models import CURVE_POINTS, GROUP, PLURAL, VERSION, CurvePoint, Progress
+from kubetune.api.models import CURVE_POINTS, CurvePoint, Progress
 from kubetune.api.timestamps import rfc3339
 from kubetune.trainer.preference import reward_metrics
 
@@ -53,46 +57,138 @@ class FileReporter:
             log.warning("could not write progress to %s: %s", self.path, exc.strerror)
 
 
-class KubernetesStatusReporter:
-    """Merge-patches ``status.progress`` of the trainer's own FineTuneJob, and nothing else.
+class OperatorReporter:
+    """Sends progress to the operator's endpoint (HTTPS ``POST``) with the pod's projected token.
 
-    The pod's service account may only ``patch`` ``finetunejobs/status`` of that one object, so
-    the credentials come from the projected service-account token (in-cluster config).
+    The pod has no Kubernetes API identity: its token is of kubetune's own audience, bound to
+    the pod, and says to the operator (through a TokenReview) which pod, hence which
+    FineTuneJob, is reporting. ``report`` never blocks training: the newest progress waits in a
+    one-slot buffer, and a background thread sends it, retrying with backoff while the operator
+    is away (restarting, or a standby replica answering 503); a newer report replaces an unsent
+    one. ``close`` waits a while for the last one, so the final progress isn't lost.
     """
 
-    def __init__(self, job: JobRef, api: Any | None = None) -> None:
+    #: Seconds between retries of one report (then the last, until it is sent or replaced).
+    BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+
+    def __init__(
+        self,
+        url: str,
+        token_file: str | Path,
+        ca_bundle: str | None = None,
+        job: JobRef | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.token_file = Path(token_file)
         self.job = job
-        self._api = api
-
-    def _client(self) -> Any:
-        if self._api is None:
-            from kubernetes import client, config
-
-            config.load_incluster_config()
-            self._api = client.CustomObjectsApi()
-        return self._api
+        self.timeout = timeout
+        # The operator's CA, from the config, and nothing else; without one, the system's.
+        self._context = (
+            ssl.create_default_context(cadata=ca_bundle)
+            if ca_bundle
+            else ssl.create_default_context()
+        )
+        self._latest: dict[str, Any] | None = None
+        self._sending = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._failing = False
 
     def report(self, progress: Progress) -> None:
-        body = {"status": {"progress": progress_json(progress)}}
+        with self._cond:
+            self._latest = progress_json(progress)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="progress-reporter", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify_all()
+
+    def close(self, timeout: float = 60.0) -> bool:
+        """Wait up to ``timeout`` seconds for the newest report to be sent; whether it was."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._latest is not None or self._sending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning(
+                        "the last progress report could not be sent to the operator in %gs",
+                        timeout,
+                    )
+                    return False
+                self._cond.wait(min(left, 1.0))
+            self._closed = True
+            self._cond.notify_all()
+        return True
+
+    def _loop(self) -> None:
+        failures = 0
+        while True:
+            with self._cond:
+                while self._latest is None and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                body = self._latest
+                self._latest = None
+                self._sending = True
+            assert body is not None
+            sent, retry = self._send(body)
+            with self._cond:
+                self._sending = False
+                if not sent and retry and self._latest is None:
+                    self._latest = body  # retry it unless a newer one came meanwhile
+                self._cond.notify_all()
+            if sent or not retry:
+                failures = 0
+                continue
+            time.sleep(self.BACKOFF[min(failures, len(self.BACKOFF) - 1)])
+            failures += 1
+
+    def _send(self, progress: dict[str, Any]) -> tuple[bool, bool]:
+        """(sent, worth retrying)."""
         try:
-            self._client().patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                self.job.namespace,
-                PLURAL,
-                self.job.name,
-                body,
-                _content_type="application/merge-patch+json",
-            )
-        except Exception as exc:  # any API or config failure: warn and keep training
-            status = getattr(exc, "status", None)
-            detail = f"HTTP {status}" if status else type(exc).__name__
+            token = self.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            return self._failed(f"cannot read the progress token ({exc.strerror})", retry=True)
+        payload: dict[str, Any] = {"progress": progress}
+        if self.job is not None:
+            payload["job"] = self.job.model_dump(by_alias=True, exclude_none=True)
+        request = urllib.request.Request(  # noqa: S310 -- the operator's https URL, from config
+            self.url,
+            data=json.dumps(payload).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        )
+        try:
+            with urllib.request.urlopen(  # noqa: S310 -- see above
+                request, timeout=self.timeout, context=self._context
+            ) as response:
+                response.read()
+        except urllib.error.HTTPError as exc:
+            # 503: a standby replica, or the API can't review the token now; 429: too often;
+            # 401/403 after a token rotation or a takeover race: all worth another try. A body
+            # the operator refuses (400, 413) would be refused again.
+            retry = exc.code not in (400, 413)
+            return self._failed(f"HTTP {exc.code}", retry=retry)
+        except (OSError, ValueError) as exc:
+            return self._failed(type(exc).__name__, retry=True)
+        if self._failing:
+            log.info("progress reaches the operator again")
+            self._failing = False
+        return True, False
+
+    def _failed(self, detail: str, *, retry: bool) -> tuple[bool, bool]:
+        if not self._failing:
             log.warning(
-                "could not report progress to FineTuneJob %s/%s (%s); training continues",
-                self.job.namespace,
-                self.job.name,
+                "could not report progress to the operator (%s); training continues%s",
                 detail,
+                ", retrying" if retry else "",
             )
+            self._failing = True
+        return False, retry
 
 
 class RateLimitedReporter:
@@ -114,17 +210,21 @@ class RateLimitedReporter:
         self.inner.report(progress)
         return True
 
+    def close(self, timeout: float = 60.0) -> None:
+        """Let the inner reporter send what it still holds (the final progress)."""
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close(timeout)
+
 
 def reporter_from_settings(settings: ProgressSettings, job: JobRef | None) -> ProgressReporter:
     if settings.reporter == "file":
         return FileReporter(settings.file or "progress.json")
-    if settings.reporter == "kubernetes":
-        if job is None:
-            log.warning(
-                "progress.reporter is kubernetes but the config names no job; not reporting"
-            )
+    if settings.reporter == "operator":
+        if not settings.url or not settings.token_file:
+            log.warning("progress.reporter is operator but the config names no url or token_file")
             return NoopReporter()
-        return KubernetesStatusReporter(job)
+        return OperatorReporter(settings.url, settings.token_file, settings.ca_bundle, job)
     return NoopReporter()
 
 

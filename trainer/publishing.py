@@ -4,8 +4,9 @@ Once the adapter's weights are on disk nothing that follows may lose them. Each 
 on its own; a failure is logged with its traceback and recorded, and the result says what was
 done and what wasn't. A report that fails (held-out loss, evaluation prompts, loss curve, model
 card) leaves the run Succeeded, with a note. A delivery the spec asked for (merge, push to the
-hub, upload to the object store) that fails makes it Failed with exit 1, the adapter still in the
-result: the Job retries, and the retry resumes from the final checkpoint straight to publishing.
+hub, upload to the object store, push to an OCI registry) that fails makes it Failed with exit 1,
+the adapter still in the result: the Job retries, and the retry resumes from the final checkpoint
+straight to publishing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any, TypeVar
 
 from kubetune.api.contract import ExitCode, Reason
 from kubetune.api.models import AdapterRef, FineTuneJobSpec, TrainerResult
-from kubetune.api.uris import display_uri
+from kubetune.api.uris import display_uri, oci_reference
 from kubetune.trainer import locations, outputs
 from kubetune.trainer.checkpoints import CHECKPOINTS_DIR
 from kubetune.trainer.digests import sha256_file
@@ -133,7 +134,20 @@ class Publisher:
             )
         concluded = self.concluded(result)
         outputs.write_result(self.output_dir, concluded)
-        if not self.output.is_local:
+        if self.spec.output.is_oci:
+            # result.json goes into the artifact as it stands (naming the tag: the digest is
+            # the artifact's own); the copy beside the checkpoints and status get the digest.
+            where = display_uri(self.spec.output.uri)
+            pushed = self.attempt(f"push to {where}", self._push_oci, delivery=True)
+            if pushed is not None:
+                pinned = oci_reference(self.spec.output.uri, "output").pinned(pushed)
+                assert result.adapter is not None
+                result = result.model_copy(
+                    update={"adapter": result.adapter.model_copy(update={"uri": pinned})}
+                )
+            concluded = self.concluded(result)
+            outputs.write_result(self.output_dir, concluded)
+        elif not self.output.is_local:
             where = display_uri(self.spec.output.uri)
             failed_before = len(self.failures)
             self.attempt(f"upload to {where}", self._upload, delivery=True)
@@ -168,29 +182,20 @@ class Publisher:
     # --- deliveries ----------------------------------------------------------------------------
 
     def _merge(self) -> None:
-        """Base + adapter as one model in the compute dtype (not 4-bit: it is for serving)."""
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
+        """Base + adapter as one model in the compute dtype (not 4-bit: it is for serving), into
+        the base output.mergeBase names (merging.py says why there are two)."""
+        from kubetune.trainer.merging import merge_adapter
 
-        from kubetune.trainer.modeling import locate_model, torch_dtype
-
-        model = self.spec.model
-        source, is_hub = locate_model(model)
-        kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
-        if is_hub:
-            kwargs.update(revision=model.revision, token=self.tokens.read)
-        base = AutoModelForCausalLM.from_pretrained(
-            source, dtype=torch_dtype(self.spec.quantization.compute_dtype), **kwargs
-        )
-        merged = PeftModel.from_pretrained(base, str(self.output_dir)).merge_and_unload()
         target = self.output_dir / outputs.MERGED_DIR
-        merged.save_pretrained(target)
-        self._tokenizer.save_pretrained(target)
+        merge_adapter(
+            self.spec,
+            self.output_dir,
+            target,
+            into=self.spec.output.merge_base,
+            token=self.tokens.read,
+            tokenizer=self._tokenizer,
+        )
         redact_text_files(target, self.secrets)
-        del base, merged
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
     def _push_to_hub(self) -> None:
         """The adapter's own files and its description; never checkpoints, result or logs."""
@@ -207,6 +212,30 @@ class Publisher:
             allow_patterns=[*self.adapter_files, *described],
         )
 
+    def _push_oci(self) -> str:
+        """The adapter's files, its model card, loss curve and result.json as one ModelPack
+        artifact; the manifest's digest."""
+        from kubetune.trainer.registry import push_adapter
+
+        described = [outputs.MODEL_CARD_FILE, outputs.LOSS_CURVE_FILE, outputs.RESULT_FILE]
+        files = [
+            self.output_dir / name
+            for name in [*self.adapter_files, *described]
+            if (self.output_dir / name).is_file()
+        ]
+        registry = self.spec.output.registry
+        pushed = push_adapter(
+            oci_reference(self.spec.output.uri, "output"),
+            files,
+            weights=outputs.ADAPTER_WEIGHTS,
+            name=self.name,
+            base_model=display_uri(self.spec.model.uri),
+            precision=safetensors_precision(self.output_dir / outputs.ADAPTER_WEIGHTS),
+            plain_http=registry is not None and registry.plain_http,
+        )
+        log.info("pushed %s as %s", display_uri(self.spec.output.uri), pushed.digest)
+        return pushed.digest
+
     def _upload(self) -> None:
         staging = Path(tempfile.mkdtemp(prefix="kubetune-upload-"))
         try:
@@ -220,3 +249,22 @@ class Publisher:
             locations.upload_directory(staging, self.spec.output.uri)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+_PRECISIONS = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}
+
+
+def safetensors_precision(path: Path) -> str:
+    """The weights' precision as ModelPack names it (fp32, bf16, ...; ``mixed`` for several),
+    read from the safetensors header."""
+    import json
+    import struct
+
+    with path.open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    dtypes = {v["dtype"] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    if len(dtypes) == 1:
+        (dtype,) = dtypes
+        return _PRECISIONS.get(str(dtype), str(dtype).lower())
+    return "mixed"

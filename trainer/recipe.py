@@ -28,7 +28,7 @@ from kubetune.api.models import (
     TrainerResult,
     plan_training,
 )
-from kubetune.api.uris import OUTPUT_SCHEMES, display_uri
+from kubetune.api.uris import CHECKPOINT_SCHEMES, OUTPUT_SCHEMES, display_uri
 from kubetune.trainer import locations, outputs
 from kubetune.trainer.arguments import LossMasking, preference_arguments, sft_arguments
 from kubetune.trainer.checkpoints import (
@@ -60,6 +60,7 @@ if TYPE_CHECKING:
     from kubetune.trainer.data import PreparedData
     from kubetune.trainer.memory import MemoryPlan
     from kubetune.trainer.speed import SpeedSettings
+    from kubetune.trainer.starting_adapter import StartingAdapter
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,18 @@ class QLoRASFTRecipe:
             self.plan = plan_training(self.spec.training, self.spec.resources.world_size)
         except ValueError as exc:
             raise InvalidConfig(str(exc)) from None
+        # Where the run writes: the output, or for an oci:// output its checkpointUri (the
+        # artifact is pushed from there once the adapter is saved).
+        working = self.spec.output.working_uri
+        field = "output.checkpointUri" if self.spec.output.is_oci else "output.uri"
         try:
-            self.output = locations.resolve(self.spec.output.uri, OUTPUT_SCHEMES, "output")
+            self.output = locations.resolve(
+                working,
+                CHECKPOINT_SCHEMES if self.spec.output.is_oci else OUTPUT_SCHEMES,
+                "output",
+            )
         except ValueError as exc:
-            raise InvalidConfig(f"output.uri: {exc}") from None
+            raise InvalidConfig(f"{field}: {exc}") from None
         if self.output.is_local:
             assert self.output.path is not None
             self.output_dir = self.output.path
@@ -115,9 +124,9 @@ class QLoRASFTRecipe:
         else:
             # Object stores are written through a local staging copy, uploaded as it changes;
             # its path shows in messages, so it is named without the URI's credentials.
-            staging = display_uri(self.spec.output.uri).replace("://", "/")
+            staging = display_uri(working).replace("://", "/")
             self.output_dir = locations.cache_root() / "output" / staging
-            self.remote = RemoteCheckpoints(self.spec.output.uri, self.output_dir / CHECKPOINTS_DIR)
+            self.remote = RemoteCheckpoints(working, self.output_dir / CHECKPOINTS_DIR)
         self.checkpoint_dir = self.output_dir / CHECKPOINTS_DIR
         self.metrics_file = self.output_dir / outputs.METRICS_FILE
         if self.rank.is_main:
@@ -136,6 +145,8 @@ class QLoRASFTRecipe:
         self._trainer: Any = None
         self._tokenizer: Any = None
         self.mlflow_run: MlflowRun | None = None
+        #: spec.model.adapter, fetched and checked (setup).
+        self.starting_adapter: StartingAdapter | None = None
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -172,15 +183,19 @@ class QLoRASFTRecipe:
             with tempfile.NamedTemporaryFile(dir=self.output_dir, prefix=".write-check-"):
                 pass
         except OSError as exc:
+            field = "output.checkpointUri" if self.spec.output.is_oci else "output.uri"
             raise InvalidConfig(
-                f"output location {self.output_dir} is not writable (output.uri "
-                f"{display_uri(self.spec.output.uri)}): {exc.strerror}"
+                f"output location {self.output_dir} is not writable ({field} "
+                f"{display_uri(self.spec.output.working_uri)}): {exc.strerror}"
             ) from None
         if self.remote is not None:
             self.remote.claim(run_identity(self.config), outputs.ADAPTER_WEIGHTS)
         else:
             finished = (self.output_dir / outputs.ADAPTER_WEIGHTS).exists()
-            claim(self.checkpoint_dir, run_identity(self.config), self.spec.output.uri, finished)
+            claim(
+                self.checkpoint_dir, run_identity(self.config), self.spec.output.working_uri,
+                finished,
+            )  # fmt: skip
 
     def _setup_tracking(self) -> None:
         """spec.tracking: the environment transformers' callbacks read, and (rank 0) the MLflow
@@ -199,6 +214,16 @@ class QLoRASFTRecipe:
     def end_tracking(self, status: Literal["FINISHED", "FAILED", "KILLED"]) -> None:
         if self.mlflow_run is not None:
             self.mlflow_run.end(status)
+
+    def _setup_starting_adapter(self, source: str, is_hub: bool) -> StartingAdapter:
+        from kubetune.trainer.modeling import base_config
+        from kubetune.trainer.starting_adapter import check_adapter, locate_adapter
+
+        assert self.spec.model.adapter is not None
+        adapter = locate_adapter(self.spec.model.adapter, self.tokens.read)
+        config = base_config(source, self.spec.model, is_hub, self.tokens.read)
+        check_adapter(adapter, self.spec, config)
+        return adapter
 
     def _setup_tokenizer(self) -> tuple[str, bool]:
         from kubetune.trainer.modeling import load_tokenizer, locate_model
@@ -266,6 +291,9 @@ class QLoRASFTRecipe:
 
         assert self.data is not None and self.speed is not None
         source, is_hub = located
+        if self.spec.model.adapter is not None:
+            # Fetched and checked before the weights load: a wrong adapter costs no model load.
+            self.starting_adapter = self._setup_starting_adapter(source, is_hub)
         model = load_quantized_model(
             source,
             spec=self.spec.model,
@@ -276,6 +304,15 @@ class QLoRASFTRecipe:
             cuda=self.cuda,
         )
         check_lora_targets(model, self.spec.lora)
+        peft_config: Any = lora_config(self.spec.lora)
+        if self.starting_adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(
+                model, str(self.starting_adapter.path), is_trainable=True
+            )
+            peft_config = None
+            log.info("continuing the adapter %s", self.starting_adapter.shown)
         if self.speed.offload_checkpoints:
             offload_checkpoints_to_cpu(model, pin_memory=self.cuda)
         push = (
@@ -296,7 +333,7 @@ class QLoRASFTRecipe:
             "train_dataset": self.data.train,
             "eval_dataset": self.data.eval,
             "processing_class": self._tokenizer,
-            "peft_config": lora_config(self.spec.lora),
+            "peft_config": peft_config,
             "callbacks": [
                 make_progress_callback(self.tracker),
                 checkpoint_callback(self.preemption, after_save, self._stop_requested),
@@ -452,7 +489,9 @@ class QLoRASFTRecipe:
             ),
             adapter=adapter,
             base_model=BaseModelRef(
-                uri=display_uri(self.spec.model.uri), revision=self.spec.model.revision
+                uri=display_uri(self.spec.model.uri),
+                revision=self.spec.model.revision,
+                adapter=self.starting_adapter.shown if self.starting_adapter else None,
             ),
             dataset_fingerprint=self.data.fingerprint,
             metrics=metrics,

@@ -17,6 +17,7 @@ from kubetune.trainer import outputs
 from kubetune.trainer.distributed import Rank, share_from_main
 from kubetune.trainer.errors import TrainerFailure, first_line
 from kubetune.trainer.progress import ProgressReporter
+from kubetune.trainer.registry import registry_secrets
 from kubetune.trainer.secrets import (
     HubTokens,
     install_redaction,
@@ -100,9 +101,11 @@ def _guarded(
     try:
         tokens = (
             resolve_hub_tokens(config.token_file)
-            .with_uri_credentials([spec.model.uri, spec.dataset.uri, spec.output.uri])
+            .with_uri_credentials([uri for _, uri, _ in spec.uris()])
             .with_secrets(tracking_secrets())
             .with_secrets(object_store_secrets())
+            .with_secrets(registry_secrets() if spec.output.is_oci else [])
+            .with_secrets(_adapter_registry_secrets(config))
         )
     except TrainerFailure as exc:
         log.error("%s", exc.log_line())
@@ -119,6 +122,16 @@ def _guarded(
     if write_termination:
         outputs.write_termination_message(outcome.result)
     return outcome
+
+
+def _adapter_registry_secrets(config: TrainerConfig) -> list[str]:
+    """The login of an oci:// starting adapter's registry, never to be shown either."""
+    adapter = config.spec.model.adapter
+    if adapter is None or not adapter.uri.startswith("oci://"):
+        return []
+    from kubetune.trainer.starting_adapter import adapter_auth_file
+
+    return registry_secrets(adapter_auth_file())
 
 
 def _preflight(config: TrainerConfig, tokens: HubTokens) -> RunOutcome:
@@ -169,7 +182,8 @@ def _run(
             tracked = "KILLED"
             message = (
                 f"stopped by SIGTERM at step {trained.global_step}; the checkpoint under "
-                f"{display_uri(config.spec.output.uri)}/checkpoints lets the next attempt resume"
+                f"{display_uri(config.spec.output.working_uri)}/checkpoints lets the next attempt "
+                "resume"
             )
             log.warning(message)
             return RunOutcome(int(ExitCode.PREEMPTED), failure(ExitCode.PREEMPTED, message))
@@ -210,6 +224,8 @@ def _run(
     finally:
         if recipe is not None:
             recipe.end_tracking(tracked)
+            # The final progress reaches the operator before the pod ends (or a minute passes).
+            recipe.reporter.close()
     if recipe is not None and recipe.mlflow_run is not None and outcome.result.tracking is None:
         # A failed run is worth finding too: what it logged before it failed is on the server.
         tracking = recipe.mlflow_run.reference()

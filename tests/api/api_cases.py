@@ -117,7 +117,17 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
     (
         "eval split and fraction",
         with_spec(dataset={"uri": "d", "evalSplit": "test", "evalFraction": 0.1}),
-        ["spec.dataset", "evalSplit or dataset.evalFraction"],
+        ["spec.dataset", "at most one of dataset.evalSplit, dataset.evalFraction"],
+    ),
+    (
+        "eval fraction and uri",
+        with_spec(dataset={"uri": "d", "evalFraction": 0.1, "evalUri": "e"}),
+        ["spec.dataset", "and dataset.evalUri"],
+    ),
+    (
+        "eval uri escaping its claim",
+        with_spec(dataset={"uri": "d", "evalUri": "pvc://data/../x"}),
+        ["spec.dataset.evalUri", "'..'"],
     ),
     (
         "eval fraction too large",
@@ -289,7 +299,9 @@ APISERVER_FIELD: dict[str, str] = {
     "dropout of one": "spec.lora.dropout",
     "negative learning rate": "spec.training.learningRate",
     "batch not a multiple of micro batch": "training.batchSize must be a multiple",
-    "eval split and fraction": "either dataset.evalSplit or dataset.evalFraction",
+    "eval split and fraction": "at most one of dataset.evalSplit, dataset.evalFraction",
+    "eval fraction and uri": "at most one of dataset.evalSplit, dataset.evalFraction",
+    "eval uri escaping its claim": "spec.dataset.evalUri",
     "eval fraction too large": "spec.dataset.evalFraction",
     "too many gpus": "spec.resources.gpus",
     "zero nodes": "spec.resources.nodes",

@@ -15,6 +15,7 @@ from api_cases import APISERVER_FIELD, INVALID, MINIMAL, with_spec
 
 from kubetune.api.errors import SpecError
 from kubetune.api.manifest import load_finetunejob
+from kubetune.api.models import _CHECKPOINT_RULE as CHECKPOINT_RULE
 from kubetune.api.models import _QUALIFIED_HINT as QUALIFIED_HINT
 from kubetune_devtools.pytest_plugin import Kubectl, get_json, install_crd, wait_for
 
@@ -143,6 +144,7 @@ def cel_rules(node: Any) -> list[dict[str, str]]:
 
 #: For each CEL rule's message: a manifest that breaks it, a close one that keeps it, and what
 #: the models' offline message says. Both layers must refuse the first and accept the second.
+OCI_OUTPUT = "oci://registry.example.com/team/adapter:v1"
 CEL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "dataset.format must be one method.type trains on (sft: text, messages, prompt-completion, "
     "alpaca; dpo: preference; kto: preference, unpaired-preference) or auto": (
@@ -210,10 +212,11 @@ CEL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
         ),
         "spec.tracking.mlflow: set tracking.mlflow.usernameSecretRef and passwordSecretRef",
     ),
-    "set either dataset.evalSplit or dataset.evalFraction, not both": (
-        with_spec(dataset={"uri": "pvc://data/d", "evalSplit": "test", "evalFraction": 0.1}),
-        with_spec(dataset={"uri": "pvc://data/d", "evalFraction": 0.1}),
-        "spec.dataset: set either dataset.evalSplit or dataset.evalFraction, not both",
+    "set at most one of dataset.evalSplit, dataset.evalFraction and dataset.evalUri": (
+        with_spec(dataset={"uri": "pvc://data/d", "evalSplit": "test", "evalUri": "pvc://d/e"}),
+        with_spec(dataset={"uri": "pvc://data/d", "evalUri": "pvc://d/e"}),
+        "spec.dataset: set at most one of dataset.evalSplit, dataset.evalFraction and "
+        "dataset.evalUri",
     ),
     "set either training.epochs or training.maxSteps, not both": (
         with_spec(training={"epochs": 1, "maxSteps": 10}),
@@ -241,6 +244,102 @@ CEL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
         )
         for what in ("model", "dataset", "output")
     },
+    **{
+        f"dataset.evalUri URI {rule}": (
+            with_spec(dataset={"uri": "pvc://claim/d", "evalUri": broken}),
+            with_spec(dataset={"uri": "pvc://claim/d", "evalUri": kept}),
+            f"spec.dataset.evalUri: dataset.evalUri URI {broken!r} {offline}",
+        )
+        for rule, broken, kept, offline in (
+            (
+                "must not contain '..' segments",
+                "pvc://claim/x/../../y",
+                "pvc://claim/x/..y",
+                "must not contain '..'",
+            ),
+            (
+                "must be of the form pvc://<claim-name>/<path>",
+                "pvc://Claim_1/x",
+                "pvc://claim-1/x",
+                "is not of the form pvc://",
+            ),
+        )
+    },
+    **{
+        f"output.checkpointUri URI {rule}": (
+            with_spec(output={"uri": OCI_OUTPUT, "checkpointUri": broken}),
+            with_spec(output={"uri": OCI_OUTPUT, "checkpointUri": kept}),
+            f"spec.output.checkpointUri: output.checkpointUri URI {broken!r} {offline}",
+        )
+        for rule, broken, kept, offline in (
+            (
+                "must not contain '..' segments",
+                "pvc://claim/x/../../y",
+                "pvc://claim/x/..y",
+                "must not contain '..'",
+            ),
+            (
+                "must be of the form pvc://<claim-name>/<path>",
+                "pvc://Claim_1/x",
+                "pvc://claim-1/x",
+                "is not of the form pvc://",
+            ),
+        )
+    },
+    **{
+        f"model.adapter URI {rule}": (
+            with_spec(model={"uri": "org/model", "adapter": {"uri": broken}}),
+            with_spec(model={"uri": "org/model", "adapter": {"uri": kept}}),
+            f"spec.model.adapter.uri: model.adapter URI {broken!r} {offline}",
+        )
+        for rule, broken, kept, offline in (
+            (
+                "must not contain '..' segments",
+                "pvc://claim/x/../../y",
+                "pvc://claim/x/..y",
+                "must not contain '..'",
+            ),
+            (
+                "must be of the form pvc://<claim-name>/<path>",
+                "pvc://Claim_1/x",
+                "pvc://claim-1/x",
+                "is not of the form pvc://",
+            ),
+            (
+                "must be of the form oci://<registry>[:<port>]/<repository>[:<tag>|@sha256:<digest>] "
+                "with a lowercase repository",
+                "oci://registry.example.com/team/a@sha256:1234",
+                "oci://registry.example.com/team/a@sha256:" + "0" * 64,
+                "is not of the form oci://",
+            ),
+        )
+    },
+    "output URI must be of the form oci://<registry>[:<port>]/<repository>[:<tag>] with a "
+    "lowercase repository": (
+        with_spec(
+            output={"uri": "oci://registry.example.com/Adapters/X", "checkpointUri": "pvc://c/x"}
+        ),
+        with_spec(
+            output={"uri": "oci://registry.example.com/adapters/x", "checkpointUri": "pvc://c/x"}
+        ),
+        "spec.output.uri: output URI 'oci://registry.example.com/Adapters/X' is not of the form oci://",
+    ),
+    "output.registry applies only to an oci:// output.uri": (
+        with_spec(output={"uri": "pvc://adapters/x", "registry": {"plainHttp": True}}),
+        with_spec(
+            output={
+                "uri": OCI_OUTPUT,
+                "checkpointUri": "pvc://c/x",
+                "registry": {"plainHttp": True},
+            }
+        ),
+        "spec.output: output.registry applies only to an oci:// output.uri",
+    ),
+    CHECKPOINT_RULE: (
+        with_spec(output={"uri": OCI_OUTPUT}),
+        with_spec(output={"uri": OCI_OUTPUT, "checkpointUri": "s3://bucket/checkpoints"}),
+        "spec.output: output.checkpointUri is required with an oci:// output.uri",
+    ),
     "a toleration with operator Exists takes no value": (
         with_spec(scheduling={"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}),
         with_spec(scheduling={"tolerations": [{"key": "k", "operator": "Exists"}]}),

@@ -24,6 +24,14 @@ def lines(*records: object) -> list[bytes]:
         ({"prompt": "a", "completion": "b"}, "prompt-completion"),
         ({"instruction": "a", "input": "", "output": "b"}, "alpaca"),
         ({"text": "a b"}, "text"),
+        ({"prompt": "a", "chosen": "b", "rejected": "c"}, "preference"),
+        ({"prompt": [{"role": "user", "content": "a"}],
+          "chosen": [{"role": "assistant", "content": "b"}],
+          "rejected": [{"role": "assistant", "content": "c"}]}, "preference"),
+        ({"input": {"messages": [{"role": "user", "content": "a"}]},
+          "preferred_output": [{"role": "assistant", "content": "b"}],
+          "non_preferred_output": [{"role": "assistant", "content": "c"}]},
+         "openai-preference"),
     ],
 )  # fmt: skip
 def test_the_format_is_detected_from_the_first_record(record: object, fmt: str) -> None:
@@ -62,3 +70,38 @@ def test_unknown_fields_and_empty_files_are_refused() -> None:
         check_jsonl(lines("", "  "))
     with pytest.raises(DatasetInvalid, match="line 2: not UTF-8"):
         check_jsonl([b'{"text": "a"}\n', b'{"text": "\xff"}\n'])
+
+
+OPENAI_PAIR = {
+    "input": {"messages": [{"role": "user", "content": "a"}]},
+    "preferred_output": [{"role": "assistant", "content": "b"}],
+    "non_preferred_output": [{"role": "assistant", "content": "c"}],
+}
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        ({**OPENAI_PAIR, "input": "a"}, "input is text; it must be {messages}"),
+        ({**OPENAI_PAIR, "preferred_output": "b"}, "preferred_output is text; it must be"),
+        ({**OPENAI_PAIR, "non_preferred_output": [{"role": "user", "content": "c"}]},
+         "non_preferred_output: the last message must be the assistant's"),
+        ({"input": OPENAI_PAIR["input"], "preferred_output": OPENAI_PAIR["preferred_output"]},
+         "no 'non_preferred_output' field"),
+    ],
+)  # fmt: skip
+def test_a_bad_preference_pair_is_named_by_its_line(bad: object, says: str) -> None:
+    with pytest.raises(DatasetInvalid) as refused:
+        check_jsonl(lines(OPENAI_PAIR, bad))
+    assert refused.value.line == 2
+    assert says in str(refused.value)
+
+
+def test_openais_pairs_become_the_trainers_chat_pairs() -> None:
+    from kubetune.api.datasets import openai_pair
+
+    assert openai_pair(OPENAI_PAIR) == {
+        "prompt": [{"role": "user", "content": "a"}],
+        "chosen": [{"role": "assistant", "content": "b"}],
+        "rejected": [{"role": "assistant", "content": "c"}],
+    }

@@ -25,12 +25,10 @@ OPERATOR_ALLOW_LIST: dict[tuple[str, str], set[str]] = {
     ("kubetune.io", "finetunejobs/finalizers"): {"update"},
     ("", "events"): {"create"},
     # update: a companion made first by someone else gets the rendered content written over it.
+    # No serviceaccounts, roles or rolebindings: nothing is made per job for the trainer.
     ("", "configmaps"): {"get", "create", "update", "delete"},
-    ("", "serviceaccounts"): {"get", "create", "update", "delete"},
     # A multi-pod group's headless Service (its pods' DNS subdomain).
     ("", "services"): {"get", "create", "update", "delete"},
-    ("rbac.authorization.k8s.io", "roles"): {"get", "create", "update", "delete"},
-    ("rbac.authorization.k8s.io", "rolebindings"): {"get", "create", "update", "delete"},
     ("networking.k8s.io", "networkpolicies"): {"get", "create", "update", "delete"},
     # delete: a multi-pod group's failed attempt is replaced by a new Job.
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
@@ -119,8 +117,10 @@ def test_all_namespaces_mode_binds_a_cluster_role_and_creates_no_roles(render: R
     objects = render("-f", str(CHART / "ci" / "all-namespaces-values.yaml"))
 
     bindings = {b["roleRef"]["name"] for b in of_kind(objects, "ClusterRoleBinding")}
-    # metrics-auth: the TokenReviews and SubjectAccessReviews of /metrics callers (metrics.auth).
-    assert bindings == {"kt-kubetune-operator", "kt-kubetune-crd-watch", "kt-kubetune-metrics-auth"}
+    # metrics-auth: the TokenReviews and SubjectAccessReviews of /metrics callers (metrics.auth);
+    # progress-review: the TokenReviews of the trainers' progress tokens.
+    assert bindings == {"kt-kubetune-operator", "kt-kubetune-crd-watch", "kt-kubetune-metrics-auth",
+                        "kt-kubetune-progress-review"}  # fmt: skip
     # Only the leader-election Role (its Lease, in the release namespace).
     assert [r["metadata"]["name"] for r in of_kind(objects, "Role")] == [
         "kt-kubetune-leader-election"
@@ -142,10 +142,11 @@ def test_watched_namespaces_get_one_role_each_and_nothing_cluster_wide_but_crd_w
         b for b in of_kind(objects, "RoleBinding") if b["metadata"]["name"].endswith("-operator")
     ]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
-    # Besides the CRD watch, only the reviews of /metrics callers, which read no object.
+    # Besides the CRD watch, only the reviews of /metrics callers and of progress tokens, which
+    # read no object.
     [binding] = [
         b for b in of_kind(objects, "ClusterRoleBinding") if not b["metadata"]["name"].endswith(
-            "-metrics-auth")
+            ("-metrics-auth", "-progress-review"))
     ]  # fmt: skip
     [crd_watch] = [
         r
@@ -266,7 +267,10 @@ def test_deployment_runs_restricted_with_probes_on_kopf_liveness(render: Render)
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
     }
-    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
+    # /tmp for Python and kopf; the progress endpoint's certificate, read-only.
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {
+        "/tmp", "/etc/kubetune/progress-tls"
+    }  # fmt: skip
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
@@ -304,8 +308,45 @@ def test_networkpolicy_and_servicemonitor_render_only_when_enabled(render: Rende
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
     # What the ServiceMonitor scrapes, the policy lets in.
     assert {"port": "metrics", "protocol": "TCP"} in policy["spec"]["ingress"][0]["ports"]
-    [service] = of_kind(enabled, "Service")
+    [service] = [
+        s for s in of_kind(enabled, "Service") if s["metadata"]["name"].endswith("-metrics")
+    ]
     assert service["spec"]["selector"] == monitor["spec"]["selector"]["matchLabels"]
+    # Trainer pods reach the progress port: the token, not the address, says whose report it is.
+    [progress] = [rule for rule in policy["spec"]["ingress"]
+                  if {"port": "progress", "protocol": "TCP"} in rule["ports"]]  # fmt: skip
+    assert progress["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == (
+        "trainer"
+    )
+
+
+def test_trainers_report_to_the_progress_service_over_tls_with_the_charts_ca(
+    render: Render,
+) -> None:
+    objects = render()
+    env = deployment_env(objects)
+    [service] = [
+        s for s in of_kind(objects, "Service") if s["metadata"]["name"] == "kt-kubetune-progress"
+    ]
+    [secret] = [
+        s for s in of_kind(objects, "Secret") if s["metadata"]["name"] == "kt-kubetune-progress-tls"
+    ]
+    assert (
+        env["KUBETUNE_PROGRESS_URL"]
+        == "https://kt-kubetune-progress.kubetune-system.svc:8443/v1/progress"
+    )
+    assert service["spec"]["ports"][0]["targetPort"] == "progress"
+    assert secret["type"] == "kubernetes.io/tls"
+    assert {"ca.crt", "tls.crt", "tls.key"} <= set(secret["data"])
+    [deployment] = of_kind(objects, "Deployment")
+    [container] = deployment["spec"]["template"]["spec"]["containers"]
+    ca = next(e for e in container["env"] if e["name"] == "KUBETUNE_PROGRESS_CA_BUNDLE")
+    assert ca["valueFrom"]["secretKeyRef"] == {"name": "kt-kubetune-progress-tls", "key": "ca.crt"}
+    assert env["KUBETUNE_TRAINER_SERVICE_ACCOUNT"] == "default"
+    # A host-network node (the local cluster's) reaches the operator on loopback instead.
+    url = "https://127.0.0.1:9443/v1/progress"
+    local = render("--set", f"progress.url={url}", "--set", "progress.tls.ipAddresses={127.0.0.1}")
+    assert deployment_env(local)["KUBETUNE_PROGRESS_URL"] == url
 
 
 @pytest.mark.parametrize(
@@ -418,18 +459,19 @@ def test_the_trainer_status_policy_guards_every_status_field_but_progress(render
 
 
 def _secret_ref_paths(model: Any, prefix: str = "") -> set[str]:
-    """Dotted camelCase paths of every SecretKeyRef field under ``model``."""
+    """Dotted camelCase paths of every Secret reference (a key of one, or a whole docker config
+    Secret) under ``model``."""
     import typing
 
     from pydantic import BaseModel
 
-    from kubetune.api.models import SecretKeyRef
+    from kubetune.api.models import RegistryCredentialsRef, SecretKeyRef
 
     found: set[str] = set()
     for name, field in model.model_fields.items():
         path = f"{prefix}{field.alias or name}"
         for kind in (field.annotation, *typing.get_args(field.annotation)):
-            if kind is SecretKeyRef:
+            if kind is SecretKeyRef or kind is RegistryCredentialsRef:
                 found.add(path)
             elif isinstance(kind, type) and issubclass(kind, BaseModel):
                 found |= _secret_ref_paths(kind, f"{path}.")
@@ -458,7 +500,15 @@ def test_the_references_policy_checks_every_secret_reference_and_claim_of_the_sp
         }
 
     assert named("secret") == _secret_ref_paths(FineTuneJobSpec)
-    assert named("claim") == {"model.uri", "dataset.uri", "output.uri"}
+    # Every URI the spec can name (FineTuneJobSpec.uris, all optional ones set) may name a claim.
+    every_uri = FineTuneJobSpec.model_validate(
+        {
+            "model": {"uri": "pvc://work/model", "adapter": {"uri": "pvc://work/adapter"}},
+            "dataset": {"uri": "pvc://work/data", "evalUri": "pvc://work/eval"},
+            "output": {"uri": "oci://registry.example/adapters", "checkpointUri": "pvc://work/ck"},
+        }
+    )
+    assert named("claim") == {field.removeprefix("spec.") for field, _, _ in every_uri.uris()}
     # CEL allows two authorization checks per expression: one check per variable, none in the
     # validation itself.
     for name, expression in variables.items():

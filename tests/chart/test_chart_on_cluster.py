@@ -208,6 +208,9 @@ def test_install_then_a_user_with_only_edit_trains_a_tiny_job_then_uninstall_lea
     status = wait_for(finished, 600, "the tiny job to finish", interval=1)
     assert status["phase"] == "Succeeded", json.dumps(status, indent=2)
     assert status["result"]["adapter"]["uri"].startswith(f"pvc://{CLAIM}/adapter")
+    # The trainer, with no API identity, reported to the chart's progress endpoint (TLS with the
+    # chart's CA, its projected token reviewed under the chart's RBAC): the final step is there.
+    assert status["progress"]["step"] == 6, json.dumps(status, indent=2)
     # The user reads the outcome with the same ordinary role.
     seen = kubectl("get", "ftj", "tiny", "-n", team_namespace, "--as", user, "-o", "json").stdout
     assert json.loads(seen)["status"]["phase"] == "Succeeded"

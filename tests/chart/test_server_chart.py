@@ -72,3 +72,23 @@ def test_the_schema_refuses_unknown_server_values(helm: Helm) -> None:
     result = helm("template", "kt", str(CHART), "--set", "server.enabeld=true")
     assert result.returncode != 0
     assert "enabeld" in result.stderr
+
+
+def test_the_console_settings_reach_the_server(render: Render) -> None:
+    mine = server_objects(render(
+        "--set", "server.enabled=true",
+        "--set", "server.console.tokenHeader=X-Forwarded-Access-Token",
+        "--set", "server.console.namespaces={team-a,team-b}",
+    ))  # fmt: skip
+    [container] = of_kind(mine, "Deployment")[0]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["KUBETUNE_SERVER_CONSOLE"] == "true"
+    assert env["KUBETUNE_SERVER_CONSOLE_TOKEN_HEADER"] == "X-Forwarded-Access-Token"
+    assert json.loads(env["KUBETUNE_SERVER_CONSOLE_NAMESPACES"]) == ["team-a", "team-b"]
+
+
+def test_the_console_is_on_with_the_login_page_only_by_default(render: Render) -> None:
+    mine = server_objects(render("--set", "server.enabled=true"))
+    [container] = of_kind(mine, "Deployment")[0]["spec"]["template"]["spec"]["containers"]
+    names = {e["name"] for e in container["env"]}
+    assert "KUBETUNE_SERVER_CONSOLE_TOKEN_HEADER" not in names

@@ -329,17 +329,20 @@ def test_two_teams_train_at_once_each_seeing_only_their_own(
             listing = run_pod(kubectl, ns, "list-adapters", ["ls", f"/mnt/pvc/{CLAIM}/adapters"])
             assert listing.split() == [name]
 
-        # Team A's trainer identity may patch its own job's status and nothing of team B's.
+        # Team A's trainer has no API identity: no token mounted, and its namespace's account
+        # may write no status, its own job's or team B's (its progress went to the operator).
         (job_a,) = trainer_jobs(kubectl, namespace, "team-a")
-        trainer_sa = job_a["spec"]["template"]["spec"]["serviceAccountName"]  # type: ignore[index]
-        who = f"system:serviceaccount:{namespace}:{trainer_sa}"
+        pod_spec = job_a["spec"]["template"]["spec"]  # type: ignore[index]
+        assert pod_spec["automountServiceAccountToken"] is False
+        who = f"system:serviceaccount:{namespace}:{pod_spec['serviceAccountName']}"
 
         def can_i(*args: str) -> str:
             return kubectl("auth", "can-i", *args, "--as", who, check=False).stdout.strip()
 
         own, theirs = "finetunejobs.kubetune.io/team-a", "finetunejobs.kubetune.io/team-b"
-        assert can_i("patch", own, "--subresource=status", "-n", namespace) == "yes"
+        assert can_i("patch", own, "--subresource=status", "-n", namespace) == "no"
         assert can_i("patch", theirs, "--subresource=status", "-n", other) == "no"
+        assert finished[namespace].get("progress"), "team A's progress never reached its status"
         assert can_i("patch", own, "-n", namespace) == "no"
         assert can_i("get", "secrets", "-n", namespace) == "no"
     finally:

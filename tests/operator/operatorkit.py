@@ -6,9 +6,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from kubetune.local.certs import KeyPair, signed_cert
 from kubetune.local.ports import free_port
 from kubetune_devtools.installs import scrape_metrics
 from kubetune_devtools.pytest_plugin import Kubectl, apply, get_json, wait_for
@@ -20,6 +23,42 @@ CRD = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
 CLAIM = "work"
 
 
+@dataclass(frozen=True)
+class ProgressTls:
+    """The progress endpoint's serving certificate and the CA that signed it."""
+
+    ca: KeyPair
+    cert: KeyPair
+
+    @property
+    def ca_pem(self) -> str:
+        return self.ca.cert.read_text()
+
+
+_TLS: list[ProgressTls] = []
+
+
+def progress_tls() -> ProgressTls:
+    """One CA and serving certificate (127.0.0.1, localhost) for every operator of the session,
+    made with openssl as the local cluster makes its own."""
+    if not _TLS:
+        directory = Path(tempfile.mkdtemp(prefix="kubetune-progress-tls-"))
+        ca = KeyPair.named(directory, "ca")
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-keyout", str(ca.key), "-out", str(ca.cert), "-days", "30",
+             "-subj", "/CN=kubetune-progress-test-ca",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        cert = KeyPair.named(directory, "progress")
+        signed_cert(ca, cert, "/CN=kubetune-progress", usage="serverAuth",
+                    alt_names=["IP:127.0.0.1", "DNS:localhost"])  # fmt: skip
+        _TLS.append(ProgressTls(ca, cert))
+    return _TLS[0]
+
+
 class OperatorProcess:
     """``kubetune-operator`` in a subprocess, logging to a file; it can be killed and restarted."""
 
@@ -29,6 +68,7 @@ class OperatorProcess:
         log_path: Path,
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        progress_port: int | None = None,
     ) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
@@ -36,9 +76,17 @@ class OperatorProcess:
         self.extra_env = dict(env or {})
         self.liveness_url = f"http://127.0.0.1:{free_port()}/healthz"
         self.metrics_port = free_port()
+        #: Where trainers report progress (HTTPS); replicas given the same port share it
+        #: (SO_REUSEPORT), as a Service shares the chart's replicas.
+        self.progress_port = progress_port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def progress_url(self) -> str:
+        return f"https://127.0.0.1:{self.progress_port}/v1/progress"
+
     def start(self) -> None:
+        tls = progress_tls()
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
@@ -54,6 +102,13 @@ class OperatorProcess:
             "KUBETUNE_LEASE_DURATION_SECONDS": "4",
             "KUBETUNE_LEASE_RENEW_SECONDS": "1",
             "KUBETUNE_PROGRESS_INTERVAL_SECONDS": "1",
+            # Trainers (processes of this machine on the local node) report to this process.
+            "KUBETUNE_PROGRESS_PORT": str(self.progress_port),
+            "KUBETUNE_PROGRESS_URL": self.progress_url,
+            "KUBETUNE_PROGRESS_REUSE_PORT": "true",
+            "KUBETUNE_PROGRESS_TLS_CERT_FILE": str(tls.cert.cert),
+            "KUBETUNE_PROGRESS_TLS_KEY_FILE": str(tls.cert.key),
+            "KUBETUNE_PROGRESS_CA_BUNDLE": tls.ca_pem,
             "KUBETUNE_STATUS_RECHECK_SECONDS": "5",
             "KUBETUNE_REFERENCE_RECHECK_SECONDS": "2",
             "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:test",

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from operatorkit import CRD, OperatorProcess
+from operatorkit import CRD, OperatorProcess, work_claim
 from test_operator_integration import (
     apply,
     event_reasons,
@@ -23,7 +23,9 @@ from test_operator_integration import (
     unschedulable_spec,
     wait_phase,
 )
+from test_progress import reporting_spec, wait_progress
 
+from kubetune.local.ports import free_port
 from kubetune_devtools.pytest_plugin import Kubectl, get_json, wait_for
 
 pytestmark = pytest.mark.integration
@@ -48,9 +50,16 @@ def replicas(
         "KUBETUNE_LEASE_DURATION_SECONDS": str(LEASE_SECONDS),
         "KUBETUNE_LEASE_RENEW_SECONDS": str(RENEW_SECONDS),
     }
+    # One progress port for both (SO_REUSEPORT), as the chart's Service fronts both replicas:
+    # the standby answers 503 and the trainer tries again.
+    port = free_port()
     processes = [
         OperatorProcess(
-            kubeconfig_path, tmp_path / f"operator-{i}.log", ["--namespace", namespace], env
+            kubeconfig_path,
+            tmp_path / f"operator-{i}.log",
+            ["--namespace", namespace],
+            env,
+            progress_port=port,
         )
         for i in range(2)
     ]
@@ -113,6 +122,25 @@ def test_one_replica_acts_and_the_other_takes_over_when_it_is_killed(
     reasons = event_reasons(kubectl, namespace, "ha")
     assert "Succeeded" in reasons  # the transition after the takeover was not lost
     assert reasons.count("Succeeded") == 1
+
+
+def test_progress_reaches_the_status_through_the_shared_port_and_after_a_takeover(
+    replicas: list[OperatorProcess], kubectl: Kubectl, namespace: str
+) -> None:
+    """Trainers report to a port both replicas serve: the standby answers 503, the trainer tries
+    again until the leader takes it, and after a takeover the new leader does."""
+    first, second = start_leader_and_standby(replicas)
+    claim = work_claim(kubectl, namespace)
+    plan = "progress:1,until:/mnt/pvc/work/go,progress:2,sleep:300"
+    apply(
+        kubectl, namespace, finetunejob("told", reporting_spec(plan, model={"uri": "pvc://work/m"}))
+    )
+    wait_progress(kubectl, namespace, "told", 1, 120)
+
+    first.kill()
+    wait_for(lambda: leader_of(second), TAKEOVER_DEADLINE, "the second replica to take over")
+    (claim / "go").write_text("")
+    wait_progress(kubectl, namespace, "told", 2, 120)
 
 
 def test_a_replica_stopped_cleanly_hands_over_at_once(

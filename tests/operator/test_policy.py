@@ -138,7 +138,7 @@ def test_allowed_fields_merge_under_kubetunes_identity_command_labels_and_contra
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["config"]["configMap"]["name"] == "victim-job-trainer-config"
     assert pod["runtimeClassName"] == "nvidia"
-    assert pod["serviceAccountName"] == "victim-job-trainer"
+    assert pod["serviceAccountName"] == "default"
     assert trainer["command"][0] == "kubetune-trainer"
     assert trainer["securityContext"]["allowPrivilegeEscalation"] is False
     labels, annotations = (
@@ -323,6 +323,29 @@ def test_projected_secret_sources_are_refused_secret_volumes_go_to_admission() -
     ]
 
 
+def test_a_pod_template_may_not_project_a_service_account_token_of_any_audience() -> None:
+    volumes = [
+        {
+            "name": "api",
+            "projected": {
+                "sources": [
+                    {
+                        "serviceAccountToken": {
+                            "audience": "https://kubernetes.default.svc",
+                            "path": "t",
+                        }
+                    }
+                ]
+            },
+        }
+    ]
+    problems = policy_problems(spec_of(podTemplate=template(volumes=volumes)), PERMISSIVE)
+    assert problems == [
+        "spec.podTemplate.spec.volumes[0]: projected serviceAccountToken sources are never "
+        "allowed (a trainer pod has no Kubernetes API identity)"
+    ]  # fmt: skip
+
+
 def test_the_object_stores_keys_go_only_to_an_endpoint_the_settings_allow() -> None:
     store = {
         "endpoint": "https://attacker.example",
@@ -345,3 +368,89 @@ def test_the_object_stores_keys_go_only_to_an_endpoint_the_settings_allow() -> N
 def test_the_object_stores_key_id_and_secret_key_come_together() -> None:
     with pytest.raises(ValidationError, match="accessKeyIdSecretRef and secretAccessKeySecretRef"):
         spec_of(objectStore={"accessKeyIdSecretRef": {"name": "s3-creds", "key": "id"}})
+
+
+def oci_output(uri: str, **registry: Any) -> dict[str, Any]:
+    output: dict[str, Any] = {"uri": uri, "checkpointUri": "pvc://adapters/checkpoints/run"}
+    if registry:
+        output["registry"] = registry
+    return output
+
+
+def test_an_oci_output_only_to_a_registry_the_settings_allow() -> None:
+    spec = spec_of(output=oci_output("oci://registry.example.com:5000/team/adapter:v1"))
+    allowed = PERMISSIVE.model_copy(update={"allowed_registries": ["*.example.com:5000"]})
+    assert policy_problems(spec, allowed) == []
+    (denied,) = policy_problems(spec, PERMISSIVE)
+    assert denied == (
+        "spec.output.uri: registry 'registry.example.com:5000' is not allowed by the operator's "
+        "settings (KUBETUNE_ALLOWED_REGISTRIES: none)"
+    )
+    other = PERMISSIVE.model_copy(update={"allowed_registries": ["ghcr.io"]})
+    assert policy_problems(spec, other)[0].endswith("(KUBETUNE_ALLOWED_REGISTRIES: ghcr.io)")
+
+
+def test_plain_http_only_to_a_registry_the_settings_name_for_it() -> None:
+    spec = spec_of(output=oci_output("oci://127.0.0.1:5000/team/adapter", plainHttp=True))
+    settings = PERMISSIVE.model_copy(update={"allowed_registries": ["127.0.0.1:*"]})
+    (denied,) = policy_problems(spec, settings)
+    assert denied.startswith(
+        "spec.output.registry.plainHttp: registry '127.0.0.1:5000' may be reached only over https"
+    )
+    local = settings.model_copy(update={"plain_http_registries": ["127.0.0.1:5000"]})
+    assert policy_problems(spec, local) == []
+
+
+def test_an_oci_output_mounts_its_login_for_the_trainer_alone_and_its_checkpoint_claim() -> None:
+    spec = spec_of(
+        output=oci_output("oci://ghcr.io/team/adapter", credentialsSecretRef={"name": "regcred"})
+    )
+    job = next(o for o in render(spec, METADATA, OperatorSettings()) if o["kind"] == "Job")
+    pod = job["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["registry-auth"]["secret"] == {
+        "secretName": "regcred",
+        "items": [{"key": ".dockerconfigjson", "path": ".dockerconfigjson"}],
+    }
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["registry-auth"]["readOnly"] is True
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["REGISTRY_AUTH_FILE"] == f"{mounts['registry-auth']['mountPath']}/.dockerconfigjson"
+    # The checkpoints' claim is mounted writable; the registry is no claim.
+    assert volumes["pvc-adapters"]["persistentVolumeClaim"] == {"claimName": "adapters"}
+    assert mounts["pvc-adapters"]["readOnly"] is False
+
+
+@pytest.mark.parametrize("name", ["REGISTRY_AUTH_FILE", "DOCKER_CONFIG"])
+def test_no_pod_template_points_the_trainer_at_another_registry_login(name: str) -> None:
+    env = [{"name": name, "value": "/scratch/config.json"}]
+    (problem,) = policy_problems(spec_of(podTemplate=trainer_template(env=env)), PERMISSIVE)
+    assert problem.startswith("spec.podTemplate.spec.containers[0].env[0]")
+
+
+def test_a_starting_adapter_is_pulled_only_from_an_allowed_registry_with_its_own_login() -> None:
+    digest = "sha256:" + "0" * 64
+    model = {"uri": "pvc://models/base", "adapter": {
+        "uri": f"oci://registry.example.com/team/adapter@{digest}",
+        "registry": {"credentialsSecretRef": {"name": "pull-cred"}, "plainHttp": True}}}  # fmt: skip
+    spec = spec_of(model=model)
+    (denied_host, denied_http) = policy_problems(spec, PERMISSIVE)
+    assert denied_host.startswith("spec.model.adapter.uri: registry 'registry.example.com' is not")
+    assert denied_http.startswith("spec.model.adapter.registry.plainHttp: registry 'registry.")
+    job = next(o for o in render(spec, METADATA, OperatorSettings()) if o["kind"] == "Job")
+    pod = job["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["adapter-registry-auth"]["secret"]["secretName"] == "pull-cred"
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["KUBETUNE_ADAPTER_REGISTRY_AUTH_FILE"].endswith("/.dockerconfigjson")
+    assert "REGISTRY_AUTH_FILE" not in env  # the output's login: none asked for
+
+
+def test_a_starting_adapter_on_a_claim_is_mounted_read_only() -> None:
+    spec = spec_of(model={"uri": "org/model", "adapter": {"uri": "pvc://previous/run"}})
+    job = next(o for o in render(spec, METADATA, OperatorSettings()) if o["kind"] == "Job")
+    mounts = {
+        m["name"]: m for m in job["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    }
+    assert mounts["pvc-previous"]["readOnly"] is True

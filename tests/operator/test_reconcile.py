@@ -155,17 +155,36 @@ def test_a_failed_validation_fails_the_job_with_the_trainers_reason_and_no_train
     assert work.status_patch["result"]["reason"] == "DatasetError"
 
 
-def test_a_passed_validation_writes_the_estimate_and_creates_the_trainer_job() -> None:
+def test_a_passed_validation_creates_the_trainer_job_and_its_first_status_has_the_estimate() -> (
+    None
+):
     message = json.dumps(
         {"outcome": "Succeeded", "reason": "Validated", "message": "ok", "estimate": ESTIMATE}
     )
     passed = validation_job("SuccessCriteriaMet", "Complete")
     work = plan(ftj(), [passed], [validation_pod(0, message)], SETTINGS, NOW)
     assert work.create is not None
-    assert work.status_patch == {"estimate": ESTIMATE}
-    # Written once: the next pass creates (or finds) the trainer Job without writing it again.
-    again = plan(ftj(status={"estimate": ESTIMATE}), [passed], [], SETTINGS, NOW)
-    assert again.create is not None and again.status_patch is None
+    assert work.status_patch is None  # no write of its own: it goes with the next one
+    running = plan(ftj(), [passed, job()], [validation_pod(0, message), running_pod()],
+                   SETTINGS, NOW)  # fmt: skip
+    assert running.status_patch is not None
+    assert running.status_patch["phase"] == "Running"
+    assert running.status_patch["estimate"] == ESTIMATE
+    again = plan(ftj(status={"estimate": ESTIMATE}), [passed, job()],
+                 [validation_pod(0, message), running_pod()], SETTINGS, NOW)  # fmt: skip
+    assert again.status_patch is not None and "estimate" not in again.status_patch
+
+
+def test_a_new_jobs_validating_phase_is_held_a_moment_and_written_if_it_takes_long() -> None:
+    def started(seconds: int) -> dict[str, Any]:
+        made = validation_job()
+        made["metadata"]["creationTimestamp"] = rfc3339(NOW - timedelta(seconds=seconds))
+        return made
+
+    held = plan(ftj(), [started(2)], [validation_pod(None)], SETTINGS, NOW)
+    assert held.status_patch is None and held.requeue_after == pytest.approx(8.0)
+    slow = plan(ftj(), [started(30)], [validation_pod(None)], SETTINGS, NOW)
+    assert slow.status_patch is not None and slow.status_patch["phase"] == "Validating"
 
 
 def test_once_the_trainer_job_exists_the_validation_job_is_not_read() -> None:
@@ -589,12 +608,24 @@ def test_the_cached_finetunejob_keeps_none_of_a_large_spec() -> None:
     }
 
 
-def test_a_cached_job_that_needs_its_children_asks_for_its_whole_spec() -> None:
-    cached = slim_finetunejob(ftj())
-
-    assert plan(cached, [], [], SETTINGS, NOW).fetch_spec
+def test_a_cached_new_job_keeps_its_whole_spec_until_its_children_are_made() -> None:
+    new = slim_finetunejob(ftj())
+    assert not plan(new, [], [], SETTINGS, NOW).fetch_spec
+    assert plan(new, [], [], SETTINGS, NOW).validate is not None
     passed = validation_job("SuccessCriteriaMet", "Complete")
-    assert plan(cached, [passed], [], SETTINGS, NOW).fetch_spec
+    assert plan(new, [passed], [], SETTINGS, NOW).create is not None
+
+
+def test_a_cached_new_job_with_a_large_spec_keeps_none_of_it_and_asks_for_it() -> None:
+    large = ftj(podTemplate={"spec": largest(POD_SPEC)})
+    cached = slim_finetunejob(large)
+    assert len(json.dumps(cached)) < 1_000
+    assert plan(cached, [], [], SETTINGS, NOW).fetch_spec
+
+
+def test_a_cached_job_that_needs_its_children_again_asks_for_its_whole_spec() -> None:
+    waiting = slim_finetunejob(ftj(status={"phase": "Pending"}))  # a missing reference
+    assert plan(waiting, [], [], SETTINGS, NOW).fetch_spec
 
 
 def test_a_cached_job_in_validation_or_running_needs_no_more_of_its_spec() -> None:

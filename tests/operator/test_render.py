@@ -55,7 +55,7 @@ def trainer(objects: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def test_children_come_in_creation_order() -> None:
     kinds = [obj["kind"] for obj in render(spec_of(), METADATA, OperatorSettings())]
-    assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy", "Job"]
+    assert kinds == ["ConfigMap", "NetworkPolicy", "Job"]
     without = render(spec_of(), METADATA, OperatorSettings(trainer_network_policy=False))
     assert "NetworkPolicy" not in [obj["kind"] for obj in without]
 
@@ -184,7 +184,7 @@ def test_config_map_holds_the_resolved_trainer_config() -> None:
         "uid-1234",
     )
     assert config.spec == spec_of()
-    assert config.progress.reporter == "kubernetes"
+    assert config.progress.reporter == "none"  # no progress endpoint in these settings
     assert config.progress.interval_seconds == 3
 
 
@@ -194,26 +194,62 @@ def test_config_map_never_holds_a_secret_value() -> None:
     assert "HF_TOKEN" not in text
 
 
-def test_role_allows_only_get_and_patch_of_its_own_status() -> None:
+PROGRESS = {
+    "progress_url": "https://kubetune-progress.kubetune-system.svc:8443/v1/progress",
+    "progress_ca_bundle": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+}
+
+
+def test_no_rbac_is_made_per_job_and_the_pod_mounts_no_api_token() -> None:
+    objects = render(spec_of(), METADATA, OperatorSettings(**PROGRESS))
+    kinds = {o["kind"] for o in objects}
+    assert not kinds & {"ServiceAccount", "Role", "RoleBinding"}
+    pod = objects[-1]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "default"  # the namespace's, never one per job
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_the_pods_only_credential_is_a_short_lived_progress_token_of_kubetunes_audience() -> None:
+    objects = rendered(**PROGRESS)
+    pod = pod_spec(objects)
+    (volume,) = [v for v in pod["volumes"] if "projected" in v]
+    (source,) = volume["projected"]["sources"]
+    assert source == {"serviceAccountToken": {"audience": "kubetune.io/progress",
+                                              "expirationSeconds": 600, "path": "token"}}  # fmt: skip
+    (mount,) = [m for m in trainer(objects)["volumeMounts"] if m["name"] == volume["name"]]
+    assert mount == {"name": "progress-token", "readOnly": True,
+                     "mountPath": "/var/run/secrets/kubetune.io/progress"}  # fmt: skip
+    config = yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])["progress"]
+    assert config["reporter"] == "operator"
+    assert config["url"] == PROGRESS["progress_url"]
+    assert config["caBundle"] == PROGRESS["progress_ca_bundle"]
+    assert config["tokenFile"] == "/var/run/secrets/kubetune.io/progress/token"
+
+
+def test_without_a_progress_endpoint_the_pod_has_no_token_at_all() -> None:
     objects = rendered()
-    assert objects["Role"]["rules"] == [
-        {
-            "apiGroups": ["kubetune.io"],
-            "resources": ["finetunejobs/status"],
-            "resourceNames": ["llama2-support"],
-            "verbs": ["get", "patch"],
-        }
-    ]
-    binding = objects["RoleBinding"]
-    assert binding["roleRef"]["name"] == objects["Role"]["metadata"]["name"]
-    assert binding["subjects"] == [
-        {
-            "kind": "ServiceAccount",
-            "name": objects["ServiceAccount"]["metadata"]["name"],
-            "namespace": "team-a",
-        }
-    ]
-    assert pod_spec(objects)["serviceAccountName"] == objects["ServiceAccount"]["metadata"]["name"]
+    assert not [v for v in pod_spec(objects)["volumes"] if "projected" in v]
+    config = yaml.safe_load(objects["ConfigMap"]["data"]["config.yaml"])["progress"]
+    assert config["reporter"] == "none"
+
+
+def test_the_validation_pod_gets_no_progress_token() -> None:
+    settings = OperatorSettings(**PROGRESS)
+    validation = render_validation(spec_of(), METADATA, settings)[-1]
+    pod = validation["spec"]["template"]["spec"]
+    assert not [v for v in pod["volumes"] if "projected" in v]
+    assert not [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "progress-token"]
+
+
+def test_the_network_policy_lets_the_trainer_reach_the_operators_progress_port() -> None:
+    settings = {**PROGRESS, "progress_peer_pod_selector": {"app.kubernetes.io/name": "kubetune"},
+                "progress_peer_namespace_selector": {"kubernetes.io/metadata.name": "kt"}}  # fmt: skip
+    policy = rendered(**settings)["NetworkPolicy"]
+    assert {
+        "to": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "kubetune"}},
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kt"}}}],
+        "ports": [{"port": 8443, "protocol": "TCP"}],
+    } in policy["spec"]["egress"]  # fmt: skip
 
 
 def test_gpu_is_requested_and_limited_by_its_resource_name() -> None:
@@ -425,8 +461,7 @@ def group_spec(nodes: int = 2, **resources: Any) -> FineTuneJobSpec:
 def test_two_nodes_render_an_indexed_job_of_two_pods_named_by_a_headless_service() -> None:
     objects = render(group_spec(), METADATA, OperatorSettings(), attempt=3)
     kinds = [obj["kind"] for obj in objects]
-    assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy",
-                     "Service", "Job"]  # fmt: skip
+    assert kinds == ["ConfigMap", "NetworkPolicy", "Service", "Job"]
     by_kind = {obj["kind"]: obj for obj in objects}
     job, service = by_kind["Job"], by_kind["Service"]
     assert job["spec"]["completionMode"] == "Indexed"
@@ -528,10 +563,6 @@ def test_a_groups_host_names_stay_dns_labels_for_long_names() -> None:
     objects = render(group_spec(), {**METADATA, "name": long_name}, OperatorSettings())
     job = next(o for o in objects if o["kind"] == "Job")
     assert len(f"{job['metadata']['name']}-1") <= 63
-    # The Role stays what it was: the trainer may patch its own FineTuneJob's status, no more.
-    role = next(o for o in objects if o["kind"] == "Role")
-    assert role["rules"] == [{"apiGroups": ["kubetune.io"], "resources": ["finetunejobs/status"],
-                              "resourceNames": [long_name], "verbs": ["get", "patch"]}]  # fmt: skip
 
 
 def validation_children(spec: FineTuneJobSpec | None = None) -> list[dict[str, Any]]:
@@ -542,9 +573,7 @@ def validation_children(spec: FineTuneJobSpec | None = None) -> list[dict[str, A
 def test_validation_job_runs_the_preflight_without_a_gpu_under_the_same_pod_policy() -> None:
     *companions, validation = validation_children()
     trainer_job = rendered(spec_of(resources={"gpus": 2}), trainer_network_policy=True)["Job"]
-    assert [c["kind"] for c in companions] == [
-        "ConfigMap", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy"
-    ]  # fmt: skip
+    assert [c["kind"] for c in companions] == ["ConfigMap", "NetworkPolicy"]
     assert validation["metadata"]["name"] == "llama2-support-validate"
     pod = validation["spec"]["template"]["spec"]
     (container,) = pod["containers"]
@@ -625,8 +654,7 @@ def test_a_group_as_a_jobset_is_one_replicated_job_whose_template_is_the_indexed
     objects = jobset_children(group_spec(), trainer_network_policy=True)
     kinds = [obj["kind"] for obj in objects]
     # JobSet makes the headless Service: kubetune makes none.
-    assert kinds == ["ConfigMap", "ServiceAccount", "Role", "RoleBinding", "NetworkPolicy",
-                     "JobSet"]  # fmt: skip
+    assert kinds == ["ConfigMap", "NetworkPolicy", "JobSet"]
     jobset = objects[-1]
     assert jobset["apiVersion"] == "jobset.x-k8s.io/v1alpha2"
     assert jobset["metadata"]["name"] == "llama2-support"
@@ -688,8 +716,7 @@ def test_a_queued_jobset_is_created_suspended_and_only_the_jobset_names_the_queu
 def test_one_pod_stays_a_job_and_validation_makes_no_service_when_jobset_runs_the_group() -> None:
     assert jobset_children(spec_of())[-1]["kind"] == "Job"
     validating = render_validation(group_spec(), METADATA, OperatorSettings(), jobset=True)
-    assert [o["kind"] for o in validating] == ["ConfigMap", "ServiceAccount", "Role",
-                                               "RoleBinding", "NetworkPolicy", "Job"]  # fmt: skip
+    assert [o["kind"] for o in validating] == ["ConfigMap", "NetworkPolicy", "Job"]
     assert "subdomain" not in validating[-1]["spec"]["template"]["spec"]
 
 

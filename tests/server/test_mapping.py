@@ -64,13 +64,50 @@ def test_auto_leaves_the_templates_values() -> None:
         ({"seed": -1}, "seed"),
         ({"suffix": "a/b"}, "suffix"),
         ({"metadata": {"k": 1}}, "metadata"),
-        ({"method": {"type": "dpo"}}, "method"),
+        ({"method": {"type": "reinforcement"}}, "method.type"),
+        (
+            {"method": {"type": "supervised", "supervised": {"hyperparameters": {"beta": 1}}}},
+            "hyperparameters",
+        ),
+        (
+            {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}},
+            "hyperparameters.beta",
+        ),
     ],
 )
 def test_bad_requests_name_their_field(request_fields: dict[str, Any], param: str) -> None:
     with pytest.raises(ApiError) as refused:
         manifest(**request_fields)
     assert (refused.value.status, refused.value.param) == (400, param)
+
+
+def test_a_dpo_request_becomes_a_dpo_job_and_reads_back_as_one() -> None:
+    dpo = {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.25, "n_epochs": 2}}}
+    made = manifest(method=dpo)
+    assert made["spec"]["method"] == {"type": "dpo", "dpo": {"beta": 0.25}}
+    assert made["spec"]["training"]["epochs"] == 2
+    made["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    shown = mapping.openai_job(made, TEMPLATE)
+    assert shown["method"]["type"] == "dpo"
+    assert shown["method"]["dpo"]["hyperparameters"]["beta"] == 0.25
+    assert shown["method"]["dpo"]["hyperparameters"]["n_epochs"] == 2
+    # beta "auto" leaves TRL's default, and shows it.
+    auto = mapping.openai_job(
+        {**manifest(method={"type": "dpo"}), "metadata": made["metadata"]}, TEMPLATE
+    )
+    assert auto["method"]["dpo"]["hyperparameters"]["beta"] == 0.1
+
+
+def test_a_validation_file_is_the_jobs_evaluation_data_in_place_of_the_templates() -> None:
+    made = mapping.job_manifest(
+        "ftjob-1", "team-a",
+        {"model": "tiny", "training_file": "file-1", "validation_file": "file-2"},
+        model_uri="pvc://work/model", dataset_uri=URL, template={"dataset": {"evalFraction": 0.1}},
+        output_uri="pvc://work/adapters/ftjob-1", eval_uri=URL + "&v",
+    )  # fmt: skip
+    assert made["spec"]["dataset"] == {"uri": URL, "format": "auto", "evalUri": URL + "&v"}
+    made["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    assert mapping.openai_job(made, {})["validation_file"] == "file-2"
 
 
 def test_a_spec_the_api_models_refuse_is_a_bad_request() -> None:

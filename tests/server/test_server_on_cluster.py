@@ -25,6 +25,7 @@ from serverkit import (
 )
 
 from kubetune_devtools.pytest_plugin import Kubectl, apply, create_namespace, minimal_finetunejob
+from kubetune_devtools.tiny import toy_preference_records, write_jsonl
 
 pytestmark = pytest.mark.integration
 
@@ -120,6 +121,54 @@ def test_a_jsonl_upload_trains_to_an_adapter_named_by_fine_tuned_model(
     local = volume / adapter["uri"].removeprefix(f"pvc://{CLAIM}/")
     weights = local / "adapter_model.safetensors" if local.is_dir() else local
     assert hashlib.sha256(weights.read_bytes()).hexdigest() == adapter["sha256"]
+
+
+def test_openais_dpo_pairs_and_a_validation_file_train_a_dpo_job_evaluated_on_that_file(
+    server: ServerProcess, kubectl: Kubectl, alice: Tenant, tiny_assets: Path, tmp_path: Path
+) -> None:
+    volume = work_claim(kubectl, alice.namespace)
+    shutil.copytree(tiny_assets / "model", volume / "model")
+    client = server.client(alice.token, alice.namespace)
+    pairs = upload(client, write_jsonl(tmp_path / "pairs.jsonl",
+                                       toy_preference_records("openai-preference", 64)))  # fmt: skip
+    held = upload(client, write_jsonl(tmp_path / "held.jsonl",
+                                      toy_preference_records("openai-preference", 16, seed=7)))  # fmt: skip
+    supervised = upload(client, tiny_assets / "data" / "reverse-prompt-completion.jsonl")
+    # Pairs are for dpo, records for supervised: the mismatch is refused naming the file.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=pairs.id)
+    assert refused.value.body["param"] == "training_file"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.fine_tuning.jobs.create(
+            model=BASE_MODEL, training_file=pairs.id, validation_file=supervised.id,
+            method={"type": "dpo"},
+        )  # fmt: skip
+    assert refused.value.body["param"] == "validation_file"  # type: ignore[index]
+
+    job = client.fine_tuning.jobs.create(
+        model=BASE_MODEL, training_file=pairs.id, validation_file=held.id,
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2}}},
+    )  # fmt: skip
+    assert job.method is not None and job.method.type == "dpo"
+    assert job.validation_file == held.id
+    spec = ftj(kubectl, alice.namespace, job.id)["spec"]
+    assert (spec["method"]["type"], spec["method"]["dpo"]["beta"]) == ("dpo", 0.2)
+    assert spec["dataset"]["evalUri"].startswith(spec["dataset"]["uri"].split("/datasets/")[0])
+
+    poll_until(
+        lambda: client.fine_tuning.jobs.retrieve(job.id).status,
+        lambda status: status in ("succeeded", "failed", "cancelled"), 240,
+        f"job {job.id} to finish",
+    )  # fmt: skip
+    finished = client.fine_tuning.jobs.retrieve(job.id)
+    assert finished.status == "succeeded", finished.error
+    # The held-out pairs were what the run evaluated on: TRL's preference metrics over them.
+    status = ftj(kubectl, alice.namespace, job.id)["status"]
+    assert status["estimate"]["examples"] == 64, status["estimate"]
+    assert "eval_reward_accuracy" in status["result"]["metrics"], status["result"]["metrics"]
+    assert finished.method is not None and finished.method.dpo is not None
+    assert finished.method.dpo.hyperparameters is not None
+    assert finished.method.dpo.hyperparameters.beta == 0.2
 
 
 def test_a_malformed_file_is_refused_at_upload_naming_the_line(

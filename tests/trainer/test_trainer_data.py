@@ -116,6 +116,25 @@ def test_eval_split_reads_the_named_file_of_a_directory(tmp_path: Path) -> None:
     assert (len(data.train), len(data.eval)) == (8, 3)
 
 
+def test_eval_uri_reads_evaluation_data_from_another_file(tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", toy_records("prompt-completion", 8))
+    held = write_jsonl(tmp_path / "held.jsonl", toy_records("prompt-completion", 3, seed=5))
+    data = prepare(DatasetSpec(uri=str(train), eval_uri=str(held)), None, seed=0)
+    assert data.eval is not None
+    assert (len(data.train), len(data.eval)) == (8, 3)
+    alone = prepare(DatasetSpec(uri=str(train)), None, seed=0)
+    assert data.fingerprint != alone.fingerprint  # the evaluation data is part of what was read
+
+
+def test_a_missing_eval_uri_is_named_as_such(tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", toy_records("text", 4))
+    spec = DatasetSpec(uri=str(train), eval_uri=str(tmp_path / "nowhere.jsonl"))
+    with pytest.raises(
+        DatasetUnusable, match=r"dataset not found: .*nowhere.jsonl \(dataset.evalUri"
+    ):
+        prepare(spec, None, seed=0)
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".parquet", ".json"])
 def test_reads_csv_parquet_and_json_files(tmp_path: Path, suffix: str) -> None:
     import pandas as pd

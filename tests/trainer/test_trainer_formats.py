@@ -123,6 +123,7 @@ def test_each_format_trains_end_to_end_with_packing(
         },
     )
     manifest["spec"]["output"]["merge"] = fmt == "alpaca"
+    manifest["spec"]["output"]["mergeBase"] = "dequantized"
     outcome = run(TrainerConfig(spec=load_finetunejob(manifest).spec))
     assert outcome.exit_code == 0, outcome.result.message
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -7,8 +7,9 @@ import json
 import logging
 import subprocess
 import sys
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -21,16 +22,18 @@ from kubetune.api.models import (
     Progress,
     TrainerResult,
 )
+from kubetune.local.ports import free_port
 from kubetune.trainer.outputs import termination_message, write_termination_message
 from kubetune.trainer.progress import (
     FileReporter,
-    KubernetesStatusReporter,
     NoopReporter,
+    OperatorReporter,
     ProgressTracker,
     RateLimitedReporter,
     progress_json,
     reporter_from_settings,
 )
+from kubetune_devtools.loopback import LoopbackServer
 
 pytestmark = pytest.mark.unit
 
@@ -47,15 +50,34 @@ PROGRESS = Progress(
 )
 
 
-class FakeCustomObjectsApi:
-    def __init__(self, error: Exception | None = None) -> None:
-        self.calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-        self.error = error
+class OperatorStandIn(BaseHTTPRequestHandler):
+    """Stands in for the operator's progress endpoint: answers each POST with the next of
+    ``codes`` (then 202), recording the bodies and the bearer tokens it was sent."""
 
-    def patch_namespaced_custom_object_status(self, *args: Any, **kwargs: Any) -> None:
-        self.calls.append((args, kwargs))
-        if self.error is not None:
-            raise self.error
+    codes: ClassVar[list[int]] = []
+    bodies: ClassVar[list[dict[str, Any]]] = []
+    tokens: ClassVar[list[str]] = []
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        type(self).bodies.append(json.loads(self.rfile.read(length)))
+        type(self).tokens.append(self.headers.get("Authorization", ""))
+        code = type(self).codes.pop(0) if type(self).codes else 202
+        self.send_response(code)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def operator_stand_in() -> Any:
+    OperatorStandIn.codes, OperatorStandIn.bodies, OperatorStandIn.tokens = [], [], []
+    server = LoopbackServer(OperatorStandIn)
+    yield server
+    server.close()
 
 
 class Recorder:
@@ -66,48 +88,72 @@ class Recorder:
         self.reports.append(progress)
 
 
-def test_kubernetes_reporter_merge_patches_camelcase_progress_of_its_own_job() -> None:
-    api = FakeCustomObjectsApi()
-    KubernetesStatusReporter(JobRef(name="llama", namespace="team-a"), api=api).report(PROGRESS)
-    ((args, kwargs),) = api.calls
-    assert args[:5] == ("kubetune.io", "v1alpha1", "team-a", "finetunejobs", "llama")
-    assert kwargs["_content_type"] == "application/merge-patch+json"
-    assert args[5] == {
-        "status": {
-            "progress": {
-                "step": 30,
-                "totalSteps": 120,
-                "epoch": 0.75,
-                "percent": 25.0,
-                "loss": 1.25,
-                "learningRate": 2e-4,
-                "tokensPerSecond": 5000.0,
-                "etaSeconds": 90.0,
-                "updatedAt": "2026-11-28T04:00:00Z",
-            }
-        }
+def operator_reporter(server: LoopbackServer, tmp_path: Path) -> OperatorReporter:
+    token = tmp_path / "token"
+    token.write_text("projected-token\n")
+    job = JobRef(name="llama", namespace="team-a", uid="uid-1")
+    reporter = OperatorReporter(f"{server.url}/v1/progress", token, None, job)
+    reporter.BACKOFF = (0.05,)
+    return reporter
+
+
+def test_the_operator_reporter_posts_camelcase_progress_with_the_pods_token(
+    operator_stand_in: LoopbackServer, tmp_path: Path
+) -> None:
+    reporter = operator_reporter(operator_stand_in, tmp_path)
+    reporter.report(PROGRESS)
+    assert reporter.close(timeout=10)
+    (body,) = OperatorStandIn.bodies
+    assert OperatorStandIn.tokens == ["Bearer projected-token"]
+    assert body["job"] == {"name": "llama", "namespace": "team-a", "uid": "uid-1"}
+    assert body["progress"] == {
+        "step": 30,
+        "totalSteps": 120,
+        "epoch": 0.75,
+        "percent": 25.0,
+        "loss": 1.25,
+        "learningRate": 2e-4,
+        "tokensPerSecond": 5000.0,
+        "etaSeconds": 90.0,
+        "updatedAt": "2026-11-28T04:00:00Z",
     }
 
 
-def test_kubernetes_reporter_warns_and_carries_on_when_the_api_fails(
-    caplog: pytest.LogCaptureFixture,
+def test_the_final_progress_is_retried_until_the_operator_takes_it(
+    operator_stand_in: LoopbackServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from kubernetes.client.exceptions import ApiException
-
-    api = FakeCustomObjectsApi(error=ApiException(status=403, reason="Forbidden"))
-    reporter = KubernetesStatusReporter(JobRef(name="llama", namespace="team-a"), api=api)
+    # A standby replica (503), then an operator that restarts (connection refused is the same
+    # path), then the leader.
+    OperatorStandIn.codes = [503, 503, 429]
+    reporter = operator_reporter(operator_stand_in, tmp_path)
     with caplog.at_level(logging.WARNING):
         reporter.report(PROGRESS)
-    assert "could not report progress to FineTuneJob team-a/llama (HTTP 403)" in caplog.text
+        assert reporter.close(timeout=10)
+    assert len(OperatorStandIn.bodies) == 4
+    assert "could not report progress to the operator (HTTP 503)" in caplog.text
+    assert "projected-token" not in caplog.text
 
 
-def test_kubernetes_reporter_outside_a_cluster_warns_instead_of_crashing(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+def test_a_report_the_operator_refuses_as_malformed_is_not_retried(
+    operator_stand_in: LoopbackServer, tmp_path: Path
 ) -> None:
-    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-    reporter = KubernetesStatusReporter(JobRef(name="llama", namespace="team-a"))
+    OperatorStandIn.codes = [400]
+    reporter = operator_reporter(operator_stand_in, tmp_path)
+    reporter.report(PROGRESS)
+    assert reporter.close(timeout=10)
+    assert len(OperatorStandIn.bodies) == 1
+
+
+def test_an_unreachable_operator_costs_a_warning_and_close_gives_up_in_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("t")
+    reporter = OperatorReporter(f"http://127.0.0.1:{free_port()}/v1/progress", token)
+    reporter.BACKOFF = (0.05,)
     with caplog.at_level(logging.WARNING):
         reporter.report(PROGRESS)
+        assert not reporter.close(timeout=0.5)
     assert "training continues" in caplog.text
 
 
@@ -137,9 +183,12 @@ def test_reporter_follows_the_settings(tmp_path: Path) -> None:
     job = JobRef(name="j", namespace="n")
     file_settings = ProgressSettings(reporter="file", file=str(tmp_path / "p.json"))
     assert isinstance(reporter_from_settings(file_settings, None), FileReporter)
+    operator = ProgressSettings(
+        reporter="operator", url="https://operator:8443/v1/progress", token_file="/t/token"
+    )
+    assert isinstance(reporter_from_settings(operator, job), OperatorReporter)
     assert isinstance(
-        reporter_from_settings(ProgressSettings(reporter="kubernetes"), job),
-        KubernetesStatusReporter,
+        reporter_from_settings(ProgressSettings(reporter="operator"), job), NoopReporter
     )
     assert isinstance(reporter_from_settings(ProgressSettings(), job), NoopReporter)
 
@@ -372,15 +421,14 @@ def test_a_resumed_tracker_carries_the_curve_it_had_before_the_restart(tmp_path:
     assert len(curve(whole.reports[-1])) == 40
 
 
-def test_the_curves_reach_status_in_camelcase() -> None:
-    api = FakeCustomObjectsApi()
-    tracker = ProgressTracker(
-        RateLimitedReporter(KubernetesStatusReporter(JobRef(name="j", namespace="n"), api), 0.0),
-        None,
-    )
+def test_the_curves_reach_the_operator_in_camelcase(
+    operator_stand_in: LoopbackServer, tmp_path: Path
+) -> None:
+    reporter = operator_reporter(operator_stand_in, tmp_path)
+    tracker = ProgressTracker(RateLimitedReporter(reporter, 0.0), None)
     tracker.begin(step=0, total_steps=20)
     tracker.logged(10, 0.5, {"loss": 1.5, "learning_rate": 2e-4, "num_tokens": 640})
-    ((args, _),) = api.calls
-    (point,) = args[5]["status"]["progress"]["history"]
+    assert reporter.close(timeout=10)
+    (point,) = OperatorStandIn.bodies[-1]["progress"]["history"]
     assert point["step"] == 10 and point["loss"] == 1.5 and point["learningRate"] == 2e-4
     assert point["tokensPerSecond"] > 0

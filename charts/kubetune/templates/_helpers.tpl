@@ -72,8 +72,8 @@ namespaces) or into one Role per watched namespace.
 - apiGroups: [kubetune.io]
   resources: [finetunejobs]
   verbs: [get, list, watch, patch, delete]
-# Phase, conditions, result. Holding get/patch here is also what lets the operator create the
-# per-job Role that grants them to the trainer, without the RBAC `escalate` or `bind` verbs.
+# Phase, conditions, result, and the progress the trainers report to the operator (a trainer
+# has no API identity of its own).
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/status]
   verbs: [get, patch]
@@ -88,16 +88,14 @@ namespaces) or into one Role per watched namespace.
   resources: [events]
   verbs: [create]
 # Children of each FineTuneJob, created once (create; get when it exists already): the resolved
-# trainer config, the trainer's identity and its Role, the trainer's NetworkPolicy, a multi-pod
-# group's headless Service, and the Job. A companion found in place already (made first by
-# someone else, with the job's uid as its owner) gets the rendered content written over it
+# trainer config, the trainer's NetworkPolicy, a multi-pod group's headless Service, and the
+# Job. No ServiceAccount, Role or RoleBinding: the trainer runs as its namespace's
+# trainer.serviceAccountName with no API token. A companion found in place already (made first
+# by someone else, with the job's uid as its owner) gets the rendered content written over it
 # (update). Deleted only when the API refused a later child of the same job (nothing half-made
 # stays).
 - apiGroups: [""]
-  resources: [configmaps, serviceaccounts, services]
-  verbs: [get, create, update, delete]
-- apiGroups: [rbac.authorization.k8s.io]
-  resources: [roles, rolebindings]
+  resources: [configmaps, services]
   verbs: [get, create, update, delete]
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
@@ -196,6 +194,10 @@ namespaces) or into one Role per watched namespace.
   value: {{ join "," .Values.trainer.allowedHubEndpoints | quote }}
 - name: KUBETUNE_ALLOWED_OBJECT_STORE_ENDPOINTS
   value: {{ join "," .Values.trainer.allowedObjectStoreEndpoints | quote }}
+- name: KUBETUNE_ALLOWED_REGISTRIES
+  value: {{ join "," .Values.trainer.allowedRegistries | quote }}
+- name: KUBETUNE_PLAIN_HTTP_REGISTRIES
+  value: {{ join "," .Values.trainer.plainHttpRegistries | quote }}
 - name: KUBETUNE_ALLOWED_TRACKING_HOSTS
   value: {{ join "," .Values.trainer.tracking.allowedHosts | quote }}
 - name: KUBETUNE_TRACKING_HTTP_CREDENTIALS_HOSTS
@@ -236,6 +238,41 @@ namespaces) or into one Role per watched namespace.
   value: {{ join "," .Values.trainer.networkPolicy.apiServer.ports | quote }}
 - name: KUBETUNE_TRAINER_DOWNLOAD_ALLOWED_CIDRS
   value: {{ join "," .Values.trainer.downloadAllowedCIDRs | quote }}
+- name: KUBETUNE_TRAINER_SERVICE_ACCOUNT
+  value: {{ .Values.trainer.serviceAccountName | quote }}
+{{- if .Values.progress.enabled }}
+- name: KUBETUNE_PROGRESS_PORT
+  value: {{ .Values.progress.port | quote }}
+- name: KUBETUNE_PROGRESS_URL
+  value: {{ .Values.progress.url | default (printf "https://%s.%s.svc:%d/v1/progress" (include "kubetune.progressService" .) .Release.Namespace (int .Values.progress.port)) | quote }}
+- name: KUBETUNE_PROGRESS_AUDIENCE
+  value: {{ .Values.progress.audience | quote }}
+- name: KUBETUNE_PROGRESS_TLS_CERT_FILE
+  value: /etc/kubetune/progress-tls/tls.crt
+- name: KUBETUNE_PROGRESS_TLS_KEY_FILE
+  value: /etc/kubetune/progress-tls/tls.key
+# The CA each trainer's config carries: the one certificate it trusts for the progress URL.
+- name: KUBETUNE_PROGRESS_CA_BUNDLE
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "kubetune.progressTLSSecret" . }}
+      key: ca.crt
+- name: KUBETUNE_PROGRESS_PEER_NAMESPACE_SELECTOR
+  value: {{ dict "kubernetes.io/metadata.name" .Release.Namespace | toJson | quote }}
+- name: KUBETUNE_PROGRESS_PEER_POD_SELECTOR
+  value: {{ include "kubetune.selectorLabels" . | fromYaml | toJson | quote }}
+{{- else }}
+- name: KUBETUNE_PROGRESS_PORT
+  value: ""
+{{- end }}
+{{- end }}
+
+{{- define "kubetune.progressService" -}}
+{{ include "kubetune.fullname" . }}-progress
+{{- end }}
+
+{{- define "kubetune.progressTLSSecret" -}}
+{{ .Values.progress.tls.secretName | default (printf "%s-progress-tls" (include "kubetune.fullname" .)) }}
 {{- end }}
 
 {{/* A quoted integer, or "" for null (the operator then leaves the field unset). */}}

@@ -15,7 +15,7 @@ import pytest
 
 from kubetune.local.ports import free_port
 from kubetune.local.real_node import NodeState, RealNode
-from kubetune.local.real_node_config import KUBERNETES_SERVICE, cluster_dns
+from kubetune.local.real_node_config import cluster_dns
 from kubetune_devtools.pytest_plugin import REAL_NODE, REAL_NODE_ONLY
 
 
@@ -36,6 +36,9 @@ def local_node_chart_settings() -> list[str]:
     return [
         f"operator.healthPort={free_port()}",  # the local node's pods share the host network
         f"operator.metricsPort={free_port()}",
+        # Trainers on the host-network node reach the operator's progress port on loopback (no
+        # Service routing there), so the chart's certificate names that address.
+        *progress_settings(free_port()),
         # Replicas on one host-network node would share those ports: one (tests/operator covers
         # two replicas as processes, each with its own ports).
         "replicaCount=1",
@@ -85,9 +88,9 @@ def real_node_chart_settings(home: Path) -> list[str]:
     """The chart's values (``--set`` form) for a release whose operator and trainers run on the
     session's real node (``real_node``, of the cluster in ``home``), with quick status. The
     trainer keeps the chart's security context and its NetworkPolicy, told where this cluster's
-    DNS and API server are (as docs/install.md asks of any cluster) and let through to the real
-    node's pods and its link to the host (where the journeys' MLflow server and kubetune-server
-    answer), which the default excepts with the rest of 10.0.0.0/8."""
+    DNS is (as docs/install.md asks of any cluster; they find the progress Service by name) and
+    let through to the real node's pods and its link to the host (where the journeys' MLflow
+    server and kubetune-server answer), which the default excepts with the rest of 10.0.0.0/8."""
     node = real_node_state(home)
     key = REAL_NODE_ONLY.replace(".", "\\.")
     dns = cluster_dns(ipaddress.IPv4Network(node.pod_network))
@@ -103,8 +106,16 @@ def real_node_chart_settings(home: Path) -> list[str]:
         "tolerations[0].operator=Exists",
         "tolerations[0].effect=NoSchedule",
         f"trainer.networkPolicy.dns.cidrs={{{dns}/32}}",
-        f"trainer.networkPolicy.apiServer.cidrs={{{KUBERNETES_SERVICE[0]}/32}}",
         f"trainer.networkPolicy.egressCIDRs={{{','.join(egress)}}}",
+    ]
+
+
+def progress_settings(port: int) -> list[str]:
+    """The chart's progress values (``--set`` form) for an operator on a host-network node."""
+    return [
+        f"progress.port={port}",
+        f"progress.url=https://127.0.0.1:{port}/v1/progress",
+        "progress.tls.ipAddresses={127.0.0.1}",
     ]
 
 

@@ -93,8 +93,8 @@ def toy_records(fmt: str, count: int, seed: int = 0) -> list[dict[str, Any]]:
 def toy_preference_records(fmt: str, count: int, seed: int = 0) -> list[dict[str, Any]]:
     """Preferences on the reversal task: the reversed letters preferred to the letters as given
     (palindromes, where the two agree, left out). ``fmt``: ``preference`` (text),
-    ``preference-messages`` (chat) or ``unpaired-preference`` (KTO: each pair as a desirable and
-    an undesirable answer)."""
+    ``preference-messages`` (chat), ``openai-preference`` (OpenAI's DPO file format) or
+    ``unpaired-preference`` (KTO: each pair as a desirable and an undesirable answer)."""
     rows: list[dict[str, Any]] = []
     words = [w for w in toy_words(count * 2, seed) if w.split() != w.split()[::-1]][:count]
     for word in words:
@@ -107,6 +107,14 @@ def toy_preference_records(fmt: str, count: int, seed: int = 0) -> list[dict[str
                     "prompt": [{"role": "user", "content": prompt}],
                     "chosen": [{"role": "assistant", "content": good.strip()}],
                     "rejected": [{"role": "assistant", "content": bad.strip()}],
+                }
+            )
+        elif fmt == "openai-preference":
+            rows.append(
+                {
+                    "input": {"messages": [{"role": "user", "content": prompt}]},
+                    "preferred_output": [{"role": "assistant", "content": good.strip()}],
+                    "non_preferred_output": [{"role": "assistant", "content": bad.strip()}],
                 }
             )
         elif fmt == "unpaired-preference":

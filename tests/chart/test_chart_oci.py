@@ -1,0 +1,43 @@
+"""The chart as an OCI artifact, as GitOps tools install charts today: `make chart` packages it,
+helm pushes the package to a real registry (distribution's, with a login) and takes it back by
+its oci:// reference; what it renders from there is what the chart folder renders."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+from chartkit import CHART, Helm
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_packaged_chart_goes_to_a_registry_and_renders_the_same_from_it(
+    helm: Helm, oci_registry: Any, tmp_path: Path
+) -> None:
+    version = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
+    packaged = subprocess.run(
+        ["make", "--no-print-directory", "chart", f"CHART_DIR={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert packaged.returncode == 0, packaged.stderr
+    package = tmp_path / f"kubetune-{version}.tgz"
+    assert package.is_file(), packaged.stdout
+
+    login = ("--plain-http", "--registry-config", str(oci_registry.auth_file))
+    pushed = helm("push", str(package), f"oci://{oci_registry.host}/charts", *login)
+    assert pushed.returncode == 0, pushed.stderr
+    reference = f"oci://{oci_registry.host}/charts/kubetune"
+    # A certificate of the platform's own: the chart would otherwise make a new one each render.
+    fixed = ("-n", "kubetune-system", "--set", "progress.tls.secretName=kubetune-progress-tls")
+    from_registry = helm("template", "kt", reference, "--version", version, *fixed, *login)
+    from_folder = helm("template", "kt", str(CHART), *fixed)
+    assert from_registry.returncode == 0, from_registry.stderr
+    assert from_registry.stdout == from_folder.stdout
+
+    manifest = oci_registry.manifest(f"{oci_registry.host}/charts/kubetune:{version}")
+    assert manifest["config"]["mediaType"] == "application/vnd.cncf.helm.config.v1+json"
+    [layer] = manifest["layers"]
+    assert layer["mediaType"] == "application/vnd.cncf.helm.chart.content.v1.tar+gzip"
