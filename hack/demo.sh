@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # `make demo`: a newcomer's first run, on this machine, in one command.
 #
-# Starts the local cluster (a real control plane built from Go modules, and a node agent that
-# runs pods as processes), installs kubetune through its Helm chart, puts a tiny Llama-shaped
-# model and a word-reversal dataset on a PVC, applies examples/tiny-cpu.yaml with kubectl and
-# follows it until the adapter is written. Idempotent: a second run reuses the cluster and the
+# Starts the local cluster (a real control plane built from Go modules and, as root, a real node:
+# the upstream kubelet with containerd and runc, running the operator and trainer images built
+# from the Dockerfile; otherwise a node agent that runs pods as processes), installs kubetune
+# through its Helm chart, puts a tiny Llama-shaped model and a word-reversal dataset on a PVC,
+# applies examples/tiny-cpu.yaml with kubectl and follows it until the adapter is written. Idempotent: a second run reuses the cluster and the
 # binaries and trains again. `make demo-down` stops the cluster.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,23 +18,42 @@ step "Building (or reusing) the control plane and helm from Go modules"
 bin=$(bash hack/cluster/build.sh | tail -n 1)
 helm=$(bash hack/helm/build.sh | tail -n 1)
 kubectl() { "$bin/kubectl" "$@"; }
-
-step "Starting the local cluster"
-kubetune local up
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+if [ "$(id -u)" = 0 ]; then
+  step "Building (or reusing) a real node (kubelet, containerd, runc, ...) and the images"
+  bash hack/node/build.sh >/dev/null
+  bash hack/images/build.sh >/dev/null
+  step "Starting the local cluster on a real node"
+  kubetune local up --node kubelet \
+    --image "kubetune/operator:$version" --image "kubetune/trainer:$version"
+  # The chart unchanged: the operator and the trainer run as its non-root users, read-only root,
+  # no capabilities, under their limits. The trainers' NetworkPolicy is told where this
+  # cluster's DNS is (the node's CoreDNS, on its pods' gateway; docs/install.md, "Trainer
+  # egress"): they find the operator's progress Service by name.
+  dns=$(python -c 'import ipaddress
+from kubetune.local.layout import default_home
+from kubetune.local.real_node import NodeState, RealNode
+node = NodeState.load(RealNode(default_home(), "kubetune-local").state_dir)
+print(ipaddress.IPv4Network(node.pod_network).network_address + 1)')
+  chart_args=(--set "trainer.networkPolicy.dns.cidrs={$dns/32}")
+else
+  step "Starting the local cluster (not root: a node agent that runs pods as processes)"
+  kubetune local up
+  # The node agent runs each pod's command on this machine instead of pulling its image, so the
+  # operator "image" is the kubetune installed in .venv, and pods run as the current user; they
+  # share this machine's network, so trainers reach the operator's progress port on loopback (and
+  # one replica: two would share its ports).
+  chart_args=(--set trainer.runAsNonRoot=false --set trainer.runAsUser=0 --set trainer.fsGroup=0
+    --set progress.url=https://127.0.0.1:8443/v1/progress --set 'progress.tls.ipAddresses={127.0.0.1}'
+    --set replicaCount=1)
+fi
 KUBECONFIG=$(kubetune local kubeconfig)
 export KUBECONFIG
 
 step "Installing kubetune (CRD, operator, RBAC) with helm"
-# The local node runs each pod's command on this machine instead of pulling its image, so the
-# operator "image" is the kubetune installed in .venv, and pods run as the current user; they
-# share this machine's network, so trainers reach the operator's progress port on loopback (and
-# one replica: two would share its ports).
 "$helm" upgrade --install kubetune charts/kubetune \
-  --namespace kubetune-system --create-namespace \
-  --set trainer.runAsNonRoot=false --set trainer.runAsUser=0 --set trainer.fsGroup=0 \
+  --namespace kubetune-system --create-namespace "${chart_args[@]}" \
   --set operator.jsonLogs=false --set operator.progressIntervalSeconds=2 \
-  --set progress.url=https://127.0.0.1:8443/v1/progress --set 'progress.tls.ipAddresses={127.0.0.1}' \
-  --set replicaCount=1 \
   --wait --timeout 5m
 kubectl -n kubetune-system rollout status deploy/kubetune --timeout=120s
 
@@ -46,27 +66,20 @@ spec:
   accessModes: [ReadWriteOnce]
   resources: {requests: {storage: 1Gi}}
 YAML
-kubectl delete job kubetune-demo-data --ignore-not-found --wait >/dev/null
-kubectl apply -f - <<'YAML'
-apiVersion: batch/v1
-kind: Job
-metadata: {name: kubetune-demo-data}
-spec:
-  backoffLimit: 0
-  template:
-    spec:
-      restartPolicy: Never
-      containers:
-        - name: data
-          image: kubetune/trainer
-          # A fresh model and data, and no adapter or checkpoints of an earlier demo run (a new
-          # FineTuneJob refuses to resume another job's checkpoints).
-          command: [sh, -c, "rm -rf /mnt/pvc/kubetune-demo/adapters/tiny-reverse && exec python -m kubetune_devtools.tiny /mnt/pvc/kubetune-demo"]
-          volumeMounts: [{name: demo, mountPath: /mnt/pvc/kubetune-demo}]
-      volumes: [{name: demo, persistentVolumeClaim: {claimName: kubetune-demo}}]
-YAML
-kubectl wait --for=condition=Complete job/kubetune-demo-data --timeout=300s >/dev/null
-kubectl logs job/kubetune-demo-data
+# The provisioner gives each claim a directory on this machine: the model and data go there
+# (fresh, and no adapter or checkpoints of an earlier demo run: a new FineTuneJob refuses to resume
+# another job's checkpoints).
+for _ in $(seq 240); do
+  volume=$(kubectl get pvc kubetune-demo -o jsonpath='{.spec.volumeName}')
+  [ -n "$volume" ] && break
+  sleep 0.5
+done
+[ -n "$volume" ] || { echo "the claim kubetune-demo was not bound" >&2; exit 1; }
+claim_dir=$(kubectl get pv "$volume" -o jsonpath='{.spec.hostPath.path}')
+rm -rf "$claim_dir/adapters/tiny-reverse"
+python -m kubetune_devtools.tiny "$claim_dir"
+# The trainer (uid 1000) reads them and writes its adapter there.
+chmod -R a+rX "$claim_dir"
 
 step "kubectl apply -f examples/tiny-cpu.yaml"
 kubectl delete ftj tiny-reverse --ignore-not-found --wait >/dev/null

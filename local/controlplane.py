@@ -244,10 +244,18 @@ class LocalCluster:
             timeout,
             real.process_name,
         )
-        pid = process.pid()
-        if node.images and pid is not None:
-            real.import_images(pid, node.images, default_store())
+        if node.images:
+            self.import_images(node.name, node.images)
         return real
+
+    def import_images(self, name: str, references: Sequence[str]) -> None:
+        """Put images of the image store (``make images``) into real node ``name``'s containerd,
+        unless it holds them already (the same digest)."""
+        real = RealNode(self.layout.home, name)
+        pid = self.process(real.process_name).pid()
+        if pid is None:
+            raise ClusterError(f"real node {name} is not running")
+        real.import_images(pid, references, default_store())
 
     def stop_real_node(self, name: str) -> None:
         """Stop a real node: its kubelet and containerd, then every pod left in its cgroups."""

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import ipaddress
+import itertools
 import json
 import os
 import signal
@@ -68,6 +70,8 @@ class NodeState:
     pod_network: str
     labels: list[str]
     taints: list[str]
+    # Where containerd's roots are kept between clusters (``claim_containerd_root``).
+    containerd_slots: str = ""
 
     @classmethod
     def load(cls, state_dir: Path) -> NodeState:
@@ -284,6 +288,23 @@ def _socket_answers(path: str) -> bool:
     return True
 
 
+def claim_containerd_root(slots: Path) -> tuple[Path, int]:
+    """The first containerd root under ``slots`` that no running node holds, and the descriptor
+    of its lock (``slot-<n>.lock``, flocked): the node's containerd inherits it, so the root is
+    one node's for as long as any of its processes lives, and the next node to start, of any
+    cluster, finds the images it holds."""
+    slots.mkdir(parents=True, exist_ok=True)
+    for index in itertools.count():
+        lock = os.open(slots / f"slot-{index}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock)
+            continue
+        return slots / f"slot-{index}", lock
+    raise AssertionError("unreachable")
+
+
 def ctr_argv(bin_dir: Path, *args: str) -> list[str]:
     return [
         str(bin_dir / "ctr"),
@@ -312,19 +333,28 @@ def run_node(state_dir: Path) -> int:
     }
     children: list[subprocess.Popen[bytes]] = []
 
-    def start(name: str, argv: Sequence[str]) -> subprocess.Popen[bytes]:
+    def start(
+        name: str, argv: Sequence[str], keep: tuple[int, ...] = ()
+    ) -> subprocess.Popen[bytes]:
         with (logs / f"{name}.log").open("ab") as log:
-            child = subprocess.Popen(list(argv), stdout=log, stderr=subprocess.STDOUT, env=env)
+            child = subprocess.Popen(
+                list(argv), stdout=log, stderr=subprocess.STDOUT, env=env, pass_fds=keep
+            )
         children.append(child)
         return child
 
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    root, root_lock = claim_containerd_root(Path(node.containerd_slots))
+    (state_dir / "containerd.toml").write_text(
+        config.containerd_config(bin_dir, root, state_dir / "cni")
+    )
     try:
         containerd = start(
             "containerd",
             [str(bin_dir / "containerd"), "--config", str(state_dir / "containerd.toml")],
+            keep=(root_lock,),
         )
         _wait_for(
             lambda: _socket_answers(config.CONTAINERD_SOCKET), "containerd's socket", containerd
@@ -451,7 +481,7 @@ class RealNode:
     ) -> NodeState:
         """Write the node's configuration, certificates and pause image under its state."""
         state = self.state_dir
-        for directory in (state, state / "containerd", state / "cni", state / "pod-logs"):
+        for directory in (state, state / "cni", state / "pod-logs"):
             directory.mkdir(parents=True, exist_ok=True)
         link = config.link_addresses(self.ident, _host_routes())
         host_address, node_address = (str(a) for a in list(link.hosts())[:2])
@@ -473,9 +503,6 @@ class RealNode:
             f"/CN={self.name}",
             usage="serverAuth",
             alt_names=[f"IP:{node_address}", f"DNS:{self.name}"],
-        )
-        (state / "containerd.toml").write_text(
-            config.containerd_config(bin_dir, state / "containerd", state / "cni")
         )
         (state / "cni" / "10-kubetune.conflist").write_text(
             json.dumps(config.cni_conflist(pods), indent=2) + "\n"
@@ -524,6 +551,7 @@ class RealNode:
             pod_network=str(pods),
             labels=list(spec.labels),
             taints=list(spec.taints),
+            containerd_slots=str(config.containerd_slots()),
         )
         node.save()
         return node
@@ -535,6 +563,12 @@ class RealNode:
         """Kill what is left in the node's cgroups and remove them; the node's namespaces (its
         mounts, veth, bridge and iptables chains) go with the last of its processes."""
         remove_cgroups(self.ident)
+
+    def containerd_root(self) -> Path:
+        """The containerd root (a slot of ``containerd_slots``) the node runs, or last ran, on."""
+        config_text = (self.state_dir / "containerd.toml").read_text()
+        line = next(x for x in config_text.splitlines() if x.startswith("root = "))
+        return Path(json.loads(line.removeprefix("root = ")))
 
     def ctr(self, pid: int, *args: str, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
         """Run ``ctr`` in the node's namespaces (the node process is ``pid``)."""
@@ -558,37 +592,48 @@ class RealNode:
                 )
             name = containerd_name(image.reference)
             listed = self.ctr(pid, "images", "ls", f"name=={name}").stdout.decode()
-            if f"{STORE_DIGEST_LABEL}={image.digest}" in listed:
-                continue
-            archive = self.state_dir / "import.tar"
-            buildah_root = store.parent / "buildah"
-            subprocess.run(
-                [
-                    "buildah",
-                    "--root",
-                    str(buildah_root / "root"),
-                    "--runroot",
-                    str(buildah_root / "run"),
-                    "--storage-driver",
-                    "overlay",
-                    "--storage-opt",
-                    "overlay.skip_mount_home=true",
-                    "push",
-                    "--quiet",
-                    image.reference,
-                    f"oci-archive:{archive}:{name}",
-                ],
-                check=True,
-                capture_output=True,
-            )
-            try:
-                # The archive lies on the host's disk, which the node's mount namespace sees.
-                self.ctr(
-                    pid, "images", "import", "--base-name", name.rsplit(":", 1)[0], str(archive)
-                )
-            finally:
-                archive.unlink(missing_ok=True)
-            self.ctr(pid, "images", "label", name, f"{STORE_DIGEST_LABEL}={image.digest}")
+            if f"{STORE_DIGEST_LABEL}={image.digest}" not in listed:
+                self._import(pid, image.reference, image.digest, name, store)
+            self._name_by_digest(pid, name)
+
+    def _import(self, pid: int, reference: str, digest: str, name: str, store: Path) -> None:
+        """Push stored image ``reference`` from buildah's storage as an OCI archive, import it
+        as ``name`` and label it with the stored ``digest``."""
+        archive = self.state_dir / "import.tar"
+        buildah_root = store.parent / "buildah"
+        subprocess.run(
+            [
+                "buildah",
+                "--root",
+                str(buildah_root / "root"),
+                "--runroot",
+                str(buildah_root / "run"),
+                "--storage-driver",
+                "overlay",
+                "--storage-opt",
+                "overlay.skip_mount_home=true",
+                "push",
+                "--quiet",
+                reference,
+                f"oci-archive:{archive}:{name}",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        try:
+            # The archive lies on the host's disk, which the node's mount namespace sees.
+            self.ctr(pid, "images", "import", "--base-name", name.rsplit(":", 1)[0], str(archive))
+        finally:
+            archive.unlink(missing_ok=True)
+        self.ctr(pid, "images", "label", name, f"{STORE_DIGEST_LABEL}={digest}")
+
+    def _name_by_digest(self, pid: int, name: str) -> None:
+        """Also name the image by its manifest's digest (``<repository>@sha256:...``), as a
+        pulled image is: the kubelet then reports that as the container's ``imageID``."""
+        listed = self.ctr(pid, "images", "ls", f"name=={name}").stdout.decode().splitlines()
+        digest = listed[1].split()[2]
+        repository = name.rsplit(":", 1)[0]
+        self.ctr(pid, "images", "tag", "--force", name, f"{repository}@{digest}")
 
 
 def containerd_name(reference: str) -> str:

@@ -14,6 +14,7 @@ import hashlib
 import io
 import ipaddress
 import json
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,14 @@ class RealNodeSpec:
     gpus: int = 0
     labels: tuple[str, ...] = ()  # key=value
     taints: tuple[str, ...] = ()  # key[=value]:Effect
+
+
+def containerd_slots() -> Path:
+    """Where real nodes keep containerd's roots (images, snapshots) between clusters, one root
+    per running node (``real_node.claim_containerd_root``): in kubetune's cache, so a multi-GB
+    image is imported once per root, not once per cluster."""
+    cache = os.environ.get("KUBETUNE_CACHE_DIR") or str(Path.home() / ".cache" / "kubetune")
+    return Path(cache) / "containerd-roots"
 
 
 def node_id(home: Path, name: str) -> str:

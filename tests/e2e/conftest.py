@@ -1,8 +1,9 @@
 """The e2e suite's set-up, as a platform team does it: the two images built from the Dockerfile,
 kubetune installed through its Helm chart (the operator runs from its image as the chart's pod
-under the chart's ServiceAccount and security context, on a node that runs every container from
-its image), a tiny model and dataset written onto a PVC by a pod, FineTuneJobs applied with kubectl
-(their trainer pods run from the trainer image on that node: e2ekit.tiny_job)."""
+under the chart's ServiceAccount and security context, on the session's real node: the upstream
+kubelet with containerd and runc, which enforce them), a tiny model and dataset written onto a PVC
+by a pod, FineTuneJobs applied with kubectl (their trainer pods run from the trainer image on that
+node: e2ekit.tiny_job)."""
 
 from __future__ import annotations
 
@@ -14,15 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2ekit import REPO, SYSTEM_NAMESPACE, operator_pods
+from e2ekit import MLFLOW_SERVICE, REPO, SYSTEM_NAMESPACE, operator_pods
 
 from kubetune_devtools.installs import (
-    built_images,
     helm_env,
     helm_set_args,
-    image_node_chart_settings,
+    real_node_chart_settings,
+    real_node_state,
 )
-from kubetune_devtools.pytest_plugin import Kubectl, wait_for
+from kubetune_devtools.pytest_plugin import (
+    ClusterHandle,
+    Kubectl,
+    apply,
+    real_node_images,
+    wait_for,
+)
 
 Helm = Callable[..., subprocess.CompletedProcess[str]]
 
@@ -33,13 +40,15 @@ def kubetune_release(
     kubectl: Kubectl,
     kubeconfig_path: Path,
     tmp_path_factory: pytest.TempPathFactory,
-    image_node: str,
+    local_cluster: ClusterHandle,
+    real_node: str,
     request: pytest.FixtureRequest,
 ) -> Iterator[str]:
     """`helm install kubetune charts/kubetune`, watching every namespace, for this module, with
-    the chart's images (kubetune/operator and kubetune/trainer at the chart's appVersion) and
-    the module's own ``CHART_ARGS`` (helm arguments) where it has them."""
-    built_images("operator", "trainer")
+    the chart's images (kubetune/operator and kubetune/trainer at the chart's appVersion, in the
+    real node's containerd) and the module's own ``CHART_ARGS`` (helm arguments) where it has
+    them."""
+    real_node_images(local_cluster, "operator", "trainer")
     module_args = list(getattr(request.module, "CHART_ARGS", ()))
 
     def not_terminating() -> bool:
@@ -52,9 +61,9 @@ def kubetune_release(
     env = helm_env(kubeconfig_path, tmp_path_factory.mktemp("helm"))
     install = helm("upgrade", "--install", "kubetune", str(REPO / "charts" / "kubetune"),
                    "--namespace", SYSTEM_NAMESPACE, "--create-namespace",
-                   *helm_set_args(image_node_chart_settings()),
-                   # The journeys' MLflow server takes basic auth over plain http on loopback.
-                   "--set", "trainer.tracking.httpCredentialsHosts={127.0.0.1}",
+                   *helm_set_args(real_node_chart_settings(local_cluster.local().layout.home)),
+                   # The journeys' MLflow server takes basic auth over plain http in the cluster.
+                   "--set", f"trainer.tracking.httpCredentialsHosts={{{MLFLOW_SERVICE}}}",
                    *module_args, "--wait", "--timeout", "3m",
                    env=env, timeout=240)  # fmt: skip
     assert install.returncode == 0, install.stderr
@@ -82,10 +91,36 @@ def cpu_hog() -> Iterator[int]:
 
 
 @pytest.fixture(scope="module")
-def mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A real `mlflow server` (basic auth on) on the host's loopback: the local node runs pods
-    on the host's network, so the trainer reaches it at 127.0.0.1."""
+def mlflow(
+    tmp_path_factory: pytest.TempPathFactory,
+    kubectl: Kubectl,
+    local_cluster: ClusterHandle,
+    kubetune_release: str,
+) -> Iterator[Any]:
+    """A real `mlflow server` (basic auth on) on the host, on its side of the real node's link,
+    and a Service without selector whose EndpointSlice is that address: trainer pods reach it as
+    ``MLFLOW_SERVICE`` (cluster DNS, then kube-proxy), as they would an MLflow of the platform's
+    outside the cluster; the test reaches it at ``url``."""
     from kubetune_devtools.mlflow_server import mlflow_server
 
-    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
+    host = real_node_state(local_cluster.local().layout.home).host_address
+    with mlflow_server(
+        tmp_path_factory.mktemp("mlflow"), host=host, names=[MLFLOW_SERVICE]
+    ) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        name = MLFLOW_SERVICE.split(".")[0]
+        service = {
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+            "spec": {"ports": [{"name": "http", "port": 80, "targetPort": port}]},
+        }  # fmt: skip
+        endpoints = {
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": name, "labels": {"kubernetes.io/service-name": name}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [host]}],
+        }  # fmt: skip
+        apply(kubectl, kubetune_release, service, endpoints)
         yield server
+        kubectl("delete", "service", name, "-n", kubetune_release, check=False)
+        kubectl("delete", "endpointslice", name, "-n", kubetune_release, check=False)

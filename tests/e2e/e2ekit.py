@@ -10,12 +10,14 @@ from typing import Any, TypeVar
 
 import yaml
 
-from kubetune_devtools.pytest_plugin import Kubectl, apply, get_json, on_image_node, wait_for
+from kubetune_devtools.pytest_plugin import Kubectl, apply, get_json, on_real_node, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_EXAMPLE = REPO / "examples" / "tiny-cpu.yaml"
 SYSTEM_NAMESPACE = "kubetune-e2e"
 CLAIM = "kubetune-demo"
+#: The journeys' MLflow server, as trainer pods reach it (tests/e2e/conftest.py, ``mlflow``).
+MLFLOW_SERVICE = f"mlflow.{SYSTEM_NAMESPACE}.svc.cluster.local"
 T = TypeVar("T")
 
 
@@ -38,8 +40,9 @@ def seed_demo_claim(kubectl: Kubectl, namespace: str) -> None:
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
     }  # fmt: skip
     apply(kubectl, namespace, claim)
-    run_pod(kubectl, namespace, "seed-data",
-            ["python", "-m", "kubetune_devtools.tiny", f"/mnt/pvc/{CLAIM}"], timeout=180)  # fmt: skip
+    # Readable by the trainer's non-root user (the model's weights are written owner-only).
+    seed = f"python -m kubetune_devtools.tiny /mnt/pvc/{CLAIM} && chmod -R a+rX /mnt/pvc/{CLAIM}"
+    run_pod(kubectl, namespace, "seed-data", ["sh", "-c", seed], timeout=180)
 
 
 def run_pod(
@@ -70,10 +73,10 @@ def run_pod(
 
 def tiny_job(name: str = "tiny-reverse", **training: Any) -> dict[str, Any]:
     """examples/tiny-cpu.yaml, renamed, with its training section adjusted, scheduled onto the
-    node that runs containers from their images (the trainer image, not the host's Python)."""
+    real node (the trainer image, under its limits and security context)."""
     manifest: dict[str, Any] = yaml.safe_load(TINY_EXAMPLE.read_text())
     manifest["metadata"]["name"] = name
-    manifest["spec"]["scheduling"] = on_image_node()
+    manifest["spec"]["scheduling"] = on_real_node()
     manifest["spec"]["training"].update(training)
     manifest["spec"]["output"]["uri"] = f"pvc://{CLAIM}/adapters/{name}"
     return manifest

@@ -15,12 +15,22 @@ import pytest
 from e2ekit import CLAIM, SYSTEM_NAMESPACE, seed_demo_claim
 from openai import OpenAI
 
-from kubetune.local.ports import free_port
-from kubetune_devtools.pytest_plugin import IMAGES_ONLY, Kubectl, apply, get_json, on_image_node
+from kubetune.local.components import SERVICE_CLUSTER_IP_RANGE
+from kubetune_devtools.pytest_plugin import (
+    REAL_NODE_ONLY,
+    ClusterHandle,
+    Kubectl,
+    apply,
+    get_json,
+    on_real_node,
+    port_forward,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("kubetune_release")]
 
-PORT = free_port()  # the local node's pods share the host's network
+PORT = 8080  # the server's Service and container port
+#: The server as trainer pods reach it, to download what was uploaded (cluster DNS, kube-proxy).
+IN_CLUSTER = f"http://kubetune-server.{SYSTEM_NAMESPACE}.svc.cluster.local:{PORT}"
 TEMPLATE: dict[str, Any] = {
     "quantization": {"type": "nf4", "computeDtype": "float32"},
     "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
@@ -30,23 +40,23 @@ TEMPLATE: dict[str, Any] = {
         "loggingSteps": 1, "gradientCheckpointing": False,
     },
     "resources": {"gpus": 0, "cpu": "1", "memory": "4Gi", "shmSize": "256Mi"},
-    "scheduling": on_image_node(),
+    "scheduling": on_real_node(),
 }  # fmt: skip
-KEY = IMAGES_ONLY.replace(".", "\\.")
+KEY = REAL_NODE_ONLY.replace(".", "\\.")
 CHART_ARGS = [
     "--set", "server.enabled=true",
     "--set", f"server.port={PORT}",
-    "--set", f"server.datasetBaseUrl=http://127.0.0.1:{PORT}",
+    "--set", f"server.datasetBaseUrl={IN_CLUSTER}",
     "--set", "server.rateLimitPerSecond=0",
     "--set", f"server.outputUri=pvc://{CLAIM}/adapters/{{job}}",
     "--set-json", f'server.models={{"tiny": "pvc://{CLAIM}/model"}}',
     "--set-json", f"server.jobTemplate={json.dumps(TEMPLATE)}",
     "--set", f"server.nodeSelector.{KEY}=only",
-    "--set", f"server.tolerations[0].key={IMAGES_ONLY}",
+    "--set", f"server.tolerations[0].key={REAL_NODE_ONLY}",
     "--set", "server.tolerations[0].operator=Exists",
     "--set", "server.tolerations[0].effect=NoSchedule",
-    # Trainers download uploads from the server, on the host's loopback here.
-    "--set", "trainer.downloadAllowedCIDRs={127.0.0.0/8}",
+    # Trainers download uploads from the server, through its Service.
+    "--set", f"trainer.downloadAllowedCIDRs={{{SERVICE_CLUSTER_IP_RANGE}}}",
 ]  # fmt: skip
 TENANT_RULES = [
     {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"],
@@ -82,13 +92,19 @@ def tenant_token(kubectl: Kubectl, namespace: str) -> str:
 
 
 def test_an_upload_trains_through_the_chart_started_server_to_the_adapter_it_names(
-    kubectl: Kubectl, namespace: str, tiny_assets: Path
+    kubectl: Kubectl, namespace: str, tiny_assets: Path, local_cluster: ClusterHandle
 ) -> None:
     seed_demo_claim(kubectl, namespace)
-    client = OpenAI(
-        api_key=tenant_token(kubectl, namespace), base_url=f"http://127.0.0.1:{PORT}/v1",
-        project=namespace, max_retries=0, timeout=60,
-    )  # fmt: skip
+    server = port_forward(local_cluster, SYSTEM_NAMESPACE, "service/kubetune-server", PORT)
+    with server as local_port:
+        client = OpenAI(
+            api_key=tenant_token(kubectl, namespace), base_url=f"http://127.0.0.1:{local_port}/v1",
+            project=namespace, max_retries=0, timeout=60,
+        )  # fmt: skip
+        run_upload(kubectl, namespace, tiny_assets, client)
+
+
+def run_upload(kubectl: Kubectl, namespace: str, tiny_assets: Path, client: OpenAI) -> None:
     dataset = tiny_assets / "data" / "reverse-prompt-completion.jsonl"
     with dataset.open("rb") as handle:
         uploaded = client.files.create(file=(dataset.name, handle), purpose="fine-tune")

@@ -1,7 +1,8 @@
-"""Pods from images on the local node: each container runs in its image's root filesystem (the
-operator image `make images` builds from the Dockerfile) with the image's ENTRYPOINT, CMD, ENV,
-WORKDIR and USER under the pod's overrides; an image the node doesn't have waits as on a real
-node. These pods run on the session's node without host images (docs/local-cluster.md)."""
+"""Pods from images on the real node (``real_node``: the upstream kubelet with containerd and
+runc): each container runs in its image's root filesystem (the operator image `make images`
+builds from the Dockerfile, imported into the node's containerd) with the image's ENTRYPOINT,
+CMD, ENV, WORKDIR and USER under the pod's overrides; an image the node doesn't have waits, as
+the node reaches no registry."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from kubetune_devtools.pytest_plugin import (
     Kubectl,
     apply,
     get_json,
-    on_image_node,
+    on_real_node,
     pod_manifest,
     run_to_end,
     wait_for,
@@ -36,7 +37,7 @@ def image_pod(name: str, image: str, **container: Any) -> dict[str, Any]:
     return pod_manifest(
         name,
         {"name": "main", "image": image, **container},
-        **on_image_node(),
+        **on_real_node(),
         securityContext=pod_security,
     )
 
@@ -49,7 +50,7 @@ def waiting_reason(kubectl: Kubectl, namespace: str, name: str) -> str | None:
 
 
 def test_image_entrypoint_runs_with_the_pods_args_as_the_images_user(
-    kubectl: Kubectl, namespace: str, image_node: str
+    kubectl: Kubectl, namespace: str, real_node: str
 ) -> None:
     pod = run_to_end(
         kubectl, namespace, image_pod("entrypoint", OPERATOR_IMAGE, args=["--help"]), 60
@@ -57,11 +58,12 @@ def test_image_entrypoint_runs_with_the_pods_args_as_the_images_user(
     assert pod["status"]["phase"] == "Succeeded", kubectl("logs", "entrypoint", "-n", namespace)
     assert "usage: kubetune-operator" in kubectl("logs", "entrypoint", "-n", namespace).stdout
     status = pod["status"]["containerStatuses"][0]
-    assert status["imageID"].startswith("kubetune/operator@sha256:")
+    assert status["image"] == f"docker.io/{OPERATOR_IMAGE}"
+    assert status["imageID"].startswith("docker.io/kubetune/operator@sha256:")
 
 
 def test_container_root_is_the_images_read_only_root_with_its_env_user_and_volumes(
-    kubectl: Kubectl, namespace: str, image_node: str
+    kubectl: Kubectl, namespace: str, real_node: str
 ) -> None:
     script = (
         "cat /opt/kubetune/IMAGE-VERSION; id -u; echo PATH=$PATH; pwd;"
@@ -90,7 +92,7 @@ def test_container_root_is_the_images_read_only_root_with_its_env_user_and_volum
 
 
 def test_pod_overrides_user_env_and_working_dir_of_the_image(
-    kubectl: Kubectl, namespace: str, image_node: str
+    kubectl: Kubectl, namespace: str, real_node: str
 ) -> None:
     pod = image_pod(
         "overrides",
@@ -106,19 +108,26 @@ def test_pod_overrides_user_env_and_working_dir_of_the_image(
     assert log == ["4242", "4343", "no", "/opt/kubetune"]
 
 
-def test_run_as_non_root_refuses_an_image_user_of_root(
-    kubectl: Kubectl, namespace: str, image_node: str
+def test_run_as_non_root_refuses_a_user_of_root_and_the_pod_waits(
+    kubectl: Kubectl, namespace: str, real_node: str
 ) -> None:
     as_root = {"runAsNonRoot": True, "runAsUser": 0}
     pod = image_pod("as-root", OPERATOR_IMAGE, command=["true"], securityContext=as_root)
+    apply(kubectl, namespace, pod)
 
-    status = run_to_end(kubectl, namespace, pod, 60)["status"]
-    assert status["phase"] == "Failed"
-    assert "runAsNonRoot" in status["containerStatuses"][0]["state"]["terminated"]["message"]
+    wait_for(
+        lambda: waiting_reason(kubectl, namespace, "as-root") == "CreateContainerConfigError",
+        60,
+        "CreateContainerConfigError",
+    )
+    pod = get_json(kubectl, "pod", "as-root", "-n", namespace)
+    assert pod["status"]["phase"] == "Pending"
+    message = pod["status"]["containerStatuses"][0]["state"]["waiting"]["message"]
+    assert "non-root" in message
 
 
 def test_absent_image_with_pull_policy_never_waits_with_err_image_never_pull(
-    kubectl: Kubectl, namespace: str, image_node: str
+    kubectl: Kubectl, namespace: str, real_node: str
 ) -> None:
     apply(
         kubectl,
@@ -138,7 +147,7 @@ def test_absent_image_with_pull_policy_never_waits_with_err_image_never_pull(
 
 
 def test_absent_image_otherwise_backs_off_pulling_it(
-    kubectl: Kubectl, namespace: str, image_node: str
+    kubectl: Kubectl, namespace: str, real_node: str
 ) -> None:
     apply(kubectl, namespace, image_pod("unpullable", "kubetune/absent:2", command=["true"]))
 

@@ -5,6 +5,7 @@ seccomp profile) as the pod's own process sees it, and memory limits (``OOMKille
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import os
@@ -186,12 +187,30 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def host_links() -> str:
+    return subprocess.run(["ip", "-br", "link"], capture_output=True, text=True, check=True).stdout
+
+
+def root_free(root: Path) -> bool:
+    """No node holds the containerd root ``root`` (its slot's lock can be taken)."""
+    lock = os.open(root.with_name(f"{root.name}.lock"), os.O_RDWR)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(lock)
+    return True
+
+
 def test_a_crashed_real_node_leaves_nothing_on_the_host_once_stopped(
-    local_cluster: ClusterHandle, kubectl: Kubectl, namespace: str
+    local_cluster: ClusterHandle, kubectl: Kubectl, namespace: str, real_node: str
 ) -> None:
     """What ``kubetune local down`` does for each real node of its cluster, after the node's
     supervisor died without cleaning up (SIGKILL): its kubelet, containerd, shims and pods are
-    killed, and its cgroups, host link and mounts are gone."""
+    killed, and its cgroups, host link and mounts are gone. Two nodes running at once keep their
+    images in two containerd roots; the crashed node's is free for the next node once it is
+    stopped."""
     local = local_cluster.local()
     name = "kubetune-test-crash"
     only = f"{REAL_NODE_ONLY}-crash"
@@ -219,15 +238,19 @@ def test_a_crashed_real_node_leaves_nothing_on_the_host_once_stopped(
         }
         supervisor = local.process(real.process_name).pid()
         assert supervisor is not None
+        root = real.containerd_root()
+        assert root != RealNode(local.layout.home, real_node).containerd_root()
+        assert not root_free(root)
 
         os.kill(supervisor, signal.SIGKILL)
         local.stop_real_node(name)
 
         assert not [c for c in cgroups if c.exists()]
         assert not [pid for pid in pids if alive(pid)]
-        links = subprocess.run(["ip", "-br", "link"], capture_output=True, text=True, check=True)
-        assert host_link_name(real.ident) not in links.stdout
+        # The kernel removes a dead namespace's veth in the background.
+        wait_for(lambda: host_link_name(real.ident) not in host_links(), 60, "the host link to go")
         assert str(real.state_dir) not in Path("/proc/self/mountinfo").read_text()
+        assert root_free(root)
     finally:
         local.stop_real_node(name)
         kubectl("delete", "node", name, "--wait=false", check=False)

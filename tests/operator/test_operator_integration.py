@@ -32,7 +32,7 @@ from kubetune_devtools.pytest_plugin import (
     Kubectl,
     get_json,
     install_crd,
-    on_image_node,
+    on_real_node,
     temporary_namespace,
     wait_for,
 )
@@ -996,11 +996,11 @@ def test_a_job_named_like_someone_elses_job_fails_and_never_touches_it(
 
 
 def test_a_trainer_image_the_node_does_not_have_keeps_the_job_pending_image_pull_back_off(
-    operator: OperatorProcess, kubectl: Kubectl, namespace: str, image_node: str
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str, real_node: str
 ) -> None:
-    """The images-only node runs containers from its image store and pulls nothing: the test
-    operator's trainer image isn't there, so the kubelet-style node reports a failed pull."""
-    placement = on_image_node()
+    """The real node pulls nothing (it reaches no registry): the test operator's trainer image
+    isn't in its containerd, so the kubelet reports a failed pull."""
+    placement = on_real_node()
     spec = sleeper_spec(1, scheduling={
         "nodeSelector": placement["nodeSelector"], "tolerations": placement["tolerations"],
     })  # fmt: skip

@@ -3,6 +3,7 @@ values, the images built from the Dockerfile, and the operator's Prometheus endp
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import subprocess
@@ -13,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from kubetune.local.ports import free_port
-from kubetune_devtools.pytest_plugin import IMAGES_ONLY
+from kubetune.local.real_node import NodeState, RealNode
+from kubetune.local.real_node_config import cluster_dns
+from kubetune_devtools.pytest_plugin import REAL_NODE, REAL_NODE_ONLY
 
 
 def helm_env(kubeconfig: Path, home: Path) -> dict[str, str]:
@@ -75,24 +78,35 @@ def built_images(*targets: str) -> Path:
     return Path(result.stdout.strip().splitlines()[-1])
 
 
-def image_node_chart_settings() -> list[str]:
-    """The chart's values (``--set`` form) for an operator running from its image on
-    ``image_node``, with quick status; the trainer keeps the chart's security context."""
-    key = IMAGES_ONLY.replace(".", "\\.")
+def real_node_state(home: Path, name: str = REAL_NODE) -> NodeState:
+    """What real node ``name`` of the cluster in ``home`` runs with: its pods' network, its link
+    to the host."""
+    return NodeState.load(RealNode(home, name).state_dir)
+
+
+def real_node_chart_settings(home: Path) -> list[str]:
+    """The chart's values (``--set`` form) for a release whose operator and trainers run on the
+    session's real node (``real_node``, of the cluster in ``home``), with quick status. The
+    trainer keeps the chart's security context and its NetworkPolicy, told where this cluster's
+    DNS is (as docs/install.md asks of any cluster; they find the progress Service by name) and
+    let through to the real node's pods and its link to the host (where the journeys' MLflow
+    server and kubetune-server answer), which the default excepts with the rest of 10.0.0.0/8."""
+    node = real_node_state(home)
+    key = REAL_NODE_ONLY.replace(".", "\\.")
+    dns = cluster_dns(ipaddress.IPv4Network(node.pod_network))
+    link = ipaddress.IPv4Network(f"{node.host_address}/{node.prefix_length}", strict=False)
+    egress = ["0.0.0.0/0", "::/0", node.pod_network, str(link)]
     return [
-        f"operator.healthPort={free_port()}",  # the local node's pods share the host network
-        f"operator.metricsPort={free_port()}",
-        # Trainers on the host-network node reach the operator's progress port on loopback (no
-        # Service routing there), so the chart's certificate names that address.
-        *progress_settings(free_port()),
-        "replicaCount=1",  # replicas on one host-network node would share those ports
+        "replicaCount=1",
         "operator.jsonLogs=false",
         "operator.progressIntervalSeconds=1",
         "operator.statusRecheckSeconds=5",
         f"nodeSelector.{key}=only",
-        f"tolerations[0].key={IMAGES_ONLY}",
+        f"tolerations[0].key={REAL_NODE_ONLY}",
         "tolerations[0].operator=Exists",
         "tolerations[0].effect=NoSchedule",
+        f"trainer.networkPolicy.dns.cidrs={{{dns}/32}}",
+        f"trainer.networkPolicy.egressCIDRs={{{','.join(egress)}}}",
     ]
 
 

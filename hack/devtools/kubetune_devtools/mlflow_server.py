@@ -1,8 +1,9 @@
 """A real MLflow tracking server for the tests (``mlflow server``, from kubetune's dev extra).
 
-Started on a free loopback port with a sqlite backend and a local artifact root under ``root``,
-with MLflow's basic-auth app on: a run lands only when the trainer presents the admin's
-credentials, so a test that sees the run also sees that the credentials reached the trainer.
+Started on a free port (of loopback, or of the address given) with a sqlite backend and a local
+artifact root under ``root``, with MLflow's basic-auth app on: a run lands only when the trainer
+presents the admin's credentials, so a test that sees the run also sees that the credentials
+reached the trainer.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +41,9 @@ class MlflowServer:
         return MlflowClient(tracking_uri=self.url)
 
 
-def _free_port() -> int:
+def _free_port(host: str) -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 
@@ -57,12 +58,20 @@ def _answers(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def mlflow_server(root: Path, *, startup_seconds: float = 600) -> Iterator[MlflowServer]:
+def mlflow_server(
+    root: Path,
+    *,
+    host: str = "127.0.0.1",
+    names: Sequence[str] = (),
+    startup_seconds: float = 600,
+) -> Iterator[MlflowServer]:
     """``mlflow server`` with basic auth, until the block ends; its process group is stopped.
 
     It is waited for while it lives: about 15 s on an idle machine, but its imports (the CLI's,
     then uvicorn's worker's) took over 5 minutes on a 2-core machine under a load of 25; the cap
-    only stops a server that hangs."""
+    only stops a server that hangs. Requests naming ``host`` or one of ``names`` (with any port)
+    get through MLflow's Host header check; with no ``names``, its defaults (loopback and private
+    addresses)."""
     root.mkdir(parents=True, exist_ok=True)
     password = "pw-" + secrets.token_hex(16)
     config = root / "basic_auth.ini"
@@ -75,8 +84,8 @@ def mlflow_server(root: Path, *, startup_seconds: float = 600) -> Iterator[Mlflo
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
         encoding="utf-8",
     )
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
+    port = _free_port(host)
+    url = f"http://{host}:{port}"
     log = root / "server.log"
     env = {
         **os.environ,
@@ -92,9 +101,11 @@ def mlflow_server(root: Path, *, startup_seconds: float = 600) -> Iterator[Mlflo
         process = subprocess.Popen(
             [
                 str(mlflow), "server", "--app-name", "basic-auth",
-                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                "--host", host, "--port", str(port), "--workers", "1",
                 "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                 "--default-artifact-root", (root / "artifacts").as_uri(),
+                *(["--allowed-hosts", ",".join(f"{n},{n}:*" for n in (host, *names))]
+                  if names else []),
             ],
             cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip

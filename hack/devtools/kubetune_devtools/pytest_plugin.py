@@ -15,6 +15,7 @@ settings for installing the chart on the local cluster.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -224,35 +225,6 @@ def placed_on(key: str) -> dict[str, Any]:
     }
 
 
-IMAGE_NODE = "kubetune-test-images"
-# The image node's label and taint: only pods that select and tolerate it run there.
-IMAGES_ONLY = "kubetune.io/images-only"
-
-
-@pytest.fixture(scope="session")
-def image_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[str]:
-    """A node that runs every container from its image (no host images), for the session;
-    tainted and labelled ``kubetune.io/images-only=only`` (see ``on_image_node``)."""
-    local = local_cluster.local()
-    local.start_node_agent(
-        NodeOptions(
-            name=IMAGE_NODE,
-            gpus=0,
-            **dedicated_to(IMAGES_ONLY),
-            host_images=(),
-        )
-    )
-    local.wait_node_ready(IMAGE_NODE, timeout=60)
-    yield IMAGE_NODE
-    local.node_agent_process(IMAGE_NODE).stop()
-    kubectl("delete", "node", IMAGE_NODE, "--wait=false", check=False)
-
-
-def on_image_node() -> dict[str, Any]:
-    """The pod-spec fields (nodeSelector, tolerations) that put a pod on ``image_node``."""
-    return placed_on(IMAGES_ONLY)
-
-
 REAL_NODE = "kubetune-test-kubelet"
 # The real node's label and taint: only pods that select and tolerate it run there.
 REAL_NODE_ONLY = "kubetune.io/real-node"
@@ -287,6 +259,17 @@ def real_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[str]:
 def on_real_node() -> dict[str, Any]:
     """The pod-spec fields (nodeSelector, tolerations) that put a pod on ``real_node``."""
     return placed_on(REAL_NODE_ONLY)
+
+
+def real_node_images(local_cluster: ClusterHandle, *targets: str) -> None:
+    """Build the Dockerfile's ``targets`` (at once when cached) and put them into the session's
+    real node's containerd, unless it holds them already (the same digest)."""
+    from kubetune_devtools.installs import built_images, project_version
+
+    built_images(*targets)
+    local_cluster.local().import_images(
+        REAL_NODE, [f"kubetune/{target}:{project_version()}" for target in targets]
+    )
 
 
 #: A pod's program (``python -c``): answers ``echo`` to every connection on port 8080.
@@ -435,6 +418,33 @@ def python_pod_on_real_node(
     return pod_manifest(name, main, **on_real_node(), **spec)
 
 
+@contextlib.contextmanager
+def port_forward(
+    handle: ClusterHandle, namespace: str, target: str, port: int, timeout: float = 120
+) -> Iterator[int]:
+    """``kubectl port-forward`` from a free loopback port of the host to ``port`` of ``target``
+    (``service/NAME``, ``pod/NAME``) while the block runs; yields the local port. The host
+    reaches no pod address of a real node directly (docs/local-cluster.md)."""
+    process = subprocess.Popen(
+        [str(handle.kubectl_binary), "--kubeconfig", str(handle.kubeconfig), "port-forward",
+         "-n", namespace, target, f":{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        # "Forwarding from 127.0.0.1:41235 -> 8080", once it listens; nothing if it exits.
+        first = process.stdout.readline()
+        found = re.search(r"127\.0\.0\.1:(\d+) ->", first)
+        if not found:
+            process.kill()
+            _, err = process.communicate(timeout=timeout)
+            raise AssertionError(f"kubectl port-forward {target}: {first}{err}")
+        yield int(found[1])
+    finally:
+        process.kill()
+        process.wait(timeout=timeout)
+
+
 def pod_ip_once_running(
     kubectl: Kubectl, namespace: str, name: str, timeout: float, what: str
 ) -> str:
@@ -480,7 +490,6 @@ __all__ = [
     "dedicated_to",
     "get_json",
     "gpu_node",
-    "image_node",
     "jobset",
     "kube_api",
     "kubeconfig_path",
@@ -489,13 +498,14 @@ __all__ = [
     "local_cluster",
     "minimal_finetunejob",
     "namespace",
-    "on_image_node",
     "on_real_node",
     "placed_on",
     "pod_ip_once_running",
     "pod_manifest",
+    "port_forward",
     "python_pod_on_real_node",
     "real_node",
+    "real_node_images",
     "run_to_end",
     "temporary_namespace",
     "wait_for",
