@@ -34,8 +34,12 @@ if [ "$(id -u)" = 0 ]; then
 from kubetune.local.layout import default_home
 from kubetune.local.real_node import NodeState, RealNode
 node = NodeState.load(RealNode(default_home(), "kubetune-local").state_dir)
-print(ipaddress.IPv4Network(node.pod_network).network_address + 1)')
-  chart_args=(--set "trainer.networkPolicy.dns.cidrs={$dns/32}")
+print(ipaddress.IPv4Network(node.pod_network).network_address + 1, node.pod_network)')
+  read -r dns pods <<<"$dns"
+  # Trainers of jobs made through kubetune-server download their data from its pod (on this
+  # node's pod network, which the default egress excepts with the rest of 10.0.0.0/8).
+  chart_args=(--set "trainer.networkPolicy.dns.cidrs={$dns/32}"
+    --set "trainer.networkPolicy.egressCIDRs={0.0.0.0/0,::/0,$pods}")
 else
   step "Starting the local cluster (not root: a node agent that runs pods as processes)"
   kubetune local up
@@ -50,9 +54,22 @@ fi
 KUBECONFIG=$(kubetune local kubeconfig)
 export KUBECONFIG
 
-step "Installing kubetune (CRD, operator, RBAC) with helm"
+# kubetune-server: the OpenAI-compatible fine-tuning API and the console (docs/api.md,
+# docs/console.md), offering the tiny model with the example's settings as every job's template.
+template=$(python -c 'import json, yaml
+spec = yaml.safe_load(open("examples/tiny-cpu.yaml"))["spec"]
+for field in ("model", "dataset", "output"):
+    spec.pop(field, None)
+print(json.dumps(spec))')
+server_args=(--set server.enabled=true --set server.defaultNamespace=default
+  --set 'server.outputUri=pvc://kubetune-demo/adapters/{job}'
+  --set-json 'server.models={"tiny-llama": "pvc://kubetune-demo/model"}'
+  --set-json "server.jobTemplate=$template"
+  --set "trainer.downloadAllowedCIDRs={10.0.0.0/8}")
+
+step "Installing kubetune (CRD, operator, RBAC, kubetune-server) with helm"
 "$helm" upgrade --install kubetune charts/kubetune \
-  --namespace kubetune-system --create-namespace "${chart_args[@]}" \
+  --namespace kubetune-system --create-namespace "${chart_args[@]}" "${server_args[@]}" \
   --set operator.jsonLogs=false --set operator.progressIntervalSeconds=2 \
   --wait --timeout 5m
 kubectl -n kubetune-system rollout status deploy/kubetune --timeout=120s
@@ -100,6 +117,12 @@ Try:   export KUBECONFIG=$KUBECONFIG
        kubectl get ftj -o wide                 # printer columns
        kubectl describe ftj tiny-reverse       # conditions and events
        kubetune local status                   # what runs
+The OpenAI-compatible API and the console (kubetune-server), as a user of namespace default:
+       kubectl create serviceaccount demo-user
+       kubectl create rolebinding demo-user --clusterrole=edit --serviceaccount=default:demo-user
+       kubectl -n kubetune-system port-forward svc/kubetune-server 8080 &
+       kubectl create token demo-user          # the bearer token: OPENAI_API_KEY, or the console's login
+       open http://127.0.0.1:8080/ui           # the console; the API is http://127.0.0.1:8080/v1
 Stop:  make demo-down
 TXT
 else
