@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,6 +146,23 @@ def cel_rules(node: Any) -> list[dict[str, str]]:
 #: For each CEL rule's message: a manifest that breaks it, a close one that keeps it, and what
 #: the models' offline message says. Both layers must refuse the first and accept the second.
 OCI_OUTPUT = "oci://registry.example.com/team/adapter:v1"
+#: The URI rules every optional URI field shares: (rule, a URI it refuses, one it keeps, what the
+#: models say of the refused one).
+PVC_URI_RULES = (
+    ("must not contain '..' segments", "pvc://claim/x/../../y", "pvc://claim/x/..y",
+     "must not contain '..'"),
+    ("must be of the form pvc://<claim-name>/<path>", "pvc://Claim_1/x", "pvc://claim-1/x",
+     "is not of the form pvc://"),
+)  # fmt: skip
+#: The optional URI fields with those rules: (the rules' name, the field, a spec with that URI).
+PVC_URI_FIELDS: tuple[tuple[str, str, Callable[[str], dict[str, Any]]], ...] = (
+    ("dataset.evalUri", "dataset.evalUri",
+     lambda uri: with_spec(dataset={"uri": "pvc://claim/d", "evalUri": uri})),
+    ("output.checkpointUri", "output.checkpointUri",
+     lambda uri: with_spec(output={"uri": OCI_OUTPUT, "checkpointUri": uri})),
+)  # fmt: skip
+
+
 CEL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
     "dataset.format must be one method.type trains on (sft: text, messages, prompt-completion, "
     "alpaca; dpo: preference; kto: preference, unpaired-preference) or auto": (
@@ -245,46 +263,13 @@ CEL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
         for what in ("model", "dataset", "output")
     },
     **{
-        f"dataset.evalUri URI {rule}": (
-            with_spec(dataset={"uri": "pvc://claim/d", "evalUri": broken}),
-            with_spec(dataset={"uri": "pvc://claim/d", "evalUri": kept}),
-            f"spec.dataset.evalUri: dataset.evalUri URI {broken!r} {offline}",
+        f"{what} URI {rule}": (
+            spec_with(broken),
+            spec_with(kept),
+            f"spec.{field}: {what} URI {broken!r} {offline}",
         )
-        for rule, broken, kept, offline in (
-            (
-                "must not contain '..' segments",
-                "pvc://claim/x/../../y",
-                "pvc://claim/x/..y",
-                "must not contain '..'",
-            ),
-            (
-                "must be of the form pvc://<claim-name>/<path>",
-                "pvc://Claim_1/x",
-                "pvc://claim-1/x",
-                "is not of the form pvc://",
-            ),
-        )
-    },
-    **{
-        f"output.checkpointUri URI {rule}": (
-            with_spec(output={"uri": OCI_OUTPUT, "checkpointUri": broken}),
-            with_spec(output={"uri": OCI_OUTPUT, "checkpointUri": kept}),
-            f"spec.output.checkpointUri: output.checkpointUri URI {broken!r} {offline}",
-        )
-        for rule, broken, kept, offline in (
-            (
-                "must not contain '..' segments",
-                "pvc://claim/x/../../y",
-                "pvc://claim/x/..y",
-                "must not contain '..'",
-            ),
-            (
-                "must be of the form pvc://<claim-name>/<path>",
-                "pvc://Claim_1/x",
-                "pvc://claim-1/x",
-                "is not of the form pvc://",
-            ),
-        )
+        for what, field, spec_with in PVC_URI_FIELDS
+        for rule, broken, kept, offline in PVC_URI_RULES
     },
     **{
         f"model.adapter URI {rule}": (
@@ -293,18 +278,7 @@ CEL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
             f"spec.model.adapter.uri: model.adapter URI {broken!r} {offline}",
         )
         for rule, broken, kept, offline in (
-            (
-                "must not contain '..' segments",
-                "pvc://claim/x/../../y",
-                "pvc://claim/x/..y",
-                "must not contain '..'",
-            ),
-            (
-                "must be of the form pvc://<claim-name>/<path>",
-                "pvc://Claim_1/x",
-                "pvc://claim-1/x",
-                "is not of the form pvc://",
-            ),
+            *PVC_URI_RULES,
             (
                 "must be of the form oci://<registry>[:<port>]/<repository>[:<tag>|@sha256:<digest>] "
                 "with a lowercase repository",
