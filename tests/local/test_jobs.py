@@ -1,4 +1,5 @@
-"""batch/v1 Jobs run by the real Job controller on the process-based node."""
+"""batch/v1 Jobs run by the real Job controller on the local cluster's real node (``real_node``:
+the upstream kubelet with containerd and runc), in the operator image (``operator_image``)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,16 @@ from typing import Any
 
 import pytest
 
-from kubetune_devtools.pytest_plugin import Kubectl, apply, get_json, wait_for
+from kubetune_devtools.pytest_plugin import (
+    Kubectl,
+    apply,
+    get_json,
+    on_real_node,
+    operator_image,
+    wait_for,
+)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("real_node")]
 
 
 def job(name: str, script: str, **spec: Any) -> dict[str, Any]:
@@ -23,8 +31,14 @@ def job(name: str, script: str, **spec: Any) -> dict[str, Any]:
                 "spec": {
                     "restartPolicy": "Never",
                     "containers": [
-                        {"name": "main", "image": "busybox", "command": ["sh", "-c", script]}
+                        {
+                            "name": "main",
+                            "image": operator_image(),
+                            "imagePullPolicy": "Never",
+                            "command": ["sh", "-c", script],
+                        }
                     ],
+                    **on_real_node(),
                 }
             },
         },
@@ -116,6 +130,8 @@ def test_deleting_the_owner_garbage_collects_the_job_and_its_pods(
         "get", "configmap", "owner", "-n", namespace, "-o", "jsonpath={.metadata.uid}"
     ).stdout
     manifest = job("owned", "sleep 300")
+    # The shell, pid 1 of its container, ignores SIGTERM: no grace to wait out.
+    manifest["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 0
     manifest["metadata"]["ownerReferences"] = [
         {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner_uid}
     ]

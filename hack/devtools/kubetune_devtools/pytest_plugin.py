@@ -177,11 +177,13 @@ AddNode = Callable[..., str]
 
 @pytest.fixture
 def add_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[AddNode]:
-    """Start another node agent: ``add_node("gpu-a", gpus=2, labels=[...], taints=[...])``.
+    """Start another node: ``add_node("gpu-a", gpus=2, labels=[...], taints=[...])``, a node
+    agent, or with ``kind="kubelet"`` a real node (as ``real_node``, root only) holding the
+    operator image (``operator_image()``).
 
     The node is stopped and deleted after the test.
     """
-    started: list[str] = []
+    started: list[tuple[str, str]] = []
 
     def add(
         name: str,
@@ -189,19 +191,36 @@ def add_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[AddNode
         labels: Sequence[str] = (),
         taints: Sequence[str] = (),
         host_images: Sequence[str] = HOST_IMAGES,
+        kind: str = "agent",
     ) -> str:
+        local = local_cluster.local()
+        if kind == "kubelet":
+            if os.geteuid() != 0:
+                pytest.skip("a real node (kubelet, containerd, runc) needs root")
+            from kubetune_devtools.installs import built_images
+
+            built_images("operator")
+            node = NodeOptions(
+                name=name, gpus=gpus, labels=labels, taints=taints, kind=kind,
+                images=(operator_image(),),
+            )  # fmt: skip
+            started.append((name, kind))
+            local.start_real_node(node)
+            return name
         node = NodeOptions(
             name=name, gpus=gpus, labels=labels, taints=taints, host_images=host_images
         )
-        local = local_cluster.local()
         local.start_node_agent(node)
-        started.append(name)
+        started.append((name, kind))
         local.wait_node_ready(name, timeout=60)
         return name
 
     yield add
-    for name in started:
-        local_cluster.local().node_agent_process(name).stop()
+    for name, kind in started:
+        if kind == "kubelet":
+            local_cluster.local().stop_real_node(name)
+        else:
+            local_cluster.local().node_agent_process(name).stop()
         kubectl("delete", "node", name, "--wait=false", check=False)
 
 
@@ -254,6 +273,14 @@ def real_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[str]:
     yield REAL_NODE
     local.stop_real_node(REAL_NODE)
     kubectl("delete", "node", REAL_NODE, "--wait=false", check=False)
+
+
+def operator_image() -> str:
+    """The operator image of ``make images`` (``real_node`` holds it): a slim Python with
+    kubetune and a shell, the stand-in image of the tests' pods on a real node."""
+    from kubetune_devtools.installs import project_version
+
+    return f"kubetune/operator:{project_version()}"
 
 
 def on_real_node() -> dict[str, Any]:
@@ -406,11 +433,9 @@ def python_pod_on_real_node(
     """A Pod ``name`` on ``real_node`` that runs ``python -c program args`` once in the operator
     image (which the real node has in its containerd), with ``container``'s other container
     fields and ``spec``'s other pod-spec fields."""
-    from kubetune_devtools.installs import project_version
-
     main = {
         "name": "main",
-        "image": f"kubetune/operator:{project_version()}",
+        "image": operator_image(),
         "imagePullPolicy": "Never",
         "command": ["python", "-c", program, *args],
         **(container or {}),
@@ -499,6 +524,7 @@ __all__ = [
     "minimal_finetunejob",
     "namespace",
     "on_real_node",
+    "operator_image",
     "placed_on",
     "pod_ip_once_running",
     "pod_manifest",
