@@ -35,28 +35,34 @@ class ProgressTls:
         return self.ca.cert.read_text()
 
 
-_TLS: list[ProgressTls] = []
+_TLS: dict[tuple[str, ...], ProgressTls] = {}
 
 
-def progress_tls() -> ProgressTls:
-    """One CA and serving certificate (127.0.0.1, localhost) for every operator of the session,
-    made with openssl as the local cluster makes its own."""
-    if not _TLS:
-        directory = Path(tempfile.mkdtemp(prefix="kubetune-progress-tls-"))
-        ca = KeyPair.named(directory, "ca")
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-nodes", "-keyout", str(ca.key), "-out", str(ca.cert), "-days", "30",
-             "-subj", "/CN=kubetune-progress-test-ca",
-             "-addext", "basicConstraints=critical,CA:TRUE",
-             "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        cert = KeyPair.named(directory, "progress")
-        signed_cert(ca, cert, "/CN=kubetune-progress", usage="serverAuth",
-                    alt_names=["IP:127.0.0.1", "DNS:localhost"])  # fmt: skip
-        _TLS.append(ProgressTls(ca, cert))
-    return _TLS[0]
+def progress_tls(*addresses: str) -> ProgressTls:
+    """One CA for every operator of the session, and a serving certificate for 127.0.0.1,
+    localhost and ``addresses`` (IPs), made with openssl as the local cluster makes its own."""
+    if addresses not in _TLS:
+        ca = next(iter(_TLS.values())).ca if _TLS else _progress_ca()
+        directory = ca.cert.parent
+        cert = KeyPair.named(directory, f"progress-{len(_TLS)}")
+        alt_names = ["IP:127.0.0.1", "DNS:localhost", *(f"IP:{a}" for a in addresses)]
+        signed_cert(ca, cert, "/CN=kubetune-progress", usage="serverAuth", alt_names=alt_names)
+        _TLS[addresses] = ProgressTls(ca, cert)
+    return _TLS[addresses]
+
+
+def _progress_ca() -> KeyPair:
+    directory = Path(tempfile.mkdtemp(prefix="kubetune-progress-tls-"))
+    ca = KeyPair.named(directory, "ca")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(ca.key), "-out", str(ca.cert), "-days", "30",
+         "-subj", "/CN=kubetune-progress-test-ca",
+         "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return ca
 
 
 class OperatorProcess:
@@ -69,6 +75,7 @@ class OperatorProcess:
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         progress_port: int | None = None,
+        progress_host: str = "127.0.0.1",
     ) -> None:
         self.kubeconfig = kubeconfig
         self.log_path = log_path
@@ -79,14 +86,17 @@ class OperatorProcess:
         #: Where trainers report progress (HTTPS); replicas given the same port share it
         #: (SO_REUSEPORT), as a Service shares the chart's replicas.
         self.progress_port = progress_port or free_port()
+        #: The address trainers reach this process at: the loopback for the node agent's pods
+        #: (the host's network), the host's side of a real node's link for that node's pods.
+        self.progress_host = progress_host
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def progress_url(self) -> str:
-        return f"https://127.0.0.1:{self.progress_port}/v1/progress"
+        return f"https://{self.progress_host}:{self.progress_port}/v1/progress"
 
     def start(self) -> None:
-        tls = progress_tls()
+        tls = progress_tls(*([self.progress_host] if self.progress_host != "127.0.0.1" else []))
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
@@ -195,3 +205,22 @@ def work_claim(kubectl: Kubectl, namespace: str) -> Path:
     )
     pv = get_json(kubectl, "pv", volume)
     return Path(pv["spec"]["hostPath"]["path"])
+
+
+def host_service(kubectl: Kubectl, name: str, host_address: str, port: int) -> str:
+    """A Service ``name`` (namespace ``default``) without a selector whose EndpointSlice is
+    ``host_address:port``: how a real node's pods reach a process of the host (their routes
+    lead to pods and Services only, docs/local-cluster.md); its ClusterIP."""
+    service = {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+        "spec": {"ports": [{"name": "https", "port": port, "targetPort": port}]},
+    }  # fmt: skip
+    endpoints = {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+        "endpoints": [{"addresses": [host_address]}],
+    }  # fmt: skip
+    apply(kubectl, "default", service, endpoints)
+    return str(get_json(kubectl, "service", name, "-n", "default")["spec"]["clusterIP"])

@@ -1,9 +1,9 @@
 """A FineTuneJob whose trainer pod runs on a real node (``real_node``: the upstream kubelet with
 containerd and runc), where its memory limit and security context are enforced: when it
 outgrows its memory limit the job ends ``Failed`` with reason ``OOMKilled``; the NetworkPolicy
-the operator gives it keeps it from an address its settings exclude. (Progress from inside a
-real node's container, over HTTPS to the operator's Service, is the e2e journeys': this
-operator is a process of the host, which the stand-in's reports don't reach.)
+the operator gives it keeps it from an address its settings exclude, and the trainer's own
+process finds itself the chart's non-root uid with no capabilities. Progress crosses from the
+real node's pod to the operator on the host through a Service (``host_service``).
 
 The operator runs as a process beside the cluster (``OperatorProcess``) with the trainer's
 security context at the chart's defaults. The trainer image is the operator image (``make images``
@@ -20,13 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operatorkit import CLAIM, CRD, OperatorProcess, log_tail_after, started, work_claim
+import yaml
+from operatorkit import (
+    CLAIM,
+    CRD,
+    OperatorProcess,
+    host_service,
+    log_tail_after,
+    started,
+    work_claim,
+)
 
-from kubetune.local.real_node import NodeState, RealNode
-from kubetune_devtools.installs import project_version
+from kubetune.local.ports import free_port
+from kubetune_devtools.installs import project_version, real_node_state
 from kubetune_devtools.pytest_plugin import (
     ECHO_SERVER,
-    REAL_NODE,
     ClusterHandle,
     Kubectl,
     apply,
@@ -41,6 +49,8 @@ from kubetune_devtools.pytest_plugin import (
 )
 
 pytestmark = pytest.mark.integration
+
+CHART_VALUES = Path(__file__).resolve().parents[2] / "charts" / "kubetune" / "values.yaml"
 
 STAND_IN = "stand-in-trainer"
 #: Written by the test once it has seen the stand-in's progress: the stand-in then outgrows its
@@ -73,8 +83,12 @@ if probe:
     deadline = time.monotonic() + 60
     while (answer := ask(probe)) == "echo" and time.monotonic() < deadline:
         time.sleep(0.5)
+    # Who the trainer's process is, as the kernel sees it.
+    status = dict(line.split(":\\t", 1) for line in open("/proc/self/status").read().splitlines())
     with open(os.path.join(here, "{PROBED}"), "w") as out:
-        json.dump({{"answer": answer}}, out)
+        json.dump({{"answer": answer, "uid": os.getuid(), "groups": sorted(os.getgroups()),
+                   "CapEff": status["CapEff"].strip(), "CapPrm": status["CapPrm"].strip(),
+                   "NoNewPrivs": status["NoNewPrivs"].strip()}}, out)
     sys.exit(0)
 config = load_trainer_config(sys.argv[sys.argv.index("--config") + 1])
 reporter = reporter_from_settings(config.progress, config.job)
@@ -104,12 +118,13 @@ def operator(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
     install_crd(kubectl, CRD)
+    trainer = chart_trainer_values()
     env = {
-        # The chart's trainer security context (non-root uid/fsGroup 1000): the real node
+        # The chart's trainer security context (non-root uid and fsGroup): the real node
         # enforces it.
-        "KUBETUNE_RUN_AS_NON_ROOT": "true",
-        "KUBETUNE_RUN_AS_USER": "1000",
-        "KUBETUNE_FS_GROUP": "1000",
+        "KUBETUNE_RUN_AS_NON_ROOT": str(trainer["runAsNonRoot"]).lower(),
+        "KUBETUNE_RUN_AS_USER": str(trainer["runAsUser"]),
+        "KUBETUNE_FS_GROUP": str(trainer["fsGroup"]),
         "KUBETUNE_TRAINER_IMAGE": f"kubetune/operator:{project_version()}",
         "KUBETUNE_IMAGE_PULL_POLICY": "Never",
         "KUBETUNE_TRAINER_COMMAND": f"/mnt/pvc/{CLAIM}/{STAND_IN}",
@@ -122,13 +137,25 @@ def operator(
         "KUBETUNE_TRAINER_EGRESS_EXCEPT": f"169.254.169.254/32,{real_node_pods(local_cluster)}",
     }
     log = tmp_path_factory.mktemp("operator") / "log"
-    yield from started(OperatorProcess(kubeconfig_path, log, env=env))
+    # The trainers report to this process of the host through a Service whose endpoint is the
+    # host's side of the real node's link.
+    port = free_port()
+    host = real_node_state(local_cluster.local().layout.home).host_address
+    address = host_service(kubectl, f"operator-progress-{port}", host, port)
+    yield from started(
+        OperatorProcess(kubeconfig_path, log, env=env, progress_port=port, progress_host=address)
+    )
+    kubectl("delete", "service", f"operator-progress-{port}", "-n", "default", check=False)
+
+
+def chart_trainer_values() -> dict[str, Any]:
+    """The chart's default ``trainer`` values."""
+    return dict(yaml.safe_load(CHART_VALUES.read_text())["trainer"])
 
 
 def real_node_pods(cluster: ClusterHandle) -> str:
     """The real node's pods' /24 (one per real node: see docs/local-cluster.md)."""
-    state = RealNode(cluster.local().layout.home, REAL_NODE).state_dir
-    return NodeState.load(state).pod_network
+    return real_node_state(cluster.local().layout.home).pod_network
 
 
 @pytest.fixture(autouse=True)
@@ -175,10 +202,14 @@ def test_a_trainer_over_its_memory_limit_fails_the_job_oom_killed(
     job = stand_in_job("outgrows-memory", "128Mi")
     apply(kubectl, namespace, job)
 
+    # The stand-in's report crossed from the real node's pod to the operator on the host.
     wait_for(
-        lambda: status_of(kubectl, namespace, "outgrows-memory").get("phase") == "Running",
+        lambda: (
+            (status_of(kubectl, namespace, "outgrows-memory").get("progress") or {}).get("step")
+            == 3
+        ),
         120,
-        "the trainer to run",
+        "the trainer's progress",
     )
 
     (directory / GO).touch()
@@ -223,6 +254,14 @@ def test_a_trainer_never_reaches_an_address_its_network_policy_excludes(
     )
     # Dropped or rejected, as the enforcer chooses; never answered.
     assert probed["answer"] in ("TimeoutError", "ConnectionRefusedError"), probed
+    # The trainer's own process: the chart's non-root uid, its fsGroup, no capabilities, no way
+    # to gain any. (Its root filesystem is the image's, writable: the operator does not set
+    # readOnlyRootFilesystem on trainer pods.)
+    trainer = chart_trainer_values()
+    assert probed["uid"] == trainer["runAsUser"] != 0, probed
+    assert trainer["fsGroup"] in probed["groups"], probed
+    assert probed["CapEff"] == probed["CapPrm"] == "0000000000000000", probed
+    assert probed["NoNewPrivs"] == "1", probed
     # The server answers a pod that no policy holds.
     ended = run_to_end(kubectl, namespace, python_pod_on_real_node("asks", ASK, address), 120)
     (state,) = ended["status"]["containerStatuses"]
