@@ -20,6 +20,8 @@ from kubetune_devtools.pytest_plugin import (
     get_json,
     install_crd,
     minimal_finetunejob,
+    on_real_node,
+    operator_image,
     pod_manifest,
     wait_for,
 )
@@ -37,9 +39,10 @@ def crd(kubectl: Kubectl) -> None:
 
 
 def trainer_pod(name: str, script: str) -> dict[str, Any]:
-    return pod_manifest(
-        name, {"name": "trainer", "image": "busybox", "command": ["sh", "-c", script]}
-    )
+    """A pod on the real node that runs ``script`` in the operator image's shell."""
+    container = {"name": "trainer", "image": operator_image(), "imagePullPolicy": "Never",
+                 "command": ["sh", "-c", script]}  # fmt: skip
+    return pod_manifest(name, container, **on_real_node())
 
 
 def set_status(kubectl: Kubectl, namespace: str, **status: Any) -> None:
@@ -60,7 +63,7 @@ def validation_pod(name: str, script: str) -> dict[str, Any]:
 
 
 def test_kubetune_logs_follows_the_validation_then_the_trainer_across_attempts_until_the_end(
-    crd: None, kubectl: Kubectl, namespace: str, kubeconfig_path: Path
+    crd: None, kubectl: Kubectl, namespace: str, kubeconfig_path: Path, real_node: str
 ) -> None:
     apply(kubectl, namespace, JOB)
     apply(kubectl, namespace, validation_pod("logged-validation", "sleep 2; echo preflight-ok"))
