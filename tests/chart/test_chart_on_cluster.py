@@ -1,10 +1,12 @@
 """The chart on the real local cluster: server-side dry-run of its manifests, then the whole
 platform-team journey with the chart's own RBAC and nothing else:
 
-helm install → the operator Deployment's pod runs as a process on the local node, under the
-chart's ServiceAccount (its projected token, in-cluster config) → a namespace user who holds only
-the built-in `edit` role (FineTuneJobs reach it through the chart's aggregated ClusterRole)
-creates a tiny FineTuneJob → Succeeded → helm uninstall leaves none of the operator's objects.
+helm install → the operator Deployment's pod runs from the operator image on the session's real
+node (``real_node``: the upstream kubelet with containerd and runc), under the chart's
+ServiceAccount (its projected token, in-cluster config) and security context → a namespace user
+who holds only the built-in `edit` role (FineTuneJobs reach it through the chart's aggregated
+ClusterRole) creates a tiny FineTuneJob, whose trainer runs from the trainer image on that node →
+Succeeded → helm uninstall leaves none of the operator's objects.
 """
 
 from __future__ import annotations
@@ -20,8 +22,17 @@ import pytest
 import yaml
 from chartkit import CHART, CI_VALUES, Helm
 
-from kubetune_devtools.installs import helm_env, helm_set_args, local_node_chart_settings
-from kubetune_devtools.pytest_plugin import Kubectl, apply, create_namespace, get_json, wait_for
+from kubetune_devtools.installs import helm_env, helm_set_args, real_node_chart_settings
+from kubetune_devtools.pytest_plugin import (
+    ClusterHandle,
+    Kubectl,
+    apply,
+    create_namespace,
+    get_json,
+    on_real_node,
+    real_node_images,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -92,13 +103,16 @@ def test_install_then_a_user_with_only_edit_trains_a_tiny_job_then_uninstall_lea
     team_namespace: str,
     tiny_assets: Path,
     tmp_path: Path,
+    local_cluster: ClusterHandle,
+    real_node: str,
 ) -> None:
+    real_node_images(local_cluster, "operator", "trainer")
     operator_sa = f"system:serviceaccount:{namespace}:{FULLNAME}"
     user = f"system:serviceaccount:{team_namespace}:alice"
     helm_environ = helm_env(kubeconfig_path, tmp_path)
     settings = [
         f"watchNamespaces={{{team_namespace}}}",
-        *local_node_chart_settings(),
+        *real_node_chart_settings(local_cluster.local().layout.home),
         # No way back to an admin kubeconfig: in-cluster config (the pod's projected token for
         # the chart's ServiceAccount) is the operator's only credential.
         "operator.extraEnv[0].name=KUBECONFIG",
@@ -181,6 +195,9 @@ def test_install_then_a_user_with_only_edit_trains_a_tiny_job_then_uninstall_lea
     volume = Path(get_json(kubectl, "pv", volume_name)["spec"]["hostPath"]["path"])
     shutil.copytree(tiny_assets / "model", volume / "model")
     shutil.copytree(tiny_assets / "data", volume / "data")
+    # The trainer's non-root user reads the model and data and writes the adapter beside them.
+    for path in [volume, *volume.rglob("*")]:
+        path.chmod(0o777 if path.is_dir() else 0o644)
     job = {
         "apiVersion": "kubetune.io/v1alpha1",
         "kind": "FineTuneJob",
@@ -197,6 +214,7 @@ def test_install_then_a_user_with_only_edit_trains_a_tiny_job_then_uninstall_lea
             "output": {"uri": f"pvc://{CLAIM}/adapter"},
             "resources": {"gpus": 0, "shmSize": "64Mi"},
             "runPolicy": {"backoffLimit": 1},
+            "scheduling": on_real_node(),
         },
     }  # fmt: skip
     apply(kubectl, team_namespace, job, as_user=user)
