@@ -6,7 +6,8 @@ cache, so only the first session on a machine pays for the build); set
 ``KUBETUNE_TEST_KUBECONFIG`` to reuse a running cluster instead (that of
 ``kubetune local up`` -- ``$(kubetune local kubeconfig)`` -- or any other, where
 the tests that add nodes are skipped). A cluster started here has no GPU node; tests
-that need one take ``gpu_node`` or start nodes with ``add_node``; tests of queueing take
+that need one take ``real_node`` (one ``nvidia.com/gpu``) or start nodes with ``add_node``;
+tests of queueing take
 ``kueue``, tests of JobSet groups ``jobset``. Beside the fixtures, the
 helpers the suites share: ``apply``, ``wait_for``, ``get_json``, ``pod_manifest``,
 ``run_to_end``, ``minimal_finetunejob``, and helm's environment and
@@ -191,6 +192,7 @@ def add_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[AddNode
         labels: Sequence[str] = (),
         taints: Sequence[str] = (),
         host_images: Sequence[str] = HOST_IMAGES,
+        *,
         kind: str = "agent",
     ) -> str:
         local = local_cluster.local()
@@ -337,18 +339,6 @@ def jobset(local_cluster: ClusterHandle) -> Iterator[None]:
     yield
     if not already_running:
         local.process("jobset").stop()
-
-
-@pytest.fixture(scope="session")
-def gpu_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[str]:
-    """A node with one ``nvidia.com/gpu``, for the rest of the session."""
-    name = "kubetune-test-gpu"
-    local = local_cluster.local()
-    local.start_node_agent(NodeOptions(name=name, gpus=1, host_images=HOST_IMAGES))
-    local.wait_node_ready(name, timeout=60)
-    yield name
-    local.node_agent_process(name).stop()
-    kubectl("delete", "node", name, "--wait=false", check=False)
 
 
 def wait_for(
@@ -514,7 +504,6 @@ __all__ = [
     "create_namespace",
     "dedicated_to",
     "get_json",
-    "gpu_node",
     "jobset",
     "kube_api",
     "kubeconfig_path",
