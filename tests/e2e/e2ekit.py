@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +13,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from kubetune_devtools import tiny
+from kubetune_devtools.installs import project_version
 from kubetune_devtools.pytest_plugin import Kubectl, apply, get_json, on_real_node, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,29 +38,52 @@ def operator_pods(kubectl: Kubectl) -> list[dict[str, Any]]:
     ]  # fmt: skip
 
 
+@functools.cache
+def _tiny_assets() -> Path:
+    """The tiny model, the toy datasets and the demo's manifest (``python -m
+    kubetune_devtools.tiny``), written once a session."""
+    directory = Path(tempfile.mkdtemp(prefix="kubetune-e2e-tiny-"))
+    assert tiny.main([str(directory)]) == 0
+    return directory
+
+
 def seed_demo_claim(kubectl: Kubectl, namespace: str) -> None:
-    """The PVC `kubetune-demo` with the tiny model and the toy datasets, written by a pod."""
+    """The PVC `kubetune-demo` with the tiny model and the toy datasets, copied into the
+    directory behind it (as a platform team's data lands on its storage)."""
     claim = {
         "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": CLAIM},
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
     }  # fmt: skip
     apply(kubectl, namespace, claim)
-    # Readable by the trainer's non-root user (the model's weights are written owner-only).
-    seed = f"python -m kubetune_devtools.tiny /mnt/pvc/{CLAIM} && chmod -R a+rX /mnt/pvc/{CLAIM}"
-    run_pod(kubectl, namespace, "seed-data", ["sh", "-c", seed], timeout=180)
+    volume = wait_for(
+        lambda: get_json(kubectl, "pvc", CLAIM, "-n", namespace)["spec"].get("volumeName"),
+        60,
+        "the demo claim to bind",
+    )
+    directory = Path(get_json(kubectl, "pv", volume)["spec"]["hostPath"]["path"])
+    shutil.copytree(_tiny_assets(), directory, dirs_exist_ok=True)
+    # Readable by the trainer's non-root user (the model's weights are written owner-only); the
+    # claim's top writable by any pod user again, as the provisioner made it (the copy took the
+    # source's mode).
+    for path in directory.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    directory.chmod(0o777)
 
 
 def run_pod(
     kubectl: Kubectl, namespace: str, name: str, command: list[str], timeout: float = 60
 ) -> str:
-    """Run a one-off pod with the demo claim mounted; return its log once it succeeded."""
+    """Run a one-off pod of the trainer image (its user) on the real node with the demo claim
+    mounted; return its log once it succeeded."""
     pod = {
         "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
         "spec": {
             "restartPolicy": "Never",
-            "containers": [{"name": "main", "image": "kubetune/trainer", "command": command,
+            "containers": [{"name": "main", "image": f"kubetune/trainer:{project_version()}",
+                            "imagePullPolicy": "Never", "command": command,
                             "volumeMounts": [{"name": "d", "mountPath": f"/mnt/pvc/{CLAIM}"}]}],
             "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": CLAIM}}],
+            **on_real_node(),
         },
     }  # fmt: skip
     apply(kubectl, namespace, pod)

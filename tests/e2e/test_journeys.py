@@ -382,7 +382,7 @@ def test_two_pod_group_trains_through_one_rendezvous_and_resumes_whole_after_a_l
     kubectl: Kubectl, namespace: str
 ) -> None:
     """`nodes: 2`: an Indexed Job of two pods that find rank 0 by name (the headless Service,
-    on the local node's pod DNS) and train as two gloo ranks; one pod lost mid-run restarts the
+    through the cluster DNS: CoreDNS of the real node) and train as two gloo ranks; one pod lost mid-run restarts the
     group, which resumes from its checkpoint; one adapter, written by rank 0."""
     seed_demo_claim(kubectl, namespace)
     job = tiny_job("two-pods", maxSteps=40, checkpointSteps=10, microBatchSize=8)
