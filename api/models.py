@@ -24,7 +24,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from kubetune.api.bounded import AFFINITY, POD_SPEC, conforms
+from kubetune.api.bounded import AFFINITY, POD_SPEC
+from kubetune.api.schema_bounds import conforms
 from kubetune.api.uris import (
     ADAPTER_SCHEMES,
     CHECKPOINT_SCHEMES,

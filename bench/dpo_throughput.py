@@ -42,7 +42,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from qlora_throughput import SHAPES, _versions, build_model, throughput_callback
+from qlora_throughput import (
+    SHAPES,
+    _versions,
+    build_model,
+    load_4bit_base,
+    throughput_callback,
+    train_with_recipe,
+)
 
 MODES = ("kubetune-dpo", "trl-dpo-best", "trl-dpo-defaults", "kubetune-dpo-liger")
 
@@ -89,11 +96,7 @@ def synthetic_pairs(
 
 def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any]) -> None:
     """The trainer exactly as a FineTuneJob with ``method: {type: dpo}`` runs it, data aside."""
-    from kubetune.api.config import TrainerConfig
     from kubetune.api.models import FineTuneJobSpec
-    from kubetune.trainer.data import PreparedData
-    from kubetune.trainer.distributed import this_rank
-    from kubetune.trainer.recipe import QLoRASFTRecipe
 
     cap = f"-cap{args.memory_cap_gib:g}" if args.memory_cap_gib else ""
     output = Path(args.work) / f"{args.shape}-{args.mode}{cap}"
@@ -118,62 +121,32 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
     if args.mode == "kubetune-dpo-liger":
         from dataclasses import replace
 
-        from kubetune.trainer import preference
-        from kubetune.trainer import recipe as recipe_module
+        from kubetune.trainer import assembly, preference
 
         keep = preference.preference_speed
         preference.preference_speed = lambda s: replace(keep(s), liger_kernel=s.liger_kernel)  # type: ignore[assignment]
-        arguments = recipe_module.preference_arguments
+        arguments = assembly.preference_arguments
 
         def with_liger(*a: Any, **k: Any) -> dict[str, Any]:
             return {**arguments(*a, **k), "use_liger_kernel": a[2].liger_kernel}
 
-        recipe_module.preference_arguments = with_liger  # type: ignore[assignment]
-    recipe = QLoRASFTRecipe(TrainerConfig(spec=spec), rank=this_rank())
-
-    def synthetic_data() -> None:
-        recipe.data = PreparedData(
-            train=dataset,
-            eval=None,
-            format="preference",
-            fingerprint="synthetic",
-            assistant_only_loss=False,
-            completion_only_loss=False,
-            method="dpo",
-        )
-
-    recipe._setup_data = synthetic_data  # type: ignore[method-assign]
-    recipe.setup()
-    record["settings"] = recipe.speed.__dict__ if recipe.speed else {}
+        assembly.preference_arguments = with_liger  # type: ignore[assignment]
+    recipe = train_with_recipe(
+        spec, dataset, record, throughput_callback(args.warmup, record), data_format="preference"
+    )
     record["pairs_per_step"] = (
         recipe.plan.micro_batch_size * recipe.plan.gradient_accumulation_steps
     )
-    recipe._trainer.add_callback(throughput_callback(args.warmup, record))
-    recipe.train()
-    report = recipe.plan_report()
-    record["plan"] = report.model_dump(by_alias=True) if report else None
 
 
 def run_trl(args: argparse.Namespace, dataset: Any, record: dict[str, Any]) -> None:
     """Plain TRL ``DPOTrainer`` on the same 4-bit base and adapter."""
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import DPOConfig, DPOTrainer
 
     best = args.mode == "trl-dpo-best"
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_dir,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        ),
-        dtype=torch.bfloat16,
-        device_map={"": 0 if torch.cuda.is_available() else "cpu"},
-    )
+    tokenizer, model = load_4bit_base(args.model_dir)
     flags: dict[str, Any] = {}
     if best:
         flags = {

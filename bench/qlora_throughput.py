@@ -52,7 +52,7 @@ configuration that runs out of memory is recorded as such. To compare on a 24 Gi
 time) in the record and in ``--profile-out``.
 
 ``--gpus N`` (kubetune modes only) trains data-parallel on N GPUs of this machine, as a pod with
-``resources.gpus: N`` does: the same launcher (``kubetune.trainer.distributed``, torch's elastic
+``resources.gpus: N`` does: the same launcher (``kubetune.trainer.launcher``, torch's elastic
 agent, NCCL) starts N ranks, each with its own 4-bit base on its own GPU, and the batch of the
 spec (``--kubetune-batch``, kubetune's default when unset) divides over them. Tokens/s is then the
 real tokens of all ranks (TRL gathers them) per second; peak memory is rank 0's. To compare
@@ -271,13 +271,65 @@ def throughput_callback(
     return Throughput()
 
 
-def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any]) -> Any:
-    """The trainer exactly as a FineTuneJob with default settings runs it, data aside."""
+def load_4bit_base(model_dir: Path, **kwargs: Any) -> tuple[Any, Any]:
+    """(tokenizer, model): the saved model in NF4 with double quantization and bf16 compute, as
+    the TRL documentation's QLoRA example loads it (``kwargs`` to ``from_pretrained``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        ),
+        dtype=torch.bfloat16,
+        device_map={"": 0 if torch.cuda.is_available() else "cpu"},
+        **kwargs,
+    )
+    return tokenizer, model
+
+
+def train_with_recipe(
+    spec: Any, dataset: Any, record: dict[str, Any], callback: Any, *, data_format: str = "text"
+) -> Any:
+    """kubetune's own trainer on ``spec``, fed ``dataset`` as it is (the data step skipped), with
+    ``callback`` measuring; its settings and plan go into ``record``. The recipe."""
     from kubetune.api.config import TrainerConfig
-    from kubetune.api.models import FineTuneJobSpec
     from kubetune.trainer.data import PreparedData
     from kubetune.trainer.distributed import this_rank
     from kubetune.trainer.recipe import QLoRASFTRecipe
+
+    recipe = QLoRASFTRecipe(TrainerConfig(spec=spec), rank=this_rank())
+
+    def synthetic_data() -> None:
+        recipe.data = PreparedData(
+            train=dataset,
+            eval=None,
+            format=data_format,
+            fingerprint="synthetic",
+            assistant_only_loss=False,
+            completion_only_loss=False,
+            method=spec.method.type,
+        )
+
+    recipe._setup_data = synthetic_data  # type: ignore[method-assign]
+    recipe.setup()
+    record["settings"] = recipe.speed.__dict__ if recipe.speed else {}
+    recipe._trainer.add_callback(callback)
+    recipe.train()
+    report = recipe.plan_report()
+    record["plan"] = report.model_dump(by_alias=True) if report else None
+    return recipe
+
+
+def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any]) -> Any:
+    """The trainer exactly as a FineTuneJob with default settings runs it, data aside."""
+    from kubetune.api.models import FineTuneJobSpec
+    from kubetune.trainer.distributed import this_rank
 
     lever: dict[str, Any] = {
         "kubetune-micro8": {"microBatchSize": 8},
@@ -327,27 +379,8 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
 
         fused_lora.fuse_lora_layers = lambda model: 0  # PEFT's own LoRA forward
 
-    recipe = QLoRASFTRecipe(TrainerConfig(spec=spec), rank=this_rank())
-
-    def synthetic_data() -> None:
-        recipe.data = PreparedData(
-            train=dataset,
-            eval=None,
-            format="text",
-            fingerprint="synthetic",
-            assistant_only_loss=False,
-            completion_only_loss=False,
-        )
-
-    recipe._setup_data = synthetic_data  # type: ignore[method-assign]
-    recipe.setup()
-    record["settings"] = recipe.speed.__dict__ if recipe.speed else {}
-    recipe._trainer.add_callback(
-        throughput_callback(args.warmup, record, args.profile_step, args.profile_out)
-    )
-    recipe.train()
-    report = recipe.plan_report()
-    record["plan"] = report.model_dump(by_alias=True) if report else None
+    callback = throughput_callback(args.warmup, record, args.profile_step, args.profile_out)
+    train_with_recipe(spec, dataset, record, callback)
 
 
 def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, Any]) -> Any:
@@ -356,23 +389,11 @@ def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, A
     best = args.mode in ("trl-best", "trl-best-checkpointed")
     checkpointed = args.mode == "trl-best-checkpointed"
     parity = args.mode == "trl-parity"
-    import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_dir,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        ),
-        dtype=torch.bfloat16,
-        device_map={"": 0 if torch.cuda.is_available() else "cpu"},
-        **({"attn_implementation": "flex_attention"} if best else {}),
+    tokenizer, model = load_4bit_base(
+        args.model_dir, **({"attn_implementation": "flex_attention"} if best else {})
     )
     record["settings"] = {"attention": model.config._attn_implementation, "packing": best or parity,
                           "liger_kernel": best,
@@ -491,7 +512,8 @@ def launch_ranks(args: argparse.Namespace) -> int:
 
     import torch
 
-    from kubetune.trainer.distributed import plan_topology, run_ranks
+    from kubetune.trainer.distributed import plan_topology
+    from kubetune.trainer.launcher import run_ranks
 
     topology = plan_topology(args.gpus, 1, {}, torch.cuda.device_count())
     with tempfile.TemporaryDirectory(prefix="bench-ranks-") as directory:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from kubetune.api.bounded import AFFINITY, largest
+from kubetune.api.bounded import AFFINITY
 from kubetune.api.models import MAX_SPEC_BYTES
+from kubetune.api.schema_bounds import largest
 from kubetune_devtools.pytest_plugin import minimal_finetunejob
 
 MINIMAL: dict[str, Any] = minimal_finetunejob()

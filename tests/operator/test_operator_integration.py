@@ -36,6 +36,7 @@ from kubetune_devtools.pytest_plugin import (
     temporary_namespace,
     wait_for,
 )
+from kubetune_devtools.tiny import tiny_cpu_settings
 
 pytestmark = pytest.mark.integration
 
@@ -152,21 +153,7 @@ def tiny_training_spec(dataset: str, **training: Any) -> dict[str, Any]:
     return {
         "model": {"uri": f"pvc://{CLAIM}/model"},
         "dataset": {"uri": dataset, "format": "prompt-completion"},
-        "quantization": {"type": "nf4", "computeDtype": "float32"},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "training": {
-            "maxSteps": 10,
-            "learningRate": 1.0e-2,
-            "batchSize": 4,
-            "maxLength": 64,
-            "packing": False,
-            "warmupRatio": 0.0,
-            "lrScheduler": "constant",
-            "checkpointSteps": 5,
-            "loggingSteps": 1,
-            "gradientCheckpointing": False,
-            **training,
-        },
+        **tiny_cpu_settings(**training),
         "output": {"uri": f"pvc://{CLAIM}/adapter"},
         "resources": {"gpus": 0, "shmSize": "64Mi"},
         "runPolicy": {"backoffLimit": 2},

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from kubetune.api.bounded import AFFINITY, POD_SPEC, largest
+from kubetune.api.bounded import AFFINITY, POD_SPEC
+from kubetune.api.schema_bounds import largest
 from kubetune.api.timestamps import rfc3339
 from kubetune.operator.controller import slim_finetunejob
 from kubetune.operator.reconcile import companion_differs, plan, status_changes

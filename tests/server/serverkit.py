@@ -20,6 +20,7 @@ from openai import OpenAI
 
 from kubetune.local.ports import free_port
 from kubetune_devtools.pytest_plugin import Kubectl, apply, wait_for
+from kubetune_devtools.tiny import tiny_cpu_settings
 
 #: The claim each test namespace gets, holding the tiny model (and, after a run, adapters).
 CLAIM = "work"
@@ -27,20 +28,7 @@ BASE_MODEL = "tiny-llama"
 #: What the platform puts under every job created through the API: the tiny model's settings on
 #: the CPU, as tests/operator's tiny job has them.
 JOB_TEMPLATE: dict[str, Any] = {
-    "quantization": {"type": "nf4", "computeDtype": "float32"},
-    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-    "training": {
-        "maxSteps": 10,
-        "learningRate": 1.0e-2,
-        "batchSize": 4,
-        "maxLength": 64,
-        "packing": False,
-        "warmupRatio": 0.0,
-        "lrScheduler": "constant",
-        "checkpointSteps": 5,
-        "loggingSteps": 1,
-        "gradientCheckpointing": False,
-    },
+    **tiny_cpu_settings(),
     "resources": {"gpus": 0, "shmSize": "64Mi"},
     "runPolicy": {"backoffLimit": 2},
 }
