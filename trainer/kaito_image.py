@@ -28,14 +28,16 @@ from kubetune.trainer.registry import (
     BASE_MODEL_ANNOTATION,
     CREATED_ANNOTATION,
     DESCRIPTION_ANNOTATION,
-    MANIFEST_MEDIA_TYPE,
     TITLE_ANNOTATION,
     Layer,
     Pushed,
+    sha256_digest,
+)
+from kubetune.trainer.registry_client import (
+    MANIFEST_MEDIA_TYPE,
     RegistryClient,
     auth_file,
     login_for,
-    sha256_digest,
 )
 
 IMAGE_CONFIG_MEDIA_TYPE: Final = "application/vnd.oci.image.config.v1+json"
