@@ -129,9 +129,8 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
         from kubetune.trainer import preference
 
         keep = preference.preference_speed
-        change = (
-            {"liger_kernel": False} if args.mode == "kubetune-dpo-no-liger" else {"attention": "sdpa"}
-        )
+        no_liger = args.mode == "kubetune-dpo-no-liger"
+        change = {"liger_kernel": False} if no_liger else {"attention": "sdpa"}
         preference.preference_speed = lambda s: replace(keep(s), **change)  # type: ignore[assignment]
     recipe = QLoRASFTRecipe(TrainerConfig(spec=spec), rank=this_rank())
 

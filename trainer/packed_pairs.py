@@ -23,6 +23,8 @@ from typing import Any
 
 #: The fused head's per-token outputs, scattered back to the padded layout.
 PER_TOKEN = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+#: Inputs a caller can give that the packing would have to build itself: such a call runs as is.
+_OWN_INPUTS = ("inputs_embeds", "position_ids", "shift_labels")
 
 
 def pack_padded_pairs(model: Any) -> None:
@@ -44,7 +46,7 @@ def pack_padded_pairs(model: Any) -> None:
             or input_ids is None
             or attention_mask is None
             or labels is None
-            or any(kwargs.get(k) is not None for k in ("inputs_embeds", "position_ids", "shift_labels"))
+            or any(kwargs.get(k) is not None for k in _OWN_INPUTS)
         )
         if plain:
             return inner(

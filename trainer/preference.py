@@ -6,7 +6,8 @@ reference model is that base with the adapter disabled (TRL's choice for a PEFT 
 a DPO example is two sequences (prompt + chosen, prompt + rejected) padded in one batch, each
 step runs a reference forward pass without gradients beside the trained one (KTO also runs the
 policy and the reference over a mismatched "KL" completion per example, without gradients), and
-the sequences are padded rather than packed (TRL's preference collators don't pack). The memory
+examples are never packed together (TRL's preference collators pad each micro-batch; on a GPU
+kubetune.trainer.packed_pairs then runs a DPO micro-batch's real tokens as one row). The memory
 plan, the time estimate and the speed settings take that into account here; the logged reward
 metrics get their status names here.
 """

@@ -404,7 +404,7 @@ class QLoRASFTRecipe:
                 # TRL 1.x marks use_liger_kernel deprecated in its preference trainers (for v2)
                 # but applies Liger's layer kernels as before: nothing for a job's log.
                 warnings.filterwarnings(
-                    "ignore", message=r"`use_liger_kernel=True` is deprecated", category=FutureWarning
+                    "ignore", r"`use_liger_kernel=True` is deprecated", FutureWarning
                 )
                 trainer = resumable_preference_trainer(method, args=config, **common)
         except ValueError as exc:
