@@ -16,8 +16,10 @@ process. The modes:
 - ``trl-dpo-best``: plain TRL ``DPOTrainer`` with the best hand-set flags for the same QLoRA
   job: no gradient checkpointing, Liger's kernels (TRL keeps its own fused LM head), LoRA
   dropout 0, fused AdamW, ``--batch`` pairs a step;
-- ``kubetune-dpo-liger``: the same with Liger's kernels (RMSNorm, SwiGLU, RoPE; TRL keeps its
-  own fused LM head), to measure that lever alone;
+- ``kubetune-dpo-no-liger``: the same without Liger's layer kernels (RMSNorm, SwiGLU, RoPE; on
+  in the default path, TRL keeping its own fused LM head), to measure that lever alone;
+- ``kubetune-dpo-padded``: the same with SDPA attention, so its micro-batches run padded as
+  TRL's do (the default unpads them: ``kubetune.trainer.packed_pairs``);
 - ``trl-dpo-defaults``: ``DPOConfig``'s defaults (checkpointing on, batch 8 pairs), with the
   job's max length.
 
@@ -51,7 +53,13 @@ from qlora_throughput import (
     train_with_recipe,
 )
 
-MODES = ("kubetune-dpo", "trl-dpo-best", "trl-dpo-defaults", "kubetune-dpo-liger")
+MODES = (
+    "kubetune-dpo",
+    "trl-dpo-best",
+    "trl-dpo-defaults",
+    "kubetune-dpo-no-liger",
+    "kubetune-dpo-padded",
+)
 
 
 def synthetic_pairs(
@@ -118,19 +126,15 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
             "output": {"uri": str(output)},
         }
     )
-    if args.mode == "kubetune-dpo-liger":
+    if args.mode in ("kubetune-dpo-no-liger", "kubetune-dpo-padded"):
         from dataclasses import replace
 
-        from kubetune.trainer import assembly, preference
+        from kubetune.trainer import preference
 
         keep = preference.preference_speed
-        preference.preference_speed = lambda s: replace(keep(s), liger_kernel=s.liger_kernel)  # type: ignore[assignment]
-        arguments = assembly.preference_arguments
-
-        def with_liger(*a: Any, **k: Any) -> dict[str, Any]:
-            return {**arguments(*a, **k), "use_liger_kernel": a[2].liger_kernel}
-
-        assembly.preference_arguments = with_liger  # type: ignore[assignment]
+        no_liger = args.mode == "kubetune-dpo-no-liger"
+        change = {"liger_kernel": False} if no_liger else {"attention": "sdpa"}
+        preference.preference_speed = lambda s: replace(keep(s), **change)  # type: ignore[assignment]
     recipe = train_with_recipe(
         spec, dataset, record, throughput_callback(args.warmup, record), data_format="preference"
     )

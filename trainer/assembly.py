@@ -8,6 +8,7 @@ has (progress, checkpoints, divergence, partial checkpointing) and fused LoRA la
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -154,10 +155,22 @@ def trl_trainer(
     config = DPOConfig(**arguments) if method == "dpo" else KTOConfig(**arguments)
     check_optimizer_runs_here(config, common["model"], speed.optimizer)
     try:
-        return resumable_preference_trainer(method, args=config, **common)
+        with warnings.catch_warnings():
+            # TRL 1.x marks use_liger_kernel deprecated in its preference trainers (for v2) but
+            # applies Liger's layer kernels as before: nothing for a job's log.
+            warnings.filterwarnings(
+                "ignore", r"`use_liger_kernel=True` is deprecated", FutureWarning
+            )
+            trainer = resumable_preference_trainer(method, args=config, **common)
     except ValueError as exc:
         # TRL's refusals of a setting (an lm_head adapter, KTO's micro-batch of one).
         raise InvalidConfig(f"spec.method: {exc}") from None
+    if method == "dpo" and speed.attention == "varlen":
+        from kubetune.trainer.packed_pairs import pack_padded_pairs
+
+        pack_padded_pairs(trainer.model.get_base_model())
+        log.info("DPO micro-batches run unpadded (varlen attention)")
+    return trainer
 
 
 def finish_trainer(trainer: Any, spec: FineTuneJobSpec, speed: SpeedSettings) -> None:

@@ -105,6 +105,28 @@ def test_speed_settings_become_trl_flags() -> None:
     assert arguments["gradient_checkpointing"] is False
 
 
+def test_a_dpo_run_on_a_gpu_keeps_ligers_layer_kernels_and_pads_its_pairs() -> None:
+    """TRL's DPOTrainer applies Liger's RMSNorm, SwiGLU and RoPE and keeps its own fused LM
+    head; without them kubetune's DPO step was 1.85× TRL's hand-set one (docs/performance.md)."""
+    from kubetune.trainer.arguments import preference_arguments
+    from kubetune.trainer.preference import preference_speed
+
+    spec = _spec(method={"type": "dpo"})
+    resolved = SpeedSettings("varlen", True, False, True, "paged_adamw_8bit")
+    speed = preference_speed(resolved)
+    assert (speed.liger_kernel, speed.packing, speed.attention) == (True, False, "varlen")
+    flex = preference_speed(SpeedSettings("flex_attention", True, False, True, "adamw_torch"))
+    assert flex.attention == "sdpa"
+    plan = plan_training(spec.training, spec.resources.world_size)
+    arguments = preference_arguments(
+        spec, plan, speed, cuda=True, checkpoint_dir="/out/checkpoints", has_eval=False
+    )
+    assert arguments["use_liger_kernel"] is True
+    assert "packing" not in arguments and arguments["pad_to_multiple_of"] is None
+    off = preference_speed(SpeedSettings("sdpa", False, False, False, "adamw_torch"))
+    assert off.liger_kernel is False
+
+
 def test_loss_masking_comes_from_the_prepared_data() -> None:
     masking = LossMasking(completion_only=False, assistant_only=True, has_eval=False)
     arguments = _arguments(_spec(), masking=masking)
