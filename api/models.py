@@ -1587,6 +1587,21 @@ class EstimatePlan(StatusModel):
     optimizer: str = Field(description="The optimizer the plan picks.")
 
 
+class MergeEstimate(StatusModel):
+    """What output.merge will cost after training (scaled from a measured 7B merge)."""
+
+    disk_gib: float = Field(alias="diskGiB", description="Size of the merged model (GiB).")
+    host_gib: float = Field(alias="hostGiB", description="Peak host memory of the merge (GiB).")
+    gpu_gib: float | None = Field(
+        default=None,
+        alias="gpuGiB",
+        description="Peak GPU memory of the merge (GiB; mergeBase dequantized only).",
+    )
+    seconds: float = Field(
+        description="Seconds to load, merge and write (on the machine it was measured on)."
+    )
+
+
 class Estimate(StatusModel):
     """What the Validating phase found and expects of the run."""
 
@@ -1607,6 +1622,9 @@ class Estimate(StatusModel):
     )
     sampled: bool = Field(
         default=False, description="Counts extrapolated from a tokenized sample of the data."
+    )
+    merge: MergeEstimate | None = Field(
+        default=None, description="What output.merge will cost, when it is set."
     )
 
 

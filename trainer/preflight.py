@@ -26,6 +26,7 @@ from kubetune.api.models import (
     BaseModelRef,
     Estimate,
     EstimatePlan,
+    MergeEstimate,
     TrainerResult,
     TrainingPlan,
 )
@@ -269,6 +270,21 @@ def _estimate(
         peakGiB=round(peak / GIB, 1) if peak is not None else None,
         seconds=round(seconds) if seconds is not None else None,
         sampled=counts.sampled,
+        merge=_merge_estimate(spec, shape),
+    )
+
+
+def _merge_estimate(spec: FineTuneJobSpec, shape: ModelShape | None) -> MergeEstimate | None:
+    if not spec.output.merge or shape is None:
+        return None
+    from kubetune.trainer.merge_cost import merge_cost
+
+    cost = merge_cost(shape, spec.output.merge_base, spec.quantization.compute_dtype)
+    return MergeEstimate(
+        diskGiB=round(cost.disk_gib, 2),
+        hostGiB=round(cost.host_gib, 2),
+        gpuGiB=round(cost.gpu_gib, 2) if cost.gpu_gib is not None else None,
+        seconds=round(cost.seconds, 1),
     )
 
 
@@ -342,4 +358,9 @@ def _describe(estimate: Estimate, method: str = "sft") -> str:
         parts.append(f"peak about {estimate.peak_gib} GiB on {estimate.gpu_kind}")
     if estimate.seconds is not None:
         parts.append(f"about {estimate.seconds:.0f} s of training")
+    if estimate.merge is not None:
+        parts.append(
+            f"the merge writes {estimate.merge.disk_gib} GiB with about "
+            f"{estimate.merge.host_gib} GiB of host memory"
+        )
     return "; ".join(parts)
