@@ -73,6 +73,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -524,6 +525,29 @@ def launch_ranks(args: argparse.Namespace) -> int:
     return 0
 
 
+def append_record(out: Path, record: dict[str, Any]) -> None:
+    """One result: a JSON line appended to ``out`` and printed."""
+    with out.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def run_each_mode(
+    args: argparse.Namespace, script: str, ours: Callable[[dict[str, Any]], bool]
+) -> dict[str, dict[str, Any]]:
+    """Each of ``args.modes`` run by ``script --mode MODE`` in a process of its own, then the
+    newest record of each mode in ``args.out`` that ``ours`` says this command's settings wrote."""
+    for mode in args.modes.split(","):
+        command = [sys.executable, script, *sys.argv[1:], "--mode", mode]
+        subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    results: dict[str, dict[str, Any]] = {}
+    for line in args.out.read_text().splitlines() if args.out.exists() else []:
+        record = json.loads(line)
+        if ours(record):
+            results[record["mode"]] = record
+    return results
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
@@ -573,40 +597,30 @@ def main() -> int:
             return launch_ranks(args)
         record = measure(args)
         if rank.is_main:
-            with args.out.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(json.dumps(record), flush=True)
+            append_record(args.out, record)
         return 0
 
     build_model(args.shape, args.model_dir)
-    results: dict[str, dict[str, Any]] = {}
-    for mode in args.modes.split(","):
-        command = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
-        subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        lines = args.out.read_text().splitlines() if args.out.exists() else []
-        for line in lines:
-            record = json.loads(line)
-            if (
-                record.get("shape") == args.shape
-                and "mode" in record
-                and record.get("gpus", 1) == args.gpus
-                and record.get("memory_cap_gib") == args.memory_cap_gib
-            ):
-                results[record["mode"]] = record
+    results = run_each_mode(
+        args,
+        __file__,
+        lambda record: (
+            record.get("shape") == args.shape
+            and "mode" in record
+            and record.get("gpus", 1) == args.gpus
+            and record.get("memory_cap_gib") == args.memory_cap_gib
+        ),
+    )
     ours = results.get("kubetune", {}).get("tokens_per_second")
     for mode, record in results.items():
         theirs = record.get("tokens_per_second")
         if ours and theirs and mode != "kubetune":
             ratio = {"ratio": f"kubetune / {mode}", "shape": args.shape,
                      "tokens_per_second": round(ours / theirs, 3)}  # fmt: skip
-            print(json.dumps(ratio), flush=True)
-            with args.out.open("a") as f:
-                f.write(json.dumps(ratio) + "\n")
+            append_record(args.out, ratio)
     if "kubetune-parity" in results and "trl-parity" in results:
         parity = loss_parity(results["kubetune-parity"], results["trl-parity"], args.shape)
-        print(json.dumps(parity), flush=True)
-        with args.out.open("a") as f:
-            f.write(json.dumps(parity) + "\n")
+        append_record(args.out, parity)
     return 0
 
 
