@@ -34,7 +34,6 @@ import argparse
 import math
 import random
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from qlora_throughput import (
     build_model,
     load_4bit_base,
     run_each_mode,
+    run_timed,
     throughput_callback,
     train_with_recipe,
 )
@@ -202,18 +202,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "memory_cap_gib": args.memory_cap_gib,
         "data": counts,
     }
-    started = time.perf_counter()
-    try:
-        (run_kubetune if args.mode.startswith("kubetune") else run_trl)(args, dataset, record)
-    except torch.cuda.OutOfMemoryError:
-        record["error"] = "out of memory"
-    except Exception as error:  # kubetune's own OutOfMemory: the plan refused before loading
-        from kubetune.trainer.errors import OutOfMemory
-
-        if not isinstance(error, OutOfMemory):
-            raise
-        record["error"] = f"out of memory (plan): {error}"
-    record["wall_seconds"] = round(time.perf_counter() - started, 1)
+    run_timed(run_kubetune if args.mode.startswith("kubetune") else run_trl, args, dataset, record)
     record.pop("_last_step", None)
     record.pop("_train_begin", None)
     if "start" in record and "end" in record and record["end"][2] > record["start"][2]:

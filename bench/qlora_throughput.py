@@ -435,6 +435,30 @@ def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, A
     trainer.train()
 
 
+def run_timed(
+    run: Callable[[argparse.Namespace, Any, dict[str, Any]], Any],
+    args: argparse.Namespace,
+    dataset: Any,
+    record: dict[str, Any],
+) -> None:
+    """``run(args, dataset, record)`` timed into ``record``; running out of memory (CUDA's error,
+    or kubetune's plan refusing before anything loads) is recorded as its result."""
+    import torch
+
+    started = time.perf_counter()
+    try:
+        run(args, dataset, record)
+    except torch.cuda.OutOfMemoryError:
+        record["error"] = "out of memory"
+    except Exception as error:  # kubetune's own OutOfMemory: the plan refused before loading
+        from kubetune.trainer.errors import OutOfMemory
+
+        if not isinstance(error, OutOfMemory):
+            raise
+        record["error"] = f"out of memory (plan): {error}"
+    record["wall_seconds"] = round(time.perf_counter() - started, 1)
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -462,20 +486,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch,
         "memory_cap_gib": args.memory_cap_gib,
     }
-    started = time.perf_counter()
-    try:
-        (run_kubetune if args.mode.startswith("kubetune") else run_trl_defaults)(
-            args, dataset, record
-        )
-    except torch.cuda.OutOfMemoryError:
-        record["error"] = "out of memory"
-    except Exception as error:  # kubetune's own OutOfMemory: the plan refused before loading
-        from kubetune.trainer.errors import OutOfMemory
-
-        if not isinstance(error, OutOfMemory):
-            raise
-        record["error"] = f"out of memory (plan): {error}"
-    record["wall_seconds"] = round(time.perf_counter() - started, 1)
+    run = run_kubetune if args.mode.startswith("kubetune") else run_trl_defaults
+    run_timed(run, args, dataset, record)
     if "start" in record and "end" in record and record["end"][2] > record["start"][2]:
         record.pop("_last_step", None)
         (t0, n0, s0), (t1, n1, s1) = record.pop("start"), record.pop("end")
