@@ -78,6 +78,7 @@ DpoLossType = Literal[
 ]
 Phase = Literal["Pending", "Validating", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 #: GPU kinds the preflight knows (memory for the plan; a measured speed where there is one).
+OciLayout = Literal["modelpack", "kaito"]
 GpuKind = Literal["H200", "H100-80GB", "A100-80GB", "A100-40GB", "L40S", "L4"]
 
 _K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
@@ -269,6 +270,15 @@ class RegistrySpec(ApiModel):
         description=(
             "Talk to the registry over plain http (no TLS); only for a registry the platform "
             "names (the chart's trainer.plainHttpRegistries), such as the local cluster's."
+        ),
+    )
+    layout: OciLayout = Field(
+        default="modelpack",
+        description=(
+            "How the adapter is laid out in the registry. modelpack: one CNCF ModelPack artifact, "
+            "a raw layer a file (model.adapter of a later job pulls it back). kaito: the adapter "
+            "image KAITO's inference.adapters[].source.image pulls (an OCI image whose one "
+            "gzip layer holds the files under data/)."
         ),
     )
 
