@@ -617,7 +617,8 @@ class TrainingSpec(ApiModel):
         default="auto",
         max_length=64,
         description=(
-            "transformers optimizer name; auto = paged_adamw_8bit on GPU, adamw_torch on CPU."
+            "transformers optimizer name; auto = the memory plan's pick: adamw_torch_fused on a "
+            "GPU with room for its fp32 states, else paged_adamw_8bit; adamw_torch on a CPU."
         ),
     )
     profile: Literal["speed", "memory"] = Field(

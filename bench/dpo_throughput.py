@@ -33,22 +33,20 @@ after ``--warmup``; the ratios of kubetune's to each other configuration's.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import random
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from qlora_throughput import (
     SHAPES,
     _versions,
+    append_record,
     build_model,
     load_4bit_base,
+    run_each_mode,
+    run_timed,
     throughput_callback,
     train_with_recipe,
 )
@@ -208,18 +206,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "memory_cap_gib": args.memory_cap_gib,
         "data": counts,
     }
-    started = time.perf_counter()
-    try:
-        (run_kubetune if args.mode.startswith("kubetune") else run_trl)(args, dataset, record)
-    except torch.cuda.OutOfMemoryError:
-        record["error"] = "out of memory"
-    except Exception as error:  # kubetune's own OutOfMemory: the plan refused before loading
-        from kubetune.trainer.errors import OutOfMemory
-
-        if not isinstance(error, OutOfMemory):
-            raise
-        record["error"] = f"out of memory (plan): {error}"
-    record["wall_seconds"] = round(time.perf_counter() - started, 1)
+    run_timed(run_kubetune if args.mode.startswith("kubetune") else run_trl, args, dataset, record)
     record.pop("_last_step", None)
     record.pop("_train_begin", None)
     if "start" in record and "end" in record and record["end"][2] > record["start"][2]:
@@ -258,20 +245,16 @@ def main() -> int:
 
     if args.mode:
         record = measure(args)
-        with args.out.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(json.dumps(record), flush=True)
+        append_record(args.out, record)
         return 0
 
     build_model(args.shape, args.model_dir)
-    results: dict[str, dict[str, Any]] = {}
-    for mode in args.modes.split(","):
-        command = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
-        subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        for line in args.out.read_text().splitlines() if args.out.exists() else []:
-            record = json.loads(line)
-            if record.get("mode") == mode and record.get("shape") == args.shape:
-                results[mode] = record
+    modes = args.modes.split(",")
+    results = run_each_mode(
+        args,
+        __file__,
+        lambda record: record.get("mode") in modes and record.get("shape") == args.shape,
+    )
     ours = results.get("kubetune-dpo", {})
     for mode, record in results.items():
         if mode == "kubetune-dpo" or not ours.get("tokens_per_second"):
@@ -284,9 +267,7 @@ def main() -> int:
                     ours["tokens_per_second"] / record["tokens_per_second"], 3
                 ),
             }
-            print(json.dumps(ratio), flush=True)
-            with args.out.open("a") as f:
-                f.write(json.dumps(ratio) + "\n")
+            append_record(args.out, ratio)
     return 0
 
 

@@ -73,6 +73,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -434,6 +435,30 @@ def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, A
     trainer.train()
 
 
+def run_timed(
+    run: Callable[[argparse.Namespace, Any, dict[str, Any]], Any],
+    args: argparse.Namespace,
+    dataset: Any,
+    record: dict[str, Any],
+) -> None:
+    """``run(args, dataset, record)`` timed into ``record``; running out of memory (CUDA's error,
+    or kubetune's plan refusing before anything loads) is recorded as its result."""
+    import torch
+
+    started = time.perf_counter()
+    try:
+        run(args, dataset, record)
+    except torch.cuda.OutOfMemoryError:
+        record["error"] = "out of memory"
+    except Exception as error:  # kubetune's own OutOfMemory: the plan refused before loading
+        from kubetune.trainer.errors import OutOfMemory
+
+        if not isinstance(error, OutOfMemory):
+            raise
+        record["error"] = f"out of memory (plan): {error}"
+    record["wall_seconds"] = round(time.perf_counter() - started, 1)
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -461,20 +486,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch,
         "memory_cap_gib": args.memory_cap_gib,
     }
-    started = time.perf_counter()
-    try:
-        (run_kubetune if args.mode.startswith("kubetune") else run_trl_defaults)(
-            args, dataset, record
-        )
-    except torch.cuda.OutOfMemoryError:
-        record["error"] = "out of memory"
-    except Exception as error:  # kubetune's own OutOfMemory: the plan refused before loading
-        from kubetune.trainer.errors import OutOfMemory
-
-        if not isinstance(error, OutOfMemory):
-            raise
-        record["error"] = f"out of memory (plan): {error}"
-    record["wall_seconds"] = round(time.perf_counter() - started, 1)
+    run = run_kubetune if args.mode.startswith("kubetune") else run_trl_defaults
+    run_timed(run, args, dataset, record)
     if "start" in record and "end" in record and record["end"][2] > record["start"][2]:
         record.pop("_last_step", None)
         (t0, n0, s0), (t1, n1, s1) = record.pop("start"), record.pop("end")
@@ -522,6 +535,29 @@ def launch_ranks(args: argparse.Namespace) -> int:
         print(json.dumps({"mode": args.mode, "gpus": args.gpus, "error": error or died}))
         return 1
     return 0
+
+
+def append_record(out: Path, record: dict[str, Any]) -> None:
+    """One result: a JSON line appended to ``out`` and printed."""
+    with out.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def run_each_mode(
+    args: argparse.Namespace, script: str, ours: Callable[[dict[str, Any]], bool]
+) -> dict[str, dict[str, Any]]:
+    """Each of ``args.modes`` run by ``script --mode MODE`` in a process of its own, then the
+    newest record of each mode in ``args.out`` that ``ours`` says this command's settings wrote."""
+    for mode in args.modes.split(","):
+        command = [sys.executable, script, *sys.argv[1:], "--mode", mode]
+        subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    results: dict[str, dict[str, Any]] = {}
+    for line in args.out.read_text().splitlines() if args.out.exists() else []:
+        record = json.loads(line)
+        if ours(record):
+            results[record["mode"]] = record
+    return results
 
 
 def main() -> int:
@@ -573,40 +609,30 @@ def main() -> int:
             return launch_ranks(args)
         record = measure(args)
         if rank.is_main:
-            with args.out.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(json.dumps(record), flush=True)
+            append_record(args.out, record)
         return 0
 
     build_model(args.shape, args.model_dir)
-    results: dict[str, dict[str, Any]] = {}
-    for mode in args.modes.split(","):
-        command = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
-        subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        lines = args.out.read_text().splitlines() if args.out.exists() else []
-        for line in lines:
-            record = json.loads(line)
-            if (
-                record.get("shape") == args.shape
-                and "mode" in record
-                and record.get("gpus", 1) == args.gpus
-                and record.get("memory_cap_gib") == args.memory_cap_gib
-            ):
-                results[record["mode"]] = record
+    results = run_each_mode(
+        args,
+        __file__,
+        lambda record: (
+            record.get("shape") == args.shape
+            and "mode" in record
+            and record.get("gpus", 1) == args.gpus
+            and record.get("memory_cap_gib") == args.memory_cap_gib
+        ),
+    )
     ours = results.get("kubetune", {}).get("tokens_per_second")
     for mode, record in results.items():
         theirs = record.get("tokens_per_second")
         if ours and theirs and mode != "kubetune":
             ratio = {"ratio": f"kubetune / {mode}", "shape": args.shape,
                      "tokens_per_second": round(ours / theirs, 3)}  # fmt: skip
-            print(json.dumps(ratio), flush=True)
-            with args.out.open("a") as f:
-                f.write(json.dumps(ratio) + "\n")
+            append_record(args.out, ratio)
     if "kubetune-parity" in results and "trl-parity" in results:
         parity = loss_parity(results["kubetune-parity"], results["trl-parity"], args.shape)
-        print(json.dumps(parity), flush=True)
-        with args.out.open("a") as f:
-            f.write(json.dumps(parity) + "\n")
+        append_record(args.out, parity)
     return 0
 
 

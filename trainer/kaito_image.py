@@ -25,20 +25,13 @@ from typing import Final
 
 from kubetune.api.uris import OciReference
 from kubetune.trainer.registry import (
-    BASE_MODEL_ANNOTATION,
-    CREATED_ANNOTATION,
-    DESCRIPTION_ANNOTATION,
-    TITLE_ANNOTATION,
     Layer,
     Pushed,
+    adapter_annotations,
+    push_image,
     sha256_digest,
 )
-from kubetune.trainer.registry_client import (
-    MANIFEST_MEDIA_TYPE,
-    RegistryClient,
-    auth_file,
-    login_for,
-)
+from kubetune.trainer.registry_client import MANIFEST_MEDIA_TYPE
 
 IMAGE_CONFIG_MEDIA_TYPE: Final = "application/vnd.oci.image.config.v1+json"
 LAYER_MEDIA_TYPE: Final = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -105,22 +98,8 @@ def push_kaito_image(
         )
         config = image_config("sha256:" + hashlib.sha256(tar).hexdigest())
         description = f"LoRA adapter for {base_model}, trained by kubetune (KAITO adapter image)"
-        body = image_manifest(
-            config,
-            layer,
-            {
-                CREATED_ANNOTATION: created,
-                TITLE_ANNOTATION: name,
-                DESCRIPTION_ANNOTATION: description,
-                BASE_MODEL_ANNOTATION: base_model,
-            },
+        manifest_annotations = adapter_annotations(name, description, base_model, created)
+        body = image_manifest(config, layer, manifest_annotations)
+        return push_image(
+            reference, [layer], config, body, plain_http=plain_http, credentials=credentials
         )
-        client = RegistryClient(
-            reference,
-            plain_http=plain_http,
-            login=login_for(reference.host, credentials or auth_file()),
-        )
-        client.push_blob(layer.digest, layer.size, layer.path)
-        client.push_blob("sha256:" + hashlib.sha256(config).hexdigest(), len(config), config)
-        digest = client.put_manifest(body)
-    return Pushed(digest, (layer,))

@@ -146,16 +146,35 @@ def push_adapter(
     config = model_config(
         layers, name=name, description=description, precision=precision, created=created
     )
-    body = manifest(
-        config,
-        layers,
-        {
-            CREATED_ANNOTATION: created,
-            TITLE_ANNOTATION: name,
-            DESCRIPTION_ANNOTATION: description,
-            BASE_MODEL_ANNOTATION: base_model,
-        },
+    body = manifest(config, layers, adapter_annotations(name, description, base_model, created))
+    return push_image(
+        reference, layers, config, body, plain_http=plain_http, credentials=credentials
     )
+
+
+def adapter_annotations(
+    name: str, description: str, base_model: str, created: str
+) -> dict[str, str]:
+    """The manifest annotations of an adapter kubetune pushes."""
+    return {
+        CREATED_ANNOTATION: created,
+        TITLE_ANNOTATION: name,
+        DESCRIPTION_ANNOTATION: description,
+        BASE_MODEL_ANNOTATION: base_model,
+    }
+
+
+def push_image(
+    reference: OciReference,
+    layers: Sequence[Layer],
+    config: bytes,
+    body: bytes,
+    *,
+    plain_http: bool,
+    credentials: Path | None = None,
+) -> Pushed:
+    """Upload ``layers`` and ``config``, then put the manifest ``body`` that names them under
+    ``reference.tag`` (the login from ``credentials``, else :func:`auth_file`'s)."""
     client = RegistryClient(
         reference,
         plain_http=plain_http,
@@ -164,8 +183,7 @@ def push_adapter(
     for layer in layers:
         client.push_blob(layer.digest, layer.size, layer.path)
     client.push_blob("sha256:" + hashlib.sha256(config).hexdigest(), len(config), config)
-    digest = client.put_manifest(body)
-    return Pushed(digest, layers)
+    return Pushed(client.put_manifest(body), tuple(layers))
 
 
 def check_push_access(

@@ -41,6 +41,13 @@ def with_spec(**changes: Any) -> dict[str, Any]:
     return manifest
 
 
+def https_mlflow(**fields: Any) -> dict[str, Any]:
+    """spec.tracking with an MLflow server over https, ``fields`` (credentials) added."""
+    return {
+        "mlflow": {"trackingUri": "https://mlflow.example.com", "experimentName": "e", **fields}
+    }
+
+
 # Each invalid manifest, and the words its error must contain: the field and what is allowed.
 INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
     (
@@ -230,15 +237,7 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
     ),
     (
         "tracking username without password",
-        with_spec(
-            tracking={
-                "mlflow": {
-                    "trackingUri": "https://mlflow.example.com",
-                    "experimentName": "e",
-                    "usernameSecretRef": {"name": "mlflow-auth", "key": "user"},
-                }
-            }
-        ),
+        with_spec(tracking=https_mlflow(usernameSecretRef={"name": "mlflow-auth", "key": "user"})),
         ["usernameSecretRef and passwordSecretRef together"],
     ),
     (

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from trainer_helpers import TinyAssets, assert_hidden, checkpoint_steps, job_manifest
 
-from kubetune_devtools.oci import LoginRegistry, docker_config, start_test_registry
+from kubetune_devtools.oci import LoginRegistry, docker_config, running_test_registry
 
 pytestmark = pytest.mark.trainer
 
@@ -79,11 +79,8 @@ def _train(
 def registry(
     registry_tools: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LoginRegistry]:
-    started = start_test_registry(tmp_path_factory.mktemp("oci"), registry_tools)
-    try:
+    with running_test_registry(tmp_path_factory.mktemp("oci"), registry_tools) as started:
         yield started
-    finally:
-        started.process.close()
 
 
 @pytest.fixture(scope="module")
