@@ -56,7 +56,9 @@ TENANT_RULES = [
 class ServerProcess:
     """``kubetune-server`` in a subprocess, logging to a file."""
 
-    def __init__(self, kubeconfig: Path, files_dir: Path, log_path: Path) -> None:
+    def __init__(
+        self, kubeconfig: Path, files_dir: Path, log_path: Path, cache_token: Path | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -74,6 +76,8 @@ class ServerProcess:
             "KUBETUNE_SERVER_RATE_LIMIT_PER_SECOND": "0",
             "PYTHONUNBUFFERED": "1",
         }
+        if cache_token is not None:  # reads from the watch-backed cache, as the chart has it
+            self.env["KUBETUNE_SERVER_CACHE_TOKEN_FILE"] = str(cache_token)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -112,6 +116,42 @@ class ServerProcess:
         return OpenAI(
             api_key=token, base_url=f"{self.url}/v1", project=project, max_retries=0, timeout=60
         )
+
+
+#: The server's own identity, as the chart gives it with server.cache.enabled: read FineTuneJobs.
+SERVER_ACCOUNT = "kubetune-server"
+SERVER_NAMESPACE = "kubetune-system"
+
+
+def server_identity(kubectl: Kubectl, token_file: Path) -> Path:
+    """The server's ServiceAccount, allowed get/list/watch on FineTuneJobs cluster-wide, and its
+    token in ``token_file``."""
+    kubectl("create", "namespace", SERVER_NAMESPACE, check=False)
+    role = f"{SERVER_ACCOUNT}-read-jobs"
+    apply(
+        kubectl, SERVER_NAMESPACE,
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": SERVER_ACCOUNT}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+         "metadata": {"name": role},
+         "rules": [{"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"],
+                    "verbs": ["get", "list", "watch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": {"name": role},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+         "subjects": [{"kind": "ServiceAccount", "name": SERVER_ACCOUNT,
+                       "namespace": SERVER_NAMESPACE}]},
+    )  # fmt: skip
+    token = wait_for(
+        lambda: kubectl(
+            "create", "token", SERVER_ACCOUNT, "-n", SERVER_NAMESPACE, "--duration", "4h",
+            check=False,
+        ).stdout.strip(),
+        60,
+        "the server's ServiceAccount token",
+    )
+    token_file.write_text(token)
+    token_file.chmod(0o600)
+    return token_file
 
 
 @dataclass(frozen=True)
