@@ -54,7 +54,9 @@ class AccessCache:
             del self.pending[key]
         future.set_result(decision)
         if len(self.decisions) >= MAX_ENTRIES:
-            for old in sorted(self.decisions, key=lambda k: self.decisions[k][1])[: MAX_ENTRIES // 2]:
+            for old in sorted(self.decisions, key=lambda k: self.decisions[k][1])[
+                : MAX_ENTRIES // 2
+            ]:
                 del self.decisions[old]
         ttl = self.allowed_ttl if decision else self.denied_ttl
         self.decisions[key] = (decision, self.clock() + ttl)

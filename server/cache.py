@@ -206,7 +206,9 @@ async def _outcome(watch: Watch) -> bool:
         return False
     synced = asyncio.ensure_future(watch.synced.wait())
     forbidden = asyncio.ensure_future(watch.forbidden.wait())
-    await asyncio.wait({synced, forbidden}, timeout=SYNC_WAIT_SECONDS, return_when="FIRST_COMPLETED")
+    await asyncio.wait(
+        {synced, forbidden}, timeout=SYNC_WAIT_SECONDS, return_when="FIRST_COMPLETED"
+    )
     synced.cancel()
     forbidden.cancel()
     return watch.synced.is_set()

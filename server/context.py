@@ -44,8 +44,8 @@ class Server:
             )  # fmt: skip
 
     async def _view(self, who: Caller, verb: str) -> Watch | None:
-        """The cache, where it holds the namespace and the caller may ``verb`` every job there
-        (an access review denied or not yet possible: None, and the caller's own request decides)."""
+        """The cache, where it holds the namespace and the caller may ``verb`` every job there;
+        None (the caller's own request decides) where the review denies or the cache can't."""
         if self.jobs is None or not await self.access.allowed(who.token, who.namespace, verb):
             return None
         return await self.jobs.view(who.namespace)

@@ -45,6 +45,7 @@ async def upload_file(
 async def list_files(
     server: ServerDep,
     who: CallerDep,
+    *,
     purpose: str | None = None,
     limit: Annotated[int, Query()] = 100,
     after: str | None = None,

@@ -45,8 +45,7 @@ def _check_files(server: Server, who: Caller, files: dict[str, str], kind: str) 
         if (kind == "supervised") != (stored.format in SUPERVISED_FORMATS):
             wants = "supervised records" if kind == "supervised" else "preference pairs"
             raise bad_request(
-                f"{param} {file_id} holds {stored.format} records; method {kind} trains on "
-                f"{wants}",
+                f"{param} {file_id} holds {stored.format} records; method {kind} trains on {wants}",
                 param,
             )
 

@@ -141,15 +141,13 @@ def server_identity(kubectl: Kubectl, token_file: Path) -> Path:
          "subjects": [{"kind": "ServiceAccount", "name": SERVER_ACCOUNT,
                        "namespace": SERVER_NAMESPACE}]},
     )  # fmt: skip
-    token = wait_for(
-        lambda: kubectl(
-            "create", "token", SERVER_ACCOUNT, "-n", SERVER_NAMESPACE, "--duration", "4h",
-            check=False,
-        ).stdout.strip(),
-        60,
-        "the server's ServiceAccount token",
-    )
-    token_file.write_text(token)
+
+    def token() -> str:  # the token controller needs a moment for a new ServiceAccount
+        made = kubectl("create", "token", SERVER_ACCOUNT, "-n", SERVER_NAMESPACE,
+                       "--duration", "4h", check=False)  # fmt: skip
+        return made.stdout.strip()
+
+    token_file.write_text(wait_for(token, 60, "the server's token"))
     token_file.chmod(0o600)
     return token_file
 

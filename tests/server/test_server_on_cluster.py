@@ -256,9 +256,7 @@ def test_cancel_pause_and_resume(
 
     poll_until(phase, lambda seen: seen[0] == "Suspended", 60, "the job to be suspended")
     # The operator's status change reaches the server's cache through its watch.
-    wait_for(
-        lambda: client.fine_tuning.jobs.retrieve(job.id).status == "paused", 30, "paused"
-    )
+    wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).status == "paused", 30, "paused")
     assert paused.id == job.id
 
     resumed = client.fine_tuning.jobs.resume(job.id)
@@ -308,7 +306,9 @@ def test_reads_follow_the_watch_and_a_revoked_user_loses_them_within_the_allowed
     retrieve within the allowed TTL (10 s by default); another namespace's job of the same name
     never shows."""
     apply(kubectl, alice.namespace, minimal_finetunejob("shared-name", runPolicy={"suspend": True}))
-    apply(kubectl, mallory.namespace, minimal_finetunejob("shared-name", runPolicy={"suspend": True}))
+    apply(
+        kubectl, mallory.namespace, minimal_finetunejob("shared-name", runPolicy={"suspend": True})
+    )
     carol = make_tenant(kubectl, alice.namespace, "carol")
     client = server.client(carol.token, alice.namespace)
     wait_for(lambda: [j.id for j in client.fine_tuning.jobs.list().data] == ["shared-name"], 30,
