@@ -9,13 +9,14 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile as FormFile
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kubetune.server import console, files_api, jobs_api
 from kubetune.server.access import AccessCache
@@ -28,6 +29,37 @@ from kubetune.server.limits import MULTIPART_OVERHEAD, BodyLimit, RateLimiter
 from kubetune.server.settings import ServerSettings
 
 log = logging.getLogger("kubetune.server")
+
+
+class AccessLog:
+    """One line a request: method, the route's template only (no namespace, id, query string —
+    signatures — or header), status and time. A plain ASGI middleware: FastAPI's
+    ``@app.middleware("http")`` would add a task and a body copy to every call."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        status = 500
+
+        async def sent(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            route = scope.get("route")
+            log.info(
+                "%s %s %d %.1fms", scope["method"], getattr(route, "path", "?"), status,
+                1000 * (time.monotonic() - started),
+            )  # fmt: skip
 
 
 def new_server(settings: ServerSettings, kube: Kube | None = None) -> Server:
@@ -74,20 +106,7 @@ def create_app(settings: ServerSettings, kube: Kube | None = None) -> FastAPI:
         upload_limit=settings.max_file_bytes + MULTIPART_OVERHEAD,
         other_limit=settings.max_json_bytes,
     )
-
-    @app.middleware("http")
-    async def access_log(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        started = time.monotonic()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        # The route's template only: no namespace, id, query string (signatures) or header.
-        log.info(
-            "%s %s %d %.1fms", request.method, getattr(route, "path", "?"),
-            response.status_code, 1000 * (time.monotonic() - started),
-        )  # fmt: skip
-        return response
+    app.add_middleware(AccessLog)  # the outermost: every answer is logged, a 413 too
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:

@@ -91,13 +91,14 @@ class Server:
         return job
 
 
-def caller(
+async def caller(
     request: Request,
     authorization: Annotated[str | None, Header()] = None,
     openai_project: Annotated[str | None, Header()] = None,
 ) -> Caller:
     """Who asks, and in which namespace: the bearer token (their Kubernetes credential, kept for
-    this request only) and the OpenAI-Project header, else the configured default."""
+    this request only) and the OpenAI-Project header, else the configured default. (``async``
+    as every dependency here: FastAPI runs a plain ``def`` in a worker thread, a hop a call.)"""
     server: Server = request.app.state.server
     scheme, _, token = (authorization or "").partition(" ")
     token = token.strip()
@@ -113,7 +114,7 @@ def caller(
     return Caller(token, namespace)
 
 
-def the_server(request: Request) -> Server:
+async def the_server(request: Request) -> Server:
     server: Server = request.app.state.server
     return server
 

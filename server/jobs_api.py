@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
 
 from kubetune.api.datasets import SUPERVISED_FORMATS
 from kubetune.server import mapping
@@ -85,15 +86,16 @@ async def list_jobs(
     who: CallerDep,
     after: str | None = None,
     limit: Annotated[int, Query()] = 20,
-) -> dict[str, Any]:
+) -> JSONResponse:
     jobs = await server.jobs_newest_first(who)
     chosen, more = mapping.page(jobs, after, limit, lambda j: str(j["metadata"]["name"]))
-    return list_of([render(server, j) for j in chosen], more)
+    # The hot reads answer JSON as it is: a dict return would be validated and re-encoded.
+    return JSONResponse(list_of([render(server, j) for j in chosen], more))
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
-async def retrieve_job(server: ServerDep, who: CallerDep, job_id: str) -> dict[str, Any]:
-    return render(server, await server.job(who, job_id))
+async def retrieve_job(server: ServerDep, who: CallerDep, job_id: str) -> JSONResponse:
+    return JSONResponse(render(server, await server.job(who, job_id)))
 
 
 async def _suspend(
