@@ -153,7 +153,7 @@ def _mount_console(app: FastAPI, server: Server) -> None:
         default_namespace=settings.default_namespace,
         namespaces=tuple(settings.console_namespaces),
     )
-    app.include_router(console.make_router(app.state.console))
+    app.include_router(console.make_router())
 
     @app.get("/ui", include_in_schema=False)
     async def console_root() -> RedirectResponse:

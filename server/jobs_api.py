@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from kubetune.api.datasets import SUPERVISED_FORMATS
-from kubetune.server import mapping
+from kubetune.server import manifest, mapping
 from kubetune.server.context import Caller, CallerDep, Server, ServerDep, json_body, list_of
 from kubetune.server.errors import ApiError, bad_request, not_found
 
@@ -60,23 +60,23 @@ async def create_job(server: ServerDep, who: CallerDep, request: Request) -> dic
         allowed = ", ".join(sorted(settings.models)) or "none"
         raise bad_request(f"model {model!r} is not offered here (offered: {allowed})", "model")
     files = _file_ids(body)
-    kind = mapping.method_of(body)
+    kind = manifest.method_of(body)
     await server.require(who, "create")
     _check_files(server, who, files, kind)
-    name = mapping.new_job_name()
+    name = manifest.new_job_name()
     urls = {
         param: server.signer.url(
             settings.dataset_base_url, who.namespace, file_id, settings.dataset_url_seconds
         )
         for param, file_id in files.items()
     }
-    manifest = mapping.job_manifest(
+    made = manifest.job_manifest(
         name, who.namespace, body,
         model_uri=settings.models[model], dataset_uri=urls["training_file"],
         template=settings.job_template, output_uri=settings.output_uri.format(job=name),
         eval_uri=urls.get("validation_file"),
     )  # fmt: skip
-    created = await server.kube.create_job(who.token, who.namespace, manifest)
+    created = await server.kube.create_job(who.token, who.namespace, made)
     return render(server, server.wrote(created))
 
 
