@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kubetune.local.certs import KeyPair, signed_cert
 from kubetune.local.ports import free_port
@@ -21,6 +22,26 @@ REPO = Path(__file__).resolve().parents[2]
 CRD = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
 #: The PersistentVolumeClaim of ``work_claim``.
 CLAIM = "work"
+#: The tiny model's settings on the CPU: what every suite's tiny job (or the server's job
+#: template) trains with, the spec's other sections aside.
+TINY_SETTINGS: dict[str, Any] = {
+    "quantization": {"type": "nf4", "computeDtype": "float32"},
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+    "training": {
+        "maxSteps": 10,
+        "learningRate": 1.0e-2,
+        "batchSize": 4,
+        "maxLength": 64,
+        "packing": False,
+        "warmupRatio": 0.0,
+        "lrScheduler": "constant",
+        "checkpointSteps": 5,
+        "loggingSteps": 1,
+        "gradientCheckpointing": False,
+    },
+    "resources": {"gpus": 0, "shmSize": "64Mi"},
+    "runPolicy": {"backoffLimit": 2},
+}
 
 
 @dataclass(frozen=True)

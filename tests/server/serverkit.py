@@ -4,8 +4,10 @@ and talk to it through the real openai SDK."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,29 +23,15 @@ from openai import OpenAI
 from kubetune.local.ports import free_port
 from kubetune_devtools.pytest_plugin import Kubectl, apply, wait_for
 
-#: The claim each test namespace gets, holding the tiny model (and, after a run, adapters).
-CLAIM = "work"
+# The claim, the tiny settings and the operator as a process are tests/operator's.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
+from operatorkit import CLAIM, TINY_SETTINGS
+from operatorkit import work_claim as bound_claim
+
 BASE_MODEL = "tiny-llama"
 #: What the platform puts under every job created through the API: the tiny model's settings on
 #: the CPU, as tests/operator's tiny job has them.
-JOB_TEMPLATE: dict[str, Any] = {
-    "quantization": {"type": "nf4", "computeDtype": "float32"},
-    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-    "training": {
-        "maxSteps": 10,
-        "learningRate": 1.0e-2,
-        "batchSize": 4,
-        "maxLength": 64,
-        "packing": False,
-        "warmupRatio": 0.0,
-        "lrScheduler": "constant",
-        "checkpointSteps": 5,
-        "loggingSteps": 1,
-        "gradientCheckpointing": False,
-    },
-    "resources": {"gpus": 0, "shmSize": "64Mi"},
-    "runPolicy": {"backoffLimit": 2},
-}
+JOB_TEMPLATE: dict[str, Any] = copy.deepcopy(TINY_SETTINGS)
 #: A tenant's rights: FineTuneJobs and their Events in their own namespace, as the chart's
 #: aggregated `edit` role gives them.
 TENANT_RULES = [
@@ -177,22 +165,13 @@ def make_tenant(kubectl: Kubectl, namespace: str, name: str) -> Tenant:
     return Tenant(namespace, name, token)
 
 
-def work_claim(kubectl: Kubectl, namespace: str) -> Path:
-    """A bound PVC named ``work``; the directory behind it on this machine."""
-    claim = {
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": CLAIM},
-        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
-    }  # fmt: skip
-    apply(kubectl, namespace, claim)
-    volume = wait_for(
-        lambda: json.loads(kubectl("get", "pvc", CLAIM, "-n", namespace, "-o", "json").stdout)[
-            "spec"
-        ].get("volumeName"),
-        60,
-        "the work claim to bind",
-    )
-    pv = json.loads(kubectl("get", "pv", volume, "-o", "json").stdout)
-    return Path(pv["spec"]["hostPath"]["path"])
+def work_claim(kubectl: Kubectl, namespace: str, model: Path | None = None) -> Path:
+    """A bound PVC named ``work`` (with ``model`` copied in as ``model/``, the base the server
+    offers); the directory behind it on this machine."""
+    directory = bound_claim(kubectl, namespace)
+    if model is not None:
+        shutil.copytree(model, directory / "model")
+    return directory
 
 
 #: The next change may take this many times the longest gap between changes seen so far.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -57,8 +56,7 @@ def upload(client: openai.OpenAI, path: Path) -> Any:
 def test_a_jsonl_upload_trains_to_an_adapter_named_by_fine_tuned_model(
     server: ServerProcess, kubectl: Kubectl, alice: Tenant, tiny_assets: Path
 ) -> None:
-    volume = work_claim(kubectl, alice.namespace)
-    shutil.copytree(tiny_assets / "model", volume / "model")
+    volume = work_claim(kubectl, alice.namespace, model=tiny_assets / "model")
     client = server.client(alice.token, alice.namespace)
     dataset = tiny_assets / "data" / "reverse-prompt-completion.jsonl"
 
@@ -132,8 +130,7 @@ def test_a_jsonl_upload_trains_to_an_adapter_named_by_fine_tuned_model(
 def test_openais_dpo_pairs_and_a_validation_file_train_a_dpo_job_evaluated_on_that_file(
     server: ServerProcess, kubectl: Kubectl, alice: Tenant, tiny_assets: Path, tmp_path: Path
 ) -> None:
-    volume = work_claim(kubectl, alice.namespace)
-    shutil.copytree(tiny_assets / "model", volume / "model")
+    work_claim(kubectl, alice.namespace, model=tiny_assets / "model")
     client = server.client(alice.token, alice.namespace)
     pairs = upload(client, write_jsonl(tmp_path / "pairs.jsonl",
                                        toy_preference_records("openai-preference", 64)))  # fmt: skip
@@ -242,8 +239,7 @@ def test_a_second_user_is_denied_and_sees_none_of_the_first_users_files_or_jobs(
 def test_cancel_pause_and_resume(
     server: ServerProcess, kubectl: Kubectl, alice: Tenant, tiny_assets: Path
 ) -> None:
-    volume = work_claim(kubectl, alice.namespace)
-    shutil.copytree(tiny_assets / "model", volume / "model")
+    work_claim(kubectl, alice.namespace, model=tiny_assets / "model")
     client = server.client(alice.token, alice.namespace)
     uploaded = upload(client, tiny_assets / "data" / "reverse-prompt-completion.jsonl")
     job = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=uploaded.id)
