@@ -12,14 +12,7 @@ from fastapi.responses import RedirectResponse, Response
 from starlette.datastructures import UploadFile
 
 from kubetune.server import console_form
-from kubetune.server.console_core import (
-    Console,
-    Viewer,
-    as_viewer,
-    html_response,
-    page,
-    state_of,
-)
+from kubetune.server.console_core import Console, Viewer, as_viewer, html_response, page, state_of
 from kubetune.server.console_form import NAME
 from kubetune.server.console_html import Html, join, tag
 from kubetune.server.errors import ApiError

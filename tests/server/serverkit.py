@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -21,7 +20,7 @@ from typing import Any
 from openai import OpenAI
 
 from kubetune.local.ports import free_port
-from kubetune_devtools.pytest_plugin import Kubectl, apply, wait_for
+from kubetune_devtools.pytest_plugin import Kubectl, apply, paced_poll, wait_for
 
 # The claim, the tiny settings and the operator as a process are tests/operator's.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
@@ -174,35 +173,20 @@ def work_claim(kubectl: Kubectl, namespace: str, model: Path | None = None) -> P
     return directory
 
 
-#: The next change may take this many times the longest gap between changes seen so far.
-PACE_FACTOR = 4.0
-
-
 def poll_until(
     observe: Callable[[], tuple[Any, ...]],
     done: Callable[[tuple[Any, ...]], bool],
     patience: float,
     what: str,
 ) -> tuple[Any, ...]:
-    """Observe until ``done``: the deadline moves with what is seen (each change starts a new
-    wait of ``PACE_FACTOR`` × the longest gap so far, never less than ``patience``), so a busy
-    machine makes the wait longer and a stuck job still fails."""
-    last: tuple[Any, ...] | None = None
-    changed_at = time.monotonic()
-    longest = 0.0
-    while True:
+    """Observe until ``done``, the deadline moving with what is seen (``paced_poll``)."""
+
+    def step() -> tuple[tuple[Any, ...] | None, tuple[Any, ...]]:
         seen = observe()
-        if done(seen):
-            return seen
-        now = time.monotonic()
-        if seen != last:
-            if last is not None:
-                longest = max(longest, now - changed_at)
-            last, changed_at = seen, now
-        allowed = max(patience, PACE_FACTOR * longest)
-        if now - changed_at > allowed:
-            raise AssertionError(f"{what}: nothing moved for {now - changed_at:.0f}s; last {seen}")
-        time.sleep(1)
+        return (seen if done(seen) else None), seen
+
+    found: tuple[Any, ...] = paced_poll(step, patience, what)
+    return found
 
 
 def ftj(kubectl: Kubectl, namespace: str, name: str) -> Mapping[str, Any]:
