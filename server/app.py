@@ -1,7 +1,7 @@
-"""The HTTP API: OpenAI's fine-tuning routes under ``/v1`` (files, fine_tuning/jobs, models),
-the signed dataset downloads trainer pods make, and the web console under ``/ui`` (console.py).
-Every Kubernetes request is the caller's (``kube.Kube`` with their bearer token); the server adds
-no right of its own."""
+"""The HTTP app: its parts built from the settings, the request limits and access log, the
+OpenAI error shape, and the routes — files_api.py and jobs_api.py under ``/v1``, the web console
+under ``/ui`` (console.py). Every write and access review is the caller's (``kube.Kube`` with
+their bearer token); the server's own identity only fills the read-only job cache."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""The Kubernetes API, always as the caller: every request carries the caller's bearer token, so
-RBAC and admission decide exactly as they do for kubectl. The server reads only where the API
-server is and its CA, never a credential of its own."""
+"""The Kubernetes API with a token per request: the caller's bearer token, so RBAC and admission
+decide exactly as they do for kubectl (the job cache's LIST and WATCH pass the server's own
+read-only token the same way). Only where the API server is and its CA come from the
+configuration, never a kubeconfig's credentials."""
 
 from __future__ import annotations
 
