@@ -115,10 +115,7 @@ def timeline(job: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> Htm
                 tag(
                     '<strong>{type}={status}</strong> <span class="reason">{reason}</span> '
                     '<span class="message">{message}</span>',
-                    type=cond.get("type", ""),
-                    status=cond.get("status", ""),
-                    reason=cond.get("reason", ""),
-                    message=cond.get("message", ""),
+                    **_fields(cond, "type", "status", "reason", "message"),
                 ),
             )
         )
@@ -180,6 +177,11 @@ def estimate_vs_actual(job: Mapping[str, Any]) -> Html:
     )
 
 
+def _fields(source: Mapping[str, Any], *names: str) -> dict[str, Any]:
+    """``names`` of ``source`` for a template (missing ones empty)."""
+    return {name: source.get(name, "") for name in names}
+
+
 def answers(job: Mapping[str, Any]) -> Html:
     evaluation = (_status(job).get("result") or {}).get("evaluation") or {}
     samples = evaluation.get("samples") or []
@@ -189,9 +191,7 @@ def answers(job: Mapping[str, Any]) -> Html:
         tag(
             "<tr><td><pre>{prompt}</pre></td><td><pre>{base}</pre></td>"
             "<td><pre>{adapter}</pre></td></tr>",
-            prompt=sample.get("prompt", ""),
-            base=sample.get("base", ""),
-            adapter=sample.get("adapter", ""),
+            **_fields(sample, "prompt", "base", "adapter"),
         )
         for sample in samples
     )
