@@ -1,12 +1,17 @@
 """Latency benchmark of kubetune-server on the local cluster (not a test: it prints figures).
 
-``--jobs`` suspended FineTuneJobs in one namespace (nothing trains), one ``kubetune-server``
-process, a tenant ServiceAccount's token, and ``--clients`` concurrent openai SDK clients, each
-making ``--requests`` calls alternating between ``fine_tuning.jobs.retrieve`` (a random job) and
-``fine_tuning.jobs.list`` (a page of 20 after a random job), then each alone (``--mix``). Prints
-p50/p99/max of each, from the client's side, and the throughput.
+``--jobs`` suspended FineTuneJobs in one namespace (nothing trains), a tenant ServiceAccount's
+token, the server's own read-only account, and per ``--servers`` mode one ``kubetune-server``
+process: ``cache`` (reads from its watch-backed cache) or ``direct`` (each read with the
+caller's token). ``--clients`` concurrent openai SDK clients make ``--requests`` calls each:
+``fine_tuning.jobs.retrieve`` (a random job), ``fine_tuning.jobs.list`` (a page of 20 after a
+random job) or the two alternating (``--mix``), closed loop; then the alternating mix open loop
+at each of ``--rates`` calls/s (latency from when each call was due). Prints, per run,
+p50/p99/max from the client's side and the server's own (its access log), the throughput, CPU
+milliseconds a call of the server, kube-apiserver, etcd and the clients, and the machine's load.
 
-    .venv/bin/python bench/server_latency.py --jobs 500 --clients 50 --requests 40
+    .venv/bin/python bench/server_latency.py --jobs 500 --clients 50 --requests 40 \
+        --servers cache direct --rates 100 200 --out FILE
 
 Starts its own local cluster in a temporary home (``--kubeconfig`` reuses one, which must have
 the CRD) and stops it at the end. Figures and the machine they came from: docs/performance.md.
