@@ -11,6 +11,7 @@ A failing test prints the operator's log tail; ``KUBETUNE_TEST_OPERATOR_VERBOSE=
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import json
 import shutil
@@ -25,7 +26,16 @@ from typing import Any
 
 import pytest
 import yaml
-from operatorkit import CLAIM, CRD, REPO, OperatorProcess, log_tail_after, started, work_claim
+from operatorkit import (
+    CLAIM,
+    CRD,
+    REPO,
+    TINY_SETTINGS,
+    OperatorProcess,
+    log_tail_after,
+    started,
+    work_claim,
+)
 
 from kubetune_devtools.loopback import LoopbackServer
 from kubetune_devtools.pytest_plugin import (
@@ -36,7 +46,6 @@ from kubetune_devtools.pytest_plugin import (
     temporary_namespace,
     wait_for,
 )
-from kubetune_devtools.tiny import tiny_cpu_settings
 
 pytestmark = pytest.mark.integration
 
@@ -150,13 +159,13 @@ def pods_of(
 
 
 def tiny_training_spec(dataset: str, **training: Any) -> dict[str, Any]:
+    settings = copy.deepcopy(TINY_SETTINGS)
+    settings["training"].update(training)
     return {
         "model": {"uri": f"pvc://{CLAIM}/model"},
         "dataset": {"uri": dataset, "format": "prompt-completion"},
-        **tiny_cpu_settings(**training),
+        **settings,
         "output": {"uri": f"pvc://{CLAIM}/adapter"},
-        "resources": {"gpus": 0, "shmSize": "64Mi"},
-        "runPolicy": {"backoffLimit": 2},
     }
 
 
