@@ -59,7 +59,9 @@ def test_the_server_runs_locked_down_with_no_identity_of_its_own(render: Render)
 def test_the_reads_cache_gives_the_server_read_only_finetunejobs_and_nothing_else(
     render: Render,
 ) -> None:
-    mine = server_objects(render("--set", "server.enabled=true"))
+    mine = server_objects(
+        render("--set", "server.enabled=true", "--set", "server.cache.enabled=true")
+    )
     [account] = of_kind(mine, "ServiceAccount")
     [role] = of_kind(mine, "ClusterRole")
     assert role["rules"] == [
