@@ -36,6 +36,7 @@ from kubetune.operator.controller import (
 )
 from kubetune.operator.errors import api_errors
 from kubetune.operator.kube import collection_path, finetunejob_path
+from kubetune.operator.names import pvc_claims
 from kubetune.operator.reconcile import (
     PARTIAL_SPEC,
     Plan,
@@ -48,7 +49,7 @@ from kubetune.operator.reconcile import (
     plan,
     rejected_status,
 )
-from kubetune.operator.render import pvc_claims, render, render_validation
+from kubetune.operator.render import render, render_validation
 from kubetune.operator.status import set_condition, transition
 
 # --- one reconcile (in a worker thread) ----------------------------------------------------------

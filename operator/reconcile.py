@@ -20,8 +20,8 @@ from kubetune.api.manifest import format_validation_error
 from kubetune.api.models import FineTuneJobSpec, FineTuneJobStatus
 from kubetune.api.timestamps import parse_rfc3339, rfc3339
 from kubetune.operator import jobset as js
+from kubetune.operator.names import child_names
 from kubetune.operator.policy import policy_problems
-from kubetune.operator.render import child_names
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.status import (
     derive_status,

@@ -10,12 +10,8 @@ import yaml
 
 from kubetune.api.config import TrainerConfig
 from kubetune.api.models import FineTuneJobSpec, PodTemplateOverrides
-from kubetune.operator.render import (
-    child_names,
-    render,
-    render_validation,
-    short_name,
-)
+from kubetune.operator.names import child_names, short_name
+from kubetune.operator.render import render, render_validation
 from kubetune.operator.settings import OperatorSettings
 
 pytestmark = pytest.mark.unit

@@ -1,0 +1,131 @@
+"""The companions of a FineTuneJob's Job: its trainer NetworkPolicy and a group's headless
+Service. Pure: data in, manifests out."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from kubetune.api.contract import (
+    RENDEZVOUS_PORT,
+)
+from kubetune.operator.names import ChildNames, group_selector
+from kubetune.operator.settings import OperatorSettings
+
+Manifest = dict[str, Any]
+
+
+def headless_service(name: str, names: ChildNames, meta: Any, uid: str | None = None) -> Manifest:
+    """The Service whose name is the group's pods' subdomain: ``<job>-<index>.<service>``
+    resolves to that pod, ready or not (ranks must find rank 0 before any of them is Ready)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta(names.service),
+        "spec": {
+            "clusterIP": "None",
+            "selector": group_selector(name, uid),
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def network_policy(
+    name: str,
+    names: ChildNames,
+    meta: Any,
+    settings: OperatorSettings,
+    *,
+    group: bool = False,
+    uid: str | None = None,
+) -> Manifest:
+    """No ingress; egress to the cluster's DNS and the allowed CIDRs, less what lies inside them
+    of the excepted addresses (private ranges, the cluster's pod and service CIDRs, metadata).
+
+    DNS goes only to the cluster's DNS pods (and the DNS CIDRs the settings add), never port 53
+    anywhere: an open port 53 is a way out to any host. A group's pods also reach each other,
+    and only each other: the rendezvous (rank 0's port) and the collectives, whose gloo and NCCL
+    sockets take ephemeral ports on each side, so the rule between them names the pods, not
+    ports.
+    """
+    dns_ports = [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
+    dns_peers: list[Manifest] = [
+        {
+            "namespaceSelector": {"matchLabels": dict(settings.trainer_dns_namespace_selector)},
+            "podSelector": {"matchLabels": dict(settings.trainer_dns_pod_selector)},
+        }
+    ]
+    dns_peers += [{"ipBlock": block} for block in egress_blocks(settings.trainer_dns_cidrs, [])]
+    egress: list[Manifest] = [{"to": dns_peers, "ports": dns_ports}]
+    peers: list[Manifest] = [{"podSelector": {"matchLabels": group_selector(name, uid)}}]
+    if group:
+        egress.append({"to": peers})
+    if settings.progress_url and settings.progress_peer_pod_selector and settings.progress_port:
+        # Progress goes to the operator's pods, on the progress port and nothing else.
+        operator: Manifest = {
+            "podSelector": {"matchLabels": dict(settings.progress_peer_pod_selector)}
+        }
+        if settings.progress_peer_namespace_selector:
+            operator["namespaceSelector"] = {
+                "matchLabels": dict(settings.progress_peer_namespace_selector)
+            }
+        egress.append(
+            {"to": [operator], "ports": [{"port": settings.progress_port, "protocol": "TCP"}]}
+        )
+    if settings.trainer_apiserver_cidrs:
+        # Progress goes to the API server, whose endpoints often lie in an excepted range.
+        api_peers = egress_blocks(settings.trainer_apiserver_cidrs, [])
+        api_ports = [{"port": port, "protocol": "TCP"} for port in settings.trainer_apiserver_ports]
+        egress.append({"to": [{"ipBlock": block} for block in api_peers], "ports": api_ports})
+    excepted = [*settings.trainer_egress_except, *settings.trainer_cluster_cidrs]
+    blocks = egress_blocks(settings.trainer_egress_cidrs, excepted)
+    if blocks:
+        egress.append({"to": [{"ipBlock": block} for block in blocks]})
+    policy: Manifest = {
+        "podSelector": {"matchLabels": group_selector(name, uid)},
+        "policyTypes": ["Ingress", "Egress"],
+        "egress": egress,
+    }
+    if group:
+        policy["ingress"] = [{"from": peers}]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": meta(names.network_policy),
+        "spec": policy,
+    }
+
+
+def egress_blocks(cidrs: list[str], excepted: list[str]) -> list[Manifest]:
+    """An ipBlock per CIDR, with the excepted networks that lie strictly inside it.
+
+    The apiserver refuses an ``except`` that isn't a strict subset of its ``cidr``, and one such
+    entry would fail every job: an excepted range that holds the whole CIDR (a platform that
+    allows its pods' CIDR while the private ranges are excepted) leaves the CIDR as it is, the
+    platform's explicit choice; one of the other address family or outside it is left out.
+    """
+    blocks: list[Manifest] = []
+    for cidr in cidrs:
+        network = ipaddress.ip_network(cidr)
+        inside: list[str] = []
+        for entry in excepted:
+            other = ipaddress.ip_network(entry)
+            if _strictly_inside(other, network) and str(other) not in inside:
+                inside.append(str(other))
+        block: Manifest = {"cidr": str(network)}
+        if inside:
+            block["except"] = inside
+        blocks.append(block)
+    return blocks
+
+
+def _strictly_inside(
+    inner: ipaddress.IPv4Network | ipaddress.IPv6Network,
+    outer: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> bool:
+    if isinstance(inner, ipaddress.IPv4Network) and isinstance(outer, ipaddress.IPv4Network):
+        return inner.prefixlen > outer.prefixlen and inner.subnet_of(outer)
+    if isinstance(inner, ipaddress.IPv6Network) and isinstance(outer, ipaddress.IPv6Network):
+        return inner.prefixlen > outer.prefixlen and inner.subnet_of(outer)
+    return False
