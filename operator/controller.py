@@ -27,10 +27,10 @@ from kubetune.api.models import API_VERSION, KIND
 from kubetune.operator import jobset as js
 from kubetune.operator.kube import Kube, load_config
 from kubetune.operator.leader import LeaseLock
+from kubetune.operator.pods import SECRET_REFERENCE_PATHS
 from kubetune.operator.progress import ProgressInbox
 from kubetune.operator.reconcile import PARTIAL_SPEC, owned_by
 from kubetune.operator.settings import OperatorSettings
-from kubetune.operator.status import SECRET_REFERENCE_PATHS
 from kubetune.operator.workqueue import WorkQueue
 
 SETTINGS = OperatorSettings()

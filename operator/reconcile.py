@@ -21,19 +21,16 @@ from kubetune.api.models import FineTuneJobSpec, FineTuneJobStatus
 from kubetune.api.timestamps import parse_rfc3339, rfc3339
 from kubetune.operator import jobset as js
 from kubetune.operator.names import child_names
-from kubetune.operator.policy import policy_problems
-from kubetune.operator.settings import OperatorSettings
-from kubetune.operator.status import (
-    derive_status,
+from kubetune.operator.outcome import (
     group_restart_due,
     nodes_of,
-    pod_started_at,
-    set_condition,
-    trainer_finished_at,
-    ttl_remaining,
     validation_estimate,
     validation_succeeded,
 )
+from kubetune.operator.pods import pod_started_at, trainer_finished_at
+from kubetune.operator.policy import policy_problems
+from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.status import derive_status, set_condition, ttl_remaining
 
 Obj = Mapping[str, Any]
 
