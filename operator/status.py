@@ -148,7 +148,6 @@ def _conditions(
     phase = outcome.phase
     finished = phase in ("Succeeded", "Failed")
     held = phase in ("Suspended", "Queued")
-    failure = outcome.reason if phase == "Failed" else Reason.NO_FAILURE
     conditions: Sequence[Mapping[str, Any]] = current.get("conditions") or []
     wanted = (
         (READY, outcome.running or phase == "Succeeded", outcome.reason, message),
