@@ -25,11 +25,11 @@ from kubetune.api.contract import (
 )
 from kubetune.api.models import API_VERSION, KIND
 from kubetune.operator import jobset as js
+from kubetune.operator.children import PARTIAL_SPEC, owned_by
 from kubetune.operator.kube import Kube, load_config
 from kubetune.operator.leader import LeaseLock
 from kubetune.operator.pods import SECRET_REFERENCE_PATHS
 from kubetune.operator.progress import ProgressInbox
-from kubetune.operator.reconcile import PARTIAL_SPEC, owned_by
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.workqueue import WorkQueue
 
@@ -135,7 +135,7 @@ WHOLE_SPEC_KEPT_BYTES: Final = 16 * 1024
 def slim_finetunejob(body: Mapping[str, Any]) -> Obj:
     """A FineTuneJob for the index: ``slim`` with no ``status.progress``, and (once its children
     are made) only ``FINETUNEJOB_SPEC_KEPT`` of its spec, marked ``PARTIAL_SPEC``
-    (``reconcile.plan`` asks for the whole spec when it needs it)."""
+    (``planner.needs_whole_spec`` says when a reconcile needs the whole spec)."""
     kept = slim(body, ())
     # The trainer's progress (its curve history too) is for people and /metrics (read from the
     # events), never for a reconcile.

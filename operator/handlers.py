@@ -2,9 +2,10 @@
 
 Every event (a FineTuneJob, one of its Jobs or Pods), a periodic resync and a replica taking
 over the Lease all do the same thing: queue the FineTuneJob's key. A worker takes the key,
-reads the FineTuneJob and its children from kopf's in-memory indexes (no API call), asks the
-pure ``reconcile.plan`` what to do, and does only that: create what is missing, patch the Job
-it owns, patch the status fields that changed, post an Event when the phase changes.
+reads the FineTuneJob and its children from kopf's in-memory indexes (no API call), and
+``executor.reconcile`` makes one pass: observe, plan once (the pure ``planner.decide``), do only
+that (create what is missing, patch the Job it owns, patch the status fields that changed in one
+write, post an Event when the phase changes), requeue.
 
 Importing this module registers the handlers with kopf's default registry.
 """
@@ -26,7 +27,6 @@ import kopf
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.operator import jobset as js
 from kubetune.operator import metrics, metrics_server, progress
-from kubetune.operator.actions import JOBSET_FALLBACK, reconcile
 from kubetune.operator.controller import (
     JOB_SPEC_KEPT,
     LOGGER,
@@ -42,6 +42,8 @@ from kubetune.operator.controller import (
     slim_finetunejob,
     snapshot,
 )
+from kubetune.operator.creation import JOBSET_FALLBACK
+from kubetune.operator.executor import reconcile
 from kubetune.operator.leader import LeaseLock
 from kubetune.operator.progress import ProgressEndpoint, ProgressInbox, TokenReviewer
 from kubetune.operator.workqueue import WorkQueue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
@@ -11,6 +12,7 @@ from kubetune.api.contract import (
     ConditionType,
     Reason,
 )
+from kubetune.api.models import FineTuneJobStatus
 from kubetune.api.timestamps import parse_rfc3339, rfc3339
 from kubetune.operator.outcome import (
     PROBLEM_REASONS,
@@ -245,3 +247,46 @@ def _condition(status: Obj, type_: str) -> Obj:
         if condition.get("type") == type_:
             return dict(condition)
     return {}
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A problem no retry can fix: the job fails with this reason before anything is made."""
+
+    reason: str
+    problems: tuple[str, ...]
+
+    @property
+    def message(self) -> str:
+        return "; ".join(self.problems)
+
+
+def rejected_status(ftj: Obj, rejection: Rejection, now: datetime) -> dict[str, Any]:
+    """The status of a FineTuneJob failed for ``rejection``, built through the status model."""
+    current = ftj.get("status") or {}
+    generation = ftj.get("metadata", {}).get("generation")
+    conditions: Sequence[Mapping[str, Any]] = current.get("conditions") or []
+    for type_, value in ((ConditionType.READY, False), (ConditionType.FAILED, True)):
+        conditions = set_condition(
+            conditions,
+            type_,
+            value,
+            reason=rejection.reason,
+            message=rejection.message,
+            now=now,
+            generation=generation,
+        )
+    status = FineTuneJobStatus.model_validate(
+        {
+            "phase": "Failed",
+            "observedGeneration": generation,
+            "conditions": conditions,
+            "completionTime": current.get("completionTime") or rfc3339(now),
+            "result": {
+                "outcome": "Failed",
+                "reason": rejection.reason,
+                "message": rejection.message[:1024],
+            },
+        }
+    )
+    return status.model_dump(by_alias=True, exclude_none=True, exclude_unset=True, mode="json")

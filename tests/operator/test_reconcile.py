@@ -1,4 +1,4 @@
-"""reconcile.plan: what one level-triggered reconcile does, from the FineTuneJob and what exists."""
+"""planner.plan: what one level-triggered reconcile does, from the FineTuneJob and what exists."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 
 from kubetune.api.bounded import AFFINITY, POD_SPEC, largest
 from kubetune.api.timestamps import rfc3339
+from kubetune.operator.children import companion_differs
 from kubetune.operator.controller import slim_finetunejob
-from kubetune.operator.reconcile import companion_differs, plan, status_changes
+from kubetune.operator.planner import plan, status_changes
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.status import derive_status
 
