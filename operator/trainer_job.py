@@ -45,7 +45,7 @@ from kubetune.operator.names import (
     rendezvous_endpoint,
     short_name,
 )
-from kubetune.operator.policy import apply_pod_template
+from kubetune.operator.pod_template import apply_pod_template
 from kubetune.operator.settings import OperatorSettings
 
 Manifest = dict[str, Any]
