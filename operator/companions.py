@@ -1,14 +1,12 @@
-"""The companions of a FineTuneJob's Job: its trainer NetworkPolicy and a group's headless
-Service. Pure: data in, manifests out."""
+"""The companions of a FineTuneJob's Job: the namespace's trainer NetworkPolicy (one, shared), a
+group's own policy between its pods and its headless Service. Pure: data in, manifests out."""
 
 from __future__ import annotations
 
 import ipaddress
-from typing import Any
+from typing import Any, Final
 
-from kubetune.api.contract import (
-    RENDEZVOUS_PORT,
-)
+from kubetune.api.contract import COMPONENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, RENDEZVOUS_PORT
 from kubetune.operator.names import ChildNames, group_selector
 from kubetune.operator.settings import OperatorSettings
 
@@ -31,23 +29,30 @@ def headless_service(name: str, names: ChildNames, meta: Any, uid: str | None = 
     }
 
 
-def network_policy(
-    name: str,
-    names: ChildNames,
-    meta: Any,
-    settings: OperatorSettings,
-    *,
-    group: bool = False,
-    uid: str | None = None,
-) -> Manifest:
-    """No ingress; egress to the cluster's DNS and the allowed CIDRs, less what lies inside them
-    of the excepted addresses (private ranges, the cluster's pod and service CIDRs, metadata).
+#: The namespace's one trainer NetworkPolicy, shared by every FineTuneJob there.
+TRAINERS_POLICY: Final = "kubetune-trainers"
+#: The pods it selects: every pod kubetune runs for a FineTuneJob (trainers and validators; a
+#: pod template can't change these labels: kubetune's win).
+TRAINER_PODS: Final = {"app.kubernetes.io/name": "kubetune", MANAGED_BY_LABEL: MANAGED_BY}
+
+
+def shared(manifest: Manifest) -> bool:
+    """Whether ``manifest`` is a namespace's shared companion (no job owns it)."""
+    return manifest.get("kind") == "NetworkPolicy" and (
+        manifest.get("metadata", {}).get("name") == TRAINERS_POLICY
+    )
+
+
+def trainers_policy(namespace: str, settings: OperatorSettings) -> Manifest:
+    """The namespace's trainer NetworkPolicy: every pod kubetune runs there gets no ingress, and
+    egress to the cluster's DNS, the operator's progress port and the allowed CIDRs, less what
+    lies inside them of the excepted addresses (private ranges, the cluster's pod and service
+    CIDRs, metadata). One object per namespace, not one per job (policy evaluation in a network
+    plugin grows with the policies that select a pod); no job owns it, so it outlives each.
 
     DNS goes only to the cluster's DNS pods (and the DNS CIDRs the settings add), never port 53
-    anywhere: an open port 53 is a way out to any host. A group's pods also reach each other,
-    and only each other: the rendezvous (rank 0's port) and the collectives, whose gloo and NCCL
-    sockets take ephemeral ports on each side, so the rule between them names the pods, not
-    ports.
+    anywhere: an open port 53 is a way out to any host. Pods of one namespace never reach each
+    other through it: a group's pods get their own policy (``group_policy``).
     """
     dns_ports = [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
     dns_peers: list[Manifest] = [
@@ -58,9 +63,6 @@ def network_policy(
     ]
     dns_peers += [{"ipBlock": block} for block in egress_blocks(settings.trainer_dns_cidrs, [])]
     egress: list[Manifest] = [{"to": dns_peers, "ports": dns_ports}]
-    peers: list[Manifest] = [{"podSelector": {"matchLabels": group_selector(name, uid)}}]
-    if group:
-        egress.append({"to": peers})
     if settings.progress_url and settings.progress_peer_pod_selector and settings.progress_port:
         # Progress goes to the operator's pods, on the progress port and nothing else.
         operator: Manifest = {
@@ -82,18 +84,38 @@ def network_policy(
     blocks = egress_blocks(settings.trainer_egress_cidrs, excepted)
     if blocks:
         egress.append({"to": [{"ipBlock": block} for block in blocks]})
-    policy: Manifest = {
-        "podSelector": {"matchLabels": group_selector(name, uid)},
-        "policyTypes": ["Ingress", "Egress"],
-        "egress": egress,
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": TRAINERS_POLICY,
+            "namespace": namespace,
+            "labels": {**TRAINER_PODS, COMPONENT_LABEL: "trainer-network"},
+        },
+        "spec": {
+            "podSelector": {"matchLabels": dict(TRAINER_PODS)},
+            "policyTypes": ["Ingress", "Egress"],
+            "egress": egress,
+        },
     }
-    if group:
-        policy["ingress"] = [{"from": peers}]
+
+
+def group_policy(name: str, names: ChildNames, meta: Any, uid: str | None = None) -> Manifest:
+    """A multi-pod group's pods reach each other, and only each other: the rendezvous (rank 0's
+    port) and the collectives, whose gloo and NCCL sockets take ephemeral ports on each side, so
+    the rule names the pods (by the FineTuneJob's uid), not ports. Added to what the namespace's
+    ``trainers_policy`` allows them."""
+    peers: list[Manifest] = [{"podSelector": {"matchLabels": group_selector(name, uid)}}]
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
         "metadata": meta(names.network_policy),
-        "spec": policy,
+        "spec": {
+            "podSelector": {"matchLabels": group_selector(name, uid)},
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": peers}],
+            "egress": [{"to": peers}],
+        },
     }
 
 

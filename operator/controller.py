@@ -180,10 +180,13 @@ class Controller:
     use_jobset: bool = False
     #: Progress the trainers reported, waiting for a status write (None: no endpoint).
     progress: ProgressInbox | None = None
+    #: When each namespace's shared trainer NetworkPolicy was last checked (monotonic seconds).
+    shared_checked: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         self.written = {}
         self.created = {}
+        self.shared_checked = {}
 
 
 def index_values(index: kopf.Index[Key, Obj], key: Key) -> list[Obj]:

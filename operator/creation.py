@@ -5,9 +5,10 @@ rendered over it where it differs); a refusal fails the job and removes what thi
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Final
 
 import kopf
 from kubernetes.client.exceptions import ApiException
@@ -20,6 +21,7 @@ from kubetune.api.timestamps import parse_rfc3339
 from kubetune.operator import jobset as js
 from kubetune.operator import metrics
 from kubetune.operator.children import companion_differs, owned_by
+from kubetune.operator.companions import shared
 from kubetune.operator.controller import (
     JOB_SPEC_KEPT,
     LOGGER,
@@ -83,11 +85,16 @@ def create_children(
         if spec.resources.nodes > 1 and attempt == 1 and _jobset_unavailable(ctl):
             post_event(ftj, "Warning", Reason.JOBSET_UNAVAILABLE, JOBSET_FALLBACK)
     *first, job_manifest = children
+    # The namespace's shared policy is checked once a while, not for every job.
+    first = [m for m in first if not (shared(m) and _checked_lately(ctl, namespace))]
     created: list[str] = []
     if companions:
         # The companions don't depend on each other: created side by side; the Job last (its
         # pod needs them all). Two round trips per job.
         _check_created(ctl, key, ftj, list(_CHILDREN.map(_create_child, first)), created)
+        if any(shared(m) for m in first):
+            assert ctl.shared_checked is not None
+            ctl.shared_checked[namespace] = time.monotonic()
     # Only when every companion is ours and in place: a Job whose pod could mount someone
     # else's ConfigMap or run as someone else's ServiceAccount is never made, not even briefly.
     results = [_create_child(job_manifest)]
@@ -120,6 +127,8 @@ def _check_created(
             temporary = temporary or outcome
         elif isinstance(outcome, kopf.PermanentError):
             refused = refused or (manifest, outcome)
+        elif shared(manifest):
+            continue  # the namespace's, not this job's: never deleted with what this pass made
         elif not owned_by(outcome, uid):
             foreign = foreign or manifest
         else:
@@ -145,6 +154,40 @@ def _check_created(
         raise temporary  # what was made stays, and is found (409, ours) on the retry
 
 
+#: How long the namespace's shared trainer policy, once checked, is taken to be in place.
+SHARED_RECHECK_SECONDS: Final = 60.0
+
+
+def _checked_lately(ctl: Controller, namespace: str) -> bool:
+    assert ctl.shared_checked is not None
+    checked = ctl.shared_checked.get(namespace)
+    return checked is not None and time.monotonic() - checked < SHARED_RECHECK_SECONDS
+
+
+def _ensure_shared(manifest: Obj, path: str) -> Obj | kopf.TemporaryError | kopf.PermanentError:
+    """The namespace's shared companion, read (one GET), made if missing, and given exactly the
+    rendered spec if it has another (whoever made or changed it: a narrower selector or a wider
+    rule would let trainer pods out)."""
+    kind, child = manifest["kind"], manifest["metadata"]["name"]
+    namespace = manifest["metadata"]["namespace"]
+    try:
+        with api_errors(f"reading {kind} {namespace}/{child}"):
+            found = kube().get_or_none(path)
+        if found is None:
+            with api_errors(f"creating {kind} {namespace}/{child}"):
+                found, _ = kube().create_or_existing(manifest)
+        if found.get("spec") != manifest["spec"]:
+            LOGGER.warning(
+                "%s %s/%s was not as rendered: writing the rendered content over it",
+                kind, namespace, child,
+            )  # fmt: skip
+            with api_errors(f"replacing {kind} {namespace}/{child}"):
+                found = kube().replace(manifest, str(found["metadata"]["resourceVersion"]))
+    except (kopf.TemporaryError, kopf.PermanentError) as exc:
+        return exc
+    return found
+
+
 #: Creates the companions of a Job side by side (shared by all workers).
 _CHILDREN = ThreadPoolExecutor(32, thread_name_prefix="create")
 
@@ -159,6 +202,8 @@ def _create_child(
     kind, child = manifest["kind"], manifest["metadata"]["name"]
     namespace = manifest["metadata"]["namespace"]
     path = f"{collection_path(manifest['apiVersion'], kind, namespace)}/{child}"
+    if shared(manifest):
+        return manifest, path, _ensure_shared(manifest, path)
     try:
         with api_errors(f"creating {kind} {namespace}/{child}"):
             found, created = kube().create_or_existing(manifest)

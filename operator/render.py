@@ -35,7 +35,7 @@ from kubetune.api.contract import (
 )
 from kubetune.api.models import FineTuneJobSpec
 from kubetune.operator import jobset as js
-from kubetune.operator.companions import headless_service, network_policy
+from kubetune.operator.companions import group_policy, headless_service, trainers_policy
 from kubetune.operator.names import child_names, labels_for, owner_reference
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.trainer_job import render_job
@@ -114,7 +114,9 @@ def render(
     job = render_job(spec, name, names, meta, settings, attempt=attempt, jobset=by_jobset, uid=uid)
     children = [config_map]
     if settings.trainer_network_policy:
-        children.append(network_policy(name, names, meta, settings, group=group, uid=uid))
+        children.append(trainers_policy(namespace, settings))
+        if group:
+            children.append(group_policy(name, names, meta, uid))
     if by_jobset:
         return [*children, js.render_jobset(spec, name, names, meta, job)]
     if group:
