@@ -1,8 +1,9 @@
-"""What a FineTuneJob owns, as the watch caches hold it: its trainer Job, the Validating phase's
-Job, a group's JobSet and each one's Pods, observed once per reconcile. Pure: data in, data out.
+"""What a FineTuneJob owns, as the watch caches hold it: its workload (a Job or a group's JobSet,
+through its backend), the Validating phase's Job and each one's Pods, observed once per
+reconcile. Pure: data in, data out.
 
-Only objects whose controller owner is the FineTuneJob (by uid) count: a same-named object of
-someone else is never read as the job's, nor touched.
+Only objects whose controller owner is the FineTuneJob (by uid) count (``names.owned_by``): a
+same-named object of someone else is never read as the job's, nor touched.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Final
 
-from kubetune.operator import jobset as js
-from kubetune.operator.names import child_names
+from kubetune.operator.backends import Backend, owned_workload
+from kubetune.operator.names import owned_validation_job, pods_of
 
 Obj = Mapping[str, Any]
 
@@ -22,96 +23,6 @@ Obj = Mapping[str, Any]
 PARTIAL_SPEC: Final = "kubetune.io/partial-spec"
 
 
-def owned_by(obj: Obj, uid: str) -> bool:
-    """Whether ``uid`` is the controller owner of ``obj``: the only objects kubetune touches."""
-    owners = obj.get("metadata", {}).get("ownerReferences") or []
-    return any(o.get("uid") == uid and o.get("controller") for o in owners)
-
-
-#: What of each companion kubetune renders and the pod relies on: compared with a companion that
-#: existed before kubetune created it (whoever made it, with the job's uid as its owner). Keys
-#: compared whole: what is there and kubetune doesn't render (extra data, Secrets of a service
-#: account) counts as a difference too.
-_COMPANION_CONTENT: Final = {
-    "ConfigMap": ("data", "binaryData"),
-    "ServiceAccount": ("automountServiceAccountToken", "secrets", "imagePullSecrets"),
-    "Role": ("rules",),
-    "RoleBinding": ("roleRef", "subjects"),
-}
-#: Kinds whose ``spec`` the apiserver defaults: kubetune's must be contained in the existing one.
-_SPEC_KINDS: Final = frozenset({"NetworkPolicy", "Service"})
-
-
-def companion_differs(rendered: Obj, existing: Obj) -> bool:
-    """Whether ``existing`` (a companion found in place of ``rendered``) carries other content
-    than kubetune rendered: then the rendered content must be written over it."""
-    kind = str(rendered.get("kind"))
-    if kind in _SPEC_KINDS:
-        return not _contains(existing.get("spec"), rendered.get("spec"))
-    return any(rendered.get(key) != existing.get(key) for key in _COMPANION_CONTENT.get(kind, ()))
-
-
-def _contains(have: Any, want: Any) -> bool:
-    """``want`` within ``have``: maps may have more keys (the apiserver's defaults), lists match
-    item by item and in length, other values are equal."""
-    if isinstance(want, Mapping):
-        return isinstance(have, Mapping) and all(
-            key in have and _contains(have[key], value) for key, value in want.items()
-        )
-    if isinstance(want, list):
-        return (
-            isinstance(have, list)
-            and len(have) == len(want)
-            and all(_contains(h, w) for h, w in zip(have, want, strict=True))
-        )
-    return bool(have == want)
-
-
-def _validation_job_name(ftj: Obj) -> str:
-    return child_names(str(ftj.get("metadata", {}).get("name"))).validation_job
-
-
-def owned_job(ftj: Obj, jobs: Sequence[Obj]) -> Obj | None:
-    """The trainer Job (not the Validating phase's)."""
-    uid = str(ftj.get("metadata", {}).get("uid"))
-    validation = _validation_job_name(ftj)
-    return next(
-        (
-            job
-            for job in jobs
-            if owned_by(job, uid) and job.get("metadata", {}).get("name") != validation
-        ),
-        None,
-    )
-
-
-def owned_validation_job(ftj: Obj, jobs: Sequence[Obj]) -> Obj | None:
-    uid = str(ftj.get("metadata", {}).get("uid"))
-    validation = _validation_job_name(ftj)
-    return next(
-        (
-            job
-            for job in jobs
-            if owned_by(job, uid) and job.get("metadata", {}).get("name") == validation
-        ),
-        None,
-    )
-
-
-def owned_jobset(ftj: Obj, jobsets: Sequence[Obj]) -> Obj | None:
-    """The group's JobSet (``KUBETUNE_GROUP_WORKLOAD=jobset``), if the FineTuneJob owns one."""
-    uid = str(ftj.get("metadata", {}).get("uid"))
-    return next((j for j in jobsets if owned_by(j, uid)), None)
-
-
-def pods_of(job: Obj | None, pods: Sequence[Obj]) -> list[Obj]:
-    """The Job's own pods (controller-owned by it), whatever their labels say."""
-    if job is None:
-        return []
-    uid = str(job.get("metadata", {}).get("uid"))
-    return [pod for pod in pods if owned_by(pod, uid)]
-
-
 @dataclass(frozen=True)
 class Observed:
     """One FineTuneJob and what it owns, sorted out once per reconcile."""
@@ -119,15 +30,15 @@ class Observed:
     ftj: Obj
     #: The Jobs named for it (owned or not: a same-named foreign Job is a conflict).
     jobs: tuple[Obj, ...]
-    #: The trainer Job, the Validating phase's Job, the group's JobSet (each only if owned).
-    job: Obj | None
-    validation: Obj | None
-    jobset: Obj | None
-    #: The trainer Job's pods (or, under a JobSet, its current Job's), and the validation pods.
+    #: The workload that runs its trainer pods (a Job, or a group's JobSet) and its backend.
+    workload: Obj | None
+    backend: Backend | None
+    #: The workload read as the one Job of an attempt (``Backend.view``), and that Job's pods.
+    view: Obj | None
     pods: tuple[Obj, ...]
+    #: The Validating phase's Job, and its pods.
+    validation: Obj | None
     validation_pods: tuple[Obj, ...]
-    #: A group run by its JobSet: the JobSet and its current Job read as one Job.
-    view: Obj | None = None
 
     @property
     def status(self) -> Obj:
@@ -148,23 +59,17 @@ def observe(
 ) -> Observed:
     """Sort ``jobs``, ``pods`` and ``jobsets`` (what the caches hold for ``ftj``) into what it
     owns."""
-    jobset = owned_jobset(ftj, jobsets)
+    found = owned_workload(ftj, jobs, jobsets)
+    backend, workload = found if found is not None else (None, None)
+    view = backend.view(workload, jobs) if backend is not None and workload is not None else None
     validation = owned_validation_job(ftj, jobs)
-    if jobset is not None:
-        view = js.group_view(jobset, jobs)
-        job: Obj | None = None
-        own_pods = pods_of(view, pods)
-    else:
-        view = None
-        job = owned_job(ftj, jobs)
-        own_pods = pods_of(job, pods)
     return Observed(
         ftj=ftj,
         jobs=tuple(jobs),
-        job=job,
-        validation=validation,
-        jobset=jobset,
-        pods=tuple(own_pods),
-        validation_pods=tuple(pods_of(validation, pods)),
+        workload=workload,
+        backend=backend,
         view=view,
+        pods=tuple(pods_of(view, pods)),
+        validation=validation,
+        validation_pods=tuple(pods_of(validation, pods)),
     )

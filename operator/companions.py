@@ -4,6 +4,7 @@ group's own policy between its pods and its headless Service. Pure: data in, man
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from typing import Any, Final
 
 from kubetune.api.contract import COMPONENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, RENDEZVOUS_PORT
@@ -11,6 +12,7 @@ from kubetune.operator.names import ChildNames, group_selector
 from kubetune.operator.settings import OperatorSettings
 
 Manifest = dict[str, Any]
+Obj = Mapping[str, Any]
 
 
 def headless_service(name: str, names: ChildNames, meta: Any, uid: str | None = None) -> Manifest:
@@ -151,3 +153,42 @@ def _strictly_inside(
     if isinstance(inner, ipaddress.IPv6Network) and isinstance(outer, ipaddress.IPv6Network):
         return inner.prefixlen > outer.prefixlen and inner.subnet_of(outer)
     return False
+
+
+#: What of each companion kubetune renders and the pod relies on: compared with a companion that
+#: existed before kubetune created it (whoever made it, with the job's uid as its owner). Keys
+#: compared whole: what is there and kubetune doesn't render (extra data, Secrets of a service
+#: account) counts as a difference too.
+_COMPANION_CONTENT: Final = {
+    "ConfigMap": ("data", "binaryData"),
+    "ServiceAccount": ("automountServiceAccountToken", "secrets", "imagePullSecrets"),
+    "Role": ("rules",),
+    "RoleBinding": ("roleRef", "subjects"),
+}
+#: Kinds whose ``spec`` the apiserver defaults: kubetune's must be contained in the existing one.
+_SPEC_KINDS: Final = frozenset({"NetworkPolicy", "Service"})
+
+
+def companion_differs(rendered: Obj, existing: Obj) -> bool:
+    """Whether ``existing`` (a companion found in place of ``rendered``) carries other content
+    than kubetune rendered: then the rendered content must be written over it."""
+    kind = str(rendered.get("kind"))
+    if kind in _SPEC_KINDS:
+        return not _contains(existing.get("spec"), rendered.get("spec"))
+    return any(rendered.get(key) != existing.get(key) for key in _COMPANION_CONTENT.get(kind, ()))
+
+
+def _contains(have: Any, want: Any) -> bool:
+    """``want`` within ``have``: maps may have more keys (the apiserver's defaults), lists match
+    item by item and in length, other values are equal."""
+    if isinstance(want, Mapping):
+        return isinstance(have, Mapping) and all(
+            key in have and _contains(have[key], value) for key, value in want.items()
+        )
+    if isinstance(want, list):
+        return (
+            isinstance(have, list)
+            and len(have) == len(want)
+            and all(_contains(h, w) for h, w in zip(have, want, strict=True))
+        )
+    return bool(have == want)

@@ -25,9 +25,10 @@ from kubetune.api.contract import (
 )
 from kubetune.api.models import API_VERSION, KIND
 from kubetune.operator import jobset as js
-from kubetune.operator.children import PARTIAL_SPEC, owned_by
+from kubetune.operator.children import PARTIAL_SPEC
 from kubetune.operator.kube import Kube, load_config
 from kubetune.operator.leader import LeaseLock
+from kubetune.operator.names import owned_by
 from kubetune.operator.pods import SECRET_REFERENCE_PATHS
 from kubetune.operator.progress import ProgressInbox
 from kubetune.operator.settings import OperatorSettings

@@ -20,8 +20,7 @@ from kubetune.api.models import FineTuneJobSpec
 from kubetune.api.timestamps import parse_rfc3339
 from kubetune.operator import jobset as js
 from kubetune.operator import metrics
-from kubetune.operator.children import companion_differs, owned_by
-from kubetune.operator.companions import shared
+from kubetune.operator.companions import companion_differs, shared
 from kubetune.operator.controller import (
     JOB_SPEC_KEPT,
     LOGGER,
@@ -36,7 +35,7 @@ from kubetune.operator.controller import (
 )
 from kubetune.operator.errors import api_errors
 from kubetune.operator.kube import collection_path
-from kubetune.operator.names import pvc_claims
+from kubetune.operator.names import owned_by, pvc_claims
 from kubetune.operator.render import render, render_validation
 from kubetune.operator.status import Rejection
 from kubetune.operator.writes import missing_reference, post_event, reject

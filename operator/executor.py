@@ -13,7 +13,7 @@ from typing import Any
 import kopf
 
 from kubetune.operator import jobset as js
-from kubetune.operator.children import PARTIAL_SPEC, Observed, observe, owned_by
+from kubetune.operator.children import PARTIAL_SPEC, Observed, observe
 from kubetune.operator.controller import (
     SETTINGS,
     Controller,
@@ -27,6 +27,7 @@ from kubetune.operator.creation import create_children, status_of
 from kubetune.operator.errors import api_errors
 from kubetune.operator.kube import collection_path, finetunejob_path
 from kubetune.operator.kueue import set_workload_active
+from kubetune.operator.names import owned_by
 from kubetune.operator.planner import Plan, decide, needs_whole_spec
 from kubetune.operator.writes import reject, write_status
 
@@ -93,28 +94,20 @@ def _create(ctl: Controller, key: Key, seen: Observed, work: Plan) -> bool:
 
 
 def _follow(seen: Observed, work: Plan) -> None:
-    """The owned Job (or JobSet) follows the run policy: its patch, its Kueue Workload."""
+    """The workload (or the validation Job) follows the run policy: its patch, its Kueue
+    Workload."""
     ftj = seen.ftj
     if work.job_patch is not None:
-        if work.patched_jobset:
-            target, kind = seen.jobset, js.KIND
-        else:
-            target, kind = _named_job(seen, work.patched_job), "Job"
-        assert target is not None  # the plan patches a Job (or JobSet) it saw
-        _patch_owned_job(ftj, target, work.job_patch, kind=kind)
-    if work.workload_active is not None:
-        # The Workload is Kueue's for the object it queues: the trainer Job, or the JobSet.
-        queued = seen.jobset if work.patched_jobset else seen.job
-        if queued is not None:
-            log = job_logger((ftj["metadata"]["namespace"], ftj["metadata"]["name"]))
-            set_workload_active(kube(), ftj, dict(queued), work.workload_active, log)
-
-
-def _named_job(seen: Observed, name: str | None) -> Ftj | None:
-    return next(
-        (j for j in (seen.job, seen.validation) if j is not None and j["metadata"]["name"] == name),
-        None,
-    )
+        target = next(
+            o
+            for o in (seen.workload, seen.validation)
+            if o is not None and o["metadata"]["name"] == work.patched_job
+        )  # the plan patches an object it saw
+        _patch_owned_job(ftj, target, work.job_patch, kind=work.patched_kind)
+    if work.workload_active is not None and seen.workload is not None:
+        # The Workload is Kueue's for the object it queues: the trainer's Job, or the JobSet.
+        log = job_logger((ftj["metadata"]["namespace"], ftj["metadata"]["name"]))
+        set_workload_active(kube(), ftj, dict(seen.workload), work.workload_active, log)
 
 
 def _delete(key: Key, seen: Observed, work: Plan) -> None:
@@ -122,9 +115,9 @@ def _delete(key: Key, seen: Observed, work: Plan) -> None:
     namespace, name = key
     log = job_logger(key)
     if work.delete_job:
-        assert seen.job is not None  # the plan deletes the trainer Job it saw
+        assert seen.workload is not None  # the plan deletes the trainer Job it saw
         log.info("group attempt of %s/%s failed: deleting its Job for the next", namespace, name)
-        _delete_owned_job(dict(seen.job))
+        _delete_owned_job(dict(seen.workload))
     if work.delete:
         log.info("ttlSecondsAfterFinished passed: deleting %s/%s", namespace, name)
         with api_errors(f"deleting {namespace}/{name} after its TTL"):

@@ -1,7 +1,8 @@
-"""Kueue, for a FineTuneJob whose ``scheduling.queueName`` names a LocalQueue: which of its
-workloads Kueue manages, whether their Workload should be active (the plan), and setting it (the
-executor). A Job or JobSet is handed to Kueue by its queue label (``trainer_job``, ``jobset``);
-the operator then leaves its ``spec.suspend`` to Kueue."""
+"""Kueue, and the run policy a workload follows: what of a Job or JobSet follows
+``runPolicy`` (suspend, deadline) and when it is handed to a LocalQueue; which workloads Kueue
+manages, whether their Workload should be active (the plan), and setting it (the executor). A
+Job or JobSet is handed to Kueue by its queue label (``trainer_job``, ``jobset``); the operator
+then leaves its ``spec.suspend`` to Kueue."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from kubetune.api.contract import KUEUE_QUEUE_LABEL
-from kubetune.operator.children import owned_by
 from kubetune.operator.errors import api_errors
 from kubetune.operator.kube import Kube, collection_path
+from kubetune.operator.names import owned_by
 
 Obj = Mapping[str, Any]
 
@@ -38,6 +39,41 @@ def desired_workload_active(ftj: Obj, job: Obj) -> bool | None:
     if job.get("spec", {}).get("suspend") and (ftj.get("status") or {}).get("phase") == "Suspended":
         return True
     return None
+
+
+def run_policy_patch(
+    ftj: Obj, job: Obj, *, queue: str | None = None, deadline: bool = True
+) -> dict[str, Any] | None:
+    """What of the Job must follow the FineTuneJob's runPolicy (suspend, deadline; a JobSet's,
+    without ``deadline``: only suspend, its Job's deadline is in its template). ``queue``: the
+    LocalQueue the Job (or JobSet) goes to once it may run (the trainer's, of a queued job)."""
+    run_policy = ftj.get("spec", {}).get("runPolicy") or {}
+    job_spec = job.get("spec", {})
+    spec: dict[str, Any] = {}
+    patch: dict[str, Any] = {}
+    suspend = bool(run_policy.get("suspend", False))
+    if kueue_managed(job):
+        pass  # Kueue admits by unsuspending, evicts by suspending: desired_workload_active
+    elif suspend and not job_spec.get("suspend"):
+        spec["suspend"] = True
+    elif not suspend and job_spec.get("suspend"):
+        if queue:
+            # Made suspended, now resumed: Kueue queues it, and unsuspends it once admitted.
+            patch["metadata"] = {"labels": {KUEUE_QUEUE_LABEL: queue}}
+        else:
+            spec["suspend"] = False
+    seconds = run_policy.get("activeDeadlineSeconds")
+    if deadline and seconds is not None and job_spec.get("activeDeadlineSeconds") != int(seconds):
+        spec["activeDeadlineSeconds"] = int(seconds)
+    if spec:
+        patch["spec"] = spec
+    return patch or None
+
+
+def queue_of(ftj: Obj) -> str | None:
+    """The LocalQueue the FineTuneJob names (``scheduling.queueName``), if any."""
+    queue = (ftj.get("spec", {}).get("scheduling") or {}).get("queueName")
+    return str(queue) if queue else None
 
 
 def set_workload_active(

@@ -1,4 +1,4 @@
-"""The names and labels of a FineTuneJob's children, and who owns them. Pure.
+"""The names and labels of a FineTuneJob's children, and which of them it owns. Pure.
 
 Stable names (a replayed create finds the same objects), shortened with a hash to what each
 kind admits; the labels every child and pod carries; the ownerReference to the FineTuneJob.
@@ -7,6 +7,7 @@ kind admits; the labels every child and pod carries; the ownerReference to the F
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -23,6 +24,7 @@ from kubetune.api.uris import parse_uri
 from kubetune.operator import jobset as js
 
 Manifest = dict[str, Any]
+Obj = Mapping[str, Any]
 
 _LABEL_MAX: Final = 63
 
@@ -122,3 +124,54 @@ def group_selector(name: str, uid: str | None = None) -> Manifest:
     if uid:
         return {JOB_UID_LABEL: uid, MANAGED_BY_LABEL: MANAGED_BY}
     return {JOB_LABEL: short_name(name), MANAGED_BY_LABEL: MANAGED_BY}
+
+
+def owned_by(obj: Obj, uid: str) -> bool:
+    """Whether ``uid`` is the controller owner of ``obj``: the only objects kubetune touches."""
+    owners = obj.get("metadata", {}).get("ownerReferences") or []
+    return any(o.get("uid") == uid and o.get("controller") for o in owners)
+
+
+def _validation_job_name(ftj: Obj) -> str:
+    return child_names(str(ftj.get("metadata", {}).get("name"))).validation_job
+
+
+def owned_job(ftj: Obj, jobs: Sequence[Obj]) -> Obj | None:
+    """The trainer Job (not the Validating phase's)."""
+    uid = str(ftj.get("metadata", {}).get("uid"))
+    validation = _validation_job_name(ftj)
+    return next(
+        (
+            job
+            for job in jobs
+            if owned_by(job, uid) and job.get("metadata", {}).get("name") != validation
+        ),
+        None,
+    )
+
+
+def owned_validation_job(ftj: Obj, jobs: Sequence[Obj]) -> Obj | None:
+    uid = str(ftj.get("metadata", {}).get("uid"))
+    validation = _validation_job_name(ftj)
+    return next(
+        (
+            job
+            for job in jobs
+            if owned_by(job, uid) and job.get("metadata", {}).get("name") == validation
+        ),
+        None,
+    )
+
+
+def owned_jobset(ftj: Obj, jobsets: Sequence[Obj]) -> Obj | None:
+    """The group's JobSet (``KUBETUNE_GROUP_WORKLOAD=jobset``), if the FineTuneJob owns one."""
+    uid = str(ftj.get("metadata", {}).get("uid"))
+    return next((j for j in jobsets if owned_by(j, uid)), None)
+
+
+def pods_of(job: Obj | None, pods: Sequence[Obj]) -> list[Obj]:
+    """The Job's own pods (controller-owned by it), whatever their labels say."""
+    if job is None:
+        return []
+    uid = str(job.get("metadata", {}).get("uid"))
+    return [pod for pod in pods if owned_by(pod, uid)]

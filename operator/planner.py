@@ -18,12 +18,12 @@ from typing import Any, Final
 
 from pydantic import ValidationError
 
-from kubetune.api.contract import KUEUE_QUEUE_LABEL, ConditionType, Reason
+from kubetune.api.contract import ConditionType, Reason
 from kubetune.api.manifest import format_validation_error
 from kubetune.api.models import FineTuneJobSpec, FineTuneJobStatus
 from kubetune.api.timestamps import parse_rfc3339
-from kubetune.operator import jobset as js
 from kubetune.operator import kueue
+from kubetune.operator.backends import Backend
 from kubetune.operator.children import Observed, observe
 from kubetune.operator.names import child_names
 from kubetune.operator.outcome import (
@@ -74,8 +74,8 @@ class Plan:
     job_patch: dict[str, Any] | None = None
     #: The name of the Job ``job_patch`` is for (the trainer's, or the validation Job).
     patched_job: str | None = None
-    #: ``patched_job`` names the group's JobSet (``job_patch``: its suspend), not a Job.
-    patched_jobset: bool = False
+    #: The kind of what ``patched_job`` names: the workload's (its backend's), or a Job.
+    patched_kind: str = "Job"
     #: A Job (or JobSet) Kueue manages: whether its Workload should be active (runPolicy.suspend
     #: on a queued job: Kueue owns its spec.suspend and would unsuspend an admitted one).
     workload_active: bool | None = None
@@ -115,40 +115,6 @@ def validate(spec: Obj, settings: OperatorSettings) -> FineTuneJobSpec | Rejecti
     return parsed
 
 
-def desired_job_patch(
-    ftj: Obj, job: Obj, *, queue: str | None = None, deadline: bool = True
-) -> dict[str, Any] | None:
-    """What of the Job must follow the FineTuneJob's runPolicy (suspend, deadline; a JobSet's,
-    without ``deadline``: only suspend, its Job's deadline is in its template). ``queue``: the
-    LocalQueue the Job (or JobSet) goes to once it may run (the trainer's, of a queued job)."""
-    run_policy = ftj.get("spec", {}).get("runPolicy") or {}
-    job_spec = job.get("spec", {})
-    spec: dict[str, Any] = {}
-    patch: dict[str, Any] = {}
-    suspend = bool(run_policy.get("suspend", False))
-    if kueue.kueue_managed(job):
-        pass  # Kueue admits by unsuspending, evicts by suspending: kueue.desired_workload_active
-    elif suspend and not job_spec.get("suspend"):
-        spec["suspend"] = True
-    elif not suspend and job_spec.get("suspend"):
-        if queue:
-            # Made suspended, now resumed: Kueue queues it, and unsuspends it once admitted.
-            patch["metadata"] = {"labels": {KUEUE_QUEUE_LABEL: queue}}
-        else:
-            spec["suspend"] = False
-    seconds = run_policy.get("activeDeadlineSeconds")
-    if deadline and seconds is not None and job_spec.get("activeDeadlineSeconds") != int(seconds):
-        spec["activeDeadlineSeconds"] = int(seconds)
-    if spec:
-        patch["spec"] = spec
-    return patch or None
-
-
-def _queue(ftj: Obj) -> str | None:
-    queue = (ftj.get("spec", {}).get("scheduling") or {}).get("queueName")
-    return str(queue) if queue else None
-
-
 def plan(
     ftj: Obj,
     jobs: Sequence[Obj],
@@ -168,7 +134,7 @@ def needs_whole_spec(seen: Observed) -> bool:
     FineTuneJob holds only part of its spec: then the executor reads the whole one first."""
     if not seen.partial or seen.ftj.get("metadata", {}).get("deletionTimestamp"):
         return False
-    if seen.jobset is not None or seen.job is not None or seen.status.get("phase") in FINISHED:
+    if seen.workload is not None or seen.status.get("phase") in FINISHED:
         return False
     return seen.validation is None or validation_succeeded(seen.validation)
 
@@ -179,18 +145,12 @@ def decide(seen: Observed, settings: OperatorSettings, now: datetime) -> Plan:
     ftj = seen.ftj
     if ftj.get("metadata", {}).get("deletionTimestamp"):
         return Plan(notes=("being deleted",))
-    if seen.jobset is not None:
-        return _jobset_plan(seen, now)
-    job = seen.job
+    if seen.backend is not None and seen.workload is not None and seen.view is not None:
+        return _run_plan(seen, seen.backend, seen.workload, seen.view, now)
     if seen.status.get("phase") in FINISHED:
-        # A finished run is never started again, whatever happened to its Job.
-        changes = None
-        if job is not None:
-            changes = status_changes(seen.status, derive_status(ftj, job, seen.pods, now))
-        return _finished_plan(ftj, changes, now)
-    if job is None:
-        return _start_plan(seen, settings, now)
-    return _trainer_plan(seen, job, now)
+        # A finished run is never started again, whatever happened to its workload.
+        return _finished_plan(ftj, None, now)
+    return _start_plan(seen, settings, now)
 
 
 def _start_plan(seen: Observed, settings: OperatorSettings, now: datetime) -> Plan:
@@ -228,22 +188,26 @@ def _conflict(job_name: str) -> Plan:
     )
 
 
-def _trainer_plan(seen: Observed, job: Obj, now: datetime) -> Plan:
-    """The trainer Job runs: its status, its run-policy patch, a failed group attempt
-    replaced."""
+def _run_plan(seen: Observed, backend: Backend, workload: Obj, view: Obj, now: datetime) -> Plan:
+    """The workload runs (or ran): the status from it, its run-policy patch, a failed group
+    attempt replaced where the backend doesn't restart groups itself."""
     ftj, status = seen.ftj, seen.status
-    desired = derive_status(ftj, job, seen.pods, now)
+    desired = derive_status(ftj, view, seen.pods, now)
+    if status.get("phase") in FINISHED:
+        # A finished run is never started again, whatever happened to its workload.
+        return _finished_plan(ftj, status_changes(status, desired), now)
     validation = seen.validation
     if "estimate" not in status and validation is not None and validation_succeeded(validation):
-        # The Validating phase's estimate goes with the trainer Job's first status write.
+        # The Validating phase's estimate goes with the trainer's first status write.
         estimate = validation_estimate(validation, seen.validation_pods)
         if estimate:
             desired["estimate"] = estimate
     changes = status_changes(status, desired)
     restart = (
-        nodes_of(ftj) > 1
-        and not job.get("metadata", {}).get("deletionTimestamp")
-        and group_restart_due(ftj, job, seen.pods)
+        not backend.restarts_groups
+        and nodes_of(ftj) > 1
+        and not workload.get("metadata", {}).get("deletionTimestamp")
+        and group_restart_due(ftj, view, seen.pods)
     )
     if restart:
         return Plan(
@@ -252,11 +216,15 @@ def _trainer_plan(seen: Observed, job: Obj, now: datetime) -> Plan:
             notes=("group attempt failed: replacing its Job",),
         )
     follow = Plan(
-        job_patch=desired_job_patch(ftj, job, queue=_queue(ftj)),
-        patched_job=str(job.get("metadata", {}).get("name")),
-        workload_active=kueue.desired_workload_active(ftj, job),
+        job_patch=backend.run_policy_patch(ftj, workload),
+        patched_job=str(workload.get("metadata", {}).get("name")),
+        patched_kind=backend.kind,
+        workload_active=kueue.desired_workload_active(ftj, workload),
     )
-    return _written_or_held(follow, status, desired, changes, job=job, pods=seen.pods, now=now)
+    if backend.between_attempts(workload, seen.jobs):
+        # The status says Retrying already, and says more once the next Job's pods are there.
+        return replace(follow, requeue_after=1.0)
+    return _written_or_held(follow, status, desired, changes, job=view, pods=seen.pods, now=now)
 
 
 def _written_or_held(
@@ -277,29 +245,6 @@ def _written_or_held(
     if hold is not None:
         return replace(follow, requeue_after=hold)
     return replace(follow, status_patch=changes)
-
-
-def _jobset_plan(seen: Observed, now: datetime) -> Plan:
-    """A group run by its JobSet: the status from the JobSet and its current Job's pods, and
-    the JobSet's suspend following the runPolicy. JobSet restarts the group; nothing else is
-    made, replaced or deleted here."""
-    ftj, status, jobset, view = seen.ftj, seen.status, seen.jobset, seen.view
-    assert jobset is not None and view is not None
-    desired = derive_status(ftj, view, seen.pods, now)
-    changes = status_changes(status, desired)
-    if status.get("phase") in FINISHED:
-        return _finished_plan(ftj, changes, now)
-    follow = Plan(
-        job_patch=desired_job_patch(ftj, jobset, queue=_queue(ftj), deadline=False),
-        patched_job=str(jobset.get("metadata", {}).get("name")),
-        patched_jobset=True,
-        workload_active=kueue.desired_workload_active(ftj, jobset),
-    )
-    if js.restarting(jobset, seen.jobs) and js.current_job(jobset, seen.jobs) is None:
-        # Between the failed attempt's Job (gone) and the next one (not made yet): the status
-        # says Retrying already, and says more once the next Job's pods are there.
-        return replace(follow, requeue_after=1.0)
-    return _written_or_held(follow, status, desired, changes, job=view, pods=seen.pods, now=now)
 
 
 def _finished_plan(ftj: Obj, changes: dict[str, Any] | None, now: datetime) -> Plan:
@@ -328,7 +273,7 @@ def _validating_plan(seen: Observed, validation: Obj, now: datetime) -> Plan:
     follow = Plan(
         # Its deadline is the operator's (KUBETUNE_VALIDATION_ACTIVE_DEADLINE_SECONDS), set at
         # create; only suspend follows the run policy.
-        job_patch=desired_job_patch(ftj, validation, deadline=False),
+        job_patch=kueue.run_policy_patch(ftj, validation, deadline=False),
         patched_job=str(validation.get("metadata", {}).get("name")),
     )
     return _written_or_held(

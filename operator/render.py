@@ -34,8 +34,8 @@ from kubetune.api.contract import (
     VALIDATOR_COMPONENT,
 )
 from kubetune.api.models import FineTuneJobSpec
-from kubetune.operator import jobset as js
-from kubetune.operator.companions import group_policy, headless_service, trainers_policy
+from kubetune.operator.backends import JOBSETS, backend_for
+from kubetune.operator.companions import group_policy, trainers_policy
 from kubetune.operator.names import child_names, labels_for, owner_reference
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.trainer_job import render_job
@@ -110,18 +110,15 @@ def render(
         "data": {CONFIG_FILE: config.to_yaml()},
     }
     group = spec.resources.nodes > 1
-    by_jobset = group and jobset
+    backend = backend_for(spec.resources.nodes, jobset=jobset)
+    by_jobset = backend is JOBSETS
     job = render_job(spec, name, names, meta, settings, attempt=attempt, jobset=by_jobset, uid=uid)
     children = [config_map]
     if settings.trainer_network_policy:
         children.append(trainers_policy(namespace, settings))
         if group:
             children.append(group_policy(name, names, meta, uid))
-    if by_jobset:
-        return [*children, js.render_jobset(spec, name, names, meta, job)]
-    if group:
-        children.append(headless_service(name, names, meta, uid))
-    return [*children, job]
+    return [*children, *backend.render(spec, name, names, meta, job=job, uid=uid)]
 
 
 def render_validation(

@@ -10,7 +10,7 @@ import pytest
 
 from kubetune.api.bounded import AFFINITY, POD_SPEC, largest
 from kubetune.api.timestamps import rfc3339
-from kubetune.operator.children import companion_differs
+from kubetune.operator.companions import companion_differs
 from kubetune.operator.controller import slim_finetunejob
 from kubetune.operator.planner import plan, status_changes
 from kubetune.operator.settings import OperatorSettings
@@ -556,8 +556,8 @@ def test_suspend_and_resume_go_to_the_jobset_and_never_to_its_job() -> None:
     suspended = plan(ftj(run_policy={"suspend": True, "activeDeadlineSeconds": 60},
                          **{k: v for k, v in JOBSET_GROUP.items() if k != "runPolicy"}),
                      [child_job(0)], [], SETTINGS, NOW, jobsets=[jobset_obj(0)])  # fmt: skip
-    assert (suspended.job_patch, suspended.patched_job, suspended.patched_jobset) == (
-        {"spec": {"suspend": True}}, "run-1", True)  # fmt: skip
+    assert (suspended.job_patch, suspended.patched_job, suspended.patched_kind) == (
+        {"spec": {"suspend": True}}, "run-1", "JobSet")  # fmt: skip
     resumed = plan(ftj(**JOBSET_GROUP), [child_job(0)], [], SETTINGS, NOW,
                    jobsets=[jobset_obj(0, suspend=True)])  # fmt: skip
     assert resumed.job_patch == {"spec": {"suspend": False}}
@@ -571,7 +571,7 @@ def test_suspend_and_resume_go_to_the_jobset_and_never_to_its_job() -> None:
     held = plan(ftj(scheduling={"queueName": "q"}, runPolicy={"suspend": True},
                     **{k: v for k, v in JOBSET_GROUP.items() if k != "runPolicy"}),
                 [child_job(0)], [], SETTINGS, NOW, jobsets=[labelled])  # fmt: skip
-    assert (held.job_patch, held.workload_active, held.patched_jobset) == (None, False, True)
+    assert (held.job_patch, held.workload_active, held.patched_kind) == (None, False, "JobSet")
 
 
 def test_a_completed_jobset_succeeds_even_when_its_job_is_gone() -> None:
