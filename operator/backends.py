@@ -9,6 +9,7 @@ executor ask the backend and never branch on which it is. Kueue's part is ``kueu
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from kubetune.api.models import FineTuneJobSpec
@@ -21,6 +22,18 @@ Obj = Mapping[str, Any]
 Manifest = dict[str, Any]
 
 
+@dataclass(frozen=True)
+class Parts:
+    """What a workload is rendered from: the FineTuneJob's name and uid, its children's names,
+    the metadata every child gets (``meta(name)``), and the trainer's rendered Job."""
+
+    name: str
+    uid: str | None
+    names: ChildNames
+    meta: Any
+    job: Manifest
+
+
 class Backend(Protocol):
     """How a FineTuneJob's trainer pods run."""
 
@@ -30,16 +43,7 @@ class Backend(Protocol):
     #: It restarts a failed group attempt itself: the operator replaces no Job.
     restarts_groups: bool
 
-    def render(
-        self,
-        spec: FineTuneJobSpec,
-        name: str,
-        names: ChildNames,
-        meta: Any,
-        *,
-        job: Manifest,
-        uid: str | None,
-    ) -> list[Manifest]:
+    def render(self, spec: FineTuneJobSpec, parts: Parts) -> list[Manifest]:
         """The workload's objects, in creation order, from the trainer's rendered ``job``."""
         ...
 
@@ -69,19 +73,10 @@ class Jobs:
     api_version: str = "batch/v1"
     restarts_groups: bool = False
 
-    def render(
-        self,
-        spec: FineTuneJobSpec,
-        name: str,
-        names: ChildNames,
-        meta: Any,
-        *,
-        job: Manifest,
-        uid: str | None,
-    ) -> list[Manifest]:
+    def render(self, spec: FineTuneJobSpec, parts: Parts) -> list[Manifest]:
         if spec.resources.nodes > 1:
-            return [headless_service(name, names, meta, uid), job]
-        return [job]
+            return [headless_service(parts.name, parts.names, parts.meta, parts.uid), parts.job]
+        return [parts.job]
 
     def owned(self, ftj: Obj, jobs: Sequence[Obj], jobsets: Sequence[Obj]) -> Obj | None:
         return owned_job(ftj, jobs)
@@ -104,17 +99,8 @@ class JobSets:
     api_version: str = js.API_VERSION
     restarts_groups: bool = True
 
-    def render(
-        self,
-        spec: FineTuneJobSpec,
-        name: str,
-        names: ChildNames,
-        meta: Any,
-        *,
-        job: Manifest,
-        uid: str | None,
-    ) -> list[Manifest]:
-        return [js.render_jobset(spec, name, names, meta, job)]
+    def render(self, spec: FineTuneJobSpec, parts: Parts) -> list[Manifest]:
+        return [js.render_jobset(spec, parts.name, parts.names, parts.meta, parts.job)]
 
     def owned(self, ftj: Obj, jobs: Sequence[Obj], jobsets: Sequence[Obj]) -> Obj | None:
         return owned_jobset(ftj, jobsets)

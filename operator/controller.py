@@ -40,6 +40,8 @@ LOGGER: Final = logging.getLogger("kubetune.operator")
 
 Key = tuple[str, str]
 Obj = dict[str, Any]
+#: A FineTuneJob as the caches (or the API) hold it.
+Ftj = Mapping[str, Any]
 #: A create's manifest, the object's path, and the object or the kopf error it ended in.
 Created = tuple[Obj, str, Obj | kopf.TemporaryError | kopf.PermanentError]
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final
+from typing import Final
 
 import kopf
 from kubernetes.client.exceptions import ApiException
@@ -27,6 +27,7 @@ from kubetune.operator.controller import (
     SETTINGS,
     Controller,
     Created,
+    Ftj,
     Key,
     Obj,
     kube,
@@ -39,9 +40,6 @@ from kubetune.operator.names import owned_by, pvc_claims
 from kubetune.operator.render import render, render_validation
 from kubetune.operator.status import Rejection
 from kubetune.operator.writes import missing_reference, post_event, reject
-
-#: A FineTuneJob as the caches (or the API) hold it.
-Ftj = Mapping[str, Any]
 
 
 def missing_references(namespace: str, spec: FineTuneJobSpec) -> list[str]:
@@ -176,15 +174,21 @@ def _ensure_shared(manifest: Obj, path: str) -> Obj | kopf.TemporaryError | kopf
             with api_errors(f"creating {kind} {namespace}/{child}"):
                 found, _ = kube().create_or_existing(manifest)
         if found.get("spec") != manifest["spec"]:
-            LOGGER.warning(
-                "%s %s/%s was not as rendered: writing the rendered content over it",
-                kind, namespace, child,
-            )  # fmt: skip
-            with api_errors(f"replacing {kind} {namespace}/{child}"):
-                found = kube().replace(manifest, str(found["metadata"]["resourceVersion"]))
+            found = _write_over(manifest, found)
     except (kopf.TemporaryError, kopf.PermanentError) as exc:
         return exc
     return found
+
+
+def _write_over(manifest: Obj, found: Obj) -> Obj:
+    """Replace ``found`` (at the resourceVersion read) with the rendered ``manifest``."""
+    kind, child = manifest["kind"], manifest["metadata"]["name"]
+    namespace = manifest["metadata"]["namespace"]
+    LOGGER.warning(
+        "%s %s/%s was not as rendered: writing the rendered content over it", kind, namespace, child
+    )
+    with api_errors(f"replacing {kind} {namespace}/{child}"):
+        return kube().replace(manifest, str(found["metadata"]["resourceVersion"]))
 
 
 #: Creates the companions of a Job side by side (shared by all workers).
@@ -209,12 +213,7 @@ def _create_child(
         owners = manifest["metadata"].get("ownerReferences") or [{}]
         uid = str(owners[0].get("uid"))
         if not created and owned_by(found, uid) and companion_differs(manifest, found):
-            LOGGER.warning(
-                "%s %s/%s was not as rendered: writing the rendered content over it",
-                kind, namespace, child,
-            )  # fmt: skip
-            with api_errors(f"replacing {kind} {namespace}/{child}"):
-                found = kube().replace(manifest, str(found["metadata"]["resourceVersion"]))
+            found = _write_over(manifest, found)
         return manifest, path, found
     except (kopf.TemporaryError, kopf.PermanentError) as exc:
         return manifest, path, exc

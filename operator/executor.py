@@ -7,9 +7,6 @@ no more: the new Job's watch event brings the next pass, which sees it (``Contro
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import kopf
 
 from kubetune.operator import jobset as js
@@ -17,6 +14,7 @@ from kubetune.operator.children import PARTIAL_SPEC, Observed, observe
 from kubetune.operator.controller import (
     SETTINGS,
     Controller,
+    Ftj,
     Key,
     Obj,
     job_logger,
@@ -30,9 +28,6 @@ from kubetune.operator.kueue import set_workload_active
 from kubetune.operator.names import owned_by
 from kubetune.operator.planner import Plan, decide, needs_whole_spec
 from kubetune.operator.writes import reject, write_status
-
-#: A FineTuneJob as the caches (or the API) hold it.
-Ftj = Mapping[str, Any]
 
 
 def reconcile(

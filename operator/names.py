@@ -132,35 +132,27 @@ def owned_by(obj: Obj, uid: str) -> bool:
     return any(o.get("uid") == uid and o.get("controller") for o in owners)
 
 
-def _validation_job_name(ftj: Obj) -> str:
-    return child_names(str(ftj.get("metadata", {}).get("name"))).validation_job
+def _owned_job(ftj: Obj, jobs: Sequence[Obj], *, validation: bool) -> Obj | None:
+    uid = str(ftj.get("metadata", {}).get("uid"))
+    name = child_names(str(ftj.get("metadata", {}).get("name"))).validation_job
+    return next(
+        (
+            job
+            for job in jobs
+            if owned_by(job, uid) and (job.get("metadata", {}).get("name") == name) == validation
+        ),
+        None,
+    )
 
 
 def owned_job(ftj: Obj, jobs: Sequence[Obj]) -> Obj | None:
     """The trainer Job (not the Validating phase's)."""
-    uid = str(ftj.get("metadata", {}).get("uid"))
-    validation = _validation_job_name(ftj)
-    return next(
-        (
-            job
-            for job in jobs
-            if owned_by(job, uid) and job.get("metadata", {}).get("name") != validation
-        ),
-        None,
-    )
+    return _owned_job(ftj, jobs, validation=False)
 
 
 def owned_validation_job(ftj: Obj, jobs: Sequence[Obj]) -> Obj | None:
-    uid = str(ftj.get("metadata", {}).get("uid"))
-    validation = _validation_job_name(ftj)
-    return next(
-        (
-            job
-            for job in jobs
-            if owned_by(job, uid) and job.get("metadata", {}).get("name") == validation
-        ),
-        None,
-    )
+    """The Validating phase's Job."""
+    return _owned_job(ftj, jobs, validation=True)
 
 
 def owned_jobset(ftj: Obj, jobsets: Sequence[Obj]) -> Obj | None:

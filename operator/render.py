@@ -34,7 +34,7 @@ from kubetune.api.contract import (
     VALIDATOR_COMPONENT,
 )
 from kubetune.api.models import FineTuneJobSpec
-from kubetune.operator.backends import JOBSETS, backend_for
+from kubetune.operator.backends import JOBSETS, Parts, backend_for
 from kubetune.operator.companions import group_policy, trainers_policy
 from kubetune.operator.names import child_names, labels_for, owner_reference
 from kubetune.operator.settings import OperatorSettings
@@ -118,7 +118,10 @@ def render(
         children.append(trainers_policy(namespace, settings))
         if group:
             children.append(group_policy(name, names, meta, uid))
-    return [*children, *backend.render(spec, name, names, meta, job=job, uid=uid)]
+    return [
+        *children,
+        *backend.render(spec, Parts(name=name, uid=uid, names=names, meta=meta, job=job)),
+    ]
 
 
 def render_validation(

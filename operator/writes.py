@@ -5,9 +5,7 @@ a missing reference)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 from kubetune.api.contract import (
     MANAGED_BY,
@@ -21,6 +19,7 @@ from kubetune.operator.controller import (
     LOGGER,
     SETTINGS,
     Controller,
+    Ftj,
     Key,
     Obj,
     job_logger,
@@ -30,9 +29,6 @@ from kubetune.operator.controller import (
 from kubetune.operator.errors import api_errors
 from kubetune.operator.kube import collection_path, finetunejob_path
 from kubetune.operator.status import Rejection, rejected_status, set_condition, transition
-
-#: A FineTuneJob as the caches (or the API) hold it.
-Ftj = Mapping[str, Any]
 
 
 def write_status(ctl: Controller, key: Key, ftj: Ftj, changes: Obj) -> None:
