@@ -48,17 +48,16 @@ def ftj(
     }
 
 
+def owned(name: str, uid: str, spec: dict[str, Any], status: dict[str, Any], owner: str = UID,
+          version: str = "7") -> dict[str, Any]:  # fmt: skip
+    """A Job as the cache holds it, controller-owned by ``owner``."""
+    metadata = {"name": name, "uid": uid, "resourceVersion": version,
+                "ownerReferences": [{"uid": owner, "controller": True}]}  # fmt: skip
+    return {"metadata": metadata, "spec": spec, "status": status}
+
+
 def job(owner: str = UID, suspend: bool = False, **spec: Any) -> dict[str, Any]:
-    return {
-        "metadata": {
-            "name": "run-1",
-            "uid": "job-uid",
-            "resourceVersion": "7",
-            "ownerReferences": [{"uid": owner, "controller": True}],
-        },
-        "spec": {"suspend": suspend, **spec},
-        "status": {},
-    }
+    return owned("run-1", "job-uid", {"suspend": suspend, **spec}, {}, owner)
 
 
 def running_pod(owner: str = "job-uid") -> dict[str, Any]:
@@ -96,16 +95,7 @@ def validation_job(*conditions: str, suspend: bool = False) -> dict[str, Any]:
     status = {"conditions": [{"type": c, "status": "True"} for c in conditions]}
     if "Failed" in conditions:
         status["failed"] = 1
-    return {
-        "metadata": {
-            "name": "run-1-validate",
-            "uid": "validation-uid",
-            "resourceVersion": "3",
-            "ownerReferences": [{"uid": UID, "controller": True}],
-        },
-        "spec": {"suspend": suspend},
-        "status": status,
-    }
+    return owned("run-1-validate", "validation-uid", {"suspend": suspend}, status, version="3")
 
 
 def validation_pod(code: int | None, message: str = "") -> dict[str, Any]:
