@@ -330,8 +330,9 @@ def test_companions_made_first_by_an_edit_user_carry_the_rendered_content(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str
 ) -> None:
     """While a job waits on a missing claim, a user with the ordinary `edit` role makes its
-    ConfigMap and NetworkPolicy first, with the job's uid as their owner: the operator must not
-    adopt what they say, but write the rendered content over them."""
+    ConfigMap first, with the job's uid as its owner, and the namespace's trainer NetworkPolicy
+    (which no job owns) open to everything: the operator must not adopt what they say, but write
+    the rendered content over them."""
     binding = {
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
         "metadata": {"name": "editor"},
@@ -352,8 +353,9 @@ def test_companions_made_first_by_an_edit_user_carry_the_rendered_content(
     }  # fmt: skip
     open_policy = {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": "pre-made-trainer", "ownerReferences": [owner]},
-        "spec": {"podSelector": {}, "policyTypes": ["Egress"], "egress": [{}]},
+        "metadata": {"name": "kubetune-trainers"},
+        "spec": {"podSelector": {"matchLabels": {"nothing": "selected"}},
+                 "policyTypes": ["Egress"], "egress": [{}]},
     }  # fmt: skip
     for forged in (forged_config, open_policy):
         kubectl("--as", EDITOR, "create", "-n", namespace, "-f", "-", input=json.dumps(forged))
@@ -367,10 +369,12 @@ def test_companions_made_first_by_an_edit_user_carry_the_rendered_content(
     assert "kubetune.io/job-uid" in config["metadata"]["labels"]
     rendered = yaml.safe_load(config["data"]["config.yaml"])
     assert rendered["job"]["name"] == "pre-made" and rendered["job"]["uid"] == uid
-    policy = get_json(kubectl, "networkpolicy", "pre-made-trainer", "-n", namespace)["spec"]
+    policy = get_json(kubectl, "networkpolicy", "kubetune-trainers", "-n", namespace)["spec"]
     assert policy["podSelector"] == {"matchLabels": {
-        "kubetune.io/job-uid": uid, "app.kubernetes.io/managed-by": "kubetune-operator"}}  # fmt: skip
+        "app.kubernetes.io/name": "kubetune", "app.kubernetes.io/managed-by": "kubetune-operator"}}  # fmt: skip
     assert {} not in policy["egress"]
+    (pod,) = pods_of(kubectl, namespace, "pre-made")
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
 
 
 def test_suspend_and_resume(operator: OperatorProcess, kubectl: Kubectl, namespace: str) -> None:
