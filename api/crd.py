@@ -109,6 +109,51 @@ def _schema_for(model: type[Any]) -> dict[str, Any]:
     return _structural(schema, schema.get("$defs", {}))
 
 
+def _column(
+    name: str, kind: str, path: str, description: str | None = None, *, wide: bool = False
+) -> dict[str, Any]:
+    """One printer column (``wide``: only in ``kubectl get -o wide``)."""
+    column: dict[str, Any] = {"name": name, "type": kind}
+    if wide:
+        column["priority"] = 1
+    column["jsonPath"] = path
+    if description is not None:
+        column["description"] = description
+    return column
+
+
+#: What ``kubectl get finetunejobs`` shows.
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    _column("Phase", "string", ".status.phase"),
+    _column("Progress", "string", ".status.progress.percent", "Percent of training steps done."),
+    _column("Loss", "number", ".status.progress.loss"),
+    _column("Model", "string", ".spec.model.uri"),
+    _column(
+        "Steps", "integer", ".status.estimate.steps",
+        "Optimizer steps the Validating phase estimated.",
+    ),
+    _column(
+        "Est-Seconds", "number", ".status.estimate.seconds",
+        "Estimated training seconds on validation.gpuKind.", wide=True,
+    ),
+    _column(
+        "Est-GiB", "number", ".status.estimate.peakGiB", "Estimated peak GPU memory (GiB).",
+        wide=True,
+    ),
+    _column(
+        "Ranks", "integer", ".status.worldSize", "Training ranks (GPUs per pod x pods).",
+        wide=True,
+    ),
+    _column("Method", "string", ".spec.method.type", "sft, dpo or kto.", wide=True),
+    _column(
+        "Reward-Acc", "number", ".status.progress.rewardAccuracy",
+        "Preference tuning: the latest reward accuracy.", wide=True,
+    ),
+    _column("Age", "date", ".metadata.creationTimestamp"),
+    _column("Adapter", "string", ".status.result.adapter.uri", wide=True),
+]  # fmt: skip
+
+
 def build_crd() -> dict[str, Any]:
     spec_schema = _schema_for(FineTuneJobSpec)
     status_schema = _schema_for(FineTuneJobStatus)
@@ -139,65 +184,7 @@ def build_crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": [
-                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-                        {
-                            "name": "Progress",
-                            "type": "string",
-                            "jsonPath": ".status.progress.percent",
-                            "description": "Percent of training steps done.",
-                        },
-                        {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss"},
-                        {"name": "Model", "type": "string", "jsonPath": ".spec.model.uri"},
-                        {
-                            "name": "Steps",
-                            "type": "integer",
-                            "jsonPath": ".status.estimate.steps",
-                            "description": "Optimizer steps the Validating phase estimated.",
-                        },
-                        {
-                            "name": "Est-Seconds",
-                            "type": "number",
-                            "priority": 1,
-                            "jsonPath": ".status.estimate.seconds",
-                            "description": "Estimated training seconds on validation.gpuKind.",
-                        },
-                        {
-                            "name": "Est-GiB",
-                            "type": "number",
-                            "priority": 1,
-                            "jsonPath": ".status.estimate.peakGiB",
-                            "description": "Estimated peak GPU memory (GiB).",
-                        },
-                        {
-                            "name": "Ranks",
-                            "type": "integer",
-                            "priority": 1,
-                            "jsonPath": ".status.worldSize",
-                            "description": "Training ranks (GPUs per pod x pods).",
-                        },
-                        {
-                            "name": "Method",
-                            "type": "string",
-                            "priority": 1,
-                            "jsonPath": ".spec.method.type",
-                            "description": "sft, dpo or kto.",
-                        },
-                        {
-                            "name": "Reward-Acc",
-                            "type": "number",
-                            "priority": 1,
-                            "jsonPath": ".status.progress.rewardAccuracy",
-                            "description": "Preference tuning: the latest reward accuracy.",
-                        },
-                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                        {
-                            "name": "Adapter",
-                            "type": "string",
-                            "priority": 1,
-                            "jsonPath": ".status.result.adapter.uri",
-                        },
-                    ],
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",

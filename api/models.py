@@ -24,7 +24,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from kubetune.api.bounded import AFFINITY, POD_SPEC, conforms
+from kubetune.api.bounded import AFFINITY, POD_SPEC
+from kubetune.api.schema_bounds import conforms
 from kubetune.api.uris import (
     ADAPTER_SCHEMES,
     CHECKPOINT_SCHEMES,
@@ -77,6 +78,7 @@ DpoLossType = Literal[
 ]
 Phase = Literal["Pending", "Validating", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 #: GPU kinds the preflight knows (memory for the plan; a measured speed where there is one).
+OciLayout = Literal["modelpack", "kaito"]
 GpuKind = Literal["H200", "H100-80GB", "A100-80GB", "A100-40GB", "L40S", "L4"]
 
 _K8S_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
@@ -268,6 +270,15 @@ class RegistrySpec(ApiModel):
         description=(
             "Talk to the registry over plain http (no TLS); only for a registry the platform "
             "names (the chart's trainer.plainHttpRegistries), such as the local cluster's."
+        ),
+    )
+    layout: OciLayout = Field(
+        default="modelpack",
+        description=(
+            "How the adapter is laid out in the registry. modelpack: one CNCF ModelPack artifact, "
+            "a raw layer a file (model.adapter of a later job pulls it back). kaito: the adapter "
+            "image KAITO's inference.adapters[].source.image pulls (an OCI image whose one "
+            "gzip layer holds the files under data/)."
         ),
     )
 
@@ -606,7 +617,8 @@ class TrainingSpec(ApiModel):
         default="auto",
         max_length=64,
         description=(
-            "transformers optimizer name; auto = paged_adamw_8bit on GPU, adamw_torch on CPU."
+            "transformers optimizer name; auto = the memory plan's pick: adamw_torch_fused on a "
+            "GPU with room for its fp32 states, else paged_adamw_8bit; adamw_torch on a CPU."
         ),
     )
     profile: Literal["speed", "memory"] = Field(
@@ -1576,6 +1588,21 @@ class EstimatePlan(StatusModel):
     optimizer: str = Field(description="The optimizer the plan picks.")
 
 
+class MergeEstimate(StatusModel):
+    """What output.merge will cost after training (scaled from a measured 7B merge)."""
+
+    disk_gib: float = Field(alias="diskGiB", description="Size of the merged model (GiB).")
+    host_gib: float = Field(alias="hostGiB", description="Peak host memory of the merge (GiB).")
+    gpu_gib: float | None = Field(
+        default=None,
+        alias="gpuGiB",
+        description="Peak GPU memory of the merge (GiB; mergeBase dequantized only).",
+    )
+    seconds: float = Field(
+        description="Seconds to load, merge and write (on the machine it was measured on)."
+    )
+
+
 class Estimate(StatusModel):
     """What the Validating phase found and expects of the run."""
 
@@ -1596,6 +1623,9 @@ class Estimate(StatusModel):
     )
     sampled: bool = Field(
         default=False, description="Counts extrapolated from a tokenized sample of the data."
+    )
+    merge: MergeEstimate | None = Field(
+        default=None, description="What output.merge will cost, when it is set."
     )
 
 

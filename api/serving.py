@@ -293,8 +293,8 @@ def kserve(what: Served) -> dict[str, Any]:
 
 def kaito(what: Served) -> dict[str, Any]:
     """A KAITO ``Workspace`` (kaito.sh/v1beta1) serving the base as a Hugging Face preset with the
-    adapter in ``inference.adapters``: mounted from its claim (pvc://) or as an OCI image volume
-    (oci://, the artifact's files at the volume's root)."""
+    adapter in ``inference.adapters``: mounted from its claim (pvc://) or pulled by KAITO's
+    puller from the adapter image an ``output.registry.layout: kaito`` push made (oci://)."""
     hub = what.base_hub_id
     if hub is None:
         raise NotServable(
@@ -312,10 +312,15 @@ def kaito(what: Served) -> dict[str, Any]:
                 "claim's root (output.uri: pvc://<claim>) or serve with --for vllm or kserve"
             )
     elif what.adapter.scheme == "oci":
-        reference = what.adapter_uri.removeprefix("oci://")
-        source["volumeSource"] = {"image": {"reference": reference, "pullPolicy": "IfNotPresent"}}
         registry = what.spec.output.registry
-        if registry is not None and registry.credentials_secret_ref is not None:
+        if registry is None or registry.layout != "kaito":
+            raise NotServable(
+                f"KAITO pulls an adapter image with its files under data/; {what.job}'s adapter "
+                "is a ModelPack artifact: push it with output.registry.layout: kaito, or serve "
+                "with --for vllm or kserve"
+            )
+        source["image"] = what.adapter_uri.removeprefix("oci://")
+        if registry.credentials_secret_ref is not None:
             source["imagePullSecrets"] = [registry.credentials_secret_ref.name]
     else:
         raise NotServable(

@@ -16,8 +16,10 @@ process. The modes:
 - ``trl-dpo-best``: plain TRL ``DPOTrainer`` with the best hand-set flags for the same QLoRA
   job: no gradient checkpointing, Liger's kernels (TRL keeps its own fused LM head), LoRA
   dropout 0, fused AdamW, ``--batch`` pairs a step;
-- ``kubetune-dpo-liger``: the same with Liger's kernels (RMSNorm, SwiGLU, RoPE; TRL keeps its
-  own fused LM head), to measure that lever alone;
+- ``kubetune-dpo-no-liger``: the same without Liger's layer kernels (RMSNorm, SwiGLU, RoPE; on
+  in the default path, TRL keeping its own fused LM head), to measure that lever alone;
+- ``kubetune-dpo-padded``: the same with SDPA attention, so its micro-batches run padded as
+  TRL's do (the default unpads them: ``kubetune.trainer.packed_pairs``);
 - ``trl-dpo-defaults``: ``DPOConfig``'s defaults (checkpointing on, batch 8 pairs), with the
   job's max length.
 
@@ -31,20 +33,31 @@ after ``--warmup``; the ratios of kubetune's to each other configuration's.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import random
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from qlora_throughput import SHAPES, _versions, build_model, throughput_callback
+from qlora_throughput import (
+    SHAPES,
+    _versions,
+    append_record,
+    build_model,
+    load_4bit_base,
+    run_each_mode,
+    run_timed,
+    throughput_callback,
+    train_with_recipe,
+)
 
-MODES = ("kubetune-dpo", "trl-dpo-best", "trl-dpo-defaults", "kubetune-dpo-liger")
+MODES = (
+    "kubetune-dpo",
+    "trl-dpo-best",
+    "trl-dpo-defaults",
+    "kubetune-dpo-no-liger",
+    "kubetune-dpo-padded",
+)
 
 
 def synthetic_pairs(
@@ -89,11 +102,7 @@ def synthetic_pairs(
 
 def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any]) -> None:
     """The trainer exactly as a FineTuneJob with ``method: {type: dpo}`` runs it, data aside."""
-    from kubetune.api.config import TrainerConfig
     from kubetune.api.models import FineTuneJobSpec
-    from kubetune.trainer.data import PreparedData
-    from kubetune.trainer.distributed import this_rank
-    from kubetune.trainer.recipe import QLoRASFTRecipe
 
     cap = f"-cap{args.memory_cap_gib:g}" if args.memory_cap_gib else ""
     output = Path(args.work) / f"{args.shape}-{args.mode}{cap}"
@@ -115,65 +124,31 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
             "output": {"uri": str(output)},
         }
     )
-    if args.mode == "kubetune-dpo-liger":
+    if args.mode in ("kubetune-dpo-no-liger", "kubetune-dpo-padded"):
         from dataclasses import replace
 
         from kubetune.trainer import preference
-        from kubetune.trainer import recipe as recipe_module
 
         keep = preference.preference_speed
-        preference.preference_speed = lambda s: replace(keep(s), liger_kernel=s.liger_kernel)  # type: ignore[assignment]
-        arguments = recipe_module.preference_arguments
-
-        def with_liger(*a: Any, **k: Any) -> dict[str, Any]:
-            return {**arguments(*a, **k), "use_liger_kernel": a[2].liger_kernel}
-
-        recipe_module.preference_arguments = with_liger  # type: ignore[assignment]
-    recipe = QLoRASFTRecipe(TrainerConfig(spec=spec), rank=this_rank())
-
-    def synthetic_data() -> None:
-        recipe.data = PreparedData(
-            train=dataset,
-            eval=None,
-            format="preference",
-            fingerprint="synthetic",
-            assistant_only_loss=False,
-            completion_only_loss=False,
-            method="dpo",
-        )
-
-    recipe._setup_data = synthetic_data  # type: ignore[method-assign]
-    recipe.setup()
-    record["settings"] = recipe.speed.__dict__ if recipe.speed else {}
+        no_liger = args.mode == "kubetune-dpo-no-liger"
+        change = {"liger_kernel": False} if no_liger else {"attention": "sdpa"}
+        preference.preference_speed = lambda s: replace(keep(s), **change)  # type: ignore[assignment]
+    recipe = train_with_recipe(
+        spec, dataset, record, throughput_callback(args.warmup, record), data_format="preference"
+    )
     record["pairs_per_step"] = (
         recipe.plan.micro_batch_size * recipe.plan.gradient_accumulation_steps
     )
-    recipe._trainer.add_callback(throughput_callback(args.warmup, record))
-    recipe.train()
-    report = recipe.plan_report()
-    record["plan"] = report.model_dump(by_alias=True) if report else None
 
 
 def run_trl(args: argparse.Namespace, dataset: Any, record: dict[str, Any]) -> None:
     """Plain TRL ``DPOTrainer`` on the same 4-bit base and adapter."""
     import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import DPOConfig, DPOTrainer
 
     best = args.mode == "trl-dpo-best"
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_dir,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        ),
-        dtype=torch.bfloat16,
-        device_map={"": 0 if torch.cuda.is_available() else "cpu"},
-    )
+    tokenizer, model = load_4bit_base(args.model_dir)
     flags: dict[str, Any] = {}
     if best:
         flags = {
@@ -231,18 +206,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "memory_cap_gib": args.memory_cap_gib,
         "data": counts,
     }
-    started = time.perf_counter()
-    try:
-        (run_kubetune if args.mode.startswith("kubetune") else run_trl)(args, dataset, record)
-    except torch.cuda.OutOfMemoryError:
-        record["error"] = "out of memory"
-    except Exception as error:  # kubetune's own OutOfMemory: the plan refused before loading
-        from kubetune.trainer.errors import OutOfMemory
-
-        if not isinstance(error, OutOfMemory):
-            raise
-        record["error"] = f"out of memory (plan): {error}"
-    record["wall_seconds"] = round(time.perf_counter() - started, 1)
+    run_timed(run_kubetune if args.mode.startswith("kubetune") else run_trl, args, dataset, record)
     record.pop("_last_step", None)
     record.pop("_train_begin", None)
     if "start" in record and "end" in record and record["end"][2] > record["start"][2]:
@@ -281,20 +245,16 @@ def main() -> int:
 
     if args.mode:
         record = measure(args)
-        with args.out.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(json.dumps(record), flush=True)
+        append_record(args.out, record)
         return 0
 
     build_model(args.shape, args.model_dir)
-    results: dict[str, dict[str, Any]] = {}
-    for mode in args.modes.split(","):
-        command = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
-        subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        for line in args.out.read_text().splitlines() if args.out.exists() else []:
-            record = json.loads(line)
-            if record.get("mode") == mode and record.get("shape") == args.shape:
-                results[mode] = record
+    modes = args.modes.split(",")
+    results = run_each_mode(
+        args,
+        __file__,
+        lambda record: record.get("mode") in modes and record.get("shape") == args.shape,
+    )
     ours = results.get("kubetune-dpo", {})
     for mode, record in results.items():
         if mode == "kubetune-dpo" or not ours.get("tokens_per_second"):
@@ -307,9 +267,7 @@ def main() -> int:
                     ours["tokens_per_second"] / record["tokens_per_second"], 3
                 ),
             }
-            print(json.dumps(ratio), flush=True)
-            with args.out.open("a") as f:
-                f.write(json.dumps(ratio) + "\n")
+            append_record(args.out, ratio)
     return 0
 
 

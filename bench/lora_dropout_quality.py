@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from qlora_throughput import append_record
+
 
 def exact_match(model: Any, tokenizer: Any, pairs: list[tuple[str, str]]) -> float:
     import torch
@@ -92,9 +94,7 @@ def main() -> int:
         for seed in (int(s) for s in args.seeds.split(",")):
             for dropout in (float(d) for d in args.dropouts.split(",")):
                 record = train_and_score(work, model, data, dropout, seed)
-                print(json.dumps(record), flush=True)
-                with args.out.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_record(args.out, record)
     return 0
 
 

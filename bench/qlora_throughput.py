@@ -52,7 +52,7 @@ configuration that runs out of memory is recorded as such. To compare on a 24 Gi
 time) in the record and in ``--profile-out``.
 
 ``--gpus N`` (kubetune modes only) trains data-parallel on N GPUs of this machine, as a pod with
-``resources.gpus: N`` does: the same launcher (``kubetune.trainer.distributed``, torch's elastic
+``resources.gpus: N`` does: the same launcher (``kubetune.trainer.launcher``, torch's elastic
 agent, NCCL) starts N ranks, each with its own 4-bit base on its own GPU, and the batch of the
 spec (``--kubetune-batch``, kubetune's default when unset) divides over them. Tokens/s is then the
 real tokens of all ranks (TRL gathers them) per second; peak memory is rank 0's. To compare
@@ -73,6 +73,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -271,13 +272,65 @@ def throughput_callback(
     return Throughput()
 
 
-def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any]) -> Any:
-    """The trainer exactly as a FineTuneJob with default settings runs it, data aside."""
+def load_4bit_base(model_dir: Path, **kwargs: Any) -> tuple[Any, Any]:
+    """(tokenizer, model): the saved model in NF4 with double quantization and bf16 compute, as
+    the TRL documentation's QLoRA example loads it (``kwargs`` to ``from_pretrained``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        ),
+        dtype=torch.bfloat16,
+        device_map={"": 0 if torch.cuda.is_available() else "cpu"},
+        **kwargs,
+    )
+    return tokenizer, model
+
+
+def train_with_recipe(
+    spec: Any, dataset: Any, record: dict[str, Any], callback: Any, *, data_format: str = "text"
+) -> Any:
+    """kubetune's own trainer on ``spec``, fed ``dataset`` as it is (the data step skipped), with
+    ``callback`` measuring; its settings and plan go into ``record``. The recipe."""
     from kubetune.api.config import TrainerConfig
-    from kubetune.api.models import FineTuneJobSpec
     from kubetune.trainer.data import PreparedData
     from kubetune.trainer.distributed import this_rank
     from kubetune.trainer.recipe import QLoRASFTRecipe
+
+    recipe = QLoRASFTRecipe(TrainerConfig(spec=spec), rank=this_rank())
+
+    def synthetic_data() -> None:
+        recipe.data = PreparedData(
+            train=dataset,
+            eval=None,
+            format=data_format,
+            fingerprint="synthetic",
+            assistant_only_loss=False,
+            completion_only_loss=False,
+            method=spec.method.type,
+        )
+
+    recipe._setup_data = synthetic_data  # type: ignore[method-assign]
+    recipe.setup()
+    record["settings"] = recipe.speed.__dict__ if recipe.speed else {}
+    recipe._trainer.add_callback(callback)
+    recipe.train()
+    report = recipe.plan_report()
+    record["plan"] = report.model_dump(by_alias=True) if report else None
+    return recipe
+
+
+def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any]) -> Any:
+    """The trainer exactly as a FineTuneJob with default settings runs it, data aside."""
+    from kubetune.api.models import FineTuneJobSpec
+    from kubetune.trainer.distributed import this_rank
 
     lever: dict[str, Any] = {
         "kubetune-micro8": {"microBatchSize": 8},
@@ -327,27 +380,8 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
 
         fused_lora.fuse_lora_layers = lambda model: 0  # PEFT's own LoRA forward
 
-    recipe = QLoRASFTRecipe(TrainerConfig(spec=spec), rank=this_rank())
-
-    def synthetic_data() -> None:
-        recipe.data = PreparedData(
-            train=dataset,
-            eval=None,
-            format="text",
-            fingerprint="synthetic",
-            assistant_only_loss=False,
-            completion_only_loss=False,
-        )
-
-    recipe._setup_data = synthetic_data  # type: ignore[method-assign]
-    recipe.setup()
-    record["settings"] = recipe.speed.__dict__ if recipe.speed else {}
-    recipe._trainer.add_callback(
-        throughput_callback(args.warmup, record, args.profile_step, args.profile_out)
-    )
-    recipe.train()
-    report = recipe.plan_report()
-    record["plan"] = report.model_dump(by_alias=True) if report else None
+    callback = throughput_callback(args.warmup, record, args.profile_step, args.profile_out)
+    train_with_recipe(spec, dataset, record, callback)
 
 
 def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, Any]) -> Any:
@@ -356,23 +390,11 @@ def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, A
     best = args.mode in ("trl-best", "trl-best-checkpointed")
     checkpointed = args.mode == "trl-best-checkpointed"
     parity = args.mode == "trl-parity"
-    import torch
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig, SFTTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_dir,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        ),
-        dtype=torch.bfloat16,
-        device_map={"": 0 if torch.cuda.is_available() else "cpu"},
-        **({"attn_implementation": "flex_attention"} if best else {}),
+    tokenizer, model = load_4bit_base(
+        args.model_dir, **({"attn_implementation": "flex_attention"} if best else {})
     )
     record["settings"] = {"attention": model.config._attn_implementation, "packing": best or parity,
                           "liger_kernel": best,
@@ -413,6 +435,30 @@ def run_trl_defaults(args: argparse.Namespace, dataset: Any, record: dict[str, A
     trainer.train()
 
 
+def run_timed(
+    run: Callable[[argparse.Namespace, Any, dict[str, Any]], Any],
+    args: argparse.Namespace,
+    dataset: Any,
+    record: dict[str, Any],
+) -> None:
+    """``run(args, dataset, record)`` timed into ``record``; running out of memory (CUDA's error,
+    or kubetune's plan refusing before anything loads) is recorded as its result."""
+    import torch
+
+    started = time.perf_counter()
+    try:
+        run(args, dataset, record)
+    except torch.cuda.OutOfMemoryError:
+        record["error"] = "out of memory"
+    except Exception as error:  # kubetune's own OutOfMemory: the plan refused before loading
+        from kubetune.trainer.errors import OutOfMemory
+
+        if not isinstance(error, OutOfMemory):
+            raise
+        record["error"] = f"out of memory (plan): {error}"
+    record["wall_seconds"] = round(time.perf_counter() - started, 1)
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -440,20 +486,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "batch": args.batch,
         "memory_cap_gib": args.memory_cap_gib,
     }
-    started = time.perf_counter()
-    try:
-        (run_kubetune if args.mode.startswith("kubetune") else run_trl_defaults)(
-            args, dataset, record
-        )
-    except torch.cuda.OutOfMemoryError:
-        record["error"] = "out of memory"
-    except Exception as error:  # kubetune's own OutOfMemory: the plan refused before loading
-        from kubetune.trainer.errors import OutOfMemory
-
-        if not isinstance(error, OutOfMemory):
-            raise
-        record["error"] = f"out of memory (plan): {error}"
-    record["wall_seconds"] = round(time.perf_counter() - started, 1)
+    run = run_kubetune if args.mode.startswith("kubetune") else run_trl_defaults
+    run_timed(run, args, dataset, record)
     if "start" in record and "end" in record and record["end"][2] > record["start"][2]:
         record.pop("_last_step", None)
         (t0, n0, s0), (t1, n1, s1) = record.pop("start"), record.pop("end")
@@ -491,7 +525,8 @@ def launch_ranks(args: argparse.Namespace) -> int:
 
     import torch
 
-    from kubetune.trainer.distributed import plan_topology, run_ranks
+    from kubetune.trainer.distributed import plan_topology
+    from kubetune.trainer.launcher import run_ranks
 
     topology = plan_topology(args.gpus, 1, {}, torch.cuda.device_count())
     with tempfile.TemporaryDirectory(prefix="bench-ranks-") as directory:
@@ -500,6 +535,29 @@ def launch_ranks(args: argparse.Namespace) -> int:
         print(json.dumps({"mode": args.mode, "gpus": args.gpus, "error": error or died}))
         return 1
     return 0
+
+
+def append_record(out: Path, record: dict[str, Any]) -> None:
+    """One result: a JSON line appended to ``out`` and printed."""
+    with out.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def run_each_mode(
+    args: argparse.Namespace, script: str, ours: Callable[[dict[str, Any]], bool]
+) -> dict[str, dict[str, Any]]:
+    """Each of ``args.modes`` run by ``script --mode MODE`` in a process of its own, then the
+    newest record of each mode in ``args.out`` that ``ours`` says this command's settings wrote."""
+    for mode in args.modes.split(","):
+        command = [sys.executable, script, *sys.argv[1:], "--mode", mode]
+        subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    results: dict[str, dict[str, Any]] = {}
+    for line in args.out.read_text().splitlines() if args.out.exists() else []:
+        record = json.loads(line)
+        if ours(record):
+            results[record["mode"]] = record
+    return results
 
 
 def main() -> int:
@@ -551,40 +609,30 @@ def main() -> int:
             return launch_ranks(args)
         record = measure(args)
         if rank.is_main:
-            with args.out.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-            print(json.dumps(record), flush=True)
+            append_record(args.out, record)
         return 0
 
     build_model(args.shape, args.model_dir)
-    results: dict[str, dict[str, Any]] = {}
-    for mode in args.modes.split(","):
-        command = [sys.executable, __file__, *sys.argv[1:], "--mode", mode]
-        subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        lines = args.out.read_text().splitlines() if args.out.exists() else []
-        for line in lines:
-            record = json.loads(line)
-            if (
-                record.get("shape") == args.shape
-                and "mode" in record
-                and record.get("gpus", 1) == args.gpus
-                and record.get("memory_cap_gib") == args.memory_cap_gib
-            ):
-                results[record["mode"]] = record
+    results = run_each_mode(
+        args,
+        __file__,
+        lambda record: (
+            record.get("shape") == args.shape
+            and "mode" in record
+            and record.get("gpus", 1) == args.gpus
+            and record.get("memory_cap_gib") == args.memory_cap_gib
+        ),
+    )
     ours = results.get("kubetune", {}).get("tokens_per_second")
     for mode, record in results.items():
         theirs = record.get("tokens_per_second")
         if ours and theirs and mode != "kubetune":
             ratio = {"ratio": f"kubetune / {mode}", "shape": args.shape,
                      "tokens_per_second": round(ours / theirs, 3)}  # fmt: skip
-            print(json.dumps(ratio), flush=True)
-            with args.out.open("a") as f:
-                f.write(json.dumps(ratio) + "\n")
+            append_record(args.out, ratio)
     if "kubetune-parity" in results and "trl-parity" in results:
         parity = loss_parity(results["kubetune-parity"], results["trl-parity"], args.shape)
-        print(json.dumps(parity), flush=True)
-        with args.out.open("a") as f:
-            f.write(json.dumps(parity) + "\n")
+        append_record(args.out, parity)
     return 0
 
 

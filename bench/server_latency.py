@@ -1,12 +1,17 @@
 """Latency benchmark of kubetune-server on the local cluster (not a test: it prints figures).
 
-``--jobs`` suspended FineTuneJobs in one namespace (nothing trains), one ``kubetune-server``
-process, a tenant ServiceAccount's token, and ``--clients`` concurrent openai SDK clients, each
-making ``--requests`` calls alternating between ``fine_tuning.jobs.retrieve`` (a random job) and
-``fine_tuning.jobs.list`` (a page of 20 after a random job), then each alone (``--mix``). Prints
-p50/p99/max of each, from the client's side, and the throughput.
+``--jobs`` suspended FineTuneJobs in one namespace (nothing trains), a tenant ServiceAccount's
+token, the server's own read-only account, and per ``--servers`` mode one ``kubetune-server``
+process: ``cache`` (reads from its watch-backed cache) or ``direct`` (each read with the
+caller's token). ``--clients`` concurrent openai SDK clients make ``--requests`` calls each:
+``fine_tuning.jobs.retrieve`` (a random job), ``fine_tuning.jobs.list`` (a page of 20 after a
+random job) or the two alternating (``--mix``), closed loop; then the alternating mix open loop
+at each of ``--rates`` calls/s (latency from when each call was due). Prints, per run,
+p50/p99/max from the client's side and the server's own (its access log), the throughput, CPU
+milliseconds a call of the server, kube-apiserver, etcd and the clients, and the machine's load.
 
-    .venv/bin/python bench/server_latency.py --jobs 500 --clients 50 --requests 40
+    .venv/bin/python bench/server_latency.py --jobs 500 --clients 50 --requests 40 \
+        --servers cache direct --rates 100 200 --out FILE
 
 Starts its own local cluster in a temporary home (``--kubeconfig`` reuses one, which must have
 the CRD) and stops it at the end. Figures and the machine they came from: docs/performance.md.
@@ -18,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -96,7 +102,43 @@ def setup(binary: Path, kubeconfig: Path, jobs: int) -> str:
             time.sleep(1)
 
 
-def start_server(kubeconfig: Path, home: Path) -> tuple[subprocess.Popen[bytes], str]:
+def server_identity(binary: Path, kubeconfig: Path, home: Path) -> Path:
+    """The server's own account as the chart makes it with server.cache.enabled (get/list/watch
+    FineTuneJobs cluster-wide), and its token in a file."""
+    run = lambda *a, stdin=None: kubectl(binary, kubeconfig, *a, stdin=stdin)  # noqa: E731
+    run("create", "namespace", "kubetune-system")
+    objects = [
+        {"apiVersion": "v1", "kind": "ServiceAccount",
+         "metadata": {"name": "kubetune-server", "namespace": "kubetune-system"}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+         "metadata": {"name": "kubetune-server-read-jobs"},
+         "rules": [{"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"],
+                    "verbs": ["get", "list", "watch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": {"name": "kubetune-server-read-jobs"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                     "name": "kubetune-server-read-jobs"},
+         "subjects": [{"kind": "ServiceAccount", "name": "kubetune-server",
+                       "namespace": "kubetune-system"}]},
+    ]  # fmt: skip
+    run(
+        "apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects})
+    )
+    path = home / "server-token"
+    for _ in range(60):
+        try:
+            token = run("create", "token", "kubetune-server", "-n", "kubetune-system",
+                        "--duration", "2h")  # fmt: skip
+            path.write_text(token.strip())
+            return path
+        except subprocess.CalledProcessError:
+            time.sleep(1)
+    raise RuntimeError("no token for the server's account")
+
+
+def start_server(
+    kubeconfig: Path, home: Path, cache_token: Path | None
+) -> tuple[subprocess.Popen[bytes], str, Path]:
     port = free_port()
     env = {
         **os.environ,
@@ -105,7 +147,10 @@ def start_server(kubeconfig: Path, home: Path) -> tuple[subprocess.Popen[bytes],
         "KUBETUNE_SERVER_FILES_DIR": str(home / "files"),
         "KUBETUNE_SERVER_RATE_LIMIT_PER_SECOND": "0",
     }  # fmt: skip
-    with (home / "server.log").open("ab") as log:
+    if cache_token is not None:
+        env["KUBETUNE_SERVER_CACHE_TOKEN_FILE"] = str(cache_token)
+    log_path = home / f"server-{'cache' if cache_token else 'direct'}.log"
+    with log_path.open("ab") as log:
         process = subprocess.Popen(
             [str(Path(sys.executable).with_name("kubetune-server"))], env=env, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True,
@@ -114,48 +159,166 @@ def start_server(kubeconfig: Path, home: Path) -> tuple[subprocess.Popen[bytes],
     for _ in range(120):
         try:
             with urllib.request.urlopen(f"{url}/healthz", timeout=2):  # noqa: S310 -- loopback
-                return process, url
+                return process, url, log_path
         except OSError:
             time.sleep(0.5)
     raise RuntimeError("kubetune-server did not start")
 
 
+def call(client: OpenAI, kind: str, rng: random.Random, names: list[str]) -> None:
+    if kind == "retrieve":
+        client.fine_tuning.jobs.retrieve(rng.choice(names))
+    else:
+        client.fine_tuning.jobs.list(after=rng.choice(names), limit=20)
+
+
 def measure(
-    url: str, token: str, jobs: int, clients: int, requests: int, *, mix: str = "both"
+    url: str,
+    token: str,
+    jobs: int,
+    clients: int,
+    requests: int,
+    *,
+    mix: str = "both",
+    rate: float = 0.0,
 ) -> dict[str, Any]:
+    """Closed loop (rate 0): each client calls again as soon as answered; latency is call to
+    answer. Open loop: call i is due at start + i/rate whatever came before, clients take due
+    calls in turn, and latency runs from when the call was due (time spent waiting for a free
+    client counts, so an overloaded server can't hide behind slow clients)."""
     names = [f"bench-{i:05d}" for i in range(jobs)]
     timings: dict[str, list[float]] = {"retrieve": [], "list": []}
     lock = threading.Lock()
+    total = clients * requests
+    counter = iter(range(total))
+    # Each client made and connected before the clock starts (an SDK client costs ~10 ms of CPU
+    # to make, and its first call a TCP connection): what is timed is calls, not set-up.
+    made = [
+        OpenAI(api_key=token, base_url=f"{url}/v1", project=NAMESPACE, max_retries=0)
+        for _ in range(clients)
+    ]
+    for client in made:
+        client.fine_tuning.jobs.retrieve(names[0])
+    ready = threading.Barrier(clients + 1)
+    started = 0.0
 
     def one_client(seed: int) -> None:
-        client = OpenAI(api_key=token, base_url=f"{url}/v1", project=NAMESPACE, max_retries=0)
+        client = made[seed]
         rng = random.Random(seed)  # noqa: S311 -- which job to ask for, not a secret
-        for i in range(requests):
+        ready.wait()
+        while True:
+            with lock:
+                i = next(counter, None)
+            if i is None:
+                return
             kind = mix if mix != "both" else ("retrieve" if i % 2 == 0 else "list")
-            started = time.perf_counter()
-            if kind == "retrieve":
-                client.fine_tuning.jobs.retrieve(rng.choice(names))
-            else:
-                client.fine_tuning.jobs.list(after=rng.choice(names), limit=20)
-            elapsed = time.perf_counter() - started
+            due = time.perf_counter()
+            if rate > 0:
+                due = started + i / rate
+                time.sleep(max(0.0, due - time.perf_counter()))
+            call(client, kind, rng, names)
+            elapsed = time.perf_counter() - due
             with lock:
                 timings[kind].append(elapsed)
 
-    started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(one_client, range(clients)))
+        running = [pool.submit(one_client, seed) for seed in range(clients)]
+        started = time.perf_counter()
+        ready.wait()
+        for future in running:
+            future.result()
     wall = time.perf_counter() - started
-    summary: dict[str, Any] = {"requests_per_second": round(clients * requests / wall, 1)}
+    summary: dict[str, Any] = {"seconds": round(wall, 1),
+                               "requests_per_second": round(total / wall, 1)}  # fmt: skip
     for kind, values in timings.items():
-        if not values:
-            continue
-        summary[kind] = {
-            "count": len(values),
-            "p50_ms": round(1000 * percentile(values, 50), 1),
-            "p99_ms": round(1000 * percentile(values, 99), 1),
-            "max_ms": round(1000 * max(values), 1),
-        }
+        if values:
+            summary[kind] = summarize(values)
     return summary
+
+
+def summarize(values: list[float]) -> dict[str, Any]:
+    return {
+        "count": len(values),
+        "p50_ms": round(1000 * percentile(values, 50), 1),
+        "p99_ms": round(1000 * percentile(values, 99), 1),
+        "max_ms": round(1000 * max(values), 1),
+    }
+
+
+# --- where the time goes: CPU by process, machine load, the server's own view ------------------
+
+ROUTES = {"GET /v1/fine_tuning/jobs/{job_id}": "retrieve", "GET /v1/fine_tuning/jobs": "list"}
+
+
+def pids_of(home: Path, server: int) -> dict[str, int]:
+    """The processes the calls pass through: the server, and the cluster's apiserver and etcd."""
+    found = {"server": server}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        name = Path(argv[0].decode(errors="replace")).name
+        if name in {"kube-apiserver", "etcd"} and str(home).encode() in b" ".join(argv):
+            found[name] = int(entry.name)
+    return found
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds = {}
+    for name, pid in pids.items():
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        seconds[name] = (int(fields[11]) + int(fields[12])) / ticks
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    seconds["bench clients"] = usage.ru_utime + usage.ru_stime
+    return seconds
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of every core since boot (/proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+def server_side(log_path: Path, offset: int) -> dict[str, Any]:
+    """The server's own time per call (its access log: request in to response out)."""
+    times: dict[str, list[float]] = {}
+    with log_path.open("rb") as log:
+        log.seek(offset)
+        for line in log.read().decode(errors="replace").splitlines():
+            for route, kind in ROUTES.items():
+                if f" {route} 200 " in line:
+                    times.setdefault(kind, []).append(float(line.rsplit(" ", 1)[1][:-2]) / 1000)
+    return {kind: summarize(values) for kind, values in times.items()}
+
+
+def measured_run(
+    url: str, token: str, args: argparse.Namespace, *, mix: str, rate: float,
+    pids: dict[str, int], log_path: Path,
+) -> dict[str, Any]:  # fmt: skip
+    offset = log_path.stat().st_size
+    cpu_before, busy_before = cpu_seconds(pids), machine_busy()
+    load_before = os.getloadavg()
+    result = measure(url, token, args.jobs, args.clients, args.requests, mix=mix, rate=rate)
+    cpu_after, busy_after = cpu_seconds(pids), machine_busy()
+    calls = args.clients * args.requests
+    busy = (busy_after[0] - busy_before[0]) / max(1, busy_after[1] - busy_before[1])
+    return {
+        "open_loop_rate": rate or None,
+        "load_average_before": [round(v, 2) for v in load_before],
+        "load_average_after": [round(v, 2) for v in os.getloadavg()],
+        "machine_cpu_busy": round(busy, 3),
+        **result,
+        "server_side": server_side(log_path, offset),
+        "cpu_ms_per_call": {
+            name: round(1000 * (cpu_after[name] - cpu_before[name]) / calls, 2)
+            for name in cpu_after
+        },
+    }
 
 
 def _interrupt(signum: int, _frame: Any) -> None:
@@ -171,15 +334,22 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--requests", type=int, default=40, help="per client")
     parser.add_argument(
-        "--mix", nargs="+", default=["both", "retrieve", "list"],
+        "--mix", nargs="+", default=["retrieve", "list", "both"],
         help="runs, one after the other: retrieve and list alternating (both), or one alone",
+    )  # fmt: skip
+    parser.add_argument(
+        "--servers", nargs="+", default=["cache"], choices=["cache", "direct"],
+        help="the server's reads from its watch-backed cache, or each with the caller's token",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rates", nargs="*", type=float, default=[],
+        help="open-loop runs at these total rates (calls/s) after the closed-loop ones",
     )  # fmt: skip
     parser.add_argument("--kubeconfig", type=Path)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="kubetune-bench-api-"))
     cluster: LocalCluster | None = None
-    server: subprocess.Popen[bytes] | None = None
     try:
         kubeconfig = args.kubeconfig
         if kubeconfig is None:
@@ -192,27 +362,48 @@ def main() -> None:
             binary = binary / "kubectl"
         print(f"{args.jobs} suspended FineTuneJobs in {NAMESPACE}", flush=True)
         token = setup(binary, kubeconfig, args.jobs)
-        server, url = start_server(kubeconfig, home)
-        measure(url, token, args.jobs, 5, 4)  # warm the connection pools
+        identity = server_identity(binary, kubeconfig, home)
         summary: dict[str, Any] = {
             "jobs": args.jobs, "clients": args.clients, "requests_per_client": args.requests,
-            "cpus": os.cpu_count(),
+            "cpus": os.cpu_count(), "runs": [],
         }  # fmt: skip
-        for mix in args.mix:
-            summary[mix] = {
-                "load_average_at_start": os.getloadavg(),
-                **measure(url, token, args.jobs, args.clients, args.requests, mix=mix),
-            }
-            print(json.dumps({mix: summary[mix]}), flush=True)
-        print(json.dumps(summary, indent=2), flush=True)
+        for mode in args.servers:
+            run_server(
+                mode,
+                args,
+                kubeconfig=kubeconfig,
+                home=home,
+                identity=identity,
+                token=token,
+                summary=summary,
+            )
         if args.out:
             args.out.write_text(json.dumps(summary, indent=2) + "\n")
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait(15)
         if cluster is not None:
             cluster.down()
+
+
+def run_server(
+    mode: str, args: argparse.Namespace, *, kubeconfig: Path, home: Path, identity: Path,
+    token: str, summary: dict[str, Any],
+) -> None:  # fmt: skip
+    """One server process (cache or direct) through every closed-loop mix and open-loop rate."""
+    server, url, log_path = start_server(kubeconfig, home, identity if mode == "cache" else None)
+    try:
+        pids = pids_of(kubeconfig.parent, server.pid)
+        measure(url, token, args.jobs, 5, 4)  # warm the connection pools (and the cache)
+        runs = [(mix, 0.0) for mix in args.mix] + [("both", rate) for rate in args.rates]
+        for mix, rate in runs:
+            measured = measured_run(
+                url, token, args, mix=mix, rate=rate, pids=pids, log_path=log_path
+            )
+            result = {"server": mode, "mix": mix, **measured}
+            summary["runs"].append(result)
+            print(json.dumps(result), flush=True)
+    finally:
+        server.terminate()
+        server.wait(15)
 
 
 if __name__ == "__main__":

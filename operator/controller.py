@@ -25,12 +25,13 @@ from kubetune.api.contract import (
 )
 from kubetune.api.models import API_VERSION, KIND
 from kubetune.operator import jobset as js
+from kubetune.operator.children import PARTIAL_SPEC
 from kubetune.operator.kube import Kube, load_config
 from kubetune.operator.leader import LeaseLock
+from kubetune.operator.names import owned_by
+from kubetune.operator.pods import SECRET_REFERENCE_PATHS
 from kubetune.operator.progress import ProgressInbox
-from kubetune.operator.reconcile import PARTIAL_SPEC, owned_by
 from kubetune.operator.settings import OperatorSettings
-from kubetune.operator.status import SECRET_REFERENCE_PATHS
 from kubetune.operator.workqueue import WorkQueue
 
 SETTINGS = OperatorSettings()
@@ -39,6 +40,8 @@ LOGGER: Final = logging.getLogger("kubetune.operator")
 
 Key = tuple[str, str]
 Obj = dict[str, Any]
+#: A FineTuneJob as the caches (or the API) hold it.
+Ftj = Mapping[str, Any]
 #: A create's manifest, the object's path, and the object or the kopf error it ended in.
 Created = tuple[Obj, str, Obj | kopf.TemporaryError | kopf.PermanentError]
 
@@ -135,7 +138,7 @@ WHOLE_SPEC_KEPT_BYTES: Final = 16 * 1024
 def slim_finetunejob(body: Mapping[str, Any]) -> Obj:
     """A FineTuneJob for the index: ``slim`` with no ``status.progress``, and (once its children
     are made) only ``FINETUNEJOB_SPEC_KEPT`` of its spec, marked ``PARTIAL_SPEC``
-    (``reconcile.plan`` asks for the whole spec when it needs it)."""
+    (``planner.needs_whole_spec`` says when a reconcile needs the whole spec)."""
     kept = slim(body, ())
     # The trainer's progress (its curve history too) is for people and /metrics (read from the
     # events), never for a reconcile.
@@ -180,10 +183,13 @@ class Controller:
     use_jobset: bool = False
     #: Progress the trainers reported, waiting for a status write (None: no endpoint).
     progress: ProgressInbox | None = None
+    #: When each namespace's shared trainer NetworkPolicy was last checked (monotonic seconds).
+    shared_checked: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         self.written = {}
         self.created = {}
+        self.shared_checked = {}
 
 
 def index_values(index: kopf.Index[Key, Obj], key: Key) -> list[Obj]:

@@ -2,9 +2,10 @@
 
 Every event (a FineTuneJob, one of its Jobs or Pods), a periodic resync and a replica taking
 over the Lease all do the same thing: queue the FineTuneJob's key. A worker takes the key,
-reads the FineTuneJob and its children from kopf's in-memory indexes (no API call), asks the
-pure ``reconcile.plan`` what to do, and does only that: create what is missing, patch the Job
-it owns, patch the status fields that changed, post an Event when the phase changes.
+reads the FineTuneJob and its children from kopf's in-memory indexes (no API call), and
+``executor.reconcile`` makes one pass: observe, plan once (the pure ``planner.decide``), do only
+that (create what is missing, patch the Job it owns, patch the status fields that changed in one
+write, post an Event when the phase changes), requeue.
 
 Importing this module registers the handlers with kopf's default registry.
 """
@@ -18,6 +19,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -26,7 +28,6 @@ import kopf
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.operator import jobset as js
 from kubetune.operator import metrics, metrics_server, progress
-from kubetune.operator.actions import JOBSET_FALLBACK, reconcile
 from kubetune.operator.controller import (
     JOB_SPEC_KEPT,
     LOGGER,
@@ -42,7 +43,10 @@ from kubetune.operator.controller import (
     slim_finetunejob,
     snapshot,
 )
-from kubetune.operator.leader import LeaseLock
+from kubetune.operator.creation import JOBSET_FALLBACK
+from kubetune.operator.executor import reconcile
+from kubetune.operator.kube import Kube, load_config
+from kubetune.operator.leader import LeaseKeeper, LeaseLock
 from kubetune.operator.progress import ProgressEndpoint, ProgressInbox, TokenReviewer
 from kubetune.operator.workqueue import WorkQueue
 
@@ -167,8 +171,10 @@ async def configure(
             or f"{socket.gethostname()}-{os.getpid()}"
         )
         namespace = SETTINGS.lease_namespace or os.environ.get("POD_NAMESPACE") or "default"
+        # An API connection of its own: renewals never wait for one the workers hold.
+        own = Kube(load_config(pool_size=1), SETTINGS.api_timeout_seconds)
         lease = LeaseLock(
-            kube(), namespace, SETTINGS.lease_name, identity, SETTINGS.lease_duration_seconds
+            own, namespace, SETTINGS.lease_name, identity, SETTINGS.lease_duration_seconds
         )
     _controller = Controller(
         finetunejobs=finetunejobs_index,
@@ -253,9 +259,10 @@ def jobset_served() -> bool:
 @kopf.on.cleanup()  # type: ignore[untyped-decorator]
 async def stop(**_: Any) -> None:
     ctl = _controller
-    if ctl is not None and ctl.lease is not None and ctl.leader:
-        ctl.leader = False
-        await asyncio.get_running_loop().run_in_executor(ctl.executor, ctl.lease.release)
+    if ctl is not None:
+        ctl.leader = ctl.lease is None
+    for keeper in _KEEPERS:
+        await asyncio.get_running_loop().run_in_executor(None, keeper.stop)
 
 
 def _resync(ctl: Controller) -> None:
@@ -264,29 +271,22 @@ def _resync(ctl: Controller) -> None:
         ctl.queue.add(key)
 
 
-async def _lead(ctl: Controller, logger: kopf.Logger) -> None:
-    """Hold (or wait for) the Lease; on a takeover, resync everything."""
+def _on_lease(ctl: Controller, logger: kopf.Logger) -> Callable[[bool], None]:
+    """What the Lease's thread calls when this replica takes or loses the Lease: workers see
+    ``ctl.leader`` at once; a takeover resyncs everything, on the loop that owns the queue."""
     assert ctl.lease is not None
-    loop = asyncio.get_running_loop()
-    last_renewed = time.monotonic()
-    while True:
-        try:
-            held = await loop.run_in_executor(ctl.executor, ctl.lease.try_acquire_or_renew)
-            if held:
-                last_renewed = time.monotonic()
-        except Exception as exc:  # the API is down: keep trying
-            logger.warning("Lease %s: %s", ctl.lease.name, exc)
-            # A leader that can't renew steps down before anyone may take over.
-            held = ctl.leader and time.monotonic() - last_renewed < ctl.lease.duration * 0.8
-        if held and not ctl.leader:
-            ctl.leader = True
-            logger.info("took the Lease %s: this replica acts now", ctl.lease.name)
-            _resync(ctl)
-        elif not held and ctl.leader:
-            ctl.leader = False
-            logger.warning("lost the Lease %s: this replica stands by", ctl.lease.name)
-        metrics.LEADER.set(1 if ctl.leader else 0)
-        await asyncio.sleep(SETTINGS.lease_renew_seconds)
+    lease, loop = ctl.lease, asyncio.get_running_loop()
+
+    def changed(held: bool) -> None:
+        ctl.leader = held
+        metrics.LEADER.set(1 if held else 0)
+        if held:
+            logger.info("took the Lease %s: this replica acts now", lease.name)
+            loop.call_soon_threadsafe(_resync, ctl)
+        else:
+            logger.warning("lost the Lease %s: this replica stands by", lease.name)
+
+    return changed
 
 
 async def _periodic_resync(ctl: Controller) -> None:
@@ -300,11 +300,17 @@ def _start(ctl: Controller, logger: kopf.Logger) -> None:
     tasks = [asyncio.create_task(_worker(ctl)) for _ in range(SETTINGS.max_workers)]
     tasks.append(asyncio.create_task(_periodic_resync(ctl)))
     if ctl.lease is not None:
-        tasks.append(asyncio.create_task(_lead(ctl, logger)))
+        # Its own thread and API connection: a backlog of reconciles never delays a renewal.
+        keeper = LeaseKeeper(
+            ctl.lease, SETTINGS.lease_renew_seconds, _on_lease(ctl, logger), LOGGER
+        )
+        keeper.start()
+        _KEEPERS.append(keeper)
     _TASKS.extend(tasks)
 
 
 _TASKS: list[asyncio.Task[None]] = []
+_KEEPERS: list[LeaseKeeper] = []
 
 
 async def _worker(ctl: Controller) -> None:

@@ -11,11 +11,16 @@ Indexed Jobs, so both backends report the same phases, reasons and messages.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from kubetune.api.contract import ATTEMPT_ANNOTATION
+from kubetune.api.contract import ATTEMPT_ANNOTATION, FINETUNEJOB_ANNOTATION, KUEUE_QUEUE_LABEL
+
+if TYPE_CHECKING:
+    from kubetune.api.models import FineTuneJobSpec
+    from kubetune.operator.names import ChildNames
 
 Obj = Mapping[str, Any]
+Manifest = dict[str, Any]
 
 GROUP: Final = "jobset.x-k8s.io"
 VERSION: Final = "v1alpha2"
@@ -144,3 +149,69 @@ def restarting(jobset: Obj, jobs: Sequence[Obj]) -> bool:
         return False
     job = current_job(jobset, jobs)
     return job is None or restart_of(job) != restarts(jobset)
+
+
+def render_jobset(
+    spec: FineTuneJobSpec, name: str, names: ChildNames, meta: Any, job: Manifest
+) -> Manifest:
+    """The group's JobSet: one replicatedJob whose Job template is the group's Indexed Job.
+
+    JobSet does what the operator does for its own Indexed Jobs: the headless Service
+    (``network``), the group restart (``failurePolicy``: the child Job is made again, every pod
+    with it, up to ``runPolicy.backoffLimit`` times), except where a restart can't help (a rank's
+    non-retriable exit, the deadline). Every field JobSet's defaulting webhook would set is set
+    here, so the JobSet is the same whether or not that webhook runs.
+    """
+    queue = spec.scheduling.queue_name
+    # As for a Job: created suspended, it is handed to Kueue (labelled) only when resumed.
+    queued = queue and not spec.run_policy.suspend
+    metadata = meta(names.jobset, {KUEUE_QUEUE_LABEL: queue} if queued else {})
+    job_spec = dict(job["spec"])
+    # The JobSet's suspend is the child Job's (its controller sets it there).
+    suspend = job_spec.pop("suspend")
+    job_labels = {k: v for k, v in job["metadata"]["labels"].items() if k != KUEUE_QUEUE_LABEL}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": metadata,
+        "spec": {
+            # Kueue admits a queued JobSet by unsuspending it, all its pods as one Workload.
+            "suspend": suspend,
+            "network": {
+                "enableDNSHostnames": True,
+                "subdomain": names.jobset,
+                # Ranks find rank 0 before any of them is Ready.
+                "publishNotReadyAddresses": True,
+            },
+            "successPolicy": {"operator": "All", "targetReplicatedJobs": [REPLICATED_JOB]},
+            "startupPolicy": {"startupPolicyOrder": "AnyOrder"},
+            "failurePolicy": {
+                "maxRestarts": spec.run_policy.backoff_limit,
+                "restartStrategy": "Recreate",
+                "rules": [
+                    {
+                        "name": "non-retriable",
+                        "action": "FailJobSet",
+                        "onJobFailureReasons": list(FINAL_JOB_FAILURES),
+                        "targetReplicatedJobs": [REPLICATED_JOB],
+                    }
+                ],
+            },
+            "replicatedJobs": [
+                {
+                    "name": REPLICATED_JOB,
+                    "replicas": 1,
+                    "template": {
+                        # The child Job's labels and annotations: the operator's Job index
+                        # finds it by them (and the queue label stays on the JobSet alone, so
+                        # Kueue admits the JobSet, not its Job).
+                        "metadata": {
+                            "labels": job_labels,
+                            "annotations": {FINETUNEJOB_ANNOTATION: name},
+                        },
+                        "spec": job_spec,
+                    },
+                }
+            ],
+        },
+    }

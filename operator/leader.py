@@ -1,16 +1,21 @@
 """Leader election on a coordination.k8s.io Lease: of the operator's replicas, one acts.
 
 Every replica watches and keeps its caches warm; only the holder of the Lease reconciles. The
-holder renews the Lease every ``renew_seconds``; a Lease not renewed for its
-``leaseDurationSeconds`` (by the holder's clock, or by ours since we last saw it change) is
-taken over. Taking over is an optimistic-concurrency write (the resourceVersion we read), so two
-replicas never both win the same term. A replica that stops cleanly gives the Lease up at once.
+holder renews the Lease every ``renew_seconds``, on a thread of its own with an API connection of
+its own (``LeaseKeeper``), so a backlog of reconciles or a busy event loop never delays it; a
+Lease not renewed for its ``leaseDurationSeconds`` (by the holder's clock, or by ours since we
+last saw it change) is taken over. Taking over is an optimistic-concurrency write (the
+resourceVersion we read), so two replicas never both win the same term. A replica that stops
+cleanly gives the Lease up at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -126,3 +131,54 @@ class LeaseLock:
         with contextlib.suppress(ApiException):  # else it expires on its own
             self.kube.request("PUT", self.path, body=body)
         self._lease = None
+
+
+class LeaseKeeper(threading.Thread):
+    """Holds (or waits for) the Lease on a thread of its own: every ``renew_seconds`` it tries to
+    acquire or renew, and calls ``on_change(held)`` when this replica becomes, or stops being,
+    the leader. A leader that can't reach the API steps down once 80% of the Lease's duration
+    has passed since its last renewal, before anyone may take over."""
+
+    def __init__(
+        self,
+        lock: LeaseLock,
+        renew_seconds: float,
+        on_change: Callable[[bool], None],
+        log: logging.Logger,
+    ) -> None:
+        super().__init__(name="lease", daemon=True)
+        self.lock = lock
+        self.renew_seconds = renew_seconds
+        self.on_change = on_change
+        self.log = log
+        self.held = False
+        self._renewed = time.monotonic()
+        self._stopping = threading.Event()
+
+    def step(self) -> bool:
+        """One try; whether this replica holds the Lease now (``on_change`` on a change)."""
+        try:
+            held = self.lock.try_acquire_or_renew()
+            if held:
+                self._renewed = time.monotonic()
+        except Exception as exc:  # the API is down: keep trying
+            self.log.warning("Lease %s: %s", self.lock.name, exc)
+            held = self.held and time.monotonic() - self._renewed < self.lock.duration * 0.8
+        if held != self.held:
+            self.held = held
+            self.on_change(held)
+        return held
+
+    def run(self) -> None:
+        while not self._stopping.is_set():
+            self.step()
+            self._stopping.wait(self.renew_seconds)
+
+    def stop(self) -> None:
+        """Stop renewing; give the Lease up if this replica holds it (a clean stop)."""
+        self._stopping.set()
+        if self.is_alive():
+            self.join(timeout=self.lock.duration)
+        if self.held:
+            self.held = False
+            self.lock.release()

@@ -34,7 +34,7 @@ from kubetune.api.contract import PROGRESS_BODY_LIMIT, PROGRESS_PATH
 from kubetune.api.models import Progress
 from kubetune.operator.kube import Kube
 from kubetune.operator.metrics_server import TOKEN_REVIEWS
-from kubetune.operator.reconcile import owned_by, owned_validation_job
+from kubetune.operator.names import owned_by, owned_validation_job
 
 LOGGER: Final = logging.getLogger("kubetune.operator.progress")
 #: How long a token's review (who it is, or that it is nobody) is kept.

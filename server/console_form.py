@@ -160,6 +160,60 @@ def _field_problems(path: str, problems: list[str]) -> list[str]:
     return [p for p in problems if p == path or p.startswith((f"{path}:", f"{path}."))]
 
 
+def _field_row(
+    field: FormField, value: str, problems: list[str], template: Mapping[str, Any] | None
+) -> Html:
+    """One field of the form: its label, control (filled with what was sent), hint with the
+    template's default, and its problems."""
+    ident = "f-" + field.path.replace(".", "-")
+    mine = _field_problems(field.path, problems)
+    error = (
+        tag('<p class="field-error" id="{ident}-error">{text}</p>', ident=ident,
+            text="; ".join(mine))
+        if mine
+        else Html("")
+    )  # fmt: skip
+    described = f"{ident}-hint" + (f" {ident}-error" if mine else "")
+    attrs = tag(
+        'id="{ident}" name="{name}" aria-describedby="{described}"{invalid}{required}',
+        ident=ident,
+        name=field.path,
+        described=described,
+        invalid=Html(' aria-invalid="true"') if mine else Html(""),
+        required=Html(" required") if field.required else Html(""),
+    )
+    default = default_of(field.path, template)
+    if field.kind == "select":
+        chosen = value or default
+        options = join(
+            tag('<option value="{v}"{sel}>{v}</option>', v=choice,
+                sel=Html(" selected") if choice == chosen else Html(""))
+            for choice in field.choices
+        )  # fmt: skip
+        control = tag("<select {attrs}>{options}</select>", attrs=attrs, options=options)
+    elif field.kind == "lines":
+        control = tag('<textarea {attrs} rows="3">{value}</textarea>', attrs=attrs, value=value)
+    else:
+        control = tag(
+            '<input type="text" {attrs} value="{value}" placeholder="{placeholder}"'
+            '{mode} autocomplete="off">',
+            attrs=attrs,
+            value=value,
+            placeholder=default,
+            mode=Html(' inputmode="decimal"') if field.kind == "number" else Html(""),
+        )
+    hint = " · ".join(x for x in (field.hint, f"default {default}" if default else "") if x)
+    return tag(
+        '<div class="field"><label for="{ident}">{label}</label>{control}'
+        '<p class="hint" id="{ident}-hint">{hint}</p>{error}</div>',
+        ident=ident,
+        label=field.label + (" *" if field.required else ""),
+        control=control,
+        hint=hint,
+        error=error,
+    )
+
+
 def render_form(
     values: Mapping[str, str],
     namespaces: list[str],
@@ -170,58 +224,7 @@ def render_form(
     template: Mapping[str, Any] | None = None,
 ) -> Html:
     """The form, filled with what was sent; each field's problems under it."""
-    rows = []
-    for field in FIELDS:
-        ident = "f-" + field.path.replace(".", "-")
-        value = values.get(field.path, "")
-        mine = _field_problems(field.path, problems)
-        error = (
-            tag('<p class="field-error" id="{ident}-error">{text}</p>', ident=ident,
-                text="; ".join(mine))
-            if mine
-            else Html("")
-        )  # fmt: skip
-        described = f"{ident}-hint" + (f" {ident}-error" if mine else "")
-        attrs = tag(
-            'id="{ident}" name="{name}" aria-describedby="{described}"{invalid}{required}',
-            ident=ident,
-            name=field.path,
-            described=described,
-            invalid=Html(' aria-invalid="true"') if mine else Html(""),
-            required=Html(" required") if field.required else Html(""),
-        )
-        default = default_of(field.path, template)
-        if field.kind == "select":
-            chosen = value or default
-            options = join(
-                tag('<option value="{v}"{sel}>{v}</option>', v=choice,
-                    sel=Html(" selected") if choice == chosen else Html(""))
-                for choice in field.choices
-            )  # fmt: skip
-            control = tag("<select {attrs}>{options}</select>", attrs=attrs, options=options)
-        elif field.kind == "lines":
-            control = tag('<textarea {attrs} rows="3">{value}</textarea>', attrs=attrs, value=value)
-        else:
-            control = tag(
-                '<input type="text" {attrs} value="{value}" placeholder="{placeholder}"'
-                '{mode} autocomplete="off">',
-                attrs=attrs,
-                value=value,
-                placeholder=default,
-                mode=Html(' inputmode="decimal"') if field.kind == "number" else Html(""),
-            )
-        hint = " · ".join(x for x in (field.hint, f"default {default}" if default else "") if x)
-        rows.append(
-            tag(
-                '<div class="field"><label for="{ident}">{label}</label>{control}'
-                '<p class="hint" id="{ident}-hint">{hint}</p>{error}</div>',
-                ident=ident,
-                label=field.label + (" *" if field.required else ""),
-                control=control,
-                hint=hint,
-                error=error,
-            )
-        )
+    rows = [_field_row(field, values.get(field.path, ""), problems, template) for field in FIELDS]
     ns_options = join(
         tag('<option value="{n}"{sel}>{n}</option>', n=n,
             sel=Html(" selected") if n == namespace else Html(""))

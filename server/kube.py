@@ -1,13 +1,15 @@
-"""The Kubernetes API, always as the caller: every request carries the caller's bearer token, so
-RBAC and admission decide exactly as they do for kubectl. The server reads only where the API
-server is and its CA, never a credential of its own."""
+"""The Kubernetes API with a token per request: the caller's bearer token, so RBAC and admission
+decide exactly as they do for kubectl (the job cache's LIST and WATCH pass the server's own
+read-only token the same way). Only where the API server is and its CA come from the
+configuration, never a kubeconfig's credentials."""
 
 from __future__ import annotations
 
 import base64
+import json as jsonlib
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,10 +137,42 @@ class Kube:
             return response.text
         return response.json()
 
+    async def watch(
+        self, token: str, path: str, resource_version: str, seconds: int
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The watch events of ``path`` from ``resource_version`` (bookmarks asked for), one
+        decoded event a line, until the API server ends the watch after ``seconds``."""
+        params = {
+            "watch": "1", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(seconds),
+        }  # fmt: skip
+        headers = {**self.credentials(token), "Accept": "application/json"}
+        timeout = httpx.Timeout(self.client.timeout.connect, read=seconds + 30.0)
+        request = self.client.build_request(
+            "GET", path, params=params, headers=headers, timeout=timeout
+        )
+        response = await self.client.send(request, stream=True)
+        try:
+            if response.status_code >= 300:
+                await response.aread()
+                raise _api_error(response, "watch", "finetunejobs")
+            async for line in response.aiter_lines():
+                if line.strip():
+                    yield jsonlib.loads(line)
+        finally:
+            await response.aclose()
+
     # --- FineTuneJobs ---------------------------------------------------------------------
 
-    def _jobs(self, namespace: str) -> str:
+    @staticmethod
+    def jobs_path(namespace: str | None) -> str:
+        """The FineTuneJobs of ``namespace``, or of every namespace (None)."""
+        if namespace is None:
+            return f"/apis/{GROUP}/{VERSION}/{PLURAL}"
         return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
+
+    def _jobs(self, namespace: str) -> str:
+        return self.jobs_path(namespace)
 
     async def create_job(self, token: str, namespace: str, manifest: dict[str, Any]) -> Any:
         return await self.request(
@@ -185,7 +219,7 @@ class Kube:
     async def list_all_jobs(self, token: str) -> list[dict[str, Any]]:
         """Every namespace's FineTuneJobs (403 unless the caller may list them cluster-wide)."""
         body = await self.request(
-            token, "GET", f"/apis/{GROUP}/{VERSION}/{PLURAL}", verb="list", what="finetunejobs"
+            token, "GET", self.jobs_path(None), verb="list", what="finetunejobs"
         )
         items: list[dict[str, Any]] = body.get("items") or []
         return items

@@ -1,20 +1,17 @@
-"""Pure mappings between OpenAI's fine-tuning shapes and FineTuneJobs: a create request → the
-FineTuneJob manifest; a FineTuneJob (its spec, status and Events) → OpenAI's job, event and
-checkpoint objects; cursor pagination. Data in, data out: no I/O."""
+"""Pure mappings from FineTuneJobs to OpenAI's fine-tuning shapes: a FineTuneJob (its spec,
+status and Events) → OpenAI's job, event, checkpoint and result-file objects; the annotations
+both directions share; cursor pagination. Data in, data out: no I/O. The other direction, a
+create request → the manifest, is manifest.py's."""
 
 from __future__ import annotations
 
-import copy
 import json
 import re
-import secrets
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
-
-from kubetune.api.models import DpoSpec, FineTuneJobSpec, TrainingSpec
+from kubetune.api.models import DpoSpec, TrainingSpec
 from kubetune.api.uris import display_uri
 from kubetune.server.errors import bad_request
 
@@ -26,7 +23,6 @@ SUFFIX = ANNOTATION + "suffix"
 METADATA = ANNOTATION + "metadata"
 CANCELLED = ANNOTATION + "cancelled-at"
 JOB_ID = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-SUFFIX_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
 #: What an OpenAI job's status is for each FineTuneJob phase (cancelled comes from the
 #: annotation the cancel call sets; a suspended job is "paused", as OpenAI's pause makes it, and
 #: runPolicy.suspend decides that before the phase follows).
@@ -55,69 +51,11 @@ RESULT_COLUMNS = (
 T = TypeVar("T")
 
 
-def new_job_name() -> str:
-    return f"ftjob-{secrets.token_hex(8)}"
-
-
 def unix(timestamp: str | None) -> int | None:
     """RFC 3339 → seconds since the epoch."""
     if not timestamp:
         return None
     return int(datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp())
-
-
-# --- create ------------------------------------------------------------------------------------
-
-
-#: OpenAI's method types → spec.method.type.
-METHODS: Mapping[str, str] = {"supervised": "sft", "dpo": "dpo"}
-#: The hyperparameters each method takes.
-HYPERPARAMETERS: Mapping[str, frozenset[str]] = {
-    "supervised": frozenset({"n_epochs", "batch_size", "learning_rate_multiplier"}),
-    "dpo": frozenset({"n_epochs", "batch_size", "learning_rate_multiplier", "beta"}),
-}
-
-
-def method_of(request: Mapping[str, Any]) -> str:
-    """The OpenAI method type a create request asks for (supervised when it names none)."""
-    method = request.get("method") or {}
-    if not isinstance(method, dict):
-        raise bad_request("method must be an object with a type", "method")
-    kind = method.get("type", "supervised")
-    if kind not in METHODS:
-        raise bad_request(
-            f"method {kind!r} is not offered here; use {' or '.join(METHODS)}", "method.type"
-        )
-    return str(kind)
-
-
-def _hyperparameters(request: Mapping[str, Any], kind: str) -> dict[str, Any]:
-    """The hyperparameters of the request (top level, or its method's)."""
-    nested = ((request.get("method") or {}).get(kind) or {}).get("hyperparameters")
-    hyper = dict(nested or request.get("hyperparameters") or {})
-    unknown = set(hyper) - HYPERPARAMETERS[kind]
-    if unknown:
-        raise bad_request(
-            f"unknown hyperparameters for {kind}: {', '.join(sorted(unknown))}",
-            "hyperparameters",
-        )
-    return hyper
-
-
-def _positive(value: Any, name: str, kind: Callable[[Any], T]) -> T | None:
-    if value is None or value == "auto":
-        return None
-    if isinstance(value, bool):
-        raise bad_request(f"{name} must be a positive number or 'auto'", f"hyperparameters.{name}")
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise bad_request(
-            f"{name} must be a positive number or 'auto'", f"hyperparameters.{name}"
-        ) from None
-    if not number > 0:  # type: ignore[operator]
-        raise bad_request(f"{name} must be a positive number or 'auto'", f"hyperparameters.{name}")
-    return number
 
 
 def base_learning_rate(template: Mapping[str, Any]) -> float:
@@ -126,95 +64,6 @@ def base_learning_rate(template: Mapping[str, Any]) -> float:
     if value is not None:
         return float(value)
     return float(TrainingSpec.model_fields["learning_rate"].default)
-
-
-def job_manifest(
-    name: str,
-    namespace: str,
-    request: Mapping[str, Any],
-    *,
-    model_uri: str,
-    dataset_uri: str,
-    template: Mapping[str, Any],
-    output_uri: str,
-    eval_uri: str | None = None,
-) -> dict[str, Any]:
-    """The FineTuneJob a create request asks for: the platform's template, the request's model,
-    data (and validation data: ``eval_uri``), method, hyperparameters and seed over it. Checked
-    with the API models (400 naming the field)."""
-    spec: dict[str, Any] = copy.deepcopy(dict(template))
-    spec["model"] = {**(spec.get("model") or {}), "uri": model_uri}
-    dataset = {**(spec.get("dataset") or {}), "uri": dataset_uri, "format": "auto"}
-    if eval_uri is not None:
-        for other in ("evalSplit", "evalFraction"):
-            dataset.pop(other, None)
-        dataset["evalUri"] = eval_uri
-    spec["dataset"] = dataset
-    spec["output"] = {**(spec.get("output") or {}), "uri": output_uri}
-    training = dict(spec.get("training") or {})
-    kind = method_of(request)
-    hyper = _hyperparameters(request, kind)
-    if kind == "dpo":
-        method: dict[str, Any] = {"type": "dpo"}
-        beta = _positive(hyper.get("beta"), "beta", float)
-        if beta is not None:
-            method["dpo"] = {"beta": beta}
-        spec["method"] = method
-    epochs = _positive(hyper.get("n_epochs"), "n_epochs", int)
-    if epochs is not None:
-        training.pop("maxSteps", None)
-        training["epochs"] = epochs
-    batch = _positive(hyper.get("batch_size"), "batch_size", int)
-    if batch is not None:
-        training["batchSize"] = batch
-        training.pop("microBatchSize", None)
-    multiplier = _positive(hyper.get("learning_rate_multiplier"), "learning_rate_multiplier", float)
-    if multiplier is not None:
-        training["learningRate"] = base_learning_rate(template) * multiplier
-    seed = request.get("seed")
-    if seed is not None:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**32 - 1:
-            raise bad_request("seed must be an integer from 0 to 4294967295", "seed")
-        training["seed"] = seed
-    spec["training"] = training
-    try:
-        FineTuneJobSpec.model_validate(spec)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise bad_request(f"the job this asks for is invalid: {where}: {first['msg']}") from None
-    annotations = {MODEL: str(request["model"]), TRAINING_FILE: str(request["training_file"])}
-    if request.get("validation_file"):
-        annotations[VALIDATION_FILE] = str(request["validation_file"])
-    suffix = request.get("suffix")
-    if suffix is not None:
-        if not isinstance(suffix, str) or not SUFFIX_PATTERN.match(suffix):
-            raise bad_request("suffix: 1 to 40 of [A-Za-z0-9_.-]", "suffix")
-        annotations[SUFFIX] = suffix
-    metadata = request.get("metadata")
-    if metadata is not None:
-        if (
-            not isinstance(metadata, dict)
-            or len(metadata) > 16
-            or not all(
-                isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
-                for k, v in metadata.items()
-            )
-        ):
-            raise bad_request(
-                "metadata: at most 16 string pairs (keys to 64, values to 512 characters)",
-                "metadata",
-            )
-        annotations[METADATA] = json.dumps(metadata, sort_keys=True)
-    return {
-        "apiVersion": "kubetune.io/v1alpha1",
-        "kind": "FineTuneJob",
-        "metadata": {"name": name, "namespace": namespace, "annotations": annotations},
-        "spec": spec,
-    }
-
-
-# --- read --------------------------------------------------------------------------------------
 
 
 def _annotations(job: Mapping[str, Any]) -> dict[str, str]:

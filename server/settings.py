@@ -98,3 +98,22 @@ class ServerSettings(BaseSettings):
         description="Namespaces the console offers to callers who may not list namespaces (each "
         "still checked with the caller's own access review).",
     )
+    cache_token_file: Path | None = Field(
+        default=None,
+        description="A file holding the server's own token, read-only on FineTuneJobs (the "
+        "chart projects its ServiceAccount's): with it, reads are served from a watch-backed "
+        "cache once the caller's own access review allows them; unset: every read goes to the "
+        "API server with the caller's token.",
+    )
+    access_allowed_ttl_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="How long an allowed access review is reused for the same token, namespace "
+        "and verb (a revoked caller keeps access at most this long).",
+    )
+    access_denied_ttl_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long a denied access review is reused (a new grant shows at most this "
+        "late).",
+    )

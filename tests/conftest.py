@@ -64,13 +64,10 @@ def registry_tools() -> Path:
 def oci_registry(registry_tools: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A registry of its own on loopback that asks for a login (TestRegistry: host, auth_file,
     oras)."""
-    from kubetune_devtools.oci import start_test_registry
+    from kubetune_devtools.oci import running_test_registry
 
-    registry = start_test_registry(tmp_path_factory.mktemp("oci"), registry_tools)
-    try:
+    with running_test_registry(tmp_path_factory.mktemp("oci"), registry_tools) as registry:
         yield registry
-    finally:
-        registry.process.close()
 
 
 @pytest.fixture(scope="session")

@@ -101,7 +101,7 @@ def sft_arguments(
 
 
 #: SFTConfig settings that TRL's preference configs don't have, or that kubetune doesn't use
-#: there (their collators pad; Liger is deprecated in them).
+#: there (their collators pad).
 _SFT_ONLY = ("packing", "padding_free", "completion_only_loss", "assistant_only_loss")
 
 
@@ -132,7 +132,9 @@ def preference_arguments(
     )
     for key in _SFT_ONLY:
         arguments.pop(key)
-    arguments.update(use_liger_kernel=False, pad_to_multiple_of=None)
+    # use_liger_kernel: TRL's preference trainers apply Liger's layer kernels only (RMSNorm,
+    # SwiGLU, RoPE), keeping their fused LM head (kubetune.trainer.preference.preference_speed).
+    arguments.update(pad_to_multiple_of=None)
     method = spec.method
     if method.type == "dpo":
         dpo = method.dpo_settings

@@ -89,15 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     if checking:
         return preflight(config).exit_code
     name = args.name or (config.job.name if config.job else "adapter")
-    from kubetune.trainer import distributed
+    from kubetune.trainer import distributed, launcher
 
     rank = distributed.this_rank()
     if rank.outcomes is not None:
         # One rank of a group this pod's launcher started: its outcome goes to the launcher.
-        return distributed.run_rank(rank, config, name=name)
+        return launcher.run_rank(rank, config, name=name)
     if config.spec.resources.world_size > 1:
         extra = ["--name", name] + (["--progress-bar"] if args.progress_bar else [])
-        return distributed.launch(config, args.config, extra)[0]
+        return launcher.launch(config, args.config, extra)[0]
     return run(config, name=name, progress_bar=args.progress_bar).exit_code
 
 

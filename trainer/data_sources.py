@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from kubetune.api.models import DatasetSpec
 from kubetune.api.uris import DATASET_SCHEMES, display_uri
-from kubetune.trainer import locations
+from kubetune.trainer import downloads, locations
 from kubetune.trainer.digests import sha256_files
 from kubetune.trainer.errors import DatasetUnusable, InvalidConfig, first_line
 
@@ -283,9 +283,9 @@ def _download(uri: str, kind: str) -> Path:
     shown = display_uri(uri)
     try:
         if kind == "http":
-            return locations.fetch_http(uri, "datasets-src")
+            return downloads.fetch_http(uri, "datasets-src")
         return locations.fetch_object_store(uri, "datasets-src")
-    except locations.DownloadFailed as exc:
+    except downloads.DownloadFailed as exc:
         raise DatasetUnusable(f"cannot download dataset {shown}: {exc}") from None
     except ImportError as exc:
         raise DatasetUnusable(

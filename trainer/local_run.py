@@ -122,7 +122,7 @@ def train_command(args: argparse.Namespace) -> int:
     if job.spec.resources.world_size > 1:
         # Several ranks on this machine (resources.gpus > 1), through the pod's own launcher.
         from kubetune.api.uris import CHECKPOINT_SCHEMES, OUTPUT_SCHEMES
-        from kubetune.trainer.distributed import launch
+        from kubetune.trainer.launcher import launch
         from kubetune.trainer.locations import resolve
 
         extra = ["--name", job.name] + ([] if args.no_progress else ["--progress-bar"])

@@ -6,7 +6,8 @@ reference model is that base with the adapter disabled (TRL's choice for a PEFT 
 a DPO example is two sequences (prompt + chosen, prompt + rejected) padded in one batch, each
 step runs a reference forward pass without gradients beside the trained one (KTO also runs the
 policy and the reference over a mismatched "KL" completion per example, without gradients), and
-the sequences are padded rather than packed (TRL's preference collators don't pack). The memory
+examples are never packed together (TRL's preference collators pad each micro-batch; on a GPU
+kubetune.trainer.packed_pairs then runs a DPO micro-batch's real tokens as one row). The memory
 plan, the time estimate and the speed settings take that into account here; the logged reward
 metrics get their status names here.
 """
@@ -53,13 +54,15 @@ def extra_forward_passes(method: MethodSpec) -> int:
 
 
 def preference_speed(speed: SpeedSettings) -> SpeedSettings:
-    """The speed settings a preference run can use: padded batches (TRL's preference collators
-    don't pack, so no varlen attention and no bucketing), and no Liger (deprecated in TRL's
-    preference trainers, whose fused LM head already avoids the logits)."""
-    attention = "sdpa" if speed.attention in ("varlen", "flex_attention") else speed.attention
-    return replace(
-        speed, packing=False, liger_kernel=False, attention=attention, pad_to_tokens=None
-    )
+    """The speed settings a preference run can use: no packing of examples into rows and no
+    bucketing (TRL's preference collators pad each micro-batch); varlen attention stays where it
+    runs, for DPO's micro-batches unpadded by kubetune.trainer.packed_pairs (any padded call
+    falls back to SDPA), flex attention becomes SDPA. Liger stays as resolved: TRL's preference
+    trainers apply its layer kernels (RMSNorm, SwiGLU, RoPE) and keep their own fused LM head
+    instead of Liger's fused cross-entropy; without them a DPO step of the 7B benchmark took
+    ~1.85 s against TRL's ~1.0 s with them (docs/performance.md)."""
+    attention = "sdpa" if speed.attention == "flex_attention" else speed.attention
+    return replace(speed, packing=False, attention=attention, pad_to_tokens=None)
 
 
 def reward_metrics(logs: dict[str, Any], prefix: str = "") -> dict[str, float]:

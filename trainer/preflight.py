@@ -26,25 +26,21 @@ from kubetune.api.models import (
     BaseModelRef,
     Estimate,
     EstimatePlan,
+    MergeEstimate,
     TrainerResult,
     TrainingPlan,
-    plan_training,
 )
 from kubetune.api.uris import display_uri
 from kubetune.trainer.errors import DatasetUnusable, InvalidConfig
-from kubetune.trainer.memory import GIB, MemoryPlan
-from kubetune.trainer.preference import (
-    extra_forward_passes,
-    preference_speed,
-    work_per_token,
-)
+from kubetune.trainer.memory import GIB, MemoryPlan, ModelShape
+from kubetune.trainer.preference import extra_forward_passes, work_per_token
 
 if TYPE_CHECKING:
     from datasets import Dataset
 
     from kubetune.api.models import FineTuneJobSpec
     from kubetune.trainer.data import PreparedData
-    from kubetune.trainer.speed import SpeedSettings
+    from kubetune.trainer.run_plan import RunPlan
 
 log = logging.getLogger(__name__)
 
@@ -165,115 +161,44 @@ def count(prepared: Dataset, examples: int) -> Counts:
 def preflight(config: TrainerConfig, read_token: str | None = None) -> TrainerResult:
     """Check and estimate the run ``config`` describes; raises the run's own failures."""
     from kubetune.trainer import varlen_attention
-    from kubetune.trainer.data import no_examples_left, prepare
+    from kubetune.trainer.assembly import starting_adapter
+    from kubetune.trainer.data import prepare
     from kubetune.trainer.modeling import load_tokenizer, locate_model, model_shape
-    from kubetune.trainer.planning import plan_for_this_card
-    from kubetune.trainer.speed import (
-        apply_plan,
-        estimated_seconds,
-        gpu_free_bytes,
-        resolve_speed,
-    )
+    from kubetune.trainer.run_plan import fit_to_card, node_speed, training_plan
+    from kubetune.trainer.speed import gpu_free_bytes
 
     spec = config.spec
-    ranks = spec.resources.world_size
-    try:
-        plan = plan_training(spec.training, ranks)
-    except ValueError as exc:
-        raise InvalidConfig(str(exc)) from None
+    plan = training_plan(spec)
     kind = spec.validation.gpu_kind
     # The run's node: a GPU when the spec asks for one (the speed settings it will resolve).
     cuda = spec.resources.gpus > 0
     # The GPU kinds kubetune plans for all run FlashAttention-2 (compute capability >= 8.0).
-    speed = resolve_speed(spec.training, cuda, varlen_runs=cuda and varlen_attention.available())
-    method = spec.method
-    if method.preference:
-        speed = preference_speed(speed)
+    speed = node_speed(spec, cuda, varlen_runs=cuda and varlen_attention.available())
 
-    source, is_hub = locate_model(spec.model)
+    located = locate_model(spec.model)
+    source, is_hub = located
     tokenizer = load_tokenizer(source, spec.model, is_hub, read_token, spec.dataset.chat_template)
     shape = model_shape(source, spec.model, is_hub, read_token)
     if spec.output.is_oci:
         _check_registry_push(spec)
     if spec.model.adapter is not None:
         # A starting adapter that doesn't fit fails here, before a GPU is asked for.
-        from kubetune.trainer.modeling import base_config
-        from kubetune.trainer.starting_adapter import check_adapter, locate_adapter
-
-        adapter = locate_adapter(spec.model.adapter, read_token)
-        check_adapter(adapter, spec, base_config(source, spec.model, is_hub, read_token))
+        starting_adapter(spec, located, read_token)
     free = gpu_free_bytes(kind) if cuda and kind is not None else None
     # Without a card to plan for, the plan a node with unknown free memory makes (this pod has
     # no CUDA to ask).
-    memory = plan_for_this_card(
-        spec, plan, speed, shape, cuda and free is not None, free_bytes=free
-    )
-    speed = apply_plan(speed, memory)
-    per_device = plan.micro_batch_size * plan.gradient_accumulation_steps
-    plan = plan.model_copy(
-        update={
-            "micro_batch_size": memory.micro_batch_size,
-            "gradient_accumulation_steps": per_device // memory.micro_batch_size,
-        }
-    )
+    fitted = fit_to_card(spec, plan, speed, shape, cuda=cuda and free is not None, free_bytes=free)
 
     data = prepare(
         spec.dataset,
         chat_template=tokenizer.chat_template,
         seed=spec.training.seed,
         token=read_token,
-        method=method.type,
+        method=spec.method.type,
     )
-    examples = len(data.train)
-    limit = spec.validation.max_sample_records
-    train = data.train
-    if examples > limit:
-        log.info("tokenizing a sample of %d of the %d examples", limit, examples)
-        train = train.shuffle(seed=spec.training.seed).select(range(limit))
-    with tempfile.TemporaryDirectory(prefix="kubetune-preflight-") as scratch:
-        if method.preference:
-            prepared = _preference_prepared(
-                spec, train, tokenizer, plan=plan, speed=speed, scratch=scratch, data=data
-            )
-        else:
-            prepared = _sft_prepared(
-                spec, train, tokenizer, plan=plan, speed=speed, scratch=scratch, data=data
-            )
-    if len(prepared) == 0:
-        raise DatasetUnusable(no_examples_left(spec.training.max_length))
-    if method.preference:
-        counts = count_preference(prepared, len(train), spec.training.max_length)
-    else:
-        counts = count(prepared, len(train))
-    if len(train) < examples:
-        counts = extrapolate(counts, examples)
-    steps, per_epoch = optimizer_steps(counts.sequences, plan, ranks)
-    trained_tokens = round(counts.tokens * steps / per_epoch)
-    seconds = None
-    if kind is not None and shape is not None and cuda:
-        # The reference pass (and KTO's KL passes) cost forward FLOPs on top of the trained ones.
-        tokens_of_work = round(
-            trained_tokens * work_per_token(shape, spec.lora.r, extra_forward_passes(method))
-        )
-        seconds = estimated_seconds(
-            kind, shape, lora_rank=spec.lora.r, plan=memory, tokens=tokens_of_work, ranks=ranks
-        )
-    estimate = Estimate(
-        examples=counts.examples,
-        tokens=counts.tokens,
-        sequences=counts.sequences,
-        steps=steps,
-        plan=_plan_of(memory, plan),
-        gpu_kind=kind if cuda else None,
-        peakGiB=(
-            round(memory.estimated_peak_bytes / GIB, 1)
-            if memory.estimated_peak_bytes is not None
-            else None
-        ),
-        seconds=round(seconds) if seconds is not None else None,
-        sampled=counts.sampled,
-    )
-    message = _describe(estimate, method.type)
+    counts = _epoch_counts(spec, data, tokenizer, fitted)
+    estimate = _estimate(spec, counts, fitted, shape, kind if cuda else None)
+    message = _describe(estimate, spec.method.type)
     log.info("preflight: %s", message)
     return TrainerResult(
         outcome="Succeeded",
@@ -282,6 +207,84 @@ def preflight(config: TrainerConfig, read_token: str | None = None) -> TrainerRe
         base_model=BaseModelRef(uri=display_uri(spec.model.uri), revision=spec.model.revision),
         dataset_fingerprint=data.fingerprint,
         estimate=estimate,
+    )
+
+
+def _epoch_counts(
+    spec: FineTuneJobSpec, data: PreparedData, tokenizer: Any, fitted: RunPlan
+) -> Counts:
+    """One epoch of the training data as the run's trainer prepares it, counted (from a sample
+    of ``validation.maxSampleRecords`` examples, extrapolated, when there are more)."""
+    from kubetune.trainer.data import no_examples_left
+
+    preference = spec.method.preference
+    examples = len(data.train)
+    limit = spec.validation.max_sample_records
+    train = data.train
+    if examples > limit:
+        log.info("tokenizing a sample of %d of the %d examples", limit, examples)
+        train = train.shuffle(seed=spec.training.seed).select(range(limit))
+    prepared = _prepared_as_trl_does(spec, train, tokenizer, fitted, data)
+    if len(prepared) == 0:
+        raise DatasetUnusable(no_examples_left(spec.training.max_length))
+    if preference:
+        counts = count_preference(prepared, len(train), spec.training.max_length)
+    else:
+        counts = count(prepared, len(train))
+    if len(train) < examples:
+        counts = extrapolate(counts, examples)
+    return counts
+
+
+def _estimate(
+    spec: FineTuneJobSpec,
+    counts: Counts,
+    fitted: RunPlan,
+    shape: ModelShape | None,
+    kind: str | None,
+) -> Estimate:
+    """The estimate of the run: steps, peak memory, and (``kind`` a measured GPU kind, the
+    model's shape known) seconds of training."""
+    from kubetune.trainer.speed import estimated_seconds
+
+    ranks = spec.resources.world_size
+    memory = fitted.memory
+    steps, per_epoch = optimizer_steps(counts.sequences, fitted.plan, ranks)
+    trained_tokens = round(counts.tokens * steps / per_epoch)
+    seconds = None
+    if kind is not None and shape is not None:
+        # The reference pass (and KTO's KL passes) cost forward FLOPs on top of the trained ones.
+        passes = extra_forward_passes(spec.method)
+        tokens_of_work = round(trained_tokens * work_per_token(shape, spec.lora.r, passes))
+        seconds = estimated_seconds(
+            kind, shape, lora_rank=spec.lora.r, plan=memory, tokens=tokens_of_work, ranks=ranks
+        )
+    peak = memory.estimated_peak_bytes
+    return Estimate(
+        examples=counts.examples,
+        tokens=counts.tokens,
+        sequences=counts.sequences,
+        steps=steps,
+        plan=_plan_of(memory, fitted.plan),
+        gpu_kind=kind,
+        peakGiB=round(peak / GIB, 1) if peak is not None else None,
+        seconds=round(seconds) if seconds is not None else None,
+        sampled=counts.sampled,
+        merge=_merge_estimate(spec, shape),
+    )
+
+
+def _merge_estimate(spec: FineTuneJobSpec, shape: ModelShape | None) -> MergeEstimate | None:
+    if not spec.output.merge or shape is None:
+        return None
+    from kubetune.trainer.merge_cost import merge_cost
+
+    cost = merge_cost(shape, spec.output.merge_base, spec.quantization.compute_dtype)
+    return MergeEstimate(
+        diskGiB=round(cost.disk_gib, 2),
+        hostGiB=round(cost.host_gib, 2),
+        gpuGiB=round(cost.gpu_gib, 2) if cost.gpu_gib is not None else None,
+        seconds=round(cost.seconds, 1),
     )
 
 
@@ -296,58 +299,28 @@ _LOOP_ONLY = {
 }
 
 
-def _sft_prepared(
-    spec: FineTuneJobSpec,
-    train: Dataset,
-    tokenizer: Any,
-    *,
-    plan: TrainingPlan,
-    speed: SpeedSettings,
-    scratch: str,
-    data: PreparedData,
+def _prepared_as_trl_does(
+    spec: FineTuneJobSpec, train: Dataset, tokenizer: Any, fitted: RunPlan, data: PreparedData
 ) -> Dataset:
-    from kubetune.trainer.arguments import LossMasking, sft_arguments
+    """``train`` as the run's TRL trainer prepares it, with the run's own arguments."""
+    from kubetune.trainer.assembly import RunArguments, trainer_arguments
 
-    arguments = sft_arguments(
-        spec,
-        plan,
-        speed,
-        cuda=False,  # this pod's device; what prepares the data doesn't depend on it
-        checkpoint_dir=scratch,
-        masking=LossMasking(
-            completion_only=data.completion_only_loss,
-            assistant_only=data.assistant_only_loss,
-            has_eval=data.eval is not None,
-        ),
-    )
-    arguments.update(_LOOP_ONLY)
-    return trl_prepared(train, tokenizer, arguments)
-
-
-def _preference_prepared(
-    spec: FineTuneJobSpec,
-    train: Dataset,
-    tokenizer: Any,
-    *,
-    plan: TrainingPlan,
-    speed: SpeedSettings,
-    scratch: str,
-    data: PreparedData,
-) -> Dataset:
-    from kubetune.trainer.arguments import preference_arguments
-
-    arguments = preference_arguments(
-        spec, plan, speed, cuda=False, checkpoint_dir=scratch, has_eval=data.eval is not None
-    )
-    arguments.update(_LOOP_ONLY)
-    return trl_preference_prepared(spec.method.type, train, tokenizer, arguments)
+    with tempfile.TemporaryDirectory(prefix="kubetune-preflight-") as scratch:
+        # cuda: this pod's device; what prepares the data doesn't depend on it.
+        run = RunArguments(cuda=False, checkpoint_dir=scratch)
+        arguments = trainer_arguments(spec, fitted.plan, fitted.speed, data, run)
+        arguments.update(_LOOP_ONLY)
+        if spec.method.preference:
+            return trl_preference_prepared(spec.method.type, train, tokenizer, arguments)
+        return trl_prepared(train, tokenizer, arguments)
 
 
 def _check_registry_push(spec: FineTuneJobSpec) -> None:
     """The output's registry takes this run's login for a push: a refused login or an
     unreachable registry fails here, not after the training it would have published."""
     from kubetune.api.uris import display_uri, oci_reference
-    from kubetune.trainer.registry import RegistryError, auth_file, check_push_access
+    from kubetune.trainer.registry import check_push_access
+    from kubetune.trainer.registry_client import RegistryError, auth_file
 
     registry = spec.output.registry
     try:
@@ -385,4 +358,9 @@ def _describe(estimate: Estimate, method: str = "sft") -> str:
         parts.append(f"peak about {estimate.peak_gib} GiB on {estimate.gpu_kind}")
     if estimate.seconds is not None:
         parts.append(f"about {estimate.seconds:.0f} s of training")
+    if estimate.merge is not None:
+        parts.append(
+            f"the merge writes {estimate.merge.disk_gib} GiB with about "
+            f"{estimate.merge.host_gib} GiB of host memory"
+        )
     return "; ".join(parts)

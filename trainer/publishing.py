@@ -214,7 +214,8 @@ class Publisher:
 
     def _push_oci(self) -> str:
         """The adapter's files, its model card, loss curve and result.json as one ModelPack
-        artifact; the manifest's digest."""
+        artifact (or KAITO's adapter image, where output.registry.layout says so); the
+        manifest's digest."""
         from kubetune.trainer.registry import push_adapter
 
         described = [outputs.MODEL_CARD_FILE, outputs.LOSS_CURVE_FILE, outputs.RESULT_FILE]
@@ -224,15 +225,25 @@ class Publisher:
             if (self.output_dir / name).is_file()
         ]
         registry = self.spec.output.registry
-        pushed = push_adapter(
-            oci_reference(self.spec.output.uri, "output"),
-            files,
-            weights=outputs.ADAPTER_WEIGHTS,
-            name=self.name,
-            base_model=display_uri(self.spec.model.uri),
-            precision=safetensors_precision(self.output_dir / outputs.ADAPTER_WEIGHTS),
-            plain_http=registry is not None and registry.plain_http,
-        )
+        reference = oci_reference(self.spec.output.uri, "output")
+        plain_http = registry is not None and registry.plain_http
+        base_model = display_uri(self.spec.model.uri)
+        if registry is not None and registry.layout == "kaito":
+            from kubetune.trainer.kaito_image import push_kaito_image
+
+            pushed = push_kaito_image(
+                reference, files, name=self.name, base_model=base_model, plain_http=plain_http
+            )
+        else:
+            pushed = push_adapter(
+                reference,
+                files,
+                weights=outputs.ADAPTER_WEIGHTS,
+                name=self.name,
+                base_model=base_model,
+                precision=safetensors_precision(self.output_dir / outputs.ADAPTER_WEIGHTS),
+                plain_http=plain_http,
+            )
         log.info("pushed %s as %s", display_uri(self.spec.output.uri), pushed.digest)
         return pushed.digest
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,23 +25,19 @@ from kubetune.api.models import (
     EvaluationResult,
     MemoryPlanReport,
     TrainerResult,
-    plan_training,
 )
-from kubetune.api.uris import CHECKPOINT_SCHEMES, OUTPUT_SCHEMES, display_uri
+from kubetune.api.uris import display_uri
 from kubetune.trainer import locations, outputs
-from kubetune.trainer.arguments import LossMasking, preference_arguments, sft_arguments
 from kubetune.trainer.checkpoints import (
-    CHECKPOINTS_DIR,
     PreemptionGuard,
     RemoteCheckpoints,
     checkpoint_callback,
     checkpoint_step,
-    claim,
     newest_checkpoint,
     run_identity,
 )
 from kubetune.trainer.distributed import Rank, any_rank, barrier, start_group
-from kubetune.trainer.errors import DatasetUnusable, InvalidConfig, OutOfMemory
+from kubetune.trainer.errors import OutOfMemory
 from kubetune.trainer.progress import (
     NoopReporter,
     ProgressReporter,
@@ -53,8 +48,10 @@ from kubetune.trainer.progress import (
 )
 from kubetune.trainer.publishing import Publication, Publisher
 from kubetune.trainer.reporting import effective_settings, run_metrics
+from kubetune.trainer.run_plan import training_plan
 from kubetune.trainer.secrets import HubTokens, redact_text_files
 from kubetune.trainer.tracking import MlflowRun, run_name, tracking_environment
+from kubetune.trainer.working_output import claim_output, working_output
 
 if TYPE_CHECKING:
     from kubetune.trainer.data import PreparedData
@@ -75,8 +72,8 @@ class TrainOutcome:
 
 def _keep_compiled_kernels(directory: Path) -> None:
     """Compiled kernels (flex attention's, Liger's) under kubetune's cache, where the next run on
-    the node, or the next attempt, finds them (on an H200 the first step took 67 s with cold
-    caches and 14 s with warm ones, docs/trainer.md). Settings already in the environment win."""
+    the node, or the next attempt, finds them (what that saves: docs/performance.md). Settings
+    already in the environment win."""
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(directory / "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", str(directory / "triton"))
 
@@ -101,33 +98,13 @@ class QLoRASFTRecipe:
         self.name = name
         self.progress_bar = progress_bar
         self.tokens = tokens or HubTokens()
-        try:
-            self.plan = plan_training(self.spec.training, self.spec.resources.world_size)
-        except ValueError as exc:
-            raise InvalidConfig(str(exc)) from None
-        # Where the run writes: the output, or for an oci:// output its checkpointUri (the
-        # artifact is pushed from there once the adapter is saved).
-        working = self.spec.output.working_uri
-        field = "output.checkpointUri" if self.spec.output.is_oci else "output.uri"
-        try:
-            self.output = locations.resolve(
-                working,
-                CHECKPOINT_SCHEMES if self.spec.output.is_oci else OUTPUT_SCHEMES,
-                "output",
-            )
-        except ValueError as exc:
-            raise InvalidConfig(f"{field}: {exc}") from None
-        if self.output.is_local:
-            assert self.output.path is not None
-            self.output_dir = self.output.path
-            self.remote: RemoteCheckpoints | None = None
-        else:
-            # Object stores are written through a local staging copy, uploaded as it changes;
-            # its path shows in messages, so it is named without the URI's credentials.
-            staging = display_uri(working).replace("://", "/")
-            self.output_dir = locations.cache_root() / "output" / staging
-            self.remote = RemoteCheckpoints(working, self.output_dir / CHECKPOINTS_DIR)
-        self.checkpoint_dir = self.output_dir / CHECKPOINTS_DIR
+        self.plan = training_plan(self.spec)
+        # Where the run writes: the output, or for an oci:// output its checkpointUri.
+        self.working = working_output(self.spec)
+        self.output = self.working.location
+        self.output_dir = self.working.directory
+        self.remote: RemoteCheckpoints | None = self.working.remote
+        self.checkpoint_dir = self.working.checkpoint_dir
         self.metrics_file = self.output_dir / outputs.METRICS_FILE
         if self.rank.is_main:
             inner = reporter or reporter_from_settings(config.progress, config.job)
@@ -154,18 +131,14 @@ class QLoRASFTRecipe:
         _keep_compiled_kernels(locations.cache_root() / "compiled")
         import torch
 
-        from kubetune.trainer.speed import resolve_speed
+        from kubetune.trainer.run_plan import node_speed
 
         # A pod that asks for no GPU, or a host that has none, trains on the CPU.
         self.cuda = torch.cuda.is_available() and self.spec.resources.gpus > 0
         start_group(self.rank, self.cuda)
-        self.speed = resolve_speed(self.spec.training, self.cuda)
-        if self.spec.method.preference:
-            from kubetune.trainer.preference import preference_speed
-
-            self.speed = preference_speed(self.speed)
+        self.speed = node_speed(self.spec, self.cuda)
         if self.rank.is_main:
-            self._setup_output()
+            claim_output(self.working, self.config)
         if self.remote is not None and self.rank.is_local_main:
             self.remote.pull()
         # The other ranks read the checkpoints rank 0 claimed (and each pod's first rank pulled).
@@ -175,27 +148,6 @@ class QLoRASFTRecipe:
         self._setup_memory_plan(located)
         self._setup_data()
         self._setup_model(located)
-
-    def _setup_output(self) -> None:
-        """A writable output location that holds no other run's work (see checkpoints.claim)."""
-        try:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=self.output_dir, prefix=".write-check-"):
-                pass
-        except OSError as exc:
-            field = "output.checkpointUri" if self.spec.output.is_oci else "output.uri"
-            raise InvalidConfig(
-                f"output location {self.output_dir} is not writable ({field} "
-                f"{display_uri(self.spec.output.working_uri)}): {exc.strerror}"
-            ) from None
-        if self.remote is not None:
-            self.remote.claim(run_identity(self.config), outputs.ADAPTER_WEIGHTS)
-        else:
-            finished = (self.output_dir / outputs.ADAPTER_WEIGHTS).exists()
-            claim(
-                self.checkpoint_dir, run_identity(self.config), self.spec.output.working_uri,
-                finished,
-            )  # fmt: skip
 
     def _setup_tracking(self) -> None:
         """spec.tracking: the environment transformers' callbacks read, and (rank 0) the MLflow
@@ -215,16 +167,6 @@ class QLoRASFTRecipe:
         if self.mlflow_run is not None:
             self.mlflow_run.end(status)
 
-    def _setup_starting_adapter(self, source: str, is_hub: bool) -> StartingAdapter:
-        from kubetune.trainer.modeling import base_config
-        from kubetune.trainer.starting_adapter import check_adapter, locate_adapter
-
-        assert self.spec.model.adapter is not None
-        adapter = locate_adapter(self.spec.model.adapter, self.tokens.read)
-        config = base_config(source, self.spec.model, is_hub, self.tokens.read)
-        check_adapter(adapter, self.spec, config)
-        return adapter
-
     def _setup_tokenizer(self) -> tuple[str, bool]:
         from kubetune.trainer.modeling import load_tokenizer, locate_model
 
@@ -236,23 +178,15 @@ class QLoRASFTRecipe:
 
     def _setup_memory_plan(self, located: tuple[str, bool]) -> None:
         """Checkpointing, tokens per micro-step and optimizer for this model on this card's free
-        memory (kubetune.trainer.planning), printed now and reported in result.json."""
+        memory (kubetune.trainer.run_plan), printed now and reported in result.json."""
         from kubetune.trainer.modeling import model_shape
-        from kubetune.trainer.planning import plan_for_this_card
-        from kubetune.trainer.speed import apply_plan
+        from kubetune.trainer.run_plan import fit_to_card
 
         assert self.speed is not None
         source, is_hub = located
         shape = model_shape(source, self.spec.model, is_hub, self.tokens.read)
-        self.memory = plan_for_this_card(self.spec, self.plan, self.speed, shape, self.cuda)
-        self.speed = apply_plan(self.speed, self.memory)
-        per_device = self.plan.micro_batch_size * self.plan.gradient_accumulation_steps
-        self.plan = self.plan.model_copy(
-            update={
-                "micro_batch_size": self.memory.micro_batch_size,
-                "gradient_accumulation_steps": per_device // self.memory.micro_batch_size,
-            }
-        )
+        fitted = fit_to_card(self.spec, self.plan, self.speed, shape, cuda=self.cuda)
+        self.memory, self.speed, self.plan = fitted.memory, fitted.speed, fitted.plan
         log.info("memory plan: %s", self.memory.summary())
 
     def plan_report(self) -> MemoryPlanReport | None:
@@ -275,46 +209,13 @@ class QLoRASFTRecipe:
         )
 
     def _setup_model(self, located: tuple[str, bool]) -> None:
-        from trl import SFTConfig
-
-        from kubetune.trainer.divergence import divergence_callback
-        from kubetune.trainer.fused_lora import fuse_lora_layers
-        from kubetune.trainer.modeling import (
-            check_lora_targets,
-            check_optimizer_runs_here,
-            load_quantized_model,
-            lora_config,
-            offload_checkpoints_to_cpu,
-            partial_checkpointing_callback,
-        )
-        from kubetune.trainer.resume import resumable_sft_trainer
+        from kubetune.trainer import assembly
 
         assert self.data is not None and self.speed is not None
-        source, is_hub = located
-        if self.spec.model.adapter is not None:
-            # Fetched and checked before the weights load: a wrong adapter costs no model load.
-            self.starting_adapter = self._setup_starting_adapter(source, is_hub)
-        model = load_quantized_model(
-            source,
-            spec=self.spec.model,
-            quantization=self.spec.quantization,
-            speed=self.speed,
-            is_hub=is_hub,
-            token=self.tokens.read,
-            cuda=self.cuda,
+        loaded = assembly.load_model(
+            self.spec, self.speed, located, token=self.tokens.read, cuda=self.cuda
         )
-        check_lora_targets(model, self.spec.lora)
-        peft_config: Any = lora_config(self.spec.lora)
-        if self.starting_adapter is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(
-                model, str(self.starting_adapter.path), is_trainable=True
-            )
-            peft_config = None
-            log.info("continuing the adapter %s", self.starting_adapter.shown)
-        if self.speed.offload_checkpoints:
-            offload_checkpoints_to_cpu(model, pin_memory=self.cuda)
+        self.starting_adapter = loaded.starting
         push = (
             self.remote.push_newest
             if self.remote is not None and self.rank.is_main
@@ -329,80 +230,27 @@ class QLoRASFTRecipe:
             push()
 
         common: dict[str, Any] = {
-            "model": model,
+            "model": loaded.model,
             "train_dataset": self.data.train,
             "eval_dataset": self.data.eval,
             "processing_class": self._tokenizer,
-            "peft_config": peft_config,
+            "peft_config": loaded.peft_config,
             "callbacks": [
                 make_progress_callback(self.tracker),
                 checkpoint_callback(self.preemption, after_save, self._stop_requested),
             ],
         }
-        if self.spec.method.preference:
-            self._trainer = self._preference_trainer(model, common)
-        else:
-            masking = LossMasking(
-                completion_only=self.data.completion_only_loss,
-                assistant_only=self.data.assistant_only_loss,
-                has_eval=self.data.eval is not None,
-            )
-            arguments = sft_arguments(
-                self.spec,
-                self.plan,
-                self.speed,
-                cuda=self.cuda,
-                checkpoint_dir=str(self.checkpoint_dir),
-                masking=masking,
-                progress_bar=self.progress_bar,
-                distributed=self.rank.distributed,
-                run_name=run_name(self.spec, self.name),
-            )
-            sft_config = SFTConfig(**arguments)
-            check_optimizer_runs_here(sft_config, model, self.speed.optimizer)
-            self._trainer = resumable_sft_trainer(args=sft_config, **common)
-        trainer = self._trainer
-        fused = fuse_lora_layers(trainer.model)
-        if fused:
-            log.info("%d adapted 4-bit layers compute base and LoRA in one function", fused)
-        if self.speed.gradient_checkpointing and self.speed.checkpointed_layers is not None:
-            trainer.add_callback(partial_checkpointing_callback(self.speed.checkpointed_layers))
-        trainer.add_callback(
-            divergence_callback(self.spec, lambda: getattr(trainer, "_tr_loss", None))
-        )
-        if len(self._trainer.train_dataset) == 0:
-            from kubetune.trainer.data import no_examples_left
-
-            raise DatasetUnusable(no_examples_left(self.spec.training.max_length))
-
-    def _preference_trainer(self, model: Any, common: dict[str, Any]) -> Any:
-        """TRL's DPOTrainer or KTOTrainer, resumable, its reference the base with the adapter
-        disabled (kubetune.trainer.preference)."""
-        from trl import DPOConfig, KTOConfig
-
-        from kubetune.trainer.modeling import check_optimizer_runs_here
-        from kubetune.trainer.resume import resumable_preference_trainer
-
-        assert self.data is not None and self.speed is not None
-        arguments = preference_arguments(
-            self.spec,
-            self.plan,
-            self.speed,
+        run = assembly.RunArguments(
             cuda=self.cuda,
             checkpoint_dir=str(self.checkpoint_dir),
-            has_eval=self.data.eval is not None,
             progress_bar=self.progress_bar,
             distributed=self.rank.distributed,
             run_name=run_name(self.spec, self.name),
         )
-        method = self.spec.method.type
-        config = DPOConfig(**arguments) if method == "dpo" else KTOConfig(**arguments)
-        check_optimizer_runs_here(config, model, self.speed.optimizer)
-        try:
-            return resumable_preference_trainer(method, args=config, **common)
-        except ValueError as exc:
-            # TRL's refusals of a setting (an lm_head adapter, KTO's micro-batch of one).
-            raise InvalidConfig(f"spec.method: {exc}") from None
+        self._trainer = assembly.trl_trainer(
+            self.spec, self.plan, self.speed, self.data, run=run, common=common
+        )
+        assembly.finish_trainer(self._trainer, self.spec, self.speed)
 
     # --- train -------------------------------------------------------------------------------
 

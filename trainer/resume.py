@@ -81,12 +81,10 @@ def finished_at(checkpoint: Path) -> int | None:
     return step if 0 < last <= step else None
 
 
-def _resume_mixin() -> type:
-    """The resume behaviour described above, mixed in before any of TRL's trainers (built late:
-    transformers is heavy)."""
-    import torch
-    from transformers import TrainerCallback, TrainerState
-    from transformers.trainer_utils import TrainOutput
+def _continue_running_totals(trainer: Any) -> Any:
+    """A callback that starts the Trainer's loss sums from the checkpoint's (after it reset them
+    to 0); built late: transformers is heavy."""
+    from transformers import TrainerCallback
 
     class ContinueRunningTotals(TrainerCallback):  # type: ignore[misc]
         """Starts the Trainer's loss sums from the checkpoint's (after it reset them to 0)."""
@@ -112,103 +110,108 @@ def _resume_mixin() -> type:
             trainer._globalstep_last_logged = totals.last_logged_step
             trainer.resumed_totals = totals
 
-    class ResumeMixin:
-        args: Any
-        accelerator: Any
-        model: Any
-        state: Any
-        control: Any  # the Trainer's TrainerControl
-        callback_handler: Any
-        optimizer: Any
-        lr_scheduler: Any
-        _tr_loss: Any
-        _total_loss_scalar: float
-        _globalstep_last_logged: int
+    return ContinueRunningTotals(trainer)
 
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__(**kwargs)
-            self.resumed_totals: RunningTotals | None = None
-            self.attempt_started = time.monotonic()
-            self.add_callback(ContinueRunningTotals(self))  # type: ignore[attr-defined]
 
-        @property
-        def earlier_train_seconds(self) -> float:
-            return self.resumed_totals.train_seconds if self.resumed_totals else 0.0
+class ResumeMixin:
+    """The resume behaviour described above, mixed in before any of TRL's trainers."""
 
-        def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
-            if resume_from_checkpoint is None:
-                return super().train(**kwargs)  # type: ignore[misc]
-            step = finished_at(Path(resume_from_checkpoint))
-            if step is None:
-                return super().train(  # type: ignore[misc]
-                    resume_from_checkpoint=resume_from_checkpoint, **kwargs
-                )
-            log.info("%s is the run's last step: nothing left to train", resume_from_checkpoint)
-            self._load_from_checkpoint(resume_from_checkpoint)
-            self.state = TrainerState.load_from_json(
-                str(Path(resume_from_checkpoint) / TRAINER_STATE)
+    args: Any
+    accelerator: Any
+    model: Any
+    state: Any
+    control: Any  # the Trainer's TrainerControl
+    callback_handler: Any
+    optimizer: Any
+    lr_scheduler: Any
+    _tr_loss: Any
+    _total_loss_scalar: float
+    _globalstep_last_logged: int
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.resumed_totals: RunningTotals | None = None
+        self.attempt_started = time.monotonic()
+        self.add_callback(_continue_running_totals(self))  # type: ignore[attr-defined]
+
+    @property
+    def earlier_train_seconds(self) -> float:
+        return self.resumed_totals.train_seconds if self.resumed_totals else 0.0
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs: Any) -> Any:
+        import torch
+        from transformers import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        if resume_from_checkpoint is None:
+            return super().train(**kwargs)  # type: ignore[misc]
+        step = finished_at(Path(resume_from_checkpoint))
+        if step is None:
+            return super().train(  # type: ignore[misc]
+                resume_from_checkpoint=resume_from_checkpoint, **kwargs
             )
-            # What the training loop sets up before it tells the callbacks it begins.
-            self._tr_loss = torch.tensor(0.0, device=self.args.device)
-            self._total_loss_scalar = 0.0
-            self._globalstep_last_logged = step
-            handler = self.callback_handler
-            self.control = handler.on_train_begin(self.args, self.state, self.control)
-            loss = (self._total_loss_scalar + float(self._tr_loss.item())) / step
-            self.control = handler.on_train_end(self.args, self.state, self.control)
-            return TrainOutput(step, loss, {"train_loss": loss, "train_runtime": 0.0})
+        log.info("%s is the run's last step: nothing left to train", resume_from_checkpoint)
+        self._load_from_checkpoint(resume_from_checkpoint)
+        self.state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / TRAINER_STATE))
+        # What the training loop sets up before it tells the callbacks it begins.
+        self._tr_loss = torch.tensor(0.0, device=self.args.device)
+        self._total_loss_scalar = 0.0
+        self._globalstep_last_logged = step
+        handler = self.callback_handler
+        self.control = handler.on_train_begin(self.args, self.state, self.control)
+        loss = (self._total_loss_scalar + float(self._tr_loss.item())) / step
+        self.control = handler.on_train_end(self.args, self.state, self.control)
+        return TrainOutput(step, loss, {"train_loss": loss, "train_runtime": 0.0})
 
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-            target = model if model is not None else self.model
-            trained_in = {name: p.dtype for name, p in target.named_parameters()}
-            super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
-            restored = 0
-            for name, param in target.named_parameters():
-                dtype = trained_in.get(name)
-                if dtype is not None and param.dtype != dtype:
-                    param.data = param.data.to(dtype)
-                    restored += 1
-            if restored:
-                log.info("%d parameters back in the dtype they were trained in", restored)
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        target = model if model is not None else self.model
+        trained_in = {name: p.dtype for name, p in target.named_parameters()}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)  # type: ignore[misc]
+        restored = 0
+        for name, param in target.named_parameters():
+            dtype = trained_in.get(name)
+            if dtype is not None and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+                restored += 1
+        if restored:
+            log.info("%d parameters back in the dtype they were trained in", restored)
 
-        def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-            if checkpoint is None or self.args.world_size == 1 or self.args.device.type != "cpu":
-                return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc,no-any-return]
-            # CPU ranks: accelerate names each one's device "cpu:0", and the Trainer loads the
-            # optimizer with that as torch.load's map_location, which torch can't map to.
-            from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or self.args.world_size == 1 or self.args.device.type != "cpu":
+            return super()._load_optimizer_and_scheduler(checkpoint)  # type: ignore[misc,no-any-return]
+        import torch
 
-            folder = Path(checkpoint)
-            if (folder / OPTIMIZER_NAME).is_file() and (folder / SCHEDULER_NAME).is_file():
-                optimizer = torch.load(
-                    folder / OPTIMIZER_NAME, map_location="cpu", weights_only=True
-                )
-                self.optimizer.load_state_dict(optimizer)
-                scheduler = torch.load(folder / SCHEDULER_NAME, weights_only=True)
-                self.lr_scheduler.load_state_dict(scheduler)
-            return None
+        # CPU ranks: accelerate names each one's device "cpu:0", and the Trainer loads the
+        # optimizer with that as torch.load's map_location, which torch can't map to.
+        from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
-        def _save_checkpoint(self, model: Any, trial: Any) -> None:
-            # Written before the Trainer's own files: a checkpoint is complete when its
-            # trainer_state.json is there, and then its totals are there too.
-            checkpoint = Path(self._get_output_dir(trial)) / (  # type: ignore[attr-defined]
-                f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-            )
-            # The loss since the last log is each rank's own; the log will average the ranks'.
-            pending = self._tr_loss.detach().clone()
-            if self.args.world_size > 1:
-                pending = self.accelerator.gather(pending.reshape(1)).mean()
-            if self.args.should_save:  # rank 0 of a group: the others leave the output alone
-                RunningTotals(
-                    logged_loss=float(self._total_loss_scalar),
-                    pending_loss=float(pending.item()),
-                    last_logged_step=int(self._globalstep_last_logged),
-                    train_seconds=self.earlier_train_seconds
-                    + (time.monotonic() - self.attempt_started),
-                ).write(checkpoint)
-            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        folder = Path(checkpoint)
+        if (folder / OPTIMIZER_NAME).is_file() and (folder / SCHEDULER_NAME).is_file():
+            optimizer = torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
+            self.optimizer.load_state_dict(optimizer)
+            scheduler = torch.load(folder / SCHEDULER_NAME, weights_only=True)
+            self.lr_scheduler.load_state_dict(scheduler)
+        return None
 
-    return ResumeMixin
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # Written before the Trainer's own files: a checkpoint is complete when its
+        # trainer_state.json is there, and then its totals are there too.
+        checkpoint = Path(self._get_output_dir(trial)) / (  # type: ignore[attr-defined]
+            f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        )
+        # The loss since the last log is each rank's own; the log will average the ranks'.
+        pending = self._tr_loss.detach().clone()
+        if self.args.world_size > 1:
+            pending = self.accelerator.gather(pending.reshape(1)).mean()
+        if self.args.should_save:  # rank 0 of a group: the others leave the output alone
+            RunningTotals(
+                logged_loss=float(self._total_loss_scalar),
+                pending_loss=float(pending.item()),
+                last_logged_step=int(self._globalstep_last_logged),
+                train_seconds=self.earlier_train_seconds
+                + (time.monotonic() - self.attempt_started),
+            ).write(checkpoint)
+        super()._save_checkpoint(model, trial)  # type: ignore[misc]
 
 
 def resumable_sft_trainer(**kwargs: Any) -> Any:
@@ -216,7 +219,7 @@ def resumable_sft_trainer(**kwargs: Any) -> Any:
     import torch
     from trl import SFTTrainer
 
-    class ResumableSFTTrainer(_resume_mixin(), DeferredStepMetrics, SFTTrainer):  # type: ignore[misc]
+    class ResumableSFTTrainer(ResumeMixin, DeferredStepMetrics, SFTTrainer):  # type: ignore[misc]
         data_collator: Any
 
         def __init__(self, **kwargs: Any) -> None:
@@ -255,7 +258,7 @@ def resumable_preference_trainer(method: str, **kwargs: Any) -> Any:
 
     base = DPOTrainer if method == "dpo" else KTOTrainer
 
-    class ResumablePreferenceTrainer(_resume_mixin(), base):  # type: ignore[misc,valid-type]
+    class ResumablePreferenceTrainer(ResumeMixin, base):  # type: ignore[misc,valid-type]
         pass
 
     return ResumablePreferenceTrainer(ref_model=None, **kwargs)

@@ -7,7 +7,8 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from kubetune.api.config import TrainerConfig
 from kubetune.api.contract import EXIT_CODE_REASONS, ExitCode, Reason
@@ -17,7 +18,7 @@ from kubetune.trainer import outputs
 from kubetune.trainer.distributed import Rank, share_from_main
 from kubetune.trainer.errors import TrainerFailure, first_line
 from kubetune.trainer.progress import ProgressReporter
-from kubetune.trainer.registry import registry_secrets
+from kubetune.trainer.registry_client import registry_secrets
 from kubetune.trainer.secrets import (
     HubTokens,
     install_redaction,
@@ -27,6 +28,9 @@ from kubetune.trainer.secrets import (
     uninstall_redaction,
 )
 from kubetune.trainer.tracking import tracking_secrets
+
+if TYPE_CHECKING:
+    from kubetune.trainer.publishing import Publication
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -140,15 +144,44 @@ def _preflight(config: TrainerConfig, tokens: HubTokens) -> RunOutcome:
     try:
         _route_library_logs_through_root()
         result = checks.preflight(config, tokens.read)
-    except TrainerFailure as exc:
+    except Exception as exc:
+        return _failed(exc, "preflight")
+    return RunOutcome(int(ExitCode.SUCCEEDED), result)
+
+
+def _failed(exc: Exception, what: str, *, gpu: bool = False) -> RunOutcome:
+    """The outcome of a run or a preflight ended by ``exc``: the failure it names, out of GPU
+    memory (``gpu``: a run that may have used one), or an unexpected error (logged with its
+    traceback)."""
+    if isinstance(exc, TrainerFailure):
         log.error("%s", exc.log_line())
         result = TrainerResult(outcome="Failed", reason=exc.reason, message=exc.message)
         return RunOutcome(int(exc.exit_code), result)
-    except Exception as exc:
-        log.exception("preflight failed unexpectedly")
-        message = f"{type(exc).__name__}: {first_line(exc, 1000)}"[:1000]
-        return RunOutcome(int(ExitCode.UNEXPECTED), failure(ExitCode.UNEXPECTED, message))
-    return RunOutcome(int(ExitCode.SUCCEEDED), result)
+    if gpu and _is_out_of_memory(exc):
+        message = f"out of GPU memory: {exc}"[:1000]
+        log.error(message)
+        return RunOutcome(int(ExitCode.OUT_OF_MEMORY), failure(ExitCode.OUT_OF_MEMORY, message))
+    log.exception("%s failed unexpectedly", what)
+    message = f"{type(exc).__name__}: {first_line(exc, 1000)}"[:1000]
+    return RunOutcome(int(ExitCode.UNEXPECTED), failure(ExitCode.UNEXPECTED, message))
+
+
+def _published_outcome(published: Publication | None, rank: Rank, output_dir: Path) -> RunOutcome:
+    """The outcome of a run that trained to its end: rank 0's publication, or on another rank
+    a note that rank 0 publishes."""
+    if published is None:  # a rank other than 0: rank 0 publishes, and says how it went
+        waiting = TrainerResult(
+            outcome="Succeeded",
+            reason=Reason.SUCCEEDED,
+            message=f"rank {rank.rank} trained; rank 0 publishes the adapter",
+        )
+        return RunOutcome(int(ExitCode.SUCCEEDED), waiting)
+    result = published.result
+    if published.exit_code != ExitCode.SUCCEEDED:
+        log.error("%s: %s", result.reason, result.message)
+    elif result.adapter is not None:
+        log.info("adapter: %s (sha256 %s)", result.adapter.uri, result.adapter.sha256)
+    return RunOutcome(int(published.exit_code), result, str(output_dir))
 
 
 def _run(
@@ -191,36 +224,10 @@ def _run(
         published = recipe.save(trained)
         if published is not None and published.exit_code == ExitCode.SUCCEEDED:
             tracked = "FINISHED"
-    except TrainerFailure as exc:
-        log.error("%s", exc.log_line())
-        result = TrainerResult(outcome="Failed", reason=exc.reason, message=exc.message)
-        outcome = RunOutcome(int(exc.exit_code), result)
     except Exception as exc:
-        if _is_out_of_memory(exc):
-            message = f"out of GPU memory: {exc}"[:1000]
-            log.error(message)
-            outcome = RunOutcome(
-                int(ExitCode.OUT_OF_MEMORY), failure(ExitCode.OUT_OF_MEMORY, message)
-            )
-        else:
-            log.exception("training failed unexpectedly")
-            message = f"{type(exc).__name__}: {first_line(exc, 1000)}"[:1000]
-            outcome = RunOutcome(int(ExitCode.UNEXPECTED), failure(ExitCode.UNEXPECTED, message))
+        outcome = _failed(exc, "training", gpu=True)
     else:
-        if published is None:  # a rank other than 0: rank 0 publishes, and says how it went
-            waiting = TrainerResult(
-                outcome="Succeeded",
-                reason=Reason.SUCCEEDED,
-                message=f"rank {rank.rank} trained; rank 0 publishes the adapter",
-            )
-            outcome = RunOutcome(int(ExitCode.SUCCEEDED), waiting)
-        else:
-            result = published.result
-            if published.exit_code != ExitCode.SUCCEEDED:
-                log.error("%s: %s", result.reason, result.message)
-            elif result.adapter is not None:
-                log.info("adapter: %s (sha256 %s)", result.adapter.uri, result.adapter.sha256)
-            outcome = RunOutcome(int(published.exit_code), result, str(recipe.output_dir))
+        outcome = _published_outcome(published, rank, recipe.output_dir)
     finally:
         if recipe is not None:
             recipe.end_tracking(tracked)

@@ -102,8 +102,8 @@ def apply_plan(speed: SpeedSettings, plan: MemoryPlan) -> SpeedSettings:
 
     Packed micro-steps under flex attention are padded to the plan's tokens per micro-step: one
     shape for the whole run, so flex attention (and Liger's kernels) compile once instead of
-    again for every new length (46 s + 12 s over the first two steps, and 180 s for one
-    16k-token step, before).
+    again for every new length (what that cost: docs/performance.md, "Figures behind the
+    trainer's constants").
     """
     bucket = speed.packing and speed.attention == "flex_attention"
     return replace(
@@ -157,15 +157,10 @@ class GpuKind:
 #: The card's memory that the CUDA context and the libraries hold before the plan's share.
 CONTEXT_BYTES = 512 * 2**20
 
+#: The GPU kinds the preflight plans for; the measured MFUs and the runs they come from:
+#: docs/performance.md, "Figures behind the trainer's constants".
 GPU_KINDS: dict[str, GpuKind] = {
-    # docs/trainer.md "Third round" (bench/results/h200-2026-11-29-s4-7b-*.jsonl): the kubetune
-    # defaults on a Llama-2-7B shape (varlen attention, fused LoRA layers, no checkpointing,
-    # 8 x 2,048 tokens a micro-step): 17,925 real tokens/s = 49.4% MFU (the lower of two
-    # commands: 17,925 and 17,947).
     "H200": GpuKind(143771, 989.0, 0.494, "docs/trainer.md, H200 2026-11-29, 7B defaults"),
-    # H100 80GB HBM3 (bench/results/h100-2026-12-05-table-7b.jsonl, docs/trainer.md "H100"):
-    # the same defaults on the 7B shape (the plan takes 16,384 tokens a micro-step there too,
-    # with paged 8-bit AdamW): 16,269 real tokens/s = 44.9% MFU (16,255 in an earlier command).
     "H100-80GB": GpuKind(81559, 989.0, 0.449, "docs/trainer.md, H100 2026-12-05, 7B defaults"),
     "A100-80GB": GpuKind(81920, 312.0),
     "A100-40GB": GpuKind(40960, 312.0),

@@ -80,14 +80,15 @@ def locate_adapter(adapter: StartingAdapterSpec, token: str | None) -> StartingA
 def adapter_auth_file() -> Path | None:
     """The docker config for the adapter's registry: the pod's mounted Secret
     (``$KUBETUNE_ADAPTER_REGISTRY_AUTH_FILE``), else where ``kubetune train`` looks."""
-    from kubetune.trainer.registry import auth_file
+    from kubetune.trainer.registry_client import auth_file
 
     named = os.environ.get(ADAPTER_REGISTRY_AUTH_ENV)
     return Path(named) if named else auth_file()
 
 
 def _pull(adapter: StartingAdapterSpec) -> StartingAdapter:
-    from kubetune.trainer.registry import RegistryError, pull_artifact
+    from kubetune.trainer.registry import pull_artifact
+    from kubetune.trainer.registry_client import RegistryError
 
     reference = oci_reference(adapter.uri, "model.adapter", pull=True)
     key = hashlib.sha256(adapter.uri.encode()).hexdigest()[:16]

@@ -2,10 +2,11 @@
 
 TRL's padding-free collator hands the model a micro-step's packed sequences as one row with
 their boundaries (``cu_seq_lens_q``/``_k``, ``max_length_q``/``_k``). Flex attention turns the
-boundaries into a block mask and compiles a kernel for it: 46 s + 12 s over the first two steps
-on an H200, again for every new length (which is why kubetune padded every micro-step to one
-shape). ``torch.nn.attention.varlen.varlen_attn`` (torch ≥ 2.10) runs FlashAttention-2's varlen
-kernel on the boundaries directly: nothing to compile, any length, no padding.
+boundaries into a block mask and compiles a kernel for it, again for every new length (which is
+why kubetune pads every flex micro-step to one shape; what the compilation cost:
+docs/performance.md). ``torch.nn.attention.varlen.varlen_attn`` (torch ≥ 2.10) runs
+FlashAttention-2's varlen kernel on the boundaries directly: nothing to compile, any length, no
+padding.
 
 Registered with transformers as the attention implementation :data:`NAME` (and its mask
 function): a call that carries the boundaries goes to ``varlen_attn``; any other (a padded

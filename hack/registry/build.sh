@@ -6,6 +6,9 @@
 #   <dir>/registry   the registry the local cluster and the tests push adapters to
 #   <dir>/oras       an independent OCI client the tests pull them back with
 #
+# and makes sure Debian's skopeo is installed: KAITO's adapter puller runs skopeo, and the tests
+# take a KAITO-layout adapter image apart with the same commands.
+#
 # The directory is ${KUBETUNE_CACHE_DIR:-$HOME/.cache/kubetune}/registry/<key>/bin, where <key>
 # hashes go.mod and go.sum: the same pins reuse the same build, and a version bump builds next
 # to (not over) the old one. Bump with:
@@ -19,6 +22,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 log() { echo "build.sh: $*" >&2; }
 # shellcheck source=../lib/build-once.sh
 source "${HERE}/../lib/build-once.sh"
+# shellcheck source=../lib/debian-packages.sh
+source "${HERE}/../lib/debian-packages.sh"
 
 build() {
   local out="$1"
@@ -43,6 +48,7 @@ build() {
 present() { [[ -x "$1/registry" && -x "$1/oras" ]]; }
 
 main() {
+  ensure_debian_packages skopeo
   local key
   key=$(cat "${HERE}/go.mod" "${HERE}/go.sum" | sha256sum | cut -c1-16)
   local root="${KUBETUNE_CACHE_DIR:-${HOME}/.cache/kubetune}/registry/${key}"

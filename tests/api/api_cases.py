@@ -6,8 +6,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from kubetune.api.bounded import AFFINITY, largest
+from kubetune.api.bounded import AFFINITY
 from kubetune.api.models import MAX_SPEC_BYTES
+from kubetune.api.schema_bounds import largest
 from kubetune_devtools.pytest_plugin import minimal_finetunejob
 
 MINIMAL: dict[str, Any] = minimal_finetunejob()
@@ -38,6 +39,13 @@ def with_spec(**changes: Any) -> dict[str, Any]:
         else:
             manifest["spec"][key] = value
     return manifest
+
+
+def https_mlflow(**fields: Any) -> dict[str, Any]:
+    """spec.tracking with an MLflow server over https, ``fields`` (credentials) added."""
+    return {
+        "mlflow": {"trackingUri": "https://mlflow.example.com", "experimentName": "e", **fields}
+    }
 
 
 # Each invalid manifest, and the words its error must contain: the field and what is allowed.
@@ -229,15 +237,7 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
     ),
     (
         "tracking username without password",
-        with_spec(
-            tracking={
-                "mlflow": {
-                    "trackingUri": "https://mlflow.example.com",
-                    "experimentName": "e",
-                    "usernameSecretRef": {"name": "mlflow-auth", "key": "user"},
-                }
-            }
-        ),
+        with_spec(tracking=https_mlflow(usernameSecretRef={"name": "mlflow-auth", "key": "user"})),
         ["usernameSecretRef and passwordSecretRef together"],
     ),
     (

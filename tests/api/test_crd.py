@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.api.bounded import max_characters
 from kubetune.api.crd import CRD_FILENAME, build_crd, render_crd
 from kubetune.api.models import MAX_SPEC_BYTES
+from kubetune.api.schema_bounds import max_characters
 
 pytestmark = pytest.mark.unit
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
-from api_cases import APISERVER_FIELD, INVALID, MINIMAL, with_spec
+from api_cases import APISERVER_FIELD, INVALID, MINIMAL, https_mlflow, with_spec
 
 from kubetune.api.errors import SpecError
 from kubetune.api.manifest import load_finetunejob
@@ -209,24 +209,12 @@ CEL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
         "spec.objectStore: set objectStore.accessKeyIdSecretRef and secretAccessKeySecretRef",
     ),
     "set tracking.mlflow.usernameSecretRef and passwordSecretRef together": (
+        with_spec(tracking=https_mlflow(usernameSecretRef={"name": "s", "key": "u"})),
         with_spec(
-            tracking={
-                "mlflow": {
-                    "trackingUri": "https://mlflow.example.com",
-                    "experimentName": "e",
-                    "usernameSecretRef": {"name": "s", "key": "u"},
-                }
-            }
-        ),
-        with_spec(
-            tracking={
-                "mlflow": {
-                    "trackingUri": "https://mlflow.example.com",
-                    "experimentName": "e",
-                    "usernameSecretRef": {"name": "s", "key": "u"},
-                    "passwordSecretRef": {"name": "s", "key": "p"},
-                }
-            }
+            tracking=https_mlflow(
+                usernameSecretRef={"name": "s", "key": "u"},
+                passwordSecretRef={"name": "s", "key": "p"},
+            )
         ),
         "spec.tracking.mlflow: set tracking.mlflow.usernameSecretRef and passwordSecretRef",
     ),

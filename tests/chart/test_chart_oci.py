@@ -4,32 +4,18 @@ its oci:// reference; what it renders from there is what the chart folder render
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
-import yaml
 from chartkit import CHART, Helm
 
-REPO = Path(__file__).resolve().parents[2]
+from kubetune_devtools.installs import push_chart
 
 
 def test_the_packaged_chart_goes_to_a_registry_and_renders_the_same_from_it(
     helm: Helm, oci_registry: Any, tmp_path: Path
 ) -> None:
-    version = yaml.safe_load((CHART / "Chart.yaml").read_text())["version"]
-    packaged = subprocess.run(
-        ["make", "--no-print-directory", "chart", f"CHART_DIR={tmp_path}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert packaged.returncode == 0, packaged.stderr
-    package = tmp_path / f"kubetune-{version}.tgz"
-    assert package.is_file(), packaged.stdout
-
-    login = ("--plain-http", "--registry-config", str(oci_registry.auth_file))
-    pushed = helm("push", str(package), f"oci://{oci_registry.host}/charts", *login)
-    assert pushed.returncode == 0, pushed.stderr
-    reference = f"oci://{oci_registry.host}/charts/kubetune"
+    reference, version, login = push_chart(helm, oci_registry, tmp_path)
     # A certificate of the platform's own: the chart would otherwise make a new one each render.
     fixed = ("-n", "kubetune-system", "--set", "progress.tls.secretName=kubetune-progress-tls")
     from_registry = helm("template", "kt", reference, "--version", version, *fixed, *login)

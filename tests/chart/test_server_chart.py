@@ -1,6 +1,7 @@
 """The chart's kubetune-server (server.enabled): off by default; when on, a Deployment that runs
-non-root on a read-only root with no token of its own and no rights bound to its ServiceAccount,
-a Service, a claim for uploads and the URL-signing Secret; its values checked by the schema."""
+non-root on a read-only root whose own identity may only read FineTuneJobs (the reads cache) or,
+with the cache off, nothing at all; a Service, a claim for uploads and the URL-signing Secret;
+its values checked by the schema."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def test_the_server_is_off_by_default(render: Render) -> None:
 def test_the_server_runs_locked_down_with_no_identity_of_its_own(render: Render) -> None:
     objects = render(
         "--set", "server.enabled=true", "--set", "server.models.tiny=pvc://work/model",
-        "--set", "server.defaultNamespace=team-a",
+        "--set", "server.defaultNamespace=team-a", "--set", "server.cache.enabled=false",
     )  # fmt: skip
     mine = server_objects(objects)
     assert sorted(o["kind"] for o in mine) == [
@@ -55,10 +56,40 @@ def test_the_server_runs_locked_down_with_no_identity_of_its_own(render: Render)
         assert all(s.get("name") != name for s in binding.get("subjects") or []), binding
 
 
+def test_the_reads_cache_gives_the_server_read_only_finetunejobs_and_nothing_else(
+    render: Render,
+) -> None:
+    mine = server_objects(
+        render("--set", "server.enabled=true", "--set", "server.cache.enabled=true")
+    )
+    [account] = of_kind(mine, "ServiceAccount")
+    [role] = of_kind(mine, "ClusterRole")
+    assert role["rules"] == [
+        {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"],
+         "verbs": ["get", "list", "watch"]},
+    ]  # fmt: skip
+    [binding] = of_kind(mine, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["metadata"]["name"],
+         "namespace": account["metadata"]["namespace"]},
+    ]  # fmt: skip
+    assert of_kind(mine, "Role") == [] and of_kind(mine, "RoleBinding") == []
+    pod = of_kind(mine, "Deployment")[0]["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False  # only the projected token below
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    [source] = volumes["identity"]["projected"]["sources"]
+    assert source["serviceAccountToken"]["path"] == "token"
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["KUBETUNE_SERVER_CACHE_TOKEN_FILE"] == "/var/run/secrets/kubetune-server/token"
+    assert (env["KUBETUNE_SERVER_ACCESS_ALLOWED_TTL_SECONDS"],
+            env["KUBETUNE_SERVER_ACCESS_DENIED_TTL_SECONDS"]) == ("10", "5")  # fmt: skip
+
+
 def test_an_existing_claim_and_secret_are_used_as_they_are(render: Render) -> None:
     mine = server_objects(render(
         "--set", "server.enabled=true", "--set", "server.storage.existingClaim=uploads",
-        "--set", "server.signingKeySecret=signing",
+        "--set", "server.signingKeySecret=signing", "--set", "server.cache.enabled=false",
     ))  # fmt: skip
     assert sorted(o["kind"] for o in mine) == ["Deployment", "Service", "ServiceAccount"]
     volumes = {

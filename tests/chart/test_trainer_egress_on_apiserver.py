@@ -74,19 +74,20 @@ def settings_from_chart(render_chart: Render, values: dict[str, Any] | None,
 
 def policies(settings: OperatorSettings, name: str) -> list[dict[str, Any]]:
     """The NetworkPolicies of a one-pod job and of a two-pod group rendered under
-    ``settings``."""
+    ``settings``: the namespace's trainer policy (once: both jobs render the same one) and the
+    group's own."""
     example = yaml.safe_load((REPO / "examples" / "tiny-cpu.yaml").read_text())
-    found = []
+    found: dict[str, dict[str, Any]] = {}
     for suffix, nodes in (("one", 1), ("group", 2)):
         spec = {**example["spec"], "resources": {**example["spec"]["resources"], "nodes": nodes}}
         spec["training"] = {**spec["training"], "microBatchSize": 8}
         meta = {"name": f"{name}-{suffix}", "namespace": "ns", "uid": "uid-1"}
         objects = render_children(FineTuneJobSpec.model_validate(spec), meta, settings)
-        [policy] = [o for o in objects if o["kind"] == "NetworkPolicy"]
-        policy["metadata"].pop("ownerReferences", None)  # no FineTuneJob exists to own it here
-        policy["metadata"].pop("namespace", None)
-        found.append(policy)
-    return found
+        for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
+            policy["metadata"].pop("ownerReferences", None)  # no FineTuneJob exists here
+            policy["metadata"].pop("namespace", None)
+            assert found.setdefault(policy["metadata"]["name"], policy) == policy
+    return list(found.values())
 
 
 @pytest.mark.parametrize("example", [None, *sorted(EXAMPLES)], ids=lambda e: e or "defaults")
@@ -106,5 +107,7 @@ def test_a_documented_egress_example_renders_a_policy_the_apiserver_takes(
         assert applied.returncode == 0, f"{example}: the apiserver refused\n{applied.stderr}"
         stored = get_json(kubectl, "networkpolicy", policy["metadata"]["name"], "-n", namespace)
         assert stored["spec"]["egress"] == policy["spec"]["egress"]
+        # Stored as rendered, whole: the operator's check of the shared policy finds it so.
+        assert stored["spec"] == policy["spec"]
         # No egress rule without a destination: that would open its ports to every address.
         assert all(rule.get("to") for rule in stored["spec"]["egress"])

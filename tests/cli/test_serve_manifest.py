@@ -40,6 +40,15 @@ LOCATIONS: dict[str, tuple[dict[str, Any], str]] = {
         },
         f"oci://{REGISTRY}/team/support@{DIGEST}",
     ),
+    # The image KAITO's puller takes apart.
+    "oci-kaito": (
+        {
+            "uri": f"oci://{REGISTRY}/team/support-kaito:v1",
+            "checkpointUri": "pvc://work/support",
+            "registry": {"credentialsSecretRef": {"name": "regcred"}, "layout": "kaito"},
+        },
+        f"oci://{REGISTRY}/team/support-kaito@{DIGEST}",
+    ),
     "s3": ({"uri": "s3://models/adapters/support"}, "s3://models/adapters/support"),
 }
 
@@ -149,7 +158,7 @@ def test_kserve_llminferenceservice_is_accepted_with_the_adapter_under_lora_adap
     assert model["lora"]["adapters"] == [{"uri": adapter_uri, "name": name}]
 
 
-@pytest.mark.parametrize("where", ["pvc-root", "oci"])
+@pytest.mark.parametrize("where", ["pvc-root", "oci-kaito"])
 def test_kaito_workspace_is_accepted_with_the_adapter_in_inference_adapters(
     crds: None, kubectl: Kubectl, namespace: str, kubeconfig_path: Path, where: str
 ) -> None:
@@ -161,23 +170,23 @@ def test_kaito_workspace_is_accepted_with_the_adapter_in_inference_adapters(
     assert workspace["kind"] == "Workspace"
     assert workspace["inference"]["preset"]["name"] == "meta-llama/Llama-2-7b-hf"
     (adapter,) = workspace["inference"]["adapters"]
-    volume = adapter["source"]["volumeSource"]
     if where == "pvc-root":
         claim = {"claimName": "support-adapter", "readOnly": True}
-        assert volume == {"persistentVolumeClaim": claim}
+        assert adapter["source"]["volumeSource"] == {"persistentVolumeClaim": claim}
     else:
-        assert volume["image"]["reference"] == adapter_uri.removeprefix("oci://")
+        assert adapter["source"]["image"] == adapter_uri.removeprefix("oci://")
         assert adapter["source"]["imagePullSecrets"] == ["regcred"]
 
 
-def test_kaito_refuses_an_adapter_in_a_bucket_and_says_what_to_do(
-    crds: None, kubectl: Kubectl, namespace: str, kubeconfig_path: Path
+@pytest.mark.parametrize(("where", "advice"), [("s3", "oci://"), ("oci", "layout: kaito")])
+def test_kaito_refuses_an_adapter_it_cant_pull_and_says_what_to_do(
+    crds: None, kubectl: Kubectl, namespace: str, kubeconfig_path: Path, where: str, advice: str
 ) -> None:
-    succeeded_job(kubectl, namespace, "support-s3", "s3")
-    run = serve_manifest(kubeconfig_path, namespace, "support-s3", "kaito")
+    succeeded_job(kubectl, namespace, f"support-{where}", where)
+    run = serve_manifest(kubeconfig_path, namespace, f"support-{where}", "kaito")
     assert run.returncode == 2
     assert run.stdout == ""
-    assert "oci://" in run.stderr and "--for vllm" in run.stderr
+    assert advice in run.stderr and "--for vllm" in run.stderr
 
 
 def test_a_job_still_running_has_nothing_to_serve(
@@ -195,8 +204,9 @@ def test_the_real_schemas_refuse_what_they_do_not_describe(
     """The dry-runs above prove something: the same manifests with a field of the wrong type
     are refused by KAITO's and KServe's schemas."""
     succeeded_job(kubectl, namespace, "support-oci", "oci")
+    succeeded_job(kubectl, namespace, "support-oci-kaito", "oci-kaito")
     kaito = yaml.safe_load(
-        serve_manifest(kubeconfig_path, namespace, "support-oci", "kaito").stdout
+        serve_manifest(kubeconfig_path, namespace, "support-oci-kaito", "kaito").stdout
     )
     kaito["inference"]["adapters"][0]["strength"] = 1  # a string in KAITO's schema
     kserve = yaml.safe_load(

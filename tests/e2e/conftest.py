@@ -1,5 +1,6 @@
 """The e2e suite's set-up, as a platform team does it: the two images built from the Dockerfile,
-kubetune installed through its Helm chart (the operator runs from its image as the chart's pod
+kubetune installed through its Helm chart, packaged by `make chart` and taken from a real OCI
+registry by its oci:// reference as GitOps tools install charts (the operator runs from its image as the chart's pod
 under the chart's ServiceAccount and security context, on the session's real node: the upstream
 kubelet with containerd and runc, which enforce them), a tiny model and dataset written onto a PVC
 by a pod, FineTuneJobs applied with kubectl (their trainer pods run from the trainer image on that
@@ -15,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2ekit import MLFLOW_SERVICE, REPO, SYSTEM_NAMESPACE, operator_pods
+from e2ekit import MLFLOW_SERVICE, SYSTEM_NAMESPACE, operator_pods
 
 from kubetune_devtools.installs import (
     helm_env,
     helm_set_args,
+    push_chart,
     real_node_chart_settings,
     real_node_state,
 )
@@ -34,9 +36,25 @@ from kubetune_devtools.pytest_plugin import (
 Helm = Callable[..., subprocess.CompletedProcess[str]]
 
 
+@pytest.fixture(scope="session")
+def chart_in_registry(
+    helm: Helm, registry_tools: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str, tuple[str, ...]]]:
+    """`make chart`, then `helm push` of the package to a registry of its own that asks for a
+    login; yields the chart's oci:// reference, its version and helm's registry arguments."""
+    from kubetune_devtools.oci import start_test_registry
+
+    registry = start_test_registry(tmp_path_factory.mktemp("chart-registry"), registry_tools)
+    try:
+        yield push_chart(helm, registry, tmp_path_factory.mktemp("chart"))
+    finally:
+        registry.process.close()
+
+
 @pytest.fixture(scope="module")
 def kubetune_release(
     helm: Helm,
+    chart_in_registry: tuple[str, str, tuple[str, ...]],
     kubectl: Kubectl,
     kubeconfig_path: Path,
     tmp_path_factory: pytest.TempPathFactory,
@@ -44,7 +62,8 @@ def kubetune_release(
     real_node: str,
     request: pytest.FixtureRequest,
 ) -> Iterator[str]:
-    """`helm install kubetune charts/kubetune`, watching every namespace, for this module, with
+    """`helm install kubetune oci://…/charts/kubetune --version <chart's>` (the chart from the
+    registry, not the folder), watching every namespace, for this module, with
     the chart's images (kubetune/operator and kubetune/trainer at the chart's appVersion, in the
     real node's containerd) and the module's own ``CHART_ARGS`` (helm arguments) where it has
     them."""
@@ -59,7 +78,8 @@ def kubetune_release(
     # An earlier module's release leaves its namespace terminating: nothing can be made in it.
     wait_for(not_terminating, 300, f"namespace {SYSTEM_NAMESPACE} of the last release to go")
     env = helm_env(kubeconfig_path, tmp_path_factory.mktemp("helm"))
-    install = helm("upgrade", "--install", "kubetune", str(REPO / "charts" / "kubetune"),
+    reference, version, login = chart_in_registry
+    install = helm("upgrade", "--install", "kubetune", reference, "--version", version, *login,
                    "--namespace", SYSTEM_NAMESPACE, "--create-namespace",
                    *helm_set_args(real_node_chart_settings(local_cluster.local().layout.home)),
                    # The journeys' MLflow server takes basic auth over plain http in the cluster.

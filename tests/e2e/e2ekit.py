@@ -6,7 +6,6 @@ import functools
 import json
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,7 +14,14 @@ import yaml
 
 from kubetune_devtools import tiny
 from kubetune_devtools.installs import project_version
-from kubetune_devtools.pytest_plugin import Kubectl, apply, get_json, on_real_node, wait_for
+from kubetune_devtools.pytest_plugin import (
+    Kubectl,
+    apply,
+    get_json,
+    on_real_node,
+    paced_poll,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_EXAMPLE = REPO / "examples" / "tiny-cpu.yaml"
@@ -131,10 +137,6 @@ def wait_phase(
     return found
 
 
-#: The next change may take this many times the longest gap between changes seen so far.
-PACE_FACTOR = 4.0
-
-
 def wait_observing(
     kubectl: Kubectl,
     namespace: str,
@@ -143,24 +145,14 @@ def wait_observing(
     patience: float,
     what: str,
 ) -> T:
-    """Poll the job's status until ``done(status)`` returns something, and return it.
-
-    The deadline is not a constant: it moves with what the job shows. Each change of phase,
-    Ready reason, attempt or progress step starts a new wait for the next change, of
-    ``PACE_FACTOR`` × the longest gap between changes seen so far (loading the model, a stretch of
-    steps, a pod restarting), and never less than ``patience`` (the allowance for the first
-    change, before anything was measured). A slow machine makes every gap longer and the waits
-    with them; a job that stops moving fails in about ``PACE_FACTOR`` of its own slowest pace.
+    """Poll the job's status until ``done(status)`` returns something, and return it. The wait
+    is paced (``paced_poll``): each change of phase, Ready reason, attempt or progress step
+    starts a new wait for the next change (loading the model, a stretch of steps, a pod
+    restarting take their own time), so a busy machine waits longer and a stuck job still fails.
     """
-    last_seen: tuple[Any, ...] | None = None
-    changed_at = time.monotonic()
-    longest_gap = 0.0
-    while True:
+
+    def observe() -> tuple[T | None, tuple[Any, ...]]:
         status = ftj_status_or_empty(kubectl, namespace, name)
-        result = done(status)
-        if result is not None:
-            return result
-        now = time.monotonic()
         ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
         seen = (
             status.get("phase"),
@@ -168,18 +160,10 @@ def wait_observing(
             status.get("attempts"),
             (status.get("progress") or {}).get("step"),
         )
-        if seen != last_seen:
-            if last_seen is not None:
-                longest_gap = max(longest_gap, now - changed_at)
-            last_seen, changed_at = seen, now
-        allowed = max(patience, PACE_FACTOR * longest_gap)
-        if now - changed_at > allowed:
-            raise AssertionError(
-                f"{what}: nothing moved for {now - changed_at:.0f}s (allowed {allowed:.0f}s: "
-                f"{PACE_FACTOR:g} x the longest gap seen, {longest_gap:.0f}s); last seen "
-                f"phase/reason/attempts/step {seen}"
-            )
-        time.sleep(1)
+        return done(status), seen
+
+    result: T = paced_poll(observe, patience, f"{what} (phase/reason/attempts/step)")
+    return result
 
 
 def ftj_status_or_empty(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:

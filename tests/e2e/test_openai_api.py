@@ -25,6 +25,7 @@ from kubetune_devtools.pytest_plugin import (
     on_real_node,
     port_forward,
 )
+from kubetune_devtools.tiny import tiny_cpu_settings
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("kubetune_release")]
 
@@ -32,13 +33,7 @@ PORT = 8080  # the server's Service and container port
 #: The server as trainer pods reach it, to download what was uploaded (cluster DNS, kube-proxy).
 IN_CLUSTER = f"http://kubetune-server.{SYSTEM_NAMESPACE}.svc.cluster.local:{PORT}"
 TEMPLATE: dict[str, Any] = {
-    "quantization": {"type": "nf4", "computeDtype": "float32"},
-    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-    "training": {
-        "maxSteps": 10, "learningRate": 1.0e-2, "batchSize": 4, "maxLength": 64,
-        "packing": False, "warmupRatio": 0.0, "lrScheduler": "constant", "checkpointSteps": 5,
-        "loggingSteps": 1, "gradientCheckpointing": False,
-    },
+    **tiny_cpu_settings(),
     "resources": {"gpus": 0, "cpu": "1", "memory": "4Gi", "shmSize": "256Mi"},
     "scheduling": on_real_node(),
 }  # fmt: skip

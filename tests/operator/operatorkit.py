@@ -10,17 +10,26 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kubetune.local.certs import KeyPair, signed_cert
 from kubetune.local.ports import free_port
 from kubetune_devtools.installs import scrape_metrics
 from kubetune_devtools.pytest_plugin import Kubectl, apply, get_json, wait_for
+from kubetune_devtools.tiny import tiny_cpu_settings
 
 REPO = Path(__file__).resolve().parents[2]
 #: The FineTuneJob CRD, applied by each suite before it starts the operator.
 CRD = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
 #: The PersistentVolumeClaim of ``work_claim``.
 CLAIM = "work"
+#: The tiny model's settings on the CPU: what every suite's tiny job (or the server's job
+#: template) trains with, the spec's other sections aside.
+TINY_SETTINGS: dict[str, Any] = {
+    **tiny_cpu_settings(),
+    "resources": {"gpus": 0, "shmSize": "64Mi"},
+    "runPolicy": {"backoffLimit": 2},
+}
 
 
 @dataclass(frozen=True)

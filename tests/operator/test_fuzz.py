@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from kubetune.api.contract import CONDITION_TYPES, Reason
 from kubetune.api.models import FineTuneJobStatus
-from kubetune.operator.reconcile import plan, rejected_status
+from kubetune.operator.planner import plan
 from kubetune.operator.settings import OperatorSettings
-from kubetune.operator.status import derive_status
+from kubetune.operator.status import derive_status, rejected_status
 
 pytestmark = pytest.mark.unit
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from operatorkit import CRD, OperatorProcess, log_tail_after, started
@@ -40,7 +41,8 @@ from kubetune_devtools.pytest_plugin import (
 pytestmark = pytest.mark.integration
 
 #: A job's children: no ServiceAccount, Role or RoleBinding is made per job.
-CHILD_KINDS = ("configmaps", "networkpolicies", "jobs")
+#: What each job owns (its namespace's one trainer NetworkPolicy is owned by none).
+CHILD_KINDS = ("configmaps", "jobs")
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +140,15 @@ def test_operator_killed_while_creating_children_leaves_no_orphan_and_no_duplica
         for item in items:
             refs = item["metadata"]["ownerReferences"]  # type: ignore[index]
             assert [r["uid"] for r in refs if r.get("controller")] in [[uid] for uid in owners]
+    assert shared_policy(kubectl, namespace)
+
+
+def shared_policy(kubectl: Kubectl, namespace: str) -> bool:
+    """The namespace has one NetworkPolicy of kubetune's, its shared trainer policy, and no job
+    owns it."""
+    (policy,) = children(kubectl, namespace, "networkpolicies")
+    meta: dict[str, Any] = policy["metadata"]  # type: ignore[assignment]
+    return meta["name"] == "kubetune-trainers" and not meta.get("ownerReferences")
 
 
 def test_a_finetunejob_deleted_while_its_job_is_created_leaves_nothing_behind(

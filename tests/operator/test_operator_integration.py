@@ -11,6 +11,7 @@ A failing test prints the operator's log tail; ``KUBETUNE_TEST_OPERATOR_VERBOSE=
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import json
 import shutil
@@ -25,7 +26,16 @@ from typing import Any
 
 import pytest
 import yaml
-from operatorkit import CLAIM, CRD, REPO, OperatorProcess, log_tail_after, started, work_claim
+from operatorkit import (
+    CLAIM,
+    CRD,
+    REPO,
+    TINY_SETTINGS,
+    OperatorProcess,
+    log_tail_after,
+    started,
+    work_claim,
+)
 
 from kubetune_devtools.loopback import LoopbackServer
 from kubetune_devtools.pytest_plugin import (
@@ -149,27 +159,13 @@ def pods_of(
 
 
 def tiny_training_spec(dataset: str, **training: Any) -> dict[str, Any]:
+    settings = copy.deepcopy(TINY_SETTINGS)
+    settings["training"].update(training)
     return {
         "model": {"uri": f"pvc://{CLAIM}/model"},
         "dataset": {"uri": dataset, "format": "prompt-completion"},
-        "quantization": {"type": "nf4", "computeDtype": "float32"},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "training": {
-            "maxSteps": 10,
-            "learningRate": 1.0e-2,
-            "batchSize": 4,
-            "maxLength": 64,
-            "packing": False,
-            "warmupRatio": 0.0,
-            "lrScheduler": "constant",
-            "checkpointSteps": 5,
-            "loggingSteps": 1,
-            "gradientCheckpointing": False,
-            **training,
-        },
+        **settings,
         "output": {"uri": f"pvc://{CLAIM}/adapter"},
-        "resources": {"gpus": 0, "shmSize": "64Mi"},
-        "runPolicy": {"backoffLimit": 2},
     }
 
 
@@ -334,8 +330,9 @@ def test_companions_made_first_by_an_edit_user_carry_the_rendered_content(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str
 ) -> None:
     """While a job waits on a missing claim, a user with the ordinary `edit` role makes its
-    ConfigMap and NetworkPolicy first, with the job's uid as their owner: the operator must not
-    adopt what they say, but write the rendered content over them."""
+    ConfigMap first, with the job's uid as its owner, and the namespace's trainer NetworkPolicy
+    (which no job owns) open to everything: the operator must not adopt what they say, but write
+    the rendered content over them."""
     binding = {
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
         "metadata": {"name": "editor"},
@@ -356,8 +353,9 @@ def test_companions_made_first_by_an_edit_user_carry_the_rendered_content(
     }  # fmt: skip
     open_policy = {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": "pre-made-trainer", "ownerReferences": [owner]},
-        "spec": {"podSelector": {}, "policyTypes": ["Egress"], "egress": [{}]},
+        "metadata": {"name": "kubetune-trainers"},
+        "spec": {"podSelector": {"matchLabels": {"nothing": "selected"}},
+                 "policyTypes": ["Egress"], "egress": [{}]},
     }  # fmt: skip
     for forged in (forged_config, open_policy):
         kubectl("--as", EDITOR, "create", "-n", namespace, "-f", "-", input=json.dumps(forged))
@@ -371,10 +369,12 @@ def test_companions_made_first_by_an_edit_user_carry_the_rendered_content(
     assert "kubetune.io/job-uid" in config["metadata"]["labels"]
     rendered = yaml.safe_load(config["data"]["config.yaml"])
     assert rendered["job"]["name"] == "pre-made" and rendered["job"]["uid"] == uid
-    policy = get_json(kubectl, "networkpolicy", "pre-made-trainer", "-n", namespace)["spec"]
+    policy = get_json(kubectl, "networkpolicy", "kubetune-trainers", "-n", namespace)["spec"]
     assert policy["podSelector"] == {"matchLabels": {
-        "kubetune.io/job-uid": uid, "app.kubernetes.io/managed-by": "kubetune-operator"}}  # fmt: skip
+        "app.kubernetes.io/name": "kubetune", "app.kubernetes.io/managed-by": "kubetune-operator"}}  # fmt: skip
     assert {} not in policy["egress"]
+    (pod,) = pods_of(kubectl, namespace, "pre-made")
+    assert policy["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
 
 
 def test_suspend_and_resume(operator: OperatorProcess, kubectl: Kubectl, namespace: str) -> None:

@@ -22,7 +22,8 @@ import yaml
 from operatorkit import CRD, REPO, OperatorProcess, started
 from test_operator_integration import apply, finetunejob, sleeper_spec, wait_phase
 
-from kubetune.api.bounded import AFFINITY, POD_SPEC, largest
+from kubetune.api.bounded import AFFINITY, POD_SPEC
+from kubetune.api.schema_bounds import largest
 from kubetune_devtools.pytest_plugin import Kubectl, install_crd, temporary_namespace, wait_for
 
 pytestmark = pytest.mark.integration

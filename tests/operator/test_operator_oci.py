@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from operatorkit import CLAIM, CRD, REPO, OperatorProcess, log_tail_after, started, work_claim
 
-from kubetune_devtools.oci import LoginRegistry, start_test_registry
+from kubetune_devtools.oci import LoginRegistry, running_test_registry
 from kubetune_devtools.pytest_plugin import Kubectl, get_json, install_crd, wait_for
 
 pytestmark = pytest.mark.integration
@@ -28,11 +28,8 @@ TENANT = "oci-tenant@example.com"
 def registry(
     registry_tools: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LoginRegistry]:
-    started_registry = start_test_registry(tmp_path_factory.mktemp("oci"), registry_tools)
-    try:
+    with running_test_registry(tmp_path_factory.mktemp("oci"), registry_tools) as started_registry:
         yield started_registry
-    finally:
-        started_registry.process.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from kubetune.api.models import FineTuneJobSpec
-from kubetune.operator.policy import merge_pod_spec, policy_problems
+from kubetune.operator.pod_template import merge_pod_spec
+from kubetune.operator.policy import policy_problems
 from kubetune.operator.render import render
 from kubetune.operator.settings import OperatorSettings
 

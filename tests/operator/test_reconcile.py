@@ -1,4 +1,4 @@
-"""reconcile.plan: what one level-triggered reconcile does, from the FineTuneJob and what exists."""
+"""planner.plan: what one level-triggered reconcile does, from the FineTuneJob and what exists."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 
-from kubetune.api.bounded import AFFINITY, POD_SPEC, largest
+from kubetune.api.bounded import AFFINITY, POD_SPEC
+from kubetune.api.schema_bounds import largest
 from kubetune.api.timestamps import rfc3339
+from kubetune.operator.companions import companion_differs
 from kubetune.operator.controller import slim_finetunejob
-from kubetune.operator.reconcile import companion_differs, plan, status_changes
+from kubetune.operator.planner import plan, status_changes
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.status import derive_status
 
@@ -47,17 +49,16 @@ def ftj(
     }
 
 
+def owned(name: str, uid: str, spec: dict[str, Any], status: dict[str, Any], owner: str = UID,
+          version: str = "7") -> dict[str, Any]:  # fmt: skip
+    """A Job as the cache holds it, controller-owned by ``owner``."""
+    metadata = {"name": name, "uid": uid, "resourceVersion": version,
+                "ownerReferences": [{"uid": owner, "controller": True}]}  # fmt: skip
+    return {"metadata": metadata, "spec": spec, "status": status}
+
+
 def job(owner: str = UID, suspend: bool = False, **spec: Any) -> dict[str, Any]:
-    return {
-        "metadata": {
-            "name": "run-1",
-            "uid": "job-uid",
-            "resourceVersion": "7",
-            "ownerReferences": [{"uid": owner, "controller": True}],
-        },
-        "spec": {"suspend": suspend, **spec},
-        "status": {},
-    }
+    return owned("run-1", "job-uid", {"suspend": suspend, **spec}, {}, owner)
 
 
 def running_pod(owner: str = "job-uid") -> dict[str, Any]:
@@ -95,16 +96,7 @@ def validation_job(*conditions: str, suspend: bool = False) -> dict[str, Any]:
     status = {"conditions": [{"type": c, "status": "True"} for c in conditions]}
     if "Failed" in conditions:
         status["failed"] = 1
-    return {
-        "metadata": {
-            "name": "run-1-validate",
-            "uid": "validation-uid",
-            "resourceVersion": "3",
-            "ownerReferences": [{"uid": UID, "controller": True}],
-        },
-        "spec": {"suspend": suspend},
-        "status": status,
-    }
+    return owned("run-1-validate", "validation-uid", {"suspend": suspend}, status, version="3")
 
 
 def validation_pod(code: int | None, message: str = "") -> dict[str, Any]:
@@ -555,8 +547,8 @@ def test_suspend_and_resume_go_to_the_jobset_and_never_to_its_job() -> None:
     suspended = plan(ftj(run_policy={"suspend": True, "activeDeadlineSeconds": 60},
                          **{k: v for k, v in JOBSET_GROUP.items() if k != "runPolicy"}),
                      [child_job(0)], [], SETTINGS, NOW, jobsets=[jobset_obj(0)])  # fmt: skip
-    assert (suspended.job_patch, suspended.patched_job, suspended.patched_jobset) == (
-        {"spec": {"suspend": True}}, "run-1", True)  # fmt: skip
+    assert (suspended.job_patch, suspended.patched_job, suspended.patched_kind) == (
+        {"spec": {"suspend": True}}, "run-1", "JobSet")  # fmt: skip
     resumed = plan(ftj(**JOBSET_GROUP), [child_job(0)], [], SETTINGS, NOW,
                    jobsets=[jobset_obj(0, suspend=True)])  # fmt: skip
     assert resumed.job_patch == {"spec": {"suspend": False}}
@@ -570,7 +562,7 @@ def test_suspend_and_resume_go_to_the_jobset_and_never_to_its_job() -> None:
     held = plan(ftj(scheduling={"queueName": "q"}, runPolicy={"suspend": True},
                     **{k: v for k, v in JOBSET_GROUP.items() if k != "runPolicy"}),
                 [child_job(0)], [], SETTINGS, NOW, jobsets=[labelled])  # fmt: skip
-    assert (held.job_patch, held.workload_active, held.patched_jobset) == (None, False, True)
+    assert (held.job_patch, held.workload_active, held.patched_kind) == (None, False, "JobSet")
 
 
 def test_a_completed_jobset_succeeds_even_when_its_job_is_gone() -> None:

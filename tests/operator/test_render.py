@@ -10,12 +10,8 @@ import yaml
 
 from kubetune.api.config import TrainerConfig
 from kubetune.api.models import FineTuneJobSpec, PodTemplateOverrides
-from kubetune.operator.render import (
-    child_names,
-    render,
-    render_validation,
-    short_name,
-)
+from kubetune.operator.names import child_names, short_name
+from kubetune.operator.render import render, render_validation
 from kubetune.operator.settings import OperatorSettings
 
 pytestmark = pytest.mark.unit
@@ -69,7 +65,8 @@ CLUSTER_DNS = {
 
 def test_trainer_network_policy_allows_dns_and_egress_but_the_metadata_address() -> None:
     policy = rendered()["NetworkPolicy"]
-    assert policy["spec"]["podSelector"]["matchLabels"]["kubetune.io/job-uid"] == "uid-1234"
+    assert policy["spec"]["podSelector"] == {"matchLabels": {
+        "app.kubernetes.io/name": "kubetune", "app.kubernetes.io/managed-by": "kubetune-operator"}}  # fmt: skip
     assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
     assert "ingress" not in policy["spec"]
     dns, reach = policy["spec"]["egress"]
@@ -82,6 +79,27 @@ def test_trainer_network_policy_allows_dns_and_egress_but_the_metadata_address()
         assert metadata in v6["ipBlock"]["except"]
     only_dns = rendered(trainer_egress_cidrs=[])["NetworkPolicy"]
     assert only_dns["spec"]["egress"] == [dns]
+
+
+def test_one_trainer_policy_per_namespace_selects_every_jobs_trainer_and_validation_pods() -> None:
+    """The namespace's trainer NetworkPolicy is one object, the same for every job there (no
+    job owns it); it selects each job's trainer pod and validation pod, whatever a permitted
+    pod template says about labels."""
+    settings = OperatorSettings(allowed_pod_template_fields=["metadata.labels"])
+    other = {**METADATA, "name": "another-job", "uid": "uid-5678"}
+    relabelled = spec_of(podTemplate={"metadata": {"labels": {
+        "app.kubernetes.io/name": "mine", "app.kubernetes.io/managed-by": "me"}}})  # fmt: skip
+    first = render(spec_of(), METADATA, settings)
+    second = render(relabelled, other, settings)
+    (policy,) = [o for o in first if o["kind"] == "NetworkPolicy"]
+    assert [o for o in second if o["kind"] == "NetworkPolicy"] == [policy]
+    assert policy["metadata"]["name"] == "kubetune-trainers"
+    assert "ownerReferences" not in policy["metadata"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    validation = render_validation(spec_of(), METADATA, settings)[-1]
+    for job in (first[-1], second[-1], validation):
+        labels = job["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items()
 
 
 def test_dns_goes_only_to_the_clusters_dns_pods_not_port_53_anywhere() -> None:
@@ -154,8 +172,13 @@ def test_the_trainer_downloads_only_from_public_addresses_unless_the_settings_al
 
 
 def test_every_child_is_owned_by_the_finetunejob_and_labelled() -> None:
-    for obj in render(spec_of(), METADATA, OperatorSettings()):
+    """Every child but the namespace's shared trainer policy, which no job owns."""
+    for obj in render(group_spec(), METADATA, OperatorSettings()):
         meta = obj["metadata"]
+        if meta["name"] == "kubetune-trainers":
+            assert "ownerReferences" not in meta and meta["namespace"] == "team-a"
+            assert meta["labels"]["app.kubernetes.io/managed-by"] == "kubetune-operator"
+            continue
         assert meta["namespace"] == "team-a"
         assert meta["ownerReferences"] == [
             {
@@ -461,7 +484,7 @@ def group_spec(nodes: int = 2, **resources: Any) -> FineTuneJobSpec:
 def test_two_nodes_render_an_indexed_job_of_two_pods_named_by_a_headless_service() -> None:
     objects = render(group_spec(), METADATA, OperatorSettings(), attempt=3)
     kinds = [obj["kind"] for obj in objects]
-    assert kinds == ["ConfigMap", "NetworkPolicy", "Service", "Job"]
+    assert kinds == ["ConfigMap", "NetworkPolicy", "NetworkPolicy", "Service", "Job"]
     by_kind = {obj["kind"]: obj for obj in objects}
     job, service = by_kind["Job"], by_kind["Service"]
     assert job["spec"]["completionMode"] == "Indexed"
@@ -509,14 +532,22 @@ def test_one_node_stays_a_single_pod_job_without_a_service_or_rendezvous() -> No
 
 
 def test_a_groups_pods_reach_each_other_and_no_other_pod() -> None:
-    policy = rendered(group_spec())["NetworkPolicy"]["spec"]
+    """The namespace's policy lets no pod reach another; a group's own policy adds its pods,
+    and only them, selected by the job's uid (whatever the egress settings say)."""
+    shared, group = [
+        o["spec"] for o in render(group_spec(), METADATA, OperatorSettings())
+        if o["kind"] == "NetworkPolicy"
+    ]  # fmt: skip
+    assert "ingress" not in shared
+    assert not any("podSelector" in peer and "namespaceSelector" not in peer
+                   for rule in shared["egress"] for peer in rule["to"])  # fmt: skip
     peers = [{"podSelector": {"matchLabels": {
         "kubetune.io/job-uid": "uid-1234", "app.kubernetes.io/managed-by": "kubetune-operator"}}}]  # fmt: skip
-    assert policy["ingress"] == [{"from": peers}]
-    assert {"to": peers} in policy["egress"]
-    # With egress limited to DNS, the group still reaches its own pods.
+    assert group["podSelector"] == peers[0]["podSelector"]
+    assert group["ingress"] == [{"from": peers}]
+    assert group["egress"] == [{"to": peers}]
     only_dns = rendered(group_spec(), trainer_egress_cidrs=[])["NetworkPolicy"]["spec"]
-    assert only_dns["egress"][1:] == [{"to": peers}]
+    assert only_dns["egress"] == [{"to": peers}]
 
 
 def test_two_jobs_whose_names_shorten_alike_never_select_each_others_pods() -> None:
@@ -654,7 +685,7 @@ def test_a_group_as_a_jobset_is_one_replicated_job_whose_template_is_the_indexed
     objects = jobset_children(group_spec(), trainer_network_policy=True)
     kinds = [obj["kind"] for obj in objects]
     # JobSet makes the headless Service: kubetune makes none.
-    assert kinds == ["ConfigMap", "NetworkPolicy", "JobSet"]
+    assert kinds == ["ConfigMap", "NetworkPolicy", "NetworkPolicy", "JobSet"]
     jobset = objects[-1]
     assert jobset["apiVersion"] == "jobset.x-k8s.io/v1alpha2"
     assert jobset["metadata"]["name"] == "llama2-support"
@@ -716,7 +747,7 @@ def test_a_queued_jobset_is_created_suspended_and_only_the_jobset_names_the_queu
 def test_one_pod_stays_a_job_and_validation_makes_no_service_when_jobset_runs_the_group() -> None:
     assert jobset_children(spec_of())[-1]["kind"] == "Job"
     validating = render_validation(group_spec(), METADATA, OperatorSettings(), jobset=True)
-    assert [o["kind"] for o in validating] == ["ConfigMap", "NetworkPolicy", "Job"]
+    assert [o["kind"] for o in validating] == ["ConfigMap", "NetworkPolicy", "NetworkPolicy", "Job"]
     assert "subdomain" not in validating[-1]["spec"]["template"]["spec"]
 
 

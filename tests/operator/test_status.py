@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from kubetune.operator.pods import parse_termination_message
 from kubetune.operator.status import (
     derive_status,
-    parse_termination_message,
     set_condition,
     transition,
     ttl_remaining,

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serverkit import ServerProcess
+from serverkit import ServerProcess, server_identity
 
 from kubetune_devtools.pytest_plugin import Kubectl, install_crd
 
@@ -29,10 +29,14 @@ def operator(
 
 @pytest.fixture(scope="module")
 def server(
-    operator: OperatorProcess, kubeconfig_path: Path, tmp_path_factory: pytest.TempPathFactory
+    operator: OperatorProcess,
+    kubectl: Kubectl,
+    kubeconfig_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("server")
-    process = ServerProcess(kubeconfig_path, root / "files", root / "log")
+    token = server_identity(kubectl, root / "identity-token")
+    process = ServerProcess(kubeconfig_path, root / "files", root / "log", cache_token=token)
     process.start()
     yield process
     process.stop()

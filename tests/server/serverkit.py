@@ -4,11 +4,12 @@ and talk to it through the real openai SDK."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -19,31 +20,17 @@ from typing import Any
 from openai import OpenAI
 
 from kubetune.local.ports import free_port
-from kubetune_devtools.pytest_plugin import Kubectl, apply, wait_for
+from kubetune_devtools.pytest_plugin import Kubectl, apply, paced_poll, wait_for
 
-#: The claim each test namespace gets, holding the tiny model (and, after a run, adapters).
-CLAIM = "work"
+# The claim, the tiny settings and the operator as a process are tests/operator's.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
+from operatorkit import CLAIM, TINY_SETTINGS
+from operatorkit import work_claim as bound_claim
+
 BASE_MODEL = "tiny-llama"
 #: What the platform puts under every job created through the API: the tiny model's settings on
 #: the CPU, as tests/operator's tiny job has them.
-JOB_TEMPLATE: dict[str, Any] = {
-    "quantization": {"type": "nf4", "computeDtype": "float32"},
-    "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-    "training": {
-        "maxSteps": 10,
-        "learningRate": 1.0e-2,
-        "batchSize": 4,
-        "maxLength": 64,
-        "packing": False,
-        "warmupRatio": 0.0,
-        "lrScheduler": "constant",
-        "checkpointSteps": 5,
-        "loggingSteps": 1,
-        "gradientCheckpointing": False,
-    },
-    "resources": {"gpus": 0, "shmSize": "64Mi"},
-    "runPolicy": {"backoffLimit": 2},
-}
+JOB_TEMPLATE: dict[str, Any] = copy.deepcopy(TINY_SETTINGS)
 #: A tenant's rights: FineTuneJobs and their Events in their own namespace, as the chart's
 #: aggregated `edit` role gives them.
 TENANT_RULES = [
@@ -56,7 +43,9 @@ TENANT_RULES = [
 class ServerProcess:
     """``kubetune-server`` in a subprocess, logging to a file."""
 
-    def __init__(self, kubeconfig: Path, files_dir: Path, log_path: Path) -> None:
+    def __init__(
+        self, kubeconfig: Path, files_dir: Path, log_path: Path, cache_token: Path | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -74,6 +63,8 @@ class ServerProcess:
             "KUBETUNE_SERVER_RATE_LIMIT_PER_SECOND": "0",
             "PYTHONUNBUFFERED": "1",
         }
+        if cache_token is not None:  # reads from the watch-backed cache, as the chart has it
+            self.env["KUBETUNE_SERVER_CACHE_TOKEN_FILE"] = str(cache_token)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -114,6 +105,40 @@ class ServerProcess:
         )
 
 
+#: The server's own identity, as the chart gives it with server.cache.enabled: read FineTuneJobs.
+SERVER_ACCOUNT = "kubetune-server"
+SERVER_NAMESPACE = "kubetune-system"
+
+
+def server_identity(kubectl: Kubectl, token_file: Path) -> Path:
+    """The server's ServiceAccount, allowed get/list/watch on FineTuneJobs cluster-wide, and its
+    token in ``token_file``."""
+    kubectl("create", "namespace", SERVER_NAMESPACE, check=False)
+    role = f"{SERVER_ACCOUNT}-read-jobs"
+    apply(
+        kubectl, SERVER_NAMESPACE,
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": SERVER_ACCOUNT}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+         "metadata": {"name": role},
+         "rules": [{"apiGroups": ["kubetune.io"], "resources": ["finetunejobs"],
+                    "verbs": ["get", "list", "watch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+         "metadata": {"name": role},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+         "subjects": [{"kind": "ServiceAccount", "name": SERVER_ACCOUNT,
+                       "namespace": SERVER_NAMESPACE}]},
+    )  # fmt: skip
+
+    def token() -> str:  # the token controller needs a moment for a new ServiceAccount
+        made = kubectl("create", "token", SERVER_ACCOUNT, "-n", SERVER_NAMESPACE,
+                       "--duration", "4h", check=False)  # fmt: skip
+        return made.stdout.strip()
+
+    token_file.write_text(wait_for(token, 60, "the server's token"))
+    token_file.chmod(0o600)
+    return token_file
+
+
 @dataclass(frozen=True)
 class Tenant:
     """A ServiceAccount with a tenant's rights in ``namespace``, and its token."""
@@ -139,26 +164,13 @@ def make_tenant(kubectl: Kubectl, namespace: str, name: str) -> Tenant:
     return Tenant(namespace, name, token)
 
 
-def work_claim(kubectl: Kubectl, namespace: str) -> Path:
-    """A bound PVC named ``work``; the directory behind it on this machine."""
-    claim = {
-        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": CLAIM},
-        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
-    }  # fmt: skip
-    apply(kubectl, namespace, claim)
-    volume = wait_for(
-        lambda: json.loads(kubectl("get", "pvc", CLAIM, "-n", namespace, "-o", "json").stdout)[
-            "spec"
-        ].get("volumeName"),
-        60,
-        "the work claim to bind",
-    )
-    pv = json.loads(kubectl("get", "pv", volume, "-o", "json").stdout)
-    return Path(pv["spec"]["hostPath"]["path"])
-
-
-#: The next change may take this many times the longest gap between changes seen so far.
-PACE_FACTOR = 4.0
+def work_claim(kubectl: Kubectl, namespace: str, model: Path | None = None) -> Path:
+    """A bound PVC named ``work`` (with ``model`` copied in as ``model/``, the base the server
+    offers); the directory behind it on this machine."""
+    directory = bound_claim(kubectl, namespace)
+    if model is not None:
+        shutil.copytree(model, directory / "model")
+    return directory
 
 
 def poll_until(
@@ -167,25 +179,14 @@ def poll_until(
     patience: float,
     what: str,
 ) -> tuple[Any, ...]:
-    """Observe until ``done``: the deadline moves with what is seen (each change starts a new
-    wait of ``PACE_FACTOR`` × the longest gap so far, never less than ``patience``), so a busy
-    machine makes the wait longer and a stuck job still fails."""
-    last: tuple[Any, ...] | None = None
-    changed_at = time.monotonic()
-    longest = 0.0
-    while True:
+    """Observe until ``done``, the deadline moving with what is seen (``paced_poll``)."""
+
+    def step() -> tuple[tuple[Any, ...] | None, tuple[Any, ...]]:
         seen = observe()
-        if done(seen):
-            return seen
-        now = time.monotonic()
-        if seen != last:
-            if last is not None:
-                longest = max(longest, now - changed_at)
-            last, changed_at = seen, now
-        allowed = max(patience, PACE_FACTOR * longest)
-        if now - changed_at > allowed:
-            raise AssertionError(f"{what}: nothing moved for {now - changed_at:.0f}s; last {seen}")
-        time.sleep(1)
+        return (seen if done(seen) else None), seen
+
+    found: tuple[Any, ...] = paced_poll(step, patience, what)
+    return found
 
 
 def ftj(kubectl: Kubectl, namespace: str, name: str) -> Mapping[str, Any]:

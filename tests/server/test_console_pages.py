@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from kubetune.server import console_form
-from kubetune.server.console_html import esc, job_live, job_row, tag
+from kubetune.server.console_html import esc, tag
+from kubetune.server.console_job_html import job_live, job_row
 
 pytestmark = pytest.mark.unit
 
@@ -138,7 +139,7 @@ def test_preference_tuning_shows_its_latest_rewards() -> None:
 def test_after_sign_in_the_console_goes_only_to_its_own_pages(
     target: str | None, kept: str
 ) -> None:
-    from kubetune.server.console import _safe_next
+    from kubetune.server.console_core import _safe_next
 
     assert _safe_next(target) == kept
 
@@ -156,7 +157,7 @@ def test_the_local_console_refuses_every_token_but_its_session() -> None:
 
 
 def test_the_yaml_shows_uris_without_their_credentials() -> None:
-    from kubetune.server.console_html import job_yaml
+    from kubetune.server.console_job_html import job_yaml
 
     signed = "http://server:8080/datasets/team-a/file-1.jsonl?expires=1&signature=abc123"
     shown = job_yaml(

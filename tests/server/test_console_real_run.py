@@ -6,7 +6,6 @@ sha256 and the evaluation answers."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +50,7 @@ def alice(kubectl: Kubectl, namespace: str) -> Tenant:
 def test_a_job_from_the_form_runs_and_its_page_follows_it_to_the_adapter(
     server: ServerProcess, browser: WebDriver, kubectl: Kubectl, alice: Tenant, tiny_assets: Path
 ) -> None:
-    volume = work_claim(kubectl, alice.namespace)
-    shutil.copytree(tiny_assets / "model", volume / "model")
+    work_claim(kubectl, alice.namespace, model=tiny_assets / "model")
     sign_in(browser, server, alice.token, "/ui/new")
     for ident, value in {
         "f-metadata-name": "from-the-console",

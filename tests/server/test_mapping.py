@@ -9,6 +9,7 @@ import pytest
 
 from kubetune.server import mapping
 from kubetune.server.errors import ApiError
+from kubetune.server.manifest import job_manifest
 
 pytestmark = pytest.mark.unit
 
@@ -17,7 +18,7 @@ URL = "http://server/datasets/team-a/file-0123456789abcdef01234567.jsonl?expires
 
 
 def manifest(**request: Any) -> dict[str, Any]:
-    return mapping.job_manifest(
+    return job_manifest(
         "ftjob-1", "team-a", {"model": "tiny", "training_file": "file-1", **request},
         model_uri="pvc://work/model", dataset_uri=URL, template=TEMPLATE,
         output_uri="pvc://work/adapters/ftjob-1",
@@ -99,7 +100,7 @@ def test_a_dpo_request_becomes_a_dpo_job_and_reads_back_as_one() -> None:
 
 
 def test_a_validation_file_is_the_jobs_evaluation_data_in_place_of_the_templates() -> None:
-    made = mapping.job_manifest(
+    made = job_manifest(
         "ftjob-1", "team-a",
         {"model": "tiny", "training_file": "file-1", "validation_file": "file-2"},
         model_uri="pvc://work/model", dataset_uri=URL, template={"dataset": {"evalFraction": 0.1}},

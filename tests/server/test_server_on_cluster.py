@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,7 +23,13 @@ from serverkit import (
     work_claim,
 )
 
-from kubetune_devtools.pytest_plugin import Kubectl, apply, create_namespace, minimal_finetunejob
+from kubetune_devtools.pytest_plugin import (
+    Kubectl,
+    apply,
+    create_namespace,
+    minimal_finetunejob,
+    wait_for,
+)
 from kubetune_devtools.tiny import toy_preference_records, write_jsonl
 
 pytestmark = pytest.mark.integration
@@ -51,8 +56,7 @@ def upload(client: openai.OpenAI, path: Path) -> Any:
 def test_a_jsonl_upload_trains_to_an_adapter_named_by_fine_tuned_model(
     server: ServerProcess, kubectl: Kubectl, alice: Tenant, tiny_assets: Path
 ) -> None:
-    volume = work_claim(kubectl, alice.namespace)
-    shutil.copytree(tiny_assets / "model", volume / "model")
+    volume = work_claim(kubectl, alice.namespace, model=tiny_assets / "model")
     client = server.client(alice.token, alice.namespace)
     dataset = tiny_assets / "data" / "reverse-prompt-completion.jsonl"
 
@@ -126,8 +130,7 @@ def test_a_jsonl_upload_trains_to_an_adapter_named_by_fine_tuned_model(
 def test_openais_dpo_pairs_and_a_validation_file_train_a_dpo_job_evaluated_on_that_file(
     server: ServerProcess, kubectl: Kubectl, alice: Tenant, tiny_assets: Path, tmp_path: Path
 ) -> None:
-    volume = work_claim(kubectl, alice.namespace)
-    shutil.copytree(tiny_assets / "model", volume / "model")
+    work_claim(kubectl, alice.namespace, model=tiny_assets / "model")
     client = server.client(alice.token, alice.namespace)
     pairs = upload(client, write_jsonl(tmp_path / "pairs.jsonl",
                                        toy_preference_records("openai-preference", 64)))  # fmt: skip
@@ -236,8 +239,7 @@ def test_a_second_user_is_denied_and_sees_none_of_the_first_users_files_or_jobs(
 def test_cancel_pause_and_resume(
     server: ServerProcess, kubectl: Kubectl, alice: Tenant, tiny_assets: Path
 ) -> None:
-    volume = work_claim(kubectl, alice.namespace)
-    shutil.copytree(tiny_assets / "model", volume / "model")
+    work_claim(kubectl, alice.namespace, model=tiny_assets / "model")
     client = server.client(alice.token, alice.namespace)
     uploaded = upload(client, tiny_assets / "data" / "reverse-prompt-completion.jsonl")
     job = client.fine_tuning.jobs.create(model=BASE_MODEL, training_file=uploaded.id)
@@ -249,7 +251,8 @@ def test_cancel_pause_and_resume(
         return (ftj(kubectl, alice.namespace, job.id).get("status", {}).get("phase"),)
 
     poll_until(phase, lambda seen: seen[0] == "Suspended", 60, "the job to be suspended")
-    assert client.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    # The operator's status change reaches the server's cache through its watch.
+    wait_for(lambda: client.fine_tuning.jobs.retrieve(job.id).status == "paused", 30, "paused")
     assert paused.id == job.id
 
     resumed = client.fine_tuning.jobs.resume(job.id)
@@ -280,6 +283,8 @@ def test_pagination_over_sixty_jobs_returns_each_exactly_once(
     ]
     apply(kubectl, alice.namespace, *jobs)
     client = server.client(alice.token, alice.namespace)
+    # Jobs made with kubectl reach the server's cache through its watch.
+    wait_for(lambda: len(client.fine_tuning.jobs.list(limit=100).data) == 60, 30, "60 jobs")
 
     listed = [job.id for job in client.fine_tuning.jobs.list(limit=7)]  # the SDK follows `after`
     assert sorted(listed) == names
@@ -287,3 +292,46 @@ def test_pagination_over_sixty_jobs_returns_each_exactly_once(
     assert [j.id for j in first.data] == listed and not first.has_more
     page = client.fine_tuning.jobs.list(limit=59)
     assert page.has_more and len(page.data) == 59
+
+
+def test_reads_follow_the_watch_and_a_revoked_user_loses_them_within_the_allowed_ttl(
+    server: ServerProcess, kubectl: Kubectl, alice: Tenant, mallory: Tenant
+) -> None:
+    """Reads come from the server's watch-backed cache behind each caller's own (cached) access
+    review: a change made with kubectl shows; a user whose RoleBinding is deleted loses list and
+    retrieve within the allowed TTL (10 s by default); another namespace's job of the same name
+    never shows."""
+    apply(kubectl, alice.namespace, minimal_finetunejob("shared-name", runPolicy={"suspend": True}))
+    apply(
+        kubectl, mallory.namespace, minimal_finetunejob("shared-name", runPolicy={"suspend": True})
+    )
+    carol = make_tenant(kubectl, alice.namespace, "carol")
+    client = server.client(carol.token, alice.namespace)
+    wait_for(lambda: [j.id for j in client.fine_tuning.jobs.list().data] == ["shared-name"], 30,
+             "the job in carol's list")  # fmt: skip
+
+    metadata = json.dumps({"team": "blue"})
+    kubectl("annotate", "ftj", "shared-name", "-n", alice.namespace,
+            f"openai.kubetune.io/metadata={metadata}")  # fmt: skip
+    wait_for(lambda: client.fine_tuning.jobs.retrieve("shared-name").metadata == {"team": "blue"},
+             30, "the annotation through the watch")  # fmt: skip
+    # mallory's job of the same name, in mallory's namespace, is not carol's.
+    assert [j.metadata for j in server.client(mallory.token, mallory.namespace)
+            .fine_tuning.jobs.list().data] == [None]  # fmt: skip
+
+    kubectl("delete", "rolebinding", "carol-tenant", "-n", alice.namespace)
+
+    def denied() -> bool:
+        try:
+            client.fine_tuning.jobs.retrieve("shared-name")
+        except openai.PermissionDeniedError:
+            return True
+        return False
+
+    # The allowed TTL (10 s) plus the API server's own RBAC propagation: never the cache's
+    # answer for longer.
+    wait_for(denied, 10 + 20, "carol's retrieve to be refused", interval=1)
+    with pytest.raises(openai.PermissionDeniedError):
+        client.fine_tuning.jobs.list()
+    assert [j.id for j in server.client(alice.token, alice.namespace)
+            .fine_tuning.jobs.list().data] == ["shared-name"]  # fmt: skip

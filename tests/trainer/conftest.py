@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_helpers import FAKE_TOKEN, TinyAssets, TrainedRun, job_manifest, write_manifest
+from trainer_helpers import (
+    FAKE_TOKEN,
+    TinyAssets,
+    TrainedRun,
+    adapter_on_4bit_base,
+    job_manifest,
+    write_manifest,
+)
 
 # One thread per process: these models are tiny, and on a small shared machine more threads
 # only contend. Set before torch is imported by any test.
@@ -106,20 +113,5 @@ def trained(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> Train
 @pytest.fixture(scope="session")
 def adapted_model(tiny: TinyAssets, trained: TrainedRun) -> Any:
     """The 4-bit base with the saved adapter loaded onto it through PEFT."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     assert trained.exit_code == 0, trained.logs[-3000:]
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    base = AutoModelForCausalLM.from_pretrained(
-        tiny.model, quantization_config=quantization, dtype=torch.float32
-    )
-    model = PeftModel.from_pretrained(base, str(trained.output))
-    model.eval()
-    return model
+    return adapter_on_4bit_base(tiny.model, trained.output, "float32")

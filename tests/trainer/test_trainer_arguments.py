@@ -105,6 +105,28 @@ def test_speed_settings_become_trl_flags() -> None:
     assert arguments["gradient_checkpointing"] is False
 
 
+def test_a_dpo_run_on_a_gpu_keeps_ligers_layer_kernels_and_pads_its_pairs() -> None:
+    """TRL's DPOTrainer applies Liger's RMSNorm, SwiGLU and RoPE and keeps its own fused LM
+    head; without them kubetune's DPO step was 1.85× TRL's hand-set one (docs/performance.md)."""
+    from kubetune.trainer.arguments import preference_arguments
+    from kubetune.trainer.preference import preference_speed
+
+    spec = _spec(method={"type": "dpo"})
+    resolved = SpeedSettings("varlen", True, False, True, "paged_adamw_8bit")
+    speed = preference_speed(resolved)
+    assert (speed.liger_kernel, speed.packing, speed.attention) == (True, False, "varlen")
+    flex = preference_speed(SpeedSettings("flex_attention", True, False, True, "adamw_torch"))
+    assert flex.attention == "sdpa"
+    plan = plan_training(spec.training, spec.resources.world_size)
+    arguments = preference_arguments(
+        spec, plan, speed, cuda=True, checkpoint_dir="/out/checkpoints", has_eval=False
+    )
+    assert arguments["use_liger_kernel"] is True
+    assert "packing" not in arguments and arguments["pad_to_multiple_of"] is None
+    off = preference_speed(SpeedSettings("sdpa", False, False, False, "adamw_torch"))
+    assert off.liger_kernel is False
+
+
 def test_loss_masking_comes_from_the_prepared_data() -> None:
     masking = LossMasking(completion_only=False, assistant_only=True, has_eval=False)
     arguments = _arguments(_spec(), masking=masking)
@@ -195,20 +217,6 @@ def test_tracking_reports_through_transformers_callbacks_configured_by_the_envir
     assert tracking_environment(off, Path("/out/run")) == {}
 
 
-def test_mlflow_secrets_from_the_environment_are_redacted_like_the_hub_tokens() -> None:
-    from kubetune.trainer.secrets import HubTokens, redact
-    from kubetune.trainer.tracking import tracking_secrets
-
-    environ = {
-        "MLFLOW_TRACKING_USERNAME": "alice",
-        "MLFLOW_TRACKING_PASSWORD": "p@ss word 1234",
-        "MLFLOW_TRACKING_TOKEN": "mlflow-bearer-abcdef",
-    }
-    secrets = HubTokens().with_secrets(tracking_secrets(environ)).secrets
-    line = "auth p@ss word 1234 / p%40ss%20word%201234 / mlflow-bearer-abcdef for alice"
-    assert redact(line, secrets) == "auth *** / *** / *** for alice"
-
-
 @pytest.mark.parametrize(
     ("packing", "cuda", "varlen_runs", "chosen"),
     [
@@ -260,14 +268,40 @@ def test_varlen_packed_micro_steps_are_not_padded_flex_ones_are() -> None:
     assert apply_plan(flex, plan).pad_to_tokens == 8192
 
 
-def test_the_object_stores_secret_key_and_session_token_are_redacted_like_the_hub_tokens() -> None:
-    from kubetune.trainer.secrets import HubTokens, object_store_secrets, redact
+@pytest.mark.parametrize(
+    ("reader", "environ", "line", "shown"),
+    [
+        pytest.param(
+            "tracking_secrets",
+            {
+                "MLFLOW_TRACKING_USERNAME": "alice",
+                "MLFLOW_TRACKING_PASSWORD": "p@ss word 1234",
+                "MLFLOW_TRACKING_TOKEN": "mlflow-bearer-abcdef",
+            },
+            "auth p@ss word 1234 / p%40ss%20word%201234 / mlflow-bearer-abcdef for alice",
+            "auth *** / *** / *** for alice",
+            id="mlflow",
+        ),
+        pytest.param(
+            "object_store_secrets",
+            {
+                "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEYID",
+                "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCY",
+                "AWS_SESSION_TOKEN": "FwoGZXIvYXdzEXAMPLEsessiontoken",
+            },
+            "s3 error: key wJalrXUtnFEMI/K7MDENG/bPxRfiCY token FwoGZXIvYXdzEXAMPLEsessiontoken",
+            "s3 error: key *** token ***",
+            id="object-store",
+        ),
+    ],
+)
+def test_mlflow_and_object_store_secrets_are_redacted_like_the_hub_tokens(
+    reader: str, environ: dict[str, str], line: str, shown: str
+) -> None:
+    from kubetune.trainer import secrets as secrets_module
+    from kubetune.trainer import tracking
+    from kubetune.trainer.secrets import HubTokens, redact
 
-    environ = {
-        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEKEYID",
-        "AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI/K7MDENG/bPxRfiCY",
-        "AWS_SESSION_TOKEN": "FwoGZXIvYXdzEXAMPLEsessiontoken",
-    }
-    secrets = HubTokens().with_secrets(object_store_secrets(environ)).secrets
-    line = "s3 error: key wJalrXUtnFEMI/K7MDENG/bPxRfiCY token FwoGZXIvYXdzEXAMPLEsessiontoken"
-    assert redact(line, secrets) == "s3 error: key *** token ***"
+    read = getattr(tracking if reader == "tracking_secrets" else secrets_module, reader)
+    secrets = HubTokens().with_secrets(read(environ)).secrets
+    assert redact(line, secrets) == shown

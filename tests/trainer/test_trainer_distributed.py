@@ -28,10 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_helpers import TinyAssets, checkpoint_steps, job_manifest, trainer_command
-
-from kubetune.api.config import TrainerConfig
-from kubetune.api.manifest import load_finetunejob
+from trainer_helpers import (
+    TinyAssets,
+    checkpoint_steps,
+    config_reporting_progress,
+    job_manifest,
+    trainer_command,
+)
 
 #: Thirteen trainer processes start here (three launchers with two ranks each, two one-rank
 #: pods, and the launchers' own); on a loaded 2-core machine each takes minutes to import torch.
@@ -94,14 +97,7 @@ def _config(
         },
     )
     manifest["spec"]["resources"] = resources
-    config = TrainerConfig(
-        spec=load_finetunejob(manifest).spec,
-        progress={"reporter": "file", "file": str(work / f"{name}.progress.json"),
-                  "intervalSeconds": 0.01},
-    )  # fmt: skip
-    path = work / f"{name}.yaml"
-    path.write_text(config.to_yaml())
-    return path
+    return config_reporting_progress(manifest, work, name)[0]
 
 
 def _start(config: Path, work: Path, name: str, **env: str) -> subprocess.Popen[str]:

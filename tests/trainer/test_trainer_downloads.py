@@ -278,7 +278,7 @@ def test_a_hosts_header_line_and_column_names_stay_out_of_the_termination_messag
 def test_addresses_that_are_not_public_are_refused(address: str) -> None:
     import ipaddress
 
-    from kubetune.trainer.locations import is_public
+    from kubetune.trainer.downloads import is_public
 
     assert not is_public(ipaddress.ip_address(address))
     assert is_public(ipaddress.ip_address("8.8.8.8"))

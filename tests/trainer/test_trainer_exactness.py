@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_helpers import TinyAssets, job_manifest
+from trainer_helpers import TinyAssets, adapter_on_4bit_base, job_manifest
 
 pytestmark = pytest.mark.trainer
 
@@ -110,20 +110,8 @@ def test_the_saved_adapter_in_plain_peft_reproduces_the_training_time_logits(
     packed_run: PackedRun, tiny: TinyAssets
 ) -> None:
     import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    )
-    base = AutoModelForCausalLM.from_pretrained(
-        tiny.model, quantization_config=quantization, dtype=torch.bfloat16
-    )
-    model = PeftModel.from_pretrained(base, str(packed_run.output))
-    model.eval()
+    model = adapter_on_4bit_base(tiny.model, packed_run.output, "bfloat16")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         loaded = model(input_ids=packed_run.probe).logits.float()
         with model.disable_adapter():

@@ -266,3 +266,21 @@ def test_a_16gb_card_checkpoints_layers_rather_than_run_micro_steps_the_host_can
     assert plan.fits
     assert plan.tokens_per_micro_step >= HOST_FLOOR_TOKENS
     assert 0 < plan.checkpointed_layers < plan.layers
+
+
+def test_the_crds_text_for_optimizer_auto_names_each_optimizer_the_plan_picks() -> None:
+    from kubetune.api.models import TrainingSpec
+
+    picks = {
+        "roomy GPU": plan_memory(LLAMA2_7B, DEFAULTS, CARD_141, cuda=True).optimizer,
+        "small GPU": plan_memory(LLAMA2_7B, DEFAULTS, CARD_24, cuda=True).optimizer,
+        "CPU": plan_memory(LLAMA2_7B, DEFAULTS, None, cuda=False).optimizer,
+    }
+    assert picks == {
+        "roomy GPU": "adamw_torch_fused",
+        "small GPU": "paged_adamw_8bit",
+        "CPU": "adamw_torch",
+    }
+    description = TrainingSpec.model_fields["optimizer"].description or ""
+    for optimizer in picks.values():
+        assert optimizer in description

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import logging
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from trainer_helpers import TinyAssets, assert_hidden, checkpoint_steps, job_manifest
 
-from kubetune_devtools.oci import LoginRegistry, docker_config, start_test_registry
+from kubetune_devtools.oci import LoginRegistry, docker_config, running_test_registry
 
 pytestmark = pytest.mark.trainer
 
@@ -33,7 +34,15 @@ class Run:
     termination: dict[str, Any]
 
 
-def _train(tiny: TinyAssets, work: Path, output: str, auth_file: Path, *, max_steps: int) -> Run:
+def _train(
+    tiny: TinyAssets,
+    work: Path,
+    output: str,
+    auth_file: Path,
+    *,
+    max_steps: int,
+    layout: str = "modelpack",
+) -> Run:
     """The pod's command (`kubetune-trainer --config`) on a config with an oci:// output."""
     from kubetune.api.config import TrainerConfig
     from kubetune.api.manifest import load_finetunejob
@@ -46,7 +55,8 @@ def _train(tiny: TinyAssets, work: Path, output: str, auth_file: Path, *, max_st
         training={"maxSteps": max_steps, "checkpointSteps": max_steps // 2, "loggingSteps": 2},
     )
     manifest["spec"]["output"].update(
-        checkpointUri=str(work / "checkpoints-home"), registry={"plainHttp": True}
+        checkpointUri=str(work / "checkpoints-home"),
+        registry={"plainHttp": True, "layout": layout},
     )
     config = work / "config.yaml"
     config.write_text(TrainerConfig(spec=load_finetunejob(manifest).spec).to_yaml())
@@ -69,11 +79,8 @@ def _train(tiny: TinyAssets, work: Path, output: str, auth_file: Path, *, max_st
 def registry(
     registry_tools: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LoginRegistry]:
-    started = start_test_registry(tmp_path_factory.mktemp("oci"), registry_tools)
-    try:
+    with running_test_registry(tmp_path_factory.mktemp("oci"), registry_tools) as started:
         yield started
-    finally:
-        started.process.close()
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +133,42 @@ def test_oras_pulls_back_the_adapter_files_byte_for_byte(
     assert inside["adapter"]["uri"] == f"oci://{registry.host}/{REPOSITORY}:{TAG}"
     assert inside["adapter"]["sha256"] == pushed.termination["adapter"]["sha256"]
     assert inside["outcome"] == "Succeeded"
+
+
+def test_a_kaito_layout_is_the_image_kaitos_puller_unpacks_into_the_adapter_files(
+    tiny: TinyAssets, registry: LoginRegistry, tmp_path: Path
+) -> None:
+    """output.registry.layout: kaito, taken apart with KAITO's own puller steps
+    (pkg/utils/image/puller.sh): skopeo copies it into a dir: layout with the layers
+    decompressed, each layer listed by `skopeo inspect` is untarred into one root, and that
+    root's data/ is the adapter's folder."""
+    output = f"oci://{registry.host}/{REPOSITORY}-kaito:{TAG}"
+    (tmp_path / "work").mkdir()
+    run = _train(tiny, tmp_path / "work", output, registry.auth_file, max_steps=4, layout="kaito")
+    assert run.exit_code == 0, run.logs[-3000:]
+    pinned = run.termination["adapter"]["uri"].removeprefix("oci://")
+    assert pinned.startswith(f"{registry.host}/{REPOSITORY}-kaito@sha256:")
+    assert run.termination["adapter"]["sha256"] == _sha256(run.work / "adapter_model.safetensors")
+
+    layout, root = tmp_path / "layout", tmp_path / "rootfs"
+    skopeo = ("skopeo", "--insecure-policy")
+    copy = [*skopeo, "copy", "--dest-decompress", "--src-tls-verify=false",
+            "--src-authfile", str(registry.auth_file), f"docker://{pinned}", f"dir:{layout}"]  # fmt: skip
+    subprocess.run(copy, check=True, capture_output=True, timeout=120)
+    listed = subprocess.run(
+        [*skopeo, "inspect", "--format", "{{ range .Layers }}{{ slice . 7 }} {{ end }}",
+         f"dir:{layout}"],
+        check=True, capture_output=True, text=True, timeout=60,
+    ).stdout.split()  # fmt: skip
+    assert len(listed) == 1, listed
+    root.mkdir()
+    subprocess.run(["tar", "x", "-f", str(layout / listed[0]), "-C", str(root)], check=True)
+    data = root / "data"
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in data.iterdir()}
+    for path in data.iterdir():
+        assert (
+            path.read_bytes() == (run.work / path.name).read_bytes() or path.name == "result.json"
+        )
 
 
 def test_the_manifest_is_a_modelpack_artifact_with_one_raw_layer_a_file(

@@ -19,6 +19,7 @@ import yaml
 from trainer_helpers import (
     TinyAssets,
     checkpoint_steps,
+    config_reporting_progress,
     job_manifest,
     stop_with_sigterm_at,
     train_job,
@@ -325,7 +326,6 @@ def test_sigterm_then_resume_gives_the_uninterrupted_runs_adapter(
     import torch
     from safetensors.torch import load_file
 
-    from kubetune.api.manifest import load_finetunejob
     from kubetune_devtools.tiny import toy_eval_prompts
 
     fmt = "preference" if method == "dpo" else "unpaired-preference"
@@ -336,13 +336,7 @@ def test_sigterm_then_resume_gives_the_uninterrupted_runs_adapter(
     del manifest["spec"]["quantization"]["computeDtype"]  # the default: bfloat16
     manifest["spec"]["evaluation"] = {"prompts": [p for p, _ in toy_eval_prompts(1)],
                                       "maxNewTokens": 4}  # fmt: skip
-    progress = tmp_path / "progress.json"
-    config = TrainerConfig(
-        spec=load_finetunejob(manifest).spec,
-        progress={"reporter": "file", "file": str(progress), "intervalSeconds": 0.01},
-    )
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(config.to_yaml())
+    config_path, progress = config_reporting_progress(manifest, tmp_path)
 
     code, stderr, preempted = stop_with_sigterm_at(config_path, tmp_path, progress, STOP_AFTER)
     assert code == 143, stderr[-3000:]

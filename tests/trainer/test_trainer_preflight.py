@@ -132,6 +132,47 @@ def test_a_7b_run_on_an_h200_gets_a_plan_peak_and_seconds_without_loading_weight
     assert trained / 15_342 < estimate["seconds"] < 20 * trained / 15_342
 
 
+@pytest.mark.parametrize(
+    ("into", "host", "gpu", "seconds"),
+    [("original", 13.69, None, 35.1), ("dequantized", 14.27, 15.76, 48.7)],
+)
+def test_a_7b_merge_is_estimated_as_the_merge_measured_on_a_gpu_machine(
+    tiny: TinyAssets,
+    tmp_path: Path,
+    termination_log: Path,
+    into: str,
+    host: float,
+    gpu: float | None,
+    seconds: float,
+) -> None:
+    """output.merge: the estimate says what the merge will write, and the host (and GPU) memory
+    and time it takes: for Llama-2-7B's shape, the figures bench/merge_7b.py measured."""
+    model = weightless_model(tiny, tmp_path / "llama2-7b", LLAMA2_7B)
+    manifest = job_manifest(model, tiny.datasets["text"], tmp_path / "out")
+    manifest["spec"]["output"].update(merge=True, mergeBase=into)
+    manifest["spec"]["quantization"]["computeDtype"] = "bfloat16"  # the dtype it was measured in
+    path = config_file(tmp_path / "config.yaml", manifest)
+
+    code, result = preflight(path, termination_log)
+    assert code == 0, result
+    merge = result["estimate"]["merge"]
+    assert merge["diskGiB"] == pytest.approx(12.55, abs=0.01)  # 6.74 B parameters in bf16
+    assert merge["hostGiB"] == pytest.approx(host, abs=0.02)
+    assert merge.get("gpuGiB") == (pytest.approx(gpu, abs=0.02) if gpu else None)
+    assert merge["seconds"] == pytest.approx(seconds, abs=0.2)
+    assert f"the merge writes {merge['diskGiB']} GiB" in result["message"]
+
+
+def test_no_merge_asked_no_merge_estimated(
+    tiny: TinyAssets, tmp_path: Path, termination_log: Path
+) -> None:
+    manifest = job_manifest(tiny.model, tiny.datasets["text"], tmp_path / "out")
+    code, result = preflight(config_file(tmp_path / "config.yaml", manifest), termination_log)
+    assert code == 0, result
+    assert "merge" not in result["estimate"]
+    assert "merge" not in result["message"]
+
+
 def test_a_run_that_cannot_fit_the_gpu_kind_fails_naming_the_knob(
     tiny: TinyAssets, tmp_path: Path, termination_log: Path
 ) -> None:

@@ -24,13 +24,11 @@ import pytest
 from trainer_helpers import (
     TinyAssets,
     checkpoint_steps,
+    config_reporting_progress,
     job_manifest,
     trainer_command,
     write_manifest,
 )
-
-from kubetune.api.config import TrainerConfig
-from kubetune.api.manifest import load_finetunejob
 
 pytestmark = pytest.mark.trainer
 
@@ -116,13 +114,7 @@ def runs(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         evaluation={"prompts": [p for p, _ in toy_eval_prompts(2)], "maxNewTokens": 4},
     )
     del manifest["spec"]["quantization"]["computeDtype"]  # the default: bfloat16
-    progress = work / "progress.json"
-    config = TrainerConfig(
-        spec=load_finetunejob(manifest).spec,
-        progress={"reporter": "file", "file": str(progress), "intervalSeconds": 0.01},
-    )
-    config_path = work / "config.yaml"
-    config_path.write_text(config.to_yaml())
+    config_path, progress = config_reporting_progress(manifest, work)
 
     exit_code, stderr = _stop_with_sigterm_mid_interval(config_path, work, progress)
     assert exit_code == 143, stderr[-3000:]

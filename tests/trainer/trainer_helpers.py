@@ -46,6 +46,46 @@ def job_manifest(
     return manifest
 
 
+def adapter_on_4bit_base(model_dir: Path, adapter_dir: Path, dtype_name: str) -> Any:
+    """A saved adapter on its base loaded in NF4 (double quant, ``dtype_name`` compute) through
+    plain PEFT, in eval mode: as a user outside kubetune would load it."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = getattr(torch, dtype_name)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    base = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=quantization, dtype=dtype
+    )
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    model.eval()
+    return model
+
+
+def config_reporting_progress(
+    manifest: dict[str, Any], directory: Path, name: str = "config"
+) -> tuple[Path, Path]:
+    """The trainer's config for ``manifest`` written to ``directory/name.yaml``, its progress
+    reported to a file at once (no rate limit to wait for): (config, progress file)."""
+    from kubetune.api.config import TrainerConfig
+    from kubetune.api.manifest import load_finetunejob
+
+    progress = directory / ("progress.json" if name == "config" else f"{name}.progress.json")
+    config = TrainerConfig(
+        spec=load_finetunejob(manifest).spec,
+        progress={"reporter": "file", "file": str(progress), "intervalSeconds": 0.01},
+    )
+    path = directory / f"{name}.yaml"
+    path.write_text(config.to_yaml())
+    return path, progress
+
+
 def write_manifest(path: Path, manifest: dict[str, Any]) -> Path:
     import yaml
 

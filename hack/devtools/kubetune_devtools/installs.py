@@ -8,15 +8,19 @@ import os
 import re
 import subprocess
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from kubetune.local.ports import free_port
 from kubetune.local.real_node import NodeState, RealNode
 from kubetune.local.real_node_config import cluster_dns
 from kubetune_devtools.pytest_plugin import REAL_NODE, REAL_NODE_ONLY
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def helm_env(kubeconfig: Path, home: Path) -> dict[str, str]:
@@ -135,3 +139,23 @@ def scrape_metrics(url: str, timeout: float = 10) -> dict[str, float]:
             series, _, value = line.rpartition(" ")
             samples[series] = float(value)
     return samples
+
+
+def push_chart(
+    helm: Callable[..., subprocess.CompletedProcess[str]], registry: Any, workdir: Path
+) -> tuple[str, str, tuple[str, ...]]:
+    """`make chart` into ``workdir``, then `helm push` of the package to ``registry`` (a
+    kubetune_devtools.oci.LoginRegistry); returns the chart's oci:// reference, its version and
+    the registry arguments helm needs to take it back."""
+    version = yaml.safe_load((REPO / "charts" / "kubetune" / "Chart.yaml").read_text())["version"]
+    packaged = subprocess.run(
+        ["make", "--no-print-directory", "chart", f"CHART_DIR={workdir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert packaged.returncode == 0, packaged.stderr
+    package = workdir / f"kubetune-{version}.tgz"
+    assert package.is_file(), packaged.stdout
+    login = ("--plain-http", "--registry-config", str(registry.auth_file))
+    pushed = helm("push", str(package), f"oci://{registry.host}/charts", *login)
+    assert pushed.returncode == 0, pushed.stderr
+    return f"oci://{registry.host}/charts/kubetune", version, login

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
-DOCS = ("docs/operator.md", "docs/trainer.md", "docs/local-cluster.md")
+DOCS = ("docs/operator.md", "docs/trainer.md", "docs/local-cluster.md", "docs/api.md")
 MAP = re.compile(
     r"(<!-- module-map: (?P<folder>[\w/.-]+) -->\n)(?P<table>.*?)(<!-- /module-map -->)", re.S
 )

@@ -4,10 +4,12 @@ an independent client, so a push through kubetune is checked by what another too
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import secrets
 import subprocess
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,3 +74,13 @@ def start_test_registry(root: Path, tools: Path) -> LoginRegistry:
     process = LoopbackRegistry(root / "registry", htpasswd, binary=tools / "registry")
     auth_file = docker_config(root / "auth.json", process.host, USERNAME, password)
     return LoginRegistry(process, tools, USERNAME, password, auth_file)
+
+
+@contextlib.contextmanager
+def running_test_registry(root: Path, tools: Path) -> Iterator[LoginRegistry]:
+    """A registry of its own on loopback that asks for a login, stopped on leaving."""
+    registry = start_test_registry(root, tools)
+    try:
+        yield registry
+    finally:
+        registry.process.close()

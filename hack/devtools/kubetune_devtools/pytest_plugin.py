@@ -355,6 +355,42 @@ def wait_for(
         time.sleep(interval)
 
 
+#: A paced wait allows the next change this many times the longest gap between changes so far.
+PACE_FACTOR = 4.0
+
+
+def paced_poll(
+    observe: Callable[[], tuple[Any, tuple[Any, ...]]], patience: float, what: str
+) -> Any:
+    """Poll ``observe()`` — (a result or None, what it saw) — until it has a result; return it.
+
+    The deadline is not a constant: it moves with what is seen. Each change starts a new wait
+    for the next, of ``PACE_FACTOR`` × the longest gap between changes so far, and never less than
+    ``patience`` (the allowance for the first change). A slow machine makes every gap longer and
+    the waits with them; something that stops moving fails in about ``PACE_FACTOR`` of its own
+    slowest pace.
+    """
+    last: tuple[Any, ...] | None = None
+    changed_at = time.monotonic()
+    longest = 0.0
+    while True:
+        result, seen = observe()
+        if result is not None:
+            return result
+        now = time.monotonic()
+        if seen != last:
+            if last is not None:
+                longest = max(longest, now - changed_at)
+            last, changed_at = seen, now
+        allowed = max(patience, PACE_FACTOR * longest)
+        if now - changed_at > allowed:
+            raise AssertionError(
+                f"{what}: nothing moved for {now - changed_at:.0f}s (allowed {allowed:.0f}s: "
+                f"{PACE_FACTOR:g} x the longest gap seen, {longest:.0f}s); last seen {seen}"
+            )
+        time.sleep(1)
+
+
 def install_crd(kubectl: Kubectl, path: Path) -> None:
     """Apply the CRD at ``path`` (server-side) and wait until the apiserver serves it. Polls the
     CRD's Established condition: ``kubectl wait`` right after the apply can fail on a CRD that

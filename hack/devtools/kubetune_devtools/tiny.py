@@ -240,6 +240,29 @@ def toy_eval_prompts(count: int, seed: int = 1234) -> list[tuple[str, str]]:
     return [(toy_prompt(w), toy_answer(w).strip()) for w in toy_words(count, seed)]
 
 
+def tiny_cpu_settings(**training: Any) -> dict[str, Any]:
+    """The tiny model's quantization, LoRA and training settings for a run of seconds on a CPU
+    (10 steps, a checkpoint every 5; ``training`` overrides those fields): the operator's and the
+    server's tests, and the server's job template in them, train with these. A fresh copy."""
+    return {
+        "quantization": {"type": "nf4", "computeDtype": "float32"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "training": {
+            "maxSteps": 10,
+            "learningRate": 1.0e-2,
+            "batchSize": 4,
+            "maxLength": 64,
+            "packing": False,
+            "warmupRatio": 0.0,
+            "lrScheduler": "constant",
+            "checkpointSteps": 5,
+            "loggingSteps": 1,
+            "gradientCheckpointing": False,
+            **training,
+        },
+    }
+
+
 def demo_manifest(model_dir: Path, dataset: Path, name: str = "tiny-reverse") -> dict[str, Any]:
     """A FineTuneJob that trains the tiny model on the toy task on a CPU in about a minute."""
     return {
