@@ -49,6 +49,8 @@ from kubetune.operator.pod_template import apply_pod_template
 from kubetune.operator.settings import OperatorSettings
 
 Manifest = dict[str, Any]
+#: The trainer's HOME, an emptyDir: the trainer image's home and working folder.
+TRAINER_HOME = "/home/kubetune"
 
 
 def render_job(
@@ -249,11 +251,18 @@ def _volumes(
     mounts: list[Manifest] = [
         {"name": "config", "mountPath": settings.config_mount_path, "readOnly": True},
         {"name": "dshm", "mountPath": "/dev/shm"},
+        # The root filesystem is read-only: what a run writes outside its output goes to these
+        # (temporary files, compile caches under /tmp; the hub's and Triton's caches under HOME).
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "home", "mountPath": TRAINER_HOME},
     ]
     volumes: list[Manifest] = [
         {"name": "config", "configMap": {"name": names.config_map}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": resources.shm_size}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "home", "emptyDir": {}},
     ]
+    env.append({"name": "HOME", "value": TRAINER_HOME})
     # The registry logins as files (docker configs), read by the trainer alone: the output's,
     # and the starting adapter's.
     logins = [
@@ -313,6 +322,7 @@ def _security(settings: OperatorSettings) -> tuple[Manifest, Manifest]:
     container_security: Manifest = {
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
         "runAsNonRoot": settings.run_as_non_root,
         "seccompProfile": {"type": "RuntimeDefault"},
     }

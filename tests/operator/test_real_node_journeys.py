@@ -14,6 +14,7 @@ allocates until the kernel kills it.
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,10 +86,19 @@ if probe:
         time.sleep(0.5)
     # Who the trainer's process is, as the kernel sees it.
     status = dict(line.split(":\\t", 1) for line in open("/proc/self/status").read().splitlines())
+
+    def writes(folder):
+        try:
+            with open(os.path.join(folder, "probe-write"), "w"):
+                return "written"
+        except OSError as error:
+            return type(error).__name__ + ":" + str(error.errno)
+
     with open(os.path.join(here, "{PROBED}"), "w") as out:
         json.dump({{"answer": answer, "uid": os.getuid(), "groups": sorted(os.getgroups()),
                    "CapEff": status["CapEff"].strip(), "CapPrm": status["CapPrm"].strip(),
-                   "NoNewPrivs": status["NoNewPrivs"].strip()}}, out)
+                   "NoNewPrivs": status["NoNewPrivs"].strip(), "root": writes("/opt"),
+                   "tmp": writes("/tmp"), "home": writes(os.environ["HOME"])}}, out)
     sys.exit(0)
 config = load_trainer_config(sys.argv[sys.argv.index("--config") + 1])
 reporter = reporter_from_settings(config.progress, config.job)
@@ -255,8 +265,9 @@ def test_a_trainer_never_reaches_an_address_its_network_policy_excludes(
     # Dropped or rejected, as the enforcer chooses; never answered.
     assert probed["answer"] in ("TimeoutError", "ConnectionRefusedError"), probed
     # The trainer's own process: the chart's non-root uid, its fsGroup, no capabilities, no way
-    # to gain any. (Its root filesystem is the image's, writable: the operator does not set
-    # readOnlyRootFilesystem on trainer pods.)
+    # to gain any, a read-only root (EROFS) with /tmp and its HOME writable.
+    assert probed["root"] == f"OSError:{errno.EROFS}", probed
+    assert probed["tmp"] == probed["home"] == "written", probed
     trainer = chart_trainer_values()
     assert probed["uid"] == trainer["runAsUser"] != 0, probed
     assert trainer["fsGroup"] in probed["groups"], probed

@@ -377,6 +377,13 @@ def test_pod_is_restricted_by_default() -> None:
     assert container_security["allowPrivilegeEscalation"] is False
     assert container_security["capabilities"] == {"drop": ["ALL"]}
     assert container_security["runAsNonRoot"] is True
+    # A read-only root; what a run writes outside its output goes to emptyDirs.
+    assert container_security["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in trainer(objects)["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod_spec(objects)["volumes"]}
+    assert volumes[mounts["/tmp"]]["emptyDir"] == {}
+    assert volumes[mounts["/home/kubetune"]]["emptyDir"] == {}
+    assert {"name": "HOME", "value": "/home/kubetune"} in trainer(objects)["env"]
 
 
 def test_pod_identity_can_be_relaxed_by_settings_for_the_local_cluster() -> None:
