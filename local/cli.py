@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 from kubetune.local.binaries import BinariesError
+from kubetune.local.cluster_access import ClusterError
 from kubetune.local.cluster_info import ClusterInfo
-from kubetune.local.controlplane import DEFAULT_NODE_NAME, ClusterError, LocalCluster, NodeOptions
+from kubetune.local.controlplane import DEFAULT_NODE_NAME, LocalCluster, NodeOptions
 from kubetune.local.layout import default_home
 
 
@@ -125,20 +126,8 @@ def cmd_kubeconfig(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add ``local`` and its sub-commands to the ``kubetune`` command line."""
-    local = subparsers.add_parser(
-        "local", help="run a local Kubernetes cluster (real control plane, process-based node)"
-    )
-    local.add_argument(
-        "--home",
-        type=Path,
-        default=None,
-        help=f"state directory (default: $KUBETUNE_HOME or {default_home()})",
-    )
-    commands = local.add_subparsers(dest="local_command", required=True)
-
-    up = commands.add_parser("up", help="start the cluster (reuses a running one)")
+def _add_up_arguments(up: argparse.ArgumentParser) -> None:
+    """``kubetune local up``'s options: the first node, and what runs beside the control plane."""
     up.add_argument("--gpus", type=int, default=1, help="nvidia.com/gpu capacity of the node")
     up.add_argument("--node-name", default=DEFAULT_NODE_NAME)
     up.add_argument(
@@ -198,6 +187,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="also run an OCI registry on 127.0.0.1 (distribution's, built from its Go module) "
         "for oci:// outputs; on a running cluster, start it there",
     )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``local`` and its sub-commands to the ``kubetune`` command line."""
+    local = subparsers.add_parser(
+        "local", help="run a local Kubernetes cluster (real control plane, process-based node)"
+    )
+    local.add_argument(
+        "--home",
+        type=Path,
+        default=None,
+        help=f"state directory (default: $KUBETUNE_HOME or {default_home()})",
+    )
+    commands = local.add_subparsers(dest="local_command", required=True)
+
+    up = commands.add_parser("up", help="start the cluster (reuses a running one)")
+    _add_up_arguments(up)
     up.set_defaults(func=cmd_up)
     down = commands.add_parser("down", help="stop the cluster")
     down.add_argument("--purge", action="store_true", help="also delete its state (etcd, volumes)")

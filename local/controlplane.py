@@ -1,28 +1,25 @@
 """Runs a real Kubernetes control plane on loopback: etcd, kube-apiserver,
-kube-controller-manager, kube-scheduler, plus the local volume provisioner and
-one node agent, all supervised under one state directory; and, when asked, Kueue, JobSet's
-controller and an OCI registry beside them.
+kube-controller-manager, kube-scheduler, plus the local volume provisioner and the nodes (node
+agents, or real nodes), all supervised under one state directory by ``LocalCluster``'s ``up``
+and ``down``; when asked, Kueue, JobSet's controller and an OCI registry beside them
+(``addons``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from kubetune.local import components
-from kubetune.local.binaries import binaries_dir, jobset_dir, kueue_dir, node_dir, registry_dir
-from kubetune.local.certs import Pki, ensure_jobset_serving, ensure_kueue_serving, ensure_pki
+from kubetune.local.addons import JOBSET, KUEUE, REGISTRY, AddOns
+from kubetune.local.binaries import binaries_dir, node_dir
+from kubetune.local.certs import Pki, ensure_pki
+from kubetune.local.cluster_access import ClusterError
 from kubetune.local.cluster_info import ClusterInfo
 from kubetune.local.images import default_store
-from kubetune.local.layout import Layout, default_home
 from kubetune.local.ports import free_port
 from kubetune.local.real_node import RealNode
 from kubetune.local.real_node_config import RealNodeSpec
@@ -32,15 +29,6 @@ DEFAULT_NODE_NAME = "kubetune-local"
 
 # Start order; ``down`` stops them in reverse.
 CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
-KUEUE = "kueue"
-JOBSET = "jobset"
-REGISTRY = "registry"
-#: JobSet's CRD, as the apiserver serves it.
-JOBSET_CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/jobsets.jobset.x-k8s.io"
-
-
-class ClusterError(RuntimeError):
-    """The cluster could not be started, or is in a state ``up`` must not touch."""
 
 
 @dataclass(frozen=True)
@@ -59,20 +47,8 @@ class NodeOptions:
     images: Sequence[str] = ()
 
 
-class LocalCluster:
+class LocalCluster(AddOns):
     """One local cluster, identified by its state directory."""
-
-    def __init__(self, home: Path | None = None) -> None:
-        self.layout = Layout((home or default_home()).resolve())
-        self.pki = Pki(self.layout.pki)
-
-    # -- supervised processes -------------------------------------------------
-
-    def process(self, name: str) -> Supervised:
-        return Supervised(name, self.layout.run, self.layout.logs)
-
-    def node_agent_process(self, node_name: str) -> Supervised:
-        return self.process(f"node-agent-{node_name}")
 
     def _all_processes(self) -> list[Supervised]:
         agents = sorted(
@@ -106,12 +82,7 @@ class LocalCluster:
         alive = [name for name, pid in state.items() if pid is not None]
         if alive:
             if all(state[name] is not None for name in CONTROL_PLANE) and self.ready():
-                if registry:
-                    self.start_registry(timeout)
-                if jobset:
-                    self.start_jobset(timeout)
-                if kueue:
-                    self.start_kueue(timeout)
+                self.start_add_ons(timeout, registry=registry, jobset=jobset, kueue=kueue)
                 return ClusterInfo.load(self.layout)
             raise ClusterError(
                 f"a partly running cluster is in {self.layout.home} ({', '.join(alive)}); "
@@ -150,13 +121,7 @@ class LocalCluster:
             info.save(self.layout)
             if node.kind != "kubelet":
                 self.wait_node_ready(node.name, timeout)
-            if registry:
-                self.start_registry(timeout)
-            # JobSet first: Kueue admits JobSets only if their CRD is there when it starts.
-            if jobset:
-                self.start_jobset(timeout)
-            if kueue:
-                self.start_kueue(timeout)
+            self.start_add_ons(timeout, registry=registry, jobset=jobset, kueue=kueue)
             info = ClusterInfo.load(self.layout)
         except BaseException:
             self.down()
@@ -263,145 +228,6 @@ class LocalCluster:
         self.process(real.process_name).stop()
         real.clean_up()
 
-    def start_kueue(self, timeout: float = 120.0) -> None:
-        """Install Kueue's CRDs and start its manager beside the running control plane, unless
-        it runs already. Both come from the Go module hack/kueue pins (built on first use).
-        Where JobSet's CRD is installed Kueue admits JobSets too; a Kueue started before it was
-        is started again to take them on."""
-        process = self.process(KUEUE)
-        jobset = self.get(JOBSET_CRD_PATH)[0] == 200
-        frameworks = components.kueue_frameworks(jobset=jobset)
-        if process.pid() is not None:
-            if self._kueue_frameworks() == frameworks:
-                return
-            process.stop()
-        directory = kueue_dir()
-        crds = str(directory / "crds")
-        # Server-side: the CRDs are too large for client-side apply's annotation.
-        self.kubectl("apply", "--server-side", "--force-conflicts", "-f", crds)
-        self.kubectl("wait", "--for=condition=Established", f"--timeout={timeout:.0f}s", "-f", crds)
-        ensure_kueue_serving(self.pki)
-        info = ClusterInfo.load(self.layout)
-        info.kueue_dir = str(directory)
-        info.kueue_health_port = free_port()
-        config = components.kueue_config(
-            info.kueue_health_port, webhook_port=free_port(), jobset=jobset
-        )
-        # JSON is valid YAML.
-        self.layout.kueue_config.write_text(json.dumps(config, indent=2) + "\n")
-        info.save(self.layout)
-        self._start(KUEUE, components.kueue_argv(directory / "kueue", self.layout, self.pki))
-        self._wait(lambda: self.kueue_ready(info), "Kueue /readyz", timeout, KUEUE)
-
-    def _kueue_frameworks(self) -> list[str] | None:
-        """The integrations the running Kueue was started with."""
-        try:
-            config = json.loads(self.layout.kueue_config.read_text())
-        except (OSError, ValueError):
-            return None
-        frameworks = config.get("integrations", {}).get("frameworks")
-        return list(frameworks) if isinstance(frameworks, list) else None
-
-    def start_jobset(self, timeout: float = 120.0) -> None:
-        """Install JobSet's CRD and start its controller beside the running control plane,
-        unless it runs already. Both come from the Go module hack/jobset pins (built on first
-        use). Its webhooks are registered with no apiserver (``components.jobset_config``). A
-        Kueue running already is started again to admit JobSets."""
-        process = self.process(JOBSET)
-        if process.pid() is None:
-            directory = jobset_dir()
-            crds = str(directory / "crds")
-            # Server-side: the CRD is too large for client-side apply's annotation.
-            self.kubectl("apply", "--server-side", "--force-conflicts", "-f", crds)
-            # Polled, not `kubectl wait`: that fails on a CRD whose conditions aren't set yet.
-            deadline = time.monotonic() + timeout
-            while not self._jobset_crd_established():
-                if time.monotonic() > deadline:
-                    raise ClusterError(f"JobSet's CRD not Established after {timeout:.0f}s")
-                time.sleep(0.25)
-            ensure_jobset_serving(self.pki)
-            info = ClusterInfo.load(self.layout)
-            info.jobset_dir = str(directory)
-            info.jobset_health_port = free_port()
-            config = components.jobset_config(info.jobset_health_port, webhook_port=free_port())
-            self.layout.jobset_config.write_text(json.dumps(config, indent=2) + "\n")
-            info.save(self.layout)
-            self._start(JOBSET, components.jobset_argv(directory / "jobset", self.layout, self.pki))
-            self._wait(lambda: self.jobset_ready(info), "JobSet /readyz", timeout, JOBSET)
-        if self.process(KUEUE).pid() is not None:
-            self.start_kueue(timeout)
-
-    def start_registry(self, timeout: float = 120.0) -> None:
-        """Start an OCI registry (distribution's, from the Go module hack/registry pins) on
-        127.0.0.1 beside the cluster, unless it runs already: plain http, no login, its blobs
-        under the state directory (kept by ``down``, removed by ``down --purge``)."""
-        from kubetune.local.registry import registry_config, wait_until_answering
-
-        process = self.process(REGISTRY)
-        if process.pid() is not None:
-            return
-        directory = registry_dir()
-        info = ClusterInfo.load(self.layout)
-        info.registry_port = info.registry_port or free_port()
-        config = registry_config(info.registry_port, self.layout.registry_storage)
-        self.layout.registry_config.write_text(json.dumps(config, indent=2) + "\n")
-        info.save(self.layout)
-        self._start(
-            REGISTRY, [str(directory / "registry"), "serve", str(self.layout.registry_config)]
-        )
-        try:
-            wait_until_answering(info.registry_port, timeout, process.exited_early)
-        except RuntimeError as exc:
-            raise ClusterError(f"{exc}; see {process.log_file}") from None
-
-    def kubectl(self, *args: str) -> str:
-        """Run the cluster's kubectl as admin; its stdout."""
-        info = ClusterInfo.load(self.layout)
-        result = subprocess.run(
-            [str(Path(info.bin_dir) / "kubectl"), f"--kubeconfig={self.layout.kubeconfig}", *args],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            raise ClusterError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
-        return result.stdout
-
-    # -- readiness ------------------------------------------------------------
-
-    def kueue_ready(self, info: ClusterInfo | None = None) -> bool:
-        """Kueue's manager answers its readiness probe (caches synced, webhook server up)."""
-        return _probe_ready((info or ClusterInfo.load(self.layout)).kueue_health_port)
-
-    def _jobset_crd_established(self) -> bool:
-        status, body = self.get(JOBSET_CRD_PATH)
-        if status != 200:
-            return False
-        conditions = json.loads(body).get("status", {}).get("conditions") or []
-        return any(c["type"] == "Established" and c["status"] == "True" for c in conditions)
-
-    def jobset_ready(self, info: ClusterInfo | None = None) -> bool:
-        """JobSet's manager answers its readiness probe (its webhook server is up)."""
-        return _probe_ready((info or ClusterInfo.load(self.layout)).jobset_health_port)
-
-    def get(self, path: str) -> tuple[int, bytes]:
-        """GET ``path`` from the apiserver as admin."""
-        info = ClusterInfo.load(self.layout)
-        try:
-            with urllib.request.urlopen(  # noqa: S310 (an https URL we built)
-                info.server + path, context=self.pki.admin_context(), timeout=5
-            ) as response:
-                return int(response.status), bytes(response.read())
-        except urllib.error.HTTPError as error:
-            return int(error.code), bytes(error.read())
-
-    def ready(self) -> bool:
-        try:
-            status, _ = self.get("/readyz")
-        except (OSError, FileNotFoundError, ValueError):
-            return False
-        return status == 200
-
     def _etcd_healthy(self, info: ClusterInfo) -> bool:
         try:
             url = f"http://127.0.0.1:{info.etcd_port}/health"
@@ -410,70 +236,8 @@ class LocalCluster:
         except (OSError, ValueError):
             return False
 
-    def node_ready(self, name: str) -> bool:
-        """Ready, and the not-ready taint the apiserver sets on new nodes is gone."""
-        try:
-            status, body = self.get(f"/api/v1/nodes/{name}")
-        except OSError:
-            return False
-        if status != 200:
-            return False
-        node = json.loads(body)
-        ready = any(
-            c["type"] == "Ready" and c["status"] == "True"
-            for c in node.get("status", {}).get("conditions", [])
-        )
-        tainted = any(
-            t["key"].startswith("node.kubernetes.io/") for t in node["spec"].get("taints", [])
-        )
-        return ready and not tainted
-
-    def wait_node_ready(self, name: str, timeout: float = 120.0) -> None:
-        self._wait(
-            lambda: self.node_ready(name), f"node {name} Ready", timeout, f"node-agent-{name}"
-        )
-
-    def _wait(self, check: Callable[[], bool], what: str, timeout: float, process: str) -> None:
-        deadline = time.monotonic() + timeout
-        supervised = self.process(process)
-        while time.monotonic() < deadline:
-            if check():
-                return
-            if supervised.exited_early():
-                raise ClusterError(
-                    f"{process} exited while waiting for {what}; last log lines "
-                    f"({supervised.log_file}):\n{supervised.log_tail()}"
-                )
-            time.sleep(0.25)
-        raise ClusterError(
-            f"timed out after {timeout:.0f}s waiting for {what}; see {supervised.log_file}:\n"
-            + supervised.log_tail()
-        )
-
-    # -- starting processes ---------------------------------------------------
-
     def _write_kubeconfig(self, info: ClusterInfo, pki: Pki) -> None:
         # JSON is valid YAML, and keeps this module free of a YAML dependency.
         config = components.admin_kubeconfig(info, pki)
         self.layout.kubeconfig.write_text(json.dumps(config, indent=2) + "\n")
         self.layout.kubeconfig.chmod(0o600)
-
-    def _start(self, name: str, argv: list[str]) -> Supervised:
-        env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
-        process = self.process(name)
-        process.start(argv, env)
-        return process
-
-    def _start_python(self, name: str, module: str, *args: str) -> Supervised:
-        return self._start(name, [sys.executable, "-m", module, *args])
-
-
-def _probe_ready(port: int | None) -> bool:
-    """A controller manager's health server on loopback ``port`` answers /readyz with 200."""
-    if not port:
-        return False
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-            return bool(response.status == 200)
-    except (OSError, ValueError):
-        return False
