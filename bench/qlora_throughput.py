@@ -31,6 +31,9 @@ from the process start. The modes:
 - ``kubetune-flex``, ``kubetune-unfused``, ``kubetune-before``: the defaults with flex attention
   (micro-steps padded to one shape) instead of varlen; with PEFT's own LoRA forward instead of
   the fused one; with both (the defaults before either lever);
+- ``kubetune-scales``, ``kubetune-keepw``: the fused layers' NF4 block scales kept dequantised
+  for the run (one kernel a dequantisation instead of three), or the whole bf16 weights kept (no
+  dequantisation in a step; 2 bytes a base weight more memory);
 - ``kubetune-memory``: ``training.profile: memory`` (every layer checkpointed and offloaded to
   CPU memory, one row of ``--max-length`` a micro-step, paged 8-bit AdamW);
 - loss parity: ``kubetune-parity`` (the defaults with ``batchSize: --batch``) against
@@ -120,6 +123,8 @@ EXTRA_MODES = (
     "kubetune-unfused",
     "kubetune-before",
     "trl-best-checkpointed",
+    "kubetune-scales",
+    "kubetune-keepw",
 )
 #: Dense bf16 peak of the cards this is run on (FLOP/s), for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -195,7 +200,8 @@ def flops_per_token(shape: str, lengths: list[int], lora_rank: int = 16) -> floa
 
 
 def _profile_summary(profiler: Any, out: Path | None, rows: int = 25) -> list[dict[str, Any]]:
-    """The profiled step's top operators and kernels by their own GPU time."""
+    """The profiled step's top operators and kernels by their own GPU time, then the GPU time of
+    all of them (``gpu_ms_in_all``, against the step's wall time: the rest is the GPU idle)."""
     events = profiler.key_averages()
 
     def device_us(event: Any) -> float:
@@ -205,6 +211,8 @@ def _profile_summary(profiler: Any, out: Path | None, rows: int = 25) -> list[di
         return 0.0
 
     total = sum(device_us(e) for e in events) or 1.0
+    # An operator's own GPU time is its kernels' (listed too): the kernels alone add up the step.
+    kernels = sum(device_us(e) for e in events if "CUDA" in str(getattr(e, "device_type", "")))
     top = sorted(events, key=device_us, reverse=True)[:rows]
     if out is not None:
         out.write_text(
@@ -218,7 +226,7 @@ def _profile_summary(profiler: Any, out: Path | None, rows: int = 25) -> list[di
             "share": round(device_us(e) / total, 4),
         }
         for e in top
-    ]
+    ] + [{"gpu_ms_in_all": round(kernels / 1e3, 1)}]
 
 
 def throughput_callback(
@@ -247,7 +255,8 @@ def throughput_callback(
                 profiler = profiling.pop()
                 profiler.stop()
                 record["profile_step_seconds"] = round(time.perf_counter() - last, 2)
-                record["profile"] = _profile_summary(profiler, profile_out)
+                record["profile"] = _profile_summary(profiler, profile_out, rows=60)
+                record["profile_gpu_ms"] = record["profile"].pop()["gpu_ms_in_all"]
             elif profile_step and state.global_step == profile_step - 1:
                 import torch
                 from torch.profiler import ProfilerActivity, profile
@@ -375,6 +384,17 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
 
         apply_plan = speed.apply_plan
         speed.apply_plan = lambda s, p: replace(apply_plan(s, p), pad_to_tokens=None)  # type: ignore[assignment]
+    if args.mode in ("kubetune-scales", "kubetune-keepw"):
+        from kubetune.trainer import fused_lora
+
+        fuse, keep = fused_lora.fuse_lora_layers, args.mode.removeprefix("kubetune-")
+
+        def fuse_and_keep(model: Any) -> int:
+            routed = fuse(model)
+            fused_lora.keep_dequantization(model, "weights" if keep == "keepw" else keep)
+            return routed
+
+        fused_lora.fuse_lora_layers = fuse_and_keep
     if args.mode in ("kubetune-unfused", "kubetune-before"):
         from kubetune.trainer import fused_lora
 
