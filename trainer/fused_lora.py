@@ -10,8 +10,8 @@ function with cuBLAS' ``addmm`` epilogue doing the adds and the scaling folded i
 side (tokens x 16 elements instead of tokens x 4,096):
 
 - forward: ``out = x W^T``, then ``out += s (x A^T) B^T`` in place;
-- backward: ``g_xa = s g B``; ``dA = g_xa^T x``; ``dB = s g^T (x A^T)``; ``dx = g W``, then
-  ``dx += g_xa A`` in place.
+- backward: ``g_xa = s g B``; ``dA = g_xa^T x``; ``dB = s g^T (x A^T)`` (``s`` as the GEMMs'
+  alpha); ``dx = g W``, then ``dx += g_xa A`` in place.
 
 ``W`` is dequantised from NF4 in the forward and again in the backward, as bitsandbytes' own
 4-bit matmul does (keeping it would hold a bf16 copy of every layer). Only the plain case is
@@ -21,6 +21,7 @@ input in the layer's compute dtype; anything else takes PEFT's own forward, unch
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from typing import Any
@@ -105,6 +106,12 @@ def drop_kept_dequantization(model: Any) -> None:
                 delattr(weight, name)
 
 
+@functools.cache
+def _zero(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-dim zero for ``addmm(zero, ..., beta=0)``: made once, not a fill kernel every call."""
+    return torch.zeros((), device=device, dtype=dtype)
+
+
 class FusedLoRA4bit(torch.autograd.Function):
     """``x W^T + bias + s (x A^T) B^T`` for a frozen 4-bit ``W`` and trainable ``A``, ``B``."""
 
@@ -136,12 +143,14 @@ class FusedLoRA4bit(torch.autograd.Function):
         rows, xa, a, b = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(rows.dtype)
         scaling = ctx.scaling
-        g_xa = torch.mm(g, b).mul_(scaling)
+        # The scaling as the GEMM's alpha (beta 0: the zero is never read), not a pass of its own.
+        zero = _zero(g.device, g.dtype)
+        g_xa = torch.addmm(zero, g, b, beta=0, alpha=scaling)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[1]:
             grad_a = torch.mm(g_xa.t(), rows).to(ctx.param_dtypes[0])
         if ctx.needs_input_grad[2]:
-            grad_b = torch.mm(g.t(), xa).mul_(scaling).to(ctx.param_dtypes[1])
+            grad_b = torch.addmm(zero, g.t(), xa, beta=0, alpha=scaling).to(ctx.param_dtypes[1])
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(g, _dequantized(ctx.weight, g.dtype))
             grad_x.addmm_(g_xa, a)
@@ -206,3 +215,14 @@ def fuse_lora_layers(model: Any) -> int:
             module.forward = types.MethodType(_fused_forward, module)
             routed += 1
     return routed
+
+
+def kept_dequantization_dropped_after_training() -> Any:
+    """A callback freeing what :func:`keep_dequantization` kept once training ends."""
+    from transformers import TrainerCallback
+
+    class DropKeptDequantization(TrainerCallback):  # type: ignore[misc]
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            drop_kept_dequantization(kwargs["model"])
+
+    return DropKeptDequantization()

@@ -75,6 +75,15 @@ HOST_FLOOR_TOKENS = 4700
 MAX_TOKENS_PER_MICRO_STEP = 16384
 #: Headroom the fused (fp32-state) optimizer needs beyond the plan before it is chosen.
 FUSED_OPTIMIZER_HEADROOM = 2 * GIB
+#: What the fused 4-bit layers keep of their dequantisation for the run
+#: (``fused_lora.keep_dequantization``): the NF4 block scales in fp32 (one kernel a
+#: dequantisation instead of three; 4 bytes per 64 weights on top of the double-quantised ones).
+KEPT_SCALES_BYTES_PER_PARAM = 4 / 64
+#: The whole base in bf16 (no dequantisation in a step) where it fits beside the fastest plan:
+#: 2 bytes a weight (13 GB for a 7B base). Off until a GPU measures what it gains (the bench's
+#: ``kubetune-keepw`` mode turns it on).
+KEEP_WEIGHTS_WHERE_THEY_FIT = False
+KEPT_WEIGHT_BYTES_PER_PARAM = 2.0
 
 
 @dataclass(frozen=True)
@@ -154,6 +163,8 @@ class MemoryPlan:
     profile: str = "speed"
     #: The checkpointed layers' inputs wait for the backward pass in CPU memory.
     offload_checkpoints: bool = False
+    #: What the fused 4-bit layers keep of their dequantisation: "scales", "weights" or "none".
+    kept_dequantization: str = "scales"
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -213,8 +224,10 @@ def estimate_peak_bytes(
     tokens: int,
     optimizer: str,
     offload: bool = False,
+    kept_scales: bool = True,
 ) -> float:
-    """The memory model: peak bytes of one training step."""
+    """The memory model: peak bytes of one training step (``kept_scales``: with the fused
+    layers' block scales kept in fp32)."""
     per_layer = layer_activation_bytes(shape, run)
     kept = shape.layers - checkpointed_layers
     checkpoint = OFFLOADED_PER_HIDDEN if offload else CHECKPOINTED_PER_HIDDEN
@@ -225,7 +238,8 @@ def estimate_peak_bytes(
         loss = tokens * LOSS_PER_HIDDEN_FUSED * shape.hidden
     else:
         loss = tokens * LOSS_PER_VOCAB_UNFUSED * shape.vocab
-    return static_bytes(shape, run, optimizer) + activations + loss
+    scales = shape.linear_params() * KEPT_SCALES_BYTES_PER_PARAM if kept_scales else 0.0
+    return static_bytes(shape, run, optimizer) + scales + activations + loss
 
 
 def budget_bytes(free_bytes: int) -> float:
@@ -300,6 +314,10 @@ def plan_memory(
         )
         if peak + extra + FUSED_OPTIMIZER_HEADROOM <= budget:
             optimizer, peak = "adamw_torch_fused", peak + extra
+    kept = "scales"
+    weights = shape.linear_params() * KEPT_WEIGHT_BYTES_PER_PARAM
+    if KEEP_WEIGHTS_WHERE_THEY_FIT and fitting and peak + weights <= budget:
+        kept, peak = "weights", peak + weights
     return MemoryPlan(
         checkpointed_layers=checkpointed,
         layers=shape.layers,
@@ -309,6 +327,7 @@ def plan_memory(
         estimated_peak_bytes=int(peak),
         free_bytes=free_bytes,
         fits=bool(fitting),
+        kept_dequantization=kept,
     )
 
 
@@ -332,6 +351,7 @@ def _least_memory_plan(shape: ModelShape, run: RunSettings, free_bytes: int | No
                 tokens=micro * run.max_length,
                 optimizer=optimizer,
                 offload=offload,
+                kept_scales=False,
             )
         )
     return MemoryPlan(
@@ -345,6 +365,7 @@ def _least_memory_plan(shape: ModelShape, run: RunSettings, free_bytes: int | No
         fits=peak is None or peak <= budget_bytes(free_bytes or 0),
         profile="memory",
         offload_checkpoints=offload,
+        kept_dequantization="none",  # every byte counts here; the launches don't
     )
 
 
