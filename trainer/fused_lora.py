@@ -65,7 +65,7 @@ def _scales(weight: Any) -> torch.Tensor | None:
         return None
     absmax = dequantize_blockwise(state.absmax, state.state2)
     absmax += state.offset
-    return absmax.float()
+    return absmax.float()  # type: ignore[no-any-return]
 
 
 def keep_dequantization(model: Any, what: str) -> int:

@@ -10,7 +10,11 @@ combination that its memory model says fits:
   by gradient accumulation); bigger micro-steps spread the per-pass costs (dequantising the 4-bit
   weights, launching kernels) over more tokens;
 - **the optimizer**: fused AdamW when the card has room for its fp32-sized states, the paged
-  8-bit AdamW when memory is tight.
+  8-bit AdamW when memory is tight;
+- **what the fused 4-bit layers keep of their dequantisation** (``fused_lora``): the NF4 block
+  scales in fp32 always (0.4 GiB for a 7B base; one dequantisation kernel instead of three),
+  the whole base in bf16 where it fits beside the plan once :data:`KEEP_WEIGHTS_WHERE_THEY_FIT`
+  is on (it stays off until a GPU has measured what it gains).
 
 ``training.profile: memory`` asks for the least memory instead of the most speed: every layer
 checkpointed, the checkpoints themselves kept in (pinned) CPU memory on a GPU, one packed row of
