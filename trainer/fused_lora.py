@@ -14,9 +14,13 @@ side (tokens x 16 elements instead of tokens x 4,096):
   alpha); ``dx = g W``, then ``dx += g_xa A`` in place.
 
 ``W`` is dequantised from NF4 in the forward and again in the backward, as bitsandbytes' own
-4-bit matmul does (keeping it would hold a bf16 copy of every layer). Only the plain case is
-fused: one active adapter, no dropout, no DoRA or other variant, not merged, gradients on, the
-input in the layer's compute dtype; anything else takes PEFT's own forward, unchanged.
+4-bit matmul does, but in one kernel rather than three: :func:`keep_dequantization` keeps the
+double-quantised block scales in fp32 for the run (the memory plan's default), or, where the
+plan has room and its switch is on, the whole bf16 weight (no dequantisation in a step).
+
+Only the plain case is fused: one active adapter, no dropout, no DoRA or other variant, not
+merged, gradients on, the input in the layer's compute dtype; anything else takes PEFT's own
+forward, unchanged.
 """
 
 from __future__ import annotations
