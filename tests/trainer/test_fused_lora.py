@@ -67,7 +67,7 @@ def _close(a: Any, b: Any, rtol: float = 0.02) -> bool:
 def _fused_matches_peft(device: str, keep: str | None = None) -> None:
     import torch
 
-    from kubetune.trainer.fused_lora import fuse_lora_layers, keep_dequantization
+    from kubetune.trainer.model.fused_lora import fuse_lora_layers, keep_dequantization
 
     x = torch.randn(2, 24, 128, device=device).bfloat16()
     plain = _lora_model(device=device)
@@ -100,7 +100,7 @@ def test_kept_weight_is_bitsandbytes_dequantization_and_is_dropped() -> None:
     import torch
     from bitsandbytes.functional import dequantize_4bit
 
-    from kubetune.trainer import fused_lora
+    from kubetune.trainer.model import fused_lora
 
     model = _lora_model()
     fused_lora.fuse_lora_layers(model)
@@ -129,7 +129,7 @@ def test_fused_layer_gives_pefts_outputs_and_gradients_on_cuda(keep: str | None)
 def test_dropout_no_grad_and_disabled_adapters_take_pefts_own_forward() -> None:
     import torch
 
-    from kubetune.trainer import fused_lora
+    from kubetune.trainer.model import fused_lora
 
     calls = []
     original = fused_lora.FusedLoRA4bit.apply
