@@ -28,7 +28,7 @@ case "${1:-}" in
     step 7b-defaults-profiled $B --shape llama2-7b --steps 14 --warmup 4 --modes kubetune \
       --profile-step 3 --profile-out "$OUT/profile-7b-step3.txt"
     step 7b-trl-best $B --shape llama2-7b --steps 14 --warmup 4 --modes trl-best
-    step 7b-levers $B --shape llama2-7b --steps 14 --warmup 4 --modes kubetune-unkept,kubetune-keepw
+    step 7b-levers $B --shape llama2-7b --steps 14 --warmup 4 --modes kubetune-scales,kubetune-keepw
     step 8b-defaults $B --shape llama3-8b --steps 14 --warmup 4 --modes kubetune
     step 8b-trl-best $B --shape llama3-8b --steps 14 --warmup 4 --modes trl-best
     ;;

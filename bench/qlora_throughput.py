@@ -31,9 +31,9 @@ from the process start. The modes:
 - ``kubetune-flex``, ``kubetune-unfused``, ``kubetune-before``: the defaults with flex attention
   (micro-steps padded to one shape) instead of varlen; with PEFT's own LoRA forward instead of
   the fused one; with both (the defaults before either lever);
-- ``kubetune-unkept``, ``kubetune-keepw``: the fused layers keep nothing of their dequantisation
-  (the defaults before 2026-12-05's fifth session kept no NF4 block scales: three kernels a
-  dequantisation instead of one), or the plan keeps the whole bf16 base where it fits (no
+- ``kubetune-scales``, ``kubetune-keepw``: the fused layers keep their NF4 block scales in fp32
+  for the run (one kernel a dequantisation instead of three; off by default until measured), or
+  the plan keeps the whole bf16 base where it fits (no
   dequantisation in a step; 2 bytes a base weight more memory);
 - ``kubetune-memory``: ``training.profile: memory`` (every layer checkpointed and offloaded to
   CPU memory, one row of ``--max-length`` a micro-step, paged 8-bit AdamW);
@@ -124,7 +124,7 @@ EXTRA_MODES = (
     "kubetune-unfused",
     "kubetune-before",
     "trl-best-checkpointed",
-    "kubetune-unkept",
+    "kubetune-scales",
     "kubetune-keepw",
 )
 #: Dense bf16 peak of the cards this is run on (FLOP/s), for MFU.
@@ -423,7 +423,7 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
 
         apply_plan = speed.apply_plan
         speed.apply_plan = lambda s, p: replace(apply_plan(s, p), pad_to_tokens=None)  # type: ignore[assignment]
-    if args.mode in ("kubetune-unkept", "kubetune-keepw"):
+    if args.mode in ("kubetune-scales", "kubetune-keepw"):
         from dataclasses import replace
 
         from kubetune.trainer.plan import memory
