@@ -31,6 +31,10 @@ from the process start. The modes:
 - ``kubetune-flex``, ``kubetune-unfused``, ``kubetune-before``: the defaults with flex attention
   (micro-steps padded to one shape) instead of varlen; with PEFT's own LoRA forward instead of
   the fused one; with both (the defaults before either lever);
+- ``kubetune-scales``, ``kubetune-keepw``: the fused layers keep their NF4 block scales in fp32
+  for the run (one kernel a dequantisation instead of three; off by default until measured), or
+  the plan keeps the whole bf16 base where it fits (no
+  dequantisation in a step; 2 bytes a base weight more memory);
 - ``kubetune-memory``: ``training.profile: memory`` (every layer checkpointed and offloaded to
   CPU memory, one row of ``--max-length`` a micro-step, paged 8-bit AdamW);
 - loss parity: ``kubetune-parity`` (the defaults with ``batchSize: --batch``) against
@@ -120,6 +124,8 @@ EXTRA_MODES = (
     "kubetune-unfused",
     "kubetune-before",
     "trl-best-checkpointed",
+    "kubetune-scales",
+    "kubetune-keepw",
 )
 #: Dense bf16 peak of the cards this is run on (FLOP/s), for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -194,8 +200,41 @@ def flops_per_token(shape: str, lengths: list[int], lora_rank: int = 16) -> floa
     return 4 * base + 6 * lora + attention
 
 
+#: Kernel name fragments (lower case) → the group a profile's GPU time is summed under; first
+#: match wins, in this order.
+KERNEL_GROUPS = (
+    ("bitsandbytes dequantisation", ("dequantize",)),
+    ("attention", ("flash", "fmha", "attn", "flex")),
+    ("liger (norm, swiglu, rope, loss)", ("rms_norm", "swiglu", "rope", "liger", "cross_entropy")),
+    ("optimizer", ("adam", "multi_tensor", "optimizer")),
+    ("matmuls (cuBLAS)", ("nvjet", "gemm", "cutlass", "sm90_xmma", "ampere_", "splitk")),
+    ("copies and memsets", ("memcpy", "memset", "copy")),
+    ("elementwise and reductions", ("elementwise", "reduce", "vectorized", "triton_")),
+)
+
+
+def kernel_group(name: str) -> str:
+    lowered = name.lower()
+    for group, fragments in KERNEL_GROUPS:
+        if any(fragment in lowered for fragment in fragments):
+            return group
+    return "other"
+
+
+def profile_groups(kernels: list[tuple[str, float]], step_ms: float) -> dict[str, float]:
+    """GPU milliseconds of a profiled step by kernel group, and the step's wall time in which
+    no kernel ran (``GPU idle``: the host launching, or waiting)."""
+    groups: dict[str, float] = {}
+    for name, ms in kernels:
+        group = kernel_group(name)
+        groups[group] = groups.get(group, 0.0) + ms
+    groups["GPU idle (wall time less kernel time)"] = max(0.0, step_ms - sum(groups.values()))
+    return {k: round(v, 1) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
+
+
 def _profile_summary(profiler: Any, out: Path | None, rows: int = 25) -> list[dict[str, Any]]:
-    """The profiled step's top operators and kernels by their own GPU time."""
+    """The profiled step's top operators and kernels by their own GPU time, then the GPU time of
+    all of them (``gpu_ms_in_all``, against the step's wall time: the rest is the GPU idle)."""
     events = profiler.key_averages()
 
     def device_us(event: Any) -> float:
@@ -205,6 +244,9 @@ def _profile_summary(profiler: Any, out: Path | None, rows: int = 25) -> list[di
         return 0.0
 
     total = sum(device_us(e) for e in events) or 1.0
+    # An operator's own GPU time is its kernels' (listed too): the kernels alone add up the step.
+    on_gpu = [e for e in events if "CUDA" in str(getattr(e, "device_type", ""))]
+    kernels = sum(device_us(e) for e in on_gpu)
     top = sorted(events, key=device_us, reverse=True)[:rows]
     if out is not None:
         out.write_text(
@@ -218,7 +260,8 @@ def _profile_summary(profiler: Any, out: Path | None, rows: int = 25) -> list[di
             "share": round(device_us(e) / total, 4),
         }
         for e in top
-    ]
+    ] + [{"gpu_ms_in_all": round(kernels / 1e3, 1),
+           "kernels": [(e.key, device_us(e) / 1e3) for e in on_gpu]}]  # fmt: skip
 
 
 def throughput_callback(
@@ -247,7 +290,12 @@ def throughput_callback(
                 profiler = profiling.pop()
                 profiler.stop()
                 record["profile_step_seconds"] = round(time.perf_counter() - last, 2)
-                record["profile"] = _profile_summary(profiler, profile_out)
+                record["profile"] = _profile_summary(profiler, profile_out, rows=60)
+                whole = record["profile"].pop()
+                record["profile_gpu_ms"] = whole["gpu_ms_in_all"]
+                record["profile_groups_ms"] = profile_groups(
+                    whole["kernels"], record["profile_step_seconds"] * 1e3
+                )
             elif profile_step and state.global_step == profile_step - 1:
                 import torch
                 from torch.profiler import ProfilerActivity, profile
@@ -375,6 +423,18 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
 
         apply_plan = speed.apply_plan
         speed.apply_plan = lambda s, p: replace(apply_plan(s, p), pad_to_tokens=None)  # type: ignore[assignment]
+    if args.mode in ("kubetune-scales", "kubetune-keepw"):
+        from dataclasses import replace
+
+        from kubetune.trainer.plan import memory
+
+        if args.mode == "kubetune-keepw":
+            memory.KEEP_WEIGHTS_WHERE_THEY_FIT = True  # the plan keeps them where they fit
+        else:
+            from kubetune.trainer.plan import speed
+
+            apply = speed.apply_plan
+            speed.apply_plan = lambda s, p: replace(apply(s, p), kept_dequantization="none")  # type: ignore[assignment]
     if args.mode in ("kubetune-unfused", "kubetune-before"):
         from kubetune.trainer.model import fused_lora
 

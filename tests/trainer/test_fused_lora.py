@@ -64,10 +64,10 @@ def _close(a: Any, b: Any, rtol: float = 0.02) -> bool:
     return float((a - b).norm() / b.norm()) < rtol
 
 
-def _fused_matches_peft(device: str) -> None:
+def _fused_matches_peft(device: str, keep: str | None = None) -> None:
     import torch
 
-    from kubetune.trainer.model.fused_lora import fuse_lora_layers
+    from kubetune.trainer.model.fused_lora import fuse_lora_layers, keep_dequantization
 
     x = torch.randn(2, 24, 128, device=device).bfloat16()
     plain = _lora_model(device=device)
@@ -75,6 +75,8 @@ def _fused_matches_peft(device: str) -> None:
 
     fused = _lora_model(device=device)
     assert fuse_lora_layers(fused) == 2
+    if keep is not None:
+        assert keep_dequantization(fused, keep) == 2
     out, dx, grads = _forward_backward(fused, x)
 
     assert out.shape == expected_out.shape
@@ -89,13 +91,39 @@ def test_fused_layer_gives_pefts_outputs_and_gradients() -> None:
     _fused_matches_peft("cpu")
 
 
+@pytest.mark.parametrize("keep", ["scales", "weights"])
+def test_kept_dequantization_gives_pefts_outputs_and_gradients(keep: str) -> None:
+    _fused_matches_peft("cpu", keep)
+
+
+def test_kept_weight_is_bitsandbytes_dequantization_and_is_dropped() -> None:
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+
+    from kubetune.trainer.model import fused_lora
+
+    model = _lora_model()
+    fused_lora.fuse_lora_layers(model)
+    fused_lora.keep_dequantization(model, "scales")
+    fused_lora.keep_dequantization(model, "weights")
+    weight = model.base_model.model.up.base_layer.weight
+    expected = dequantize_4bit(weight.data, weight.quant_state)
+    assert torch.equal(getattr(weight, fused_lora.KEPT_WEIGHT), expected)
+    delattr(weight, fused_lora.KEPT_WEIGHT)  # the kept scales alone dequantise the same
+    assert torch.equal(fused_lora._dequantized(weight, torch.bfloat16), expected)
+    fused_lora.drop_kept_dequantization(model)
+    assert not hasattr(weight, fused_lora.KEPT_ABSMAX)
+    assert "_kubetune" not in " ".join(model.state_dict())
+
+
 @pytest.mark.gpu
-def test_fused_layer_gives_pefts_outputs_and_gradients_on_cuda() -> None:
+@pytest.mark.parametrize("keep", [None, "scales", "weights"])
+def test_fused_layer_gives_pefts_outputs_and_gradients_on_cuda(keep: str | None) -> None:
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("needs an NVIDIA GPU (CUDA)")
-    _fused_matches_peft("cuda")
+    _fused_matches_peft("cuda", keep)
 
 
 def test_dropout_no_grad_and_disabled_adapters_take_pefts_own_forward() -> None:

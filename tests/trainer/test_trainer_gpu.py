@@ -54,6 +54,8 @@ def test_qlora_on_cuda_puts_4bit_modules_on_the_gpu_and_lowers_the_loss(
     assert recipe.speed.optimizer == "adamw_torch_fused"
     assert recipe.speed.gradient_checkpointing
     assert recipe.speed.checkpointed_layers is None  # all of them
+    # The fused layers keep nothing of their dequantisation until a GPU measures the kept scales.
+    assert recipe.speed.kept_dequantization == "none"
     if not os.environ.get("KUBETUNE_GPU_SMOKE_PLAIN"):
         # Packed sequences on an Ampere-or-newer GPU: FlashAttention's varlen kernel.
         assert recipe.speed.attention == "varlen"

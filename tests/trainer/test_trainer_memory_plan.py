@@ -165,11 +165,17 @@ def test_the_memory_profile_fits_7b_at_2048_tokens_in_under_6_gib_on_any_card(fr
 
 def test_the_memory_profile_is_leaner_than_the_speed_plans_leanest_choice() -> None:
     lean = estimate_peak_bytes(
-        LLAMA2_7B, DEFAULTS, checkpointed_layers=32, tokens=2048, optimizer="paged_adamw_8bit"
+        LLAMA2_7B,
+        DEFAULTS,
+        checkpointed_layers=32,
+        tokens=2048,
+        optimizer="paged_adamw_8bit",
+        kept_scales=False,
     )
     plan = plan_memory(LLAMA2_7B, MEMORY, CARD_24, cuda=True)
     assert plan.estimated_peak_bytes is not None
-    # Offloading the 32 checkpoints of 2,048 x 4,096 bf16 values saves 0.5 GiB.
+    # Offloading the 32 checkpoints of 2,048 x 4,096 bf16 values saves 0.5 GiB (the memory
+    # profile keeps no block scales, nor does the speed plan unless memory.KEEP_SCALES is on).
     assert lean - plan.estimated_peak_bytes == pytest.approx(0.5 * GIB, rel=0.01)
     speed = plan_memory(LLAMA2_7B, DEFAULTS, CARD_141, cuda=True)
     assert speed.estimated_peak_bytes is not None
@@ -284,3 +290,51 @@ def test_the_crds_text_for_optimizer_auto_names_each_optimizer_the_plan_picks() 
     description = TrainingSpec.model_fields["optimizer"].description or ""
     for optimizer in picks.values():
         assert optimizer in description
+
+
+def test_the_fused_layers_keep_their_block_scales_once_switched_on_and_the_memory_profile_never(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Kept fp32 block scales (one dequantisation kernel instead of three) cost 4 bytes per 64
+    weights, ~0.4 GiB for a 7B base, counted in the plan; off until a GPU measures them;
+    ``profile: memory`` spends none."""
+    from dataclasses import replace
+
+    from kubetune.trainer.plan import memory
+
+    assert plan_memory(LLAMA2_7B, DEFAULTS, CARD_80, cuda=True).kept_dequantization == "none"
+    kwargs = {"checkpointed_layers": 0, "tokens": 16384, "optimizer": "paged_adamw_8bit"}
+    with_scales = estimate_peak_bytes(LLAMA2_7B, DEFAULTS, kept_scales=True, **kwargs)  # type: ignore[arg-type]
+    without = estimate_peak_bytes(LLAMA2_7B, DEFAULTS, kept_scales=False, **kwargs)  # type: ignore[arg-type]
+    assert (with_scales - without) / GIB == pytest.approx(0.38, abs=0.01)
+    assert estimate_peak_bytes(LLAMA2_7B, DEFAULTS, **kwargs) == without  # type: ignore[arg-type]
+    monkeypatch.setattr(memory, "KEEP_SCALES", True)
+    plan = plan_memory(LLAMA2_7B, DEFAULTS, CARD_80, cuda=True)
+    assert plan.kept_dequantization == "scales"
+    lean = plan_memory(LLAMA2_7B, replace(DEFAULTS, profile="memory"), CARD_80, cuda=True)
+    assert lean.kept_dequantization == "none"
+    varlen = SpeedSettings("varlen", True, False, True, "paged_adamw_8bit")
+    assert apply_plan(varlen, plan).kept_dequantization == "scales"
+    assert memory.KEEP_WEIGHTS_WHERE_THEY_FIT is False  # not measured on a GPU yet
+
+
+def test_kept_bf16_weights_go_where_they_fit_beside_the_fastest_plan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the kept-weights lever on, a 141 GB card keeps the 7B base in bf16 (13 GB) beside
+    the plan it would run anyway; a 24 GB card keeps nothing, and its plan is unchanged."""
+    from kubetune.trainer.plan import memory
+
+    before_big = plan_memory(LLAMA2_7B, DEFAULTS, CARD_141, cuda=True)
+    before_small = plan_memory(LLAMA2_7B, DEFAULTS, CARD_24, cuda=True)
+    monkeypatch.setattr(memory, "KEEP_WEIGHTS_WHERE_THEY_FIT", True)
+    big = plan_memory(LLAMA2_7B, DEFAULTS, CARD_141, cuda=True)
+    small = plan_memory(LLAMA2_7B, DEFAULTS, CARD_24, cuda=True)
+    assert big.kept_dequantization == "weights"
+    assert big.tokens_per_micro_step == before_big.tokens_per_micro_step
+    assert big.checkpointed_layers == before_big.checkpointed_layers == 0
+    assert big.estimated_peak_bytes is not None and before_big.estimated_peak_bytes is not None
+    added = (big.estimated_peak_bytes - before_big.estimated_peak_bytes) / GIB
+    assert added == pytest.approx(LLAMA2_7B.linear_params() * 2 / GIB, rel=0.01)
+    assert big.estimated_peak_bytes <= budget_bytes(CARD_141)
+    assert small.kept_dequantization == "none" and small == before_small

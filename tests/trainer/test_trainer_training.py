@@ -101,6 +101,15 @@ def test_training_succeeds_and_says_where_the_adapter_is(trained: TrainedRun) ->
     assert (trained.output / "tokenizer.json").is_file()
 
 
+def test_the_fused_layers_train_with_nothing_of_their_dequantisation_kept(
+    trained: TrainedRun,
+) -> None:
+    """The default plan keeps no NF4 block scales (``memory.KEEP_SCALES`` is off until a GPU
+    measures it): the run that learns the toy task below dequantises as bitsandbytes does."""
+    assert "adapted 4-bit layers compute base and LoRA in one function" in trained.logs
+    assert "of them keep their dequantised scales" not in trained.logs
+
+
 def test_loss_falls_during_training(trained: TrainedRun) -> None:
     lines = (trained.output / "metrics.jsonl").read_text().splitlines()
     losses = [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]

@@ -10,17 +10,22 @@ function with cuBLAS' ``addmm`` epilogue doing the adds and the scaling folded i
 side (tokens x 16 elements instead of tokens x 4,096):
 
 - forward: ``out = x W^T``, then ``out += s (x A^T) B^T`` in place;
-- backward: ``g_xa = s g B``; ``dA = g_xa^T x``; ``dB = s g^T (x A^T)``; ``dx = g W``, then
-  ``dx += g_xa A`` in place.
+- backward: ``g_xa = s g B``; ``dA = g_xa^T x``; ``dB = s g^T (x A^T)`` (``s`` as the GEMMs'
+  alpha); ``dx = g W``, then ``dx += g_xa A`` in place.
 
 ``W`` is dequantised from NF4 in the forward and again in the backward, as bitsandbytes' own
-4-bit matmul does (keeping it would hold a bf16 copy of every layer). Only the plain case is
-fused: one active adapter, no dropout, no DoRA or other variant, not merged, gradients on, the
-input in the layer's compute dtype; anything else takes PEFT's own forward, unchanged.
+4-bit matmul does, but in one kernel rather than three: :func:`keep_dequantization` keeps the
+double-quantised block scales in fp32 for the run (the memory plan's default), or, where the
+plan has room and its switch is on, the whole bf16 weight (no dequantisation in a step).
+
+Only the plain case is fused: one active adapter, no dropout, no DoRA or other variant, not
+merged, gradients on, the input in the layer's compute dtype; anything else takes PEFT's own
+forward, unchanged.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from typing import Any
@@ -30,10 +35,85 @@ import torch
 log = logging.getLogger(__name__)
 
 
+#: Attribute of a 4-bit weight holding its whole bf16 dequantisation, kept for the run.
+KEPT_WEIGHT = "_kubetune_dequantized"
+#: Attribute of a double-quantised 4-bit weight holding its block scales already dequantised.
+KEPT_ABSMAX = "_kubetune_absmax"
+
+
 def _dequantized(weight: Any, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` in ``dtype``: the copy kept for the run if there is one; else dequantised from
+    NF4 now, in one kernel where its block scales are kept (bitsandbytes' own path first
+    dequantises the double-quantised scales: two more kernels every call)."""
+    kept = getattr(weight, KEPT_WEIGHT, None)
+    if kept is not None and kept.dtype == dtype:
+        return kept  # type: ignore[no-any-return]
+    state = weight.quant_state
+    absmax = getattr(weight, KEPT_ABSMAX, None)
+    if absmax is not None:
+        return torch.ops.bitsandbytes.dequantize_4bit.default(  # type: ignore[no-any-return]
+            weight.data, absmax, state.blocksize, state.quant_type, state.shape, dtype
+        )
     from bitsandbytes.functional import dequantize_4bit
 
-    return dequantize_4bit(weight.data, weight.quant_state).to(dtype)  # type: ignore[no-any-return]
+    return dequantize_4bit(weight.data, state).to(dtype)  # type: ignore[no-any-return]
+
+
+def _scales(weight: Any) -> torch.Tensor | None:
+    """The fp32 block scales of a double-quantised weight, as bitsandbytes computes them before
+    every dequantisation (None: not double-quantised, its scales are fp32 already)."""
+    from bitsandbytes.functional import dequantize_blockwise
+
+    state = weight.quant_state
+    if not state.nested or weight.data.dim() != 2 or weight.data.shape[0] == 1:
+        return None
+    absmax = dequantize_blockwise(state.absmax, state.state2)
+    absmax += state.offset
+    return absmax.float()  # type: ignore[no-any-return]
+
+
+def keep_dequantization(model: Any, what: str) -> int:
+    """Keep part of every fused layer's dequantisation for the whole run (the base is frozen, so
+    it never changes): ``"scales"`` keeps the double-quantised block scales in fp32 (a 64th of
+    the weights' count in fp32, ~0.4 GB for a 7B base), ``"weights"`` the whole weight in the
+    compute dtype (two bytes a weight: the NF4 base's memory four times over, no dequantisation
+    left in a step). Returns how many weights were kept."""
+    kept = 0
+    for module in model.modules():
+        if not hasattr(module, "peft_forward"):
+            continue
+        base = module.get_base_layer()
+        weight = getattr(base, "weight", None)
+        if getattr(weight, "quant_state", None) is None:
+            continue
+        if what == "weights":
+            with torch.no_grad():
+                setattr(weight, KEPT_WEIGHT, _dequantized(weight, base.compute_dtype))
+        elif what == "scales":
+            scales = _scales(weight)
+            if scales is None:
+                continue
+            setattr(weight, KEPT_ABSMAX, scales)
+        else:
+            raise ValueError(f"nothing to keep called {what!r}")
+        kept += 1
+    return kept
+
+
+def drop_kept_dequantization(model: Any) -> None:
+    """Free what :func:`keep_dequantization` kept (after training: evaluation and merging
+    dequantise as bitsandbytes does)."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        for name in (KEPT_WEIGHT, KEPT_ABSMAX):
+            if weight is not None and hasattr(weight, name):
+                delattr(weight, name)
+
+
+@functools.cache
+def _zero(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A 0-dim zero for ``addmm(zero, ..., beta=0)``: made once, not a fill kernel every call."""
+    return torch.zeros((), device=device, dtype=dtype)
 
 
 class FusedLoRA4bit(torch.autograd.Function):
@@ -67,12 +147,14 @@ class FusedLoRA4bit(torch.autograd.Function):
         rows, xa, a, b = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(rows.dtype)
         scaling = ctx.scaling
-        g_xa = torch.mm(g, b).mul_(scaling)
+        # The scaling as the GEMM's alpha (beta 0: the zero is never read), not a pass of its own.
+        zero = _zero(g.device, g.dtype)
+        g_xa = torch.addmm(zero, g, b, beta=0, alpha=scaling)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[1]:
             grad_a = torch.mm(g_xa.t(), rows).to(ctx.param_dtypes[0])
         if ctx.needs_input_grad[2]:
-            grad_b = torch.mm(g.t(), xa).mul_(scaling).to(ctx.param_dtypes[1])
+            grad_b = torch.addmm(zero, g.t(), xa, beta=0, alpha=scaling).to(ctx.param_dtypes[1])
         if ctx.needs_input_grad[0]:
             grad_x = torch.mm(g, _dequantized(ctx.weight, g.dtype))
             grad_x.addmm_(g_xa, a)
@@ -137,3 +219,14 @@ def fuse_lora_layers(model: Any) -> int:
             module.forward = types.MethodType(_fused_forward, module)
             routed += 1
     return routed
+
+
+def kept_dequantization_dropped_after_training() -> Any:
+    """A callback freeing what :func:`keep_dequantization` kept once training ends."""
+    from transformers import TrainerCallback
+
+    class DropKeptDequantization(TrainerCallback):  # type: ignore[misc]
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            drop_kept_dequantization(kwargs["model"])
+
+    return DropKeptDequantization()

@@ -10,7 +10,11 @@ combination that its memory model says fits:
   by gradient accumulation); bigger micro-steps spread the per-pass costs (dequantising the 4-bit
   weights, launching kernels) over more tokens;
 - **the optimizer**: fused AdamW when the card has room for its fp32-sized states, the paged
-  8-bit AdamW when memory is tight.
+  8-bit AdamW when memory is tight;
+- **what the fused 4-bit layers keep of their dequantisation** (``fused_lora``): the NF4 block
+  scales in fp32 once :data:`KEEP_SCALES` is on (0.4 GiB for a 7B base; one dequantisation
+  kernel instead of three), the whole base in bf16 where it fits beside the plan once
+  :data:`KEEP_WEIGHTS_WHERE_THEY_FIT` is on (both stay off until a GPU has measured them).
 
 ``training.profile: memory`` asks for the least memory instead of the most speed: every layer
 checkpointed, the checkpoints themselves kept in (pinned) CPU memory on a GPU, one packed row of
@@ -75,6 +79,18 @@ HOST_FLOOR_TOKENS = 4700
 MAX_TOKENS_PER_MICRO_STEP = 16384
 #: Headroom the fused (fp32-state) optimizer needs beyond the plan before it is chosen.
 FUSED_OPTIMIZER_HEADROOM = 2 * GIB
+#: What the fused 4-bit layers keep of their dequantisation for the run
+#: (``fused_lora.keep_dequantization``): the NF4 block scales in fp32 (one kernel a
+#: dequantisation instead of three; 4 bytes per 64 weights on top of the double-quantised ones).
+KEPT_SCALES_BYTES_PER_PARAM = 4 / 64
+#: Whether the plan keeps them: off until a GPU measures what it gains (the bench's
+#: ``kubetune-scales`` mode turns it on); the CPU tests prove the kept path exact.
+KEEP_SCALES = False
+#: The whole base in bf16 (no dequantisation in a step) where it fits beside the fastest plan:
+#: 2 bytes a weight (13 GB for a 7B base). Off until a GPU measures what it gains (the bench's
+#: ``kubetune-keepw`` mode turns it on).
+KEEP_WEIGHTS_WHERE_THEY_FIT = False
+KEPT_WEIGHT_BYTES_PER_PARAM = 2.0
 
 
 @dataclass(frozen=True)
@@ -154,6 +170,8 @@ class MemoryPlan:
     profile: str = "speed"
     #: The checkpointed layers' inputs wait for the backward pass in CPU memory.
     offload_checkpoints: bool = False
+    #: What the fused 4-bit layers keep of their dequantisation: "scales", "weights" or "none".
+    kept_dequantization: str = "none"
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -213,8 +231,12 @@ def estimate_peak_bytes(
     tokens: int,
     optimizer: str,
     offload: bool = False,
+    kept_scales: bool | None = None,
 ) -> float:
-    """The memory model: peak bytes of one training step."""
+    """The memory model: peak bytes of one training step (``kept_scales``: with the fused
+    layers' block scales kept in fp32; by default as the plan keeps them, :data:`KEEP_SCALES`)."""
+    if kept_scales is None:
+        kept_scales = KEEP_SCALES
     per_layer = layer_activation_bytes(shape, run)
     kept = shape.layers - checkpointed_layers
     checkpoint = OFFLOADED_PER_HIDDEN if offload else CHECKPOINTED_PER_HIDDEN
@@ -225,7 +247,8 @@ def estimate_peak_bytes(
         loss = tokens * LOSS_PER_HIDDEN_FUSED * shape.hidden
     else:
         loss = tokens * LOSS_PER_VOCAB_UNFUSED * shape.vocab
-    return static_bytes(shape, run, optimizer) + activations + loss
+    scales = shape.linear_params() * KEPT_SCALES_BYTES_PER_PARAM if kept_scales else 0.0
+    return static_bytes(shape, run, optimizer) + scales + activations + loss
 
 
 def budget_bytes(free_bytes: int) -> float:
@@ -300,6 +323,10 @@ def plan_memory(
         )
         if peak + extra + FUSED_OPTIMIZER_HEADROOM <= budget:
             optimizer, peak = "adamw_torch_fused", peak + extra
+    kept = "scales" if KEEP_SCALES else "none"
+    weights = shape.linear_params() * KEPT_WEIGHT_BYTES_PER_PARAM
+    if KEEP_WEIGHTS_WHERE_THEY_FIT and fitting and peak + weights <= budget:
+        kept, peak = "weights", peak + weights
     return MemoryPlan(
         checkpointed_layers=checkpointed,
         layers=shape.layers,
@@ -309,6 +336,7 @@ def plan_memory(
         estimated_peak_bytes=int(peak),
         free_bytes=free_bytes,
         fits=bool(fitting),
+        kept_dequantization=kept,
     )
 
 
@@ -332,6 +360,7 @@ def _least_memory_plan(shape: ModelShape, run: RunSettings, free_bytes: int | No
                 tokens=micro * run.max_length,
                 optimizer=optimizer,
                 offload=offload,
+                kept_scales=False,
             )
         )
     return MemoryPlan(
@@ -345,6 +374,7 @@ def _least_memory_plan(shape: ModelShape, run: RunSettings, free_bytes: int | No
         fits=peak is None or peak <= budget_bytes(free_bytes or 0),
         profile="memory",
         offload_checkpoints=offload,
+        kept_dequantization="none",  # every byte counts here; the launches don't
     )
 
 

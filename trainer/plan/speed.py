@@ -25,6 +25,9 @@ class SpeedSettings:
     pad_to_tokens: int | None = None
     #: Keep the checkpointed layers' inputs in CPU memory until the backward pass needs them.
     offload_checkpoints: bool = False
+    #: What the fused 4-bit layers keep of their dequantisation for the run (the memory plan's
+    #: choice: "scales", "weights" or "none").
+    kept_dequantization: str = "none"
 
 
 def liger_available() -> bool:
@@ -117,6 +120,7 @@ def apply_plan(speed: SpeedSettings, plan: MemoryPlan) -> SpeedSettings:
         optimizer=plan.optimizer,
         pad_to_tokens=plan.tokens_per_micro_step if bucket else None,
         offload_checkpoints=plan.offload_checkpoints,
+        kept_dequantization=plan.kept_dequantization,
     )
 
 

@@ -176,13 +176,21 @@ def trl_trainer(
 def finish_trainer(trainer: Any, spec: FineTuneJobSpec, speed: SpeedSettings) -> None:
     """The adapted layers fused, partial checkpointing and the divergence check added; a
     dataset TRL's preparation left empty refused."""
-    from kubetune.trainer.model.fused_lora import fuse_lora_layers
+    from kubetune.trainer.model.fused_lora import (
+        fuse_lora_layers,
+        keep_dequantization,
+        kept_dequantization_dropped_after_training,
+    )
     from kubetune.trainer.model.modeling import partial_checkpointing_callback
     from kubetune.trainer.run.divergence import divergence_callback
 
     fused = fuse_lora_layers(trainer.model)
     if fused:
         log.info("%d adapted 4-bit layers compute base and LoRA in one function", fused)
+        if speed.kept_dequantization != "none":
+            kept = keep_dequantization(trainer.model, speed.kept_dequantization)
+            log.info("%d of them keep their dequantised %s", kept, speed.kept_dequantization)
+            trainer.add_callback(kept_dequantization_dropped_after_training())
     if speed.gradient_checkpointing and speed.checkpointed_layers is not None:
         trainer.add_callback(partial_checkpointing_callback(speed.checkpointed_layers))
     trainer.add_callback(divergence_callback(spec, lambda: getattr(trainer, "_tr_loss", None)))

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One round of issue 31's GPU measurements, in stages that each fit a 10-minute device command.
+# Run from the checkout's root on the GPU machine, with the wheels in .whl/ (bench/gpu.sh):
+#
+#   OUT=/some/dir bash bench/gpu_round.sh speed    # 7B: defaults (profiled), TRL best, levers; 8B
+#   OUT=/some/dir bash bench/gpu_round.sh caps     # 24 and 16 GiB caps against TRL's fastest fits
+#   OUT=/some/dir bash bench/gpu_round.sh tests    # pytest -m gpu tests/trainer
+#
+# Everything lands in $OUT as it comes (results.jsonl, the profile table, one log per command,
+# timeline.txt), so a command cut at its limit still leaves what it measured. Every comparison
+# runs its baseline in the same stage, on the same card.
+set -u
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to a folder for the results}"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/card.txt" 2>&1
+B="bash bench/gpu.sh python3 bench/qlora_throughput.py --out $OUT/results.jsonl --logging-steps 2"
+T0=$(date +%s)
+step() {  # step NAME COMMAND...: run, log its output to $OUT/NAME.log, note the time
+  local name=$1
+  shift
+  "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "[$(($(date +%s) - T0))s] $name: exit $rc" | tee -a "$OUT/timeline.txt"
+}
+case "${1:-}" in
+  speed)  # ~8.5 min on an H100 or H200
+    step 7b-defaults-profiled $B --shape llama2-7b --steps 14 --warmup 4 --modes kubetune \
+      --profile-step 3 --profile-out "$OUT/profile-7b-step3.txt"
+    step 7b-trl-best $B --shape llama2-7b --steps 14 --warmup 4 --modes trl-best
+    step 7b-levers $B --shape llama2-7b --steps 14 --warmup 4 --modes kubetune-scales,kubetune-keepw
+    step 8b-defaults $B --shape llama3-8b --steps 14 --warmup 4 --modes kubetune
+    step 8b-trl-best $B --shape llama3-8b --steps 14 --warmup 4 --modes trl-best
+    ;;
+  caps)  # ~8 min: TRL's fastest flags that fit each cap (docs/performance.md, second session)
+    step cap24 $B --shape llama2-7b --steps 12 --warmup 4 --modes kubetune,trl-best --batch 2 \
+      --memory-cap-gib 24
+    step cap16 $B --shape llama2-7b --steps 12 --warmup 4 --modes kubetune,trl-best-checkpointed \
+      --batch 4 --memory-cap-gib 16
+    ;;
+  tests)  # ~2 min
+    KUBETUNE_CACHE_DIR=/tmp/kc-tests TRITON_CACHE_DIR=/tmp/kc-tests/triton step gpu-tests \
+      bash bench/gpu.sh python3 -m pytest -q -m gpu tests/trainer -p no:cacheprovider
+    ;;
+  *)
+    echo "usage: OUT=DIR bash bench/gpu_round.sh speed|caps|tests" >&2
+    exit 2
+    ;;
+esac
