@@ -4,7 +4,7 @@ access review allows the read, else with the caller's token."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, Request
@@ -16,6 +16,7 @@ from kubetune.server.errors import ApiError, bad_request, not_found, unauthorize
 from kubetune.server.files import NAMESPACE, FileStore, UrlSigner
 from kubetune.server.kube import Kube
 from kubetune.server.limits import RateLimiter
+from kubetune.server.rendered import RenderedJobs
 from kubetune.server.settings import ServerSettings
 
 
@@ -34,6 +35,10 @@ class Server:
     limiter: RateLimiter
     access: AccessCache
     jobs: JobCache | None  # None: every read is made with the caller's token
+    rendered: RenderedJobs = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.rendered = RenderedJobs(self.settings.job_template)
 
     async def require(self, who: Caller, verb: str) -> None:
         """403 unless the caller may ``verb`` FineTuneJobs in their namespace (cached)."""
