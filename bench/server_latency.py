@@ -3,15 +3,21 @@
 ``--jobs`` suspended FineTuneJobs in one namespace (nothing trains), a tenant ServiceAccount's
 token, the server's own read-only account, and per ``--servers`` mode one ``kubetune-server``
 process: ``cache`` (reads from its watch-backed cache) or ``direct`` (each read with the
-caller's token). ``--clients`` concurrent openai SDK clients make ``--requests`` calls each:
+caller's token), served with uvloop and httptools (``--http fast``) or asyncio's loop and h11
+(``standard``). ``--clients`` concurrent clients make ``--requests`` calls each:
 ``fine_tuning.jobs.retrieve`` (a random job), ``fine_tuning.jobs.list`` (a page of 20 after a
 random job) or the two alternating (``--mix``), closed loop; then the alternating mix open loop
-at each of ``--rates`` calls/s (latency from when each call was due). Prints, per run,
-p50/p99/max from the client's side and the server's own (its access log), the throughput, CPU
-milliseconds a call of the server, kube-apiserver, etcd and the clients, and the machine's load.
+at each of ``--rates`` calls/s (latency from when each call was due). The clients are
+hack/loadgen (``--loadgen go``: compiled, built once by hack/loadgen/build.sh) or openai SDK
+clients in this process's threads (``python``). Each ``--placements`` entry runs it all again:
+``unpinned`` (the scheduler places everything) or ``pinned`` (``taskset``: the server on CPU 0,
+the clients on CPU 1; the cluster unpinned). Prints, per run, p50/p99/max from the client's side
+and the server's own (its access log), the throughput, CPU milliseconds a call of the server,
+kube-apiserver, etcd and the clients, and the machine's load.
 
-    .venv/bin/python bench/server_latency.py --jobs 500 --clients 50 --requests 40 \
-        --servers cache direct --rates 100 200 --out FILE
+    .venv/bin/python bench/server_latency.py --jobs 500 --clients 50 --requests 100 \
+        --servers cache direct --http fast standard --placements unpinned pinned \
+        --rates 100 200 --out FILE
 
 Starts its own local cluster in a temporary home (``--kubeconfig`` reuses one, which must have
 the CRD) and stops it at the end. Figures and the machine they came from: docs/performance.md.
@@ -20,6 +26,7 @@ the CRD) and stops it at the end. Figures and the machine they came from: docs/p
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import random
@@ -136,8 +143,11 @@ def server_identity(binary: Path, kubeconfig: Path, home: Path) -> Path:
     raise RuntimeError("no token for the server's account")
 
 
+SERVER_CPU, CLIENT_CPU = 0, 1  # the pinned placement's split of the first two CPUs
+
+
 def start_server(
-    kubeconfig: Path, home: Path, cache_token: Path | None
+    kubeconfig: Path, home: Path, cache_token: Path | None, *, fast_http: bool, pinned: bool
 ) -> tuple[subprocess.Popen[bytes], str, Path]:
     port = free_port()
     env = {
@@ -146,15 +156,18 @@ def start_server(
         "KUBETUNE_SERVER_KUBECONFIG": str(kubeconfig),
         "KUBETUNE_SERVER_FILES_DIR": str(home / "files"),
         "KUBETUNE_SERVER_RATE_LIMIT_PER_SECOND": "0",
+        "KUBETUNE_SERVER_FAST_HTTP": str(fast_http).lower(),
     }  # fmt: skip
     if cache_token is not None:
         env["KUBETUNE_SERVER_CACHE_TOKEN_FILE"] = str(cache_token)
     log_path = home / f"server-{'cache' if cache_token else 'direct'}.log"
+    command = [str(Path(sys.executable).with_name("kubetune-server"))]
+    if pinned:  # taskset execs the server: the pid is the server's
+        command = ["taskset", "-c", str(SERVER_CPU), *command]
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [str(Path(sys.executable).with_name("kubetune-server"))], env=env, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     url = f"http://127.0.0.1:{port}"
     for _ in range(120):
         try:
@@ -170,6 +183,23 @@ def call(client: OpenAI, kind: str, rng: random.Random, names: list[str]) -> Non
         client.fine_tuning.jobs.retrieve(rng.choice(names))
     else:
         client.fine_tuning.jobs.list(after=rng.choice(names), limit=20)
+
+
+def measure_go(
+    loadgen: Path, url: str, token_file: Path, args: argparse.Namespace, *, clients: int,
+    requests: int, mix: str = "both", rate: float = 0.0, pinned: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """The same runs as ``measure``, made by hack/loadgen (compiled, in a process of its own)."""
+    command = [
+        str(loadgen), "-url", url, "-token-file", str(token_file), "-project", NAMESPACE,
+        "-jobs", str(args.jobs), "-clients", str(clients), "-requests", str(requests),
+        "-mix", mix, "-rate", str(rate),
+    ]  # fmt: skip
+    if pinned:
+        command = ["taskset", "-c", str(CLIENT_CPU), *command]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
 
 
 def measure(
@@ -272,8 +302,11 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     for name, pid in pids.items():
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         seconds[name] = (int(fields[11]) + int(fields[12])) / ticks
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    seconds["bench clients"] = usage.ru_utime + usage.ru_stime
+    # This process's client threads, or the finished loadgen processes (waited children).
+    seconds["bench clients"] = sum(
+        usage.ru_utime + usage.ru_stime
+        for usage in map(resource.getrusage, (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    )
     return seconds
 
 
@@ -297,13 +330,13 @@ def server_side(log_path: Path, offset: int) -> dict[str, Any]:
 
 
 def measured_run(
-    url: str, token: str, args: argparse.Namespace, *, mix: str, rate: float,
-    pids: dict[str, int], log_path: Path,
+    target: Target, args: argparse.Namespace, *, mix: str, rate: float, pids: dict[str, int],
+    log_path: Path,
 ) -> dict[str, Any]:  # fmt: skip
     offset = log_path.stat().st_size
     cpu_before, busy_before = cpu_seconds(pids), machine_busy()
     load_before = os.getloadavg()
-    result = measure(url, token, args.jobs, args.clients, args.requests, mix=mix, rate=rate)
+    result = target.measure(args, clients=args.clients, requests=args.requests, mix=mix, rate=rate)
     cpu_after, busy_after = cpu_seconds(pids), machine_busy()
     calls = args.clients * args.requests
     busy = (busy_after[0] - busy_before[0]) / max(1, busy_after[1] - busy_before[1])
@@ -319,6 +352,57 @@ def measured_run(
             for name in cpu_after
         },
     }
+
+
+class Target:
+    """A running server and the clients that call it: hack/loadgen or threads of this process
+    (pinned to the clients' CPU while they run, when the placement is pinned)."""
+
+    def __init__(
+        self, url: str, token: str, token_file: Path, loadgen: Path | None, pinned: bool
+    ) -> None:
+        self.url, self.token, self.token_file = url, token, token_file
+        self.loadgen, self.pinned = loadgen, pinned
+
+    def measure(
+        self, args: argparse.Namespace, *, clients: int, requests: int, mix: str = "both",
+        rate: float = 0.0,
+    ) -> dict[str, Any]:  # fmt: skip
+        if self.loadgen is not None:
+            return measure_go(
+                self.loadgen, self.url, self.token_file, args, clients=clients,
+                requests=requests, mix=mix, rate=rate, pinned=self.pinned,
+            )  # fmt: skip
+        affinity = os.sched_getaffinity(0)
+        if self.pinned:  # threads made from here on inherit it
+            os.sched_setaffinity(0, {CLIENT_CPU})
+        try:
+            return measure(self.url, self.token, args.jobs, clients, requests, mix=mix, rate=rate)
+        finally:
+            os.sched_setaffinity(0, affinity)
+
+
+def build_loadgen() -> Path:
+    done = subprocess.run(
+        ["bash", str(REPO / "hack" / "loadgen" / "build.sh")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+def versions(loadgen: Path | None) -> dict[str, str]:
+    found = {"python": sys.version.split()[0]}
+    for name in ("uvicorn", "uvloop", "httptools", "fastapi", "starlette", "pydantic", "openai"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "absent"
+    if loadgen is not None:
+        go = subprocess.run(
+            ["go", "version", str(loadgen)], check=False, capture_output=True, text=True
+        )
+        found["loadgen"] = go.stdout.strip().rsplit(" ", 1)[-1] or "?"
+    return found
 
 
 def _interrupt(signum: int, _frame: Any) -> None:
@@ -342,6 +426,18 @@ def main() -> None:
         help="the server's reads from its watch-backed cache, or each with the caller's token",
     )  # fmt: skip
     parser.add_argument(
+        "--http", nargs="+", default=["fast"], choices=["fast", "standard"],
+        help="the server's loop and parser: uvloop and httptools, or asyncio's and h11",
+    )  # fmt: skip
+    parser.add_argument(
+        "--loadgen", default="go", choices=["go", "python"],
+        help="the clients: hack/loadgen, or openai SDK clients in threads of this process",
+    )  # fmt: skip
+    parser.add_argument(
+        "--placements", nargs="+", default=["unpinned"], choices=["unpinned", "pinned"],
+        help=f"pinned: the server on CPU {SERVER_CPU}, the clients on CPU {CLIENT_CPU} (taskset)",
+    )  # fmt: skip
+    parser.add_argument(
         "--rates", nargs="*", type=float, default=[],
         help="open-loop runs at these total rates (calls/s) after the closed-loop ones",
     )  # fmt: skip
@@ -362,21 +458,25 @@ def main() -> None:
             binary = binary / "kubectl"
         print(f"{args.jobs} suspended FineTuneJobs in {NAMESPACE}", flush=True)
         token = setup(binary, kubeconfig, args.jobs)
+        token_file = home / "tenant-token"
+        token_file.write_text(token)
         identity = server_identity(binary, kubeconfig, home)
+        loadgen = build_loadgen() if args.loadgen == "go" else None
+        uptime = subprocess.run(["uptime"], check=False, capture_output=True, text=True).stdout
+        uptime = uptime.strip()
         summary: dict[str, Any] = {
             "jobs": args.jobs, "clients": args.clients, "requests_per_client": args.requests,
-            "cpus": os.cpu_count(), "runs": [],
+            "cpus": os.cpu_count(), "loadgen": args.loadgen, "uptime_at_start": uptime,
+            "versions": versions(loadgen), "runs": [],
         }  # fmt: skip
-        for mode in args.servers:
-            run_server(
-                mode,
-                args,
-                kubeconfig=kubeconfig,
-                home=home,
-                identity=identity,
-                token=token,
-                summary=summary,
-            )
+        for placement in args.placements:
+            for mode in args.servers:
+                for http in args.http:
+                    run_server(
+                        mode, http, placement, args, kubeconfig=kubeconfig, home=home,
+                        identity=identity, token=token, token_file=token_file, loadgen=loadgen,
+                        summary=summary,
+                    )  # fmt: skip
         if args.out:
             args.out.write_text(json.dumps(summary, indent=2) + "\n")
     finally:
@@ -385,20 +485,26 @@ def main() -> None:
 
 
 def run_server(
-    mode: str, args: argparse.Namespace, *, kubeconfig: Path, home: Path, identity: Path,
-    token: str, summary: dict[str, Any],
+    mode: str, http: str, placement: str, args: argparse.Namespace, *, kubeconfig: Path,
+    home: Path, identity: Path, token: str, token_file: Path, loadgen: Path | None,
+    summary: dict[str, Any],
 ) -> None:  # fmt: skip
-    """One server process (cache or direct) through every closed-loop mix and open-loop rate."""
-    server, url, log_path = start_server(kubeconfig, home, identity if mode == "cache" else None)
+    """One server process (cache or direct; fast or standard HTTP; pinned or not) through every
+    closed-loop mix and open-loop rate."""
+    pinned = placement == "pinned"
+    server, url, log_path = start_server(
+        kubeconfig, home, identity if mode == "cache" else None, fast_http=http == "fast",
+        pinned=pinned,
+    )  # fmt: skip
     try:
         pids = pids_of(kubeconfig.parent, server.pid)
-        measure(url, token, args.jobs, 5, 4)  # warm the connection pools (and the cache)
+        target = Target(url, token, token_file, loadgen, pinned)
+        target.measure(args, clients=5, requests=4)  # warm the connection pools (and the cache)
         runs = [(mix, 0.0) for mix in args.mix] + [("both", rate) for rate in args.rates]
         for mix, rate in runs:
-            measured = measured_run(
-                url, token, args, mix=mix, rate=rate, pids=pids, log_path=log_path
-            )
-            result = {"server": mode, "mix": mix, **measured}
+            measured = measured_run(target, args, mix=mix, rate=rate, pids=pids, log_path=log_path)
+            result = {"server": mode, "http": http, "placement": placement, "mix": mix,
+                      **measured}  # fmt: skip
             summary["runs"].append(result)
             print(json.dumps(result), flush=True)
     finally:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from kubetune.api.datasets import SUPERVISED_FORMATS
 from kubetune.server import manifest, mapping
@@ -17,6 +17,7 @@ from kubetune.server.context import Caller, CallerDep, Server, ServerDep, json_b
 from kubetune.server.errors import ApiError, bad_request, not_found
 
 router = APIRouter()
+JSON = "application/json"
 
 
 def render(server: Server, job: dict[str, Any]) -> dict[str, Any]:
@@ -86,16 +87,17 @@ async def list_jobs(
     who: CallerDep,
     after: str | None = None,
     limit: Annotated[int, Query()] = 20,
-) -> JSONResponse:
+) -> Response:
     jobs = await server.jobs_newest_first(who)
     chosen, more = mapping.page(jobs, after, limit, lambda j: str(j["metadata"]["name"]))
-    # The hot reads answer JSON as it is: a dict return would be validated and re-encoded.
-    return JSONResponse(list_of([render(server, j) for j in chosen], more))
+    # The hot reads answer JSON bytes, each job's encoded once per resourceVersion: a dict
+    # return would be validated and re-encoded on every call.
+    return Response(server.rendered.page_json(chosen, more), media_type=JSON)
 
 
 @router.get("/v1/fine_tuning/jobs/{job_id}")
-async def retrieve_job(server: ServerDep, who: CallerDep, job_id: str) -> JSONResponse:
-    return JSONResponse(render(server, await server.job(who, job_id)))
+async def retrieve_job(server: ServerDep, who: CallerDep, job_id: str) -> Response:
+    return Response(server.rendered.job_json(await server.job(who, job_id)), media_type=JSON)
 
 
 async def _suspend(

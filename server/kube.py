@@ -92,14 +92,22 @@ def _api_error(response: httpx.Response, verb: str, what: str) -> ApiError:
     return ApiError(502, f"the API server answered {status} to {verb} {what}", code="upstream")
 
 
+#: Connections to the API server at most (httpx's default), each kept alive between requests.
+MAX_CONNECTIONS = 100
+
+
 class Kube:
     """A pooled HTTP client to the API server; each call takes the caller's token."""
 
     def __init__(self, endpoint: Endpoint, timeout: float) -> None:
         self.endpoint = endpoint
+        # Every connection kept alive: httpx keeps 20 by default, so with more callers at once
+        # each request past the 20th paid a new TLS handshake on both sides (docs/performance.md).
         self.client = httpx.AsyncClient(
-            base_url=endpoint.url, verify=endpoint.verify, timeout=timeout, trust_env=False
-        )
+            base_url=endpoint.url, verify=endpoint.verify, timeout=timeout, trust_env=False,
+            limits=httpx.Limits(max_connections=MAX_CONNECTIONS,
+                                max_keepalive_connections=MAX_CONNECTIONS),
+        )  # fmt: skip
 
     async def close(self) -> None:
         await self.client.aclose()

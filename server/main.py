@@ -7,6 +7,7 @@ import logging
 import uvicorn
 
 from kubetune.server.app import create_app
+from kubetune.server.coalesce import CoalescingHttpToolsProtocol
 from kubetune.server.settings import ServerSettings
 
 
@@ -20,6 +21,8 @@ def main() -> None:
     # request by its route template instead.
     uvicorn.run(
         app, host=settings.host, port=settings.port, access_log=False, proxy_headers=False,
+        loop="uvloop" if settings.fast_http else "asyncio",
+        http=CoalescingHttpToolsProtocol if settings.fast_http else "h11",
         timeout_keep_alive=30, limit_concurrency=1000, log_level="info",
     )  # fmt: skip
 

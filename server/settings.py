@@ -82,6 +82,11 @@ class ServerSettings(BaseSettings):
         ge=0,
         description="Requests per second per caller (a token bucket of twice that); 0: off.",
     )
+    fast_http: bool = Field(
+        default=True,
+        description="Serve with uvloop's event loop and httptools' parser (C); off: asyncio's "
+        "loop and h11 (pure Python), the baseline of docs/performance.md.",
+    )
     console: bool = Field(
         default=True,
         description="Serve the web console under /ui (docs/console.md), with each caller's own "

@@ -1,0 +1,3 @@
+module kubetune.io/hack/loadgen
+
+go 1.26.7
