@@ -214,7 +214,7 @@ def test_a_crashed_real_node_leaves_nothing_on_the_host_once_stopped(
     local = local_cluster.local()
     name = "kubetune-test-crash"
     only = f"{REAL_NODE_ONLY}-crash"
-    local.start_real_node(NodeOptions(name=name, kind="kubelet", **dedicated_to(only)))
+    local.start_real_node(NodeOptions(name=name, **dedicated_to(only)))
     try:
         pause = pod_manifest(
             "sleeps",
