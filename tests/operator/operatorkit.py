@@ -102,8 +102,11 @@ class OperatorProcess:
         env: Mapping[str, str] | None = None,
         progress_port: int | None = None,
         progress_host: str | None = None,
+        cluster_home: Path | None = None,
     ) -> None:
         self.kubeconfig = kubeconfig
+        #: The local cluster's state directory (where ``kubeconfig`` sits unless given).
+        self.cluster_home = cluster_home or kubeconfig.parent
         self.log_path = log_path
         self.args = list(args)
         self.extra_env = dict(env or {})
@@ -130,7 +133,7 @@ class OperatorProcess:
 
     def start(self) -> None:
         if self.progress_host is None:
-            self.progress_host = progress_service(self.kubeconfig, self.progress_port)
+            self.progress_host = progress_service(self.cluster_home, self.progress_port)
         tls = progress_tls(*([self.progress_host] if self.progress_host != "127.0.0.1" else []))
         env = {
             **os.environ,
@@ -252,13 +255,12 @@ def work_claim(kubectl: Kubectl, namespace: str) -> Path:
 SERVICE_RANGE = "10.0.0.0/24"
 
 
-def progress_service(kubeconfig: Path, port: int) -> str:
+def progress_service(cluster_home: Path, port: int) -> str:
     """The ClusterIP of ``operator-progress-<port>`` (``host_service``): the host's ``port``
-    behind the session's real node's link, for an operator of the local cluster whose
-    ``kubeconfig`` sits in its state directory."""
-    layout = Layout(kubeconfig.parent)
+    behind the session's real node's link, in the local cluster of ``cluster_home``."""
+    layout = Layout(cluster_home)
     handle = ClusterHandle(
-        kubeconfig, Path(ClusterInfo.load(layout).bin_dir) / "kubectl", None, owned=False
+        layout.kubeconfig, Path(ClusterInfo.load(layout).bin_dir) / "kubectl", None, owned=False
     )
 
     def kubectl(
@@ -268,12 +270,6 @@ def progress_service(kubeconfig: Path, port: int) -> str:
 
     host = real_node_state(layout.home).host_address
     return host_service(kubectl, f"operator-progress-{port}", host, port)
-
-
-def host_server(kubectl: Kubectl, name: str, port: int, layout_home: Path) -> str:
-    """``host_service`` for a server of this host listening on ``port`` (on every address, or
-    on the real node's link): the address trainers reach it at."""
-    return host_service(kubectl, name, real_node_state(layout_home).host_address, port)
 
 
 def host_service(kubectl: Kubectl, name: str, host_address: str, port: int) -> str:

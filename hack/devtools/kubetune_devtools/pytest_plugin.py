@@ -90,11 +90,7 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterH
 
     built_images("operator")
     cluster = LocalCluster(tmp_path_factory.mktemp("kubetune-home"))
-    # Untainted, so every suite's pods run there; labelled, so ``on_real_node()`` pods select it.
-    node = NodeOptions(
-        name=REAL_NODE, gpus=1, labels=[f"{REAL_NODE_ONLY}=only"], images=(operator_image(),)
-    )
-    info = cluster.up(node)
+    info = cluster.up(session_node())
     try:
         yield ClusterHandle(
             cluster.layout.kubeconfig, Path(info.bin_dir) / "kubectl", cluster, owned=True
@@ -216,6 +212,15 @@ def add_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[AddNode
     for name in started:
         local_cluster.local().stop_real_node(name)
         kubectl("delete", "node", name, "--wait=false", check=False)
+
+
+def session_node() -> NodeOptions:
+    """The node of the cluster a session starts: the real node ``REAL_NODE`` with one GPU and
+    the operator image; untainted, so every suite's pods run there, and labelled, so
+    ``on_real_node()`` pods select it."""
+    return NodeOptions(
+        name=REAL_NODE, gpus=1, labels=[f"{REAL_NODE_ONLY}=only"], images=(operator_image(),)
+    )
 
 
 class Dedication(TypedDict):
@@ -563,6 +568,7 @@ __all__ = [
     "real_node_images",
     "run_kubectl",
     "run_to_end",
+    "session_node",
     "temporary_namespace",
     "trainer_test_image",
     "trainer_test_image_reference",
