@@ -256,8 +256,14 @@ SERVICE_RANGE = "10.0.0.0/24"
 
 
 def progress_service(cluster_home: Path, port: int) -> str:
-    """The ClusterIP of ``operator-progress-<port>`` (``host_service``): the host's ``port``
-    behind the session's real node's link, in the local cluster of ``cluster_home``."""
+    """The ClusterIP of ``operator-progress-<port>``: ``host_port_service`` for an operator's
+    progress port."""
+    return host_port_service(cluster_home, f"operator-progress-{port}", port)
+
+
+def host_port_service(cluster_home: Path, name: str, port: int) -> str:
+    """The ClusterIP of Service ``name`` (``host_service``): the host's ``port`` behind the
+    session's real node's link, in the local cluster of ``cluster_home``."""
     layout = Layout(cluster_home)
     handle = ClusterHandle(
         layout.kubeconfig, Path(ClusterInfo.load(layout).bin_dir) / "kubectl", None, owned=False
@@ -269,7 +275,7 @@ def progress_service(cluster_home: Path, port: int) -> str:
         return run_kubectl(handle, args, input, check, timeout)
 
     host = real_node_state(layout.home).host_address
-    return host_service(kubectl, f"operator-progress-{port}", host, port)
+    return host_service(kubectl, name, host, port)
 
 
 def host_service(kubectl: Kubectl, name: str, host_address: str, port: int) -> str:
