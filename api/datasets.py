@@ -2,10 +2,10 @@
 named, as the Validating phase names it, without the training stack (kubetune-server checks each
 upload with it before a job can name the file).
 
-The trainer's own checks (``kubetune.trainer.data``) go further (tokenizing, chat templates); what
-is refused here is what the trainer refuses too: a line that isn't a JSON object, a record without
-the fields of the detected format, a field that must be text and isn't, a chat whose last turn
-isn't the assistant's.
+The trainer's own checks (``kubetune.trainer.dataset.formats``) go further (tokenizing, chat
+templates); what is refused here is what the trainer refuses too: a line that isn't a JSON object,
+a record without the fields of the detected format, a field that must be text and isn't, a chat
+whose last turn isn't the assistant's.
 """
 
 from __future__ import annotations

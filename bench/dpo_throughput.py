@@ -19,7 +19,7 @@ process. The modes:
 - ``kubetune-dpo-no-liger``: the same without Liger's layer kernels (RMSNorm, SwiGLU, RoPE; on
   in the default path, TRL keeping its own fused LM head), to measure that lever alone;
 - ``kubetune-dpo-padded``: the same with SDPA attention, so its micro-batches run padded as
-  TRL's do (the default unpads them: ``kubetune.trainer.packed_pairs``);
+  TRL's do (the default unpads them: ``kubetune.trainer.model.packed_pairs``);
 - ``trl-dpo-defaults``: ``DPOConfig``'s defaults (checkpointing on, batch 8 pairs), with the
   job's max length.
 
@@ -127,7 +127,7 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
     if args.mode in ("kubetune-dpo-no-liger", "kubetune-dpo-padded"):
         from dataclasses import replace
 
-        from kubetune.trainer import preference
+        from kubetune.trainer.run import preference
 
         keep = preference.preference_speed
         no_liger = args.mode == "kubetune-dpo-no-liger"

@@ -46,7 +46,7 @@ def train_and_score(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-    from kubetune.trainer.local_run import main as kubetune
+    from kubetune.trainer.run.local_run import main as kubetune
     from kubetune_devtools.tiny import demo_manifest, toy_eval_prompts
 
     manifest = demo_manifest(model, data)

@@ -1,6 +1,6 @@
 """The merge of a 7B adapter on the GPU machine (``output.merge``): seconds, peak host memory and
 peak GPU memory for each base (``mergeBase: original`` and ``dequantized``), through the trainer's
-own ``kubetune.trainer.merging.merge_adapter``. Figures in docs/performance.md.
+own ``kubetune.trainer.publish.merging.merge_adapter``. Figures in docs/performance.md.
 
 Weights don't change the cost: a Llama-2-7B-shaped model is initialised in bfloat16 from its
 config and saved to /tmp, with a LoRA adapter (r 16, all-linear, random non-zero B) beside it
@@ -60,7 +60,7 @@ def merge_once(into: str) -> dict[str, Any]:
     import torch
 
     from kubetune.api.models import FineTuneJobSpec
-    from kubetune.trainer.merging import merge_adapter
+    from kubetune.trainer.publish.merging import merge_adapter
 
     spec = FineTuneJobSpec.model_validate(
         {

@@ -52,7 +52,7 @@ configuration that runs out of memory is recorded as such. To compare on a 24 Gi
 time) in the record and in ``--profile-out``.
 
 ``--gpus N`` (kubetune modes only) trains data-parallel on N GPUs of this machine, as a pod with
-``resources.gpus: N`` does: the same launcher (``kubetune.trainer.launcher``, torch's elastic
+``resources.gpus: N`` does: the same launcher (``kubetune.trainer.run.launcher``, torch's elastic
 agent, NCCL) starts N ranks, each with its own 4-bit base on its own GPU, and the batch of the
 spec (``--kubetune-batch``, kubetune's default when unset) divides over them. Tokens/s is then the
 real tokens of all ranks (TRL gathers them) per second; peak memory is rank 0's. To compare
@@ -300,9 +300,9 @@ def train_with_recipe(
     """kubetune's own trainer on ``spec``, fed ``dataset`` as it is (the data step skipped), with
     ``callback`` measuring; its settings and plan go into ``record``. The recipe."""
     from kubetune.api.config import TrainerConfig
-    from kubetune.trainer.data import PreparedData
-    from kubetune.trainer.distributed import this_rank
-    from kubetune.trainer.recipe import QLoRASFTRecipe
+    from kubetune.trainer.dataset.formats import PreparedData
+    from kubetune.trainer.run.distributed import this_rank
+    from kubetune.trainer.run.recipe import QLoRASFTRecipe
 
     recipe = QLoRASFTRecipe(TrainerConfig(spec=spec), rank=this_rank())
 
@@ -330,7 +330,7 @@ def train_with_recipe(
 def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any]) -> Any:
     """The trainer exactly as a FineTuneJob with default settings runs it, data aside."""
     from kubetune.api.models import FineTuneJobSpec
-    from kubetune.trainer.distributed import this_rank
+    from kubetune.trainer.run.distributed import this_rank
 
     lever: dict[str, Any] = {
         "kubetune-micro8": {"microBatchSize": 8},
@@ -371,12 +371,12 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
     if args.mode == "kubetune-unpadded":
         from dataclasses import replace
 
-        from kubetune.trainer import speed
+        from kubetune.trainer.plan import speed
 
         apply_plan = speed.apply_plan
         speed.apply_plan = lambda s, p: replace(apply_plan(s, p), pad_to_tokens=None)  # type: ignore[assignment]
     if args.mode in ("kubetune-unfused", "kubetune-before"):
-        from kubetune.trainer import fused_lora
+        from kubetune.trainer.model import fused_lora
 
         fused_lora.fuse_lora_layers = lambda model: 0  # PEFT's own LoRA forward
 
@@ -462,7 +462,7 @@ def run_timed(
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from kubetune.trainer.distributed import this_rank
+    from kubetune.trainer.run.distributed import this_rank
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -525,8 +525,8 @@ def launch_ranks(args: argparse.Namespace) -> int:
 
     import torch
 
-    from kubetune.trainer.distributed import plan_topology
-    from kubetune.trainer.launcher import run_ranks
+    from kubetune.trainer.run.distributed import plan_topology
+    from kubetune.trainer.run.launcher import run_ranks
 
     topology = plan_topology(args.gpus, 1, {}, torch.cuda.device_count())
     with tempfile.TemporaryDirectory(prefix="bench-ranks-") as directory:
@@ -600,7 +600,7 @@ def main() -> int:
     args.model_dir = args.model_dir or Path(args.work) / f"model-{args.shape}"
 
     if args.mode:
-        from kubetune.trainer.distributed import this_rank
+        from kubetune.trainer.run.distributed import this_rank
 
         rank = this_rank()
         if args.gpus > 1 and rank.outcomes is None:

@@ -14,7 +14,7 @@ from kubetune.api.errors import SpecError
 # Sub-commands that live with their capability; each module exposes register(subparsers).
 # They are imported at start-up, so none may import torch or the kubernetes client at top level.
 _PLUGINS = {
-    "train": ("kubetune.trainer.local_run", "trainer"),
+    "train": ("kubetune.trainer.run.local_run", "trainer"),
     "local": ("kubetune.local.cli", "operator"),
     "watch": ("kubetune.cli.watch", "operator"),
     "logs": ("kubetune.cli.logs", "operator"),

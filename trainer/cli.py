@@ -11,8 +11,8 @@ from pathlib import Path
 
 from kubetune.api.contract import PREFLIGHT_SUBCOMMAND, ExitCode
 from kubetune.api.errors import ConfigError
-from kubetune.trainer import outputs
-from kubetune.trainer.runner import configure_logging, failure, preflight, run
+from kubetune.trainer.publish import outputs
+from kubetune.trainer.run.runner import configure_logging, failure, preflight, run
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if checking:
         return preflight(config).exit_code
     name = args.name or (config.job.name if config.job else "adapter")
-    from kubetune.trainer import distributed, launcher
+    from kubetune.trainer.run import distributed, launcher
 
     rank = distributed.this_rank()
     if rank.outcomes is not None:

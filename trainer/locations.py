@@ -6,7 +6,7 @@ models and the operator); this module says where each kind lives on this node:
 claim there) and may not lead out of it, not even through a symlink; ``file://`` and plain paths
 are local; ``s3://`` and ``gs://`` go through fsspec (install s3fs or gcsfs for them); a bare
 ``org/name`` or ``hf://org/name`` is a hub id; ``http(s)://`` datasets are
-:mod:`~kubetune.trainer.downloads`'.
+:mod:`~kubetune.trainer.dataset.downloads`'.
 """
 
 from __future__ import annotations

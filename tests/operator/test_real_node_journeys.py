@@ -66,7 +66,7 @@ import os, sys, time
 from kubetune.api.config import load_trainer_config
 from kubetune.api.models import Progress
 from kubetune.api.timestamps import rfc3339
-from kubetune.trainer.progress import reporter_from_settings
+from kubetune.trainer.run.progress import reporter_from_settings
 
 here = os.path.dirname(os.path.abspath(__file__))
 probe = os.environ.get("{PROBE_ENV}")

@@ -72,7 +72,7 @@ def trained(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> Train
     """`kubetune train` on the toy task, with a (fake) hub token in the environment."""
     import contextlib
 
-    from kubetune.trainer.local_run import main
+    from kubetune.trainer.run.local_run import main
     from kubetune_devtools.tiny import toy_eval_prompts
 
     work = tmp_path_factory.mktemp("trained")

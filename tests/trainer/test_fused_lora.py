@@ -67,7 +67,7 @@ def _close(a: Any, b: Any, rtol: float = 0.02) -> bool:
 def _fused_matches_peft(device: str) -> None:
     import torch
 
-    from kubetune.trainer.fused_lora import fuse_lora_layers
+    from kubetune.trainer.model.fused_lora import fuse_lora_layers
 
     x = torch.randn(2, 24, 128, device=device).bfloat16()
     plain = _lora_model(device=device)
@@ -101,7 +101,7 @@ def test_fused_layer_gives_pefts_outputs_and_gradients_on_cuda() -> None:
 def test_dropout_no_grad_and_disabled_adapters_take_pefts_own_forward() -> None:
     import torch
 
-    from kubetune.trainer import fused_lora
+    from kubetune.trainer.model import fused_lora
 
     calls = []
     original = fused_lora.FusedLoRA4bit.apply

@@ -1,4 +1,4 @@
-"""DPO micro-batches unpadded (kubetune.trainer.packed_pairs): the policy's and the reference's
+"""DPO micro-batches unpadded (kubetune.trainer.model.packed_pairs): the policy's and the reference's
 per-token log-probabilities, entropies and the other outputs of TRL's fused LM head, and the
 gradients through them, are those of the padded batch TRL would have run, in TRL's layout. On
 the CPU the packed row's sequences are kept apart by transformers' SDPA mask from the positions;
@@ -40,7 +40,7 @@ def _pairs_batch(vocab: int, device: str) -> dict[str, Any]:
 def _padded_and_packed(model: Any, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     from trl.trainer.utils import add_fused_lm_head
 
-    from kubetune.trainer.packed_pairs import pack_padded_pairs
+    from kubetune.trainer.model.packed_pairs import pack_padded_pairs
 
     add_fused_lm_head(model, outputs=FIELDS)
     results = []
@@ -87,7 +87,7 @@ def test_on_a_gpu_varlen_attention_keeps_the_packed_pairs_apart(tiny: TinyAssets
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kubetune.trainer import varlen_attention
+    from kubetune.trainer.model import varlen_attention
 
     if not varlen_attention.supported_on_this_gpu():
         pytest.skip("needs a CUDA GPU that runs varlen attention")

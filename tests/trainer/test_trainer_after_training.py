@@ -13,7 +13,7 @@ from trainer_helpers import TinyAssets, job_manifest, write_manifest
 
 from kubetune.api.config import TrainerConfig
 from kubetune.api.manifest import load_finetunejob
-from kubetune.trainer.local_run import main as kubetune
+from kubetune.trainer.run.local_run import main as kubetune
 from kubetune_devtools.tiny import toy_eval_prompts
 
 pytestmark = pytest.mark.trainer
@@ -71,8 +71,8 @@ def test_a_failure_after_the_adapter_is_saved_keeps_it_and_a_retry_publishes_wit
 ) -> None:
     import huggingface_hub
 
-    from kubetune.trainer import evaluation
-    from kubetune.trainer.runner import run
+    from kubetune.trainer.run import evaluation
+    from kubetune.trainer.run.runner import run
 
     monkeypatch.setattr(evaluation, "compare_base_and_adapter", _broken_evaluation)
     monkeypatch.setattr(huggingface_hub, "HfApi", FailingHub)

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from kubetune.api.models import FineTuneJobSpec, plan_training
-from kubetune.trainer.arguments import LossMasking, sft_arguments
-from kubetune.trainer.speed import SpeedSettings
+from kubetune.trainer.plan.arguments import LossMasking, sft_arguments
+from kubetune.trainer.plan.speed import SpeedSettings
 
 pytestmark = pytest.mark.unit
 
@@ -108,8 +108,8 @@ def test_speed_settings_become_trl_flags() -> None:
 def test_a_dpo_run_on_a_gpu_keeps_ligers_layer_kernels_and_pads_its_pairs() -> None:
     """TRL's DPOTrainer applies Liger's RMSNorm, SwiGLU and RoPE and keeps its own fused LM
     head; without them kubetune's DPO step was 1.85× TRL's hand-set one (docs/performance.md)."""
-    from kubetune.trainer.arguments import preference_arguments
-    from kubetune.trainer.preference import preference_speed
+    from kubetune.trainer.plan.arguments import preference_arguments
+    from kubetune.trainer.run.preference import preference_speed
 
     spec = _spec(method={"type": "dpo"})
     resolved = SpeedSettings("varlen", True, False, True, "paged_adamw_8bit")
@@ -146,7 +146,7 @@ def test_hyperparameters_pass_through_and_warmup_stays_a_fraction() -> None:
 def test_the_mapping_imports_no_training_stack() -> None:
     probe = (
         "import sys\n"
-        "import kubetune.trainer.arguments\n"
+        "import kubetune.trainer.plan.arguments\n"
         "heavy = [m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules]\n"
         "print(heavy)\n"
     )
@@ -163,8 +163,8 @@ def test_micro_steps_are_padded_to_the_plans_bucket() -> None:
 
 
 def test_the_memory_profile_becomes_one_row_per_pass_all_checkpointed_and_8bit_adamw() -> None:
-    from kubetune.trainer.memory import GIB, ModelShape, RunSettings, plan_memory
-    from kubetune.trainer.speed import apply_plan
+    from kubetune.trainer.plan.memory import GIB, ModelShape, RunSettings, plan_memory
+    from kubetune.trainer.plan.speed import apply_plan
 
     spec = _spec(training={"profile": "memory", "batchSize": 16})
     assert spec.training.profile == "memory"
@@ -198,7 +198,7 @@ def test_an_unknown_profile_is_refused_naming_the_field() -> None:
 def test_tracking_reports_through_transformers_callbacks_configured_by_the_environment() -> None:
     from pathlib import Path
 
-    from kubetune.trainer.tracking import tracking_environment
+    from kubetune.trainer.run.tracking import tracking_environment
 
     assert _arguments(_spec())["report_to"] == []
     tracked = _spec(
@@ -230,7 +230,7 @@ def test_auto_attention_is_varlen_for_packed_sequences_where_the_gpu_runs_it(
     packing: bool, cuda: bool, varlen_runs: bool, chosen: str
 ) -> None:
     from kubetune.api.models import TrainingSpec
-    from kubetune.trainer.speed import resolve_speed
+    from kubetune.trainer.plan.speed import resolve_speed
 
     training = TrainingSpec(packing=packing)
     assert resolve_speed(training, cuda, varlen_runs=varlen_runs).attention == chosen
@@ -249,15 +249,15 @@ def test_varlen_attention_where_it_cant_run_is_refused_naming_the_field(
 ) -> None:
     from kubetune.api.models import TrainingSpec
     from kubetune.trainer.errors import InvalidConfig
-    from kubetune.trainer.speed import resolve_speed
+    from kubetune.trainer.plan.speed import resolve_speed
 
     with pytest.raises(InvalidConfig, match=message):
         resolve_speed(TrainingSpec.model_validate(training), cuda, varlen_runs=varlen_runs)
 
 
 def test_varlen_packed_micro_steps_are_not_padded_flex_ones_are() -> None:
-    from kubetune.trainer.memory import MemoryPlan
-    from kubetune.trainer.speed import apply_plan
+    from kubetune.trainer.plan.memory import MemoryPlan
+    from kubetune.trainer.plan.speed import apply_plan
 
     plan = MemoryPlan(checkpointed_layers=0, layers=32, micro_batch_size=4,
                       tokens_per_micro_step=8192, optimizer="adamw_torch_fused",
@@ -299,7 +299,7 @@ def test_mlflow_and_object_store_secrets_are_redacted_like_the_hub_tokens(
     reader: str, environ: dict[str, str], line: str, shown: str
 ) -> None:
     from kubetune.trainer import secrets as secrets_module
-    from kubetune.trainer import tracking
+    from kubetune.trainer.run import tracking
     from kubetune.trainer.secrets import HubTokens, redact
 
     read = getattr(tracking if reader == "tracking_secrets" else secrets_module, reader)

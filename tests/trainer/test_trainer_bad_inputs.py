@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from trainer_helpers import TinyAssets, job_manifest, write_manifest
 
-from kubetune.trainer.local_run import main as kubetune
+from kubetune.trainer.run.local_run import main as kubetune
 from kubetune_devtools.tiny import toy_records, write_jsonl
 
 pytestmark = pytest.mark.trainer

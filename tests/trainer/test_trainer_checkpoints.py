@@ -10,15 +10,15 @@ import pytest
 
 from kubetune.api.config import JobRef, TrainerConfig
 from kubetune.api.models import FineTuneJobSpec
-from kubetune.trainer.checkpoints import (
+from kubetune.trainer.errors import InvalidConfig
+from kubetune.trainer.publish.outputs import forget_metrics_after
+from kubetune.trainer.run.checkpoints import (
     RemoteCheckpoints,
     claim,
     newest_checkpoint,
     run_identity,
 )
-from kubetune.trainer.errors import InvalidConfig
-from kubetune.trainer.outputs import forget_metrics_after
-from kubetune.trainer.resume import RunningTotals
+from kubetune.trainer.run.resume import RunningTotals
 
 pytestmark = pytest.mark.unit
 

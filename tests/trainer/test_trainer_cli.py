@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from trainer_helpers import TinyAssets, job_manifest, write_manifest
 
-from kubetune.trainer.local_run import main as kubetune
+from kubetune.trainer.run.local_run import main as kubetune
 from kubetune_devtools.loopback import LoopbackServer
 
 pytestmark = pytest.mark.trainer

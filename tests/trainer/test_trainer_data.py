@@ -9,7 +9,7 @@ import pytest
 from trainer_helpers import TinyAssets
 
 from kubetune.api.models import DatasetSpec
-from kubetune.trainer.data import prepare
+from kubetune.trainer.dataset.formats import prepare
 from kubetune.trainer.errors import DatasetUnusable, InvalidConfig
 from kubetune_devtools.tiny import CHAT_TEMPLATE, toy_records, write_jsonl
 

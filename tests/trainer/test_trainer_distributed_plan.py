@@ -7,9 +7,9 @@ import pytest
 
 from kubetune.api.contract import ExitCode
 from kubetune.api.models import TrainerResult
-from kubetune.trainer.distributed import plan_topology
 from kubetune.trainer.errors import InvalidConfig
-from kubetune.trainer.launcher import RankOutcome, group_outcome
+from kubetune.trainer.run.distributed import plan_topology
+from kubetune.trainer.run.launcher import RankOutcome, group_outcome
 
 pytestmark = pytest.mark.unit
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from trainer_helpers import TinyAssets, captured_logs, job_manifest, write_manifest
 
-from kubetune.trainer.local_run import main as kubetune
+from kubetune.trainer.run.local_run import main as kubetune
 
 pytestmark = pytest.mark.trainer
 
@@ -55,8 +55,8 @@ def test_a_run_whose_loss_turns_nan_stops_at_that_step_with_exit_6(
 @pytest.mark.parametrize("loss", [float("nan"), float("inf"), "NaN"])
 def test_a_logged_loss_that_is_not_finite_is_a_divergence(loss: float | str) -> None:
     from kubetune.api.models import FineTuneJobSpec
-    from kubetune.trainer.divergence import divergence_callback
     from kubetune.trainer.errors import Diverged
+    from kubetune.trainer.run.divergence import divergence_callback
 
     spec = FineTuneJobSpec.model_validate(
         {

@@ -131,7 +131,7 @@ def test_credentials_in_a_dataset_uri_reach_its_host_and_nothing_that_is_shown(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from kubetune.api.models import DatasetSpec
-    from kubetune.trainer.data import prepare
+    from kubetune.trainer.dataset.formats import prepare
 
     password, signature = "pa55w0rd-0f-alice", "5ec2e7519a7ea0fd33b0c1d2e3f4a5b6"
     credential = "AKIAEXAMPLEKEY99/20260101/us-east-1/s3/aws4_request"
@@ -278,7 +278,7 @@ def test_a_hosts_header_line_and_column_names_stay_out_of_the_termination_messag
 def test_addresses_that_are_not_public_are_refused(address: str) -> None:
     import ipaddress
 
-    from kubetune.trainer.downloads import is_public
+    from kubetune.trainer.dataset.downloads import is_public
 
     assert not is_public(ipaddress.ip_address(address))
     assert is_public(ipaddress.ip_address("8.8.8.8"))

@@ -32,7 +32,7 @@ def packed_run(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
     from kubetune.api.config import TrainerConfig
     from kubetune.api.models import FineTuneJobSpec
-    from kubetune.trainer.recipe import QLoRASFTRecipe
+    from kubetune.trainer.run.recipe import QLoRASFTRecipe
 
     output = tmp_path_factory.mktemp("packed") / "adapter"
     training = {"maxSteps": 6, "batchSize": 4, "maxLength": 128, "packing": True,
@@ -135,7 +135,7 @@ def test_offloading_checkpoints_to_cpu_gives_the_same_gradients(tiny: TinyAssets
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kubetune.trainer.modeling import offload_checkpoints_to_cpu
+    from kubetune.trainer.model.modeling import offload_checkpoints_to_cpu
 
     def gradients(offload: bool) -> tuple[dict[str, Any], int]:
         torch.manual_seed(0)

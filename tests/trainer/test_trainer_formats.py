@@ -10,7 +10,7 @@ from trainer_helpers import TinyAssets, job_manifest
 
 from kubetune.api.config import TrainerConfig
 from kubetune.api.manifest import load_finetunejob
-from kubetune.trainer.recipe import QLoRASFTRecipe
+from kubetune.trainer.run.recipe import QLoRASFTRecipe
 
 pytestmark = pytest.mark.trainer
 
@@ -107,7 +107,7 @@ def test_packing_puts_several_examples_in_one_padding_free_row(
 def test_each_format_trains_end_to_end_with_packing(
     tiny: TinyAssets, tmp_path: Path, fmt: str
 ) -> None:
-    from kubetune.trainer.runner import run
+    from kubetune.trainer.run.runner import run
 
     manifest = job_manifest(
         tiny.model,
@@ -142,7 +142,7 @@ def test_push_to_hub_uploads_the_adapter_and_its_description_only(
     import huggingface_hub
     from huggingface_hub.utils import filter_repo_objects
 
-    from kubetune.trainer.runner import run
+    from kubetune.trainer.run.runner import run
 
     calls: list[tuple[str, dict[str, Any]]] = []
     uploaded: list[str] = []

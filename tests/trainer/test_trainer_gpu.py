@@ -27,7 +27,7 @@ def test_qlora_on_cuda_puts_4bit_modules_on_the_gpu_and_lowers_the_loss(
 
     from kubetune.api.config import TrainerConfig
     from kubetune.api.manifest import load_finetunejob
-    from kubetune.trainer.recipe import QLoRASFTRecipe
+    from kubetune.trainer.run.recipe import QLoRASFTRecipe
 
     manifest = job_manifest(
         tiny.model,
@@ -82,7 +82,7 @@ def test_varlen_attention_keeps_packed_sequences_apart_like_a_block_mask(kv_head
     import torch
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    from kubetune.trainer import varlen_attention
+    from kubetune.trainer.model import varlen_attention
 
     varlen_attention.register()
     from transformers import AttentionInterface

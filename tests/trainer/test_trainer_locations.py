@@ -73,7 +73,7 @@ def test_a_symlink_out_of_a_claim_is_refused(claims: Path) -> None:
 def test_an_output_leading_out_of_its_claim_exits_2_naming_the_field(
     claims: Path, tmp_path: Path
 ) -> None:
-    from kubetune.trainer.runner import run
+    from kubetune.trainer.run.runner import run
 
     (claims / "data" / "escape").symlink_to(claims.parent / "elsewhere")
     spec = FineTuneJobSpec.model_validate(
@@ -92,7 +92,7 @@ def test_an_output_leading_out_of_its_claim_exits_2_naming_the_field(
 
 
 def test_a_dataset_file_linked_out_of_its_claim_is_refused(claims: Path, tmp_path: Path) -> None:
-    from kubetune.trainer.data import prepare
+    from kubetune.trainer.dataset.formats import prepare
 
     secret = tmp_path / "elsewhere" / "secrets.jsonl"
     secret.write_text(json.dumps({"text": "not yours"}) + "\n")

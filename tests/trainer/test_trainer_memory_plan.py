@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from kubetune.api.models import FineTuneJobSpec, TrainingPlan, plan_training
-from kubetune.trainer.memory import (
+from kubetune.trainer.plan.memory import (
     GIB,
     ModelShape,
     RunSettings,
@@ -17,7 +17,7 @@ from kubetune.trainer.memory import (
     estimate_peak_bytes,
     plan_memory,
 )
-from kubetune.trainer.speed import SpeedSettings, apply_plan
+from kubetune.trainer.plan.speed import SpeedSettings, apply_plan
 
 pytestmark = pytest.mark.unit
 
@@ -221,7 +221,7 @@ def _job(**training: object) -> tuple[FineTuneJobSpec, TrainingPlan]:
 
 def test_a_card_only_the_memory_profile_fits_is_refused_naming_the_profile() -> None:
     from kubetune.trainer.errors import OutOfMemory
-    from kubetune.trainer.planning import plan_for_this_card
+    from kubetune.trainer.plan.card import plan_for_this_card
 
     flex = SpeedSettings("flex_attention", True, False, True, "paged_adamw_8bit")
     spec, plan = _job()
@@ -238,7 +238,7 @@ def test_a_card_only_the_memory_profile_fits_is_refused_naming_the_profile() -> 
 def test_a_capped_allocator_is_planned_for_as_a_smaller_card() -> None:
     """``set_per_process_memory_fraction`` (a GPU shared by pods, or the bench standing in for a
     24 GB card): the plan fills the cap, not the card's free memory."""
-    from kubetune.trainer.planning import capped_free_bytes
+    from kubetune.trainer.plan.card import capped_free_bytes
 
     total = int(139.6 * GIB)
     assert capped_free_bytes(int(139.0 * GIB), total, 1.0, 0) == int(139.0 * GIB)
@@ -258,7 +258,7 @@ def test_a_16gb_card_checkpoints_layers_rather_than_run_micro_steps_the_host_can
     """Below the host's floor a micro-step costs as much as a bigger one (H100, 7B: 0.31 s for
     2,048 tokens, 0.32 s for 4,096): under 16 GiB the plan checkpoints some layers and runs
     bigger micro-steps instead of one 2,048-token row a pass (measured 11,435 vs 6,637 tokens/s)."""
-    from kubetune.trainer.memory import HOST_FLOOR_TOKENS, relative_step_cost
+    from kubetune.trainer.plan.memory import HOST_FLOOR_TOKENS, relative_step_cost
 
     assert relative_step_cost(0, 32, 2048) > 1.9 * relative_step_cost(0, 32, 4096)
     assert relative_step_cost(0, 32, HOST_FLOOR_TOKENS * 2) < relative_step_cost(0, 32, 4096)

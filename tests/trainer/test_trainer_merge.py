@@ -53,7 +53,7 @@ def batch(tiny: TinyAssets) -> Any:
 @pytest.fixture(scope="module")
 def merged(trained: TrainedRun, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The trained adapter merged into each base, through the trainer's own merge."""
-    from kubetune.trainer.merging import merge_adapter
+    from kubetune.trainer.publish.merging import merge_adapter
 
     assert trained.exit_code == 0, trained.logs[-3000:]
     root = tmp_path_factory.mktemp("merged")
@@ -94,7 +94,7 @@ def test_merged_into_the_dequantized_weights_answers_like_the_adapter_on_those_w
     import torch
     from peft import PeftModel
 
-    from kubetune.trainer.merging import load_base
+    from kubetune.trainer.publish.merging import load_base
 
     base = load_base(_spec(trained), "dequantized", token=None)
     expected = _logits(PeftModel.from_pretrained(base, str(trained.output)), batch)
@@ -108,7 +108,7 @@ def test_the_dequantized_base_holds_exactly_the_4bit_weights_the_adapter_trained
     import bitsandbytes
     import torch
 
-    from kubetune.trainer.merging import load_base
+    from kubetune.trainer.publish.merging import load_base
 
     dequantized = dict(load_base(_spec(trained), "dequantized", token=None).named_modules())
     layers = 0
@@ -156,7 +156,7 @@ def test_merged_in_bfloat16_stays_within_two_bfloat16_steps_of_base_plus_adapter
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from kubetune.trainer.merging import merge_adapter
+    from kubetune.trainer.publish.merging import merge_adapter
 
     spec = _spec(trained)
     bf16 = spec.quantization.model_copy(update={"compute_dtype": "bfloat16"})

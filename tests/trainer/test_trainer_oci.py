@@ -241,7 +241,7 @@ def _continue(
     lora: dict[str, Any] | None = None, **training: Any,
 ) -> tuple[int, str, dict[str, Any]]:  # fmt: skip
     """`kubetune train` of the tiny job into ``work/out``, starting from ``adapter``."""
-    from kubetune.trainer.local_run import main as kubetune
+    from kubetune.trainer.run.local_run import main as kubetune
     from kubetune_devtools.tiny import demo_manifest
 
     manifest = demo_manifest(model or tiny.model, tiny.datasets["prompt-completion"])

@@ -12,7 +12,7 @@ def test_a_partial_plan_leaves_checkpointing_on_for_its_layers_only(tiny: TinyAs
     from transformers import AutoModelForCausalLM
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from kubetune.trainer.modeling import partial_checkpointing_callback
+    from kubetune.trainer.model.modeling import partial_checkpointing_callback
 
     model = AutoModelForCausalLM.from_pretrained(tiny.model)
     model.train()

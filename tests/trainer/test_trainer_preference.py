@@ -93,7 +93,7 @@ def test_before_training_the_reward_accuracy_is_the_bases_and_not_0_9(
 ) -> None:
     """The run's own trainer, set up but not trained: its reference is the base with the
     adapter disabled, and the untrained adapter is that base, so no pair is preferred."""
-    from kubetune.trainer.recipe import QLoRASFTRecipe
+    from kubetune.trainer.run.recipe import QLoRASFTRecipe
 
     manifest = preference_job(
         tiny, preference_data["preference"], tmp_path / "out", {"type": "dpo"}, DPO_TRAINING,
@@ -247,7 +247,7 @@ def test_the_estimate_counts_the_pairs_tokens_and_steps_the_run_will_train(
     estimate = result["estimate"]
 
     # The run, set up for real from the same config: what it will iterate and for how long.
-    from kubetune.trainer.recipe import QLoRASFTRecipe
+    from kubetune.trainer.run.recipe import QLoRASFTRecipe
 
     recipe = QLoRASFTRecipe(TrainerConfig.model_validate(yaml.safe_load(path.read_text())))
     recipe.setup()
@@ -369,9 +369,9 @@ def test_the_memory_plan_gives_kto_two_examples_a_micro_batch_and_dpo_twice_the_
     """The memory profile plans one row a micro-step; KTO's KL term needs two, and a DPO pair
     puts two sequences through each micro-step."""
     from kubetune.api.models import FineTuneJobSpec, plan_training
-    from kubetune.trainer.memory import ModelShape
-    from kubetune.trainer.planning import plan_for_this_card
-    from kubetune.trainer.speed import resolve_speed
+    from kubetune.trainer.plan.card import plan_for_this_card
+    from kubetune.trainer.plan.memory import ModelShape
+    from kubetune.trainer.plan.speed import resolve_speed
 
     shape = ModelShape.from_config({"hidden_size": 4096, "intermediate_size": 11008,
         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,

@@ -70,7 +70,7 @@ def test_estimate_counts_the_rows_tokens_and_steps_the_run_will_train(
     assert estimate["examples"] == 512 and estimate["sampled"] is False
 
     # The run, set up for real from the same config: what it will iterate and for how long.
-    from kubetune.trainer.recipe import QLoRASFTRecipe
+    from kubetune.trainer.run.recipe import QLoRASFTRecipe
 
     recipe = QLoRASFTRecipe(TrainerConfig.model_validate(yaml.safe_load(path.read_text())))
     recipe.setup()

@@ -23,8 +23,8 @@ from kubetune.api.models import (
     TrainerResult,
 )
 from kubetune.local.ports import free_port
-from kubetune.trainer.outputs import termination_message, write_termination_message
-from kubetune.trainer.progress import (
+from kubetune.trainer.publish.outputs import termination_message, write_termination_message
+from kubetune.trainer.run.progress import (
     FileReporter,
     NoopReporter,
     OperatorReporter,
@@ -267,7 +267,7 @@ def test_cli_help_and_config_validation_do_not_import_torch(tmp_path: Path) -> N
     bad.write_text("kind: TrainerConfig\nspec: {}\n")
     probe = (
         "import sys\n"
-        "from kubetune.trainer import cli, local_run\n"
+        "from kubetune.trainer import cli\nfrom kubetune.trainer.run import local_run\n"
         f"code = cli.main(['--config', {str(bad)!r}])\n"
         "heavy = [m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules]\n"
         "print(code, heavy)\n"

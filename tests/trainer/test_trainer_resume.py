@@ -98,7 +98,7 @@ def runs(tiny: TinyAssets, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     import logging
 
     from kubetune.trainer.cli import main as trainer
-    from kubetune.trainer.local_run import main as kubetune
+    from kubetune.trainer.run.local_run import main as kubetune
     from kubetune_devtools.tiny import toy_eval_prompts
 
     work = tmp_path_factory.mktemp("resume")

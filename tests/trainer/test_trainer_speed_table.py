@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune.trainer.memory import GIB, ModelShape, RunSettings, plan_memory
-from kubetune.trainer.speed import GPU_KINDS, estimated_seconds, gpu_free_bytes
+from kubetune.trainer.plan.memory import GIB, ModelShape, RunSettings, plan_memory
+from kubetune.trainer.plan.speed import GPU_KINDS, estimated_seconds, gpu_free_bytes
 
 pytestmark = pytest.mark.unit
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from trainer_helpers import TinyAssets, assert_hidden, job_manifest, train_job
 
-from kubetune.trainer.digests import sha256_file
+from kubetune.trainer.publish.digests import sha256_file
 from kubetune_devtools.loopback import LoopbackServer
 
 pytestmark = pytest.mark.trainer

@@ -37,8 +37,8 @@ def test_base_model_linear_layers_are_bitsandbytes_4bit(tiny: TinyAssets) -> Non
     import bitsandbytes as bnb
 
     from kubetune.api.models import ModelSpec, QuantizationSpec, TrainingSpec
-    from kubetune.trainer.modeling import load_quantized_model
-    from kubetune.trainer.speed import resolve_speed
+    from kubetune.trainer.model.modeling import load_quantized_model
+    from kubetune.trainer.plan.speed import resolve_speed
 
     speed = resolve_speed(TrainingSpec(gradient_checkpointing=False), cuda=False)
     model = load_quantized_model(
@@ -65,8 +65,8 @@ def test_a_bf16_runs_residual_stream_stays_bf16_without_ligers_norms(tiny: TinyA
     import torch
 
     from kubetune.api.models import ModelSpec, QuantizationSpec, TrainingSpec
-    from kubetune.trainer.modeling import load_quantized_model
-    from kubetune.trainer.speed import resolve_speed
+    from kubetune.trainer.model.modeling import load_quantized_model
+    from kubetune.trainer.plan.speed import resolve_speed
 
     speed = resolve_speed(TrainingSpec(gradient_checkpointing=False), cuda=False)
     model = load_quantized_model(

@@ -15,7 +15,7 @@ def test_generation_on_a_padded_batch_answers_as_sdpa_does(tiny: TinyAssets) -> 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kubetune.trainer import varlen_attention
+    from kubetune.trainer.model import varlen_attention
 
     name = varlen_attention.register()
     tokenizer = AutoTokenizer.from_pretrained(tiny.model)

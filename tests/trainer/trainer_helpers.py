@@ -140,7 +140,7 @@ def assert_hidden(secrets: list[str], **places: str) -> None:
 def train_job(path: Path, manifest: dict[str, Any], *flags: str) -> tuple[int, str]:
     """Write ``manifest`` to ``path`` and run ``kubetune train`` on it (no progress bars, and
     ``flags``): its exit code and every line it logged."""
-    from kubetune.trainer.local_run import main as kubetune
+    from kubetune.trainer.run.local_run import main as kubetune
 
     path = write_manifest(path, manifest)
     with captured_logs() as logs:

@@ -67,7 +67,7 @@ def reporter() -> Any:
     """The trainer's reporter for the config the operator gave this pod (made once)."""
     if not _REPORTER:
         from kubetune.api.config import load_trainer_config
-        from kubetune.trainer.progress import reporter_from_settings
+        from kubetune.trainer.run.progress import reporter_from_settings
 
         config = load_trainer_config(sys.argv[sys.argv.index("--config") + 1])
         _REPORTER.append(reporter_from_settings(config.progress, config.job))

@@ -1,0 +1,198 @@
+"""The speed seams, resolved for this node: ``auto`` becomes a concrete choice, and what the node
+can't run is refused before anything heavy is loaded."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, replace
+
+from kubetune.api.models import TrainingSpec
+from kubetune.trainer.errors import InvalidConfig
+from kubetune.trainer.plan.memory import MemoryPlan, ModelShape, relative_step_cost
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    attention: str
+    liger_kernel: bool
+    gradient_checkpointing: bool
+    packing: bool
+    optimizer: str
+    #: How many decoder layers to checkpoint when gradient_checkpointing is on (None: all).
+    checkpointed_layers: int | None = None
+    #: Pad each packed micro-step to exactly this many tokens, so that its shape never changes
+    #: and flex attention compiles once (None: no padding).
+    pad_to_tokens: int | None = None
+    #: Keep the checkpointed layers' inputs in CPU memory until the backward pass needs them.
+    offload_checkpoints: bool = False
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def flex_attention_available() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+
+
+def auto_attention(packing: bool, cuda: bool, varlen_runs: bool) -> str:
+    """``training.attention: auto``: on a GPU, packed sequences through FlashAttention's varlen
+    kernel where it runs (no compilation, any length), else flex attention; SDPA elsewhere."""
+    if not cuda:
+        return "sdpa"
+    if packing and varlen_runs:
+        return "varlen"
+    return "flex_attention" if flex_attention_available() else "sdpa"
+
+
+def resolve_speed(
+    training: TrainingSpec, cuda: bool, *, varlen_runs: bool | None = None
+) -> SpeedSettings:
+    """Turn the spec's ``auto`` settings into what this node can run; refuse what it can't.
+    ``varlen_runs``: whether the GPU runs varlen attention (None: ask this node's GPU; the
+    preflight, on a CPU, answers for the GPU the run will get)."""
+    from kubetune.trainer.model import varlen_attention
+
+    if varlen_runs is None:
+        varlen_runs = cuda and varlen_attention.supported_on_this_gpu()
+    for kernel in ("flex_attention", "varlen"):
+        if training.attention == kernel and not cuda:
+            raise InvalidConfig(f"training.attention: {kernel} needs a CUDA GPU; use sdpa")
+    if training.attention == "varlen":
+        if not training.packing:
+            raise InvalidConfig(
+                "training.attention: varlen attends within packed sequences; set "
+                "training.packing: true, or use sdpa"
+            )
+        if not varlen_runs:
+            raise InvalidConfig(
+                "training.attention: varlen needs torch >= 2.10 and a GPU of compute capability "
+                "8.0 or newer; use auto"
+            )
+    if training.attention == "auto":
+        attention = auto_attention(training.packing, cuda, varlen_runs)
+    else:
+        attention = training.attention
+    if training.liger_kernel == "on" and not (cuda and liger_available()):
+        raise InvalidConfig(
+            "training.ligerKernel: on needs a CUDA GPU and the liger-kernel package; "
+            "use auto or off"
+        )
+    liger = training.liger_kernel == "on" or (
+        training.liger_kernel == "auto" and cuda and liger_available()
+    )
+    optimizer = training.optimizer
+    if optimizer == "auto":
+        # The paged 8-bit optimizer is bitsandbytes' CUDA kernel; the CPU gets plain AdamW.
+        optimizer = "paged_adamw_8bit" if cuda else "adamw_torch"
+    else:
+        check_optimizer(optimizer)
+    return SpeedSettings(
+        attention=attention,
+        liger_kernel=liger,
+        # Unset (auto) is decided by the memory plan (apply_plan); until then, no checkpointing.
+        gradient_checkpointing=bool(training.gradient_checkpointing),
+        packing=training.packing,
+        optimizer=optimizer,
+    )
+
+
+def apply_plan(speed: SpeedSettings, plan: MemoryPlan) -> SpeedSettings:
+    """The speed settings with the memory plan's checkpointing, optimizer and micro-step shape.
+
+    Packed micro-steps under flex attention are padded to the plan's tokens per micro-step: one
+    shape for the whole run, so flex attention (and Liger's kernels) compile once instead of
+    again for every new length (what that cost: docs/performance.md, "Figures behind the
+    trainer's constants").
+    """
+    bucket = speed.packing and speed.attention == "flex_attention"
+    return replace(
+        speed,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        checkpointed_layers=(
+            plan.checkpointed_layers
+            if plan.gradient_checkpointing and not plan.all_layers
+            else None
+        ),
+        optimizer=plan.optimizer,
+        pad_to_tokens=plan.tokens_per_micro_step if bucket else None,
+        offload_checkpoints=plan.offload_checkpoints,
+    )
+
+
+def optimizer_names() -> list[str]:
+    """The optimizer names transformers knows (imported here, when the node is set up)."""
+    from transformers.training_args import OptimizerNames
+
+    return sorted(str(o.value) for o in OptimizerNames)
+
+
+def check_optimizer(name: str) -> None:
+    """Refuse an optimizer name transformers doesn't know, naming the field and the choices."""
+    known = optimizer_names()
+    if name not in known:
+        raise InvalidConfig(
+            f"spec.training.optimizer: unknown optimizer {name!r}; use auto or one of "
+            + ", ".join(known)
+        )
+
+
+# --- the measured speed table (the preflight's estimate) -----------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuKind:
+    """What the preflight knows of a GPU kind: its memory, and, where measured, its speed."""
+
+    #: Total memory as the driver reports it (MiB, the cards' specifications).
+    memory_mib: int
+    #: Dense bf16 tensor-core peak (TFLOP/s, the vendor's figure).
+    bf16_tflops: float
+    #: Model FLOPs utilisation kubetune measured on it with the default plan (None: never
+    #: measured; the estimate then gives no seconds rather than a guess).
+    measured_mfu: float | None = None
+    source: str = ""
+
+
+#: The card's memory that the CUDA context and the libraries hold before the plan's share.
+CONTEXT_BYTES = 512 * 2**20
+
+#: The GPU kinds the preflight plans for; the measured MFUs and the runs they come from:
+#: docs/performance.md, "Figures behind the trainer's constants".
+GPU_KINDS: dict[str, GpuKind] = {
+    "H200": GpuKind(143771, 989.0, 0.494, "docs/trainer.md, H200 2026-11-29, 7B defaults"),
+    "H100-80GB": GpuKind(81559, 989.0, 0.449, "docs/trainer.md, H100 2026-12-05, 7B defaults"),
+    "A100-80GB": GpuKind(81920, 312.0),
+    "A100-40GB": GpuKind(40960, 312.0),
+    "L40S": GpuKind(46068, 362.0),
+    "L4": GpuKind(23034, 121.0),
+}
+#: The plan the MFU above was measured with: no checkpointing, 16,384 tokens a micro-step.
+MEASURED_TOKENS_PER_MICRO_STEP = 16384
+
+
+def gpu_free_bytes(kind: str) -> int:
+    return GPU_KINDS[kind].memory_mib * 2**20 - CONTEXT_BYTES
+
+
+def flops_per_token(shape: ModelShape, lora_rank: int) -> float:
+    """Training FLOPs per real token, as docs/trainer.md counts them for MFU: 4 per frozen base
+    weight (forward, and the input gradients only), 6 per adapter weight (attention left out:
+    a few percent at the measured lengths)."""
+    return 4.0 * shape.linear_params() + 6.0 * shape.lora_params(lora_rank)
+
+
+def estimated_seconds(
+    kind: str, shape: ModelShape, *, lora_rank: int, plan: MemoryPlan, tokens: int, ranks: int
+) -> float | None:
+    """Seconds to train ``tokens`` real tokens on ``ranks`` GPUs of ``kind``: the measured MFU,
+    corrected by the memory model's cost of this plan's recompute and micro-step size relative
+    to the measured plan (ranks assumed to scale linearly). None where the kind was never
+    measured."""
+    gpu = GPU_KINDS.get(kind)
+    if gpu is None or gpu.measured_mfu is None or tokens <= 0:
+        return None
+    per_second = gpu.bf16_tflops * 1e12 * gpu.measured_mfu / flops_per_token(shape, lora_rank)
+    cost = relative_step_cost(plan.checkpointed_layers, plan.layers, plan.tokens_per_micro_step)
+    measured = relative_step_cost(0, plan.layers, MEASURED_TOKENS_PER_MICRO_STEP)
+    return tokens / (per_second * max(ranks, 1)) * cost / measured
