@@ -107,8 +107,8 @@ def test_a_running_job_completes_though_the_control_plane_restarts_mid_run(
     namespace: str,
     component: str,
 ) -> None:
-    # The trainer outlives the restart: the local node agent reports a pod's end once, so an end
-    # while the apiserver is down would be lost there (not in the operator).
+    # The trainer outlives the restart: this test is about the operator's watches, not about a
+    # pod that ends while the apiserver is down.
     apply(kubectl, namespace, finetunejob("steady", sleeper_spec(20)))
     wait_phase(kubectl, namespace, "steady", {"Running"}, 90)
     (job,) = jobs_of(kubectl, namespace)
