@@ -1026,7 +1026,8 @@ def test_a_trainer_image_the_node_does_not_have_keeps_the_job_pending_image_pull
     absent.start()
     try:
         placement = on_real_node()
-        spec = sleeper_spec(1, scheduling={
+        # No Validating phase: its Job would wait for the same image.
+        spec = sleeper_spec(1, validation={"enabled": False}, scheduling={
             "nodeSelector": placement["nodeSelector"], "tolerations": placement["tolerations"],
         })  # fmt: skip
         apply(kubectl, namespace, finetunejob("no-image", spec))
