@@ -1020,9 +1020,9 @@ def test_a_trainer_image_the_node_does_not_have_keeps_the_job_pending_image_pull
     """The real node pulls nothing (it reaches no registry): an operator whose trainer image
     isn't in its containerd gets a job whose kubelet reports a failed pull."""
     operator.stop()  # the operator of this test, with that image, is the only one acting
-    absent = OperatorProcess(
-        kubeconfig_path, tmp_path / "log", env={"KUBETUNE_TRAINER_IMAGE": ABSENT_IMAGE}
-    )
+    # Pulled if not present (a pull fails here), not Never (ErrImageNeverPull, no back-off).
+    env = {"KUBETUNE_TRAINER_IMAGE": ABSENT_IMAGE, "KUBETUNE_IMAGE_PULL_POLICY": "IfNotPresent"}
+    absent = OperatorProcess(kubeconfig_path, tmp_path / "log", env=env)
     absent.start()
     try:
         placement = on_real_node()
