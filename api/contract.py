@@ -3,7 +3,7 @@
 Everything both sides of a trainer pod must agree on: the container's name, where its config and
 claims are mounted, the environment variables that carry them, where the termination message
 goes, the exit codes and the condition types and reasons the operator reports from them. The
-operator renders pods from these names, the trainer reads them, the local node agent honours
+operator renders pods from these names, the trainer reads them, the kubelet honours
 them; nothing else spells them out.
 """
 

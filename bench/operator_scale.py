@@ -515,7 +515,7 @@ def main() -> None:
         if kubeconfig is None:
             cluster = LocalCluster(home)
             print(f"starting a local cluster in {home}", flush=True)
-            cluster.up(NodeOptions(name="bench", gpus=0, host_images=("*",)))
+            cluster.up(NodeOptions(name="bench", gpus=0))
             kubeconfig = cluster.layout.kubeconfig
         api = config.new_client_from_config(str(kubeconfig))
         subprocess.run(

@@ -451,7 +451,7 @@ def main() -> None:
         if kubeconfig is None:
             cluster = LocalCluster(home)
             print(f"starting a local cluster in {home}", flush=True)
-            info = cluster.up(NodeOptions(name="bench", gpus=0, host_images=("*",)))
+            info = cluster.up(NodeOptions(name="bench", gpus=0))
             kubeconfig, binary = cluster.layout.kubeconfig, Path(info.bin_dir) / "kubectl"
         else:
             binary = Path(ClusterInfo.load(LocalCluster(kubeconfig.parent).layout).bin_dir)

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # `make demo`: a newcomer's first run, on this machine, in one command.
 #
-# Starts the local cluster (a real control plane built from Go modules and, as root, a real node:
-# the upstream kubelet with containerd and runc, running the operator and trainer images built
-# from the Dockerfile; otherwise a node agent that runs pods as processes), installs kubetune
+# Starts the local cluster (a real control plane built from Go modules and a real node: the
+# upstream kubelet with containerd and runc, running the operator and trainer images built from
+# the Dockerfile; as root), installs kubetune
 # through its Helm chart, puts a tiny Llama-shaped model and a word-reversal dataset on a PVC,
 # applies examples/tiny-cpu.yaml with kubectl and follows it until the adapter is written. Idempotent: a second run reuses the cluster and the
 # binaries and trains again. `make demo-down` stops the cluster.
@@ -19,38 +19,26 @@ bin=$(bash hack/cluster/build.sh | tail -n 1)
 helm=$(bash hack/helm/build.sh | tail -n 1)
 kubectl() { "$bin/kubectl" "$@"; }
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-if [ "$(id -u)" = 0 ]; then
-  step "Building (or reusing) a real node (kubelet, containerd, runc, ...) and the images"
-  bash hack/node/build.sh >/dev/null
-  bash hack/images/build.sh >/dev/null
-  step "Starting the local cluster on a real node"
-  kubetune local up --node kubelet \
-    --image "kubetune/operator:$version" --image "kubetune/trainer:$version"
-  # The chart unchanged: the operator and the trainer run as its non-root users, read-only root,
-  # no capabilities, under their limits. The trainers' NetworkPolicy is told where this
-  # cluster's DNS is (the node's CoreDNS, on its pods' gateway; docs/install.md, "Trainer
-  # egress"): they find the operator's progress Service by name.
-  dns=$(python -c 'import ipaddress
+[ "$(id -u)" = 0 ] || { echo "make demo needs root: the local cluster's node is a real kubelet with containerd and runc (namespaces, cgroups, mounts)" >&2; exit 1; }
+step "Building (or reusing) a real node (kubelet, containerd, runc, ...) and the images"
+bash hack/node/build.sh >/dev/null
+bash hack/images/build.sh >/dev/null
+step "Starting the local cluster on a real node"
+kubetune local up --image "kubetune/operator:$version" --image "kubetune/trainer:$version"
+# The chart unchanged: the operator and the trainer run as its non-root users, read-only root,
+# no capabilities, under their limits. The trainers' NetworkPolicy is told where this
+# cluster's DNS is (the node's CoreDNS, on its pods' gateway; docs/install.md, "Trainer
+# egress"): they find the operator's progress Service by name.
+dns=$(python -c 'import ipaddress
 from kubetune.local.layout import default_home
 from kubetune.local.real_node import NodeState, RealNode
 node = NodeState.load(RealNode(default_home(), "kubetune-local").state_dir)
 print(ipaddress.IPv4Network(node.pod_network).network_address + 1, node.pod_network)')
-  read -r dns pods <<<"$dns"
-  # Trainers of jobs made through kubetune-server download their data from its pod (on this
-  # node's pod network, which the default egress excepts with the rest of 10.0.0.0/8).
-  chart_args=(--set "trainer.networkPolicy.dns.cidrs={$dns/32}"
-    --set "trainer.networkPolicy.egressCIDRs={0.0.0.0/0,::/0,$pods}")
-else
-  step "Starting the local cluster (not root: a node agent that runs pods as processes)"
-  kubetune local up
-  # The node agent runs each pod's command on this machine instead of pulling its image, so the
-  # operator "image" is the kubetune installed in .venv, and pods run as the current user; they
-  # share this machine's network, so trainers reach the operator's progress port on loopback (and
-  # one replica: two would share its ports).
-  chart_args=(--set trainer.runAsNonRoot=false --set trainer.runAsUser=0 --set trainer.fsGroup=0
-    --set progress.url=https://127.0.0.1:8443/v1/progress --set 'progress.tls.ipAddresses={127.0.0.1}'
-    --set replicaCount=1)
-fi
+read -r dns pods <<<"$dns"
+# Trainers of jobs made through kubetune-server download their data from its pod (on this
+# node's pod network, which the default egress excepts with the rest of 10.0.0.0/8).
+chart_args=(--set "trainer.networkPolicy.dns.cidrs={$dns/32}"
+  --set "trainer.networkPolicy.egressCIDRs={0.0.0.0/0,::/0,$pods}")
 KUBECONFIG=$(kubetune local kubeconfig)
 export KUBECONFIG
 

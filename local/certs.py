@@ -2,9 +2,10 @@
 
 The cluster only ever listens on loopback, so one CA signs everything: the
 apiserver's serving certificate, the admin client certificate (group
-system:masters), the client certificate the apiserver presents to node agents,
-the node agents' serving certificates, and Kueue's (its webhook and metrics servers, where it
-runs). The service-account key pair signs and verifies projected tokens.
+system:masters), the client certificate the apiserver presents to the kubelets
+(a real node's serving certificate is made with its state, ``real_node``), and Kueue's (its
+webhook and metrics servers, where it runs). The service-account key pair signs and verifies
+projected tokens.
 """
 
 from __future__ import annotations
@@ -40,10 +41,8 @@ class Pki:
         self.apiserver = KeyPair.named(directory, "apiserver")
         #: Group system:masters.
         self.admin = KeyPair.named(directory, "admin")
-        #: What the apiserver presents to node agents (``kubectl logs``).
+        #: What the apiserver presents to the kubelets (``kubectl logs``, ``exec``).
         self.kubelet_client = KeyPair.named(directory, "apiserver-kubelet-client")
-        #: What node agents serve their kubelet port with.
-        self.node_serving = KeyPair.named(directory, "node-serving")
         #: What Kueue's webhook and metrics servers serve with (``ensure_kueue_serving``).
         self.kueue_serving = KeyPair.named(directory, "kueue-serving")
         #: What JobSet's webhook server serves with (``ensure_jobset_serving``).
@@ -168,13 +167,6 @@ def ensure_pki(directory: Path) -> Pki:
         pki.kubelet_client,
         "/O=system:masters/CN=kube-apiserver-kubelet-client",
         usage="clientAuth",
-    )
-    signed_cert(
-        pki.ca,
-        pki.node_serving,
-        "/CN=kubetune-node",
-        usage="serverAuth",
-        alt_names=["IP:127.0.0.1", "DNS:localhost"],
     )
     _new_key(pki.service_account_key)
     _openssl(

@@ -19,14 +19,6 @@ def _cluster(args: argparse.Namespace) -> LocalCluster:
     return LocalCluster(args.home)
 
 
-def _host_images(args: argparse.Namespace) -> tuple[str, ...]:
-    """The node's host images: those given, '*' (the demo's fast mode) when none are, none at
-    all with --images-only."""
-    if args.images_only:
-        return ()
-    return tuple(args.host_image) if args.host_image else ("*",)
-
-
 def cmd_up(args: argparse.Namespace) -> int:
     cluster = _cluster(args)
     was_running = cluster.ready() if cluster.layout.cluster_file.exists() else False
@@ -38,8 +30,6 @@ def cmd_up(args: argparse.Namespace) -> int:
                 gpus=args.gpus,
                 labels=args.label,
                 taints=args.taint,
-                host_images=_host_images(args),
-                kind=args.node,
                 images=tuple(args.image),
             ),
             kueue=args.kueue,
@@ -52,20 +42,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     verb = "already running" if was_running else f"started in {time.monotonic() - started:.1f}s"
     kubeconfig = cluster.layout.kubeconfig
     print(f"local cluster {verb}: {info.server} (state in {info.home})")
-    hosted = _host_images(args)
-    if not was_running and args.node == "kubelet":
+    if not was_running:
         print(
             "the node is a real kubelet with containerd and runc; images: "
             + (", ".join(args.image) or "none imported")
-        )
-    elif not was_running:
-        print(
-            "pods run from the image store (make images)"
-            + (
-                f", except images matching {', '.join(hosted)}: on this host's Python"
-                if hosted
-                else ""
-            )
         )
     if args.kueue:
         print(
@@ -141,33 +121,12 @@ def _add_up_arguments(up: argparse.ArgumentParser) -> None:
         help="node taint (repeatable)",
     )
     up.add_argument(
-        "--host-image",
-        action="append",
-        default=[],
-        metavar="PATTERN",
-        help="images whose containers run on this host's Python and PATH instead of in the "
-        "image (shell-style, repeatable; default '*': every image, the fast mode)",
-    )
-    up.add_argument(
-        "--images-only",
-        action="store_true",
-        help="run every container in its image from the image store (make images)",
-    )
-    up.add_argument(
-        "--node",
-        choices=("agent", "kubelet"),
-        default="agent",
-        help="the first node: the Python node agent (default), or a real node: the upstream "
-        "kubelet with containerd, runc and CNI plugins built from their Go modules (root, "
-        "cgroup v1 or v2; see docs/local-cluster.md)",
-    )
-    up.add_argument(
         "--image",
         action="append",
         default=[],
         metavar="REFERENCE",
-        help="with --node kubelet: an image of the image store (make images) to import into the "
-        "node's containerd (repeatable)",
+        help="an image of the image store (make images) to import into the node's containerd "
+        "(repeatable; kept there between clusters, imported again only when it changed)",
     )
     up.add_argument(
         "--kueue",
@@ -192,7 +151,9 @@ def _add_up_arguments(up: argparse.ArgumentParser) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add ``local`` and its sub-commands to the ``kubetune`` command line."""
     local = subparsers.add_parser(
-        "local", help="run a local Kubernetes cluster (real control plane, process-based node)"
+        "local",
+        help="run a local Kubernetes cluster (a real control plane and a real node: kubelet, "
+        "containerd, runc; root)",
     )
     local.add_argument(
         "--home",

@@ -37,9 +37,6 @@ class ClusterAccess:
     def process(self, name: str) -> Supervised:
         return Supervised(name, self.layout.run, self.layout.logs)
 
-    def node_agent_process(self, node_name: str) -> Supervised:
-        return self.process(f"node-agent-{node_name}")
-
     # -- the apiserver --------------------------------------------------------
 
     def kubectl(self, *args: str) -> str:
@@ -94,9 +91,7 @@ class ClusterAccess:
         return ready and not tainted
 
     def wait_node_ready(self, name: str, timeout: float = 120.0) -> None:
-        self._wait(
-            lambda: self.node_ready(name), f"node {name} Ready", timeout, f"node-agent-{name}"
-        )
+        self._wait(lambda: self.node_ready(name), f"node {name} Ready", timeout, f"kubelet-{name}")
 
     def _wait(self, check: Callable[[], bool], what: str, timeout: float, process: str) -> None:
         deadline = time.monotonic() + timeout

@@ -1,5 +1,5 @@
 """What ``kubetune local up`` chose for one cluster (ports, binaries, nodes), persisted as
-``cluster.json`` in its state directory for ``status``, node agents and tests."""
+``cluster.json`` in its state directory for ``status`` and tests."""
 
 from __future__ import annotations
 

@@ -58,10 +58,10 @@ def apiserver_argv(info: ClusterInfo, layout: Layout, pki: Pki) -> list[str]:
         # The 'kubernetes' Service would get a loopback endpoint, which validation
         # rejects; pods reach the apiserver through KUBERNETES_SERVICE_HOST instead.
         "--endpoint-reconciler-type=none",
-        # `kubectl logs` is proxied to the node agent's HTTPS server on its InternalIP.
+        # `kubectl logs` and `exec` are proxied to the kubelet's HTTPS server on its InternalIP.
         f"--kubelet-client-certificate={pki.kubelet_client.cert}",
         f"--kubelet-client-key={pki.kubelet_client.key}",
-        # Node agents serve with a certificate from the same CA (SAN 127.0.0.1).
+        # Real nodes' kubelets serve with a certificate from the same CA.
         f"--kubelet-certificate-authority={pki.ca.cert}",
         "--kubelet-preferred-address-types=InternalIP",
         "--profiling=false",

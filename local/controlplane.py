@@ -1,8 +1,8 @@
 """Runs a real Kubernetes control plane on loopback: etcd, kube-apiserver,
-kube-controller-manager, kube-scheduler, plus the local volume provisioner and the nodes (node
-agents, or real nodes), all supervised under one state directory by ``LocalCluster``'s ``up``
-and ``down``; when asked, Kueue, JobSet's controller and an OCI registry beside them
-(``addons``).
+kube-controller-manager, kube-scheduler, plus the local volume provisioner and real nodes
+(kubelet, containerd, runc: ``real_node``), all supervised under one state directory by
+``LocalCluster``'s ``up`` and ``down``; when asked, Kueue, JobSet's controller and an OCI
+registry beside them (``addons``).
 """
 
 from __future__ import annotations
@@ -33,16 +33,12 @@ CONTROL_PLANE = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-sche
 
 @dataclass(frozen=True)
 class NodeOptions:
-    """The first node agent ``up`` starts."""
+    """The first node ``up`` starts: a real node (docs/local-cluster.md)."""
 
     name: str = DEFAULT_NODE_NAME
     gpus: int = 1
     labels: Sequence[str] = ()  # key=value
     taints: Sequence[str] = ()  # key=value:Effect
-    # Images run on the host, not from the image store (docs/local-cluster.md).
-    host_images: Sequence[str] = ()
-    #: ``agent``: the Python node agent; ``kubelet``: a real node (kubelet, containerd, runc).
-    kind: str = "agent"
     #: Images of the image store a real node imports into its containerd when it starts.
     images: Sequence[str] = ()
 
@@ -51,11 +47,7 @@ class LocalCluster(AddOns):
     """One local cluster, identified by its state directory."""
 
     def _all_processes(self) -> list[Supervised]:
-        agents = sorted(
-            p.stem
-            for pattern in ("node-agent-*.pid", "kubelet-*.pid")
-            for p in self.layout.run.glob(pattern)
-        )
+        agents = sorted(p.stem for p in self.layout.run.glob("kubelet-*.pid"))
         extra = [n for n in (REGISTRY, JOBSET, KUEUE) if self.process(n).pid_file.exists()]
         return [self.process(n) for n in (*CONTROL_PLANE, "provisioner", *extra, *agents)]
 
@@ -113,14 +105,9 @@ class LocalCluster(AddOns):
                 "provisioner", "kubetune.local.provisioner", "--home", str(self.layout.home)
             )
             node = node or NodeOptions()
-            if node.kind == "kubelet":
-                self.start_real_node(node, timeout)
-            else:
-                self.start_node_agent(node)
+            self.start_real_node(node, timeout)
             info.node_names = [node.name]
             info.save(self.layout)
-            if node.kind != "kubelet":
-                self.wait_node_ready(node.name, timeout)
             self.start_add_ons(timeout, registry=registry, jobset=jobset, kueue=kueue)
             info = ClusterInfo.load(self.layout)
         except BaseException:
@@ -129,10 +116,10 @@ class LocalCluster(AddOns):
         return info
 
     def down(self) -> list[str]:
-        """Stop every supervised process (node agents first); returns what was running."""
+        """Stop every supervised process (nodes first); returns what was running."""
         processes = self._all_processes()
         stopped = [p.name for p in processes if p.pid() is not None]
-        agents = [p for p in processes if p.name.startswith(("node-agent-", "kubelet-"))]
+        agents = [p for p in processes if p.name.startswith("kubelet-")]
         # Nodes first, so they can still terminate their pods' processes.
         for process in agents:
             process.stop()
@@ -143,30 +130,14 @@ class LocalCluster(AddOns):
             process.stop()
         return stopped
 
-    def start_node_agent(self, node: NodeOptions) -> Supervised:
-        argv = [
-            "--home",
-            str(self.layout.home),
-            "--name",
-            node.name,
-            "--gpus",
-            str(node.gpus),
-        ]
-        for label in node.labels:
-            argv += ["--label", label]
-        for taint in node.taints:
-            argv += ["--taint", taint]
-        for pattern in node.host_images:
-            argv += ["--host-image", pattern]
-        return self._start_python(f"node-agent-{node.name}", "kubetune.local.node_agent", *argv)
-
     def start_real_node(self, node: NodeOptions, timeout: float = 120.0) -> RealNode:
         """Start a real node (kubelet + containerd + runc + CNI, built from their Go modules by
         hack/node/build.sh), wait until it is Ready, give it ``node.gpus`` of
         ``nvidia.com/gpu`` capacity and import ``node.images`` from the image store."""
         if os.geteuid() != 0:
             raise ClusterError(
-                "a real node (--node kubelet) needs root: namespaces, cgroups, mounts"
+                "the local cluster's node (kubelet, containerd, runc) needs root: namespaces, "
+                "cgroups, mounts"
             )
         real = RealNode(self.layout.home, node.name)
         process = self.process(real.process_name)

@@ -25,8 +25,6 @@ class Layout:
         self.logs = home / "logs"
         #: Pid files of supervised processes.
         self.run = home / "run"
-        #: One directory per node agent: its pods' volumes, logs and termination files.
-        self.nodes = home / "nodes"
         #: Directories backing the provisioner's PersistentVolumes.
         self.volumes = home / "volumes"
         #: Kueue's Configuration file, where Kueue runs.
@@ -38,5 +36,5 @@ class Layout:
         self.registry_storage = home / "registry"
 
     def create(self) -> None:
-        for directory in (self.home, self.logs, self.run, self.nodes, self.volumes):
+        for directory in (self.home, self.logs, self.run, self.volumes):
             directory.mkdir(parents=True, exist_ok=True)

@@ -20,10 +20,12 @@ from kubetune.local.binaries import registry_dir
 from kubetune.local.ports import free_port
 
 
-def registry_config(port: int, storage: Path, htpasswd: Path | None = None) -> dict[str, Any]:
+def registry_config(
+    port: int, storage: Path, htpasswd: Path | None = None, address: str = "127.0.0.1"
+) -> dict[str, Any]:
     """The registry's configuration (YAML; JSON is YAML): filesystem storage under
-    ``storage``, plain http on 127.0.0.1:``port``, deletes allowed, a login when ``htpasswd``
-    (bcrypt entries) is given."""
+    ``storage``, plain http on ``address``:``port`` (loopback unless given), deletes allowed, a
+    login when ``htpasswd`` (bcrypt entries) is given."""
     config: dict[str, Any] = {
         "version": 0.1,
         "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": True}},
@@ -31,17 +33,17 @@ def registry_config(port: int, storage: Path, htpasswd: Path | None = None) -> d
             "filesystem": {"rootdirectory": str(storage)},
             "delete": {"enabled": True},
         },
-        "http": {"addr": f"127.0.0.1:{port}", "headers": {"X-Content-Type-Options": ["nosniff"]}},
+        "http": {"addr": f"{address}:{port}", "headers": {"X-Content-Type-Options": ["nosniff"]}},
     }
     if htpasswd is not None:
         config["auth"] = {"htpasswd": {"realm": "kubetune-local", "path": str(htpasswd)}}
     return config
 
 
-def answers(port: int) -> bool:
+def answers(port: int, address: str = "127.0.0.1") -> bool:
     """The registry answers its API root (200, or 401 where it asks for a login)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2) as response:
+        with urllib.request.urlopen(f"http://{address}:{port}/v2/", timeout=2) as response:
             return int(response.status) == 200
     except urllib.error.HTTPError as exc:
         return exc.code == 401
@@ -49,13 +51,16 @@ def answers(port: int) -> bool:
         return False
 
 
-def wait_until_answering(port: int, timeout: float, exited: Any = None) -> None:
+def wait_until_answering(
+    port: int, timeout: float, exited: Any = None, address: str = "127.0.0.1"
+) -> None:
     deadline = time.monotonic() + timeout
-    while not answers(port):
+    where = f"{address}:{port}"
+    while not answers(port, address):
         if exited is not None and exited():
-            raise RuntimeError(f"the registry on 127.0.0.1:{port} exited before it answered")
+            raise RuntimeError(f"the registry on {where} exited before it answered")
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the registry on 127.0.0.1:{port} did not answer in {timeout:.0f}s")
+            raise RuntimeError(f"the registry on {where} did not answer in {timeout:.0f}s")
         time.sleep(0.1)
 
 
@@ -70,13 +75,15 @@ class LoopbackRegistry:
         *,
         binary: Path | None = None,
         timeout: float = 60,
+        address: str = "127.0.0.1",
     ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.host = f"127.0.0.1:{self.port}"
+        self.address = address
+        self.host = f"{address}:{self.port}"
         self.storage = root / "storage"
         config = root / "config.yml"
-        config.write_text(json.dumps(registry_config(self.port, self.storage, htpasswd)))
+        config.write_text(json.dumps(registry_config(self.port, self.storage, htpasswd, address)))
         self.log = root / "registry.log"
         binary = binary or registry_dir() / "registry"
         with self.log.open("wb") as log:
@@ -84,7 +91,9 @@ class LoopbackRegistry:
                 [str(binary), "serve", str(config)], stdout=log, stderr=subprocess.STDOUT
             )
         try:
-            wait_until_answering(self.port, timeout, lambda: self.process.poll() is not None)
+            wait_until_answering(
+                self.port, timeout, lambda: self.process.poll() is not None, address
+            )
         except RuntimeError:
             self.close()
             raise RuntimeError(f"{self.log.read_text()[-2000:]}") from None

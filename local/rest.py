@@ -1,9 +1,8 @@
-"""A small JSON client for the Kubernetes REST API, used by the node agent and
-the provisioner.
+"""A small JSON client for the Kubernetes REST API, used by the provisioner.
 
 They speak plain JSON (camelCase, exactly as the API and the YAML users write)
 rather than through generated models, which validate fields client-side and
-would make the agent's handling of every pod depend on a client version.
+would make its handling of every claim depend on a client version.
 """
 
 from __future__ import annotations

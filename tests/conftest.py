@@ -78,4 +78,8 @@ def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     write_tiny_model(root / "model")
     write_toy_datasets(root / "data", count=64)
+    # Readable by every uid: tests copy these (modes included) onto claims, where trainers of
+    # the real node read them as the trainer's non-root user.
+    for path in (root, *root.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
     return root

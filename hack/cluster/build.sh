@@ -12,8 +12,8 @@
 # A cold build compiles all of Kubernetes; keep GOCACHE/GOMODCACHE between CI
 # runs to make even a changed pin cheap.
 #
-# It also makes sure bubblewrap (bwrap) is present, which the node agent runs
-# every container in; on Debian as root it installs the package.
+# It also makes sure bubblewrap (bwrap) is present, which Kueue's and JobSet's managers run in
+# (docs/local-cluster.md); on Debian as root it installs the package.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds kubetune's two images from the Dockerfile with buildah (no daemon, no registry) and puts
+# Builds kubetune's two images from the Dockerfile (and, when a test asks for the target
+# trainer-test, the tests' image FROM the trainer's: hack/images/test/Containerfile) with buildah (no daemon, no registry) and puts
 # them where the local node runs images from. `make images` calls it; so do the tests that need
 # the images (through kubetune_devtools.pytest_plugin). It prints the image store on its last line.
 #
@@ -129,6 +130,23 @@ stored() {
   [[ "$(cat "$(store_dir "kubetune/$1:${VERSION}")/key" 2>/dev/null)" == "$2" ]]
 }
 
+test_key() {
+  # trainer-test (hack/images/test/Containerfile): the trainer's key, the Containerfile and the
+  # devtools package it adds.
+  cd "${REPO}"
+  {
+    echo "$1"
+    sha256sum hack/images/test/Containerfile hack/devtools/.dockerignore
+    find hack/devtools/kubetune_devtools -type f ! -path '*/__pycache__/*' ! -name '*.py[co]' \
+      -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
+  } | sha256sum | cut -c1-16
+}
+
+target_key() {
+  # The key a target is stored under: the build context's, or for the test image its own.
+  if [[ "$1" == trainer-test ]]; then test_key "$2"; else echo "$2"; fi
+}
+
 build_target() {
   local target="$1" key="$2" ref="kubetune/$1:${VERSION}" dir
   dir="$(store_dir "${ref}")"
@@ -139,8 +157,15 @@ build_target() {
   local start=${SECONDS} secret=()
   [[ -s "${CA_BUNDLE}" ]] && secret=(--secret "id=ca-bundle,src=${CA_BUNDLE}")
   log "building ${ref}"
-  TMPDIR="${CACHE}/tmp" bah bud --quiet --isolation chroot --pull=never --layers \
-    --target "${target}" "${secret[@]}" --tag "${ref}" --file "${REPO}/Dockerfile" "${REPO}" >&2
+  if [[ "${target}" == trainer-test ]]; then
+    # FROM the trainer image this run stored (or reused): built before it, see main.
+    TMPDIR="${CACHE}/tmp" bah bud --quiet --isolation chroot --pull=never --layers \
+      --build-arg "BASE=kubetune/trainer:${VERSION}" --tag "${ref}" \
+      --file "${HERE}/test/Containerfile" "${REPO}/hack/devtools" >&2
+  else
+    TMPDIR="${CACHE}/tmp" bah bud --quiet --isolation chroot --pull=never --layers \
+      --target "${target}" "${secret[@]}" --tag "${ref}" --file "${REPO}/Dockerfile" "${REPO}" >&2
+  fi
   local built=${SECONDS} id
   log "storing ${ref}"
   local tmp="${dir}.tmp.$$"
@@ -159,12 +184,16 @@ main() {
   local base target key
   base="$(base_key)"
   key="$(context_key "${base}")"
+  # The test image is built FROM the trainer's: that goes first.
+  if [[ " ${TARGETS[*]} " == *" trainer-test "* && " ${TARGETS[*]} " != *" trainer "* ]]; then
+    TARGETS=(trainer "${TARGETS[@]}")
+  fi
   # Already built: no tools, no lock, at once.
   for target in "${TARGETS[@]}"; do
     if [[ "${KUBETUNE_IMAGES_REUSE:-}" == 1 && -f "$(store_dir "kubetune/${target}:${VERSION}")/key" ]]; then
       log "KUBETUNE_IMAGES_REUSE=1: using the stored kubetune/${target}:${VERSION} as it is"
     else
-      stored "${target}" "${key}" || break
+      stored "${target}" "$(target_key "${target}" "${key}")" || break
     fi
     [[ "${target}" == "${TARGETS[-1]}" ]] && { echo "${STORE}"; return; }
   done
@@ -175,7 +204,7 @@ main() {
   uv_cache_mount
   base_image "${base}"
   for target in "${TARGETS[@]}"; do
-    build_target "${target}" "${key}"
+    build_target "${target}" "$(target_key "${target}" "${key}")"
   done
   bah rm --all >/dev/null 2>&1 || true
   bah rmi --prune >/dev/null 2>&1 || true

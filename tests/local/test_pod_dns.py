@@ -1,17 +1,28 @@
-"""Pods of one Indexed Job find each other by name on the local node, as under cluster DNS:
-``<hostname>.<subdomain>`` of a headless Service resolves inside the pods."""
+"""Pods of one Indexed Job find each other by name on the real node, through cluster DNS (the
+node's CoreDNS): ``<hostname>.<subdomain>`` of a headless Service resolves inside the pods, each
+pod in its own network namespace with its own address."""
 
 from __future__ import annotations
 
+import ipaddress
 import textwrap
 from collections.abc import Mapping
 from typing import Any
 
 import pytest
 
-from kubetune.local.pod_dns import hosts_file_text
-from kubetune.local.ports import free_port
-from kubetune_devtools.pytest_plugin import Kubectl, apply, get_json, wait_for
+from kubetune.local.real_node_config import POD_NETWORKS
+from kubetune_devtools.pytest_plugin import (
+    Kubectl,
+    apply,
+    get_json,
+    on_real_node,
+    operator_image,
+    wait_for,
+)
+
+#: Where a multi-pod group's rank 0 listens (the operator's rendezvous port).
+RENDEZVOUS_PORT = 29400
 
 # Rank 0 listens; rank 1 finds it by name and connects from its own address (found by its own
 # host name, as gloo does); rank 0 checks that address is what rank 1's name resolves to.
@@ -109,17 +120,18 @@ def peers_find_each_other(
     return addresses
 
 
-@pytest.mark.unit
-def test_a_pod_outside_a_subdomain_knows_only_itself_and_localhost() -> None:
-    pod = {"metadata": {"name": "solo", "namespace": "ns", "uid": "1"}, "spec": {}}
-    text = hosts_file_text(pod, "127.9.9.9")
-    assert "127.0.0.1\tlocalhost" in text
-    assert text.splitlines()[-1] == "127.9.9.9\tsolo"
-
-
 @pytest.mark.integration
-def test_two_pods_of_an_indexed_job_resolve_each_other_through_a_headless_service(
-    kubectl: Kubectl, namespace: str
+def test_two_pods_of_an_indexed_job_find_each_other_through_cluster_dns(
+    kubectl: Kubectl, namespace: str, real_node: str
 ) -> None:
-    addresses = peers_find_each_other(kubectl, namespace, free_port(), {"image": "busybox"})
-    assert "127.0.0.1" not in addresses.values()
+    """A multi-pod group's rendezvous as the operator renders it (an Indexed Job whose pods'
+    subdomain is a headless Service), on the real node: the names come from CoreDNS, each pod
+    has its own network namespace and address, and rank 0 listens on the group's port."""
+    addresses = peers_find_each_other(
+        kubectl,
+        namespace,
+        RENDEZVOUS_PORT,
+        {"image": operator_image(), "imagePullPolicy": "Never"},
+        **on_real_node(),
+    )
+    assert all(ipaddress.ip_address(a) in POD_NETWORKS for a in addresses.values())

@@ -104,7 +104,7 @@ def test_gpu_pod_stays_pending_until_a_node_with_gpus_joins(
     time.sleep(2)
     assert phase(kubectl, namespace, "trainer") == "Pending"
 
-    node = add_node(f"gpu-{namespace[-5:]}", gpus=wanted, kind="kubelet")
+    node = add_node(f"gpu-{namespace[-5:]}", gpus=wanted)
 
     done = finished(kubectl, namespace, "trainer")
     assert done["status"]["phase"] == "Succeeded"
@@ -119,7 +119,6 @@ def test_node_selector_and_toleration_place_a_pod_on_a_tainted_node(
         f"pool-{namespace[-5:]}",
         labels=["kubetune.io/pool=special"],
         taints=["kubetune.io/dedicated=special:NoSchedule"],
-        kind="kubelet",
     )
     selector = {"kubetune.io/pool": "special"}
     toleration = {

@@ -6,7 +6,6 @@ seccomp profile) as the pod's own process sees it, and memory limits (``OOMKille
 from __future__ import annotations
 
 import fcntl
-import ipaddress
 import json
 import os
 import signal
@@ -16,7 +15,6 @@ from typing import Any
 
 import pytest
 import yaml
-from test_pod_dns import peers_find_each_other
 
 from kubetune.local.controlplane import NodeOptions
 from kubetune.local.real_node import RealNode
@@ -35,7 +33,6 @@ from kubetune_devtools.pytest_plugin import (
     apply,
     dedicated_to,
     get_json,
-    on_real_node,
     placed_on,
     pod_ip_once_running,
     pod_manifest,
@@ -68,9 +65,6 @@ report = {
 }
 open("/dev/termination-log", "w").write(json.dumps(report))
 """
-
-#: A multi-pod group's rank 0 listens here (the operator's rendezvous port).
-RENDEZVOUS_PORT = 29400
 
 # Resolves the Service's name (retrying until CoreDNS has it), connects, writes what it got.
 ECHO_CLIENT = """
@@ -214,7 +208,7 @@ def test_a_crashed_real_node_leaves_nothing_on_the_host_once_stopped(
     local = local_cluster.local()
     name = "kubetune-test-crash"
     only = f"{REAL_NODE_ONLY}-crash"
-    local.start_real_node(NodeOptions(name=name, kind="kubelet", **dedicated_to(only)))
+    local.start_real_node(NodeOptions(name=name, **dedicated_to(only)))
     try:
         pause = pod_manifest(
             "sleeps",
@@ -254,22 +248,6 @@ def test_a_crashed_real_node_leaves_nothing_on_the_host_once_stopped(
     finally:
         local.stop_real_node(name)
         kubectl("delete", "node", name, "--wait=false", check=False)
-
-
-def test_two_pods_of_an_indexed_job_find_each_other_through_cluster_dns(
-    kubectl: Kubectl, namespace: str, real_node: str
-) -> None:
-    """A multi-pod group's rendezvous as the operator renders it (an Indexed Job whose pods'
-    subdomain is a headless Service), on the real node: the names come from CoreDNS, each pod
-    has its own network namespace and address, and rank 0 listens on the group's port."""
-    addresses = peers_find_each_other(
-        kubectl,
-        namespace,
-        RENDEZVOUS_PORT,
-        {"image": OPERATOR_IMAGE, "imagePullPolicy": "Never"},
-        **on_real_node(),
-    )
-    assert all(ipaddress.ip_address(a) in POD_NETWORKS for a in addresses.values())
 
 
 def test_a_service_name_resolves_and_balances_to_its_pod(

@@ -1,4 +1,11 @@
-"""The operator as a process for the integration tests: started, killed, restarted, scraped."""
+"""The operator as a process for the integration tests: started, killed, restarted, scraped.
+
+It runs on the host, beside the local cluster; the trainers it makes run in containers on the
+session's real node (``real_node``), from the tests' trainer image (``trainer_test_image``: the
+trainer image plus the stand-in trainer), and report progress to it through a Service without a
+selector whose endpoint is the host's side of the node's link (``host_service``): a real node's
+pods have routes to pods and Services only (docs/local-cluster.md).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.local.certs import KeyPair, signed_cert
+from kubetune.local.cluster_info import ClusterInfo
+from kubetune.local.layout import Layout
 from kubetune.local.ports import free_port
-from kubetune_devtools.installs import scrape_metrics
-from kubetune_devtools.pytest_plugin import Kubectl, apply, get_json, wait_for
+from kubetune_devtools.installs import real_node_state, scrape_metrics
+from kubetune_devtools.pytest_plugin import (
+    ClusterHandle,
+    Kubectl,
+    apply,
+    get_json,
+    run_kubectl,
+    trainer_test_image_reference,
+    wait_for,
+)
 from kubetune_devtools.tiny import tiny_cpu_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,9 +101,12 @@ class OperatorProcess:
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         progress_port: int | None = None,
-        progress_host: str = "127.0.0.1",
+        progress_host: str | None = None,
+        cluster_home: Path | None = None,
     ) -> None:
         self.kubeconfig = kubeconfig
+        #: The local cluster's state directory (where ``kubeconfig`` sits unless given).
+        self.cluster_home = cluster_home or kubeconfig.parent
         self.log_path = log_path
         self.args = list(args)
         self.extra_env = dict(env or {})
@@ -95,24 +115,31 @@ class OperatorProcess:
         #: Where trainers report progress (HTTPS); replicas given the same port share it
         #: (SO_REUSEPORT), as a Service shares the chart's replicas.
         self.progress_port = progress_port or free_port()
-        #: The address trainers reach this process at: the loopback for the node agent's pods
-        #: (the host's network), the host's side of a real node's link for that node's pods.
+        #: The address trainers reach this process at: by default the ClusterIP of a Service
+        #: (``host_service``, made at the first start) whose endpoint is the host's side of the
+        #: session's real node's link.
         self.progress_host = progress_host
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def progress_url(self) -> str:
+        """Where the trainers post progress (the Service's address, from the real node)."""
         return f"https://{self.progress_host}:{self.progress_port}/v1/progress"
 
+    @property
+    def host_progress_url(self) -> str:
+        """The same endpoint as this host reaches it (it reaches no Service address)."""
+        return f"https://127.0.0.1:{self.progress_port}/v1/progress"
+
     def start(self) -> None:
+        if self.progress_host is None:
+            self.progress_host = progress_service(self.cluster_home, self.progress_port)
         tls = progress_tls(*([self.progress_host] if self.progress_host != "127.0.0.1" else []))
         env = {
             **os.environ,
             "KUBECONFIG": str(self.kubeconfig),
-            # The local node runs pods as the host user and can't honour runAsNonRoot.
-            "KUBETUNE_RUN_AS_NON_ROOT": "false",
-            "KUBETUNE_RUN_AS_USER": "",
-            "KUBETUNE_FS_GROUP": "",
+            # The operator's defaults for the trainer's security context (non-root, uid 1000,
+            # fsGroup 1000): the real node enforces them.
             "KUBETUNE_LIVENESS_ENDPOINT": self.liveness_url,
             "KUBETUNE_METRICS_PORT": str(self.metrics_port),
             # The suites read /metrics without a token; test_metrics_auth.py turns it on.
@@ -121,7 +148,7 @@ class OperatorProcess:
             "KUBETUNE_LEASE_DURATION_SECONDS": "4",
             "KUBETUNE_LEASE_RENEW_SECONDS": "1",
             "KUBETUNE_PROGRESS_INTERVAL_SECONDS": "1",
-            # Trainers (processes of this machine on the local node) report to this process.
+            # Trainers (in pods of the real node) report to this process through the Service.
             "KUBETUNE_PROGRESS_PORT": str(self.progress_port),
             "KUBETUNE_PROGRESS_URL": self.progress_url,
             "KUBETUNE_PROGRESS_REUSE_PORT": "true",
@@ -130,13 +157,21 @@ class OperatorProcess:
             "KUBETUNE_PROGRESS_CA_BUNDLE": tls.ca_pem,
             "KUBETUNE_STATUS_RECHECK_SECONDS": "5",
             "KUBETUNE_REFERENCE_RECHECK_SECONDS": "2",
-            "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:test",
+            # The trainer image plus the stand-in (``trainer_test_image`` imports it).
+            "KUBETUNE_TRAINER_IMAGE": trainer_test_image_reference(),
+            "KUBETUNE_IMAGE_PULL_POLICY": "Never",
+            # The trainers' NetworkPolicy (on, as by default) lets them reach the Services of
+            # the tests' processes on the host (progress, datasets) behind the node's link,
+            # which the default excepts with the rest of 10.0.0.0/8; the metadata address stays
+            # out.
+            "KUBETUNE_TRAINER_EGRESS_EXCEPT": "169.254.169.254/32",
             # Lifecycle jobs name a stand-in plan in their trainer's env (sleeper_spec); the
             # rest run the real trainer through the same command.
             "KUBETUNE_TRAINER_COMMAND": "kubetune-stand-in-trainer",
             "KUBETUNE_ALLOWED_POD_TEMPLATE_FIELDS": "containers.env",
-            # The tests' dataset hosts serve on the loopback, which trainers refuse by default.
-            "KUBETUNE_TRAINER_DOWNLOAD_ALLOWED_CIDRS": "127.0.0.0/8",
+            # The tests' dataset hosts serve behind Services (``host_service``), whose private
+            # addresses trainers refuse by default.
+            "KUBETUNE_TRAINER_DOWNLOAD_ALLOWED_CIDRS": SERVICE_RANGE,
             "KUBETUNE_ALLOWED_POD_TEMPLATE_ENV": "KUBETUNE_STAND_IN",
             "PYTHONUNBUFFERED": "1",
             "KUBETUNE_VERBOSE": os.environ.get("KUBETUNE_TEST_OPERATOR_VERBOSE", "false"),
@@ -214,6 +249,33 @@ def work_claim(kubectl: Kubectl, namespace: str) -> Path:
     )
     pv = get_json(kubectl, "pv", volume)
     return Path(pv["spec"]["hostPath"]["path"])
+
+
+#: The local cluster's Service range (ClusterIPs): where trainers find the tests' host servers.
+SERVICE_RANGE = "10.0.0.0/24"
+
+
+def progress_service(cluster_home: Path, port: int) -> str:
+    """The ClusterIP of ``operator-progress-<port>``: ``host_port_service`` for an operator's
+    progress port."""
+    return host_port_service(cluster_home, f"operator-progress-{port}", port)
+
+
+def host_port_service(cluster_home: Path, name: str, port: int) -> str:
+    """The ClusterIP of Service ``name`` (``host_service``): the host's ``port`` behind the
+    session's real node's link, in the local cluster of ``cluster_home``."""
+    layout = Layout(cluster_home)
+    handle = ClusterHandle(
+        layout.kubeconfig, Path(ClusterInfo.load(layout).bin_dir) / "kubectl", None, owned=False
+    )
+
+    def kubectl(
+        *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        return run_kubectl(handle, args, input, check, timeout)
+
+    host = real_node_state(layout.home).host_address
+    return host_service(kubectl, name, host, port)
 
 
 def host_service(kubectl: Kubectl, name: str, host_address: str, port: int) -> str:

@@ -1,6 +1,6 @@
 """Faults the operator survives, on the real local control plane: the apiserver or etcd
 restarted mid-run, the operator SIGKILLed while it creates children, a FineTuneJob deleted while
-its Job is made, the node agent stopped under a running pod, every watch gone quiet at once.
+its Job is made, the node lost under a running pod, every watch gone quiet at once.
 
 Jobs run the stand-in trainer (seconds) or stay suspended (nothing runs), so each test costs
 seconds plus the restart it provokes.
@@ -28,13 +28,13 @@ from test_operator_integration import (
 from kubetune.local import components
 from kubetune.local.certs import ensure_pki
 from kubetune.local.cluster_info import ClusterInfo
-from kubetune.local.controlplane import LocalCluster, NodeOptions
+from kubetune.local.controlplane import LocalCluster
 from kubetune_devtools.pytest_plugin import (
-    HOST_IMAGES,
-    TEST_NODE,
     ClusterHandle,
     Kubectl,
     get_json,
+    session_node,
+    trainer_test_image_reference,
     wait_for,
 )
 
@@ -107,8 +107,8 @@ def test_a_running_job_completes_though_the_control_plane_restarts_mid_run(
     namespace: str,
     component: str,
 ) -> None:
-    # The trainer outlives the restart: the local node agent reports a pod's end once, so an end
-    # while the apiserver is down would be lost there (not in the operator).
+    # The trainer outlives the restart: this test is about the operator's watches, not about a
+    # pod that ends while the apiserver is down.
     apply(kubectl, namespace, finetunejob("steady", sleeper_spec(20)))
     wait_phase(kubectl, namespace, "steady", {"Running"}, 90)
     (job,) = jobs_of(kubectl, namespace)
@@ -169,16 +169,31 @@ def test_a_finetunejob_deleted_while_its_job_is_created_leaves_nothing_behind(
     wait_phase(kubectl, namespace, "after", {"Suspended"}, 60)
 
 
-def test_a_pod_lost_with_the_node_agent_is_replaced_and_the_job_completes(
-    operator: OperatorProcess, cluster: LocalCluster, kubectl: Kubectl, namespace: str
+def test_a_pod_lost_with_its_node_is_replaced_and_the_job_completes(
+    operator: OperatorProcess,
+    cluster: LocalCluster,
+    kubectl: Kubectl,
+    namespace: str,
+    real_node: str,
 ) -> None:
     apply(kubectl, namespace, finetunejob("node-lost", sleeper_spec(5)))
     first = wait_phase(kubectl, namespace, "node-lost", {"Running"}, 90)
 
-    agent = cluster.node_agent_process(TEST_NODE)
-    agent.stop()
-    cluster.start_node_agent(NodeOptions(name=TEST_NODE, gpus=0, host_images=HOST_IMAGES))
-    cluster.wait_node_ready(TEST_NODE, 120)
+    # The node goes, its pods' processes with it, and its Node object: the pod garbage
+    # collector fails and removes the pods bound to a node that no longer exists.
+    cluster.stop_real_node(real_node)
+    kubectl("delete", "node", real_node)
+    wait_for(
+        lambda: (
+            kubectl("get", "pod", first["podName"], "-n", namespace, check=False).returncode != 0
+        ),
+        180,
+        "the lost node's pod to be collected",
+    )
+    # The node comes back (empty: its containerd root may be another), and the replacement pod
+    # runs there.
+    cluster.start_real_node(session_node())
+    cluster.import_images(real_node, [trainer_test_image_reference()])
 
     status = wait_phase(kubectl, namespace, "node-lost", {"Succeeded", "Failed"}, 180)
     assert status["phase"] == "Succeeded"
@@ -210,6 +225,7 @@ def test_watches_that_go_quiet_are_started_again_and_a_new_job_still_gets_its_jo
             quiet = OperatorProcess(
                 proxy.kubeconfig(local_cluster.kubeconfig, tmp_path / "kubeconfig"),
                 tmp_path / "operator.log",
+                cluster_home=local_cluster.local().layout.home,
                 env={
                     "KUBETUNE_WATCH_INACTIVITY_SECONDS": str(QUIET_INACTIVITY_SECONDS),
                     "KUBETUNE_API_TIMEOUT_SECONDS": str(QUIET_API_TIMEOUT_SECONDS),

@@ -2,8 +2,9 @@
 
 The operator runs as ``kubetune-operator`` with the cluster's kubeconfig; FineTuneJobs go in
 through kubectl, and every assertion is on what a user sees: status, children, files on the PVC.
-Trainer pods run as local processes on the node agent. Jobs that need no training override the
-trainer's command through ``spec.podTemplate`` (``sleep``), so lifecycle tests cost seconds.
+Trainer pods run in containers on the session's real node, from the tests' trainer image (the
+trainer image plus the stand-in, ``trainer_test_image``). Jobs that need no training give the
+stand-in a plan through ``spec.podTemplate`` (``sleep``), so lifecycle tests cost seconds.
 A failing test prints the operator's log tail; ``KUBETUNE_TEST_OPERATOR_VERBOSE=true`` and
 ``KUBETUNE_TEST_OPERATOR_LOG_LINES=N`` make it say more.
 """
@@ -32,13 +33,17 @@ from operatorkit import (
     REPO,
     TINY_SETTINGS,
     OperatorProcess,
+    host_service,
     log_tail_after,
     started,
     work_claim,
 )
 
+from kubetune_devtools.installs import real_node_state
 from kubetune_devtools.loopback import LoopbackServer
 from kubetune_devtools.pytest_plugin import (
+    REAL_NODE,
+    ClusterHandle,
     Kubectl,
     get_json,
     install_crd,
@@ -767,9 +772,9 @@ TOKEN_VALUE = "hf_tenant-must-never-see-this-0123456789"
 
 
 class RecordingDatasetServer(LoopbackServer):
-    """An http server on loopback that serves one dataset file and records every request."""
+    """An http server on ``host`` that serves one dataset file and records every request."""
 
-    def __init__(self, payload: bytes) -> None:
+    def __init__(self, payload: bytes, host: str) -> None:
         import http.server
 
         self.requests: list[dict[str, Any]] = []
@@ -786,7 +791,7 @@ class RecordingDatasetServer(LoopbackServer):
             def log_message(self, *_: Any) -> None:
                 return
 
-        super().__init__(Handler)
+        super().__init__(Handler, host)
 
 
 @pytest.fixture
@@ -823,6 +828,7 @@ def as_tenant(kubectl: Kubectl, *args: str, **kwargs: Any) -> subprocess.Complet
 
 def test_a_tenant_who_may_only_create_finetunejobs_gets_no_more_than_a_trainer_pod(
     operator: OperatorProcess,
+    local_cluster: ClusterHandle,
     kubectl: Kubectl,
     namespace: str,
     tenant: str,
@@ -844,7 +850,7 @@ def test_a_tenant_who_may_only_create_finetunejobs_gets_no_more_than_a_trainer_p
     hostile["podTemplate"]["spec"].update(
         hostPID=True,
         hostNetwork=True,
-        nodeName="kubetune-test",
+        nodeName=REAL_NODE,
         serviceAccountName="victim-trainer",
         securityContext={"runAsUser": 0},
         volumes=[{"name": "host", "hostPath": {"path": "/"}}],
@@ -878,9 +884,13 @@ def test_a_tenant_who_may_only_create_finetunejobs_gets_no_more_than_a_trainer_p
     volume = work_claim(kubectl, namespace)
     shutil.copytree(tiny_assets / "model", volume / "model")
     dataset = (tiny_assets / "data" / "reverse-prompt-completion.jsonl").read_bytes()
-    server = RecordingDatasetServer(dataset)
+    # The tenant's host: a server of this machine on the real node's link, behind a Service.
+    link = real_node_state(local_cluster.local().layout.home).host_address
+    server = RecordingDatasetServer(dataset, link)
+    address = host_service(kubectl, f"dataset-{server.port}", link, server.port)
     try:
-        spec = tiny_training_spec(f"{server.url}/train.jsonl?sig=tenant-chosen")
+        url = f"http://{address}:{server.port}"
+        spec = tiny_training_spec(f"{url}/train.jsonl?sig=tenant-chosen")
         spec["model"]["tokenSecretRef"] = {"name": "hf-token", "key": "token"}
         honest = json.dumps(finetunejob("honest-run", spec))
 
@@ -995,24 +1005,44 @@ def test_a_job_named_like_someone_elses_job_fails_and_never_touches_it(
         assert left == [], f"a {kind} of the refused job was left behind"
 
 
+#: A trainer image that no node holds.
+ABSENT_IMAGE = "kubetune/trainer:absent"
+
+
 def test_a_trainer_image_the_node_does_not_have_keeps_the_job_pending_image_pull_back_off(
-    operator: OperatorProcess, kubectl: Kubectl, namespace: str, real_node: str
+    operator: OperatorProcess,
+    kubectl: Kubectl,
+    kubeconfig_path: Path,
+    namespace: str,
+    real_node: str,
+    tmp_path: Path,
 ) -> None:
-    """The real node pulls nothing (it reaches no registry): the test operator's trainer image
-    isn't in its containerd, so the kubelet reports a failed pull."""
-    placement = on_real_node()
-    spec = sleeper_spec(1, scheduling={
-        "nodeSelector": placement["nodeSelector"], "tolerations": placement["tolerations"],
-    })  # fmt: skip
-    apply(kubectl, namespace, finetunejob("no-image", spec))
-    status = wait_ready_reason(kubectl, namespace, "no-image", "ImagePullBackOff", 120)
-    assert status["phase"] == "Pending"
-    assert "kubetune/trainer:test" in condition(status, "Ready")["message"]
-    wait_for(
-        lambda: "ImagePullBackOff" in event_reasons(kubectl, namespace, "no-image"),
-        30,
-        "an ImagePullBackOff event on the FineTuneJob",
-    )
+    """The real node pulls nothing (it reaches no registry): an operator whose trainer image
+    isn't in its containerd gets a job whose kubelet reports a failed pull."""
+    operator.stop()  # the operator of this test, with that image, is the only one acting
+    # Pulled if not present (a pull fails here), not Never (ErrImageNeverPull, no back-off).
+    env = {"KUBETUNE_TRAINER_IMAGE": ABSENT_IMAGE, "KUBETUNE_IMAGE_PULL_POLICY": "IfNotPresent"}
+    absent = OperatorProcess(kubeconfig_path, tmp_path / "log", env=env)
+    absent.start()
+    try:
+        placement = on_real_node()
+        # No Validating phase: its Job would wait for the same image.
+        spec = sleeper_spec(1, validation={"enabled": False}, scheduling={
+            "nodeSelector": placement["nodeSelector"], "tolerations": placement["tolerations"],
+        })  # fmt: skip
+        apply(kubectl, namespace, finetunejob("no-image", spec))
+        status = wait_ready_reason(kubectl, namespace, "no-image", "ImagePullBackOff", 120)
+        assert status["phase"] == "Pending"
+        assert ABSENT_IMAGE in condition(status, "Ready")["message"]
+        wait_for(
+            lambda: "ImagePullBackOff" in event_reasons(kubectl, namespace, "no-image"),
+            30,
+            "an ImagePullBackOff event on the FineTuneJob",
+        )
+    finally:
+        print(f"--- the absent image's operator (tail) ---\n{absent.log_tail(40)}")
+        absent.stop()
+        operator.start()
 
 
 # --- multi-pod groups (resources.nodes > 1) ------------------------------------------------------

@@ -1,6 +1,7 @@
 """A FineTuneJob with an oci:// output on the real control plane: the operator runs the tiny job,
-its trainer pushes to a real registry (distribution's, asking for the login of a
-kubernetes.io/dockerconfigjson Secret), status pins the artifact by the digest the registry
+its trainer (a pod of the real node) pushes to a real registry (distribution's, asking for the
+login of a kubernetes.io/dockerconfigjson Secret; on the host's side of the node's link, behind a
+Service, ``host_service``), status pins the artifact by the digest the registry
 holds, and oras pulls back the files on the checkpoint claim. What the settings or the references
 policy refuse is refused naming the field."""
 
@@ -14,10 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operatorkit import CLAIM, CRD, REPO, OperatorProcess, log_tail_after, started, work_claim
+from operatorkit import (
+    CLAIM,
+    CRD,
+    REPO,
+    OperatorProcess,
+    host_service,
+    log_tail_after,
+    started,
+    work_claim,
+)
 
+from kubetune_devtools.installs import real_node_state
 from kubetune_devtools.oci import LoginRegistry, running_test_registry
-from kubetune_devtools.pytest_plugin import Kubectl, get_json, install_crd, wait_for
+from kubetune_devtools.pytest_plugin import ClusterHandle, Kubectl, get_json, install_crd, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -26,9 +37,20 @@ TENANT = "oci-tenant@example.com"
 
 @pytest.fixture(scope="module")
 def registry(
-    registry_tools: Path, tmp_path_factory: pytest.TempPathFactory
+    registry_tools: Path,
+    local_cluster: ClusterHandle,
+    kubectl: Kubectl,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LoginRegistry]:
-    with running_test_registry(tmp_path_factory.mktemp("oci"), registry_tools) as started_registry:
+    """The registry on the host's side of the real node's link, named by the Service in front
+    of it (the trainers' way there)."""
+    link = real_node_state(local_cluster.local().layout.home).host_address
+
+    def published(port: int) -> str:
+        return f"{host_service(kubectl, f'registry-{port}', link, port)}:{port}"
+
+    root = tmp_path_factory.mktemp("oci")
+    with running_test_registry(root, registry_tools, link, published) as started_registry:
         yield started_registry
 
 
@@ -40,13 +62,18 @@ def operator(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
     install_crd(kubectl, CRD)
-    # Any port of loopback may be named; plain http only to the test's own registry.
+    # Any port of the registry's Service address may be named; plain http only to the test's
+    # own registry.
     settings = {
-        "KUBETUNE_ALLOWED_REGISTRIES": "127.0.0.1:*",
+        "KUBETUNE_ALLOWED_REGISTRIES": f"{service_address(registry)}:*",
         "KUBETUNE_PLAIN_HTTP_REGISTRIES": registry.host,
     }
     log = tmp_path_factory.mktemp("operator") / "log"
     yield from started(OperatorProcess(kubeconfig_path, log, env=settings))
+
+
+def service_address(registry: LoginRegistry) -> str:
+    return registry.host.rpartition(":")[0]
 
 
 @pytest.fixture(autouse=True)
@@ -158,7 +185,7 @@ def test_the_adapter_is_pushed_and_status_pins_the_digest_oras_pulls_back_and_a_
 
 
 def test_a_registry_the_settings_dont_allow_fails_the_job_denied_naming_the_field(
-    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str, registry: LoginRegistry
 ) -> None:
     apply(kubectl, namespace, "elsewhere", oci_spec("oci://registry.example.com/team/tiny"))
     status = finished(kubectl, namespace, "elsewhere", 60)
@@ -166,20 +193,21 @@ def test_a_registry_the_settings_dont_allow_fails_the_job_denied_naming_the_fiel
     assert failed["reason"] == "Denied"
     assert failed["message"].startswith(
         "spec.output.uri: registry 'registry.example.com' is not allowed by the operator's "
-        "settings (KUBETUNE_ALLOWED_REGISTRIES: 127.0.0.1:*)"
+        f"settings (KUBETUNE_ALLOWED_REGISTRIES: {service_address(registry)}:*)"
     )
     assert get_json(kubectl, "jobs", "-n", namespace)["items"] == []
 
 
 def test_plain_http_to_a_registry_the_settings_dont_name_fails_the_job_denied(
-    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str, registry: LoginRegistry
 ) -> None:
-    apply(kubectl, namespace, "plain", oci_spec("oci://127.0.0.1:1/team/tiny"))
+    other = f"{service_address(registry)}:1"
+    apply(kubectl, namespace, "plain", oci_spec(f"oci://{other}/team/tiny"))
     status = finished(kubectl, namespace, "plain", 60)
     failed = failed_condition(status)
     assert failed["reason"] == "Denied"
     assert failed["message"].startswith(
-        "spec.output.registry.plainHttp: registry '127.0.0.1:1' may be reached only over https"
+        f"spec.output.registry.plainHttp: registry '{other}' may be reached only over https"
     )
     assert get_json(kubectl, "jobs", "-n", namespace)["items"] == []
 

@@ -111,7 +111,7 @@ def post_progress(
 ) -> int:
     body = {"job": {"namespace": namespace, "name": name}, "progress": {"step": step}}
     request = urllib.request.Request(
-        operator.progress_url,
+        operator.host_progress_url,
         data=json.dumps(body).encode(),
         method="POST",
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},

@@ -17,6 +17,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
 from operatorkit import CRD, OperatorProcess, log_tail_after, started
 
 
+@pytest.fixture(autouse=True)
+def _trainer_image_on_the_node(request: pytest.FixtureRequest) -> None:
+    """Integration tests' trainers run on the session's real node from the tests' trainer image
+    (``trainer_test_image``), imported there once per session."""
+    if request.node.get_closest_marker("integration") is not None:
+        request.getfixturevalue("trainer_test_image")
+
+
 @pytest.fixture(scope="module")
 def operator(
     kubectl: Kubectl, kubeconfig_path: Path, tmp_path_factory: pytest.TempPathFactory

@@ -24,7 +24,7 @@ from kubetune_devtools.pytest_plugin import Kubectl, apply, paced_poll, wait_for
 
 # The claim, the tiny settings and the operator as a process are tests/operator's.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))
-from operatorkit import CLAIM, TINY_SETTINGS
+from operatorkit import CLAIM, TINY_SETTINGS, host_port_service
 from operatorkit import work_claim as bound_claim
 
 BASE_MODEL = "tiny-llama"
@@ -48,14 +48,20 @@ class ServerProcess:
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # Trainers on the session's real node download uploads through a Service whose endpoint
+        # is this host's side of the node's link (they reach no address of the host otherwise).
+        service = host_port_service(kubeconfig.parent, f"kubetune-server-{self.port}", self.port)
+        #: The server's address in the dataset URLs it gives jobs (the Service's).
+        self.dataset_base_url = f"http://{service}:{self.port}"
         self.log_path = log_path
         self.env = {
             **os.environ,
-            "KUBETUNE_SERVER_HOST": "127.0.0.1",
+            # Every address: the tests' requests on loopback, the trainers' on the node's link.
+            "KUBETUNE_SERVER_HOST": "0.0.0.0",
             "KUBETUNE_SERVER_PORT": str(self.port),
             "KUBETUNE_SERVER_KUBECONFIG": str(kubeconfig),
             "KUBETUNE_SERVER_FILES_DIR": str(files_dir),
-            "KUBETUNE_SERVER_DATASET_BASE_URL": self.url,
+            "KUBETUNE_SERVER_DATASET_BASE_URL": self.dataset_base_url,
             "KUBETUNE_SERVER_MODELS": json.dumps({BASE_MODEL: f"pvc://{CLAIM}/model"}),
             "KUBETUNE_SERVER_JOB_TEMPLATE": json.dumps(JOB_TEMPLATE),
             "KUBETUNE_SERVER_OUTPUT_URI": f"pvc://{CLAIM}/adapters/{{job}}",

@@ -401,11 +401,12 @@ def test_a_dataset_file_sent_with_the_form_is_kept_and_the_job_reads_it_from_the
     wait_until(browser, "the job's page", lambda: text_of(browser, "h1") == "uploaded")
     spec = json.loads(kubectl("get", "ftj", "uploaded", "-n", ns, "-o", "json").stdout)["spec"]
     uri = spec["dataset"]["uri"]
-    assert uri.startswith(f"{console.url}/datasets/{ns}/file-"), uri
+    assert uri.startswith(f"{console.dataset_base_url}/datasets/{ns}/file-"), uri
     # The job's page shows where the data is, not the URL's signature (the YAML included).
     assert uri.partition("?")[0] in text_of(browser, "main")
     assert "signature=" not in browser.page_source
-    with urllib.request.urlopen(uri) as answer:  # what the trainer pod downloads
+    # What the trainer pod downloads (through the Service; this host asks on loopback).
+    with urllib.request.urlopen(uri.replace(console.dataset_base_url, console.url)) as answer:
         assert answer.read() == good.read_bytes()
 
 

@@ -9,7 +9,7 @@ import json
 import secrets
 import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,23 +40,24 @@ def docker_config(path: Path, host: str, username: str, password: str) -> Path:
 
 @dataclass
 class LoginRegistry:
-    """A registry on loopback that asks for a login; ``auth_file`` holds it."""
+    """A registry of this host that asks for a login; ``auth_file`` holds it. ``host`` is the
+    name ``oci://`` URIs give it: its own address, or the Service in front of it."""
 
     process: LoopbackRegistry
     tools: Path
     username: str
     password: str
     auth_file: Path
-
-    @property
-    def host(self) -> str:
-        return self.process.host
+    host: str
 
     def oras(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """``oras ARGS --plain-http --registry-config AUTH_FILE``."""
+        """``oras ARGS --plain-http --registry-config AUTH_FILE``, reaching ``host`` at the
+        registry's own address (this host reaches no Service address)."""
+        name, _, port = self.host.rpartition(":")
+        resolve = f"{name}:{port}:{self.process.address}:{self.process.port}"
         result = subprocess.run(
             [str(self.tools / "oras"), *args, "--plain-http", "--registry-config",
-             str(self.auth_file)],
+             str(self.auth_file), "--resolve", resolve],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
         if check:
@@ -67,19 +68,36 @@ class LoginRegistry:
         return dict(json.loads(self.oras("manifest", "fetch", reference).stdout))
 
 
-def start_test_registry(root: Path, tools: Path) -> LoginRegistry:
+def start_test_registry(
+    root: Path,
+    tools: Path,
+    address: str = "127.0.0.1",
+    published: Callable[[int], str] | None = None,
+) -> LoginRegistry:
+    """A registry on ``address`` (loopback unless given) that asks for a login; named by its
+    address, or by what ``published(port)`` returns (``host:port`` of a Service in front of it,
+    for pods of a real node)."""
     password = secrets.token_urlsafe(18)
     root.mkdir(parents=True, exist_ok=True)
     htpasswd = bcrypt_htpasswd(root / "htpasswd", USERNAME, password)
-    process = LoopbackRegistry(root / "registry", htpasswd, binary=tools / "registry")
-    auth_file = docker_config(root / "auth.json", process.host, USERNAME, password)
-    return LoginRegistry(process, tools, USERNAME, password, auth_file)
+    process = LoopbackRegistry(
+        root / "registry", htpasswd, binary=tools / "registry", address=address
+    )
+    host = published(process.port) if published else process.host
+    auth_file = docker_config(root / "auth.json", host, USERNAME, password)
+    return LoginRegistry(process, tools, USERNAME, password, auth_file, host)
 
 
 @contextlib.contextmanager
-def running_test_registry(root: Path, tools: Path) -> Iterator[LoginRegistry]:
-    """A registry of its own on loopback that asks for a login, stopped on leaving."""
-    registry = start_test_registry(root, tools)
+def running_test_registry(
+    root: Path,
+    tools: Path,
+    address: str = "127.0.0.1",
+    published: Callable[[int], str] | None = None,
+) -> Iterator[LoginRegistry]:
+    """A registry of its own that asks for a login (``start_test_registry``), stopped on
+    leaving."""
+    registry = start_test_registry(root, tools, address, published)
     try:
         yield registry
     finally:

@@ -2,12 +2,13 @@
 
 Load with ``pytest_plugins = ["kubetune_devtools.pytest_plugin"]``. One cluster per test
 session, in a temporary ``KUBETUNE_HOME`` (binaries come from the shared build
-cache, so only the first session on a machine pays for the build); set
+cache, so only the first session on a machine pays for the build), its node a real one
+(``real_node``: the upstream kubelet, containerd and runc; root); set
 ``KUBETUNE_TEST_KUBECONFIG`` to reuse a running cluster instead (that of
 ``kubetune local up`` -- ``$(kubetune local kubeconfig)`` -- or any other, where
-the tests that add nodes are skipped). A cluster started here has no GPU node; tests
-that need one take ``real_node`` (one ``nvidia.com/gpu``) or start nodes with ``add_node``;
-tests of queueing take
+the tests that add nodes are skipped). The session's node has one ``nvidia.com/gpu``; tests
+that need more start nodes with ``add_node``; suites whose pods run kubetune's trainer or its
+stand-in take ``trainer_test_image``; tests of queueing take
 ``kueue``, tests of JobSet groups ``jobset``. Beside the fixtures, the
 helpers the suites share: ``apply``, ``wait_for``, ``get_json``, ``pod_manifest``,
 ``run_to_end``, ``minimal_finetunejob``, and helm's environment and
@@ -35,11 +36,12 @@ from kubetune.local.binaries import binaries_dir
 from kubetune.local.cluster_info import ClusterInfo
 from kubetune.local.controlplane import LocalCluster, NodeOptions
 
-TEST_NODE = "kubetune-test"
-# The session's nodes run every container on the host's Python (the local node's explicit fast
-# mode, docs/local-cluster.md): most suites test the control plane and the operator, not images.
-# Tests that run images start a node with ``add_node(..., host_images=())``.
-HOST_IMAGES = ("*",)
+#: The session's node: a real node (kubelet, containerd, runc), labelled ``REAL_NODE_ONLY``.
+REAL_NODE = "kubetune-test-kubelet"
+# The real node's label (and, on a node a test adds for them, taint): pods ``on_real_node()``
+# select it.
+REAL_NODE_ONLY = "kubetune.io/real-node"
+TEST_NODE = REAL_NODE
 
 
 @dataclass
@@ -82,8 +84,13 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterH
         bin_dir = Path(ClusterInfo.load(cluster.layout).bin_dir) if cluster else binaries_dir()
         yield ClusterHandle(kubeconfig, bin_dir / "kubectl", cluster, owned=False)
         return
+    if os.geteuid() != 0:
+        pytest.skip("the local cluster's node (kubelet, containerd, runc) needs root")
+    from kubetune_devtools.installs import built_images
+
+    built_images("operator")
     cluster = LocalCluster(tmp_path_factory.mktemp("kubetune-home"))
-    info = cluster.up(NodeOptions(name=TEST_NODE, gpus=0, host_images=HOST_IMAGES))
+    info = cluster.up(session_node())
     try:
         yield ClusterHandle(
             cluster.layout.kubeconfig, Path(info.bin_dir) / "kubectl", cluster, owned=True
@@ -107,7 +114,7 @@ def kube_api(kubeconfig_path: Path) -> Iterator[Any]:
     client.close()
 
 
-def _run_kubectl(
+def run_kubectl(
     handle: ClusterHandle,
     args: Sequence[str],
     input: str | None,
@@ -139,7 +146,7 @@ def kubectl(local_cluster: ClusterHandle) -> Kubectl:
         check: bool = True,
         timeout: float = 60,
     ) -> subprocess.CompletedProcess[str]:
-        return _run_kubectl(local_cluster, args, input, check, timeout)
+        return run_kubectl(local_cluster, args, input, check, timeout)
 
     return run
 
@@ -178,52 +185,42 @@ AddNode = Callable[..., str]
 
 @pytest.fixture
 def add_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[AddNode]:
-    """Start another node: ``add_node("gpu-a", gpus=2, labels=[...], taints=[...])``, a node
-    agent, or with ``kind="kubelet"`` a real node (as ``real_node``, root only) holding the
-    operator image (``operator_image()``).
+    """Start another real node (as ``real_node``, root only) holding the operator image
+    (``operator_image()``): ``add_node("gpu-a", gpus=2, labels=[...], taints=[...])``.
 
     The node is stopped and deleted after the test.
     """
-    started: list[tuple[str, str]] = []
+    started: list[str] = []
 
     def add(
-        name: str,
-        gpus: int = 0,
-        labels: Sequence[str] = (),
-        taints: Sequence[str] = (),
-        host_images: Sequence[str] = HOST_IMAGES,
-        *,
-        kind: str = "agent",
+        name: str, gpus: int = 0, labels: Sequence[str] = (), taints: Sequence[str] = ()
     ) -> str:
         local = local_cluster.local()
-        if kind == "kubelet":
-            if os.geteuid() != 0:
-                pytest.skip("a real node (kubelet, containerd, runc) needs root")
-            from kubetune_devtools.installs import built_images
+        if os.geteuid() != 0:
+            pytest.skip("a real node (kubelet, containerd, runc) needs root")
+        from kubetune_devtools.installs import built_images
 
-            built_images("operator")
-            node = NodeOptions(
-                name=name, gpus=gpus, labels=labels, taints=taints, kind=kind,
-                images=(operator_image(),),
-            )  # fmt: skip
-            started.append((name, kind))
-            local.start_real_node(node)
-            return name
+        built_images("operator")
         node = NodeOptions(
-            name=name, gpus=gpus, labels=labels, taints=taints, host_images=host_images
+            name=name, gpus=gpus, labels=labels, taints=taints, images=(operator_image(),)
         )
-        local.start_node_agent(node)
-        started.append((name, kind))
-        local.wait_node_ready(name, timeout=60)
+        started.append(name)
+        local.start_real_node(node)
         return name
 
     yield add
-    for name, kind in started:
-        if kind == "kubelet":
-            local_cluster.local().stop_real_node(name)
-        else:
-            local_cluster.local().node_agent_process(name).stop()
+    for name in started:
+        local_cluster.local().stop_real_node(name)
         kubectl("delete", "node", name, "--wait=false", check=False)
+
+
+def session_node() -> NodeOptions:
+    """The node of the cluster a session starts: the real node ``REAL_NODE`` with one GPU and
+    the operator image; untainted, so every suite's pods run there, and labelled, so
+    ``on_real_node()`` pods select it."""
+    return NodeOptions(
+        name=REAL_NODE, gpus=1, labels=[f"{REAL_NODE_ONLY}=only"], images=(operator_image(),)
+    )
 
 
 class Dedication(TypedDict):
@@ -246,35 +243,47 @@ def placed_on(key: str) -> dict[str, Any]:
     }
 
 
-REAL_NODE = "kubetune-test-kubelet"
-# The real node's label and taint: only pods that select and tolerate it run there.
-REAL_NODE_ONLY = "kubetune.io/real-node"
-
-
 @pytest.fixture(scope="session")
 def real_node(local_cluster: ClusterHandle, kubectl: Kubectl) -> Iterator[str]:
-    """A real node for the session: the upstream kubelet with containerd, runc and CNI plugins
-    built from their Go modules (hack/node/build.sh), one ``nvidia.com/gpu``, the operator image
-    of ``make images`` imported into its containerd; tainted and labelled
-    ``kubetune.io/real-node=only`` (see ``on_real_node``). It needs root."""
+    """The session's real node: the upstream kubelet with containerd, runc and CNI plugins built
+    from their Go modules (hack/node/build.sh), one ``nvidia.com/gpu``, the operator image of
+    ``make images`` imported into its containerd, labelled ``kubetune.io/real-node=only`` (see
+    ``on_real_node``). The cluster this session started runs it as its node; on a reused local
+    cluster it is started beside that cluster's nodes, tainted so that only pods
+    ``on_real_node()`` go there, and stopped after the session. It needs root."""
+    if local_cluster.owned:
+        yield REAL_NODE
+        return
     if os.geteuid() != 0:
         pytest.skip("a real node (kubelet, containerd, runc) needs root")
-    from kubetune_devtools.installs import built_images, project_version
+    from kubetune_devtools.installs import built_images
 
     built_images("operator")
     local = local_cluster.local()
     local.start_real_node(
         NodeOptions(
-            name=REAL_NODE,
-            gpus=1,
-            **dedicated_to(REAL_NODE_ONLY),
-            kind="kubelet",
-            images=(f"kubetune/operator:{project_version()}",),
+            name=REAL_NODE, gpus=1, **dedicated_to(REAL_NODE_ONLY), images=(operator_image(),)
         )
     )
     yield REAL_NODE
     local.stop_real_node(REAL_NODE)
     kubectl("delete", "node", REAL_NODE, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def trainer_test_image(local_cluster: ClusterHandle, real_node: str) -> str:
+    """The tests' trainer image (``kubetune/trainer-test``: the trainer image plus the stand-in
+    trainer, hack/images/test/Containerfile), built (at once when cached) and imported into the
+    session's real node's containerd (at once when it holds that digest); its reference."""
+    real_node_images(local_cluster, "trainer-test")
+    return trainer_test_image_reference()
+
+
+def trainer_test_image_reference() -> str:
+    """``kubetune/trainer-test:<version>``: what ``trainer_test_image`` imports."""
+    from kubetune_devtools.installs import project_version
+
+    return f"kubetune/trainer-test:{project_version()}"
 
 
 def operator_image() -> str:
@@ -557,7 +566,11 @@ __all__ = [
     "python_pod_on_real_node",
     "real_node",
     "real_node_images",
+    "run_kubectl",
     "run_to_end",
+    "session_node",
     "temporary_namespace",
+    "trainer_test_image",
+    "trainer_test_image_reference",
     "wait_for",
 ]
