@@ -266,9 +266,11 @@ async def stop(**_: Any) -> None:
 
 
 def _resync(ctl: Controller) -> None:
-    """Queue every FineTuneJob that may need work: after a takeover, and now and then."""
+    """Queue every FineTuneJob that may need work: after a takeover, and now and then, behind
+    whatever new work is queued or comes meanwhile (``WorkQueue.add_resync``)."""
     for key in list(ctl.finetunejobs.keys()):
-        ctl.queue.add(key)
+        ctl.queue.add_resync(key)
+    metrics.QUEUE_DEPTH.set(len(ctl.queue))
 
 
 def _on_lease(ctl: Controller, logger: kopf.Logger) -> Callable[[bool], None]:
