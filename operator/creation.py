@@ -161,12 +161,14 @@ def _checked_lately(ctl: Controller, namespace: str) -> bool:
     return checked is not None and time.monotonic() - checked < SHARED_RECHECK_SECONDS
 
 
-def _ensure_shared(manifest: Obj, path: str) -> Obj | kopf.TemporaryError | kopf.PermanentError:
-    """The namespace's shared companion, read (one GET), made if missing, and given exactly the
+def ensure_rendered(manifest: Obj) -> Obj | kopf.TemporaryError | kopf.PermanentError:
+    """The object ``manifest`` renders, read (one GET), made if missing, and given exactly the
     rendered spec if it has another (whoever made or changed it: a narrower selector or a wider
-    rule would let trainer pods out)."""
+    rule would let trainer pods out): the namespace's shared companion, or a policy put back
+    (``operator/policy_restore.py``)."""
     kind, child = manifest["kind"], manifest["metadata"]["name"]
     namespace = manifest["metadata"]["namespace"]
+    path = f"{collection_path(manifest['apiVersion'], kind, namespace)}/{child}"
     try:
         with api_errors(f"reading {kind} {namespace}/{child}"):
             found = kube().get_or_none(path)
@@ -206,7 +208,7 @@ def _create_child(
     namespace = manifest["metadata"]["namespace"]
     path = f"{collection_path(manifest['apiVersion'], kind, namespace)}/{child}"
     if shared(manifest):
-        return manifest, path, _ensure_shared(manifest, path)
+        return manifest, path, ensure_rendered(manifest)
     try:
         with api_errors(f"creating {kind} {namespace}/{child}"):
             found, created = kube().create_or_existing(manifest)

@@ -27,7 +27,8 @@ import kopf
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.operator import jobset as js
-from kubetune.operator import metrics, metrics_server, progress
+from kubetune.operator import metrics, metrics_server, policy_restore, progress
+from kubetune.operator.companions import shared
 from kubetune.operator.controller import (
     JOB_SPEC_KEPT,
     LOGGER,
@@ -36,6 +37,7 @@ from kubetune.operator.controller import (
     Controller,
     Key,
     Obj,
+    index_values,
     job_logger,
     kube,
     owner_name,
@@ -43,12 +45,12 @@ from kubetune.operator.controller import (
     slim_finetunejob,
     snapshot,
 )
-from kubetune.operator.creation import JOBSET_FALLBACK
+from kubetune.operator.creation import JOBSET_FALLBACK, ensure_rendered
 from kubetune.operator.executor import reconcile
 from kubetune.operator.kube import Kube, load_config
 from kubetune.operator.leader import LeaseKeeper, LeaseLock
 from kubetune.operator.progress import ProgressEndpoint, ProgressInbox, TokenReviewer
-from kubetune.operator.workqueue import WorkQueue
+from kubetune.operator.workqueue import BACKOFF, WorkQueue
 
 _controller: Controller | None = None
 
@@ -91,6 +93,91 @@ if SETTINGS.group_workload == "jobset":
     # Watched only where the settings ask for JobSet (the operator's RBAC grants jobsets then).
     kopf.index(js.GROUP, js.VERSION, js.PLURAL, labels=MANAGED)(jobsets_index)
     kopf.on.event(js.GROUP, js.VERSION, js.PLURAL, labels=MANAGED)(jobset_event)
+
+
+if SETTINGS.trainer_network_policy:
+    # The trainers' NetworkPolicies, put back when someone deletes or edits one.
+    @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)  # type: ignore[untyped-decorator]
+    async def policy_event(
+        type: str | None, namespace: str, name: str, body: kopf.Body, **_: Any
+    ) -> None:
+        ctl = _controller
+        if ctl is None:
+            return
+        if type == "DELETED" and shared(body):
+            assert ctl.shared_checked is not None
+            ctl.shared_checked.pop(namespace, None)  # the next job's children check it again
+        if not ctl.leader:
+            return
+        key = (namespace, name)
+        running = key in _RESTORING
+        _RESTORING[key] = (type, dict(body))
+        if not running:
+            task = asyncio.create_task(_restore_policy(ctl, key))
+            _RESTORE_TASKS.add(task)  # held until done (the loop keeps only weak references)
+            task.add_done_callback(_RESTORE_TASKS.discard)
+
+
+#: NetworkPolicies being put back → the last event seen of each (type, body).
+_RESTORING: dict[Key, tuple[str | None, Obj]] = {}
+_RESTORE_TASKS: set[asyncio.Task[None]] = set()
+
+
+async def _restore_policy(ctl: Controller, key: Key) -> None:
+    """Write the rendered policy at ``key`` while its last event shows it gone or changed and it
+    still belongs there; a failed write is tried again after the work queue's backoff."""
+    loop = asyncio.get_running_loop()
+    failures = 0
+    try:
+        while key in _RESTORING and ctl.leader:
+            current = _RESTORING[key]
+            event_type, body = current
+            manifest = policy_restore.wanted(
+                body,
+                SETTINGS,
+                unfinished_job=lambda job: _unfinished(ctl, job),
+                namespace_busy=lambda namespace: _namespace_busy(ctl, namespace),
+            )
+            if manifest is None or not policy_restore.needs_writing(event_type, body, manifest):
+                if _RESTORING.get(key) is current:
+                    break  # nothing newer came meanwhile
+                continue
+            outcome = await loop.run_in_executor(ctl.executor, ensure_rendered, manifest)
+            if isinstance(outcome, kopf.TemporaryError | kopf.PermanentError):
+                wait = BACKOFF[min(failures, len(BACKOFF) - 1)]
+                failures += 1
+                LOGGER.warning("NetworkPolicy %s/%s: %s (again in %ss)", *key, outcome, wait)
+                await asyncio.sleep(wait)
+                continue
+            LOGGER.warning(
+                "NetworkPolicy %s/%s was %s: the rendered one is in place again",
+                *key,
+                "deleted" if event_type == "DELETED" else "changed",
+            )
+            metrics.POLICY_RESTORES.inc()
+            if shared(manifest):
+                assert ctl.shared_checked is not None
+                ctl.shared_checked[key[0]] = time.monotonic()
+            if _RESTORING.get(key) is current:
+                break  # our own write's event may come still: it compares equal, nothing to do
+    finally:
+        _RESTORING.pop(key, None)
+
+
+def _unfinished(ctl: Controller, key: Key) -> Obj | None:
+    found = index_values(ctl.finetunejobs, key)
+    if not found:
+        return None
+    ftj = found[0]
+    assert ctl.written is not None
+    written = ctl.written.get(key)
+    if written is not None:  # a status this replica wrote that the cache may not show yet
+        ftj = {**ftj, "status": {**(ftj.get("status") or {}), **written}}
+    return ftj if policy_restore.unfinished(ftj) else None
+
+
+def _namespace_busy(ctl: Controller, namespace: str) -> bool:
+    return any(_unfinished(ctl, key) is not None for key in ctl.finetunejobs if key[0] == namespace)
 
 
 # --- events → the queue ------------------------------------------------------------------------
