@@ -47,11 +47,21 @@ Created = tuple[Obj, str, Obj | kopf.TemporaryError | kopf.PermanentError]
 
 _kube: Kube | None = None
 
+#: Threads that create a job's companions side by side (``creation``), shared by all workers.
+CREATE_THREADS: Final = 32
+#: Threads that post Events in the background (``writes``).
+EVENT_THREADS: Final = 4
+
 
 def kube() -> Kube:
     global _kube  # noqa: PLW0603 - one API client per process, made at startup
     if _kube is None:
-        _kube = Kube(load_config(SETTINGS.max_workers + 4), SETTINGS.api_timeout_seconds)
+        # A kept-alive connection for every thread that may make a request at once (the
+        # workers, the companions' creates, the Events, a few more): with fewer, a busy operator
+        # discards connections and pays (and makes the apiserver pay) a TLS handshake for each
+        # new one.
+        pool = SETTINGS.max_workers + CREATE_THREADS + EVENT_THREADS + 4
+        _kube = Kube(load_config(pool), SETTINGS.api_timeout_seconds)
     return _kube
 
 

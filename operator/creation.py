@@ -22,6 +22,7 @@ from kubetune.operator import jobset as js
 from kubetune.operator import metrics
 from kubetune.operator.companions import companion_differs, shared
 from kubetune.operator.controller import (
+    CREATE_THREADS,
     JOB_SPEC_KEPT,
     LOGGER,
     SETTINGS,
@@ -194,7 +195,7 @@ def _write_over(manifest: Obj, found: Obj) -> Obj:
 
 
 #: Creates the companions of a Job side by side (shared by all workers).
-_CHILDREN = ThreadPoolExecutor(32, thread_name_prefix="create")
+_CHILDREN = ThreadPoolExecutor(CREATE_THREADS, thread_name_prefix="create")
 
 
 def _create_child(
