@@ -760,6 +760,9 @@ def main() -> None:
     parser.add_argument("--retained", type=int, default=10000)
     parser.add_argument("--skip", default="", help="comma-separated runs to leave out")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--profile", type=Path, help="run the operator under cProfile, its profile here"
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -811,7 +814,7 @@ def main() -> None:
         if "floor" not in skip:
             runs["floor"] = floor_run(bench, env, "floor", args.jobs, rate, True)
             save()
-        operator = start_operator(bench, env)
+        operator = start_operator(bench, env, args.profile)
         port = int(env["KUBETUNE_METRICS_PORT"])
         for validation in (True, False):
             label = f"kubetune-validation-{'on' if validation else 'off'}"
@@ -880,12 +883,20 @@ OPERATOR_NAMESPACES = ("bench-kubetune-validation-on", "bench-kubetune-validatio
                        "bench-retained")  # fmt: skip
 
 
-def start_operator(bench: Bench, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    operator = bench.start(
-        [str(Path(sys.executable).with_name("kubetune-operator"))],
-        {**env, "KUBETUNE_NAMESPACES": ",".join(OPERATOR_NAMESPACES)},
-        "operator.log",
-    )
+def start_operator(
+    bench: Bench, env: dict[str, str], profile: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """The operator, watching ``OPERATOR_NAMESPACES`` (made first, as a cluster has its
+    namespaces before an operator that watches them starts); with ``profile``, under
+    bench/profile_operator.py, which writes its profile there when stopped."""
+    for namespace in OPERATOR_NAMESPACES:
+        ensure_namespace(bench, namespace)
+    argv = [str(Path(sys.executable).with_name("kubetune-operator"))]
+    extra = {"KUBETUNE_NAMESPACES": ",".join(OPERATOR_NAMESPACES)}
+    if profile is not None:
+        argv = [sys.executable, str(Path(__file__).with_name("profile_operator.py"))]
+        extra["KUBETUNE_PROFILE_OUT"] = str(profile)
+    operator = bench.start(argv, {**env, **extra}, "operator.log")
     wait_leader(int(env["KUBETUNE_METRICS_PORT"]))
     return operator
 

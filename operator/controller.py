@@ -195,11 +195,14 @@ class Controller:
     progress: ProgressInbox | None = None
     #: When each namespace's shared trainer NetworkPolicy was last checked (monotonic seconds).
     shared_checked: dict[str, float] | None = None
+    #: What each job's last reconcile saw (``seen_mark``): a resync skips a job unchanged since.
+    reconciled: dict[Key, tuple[Any, ...]] | None = None
 
     def __post_init__(self) -> None:
         self.written = {}
         self.created = {}
         self.shared_checked = {}
+        self.reconciled = {}
 
 
 def index_values(index: kopf.Index[Key, Obj], key: Key) -> list[Obj]:
@@ -238,3 +241,26 @@ def snapshot(ctl: Controller, key: Key) -> tuple[Obj | None, list[Obj], list[Obj
         else:
             cached.append(created)
     return ftj, jobs, index_values(ctl.pods, key), jobsets
+
+
+def seen_mark(
+    ctl: Controller, key: Key, ftj: Obj, children: tuple[list[Obj], list[Obj], list[Obj]]
+) -> tuple[Any, ...]:
+    """What a reconcile of ``key`` sees, in short: the resourceVersions of the FineTuneJob and
+    of each child in the caches (Jobs, Pods, JobSets), and whether this replica's own writes
+    are still overlaid. Two equal marks plan the same (the planner reads time only for what it
+    requeues itself)."""
+
+    def versions(objects: list[Obj]) -> tuple[str, ...]:
+        return tuple(sorted(str(o["metadata"].get("resourceVersion")) for o in objects))
+
+    assert ctl.written is not None and ctl.created is not None
+    jobs, pods, jobsets = children
+    return (
+        ftj["metadata"].get("resourceVersion"),
+        versions(jobs),
+        versions(pods),
+        versions(jobsets),
+        key in ctl.written,
+        key in ctl.created,
+    )

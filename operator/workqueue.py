@@ -73,11 +73,17 @@ class WorkQueue(Generic[K]):
         self.add(key)
 
     async def get(self) -> K:
+        key, _ = await self.take()
+        return key
+
+    async def take(self) -> tuple[K, bool]:
+        """The next key, and whether it came from the resync's level (no event asked for it)."""
         await self._waiting.acquire()
-        key = self._urgent.popleft() if self._urgent else self._resync.popleft()
+        resync = not self._urgent
+        key = self._resync.popleft() if resync else self._urgent.popleft()
         self._pending.discard(key)
         self._active.add(key)
-        return key
+        return key, resync
 
     def done(self, key: K) -> None:
         self._active.discard(key)

@@ -101,3 +101,14 @@ def test_a_resynced_key_changed_while_handled_is_handled_again_as_new_work() -> 
         assert [await queue.get(), await queue.get()] == ["a", "b"]
 
     asyncio.run(scenario())
+
+
+def test_a_worker_knows_whether_a_key_came_from_the_resync() -> None:
+    async def scenario() -> None:
+        queue: WorkQueue[str] = WorkQueue()
+        queue.add_resync("old")
+        queue.add("new")
+        assert await queue.take() == ("new", False)
+        assert await queue.take() == ("old", True)
+
+    asyncio.run(scenario())
