@@ -236,6 +236,11 @@ async def configure(
     settings.posting.level = logging.WARNING
     # Replicas coordinate through the Lease (operator/leader.py), not kopf's peering.
     settings.peering.standalone = True
+    if SETTINGS.namespaces and not any(set(n) & set("*?[!") for n in SETTINGS.namespaces):
+        # Named namespaces only (the chart's watchNamespaces): nothing to discover. Scanning
+        # would list namespaces, which the chart grants no right to in that mode, and kopf
+        # retries that for about a minute before it serves any FineTuneJob.
+        settings.scanning.disabled = True
     # A watch ends on the server's timeout; the client's is a backstop for a connection that
     # broke without a word. Watches ask for bookmarks, which the apiserver sends about once a
     # minute, so one silent for longer than the inactivity timeout is dead (a dropped NAT entry,
