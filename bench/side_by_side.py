@@ -763,6 +763,9 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, help="run the operator under cProfile, its profile here"
     )
+    parser.add_argument(
+        "--operator-env", action="append", default=[], help="KEY=VALUE for the operator too"
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -790,6 +793,7 @@ def main() -> None:
             {"apiVersion": "v1", "kind": "List", "items": objects}))  # fmt: skip
         secret = next(o for o in objects if o["kind"] == "Secret")
         env = chart_operator_env(bench, deployment, secret)
+        env.update(item.split("=", 1) for item in args.operator_env)
         time.sleep(3)
         runs = summary["runs"]
 

@@ -120,8 +120,9 @@ def render_validation(
 ) -> list[Manifest]:
     """The children of the Validating phase: the same companions as ``render`` (config, network
     policy, a group's Service), then the validation Job instead of the trainer Job (or JobSet)."""
-    *companions, _ = render(spec, metadata, settings, jobset=jobset)
-    job = render(spec, metadata, settings)[-1]
+    *companions, workload = render(spec, metadata, settings, jobset=jobset)
+    # One render, unless a group's workload is a JobSet: its Job is rendered on its own then.
+    job = workload if workload["kind"] == "Job" else render(spec, metadata, settings)[-1]
     names = child_names(str(metadata["name"]))
     return [*companions, validation_job(job, spec, names.validation_job, settings)]
 
