@@ -37,6 +37,9 @@ class ProgressSettings(ApiModel):
     token_file: str | None = None
 
 
+_SAFE_DUMPER: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 class TrainerConfig(ApiModel):
     api_version: Literal["kubetune.io/v1alpha1"] = API_VERSION
     kind: Literal["TrainerConfig"] = CONFIG_KIND
@@ -47,7 +50,10 @@ class TrainerConfig(ApiModel):
 
     def to_yaml(self) -> str:
         data = self.model_dump(by_alias=True, exclude_none=True, mode="json")
-        return yaml.safe_dump(data, sort_keys=False)
+        # libyaml's emitter where PyYAML has it (its wheels do): the same text, in a tenth of
+        # the time (the operator writes one config per job; the pure-Python emitter was the
+        # largest item of its CPU per job).
+        return yaml.dump(data, Dumper=_SAFE_DUMPER, sort_keys=False)
 
 
 def load_trainer_config(path: str | Path) -> TrainerConfig:

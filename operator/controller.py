@@ -47,11 +47,21 @@ Created = tuple[Obj, str, Obj | kopf.TemporaryError | kopf.PermanentError]
 
 _kube: Kube | None = None
 
+#: Threads that create a job's companions side by side (``creation``), shared by all workers.
+CREATE_THREADS: Final = 32
+#: Threads that post Events in the background (``writes``).
+EVENT_THREADS: Final = 4
+
 
 def kube() -> Kube:
     global _kube  # noqa: PLW0603 - one API client per process, made at startup
     if _kube is None:
-        _kube = Kube(load_config(SETTINGS.max_workers + 4), SETTINGS.api_timeout_seconds)
+        # A kept-alive connection for every thread that may make a request at once (the
+        # workers, the companions' creates, the Events, a few more): with fewer, a busy operator
+        # discards connections and pays (and makes the apiserver pay) a TLS handshake for each
+        # new one.
+        pool = SETTINGS.max_workers + CREATE_THREADS + EVENT_THREADS + 4
+        _kube = Kube(load_config(pool), SETTINGS.api_timeout_seconds)
     return _kube
 
 
@@ -185,11 +195,14 @@ class Controller:
     progress: ProgressInbox | None = None
     #: When each namespace's shared trainer NetworkPolicy was last checked (monotonic seconds).
     shared_checked: dict[str, float] | None = None
+    #: What each job's last reconcile saw (``seen_mark``): a resync skips a job unchanged since.
+    reconciled: dict[Key, tuple[Any, ...]] | None = None
 
     def __post_init__(self) -> None:
         self.written = {}
         self.created = {}
         self.shared_checked = {}
+        self.reconciled = {}
 
 
 def index_values(index: kopf.Index[Key, Obj], key: Key) -> list[Obj]:
@@ -228,3 +241,26 @@ def snapshot(ctl: Controller, key: Key) -> tuple[Obj | None, list[Obj], list[Obj
         else:
             cached.append(created)
     return ftj, jobs, index_values(ctl.pods, key), jobsets
+
+
+def seen_mark(
+    ctl: Controller, key: Key, ftj: Obj, children: tuple[list[Obj], list[Obj], list[Obj]]
+) -> tuple[Any, ...]:
+    """What a reconcile of ``key`` sees, in short: the resourceVersions of the FineTuneJob and
+    of each child in the caches (Jobs, Pods, JobSets), and whether this replica's own writes
+    are still overlaid. Two equal marks plan the same (the planner reads time only for what it
+    requeues itself)."""
+
+    def versions(objects: list[Obj]) -> tuple[str, ...]:
+        return tuple(sorted(str(o["metadata"].get("resourceVersion")) for o in objects))
+
+    assert ctl.written is not None and ctl.created is not None
+    jobs, pods, jobsets = children
+    return (
+        ftj["metadata"].get("resourceVersion"),
+        versions(jobs),
+        versions(pods),
+        versions(jobsets),
+        key in ctl.written,
+        key in ctl.created,
+    )

@@ -22,6 +22,7 @@ from kubetune.operator import jobset as js
 from kubetune.operator import metrics
 from kubetune.operator.companions import companion_differs, shared
 from kubetune.operator.controller import (
+    CREATE_THREADS,
     JOB_SPEC_KEPT,
     LOGGER,
     SETTINGS,
@@ -161,12 +162,14 @@ def _checked_lately(ctl: Controller, namespace: str) -> bool:
     return checked is not None and time.monotonic() - checked < SHARED_RECHECK_SECONDS
 
 
-def _ensure_shared(manifest: Obj, path: str) -> Obj | kopf.TemporaryError | kopf.PermanentError:
-    """The namespace's shared companion, read (one GET), made if missing, and given exactly the
+def ensure_rendered(manifest: Obj) -> Obj | kopf.TemporaryError | kopf.PermanentError:
+    """The object ``manifest`` renders, read (one GET), made if missing, and given exactly the
     rendered spec if it has another (whoever made or changed it: a narrower selector or a wider
-    rule would let trainer pods out)."""
+    rule would let trainer pods out): the namespace's shared companion, or a policy put back
+    (``operator/policy_restore.py``)."""
     kind, child = manifest["kind"], manifest["metadata"]["name"]
     namespace = manifest["metadata"]["namespace"]
+    path = f"{collection_path(manifest['apiVersion'], kind, namespace)}/{child}"
     try:
         with api_errors(f"reading {kind} {namespace}/{child}"):
             found = kube().get_or_none(path)
@@ -192,7 +195,7 @@ def _write_over(manifest: Obj, found: Obj) -> Obj:
 
 
 #: Creates the companions of a Job side by side (shared by all workers).
-_CHILDREN = ThreadPoolExecutor(32, thread_name_prefix="create")
+_CHILDREN = ThreadPoolExecutor(CREATE_THREADS, thread_name_prefix="create")
 
 
 def _create_child(
@@ -206,7 +209,7 @@ def _create_child(
     namespace = manifest["metadata"]["namespace"]
     path = f"{collection_path(manifest['apiVersion'], kind, namespace)}/{child}"
     if shared(manifest):
-        return manifest, path, _ensure_shared(manifest, path)
+        return manifest, path, ensure_rendered(manifest)
     try:
         with api_errors(f"creating {kind} {namespace}/{child}"):
             found, created = kube().create_or_existing(manifest)

@@ -27,7 +27,8 @@ import kopf
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.operator import jobset as js
-from kubetune.operator import metrics, metrics_server, progress
+from kubetune.operator import metrics, metrics_server, policy_restore, progress
+from kubetune.operator.companions import shared
 from kubetune.operator.controller import (
     JOB_SPEC_KEPT,
     LOGGER,
@@ -36,19 +37,21 @@ from kubetune.operator.controller import (
     Controller,
     Key,
     Obj,
+    index_values,
     job_logger,
     kube,
     owner_name,
+    seen_mark,
     slim,
     slim_finetunejob,
     snapshot,
 )
-from kubetune.operator.creation import JOBSET_FALLBACK
+from kubetune.operator.creation import JOBSET_FALLBACK, ensure_rendered
 from kubetune.operator.executor import reconcile
 from kubetune.operator.kube import Kube, load_config
 from kubetune.operator.leader import LeaseKeeper, LeaseLock
 from kubetune.operator.progress import ProgressEndpoint, ProgressInbox, TokenReviewer
-from kubetune.operator.workqueue import WorkQueue
+from kubetune.operator.workqueue import BACKOFF, WorkQueue
 
 _controller: Controller | None = None
 
@@ -91,6 +94,91 @@ if SETTINGS.group_workload == "jobset":
     # Watched only where the settings ask for JobSet (the operator's RBAC grants jobsets then).
     kopf.index(js.GROUP, js.VERSION, js.PLURAL, labels=MANAGED)(jobsets_index)
     kopf.on.event(js.GROUP, js.VERSION, js.PLURAL, labels=MANAGED)(jobset_event)
+
+
+if SETTINGS.trainer_network_policy:
+    # The trainers' NetworkPolicies, put back when someone deletes or edits one.
+    @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)  # type: ignore[untyped-decorator]
+    async def policy_event(
+        type: str | None, namespace: str, name: str, body: kopf.Body, **_: Any
+    ) -> None:
+        ctl = _controller
+        if ctl is None:
+            return
+        if type == "DELETED" and shared(body):
+            assert ctl.shared_checked is not None
+            ctl.shared_checked.pop(namespace, None)  # the next job's children check it again
+        if not ctl.leader:
+            return
+        key = (namespace, name)
+        running = key in _RESTORING
+        _RESTORING[key] = (type, dict(body))
+        if not running:
+            task = asyncio.create_task(_restore_policy(ctl, key))
+            _RESTORE_TASKS.add(task)  # held until done (the loop keeps only weak references)
+            task.add_done_callback(_RESTORE_TASKS.discard)
+
+
+#: NetworkPolicies being put back → the last event seen of each (type, body).
+_RESTORING: dict[Key, tuple[str | None, Obj]] = {}
+_RESTORE_TASKS: set[asyncio.Task[None]] = set()
+
+
+async def _restore_policy(ctl: Controller, key: Key) -> None:
+    """Write the rendered policy at ``key`` while its last event shows it gone or changed and it
+    still belongs there; a failed write is tried again after the work queue's backoff."""
+    loop = asyncio.get_running_loop()
+    failures = 0
+    try:
+        while key in _RESTORING and ctl.leader:
+            current = _RESTORING[key]
+            event_type, body = current
+            manifest = policy_restore.wanted(
+                body,
+                SETTINGS,
+                unfinished_job=lambda job: _unfinished(ctl, job),
+                namespace_busy=lambda namespace: _namespace_busy(ctl, namespace),
+            )
+            if manifest is None or not policy_restore.needs_writing(event_type, body, manifest):
+                if _RESTORING.get(key) is current:
+                    break  # nothing newer came meanwhile
+                continue
+            outcome = await loop.run_in_executor(ctl.executor, ensure_rendered, manifest)
+            if isinstance(outcome, kopf.TemporaryError | kopf.PermanentError):
+                wait = BACKOFF[min(failures, len(BACKOFF) - 1)]
+                failures += 1
+                LOGGER.warning("NetworkPolicy %s/%s: %s (again in %ss)", *key, outcome, wait)
+                await asyncio.sleep(wait)
+                continue
+            LOGGER.warning(
+                "NetworkPolicy %s/%s was %s: the rendered one is in place again",
+                *key,
+                "deleted" if event_type == "DELETED" else "changed",
+            )
+            metrics.POLICY_RESTORES.inc()
+            if shared(manifest):
+                assert ctl.shared_checked is not None
+                ctl.shared_checked[key[0]] = time.monotonic()
+            if _RESTORING.get(key) is current:
+                break  # our own write's event may come still: it compares equal, nothing to do
+    finally:
+        _RESTORING.pop(key, None)
+
+
+def _unfinished(ctl: Controller, key: Key) -> Obj | None:
+    found = index_values(ctl.finetunejobs, key)
+    if not found:
+        return None
+    ftj = found[0]
+    assert ctl.written is not None
+    written = ctl.written.get(key)
+    if written is not None:  # a status this replica wrote that the cache may not show yet
+        ftj = {**ftj, "status": {**(ftj.get("status") or {}), **written}}
+    return ftj if policy_restore.unfinished(ftj) else None
+
+
+def _namespace_busy(ctl: Controller, namespace: str) -> bool:
+    return any(_unfinished(ctl, key) is not None for key in ctl.finetunejobs if key[0] == namespace)
 
 
 # --- events → the queue ------------------------------------------------------------------------
@@ -148,6 +236,11 @@ async def configure(
     settings.posting.level = logging.WARNING
     # Replicas coordinate through the Lease (operator/leader.py), not kopf's peering.
     settings.peering.standalone = True
+    if SETTINGS.namespaces and not any(set(n) & set("*?[!") for n in SETTINGS.namespaces):
+        # Named namespaces only (the chart's watchNamespaces): nothing to discover. Scanning
+        # would list namespaces, which the chart grants no right to in that mode, and kopf
+        # retries that for about a minute before it serves any FineTuneJob.
+        settings.scanning.disabled = True
     # A watch ends on the server's timeout; the client's is a backstop for a connection that
     # broke without a word. Watches ask for bookmarks, which the apiserver sends about once a
     # minute, so one silent for longer than the inactivity timeout is dead (a dropped NAT entry,
@@ -266,9 +359,20 @@ async def stop(**_: Any) -> None:
 
 
 def _resync(ctl: Controller) -> None:
-    """Queue every FineTuneJob that may need work: after a takeover, and now and then."""
+    """Queue every FineTuneJob: after a takeover, and now and then, behind whatever new work is
+    queued or comes meanwhile (``WorkQueue.add_resync``). A worker skips a job whose objects are
+    as its last reconcile saw them (``seen_mark``): at 10,000 jobs a resync costs that many
+    comparisons, not that many reconciles."""
     for key in list(ctl.finetunejobs.keys()):
-        ctl.queue.add(key)
+        ctl.queue.add_resync(key)
+    metrics.QUEUE_DEPTH.set(len(ctl.queue))
+
+
+def _take_over(ctl: Controller) -> None:
+    """A takeover reconciles every job, whatever this replica saw of it before."""
+    assert ctl.reconciled is not None
+    ctl.reconciled.clear()
+    _resync(ctl)
 
 
 def _on_lease(ctl: Controller, logger: kopf.Logger) -> Callable[[bool], None]:
@@ -282,7 +386,7 @@ def _on_lease(ctl: Controller, logger: kopf.Logger) -> Callable[[bool], None]:
         metrics.LEADER.set(1 if held else 0)
         if held:
             logger.info("took the Lease %s: this replica acts now", lease.name)
-            loop.call_soon_threadsafe(_resync, ctl)
+            loop.call_soon_threadsafe(_take_over, ctl)
         else:
             logger.warning("lost the Lease %s: this replica stands by", lease.name)
 
@@ -316,19 +420,29 @@ _KEEPERS: list[LeaseKeeper] = []
 async def _worker(ctl: Controller) -> None:
     loop = asyncio.get_running_loop()
     while True:
-        key = await ctl.queue.get()
+        key, resynced = await ctl.queue.take()
         metrics.QUEUE_DEPTH.set(len(ctl.queue))
         log = job_logger(key)
         started = time.perf_counter()
+        assert ctl.reconciled is not None
         try:
             if not ctl.leader:
                 continue  # the new leader resyncs everything when it takes over
             ftj, jobs, pods, jobsets = snapshot(ctl, key)
             if ftj is None:
                 ctl.queue.drop(key)
+                ctl.reconciled.pop(key, None)
                 if ctl.progress is not None:
                     ctl.progress.forget(key)
                 continue
+            mark = seen_mark(ctl, key, ftj, (jobs, pods, jobsets))
+            pending = ctl.progress is not None and ctl.progress.due_in(key) is not None
+            if resynced and not pending and ctl.reconciled.get(key) == mark:
+                # Nothing changed since its last reconcile, which planned from the same objects
+                # (and queued itself again for whatever waits on time): no pass needed.
+                metrics.RECONCILES.labels("unchanged").inc()
+                continue
+            ctl.reconciled.pop(key, None)  # set again only when this pass succeeds
             reported = ctl.progress.take(key) if ctl.progress is not None else None
             context = contextvars.copy_context()
             work = functools.partial(
@@ -341,6 +455,7 @@ async def _worker(ctl: Controller) -> None:
                     ctl.progress.give_back(key, reported)
                 raise
             ctl.queue.forget(key)
+            ctl.reconciled[key] = mark
             metrics.RECONCILES.labels("ok").inc()
             if done.requeue_after is not None:
                 ctl.queue.add_after(key, max(done.requeue_after, 0.5))

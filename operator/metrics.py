@@ -41,6 +41,10 @@ API_ERRORS: Final = Counter(
     "Failed requests to the Kubernetes API (status >= 400 or no answer), by verb and status.",
     ["verb", "code"],
 )
+POLICY_RESTORES: Final = Counter(
+    "kubetune_network_policy_restores_total",
+    "Trainer NetworkPolicies written again after someone deleted or changed them.",
+)
 RETRIES: Final = Counter(
     "kubetune_reconcile_retries_total", "Reconciles queued again after a failure."
 )

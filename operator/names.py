@@ -7,12 +7,13 @@ kind admits; the labels every child and pod carries; the ownerReference to the F
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 from kubetune.api.contract import (
     COMPONENT_LABEL,
+    FINETUNEJOB_ANNOTATION,
     JOB_LABEL,
     JOB_UID_LABEL,
     MANAGED_BY,
@@ -27,6 +28,8 @@ Manifest = dict[str, Any]
 Obj = Mapping[str, Any]
 
 _LABEL_MAX: Final = 63
+#: A child's metadata by its name (and labels of its own): ``child_metadata``.
+ChildMetadata = Callable[..., Manifest]
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,25 @@ def owner_reference(metadata: dict[str, Any]) -> Manifest:
         "controller": True,
         "blockOwnerDeletion": True,
     }
+
+
+def child_metadata(name: str, namespace: str, uid: str | None) -> ChildMetadata:
+    """The metadata of each child of the FineTuneJob ``namespace/name``: its labels, the
+    annotation naming it, and (with its uid) the ownerReference to it."""
+    labels = labels_for(name, uid)
+
+    def meta(object_name: str, extra_labels: dict[str, str] | None = None) -> Manifest:
+        result: Manifest = {
+            "name": object_name,
+            "namespace": namespace,
+            "labels": {**labels, **(extra_labels or {})},
+            "annotations": {FINETUNEJOB_ANNOTATION: name},
+        }
+        if uid:
+            result["ownerReferences"] = [owner_reference({"name": name, "uid": uid})]
+        return result
+
+    return meta
 
 
 def group_selector(name: str, uid: str | None = None) -> Manifest:

@@ -17,7 +17,6 @@ from kubetune.api.config import JobRef, ProgressSettings, TrainerConfig
 from kubetune.api.contract import (
     COMPONENT_LABEL,
     CONFIG_FILE,
-    FINETUNEJOB_ANNOTATION,
     KUEUE_QUEUE_LABEL,
     MLFLOW_PASSWORD_ENV,
     MLFLOW_TOKEN_ENV,
@@ -36,7 +35,7 @@ from kubetune.api.contract import (
 from kubetune.api.models import FineTuneJobSpec
 from kubetune.operator.backends import JOBSETS, Parts, backend_for
 from kubetune.operator.companions import group_policy, trainers_policy
-from kubetune.operator.names import child_names, labels_for, owner_reference
+from kubetune.operator.names import child_metadata, child_names
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.trainer_job import render_job
 
@@ -88,19 +87,7 @@ def render(
     namespace = str(metadata["namespace"])
     uid = metadata.get("uid")
     names = child_names(name, spec.resources.nodes)
-    labels = labels_for(name, uid)
-    annotations = {FINETUNEJOB_ANNOTATION: name}
-
-    def meta(object_name: str, extra_labels: dict[str, str] | None = None) -> Manifest:
-        result: Manifest = {
-            "name": object_name,
-            "namespace": namespace,
-            "labels": {**labels, **(extra_labels or {})},
-            "annotations": dict(annotations),
-        }
-        if uid:
-            result["ownerReferences"] = [owner_reference(metadata)]
-        return result
+    meta = child_metadata(name, namespace, uid)
 
     config = trainer_config(spec, name, namespace, uid, settings)
     config_map: Manifest = {
@@ -133,8 +120,9 @@ def render_validation(
 ) -> list[Manifest]:
     """The children of the Validating phase: the same companions as ``render`` (config, network
     policy, a group's Service), then the validation Job instead of the trainer Job (or JobSet)."""
-    *companions, _ = render(spec, metadata, settings, jobset=jobset)
-    job = render(spec, metadata, settings)[-1]
+    *companions, workload = render(spec, metadata, settings, jobset=jobset)
+    # One render, unless a group's workload is a JobSet: its Job is rendered on its own then.
+    job = workload if workload["kind"] == "Job" else render(spec, metadata, settings)[-1]
     names = child_names(str(metadata["name"]))
     return [*companions, validation_job(job, spec, names.validation_job, settings)]
 

@@ -1,10 +1,14 @@
 """A deduplicating work queue of FineTuneJob keys, as controller-runtime's: each key is queued at
 most once, one worker handles a key at a time, and a key that changes while it is being handled
-is handled again afterwards. Runs on kopf's event loop."""
+is handled again afterwards. Two levels, as controller-runtime's priority queue: what an event,
+a requeue or a retry brings goes ahead of what a periodic resync or a takeover queues, so a
+resync of thousands of finished jobs never stands between a new job and its worker (a key
+waiting at the resync level that an event queues moves up). Runs on kopf's event loop."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Hashable
 from typing import Final, Generic, TypeVar
 
@@ -16,7 +20,11 @@ BACKOFF: Final = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 class WorkQueue(Generic[K]):
     def __init__(self) -> None:
-        self._queue: asyncio.Queue[K] = asyncio.Queue()
+        #: Keys waiting, in order: new work first, then the resync's.
+        self._urgent: deque[K] = deque()
+        self._resync: deque[K] = deque()
+        #: One count per waiting key: a worker waits on it when both levels are empty.
+        self._waiting = asyncio.Semaphore(0)
         self._pending: set[K] = set()
         self._active: set[K] = set()
         self._dirty: set[K] = set()
@@ -27,6 +35,14 @@ class WorkQueue(Generic[K]):
         return len(self._pending)
 
     def add(self, key: K) -> None:
+        """Queue ``key`` as new work (an event, a requeue, a retry)."""
+        self._add(key, resync=False)
+
+    def add_resync(self, key: K) -> None:
+        """Queue ``key`` behind every key of new work (a periodic resync, a takeover)."""
+        self._add(key, resync=True)
+
+    def _add(self, key: K, resync: bool) -> None:
         timer = self._timers.pop(key, None)
         if timer is not None:
             timer.cancel()
@@ -34,7 +50,12 @@ class WorkQueue(Generic[K]):
             self._dirty.add(key)
         elif key not in self._pending:
             self._pending.add(key)
-            self._queue.put_nowait(key)
+            (self._resync if resync else self._urgent).append(key)
+            self._waiting.release()
+        elif not resync and key in self._resync:
+            # Waiting behind the resync, and now an event for it: it moves up (rare, O(queue)).
+            self._resync.remove(key)
+            self._urgent.append(key)
 
     def add_after(self, key: K, delay: float) -> None:
         """Queue ``key`` in ``delay`` seconds (sooner if something else queues it first)."""
@@ -52,10 +73,17 @@ class WorkQueue(Generic[K]):
         self.add(key)
 
     async def get(self) -> K:
-        key = await self._queue.get()
+        key, _ = await self.take()
+        return key
+
+    async def take(self) -> tuple[K, bool]:
+        """The next key, and whether it came from the resync's level (no event asked for it)."""
+        await self._waiting.acquire()
+        resync = not self._urgent
+        key = self._resync.popleft() if resync else self._urgent.popleft()
         self._pending.discard(key)
         self._active.add(key)
-        return key
+        return key, resync
 
     def done(self, key: K) -> None:
         self._active.discard(key)

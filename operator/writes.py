@@ -16,6 +16,7 @@ from kubetune.api.models import API_VERSION, KIND
 from kubetune.api.timestamps import rfc3339
 from kubetune.operator import metrics
 from kubetune.operator.controller import (
+    EVENT_THREADS,
     LOGGER,
     SETTINGS,
     Controller,
@@ -84,7 +85,7 @@ def post_event(ftj: Ftj, kind: str, reason: str, message: str) -> None:
 
 
 #: Posts Events in the background.
-_EVENTS = ThreadPoolExecutor(4, thread_name_prefix="event")
+_EVENTS = ThreadPoolExecutor(EVENT_THREADS, thread_name_prefix="event")
 
 
 def _post(event: Obj) -> None:

@@ -29,7 +29,15 @@ OPERATOR_ALLOW_LIST: dict[tuple[str, str], set[str]] = {
     ("", "configmaps"): {"get", "create", "update", "delete"},
     # A multi-pod group's headless Service (its pods' DNS subdomain).
     ("", "services"): {"get", "create", "update", "delete"},
-    ("networking.k8s.io", "networkpolicies"): {"get", "create", "update", "delete"},
+    # list, watch: one deleted or changed is put back while a job there is unfinished.
+    ("networking.k8s.io", "networkpolicies"): {
+        "get",
+        "list",
+        "watch",
+        "create",
+        "update",
+        "delete",
+    },
     # delete: a multi-pod group's failed attempt is replaced by a new Job.
     ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
     # operator.groupWorkload: jobset only; never deleted (JobSet restarts the group itself).

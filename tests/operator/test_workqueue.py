@@ -57,3 +57,58 @@ def test_a_delayed_key_comes_at_its_time() -> None:
         assert await asyncio.wait_for(queue.get(), 2) == "a"
 
     asyncio.run(scenario())
+
+
+def test_new_work_goes_ahead_of_a_resync_of_every_job() -> None:
+    """A periodic resync queues every FineTuneJob, finished ones too: a job created just after
+    (its event) is handled next, not after the thousands the resync queued."""
+
+    async def scenario() -> None:
+        queue: WorkQueue[str] = WorkQueue()
+        for index in range(10_000):
+            queue.add_resync(f"finished-{index}")
+        queue.add("new")
+        queue.add_resync("new")  # the next resync finds it still waiting: it keeps its place
+        assert await queue.get() == "new"
+        assert await queue.get() == "finished-0"
+        assert len(queue) == 9_999
+
+    asyncio.run(scenario())
+
+
+def test_an_event_for_a_key_waiting_behind_the_resync_moves_it_up() -> None:
+    async def scenario() -> None:
+        queue: WorkQueue[str] = WorkQueue()
+        for key in ("a", "b", "c"):
+            queue.add_resync(key)
+        queue.add("c")  # its job changed: new work now
+        queue.add("d")
+        got = [await queue.get() for _ in range(4)]
+        assert got == ["c", "d", "a", "b"]
+        assert len(queue) == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_resynced_key_changed_while_handled_is_handled_again_as_new_work() -> None:
+    async def scenario() -> None:
+        queue: WorkQueue[str] = WorkQueue()
+        queue.add_resync("a")
+        queue.add_resync("b")
+        key = await queue.get()
+        queue.add(key)  # an event while a worker has it
+        queue.done(key)
+        assert [await queue.get(), await queue.get()] == ["a", "b"]
+
+    asyncio.run(scenario())
+
+
+def test_a_worker_knows_whether_a_key_came_from_the_resync() -> None:
+    async def scenario() -> None:
+        queue: WorkQueue[str] = WorkQueue()
+        queue.add_resync("old")
+        queue.add("new")
+        assert await queue.take() == ("new", False)
+        assert await queue.take() == ("old", True)
+
+    asyncio.run(scenario())

@@ -97,9 +97,11 @@ namespaces) or into one Role per watched namespace.
 - apiGroups: [""]
   resources: [configmaps, services]
   verbs: [get, create, update, delete]
+# The trainers' NetworkPolicies are also watched (list, watch): one deleted or changed by
+# someone with edit rights is put back while a job there is unfinished.
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
-  verbs: [get, create, update, delete]
+  verbs: [get, list, watch, create, update, delete]
 # The Job is also watched for status, and patched to suspend/resume it or change its deadline.
 # A multi-pod group's failed Job is deleted to start the group's next attempt as a new Job.
 - apiGroups: [batch]
