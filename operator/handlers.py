@@ -27,8 +27,7 @@ import kopf
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.operator import jobset as js
-from kubetune.operator import metrics, metrics_server, policy_restore, progress
-from kubetune.operator.companions import shared
+from kubetune.operator import metrics, metrics_server, policy_watch, progress
 from kubetune.operator.controller import (
     JOB_SPEC_KEPT,
     LOGGER,
@@ -37,7 +36,6 @@ from kubetune.operator.controller import (
     Controller,
     Key,
     Obj,
-    index_values,
     job_logger,
     kube,
     owner_name,
@@ -46,12 +44,12 @@ from kubetune.operator.controller import (
     slim_finetunejob,
     snapshot,
 )
-from kubetune.operator.creation import JOBSET_FALLBACK, ensure_rendered
+from kubetune.operator.creation import JOBSET_FALLBACK
 from kubetune.operator.executor import reconcile
 from kubetune.operator.kube import Kube, load_config
 from kubetune.operator.leader import LeaseKeeper, LeaseLock
 from kubetune.operator.progress import ProgressEndpoint, ProgressInbox, TokenReviewer
-from kubetune.operator.workqueue import BACKOFF, WorkQueue
+from kubetune.operator.workqueue import WorkQueue
 
 _controller: Controller | None = None
 
@@ -98,90 +96,7 @@ if SETTINGS.group_workload == "jobset":
 
 if SETTINGS.trainer_network_policy:
     # The trainers' NetworkPolicies, put back when someone deletes or edits one.
-    @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)  # type: ignore[untyped-decorator]
-    async def policy_event(
-        type: str | None, namespace: str, name: str, body: kopf.Body, **_: Any
-    ) -> None:
-        ctl = _controller
-        if ctl is None:
-            return
-        if type == "DELETED" and shared(body):
-            assert ctl.shared_checked is not None
-            ctl.shared_checked.pop(namespace, None)  # the next job's children check it again
-        if not ctl.leader:
-            return
-        key = (namespace, name)
-        running = key in _RESTORING
-        _RESTORING[key] = (type, dict(body))
-        if not running:
-            task = asyncio.create_task(_restore_policy(ctl, key))
-            _RESTORE_TASKS.add(task)  # held until done (the loop keeps only weak references)
-            task.add_done_callback(_RESTORE_TASKS.discard)
-
-
-#: NetworkPolicies being put back → the last event seen of each (type, body).
-_RESTORING: dict[Key, tuple[str | None, Obj]] = {}
-_RESTORE_TASKS: set[asyncio.Task[None]] = set()
-
-
-async def _restore_policy(ctl: Controller, key: Key) -> None:
-    """Write the rendered policy at ``key`` while its last event shows it gone or changed and it
-    still belongs there; a failed write is tried again after the work queue's backoff."""
-    loop = asyncio.get_running_loop()
-    failures = 0
-    try:
-        while key in _RESTORING and ctl.leader:
-            current = _RESTORING[key]
-            event_type, body = current
-            manifest = policy_restore.wanted(
-                body,
-                SETTINGS,
-                unfinished_job=lambda job: _unfinished(ctl, job),
-                namespace_busy=lambda namespace: _namespace_busy(ctl, namespace),
-            )
-            if manifest is None or not policy_restore.needs_writing(event_type, body, manifest):
-                if _RESTORING.get(key) is current:
-                    break  # nothing newer came meanwhile
-                continue
-            outcome = await loop.run_in_executor(ctl.executor, ensure_rendered, manifest)
-            if isinstance(outcome, kopf.TemporaryError | kopf.PermanentError):
-                wait = BACKOFF[min(failures, len(BACKOFF) - 1)]
-                failures += 1
-                LOGGER.warning("NetworkPolicy %s/%s: %s (again in %ss)", *key, outcome, wait)
-                await asyncio.sleep(wait)
-                continue
-            LOGGER.warning(
-                "NetworkPolicy %s/%s was %s: the rendered one is in place again",
-                *key,
-                "deleted" if event_type == "DELETED" else "changed",
-            )
-            metrics.POLICY_RESTORES.inc()
-            if shared(manifest):
-                assert ctl.shared_checked is not None
-                ctl.shared_checked[key[0]] = time.monotonic()
-            if _RESTORING.get(key) is current:
-                break  # our own write's event may come still: it compares equal, nothing to do
-    finally:
-        _RESTORING.pop(key, None)
-
-
-def _unfinished(ctl: Controller, key: Key) -> Obj | None:
-    found = index_values(ctl.finetunejobs, key)
-    if not found:
-        return None
-    ftj = found[0]
-    assert ctl.written is not None
-    written = ctl.written.get(key)
-    if written is not None:  # a status this replica wrote that the cache may not show yet
-        ftj = {**ftj, "status": {**(ftj.get("status") or {}), **written}}
-    return ftj if policy_restore.unfinished(ftj) else None
-
-
-def _namespace_busy(ctl: Controller, namespace: str) -> bool:
-    return any(_unfinished(ctl, key) is not None for key in ctl.finetunejobs if key[0] == namespace)
-
-
-# --- events → the queue ------------------------------------------------------------------------
+    policy_watch.register(lambda: _controller)
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)  # type: ignore[untyped-decorator]
@@ -226,36 +141,7 @@ async def configure(
     **kwargs: Any,
 ) -> None:
     global _controller  # noqa: PLW0603 - one controller per process
-    # Only indexes and event handlers: kopf stores nothing on a FineTuneJob (no finalizer, no
-    # progress annotations); the state is the objects themselves.
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
-    settings.posting.level = logging.WARNING
-    # Replicas coordinate through the Lease (operator/leader.py), not kopf's peering.
-    settings.peering.standalone = True
-    if SETTINGS.namespaces and not any(set(n) & set("*?[!") for n in SETTINGS.namespaces):
-        # Named namespaces only (the chart's watchNamespaces): nothing to discover. Scanning
-        # would list namespaces, which the chart grants no right to in that mode, and kopf
-        # retries that for about a minute before it serves any FineTuneJob.
-        settings.scanning.disabled = True
-    # A watch ends on the server's timeout; the client's is a backstop for a connection that
-    # broke without a word. Watches ask for bookmarks, which the apiserver sends about once a
-    # minute, so one silent for longer than the inactivity timeout is dead (a dropped NAT entry,
-    # a stuck proxy) and is started again from its last resourceVersion.
-    settings.watching.server_timeout = SETTINGS.watch_timeout_seconds
-    settings.watching.client_timeout = SETTINGS.watch_timeout_seconds + 30
-    settings.watching.inactivity_timeout = SETTINGS.watch_inactivity_seconds
-    settings.watching.connect_timeout = 30
-    # The first list of each watch comes in pages: a page of the largest FineTuneJobs the CRD
-    # admits is what the operator holds at once, not every object of the cluster.
-    settings.watching.chunk_size = SETTINGS.list_chunk_size
-    settings.networking.request_timeout = SETTINGS.api_timeout_seconds
-    settings.execution.max_workers = SETTINGS.max_workers
-    settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
-
+    _kopf_settings(settings)
     lease = None
     if SETTINGS.leader_election:
         identity = (
@@ -302,6 +188,39 @@ async def configure(
         if lease
         else "no leader election",
     )
+
+
+def _kopf_settings(settings: kopf.OperatorSettings) -> None:
+    """kopf's settings for this operator: its storage, peering, scanning, watches and retries."""
+    # Only indexes and event handlers: kopf stores nothing on a FineTuneJob (no finalizer, no
+    # progress annotations); the state is the objects themselves.
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING
+    # Replicas coordinate through the Lease (operator/leader.py), not kopf's peering.
+    settings.peering.standalone = True
+    if SETTINGS.namespaces and not any(set(n) & set("*?[!") for n in SETTINGS.namespaces):
+        # Named namespaces only (the chart's watchNamespaces): nothing to discover. Scanning
+        # would list namespaces, which the chart grants no right to in that mode, and kopf
+        # retries that for about a minute before it serves any FineTuneJob.
+        settings.scanning.disabled = True
+    # A watch ends on the server's timeout; the client's is a backstop for a connection that
+    # broke without a word. Watches ask for bookmarks, which the apiserver sends about once a
+    # minute, so one silent for longer than the inactivity timeout is dead (a dropped NAT entry,
+    # a stuck proxy) and is started again from its last resourceVersion.
+    settings.watching.server_timeout = SETTINGS.watch_timeout_seconds
+    settings.watching.client_timeout = SETTINGS.watch_timeout_seconds + 30
+    settings.watching.inactivity_timeout = SETTINGS.watch_inactivity_seconds
+    settings.watching.connect_timeout = 30
+    # The first list of each watch comes in pages: a page of the largest FineTuneJobs the CRD
+    # admits is what the operator holds at once, not every object of the cluster.
+    settings.watching.chunk_size = SETTINGS.list_chunk_size
+    settings.networking.request_timeout = SETTINGS.api_timeout_seconds
+    settings.execution.max_workers = SETTINGS.max_workers
+    settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
 
 
 async def _serve_progress(ctl: Controller) -> None:

@@ -1,7 +1,7 @@
 """The trainers' NetworkPolicies put back promptly when someone with edit rights deletes or edits
 one: the namespace's shared ``kubetune-trainers`` while an unfinished FineTuneJob is there, a
 group's own while its FineTuneJob is unfinished. kopf's watch of the NetworkPolicies labelled as
-kubetune's brings each change (``handlers.policy_event``); what belongs at the policy's place is
+kubetune's brings each change (``policy_watch.register``); what belongs at the policy's place is
 decided here from the indexes (``wanted``, pure); the write (one GET, then a create or a PUT of
 the rendered policy) is ``creation.ensure_rendered``, on a worker thread."""
 
