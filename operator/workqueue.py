@@ -43,9 +43,13 @@ class WorkQueue(Generic[K]):
         self._add(key, resync=True)
 
     def _add(self, key: K, resync: bool) -> None:
-        timer = self._timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
+        if not resync:
+            # New work replaces a timed requeue; a resync doesn't: a worker may skip a key it
+            # brings (nothing changed), and what waits on time (a TTL, a missing claim checked
+            # again) must still come.
+            timer = self._timers.pop(key, None)
+            if timer is not None:
+                timer.cancel()
         if key in self._active:
             self._dirty.add(key)
         elif key not in self._pending:

@@ -112,3 +112,31 @@ def test_a_worker_knows_whether_a_key_came_from_the_resync() -> None:
         assert await queue.take() == ("old", True)
 
     asyncio.run(scenario())
+
+
+def test_a_resync_keeps_a_timed_requeue_that_a_worker_may_skip() -> None:
+    """A key waiting on time (a TTL, a missing claim checked again) that a resync queues, and a
+    worker then skips as unchanged, still comes back at its time, as new work."""
+
+    async def scenario() -> None:
+        queue: WorkQueue[str] = WorkQueue()
+        queue.add_after("ttl", 0.2)
+        queue.add_resync("ttl")
+        assert await queue.take() == ("ttl", True)
+        queue.done("ttl")  # skipped: nothing changed since its last reconcile
+        assert await asyncio.wait_for(queue.take(), 2) == ("ttl", False)
+
+    asyncio.run(scenario())
+
+
+def test_an_event_replaces_a_timed_requeue() -> None:
+    async def scenario() -> None:
+        queue: WorkQueue[str] = WorkQueue()
+        queue.add_after("a", 0.2)
+        queue.add("a")
+        assert await queue.take() == ("a", False)
+        queue.done("a")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(queue.take(), 0.6)
+
+    asyncio.run(scenario())
