@@ -13,17 +13,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kubetune.trainer.errors import DatasetUnusable, InvalidConfig
-from kubetune.trainer.plan.arguments import (
-    LossMasking,
-    RunArguments,
-    preference_arguments,
-    sft_arguments,
-)
+from kubetune.trainer.plan.arguments import LossMasking, preference_arguments, sft_arguments
 
 if TYPE_CHECKING:
     from kubetune.api.models import FineTuneJobSpec, TrainingPlan
     from kubetune.trainer.dataset.formats import PreparedData
     from kubetune.trainer.model.starting_adapter import StartingAdapter
+    from kubetune.trainer.plan.arguments import RunArguments
     from kubetune.trainer.plan.speed import SpeedSettings
 
 log = logging.getLogger(__name__)
