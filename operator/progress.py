@@ -32,6 +32,7 @@ from pydantic import ValidationError
 
 from kubetune.api.contract import PROGRESS_BODY_LIMIT, PROGRESS_PATH
 from kubetune.api.models import Progress
+from kubetune.api.token_buckets import TokenBuckets
 from kubetune.operator.kube import Kube
 from kubetune.operator.metrics_server import TOKEN_REVIEWS
 from kubetune.operator.names import owned_by, owned_validation_job
@@ -43,6 +44,10 @@ _MAX_REVIEWS: Final = 4096
 _POD_NAME: Final = "authentication.kubernetes.io/pod-name"
 _POD_UID: Final = "authentication.kubernetes.io/pod-uid"
 _SA_PREFIX: Final = "system:serviceaccount:"
+#: Reports one pod may send a second (in bursts of ``PER_POD_BURST``): a trainer reports every
+#: few seconds, so more is a pod flooding the operator's event loop.
+PER_POD_REPORTS_PER_SECOND: Final = 2.0
+PER_POD_BURST: Final = 5.0
 
 Key = tuple[str, str]
 Obj = dict[str, Any]
@@ -69,9 +74,8 @@ class TokenReviewer:
     def __init__(self, kube: Kube, audience: str, reviews_per_second: float) -> None:
         self.kube = kube
         self.audience = audience
-        self.rate = reviews_per_second
-        self._allowance = reviews_per_second
-        self._checked = time.monotonic()
+        #: One bucket for all callers together.
+        self._budget = TokenBuckets(rate=reviews_per_second, burst=reviews_per_second)
         self._reviews: dict[str, tuple[float, PodIdentity | None]] = {}
 
     def cached(self, token: str) -> tuple[bool, PodIdentity | None]:
@@ -81,13 +85,9 @@ class TokenReviewer:
         return False, None
 
     def admit(self) -> None:
-        """Take one review from the shared budget (a token bucket), or raise Overloaded."""
-        now = time.monotonic()
-        self._allowance = min(self.rate, self._allowance + (now - self._checked) * self.rate)
-        self._checked = now
-        if self._allowance < 1.0:
+        """Take one review from the shared budget, or raise Overloaded."""
+        if not self._budget.allow():
             raise Overloaded
-        self._allowance -= 1.0
 
     def remember(self, token: str, identity: PodIdentity | None) -> None:
         if len(self._reviews) >= _MAX_REVIEWS:
@@ -229,27 +229,6 @@ class ProgressInbox:
         self._written_at.pop(key, None)
 
 
-class PerPodLimit:
-    """At most ``rate`` reports a second from one pod (a burst of ``burst``): a trainer reports
-    every few seconds, so more is a pod flooding the operator's event loop."""
-
-    def __init__(self, rate: float = 2.0, burst: float = 5.0, size: int = 10_000) -> None:
-        self.rate, self.burst, self.size = rate, burst, size
-        self._buckets: dict[str, tuple[float, float]] = {}  # pod uid → (allowance, when)
-
-    def allow(self, pod_uid: str) -> bool:
-        now = time.monotonic()
-        allowance, then = self._buckets.get(pod_uid, (self.burst, now))
-        allowance = min(self.burst, allowance + (now - then) * self.rate)
-        if len(self._buckets) >= self.size and pod_uid not in self._buckets:
-            self._buckets.clear()
-        if allowance < 1.0:
-            self._buckets[pod_uid] = (allowance, now)
-            return False
-        self._buckets[pod_uid] = (allowance - 1.0, now)
-        return True
-
-
 class ProgressEndpoint:
     """The HTTP side: review, check, keep, schedule the write."""
 
@@ -269,7 +248,7 @@ class ProgressEndpoint:
         self.service_account = service_account
         self.is_leader = is_leader
         self.schedule = schedule
-        self.per_pod = PerPodLimit()
+        self.per_pod = TokenBuckets(rate=PER_POD_REPORTS_PER_SECOND, burst=PER_POD_BURST)
         #: (pod uid, job) refusals logged in the last minute: a pod that keeps trying is one line.
         self._logged: dict[tuple[str, Key], float] = {}
 

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from kubetune.api.timestamps import parse_rfc3339
+
 #: Phases after which nothing changes (the pages stop polling).
 FINAL_PHASES = frozenset({"Succeeded", "Failed"})
 PHASES = ("Pending", "Validating", "Queued", "Running", "Suspended", "Succeeded", "Failed")
@@ -65,7 +67,7 @@ def parse_time(text: str | None) -> datetime | None:
     if not text:
         return None
     try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+        return parse_rfc3339(text)
     except ValueError:
         return None
 

@@ -5,13 +5,13 @@ access review allows them; writes always go with the caller's token."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from kubetune.api.datasets import SUPERVISED_FORMATS
+from kubetune.api.timestamps import rfc3339
 from kubetune.server import manifest, mapping
 from kubetune.server.context import Caller, CallerDep, Server, ServerDep, json_body, list_of
 from kubetune.server.errors import ApiError, bad_request, not_found
@@ -112,9 +112,7 @@ async def _suspend(
         raise bad_request(f"the job is {already}{state}", code="job_finished")
     metadata: dict[str, Any] = {"resourceVersion": job["metadata"]["resourceVersion"]}
     if cancel:
-        metadata["annotations"] = {
-            mapping.CANCELLED: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        }
+        metadata["annotations"] = {mapping.CANCELLED: rfc3339()}
     patch = {"metadata": metadata, "spec": {"runPolicy": {"suspend": suspend}}}
     patched = await server.kube.patch_job(who.token, who.namespace, job_id, patch)
     return render(server, server.wrote(patched))

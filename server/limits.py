@@ -4,11 +4,11 @@ bucket of requests per caller (429)."""
 from __future__ import annotations
 
 import hashlib
-import time
 
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kubetune.api.token_buckets import TokenBuckets
 from kubetune.server.errors import ApiError
 
 #: Multipart framing and the purpose field (the console's form fields), on top of the file.
@@ -68,27 +68,17 @@ async def _no_receive() -> Message:
 
 
 class RateLimiter:
-    """A token bucket per caller (keyed by a hash of their token: the token isn't kept)."""
+    """A token bucket per caller (keyed by a hash of their token: the token isn't kept); a rate of
+    0 or less limits nothing."""
 
     def __init__(self, per_second: float) -> None:
         self.rate = per_second
-        self.burst = max(1.0, 2 * per_second)
-        self.buckets: dict[str, tuple[float, float]] = {}
+        self.buckets = TokenBuckets(rate=per_second, burst=max(1.0, 2 * per_second))
 
     def allow(self, token: str) -> bool:
         if self.rate <= 0:
             return True
-        key = hashlib.sha256(token.encode()).hexdigest()
-        now = time.monotonic()
-        level, at = self.buckets.get(key, (self.burst, now))
-        level = min(self.burst, level + (now - at) * self.rate)
-        if len(self.buckets) > 10_000:
-            self.buckets.clear()
-        if level < 1:
-            self.buckets[key] = (level, now)
-            return False
-        self.buckets[key] = (level - 1, now)
-        return True
+        return self.buckets.allow(hashlib.sha256(token.encode()).hexdigest())
 
 
 __all__ = ["MULTIPART_OVERHEAD", "BodyLimit", "RateLimiter"]

@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
 from typing import Any, TypeVar
 
 from kubetune.api.models import DpoSpec, TrainingSpec
+from kubetune.api.timestamps import parse_rfc3339
 from kubetune.api.uris import display_uri
 from kubetune.server.errors import bad_request
 
@@ -55,7 +55,7 @@ def unix(timestamp: str | None) -> int | None:
     """RFC 3339 → seconds since the epoch."""
     if not timestamp:
         return None
-    return int(datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp())
+    return int(parse_rfc3339(timestamp).timestamp())
 
 
 def base_learning_rate(template: Mapping[str, Any]) -> float:

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from kubetune.api.token_buckets import TokenBuckets
 from kubetune.operator.progress import (
-    PerPodLimit,
     PodIdentity,
     ProgressInbox,
     identity_of,
@@ -115,7 +115,7 @@ def test_the_inbox_keeps_the_newest_report_and_writes_it_once_per_interval() -> 
 
 
 def test_a_pod_that_floods_the_endpoint_is_held_to_its_rate_and_others_are_not() -> None:
-    limit = PerPodLimit(rate=0.001, burst=3)
+    limit = TokenBuckets(rate=0.001, burst=3)  # the endpoint keeps one bucket per pod uid
     assert [limit.allow("flooding-pod") for _ in range(5)] == [True, True, True, False, False]
     assert limit.allow("another-pod")
 

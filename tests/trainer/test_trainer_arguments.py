@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from kubetune.api.models import FineTuneJobSpec, plan_training
-from kubetune.trainer.plan.arguments import LossMasking, sft_arguments
+from kubetune.trainer.plan.arguments import LossMasking, RunArguments, sft_arguments
 from kubetune.trainer.plan.speed import SpeedSettings
 
 pytestmark = pytest.mark.unit
@@ -45,9 +45,8 @@ def _arguments(
     masking: LossMasking = NO_EVAL,
 ) -> dict[str, Any]:
     plan = plan_training(spec.training, spec.resources.world_size)
-    return sft_arguments(
-        spec, plan, speed, cuda=cuda, checkpoint_dir="/out/checkpoints", masking=masking
-    )
+    run = RunArguments(cuda=cuda, checkpoint_dir="/out/checkpoints")
+    return sft_arguments(spec, plan, speed, run, masking)
 
 
 def test_the_effective_batch_is_micro_batches_times_accumulation() -> None:
@@ -118,9 +117,8 @@ def test_a_dpo_run_on_a_gpu_keeps_ligers_layer_kernels_and_pads_its_pairs() -> N
     flex = preference_speed(SpeedSettings("flex_attention", True, False, True, "adamw_torch"))
     assert flex.attention == "sdpa"
     plan = plan_training(spec.training, spec.resources.world_size)
-    arguments = preference_arguments(
-        spec, plan, speed, cuda=True, checkpoint_dir="/out/checkpoints", has_eval=False
-    )
+    run = RunArguments(cuda=True, checkpoint_dir="/out/checkpoints")
+    arguments = preference_arguments(spec, plan, speed, run, has_eval=False)
     assert arguments["use_liger_kernel"] is True
     assert "packing" not in arguments and arguments["pad_to_multiple_of"] is None
     off = preference_speed(SpeedSettings("sdpa", False, False, False, "adamw_torch"))
@@ -177,9 +175,8 @@ def test_the_memory_profile_becomes_one_row_per_pass_all_checkpointed_and_8bit_a
         spec,
         plan.model_copy(update={"micro_batch_size": 1, "gradient_accumulation_steps": 16}),
         apply_plan(fast, memory),
-        cuda=True,
-        checkpoint_dir="/out/checkpoints",
-        masking=NO_EVAL,
+        RunArguments(cuda=True, checkpoint_dir="/out/checkpoints"),
+        NO_EVAL,
     )
     assert arguments["per_device_train_batch_size"] == 1
     assert arguments["gradient_accumulation_steps"] == 16

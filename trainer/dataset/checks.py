@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
+from kubetune.api.datasets import FORMAT_FIELDS
 from kubetune.trainer.errors import DatasetUnusable
 
 if TYPE_CHECKING:
@@ -18,13 +19,11 @@ if TYPE_CHECKING:
     from kubetune.api.models import DatasetSpec
     from kubetune.trainer.dataset.sources import RecordOrigins
 
-#: The columns each format needs, under their canonical names.
+#: The columns each format needs, under their canonical names: the record formats' fields as
+#: the Validating phase and kubetune-server check them (OpenAI's preference pairs aside: the
+#: server hands those on as the trainer's own), and KTO's unpaired preferences.
 FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
-    "messages": ("messages",),
-    "prompt-completion": ("prompt", "completion"),
-    "alpaca": ("instruction", "output"),
-    "text": ("text",),
-    "preference": ("prompt", "chosen", "rejected"),
+    **{fmt: fields for fmt, fields in FORMAT_FIELDS.items() if fmt != "openai-preference"},
     "unpaired-preference": ("prompt", "completion", "label"),
 }
 

@@ -1,8 +1,9 @@
 """The spec → trainer arguments mapping: pure functions, as TRL's ``sft.py`` maps its config.
 
 ``sft_arguments`` takes the spec, the training plan, the speed settings resolved for this node
-and the device, and returns the keyword arguments of TRL's ``SFTConfig`` as plain data. Nothing
-here imports torch or touches a file, so every knob's mapping is tested in milliseconds.
+and the run's own arguments (the device, the checkpoint folder, ...), and returns the keyword
+arguments of TRL's ``SFTConfig`` as plain data. Nothing here imports torch or touches a file, so
+every knob's mapping is tested in milliseconds.
 """
 
 from __future__ import annotations
@@ -20,6 +21,18 @@ _LAST_WARMUP_FRACTION = 0.999
 
 
 @dataclass(frozen=True)
+class RunArguments:
+    """What the trainer's arguments take beyond the spec and the plan."""
+
+    cuda: bool
+    checkpoint_dir: str
+    progress_bar: bool = False
+    #: One rank of a group training data-parallel (the plan's batch is already per rank).
+    distributed: bool = False
+    run_name: str | None = None
+
+
+@dataclass(frozen=True)
 class LossMasking:
     """What the prepared data says about which tokens count in the loss, and whether an
     evaluation split exists (``PreparedData`` without the datasets)."""
@@ -33,21 +46,16 @@ def sft_arguments(
     spec: FineTuneJobSpec,
     plan: TrainingPlan,
     speed: SpeedSettings,
-    *,
-    cuda: bool,
-    checkpoint_dir: str,
+    run: RunArguments,
     masking: LossMasking,
-    progress_bar: bool = False,
-    distributed: bool = False,
-    run_name: str | None = None,
 ) -> dict[str, Any]:
-    """The keyword arguments of ``trl.SFTConfig`` for one run (of one rank, ``distributed``:
-    one of a group training data-parallel; the plan's batch is already per rank)."""
+    """The keyword arguments of ``trl.SFTConfig`` for one run (of one rank, where
+    ``run.distributed``)."""
     training = spec.training
     compute = spec.quantization.compute_dtype
     every = training.checkpoint_steps
     return {
-        "output_dir": checkpoint_dir,
+        "output_dir": run.checkpoint_dir,
         "num_train_epochs": plan.epochs if plan.epochs is not None else 1.0,
         "max_steps": plan.max_steps if plan.max_steps is not None else -1,
         "per_device_train_batch_size": plan.micro_batch_size,
@@ -64,8 +72,8 @@ def sft_arguments(
         # bf16 autocast runs on the CPU too; fp16 autocast needs CUDA (a CPU run keeps fp32
         # activations around the fp16 4-bit matmuls).
         "bf16": compute == "bfloat16",
-        "fp16": compute == "float16" and cuda,
-        "use_cpu": not cuda,
+        "fp16": compute == "float16" and run.cuda,
+        "use_cpu": not run.cuda,
         "max_length": training.max_length,
         "packing": speed.packing,
         "padding_free": speed.packing,
@@ -90,13 +98,13 @@ def sft_arguments(
         # spec.tracking through transformers' own MLflow and TensorBoard callbacks (configured
         # by the environment, kubetune.trainer.run.tracking); nothing else installed reports.
         "report_to": report_to(spec.tracking),
-        "run_name": run_name,
-        "disable_tqdm": not progress_bar,
+        "run_name": run.run_name,
+        "disable_tqdm": not run.progress_bar,
         "dataloader_num_workers": 0,
         "dataset_num_proc": None,
         # LoRA trains every adapter on every step: DDP need not search the graph for unused
         # parameters (a pass over it per step, and incompatible with checkpointing's re-entry).
-        **({"ddp_find_unused_parameters": False} if distributed else {}),
+        **({"ddp_find_unused_parameters": False} if run.distributed else {}),
     }
 
 
@@ -109,27 +117,14 @@ def preference_arguments(
     spec: FineTuneJobSpec,
     plan: TrainingPlan,
     speed: SpeedSettings,
+    run: RunArguments,
     *,
-    cuda: bool,
-    checkpoint_dir: str,
     has_eval: bool,
-    progress_bar: bool = False,
-    distributed: bool = False,
-    run_name: str | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments of ``trl.DPOConfig`` (``spec.method.type`` dpo) or
     ``trl.KTOConfig`` (kto): the same training settings as SFT, and the method's own."""
-    arguments = sft_arguments(
-        spec,
-        plan,
-        speed,
-        cuda=cuda,
-        checkpoint_dir=checkpoint_dir,
-        masking=LossMasking(completion_only=False, assistant_only=False, has_eval=has_eval),
-        progress_bar=progress_bar,
-        distributed=distributed,
-        run_name=run_name,
-    )
+    masking = LossMasking(completion_only=False, assistant_only=False, has_eval=has_eval)
+    arguments = sft_arguments(spec, plan, speed, run, masking)
     for key in _SFT_ONLY:
         arguments.pop(key)
     # use_liger_kernel: TRL's preference trainers apply Liger's layer kernels only (RMSNorm,

@@ -303,7 +303,8 @@ def _prepared_as_trl_does(
     spec: FineTuneJobSpec, train: Dataset, tokenizer: Any, fitted: RunPlan, data: PreparedData
 ) -> Dataset:
     """``train`` as the run's TRL trainer prepares it, with the run's own arguments."""
-    from kubetune.trainer.run.assembly import RunArguments, trainer_arguments
+    from kubetune.trainer.plan.arguments import RunArguments
+    from kubetune.trainer.run.assembly import trainer_arguments
 
     with tempfile.TemporaryDirectory(prefix="kubetune-preflight-") as scratch:
         # cuda: this pod's device; what prepares the data doesn't depend on it.

@@ -19,10 +19,10 @@ import json
 import tarfile
 import tempfile
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+from kubetune.api.timestamps import rfc3339
 from kubetune.api.uris import OciReference
 from kubetune.trainer.publish.registry import (
     Layer,
@@ -88,7 +88,6 @@ def push_kaito_image(
     credentials: Path | None = None,
 ) -> Pushed:
     """Push ``files`` as KAITO's adapter image tagged ``reference.tag``; its manifest digest."""
-    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     tar = data_layer_tar(files)
     with tempfile.TemporaryDirectory(prefix="kubetune-kaito-") as scratch:
         compressed = Path(scratch) / "layer.tar.gz"
@@ -98,7 +97,7 @@ def push_kaito_image(
         )
         config = image_config("sha256:" + hashlib.sha256(tar).hexdigest())
         description = f"LoRA adapter for {base_model}, trained by kubetune (KAITO adapter image)"
-        manifest_annotations = adapter_annotations(name, description, base_model, created)
+        manifest_annotations = adapter_annotations(name, description, base_model, rfc3339())
         body = image_manifest(config, layer, manifest_annotations)
         return push_image(
             reference, [layer], config, body, plain_http=plain_http, credentials=credentials

@@ -21,10 +21,10 @@ import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
+from kubetune.api.timestamps import rfc3339
 from kubetune.api.uris import OciReference
 from kubetune.trainer.publish.digests import sha256_file
 from kubetune.trainer.publish.registry_client import (
@@ -140,7 +140,7 @@ def push_adapter(
     credentials: Path | None = None,
 ) -> Pushed:
     """Push ``files`` as one ModelPack artifact tagged ``reference.tag``; its manifest digest."""
-    created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    created = rfc3339()
     layers = layers_of(list(files), weights)
     description = f"LoRA adapter for {base_model}, trained by kubetune"
     config = model_config(

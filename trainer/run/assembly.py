@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from kubetune.api.models import FineTuneJobSpec, TrainingPlan
     from kubetune.trainer.dataset.formats import PreparedData
     from kubetune.trainer.model.starting_adapter import StartingAdapter
+    from kubetune.trainer.plan.arguments import RunArguments
     from kubetune.trainer.plan.speed import SpeedSettings
 
 log = logging.getLogger(__name__)
@@ -91,17 +92,6 @@ def load_model(
     return LoadedModel(model, peft_config, starting)
 
 
-@dataclass(frozen=True)
-class RunArguments:
-    """What the trainer's arguments take beyond the spec and the plan."""
-
-    cuda: bool
-    checkpoint_dir: str
-    progress_bar: bool = False
-    distributed: bool = False
-    run_name: str | None = None
-
-
 def trainer_arguments(
     spec: FineTuneJobSpec,
     plan: TrainingPlan,
@@ -112,20 +102,13 @@ def trainer_arguments(
     """The arguments of the run's TRL trainer: SFTConfig's, or for preference tuning DPOConfig's
     or KTOConfig's (kubetune.trainer.plan.arguments)."""
     if spec.method.preference:
-        return preference_arguments(
-            spec, plan, speed, cuda=run.cuda, checkpoint_dir=run.checkpoint_dir,
-            has_eval=data.eval is not None, progress_bar=run.progress_bar,
-            distributed=run.distributed, run_name=run.run_name,
-        )  # fmt: skip
+        return preference_arguments(spec, plan, speed, run, has_eval=data.eval is not None)
     masking = LossMasking(
         completion_only=data.completion_only_loss,
         assistant_only=data.assistant_only_loss,
         has_eval=data.eval is not None,
     )
-    return sft_arguments(
-        spec, plan, speed, cuda=run.cuda, checkpoint_dir=run.checkpoint_dir, masking=masking,
-        progress_bar=run.progress_bar, distributed=run.distributed, run_name=run.run_name,
-    )  # fmt: skip
+    return sft_arguments(spec, plan, speed, run, masking)
 
 
 def trl_trainer(

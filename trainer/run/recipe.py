@@ -210,6 +210,7 @@ class QLoRASFTRecipe:
         )
 
     def _setup_model(self, located: tuple[str, bool]) -> None:
+        from kubetune.trainer.plan.arguments import RunArguments
         from kubetune.trainer.run import assembly
 
         assert self.data is not None and self.speed is not None
@@ -241,7 +242,7 @@ class QLoRASFTRecipe:
                 checkpoint_callback(self.preemption, after_save, self._stop_requested),
             ],
         }
-        run = assembly.RunArguments(
+        run = RunArguments(
             cuda=self.cuda,
             checkpoint_dir=str(self.checkpoint_dir),
             progress_bar=self.progress_bar,
