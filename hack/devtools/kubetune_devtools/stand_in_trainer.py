@@ -5,7 +5,7 @@ Operator tests that need a trainer which sleeps, or exits with a given code, set
 env (through spec.podTemplate, allowed by that test operator's settings): ``sleep:SECONDS``,
 ``exit:CODE`` or ``sleep:SECONDS,exit:CODE``; ``progress:STEP`` reports progress at that step
 through the trainer's own reporter (the config's: the operator's endpoint, with the pod's
-projected token), ``until:PATH`` waits for a file (on a claim the test writes to); a step
+projected token), ``until:PATH`` waits for a file (on a claim the test writes to); SIGTERM exits 143 at once; a step
 ending in ``@N`` runs only in the pod of
 node rank N of a multi-pod group (``exit:3@1,sleep:600@0``). Without it, the real
 ``kubetune-trainer`` runs with the same arguments, so the same operator also runs real training
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import time
 from typing import Any
@@ -35,6 +36,10 @@ def main() -> int:
         os.execv(trainer, [trainer, *sys.argv[1:]])  # noqa: S606 -- the real trainer, same args
     if sys.argv[1:2] == ["preflight"]:
         return 0
+    # SIGTERM ends the run at once with 143, as the real trainer's does after its checkpoint: a
+    # deleted or evicted pod goes in a second, not after its grace period (as PID 1, Python
+    # would otherwise ignore the signal until the kubelet's SIGKILL).
+    signal.signal(signal.SIGTERM, lambda signum, _frame: os._exit(128 + signum))
     code = 0
     node_rank = os.environ.get("JOB_COMPLETION_INDEX", "0")
     for planned in plan.split(","):
