@@ -86,6 +86,13 @@ def job_logger(key: Key) -> JobLogger:
 # --- the watch caches --------------------------------------------------------------------------
 
 
+def job_key(namespace: str, name: str) -> Key:
+    """A FineTuneJob's key in the indexes, the queue and the operator's maps, its strings
+    interned: every watch event parses its own copies, and the first event's would stay as the
+    maps' keys, one set per map a job is in."""
+    return sys.intern(namespace), sys.intern(name)
+
+
 def owner_name(annotations: Mapping[str, str]) -> str | None:
     value = annotations.get(FINETUNEJOB_ANNOTATION)
     return str(value) if value else None
@@ -127,7 +134,12 @@ def slim(body: Mapping[str, Any], spec: Iterable[str] | None = None) -> Obj:
     ``compact``."""
     metadata = body.get("metadata") or {}
     kept: Obj = {
-        "metadata": {key: compact(metadata[key]) for key in METADATA_KEPT if key in metadata},
+        # A resourceVersion is never repeated: interning it would only grow the interned table.
+        "metadata": {
+            key: metadata[key] if key == "resourceVersion" else compact(metadata[key])
+            for key in METADATA_KEPT
+            if key in metadata
+        },
         "status": compact(body.get("status") or {}),
     }
     if body.get("kind"):
