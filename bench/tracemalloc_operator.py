@@ -13,7 +13,7 @@ never for timings: tracing slows every allocation. Run it in the operator's plac
 
     KUBETUNE_TRACEMALLOC_DIR=/tmp/mem .venv/bin/python bench/tracemalloc_operator.py
     .venv/bin/python bench/tracemalloc_operator.py --compare DIR/snapshot-1.tracemalloc \\
-        DIR/snapshot-2.tracemalloc [--per N] [--top 25] [--by traceback|lineno|filename]
+        DIR/snapshot-2.tracemalloc [--per N] [--top 25] [--by traceback|lineno|filename|holder]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import threading
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 _COUNT = [0]
 _LOCK = threading.Lock()
@@ -104,22 +104,57 @@ def _watch_peak(out: Path) -> None:
             dumped = current
 
 
+#: ``--by holder``: who keeps a trace, by the first rule a frame of its traceback matches (a
+#: string parsed by the JSON decoder counts as a parsed body whoever holds it).
+HOLDERS: Final = (
+    ("kopf: per-object memory (ResourceMemory)", ("kopf/_core/reactor/inventory.py",)),
+    ("index entries, resync marks (controller.py)", ("operator/controller.py",)),
+    ("kopf: index stores and reverse maps", ("kopf/_core/engines/indexing.py",)),
+    ("status written, plans", ("operator/status.py", "operator/writes.py", "operator/planner.py")),
+    ("metrics per job", ("operator/metrics.py",)),
+    ("keys, queue (handlers.py, workqueue.py)", ("operator/handlers.py", "operator/workqueue.py")),
+    ("TLS/HTTP connections", ("sslproto.py", "aiohttp", "urllib3", "ssl.py")),
+    ("kopf: loggers, invocation, progression", ("kopf/",)),
+)
+PARSED = "parsed watch/list bodies still referenced"
+
+
+def holder(traceback: tracemalloc.Traceback) -> str:
+    if traceback[-1].filename.endswith("json/decoder.py"):
+        return PARSED
+    files = [frame.filename for frame in traceback]
+    for name, marks in HOLDERS:
+        if any(mark in f for mark in marks for f in files):
+            return name
+    return "other"
+
+
 def compare(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="tracemalloc_operator.py --compare")
     parser.add_argument("before", type=Path)
     parser.add_argument("after", type=Path)
     parser.add_argument("--per", type=int, default=1, help="divide the growth by this (jobs)")
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--by", default="traceback", choices=("traceback", "lineno", "filename"))
+    parser.add_argument(
+        "--by", default="traceback", choices=("traceback", "lineno", "filename", "holder")
+    )
     parser.add_argument("--frames", type=int, default=6, help="frames shown per traceback")
     args = parser.parse_args(argv)
     before = tracemalloc.Snapshot.load(str(args.before))
     after = tracemalloc.Snapshot.load(str(args.after))
     noise = [tracemalloc.Filter(False, tracemalloc.__file__)]
     before, after = before.filter_traces(noise), after.filter_traces(noise)
-    diff = after.compare_to(before, args.by)
+    diff = after.compare_to(before, "traceback" if args.by == "holder" else args.by)
     total = sum(d.size_diff for d in diff)
     print(f"growth {total / 1024:.0f} KiB, {total / args.per:.0f} B per job (/{args.per})")
+    if args.by == "holder":
+        held: dict[str, int] = {}
+        for stat in diff:
+            name = holder(stat.traceback)
+            held[name] = held.get(name, 0) + stat.size_diff
+        for name, size in sorted(held.items(), key=lambda kv: -kv[1]):
+            print(f"{size / args.per:8.0f} B/job  {name}")
+        return
     for stat in diff[: args.top]:
         print(
             f"\n{stat.size_diff / 1024:+9.0f} KiB {stat.size_diff / args.per:+8.0f} B/job "
