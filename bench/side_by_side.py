@@ -758,6 +758,13 @@ def main() -> None:
     parser.add_argument("--saturation-p99", type=float, default=2.0)
     parser.add_argument("--rate", type=float, help="skip the step test: run at this rate")
     parser.add_argument("--retained", type=int, default=10000)
+    parser.add_argument(
+        "--retained-rate", type=float, help="create the retained run's jobs at this rate"
+    )
+    parser.add_argument(
+        "--tracemalloc", type=Path,
+        help="run the retained run's operator under tracemalloc: its snapshots here",
+    )  # fmt: skip
     parser.add_argument("--skip", default="", help="comma-separated runs to leave out")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument(
@@ -780,7 +787,7 @@ def main() -> None:
     bench: Bench | None = None
     try:
         print(f"starting a local cluster in {home}", flush=True)
-        cluster.up(NodeOptions(name="bench", gpus=0, host_images=("*",)))
+        cluster.up(NodeOptions(name="bench", gpus=0))
         kubectl = Path(ClusterInfo.load(cluster.layout).bin_dir) / "kubectl"
         bench = Bench(home, cluster.layout.kubeconfig, cluster, kubectl)
         for pid in bench.control_plane.values():
@@ -843,18 +850,23 @@ def main() -> None:
             save()
             cluster.process("jobset").stop()
         if args.retained and "retained" not in skip:
-            operator = start_operator(bench, env)
+            operator = start_operator(bench, env, tracemalloc=args.tracemalloc)
             existing = sum(r["jobs"] for k, r in runs.items() if k.startswith("kubetune"))
             more = max(0, args.retained - existing)
-            print(f"retained: {more} more FineTuneJobs, as fast as they go", flush=True)
+            pace = f"at {args.retained_rate}/s" if args.retained_rate else "as fast as they go"
+            print(f"retained: {more} more FineTuneJobs, {pace}", flush=True)
+            rss_before = round(rss_mb(operator.pid), 1)
+            snapshot(operator, args.tracemalloc)
             runs["retained"] = run(
-                bench, "retained", more, None, ftj_maker(bench, True),
+                bench, "retained", more, args.retained_rate, ftj_maker(bench, True),
                 {"operator": operator.pid}, own_requests=operator_requests(port),
                 extra=queue_depth(port), suspended=True,
             )  # fmt: skip
             runs["retained"]["finetunejobs_retained"] = existing + more
+            runs["retained"]["operator_rss_mb_before"] = rss_before
             time.sleep(35)  # a resync of every job, then RSS
             runs["retained"]["operator_rss_mb_after_resync"] = round(rss_mb(operator.pid), 1)
+            snapshot(operator, args.tracemalloc)
             save()
             bench.stop(operator)
     finally:
@@ -888,11 +900,15 @@ OPERATOR_NAMESPACES = ("bench-kubetune-validation-on", "bench-kubetune-validatio
 
 
 def start_operator(
-    bench: Bench, env: dict[str, str], profile: Path | None = None
+    bench: Bench,
+    env: dict[str, str],
+    profile: Path | None = None,
+    tracemalloc: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """The operator, watching ``OPERATOR_NAMESPACES`` (made first, as a cluster has its
     namespaces before an operator that watches them starts); with ``profile``, under
-    bench/profile_operator.py, which writes its profile there when stopped."""
+    bench/profile_operator.py, which writes its profile there when stopped; with
+    ``tracemalloc``, under bench/tracemalloc_operator.py (``snapshot``)."""
     for namespace in OPERATOR_NAMESPACES:
         ensure_namespace(bench, namespace)
     argv = [str(Path(sys.executable).with_name("kubetune-operator"))]
@@ -900,9 +916,25 @@ def start_operator(
     if profile is not None:
         argv = [sys.executable, str(Path(__file__).with_name("profile_operator.py"))]
         extra["KUBETUNE_PROFILE_OUT"] = str(profile)
+    elif tracemalloc is not None:
+        argv = [sys.executable, str(Path(__file__).with_name("tracemalloc_operator.py"))]
+        extra["KUBETUNE_TRACEMALLOC_DIR"] = str(tracemalloc)
     operator = bench.start(argv, {**env, **extra}, "operator.log")
     wait_leader(int(env["KUBETUNE_METRICS_PORT"]))
     return operator
+
+
+def snapshot(operator: subprocess.Popen[bytes], out: Path | None) -> None:
+    """A tracemalloc snapshot of an operator run under bench/tracemalloc_operator.py (SIGUSR1),
+    waited for (its stats file is written last)."""
+    if out is None:
+        return
+    before = len(list(out.glob("stats-*.txt"))) if out.exists() else 0
+    operator.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and len(list(out.glob("stats-*.txt"))) <= before:
+        time.sleep(1)
+    print(f"tracemalloc snapshot {before + 1} in {out}", flush=True)
 
 
 def _interrupt(signum: int, _frame: Any) -> None:

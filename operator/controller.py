@@ -4,9 +4,9 @@ per-job logger, and the Controller with its in-memory indexes of FineTuneJobs, J
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
+import sys
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -86,6 +86,13 @@ def job_logger(key: Key) -> JobLogger:
 # --- the watch caches --------------------------------------------------------------------------
 
 
+def job_key(namespace: str, name: str) -> Key:
+    """A FineTuneJob's key in the indexes, the queue and the operator's maps, its strings
+    interned: every watch event parses its own copies, and the first event's would stay as the
+    maps' keys, one set per map a job is in."""
+    return sys.intern(namespace), sys.intern(name)
+
+
 def owner_name(annotations: Mapping[str, str]) -> str | None:
     value = annotations.get(FINETUNEJOB_ANNOTATION)
     return str(value) if value else None
@@ -102,23 +109,50 @@ LABELS_KEPT: Final = (COMPLETION_INDEX_LABEL, KUEUE_QUEUE_LABEL, js.RESTART_LABE
 ANNOTATIONS_KEPT: Final = (ATTEMPT_ANNOTATION,)
 
 
+#: Strings up to this long are interned in the indexes (``compact``); longer ones are a
+#: message or a spec's text, seldom repeated.
+INTERNED_LENGTH: Final = 256
+
+
+def compact(value: Any) -> Any:
+    """A copy of a parsed JSON value for the indexes, each of its keys and short strings
+    interned: the same condition types, reasons, timestamps, owner uids and names repeated over
+    thousands of objects are held once, and nothing of the watch event's parsed body stays
+    referenced (the whole event can be freed)."""
+    if isinstance(value, str):
+        return sys.intern(value) if len(value) <= INTERNED_LENGTH else value
+    if isinstance(value, Mapping):
+        return {sys.intern(str(k)): compact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [compact(v) for v in value]
+    return value
+
+
 def slim(body: Mapping[str, Any], spec: Iterable[str] | None = None) -> Obj:
     """What a reconcile reads of an object, for the in-memory index: no managedFields, no
-    last-applied annotation, no pod template (at 5,000 jobs, most of the operator's memory)."""
+    last-applied annotation, no pod template (at 5,000 jobs, most of the operator's memory),
+    ``compact``."""
     metadata = body.get("metadata") or {}
     kept: Obj = {
-        "metadata": {key: metadata[key] for key in METADATA_KEPT if key in metadata},
-        "status": body.get("status") or {},
+        # A resourceVersion is never repeated: interning it would only grow the interned table.
+        "metadata": {
+            key: metadata[key] if key == "resourceVersion" else compact(metadata[key])
+            for key in METADATA_KEPT
+            if key in metadata
+        },
+        "status": compact(body.get("status") or {}),
     }
     if body.get("kind"):
-        kept["kind"] = body["kind"]
+        kept["kind"] = sys.intern(str(body["kind"]))
     for field, names in (("labels", LABELS_KEPT), ("annotations", ANNOTATIONS_KEPT)):
         values = metadata.get(field) or {}
-        picked = {name: values[name] for name in names if name in values}
+        picked = {name: compact(values[name]) for name in names if name in values}
         if picked:
             kept["metadata"][field] = picked
     source = body.get("spec") or {}
-    kept["spec"] = dict(source) if spec is None else {k: source[k] for k in spec if k in source}
+    kept["spec"] = compact(
+        dict(source) if spec is None else {k: source[k] for k in spec if k in source}
+    )
     return kept
 
 
@@ -149,14 +183,16 @@ def slim_finetunejob(body: Mapping[str, Any]) -> Obj:
     """A FineTuneJob for the index: ``slim`` with no ``status.progress``, and (once its children
     are made) only ``FINETUNEJOB_SPEC_KEPT`` of its spec, marked ``PARTIAL_SPEC``
     (``planner.needs_whole_spec`` says when a reconcile needs the whole spec)."""
-    kept = slim(body, ())
     # The trainer's progress (its curve history too) is for people and /metrics (read from the
     # events), never for a reconcile.
-    kept["status"] = {k: v for k, v in kept["status"].items() if k != "progress"}
+    status = {k: v for k, v in (body.get("status") or {}).items() if k != "progress"}
+    kept = slim(
+        {"kind": body.get("kind"), "metadata": body.get("metadata") or {}, "status": status}, ()
+    )
     if kept["status"].get("phase") in UNSTARTED_PHASES:
         spec = body.get("spec") or {}
         if len(json.dumps(spec, separators=(",", ":"))) <= WHOLE_SPEC_KEPT_BYTES:
-            kept["spec"] = copy.deepcopy(dict(spec))
+            kept["spec"] = compact(spec)
             return kept
     for path in FINETUNEJOB_SPEC_KEPT:
         value: Any = body.get("spec")
@@ -167,7 +203,7 @@ def slim_finetunejob(body: Mapping[str, Any]) -> Obj:
         target = kept["spec"]
         for key in path[:-1]:
             target = target.setdefault(key, {})
-        target[path[-1]] = copy.deepcopy(value)
+        target[path[-1]] = compact(value)
     kept[PARTIAL_SPEC] = True
     return kept
 

@@ -36,6 +36,7 @@ from kubetune.operator.controller import (
     Controller,
     Key,
     Obj,
+    job_key,
     job_logger,
     kube,
     owner_name,
@@ -55,37 +56,39 @@ _controller: Controller | None = None
 
 
 @kopf.index(GROUP, VERSION, PLURAL)  # type: ignore[untyped-decorator]
-def finetunejobs_index(namespace: str, name: str, body: kopf.Body, **_: Any) -> dict[Key, Obj]:
-    return {(namespace, name): slim_finetunejob(body)}
+async def finetunejobs_index(
+    namespace: str, name: str, body: kopf.Body, **_: Any
+) -> dict[Key, Obj]:
+    return {job_key(namespace, name): slim_finetunejob(body)}
 
 
 @kopf.index("batch", "v1", "jobs", labels=MANAGED)  # type: ignore[untyped-decorator]
-def jobs_index(
+async def jobs_index(
     namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any
 ) -> dict[Key, Obj] | None:
     owner = owner_name(annotations)
-    return {(namespace, owner): slim(body, JOB_SPEC_KEPT)} if owner else None
+    return {job_key(namespace, owner): slim(body, JOB_SPEC_KEPT)} if owner else None
 
 
 @kopf.index("", "v1", "pods", labels=MANAGED)  # type: ignore[untyped-decorator]
-def pods_index(
+async def pods_index(
     namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any
 ) -> dict[Key, Obj] | None:
     owner = owner_name(annotations)
-    return {(namespace, owner): slim(body, ())} if owner else None
+    return {job_key(namespace, owner): slim(body, ())} if owner else None
 
 
-def jobsets_index(
+async def jobsets_index(
     namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any
 ) -> dict[Key, Obj] | None:
     owner = owner_name(annotations)
-    return {(namespace, owner): slim(body, ("suspend",))} if owner else None
+    return {job_key(namespace, owner): slim(body, ("suspend",))} if owner else None
 
 
 async def jobset_event(annotations: kopf.Annotations, namespace: str, **_: Any) -> None:
     owner = owner_name(annotations)
     if owner is not None:
-        _enqueue((namespace, owner))
+        _enqueue(job_key(namespace, owner))
 
 
 if SETTINGS.group_workload == "jobset":
@@ -103,7 +106,7 @@ if SETTINGS.trainer_network_policy:
 async def finetunejob_event(
     type: str | None, namespace: str, name: str, body: kopf.Body, **_: Any
 ) -> None:
-    key = (namespace, name)
+    key = job_key(namespace, name)
     metrics.JOBS.observe(key, None if type == "DELETED" else body.get("status") or {})
     _enqueue(key)
 
@@ -112,14 +115,14 @@ async def finetunejob_event(
 async def job_event(annotations: kopf.Annotations, namespace: str, **_: Any) -> None:
     owner = owner_name(annotations)
     if owner is not None:
-        _enqueue((namespace, owner))
+        _enqueue(job_key(namespace, owner))
 
 
 @kopf.on.event("", "v1", "pods", labels=MANAGED)  # type: ignore[untyped-decorator]
 async def pod_event(annotations: kopf.Annotations, namespace: str, **_: Any) -> None:
     owner = owner_name(annotations)
     if owner is not None:
-        _enqueue((namespace, owner))
+        _enqueue(job_key(namespace, owner))
 
 
 def _enqueue(key: Key) -> None:
@@ -220,6 +223,8 @@ def _kopf_settings(settings: kopf.OperatorSettings) -> None:
     settings.watching.chunk_size = SETTINGS.list_chunk_size
     settings.networking.request_timeout = SETTINGS.api_timeout_seconds
     settings.execution.max_workers = SETTINGS.max_workers
+    # An object's kopf worker holds its last event's body until it exits, this long idle (5 s).
+    settings.queueing.idle_timeout = 1.0
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
 
 
@@ -258,12 +263,8 @@ async def _serve_progress(ctl: Controller) -> None:
     _RUNNERS.append(runner)
 
 
-_RUNNERS: list[Any] = []
-
-
 def jobset_served() -> bool:
-    """Whether the apiserver serves JobSets (``jobset.x-k8s.io/v1alpha2``, from JobSet's CRD):
-    API discovery, which every authenticated identity may read."""
+    """Whether the apiserver serves JobSets (API discovery: any identity may read it)."""
     found = kube().get_or_none(f"/apis/{js.API_VERSION}")
     return any(r.get("name") == js.PLURAL for r in (found or {}).get("resources") or [])
 
@@ -278,10 +279,9 @@ async def stop(**_: Any) -> None:
 
 
 def _resync(ctl: Controller) -> None:
-    """Queue every FineTuneJob: after a takeover, and now and then, behind whatever new work is
-    queued or comes meanwhile (``WorkQueue.add_resync``). A worker skips a job whose objects are
-    as its last reconcile saw them (``seen_mark``): at 10,000 jobs a resync costs that many
-    comparisons, not that many reconciles."""
+    """Queue every FineTuneJob behind new work (``WorkQueue.add_resync``): after a takeover, and
+    now and then. A worker skips a job as its last reconcile saw it (``seen_mark``): at 10,000
+    jobs a resync costs that many comparisons, not that many reconciles."""
     for key in list(ctl.finetunejobs.keys()):
         ctl.queue.add_resync(key)
     metrics.QUEUE_DEPTH.set(len(ctl.queue))
@@ -333,6 +333,7 @@ def _start(ctl: Controller, logger: kopf.Logger) -> None:
 
 
 _TASKS: list[asyncio.Task[None]] = []
+_RUNNERS: list[Any] = []
 _KEEPERS: list[LeaseKeeper] = []
 
 
