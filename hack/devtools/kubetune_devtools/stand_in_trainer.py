@@ -1,17 +1,16 @@
 """``kubetune-stand-in-trainer``: the trainer's command for operator tests of the job lifecycle.
 
 Operator tests that need a trainer which sleeps, or exits with a given code, set the operator's
-``KUBETUNE_TRAINER_COMMAND`` to this and give the job ``KUBETUNE_STAND_IN`` in its trainer's
-env (through spec.podTemplate, allowed by that test operator's settings): ``sleep:SECONDS``,
+``KUBETUNE_TRAINER_COMMAND`` to this and give the job ``KUBETUNE_STAND_IN`` in its trainer's env
+(through spec.podTemplate, allowed by that test operator's settings): ``sleep:SECONDS``,
 ``exit:CODE`` or ``sleep:SECONDS,exit:CODE``; ``progress:STEP`` reports progress at that step
-through the trainer's own reporter (the config's: the operator's endpoint, with the pod's
-projected token), ``until:PATH`` waits for a file (on a claim the test writes to); SIGTERM exits 143 at once; a step
-ending in ``@N`` runs only in the pod of
-node rank N of a multi-pod group (``exit:3@1,sleep:600@0``). Without it, the real
-``kubetune-trainer`` runs with the same arguments, so the same operator also runs real training
-jobs. The Validating phase's ``preflight`` of a job with a plan passes at once (the plan is the
-training run's, and such jobs name no real data), so lifecycle tests see their trainer Job as
-before.
+through the trainer's own reporter (the config's: the operator's endpoint, with the pod's projected
+token), ``until:PATH`` waits for a file (on a claim the test writes to); SIGTERM exits 143 at once;
+a step ending in ``@N`` runs only in the pod of node rank N of a multi-pod group
+(``exit:3@1,sleep:600@0``). Without it, the real ``kubetune-trainer`` runs with the same arguments,
+so the same operator also runs real training jobs. The Validating phase's ``preflight`` of a job
+with a plan passes at once (the plan is the training run's, and such jobs name no real data), so
+lifecycle tests see their trainer Job as before.
 """
 
 from __future__ import annotations
