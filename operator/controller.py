@@ -150,9 +150,7 @@ def slim(body: Mapping[str, Any], spec: Iterable[str] | None = None) -> Obj:
         if picked:
             kept["metadata"][field] = picked
     source = body.get("spec") or {}
-    kept["spec"] = compact(
-        dict(source) if spec is None else {k: source[k] for k in spec if k in source}
-    )
+    kept["spec"] = compact(source if spec is None else {k: source[k] for k in spec if k in source})
     return kept
 
 

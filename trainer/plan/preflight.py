@@ -32,6 +32,7 @@ from kubetune.api.models import (
 )
 from kubetune.api.uris import display_uri
 from kubetune.trainer.errors import DatasetUnusable, InvalidConfig
+from kubetune.trainer.plan.arguments import RunArguments
 from kubetune.trainer.plan.memory import GIB, MemoryPlan, ModelShape
 from kubetune.trainer.run.preference import extra_forward_passes, work_per_token
 
@@ -303,7 +304,6 @@ def _prepared_as_trl_does(
     spec: FineTuneJobSpec, train: Dataset, tokenizer: Any, fitted: RunPlan, data: PreparedData
 ) -> Dataset:
     """``train`` as the run's TRL trainer prepares it, with the run's own arguments."""
-    from kubetune.trainer.plan.arguments import RunArguments
     from kubetune.trainer.run.assembly import trainer_arguments
 
     with tempfile.TemporaryDirectory(prefix="kubetune-preflight-") as scratch:

@@ -29,6 +29,7 @@ from kubetune.api.models import (
 from kubetune.api.uris import display_uri
 from kubetune.trainer import locations
 from kubetune.trainer.errors import OutOfMemory
+from kubetune.trainer.plan.arguments import RunArguments
 from kubetune.trainer.plan.resolve import training_plan
 from kubetune.trainer.publish import outputs
 from kubetune.trainer.publish.publishing import Publication, Publisher
@@ -210,7 +211,6 @@ class QLoRASFTRecipe:
         )
 
     def _setup_model(self, located: tuple[str, bool]) -> None:
-        from kubetune.trainer.plan.arguments import RunArguments
         from kubetune.trainer.run import assembly
 
         assert self.data is not None and self.speed is not None
