@@ -771,6 +771,10 @@ def main() -> None:
         "--profile", type=Path, help="run the operator under cProfile, its profile here"
     )
     parser.add_argument(
+        "--py-spy", type=Path,
+        help="sample the operator with py-spy during kubetune's runs: its raw stacks here",
+    )  # fmt: skip
+    parser.add_argument(
         "--operator-env", action="append", default=[], help="KEY=VALUE for the operator too"
     )
     args = parser.parse_args()
@@ -826,6 +830,7 @@ def main() -> None:
             runs["floor"] = floor_run(bench, env, "floor", args.jobs, rate, True)
             save()
         operator = start_operator(bench, env, args.profile)
+        sampler = py_spy(operator.pid, args.py_spy)
         port = int(env["KUBETUNE_METRICS_PORT"])
         for validation in (True, False):
             label = f"kubetune-validation-{'on' if validation else 'off'}"
@@ -837,6 +842,9 @@ def main() -> None:
                 extra=queue_depth(port), suspended=True,
             )  # fmt: skip
             save()
+        if sampler is not None:
+            sampler.send_signal(signal.SIGINT)  # py-spy writes its stacks when interrupted
+            sampler.wait(120)
         bench.stop(operator)
         if "jobset" not in skip:
             cluster.start_jobset()
@@ -922,6 +930,20 @@ def start_operator(
     operator = bench.start(argv, {**env, **extra}, "operator.log")
     wait_leader(int(env["KUBETUNE_METRICS_PORT"]))
     return operator
+
+
+def py_spy(pid: int, out: Path | None) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling the operator (``pid``) 50 times a second without pausing it, only the
+    thread holding the GIL (what runs Python: a thread waiting on a socket, a lock or the
+    selector is not sampled), its stacks in py-spy's raw (collapsed) format to ``out`` when
+    interrupted; for finding where the CPU goes (bench/profile_summary.py), not for timings:
+    it takes CPU of its own."""
+    if out is None:
+        return None
+    spy = Path(sys.executable).with_name("py-spy")
+    argv = [str(spy), "record", "--nonblocking", "--gil", "--rate", "50", "--format", "raw",
+            "--output", str(out), "--pid", str(pid)]  # fmt: skip
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def snapshot(operator: subprocess.Popen[bytes], out: Path | None) -> None:

@@ -3,6 +3,7 @@ group's own policy between its pods and its headless Service. Pure: data in, man
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping
 from typing import Any, Final
@@ -128,8 +129,19 @@ def egress_blocks(cidrs: list[str], excepted: list[str]) -> list[Manifest]:
     entry would fail every job: an excepted range that holds the whole CIDR (a platform that
     allows its pods' CIDR while the private ranges are excepted) leaves the CIDR as it is, the
     platform's explicit choice; one of the other address family or outside it is left out.
+    (Worked out once per list of settings, copied for each manifest.)
     """
-    blocks: list[Manifest] = []
+    return [
+        {"cidr": cidr, "except": list(inside)} if inside else {"cidr": cidr}
+        for cidr, inside in _blocks(tuple(cidrs), tuple(excepted))
+    ]
+
+
+@functools.lru_cache(maxsize=64)
+def _blocks(
+    cidrs: tuple[str, ...], excepted: tuple[str, ...]
+) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    blocks = []
     for cidr in cidrs:
         network = ipaddress.ip_network(cidr)
         inside: list[str] = []
@@ -137,11 +149,8 @@ def egress_blocks(cidrs: list[str], excepted: list[str]) -> list[Manifest]:
             other = ipaddress.ip_network(entry)
             if _strictly_inside(other, network) and str(other) not in inside:
                 inside.append(str(other))
-        block: Manifest = {"cidr": str(network)}
-        if inside:
-            block["except"] = inside
-        blocks.append(block)
-    return blocks
+        blocks.append((str(network), tuple(inside)))
+    return tuple(blocks)
 
 
 def _strictly_inside(

@@ -88,8 +88,10 @@ def create_children(
     created: list[str] = []
     if companions:
         # The companions don't depend on each other: created side by side; the Job last (its
-        # pod needs them all). Two round trips per job.
-        _check_created(ctl, key, ftj, list(_CHILDREN.map(_create_child, first)), created)
+        # pod needs them all). Two round trips per job. One companion (most jobs: the
+        # ConfigMap) is created on this thread: a hop to another would only cost CPU.
+        made = map(_create_child, first) if len(first) < 2 else _CHILDREN.map(_create_child, first)
+        _check_created(ctl, key, ftj, list(made), created)
         if any(shared(m) for m in first):
             assert ctl.shared_checked is not None
             ctl.shared_checked[namespace] = time.monotonic()

@@ -39,17 +39,22 @@ def reconcile(
     *,
     jobsets: list[Obj] | None = None,
     progress: Obj | None = None,
+    planned: tuple[Observed, Plan] | None = None,
 ) -> Plan:
     """Carry out the plan for one FineTuneJob; what was done, for the caller's requeue.
     ``progress``: what its trainer reported last (``operator/progress.py``), written with this
-    pass's status changes, in the same patch."""
-    seen = observe(ftj, jobs, pods, jobsets or ())
-    if needs_whole_spec(seen):
-        whole = _whole(ftj)
-        if whole is None:
-            return Plan(notes=("gone or replaced",))  # its own events queue the new one
-        seen = seen.with_ftj(whole)
-    work = decide(seen, SETTINGS, now())
+    pass's status changes, in the same patch. ``planned``: what ``plan_cached`` made of the
+    same objects a moment before (not planned again)."""
+    if planned is not None:
+        seen, work = planned
+    else:
+        seen = observe(ftj, jobs, pods, jobsets or ())
+        if needs_whole_spec(seen):
+            whole = _whole(ftj)
+            if whole is None:
+                return Plan(notes=("gone or replaced",))  # its own events queue the new one
+            seen = seen.with_ftj(whole)
+        work = decide(seen, SETTINGS, now())
     if work.reject is not None:
         reject(ctl, key, seen.ftj, work.reject)
         return work
@@ -65,6 +70,34 @@ def reconcile(
         write_status(ctl, key, seen.ftj, patch)
     _delete(key, seen, work)
     return work
+
+
+def plan_cached(
+    ftj: Ftj, jobs: list[Obj], pods: list[Obj], jobsets: list[Obj]
+) -> tuple[Observed, Plan] | None:
+    """Observe and plan from the caches alone, on the event loop (pure, no API call): None when
+    the plan needs the whole spec from the API (``reconcile`` reads it on a worker thread)."""
+    seen = observe(ftj, jobs, pods, jobsets)
+    if needs_whole_spec(seen):
+        return None
+    return seen, decide(seen, SETTINGS, now())
+
+
+def writes_nothing(work: Plan) -> bool:
+    """Whether carrying ``work`` out makes no API request (most passes: the watch event of a
+    write the last pass made, a Job's status the Job controller wrote): then no worker thread
+    is needed, only the requeue."""
+    return (
+        work.reject is None
+        and work.validate is None
+        and work.create is None
+        and work.job_patch is None
+        and work.workload_active is None
+        and work.status_patch is None
+        and not work.delete
+        and not work.delete_job
+        and not work.fetch_spec
+    )
 
 
 def _create(ctl: Controller, key: Key, seen: Observed, work: Plan) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import logging
 import os
 import socket
 import time
@@ -27,7 +26,7 @@ import kopf
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.operator import jobset as js
-from kubetune.operator import metrics, metrics_server, policy_watch, progress
+from kubetune.operator import kopf_settings, metrics, metrics_server, policy_watch, progress
 from kubetune.operator.controller import (
     JOB_SPEC_KEPT,
     LOGGER,
@@ -46,7 +45,7 @@ from kubetune.operator.controller import (
     snapshot,
 )
 from kubetune.operator.creation import JOBSET_FALLBACK
-from kubetune.operator.executor import reconcile
+from kubetune.operator.executor import plan_cached, reconcile, writes_nothing
 from kubetune.operator.kube import Kube, load_config
 from kubetune.operator.leader import LeaseKeeper, LeaseLock
 from kubetune.operator.progress import ProgressEndpoint, ProgressInbox, TokenReviewer
@@ -144,7 +143,7 @@ async def configure(
     **kwargs: Any,
 ) -> None:
     global _controller  # noqa: PLW0603 - one controller per process
-    _kopf_settings(settings)
+    kopf_settings.configure(settings, kopf.get_default_registry())
     lease = None
     if SETTINGS.leader_election:
         identity = (
@@ -191,41 +190,6 @@ async def configure(
         if lease
         else "no leader election",
     )
-
-
-def _kopf_settings(settings: kopf.OperatorSettings) -> None:
-    """kopf's settings for this operator: its storage, peering, scanning, watches and retries."""
-    # Only indexes and event handlers: kopf stores nothing on a FineTuneJob (no finalizer, no
-    # progress annotations); the state is the objects themselves.
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
-    settings.posting.level = logging.WARNING
-    # Replicas coordinate through the Lease (operator/leader.py), not kopf's peering.
-    settings.peering.standalone = True
-    if SETTINGS.namespaces and not any(set(n) & set("*?[!") for n in SETTINGS.namespaces):
-        # Named namespaces only (the chart's watchNamespaces): nothing to discover. Scanning
-        # would list namespaces, which the chart grants no right to in that mode, and kopf
-        # retries that for about a minute before it serves any FineTuneJob.
-        settings.scanning.disabled = True
-    # A watch ends on the server's timeout; the client's is a backstop for a connection that
-    # broke without a word. Watches ask for bookmarks, which the apiserver sends about once a
-    # minute, so one silent for longer than the inactivity timeout is dead (a dropped NAT entry,
-    # a stuck proxy) and is started again from its last resourceVersion.
-    settings.watching.server_timeout = SETTINGS.watch_timeout_seconds
-    settings.watching.client_timeout = SETTINGS.watch_timeout_seconds + 30
-    settings.watching.inactivity_timeout = SETTINGS.watch_inactivity_seconds
-    settings.watching.connect_timeout = 30
-    # The first list of each watch comes in pages: a page of the largest FineTuneJobs the CRD
-    # admits is what the operator holds at once, not every object of the cluster.
-    settings.watching.chunk_size = SETTINGS.list_chunk_size
-    settings.networking.request_timeout = SETTINGS.api_timeout_seconds
-    settings.execution.max_workers = SETTINGS.max_workers
-    # An object's kopf worker holds its last event's body until it exits, this long idle (5 s).
-    settings.queueing.idle_timeout = 1.0
-    settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
 
 
 async def _serve_progress(ctl: Controller) -> None:
@@ -364,16 +328,23 @@ async def _worker(ctl: Controller) -> None:
                 continue
             ctl.reconciled.pop(key, None)  # set again only when this pass succeeds
             reported = ctl.progress.take(key) if ctl.progress is not None else None
-            context = contextvars.copy_context()
-            work = functools.partial(
-                reconcile, ctl, key, ftj, jobs, pods, jobsets=jobsets, progress=reported
-            )
-            try:
-                done = await loop.run_in_executor(ctl.executor, context.run, work)
-            except BaseException:
-                if reported is not None and ctl.progress is not None:
-                    ctl.progress.give_back(key, reported)
-                raise
+            # Planned here from the caches (pure, well under a millisecond); a worker thread
+            # only for a plan that makes requests: most passes make none.
+            planned = plan_cached(ftj, jobs, pods, jobsets) if reported is None else None
+            if planned is not None and writes_nothing(planned[1]):
+                done = planned[1]
+            else:
+                context = contextvars.copy_context()
+                work = functools.partial(
+                    reconcile, ctl, key, ftj, jobs, pods,
+                    jobsets=jobsets, progress=reported, planned=planned,
+                )  # fmt: skip
+                try:
+                    done = await loop.run_in_executor(ctl.executor, context.run, work)
+                except BaseException:
+                    if reported is not None and ctl.progress is not None:
+                        ctl.progress.give_back(key, reported)
+                    raise
             ctl.queue.forget(key)
             ctl.reconciled[key] = mark
             metrics.RECONCILES.labels("ok").inc()
