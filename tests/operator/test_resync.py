@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
+from kubetune.api.timestamps import rfc3339
 from kubetune.operator import handlers, metrics
 from kubetune.operator.controller import Controller
 from kubetune.operator.planner import Plan
+from kubetune.operator.status import derive_status
 from kubetune.operator.workqueue import WorkQueue
 
 pytestmark = pytest.mark.unit
@@ -67,3 +70,52 @@ def test_a_resync_reconciles_only_jobs_that_changed_since_their_last_reconcile(
     ok, unchanged = reconciles("ok"), reconciles("unchanged")
     seen = asyncio.run(scenario())
     assert [(a - ok, b - unchanged) for a, b in seen] == [(1, 0), (1, 1), (2, 1), (3, 1)]
+
+
+def test_a_pass_that_makes_no_request_is_planned_on_the_loop_and_takes_no_worker_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watch event of the operator's own status write, a Job's status the Job controller
+    wrote: the plan makes no request, so the pass ends on the loop; a plan that writes goes to
+    a worker thread with the plan made (not planned twice)."""
+    handed: list[Any] = []
+    monkeypatch.setattr(handlers, "reconcile", lambda *_a, **k: handed.append(k) or Plan())
+    started = datetime.now(UTC) - timedelta(minutes=5)
+    job = {"metadata": {"name": KEY[1], "uid": "j1", "resourceVersion": "7",
+                        "ownerReferences": [{"uid": "u1", "controller": True}]},
+           "spec": {"suspend": False}, "status": {"active": 1}}  # fmt: skip
+    pod = {"metadata": {"name": f"{KEY[1]}-abc", "creationTimestamp": rfc3339(started),
+                        "ownerReferences": [{"uid": "j1", "controller": True}]},
+           "status": {"phase": "Running", "startTime": rfc3339(started), "containerStatuses": [
+               {"name": "trainer", "state": {"running": {"startedAt": rfc3339(started)}}}]}}  # fmt: skip
+    ftj = {"metadata": {"name": KEY[1], "namespace": KEY[0], "uid": "u1", "generation": 1,
+                        "resourceVersion": "100", "creationTimestamp": rfc3339(started)},
+           "spec": {"model": {"uri": "org/model"}, "output": {"uri": "s3://bucket/a"},
+                    "dataset": {"uri": "https://datasets.example/train.jsonl"},
+                    "validation": {"enabled": False}}}  # fmt: skip
+    ftj["status"] = derive_status(ftj, job, [pod], datetime.now(UTC))
+    ctl = controller("100")
+    ctl.finetunejobs[KEY] = [ftj]  # type: ignore[index]
+    ctl.jobs[KEY], ctl.pods[KEY] = [job], [pod]  # type: ignore[index]
+    ctl.executor = ThreadPoolExecutor(1, initializer=lambda: handed.append("a thread"))
+
+    async def scenario() -> list[Any]:
+        worker = asyncio.create_task(handlers._worker(ctl))
+        seen = []
+        for version, status in (("101", ftj["status"]), ("102", {})):
+            ftj["metadata"]["resourceVersion"] = version
+            ftj["status"] = status
+            ok = reconciles("ok")
+            ctl.queue.add(KEY)
+            while len(ctl.queue) or ctl.queue._active:
+                await asyncio.sleep(0.01)
+            seen.append((reconciles("ok") - ok, list(handed)))
+        worker.cancel()
+        return seen
+
+    quiet, written = asyncio.run(scenario())
+    assert quiet == (1, [])  # reconciled, and nothing reached a worker thread
+    count, (thread, call) = written[0], written[1]
+    assert count == 1 and thread == "a thread"
+    seen, work = call["planned"]
+    assert work.status_patch is not None and work.status_patch["phase"] == "Running"
