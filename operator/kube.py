@@ -7,6 +7,7 @@ and derives plain data, so it speaks JSON paths instead (auth and TLS come from 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Final
 from urllib.parse import quote, urlencode
 
@@ -19,6 +20,8 @@ from kubetune.operator.metrics import API_ERRORS, API_REQUESTS, resource_of
 Obj = dict[str, Any]
 
 MERGE_PATCH: Final = "application/merge-patch+json"
+#: Seconds the credentials' headers are reused before they are taken from the client again.
+AUTH_HEADERS_SECONDS: Final = 1.0
 _PLURALS: Final = {
     "ConfigMap": "configmaps",
     "ServiceAccount": "serviceaccounts",
@@ -67,6 +70,7 @@ class Kube:
         #: Seconds a request may take: a connection that went silent fails it (and a retry
         #: opens a new one) instead of holding a worker.
         self.timeout = timeout
+        self._auth: tuple[float, dict[str, str]] | None = None
 
     def request(
         self,
@@ -103,10 +107,18 @@ class Kube:
         return json.loads(text) if text else {}
 
     def _auth_headers(self) -> dict[str, str]:
+        """The credentials' headers, taken again at most every ``AUTH_HEADERS_SECONDS``: the
+        kubernetes client's refresh hook (a token read again when it expires, a minute at most
+        for a projected one) rebuilds its whole configuration on every call."""
+        stamp = time.monotonic()
+        cached = self._auth
+        if cached is not None and stamp - cached[0] < AUTH_HEADERS_SECONDS:
+            return cached[1]
         headers: dict[str, str] = {}
         for setting in self.api.configuration.auth_settings().values():
             if setting.get("in") == "header" and setting.get("value"):
                 headers[str(setting["key"])] = str(setting["value"])
+        self._auth = (stamp, headers)
         return headers
 
     def get(self, path: str, query: dict[str, str] | None = None) -> Obj:
