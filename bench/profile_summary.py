@@ -1,14 +1,19 @@
 """Where a sampled process's CPU went, from py-spy's raw (collapsed) stacks
 (``side_by_side.py --py-spy FILE``): samples by package of the innermost frame (self time), by
 thread, and inclusive time of each kubetune function and of a few kopf entry points, each as
-milliseconds per job when ``--jobs`` and ``--rate`` (py-spy's samples a second) are given.
+milliseconds per job when ``--jobs`` and ``--rate`` (py-spy's samples a second) are given. With
+``--pstats``, a cProfile of bench/profile_operator.py instead (``KUBETUNE_PROFILE_CLOCK=cpu``:
+each thread's CPU): own time by package and by function, cumulative time and calls per job of
+the operator's functions and kopf's.
 
     .venv/bin/python bench/profile_summary.py FILE --jobs 600 --rate 50 [--top 25]
+    .venv/bin/python bench/profile_summary.py PROFILE --pstats --jobs 600
 """
 
 from __future__ import annotations
 
 import argparse
+import pstats
 import re
 from collections import Counter
 from pathlib import Path
@@ -27,6 +32,8 @@ _OURS: Final = ("operator", "api", "trainer", "server", "local", "cli")
 
 def package(path: str) -> str:
     """``kopf``, ``aiohttp``, ``json``, ... or ``kubetune.operator`` for the project's own."""
+    if path == "~":
+        return "builtins"  # cProfile's name for functions written in C
     if (found := _SITE.search(path)) is not None:
         return found["pkg"]
     if (found := _STDLIB.search(path)) is not None:
@@ -69,13 +76,54 @@ def thread_kind(frames: list[tuple[str, str]]) -> str:
     return "other threads"
 
 
+def summarize_pstats(path: Path, jobs: int, top: int) -> None:
+    """Own (CPU) time by package and by function; cumulative time and calls of the operator's
+    and kopf's functions, each per job."""
+    stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+    total = sum(tt for _, _, tt, _, _ in stats.values())
+    print(f"{total:.2f} s own time in all, {jobs} jobs: {total * 1000 / jobs:.2f} ms/job")
+    by_package: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    rows = []
+    for (filename, line, func), (_, calls, tt, ct, _) in stats.items():
+        pkg = package(_short(filename))
+        by_package[pkg] += tt
+        own[f"{func} ({pkg}:{line})"] += tt
+        if pkg.startswith("kubetune") or pkg == "kopf":
+            rows.append((ct, calls, f"{pkg}.{func}:{line}"))
+    print("\nown time by package")
+    for name, tt in by_package.most_common(top):
+        print(f"  {100 * tt / total:5.1f}%  {tt * 1000 / jobs:6.2f} ms/job  {name}")
+    print("\nown time by function")
+    for name, tt in own.most_common(top):
+        print(f"  {100 * tt / total:5.1f}%  {tt * 1000 / jobs:6.2f} ms/job  {name}")
+    print("\ncumulative, kubetune and kopf (calls per job)")
+    for ct, calls, name in sorted(rows, reverse=True)[: top * 2]:
+        print(f"  {ct * 1000 / jobs:6.2f} ms/job  {calls / jobs:6.2f} calls/job  {name}")
+
+
+def _short(filename: str) -> str:
+    """A cProfile file name as py-spy would write it: from the package folder on."""
+    for marker in ("site-packages/", "/lib/python3.11/"):
+        if marker in filename:
+            return filename.split(marker, 1)[1] if marker != "site-packages/" else filename
+    for top in _OURS:
+        if f"/{top}/" in filename:
+            return top + "/" + filename.split(f"/{top}/", 1)[1]
+    return filename
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("raw", type=Path)
+    parser.add_argument("--pstats", action="store_true", help="RAW is a cProfile's stats")
     parser.add_argument("--jobs", type=int, help="jobs handled while sampling: ms per job")
     parser.add_argument("--rate", type=float, default=50.0, help="py-spy's samples a second")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
+    if args.pstats:
+        summarize_pstats(args.raw, args.jobs or 1, args.top)
+        return
     stacks = parse(args.raw.read_text())
     total = sum(c for _, _, c in stacks)
     per_job = 1000.0 / args.rate / args.jobs if args.jobs else None

@@ -1,11 +1,12 @@
 """kopf glue: watch caches in, one level-triggered reconcile per FineTuneJob out.
 
 Every event (a FineTuneJob, one of its Jobs or Pods), a periodic resync and a replica taking
-over the Lease all do the same thing: queue the FineTuneJob's key. A worker takes the key,
-reads the FineTuneJob and its children from kopf's in-memory indexes (no API call), and
-``executor.reconcile`` makes one pass: observe, plan once (the pure ``planner.decide``), do only
-that (create what is missing, patch the Job it owns, patch the status fields that changed in one
-write, post an Event when the phase changes), requeue.
+over the Lease all do the same thing: queue the FineTuneJob's key (an event, from the index
+handler kopf calls for it anyway). A worker (``worker.py``) takes the key, reads the
+FineTuneJob and its children from kopf's in-memory indexes (no API call), plans once (the pure
+``planner.decide``) and, when the plan makes requests, ``executor.reconcile`` carries it out on
+a thread (create what is missing, patch the Job it owns, patch the status fields that changed
+in one write, post an Event when the phase changes); then requeue.
 
 Importing this module registers the handlers with kopf's default registry.
 """
@@ -13,11 +14,8 @@ Importing this module registers the handlers with kopf's default registry.
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import functools
 import os
 import socket
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -26,7 +24,7 @@ import kopf
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.operator import jobset as js
-from kubetune.operator import kopf_settings, metrics, metrics_server, policy_watch, progress
+from kubetune.operator import kopf_settings, metrics, metrics_server, policy_watch, progress, worker
 from kubetune.operator.controller import (
     JOB_SPEC_KEPT,
     LOGGER,
@@ -36,29 +34,62 @@ from kubetune.operator.controller import (
     Key,
     Obj,
     job_key,
-    job_logger,
     kube,
     owner_name,
-    seen_mark,
     slim,
     slim_finetunejob,
     snapshot,
 )
 from kubetune.operator.creation import JOBSET_FALLBACK
-from kubetune.operator.executor import plan_cached, reconcile, writes_nothing
 from kubetune.operator.kube import Kube, load_config
 from kubetune.operator.leader import LeaseKeeper, LeaseLock
 from kubetune.operator.progress import ProgressEndpoint, ProgressInbox, TokenReviewer
 from kubetune.operator.workqueue import WorkQueue
 
 _controller: Controller | None = None
+#: kopf has filled every index from its first listing (``_indexed``): from then on the index
+#: handlers queue what each event is about.
+_listed = False
+
+
+def _unindexed(type: str | None, **_: Any) -> bool:
+    """The on.event handlers' filter: a deletion (kopf calls no index handler for one), or an
+    event before kopf filled every index (the index handler queued nothing)."""
+    return type == "DELETED" or not _listed
+
+
+def _indexed() -> None:
+    """kopf calls an on.event handler only once it has filled every index from its first
+    listing: the first call queues every FineTuneJob, as the index handlers queued nothing
+    before (a pass then would have planned from indexes half filled)."""
+    global _listed  # noqa: PLW0603 - once per process
+    if not _listed and _controller is not None:
+        _listed = True
+        for key in list(_controller.finetunejobs.keys()):
+            _enqueue(key)
+
+
+def _queue(key: Key) -> None:
+    """Queue ``key`` from an index handler, once every index is filled."""
+    if _listed:
+        _enqueue(key)
+
+
+# Each watch event queues its FineTuneJob from the index handler that kopf calls for it anyway
+# (``_queue``): a second handler per event (on.event) would cost kopf a whole invocation more
+# per event. kopf calls no index handler for a deletion; the on.event handlers below take those
+# (and the events before every index is filled, ``_unindexed``), and kopf skips them otherwise
+# for the price of their ``when`` filter.
 
 
 @kopf.index(GROUP, VERSION, PLURAL)  # type: ignore[untyped-decorator]
 async def finetunejobs_index(
     namespace: str, name: str, body: kopf.Body, **_: Any
 ) -> dict[Key, Obj]:
-    return {job_key(namespace, name): slim_finetunejob(body)}
+    key = job_key(namespace, name)
+    metrics.JOBS.observe(key, body.get("status") or {})
+    _queue(key)
+    return {key: slim_finetunejob(body)}
 
 
 @kopf.index("batch", "v1", "jobs", labels=MANAGED)  # type: ignore[untyped-decorator]
@@ -66,7 +97,11 @@ async def jobs_index(
     namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any
 ) -> dict[Key, Obj] | None:
     owner = owner_name(annotations)
-    return {job_key(namespace, owner): slim(body, JOB_SPEC_KEPT)} if owner else None
+    if owner is None:
+        return None
+    key = job_key(namespace, owner)
+    _queue(key)
+    return {key: slim(body, JOB_SPEC_KEPT)}
 
 
 @kopf.index("", "v1", "pods", labels=MANAGED)  # type: ignore[untyped-decorator]
@@ -74,17 +109,26 @@ async def pods_index(
     namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any
 ) -> dict[Key, Obj] | None:
     owner = owner_name(annotations)
-    return {job_key(namespace, owner): slim(body, ())} if owner else None
+    if owner is None:
+        return None
+    key = job_key(namespace, owner)
+    _queue(key)
+    return {key: slim(body, ())}
 
 
 async def jobsets_index(
     namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any
 ) -> dict[Key, Obj] | None:
     owner = owner_name(annotations)
-    return {job_key(namespace, owner): slim(body, ("suspend",))} if owner else None
+    if owner is None:
+        return None
+    key = job_key(namespace, owner)
+    _queue(key)
+    return {key: slim(body, ("suspend",))}
 
 
 async def jobset_event(annotations: kopf.Annotations, namespace: str, **_: Any) -> None:
+    _indexed()
     owner = owner_name(annotations)
     if owner is not None:
         _enqueue(job_key(namespace, owner))
@@ -93,7 +137,7 @@ async def jobset_event(annotations: kopf.Annotations, namespace: str, **_: Any) 
 if SETTINGS.group_workload == "jobset":
     # Watched only where the settings ask for JobSet (the operator's RBAC grants jobsets then).
     kopf.index(js.GROUP, js.VERSION, js.PLURAL, labels=MANAGED)(jobsets_index)
-    kopf.on.event(js.GROUP, js.VERSION, js.PLURAL, labels=MANAGED)(jobset_event)
+    kopf.on.event(js.GROUP, js.VERSION, js.PLURAL, labels=MANAGED, when=_unindexed)(jobset_event)
 
 
 if SETTINGS.trainer_network_policy:
@@ -101,24 +145,27 @@ if SETTINGS.trainer_network_policy:
     policy_watch.register(lambda: _controller)
 
 
-@kopf.on.event(GROUP, VERSION, PLURAL)  # type: ignore[untyped-decorator]
+@kopf.on.event(GROUP, VERSION, PLURAL, when=_unindexed)  # type: ignore[untyped-decorator]
 async def finetunejob_event(
     type: str | None, namespace: str, name: str, body: kopf.Body, **_: Any
 ) -> None:
+    _indexed()
     key = job_key(namespace, name)
     metrics.JOBS.observe(key, None if type == "DELETED" else body.get("status") or {})
     _enqueue(key)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=MANAGED)  # type: ignore[untyped-decorator]
+@kopf.on.event("batch", "v1", "jobs", labels=MANAGED, when=_unindexed)  # type: ignore[untyped-decorator]
 async def job_event(annotations: kopf.Annotations, namespace: str, **_: Any) -> None:
+    _indexed()
     owner = owner_name(annotations)
     if owner is not None:
         _enqueue(job_key(namespace, owner))
 
 
-@kopf.on.event("", "v1", "pods", labels=MANAGED)  # type: ignore[untyped-decorator]
+@kopf.on.event("", "v1", "pods", labels=MANAGED, when=_unindexed)  # type: ignore[untyped-decorator]
 async def pod_event(annotations: kopf.Annotations, namespace: str, **_: Any) -> None:
+    _indexed()
     owner = owner_name(annotations)
     if owner is not None:
         _enqueue(job_key(namespace, owner))
@@ -284,7 +331,7 @@ async def _periodic_resync(ctl: Controller) -> None:
 
 
 def _start(ctl: Controller, logger: kopf.Logger) -> None:
-    tasks = [asyncio.create_task(_worker(ctl)) for _ in range(SETTINGS.max_workers)]
+    tasks = [asyncio.create_task(worker.work(ctl)) for _ in range(SETTINGS.max_workers)]
     tasks.append(asyncio.create_task(_periodic_resync(ctl)))
     if ctl.lease is not None:
         # Its own thread and API connection: a backlog of reconciles never delays a renewal.
@@ -299,73 +346,3 @@ def _start(ctl: Controller, logger: kopf.Logger) -> None:
 _TASKS: list[asyncio.Task[None]] = []
 _RUNNERS: list[Any] = []
 _KEEPERS: list[LeaseKeeper] = []
-
-
-async def _worker(ctl: Controller) -> None:
-    loop = asyncio.get_running_loop()
-    while True:
-        key, resynced = await ctl.queue.take()
-        metrics.QUEUE_DEPTH.set(len(ctl.queue))
-        log = job_logger(key)
-        started = time.perf_counter()
-        assert ctl.reconciled is not None
-        try:
-            if not ctl.leader:
-                continue  # the new leader resyncs everything when it takes over
-            ftj, jobs, pods, jobsets = snapshot(ctl, key)
-            if ftj is None:
-                ctl.queue.drop(key)
-                ctl.reconciled.pop(key, None)
-                if ctl.progress is not None:
-                    ctl.progress.forget(key)
-                continue
-            mark = seen_mark(ctl, key, ftj, (jobs, pods, jobsets))
-            pending = ctl.progress is not None and ctl.progress.due_in(key) is not None
-            if resynced and not pending and ctl.reconciled.get(key) == mark:
-                # Nothing changed since its last reconcile, which planned from the same objects
-                # (and queued itself again for whatever waits on time): no pass needed.
-                metrics.RECONCILES.labels("unchanged").inc()
-                continue
-            ctl.reconciled.pop(key, None)  # set again only when this pass succeeds
-            reported = ctl.progress.take(key) if ctl.progress is not None else None
-            # Planned here from the caches (pure, well under a millisecond); a worker thread
-            # only for a plan that makes requests: most passes make none.
-            planned = plan_cached(ftj, jobs, pods, jobsets) if reported is None else None
-            if planned is not None and writes_nothing(planned[1]):
-                done = planned[1]
-            else:
-                context = contextvars.copy_context()
-                work = functools.partial(
-                    reconcile, ctl, key, ftj, jobs, pods,
-                    jobsets=jobsets, progress=reported, planned=planned,
-                )  # fmt: skip
-                try:
-                    done = await loop.run_in_executor(ctl.executor, context.run, work)
-                except BaseException:
-                    if reported is not None and ctl.progress is not None:
-                        ctl.progress.give_back(key, reported)
-                    raise
-            ctl.queue.forget(key)
-            ctl.reconciled[key] = mark
-            metrics.RECONCILES.labels("ok").inc()
-            if done.requeue_after is not None:
-                ctl.queue.add_after(key, max(done.requeue_after, 0.5))
-            due = ctl.progress.due_in(key) if ctl.progress is not None else None
-            if due is not None:
-                ctl.queue.add_after(key, max(due, 0.1))
-        except kopf.TemporaryError as exc:
-            wait = ctl.queue.retry(key, exc.delay if isinstance(exc.delay, int | float) else None)
-            metrics.RECONCILES.labels("retry").inc()
-            metrics.RETRIES.inc()
-            log.warning("%s (again in %ss)", exc, wait)
-        except kopf.PermanentError as exc:
-            metrics.RECONCILES.labels("error").inc()
-            log.error("%s", exc)
-        except Exception:
-            wait = ctl.queue.retry(key)
-            metrics.RECONCILES.labels("error").inc()
-            metrics.RETRIES.inc()
-            log.exception("reconcile failed (again in %ss)", wait)
-        finally:
-            metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
-            ctl.queue.done(key)

@@ -69,4 +69,4 @@ def configure(settings: kopf.OperatorSettings, registry: kopf.OperatorRegistry) 
     settings.execution.max_workers = SETTINGS.max_workers
     # An object's kopf worker holds its last event's body until it exits, this long idle (5 s).
     settings.queueing.idle_timeout = 1.0
-    settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
+    settings.queueing.error_delays = [1, 2, 5, 10, 30, 60]

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from kubetune.api.timestamps import rfc3339
-from kubetune.operator import handlers, metrics
+from kubetune.operator import handlers, metrics, worker
 from kubetune.operator.controller import Controller
 from kubetune.operator.planner import Plan
 from kubetune.operator.status import derive_status
@@ -45,12 +45,12 @@ def controller(version: str) -> Controller:
 def test_a_resync_reconciles_only_jobs_that_changed_since_their_last_reconcile(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(handlers, "reconcile", lambda *_a, **_k: Plan())
+    monkeypatch.setattr(worker, "reconcile", lambda *_a, **_k: Plan())
     ctl = controller("100")
 
     async def scenario() -> list[tuple[float, float]]:
         seen: list[tuple[float, float]] = []
-        worker = asyncio.create_task(handlers._worker(ctl))
+        task = asyncio.create_task(worker.work(ctl))
 
         async def settle(queue_it: Any) -> None:
             queue_it(KEY)
@@ -64,7 +64,7 @@ def test_a_resync_reconciles_only_jobs_that_changed_since_their_last_reconcile(
         await settle(ctl.queue.add_resync)  # changed (a missed event): reconciled
         handlers._take_over(ctl)  # a takeover: every job reconciled again
         await settle(lambda _key: None)
-        worker.cancel()
+        task.cancel()
         return seen
 
     ok, unchanged = reconciles("ok"), reconciles("unchanged")
@@ -79,7 +79,7 @@ def test_a_pass_that_makes_no_request_is_planned_on_the_loop_and_takes_no_worker
     wrote: the plan makes no request, so the pass ends on the loop; a plan that writes goes to
     a worker thread with the plan made (not planned twice)."""
     handed: list[Any] = []
-    monkeypatch.setattr(handlers, "reconcile", lambda *_a, **k: handed.append(k) or Plan())
+    monkeypatch.setattr(worker, "reconcile", lambda *_a, **k: handed.append(k) or Plan())
     started = datetime.now(UTC) - timedelta(minutes=5)
     job = {"metadata": {"name": KEY[1], "uid": "j1", "resourceVersion": "7",
                         "ownerReferences": [{"uid": "u1", "controller": True}]},
@@ -100,7 +100,7 @@ def test_a_pass_that_makes_no_request_is_planned_on_the_loop_and_takes_no_worker
     ctl.executor = ThreadPoolExecutor(1, initializer=lambda: handed.append("a thread"))
 
     async def scenario() -> list[Any]:
-        worker = asyncio.create_task(handlers._worker(ctl))
+        task = asyncio.create_task(worker.work(ctl))
         seen = []
         for version, status in (("101", ftj["status"]), ("102", {})):
             ftj["metadata"]["resourceVersion"] = version
@@ -110,7 +110,7 @@ def test_a_pass_that_makes_no_request_is_planned_on_the_loop_and_takes_no_worker
             while len(ctl.queue) or ctl.queue._active:
                 await asyncio.sleep(0.01)
             seen.append((reconciles("ok") - ok, list(handed)))
-        worker.cancel()
+        task.cancel()
         return seen
 
     quiet, written = asyncio.run(scenario())
