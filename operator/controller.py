@@ -192,8 +192,9 @@ def slim_finetunejob(body: Mapping[str, Any]) -> Obj:
         if len(json.dumps(spec, separators=(",", ":"))) <= WHOLE_SPEC_KEPT_BYTES:
             kept["spec"] = compact(spec)
             return kept
+    whole = body.get("spec")
     for path in FINETUNEJOB_SPEC_KEPT:
-        value: Any = body.get("spec")
+        value: Any = whole
         for key in path:
             value = value.get(key) if isinstance(value, Mapping) else None
         if value is None:

@@ -10,7 +10,6 @@ projected token of kubetune's own audience.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Final
 
 from kubetune.api.config import JobRef, ProgressSettings, TrainerConfig
@@ -136,6 +135,16 @@ _UNUSED_BY_PREFLIGHT: Final = frozenset(
 )
 
 
+def _copied(value: Any) -> Any:
+    """A copy of a manifest (plain JSON data: dicts, lists, scalars) sharing nothing mutable
+    with it; ``copy.deepcopy``'s memo and dispatch cost several times as much."""
+    if isinstance(value, dict):
+        return {key: _copied(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_copied(item) for item in value]
+    return value
+
+
 def validation_job(
     job: Manifest, spec: FineTuneJobSpec, name: str, settings: OperatorSettings
 ) -> Manifest:
@@ -146,7 +155,7 @@ def validation_job(
     and pulls a starting adapter), every claim read-only, and the operator's CPU, memory,
     ephemeral-storage and deadline (``KUBETUNE_VALIDATION_*``), whatever the spec asks of the
     trainer. Not queued (it asks for no GPU quota); suspended with the run."""
-    manifest = copy.deepcopy(job)
+    manifest = _copied(job)
     metadata = manifest["metadata"]
     metadata["name"] = name
     metadata["labels"].pop(KUEUE_QUEUE_LABEL, None)
