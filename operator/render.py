@@ -155,7 +155,7 @@ def validation_job(
     and pulls a starting adapter), every claim read-only, and the operator's CPU, memory,
     ephemeral-storage and deadline (``KUBETUNE_VALIDATION_*``), whatever the spec asks of the
     trainer. Not queued (it asks for no GPU quota); suspended with the run."""
-    manifest = _copied(job)
+    manifest: Manifest = _copied(job)
     metadata = manifest["metadata"]
     metadata["name"] = name
     metadata["labels"].pop(KUEUE_QUEUE_LABEL, None)

@@ -117,5 +117,5 @@ def test_a_pass_that_makes_no_request_is_planned_on_the_loop_and_takes_no_worker
     assert quiet == (1, [])  # reconciled, and nothing reached a worker thread
     count, (thread, call) = written[0], written[1]
     assert count == 1 and thread == "a thread"
-    seen, work = call["planned"]
+    _seen, work = call["planned"]
     assert work.status_patch is not None and work.status_patch["phase"] == "Running"
