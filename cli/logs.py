@@ -20,7 +20,7 @@ from kubetune.api.contract import (
     VALIDATOR_COMPONENT,
 )
 from kubetune.api.models import GROUP, PLURAL, VERSION
-from kubetune.cli.watch import connect
+from kubetune.cli.watch import add_job_command, connect
 
 _TERMINAL = {"Succeeded", "Failed"}
 
@@ -128,13 +128,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser(
-        "logs", help="the trainer's log of one FineTuneJob, following it across attempts"
+    parser = add_job_command(
+        subparsers,
+        "logs",
+        _run,
+        help="the trainer's log of one FineTuneJob, following it across attempts",
     )
-    parser.add_argument("name", help="FineTuneJob name")
-    parser.add_argument("-n", "--namespace", default="default")
-    parser.add_argument("--kubeconfig", help="kubeconfig (default: in-cluster, then ~/.kube)")
     parser.add_argument(
         "-f", "--follow", action="store_true", help="keep following until the job finishes"
     )
-    parser.set_defaults(func=_run)
