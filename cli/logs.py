@@ -20,7 +20,7 @@ from kubetune.api.contract import (
     VALIDATOR_COMPONENT,
 )
 from kubetune.api.models import GROUP, PLURAL, VERSION
-from kubetune.cli.watch import add_job_command, connect
+from kubetune.cli.watch import connect, job_arguments
 
 _TERMINAL = {"Succeeded", "Failed"}
 
@@ -128,12 +128,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = add_job_command(
-        subparsers,
+    parser = subparsers.add_parser(
         "logs",
-        _run,
+        parents=[job_arguments()],
         help="the trainer's log of one FineTuneJob, following it across attempts",
     )
     parser.add_argument(
         "-f", "--follow", action="store_true", help="keep following until the job finishes"
     )
+    parser.set_defaults(func=_run)

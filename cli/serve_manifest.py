@@ -12,7 +12,7 @@ import yaml
 from kubetune.api.contract import ExitCode
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.api.serving import STACKS, NotServable, render
-from kubetune.cli.watch import add_job_command, connect
+from kubetune.cli.watch import connect, job_arguments
 
 
 def serve_manifest(
@@ -44,10 +44,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = add_job_command(
-        subparsers,
+    parser = subparsers.add_parser(
         "serve-manifest",
-        _run,
+        parents=[job_arguments()],
         help="print a manifest that serves a finished job's adapter (vLLM, KServe, KAITO)",
         description=(
             "Reads the FineTuneJob's status.result and prints the objects that load its adapter "
@@ -58,3 +57,4 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     parser.add_argument("--for", dest="stack", choices=STACKS, required=True)
     parser.add_argument("--image", help="the vLLM image (default: a pinned vllm/vllm-openai)")
+    parser.set_defaults(func=_run)
