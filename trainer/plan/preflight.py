@@ -6,7 +6,7 @@ the model's config (:mod:`~kubetune.trainer.model.modeling`), the data read, che
 (:func:`~kubetune.trainer.dataset.formats.prepare`), the SFT arguments
 (:func:`~kubetune.trainer.plan.arguments.sft_arguments`) and TRL's own dataset preparation
 (tokenizing, truncating, packing: ``SFTTrainer._prepare_dataset``), and the memory plan
-(:func:`~kubetune.trainer.plan.card.plan_for_this_card`) for ``validation.gpuKind``. Steps are
+(:func:`~kubetune.trainer.plan.resolve.fit_to_card`) for ``validation.gpuKind``. Steps are
 counted the way transformers' Trainer counts them from the prepared rows, and seconds come from the
 measured speed table (:data:`~kubetune.trainer.plan.speed.GPU_KINDS`). A problem is the same
 DatasetUnusable / ModelUnusable / OutOfMemory the run would end in, minutes and a GPU later.
