@@ -1,6 +1,6 @@
 """This card, as the memory plan sees it: its free memory within this process's cap (what only
-the node knows, passed to :func:`~kubetune.trainer.plan.resolve.fit_to_card`), and the plan as
-the result reports it, with the peak measured so far."""
+the node knows, for ``resolve.fit_to_card``), and the plan as the result reports it, with the
+peak measured so far."""
 
 from __future__ import annotations
 
