@@ -34,8 +34,6 @@ from kubetune.operator.controller import (
     MANAGED,
     SETTINGS,
     Controller,
-    Key,
-    Obj,
     job_key,
     job_logger,
     kube,
@@ -49,6 +47,7 @@ from kubetune.operator.creation import JOBSET_FALLBACK
 from kubetune.operator.executor import reconcile
 from kubetune.operator.kube import Kube, load_config
 from kubetune.operator.leader import LeaseKeeper, LeaseLock
+from kubetune.operator.objects import Key, Obj
 from kubetune.operator.progress import ProgressEndpoint, ProgressInbox, TokenReviewer
 from kubetune.operator.workqueue import WorkQueue
 

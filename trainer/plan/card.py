@@ -1,10 +1,10 @@
 """This card, as the memory plan sees it: its free memory within this process's cap (what only
-the node knows, for ``resolve.fit_to_card``), and the plan as the result reports it, with the
-peak measured so far."""
+the node knows, for ``resolve.fit_to_card``), and the plan as the preflight's estimate and the
+result report it, with the peak measured so far."""
 
 from __future__ import annotations
 
-from kubetune.api.models import MemoryPlanReport, TrainingPlan
+from kubetune.api.models import EstimatePlan, MemoryPlanReport, TrainingPlan
 from kubetune.trainer.plan.memory import GIB, MemoryPlan
 
 
@@ -29,23 +29,34 @@ def usable_gpu_bytes() -> int:
     return capped_free_bytes(int(free), int(total), fraction, int(torch.cuda.memory_reserved()))
 
 
+def plan_settings(memory: MemoryPlan, plan: TrainingPlan) -> EstimatePlan:
+    """What the plan sets for the run: the preflight's estimate shows these, the result more."""
+    return EstimatePlan(
+        micro_batch_size=plan.micro_batch_size,
+        gradient_accumulation_steps=plan.gradient_accumulation_steps,
+        gradient_checkpointing=memory.describe_checkpointing(),
+        optimizer=memory.optimizer,
+    )
+
+
 def plan_report(memory: MemoryPlan, plan: TrainingPlan, cuda: bool) -> MemoryPlanReport:
-    """The memory plan as result.json and the status show it, with the peak measured so far."""
+    """The memory plan as result.json and the status show it: its settings, what it expected of
+    the card, and the peak measured so far."""
     peak = None
     if cuda:
         import torch
 
-        peak = round(torch.cuda.max_memory_allocated() / GIB, 2)
-    estimated, free = memory.estimated_peak_bytes, memory.free_bytes
+        peak = torch.cuda.max_memory_allocated()
     return MemoryPlanReport(
-        gradient_checkpointing=memory.describe_checkpointing(),
-        micro_batch_size=plan.micro_batch_size,
+        **plan_settings(memory, plan).model_dump(),
         tokens_per_micro_step=memory.tokens_per_micro_step,
-        gradient_accumulation_steps=plan.gradient_accumulation_steps,
-        optimizer=memory.optimizer,
         profile=memory.profile,
         checkpoints_offloaded=memory.offload_checkpoints,
-        estimated_peak_gib=round(estimated / GIB, 2) if estimated is not None else None,
-        free_gib=round(free / GIB, 2) if free is not None else None,
-        peak_gib=peak,
+        estimated_peak_gib=_gib(memory.estimated_peak_bytes),
+        free_gib=_gib(memory.free_bytes),
+        peak_gib=_gib(peak),
     )
+
+
+def _gib(size: int | None) -> float | None:
+    return round(size / GIB, 2) if size is not None else None

@@ -12,7 +12,8 @@ leanest choice, unset → off) until :func:`fit_to_card`, where the memory plan
 refusing a run that can't fit, and :func:`~kubetune.trainer.plan.speed.apply_plan` writes them
 into the speed settings the trainer's arguments are built from. One plan, reported as
 ``MemoryPlanReport`` (result.json, the status) and ``EstimatePlan`` (the preflight's estimate):
-both are read off the :class:`RunPlan`.
+both are read off the :class:`RunPlan` (:mod:`~kubetune.trainer.plan.card`), with the same
+settings.
 """
 
 from __future__ import annotations
