@@ -20,7 +20,7 @@ from kubetune.api.contract import (
     VALIDATOR_COMPONENT,
 )
 from kubetune.api.models import GROUP, PLURAL, VERSION
-from kubetune.cli.watch import connect
+from kubetune.cli.watch import connect, job_arguments
 
 _TERMINAL = {"Succeeded", "Failed"}
 
@@ -129,11 +129,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
-        "logs", help="the trainer's log of one FineTuneJob, following it across attempts"
+        "logs",
+        parents=[job_arguments()],
+        help="the trainer's log of one FineTuneJob, following it across attempts",
     )
-    parser.add_argument("name", help="FineTuneJob name")
-    parser.add_argument("-n", "--namespace", default="default")
-    parser.add_argument("--kubeconfig", help="kubeconfig (default: in-cluster, then ~/.kube)")
     parser.add_argument(
         "-f", "--follow", action="store_true", help="keep following until the job finishes"
     )

@@ -12,14 +12,13 @@ import yaml
 from kubetune.api.contract import ExitCode
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.api.serving import STACKS, NotServable, render
+from kubetune.cli.watch import connect, job_arguments
 
 
 def serve_manifest(
     name: str, namespace: str, kubeconfig: str | None, stack: str, *, image: str | None = None
 ) -> int:
     from kubernetes import client
-
-    from kubetune.cli.watch import connect
 
     custom, _ = connect(kubeconfig)
     try:
@@ -47,6 +46,7 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
         "serve-manifest",
+        parents=[job_arguments()],
         help="print a manifest that serves a finished job's adapter (vLLM, KServe, KAITO)",
         description=(
             "Reads the FineTuneJob's status.result and prints the objects that load its adapter "
@@ -55,9 +55,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "(inference.adapters). Pipe it to kubectl apply -f -."
         ),
     )
-    parser.add_argument("name", help="FineTuneJob name")
     parser.add_argument("--for", dest="stack", choices=STACKS, required=True)
-    parser.add_argument("-n", "--namespace", default="default")
-    parser.add_argument("--kubeconfig", help="kubeconfig (default: in-cluster, then ~/.kube)")
     parser.add_argument("--image", help="the vLLM image (default: a pinned vllm/vllm-openai)")
     parser.set_defaults(func=_run)

@@ -187,6 +187,17 @@ def connect(kubeconfig: str | None) -> tuple[Any, Any]:
     return client.CustomObjectsApi(), client.CoreV1Api()
 
 
+def job_arguments() -> argparse.ArgumentParser:
+    """The arguments of a subcommand on one FineTuneJob of a cluster (``watch``, ``logs``,
+    ``serve-manifest``), as a parent parser: its NAME, ``-n/--namespace`` and ``--kubeconfig``
+    (read by :func:`connect`)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("name", help="FineTuneJob name")
+    parser.add_argument("-n", "--namespace", default="default")
+    parser.add_argument("--kubeconfig", help="kubeconfig (default: in-cluster, then ~/.kube)")
+    return parser
+
+
 def watch(
     name: str,
     namespace: str,
@@ -245,10 +256,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    parser = subparsers.add_parser("watch", help="follow one FineTuneJob until it finishes")
-    parser.add_argument("name", help="FineTuneJob name")
-    parser.add_argument("-n", "--namespace", default="default")
-    parser.add_argument("--kubeconfig", help="kubeconfig (default: in-cluster, then ~/.kube)")
+    parser = subparsers.add_parser(
+        "watch", parents=[job_arguments()], help="follow one FineTuneJob until it finishes"
+    )
     parser.add_argument("--interval", type=float, default=2.0, help="seconds between polls")
     parser.add_argument("--timeout", type=float, help="give up watching after this many seconds")
     parser.set_defaults(func=_run)

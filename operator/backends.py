@@ -8,7 +8,7 @@ executor ask the backend and never branch on which it is. Kueue's part is ``kueu
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -17,9 +17,7 @@ from kubetune.operator import jobset as js
 from kubetune.operator.companions import headless_service
 from kubetune.operator.kueue import queue_of, run_policy_patch
 from kubetune.operator.names import ChildNames, owned_job, owned_jobset
-
-Obj = Mapping[str, Any]
-Manifest = dict[str, Any]
+from kubetune.operator.objects import Manifest, Obj
 
 
 @dataclass(frozen=True)

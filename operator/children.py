@@ -8,14 +8,13 @@ same-named object of someone else is never read as the job's, nor touched.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Final
+from typing import Final
 
 from kubetune.operator.backends import Backend, owned_workload
 from kubetune.operator.names import owned_validation_job, pods_of
-
-Obj = Mapping[str, Any]
+from kubetune.operator.objects import Obj
 
 #: Marks a FineTuneJob whose spec holds only what the watch cache keeps
 #: (``controller.FINETUNEJOB_SPEC_KEPT``): the planner asks for the whole one before it

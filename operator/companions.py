@@ -10,10 +10,8 @@ from typing import Any, Final
 
 from kubetune.api.contract import COMPONENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, RENDEZVOUS_PORT
 from kubetune.operator.names import ChildNames, group_selector
+from kubetune.operator.objects import Manifest, Obj
 from kubetune.operator.settings import OperatorSettings
-
-Manifest = dict[str, Any]
-Obj = Mapping[str, Any]
 
 
 def headless_service(name: str, names: ChildNames, meta: Any, uid: str | None = None) -> Manifest:
@@ -39,7 +37,7 @@ TRAINERS_POLICY: Final = "kubetune-trainers"
 TRAINER_PODS: Final = {"app.kubernetes.io/name": "kubetune", MANAGED_BY_LABEL: MANAGED_BY}
 
 
-def shared(manifest: Manifest) -> bool:
+def shared(manifest: Obj) -> bool:
     """Whether ``manifest`` is a namespace's shared companion (no job owns it)."""
     return manifest.get("kind") == "NetworkPolicy" and (
         manifest.get("metadata", {}).get("name") == TRAINERS_POLICY

@@ -29,6 +29,7 @@ from kubetune.operator.children import PARTIAL_SPEC
 from kubetune.operator.kube import Kube, load_config
 from kubetune.operator.leader import LeaseLock
 from kubetune.operator.names import owned_by
+from kubetune.operator.objects import Key, Manifest, Obj
 from kubetune.operator.pods import SECRET_REFERENCE_PATHS
 from kubetune.operator.progress import ProgressInbox
 from kubetune.operator.settings import OperatorSettings
@@ -38,10 +39,6 @@ SETTINGS = OperatorSettings()
 MANAGED: Final = {MANAGED_BY_LABEL: MANAGED_BY}
 LOGGER: Final = logging.getLogger("kubetune.operator")
 
-Key = tuple[str, str]
-Obj = dict[str, Any]
-#: A FineTuneJob as the caches (or the API) hold it.
-Ftj = Mapping[str, Any]
 #: A create's manifest, the object's path, and the object or the kopf error it ended in.
 Created = tuple[Obj, str, Obj | kopf.TemporaryError | kopf.PermanentError]
 
@@ -128,12 +125,12 @@ def compact(value: Any) -> Any:
     return value
 
 
-def slim(body: Mapping[str, Any], spec: Iterable[str] | None = None) -> Obj:
+def slim(body: Mapping[str, Any], spec: Iterable[str] | None = None) -> Manifest:
     """What a reconcile reads of an object, for the in-memory index: no managedFields, no
     last-applied annotation, no pod template (at 5,000 jobs, most of the operator's memory),
     ``compact``."""
     metadata = body.get("metadata") or {}
-    kept: Obj = {
+    kept: Manifest = {
         # A resourceVersion is never repeated: interning it would only grow the interned table.
         "metadata": {
             key: metadata[key] if key == "resourceVersion" else compact(metadata[key])
@@ -177,7 +174,7 @@ UNSTARTED_PHASES: Final = (None, "Validating")
 WHOLE_SPEC_KEPT_BYTES: Final = 16 * 1024
 
 
-def slim_finetunejob(body: Mapping[str, Any]) -> Obj:
+def slim_finetunejob(body: Mapping[str, Any]) -> Manifest:
     """A FineTuneJob for the index: ``slim`` with no ``status.progress``, and (once its children
     are made) only ``FINETUNEJOB_SPEC_KEPT`` of its spec, marked ``PARTIAL_SPEC``
     (``planner.needs_whole_spec`` says when a reconcile needs the whole spec)."""

@@ -28,9 +28,6 @@ from kubetune.operator.controller import (
     SETTINGS,
     Controller,
     Created,
-    Ftj,
-    Key,
-    Obj,
     kube,
     now,
     slim,
@@ -38,6 +35,7 @@ from kubetune.operator.controller import (
 from kubetune.operator.errors import api_errors
 from kubetune.operator.kube import collection_path
 from kubetune.operator.names import owned_by, pvc_claims
+from kubetune.operator.objects import Ftj, Key, Manifest, Obj
 from kubetune.operator.render import render, render_validation
 from kubetune.operator.status import Rejection
 from kubetune.operator.writes import missing_reference, post_event, reject
@@ -185,7 +183,7 @@ def ensure_rendered(manifest: Obj) -> Obj | kopf.TemporaryError | kopf.Permanent
     return found
 
 
-def _write_over(manifest: Obj, found: Obj) -> Obj:
+def _write_over(manifest: Obj, found: Obj) -> Manifest:
     """Replace ``found`` (at the resourceVersion read) with the rendered ``manifest``."""
     kind, child = manifest["kind"], manifest["metadata"]["name"]
     namespace = manifest["metadata"]["namespace"]

@@ -11,21 +11,13 @@ import kopf
 
 from kubetune.operator import jobset as js
 from kubetune.operator.children import PARTIAL_SPEC, Observed, observe
-from kubetune.operator.controller import (
-    SETTINGS,
-    Controller,
-    Ftj,
-    Key,
-    Obj,
-    job_logger,
-    kube,
-    now,
-)
+from kubetune.operator.controller import SETTINGS, Controller, job_logger, kube, now
 from kubetune.operator.creation import create_children, status_of
 from kubetune.operator.errors import api_errors
 from kubetune.operator.kube import collection_path, finetunejob_path
 from kubetune.operator.kueue import set_workload_active
 from kubetune.operator.names import owned_by
+from kubetune.operator.objects import Ftj, Key, Obj
 from kubetune.operator.planner import Plan, decide, needs_whole_spec
 from kubetune.operator.writes import reject, write_status
 

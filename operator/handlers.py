@@ -31,8 +31,6 @@ from kubetune.operator.controller import (
     MANAGED,
     SETTINGS,
     Controller,
-    Key,
-    Obj,
     job_key,
     kube,
     owner_name,
@@ -43,6 +41,7 @@ from kubetune.operator.controller import (
 from kubetune.operator.creation import JOBSET_FALLBACK
 from kubetune.operator.kube import Kube, load_config
 from kubetune.operator.leader import LeaseKeeper, LeaseLock
+from kubetune.operator.objects import Key, Obj
 from kubetune.operator.progress import ProgressEndpoint, ProgressInbox, TokenReviewer
 from kubetune.operator.workqueue import WorkQueue
 

@@ -10,17 +10,16 @@ Indexed Jobs, so both backends report the same phases, reasons and messages.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from kubetune.api.contract import ATTEMPT_ANNOTATION, FINETUNEJOB_ANNOTATION, KUEUE_QUEUE_LABEL
+from kubetune.operator.objects import Manifest, Obj
 
 if TYPE_CHECKING:
     from kubetune.api.models import FineTuneJobSpec
     from kubetune.operator.names import ChildNames
 
-Obj = Mapping[str, Any]
-Manifest = dict[str, Any]
 
 GROUP: Final = "jobset.x-k8s.io"
 VERSION: Final = "v1alpha2"

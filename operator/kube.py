@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Final
+from typing import Final
 from urllib.parse import quote, urlencode
 
 from kubernetes import client, config
@@ -16,8 +16,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.operator.metrics import API_ERRORS, API_REQUESTS, resource_of
-
-Obj = dict[str, Any]
+from kubetune.operator.objects import Manifest, Obj
 
 MERGE_PATCH: Final = "application/merge-patch+json"
 #: Seconds the credentials' headers are reused before they are taken from the client again.
@@ -79,7 +78,7 @@ class Kube:
         body: Obj | None = None,
         query: dict[str, str] | None = None,
         content_type: str = "application/json",
-    ) -> Obj:
+    ) -> Manifest:
         url = self.api.configuration.host + path
         if query:
             url += "?" + urlencode(query)
@@ -121,10 +120,10 @@ class Kube:
         self._auth = (stamp, headers)
         return headers
 
-    def get(self, path: str, query: dict[str, str] | None = None) -> Obj:
+    def get(self, path: str, query: dict[str, str] | None = None) -> Manifest:
         return self.request("GET", path, query=query)
 
-    def get_or_none(self, path: str) -> Obj | None:
+    def get_or_none(self, path: str) -> Manifest | None:
         try:
             return self.get(path)
         except ApiException as exc:
@@ -132,11 +131,11 @@ class Kube:
                 return None
             raise
 
-    def create(self, manifest: Obj) -> Obj:
+    def create(self, manifest: Obj) -> Manifest:
         """Create ``manifest``; if it exists already (409), the existing object."""
         return self.create_or_existing(manifest)[0]
 
-    def create_or_existing(self, manifest: Obj) -> tuple[Obj, bool]:
+    def create_or_existing(self, manifest: Obj) -> tuple[Manifest, bool]:
         """Create ``manifest``: (the object, True); if it exists already (409), (the existing
         object, False)."""
         meta = manifest["metadata"]
@@ -148,7 +147,7 @@ class Kube:
                 raise
         return self.get(f"{path}/{quote(meta['name'])}"), False
 
-    def replace(self, manifest: Obj, resource_version: str) -> Obj:
+    def replace(self, manifest: Obj, resource_version: str) -> Manifest:
         """PUT ``manifest`` over the object of its name, if it is still at ``resource_version``
         (else 409)."""
         meta = manifest["metadata"]
@@ -156,7 +155,7 @@ class Kube:
         body = {**manifest, "metadata": {**meta, "resourceVersion": resource_version}}
         return self.request("PUT", f"{path}/{quote(meta['name'])}", body=body)
 
-    def merge_patch(self, path: str, patch: Obj) -> Obj:
+    def merge_patch(self, path: str, patch: Obj) -> Manifest:
         return self.request("PATCH", path, body=patch, content_type=MERGE_PATCH)
 
     def delete(self, path: str, propagation: str = "Background") -> None:

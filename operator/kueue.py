@@ -7,15 +7,13 @@ then leaves its ``spec.suspend`` to Kueue."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any, Final
 
 from kubetune.api.contract import KUEUE_QUEUE_LABEL
 from kubetune.operator.errors import api_errors
 from kubetune.operator.kube import Kube, collection_path
 from kubetune.operator.names import owned_by
-
-Obj = Mapping[str, Any]
+from kubetune.operator.objects import Obj
 
 #: Kueue's Workload API, and the label it puts on the Workload of a Job (the Job's uid).
 KUEUE_WORKLOADS: Final = "kueue.x-k8s.io/v1beta2"

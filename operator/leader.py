@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,18 +35,24 @@ def _parse(value: Any) -> datetime | None:
         return None
 
 
+@dataclass(eq=False)
 class LeaseLock:
-    def __init__(
-        self, kube: Kube, namespace: str, name: str, identity: str, duration_seconds: int
-    ) -> None:
-        self.kube = kube
-        self.namespace = namespace
-        self.name = name
-        self.identity = identity
-        self.duration = duration_seconds
-        self.path = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}"
-        self._lease: dict[str, Any] | None = None
-        self._seen: tuple[str, float] | None = None  # (resourceVersion, when we first saw it)
+    """The Lease ``namespace/name``, as replica ``identity`` tries to hold it."""
+
+    kube: Kube
+    namespace: str
+    name: str
+    identity: str
+    #: Seconds: the Lease's leaseDurationSeconds as this replica writes it.
+    duration: int
+    #: The Lease as this replica last wrote it; None while another holds it.
+    _lease: dict[str, Any] | None = field(default=None, init=False)
+    #: (resourceVersion, when we first saw it).
+    _seen: tuple[str, float] | None = field(default=None, init=False)
+
+    @property
+    def path(self) -> str:
+        return f"/apis/coordination.k8s.io/v1/namespaces/{self.namespace}/leases/{self.name}"
 
     def _spec(self, previous: dict[str, Any] | None, now: datetime) -> dict[str, Any]:
         previous = previous or {}

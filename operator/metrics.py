@@ -13,7 +13,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-Key = tuple[str, str]
+from kubetune.operator.objects import Key
 
 PHASES: Final = ("Pending", "Validating", "Queued", "Running", "Suspended", "Succeeded", "Failed")
 

@@ -7,7 +7,7 @@ kind admits; the labels every child and pod carries; the ownerReference to the F
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -23,9 +23,7 @@ from kubetune.api.contract import (
 from kubetune.api.models import API_VERSION, KIND, FineTuneJobSpec
 from kubetune.api.uris import parse_uri
 from kubetune.operator import jobset as js
-
-Manifest = dict[str, Any]
-Obj = Mapping[str, Any]
+from kubetune.operator.objects import Manifest, Obj
 
 _LABEL_MAX: Final = 63
 #: A child's metadata by its name (and labels of its own): ``child_metadata``.

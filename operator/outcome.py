@@ -3,7 +3,7 @@ writes, the group's attempts and restarts, the Validating phase's Job read as a 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -12,6 +12,7 @@ from kubetune.api.contract import (
     NON_RETRIABLE_EXIT_CODES,
     Reason,
 )
+from kubetune.operator.objects import Obj
 from kubetune.operator.pods import (
     exit_code_of,
     failing_pod,
@@ -25,8 +26,6 @@ from kubetune.operator.pods import (
     terminated_state,
     trainer_container_status,
 )
-
-Obj = Mapping[str, Any]
 
 
 @dataclass(frozen=True)

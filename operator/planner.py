@@ -26,6 +26,7 @@ from kubetune.operator import kueue
 from kubetune.operator.backends import Backend
 from kubetune.operator.children import Observed, observe
 from kubetune.operator.names import child_names
+from kubetune.operator.objects import Obj
 from kubetune.operator.outcome import (
     group_restart_due,
     nodes_of,
@@ -36,8 +37,6 @@ from kubetune.operator.pods import pod_started_at, trainer_finished_at
 from kubetune.operator.policy import policy_problems
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.status import Rejection, derive_status, ttl_remaining
-
-Obj = Mapping[str, Any]
 
 FINISHED: Final = ("Succeeded", "Failed")
 #: The longest a status change that only marks a step on the way (``_hold``) waits to be written

@@ -13,6 +13,7 @@ from kubetune.api.contract import (
     TERMINATION_MESSAGE_PATH,
 )
 from kubetune.api.models import PodTemplateOverrides
+from kubetune.operator.objects import Manifest
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.settings_policy import (
     ENDPOINT_ENV,
@@ -20,8 +21,6 @@ from kubetune.operator.settings_policy import (
     NEVER_ENV,
     NEVER_POD_FIELDS,
 )
-
-Manifest = dict[str, Any]
 
 #: How a refusal names who refused.
 SETTING: Final = "the operator's settings"

@@ -21,8 +21,7 @@ from kubetune.api.contract import (
 )
 from kubetune.api.models import TrainerResult
 from kubetune.api.timestamps import parse_rfc3339
-
-Obj = Mapping[str, Any]
+from kubetune.operator.objects import Obj
 
 _WAITING_PROBLEMS: Final = {
     "ImagePullBackOff": Reason.IMAGE_PULL_BACK_OFF,

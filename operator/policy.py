@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import fnmatch
 import urllib.parse
-from typing import Any
 
 from kubetune.api.models import FineTuneJobSpec, RegistrySpec
 from kubetune.api.uris import CLUSTER_SCHEMES, oci_reference, parse_uri
 from kubetune.operator.pod_template import SETTING, endpoint_problems, pod_template_problems
 from kubetune.operator.settings import OperatorSettings
-
-Manifest = dict[str, Any]
 
 
 def policy_problems(spec: FineTuneJobSpec, settings: OperatorSettings) -> list[str]:

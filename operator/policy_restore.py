@@ -7,18 +7,14 @@ the rendered policy) is ``creation.ensure_rendered``, on a worker thread."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 from kubetune.api.contract import FINETUNEJOB_ANNOTATION
 from kubetune.operator.companions import group_policy, shared, trainers_policy
 from kubetune.operator.names import child_metadata, child_names, owned_by
+from kubetune.operator.objects import Key, Manifest, Obj
 from kubetune.operator.planner import FINISHED
 from kubetune.operator.settings import OperatorSettings
-
-Obj = Mapping[str, Any]
-Manifest = dict[str, Any]
-Key = tuple[str, str]
 
 
 def unfinished(ftj: Obj | None) -> bool:

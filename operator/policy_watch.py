@@ -15,16 +15,9 @@ import kopf
 
 from kubetune.operator import metrics, policy_restore
 from kubetune.operator.companions import shared
-from kubetune.operator.controller import (
-    LOGGER,
-    MANAGED,
-    SETTINGS,
-    Controller,
-    Key,
-    Obj,
-    index_values,
-)
+from kubetune.operator.controller import LOGGER, MANAGED, SETTINGS, Controller, index_values
 from kubetune.operator.creation import ensure_rendered
+from kubetune.operator.objects import Key, Obj
 from kubetune.operator.workqueue import BACKOFF
 
 

@@ -36,6 +36,7 @@ from kubetune.api.token_buckets import TokenBuckets
 from kubetune.operator.kube import Kube
 from kubetune.operator.metrics_server import TOKEN_REVIEWS
 from kubetune.operator.names import owned_by, owned_validation_job
+from kubetune.operator.objects import Key, Obj
 
 LOGGER: Final = logging.getLogger("kubetune.operator.progress")
 #: How long a token's review (who it is, or that it is nobody) is kept.
@@ -48,9 +49,6 @@ _SA_PREFIX: Final = "system:serviceaccount:"
 #: few seconds, so more is a pod flooding the operator's event loop.
 PER_POD_REPORTS_PER_SECOND: Final = 2.0
 PER_POD_BURST: Final = 5.0
-
-Key = tuple[str, str]
-Obj = dict[str, Any]
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,9 @@ from kubetune.api.models import FineTuneJobSpec
 from kubetune.operator.backends import JOBSETS, Parts, backend_for
 from kubetune.operator.companions import group_policy, trainers_policy
 from kubetune.operator.names import child_metadata, child_names
+from kubetune.operator.objects import Manifest
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.trainer_job import render_job
-
-Manifest = dict[str, Any]
 
 
 def trainer_config(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
 from kubetune.api.contract import (
     ADAPTER_REGISTRY_AUTH_ENV,
@@ -22,7 +22,7 @@ from kubetune.api.contract import (
     TERMINATION_LOG_ENV,
     TOKEN_ENV,
 )
-from kubetune.operator.settings_types import CsvList
+from kubetune.operator.settings_types import CsvList, SettingsGroup
 
 #: Pod-spec fields of spec.podTemplate no setting can allow: each would let a job's creator run
 #: as another identity, reach the node, or run a command of their own beside the trainer.
@@ -65,91 +65,51 @@ NEVER_ENV: Final = frozenset(
 )  # fmt: skip
 
 
-class TenantSettings(BaseModel):
+class TenantSettings(SettingsGroup):
     """What a job's spec may ask of this cluster."""
 
-    denied_options: CsvList = Field(
-        default_factory=lambda: ["trustRemoteCode"],
-        description=(
-            "Spec options this cluster refuses, comma-separated: trustRemoteCode, pushToHub, merge."
-        ),
-    )
-    allowed_images: CsvList = Field(
-        default_factory=list,
-        description=(
-            "Patterns (shell-style, e.g. registry.example.com/ml/trainer:*) a job's spec.image "
-            "may match; empty refuses spec.image."
-        ),
-    )
-    allowed_pod_template_fields: CsvList = Field(
-        default_factory=list,
-        description=(
-            "spec.podTemplate fields a job may set, comma-separated: pod-spec fields "
-            "(tolerations, runtimeClassName, volumes, ...), trainer-container fields as "
-            "containers.<field> (containers.env, containers.volumeMounts, ...), and "
-            "metadata.labels / metadata.annotations; empty refuses spec.podTemplate."
-        ),
-    )
+    denied_options: CsvList = Field(default_factory=lambda: ["trustRemoteCode"])
+    """Spec options this cluster refuses, comma-separated: trustRemoteCode, pushToHub, merge."""
+    allowed_images: CsvList = Field(default_factory=list)
+    """Patterns (shell-style, e.g. registry.example.com/ml/trainer:*) a job's spec.image may match;
+    empty refuses spec.image."""
+    allowed_pod_template_fields: CsvList = Field(default_factory=list)
+    """spec.podTemplate fields a job may set, comma-separated: pod-spec fields (tolerations,
+    runtimeClassName, volumes, ...), trainer-container fields as containers.<field> (containers.env,
+    containers.volumeMounts, ...), and metadata.labels / metadata.annotations; empty refuses
+    spec.podTemplate."""
     allowed_pod_template_env: CsvList = Field(
         default_factory=lambda: [
             "TOKENIZERS_PARALLELISM",
             "OMP_NUM_THREADS",
             "NCCL_DEBUG",
             "PYTORCH_CUDA_ALLOC_CONF",
-        ],
-        description=(
-            "Names of environment variables spec.podTemplate may give the trainer container "
-            "(with containers.env allowed), comma-separated; plain values only (no valueFrom "
-            "but fieldRef/resourceFieldRef). Proxies, CA bundles, PYTHONPATH, LD_PRELOAD, "
-            "kubetune's own variables and the like can never be listed; HF_ENDPOINT and "
-            "AWS_ENDPOINT_URL(_S3) are allowed with a value the endpoint settings list."
-        ),
+        ]
     )
-    allowed_tracking_hosts: CsvList = Field(
-        default_factory=list,
-        description=(
-            "Hosts (host or host:port, shell-style patterns) spec.tracking.mlflow.trackingUri "
-            "may name, comma-separated; empty allows any host."
-        ),
-    )
-    tracking_http_credentials_hosts: CsvList = Field(
-        default_factory=list,
-        description=(
-            "Hosts (host or host:port, shell-style patterns) to which MLflow credentials may go "
-            "over plain http; elsewhere a tracking URI with credentials must be https. Empty: "
-            "https only."
-        ),
-    )
-    allowed_hub_endpoints: CsvList = Field(
-        default_factory=list,
-        description=(
-            "Hub endpoints (https://host[:port]) a job may set as HF_ENDPOINT through "
-            "spec.podTemplate; empty: the default hub only."
-        ),
-    )
-    allowed_object_store_endpoints: CsvList = Field(
-        default_factory=list,
-        description=(
-            "Object-store endpoints (https://host[:port]) a job may name in "
-            "spec.objectStore.endpoint, or set as AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3 "
-            "through spec.podTemplate; empty: the store's default only."
-        ),
-    )
-    allowed_registries: CsvList = Field(
-        default_factory=list,
-        description=(
-            "OCI registries (host or host:port, shell-style patterns) an oci:// spec.output.uri "
-            "may name, comma-separated; empty refuses oci:// outputs."
-        ),
-    )
-    plain_http_registries: CsvList = Field(
-        default_factory=list,
-        description=(
-            "Registries (host or host:port, shell-style patterns) a job may reach over plain "
-            "http (spec.output.registry.plainHttp), such as the local cluster's; empty: https "
-            "only."
-        ),
-    )
+    """Names of environment variables spec.podTemplate may give the trainer container (with
+    containers.env allowed), comma-separated; plain values only (no valueFrom but
+    fieldRef/resourceFieldRef). Proxies, CA bundles, PYTHONPATH, LD_PRELOAD, kubetune's own
+    variables and the like can never be listed; HF_ENDPOINT and AWS_ENDPOINT_URL(_S3) are allowed
+    with a value the endpoint settings list."""
+    allowed_tracking_hosts: CsvList = Field(default_factory=list)
+    """Hosts (host or host:port, shell-style patterns) spec.tracking.mlflow.trackingUri may name,
+    comma-separated; empty allows any host."""
+    tracking_http_credentials_hosts: CsvList = Field(default_factory=list)
+    """Hosts (host or host:port, shell-style patterns) to which MLflow credentials may go over plain
+    http; elsewhere a tracking URI with credentials must be https. Empty: https only."""
+    allowed_hub_endpoints: CsvList = Field(default_factory=list)
+    """Hub endpoints (https://host[:port]) a job may set as HF_ENDPOINT through spec.podTemplate;
+    empty: the default hub only."""
+    allowed_object_store_endpoints: CsvList = Field(default_factory=list)
+    """Object-store endpoints (https://host[:port]) a job may name in spec.objectStore.endpoint, or
+    set as AWS_ENDPOINT_URL or AWS_ENDPOINT_URL_S3 through spec.podTemplate; empty: the store's
+    default only."""
+    allowed_registries: CsvList = Field(default_factory=list)
+    """OCI registries (host or host:port, shell-style patterns) an oci:// spec.output.uri may name,
+    comma-separated; empty refuses oci:// outputs."""
+    plain_http_registries: CsvList = Field(default_factory=list)
+    """Registries (host or host:port, shell-style patterns) a job may reach over plain http
+    (spec.output.registry.plainHttp), such as the local cluster's; empty: https only."""
 
     @field_validator("allowed_pod_template_fields")
     @classmethod

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Final, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
 from kubetune.api.contract import (
     CONFIG_MOUNT_PATH,
@@ -14,7 +14,7 @@ from kubetune.api.contract import (
     TRAINER_COMMAND,
 )
 from kubetune.api.models import Quantity
-from kubetune.operator.settings_types import CsvList, IntCsvList, OptionalInt
+from kubetune.operator.settings_types import CsvList, IntCsvList, OptionalInt, SettingsGroup
 
 #: Blocked within the egress CIDRs unless a platform says otherwise: addresses that are not the
 #: internet (private, shared, loopback, link-local, unique-local) and every cloud metadata address
@@ -32,143 +32,82 @@ DEFAULT_EGRESS_EXCEPT: Final = (
 )  # fmt: skip
 
 
-class TrainerSettings(BaseModel):
+class TrainerSettings(SettingsGroup):
     """The trainer's pods and their network."""
 
-    trainer_image: str = Field(
-        default="kubetune/trainer:0.1.0",
-        description="Trainer image for jobs that set no spec.image.",
-    )
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
-        default="IfNotPresent", description="Pull policy of the trainer container."
-    )
-    trainer_network_policy: bool = Field(
-        default=True,
-        description=(
-            "Give each trainer pod a NetworkPolicy: no ingress, egress to the cluster's DNS and "
-            "the CIDRs."
-        ),
-    )
-    trainer_egress_cidrs: CsvList = Field(
-        default_factory=lambda: ["0.0.0.0/0", "::/0"],
-        description="Where trainer pods may connect (besides DNS), comma-separated CIDRs.",
-    )
-    trainer_egress_except: CsvList = Field(
-        default_factory=lambda: list(DEFAULT_EGRESS_EXCEPT),
-        description=(
-            "Addresses blocked within those CIDRs (default: private, shared, loopback and "
-            "link-local ranges and every known cloud metadata address); only those inside a "
-            "CIDR are applied to it."
-        ),
-    )
-    trainer_cluster_cidrs: CsvList = Field(
-        default_factory=list,
-        description=(
-            "The cluster's pod and service CIDRs, blocked within the egress CIDRs like "
-            "trainer_egress_except (name them where they lie outside the private ranges)."
-        ),
-    )
+    trainer_image: str = "kubetune/trainer:0.1.0"
+    """Trainer image for jobs that set no spec.image."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """Pull policy of the trainer container."""
+    trainer_network_policy: bool = True
+    """Give each trainer pod a NetworkPolicy: no ingress, egress to the cluster's DNS and the
+    CIDRs."""
+    trainer_egress_cidrs: CsvList = Field(default_factory=lambda: ["0.0.0.0/0", "::/0"])
+    """Where trainer pods may connect (besides DNS), comma-separated CIDRs."""
+    trainer_egress_except: CsvList = Field(default_factory=lambda: list(DEFAULT_EGRESS_EXCEPT))
+    """Addresses blocked within those CIDRs (default: private, shared, loopback and link-local
+    ranges and every known cloud metadata address); only those inside a CIDR are applied to it."""
+    trainer_cluster_cidrs: CsvList = Field(default_factory=list)
+    """The cluster's pod and service CIDRs, blocked within the egress CIDRs like
+    trainer_egress_except (name them where they lie outside the private ranges)."""
     trainer_dns_namespace_selector: dict[str, str] = Field(
-        default_factory=lambda: {"kubernetes.io/metadata.name": "kube-system"},
-        description="Labels of the namespace of the cluster's DNS pods (JSON object).",
+        default_factory=lambda: {"kubernetes.io/metadata.name": "kube-system"}
     )
+    """Labels of the namespace of the cluster's DNS pods (JSON object)."""
     trainer_dns_pod_selector: dict[str, str] = Field(
-        default_factory=lambda: {"k8s-app": "kube-dns"},
-        description="Labels of the cluster's DNS pods (JSON object; CoreDNS keeps kube-dns's).",
+        default_factory=lambda: {"k8s-app": "kube-dns"}
     )
-    trainer_dns_cidrs: CsvList = Field(
-        default_factory=list,
-        description=(
-            "More DNS servers trainer pods may ask on port 53, as CIDRs (a node-local DNS "
-            "cache's address, such as 169.254.20.10/32)."
-        ),
-    )
-    trainer_apiserver_cidrs: CsvList = Field(
-        default_factory=list,
-        description=(
-            "The API server's endpoint addresses (kubectl get endpoints kubernetes), as CIDRs "
-            "trainer pods may reach on trainer_apiserver_ports to report progress where they "
-            "lie inside an excepted range; empty: no such rule."
-        ),
-    )
-    trainer_apiserver_ports: IntCsvList = Field(
-        default_factory=lambda: [443, 6443],
-        description="The API server's ports, for trainer_apiserver_cidrs (comma-separated).",
-    )
-    trainer_download_allowed_cidrs: CsvList = Field(
-        default_factory=list,
-        description=(
-            "Private, loopback or link-local addresses the trainer may download datasets from "
-            "(comma-separated CIDRs); every other non-public address is refused."
-        ),
-    )
-    trainer_command: str = Field(
-        default=TRAINER_COMMAND,
-        min_length=1,
-        description="The trainer's executable in the trainer image (given --config FILE).",
-    )
-    group_workload: Literal["job", "jobset"] = Field(
-        default="job",
-        description=(
-            "What runs a multi-pod group (resources.nodes > 1): job, an Indexed Job beside a "
-            "headless Service with the operator restarting the group; jobset, a JobSet "
-            "(jobset.x-k8s.io/v1alpha2) that restarts it, where its CRD is installed (else the "
-            "Indexed Job, with a warning)."
-        ),
-    )
-    validation_cpu_request: Quantity = Field(
-        default="100m", description="CPU request of the Validating phase's pod."
-    )
-    validation_cpu_limit: Quantity = Field(
-        default="2", description="CPU limit of the Validating phase's pod."
-    )
-    validation_memory_request: Quantity = Field(
-        default="256Mi", description="Memory request of the Validating phase's pod."
-    )
-    validation_memory_limit: Quantity = Field(
-        default="4Gi",
-        description="Memory limit of the Validating phase's pod (tokenizer, tokenized sample).",
-    )
-    validation_ephemeral_storage_request: Quantity = Field(
-        default="512Mi", description="Ephemeral-storage request of the Validating phase's pod."
-    )
-    validation_ephemeral_storage_limit: Quantity = Field(
-        default="10Gi",
-        description=(
-            "Ephemeral-storage limit of the Validating phase's pod (downloaded tokenizer and "
-            "dataset, logs); past it the kubelet evicts the pod."
-        ),
-    )
-    validation_active_deadline_seconds: int = Field(
-        default=1800,
-        ge=1,
-        description="The Validating phase fails after this many seconds (its Job's deadline).",
-    )
-    trainer_service_account: str = Field(
-        default="default",
-        min_length=1,
-        description=(
-            "The ServiceAccount of trainer pods (one per namespace, never made per job; the "
-            "namespace's default by default). Its token is not mounted: the pod gets only a "
-            "progress token of progress_audience, which the apiserver refuses."
-        ),
-    )
+    """Labels of the cluster's DNS pods (JSON object; CoreDNS keeps kube-dns's)."""
+    trainer_dns_cidrs: CsvList = Field(default_factory=list)
+    """More DNS servers trainer pods may ask on port 53, as CIDRs (a node-local DNS cache's address,
+    such as 169.254.20.10/32)."""
+    trainer_apiserver_cidrs: CsvList = Field(default_factory=list)
+    """The API server's endpoint addresses (kubectl get endpoints kubernetes), as CIDRs trainer pods
+    may reach on trainer_apiserver_ports to report progress where they lie inside an excepted range;
+    empty: no such rule."""
+    trainer_apiserver_ports: IntCsvList = Field(default_factory=lambda: [443, 6443])
+    """The API server's ports, for trainer_apiserver_cidrs (comma-separated)."""
+    trainer_download_allowed_cidrs: CsvList = Field(default_factory=list)
+    """Private, loopback or link-local addresses the trainer may download datasets from
+    (comma-separated CIDRs); every other non-public address is refused."""
+    trainer_command: str = Field(TRAINER_COMMAND, min_length=1)
+    """The trainer's executable in the trainer image (given --config FILE)."""
+    group_workload: Literal["job", "jobset"] = "job"
+    """What runs a multi-pod group (resources.nodes > 1): job, an Indexed Job beside a headless
+    Service with the operator restarting the group; jobset, a JobSet (jobset.x-k8s.io/v1alpha2) that
+    restarts it, where its CRD is installed (else the Indexed Job, with a warning)."""
+    validation_cpu_request: Quantity = "100m"
+    """CPU request of the Validating phase's pod."""
+    validation_cpu_limit: Quantity = "2"
+    """CPU limit of the Validating phase's pod."""
+    validation_memory_request: Quantity = "256Mi"
+    """Memory request of the Validating phase's pod."""
+    validation_memory_limit: Quantity = "4Gi"
+    """Memory limit of the Validating phase's pod (tokenizer, tokenized sample)."""
+    validation_ephemeral_storage_request: Quantity = "512Mi"
+    """Ephemeral-storage request of the Validating phase's pod."""
+    validation_ephemeral_storage_limit: Quantity = "10Gi"
+    """Ephemeral-storage limit of the Validating phase's pod (downloaded tokenizer and dataset,
+    logs); past it the kubelet evicts the pod."""
+    validation_active_deadline_seconds: int = Field(1800, ge=1)
+    """The Validating phase fails after this many seconds (its Job's deadline)."""
+    trainer_service_account: str = Field("default", min_length=1)
+    """The ServiceAccount of trainer pods (one per namespace, never made per job; the namespace's
+    default by default). Its token is not mounted: the pod gets only a progress token of
+    progress_audience, which the apiserver refuses."""
     # The restricted Pod Security profile by default. The local cluster runs pod commands as the
     # host user and can't honour runAsNonRoot for processes that aren't images, so it turns these
     # down explicitly (KUBETUNE_RUN_AS_NON_ROOT=false).
-    run_as_non_root: bool = Field(default=True, description="Set runAsNonRoot on the trainer pod.")
-    run_as_user: OptionalInt = Field(
-        default=1000, ge=0, description="runAsUser of the trainer pod; empty leaves it unset."
-    )
-    fs_group: OptionalInt = Field(
-        default=1000, ge=0, description="fsGroup of the trainer pod; empty leaves it unset."
-    )
-    config_mount_path: str = Field(
-        default=CONFIG_MOUNT_PATH, description="Where the trainer config ConfigMap is mounted."
-    )
-    pvc_root: str = Field(
-        default=DEFAULT_PVC_ROOT, description="Where claims named by pvc:// URIs are mounted."
-    )
+    run_as_non_root: bool = True
+    """Set runAsNonRoot on the trainer pod."""
+    run_as_user: OptionalInt = Field(1000, ge=0)
+    """runAsUser of the trainer pod; empty leaves it unset."""
+    fs_group: OptionalInt = Field(1000, ge=0)
+    """fsGroup of the trainer pod; empty leaves it unset."""
+    config_mount_path: str = CONFIG_MOUNT_PATH
+    """Where the trainer config ConfigMap is mounted."""
+    pvc_root: str = DEFAULT_PVC_ROOT
+    """Where claims named by pvc:// URIs are mounted."""
 
     @field_validator(
         "trainer_egress_cidrs", "trainer_egress_except", "trainer_cluster_cidrs",

@@ -1,11 +1,11 @@
-"""Field types of the operator's settings from the environment: comma-separated lists, and
-an empty value read as unset."""
+"""Field types of the operator's settings from the environment (comma-separated lists, and an
+empty value read as unset), and the base of its groups of settings."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BeforeValidator
+from pydantic import BaseModel, BeforeValidator, ConfigDict
 from pydantic_settings import NoDecode
 
 
@@ -23,3 +23,10 @@ CsvList = Annotated[list[str], NoDecode, BeforeValidator(split_csv)]
 OptionalInt = Annotated[int | None, BeforeValidator(_empty_is_none)]
 OptionalStr = Annotated[str | None, BeforeValidator(_empty_is_none)]
 IntCsvList = Annotated[list[int], NoDecode, BeforeValidator(split_csv)]
+
+
+class SettingsGroup(BaseModel):
+    """One concern's settings, mixed into ``OperatorSettings``: each field's description is the
+    docstring under it."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)

@@ -14,6 +14,7 @@ from kubetune.api.contract import (
 )
 from kubetune.api.models import FineTuneJobStatus
 from kubetune.api.timestamps import parse_rfc3339, rfc3339
+from kubetune.operator.objects import Obj
 from kubetune.operator.outcome import (
     PROBLEM_REASONS,
     Outcome,
@@ -32,8 +33,6 @@ from kubetune.operator.pods import (
     terminated_state,
     trainer_started_at,
 )
-
-Obj = Mapping[str, Any]
 
 READY: Final = ConditionType.READY
 RUNNING: Final = ConditionType.RUNNING

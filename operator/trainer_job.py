@@ -45,10 +45,10 @@ from kubetune.operator.names import (
     rendezvous_endpoint,
     short_name,
 )
+from kubetune.operator.objects import Manifest
 from kubetune.operator.pod_template import apply_pod_template
 from kubetune.operator.settings import OperatorSettings
 
-Manifest = dict[str, Any]
 #: The trainer's HOME, an emptyDir: the trainer image's home and working folder.
 TRAINER_HOME = "/home/kubetune"
 

@@ -20,15 +20,13 @@ from kubetune.operator.controller import (
     LOGGER,
     SETTINGS,
     Controller,
-    Ftj,
-    Key,
-    Obj,
     job_logger,
     kube,
     now,
 )
 from kubetune.operator.errors import api_errors
 from kubetune.operator.kube import collection_path, finetunejob_path
+from kubetune.operator.objects import Ftj, Key, Obj
 from kubetune.operator.status import Rejection, rejected_status, set_condition, transition
 
 

@@ -227,18 +227,18 @@ def _job(**training: object) -> tuple[FineTuneJobSpec, TrainingPlan]:
 
 def test_a_card_only_the_memory_profile_fits_is_refused_naming_the_profile() -> None:
     from kubetune.trainer.errors import OutOfMemory
-    from kubetune.trainer.plan.card import plan_for_this_card
+    from kubetune.trainer.plan.resolve import fit_to_card
 
     flex = SpeedSettings("flex_attention", True, False, True, "paged_adamw_8bit")
     spec, plan = _job()
     small, tiny = int(6.5 * GIB), int(3.5 * GIB)
     with pytest.raises(OutOfMemory, match=r"set training.profile: memory \(about 4.1 GiB"):
-        plan_for_this_card(spec, plan, flex, LLAMA2_7B, cuda=True, free_bytes=small)
+        fit_to_card(spec, plan, flex, LLAMA2_7B, cuda=True, free_bytes=small)
     spec, plan = _job(profile="memory")
-    memory = plan_for_this_card(spec, plan, flex, LLAMA2_7B, cuda=True, free_bytes=small)
+    memory = fit_to_card(spec, plan, flex, LLAMA2_7B, cuda=True, free_bytes=small).memory
     assert memory.fits and memory.offload_checkpoints and memory.micro_batch_size == 1
     with pytest.raises(OutOfMemory, match=r"lower training.maxLength \(now 2048\)"):
-        plan_for_this_card(spec, plan, flex, LLAMA2_7B, cuda=True, free_bytes=tiny)
+        fit_to_card(spec, plan, flex, LLAMA2_7B, cuda=True, free_bytes=tiny)
 
 
 def test_a_capped_allocator_is_planned_for_as_a_smaller_card() -> None:

@@ -369,8 +369,8 @@ def test_the_memory_plan_gives_kto_two_examples_a_micro_batch_and_dpo_twice_the_
     """The memory profile plans one row a micro-step; KTO's KL term needs two, and a DPO pair
     puts two sequences through each micro-step."""
     from kubetune.api.models import FineTuneJobSpec, plan_training
-    from kubetune.trainer.plan.card import plan_for_this_card
     from kubetune.trainer.plan.memory import ModelShape
+    from kubetune.trainer.plan.resolve import fit_to_card
     from kubetune.trainer.plan.speed import resolve_speed
 
     shape = ModelShape.from_config({"hidden_size": 4096, "intermediate_size": 11008,
@@ -384,7 +384,8 @@ def test_the_memory_plan_gives_kto_two_examples_a_micro_batch_and_dpo_twice_the_
         })  # fmt: skip
         plan = plan_training(spec.training, 1)
         speed = resolve_speed(spec.training, cuda=True, varlen_runs=False)
-        plans[method] = plan_for_this_card(spec, plan, speed, shape, True, free_bytes=80 * 2**30)
+        fitted = fit_to_card(spec, plan, speed, shape, cuda=True, free_bytes=80 * 2**30)
+        plans[method] = fitted.memory
     assert plans["sft"].micro_batch_size == plans["dpo"].micro_batch_size == 1
     assert plans["kto"].micro_batch_size == 2
     assert plans["dpo"].tokens_per_micro_step == 2 * plans["sft"].tokens_per_micro_step

@@ -29,7 +29,7 @@ checkpointing, 7.2 GiB with it, +16.6 GiB for LoRA dropout). Nothing here import
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 GIB = 2**30
@@ -280,6 +280,22 @@ def _micro_choices(run: RunSettings) -> list[int]:
     return capped or [1]
 
 
+def _unestimated(
+    shape: ModelShape, run: RunSettings, micro: int, checkpointed: int, optimizer: str
+) -> MemoryPlan:
+    """``micro`` sequences of ``run.max_length`` tokens a micro-step with ``checkpointed`` of the
+    model's layers checkpointed, before any estimate of its peak (a CPU run's whole plan)."""
+    return MemoryPlan(
+        checkpointed_layers=checkpointed,
+        layers=shape.layers,
+        micro_batch_size=micro,
+        tokens_per_micro_step=micro * run.max_length,
+        optimizer=optimizer,
+        estimated_peak_bytes=None,
+        free_bytes=None,
+    )
+
+
 def plan_memory(
     shape: ModelShape, run: RunSettings, free_bytes: int | None, *, cuda: bool
 ) -> MemoryPlan:
@@ -291,15 +307,9 @@ def plan_memory(
         micro = run.micro_batch_size or max(
             d for d in range(1, min(run.per_device_batch, 4) + 1) if run.per_device_batch % d == 0
         )
-        return MemoryPlan(
-            checkpointed_layers=shape.layers if run.gradient_checkpointing else 0,
-            layers=shape.layers,
-            micro_batch_size=micro,
-            tokens_per_micro_step=micro * run.max_length,
-            optimizer="adamw_torch" if run.optimizer == "auto" else run.optimizer,
-            estimated_peak_bytes=None,
-            free_bytes=None,
-        )
+        checkpointed = shape.layers if run.gradient_checkpointing else 0
+        optimizer = "adamw_torch" if run.optimizer == "auto" else run.optimizer
+        return _unestimated(shape, run, micro, checkpointed, optimizer)
     budget = budget_bytes(free_bytes)
     lean = "paged_adamw_8bit" if run.optimizer == "auto" else run.optimizer
     candidates = []
@@ -327,12 +337,8 @@ def plan_memory(
     weights = shape.linear_params() * KEPT_WEIGHT_BYTES_PER_PARAM
     if KEEP_WEIGHTS_WHERE_THEY_FIT and fitting and peak + weights <= budget:
         kept, peak = "weights", peak + weights
-    return MemoryPlan(
-        checkpointed_layers=checkpointed,
-        layers=shape.layers,
-        micro_batch_size=micro,
-        tokens_per_micro_step=micro * run.max_length,
-        optimizer=optimizer,
+    return replace(
+        _unestimated(shape, run, micro, checkpointed, optimizer),
         estimated_peak_bytes=int(peak),
         free_bytes=free_bytes,
         fits=bool(fitting),
@@ -345,36 +351,36 @@ def _least_memory_plan(shape: ModelShape, run: RunSettings, free_bytes: int | No
     checkpoints offloaded to CPU memory on a GPU, one row a micro-step, paged 8-bit AdamW."""
     micro = run.micro_batch_size or 1
     checkpointed = 0 if run.gradient_checkpointing is False else shape.layers
-    offload = free_bytes is not None and checkpointed == shape.layers
     if run.optimizer != "auto":
         optimizer = run.optimizer
     else:
         optimizer = "paged_adamw_8bit" if free_bytes is not None else "adamw_torch"
-    peak = None
-    if free_bytes is not None:
-        peak = int(
-            estimate_peak_bytes(
-                shape,
-                run,
-                checkpointed_layers=checkpointed,
-                tokens=micro * run.max_length,
-                optimizer=optimizer,
-                offload=offload,
-                kept_scales=False,
-            )
+    # Every byte counts here; the launches don't: no dequantization kept.
+    plan = replace(
+        _unestimated(shape, run, micro, checkpointed, optimizer),
+        profile="memory",
+        kept_dequantization="none",
+    )
+    if free_bytes is None:
+        return plan
+    offload = checkpointed == shape.layers
+    peak = int(
+        estimate_peak_bytes(
+            shape,
+            run,
+            checkpointed_layers=checkpointed,
+            tokens=plan.tokens_per_micro_step,
+            optimizer=optimizer,
+            offload=offload,
+            kept_scales=False,
         )
-    return MemoryPlan(
-        checkpointed_layers=checkpointed,
-        layers=shape.layers,
-        micro_batch_size=micro,
-        tokens_per_micro_step=micro * run.max_length,
-        optimizer=optimizer,
+    )
+    return replace(
+        plan,
         estimated_peak_bytes=peak,
         free_bytes=free_bytes,
-        fits=peak is None or peak <= budget_bytes(free_bytes or 0),
-        profile="memory",
+        fits=peak <= budget_bytes(free_bytes),
         offload_checkpoints=offload,
-        kept_dequantization="none",  # every byte counts here; the launches don't
     )
 
 

@@ -6,7 +6,7 @@ the model's config (:mod:`~kubetune.trainer.model.modeling`), the data read, che
 (:func:`~kubetune.trainer.dataset.formats.prepare`), the SFT arguments
 (:func:`~kubetune.trainer.plan.arguments.sft_arguments`) and TRL's own dataset preparation
 (tokenizing, truncating, packing: ``SFTTrainer._prepare_dataset``), and the memory plan
-(:func:`~kubetune.trainer.plan.card.plan_for_this_card`) for ``validation.gpuKind``. Steps are
+(:func:`~kubetune.trainer.plan.resolve.fit_to_card`) for ``validation.gpuKind``. Steps are
 counted the way transformers' Trainer counts them from the prepared rows, and seconds come from the
 measured speed table (:data:`~kubetune.trainer.plan.speed.GPU_KINDS`). A problem is the same
 DatasetUnusable / ModelUnusable / OutOfMemory the run would end in, minutes and a GPU later.
@@ -25,7 +25,6 @@ from kubetune.api.contract import Reason
 from kubetune.api.models import (
     BaseModelRef,
     Estimate,
-    EstimatePlan,
     MergeEstimate,
     TrainerResult,
     TrainingPlan,
@@ -33,7 +32,8 @@ from kubetune.api.models import (
 from kubetune.api.uris import display_uri
 from kubetune.trainer.errors import DatasetUnusable, InvalidConfig
 from kubetune.trainer.plan.arguments import RunArguments
-from kubetune.trainer.plan.memory import GIB, MemoryPlan, ModelShape
+from kubetune.trainer.plan.card import plan_settings
+from kubetune.trainer.plan.memory import GIB, ModelShape
 from kubetune.trainer.run.preference import extra_forward_passes, work_per_token
 
 if TYPE_CHECKING:
@@ -266,7 +266,7 @@ def _estimate(
         tokens=counts.tokens,
         sequences=counts.sequences,
         steps=steps,
-        plan=_plan_of(memory, fitted.plan),
+        plan=plan_settings(memory, fitted.plan),
         gpu_kind=kind,
         peakGiB=round(peak / GIB, 1) if peak is not None else None,
         seconds=round(seconds) if seconds is not None else None,
@@ -334,15 +334,6 @@ def _check_registry_push(spec: FineTuneJobSpec) -> None:
         raise InvalidConfig(
             f"output.uri: {display_uri(spec.output.uri)} can't be pushed to: {exc}"
         ) from None
-
-
-def _plan_of(memory: MemoryPlan, plan: TrainingPlan) -> EstimatePlan:
-    return EstimatePlan(
-        micro_batch_size=plan.micro_batch_size,
-        gradient_accumulation_steps=plan.gradient_accumulation_steps,
-        gradient_checkpointing=memory.describe_checkpointing(),
-        optimizer=memory.optimizer,
-    )
 
 
 def _describe(estimate: Estimate, method: str = "sft") -> str:

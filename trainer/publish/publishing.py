@@ -15,7 +15,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,33 +41,27 @@ class Publication:
     exit_code: ExitCode
 
 
+@dataclass(kw_only=True, eq=False, repr=False)
 class Publisher:
     """Writes one run's adapter into its output location and delivers it where the spec says."""
 
-    def __init__(
-        self,
-        *,
-        name: str,
-        spec: FineTuneJobSpec,
-        output: locations.Location,
-        output_dir: Path,
-        tokens: HubTokens,
-        mlflow_run: MlflowRun | None = None,
-    ) -> None:
-        self.name = name
-        self.mlflow_run = mlflow_run
-        self.spec = spec
-        self.output = output
-        self.output_dir = output_dir
-        self.tokens = tokens
-        #: Every form of every secret of the run: none of them reaches a file written here.
-        self.secrets = tokens.secrets
-        #: One line per step that failed after the adapter was saved.
-        self.failures: list[str] = []
-        self.delivery_failed = False
-        #: The adapter's own files: what goes to the hub.
-        self.adapter_files: list[str] = []
-        self._tokenizer: Any = None
+    name: str
+    spec: FineTuneJobSpec
+    output: locations.Location
+    output_dir: Path
+    tokens: HubTokens
+    mlflow_run: MlflowRun | None = None
+    #: Every form of every secret of the run: none of them reaches a file written here.
+    secrets: list[str] = field(init=False)
+    #: One line per step that failed after the adapter was saved.
+    failures: list[str] = field(default_factory=list, init=False)
+    delivery_failed: bool = field(default=False, init=False)
+    #: The adapter's own files: what goes to the hub.
+    adapter_files: list[str] = field(default_factory=list, init=False)
+    _tokenizer: Any = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.secrets = self.tokens.secrets
 
     def save_adapter(self, model: Any, tokenizer: Any) -> AdapterRef:
         """The adapter and its tokenizer; a failure here is the run's (nothing is saved yet)."""
