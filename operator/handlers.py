@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -91,39 +91,30 @@ async def finetunejobs_index(
     return {key: slim_finetunejob(body)}
 
 
-@kopf.index("batch", "v1", "jobs", labels=MANAGED)  # type: ignore[untyped-decorator]
-async def jobs_index(
-    namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any
-) -> dict[Key, Obj] | None:
-    owner = owner_name(annotations)
-    if owner is None:
-        return None
-    key = job_key(namespace, owner)
-    _queue(key)
-    return {key: slim(body, JOB_SPEC_KEPT)}
+def _child_index(
+    kept: tuple[str, ...],
+) -> Callable[..., Coroutine[Any, Any, dict[Key, Obj] | None]]:
+    """The index handler of one child kind (Jobs, pods, JobSets): its owner's key to the child,
+    slimmed to the spec fields ``kept``; the owner queued (none for a child of no job)."""
+
+    async def index(
+        namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any
+    ) -> dict[Key, Obj] | None:
+        owner = owner_name(annotations)
+        if owner is None:
+            return None
+        key = job_key(namespace, owner)
+        _queue(key)
+        return {key: slim(body, kept)}
+
+    return index
 
 
-@kopf.index("", "v1", "pods", labels=MANAGED)  # type: ignore[untyped-decorator]
-async def pods_index(
-    namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any
-) -> dict[Key, Obj] | None:
-    owner = owner_name(annotations)
-    if owner is None:
-        return None
-    key = job_key(namespace, owner)
-    _queue(key)
-    return {key: slim(body, ())}
-
-
-async def jobsets_index(
-    namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any
-) -> dict[Key, Obj] | None:
-    owner = owner_name(annotations)
-    if owner is None:
-        return None
-    key = job_key(namespace, owner)
-    _queue(key)
-    return {key: slim(body, ("suspend",))}
+# The index's name (what the reconcile handler's keyword says) is its id.
+jobs_index = kopf.index("batch", "v1", "jobs", labels=MANAGED, id="jobs_index")(
+    _child_index(JOB_SPEC_KEPT)
+)
+pods_index = kopf.index("", "v1", "pods", labels=MANAGED, id="pods_index")(_child_index(()))
 
 
 async def jobset_event(annotations: kopf.Annotations, namespace: str, **_: Any) -> None:
@@ -135,7 +126,9 @@ async def jobset_event(annotations: kopf.Annotations, namespace: str, **_: Any) 
 
 if SETTINGS.group_workload == "jobset":
     # Watched only where the settings ask for JobSet (the operator's RBAC grants jobsets then).
-    kopf.index(js.GROUP, js.VERSION, js.PLURAL, labels=MANAGED)(jobsets_index)
+    kopf.index(js.GROUP, js.VERSION, js.PLURAL, labels=MANAGED, id="jobsets_index")(
+        _child_index(("suspend",))
+    )
     kopf.on.event(js.GROUP, js.VERSION, js.PLURAL, labels=MANAGED, when=_unindexed)(jobset_event)
 
 
