@@ -31,21 +31,18 @@ def reconcile(
     *,
     jobsets: list[Obj] | None = None,
     progress: Obj | None = None,
-    planned: tuple[Observed, Plan] | None = None,
+    planned: tuple[Observed, Plan | None] | None = None,
 ) -> Plan:
     """Carry out the plan for one FineTuneJob; what was done, for the caller's requeue.
     ``progress``: what its trainer reported last (``operator/progress.py``), written with this
     pass's status changes, in the same patch. ``planned``: what ``plan_cached`` made of the
     same objects a moment before (not planned again)."""
-    if planned is not None:
-        seen, work = planned
-    else:
-        seen = observe(ftj, jobs, pods, jobsets or ())
-        if needs_whole_spec(seen):
-            whole = _whole(ftj)
-            if whole is None:
-                return Plan(notes=("gone or replaced",))  # its own events queue the new one
-            seen = seen.with_ftj(whole)
+    seen, work = planned or plan_cached(ftj, jobs, pods, jobsets or ())
+    if work is None:  # the plan needs the whole spec, read from the API
+        whole = _whole(ftj)
+        if whole is None:
+            return Plan(notes=("gone or replaced",))  # its own events queue the new one
+        seen = seen.with_ftj(whole)
         work = decide(seen, SETTINGS, now())
     if work.reject is not None:
         reject(ctl, key, seen.ftj, work.reject)
@@ -65,14 +62,12 @@ def reconcile(
 
 
 def plan_cached(
-    ftj: Ftj, jobs: list[Obj], pods: list[Obj], jobsets: list[Obj]
-) -> tuple[Observed, Plan] | None:
-    """Observe and plan from the caches alone, on the event loop (pure, no API call): None when
-    the plan needs the whole spec from the API (``reconcile`` reads it on a worker thread)."""
+    ftj: Ftj, jobs: list[Obj], pods: list[Obj], jobsets: list[Obj] | tuple[()]
+) -> tuple[Observed, Plan | None]:
+    """Observe and plan from the caches alone, on the event loop (pure, no API call); the plan
+    None when it needs the whole spec from the API (``reconcile`` reads it on a worker thread)."""
     seen = observe(ftj, jobs, pods, jobsets)
-    if needs_whole_spec(seen):
-        return None
-    return seen, decide(seen, SETTINGS, now())
+    return seen, None if needs_whole_spec(seen) else decide(seen, SETTINGS, now())
 
 
 def writes_nothing(work: Plan) -> bool:

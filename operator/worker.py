@@ -50,8 +50,9 @@ async def work(ctl: Controller) -> None:
             # Planned here from the caches (pure, well under a millisecond); a worker thread
             # only for a plan that makes requests: most passes make none.
             planned = plan_cached(ftj, jobs, pods, jobsets) if reported is None else None
-            if planned is not None and writes_nothing(planned[1]):
-                done = planned[1]
+            work_planned = planned[1] if planned is not None else None
+            if work_planned is not None and writes_nothing(work_planned):
+                done = work_planned
             else:
                 context = contextvars.copy_context()
                 work = functools.partial(
