@@ -51,8 +51,6 @@ class Publisher:
     output_dir: Path
     tokens: HubTokens
     mlflow_run: MlflowRun | None = None
-    #: Every form of every secret of the run: none of them reaches a file written here.
-    secrets: list[str] = field(init=False)
     #: One line per step that failed after the adapter was saved.
     failures: list[str] = field(default_factory=list, init=False)
     delivery_failed: bool = field(default=False, init=False)
@@ -60,8 +58,10 @@ class Publisher:
     adapter_files: list[str] = field(default_factory=list, init=False)
     _tokenizer: Any = field(default=None, init=False)
 
-    def __post_init__(self) -> None:
-        self.secrets = self.tokens.secrets
+    @property
+    def secrets(self) -> list[str]:
+        """Every form of every secret of the run: none of them reaches a file written here."""
+        return self.tokens.secrets
 
     def save_adapter(self, model: Any, tokenizer: Any) -> AdapterRef:
         """The adapter and its tokenizer; a failure here is the run's (nothing is saved yet)."""
