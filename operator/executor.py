@@ -70,23 +70,6 @@ def plan_cached(
     return seen, None if needs_whole_spec(seen) else decide(seen, SETTINGS, now())
 
 
-def writes_nothing(work: Plan) -> bool:
-    """Whether carrying ``work`` out makes no API request (most passes: the watch event of a
-    write the last pass made, a Job's status the Job controller wrote): then no worker thread
-    is needed, only the requeue."""
-    return (
-        work.reject is None
-        and work.validate is None
-        and work.create is None
-        and work.job_patch is None
-        and work.workload_active is None
-        and work.status_patch is None
-        and not work.delete
-        and not work.delete_job
-        and not work.fetch_spec
-    )
-
-
 def _create(ctl: Controller, key: Key, seen: Observed, work: Plan) -> bool:
     """The plan's one create step: the Validating phase's Job, or the trainer's Job (or JobSet),
     with the companions unless the Validating phase made them already. False: a reference is

@@ -90,6 +90,23 @@ class Plan:
     #: Why, for the log.
     notes: tuple[str, ...] = field(default=())
 
+    @property
+    def writes_nothing(self) -> bool:
+        """Whether carrying this plan out makes no API request (most passes: the watch event of
+        a write the last pass made, a Job's status the Job controller wrote): then no worker
+        thread is needed, only the requeue. A field above that makes a request belongs here."""
+        return (
+            self.reject is None
+            and self.validate is None
+            and self.create is None
+            and self.job_patch is None
+            and self.workload_active is None
+            and self.status_patch is None
+            and not self.delete
+            and not self.delete_job
+            and not self.fetch_spec
+        )
+
 
 def status_changes(current: Obj, desired: Obj) -> dict[str, Any] | None:
     """The fields of ``desired`` that differ from ``current`` (only fields the operator owns)."""

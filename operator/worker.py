@@ -16,7 +16,7 @@ import kopf
 
 from kubetune.operator import metrics
 from kubetune.operator.controller import Controller, job_logger, seen_mark, snapshot
-from kubetune.operator.executor import plan_cached, reconcile, writes_nothing
+from kubetune.operator.executor import plan_cached, reconcile
 
 
 async def work(ctl: Controller) -> None:
@@ -51,7 +51,7 @@ async def work(ctl: Controller) -> None:
             # only for a plan that makes requests: most passes make none.
             planned = plan_cached(ftj, jobs, pods, jobsets) if reported is None else None
             work_planned = planned[1] if planned is not None else None
-            if work_planned is not None and writes_nothing(work_planned):
+            if work_planned is not None and work_planned.writes_nothing:
                 done = work_planned
             else:
                 context = contextvars.copy_context()
