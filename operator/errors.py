@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 from collections.abc import Iterator
 from typing import Final
 
@@ -35,5 +36,6 @@ def api_errors(what: str) -> Iterator[None]:
         yield
     except ApiException as exc:
         raise translate(exc, what) from exc
-    except (urllib3.exceptions.HTTPError, TimeoutError, ConnectionError) as exc:
+    except (urllib3.exceptions.HTTPError, http.client.HTTPException, OSError) as exc:
+        # No answer: refused, reset, timed out, a TLS failure, a broken response.
         raise kopf.TemporaryError(f"{what}: {exc}", delay=_DEFAULT_DELAY) from exc

@@ -62,6 +62,21 @@ class StallingProxy:
                 connection.stalled = True
             return len(open_now)
 
+    def drop(self) -> int:
+        """Close every connection open now, as a server closes idle kept-alive ones; how many
+        there were."""
+        with self._lock:
+            open_now = [c for c in self._connections if not c.closed]
+            for connection in open_now:
+                connection.close()
+            return len(open_now)
+
+    @property
+    def opened(self) -> int:
+        """Connections the proxy has taken so far."""
+        with self._lock:
+            return len(self._connections)
+
     def kubeconfig(self, source: Path, dest: Path) -> Path:
         """A copy of the kubeconfig ``source`` whose clusters are reached through this proxy."""
         config = yaml.safe_load(source.read_text())

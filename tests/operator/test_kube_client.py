@@ -1,0 +1,125 @@
+"""The operator's API client (operator/kube.py) against the real kube-apiserver: what each
+answer becomes, what it counts, and how it gets past connections the server closed or that went
+silent (through a proxy in front of the apiserver, stallproxy.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import kopf
+import pytest
+import yaml
+from kubernetes.client.exceptions import ApiException
+from stallproxy import StallingProxy
+
+from kubetune.operator.errors import api_errors
+from kubetune.operator.kube import Kube, collection_path, load_config
+from kubetune.operator.metrics import API_REQUESTS
+
+pytestmark = pytest.mark.integration
+
+NAMESPACE = "default"
+CONFIGMAPS = collection_path("v1", "ConfigMap", NAMESPACE)
+
+
+def kube_for(kubeconfig: Path, timeout: float = 30.0) -> Kube:
+    previous = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(kubeconfig)
+    try:
+        return Kube(load_config(pool_size=1), timeout)
+    finally:
+        if previous is None:
+            del os.environ["KUBECONFIG"]
+        else:
+            os.environ["KUBECONFIG"] = previous
+
+
+def config_map(name: str, value: str = "v") -> dict[str, object]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": NAMESPACE, "labels": {"test": "kube-client"}},
+        "data": {"config.yaml": value},
+    }
+
+
+def counted(verb: str, code: str) -> float:
+    value = API_REQUESTS.labels(verb, "configmaps", code)._value.get()  # noqa: SLF001
+    return float(value)
+
+
+@pytest.fixture
+def name(kubeconfig_path: Path) -> Iterator[str]:
+    made = f"kube-client-{uuid.uuid4().hex[:8]}"
+    yield made
+    with contextlib.suppress(ApiException):
+        kube_for(kubeconfig_path).delete(f"{CONFIGMAPS}/{made}")
+
+
+@pytest.fixture
+def proxy(kubeconfig_path: Path) -> Iterator[StallingProxy]:
+    server = yaml.safe_load(kubeconfig_path.read_text())["clusters"][0]["cluster"]["server"]
+    target = urlsplit(server)
+    with StallingProxy((target.hostname or "127.0.0.1", target.port or 443)) as running:
+        yield running
+
+
+def test_answers_become_objects_errors_and_counts(kubeconfig_path: Path, name: str) -> None:
+    kube = kube_for(kubeconfig_path)
+    created_before, conflicts_before = counted("POST", "201"), counted("POST", "409")
+
+    made, created = kube.create_or_existing(config_map(name, "first"))
+    assert created and made["metadata"]["name"] == name
+    existing, created = kube.create_or_existing(config_map(name, "second"))
+    assert not created and existing["data"] == {"config.yaml": "first"}
+    assert counted("POST", "201") == created_before + 1
+    assert counted("POST", "409") == conflicts_before + 1
+
+    patched = kube.merge_patch(f"{CONFIGMAPS}/{name}", {"data": {"more": "yes"}})
+    assert patched["data"] == {"config.yaml": "first", "more": "yes"}
+    listed = kube.get(CONFIGMAPS, query={"labelSelector": "test=kube-client"})
+    assert name in [item["metadata"]["name"] for item in listed["items"]]
+
+    with pytest.raises(ApiException) as refused:
+        kube.request("POST", CONFIGMAPS, body={**config_map(name), "data": {"bad key!": "x"}})
+    assert refused.value.status == 422
+    assert "bad key!" in str(refused.value.body)
+    with pytest.raises(kopf.PermanentError), api_errors("creating a ConfigMap"):
+        kube.request("POST", CONFIGMAPS, body={**config_map(name), "data": {"bad key!": "x"}})
+
+    kube.delete(f"{CONFIGMAPS}/{name}")
+    assert kube.get_or_none(f"{CONFIGMAPS}/{name}") is None
+    kube.delete(f"{CONFIGMAPS}/{name}")  # gone already: nothing to do
+
+
+def test_a_connection_the_server_closed_is_opened_again(
+    kubeconfig_path: Path, proxy: StallingProxy, tmp_path: Path, name: str
+) -> None:
+    kube = kube_for(proxy.kubeconfig(kubeconfig_path, tmp_path / "kubeconfig"))
+    kube.create(config_map(name))
+    kube.get(f"{CONFIGMAPS}/{name}")
+    assert proxy.opened == 1  # one kept-alive connection for both
+
+    assert proxy.drop() == 1
+    assert kube.get(f"{CONFIGMAPS}/{name}")["metadata"]["name"] == name
+    assert proxy.opened == 2
+
+
+def test_a_connection_gone_silent_fails_one_request_and_the_next_gets_through(
+    kubeconfig_path: Path, proxy: StallingProxy, tmp_path: Path, name: str
+) -> None:
+    kube = kube_for(proxy.kubeconfig(kubeconfig_path, tmp_path / "kubeconfig"), timeout=1.0)
+    kube.create(config_map(name))
+    unanswered_before = counted("GET", "0")
+
+    assert proxy.stall() == 1
+    with pytest.raises(kopf.TemporaryError), api_errors(f"reading {name}"):
+        kube.get(f"{CONFIGMAPS}/{name}")
+    assert counted("GET", "0") == unanswered_before + 1
+    assert kube.get(f"{CONFIGMAPS}/{name}")["metadata"]["name"] == name
+    assert proxy.opened == 2
