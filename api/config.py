@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Final, Literal
 
@@ -74,9 +75,9 @@ def _node(data: object) -> yaml.Node:
 
 def _float_text(value: float) -> str:
     """SafeRepresenter.represent_float's text."""
-    if value != value:
+    if math.isnan(value):
         return ".nan"
-    if value in (float("inf"), float("-inf")):
+    if math.isinf(value):
         return ".inf" if value > 0 else "-.inf"
     text = repr(value).lower()
     return text.replace("e", ".0e", 1) if "." not in text and "e" in text else text

@@ -88,7 +88,7 @@ class _HTTPSConnection(http.client.HTTPSConnection):
 class _Answer:
     """An answer read whole: what ApiException.from_response reads of it."""
 
-    __slots__ = ("status", "reason", "data", "headers")
+    __slots__ = ("data", "headers", "reason", "status")
 
     def __init__(self, status: int, reason: str, data: bytes, headers: object) -> None:
         self.status, self.reason, self.data, self.headers = status, reason, data, headers

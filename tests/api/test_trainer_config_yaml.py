@@ -99,7 +99,9 @@ def python_yaml(config: TrainerConfig) -> str:
     return yaml.dump(data, Dumper=yaml.SafeDumper, sort_keys=False, width=NO_FOLDING)
 
 
-@pytest.mark.parametrize("manifest", [*EXAMPLES, AWKWARD], ids=lambda m: getattr(m, "name", "awkward"))
+@pytest.mark.parametrize(
+    "manifest", [*EXAMPLES, AWKWARD], ids=lambda m: getattr(m, "name", "awkward")
+)
 def test_the_trainer_config_is_the_text_pyyaml_writes(manifest: Any, tmp_path: Path) -> None:
     config = config_of(manifest)
     text = config.to_yaml()

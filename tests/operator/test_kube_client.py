@@ -5,7 +5,6 @@ silent (through a proxy in front of the apiserver, stallproxy.py)."""
 from __future__ import annotations
 
 import contextlib
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,12 +13,13 @@ from urllib.parse import urlsplit
 import kopf
 import pytest
 import yaml
+from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from prometheus_client import REGISTRY
 from stallproxy import StallingProxy
 
 from kubetune.operator.errors import api_errors
-from kubetune.operator.kube import Kube, collection_path, load_config
-from kubetune.operator.metrics import API_REQUESTS
+from kubetune.operator.kube import Kube, collection_path
 
 pytestmark = pytest.mark.integration
 
@@ -28,15 +28,10 @@ CONFIGMAPS = collection_path("v1", "ConfigMap", NAMESPACE)
 
 
 def kube_for(kubeconfig: Path, timeout: float = 30.0) -> Kube:
-    previous = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = str(kubeconfig)
-    try:
-        return Kube(load_config(pool_size=1), timeout)
-    finally:
-        if previous is None:
-            del os.environ["KUBECONFIG"]
-        else:
-            os.environ["KUBECONFIG"] = previous
+    """The operator's client as ``load_config`` makes it, from this kubeconfig."""
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+    return Kube(client.ApiClient(configuration), timeout)
 
 
 def config_map(name: str, value: str = "v") -> dict[str, object]:
@@ -49,8 +44,8 @@ def config_map(name: str, value: str = "v") -> dict[str, object]:
 
 
 def counted(verb: str, code: str) -> float:
-    value = API_REQUESTS.labels(verb, "configmaps", code)._value.get()  # noqa: SLF001
-    return float(value)
+    labels = {"verb": verb, "resource": "configmaps", "code": code}
+    return REGISTRY.get_sample_value("kubetune_api_requests_total", labels) or 0.0
 
 
 @pytest.fixture
