@@ -43,6 +43,12 @@ def trainer_jobs(kubectl: Kubectl, namespace: str, name: str) -> list[dict[str, 
     return items
 
 
+def ready(pod: dict[str, Any]) -> bool:
+    """The pod's Ready condition is True."""
+    conditions = pod["status"].get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
 def gpu_requests(pod: dict[str, Any]) -> list[str]:
     """The GPU amounts a pod's containers ask for."""
     return [
@@ -299,8 +305,17 @@ def test_operator_killed_mid_run_comes_back_to_the_same_job(
     kubectl("delete", "pod", operator["metadata"]["name"], "-n", operator["metadata"]["namespace"],
             "--grace-period=0", "--force")  # fmt: skip
     wait_for(lambda: [p for p in operator_pods(kubectl)
-                      if p["metadata"]["uid"] != operator["metadata"]["uid"]], 120,
-             "the Deployment to start a new operator pod")  # fmt: skip
+                      if p["metadata"]["uid"] != operator["metadata"]["uid"] and ready(p)], 120,
+             "the Deployment's new operator pod to be Ready")  # fmt: skip
+
+    # The new operator must find the job still training: one that only ever saw it finished
+    # would pass the rest of this test too.
+    (job_now,) = trainer_jobs(kubectl, namespace, "survivor")
+    running = job_now.get("status") or {}
+    assert running.get("active") == 1 and not running.get("succeeded"), running
+    seen = get_json(kubectl, "ftj", "survivor", "-n", namespace)["status"]
+    assert seen["phase"] == "Running", seen
+    assert (seen.get("progress") or {}).get("step", 0) < 600, seen.get("progress")
 
     status = wait_phase(kubectl, namespace, "survivor", {"Succeeded", "Failed"}, 240)
     assert status["phase"] == "Succeeded"
