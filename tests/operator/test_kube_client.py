@@ -4,6 +4,7 @@ silent (through a proxy in front of the apiserver, stallproxy.py)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import uuid
 from collections.abc import Iterator
@@ -15,11 +16,13 @@ import pytest
 import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from kubernetes.config.incluster_config import InClusterConfigLoader
 from prometheus_client import REGISTRY
 from stallproxy import StallingProxy
 
 from kubetune.operator.errors import api_errors
 from kubetune.operator.kube import Kube, collection_path
+from kubetune_devtools.pytest_plugin import Kubectl
 
 pytestmark = pytest.mark.integration
 
@@ -118,3 +121,34 @@ def test_a_connection_gone_silent_fails_one_request_and_the_next_gets_through(
     assert counted("GET", "0") == unanswered_before + 1
     assert kube.get(f"{CONFIGMAPS}/{name}")["metadata"]["name"] == name
     assert proxy.opened == 2
+
+
+def test_in_a_pod_requests_carry_the_pods_service_account_token(
+    kubeconfig_path: Path, kubectl: Kubectl, tmp_path: Path
+) -> None:
+    """In a pod the client is configured from the service's address, the CA file and the
+    projected token file (``load_incluster_config``): the API server sees the pod's identity."""
+    cluster = yaml.safe_load(kubeconfig_path.read_text())["clusters"][0]["cluster"]
+    server = urlsplit(cluster["server"])
+    if "certificate-authority-data" in cluster:
+        ca = base64.b64decode(cluster["certificate-authority-data"])
+    else:
+        ca = Path(cluster["certificate-authority"]).read_bytes()
+    (tmp_path / "ca.crt").write_bytes(ca)
+    token = kubectl("create", "token", "default", "-n", NAMESPACE).stdout.strip()
+    (tmp_path / "token").write_text(token)
+    configuration = client.Configuration()
+    InClusterConfigLoader(
+        token_filename=str(tmp_path / "token"),
+        cert_filename=str(tmp_path / "ca.crt"),
+        environ={
+            "KUBERNETES_SERVICE_HOST": server.hostname or "",
+            "KUBERNETES_SERVICE_PORT": str(server.port),
+        },
+    ).load_and_set(configuration)
+    kube = Kube(client.ApiClient(configuration))
+
+    with pytest.raises(ApiException) as refused:  # the default account may read no ConfigMaps
+        kube.get(CONFIGMAPS)
+    assert refused.value.status == 403
+    assert f"system:serviceaccount:{NAMESPACE}:default" in str(refused.value.body)
