@@ -27,10 +27,13 @@ A row of zeros gets scale 1.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
 
 #: e4m3's largest finite value.
 FP8_MAX = 448.0
@@ -82,11 +85,12 @@ def supported_on_this_gpu() -> bool:
     if torch.cuda.get_device_capability() < (9, 0):
         return False
     try:
-        a = torch.ones(16, 16, device="cuda", dtype=FP8_DTYPE)
+        a = torch.ones(16, 16, device="cuda").to(FP8_DTYPE)
         scale = torch.ones(16, 1, device="cuda", dtype=torch.float32)
         out = fp8_mm(a, scale, a.t(), scale.view(1, 16), fast_accum=False)
         return bool(out.float().sum().item() == 16 * 16 * 16)
-    except (RuntimeError, NotImplementedError):
+    except (RuntimeError, NotImplementedError) as exc:
+        log.warning("no row-wise FP8 matmul on this GPU: %s", str(exc).splitlines()[0])
         return False
 
 
