@@ -6,7 +6,7 @@
 #   OUT=/some/dir bash bench/gpu_round.sh caps     # 24 and 16 GiB caps against TRL's fastest fits
 #   OUT=/some/dir bash bench/gpu_round.sh tests    # pytest -m gpu tests/trainer
 #   OUT=/some/dir bash bench/gpu_round.sh fp8      # FP8 base matmuls: GPU tests, the pieces,
-#                                                  # 7B bf16 vs fp8 vs TRL best (~6 min)
+#                                                  # 7B bf16 vs fp8 vs TRL best (~7 min)
 #   OUT=/some/dir bash bench/gpu_round.sh fp8-parity  # the loss parity of both vs TRL (~4 min)
 #
 # Everything lands in $OUT as it comes (results.jsonl, the profile table, one log per command,
@@ -45,10 +45,9 @@ case "${1:-}" in
     KUBETUNE_CACHE_DIR=/tmp/kc-tests TRITON_CACHE_DIR=/tmp/kc-tests/triton step gpu-tests \
       bash bench/gpu.sh python3 -m pytest -q -m gpu tests/trainer -p no:cacheprovider
     ;;
-  fp8)  # ~6 min on an H100: the FP8 tests first (seconds), the pieces, then the 7B runs
-    KUBETUNE_CACHE_DIR=/tmp/kc-tests TRITON_CACHE_DIR=/tmp/kc-tests/triton step fp8-gpu-tests \
-      bash bench/gpu.sh python3 -m pytest -q -m gpu tests/trainer/test_fp8_base.py \
-      -p no:cacheprovider
+  fp8)  # ~7 min on an H100: the GPU tests first (FP8's among them, ~1 min), the pieces, 7B
+    KUBETUNE_CACHE_DIR=/tmp/kc-tests TRITON_CACHE_DIR=/tmp/kc-tests/triton step gpu-tests \
+      bash bench/gpu.sh python3 -m pytest -q -m gpu tests/trainer -p no:cacheprovider -rs
     step fp8-matmul bash bench/gpu.sh python3 bench/fp8_matmul.py --out "$OUT/fp8-matmul.jsonl"
     step 7b-fp8 bash bench/gpu.sh python3 bench/qlora_throughput.py --out "$OUT/results.jsonl" \
       --logging-steps 10 --shape llama2-7b --steps 14 --warmup 4 \

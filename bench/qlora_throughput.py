@@ -34,11 +34,14 @@ from the process start. The modes:
 - ``kubetune-scales``, ``kubetune-keepw``: the fused layers keep their NF4 block scales in fp32
   for the run (one kernel a dequantisation instead of three; off by default until measured), or
   the plan keeps the whole bf16 base where it fits (no
-  dequantisation in a step; 2 bytes a base weight more memory);
+  dequantisation in a step; 2 bytes a base weight more memory); both with the base's matmuls in
+  bf16 (``fp8Matmuls: off``), as are ``kubetune-unfused`` and ``kubetune-before``;
 - ``kubetune-memory``: ``training.profile: memory`` (every layer checkpointed and offloaded to
   CPU memory, one row of ``--max-length`` a micro-step, paged 8-bit AdamW);
 - ``kubetune-fp8``, ``kubetune-bf16``: the defaults with ``quantization.fp8Matmuls`` on (the
   frozen base's matmuls in FP8; the plan keeps the e4m3 base where it fits) or off;
+  ``kubetune-fp8-percall``: FP8 with nothing kept (the weight quantised again in every call, as
+  on a card without room for the e4m3 base), to measure what keeping it gives on the same card;
 - loss parity: ``kubetune-parity`` (the defaults with ``batchSize: --batch`` and the base's
   matmuls in bf16, ``fp8Matmuls: off``) and ``kubetune-fp8-parity`` (the same with them in FP8)
   against ``trl-parity`` (plain TRL: packing, SDPA, no Liger, no checkpointing, its own QLoRA
@@ -132,15 +135,22 @@ EXTRA_MODES = (
     "kubetune-fp8",
     "kubetune-bf16",
     "kubetune-fp8-parity",
+    "kubetune-fp8-percall",
 )
 #: The kubetune parity modes, each compared with ``trl-parity``.
 PARITY_MODES = ("kubetune-parity", "kubetune-fp8-parity")
 #: ``quantization.fp8Matmuls`` of the modes that set it (the rest: the spec's default, auto).
+#: The levers measured before FP8 keep measuring what they did: the bf16 base.
 FP8_MODES = {
     "kubetune-fp8": "on",
+    "kubetune-fp8-percall": "on",
     "kubetune-bf16": "off",
     "kubetune-fp8-parity": "on",
     "kubetune-parity": "off",
+    "kubetune-scales": "off",
+    "kubetune-keepw": "off",
+    "kubetune-unfused": "off",
+    "kubetune-before": "off",
 }
 #: Dense bf16 peak of the cards this is run on (FLOP/s), for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -441,18 +451,20 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
 
         apply_plan = speed.apply_plan
         speed.apply_plan = lambda s, p: replace(apply_plan(s, p), pad_to_tokens=None)  # type: ignore[assignment]
-    if args.mode in ("kubetune-scales", "kubetune-keepw"):
+    if args.mode == "kubetune-fp8-percall":
         from dataclasses import replace
 
+        from kubetune.trainer.plan import speed
+
+        planned = speed.apply_plan
+        speed.apply_plan = lambda s, p: replace(planned(s, p), kept_dequantization="none")  # type: ignore[assignment]
+    if args.mode in ("kubetune-scales", "kubetune-keepw"):
         from kubetune.trainer.plan import memory
 
         if args.mode == "kubetune-keepw":
             memory.KEEP_WEIGHTS_WHERE_THEY_FIT = True  # the plan keeps them where they fit
         else:
-            from kubetune.trainer.plan import speed
-
-            apply = speed.apply_plan
-            speed.apply_plan = lambda s, p: replace(apply(s, p), kept_dequantization="none")  # type: ignore[assignment]
+            memory.KEEP_SCALES = True
     if args.mode in ("kubetune-unfused", "kubetune-before"):
         from kubetune.trainer.model import fused_lora
 
