@@ -127,19 +127,20 @@ def _kernel() -> Any:
     import triton.language as tl
 
     @triton.jit  # type: ignore[untyped-decorator]
-    def quantize_rows_kernel(  # noqa: PLR0917 (Triton passes them by position)
-        rows_ptr: Any,
-        column_scale_ptr: Any,
-        out_ptr: Any,
-        scale_ptr: Any,
-        row_stride: Any,
-        out_stride: Any,
+    def quantize_rows_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0917
+        # No annotations: Triton resolves them as globals of the kernel (``Any`` is none).
+        rows_ptr,
+        column_scale_ptr,
+        out_ptr,
+        scale_ptr,
+        row_stride,
+        out_stride,
         COLUMNS: tl.constexpr,
         HAS_COLUMN_SCALE: tl.constexpr,
         INV_MAX: tl.constexpr,
         MAX: tl.constexpr,
         BLOCK: tl.constexpr,
-    ) -> None:
+    ):
         row = tl.program_id(0).to(tl.int64)
         source = rows_ptr + row * row_stride
         target = out_ptr + row * out_stride
