@@ -487,8 +487,22 @@ class DatasetSpec(ApiModel):
         return self
 
 
+_FP8_RULE = "quantization.fp8Matmuls: on needs quantization.computeDtype: bfloat16"
+
+
 class QuantizationSpec(ApiModel):
     """4-bit quantization of the frozen base model (bitsandbytes)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.fp8Matmuls != 'on' || self.computeDtype == 'bfloat16'",
+                    "message": _FP8_RULE,
+                }
+            ]
+        }
+    )
 
     type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type.")
     double_quant: bool = Field(
@@ -497,6 +511,23 @@ class QuantizationSpec(ApiModel):
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         default="bfloat16", description="Dtype of the matmuls on dequantized weights."
     )
+    fp8_matmuls: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description=(
+            "Run the frozen base's matmuls (its forward and its input gradient) in FP8 e4m3 with "
+            "a scale per row, on Hopper's FP8 tensor cores; the LoRA adapter and its gradients "
+            "stay bf16. Changes the numerics: each base matmul rounds both operands to 3 "
+            "mantissa bits. auto: on where the GPU has compute capability 9.0 or newer (H100, "
+            "H200), computeDtype is bfloat16 and torch has row-wise scaled matmuls, else off. "
+            "on: the same, refused where it can't run; off: bf16 as before."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _fp8_needs_bf16(self) -> QuantizationSpec:
+        if self.fp8_matmuls == "on" and self.compute_dtype != "bfloat16":
+            raise ValueError(_FP8_RULE)
+        return self
 
 
 class LoraSpec(ApiModel):
@@ -1575,6 +1606,13 @@ class MemoryPlanReport(StatusModel):
         default=None, description="Free GPU memory when the plan was made (GiB)."
     )
     peak_gib: float | None = Field(default=None, description="Peak GPU memory measured (GiB).")
+    fp8_matmuls: bool = Field(
+        default=False,
+        description=(
+            "Whether the frozen base's matmuls ran in FP8 (quantization.fp8Matmuls as this node "
+            "resolved it; layers whose sizes are not multiples of 16 run in bf16 regardless)."
+        ),
+    )
 
 
 class EstimatePlan(StatusModel):

@@ -5,6 +5,9 @@
 #   OUT=/some/dir bash bench/gpu_round.sh speed    # 7B: defaults (profiled), TRL best, levers; 8B
 #   OUT=/some/dir bash bench/gpu_round.sh caps     # 24 and 16 GiB caps against TRL's fastest fits
 #   OUT=/some/dir bash bench/gpu_round.sh tests    # pytest -m gpu tests/trainer
+#   OUT=/some/dir bash bench/gpu_round.sh fp8      # FP8 base matmuls: GPU tests, the pieces,
+#                                                  # 7B bf16 vs fp8 vs TRL best (~7 min)
+#   OUT=/some/dir bash bench/gpu_round.sh fp8-parity  # the loss parity of both vs TRL (~4 min)
 #
 # Everything lands in $OUT as it comes (results.jsonl, the profile table, one log per command,
 # timeline.txt), so a command cut at its limit still leaves what it measured. Every comparison
@@ -42,8 +45,21 @@ case "${1:-}" in
     KUBETUNE_CACHE_DIR=/tmp/kc-tests TRITON_CACHE_DIR=/tmp/kc-tests/triton step gpu-tests \
       bash bench/gpu.sh python3 -m pytest -q -m gpu tests/trainer -p no:cacheprovider
     ;;
+  fp8)  # ~7 min on an H100: the GPU tests first (FP8's among them, ~1 min), the pieces, 7B
+    KUBETUNE_CACHE_DIR=/tmp/kc-tests TRITON_CACHE_DIR=/tmp/kc-tests/triton step gpu-tests \
+      bash bench/gpu.sh python3 -m pytest -q -m gpu tests/trainer -p no:cacheprovider -rs
+    step fp8-matmul bash bench/gpu.sh python3 bench/fp8_matmul.py --out "$OUT/fp8-matmul.jsonl"
+    step 7b-fp8 bash bench/gpu.sh python3 bench/qlora_throughput.py --out "$OUT/results.jsonl" \
+      --logging-steps 10 --shape llama2-7b --steps 14 --warmup 4 \
+      --modes kubetune-bf16,kubetune-fp8,trl-best
+    ;;
+  fp8-parity)  # ~4 min: each kubetune parity mode against plain TRL, 20 steps, a loss a step
+    step 7b-fp8-parity bash bench/gpu.sh python3 bench/qlora_throughput.py \
+      --out "$OUT/results.jsonl" --shape llama2-7b --steps 20 --warmup 4 --logging-steps 1 \
+      --token-range 512 --batch 4 --modes kubetune-fp8-parity,kubetune-parity,trl-parity
+    ;;
   *)
-    echo "usage: OUT=DIR bash bench/gpu_round.sh speed|caps|tests" >&2
+    echo "usage: OUT=DIR bash bench/gpu_round.sh speed|caps|tests|fp8|fp8-parity" >&2
     exit 2
     ;;
 esac

@@ -34,16 +34,22 @@ from the process start. The modes:
 - ``kubetune-scales``, ``kubetune-keepw``: the fused layers keep their NF4 block scales in fp32
   for the run (one kernel a dequantisation instead of three; off by default until measured), or
   the plan keeps the whole bf16 base where it fits (no
-  dequantisation in a step; 2 bytes a base weight more memory);
+  dequantisation in a step; 2 bytes a base weight more memory); both with the base's matmuls in
+  bf16 (``fp8Matmuls: off``), as are ``kubetune-unfused`` and ``kubetune-before``;
 - ``kubetune-memory``: ``training.profile: memory`` (every layer checkpointed and offloaded to
   CPU memory, one row of ``--max-length`` a micro-step, paged 8-bit AdamW);
-- loss parity: ``kubetune-parity`` (the defaults with ``batchSize: --batch``) against
-  ``trl-parity`` (plain TRL: packing, SDPA, no Liger, no checkpointing, its own QLoRA
+- ``kubetune-fp8``, ``kubetune-bf16``: the defaults with ``quantization.fp8Matmuls`` on (the
+  frozen base's matmuls in FP8; the plan keeps the e4m3 base where it fits) or off;
+  ``kubetune-fp8-percall``: FP8 with nothing kept (the weight quantised again in every call, as
+  on a card without room for the e4m3 base), to measure what keeping it gives on the same card;
+- loss parity: ``kubetune-parity`` (the defaults with ``batchSize: --batch`` and the base's
+  matmuls in bf16, ``fp8Matmuls: off``) and ``kubetune-fp8-parity`` (the same with them in FP8)
+  against ``trl-parity`` (plain TRL: packing, SDPA, no Liger, no checkpointing, its own QLoRA
   preparation, and kubetune's default hyperparameters: cosine schedule, 3% warm-up, gradient
   clipping at 0.3, fused AdamW), on the same packed rows in the same order (same packing, seed
-  and tokens per step). Both losses per step and the largest relative difference are printed;
-  ``--token-range`` draws the synthetic tokens from a small range so that the loss has
-  something to learn.
+  and tokens per step). Both losses per step and the largest relative difference are printed,
+  one record for each kubetune parity mode; ``--token-range`` draws the synthetic tokens from a
+  small range so that the loss has something to learn.
 
 ``--memory-cap-gib G`` caps every configuration's GPU memory to G GiB, as a 24 GB card would
 (``torch.cuda.set_per_process_memory_fraction`` before anything is allocated): kubetune's memory
@@ -126,7 +132,26 @@ EXTRA_MODES = (
     "trl-best-checkpointed",
     "kubetune-scales",
     "kubetune-keepw",
+    "kubetune-fp8",
+    "kubetune-bf16",
+    "kubetune-fp8-parity",
+    "kubetune-fp8-percall",
 )
+#: The kubetune parity modes, each compared with ``trl-parity``.
+PARITY_MODES = ("kubetune-parity", "kubetune-fp8-parity")
+#: ``quantization.fp8Matmuls`` of the modes that set it (the rest: the spec's default, auto).
+#: The levers measured before FP8 keep measuring what they did: the bf16 base.
+FP8_MODES = {
+    "kubetune-fp8": "on",
+    "kubetune-fp8-percall": "on",
+    "kubetune-bf16": "off",
+    "kubetune-fp8-parity": "on",
+    "kubetune-parity": "off",
+    "kubetune-scales": "off",
+    "kubetune-keepw": "off",
+    "kubetune-unfused": "off",
+    "kubetune-before": "off",
+}
 #: Dense bf16 peak of the cards this is run on (FLOP/s), for MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 PROCESS_STARTED = time.perf_counter()
@@ -389,6 +414,7 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
         "kubetune-adamw": {"optimizer": "paged_adamw_8bit"},
         "kubetune-memory": {"profile": "memory"},
         "kubetune-parity": {"batchSize": args.batch},
+        "kubetune-fp8-parity": {"batchSize": args.batch},
         "kubetune-flex": {"attention": "flex_attention"},
         "kubetune-before": {"attention": "flex_attention"},
     }.get(args.mode, {})
@@ -401,10 +427,12 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
     output = Path(args.work) / f"{args.shape}-{args.mode}-x{args.gpus}{cap}"
     if this_rank().is_main:
         shutil.rmtree(output, ignore_errors=True)
+    fp8 = FP8_MODES.get(args.mode)
     spec = FineTuneJobSpec.model_validate(
         {
             "model": {"uri": str(args.model_dir)},
             "dataset": {"uri": "synthetic.jsonl"},
+            **({"quantization": {"fp8Matmuls": fp8}} if fp8 else {}),
             "training": {
                 "maxSteps": args.steps,
                 "maxLength": args.max_length,
@@ -423,18 +451,20 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
 
         apply_plan = speed.apply_plan
         speed.apply_plan = lambda s, p: replace(apply_plan(s, p), pad_to_tokens=None)  # type: ignore[assignment]
-    if args.mode in ("kubetune-scales", "kubetune-keepw"):
+    if args.mode == "kubetune-fp8-percall":
         from dataclasses import replace
 
+        from kubetune.trainer.plan import speed
+
+        planned = speed.apply_plan
+        speed.apply_plan = lambda s, p: replace(planned(s, p), kept_dequantization="none")  # type: ignore[assignment]
+    if args.mode in ("kubetune-scales", "kubetune-keepw"):
         from kubetune.trainer.plan import memory
 
         if args.mode == "kubetune-keepw":
             memory.KEEP_WEIGHTS_WHERE_THEY_FIT = True  # the plan keeps them where they fit
         else:
-            from kubetune.trainer.plan import speed
-
-            apply = speed.apply_plan
-            speed.apply_plan = lambda s, p: replace(apply(s, p), kept_dequantization="none")  # type: ignore[assignment]
+            memory.KEEP_SCALES = True
     if args.mode in ("kubetune-unfused", "kubetune-before"):
         from kubetune.trainer.model import fused_lora
 
@@ -683,20 +713,24 @@ def main() -> int:
             and record.get("memory_cap_gib") == args.memory_cap_gib
         ),
     )
-    ours = results.get("kubetune", {}).get("tokens_per_second")
-    for mode, record in results.items():
-        theirs = record.get("tokens_per_second")
-        if ours and theirs and mode != "kubetune":
-            ratio = {"ratio": f"kubetune / {mode}", "shape": args.shape,
-                     "tokens_per_second": round(ours / theirs, 3)}  # fmt: skip
-            append_record(args.out, ratio)
-    if "kubetune-parity" in results and "trl-parity" in results:
-        parity = loss_parity(results["kubetune-parity"], results["trl-parity"], args.shape)
-        append_record(args.out, parity)
+    for mine in ("kubetune", "kubetune-fp8"):
+        ours = results.get(mine, {}).get("tokens_per_second")
+        for mode, record in results.items():
+            theirs = record.get("tokens_per_second")
+            if ours and theirs and mode not in ("kubetune", mine):
+                ratio = {"ratio": f"{mine} / {mode}", "shape": args.shape,
+                         "tokens_per_second": round(ours / theirs, 3)}  # fmt: skip
+                append_record(args.out, ratio)
+    for mode in PARITY_MODES:
+        if mode in results and "trl-parity" in results:
+            parity = loss_parity(results[mode], results["trl-parity"], args.shape, mode)
+            append_record(args.out, parity)
     return 0
 
 
-def loss_parity(ours: dict[str, Any], theirs: dict[str, Any], shape: str) -> dict[str, Any]:
+def loss_parity(
+    ours: dict[str, Any], theirs: dict[str, Any], shape: str, mode: str = "kubetune-parity"
+) -> dict[str, Any]:
     """Both loss curves at the steps both logged, the largest relative difference of a step's
     loss, and the relative difference of how far each fell (first step to the mean of the last
     three). Steps are matched by number: kubetune also logs the first step, TRL doesn't."""
@@ -705,7 +739,7 @@ def loss_parity(ours: dict[str, Any], theirs: dict[str, Any], shape: str) -> dic
     common = sorted(set(mine) & set(other))
     a, b = [mine[s] for s in common], [other[s] for s in common]
     steps = len(common)
-    result: dict[str, Any] = {"parity": "kubetune-parity vs trl-parity", "shape": shape,
+    result: dict[str, Any] = {"parity": f"{mode} vs trl-parity", "shape": shape,
                               "steps": common, "kubetune_losses": a, "trl_losses": b}  # fmt: skip
     if steps:
         result["max_relative_difference"] = round(

@@ -77,6 +77,11 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         ["spec.quantization.computeDtype", "'bfloat16'"],
     ),
     (
+        "fp8 matmuls on without bf16 compute",
+        with_spec(quantization={"fp8Matmuls": "on", "computeDtype": "float16"}),
+        ["quantization.fp8Matmuls", "computeDtype: bfloat16"],
+    ),
+    (
         "unknown dataset format",
         with_spec(dataset={"uri": "d.jsonl", "format": "sharegpt"}),
         ["spec.dataset.format", "'messages'", "'alpaca'"],
@@ -292,6 +297,7 @@ APISERVER_FIELD: dict[str, str] = {
     "unknown nested field": "spec.lora.rank",
     "bad quantization type": "spec.quantization.type",
     "bad compute dtype": "spec.quantization.computeDtype",
+    "fp8 matmuls on without bf16 compute": "quantization.fp8Matmuls: on needs",
     "unknown dataset format": "spec.dataset.format",
     "epochs and maxSteps": "either training.epochs or training.maxSteps",
     "zero lora alpha": "spec.lora.alpha",

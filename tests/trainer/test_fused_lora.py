@@ -11,21 +11,24 @@ import pytest
 pytestmark = pytest.mark.trainer
 
 
-def _lora_model(dropout: float = 0.0, seed: int = 0, device: str = "cpu") -> Any:
+def _lora_model(
+    dropout: float = 0.0, seed: int = 0, device: str = "cpu", sizes: tuple[int, int] = (128, 192)
+) -> Any:
     import bitsandbytes as bnb
     import torch
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
+    outer, inner = sizes
 
     class TwoLayers(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.up = bnb.nn.Linear4bit(
-                128, 192, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"
+                outer, inner, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"
             )
             self.down = bnb.nn.Linear4bit(
-                192, 128, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4"
+                inner, outer, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4"
             )
 
         def forward(self, x: Any) -> Any:
@@ -124,6 +127,101 @@ def test_fused_layer_gives_pefts_outputs_and_gradients_on_cuda(keep: str | None)
     if not torch.cuda.is_available():
         pytest.skip("needs an NVIDIA GPU (CUDA)")
     _fused_matches_peft("cuda", keep)
+
+
+#: The FP8 base against the bf16 one, relative Frobenius error of outputs and gradients: one
+#: e4m3 product is within 5.1% (tests/trainer/test_fp8_base.py derives it); two layers in a row
+#: add their errors in quadrature, sqrt(2) x 5.1% = 7.2%.
+FP8_TWO_LAYER_TOLERANCE = 0.08
+
+
+def _fp8_against_bf16(device: str, keep: bool) -> None:
+    import torch
+
+    from kubetune.trainer.model import fused_lora
+
+    x = torch.randn(2, 23, 128, device=device).bfloat16()  # 46 tokens: no multiple of 16
+    bf16 = _lora_model(device=device)
+    fused_lora.fuse_lora_layers(bf16)
+    expected_out, expected_dx, expected_grads = _forward_backward(bf16, x)
+
+    fp8 = _lora_model(device=device)
+    fused_lora.fuse_lora_layers(fp8)
+    assert fused_lora.use_fp8_matmuls(fp8) == 2
+    if keep:
+        assert fused_lora.keep_dequantization(fp8, "fp8") == 2
+    out, dx, grads = _forward_backward(fp8, x)
+
+    assert not torch.equal(out, expected_out), "the FP8 path was not taken"
+    assert _close(out, expected_out, FP8_TWO_LAYER_TOLERANCE), "outputs differ"
+    assert _close(dx, expected_dx, FP8_TWO_LAYER_TOLERANCE), "input gradients differ"
+    assert set(grads) == set(expected_grads) and len(grads) == 4
+    for name, grad in grads.items():
+        assert _close(grad, expected_grads[name], FP8_TWO_LAYER_TOLERANCE), f"{name} differs"
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["quantised-per-call", "kept"])
+def test_fp8_base_matmuls_stay_within_e4m3s_rounding_of_the_bf16_layer(keep: bool) -> None:
+    _fp8_against_bf16("cpu", keep)
+
+
+def test_the_kept_e4m3_base_computes_what_the_per_call_one_does_and_is_dropped() -> None:
+    import torch
+
+    from kubetune.trainer.model import fused_lora
+    from kubetune.trainer.model.fp8_base import Fp8Weight
+
+    x = torch.randn(1, 16, 128).bfloat16()
+    results = []
+    for keep in (False, True):
+        model = _lora_model()
+        fused_lora.fuse_lora_layers(model)
+        fused_lora.use_fp8_matmuls(model)
+        if keep:
+            fused_lora.keep_dequantization(model, "fp8")
+        results.append(_forward_backward(model, x))
+    (out, dx, grads), (kept_out, kept_dx, kept_grads) = results
+    assert torch.equal(out, kept_out) and torch.equal(dx, kept_dx)
+    assert all(torch.equal(grads[name], kept_grads[name]) for name in grads)
+
+    weight = model.base_model.model.up.base_layer.weight
+    kept = getattr(weight, fused_lora.FP8_WEIGHT)
+    assert isinstance(kept, Fp8Weight) and kept.data.dtype == torch.float8_e4m3fn
+    assert kept.data.shape == (192, 128) and kept.scale.shape == (192,)
+    fused_lora.drop_kept_dequantization(model)
+    assert not hasattr(weight, fused_lora.FP8_WEIGHT)
+    assert "_kubetune" not in " ".join(model.state_dict())
+
+
+def test_layers_whose_sizes_are_no_multiples_of_16_keep_the_bf16_base() -> None:
+    import torch
+
+    from kubetune.trainer.model import fused_lora
+
+    x = torch.randn(1, 8, 120).bfloat16()
+    expected = _forward_backward(_lora_model(sizes=(120, 200)), x)
+    model = _lora_model(sizes=(120, 200))
+    assert fused_lora.fuse_lora_layers(model) == 2
+    assert fused_lora.use_fp8_matmuls(model) == 0
+    assert fused_lora.keep_dequantization(model, "fp8") == 0
+    out, dx, _ = _forward_backward(model, x)
+    assert _close(out, expected[0]) and _close(dx, expected[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("keep", [False, True], ids=["quantised-per-call", "kept"])
+def test_fp8_base_matmuls_on_cuda_stay_within_e4m3s_rounding_of_the_bf16_layer(
+    keep: bool,
+) -> None:
+    import torch
+
+    from kubetune.trainer.model import fp8_base
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU (CUDA)")
+    if not fp8_base.supported_on_this_gpu():
+        pytest.skip(f"{torch.cuda.get_device_name()} runs no row-wise FP8 matmul (needs sm90+)")
+    _fp8_against_bf16("cuda", keep)
 
 
 def test_dropout_no_grad_and_disabled_adapters_take_pefts_own_forward() -> None:

@@ -161,7 +161,8 @@ def test_micro_steps_are_padded_to_the_plans_bucket() -> None:
 
 
 def test_the_memory_profile_becomes_one_row_per_pass_all_checkpointed_and_8bit_adamw() -> None:
-    from kubetune.trainer.plan.memory import GIB, ModelShape, RunSettings, plan_memory
+    from kubetune.trainer.plan.memory import GIB, RunSettings, plan_memory
+    from kubetune.trainer.plan.shape import ModelShape
     from kubetune.trainer.plan.speed import apply_plan
 
     spec = _spec(training={"profile": "memory", "batchSize": 16})
@@ -250,6 +251,61 @@ def test_varlen_attention_where_it_cant_run_is_refused_naming_the_field(
 
     with pytest.raises(InvalidConfig, match=message):
         resolve_speed(TrainingSpec.model_validate(training), cuda, varlen_runs=varlen_runs)
+
+
+@pytest.mark.parametrize(
+    ("setting", "cuda", "fp8_runs", "preference", "chosen"),
+    [
+        ("auto", True, True, False, True),  # a Hopper GPU, bf16 compute
+        ("auto", False, False, False, False),  # the CPU
+        ("auto", True, False, False, False),  # an older GPU, or a torch without row-wise FP8
+        ("auto", True, True, True, False),  # DPO/KTO: the reference pass runs the base in bf16
+        ("on", True, True, True, True),  # asked for: kept
+        ("off", True, True, False, False),
+    ],
+)
+def test_fp8_matmuls_auto_is_on_where_hopper_runs_them_and_off_elsewhere(
+    setting: str, cuda: bool, fp8_runs: bool, preference: bool, chosen: bool
+) -> None:
+    from kubetune.api.models import QuantizationSpec
+    from kubetune.trainer.plan.speed import FP8_AUTO, resolve_fp8
+
+    assert FP8_AUTO is True  # what auto means until a GPU says otherwise
+    quantization = QuantizationSpec(fp8_matmuls=setting)  # type: ignore[arg-type]
+    assert resolve_fp8(quantization, cuda, fp8_runs=fp8_runs, preference=preference) == chosen
+
+
+def test_fp8_matmuls_auto_means_off_once_its_switch_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetune.api.models import QuantizationSpec
+    from kubetune.trainer.plan import speed
+
+    monkeypatch.setattr(speed, "FP8_AUTO", False)
+    assert not speed.resolve_fp8(QuantizationSpec(), True, fp8_runs=True, preference=False)
+    on = QuantizationSpec(fp8_matmuls="on")
+    assert speed.resolve_fp8(on, True, fp8_runs=True, preference=False)
+
+
+def test_fp8_matmuls_on_this_cpu_resolve_off_or_are_refused_naming_the_field() -> None:
+    """The node's own answer (no ``fp8_runs`` given): this machine has no Hopper GPU."""
+    from kubetune.api.models import QuantizationSpec
+    from kubetune.trainer.errors import InvalidConfig
+    from kubetune.trainer.plan.resolve import node_speed
+    from kubetune.trainer.plan.speed import resolve_fp8
+
+    assert node_speed(_spec(), cuda=False).fp8_matmuls is False
+    with pytest.raises(InvalidConfig, match=r"quantization\.fp8Matmuls: on needs a CUDA GPU"):
+        node_speed(_spec(quantization={"fp8Matmuls": "on"}), cuda=False)
+    on = QuantizationSpec(fp8_matmuls="on")
+    with pytest.raises(InvalidConfig, match=r"compute capability 9\.0"):
+        resolve_fp8(on, True, fp8_runs=False, preference=False)
+
+
+def test_fp8_matmuls_on_with_a_compute_dtype_other_than_bf16_is_refused_by_the_spec() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"fp8Matmuls: on needs quantization\.computeDtype"):
+        _spec(quantization={"fp8Matmuls": "on", "computeDtype": "float16"})
+    assert _spec(quantization={"computeDtype": "float16"}).quantization.fp8_matmuls == "auto"
 
 
 def test_varlen_packed_micro_steps_are_not_padded_flex_ones_are() -> None:

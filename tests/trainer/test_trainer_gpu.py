@@ -27,6 +27,7 @@ def test_qlora_on_cuda_puts_4bit_modules_on_the_gpu_and_lowers_the_loss(
 
     from kubetune.api.config import TrainerConfig
     from kubetune.api.manifest import load_finetunejob
+    from kubetune.trainer.model import fp8_base
     from kubetune.trainer.run.recipe import QLoRASFTRecipe
 
     manifest = job_manifest(
@@ -44,9 +45,13 @@ def test_qlora_on_cuda_puts_4bit_modules_on_the_gpu_and_lowers_the_loss(
         },
     )
     manifest["spec"]["quantization"]["computeDtype"] = "bfloat16"
-    if os.environ.get("KUBETUNE_GPU_SMOKE_PLAIN"):
-        # For telling a broken fast path (varlen attention, Liger) from a broken trainer.
+    plain = bool(os.environ.get("KUBETUNE_GPU_SMOKE_PLAIN"))
+    if plain:
+        # For telling a broken fast path (varlen attention, Liger, FP8) from a broken trainer.
         manifest["spec"]["training"].update(attention="sdpa", ligerKernel="off")
+        manifest["spec"]["quantization"]["fp8Matmuls"] = "off"
+    # On Hopper the base's matmuls run in FP8 by default, the tiny base kept in e4m3 (it fits).
+    fp8 = fp8_base.supported_on_this_gpu() and not plain
     recipe = QLoRASFTRecipe(TrainerConfig(spec=load_finetunejob(manifest).spec))
     recipe.setup()
     assert recipe.speed is not None and recipe.memory is not None
@@ -54,9 +59,11 @@ def test_qlora_on_cuda_puts_4bit_modules_on_the_gpu_and_lowers_the_loss(
     assert recipe.speed.optimizer == "adamw_torch_fused"
     assert recipe.speed.gradient_checkpointing
     assert recipe.speed.checkpointed_layers is None  # all of them
-    # The fused layers keep nothing of their dequantisation until a GPU measures the kept scales.
-    assert recipe.speed.kept_dequantization == "none"
-    if not os.environ.get("KUBETUNE_GPU_SMOKE_PLAIN"):
+    # Without FP8 the fused layers keep nothing of their dequantisation until a GPU measures the
+    # kept scales.
+    assert recipe.speed.fp8_matmuls is fp8
+    assert recipe.speed.kept_dequantization == ("fp8" if fp8 else "none")
+    if not plain:
         # Packed sequences on an Ampere-or-newer GPU: FlashAttention's varlen kernel.
         assert recipe.speed.attention == "varlen"
     quantized = [m for m in recipe._trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -68,6 +75,7 @@ def test_qlora_on_cuda_puts_4bit_modules_on_the_gpu_and_lowers_the_loss(
     plan = published.result.plan
     assert plan is not None and plan.gradient_checkpointing == "all layers"
     assert plan.peak_gib is not None and plan.estimated_peak_gib is not None
+    assert plan.fp8_matmuls is fp8
     lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
     losses = [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
     assert losses[-1] < losses[0] / 2, losses

@@ -10,13 +10,13 @@ import pytest
 from kubetune.api.models import FineTuneJobSpec, TrainingPlan, plan_training
 from kubetune.trainer.plan.memory import (
     GIB,
-    ModelShape,
     RunSettings,
     budget_bytes,
     checkpointed_layer_indices,
     estimate_peak_bytes,
     plan_memory,
 )
+from kubetune.trainer.plan.shape import ModelShape
 from kubetune.trainer.plan.speed import SpeedSettings, apply_plan
 
 pytestmark = pytest.mark.unit
@@ -338,3 +338,48 @@ def test_kept_bf16_weights_go_where_they_fit_beside_the_fastest_plan(
     assert added == pytest.approx(LLAMA2_7B.linear_params() * 2 / GIB, rel=0.01)
     assert big.estimated_peak_bytes <= budget_bytes(CARD_141)
     assert small.kept_dequantization == "none" and small == before_small
+
+
+def test_the_e4m3_base_is_kept_where_it_fits_beside_the_fastest_plan_and_counted() -> None:
+    """With the base's matmuls in FP8, a 141 GB card keeps the 7B base in e4m3 (a byte a weight
+    and an fp32 scale a row: 6.0 GiB) beside the plan it runs anyway; on an 80 GB card the 7B
+    plan has no room for it, so each call quantises the weight again (the plan unchanged); the
+    memory profile keeps nothing but still runs FP8."""
+    from dataclasses import replace
+
+    fp8 = replace(DEFAULTS, fp8_matmuls=True)
+    before = plan_memory(LLAMA2_7B, DEFAULTS, CARD_141, cuda=True)
+    big = plan_memory(LLAMA2_7B, fp8, CARD_141, cuda=True)
+    assert (big.kept_dequantization, big.fp8_matmuls) == ("fp8", True)
+    assert before.fp8_matmuls is False and before.kept_dequantization == "none"
+    assert big.tokens_per_micro_step == before.tokens_per_micro_step
+    assert big.estimated_peak_bytes is not None and before.estimated_peak_bytes is not None
+    added = big.estimated_peak_bytes - before.estimated_peak_bytes
+    rows = 32 * (5 * 4096 + 2 * 11008)  # q, k, v, o and down: 4,096 each; gate, up: 11,008
+    assert added == pytest.approx(LLAMA2_7B.linear_params() + 4 * rows, abs=1)
+    assert added / GIB == pytest.approx(6.04, abs=0.01)
+
+    on_80 = plan_memory(LLAMA2_7B, fp8, CARD_80, cuda=True)
+    assert (on_80.kept_dequantization, on_80.fp8_matmuls) == ("none", True)
+    assert replace(on_80, fp8_matmuls=False) == plan_memory(LLAMA2_7B, DEFAULTS, CARD_80, cuda=True)
+    lean = plan_memory(LLAMA2_7B, replace(fp8, profile="memory"), CARD_80, cuda=True)
+    assert (lean.kept_dequantization, lean.fp8_matmuls) == ("none", True)
+
+    varlen = SpeedSettings("varlen", True, False, True, "paged_adamw_8bit")
+    applied = apply_plan(varlen, big)
+    assert (applied.kept_dequantization, applied.fp8_matmuls) == ("fp8", True)
+
+
+def test_the_plan_report_says_whether_the_base_ran_in_fp8() -> None:
+    from dataclasses import replace
+
+    from kubetune.trainer.plan.card import plan_report
+
+    plan = plan_memory(LLAMA2_7B, replace(DEFAULTS, fp8_matmuls=True), CARD_141, cuda=True)
+    training = TrainingPlan(
+        epochs=None, max_steps=10, micro_batch_size=8, gradient_accumulation_steps=2
+    )
+    shown = plan_report(plan, training, cuda=False).model_dump(by_alias=True)
+    assert shown["fp8Matmuls"] is True
+    bf16 = plan_report(replace(plan, fp8_matmuls=False), training, cuda=False)
+    assert bf16.model_dump(by_alias=True)["fp8Matmuls"] is False

@@ -369,8 +369,8 @@ def test_the_memory_plan_gives_kto_two_examples_a_micro_batch_and_dpo_twice_the_
     """The memory profile plans one row a micro-step; KTO's KL term needs two, and a DPO pair
     puts two sequences through each micro-step."""
     from kubetune.api.models import FineTuneJobSpec, plan_training
-    from kubetune.trainer.plan.memory import ModelShape
     from kubetune.trainer.plan.resolve import fit_to_card
+    from kubetune.trainer.plan.shape import ModelShape
     from kubetune.trainer.plan.speed import resolve_speed
 
     shape = ModelShape.from_config({"hidden_size": 4096, "intermediate_size": 11008,

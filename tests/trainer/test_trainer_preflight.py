@@ -189,6 +189,22 @@ def test_a_run_that_cannot_fit_the_gpu_kind_fails_naming_the_knob(
     assert "training.maxLength" in result["message"] and "GiB" in result["message"]
 
 
+@pytest.mark.parametrize(("kind", "code"), [("L4", 2), ("H100-80GB", 0)])
+def test_fp8_matmuls_on_for_a_gpu_kind_without_them_fails_naming_the_field(
+    tiny: TinyAssets, tmp_path: Path, termination_log: Path, kind: str, code: int
+) -> None:
+    manifest = job_manifest(tiny.model, tiny.datasets["text"], tmp_path / "out")
+    manifest["spec"]["resources"] = {"gpus": 1}
+    manifest["spec"]["quantization"].update(computeDtype="bfloat16", fp8Matmuls="on")
+    path = config_file(tmp_path / "config.yaml", manifest, gpuKind=kind)
+
+    exit_code, result = preflight(path, termination_log)
+    assert exit_code == code, result
+    if code:
+        assert result["reason"] == "InvalidConfig"
+        assert "quantization.fp8Matmuls: on needs" in result["message"]
+
+
 def test_a_large_dataset_is_tokenized_on_a_sample_and_says_so(
     tiny: TinyAssets, tmp_path: Path, termination_log: Path
 ) -> None:

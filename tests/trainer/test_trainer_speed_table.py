@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune.trainer.plan.memory import GIB, ModelShape, RunSettings, plan_memory
+from kubetune.trainer.plan.memory import GIB, RunSettings, plan_memory
+from kubetune.trainer.plan.shape import ModelShape
 from kubetune.trainer.plan.speed import GPU_KINDS, estimated_seconds, gpu_free_bytes
 
 pytestmark = pytest.mark.unit

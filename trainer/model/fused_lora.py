@@ -18,6 +18,12 @@ side (tokens x 16 elements instead of tokens x 4,096):
 double-quantised block scales in fp32 for the run (the memory plan's default), or, where the
 plan has room and its switch is on, the whole bf16 weight (no dequantisation in a step).
 
+With ``quantization.fp8Matmuls`` on (:func:`use_fp8_matmuls`), the two base matmuls, ``x W^T``
+and ``g W``, run in FP8 (:mod:`~kubetune.trainer.model.fp8_base`) for every layer whose sizes
+are multiples of 16 and whose input is bf16: ``W`` quantised to e4m3 once for the run where the
+memory plan keeps it (:func:`keep_dequantization` with ``"fp8"``), else dequantised and
+quantised again in each call. The LoRA matmuls, the bias and everything else stay in bf16.
+
 Only the plain case is fused: one active adapter, no dropout, no DoRA or other variant, not
 merged, gradients on, the input in the layer's compute dtype; anything else takes PEFT's own
 forward, unchanged.
@@ -39,6 +45,9 @@ log = logging.getLogger(__name__)
 KEPT_WEIGHT = "_kubetune_dequantized"
 #: Attribute of a double-quantised 4-bit weight holding its block scales already dequantised.
 KEPT_ABSMAX = "_kubetune_absmax"
+#: Attribute of a 4-bit weight whose base matmuls run in FP8: its e4m3 copy kept for the run
+#: (an ``fp8_base.Fp8Weight``), or True (quantised again in every call).
+FP8_WEIGHT = "_kubetune_fp8"
 
 
 def _dequantized(weight: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -59,6 +68,55 @@ def _dequantized(weight: Any, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_4bit(weight.data, state).to(dtype)  # type: ignore[no-any-return]
 
 
+def _fp8_operand(weight: Any, dtype: torch.dtype) -> Any:
+    """``weight`` in e4m3 for the FP8 base matmuls (an ``fp8_base.Fp8Weight``): the copy kept
+    for the run, else quantised now; None where this layer's base runs in bf16."""
+    fp8 = getattr(weight, FP8_WEIGHT, None)
+    if fp8 is None or dtype != torch.bfloat16:
+        return None
+    if fp8 is True:
+        from kubetune.trainer.model.fp8_base import quantize_weight
+
+        with torch.no_grad():
+            return quantize_weight(_dequantized(weight, dtype))
+    return fp8
+
+
+def _fp8_capable(weight: Any, compute_dtype: torch.dtype) -> bool:
+    """Whether a 4-bit weight's base matmuls can run in FP8: bf16 compute, both sizes
+    multiples of 16 (``_scaled_mm``'s alignment)."""
+    from kubetune.trainer.model.fp8_base import fits
+
+    out_features, in_features = weight.quant_state.shape
+    return compute_dtype == torch.bfloat16 and fits(int(out_features), int(in_features))
+
+
+def use_fp8_matmuls(model: Any) -> int:
+    """Run the base matmuls of every fused layer that can in FP8, the weight quantised again in
+    each call (:func:`keep_dequantization` with ``"fp8"`` keeps it for the run instead).
+    Returns how many layers will."""
+    routed = 0
+    for weight, base in _fused_weights(model):
+        if _fp8_capable(weight, base.compute_dtype):
+            if getattr(weight, FP8_WEIGHT, None) is None:
+                setattr(weight, FP8_WEIGHT, True)
+            routed += 1
+    return routed
+
+
+def _fused_weights(model: Any) -> list[tuple[Any, Any]]:
+    """(4-bit weight, its base layer) of every layer :func:`fuse_lora_layers` routed."""
+    found = []
+    for module in model.modules():
+        if not hasattr(module, "peft_forward"):
+            continue
+        base = module.get_base_layer()
+        weight = getattr(base, "weight", None)
+        if getattr(weight, "quant_state", None) is not None:
+            found.append((weight, base))
+    return found
+
+
 def _scales(weight: Any) -> torch.Tensor | None:
     """The fp32 block scales of a double-quantised weight, as bitsandbytes computes them before
     every dequantisation (None: not double-quantised, its scales are fp32 already)."""
@@ -77,18 +135,21 @@ def keep_dequantization(model: Any, what: str) -> int:
     it never changes): ``"scales"`` keeps the double-quantised block scales in fp32 (a 64th of
     the weights' count in fp32, ~0.4 GB for a 7B base), ``"weights"`` the whole weight in the
     compute dtype (two bytes a weight: the NF4 base's memory four times over, no dequantisation
-    left in a step). Returns how many weights were kept."""
+    left in a step), ``"fp8"`` the weight in e4m3 with a scale per row for the FP8 base matmuls
+    (one byte a weight and four a row; layers that can't run in FP8 keep nothing). Returns how
+    many weights were kept."""
     kept = 0
-    for module in model.modules():
-        if not hasattr(module, "peft_forward"):
-            continue
-        base = module.get_base_layer()
-        weight = getattr(base, "weight", None)
-        if getattr(weight, "quant_state", None) is None:
-            continue
+    for weight, base in _fused_weights(model):
         if what == "weights":
             with torch.no_grad():
                 setattr(weight, KEPT_WEIGHT, _dequantized(weight, base.compute_dtype))
+        elif what == "fp8":
+            if not _fp8_capable(weight, base.compute_dtype):
+                continue
+            from kubetune.trainer.model.fp8_base import quantize_weight
+
+            with torch.no_grad():
+                setattr(weight, FP8_WEIGHT, quantize_weight(_dequantized(weight, torch.bfloat16)))
         elif what == "scales":
             scales = _scales(weight)
             if scales is None:
@@ -105,7 +166,7 @@ def drop_kept_dequantization(model: Any) -> None:
     dequantise as bitsandbytes does)."""
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        for name in (KEPT_WEIGHT, KEPT_ABSMAX):
+        for name in (KEPT_WEIGHT, KEPT_ABSMAX, FP8_WEIGHT):
             if weight is not None and hasattr(weight, name):
                 delattr(weight, name)
 
@@ -132,7 +193,13 @@ class FusedLoRA4bit(torch.autograd.Function):
         dtype = x.dtype
         rows = x.reshape(-1, x.shape[-1])
         a, b = lora_a.to(dtype), lora_b.to(dtype)
-        out = torch.mm(rows, _dequantized(weight, dtype).t())
+        fp8 = _fp8_operand(weight, dtype)
+        if fp8 is not None:
+            from kubetune.trainer.model.fp8_base import base_forward
+
+            out = base_forward(rows, fp8)
+        else:
+            out = torch.mm(rows, _dequantized(weight, dtype).t())
         if bias is not None:
             out += bias.to(dtype)
         xa = torch.mm(rows, a.t())
@@ -156,7 +223,13 @@ class FusedLoRA4bit(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = torch.addmm(zero, g.t(), xa, beta=0, alpha=scaling).to(ctx.param_dtypes[1])
         if ctx.needs_input_grad[0]:
-            grad_x = torch.mm(g, _dequantized(ctx.weight, g.dtype))
+            fp8 = _fp8_operand(ctx.weight, g.dtype)
+            if fp8 is not None:
+                from kubetune.trainer.model.fp8_base import base_input_grad
+
+                grad_x = base_input_grad(g, fp8)
+            else:
+                grad_x = torch.mm(g, _dequantized(ctx.weight, g.dtype))
             grad_x.addmm_(g_xa, a)
             grad_x = grad_x.view(ctx.input_shape)
         return grad_x, grad_a, grad_b, None, None, None

@@ -9,7 +9,8 @@ from kubetune.api.models import LoraSpec, ModelSpec, QuantizationSpec
 from kubetune.api.uris import MODEL_SCHEMES, display_uri
 from kubetune.trainer import locations
 from kubetune.trainer.errors import InvalidConfig, ModelUnusable, first_line
-from kubetune.trainer.plan.memory import ModelShape, checkpointed_layer_indices
+from kubetune.trainer.plan.memory import checkpointed_layer_indices
+from kubetune.trainer.plan.shape import ModelShape
 from kubetune.trainer.plan.speed import SpeedSettings
 
 if TYPE_CHECKING:

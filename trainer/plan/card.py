@@ -55,6 +55,7 @@ def plan_report(memory: MemoryPlan, plan: TrainingPlan, cuda: bool) -> MemoryPla
         estimated_peak_gib=_gib(memory.estimated_peak_bytes),
         free_gib=_gib(memory.free_bytes),
         peak_gib=_gib(peak),
+        fp8_matmuls=memory.fp8_matmuls,
     )
 
 

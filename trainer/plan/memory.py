@@ -14,7 +14,10 @@ combination that its memory model says fits:
 - **what the fused 4-bit layers keep of their dequantisation** (``fused_lora``): the NF4 block
   scales in fp32 once :data:`KEEP_SCALES` is on (0.4 GiB for a 7B base; one dequantisation
   kernel instead of three), the whole base in bf16 where it fits beside the plan once
-  :data:`KEEP_WEIGHTS_WHERE_THEY_FIT` is on (both stay off until a GPU has measured them).
+  :data:`KEEP_WEIGHTS_WHERE_THEY_FIT` is on (both stay off until a GPU has measured them); with
+  the base's matmuls in FP8 (``quantization.fp8Matmuls``), the e4m3 base where it fits beside
+  the plan (one byte a weight, four a row: 6 GiB for a 7B base), else it is quantised again
+  in every call.
 
 ``training.profile: memory`` asks for the least memory instead of the most speed: every layer
 checkpointed, the checkpoints themselves kept in (pinned) CPU memory on a GPU, one packed row of
@@ -28,9 +31,9 @@ checkpointing, 7.2 GiB with it, +16.6 GiB for LoRA dropout). Nothing here import
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+
+from kubetune.trainer.plan.shape import ModelShape
 
 GIB = 2**30
 
@@ -91,53 +94,19 @@ KEEP_SCALES = False
 #: ``kubetune-keepw`` mode turns it on).
 KEEP_WEIGHTS_WHERE_THEY_FIT = False
 KEPT_WEIGHT_BYTES_PER_PARAM = 2.0
+#: The base in e4m3 for the FP8 matmuls (``fp8_base.Fp8Weight``): a byte a weight and an fp32
+#: scale a row (output feature), kept where it fits beside the fastest plan (else each call
+#: quantises the weight again, from a transient bf16 dequantisation as the bf16 path makes).
+KEPT_FP8_BYTES_PER_PARAM = 1.0
+KEPT_FP8_BYTES_PER_ROW = 4.0
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """What the memory model needs from a decoder-only model's config."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-    tied_embeddings: bool = False
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> ModelShape:
-        """From a ``config.json`` as a dict (a multimodal model's ``text_config`` if it has one)."""
-        text = config.get("text_config") or config
-        hidden = int(text["hidden_size"])
-        heads = int(text.get("num_attention_heads") or 1)
-        return cls(
-            hidden=hidden,
-            intermediate=int(text.get("intermediate_size") or 4 * hidden),
-            layers=int(text["num_hidden_layers"]),
-            heads=heads,
-            kv_heads=int(text.get("num_key_value_heads") or heads),
-            vocab=int(text.get("vocab_size") or config.get("vocab_size") or 32000),
-            tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        )
-
-    @property
-    def kv_width(self) -> int:
-        return self.hidden // self.heads * self.kv_heads
-
-    def linear_shapes(self) -> list[tuple[int, int]]:
-        """(in, out) of one decoder layer's Linear modules (attention and gated MLP)."""
-        h, kv, i = self.hidden, self.kv_width, self.intermediate
-        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
-
-    def linear_params(self) -> int:
-        return self.layers * sum(a * b for a, b in self.linear_shapes())
-
-    def lora_params(self, rank: int) -> int:
-        return self.layers * sum(rank * (a + b) for a, b in self.linear_shapes())
-
-    def embedding_params(self) -> int:
-        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+def kept_fp8_bytes(shape: ModelShape) -> float:
+    """What the base kept in e4m3 for the FP8 matmuls holds."""
+    return (
+        shape.linear_params() * KEPT_FP8_BYTES_PER_PARAM
+        + shape.linear_rows() * KEPT_FP8_BYTES_PER_ROW
+    )
 
 
 @dataclass(frozen=True)
@@ -153,6 +122,7 @@ class RunSettings:
     gradient_checkpointing: bool | None = None  # None: the plan decides
     optimizer: str = "auto"  # "auto": the plan decides
     profile: str = "speed"  # "speed" or "memory" (training.profile)
+    fp8_matmuls: bool = False  # the base's matmuls in FP8 (quantization.fp8Matmuls, resolved)
 
 
 @dataclass(frozen=True)
@@ -170,8 +140,12 @@ class MemoryPlan:
     profile: str = "speed"
     #: The checkpointed layers' inputs wait for the backward pass in CPU memory.
     offload_checkpoints: bool = False
-    #: What the fused 4-bit layers keep of their dequantisation: "scales", "weights" or "none".
+    #: What the fused 4-bit layers keep of their dequantisation: "scales", "weights", "fp8"
+    #: (the base in e4m3 for the FP8 matmuls) or "none".
     kept_dequantization: str = "none"
+    #: The base's matmuls run in FP8 (the e4m3 weight kept when ``kept_dequantization`` is
+    #: "fp8", else quantised in every call).
+    fp8_matmuls: bool = False
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -293,6 +267,7 @@ def _unestimated(
         optimizer=optimizer,
         estimated_peak_bytes=None,
         free_bytes=None,
+        fp8_matmuls=run.fp8_matmuls,
     )
 
 
@@ -335,7 +310,11 @@ def plan_memory(
             optimizer, peak = "adamw_torch_fused", peak + extra
     kept = "scales" if KEEP_SCALES else "none"
     weights = shape.linear_params() * KEPT_WEIGHT_BYTES_PER_PARAM
-    if KEEP_WEIGHTS_WHERE_THEY_FIT and fitting and peak + weights <= budget:
+    if run.fp8_matmuls:
+        # The e4m3 base serves every matmul of a step; a bf16 copy would serve none.
+        if fitting and peak + kept_fp8_bytes(shape) <= budget:
+            kept, peak = "fp8", peak + kept_fp8_bytes(shape)
+    elif KEEP_WEIGHTS_WHERE_THEY_FIT and fitting and peak + weights <= budget:
         kept, peak = "weights", peak + weights
     return replace(
         _unestimated(shape, run, micro, checkpointed, optimizer),

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from kubetune.trainer.plan.memory import ModelShape
+from kubetune.trainer.plan.shape import ModelShape
 
 GIB: Final = 1024**3
 MEASURED_GIB: Final = 12.55

@@ -33,7 +33,8 @@ from kubetune.api.uris import display_uri
 from kubetune.trainer.errors import DatasetUnusable, InvalidConfig
 from kubetune.trainer.plan.arguments import RunArguments
 from kubetune.trainer.plan.card import plan_settings
-from kubetune.trainer.plan.memory import GIB, ModelShape
+from kubetune.trainer.plan.memory import GIB
+from kubetune.trainer.plan.shape import ModelShape
 from kubetune.trainer.run.preference import extra_forward_passes, work_per_token
 
 if TYPE_CHECKING:
@@ -162,10 +163,10 @@ def count(prepared: Dataset, examples: int) -> Counts:
 def preflight(config: TrainerConfig, read_token: str | None = None) -> TrainerResult:
     """Check and estimate the run ``config`` describes; raises the run's own failures."""
     from kubetune.trainer.dataset.formats import prepare
-    from kubetune.trainer.model import varlen_attention
+    from kubetune.trainer.model import fp8_base, varlen_attention
     from kubetune.trainer.model.modeling import load_tokenizer, locate_model, model_shape
     from kubetune.trainer.plan.resolve import fit_to_card, node_speed, training_plan
-    from kubetune.trainer.plan.speed import gpu_free_bytes
+    from kubetune.trainer.plan.speed import GPU_KINDS, gpu_free_bytes
     from kubetune.trainer.run.assembly import starting_adapter
 
     spec = config.spec
@@ -173,8 +174,15 @@ def preflight(config: TrainerConfig, read_token: str | None = None) -> TrainerRe
     kind = spec.validation.gpu_kind
     # The run's node: a GPU when the spec asks for one (the speed settings it will resolve).
     cuda = spec.resources.gpus > 0
-    # The GPU kinds kubetune plans for all run FlashAttention-2 (compute capability >= 8.0).
-    speed = node_speed(spec, cuda, varlen_runs=cuda and varlen_attention.available())
+    # The GPU kinds kubetune plans for all run FlashAttention-2 (compute capability >= 8.0);
+    # FP8 matmuls where the kind is Hopper (an unnamed kind: the node decides at start).
+    fp8_kind = kind is None or (kind in GPU_KINDS and GPU_KINDS[kind].fp8)
+    speed = node_speed(
+        spec,
+        cuda,
+        varlen_runs=cuda and varlen_attention.available(),
+        fp8_runs=cuda and fp8_kind and fp8_base.available(),
+    )
 
     located = locate_model(spec.model)
     source, is_hub = located

@@ -23,7 +23,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from kubetune.trainer.errors import InvalidConfig, OutOfMemory
-from kubetune.trainer.plan.memory import GIB, MemoryPlan, ModelShape, RunSettings, plan_memory
+from kubetune.trainer.plan.memory import GIB, MemoryPlan, RunSettings, plan_memory
+from kubetune.trainer.plan.shape import ModelShape
 from kubetune.trainer.run.preference import fewest_per_micro_batch, sequences_per_example
 
 if TYPE_CHECKING:
@@ -55,15 +56,24 @@ class RunPlan:
 
 
 def node_speed(
-    spec: FineTuneJobSpec, cuda: bool, *, varlen_runs: bool | None = None
+    spec: FineTuneJobSpec,
+    cuda: bool,
+    *,
+    varlen_runs: bool | None = None,
+    fp8_runs: bool | None = None,
 ) -> SpeedSettings:
     """The spec's speed settings as this node can run them (a preference run's restrictions
-    applied); InvalidConfig for what it can't. ``varlen_runs``: as
-    :func:`~kubetune.trainer.plan.speed.resolve_speed` takes it."""
+    applied); InvalidConfig for what it can't. ``varlen_runs``, ``fp8_runs``: as
+    :func:`~kubetune.trainer.plan.speed.resolve_speed` and
+    :func:`~kubetune.trainer.plan.speed.resolve_fp8` take them."""
     from kubetune.trainer.plan import speed
     from kubetune.trainer.run import preference
 
     settings = speed.resolve_speed(spec.training, cuda, varlen_runs=varlen_runs)
+    fp8 = speed.resolve_fp8(
+        spec.quantization, cuda, fp8_runs=fp8_runs, preference=spec.method.preference
+    )
+    settings = replace(settings, fp8_matmuls=fp8)
     if spec.method.preference:
         settings = preference.preference_speed(settings)
     return settings
@@ -111,6 +121,7 @@ def fit_to_card(
             gradient_checkpointing=training.gradient_checkpointing,
             optimizer=training.optimizer,
             profile=training.profile,
+            fp8_matmuls=speed.fp8_matmuls,
         )
         memory = plan_memory(shape, run, free, cuda=cuda)
         fewest = fewest_per_micro_batch(spec.method)
@@ -154,6 +165,7 @@ def _plan_without_shape(
         estimated_peak_bytes=None,
         free_bytes=free,
         profile=training.profile,
+        fp8_matmuls=speed.fp8_matmuls,
     )
 
 

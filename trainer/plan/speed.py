@@ -6,9 +6,10 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, replace
 
-from kubetune.api.models import TrainingSpec
+from kubetune.api.models import QuantizationSpec, TrainingSpec
 from kubetune.trainer.errors import InvalidConfig
-from kubetune.trainer.plan.memory import MemoryPlan, ModelShape, relative_step_cost
+from kubetune.trainer.plan.memory import MemoryPlan, relative_step_cost
+from kubetune.trainer.plan.shape import ModelShape
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,16 @@ class SpeedSettings:
     #: Keep the checkpointed layers' inputs in CPU memory until the backward pass needs them.
     offload_checkpoints: bool = False
     #: What the fused 4-bit layers keep of their dequantisation for the run (the memory plan's
-    #: choice: "scales", "weights" or "none").
+    #: choice: "scales", "weights", "fp8" or "none").
     kept_dequantization: str = "none"
+    #: The frozen base's matmuls in FP8 (``quantization.fp8Matmuls`` as this node resolved it).
+    fp8_matmuls: bool = False
+
+
+#: What ``quantization.fp8Matmuls: auto`` means where FP8 can run (a Hopper GPU, bf16 compute):
+#: True, on; False, off (then only ``on`` turns it on). The one switch to flip once a GPU has
+#: measured its speed and loss parity (docs/performance.md; the API's description says which).
+FP8_AUTO = True
 
 
 def liger_available() -> bool:
@@ -46,6 +55,37 @@ def auto_attention(packing: bool, cuda: bool, varlen_runs: bool) -> str:
     if packing and varlen_runs:
         return "varlen"
     return "flex_attention" if flex_attention_available() else "sdpa"
+
+
+def _fp8_runs_on_this_gpu() -> bool:
+    from kubetune.trainer.model import fp8_base
+
+    return fp8_base.supported_on_this_gpu()
+
+
+def resolve_fp8(
+    quantization: QuantizationSpec, cuda: bool, *, fp8_runs: bool | None, preference: bool
+) -> bool:
+    """``quantization.fp8Matmuls`` for this node: whether the base's matmuls run in FP8;
+    InvalidConfig for ``on`` where they can't. ``fp8_runs``: whether the GPU runs row-wise FP8
+    matmuls (None: ask this node's GPU; the preflight answers for the GPU kind the run will
+    get). ``auto`` stays off for preference runs: their reference pass runs the base in bf16
+    (adapters off, PEFT's forward), and an FP8 policy against it would start with non-zero
+    log-ratios."""
+    if quantization.fp8_matmuls == "off":
+        return False
+    if fp8_runs is None:
+        fp8_runs = cuda and _fp8_runs_on_this_gpu()
+    runs = cuda and fp8_runs and quantization.compute_dtype == "bfloat16"
+    if quantization.fp8_matmuls == "on":
+        if not runs:
+            raise InvalidConfig(
+                "quantization.fp8Matmuls: on needs a CUDA GPU of compute capability 9.0 or newer "
+                "(H100, H200), torch's row-wise FP8 matmul (torch >= 2.5) and "
+                "quantization.computeDtype: bfloat16; use auto or off"
+            )
+        return True
+    return runs and FP8_AUTO and not preference
 
 
 def resolve_speed(
@@ -121,6 +161,7 @@ def apply_plan(speed: SpeedSettings, plan: MemoryPlan) -> SpeedSettings:
         pad_to_tokens=plan.tokens_per_micro_step if bucket else None,
         offload_checkpoints=plan.offload_checkpoints,
         kept_dequantization=plan.kept_dequantization,
+        fp8_matmuls=plan.fp8_matmuls,
     )
 
 
@@ -156,6 +197,8 @@ class GpuKind:
     #: measured; the estimate then gives no seconds rather than a guess).
     measured_mfu: float | None = None
     source: str = ""
+    #: Whether it runs FP8 matmuls with row-wise scales (compute capability 9.0 or newer).
+    fp8: bool = False
 
 
 #: The card's memory that the CUDA context and the libraries hold before the plan's share.
@@ -164,8 +207,12 @@ CONTEXT_BYTES = 512 * 2**20
 #: The GPU kinds the preflight plans for; the measured MFUs and the runs they come from:
 #: docs/performance.md, "Figures behind the trainer's constants".
 GPU_KINDS: dict[str, GpuKind] = {
-    "H200": GpuKind(143771, 989.0, 0.494, "docs/trainer.md, H200 2026-11-29, 7B defaults"),
-    "H100-80GB": GpuKind(81559, 989.0, 0.449, "docs/trainer.md, H100 2026-12-05, 7B defaults"),
+    "H200": GpuKind(
+        143771, 989.0, 0.494, "docs/trainer.md, H200 2026-11-29, 7B defaults", fp8=True
+    ),
+    "H100-80GB": GpuKind(
+        81559, 989.0, 0.449, "docs/trainer.md, H100 2026-12-05, 7B defaults", fp8=True
+    ),
     "A100-80GB": GpuKind(81920, 312.0),
     "A100-40GB": GpuKind(40960, 312.0),
     "L40S": GpuKind(46068, 362.0),

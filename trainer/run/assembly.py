@@ -163,6 +163,7 @@ def finish_trainer(trainer: Any, spec: FineTuneJobSpec, speed: SpeedSettings) ->
         fuse_lora_layers,
         keep_dequantization,
         kept_dequantization_dropped_after_training,
+        use_fp8_matmuls,
     )
     from kubetune.trainer.model.modeling import partial_checkpointing_callback
     from kubetune.trainer.run.divergence import divergence_callback
@@ -174,6 +175,8 @@ def finish_trainer(trainer: Any, spec: FineTuneJobSpec, speed: SpeedSettings) ->
             kept = keep_dequantization(trainer.model, speed.kept_dequantization)
             log.info("%d of them keep their dequantised %s", kept, speed.kept_dequantization)
             trainer.add_callback(kept_dequantization_dropped_after_training())
+        if speed.fp8_matmuls:
+            log.info("%d of them run the base's matmuls in FP8", use_fp8_matmuls(trainer.model))
     if speed.gradient_checkpointing and speed.checkpointed_layers is not None:
         trainer.add_callback(partial_checkpointing_callback(speed.checkpointed_layers))
     trainer.add_callback(divergence_callback(spec, lambda: getattr(trainer, "_tr_loss", None)))

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from kubetune.api.models import MethodSpec
 
 if TYPE_CHECKING:
-    from kubetune.trainer.plan.memory import ModelShape
+    from kubetune.trainer.plan.shape import ModelShape
     from kubetune.trainer.plan.speed import SpeedSettings
 
 #: TRL's logged preference metrics → the names status.progress and status.result use.

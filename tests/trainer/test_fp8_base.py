@@ -1,0 +1,227 @@
+"""The FP8 pieces of the base matmuls (``kubetune.trainer.model.fp8_base``): the row quantiser
+against a float64 reference, its Triton kernel against the torch path (under Triton's
+interpreter on the CPU, on the GPU for real), and the FP8 matmuls against fp32 products within
+what e4m3's rounding allows.
+
+The tolerance, derived: e4m3 keeps 3 mantissa bits, so rounding to nearest moves an element by
+at most 2^-4 of its magnitude (6.25%); spread over a binade, the root-mean-square relative error
+is at most 2^-4/sqrt(3) = 3.6% an operand. A product whose two operands are rounded
+independently is off by at most sqrt(2) x 3.6% = 5.1% in relative Frobenius norm: the bound
+here is 6%.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.trainer
+
+#: A product of two e4m3-rounded operands, relative Frobenius error (module docstring).
+FP8_PRODUCT_TOLERANCE = 0.06
+
+
+def _relative(result: Any, reference: Any) -> float:
+    return float((result.double() - reference).norm() / reference.norm())
+
+
+def _rows(count: int, columns: int, seed: int = 0) -> Any:
+    """bf16 rows of very different magnitudes, one of them all zeros."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randn(count, columns, generator=generator)
+    rows *= torch.logspace(-3, 3, count).unsqueeze(1)
+    rows[1] = 0
+    return rows.bfloat16()
+
+
+@pytest.mark.parametrize("with_column_scale", [False, True])
+def test_the_row_quantiser_rounds_each_row_to_e4m3_within_half_a_step(
+    with_column_scale: bool,
+) -> None:
+    import torch
+
+    from kubetune.trainer.model import fp8_base
+
+    rows = _rows(8, 300)
+    columns = torch.rand(300, generator=torch.Generator().manual_seed(1)) + 0.5
+    column_scale = columns if with_column_scale else None
+    quantized, scale = fp8_base.quantize_rows(rows, column_scale)
+
+    values = rows.double() * (columns.double() if with_column_scale else 1.0)
+    amax = values.abs().amax(dim=1, keepdim=True)
+    assert quantized.dtype == torch.float8_e4m3fn and scale.shape == (8, 1)
+    assert scale[1].item() == 1.0 and not quantized[1].float().any()  # a row of zeros
+    nonzero = amax.squeeze(1) > 0
+    assert torch.allclose(scale.double()[nonzero], amax[nonzero] / 448.0, rtol=1e-6, atol=0)
+    # Each row's largest element lands on e4m3's largest value.
+    assert torch.equal(quantized.float().abs().amax(dim=1)[nonzero], torch.full((7,), 448.0))
+    restored = quantized.double() * scale.double()
+    # Half a step: 2^-4 of the value for normal e4m3 numbers, 2^-10 of the scale below 2^-6.
+    allowed = torch.maximum(values.abs() * 2**-4, scale.double() * 2**-10) * (1 + 1e-9)
+    assert bool(((restored - values).abs() <= allowed).all())
+
+
+def test_the_fp8_matmuls_stay_within_e4m3s_rounding_of_the_fp32_products() -> None:
+    import torch
+
+    from kubetune.trainer.model import fp8_base
+
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(64, 256, generator=generator).bfloat16()
+    rows[5] = 0
+    weight = (torch.randn(96, 256, generator=generator) / 16).bfloat16()
+    grad = (torch.randn(64, 96, generator=generator) * 1e-3).bfloat16()
+    fp8 = fp8_base.quantize_weight(weight)
+    assert fp8.data.shape == (96, 256) and fp8.scale.shape == (96,)
+    assert fp8.nbytes == 96 * 256 + 96 * 4
+
+    out = fp8_base.base_forward(rows, fp8)
+    dx = fp8_base.base_input_grad(grad, fp8)
+
+    assert out.dtype == dx.dtype == torch.bfloat16
+    assert out.shape == (64, 96) and dx.shape == (64, 256)
+    assert _relative(out, rows.double() @ weight.double().t()) < FP8_PRODUCT_TOLERANCE
+    assert _relative(dx, grad.double() @ weight.double()) < FP8_PRODUCT_TOLERANCE
+    assert not out[5].float().any()  # a row of zeros in, a row of zeros out
+
+
+def test_fp8_mm_on_the_cpu_is_the_product_of_the_dequantised_operands() -> None:
+    import torch
+
+    from kubetune.trainer.model import fp8_base
+
+    a, a_scale = fp8_base.quantize_rows(_rows(16, 64))
+    b, b_scale = fp8_base.quantize_rows(_rows(32, 64, seed=2))
+    product = fp8_base.fp8_mm(a, a_scale, b.t(), b_scale.view(1, -1), fast_accum=False)
+    expected = (a.double() * a_scale.double()) @ (b.double() * b_scale.double()).t()
+    assert product.dtype == torch.bfloat16
+    # bf16's own rounding of the result (half a step: 2^-8 of it) is all that is left.
+    assert _relative(product, expected) < 2**-8
+
+
+def test_only_sizes_that_are_multiples_of_16_take_the_fp8_path() -> None:
+    from kubetune.trainer.model import fp8_base
+
+    assert fp8_base.fits(4096, 11008) and fp8_base.fits(192, 128)
+    assert not fp8_base.fits(4096, 100) and not fp8_base.fits(8, 4096)
+
+
+def test_no_gpu_runs_fp8_here() -> None:
+    import torch
+
+    from kubetune.trainer.model import fp8_base
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: tests/trainer/test_fp8_base.py's gpu tests apply")
+    assert fp8_base.supported_on_this_gpu() is False
+
+
+_INTERPRETED = """
+import json, sys, torch
+from kubetune.trainer.model import fp8_base
+out = {}
+rows = torch.load(sys.argv[1])
+columns = torch.load(sys.argv[2])
+for name, column_scale in (("plain", None), ("scaled", columns)):
+    values, scale = fp8_base.quantize_rows_triton(rows, column_scale, out_dtype=torch.float32)
+    expected, expected_scale = fp8_base.scaled_rows_reference(rows, column_scale)
+    out[name] = {"values": torch.equal(values, expected), "scales": torch.equal(scale, expected_scale)}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("columns", [300, 5000])
+def test_the_triton_quantiser_computes_the_torch_paths_values_under_the_interpreter(
+    columns: int, tmp_path: Path
+) -> None:
+    """Triton's interpreter runs the kernel on the CPU (``TRITON_INTERPRET=1``, in a process of
+    its own: the setting is read when the kernel is built). Its own e4m3 cast mis-rounds values
+    that round up to a power of two (127.65 became 64), so the kernel writes its values before
+    the cast here, in fp32; the GPU test compares the real e4m3 output. 5,000 columns take
+    three passes of the kernel's 2,048-column block."""
+    pytest.importorskip("triton")
+    import torch
+
+    rows, scales = tmp_path / "rows.pt", tmp_path / "columns.pt"
+    torch.save(_rows(6, columns), rows)
+    torch.save(torch.rand(columns) + 0.5, scales)
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED, str(rows), str(scales)],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {name: {"values": True, "scales": True} for name in ("plain", "scaled")}
+
+
+# --- on the GPU ------------------------------------------------------------------------------
+
+
+def _cuda_with_fp8() -> None:
+    import torch
+
+    from kubetune.trainer.model import fp8_base
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU (CUDA)")
+    if not fp8_base.supported_on_this_gpu():
+        pytest.skip(f"{torch.cuda.get_device_name()} runs no row-wise FP8 matmul (needs sm90+)")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("columns", [4096, 11008, 14336, 300])
+@pytest.mark.parametrize("with_column_scale", [False, True])
+def test_the_triton_quantiser_on_the_gpu_is_bitwise_the_torch_path(
+    columns: int, with_column_scale: bool
+) -> None:
+    import torch
+
+    from kubetune.trainer.model import fp8_base
+
+    _cuda_with_fp8()
+    rows = _rows(64, columns).cuda()
+    column_scale = (torch.rand(columns) + 0.5).cuda() if with_column_scale else None
+    quantized, scale = fp8_base.quantize_rows(rows, column_scale)
+    expected, expected_scale = fp8_base.quantize_rows_reference(rows, column_scale)
+    assert torch.equal(scale, expected_scale)
+    differ = int((quantized.view(torch.uint8) != expected.view(torch.uint8)).sum())
+    assert differ == 0, f"{differ} of {quantized.numel()} elements differ"
+
+
+@pytest.mark.gpu
+def test_scaled_mm_on_the_gpu_matches_the_cpus_emulation() -> None:
+    import torch
+
+    from kubetune.trainer.model import fp8_base
+
+    _cuda_with_fp8()
+    generator = torch.Generator().manual_seed(0)
+    # 1,000 tokens: a count that is no multiple of 16.
+    rows = torch.randn(1000, 4096, generator=generator).bfloat16()
+    weight = (torch.randn(11008, 4096, generator=generator) / 64).bfloat16()
+    grad = (torch.randn(1000, 11008, generator=generator) * 1e-3).bfloat16()
+    on_cpu = fp8_base.quantize_weight(weight)
+    on_gpu = fp8_base.Fp8Weight(on_cpu.data.cuda(), on_cpu.scale.cuda())
+    for name, cpu, gpu in (
+        ("forward", fp8_base.base_forward(rows, on_cpu),
+         fp8_base.base_forward(rows.cuda(), on_gpu)),
+        ("input gradient", fp8_base.base_input_grad(grad, on_cpu),
+         fp8_base.base_input_grad(grad.cuda(), on_gpu)),
+    ):  # fmt: skip
+        # Same operands; only the accumulation order and FP8 fast accumulation differ.
+        assert _relative(gpu.cpu(), cpu.double()) < 1e-2, name
+    exact = rows.double() @ weight.double().t()
+    assert _relative(fp8_base.base_forward(rows.cuda(), on_gpu).cpu(), exact) < (
+        FP8_PRODUCT_TOLERANCE
+    )
