@@ -47,3 +47,34 @@ def test_a_kind_never_measured_gets_no_seconds() -> None:
     plan = plan_memory(LLAMA2_7B, DEFAULTS, gpu_free_bytes("A100-80GB"), cuda=True)
     assert estimated_seconds("A100-80GB", LLAMA2_7B, lora_rank=16, plan=plan, tokens=1000,
                              ranks=1) is None  # fmt: skip
+
+
+def test_an_fp8_plan_on_an_h100_is_estimated_at_its_measured_fp8_rate() -> None:
+    """The H100's 7B defaults with the base in FP8 (18,352 and 17,934 real tokens/s on two H100s,
+    bench/results/h100-2026-12-06-fp8*.jsonl) are estimated at the bf16 rate times the measured
+    gain; the H200, where FP8 was never measured, is estimated as bf16."""
+    from dataclasses import replace
+
+    from kubetune.trainer.plan.memory import FP8_MIN_TOKENS
+
+    fp8 = replace(DEFAULTS, fp8_matmuls=True, fp8_min_tokens=FP8_MIN_TOKENS)
+    tokens = 10_000_000
+    for kind, gain in (("H100-80GB", 1.135), ("H200", 1.0)):
+        plan = plan_memory(LLAMA2_7B, fp8, gpu_free_bytes(kind), cuda=True)
+        assert plan.fp8_matmuls is True
+        bf16 = replace(plan, fp8_matmuls=False, kept_dequantization="none")
+        seconds = estimated_seconds(
+            kind, LLAMA2_7B, lora_rank=16, plan=plan, tokens=tokens, ranks=1
+        )
+        before = estimated_seconds(kind, LLAMA2_7B, lora_rank=16, plan=bf16, tokens=tokens, ranks=1)
+        assert seconds is not None and before is not None
+        assert before / seconds == pytest.approx(gain)
+    rate = tokens / estimated_seconds(  # type: ignore[operator]
+        "H100-80GB",
+        LLAMA2_7B,
+        lora_rank=16,
+        plan=plan_memory(LLAMA2_7B, fp8, gpu_free_bytes("H100-80GB"), cuda=True),
+        tokens=tokens,
+        ranks=1,
+    )
+    assert 17_934 * 0.97 < rate < 18_352 * 1.08

@@ -98,6 +98,11 @@ KEPT_WEIGHT_BYTES_PER_PARAM = 2.0
 #: scale a row (output feature), kept where it fits beside the fastest plan (else each call
 #: quantises the weight again, from a transient bf16 dequantisation as the bf16 path makes).
 KEPT_FP8_BYTES_PER_PARAM = 1.0
+#: ``quantization.fp8Matmuls: auto`` runs the base in FP8 only from this many tokens a micro-step:
+#: measured on an H100 80GB (bench/results/h100-2026-12-06-fp8*), FP8 gained 13.5% at 16,384 (7B)
+#: and at 8,192 tokens (8B), and lost 30% at 4,096 (7B under a 24 GiB cap), where each call's
+#: weight quantisation and transpose and the extra launches outweigh the faster matmul.
+FP8_MIN_TOKENS = 8192
 KEPT_FP8_BYTES_PER_ROW = 4.0
 
 
@@ -123,6 +128,9 @@ class RunSettings:
     optimizer: str = "auto"  # "auto": the plan decides
     profile: str = "speed"  # "speed" or "memory" (training.profile)
     fp8_matmuls: bool = False  # the base's matmuls in FP8 (quantization.fp8Matmuls, resolved)
+    #: FP8 only where a micro-step has at least this many tokens (``auto``'s rule,
+    #: :data:`FP8_MIN_TOKENS`); 0 wherever ``fp8_matmuls`` is on (``on``).
+    fp8_min_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -267,8 +275,13 @@ def _unestimated(
         optimizer=optimizer,
         estimated_peak_bytes=None,
         free_bytes=None,
-        fp8_matmuls=run.fp8_matmuls,
+        fp8_matmuls=_fp8_runs(run, micro),
     )
+
+
+def _fp8_runs(run: RunSettings, micro: int) -> bool:
+    """Whether the base's matmuls run in FP8 at ``micro`` rows a micro-step."""
+    return run.fp8_matmuls and micro * run.max_length >= run.fp8_min_tokens
 
 
 def plan_memory(
@@ -310,7 +323,8 @@ def plan_memory(
             optimizer, peak = "adamw_torch_fused", peak + extra
     kept = "scales" if KEEP_SCALES else "none"
     weights = shape.linear_params() * KEPT_WEIGHT_BYTES_PER_PARAM
-    if run.fp8_matmuls:
+    fp8 = _fp8_runs(run, micro)
+    if fp8:
         # The e4m3 base serves every matmul of a step; a bf16 copy would serve none.
         if fitting and peak + kept_fp8_bytes(shape) <= budget:
             kept, peak = "fp8", peak + kept_fp8_bytes(shape)
@@ -322,6 +336,7 @@ def plan_memory(
         free_bytes=free_bytes,
         fits=bool(fitting),
         kept_dequantization=kept,
+        fp8_matmuls=fp8,
     )
 
 

@@ -23,7 +23,13 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from kubetune.trainer.errors import InvalidConfig, OutOfMemory
-from kubetune.trainer.plan.memory import GIB, MemoryPlan, RunSettings, plan_memory
+from kubetune.trainer.plan.memory import (
+    FP8_MIN_TOKENS,
+    GIB,
+    MemoryPlan,
+    RunSettings,
+    plan_memory,
+)
 from kubetune.trainer.plan.shape import ModelShape
 from kubetune.trainer.run.preference import fewest_per_micro_batch, sequences_per_example
 
@@ -122,6 +128,7 @@ def fit_to_card(
             optimizer=training.optimizer,
             profile=training.profile,
             fp8_matmuls=speed.fp8_matmuls,
+            fp8_min_tokens=FP8_MIN_TOKENS if spec.quantization.fp8_matmuls == "auto" else 0,
         )
         memory = plan_memory(shape, run, free, cuda=cuda)
         fewest = fewest_per_micro_batch(spec.method)

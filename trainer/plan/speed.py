@@ -199,6 +199,9 @@ class GpuKind:
     source: str = ""
     #: Whether it runs FP8 matmuls with row-wise scales (compute capability 9.0 or newer).
     fp8: bool = False
+    #: Tokens/s of a plan whose base matmuls run in FP8 over the same plan in bf16, as measured
+    #: (1.0: not measured; the estimate then counts FP8 as no faster).
+    fp8_speedup: float = 1.0
 
 
 #: The card's memory that the CUDA context and the libraries hold before the plan's share.
@@ -211,7 +214,12 @@ GPU_KINDS: dict[str, GpuKind] = {
         143771, 989.0, 0.494, "docs/trainer.md, H200 2026-11-29, 7B defaults", fp8=True
     ),
     "H100-80GB": GpuKind(
-        81559, 989.0, 0.449, "docs/trainer.md, H100 2026-12-05, 7B defaults", fp8=True
+        81559,
+        989.0,
+        0.449,
+        "docs/trainer.md, H100 2026-12-05, 7B defaults; FP8 1.135x: H100 2026-12-06, 7B and 8B",
+        fp8=True,
+        fp8_speedup=1.135,
     ),
     "A100-80GB": GpuKind(81920, 312.0),
     "A100-40GB": GpuKind(40960, 312.0),
@@ -238,12 +246,14 @@ def estimated_seconds(
 ) -> float | None:
     """Seconds to train ``tokens`` real tokens on ``ranks`` GPUs of ``kind``: the measured MFU,
     corrected by the memory model's cost of this plan's recompute and micro-step size relative
-    to the measured plan (ranks assumed to scale linearly). None where the kind was never
-    measured."""
+    to the measured plan and by FP8's measured gain where the plan runs it (ranks assumed to
+    scale linearly). None where the kind was never measured."""
     gpu = GPU_KINDS.get(kind)
     if gpu is None or gpu.measured_mfu is None or tokens <= 0:
         return None
     per_second = gpu.bf16_tflops * 1e12 * gpu.measured_mfu / flops_per_token(shape, lora_rank)
+    if plan.fp8_matmuls:
+        per_second *= gpu.fp8_speedup
     cost = relative_step_cost(plan.checkpointed_layers, plan.layers, plan.tokens_per_micro_step)
     measured = relative_step_cost(0, plan.layers, MEASURED_TOKENS_PER_MICRO_STEP)
     return tokens / (per_second * max(ranks, 1)) * cost / measured
