@@ -7,6 +7,8 @@
 #   OUT=/some/dir bash bench/gpu_round.sh tests    # pytest -m gpu tests/trainer
 #   OUT=/some/dir bash bench/gpu_round.sh fp8      # FP8 base matmuls: GPU tests, the pieces,
 #                                                  # 7B bf16 vs fp8 vs TRL best (~7 min)
+#   OUT=/some/dir bash bench/gpu_round.sh fp8-h200    # on an H200: FP8 kept, + transposed, per
+#                                                     # call, bf16, TRL best (~8 min)
 #   OUT=/some/dir bash bench/gpu_round.sh fp8-parity  # the loss parity of both vs TRL (~4 min)
 #
 # Everything lands in $OUT as it comes (results.jsonl, the profile table, one log per command,
@@ -53,13 +55,19 @@ case "${1:-}" in
       --logging-steps 10 --shape llama2-7b --steps 14 --warmup 4 \
       --modes kubetune-bf16,kubetune-fp8,trl-best
     ;;
+  fp8-h200)  # ~8 min on an H200, where the 7B e4m3 base is kept: FP8 (kept), FP8 with the
+    # transposed copy kept too, FP8 quantised per call, bf16, TRL's best; all at --logging-steps 10
+    step 7b-fp8-h200 bash bench/gpu.sh python3 bench/qlora_throughput.py --out "$OUT/results.jsonl" \
+      --logging-steps 10 --shape llama2-7b --steps 14 --warmup 4 \
+      --modes kubetune-fp8,kubetune-fp8-keept,kubetune-fp8-percall,kubetune-bf16,trl-best
+    ;;
   fp8-parity)  # ~4 min: each kubetune parity mode against plain TRL, 20 steps, a loss a step
     step 7b-fp8-parity bash bench/gpu.sh python3 bench/qlora_throughput.py \
       --out "$OUT/results.jsonl" --shape llama2-7b --steps 20 --warmup 4 --logging-steps 1 \
       --token-range 512 --batch 4 --modes kubetune-fp8-parity,kubetune-parity,trl-parity
     ;;
   *)
-    echo "usage: OUT=DIR bash bench/gpu_round.sh speed|caps|tests|fp8|fp8-parity" >&2
+    echo "usage: OUT=DIR bash bench/gpu_round.sh speed|caps|tests|fp8|fp8-h200|fp8-parity" >&2
     exit 2
     ;;
 esac

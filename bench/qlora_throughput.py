@@ -42,6 +42,8 @@ from the process start. The modes:
   frozen base's matmuls in FP8; the plan keeps the e4m3 base where it fits) or off;
   ``kubetune-fp8-percall``: FP8 with nothing kept (the weight quantised again in every call, as
   on a card without room for the e4m3 base), to measure what keeping it gives on the same card;
+  ``kubetune-fp8-keept``: FP8 with the e4m3 base's transposed copy kept too where it fits
+  (``memory.KEEP_FP8_TRANSPOSED_WHERE_THEY_FIT``: no transpose in a backward call);
 - loss parity: ``kubetune-parity`` (the defaults with ``batchSize: --batch`` and the base's
   matmuls in bf16, ``fp8Matmuls: off``) and ``kubetune-fp8-parity`` (the same with them in FP8)
   against ``trl-parity`` (plain TRL: packing, SDPA, no Liger, no checkpointing, its own QLoRA
@@ -136,6 +138,7 @@ EXTRA_MODES = (
     "kubetune-bf16",
     "kubetune-fp8-parity",
     "kubetune-fp8-percall",
+    "kubetune-fp8-keept",
 )
 #: The kubetune parity modes, each compared with ``trl-parity``.
 PARITY_MODES = ("kubetune-parity", "kubetune-fp8-parity")
@@ -144,6 +147,7 @@ PARITY_MODES = ("kubetune-parity", "kubetune-fp8-parity")
 FP8_MODES = {
     "kubetune-fp8": "on",
     "kubetune-fp8-percall": "on",
+    "kubetune-fp8-keept": "on",
     "kubetune-bf16": "off",
     "kubetune-fp8-parity": "on",
     "kubetune-parity": "off",
@@ -458,6 +462,10 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
 
         planned = speed.apply_plan
         speed.apply_plan = lambda s, p: replace(planned(s, p), kept_dequantization="none")  # type: ignore[assignment]
+    if args.mode == "kubetune-fp8-keept":
+        from kubetune.trainer.plan import memory
+
+        memory.KEEP_FP8_TRANSPOSED_WHERE_THEY_FIT = True  # and the transposed copy where it fits
     if args.mode in ("kubetune-scales", "kubetune-keepw"):
         from kubetune.trainer.plan import memory
 

@@ -135,7 +135,7 @@ def test_fused_layer_gives_pefts_outputs_and_gradients_on_cuda(keep: str | None)
 FP8_TWO_LAYER_TOLERANCE = 0.08
 
 
-def _fp8_against_bf16(device: str, keep: bool) -> None:
+def _fp8_against_bf16(device: str, keep: str | None) -> None:
     import torch
 
     from kubetune.trainer.model import fused_lora
@@ -149,7 +149,7 @@ def _fp8_against_bf16(device: str, keep: bool) -> None:
     fused_lora.fuse_lora_layers(fp8)
     assert fused_lora.use_fp8_matmuls(fp8) == 2
     if keep:
-        assert fused_lora.keep_dequantization(fp8, "fp8") == 2
+        assert fused_lora.keep_dequantization(fp8, keep) == 2
     out, dx, grads = _forward_backward(fp8, x)
 
     assert not torch.equal(out, expected_out), "the FP8 path was not taken"
@@ -160,8 +160,10 @@ def _fp8_against_bf16(device: str, keep: bool) -> None:
         assert _close(grad, expected_grads[name], FP8_TWO_LAYER_TOLERANCE), f"{name} differs"
 
 
-@pytest.mark.parametrize("keep", [False, True], ids=["quantised-per-call", "kept"])
-def test_fp8_base_matmuls_stay_within_e4m3s_rounding_of_the_bf16_layer(keep: bool) -> None:
+@pytest.mark.parametrize(
+    "keep", [None, "fp8", "fp8-transposed"], ids=["quantised-per-call", "kept", "kept-transposed"]
+)
+def test_fp8_base_matmuls_stay_within_e4m3s_rounding_of_the_bf16_layer(keep: str | None) -> None:
     _fp8_against_bf16("cpu", keep)
 
 
@@ -173,16 +175,17 @@ def test_the_kept_e4m3_base_computes_what_the_per_call_one_does_and_is_dropped()
 
     x = torch.randn(1, 16, 128).bfloat16()
     results = []
-    for keep in (False, True):
+    for keep in (None, "fp8-transposed", "fp8"):
         model = _lora_model()
         fused_lora.fuse_lora_layers(model)
         fused_lora.use_fp8_matmuls(model)
         if keep:
-            fused_lora.keep_dequantization(model, "fp8")
+            fused_lora.keep_dequantization(model, keep)
         results.append(_forward_backward(model, x))
-    (out, dx, grads), (kept_out, kept_dx, kept_grads) = results
-    assert torch.equal(out, kept_out) and torch.equal(dx, kept_dx)
-    assert all(torch.equal(grads[name], kept_grads[name]) for name in grads)
+    (out, dx, grads) = results[0]
+    for kept_out, kept_dx, kept_grads in results[1:]:
+        assert torch.equal(out, kept_out) and torch.equal(dx, kept_dx)
+        assert all(torch.equal(grads[name], kept_grads[name]) for name in grads)
 
     weight = model.base_model.model.up.base_layer.weight
     kept = getattr(weight, fused_lora.FP8_WEIGHT)
@@ -209,9 +212,11 @@ def test_layers_whose_sizes_are_no_multiples_of_16_keep_the_bf16_base() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("keep", [False, True], ids=["quantised-per-call", "kept"])
+@pytest.mark.parametrize(
+    "keep", [None, "fp8", "fp8-transposed"], ids=["quantised-per-call", "kept", "kept-transposed"]
+)
 def test_fp8_base_matmuls_on_cuda_stay_within_e4m3s_rounding_of_the_bf16_layer(
-    keep: bool,
+    keep: str | None,
 ) -> None:
     import torch
 

@@ -408,3 +408,26 @@ def test_fp8_auto_runs_only_where_a_micro_step_is_big_enough_and_on_runs_everywh
     assert lean.fp8_matmuls is False
     assert plan_memory(LLAMA2_7B, on, capped, cuda=True).fp8_matmuls is True
     assert plan_memory(LLAMA2_7B, replace(on, profile="memory"), CARD_80, cuda=True).fp8_matmuls
+
+
+def test_the_transposed_e4m3_copy_is_kept_only_when_switched_on_and_where_both_fit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``KEEP_FP8_TRANSPOSED_WHERE_THEY_FIT`` (off until measured) keeps the e4m3 base's
+    transposed copy too where both fit: another byte a weight on the 141 GB card; the 80 GB card
+    keeps neither."""
+    from dataclasses import replace
+
+    from kubetune.trainer.plan import memory
+
+    fp8 = replace(DEFAULTS, fp8_matmuls=True)
+    once = plan_memory(LLAMA2_7B, fp8, CARD_141, cuda=True)
+    assert once.kept_dequantization == "fp8"
+    monkeypatch.setattr(memory, "KEEP_FP8_TRANSPOSED_WHERE_THEY_FIT", True)
+    both = plan_memory(LLAMA2_7B, fp8, CARD_141, cuda=True)
+    assert (both.kept_dequantization, both.fp8_matmuls) == ("fp8-transposed", True)
+    assert both.estimated_peak_bytes is not None and once.estimated_peak_bytes is not None
+    added = both.estimated_peak_bytes - once.estimated_peak_bytes
+    assert added == pytest.approx(LLAMA2_7B.linear_params(), abs=1)
+    assert both.estimated_peak_bytes <= budget_bytes(CARD_141)
+    assert plan_memory(LLAMA2_7B, fp8, CARD_80, cuda=True).kept_dequantization == "none"

@@ -14,8 +14,8 @@ its scale is the row again, to e4m3's three mantissa bits.
 - backward, the input gradient ``dx = g W = (g s) Wq``: the weight's scales folded into ``g``
   before it is quantised (``g' = g * s`` per column, then ``g'q``, ``sg`` per row), so one
   quantisation of the weight serves both directions; ``Wq`` is transposed into the
-  column-major operand ``_scaled_mm`` needs (one byte a weight, per backward call, not kept)
-  (:func:`base_input_grad`).
+  column-major operand ``_scaled_mm`` needs (one byte a weight, per backward call, or once for
+  the run where the plan keeps the transposed copy too) (:func:`base_input_grad`).
 
 The row quantiser (amax per row, an optional per-column multiplier, the scale, clamp and cast)
 is one Triton kernel on CUDA, one program per row; :func:`quantize_rows_reference` computes the
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -53,14 +53,22 @@ KERNEL_BLOCK = 2048
 
 @dataclass(frozen=True)
 class Fp8Weight:
-    """A weight (N, K) in e4m3 with its dequantisation scale per row (N,), fp32."""
+    """A weight (N, K) in e4m3 with its dequantisation scale per row (N,), fp32, and where it is
+    kept so, the same e4m3 values transposed ((K, N) row-major: the input gradient's operand,
+    else transposed again in every backward call)."""
 
     data: torch.Tensor
     scale: torch.Tensor
+    transposed: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
-        return int(self.data.nbytes + self.scale.nbytes)
+        extra = self.transposed.nbytes if self.transposed is not None else 0
+        return int(self.data.nbytes + self.scale.nbytes + extra)
+
+    def with_transposed(self) -> Fp8Weight:
+        """This weight with its transposed copy made once, for the run."""
+        return replace(self, transposed=self.data.t().contiguous())
 
 
 def fits(out_features: int, in_features: int) -> bool:
@@ -275,7 +283,9 @@ def base_input_grad(grad: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
     e4m3 weight itself is the other operand (transposed into column-major here)."""
     quantized, scale = quantize_rows(grad, weight.scale)
     # (K, N) row-major: its transpose is the (N, K) column-major operand _scaled_mm takes.
-    transposed = weight.data.t().contiguous()
+    transposed = (
+        weight.transposed if weight.transposed is not None else weight.data.t().contiguous()
+    )
     columns = weight.data.shape[1]
     return fp8_mm(
         quantized,

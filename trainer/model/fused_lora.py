@@ -136,20 +136,23 @@ def keep_dequantization(model: Any, what: str) -> int:
     the weights' count in fp32, ~0.4 GB for a 7B base), ``"weights"`` the whole weight in the
     compute dtype (two bytes a weight: the NF4 base's memory four times over, no dequantisation
     left in a step), ``"fp8"`` the weight in e4m3 with a scale per row for the FP8 base matmuls
-    (one byte a weight and four a row; layers that can't run in FP8 keep nothing). Returns how
+    (one byte a weight and four a row; layers that can't run in FP8 keep nothing),
+    ``"fp8-transposed"`` that and its transposed copy (another byte a weight: no transpose in a
+    backward call). Returns how
     many weights were kept."""
     kept = 0
     for weight, base in _fused_weights(model):
         if what == "weights":
             with torch.no_grad():
                 setattr(weight, KEPT_WEIGHT, _dequantized(weight, base.compute_dtype))
-        elif what == "fp8":
+        elif what in ("fp8", "fp8-transposed"):
             if not _fp8_capable(weight, base.compute_dtype):
                 continue
             from kubetune.trainer.model.fp8_base import quantize_weight
 
             with torch.no_grad():
-                setattr(weight, FP8_WEIGHT, quantize_weight(_dequantized(weight, torch.bfloat16)))
+                fp8 = quantize_weight(_dequantized(weight, torch.bfloat16))
+                setattr(weight, FP8_WEIGHT, fp8.with_transposed() if what != "fp8" else fp8)
         elif what == "scales":
             scales = _scales(weight)
             if scales is None:

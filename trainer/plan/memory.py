@@ -98,6 +98,11 @@ KEPT_WEIGHT_BYTES_PER_PARAM = 2.0
 #: scale a row (output feature), kept where it fits beside the fastest plan (else each call
 #: quantises the weight again, from a transient bf16 dequantisation as the bf16 path makes).
 KEPT_FP8_BYTES_PER_PARAM = 1.0
+#: Keep the e4m3 base's transposed copy too where both fit beside the fastest plan (another byte
+#: a weight; no transpose of the weight in a backward call: 0.14-0.36 ms a 7B layer on an H100,
+#: bench/results/h100-2026-12-06-fp8-matmul.jsonl). Off until a GPU measures what it gains (the
+#: bench's ``kubetune-fp8-keept`` mode turns it on).
+KEEP_FP8_TRANSPOSED_WHERE_THEY_FIT = False
 #: ``quantization.fp8Matmuls: auto`` runs the base in FP8 only from this many tokens a micro-step:
 #: measured on an H100 80GB (bench/results/h100-2026-12-06-fp8*), FP8 gained 13.5% at 16,384 (7B)
 #: and at 8,192 tokens (8B), and lost 30% at 4,096 (7B under a 24 GiB cap), where each call's
@@ -149,7 +154,8 @@ class MemoryPlan:
     #: The checkpointed layers' inputs wait for the backward pass in CPU memory.
     offload_checkpoints: bool = False
     #: What the fused 4-bit layers keep of their dequantisation: "scales", "weights", "fp8"
-    #: (the base in e4m3 for the FP8 matmuls) or "none".
+    #: (the base in e4m3 for the FP8 matmuls), "fp8-transposed" (and its transposed copy) or
+    #: "none".
     kept_dequantization: str = "none"
     #: The base's matmuls run in FP8 (the e4m3 weight kept when ``kept_dequantization`` is
     #: "fp8", else quantised in every call).
@@ -326,7 +332,10 @@ def plan_memory(
     fp8 = _fp8_runs(run, micro)
     if fp8:
         # The e4m3 base serves every matmul of a step; a bf16 copy would serve none.
-        if fitting and peak + kept_fp8_bytes(shape) <= budget:
+        both = kept_fp8_bytes(shape) + shape.linear_params() * KEPT_FP8_BYTES_PER_PARAM
+        if KEEP_FP8_TRANSPOSED_WHERE_THEY_FIT and fitting and peak + both <= budget:
+            kept, peak = "fp8-transposed", peak + both
+        elif fitting and peak + kept_fp8_bytes(shape) <= budget:
             kept, peak = "fp8", peak + kept_fp8_bytes(shape)
     elif KEEP_WEIGHTS_WHERE_THEY_FIT and fitting and peak + weights <= budget:
         kept, peak = "weights", peak + weights

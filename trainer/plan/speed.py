@@ -27,7 +27,7 @@ class SpeedSettings:
     #: Keep the checkpointed layers' inputs in CPU memory until the backward pass needs them.
     offload_checkpoints: bool = False
     #: What the fused 4-bit layers keep of their dequantisation for the run (the memory plan's
-    #: choice: "scales", "weights", "fp8" or "none").
+    #: choice: "scales", "weights", "fp8", "fp8-transposed" or "none").
     kept_dequantization: str = "none"
     #: The frozen base's matmuls in FP8 (``quantization.fp8Matmuls`` as this node resolved it).
     fp8_matmuls: bool = False
