@@ -497,7 +497,10 @@ class QuantizationSpec(ApiModel):
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "self.fp8Matmuls != 'on' || self.computeDtype == 'bfloat16'",
+                    "rule": (
+                        "!has(self.fp8Matmuls) || self.fp8Matmuls != 'on' || "
+                        "!has(self.computeDtype) || self.computeDtype == 'bfloat16'"
+                    ),
                     "message": _FP8_RULE,
                 }
             ]

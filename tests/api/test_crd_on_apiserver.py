@@ -91,7 +91,12 @@ def test_seed_example_is_accepted_and_defaulted(
 ) -> None:
     kubectl("apply", "-n", namespace, "-f", str(REPO / "examples" / "llama2-qlora.yaml"))
     spec = get_json(kubectl, "ftj", "llama2-support", "-n", namespace)["spec"]
-    assert spec["quantization"] == {"type": "nf4", "doubleQuant": True, "computeDtype": "bfloat16"}
+    assert spec["quantization"] == {
+        "type": "nf4",
+        "doubleQuant": True,
+        "computeDtype": "bfloat16",
+        "fp8Matmuls": "auto",
+    }
     assert spec["training"]["learningRate"] == 5.0e-4
     assert spec["training"]["packing"] is True
     assert spec["runPolicy"]["backoffLimit"] == 3
@@ -169,6 +174,11 @@ CEL_CASES: dict[str, tuple[dict[str, Any], dict[str, Any], str]] = {
         with_spec(method={"type": "dpo"}, dataset={"uri": "pvc://data/d", "format": "text"}),
         with_spec(method={"type": "dpo"}, dataset={"uri": "pvc://data/d", "format": "preference"}),
         "spec: dataset.format must be one method.type trains on",
+    ),
+    "quantization.fp8Matmuls: on needs quantization.computeDtype: bfloat16": (
+        with_spec(quantization={"fp8Matmuls": "on", "computeDtype": "float16"}),
+        with_spec(quantization={"fp8Matmuls": "on"}),
+        "spec.quantization: quantization.fp8Matmuls: on needs quantization.computeDtype: bfloat16",
     ),
     "method.dpo is for method.type dpo": (
         with_spec(method={"type": "kto", "dpo": {"beta": 0.2}}),
