@@ -300,6 +300,20 @@ def test_fp8_matmuls_on_this_cpu_resolve_off_or_are_refused_naming_the_field() -
         resolve_fp8(on, True, fp8_runs=False, preference=False)
 
 
+def test_a_lora_dropout_keeps_the_base_in_bf16_and_refuses_fp8_on_naming_both_fields() -> None:
+    """The FP8 matmuls run in the fused LoRA layer, which a layer with dropout doesn't take
+    (PEFT's own forward): auto resolves off there rather than reporting FP8 it never ran."""
+    from kubetune.api.models import QuantizationSpec
+    from kubetune.trainer.errors import InvalidConfig
+    from kubetune.trainer.plan.speed import resolve_fp8
+
+    auto, on = QuantizationSpec(), QuantizationSpec(fp8_matmuls="on")
+    assert resolve_fp8(auto, True, fp8_runs=True, preference=False, lora_dropout=0.0)
+    assert not resolve_fp8(auto, True, fp8_runs=True, preference=False, lora_dropout=0.05)
+    with pytest.raises(InvalidConfig, match=r"fp8Matmuls: on needs lora\.dropout: 0"):
+        resolve_fp8(on, True, fp8_runs=True, preference=False, lora_dropout=0.05)
+
+
 def test_fp8_matmuls_on_with_a_compute_dtype_other_than_bf16_is_refused_by_the_spec() -> None:
     from pydantic import ValidationError
 

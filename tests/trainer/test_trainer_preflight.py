@@ -205,6 +205,21 @@ def test_fp8_matmuls_on_for_a_gpu_kind_without_them_fails_naming_the_field(
         assert "quantization.fp8Matmuls: on needs" in result["message"]
 
 
+def test_fp8_matmuls_on_with_a_lora_dropout_fails_naming_both_fields(
+    tiny: TinyAssets, tmp_path: Path, termination_log: Path
+) -> None:
+    manifest = job_manifest(tiny.model, tiny.datasets["text"], tmp_path / "out")
+    manifest["spec"]["resources"] = {"gpus": 1}
+    manifest["spec"]["quantization"].update(computeDtype="bfloat16", fp8Matmuls="on")
+    manifest["spec"].setdefault("lora", {})["dropout"] = 0.05
+    path = config_file(tmp_path / "config.yaml", manifest, gpuKind="H100-80GB")
+
+    exit_code, result = preflight(path, termination_log)
+    assert exit_code == 2, result
+    assert result["reason"] == "InvalidConfig"
+    assert "quantization.fp8Matmuls: on needs lora.dropout: 0" in result["message"]
+
+
 def test_a_large_dataset_is_tokenized_on_a_sample_and_says_so(
     tiny: TinyAssets, tmp_path: Path, termination_log: Path
 ) -> None:

@@ -77,7 +77,11 @@ def node_speed(
 
     settings = speed.resolve_speed(spec.training, cuda, varlen_runs=varlen_runs)
     fp8 = speed.resolve_fp8(
-        spec.quantization, cuda, fp8_runs=fp8_runs, preference=spec.method.preference
+        spec.quantization,
+        cuda,
+        fp8_runs=fp8_runs,
+        preference=spec.method.preference,
+        lora_dropout=spec.lora.dropout,
     )
     settings = replace(settings, fp8_matmuls=fp8)
     if spec.method.preference:

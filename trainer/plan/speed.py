@@ -64,14 +64,20 @@ def _fp8_runs_on_this_gpu() -> bool:
 
 
 def resolve_fp8(
-    quantization: QuantizationSpec, cuda: bool, *, fp8_runs: bool | None, preference: bool
+    quantization: QuantizationSpec,
+    cuda: bool,
+    *,
+    fp8_runs: bool | None,
+    preference: bool,
+    lora_dropout: float = 0.0,
 ) -> bool:
     """``quantization.fp8Matmuls`` for this node: whether the base's matmuls run in FP8;
     InvalidConfig for ``on`` where they can't. ``fp8_runs``: whether the GPU runs row-wise FP8
     matmuls (None: ask this node's GPU; the preflight answers for the GPU kind the run will
     get). ``auto`` stays off for preference runs: their reference pass runs the base in bf16
     (adapters off, PEFT's forward), and an FP8 policy against it would start with non-zero
-    log-ratios."""
+    log-ratios. A LoRA dropout turns it off (``on``: refused): the FP8 matmuls run in the
+    fused LoRA layer, and a layer with dropout takes PEFT's own forward."""
     if quantization.fp8_matmuls == "off":
         return False
     if fp8_runs is None:
@@ -84,8 +90,13 @@ def resolve_fp8(
                 "(H100, H200), torch's row-wise FP8 matmul (torch >= 2.5) and "
                 "quantization.computeDtype: bfloat16; use auto or off"
             )
+        if lora_dropout > 0:
+            raise InvalidConfig(
+                "quantization.fp8Matmuls: on needs lora.dropout: 0 (the FP8 matmuls run in the "
+                "fused LoRA layer, which takes no dropout); use auto or off, or set lora.dropout: 0"
+            )
         return True
-    return runs and FP8_AUTO and not preference
+    return runs and FP8_AUTO and not preference and lora_dropout == 0
 
 
 def resolve_speed(
