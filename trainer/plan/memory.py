@@ -329,8 +329,7 @@ def plan_memory(
             optimizer, peak = "adamw_torch_fused", peak + extra
     kept = "scales" if KEEP_SCALES else "none"
     weights = shape.linear_params() * KEPT_WEIGHT_BYTES_PER_PARAM
-    fp8 = _fp8_runs(run, micro)
-    if fp8:
+    if _fp8_runs(run, micro):
         # The e4m3 base serves every matmul of a step; a bf16 copy would serve none.
         both = kept_fp8_bytes(shape) + shape.linear_params() * KEPT_FP8_BYTES_PER_PARAM
         if KEEP_FP8_TRANSPOSED_WHERE_THEY_FIT and fitting and peak + both <= budget:
@@ -345,7 +344,6 @@ def plan_memory(
         free_bytes=free_bytes,
         fits=bool(fitting),
         kept_dequantization=kept,
-        fp8_matmuls=fp8,
     )
 
 
