@@ -105,6 +105,8 @@ def measure(
         "transpose_weight": timed_ms(lambda: w8.data.t().contiguous(), iters),
         "quantize_weight": timed_ms(lambda: fp8_base.quantize_weight(weight), iters),
     }
+    if device == "cuda":
+        ms.update(per_call_weight_ms(weight, iters))
     record["ms"] = ms
     record["tflops"] = {
         name: round(flops / (value * 1e-3) / 1e12, 1)
@@ -129,6 +131,44 @@ def measure(
         and torch.equal(sx, quantized[1])
     )
     return record
+
+
+def per_call_weight_ms(weight: Any, iters: int) -> dict[str, float]:
+    """What a call pays for the e4m3 weight where the plan keeps none, from the NF4 weight (its
+    block scales kept in fp32, as the plan keeps them): dequantising to bf16 and quantising (the
+    forward's operand) then transposing (the input gradient's), against one kernel from the
+    4-bit codes for each layout (``fp8_base.quantize_4bit_rows``)."""
+    import torch
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    from kubetune.trainer.model import fp8_base
+    from kubetune.trainer.model.fused_lora import _scales
+
+    codes, state = quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    absmax = _scales(type("Weight", (), {"quant_state": state, "data": codes})())
+
+    def dequantized() -> Any:
+        return torch.ops.bitsandbytes.dequantize_4bit.default(
+            codes, absmax, state.blocksize, state.quant_type, state.shape, torch.bfloat16
+        )
+
+    packed = fp8_base.Packed4bit(
+        codes, absmax, state.code.float(), state.blocksize, tuple(weight.shape)
+    )
+    row_scale = fp8_base.quantize_rows(dequantized())[1].view(-1)
+    assert torch.equal(dequantized(), dequantize_4bit(codes, state).bfloat16())
+    return {
+        "weight_two_step_forward": timed_ms(lambda: fp8_base.quantize_weight(dequantized()), iters),
+        "weight_two_step_backward": timed_ms(
+            lambda: fp8_base.quantize_weight(dequantized()).with_transposed(), iters
+        ),
+        "weight_from_codes_forward": timed_ms(
+            lambda: fp8_base.quantize_4bit_rows(packed, row_scale, transposed=False), iters
+        ),
+        "weight_from_codes_backward": timed_ms(
+            lambda: fp8_base.quantize_4bit_rows(packed, row_scale, transposed=True), iters
+        ),
+    }
 
 
 def main() -> int:

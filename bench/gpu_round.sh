@@ -7,6 +7,8 @@
 #   OUT=/some/dir bash bench/gpu_round.sh tests    # pytest -m gpu tests/trainer
 #   OUT=/some/dir bash bench/gpu_round.sh fp8      # FP8 base matmuls: GPU tests, the pieces,
 #                                                  # 7B bf16 vs fp8 vs TRL best (~7 min)
+#   OUT=/some/dir bash bench/gpu_round.sh codes       # on an H100: the per-call e4m3 weight from
+#                                                     # the 4-bit codes vs two steps (~7 min)
 #   OUT=/some/dir bash bench/gpu_round.sh fp8-h200    # on an H200: FP8 kept, + transposed, per
 #                                                     # call, bf16, TRL best (~8 min)
 #   OUT=/some/dir bash bench/gpu_round.sh fp8-parity  # the loss parity of both vs TRL (~4 min)
@@ -55,6 +57,17 @@ case "${1:-}" in
       --logging-steps 10 --shape llama2-7b --steps 14 --warmup 4 \
       --modes kubetune-bf16,kubetune-fp8,trl-best
     ;;
+  codes)  # ~7 min on an H100: the GPU tests, the pieces (the per-call e4m3 weight from the
+    # 4-bit codes in one kernel against dequantise + quantise + transpose), then 7B FP8 per call
+    # both ways, and TRL's best
+    KUBETUNE_CACHE_DIR=/tmp/kc-tests TRITON_CACHE_DIR=/tmp/kc-tests/triton step gpu-tests \
+      bash bench/gpu.sh python3 -m pytest -q -m gpu tests/trainer -p no:cacheprovider -rs
+    step fp8-matmul bash bench/gpu.sh python3 bench/fp8_matmul.py --out "$OUT/fp8-matmul.jsonl" \
+      --iters 10
+    step 7b-codes bash bench/gpu.sh python3 bench/qlora_throughput.py --out "$OUT/results.jsonl" \
+      --logging-steps 10 --shape llama2-7b --steps 14 --warmup 4 \
+      --modes kubetune-fp8,kubetune-fp8-twostep,trl-best
+    ;;
   fp8-h200)  # ~8 min on an H200, where the 7B e4m3 base is kept: FP8 (kept), FP8 with the
     # transposed copy kept too, FP8 quantised per call, bf16, TRL's best; all at --logging-steps 10
     step 7b-fp8-h200 bash bench/gpu.sh python3 bench/qlora_throughput.py --out "$OUT/results.jsonl" \
@@ -67,7 +80,7 @@ case "${1:-}" in
       --token-range 512 --batch 4 --modes kubetune-fp8-parity,kubetune-parity,trl-parity
     ;;
   *)
-    echo "usage: OUT=DIR bash bench/gpu_round.sh speed|caps|tests|fp8|fp8-h200|fp8-parity" >&2
+    echo "usage: OUT=DIR bash bench/gpu_round.sh speed|caps|tests|fp8|codes|fp8-h200|fp8-parity" >&2
     exit 2
     ;;
 esac

@@ -40,8 +40,11 @@ from the process start. The modes:
   CPU memory, one row of ``--max-length`` a micro-step, paged 8-bit AdamW);
 - ``kubetune-fp8``, ``kubetune-bf16``: the defaults with ``quantization.fp8Matmuls`` on (the
   frozen base's matmuls in FP8; the plan keeps the e4m3 base where it fits) or off;
-  ``kubetune-fp8-percall``: FP8 with nothing kept (the weight quantised again in every call, as
-  on a card without room for the e4m3 base), to measure what keeping it gives on the same card;
+  ``kubetune-fp8-percall``: FP8 with only the NF4 block scales kept (the e4m3 weight made
+  again in every call, as on a card without room for the e4m3 base), to measure what keeping it
+  gives on the same card; ``kubetune-fp8-twostep``: the same, the e4m3 weight made by
+  dequantising to bf16, quantising and (backward) transposing instead of in one kernel from the
+  4-bit codes (``fused_lora.E4M3_FROM_CODES`` off: the per-call path before that kernel);
   ``kubetune-fp8-keept``: FP8 with the e4m3 base's transposed copy kept too where it fits
   (``memory.KEEP_FP8_TRANSPOSED_WHERE_THEY_FIT``: no transpose in a backward call);
 - loss parity: ``kubetune-parity`` (the defaults with ``batchSize: --batch`` and the base's
@@ -138,6 +141,7 @@ EXTRA_MODES = (
     "kubetune-bf16",
     "kubetune-fp8-parity",
     "kubetune-fp8-percall",
+    "kubetune-fp8-twostep",
     "kubetune-fp8-keept",
 )
 #: The kubetune parity modes, each compared with ``trl-parity``.
@@ -147,6 +151,7 @@ PARITY_MODES = ("kubetune-parity", "kubetune-fp8-parity")
 FP8_MODES = {
     "kubetune-fp8": "on",
     "kubetune-fp8-percall": "on",
+    "kubetune-fp8-twostep": "on",
     "kubetune-fp8-keept": "on",
     "kubetune-bf16": "off",
     "kubetune-fp8-parity": "on",
@@ -455,13 +460,17 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
 
         apply_plan = speed.apply_plan
         speed.apply_plan = lambda s, p: replace(apply_plan(s, p), pad_to_tokens=None)  # type: ignore[assignment]
-    if args.mode == "kubetune-fp8-percall":
+    if args.mode in ("kubetune-fp8-percall", "kubetune-fp8-twostep"):
         from dataclasses import replace
 
         from kubetune.trainer.plan import speed
 
         planned = speed.apply_plan
-        speed.apply_plan = lambda s, p: replace(planned(s, p), kept_dequantization="none")  # type: ignore[assignment]
+        speed.apply_plan = lambda s, p: replace(planned(s, p), kept_dequantization="scales")  # type: ignore[assignment]
+    if args.mode == "kubetune-fp8-twostep":
+        from kubetune.trainer.model import fused_lora
+
+        fused_lora.E4M3_FROM_CODES = False
     if args.mode == "kubetune-fp8-keept":
         from kubetune.trainer.plan import memory
 

@@ -165,6 +165,53 @@ def test_the_triton_quantiser_computes_the_torch_paths_values_under_the_interpre
     assert result == {name: {"values": True, "scales": True} for name in ("plain", "scaled")}
 
 
+_FROM_CODES = """
+import json, sys, torch
+from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+from kubetune.trainer.model import fp8_base
+from kubetune.trainer.model.fused_lora import _scales
+out = []
+for rows, columns, nested in json.loads(sys.argv[1]):
+    weight = torch.load(sys.argv[2])[:rows, :columns].contiguous()
+    codes, state = quantize_4bit(weight, quant_type="nf4", blocksize=64, compress_statistics=nested)
+    values, scale = fp8_base.scaled_rows_reference(dequantize_4bit(codes, state).bfloat16())
+    holder = type("Weight", (), {"quant_state": state, "data": codes})()
+    absmax = _scales(holder) if nested else state.absmax
+    packed = fp8_base.Packed4bit(codes, absmax, state.code.float(), 64, (rows, columns))
+    for transposed in (False, True):
+        made = fp8_base.quantize_4bit_rows(
+            packed, scale.view(-1), transposed=transposed, out_dtype=torch.float32
+        )
+        out.append(torch.equal(made, values.t() if transposed else values))
+print(json.dumps(out))
+"""
+
+
+def test_the_4bit_to_e4m3_kernel_computes_dequantising_then_quantising_under_the_interpreter(
+    tmp_path: Path,
+) -> None:
+    """One kernel from the 4-bit codes to e4m3 rows, forward's (N, K) and the input gradient's
+    (K, N) layout, gives the values bitsandbytes' bf16 dequantisation and the row quantiser
+    give (before the cast, as above): double-quantised block scales and plain ones, blocks that
+    straddle tiles. Sizes are multiples of the block size (every model's: the CPU's own 4-bit
+    dequantisation places blocks per row, the GPU's over the flattened weight)."""
+    pytest.importorskip("triton")
+    import torch
+
+    weight = tmp_path / "weight.pt"
+    torch.save(_rows(96, 320, seed=3), weight)
+    cases = [[96, 320, True], [80, 192, False], [16, 64, True]]
+    done = subprocess.run(
+        [sys.executable, "-c", _FROM_CODES, json.dumps(cases), str(weight)],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [True] * 2 * len(cases)
+
+
 # --- on the GPU ------------------------------------------------------------------------------
 
 
@@ -225,3 +272,31 @@ def test_scaled_mm_on_the_gpu_matches_the_cpus_emulation() -> None:
     assert _relative(fp8_base.base_forward(rows.cuda(), on_gpu).cpu(), exact) < (
         FP8_PRODUCT_TOLERANCE
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(11008, 4096), (4096, 11008), (1024, 14336), (48, 320)])
+def test_the_4bit_to_e4m3_kernel_on_the_gpu_is_bitwise_dequantising_then_quantising(
+    shape: tuple[int, int],
+) -> None:
+    import torch
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    from kubetune.trainer.model import fp8_base
+    from kubetune.trainer.model.fused_lora import _scales
+
+    _cuda_with_fp8()
+    rows, columns = shape
+    weight = (_rows(rows, columns, seed=5).float() / 64).bfloat16().cuda()
+    codes, state = quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+    expected, scale = fp8_base.quantize_rows(dequantize_4bit(codes, state).bfloat16())
+    holder = type("Weight", (), {"quant_state": state, "data": codes})()
+    packed = fp8_base.Packed4bit(
+        codes, _scales(holder), state.code.float(), state.blocksize, (rows, columns)
+    )
+    for transposed in (False, True):
+        made = fp8_base.quantize_4bit_rows(packed, scale.view(-1), transposed=transposed)
+        want = expected.t().contiguous() if transposed else expected
+        assert made.shape == want.shape and made.is_contiguous()
+        differ = int((made.view(torch.uint8) != want.view(torch.uint8)).sum())
+        assert differ == 0, f"transposed={transposed}: {differ} of {made.numel()} differ"

@@ -261,3 +261,36 @@ def test_dropout_no_grad_and_disabled_adapters_take_pefts_own_forward() -> None:
         model.train()
         model(x)
         assert len(calls) == 2
+
+
+@pytest.mark.gpu
+def test_the_per_call_e4m3_weight_made_from_the_codes_is_bitwise_the_two_step_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the GPU a per-call FP8 weight comes from its 4-bit codes in one kernel (forward's
+    layout and the input gradient's transposed one), with the block scales the speed plan keeps
+    in fp32: the same outputs and gradients, bit for bit, as dequantising to bf16, quantising
+    and transposing. (Double-quantised scales not kept: the two steps, as before.)"""
+    import torch
+
+    from kubetune.trainer.model import fp8_base, fused_lora
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU (CUDA)")
+    if not fp8_base.supported_on_this_gpu():
+        pytest.skip(f"{torch.cuda.get_device_name()} runs no row-wise FP8 matmul (needs sm90+)")
+    x = torch.randn(2, 23, 128, device="cuda").bfloat16()
+    results, made = [], []
+    for from_codes in (True, False):
+        monkeypatch.setattr(fused_lora, "E4M3_FROM_CODES", from_codes)
+        model = _lora_model(device="cuda")
+        fused_lora.fuse_lora_layers(model)
+        assert fused_lora.keep_dequantization(model, "scales") == 2
+        assert fused_lora.use_fp8_matmuls(model) == 2
+        weight = model.base_model.model.up.base_layer.weight
+        made.append(type(getattr(weight, fused_lora.FP8_WEIGHT)).__name__)
+        results.append(_forward_backward(model, x))
+    assert made == ["Fp8FromCodes", "bool"]
+    (out, dx, grads), (two_step_out, two_step_dx, two_step_grads) = results
+    assert torch.equal(out, two_step_out) and torch.equal(dx, two_step_dx)
+    assert all(torch.equal(grads[name], two_step_grads[name]) for name in grads)

@@ -49,6 +49,8 @@ FAST_ACCUM_FORWARD = True
 FAST_ACCUM_BACKWARD = False
 #: Columns a kernel program handles at once (a row of up to 14,336 takes a few passes).
 KERNEL_BLOCK = 2048
+#: Rows and columns of the tile each program of the 4-bit-to-e4m3 kernel writes.
+NF4_KERNEL_BLOCK = (64, 64)
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,122 @@ def quantize_rows_triton(
 
 
 @functools.cache
-def _triton_importable() -> bool:
+def _nf4_kernel() -> Any:
+    """The Triton kernel turning a 4-bit weight's codes straight into e4m3 rows, compiled on
+    first use."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit  # type: ignore[untyped-decorator]
+    def nf4_to_e4m3_kernel(  # type: ignore[no-untyped-def]  # noqa: PLR0917
+        # No annotations: Triton resolves them as globals of the kernel (``Any`` is none).
+        packed_ptr,
+        absmax_ptr,
+        code_ptr,
+        row_scale_ptr,
+        out_ptr,
+        ROWS: tl.constexpr,
+        COLUMNS: tl.constexpr,
+        BLOCKSIZE: tl.constexpr,
+        TRANSPOSED: tl.constexpr,
+        MAX: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr,
+        BLOCK_COLUMNS: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        columns = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
+        inside = (rows < ROWS)[:, None] & (columns < COLUMNS)[None, :]
+        index = rows.to(tl.int64)[:, None] * COLUMNS + columns[None, :]
+        # Two codes a byte, the first element in the high nibble (bitsandbytes' packing).
+        byte = tl.load(packed_ptr + index // 2, mask=inside, other=0).to(tl.int32)
+        nibble = tl.where(index % 2 == 0, byte >> 4, byte & 15)
+        absmax = tl.load(absmax_ptr + index // BLOCKSIZE, mask=inside, other=0.0)
+        # bitsandbytes' dequantisation: the code times its block's absmax in fp32, rounded to
+        # the nearest bf16 (ties to even) by hand: the interpreter's own cast truncates.
+        bits = (tl.load(code_ptr + nibble) * absmax).to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        values = bits.to(tl.float32, bitcast=True)
+        scale = tl.load(row_scale_ptr + rows, mask=rows < ROWS, other=1.0)
+        scaled = tl.minimum(tl.maximum(tl.math.div_rn(values, scale[:, None]), -MAX), MAX)
+        if TRANSPOSED:
+            target = out_ptr + columns.to(tl.int64)[None, :] * ROWS + rows[:, None]
+        else:
+            target = out_ptr + index
+        tl.store(target, scaled.to(out_ptr.dtype.element_ty), mask=inside)
+
+    return nf4_to_e4m3_kernel
+
+
+@dataclass(frozen=True)
+class Packed4bit:
+    """A bitsandbytes 4-bit weight as the kernel reads it: the codes two a byte (the flattened
+    (N, K) weight), each block's absmax in fp32, the 16-value code book, the block size and
+    (N, K)."""
+
+    codes: torch.Tensor
+    absmax: torch.Tensor
+    code_book: torch.Tensor
+    blocksize: int
+    shape: tuple[int, int]
+
+
+def quantize_4bit_rows(
+    weight: Packed4bit,
+    row_scale: torch.Tensor,
+    *,
+    transposed: bool,
+    out_dtype: torch.dtype = FP8_DTYPE,
+) -> torch.Tensor:
+    """A 4-bit weight's rows (N, K) in e4m3 with the row scales (N,) kept for the run, in one
+    Triton kernel: the values bitsandbytes' bf16 dequantisation and :func:`quantize_rows` give,
+    without the bf16 copy in between; ``transposed`` writes them (K, N) row-major, the input
+    gradient's operand, without a transpose after. ``out_dtype`` float32: the values before the
+    cast (the CPU interpreter's test, as :func:`quantize_rows_triton`'s)."""
+    rows, columns = weight.shape
+    out = torch.empty(
+        (columns, rows) if transposed else (rows, columns),
+        device=weight.codes.device,
+        dtype=out_dtype,
+    )
+    block_rows, block_columns = NF4_KERNEL_BLOCK
+    grid = (-(-rows // block_rows), -(-columns // block_columns))
+    _nf4_kernel()[grid](
+        weight.codes.view(torch.uint8),
+        weight.absmax,
+        weight.code_book,
+        row_scale,
+        out,
+        ROWS=rows,
+        COLUMNS=columns,
+        BLOCKSIZE=weight.blocksize,
+        TRANSPOSED=transposed,
+        MAX=FP8_MAX,
+        BLOCK_ROWS=block_rows,
+        BLOCK_COLUMNS=block_columns,
+    )
+    return out
+
+
+@dataclass(frozen=True)
+class Fp8FromCodes:
+    """A 4-bit weight whose e4m3 copy is made again in every call, straight from its codes
+    (:func:`quantize_4bit_rows`): what is kept for the run is its row scales (N floats)."""
+
+    packed: Packed4bit
+    scale: torch.Tensor
+
+    def weight(self, *, transposed: bool) -> Fp8Weight:
+        """The weight in e4m3 now: (N, K) for the forward, or, ``transposed``, (K, N) row-major
+        for the input gradient (``data`` then its (N, K) view)."""
+        data = quantize_4bit_rows(self.packed, self.scale, transposed=transposed)
+        if transposed:
+            return Fp8Weight(data=data.t(), scale=self.scale, transposed=data)
+        return Fp8Weight(data=data, scale=self.scale)
+
+
+@functools.cache
+def triton_importable() -> bool:
+    """Whether Triton can be imported here (the kernels' CUDA path)."""
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None
@@ -222,7 +339,7 @@ def quantize_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``rows`` (M, K) in e4m3 per row and their dequantisation scales (M, 1): the Triton kernel
     on CUDA, plain torch elsewhere."""
-    if rows.is_cuda and _triton_importable():
+    if rows.is_cuda and triton_importable():
         return quantize_rows_triton(rows, column_scale)
     return quantize_rows_reference(rows, column_scale)
 

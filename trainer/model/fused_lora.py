@@ -46,8 +46,13 @@ KEPT_WEIGHT = "_kubetune_dequantized"
 #: Attribute of a double-quantised 4-bit weight holding its block scales already dequantised.
 KEPT_ABSMAX = "_kubetune_absmax"
 #: Attribute of a 4-bit weight whose base matmuls run in FP8: its e4m3 copy kept for the run
-#: (an ``fp8_base.Fp8Weight``), or True (quantised again in every call).
+#: (an ``fp8_base.Fp8Weight``), its row scales (an ``fp8_base.Fp8FromCodes``: the e4m3 copy
+#: made from the 4-bit codes in one kernel in every call), or True (dequantised to bf16 and
+#: quantised again in every call).
 FP8_WEIGHT = "_kubetune_fp8"
+#: Per-call FP8 weights made straight from the 4-bit codes where the kernel can run (the bench
+#: switches it off to measure it against dequantising to bf16, quantising and transposing).
+E4M3_FROM_CODES = True
 
 
 def _dequantized(weight: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -68,9 +73,10 @@ def _dequantized(weight: Any, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_4bit(weight.data, state).to(dtype)  # type: ignore[no-any-return]
 
 
-def _fp8_operand(weight: Any, dtype: torch.dtype) -> Any:
+def _fp8_operand(weight: Any, dtype: torch.dtype, *, transposed: bool = False) -> Any:
     """``weight`` in e4m3 for the FP8 base matmuls (an ``fp8_base.Fp8Weight``): the copy kept
-    for the run, else quantised now; None where this layer's base runs in bf16."""
+    for the run, else made now (``transposed`` too where it is made straight from the codes,
+    for the input gradient); None where this layer's base runs in bf16."""
     fp8 = getattr(weight, FP8_WEIGHT, None)
     if fp8 is None or dtype != torch.bfloat16:
         return None
@@ -79,7 +85,41 @@ def _fp8_operand(weight: Any, dtype: torch.dtype) -> Any:
 
         with torch.no_grad():
             return quantize_weight(_dequantized(weight, dtype))
+    if hasattr(fp8, "packed"):  # an fp8_base.Fp8FromCodes
+        return fp8.weight(transposed=transposed)
     return fp8
+
+
+def _from_codes(weight: Any) -> Any:
+    """What a per-call FP8 weight keeps for the run: its row scales, with which one kernel makes
+    its e4m3 copy straight from the 4-bit codes in each call (``fp8_base.Fp8FromCodes``), where
+    that kernel can run (CUDA with Triton, fp32 block scales at hand, the switch on); else True
+    (dequantised to bf16 and quantised in each call)."""
+    from kubetune.trainer.model import fp8_base
+
+    state = weight.quant_state
+    absmax = getattr(weight, KEPT_ABSMAX, None)
+    if absmax is None and not state.nested:
+        absmax = state.absmax
+    if not (
+        E4M3_FROM_CODES
+        and weight.data.is_cuda
+        and fp8_base.triton_importable()
+        and absmax is not None
+        and absmax.dtype == torch.float32
+    ):
+        return True
+    with torch.no_grad():
+        _, scale = fp8_base.quantize_rows(_dequantized(weight, torch.bfloat16))
+    rows, columns = (int(size) for size in state.shape)
+    packed = fp8_base.Packed4bit(
+        codes=weight.data,
+        absmax=absmax,
+        code_book=state.code.to(weight.data.device, torch.float32),
+        blocksize=int(state.blocksize),
+        shape=(rows, columns),
+    )
+    return fp8_base.Fp8FromCodes(packed=packed, scale=scale.view(-1))
 
 
 def _fp8_capable(weight: Any, compute_dtype: torch.dtype) -> bool:
@@ -99,7 +139,7 @@ def use_fp8_matmuls(model: Any) -> int:
     for weight, base in _fused_weights(model):
         if _fp8_capable(weight, base.compute_dtype):
             if getattr(weight, FP8_WEIGHT, None) is None:
-                setattr(weight, FP8_WEIGHT, True)
+                setattr(weight, FP8_WEIGHT, _from_codes(weight))
             routed += 1
     return routed
 
@@ -226,7 +266,7 @@ class FusedLoRA4bit(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_b = torch.addmm(zero, g.t(), xa, beta=0, alpha=scaling).to(ctx.param_dtypes[1])
         if ctx.needs_input_grad[0]:
-            fp8 = _fp8_operand(ctx.weight, g.dtype)
+            fp8 = _fp8_operand(ctx.weight, g.dtype, transposed=True)
             if fp8 is not None:
                 from kubetune.trainer.model.fp8_base import base_input_grad
 
