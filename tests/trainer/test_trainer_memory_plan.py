@@ -343,8 +343,9 @@ def test_kept_bf16_weights_go_where_they_fit_beside_the_fastest_plan(
 def test_the_e4m3_base_is_kept_where_it_fits_beside_the_fastest_plan_and_counted() -> None:
     """With the base's matmuls in FP8, a 141 GB card keeps the 7B base in e4m3 (a byte a weight
     and an fp32 scale a row: 6.0 GiB) beside the plan it runs anyway; on an 80 GB card the 7B
-    plan has no room for it, so each call quantises the weight again (the plan unchanged); the
-    memory profile keeps nothing but still runs FP8."""
+    plan has no room for it, so each call makes the e4m3 weight again from the 4-bit codes, for
+    which the plan keeps the block scales in fp32 and the row scales (0.4 GiB; the plan
+    otherwise unchanged); the memory profile keeps nothing but still runs FP8."""
     from dataclasses import replace
 
     fp8 = replace(DEFAULTS, fp8_matmuls=True)
@@ -360,8 +361,22 @@ def test_the_e4m3_base_is_kept_where_it_fits_beside_the_fastest_plan_and_counted
     assert added / GIB == pytest.approx(6.04, abs=0.01)
 
     on_80 = plan_memory(LLAMA2_7B, fp8, CARD_80, cuda=True)
-    assert (on_80.kept_dequantization, on_80.fp8_matmuls) == ("none", True)
-    assert replace(on_80, fp8_matmuls=False) == plan_memory(LLAMA2_7B, DEFAULTS, CARD_80, cuda=True)
+    bf16_80 = plan_memory(LLAMA2_7B, DEFAULTS, CARD_80, cuda=True)
+    assert (on_80.kept_dequantization, on_80.fp8_matmuls) == ("scales", True)
+    assert on_80.estimated_peak_bytes is not None and bf16_80.estimated_peak_bytes is not None
+    scales = on_80.estimated_peak_bytes - bf16_80.estimated_peak_bytes
+    assert scales == pytest.approx(LLAMA2_7B.linear_params() / 16 + 4 * rows, abs=1)
+    assert scales / GIB == pytest.approx(0.38, abs=0.01)
+    assert on_80.estimated_peak_bytes <= budget_bytes(CARD_80)
+    assert (
+        replace(
+            on_80,
+            fp8_matmuls=False,
+            kept_dequantization="none",
+            estimated_peak_bytes=bf16_80.estimated_peak_bytes,
+        )
+        == bf16_80
+    )
     lean = plan_memory(LLAMA2_7B, replace(fp8, profile="memory"), CARD_80, cuda=True)
     assert (lean.kept_dequantization, lean.fp8_matmuls) == ("none", True)
 
@@ -430,4 +445,4 @@ def test_the_transposed_e4m3_copy_is_kept_only_when_switched_on_and_where_both_f
     added = both.estimated_peak_bytes - once.estimated_peak_bytes
     assert added == pytest.approx(LLAMA2_7B.linear_params(), abs=1)
     assert both.estimated_peak_bytes <= budget_bytes(CARD_141)
-    assert plan_memory(LLAMA2_7B, fp8, CARD_80, cuda=True).kept_dequantization == "none"
+    assert plan_memory(LLAMA2_7B, fp8, CARD_80, cuda=True).kept_dequantization == "scales"

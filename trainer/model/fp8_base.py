@@ -50,7 +50,7 @@ FAST_ACCUM_BACKWARD = False
 #: Columns a kernel program handles at once (a row of up to 14,336 takes a few passes).
 KERNEL_BLOCK = 2048
 #: Rows and columns of the tile each program of the 4-bit-to-e4m3 kernel writes.
-NF4_KERNEL_BLOCK = (64, 64)
+NF4_KERNEL_BLOCK = (64, 128)
 
 
 @dataclass(frozen=True)
@@ -235,26 +235,31 @@ def _nf4_kernel() -> Any:
         BLOCK_ROWS: tl.constexpr,
         BLOCK_COLUMNS: tl.constexpr,
     ):
+        # A tile of (BLOCK_ROWS, BLOCK_COLUMNS) elements, read as BLOCK_COLUMNS / 2 bytes a row:
+        # two codes a byte, the first element in the high nibble (bitsandbytes' packing).
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        columns = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
-        inside = (rows < ROWS)[:, None] & (columns < COLUMNS)[None, :]
-        index = rows.to(tl.int64)[:, None] * COLUMNS + columns[None, :]
-        # Two codes a byte, the first element in the high nibble (bitsandbytes' packing).
-        byte = tl.load(packed_ptr + index // 2, mask=inside, other=0).to(tl.int32)
-        nibble = tl.where(index % 2 == 0, byte >> 4, byte & 15)
-        absmax = tl.load(absmax_ptr + index // BLOCKSIZE, mask=inside, other=0.0)
+        pairs = tl.program_id(1) * (BLOCK_COLUMNS // 2) + tl.arange(0, BLOCK_COLUMNS // 2)
+        first = rows.to(tl.int64)[:, None] * COLUMNS + 2 * pairs[None, :]
+        inside = (rows < ROWS)[:, None] & (pairs < COLUMNS // 2)[None, :]
+        row_bytes = rows.to(tl.int64)[:, None] * (COLUMNS // 2)
+        byte = tl.load(packed_ptr + row_bytes + pairs[None, :], mask=inside, other=0).to(tl.int32)
+        # Both codes of a byte share a block (the block size is even).
+        absmax = tl.load(absmax_ptr + first // BLOCKSIZE, mask=inside, other=0.0)
+        scale = tl.load(row_scale_ptr + rows, mask=rows < ROWS, other=1.0)[:, None]
+        code = tl.interleave(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15)))
         # bitsandbytes' dequantisation: the code times its block's absmax in fp32, rounded to
         # the nearest bf16 (ties to even) by hand: the interpreter's own cast truncates.
-        bits = (tl.load(code_ptr + nibble) * absmax).to(tl.int32, bitcast=True)
+        bits = (code * tl.interleave(absmax, absmax)).to(tl.int32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
         values = bits.to(tl.float32, bitcast=True)
-        scale = tl.load(row_scale_ptr + rows, mask=rows < ROWS, other=1.0)
-        scaled = tl.minimum(tl.maximum(tl.math.div_rn(values, scale[:, None]), -MAX), MAX)
+        scaled = tl.minimum(tl.maximum(tl.math.div_rn(values, scale), -MAX), MAX)
+        columns = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
         if TRANSPOSED:
             target = out_ptr + columns.to(tl.int64)[None, :] * ROWS + rows[:, None]
         else:
-            target = out_ptr + index
-        tl.store(target, scaled.to(out_ptr.dtype.element_ty), mask=inside)
+            target = out_ptr + rows.to(tl.int64)[:, None] * COLUMNS + columns[None, :]
+        stored = (rows < ROWS)[:, None] & (columns < COLUMNS)[None, :]
+        tl.store(target, scaled.to(out_ptr.dtype.element_ty), mask=stored)
 
     return nf4_to_e4m3_kernel
 

@@ -119,6 +119,15 @@ def kept_fp8_bytes(shape: ModelShape) -> float:
     )
 
 
+def per_call_fp8_bytes(shape: ModelShape) -> float:
+    """What the FP8 matmuls keep where the e4m3 base is made again in every call: the NF4 block
+    scales in fp32 and each row's e4m3 scale."""
+    return (
+        shape.linear_params() * KEPT_SCALES_BYTES_PER_PARAM
+        + shape.linear_rows() * KEPT_FP8_BYTES_PER_ROW
+    )
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """What the run fixes before the plan: the spec's choices and what the node resolved."""
@@ -336,6 +345,10 @@ def plan_memory(
             kept, peak = "fp8-transposed", peak + both
         elif fitting and peak + kept_fp8_bytes(shape) <= budget:
             kept, peak = "fp8", peak + kept_fp8_bytes(shape)
+        elif kept == "none" and fitting and peak + per_call_fp8_bytes(shape) <= budget:
+            # The e4m3 base made again in every call, from the 4-bit codes in one kernel, which
+            # reads the block scales in fp32.
+            kept, peak = "scales", peak + per_call_fp8_bytes(shape)
     elif KEEP_WEIGHTS_WHERE_THEY_FIT and fitting and peak + weights <= budget:
         kept, peak = "weights", peak + weights
     return replace(
