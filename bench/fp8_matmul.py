@@ -28,6 +28,17 @@ from typing import Any
 
 #: (N, K) of the 7B decoder's Linear modules: q/k/v/o, gate/up, down.
 SHAPES_7B = ((4096, 4096), (11008, 4096), (4096, 11008))
+#: The 4-bit-to-e4m3 kernel's tiles (rows, columns) and warps timed beside its default.
+KERNEL_CONFIGS = (
+    (16, 128, 4),
+    (32, 64, 4),
+    (32, 128, 4),
+    (32, 256, 8),
+    (64, 64, 4),
+    (64, 128, 4),
+    (64, 128, 8),
+    (128, 128, 8),
+)
 
 
 def timed_ms(fn: Callable[[], Any], iters: int) -> float:
@@ -137,7 +148,8 @@ def per_call_weight_ms(weight: Any, iters: int) -> dict[str, float]:
     """What a call pays for the e4m3 weight where the plan keeps none, from the NF4 weight (its
     block scales kept in fp32, as the plan keeps them): dequantising to bf16 and quantising (the
     forward's operand) then transposing (the input gradient's), against one kernel from the
-    4-bit codes for each layout (``fp8_base.quantize_4bit_rows``)."""
+    4-bit codes for each layout (``fp8_base.quantize_4bit_rows``), its default tile and the
+    others of :data:`KERNEL_CONFIGS`."""
     import torch
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
@@ -156,8 +168,24 @@ def per_call_weight_ms(weight: Any, iters: int) -> dict[str, float]:
         codes, absmax, state.code.float(), state.blocksize, tuple(weight.shape)
     )
     row_scale = fp8_base.quantize_rows(dequantized())[1].view(-1)
+    sweep: dict[str, float] = {}
     assert torch.equal(dequantized(), dequantize_4bit(codes, state).bfloat16())
-    return {
+    made = {
+        layout: fp8_base.quantize_4bit_rows(packed, row_scale, transposed=layout)
+        for layout in (False, True)
+    }
+    for rows, columns, warps in KERNEL_CONFIGS:
+        for layout, name in ((False, "forward"), (True, "backward")):
+
+            def run(layout: bool = layout, tile: Any = (rows, columns), warps: int = warps) -> Any:
+                return fp8_base.quantize_4bit_rows(
+                    packed, row_scale, transposed=layout, block=tile, num_warps=warps
+                )
+
+            # Every tile writes the same bytes.
+            assert torch.equal(run().view(torch.uint8), made[layout].view(torch.uint8))
+            sweep[f"weight_from_codes_{name}_{rows}x{columns}_w{warps}"] = timed_ms(run, iters)
+    return sweep | {
         "weight_two_step_forward": timed_ms(lambda: fp8_base.quantize_weight(dequantized()), iters),
         "weight_two_step_backward": timed_ms(
             lambda: fp8_base.quantize_weight(dequantized()).with_transposed(), iters

@@ -49,8 +49,11 @@ FAST_ACCUM_FORWARD = True
 FAST_ACCUM_BACKWARD = False
 #: Columns a kernel program handles at once (a row of up to 14,336 takes a few passes).
 KERNEL_BLOCK = 2048
-#: Rows and columns of the tile each program of the 4-bit-to-e4m3 kernel writes.
-NF4_KERNEL_BLOCK = (64, 128)
+#: Rows and columns of the tile each program of the 4-bit-to-e4m3 kernel writes, and its warps:
+#: 32 elements a thread (a (64, 128) tile, 64 a thread, ran at ~190 GB/s on an H100;
+#: ``bench/fp8_matmul.py`` times the alternatives).
+NF4_KERNEL_BLOCK = (32, 128)
+NF4_KERNEL_WARPS = 4
 
 
 @dataclass(frozen=True)
@@ -237,14 +240,14 @@ def _nf4_kernel() -> Any:
     ):
         # A tile of (BLOCK_ROWS, BLOCK_COLUMNS) elements, read as BLOCK_COLUMNS / 2 bytes a row:
         # two codes a byte, the first element in the high nibble (bitsandbytes' packing).
+        # 32-bit offsets (the caller's weight has fewer than 2^31 elements): half the registers.
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         pairs = tl.program_id(1) * (BLOCK_COLUMNS // 2) + tl.arange(0, BLOCK_COLUMNS // 2)
-        first = rows.to(tl.int64)[:, None] * COLUMNS + 2 * pairs[None, :]
         inside = (rows < ROWS)[:, None] & (pairs < COLUMNS // 2)[None, :]
-        row_bytes = rows.to(tl.int64)[:, None] * (COLUMNS // 2)
-        byte = tl.load(packed_ptr + row_bytes + pairs[None, :], mask=inside, other=0).to(tl.int32)
+        offsets = rows[:, None] * (COLUMNS // 2) + pairs[None, :]
+        byte = tl.load(packed_ptr + offsets, mask=inside, other=0).to(tl.int32)
         # Both codes of a byte share a block (the block size is even).
-        absmax = tl.load(absmax_ptr + first // BLOCKSIZE, mask=inside, other=0.0)
+        absmax = tl.load(absmax_ptr + (2 * offsets) // BLOCKSIZE, mask=inside, other=0.0)
         scale = tl.load(row_scale_ptr + rows, mask=rows < ROWS, other=1.0)[:, None]
         code = tl.interleave(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15)))
         # bitsandbytes' dequantisation: the code times its block's absmax in fp32, rounded to
@@ -255,9 +258,9 @@ def _nf4_kernel() -> Any:
         scaled = tl.minimum(tl.maximum(tl.math.div_rn(values, scale), -MAX), MAX)
         columns = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
         if TRANSPOSED:
-            target = out_ptr + columns.to(tl.int64)[None, :] * ROWS + rows[:, None]
+            target = out_ptr + columns[None, :] * ROWS + rows[:, None]
         else:
-            target = out_ptr + rows.to(tl.int64)[:, None] * COLUMNS + columns[None, :]
+            target = out_ptr + rows[:, None] * COLUMNS + columns[None, :]
         stored = (rows < ROWS)[:, None] & (columns < COLUMNS)[None, :]
         tl.store(target, scaled.to(out_ptr.dtype.element_ty), mask=stored)
 
@@ -277,12 +280,20 @@ class Packed4bit:
     shape: tuple[int, int]
 
 
+def kernel_takes(rows: int, columns: int) -> bool:
+    """Whether :func:`quantize_4bit_rows` takes a (rows, columns) weight: rows of whole bytes,
+    and 32-bit offsets (fewer than 2^31 elements: a 70B base's largest layer has 235 million)."""
+    return columns % 2 == 0 and rows * columns < 2**31
+
+
 def quantize_4bit_rows(
     weight: Packed4bit,
     row_scale: torch.Tensor,
     *,
     transposed: bool,
     out_dtype: torch.dtype = FP8_DTYPE,
+    block: tuple[int, int] = NF4_KERNEL_BLOCK,
+    num_warps: int = NF4_KERNEL_WARPS,
 ) -> torch.Tensor:
     """A 4-bit weight's rows (N, K) in e4m3 with the row scales (N,) kept for the run, in one
     Triton kernel: the values bitsandbytes' bf16 dequantisation and :func:`quantize_rows` give,
@@ -290,12 +301,14 @@ def quantize_4bit_rows(
     gradient's operand, without a transpose after. ``out_dtype`` float32: the values before the
     cast (the CPU interpreter's test, as :func:`quantize_rows_triton`'s)."""
     rows, columns = weight.shape
+    if not kernel_takes(rows, columns):
+        raise ValueError(f"the 4-bit kernel takes no {rows} x {columns} weight")
     out = torch.empty(
         (columns, rows) if transposed else (rows, columns),
         device=weight.codes.device,
         dtype=out_dtype,
     )
-    block_rows, block_columns = NF4_KERNEL_BLOCK
+    block_rows, block_columns = block
     grid = (-(-rows // block_rows), -(-columns // block_columns))
     _nf4_kernel()[grid](
         weight.codes.view(torch.uint8),
@@ -310,6 +323,7 @@ def quantize_4bit_rows(
         MAX=FP8_MAX,
         BLOCK_ROWS=block_rows,
         BLOCK_COLUMNS=block_columns,
+        num_warps=num_warps,
     )
     return out
 

@@ -107,6 +107,7 @@ def _from_codes(weight: Any) -> Any:
         and fp8_base.triton_importable()
         and absmax is not None
         and absmax.dtype == torch.float32
+        and fp8_base.kernel_takes(*(int(size) for size in state.shape))
     ):
         return True
     with torch.no_grad():
