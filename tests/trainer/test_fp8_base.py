@@ -300,3 +300,37 @@ def test_the_4bit_to_e4m3_kernel_on_the_gpu_is_bitwise_dequantising_then_quantis
         assert made.shape == want.shape and made.is_contiguous()
         differ = int((made.view(torch.uint8) != want.view(torch.uint8)).sum())
         assert differ == 0, f"transposed={transposed}: {differ} of {made.numel()} differ"
+
+
+def test_layers_reading_the_same_input_quantise_it_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """q, k and v read the same input: it is quantised once for the three, with the same
+    results as three quantisations; a changed input (in place) or another one is quantised
+    again, and the backward forgets the remembered input."""
+    import torch
+
+    from kubetune.trainer.model import fp8_base
+
+    calls = []
+    quantize = fp8_base.quantize_rows
+    monkeypatch.setattr(fp8_base, "quantize_rows", lambda rows: calls.append(1) or quantize(rows))
+    fp8_base.forget_last_input()
+    rows = _rows(8, 64)
+    weights = [fp8_base.quantize_weight(_rows(32, 64, seed=seed)) for seed in (1, 2, 3)]
+    shared = [fp8_base.base_forward(rows.view(2, 4, 64).reshape(8, 64), w) for w in weights]
+    assert len(calls) == 1 + 3  # the three weights' own, then the input once
+    fp8_base.forget_last_input()
+    alone = []
+    for w in weights:
+        fp8_base.forget_last_input()
+        alone.append(fp8_base.base_forward(rows, w))
+    assert all(torch.equal(a, b) for a, b in zip(shared, alone, strict=True))
+
+    calls.clear()
+    fp8_base.base_forward(rows, weights[0])  # remembered from the loop above
+    rows.mul_(2)  # the same memory, changed
+    doubled = fp8_base.base_forward(rows, weights[0])
+    fp8_base.base_forward(rows.clone(), weights[0])  # another tensor, the same values
+    assert len(calls) == 2
+    assert torch.equal(doubled, fp8_base.base_forward(rows.clone(), weights[0]))
+    fp8_base.forget_last_input()
+    assert not fp8_base._last_input

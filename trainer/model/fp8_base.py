@@ -395,9 +395,40 @@ def quantize_weight(weight: torch.Tensor) -> Fp8Weight:
     return Fp8Weight(data=data, scale=scale.view(-1))
 
 
-def base_forward(rows: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
-    """``rows W^T`` (M, N) in bf16 through FP8: ``rows`` (M, K) quantised per row."""
+#: The last input :func:`base_forward` quantised, with its e4m3 rows and scales: q, k and v (and
+#: gate and up) read the same input, quantised once for them all. The input itself is held, so
+#: its memory can't be reused by another tensor while it is remembered.
+_last_input: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
+
+
+def _quantized_input(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` quantised per row, reusing the last input's where ``rows`` is the same memory,
+    shape and strides, unchanged since (the version counter it had then)."""
+    if _last_input:
+        last, version, quantized, scale = _last_input[0]
+        if (
+            last.data_ptr() == rows.data_ptr()
+            and last.shape == rows.shape
+            and last.stride() == rows.stride()
+            and last.dtype == rows.dtype
+            and last.device == rows.device
+            and version == rows._version
+        ):
+            return quantized, scale
     quantized, scale = quantize_rows(rows)
+    _last_input[:] = [(rows, rows._version, quantized, scale)]
+    return quantized, scale
+
+
+def forget_last_input() -> None:
+    """Drop the remembered input (after a step: its memory is the activations')."""
+    _last_input.clear()
+
+
+def base_forward(rows: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
+    """``rows W^T`` (M, N) in bf16 through FP8: ``rows`` (M, K) quantised per row (once for
+    every layer that reads the same input)."""
+    quantized, scale = _quantized_input(rows)
     return fp8_mm(
         quantized,
         scale,

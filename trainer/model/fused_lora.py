@@ -269,8 +269,9 @@ class FusedLoRA4bit(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             fp8 = _fp8_operand(ctx.weight, g.dtype, transposed=True)
             if fp8 is not None:
-                from kubetune.trainer.model.fp8_base import base_input_grad
+                from kubetune.trainer.model.fp8_base import base_input_grad, forget_last_input
 
+                forget_last_input()  # the forward's last input: not read again before the next
                 grad_x = base_input_grad(g, fp8)
             else:
                 grad_x = torch.mm(g, _dequantized(ctx.weight, g.dtype))
