@@ -9,8 +9,8 @@
 #                                                  # 7B bf16 vs fp8 vs TRL best (~7 min)
 #   OUT=/some/dir bash bench/gpu_round.sh codes       # on an H100: the per-call e4m3 weight from
 #                                                     # the 4-bit codes vs two steps (~7 min)
-#   OUT=/some/dir bash bench/gpu_round.sh fp8-h200    # on an H200: FP8 kept, + transposed, per
-#                                                     # call, bf16, TRL best (~8 min)
+#   OUT=/some/dir bash bench/gpu_round.sh fp8-h200    # on an H200: tests; 7B and 8B FP8 vs TRL
+#                                                     # best; per call, + transposed (~9 min)
 #   OUT=/some/dir bash bench/gpu_round.sh fp8-parity  # the loss parity of both vs TRL (~4 min)
 #
 # Everything lands in $OUT as it comes (results.jsonl, the profile table, one log per command,
@@ -68,11 +68,21 @@ case "${1:-}" in
       --logging-steps 10 --shape llama2-7b --steps 14 --warmup 4 \
       --modes kubetune-fp8,kubetune-fp8-twostep,trl-best
     ;;
-  fp8-h200)  # ~8 min on an H200, where the 7B e4m3 base is kept: FP8 (kept), FP8 with the
-    # transposed copy kept too, FP8 quantised per call, bf16, TRL's best; all at --logging-steps 10
-    step 7b-fp8-h200 bash bench/gpu.sh python3 bench/qlora_throughput.py --out "$OUT/results.jsonl" \
-      --logging-steps 10 --shape llama2-7b --steps 14 --warmup 4 \
-      --modes kubetune-fp8,kubetune-fp8-keept,kubetune-fp8-percall,kubetune-bf16,trl-best
+  fp8-h200)  # ~9 min on an H200, where the 7B e4m3 base is kept: FP8's GPU tests, then 7B FP8
+    # (kept, the default there) and TRL's best, 8B FP8 and TRL's best, 7B FP8 per call (the
+    # weight from the 4-bit codes) and with the transposed copy kept too, then the pieces; all
+    # at --logging-steps 10, most important first (a command cut at its limit keeps those)
+    KUBETUNE_CACHE_DIR=/tmp/kc-tests TRITON_CACHE_DIR=/tmp/kc-tests/triton step gpu-tests \
+      bash bench/gpu.sh python3 -m pytest -q -m gpu tests/trainer/test_fp8_base.py \
+      tests/trainer/test_fused_lora.py tests/trainer/test_trainer_gpu.py -p no:cacheprovider -rs
+    for run in llama2-7b:kubetune-fp8 llama2-7b:trl-best llama3-8b:kubetune-fp8 \
+      llama3-8b:trl-best llama2-7b:kubetune-fp8-percall llama2-7b:kubetune-fp8-keept; do
+      step "${run/:/-}" bash bench/gpu.sh python3 bench/qlora_throughput.py \
+        --out "$OUT/results.jsonl" --logging-steps 10 --steps 14 --warmup 4 \
+        --shape "${run%%:*}" --modes "${run#*:}"
+    done
+    step fp8-matmul bash bench/gpu.sh python3 bench/fp8_matmul.py --out "$OUT/fp8-matmul.jsonl" \
+      --iters 10
     ;;
   fp8-parity)  # ~4 min: each kubetune parity mode against plain TRL, 20 steps, a loss a step
     step 7b-fp8-parity bash bench/gpu.sh python3 bench/qlora_throughput.py \
