@@ -148,12 +148,12 @@ def per_call_weight_ms(weight: Any, iters: int) -> dict[str, float]:
     """What a call pays for the e4m3 weight where the plan keeps none, from the NF4 weight (its
     block scales kept in fp32, as the plan keeps them): dequantising to bf16 and quantising (the
     forward's operand) then transposing (the input gradient's), against one kernel from the
-    4-bit codes for each layout (``fp8_base.quantize_4bit_rows``), its default tile and the
+    4-bit codes for each layout (``fp8_codes.quantize_4bit_rows``), its default tile and the
     others of :data:`KERNEL_CONFIGS`."""
     import torch
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
-    from kubetune.trainer.model import fp8_base
+    from kubetune.trainer.model import fp8_base, fp8_codes
     from kubetune.trainer.model.fused_lora import _scales
 
     codes, state = quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
@@ -164,21 +164,21 @@ def per_call_weight_ms(weight: Any, iters: int) -> dict[str, float]:
             codes, absmax, state.blocksize, state.quant_type, state.shape, torch.bfloat16
         )
 
-    packed = fp8_base.Packed4bit(
+    packed = fp8_codes.Packed4bit(
         codes, absmax, state.code.float(), state.blocksize, tuple(weight.shape)
     )
     row_scale = fp8_base.quantize_rows(dequantized())[1].view(-1)
     sweep: dict[str, float] = {}
     assert torch.equal(dequantized(), dequantize_4bit(codes, state).bfloat16())
     made = {
-        layout: fp8_base.quantize_4bit_rows(packed, row_scale, transposed=layout)
+        layout: fp8_codes.quantize_4bit_rows(packed, row_scale, transposed=layout)
         for layout in (False, True)
     }
     for rows, columns, warps in KERNEL_CONFIGS:
         for layout, name in ((False, "forward"), (True, "backward")):
 
             def run(layout: bool = layout, tile: Any = (rows, columns), warps: int = warps) -> Any:
-                return fp8_base.quantize_4bit_rows(
+                return fp8_codes.quantize_4bit_rows(
                     packed, row_scale, transposed=layout, block=tile, num_warps=warps
                 )
 
@@ -191,10 +191,10 @@ def per_call_weight_ms(weight: Any, iters: int) -> dict[str, float]:
             lambda: fp8_base.quantize_weight(dequantized()).with_transposed(), iters
         ),
         "weight_from_codes_forward": timed_ms(
-            lambda: fp8_base.quantize_4bit_rows(packed, row_scale, transposed=False), iters
+            lambda: fp8_codes.quantize_4bit_rows(packed, row_scale, transposed=False), iters
         ),
         "weight_from_codes_backward": timed_ms(
-            lambda: fp8_base.quantize_4bit_rows(packed, row_scale, transposed=True), iters
+            lambda: fp8_codes.quantize_4bit_rows(packed, row_scale, transposed=True), iters
         ),
     }
 

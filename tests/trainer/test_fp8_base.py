@@ -168,7 +168,7 @@ def test_the_triton_quantiser_computes_the_torch_paths_values_under_the_interpre
 _FROM_CODES = """
 import json, sys, torch
 from bitsandbytes.functional import dequantize_4bit, quantize_4bit
-from kubetune.trainer.model import fp8_base
+from kubetune.trainer.model import fp8_base, fp8_codes
 from kubetune.trainer.model.fused_lora import _scales
 out = []
 for rows, columns, nested in json.loads(sys.argv[1]):
@@ -177,9 +177,9 @@ for rows, columns, nested in json.loads(sys.argv[1]):
     values, scale = fp8_base.scaled_rows_reference(dequantize_4bit(codes, state).bfloat16())
     holder = type("Weight", (), {"quant_state": state, "data": codes})()
     absmax = _scales(holder) if nested else state.absmax
-    packed = fp8_base.Packed4bit(codes, absmax, state.code.float(), 64, (rows, columns))
+    packed = fp8_codes.Packed4bit(codes, absmax, state.code.float(), 64, (rows, columns))
     for transposed in (False, True):
-        made = fp8_base.quantize_4bit_rows(
+        made = fp8_codes.quantize_4bit_rows(
             packed, scale.view(-1), transposed=transposed, out_dtype=torch.float32
         )
         out.append(torch.equal(made, values.t() if transposed else values))
@@ -282,7 +282,7 @@ def test_the_4bit_to_e4m3_kernel_on_the_gpu_is_bitwise_dequantising_then_quantis
     import torch
     from bitsandbytes.functional import dequantize_4bit, quantize_4bit
 
-    from kubetune.trainer.model import fp8_base
+    from kubetune.trainer.model import fp8_base, fp8_codes
     from kubetune.trainer.model.fused_lora import _scales
 
     _cuda_with_fp8()
@@ -291,11 +291,11 @@ def test_the_4bit_to_e4m3_kernel_on_the_gpu_is_bitwise_dequantising_then_quantis
     codes, state = quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
     expected, scale = fp8_base.quantize_rows(dequantize_4bit(codes, state).bfloat16())
     holder = type("Weight", (), {"quant_state": state, "data": codes})()
-    packed = fp8_base.Packed4bit(
+    packed = fp8_codes.Packed4bit(
         codes, _scales(holder), state.code.float(), state.blocksize, (rows, columns)
     )
     for transposed in (False, True):
-        made = fp8_base.quantize_4bit_rows(packed, scale.view(-1), transposed=transposed)
+        made = fp8_codes.quantize_4bit_rows(packed, scale.view(-1), transposed=transposed)
         want = expected.t().contiguous() if transposed else expected
         assert made.shape == want.shape and made.is_contiguous()
         differ = int((made.view(torch.uint8) != want.view(torch.uint8)).sum())

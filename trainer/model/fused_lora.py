@@ -46,7 +46,7 @@ KEPT_WEIGHT = "_kubetune_dequantized"
 #: Attribute of a double-quantised 4-bit weight holding its block scales already dequantised.
 KEPT_ABSMAX = "_kubetune_absmax"
 #: Attribute of a 4-bit weight whose base matmuls run in FP8: its e4m3 copy kept for the run
-#: (an ``fp8_base.Fp8Weight``), its row scales (an ``fp8_base.Fp8FromCodes``: the e4m3 copy
+#: (an ``fp8_base.Fp8Weight``), its row scales (an ``fp8_codes.Fp8FromCodes``: the e4m3 copy
 #: made from the 4-bit codes in one kernel in every call), or True (dequantised to bf16 and
 #: quantised again in every call).
 FP8_WEIGHT = "_kubetune_fp8"
@@ -85,17 +85,17 @@ def _fp8_operand(weight: Any, dtype: torch.dtype, *, transposed: bool = False) -
 
         with torch.no_grad():
             return quantize_weight(_dequantized(weight, dtype))
-    if hasattr(fp8, "packed"):  # an fp8_base.Fp8FromCodes
+    if hasattr(fp8, "packed"):  # an fp8_codes.Fp8FromCodes
         return fp8.weight(transposed=transposed)
     return fp8
 
 
 def _from_codes(weight: Any) -> Any:
     """What a per-call FP8 weight keeps for the run: its row scales, with which one kernel makes
-    its e4m3 copy straight from the 4-bit codes in each call (``fp8_base.Fp8FromCodes``), where
+    its e4m3 copy straight from the 4-bit codes in each call (``fp8_codes.Fp8FromCodes``), where
     that kernel can run (CUDA with Triton, fp32 block scales at hand, the switch on); else True
     (dequantised to bf16 and quantised in each call)."""
-    from kubetune.trainer.model import fp8_base
+    from kubetune.trainer.model import fp8_base, fp8_codes
 
     state = weight.quant_state
     absmax = getattr(weight, KEPT_ABSMAX, None)
@@ -107,20 +107,20 @@ def _from_codes(weight: Any) -> Any:
         and fp8_base.triton_importable()
         and absmax is not None
         and absmax.dtype == torch.float32
-        and fp8_base.kernel_takes(*(int(size) for size in state.shape))
+        and fp8_codes.kernel_takes(*(int(size) for size in state.shape))
     ):
         return True
     with torch.no_grad():
         _, scale = fp8_base.quantize_rows(_dequantized(weight, torch.bfloat16))
     rows, columns = (int(size) for size in state.shape)
-    packed = fp8_base.Packed4bit(
+    packed = fp8_codes.Packed4bit(
         codes=weight.data,
         absmax=absmax,
         code_book=state.code.to(weight.data.device, torch.float32),
         blocksize=int(state.blocksize),
         shape=(rows, columns),
     )
-    return fp8_base.Fp8FromCodes(packed=packed, scale=scale.view(-1))
+    return fp8_codes.Fp8FromCodes(packed=packed, scale=scale.view(-1))
 
 
 def _fp8_capable(weight: Any, compute_dtype: torch.dtype) -> bool:

@@ -96,7 +96,7 @@ KEEP_WEIGHTS_WHERE_THEY_FIT = False
 KEPT_WEIGHT_BYTES_PER_PARAM = 2.0
 #: The base in e4m3 for the FP8 matmuls (``fp8_base.Fp8Weight``): a byte a weight and an fp32
 #: scale a row (output feature), kept where it fits beside the fastest plan (else each call
-#: quantises the weight again, from a transient bf16 dequantisation as the bf16 path makes).
+#: makes it again from the 4-bit codes, ``fp8_codes``).
 KEPT_FP8_BYTES_PER_PARAM = 1.0
 #: Keep the e4m3 base's transposed copy too where both fit beside the fastest plan (another byte
 #: a weight; no transpose of the weight in a backward call: 0.14-0.36 ms a 7B layer on an H100,
@@ -111,21 +111,11 @@ FP8_MIN_TOKENS = 8192
 KEPT_FP8_BYTES_PER_ROW = 4.0
 
 
-def kept_fp8_bytes(shape: ModelShape) -> float:
-    """What the base kept in e4m3 for the FP8 matmuls holds."""
-    return (
-        shape.linear_params() * KEPT_FP8_BYTES_PER_PARAM
-        + shape.linear_rows() * KEPT_FP8_BYTES_PER_ROW
-    )
-
-
-def per_call_fp8_bytes(shape: ModelShape) -> float:
-    """What the FP8 matmuls keep where the e4m3 base is made again in every call: the NF4 block
-    scales in fp32 and each row's e4m3 scale."""
-    return (
-        shape.linear_params() * KEPT_SCALES_BYTES_PER_PARAM
-        + shape.linear_rows() * KEPT_FP8_BYTES_PER_ROW
-    )
+def kept_fp8_bytes(shape: ModelShape, *, per_call: bool = False) -> float:
+    """What the FP8 matmuls keep for the run: the e4m3 base (a byte a weight) or, where it is
+    made again in every call (``per_call``), the NF4 block scales in fp32; a scale a row both."""
+    per_param = KEPT_SCALES_BYTES_PER_PARAM if per_call else KEPT_FP8_BYTES_PER_PARAM
+    return shape.linear_params() * per_param + shape.linear_rows() * KEPT_FP8_BYTES_PER_ROW
 
 
 @dataclass(frozen=True)
@@ -345,10 +335,9 @@ def plan_memory(
             kept, peak = "fp8-transposed", peak + both
         elif fitting and peak + kept_fp8_bytes(shape) <= budget:
             kept, peak = "fp8", peak + kept_fp8_bytes(shape)
-        elif kept == "none" and fitting and peak + per_call_fp8_bytes(shape) <= budget:
-            # The e4m3 base made again in every call, from the 4-bit codes in one kernel, which
-            # reads the block scales in fp32.
-            kept, peak = "scales", peak + per_call_fp8_bytes(shape)
+        elif kept == "none" and fitting and peak + kept_fp8_bytes(shape, per_call=True) <= budget:
+            # Made again in every call, from the 4-bit codes by one kernel reading fp32 scales.
+            kept, peak = "scales", peak + kept_fp8_bytes(shape, per_call=True)
     elif KEEP_WEIGHTS_WHERE_THEY_FIT and fitting and peak + weights <= budget:
         kept, peak = "weights", peak + weights
     return replace(
