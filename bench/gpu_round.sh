@@ -57,16 +57,19 @@ case "${1:-}" in
       --logging-steps 10 --shape llama2-7b --steps 14 --warmup 4 \
       --modes kubetune-bf16,kubetune-fp8,trl-best
     ;;
-  codes)  # ~7 min on an H100: the GPU tests, the pieces (the per-call e4m3 weight from the
-    # 4-bit codes in one kernel against dequantise + quantise + transpose), then 7B FP8 per call
-    # both ways, and TRL's best
+  codes)  # ~7 min on an H100: FP8's GPU tests, 7B FP8 per call (the weight from the 4-bit codes
+    # in one kernel) against the two steps (dequantise, quantise, transpose) and TRL's best, then
+    # the pieces (the kernel's tiles swept)
     KUBETUNE_CACHE_DIR=/tmp/kc-tests TRITON_CACHE_DIR=/tmp/kc-tests/triton step gpu-tests \
-      bash bench/gpu.sh python3 -m pytest -q -m gpu tests/trainer -p no:cacheprovider -rs
+      bash bench/gpu.sh python3 -m pytest -q -m gpu tests/trainer/test_fp8_base.py \
+      tests/trainer/test_fused_lora.py tests/trainer/test_trainer_gpu.py -p no:cacheprovider -rs
+    for mode in kubetune-fp8 kubetune-fp8-twostep trl-best; do
+      step "7b-$mode" bash bench/gpu.sh python3 bench/qlora_throughput.py \
+        --out "$OUT/results.jsonl" --logging-steps 10 --steps 14 --warmup 4 --shape llama2-7b \
+        --modes "$mode"
+    done
     step fp8-matmul bash bench/gpu.sh python3 bench/fp8_matmul.py --out "$OUT/fp8-matmul.jsonl" \
       --iters 10
-    step 7b-codes bash bench/gpu.sh python3 bench/qlora_throughput.py --out "$OUT/results.jsonl" \
-      --logging-steps 10 --shape llama2-7b --steps 14 --warmup 4 \
-      --modes kubetune-fp8,kubetune-fp8-twostep,trl-best
     ;;
   fp8-h200)  # ~9 min on an H200, where the 7B e4m3 base is kept: FP8's GPU tests, then 7B FP8
     # (kept, the default there) and TRL's best, 8B FP8 and TRL's best, 7B FP8 per call (the
