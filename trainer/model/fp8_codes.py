@@ -20,9 +20,10 @@ import torch
 from kubetune.trainer.model.fp8_base import FP8_DTYPE, FP8_MAX, Fp8Weight
 
 #: Rows and columns of the tile each program of the 4-bit-to-e4m3 kernel writes, and its warps:
-#: 32 elements a thread (a (64, 128) tile, 64 a thread, ran at ~190 GB/s on an H100;
-#: ``bench/fp8_matmul.py`` times the alternatives).
-NF4_KERNEL_BLOCK = (32, 128)
+#: (16, 128) with 4 warps, 16 elements a thread, was the fastest of eight tiles for all three 7B
+#: shapes and both layouts on an H100 (bench/results/h100-2026-12-06-codes-v3-fp8-matmul.jsonl:
+#: 0.07-0.16 ms a weight against 0.09-0.18 for (32, 128), the one measured end to end).
+NF4_KERNEL_BLOCK = (16, 128)
 NF4_KERNEL_WARPS = 4
 
 
