@@ -207,7 +207,10 @@ def keep_dequantization(model: Any, what: str) -> int:
 
 def drop_kept_dequantization(model: Any) -> None:
     """Free what :func:`keep_dequantization` kept (after training: evaluation and merging
-    dequantise as bitsandbytes does)."""
+    dequantise as bitsandbytes does), and the FP8 path's remembered input."""
+    from kubetune.trainer.model.fp8_base import forget_last_input
+
+    forget_last_input()
     for module in model.modules():
         weight = getattr(module, "weight", None)
         for name in (KEPT_WEIGHT, KEPT_ABSMAX, FP8_WEIGHT):
