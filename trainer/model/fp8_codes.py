@@ -108,10 +108,10 @@ def quantize_4bit_rows(
     num_warps: int = NF4_KERNEL_WARPS,
 ) -> torch.Tensor:
     """A 4-bit weight's rows (N, K) in e4m3 with the row scales (N,) kept for the run, in one
-    Triton kernel: the values bitsandbytes' bf16 dequantisation and :func:`quantize_rows` give,
-    without the bf16 copy in between; ``transposed`` writes them (K, N) row-major, the input
-    gradient's operand, without a transpose after. ``out_dtype`` float32: the values before the
-    cast (the CPU interpreter's test, as :func:`quantize_rows_triton`'s)."""
+    Triton kernel: the values bitsandbytes' bf16 dequantisation and ``fp8_base.quantize_rows``
+    give, without the bf16 copy in between; ``transposed`` writes them (K, N) row-major, the
+    input gradient's operand, without a transpose after. ``out_dtype`` float32: the values
+    before the cast (the CPU interpreter's test, as ``fp8_base.quantize_rows_triton``'s)."""
     rows, columns = weight.shape
     if not kernel_takes(rows, columns):
         raise ValueError(f"the 4-bit kernel takes no {rows} x {columns} weight")
