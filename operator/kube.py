@@ -3,16 +3,20 @@
 The generated typed client would turn every manifest into models and back; the operator renders
 and derives plain data, so it speaks JSON paths instead. Where the API server is, its TLS and the
 credentials come from the kubernetes package's configuration (in-cluster or the kubeconfig);
-each thread sends its requests over one kept-alive connection of its own through the standard
-library's ``http.client``: urllib3's pool and the client's REST layer cost about as much CPU per
-request again (docs/performance.md). Through a proxy, the kubernetes package's own REST client.
+each thread sends its requests over one kept-alive TLS connection of its own, HTTP/1.1 spoken by
+``_Wire``: urllib3's pool and the client's REST layer cost about as much CPU per request again,
+and ``http.client``'s header parsing (through ``email``) a third more (docs/performance.md).
+Through a proxy, the kubernetes package's own REST client.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import re
 import select
+import socket
 import ssl
 import threading
 import time
@@ -21,6 +25,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from urllib3 import HTTPHeaderDict
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.operator.metrics import API_ERRORS, API_REQUESTS, resource_of
@@ -69,58 +74,144 @@ def finetunejob_path(namespace: str, name: str, subresource: str = "") -> str:
     return f"{path}/{subresource}" if subresource else path
 
 
-class _HTTPSConnection(http.client.HTTPSConnection):
-    """An HTTPS connection whose certificate is checked against ``server_name`` (the
-    configuration's TLS server name where it has one, else the host)."""
-
-    def __init__(
-        self, host: str, port: int | None, timeout: float, tls: ssl.SSLContext, server_name: str
-    ) -> None:
-        super().__init__(host, port, timeout=timeout, context=tls)
-        self._tls = tls
-        self._server_name = server_name
-
-    def connect(self) -> None:
-        http.client.HTTPConnection.connect(self)
-        self.sock = self._tls.wrap_socket(self.sock, server_hostname=self._server_name)
-
-
 class _Answer:
     """An answer read whole: what ApiException.from_response reads of it."""
 
-    __slots__ = ("data", "headers", "reason", "status")
+    __slots__ = ("data", "fields", "reason", "status")
 
-    def __init__(self, status: int, reason: str, data: bytes, headers: object) -> None:
-        self.status, self.reason, self.data, self.headers = status, reason, data, headers
+    def __init__(
+        self, status: int, reason: str, data: bytes, fields: list[tuple[str, str]]
+    ) -> None:
+        self.status, self.reason, self.data, self.fields = status, reason, data, fields
 
-    def getheaders(self) -> object:
+    @property
+    def headers(self) -> HTTPHeaderDict:
+        """The answer's headers (made only for an ApiException: an answer outside 2xx)."""
+        return HTTPHeaderDict(self.fields)
+
+    def getheaders(self) -> HTTPHeaderDict:
         return self.headers
 
 
-def _exchange(
-    connection: http.client.HTTPConnection,
-    method: str,
-    path: str,
-    payload: bytes | None,
-    headers: dict[str, str],
-) -> _Answer:
-    connection.request(method, path, body=payload, headers=headers)
-    response = connection.getresponse()
-    data = response.read()  # whole: the connection is free for the next request
-    return _Answer(response.status, response.reason, data, response.headers)
+#: The longest status or header line taken (as http.client's limit).
+_LINE_LIMIT: Final = 65536
+#: The most header lines taken in one answer (as http.client's limit).
+_HEADERS_LIMIT: Final = 100
+#: What may not appear in a request's target or a header's value: controls, a space in a target.
+_UNSAFE_TARGET: Final = re.compile(r"[\x00-\x20\x7f]")
+_UNSAFE_VALUE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
-def _still_open(connection: http.client.HTTPConnection) -> bool:
-    """Whether a kept-alive connection can take the next request: it has a socket and nothing
-    to read on it (between requests, readable means the server closed it, or is closing it)."""
-    sock = connection.sock
-    if sock is None:
-        return False
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return False
-    return not readable
+class _Wire:
+    """One kept-alive HTTP/1.1 connection to the API server, spoken by hand: a request's bytes
+    out, the status line, the headers and the body (by its length, or its chunks) back. What
+    ``http.client`` does besides (its header parsing through ``email``) cost as much CPU again
+    as the whole exchange (docs/performance.md)."""
+
+    __slots__ = ("_reader", "_sock", "host")
+
+    def __init__(self, sock: socket.socket, host: str) -> None:
+        self._sock = sock
+        self._reader = sock.makefile("rb")
+        #: The Host header's value.
+        self.host = host
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._reader.close()
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    def idle_and_open(self) -> bool:
+        """Whether this kept-alive connection can take the next request: nothing to read on it
+        between requests (readable then means the server closed it, or is closing it)."""
+        try:
+            readable, _, _ = select.select([self._sock], [], [], 0)
+        except (OSError, ValueError):
+            return False
+        return not readable
+
+    def exchange(
+        self, method: str, target: str, payload: bytes | None, headers: dict[str, str]
+    ) -> tuple[_Answer, bool]:
+        """Send one request, read its whole answer: (the answer, whether the connection stays
+        open for the next)."""
+        if _UNSAFE_TARGET.search(target):
+            raise ValueError(f"a request target with a control character or space: {target!r}")
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host}"]
+        for name, value in headers.items():
+            if _UNSAFE_VALUE.search(value):
+                raise ValueError(f"the header {name} has a control character")
+            lines.append(f"{name}: {value}")
+        if payload is not None:
+            lines.append(f"Content-Length: {len(payload)}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self._sock.sendall(head + payload if payload is not None else head)
+        return self._answer(method)
+
+    def _line(self) -> bytes:
+        line = self._reader.readline(_LINE_LIMIT + 1)
+        if len(line) > _LINE_LIMIT:
+            raise http.client.LineTooLong("header line")
+        return line
+
+    def _answer(self, method: str) -> tuple[_Answer, bool]:
+        while True:
+            line = self._line()
+            if not line:
+                raise http.client.RemoteDisconnected(
+                    "Remote end closed connection without response"
+                )
+            version, _, rest = line.decode("latin-1").rstrip("\r\n").partition(" ")
+            code, _, reason = rest.partition(" ")
+            if not version.startswith("HTTP/") or len(code) != 3 or not code.isdigit():
+                raise http.client.BadStatusLine(line.decode("latin-1", "replace"))
+            status = int(code)
+            fields = self._fields()
+            if status != 100:  # a 100 Continue's answer follows it
+                break
+        found = {name.lower(): value for name, value in fields}
+        connection = found.get("connection", "").lower()
+        keep = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            data = b""
+        elif "chunked" in found.get("transfer-encoding", "").lower():
+            data = self._chunks()
+        elif "content-length" in found:
+            data = self._exactly(int(found["content-length"]))
+        else:  # the body ends where the connection does
+            data, keep = self._reader.read(), False
+        return _Answer(status, reason, data, fields), keep
+
+    def _fields(self) -> list[tuple[str, str]]:
+        fields: list[tuple[str, str]] = []
+        while True:
+            line = self._line()
+            if line in (b"\r\n", b"\n"):
+                return fields
+            if not line:
+                raise http.client.RemoteDisconnected("Remote end closed connection in the headers")
+            if len(fields) >= _HEADERS_LIMIT:
+                raise http.client.HTTPException(f"got more than {_HEADERS_LIMIT} headers")
+            name, _, value = line.decode("latin-1").partition(":")
+            fields.append((name.strip(), value.strip()))
+
+    def _exactly(self, size: int) -> bytes:
+        data = self._reader.read(size)
+        if len(data) < size:
+            raise http.client.IncompleteRead(data, size - len(data))
+        return data
+
+    def _chunks(self) -> bytes:
+        parts: list[bytes] = []
+        while True:
+            size = int(self._line().split(b";", 1)[0].strip() or b"x", 16)
+            if size == 0:
+                while self._line() not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                return b"".join(parts)
+            parts.append(self._exactly(size))
+            self._exactly(2)  # the chunk's CRLF
 
 
 def _tls_context(configuration: client.Configuration) -> ssl.SSLContext:
@@ -156,6 +247,8 @@ class Kube:
         self._target = target
         self._tls = _tls_context(configuration) if target.scheme == "https" else None
         self._server_name = configuration.tls_server_name or None
+        #: The Host header: the server's address as configured (no credentials in it).
+        self._host_header = target.netloc.rpartition("@")[2]
         self._local = threading.local()
 
     def request(
@@ -165,7 +258,11 @@ class Kube:
         body: Obj | None = None,
         query: dict[str, str] | None = None,
         content_type: str = "application/json",
+        *,
+        read_answer: bool = True,
     ) -> Manifest:
+        """One request; the object the server answers with (``read_answer`` False: not
+        parsed, ``{}``, for a write whose answer nobody reads)."""
         target = path + "?" + urlencode(query) if query else path
         headers = {"Accept": "application/json", "Content-Type": content_type}
         headers.update(self._auth_headers())
@@ -183,39 +280,63 @@ class Kube:
         API_REQUESTS.labels(method, resource_of(path), str(status)).inc()
         if status >= 400:
             API_ERRORS.labels(method, str(status)).inc()
-        text = data.decode() if data else ""
         if not 200 <= status < 300:
+            text = data.decode() if data else ""
             raise ApiException.from_response(http_resp=answer, body=text, data=None)
-        return json.loads(text) if text else {}
+        return json.loads(data) if data and read_answer else {}
 
     def _send(
-        self, method: str, path: str, payload: bytes | None, headers: dict[str, str]
+        self, method: str, target: str, payload: bytes | None, headers: dict[str, str]
     ) -> _Answer:
         """One request over this thread's kept-alive connection (opened when there is none, or
         when the server closed it while it sat idle). A kept connection that breaks before its
         answer is opened again once: the server may close an idle connection at any moment."""
-        connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
-        kept = connection is not None and _still_open(connection)
-        if connection is None or not kept:
-            if connection is not None:
-                connection.close()
-            connection = self._local.connection = self._connect()
+        wire: _Wire | None = getattr(self._local, "wire", None)
+        kept = wire is not None and wire.idle_and_open()
+        if wire is None or not kept:
+            if wire is not None:
+                wire.close()
+            wire = self._local.wire = self._connect()
         try:
-            return _exchange(connection, method, path, payload, headers)
+            answer, keep = wire.exchange(method, target, payload, headers)
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-            connection.close()
+            self._drop(wire)
             if not kept:
                 raise
         except BaseException:
-            connection.close()
+            self._drop(wire)
             raise
-        return _exchange(connection, method, path, payload, headers)
+        else:
+            if not keep:
+                self._drop(wire)
+            return answer
+        wire = self._local.wire = self._connect()
+        try:
+            answer, keep = wire.exchange(method, target, payload, headers)
+        except BaseException:
+            self._drop(wire)
+            raise
+        if not keep:
+            self._drop(wire)
+        return answer
 
-    def _connect(self) -> http.client.HTTPConnection:
+    def _drop(self, wire: _Wire) -> None:
+        wire.close()
+        if getattr(self._local, "wire", None) is wire:
+            self._local.wire = None
+
+    def _connect(self) -> _Wire:
         host, port = self._target.hostname or "", self._target.port
-        if self._tls is None:
-            return http.client.HTTPConnection(host, port, timeout=self.timeout)
-        return _HTTPSConnection(host, port, self.timeout, self._tls, self._server_name or host)
+        port = port or (443 if self._tls is not None else 80)
+        sock = socket.create_connection((host, port), self.timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_hostname=self._server_name or host)
+        except BaseException:
+            sock.close()
+            raise
+        return _Wire(sock, self._host_header)
 
     def _send_through_client(
         self, method: str, path: str, body: Obj | None, headers: dict[str, str]
@@ -228,7 +349,8 @@ class Kube:
             _request_timeout=self.timeout,
         )
         response.read()
-        return _Answer(response.status, response.reason, response.data or b"", response.headers)
+        fields = [(str(k), str(v)) for k, v in response.headers.items()]
+        return _Answer(response.status, response.reason, response.data or b"", fields)
 
     def _auth_headers(self) -> dict[str, str]:
         """The credentials' headers, taken again at most every ``AUTH_HEADERS_SECONDS``: the
@@ -280,8 +402,10 @@ class Kube:
         body = {**manifest, "metadata": {**meta, "resourceVersion": resource_version}}
         return self.request("PUT", f"{path}/{quote(meta['name'])}", body=body)
 
-    def merge_patch(self, path: str, patch: Obj) -> Manifest:
-        return self.request("PATCH", path, body=patch, content_type=MERGE_PATCH)
+    def merge_patch(self, path: str, patch: Obj, *, read_answer: bool = True) -> Manifest:
+        return self.request(
+            "PATCH", path, body=patch, content_type=MERGE_PATCH, read_answer=read_answer
+        )
 
     def delete(self, path: str, propagation: str = "Background") -> None:
         try:
