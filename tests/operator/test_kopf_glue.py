@@ -6,13 +6,14 @@ base (no handler of this operator reads one)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
 import pytest
 
-from kubetune.operator import handlers, kopf_settings
+from kubetune.operator import handlers, kopf_settings, main
 from kubetune.operator.controller import Controller
 from kubetune.operator.workqueue import WorkQueue
 
@@ -112,3 +113,14 @@ def test_the_children_are_watched_through_the_label_selector_and_the_jobs_are_no
         found = selectors.collect(kopf.Resource(group, version, plural))
         assert found == ["app.kubernetes.io/managed-by=kubetune-operator"]
     assert selectors.collect(kopf.Resource("kubetune.io", "v1alpha1", "finetunejobs")) == []
+
+
+def test_the_operator_freezes_what_it_imported_and_collects_the_young_less_often() -> None:
+    before = gc.get_threshold()
+    try:
+        main.tune_gc()
+        assert gc.get_threshold() == main.GC_THRESHOLDS
+        assert gc.get_freeze_count() > 10_000  # the modules, kopf's and the client's objects
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
