@@ -174,7 +174,7 @@ UNSTARTED_PHASES: Final = (None, "Validating")
 WHOLE_SPEC_KEPT_BYTES: Final = 16 * 1024
 
 
-def slim_finetunejob(body: Mapping[str, Any], indexed: Manifest | None = None) -> Manifest:
+def slim_finetunejob(body: Mapping[str, Any], indexed: Obj | None = None) -> Manifest:
     """A FineTuneJob for the index: ``slim`` with no ``status.progress``, and (once its children
     are made) only ``FINETUNEJOB_SPEC_KEPT`` of its spec, marked ``PARTIAL_SPEC``
     (``planner.needs_whole_spec`` says when a reconcile needs the whole spec). ``indexed``: what
@@ -209,7 +209,7 @@ def slim_finetunejob(body: Mapping[str, Any], indexed: Manifest | None = None) -
     return kept
 
 
-def _same_spec(indexed: Manifest, kept: Manifest) -> bool:
+def _same_spec(indexed: Obj, kept: Manifest) -> bool:
     """Whether two states of a FineTuneJob have the same spec: the same object, at the same
     generation (the apiserver counts every change of a custom resource's spec in it)."""
     old, new = indexed["metadata"], kept["metadata"]

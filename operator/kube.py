@@ -4,18 +4,15 @@ The generated typed client would turn every manifest into models and back; the o
 and derives plain data, so it speaks JSON paths instead. Where the API server is, its TLS and the
 credentials come from the kubernetes package's configuration (in-cluster or the kubeconfig);
 each thread sends its requests over one kept-alive TLS connection of its own, HTTP/1.1 spoken by
-``_Wire``: urllib3's pool and the client's REST layer cost about as much CPU per request again,
-and ``http.client``'s header parsing (through ``email``) a third more (docs/performance.md).
+``Wire`` (``wire.py``): urllib3's pool and the client's REST layer cost about as much CPU per
+request again, ``http.client`` half as much again (0.31 against 0.20 ms; docs/performance.md).
 Through a proxy, the kubernetes package's own REST client.
 """
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
-import re
-import select
 import socket
 import ssl
 import threading
@@ -25,11 +22,11 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
-from urllib3 import HTTPHeaderDict
 
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.operator.metrics import API_ERRORS, API_REQUESTS, resource_of
 from kubetune.operator.objects import Manifest, Obj
+from kubetune.operator.wire import Answer, Wire
 
 MERGE_PATCH: Final = "application/merge-patch+json"
 #: Seconds the credentials' headers are reused before they are taken from the client again.
@@ -72,146 +69,6 @@ def collection_path(api_version: str, kind: str, namespace: str) -> str:
 def finetunejob_path(namespace: str, name: str, subresource: str = "") -> str:
     path = f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace)}/{PLURAL}/{quote(name)}"
     return f"{path}/{subresource}" if subresource else path
-
-
-class _Answer:
-    """An answer read whole: what ApiException.from_response reads of it."""
-
-    __slots__ = ("data", "fields", "reason", "status")
-
-    def __init__(
-        self, status: int, reason: str, data: bytes, fields: list[tuple[str, str]]
-    ) -> None:
-        self.status, self.reason, self.data, self.fields = status, reason, data, fields
-
-    @property
-    def headers(self) -> HTTPHeaderDict:
-        """The answer's headers (made only for an ApiException: an answer outside 2xx)."""
-        return HTTPHeaderDict(self.fields)
-
-    def getheaders(self) -> HTTPHeaderDict:
-        return self.headers
-
-
-#: The longest status or header line taken (as http.client's limit).
-_LINE_LIMIT: Final = 65536
-#: The most header lines taken in one answer (as http.client's limit).
-_HEADERS_LIMIT: Final = 100
-#: What may not appear in a request's target or a header's value: controls, a space in a target.
-_UNSAFE_TARGET: Final = re.compile(r"[\x00-\x20\x7f]")
-_UNSAFE_VALUE: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-
-
-class _Wire:
-    """One kept-alive HTTP/1.1 connection to the API server, spoken by hand: a request's bytes
-    out, the status line, the headers and the body (by its length, or its chunks) back. What
-    ``http.client`` does besides (its header parsing through ``email``) cost as much CPU again
-    as the whole exchange (docs/performance.md)."""
-
-    __slots__ = ("_reader", "_sock", "host")
-
-    def __init__(self, sock: socket.socket, host: str) -> None:
-        self._sock = sock
-        self._reader = sock.makefile("rb")
-        #: The Host header's value.
-        self.host = host
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._reader.close()
-        with contextlib.suppress(OSError):
-            self._sock.close()
-
-    def idle_and_open(self) -> bool:
-        """Whether this kept-alive connection can take the next request: nothing to read on it
-        between requests (readable then means the server closed it, or is closing it)."""
-        try:
-            readable, _, _ = select.select([self._sock], [], [], 0)
-        except (OSError, ValueError):
-            return False
-        return not readable
-
-    def exchange(
-        self, method: str, target: str, payload: bytes | None, headers: dict[str, str]
-    ) -> tuple[_Answer, bool]:
-        """Send one request, read its whole answer: (the answer, whether the connection stays
-        open for the next)."""
-        if _UNSAFE_TARGET.search(target):
-            raise ValueError(f"a request target with a control character or space: {target!r}")
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {self.host}"]
-        for name, value in headers.items():
-            if _UNSAFE_VALUE.search(value):
-                raise ValueError(f"the header {name} has a control character")
-            lines.append(f"{name}: {value}")
-        if payload is not None:
-            lines.append(f"Content-Length: {len(payload)}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self._sock.sendall(head + payload if payload is not None else head)
-        return self._answer(method)
-
-    def _line(self) -> bytes:
-        line = self._reader.readline(_LINE_LIMIT + 1)
-        if len(line) > _LINE_LIMIT:
-            raise http.client.LineTooLong("header line")
-        return line
-
-    def _answer(self, method: str) -> tuple[_Answer, bool]:
-        while True:
-            line = self._line()
-            if not line:
-                raise http.client.RemoteDisconnected(
-                    "Remote end closed connection without response"
-                )
-            version, _, rest = line.decode("latin-1").rstrip("\r\n").partition(" ")
-            code, _, reason = rest.partition(" ")
-            if not version.startswith("HTTP/") or len(code) != 3 or not code.isdigit():
-                raise http.client.BadStatusLine(line.decode("latin-1", "replace"))
-            status = int(code)
-            fields = self._fields()
-            if status != 100:  # a 100 Continue's answer follows it
-                break
-        found = {name.lower(): value for name, value in fields}
-        connection = found.get("connection", "").lower()
-        keep = "close" not in connection if version == "HTTP/1.1" else "keep-alive" in connection
-        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            data = b""
-        elif "chunked" in found.get("transfer-encoding", "").lower():
-            data = self._chunks()
-        elif "content-length" in found:
-            data = self._exactly(int(found["content-length"]))
-        else:  # the body ends where the connection does
-            data, keep = self._reader.read(), False
-        return _Answer(status, reason, data, fields), keep
-
-    def _fields(self) -> list[tuple[str, str]]:
-        fields: list[tuple[str, str]] = []
-        while True:
-            line = self._line()
-            if line in (b"\r\n", b"\n"):
-                return fields
-            if not line:
-                raise http.client.RemoteDisconnected("Remote end closed connection in the headers")
-            if len(fields) >= _HEADERS_LIMIT:
-                raise http.client.HTTPException(f"got more than {_HEADERS_LIMIT} headers")
-            name, _, value = line.decode("latin-1").partition(":")
-            fields.append((name.strip(), value.strip()))
-
-    def _exactly(self, size: int) -> bytes:
-        data = self._reader.read(size)
-        if len(data) < size:
-            raise http.client.IncompleteRead(data, size - len(data))
-        return data
-
-    def _chunks(self) -> bytes:
-        parts: list[bytes] = []
-        while True:
-            size = int(self._line().split(b";", 1)[0].strip() or b"x", 16)
-            if size == 0:
-                while self._line() not in (b"\r\n", b"\n", b""):
-                    pass  # trailers
-                return b"".join(parts)
-            parts.append(self._exactly(size))
-            self._exactly(2)  # the chunk's CRLF
 
 
 def _tls_context(configuration: client.Configuration) -> ssl.SSLContext:
@@ -287,11 +144,11 @@ class Kube:
 
     def _send(
         self, method: str, target: str, payload: bytes | None, headers: dict[str, str]
-    ) -> _Answer:
+    ) -> Answer:
         """One request over this thread's kept-alive connection (opened when there is none, or
         when the server closed it while it sat idle). A kept connection that breaks before its
         answer is opened again once: the server may close an idle connection at any moment."""
-        wire: _Wire | None = getattr(self._local, "wire", None)
+        wire: Wire | None = getattr(self._local, "wire", None)
         kept = wire is not None and wire.idle_and_open()
         if wire is None or not kept:
             if wire is not None:
@@ -320,12 +177,12 @@ class Kube:
             self._drop(wire)
         return answer
 
-    def _drop(self, wire: _Wire) -> None:
+    def _drop(self, wire: Wire) -> None:
         wire.close()
         if getattr(self._local, "wire", None) is wire:
             self._local.wire = None
 
-    def _connect(self) -> _Wire:
+    def _connect(self) -> Wire:
         host, port = self._target.hostname or "", self._target.port
         port = port or (443 if self._tls is not None else 80)
         sock = socket.create_connection((host, port), self.timeout)
@@ -336,11 +193,11 @@ class Kube:
         except BaseException:
             sock.close()
             raise
-        return _Wire(sock, self._host_header)
+        return Wire(sock, self._host_header)
 
     def _send_through_client(
         self, method: str, path: str, body: Obj | None, headers: dict[str, str]
-    ) -> _Answer:
+    ) -> Answer:
         response = self.api.rest_client.request(
             method,
             self.api.configuration.host + path,
@@ -350,7 +207,7 @@ class Kube:
         )
         response.read()
         fields = [(str(k), str(v)) for k, v in response.headers.items()]
-        return _Answer(response.status, response.reason, response.data or b"", fields)
+        return Answer(response.status, response.reason, response.data or b"", fields)
 
     def _auth_headers(self) -> dict[str, str]:
         """The credentials' headers, taken again at most every ``AUTH_HEADERS_SECONDS``: the

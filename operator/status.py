@@ -56,7 +56,7 @@ def set_condition(
 
 
 #: Where each condition type goes in the list (others after them, in their own order).
-_ORDER: Final = {t: i for i, t in enumerate(CONDITION_TYPES)}
+_ORDER: Final[dict[str, int]] = {str(t): i for i, t in enumerate(CONDITION_TYPES)}
 
 
 def set_conditions(
