@@ -174,10 +174,12 @@ UNSTARTED_PHASES: Final = (None, "Validating")
 WHOLE_SPEC_KEPT_BYTES: Final = 16 * 1024
 
 
-def slim_finetunejob(body: Mapping[str, Any]) -> Manifest:
+def slim_finetunejob(body: Mapping[str, Any], indexed: Obj | None = None) -> Manifest:
     """A FineTuneJob for the index: ``slim`` with no ``status.progress``, and (once its children
     are made) only ``FINETUNEJOB_SPEC_KEPT`` of its spec, marked ``PARTIAL_SPEC``
-    (``planner.needs_whole_spec`` says when a reconcile needs the whole spec)."""
+    (``planner.needs_whole_spec`` says when a reconcile needs the whole spec). ``indexed``: what
+    the index holds for it now, whose whole spec is taken as it is while the object's generation
+    says its spec is the same (the event of a status write: no second copy of the spec)."""
     # The trainer's progress (its curve history too) is for people and /metrics (read from the
     # events), never for a reconcile.
     status = {k: v for k, v in (body.get("status") or {}).items() if k != "progress"}
@@ -185,6 +187,9 @@ def slim_finetunejob(body: Mapping[str, Any]) -> Manifest:
         {"kind": body.get("kind"), "metadata": body.get("metadata") or {}, "status": status}, ()
     )
     if kept["status"].get("phase") in UNSTARTED_PHASES:
+        if indexed is not None and PARTIAL_SPEC not in indexed and _same_spec(indexed, kept):
+            kept["spec"] = indexed["spec"]
+            return kept
         spec = body.get("spec") or {}
         if len(json.dumps(spec, separators=(",", ":"))) <= WHOLE_SPEC_KEPT_BYTES:
             kept["spec"] = compact(spec)
@@ -202,6 +207,19 @@ def slim_finetunejob(body: Mapping[str, Any]) -> Manifest:
         target[path[-1]] = compact(value)
     kept[PARTIAL_SPEC] = True
     return kept
+
+
+def _same_spec(indexed: Obj, kept: Manifest) -> bool:
+    """Whether two states of a FineTuneJob have the same spec: the same object, at the same
+    generation (the apiserver counts every change of a custom resource's spec in it)."""
+    old, new = indexed["metadata"], kept["metadata"]
+    generation = new.get("generation")
+    return (
+        generation is not None
+        and old.get("generation") == generation
+        and old.get("uid") is not None
+        and old.get("uid") == new.get("uid")
+    )
 
 
 @dataclass

@@ -88,7 +88,13 @@ async def finetunejobs_index(
     key = job_key(namespace, name)
     metrics.JOBS.observe(key, body.get("status") or {})
     _queue(key)
-    return {key: slim_finetunejob(body)}
+    return {key: slim_finetunejob(body, _in_index(key))}
+
+
+def _in_index(key: Key) -> Obj | None:
+    """What the FineTuneJobs' index holds for ``key`` now (None before startup, or none)."""
+    found = _controller.finetunejobs.get(key) if _controller is not None else None
+    return next(iter(found), None) if found else None
 
 
 def _child_index(

@@ -3,16 +3,17 @@
 The generated typed client would turn every manifest into models and back; the operator renders
 and derives plain data, so it speaks JSON paths instead. Where the API server is, its TLS and the
 credentials come from the kubernetes package's configuration (in-cluster or the kubeconfig);
-each thread sends its requests over one kept-alive connection of its own through the standard
-library's ``http.client``: urllib3's pool and the client's REST layer cost about as much CPU per
-request again (docs/performance.md). Through a proxy, the kubernetes package's own REST client.
+each thread sends its requests over one kept-alive TLS connection of its own, HTTP/1.1 spoken by
+``Wire`` (``wire.py``): urllib3's pool and the client's REST layer cost about as much CPU per
+request again, ``http.client`` half as much again (0.31 against 0.20 ms; docs/performance.md).
+Through a proxy, the kubernetes package's own REST client.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
-import select
+import socket
 import ssl
 import threading
 import time
@@ -25,6 +26,7 @@ from kubernetes.client.exceptions import ApiException
 from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.operator.metrics import API_ERRORS, API_REQUESTS, resource_of
 from kubetune.operator.objects import Manifest, Obj
+from kubetune.operator.wire import Answer, Wire
 
 MERGE_PATCH: Final = "application/merge-patch+json"
 #: Seconds the credentials' headers are reused before they are taken from the client again.
@@ -69,60 +71,6 @@ def finetunejob_path(namespace: str, name: str, subresource: str = "") -> str:
     return f"{path}/{subresource}" if subresource else path
 
 
-class _HTTPSConnection(http.client.HTTPSConnection):
-    """An HTTPS connection whose certificate is checked against ``server_name`` (the
-    configuration's TLS server name where it has one, else the host)."""
-
-    def __init__(
-        self, host: str, port: int | None, timeout: float, tls: ssl.SSLContext, server_name: str
-    ) -> None:
-        super().__init__(host, port, timeout=timeout, context=tls)
-        self._tls = tls
-        self._server_name = server_name
-
-    def connect(self) -> None:
-        http.client.HTTPConnection.connect(self)
-        self.sock = self._tls.wrap_socket(self.sock, server_hostname=self._server_name)
-
-
-class _Answer:
-    """An answer read whole: what ApiException.from_response reads of it."""
-
-    __slots__ = ("data", "headers", "reason", "status")
-
-    def __init__(self, status: int, reason: str, data: bytes, headers: object) -> None:
-        self.status, self.reason, self.data, self.headers = status, reason, data, headers
-
-    def getheaders(self) -> object:
-        return self.headers
-
-
-def _exchange(
-    connection: http.client.HTTPConnection,
-    method: str,
-    path: str,
-    payload: bytes | None,
-    headers: dict[str, str],
-) -> _Answer:
-    connection.request(method, path, body=payload, headers=headers)
-    response = connection.getresponse()
-    data = response.read()  # whole: the connection is free for the next request
-    return _Answer(response.status, response.reason, data, response.headers)
-
-
-def _still_open(connection: http.client.HTTPConnection) -> bool:
-    """Whether a kept-alive connection can take the next request: it has a socket and nothing
-    to read on it (between requests, readable means the server closed it, or is closing it)."""
-    sock = connection.sock
-    if sock is None:
-        return False
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return False
-    return not readable
-
-
 def _tls_context(configuration: client.Configuration) -> ssl.SSLContext:
     """The TLS the kubernetes package's REST client would use: its CA, its client certificate,
     its verification settings."""
@@ -156,6 +104,8 @@ class Kube:
         self._target = target
         self._tls = _tls_context(configuration) if target.scheme == "https" else None
         self._server_name = configuration.tls_server_name or None
+        #: The Host header: the server's address as configured (no credentials in it).
+        self._host_header = target.netloc.rpartition("@")[2]
         self._local = threading.local()
 
     def request(
@@ -165,7 +115,11 @@ class Kube:
         body: Obj | None = None,
         query: dict[str, str] | None = None,
         content_type: str = "application/json",
+        *,
+        read_answer: bool = True,
     ) -> Manifest:
+        """One request; the object the server answers with (``read_answer`` False: not
+        parsed, ``{}``, for a write whose answer nobody reads)."""
         target = path + "?" + urlencode(query) if query else path
         headers = {"Accept": "application/json", "Content-Type": content_type}
         headers.update(self._auth_headers())
@@ -183,43 +137,67 @@ class Kube:
         API_REQUESTS.labels(method, resource_of(path), str(status)).inc()
         if status >= 400:
             API_ERRORS.labels(method, str(status)).inc()
-        text = data.decode() if data else ""
         if not 200 <= status < 300:
+            text = data.decode() if data else ""
             raise ApiException.from_response(http_resp=answer, body=text, data=None)
-        return json.loads(text) if text else {}
+        return json.loads(data) if data and read_answer else {}
 
     def _send(
-        self, method: str, path: str, payload: bytes | None, headers: dict[str, str]
-    ) -> _Answer:
+        self, method: str, target: str, payload: bytes | None, headers: dict[str, str]
+    ) -> Answer:
         """One request over this thread's kept-alive connection (opened when there is none, or
         when the server closed it while it sat idle). A kept connection that breaks before its
         answer is opened again once: the server may close an idle connection at any moment."""
-        connection: http.client.HTTPConnection | None = getattr(self._local, "connection", None)
-        kept = connection is not None and _still_open(connection)
-        if connection is None or not kept:
-            if connection is not None:
-                connection.close()
-            connection = self._local.connection = self._connect()
+        wire: Wire | None = getattr(self._local, "wire", None)
+        kept = wire is not None and wire.idle_and_open()
+        if wire is None or not kept:
+            if wire is not None:
+                wire.close()
+            wire = self._local.wire = self._connect()
         try:
-            return _exchange(connection, method, path, payload, headers)
+            answer, keep = wire.exchange(method, target, payload, headers)
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-            connection.close()
+            self._drop(wire)
             if not kept:
                 raise
         except BaseException:
-            connection.close()
+            self._drop(wire)
             raise
-        return _exchange(connection, method, path, payload, headers)
+        else:
+            if not keep:
+                self._drop(wire)
+            return answer
+        wire = self._local.wire = self._connect()
+        try:
+            answer, keep = wire.exchange(method, target, payload, headers)
+        except BaseException:
+            self._drop(wire)
+            raise
+        if not keep:
+            self._drop(wire)
+        return answer
 
-    def _connect(self) -> http.client.HTTPConnection:
+    def _drop(self, wire: Wire) -> None:
+        wire.close()
+        if getattr(self._local, "wire", None) is wire:
+            self._local.wire = None
+
+    def _connect(self) -> Wire:
         host, port = self._target.hostname or "", self._target.port
-        if self._tls is None:
-            return http.client.HTTPConnection(host, port, timeout=self.timeout)
-        return _HTTPSConnection(host, port, self.timeout, self._tls, self._server_name or host)
+        port = port or (443 if self._tls is not None else 80)
+        sock = socket.create_connection((host, port), self.timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._tls is not None:
+                sock = self._tls.wrap_socket(sock, server_hostname=self._server_name or host)
+        except BaseException:
+            sock.close()
+            raise
+        return Wire(sock, self._host_header)
 
     def _send_through_client(
         self, method: str, path: str, body: Obj | None, headers: dict[str, str]
-    ) -> _Answer:
+    ) -> Answer:
         response = self.api.rest_client.request(
             method,
             self.api.configuration.host + path,
@@ -228,7 +206,8 @@ class Kube:
             _request_timeout=self.timeout,
         )
         response.read()
-        return _Answer(response.status, response.reason, response.data or b"", response.headers)
+        fields = [(str(k), str(v)) for k, v in response.headers.items()]
+        return Answer(response.status, response.reason, response.data or b"", fields)
 
     def _auth_headers(self) -> dict[str, str]:
         """The credentials' headers, taken again at most every ``AUTH_HEADERS_SECONDS``: the
@@ -280,8 +259,10 @@ class Kube:
         body = {**manifest, "metadata": {**meta, "resourceVersion": resource_version}}
         return self.request("PUT", f"{path}/{quote(meta['name'])}", body=body)
 
-    def merge_patch(self, path: str, patch: Obj) -> Manifest:
-        return self.request("PATCH", path, body=patch, content_type=MERGE_PATCH)
+    def merge_patch(self, path: str, patch: Obj, *, read_answer: bool = True) -> Manifest:
+        return self.request(
+            "PATCH", path, body=patch, content_type=MERGE_PATCH, read_answer=read_answer
+        )
 
     def delete(self, path: str, propagation: str = "Background") -> None:
         try:

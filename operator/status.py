@@ -52,28 +52,47 @@ def set_condition(
     generation: int | None = None,
 ) -> list[dict[str, Any]]:
     """``conditions`` with ``type_`` set; its lastTransitionTime moves only when status flips."""
-    value = "True" if status else "False"
-    result = [dict(c) for c in conditions if c.get("type") != type_]
-    previous = next((c for c in conditions if c.get("type") == type_), None)
-    since = (
-        previous["lastTransitionTime"]
-        if previous is not None
-        and previous.get("status") == value
-        and previous.get("lastTransitionTime")
-        else rfc3339(now)
-    )
-    condition: dict[str, Any] = {
-        "type": type_,
-        "status": value,
-        "reason": reason,
-        "message": message[:MESSAGE_LIMIT],
-        "lastTransitionTime": since,
-    }
-    if generation is not None:
-        condition["observedGeneration"] = generation
-    result.append(condition)
-    order: dict[str, int] = {t: i for i, t in enumerate(CONDITION_TYPES)}
-    return sorted(result, key=lambda c: order.get(str(c.get("type")), len(order)))
+    return set_conditions(conditions, ((type_, status, reason, message),), now, generation)
+
+
+#: Where each condition type goes in the list (others after them, in their own order).
+_ORDER: Final[dict[str, int]] = {str(t): i for i, t in enumerate(CONDITION_TYPES)}
+
+
+def set_conditions(
+    conditions: Sequence[Mapping[str, Any]],
+    wanted: Sequence[tuple[str, bool, str, str]],
+    now: datetime,
+    generation: int | None = None,
+) -> list[dict[str, Any]]:
+    """``conditions`` with each ``(type, status, reason, message)`` of ``wanted`` set, as
+    ``set_condition`` one after the other would (one pass, one sort)."""
+    types = {type_ for type_, _, _, _ in wanted}
+    result = [dict(c) for c in conditions if c.get("type") not in types]
+    stamp: str | None = None
+    for type_, status, reason, message in wanted:
+        value = "True" if status else "False"
+        previous = next((c for c in conditions if c.get("type") == type_), None)
+        if (
+            previous is not None
+            and previous.get("status") == value
+            and previous.get("lastTransitionTime")
+        ):
+            since = previous["lastTransitionTime"]
+        else:
+            stamp = since = stamp or rfc3339(now)
+        condition: dict[str, Any] = {
+            "type": type_,
+            "status": value,
+            "reason": reason,
+            "message": message[:MESSAGE_LIMIT],
+            "lastTransitionTime": since,
+        }
+        if generation is not None:
+            condition["observedGeneration"] = generation
+        result.append(condition)
+    last = len(_ORDER)
+    return sorted(result, key=lambda c: _ORDER.get(str(c.get("type")), last))
 
 
 def derive_status(
@@ -174,11 +193,7 @@ def _conditions(
             message if held else "",
         ),
     )
-    for type_, value, reason, text in wanted:
-        conditions = set_condition(
-            conditions, type_, value, reason=reason, message=text, now=now, generation=generation
-        )
-    return list(conditions)
+    return list(set_conditions(conditions, wanted, now, generation))
 
 
 def _attempt(ftj: Obj, job: Obj, pods: Sequence[Obj], current: Obj) -> dict[str, Any]:

@@ -35,7 +35,9 @@ def write_status(ctl: Controller, key: Key, ftj: Ftj, changes: Obj) -> None:
     namespace, name = key
     old = ftj.get("status") or {}
     with api_errors(f"patching the status of {namespace}/{name}"):
-        kube().merge_patch(finetunejob_path(namespace, name, "status"), {"status": changes})
+        # The answer (the whole FineTuneJob) is not read: the watch brings the same object.
+        path = finetunejob_path(namespace, name, "status")
+        kube().merge_patch(path, {"status": changes}, read_answer=False)
     assert ctl.written is not None
     # Progress is not in the index (nor read by a plan): only the operator's own fields.
     owned = {k: v for k, v in changes.items() if k != "progress"}
@@ -89,7 +91,8 @@ _EVENTS = ThreadPoolExecutor(EVENT_THREADS, thread_name_prefix="event")
 def _post(event: Obj) -> None:
     namespace = event["metadata"]["namespace"]
     try:
-        kube().request("POST", collection_path("v1", "Event", namespace), body=event)
+        path = collection_path("v1", "Event", namespace)
+        kube().request("POST", path, body=event, read_answer=False)
     except Exception as exc:  # an Event is best effort
         name = event["involvedObject"]["name"]
         LOGGER.warning("posting the event %s on %s: %s", event["reason"], name, exc)

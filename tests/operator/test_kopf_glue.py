@@ -6,13 +6,14 @@ base (no handler of this operator reads one)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
 import pytest
 
-from kubetune.operator import handlers, kopf_settings
+from kubetune.operator import handlers, kopf_settings, main
 from kubetune.operator.controller import Controller
 from kubetune.operator.workqueue import WorkQueue
 
@@ -92,8 +93,34 @@ def test_kopf_builds_no_diff_base_as_no_handler_reads_one() -> None:
     storage = settings.persistence.diffbase_storage
     assert isinstance(storage, kopf_settings.NoDiffBase)
     assert storage.build(body=kopf.Body(FTJ)) == {}
+    stored = {**FTJ, "metadata": {**FTJ["metadata"], "annotations": {
+        "kubetune.io/last-handled-configuration": '{"spec": {"a": 1}}'}}}  # fmt: skip
+    assert storage.fetch(body=kopf.Body(stored)) is None  # an older operator's is not read
     # An operator that did register a handler reading diffs would get kopf's own diff base.
     other = kopf.OperatorRegistry()
     kopf.on.update("example.com", "v1", "things", registry=other)(lambda **_: None)
     kopf_settings.configure(settings, other)
     assert not isinstance(settings.persistence.diffbase_storage, kopf_settings.NoDiffBase)
+
+
+def test_the_children_are_watched_through_the_label_selector_and_the_jobs_are_not() -> None:
+    """kopf asks the apiserver for kubetune's Jobs, Pods, JobSets and NetworkPolicies only (the
+    label the handlers filter on); every FineTuneJob is the operator's."""
+    settings = kopf.OperatorSettings()
+    kopf_settings.configure(settings, kopf.get_default_registry())
+    selectors = settings.watching.label_selectors
+    for group, version, plural in (("batch", "v1", "jobs"), ("", "v1", "pods")):
+        found = selectors.collect(kopf.Resource(group, version, plural))
+        assert found == ["app.kubernetes.io/managed-by=kubetune-operator"]
+    assert selectors.collect(kopf.Resource("kubetune.io", "v1alpha1", "finetunejobs")) == []
+
+
+def test_the_operator_freezes_what_it_imported_and_collects_the_young_less_often() -> None:
+    before = gc.get_threshold()
+    try:
+        main.tune_gc()
+        assert gc.get_threshold() == main.GC_THRESHOLDS
+        assert gc.get_freeze_count() > 10_000  # the modules, kopf's and the client's objects
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

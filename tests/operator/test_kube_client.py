@@ -152,3 +152,16 @@ def test_in_a_pod_requests_carry_the_pods_service_account_token(
         kube.get(CONFIGMAPS)
     assert refused.value.status == 403
     assert f"system:serviceaccount:{NAMESPACE}:default" in str(refused.value.body)
+
+
+def test_a_large_answer_sent_in_chunks_reads_back_whole(kubeconfig_path: Path, name: str) -> None:
+    """The apiserver sends a large object's answer in chunks (a small one with its length):
+    either reads back as it was written, non-ASCII text included."""
+    kube = kube_for(kubeconfig_path)
+    large = "".join(chr(0x41 + i % 50) for i in range(300_000))
+    made = kube.create(config_map(name, large))
+    assert made["data"]["config.yaml"] == large
+    kube.merge_patch(f"{CONFIGMAPS}/{name}", {"data": {"note": "é ✓ 🙂"}})
+    read = kube.get(f"{CONFIGMAPS}/{name}")
+    assert read["data"] == {"config.yaml": large, "note": "é ✓ 🙂"}
+    assert kube.get(f"{CONFIGMAPS}/{name}")["data"]["note"] == "é ✓ 🙂"  # the same connection

@@ -646,3 +646,20 @@ def test_a_companion_with_other_content_than_rendered_differs_and_defaults_do_no
     assert companion_differs(policy, opened)
     account = {"kind": "ServiceAccount"}
     assert companion_differs(account, {"imagePullSecrets": [{"name": "other-teams-registry"}]})
+
+
+def test_a_status_write_keeps_the_cached_spec_and_a_spec_change_takes_the_new_one() -> None:
+    """The event of a status write (same uid, same generation) reuses the spec the cache holds;
+    a new generation, or another object of the same name, is read from the event."""
+    first = ftj()
+    cached = slim_finetunejob(first)
+    written = {**first, "status": {"phase": "Validating"}}
+    again = slim_finetunejob(written, cached)
+    assert again["spec"] is cached["spec"] and again["status"] == {"phase": "Validating"}
+
+    changed = {**written, "metadata": {**written["metadata"], "generation": 2}}
+    changed["spec"] = {**first["spec"], "runPolicy": {"suspend": True}}
+    assert slim_finetunejob(changed, cached)["spec"]["runPolicy"] == {"suspend": True}
+    other = {**changed, "metadata": {**first["metadata"], "uid": "another"}}
+    other["spec"] = changed["spec"]
+    assert slim_finetunejob(other, cached)["spec"]["runPolicy"] == {"suspend": True}

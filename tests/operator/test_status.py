@@ -12,6 +12,7 @@ from kubetune.operator.pods import parse_termination_message
 from kubetune.operator.status import (
     derive_status,
     set_condition,
+    set_conditions,
     transition,
     ttl_remaining,
 )
@@ -522,3 +523,26 @@ def test_an_event_per_phase_change_and_per_problem_not_per_step_on_the_way() -> 
     change = transition(pending, unschedulable)
     assert change is not None and change[:2] == ("Warning", "Unschedulable")
     assert transition(unschedulable, pending) is None  # back to Starting: no Event
+
+
+def test_conditions_set_together_are_those_set_one_after_another() -> None:
+    """A condition whose status stays keeps its lastTransitionTime, a flipped one moves to now;
+    a type kubetune doesn't set is kept, after kubetune's, whichever way they are set."""
+    current = [
+        {"type": "Custom", "status": "True", "reason": "Theirs", "message": ""},
+        {"type": "Running", "status": "True", "lastTransitionTime": EARLIER},
+        {"type": "Ready", "status": "False", "lastTransitionTime": EARLIER},
+    ]
+    wanted = [("Running", True, "Running", "up"), ("Ready", True, "Running", "up"),
+              ("Failed", False, "NoFailure", "")]  # fmt: skip
+    together = set_conditions(current, wanted, NOW, generation=2)
+    one_by_one: list[dict[str, Any]] = list(current)
+    for type_, status, reason, message in wanted:
+        one_by_one = set_condition(
+            one_by_one, type_, status, reason=reason, message=message, now=NOW, generation=2
+        )
+    assert together == one_by_one
+    assert [c["type"] for c in together] == ["Ready", "Running", "Failed", "Custom"]
+    times = {c["type"]: c.get("lastTransitionTime") for c in together}
+    assert times == {"Ready": "2026-01-02T03:04:05Z", "Running": EARLIER,
+                     "Failed": "2026-01-02T03:04:05Z", "Custom": None}  # fmt: skip
