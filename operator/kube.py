@@ -155,19 +155,17 @@ class Kube:
                 wire.close()
             wire = self._local.wire = self._connect()
         try:
-            answer, keep = wire.exchange(method, target, payload, headers)
+            return self._exchange(wire, method, target, payload, headers)
         except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
-            self._drop(wire)
             if not kept:
                 raise
-        except BaseException:
-            self._drop(wire)
-            raise
-        else:
-            if not keep:
-                self._drop(wire)
-            return answer
         wire = self._local.wire = self._connect()
+        return self._exchange(wire, method, target, payload, headers)
+
+    def _exchange(
+        self, wire: Wire, method: str, target: str, payload: bytes | None, headers: dict[str, str]
+    ) -> Answer:
+        """One exchange over ``wire``, dropped where it broke or the server closes it after."""
         try:
             answer, keep = wire.exchange(method, target, payload, headers)
         except BaseException:

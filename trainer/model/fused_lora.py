@@ -85,7 +85,9 @@ def _fp8_operand(weight: Any, dtype: torch.dtype, *, transposed: bool = False) -
 
         with torch.no_grad():
             return quantize_weight(_dequantized(weight, dtype))
-    if hasattr(fp8, "packed"):  # an fp8_codes.Fp8FromCodes
+    from kubetune.trainer.model.fp8_codes import Fp8FromCodes
+
+    if isinstance(fp8, Fp8FromCodes):
         return fp8.weight(transposed=transposed)
     return fp8
 
