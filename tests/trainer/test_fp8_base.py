@@ -178,11 +178,24 @@ for rows, columns, nested in json.loads(sys.argv[1]):
     holder = type("Weight", (), {"quant_state": state, "data": codes})()
     absmax = _scales(holder) if nested else state.absmax
     packed = fp8_codes.Packed4bit(codes, absmax, state.code.float(), 64, (rows, columns))
+    want = values.to(fp8_base.FP8_DTYPE).view(torch.uint8)
     for transposed in (False, True):
-        made = fp8_codes.quantize_4bit_rows(
-            packed, scale.view(-1), transposed=transposed, out_dtype=torch.float32
-        )
-        out.append(torch.equal(made, values.t() if transposed else values))
+        made = fp8_codes.quantize_4bit_rows(packed, scale.view(-1), transposed=transposed)
+        out.append(torch.equal(made.view(torch.uint8), want.t() if transposed else want))
+# Block scales over six orders of magnitude: e4m3's subnormals, zeros and ties, signs.
+generator = torch.Generator().manual_seed(7)
+rows, columns = 64, 256
+codes = torch.randint(0, 256, (rows * columns // 2,), dtype=torch.uint8, generator=generator)
+absmax = 10 ** (-6 * torch.rand(rows * columns // 64, generator=generator))
+book = state.code.float()
+nibbles = torch.stack([codes >> 4, codes & 15], dim=1).view(rows, columns).long()
+dequantised = (book[nibbles] * absmax.repeat_interleave(64).view(rows, columns)).bfloat16()
+values, scale = fp8_base.scaled_rows_reference(dequantised)
+want = values.to(fp8_base.FP8_DTYPE).view(torch.uint8)
+packed = fp8_codes.Packed4bit(codes, absmax, book, 64, (rows, columns))
+for transposed in (False, True):
+    made = fp8_codes.quantize_4bit_rows(packed, scale.view(-1), transposed=transposed)
+    out.append(torch.equal(made.view(torch.uint8), want.t() if transposed else want))
 print(json.dumps(out))
 """
 
@@ -191,9 +204,10 @@ def test_the_4bit_to_e4m3_kernel_computes_dequantising_then_quantising_under_the
     tmp_path: Path,
 ) -> None:
     """One kernel from the 4-bit codes to e4m3 rows, forward's (N, K) and the input gradient's
-    (K, N) layout, gives the values bitsandbytes' bf16 dequantisation and the row quantiser
-    give (before the cast, as above): double-quantised block scales and plain ones, blocks that
-    straddle tiles. Sizes are multiples of the block size (every model's: the CPU's own 4-bit
+    (K, N) layout, writes the bytes bitsandbytes' bf16 dequantisation and the row quantiser
+    give (the interpreter's kernel rounds to bf16 and e4m3 by hand, the GPU's casts elsewhere):
+    double-quantised block scales and plain ones, blocks that straddle tiles, and block scales
+    six orders of magnitude apart (e4m3's subnormals and zeros). Sizes are multiples of the block size (every model's: the CPU's own 4-bit
     dequantisation places blocks per row, the GPU's over the flattened weight)."""
     pytest.importorskip("triton")
     import torch
@@ -209,7 +223,7 @@ def test_the_4bit_to_e4m3_kernel_computes_dequantising_then_quantising_under_the
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == [True] * 2 * len(cases)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [True] * 2 * (len(cases) + 1)
 
 
 # --- on the GPU ------------------------------------------------------------------------------

@@ -108,14 +108,16 @@ def supported_on_this_gpu() -> bool:
 def scaled_rows_reference(
     rows: torch.Tensor, column_scale: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rows`` (M, K) times ``column_scale`` (K,), in fp32, divided by each row's scale and
-    clamped to e4m3's range (the values the cast rounds), and the scales (M, 1): plain torch."""
+    """``rows`` (M, K) times ``column_scale`` (K,), in fp32, times the reciprocal of each row's
+    scale and clamped to e4m3's range (the values the cast rounds), and the scales (M, 1): plain
+    torch. The reciprocal (one IEEE division a row) and a product, not a division an element:
+    the kernels' rule, within an fp32 rounding of the quotient, and a fraction of its cost."""
     values = rows.float()
     if column_scale is not None:
         values = values * column_scale.float()
     amax = values.abs().amax(dim=1, keepdim=True)
     scale = torch.where(amax > 0, amax * INV_FP8_MAX, torch.ones_like(amax))
-    return (values / scale).clamp(-FP8_MAX, FP8_MAX), scale
+    return (values * scale.reciprocal()).clamp(-FP8_MAX, FP8_MAX), scale
 
 
 def quantize_rows_reference(
@@ -163,14 +165,16 @@ def _kernel() -> Any:
         largest = tl.max(amax, axis=0)
         scale = tl.where(largest > 0, largest * INV_MAX, 1.0)
         tl.store(scale_ptr + row, scale)
+        # IEEE division once a row, as torch's ``reciprocal`` (Triton's ``/`` is an approximate
+        # one in fp32), then a product an element.
+        inverse = tl.math.div_rn(1.0, scale)
         for start in range(0, COLUMNS, BLOCK):
             columns = start + tl.arange(0, BLOCK)
             inside = columns < COLUMNS
             values = tl.load(source + columns, mask=inside, other=0.0).to(tl.float32)
             if HAS_COLUMN_SCALE:
                 values = values * tl.load(column_scale_ptr + columns, mask=inside, other=0.0)
-            # IEEE division, as torch's (Triton's ``/`` is an approximate one in fp32).
-            scaled = tl.minimum(tl.maximum(tl.math.div_rn(values, scale), -MAX), MAX)
+            scaled = tl.minimum(tl.maximum(values * inverse, -MAX), MAX)
             tl.store(target + columns, scaled.to(out_ptr.dtype.element_ty), mask=inside)
 
     return quantize_rows_kernel

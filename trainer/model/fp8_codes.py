@@ -19,12 +19,21 @@ import torch
 
 from kubetune.trainer.model.fp8_base import FP8_DTYPE, FP8_MAX, Fp8Weight
 
-#: Rows and columns of the tile each program of the 4-bit-to-e4m3 kernel writes, and its warps:
-#: (16, 128) with 4 warps, 16 elements a thread, was the fastest of eight tiles for all three 7B
-#: shapes and both layouts on an H100 (bench/results/h100-2026-12-06-codes-v3-fp8-matmul.jsonl:
-#: 0.07-0.16 ms a weight against 0.09-0.18 for (32, 128), the one measured end to end).
+#: Rows and columns of the tile each program of the 4-bit-to-e4m3 kernel writes, and its warps,
+#: for the forward's (N, K) layout and the input gradient's (K, N). Chosen by reading the kernel
+#: Triton compiles for sm_90 (no layout conversion through shared memory in the forward, the
+#: fewest instructions an element); bench/fp8_matmul.py sweeps the others on a GPU.
 NF4_KERNEL_BLOCK = (16, 128)
+NF4_KERNEL_BLOCK_TRANSPOSED = (32, 128)
 NF4_KERNEL_WARPS = 4
+
+
+def _interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), whose casts
+    to bf16 and e4m3 don't round as the GPU's do: the kernel then rounds by hand."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in {"", "0"}
 
 
 @functools.cache
@@ -46,35 +55,61 @@ def _nf4_kernel() -> Any:
         COLUMNS: tl.constexpr,
         BLOCKSIZE: tl.constexpr,
         TRANSPOSED: tl.constexpr,
+        BY_HAND: tl.constexpr,
         MAX: tl.constexpr,
         BLOCK_ROWS: tl.constexpr,
         BLOCK_COLUMNS: tl.constexpr,
     ):
-        # A tile of (BLOCK_ROWS, BLOCK_COLUMNS) elements, read as BLOCK_COLUMNS / 2 bytes a row:
-        # two codes a byte, the first element in the high nibble (bitsandbytes' packing).
+        # A tile of BLOCK_COLUMNS / 2 bytes (dim 0) of BLOCK_ROWS rows (dim 1): two codes a byte,
+        # the first element in the high nibble (bitsandbytes' packing). The bytes of a row are
+        # the tile's first dimension because Triton lays out a gather (the code book's, the
+        # block scales') with its first dimension fastest: the loads, the gathers and the
+        # forward's stores then share one layout, with no exchange through shared memory.
         # 32-bit offsets (the caller's weight has fewer than 2^31 elements): half the registers.
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         pairs = tl.program_id(1) * (BLOCK_COLUMNS // 2) + tl.arange(0, BLOCK_COLUMNS // 2)
-        inside = (rows < ROWS)[:, None] & (pairs < COLUMNS // 2)[None, :]
-        offsets = rows[:, None] * (COLUMNS // 2) + pairs[None, :]
+        inside = (pairs < COLUMNS // 2)[:, None] & (rows < ROWS)[None, :]
+        offsets = pairs[:, None] + rows[None, :] * (COLUMNS // 2)
         byte = tl.load(packed_ptr + offsets, mask=inside, other=0).to(tl.int32)
         # Both codes of a byte share a block (the block size is even).
-        absmax = tl.load(absmax_ptr + (2 * offsets) // BLOCKSIZE, mask=inside, other=0.0)
-        scale = tl.load(row_scale_ptr + rows, mask=rows < ROWS, other=1.0)[:, None]
-        code = tl.interleave(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15)))
-        # bitsandbytes' dequantisation: the code times its block's absmax in fp32, rounded to
-        # the nearest bf16 (ties to even) by hand: the interpreter's own cast truncates.
-        bits = (code * tl.interleave(absmax, absmax)).to(tl.int32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-        values = bits.to(tl.float32, bitcast=True)
-        scaled = tl.minimum(tl.maximum(tl.math.div_rn(values, scale), -MAX), MAX)
-        columns = tl.program_id(1) * BLOCK_COLUMNS + tl.arange(0, BLOCK_COLUMNS)
-        if TRANSPOSED:
-            target = out_ptr + columns[None, :] * ROWS + rows[:, None]
+        absmax = tl.load(absmax_ptr + offsets // (BLOCKSIZE // 2), mask=inside, other=0.0)
+        # The row quantiser's rule: the values times the reciprocal of the row's scale.
+        scale = tl.load(row_scale_ptr + rows, mask=rows < ROWS, other=1.0)
+        inverse = tl.math.div_rn(1.0, scale)[None, :]
+        # bitsandbytes' dequantisation (the code times its block's absmax in fp32, rounded to
+        # bf16), then the row quantiser's (times the reciprocal, clamped, cast to e4m3). The
+        # pair's two elements side by side on a new last dimension.
+        values = tl.join(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15)))
+        values = values * absmax[:, :, None]
+        if BY_HAND:  # the interpreter's cast truncates: to nearest, ties to even, by hand
+            bits = values.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            values = bits.to(tl.float32, bitcast=True)
         else:
-            target = out_ptr + rows[:, None] * COLUMNS + columns[None, :]
-        stored = (rows < ROWS)[:, None] & (columns < COLUMNS)[None, :]
-        tl.store(target, scaled.to(out_ptr.dtype.element_ty), mask=stored)
+            values = values.to(tl.bfloat16).to(tl.float32)
+        values = tl.minimum(tl.maximum(values * inverse[:, :, None], -MAX), MAX)
+        if BY_HAND:
+            # e4m3 to nearest, ties to even: the sign, then 3 mantissa bits rounded off fp32's
+            # 23 and the exponent's bias 127 made 7; under 2^-6 (e4m3's subnormals, steps of
+            # 2^-9) the multiple of 2^-9 rounded by adding and taking away 2^23.
+            sign = (values.to(tl.int32, bitcast=True) >> 24) & 0x80
+            size = tl.abs(values)
+            bits = size.to(tl.int32, bitcast=True)
+            normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) - (120 << 3)
+            small = ((size * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
+            codes = (tl.where(size < 0.015625, small, normal) | sign).to(tl.uint16)
+        else:
+            codes = values.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.uint16)
+        first, second = tl.split(codes)
+        if TRANSPOSED:
+            # (K, N) row-major: column 2p of the weight is row 2p of the output.
+            target = out_ptr + (2 * pairs)[:, None] * ROWS + rows[None, :]
+            tl.store(target, first.to(tl.uint8), mask=inside)
+            tl.store(target + ROWS, second.to(tl.uint8), mask=inside)
+        else:
+            # Both bytes of a pair in one 16-bit store, the first at the lower address.
+            pair_ptr = out_ptr.to(tl.pointer_type(tl.uint16))
+            tl.store(pair_ptr + offsets, first | (second << 8), mask=inside)
 
     return nf4_to_e4m3_kernel
 
@@ -103,23 +138,24 @@ def quantize_4bit_rows(
     row_scale: torch.Tensor,
     *,
     transposed: bool,
-    out_dtype: torch.dtype = FP8_DTYPE,
-    block: tuple[int, int] = NF4_KERNEL_BLOCK,
+    block: tuple[int, int] | None = None,
     num_warps: int = NF4_KERNEL_WARPS,
 ) -> torch.Tensor:
     """A 4-bit weight's rows (N, K) in e4m3 with the row scales (N,) kept for the run, in one
-    Triton kernel: the values bitsandbytes' bf16 dequantisation and ``fp8_base.quantize_rows``
+    Triton kernel: the bytes bitsandbytes' bf16 dequantisation and ``fp8_base.quantize_rows``
     give, without the bf16 copy in between; ``transposed`` writes them (K, N) row-major, the
-    input gradient's operand, without a transpose after. ``out_dtype`` float32: the values
-    before the cast (the CPU interpreter's test, as ``fp8_base.quantize_rows_triton``'s)."""
+    input gradient's operand, without a transpose after. ``block``: the tile (rows, columns),
+    the layout's default unless given (the bench's sweep)."""
     rows, columns = weight.shape
     if not kernel_takes(rows, columns):
         raise ValueError(f"the 4-bit kernel takes no {rows} x {columns} weight")
     out = torch.empty(
         (columns, rows) if transposed else (rows, columns),
         device=weight.codes.device,
-        dtype=out_dtype,
+        dtype=FP8_DTYPE,
     )
+    if block is None:
+        block = NF4_KERNEL_BLOCK_TRANSPOSED if transposed else NF4_KERNEL_BLOCK
     block_rows, block_columns = block
     grid = (-(-rows // block_rows), -(-columns // block_columns))
     _nf4_kernel()[grid](
@@ -127,11 +163,12 @@ def quantize_4bit_rows(
         weight.absmax,
         weight.code_book,
         row_scale,
-        out,
+        out.view(torch.uint8),
         ROWS=rows,
         COLUMNS=columns,
         BLOCKSIZE=weight.blocksize,
         TRANSPOSED=transposed,
+        BY_HAND=_interpreted(),
         MAX=FP8_MAX,
         BLOCK_ROWS=block_rows,
         BLOCK_COLUMNS=block_columns,
