@@ -63,7 +63,11 @@ case "${1:-}" in
     KUBETUNE_CACHE_DIR=/tmp/kc-tests TRITON_CACHE_DIR=/tmp/kc-tests/triton step gpu-tests \
       bash bench/gpu.sh python3 -m pytest -q -m gpu tests/trainer/test_fp8_base.py \
       tests/trainer/test_fused_lora.py tests/trainer/test_trainer_gpu.py -p no:cacheprovider -rs
-    for mode in kubetune-fp8 kubetune-fp8-twostep trl-best; do
+    # (the default's step 3 profiled: where an FP8 step's time goes)
+    step 7b-kubetune-fp8 bash bench/gpu.sh python3 bench/qlora_throughput.py \
+      --out "$OUT/results.jsonl" --logging-steps 10 --steps 14 --warmup 4 --shape llama2-7b \
+      --modes kubetune-fp8 --profile-step 3 --profile-out "$OUT/profile-7b-fp8-step3.txt"
+    for mode in kubetune-fp8-twostep trl-best; do
       step "7b-$mode" bash bench/gpu.sh python3 bench/qlora_throughput.py \
         --out "$OUT/results.jsonl" --logging-steps 10 --steps 14 --warmup 4 --shape llama2-7b \
         --modes "$mode"
