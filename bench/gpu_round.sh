@@ -4,6 +4,7 @@
 #
 #   OUT=/some/dir bash bench/gpu_round.sh speed    # 7B: defaults (profiled), TRL best, levers; 8B
 #   OUT=/some/dir bash bench/gpu_round.sh caps     # 24 and 16 GiB caps against TRL's fastest fits
+#   OUT=/some/dir bash bench/gpu_round.sh caps-fp8 # 24 GiB: FP8 per call vs bf16 vs TRL (~5 min)
 #   OUT=/some/dir bash bench/gpu_round.sh tests    # pytest -m gpu tests/trainer
 #   OUT=/some/dir bash bench/gpu_round.sh fp8      # FP8 base matmuls: GPU tests, the pieces,
 #                                                  # 7B bf16 vs fp8 vs TRL best (~7 min)
@@ -44,6 +45,12 @@ case "${1:-}" in
       --memory-cap-gib 24
     step cap16 $B --shape llama2-7b --steps 12 --warmup 4 --modes kubetune,trl-best-checkpointed \
       --batch 4 --memory-cap-gib 16
+    ;;
+  caps-fp8)  # ~5 min on an H100: under a 24 GiB cap (the plan's 4,096-token micro-steps), FP8 per
+    # call (the weight from the 4-bit codes) against the bf16 default and TRL's fastest flags
+    # that fit (batch 2, no checkpointing), one command
+    step cap24-fp8 $B --shape llama2-7b --steps 12 --warmup 4 \
+      --modes kubetune-fp8,kubetune,trl-best --batch 2 --memory-cap-gib 24
     ;;
   tests)  # ~2 min
     KUBETUNE_CACHE_DIR=/tmp/kc-tests TRITON_CACHE_DIR=/tmp/kc-tests/triton step gpu-tests \
@@ -97,7 +104,7 @@ case "${1:-}" in
       --token-range 512 --batch 4 --modes kubetune-fp8-parity,kubetune-parity,trl-parity
     ;;
   *)
-    echo "usage: OUT=DIR bash bench/gpu_round.sh speed|caps|tests|fp8|codes|fp8-h200|fp8-parity" >&2
+    echo "usage: OUT=DIR bash bench/gpu_round.sh speed|caps|caps-fp8|tests|fp8|codes|fp8-h200|fp8-parity" >&2
     exit 2
     ;;
 esac
