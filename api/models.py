@@ -522,7 +522,7 @@ class QuantizationSpec(ApiModel):
             "stay bf16. Changes the numerics: each base matmul rounds both operands to 3 "
             "mantissa bits. auto: on where the GPU has compute capability 9.0 or newer (H100, "
             "H200), computeDtype is bfloat16, torch has row-wise scaled matmuls and the memory "
-            "plan's micro-steps hold at least 8,192 tokens (smaller ones ran slower in FP8) and "
+            "plan's micro-steps hold at least 4,096 tokens (smaller ones unmeasured) and "
             "lora.dropout is 0, else off. on: FP8 whatever the micro-step, refused where it "
             "can't run (or with a LoRA dropout); off: bf16 as before."
         ),

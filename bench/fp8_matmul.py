@@ -183,7 +183,9 @@ def per_call_weight_ms(weight: Any, iters: int) -> dict[str, float]:
                 )
 
             # Every tile writes the same bytes.
-            assert torch.equal(run().view(torch.uint8), made[layout].view(torch.uint8))
+            differ = int((run().view(torch.uint8) != made[layout].view(torch.uint8)).sum())
+            if differ:
+                raise AssertionError(f"tile {rows}x{columns} ({name}): {differ} bytes differ")
             sweep[f"weight_from_codes_{name}_{rows}x{columns}_w{warps}"] = timed_ms(run, iters)
     return sweep | {
         "weight_two_step_forward": timed_ms(lambda: fp8_base.quantize_weight(dequantized()), iters),

@@ -5,6 +5,7 @@
 #   OUT=/some/dir bash bench/gpu_round.sh speed    # 7B: defaults (profiled), TRL best, levers; 8B
 #   OUT=/some/dir bash bench/gpu_round.sh caps     # 24 and 16 GiB caps against TRL's fastest fits
 #   OUT=/some/dir bash bench/gpu_round.sh caps-fp8 # 24 GiB: FP8 per call vs bf16 vs TRL (~5 min)
+#   OUT=/some/dir bash bench/gpu_round.sh h100     # the H100 table: tests, 7B, 24 GiB, 8B (~9.5 min)
 #   OUT=/some/dir bash bench/gpu_round.sh tests    # pytest -m gpu tests/trainer
 #   OUT=/some/dir bash bench/gpu_round.sh fp8      # FP8 base matmuls: GPU tests, the pieces,
 #                                                  # 7B bf16 vs fp8 vs TRL best (~7 min)
@@ -51,6 +52,27 @@ case "${1:-}" in
     # that fit (batch 2, no checkpointing), one command
     step cap24-fp8 $B --shape llama2-7b --steps 12 --warmup 4 \
       --modes kubetune-fp8,kubetune,trl-best --batch 2 --memory-cap-gib 24
+    ;;
+  h100)  # ~9.5 min on an H100, the table's rows most important first: FP8's GPU tests, the 7B
+    # defaults and TRL's best, the same under a 24 GiB cap (TRL at batch 2), the pieces (every
+    # tile of the 4-bit kernel checked byte for byte), the 8B defaults and TRL's best
+    KUBETUNE_CACHE_DIR=/tmp/kc-tests TRITON_CACHE_DIR=/tmp/kc-tests/triton step gpu-tests \
+      bash bench/gpu.sh python3 -m pytest -q -m gpu tests/trainer/test_fp8_base.py \
+      tests/trainer/test_fused_lora.py tests/trainer/test_trainer_gpu.py -p no:cacheprovider -rs
+    for mode in kubetune trl-best; do
+      step "7b-$mode" bash bench/gpu.sh python3 bench/qlora_throughput.py \
+        --out "$OUT/results.jsonl" --logging-steps 10 --steps 14 --warmup 4 --shape llama2-7b \
+        --modes "$mode"
+    done
+    step cap24 $B --shape llama2-7b --steps 12 --warmup 4 --modes kubetune,trl-best --batch 2 \
+      --memory-cap-gib 24
+    step fp8-matmul bash bench/gpu.sh python3 bench/fp8_matmul.py --out "$OUT/fp8-matmul.jsonl" \
+      --iters 10
+    for mode in kubetune trl-best; do
+      step "8b-$mode" bash bench/gpu.sh python3 bench/qlora_throughput.py \
+        --out "$OUT/results.jsonl" --logging-steps 10 --steps 14 --warmup 4 --shape llama3-8b \
+        --modes "$mode"
+    done
     ;;
   tests)  # ~2 min
     KUBETUNE_CACHE_DIR=/tmp/kc-tests TRITON_CACHE_DIR=/tmp/kc-tests/triton step gpu-tests \
@@ -104,7 +126,7 @@ case "${1:-}" in
       --token-range 512 --batch 4 --modes kubetune-fp8-parity,kubetune-parity,trl-parity
     ;;
   *)
-    echo "usage: OUT=DIR bash bench/gpu_round.sh speed|caps|caps-fp8|tests|fp8|codes|fp8-h200|fp8-parity" >&2
+    echo "usage: OUT=DIR bash bench/gpu_round.sh speed|caps|caps-fp8|h100|tests|fp8|codes|fp8-h200|fp8-parity" >&2
     exit 2
     ;;
 esac

@@ -12,6 +12,7 @@ here is 6%.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -308,12 +309,18 @@ def test_the_4bit_to_e4m3_kernel_on_the_gpu_is_bitwise_dequantising_then_quantis
     packed = fp8_codes.Packed4bit(
         codes, _scales(holder), state.code.float(), state.blocksize, (rows, columns)
     )
-    for transposed in (False, True):
-        made = fp8_codes.quantize_4bit_rows(packed, scale.view(-1), transposed=transposed)
+    # The default tile and others the bench sweeps: an earlier version of the kernel wrote
+    # wrong bytes in the transposed layout with tiles of 64 rows or more on an H100.
+    tiles = [(fp8_codes.NF4_KERNEL_BLOCK, fp8_codes.NF4_KERNEL_WARPS), ((16, 128), 4)]
+    tiles += [((64, 128), 4), ((128, 128), 8)]
+    for (block, warps), transposed in itertools.product(tiles, (False, True)):
+        made = fp8_codes.quantize_4bit_rows(
+            packed, scale.view(-1), transposed=transposed, block=block, num_warps=warps
+        )
         want = expected.t().contiguous() if transposed else expected
         assert made.shape == want.shape and made.is_contiguous()
         differ = int((made.view(torch.uint8) != want.view(torch.uint8)).sum())
-        assert differ == 0, f"transposed={transposed}: {differ} of {made.numel()} differ"
+        assert differ == 0, f"{block} transposed={transposed}: {differ} of {made.numel()} differ"
 
 
 def test_layers_reading_the_same_input_quantise_it_once(monkeypatch: pytest.MonkeyPatch) -> None:

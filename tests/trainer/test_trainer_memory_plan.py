@@ -402,9 +402,10 @@ def test_the_plan_report_says_whether_the_base_ran_in_fp8() -> None:
 
 def test_fp8_auto_runs_only_where_a_micro_step_is_big_enough_and_on_runs_everywhere() -> None:
     """``fp8Matmuls: auto`` runs the base in FP8 only from FP8_MIN_TOKENS tokens a micro-step
-    (measured on an H100: +13.5% at 8,192 and 16,384 tokens, -30% at 4,096): on a 24 GiB card
-    the 7B plan's 4,096-token micro-steps stay in bf16 and keep no e4m3 base, the 80 and 141 GB
-    plans run FP8; the memory profile's 2,048-token rows stay bf16; ``on`` runs FP8 on each."""
+    (measured on an H100: +27% over bf16 at 4,096 tokens under a 24 GiB cap, +48% over TRL's
+    best at 16,384): the 24 GiB card's 4,096-token micro-steps, the 80 and 141 GB plans run FP8,
+    the 24 GiB plan keeping the 4-bit block scales in fp32 for the per-call weight (counted);
+    the memory profile's 2,048-token rows stay bf16; ``on`` runs FP8 on each."""
     from dataclasses import replace
 
     from kubetune.trainer.plan.memory import FP8_MIN_TOKENS
@@ -413,14 +414,16 @@ def test_fp8_auto_runs_only_where_a_micro_step_is_big_enough_and_on_runs_everywh
     on = replace(DEFAULTS, fp8_matmuls=True)
     capped = int(24.0 * GIB)  # the bench's cap: 4,096-token micro-steps, no checkpointing
     small = plan_memory(LLAMA2_7B, auto, capped, cuda=True)
-    assert small.tokens_per_micro_step < FP8_MIN_TOKENS
-    assert (small.fp8_matmuls, small.kept_dequantization) == (False, "none")
-    assert small == plan_memory(LLAMA2_7B, DEFAULTS, capped, cuda=True)
+    bf16 = plan_memory(LLAMA2_7B, DEFAULTS, capped, cuda=True)
+    assert small.tokens_per_micro_step == bf16.tokens_per_micro_step == FP8_MIN_TOKENS
+    assert (small.fp8_matmuls, small.kept_dequantization) == (True, "scales")
+    assert small.estimated_peak_bytes and bf16.estimated_peak_bytes
+    assert small.estimated_peak_bytes > bf16.estimated_peak_bytes
     for card in (CARD_80, CARD_141):
         plan = plan_memory(LLAMA2_7B, auto, card, cuda=True)
         assert plan.tokens_per_micro_step >= FP8_MIN_TOKENS and plan.fp8_matmuls is True
     lean = plan_memory(LLAMA2_7B, replace(auto, profile="memory"), CARD_80, cuda=True)
-    assert lean.fp8_matmuls is False
+    assert lean.tokens_per_micro_step < FP8_MIN_TOKENS and lean.fp8_matmuls is False
     assert plan_memory(LLAMA2_7B, on, capped, cuda=True).fp8_matmuls is True
     assert plan_memory(LLAMA2_7B, replace(on, profile="memory"), CARD_80, cuda=True).fp8_matmuls
 

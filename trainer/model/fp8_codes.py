@@ -19,13 +19,12 @@ import torch
 
 from kubetune.trainer.model.fp8_base import FP8_DTYPE, FP8_MAX, Fp8Weight
 
-#: Rows and columns of the tile each program of the 4-bit-to-e4m3 kernel writes, and its warps,
-#: for the forward's (N, K) layout and the input gradient's (K, N). Chosen by reading the kernel
-#: Triton compiles for sm_90 (no layout conversion through shared memory in the forward, the
-#: fewest instructions an element); bench/fp8_matmul.py sweeps the others on a GPU.
-NF4_KERNEL_BLOCK = (16, 128)
-NF4_KERNEL_BLOCK_TRANSPOSED = (32, 128)
-NF4_KERNEL_WARPS = 4
+#: Rows and columns of the tile each program of the 4-bit-to-e4m3 kernel writes, and its warps:
+#: (32, 256) with 8 warps was the fastest or as fast as the fastest of eight tiles for the 7B
+#: shapes in both layouts on an H100 (bench/results/h100-2026-12-06-s9-tiles.txt: 0.040-0.066
+#: ms a weight forward, 0.045-0.070 transposed).
+NF4_KERNEL_BLOCK = (32, 256)
+NF4_KERNEL_WARPS = 8
 
 
 def _interpreted() -> bool:
@@ -76,40 +75,40 @@ def _nf4_kernel() -> Any:
         # The row quantiser's rule: the values times the reciprocal of the row's scale.
         scale = tl.load(row_scale_ptr + rows, mask=rows < ROWS, other=1.0)
         inverse = tl.math.div_rn(1.0, scale)[None, :]
-        # bitsandbytes' dequantisation (the code times its block's absmax in fp32, rounded to
-        # bf16), then the row quantiser's (times the reciprocal, clamped, cast to e4m3). The
-        # pair's two elements side by side on a new last dimension.
-        values = tl.join(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15)))
-        values = values * absmax[:, :, None]
-        if BY_HAND:  # the interpreter's cast truncates: to nearest, ties to even, by hand
-            bits = values.to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
-            values = bits.to(tl.float32, bitcast=True)
-        else:
-            values = values.to(tl.bfloat16).to(tl.float32)
-        values = tl.minimum(tl.maximum(values * inverse[:, :, None], -MAX), MAX)
-        if BY_HAND:
-            # e4m3 to nearest, ties to even: the sign, then 3 mantissa bits rounded off fp32's
-            # 23 and the exponent's bias 127 made 7; under 2^-6 (e4m3's subnormals, steps of
-            # 2^-9) the multiple of 2^-9 rounded by adding and taking away 2^23.
-            sign = (values.to(tl.int32, bitcast=True) >> 24) & 0x80
-            size = tl.abs(values)
-            bits = size.to(tl.int32, bitcast=True)
-            normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) - (120 << 3)
-            small = ((size * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
-            codes = (tl.where(size < 0.015625, small, normal) | sign).to(tl.uint16)
-        else:
-            codes = values.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.uint16)
-        first, second = tl.split(codes)
-        if TRANSPOSED:
-            # (K, N) row-major: column 2p of the weight is row 2p of the output.
-            target = out_ptr + (2 * pairs)[:, None] * ROWS + rows[None, :]
-            tl.store(target, first.to(tl.uint8), mask=inside)
-            tl.store(target + ROWS, second.to(tl.uint8), mask=inside)
-        else:
+        # Each byte's two codes in turn (the high nibble first): bitsandbytes' dequantisation
+        # (the code times its block's absmax in fp32, rounded to bf16), then the row
+        # quantiser's (times the reciprocal, clamped, cast to e4m3).
+        pair = tl.zeros_like(byte).to(tl.uint16)
+        for half in tl.static_range(2):
+            values = tl.load(code_ptr + ((byte >> (4 - 4 * half)) & 15)) * absmax
+            if BY_HAND:  # the interpreter's cast truncates: to nearest, ties to even, by hand
+                bits = values.to(tl.int32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+                values = bits.to(tl.float32, bitcast=True)
+            else:
+                values = values.to(tl.bfloat16).to(tl.float32)
+            values = tl.minimum(tl.maximum(values * inverse, -MAX), MAX)
+            if BY_HAND:
+                # e4m3 to nearest, ties to even: the sign, then 3 mantissa bits rounded off
+                # fp32's 23 and the exponent's bias 127 made 7; under 2^-6 (e4m3's subnormals,
+                # steps of 2^-9) the multiple of 2^-9 rounded by adding and taking away 2^23.
+                sign = (values.to(tl.int32, bitcast=True) >> 24) & 0x80
+                size = tl.abs(values)
+                bits = size.to(tl.int32, bitcast=True)
+                normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) - (120 << 3)
+                small = ((size * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
+                code = (tl.where(size < 0.015625, small, normal) | sign).to(tl.uint16)
+            else:
+                code = values.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.uint16)
+            if TRANSPOSED:
+                # (K, N) row-major: column 2p + half of the weight is that row of the output.
+                target = out_ptr + (2 * pairs + half)[:, None] * ROWS + rows[None, :]
+                tl.store(target, code.to(tl.uint8), mask=inside)
+            else:
+                pair |= code << (8 * half)
+        if not TRANSPOSED:
             # Both bytes of a pair in one 16-bit store, the first at the lower address.
-            pair_ptr = out_ptr.to(tl.pointer_type(tl.uint16))
-            tl.store(pair_ptr + offsets, first | (second << 8), mask=inside)
+            tl.store(out_ptr.to(tl.pointer_type(tl.uint16)) + offsets, pair, mask=inside)
 
     return nf4_to_e4m3_kernel
 
@@ -138,14 +137,14 @@ def quantize_4bit_rows(
     row_scale: torch.Tensor,
     *,
     transposed: bool,
-    block: tuple[int, int] | None = None,
+    block: tuple[int, int] = NF4_KERNEL_BLOCK,
     num_warps: int = NF4_KERNEL_WARPS,
 ) -> torch.Tensor:
     """A 4-bit weight's rows (N, K) in e4m3 with the row scales (N,) kept for the run, in one
     Triton kernel: the bytes bitsandbytes' bf16 dequantisation and ``fp8_base.quantize_rows``
     give, without the bf16 copy in between; ``transposed`` writes them (K, N) row-major, the
-    input gradient's operand, without a transpose after. ``block``: the tile (rows, columns),
-    the layout's default unless given (the bench's sweep)."""
+    input gradient's operand, without a transpose after. ``block``: the tile (rows, columns)
+    each program writes, and ``num_warps`` its warps (the bench sweeps them)."""
     rows, columns = weight.shape
     if not kernel_takes(rows, columns):
         raise ValueError(f"the 4-bit kernel takes no {rows} x {columns} weight")
@@ -154,8 +153,6 @@ def quantize_4bit_rows(
         device=weight.codes.device,
         dtype=FP8_DTYPE,
     )
-    if block is None:
-        block = NF4_KERNEL_BLOCK_TRANSPOSED if transposed else NF4_KERNEL_BLOCK
     block_rows, block_columns = block
     grid = (-(-rows // block_rows), -(-columns // block_columns))
     _nf4_kernel()[grid](

@@ -104,10 +104,11 @@ KEPT_FP8_BYTES_PER_PARAM = 1.0
 #: bench's ``kubetune-fp8-keept`` mode turns it on).
 KEEP_FP8_TRANSPOSED_WHERE_THEY_FIT = False
 #: ``quantization.fp8Matmuls: auto`` runs the base in FP8 only from this many tokens a micro-step:
-#: measured on an H100 80GB (bench/results/h100-2026-12-06-fp8*), FP8 gained 13.5% at 16,384 (7B)
-#: and at 8,192 tokens (8B), and lost 30% at 4,096 (7B under a 24 GiB cap), where each call's
-#: weight quantisation and transpose and the extra launches outweigh the faster matmul.
-FP8_MIN_TOKENS = 8192
+#: measured on an H100 80GB, FP8 gained 5.7% over the two-step per-call weight and 48% over TRL's
+#: best at 16,384 tokens (7B), and 27% over bf16 at 4,096 (7B under a 24 GiB cap,
+#: bench/results/h100-2026-12-06-s9-*), since the per-call e4m3 weight comes straight from the
+#: 4-bit codes at memory-bound speed. Smaller micro-steps are unmeasured: bf16.
+FP8_MIN_TOKENS = 4096
 KEPT_FP8_BYTES_PER_ROW = 4.0
 
 
