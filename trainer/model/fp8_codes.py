@@ -20,9 +20,9 @@ import torch
 from kubetune.trainer.model.fp8_base import FP8_DTYPE, FP8_MAX, Fp8Weight
 
 #: Rows and columns of the tile each program of the 4-bit-to-e4m3 kernel writes, and its warps:
-#: (32, 256) with 8 warps was the fastest or as fast as the fastest of eight tiles for the 7B
-#: shapes in both layouts on an H100 (bench/results/h100-2026-12-06-s9-tiles.txt: 0.040-0.066
-#: ms a weight forward, 0.045-0.070 transposed).
+#: (32, 256) with 8 warps was the fastest, or as fast as the fastest, of eight tiles for the 7B
+#: shapes in both layouts on an H100 with an earlier version of the kernel
+#: (bench/results/h100-2026-12-06-s9-tiles-first.txt); bench/fp8_matmul.py sweeps them.
 NF4_KERNEL_BLOCK = (32, 256)
 NF4_KERNEL_WARPS = 8
 
@@ -62,8 +62,8 @@ def _nf4_kernel() -> Any:
         # A tile of BLOCK_COLUMNS / 2 bytes (dim 0) of BLOCK_ROWS rows (dim 1): two codes a byte,
         # the first element in the high nibble (bitsandbytes' packing). The bytes of a row are
         # the tile's first dimension because Triton lays out a gather (the code book's, the
-        # block scales') with its first dimension fastest: the loads, the gathers and the
-        # forward's stores then share one layout, with no exchange through shared memory.
+        # block scales') with its first dimension fastest: the loads and the gathers then
+        # share one layout, with no exchange through shared memory between them.
         # 32-bit offsets (the caller's weight has fewer than 2^31 elements): half the registers.
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         pairs = tl.program_id(1) * (BLOCK_COLUMNS // 2) + tl.arange(0, BLOCK_COLUMNS // 2)
@@ -77,8 +77,9 @@ def _nf4_kernel() -> Any:
         inverse = tl.math.div_rn(1.0, scale)[None, :]
         # Each byte's two codes in turn (the high nibble first): bitsandbytes' dequantisation
         # (the code times its block's absmax in fp32, rounded to bf16), then the row
-        # quantiser's (times the reciprocal, clamped, cast to e4m3).
-        pair = tl.zeros_like(byte).to(tl.uint16)
+        # quantiser's (times the reciprocal, clamped, cast to e4m3), stored as an e4m3 value:
+        # no bit casts of e4m3 values nor joins (two versions with them wrote wrong bytes for
+        # some tiles on an H100, bench/results/h100-2026-12-06-s9-tiles-first.txt).
         for half in tl.static_range(2):
             values = tl.load(code_ptr + ((byte >> (4 - 4 * half)) & 15)) * absmax
             if BY_HAND:  # the interpreter's cast truncates: to nearest, ties to even, by hand
@@ -89,26 +90,24 @@ def _nf4_kernel() -> Any:
                 values = values.to(tl.bfloat16).to(tl.float32)
             values = tl.minimum(tl.maximum(values * inverse, -MAX), MAX)
             if BY_HAND:
-                # e4m3 to nearest, ties to even: the sign, then 3 mantissa bits rounded off
-                # fp32's 23 and the exponent's bias 127 made 7; under 2^-6 (e4m3's subnormals,
-                # steps of 2^-9) the multiple of 2^-9 rounded by adding and taking away 2^23.
+                # The e4m3 byte (``out_ptr`` is bytes here), to nearest, ties to even: the sign,
+                # then 3 mantissa bits rounded off fp32's 23 and the exponent's bias 127 made 7;
+                # under 2^-6 (e4m3's subnormals, steps of 2^-9) the multiple of 2^-9 rounded by
+                # adding and taking away 2^23.
                 sign = (values.to(tl.int32, bitcast=True) >> 24) & 0x80
                 size = tl.abs(values)
                 bits = size.to(tl.int32, bitcast=True)
                 normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) - (120 << 3)
                 small = ((size * 512.0 + 8388608.0) - 8388608.0).to(tl.int32)
-                code = (tl.where(size < 0.015625, small, normal) | sign).to(tl.uint16)
+                code = (tl.where(size < 0.015625, small, normal) | sign).to(tl.uint8)
             else:
-                code = values.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.uint16)
+                code = values.to(out_ptr.dtype.element_ty)
             if TRANSPOSED:
                 # (K, N) row-major: column 2p + half of the weight is that row of the output.
                 target = out_ptr + (2 * pairs + half)[:, None] * ROWS + rows[None, :]
-                tl.store(target, code.to(tl.uint8), mask=inside)
             else:
-                pair |= code << (8 * half)
-        if not TRANSPOSED:
-            # Both bytes of a pair in one 16-bit store, the first at the lower address.
-            tl.store(out_ptr.to(tl.pointer_type(tl.uint16)) + offsets, pair, mask=inside)
+                target = out_ptr + 2 * offsets + half
+            tl.store(target, code, mask=inside)
 
     return nf4_to_e4m3_kernel
 
@@ -154,18 +153,19 @@ def quantize_4bit_rows(
         dtype=FP8_DTYPE,
     )
     block_rows, block_columns = block
+    by_hand = _interpreted()
     grid = (-(-rows // block_rows), -(-columns // block_columns))
     _nf4_kernel()[grid](
         weight.codes.view(torch.uint8),
         weight.absmax,
         weight.code_book,
         row_scale,
-        out.view(torch.uint8),
+        out.view(torch.uint8) if by_hand else out,
         ROWS=rows,
         COLUMNS=columns,
         BLOCKSIZE=weight.blocksize,
         TRANSPOSED=transposed,
-        BY_HAND=_interpreted(),
+        BY_HAND=by_hand,
         MAX=FP8_MAX,
         BLOCK_ROWS=block_rows,
         BLOCK_COLUMNS=block_columns,
