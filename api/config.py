@@ -186,7 +186,7 @@ def _plain(text: str) -> bool:
     plain = (
         _PLAIN_TEXT.fullmatch(text) is not None
         and text[-1] != ":"
-        and _RESOLVER.resolve(yaml.ScalarNode, text, (True, False)) == _STR
+        and _RESOLVER.resolve(yaml.ScalarNode, text, (True, False)) == _STR  # type: ignore[no-untyped-call]
     )
     if len(_PLAIN) >= _RESOLVED_MAX:
         _PLAIN.clear()
