@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from pathlib import Path
 from typing import Final, Literal
 
@@ -48,6 +50,7 @@ _STR, _INT, _FLOAT, _BOOL, _NULL, _MAP, _SEQ = (
 #: What the resolver said of a scalar's text before (its answer depends on the text alone).
 _RESOLVED: dict[tuple[str, tuple[bool, bool]], str] = {}
 _RESOLVED_MAX: Final = 4096
+_RESOLVER: Final = yaml.resolver.Resolver()
 
 
 def _node(data: object) -> yaml.Node:
@@ -81,6 +84,114 @@ def _float_text(value: float) -> str:
         return ".inf" if value > 0 else "-.inf"
     text = repr(value).lower()
     return text.replace("e", ".0e", 1) if "." not in text and "e" in text else text
+
+
+#: A string written as it is (a plain scalar) wherever it stands: letters, digits and
+#: ``_./:=@+%-``, not starting with an indicator, not ending in ``:``; the resolver must read it
+#: back as a string (``_plain``). A key is a simple key only while short (the emitter counts its
+#: tag too: 122 characters at most); from 100, the emitter writes it.
+_PLAIN_TEXT: Final = re.compile(r"[A-Za-z0-9_/][A-Za-z0-9_./:=@+%-]*")
+_SIMPLE_KEY_MAX: Final = 100
+#: Sections written by the emitter before (``_section``), by their JSON text: the operator's
+#: own (``progress``, with its CA bundle) are the same for every job.
+_SECTIONS: dict[str, str] = {}
+_SECTIONS_MAX: Final = 64
+#: ``_plain``'s answer per text (keys and most values are the same in every job's config).
+_PLAIN: dict[str, bool] = {}
+
+
+def _section(key: str, value: object) -> str:
+    """The YAML of one top-level ``key: value`` of a block mapping, as ``yaml.dump`` writes it
+    within the whole (a block mapping's entries are written one after another, each on its own
+    at the same indentation): written directly where every scalar in it is plain JSON data that
+    needs no quoting (``_block``), else by libyaml's emitter, remembered for the next job."""
+    lines: list[str] = []
+    try:
+        _block({key: value}, 0, lines)
+    except _NotPlain:
+        pass
+    else:
+        return "".join(lines)
+    memo = json.dumps([key, value], separators=(",", ":"))
+    text = _SECTIONS.get(memo)
+    if text is None:
+        text = yaml.dump({key: value}, Dumper=_PlainDumper, sort_keys=False, width=NO_FOLDING)
+        if len(_SECTIONS) >= _SECTIONS_MAX:
+            _SECTIONS.clear()
+        _SECTIONS[memo] = text
+    return text
+
+
+def _block(mapping: dict[str, object], indent: int, out: list[str], first: str = "") -> None:
+    """PyYAML's block style for a non-empty ``mapping`` at ``indent``; ``first``: what the first
+    line starts with instead of the indentation (a sequence item's ``- ``)."""
+    pad = " " * indent
+    lead = first or pad
+    for key, value in mapping.items():
+        if type(key) is not str or len(key) >= _SIMPLE_KEY_MAX:
+            raise _NotPlain
+        head = f"{lead}{_scalar(key)}:"
+        lead = pad
+        if type(value) is dict and value:
+            out.append(head + "\n")
+            _block(value, indent + 2, out)  # type: ignore[arg-type]
+        elif type(value) is list and value:
+            out.append(head + "\n")
+            _items(value, indent, out)  # type: ignore[arg-type]
+        else:
+            out.append(f"{head} {_scalar(value)}\n")
+
+
+def _items(items: list[object], indent: int, out: list[str]) -> None:
+    """A non-empty block sequence; in a mapping, its ``- `` at the mapping's own indentation."""
+    pad = " " * indent
+    for item in items:
+        if type(item) is dict and item:
+            _block(item, indent + 2, out, first=pad + "- ")  # type: ignore[arg-type]
+        elif type(item) is list and item:
+            raise _NotPlain  # a sequence in a sequence: the emitter's
+        else:
+            out.append(f"{pad}- {_scalar(item)}\n")
+
+
+def _scalar(value: object) -> str:
+    """A scalar (or an empty collection, written in flow style) as the emitter writes it, when
+    it needs no quoting."""
+    kind = type(value)
+    if kind is str:
+        plain = _PLAIN.get(value)  # type: ignore[call-overload]
+        if plain is None:
+            plain = _plain(value)  # type: ignore[arg-type]
+        if plain:
+            return value  # type: ignore[return-value]
+        raise _NotPlain
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return str(value)
+    if kind is float:
+        return _float_text(value)  # type: ignore[arg-type]
+    if value is None:
+        return "null"
+    if kind is dict and not value:
+        return "{}"
+    if kind is list and not value:
+        return "[]"
+    raise _NotPlain
+
+
+def _plain(text: str) -> bool:
+    """Whether ``text`` is written as it is (``_PLAIN_TEXT``) and the resolver reads it back
+    as a string (not a number, a bool, null, a timestamp, ...); remembered per text."""
+    plain = (
+        _PLAIN_TEXT.fullmatch(text) is not None
+        and text[-1] != ":"
+        and _RESOLVER.resolve(yaml.ScalarNode, text, (True, False)) == _STR  # type: ignore[no-untyped-call]
+    )
+    if len(_PLAIN) >= _RESOLVED_MAX:
+        _PLAIN.clear()
+    _PLAIN[text] = plain
+    return plain
 
 
 class _NotPlain(Exception):
@@ -123,12 +234,19 @@ class TrainerConfig(ApiModel):
 
     def to_yaml(self) -> str:
         data = self.model_dump(by_alias=True, exclude_none=True, mode="json")
-        # The same text as yaml.safe_dump(data, sort_keys=False, width=NO_FOLDING), from
-        # libyaml's emitter and a representer that does less per value: the operator writes one
-        # config per job, and PyYAML's own emitter, then its representer, were the largest items
-        # of its CPU there. No line is folded: libyaml and PyYAML fold long quoted strings
-        # differently (the same value, other text); unfolded, the two write the same bytes.
-        return yaml.dump(data, Dumper=_PlainDumper, sort_keys=False, width=NO_FOLDING)
+        # The same text as yaml.safe_dump(data, sort_keys=False, width=NO_FOLDING): each
+        # top-level key's block on its own (``_section``). The operator writes one config per
+        # job, and the emitter was the largest item of its CPU there. No line is folded: libyaml
+        # and PyYAML fold long quoted strings differently (the same value, other text);
+        # unfolded, the two write the same bytes.
+        return block_yaml(data)
+
+
+def block_yaml(data: dict[str, object]) -> str:
+    """``yaml.safe_dump(data, sort_keys=False, width=NO_FOLDING)`` of a mapping, byte for byte."""
+    if not data:
+        return "{}\n"
+    return "".join(_section(key, value) for key, value in data.items())
 
 
 def load_trainer_config(path: str | Path) -> TrainerConfig:

@@ -38,6 +38,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -940,7 +941,8 @@ def py_spy(pid: int, out: Path | None) -> subprocess.Popen[bytes] | None:
     it takes CPU of its own."""
     if out is None:
         return None
-    spy = Path(sys.executable).with_name("py-spy")
+    beside = Path(sys.executable).with_name("py-spy")
+    spy = beside if beside.exists() else Path(shutil.which("py-spy") or beside)
     argv = [str(spy), "record", "--nonblocking", "--gil", "--rate", "50", "--format", "raw",
             "--output", str(out), "--pid", str(pid)]  # fmt: skip
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -247,12 +247,16 @@ class Controller:
     shared_checked: dict[str, float] | None = None
     #: What each job's last reconcile saw (``seen_mark``): a resync skips a job unchanged since.
     reconciled: dict[Key, tuple[Any, ...]] | None = None
+    #: What a job's last pass planned from when its plan had nothing to do (``quiet_mark``):
+    #: any event that leaves what the planner reads as it was is skipped (``still_quiet``).
+    quiet: dict[Key, tuple[Any, ...]] | None = None
 
     def __post_init__(self) -> None:
         self.written = {}
         self.created = {}
         self.shared_checked = {}
         self.reconciled = {}
+        self.quiet = {}
 
 
 def index_values(index: kopf.Index[Key, Obj], key: Key) -> list[Obj]:
@@ -314,3 +318,39 @@ def seen_mark(
         key in ctl.written,
         key in ctl.created,
     )
+
+
+def quiet_mark(ftj: Obj, mark: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What the planner reads of a FineTuneJob and its children, in short, for a pass whose plan
+    had nothing to do: its uid, generation (the spec: whole or the part the cache keeps, which
+    is all a plan reads unless it makes children), deletion, status, and the children's
+    resourceVersions (from ``seen_mark``). Unlike ``seen_mark``, not the FineTuneJob's own
+    resourceVersion: the watch event of the operator's own status write changes that, and
+    nothing a plan reads."""
+    metadata = ftj["metadata"]
+    status = ftj.get("status") or {}
+    return (
+        metadata.get("uid"),
+        metadata.get("generation"),
+        metadata.get("deletionTimestamp"),
+        status,
+        *mark[1:4],
+    )
+
+
+def still_quiet(ctl: Controller, key: Key, ftj: Obj, mark: tuple[Any, ...]) -> bool:
+    """Whether ``key``'s last pass planned nothing to do (and no later time to look again) from
+    what the planner reads now: its status equal, the rest the same. Then this pass would plan
+    the same, and is skipped (the planner reads the time only for what it requeues itself);
+    the mark takes the status the cache holds now (no older copy is kept alive)."""
+    assert ctl.quiet is not None
+    before = ctl.quiet.get(key)
+    if before is None:
+        return False
+    now = quiet_mark(ftj, mark)
+    if before[:3] != now[:3] or before[4:] != now[4:]:
+        return False
+    if before[3] is not now[3] and before[3] != now[3]:
+        return False
+    ctl.quiet[key] = now
+    return True

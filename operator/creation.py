@@ -88,7 +88,7 @@ def create_children(
         # The companions don't depend on each other: created side by side; the Job last (its
         # pod needs them all). Two round trips per job. One companion (most jobs: the
         # ConfigMap) is created on this thread: a hop to another would only cost CPU.
-        made = map(_create_child, first) if len(first) < 2 else _CHILDREN.map(_create_child, first)
+        made = map(_companion, first) if len(first) < 2 else _CHILDREN.map(_companion, first)
         _check_created(ctl, key, ftj, list(made), created)
         if any(shared(m) for m in first):
             assert ctl.shared_checked is not None
@@ -199,12 +199,14 @@ _CHILDREN = ThreadPoolExecutor(CREATE_THREADS, thread_name_prefix="create")
 
 
 def _create_child(
-    manifest: Obj,
+    manifest: Obj, *, answer: bool = True
 ) -> tuple[Obj, str, Obj | kopf.TemporaryError | kopf.PermanentError]:
     """Create one child (409: the existing object, whoever owns it). A companion that existed
     already, owned by this job, gets the rendered content written over it: anyone who may create
     ConfigMaps or NetworkPolicies in the namespace could have made it first, with the job's uid
-    as its owner, and the pod must never run on content kubetune didn't render."""
+    as its owner, and the pod must never run on content kubetune didn't render. Without
+    ``answer``, a child this request made is not read back: it is what was sent (its owner
+    too), and only the Job's answer is kept (``Controller.created``)."""
     kind, child = manifest["kind"], manifest["metadata"]["name"]
     namespace = manifest["metadata"]["namespace"]
     path = f"{collection_path(manifest['apiVersion'], kind, namespace)}/{child}"
@@ -212,7 +214,9 @@ def _create_child(
         return manifest, path, ensure_rendered(manifest)
     try:
         with api_errors(f"creating {kind} {namespace}/{child}"):
-            found, created = kube().create_or_existing(manifest)
+            found, created = kube().create_or_existing(manifest, read_answer=answer)
+        if created and not answer:
+            return manifest, path, manifest
         owners = manifest["metadata"].get("ownerReferences") or [{}]
         uid = str(owners[0].get("uid"))
         if not created and owned_by(found, uid) and companion_differs(manifest, found):
@@ -220,6 +224,13 @@ def _create_child(
         return manifest, path, found
     except (kopf.TemporaryError, kopf.PermanentError) as exc:
         return manifest, path, exc
+
+
+def _companion(
+    manifest: Obj,
+) -> tuple[Obj, str, Obj | kopf.TemporaryError | kopf.PermanentError]:
+    """``_create_child`` for a companion: its answer is not parsed."""
+    return _create_child(manifest, answer=False)
 
 
 def status_of(error: BaseException | None) -> int | None:

@@ -298,8 +298,9 @@ def _resync(ctl: Controller) -> None:
 
 def _take_over(ctl: Controller) -> None:
     """A takeover reconciles every job, whatever this replica saw of it before."""
-    assert ctl.reconciled is not None
+    assert ctl.reconciled is not None and ctl.quiet is not None
     ctl.reconciled.clear()
+    ctl.quiet.clear()
     _resync(ctl)
 
 

@@ -237,13 +237,15 @@ class Kube:
         """Create ``manifest``; if it exists already (409), the existing object."""
         return self.create_or_existing(manifest)[0]
 
-    def create_or_existing(self, manifest: Obj) -> tuple[Manifest, bool]:
+    def create_or_existing(
+        self, manifest: Obj, *, read_answer: bool = True
+    ) -> tuple[Manifest, bool]:
         """Create ``manifest``: (the object, True); if it exists already (409), (the existing
-        object, False)."""
+        object, False). ``read_answer`` False: the created object is not parsed (``{}``)."""
         meta = manifest["metadata"]
         path = collection_path(manifest["apiVersion"], manifest["kind"], meta["namespace"])
         try:
-            return self.request("POST", path, body=manifest), True
+            return self.request("POST", path, body=manifest, read_answer=read_answer), True
         except ApiException as exc:
             if exc.status != 409:
                 raise

@@ -116,14 +116,20 @@ class FineTuneJobCollector(Collector):
             "kubetune_finetunejobs", "FineTuneJobs in the watch cache by phase.", labels=["phase"]
         )
         counts = dict.fromkeys(PHASES, 0)
-        for phase, _ in jobs.values():
+        # One pass over every job; the progress series only from those that report (a
+        # Validating, Queued or finished job has none): a scrape at 10,000 retained jobs walks
+        # them once, not once per progress field.
+        reporting = []
+        for key, (phase, values) in jobs.items():
             counts[phase] = counts.get(phase, 0) + 1
+            if values:
+                reporting.append((key, values))
         for phase, count in counts.items():
             by_phase.add_metric([phase], count)
         yield by_phase
         for field, metric in _PROGRESS_FIELDS.items():
             family = GaugeMetricFamily(metric, _PROGRESS_HELP[field], labels=["namespace", "name"])
-            for (namespace, name), (_, values) in jobs.items():
+            for (namespace, name), values in reporting:
                 if field in values:
                     family.add_metric([namespace, name], values[field])
             yield family

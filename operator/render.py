@@ -134,16 +134,6 @@ _UNUSED_BY_PREFLIGHT: Final = frozenset(
 )
 
 
-def _copied(value: Any) -> Any:
-    """A copy of a manifest (plain JSON data: dicts, lists, scalars) sharing nothing mutable
-    with it; ``copy.deepcopy``'s memo and dispatch cost several times as much."""
-    if isinstance(value, dict):
-        return {key: _copied(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_copied(item) for item in value]
-    return value
-
-
 def validation_job(
     job: Manifest, spec: FineTuneJobSpec, name: str, settings: OperatorSettings
 ) -> Manifest:
@@ -154,12 +144,13 @@ def validation_job(
     and pulls a starting adapter), every claim read-only, and the operator's CPU, memory,
     ephemeral-storage and deadline (``KUBETUNE_VALIDATION_*``), whatever the spec asks of the
     trainer. Not queued (it asks for no GPU quota); suspended with the run."""
-    manifest: Manifest = _copied(job)
-    metadata = manifest["metadata"]
+    # Each object changed below is a copy (the rest is shared with ``job``, and never changed):
+    # a deep copy of the whole Job cost as much as rendering it.
+    manifest: Manifest = dict(job)
+    metadata = manifest["metadata"] = dict(job["metadata"])
     metadata["name"] = name
-    metadata["labels"].pop(KUEUE_QUEUE_LABEL, None)
-    metadata["labels"][COMPONENT_LABEL] = VALIDATOR_COMPONENT
-    job_spec = manifest["spec"]
+    metadata["labels"] = _relabelled(metadata["labels"])
+    job_spec = manifest["spec"] = dict(job["spec"])
     for key in ("completionMode", "successPolicy", "backoffLimitPerIndex", "maxFailedIndexes"):
         job_spec.pop(key, None)
     job_spec.update(
@@ -168,10 +159,12 @@ def validation_job(
         parallelism=1,
         activeDeadlineSeconds=settings.validation_active_deadline_seconds,
     )
-    template = job_spec["template"]
-    template["metadata"]["labels"][COMPONENT_LABEL] = VALIDATOR_COMPONENT
-    template["metadata"]["labels"].pop(KUEUE_QUEUE_LABEL, None)
-    pod = template["spec"]
+    template = job_spec["template"] = dict(job_spec["template"])
+    template["metadata"] = {
+        **template["metadata"],
+        "labels": _relabelled(template["metadata"]["labels"]),
+    }
+    pod = template["spec"] = dict(template["spec"])
     pod.pop("subdomain", None)
     pod["automountServiceAccountToken"] = False
     # The preflight reports through its termination message: no progress token either.
@@ -186,14 +179,14 @@ def validation_job(
         "memory": settings.validation_memory_limit,
         "ephemeral-storage": settings.validation_ephemeral_storage_limit,
     }
+    pod["containers"] = [dict(c) for c in pod["containers"]]
     for container in pod["containers"]:
         container["resources"] = {"requests": dict(requests), "limits": dict(limits)}
         container["volumeMounts"] = [
-            m for m in container.get("volumeMounts") or [] if m["name"] != PROGRESS_TOKEN_VOLUME
+            {**m, "readOnly": True} if m["name"].startswith("pvc-") else m
+            for m in container.get("volumeMounts") or []
+            if m["name"] != PROGRESS_TOKEN_VOLUME
         ]
-        for mount in container.get("volumeMounts") or []:
-            if mount["name"].startswith("pvc-"):
-                mount["readOnly"] = True
         container["env"] = [
             e
             for e in container.get("env") or []
@@ -204,3 +197,10 @@ def validation_job(
             container["command"] = [command[0], PREFLIGHT_SUBCOMMAND, *command[1:]]
         container.pop("ports", None)
     return manifest
+
+
+def _relabelled(labels: dict[str, str]) -> dict[str, str]:
+    """The trainer's labels as the validation Job's: the validator's component, not queued."""
+    copied = {k: v for k, v in labels.items() if k != KUEUE_QUEUE_LABEL}
+    copied[COMPONENT_LABEL] = VALIDATOR_COMPONENT
+    return copied

@@ -1,9 +1,11 @@
 """One worker of the operator's work queue, on kopf's event loop: take a FineTuneJob's key, skip
-it when a resync brings it unchanged since its last pass, read it and its children from the
-indexes, plan (``executor.plan_cached``, pure) and, only when the plan makes a request, carry
-it out on a reconcile thread (``executor.reconcile``); then requeue it, or retry it after a
-failure. Most passes make no request (the watch event of the operator's own write, a Job's
-status from the Job controller): they end here, with no thread."""
+it when a resync brings it unchanged since its last pass, or when nothing the planner reads
+changed since a pass that had nothing to do (``controller.still_quiet``: the watch event of the
+operator's own status write, mostly), read it and its children from the indexes, plan
+(``executor.plan_cached``, pure) and, only when the plan makes a request, carry it out on a
+reconcile thread (``executor.reconcile``); then requeue it, or retry it after a failure. Most
+passes make no request (the watch event of the operator's own write, a Job's status from the
+Job controller): they end here, with no thread."""
 
 from __future__ import annotations
 
@@ -15,7 +17,14 @@ import time
 import kopf
 
 from kubetune.operator import metrics
-from kubetune.operator.controller import Controller, job_logger, seen_mark, snapshot
+from kubetune.operator.controller import (
+    Controller,
+    job_logger,
+    quiet_mark,
+    seen_mark,
+    snapshot,
+    still_quiet,
+)
 from kubetune.operator.executor import plan_cached, reconcile
 
 
@@ -31,21 +40,29 @@ async def work(ctl: Controller) -> None:
         try:
             if not ctl.leader:
                 continue  # the new leader resyncs everything when it takes over
+            assert ctl.quiet is not None
             ftj, jobs, pods, jobsets = snapshot(ctl, key)
             if ftj is None:
                 ctl.queue.drop(key)
                 ctl.reconciled.pop(key, None)
+                ctl.quiet.pop(key, None)
                 if ctl.progress is not None:
                     ctl.progress.forget(key)
                 continue
             mark = seen_mark(ctl, key, ftj, (jobs, pods, jobsets))
             pending = ctl.progress is not None and ctl.progress.due_in(key) is not None
-            if resynced and not pending and ctl.reconciled.get(key) == mark:
+            if not pending and (
+                (resynced and ctl.reconciled.get(key) == mark) or still_quiet(ctl, key, ftj, mark)
+            ):
                 # Nothing changed since its last reconcile, which planned from the same objects
-                # (and queued itself again for whatever waits on time): no pass needed.
+                # (and queued itself again for whatever waits on time); or nothing the planner
+                # reads changed since a pass that had nothing to do (the watch event of the
+                # operator's own status write, most often): no pass needed.
+                ctl.reconciled[key] = mark
                 metrics.RECONCILES.labels("unchanged").inc()
                 continue
             ctl.reconciled.pop(key, None)  # set again only when this pass succeeds
+            ctl.quiet.pop(key, None)
             reported = ctl.progress.take(key) if ctl.progress is not None else None
             # Planned here from the caches (pure, well under a millisecond); a worker thread
             # only for a plan that makes requests: most passes make none.
@@ -67,6 +84,8 @@ async def work(ctl: Controller) -> None:
                     raise
             ctl.queue.forget(key)
             ctl.reconciled[key] = mark
+            if done is work_planned and done.writes_nothing and done.requeue_after is None:
+                ctl.quiet[key] = quiet_mark(ftj, mark)
             metrics.RECONCILES.labels("ok").inc()
             if done.requeue_after is not None:
                 ctl.queue.add_after(key, max(done.requeue_after, 0.5))

@@ -3,6 +3,7 @@ writes byte for byte what PyYAML's pure-Python ``safe_dump`` writes, and reads b
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 import yaml
 from api_cases import MINIMAL
 
-from kubetune.api.config import NO_FOLDING, TrainerConfig, load_trainer_config
+from kubetune.api.config import NO_FOLDING, TrainerConfig, block_yaml, load_trainer_config
 from kubetune.api.manifest import load_finetunejob
 
 pytestmark = pytest.mark.unit
@@ -145,3 +146,49 @@ def test_data_the_fast_path_does_not_know_goes_through_pyyaml() -> None:
     expected = yaml.dump(data, Dumper=yaml.SafeDumper, sort_keys=False, width=NO_FOLDING)
     fast = yaml.dump(data, Dumper=config_module._PlainDumper, sort_keys=False, width=NO_FOLDING)
     assert fast == expected
+
+
+def python_dump(data: Any) -> str:
+    return yaml.dump(data, Dumper=yaml.SafeDumper, sort_keys=False, width=NO_FOLDING)
+
+
+def test_plain_data_is_written_directly_as_pyyaml_writes_it() -> None:
+    assert block_yaml(SCALARS) == python_dump(SCALARS)
+    assert block_yaml({}) == python_dump({})
+
+
+#: Strings that look plain but read back as something else, or need quotes in one place only.
+#: No key of 123 to 128 characters and no empty key: there libyaml's emitter (the operator's
+#: before this fast path, and still for what the fast path hands over) writes a simple key where
+#: PyYAML's writes ``? key``; both read back the same.
+TRAPS = (
+    "yes", "No", "on", "OFF", "y", "n", "null", "Null", "~", "true", "1", "-1", "+1", "1e3",
+    "1.", ".5", "0x1F", "0o17", "0b101", "1_000", "1:20", "190:20:30", "2001-12-14",
+    "2001-12-14t21:59:43.10-05:00", "=", "<<", ".inf", ".NaN", "a:", "a::", "x:y", "s3://b/k",
+    "-a", "a-", "_", "@a", "%a", "a%", "a@b", "a=b", "a+b", "a/b", "a.b", "-", "--", "---",
+    "...", ":a", "a,b", "a#b", "a #b", "#a", "a b", "", " ", "a" * 130, "k" * 129, "k" * 122, "k" * 99, "k" * 100,
+)  # fmt: skip
+
+
+def random_value(rng: random.Random, depth: int) -> Any:
+    roll = rng.random()
+    if depth < 4 and roll < 0.25:
+        return {random_key(rng): random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+    if depth < 4 and roll < 0.4:
+        return [random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    return rng.choice(
+        [rng.choice(TRAPS), rng.randint(-(2**70), 2**70), rng.uniform(-1e6, 1e6),
+         rng.choice([0.0, 1e-05, 5e-4, 1e17, 2.0]), rng.choice([True, False, None]),
+         "".join(rng.choice("abz09_./:-=@+%") for _ in range(rng.randint(1, 12)))]
+    )  # fmt: skip
+
+
+def random_key(rng: random.Random) -> str:
+    return rng.choice([*[t for t in TRAPS if t], "model", "uri", "targetModules", "caBundle"])
+
+
+def test_random_plain_data_is_written_byte_for_byte_as_pyyaml_writes_it() -> None:
+    rng = random.Random(25)
+    for _ in range(3000):
+        data = {random_key(rng): random_value(rng, 0) for _ in range(rng.randint(0, 5))}
+        assert block_yaml(data) == python_dump(data), data

@@ -264,6 +264,22 @@ def test_the_validation_pod_gets_no_progress_token() -> None:
     assert not [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "progress-token"]
 
 
+def test_the_validation_job_leaves_the_trainer_job_it_is_made_from_as_it_was() -> None:
+    from kubetune.operator.render import validation_job
+
+    spec = spec_of(scheduling={"queueName": "team-a"})
+    settings = OperatorSettings(**PROGRESS)
+    job = render(spec, METADATA, settings)[-1]
+    before = json.dumps(job)
+    validation = validation_job(job, spec, "llama2-support-validate", settings)
+    assert json.dumps(job) == before
+    assert json.dumps(validation) != before
+    mounts = validation["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert all(m.get("readOnly") for m in mounts if m["name"].startswith("pvc-"))
+    assert "kueue.x-k8s.io/queue-name" not in validation["metadata"]["labels"]
+    assert "kueue.x-k8s.io/queue-name" in job["metadata"]["labels"]
+
+
 def test_the_network_policy_lets_the_trainer_reach_the_operators_progress_port() -> None:
     settings = {**PROGRESS, "progress_peer_pod_selector": {"app.kubernetes.io/name": "kubetune"},
                 "progress_peer_namespace_selector": {"kubernetes.io/metadata.name": "kt"}}  # fmt: skip

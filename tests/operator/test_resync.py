@@ -5,6 +5,7 @@ children are as its last reconcile saw them costs no reconcile (what ``/metrics`
 from __future__ import annotations
 
 import asyncio
+import copy
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -119,3 +120,61 @@ def test_a_pass_that_makes_no_request_is_planned_on_the_loop_and_takes_no_worker
     assert count == 1 and thread == "a thread"
     _seen, work = call["planned"]
     assert work.status_patch is not None and work.status_patch["phase"] == "Running"
+
+
+def test_an_event_that_changes_nothing_a_plan_reads_after_a_pass_with_nothing_to_do_is_skipped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The watch event of the operator's own status write (a new resourceVersion, the status a
+    pass already planned from) costs no plan; a child's change, the status changed by someone
+    else, or a new spec is planned again."""
+    handed: list[Any] = []
+    monkeypatch.setattr(worker, "reconcile", lambda *_a, **k: handed.append(k) or Plan())
+    started = datetime.now(UTC) - timedelta(minutes=5)
+    job = {"metadata": {"name": KEY[1], "uid": "j1", "resourceVersion": "7",
+                        "ownerReferences": [{"uid": "u1", "controller": True}]},
+           "spec": {"suspend": False}, "status": {"active": 1}}  # fmt: skip
+    ftj = {"metadata": {"name": KEY[1], "namespace": KEY[0], "uid": "u1", "generation": 1,
+                        "resourceVersion": "100", "creationTimestamp": rfc3339(started)},
+           "spec": {"model": {"uri": "org/model"}, "output": {"uri": "s3://bucket/a"},
+                    "dataset": {"uri": "https://datasets.example/train.jsonl"},
+                    "validation": {"enabled": False}}}  # fmt: skip
+    ftj["status"] = derive_status(ftj, job, [], datetime.now(UTC))
+    ctl = controller("100")
+    ctl.finetunejobs[KEY] = [ftj]  # type: ignore[index]
+    ctl.jobs[KEY] = [job]  # type: ignore[index]
+
+    def echo(version: str) -> None:
+        ftj["metadata"]["resourceVersion"] = version
+        ftj["status"] = copy.deepcopy(ftj["status"])  # as a watch event parses it anew
+
+    def job_changed() -> None:
+        job["metadata"]["resourceVersion"] = "8"
+        job["status"] = {"active": 1, "ready": 1}
+
+    def status_changed() -> None:
+        ftj["metadata"]["resourceVersion"] = "103"
+        ftj["status"] = {**ftj["status"], "worldSize": 2}
+
+    def spec_changed() -> None:
+        ftj["metadata"].update(resourceVersion="104", generation=2)
+
+    async def scenario() -> list[tuple[float, float]]:
+        task = asyncio.create_task(worker.work(ctl))
+        seen = []
+        for change in (lambda: None, lambda: echo("101"), job_changed, lambda: echo("102"),
+                       status_changed, spec_changed):  # fmt: skip
+            ok, unchanged = reconciles("ok"), reconciles("unchanged")
+            change()
+            ctl.queue.add(KEY)
+            while len(ctl.queue) or ctl.queue._active:
+                await asyncio.sleep(0.01)
+            seen.append((reconciles("ok") - ok, reconciles("unchanged") - unchanged))
+        task.cancel()
+        return seen
+
+    assert asyncio.run(scenario()) == [(1, 0), (0, 1), (1, 0), (0, 1), (1, 0), (1, 0)]
+    # Written: the status someone else changed (back), the new generation (observedGeneration).
+    first, second = (call["planned"][1].status_patch for call in handed)
+    assert first == {"worldSize": 1}
+    assert second["observedGeneration"] == 2
