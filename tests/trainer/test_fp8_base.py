@@ -197,6 +197,12 @@ packed = fp8_codes.Packed4bit(codes, absmax, book, 64, (rows, columns))
 for transposed in (False, True):
     made = fp8_codes.quantize_4bit_rows(packed, scale.view(-1), transposed=transposed)
     out.append(torch.equal(made.view(torch.uint8), want.t() if transposed else want))
+# The check a run makes once per weight before it uses the kernel: one byte off fails it.
+checked = fp8_codes.Fp8FromCodes(packed=packed, scale=scale.view(-1))
+expected = values.to(fp8_base.FP8_DTYPE)
+out.append(checked.writes(expected))
+expected.view(torch.uint8)[5, 7] ^= 1
+out.append(not checked.writes(expected))
 print(json.dumps(out))
 """
 
@@ -208,7 +214,8 @@ def test_the_4bit_to_e4m3_kernel_computes_dequantising_then_quantising_under_the
     (K, N) layout, writes the bytes bitsandbytes' bf16 dequantisation and the row quantiser
     give (the interpreter's kernel rounds to bf16 and e4m3 by hand, the GPU's casts elsewhere):
     double-quantised block scales and plain ones, blocks that straddle tiles, and block scales
-    six orders of magnitude apart (e4m3's subnormals and zeros). Sizes are multiples of the block size (every model's: the CPU's own 4-bit
+    six orders of magnitude apart (e4m3's subnormals and zeros); and the check a run makes once
+    per weight before it uses the kernel holds, and fails for one byte off. Sizes are multiples of the block size (every model's: the CPU's own 4-bit
     dequantisation places blocks per row, the GPU's over the flattened weight)."""
     pytest.importorskip("triton")
     import torch
@@ -224,7 +231,7 @@ def test_the_4bit_to_e4m3_kernel_computes_dequantising_then_quantising_under_the
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == [True] * 2 * (len(cases) + 1)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [True] * (2 * (len(cases) + 1) + 2)
 
 
 # --- on the GPU ------------------------------------------------------------------------------

@@ -189,3 +189,15 @@ class Fp8FromCodes:
         if transposed:
             return Fp8Weight(data=data.t(), scale=self.scale, transposed=data)
         return Fp8Weight(data=data, scale=self.scale)
+
+    def writes(self, expected: torch.Tensor) -> bool:
+        """Whether the kernel writes, in both layouts, the e4m3 bytes of ``expected`` (N, K):
+        the weight made in two steps (dequantised, then ``fp8_base.quantize_rows``). Checked
+        once per weight before a run uses the kernel: Triton compiled versions of it that
+        passed on the CPU's interpreter and wrote other bytes on an H100."""
+        wanted = expected.view(torch.uint8)
+        forward = quantize_4bit_rows(self.packed, self.scale, transposed=False)
+        if not torch.equal(forward.view(torch.uint8), wanted):
+            return False
+        backward = quantize_4bit_rows(self.packed, self.scale, transposed=True)
+        return torch.equal(backward.view(torch.uint8), wanted.t())

@@ -95,8 +95,9 @@ def _fp8_operand(weight: Any, dtype: torch.dtype, *, transposed: bool = False) -
 def _from_codes(weight: Any) -> Any:
     """What a per-call FP8 weight keeps for the run: its row scales, with which one kernel makes
     its e4m3 copy straight from the 4-bit codes in each call (``fp8_codes.Fp8FromCodes``), where
-    that kernel can run (CUDA with Triton, fp32 block scales at hand, the switch on); else True
-    (dequantised to bf16 and quantised in each call)."""
+    that kernel can run (CUDA with Triton, fp32 block scales at hand, the switch on) and writes,
+    checked here once, the bytes of the two steps; else True (dequantised to bf16 and quantised
+    in each call)."""
     from kubetune.trainer.model import fp8_base, fp8_codes
 
     state = weight.quant_state
@@ -113,16 +114,31 @@ def _from_codes(weight: Any) -> Any:
     ):
         return True
     with torch.no_grad():
-        _, scale = fp8_base.quantize_rows(_dequantized(weight, torch.bfloat16))
-    rows, columns = (int(size) for size in state.shape)
-    packed = fp8_codes.Packed4bit(
-        codes=weight.data,
-        absmax=absmax,
-        code_book=state.code.to(weight.data.device, torch.float32),
-        blocksize=int(state.blocksize),
-        shape=(rows, columns),
+        expected, scale = fp8_base.quantize_rows(_dequantized(weight, torch.bfloat16))
+        rows, columns = (int(size) for size in state.shape)
+        packed = fp8_codes.Packed4bit(
+            codes=weight.data,
+            absmax=absmax,
+            code_book=state.code.to(weight.data.device, torch.float32),
+            blocksize=int(state.blocksize),
+            shape=(rows, columns),
+        )
+        made = fp8_codes.Fp8FromCodes(packed=packed, scale=scale.view(-1))
+        if made.writes(expected):
+            return made
+    _warn_kernel_differs(rows, columns)
+    return True
+
+
+@functools.cache
+def _warn_kernel_differs(rows: int, columns: int) -> None:
+    """Said once per shape: the compiled 4-bit kernel wrote other bytes than the two steps."""
+    log.warning(
+        "the 4-bit-to-e4m3 kernel wrote other bytes than dequantising then quantising a %d x %d "
+        "weight on this GPU: such weights are made in two steps in each call (correct, slower)",
+        rows,
+        columns,
     )
-    return fp8_codes.Fp8FromCodes(packed=packed, scale=scale.view(-1))
 
 
 def _fp8_capable(weight: Any, compute_dtype: torch.dtype) -> bool:
