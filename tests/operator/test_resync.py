@@ -73,6 +73,22 @@ def test_a_resync_reconciles_only_jobs_that_changed_since_their_last_reconcile(
     assert [(a - ok, b - unchanged) for a, b in seen] == [(1, 0), (1, 1), (2, 1), (3, 1)]
 
 
+def _running_job() -> dict[str, Any]:
+    """The trainer's Job of ``KEY``'s FineTuneJob (uid u1), one pod active."""
+    return {"metadata": {"name": KEY[1], "uid": "j1", "resourceVersion": "7",
+                         "ownerReferences": [{"uid": "u1", "controller": True}]},
+            "spec": {"suspend": False}, "status": {"active": 1}}  # fmt: skip
+
+
+def _finetunejob(created: datetime) -> dict[str, Any]:
+    """``KEY``'s FineTuneJob (uid u1, generation 1, validation off), no status yet."""
+    return {"metadata": {"name": KEY[1], "namespace": KEY[0], "uid": "u1", "generation": 1,
+                         "resourceVersion": "100", "creationTimestamp": rfc3339(created)},
+            "spec": {"model": {"uri": "org/model"}, "output": {"uri": "s3://bucket/a"},
+                     "dataset": {"uri": "https://datasets.example/train.jsonl"},
+                     "validation": {"enabled": False}}}  # fmt: skip
+
+
 def test_a_pass_that_makes_no_request_is_planned_on_the_loop_and_takes_no_worker_thread(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -82,18 +98,12 @@ def test_a_pass_that_makes_no_request_is_planned_on_the_loop_and_takes_no_worker
     handed: list[Any] = []
     monkeypatch.setattr(worker, "reconcile", lambda *_a, **k: handed.append(k) or Plan())
     started = datetime.now(UTC) - timedelta(minutes=5)
-    job = {"metadata": {"name": KEY[1], "uid": "j1", "resourceVersion": "7",
-                        "ownerReferences": [{"uid": "u1", "controller": True}]},
-           "spec": {"suspend": False}, "status": {"active": 1}}  # fmt: skip
+    job = _running_job()
     pod = {"metadata": {"name": f"{KEY[1]}-abc", "creationTimestamp": rfc3339(started),
                         "ownerReferences": [{"uid": "j1", "controller": True}]},
            "status": {"phase": "Running", "startTime": rfc3339(started), "containerStatuses": [
                {"name": "trainer", "state": {"running": {"startedAt": rfc3339(started)}}}]}}  # fmt: skip
-    ftj = {"metadata": {"name": KEY[1], "namespace": KEY[0], "uid": "u1", "generation": 1,
-                        "resourceVersion": "100", "creationTimestamp": rfc3339(started)},
-           "spec": {"model": {"uri": "org/model"}, "output": {"uri": "s3://bucket/a"},
-                    "dataset": {"uri": "https://datasets.example/train.jsonl"},
-                    "validation": {"enabled": False}}}  # fmt: skip
+    ftj = _finetunejob(started)
     ftj["status"] = derive_status(ftj, job, [pod], datetime.now(UTC))
     ctl = controller("100")
     ctl.finetunejobs[KEY] = [ftj]  # type: ignore[index]
@@ -131,14 +141,8 @@ def test_an_event_that_changes_nothing_a_plan_reads_after_a_pass_with_nothing_to
     handed: list[Any] = []
     monkeypatch.setattr(worker, "reconcile", lambda *_a, **k: handed.append(k) or Plan())
     started = datetime.now(UTC) - timedelta(minutes=5)
-    job = {"metadata": {"name": KEY[1], "uid": "j1", "resourceVersion": "7",
-                        "ownerReferences": [{"uid": "u1", "controller": True}]},
-           "spec": {"suspend": False}, "status": {"active": 1}}  # fmt: skip
-    ftj = {"metadata": {"name": KEY[1], "namespace": KEY[0], "uid": "u1", "generation": 1,
-                        "resourceVersion": "100", "creationTimestamp": rfc3339(started)},
-           "spec": {"model": {"uri": "org/model"}, "output": {"uri": "s3://bucket/a"},
-                    "dataset": {"uri": "https://datasets.example/train.jsonl"},
-                    "validation": {"enabled": False}}}  # fmt: skip
+    job = _running_job()
+    ftj = _finetunejob(started)
     ftj["status"] = derive_status(ftj, job, [], datetime.now(UTC))
     ctl = controller("100")
     ctl.finetunejobs[KEY] = [ftj]  # type: ignore[index]
