@@ -15,8 +15,18 @@ import pytest
 from trainer_helpers import TinyAssets, TrainedRun
 
 #: Merging folds B·A into W: the same sums in another order. In float32 (the tiny run's compute
-#: dtype) the logits of merged and unmerged agree to float32 rounding.
-MERGE_TOLERANCE = 1e-4
+#: dtype) the logits of merged and unmerged agree to float32 rounding carried through the
+#: layers, as a fraction of the largest logit: measured 3-5 millionths (under 4 on an Intel Xeon,
+#: 4.7 on an AMD EPYC, whose kernels sum in another order); the adapter itself moves the logits
+#: by more than the largest logit.
+MERGE_TOLERANCE = 2e-5
+
+
+def _assert_float32_close(actual: Any, expected: Any) -> None:
+    import torch
+
+    scale = float(expected.abs().max())
+    torch.testing.assert_close(actual, expected, rtol=0, atol=MERGE_TOLERANCE * scale)
 
 
 def _prompts(tiny: TinyAssets) -> Any:
@@ -85,13 +95,12 @@ def test_merged_into_the_original_weights_answers_like_the_original_base_with_th
     base = AutoModelForCausalLM.from_pretrained(tiny.model, dtype=torch.float32)
     expected = _logits(PeftModel.from_pretrained(base, str(trained.output)), batch)
     actual = _logits(_plain(merged["original"]), batch)
-    torch.testing.assert_close(actual, expected, rtol=0, atol=MERGE_TOLERANCE)
+    _assert_float32_close(actual, expected)
 
 
 def test_merged_into_the_dequantized_weights_answers_like_the_adapter_on_those_weights(
     trained: TrainedRun, merged: dict[str, Path], batch: Any
 ) -> None:
-    import torch
     from peft import PeftModel
 
     from kubetune.trainer.publish.merging import load_base
@@ -99,7 +108,7 @@ def test_merged_into_the_dequantized_weights_answers_like_the_adapter_on_those_w
     base = load_base(_spec(trained), "dequantized", token=None)
     expected = _logits(PeftModel.from_pretrained(base, str(trained.output)), batch)
     actual = _logits(_plain(merged["dequantized"]), batch)
-    torch.testing.assert_close(actual, expected, rtol=0, atol=MERGE_TOLERANCE)
+    _assert_float32_close(actual, expected)
 
 
 def test_the_dequantized_base_holds_exactly_the_4bit_weights_the_adapter_trained_on(
@@ -144,14 +153,15 @@ def test_the_dequantized_merge_is_the_closer_to_the_model_that_was_trained(
     assert torch.equal(dequantized.argmax(-1), trained_logits.argmax(-1))
 
 
-def test_merged_in_bfloat16_stays_within_two_bfloat16_steps_of_base_plus_adapter(
+def test_merged_in_bfloat16_is_as_close_to_base_plus_adapter_as_running_it_in_bfloat16(
     tiny: TinyAssets, trained: TrainedRun, tmp_path: Path, batch: Any
 ) -> None:
     """With computeDtype bfloat16 (the default) the merged weights are rounded to bfloat16's
-    8-bit mantissa, so merged and unmerged agree only to bfloat16 rounding: within two steps of
-    bfloat16 at the largest logit's magnitude (measured: one step)."""
-    import math
-
+    8-bit mantissa. Against base plus adapter in float32, the merged model run in bfloat16 is no
+    further off than base plus adapter run in bfloat16 (within twice its gap, largest and mean:
+    merging adds no error of its own beyond bfloat16's; measured on an AMD EPYC: 0.36 against
+    0.72 at a largest logit of 24.5, where leaving the adapter out is 28 off). How far bfloat16
+    runs drift depends on the CPU's kernels, so the bound is that drift, not a fixed step."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -167,9 +177,16 @@ def test_merged_in_bfloat16_stays_within_two_bfloat16_steps_of_base_plus_adapter
         into="original",
         token=None,
     )
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16)
-    base = AutoModelForCausalLM.from_pretrained(tiny.model, dtype=torch.bfloat16)
-    expected = _logits(PeftModel.from_pretrained(base, str(trained.output)), batch)
-    actual = _logits(merged, batch)
-    step = 2.0 ** (math.floor(math.log2(float(expected.abs().max()))) - 7)
-    torch.testing.assert_close(actual, expected, rtol=0, atol=2 * step)
+
+    def with_adapter(dtype: Any) -> Any:
+        base = AutoModelForCausalLM.from_pretrained(tiny.model, dtype=dtype)
+        return _logits(PeftModel.from_pretrained(base, str(trained.output)), batch)
+
+    reference = with_adapter(torch.float32)
+    merged = _logits(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.bfloat16), batch
+    )
+    unmerged = with_adapter(torch.bfloat16)
+    gap, drift = (merged - reference).abs(), (unmerged - reference).abs()
+    assert float(gap.max()) <= 2 * float(drift.max()), (float(gap.max()), float(drift.max()))
+    assert float(gap.mean()) <= 2 * float(drift.mean()), (float(gap.mean()), float(drift.mean()))
