@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up kubetune on the offline GPU machine (../shared/gpu/README.md), then run "$@".
 # The wheels come in .whl/ (../shared/gpu/fetch-wheels.sh); .whl/extra/ holds what the image may
-# lack besides (pydantic, pandas, xxhash, ...), installed only when missing.
+# lack besides (pydantic, pandas, xxhash, ...), installed only when missing; bench/slim_wheels.py
+# trims the bitsandbytes wheel to the CUDA 13 libraries so the checkout fits the device's carry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 site=/tmp/site
