@@ -27,9 +27,11 @@ NF4_KERNEL_BLOCK = (32, 256)
 NF4_KERNEL_WARPS = 8
 
 
+@functools.cache
 def _interpreted() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``), whose casts
-    to bf16 and e4m3 don't round as the GPU's do: the kernel then rounds by hand."""
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, fixed for the
+    process: read once, not in every FP8 call), whose casts to bf16 and e4m3 don't round as the
+    GPU's do: the kernel then rounds by hand."""
     import os
 
     return os.environ.get("TRITON_INTERPRET", "0") not in {"", "0"}
