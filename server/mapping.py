@@ -306,6 +306,10 @@ def job_events(job: Mapping[str, Any], kube_events: Sequence[Mapping[str, Any]])
             f"{progress.get('loss')}", kind="metrics", data=data)  # fmt: skip
     state = openai_status(job)
     finished = unix(status.get("completionTime")) or unix(_annotations(job).get(CANCELLED))
+    if finished:
+        # The end is the newest event: the operator's own Event for it may carry a later second
+        # than the Job's completionTime.
+        finished = max([finished, *(event["created_at"] for _, event in events)])
     if state == "succeeded":
         add(f"ftevent-{name}-succeeded", finished, "info", "The job has successfully completed")
     elif state == "failed":

@@ -205,6 +205,19 @@ def test_events_come_newest_first_from_creation_kube_events_progress_and_the_end
     assert events[1]["type"] == "metrics" and events[1]["data"]["train_loss"] == 0.5
 
 
+def test_the_end_is_the_newest_event_though_the_operators_event_for_it_is_a_second_later() -> None:
+    done = job("Succeeded", completionTime="2026-01-01T00:10:00Z")
+    kube_events = [{"metadata": {"uid": "u1"}, "type": "Normal", "reason": "Succeeded",
+                    "message": "the trainer finished", "lastTimestamp": "2026-01-01T00:10:01Z"}]  # fmt: skip
+    events = mapping.job_events(done, kube_events)
+    assert [e["message"] for e in events] == [
+        "The job has successfully completed",
+        "Succeeded: the trainer finished",
+        "Created fine-tuning job",
+    ]
+    assert events[0]["created_at"] == events[1]["created_at"]
+
+
 def test_events_of_the_same_second_keep_the_order_they_happened_in() -> None:
     cancelled = job("Running")
     cancelled["metadata"]["annotations"][mapping.CANCELLED] = "2026-01-01T00:00:00Z"
