@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import sys
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +66,12 @@ def kube() -> Kube:
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def identity() -> str:
+    """This replica's name: in its Lease and as the ``reportingInstance`` of its Events."""
+    named = SETTINGS.identity or os.environ.get("POD_NAME")
+    return named or f"{socket.gethostname()}-{os.getpid()}"
 
 
 class JobLogger(logging.LoggerAdapter[logging.Logger]):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -31,6 +30,7 @@ from kubetune.operator.controller import (
     MANAGED,
     SETTINGS,
     Controller,
+    identity,
     job_key,
     kube,
     owner_name,
@@ -191,16 +191,11 @@ async def configure(
     kopf_settings.configure(settings, kopf.get_default_registry())
     lease = None
     if SETTINGS.leader_election:
-        identity = (
-            SETTINGS.identity
-            or os.environ.get("POD_NAME")
-            or f"{socket.gethostname()}-{os.getpid()}"
-        )
         namespace = SETTINGS.lease_namespace or os.environ.get("POD_NAMESPACE") or "default"
         # An API connection of its own: renewals never wait for one the workers hold.
         own = Kube(load_config(pool_size=1), SETTINGS.api_timeout_seconds)
         lease = LeaseLock(
-            own, namespace, SETTINGS.lease_name, identity, SETTINGS.lease_duration_seconds
+            own, namespace, SETTINGS.lease_name, identity(), SETTINGS.lease_duration_seconds
         )
     _controller = Controller(
         finetunejobs=finetunejobs_index,

@@ -20,6 +20,7 @@ from kubetune.operator.controller import (
     LOGGER,
     SETTINGS,
     Controller,
+    identity,
     job_logger,
     kube,
     now,
@@ -56,7 +57,8 @@ def write_status(ctl: Controller, key: Key, ftj: Ftj, changes: Obj) -> None:
 def post_event(ftj: Ftj, kind: str, reason: str, message: str) -> None:
     """A core/v1 Event on the FineTuneJob (best effort: a lost Event never fails a reconcile)."""
     metadata = ftj["metadata"]
-    stamp = rfc3339(now())
+    moment = now()
+    stamp = rfc3339(moment)
     event = {
         "apiVersion": "v1",
         "kind": "Event",
@@ -76,11 +78,16 @@ def post_event(ftj: Ftj, kind: str, reason: str, message: str) -> None:
         "message": message[:1024],
         "source": {"component": MANAGED_BY},
         "reportingComponent": MANAGED_BY,
+        "reportingInstance": identity()[:128],
+        "action": "Reconcile",
+        # To the microsecond: a job's Events of one second (a tiny job's Running and
+        # Succeeded) keep their order for readers (the OpenAI-compatible API, the console).
+        "eventTime": rfc3339(moment, micros=True),
         "firstTimestamp": stamp,
         "lastTimestamp": stamp,
         "count": 1,
     }
-    # Off the reconcile's path: its timestamps keep the order, a slow POST holds no worker.
+    # Off the reconcile's path, so the POSTs may land out of order: the times say the order.
     _EVENTS.submit(_post, event)
 
 

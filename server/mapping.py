@@ -265,15 +265,16 @@ def job_events(job: Mapping[str, Any], kube_events: Sequence[Mapping[str, Any]])
     meta = job["metadata"]
     name = meta["name"]
     status = job.get("status") or {}
-    events: list[tuple[int, dict[str, Any]]] = []
+    events: list[tuple[float, int, dict[str, Any]]] = []
 
     def add(
         ident: str, at: int | None, level: str, message: str, *, kind: str = "message",
-        data: Any = None,
+        data: Any = None, exact: float | None = None,
     ) -> None:  # fmt: skip
-        # Timestamps have whole seconds: within one, the order they are added in is the order
-        # they happened in (creation, the operator's Events, progress, the end).
-        events.append((len(events), {
+        # ``created_at`` has whole seconds: within one, the operator's Events order by their
+        # eventTime (``exact``, to the microsecond), and the rest as they are added (creation,
+        # the operator's Events, progress, the end), which is the order they happened in.
+        events.append((exact or at or 0, len(events), {
                 "id": ident,
                 "object": "fine_tuning.job.event",
                 "created_at": at or 0,
@@ -290,8 +291,10 @@ def job_events(job: Mapping[str, Any], kube_events: Sequence[Mapping[str, Any]])
         when = event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp")
         level = "warn" if event.get("type") == "Warning" else "info"
         uid = (event.get("metadata") or {}).get("uid", "")
+        exact = event.get("eventTime")
         add(f"ftevent-{uid}", unix(when), level,
-            f"{event.get('reason', '')}: {event.get('message', '')}".strip(": "))  # fmt: skip
+            f"{event.get('reason', '')}: {event.get('message', '')}".strip(": "),
+            exact=parse_rfc3339(exact).timestamp() if exact else None)  # fmt: skip
     progress = status.get("progress") or {}
     if progress.get("updatedAt"):
         data = {
@@ -306,20 +309,21 @@ def job_events(job: Mapping[str, Any], kube_events: Sequence[Mapping[str, Any]])
             f"{progress.get('loss')}", kind="metrics", data=data)  # fmt: skip
     state = openai_status(job)
     finished = unix(status.get("completionTime")) or unix(_annotations(job).get(CANCELLED))
-    if finished:
-        # The end is the newest event: the operator's own Event for it may carry a later second
-        # than the Job's completionTime.
-        finished = max([finished, *(event["created_at"] for _, event in events)])
+    # The end is the newest event: the operator's own Event for it may carry a later second
+    # than the Job's completionTime (or be the only time there is).
+    finished = max([finished or 0, *(event["created_at"] for *_, event in events)])
+    last = max([float(finished), *(exact for exact, *_ in events)])
     if state == "succeeded":
-        add(f"ftevent-{name}-succeeded", finished, "info", "The job has successfully completed")
+        add(f"ftevent-{name}-succeeded", finished, "info", "The job has successfully completed",
+            exact=last)  # fmt: skip
     elif state == "failed":
         error = error_of(job) or {}
         add(f"ftevent-{name}-failed", finished, "error",
-            f"The job failed: {error.get('code')}: {error.get('message')}")  # fmt: skip
+            f"The job failed: {error.get('code')}: {error.get('message')}", exact=last)  # fmt: skip
     elif state == "cancelled":
-        add(f"ftevent-{name}-cancelled", finished, "info", "The job was cancelled")
-    ordered = sorted(events, key=lambda e: (e[1]["created_at"], e[0]), reverse=True)
-    return [event for _, event in ordered]
+        add(f"ftevent-{name}-cancelled", finished, "info", "The job was cancelled", exact=last)
+    ordered = sorted(events, key=lambda e: (e[2]["created_at"], e[0], e[1]), reverse=True)
+    return [event for *_, event in ordered]
 
 
 def job_checkpoints(job: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -218,6 +218,22 @@ def test_the_end_is_the_newest_event_though_the_operators_event_for_it_is_a_seco
     assert events[0]["created_at"] == events[1]["created_at"]
 
 
+def test_the_operators_events_of_one_second_order_by_their_microseconds() -> None:
+    done = job("Succeeded", completionTime="2026-01-01T00:10:00Z")
+
+    def event(uid: str, reason: str, micros: str) -> dict[str, Any]:
+        return {"metadata": {"uid": uid}, "type": "Normal", "reason": reason, "message": "m",
+                "lastTimestamp": "2026-01-01T00:10:00Z",
+                "eventTime": f"2026-01-01T00:10:00.{micros}Z"}  # fmt: skip
+
+    # Listed as the apiserver may list them (by their generated names), not as they happened.
+    kube_events = [event("u2", "Succeeded", "900000"), event("u1", "Running", "100000")]
+    messages = [e["message"] for e in mapping.job_events(done, kube_events)]
+    assert messages == [
+        "The job has successfully completed", "Succeeded: m", "Running: m", "Created fine-tuning job",
+    ]  # fmt: skip
+
+
 def test_events_of_the_same_second_keep_the_order_they_happened_in() -> None:
     cancelled = job("Running")
     cancelled["metadata"]["annotations"][mapping.CANCELLED] = "2026-01-01T00:00:00Z"
