@@ -45,6 +45,18 @@ def child_slimmer(kept: tuple[str, ...]) -> Callable[[Mapping[str, Any], Obj | N
     return lambda body, _previous: slim(body, kept)
 
 
+@dataclass(frozen=True)
+class Watch:
+    """One collection to list and watch: its path, its kind (for the log), the index it fills,
+    who is told of each change, and the label selector (None: every object)."""
+
+    path: str
+    kind: str
+    index: Index
+    listener: Listener
+    selector: str | None
+
+
 @dataclass
 class Caches:
     """The indexes the workers read, and the informers that fill them."""
@@ -79,37 +91,48 @@ class Caches:
         if self.listed:
             self.enqueue(key)
 
-    def start(self, jobsets: bool) -> None:
-        """Start every kind's informers (JobSets only with ``jobsets``: its CRD is served) on
-        this loop; the first lists done, queue every FineTuneJob."""
+    def watches(self, jobsets: bool) -> list[Watch]:
+        """What to list and watch: each kind at each watched namespace (the cluster's when none
+        is named), into its index; the children (and JobSets only with ``jobsets``: their CRD
+        is served) through the label kubetune puts on them, so a namespace's other Jobs and
+        Pods (the cluster's, watching all namespaces) never reach the operator."""
         managed = ",".join(f"{label}={value}" for label, value in MANAGED.items())
-        # One connection per watch; the apiserver's answers come in on this loop.
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         children = self._child_changed
-        kinds: list[tuple[str, str, str, str, Index, Listener, str | None]] = [
-            (GROUP, VERSION, PLURAL, KIND, self.finetunejobs, self._finetunejob_changed, None),
-            ("batch", "v1", "jobs", "Job", self.jobs, children, managed),
-            ("", "v1", "pods", "Pod", self.pods, children, managed),
+        kinds: list[tuple[tuple[str, str, str, str], Index, Listener, str | None]] = [
+            ((GROUP, VERSION, PLURAL, KIND), self.finetunejobs, self._finetunejob_changed, None),
+            (("batch", "v1", "jobs", "Job"), self.jobs, children, managed),
+            (("", "v1", "pods", "Pod"), self.pods, children, managed),
         ]
         if jobsets and self.jobsets is not None:
             jobset = (js.GROUP, js.VERSION, js.PLURAL, js.KIND)
-            kinds.append((*jobset, self.jobsets, children, managed))
-        for group, version, plural, kind, index, listener, selector in kinds:
-            for path in watched_paths(group, version, plural, list(SETTINGS.namespaces)):
-                self.informers.append(
-                    Informer(
-                        kube(),
-                        self.session,
-                        path,
-                        kind,
-                        index=index,
-                        listener=listener,
-                        selector=selector,
-                        chunk_size=SETTINGS.list_chunk_size,
-                        timeout_seconds=SETTINGS.watch_timeout_seconds,
-                        inactivity_seconds=SETTINGS.watch_inactivity_seconds,
-                    )
-                )
+            kinds.append((jobset, self.jobsets, children, managed))
+        namespaces = list(SETTINGS.namespaces)
+        return [
+            Watch(path, kind, index, listener, selector)
+            for (group, version, plural, kind), index, listener, selector in kinds
+            for path in watched_paths(group, version, plural, namespaces)
+        ]
+
+    def start(self, jobsets: bool) -> None:
+        """Start an informer for each of ``watches(jobsets)`` on this loop; the first lists
+        done, queue every FineTuneJob."""
+        # One connection per watch; the apiserver's answers come in on this loop.
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        self.informers = [
+            Informer(
+                kube(),
+                self.session,
+                watch.path,
+                watch.kind,
+                index=watch.index,
+                listener=watch.listener,
+                selector=watch.selector,
+                chunk_size=SETTINGS.list_chunk_size,
+                timeout_seconds=SETTINGS.watch_timeout_seconds,
+                inactivity_seconds=SETTINGS.watch_inactivity_seconds,
+            )
+            for watch in self.watches(jobsets)
+        ]
         self.tasks = [asyncio.create_task(informer.run()) for informer in self.informers]
         self.tasks.append(asyncio.create_task(self._queue_all_once_listed()))
 

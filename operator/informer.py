@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, Final
 from urllib.parse import quote
@@ -105,16 +106,22 @@ class Index(Mapping[Key, Collection[Obj]]):
             del self._by_key[key]
 
 
-def watched_paths(group: str, version: str, plural: str, namespaces: list[str]) -> list[str]:
-    """The collection paths to list and watch: one per namespace, or the cluster's when none is
-    named. A pattern is refused: the watches take names (as the chart's ``watchNamespaces``)."""
-    prefix = f"/apis/{group}/{version}" if group else f"/api/{version}"
+def check_namespaces(namespaces: list[str]) -> None:
+    """Refuse a namespace pattern (kopf's globs): the watches take names, as the chart's
+    ``watchNamespaces`` gives them."""
     patterns = [n for n in namespaces if PATTERN_CHARACTERS & set(n)]
     if patterns:
         raise ValueError(
-            f"KUBETUNE_NAMESPACES: {', '.join(patterns)} is a pattern; the operator watches "
+            f"KUBETUNE_NAMESPACES: {', '.join(patterns)}: a pattern; the operator watches "
             "namespaces by name (list each one, or none for all)"
         )
+
+
+def watched_paths(group: str, version: str, plural: str, namespaces: list[str]) -> list[str]:
+    """The collection paths to list and watch: one per namespace, or the cluster's when none is
+    named (``check_namespaces``: no pattern)."""
+    check_namespaces(namespaces)
+    prefix = f"/apis/{group}/{version}" if group else f"/api/{version}"
     if not namespaces:
         return [f"{prefix}/{plural}"]
     return [f"{prefix}/namespaces/{quote(n)}/{plural}" for n in namespaces]
@@ -201,7 +208,8 @@ class Informer:
     async def _list(self) -> None:
         """The whole collection, a page at a time, into the index: each object new or changed
         since the index last held it reported, and each one gone reported deleted."""
-        timeout = aiohttp.ClientTimeout(total=self.timeout_seconds, sock_connect=30)
+        # A page silent as long as a watch may be is dead too (a stalled connection).
+        timeout = aiohttp.ClientTimeout(sock_connect=30, sock_read=self.inactivity_seconds)
         unseen = set(self.index.idents())
         token = ""
         while True:
@@ -214,7 +222,7 @@ class Informer:
             kind = str(page.get("kind") or "").removesuffix("List")
             for item in page.get("items") or []:
                 metadata = item.get("metadata") or {}
-                ident = (str(metadata.get("namespace") or ""), str(metadata.get("name")))
+                ident = place(metadata)
                 unseen.discard(ident)
                 if self.index.version(ident) == metadata.get("resourceVersion"):
                     continue
@@ -266,7 +274,7 @@ class Informer:
         metadata = body.get("metadata") or {}
         version = metadata.get("resourceVersion")
         if kind != "BOOKMARK":
-            ident = (str(metadata.get("namespace") or ""), str(metadata.get("name")))
+            ident = place(metadata)
             self._apply(str(kind), ident, body)
         if version:
             self.version = str(version)
@@ -283,6 +291,12 @@ class Informer:
             self.listener(kind, key, body)
         if old is not None and key is not None and old != key:
             self.listener("DELETED", old, body)
+
+
+def place(metadata: Mapping[str, Any]) -> Ident:
+    """An object's place, its strings interned: the index keeps it as long as the object, and
+    the slimmed object's own metadata holds the same strings (``controller.compact``)."""
+    return sys.intern(str(metadata.get("namespace") or "")), sys.intern(str(metadata.get("name")))
 
 
 def _said(exc: BaseException) -> str:
