@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 
@@ -17,6 +17,7 @@ from kubetune.operator import jobset as js
 from kubetune.operator import metrics
 from kubetune.operator.controller import (
     JOB_SPEC_KEPT,
+    LOGGER,
     MANAGED,
     SETTINGS,
     job_key,
@@ -26,7 +27,11 @@ from kubetune.operator.controller import (
     slim_finetunejob,
 )
 from kubetune.operator.informer import Index, Informer, Listener, watched_paths
+from kubetune.operator.kube import finetunejob_path
 from kubetune.operator.objects import Key, Obj
+
+#: The finalizer kopf put on FineTuneJobs for an earlier kubetune version (this one puts none).
+LEGACY_FINALIZER: Final = f"{GROUP}/finalizer"
 
 
 def finetunejob_key(body: Mapping[str, Any]) -> Key | None:
@@ -84,6 +89,9 @@ class Caches:
 
     def _finetunejob_changed(self, type: str, key: Key, body: Mapping[str, Any]) -> None:
         metrics.JOBS.observe(key, None if type == "DELETED" else body.get("status") or {})
+        finalizers = (body.get("metadata") or {}).get("finalizers")
+        if finalizers and LEGACY_FINALIZER in finalizers and type != "DELETED":
+            self._drop_legacy_finalizer(key, body)
         if self.listed:
             self.enqueue(key)
 
@@ -141,6 +149,26 @@ class Caches:
         self.listed = True
         for key in list(self.finetunejobs.keys()):
             self.enqueue(key)
+
+    def _drop_legacy_finalizer(self, key: Key, body: Mapping[str, Any]) -> None:
+        """Take an earlier kubetune version's finalizer off a FineTuneJob (kopf did, when it
+        watched them: this operator puts none, and would hold its deletion for ever), at the
+        resourceVersion seen (a 409: the next event tries again), on a thread."""
+        metadata = body["metadata"]
+        patch = {
+            "metadata": {
+                "finalizers": [f for f in metadata["finalizers"] if f != LEGACY_FINALIZER],
+                "resourceVersion": metadata.get("resourceVersion"),
+            }
+        }
+
+        def drop() -> None:
+            try:
+                kube().merge_patch(finetunejob_path(*key), patch, read_answer=False)
+            except Exception as exc:  # the next event of the object tries again
+                LOGGER.warning("%s/%s: finalizer %s not removed: %s", *key, LEGACY_FINALIZER, exc)
+
+        asyncio.get_running_loop().run_in_executor(None, drop)
 
     async def stop(self) -> None:
         for task in self.tasks:
