@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, Final
 from urllib.parse import quote
@@ -40,6 +41,8 @@ Listener = Callable[[str, Key, Mapping[str, Any]], None]
 LOGGER: Final = logging.getLogger("kubetune.operator.informer")
 #: Seconds between attempts after a failed list or watch: doubled up to the last.
 BACKOFF: Final = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+#: A watch that ends sooner than this (without an error) is started again after a pause.
+SHORT_WATCH_SECONDS: Final = 1.0
 #: Characters that make a namespace a pattern (kopf's globs): the informer watches names only.
 PATTERN_CHARACTERS: Final = frozenset("*?[!")
 
@@ -162,8 +165,12 @@ class Informer:
                 if self.version is None:
                     await self._list()
                     self.listed.set()
+                began = time.monotonic()
                 await self._watch()
                 failures = 0
+                if time.monotonic() - began < SHORT_WATCH_SECONDS:
+                    # A server that ends every watch at once is not asked again in a tight loop.
+                    await asyncio.sleep(BACKOFF[0])
             except Gone:
                 self.version = None
             except asyncio.CancelledError:
