@@ -35,6 +35,7 @@ LEGACY_FINALIZER: Final = f"{GROUP}/finalizer"
 
 
 def finetunejob_key(body: Mapping[str, Any]) -> Key | None:
+    """A FineTuneJob is filed under its own key (interned, as every key of the operator's)."""
     metadata = body.get("metadata") or {}
     return job_key(str(metadata.get("namespace")), str(metadata.get("name")))
 
@@ -47,6 +48,8 @@ def owner_key(body: Mapping[str, Any]) -> Key | None:
 
 
 def child_slimmer(kept: tuple[str, ...]) -> Callable[[Mapping[str, Any], Obj | None], Obj]:
+    """A child kind's ``slim``, keeping the spec fields ``kept`` (what it held before is not
+    needed: a child's entry is made from its event alone)."""
     return lambda body, _previous: slim(body, kept)
 
 

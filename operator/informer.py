@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, Final
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import aiohttp
 
@@ -130,6 +130,12 @@ def watched_paths(group: str, version: str, plural: str, namespaces: list[str]) 
     return [f"{prefix}/namespaces/{quote(n)}/{plural}" for n in namespaces]
 
 
+def path_namespace(path: str) -> str | None:
+    """The namespace a collection path is in (None: the cluster's collection)."""
+    parts = path.split("/")
+    return unquote(parts[parts.index("namespaces") + 1]) if "namespaces" in parts else None
+
+
 class Informer:
     """One kind's list+watch at one collection path, into ``index``; ``listener`` told of each
     change. ``listed`` is set once the first list is in the index."""
@@ -152,6 +158,8 @@ class Informer:
         self.index, self.listener = index, listener
         self.selector, self.chunk_size = selector, chunk_size
         self.timeout_seconds, self.inactivity_seconds = timeout_seconds, inactivity_seconds
+        #: The one namespace watched (None: every namespace), from the path.
+        self.namespace = path_namespace(path)
         self.listed = asyncio.Event()
         #: Where the next watch starts (None: list first).
         self.version: str | None = None
@@ -217,7 +225,8 @@ class Informer:
         since the index last held it reported, and each one gone reported deleted."""
         # A page silent as long as a watch may be is dead too (a stalled connection).
         timeout = aiohttp.ClientTimeout(sock_connect=30, sock_read=self.inactivity_seconds)
-        unseen = set(self.index.idents())
+        # The index may hold other namespaces' objects too (one informer per namespace).
+        unseen = {i for i in self.index.idents() if self.namespace in (None, i[0])}
         token = ""
         while True:
             query = self._query(limit=str(self.chunk_size))

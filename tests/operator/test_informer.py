@@ -57,7 +57,9 @@ class Running:
 
     def __init__(self, kube: Kube, namespace: str, **options: Any) -> None:
         self.told: list[tuple[str, Key, str]] = []
-        self.index = Index(owner_key, lambda body, _previous: slim(body, ()))
+        self.index = options.pop("index", None) or Index(
+            owner_key, lambda body, _previous: slim(body, ())
+        )
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
@@ -113,7 +115,8 @@ def running(kubeconfig_path: Path, namespace: str) -> Iterator[Callable[..., Run
     made: list[Running] = []
 
     def start(kube: Kube | None = None, **options: Any) -> Running:
-        made.append(Running(kube or kube_for(kubeconfig_path), namespace, **options))
+        watched = options.pop("namespace", namespace)
+        made.append(Running(kube or kube_for(kubeconfig_path), watched, **options))
         return made[-1]
 
     yield start
@@ -258,3 +261,26 @@ def test_a_watch_gone_silent_is_started_again_and_brings_what_was_made_meanwhile
         ("ADDED", (namespace, "a"), "before"),
         ("ADDED", (namespace, "a"), "during"),
     ]
+
+
+def test_one_index_filled_from_two_namespaces_keeps_each_ones_objects_through_the_others_lists(
+    kubeconfig_path: Path, namespace: str, running: Callable[..., Running], kubectl: Kubectl
+) -> None:
+    """Named namespaces are watched one by one into one index per kind: a list of one
+    namespace (the first, or one after a 410) puts only that namespace's objects right."""
+    other = f"{namespace[:50]}-b"
+    kubectl("create", "namespace", other)
+    try:
+        kube = kube_for(kubeconfig_path)
+        kube.create(config_map(namespace, "mine", "a"))
+        kube.create(config_map(other, "theirs", "a"))
+        first = running()
+        wait_for(first.listed, 60, "the first namespace's list")
+        second = running(namespace=other, index=first.index)
+        wait_for(second.listed, 60, "the second namespace's list")
+        assert first.view() == {(namespace, "a"): ["mine"], (other, "a"): ["theirs"]}
+        first.call(first.informer._list)  # a list again, as after a 410
+        assert first.view() == {(namespace, "a"): ["mine"], (other, "a"): ["theirs"]}
+        assert [t for t in first.told + second.told if t[0] == "DELETED"] == []
+    finally:
+        kubectl("delete", "namespace", other, "--wait=false", check=False)

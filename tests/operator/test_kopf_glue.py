@@ -14,7 +14,7 @@ import pytest
 
 from kubetune.operator import kopf_settings, main
 from kubetune.operator.caches import Caches
-from kubetune.operator.informer import watched_paths
+from kubetune.operator.informer import path_namespace, watched_paths
 from kubetune.operator.objects import Key
 
 pytestmark = pytest.mark.unit
@@ -94,6 +94,8 @@ def test_named_namespaces_are_watched_one_by_one_and_a_pattern_is_refused() -> N
         "/apis/batch/v1/namespaces/a/jobs",
         "/apis/batch/v1/namespaces/b/jobs",
     ]
+    assert [path_namespace(p) for p in watched_paths("", "v1", "pods", ["a", "b"])] == ["a", "b"]
+    assert path_namespace("/api/v1/pods") is None
     with pytest.raises(ValueError, match="team-\\*: a pattern"):
         watched_paths("", "v1", "pods", ["a", "team-*"])
 
