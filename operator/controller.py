@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -230,13 +230,17 @@ def _same_spec(indexed: Obj, kept: Manifest) -> bool:
     )
 
 
+#: A watch cache: a FineTuneJob's key → the objects filed under it (``informer.Index``).
+Cache = Mapping[Key, Collection[Obj]]
+
+
 @dataclass
 class Controller:
     """What the handlers share: the indexes, the queue, what this replica wrote recently."""
 
-    finetunejobs: kopf.Index[Key, Obj]
-    jobs: kopf.Index[Key, Obj]
-    pods: kopf.Index[Key, Obj]
+    finetunejobs: Cache
+    jobs: Cache
+    pods: Cache
     queue: WorkQueue[Key]
     executor: ThreadPoolExecutor
     lease: LeaseLock | None
@@ -246,7 +250,7 @@ class Controller:
     #: Jobs (or JobSets) this replica created that the cache may not show yet.
     created: dict[Key, Obj] | None = None
     #: The JobSets' index: only where the settings ask for JobSet.
-    jobsets: kopf.Index[Key, Obj] | None = None
+    jobsets: Cache | None = None
     #: Groups are made as JobSets: the settings ask for it and its CRD was there at start.
     use_jobset: bool = False
     #: Progress the trainers reported, waiting for a status write (None: no endpoint).
@@ -267,7 +271,7 @@ class Controller:
         self.quiet = {}
 
 
-def index_values(index: kopf.Index[Key, Obj], key: Key) -> list[Obj]:
+def index_values(index: Cache, key: Key) -> list[Obj]:
     store = index.get(key)
     return list(store) if store is not None else []
 

@@ -1,9 +1,10 @@
 """kopf glue: watch caches in, one level-triggered reconcile per FineTuneJob out.
 
 Every event (a FineTuneJob, one of its Jobs or Pods), a periodic resync and a replica taking
-over the Lease all do the same thing: queue the FineTuneJob's key (an event, from the index
-handler kopf calls for it anyway). A worker (``worker.py``) takes the key, reads the
-FineTuneJob and its children from kopf's in-memory indexes (no API call), plans once (the pure
+over the Lease all do the same thing: queue the FineTuneJob's key (an event, from the watch
+caches of ``caches.py``, plain list+watches that kopf's startup starts). A worker
+(``worker.py``) takes the key, reads the FineTuneJob and its children from those in-memory
+indexes (no API call), plans once (the pure
 ``planner.decide``) and, when the plan makes requests, ``executor.reconcile`` carries it out on
 a thread (create what is missing, patch the Job it owns, patch the status fields that changed
 in one write, post an Event when the phase changes); then requeue.
@@ -15,158 +16,31 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
 
-from kubetune.api.models import GROUP, PLURAL, VERSION
 from kubetune.operator import jobset as js
 from kubetune.operator import kopf_settings, metrics, metrics_server, policy_watch, progress, worker
-from kubetune.operator.controller import (
-    JOB_SPEC_KEPT,
-    LOGGER,
-    MANAGED,
-    SETTINGS,
-    Controller,
-    identity,
-    job_key,
-    kube,
-    owner_name,
-    slim,
-    slim_finetunejob,
-    snapshot,
-)
+from kubetune.operator.caches import Caches
+from kubetune.operator.controller import LOGGER, SETTINGS, Controller, identity, kube, snapshot
 from kubetune.operator.creation import JOBSET_FALLBACK
 from kubetune.operator.kube import Kube, load_config
 from kubetune.operator.leader import LeaseKeeper, LeaseLock
-from kubetune.operator.objects import Key, Obj
+from kubetune.operator.objects import Key
 from kubetune.operator.progress import ProgressEndpoint, ProgressInbox, TokenReviewer
 from kubetune.operator.workqueue import WorkQueue
 
 _controller: Controller | None = None
-#: kopf has filled every index from its first listing (``_indexed``): from then on the index
-#: handlers queue what each event is about.
-_listed = False
-
-
-def _unindexed(type: str | None, **_: Any) -> bool:
-    """The on.event handlers' filter: a deletion (kopf calls no index handler for one), or an
-    event before kopf filled every index (the index handler queued nothing)."""
-    return type == "DELETED" or not _listed
-
-
-def _indexed() -> None:
-    """kopf calls an on.event handler only once it has filled every index from its first
-    listing: the first call queues every FineTuneJob, as the index handlers queued nothing
-    before (a pass then would have planned from indexes half filled)."""
-    global _listed  # noqa: PLW0603 - once per process
-    if not _listed and _controller is not None:
-        _listed = True
-        for key in list(_controller.finetunejobs.keys()):
-            _enqueue(key)
-
-
-def _queue(key: Key) -> None:
-    """Queue ``key`` from an index handler, once every index is filled."""
-    if _listed:
-        _enqueue(key)
-
-
-# Each watch event queues its FineTuneJob from the index handler that kopf calls for it anyway
-# (``_queue``): a second handler per event (on.event) would cost kopf a whole invocation more
-# per event. kopf calls no index handler for a deletion; the on.event handlers below take those
-# (and the events before every index is filled, ``_unindexed``), and kopf skips them otherwise
-# for the price of their ``when`` filter.
-
-
-@kopf.index(GROUP, VERSION, PLURAL)  # type: ignore[untyped-decorator]
-async def finetunejobs_index(
-    namespace: str, name: str, body: kopf.Body, **_: Any
-) -> dict[Key, Obj]:
-    key = job_key(namespace, name)
-    metrics.JOBS.observe(key, body.get("status") or {})
-    _queue(key)
-    return {key: slim_finetunejob(body, _in_index(key))}
-
-
-def _in_index(key: Key) -> Obj | None:
-    """What the FineTuneJobs' index holds for ``key`` now (None before startup, or none)."""
-    found = _controller.finetunejobs.get(key) if _controller is not None else None
-    return next(iter(found), None) if found else None
-
-
-def _child_index(
-    kept: tuple[str, ...],
-) -> Callable[..., Coroutine[Any, Any, dict[Key, Obj] | None]]:
-    """The index handler of one child kind (Jobs, pods, JobSets): its owner's key to the child,
-    slimmed to the spec fields ``kept``; the owner queued (none for a child of no job)."""
-
-    async def index(
-        namespace: str, annotations: kopf.Annotations, body: kopf.Body, **_: Any
-    ) -> dict[Key, Obj] | None:
-        owner = owner_name(annotations)
-        if owner is None:
-            return None
-        key = job_key(namespace, owner)
-        _queue(key)
-        return {key: slim(body, kept)}
-
-    return index
-
-
-# The index's name (what the reconcile handler's keyword says) is its id.
-jobs_index = kopf.index("batch", "v1", "jobs", labels=MANAGED, id="jobs_index")(
-    _child_index(JOB_SPEC_KEPT)
-)
-pods_index = kopf.index("", "v1", "pods", labels=MANAGED, id="pods_index")(_child_index(()))
-
-
-async def jobset_event(annotations: kopf.Annotations, namespace: str, **_: Any) -> None:
-    _indexed()
-    owner = owner_name(annotations)
-    if owner is not None:
-        _enqueue(job_key(namespace, owner))
-
-
-if SETTINGS.group_workload == "jobset":
-    # Watched only where the settings ask for JobSet (the operator's RBAC grants jobsets then).
-    kopf.index(js.GROUP, js.VERSION, js.PLURAL, labels=MANAGED, id="jobsets_index")(
-        _child_index(("suspend",))
-    )
-    kopf.on.event(js.GROUP, js.VERSION, js.PLURAL, labels=MANAGED, when=_unindexed)(jobset_event)
+#: The watch caches (``caches.py``): started with the controller.
+_caches: Caches | None = None
 
 
 if SETTINGS.trainer_network_policy:
     # The trainers' NetworkPolicies, put back when someone deletes or edits one.
     policy_watch.register(lambda: _controller)
-
-
-@kopf.on.event(GROUP, VERSION, PLURAL, when=_unindexed)  # type: ignore[untyped-decorator]
-async def finetunejob_event(
-    type: str | None, namespace: str, name: str, body: kopf.Body, **_: Any
-) -> None:
-    _indexed()
-    key = job_key(namespace, name)
-    metrics.JOBS.observe(key, None if type == "DELETED" else body.get("status") or {})
-    _enqueue(key)
-
-
-@kopf.on.event("batch", "v1", "jobs", labels=MANAGED, when=_unindexed)  # type: ignore[untyped-decorator]
-async def job_event(annotations: kopf.Annotations, namespace: str, **_: Any) -> None:
-    _indexed()
-    owner = owner_name(annotations)
-    if owner is not None:
-        _enqueue(job_key(namespace, owner))
-
-
-@kopf.on.event("", "v1", "pods", labels=MANAGED, when=_unindexed)  # type: ignore[untyped-decorator]
-async def pod_event(annotations: kopf.Annotations, namespace: str, **_: Any) -> None:
-    _indexed()
-    owner = owner_name(annotations)
-    if owner is not None:
-        _enqueue(job_key(namespace, owner))
 
 
 def _enqueue(key: Key) -> None:
@@ -182,12 +56,9 @@ def _enqueue(key: Key) -> None:
 async def configure(
     settings: kopf.OperatorSettings,
     logger: kopf.Logger,
-    finetunejobs_index: kopf.Index[Key, Obj],
-    jobs_index: kopf.Index[Key, Obj],
-    pods_index: kopf.Index[Key, Obj],
-    **kwargs: Any,
+    **_: Any,
 ) -> None:
-    global _controller  # noqa: PLW0603 - one controller per process
+    global _controller, _caches  # noqa: PLW0603 - one controller per process
     kopf_settings.configure(settings, kopf.get_default_registry())
     lease = None
     if SETTINGS.leader_election:
@@ -197,15 +68,16 @@ async def configure(
         lease = LeaseLock(
             own, namespace, SETTINGS.lease_name, identity(), SETTINGS.lease_duration_seconds
         )
+    caches = _caches = Caches(_enqueue)
     _controller = Controller(
-        finetunejobs=finetunejobs_index,
-        jobs=jobs_index,
-        pods=pods_index,
+        finetunejobs=caches.finetunejobs,
+        jobs=caches.jobs,
+        pods=caches.pods,
         queue=WorkQueue(),
         executor=ThreadPoolExecutor(SETTINGS.max_workers, thread_name_prefix="reconcile"),
         lease=lease,
         leader=lease is None,
-        jobsets=kwargs.get("jobsets_index"),
+        jobsets=caches.jobsets,
     )
     if SETTINGS.group_workload == "jobset":
         present = await asyncio.get_running_loop().run_in_executor(None, jobset_served)
@@ -214,6 +86,7 @@ async def configure(
             logger.info("multi-pod groups run as JobSets (%s)", js.API_VERSION)
         else:
             logger.warning("%s", JOBSET_FALLBACK)
+    caches.start(jobsets=_controller.use_jobset)
     if SETTINGS.metrics_port:
         metrics_server.serve(
             SETTINGS.metrics_port,
@@ -280,6 +153,8 @@ async def stop(**_: Any) -> None:
         ctl.leader = ctl.lease is None
     for keeper in _KEEPERS:
         await asyncio.get_running_loop().run_in_executor(None, keeper.stop)
+    if _caches is not None:
+        await _caches.stop()
 
 
 def _resync(ctl: Controller) -> None:

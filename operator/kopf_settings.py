@@ -10,16 +10,11 @@ from typing import Final, cast
 import kopf
 
 from kubetune.api.models import GROUP
-from kubetune.operator import jobset as js
 from kubetune.operator.controller import MANAGED, SETTINGS
 
-#: The kinds watched only for kubetune's own objects (the handlers' ``labels=MANAGED``).
-MANAGED_KINDS: Final = (
-    ("batch", "v1", "jobs"),
-    ("", "v1", "pods"),
-    (js.GROUP, js.VERSION, js.PLURAL),
-    ("networking.k8s.io", "v1", "networkpolicies"),
-)
+#: The kinds kopf watches only for kubetune's own objects (the handlers' ``labels=MANAGED``):
+#: the trainers' NetworkPolicies. FineTuneJobs and the children are the informers' (caches.py).
+MANAGED_KINDS: Final = (("networking.k8s.io", "v1", "networkpolicies"),)
 
 
 class NoDiffBase(kopf.AnnotationsDiffBaseStorage):  # type: ignore[misc]
@@ -76,14 +71,13 @@ def configure(settings: kopf.OperatorSettings, registry: kopf.OperatorRegistry) 
     settings.watching.client_timeout = SETTINGS.watch_timeout_seconds + 30
     settings.watching.inactivity_timeout = SETTINGS.watch_inactivity_seconds
     settings.watching.connect_timeout = 30
-    # The children are watched through the apiserver's label selector: the handlers take only
-    # kubetune's (labels=MANAGED) and kopf would otherwise receive, parse and drop every other
-    # Job and Pod of the namespaces (of the cluster, watching all of them).
+    # The trainers' NetworkPolicies are watched through the apiserver's label selector: the
+    # handler takes only kubetune's (labels=MANAGED) and kopf would otherwise receive, parse and
+    # drop every other policy of the namespaces (of the cluster, watching all of them).
     managed = ",".join(f"{label}={value}" for label, value in MANAGED.items())
     for kind in MANAGED_KINDS:
         settings.watching.label_selectors[kind] = managed
-    # The first list of each watch comes in pages: a page of the largest FineTuneJobs the CRD
-    # admits is what the operator holds at once, not every object of the cluster.
+    # The first list of each watch comes in pages (the informers' too: SETTINGS.list_chunk_size).
     settings.watching.chunk_size = SETTINGS.list_chunk_size
     settings.networking.request_timeout = SETTINGS.api_timeout_seconds
     settings.execution.max_workers = SETTINGS.max_workers

@@ -222,6 +222,18 @@ class Kube:
         self._auth = (stamp, headers)
         return headers
 
+    def auth_headers(self) -> dict[str, str]:
+        """The credentials' headers for a request of another client (the informers')."""
+        return self._auth_headers()
+
+    def endpoint(self) -> tuple[str, ssl.SSLContext | None, str | None, str | None]:
+        """Where the API server is, for a client of its own (the informers' aiohttp): its base
+        URL, the TLS context (None: plain HTTP), the TLS server name and the proxy, as the
+        kubernetes package's configuration says."""
+        configuration = self.api.configuration
+        proxy = configuration.proxy or None
+        return configuration.host.rstrip("/"), self._tls, self._server_name, proxy
+
     def get(self, path: str, query: dict[str, str] | None = None) -> Manifest:
         return self.request("GET", path, query=query)
 

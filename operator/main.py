@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     except ValidationError as exc:
         sys.exit(f"kubetune-operator: invalid settings:\n{exc}")
     namespaces = settings.namespaces
+    from kubetune.operator.informer import check_namespaces
+
+    try:
+        check_namespaces(namespaces)
+    except ValueError as exc:
+        sys.exit(f"kubetune-operator: invalid settings: {exc}")
     kopf.configure(
         verbose=settings.verbose,
         log_format=kopf.LogFormat.JSON if settings.json_logs else kopf.LogFormat.FULL,

@@ -1,5 +1,5 @@
 """The shapes the operator's modules pass around: a namespaced object's key, a Kubernetes object
-as read (from the API or kopf's indexes), and a manifest: a plain dict the operator builds, or
+as read (from the API or the watch caches), and a manifest: a plain dict the operator builds, or
 the API client returns, and may change."""
 
 from __future__ import annotations

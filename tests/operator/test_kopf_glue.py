@@ -1,21 +1,21 @@
-"""How the handlers meet kopf: each watch event queues its FineTuneJob from the index handler
-kopf calls for it anyway (once every index is filled), the on.event handlers take only what no
-index handler sees (deletions, events before the indexes are filled), and kopf builds no diff
-base (no handler of this operator reads one)."""
+"""How the operator meets its watches: each change (a deletion too) queues its FineTuneJob once
+every kind is listed, then every FineTuneJob is queued once; children are filed by their job's
+annotation, through the label kubetune puts on them; and kopf, which now watches only the
+trainers' NetworkPolicies, builds no diff base (no handler of this operator reads one)."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
 import pytest
 
-from kubetune.operator import handlers, kopf_settings, main
-from kubetune.operator.controller import Controller
-from kubetune.operator.workqueue import WorkQueue
+from kubetune.operator import kopf_settings, main
+from kubetune.operator.caches import Caches
+from kubetune.operator.informer import path_namespace, watched_paths
+from kubetune.operator.objects import Key
 
 pytestmark = pytest.mark.unit
 
@@ -25,64 +25,79 @@ FTJ: dict[str, Any] = {
     "spec": {},
     "status": {"phase": "Running"},
 }
-JOB_ANNOTATIONS = {"kubetune.io/finetunejob": "run-1"}
+JOB: dict[str, Any] = {
+    "kind": "Job",
+    "metadata": {"name": "run-1-job", "namespace": "team", "resourceVersion": "6",
+                 "annotations": {"kubetune.io/finetunejob": "run-1"}},
+    "spec": {"suspend": True, "template": {"spec": {"containers": []}}},
+}  # fmt: skip
 
 
-def controller() -> Controller:
-    return Controller(
-        finetunejobs={("team", "old"): [{}]},  # type: ignore[arg-type]  # a kopf.Index's keys
-        jobs={},  # type: ignore[arg-type]
-        pods={},  # type: ignore[arg-type]
-        queue=WorkQueue(),
-        executor=ThreadPoolExecutor(1),
-        lease=None,
-        leader=True,
-    )
-
-
-def queued(ctl: Controller) -> list[tuple[str, str]]:
-    return list(ctl.queue._urgent)
-
-
-def test_index_handlers_queue_their_job_only_once_kopf_filled_every_index(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    async def scenario() -> list[list[tuple[str, str]]]:
-        ctl = controller()
-        monkeypatch.setattr(handlers, "_controller", ctl)
-        monkeypatch.setattr(handlers, "_listed", False)
+def test_changes_queue_their_job_only_once_every_kind_is_listed_then_every_job_once() -> None:
+    async def scenario() -> list[list[Key]]:
+        queued: list[Key] = []
+        caches = Caches(queued.append)
         seen = []
-        body = kopf.Body(FTJ)
-        await handlers.finetunejobs_index(namespace="team", name="run-1", body=body)
-        await handlers.jobs_index(namespace="team", annotations=JOB_ANNOTATIONS, body=body)
-        seen.append(queued(ctl))  # the first listing: nothing queued yet
-        # kopf calls an on.event handler only once every index is filled: every job is queued.
-        await handlers.job_event(annotations=JOB_ANNOTATIONS, namespace="team")
-        seen.append(sorted(queued(ctl)))
-        ctl.queue = WorkQueue()
-        await handlers.jobs_index(namespace="team", annotations=JOB_ANNOTATIONS, body=body)
-        seen.append(queued(ctl))  # from now on, the index handler queues the event's job
+        caches.finetunejobs.put(
+            ("team", "old"), {**FTJ, "metadata": {**FTJ["metadata"], "name": "old"}}
+        )
+        caches.finetunejobs.put(("team", "run-1"), FTJ)
+        caches._finetunejob_changed("ADDED", ("team", "run-1"), FTJ)
+        caches._child_changed("ADDED", ("team", "run-1"), JOB)
+        seen.append(list(queued))  # the first lists: nothing queued yet
+        await caches._queue_all_once_listed()  # every informer listed (none here)
+        seen.append(sorted(queued))
+        queued.clear()
+        caches._child_changed("MODIFIED", ("team", "run-1"), JOB)
+        caches._child_changed("DELETED", ("team", "run-1"), JOB)
+        caches._finetunejob_changed("DELETED", ("team", "old"), FTJ)
+        seen.append(list(queued))  # from now on each change queues its job, a deletion too
         return seen
 
     before, listed, after = asyncio.run(scenario())
     assert before == []
     assert listed == [("team", "old"), ("team", "run-1")]
-    assert after == [("team", "run-1")]
+    assert after == [("team", "run-1"), ("team", "run-1"), ("team", "old")]
 
 
-def test_the_event_handlers_take_deletions_and_only_them_once_the_indexes_are_filled(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(handlers, "_listed", False)
-    assert handlers._unindexed(type=None) and handlers._unindexed(type="MODIFIED")
-    monkeypatch.setattr(handlers, "_listed", True)
-    assert handlers._unindexed(type="DELETED")
-    assert not handlers._unindexed(type="ADDED") and not handlers._unindexed(type="MODIFIED")
-    assert not handlers._unindexed(type=None)  # a relisting after a watch broke
-    registry = kopf.get_default_registry()
-    ours = (handlers.finetunejob_event, handlers.job_event, handlers.pod_event)
-    filters = [h.when for h in registry._watching.get_all_handlers() if h.fn in ours]
-    assert filters == [handlers._unindexed] * 3
+def test_children_are_filed_by_their_jobs_annotation_slimmed_and_jobs_by_their_own_name() -> None:
+    caches = Caches(lambda _key: None)
+    assert caches.jobs.put(("team", "run-1-job"), JOB) == (None, ("team", "run-1"))
+    assert caches.pods.put(("team", "stray"), {"metadata": {"name": "stray"}}) == (None, None)
+    (job,) = caches.jobs[("team", "run-1")]
+    assert job["spec"] == {"suspend": True} and job["kind"] == "Job"  # no template kept
+    assert list(caches.pods) == []
+    assert caches.finetunejobs.put(("team", "run-1"), FTJ) == (None, ("team", "run-1"))
+    (ftj,) = caches.finetunejobs[("team", "run-1")]
+    assert ftj["status"] == {"phase": "Running"}
+
+
+def test_the_children_are_watched_through_the_label_selector_and_the_jobs_are_not() -> None:
+    """The informers ask the apiserver for kubetune's Jobs and Pods only (the label kubetune puts
+    on them), every FineTuneJob; kopf, for kubetune's NetworkPolicies only."""
+    watches = {w.path: w.selector for w in Caches(lambda _key: None).watches(jobsets=False)}
+    managed = "app.kubernetes.io/managed-by=kubetune-operator"
+    assert watches == {
+        "/apis/kubetune.io/v1alpha1/finetunejobs": None,
+        "/apis/batch/v1/jobs": managed,
+        "/api/v1/pods": managed,
+    }
+    settings = kopf.OperatorSettings()
+    kopf_settings.configure(settings, kopf.get_default_registry())
+    selectors = settings.watching.label_selectors
+    policies = kopf.Resource("networking.k8s.io", "v1", "networkpolicies")
+    assert selectors.collect(policies) == [managed]
+
+
+def test_named_namespaces_are_watched_one_by_one_and_a_pattern_is_refused() -> None:
+    assert watched_paths("batch", "v1", "jobs", ["a", "b"]) == [
+        "/apis/batch/v1/namespaces/a/jobs",
+        "/apis/batch/v1/namespaces/b/jobs",
+    ]
+    assert [path_namespace(p) for p in watched_paths("", "v1", "pods", ["a", "b"])] == ["a", "b"]
+    assert path_namespace("/api/v1/pods") is None
+    with pytest.raises(ValueError, match="team-\\*: a pattern"):
+        watched_paths("", "v1", "pods", ["a", "team-*"])
 
 
 def test_kopf_builds_no_diff_base_as_no_handler_reads_one() -> None:
@@ -101,18 +116,6 @@ def test_kopf_builds_no_diff_base_as_no_handler_reads_one() -> None:
     kopf.on.update("example.com", "v1", "things", registry=other)(lambda **_: None)
     kopf_settings.configure(settings, other)
     assert not isinstance(settings.persistence.diffbase_storage, kopf_settings.NoDiffBase)
-
-
-def test_the_children_are_watched_through_the_label_selector_and_the_jobs_are_not() -> None:
-    """kopf asks the apiserver for kubetune's Jobs, Pods, JobSets and NetworkPolicies only (the
-    label the handlers filter on); every FineTuneJob is the operator's."""
-    settings = kopf.OperatorSettings()
-    kopf_settings.configure(settings, kopf.get_default_registry())
-    selectors = settings.watching.label_selectors
-    for group, version, plural in (("batch", "v1", "jobs"), ("", "v1", "pods")):
-        found = selectors.collect(kopf.Resource(group, version, plural))
-        assert found == ["app.kubernetes.io/managed-by=kubetune-operator"]
-    assert selectors.collect(kopf.Resource("kubetune.io", "v1alpha1", "finetunejobs")) == []
 
 
 def test_the_operator_freezes_what_it_imported_and_collects_the_young_less_often() -> None:

@@ -432,6 +432,24 @@ def test_deleting_a_running_job_removes_its_job_and_pods(
         )
 
 
+def test_a_job_an_earlier_version_left_with_kopfs_finalizer_is_deleted_all_the_same(
+    operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> None:
+    """An earlier kubetune put kopf's finalizer on FineTuneJobs; this one watches them itself
+    (kopf, which took it off, no longer does) and takes it off, so the deletion is not held."""
+    manifest = finetunejob("legacy", sleeper_spec(300, runPolicy={"suspend": True}))
+    manifest["metadata"]["finalizers"] = ["kubetune.io/finalizer"]
+    apply(kubectl, namespace, manifest)
+    wait_for(
+        lambda: (
+            not get_json(kubectl, "ftj", "legacy", "-n", namespace)["metadata"].get("finalizers")
+        ),
+        60,
+        "the earlier version's finalizer to be taken off",
+    )
+    kubectl("delete", "ftj", "legacy", "-n", namespace, "--wait=true", "--timeout=60s")
+
+
 def test_operator_killed_mid_run_and_restarted_keeps_the_job_and_completes(
     operator: OperatorProcess, kubectl: Kubectl, namespace: str
 ) -> None:
