@@ -188,13 +188,22 @@ def test_a_running_job_estimates_its_finish_from_progress() -> None:
     assert mapping.openai_job(running, TEMPLATE)["estimated_finish"] == 1767225660
 
 
+def kube_event(
+    uid: str, reason: str, message: str, last: str, exact: str | None = None
+) -> dict[str, Any]:
+    """A core/v1 Event of the operator's on the job: ``last`` its lastTimestamp, ``exact`` its
+    eventTime (to the microsecond) when it has one."""
+    event = {"metadata": {"uid": uid}, "type": "Normal", "reason": reason, "message": message,
+             "lastTimestamp": last}  # fmt: skip
+    return event if exact is None else {**event, "eventTime": exact}
+
+
 def test_events_come_newest_first_from_creation_kube_events_progress_and_the_end() -> None:
     done = job(
         "Succeeded", completionTime="2026-01-01T00:10:00Z",
         progress={"step": 10, "totalSteps": 10, "loss": 0.5, "updatedAt": "2026-01-01T00:09:00Z"},
     )  # fmt: skip
-    kube_events = [{"metadata": {"uid": "u1"}, "type": "Normal", "reason": "Running",
-                    "message": "trainer started", "lastTimestamp": "2026-01-01T00:05:00Z"}]  # fmt: skip
+    kube_events = [kube_event("u1", "Running", "trainer started", "2026-01-01T00:05:00Z")]
     events = mapping.job_events(done, kube_events)
     assert [e["message"] for e in events] == [
         "The job has successfully completed",
@@ -207,8 +216,7 @@ def test_events_come_newest_first_from_creation_kube_events_progress_and_the_end
 
 def test_the_end_is_the_newest_event_though_the_operators_event_for_it_is_a_second_later() -> None:
     done = job("Succeeded", completionTime="2026-01-01T00:10:00Z")
-    kube_events = [{"metadata": {"uid": "u1"}, "type": "Normal", "reason": "Succeeded",
-                    "message": "the trainer finished", "lastTimestamp": "2026-01-01T00:10:01Z"}]  # fmt: skip
+    kube_events = [kube_event("u1", "Succeeded", "the trainer finished", "2026-01-01T00:10:01Z")]
     events = mapping.job_events(done, kube_events)
     assert [e["message"] for e in events] == [
         "The job has successfully completed",
@@ -220,14 +228,12 @@ def test_the_end_is_the_newest_event_though_the_operators_event_for_it_is_a_seco
 
 def test_the_operators_events_of_one_second_order_by_their_microseconds() -> None:
     done = job("Succeeded", completionTime="2026-01-01T00:10:00Z")
-
-    def event(uid: str, reason: str, micros: str) -> dict[str, Any]:
-        return {"metadata": {"uid": uid}, "type": "Normal", "reason": reason, "message": "m",
-                "lastTimestamp": "2026-01-01T00:10:00Z",
-                "eventTime": f"2026-01-01T00:10:00.{micros}Z"}  # fmt: skip
-
+    second = "2026-01-01T00:10:00"
     # Listed as the apiserver may list them (by their generated names), not as they happened.
-    kube_events = [event("u2", "Succeeded", "900000"), event("u1", "Running", "100000")]
+    kube_events = [
+        kube_event("u2", "Succeeded", "m", f"{second}Z", exact=f"{second}.900000Z"),
+        kube_event("u1", "Running", "m", f"{second}Z", exact=f"{second}.100000Z"),
+    ]
     messages = [e["message"] for e in mapping.job_events(done, kube_events)]
     assert messages == [
         "The job has successfully completed", "Succeeded: m", "Running: m", "Created fine-tuning job",
