@@ -100,11 +100,13 @@ def jobs_rows(jobs: Sequence[Mapping[str, Any]], now: datetime | None = None) ->
 
 def timeline(job: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> Html:
     """Conditions and Events, oldest first, as one ordered list."""
-    entries: list[tuple[str, Html]] = []
+    # (when, to the microsecond where an Event says it, what): Events of one second in order.
+    entries: list[tuple[str, str, Html]] = []
     meta = job["metadata"]
     entries.append(
         (
             str(meta.get("creationTimestamp") or ""),
+            "",
             tag("<strong>Created</strong> <span>{name}</span>", name=meta.get("name", "")),
         )
     )
@@ -112,6 +114,7 @@ def timeline(job: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> Htm
         entries.append(
             (
                 str(cond.get("lastTransitionTime") or ""),
+                "",
                 tag(
                     '<strong>{type}={status}</strong> <span class="reason">{reason}</span> '
                     '<span class="message">{message}</span>',
@@ -125,6 +128,7 @@ def timeline(job: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> Htm
         entries.append(
             (
                 str(when or ""),
+                str(event.get("eventTime") or ""),
                 tag(
                     '<strong>Event {reason}</strong> <span class="kind-{kind}">{type}</span> '
                     '<span class="message">{message}</span>{times}',
@@ -136,10 +140,10 @@ def timeline(job: Mapping[str, Any], events: Sequence[Mapping[str, Any]]) -> Htm
                 ),
             )
         )
-    entries.sort(key=lambda entry: entry[0])
+    entries.sort(key=lambda entry: entry[:2])
     return join(
         tag("<li><time>{when}</time> {what}</li>", when=when or "—", what=what)
-        for when, what in entries
+        for when, _, what in entries
     )
 
 

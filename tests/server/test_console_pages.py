@@ -7,7 +7,7 @@ import pytest
 
 from kubetune.server import console_form
 from kubetune.server.console_html import esc, tag
-from kubetune.server.console_job_html import job_live, job_row
+from kubetune.server.console_job_html import job_live, job_row, timeline
 
 pytestmark = pytest.mark.unit
 
@@ -167,3 +167,17 @@ def test_the_yaml_shows_uris_without_their_credentials() -> None:
     assert "signature" not in shown and "abc123" not in shown and "u:p@" not in shown
     assert "uri: http://server:8080/datasets/team-a/file-1.jsonl" in shown
     assert "managedFields" not in shown
+
+
+def test_the_timeline_puts_events_of_one_second_in_the_order_they_happened() -> None:
+    job = {"metadata": {"name": "tiny", "creationTimestamp": "2026-01-01T00:09:00Z"}}
+    second = "2026-01-01T00:10:00"
+    # Listed as the apiserver may list them (by their generated names), not as they happened.
+    events = [
+        {"reason": "Succeeded", "message": "the trainer finished", "lastTimestamp": f"{second}Z",
+         "eventTime": f"{second}.900000Z"},
+        {"reason": "Running", "message": "the trainer is running", "lastTimestamp": f"{second}Z",
+         "eventTime": f"{second}.100000Z"},
+    ]  # fmt: skip
+    shown = str(timeline(job, events))
+    assert shown.index("Created") < shown.index("Event Running") < shown.index("Event Succeeded")
