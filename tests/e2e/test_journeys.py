@@ -62,7 +62,9 @@ def gpu_requests(pod: dict[str, Any]) -> list[str]:
 def event_reasons(kubectl: Kubectl, namespace: str, name: str) -> list[str]:
     selector = f"involvedObject.kind=FineTuneJob,involvedObject.name={name}"
     events = get_json(kubectl, "events", "-n", namespace, "--field-selector", selector)["items"]
-    return [str(e.get("reason")) for e in sorted(events, key=lambda e: e["lastTimestamp"])]
+    # Within a second, by eventTime (the operator's Events carry it to the microsecond).
+    ordered = sorted(events, key=lambda e: (e["lastTimestamp"], e.get("eventTime") or ""))
+    return [str(e.get("reason")) for e in ordered]
 
 
 def test_tiny_job_trains_from_the_images_reports_its_adapter_and_tracks_it_in_mlflow(
