@@ -278,7 +278,7 @@ def index_values(index: Cache, key: Key) -> list[Obj]:
 
 def snapshot(ctl: Controller, key: Key) -> tuple[Obj | None, list[Obj], list[Obj], list[Obj]]:
     """The FineTuneJob, its Jobs, Pods and JobSets as this replica knows them (runs on the event
-    loop, where kopf changes the indexes, so the copy is consistent)."""
+    loop, where the watch caches change the indexes, so the copy is consistent)."""
     assert ctl.written is not None and ctl.created is not None
     found = index_values(ctl.finetunejobs, key)
     if not found:

@@ -106,7 +106,7 @@ async def configure(
 
 
 async def _serve_progress(ctl: Controller) -> None:
-    """The trainers' progress endpoint, on this loop (it reads the indexes kopf keeps here)."""
+    """The trainers' progress endpoint, on this loop (it reads the watch caches kept here)."""
     assert SETTINGS.progress_port is not None
     ctl.progress = ProgressInbox(SETTINGS.progress_interval_seconds)
 
