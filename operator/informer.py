@@ -39,7 +39,7 @@ Slimmer = Callable[[Mapping[str, Any], Obj | None], Obj]
 Listener = Callable[[str, Key, Mapping[str, Any]], None]
 
 LOGGER: Final = logging.getLogger("kubetune.operator.informer")
-#: Seconds between attempts after a failed list or watch: doubled up to the last.
+#: Seconds between attempts after failed lists or watches in a row: then the last, again.
 BACKOFF: Final = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 #: A watch that ends sooner than this (without an error) is started again after a pause.
 SHORT_WATCH_SECONDS: Final = 1.0

@@ -58,10 +58,10 @@ def configure(settings: kopf.OperatorSettings, registry: kopf.OperatorRegistry) 
     settings.posting.level = logging.WARNING
     # Replicas coordinate through the Lease (operator/leader.py), not kopf's peering.
     settings.peering.standalone = True
-    if SETTINGS.namespaces and not any(set(n) & set("*?[!") for n in SETTINGS.namespaces):
-        # Named namespaces only (the chart's watchNamespaces): nothing to discover. Scanning
-        # would list namespaces, which the chart grants no right to in that mode, and kopf
-        # retries that for about a minute before it serves any FineTuneJob.
+    if SETTINGS.namespaces:
+        # Named namespaces (a pattern is refused at start, informer.check_namespaces): nothing
+        # to discover. Scanning would list namespaces, which the chart grants no right to in
+        # that mode, and kopf retries that for about a minute before it serves anything.
         settings.scanning.disabled = True
     # A watch ends on the server's timeout; the client's is a backstop for a connection that
     # broke without a word. Watches ask for bookmarks, which the apiserver sends about once a
