@@ -286,6 +286,15 @@ def _profile_summary(profiler: Any, out: Path | None, rows: int = 25) -> list[di
         out.write_text(
             events.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=90)
         )
+        # The same operators by input shapes: which layer's copy or add a row is.
+        out.with_suffix(".shapes.txt").write_text(
+            profiler.key_averages(group_by_input_shape=True).table(
+                sort_by="self_device_time_total",
+                row_limit=80,
+                max_name_column_width=50,
+                max_shapes_column_width=120,
+            )
+        )
     return [
         {
             "name": e.key[:120],
@@ -335,7 +344,9 @@ def throughput_callback(
                 from torch.profiler import ProfilerActivity, profile
 
                 torch.cuda.synchronize()
-                profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                profiler = profile(
+                    activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True
+                )
                 profiler.start()
                 profiling.append(profiler)
                 record["_last_step"] = time.perf_counter()

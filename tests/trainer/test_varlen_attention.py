@@ -40,3 +40,28 @@ def test_generation_on_a_padded_batch_answers_as_sdpa_does(tiny: TinyAssets) -> 
         answers[f"{attention}-logits"] = logits
     assert torch.equal(answers["sdpa"], answers[name])
     assert torch.allclose(answers["sdpa-logits"], answers[f"{name}-logits"], atol=1e-5)
+
+
+def test_the_kernels_layout_is_a_view_of_the_projection_and_so_is_its_gradient() -> None:
+    """q, k and v reach the varlen kernel as (tokens, heads, dim) views of the projections'
+    outputs, and their gradients come back as views laid out as those outputs are: no zeroed
+    heads-first copy in the backward for the next layers to copy back (issue #31's profile)."""
+    import torch
+
+    from kubetune.trainer.model.varlen_attention import tokens_heads
+
+    tokens, heads, dim = 7, 3, 4
+    projected = torch.randn(1, tokens, heads * dim, requires_grad=True)
+    # What a Llama attention layer hands an attention implementation: (1, heads, tokens, dim).
+    states = projected.view(1, tokens, heads, dim).transpose(1, 2)
+    arriving: list[torch.Tensor] = []
+    states.register_hook(arriving.append)
+
+    laid_out = tokens_heads(states)
+    assert laid_out.shape == (tokens, heads, dim)
+    assert laid_out.is_contiguous() and laid_out.data_ptr() == projected.data_ptr()
+    grad = torch.randn(tokens, heads, dim)
+    laid_out.backward(grad)
+
+    assert arriving[0].stride() == states.stride()  # tokens first, as the projection wrote it
+    assert torch.equal(projected.grad, grad.reshape(1, tokens, heads * dim))
