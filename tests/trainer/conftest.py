@@ -28,6 +28,12 @@ from trainer_helpers import (
 # only contend. Set before torch is imported by any test.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Offline from the start, not from the first trainer test: huggingface_hub (and datasets) read
+# HF_HUB_OFFLINE once, when first imported, and in a whole-tree run the cluster suites import
+# transformers first (tests/conftest.py's tiny_assets). Set later, it came too late: the hub tests
+# of bad inputs went online and waited out the hub client's retries (70 s on a machine without
+# DNS) instead of failing at once as offline.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")
