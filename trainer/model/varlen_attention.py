@@ -40,7 +40,8 @@ def tokens_heads(states: Any) -> Any:
     them: a view of the projection's output (tokens first), and so is its gradient. Indexing the
     batch's one row instead (``states[0]``) has a backward that writes the gradient into a new
     zeroed tensor with the heads first, which every later gradient then copies back to tokens
-    first: three copies of q, k and v a layer, ~5% of a 7B step on an H100 (docs/performance.md)."""
+    first: six copies a layer, 4.8% of an H100's time in a 7B step (2.8-3.9% faster without them;
+    docs/performance.md)."""
     return states.transpose(1, 2).flatten(0, 1)
 
 
