@@ -52,11 +52,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyAssets:
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Caches and termination messages in temp dirs; never a real hub token in the tests."""
+    """Caches and termination messages in temp dirs; never a real hub token in the tests (offline
+    from the module's import, above)."""
     base = tmp_path_factory.mktemp("env")
-    saved = {k: os.environ.get(k) for k in ("KUBETUNE_CACHE_DIR", "HF_TOKEN", "HF_HUB_OFFLINE")}
+    saved = {k: os.environ.get(k) for k in ("KUBETUNE_CACHE_DIR", "HF_TOKEN")}
     os.environ["KUBETUNE_CACHE_DIR"] = str(base / "cache")
-    os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.pop("HF_TOKEN", None)
     yield
     for key, value in saved.items():
