@@ -11,24 +11,26 @@
 #                                                  # 7B bf16 vs fp8 vs TRL best (~7 min)
 #   OUT=/some/dir bash bench/gpu_round.sh codes       # on an H100: the per-call e4m3 weight from
 #                                                     # the 4-bit codes vs two steps (~7 min)
-#   OUT=/some/dir bash bench/gpu_round.sh fp8-h200    # on an H200: tests; 7B and 8B FP8 vs TRL
-#                                                     # best; per call, + transposed (~9 min)
+#   OUT=/some/dir bash bench/gpu_round.sh fp8-h200    # on an H200: tests; 7B and 8B defaults vs
+#                                                     # TRL best; 7B FP8 per call (~9 min)
 #   OUT=/some/dir bash bench/gpu_round.sh fp8-parity  # the loss parity of both vs TRL (~4 min)
 #
-# Everything lands in $OUT as it comes (results.jsonl, the profile table, one log per command,
-# timeline.txt), so a command cut at its limit still leaves what it measured. Every comparison
+# Everything lands in $OUT as it comes (results.jsonl, the profile table, every command's output
+# in runs.log under a header, timeline.txt), so a command cut at its limit still leaves what it
+# measured; few files, because the device returns only eight. Every comparison
 # runs its baseline in the same stage, on the same card.
 set -u
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to a folder for the results}"
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/card.txt" 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/timeline.txt" 2>&1
 B="bash bench/gpu.sh python3 bench/qlora_throughput.py --out $OUT/results.jsonl --logging-steps 2"
 T0=$(date +%s)
-step() {  # step NAME COMMAND...: run, log its output to $OUT/NAME.log, note the time
+step() {  # step NAME COMMAND...: run, append its output to $OUT/runs.log, note the time
   local name=$1
   shift
-  "$@" > "$OUT/$name.log" 2>&1
+  echo "===== $name: $*" >> "$OUT/runs.log"
+  "$@" >> "$OUT/runs.log" 2>&1
   local rc=$?
   echo "[$(($(date +%s) - T0))s] $name: exit $rc" | tee -a "$OUT/timeline.txt"
 }
@@ -104,21 +106,18 @@ case "${1:-}" in
     step fp8-matmul bash bench/gpu.sh python3 bench/fp8_matmul.py --out "$OUT/fp8-matmul.jsonl" \
       --iters 10
     ;;
-  fp8-h200)  # ~9 min on an H200, where the 7B e4m3 base is kept: FP8's GPU tests, then 7B FP8
-    # (kept, the default there) and TRL's best, 8B FP8 and TRL's best, 7B FP8 per call (the
-    # weight from the 4-bit codes) and with the transposed copy kept too, then the pieces; all
-    # at --logging-steps 10, most important first (a command cut at its limit keeps those)
+  fp8-h200)  # ~9 min on an H200: FP8's GPU tests, then the 7B and 8B defaults (the plan keeps
+    # the e4m3 base there) each beside TRL's best, then 7B with FP8 per call; all at
+    # --logging-steps 10, most important first (a command cut at its limit keeps those)
     KUBETUNE_CACHE_DIR=/tmp/kc-tests TRITON_CACHE_DIR=/tmp/kc-tests/triton step gpu-tests \
       bash bench/gpu.sh python3 -m pytest -q -m gpu tests/trainer/test_fp8_base.py \
       tests/trainer/test_fused_lora.py tests/trainer/test_trainer_gpu.py -p no:cacheprovider -rs
-    for run in llama2-7b:kubetune-fp8 llama2-7b:trl-best llama3-8b:kubetune-fp8 \
-      llama3-8b:trl-best llama2-7b:kubetune-fp8-percall llama2-7b:kubetune-fp8-keept; do
+    for run in llama2-7b:kubetune llama2-7b:trl-best llama3-8b:kubetune llama3-8b:trl-best \
+      llama2-7b:kubetune-fp8-percall; do
       step "${run/:/-}" bash bench/gpu.sh python3 bench/qlora_throughput.py \
         --out "$OUT/results.jsonl" --logging-steps 10 --steps 14 --warmup 4 \
         --shape "${run%%:*}" --modes "${run#*:}"
     done
-    step fp8-matmul bash bench/gpu.sh python3 bench/fp8_matmul.py --out "$OUT/fp8-matmul.jsonl" \
-      --iters 10
     ;;
   fp8-parity)  # ~4 min: each kubetune parity mode against plain TRL, 20 steps, a loss a step
     step 7b-fp8-parity bash bench/gpu.sh python3 bench/qlora_throughput.py \
