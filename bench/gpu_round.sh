@@ -13,6 +13,8 @@
 #                                                     # the 4-bit codes vs two steps (~7 min)
 #   OUT=/some/dir bash bench/gpu_round.sh fp8-h200    # on an H200: tests; 7B and 8B defaults vs
 #                                                     # TRL best; 7B FP8 per call (~9 min)
+#   OUT=/some/dir bash bench/gpu_round.sh grouped     # tests; 7B and 8B defaults vs every layer
+#                                                     # alone vs TRL best (~9.5 min)
 #   OUT=/some/dir bash bench/gpu_round.sh fp8-parity  # the loss parity of both vs TRL (~4 min)
 #
 # Everything lands in $OUT as it comes (results.jsonl, the profile table, every command's output
@@ -119,13 +121,27 @@ case "${1:-}" in
         --shape "${run%%:*}" --modes "${run#*:}"
     done
     ;;
+  grouped)  # ~9.5 min: the GPU tests of FP8 and the fused and grouped layers, then the 7B
+    # defaults (q, k, v and gate, up as one function) beside every layer alone and TRL's best,
+    # then the 8B the same way; most important first
+    KUBETUNE_CACHE_DIR=/tmp/kc-tests TRITON_CACHE_DIR=/tmp/kc-tests/triton step gpu-tests \
+      bash bench/gpu.sh python3 -m pytest -q -m gpu tests/trainer/test_fp8_base.py \
+      tests/trainer/test_fused_lora.py tests/trainer/test_grouped_lora.py \
+      tests/trainer/test_trainer_gpu.py -p no:cacheprovider -rs
+    for run in llama2-7b:kubetune llama2-7b:kubetune-ungrouped llama2-7b:trl-best \
+      llama3-8b:kubetune llama3-8b:trl-best llama3-8b:kubetune-ungrouped; do
+      step "${run/:/-}" bash bench/gpu.sh python3 bench/qlora_throughput.py \
+        --out "$OUT/results.jsonl" --logging-steps 10 --steps 14 --warmup 4 \
+        --shape "${run%%:*}" --modes "${run#*:}"
+    done
+    ;;
   fp8-parity)  # ~4 min: each kubetune parity mode against plain TRL, 20 steps, a loss a step
     step 7b-fp8-parity bash bench/gpu.sh python3 bench/qlora_throughput.py \
       --out "$OUT/results.jsonl" --shape llama2-7b --steps 20 --warmup 4 --logging-steps 1 \
       --token-range 512 --batch 4 --modes kubetune-fp8-parity,kubetune-parity,trl-parity
     ;;
   *)
-    echo "usage: OUT=DIR bash bench/gpu_round.sh speed|caps|caps-fp8|h100|tests|fp8|codes|fp8-h200|fp8-parity" >&2
+    echo "usage: OUT=DIR bash bench/gpu_round.sh speed|caps|caps-fp8|h100|tests|fp8|codes|fp8-h200|grouped|fp8-parity" >&2
     exit 2
     ;;
 esac

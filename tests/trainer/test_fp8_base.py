@@ -362,3 +362,78 @@ def test_layers_reading_the_same_input_quantise_it_once(monkeypatch: pytest.Monk
     assert torch.equal(doubled, fp8_base.base_forward(rows.clone(), weights[0]))
     fp8_base.forget_last_input()
     assert not fp8_base._last_input
+
+
+_SEGMENTS_INTERPRETED = """
+import json, sys, torch
+from kubetune.trainer.model import fp8_base
+out = []
+for widths in json.loads(sys.argv[1]):
+    segments = [torch.load(sys.argv[2])[:, :w] * 10.0 ** i for i, w in enumerate(widths)]
+    column_scale = torch.rand(sum(widths), generator=torch.Generator().manual_seed(3)) + 0.5
+    values, scale = fp8_base.quantize_segments_triton(segments, column_scale, torch.float32)
+    expected, expected_scale = fp8_base.scaled_rows_reference(torch.cat(segments, 1), column_scale)
+    out.append(torch.equal(values, expected) and torch.equal(scale, expected_scale))
+print(json.dumps(out))
+"""
+
+
+def test_the_segments_kernel_quantises_matrices_side_by_side_as_their_concatenation(
+    tmp_path: Path,
+) -> None:
+    """q, k and v's output gradients (two or three matrices, one a thousand times the other's
+    magnitude) quantised in one kernel without concatenating them: the values and the one
+    scale a row that the concatenation's quantisation gives, under Triton's interpreter
+    (before the e4m3 cast, as the quantiser's interpreter test); 5,000 + 700 columns take
+    three passes of the kernel's block."""
+    pytest.importorskip("triton")
+    import torch
+
+    rows = tmp_path / "rows.pt"
+    torch.save(_rows(6, 5000).float(), rows)
+    widths = [[300, 200, 100], [5000, 700], [64, 64, 2100]]
+    done = subprocess.run(
+        [sys.executable, "-c", _SEGMENTS_INTERPRETED, json.dumps(widths), str(rows)],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [True, True, True]
+
+
+def test_matrices_side_by_side_on_the_cpu_are_their_concatenation_quantised() -> None:
+    import torch
+
+    from kubetune.trainer.model import fp8_base
+
+    segments = [_rows(8, 64, seed=1), _rows(8, 32, seed=2) * 100]
+    column_scale = torch.rand(96) + 0.5
+    quantized, scale = fp8_base.quantize_row_segments(segments, column_scale)
+    expected, expected_scale = fp8_base.quantize_rows_reference(
+        torch.cat(segments, 1), column_scale
+    )
+    assert torch.equal(quantized.view(torch.uint8), expected.view(torch.uint8))
+    assert torch.equal(scale, expected_scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("widths", [(4096, 4096, 4096), (4096, 1024, 1024), (11008, 11008)])
+def test_the_segments_kernel_on_the_gpu_is_bitwise_the_concatenations_quantisation(
+    widths: tuple[int, ...],
+) -> None:
+    import torch
+
+    from kubetune.trainer.model import fp8_base
+
+    _cuda_with_fp8()
+    segments = [_rows(64, w, seed=i).cuda() * 10.0**i for i, w in enumerate(widths)]
+    column_scale = (torch.rand(sum(widths)) + 0.5).cuda()
+    quantized, scale = fp8_base.quantize_row_segments(segments, column_scale)
+    expected, expected_scale = fp8_base.quantize_rows_reference(
+        torch.cat(segments, 1), column_scale
+    )
+    assert torch.equal(scale, expected_scale)
+    differ = int((quantized.view(torch.uint8) != expected.view(torch.uint8)).sum())
+    assert differ == 0, f"{differ} of {quantized.numel()} elements differ"

@@ -50,6 +50,9 @@ KEPT_ABSMAX = "_kubetune_absmax"
 #: made from the 4-bit codes in one kernel in every call), or True (dequantised to bf16 and
 #: quantised again in every call).
 FP8_WEIGHT = "_kubetune_fp8"
+#: Attribute of an adapted layer computed with its siblings (q, k, v; gate, up) as one function
+#: (a ``grouped_lora.SiblingGroup``).
+GROUP = "_kubetune_group"
 #: Per-call FP8 weights made straight from the 4-bit codes where the kernel can run (the bench
 #: switches it off to measure it against dequantising to bf16, quantising and transposing).
 E4M3_FROM_CODES = True
@@ -230,6 +233,8 @@ def drop_kept_dequantization(model: Any) -> None:
 
     forget_last_input()
     for module in model.modules():
+        if GROUP in vars(module):
+            delattr(module, GROUP)
         weight = getattr(module, "weight", None)
         for name in (KEPT_WEIGHT, KEPT_ABSMAX, FP8_WEIGHT):
             if weight is not None and hasattr(weight, name):
@@ -332,6 +337,11 @@ def _fused_forward(layer: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> to
     name = _fusable_adapter(layer, x, args, kwargs)
     if name is None:
         return layer.peft_forward(x, *args, **kwargs)  # type: ignore[no-any-return]
+    group = vars(layer).get(GROUP)
+    if group is not None:
+        out = group.output(layer, x, name)
+        if out is not None:
+            return out  # type: ignore[no-any-return]
     base = layer.get_base_layer()
     return FusedLoRA4bit.apply(  # type: ignore[no-any-return, no-untyped-call]
         x,
