@@ -366,12 +366,12 @@ def test_layers_reading_the_same_input_quantise_it_once(monkeypatch: pytest.Monk
 
 _SEGMENTS_INTERPRETED = """
 import json, sys, torch
-from kubetune.trainer.model import fp8_base
+from kubetune.trainer.model import fp8_base, fp8_segments
 out = []
 for widths in json.loads(sys.argv[1]):
     segments = [torch.load(sys.argv[2])[:, :w] * 10.0 ** i for i, w in enumerate(widths)]
     column_scale = torch.rand(sum(widths), generator=torch.Generator().manual_seed(3)) + 0.5
-    values, scale = fp8_base.quantize_segments_triton(segments, column_scale, torch.float32)
+    values, scale = fp8_segments.quantize_segments_triton(segments, column_scale, torch.float32)
     expected, expected_scale = fp8_base.scaled_rows_reference(torch.cat(segments, 1), column_scale)
     out.append(torch.equal(values, expected) and torch.equal(scale, expected_scale))
 print(json.dumps(out))
@@ -406,11 +406,11 @@ def test_the_segments_kernel_quantises_matrices_side_by_side_as_their_concatenat
 def test_matrices_side_by_side_on_the_cpu_are_their_concatenation_quantised() -> None:
     import torch
 
-    from kubetune.trainer.model import fp8_base
+    from kubetune.trainer.model import fp8_base, fp8_segments
 
     segments = [_rows(8, 64, seed=1), _rows(8, 32, seed=2) * 100]
     column_scale = torch.rand(96) + 0.5
-    quantized, scale = fp8_base.quantize_row_segments(segments, column_scale)
+    quantized, scale = fp8_segments.quantize_row_segments(segments, column_scale)
     expected, expected_scale = fp8_base.quantize_rows_reference(
         torch.cat(segments, 1), column_scale
     )
@@ -425,12 +425,12 @@ def test_the_segments_kernel_on_the_gpu_is_bitwise_the_concatenations_quantisati
 ) -> None:
     import torch
 
-    from kubetune.trainer.model import fp8_base
+    from kubetune.trainer.model import fp8_base, fp8_segments
 
     _cuda_with_fp8()
     segments = [_rows(64, w, seed=i).cuda() * 10.0**i for i, w in enumerate(widths)]
     column_scale = (torch.rand(sum(widths)) + 0.5).cuda()
-    quantized, scale = fp8_base.quantize_row_segments(segments, column_scale)
+    quantized, scale = fp8_segments.quantize_row_segments(segments, column_scale)
     expected, expected_scale = fp8_base.quantize_rows_reference(
         torch.cat(segments, 1), column_scale
     )

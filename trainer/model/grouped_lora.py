@@ -151,7 +151,8 @@ class FusedLoRAGroup4bit(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        from kubetune.trainer.model.fp8_base import forget_last_input, joint_input_grad
+        from kubetune.trainer.model.fp8_base import forget_last_input
+        from kubetune.trainer.model.fp8_segments import joint_input_grad
         from kubetune.trainer.model.fused_lora import _zero
 
         rows, xa, lora_a, *lora_b = ctx.saved_tensors
