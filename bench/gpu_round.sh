@@ -122,14 +122,14 @@ case "${1:-}" in
     done
     ;;
   grouped)  # ~9.5 min: the GPU tests of FP8 and the fused and grouped layers, then the 7B
-    # defaults (q, k, v and gate, up as one function) beside every layer alone and TRL's best,
-    # then the 8B the same way; most important first
+    # defaults with q, k, v and gate, up as one function beside every layer alone and TRL's
+    # best, then the 8B the same way; most important first
     KUBETUNE_CACHE_DIR=/tmp/kc-tests TRITON_CACHE_DIR=/tmp/kc-tests/triton step gpu-tests \
       bash bench/gpu.sh python3 -m pytest -q -m gpu tests/trainer/test_fp8_base.py \
       tests/trainer/test_fused_lora.py tests/trainer/test_grouped_lora.py \
       tests/trainer/test_trainer_gpu.py -p no:cacheprovider -rs
-    for run in llama2-7b:kubetune llama2-7b:kubetune-ungrouped llama2-7b:trl-best \
-      llama3-8b:kubetune llama3-8b:trl-best llama3-8b:kubetune-ungrouped; do
+    for run in llama2-7b:kubetune-grouped llama2-7b:kubetune-ungrouped llama2-7b:trl-best \
+      llama3-8b:kubetune-grouped llama3-8b:trl-best llama3-8b:kubetune-ungrouped; do
       step "${run/:/-}" bash bench/gpu.sh python3 bench/qlora_throughput.py \
         --out "$OUT/results.jsonl" --logging-steps 10 --steps 14 --warmup 4 \
         --shape "${run%%:*}" --modes "${run#*:}"

@@ -47,8 +47,9 @@ from the process start. The modes:
   4-bit codes (``fused_lora.E4M3_FROM_CODES`` off: the per-call path before that kernel);
   ``kubetune-fp8-keept``: FP8 with the e4m3 base's transposed copy kept too where it fits
   (``memory.KEEP_FP8_TRANSPOSED_WHERE_THEY_FIT``: no transpose in a backward call);
-  ``kubetune-ungrouped``: the defaults with every adapted layer computed alone (q, k, v and
-  gate, up not as one function: ``grouped_lora.group_siblings`` off), the path before it;
+  ``kubetune-grouped``, ``kubetune-ungrouped``: the defaults with q, k, v and gate, up as one
+  function each where their base runs in FP8 (``grouped_lora.GROUP_SIBLINGS`` on), or every
+  adapted layer alone (off);
 - loss parity: ``kubetune-parity`` (the defaults with ``batchSize: --batch`` and the base's
   matmuls in bf16, ``fp8Matmuls: off``) and ``kubetune-fp8-parity`` (the same with them in FP8)
   against ``trl-parity`` (plain TRL: packing, SDPA, no Liger, no checkpointing, its own QLoRA
@@ -145,6 +146,7 @@ EXTRA_MODES = (
     "kubetune-fp8-percall",
     "kubetune-fp8-twostep",
     "kubetune-fp8-keept",
+    "kubetune-grouped",
     "kubetune-ungrouped",
 )
 #: The kubetune parity modes, each compared with ``trl-parity``.
@@ -496,10 +498,10 @@ def run_kubetune(args: argparse.Namespace, dataset: Any, record: dict[str, Any])
             memory.KEEP_WEIGHTS_WHERE_THEY_FIT = True  # the plan keeps them where they fit
         else:
             memory.KEEP_SCALES = True
-    if args.mode == "kubetune-ungrouped":
+    if args.mode in ("kubetune-grouped", "kubetune-ungrouped"):
         from kubetune.trainer.model import grouped_lora
 
-        grouped_lora.group_siblings = lambda model: 0  # every adapted layer alone
+        grouped_lora.GROUP_SIBLINGS = args.mode == "kubetune-grouped"
     if args.mode in ("kubetune-unfused", "kubetune-before"):
         from kubetune.trainer.model import fused_lora
 

@@ -40,6 +40,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
+#: Whether runs group siblings: off until a GPU measures what it gains (the bench's
+#: ``kubetune-grouped`` mode turns it on, ``kubetune-ungrouped`` off).
+GROUP_SIBLINGS = False
 #: Siblings that read one input, by the names transformers' Llama-family models give them.
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 

@@ -177,10 +177,13 @@ def finish_trainer(trainer: Any, spec: FineTuneJobSpec, speed: SpeedSettings) ->
             trainer.add_callback(kept_dequantization_dropped_after_training())
         if speed.fp8_matmuls:
             log.info("%d of them run the base's matmuls in FP8", use_fp8_matmuls(trainer.model))
-            from kubetune.trainer.model.grouped_lora import group_siblings
+            from kubetune.trainer.model import grouped_lora
 
-            grouped = group_siblings(trainer.model)
-            log.info("%d sets of them that read one input (q, k, v; gate, up) run as one", grouped)
+            if grouped_lora.GROUP_SIBLINGS:
+                grouped = grouped_lora.group_siblings(trainer.model)
+                log.info(
+                    "%d sets of them that read one input (q, k, v; gate, up) run as one", grouped
+                )
     if speed.gradient_checkpointing and speed.checkpointed_layers is not None:
         trainer.add_callback(partial_checkpointing_callback(speed.checkpointed_layers))
     trainer.add_callback(divergence_callback(spec, lambda: getattr(trainer, "_tr_loss", None)))
