@@ -15,6 +15,7 @@
 #                                                     # TRL best; 7B FP8 per call (~9 min)
 #   OUT=/some/dir bash bench/gpu_round.sh grouped     # tests; 7B and 8B defaults vs every layer
 #                                                     # alone vs TRL best (~9.5 min)
+#   OUT=/some/dir bash bench/gpu_round.sh grouped-7b  # the 7B grouped vs ungrouped only (~4 min)
 #   OUT=/some/dir bash bench/gpu_round.sh fp8-parity  # the loss parity of both vs TRL (~4 min)
 #
 # Everything lands in $OUT as it comes (results.jsonl, the profile table, every command's output
@@ -135,13 +136,22 @@ case "${1:-}" in
         --shape "${run%%:*}" --modes "${run#*:}"
     done
     ;;
+  grouped-7b)  # ~4 min: the 7B defaults with q, k, v and gate, up as one function vs every layer
+    # alone, one model built for both, then the grouped layers' GPU tests
+    step 7b-grouped-vs-ungrouped bash bench/gpu.sh python3 bench/qlora_throughput.py \
+      --out "$OUT/results.jsonl" --logging-steps 2 --steps 12 --warmup 4 \
+      --shape llama2-7b --modes kubetune-grouped,kubetune-ungrouped
+    KUBETUNE_CACHE_DIR=/tmp/kc-tests TRITON_CACHE_DIR=/tmp/kc-tests/triton step gpu-tests \
+      bash bench/gpu.sh python3 -m pytest -q -m gpu tests/trainer/test_grouped_lora.py \
+      tests/trainer/test_fp8_base.py -p no:cacheprovider -rs
+    ;;
   fp8-parity)  # ~4 min: each kubetune parity mode against plain TRL, 20 steps, a loss a step
     step 7b-fp8-parity bash bench/gpu.sh python3 bench/qlora_throughput.py \
       --out "$OUT/results.jsonl" --shape llama2-7b --steps 20 --warmup 4 --logging-steps 1 \
       --token-range 512 --batch 4 --modes kubetune-fp8-parity,kubetune-parity,trl-parity
     ;;
   *)
-    echo "usage: OUT=DIR bash bench/gpu_round.sh speed|caps|caps-fp8|h100|tests|fp8|codes|fp8-h200|grouped|fp8-parity" >&2
+    echo "usage: OUT=DIR bash bench/gpu_round.sh speed|caps|caps-fp8|h100|tests|fp8|codes|fp8-h200|grouped|grouped-7b|fp8-parity" >&2
     exit 2
     ;;
 esac

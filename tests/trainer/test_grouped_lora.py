@@ -184,6 +184,32 @@ def test_siblings_not_called_on_one_input_are_computed_alone(
     }
 
 
+def test_siblings_as_one_function_under_activation_checkpointing_give_the_same_gradients() -> None:
+    """The block checkpointed as the trainer's plan checkpoints layers (non-reentrant: the
+    forward saves nothing, the backward computes q, k and v again on the recomputed input) gives
+    the gradients the uncheckpointed grouped block gives, bit for bit."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    x = _tokens(40)
+    plain = _forward_backward(_prepared(fp8=True, grouped=True), x)
+    model = _prepared(fp8=True, grouped=True)
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, tokens: Any) -> Any:
+            return checkpoint(self.inner, tokens, use_reentrant=False)
+
+    out, dx, grads = _forward_backward(Checkpointed(), x)
+    assert torch.equal(out, plain[0]) and torch.equal(dx, plain[1])
+    assert {n.removeprefix("inner."): g for n, g in grads.items()}.keys() == plain[2].keys()
+    for name, grad in grads.items():
+        assert torch.equal(grad, plain[2][name.removeprefix("inner.")]), f"{name} differs"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "keep", [None, "fp8", "fp8-transposed"], ids=["quantised-per-call", "kept", "kept-transposed"]
