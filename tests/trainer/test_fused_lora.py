@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from trainer_helpers import forward_backward
 
 pytestmark = pytest.mark.trainer
 
@@ -55,14 +56,6 @@ def _lora_model(
     return peft_model.to(device)
 
 
-def _forward_backward(model: Any, x: Any) -> tuple[Any, Any, dict[str, Any]]:
-    x = x.clone().requires_grad_(True)
-    out = model(x)
-    (out.float() ** 2).mean().backward()
-    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.float().detach(), x.grad.float(), grads
-
-
 def _close(a: Any, b: Any, rtol: float = 0.02) -> bool:
     return float((a - b).norm() / b.norm()) < rtol
 
@@ -74,13 +67,13 @@ def _fused_matches_peft(device: str, keep: str | None = None) -> None:
 
     x = torch.randn(2, 24, 128, device=device).bfloat16()
     plain = _lora_model(device=device)
-    expected_out, expected_dx, expected_grads = _forward_backward(plain, x)
+    expected_out, expected_dx, expected_grads = forward_backward(plain, x)
 
     fused = _lora_model(device=device)
     assert fuse_lora_layers(fused) == 2
     if keep is not None:
         assert keep_dequantization(fused, keep) == 2
-    out, dx, grads = _forward_backward(fused, x)
+    out, dx, grads = forward_backward(fused, x)
 
     assert out.shape == expected_out.shape
     assert _close(out, expected_out), "outputs differ"
@@ -143,14 +136,14 @@ def _fp8_against_bf16(device: str, keep: str | None) -> None:
     x = torch.randn(2, 23, 128, device=device).bfloat16()  # 46 tokens: no multiple of 16
     bf16 = _lora_model(device=device)
     fused_lora.fuse_lora_layers(bf16)
-    expected_out, expected_dx, expected_grads = _forward_backward(bf16, x)
+    expected_out, expected_dx, expected_grads = forward_backward(bf16, x)
 
     fp8 = _lora_model(device=device)
     fused_lora.fuse_lora_layers(fp8)
     assert fused_lora.use_fp8_matmuls(fp8) == 2
     if keep:
         assert fused_lora.keep_dequantization(fp8, keep) == 2
-    out, dx, grads = _forward_backward(fp8, x)
+    out, dx, grads = forward_backward(fp8, x)
 
     assert not torch.equal(out, expected_out), "the FP8 path was not taken"
     assert _close(out, expected_out, FP8_TWO_LAYER_TOLERANCE), "outputs differ"
@@ -181,7 +174,7 @@ def test_the_kept_e4m3_base_computes_what_the_per_call_one_does_and_is_dropped()
         fused_lora.use_fp8_matmuls(model)
         if keep:
             fused_lora.keep_dequantization(model, keep)
-        results.append(_forward_backward(model, x))
+        results.append(forward_backward(model, x))
     (out, dx, grads) = results[0]
     for kept_out, kept_dx, kept_grads in results[1:]:
         assert torch.equal(out, kept_out) and torch.equal(dx, kept_dx)
@@ -202,12 +195,12 @@ def test_layers_whose_sizes_are_no_multiples_of_16_keep_the_bf16_base() -> None:
     from kubetune.trainer.model import fused_lora
 
     x = torch.randn(1, 8, 120).bfloat16()
-    expected = _forward_backward(_lora_model(sizes=(120, 200)), x)
+    expected = forward_backward(_lora_model(sizes=(120, 200)), x)
     model = _lora_model(sizes=(120, 200))
     assert fused_lora.fuse_lora_layers(model) == 2
     assert fused_lora.use_fp8_matmuls(model) == 0
     assert fused_lora.keep_dequantization(model, "fp8") == 0
-    out, dx, _ = _forward_backward(model, x)
+    out, dx, _ = forward_backward(model, x)
     assert _close(out, expected[0]) and _close(dx, expected[1])
 
 
@@ -289,7 +282,7 @@ def test_the_per_call_e4m3_weight_made_from_the_codes_is_bitwise_the_two_step_on
         assert fused_lora.use_fp8_matmuls(model) == 2
         weight = model.base_model.model.up.base_layer.weight
         made.append(type(getattr(weight, fused_lora.FP8_WEIGHT)).__name__)
-        results.append(_forward_backward(model, x))
+        results.append(forward_backward(model, x))
     assert made == ["Fp8FromCodes", "bool"]
     (out, dx, grads), (two_step_out, two_step_dx, two_step_grads) = results
     assert torch.equal(out, two_step_out) and torch.equal(dx, two_step_dx)

@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 import pytest
+from trainer_helpers import forward_backward
 
 pytestmark = pytest.mark.trainer
 
@@ -84,14 +85,6 @@ def _prepared(fp8: bool, grouped: bool, keep: str | None = None, **block: Any) -
     return model
 
 
-def _forward_backward(model: Any, x: Any) -> tuple[Any, Any, dict[str, Any]]:
-    x = x.clone().requires_grad_(True)
-    out = model(x)
-    (out.float() ** 2).mean().backward()
-    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.float().detach(), x.grad.float(), grads
-
-
 def _relative(a: Any, b: Any) -> float:
     return float((a - b).norm() / b.norm())
 
@@ -100,15 +93,15 @@ def _grouped_against_alone(device: str, keep: str | None) -> None:
     import torch
 
     x = _tokens(46, device)  # no multiple of 16
-    bf16 = _forward_backward(_prepared(fp8=False, grouped=False, device=device), x)
-    alone = _forward_backward(_prepared(fp8=True, grouped=False, keep=keep, device=device), x)
+    bf16 = forward_backward(_prepared(fp8=False, grouped=False, device=device), x)
+    alone = forward_backward(_prepared(fp8=True, grouped=False, keep=keep, device=device), x)
     grouped = _prepared(fp8=True, grouped=True, keep=keep, device=device)
     block = grouped.base_model.model
     y = x.clone().requires_grad_(True)
     q, k, v = (getattr(block, name)(y) for name in ("q_proj", "k_proj", "v_proj"))
     assert type(q.grad_fn).__name__ == "FusedLoRAGroup4bitBackward"
     assert k.grad_fn is q.grad_fn and v.grad_fn is q.grad_fn  # one node, three outputs
-    out, dx, grads = _forward_backward(grouped, x)
+    out, dx, grads = forward_backward(grouped, x)
 
     # The forward is each sibling's own computation: the same bytes as alone.
     assert torch.equal(out, alone[0])
@@ -145,7 +138,7 @@ def test_the_kept_e4m3_siblings_are_one_copy_and_everything_kept_is_dropped() ->
         assert kept.data.data_ptr() == joint.data[start:].data_ptr()  # a view, not a copy
         assert kept.transposed is None
         start += kept.data.shape[0]
-    _forward_backward(model, _tokens(16))
+    forward_backward(model, _tokens(16))
     fused_lora.drop_kept_dequantization(model)
     assert not any(fused_lora.GROUP in vars(module) for module in model.modules())
     assert not hasattr(block.q_proj.base_layer.weight, fused_lora.FP8_WEIGHT)
@@ -161,13 +154,13 @@ def test_siblings_not_called_on_one_input_are_computed_alone(
     e4m3's rounding of the bf16 layers throughout."""
 
     x = _tokens(32)
-    bf16 = _forward_backward(_prepared(fp8=False, grouped=False, one_input=False), x)
+    bf16 = forward_backward(_prepared(fp8=False, grouped=False, one_input=False), x)
     grouped = _prepared(fp8=True, grouped=True, one_input=False)
     with caplog.at_level(logging.WARNING, logger="kubetune.trainer.model.grouped_lora"):
-        first = _forward_backward(grouped, x)
+        first = forward_backward(grouped, x)
         assert "not called on one input" not in caplog.text
         grouped.zero_grad()
-        later = _forward_backward(grouped, x)
+        later = forward_backward(grouped, x)
     assert "q_proj, k_proj, v_proj are not called on one input" in caplog.text
     for _, dx, grads in (first, later):
         assert _relative(dx, bf16[1]) < FP8_BLOCK_TOLERANCE
@@ -192,7 +185,7 @@ def test_siblings_as_one_function_under_activation_checkpointing_give_the_same_g
     from torch.utils.checkpoint import checkpoint
 
     x = _tokens(40)
-    plain = _forward_backward(_prepared(fp8=True, grouped=True), x)
+    plain = forward_backward(_prepared(fp8=True, grouped=True), x)
     model = _prepared(fp8=True, grouped=True)
 
     class Checkpointed(torch.nn.Module):
@@ -203,7 +196,7 @@ def test_siblings_as_one_function_under_activation_checkpointing_give_the_same_g
         def forward(self, tokens: Any) -> Any:
             return checkpoint(self.inner, tokens, use_reentrant=False)
 
-    out, dx, grads = _forward_backward(Checkpointed(), x)
+    out, dx, grads = forward_backward(Checkpointed(), x)
     assert torch.equal(out, plain[0]) and torch.equal(dx, plain[1])
     assert {n.removeprefix("inner."): g for n, g in grads.items()}.keys() == plain[2].keys()
     for name, grad in grads.items():

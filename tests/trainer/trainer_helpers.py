@@ -200,3 +200,13 @@ def stop_with_sigterm_at(
             process.kill()
     message = json.loads(termination.read_text()) if termination.exists() else {}
     return process.returncode, stderr, message
+
+
+def forward_backward(model: Any, x: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """``model(x)`` and the backward of its mean square: the output, the input's gradient and
+    every parameter's gradient (by name), in fp32, for comparing layers' implementations."""
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    (out.float() ** 2).mean().backward()
+    grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.float().detach(), x.grad.float(), grads
