@@ -139,6 +139,20 @@ print(json.dumps(out))
 """
 
 
+def _interpreted(script: str, *args: str) -> Any:
+    """``script`` run with ``args`` in a Python process of its own under Triton's interpreter
+    (``TRITON_INTERPRET=1``: read when a kernel is built); the JSON of its last line."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("columns", [300, 5000])
 def test_the_triton_quantiser_computes_the_torch_paths_values_under_the_interpreter(
     columns: int, tmp_path: Path
@@ -154,15 +168,7 @@ def test_the_triton_quantiser_computes_the_torch_paths_values_under_the_interpre
     rows, scales = tmp_path / "rows.pt", tmp_path / "columns.pt"
     torch.save(_rows(6, columns), rows)
     torch.save(torch.rand(columns) + 0.5, scales)
-    done = subprocess.run(
-        [sys.executable, "-c", _INTERPRETED, str(rows), str(scales)],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = _interpreted(_INTERPRETED, str(rows), str(scales))
     assert result == {name: {"values": True, "scales": True} for name in ("plain", "scaled")}
 
 
@@ -223,15 +229,8 @@ def test_the_4bit_to_e4m3_kernel_computes_dequantising_then_quantising_under_the
     weight = tmp_path / "weight.pt"
     torch.save(_rows(96, 320, seed=3), weight)
     cases = [[96, 320, True], [80, 192, False], [16, 64, True]]
-    done = subprocess.run(
-        [sys.executable, "-c", _FROM_CODES, json.dumps(cases), str(weight)],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == [True] * (2 * (len(cases) + 1) + 2)
+    checks = 2 * (len(cases) + 1) + 2
+    assert _interpreted(_FROM_CODES, json.dumps(cases), str(weight)) == [True] * checks
 
 
 # --- on the GPU ------------------------------------------------------------------------------
@@ -392,15 +391,7 @@ def test_the_segments_kernel_quantises_matrices_side_by_side_as_their_concatenat
     rows = tmp_path / "rows.pt"
     torch.save(_rows(6, 5000).float(), rows)
     widths = [[300, 200, 100], [5000, 700], [64, 64, 2100]]
-    done = subprocess.run(
-        [sys.executable, "-c", _SEGMENTS_INTERPRETED, json.dumps(widths), str(rows)],
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == [True, True, True]
+    assert _interpreted(_SEGMENTS_INTERPRETED, json.dumps(widths), str(rows)) == [True, True, True]
 
 
 def test_matrices_side_by_side_on_the_cpu_are_their_concatenation_quantised() -> None:

@@ -68,7 +68,11 @@ class Fp8Weight:
 
     def with_transposed(self) -> Fp8Weight:
         """This weight with its transposed copy made once, for the run."""
-        return replace(self, transposed=self.data.t().contiguous())
+        return replace(self, transposed=self.transposed_operand())
+
+    def transposed_operand(self) -> torch.Tensor:
+        """The e4m3 values transposed, (K, N) row-major: the kept copy, else made now."""
+        return self.transposed if self.transposed is not None else self.data.t().contiguous()
 
 
 def fits(out_features: int, in_features: int) -> bool:
@@ -318,15 +322,20 @@ def base_input_grad(grad: torch.Tensor, weight: Fp8Weight) -> torch.Tensor:
     weight's row scales multiply ``grad``'s columns before it is quantised per row, so the
     e4m3 weight itself is the other operand (transposed into column-major here)."""
     quantized, scale = quantize_rows(grad, weight.scale)
-    # (K, N) row-major: its transpose is the (N, K) column-major operand _scaled_mm takes.
-    transposed = (
-        weight.transposed if weight.transposed is not None else weight.data.t().contiguous()
-    )
-    columns = weight.data.shape[1]
+    return input_grad_mm(quantized, scale, weight.transposed_operand())
+
+
+def input_grad_mm(
+    quantized: torch.Tensor, scale: torch.Tensor, transposed: torch.Tensor
+) -> torch.Tensor:
+    """The input gradient's FP8 matmul: output-gradient rows ``quantized`` (M, N) with their
+    ``scale`` (M, 1), the weights' row scales already folded in, times the e4m3 weight whose
+    transpose ``transposed`` (K, N) row-major is (its transpose is the (N, K) column-major
+    operand ``_scaled_mm`` takes); (M, K) in bf16."""
     return fp8_mm(
         quantized,
         scale,
         transposed.t(),
-        _ones(columns, grad.device),
+        _ones(transposed.shape[0], transposed.device),
         fast_accum=FAST_ACCUM_BACKWARD,
     )

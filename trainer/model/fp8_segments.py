@@ -13,13 +13,11 @@ from typing import Any
 import torch
 
 from kubetune.trainer.model.fp8_base import (
-    FAST_ACCUM_BACKWARD,
     FP8_DTYPE,
     FP8_MAX,
     INV_FP8_MAX,
     KERNEL_BLOCK,
-    _ones,
-    fp8_mm,
+    input_grad_mm,
     quantize_rows_reference,
     triton_importable,
 )
@@ -153,11 +151,4 @@ def joint_input_grad(
     in), then one matmul with their e4m3 weights side by side, ``transposed`` (K, sum N_i)
     row-major: the sum of their input gradients without adding them."""
     quantized, scale = quantize_row_segments(grads, column_scale)
-    columns = transposed.shape[0]
-    return fp8_mm(
-        quantized,
-        scale,
-        transposed.t(),
-        _ones(columns, transposed.device),
-        fast_accum=FAST_ACCUM_BACKWARD,
-    )
+    return input_grad_mm(quantized, scale, transposed)

@@ -12,7 +12,7 @@ computes the same function for the siblings together:
   ``x W_i^T`` in FP8 into its own output (so nothing downstream sees another layout);
   ``x [A_1; A_2; ...]^T`` one matmul; each output ``+= s_i (x A_i^T) B_i^T`` in place;
 - backward: the output gradients quantised as the one row ``[g_1 s_1 | g_2 s_2 | ...]`` they
-  would be side by side, one scale a row over them all (``fp8_base.quantize_row_segments``,
+  would be side by side, one scale a row over them all (``fp8_segments.quantize_row_segments``,
   without concatenating them), ``dx = [g_1 | g_2 | ...] [W_1; W_2; ...]`` one FP8 matmul over
   all their output features, then ``dx += [g_1 B_1 s_1 | ...] [A_1; A_2; ...]`` in place;
   ``[dA_1; dA_2; ...]`` one matmul; each ``dB_i`` as alone.
@@ -37,6 +37,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from kubetune.trainer.model import fused_lora
+from kubetune.trainer.model.fp8_base import Fp8Weight, base_forward, forget_last_input
+from kubetune.trainer.model.fp8_segments import joint_input_grad
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +89,8 @@ class SiblingGroup:
                 ", ".join(self.names),
             )
             return None
-        from kubetune.trainer.model.fused_lora import _fusable_adapter
-
         if x.dtype != torch.bfloat16 or any(
-            _fusable_adapter(member, x, (), {}) != name for member in self.layers
+            fused_lora._fusable_adapter(member, x, (), {}) != name for member in self.layers
         ):
             return None
         adapters = []
@@ -108,13 +110,11 @@ class SiblingGroup:
         """The siblings' e4m3 weights side by side, transposed ((K, sum N) row-major: the joint
         input gradient's operand), and their row scales (sum N,)."""
         if self.kept is not None:
-            transposed = self.kept.transposed
-            if transposed is None:
-                transposed = self.kept.data.t().contiguous()
-            return transposed, self.kept.scale
-        from kubetune.trainer.model.fused_lora import _fp8_operand
-
-        parts = [_fp8_operand(weight, torch.bfloat16, transposed=True) for weight in self.weights()]
+            return self.kept.transposed_operand(), self.kept.scale
+        parts = [
+            fused_lora._fp8_operand(weight, torch.bfloat16, transposed=True)
+            for weight in self.weights()
+        ]
         transposed = torch.cat(
             [p.transposed if p.transposed is not None else p.data.t() for p in parts], dim=1
         )
@@ -133,9 +133,6 @@ class FusedLoRAGroup4bit(torch.autograd.Function):
         scalings: tuple[float, ...],
         *adapters: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        from kubetune.trainer.model.fp8_base import base_forward
-        from kubetune.trainer.model.fused_lora import _fp8_operand
-
         dtype = x.dtype
         rows = x.reshape(-1, x.shape[-1])
         lora_b = [b.to(dtype) for b in adapters[1::2]]
@@ -144,7 +141,7 @@ class FusedLoRAGroup4bit(torch.autograd.Function):
         outs = []
         start = 0
         for weight, b, scaling in zip(group.weights(), lora_b, scalings, strict=True):
-            out = base_forward(rows, _fp8_operand(weight, dtype))
+            out = base_forward(rows, fused_lora._fp8_operand(weight, dtype))
             out.addmm_(xa[:, start : start + b.shape[1]], b.t(), alpha=scaling)
             start += b.shape[1]
             outs.append(out.view(*x.shape[:-1], out.shape[-1]))
@@ -155,13 +152,9 @@ class FusedLoRAGroup4bit(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
-        from kubetune.trainer.model.fp8_base import forget_last_input
-        from kubetune.trainer.model.fp8_segments import joint_input_grad
-        from kubetune.trainer.model.fused_lora import _zero
-
         rows, xa, lora_a, *lora_b = ctx.saved_tensors
         gs = [g.reshape(-1, g.shape[-1]).to(rows.dtype) for g in grads]
-        zero = _zero(rows.device, rows.dtype)
+        zero = fused_lora._zero(rows.device, rows.dtype)
         # s_i g_i B_i side by side (tokens x the ranks' sum: small), the scalings as alphas.
         g_xa = torch.cat(
             [
@@ -197,11 +190,9 @@ class FusedLoRAGroup4bit(torch.autograd.Function):
 def _groupable(layers: list[Any]) -> bool:
     """Whether these fused layers can be computed as one group: their base matmuls in FP8
     (``fused_lora.use_fp8_matmuls`` or a kept e4m3 copy), no bias, one input width."""
-    from kubetune.trainer.model.fused_lora import FP8_WEIGHT
-
     bases = [layer.get_base_layer() for layer in layers]
     weights = [getattr(base, "weight", None) for base in bases]
-    if any(getattr(w, FP8_WEIGHT, None) is None for w in weights):
+    if any(getattr(w, fused_lora.FP8_WEIGHT, None) is None for w in weights):
         return False
     if any(getattr(base, "bias", None) is not None for base in bases):
         return False
@@ -211,10 +202,7 @@ def _groupable(layers: list[Any]) -> bool:
 def _keep_side_by_side(group: SiblingGroup) -> None:
     """Where every sibling keeps its e4m3 weight for the run, keep them as one (sum N, K) copy
     instead, each sibling's a view of it: the joint input gradient's operand without a copy."""
-    from kubetune.trainer.model.fp8_base import Fp8Weight
-    from kubetune.trainer.model.fused_lora import FP8_WEIGHT
-
-    kept = [getattr(weight, FP8_WEIGHT) for weight in group.weights()]
+    kept = [getattr(weight, fused_lora.FP8_WEIGHT) for weight in group.weights()]
     if not all(isinstance(k, Fp8Weight) for k in kept):
         return
     with torch.no_grad():
@@ -230,7 +218,8 @@ def _keep_side_by_side(group: SiblingGroup) -> None:
     for weight, k in zip(group.weights(), kept, strict=True):
         rows = slice(start, start + k.data.shape[0])
         start += k.data.shape[0]
-        setattr(weight, FP8_WEIGHT, Fp8Weight(data=joint.data[rows], scale=joint.scale[rows]))
+        view = Fp8Weight(data=joint.data[rows], scale=joint.scale[rows])
+        setattr(weight, fused_lora.FP8_WEIGHT, view)
     group.kept = joint
 
 
@@ -238,21 +227,19 @@ def group_siblings(model: Any) -> int:
     """Compute every set of :data:`SIBLINGS` that :func:`fused_lora.fuse_lora_layers` routed and
     whose base matmuls run in FP8 as one :class:`SiblingGroup` (after
     ``fused_lora.keep_dequantization`` and ``use_fp8_matmuls``). Returns how many groups."""
-    from kubetune.trainer.model.fused_lora import GROUP
-
     grouped = 0
     for module in model.modules():
         for names in SIBLINGS:
             layers = [getattr(module, name, None) for name in names]
             if not all(hasattr(layer, "peft_forward") for layer in layers):
                 continue
-            if any(getattr(layer, GROUP, None) is not None for layer in layers):
+            if any(getattr(layer, fused_lora.GROUP, None) is not None for layer in layers):
                 continue
             if not _groupable(layers):
                 continue
             group = SiblingGroup(layers=layers, names=names)
             _keep_side_by_side(group)
             for layer in layers:
-                setattr(layer, GROUP, group)
+                setattr(layer, fused_lora.GROUP, group)
             grouped += 1
     return grouped
