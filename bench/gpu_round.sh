@@ -16,6 +16,8 @@
 #   OUT=/some/dir bash bench/gpu_round.sh grouped     # tests; 7B and 8B defaults vs every layer
 #                                                     # alone vs TRL best (~9.5 min)
 #   OUT=/some/dir bash bench/gpu_round.sh grouped-7b  # the 7B grouped vs ungrouped only (~4 min)
+#   OUT=/some/dir bash bench/gpu_round.sh h200        # on an H200: tests; 7B, 8B defaults vs TRL
+#                                                     # best; 24 GiB cap (~9.5 min)
 #   OUT=/some/dir bash bench/gpu_round.sh fp8-parity  # the loss parity of both vs TRL (~4 min)
 #
 # Everything lands in $OUT as it comes (results.jsonl, the profile table, every command's output
@@ -145,13 +147,26 @@ case "${1:-}" in
       bash bench/gpu.sh python3 -m pytest -q -m gpu tests/trainer/test_grouped_lora.py \
       tests/trainer/test_fp8_base.py -p no:cacheprovider -rs
     ;;
+  h200)  # ~9.5 min on an H200, issue 31's H200 rows on today's defaults (FP8 base, siblings
+    # grouped): the GPU tests (the trainer end to end among them), the 7B and 8B defaults each
+    # beside TRL's best, then the 24 GiB cap (TRL's fastest fit, batch 2); most important first
+    KUBETUNE_CACHE_DIR=/tmp/kc-tests TRITON_CACHE_DIR=/tmp/kc-tests/triton step gpu-tests \
+      bash bench/gpu.sh python3 -m pytest -q -m gpu tests/trainer/test_fp8_base.py \
+      tests/trainer/test_fused_lora.py tests/trainer/test_grouped_lora.py \
+      tests/trainer/test_trainer_gpu.py -p no:cacheprovider -rs
+    for run in llama2-7b:kubetune llama2-7b:trl-best llama3-8b:kubetune llama3-8b:trl-best; do
+      step "${run/:/-}" $B --steps 12 --warmup 4 --shape "${run%%:*}" --modes "${run#*:}"
+    done
+    step cap24 $B --shape llama2-7b --steps 12 --warmup 4 --modes kubetune,trl-best --batch 2 \
+      --memory-cap-gib 24
+    ;;
   fp8-parity)  # ~4 min: each kubetune parity mode against plain TRL, 20 steps, a loss a step
     step 7b-fp8-parity bash bench/gpu.sh python3 bench/qlora_throughput.py \
       --out "$OUT/results.jsonl" --shape llama2-7b --steps 20 --warmup 4 --logging-steps 1 \
       --token-range 512 --batch 4 --modes kubetune-fp8-parity,kubetune-parity,trl-parity
     ;;
   *)
-    echo "usage: OUT=DIR bash bench/gpu_round.sh speed|caps|caps-fp8|h100|tests|fp8|codes|fp8-h200|grouped|grouped-7b|fp8-parity" >&2
+    echo "usage: OUT=DIR bash bench/gpu_round.sh speed|caps|caps-fp8|h100|tests|fp8|codes|fp8-h200|grouped|grouped-7b|h200|fp8-parity" >&2
     exit 2
     ;;
 esac
