@@ -210,9 +210,10 @@ class GpuKind:
     source: str = ""
     #: Whether it runs FP8 matmuls with row-wise scales (compute capability 9.0 or newer).
     fp8: bool = False
-    #: Tokens/s of a plan whose base matmuls run in FP8 over the same plan in bf16, as measured
-    #: (1.0: not measured; the estimate then counts FP8 as no faster).
-    fp8_speedup: float = 1.0
+    #: The MFU of the default plan with the frozen base's matmuls in FP8 (the default where the
+    #: card runs them), as measured (None: not measured; the estimate then uses the bf16 MFU,
+    #: counting FP8 as no faster).
+    fp8_mfu: float | None = None
 
 
 #: The card's memory that the CUDA context and the libraries hold before the plan's share.
@@ -228,10 +229,10 @@ GPU_KINDS: dict[str, GpuKind] = {
         81559,
         989.0,
         0.449,
-        "docs/trainer.md, H100 2026-12-05, 7B defaults; FP8 1.27x: H100 2026-12-06 (ninth "
-        "session), FP8 over bf16 under a 24 GiB cap, and 7B FP8's MFU 0.57 over 0.449",
+        "docs/trainer.md, H100 2026-12-05, 7B defaults in bf16; FP8: H100 2026-12-07 (twelfth "
+        "session), 7B defaults with the base in FP8 and siblings grouped, 22,816 real tokens/s",
         fp8=True,
-        fp8_speedup=1.27,
+        fp8_mfu=0.629,
     ),
     "A100-80GB": GpuKind(81920, 312.0),
     "A100-40GB": GpuKind(40960, 312.0),
@@ -257,15 +258,14 @@ def estimated_seconds(
     kind: str, shape: ModelShape, *, lora_rank: int, plan: MemoryPlan, tokens: int, ranks: int
 ) -> float | None:
     """Seconds to train ``tokens`` real tokens on ``ranks`` GPUs of ``kind``: the measured MFU,
-    corrected by the memory model's cost of this plan's recompute and micro-step size relative
-    to the measured plan and by FP8's measured gain where the plan runs it (ranks assumed to
-    scale linearly). None where the kind was never measured."""
+    in FP8 where the plan runs the base in FP8 and the card's FP8 MFU was measured, corrected
+    by the memory model's cost of this plan's recompute and micro-step size relative to the
+    measured plan (ranks assumed to scale linearly). None where the kind was never measured."""
     gpu = GPU_KINDS.get(kind)
     if gpu is None or gpu.measured_mfu is None or tokens <= 0:
         return None
-    per_second = gpu.bf16_tflops * 1e12 * gpu.measured_mfu / flops_per_token(shape, lora_rank)
-    if plan.fp8_matmuls:
-        per_second *= gpu.fp8_speedup
+    mfu = gpu.fp8_mfu if plan.fp8_matmuls and gpu.fp8_mfu is not None else gpu.measured_mfu
+    per_second = gpu.bf16_tflops * 1e12 * mfu / flops_per_token(shape, lora_rank)
     cost = relative_step_cost(plan.checkpointed_layers, plan.layers, plan.tokens_per_micro_step)
     measured = relative_step_cost(0, plan.layers, MEASURED_TOKENS_PER_MICRO_STEP)
     return tokens / (per_second * max(ranks, 1)) * cost / measured
