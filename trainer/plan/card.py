@@ -6,15 +6,21 @@ from __future__ import annotations
 
 from kubetune.api.models import EstimatePlan, MemoryPlanReport, TrainingPlan
 from kubetune.trainer.plan.memory import GIB, MemoryPlan
+from kubetune.trainer.plan.speed import CONTEXT_BYTES
 
 
 def capped_free_bytes(free: int, total: int, fraction: float, reserved: int) -> int:
     """What this process may still allocate on a card with ``free`` bytes free of ``total``, when
     its allocator is capped to ``fraction`` of the card (``set_per_process_memory_fraction``:
     a GPU shared by several pods, or a benchmark standing in for a smaller card) and already
-    holds ``reserved`` bytes."""
+    holds ``reserved`` bytes.
+
+    Uncapped, it is the card's memory less what the CUDA context and libraries hold
+    (``speed.CONTEXT_BYTES``), or less where less is free (a card shared with other processes):
+    CUDA's free memory alone moves by up to 0.8 GiB from one process to the next on one card,
+    and the plan's choices (the optimizer of a 7B run on an 80 GB card) moved with it."""
     if fraction >= 1.0:
-        return free
+        return max(0, min(free, total - CONTEXT_BYTES - reserved))
     return max(0, min(free, int(total * fraction) - reserved))
 
 

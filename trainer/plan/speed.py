@@ -216,8 +216,12 @@ class GpuKind:
     fp8_mfu: float | None = None
 
 
-#: The card's memory that the CUDA context and the libraries hold before the plan's share.
-CONTEXT_BYTES = 512 * 2**20
+#: The card's memory that the CUDA context and the libraries hold before the plan's share:
+#: 1.0–1.8 GiB not free at the plan's moment on an H100 80GB, 1.1–1.7 GiB on an H200, from one
+#: process to the next on one card (the bench's records, docs/performance.md). The plan on a card
+#: of its own counts the card's memory less this (``card.capped_free_bytes``), so that it is the
+#: same in every process, and the same as the preflight's.
+CONTEXT_BYTES = 2 * 2**30
 
 #: The GPU kinds the preflight plans for; the measured MFUs and the runs they come from:
 #: docs/performance.md, "Figures behind the trainer's constants".
