@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -39,6 +40,8 @@ RUNNING: Final = ConditionType.RUNNING
 SUCCEEDED: Final = ConditionType.SUCCEEDED
 FAILED: Final = ConditionType.FAILED
 SUSPENDED: Final = ConditionType.SUSPENDED
+#: A condition's reason as the operator writes them: one CamelCase word (Kubernetes allows more).
+_CONDITION_REASON: Final = re.compile(r"[A-Z][A-Za-z0-9]{0,127}")
 
 
 def set_condition(
@@ -155,7 +158,12 @@ def _reported(
     if result is not None and outcome.phase == "Failed":
         # The trainer names its own failure best, unless the Job's deadline ended it.
         reason = str(result.get("reason") or "")
-        if reason and outcome.reason not in (Reason.DEADLINE_EXCEEDED, Reason.OOM_KILLED):
+        # Whatever the pod wrote is the tenant's: only a one-word CamelCase reason, as a
+        # condition's reason must be, replaces the operator's own.
+        if _CONDITION_REASON.fullmatch(reason) and outcome.reason not in (
+            Reason.DEADLINE_EXCEEDED,
+            Reason.OOM_KILLED,
+        ):
             outcome = Outcome(outcome.phase, reason, outcome.message)
     return outcome, message, result
 

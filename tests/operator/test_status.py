@@ -224,6 +224,20 @@ def test_trainer_message_names_the_failure_when_it_wrote_one() -> None:
     }
 
 
+@pytest.mark.parametrize("written", ["0", "not a reason", "Bad\nReason", "x" * 2000, ""])
+def test_a_reason_the_pod_wrote_that_is_no_condition_reason_is_not_taken(written: str) -> None:
+    """The termination message is whatever the pod wrote; a reason Kubernetes would refuse in a
+    condition (found by the fuzz test: ``"0"``) leaves the operator's own, and the status
+    still parses with its words."""
+    message = json.dumps({"outcome": "Succeeded", "reason": written, "message": "odd"})
+    failed = pod("Failed", state=terminated(1, message))
+    status = derive_status(ftj(), failed_job("PodFailurePolicy"), [failed], NOW)
+    assert status["phase"] == "Failed"
+    for type_ in ("Ready", "Failed"):
+        assert condition(status, type_)["reason"] == "TrainerError"
+    assert "exited with code 1" in condition(status, "Failed")["message"]
+
+
 def test_oom_killed_container_is_named() -> None:
     killed = pod("Failed", state=terminated(137, "", reason="OOMKilled"))
     status = derive_status(ftj(), failed_job("BackoffLimitExceeded"), [killed], NOW)
