@@ -42,13 +42,22 @@ HYPERPARAMETERS: Mapping[str, frozenset[str]] = {
 }
 
 
+def _object(parent: Mapping[str, Any], key: str, prefix: str = "") -> dict[str, Any]:
+    """``parent[key]`` where it is a JSON object, {} where it is absent or null; 400 naming the
+    parameter otherwise."""
+    value = parent.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad_request(f"{prefix}{key} must be an object", f"{prefix}{key}")
+    return value
+
+
 def method_of(request: Mapping[str, Any]) -> str:
     """The OpenAI method type a create request asks for (supervised when it names none)."""
-    method = request.get("method") or {}
-    if not isinstance(method, dict):
-        raise bad_request("method must be an object with a type", "method")
+    method = _object(request, "method")
     kind = method.get("type", "supervised")
-    if kind not in METHODS:
+    if not isinstance(kind, str) or kind not in METHODS:
         raise bad_request(
             f"method {kind!r} is not offered here; use {' or '.join(METHODS)}", "method.type"
         )
@@ -57,8 +66,10 @@ def method_of(request: Mapping[str, Any]) -> str:
 
 def _hyperparameters(request: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """The hyperparameters of the request (top level, or its method's)."""
-    nested = ((request.get("method") or {}).get(kind) or {}).get("hyperparameters")
-    hyper = dict(nested or request.get("hyperparameters") or {})
+    options = _object(_object(request, "method"), kind, "method.")
+    hyper = _object(options, "hyperparameters", f"method.{kind}.") or _object(
+        request, "hyperparameters"
+    )
     unknown = set(hyper) - HYPERPARAMETERS[kind]
     if unknown:
         raise bad_request(
@@ -75,7 +86,7 @@ def _positive(value: Any, name: str, kind: Callable[[Any], T]) -> T | None:
         raise bad_request(f"{name} must be a positive number or 'auto'", f"hyperparameters.{name}")
     try:
         number = kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise bad_request(
             f"{name} must be a positive number or 'auto'", f"hyperparameters.{name}"
         ) from None

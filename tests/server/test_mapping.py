@@ -6,7 +6,10 @@ import copy
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from kubetune.api.models import FineTuneJobSpec
 from kubetune.server import mapping
 from kubetune.server.errors import ApiError
 from kubetune.server.manifest import job_manifest
@@ -74,12 +77,74 @@ def test_auto_leaves_the_templates_values() -> None:
             {"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0}}}},
             "hyperparameters.beta",
         ),
+        # Shapes no object of OpenAI's has (each was a 500 before): the property test below.
+        ({"method": {"type": []}}, "method.type"),
+        ({"method": []}, "method"),
+        ({"method": {"type": "supervised", "supervised": True}}, "method.supervised"),
+        (
+            {"method": {"type": "dpo", "dpo": {"hyperparameters": [["beta", 1]]}}},
+            "method.dpo.hyperparameters",
+        ),
+        ({"hyperparameters": [[None, None]]}, "hyperparameters"),
+        ({"hyperparameters": True}, "hyperparameters"),
+        ({"hyperparameters": {"n_epochs": float("inf")}}, "hyperparameters.n_epochs"),
     ],
 )
 def test_bad_requests_name_their_field(request_fields: dict[str, Any], param: str) -> None:
     with pytest.raises(ApiError) as refused:
         manifest(**request_fields)
     assert (refused.value.status, refused.value.param) == (400, param)
+
+
+_text = st.text(max_size=20)
+_json = st.recursive(
+    st.one_of(
+        st.none(), st.booleans(), st.integers(-5, 10**12), st.floats(), _text, st.just("auto")
+    ),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_text, inner, max_size=3)),
+    max_leaves=10,
+)
+_hyper = st.dictionaries(
+    st.sampled_from(["n_epochs", "batch_size", "learning_rate_multiplier", "beta", "warmup"]),
+    _json,
+    max_size=4,
+)
+_options = st.one_of(_json, st.fixed_dictionaries({}, optional={"hyperparameters": _hyper}))
+_requests = st.fixed_dictionaries(
+    {},
+    optional={
+        "method": st.one_of(
+            _json,
+            st.fixed_dictionaries(
+                {},
+                optional={
+                    "type": st.one_of(st.sampled_from(["supervised", "dpo"]), _json),
+                    "supervised": _options,
+                    "dpo": _options,
+                },
+            ),
+        ),
+        "hyperparameters": st.one_of(_hyper, _json),
+        "seed": _json,
+        "suffix": _json,
+        "metadata": _json,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_requests)
+def test_any_create_request_is_a_valid_job_or_a_bad_request(request_fields: dict[str, Any]) -> None:
+    """Whatever JSON a tenant sends, the answer is a 400 or a job the API models accept, and
+    reads back in OpenAI's shape: never a server error."""
+    try:
+        made = manifest(**request_fields)
+    except ApiError as refused:
+        assert refused.status == 400 and refused.message
+        return
+    FineTuneJobSpec.model_validate(made["spec"])
+    made["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    assert mapping.openai_job(made, TEMPLATE)["status"] == "validating_files"
 
 
 def test_a_dpo_request_becomes_a_dpo_job_and_reads_back_as_one() -> None:
