@@ -166,6 +166,11 @@ def check_jsonl(lines: Iterable[bytes]) -> DatasetSummary:
             record = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DatasetInvalid(f"not valid JSON ({exc.msg})", number) from None
+        except (ValueError, RecursionError):
+            # A number of over 4,300 digits, or arrays and objects nested past Python's limit.
+            raise DatasetInvalid(
+                "not JSON that can be read (too deep or too long)", number
+            ) from None
         if not isinstance(record, dict):
             raise DatasetInvalid(f"a JSON object is expected, found {_describe(record)}", number)
         if fmt is None:

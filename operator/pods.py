@@ -44,7 +44,7 @@ def parse_termination_message(message: str | None) -> tuple[dict[str, Any] | Non
     try:
         data = json.loads(message)
         result = TrainerResult.model_validate(data)
-    except (ValueError, ValidationError):
+    except (ValueError, RecursionError, ValidationError):
         tail = "\n".join(message.strip().splitlines()[-5:])
         return None, tail[-MESSAGE_LIMIT:]
     dumped = result.model_dump(by_alias=True, exclude_none=True, mode="json")

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from aiohttp import web
-from pydantic import ValidationError
 
 from kubetune.api.contract import PROGRESS_BODY_LIMIT, PROGRESS_PATH
 from kubetune.api.models import Progress
@@ -128,6 +127,21 @@ def identity_of(status: Mapping[str, Any], audience: str) -> PodIdentity | None:
 
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+def read_report(body: bytes) -> tuple[Mapping[str, Any], Key, Progress]:
+    """A report's job (namespace, name and maybe uid), its key and its progress; ValueError for
+    a body of any other shape (JSON nested past Python's limit among them)."""
+    try:
+        report = json.loads(body)
+        job = report["job"]
+        key = (str(job["namespace"]), str(job["name"]))
+        progress = Progress.model_validate(report["progress"])
+    except (ValueError, RecursionError, KeyError, TypeError) as exc:  # ValidationError is one
+        raise ValueError(f"not a progress report: {type(exc).__name__}") from None
+    if not isinstance(job, dict):
+        raise ValueError("not a progress report: job is no object")
+    return job, key, progress
 
 
 def reporting_job(
@@ -278,13 +292,10 @@ class ProgressEndpoint:
         if not self.per_pod.allow(identity.pod_uid):
             return _answer(429, "too many reports from this pod; try again", retry_after=1)
         try:
-            body = json.loads(await request.read())
-            job = body["job"]
-            key = (str(job["namespace"]), str(job["name"]))
-            progress = Progress.model_validate(body["progress"])
+            job, key, progress = read_report(await request.read())
         except web.HTTPRequestEntityTooLarge:
             return _answer(413, f"a progress report is at most {PROGRESS_BODY_LIMIT} bytes")
-        except (ValueError, KeyError, TypeError, ValidationError):
+        except ValueError:
             return _answer(400, "the body must be {job: {namespace, name, uid}, progress: {...}}")
         ftj, jobs, pods, jobsets = self.lookup(key)
         refused = reporting_job(

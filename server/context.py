@@ -142,7 +142,7 @@ def list_of(data: list[Any], has_more: bool) -> dict[str, Any]:
 async def json_body(request: Request) -> dict[str, Any]:
     try:
         body = await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):
         raise bad_request("the body must be a JSON object") from None
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object")

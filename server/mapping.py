@@ -52,10 +52,14 @@ T = TypeVar("T")
 
 
 def unix(timestamp: str | None) -> int | None:
-    """RFC 3339 → seconds since the epoch."""
+    """RFC 3339 → seconds since the epoch; None for none, or for a text that is no time (an
+    annotation anyone who may edit the job can write)."""
     if not timestamp:
         return None
-    return int(parse_rfc3339(timestamp).timestamp())
+    try:
+        return int(parse_rfc3339(str(timestamp)).timestamp())
+    except (ValueError, OverflowError):
+        return None
 
 
 def base_learning_rate(template: Mapping[str, Any]) -> float:
@@ -68,6 +72,18 @@ def base_learning_rate(template: Mapping[str, Any]) -> float:
 
 def _annotations(job: Mapping[str, Any]) -> dict[str, str]:
     return dict((job.get("metadata") or {}).get("annotations") or {})
+
+
+def _metadata(annotations: Mapping[str, str]) -> dict[str, str] | None:
+    """The request's metadata as the create request stored it; None where the annotation is
+    absent or (edited with kubectl) no JSON object of strings."""
+    try:
+        value = json.loads(annotations[METADATA])
+    except (KeyError, ValueError, RecursionError):
+        return None
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        return None
+    return value
 
 
 def _condition(status: Mapping[str, Any], type_: str) -> dict[str, Any]:
@@ -188,7 +204,7 @@ def openai_job(job: Mapping[str, Any], template: Mapping[str, Any]) -> dict[str,
     state = openai_status(job)
     finished = unix(status.get("completionTime")) or unix(annotations.get(CANCELLED))
     hyper = hyperparameters_of(job, template)
-    metadata = json.loads(annotations[METADATA]) if METADATA in annotations else None
+    metadata = _metadata(annotations)
     return {
         "id": meta["name"],
         "object": "fine_tuning.job",

@@ -46,6 +46,9 @@ def test_the_format_is_detected_from_the_first_record(record: object, fmt: str) 
         ([1, 2], "a JSON object is expected, found a list"),
         ({"prompt": "a"}, "no 'completion' field"),
         ({"prompt": "a", "completion": None}, "completion is null; it must be text"),
+        # Each an uncaught error before (a 500 from kubetune-server's upload).
+        ('{"text": ' + "[" * 5000 + "]" * 5000 + "}", "too deep or too long"),
+        ('{"text": ' + "9" * 5000 + "}", "too deep or too long"),
     ],
 )
 def test_the_first_bad_line_is_named(bad: object, says: str) -> None:

@@ -13,6 +13,7 @@ from kubetune.operator.progress import (
     PodIdentity,
     ProgressInbox,
     identity_of,
+    read_report,
     reporting_job,
 )
 
@@ -127,3 +128,27 @@ def test_the_runs_last_step_is_written_at_once_whatever_the_interval() -> None:
     assert inbox.take(key) is not None
     assert inbox.put(key, {"step": 10, "totalSteps": 10}) == 0.0
     assert inbox.take(key) == {"step": 10, "totalSteps": 10}
+
+
+def test_a_report_is_read_as_its_job_and_progress() -> None:
+    body = b'{"job": {"namespace": "team-a", "name": "run-1", "uid": "u"}, "progress": {"step": 3}}'
+    job, key, progress = read_report(body)
+    assert (job["uid"], key, progress.step) == ("u", ("team-a", "run-1"), 3)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"[]",
+        b'{"job": "run-1", "progress": {}}',
+        b'{"job": {"namespace": "a"}, "progress": {}}',
+        b'{"job": {"namespace": "a", "name": "b"}, "progress": {"step": "many"}}',
+        b"\xff\xfe",
+        # Nested past Python's recursion limit: the decoder's RecursionError was a 500.
+        b'{"job": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    ],
+)
+def test_a_body_of_any_other_shape_is_refused_as_one(body: bytes) -> None:
+    with pytest.raises(ValueError, match="not a progress report"):
+        read_report(body)

@@ -347,6 +347,12 @@ def test_log_tail_instead_of_json_is_a_message_not_a_result() -> None:
     assert text.count("\n") <= 4
 
 
+def test_a_message_nested_past_pythons_limit_is_text_not_a_crash() -> None:
+    # A trainer pod's code (trustRemoteCode) may write any 4 KiB into the termination log.
+    result, text = parse_termination_message("[" * 4000)
+    assert result is None and text.startswith("[")
+
+
 def test_ttl_counts_from_completion() -> None:
     status = {"phase": "Succeeded", "completionTime": "2026-01-02T03:00:00Z"}
     assert ttl_remaining(status, 600, NOW) == 600 - 245

@@ -76,3 +76,14 @@ def test_a_dataset_url_needs_its_signature(client: TestClient) -> None:
         params={"expires": "99999999999", "signature": "0" * 64},
     )
     assert answer.status_code == 403
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 5000 + b"]" * 5000, b'{"seed": ' + b"9" * 5000 + b"}", b"{not json", b"[]"],
+)
+def test_a_body_that_is_no_json_object_is_a_400(client: TestClient, body: bytes) -> None:
+    # Nesting past Python's recursion limit was a 500 (the decoder's RecursionError).
+    answer = client.post("/v1/fine_tuning/jobs", headers=AUTH, content=body)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["message"] == "the body must be a JSON object"

@@ -368,3 +368,23 @@ def test_a_refusal_by_an_admission_policy_says_which_field_and_rbacs_never_names
     )})  # fmt: skip
     hidden = _api_error(rbac, "create", "fine-tuning jobs")
     assert hidden.status == 403 and "bob" not in hidden.message
+
+
+@pytest.mark.parametrize(
+    "annotations",
+    [
+        {mapping.CANCELLED: "yesterday"},
+        {mapping.METADATA: "{not json"},
+        {mapping.METADATA: "[" * 5000},
+        {mapping.METADATA: '{"team": 1}'},
+    ],
+)
+def test_annotations_edited_with_kubectl_read_back_without_them(
+    annotations: dict[str, str],
+) -> None:
+    # Anyone who may edit the job may write these; each was a 500 for the namespace's list.
+    edited = job("Running")
+    edited["metadata"]["annotations"].update(annotations)
+    shown = mapping.openai_job(edited, TEMPLATE)
+    assert shown["metadata"] is None
+    assert shown["finished_at"] is None
