@@ -11,6 +11,7 @@ whose last turn isn't the assistant's.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,11 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
 }
 #: The formats supervised training takes; the rest are preference pairs.
 SUPERVISED_FORMATS = frozenset({"messages", "prompt-completion", "alpaca", "text"})
+#: Deepest nesting of arrays and objects a JSON line may have. A chat record is 3 deep, one with
+#: multimodal parts or tool calls a few more; thousands deep is an attack on the parser.
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 class DatasetInvalid(ValueError):
@@ -59,6 +65,24 @@ def _describe(value: Any) -> str:
     if isinstance(value, dict):
         return "an object"
     return "text"
+
+
+def json_depth(line: str) -> int:
+    """How deeply arrays and objects nest in one line of JSON (strings are skipped)."""
+    depth = deepest = 0
+    for bracket in _BRACKETS.findall(_JSON_STRING.sub('""', line)):
+        if bracket in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        else:
+            depth -= 1
+    return deepest
+
+
+def too_deep(line: str) -> bool:
+    """Whether a line of JSON nests arrays and objects past ``MAX_JSON_DEPTH``. Counting brackets
+    is cheap; only a line with many of them is measured exactly."""
+    return line.count("[") + line.count("{") > MAX_JSON_DEPTH and json_depth(line) > MAX_JSON_DEPTH
 
 
 def detect_format(fields: Iterable[str]) -> str | None:
@@ -162,6 +186,10 @@ def check_jsonl(lines: Iterable[bytes]) -> DatasetSummary:
             raise DatasetInvalid("not UTF-8 text", number) from None
         if not text.strip():
             continue
+        if too_deep(text):
+            raise DatasetInvalid(
+                f"the record nests arrays and objects more than {MAX_JSON_DEPTH} deep", number
+            )
         try:
             record = json.loads(text)
         except json.JSONDecodeError as exc:

@@ -47,7 +47,8 @@ def test_the_format_is_detected_from_the_first_record(record: object, fmt: str) 
         ({"prompt": "a"}, "no 'completion' field"),
         ({"prompt": "a", "completion": None}, "completion is null; it must be text"),
         # Each an uncaught error before (a 500 from kubetune-server's upload).
-        ('{"text": ' + "[" * 5000 + "]" * 5000 + "}", "too deep or too long"),
+        ('{"text": ' + "[" * 65 + "]" * 65 + "}", "nests arrays and objects more than 64 deep"),
+        ('{"text": ' + "[" * 5000 + "]" * 5000 + "}", "more than 64 deep"),
         ('{"text": ' + "9" * 5000 + "}", "too deep or too long"),
     ],
 )

@@ -213,6 +213,13 @@ CASES: list[tuple[str, Setup, int, str, str]] = [
         "DatasetError",
         "bad.jsonl: line 2 nests arrays and objects more than 64 deep",
     ),
+    (
+        "an integer longer than Python reads",
+        _raw_lines('{"text": ' + "9" * 5000 + "}"),
+        3,
+        "DatasetError",
+        "bad.jsonl: line 2 is JSON that can't be read (too deep or too long)",
+    ),
     # Settings that would fail inside the trainer's construction: named by field.
     (
         "unknown optimizer",

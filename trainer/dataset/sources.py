@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kubetune.api.datasets import MAX_JSON_DEPTH, too_deep
 from kubetune.api.models import DatasetSpec
 from kubetune.api.uris import DATASET_SCHEMES, display_uri
 from kubetune.trainer import locations
@@ -22,11 +22,6 @@ if TYPE_CHECKING:
 
 #: File suffix → the datasets builder that reads it.
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-#: Deepest nesting of arrays and objects a JSON line may have. A chat record is 3 deep, one with
-#: multimodal parts or tool calls a few more; thousands deep is an attack on the parser.
-MAX_JSON_DEPTH = 64
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 @dataclass(frozen=True)
@@ -81,18 +76,6 @@ class RawSplits:
     fingerprint: str
 
 
-def json_depth(line: str) -> int:
-    """How deeply arrays and objects nest in one line of JSON (strings are skipped)."""
-    depth = deepest = 0
-    for bracket in _BRACKETS.findall(_JSON_STRING.sub('""', line)):
-        if bracket in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        else:
-            depth -= 1
-    return deepest
-
-
 def _validate_jsonl(path: Path) -> FileRecords:
     """Parse each line, so a broken one is reported by number rather than by an arrow trace."""
     records = 0
@@ -118,8 +101,7 @@ def _validate_jsonl(path: Path) -> FileRecords:
 
 
 def _parse_line(path: Path, number: int, line: str) -> Any:
-    # Counting brackets is cheap; only a line with many of them is measured exactly.
-    if line.count("[") + line.count("{") > MAX_JSON_DEPTH and json_depth(line) > MAX_JSON_DEPTH:
+    if too_deep(line):
         raise DatasetUnusable(
             f"dataset {path}: line {number} nests arrays and objects more than "
             f"{MAX_JSON_DEPTH} deep"
@@ -130,9 +112,10 @@ def _parse_line(path: Path, number: int, line: str) -> Any:
         raise DatasetUnusable(
             f"dataset {path}: line {number} is not valid JSON ({exc.msg}, column {exc.colno})"
         ) from None
-    except RecursionError:
+    except (ValueError, RecursionError):
+        # An integer of over 4,300 digits (Python's limit), or nesting past the recursion limit.
         raise DatasetUnusable(
-            f"dataset {path}: line {number} nests arrays and objects too deeply"
+            f"dataset {path}: line {number} is JSON that can't be read (too deep or too long)"
         ) from None
 
 
