@@ -242,7 +242,7 @@ def _api_message(error: BaseException | None) -> str:
     if isinstance(error, ApiException):
         try:
             return str(json.loads(error.body or "{}").get("message") or error.reason)
-        except ValueError:
+        except (ValueError, AttributeError):  # not JSON, or JSON but no Status object
             return str(error.reason)
     return str(error)
 
