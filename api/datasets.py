@@ -16,6 +16,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from kubetune.api.documents import MAX_DEPTH
+
 #: The fields each record format needs, most specific first (the trainer detects in this order).
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "messages": ("messages",),
@@ -29,9 +31,10 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
 }
 #: The formats supervised training takes; the rest are preference pairs.
 SUPERVISED_FORMATS = frozenset({"messages", "prompt-completion", "alpaca", "text"})
-#: Deepest nesting of arrays and objects a JSON line may have. A chat record is 3 deep, one with
-#: multimodal parts or tool calls a few more; thousands deep is an attack on the parser.
-MAX_JSON_DEPTH = 64
+#: Deepest nesting of arrays and objects a JSON line may have, as for any document someone else
+#: wrote: a chat record is 3 deep, one with multimodal parts or tool calls a few more; thousands
+#: deep is an attack on the parser.
+MAX_JSON_DEPTH = MAX_DEPTH
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 _BRACKETS = re.compile(r"[\[\]{}]")
 

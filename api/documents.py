@@ -7,6 +7,8 @@ any model or serializer walks it.
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any, Final
 
 import yaml
@@ -37,6 +39,37 @@ def check_limits(data: Any, what: str) -> None:
             budget -= len(node)
         elif isinstance(node, list):
             stack.extend((value, depth + 1) for value in node)
+
+
+def load_json_from_a_pod(text: str | bytes, what: str) -> Any:
+    """JSON a pod wrote (its termination message, a progress report), within the limits and with
+    every NaN and infinity left out: Python's json reads and writes them, the Kubernetes API
+    refuses a body that holds one, so one would make the job's status unwritable. A key whose
+    value is one is dropped; in a list the item becomes null. ValueError (DocumentTooLarge for
+    the limits) for anything else: not JSON, nested past Python's recursion limit, an integer of
+    over 4,300 digits."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise DocumentTooLarge(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
+    check_limits(data, what)
+    return finite_only(data)
+
+
+def finite_only(data: Any) -> Any:
+    """``data`` (parsed JSON, within the limits) without NaN and infinities: dropped from objects,
+    null in lists."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {
+            key: finite_only(value)
+            for key, value in data.items()
+            if not (isinstance(value, float) and not math.isfinite(value))
+        }
+    if isinstance(data, list):
+        return [finite_only(value) for value in data]
+    return data
 
 
 def load_yaml_documents(text: str, what: str) -> list[Any]:

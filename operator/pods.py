@@ -3,7 +3,6 @@ why a pod waits, which pod is rank 0 or failed, and when trainers started and fi
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -19,6 +18,7 @@ from kubetune.api.contract import (
     ExitCode,
     Reason,
 )
+from kubetune.api.documents import load_json_from_a_pod
 from kubetune.api.models import TrainerResult
 from kubetune.api.timestamps import parse_rfc3339
 from kubetune.operator.objects import Obj
@@ -42,9 +42,9 @@ def parse_termination_message(message: str | None) -> tuple[dict[str, Any] | Non
     if not message:
         return None, ""
     try:
-        data = json.loads(message)
+        data = load_json_from_a_pod(message, "the termination message")
         result = TrainerResult.model_validate(data)
-    except (ValueError, RecursionError, ValidationError):
+    except (ValueError, ValidationError):
         tail = "\n".join(message.strip().splitlines()[-5:])
         return None, tail[-MESSAGE_LIMIT:]
     dumped = result.model_dump(by_alias=True, exclude_none=True, mode="json")

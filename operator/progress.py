@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import ssl
 import time
@@ -30,6 +29,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from kubetune.api.contract import PROGRESS_BODY_LIMIT, PROGRESS_PATH
+from kubetune.api.documents import load_json_from_a_pod
 from kubetune.api.models import Progress
 from kubetune.api.token_buckets import TokenBuckets
 from kubetune.operator.kube import Kube
@@ -133,11 +133,11 @@ def read_report(body: bytes) -> tuple[Mapping[str, Any], Key, Progress]:
     """A report's job (namespace, name and maybe uid), its key and its progress; ValueError for
     a body of any other shape (JSON nested past Python's limit among them)."""
     try:
-        report = json.loads(body)
+        report = load_json_from_a_pod(body, "a progress report")
         job = report["job"]
         key = (str(job["namespace"]), str(job["name"]))
         progress = Progress.model_validate(report["progress"])
-    except (ValueError, RecursionError, KeyError, TypeError) as exc:  # ValidationError is one
+    except (ValueError, KeyError, TypeError) as exc:  # ValidationError is a ValueError
         raise ValueError(f"not a progress report: {type(exc).__name__}") from None
     if not isinstance(job, dict):
         raise ValueError("not a progress report: job is no object")

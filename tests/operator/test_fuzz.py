@@ -76,7 +76,9 @@ def finetunejob(spec: Any, status: Any = None) -> dict[str, Any]:
 
 
 def readable(status: dict[str, Any]) -> None:
-    """Parses as the CRD's status, and its Ready condition says why in words."""
+    """JSON the Kubernetes API takes (no NaN or infinity), parses as the CRD's status, and its
+    Ready condition says why in words."""
+    json.dumps(status, allow_nan=False)
     parsed = FineTuneJobStatus.model_validate(status)
     assert parsed.phase is not None
     types = [c.type for c in parsed.conditions]

@@ -136,6 +136,17 @@ def test_a_report_is_read_as_its_job_and_progress() -> None:
     assert (job["uid"], key, progress.step) == ("u", ("team-a", "run-1"), 3)
 
 
+def test_a_reports_nan_and_infinities_are_left_out() -> None:
+    # The operator writes the report into the status, which the Kubernetes API refuses with one.
+    body = (
+        b'{"job": {"namespace": "a", "name": "b"}, "progress": {"step": 3, "loss": NaN,'
+        b' "tokensPerSecond": Infinity, "history": [{"step": 1, "loss": -Infinity}]}}'
+    )
+    _, _, progress = read_report(body)
+    assert (progress.step, progress.loss, progress.tokens_per_second) == (3, None, None)
+    assert progress.history is not None and progress.history[0].loss is None
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -191,6 +191,18 @@ def test_completed_job_succeeds_with_the_trainers_result() -> None:
     assert status["attempts"] == 1
 
 
+def test_a_nan_metric_is_left_out_so_the_status_stays_writable() -> None:
+    # Python's json writes NaN; the Kubernetes API refuses a status holding one, and the job
+    # would never show Succeeded. Older trainers (and any pod's own code) may write it.
+    message = json.dumps({**RESULT, "metrics": {"train_loss": 1.25, "eval_loss": float("nan")}})
+    done = pod("Succeeded", state=terminated(0, message, reason="Completed"))
+    status = derive_status(ftj(), job(("Complete", "", ""), succeeded=1), [done], NOW)
+    assert status["phase"] == "Succeeded"
+    assert status["result"]["adapter"] == RESULT["adapter"]
+    assert status["result"]["metrics"] == {"train_loss": 1.25}
+    json.dumps(status, allow_nan=False)
+
+
 @pytest.mark.parametrize(
     ("exit_code", "reason"),
     [(2, "InvalidConfig"), (3, "DatasetError"), (4, "ModelError"), (5, "OutOfMemory")],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import subprocess
 import sys
 from http.server import BaseHTTPRequestHandler
@@ -17,6 +18,7 @@ from kubetune.api.config import JobRef, ProgressSettings
 from kubetune.api.contract import TERMINATION_MESSAGE_LIMIT
 from kubetune.api.models import (
     CURVE_POINTS,
+    CurvePoint,
     EvaluationResult,
     EvaluationSample,
     Progress,
@@ -254,6 +256,16 @@ def test_termination_message_stays_within_4kib_and_keeps_the_adapter_digest() ->
     text = termination_message(result)
     assert len(text.encode()) <= TERMINATION_MESSAGE_LIMIT
     assert json.loads(text)["adapter"]["sha256"] == "f" * 64
+
+
+def test_a_nan_metric_or_loss_stays_out_of_what_the_operator_writes_into_the_status() -> None:
+    # The Kubernetes API refuses a status holding NaN; Python's json would write one.
+    result = TrainerResult(
+        outcome="Succeeded", reason="Succeeded", metrics={"train_loss": 1.5, "eval_loss": math.nan}
+    )
+    assert json.loads(termination_message(result))["metrics"] == {"train_loss": 1.5}
+    progress = Progress(step=2, loss=math.inf, history=[CurvePoint(step=1, loss=math.nan)])
+    assert progress_json(progress) == {"step": 2, "history": [{"step": 1}]}
 
 
 def test_termination_message_goes_to_the_configured_path(termination_log: Path) -> None:

@@ -14,6 +14,7 @@ from kubetune.api.contract import (
     TERMINATION_MESSAGE_LIMIT,
     TERMINATION_MESSAGE_PATH,
 )
+from kubetune.api.documents import finite_only
 from kubetune.api.models import FineTuneJobSpec, TrainerResult
 from kubetune.api.uris import display_uri
 
@@ -29,7 +30,12 @@ MERGED_DIR = "merged"
 
 
 def result_json(result: TrainerResult) -> dict[str, Any]:
-    return result.model_dump(by_alias=True, exclude_none=True, mode="json")
+    """The result as JSON the Kubernetes API takes (a NaN metric, say a diverged evaluation's
+    loss, left out)."""
+    dumped: dict[str, Any] = finite_only(
+        result.model_dump(by_alias=True, exclude_none=True, mode="json")
+    )
+    return dumped
 
 
 def termination_message(result: TrainerResult) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kubetune.api.config import JobRef, ProgressSettings
+from kubetune.api.documents import finite_only
 from kubetune.api.models import CURVE_POINTS, CurvePoint, Progress
 from kubetune.api.timestamps import rfc3339
 from kubetune.trainer.run.preference import reward_metrics
@@ -27,7 +28,11 @@ log = logging.getLogger(__name__)
 
 
 def progress_json(progress: Progress) -> dict[str, Any]:
-    return progress.model_dump(by_alias=True, exclude_none=True, mode="json")
+    """The report's body: JSON the operator can write into the status (no NaN or infinity)."""
+    dumped: dict[str, Any] = finite_only(
+        progress.model_dump(by_alias=True, exclude_none=True, mode="json")
+    )
+    return dumped
 
 
 class ProgressReporter(Protocol):
