@@ -4,6 +4,8 @@ same as ``kubetune validate``'s). The browser tests (test_console_browser.py) sh
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kubetune.server import console_form
 from kubetune.server.console_html import esc, tag
@@ -98,6 +100,32 @@ def test_the_form_names_the_field_the_models_refuse() -> None:
     problems = console_form.problems_of(console_form.manifest_of(values, "team-a"))
     assert any(p.startswith("spec.lora.r: ") for p in problems), problems
     assert any(p.startswith("metadata.name: must be a DNS label") for p in problems), problems
+
+
+_FIELD_TEXT = st.one_of(
+    st.text(max_size=30),
+    st.sampled_from(
+        ["nan", "inf", "1e999", "9" * 5000, "1_0", "0x10", "[1]", "{a: b}", "<script>x()</script>"]
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.dictionaries(st.sampled_from([f.path for f in console_form.FIELDS]), _FIELD_TEXT),
+    st.text(max_size=12),
+)
+def test_any_form_post_is_a_manifest_or_problems_by_field_and_renders_back(
+    values: dict[str, str], namespace: str
+) -> None:
+    """Whatever a tenant types, the console answers with a manifest or the problems, each
+    naming its field, and the form comes back with the markup escaped: never a server error."""
+    manifest = console_form.manifest_of(values, namespace, {"training": {"maxSteps": 10}})
+    problems = console_form.problems_of(manifest)
+    assert all(isinstance(p, str) and ":" in p for p in problems)
+    console_form.manifest_yaml(manifest)
+    page = console_form.render_form(values, ["team-a"], namespace, problems, csrf="c")
+    assert "<script" not in page.replace('<script src="/ui/static/', "")
 
 
 def test_the_form_shows_the_models_defaults() -> None:
