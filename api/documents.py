@@ -59,17 +59,16 @@ def load_json_from_a_pod(text: str | bytes, what: str) -> Any:
 def finite_only(data: Any) -> Any:
     """``data`` (parsed JSON, within the limits) without NaN and infinities: dropped from objects,
     null in lists."""
-    if isinstance(data, float) and not math.isfinite(data):
-        return None
     if isinstance(data, dict):
-        return {
-            key: finite_only(value)
-            for key, value in data.items()
-            if not (isinstance(value, float) and not math.isfinite(value))
-        }
+        return {key: finite_only(value) for key, value in data.items() if not _not_finite(value)}
     if isinstance(data, list):
         return [finite_only(value) for value in data]
-    return data
+    return None if _not_finite(data) else data
+
+
+def _not_finite(value: Any) -> bool:
+    """Whether ``value`` is a float JSON can't hold: NaN or an infinity."""
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 def load_yaml_documents(text: str, what: str) -> list[Any]:
